@@ -1,0 +1,379 @@
+//! `codafs server`, `codafs cluster …` and `codafs status`.
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use codafs_client::{ClientBundle, Cluster};
+use codafs_common::join::JoinToken;
+use codafs_common::token::{self, Claims, Role};
+use codafs_proto::pb;
+use codafs_server::config::{Bootstrap, ServerConfig, ADMIN_CREDENTIAL_FILE, BOOTSTRAP_FILE};
+
+use crate::opts::ClientOpts;
+use crate::output::bytes;
+
+/// How long the admin credential created at init stays valid.
+const ADMIN_TOKEN_DAYS: u64 = 365;
+
+#[derive(Args)]
+pub struct ServerArgs {
+    /// Server directory (database, blobs, config). Created on first start.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Address to listen on; required on first start unless set by `cluster init`.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Address peers and clients use to reach this server [default: the listen address].
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Join an existing cluster with a token from `codafs cluster join-token` (first start only).
+    #[arg(long)]
+    join: Option<String>,
+    /// Vote in Raft but store no blobs (a tie-breaker beside two data replicas).
+    #[arg(long)]
+    witness: bool,
+    /// Build a snapshot and compact the log every N entries.
+    #[arg(long, help_heading = "Tuning")]
+    snapshot_every: Option<u64>,
+    /// Repair pass interval, milliseconds.
+    #[arg(long, help_heading = "Tuning")]
+    repair_interval_ms: Option<u64>,
+    /// Scrub pass interval, seconds (0 = never).
+    #[arg(long, help_heading = "Tuning")]
+    scrub_interval_s: Option<u64>,
+    /// Grace period before unreferenced blobs are deleted, seconds.
+    #[arg(long, help_heading = "Tuning")]
+    gc_grace_s: Option<u64>,
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Initialise the first server of a new cluster: cluster identity, signing key, admin
+    /// credential (DIR/admin.token) and client config (DIR/client.toml). Then run
+    /// `codafs server --dir DIR`.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Address this server will listen on (host:port).
+        #[arg(long)]
+        listen: String,
+        /// Address peers and clients use [default: the listen address].
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Name of the admin account.
+        #[arg(long, default_value = "admin")]
+        admin: String,
+    },
+    /// Print a token that lets a new server join (`codafs server --join TOKEN`). Admin only.
+    JoinToken {
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// List the servers in the cluster and who leads.
+    Servers {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Remove a server from the membership (admin). Stop its process afterwards.
+    Remove {
+        /// Node id as shown by `codafs cluster servers`.
+        node_id: u64,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Print the client-config bundle (server addresses) that mounts and CLIs need.
+    ClientConfig {
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+}
+
+fn write_private(path: &Path, data: &str) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut f, data.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+pub async fn server(a: ServerArgs) -> Result<()> {
+    std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
+    let mut cfg = match ServerConfig::load(&a.dir)? {
+        Some(c) => {
+            if a.witness && !c.witness {
+                bail!(
+                    "{} was created as a data replica; --witness cannot change that",
+                    a.dir.display()
+                );
+            }
+            c
+        }
+        None => {
+            let listen = a
+                .listen
+                .clone()
+                .context("first start of a server needs --listen HOST:PORT")?;
+            if a.join.is_none() && !a.dir.join(BOOTSTRAP_FILE).exists() {
+                bail!(
+                    "{} is not part of a cluster: run `codafs cluster init` for the first server, or pass --join TOKEN",
+                    a.dir.display()
+                );
+            }
+            ServerConfig::new(listen, a.witness)
+        }
+    };
+    if let Some(l) = a.listen {
+        cfg.listen = l;
+    }
+    if let Some(ad) = a.advertise {
+        cfg.advertise = ad;
+    }
+    if cfg.advertise.is_empty() {
+        cfg.advertise = cfg.listen.clone();
+    }
+    if let Some(v) = a.snapshot_every {
+        cfg.snapshot_every = v.max(10);
+    }
+    if let Some(v) = a.repair_interval_ms {
+        cfg.repair_interval_ms = v;
+    }
+    if let Some(v) = a.scrub_interval_s {
+        cfg.scrub_interval_s = v;
+    }
+    if let Some(v) = a.gc_grace_s {
+        cfg.gc_grace_s = v;
+    }
+    cfg.save(&a.dir)?;
+    let join = a.join.as_deref().map(JoinToken::decode).transpose()?;
+    codafs_server::run(&a.dir, cfg, join, shutdown_signal()).await?;
+    Ok(())
+}
+
+pub async fn run(cmd: ClusterCmd) -> Result<()> {
+    match cmd {
+        ClusterCmd::Init {
+            dir,
+            listen,
+            advertise,
+            admin,
+        } => init(&dir, listen, advertise, &admin),
+        ClusterCmd::JoinToken { client } => {
+            client.required_token()?;
+            let c = client.cluster()?;
+            let t = c
+                .call(|ch| {
+                    let r = c.request(pb::Empty {});
+                    async move { Cluster::admin(ch).join_token(r).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            println!("{}", t.token);
+            Ok(())
+        }
+        ClusterCmd::Servers { json, client } => {
+            let list = servers(&client).await?;
+            if json {
+                let v: Vec<_> = list
+                    .servers
+                    .iter()
+                    .map(|s| serde_json::json!({"node_id": s.node_id, "addr": s.addr, "witness": s.witness, "voter": s.voter, "leader": s.node_id == list.leader_id}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                println!("{:<20} {:<24} {:<8} ROLE", "NODE", "ADDRESS", "KIND");
+                for s in &list.servers {
+                    let role = if s.node_id == list.leader_id {
+                        "leader"
+                    } else if s.voter {
+                        "voter"
+                    } else {
+                        "learner"
+                    };
+                    println!(
+                        "{:<20} {:<24} {:<8} {}",
+                        s.node_id,
+                        s.addr,
+                        if s.witness { "witness" } else { "data" },
+                        role
+                    );
+                }
+            }
+            Ok(())
+        }
+        ClusterCmd::Remove { node_id, client } => {
+            client.required_token()?;
+            let c = client.cluster()?;
+            c.call(|ch| {
+                let r = c.request(pb::RemoveServerRequest { node_id });
+                async move { Cluster::admin(ch).remove_server(r).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+            println!("removed server {node_id}");
+            Ok(())
+        }
+        ClusterCmd::ClientConfig { client } => {
+            let list = servers(&client).await?;
+            let c = client.cluster()?;
+            let st = c
+                .call(|ch| {
+                    let r = c.request(pb::Empty {});
+                    async move { Cluster::admin(ch).status(r).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            let bundle = ClientBundle {
+                cluster_id: st.cluster_id,
+                servers: list.servers.into_iter().map(|s| s.addr).collect(),
+            };
+            print!("{}", bundle.to_toml());
+            Ok(())
+        }
+    }
+}
+
+async fn servers(client: &ClientOpts) -> Result<pb::ServerList> {
+    let c = client.cluster()?;
+    Ok(c.call(|ch| {
+        let r = c.request(pb::Empty {});
+        async move { Cluster::admin(ch).servers(r).await.map(|r| r.into_inner()) }
+    })
+    .await?)
+}
+
+fn init(dir: &Path, listen: String, advertise: Option<String>, admin: &str) -> Result<()> {
+    if ServerConfig::load(dir)?.is_some() {
+        bail!(
+            "{} already holds a server; refusing to initialise over it",
+            dir.display()
+        );
+    }
+    codafs_common::names::validate_name(admin).context("admin account name")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cluster_id = hex::encode(rand::random::<[u8; 12]>());
+    let key: [u8; 32] = rand::random();
+    let mut cfg = ServerConfig::new(listen, false);
+    if let Some(a) = advertise {
+        cfg.advertise = a;
+    }
+    let bootstrap = Bootstrap {
+        cluster_id: cluster_id.clone(),
+        key,
+        admin_user: admin.to_string(),
+    };
+    write_private(&dir.join(BOOTSTRAP_FILE), &serde_json::to_string(&bootstrap)?)?;
+    let claims = Claims {
+        user: admin.to_string(),
+        role: Role::Admin,
+        cluster: cluster_id.clone(),
+        key_id: 1,
+        expires: token::unix_now() + ADMIN_TOKEN_DAYS * 86400,
+    };
+    write_private(&dir.join(ADMIN_CREDENTIAL_FILE), &token::sign(&claims, &key))?;
+    let bundle = ClientBundle {
+        cluster_id: cluster_id.clone(),
+        servers: vec![cfg.advertised().to_string()],
+    };
+    std::fs::write(dir.join("client.toml"), bundle.to_toml())?;
+    cfg.save(dir)?;
+    println!("initialised cluster {cluster_id} in {}", dir.display());
+    println!("  start it:          codafs server --dir {}", dir.display());
+    println!("  admin credential:  {}", dir.join(ADMIN_CREDENTIAL_FILE).display());
+    println!("  client config:     {}", dir.join("client.toml").display());
+    Ok(())
+}
+
+pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> Result<()> {
+    let targets = match server {
+        Some(s) => vec![s],
+        None => client.servers()?,
+    };
+    let c = Cluster::new(&targets, None)?;
+    let mut rows = Vec::new();
+    let mut failed = 0;
+    for addr in &targets {
+        let r = c
+            .call_on(addr, |ch| async move {
+                let mut req = tonic::Request::new(pb::Empty {});
+                req.set_timeout(std::time::Duration::from_secs(3));
+                Cluster::admin(ch).status(req).await.map(|r| r.into_inner())
+            })
+            .await;
+        match r {
+            Ok(st) => rows.push((addr.clone(), Some(st))),
+            Err(e) => {
+                failed += 1;
+                rows.push((addr.clone(), None));
+                if !json {
+                    eprintln!("{addr}: unreachable ({e})");
+                }
+            }
+        }
+    }
+    if json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(addr, st)| match st {
+                Some(s) => serde_json::json!({
+                    "addr": addr, "reachable": true, "node_id": s.node_id, "role": s.role, "term": s.term,
+                    "leader_id": s.leader_id, "last_log_index": s.last_log_index, "commit_index": s.commit_index,
+                    "applied_index": s.applied_index, "snapshot_index": s.snapshot_index, "witness": s.witness,
+                    "blob_count": s.blob_count, "blob_bytes": s.blob_bytes, "repair_backlog": s.repair_backlog,
+                    "corrupt_found": s.corrupt_found, "cluster_id": s.cluster_id, "voters": s.voters, "servers": s.servers,
+                }),
+                None => serde_json::json!({"addr": addr, "reachable": false}),
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+    } else {
+        for (addr, st) in &rows {
+            let Some(s) = st else { continue };
+            println!(
+                "server {addr} (node {}{})",
+                s.node_id,
+                if s.witness { ", witness" } else { "" }
+            );
+            println!("  role        {} (term {}, leader {})", s.role, s.term, s.leader_id);
+            println!(
+                "  log         last {}  committed {}  applied {}  snapshot {}",
+                s.last_log_index, s.commit_index, s.applied_index, s.snapshot_index
+            );
+            println!(
+                "  cluster     {} ({} servers, {} voters)",
+                s.cluster_id, s.servers, s.voters
+            );
+            if !s.witness {
+                println!(
+                    "  blobs       {} ({}), repair backlog {}, corrupt found {}",
+                    s.blob_count,
+                    bytes(s.blob_bytes),
+                    s.repair_backlog,
+                    s.corrupt_found
+                );
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} servers unreachable", targets.len());
+    }
+    Ok(())
+}

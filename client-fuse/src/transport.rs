@@ -1,0 +1,283 @@
+//! Talking to replica servers with failover.
+//!
+//! A [`Cluster`] knows every server. Each call goes to the preferred server first; on an
+//! unavailable server, a timeout or a transport error it moves on to the next one, so one
+//! server failing never fails a read. The server that answered becomes the preferred one.
+//! Blob reads verify the hash while streaming and fall back to another replica on a mismatch.
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use codafs_common::Hash;
+use codafs_proto::limits::{BLOB_CHUNK, MAX_MESSAGE, TOKEN_HEADER};
+use codafs_proto::pb;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// Client failures, one line each.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no server reachable ({0})")]
+    Unreachable(String),
+    #[error("{}", .0.message())]
+    Server(Status),
+    #[error("blob {0} failed verification on every replica")]
+    Corrupt(Hash),
+    #[error("bad server address {0}: {1}")]
+    Address(String, String),
+}
+
+impl ClientError {
+    /// The gRPC status behind a server refusal, if any.
+    pub fn status(&self) -> Option<&Status> {
+        match self {
+            ClientError::Server(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            ClientError::Server(s) => s.code(),
+            ClientError::Unreachable(_) => Code::Unavailable,
+            ClientError::Corrupt(_) => Code::DataLoss,
+            ClientError::Address(..) => Code::InvalidArgument,
+        }
+    }
+}
+
+/// Whether an error means "try another server".
+fn retryable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+    )
+}
+
+/// Connections to every server of a cluster.
+pub struct Cluster {
+    servers: Vec<(String, Channel)>,
+    preferred: AtomicUsize,
+    token: Option<String>,
+    /// Deadline for one metadata call to one server.
+    pub call_timeout: Duration,
+}
+
+impl Cluster {
+    /// Prepares lazy connections to `servers` (nothing is contacted yet).
+    pub fn new(servers: &[String], token: Option<String>) -> Result<Self, ClientError> {
+        if servers.is_empty() {
+            return Err(ClientError::Unreachable("no servers configured".into()));
+        }
+        let mut chans = Vec::new();
+        for s in servers {
+            let ep = Endpoint::from_shared(format!("http://{s}"))
+                .map_err(|e| ClientError::Address(s.clone(), e.to_string()))?
+                .connect_timeout(Duration::from_millis(800))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(3));
+            chans.push((s.clone(), ep.connect_lazy()));
+        }
+        Ok(Cluster {
+            servers: chans,
+            preferred: AtomicUsize::new(0),
+            token,
+            call_timeout: Duration::from_secs(30),
+        })
+    }
+
+    pub fn servers(&self) -> Vec<String> {
+        self.servers.iter().map(|(a, _)| a.clone()).collect()
+    }
+
+    /// A request with the token header and deadline set.
+    pub fn request<T>(&self, body: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(body);
+        if let Some(t) = self.token.as_deref().and_then(|t| t.parse().ok()) {
+            r.metadata_mut().insert(TOKEN_HEADER, t);
+        }
+        r.set_timeout(self.call_timeout);
+        r
+    }
+
+    /// Order in which to try servers: preferred first.
+    fn order(&self) -> impl Iterator<Item = usize> + '_ {
+        let n = self.servers.len();
+        let p = self.preferred.load(Ordering::Relaxed) % n;
+        (0..n).map(move |i| (p + i) % n)
+    }
+
+    /// Runs `f` against servers in preference order until one answers (success or a
+    /// non-retryable refusal).
+    pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let mut errors = Vec::new();
+        for i in self.order() {
+            let (addr, ch) = &self.servers[i];
+            match f(ch.clone()).await {
+                Ok(v) => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Err(s) if retryable(&s) => {
+                    tracing::debug!(server = %addr, error = %s.message(), "server failed; trying the next");
+                    errors.push(format!("{addr}: {}", s.message()));
+                }
+                Err(s) => return Err(ClientError::Server(s)),
+            }
+        }
+        Err(ClientError::Unreachable(errors.join("; ")))
+    }
+
+    /// Runs `f` against one specific server.
+    pub async fn call_on<T, F, Fut>(&self, addr: &str, f: F) -> Result<T, ClientError>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let ch = match self.servers.iter().find(|(a, _)| a == addr) {
+            Some((_, c)) => c.clone(),
+            None => Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| ClientError::Address(addr.into(), e.to_string()))?
+                .connect_timeout(Duration::from_millis(800))
+                .connect_lazy(),
+        };
+        f(ch).await.map_err(|s| {
+            if retryable(&s) {
+                ClientError::Unreachable(format!("{addr}: {}", s.message()))
+            } else {
+                ClientError::Server(s)
+            }
+        })
+    }
+
+    pub fn meta(ch: Channel) -> pb::meta_client::MetaClient<Channel> {
+        pb::meta_client::MetaClient::new(ch)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+    pub fn admin(ch: Channel) -> pb::admin_client::AdminClient<Channel> {
+        pb::admin_client::AdminClient::new(ch)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+    pub fn write(ch: Channel) -> pb::write_client::WriteClient<Channel> {
+        pb::write_client::WriteClient::new(ch)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+    pub fn blobs(ch: Channel) -> pb::blobs_client::BlobsClient<Channel> {
+        pb::blobs_client::BlobsClient::new(ch)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    /// Commits a batch (any server forwards it to the leader).
+    pub async fn commit(&self, req: pb::CommitRequest) -> Result<pb::CommitReply, ClientError> {
+        self.call(|ch| {
+            let r = self.request(req.clone());
+            async move { Self::write(ch).commit(r).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// Uploads a blob held in memory; returns the durable copy count.
+    pub async fn put_blob(&self, data: bytes::Bytes, write_quorum: u32) -> Result<u32, ClientError> {
+        let hash = Hash::of(&data);
+        self.call(|ch| {
+            let data = data.clone();
+            let mut msgs = vec![pb::PutBlobChunk {
+                part: Some(pb::put_blob_chunk::Part::Header(pb::PutBlobHeader {
+                    hash: bytes::Bytes::copy_from_slice(&hash.0),
+                    size: data.len() as u64,
+                    write_quorum,
+                    forwarded: false,
+                })),
+            }];
+            let mut off = 0;
+            while off < data.len() {
+                let end = (off + BLOB_CHUNK).min(data.len());
+                msgs.push(pb::PutBlobChunk {
+                    part: Some(pb::put_blob_chunk::Part::Data(data.slice(off..end))),
+                });
+                off = end;
+            }
+            let r = self.request(futures::stream::iter(msgs));
+            async move { Self::blobs(ch).put(r).await.map(|r| r.into_inner().copies) }
+        })
+        .await
+    }
+
+    /// Fetches a whole blob, verifying it; falls back to other replicas on a miss, an error
+    /// mid-stream or a hash mismatch.
+    pub async fn get_blob(&self, hash: Hash) -> Result<Vec<u8>, ClientError> {
+        let mut last = None;
+        let mut corrupt = false;
+        for i in self.order() {
+            let (addr, ch) = &self.servers[i];
+            match fetch_one(
+                ch.clone(),
+                self.request(pb::GetBlobRequest {
+                    hash: bytes::Bytes::copy_from_slice(&hash.0),
+                    offset: 0,
+                }),
+                hash,
+            )
+            .await
+            {
+                Ok(data) => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok(data);
+                }
+                Err(FetchError::Mismatch) => {
+                    tracing::warn!(server = %addr, %hash, "blob failed verification; trying another replica");
+                    corrupt = true;
+                }
+                Err(FetchError::Status(s)) => {
+                    tracing::debug!(server = %addr, error = %s.message(), "blob fetch failed; trying another replica");
+                    last = Some(s);
+                }
+            }
+        }
+        if corrupt {
+            return Err(ClientError::Corrupt(hash));
+        }
+        Err(match last {
+            Some(s) if !retryable(&s) && s.code() != Code::NotFound && s.code() != Code::DataLoss => {
+                ClientError::Server(s)
+            }
+            Some(s) => ClientError::Unreachable(s.message().to_string()),
+            None => ClientError::Unreachable("no servers".into()),
+        })
+    }
+}
+
+enum FetchError {
+    Status(Status),
+    Mismatch,
+}
+
+async fn fetch_one(ch: Channel, req: tonic::Request<pb::GetBlobRequest>, hash: Hash) -> Result<Vec<u8>, FetchError> {
+    let mut stream = Cluster::blobs(ch)
+        .get(req)
+        .await
+        .map_err(FetchError::Status)?
+        .into_inner();
+    let mut out = Vec::new();
+    let mut hasher = blake3::Hasher::new();
+    while let Some(chunk) = stream.message().await.map_err(FetchError::Status)? {
+        if out.is_empty() && chunk.total_size > 0 {
+            out.reserve(chunk.total_size.min(1 << 30) as usize);
+        }
+        hasher.update(&chunk.data);
+        out.extend_from_slice(&chunk.data);
+    }
+    if Hash::from(hasher.finalize()) != hash {
+        return Err(FetchError::Mismatch);
+    }
+    Ok(out)
+}

@@ -1,0 +1,20 @@
+//! Types shared by codafs servers, clients and the CLI: node ids, name validation, content
+//! hashes, signed tokens and logging setup. Nothing here does I/O beyond reading the clock.
+
+pub mod hash;
+pub mod ids;
+pub mod join;
+pub mod names;
+pub mod telemetry;
+pub mod token;
+
+pub use hash::Hash;
+pub use ids::{make_ino, split_ino, VolumeId};
+
+/// Nanoseconds since the Unix epoch, saturating (a clock before 1970 reads as 0).
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,124 @@
+//! Name and path validation, shared by the client (for early, friendly errors) and the server
+//! (which re-validates everything: client-side checks are a courtesy, not a defence).
+
+/// Longest file name in bytes (as in most POSIX filesystems).
+pub const MAX_NAME_BYTES: usize = 255;
+/// Longest volume name.
+pub const MAX_VOLUME_NAME: usize = 64;
+/// Deepest path a request may name.
+pub const MAX_PATH_DEPTH: usize = 256;
+
+/// Why a name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("empty name")]
+    Empty,
+    #[error("name {0:?} is not allowed")]
+    Reserved(String),
+    #[error("name contains '/'")]
+    Slash,
+    #[error("name contains a NUL byte")]
+    Nul,
+    #[error("name is {0} bytes; the limit is {MAX_NAME_BYTES}")]
+    TooLong(usize),
+    #[error("volume name {0:?} must be 1-64 characters of a-z, 0-9, '.', '-', '_' and start with a letter or digit")]
+    BadVolume(String),
+    #[error("path is deeper than {MAX_PATH_DEPTH} components")]
+    TooDeep,
+}
+
+/// Checks one directory entry name.
+pub fn validate_name(name: &str) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if name == "." || name == ".." {
+        return Err(NameError::Reserved(name.to_string()));
+    }
+    if name.contains('/') {
+        return Err(NameError::Slash);
+    }
+    if name.contains('\0') {
+        return Err(NameError::Nul);
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(NameError::TooLong(name.len()));
+    }
+    Ok(())
+}
+
+/// Checks a volume name: it becomes a directory under `/coda` and appears in URLs, so it is
+/// restricted to a portable character set.
+pub fn validate_volume_name(name: &str) -> Result<(), NameError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_VOLUME_NAME
+        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(NameError::BadVolume(name.to_string()))
+    }
+}
+
+/// Splits a volume-relative path into validated components. Leading, trailing and repeated
+/// slashes are ignored; `.` and `..` are refused rather than resolved, so a path can never leave
+/// its volume.
+pub fn split_path(path: &str) -> Result<Vec<&str>, NameError> {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    if parts.len() > MAX_PATH_DEPTH {
+        return Err(NameError::TooDeep);
+    }
+    for p in &parts {
+        validate_name(p)?;
+    }
+    Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn bad_names_are_refused() {
+        assert_eq!(validate_name(""), Err(NameError::Empty));
+        assert!(matches!(validate_name("."), Err(NameError::Reserved(_))));
+        assert!(matches!(validate_name(".."), Err(NameError::Reserved(_))));
+        assert_eq!(validate_name("a/b"), Err(NameError::Slash));
+        assert_eq!(validate_name("a\0b"), Err(NameError::Nul));
+        assert_eq!(validate_name(&"x".repeat(256)), Err(NameError::TooLong(256)));
+        assert!(validate_name(&"x".repeat(255)).is_ok());
+        assert!(validate_name("index.html").is_ok());
+    }
+
+    #[test]
+    fn paths_cannot_escape() {
+        assert!(split_path("a/../b").is_err());
+        assert!(split_path("./a").is_err());
+        assert_eq!(split_path("/a//b/").unwrap(), vec!["a", "b"]);
+        assert!(split_path("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn volume_names() {
+        assert!(validate_volume_name("www.example.com").is_ok());
+        assert!(validate_volume_name("www").is_ok());
+        for bad in ["", "-x", "A", "a b", "a/b", ".hidden"] {
+            assert!(validate_volume_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn accepted_names_are_single_safe_components(name in "\\PC{0,300}") {
+            if validate_name(&name).is_ok() {
+                prop_assert!(!name.contains('/') && !name.contains('\0'));
+                prop_assert!(name != "." && name != "..");
+                prop_assert!(!name.is_empty() && name.len() <= MAX_NAME_BYTES);
+            }
+        }
+    }
+}

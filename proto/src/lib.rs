@@ -1,0 +1,29 @@
+//! The codafs gRPC protocol: generated messages and services plus the size limits every peer
+//! enforces. Conversions to domain types live next to those types (in `codafs-common` and the
+//! server), so this crate stays generated code and constants.
+
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("codafs.v1");
+}
+
+/// Message size limits. Explicit so that a misbehaving peer cannot make us buffer unbounded
+/// messages, and so that every sender knows what it may send.
+pub mod limits {
+    /// Blob contents travel in chunks of at most this size (never as one message).
+    pub const BLOB_CHUNK: usize = 1 << 20;
+    /// Largest metadata message (a commit batch, a directory page): 64 MiB.
+    pub const MAX_MESSAGE: usize = 64 << 20;
+    /// Largest Raft message: a batch of log entries or a snapshot chunk.
+    pub const MAX_RAFT_MESSAGE: usize = 256 << 20;
+    /// Entries in one directory page when the client does not say.
+    pub const DEFAULT_READDIR_PAGE: u32 = 1024;
+    /// Most entries the server returns in one directory page.
+    pub const MAX_READDIR_PAGE: u32 = 8192;
+    /// Most operations in one commit.
+    pub const MAX_COMMIT_OPS: usize = 200_000;
+    /// Most hashes in one `Missing` query.
+    pub const MAX_MISSING_QUERY: usize = 100_000;
+    /// Request header carrying the caller's token.
+    pub const TOKEN_HEADER: &str = "x-codafs-token";
+}

@@ -1,0 +1,8 @@
+//! File contents as content-addressed blobs: local storage, quorum writes across data replicas,
+//! and background repair, scrub and garbage collection.
+pub mod maintenance;
+pub mod quorum;
+pub mod replicate;
+pub mod store;
+
+pub use store::{BlobError, BlobStore, BlobWriter};

@@ -1,0 +1,112 @@
+//! An in-memory [`StateView`] that applies [`Delta`]s: the reference implementation the RocksDB
+//! store is checked against, and the fast backend for unit tests of the apply logic.
+use std::collections::BTreeMap;
+
+use codafs_common::Hash;
+
+use super::*;
+
+/// The whole applied state in `BTreeMap`s.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MemState {
+    pub objects: BTreeMap<u64, ObjectRec>,
+    pub dirents: BTreeMap<(u64, String), u64>,
+    pub volumes: BTreeMap<String, VolumeRec>,
+    pub cluster: Option<ClusterRec>,
+    pub accounts: BTreeMap<String, AccountRec>,
+    pub blobrefs: BTreeMap<Hash, u64>,
+    pub changes: BTreeMap<(u32, u64), ChangeRec>,
+}
+
+impl MemState {
+    /// Writes a delta.
+    pub fn write(&mut self, d: Delta) {
+        for (k, v) in d.objects {
+            match v {
+                Some(o) => self.objects.insert(k, o),
+                None => self.objects.remove(&k),
+            };
+        }
+        for (k, v) in d.dirents {
+            match v {
+                Some(i) => self.dirents.insert(k, i),
+                None => self.dirents.remove(&k),
+            };
+        }
+        self.volumes.extend(d.volumes);
+        if let Some(c) = d.cluster {
+            self.cluster = Some(c);
+        }
+        for (k, v) in d.accounts {
+            match v {
+                Some(a) => self.accounts.insert(k, a),
+                None => self.accounts.remove(&k),
+            };
+        }
+        for (h, n) in d.blobrefs {
+            if n == 0 {
+                self.blobrefs.remove(&h);
+            } else {
+                self.blobrefs.insert(h, n);
+            }
+        }
+        for (v, i, c) in d.changes {
+            self.changes.insert((v, i), c);
+        }
+        for k in d.change_deletes {
+            self.changes.remove(&k);
+        }
+    }
+
+    /// Applies a command as entry `index` and writes its delta.
+    pub fn apply(&mut self, index: u64, cmd: &Command) -> Response {
+        match super::apply(self, index, cmd) {
+            Ok((delta, resp)) => {
+                self.write(delta);
+                resp
+            }
+            Err(e) => Err(ApplyError::Invalid(e.to_string())),
+        }
+    }
+}
+
+impl StateView for MemState {
+    fn object(&self, ino: u64) -> Result<Option<ObjectRec>, StoreError> {
+        Ok(self.objects.get(&ino).cloned())
+    }
+    fn dirent(&self, parent: u64, name: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.dirents.get(&(parent, name.to_string())).copied())
+    }
+    fn dirents(&self, parent: u64, after: &str, limit: usize) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(self
+            .dirents
+            .range((parent, after.to_string())..)
+            .take_while(|((p, _), _)| *p == parent)
+            .filter(|((_, n), _)| n.as_str() > after)
+            .take(limit)
+            .map(|((_, n), i)| (n.clone(), *i))
+            .collect())
+    }
+    fn volume(&self, name: &str) -> Result<Option<VolumeRec>, StoreError> {
+        Ok(self.volumes.get(name).cloned())
+    }
+    fn volume_name(&self, id: u32) -> Result<Option<String>, StoreError> {
+        Ok(self.volumes.values().find(|v| v.id == id).map(|v| v.name.clone()))
+    }
+    fn cluster(&self) -> Result<Option<ClusterRec>, StoreError> {
+        Ok(self.cluster.clone())
+    }
+    fn account(&self, name: &str) -> Result<Option<AccountRec>, StoreError> {
+        Ok(self.accounts.get(name).cloned())
+    }
+    fn blobref(&self, hash: &Hash) -> Result<u64, StoreError> {
+        Ok(self.blobrefs.get(hash).copied().unwrap_or(0))
+    }
+    fn oldest_change(&self, volume: u32) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .changes
+            .range((volume, 0)..=(volume, u64::MAX))
+            .next()
+            .map(|((_, i), _)| *i))
+    }
+}

@@ -1,0 +1,674 @@
+//! The metadata state machine's logic, free of RocksDB and Raft.
+//!
+//! `apply` turns one command into a [`Delta`] against a read-only [`StateView`]; the caller
+//! writes the delta atomically (a RocksDB `WriteBatch` in production, a `BTreeMap` in tests). A
+//! refused command yields an empty delta, so a failed commit changes nothing. Applying is
+//! deterministic: time and identity come from the command, never from the replica.
+pub mod mem;
+pub mod records;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use codafs_common::ids::VOLUME_ROOT_INODE;
+use codafs_common::names::{split_path, validate_name, validate_volume_name};
+use codafs_common::{make_ino, split_ino, Hash};
+
+pub use records::*;
+
+/// Failure of the underlying store while applying (not a refusal: the replica cannot go on).
+#[derive(Debug, thiserror::Error)]
+#[error("state store: {0}")]
+pub struct StoreError(pub String);
+
+/// Read access to the applied state.
+pub trait StateView {
+    fn object(&self, ino: u64) -> Result<Option<ObjectRec>, StoreError>;
+    fn dirent(&self, parent: u64, name: &str) -> Result<Option<u64>, StoreError>;
+    /// Entries of `parent` with names strictly after `after`, in byte order, at most `limit`.
+    fn dirents(&self, parent: u64, after: &str, limit: usize) -> Result<Vec<(String, u64)>, StoreError>;
+    fn volume(&self, name: &str) -> Result<Option<VolumeRec>, StoreError>;
+    fn volume_name(&self, id: u32) -> Result<Option<String>, StoreError>;
+    fn cluster(&self) -> Result<Option<ClusterRec>, StoreError>;
+    fn account(&self, name: &str) -> Result<Option<AccountRec>, StoreError>;
+    fn blobref(&self, hash: &Hash) -> Result<u64, StoreError>;
+    /// Version of the oldest change record kept for a volume.
+    fn oldest_change(&self, volume: u32) -> Result<Option<u64>, StoreError>;
+}
+
+/// Change records kept per volume for resuming subscribers; older ones are trimmed and a
+/// subscriber that needs them revalidates instead.
+pub const CHANGE_RETAIN: u64 = 4096;
+
+/// The writes one command makes. `None` values are deletions.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Delta {
+    pub objects: BTreeMap<u64, Option<ObjectRec>>,
+    pub dirents: BTreeMap<(u64, String), Option<u64>>,
+    pub volumes: BTreeMap<String, VolumeRec>,
+    pub cluster: Option<ClusterRec>,
+    pub accounts: BTreeMap<String, Option<AccountRec>>,
+    /// Final reference counts of blobs whose count changed (0 = unreferenced).
+    pub blobrefs: BTreeMap<Hash, u64>,
+    /// Change records: (volume id, version, what changed).
+    pub changes: Vec<(u32, u64, ChangeRec)>,
+    /// Change records trimmed: (volume id, version).
+    pub change_deletes: Vec<(u32, u64)>,
+}
+
+/// Applies `cmd` as log entry `index`.
+pub fn apply(view: &dyn StateView, index: u64, cmd: &Command) -> Result<(Delta, Response), StoreError> {
+    let mut txn = Txn::new(view, index);
+    let res = match cmd {
+        Command::Bootstrap { cluster_id, key, admin } => txn.bootstrap(cluster_id, key, admin),
+        Command::CreateVolume { actor, spec, now_ns } => txn.create_volume(actor, spec, *now_ns),
+        Command::Commit {
+            actor,
+            volume,
+            ops,
+            expect_volume_version,
+            now_ns,
+        } => txn.commit(actor, volume, ops, *expect_volume_version, *now_ns),
+    };
+    match res {
+        Ok(outcome) => Ok((txn.finish(), Ok(outcome))),
+        Err(TxnError::Refused(e)) => Ok((Delta::default(), Err(e))),
+        Err(TxnError::Store(e)) => Err(e),
+    }
+}
+
+enum TxnError {
+    Refused(ApplyError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for TxnError {
+    fn from(e: StoreError) -> Self {
+        TxnError::Store(e)
+    }
+}
+impl From<ApplyError> for TxnError {
+    fn from(e: ApplyError) -> Self {
+        TxnError::Refused(e)
+    }
+}
+
+type TxnResult<T> = Result<T, TxnError>;
+
+fn refuse<T>(e: ApplyError) -> TxnResult<T> {
+    Err(TxnError::Refused(e))
+}
+
+/// An overlay of pending writes over the applied state.
+struct Txn<'a> {
+    view: &'a dyn StateView,
+    index: u64,
+    delta: Delta,
+    blob_deltas: BTreeMap<Hash, i64>,
+    changed_inos: BTreeSet<u64>,
+    changed_dirs: BTreeSet<u64>,
+}
+
+impl<'a> Txn<'a> {
+    fn new(view: &'a dyn StateView, index: u64) -> Self {
+        Txn {
+            view,
+            index,
+            delta: Delta::default(),
+            blob_deltas: BTreeMap::new(),
+            changed_inos: BTreeSet::new(),
+            changed_dirs: BTreeSet::new(),
+        }
+    }
+
+    fn finish(mut self) -> Delta {
+        for (hash, d) in std::mem::take(&mut self.blob_deltas) {
+            if d != 0 {
+                // Reading a count cannot be refused; a store failure here was already possible
+                // above and would have surfaced, so fall back to 0 defensively.
+                let base = self.view.blobref(&hash).unwrap_or(0);
+                let v = (i128::from(base) + i128::from(d)).max(0);
+                self.delta.blobrefs.insert(hash, u64::try_from(v).unwrap_or(0));
+            }
+        }
+        self.delta
+    }
+
+    // ---- overlay reads
+
+    fn object(&self, ino: u64) -> TxnResult<Option<ObjectRec>> {
+        match self.delta.objects.get(&ino) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self.view.object(ino)?),
+        }
+    }
+
+    fn dirent(&self, parent: u64, name: &str) -> TxnResult<Option<u64>> {
+        match self.delta.dirents.get(&(parent, name.to_string())) {
+            Some(v) => Ok(*v),
+            None => Ok(self.view.dirent(parent, name)?),
+        }
+    }
+
+    /// All entries of a directory, overlay applied.
+    fn children(&self, parent: u64) -> TxnResult<Vec<(String, u64)>> {
+        let mut all: BTreeMap<String, u64> = BTreeMap::new();
+        let mut after = String::new();
+        loop {
+            let page = self.view.dirents(parent, &after, 4096)?;
+            let done = page.len() < 4096;
+            if let Some((last, _)) = page.last() {
+                after = last.clone();
+            }
+            all.extend(page);
+            if done {
+                break;
+            }
+        }
+        for ((p, name), v) in self.delta.dirents.range((parent, String::new())..) {
+            if *p != parent {
+                break;
+            }
+            match v {
+                Some(ino) => all.insert(name.clone(), *ino),
+                None => all.remove(name),
+            };
+        }
+        Ok(all.into_iter().collect())
+    }
+
+    fn volume(&self, name: &str) -> TxnResult<Option<VolumeRec>> {
+        match self.delta.volumes.get(name) {
+            Some(v) => Ok(Some(v.clone())),
+            None => Ok(self.view.volume(name)?),
+        }
+    }
+
+    fn cluster(&self) -> TxnResult<ClusterRec> {
+        match &self.delta.cluster {
+            Some(c) => Ok(c.clone()),
+            None => self
+                .view
+                .cluster()?
+                .ok_or(TxnError::Refused(ApplyError::NotBootstrapped)),
+        }
+    }
+
+    // ---- overlay writes
+
+    fn put_object(&mut self, o: ObjectRec) {
+        self.changed_inos.insert(o.ino);
+        self.delta.objects.insert(o.ino, Some(o));
+    }
+
+    fn put_dirent(&mut self, parent: u64, name: &str, child: Option<u64>) {
+        self.changed_dirs.insert(parent);
+        self.delta.dirents.insert((parent, name.to_string()), child);
+    }
+
+    fn blob_ref(&mut self, hash: Option<Hash>, d: i64) {
+        if let Some(h) = hash {
+            *self.blob_deltas.entry(h).or_insert(0) += d;
+        }
+    }
+
+    // ---- commands
+
+    fn bootstrap(&mut self, cluster_id: &str, key: &[u8; 32], admin: &AccountRec) -> TxnResult<Outcome> {
+        if self.view.cluster()?.is_some() {
+            return refuse(ApplyError::Invalid("cluster already bootstrapped".into()));
+        }
+        self.delta.cluster = Some(ClusterRec {
+            cluster_id: cluster_id.to_string(),
+            keys: vec![(1, *key)],
+            next_volume_id: 1,
+        });
+        self.delta.accounts.insert(admin.name.clone(), Some(admin.clone()));
+        Ok(Outcome::Done)
+    }
+
+    fn create_volume(&mut self, actor: &Actor, spec: &VolumeSpec, now_ns: i64) -> TxnResult<Outcome> {
+        if !actor.admin {
+            return refuse(ApplyError::Denied("creating volumes needs the admin role".into()));
+        }
+        validate_volume_name(&spec.name).map_err(|e| ApplyError::InvalidName(e.to_string()))?;
+        if self.volume(&spec.name)?.is_some() {
+            return refuse(ApplyError::Exists(format!("volume {}", spec.name)));
+        }
+        if self.view.account(&spec.owner)?.is_none() {
+            return refuse(ApplyError::NotFound(format!("account {}", spec.owner)));
+        }
+        let mut cluster = self.cluster()?;
+        let id = cluster.next_volume_id;
+        if id > codafs_common::ids::MAX_VOLUME_ID {
+            return refuse(ApplyError::Invalid("volume ids exhausted".into()));
+        }
+        cluster.next_volume_id += 1;
+        self.delta.cluster = Some(cluster);
+        let root = make_ino(id, VOLUME_ROOT_INODE);
+        self.put_object(ObjectRec {
+            ino: root,
+            generation: self.index,
+            kind: Kind::Dir,
+            size: 0,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime_ns: now_ns,
+            ctime_ns: now_ns,
+            nlink: 2,
+            hash: None,
+            symlink: String::new(),
+            version: self.index,
+            parent: root,
+        });
+        let vol = VolumeRec {
+            id,
+            name: spec.name.clone(),
+            owner: spec.owner.clone(),
+            writers: Vec::new(),
+            quota_bytes: spec.quota_bytes,
+            quota_files: spec.quota_files,
+            write_quorum: if spec.write_quorum == 0 { 2 } else { spec.write_quorum },
+            public_read: spec.public_read,
+            version: self.index,
+            used_bytes: 0,
+            used_files: 0,
+            next_inode: VOLUME_ROOT_INODE + 1,
+            created_ns: now_ns,
+            history_floor: self.index,
+            change_count: 0,
+        };
+        self.delta.volumes.insert(spec.name.clone(), vol.clone());
+        Ok(Outcome::Volume(vol))
+    }
+
+    fn commit(
+        &mut self,
+        actor: &Actor,
+        volume: &str,
+        ops: &[Op],
+        expect_volume_version: Option<u64>,
+        now_ns: i64,
+    ) -> TxnResult<Outcome> {
+        let mut vol = self
+            .volume(volume)?
+            .ok_or_else(|| ApplyError::NoSuchVolume(volume.to_string()))?;
+        if !(actor.admin || vol.owner == actor.user || vol.writers.contains(&actor.user)) {
+            return refuse(ApplyError::Denied(format!(
+                "{} may not write volume {volume}",
+                actor.user
+            )));
+        }
+        if let Some(expected) = expect_volume_version {
+            if expected != vol.version {
+                return refuse(ApplyError::Conflict {
+                    what: format!("volume {volume}"),
+                    expected,
+                    actual: vol.version,
+                });
+            }
+        }
+        if ops.is_empty() {
+            return refuse(ApplyError::Invalid("empty commit".into()));
+        }
+        let (before_bytes, before_files) = (vol.used_bytes, vol.used_files);
+        let mut created = Vec::with_capacity(ops.len());
+        for op in ops {
+            created.push(self.op(&mut vol, op, now_ns)?);
+        }
+        check_quota("bytes", vol.quota_bytes, before_bytes, vol.used_bytes)?;
+        check_quota("files", vol.quota_files, before_files, vol.used_files)?;
+        vol.version = self.index;
+        let change = ChangeRec {
+            inos: std::mem::take(&mut self.changed_inos).into_iter().collect(),
+            dirs: std::mem::take(&mut self.changed_dirs).into_iter().collect(),
+        };
+        self.delta.changes.push((vol.id, self.index, change));
+        vol.change_count += 1;
+        if vol.change_count > CHANGE_RETAIN {
+            if let Some(oldest) = self.view.oldest_change(vol.id)? {
+                self.delta.change_deletes.push((vol.id, oldest));
+                vol.history_floor = oldest;
+                vol.change_count -= 1;
+            }
+        }
+        self.delta.volumes.insert(volume.to_string(), vol);
+        Ok(Outcome::Committed {
+            version: self.index,
+            created,
+        })
+    }
+
+    fn resolve(&self, vol: &VolumeRec, node: &NodeRef) -> TxnResult<ObjectRec> {
+        let ino = match node {
+            NodeRef::Ino(ino) => {
+                if split_ino(*ino).0 != vol.id {
+                    return refuse(ApplyError::Invalid(format!(
+                        "node {ino:#x} is not in volume {}",
+                        vol.name
+                    )));
+                }
+                *ino
+            }
+            NodeRef::Path(p) => {
+                let parts = split_path(p).map_err(|e| ApplyError::InvalidName(e.to_string()))?;
+                let mut cur = make_ino(vol.id, VOLUME_ROOT_INODE);
+                for part in parts {
+                    cur = self.dirent(cur, part)?.ok_or_else(|| ApplyError::NotFound(p.clone()))?;
+                }
+                cur
+            }
+        };
+        self.object(ino)?
+            .ok_or_else(|| ApplyError::NotFound(format!("node {ino:#x}")).into())
+    }
+
+    fn resolve_dir(&self, vol: &VolumeRec, node: &NodeRef) -> TxnResult<ObjectRec> {
+        let o = self.resolve(vol, node)?;
+        if o.kind != Kind::Dir {
+            return refuse(ApplyError::NotDir(describe(node)));
+        }
+        Ok(o)
+    }
+
+    fn touch_dir(&mut self, mut dir: ObjectRec, now_ns: i64) {
+        dir.mtime_ns = now_ns;
+        dir.ctime_ns = now_ns;
+        dir.version = self.index;
+        self.put_object(dir);
+    }
+
+    fn op(&mut self, vol: &mut VolumeRec, op: &Op, now_ns: i64) -> TxnResult<u64> {
+        match &op.kind {
+            OpKind::Create {
+                parent,
+                name,
+                kind,
+                mode,
+                hash,
+                size,
+                symlink,
+                replace,
+                uid,
+                gid,
+                mtime_ns,
+            } => {
+                validate_name(name).map_err(|e| ApplyError::InvalidName(e.to_string()))?;
+                let dir = self.resolve_dir(vol, parent)?;
+                let existing = match self.dirent(dir.ino, name)? {
+                    Some(ino) => self.object(ino)?,
+                    None => None,
+                };
+                expect(op.expect_version, existing.as_ref(), name)?;
+                if *kind == Kind::File && hash.is_none() {
+                    return refuse(ApplyError::Invalid(format!("file {name} has no content hash")));
+                }
+                if *kind == Kind::Symlink && (symlink.is_empty() || symlink.len() > 4096 || symlink.contains('\0')) {
+                    return refuse(ApplyError::Invalid(format!(
+                        "symlink {name} needs a target of 1-4096 bytes without NUL"
+                    )));
+                }
+                if let Some(old) = existing {
+                    if !*replace {
+                        return refuse(ApplyError::Exists(name.clone()));
+                    }
+                    if old.kind == Kind::Dir || *kind == Kind::Dir {
+                        return refuse(ApplyError::IsDir(name.clone()));
+                    }
+                    self.drop_object(vol, old)?;
+                }
+                let local = vol.next_inode;
+                if local > codafs_common::ids::MAX_LOCAL_INODE {
+                    return refuse(ApplyError::Invalid("inode numbers exhausted in this volume".into()));
+                }
+                vol.next_inode += 1;
+                let ino = make_ino(vol.id, local);
+                let (size, hash, symlink) = match kind {
+                    Kind::File => (*size, *hash, String::new()),
+                    Kind::Dir => (0, None, String::new()),
+                    Kind::Symlink => (symlink.len() as u64, None, symlink.clone()),
+                };
+                let mtime = if *mtime_ns == 0 { now_ns } else { *mtime_ns };
+                self.put_object(ObjectRec {
+                    ino,
+                    generation: self.index,
+                    kind: *kind,
+                    size,
+                    mode: mode & 0o7777,
+                    uid: *uid,
+                    gid: *gid,
+                    mtime_ns: mtime,
+                    ctime_ns: now_ns,
+                    nlink: if *kind == Kind::Dir { 2 } else { 1 },
+                    hash,
+                    symlink,
+                    version: self.index,
+                    parent: dir.ino,
+                });
+                self.blob_ref(hash, 1);
+                vol.used_files += 1;
+                vol.used_bytes += size;
+                self.put_dirent(dir.ino, name, Some(ino));
+                let mut dir = self.object(dir.ino)?.unwrap_or(dir);
+                if *kind == Kind::Dir {
+                    dir.nlink += 1;
+                }
+                self.touch_dir(dir, now_ns);
+                Ok(ino)
+            }
+            OpKind::SetContent {
+                node,
+                hash,
+                size,
+                mtime_ns,
+            } => {
+                let mut o = self.resolve(vol, node)?;
+                expect(op.expect_version, Some(&o), &describe(node))?;
+                if o.kind != Kind::File {
+                    return refuse(ApplyError::IsDir(describe(node)));
+                }
+                self.blob_ref(o.hash, -1);
+                self.blob_ref(Some(*hash), 1);
+                vol.used_bytes = vol.used_bytes.saturating_sub(o.size) + size;
+                o.hash = Some(*hash);
+                o.size = *size;
+                o.mtime_ns = if *mtime_ns == 0 { now_ns } else { *mtime_ns };
+                o.ctime_ns = now_ns;
+                o.version = self.index;
+                self.put_object(o);
+                Ok(0)
+            }
+            OpKind::SetAttr {
+                node,
+                mode,
+                uid,
+                gid,
+                mtime_ns,
+            } => {
+                let mut o = self.resolve(vol, node)?;
+                expect(op.expect_version, Some(&o), &describe(node))?;
+                if let Some(m) = mode {
+                    o.mode = m & 0o7777;
+                }
+                if let Some(u) = uid {
+                    o.uid = *u;
+                }
+                if let Some(g) = gid {
+                    o.gid = *g;
+                }
+                if let Some(t) = mtime_ns {
+                    o.mtime_ns = *t;
+                }
+                o.ctime_ns = now_ns;
+                o.version = self.index;
+                self.put_object(o);
+                Ok(0)
+            }
+            OpKind::Remove {
+                parent,
+                name,
+                recursive,
+            } => {
+                validate_name(name).map_err(|e| ApplyError::InvalidName(e.to_string()))?;
+                let dir = self.resolve_dir(vol, parent)?;
+                let ino = self
+                    .dirent(dir.ino, name)?
+                    .ok_or_else(|| ApplyError::NotFound(name.clone()))?;
+                let o = self.object(ino)?.ok_or_else(|| ApplyError::NotFound(name.clone()))?;
+                expect(op.expect_version, Some(&o), name)?;
+                let is_dir = o.kind == Kind::Dir;
+                if is_dir && !*recursive && !self.children(o.ino)?.is_empty() {
+                    return refuse(ApplyError::NotEmpty(name.clone()));
+                }
+                self.drop_tree(vol, o)?;
+                self.put_dirent(dir.ino, name, None);
+                let mut dir = self.object(dir.ino)?.unwrap_or(dir);
+                if is_dir {
+                    dir.nlink = dir.nlink.saturating_sub(1);
+                }
+                self.touch_dir(dir, now_ns);
+                Ok(0)
+            }
+            OpKind::Rename {
+                from_parent,
+                from_name,
+                to_parent,
+                to_name,
+            } => {
+                validate_name(from_name).map_err(|e| ApplyError::InvalidName(e.to_string()))?;
+                validate_name(to_name).map_err(|e| ApplyError::InvalidName(e.to_string()))?;
+                let src_dir = self.resolve_dir(vol, from_parent)?;
+                let dst_dir = self.resolve_dir(vol, to_parent)?;
+                let ino = self
+                    .dirent(src_dir.ino, from_name)?
+                    .ok_or_else(|| ApplyError::NotFound(from_name.clone()))?;
+                let mut o = self
+                    .object(ino)?
+                    .ok_or_else(|| ApplyError::NotFound(from_name.clone()))?;
+                expect(op.expect_version, Some(&o), from_name)?;
+                if src_dir.ino == dst_dir.ino && from_name == to_name {
+                    return Ok(0);
+                }
+                if o.kind == Kind::Dir {
+                    // A directory may not move into its own subtree.
+                    let mut cur = dst_dir.ino;
+                    for _ in 0..codafs_common::names::MAX_PATH_DEPTH * 4 {
+                        if cur == o.ino {
+                            return refuse(ApplyError::Invalid(format!("cannot move {from_name} into itself")));
+                        }
+                        let c = self
+                            .object(cur)?
+                            .ok_or_else(|| ApplyError::NotFound(format!("node {cur:#x}")))?;
+                        if c.parent == cur {
+                            break;
+                        }
+                        cur = c.parent;
+                    }
+                }
+                if let Some(target) = self.dirent(dst_dir.ino, to_name)? {
+                    let t = self
+                        .object(target)?
+                        .ok_or_else(|| ApplyError::NotFound(to_name.clone()))?;
+                    match (o.kind == Kind::Dir, t.kind == Kind::Dir) {
+                        (false, true) => return refuse(ApplyError::IsDir(to_name.clone())),
+                        (true, false) => return refuse(ApplyError::NotDir(to_name.clone())),
+                        (true, true) if !self.children(t.ino)?.is_empty() => {
+                            return refuse(ApplyError::NotEmpty(to_name.clone()))
+                        }
+                        _ => {}
+                    }
+                    let target_is_dir = t.kind == Kind::Dir;
+                    self.drop_object(vol, t)?;
+                    if target_is_dir {
+                        let mut d = self.object(dst_dir.ino)?.unwrap_or(dst_dir.clone());
+                        d.nlink = d.nlink.saturating_sub(1);
+                        self.put_object(d);
+                    }
+                }
+                self.put_dirent(src_dir.ino, from_name, None);
+                self.put_dirent(dst_dir.ino, to_name, Some(o.ino));
+                let moved_dir = o.kind == Kind::Dir && src_dir.ino != dst_dir.ino;
+                o.parent = dst_dir.ino;
+                o.ctime_ns = now_ns;
+                o.version = self.index;
+                self.put_object(o);
+                let mut s = self.object(src_dir.ino)?.unwrap_or(src_dir);
+                if moved_dir {
+                    s.nlink = s.nlink.saturating_sub(1);
+                }
+                self.touch_dir(s, now_ns);
+                let mut d = self.object(dst_dir.ino)?.unwrap_or(dst_dir);
+                if moved_dir {
+                    d.nlink += 1;
+                }
+                self.touch_dir(d, now_ns);
+                Ok(0)
+            }
+        }
+    }
+
+    /// Deletes one object record and its accounting (not its directory entry).
+    fn drop_object(&mut self, vol: &mut VolumeRec, o: ObjectRec) -> TxnResult<()> {
+        self.blob_ref(o.hash, -1);
+        vol.used_files = vol.used_files.saturating_sub(1);
+        if o.kind != Kind::Dir {
+            vol.used_bytes = vol.used_bytes.saturating_sub(o.size);
+        }
+        self.changed_inos.insert(o.ino);
+        self.delta.objects.insert(o.ino, None);
+        Ok(())
+    }
+
+    /// Deletes an object and, for a directory, everything below it (iteratively: no recursion
+    /// depth to exhaust).
+    fn drop_tree(&mut self, vol: &mut VolumeRec, root: ObjectRec) -> TxnResult<()> {
+        let mut stack = vec![root];
+        while let Some(o) = stack.pop() {
+            if o.kind == Kind::Dir {
+                for (name, child) in self.children(o.ino)? {
+                    self.put_dirent(o.ino, &name, None);
+                    if let Some(c) = self.object(child)? {
+                        stack.push(c);
+                    }
+                }
+            }
+            self.drop_object(vol, o)?;
+        }
+        Ok(())
+    }
+}
+
+fn describe(node: &NodeRef) -> String {
+    match node {
+        NodeRef::Ino(i) => format!("node {i:#x}"),
+        NodeRef::Path(p) => p.clone(),
+    }
+}
+
+/// Checks an operation's expected version against the object it targets (absent = version 0).
+fn expect(expected: Option<u64>, actual: Option<&ObjectRec>, what: &str) -> TxnResult<()> {
+    let actual = actual.map_or(0, |o| o.version);
+    match expected {
+        Some(e) if e != actual => refuse(ApplyError::Conflict {
+            what: what.to_string(),
+            expected: e,
+            actual,
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn check_quota(what: &str, limit: u64, before: u64, after: u64) -> TxnResult<()> {
+    // Only growth is refused: a volume already over quota may still shrink.
+    if limit > 0 && after > limit && after > before {
+        return refuse(ApplyError::Quota {
+            what: what.to_string(),
+            limit,
+            would_be: after,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,249 @@
+//! Records of the replicated state and the commands that change it. Everything here is
+//! serialized into the Raft log and snapshots (bincode), so fields are only ever appended.
+use codafs_common::{Hash, VolumeId};
+use serde::{Deserialize, Serialize};
+
+/// Kind of a namespace object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// One file, directory or symlink.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRec {
+    pub ino: u64,
+    pub generation: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub nlink: u32,
+    pub hash: Option<Hash>,
+    pub symlink: String,
+    /// Log index of the last change to this object.
+    pub version: u64,
+    /// Parent directory (a volume root names itself).
+    pub parent: u64,
+}
+
+/// A volume: a named tree with an owner, quota and version stamp.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRec {
+    pub id: VolumeId,
+    pub name: String,
+    pub owner: String,
+    pub writers: Vec<String>,
+    pub quota_bytes: u64,
+    pub quota_files: u64,
+    pub write_quorum: u32,
+    pub public_read: bool,
+    /// Log index of the volume's last committed change.
+    pub version: u64,
+    pub used_bytes: u64,
+    pub used_files: u64,
+    pub next_inode: u64,
+    pub created_ns: i64,
+    /// Change history is kept for versions after this one; older subscribers must revalidate.
+    pub history_floor: u64,
+    /// Number of change records currently kept.
+    pub change_count: u64,
+}
+
+/// Cluster-wide settings created at bootstrap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterRec {
+    pub cluster_id: String,
+    /// Token signing keys by key id; the newest signs, all verify (rotation).
+    pub keys: Vec<(u32, [u8; 32])>,
+    pub next_volume_id: VolumeId,
+}
+
+impl ClusterRec {
+    /// The key new tokens are signed with.
+    pub fn current_key(&self) -> Option<(u32, [u8; 32])> {
+        self.keys.iter().max_by_key(|(id, _)| *id).copied()
+    }
+
+    /// Key for a key id.
+    pub fn key(&self, id: u32) -> Option<[u8; 32]> {
+        self.keys.iter().find(|(k, _)| *k == id).map(|(_, v)| *v)
+    }
+
+    /// The secret a `join-token` carries, derived from the current key so it rotates with it.
+    pub fn join_key(&self) -> String {
+        let key = self.current_key().map(|(_, k)| k).unwrap_or_default();
+        blake3::keyed_hash(&key, b"codafs-join-v1").to_hex().to_string()
+    }
+}
+
+/// An account. Password hashes arrive with full authentication; admin tokens work without them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountRec {
+    pub name: String,
+    pub admin: bool,
+    pub password_hash: String,
+    pub created_ns: i64,
+}
+
+/// What one committed entry changed in one volume: the change stream's unit.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ChangeRec {
+    pub inos: Vec<u64>,
+    pub dirs: Vec<u64>,
+}
+
+/// Addresses an object by node id or by volume-relative path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeRef {
+    Ino(u64),
+    Path(String),
+}
+
+/// One namespace operation of a commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpKind {
+    Create {
+        parent: NodeRef,
+        name: String,
+        kind: Kind,
+        mode: u32,
+        hash: Option<Hash>,
+        size: u64,
+        symlink: String,
+        replace: bool,
+        uid: u32,
+        gid: u32,
+        mtime_ns: i64,
+    },
+    SetContent {
+        node: NodeRef,
+        hash: Hash,
+        size: u64,
+        mtime_ns: i64,
+    },
+    SetAttr {
+        node: NodeRef,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        mtime_ns: Option<i64>,
+    },
+    Remove {
+        parent: NodeRef,
+        name: String,
+        recursive: bool,
+    },
+    Rename {
+        from_parent: NodeRef,
+        from_name: String,
+        to_parent: NodeRef,
+        to_name: String,
+    },
+}
+
+/// An operation plus the version its target is expected to have.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Op {
+    pub expect_version: Option<u64>,
+    pub kind: OpKind,
+}
+
+impl Op {
+    /// Content hashes this operation makes the volume reference.
+    pub fn referenced_hash(&self) -> Option<Hash> {
+        match &self.kind {
+            OpKind::Create { hash, .. } => *hash,
+            OpKind::SetContent { hash, .. } => Some(*hash),
+            _ => None,
+        }
+    }
+}
+
+/// Settings of a new volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    pub name: String,
+    pub owner: String,
+    pub quota_bytes: u64,
+    pub quota_files: u64,
+    pub write_quorum: u32,
+    pub public_read: bool,
+}
+
+/// Who proposed a command, as established from a verified token by the server that accepted it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    pub user: String,
+    pub admin: bool,
+}
+
+/// The Raft log's application payload: one command per entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// First entry of a cluster: its identity, signing key and the admin account.
+    Bootstrap {
+        cluster_id: String,
+        key: [u8; 32],
+        admin: AccountRec,
+    },
+    CreateVolume {
+        actor: Actor,
+        spec: VolumeSpec,
+        now_ns: i64,
+    },
+    /// An atomic batch of namespace operations on one volume.
+    Commit {
+        actor: Actor,
+        volume: String,
+        ops: Vec<Op>,
+        expect_volume_version: Option<u64>,
+        now_ns: i64,
+    },
+}
+
+/// Deterministic refusals: every replica reaches the same one, and a refused command changes
+/// nothing but the applied index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ApplyError {
+    #[error("no such file or directory: {0}")]
+    NotFound(String),
+    #[error("already exists: {0}")]
+    Exists(String),
+    #[error("not a directory: {0}")]
+    NotDir(String),
+    #[error("is a directory: {0}")]
+    IsDir(String),
+    #[error("directory not empty: {0}")]
+    NotEmpty(String),
+    #[error("conflict on {what}: expected version {expected}, found {actual}")]
+    Conflict { what: String, expected: u64, actual: u64 },
+    #[error("quota exceeded: {what} would be {would_be}, limit {limit} (over by {})", would_be - limit)]
+    Quota { what: String, limit: u64, would_be: u64 },
+    #[error("invalid name: {0}")]
+    InvalidName(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("permission denied: {0}")]
+    Denied(String),
+    #[error("no such volume: {0}")]
+    NoSuchVolume(String),
+    #[error("cluster not bootstrapped")]
+    NotBootstrapped,
+}
+
+/// Result of applying one command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Done,
+    Volume(VolumeRec),
+    Committed { version: u64, created: Vec<u64> },
+}
+
+/// What the state machine answers for one entry.
+pub type Response = Result<Outcome, ApplyError>;

@@ -1,0 +1,294 @@
+//! Unit tests of the apply logic against the in-memory state.
+use super::mem::MemState;
+use super::*;
+
+fn admin() -> Actor {
+    Actor {
+        user: "admin".into(),
+        admin: true,
+    }
+}
+
+/// A bootstrapped state with volume `www` (owned by `alice`, quota 1000 bytes / 10 files).
+fn setup() -> MemState {
+    let mut s = MemState::default();
+    let acct = |n: &str, admin| AccountRec {
+        name: n.into(),
+        admin,
+        password_hash: String::new(),
+        created_ns: 0,
+    };
+    s.apply(
+        1,
+        &Command::Bootstrap {
+            cluster_id: "c".into(),
+            key: [1; 32],
+            admin: acct("admin", true),
+        },
+    )
+    .unwrap();
+    s.accounts.insert("alice".into(), acct("alice", false));
+    let spec = VolumeSpec {
+        name: "www".into(),
+        owner: "alice".into(),
+        quota_bytes: 1000,
+        quota_files: 10,
+        write_quorum: 0,
+        public_read: true,
+    };
+    s.apply(
+        2,
+        &Command::CreateVolume {
+            actor: admin(),
+            spec,
+            now_ns: 5,
+        },
+    )
+    .unwrap();
+    s
+}
+
+fn commit(s: &mut MemState, index: u64, user: &str, ops: Vec<OpKind>) -> Response {
+    let ops = ops
+        .into_iter()
+        .map(|kind| Op {
+            expect_version: None,
+            kind,
+        })
+        .collect();
+    s.apply(
+        index,
+        &Command::Commit {
+            actor: Actor {
+                user: user.into(),
+                admin: false,
+            },
+            volume: "www".into(),
+            ops,
+            expect_volume_version: None,
+            now_ns: index as i64 * 10,
+        },
+    )
+}
+
+fn file(parent: &str, name: &str, content: &[u8]) -> OpKind {
+    OpKind::Create {
+        parent: NodeRef::Path(parent.into()),
+        name: name.into(),
+        kind: Kind::File,
+        mode: 0o644,
+        hash: Some(Hash::of(content)),
+        size: content.len() as u64,
+        symlink: String::new(),
+        replace: false,
+        uid: 0,
+        gid: 0,
+        mtime_ns: 0,
+    }
+}
+
+fn dir(parent: &str, name: &str) -> OpKind {
+    OpKind::Create {
+        parent: NodeRef::Path(parent.into()),
+        name: name.into(),
+        kind: Kind::Dir,
+        mode: 0o755,
+        hash: None,
+        size: 0,
+        symlink: String::new(),
+        replace: false,
+        uid: 0,
+        gid: 0,
+        mtime_ns: 0,
+    }
+}
+
+fn lookup(s: &MemState, path: &str) -> Option<ObjectRec> {
+    let vol = s.volumes.get("www")?;
+    let mut cur = make_ino(vol.id, VOLUME_ROOT_INODE);
+    for p in split_path(path).ok()? {
+        cur = *s.dirents.get(&(cur, p.to_string()))?;
+    }
+    s.objects.get(&cur).cloned()
+}
+
+#[test]
+fn batch_creates_tree_and_stamps_volume() {
+    let mut s = setup();
+    let r = commit(
+        &mut s,
+        3,
+        "alice",
+        vec![
+            dir("", "css"),
+            file("css", "site.css", b"body{}"),
+            file("", "index.html", b"hi"),
+        ],
+    );
+    let Ok(Outcome::Committed { version, created }) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(version, 3);
+    assert_eq!(created.len(), 3);
+    assert_eq!(lookup(&s, "css/site.css").unwrap().size, 6);
+    let v = &s.volumes["www"];
+    assert_eq!((v.version, v.used_files, v.used_bytes), (3, 3, 8));
+    assert_eq!(s.blobrefs[&Hash::of(b"hi")], 1);
+    let ch = &s.changes[&(v.id, 3)];
+    assert!(ch.dirs.contains(&make_ino(v.id, VOLUME_ROOT_INODE)));
+    assert_eq!(lookup(&s, "").unwrap().nlink, 3, "root gains a link for css/");
+}
+
+#[test]
+fn failed_commit_changes_nothing() {
+    let mut s = setup();
+    commit(&mut s, 3, "alice", vec![file("", "a", b"1")]).unwrap();
+    let before = s.clone();
+    // Second op fails (parent missing): the first must not land either.
+    let r = commit(&mut s, 4, "alice", vec![file("", "b", b"2"), file("nope", "c", b"3")]);
+    assert!(matches!(r, Err(ApplyError::NotFound(_))), "{r:?}");
+    assert_eq!(s, before);
+}
+
+#[test]
+fn permissions_quota_and_names() {
+    let mut s = setup();
+    assert!(matches!(
+        commit(&mut s, 3, "mallory", vec![file("", "x", b"1")]),
+        Err(ApplyError::Denied(_))
+    ));
+    let big = vec![0u8; 1001];
+    let r = commit(&mut s, 4, "alice", vec![file("", "big", &big)]);
+    assert_eq!(
+        r,
+        Err(ApplyError::Quota {
+            what: "bytes".into(),
+            limit: 1000,
+            would_be: 1001
+        })
+    );
+    assert!(r.unwrap_err().to_string().contains("over by 1"));
+    for bad in ["..", ".", "a/b", "a\0b", ""] {
+        assert!(
+            matches!(
+                commit(&mut s, 5, "alice", vec![file("", bad, b"1")]),
+                Err(ApplyError::InvalidName(_))
+            ),
+            "{bad:?}"
+        );
+    }
+    assert!(matches!(
+        commit(&mut s, 6, "alice", vec![file("../etc", "x", b"1")]),
+        Err(ApplyError::InvalidName(_))
+    ));
+    let many: Vec<_> = (0..11).map(|i| file("", &format!("f{i}"), b"")).collect();
+    assert!(matches!(
+        commit(&mut s, 7, "alice", many),
+        Err(ApplyError::Quota { .. })
+    ));
+    assert_eq!(s.volumes["www"].used_files, 0);
+}
+
+#[test]
+fn expected_versions_detect_conflicts() {
+    let mut s = setup();
+    commit(&mut s, 3, "alice", vec![file("", "a", b"1")]).unwrap();
+    let a = lookup(&s, "a").unwrap();
+    let set = |v| Op {
+        expect_version: Some(v),
+        kind: OpKind::SetContent {
+            node: NodeRef::Ino(a.ino),
+            hash: Hash::of(b"2"),
+            size: 1,
+            mtime_ns: 0,
+        },
+    };
+    let cmd = |op| Command::Commit {
+        actor: admin(),
+        volume: "www".into(),
+        ops: vec![op],
+        expect_volume_version: None,
+        now_ns: 1,
+    };
+    assert!(matches!(
+        s.apply(4, &cmd(set(2))),
+        Err(ApplyError::Conflict {
+            expected: 2,
+            actual: 3,
+            ..
+        })
+    ));
+    s.apply(5, &cmd(set(3))).unwrap();
+    assert_eq!(lookup(&s, "a").unwrap().hash, Some(Hash::of(b"2")));
+    assert!(
+        !s.blobrefs.contains_key(&Hash::of(b"1")),
+        "old content is no longer referenced"
+    );
+    // expect_version 0 means "must not exist".
+    let create = Op {
+        expect_version: Some(0),
+        kind: file("", "a", b"3"),
+    };
+    assert!(matches!(s.apply(6, &cmd(create)), Err(ApplyError::Conflict { .. })));
+}
+
+#[test]
+fn remove_and_rename_rules() {
+    let mut s = setup();
+    commit(
+        &mut s,
+        3,
+        "alice",
+        vec![dir("", "d"), file("d", "f", b"12"), dir("", "e")],
+    )
+    .unwrap();
+    let rm = |name: &str, recursive| OpKind::Remove {
+        parent: NodeRef::Path(String::new()),
+        name: name.into(),
+        recursive,
+    };
+    assert!(matches!(
+        commit(&mut s, 4, "alice", vec![rm("d", false)]),
+        Err(ApplyError::NotEmpty(_))
+    ));
+    let mv = |from: &str, to_parent: &str, to: &str| OpKind::Rename {
+        from_parent: NodeRef::Path(String::new()),
+        from_name: from.into(),
+        to_parent: NodeRef::Path(to_parent.into()),
+        to_name: to.into(),
+    };
+    assert!(
+        matches!(
+            commit(&mut s, 5, "alice", vec![mv("d", "d", "x")]),
+            Err(ApplyError::Invalid(_))
+        ),
+        "into itself"
+    );
+    commit(&mut s, 6, "alice", vec![mv("e", "d", "e2")]).unwrap();
+    assert!(lookup(&s, "d/e2").is_some() && lookup(&s, "e").is_none());
+    assert_eq!(lookup(&s, "d").unwrap().nlink, 3);
+    commit(&mut s, 7, "alice", vec![rm("d", true)]).unwrap();
+    assert!(lookup(&s, "d").is_none());
+    assert!(
+        s.objects.len() == 1 && s.dirents.is_empty(),
+        "only the root remains: {:?}",
+        s.objects
+    );
+    let v = &s.volumes["www"];
+    assert_eq!((v.used_files, v.used_bytes), (0, 0));
+    assert!(s.blobrefs.is_empty());
+}
+
+#[test]
+fn identical_content_is_referenced_once_per_file() {
+    let mut s = setup();
+    commit(&mut s, 3, "alice", vec![file("", "a", b"same"), file("", "b", b"same")]).unwrap();
+    assert_eq!(s.blobrefs[&Hash::of(b"same")], 2);
+    let rm = OpKind::Remove {
+        parent: NodeRef::Path(String::new()),
+        name: "a".into(),
+        recursive: false,
+    };
+    commit(&mut s, 4, "alice", vec![rm]).unwrap();
+    assert_eq!(s.blobrefs[&Hash::of(b"same")], 1);
+}

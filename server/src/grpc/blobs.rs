@@ -1,0 +1,247 @@
+//! The `Blobs` service: quorum puts, verified chunked gets, and "which do you lack" queries.
+use std::pin::Pin;
+use std::sync::Arc;
+
+use codafs_common::Hash;
+use codafs_proto::limits::{BLOB_CHUNK, MAX_MISSING_QUERY};
+use codafs_proto::pb;
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert;
+use crate::blobs::quorum::{effective_write_quorum, QuorumState, QuorumTracker};
+use crate::blobs::{replicate, BlobError};
+use crate::node::Node;
+
+pub struct BlobService(pub Arc<Node>);
+
+/// Default copies when a put does not name the volume's quorum.
+const DEFAULT_WRITE_QUORUM: u32 = 2;
+
+fn blob_status(e: BlobError) -> Status {
+    match e {
+        BlobError::NotFound(h) => Status::not_found(format!("blob {h} not stored here")),
+        e @ (BlobError::HashMismatch { .. } | BlobError::SizeMismatch { .. }) => Status::data_loss(e.to_string()),
+        e @ BlobError::TooLarge(..) => Status::resource_exhausted(e.to_string()),
+        e @ BlobError::Corrupt(_) => Status::data_loss(e.to_string()),
+        BlobError::Io(e) => Status::internal(format!("blob storage: {e}")),
+    }
+}
+
+impl BlobService {
+    /// Receives the data part of a put into the local store (the spool, on a witness).
+    async fn receive(&self, hash: Hash, size: u64, stream: &mut Streaming<pb::PutBlobChunk>) -> Result<(), Status> {
+        let mut w = self.0.blobs.writer(hash, size).map_err(blob_status)?;
+        while let Some(msg) = stream.message().await? {
+            match msg.part {
+                Some(pb::put_blob_chunk::Part::Data(d)) => {
+                    if d.len() > BLOB_CHUNK {
+                        return Err(Status::invalid_argument(format!(
+                            "chunk of {} bytes exceeds {BLOB_CHUNK}",
+                            d.len()
+                        )));
+                    }
+                    tokio::task::block_in_place(|| w.write(&d)).map_err(blob_status)?;
+                }
+                _ => return Err(Status::invalid_argument("a put carries one header, then data only")),
+            }
+        }
+        tokio::task::block_in_place(|| w.finish()).map_err(blob_status)?;
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl pb::blobs_server::Blobs for BlobService {
+    #[tracing::instrument(skip_all)]
+    async fn put(&self, req: Request<Streaming<pb::PutBlobChunk>>) -> Result<Response<pb::PutBlobReply>, Status> {
+        let node = self.0.clone();
+        let mut stream = req.into_inner();
+        let header = match stream.message().await?.and_then(|m| m.part) {
+            Some(pb::put_blob_chunk::Part::Header(h)) => h,
+            _ => return Err(Status::invalid_argument("a put starts with its header")),
+        };
+        let hash = convert::hash(&header.hash)?;
+        if header.size > node.cfg.max_blob_bytes {
+            return Err(blob_status(BlobError::TooLarge(header.size, node.cfg.max_blob_bytes)));
+        }
+        let witness = node.cfg.witness;
+        let already = !witness && node.blobs.has(&hash);
+        if header.forwarded {
+            if witness {
+                return Err(Status::failed_precondition("a witness stores no blobs"));
+            }
+            if !already {
+                self.receive(hash, header.size, &mut stream).await?;
+            }
+            return Ok(Response::new(pb::PutBlobReply {
+                copies: 1,
+                already_present: already,
+            }));
+        }
+        if !already {
+            self.receive(hash, header.size, &mut stream).await?;
+        }
+        drop(stream);
+        // Forward to the other data replicas; answer once the write quorum is durable.
+        let replicas = node.data_replicas();
+        let quorum = if header.write_quorum == 0 {
+            DEFAULT_WRITE_QUORUM
+        } else {
+            header.write_quorum
+        };
+        let need = effective_write_quorum(quorum, replicas.len());
+        let mut tracker = QuorumTracker::new(need, replicas.len().max(1));
+        if !witness {
+            tracker.ok();
+        }
+        let path = node.blobs.path(&hash);
+        let (tx, mut rx) = mpsc::channel(replicas.len().max(1));
+        let mut forwards = Vec::new();
+        for m in replicas.into_iter().filter(|m| m.id != node.id) {
+            let (node, tx, path) = (node.clone(), tx.clone(), path.clone());
+            forwards.push(tokio::spawn(async move {
+                let r = replicate::send_file(&node.peers, &m.info.addr, &path, hash, header.size).await;
+                if let Err(e) = &r {
+                    tracing::warn!(peer = %m.info.addr, error = %e, "forwarding blob failed; repair will retry");
+                }
+                let _ = tx.send(r.is_ok()).await;
+            }));
+        }
+        drop(tx);
+        while tracker.state() == QuorumState::Pending {
+            match rx.recv().await {
+                Some(true) => tracker.ok(),
+                Some(false) => tracker.fail(),
+                None => break,
+            };
+        }
+        if witness {
+            // The witness only relayed the blob: drop its spooled copy once every forward ended.
+            let node = node.clone();
+            tokio::spawn(async move {
+                futures::future::join_all(forwards).await;
+                let _ = node.blobs.remove(&hash);
+            });
+        }
+        let copies = tracker.successes() as u32;
+        if tracker.state() != QuorumState::Reached {
+            return Err(Status::unavailable(format!(
+                "only {copies} of {need} required copies of blob {hash} could be stored"
+            )));
+        }
+        Ok(Response::new(pb::PutBlobReply {
+            copies,
+            already_present: already,
+        }))
+    }
+
+    type GetStream = Pin<Box<dyn Stream<Item = Result<pb::BlobChunk, Status>> + Send>>;
+
+    #[tracing::instrument(skip_all)]
+    async fn get(&self, req: Request<pb::GetBlobRequest>) -> Result<Response<Self::GetStream>, Status> {
+        let node = self.0.clone();
+        if node.cfg.witness {
+            return Err(Status::unavailable("a witness stores no blobs; ask a data replica"));
+        }
+        let r = req.into_inner();
+        let hash = convert::hash(&r.hash)?;
+        let (file, len) = node.blobs.open_read(&hash).map_err(blob_status)?;
+        let offset = r.offset;
+        let (tx, rx) = mpsc::channel::<Result<pb::BlobChunk, Status>>(4);
+        tokio::task::spawn_blocking(move || stream_verified(&node, file, len, hash, offset, &tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn missing(&self, req: Request<pb::MissingBlobsRequest>) -> Result<Response<pb::MissingBlobsReply>, Status> {
+        let hashes = req.into_inner().hashes;
+        if hashes.len() > MAX_MISSING_QUERY {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_MISSING_QUERY} hashes per query"
+            )));
+        }
+        let witness = self.0.cfg.witness;
+        let mut missing = Vec::new();
+        for h in hashes {
+            let parsed = convert::hash(&h)?;
+            if witness || !self.0.blobs.has(&parsed) {
+                missing.push(h);
+            }
+        }
+        Ok(Response::new(pb::MissingBlobsReply { missing }))
+    }
+}
+
+/// Streams a blob in chunks while hashing it, holding back the last chunk until the whole blob
+/// verified: a corrupt copy ends in an error before the receiver has all of it, so it is never
+/// served as complete. Corrupt copies are quarantined and repair is woken.
+fn stream_verified(
+    node: &Node,
+    mut file: std::fs::File,
+    len: u64,
+    hash: Hash,
+    offset: u64,
+    tx: &mpsc::Sender<Result<pb::BlobChunk, Status>>,
+) {
+    use std::io::Read;
+    let mut hasher = blake3::Hasher::new();
+    let mut pos = 0u64;
+    let mut held: Option<bytes::Bytes> = None;
+    let mut first = true;
+    loop {
+        let mut buf = vec![0u8; BLOB_CHUNK];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match file.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(Status::internal(format!("reading blob: {e}"))));
+                    return;
+                }
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        buf.truncate(filled);
+        hasher.update(&buf);
+        let start = pos;
+        pos += filled as u64;
+        // Skip what lies before the requested offset (still hashed above).
+        let data = if pos <= offset {
+            None
+        } else {
+            let skip = offset.saturating_sub(start) as usize;
+            Some(bytes::Bytes::from(buf).slice(skip..))
+        };
+        if let Some(prev) = held.take() {
+            let msg = pb::BlobChunk {
+                data: prev,
+                total_size: if first { len } else { 0 },
+            };
+            first = false;
+            if tx.blocking_send(Ok(msg)).is_err() {
+                return;
+            }
+        }
+        held = data;
+    }
+    if codafs_common::Hash::from(hasher.finalize()) != hash || pos != len {
+        node.blobs.quarantine(&hash);
+        node.repair_kick.notify_one();
+        let _ = tx.blocking_send(Err(Status::data_loss(format!(
+            "stored copy of blob {hash} is corrupt; try another replica"
+        ))));
+        return;
+    }
+    let last = held.unwrap_or_default();
+    if !last.is_empty() || first {
+        let _ = tx.blocking_send(Ok(pb::BlobChunk {
+            data: last,
+            total_size: if first { len } else { 0 },
+        }));
+    }
+}

@@ -1,0 +1,140 @@
+//! The `Meta` service: follower reads from this replica's applied state (each reply carries the
+//! applied index), and the per-volume change stream.
+use std::pin::Pin;
+use std::sync::Arc;
+
+use codafs_common::ids::VOLUME_ROOT_INODE;
+use codafs_common::names::{split_path, validate_name};
+use codafs_proto::limits::{DEFAULT_READDIR_PAGE, MAX_READDIR_PAGE};
+use codafs_proto::pb;
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use crate::changes;
+use crate::fsm::{ObjectRec, StateView};
+use crate::node::Node;
+
+pub struct MetaService(pub Arc<Node>);
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+impl MetaService {
+    fn object(&self, ino: u64) -> Result<ObjectRec, Status> {
+        self.0
+            .tables()
+            .object(ino)
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("no object {ino:#x}")))
+    }
+
+    fn reply(&self, o: &ObjectRec) -> Response<pb::AttrReply> {
+        Response::new(pb::AttrReply {
+            attr: Some(convert::attr(o)),
+            applied_index: self.0.applied_index(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::meta_server::Meta for MetaService {
+    async fn lookup(&self, req: Request<pb::LookupRequest>) -> Result<Response<pb::AttrReply>, Status> {
+        let r = req.into_inner();
+        validate_name(&r.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let ino = self
+            .0
+            .tables()
+            .dirent(r.parent, &r.name)
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("{} not found", r.name)))?;
+        Ok(self.reply(&self.object(ino)?))
+    }
+
+    async fn get_attr(&self, req: Request<pb::GetAttrRequest>) -> Result<Response<pb::AttrReply>, Status> {
+        Ok(self.reply(&self.object(req.get_ref().ino)?))
+    }
+
+    async fn resolve(&self, req: Request<pb::ResolveRequest>) -> Result<Response<pb::AttrReply>, Status> {
+        let r = req.into_inner();
+        let t = self.0.tables();
+        let vol = t
+            .volume(&r.volume)
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("no volume {}", r.volume)))?;
+        let mut cur = codafs_common::make_ino(vol.id, VOLUME_ROOT_INODE);
+        for part in split_path(&r.path).map_err(|e| Status::invalid_argument(e.to_string()))? {
+            cur = t
+                .dirent(cur, part)
+                .map_err(internal)?
+                .ok_or_else(|| Status::not_found(format!("{} not found", r.path)))?;
+        }
+        Ok(self.reply(&self.object(cur)?))
+    }
+
+    async fn read_dir(&self, req: Request<pb::ReadDirRequest>) -> Result<Response<pb::ReadDirReply>, Status> {
+        let r = req.into_inner();
+        let dir = self.object(r.ino)?;
+        if dir.kind != crate::fsm::Kind::Dir {
+            return Err(Status::failed_precondition(format!("{:#x} is not a directory", r.ino)));
+        }
+        let limit = if r.limit == 0 {
+            DEFAULT_READDIR_PAGE
+        } else {
+            r.limit.min(MAX_READDIR_PAGE)
+        } as usize;
+        let t = self.0.tables();
+        // One extra entry tells whether another page follows.
+        let mut page = t.dirents(r.ino, &r.after, limit + 1).map_err(internal)?;
+        let more = page.len() > limit;
+        page.truncate(limit);
+        let mut entries = Vec::with_capacity(page.len());
+        for (name, ino) in page {
+            if let Some(o) = t.object(ino).map_err(internal)? {
+                entries.push(pb::DirEntry {
+                    name,
+                    attr: Some(convert::attr(&o)),
+                });
+            }
+        }
+        Ok(Response::new(pb::ReadDirReply {
+            entries,
+            more,
+            applied_index: self.0.applied_index(),
+        }))
+    }
+
+    async fn volume_stamps(
+        &self,
+        req: Request<pb::VolumeStampsRequest>,
+    ) -> Result<Response<pb::VolumeStampsReply>, Status> {
+        let t = self.0.tables();
+        let mut stamps = Vec::new();
+        let names: Vec<String> = if req.get_ref().volumes.is_empty() {
+            t.volumes().map_err(internal)?.into_iter().map(|v| v.name).collect()
+        } else {
+            req.into_inner().volumes
+        };
+        for name in names {
+            let v = t.volume(&name).map_err(internal)?;
+            stamps.push(pb::VolumeStamp {
+                version: v.as_ref().map_or(0, |v| v.version),
+                exists: v.is_some(),
+                volume: name,
+            });
+        }
+        Ok(Response::new(pb::VolumeStampsReply {
+            stamps,
+            applied_index: self.0.applied_index(),
+        }))
+    }
+
+    type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::ChangeEvent, Status>> + Send>>;
+
+    async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        let r = req.into_inner();
+        let stream = changes::subscribe(self.0.applied.clone(), r.volume, r.from_version)?;
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,117 @@
+//! gRPC services: thin adaptors from protocol messages to [`Node`] operations. Error mapping to
+//! status codes lives here, in one place, and so does leader forwarding.
+pub mod admin;
+pub mod blobs;
+pub mod convert;
+pub mod meta;
+pub mod raft;
+pub mod write;
+
+use std::future::Future;
+use std::time::Duration;
+
+use codafs_proto::limits::TOKEN_HEADER;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::fsm::ApplyError;
+use crate::node::{Node, NodeError, LEADER_WAIT};
+
+/// Header set on requests one server forwards to another, so they are never forwarded twice.
+pub const FORWARDED_HEADER: &str = "x-codafs-forwarded";
+/// Header naming the kind of a refusal, for clients that map errors to errno values.
+pub const ERROR_KIND_HEADER: &str = "x-codafs-error";
+
+/// The caller's token, if any.
+pub fn token_of<T>(req: &tonic::Request<T>) -> Option<String> {
+    req.metadata()
+        .get(TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// Whether a request was forwarded by another server.
+pub fn is_forwarded<T>(req: &tonic::Request<T>) -> bool {
+    req.metadata().contains_key(FORWARDED_HEADER)
+}
+
+/// A request to forward to the leader, carrying the caller's token.
+pub fn forward_request<T>(body: T, token: Option<&str>, timeout: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(body);
+    if let Some(t) = token.and_then(|t| t.parse().ok()) {
+        r.metadata_mut().insert(TOKEN_HEADER, t);
+    }
+    r.metadata_mut()
+        .insert(FORWARDED_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+    r.set_timeout(timeout);
+    r
+}
+
+fn kind(e: &ApplyError) -> (&'static str, Code) {
+    match e {
+        ApplyError::NotFound(_) => ("not_found", Code::NotFound),
+        ApplyError::NoSuchVolume(_) => ("no_volume", Code::NotFound),
+        ApplyError::Exists(_) => ("exists", Code::AlreadyExists),
+        ApplyError::NotDir(_) => ("not_dir", Code::FailedPrecondition),
+        ApplyError::IsDir(_) => ("is_dir", Code::FailedPrecondition),
+        ApplyError::NotEmpty(_) => ("not_empty", Code::FailedPrecondition),
+        ApplyError::Conflict { .. } => ("conflict", Code::Aborted),
+        ApplyError::Quota { .. } => ("quota", Code::ResourceExhausted),
+        ApplyError::InvalidName(_) => ("invalid_name", Code::InvalidArgument),
+        ApplyError::Invalid(_) => ("invalid", Code::InvalidArgument),
+        ApplyError::Denied(_) => ("denied", Code::PermissionDenied),
+        ApplyError::NotBootstrapped => ("unavailable", Code::Unavailable),
+    }
+}
+
+/// The one mapping from node errors to gRPC statuses.
+pub fn status(e: NodeError) -> Status {
+    let (k, code) = match &e {
+        NodeError::Refused(a) => kind(a),
+        NodeError::Unauthenticated(_) => ("unauthenticated", Code::Unauthenticated),
+        NodeError::Denied(_) => ("denied", Code::PermissionDenied),
+        NodeError::NoLeader | NodeError::ForwardTo(..) | NodeError::Unavailable(_) => {
+            ("unavailable", Code::Unavailable)
+        }
+        NodeError::NotEnoughCopies { .. } => ("copies", Code::FailedPrecondition),
+        NodeError::Invalid(_) => ("invalid", Code::InvalidArgument),
+        NodeError::NotFound(_) => ("not_found", Code::NotFound),
+        NodeError::Internal(_) => ("internal", Code::Internal),
+    };
+    let mut s = Status::new(code, e.to_string());
+    s.metadata_mut()
+        .insert(ERROR_KIND_HEADER, tonic::metadata::MetadataValue::from_static(k));
+    s
+}
+
+/// Runs a write on the leader: locally when this node leads, otherwise forwarded once to the
+/// leader. Retries (bounded by [`LEADER_WAIT`]) while leadership is changing.
+pub async fn on_leader<T, L, LF, R, RF>(node: &Node, forwarded: bool, local: L, remote: R) -> Result<T, Status>
+where
+    L: Fn() -> LF,
+    LF: Future<Output = Result<T, NodeError>>,
+    R: Fn(Channel) -> RF,
+    RF: Future<Output = Result<T, Status>>,
+{
+    let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+    let mut last = Status::unavailable("no leader is reachable (is a majority of servers up?)");
+    while tokio::time::Instant::now() < deadline {
+        let leader = node.wait_leader().await.map_err(status)?;
+        if leader == node.id {
+            match local().await {
+                Err(NodeError::ForwardTo(..)) | Err(NodeError::NoLeader) => {}
+                other => return other.map_err(status),
+            }
+        } else if forwarded {
+            return Err(Status::unavailable("not the leader (leadership is changing)"));
+        } else if let Some(addr) = node.addr_of(leader) {
+            let ch = node.peers.channel(&addr).map_err(|e| Status::internal(e.to_string()))?;
+            match remote(ch).await {
+                Err(s) if s.code() == Code::Unavailable => last = s,
+                other => return other,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last)
+}

@@ -1,0 +1,38 @@
+//! The `Raft` service: decodes openraft messages and hands them to the local Raft node.
+use std::sync::Arc;
+
+use codafs_proto::pb;
+use tonic::{Request, Response, Status};
+
+use crate::node::Node;
+
+pub struct RaftService(pub Arc<Node>);
+
+fn decode<T: serde::de::DeserializeOwned>(m: &pb::RaftMessage) -> Result<T, Status> {
+    bincode::deserialize(&m.payload).map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftMessage>, Status> {
+    let payload = bincode::serialize(v).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(pb::RaftMessage {
+        payload: payload.into(),
+    }))
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for RaftService {
+    async fn append_entries(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        let r = self.0.raft.append_entries(decode(req.get_ref())?).await;
+        encode(&r)
+    }
+
+    async fn vote(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        let r = self.0.raft.vote(decode(req.get_ref())?).await;
+        encode(&r)
+    }
+
+    async fn install_snapshot(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        let r = self.0.raft.install_snapshot(decode(req.get_ref())?).await;
+        encode(&r)
+    }
+}

@@ -1,0 +1,89 @@
+//! The `Write` service: atomic commits, proposed on the leader after the referenced blobs are
+//! known to have reached their write quorum.
+use std::sync::Arc;
+use std::time::Duration;
+
+use codafs_common::token::Role;
+use codafs_proto::limits::MAX_COMMIT_OPS;
+use codafs_proto::pb;
+use tonic::{Request, Response, Status};
+
+use super::{convert, forward_request, is_forwarded, on_leader, status, token_of};
+use crate::fsm::{Actor, Command, Outcome, StateView};
+use crate::node::{Node, NodeError};
+
+pub struct WriteService(pub Arc<Node>);
+
+async fn commit_local(
+    node: &Node,
+    token: Option<&str>,
+    body: &pb::CommitRequest,
+) -> Result<pb::CommitReply, NodeError> {
+    let claims = node.authenticate(token)?;
+    let actor = Actor {
+        user: claims.user,
+        admin: claims.role == Role::Admin,
+    };
+    if body.ops.len() > MAX_COMMIT_OPS {
+        return Err(NodeError::Invalid(format!(
+            "{} operations in one commit; the limit is {MAX_COMMIT_OPS}",
+            body.ops.len()
+        )));
+    }
+    let ops = body
+        .ops
+        .iter()
+        .cloned()
+        .map(convert::op)
+        .collect::<Result<Vec<_>, Status>>()
+        .map_err(|s| NodeError::Invalid(s.message().to_string()))?;
+    let vol = node
+        .tables()
+        .volume(&body.volume)
+        .map_err(|e| NodeError::Internal(e.to_string()))?
+        .ok_or_else(|| NodeError::Refused(crate::fsm::ApplyError::NoSuchVolume(body.volume.clone())))?;
+    let mut hashes: Vec<_> = ops.iter().filter_map(|o| o.referenced_hash()).collect();
+    hashes.sort();
+    hashes.dedup();
+    node.check_blob_copies(&hashes, vol.write_quorum).await?;
+    let cmd = Command::Commit {
+        actor,
+        volume: body.volume.clone(),
+        ops,
+        expect_volume_version: body.expect_volume_version,
+        now_ns: codafs_common::now_ns(),
+    };
+    match node.propose(cmd).await? {
+        Outcome::Committed { version, created } => Ok(pb::CommitReply { version, created }),
+        other => Err(NodeError::Internal(format!("unexpected outcome {other:?}"))),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::write_server::Write for WriteService {
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume, ops = req.get_ref().ops.len()))]
+    async fn commit(&self, req: Request<pb::CommitRequest>) -> Result<Response<pb::CommitReply>, Status> {
+        let token = token_of(&req);
+        let forwarded = is_forwarded(&req);
+        let body = req.into_inner();
+        let node = &self.0;
+        // Refuse bad tokens here rather than after a forward: same answer, one hop sooner.
+        node.authenticate(token.as_deref()).map_err(status)?;
+        let reply = on_leader(
+            node,
+            forwarded,
+            || commit_local(node, token.as_deref(), &body),
+            |ch| {
+                let r = forward_request(body.clone(), token.as_deref(), Duration::from_secs(60));
+                async move {
+                    let mut c = pb::write_client::WriteClient::new(ch)
+                        .max_decoding_message_size(codafs_proto::limits::MAX_MESSAGE)
+                        .max_encoding_message_size(codafs_proto::limits::MAX_MESSAGE);
+                    c.commit(r).await.map(|r| r.into_inner())
+                }
+            },
+        )
+        .await?;
+        Ok(Response::new(reply))
+    }
+}

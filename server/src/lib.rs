@@ -1,0 +1,245 @@
+//! codafs replica server.
+//!
+//! Layout: [`fsm`] is the deterministic metadata state machine (no I/O); [`db`] stores its
+//! tables and the Raft log in RocksDB; [`raft`] wires openraft to both and to the gRPC
+//! transport; [`blobs`] stores file contents and keeps them replicated; [`grpc`] holds the thin
+//! services; [`node`] is the running server they share. [`run`] starts all of it.
+pub mod blobs;
+pub mod changes;
+pub mod config;
+pub mod db;
+pub mod fsm;
+pub mod grpc;
+pub mod node;
+pub mod peers;
+pub mod raft;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use codafs_common::join::JoinToken;
+use codafs_proto::limits::{MAX_MESSAGE, MAX_RAFT_MESSAGE};
+use codafs_proto::pb;
+use tokio::sync::watch;
+
+use crate::config::{Bootstrap, ServerConfig, BOOTSTRAP_FILE};
+use crate::fsm::{AccountRec, Command, StateView};
+use crate::node::{Counters, Node};
+use crate::raft::NodeInfo;
+
+/// Why a server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("opening database in {0}: {1}")]
+    Db(PathBuf, rocksdb::Error),
+    #[error("opening blob store: {0}")]
+    Blobs(#[from] blobs::BlobError),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(String, std::io::Error),
+    #[error("{0}")]
+    Bootstrap(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Starts a server in `dir` and runs it until `shutdown` completes.
+pub async fn run(
+    dir: &Path,
+    cfg: ServerConfig,
+    join: Option<JoinToken>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let db = db::open(&dir.join("db")).map_err(|e| ServerError::Db(dir.join("db"), e))?;
+    let blob_dir = if cfg.witness {
+        dir.join("spool")
+    } else {
+        dir.join("blobs")
+    };
+    let blob_store = Arc::new(blobs::BlobStore::open(&blob_dir)?);
+    let log = raft::log_store::LogStore::new(db.clone());
+    let committed = log.committed_index();
+    let (sm, applied) = raft::state_machine::StateMachine::new(db::Tables { db: db.clone() }, dir.join("snapshot.bin"))
+        .map_err(|e| ServerError::Raft(e.to_string()))?;
+    let peers = Arc::new(peers::Peers::default());
+    let rcfg = raft::raft_config(cfg.snapshot_every)
+        .validate()
+        .map_err(|e| ServerError::Raft(e.to_string()))?;
+    let network = raft::network::Network { peers: peers.clone() };
+    let raft = raft::Raft::new(cfg.node_id, Arc::new(rcfg), network, log, sm)
+        .await
+        .map_err(|e| ServerError::Raft(e.to_string()))?;
+    let node = Arc::new(Node {
+        id: cfg.node_id,
+        cfg: cfg.clone(),
+        raft,
+        applied,
+        blobs: blob_store,
+        peers,
+        committed,
+        counters: Counters::default(),
+        repair_kick: tokio::sync::Notify::new(),
+    });
+
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|e| ServerError::Listen(cfg.listen.clone(), e))?;
+    let local: SocketAddr = listener.local_addr()?;
+    tracing::info!(node = cfg.node_id, %local, witness = cfg.witness, "server listening");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = tokio::spawn(serve(node.clone(), listener, stop_rx.clone()));
+
+    let bootstrap_path = dir.join(BOOTSTRAP_FILE);
+    if bootstrap_path.exists() {
+        bootstrap(&node, &bootstrap_path).await?;
+    }
+    if let Some(token) = join {
+        let n = node.clone();
+        let stop = stop_rx.clone();
+        tokio::spawn(async move { join_cluster(&n, &token, stop).await });
+    }
+    let maintenance = tokio::spawn(blobs::maintenance::run(node.clone(), stop_rx.clone()));
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = node.raft.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), maintenance).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    Ok(())
+}
+
+async fn serve(node: Arc<Node>, listener: tokio::net::TcpListener, mut stop: watch::Receiver<bool>) {
+    use grpc::{admin::AdminService, blobs::BlobService, meta::MetaService, raft::RaftService, write::WriteService};
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(
+            pb::meta_server::MetaServer::new(MetaService(node.clone()))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            pb::blobs_server::BlobsServer::new(BlobService(node.clone()))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            pb::write_server::WriteServer::new(WriteService(node.clone()))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            pb::raft_server::RaftServer::new(RaftService(node.clone()))
+                .max_decoding_message_size(MAX_RAFT_MESSAGE)
+                .max_encoding_message_size(MAX_RAFT_MESSAGE),
+        )
+        .add_service(
+            pb::admin_server::AdminServer::new(AdminService(node.clone()))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
+}
+
+/// First start after `cluster init`: create the single-member cluster and commit its identity.
+async fn bootstrap(node: &Node, path: &Path) -> Result<(), ServerError> {
+    let text = std::fs::read_to_string(path)?;
+    let b: Bootstrap =
+        serde_json::from_str(&text).map_err(|e| ServerError::Bootstrap(format!("{}: {e}", path.display())))?;
+    let initialized = node
+        .raft
+        .is_initialized()
+        .await
+        .map_err(|e| ServerError::Raft(e.to_string()))?;
+    if !initialized {
+        let info = NodeInfo {
+            addr: node.cfg.advertised().to_string(),
+            witness: node.cfg.witness,
+        };
+        node.raft
+            .initialize(
+                [(node.id, info)]
+                    .into_iter()
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+            )
+            .await
+            .map_err(|e| ServerError::Raft(e.to_string()))?;
+    }
+    let already = node
+        .tables()
+        .cluster()
+        .map_err(|e| ServerError::Bootstrap(e.to_string()))?
+        .is_some();
+    if !already {
+        node.wait_leader()
+            .await
+            .map_err(|e| ServerError::Bootstrap(e.to_string()))?;
+        let admin = AccountRec {
+            name: b.admin_user.clone(),
+            admin: true,
+            password_hash: String::new(),
+            created_ns: codafs_common::now_ns(),
+        };
+        node.propose(Command::Bootstrap {
+            cluster_id: b.cluster_id.clone(),
+            key: b.key,
+            admin,
+        })
+        .await
+        .map_err(|e| ServerError::Bootstrap(format!("committing the cluster identity: {e}")))?;
+    }
+    std::fs::remove_file(path)?;
+    tracing::info!(cluster = %b.cluster_id, "cluster bootstrapped");
+    Ok(())
+}
+
+/// Asks the servers named in a join token to add this one, until one accepts or we stop.
+async fn join_cluster(node: &Node, token: &JoinToken, mut stop: watch::Receiver<bool>) {
+    let member = |n: &Node| n.members().iter().any(|m| m.id == n.id && m.voter);
+    let mut attempt = 0u32;
+    while !*stop.borrow() && !member(node) {
+        let addr = &token.servers[attempt as usize % token.servers.len().max(1)];
+        let req = pb::JoinRequest {
+            node_id: node.id,
+            addr: node.cfg.advertised().to_string(),
+            witness: node.cfg.witness,
+            join_key: token.join_key.clone(),
+        };
+        let result = async {
+            let mut c = node.peers.admin(addr).map_err(|e| e.to_string())?;
+            let mut r = tonic::Request::new(req);
+            r.set_timeout(Duration::from_secs(120));
+            c.join(r).await.map_err(|s| s.message().to_string())
+        }
+        .await;
+        match result {
+            Ok(_) => {
+                tracing::info!(via = %addr, "joined the cluster");
+                return;
+            }
+            Err(e) if e.contains("join key") => {
+                tracing::error!(via = %addr, error = %e, "join refused; check the join token");
+                return;
+            }
+            Err(e) => tracing::warn!(via = %addr, error = %e, "join attempt failed; retrying"),
+        }
+        attempt += 1;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}

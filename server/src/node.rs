@@ -1,0 +1,296 @@
+//! One running server: Raft, the applied tables, the blob store and connections to peers, plus
+//! the operations the gRPC services are thin wrappers over.
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use codafs_common::token::{self, Claims, Role};
+use codafs_common::Hash;
+use codafs_proto::pb;
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::sync::Notify;
+
+use crate::blobs::BlobStore;
+use crate::config::ServerConfig;
+use crate::db::Tables;
+use crate::fsm::{Actor, Command, Outcome, StateView};
+use crate::peers::Peers;
+use crate::raft::state_machine::Applied;
+use crate::raft::{NodeId, NodeInfo, Raft};
+
+/// How long a write waits for a leader to exist before failing.
+pub const LEADER_WAIT: Duration = Duration::from_secs(10);
+
+/// Errors of node operations, mapped to gRPC status codes in one place (`grpc::status`).
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    Refused(#[from] crate::fsm::ApplyError),
+    #[error("not authenticated: {0}")]
+    Unauthenticated(String),
+    #[error("permission denied: {0}")]
+    Denied(String),
+    #[error("no leader is reachable (is a majority of servers up?)")]
+    NoLeader,
+    #[error("forward to leader: {0}")]
+    ForwardTo(NodeId, String),
+    #[error("only {have} of {need} required copies of blob {hash} exist; upload it first")]
+    NotEnoughCopies { hash: Hash, have: usize, need: usize },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Background-task counters shown by `status`.
+#[derive(Default)]
+pub struct Counters {
+    pub repair_backlog: AtomicU64,
+    pub repaired: AtomicU64,
+    pub scrubbed: AtomicU64,
+    pub gc_removed: AtomicU64,
+}
+
+/// A member of the cluster as the membership config records it.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub id: NodeId,
+    pub info: NodeInfo,
+    pub voter: bool,
+}
+
+/// The server's shared state.
+pub struct Node {
+    pub id: NodeId,
+    pub cfg: ServerConfig,
+    pub raft: Raft,
+    pub applied: Applied,
+    pub blobs: Arc<BlobStore>,
+    pub peers: Arc<Peers>,
+    pub committed: Arc<AtomicU64>,
+    pub counters: Counters,
+    /// Wakes the repair task early (after corruption is found or new references arrive).
+    pub repair_kick: Notify,
+}
+
+impl Node {
+    pub fn tables(&self) -> &Tables {
+        &self.applied.tables
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        *self.applied.index.borrow()
+    }
+
+    /// Every server in the membership config (voters and learners).
+    pub fn members(&self) -> Vec<Member> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let voters: std::collections::BTreeSet<NodeId> = m.membership().voter_ids().collect();
+        m.membership()
+            .nodes()
+            .map(|(id, info)| Member {
+                id: *id,
+                info: info.clone(),
+                voter: voters.contains(id),
+            })
+            .collect()
+    }
+
+    /// Servers that store blobs.
+    pub fn data_replicas(&self) -> Vec<Member> {
+        self.members().into_iter().filter(|m| !m.info.witness).collect()
+    }
+
+    pub fn addr_of(&self, id: NodeId) -> Option<String> {
+        self.members().into_iter().find(|m| m.id == id).map(|m| m.info.addr)
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// Waits (bounded) until some leader is known; returns its id.
+    pub async fn wait_leader(&self) -> Result<NodeId, NodeError> {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let mut rx = self.raft.metrics();
+        loop {
+            if let Some(l) = rx.borrow().current_leader {
+                return Ok(l);
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return Err(NodeError::NoLeader);
+            }
+        }
+    }
+
+    /// Verifies a token against the replicated cluster keys.
+    pub fn authenticate(&self, token: Option<&str>) -> Result<Claims, NodeError> {
+        let token = token.ok_or_else(|| NodeError::Unauthenticated("no token (log in first)".into()))?;
+        let cluster = self
+            .tables()
+            .cluster()
+            .map_err(|e| NodeError::Internal(e.to_string()))?
+            .ok_or_else(|| NodeError::Unavailable("cluster is not bootstrapped yet".into()))?;
+        token::verify(token, &cluster.cluster_id, |id| cluster.key(id), token::unix_now())
+            .map_err(|e| NodeError::Unauthenticated(e.to_string()))
+    }
+
+    /// Verifies a token and requires the admin role.
+    pub fn authenticate_admin(&self, token: Option<&str>) -> Result<Actor, NodeError> {
+        let c = self.authenticate(token)?;
+        if c.role != Role::Admin {
+            return Err(NodeError::Denied(format!("{} is not an admin", c.user)));
+        }
+        Ok(Actor {
+            user: c.user,
+            admin: true,
+        })
+    }
+
+    /// Proposes a command on this node, which must be the leader.
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome, NodeError> {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok(resp.data?),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match (f.leader_id, f.leader_node) {
+                (Some(id), Some(n)) => Err(NodeError::ForwardTo(id, n.addr)),
+                _ => Err(NodeError::NoLeader),
+            },
+            Err(e) => Err(NodeError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Checks that every blob a commit references has reached the volume's write quorum.
+    pub async fn check_blob_copies(&self, hashes: &[Hash], write_quorum: u32) -> Result<(), NodeError> {
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        let replicas = self.data_replicas();
+        let need = crate::blobs::quorum::effective_write_quorum(write_quorum, replicas.len());
+        let mut have: HashMap<Hash, usize> = hashes.iter().map(|h| (*h, 0)).collect();
+        let wire: Vec<bytes::Bytes> = hashes.iter().map(|h| bytes::Bytes::copy_from_slice(&h.0)).collect();
+        let mut queries = Vec::new();
+        for m in &replicas {
+            if m.id == self.id {
+                for (h, n) in have.iter_mut() {
+                    if self.blobs.has(h) {
+                        *n += 1;
+                    }
+                }
+                continue;
+            }
+            let peers = self.peers.clone();
+            let addr = m.info.addr.clone();
+            let wire = wire.clone();
+            queries.push(async move {
+                let mut c = peers.blobs(&addr).ok()?;
+                let mut req = tonic::Request::new(pb::MissingBlobsRequest { hashes: wire });
+                req.set_timeout(Duration::from_secs(5));
+                c.missing(req).await.ok().map(|r| r.into_inner().missing)
+            });
+        }
+        for missing in futures::future::join_all(queries).await.into_iter().flatten() {
+            let missing: std::collections::HashSet<&[u8]> = missing.iter().map(|b| b.as_ref()).collect();
+            for (h, n) in have.iter_mut() {
+                if !missing.contains(&h.0[..]) {
+                    *n += 1;
+                }
+            }
+        }
+        for (hash, n) in have {
+            if n < need {
+                return Err(NodeError::NotEnoughCopies { hash, have: n, need });
+            }
+        }
+        Ok(())
+    }
+
+    /// Status for `codafs status --server`.
+    pub fn status(&self) -> pb::ServerStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let (blob_count, blob_bytes) = if self.cfg.witness { (0, 0) } else { self.blobs.stats() };
+        let members = self.members();
+        let role = match m.state {
+            openraft::ServerState::Leader => "leader",
+            openraft::ServerState::Follower => "follower",
+            openraft::ServerState::Candidate => "candidate",
+            openraft::ServerState::Learner => "learner",
+            openraft::ServerState::Shutdown => "shutdown",
+        };
+        pb::ServerStatus {
+            node_id: self.id,
+            addr: self.cfg.advertised().to_string(),
+            witness: self.cfg.witness,
+            role: role.into(),
+            term: m.current_term,
+            leader_id: m.current_leader.unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            commit_index: self
+                .committed
+                .load(Ordering::Relaxed)
+                .max(m.last_applied.map_or(0, |l| l.index)),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            blob_count,
+            blob_bytes,
+            repair_backlog: self.counters.repair_backlog.load(Ordering::Relaxed),
+            corrupt_found: self.blobs.corrupt_found(),
+            cluster_id: self
+                .tables()
+                .cluster()
+                .ok()
+                .flatten()
+                .map(|c| c.cluster_id)
+                .unwrap_or_default(),
+            voters: members.iter().filter(|m| m.voter).count() as u32,
+            servers: members.len() as u32,
+        }
+    }
+
+    /// Adds a server: as a learner first (so it catches up without counting towards quorums),
+    /// then as a voter.
+    pub async fn add_server(&self, id: NodeId, info: NodeInfo) -> Result<(), NodeError> {
+        let map_err = |e: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => match (f.leader_id, f.leader_node) {
+                (Some(id), Some(n)) => NodeError::ForwardTo(id, n.addr),
+                _ => NodeError::NoLeader,
+            },
+            other => NodeError::Unavailable(other.to_string()),
+        };
+        if self.members().iter().any(|m| m.id == id && m.voter) {
+            return Ok(());
+        }
+        self.raft.add_learner(id, info, true).await.map_err(map_err)?;
+        let mut voters: std::collections::BTreeSet<NodeId> =
+            self.members().into_iter().filter(|m| m.voter).map(|m| m.id).collect();
+        voters.insert(id);
+        self.raft.change_membership(voters, false).await.map_err(map_err)?;
+        Ok(())
+    }
+
+    /// Removes a server from the membership.
+    pub async fn remove_server(&self, id: NodeId) -> Result<(), NodeError> {
+        let members = self.members();
+        if !members.iter().any(|m| m.id == id) {
+            return Err(NodeError::NotFound(format!("server {id}")));
+        }
+        let voters: std::collections::BTreeSet<NodeId> =
+            members.iter().filter(|m| m.voter && m.id != id).map(|m| m.id).collect();
+        if voters.is_empty() {
+            return Err(NodeError::Invalid("cannot remove the last voter".into()));
+        }
+        self.raft
+            .change_membership(openraft::ChangeMembers::ReplaceAllVoters(voters), false)
+            .await
+            .map_err(|e| NodeError::Unavailable(e.to_string()))?;
+        self.raft
+            .change_membership(openraft::ChangeMembers::RemoveNodes([id].into_iter().collect()), false)
+            .await
+            .map_err(|e| NodeError::Unavailable(e.to_string()))?;
+        Ok(())
+    }
+}

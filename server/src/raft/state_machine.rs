@@ -1,0 +1,245 @@
+//! openraft's state machine over the RocksDB tables.
+//!
+//! Each entry's delta and the new last-applied id are written in one `WriteBatch`, so the tables
+//! and the applied index never disagree. Those writes are not fsynced on their own: the log store
+//! syncs the shared WAL on every append and before purging, and anything lost in a crash is
+//! re-applied from the log. Snapshots are a consistent dump of all state tables (a RocksDB
+//! snapshot), kept as one file so a lagging or new replica can install it.
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{AnyError, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageIOError, StoredMembership};
+use rocksdb::WriteBatch;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+
+use super::{read_err, write_err, Entry, NodeId, NodeInfo, StoreErr, TypeConfig};
+use crate::db::{decode, encode, TableDump, Tables, CF_SM_META};
+use crate::fsm::{self, ChangeRec, Outcome, Response};
+
+const KEY_APPLIED: &[u8] = b"last_applied";
+const KEY_MEMBERSHIP: &[u8] = b"membership";
+
+/// A committed change to a volume, broadcast to change-stream subscribers as it is applied.
+#[derive(Debug, Clone)]
+pub enum Notice {
+    Change {
+        volume: u32,
+        version: u64,
+        change: Arc<ChangeRec>,
+    },
+    /// A snapshot replaced the state: subscribers re-read from the tables.
+    Reset,
+}
+
+/// On-disk snapshot: openraft's metadata plus every state table.
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: SnapshotMeta<NodeId, NodeInfo>,
+    tables: TableDump,
+}
+
+/// Shared handles for readers of the applied state.
+#[derive(Clone)]
+pub struct Applied {
+    pub tables: Tables,
+    pub notices: broadcast::Sender<Notice>,
+    pub index: watch::Receiver<u64>,
+}
+
+/// The state machine openraft drives.
+pub struct StateMachine {
+    tables: Tables,
+    snapshot_path: PathBuf,
+    notices: broadcast::Sender<Notice>,
+    applied_tx: watch::Sender<u64>,
+}
+
+impl StateMachine {
+    /// Opens the state machine over `tables`; snapshots are kept at `snapshot_path`.
+    pub fn new(tables: Tables, snapshot_path: PathBuf) -> Result<(Self, Applied), StoreErr> {
+        let (notices, _) = broadcast::channel(4096);
+        let start = read_applied(&tables)?.map_or(0, |l| l.index);
+        let (applied_tx, index) = watch::channel(start);
+        let applied = Applied {
+            tables: tables.clone(),
+            notices: notices.clone(),
+            index,
+        };
+        Ok((
+            StateMachine {
+                tables,
+                snapshot_path,
+                notices,
+                applied_tx,
+            },
+            applied,
+        ))
+    }
+}
+
+fn read_applied(t: &Tables) -> Result<Option<LogId<NodeId>>, StoreErr> {
+    let cf = t.cf(CF_SM_META).map_err(read_err)?;
+    match t.db.get_cf(cf, KEY_APPLIED).map_err(read_err)? {
+        Some(v) => decode(&v).map_err(read_err),
+        None => Ok(None),
+    }
+}
+
+/// Last applied log id and membership, as openraft asks for them.
+type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>);
+
+fn meta_from_dump(tables: &TableDump) -> Result<AppliedState, StoreErr> {
+    let mut applied = None;
+    let mut membership = StoredMembership::default();
+    for (name, rows) in tables {
+        if name == CF_SM_META {
+            for (k, v) in rows {
+                if k == KEY_APPLIED {
+                    applied = decode(v).map_err(read_err)?;
+                } else if k == KEY_MEMBERSHIP {
+                    membership = decode(v).map_err(read_err)?;
+                }
+            }
+        }
+    }
+    Ok((applied, membership))
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>), StoreErr> {
+        let applied = read_applied(&self.tables)?;
+        let cf = self.tables.cf(CF_SM_META).map_err(read_err)?;
+        let membership = match self.tables.db.get_cf(cf, KEY_MEMBERSHIP).map_err(read_err)? {
+            Some(v) => decode(&v).map_err(read_err)?,
+            None => StoredMembership::default(),
+        };
+        Ok((applied, membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StoreErr>
+    where
+        I: IntoIterator<Item = Entry> + openraft::OptionalSend,
+        I::IntoIter: openraft::OptionalSend,
+    {
+        let mut out = Vec::new();
+        for entry in entries {
+            let log_id = entry.log_id;
+            let mut batch = WriteBatch::default();
+            let meta_cf = self.tables.cf(CF_SM_META).map_err(write_err)?;
+            let mut notices = Vec::new();
+            let resp = match &entry.payload {
+                EntryPayload::Blank => Ok(Outcome::Done),
+                EntryPayload::Normal(cmd) => {
+                    let (delta, resp) = fsm::apply(&self.tables, log_id.index, cmd).map_err(write_err)?;
+                    self.tables.write_delta(&mut batch, &delta).map_err(write_err)?;
+                    for (volume, version, change) in delta.changes {
+                        notices.push(Notice::Change {
+                            volume,
+                            version,
+                            change: Arc::new(change),
+                        });
+                    }
+                    resp
+                }
+                EntryPayload::Membership(m) => {
+                    let sm = StoredMembership::new(Some(log_id), m.clone());
+                    batch.put_cf(meta_cf, KEY_MEMBERSHIP, encode(&sm).map_err(write_err)?);
+                    Ok(Outcome::Done)
+                }
+            };
+            batch.put_cf(meta_cf, KEY_APPLIED, encode(&Some(log_id)).map_err(write_err)?);
+            self.tables.db.write(batch).map_err(write_err)?;
+            for n in notices {
+                // No subscribers is fine.
+                let _ = self.notices.send(n);
+            }
+            self.applied_tx.send_replace(log_id.index);
+            out.push(resp);
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            tables: self.tables.clone(),
+            path: self.snapshot_path.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StoreErr> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, NodeInfo>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StoreErr> {
+        let data = snapshot.into_inner();
+        let file: SnapshotFile = bincode::deserialize(&data)
+            .map_err(|e| StoreErr::from(StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e))))?;
+        self.tables.replace_all(&file.tables).map_err(write_err)?;
+        write_snapshot_file(&self.snapshot_path, &data)?;
+        tracing::info!(last = ?meta.last_log_id, "installed snapshot");
+        let _ = self.notices.send(Notice::Reset);
+        self.applied_tx.send_replace(meta.last_log_id.map_or(0, |l| l.index));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StoreErr> {
+        let data = match std::fs::read(&self.snapshot_path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(read_err(e)),
+        };
+        let file: SnapshotFile = bincode::deserialize(&data).map_err(read_err)?;
+        Ok(Some(Snapshot {
+            meta: file.meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
+    }
+}
+
+fn write_snapshot_file(path: &std::path::Path, data: &[u8]) -> Result<(), StoreErr> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(write_err)?;
+    f.write_all(data).map_err(write_err)?;
+    f.sync_all().map_err(write_err)?;
+    std::fs::rename(&tmp, path).map_err(write_err)
+}
+
+/// Builds snapshots from a consistent view of the tables.
+pub struct SnapshotBuilder {
+    tables: Tables,
+    path: PathBuf,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StoreErr> {
+        let tables = self.tables.dump().map_err(read_err)?;
+        let (last_log_id, last_membership) = meta_from_dump(&tables)?;
+        let snapshot_id = format!("{}-{}", last_log_id.map_or(0, |l| l.index), codafs_common::now_ns());
+        let meta = SnapshotMeta {
+            last_log_id,
+            last_membership,
+            snapshot_id,
+        };
+        let data = bincode::serialize(&SnapshotFile {
+            meta: meta.clone(),
+            tables,
+        })
+        .map_err(write_err)?;
+        write_snapshot_file(&self.path, &data)?;
+        tracing::info!(last = ?meta.last_log_id, bytes = data.len(), "built snapshot");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}

@@ -1,0 +1,380 @@
+//! Test harness: real `codafs` server processes on loopback ports with temp directories.
+//!
+//! Every process a [`TestCluster`] starts is killed by its PID when the cluster is dropped, also
+//! when a test panics (then the servers' logs are printed to help diagnose). Every wait is
+//! bounded and fails with a message instead of hanging.
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use codafs_client::Cluster;
+use codafs_common::Hash;
+use codafs_proto::pb;
+
+/// Path of the `codafs` binary built by this workspace (next to the test executable's `deps/`).
+pub fn codafs_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("CODAFS_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("codafs");
+    assert!(
+        bin.exists(),
+        "{} not found: build it with `cargo build --bin codafs` (cargo test --workspace does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A free loopback port (bound and released; the server binds it right after).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Polls `check` every 50 ms until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if check().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("timed out after {timeout:?} waiting for {what}")
+}
+
+/// One server process.
+pub struct Server {
+    pub addr: String,
+    pub dir: PathBuf,
+    pub witness: bool,
+    pub extra_args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Server {
+    fn spawn(&mut self, join: Option<&str>) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.with_extension("log"))?;
+        let mut cmd = Command::new(codafs_bin());
+        cmd.arg("server")
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--listen")
+            .arg(&self.addr);
+        if self.witness {
+            cmd.arg("--witness");
+        }
+        if let Some(t) = join {
+            cmd.arg("--join").arg(t);
+        }
+        cmd.args(&self.extra_args);
+        cmd.env(
+            "CODAFS_LOG",
+            std::env::var("CODAFS_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+        );
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        self.child = Some(cmd.spawn().context("spawning codafs server")?);
+        Ok(())
+    }
+
+    /// SIGKILL and reap (a crash, as far as the server can tell).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
+    }
+}
+
+/// Options for a test cluster.
+#[derive(Clone)]
+pub struct ClusterOpts {
+    pub data: usize,
+    pub witnesses: usize,
+    pub extra_args: Vec<String>,
+}
+
+impl ClusterOpts {
+    pub fn new(data: usize, witnesses: usize) -> Self {
+        ClusterOpts {
+            data,
+            witnesses,
+            extra_args: vec!["--repair-interval-ms".into(), "200".into()],
+        }
+    }
+
+    pub fn arg(mut self, a: &str, v: &str) -> Self {
+        self.extra_args.push(a.into());
+        self.extra_args.push(v.into());
+        self
+    }
+}
+
+/// A running cluster of server processes.
+pub struct TestCluster {
+    pub root: tempfile::TempDir,
+    pub servers: Vec<Server>,
+    pub token: String,
+    pub join_token: String,
+}
+
+impl TestCluster {
+    /// Starts `opts.data` data replicas and `opts.witnesses` witnesses; returns when all are
+    /// voters and a leader exists.
+    pub async fn start(opts: ClusterOpts) -> Result<Self> {
+        let root = tempfile::Builder::new().prefix("codafs-test-").tempdir()?;
+        let mut tc = TestCluster {
+            root,
+            servers: Vec::new(),
+            token: String::new(),
+            join_token: String::new(),
+        };
+        let total = opts.data + opts.witnesses;
+        for i in 0..total {
+            tc.servers.push(Server {
+                addr: format!("127.0.0.1:{}", free_port()),
+                dir: tc.root.path().join(format!("s{i}")),
+                witness: i >= opts.data,
+                extra_args: opts.extra_args.clone(),
+                child: None,
+            });
+        }
+        let first = &tc.servers[0];
+        let out = Command::new(codafs_bin())
+            .args(["cluster", "init", "--dir"])
+            .arg(&first.dir)
+            .args(["--listen", &first.addr])
+            .output()?;
+        if !out.status.success() {
+            bail!("cluster init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        tc.token = std::fs::read_to_string(first.dir.join("admin.token"))?
+            .trim()
+            .to_string();
+        tc.servers[0].spawn(None)?;
+        let addr0 = tc.servers[0].addr.clone();
+        tc.wait_ready(&addr0, 1).await?;
+        let c = tc.client_for(std::slice::from_ref(&addr0));
+        tc.join_token = c
+            .call(|ch| {
+                let r = c.request(pb::Empty {});
+                async move { Cluster::admin(ch).join_token(r).await.map(|r| r.into_inner().token) }
+            })
+            .await?;
+        for i in 1..total {
+            let t = tc.join_token.clone();
+            tc.servers[i].spawn(Some(&t))?;
+            tc.wait_ready(&addr0, (i + 1) as u32).await?;
+        }
+        Ok(tc)
+    }
+
+    /// Waits until the server at `addr` reports a leader, a bootstrapped cluster and `voters`
+    /// voters.
+    async fn wait_ready(&self, addr: &str, voters: u32) -> Result<()> {
+        let addr = addr.to_string();
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{voters} voters seen by {addr}"),
+            || {
+                let addr = addr.clone();
+                async move {
+                    match self.status_of(&addr).await {
+                        Ok(s) => s.leader_id != 0 && !s.cluster_id.is_empty() && s.voters == voters,
+                        Err(_) => false,
+                    }
+                }
+            },
+        )
+        .await
+        .map_err(|e| self.with_logs(e))
+    }
+
+    fn with_logs(&self, e: anyhow::Error) -> anyhow::Error {
+        let logs: String = self
+            .servers
+            .iter()
+            .map(|s| format!("\n--- {} ---\n{}", s.addr, tail(&s.log(), 40)))
+            .collect();
+        anyhow::anyhow!("{e}{logs}")
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.servers.iter().map(|s| s.addr.clone()).collect()
+    }
+
+    /// A client that knows every server and holds the admin token.
+    pub fn client(&self) -> Cluster {
+        self.client_for(&self.addrs())
+    }
+
+    /// A client that talks to one server only.
+    pub fn client_on(&self, addr: &str) -> Cluster {
+        self.client_for(&[addr.to_string()])
+    }
+
+    /// A client that talks to the given servers only.
+    pub fn client_for(&self, addrs: &[String]) -> Cluster {
+        let mut c = Cluster::new(addrs, Some(self.token.clone())).expect("valid addresses");
+        c.call_timeout = Duration::from_secs(15);
+        c
+    }
+
+    pub async fn status_of(&self, addr: &str) -> Result<pb::ServerStatus> {
+        let c = Cluster::new(&[addr.to_string()], None)?;
+        Ok(c.call(|ch| async move {
+            let mut r = tonic::Request::new(pb::Empty {});
+            r.set_timeout(Duration::from_secs(2));
+            Cluster::admin(ch).status(r).await.map(|r| r.into_inner())
+        })
+        .await?)
+    }
+
+    /// Index of the server that currently leads (asked of running servers).
+    pub async fn leader(&self) -> Result<usize> {
+        for s in self.servers.iter().filter(|s| s.is_running()) {
+            if let Ok(st) = self.status_of(&s.addr).await {
+                if st.role == "leader" {
+                    return Ok(self.servers.iter().position(|x| x.addr == s.addr).unwrap_or(0));
+                }
+            }
+        }
+        bail!("no running server is leader")
+    }
+
+    /// Waits for a leader among the running servers.
+    pub async fn wait_leader(&self, timeout: Duration) -> Result<usize> {
+        wait_until(timeout, "a leader", || async { self.leader().await.is_ok() })
+            .await
+            .map_err(|e| self.with_logs(e))?;
+        self.leader().await
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        self.servers[i].kill();
+    }
+
+    /// Restarts a killed server from its directory.
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        self.servers[i].spawn(None)
+    }
+
+    pub async fn create_volume(&self, name: &str, write_quorum: u32) -> Result<pb::VolumeInfo> {
+        let c = self.client();
+        let spec = pb::VolumeSpec {
+            name: name.into(),
+            write_quorum,
+            public_read: true,
+            ..Default::default()
+        };
+        Ok(c.call(|ch| {
+            let r = c.request(spec.clone());
+            async move { Cluster::admin(ch).create_volume(r).await.map(|r| r.into_inner()) }
+        })
+        .await?)
+    }
+
+    /// Stores `content` at `volume:path` (creating or replacing the file) through `client`.
+    pub async fn write_file(client: &Cluster, volume: &str, parent: &str, name: &str, content: &[u8]) -> Result<u64> {
+        client.put_blob(bytes::Bytes::copy_from_slice(content), 2).await?;
+        let op = pb::Op {
+            expect_version: None,
+            op: Some(pb::op::Op::Create(pb::CreateOp {
+                parent: Some(pb::NodeRef {
+                    target: Some(pb::node_ref::Target::Path(parent.into())),
+                }),
+                name: name.into(),
+                kind: pb::ObjectKind::File as i32,
+                mode: 0o644,
+                hash: bytes::Bytes::copy_from_slice(&Hash::of(content).0),
+                size: content.len() as u64,
+                replace: true,
+                ..Default::default()
+            })),
+        };
+        let r = client
+            .commit(pb::CommitRequest {
+                volume: volume.into(),
+                ops: vec![op],
+                expect_volume_version: None,
+            })
+            .await?;
+        Ok(r.version)
+    }
+
+    /// Reads a file's attributes from one server.
+    pub async fn resolve_on(&self, addr: &str, volume: &str, path: &str) -> Result<pb::AttrReply> {
+        let c = self.client_on(addr);
+        Ok(c.call(|ch| {
+            let r = c.request(pb::ResolveRequest {
+                volume: volume.into(),
+                path: path.into(),
+            });
+            async move { Cluster::meta(ch).resolve(r).await.map(|r| r.into_inner()) }
+        })
+        .await?)
+    }
+
+    /// Reads a file's content from one server (metadata and blob both from it).
+    pub async fn read_on(&self, addr: &str, volume: &str, path: &str) -> Result<Vec<u8>> {
+        let attr = self.resolve_on(addr, volume, path).await?.attr.context("no attr")?;
+        let c = self.client_on(addr);
+        Ok(c.get_blob(Hash::from_slice(&attr.hash)?).await?)
+    }
+
+    /// Whether the server at `addr` stores every one of `hashes`.
+    pub async fn has_blobs(&self, addr: &str, hashes: &[Hash]) -> Result<bool> {
+        let c = self.client_on(addr);
+        let req = pb::MissingBlobsRequest {
+            hashes: hashes.iter().map(|h| bytes::Bytes::copy_from_slice(&h.0)).collect(),
+        };
+        let missing = c
+            .call(|ch| {
+                let r = c.request(req.clone());
+                async move { Cluster::blobs(ch).missing(r).await.map(|r| r.into_inner().missing) }
+            })
+            .await?;
+        Ok(missing.is_empty())
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for s in &self.servers {
+                eprintln!("--- log of server {} ---\n{}", s.addr, tail(&s.log(), 60));
+            }
+        }
+        for s in &mut self.servers {
+            s.kill();
+        }
+    }
+}

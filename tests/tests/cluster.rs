@@ -1,0 +1,307 @@
+//! End-to-end tests of the replicated server core with real `codafs server` processes.
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use codafs_common::Hash;
+use codafs_proto::pb;
+use codafs_tests::{wait_until, ClusterOpts, TestCluster};
+
+/// Whole-test deadline: a hung test fails with a message instead of running into CI's limit.
+const TEST_DEADLINE: Duration = Duration::from_secs(180);
+
+async fn bounded<F: std::future::Future<Output = Result<()>>>(f: F) {
+    match tokio::time::timeout(TEST_DEADLINE, f).await {
+        Ok(r) => r.unwrap(),
+        Err(_) => panic!("test exceeded {TEST_DEADLINE:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commit_is_readable_from_every_replica_with_witness() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let c = tc.client();
+        let v = TestCluster::write_file(&c, "www", "", "index.html", b"<h1>hello</h1>").await?;
+        for s in &tc.servers {
+            // Metadata from every server (witness included), once it has applied the commit.
+            wait_until(Duration::from_secs(10), "replica applies the commit", || async {
+                tc.resolve_on(&s.addr, "www", "index.html")
+                    .await
+                    .is_ok_and(|r| r.applied_index >= v)
+            })
+            .await?;
+            let r = tc.resolve_on(&s.addr, "www", "index.html").await?;
+            let attr = r.attr.context("attr")?;
+            assert_eq!(attr.size, 14);
+            assert_eq!(attr.version, v);
+            if !s.witness {
+                assert_eq!(tc.read_on(&s.addr, "www", "index.html").await?, b"<h1>hello</h1>");
+            } else {
+                let st = tc.status_of(&s.addr).await?;
+                assert_eq!(st.blob_count, 0, "a witness stores no blobs");
+            }
+        }
+        // The volume's version stamp is the commit's log index.
+        let stamps = c
+            .call(|ch| {
+                let r = c.request(pb::VolumeStampsRequest {
+                    volumes: vec!["www".into(), "nope".into()],
+                });
+                async move {
+                    codafs_client::Cluster::meta(ch)
+                        .volume_stamps(r)
+                        .await
+                        .map(|r| r.into_inner())
+                }
+            })
+            .await?;
+        assert_eq!(stamps.stamps[0].version, v);
+        assert!(stamps.stamps[0].exists && !stamps.stamps[1].exists);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_kill_elects_new_leader_and_any_survivor_accepts_commits() {
+    bounded(async {
+        let mut tc = TestCluster::start(ClusterOpts::new(3, 0)).await?;
+        tc.create_volume("www", 2).await?;
+        let old = tc.leader().await?;
+        tc.kill(old);
+        let new = tc.wait_leader(Duration::from_secs(15)).await?;
+        assert_ne!(new, old);
+        for (i, s) in tc.servers.iter().enumerate().filter(|(i, _)| *i != old) {
+            let c = tc.client_on(&s.addr);
+            let name = format!("after-failover-{i}.html");
+            TestCluster::write_file(&c, "www", "", &name, name.as_bytes())
+                .await
+                .with_context(|| format!("commit via {}", s.addr))?;
+            assert_eq!(tc.read_on(&s.addr, "www", &name).await?, name.as_bytes());
+        }
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_commits_survive_a_data_replica_crash() {
+    bounded(async {
+        let mut tc = TestCluster::start(ClusterOpts::new(3, 0)).await?;
+        tc.create_volume("www", 2).await?;
+        let c = tc.client();
+        let victim = (tc.leader().await? + 1) % 3;
+        let mut acked = Vec::new();
+        for i in 0..40u32 {
+            if i == 15 {
+                tc.kill(victim);
+            }
+            let content = format!("page {i} {}", "x".repeat(i as usize * 100));
+            // A commit may fail while the cluster notices the crash; only acknowledged ones count.
+            if TestCluster::write_file(&c, "www", "", &format!("p{i}"), content.as_bytes())
+                .await
+                .is_ok()
+            {
+                acked.push((format!("p{i}"), content));
+            }
+        }
+        assert!(
+            acked.len() >= 30,
+            "most commits succeed with 2 of 3 replicas up: {}",
+            acked.len()
+        );
+        tc.restart(victim)?;
+        let addr = tc.servers[victim].addr.clone();
+        let hashes: Vec<Hash> = acked.iter().map(|(_, c)| Hash::of(c.as_bytes())).collect();
+        wait_until(
+            Duration::from_secs(30),
+            "restarted replica repairs every blob",
+            || async { tc.has_blobs(&addr, &hashes).await.unwrap_or(false) },
+        )
+        .await?;
+        for s in &tc.servers {
+            for (name, content) in &acked {
+                wait_until(Duration::from_secs(10), "replica has the file", || async {
+                    tc.resolve_on(&s.addr, "www", name).await.is_ok()
+                })
+                .await?;
+                assert_eq!(
+                    tc.read_on(&s.addr, "www", name).await?,
+                    content.as_bytes(),
+                    "{name} on {}",
+                    s.addr
+                );
+            }
+        }
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn long_down_replica_catches_up_by_snapshot_and_fetches_blobs() {
+    bounded(async {
+        let opts = ClusterOpts::new(3, 0).arg("--snapshot-every", "20");
+        let mut tc = TestCluster::start(opts).await?;
+        tc.create_volume("www", 2).await?;
+        let leader = tc.leader().await?;
+        let down = (leader + 1) % 3;
+        tc.kill(down);
+        let c = tc.client();
+        let mut last = 0;
+        for i in 0..80u32 {
+            last = TestCluster::write_file(&c, "www", "", &format!("f{i}"), format!("content {i}").as_bytes()).await?;
+        }
+        let st = tc.status_of(&tc.servers[leader].addr).await?;
+        assert!(st.snapshot_index > 0, "leader built a snapshot: {st:?}");
+        tc.restart(down)?;
+        let addr = tc.servers[down].addr.clone();
+        wait_until(
+            Duration::from_secs(30),
+            "restarted replica applies everything",
+            || async { tc.status_of(&addr).await.is_ok_and(|s| s.applied_index >= last) },
+        )
+        .await?;
+        let st = tc.status_of(&addr).await?;
+        assert!(st.snapshot_index > 0, "caught up by installing a snapshot: {st:?}");
+        let hashes: Vec<Hash> = (0..80).map(|i| Hash::of(format!("content {i}").as_bytes())).collect();
+        wait_until(
+            Duration::from_secs(30),
+            "caught-up replica fetches missing blobs",
+            || async { tc.has_blobs(&addr, &hashes).await.unwrap_or(false) },
+        )
+        .await?;
+        assert_eq!(tc.read_on(&addr, "www", "f79").await?, b"content 79");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corrupt_blob_is_never_served_and_is_repaired() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let c = tc.client();
+        let content = b"precious content that must never be served corrupt".repeat(1000);
+        TestCluster::write_file(&c, "www", "", "a.bin", &content).await?;
+        let h = Hash::of(&content);
+        let hex = h.to_hex();
+        let target = &tc.servers[0];
+        let path = target
+            .dir
+            .join("blobs/data")
+            .join(&hex[..2])
+            .join(&hex[2..4])
+            .join(&hex);
+        let mut bytes = std::fs::read(&path)?;
+        bytes[1000] ^= 0xff;
+        std::fs::write(&path, &bytes)?;
+        // Reading from the corrupted replica alone: an error, never the bad bytes.
+        let only = tc.client_on(&target.addr);
+        let r = only.get_blob(h).await;
+        assert!(r.is_err(), "corrupt copy must not be served");
+        // The replica noticed, quarantined it and repairs it from its peer.
+        wait_until(Duration::from_secs(20), "corrupt blob repaired", || async {
+            only.get_blob(h).await.is_ok_and(|d| d == content)
+        })
+        .await?;
+        let st = tc.status_of(&target.addr).await?;
+        assert!(st.corrupt_found >= 1, "{st:?}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn minority_cannot_commit() {
+    bounded(async {
+        let mut tc = TestCluster::start(ClusterOpts::new(3, 0)).await?;
+        tc.create_volume("www", 1).await?;
+        let leader = tc.leader().await?;
+        let survivor = (leader + 1) % 3;
+        for i in 0..3 {
+            if i != survivor {
+                tc.kill(i);
+            }
+        }
+        let c = tc.client_on(&tc.servers[survivor].addr);
+        let r = TestCluster::write_file(&c, "www", "", "nope", b"x").await;
+        assert!(r.is_err(), "a single server out of three must not commit");
+        // Reads still work on the survivor (follower reads), and nothing was committed.
+        assert!(tc.resolve_on(&tc.servers[survivor].addr, "www", "nope").await.is_err());
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_get_clear_errors_and_change_nothing() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(1, 0)).await?;
+        let vol = tc.create_volume("www", 1).await?;
+        let c = tc.client();
+        // A commit referencing a blob nobody uploaded is refused.
+        let op = |name: &str, hash: &[u8]| pb::Op {
+            expect_version: None,
+            op: Some(pb::op::Op::Create(pb::CreateOp {
+                parent: Some(pb::NodeRef {
+                    target: Some(pb::node_ref::Target::Path(String::new())),
+                }),
+                name: name.into(),
+                kind: pb::ObjectKind::File as i32,
+                hash: bytes::Bytes::copy_from_slice(hash),
+                size: 1,
+                ..Default::default()
+            })),
+        };
+        let commit = |ops| pb::CommitRequest {
+            volume: "www".into(),
+            ops,
+            expect_volume_version: None,
+        };
+        let e = c
+            .commit(commit(vec![op("a", &Hash::of(b"never uploaded").0)]))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("copies"), "{e}");
+        for bad in ["..", ".", "a/b", "a\0b", &"x".repeat(256)] {
+            c.put_blob(bytes::Bytes::from_static(b"1"), 1).await?;
+            let e = c.commit(commit(vec![op(bad, &Hash::of(b"1").0)])).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}: {e}");
+        }
+        let e = c.commit(commit(vec![op("short", &[1, 2, 3])])).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        // A forged token is refused.
+        let forged = codafs_client::Cluster::new(&tc.addrs(), Some(format!("{}x", &tc.token[..tc.token.len() - 1])))?;
+        let e = forged
+            .commit(commit(vec![op("f", &Hash::of(b"1").0)]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+        let anon = codafs_client::Cluster::new(&tc.addrs(), None)?;
+        assert_eq!(
+            anon.commit(commit(vec![op("f", &Hash::of(b"1").0)]))
+                .await
+                .unwrap_err()
+                .code(),
+            tonic::Code::Unauthenticated
+        );
+        // Nothing changed.
+        let info = c
+            .call(|ch| {
+                let r = c.request(pb::VolumeName { name: "www".into() });
+                async move {
+                    codafs_client::Cluster::admin(ch)
+                        .get_volume(r)
+                        .await
+                        .map(|r| r.into_inner())
+                }
+            })
+            .await?;
+        assert_eq!((info.version, info.used_files), (vol.version, 0));
+        Ok(())
+    })
+    .await
+}

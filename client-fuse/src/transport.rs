@@ -75,6 +75,8 @@ impl Cluster {
                 .map_err(|e| ClientError::Address(s.clone(), e.to_string()))?
                 .connect_timeout(Duration::from_millis(800))
                 .tcp_nodelay(true)
+                .initial_stream_window_size(Some(4 << 20))
+                .initial_connection_window_size(Some(8 << 20))
                 .http2_keep_alive_interval(Duration::from_secs(5))
                 .keep_alive_timeout(Duration::from_secs(3));
             chans.push((s.clone(), ep.connect_lazy()));

@@ -1,5 +1,7 @@
 //! Logging setup shared by every codafs process: `tracing` to stderr, filtered by `CODAFS_LOG`
 //! (EnvFilter syntax, e.g. `CODAFS_LOG=codafs_server=debug,openraft=warn`).
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Environment variable holding the log filter.
@@ -12,6 +14,7 @@ pub fn init(default: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(true)
         .try_init();
 }

@@ -132,3 +132,114 @@ async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::{self, Tables};
+    use crate::fsm::*;
+    use codafs_common::Hash;
+    use tokio::sync::watch;
+
+    /// A volume with more commits than the kept history, applied to real RocksDB tables.
+    fn tables_with_history(commits: u64) -> (tempfile::TempDir, Applied) {
+        let dir = tempfile::tempdir().unwrap();
+        let tables = Tables {
+            db: db::open(dir.path()).unwrap(),
+        };
+        let mut mem = mem::MemState::default();
+        let admin = AccountRec {
+            name: "admin".into(),
+            admin: true,
+            password_hash: String::new(),
+            created_ns: 0,
+        };
+        let actor = Actor {
+            user: "admin".into(),
+            admin: true,
+        };
+        let spec = VolumeSpec {
+            name: "www".into(),
+            owner: "admin".into(),
+            quota_bytes: 0,
+            quota_files: 0,
+            write_quorum: 1,
+            public_read: true,
+        };
+        db::apply_to_both(
+            &tables,
+            &mut mem,
+            1,
+            &Command::Bootstrap {
+                cluster_id: "c".into(),
+                key: [0; 32],
+                admin,
+            },
+        )
+        .unwrap();
+        db::apply_to_both(
+            &tables,
+            &mut mem,
+            2,
+            &Command::CreateVolume {
+                actor: actor.clone(),
+                spec,
+                now_ns: 0,
+            },
+        )
+        .unwrap();
+        for i in 0..commits {
+            let op = Op {
+                expect_version: None,
+                kind: OpKind::Create {
+                    parent: NodeRef::Path(String::new()),
+                    name: "f".into(),
+                    kind: Kind::File,
+                    mode: 0o644,
+                    hash: Some(Hash::of(&i.to_le_bytes())),
+                    size: 8,
+                    symlink: String::new(),
+                    replace: true,
+                    uid: 0,
+                    gid: 0,
+                    mtime_ns: 0,
+                },
+            };
+            let cmd = Command::Commit {
+                actor: actor.clone(),
+                volume: "www".into(),
+                ops: vec![op],
+                expect_volume_version: None,
+                now_ns: 0,
+            };
+            db::apply_to_both(&tables, &mut mem, 3 + i, &cmd).unwrap();
+        }
+        let (notices, _) = broadcast::channel(16);
+        let (_tx, index) = watch::channel(2 + commits);
+        (dir, Applied { tables, notices, index })
+    }
+
+    async fn first(applied: &Applied, from: u64) -> pb::ChangeEvent {
+        let mut s = subscribe(applied.clone(), "www".into(), from).unwrap();
+        let ev = tokio_stream::StreamExt::next(&mut s).await;
+        ev.expect("an event").expect("not an error")
+    }
+
+    #[tokio::test]
+    async fn trimmed_history_says_so_and_kept_history_resumes() {
+        let extra = 10;
+        let (_dir, applied) = tables_with_history(CHANGE_RETAIN + extra);
+        let last = 2 + CHANGE_RETAIN + extra;
+        let vol = applied.tables.volume("www").unwrap().unwrap();
+        assert_eq!(vol.change_count, CHANGE_RETAIN);
+        assert_eq!(vol.history_floor, 2 + extra, "the oldest {extra} changes were trimmed");
+        // From before the floor: one history_gone event carrying the current version.
+        let ev = first(&applied, 3).await;
+        assert!(ev.history_gone);
+        assert_eq!(ev.version, last);
+        // From inside the kept history: the next change, normally.
+        let ev = first(&applied, last - 5).await;
+        assert!(!ev.history_gone);
+        assert_eq!(ev.version, last - 4);
+    }
+}

@@ -115,9 +115,15 @@ pub async fn run(
 
 async fn serve(node: Arc<Node>, listener: tokio::net::TcpListener, mut stop: watch::Receiver<bool>) {
     use grpc::{admin::AdminService, blobs::BlobService, meta::MetaService, raft::RaftService, write::WriteService};
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // `Server::tcp_nodelay` only applies to sockets tonic binds itself; ours come from our own
+    // listener, so set it here. Without it, small HTTP/2 frames (replies, WINDOW_UPDATEs) wait
+    // for Nagle's algorithm and a put crawls at tens of MB/s.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(30)));
     let result = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(

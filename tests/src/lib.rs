@@ -273,6 +273,17 @@ impl TestCluster {
         self.leader().await
     }
 
+    /// Where server `i` keeps blob `h` on disk.
+    pub fn blob_path(&self, i: usize, h: &Hash) -> PathBuf {
+        let hex = h.to_hex();
+        self.servers[i]
+            .dir
+            .join("blobs/data")
+            .join(&hex[..2])
+            .join(&hex[2..4])
+            .join(&hex)
+    }
+
     pub fn kill(&mut self, i: usize) {
         self.servers[i].kill();
     }
@@ -312,6 +323,30 @@ impl TestCluster {
                 hash: bytes::Bytes::copy_from_slice(&Hash::of(content).0),
                 size: content.len() as u64,
                 replace: true,
+                ..Default::default()
+            })),
+        };
+        let r = client
+            .commit(pb::CommitRequest {
+                volume: volume.into(),
+                ops: vec![op],
+                expect_volume_version: None,
+            })
+            .await?;
+        Ok(r.version)
+    }
+
+    /// Creates a directory (a metadata-only commit: no blob involved).
+    pub async fn mkdir(client: &Cluster, volume: &str, parent: &str, name: &str) -> Result<u64> {
+        let op = pb::Op {
+            expect_version: None,
+            op: Some(pb::op::Op::Create(pb::CreateOp {
+                parent: Some(pb::NodeRef {
+                    target: Some(pb::node_ref::Target::Path(parent.into())),
+                }),
+                name: name.into(),
+                kind: pb::ObjectKind::Directory as i32,
+                mode: 0o755,
                 ..Default::default()
             })),
         };

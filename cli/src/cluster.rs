@@ -260,7 +260,7 @@ async fn servers(client: &ClientOpts) -> Result<pb::ServerList> {
     .await?)
 }
 
-fn init(dir: &Path, listen: String, advertise: Option<String>, admin: &str) -> Result<()> {
+pub fn init(dir: &Path, listen: String, advertise: Option<String>, admin: &str) -> Result<()> {
     if ServerConfig::load(dir)?.is_some() {
         bail!(
             "{} already holds a server; refusing to initialise over it",

@@ -1,6 +1,8 @@
 //! The `codafs` command: one binary for servers, cluster and volume administration and status.
 //! Errors print one line (`codafs: …`) and exit 1; nothing here panics on bad input.
 mod cluster;
+mod demo;
+mod mount;
 mod opts;
 mod output;
 mod volume;
@@ -33,9 +35,20 @@ enum Cmd {
     /// Create, list and inspect volumes.
     #[command(subcommand)]
     Volume(volume::VolumeCmd),
-    /// Show the health of a server (role, term, log indices, blobs, repair backlog).
+    /// Start a local demo: 2 data servers + 1 witness on loopback, volume `www` with a sample
+    /// site, mounted at /coda. Stays in the foreground; Ctrl-C stops everything.
+    Demo(demo::DemoArgs),
+    /// Mount the cluster's volumes (one directory per volume) at MOUNTPOINT.
+    Mount(mount::MountArgs),
+    /// Pull a volume or subtree of a mount into the cache (warm a node before it serves).
+    Prefetch(mount::PrefetchArgs),
+    /// Health of a mount (MNT: connectivity, versions, cache) or of servers (role, term, log
+    /// indices, blobs, repair backlog).
     Status {
-        /// Server to ask (host:port). Without it, every server of the client config is asked.
+        /// A codafs mountpoint to report on.
+        mountpoint: Option<std::path::PathBuf>,
+        /// Server to ask (host:port). Without it (and without MNT), every server of the client
+        /// config is asked.
         #[arg(long)]
         server: Option<String>,
         /// Print JSON instead of a table.
@@ -49,25 +62,49 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_log = match cli.cmd {
-        Cmd::Server(_) => "info,openraft=warn",
+        Cmd::Server(_) | Cmd::Mount(_) => "info,openraft=warn",
         _ => "warn,openraft=error",
     };
     codafs_common::telemetry::init(default_log);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("codafs: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    // The mount runs its own runtime (and may detach); prefetch is plain threads.
+    let result = match cli.cmd {
+        Cmd::Mount(a) => mount::mount(a),
+        Cmd::Prefetch(a) => mount::prefetch(a),
+        other => run_async(other),
     };
-    let result = rt.block_on(async move {
-        match cli.cmd {
+    finish(result)
+}
+
+fn run_async(cmd: Cmd) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
+    rt.block_on(async move {
+        match cmd {
             Cmd::Server(a) => cluster::server(a).await,
             Cmd::Cluster(c) => cluster::run(c).await,
             Cmd::Volume(v) => volume::run(v).await,
-            Cmd::Status { server, json, client } => cluster::status(server, json, client).await,
+            Cmd::Demo(a) => demo::run(a).await,
+            Cmd::Mount(_) | Cmd::Prefetch(_) => {
+                anyhow::bail!("internal error: mount and prefetch run outside the runtime")
+            }
+            Cmd::Status {
+                mountpoint: Some(m),
+                json,
+                ..
+            } => mount::print_mount_status(&m, json),
+            Cmd::Status {
+                mountpoint: None,
+                server,
+                json,
+                client,
+            } => cluster::status(server, json, client).await,
         }
-    });
+    })
+}
+
+fn finish(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,6 +1,11 @@
-//! codafs client side. For now the replica transport (every server known, failover between
-//! them, verified blob transfer); the FUSE mount and its cache build on it.
+//! codafs client side: the replica transport with failover, the persistent whole-file and
+//! metadata caches, the filesystem core (no FUSE types), callbacks, and the FUSE adaptor.
 pub mod bundle;
+pub mod cache;
+pub mod callbacks;
+pub mod core;
+pub mod fuse;
+pub mod mount;
 pub mod transport;
 
 pub use bundle::ClientBundle;

@@ -110,6 +110,11 @@ impl Cluster {
         (0..n).map(move |i| (p + i) % n)
     }
 
+    /// Server addresses in preference order.
+    pub fn ordered_servers(&self) -> Vec<String> {
+        self.order().map(|i| self.servers[i].0.clone()).collect()
+    }
+
     /// Runs `f` against servers in preference order until one answers (success or a
     /// non-retryable refusal).
     pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, ClientError>

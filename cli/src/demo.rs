@@ -1,0 +1,320 @@
+//! `codafs demo`: a whole local cluster and a mounted `/coda` in one command. Two data servers
+//! and a witness on free loopback ports, an admin, a volume `www` with a small sample site, a
+//! mount; it stays in the foreground and stops everything it started on Ctrl-C/SIGTERM.
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use codafs_client::Cluster;
+use codafs_common::Hash;
+use codafs_proto::pb;
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Working directory for the servers, the cache and demo.env (wiped at start).
+    #[arg(long, default_value = "/tmp/codafs-demo")]
+    dir: PathBuf,
+    /// Where to mount.
+    #[arg(long, default_value = "/coda")]
+    mount: PathBuf,
+}
+
+/// The sample site: (path, content).
+const SITE: &[(&str, &str)] = &[
+    ("index.html", include_str!("demo_site/index.html")),
+    ("about.html", include_str!("demo_site/about.html")),
+    ("css/site.css", include_str!("demo_site/css/site.css")),
+    (
+        "blog/2026-11-first-post.html",
+        include_str!("demo_site/blog/2026-11-first-post.html"),
+    ),
+    ("robots.txt", include_str!("demo_site/robots.txt")),
+];
+
+/// Children started by the demo, stopped in reverse order on drop (also on errors).
+struct Children(Vec<(String, Child)>, Option<PathBuf>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (what, c) in self.0.iter_mut().rev() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(8);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if let Ok(None) = c.try_wait() {
+                tracing::warn!(%what, "did not stop in time; killing");
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if let Some(m) = &self.1 {
+            // If the mount daemon died without unmounting, do not leave a dead mount behind.
+            let mounted = std::fs::read_to_string("/proc/mounts")
+                .unwrap_or_default()
+                .contains(&format!(" {} ", m.display()));
+            if mounted {
+                let _ = Command::new("fusermount3").arg("-u").arg(m).status();
+            }
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn spawn(dir: &Path, name: &str, args: &[String]) -> Result<Child> {
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    Command::new(std::env::current_exe()?)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {name}"))
+}
+
+async fn wait_voters(addr: &str, voters: u32) -> Result<()> {
+    let c = Cluster::new(&[addr.to_string()], None)?;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        let st = c
+            .call(|ch| async move {
+                let mut r = tonic::Request::new(pb::Empty {});
+                r.set_timeout(Duration::from_secs(1));
+                Cluster::admin(ch).status(r).await.map(|r| r.into_inner())
+            })
+            .await;
+        if let Ok(s) = st {
+            if s.leader_id != 0 && !s.cluster_id.is_empty() && s.voters >= voters {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the cluster did not come up within 30 s (see the server logs)")
+}
+
+fn dir_op(path: &str) -> pb::Op {
+    let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
+    pb::Op {
+        expect_version: None,
+        op: Some(pb::op::Op::Create(pb::CreateOp {
+            parent: Some(pb::NodeRef {
+                target: Some(pb::node_ref::Target::Path(parent.into())),
+            }),
+            name: name.into(),
+            kind: pb::ObjectKind::Directory as i32,
+            mode: 0o755,
+            ..Default::default()
+        })),
+    }
+}
+
+fn file_op(path: &str, content: &[u8]) -> pb::Op {
+    let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
+    pb::Op {
+        expect_version: None,
+        op: Some(pb::op::Op::Create(pb::CreateOp {
+            parent: Some(pb::NodeRef {
+                target: Some(pb::node_ref::Target::Path(parent.into())),
+            }),
+            name: name.into(),
+            kind: pb::ObjectKind::File as i32,
+            mode: 0o644,
+            hash: bytes::Bytes::copy_from_slice(&Hash::of(content).0),
+            size: content.len() as u64,
+            replace: true,
+            ..Default::default()
+        })),
+    }
+}
+
+/// Publishes the sample site into `www` as one atomic commit.
+async fn publish_site(c: &Cluster) -> Result<u64> {
+    let mut ops = Vec::new();
+    let mut dirs: Vec<&str> = SITE
+        .iter()
+        .filter_map(|(p, _)| p.rsplit_once('/').map(|(d, _)| d))
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    ops.extend(dirs.into_iter().map(dir_op));
+    for (path, content) in SITE {
+        c.put_blob(bytes::Bytes::from_static(content.as_bytes()), 2).await?;
+        ops.push(file_op(path, content.as_bytes()));
+    }
+    Ok(c.commit(pb::CommitRequest {
+        volume: "www".into(),
+        ops,
+        expect_volume_version: None,
+    })
+    .await?
+    .version)
+}
+
+pub async fn run(a: DemoArgs) -> Result<()> {
+    let dir = a.dir.clone();
+    if dir.join("demo.env").exists() {
+        let env = std::fs::read_to_string(dir.join("demo.env")).unwrap_or_default();
+        if let Some(pid) = env
+            .lines()
+            .find_map(|l| l.strip_prefix("CODAFS_DEMO_PID="))
+            .and_then(|p| p.parse::<i32>().ok())
+        {
+            if unsafe { libc::kill(pid, 0) } == 0 {
+                bail!(
+                    "a demo is already running from {} (pid {pid}); stop it first",
+                    dir.display()
+                );
+            }
+        }
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&a.mount).with_context(|| format!("creating {}", a.mount.display()))?;
+    let mnt = std::fs::canonicalize(&a.mount)?;
+    let mut children = Children(Vec::new(), None);
+
+    let addrs: Vec<String> = (0..3)
+        .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
+        .collect::<Result<_>>()?;
+    let sdir = |i: usize| dir.join(format!("s{}", i + 1));
+    crate::cluster::init(&sdir(0), addrs[0].clone(), None, "admin")?;
+    let s = |i: usize, extra: &[&str]| {
+        let mut v = vec![
+            "server".to_string(),
+            "--dir".into(),
+            sdir(i).display().to_string(),
+            "--listen".into(),
+            addrs[i].clone(),
+        ];
+        v.extend(extra.iter().map(|x| x.to_string()));
+        v
+    };
+    children.0.push(("server 1".into(), spawn(&dir, "s1", &s(0, &[]))?));
+    wait_voters(&addrs[0], 1).await?;
+    let token = std::fs::read_to_string(sdir(0).join("admin.token"))?.trim().to_string();
+    let admin = Cluster::new(&addrs[..1], Some(token.clone()))?;
+    let join = admin
+        .call(|ch| {
+            let r = admin.request(pb::Empty {});
+            async move { Cluster::admin(ch).join_token(r).await.map(|r| r.into_inner().token) }
+        })
+        .await?;
+    children
+        .0
+        .push(("server 2".into(), spawn(&dir, "s2", &s(1, &["--join", &join]))?));
+    wait_voters(&addrs[0], 2).await?;
+    children.0.push((
+        "witness".into(),
+        spawn(&dir, "s3", &s(2, &["--join", &join, "--witness"]))?,
+    ));
+    wait_voters(&addrs[0], 3).await?;
+
+    let c = Cluster::new(&addrs, Some(token))?;
+    let spec = pb::VolumeSpec {
+        name: "www".into(),
+        public_read: true,
+        write_quorum: 2,
+        ..Default::default()
+    };
+    c.call(|ch| {
+        let r = c.request(spec.clone());
+        async move { Cluster::admin(ch).create_volume(r).await.map(|r| r.into_inner()) }
+    })
+    .await?;
+    let version = publish_site(&c).await?;
+
+    let bundle = codafs_client::ClientBundle {
+        cluster_id: String::new(),
+        servers: addrs.clone(),
+    };
+    std::fs::write(dir.join("client.toml"), bundle.to_toml())?;
+    let mut mount_args = vec![
+        "mount".to_string(),
+        mnt.display().to_string(),
+        "--foreground".into(),
+        "--cache-dir".into(),
+        dir.join("cache").display().to_string(),
+        "--config".into(),
+        dir.join("client.toml").display().to_string(),
+    ];
+    mount_args.push("--cache-size".into());
+    mount_args.push("1G".into());
+    let log = std::fs::File::create(dir.join("mount.log"))?;
+    let mut mount = Command::new(std::env::current_exe()?)
+        .args(&mount_args)
+        .env("CODAFS_NOTIFY_READY", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .context("starting the mount")?;
+    let stdout = mount.stdout.take().context("mount stdout")?;
+    children.0.push(("mount".into(), mount));
+    children.1 = Some(mnt.clone());
+    let ready = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        line
+    });
+    match tokio::time::timeout(Duration::from_secs(30), ready).await {
+        Ok(Ok(l)) if l.trim() == "codafs-mount-ready" => {}
+        _ => bail!("the mount did not come up (see {})", dir.join("mount.log").display()),
+    }
+
+    let pids: Vec<String> = children.0.iter().map(|(_, c)| c.id().to_string()).collect();
+    let env = format!(
+        "CODAFS_DEMO_PID={}\nCODAFS_SERVERS={}\nCODAFS_CONFIG={}\nCODAFS_CREDENTIAL={}\nCODAFS_MOUNT={}\nCODAFS_SERVER_PIDS={}\nCODAFS_MOUNT_PID={}\nCODAFS_SERVER_DIRS={}\n",
+        std::process::id(),
+        addrs.join(","),
+        dir.join("client.toml").display(),
+        sdir(0).join("admin.token").display(),
+        mnt.display(),
+        pids[..3].join(","),
+        pids[3],
+        (0..3).map(|i| sdir(i).display().to_string()).collect::<Vec<_>>().join(","),
+    );
+    std::fs::write(dir.join("demo.env"), env)?;
+    println!("codafs demo is running (www at version {version}).");
+    println!(
+        "  servers     {} (data), {} (data), {} (witness)",
+        addrs[0], addrs[1], addrs[2]
+    );
+    println!("  mounted at  {}", mnt.display());
+    println!(
+        "  settings    {}  (source it: set -a; . {0}; set +a)",
+        dir.join("demo.env").display()
+    );
+    println!();
+    println!("Try:");
+    println!("  ls -R {}/www && cat {}/www/index.html", mnt.display(), mnt.display());
+    println!("  codafs status {}          # cache and callbacks", mnt.display());
+    println!(
+        "  codafs status --config {} # the servers",
+        dir.join("client.toml").display()
+    );
+    println!("Ctrl-C stops the demo, unmounts and stops the servers.");
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    println!("stopping the demo...");
+    drop(children);
+    let _ = std::fs::remove_file(dir.join("demo.env"));
+    println!("stopped.");
+    Ok(())
+}

@@ -1,0 +1,291 @@
+//! `codafs mount`, `codafs status MNT` and `codafs prefetch`.
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use codafs_client::mount::{control_socket, MountConfig};
+
+use crate::opts::ClientOpts;
+use crate::output::bytes;
+
+/// Environment variable telling a foreground mount to report readiness on stdout.
+const READY_ENV: &str = "CODAFS_NOTIFY_READY";
+const READY_LINE: &str = "codafs-mount-ready";
+
+#[derive(Args)]
+pub struct MountArgs {
+    /// Where to mount (created if missing), e.g. /coda.
+    pub mountpoint: PathBuf,
+    /// Cache directory [default: /var/cache/codafs/<mountpoint>].
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Cache size bound, e.g. 512M, 10G.
+    #[arg(long, default_value = "4G", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// Stay in the foreground (logs to stderr) instead of returning once mounted.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Seconds an operation that needs a server may take before it fails with EIO
+    /// (uncached files while servers are unreachable).
+    #[arg(long, default_value_t = 2.0)]
+    pub timeout: f64,
+    #[command(flatten)]
+    pub client: ClientOpts,
+}
+
+/// Parses sizes like `4096`, `512K`, `64M`, `10G`, `1T` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size unit {c:?} (use K, M, G or T)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 512M or 10G"))?;
+    if !n.is_finite() || n < 0.0 {
+        return Err(format!("{s:?} is not a size"));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+fn default_cache_dir(mnt: &Path) -> PathBuf {
+    let name: String = mnt
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    PathBuf::from("/var/cache/codafs").join(name.trim_matches('_'))
+}
+
+pub fn mount(a: MountArgs) -> Result<()> {
+    std::fs::create_dir_all(&a.mountpoint).with_context(|| format!("creating {}", a.mountpoint.display()))?;
+    let mnt = std::fs::canonicalize(&a.mountpoint)?;
+    let cache_dir = a.cache_dir.clone().unwrap_or_else(|| default_cache_dir(&mnt));
+    if !a.foreground {
+        return spawn_background(&a, &mnt, &cache_dir);
+    }
+    let cfg = MountConfig {
+        mountpoint: mnt.clone(),
+        servers: a.client.servers()?,
+        cache_dir,
+        cache_size: a.cache_size,
+        op_timeout: Duration::from_secs_f64(a.timeout.max(0.1)),
+        volume_poll: Duration::from_secs(2),
+    };
+    let notify = std::env::var_os(READY_ENV).is_some();
+    codafs_client::mount::run(cfg, || {
+        if notify {
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "{READY_LINE}");
+            let _ = out.flush();
+        }
+    })?;
+    Ok(())
+}
+
+/// Starts `codafs mount --foreground` detached, waits until it reports the mount ready (or
+/// fails), and returns.
+fn spawn_background(a: &MountArgs, mnt: &Path, cache_dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
+    let log_path = cache_dir.join("mount.log");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("mount")
+        .arg(mnt)
+        .arg("--foreground")
+        .arg("--cache-dir")
+        .arg(cache_dir)
+        .arg("--cache-size")
+        .arg(a.cache_size.to_string())
+        .arg("--timeout")
+        .arg(a.timeout.to_string());
+    for s in a.client.servers()? {
+        cmd.arg("--server-addr").arg(s);
+    }
+    cmd.env(READY_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log);
+    // A new session, so the daemon outlives the shell that started it.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    let stdout = child.stdout.take().context("daemon stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(line) if line.trim() == READY_LINE => {
+            println!(
+                "mounted {} (daemon pid {}, log {})",
+                mnt.display(),
+                child.id(),
+                log_path.display()
+            );
+            Ok(())
+        }
+        _ => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let last = log
+                .lines()
+                .rev()
+                .find(|l| l.contains("ERROR") || l.contains("codafs:"))
+                .unwrap_or("see the log");
+            bail!("mount of {} failed: {last} ({})", mnt.display(), log_path.display())
+        }
+    }
+}
+
+/// Asks a running mount for its status.
+pub fn mount_status(mnt: &Path) -> Result<serde_json::Value> {
+    let mnt = std::fs::canonicalize(mnt).with_context(|| format!("{}", mnt.display()))?;
+    let sock = control_socket(&mnt);
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).with_context(|| {
+        format!(
+            "no codafs mount at {} (no control socket {})",
+            mnt.display(),
+            sock.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"status\n")?;
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut s, &mut reply)?;
+    Ok(serde_json::from_str(&reply)?)
+}
+
+pub fn print_mount_status(mnt: &Path, json: bool) -> Result<()> {
+    let st = mount_status(mnt)?;
+    if json {
+        println!("{st}");
+        return Ok(());
+    }
+    let c = &st["cache"];
+    println!(
+        "mount {}  ({})",
+        mnt.display(),
+        if st["connected"].as_bool() == Some(true) {
+            "connected"
+        } else {
+            "DISCONNECTED"
+        }
+    );
+    println!(
+        "cache  {} of {} in {} blobs, hit ratio {:.1}% ({} hits, {} misses), {} evictions",
+        bytes(c["bytes"].as_u64().unwrap_or(0)),
+        bytes(c["max_bytes"].as_u64().unwrap_or(0)),
+        c["entries"].as_u64().unwrap_or(0),
+        c["hit_ratio"].as_f64().unwrap_or(0.0) * 100.0,
+        c["hits"].as_u64().unwrap_or(0),
+        c["misses"].as_u64().unwrap_or(0),
+        c["evictions"].as_u64().unwrap_or(0),
+    );
+    println!(
+        "{:<32} {:<14} {:>10} {:>10} {:>10}",
+        "VOLUME", "STATE", "VERSION", "FILES", "BYTES"
+    );
+    for v in st["volumes"].as_array().into_iter().flatten() {
+        println!(
+            "{:<32} {:<14} {:>10} {:>10} {:>10}",
+            v["name"].as_str().unwrap_or("?"),
+            if v["connected"].as_bool() == Some(true) {
+                "connected"
+            } else {
+                "disconnected"
+            },
+            v["version"].as_u64().unwrap_or(0),
+            v["cached"]["files"].as_u64().unwrap_or(0),
+            bytes(v["cached"]["bytes"].as_u64().unwrap_or(0)),
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct PrefetchArgs {
+    /// A volume or subtree under a codafs mount, e.g. /coda/www.
+    pub path: PathBuf,
+    /// Files fetched in parallel.
+    #[arg(long, default_value_t = 16)]
+    pub parallel: usize,
+}
+
+/// Reads every file under `path` through the mount, so each lands in the cache.
+pub fn prefetch(a: PrefetchArgs) -> Result<()> {
+    let mut files = Vec::new();
+    let mut dirs = vec![a.path.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
+            let e = e?;
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                dirs.push(e.path());
+            } else if ft.is_file() {
+                files.push((e.path(), e.metadata()?.len()));
+            }
+        }
+    }
+    let total: u64 = files.iter().map(|(_, n)| n).sum();
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let queue = std::sync::Mutex::new(files.clone());
+    let failed = std::sync::Mutex::new(Vec::new());
+    let done = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..a.parallel.max(1) {
+            s.spawn(|| loop {
+                let Some((path, _)) = queue.lock().unwrap_or_else(|p| p.into_inner()).pop() else {
+                    break;
+                };
+                match std::fs::File::open(&path).and_then(|mut f| std::io::copy(&mut f, &mut std::io::sink())) {
+                    Ok(n) => bar.inc(n),
+                    Err(e) => failed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(format!("{}: {e}", path.display())),
+                }
+                let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                bar.set_message(format!("{n}/{} files", files.len()));
+            });
+        }
+    });
+    bar.finish();
+    let failed = failed.into_inner().unwrap_or_default();
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} files could not be fetched; first: {}",
+            failed.len(),
+            files.len(),
+            failed[0]
+        );
+    }
+    println!("prefetched {} files ({})", files.len(), bytes(total));
+    Ok(())
+}

@@ -1,0 +1,357 @@
+//! The persistent whole-file cache: one file per blob at `blobs/<2 hex>/<64 hex>`, keyed by
+//! content hash, so identical files share an entry and an entry can never be stale.
+//!
+//! Crash safety: a fetch writes `tmp/…` while hashing, and only a blob whose hash verified is
+//! renamed into place (temp files are deleted at start). Entries are not fsynced; instead every
+//! entry found at start is *unverified* and is re-hashed on its first use, so a torn file left by
+//! a crash is detected and refetched instead of served.
+//!
+//! Eviction: least recently used first, down to the byte budget; pinned entries (open files,
+//! reads in progress) are skipped.
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use codafs_common::Hash;
+use lru::LruCache;
+
+use crate::core::remote::ChunkSink;
+
+/// Cache counters.
+#[derive(Debug, Default)]
+pub struct BlobStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub fetched_bytes: AtomicU64,
+    pub evictions: AtomicU64,
+    pub corrupt_dropped: AtomicU64,
+}
+
+struct State {
+    lru: LruCache<Hash, u64>,
+    total: u64,
+    pins: HashMap<Hash, usize>,
+    unverified: HashSet<Hash>,
+}
+
+/// The blob cache directory.
+pub struct BlobCache {
+    root: PathBuf,
+    max_bytes: u64,
+    state: Mutex<State>,
+    seq: AtomicU64,
+    pub stats: BlobStats,
+}
+
+/// Why a blob could not be cached.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("fetched content does not match hash {0}")]
+    Mismatch(Hash),
+    #[error("cache I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl BlobCache {
+    /// Opens the cache at `root`, bounded to `max_bytes`.
+    pub fn open(root: &Path, max_bytes: u64) -> Result<Self, CacheError> {
+        std::fs::create_dir_all(root.join("blobs"))?;
+        std::fs::create_dir_all(root.join("tmp"))?;
+        for e in std::fs::read_dir(root.join("tmp"))? {
+            let _ = std::fs::remove_file(e?.path());
+        }
+        let mut found = Vec::new();
+        for sub in std::fs::read_dir(root.join("blobs"))? {
+            let sub = sub?.path();
+            if !sub.is_dir() {
+                continue;
+            }
+            for f in std::fs::read_dir(&sub)? {
+                let f = f?;
+                let Some(h) = f.file_name().to_str().and_then(|n| Hash::from_hex(n).ok()) else {
+                    continue;
+                };
+                let m = f.metadata()?;
+                found.push((m.modified().ok(), h, m.len()));
+            }
+        }
+        // Oldest first, so the most recently written end up most recently used.
+        found.sort();
+        let mut lru = LruCache::unbounded();
+        let mut total = 0;
+        let mut unverified = HashSet::new();
+        for (_, h, len) in found {
+            lru.put(h, len);
+            total += len;
+            unverified.insert(h);
+        }
+        let cache = BlobCache {
+            root: root.to_path_buf(),
+            max_bytes,
+            state: Mutex::new(State {
+                lru,
+                total,
+                pins: HashMap::new(),
+                unverified,
+            }),
+            seq: AtomicU64::new(0),
+            stats: BlobStats::default(),
+        };
+        cache.evict();
+        Ok(cache)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn path(&self, h: &Hash) -> PathBuf {
+        let hex = h.to_hex();
+        self.root.join("blobs").join(&hex[..2]).join(hex)
+    }
+
+    /// (entries, bytes) cached.
+    pub fn usage(&self) -> (usize, u64) {
+        let s = self.lock();
+        (s.lru.len(), s.total)
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// Whether `h` is cached (and marks it used). Unverified entries are checked first.
+    pub fn lookup(&self, h: &Hash) -> bool {
+        let needs_check = {
+            let mut s = self.lock();
+            if s.lru.get(h).is_none() {
+                return false;
+            }
+            s.unverified.contains(h)
+        };
+        if needs_check {
+            let ok = std::fs::File::open(self.path(h)).and_then(|mut f| {
+                let mut hasher = blake3::Hasher::new();
+                std::io::copy(&mut f, &mut hasher)?;
+                Ok(Hash::from(hasher.finalize()) == *h)
+            });
+            if !matches!(ok, Ok(true)) {
+                self.stats.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(hash = %h, "cached blob failed verification; dropping it");
+                self.remove(h);
+                return false;
+            }
+            self.lock().unverified.remove(h);
+        }
+        true
+    }
+
+    fn remove(&self, h: &Hash) {
+        let mut s = self.lock();
+        if let Some(len) = s.lru.pop(h) {
+            s.total -= len;
+        }
+        s.unverified.remove(h);
+        let _ = std::fs::remove_file(self.path(h));
+    }
+
+    /// Pins `h` against eviction until the returned guard drops.
+    pub fn pin(&self, h: Hash) -> Pin<'_> {
+        *self.lock().pins.entry(h).or_insert(0) += 1;
+        Pin { cache: self, hash: h }
+    }
+
+    pub fn pinned(&self, h: &Hash) -> bool {
+        self.lock().pins.contains_key(h)
+    }
+
+    /// A writer for fetching `h` (`size` bytes) into the cache.
+    pub fn writer(&self, h: Hash, size: u64) -> Result<CacheWriter<'_>, CacheError> {
+        let tmp = self
+            .root
+            .join("tmp")
+            .join(format!("{}-{}", h.to_hex(), self.seq.fetch_add(1, Ordering::Relaxed)));
+        let file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
+        Ok(CacheWriter {
+            cache: self,
+            hash: h,
+            size,
+            tmp,
+            file: Some(file),
+            hasher: blake3::Hasher::new(),
+            received: 0,
+        })
+    }
+
+    fn admit(&self, h: Hash, len: u64) {
+        {
+            let mut s = self.lock();
+            if let Some(old) = s.lru.put(h, len) {
+                s.total -= old;
+            }
+            s.total += len;
+        }
+        self.stats.fetched_bytes.fetch_add(len, Ordering::Relaxed);
+        self.evict();
+    }
+
+    /// Evicts least recently used, unpinned entries until within budget.
+    pub fn evict(&self) {
+        let mut victims = Vec::new();
+        {
+            let mut s = self.lock();
+            let mut skipped = Vec::new();
+            while s.total > self.max_bytes {
+                let Some((h, len)) = s.lru.pop_lru() else { break };
+                if s.pins.contains_key(&h) {
+                    skipped.push((h, len));
+                    continue;
+                }
+                s.total -= len;
+                s.unverified.remove(&h);
+                victims.push(h);
+            }
+            // Pinned entries go back as most recently used.
+            for (h, len) in skipped {
+                s.lru.put(h, len);
+            }
+        }
+        for h in victims {
+            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            let _ = std::fs::remove_file(self.path(&h));
+        }
+    }
+}
+
+/// Keeps a blob from being evicted.
+pub struct Pin<'a> {
+    cache: &'a BlobCache,
+    hash: Hash,
+}
+
+impl Drop for Pin<'_> {
+    fn drop(&mut self) {
+        let mut s = self.cache.lock();
+        if let Some(n) = s.pins.get_mut(&self.hash) {
+            *n -= 1;
+            if *n == 0 {
+                s.pins.remove(&self.hash);
+            }
+        }
+    }
+}
+
+/// An in-progress fetch into the cache.
+pub struct CacheWriter<'a> {
+    cache: &'a BlobCache,
+    hash: Hash,
+    size: u64,
+    tmp: PathBuf,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    hasher: blake3::Hasher,
+    received: u64,
+}
+
+impl ChunkSink for CacheWriter<'_> {
+    fn received(&self) -> u64 {
+        self.received
+    }
+
+    fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if self.received + data.len() as u64 > self.size {
+            return Err(std::io::Error::other(format!(
+                "blob {} is longer than its {} bytes",
+                self.hash, self.size
+            )));
+        }
+        self.hasher.update(data);
+        if let Some(f) = self.file.as_mut() {
+            f.write_all(data)?;
+        }
+        self.received += data.len() as u64;
+        Ok(())
+    }
+}
+
+impl CacheWriter<'_> {
+    /// Verifies the whole content and makes it a cache entry.
+    pub fn finish(mut self) -> Result<PathBuf, CacheError> {
+        let Some(mut f) = self.file.take() else {
+            return Err(CacheError::Mismatch(self.hash));
+        };
+        f.flush()?;
+        drop(f);
+        if self.received != self.size || Hash::from(self.hasher.finalize()) != self.hash {
+            let _ = std::fs::remove_file(&self.tmp);
+            return Err(CacheError::Mismatch(self.hash));
+        }
+        let dest = self.cache.path(&self.hash);
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::rename(&self.tmp, &dest)?;
+        self.cache.admit(self.hash, self.size);
+        Ok(dest)
+    }
+}
+
+impl Drop for CacheWriter<'_> {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(c: &BlobCache, data: &[u8]) -> Hash {
+        let h = Hash::of(data);
+        let mut w = c.writer(h, data.len() as u64).unwrap();
+        w.write(data).unwrap();
+        w.finish().unwrap();
+        h
+    }
+
+    #[test]
+    fn evicts_lru_but_never_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = BlobCache::open(dir.path(), 25).unwrap();
+        let a = put(&c, &[1; 10]);
+        let _pin = c.pin(a);
+        let b = put(&c, &[2; 10]);
+        let d = put(&c, &[3; 10]);
+        // Over budget: b (least recent, unpinned) goes; a is pinned and stays.
+        assert!(c.lookup(&a), "pinned entry kept");
+        assert!(!c.lookup(&b), "LRU entry evicted");
+        assert!(c.lookup(&d));
+        assert_eq!(c.usage(), (2, 20));
+    }
+
+    #[test]
+    fn bad_content_never_becomes_an_entry_and_torn_files_are_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = BlobCache::open(dir.path(), 1 << 20).unwrap();
+        let h = Hash::of(b"good");
+        let mut w = c.writer(h, 4).unwrap();
+        w.write(b"evil").unwrap();
+        assert!(matches!(w.finish(), Err(CacheError::Mismatch(_))));
+        assert!(!c.lookup(&h));
+        let h = put(&c, b"good data");
+        drop(c);
+        // A crash left a torn entry: reopen finds it unverified and refuses to serve it.
+        std::fs::write(
+            dir.path().join("blobs").join(&h.to_hex()[..2]).join(h.to_hex()),
+            b"good d",
+        )
+        .unwrap();
+        let c = BlobCache::open(dir.path(), 1 << 20).unwrap();
+        assert!(!c.lookup(&h));
+        assert_eq!(c.stats.corrupt_dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+}

@@ -1,0 +1,210 @@
+//! Persistent metadata cache in RocksDB: attributes by node id, complete directory listings, and
+//! per-volume state (last seen change version). Survives daemon restarts so a warm node revalidates
+//! with one stamp check per volume instead of refetching its tree.
+//!
+//! Writes are not fsynced: RocksDB's WAL loses at most a suffix in a crash, and the seen version
+//! of a volume is written after the invalidations it covers, so a lost suffix means the changes are
+//! replayed from the server, never skipped.
+use std::path::Path;
+
+use codafs_proto::pb;
+use prost::Message;
+use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, DB};
+use serde::{Deserialize, Serialize};
+
+const CF_ATTRS: &str = "attrs";
+const CF_DIRS: &str = "dirs";
+const CF_VOLUMES: &str = "volumes";
+
+/// A directory entry as cached (its attributes are cached separately by node id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEnt {
+    pub name: String,
+    pub ino: u64,
+    pub kind: i32,
+}
+
+/// What the client remembers about a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolState {
+    pub name: String,
+    pub id: u32,
+    pub root_ino: u64,
+    pub public_read: bool,
+    /// Every change up to this version has been applied to the cache.
+    pub seen: u64,
+}
+
+/// Metadata store failures.
+#[derive(Debug, thiserror::Error)]
+#[error("metadata cache: {0}")]
+pub struct MetaError(String);
+
+fn me(e: impl std::fmt::Display) -> MetaError {
+    MetaError(e.to_string())
+}
+
+/// The metadata cache.
+pub struct MetaStore {
+    db: DB,
+}
+
+impl MetaStore {
+    pub fn open(dir: &Path) -> Result<Self, MetaError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_keep_log_file_num(2);
+        let cfs = [CF_ATTRS, CF_DIRS, CF_VOLUMES].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        Ok(MetaStore {
+            db: DB::open_cf_descriptors(&opts, dir, cfs).map_err(me)?,
+        })
+    }
+
+    fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, MetaError> {
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| MetaError(format!("column family {name} missing")))
+    }
+
+    pub fn attr(&self, ino: u64) -> Result<Option<pb::Attr>, MetaError> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_ATTRS)?, ino.to_be_bytes())
+            .map_err(me)?
+        {
+            Some(v) => Ok(Some(pb::Attr::decode(v.as_ref()).map_err(me)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_attr(&self, a: &pb::Attr) -> Result<(), MetaError> {
+        self.db
+            .put_cf(self.cf(CF_ATTRS)?, a.ino.to_be_bytes(), a.encode_to_vec())
+            .map_err(me)
+    }
+
+    pub fn dir(&self, ino: u64) -> Result<Option<Vec<DirEnt>>, MetaError> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_DIRS)?, ino.to_be_bytes())
+            .map_err(me)?
+        {
+            Some(v) => Ok(Some(bincode::deserialize(&v).map_err(me)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores a complete listing and the attributes of its entries in one batch.
+    pub fn put_dir(&self, ino: u64, entries: &[(String, pb::Attr)]) -> Result<(), MetaError> {
+        let mut batch = WriteBatch::default();
+        let listing: Vec<DirEnt> = entries
+            .iter()
+            .map(|(n, a)| DirEnt {
+                name: n.clone(),
+                ino: a.ino,
+                kind: a.kind,
+            })
+            .collect();
+        batch.put_cf(
+            self.cf(CF_DIRS)?,
+            ino.to_be_bytes(),
+            bincode::serialize(&listing).map_err(me)?,
+        );
+        for (_, a) in entries {
+            batch.put_cf(self.cf(CF_ATTRS)?, a.ino.to_be_bytes(), a.encode_to_vec());
+        }
+        self.db.write(batch).map_err(me)
+    }
+
+    /// Forgets attributes and listings of these nodes.
+    pub fn forget(&self, inos: &[u64], dirs: &[u64]) -> Result<(), MetaError> {
+        let mut batch = WriteBatch::default();
+        for i in inos {
+            batch.delete_cf(self.cf(CF_ATTRS)?, i.to_be_bytes());
+            batch.delete_cf(self.cf(CF_DIRS)?, i.to_be_bytes());
+        }
+        for d in dirs {
+            batch.delete_cf(self.cf(CF_DIRS)?, d.to_be_bytes());
+        }
+        self.db.write(batch).map_err(me)
+    }
+
+    /// Forgets everything cached about one volume (its history is gone: revalidate lazily).
+    pub fn forget_volume(&self, id: u32) -> Result<(), MetaError> {
+        let from = codafs_common::make_ino(id, 0).to_be_bytes();
+        let to = codafs_common::make_ino(id + 1, 0).to_be_bytes();
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.cf(CF_ATTRS)?, from, to);
+        batch.delete_range_cf(self.cf(CF_DIRS)?, from, to);
+        self.db.write(batch).map_err(me)
+    }
+
+    pub fn volume(&self, name: &str) -> Result<Option<VolState>, MetaError> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_VOLUMES)?, name.as_bytes())
+            .map_err(me)?
+        {
+            Some(v) => Ok(Some(bincode::deserialize(&v).map_err(me)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_volume(&self, v: &VolState) -> Result<(), MetaError> {
+        self.db
+            .put_cf(
+                self.cf(CF_VOLUMES)?,
+                v.name.as_bytes(),
+                bincode::serialize(v).map_err(me)?,
+            )
+            .map_err(me)
+    }
+
+    pub fn delete_volume(&self, name: &str) -> Result<(), MetaError> {
+        self.db.delete_cf(self.cf(CF_VOLUMES)?, name.as_bytes()).map_err(me)
+    }
+
+    pub fn volumes(&self) -> Result<Vec<VolState>, MetaError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_VOLUMES)?, IteratorMode::Start) {
+            let (_, v) = item.map_err(me)?;
+            out.push(bincode::deserialize(&v).map_err(me)?);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_forgets() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = MetaStore::open(dir.path()).unwrap();
+        let a = pb::Attr {
+            ino: codafs_common::make_ino(1, 5),
+            size: 3,
+            ..Default::default()
+        };
+        m.put_dir(codafs_common::make_ino(1, 1), &[("x".into(), a.clone())])
+            .unwrap();
+        assert_eq!(m.attr(a.ino).unwrap(), Some(a.clone()));
+        assert_eq!(m.dir(codafs_common::make_ino(1, 1)).unwrap().unwrap()[0].name, "x");
+        let v = VolState {
+            name: "www".into(),
+            id: 1,
+            root_ino: codafs_common::make_ino(1, 1),
+            public_read: true,
+            seen: 9,
+        };
+        m.put_volume(&v).unwrap();
+        drop(m);
+        let m = MetaStore::open(dir.path()).unwrap();
+        assert_eq!(m.volume("www").unwrap(), Some(v));
+        m.forget_volume(1).unwrap();
+        assert_eq!(m.attr(a.ino).unwrap(), None);
+        assert_eq!(m.dir(codafs_common::make_ino(1, 1)).unwrap(), None);
+    }
+}

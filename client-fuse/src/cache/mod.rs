@@ -1,0 +1,3 @@
+//! The client's persistent caches: whole-file blobs and metadata.
+pub mod blobs;
+pub mod meta;

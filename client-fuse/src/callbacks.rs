@@ -1,0 +1,86 @@
+//! Callbacks: one change-stream subscription per volume, resumed from the last version applied
+//! to the cache, on whichever replica answers. Each event drops the affected cache entries and
+//! invalidates the kernel's copies before the version is recorded, so a connected client never
+//! serves content a change it received has replaced.
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use crate::core::remote::Remote;
+use crate::core::Core;
+use crate::fuse::Invalidator;
+
+/// Follows `volume` until `stop` turns true or the volume disappears.
+pub async fn follow<R: Remote>(
+    core: Arc<Core<R>>,
+    inval: Arc<dyn Invalidator>,
+    volume: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let Some(from) = core.volumes().into_iter().find(|v| v.name == volume).map(|v| v.seen) else {
+            return;
+        };
+        match core.remote.subscribe(volume.clone(), from).await {
+            Ok(mut stream) => {
+                core.set_subscribed(&volume, true);
+                backoff = Duration::from_millis(100);
+                loop {
+                    let ev = tokio::select! {
+                        ev = stream.next() => ev,
+                        _ = stop.changed() => return,
+                    };
+                    match ev {
+                        Some(Ok(ev)) => match core.apply_change(&volume, &ev).await {
+                            Ok(inv) => inval.invalidate(&inv),
+                            Err(e) => {
+                                tracing::warn!(%volume, error = %e, "applying a change failed; resubscribing");
+                                break;
+                            }
+                        },
+                        Some(Err(e)) => {
+                            tracing::info!(%volume, error = %e, "change stream broke; resubscribing");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                core.set_subscribed(&volume, false);
+            }
+            Err(e) => tracing::debug!(%volume, error = %e, "subscribe failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Brings a cached volume up to its current version before it is served: replays the changes
+/// since the saved version (or drops its metadata if that history is gone). Bounded by `limit`.
+pub async fn catch_up<R: Remote>(core: &Core<R>, volume: &str, target: u64, limit: Duration) -> bool {
+    let Some(from) = core.volumes().into_iter().find(|v| v.name == volume).map(|v| v.seen) else {
+        return false;
+    };
+    if from >= target {
+        return true;
+    }
+    let run = async {
+        let mut stream = core.remote.subscribe(volume.to_string(), from).await.ok()?;
+        while let Some(Ok(ev)) = stream.next().await {
+            core.apply_change(volume, &ev).await.ok()?;
+            if ev.version >= target {
+                return Some(());
+            }
+        }
+        None
+    };
+    matches!(tokio::time::timeout(limit, run).await, Ok(Some(())))
+}

@@ -1,0 +1,558 @@
+//! The filesystem core: namespace, caches and callback handling, with no FUSE types.
+//!
+//! `/coda` (node 1) lists the volumes; below that every node id is the server's object id. All
+//! metadata comes from the persistent [`MetaStore`] when present and from the servers otherwise;
+//! file contents always come from the whole-file [`BlobCache`], fetched in full on first use.
+//! Change events drop exactly what they invalidate and return the kernel invalidations to issue
+//! (the FUSE adaptor turns them into notifier calls), so everything here is testable without a
+//! mount.
+pub mod error;
+pub mod remote;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use codafs_common::{split_ino, Hash};
+use codafs_proto::pb;
+
+pub use error::FsError;
+use remote::{Remote, RemoteVolume};
+
+use crate::cache::blobs::BlobCache;
+use crate::cache::meta::{MetaStore, VolState};
+
+/// Node id of the `/coda` root.
+pub const ROOT_INO: u64 = 1;
+
+/// Kinds of node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// Attributes as shown to the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeAttr {
+    pub ino: u64,
+    pub generation: u64,
+    pub kind: NodeKind,
+    pub size: u64,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+/// Kernel cache invalidations a change requires.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Invalidation {
+    /// Attributes and page cache of these nodes.
+    pub inodes: Vec<u64>,
+    /// Directory entries (parent, name).
+    pub entries: Vec<(u64, String)>,
+}
+
+/// Tunables of the core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// How long an operation that needs the servers may take before it fails with EIO.
+    pub op_timeout: Duration,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            op_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Counters shown by `codafs status MNT`.
+#[derive(Debug, Default)]
+pub struct CoreStats {
+    pub meta_hits: AtomicU64,
+    pub meta_misses: AtomicU64,
+    pub remote_errors: AtomicU64,
+}
+
+/// Permission bits shown for a node. Public volumes are world-readable (and directories
+/// world-searchable) whatever mode the uploader set, so a web server running as an unprivileged
+/// user can read every page; private volumes show the stored mode.
+pub fn shown_perm(mode: u32, kind: NodeKind, public: bool) -> u16 {
+    let mut m = mode & 0o7777;
+    if public {
+        m |= match kind {
+            NodeKind::Dir => 0o555,
+            _ => 0o444,
+        };
+    }
+    m as u16
+}
+
+fn kind_of(k: i32) -> NodeKind {
+    match pb::ObjectKind::try_from(k) {
+        Ok(pb::ObjectKind::Directory) => NodeKind::Dir,
+        Ok(pb::ObjectKind::Symlink) => NodeKind::Symlink,
+        _ => NodeKind::File,
+    }
+}
+
+/// The filesystem core.
+pub struct Core<R: Remote> {
+    pub remote: R,
+    pub meta: MetaStore,
+    pub blobs: BlobCache,
+    cfg: CoreConfig,
+    volumes: RwLock<BTreeMap<String, VolState>>,
+    fetches: Mutex<HashMap<Hash, Arc<tokio::sync::Mutex<()>>>>,
+    connected: AtomicBool,
+    /// Volumes whose change stream is currently live.
+    subscribed: Mutex<HashMap<String, bool>>,
+    pub stats: CoreStats,
+}
+
+impl<R: Remote> Core<R> {
+    pub fn new(remote: R, meta: MetaStore, blobs: BlobCache, cfg: CoreConfig) -> Result<Self, FsError> {
+        let vols = meta.volumes().map_err(|e| FsError::Io(e.to_string()))?;
+        Ok(Core {
+            remote,
+            meta,
+            blobs,
+            cfg,
+            volumes: RwLock::new(vols.into_iter().map(|v| (v.name.clone(), v)).collect()),
+            fetches: Mutex::new(HashMap::new()),
+            connected: AtomicBool::new(false),
+            subscribed: Mutex::new(HashMap::new()),
+            stats: CoreStats::default(),
+        })
+    }
+
+    fn io(e: impl std::fmt::Display) -> FsError {
+        FsError::Io(e.to_string())
+    }
+
+    /// Runs a server operation under the operation deadline, tracking connectivity.
+    async fn timed<T>(
+        &self,
+        limit: Duration,
+        f: impl std::future::Future<Output = Result<T, FsError>>,
+    ) -> Result<T, FsError> {
+        let r = match tokio::time::timeout(limit, f).await {
+            Ok(r) => r,
+            Err(_) => Err(FsError::Disconnected(format!("no answer within {limit:?}"))),
+        };
+        match &r {
+            Ok(_) => self.connected.store(true, Ordering::Relaxed),
+            Err(FsError::Disconnected(_)) => {
+                self.connected.store(false, Ordering::Relaxed);
+                self.stats.remote_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {}
+        }
+        r
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    pub fn set_subscribed(&self, volume: &str, live: bool) {
+        self.subscribed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(volume.to_string(), live);
+    }
+
+    /// Volumes known (cached or fetched).
+    pub fn volumes(&self) -> Vec<VolState> {
+        self.volumes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn volume_of(&self, ino: u64) -> Option<VolState> {
+        let (id, _) = split_ino(ino);
+        self.volumes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|v| v.id == id)
+            .cloned()
+    }
+
+    /// Fetches the volume list and records new and vanished volumes. Returns the invalidations
+    /// `/coda` itself needs.
+    pub async fn refresh_volumes(&self) -> Result<Invalidation, FsError> {
+        let remote: Vec<RemoteVolume> = self.timed(self.cfg.op_timeout, self.remote.volumes()).await?;
+        let mut inv = Invalidation::default();
+        let mut vols = self.volumes.write().unwrap_or_else(|p| p.into_inner());
+        for rv in &remote {
+            let known = vols.get(&rv.name).is_some_and(|v| v.id == rv.id);
+            if !known {
+                if let Some(old) = vols.get(&rv.name) {
+                    // Same name, new volume: everything cached under the old id is gone.
+                    self.meta.forget_volume(old.id).map_err(Self::io)?;
+                }
+                let st = VolState {
+                    name: rv.name.clone(),
+                    id: rv.id,
+                    root_ino: rv.root_ino,
+                    public_read: rv.public_read,
+                    seen: rv.version,
+                };
+                self.meta.put_volume(&st).map_err(Self::io)?;
+                vols.insert(rv.name.clone(), st);
+                inv.entries.push((ROOT_INO, rv.name.clone()));
+            }
+        }
+        let gone: Vec<String> = vols
+            .keys()
+            .filter(|n| !remote.iter().any(|r| &r.name == *n))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(v) = vols.remove(&name) {
+                self.meta.forget_volume(v.id).map_err(Self::io)?;
+                self.meta.delete_volume(&name).map_err(Self::io)?;
+                inv.entries.push((ROOT_INO, name));
+            }
+        }
+        if !inv.entries.is_empty() {
+            inv.inodes.push(ROOT_INO);
+        }
+        Ok(inv)
+    }
+
+    fn root_attr(&self) -> NodeAttr {
+        let n = self.volumes.read().unwrap_or_else(|p| p.into_inner()).len() as u32;
+        NodeAttr {
+            ino: ROOT_INO,
+            generation: 0,
+            kind: NodeKind::Dir,
+            size: 0,
+            perm: 0o555,
+            nlink: 2 + n,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+            ctime_ns: 0,
+        }
+    }
+
+    fn to_node(&self, a: &pb::Attr) -> NodeAttr {
+        let kind = kind_of(a.kind);
+        let public = self.volume_of(a.ino).is_none_or(|v| v.public_read);
+        NodeAttr {
+            ino: a.ino,
+            generation: a.generation,
+            kind,
+            size: a.size,
+            perm: shown_perm(a.mode, kind, public),
+            nlink: a.nlink.max(1),
+            uid: a.uid,
+            gid: a.gid,
+            mtime_ns: a.mtime_ns,
+            ctime_ns: a.ctime_ns,
+        }
+    }
+
+    /// Raw cached-or-fetched attributes.
+    async fn attr(&self, ino: u64) -> Result<pb::Attr, FsError> {
+        if let Some(a) = self.meta.attr(ino).map_err(Self::io)? {
+            self.stats.meta_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(a);
+        }
+        self.stats.meta_misses.fetch_add(1, Ordering::Relaxed);
+        let a = self.timed(self.cfg.op_timeout, self.remote.getattr(ino)).await?;
+        self.meta.put_attr(&a).map_err(Self::io)?;
+        Ok(a)
+    }
+
+    pub async fn getattr(&self, ino: u64) -> Result<NodeAttr, FsError> {
+        if ino == ROOT_INO {
+            return Ok(self.root_attr());
+        }
+        Ok(self.to_node(&self.attr(ino).await?))
+    }
+
+    /// A directory's complete listing, cached or fetched.
+    async fn listing(&self, ino: u64) -> Result<Vec<crate::cache::meta::DirEnt>, FsError> {
+        if let Some(l) = self.meta.dir(ino).map_err(Self::io)? {
+            self.stats.meta_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(l);
+        }
+        self.stats.meta_misses.fetch_add(1, Ordering::Relaxed);
+        let attr = self.attr(ino).await?;
+        if kind_of(attr.kind) != NodeKind::Dir {
+            return Err(FsError::NotDir);
+        }
+        let entries = self.timed(self.cfg.op_timeout * 5, self.remote.readdir(ino)).await?;
+        self.meta.put_dir(ino, &entries).map_err(Self::io)?;
+        Ok(entries
+            .into_iter()
+            .map(|(name, a)| crate::cache::meta::DirEnt {
+                name,
+                ino: a.ino,
+                kind: a.kind,
+            })
+            .collect())
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &str) -> Result<NodeAttr, FsError> {
+        if parent == ROOT_INO {
+            let v = self
+                .volumes
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(name)
+                .cloned();
+            let v = v.ok_or(FsError::NotFound)?;
+            return self.getattr(v.root_ino).await;
+        }
+        let listing = self.listing(parent).await?;
+        let e = listing.iter().find(|e| e.name == name).ok_or(FsError::NotFound)?;
+        self.getattr(e.ino).await
+    }
+
+    /// Entries of a directory (without `.` and `..`).
+    pub async fn readdir(&self, ino: u64) -> Result<Vec<(String, u64, NodeKind)>, FsError> {
+        if ino == ROOT_INO {
+            let vols = self.volumes.read().unwrap_or_else(|p| p.into_inner());
+            return Ok(vols
+                .values()
+                .map(|v| (v.name.clone(), v.root_ino, NodeKind::Dir))
+                .collect());
+        }
+        Ok(self
+            .listing(ino)
+            .await?
+            .into_iter()
+            .map(|e| (e.name, e.ino, kind_of(e.kind)))
+            .collect())
+    }
+
+    pub async fn readlink(&self, ino: u64) -> Result<String, FsError> {
+        let a = self.attr(ino).await?;
+        if kind_of(a.kind) != NodeKind::Symlink {
+            return Err(FsError::NotSymlink);
+        }
+        Ok(a.symlink_target)
+    }
+
+    /// Makes sure a file's content is in the cache; returns its hash and size.
+    pub async fn ensure_cached(&self, ino: u64) -> Result<(Hash, u64), FsError> {
+        let a = self.attr(ino).await?;
+        match kind_of(a.kind) {
+            NodeKind::File => {}
+            NodeKind::Dir => return Err(FsError::IsDir),
+            NodeKind::Symlink => return Err(FsError::Invalid("symlink".into())),
+        }
+        let hash = Hash::from_slice(&a.hash).map_err(|e| FsError::Io(e.to_string()))?;
+        if self.blobs.lookup(&hash) {
+            self.blobs.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok((hash, a.size));
+        }
+        // One fetch per blob at a time; others wait for it.
+        let lock = {
+            let mut f = self.fetches.lock().unwrap_or_else(|p| p.into_inner());
+            f.entry(hash).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        if self.blobs.lookup(&hash) {
+            self.blobs.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok((hash, a.size));
+        }
+        self.blobs.stats.misses.fetch_add(1, Ordering::Relaxed);
+        // Large files get time in proportion to their size (10 MB/s floor) on top of the deadline.
+        let limit = self.cfg.op_timeout + Duration::from_millis(a.size / 10_000);
+        let result = self
+            .timed(limit, async {
+                let mut w = self.blobs.writer(hash, a.size).map_err(Self::io)?;
+                self.remote.fetch_blob(hash, &mut w).await?;
+                w.finish().map_err(|e| FsError::Corrupt(e.to_string()))?;
+                Ok(())
+            })
+            .await;
+        self.fetches.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
+        result?;
+        Ok((hash, a.size))
+    }
+
+    /// Reads `size` bytes at `offset` of a file, from the cache.
+    pub async fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        let (hash, len) = self.ensure_cached(ino).await?;
+        let _pin = self.blobs.pin(hash);
+        if offset >= len {
+            return Ok(Vec::new());
+        }
+        let n = (size as u64).min(len - offset) as usize;
+        let path = self.blobs.path(&hash);
+        let mut buf = vec![0u8; n];
+        let f = std::fs::File::open(&path)?;
+        let mut done = 0;
+        while done < n {
+            let r = std::os::unix::fs::FileExt::read_at(&f, &mut buf[done..], offset + done as u64)?;
+            if r == 0 {
+                break;
+            }
+            done += r;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    /// Applies one change event of `volume`: drops what it invalidates, refetches changed
+    /// listings (so new names are seen and vanished ones are not), records the version.
+    pub async fn apply_change(&self, volume: &str, ev: &pb::ChangeEvent) -> Result<Invalidation, FsError> {
+        let Some(mut vol) = self
+            .volumes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(volume)
+            .cloned()
+        else {
+            return Ok(Invalidation::default());
+        };
+        if ev.version <= vol.seen && !ev.history_gone {
+            return Ok(Invalidation::default());
+        }
+        let mut inv = Invalidation::default();
+        if ev.history_gone {
+            inv = self.everything_in(vol.id)?;
+            self.meta.forget_volume(vol.id).map_err(Self::io)?;
+        } else {
+            let old_dirs: Vec<(u64, Option<Vec<crate::cache::meta::DirEnt>>)> = ev
+                .dirs
+                .iter()
+                .map(|d| Ok((*d, self.meta.dir(*d).map_err(Self::io)?)))
+                .collect::<Result<_, FsError>>()?;
+            self.meta.forget(&ev.inos, &ev.dirs).map_err(Self::io)?;
+            inv.inodes.extend(ev.inos.iter().copied());
+            for (dir, old) in old_dirs {
+                inv.inodes.push(dir);
+                let Some(old) = old else { continue };
+                // Diff old and new listings so exactly the changed names are invalidated
+                // (including names the kernel may hold as negative entries).
+                match self.timed(self.cfg.op_timeout, self.remote.readdir(dir)).await {
+                    Ok(new) => {
+                        let old_map: HashMap<&str, u64> = old.iter().map(|e| (e.name.as_str(), e.ino)).collect();
+                        let new_map: HashMap<&str, u64> = new.iter().map(|(n, a)| (n.as_str(), a.ino)).collect();
+                        for (n, i) in &old_map {
+                            if new_map.get(n) != Some(i) {
+                                inv.entries.push((dir, n.to_string()));
+                            }
+                        }
+                        for n in new_map.keys() {
+                            if !old_map.contains_key(n) {
+                                inv.entries.push((dir, n.to_string()));
+                            }
+                        }
+                        self.meta.put_dir(dir, &new).map_err(Self::io)?;
+                    }
+                    Err(_) => inv.entries.extend(old.into_iter().map(|e| (dir, e.name))),
+                }
+            }
+        }
+        vol.seen = ev.version;
+        self.meta.put_volume(&vol).map_err(Self::io)?;
+        self.volumes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(volume.to_string(), vol);
+        inv.inodes.sort_unstable();
+        inv.inodes.dedup();
+        Ok(inv)
+    }
+
+    /// Invalidations covering everything cached of a volume.
+    fn everything_in(&self, id: u32) -> Result<Invalidation, FsError> {
+        let mut inv = Invalidation::default();
+        let vols = self.volumes.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = vols.values().find(|v| v.id == id) {
+            let mut stack = vec![v.root_ino];
+            while let Some(d) = stack.pop() {
+                inv.inodes.push(d);
+                if let Some(l) = self.meta.dir(d).map_err(Self::io)? {
+                    for e in l {
+                        inv.entries.push((d, e.name.clone()));
+                        if kind_of(e.kind) == NodeKind::Dir {
+                            stack.push(e.ino);
+                        } else {
+                            inv.inodes.push(e.ino);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(inv)
+    }
+
+    /// Status for `codafs status MNT`.
+    pub fn status(&self) -> serde_json::Value {
+        let subs = self.subscribed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let (entries, bytes) = self.blobs.usage();
+        let s = &self.blobs.stats;
+        let hits = s.hits.load(Ordering::Relaxed);
+        let misses = s.misses.load(Ordering::Relaxed);
+        let vols: Vec<_> = self
+            .volumes()
+            .into_iter()
+            .map(|v| {
+                serde_json::json!({
+                    "name": v.name,
+                    "version": v.seen,
+                    "connected": subs.get(&v.name).copied().unwrap_or(false),
+                    "cached": self.cached_in(&v),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "connected": self.is_connected(),
+            "volumes": vols,
+            "cache": {
+                "entries": entries, "bytes": bytes, "max_bytes": self.blobs.max_bytes(),
+                "hits": hits, "misses": misses,
+                "hit_ratio": if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },
+                "fetched_bytes": s.fetched_bytes.load(Ordering::Relaxed),
+                "evictions": s.evictions.load(Ordering::Relaxed),
+                "corrupt_dropped": s.corrupt_dropped.load(Ordering::Relaxed),
+            },
+        })
+    }
+
+    /// Files of a volume whose content is cached: (files, bytes). Walks the cached listings.
+    fn cached_in(&self, v: &VolState) -> serde_json::Value {
+        let (mut files, mut bytes) = (0u64, 0u64);
+        let mut stack = vec![v.root_ino];
+        while let Some(d) = stack.pop() {
+            let Ok(Some(l)) = self.meta.dir(d) else { continue };
+            for e in l {
+                match kind_of(e.kind) {
+                    NodeKind::Dir => stack.push(e.ino),
+                    NodeKind::File => {
+                        if let Ok(Some(a)) = self.meta.attr(e.ino) {
+                            if Hash::from_slice(&a.hash).is_ok_and(|h| self.blobs.path(&h).exists()) {
+                                files += 1;
+                                bytes += a.size;
+                            }
+                        }
+                    }
+                    NodeKind::Symlink => {}
+                }
+            }
+        }
+        serde_json::json!({ "files": files, "bytes": bytes })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,180 @@
+//! What the filesystem core needs from the servers, as a trait: the gRPC implementation fails
+//! over between replicas; tests substitute an in-memory fake with failure injection.
+use std::future::Future;
+
+use codafs_common::Hash;
+use codafs_proto::pb;
+use futures::Stream;
+
+use super::FsError;
+use crate::transport::Cluster;
+
+/// A volume as the client sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteVolume {
+    pub name: String,
+    pub id: u32,
+    pub root_ino: u64,
+    pub version: u64,
+    pub public_read: bool,
+}
+
+/// Receives a blob's bytes in order; `received` says where a resumed transfer continues.
+pub trait ChunkSink: Send {
+    fn received(&self) -> u64;
+    fn write(&mut self, data: &[u8]) -> std::io::Result<()>;
+}
+
+/// A change event stream.
+pub type ChangeStream = std::pin::Pin<Box<dyn Stream<Item = Result<pb::ChangeEvent, FsError>> + Send>>;
+
+/// Server operations the core uses.
+pub trait Remote: Send + Sync + 'static {
+    fn volumes(&self) -> impl Future<Output = Result<Vec<RemoteVolume>, FsError>> + Send;
+    fn getattr(&self, ino: u64) -> impl Future<Output = Result<pb::Attr, FsError>> + Send;
+    /// Every entry of a directory, with attributes (all pages).
+    fn readdir(&self, ino: u64) -> impl Future<Output = Result<Vec<(String, pb::Attr)>, FsError>> + Send;
+    /// Streams a blob into `sink`, resuming on another replica if one fails mid-transfer.
+    fn fetch_blob(&self, hash: Hash, sink: &mut dyn ChunkSink) -> impl Future<Output = Result<(), FsError>> + Send;
+    /// Current version stamps of the named volumes (one batched call).
+    fn stamps(&self, volumes: Vec<String>) -> impl Future<Output = Result<Vec<pb::VolumeStamp>, FsError>> + Send;
+    fn subscribe(&self, volume: String, from: u64) -> impl Future<Output = Result<ChangeStream, FsError>> + Send;
+}
+
+/// The real servers, through [`Cluster`].
+pub struct GrpcRemote {
+    pub cluster: Cluster,
+}
+
+impl Remote for GrpcRemote {
+    async fn volumes(&self) -> Result<Vec<RemoteVolume>, FsError> {
+        let c = &self.cluster;
+        let list = c
+            .call(|ch| {
+                let r = c.request(pb::Empty {});
+                async move { Cluster::admin(ch).list_volumes(r).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        Ok(list
+            .volumes
+            .into_iter()
+            .map(|v| RemoteVolume {
+                name: v.name,
+                id: v.id,
+                root_ino: v.root_ino,
+                version: v.version,
+                public_read: v.public_read,
+            })
+            .collect())
+    }
+
+    async fn getattr(&self, ino: u64) -> Result<pb::Attr, FsError> {
+        let c = &self.cluster;
+        let r = c
+            .call(|ch| {
+                let r = c.request(pb::GetAttrRequest { ino });
+                async move { Cluster::meta(ch).get_attr(r).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        r.attr.ok_or_else(|| FsError::Io("server sent no attributes".into()))
+    }
+
+    async fn readdir(&self, ino: u64) -> Result<Vec<(String, pb::Attr)>, FsError> {
+        let c = &self.cluster;
+        let mut out = Vec::new();
+        let mut after = String::new();
+        // Bounded: a directory of more than 1,000 pages (8 M entries) is refused.
+        for _ in 0..1000 {
+            let page = c
+                .call(|ch| {
+                    let r = c.request(pb::ReadDirRequest {
+                        ino,
+                        after: after.clone(),
+                        limit: 8192,
+                    });
+                    async move { Cluster::meta(ch).read_dir(r).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            for e in page.entries {
+                if let Some(a) = e.attr {
+                    out.push((e.name, a));
+                }
+            }
+            match (page.more, out.last()) {
+                (true, Some((last, _))) => after = last.clone(),
+                _ => return Ok(out),
+            }
+        }
+        Err(FsError::Io(format!("directory {ino:#x} is too large")))
+    }
+
+    async fn fetch_blob(&self, hash: Hash, sink: &mut dyn ChunkSink) -> Result<(), FsError> {
+        let mut last_err = FsError::Disconnected("no servers".into());
+        for addr in self.cluster.ordered_servers() {
+            let offset = sink.received();
+            let req = self.cluster.request(pb::GetBlobRequest {
+                hash: bytes::Bytes::copy_from_slice(&hash.0),
+                offset,
+            });
+            let result = self
+                .cluster
+                .call_on(&addr, |ch| async move {
+                    let stream = Cluster::blobs(ch).get(req).await?.into_inner();
+                    Ok(stream)
+                })
+                .await;
+            let mut stream = match result {
+                Ok(s) => s,
+                Err(e) => {
+                    last_err = e.into();
+                    continue;
+                }
+            };
+            loop {
+                match stream.message().await {
+                    Ok(Some(chunk)) => sink.write(&chunk.data)?,
+                    Ok(None) => return Ok(()),
+                    Err(s) => {
+                        tracing::debug!(server = %addr, error = %s.message(), "blob stream broke; resuming elsewhere");
+                        last_err = FsError::from(crate::transport::ClientError::Server(s));
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last_err)
+    }
+
+    async fn stamps(&self, volumes: Vec<String>) -> Result<Vec<pb::VolumeStamp>, FsError> {
+        let c = &self.cluster;
+        let r = c
+            .call(|ch| {
+                let r = c.request(pb::VolumeStampsRequest {
+                    volumes: volumes.clone(),
+                });
+                async move { Cluster::meta(ch).volume_stamps(r).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        Ok(r.stamps)
+    }
+
+    async fn subscribe(&self, volume: String, from: u64) -> Result<ChangeStream, FsError> {
+        let c = &self.cluster;
+        let stream = c
+            .call(|ch| {
+                let mut r = tonic::Request::new(pb::SubscribeRequest {
+                    volume: volume.clone(),
+                    from_version: from,
+                });
+                // A subscription lives as long as the mount; the transport's keepalive notices
+                // a dead server.
+                r.set_timeout(std::time::Duration::from_secs(365 * 86400));
+                async move { Cluster::meta(ch).subscribe(r).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        use futures::StreamExt;
+        Ok(Box::pin(stream.map(|r| {
+            r.map_err(|s| FsError::from(crate::transport::ClientError::Server(s)))
+        })))
+    }
+}

@@ -1,0 +1,227 @@
+//! Running a mount: caches, core, FUSE session, callback tasks, the control socket, and a clean
+//! unmount on SIGINT/SIGTERM.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::cache::blobs::BlobCache;
+use crate::cache::meta::MetaStore;
+use crate::core::remote::{GrpcRemote, Remote};
+use crate::core::{Core, CoreConfig};
+use crate::fuse::{CodaFs, Invalidator, KernelInvalidator};
+use crate::transport::Cluster;
+
+/// Settings of one mount.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    pub mountpoint: PathBuf,
+    pub servers: Vec<String>,
+    pub cache_dir: PathBuf,
+    pub cache_size: u64,
+    pub op_timeout: Duration,
+    /// How often the volume list is refreshed (new and deleted volumes under `/coda`).
+    pub volume_poll: Duration,
+}
+
+/// Mount failures.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("mounting {0}: {1}")]
+    Mount(PathBuf, std::io::Error),
+}
+
+/// Directory holding the control sockets of running mounts.
+pub const CONTROL_DIR: &str = "/run/codafs";
+
+/// The control socket of the mount at `mountpoint` (absolute path).
+pub fn control_socket(mountpoint: &Path) -> PathBuf {
+    let key = blake3::hash(mountpoint.as_os_str().as_encoded_bytes()).to_hex();
+    PathBuf::from(CONTROL_DIR).join(format!("{}.sock", &key[..16]))
+}
+
+/// Mounts and serves until a signal arrives; calls `ready` once the mount is usable.
+pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
+    let setup = |e: &dyn std::fmt::Display| MountError::Setup(e.to_string());
+    let mountpoint = std::fs::canonicalize(&cfg.mountpoint)
+        .map_err(|e| MountError::Setup(format!("mountpoint {}: {e}", cfg.mountpoint.display())))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .thread_name("codafs-mount")
+        .enable_all()
+        .build()
+        .map_err(|e| setup(&e))?;
+    // Channels are created inside the runtime (tonic's lazy connect spawns on it).
+    let _enter = rt.enter();
+    std::fs::create_dir_all(&cfg.cache_dir)
+        .map_err(|e| setup(&format!("cache dir {}: {e}", cfg.cache_dir.display())))?;
+    let meta = MetaStore::open(&cfg.cache_dir.join("meta")).map_err(|e| setup(&e))?;
+    let blobs = BlobCache::open(&cfg.cache_dir, cfg.cache_size).map_err(|e| setup(&e))?;
+    let mut cluster = Cluster::new(&cfg.servers, None).map_err(|e| setup(&e))?;
+    cluster.call_timeout = cfg.op_timeout;
+    let core = Arc::new(
+        Core::new(
+            GrpcRemote { cluster },
+            meta,
+            blobs,
+            CoreConfig {
+                op_timeout: cfg.op_timeout,
+            },
+        )
+        .map_err(|e| setup(&e))?,
+    );
+
+    // Bring the persistent cache up to date before serving: one batched stamp check, then the
+    // missed changes of each stale volume. Disconnected: serve what is cached.
+    rt.block_on(revalidate(&core, cfg.op_timeout));
+
+    let fs = CodaFs {
+        core: core.clone(),
+        rt: rt.handle().clone(),
+    };
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName("codafs".into()),
+        fuser::MountOption::Subtype("codafs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoAtime,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+    ];
+    // Web servers run as unprivileged users: let every user read (the kernel checks modes).
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(2);
+    let session =
+        fuser::Session::new(fs, &mountpoint, &config).map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
+    let inval: Arc<dyn Invalidator> = Arc::new(KernelInvalidator(session.notifier()));
+    let bg = session.spawn().map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    rt.spawn(watch_volumes(
+        core.clone(),
+        inval.clone(),
+        cfg.volume_poll,
+        stop_rx.clone(),
+    ));
+    let socket = control_socket(&mountpoint);
+    rt.spawn(control(core.clone(), socket.clone(), stop_rx.clone()));
+    tracing::info!(mountpoint = %mountpoint.display(), "mounted");
+    ready();
+
+    rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    });
+    tracing::info!("unmounting");
+    let _ = stop_tx.send(true);
+    let _ = std::fs::remove_file(&socket);
+    bg.umount_and_join().map_err(|e| MountError::Mount(mountpoint, e))?;
+    rt.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
+}
+
+async fn revalidate<R: Remote>(core: &Core<R>, limit: Duration) {
+    let cached = core.volumes();
+    if let Err(e) = core.refresh_volumes().await {
+        tracing::warn!(error = %e, cached = cached.len(), "servers unreachable; serving the cache disconnected");
+        return;
+    }
+    let names: Vec<String> = cached.iter().map(|v| v.name.clone()).collect();
+    if names.is_empty() {
+        return;
+    }
+    let Ok(stamps) = core.remote.stamps(names).await else {
+        return;
+    };
+    for s in stamps.into_iter().filter(|s| s.exists) {
+        let seen = cached.iter().find(|v| v.name == s.volume).map_or(0, |v| v.seen);
+        if s.version == seen {
+            tracing::info!(volume = %s.volume, version = seen, "cached volume is current");
+        } else if !crate::callbacks::catch_up(core, &s.volume, s.version, limit * 5).await {
+            tracing::warn!(volume = %s.volume, "could not catch up; dropping its cached metadata");
+            if let Some(v) = core.volumes().into_iter().find(|v| v.name == s.volume) {
+                let _ = core.meta.forget_volume(v.id);
+            }
+        }
+    }
+}
+
+/// Follows every volume, and refreshes the volume list so new volumes appear under `/coda`.
+async fn watch_volumes<R: Remote>(
+    core: Arc<Core<R>>,
+    inval: Arc<dyn Invalidator>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut followed = std::collections::HashSet::new();
+    loop {
+        if let Ok(inv) = core.refresh_volumes().await {
+            inval.invalidate(&inv);
+        }
+        for v in core.volumes() {
+            if followed.insert(v.name.clone()) {
+                tokio::spawn(crate::callbacks::follow(
+                    core.clone(),
+                    inval.clone(),
+                    v.name,
+                    stop.clone(),
+                ));
+            }
+        }
+        followed.retain(|n| core.volumes().iter().any(|v| &v.name == n));
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// The control socket: `status` returns the mount's status as JSON. Only root and the mount's
+/// owner can connect (mode 0600 on a root-owned directory).
+async fn control<R: Remote>(core: Arc<Core<R>>, path: PathBuf, mut stop: watch::Receiver<bool>) {
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let _ = std::fs::remove_file(&path);
+    let listener = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => return tracing::warn!(path = %path.display(), error = %e, "no control socket"),
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => c,
+            _ = stop.changed() => return,
+        };
+        let Ok((stream, _)) = conn else { continue };
+        let core = core.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            let mut r = tokio::io::BufReader::new(r);
+            if tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let reply = match line.trim() {
+                "status" => core.status().to_string(),
+                other => serde_json::json!({ "error": format!("unknown command {other:?}") }).to_string(),
+            };
+            let _ = w.write_all(reply.as_bytes()).await;
+            let _ = w.shutdown().await;
+        });
+    }
+}

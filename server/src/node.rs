@@ -54,6 +54,7 @@ pub struct Counters {
     pub repaired: AtomicU64,
     pub scrubbed: AtomicU64,
     pub gc_removed: AtomicU64,
+    pub blob_gets: AtomicU64,
 }
 
 /// A member of the cluster as the membership config records it.
@@ -248,6 +249,7 @@ impl Node {
                 .unwrap_or_default(),
             voters: members.iter().filter(|m| m.voter).count() as u32,
             servers: members.len() as u32,
+            blob_gets: self.counters.blob_gets.load(Ordering::Relaxed),
         }
     }
 

@@ -413,3 +413,168 @@ impl Drop for TestCluster {
         }
     }
 }
+
+/// A `codafs mount` process. Stopped (SIGTERM, then unmounted with `fusermount3 -u` and killed
+/// if needed) when dropped, also when a test panics.
+pub struct Mount {
+    pub path: PathBuf,
+    pub cache: PathBuf,
+    servers: Vec<String>,
+    extra: Vec<String>,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Mount {
+    /// Mounts the cluster at `dir/<name>` with its cache in `dir/<name>.cache`.
+    pub fn start(servers: &[String], dir: &Path, name: &str, extra: &[&str]) -> Result<Mount> {
+        let mut m = Mount {
+            path: dir.join(name),
+            cache: dir.join(format!("{name}.cache")),
+            servers: servers.to_vec(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            log: dir.join(format!("{name}.log")),
+        };
+        std::fs::create_dir_all(&m.path)?;
+        m.spawn()?;
+        Ok(m)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        use std::io::BufRead;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut cmd = Command::new(codafs_bin());
+        cmd.arg("mount")
+            .arg(&self.path)
+            .arg("--foreground")
+            .arg("--cache-dir")
+            .arg(&self.cache);
+        for s in &self.servers {
+            cmd.arg("--server-addr").arg(s);
+        }
+        cmd.args(&self.extra);
+        cmd.env("CODAFS_NOTIFY_READY", "1")
+            .env(
+                "CODAFS_LOG",
+                std::env::var("CODAFS_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        let mut child = cmd.spawn().context("spawning codafs mount")?;
+        let stdout = child.stdout.take().context("mount stdout")?;
+        self.child = Some(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) if l.trim() == "codafs-mount-ready" => Ok(()),
+            other => bail!(
+                "mount did not become ready ({other:?}); log:\n{}",
+                tail(&self.log(), 30)
+            ),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the kernel still lists the mount.
+    pub fn is_mounted(&self) -> bool {
+        let needle = format!(" {} ", self.path.display());
+        std::fs::read_to_string("/proc/mounts")
+            .unwrap_or_default()
+            .contains(&needle)
+    }
+
+    /// SIGKILL the daemon (a crash) and lazily detach the dead mount.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if self.is_mounted() {
+            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.path).status();
+        }
+    }
+
+    /// Mounts again with the same cache directory.
+    pub fn remount(&mut self) -> Result<()> {
+        self.kill9();
+        self.spawn()
+    }
+
+    /// SIGTERM and wait; the daemon unmounts. Falls back to fusermount3 and SIGKILL.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if self.is_mounted() {
+            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.path).status();
+        }
+    }
+
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let out = Command::new(codafs_bin())
+            .arg("status")
+            .arg(&self.path)
+            .arg("--json")
+            .output()?;
+        if !out.status.success() {
+            bail!("codafs status failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- log of mount {} ---\n{}",
+                self.path.display(),
+                tail(&self.log(), 60)
+            );
+        }
+        self.stop();
+    }
+}
+
+/// Runs a blocking filesystem call on its own thread and gives up after `limit`, so a hung
+/// syscall fails the test with a message instead of hanging it.
+pub fn fs_call<T: Send + 'static>(
+    limit: Duration,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<std::io::Result<T>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .map_err(|_| anyhow::anyhow!("filesystem call did not return within {limit:?}"))
+}
+
+/// Reads a whole file through a mount, bounded in time.
+pub fn read_file(path: &Path) -> Result<Vec<u8>> {
+    let p = path.to_path_buf();
+    Ok(fs_call(Duration::from_secs(30), move || std::fs::read(p))?
+        .with_context(|| format!("reading {}", path.display()))?)
+}

@@ -149,6 +149,9 @@ impl pb::blobs_server::Blobs for BlobService {
         let r = req.into_inner();
         let hash = convert::hash(&r.hash)?;
         let (file, len) = node.blobs.open_read(&hash).map_err(blob_status)?;
+        node.counters
+            .blob_gets
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let offset = r.offset;
         let (tx, rx) = mpsc::channel::<Result<pb::BlobChunk, Status>>(4);
         tokio::task::spawn_blocking(move || stream_verified(&node, file, len, hash, offset, &tx));

@@ -1,0 +1,292 @@
+//! End-to-end tests of `codafs mount`: real FUSE mounts over real server processes.
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use codafs_common::Hash;
+use codafs_proto::pb;
+use codafs_tests::{fs_call, read_file, wait_until, ClusterOpts, Mount, TestCluster};
+
+const TEST_DEADLINE: Duration = Duration::from_secs(180);
+
+async fn bounded<F: std::future::Future<Output = Result<()>>>(f: F) {
+    match tokio::time::timeout(TEST_DEADLINE, f).await {
+        Ok(r) => r.unwrap(),
+        Err(_) => panic!("test exceeded {TEST_DEADLINE:?}"),
+    }
+}
+
+fn remove_op(name: &str) -> pb::Op {
+    pb::Op {
+        expect_version: None,
+        op: Some(pb::op::Op::Remove(pb::RemoveOp {
+            parent: Some(pb::NodeRef {
+                target: Some(pb::node_ref::Target::Path(String::new())),
+            }),
+            name: name.into(),
+            recursive: false,
+        })),
+    }
+}
+
+async fn blob_gets(tc: &TestCluster) -> u64 {
+    let mut n = 0;
+    for s in tc.servers.iter().filter(|s| s.is_running()) {
+        n += tc.status_of(&s.addr).await.map(|s| s.blob_gets).unwrap_or(0);
+    }
+    n
+}
+
+fn ino_of(p: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(p)?.ino())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_mounts_share_the_tree_and_see_commits_without_remounting() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let c = tc.client();
+        TestCluster::write_file(&c, "www", "", "index.html", b"version 1").await?;
+        TestCluster::write_file(&c, "www", "", "old.html", b"to be removed").await?;
+        TestCluster::mkdir(&c, "www", "", "css").await?;
+        TestCluster::write_file(&c, "www", "css", "site.css", b"body{}").await?;
+        let a = Mount::start(&tc.addrs(), tc.root.path(), "a", &[])?;
+        let b = Mount::start(&tc.addrs(), tc.root.path(), "b", &[])?;
+        for m in [&a, &b] {
+            assert_eq!(read_file(&m.path.join("www/index.html"))?, b"version 1");
+            assert_eq!(read_file(&m.path.join("www/css/site.css"))?, b"body{}");
+            let mut names: Vec<String> = std::fs::read_dir(m.path.join("www"))?
+                .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect::<Result<_, _>>()?;
+            names.sort();
+            assert_eq!(names, ["css", "index.html", "old.html"]);
+        }
+        // Same object, same inode number, on every client.
+        assert_eq!(
+            ino_of(&a.path.join("www/index.html"))?,
+            ino_of(&b.path.join("www/index.html"))?
+        );
+        // Stat the name that will appear, so both kernels hold a negative entry for it.
+        assert!(std::fs::metadata(a.path.join("www/new.html")).is_err());
+        assert!(std::fs::metadata(b.path.join("www/new.html")).is_err());
+
+        // One commit through the server API: replace, add, remove.
+        c.put_blob(bytes::Bytes::from_static(b"version 2"), 2).await?;
+        c.put_blob(bytes::Bytes::from_static(b"brand new"), 2).await?;
+        let create = |name: &str, content: &[u8]| pb::Op {
+            expect_version: None,
+            op: Some(pb::op::Op::Create(pb::CreateOp {
+                parent: Some(pb::NodeRef {
+                    target: Some(pb::node_ref::Target::Path(String::new())),
+                }),
+                name: name.into(),
+                kind: pb::ObjectKind::File as i32,
+                mode: 0o644,
+                hash: bytes::Bytes::copy_from_slice(&Hash::of(content).0),
+                size: content.len() as u64,
+                replace: true,
+                ..Default::default()
+            })),
+        };
+        let ops = vec![
+            create("index.html", b"version 2"),
+            create("new.html", b"brand new"),
+            remove_op("old.html"),
+        ];
+        c.commit(pb::CommitRequest {
+            volume: "www".into(),
+            ops,
+            expect_volume_version: None,
+        })
+        .await?;
+        for m in [&a, &b] {
+            let p = m.path.clone();
+            wait_until(Duration::from_secs(10), "the mount sees the new version", || {
+                let p = p.clone();
+                async move { std::fs::read(p.join("www/index.html")).is_ok_and(|d| d == b"version 2") }
+            })
+            .await?;
+            assert_eq!(read_file(&m.path.join("www/new.html"))?, b"brand new");
+            assert!(!m.path.join("www/old.html").exists(), "removed file is gone");
+            let names: Vec<_> = std::fs::read_dir(m.path.join("www"))?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name())
+                .collect();
+            assert!(
+                !names.iter().any(|n| n == "old.html") && names.iter().any(|n| n == "new.html"),
+                "{names:?}"
+            );
+        }
+        let st = a.status()?;
+        assert_eq!(st["volumes"][0]["name"], "www");
+        assert_eq!(st["volumes"][0]["connected"], true, "{st}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_continue_when_the_server_in_use_is_killed() {
+    bounded(async {
+        // Three data replicas, so writes (W=2) still work after one is killed.
+        let mut tc = TestCluster::start(ClusterOpts::new(3, 0)).await?;
+        tc.create_volume("www", 2).await?;
+        let c = tc.client();
+        let mut files = Vec::new();
+        for i in 0..40 {
+            let content = format!("page {i} {}", "z".repeat(i * 997)).into_bytes();
+            TestCluster::write_file(&c, "www", "", &format!("p{i}.html"), &content).await?;
+            files.push((format!("p{i}.html"), content));
+        }
+        // The mount prefers the first server it is given: that is the one we kill.
+        let m = Mount::start(&tc.addrs(), tc.root.path(), "m", &[])?;
+        for (i, (name, content)) in files.iter().enumerate() {
+            if i == 10 {
+                tc.kill(0);
+            }
+            assert_eq!(&read_file(&m.path.join("www").join(name))?, content, "{name}");
+        }
+        // Callbacks fail over too: a change committed now still reaches the mount.
+        let c2 = tc.client_on(&tc.servers[1].addr);
+        tc.wait_leader(Duration::from_secs(15)).await?;
+        TestCluster::write_file(&c2, "www", "", "p0.html", b"after failover").await?;
+        let p = m.path.join("www/p0.html");
+        wait_until(
+            Duration::from_secs(15),
+            "change after failover reaches the mount",
+            || {
+                let p = p.clone();
+                async move { std::fs::read(p).is_ok_and(|d| d == b"after failover") }
+            },
+        )
+        .await?;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disconnected_mount_serves_cache_and_fails_fast_on_uncached_files() {
+    bounded(async {
+        let mut tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let c = tc.client();
+        TestCluster::write_file(&c, "www", "", "cached.html", b"i am cached").await?;
+        TestCluster::write_file(&c, "www", "", "uncached.html", b"never read").await?;
+        let m = Mount::start(&tc.addrs(), tc.root.path(), "m", &[])?;
+        assert_eq!(read_file(&m.path.join("www/cached.html"))?, b"i am cached");
+        // The listing (and so uncached.html's attributes) is cached; its content is not.
+        assert!(m.path.join("www/uncached.html").exists());
+        for i in 0..3 {
+            tc.kill(i);
+        }
+        assert_eq!(read_file(&m.path.join("www/cached.html"))?, b"i am cached");
+        let p = m.path.join("www/uncached.html");
+        let t = Instant::now();
+        let r = fs_call(Duration::from_secs(20), move || std::fs::read(p))?;
+        let took = t.elapsed();
+        let e = r.expect_err("uncached content cannot be served with every server down");
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+        eprintln!("uncached read failed with EIO after {took:?}");
+        let st = m.status()?;
+        assert_eq!(st["connected"], false, "{st}");
+        // Servers come back: the mount reconnects on its own and catches up.
+        for i in 0..3 {
+            tc.restart(i)?;
+        }
+        tc.wait_leader(Duration::from_secs(20)).await?;
+        let c = tc.client();
+        TestCluster::write_file(&c, "www", "", "cached.html", b"updated while away").await?;
+        let p = m.path.join("www/cached.html");
+        wait_until(Duration::from_secs(20), "mount catches up after reconnecting", || {
+            let p = p.clone();
+            async move { std::fs::read(p).is_ok_and(|d| d == b"updated while away") }
+        })
+        .await?;
+        assert_eq!(read_file(&m.path.join("www/uncached.html"))?, b"never read");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn client_crash_mid_fetch_leaves_no_corrupt_data_and_cache_is_reused() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let c = tc.client();
+        let big: Vec<u8> = (0..48u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        TestCluster::write_file(&c, "www", "", "big.bin", &big).await?;
+        TestCluster::write_file(&c, "www", "", "a.html", b"small a").await?;
+        TestCluster::write_file(&c, "www", "", "b.html", b"small b").await?;
+        let mut m = Mount::start(&tc.addrs(), tc.root.path(), "m", &[])?;
+        assert_eq!(read_file(&m.path.join("www/a.html"))?, b"small a");
+        assert_eq!(read_file(&m.path.join("www/b.html"))?, b"small b");
+        // Start fetching the big file, and kill the daemon while it streams.
+        let p = m.path.join("www/big.bin");
+        let reader = std::thread::spawn(move || std::fs::read(p));
+        // Kill once the fetch is under way (a temp file exists) but before it finished.
+        let tmp = m.cache.join("tmp");
+        wait_until(Duration::from_secs(10), "the fetch to start", || {
+            let tmp = tmp.clone();
+            async move { std::fs::read_dir(tmp).is_ok_and(|mut d| d.next().is_some()) }
+        })
+        .await?;
+        let blob = m
+            .cache
+            .join("blobs")
+            .join(&Hash::of(&big).to_hex()[..2])
+            .join(Hash::of(&big).to_hex());
+        m.kill9();
+        assert!(!blob.exists(), "killed before the fetch completed");
+        let _ = reader.join();
+        m.remount()?;
+        let before = blob_gets(&tc).await;
+        assert_eq!(read_file(&m.path.join("www/a.html"))?, b"small a");
+        assert_eq!(read_file(&m.path.join("www/b.html"))?, b"small b");
+        assert_eq!(
+            blob_gets(&tc).await,
+            before,
+            "cached files are not fetched again after a restart"
+        );
+        let got = read_file(&m.path.join("www/big.bin"))?;
+        assert!(got == big, "big file content differs after a crash mid-fetch");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn small_cache_evicts_but_an_open_file_stays_readable() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let c = tc.client();
+        let file = |i: usize| -> Vec<u8> { (0..300_000).map(|j| ((i * 31 + j) % 251) as u8).collect() };
+        for i in 0..10 {
+            TestCluster::write_file(&c, "www", "", &format!("f{i}"), &file(i)).await?;
+        }
+        let m = Mount::start(&tc.addrs(), tc.root.path(), "m", &["--cache-size", "1M"])?;
+        // Open f0, read its first page, then read everything else through the small cache.
+        use std::io::Read;
+        let mut f0 = std::fs::File::open(m.path.join("www/f0")).context("open f0")?;
+        let mut head = vec![0u8; 4096];
+        f0.read_exact(&mut head)?;
+        for i in 1..10 {
+            assert_eq!(read_file(&m.path.join(format!("www/f{i}")))?, file(i));
+        }
+        let mut rest = Vec::new();
+        f0.read_to_end(&mut rest)?;
+        head.extend(rest);
+        assert!(head == file(0), "open file stays readable and correct");
+        let st = m.status()?;
+        assert!(st["cache"]["evictions"].as_u64().unwrap_or(0) > 0, "{st}");
+        assert!(st["cache"]["bytes"].as_u64().unwrap_or(u64::MAX) <= 1 << 20, "{st}");
+        Ok(())
+    })
+    .await
+}

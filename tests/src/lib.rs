@@ -575,6 +575,5 @@ pub fn fs_call<T: Send + 'static>(
 /// Reads a whole file through a mount, bounded in time.
 pub fn read_file(path: &Path) -> Result<Vec<u8>> {
     let p = path.to_path_buf();
-    Ok(fs_call(Duration::from_secs(30), move || std::fs::read(p))?
-        .with_context(|| format!("reading {}", path.display()))?)
+    fs_call(Duration::from_secs(30), move || std::fs::read(p))?.with_context(|| format!("reading {}", path.display()))
 }

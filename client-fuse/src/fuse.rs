@@ -115,6 +115,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.core.stats.fuse_request("lookup");
         let Some(name) = name_str(name) else {
             return reply.error(Errno::ENOENT);
         };
@@ -128,6 +129,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.core.stats.fuse_request("getattr");
         let core = self.core.clone();
         self.spawn(tracing::debug_span!("getattr", ino = ino.0), async move {
             match core.getattr(ino.0).await {
@@ -138,6 +140,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.core.stats.fuse_request("readlink");
         let core = self.core.clone();
         self.spawn(tracing::debug_span!("readlink", ino = ino.0), async move {
             match core.readlink(ino.0).await {
@@ -148,16 +151,19 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     }
 
     fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.core.stats.fuse_request("open");
         // No-open mode: the kernel keeps the page cache and never asks again.
         reply.error(Errno::ENOSYS);
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.core.stats.fuse_request("opendir");
         // No-opendir mode: the kernel caches directory listings (FOPEN_CACHE_DIR).
         reply.error(Errno::ENOSYS);
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lo: fuser::LockOwner, reply: ReplyEmpty) {
+        self.core.stats.fuse_request("flush");
         reply.error(Errno::ENOSYS);
     }
 
@@ -172,6 +178,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
+        self.core.stats.fuse_request("read");
         let core = self.core.clone();
         self.spawn(tracing::debug_span!("read", ino = ino.0, offset, size), async move {
             match core.read(ino.0, offset, size).await {
@@ -182,6 +189,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        self.core.stats.fuse_request("readdir");
         let core = self.core.clone();
         self.spawn(tracing::debug_span!("readdir", ino = ino.0, offset), async move {
             let entries = match core.readdir(ino.0).await {
@@ -202,6 +210,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     }
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        self.core.stats.fuse_request("readdir");
         let core = self.core.clone();
         self.spawn(tracing::debug_span!("readdirplus", ino = ino.0, offset), async move {
             let entries = match core.readdir(ino.0).await {
@@ -242,6 +251,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.core.stats.fuse_request("statfs");
         let (files, bytes) = self.core.blobs.usage();
         let bsize = 4096u64;
         let blocks = self.core.blobs.max_bytes() / bsize;
@@ -279,26 +289,32 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.core.stats.fuse_request("write_ops");
         reply.error(Errno::EROFS);
     }
 
     fn mknod(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
+        self.core.stats.fuse_request("write_ops");
         reply.error(Errno::EROFS);
     }
 
     fn mkdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
+        self.core.stats.fuse_request("write_ops");
         reply.error(Errno::EROFS);
     }
 
     fn unlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        self.core.stats.fuse_request("write_ops");
         reply.error(Errno::EROFS);
     }
 
     fn rmdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        self.core.stats.fuse_request("write_ops");
         reply.error(Errno::EROFS);
     }
 
     fn symlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _t: &Path, reply: ReplyEntry) {
+        self.core.stats.fuse_request("write_ops");
         reply.error(Errno::EROFS);
     }
 
@@ -312,14 +328,17 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         _f: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.core.stats.fuse_request("write_ops");
         reply.error(Errno::EROFS);
     }
 
     fn link(&self, _req: &Request, _i: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
+        self.core.stats.fuse_request("write_ops");
         reply.error(Errno::EROFS);
     }
 
     fn create(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: ReplyCreate) {
+        self.core.stats.fuse_request("write_ops");
         reply.error(Errno::EROFS);
     }
 
@@ -336,18 +355,22 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         _lo: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.core.stats.fuse_request("write_ops");
         reply.error(Errno::EROFS);
     }
 
     fn setxattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
+        self.core.stats.fuse_request("write_ops");
         reply.error(Errno::EROFS);
     }
 
     fn removexattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        self.core.stats.fuse_request("write_ops");
         reply.error(Errno::EROFS);
     }
 
     fn fallocate(&self, _req: &Request, _i: INodeNo, _fh: FileHandle, _o: u64, _l: u64, _m: i32, reply: ReplyEmpty) {
+        self.core.stats.fuse_request("write_ops");
         reply.error(Errno::EROFS);
     }
 }

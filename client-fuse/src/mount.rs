@@ -91,6 +91,9 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
         fuser::MountOption::NoAtime,
         fuser::MountOption::NoDev,
         fuser::MountOption::NoSuid,
+        // Read-only at the kernel level too: writes fail with EROFS before reaching us, and the
+        // kernel skips the atime invalidation after reads that would cost a getattr.
+        fuser::MountOption::RO,
     ];
     // Web servers run as unprivileged users: let every user read (the kernel checks modes).
     config.acl = fuser::SessionACL::All;

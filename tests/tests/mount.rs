@@ -290,3 +290,173 @@ async fn small_cache_evicts_but_an_open_file_stays_readable() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn warm_hits_reach_no_daemon_code() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let c = tc.client();
+        TestCluster::write_file(&c, "www", "", "hot.html", &b"<p>hot</p>".repeat(800)).await?;
+        let m = Mount::start(&tc.addrs(), tc.root.path(), "m", &[])?;
+        let path = m.path.join("www/hot.html");
+        // Cold: lookups, attributes, the fetch, and the kernel learning the no-open mode.
+        assert_eq!(read_file(&path)?.len(), 8000);
+        let total = |st: &serde_json::Value| -> u64 {
+            st["fuse_requests"]
+                .as_object()
+                .map(|o| o.values().filter_map(|v| v.as_u64()).sum())
+                .unwrap_or(0)
+        };
+        let before = m.status()?;
+        use std::io::Read;
+        for _ in 0..200 {
+            let mut f = std::fs::File::open(&path)?;
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf)?;
+            assert_eq!(buf.len(), 8000);
+            let _ = std::fs::metadata(&path)?;
+        }
+        let after = m.status()?;
+        assert_eq!(
+            total(&after) - total(&before),
+            0,
+            "200 warm open+read+close+stat cycles reached the daemon: before {} after {}",
+            before["fuse_requests"],
+            after["fuse_requests"]
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_mutating_syscall_is_refused_with_erofs() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(1, 0)).await?;
+        tc.create_volume("www", 1).await?;
+        let c = tc.client();
+        TestCluster::write_file(&c, "www", "", "f.html", b"keep me").await?;
+        let version = TestCluster::mkdir(&c, "www", "", "d").await?;
+        let m = Mount::start(&tc.addrs(), tc.root.path(), "m", &[])?;
+        let w = m.path.join("www");
+        use std::os::unix::fs::PermissionsExt;
+        type Attempt = (&'static str, Box<dyn FnOnce() -> std::io::Result<()> + Send>);
+        let attempts: Vec<Attempt> = vec![
+            (
+                "create",
+                Box::new({
+                    let p = w.join("new");
+                    move || std::fs::File::create(p).map(drop)
+                }),
+            ),
+            (
+                "write existing",
+                Box::new({
+                    let p = w.join("f.html");
+                    move || std::fs::write(p, b"x")
+                }),
+            ),
+            (
+                "append",
+                Box::new({
+                    let p = w.join("f.html");
+                    move || std::fs::OpenOptions::new().append(true).open(p).map(drop)
+                }),
+            ),
+            (
+                "mkdir",
+                Box::new({
+                    let p = w.join("nd");
+                    move || std::fs::create_dir(p)
+                }),
+            ),
+            (
+                "rmdir",
+                Box::new({
+                    let p = w.join("d");
+                    move || std::fs::remove_dir(p)
+                }),
+            ),
+            (
+                "unlink",
+                Box::new({
+                    let p = w.join("f.html");
+                    move || std::fs::remove_file(p)
+                }),
+            ),
+            (
+                "rename",
+                Box::new({
+                    let (a, b) = (w.join("f.html"), w.join("g.html"));
+                    move || std::fs::rename(a, b)
+                }),
+            ),
+            (
+                "symlink",
+                Box::new({
+                    let p = w.join("s");
+                    move || std::os::unix::fs::symlink("f.html", p)
+                }),
+            ),
+            (
+                "link",
+                Box::new({
+                    let (a, b) = (w.join("f.html"), w.join("h"));
+                    move || std::fs::hard_link(a, b)
+                }),
+            ),
+            (
+                "chmod",
+                Box::new({
+                    let p = w.join("f.html");
+                    move || std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
+                }),
+            ),
+            (
+                "chown",
+                Box::new({
+                    let p = w.join("f.html");
+                    move || std::os::unix::fs::chown(p, Some(1), Some(1))
+                }),
+            ),
+            (
+                "truncate",
+                Box::new({
+                    let p = w.join("f.html");
+                    move || std::fs::OpenOptions::new().write(true).open(p)?.set_len(0)
+                }),
+            ),
+            (
+                "utimes",
+                Box::new({
+                    let p = w.join("f.html");
+                    move || std::fs::File::open(p)?.set_modified(std::time::SystemTime::now())
+                }),
+            ),
+        ];
+        for (what, f) in attempts {
+            let r = fs_call(Duration::from_secs(10), f)?;
+            let e = r
+                .err()
+                .with_context(|| format!("{what} succeeded on a read-only mount"))?;
+            assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{what}: {e}");
+        }
+        assert_eq!(read_file(&w.join("f.html"))?, b"keep me");
+        // Nothing reached the servers either.
+        let info = c
+            .call(|ch| {
+                let r = c.request(pb::VolumeName { name: "www".into() });
+                async move {
+                    codafs_client::Cluster::admin(ch)
+                        .get_volume(r)
+                        .await
+                        .map(|r| r.into_inner())
+                }
+            })
+            .await?;
+        assert_eq!((info.used_files, info.version), (2, version));
+        Ok(())
+    })
+    .await
+}

@@ -73,12 +73,37 @@ impl Default for CoreConfig {
     }
 }
 
+/// Kernel requests counted by the FUSE adaptor, by operation.
+pub const FUSE_OPS: [&str; 10] = [
+    "lookup",
+    "getattr",
+    "readlink",
+    "open",
+    "opendir",
+    "flush",
+    "read",
+    "readdir",
+    "statfs",
+    "write_ops",
+];
+
 /// Counters shown by `codafs status MNT`.
 #[derive(Debug, Default)]
 pub struct CoreStats {
     pub meta_hits: AtomicU64,
     pub meta_misses: AtomicU64,
     pub remote_errors: AtomicU64,
+    /// Requests the kernel sent the daemon, indexed like [`FUSE_OPS`].
+    pub fuse_requests: [AtomicU64; FUSE_OPS.len()],
+}
+
+impl CoreStats {
+    /// Counts one kernel request of operation `op` (a name from [`FUSE_OPS`]).
+    pub fn fuse_request(&self, op: &str) {
+        if let Some(i) = FUSE_OPS.iter().position(|o| *o == op) {
+            self.fuse_requests[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Permission bits shown for a node. Public volumes are world-readable (and directories
@@ -515,8 +540,14 @@ impl<R: Remote> Core<R> {
                 })
             })
             .collect();
+        let fuse: serde_json::Map<String, serde_json::Value> = FUSE_OPS
+            .iter()
+            .zip(&self.stats.fuse_requests)
+            .map(|(n, c)| (n.to_string(), c.load(Ordering::Relaxed).into()))
+            .collect();
         serde_json::json!({
             "connected": self.is_connected(),
+            "fuse_requests": fuse,
             "volumes": vols,
             "cache": {
                 "entries": entries, "bytes": bytes, "max_bytes": self.blobs.max_bytes(),

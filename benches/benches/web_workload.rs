@@ -1,0 +1,248 @@
+//! Web workload through a real mount: 5,000 files with web-like sizes (median about 8 KiB),
+//! Zipf(0.9) requests from several concurrent readers. Warm open+read+close and stat throughput
+//! through `/coda` against the same files on local disk in the same run, plus callback delay
+//! (commit acknowledged → new content visible on a mount) p50/p99.
+//!
+//! Run: `cargo build --bin codafs && cargo bench -p codafs-benches --profile dev --bench web_workload`
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use codafs_common::Hash;
+use codafs_proto::pb;
+use codafs_tests::{ClusterOpts, Mount, TestCluster};
+use rand::{Rng, SeedableRng};
+
+const FILES: usize = 5000;
+const READERS: usize = 4;
+const RUN: Duration = Duration::from_secs(4);
+
+/// Web-like sizes: log-normal around 8 KiB, from 200 B to 1 MiB.
+fn size_of(rng: &mut rand::rngs::StdRng) -> usize {
+    // Box-Muller normal sample.
+    let (u1, u2): (f64, f64) = (rng.gen_range(1e-9..1.0), rng.gen());
+    let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+    ((8192.0 * (1.1 * z).exp()) as usize).clamp(200, 1 << 20)
+}
+
+/// Cumulative Zipf(s) distribution over `n` ranks.
+fn zipf_cdf(n: usize, s: f64) -> Vec<f64> {
+    let mut acc = 0.0;
+    let mut cdf: Vec<f64> = (1..=n)
+        .map(|k| {
+            acc += 1.0 / (k as f64).powf(s);
+            acc
+        })
+        .collect();
+    for v in &mut cdf {
+        *v /= acc;
+    }
+    cdf
+}
+
+fn relpath(i: usize) -> String {
+    format!("d{:02}/page{i:05}.html", i % 50)
+}
+
+/// Runs `READERS` threads doing `op` on Zipf-chosen files for `RUN`; returns ops/s.
+fn drive(root: &Path, cdf: &[f64], op: fn(&Path) -> std::io::Result<()>) -> Result<f64> {
+    let paths: Vec<PathBuf> = (0..FILES).map(|i| root.join(relpath(i))).collect();
+    let total: u64 = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..READERS)
+            .map(|t| {
+                let paths = &paths;
+                s.spawn(move || -> std::io::Result<u64> {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(t as u64);
+                    let start = Instant::now();
+                    let mut n = 0u64;
+                    while start.elapsed() < RUN {
+                        for _ in 0..256 {
+                            let u: f64 = rng.gen();
+                            let i = cdf.partition_point(|c| *c < u).min(FILES - 1);
+                            op(&paths[i])?;
+                            n += 1;
+                        }
+                    }
+                    Ok(n)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| std::io::Error::other("reader panicked"))
+                    .and_then(|r| r)
+            })
+            .sum::<std::io::Result<u64>>()
+    })?;
+    Ok(total as f64 / RUN.as_secs_f64())
+}
+
+fn open_read_close(p: &Path) -> std::io::Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(p)?;
+    let mut buf = [0u8; 64 * 1024];
+    while f.read(&mut buf)? > 0 {}
+    Ok(())
+}
+
+fn stat(p: &Path) -> std::io::Result<()> {
+    std::fs::metadata(p).map(drop)
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn bench() -> Result<Vec<String>> {
+    let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+    tc.create_volume("www", 2).await?;
+    let c = tc.client();
+    let local = tempfile::tempdir()?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let mut ops = Vec::new();
+    for d in 0..50 {
+        ops.push(pb::Op {
+            expect_version: None,
+            op: Some(pb::op::Op::Create(pb::CreateOp {
+                parent: Some(pb::NodeRef {
+                    target: Some(pb::node_ref::Target::Path(String::new())),
+                }),
+                name: format!("d{d:02}"),
+                kind: pb::ObjectKind::Directory as i32,
+                mode: 0o755,
+                ..Default::default()
+            })),
+        });
+        std::fs::create_dir_all(local.path().join(format!("d{d:02}")))?;
+    }
+    let mut sizes = Vec::new();
+    let mut blobs = Vec::new();
+    for i in 0..FILES {
+        let n = size_of(&mut rng);
+        sizes.push(n);
+        let data: Vec<u8> = (0..n).map(|j| b"abcdefghij<>/ \n"[(i + j) % 15]).collect();
+        std::fs::write(local.path().join(relpath(i)), &data)?;
+        let (dir, name) = relpath(i)
+            .split_once('/')
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .unwrap_or_default();
+        ops.push(pb::Op {
+            expect_version: None,
+            op: Some(pb::op::Op::Create(pb::CreateOp {
+                parent: Some(pb::NodeRef {
+                    target: Some(pb::node_ref::Target::Path(dir)),
+                }),
+                name,
+                kind: pb::ObjectKind::File as i32,
+                mode: 0o644,
+                hash: bytes::Bytes::copy_from_slice(&Hash::of(&data).0),
+                size: n as u64,
+                ..Default::default()
+            })),
+        });
+        blobs.push(bytes::Bytes::from(data));
+    }
+    use futures::StreamExt;
+    let mut puts = futures::stream::iter(blobs.into_iter().map(|b| c.put_blob(b, 2))).buffer_unordered(16);
+    while let Some(r) = puts.next().await {
+        r?;
+    }
+    c.commit(pb::CommitRequest {
+        volume: "www".into(),
+        ops,
+        expect_volume_version: None,
+    })
+    .await?;
+    let mut sorted = sizes.clone();
+    sorted.sort_unstable();
+    let median = sorted[FILES / 2];
+    let total_bytes: usize = sizes.iter().sum();
+
+    let a = Mount::start(&tc.addrs(), tc.root.path(), "a", &[])?;
+    let b = Mount::start(&tc.addrs(), tc.root.path(), "b", &[])?;
+    let coda = a.path.join("www");
+    // Warm both the codafs cache and the kernel caches, and the local page cache, equally.
+    let t = Instant::now();
+    for i in 0..FILES {
+        open_read_close(&coda.join(relpath(i)))?;
+        open_read_close(&local.path().join(relpath(i)))?;
+    }
+    let cold = t.elapsed();
+    let cdf = zipf_cdf(FILES, 0.9);
+    let local_reads = drive(local.path(), &cdf, open_read_close)?;
+    let coda_reads = drive(&coda, &cdf, open_read_close)?;
+    let local_stats = drive(local.path(), &cdf, stat)?;
+    let coda_stats = drive(&coda, &cdf, stat)?;
+
+    // Callback delay: commit a new version of a file, time until mount b serves it.
+    let target = b.path.join("www").join(relpath(7));
+    open_read_close(&target)?;
+    let mut delays = Vec::new();
+    for round in 0..60u32 {
+        let content = format!("version {round}").into_bytes();
+        let (dir, name) = relpath(7)
+            .split_once('/')
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .unwrap_or_default();
+        c.put_blob(bytes::Bytes::from(content.clone()), 2).await?;
+        let op = pb::Op {
+            expect_version: None,
+            op: Some(pb::op::Op::Create(pb::CreateOp {
+                parent: Some(pb::NodeRef {
+                    target: Some(pb::node_ref::Target::Path(dir)),
+                }),
+                name,
+                kind: pb::ObjectKind::File as i32,
+                mode: 0o644,
+                hash: bytes::Bytes::copy_from_slice(&Hash::of(&content).0),
+                size: content.len() as u64,
+                replace: true,
+                ..Default::default()
+            })),
+        };
+        c.commit(pb::CommitRequest {
+            volume: "www".into(),
+            ops: vec![op],
+            expect_volume_version: None,
+        })
+        .await?;
+        let acked = Instant::now();
+        let deadline = acked + Duration::from_secs(5);
+        loop {
+            if std::fs::read(&target).is_ok_and(|d| d == content) {
+                delays.push(acked.elapsed().as_secs_f64() * 1000.0);
+                break;
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("change {round} not visible within 5 s");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    let p50 = percentile(&mut delays, 0.5);
+    let p99 = percentile(&mut delays, 0.99);
+    let warm = a.status()?;
+    Ok(vec![
+        format!("Files: {FILES} in 50 directories, {:.1} MiB, median size {median} B; Zipf 0.9; {READERS} readers; {RUN:?} per measurement.", total_bytes as f64 / 1048576.0),
+        format!("Cold pass (fetch every file once through /coda, and read it locally): {:.2} s", cold.as_secs_f64()),
+        String::new(),
+        "| measurement | /coda | local disk | ratio |".into(),
+        "|---|---|---|---|".into(),
+        format!("| warm open+read+close, ops/s | {coda_reads:.0} | {local_reads:.0} | {:.2} |", coda_reads / local_reads),
+        format!("| warm stat, ops/s | {coda_stats:.0} | {local_stats:.0} | {:.2} |", coda_stats / local_stats),
+        format!("| callback delay (commit acked → visible on another mount), ms | p50 {p50:.1}, p99 {p99:.1} | – | – |"),
+        String::new(),
+        format!("FUSE requests seen by the daemon during the whole run: {}", warm["fuse_requests"]),
+    ])
+}
+
+fn main() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    for line in rt.block_on(bench())? {
+        println!("{line}");
+    }
+    Ok(())
+}

@@ -2,6 +2,7 @@
 //! Errors print one line (`codafs: …`) and exit 1; nothing here panics on bad input.
 mod cluster;
 mod demo;
+mod fstab;
 mod mount;
 mod opts;
 mod output;
@@ -60,7 +61,14 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match argv.first() {
+        Some(argv0) if fstab::is_helper(argv0) => match fstab::translate(&argv) {
+            Ok(args) => Cli::parse_from(args),
+            Err(e) => return finish(Err(anyhow::anyhow!(e))),
+        },
+        _ => Cli::parse(),
+    };
     let default_log = match cli.cmd {
         Cmd::Server(_) | Cmd::Mount(_) => "info,openraft=warn",
         _ => "warn,openraft=error",

@@ -115,14 +115,24 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
     ready();
 
+    // Stop on SIGTERM/SIGINT, or when someone unmounted us (`fusermount3 -u`, `umount`).
     rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
             return;
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = int.recv() => return,
+                _ = tick.tick() => {
+                    if !is_mounted(&mountpoint) {
+                        tracing::info!("unmounted from outside; exiting");
+                        return;
+                    }
+                }
+            }
         }
     });
     tracing::info!("unmounting");
@@ -131,6 +141,16 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     bg.umount_and_join().map_err(|e| MountError::Mount(mountpoint, e))?;
     rt.shutdown_timeout(Duration::from_secs(2));
     Ok(())
+}
+
+/// Whether `/proc/self/mountinfo` lists a mount at `path`.
+fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return true;
+    };
+    let want = path.to_string_lossy();
+    // Field 5 is the mount point (spaces are escaped as \040, which canonical paths rarely have).
+    info.lines().any(|l| l.split(' ').nth(4) == Some(want.as_ref()))
 }
 
 async fn revalidate<R: Remote>(core: &Core<R>, limit: Duration) {

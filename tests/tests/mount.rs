@@ -460,3 +460,90 @@ async fn every_mutating_syscall_is_refused_with_erofs() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fstab_helper_mounts_and_the_daemon_exits_on_unmount() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(1, 0)).await?;
+        tc.create_volume("www", 1).await?;
+        TestCluster::write_file(&tc.client(), "www", "", "index.html", b"from fstab").await?;
+        let dir = tc.root.path();
+        let helper = dir.join("mount.codafs");
+        std::os::unix::fs::symlink(codafs_tests::codafs_bin(), &helper)?;
+        let config = dir.join("client.toml");
+        std::fs::write(
+            &config,
+            format!("cluster_id = \"\"\nservers = [\"{}\"]\n", tc.servers[0].addr),
+        )?;
+        let mnt = dir.join("fstab-mnt");
+        let cache = dir.join("fstab-cache");
+        std::fs::create_dir_all(&mnt)?;
+        // As mount(8) would call it for: CONFIG MNT codafs cache_dir=…,cache_size=64M,_netdev
+        let opts = format!("rw,_netdev,cache_dir={},cache_size=64M", cache.display());
+        let out = std::process::Command::new(&helper)
+            .arg(&config)
+            .arg(&mnt)
+            .args(["-o", &opts])
+            .output()?;
+        assert!(
+            out.status.success(),
+            "helper failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cleanup = scopeguard(&mnt);
+        assert_eq!(read_file(&mnt.join("www/index.html"))?, b"from fstab");
+        // Unmounting from outside ends the detached daemon.
+        let st = std::process::Command::new("fusermount3").arg("-u").arg(&mnt).status()?;
+        assert!(st.success());
+        let cache_arg = cache.display().to_string();
+        wait_until(
+            Duration::from_secs(10),
+            "the daemon to exit after an external unmount",
+            || {
+                let cache_arg = cache_arg.clone();
+                async move { !daemon_running(&cache_arg) }
+            },
+        )
+        .await?;
+        drop(cleanup);
+        // Bad options get a clear error and mount nothing.
+        let out = std::process::Command::new(&helper)
+            .arg(&config)
+            .arg(&mnt)
+            .args(["-o", "bogus=1"])
+            .output()?;
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("unknown codafs mount option"));
+        Ok(())
+    })
+    .await
+}
+
+/// Whether a process with `needle` in its command line is running.
+fn daemon_running(needle: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle)))
+}
+
+/// Unmounts `path` when dropped (also on panic), so a failed test leaves no mount behind.
+fn scopeguard(path: &Path) -> impl Drop + '_ {
+    struct G<'a>(&'a Path);
+    impl Drop for G<'_> {
+        fn drop(&mut self) {
+            let mounted = std::fs::read_to_string("/proc/mounts")
+                .unwrap_or_default()
+                .contains(&format!(" {} ", self.0.display()));
+            if mounted {
+                let _ = std::process::Command::new("fusermount3")
+                    .arg("-u")
+                    .arg("-z")
+                    .arg(self.0)
+                    .status();
+            }
+        }
+    }
+    G(path)
+}

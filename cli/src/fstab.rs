@@ -1,0 +1,115 @@
+//! `mount.codafs`: the helper mount(8) runs for `codafs` lines in /etc/fstab, e.g.
+//!
+//! ```text
+//! /etc/codafs/client.toml  /coda  codafs  cache_size=10G,_netdev  0 0
+//! ```
+//!
+//! mount(8) calls `mount.codafs SOURCE MOUNTPOINT [-sfnv] [-o OPTIONS]`; this turns that into
+//! `codafs mount MOUNTPOINT --config SOURCE …`. Install with
+//! `ln -s $(command -v codafs) /sbin/mount.codafs`.
+use std::ffi::OsString;
+
+/// Options mount(8) passes that mean nothing to codafs (the mount is read-only regardless).
+const IGNORED: &[&str] = &[
+    "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "ro", "rw", "exec", "noexec", "suid",
+    "nosuid", "dev", "nodev", "atime", "noatime", "relatime",
+];
+
+/// Whether this process was started as the mount helper.
+pub fn is_helper(argv0: &OsString) -> bool {
+    std::path::Path::new(argv0)
+        .file_name()
+        .is_some_and(|n| n == "mount.codafs")
+}
+
+/// Translates helper arguments into `codafs mount` arguments.
+pub fn translate(args: &[OsString]) -> Result<Vec<OsString>, String> {
+    let mut positional = Vec::new();
+    let mut options = Vec::new();
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy();
+        if s == "-o" {
+            let o = it.next().ok_or("-o needs a value")?;
+            options.extend(
+                o.to_string_lossy()
+                    .split(',')
+                    .filter(|x| !x.is_empty())
+                    .map(str::to_string),
+            );
+        } else if let Some(o) = s.strip_prefix("-o") {
+            options.extend(o.split(',').filter(|x| !x.is_empty()).map(str::to_string));
+        } else if s.starts_with('-') {
+            // -s (sloppy), -f (fake), -n (no mtab), -v (verbose): nothing to do.
+        } else {
+            positional.push(a.clone());
+        }
+    }
+    let [source, mountpoint] = positional.as_slice() else {
+        return Err(
+            "usage: mount.codafs CLIENT_CONFIG MOUNTPOINT [-o cache_dir=DIR,cache_size=SIZE,timeout=SECS]".into(),
+        );
+    };
+    let mut out: Vec<OsString> = vec![
+        "codafs".into(),
+        "mount".into(),
+        mountpoint.clone(),
+        "--config".into(),
+        source.clone(),
+    ];
+    for o in options {
+        let (k, v) = o.split_once('=').map_or((o.as_str(), None), |(k, v)| (k, Some(v)));
+        match (k, v) {
+            ("cache_dir", Some(v)) => out.extend(["--cache-dir".into(), v.into()]),
+            ("cache_size", Some(v)) => out.extend(["--cache-size".into(), v.into()]),
+            ("timeout", Some(v)) => out.extend(["--timeout".into(), v.into()]),
+            (k, None) if IGNORED.contains(&k) => {}
+            _ => {
+                return Err(format!(
+                    "unknown codafs mount option {o:?} (known: cache_dir=, cache_size=, timeout=)"
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(a: &[&str]) -> Vec<OsString> {
+        a.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn translates_fstab_calls() {
+        let got = translate(&v(&[
+            "mount.codafs",
+            "/etc/codafs/client.toml",
+            "/coda",
+            "-o",
+            "rw,_netdev,cache_size=10G,timeout=3",
+        ]))
+        .unwrap();
+        assert_eq!(
+            got,
+            v(&[
+                "codafs",
+                "mount",
+                "/coda",
+                "--config",
+                "/etc/codafs/client.toml",
+                "--cache-size",
+                "10G",
+                "--timeout",
+                "3"
+            ])
+        );
+        assert!(translate(&v(&["mount.codafs", "/c", "/coda", "-o", "bogus=1"]))
+            .unwrap_err()
+            .contains("bogus"));
+        assert!(translate(&v(&["mount.codafs", "/coda"])).unwrap_err().contains("usage"));
+        assert!(is_helper(&"/sbin/mount.codafs".into()) && !is_helper(&"codafs".into()));
+    }
+}

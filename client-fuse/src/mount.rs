@@ -65,7 +65,7 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     cluster.call_timeout = cfg.op_timeout;
     let core = Arc::new(
         Core::new(
-            GrpcRemote { cluster },
+            GrpcRemote::new(cluster),
             meta,
             blobs,
             CoreConfig {

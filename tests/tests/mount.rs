@@ -547,3 +547,62 @@ fn scopeguard(path: &Path) -> impl Drop + '_ {
     }
     G(path)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupt_replica_copy_is_refetched_from_another_replica() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let content: Vec<u8> = (0..3u32 << 20).map(|i| (i % 253) as u8).collect();
+        TestCluster::write_file(&tc.client(), "www", "", "big.bin", &content).await?;
+        // Corrupt the copy on the server the mount prefers (the first it is given).
+        let path = tc.blob_path(0, &Hash::of(&content));
+        let mut bad = std::fs::read(&path)?;
+        bad[10] ^= 1;
+        std::fs::write(&path, &bad)?;
+        let m = Mount::start(&tc.addrs(), tc.root.path(), "m", &[])?;
+        assert!(
+            read_file(&m.path.join("www/big.bin"))? == content,
+            "served the good copy"
+        );
+        let st = m.status()?;
+        assert!(st["cache"]["bad_copies_refetched"].as_u64().unwrap_or(0) >= 1, "{st}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prefetch_warms_a_whole_volume_for_disconnected_serving() {
+    bounded(async {
+        let mut tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let c = tc.client();
+        TestCluster::mkdir(&c, "www", "", "sub").await?;
+        for i in 0..30 {
+            let dir = if i % 2 == 0 { "" } else { "sub" };
+            TestCluster::write_file(&c, "www", dir, &format!("f{i}"), format!("file {i}").as_bytes()).await?;
+        }
+        let m = Mount::start(&tc.addrs(), tc.root.path(), "m", &[])?;
+        let out = std::process::Command::new(codafs_tests::codafs_bin())
+            .arg("prefetch")
+            .arg(m.path.join("www"))
+            .output()?;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("prefetched 30 files"));
+        let st = m.status()?;
+        assert_eq!(st["volumes"][0]["cached"]["files"], 30, "{st}");
+        for i in 0..3 {
+            tc.kill(i);
+        }
+        for i in 0..30 {
+            let dir = if i % 2 == 0 { "www" } else { "www/sub" };
+            assert_eq!(
+                read_file(&m.path.join(dir).join(format!("f{i}")))?,
+                format!("file {i}").as_bytes()
+            );
+        }
+        Ok(())
+    })
+    .await
+}

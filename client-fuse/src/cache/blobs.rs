@@ -273,6 +273,22 @@ impl ChunkSink for CacheWriter<'_> {
         self.received += data.len() as u64;
         Ok(())
     }
+
+    fn reset(&mut self) -> std::io::Result<()> {
+        use std::io::Seek;
+        if let Some(f) = self.file.as_mut() {
+            f.flush()?;
+            f.get_mut().set_len(0)?;
+            f.get_mut().seek(std::io::SeekFrom::Start(0))?;
+        }
+        self.hasher = blake3::Hasher::new();
+        self.received = 0;
+        Ok(())
+    }
+
+    fn verified(&self) -> bool {
+        self.received == self.size && Hash::from(self.hasher.finalize()) == self.hash
+    }
 }
 
 impl CacheWriter<'_> {

@@ -556,6 +556,7 @@ impl<R: Remote> Core<R> {
                 "fetched_bytes": s.fetched_bytes.load(Ordering::Relaxed),
                 "evictions": s.evictions.load(Ordering::Relaxed),
                 "corrupt_dropped": s.corrupt_dropped.load(Ordering::Relaxed),
+                "bad_copies_refetched": self.remote.bad_copies(),
             },
         })
     }

@@ -23,6 +23,10 @@ pub struct RemoteVolume {
 pub trait ChunkSink: Send {
     fn received(&self) -> u64;
     fn write(&mut self, data: &[u8]) -> std::io::Result<()>;
+    /// Discards everything received (a replica sent bad bytes: start over elsewhere).
+    fn reset(&mut self) -> std::io::Result<()>;
+    /// Whether what was received so far is the whole, verified content.
+    fn verified(&self) -> bool;
 }
 
 /// A change event stream.
@@ -39,11 +43,25 @@ pub trait Remote: Send + Sync + 'static {
     /// Current version stamps of the named volumes (one batched call).
     fn stamps(&self, volumes: Vec<String>) -> impl Future<Output = Result<Vec<pb::VolumeStamp>, FsError>> + Send;
     fn subscribe(&self, volume: String, from: u64) -> impl Future<Output = Result<ChangeStream, FsError>> + Send;
+    /// Blob copies that failed verification (server- or client-side) and were refetched elsewhere.
+    fn bad_copies(&self) -> u64 {
+        0
+    }
 }
 
 /// The real servers, through [`Cluster`].
 pub struct GrpcRemote {
     pub cluster: Cluster,
+    pub bad_copies: std::sync::atomic::AtomicU64,
+}
+
+impl GrpcRemote {
+    pub fn new(cluster: Cluster) -> Self {
+        GrpcRemote {
+            cluster,
+            bad_copies: Default::default(),
+        }
+    }
 }
 
 impl Remote for GrpcRemote {
@@ -133,7 +151,23 @@ impl Remote for GrpcRemote {
             loop {
                 match stream.message().await {
                     Ok(Some(chunk)) => sink.write(&chunk.data)?,
-                    Ok(None) => return Ok(()),
+                    Ok(None) if sink.verified() => return Ok(()),
+                    Ok(None) => {
+                        // Complete but wrong: this replica's copy is bad. Start over elsewhere.
+                        tracing::warn!(server = %addr, %hash, "blob failed verification; fetching from another replica");
+                        self.bad_copies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        sink.reset()?;
+                        last_err = FsError::Corrupt(format!("{addr} sent a copy of {hash} that failed verification"));
+                        break;
+                    }
+                    Err(s) if s.code() == tonic::Code::DataLoss => {
+                        // The server found its own copy corrupt; bytes already sent may be bad.
+                        tracing::warn!(server = %addr, %hash, "replica reports a corrupt copy; fetching from another");
+                        self.bad_copies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        sink.reset()?;
+                        last_err = FsError::Corrupt(s.message().to_string());
+                        break;
+                    }
                     Err(s) => {
                         tracing::debug!(server = %addr, error = %s.message(), "blob stream broke; resuming elsewhere");
                         last_err = FsError::from(crate::transport::ClientError::Server(s));
@@ -176,5 +210,9 @@ impl Remote for GrpcRemote {
         Ok(Box::pin(stream.map(|r| {
             r.map_err(|s| FsError::from(crate::transport::ClientError::Server(s)))
         })))
+    }
+
+    fn bad_copies(&self) -> u64 {
+        self.bad_copies.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

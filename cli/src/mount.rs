@@ -205,12 +205,12 @@ pub fn print_mount_status(mnt: &Path, json: bool) -> Result<()> {
         c["evictions"].as_u64().unwrap_or(0),
     );
     println!(
-        "{:<32} {:<14} {:>10} {:>10} {:>10}",
-        "VOLUME", "STATE", "VERSION", "FILES", "BYTES"
+        "{:<32} {:<14} {:>10} {:>10} {:>10} {:>9}",
+        "VOLUME", "STATE", "VERSION", "FILES", "BYTES", "HIT RATIO"
     );
     for v in st["volumes"].as_array().into_iter().flatten() {
         println!(
-            "{:<32} {:<14} {:>10} {:>10} {:>10}",
+            "{:<32} {:<14} {:>10} {:>10} {:>10} {:>8.1}%",
             v["name"].as_str().unwrap_or("?"),
             if v["connected"].as_bool() == Some(true) {
                 "connected"
@@ -220,6 +220,7 @@ pub fn print_mount_status(mnt: &Path, json: bool) -> Result<()> {
             v["version"].as_u64().unwrap_or(0),
             v["cached"]["files"].as_u64().unwrap_or(0),
             bytes(v["cached"]["bytes"].as_u64().unwrap_or(0)),
+            v["hit_ratio"].as_f64().unwrap_or(0.0) * 100.0,
         );
     }
     Ok(())

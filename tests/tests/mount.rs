@@ -592,6 +592,7 @@ async fn prefetch_warms_a_whole_volume_for_disconnected_serving() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("prefetched 30 files"));
         let st = m.status()?;
         assert_eq!(st["volumes"][0]["cached"]["files"], 30, "{st}");
+        assert_eq!(st["volumes"][0]["misses"], 30, "{st}");
         for i in 0..3 {
             tc.kill(i);
         }

@@ -139,6 +139,8 @@ pub struct Core<R: Remote> {
     connected: AtomicBool,
     /// Volumes whose change stream is currently live.
     subscribed: Mutex<HashMap<String, bool>>,
+    /// Content cache (hits, misses) per volume id.
+    volume_hits: Mutex<HashMap<u32, (u64, u64)>>,
     pub stats: CoreStats,
 }
 
@@ -154,6 +156,7 @@ impl<R: Remote> Core<R> {
             fetches: Mutex::new(HashMap::new()),
             connected: AtomicBool::new(false),
             subscribed: Mutex::new(HashMap::new()),
+            volume_hits: Mutex::new(HashMap::new()),
             stats: CoreStats::default(),
         })
     }
@@ -383,7 +386,7 @@ impl<R: Remote> Core<R> {
         }
         let hash = Hash::from_slice(&a.hash).map_err(|e| FsError::Io(e.to_string()))?;
         if self.blobs.lookup(&hash) {
-            self.blobs.stats.hits.fetch_add(1, Ordering::Relaxed);
+            self.count_hit(ino, true);
             return Ok((hash, a.size));
         }
         // One fetch per blob at a time; others wait for it.
@@ -393,10 +396,10 @@ impl<R: Remote> Core<R> {
         };
         let _guard = lock.lock().await;
         if self.blobs.lookup(&hash) {
-            self.blobs.stats.hits.fetch_add(1, Ordering::Relaxed);
+            self.count_hit(ino, true);
             return Ok((hash, a.size));
         }
-        self.blobs.stats.misses.fetch_add(1, Ordering::Relaxed);
+        self.count_hit(ino, false);
         // Large files get time in proportion to their size (10 MB/s floor) on top of the deadline.
         let limit = self.cfg.op_timeout + Duration::from_millis(a.size / 10_000);
         let result = self
@@ -410,6 +413,22 @@ impl<R: Remote> Core<R> {
         self.fetches.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
         result?;
         Ok((hash, a.size))
+    }
+
+    fn count_hit(&self, ino: u64, hit: bool) {
+        let c = if hit {
+            &self.blobs.stats.hits
+        } else {
+            &self.blobs.stats.misses
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        let mut m = self.volume_hits.lock().unwrap_or_else(|p| p.into_inner());
+        let e = m.entry(split_ino(ino).0).or_default();
+        if hit {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
     }
 
     /// Reads `size` bytes at `offset` of a file, from the cache.
@@ -532,11 +551,21 @@ impl<R: Remote> Core<R> {
             .volumes()
             .into_iter()
             .map(|v| {
+                let (h, m) = self
+                    .volume_hits
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&v.id)
+                    .copied()
+                    .unwrap_or_default();
                 serde_json::json!({
                     "name": v.name,
                     "version": v.seen,
                     "connected": subs.get(&v.name).copied().unwrap_or(false),
                     "cached": self.cached_in(&v),
+                    "hits": h,
+                    "misses": m,
+                    "hit_ratio": if h + m == 0 { 0.0 } else { h as f64 / (h + m) as f64 },
                 })
             })
             .collect();

@@ -6,6 +6,7 @@ mod fstab;
 mod mount;
 mod opts;
 mod output;
+mod user;
 mod volume;
 
 use std::process::ExitCode;
@@ -33,6 +34,13 @@ enum Cmd {
     /// Create and manage the cluster: init, join tokens, membership, client config.
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
+    /// Manage accounts (admin): add, list, passwd, remove.
+    #[command(subcommand)]
+    User(user::UserCmd),
+    /// Log in: exchange a password for a token, stored for later commands.
+    Login(user::LoginArgs),
+    /// Forget the stored token.
+    Logout,
     /// Create, list and inspect volumes.
     #[command(subcommand)]
     Volume(volume::VolumeCmd),
@@ -93,6 +101,9 @@ fn run_async(cmd: Cmd) -> anyhow::Result<()> {
             Cmd::Server(a) => cluster::server(a).await,
             Cmd::Cluster(c) => cluster::run(c).await,
             Cmd::Volume(v) => volume::run(v).await,
+            Cmd::User(u) => user::run(u).await,
+            Cmd::Login(a) => user::login(a).await,
+            Cmd::Logout => user::logout(),
             Cmd::Demo(a) => demo::run(a).await,
             Cmd::Mount(_) | Cmd::Prefetch(_) => {
                 anyhow::bail!("internal error: mount and prefetch run outside the runtime")

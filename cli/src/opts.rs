@@ -38,21 +38,24 @@ impl ClientOpts {
         Ok(ClientBundle::load(&path)?.servers)
     }
 
-    /// The token, if a credential file was given.
+    /// The token: from --credential / CODAFS_CREDENTIAL, else the one `codafs login` stored.
     pub fn token(&self) -> Result<Option<String>> {
         match &self.credential {
             Some(p) => {
                 let t = std::fs::read_to_string(p).with_context(|| format!("reading credential {}", p.display()))?;
                 Ok(Some(t.trim().to_string()))
             }
-            None => Ok(None),
+            None => Ok(crate::user::token_path()
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())),
         }
     }
 
     /// A token that must exist (admin commands).
     pub fn required_token(&self) -> Result<String> {
         self.token()?
-            .context("this command needs a credential: pass --credential FILE or set CODAFS_CREDENTIAL")
+            .context("this command needs a credential: run `codafs login USER`, or pass --credential FILE")
     }
 
     pub fn cluster(&self) -> Result<Cluster> {

@@ -18,6 +18,8 @@ pub enum VolumeCmd {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Change a volume's owner, writers, quotas, write quorum or visibility (admin).
+    Set(SetArgs),
     /// Show one volume.
     Info {
         name: String,
@@ -51,10 +53,44 @@ pub struct CreateArgs {
     client: ClientOpts,
 }
 
+#[derive(Args)]
+pub struct SetArgs {
+    name: String,
+    /// New owner account.
+    #[arg(long)]
+    owner: Option<String>,
+    /// Let this account write the volume too (repeatable).
+    #[arg(long = "add-writer")]
+    add_writers: Vec<String>,
+    /// Stop letting this account write the volume (repeatable).
+    #[arg(long = "remove-writer")]
+    remove_writers: Vec<String>,
+    /// Byte quota (0 = unlimited).
+    #[arg(long)]
+    quota_bytes: Option<u64>,
+    /// File-count quota (0 = unlimited).
+    #[arg(long)]
+    quota_files: Option<u64>,
+    /// Durable blob copies a write needs.
+    #[arg(long)]
+    write_quorum: Option<u32>,
+    /// Make the volume readable without a token.
+    #[arg(long, conflicts_with = "private")]
+    public: bool,
+    /// Make the volume readable only with a token.
+    #[arg(long)]
+    private: bool,
+    #[command(flatten)]
+    client: ClientOpts,
+}
+
 fn print_volume(v: &pb::VolumeInfo) {
     println!("volume      {}", v.name);
     println!("id          {}", v.id);
     println!("owner       {}", v.owner);
+    if !v.writers.is_empty() {
+        println!("writers     {}", v.writers.join(", "));
+    }
     println!("version     {}", v.version);
     println!("usage       {} in {} files", bytes(v.used_bytes), v.used_files);
     println!(
@@ -95,6 +131,33 @@ pub async fn run(cmd: VolumeCmd) -> Result<()> {
                 })
                 .await?;
             println!("created volume {} (id {}, version {})", v.name, v.id, v.version);
+        }
+        VolumeCmd::Set(a) => {
+            a.client.required_token()?;
+            let cluster = a.client.cluster()?;
+            let changes = pb::VolumeChanges {
+                name: a.name,
+                owner: a.owner,
+                add_writers: a.add_writers,
+                remove_writers: a.remove_writers,
+                quota_bytes: a.quota_bytes,
+                quota_files: a.quota_files,
+                write_quorum: a.write_quorum,
+                public_read: if a.public {
+                    Some(true)
+                } else if a.private {
+                    Some(false)
+                } else {
+                    None
+                },
+            };
+            let v = cluster
+                .call(|ch| {
+                    let r = cluster.request(changes.clone());
+                    async move { Cluster::admin(ch).set_volume(r).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            print_volume(&v);
         }
         VolumeCmd::List { json: as_json, client } => {
             let cluster = client.cluster()?;

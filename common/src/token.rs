@@ -85,13 +85,15 @@ pub fn verify(
     now: u64,
 ) -> Result<Claims, TokenError> {
     let (claims, json, sig) = parse(token)?;
+    // The cluster claim is checked first only to give a clearer error; the MAC below is what
+    // makes any claim trustworthy.
+    if claims.cluster != cluster {
+        return Err(TokenError::WrongCluster(claims.cluster));
+    }
     let key = key_for(claims.key_id).ok_or(TokenError::UnknownKey(claims.key_id))?;
     // blake3::Hash equality is constant-time.
     if mac(&key, &json) != blake3::Hash::from(sig) {
         return Err(TokenError::BadSignature);
-    }
-    if claims.cluster != cluster {
-        return Err(TokenError::WrongCluster(claims.cluster));
     }
     if claims.expires <= now {
         return Err(TokenError::Expired);

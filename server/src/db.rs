@@ -98,6 +98,16 @@ impl Tables {
         }
     }
 
+    /// All accounts, by name.
+    pub fn accounts(&self) -> Result<Vec<AccountRec>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf(&self.db, CF_ACCOUNTS)?, IteratorMode::Start) {
+            let (_, v) = item.map_err(se)?;
+            out.push(decode(&v)?);
+        }
+        Ok(out)
+    }
+
     /// All volumes, by name.
     pub fn volumes(&self) -> Result<Vec<VolumeRec>, StoreError> {
         let mut out = Vec::new();
@@ -286,6 +296,11 @@ impl StateView for Tables {
             Some(v) => Ok(u64::from_be_bytes(v.as_ref().try_into().map_err(se)?)),
             None => Ok(0),
         }
+    }
+
+    fn volume_owned_by(&self, user: &str) -> Result<Option<String>, StoreError> {
+        // Volumes are few; a scan keeps one source of truth instead of an owner index.
+        Ok(self.volumes()?.into_iter().find(|v| v.owner == user).map(|v| v.name))
     }
 
     fn oldest_change(&self, volume: u32) -> Result<Option<u64>, StoreError> {

@@ -102,6 +102,10 @@ impl StateView for MemState {
     fn blobref(&self, hash: &Hash) -> Result<u64, StoreError> {
         Ok(self.blobrefs.get(hash).copied().unwrap_or(0))
     }
+    fn volume_owned_by(&self, user: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.volumes.values().find(|v| v.owner == user).map(|v| v.name.clone()))
+    }
+
     fn oldest_change(&self, volume: u32) -> Result<Option<u64>, StoreError> {
         Ok(self
             .changes

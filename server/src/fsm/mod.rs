@@ -33,6 +33,8 @@ pub trait StateView {
     fn blobref(&self, hash: &Hash) -> Result<u64, StoreError>;
     /// Version of the oldest change record kept for a volume.
     fn oldest_change(&self, volume: u32) -> Result<Option<u64>, StoreError>;
+    /// Name of some volume owned by `user`, if any.
+    fn volume_owned_by(&self, user: &str) -> Result<Option<String>, StoreError>;
 }
 
 /// Change records kept per volume for resuming subscribers; older ones are trimmed and a
@@ -68,6 +70,9 @@ pub fn apply(view: &dyn StateView, index: u64, cmd: &Command) -> Result<(Delta, 
             expect_volume_version,
             now_ns,
         } => txn.commit(actor, volume, ops, *expect_volume_version, *now_ns),
+        Command::PutAccount { actor, account, create } => txn.put_account(actor, account, *create),
+        Command::RemoveAccount { actor, name } => txn.remove_account(actor, name),
+        Command::SetVolume { actor, name, changes } => txn.set_volume(actor, name, changes),
     };
     match res {
         Ok(outcome) => Ok((txn.finish(), Ok(outcome))),
@@ -224,6 +229,83 @@ impl<'a> Txn<'a> {
         });
         self.delta.accounts.insert(admin.name.clone(), Some(admin.clone()));
         Ok(Outcome::Done)
+    }
+
+    fn put_account(&mut self, actor: &Actor, account: &AccountRec, create: bool) -> TxnResult<Outcome> {
+        if !actor.admin {
+            return refuse(ApplyError::Denied("managing accounts needs the admin role".into()));
+        }
+        validate_name(&account.name).map_err(|e| ApplyError::InvalidName(e.to_string()))?;
+        let existing = self.view.account(&account.name)?;
+        match (create, existing) {
+            (true, Some(_)) => return refuse(ApplyError::Exists(format!("account {}", account.name))),
+            (false, None) => return refuse(ApplyError::NotFound(format!("account {}", account.name))),
+            _ => {}
+        }
+        self.delta.accounts.insert(account.name.clone(), Some(account.clone()));
+        Ok(Outcome::Done)
+    }
+
+    fn remove_account(&mut self, actor: &Actor, name: &str) -> TxnResult<Outcome> {
+        if !actor.admin {
+            return refuse(ApplyError::Denied("managing accounts needs the admin role".into()));
+        }
+        if self.view.account(name)?.is_none() {
+            return refuse(ApplyError::NotFound(format!("account {name}")));
+        }
+        if actor.user == name {
+            return refuse(ApplyError::Invalid("an admin cannot remove their own account".into()));
+        }
+        if let Some(v) = self.view.volume_owned_by(name)? {
+            return refuse(ApplyError::Invalid(format!(
+                "{name} still owns volume {v}; give it a new owner first"
+            )));
+        }
+        self.delta.accounts.insert(name.to_string(), None);
+        Ok(Outcome::Done)
+    }
+
+    fn set_volume(&mut self, actor: &Actor, name: &str, c: &VolumeChanges) -> TxnResult<Outcome> {
+        if !actor.admin {
+            return refuse(ApplyError::Denied(
+                "changing volume settings needs the admin role".into(),
+            ));
+        }
+        let mut vol = self
+            .volume(name)?
+            .ok_or_else(|| ApplyError::NoSuchVolume(name.to_string()))?;
+        for user in c.owner.iter().chain(&c.add_writers) {
+            if self.view.account(user)?.is_none() {
+                return refuse(ApplyError::NotFound(format!("account {user}")));
+            }
+        }
+        if let Some(o) = &c.owner {
+            vol.owner = o.clone();
+        }
+        for w in &c.add_writers {
+            if !vol.writers.contains(w) {
+                vol.writers.push(w.clone());
+            }
+        }
+        vol.writers.retain(|w| !c.remove_writers.contains(w));
+        vol.writers.sort();
+        if let Some(q) = c.quota_bytes {
+            vol.quota_bytes = q;
+        }
+        if let Some(q) = c.quota_files {
+            vol.quota_files = q;
+        }
+        if let Some(w) = c.write_quorum {
+            if w == 0 {
+                return refuse(ApplyError::Invalid("write quorum must be at least 1".into()));
+            }
+            vol.write_quorum = w;
+        }
+        if let Some(p) = c.public_read {
+            vol.public_read = p;
+        }
+        self.delta.volumes.insert(name.to_string(), vol.clone());
+        Ok(Outcome::Volume(vol))
     }
 
     fn create_volume(&mut self, actor: &Actor, spec: &VolumeSpec, now_ns: i64) -> TxnResult<Outcome> {

@@ -176,6 +176,18 @@ pub struct VolumeSpec {
     pub public_read: bool,
 }
 
+/// Changes to a volume's settings (`codafs volume set`); `None` leaves a setting as it is.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct VolumeChanges {
+    pub owner: Option<String>,
+    pub add_writers: Vec<String>,
+    pub remove_writers: Vec<String>,
+    pub quota_bytes: Option<u64>,
+    pub quota_files: Option<u64>,
+    pub write_quorum: Option<u32>,
+    pub public_read: Option<bool>,
+}
+
 /// Who proposed a command, as established from a verified token by the server that accepted it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Actor {
@@ -204,6 +216,21 @@ pub enum Command {
         ops: Vec<Op>,
         expect_volume_version: Option<u64>,
         now_ns: i64,
+    },
+    /// Creates an account (`create`) or replaces an existing one's password and role.
+    PutAccount {
+        actor: Actor,
+        account: AccountRec,
+        create: bool,
+    },
+    RemoveAccount {
+        actor: Actor,
+        name: String,
+    },
+    SetVolume {
+        actor: Actor,
+        name: String,
+        changes: VolumeChanges,
     },
 }
 

@@ -292,3 +292,116 @@ fn identical_content_is_referenced_once_per_file() {
     commit(&mut s, 4, "alice", vec![rm]).unwrap();
     assert_eq!(s.blobrefs[&Hash::of(b"same")], 1);
 }
+
+#[test]
+fn accounts_and_volume_settings_need_admin_and_stay_consistent() {
+    let mut s = setup();
+    let alice = Actor {
+        user: "alice".into(),
+        admin: false,
+    };
+    let acct = |n: &str| AccountRec {
+        name: n.into(),
+        admin: false,
+        password_hash: "h".into(),
+        created_ns: 0,
+    };
+    assert!(matches!(
+        s.apply(
+            3,
+            &Command::PutAccount {
+                actor: alice.clone(),
+                account: acct("bob"),
+                create: true
+            }
+        ),
+        Err(ApplyError::Denied(_))
+    ));
+    s.apply(
+        4,
+        &Command::PutAccount {
+            actor: admin(),
+            account: acct("bob"),
+            create: true,
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        s.apply(
+            5,
+            &Command::PutAccount {
+                actor: admin(),
+                account: acct("bob"),
+                create: true
+            }
+        ),
+        Err(ApplyError::Exists(_))
+    ));
+    assert!(matches!(
+        s.apply(
+            6,
+            &Command::PutAccount {
+                actor: admin(),
+                account: acct("carol"),
+                create: false
+            }
+        ),
+        Err(ApplyError::NotFound(_))
+    ));
+    // bob may not write www until he is a writer.
+    assert!(matches!(
+        commit(&mut s, 7, "bob", vec![file("", "b", b"1")]),
+        Err(ApplyError::Denied(_))
+    ));
+    let add = VolumeChanges {
+        add_writers: vec!["bob".into()],
+        quota_files: Some(5),
+        ..Default::default()
+    };
+    s.apply(
+        8,
+        &Command::SetVolume {
+            actor: admin(),
+            name: "www".into(),
+            changes: add,
+        },
+    )
+    .unwrap();
+    commit(&mut s, 9, "bob", vec![file("", "b", b"1")]).unwrap();
+    assert_eq!(s.volumes["www"].quota_files, 5);
+    let bad = VolumeChanges {
+        owner: Some("nobody".into()),
+        ..Default::default()
+    };
+    assert!(matches!(
+        s.apply(
+            10,
+            &Command::SetVolume {
+                actor: admin(),
+                name: "www".into(),
+                changes: bad
+            }
+        ),
+        Err(ApplyError::NotFound(_))
+    ));
+    // alice owns www: she cannot be removed until it has another owner.
+    assert!(matches!(
+        s.apply(
+            11,
+            &Command::RemoveAccount {
+                actor: admin(),
+                name: "alice".into()
+            }
+        ),
+        Err(ApplyError::Invalid(_))
+    ));
+    s.apply(
+        12,
+        &Command::RemoveAccount {
+            actor: admin(),
+            name: "bob".into(),
+        },
+    )
+    .unwrap();
+    assert!(!s.accounts.contains_key("bob"));
+}

@@ -9,7 +9,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::{convert, forward_request, is_forwarded, on_leader, status, token_of};
-use crate::fsm::{Command, Outcome, StateView, VolumeSpec};
+use crate::fsm::{AccountRec, Actor, Command, Outcome, StateView, VolumeChanges, VolumeSpec};
 use crate::node::{Node, NodeError};
 use crate::raft::NodeInfo;
 
@@ -21,7 +21,45 @@ fn client(ch: Channel) -> pb::admin_client::AdminClient<Channel> {
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
+fn volume_reply(o: Outcome) -> Result<pb::VolumeInfo, NodeError> {
+    match o {
+        Outcome::Volume(v) => Ok(convert::volume_info(&v)),
+        other => Err(NodeError::Internal(format!("unexpected outcome {other:?}"))),
+    }
+}
+
 impl AdminService {
+    /// An admin-only change: authenticate, build the command here (so passwords are hashed by
+    /// the server that received them), and propose it on the leader (forwarding if needed).
+    async fn leader_write<Req, T, B, D, F, Fut>(
+        &self,
+        req: Request<Req>,
+        build: B,
+        done: D,
+        forward: F,
+    ) -> Result<Response<T>, Status>
+    where
+        Req: Clone,
+        B: FnOnce(Actor, &Req) -> Result<Command, NodeError>,
+        D: Fn(Outcome) -> Result<T, NodeError>,
+        F: Fn(pb::admin_client::AdminClient<Channel>, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<T>, Status>>,
+    {
+        let token = token_of(&req);
+        let forwarded = is_forwarded(&req);
+        let body = req.into_inner();
+        let node = &self.0;
+        let actor = node.authenticate_admin(token.as_deref()).map_err(status)?;
+        let cmd = build(actor, &body).map_err(status)?;
+        let local = || async { done(node.propose(cmd.clone()).await?) };
+        let remote = |ch| {
+            let r = forward_request(body.clone(), token.as_deref(), FORWARD_TIMEOUT);
+            let f = forward(client(ch), r);
+            async move { f.await.map(|r| r.into_inner()) }
+        };
+        Ok(Response::new(on_leader(node, forwarded, local, remote).await?))
+    }
+
     fn servers(&self) -> pb::ServerList {
         let servers = self
             .0
@@ -45,38 +83,137 @@ impl AdminService {
 impl pb::admin_server::Admin for AdminService {
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().name))]
     async fn create_volume(&self, req: Request<pb::VolumeSpec>) -> Result<Response<pb::VolumeInfo>, Status> {
-        let token = token_of(&req);
-        let forwarded = is_forwarded(&req);
-        let spec = req.into_inner();
-        let node = &self.0;
-        let actor = node.authenticate_admin(token.as_deref()).map_err(status)?;
-        let local = || async {
-            let cmd = Command::CreateVolume {
-                actor: actor.clone(),
-                spec: VolumeSpec {
-                    name: spec.name.clone(),
-                    owner: if spec.owner.is_empty() {
-                        actor.user.clone()
-                    } else {
-                        spec.owner.clone()
+        self.leader_write(
+            req,
+            |actor, spec| {
+                Ok(Command::CreateVolume {
+                    spec: VolumeSpec {
+                        name: spec.name.clone(),
+                        owner: if spec.owner.is_empty() {
+                            actor.user.clone()
+                        } else {
+                            spec.owner.clone()
+                        },
+                        quota_bytes: spec.quota_bytes,
+                        quota_files: spec.quota_files,
+                        write_quorum: spec.write_quorum,
+                        public_read: spec.public_read,
                     },
-                    quota_bytes: spec.quota_bytes,
-                    quota_files: spec.quota_files,
-                    write_quorum: spec.write_quorum,
-                    public_read: spec.public_read,
-                },
-                now_ns: codafs_common::now_ns(),
-            };
-            match node.propose(cmd).await? {
-                Outcome::Volume(v) => Ok(convert::volume_info(&v)),
-                other => Err(NodeError::Internal(format!("unexpected outcome {other:?}"))),
+                    actor,
+                    now_ns: codafs_common::now_ns(),
+                })
+            },
+            volume_reply,
+            |mut c, r| async move { c.create_volume(r).await },
+        )
+        .await
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().name))]
+    async fn set_volume(&self, req: Request<pb::VolumeChanges>) -> Result<Response<pb::VolumeInfo>, Status> {
+        self.leader_write(
+            req,
+            |actor, c| {
+                let changes = VolumeChanges {
+                    owner: c.owner.clone(),
+                    add_writers: c.add_writers.clone(),
+                    remove_writers: c.remove_writers.clone(),
+                    quota_bytes: c.quota_bytes,
+                    quota_files: c.quota_files,
+                    write_quorum: c.write_quorum,
+                    public_read: c.public_read,
+                };
+                Ok(Command::SetVolume {
+                    actor,
+                    name: c.name.clone(),
+                    changes,
+                })
+            },
+            volume_reply,
+            |mut c, r| async move { c.set_volume(r).await },
+        )
+        .await
+    }
+
+    #[tracing::instrument(skip_all, fields(user = %req.get_ref().name))]
+    async fn put_user(&self, req: Request<pb::UserSpec>) -> Result<Response<pb::Empty>, Status> {
+        self.leader_write(
+            req,
+            |actor, u| {
+                let password_hash = tokio::task::block_in_place(|| crate::auth::hash_password(&u.password))
+                    .map_err(|e| NodeError::Invalid(e.to_string()))?;
+                let account = AccountRec {
+                    name: u.name.clone(),
+                    admin: u.admin,
+                    password_hash,
+                    created_ns: codafs_common::now_ns(),
+                };
+                Ok(Command::PutAccount {
+                    actor,
+                    account,
+                    create: u.create,
+                })
+            },
+            |_| Ok(pb::Empty {}),
+            |mut c, r| async move { c.put_user(r).await },
+        )
+        .await
+    }
+
+    #[tracing::instrument(skip_all, fields(user = %req.get_ref().name))]
+    async fn remove_user(&self, req: Request<pb::UserName>) -> Result<Response<pb::Empty>, Status> {
+        self.leader_write(
+            req,
+            |actor, u| {
+                Ok(Command::RemoveAccount {
+                    actor,
+                    name: u.name.clone(),
+                })
+            },
+            |_| Ok(pb::Empty {}),
+            |mut c, r| async move { c.remove_user(r).await },
+        )
+        .await
+    }
+
+    async fn list_users(&self, req: Request<pb::Empty>) -> Result<Response<pb::UserList>, Status> {
+        self.0.authenticate_admin(token_of(&req).as_deref()).map_err(status)?;
+        let accounts = self
+            .0
+            .tables()
+            .accounts()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let users = accounts
+            .into_iter()
+            .map(|a| pb::UserInfo {
+                has_password: !a.password_hash.is_empty(),
+                name: a.name,
+                admin: a.admin,
+                created_ns: a.created_ns,
+            })
+            .collect();
+        Ok(Response::new(pb::UserList { users }))
+    }
+
+    #[tracing::instrument(skip_all, fields(user = %req.get_ref().user))]
+    async fn login(&self, req: Request<pb::LoginRequest>) -> Result<Response<pb::LoginReply>, Status> {
+        let r = req.into_inner();
+        let t = self.0.tables();
+        let cluster = t
+            .cluster()
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| Status::unavailable("cluster is not bootstrapped yet"))?;
+        let account = t.account(&r.user).map_err(|e| Status::internal(e.to_string()))?;
+        let result =
+            tokio::task::block_in_place(|| crate::auth::login(account.as_ref(), &r.password, &cluster, r.ttl_secs));
+        match result {
+            Ok((token, expires)) => Ok(Response::new(pb::LoginReply { token, expires })),
+            Err(crate::auth::AuthError::WrongCredentials) => {
+                tracing::info!(user = %r.user, "login refused");
+                Err(status(NodeError::Unauthenticated("wrong user name or password".into())))
             }
-        };
-        let remote = |ch| {
-            let r = forward_request(spec.clone(), token.as_deref(), FORWARD_TIMEOUT);
-            async move { client(ch).create_volume(r).await.map(|r| r.into_inner()) }
-        };
-        Ok(Response::new(on_leader(node, forwarded, local, remote).await?))
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
     }
 
     async fn list_volumes(&self, _req: Request<pb::Empty>) -> Result<Response<pb::VolumeList>, Status> {

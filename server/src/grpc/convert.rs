@@ -42,6 +42,7 @@ pub fn volume_info(v: &VolumeRec) -> pb::VolumeInfo {
         used_files: v.used_files,
         root_ino: codafs_common::make_ino(v.id, codafs_common::ids::VOLUME_ROOT_INODE),
         created_ns: v.created_ns,
+        writers: v.writers.clone(),
     }
 }
 

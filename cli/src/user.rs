@@ -1,0 +1,253 @@
+//! `codafs user …`, `codafs login`, `codafs logout`: accounts and the caller's token.
+use std::io::{BufRead, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use codafs_client::Cluster;
+use codafs_proto::pb;
+
+use crate::opts::ClientOpts;
+
+#[derive(Subcommand)]
+pub enum UserCmd {
+    /// Create an account (admin). Asks for its password.
+    Add {
+        name: String,
+        /// Give the account the admin role.
+        #[arg(long)]
+        admin: bool,
+        #[command(flatten)]
+        password: PasswordArgs,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// List accounts (admin).
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Set an account's password (admin). Keeps its role unless --admin/--no-admin is given.
+    Passwd {
+        name: String,
+        #[arg(long, conflicts_with = "no_admin")]
+        admin: bool,
+        #[arg(long)]
+        no_admin: bool,
+        #[command(flatten)]
+        password: PasswordArgs,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Remove an account (admin). Volumes it owns need a new owner first.
+    Remove {
+        name: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct PasswordArgs {
+    /// Read the password from the first line of standard input (for scripts) instead of asking.
+    #[arg(long)]
+    password_stdin: bool,
+}
+
+impl PasswordArgs {
+    fn read(&self, prompt: &str, confirm: bool) -> Result<String> {
+        if self.password_stdin {
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line)?;
+            return Ok(line.trim_end_matches(['\n', '\r']).to_string());
+        }
+        let p = rpassword::prompt_password(prompt)
+            .context("reading the password (use --password-stdin without a terminal)")?;
+        if confirm && rpassword::prompt_password("again: ")? != p {
+            bail!("the passwords do not match");
+        }
+        Ok(p)
+    }
+}
+
+/// Where `login` keeps the caller's token: $CODAFS_TOKEN_FILE, else ~/.config/codafs/token.
+pub fn token_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("CODAFS_TOKEN_FILE") {
+        return Some(PathBuf::from(p));
+    }
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("codafs").join("token"))
+}
+
+async fn admin_call<T, F, Fut>(client: &ClientOpts, f: F) -> Result<T>
+where
+    F: Fn(pb::admin_client::AdminClient<tonic::transport::Channel>, &Cluster) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    client.required_token()?;
+    let c = client.cluster()?;
+    Ok(c.call(|ch| f(Cluster::admin(ch), &c)).await?)
+}
+
+pub async fn run(cmd: UserCmd) -> Result<()> {
+    match cmd {
+        UserCmd::Add {
+            name,
+            admin,
+            password,
+            client,
+        } => {
+            codafs_common::names::validate_name(&name).context("account name")?;
+            let pw = password.read(&format!("password for {name}: "), true)?;
+            let spec = pb::UserSpec {
+                name: name.clone(),
+                password: pw,
+                admin,
+                create: true,
+            };
+            admin_call(&client, |mut a, c| {
+                let r = c.request(spec.clone());
+                async move { a.put_user(r).await }
+            })
+            .await?;
+            println!("created account {name}{}", if admin { " (admin)" } else { "" });
+        }
+        UserCmd::List { json, client } => {
+            let list = admin_call(&client, |mut a, c| {
+                let r = c.request(pb::Empty {});
+                async move { a.list_users(r).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+            if json {
+                let v: Vec<_> = list
+                    .users
+                    .iter()
+                    .map(|u| serde_json::json!({"name": u.name, "admin": u.admin, "has_password": u.has_password}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                println!("{:<32} {:<6} PASSWORD", "ACCOUNT", "ROLE");
+                for u in &list.users {
+                    let role = if u.admin { "admin" } else { "user" };
+                    println!(
+                        "{:<32} {:<6} {}",
+                        u.name,
+                        role,
+                        if u.has_password { "set" } else { "none" }
+                    );
+                }
+            }
+        }
+        UserCmd::Passwd {
+            name,
+            admin,
+            no_admin,
+            password,
+            client,
+        } => {
+            let list = admin_call(&client, |mut a, c| {
+                let r = c.request(pb::Empty {});
+                async move { a.list_users(r).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+            let current = list
+                .users
+                .iter()
+                .find(|u| u.name == name)
+                .with_context(|| format!("no account {name}"))?;
+            let role = if admin {
+                true
+            } else if no_admin {
+                false
+            } else {
+                current.admin
+            };
+            let pw = password.read(&format!("new password for {name}: "), true)?;
+            let spec = pb::UserSpec {
+                name: name.clone(),
+                password: pw,
+                admin: role,
+                create: false,
+            };
+            admin_call(&client, |mut a, c| {
+                let r = c.request(spec.clone());
+                async move { a.put_user(r).await }
+            })
+            .await?;
+            println!("password of {name} changed");
+        }
+        UserCmd::Remove { name, client } => {
+            admin_call(&client, |mut a, c| {
+                let r = c.request(pb::UserName { name: name.clone() });
+                async move { a.remove_user(r).await }
+            })
+            .await?;
+            println!("removed account {name}");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct LoginArgs {
+    /// Account name.
+    user: String,
+    /// Token lifetime in hours (at most 720).
+    #[arg(long, default_value_t = 12)]
+    hours: u64,
+    #[command(flatten)]
+    password: PasswordArgs,
+    #[command(flatten)]
+    client: ClientOpts,
+}
+
+/// `codafs login USER`: exchanges the password for a token and stores it (mode 0600).
+pub async fn login(a: LoginArgs) -> Result<()> {
+    let path = token_path().context("no place for the token: set HOME or CODAFS_TOKEN_FILE")?;
+    let pw = a.password.read(&format!("password for {}: ", a.user), false)?;
+    let c = a.client.cluster()?;
+    let req = pb::LoginRequest {
+        user: a.user.clone(),
+        password: pw,
+        ttl_secs: a.hours.min(720) * 3600,
+    };
+    let reply = c
+        .call(|ch| {
+            let r = c.request(req.clone());
+            async move { Cluster::admin(ch).login(r).await.map(|r| r.into_inner()) }
+        })
+        .await?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(reply.token.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    let hours = reply.expires.saturating_sub(codafs_common::token::unix_now()) / 3600;
+    println!("logged in as {} for {hours} h (token in {})", a.user, path.display());
+    Ok(())
+}
+
+/// `codafs logout`: forgets the stored token.
+pub fn logout() -> Result<()> {
+    let path = token_path().context("no token location (HOME unset)")?;
+    match std::fs::remove_file(&path) {
+        Ok(()) => println!("logged out ({} removed)", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => println!("not logged in"),
+        Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+    Ok(())
+}

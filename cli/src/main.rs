@@ -6,6 +6,7 @@ mod fstab;
 mod mount;
 mod opts;
 mod output;
+mod upload;
 mod user;
 mod volume;
 
@@ -41,6 +42,8 @@ enum Cmd {
     Login(user::LoginArgs),
     /// Forget the stored token.
     Logout,
+    /// Publish a local directory into VOLUME[:PATH] as one atomic commit.
+    Upload(upload::UploadArgs),
     /// Create, list and inspect volumes.
     #[command(subcommand)]
     Volume(volume::VolumeCmd),
@@ -104,6 +107,7 @@ fn run_async(cmd: Cmd) -> anyhow::Result<()> {
             Cmd::User(u) => user::run(u).await,
             Cmd::Login(a) => user::login(a).await,
             Cmd::Logout => user::logout(),
+            Cmd::Upload(a) => upload::run(a).await,
             Cmd::Demo(a) => demo::run(a).await,
             Cmd::Mount(_) | Cmd::Prefetch(_) => {
                 anyhow::bail!("internal error: mount and prefetch run outside the runtime")

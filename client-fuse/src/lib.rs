@@ -7,6 +7,7 @@ pub mod core;
 pub mod fuse;
 pub mod mount;
 pub mod transport;
+pub mod upload;
 
 pub use bundle::ClientBundle;
 pub use transport::{ClientError, Cluster};

@@ -396,7 +396,7 @@ pub async fn upload(
                         s.created += 1;
                     }
                 }
-                if !(r.is_some_and(|r| r.hash == hash.0)) {
+                if r.is_none_or(|r| r.hash != hash.0) {
                     blobs.insert(*hash, (path.clone(), *size));
                 }
             }

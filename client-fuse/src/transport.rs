@@ -219,6 +219,27 @@ impl Cluster {
         .await
     }
 
+    /// Uploads a batch of small blobs (each at most 1 MiB) in one request; returns the durable
+    /// copy count of the whole batch.
+    pub async fn put_small(&self, blobs: &[(Hash, bytes::Bytes)], write_quorum: u32) -> Result<u32, ClientError> {
+        let req = pb::PutSmallRequest {
+            blobs: blobs
+                .iter()
+                .map(|(h, d)| pb::SmallBlob {
+                    hash: bytes::Bytes::copy_from_slice(&h.0),
+                    data: d.clone(),
+                })
+                .collect(),
+            write_quorum,
+            forwarded: false,
+        };
+        self.call(|ch| {
+            let r = self.request(req.clone());
+            async move { Self::blobs(ch).put_small(r).await.map(|r| r.into_inner().copies) }
+        })
+        .await
+    }
+
     /// Fetches a whole blob, verifying it; falls back to other replicas on a miss, an error
     /// mid-stream or a hash mismatch.
     pub async fn get_blob(&self, hash: Hash) -> Result<Vec<u8>, ClientError> {

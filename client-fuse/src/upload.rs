@@ -10,8 +10,6 @@
 //!    only what is still missing.
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use codafs_common::names::validate_name;
 use codafs_common::Hash;
@@ -294,6 +292,32 @@ fn remove(full: &str, version: u64) -> pb::Op {
     }
 }
 
+/// Files up to this size go in batches.
+const SMALL_BLOB: u64 = 256 << 10;
+/// Bytes per small-blob batch (well under the server's MAX_SMALL_BATCH).
+const BATCH_BYTES: u64 = 8 << 20;
+/// Blobs per small-blob batch.
+const BATCH_BLOBS: usize = 250;
+
+enum Job {
+    Small(Vec<(Hash, PathBuf, u64)>),
+    Large((Hash, PathBuf, u64)),
+}
+
+/// Reads a file and checks it still has the content that was hashed when the tree was scanned.
+async fn read_checked(path: &Path, h: Hash) -> Result<bytes::Bytes, UploadError> {
+    let data = tokio::fs::read(path)
+        .await
+        .map_err(|e| UploadError::Local(path.to_path_buf(), e))?;
+    if Hash::of(&data) != h {
+        return Err(UploadError::Other(format!(
+            "{} changed during the upload; run it again",
+            path.display()
+        )));
+    }
+    Ok(data.into())
+}
+
 /// Publishes `local` into `opts.volume:opts.path`.
 pub async fn upload(
     c: &Cluster,
@@ -486,24 +510,47 @@ pub async fn upload(
         })
         .await?;
     let quorum = volume_info.write_quorum;
-    let sent = Arc::new(AtomicU64::new(0));
-    let mut puts = futures::stream::iter(todo.into_iter().map(|(h, path, size)| {
-        let sent = sent.clone();
-        async move {
-            let data = tokio::fs::read(&path)
-                .await
-                .map_err(|e| UploadError::Local(path.clone(), e))?;
-            if Hash::of(&data) != h {
-                return Err(UploadError::Other(format!(
-                    "{} changed during the upload",
-                    path.display()
-                )));
-            }
-            c.put_blob(bytes::Bytes::from(data), quorum).await?;
-            sent.fetch_add(size, Ordering::Relaxed);
-            progress.uploaded(size);
-            Ok::<_, UploadError>(())
+    // Small files travel in batches (one request and one sync per batch on each replica);
+    // large ones are streamed one by one.
+    let (small, large): (Vec<_>, Vec<_>) = todo.into_iter().partition(|(_, _, n)| *n <= SMALL_BLOB);
+    let mut batches: Vec<Vec<(Hash, PathBuf, u64)>> = vec![Vec::new()];
+    let mut batch_bytes = 0;
+    for item in small {
+        let full = batches
+            .last()
+            .is_some_and(|b| b.len() >= BATCH_BLOBS || batch_bytes + item.2 > BATCH_BYTES);
+        if full {
+            batches.push(Vec::new());
+            batch_bytes = 0;
         }
+        batch_bytes += item.2;
+        if let Some(b) = batches.last_mut() {
+            b.push(item);
+        }
+    }
+    batches.retain(|b| !b.is_empty());
+    let jobs = batches
+        .into_iter()
+        .map(Job::Small)
+        .chain(large.into_iter().map(Job::Large));
+    let mut puts = futures::stream::iter(jobs.map(|job| async move {
+        match job {
+            Job::Small(items) => {
+                let mut blobs = Vec::with_capacity(items.len());
+                let mut n = 0;
+                for (h, path, size) in items {
+                    blobs.push((h, read_checked(&path, h).await?));
+                    n += size;
+                }
+                c.put_small(&blobs, quorum).await?;
+                progress.uploaded(n);
+            }
+            Job::Large((h, path, size)) => {
+                c.put_blob(read_checked(&path, h).await?, quorum).await?;
+                progress.uploaded(size);
+            }
+        }
+        Ok::<_, UploadError>(())
     }))
     .buffer_unordered(opts.parallel.max(1));
     while let Some(r) = puts.next().await {

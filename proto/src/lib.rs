@@ -12,6 +12,8 @@ pub mod pb {
 pub mod limits {
     /// Blob contents travel in chunks of at most this size (never as one message).
     pub const BLOB_CHUNK: usize = 1 << 20;
+    /// Largest batch of small blobs in one `PutSmall` request.
+    pub const MAX_SMALL_BATCH: usize = 16 << 20;
     /// Largest metadata message (a commit batch, a directory page): 64 MiB.
     pub const MAX_MESSAGE: usize = 64 << 20;
     /// Largest Raft message: a batch of log entries or a snapshot chunk.

@@ -117,6 +117,13 @@ async fn readers_see_the_old_site_or_the_new_one_never_a_mix() {
         let local = tc.root.path().join("local");
         site(&local, 1, pages)?;
         upload(&c, &local, &opts("site"), &()).await?;
+        // Follower reads may lag the acknowledged commit: start once server 1 has the site.
+        let last = format!("site/pages/p{}.html", pages - 1);
+        codafs_tests::wait_until(Duration::from_secs(10), "server 1 applies the first upload", || {
+            let (tc, last) = (&tc, last.clone());
+            async move { tc.resolve_on(&tc.servers[1].addr, "www", &last).await.is_ok() }
+        })
+        .await?;
         // A reader on another replica checks, over and over, that one pass sees one version.
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {

@@ -3,7 +3,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use codafs_common::Hash;
-use codafs_proto::limits::{BLOB_CHUNK, MAX_MISSING_QUERY};
+use codafs_proto::limits::{BLOB_CHUNK, MAX_MISSING_QUERY, MAX_SMALL_BATCH};
 use codafs_proto::pb;
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -86,38 +86,14 @@ impl pb::blobs_server::Blobs for BlobService {
         }
         drop(stream);
         // Forward to the other data replicas; answer once the write quorum is durable.
-        let replicas = node.data_replicas();
-        let quorum = if header.write_quorum == 0 {
-            DEFAULT_WRITE_QUORUM
-        } else {
-            header.write_quorum
-        };
-        let need = effective_write_quorum(quorum, replicas.len());
-        let mut tracker = QuorumTracker::new(need, replicas.len().max(1));
-        if !witness {
-            tracker.ok();
-        }
         let path = node.blobs.path(&hash);
-        let (tx, mut rx) = mpsc::channel(replicas.len().max(1));
-        let mut forwards = Vec::new();
-        for m in replicas.into_iter().filter(|m| m.id != node.id) {
-            let (node, tx, path) = (node.clone(), tx.clone(), path.clone());
-            forwards.push(tokio::spawn(async move {
-                let r = replicate::send_file(&node.peers, &m.info.addr, &path, hash, header.size).await;
-                if let Err(e) = &r {
-                    tracing::warn!(peer = %m.info.addr, error = %e, "forwarding blob failed; repair will retry");
-                }
-                let _ = tx.send(r.is_ok()).await;
-            }));
-        }
-        drop(tx);
-        while tracker.state() == QuorumState::Pending {
-            match rx.recv().await {
-                Some(true) => tracker.ok(),
-                Some(false) => tracker.fail(),
-                None => break,
-            };
-        }
+        let size = header.size;
+        let peers = node.peers.clone();
+        let (copies, need, forwards) = replicate(&node, header.write_quorum, move |addr| {
+            let (peers, path) = (peers.clone(), path.clone());
+            async move { replicate::send_file(&peers, &addr, &path, hash, size).await.map(drop) }
+        })
+        .await;
         if witness {
             // The witness only relayed the blob: drop its spooled copy once every forward ended.
             let node = node.clone();
@@ -126,16 +102,69 @@ impl pb::blobs_server::Blobs for BlobService {
                 let _ = node.blobs.remove(&hash);
             });
         }
-        let copies = tracker.successes() as u32;
-        if tracker.state() != QuorumState::Reached {
+        if copies < need {
             return Err(Status::unavailable(format!(
                 "only {copies} of {need} required copies of blob {hash} could be stored"
             )));
         }
         Ok(Response::new(pb::PutBlobReply {
-            copies,
+            copies: copies as u32,
             already_present: already,
         }))
+    }
+
+    #[tracing::instrument(skip_all, fields(blobs = req.get_ref().blobs.len()))]
+    async fn put_small(&self, req: Request<pb::PutSmallRequest>) -> Result<Response<pb::PutSmallReply>, Status> {
+        let node = self.0.clone();
+        let r = req.into_inner();
+        let total: usize = r.blobs.iter().map(|b| b.data.len()).sum();
+        if total > MAX_SMALL_BATCH || r.blobs.iter().any(|b| b.data.len() > BLOB_CHUNK) {
+            return Err(Status::invalid_argument(format!(
+                "a small-blob batch holds blobs of at most {BLOB_CHUNK} bytes, {MAX_SMALL_BATCH} in all"
+            )));
+        }
+        let parsed: Vec<(codafs_common::Hash, bytes::Bytes)> = r
+            .blobs
+            .iter()
+            .map(|b| Ok((convert::hash(&b.hash)?, b.data.clone())))
+            .collect::<Result<_, Status>>()?;
+        let witness = node.cfg.witness;
+        if !witness {
+            let refs: Vec<(codafs_common::Hash, &[u8])> = parsed.iter().map(|(h, d)| (*h, d.as_ref())).collect();
+            tokio::task::block_in_place(|| node.blobs.put_many(&refs)).map_err(blob_status)?;
+        }
+        if r.forwarded {
+            if witness {
+                return Err(Status::failed_precondition("a witness stores no blobs"));
+            }
+            return Ok(Response::new(pb::PutSmallReply { copies: 1 }));
+        }
+        let batch = pb::PutSmallRequest {
+            blobs: r.blobs,
+            write_quorum: 1,
+            forwarded: true,
+        };
+        let peers = node.peers.clone();
+        let (copies, need, _) = replicate(&node, r.write_quorum, move |addr| {
+            let (peers, batch) = (peers.clone(), batch.clone());
+            async move {
+                let mut c = peers.blobs(&addr).map_err(|e| e.to_string())?;
+                let mut req = tonic::Request::new(batch);
+                req.set_timeout(std::time::Duration::from_secs(60));
+                c.put_small(req)
+                    .await
+                    .map(drop)
+                    .map_err(|s| format!("{addr}: {}", s.message()))
+            }
+        })
+        .await;
+        if copies < need {
+            return Err(Status::unavailable(format!(
+                "only {copies} of {need} required copies of a {}-blob batch could be stored",
+                parsed.len()
+            )));
+        }
+        Ok(Response::new(pb::PutSmallReply { copies: copies as u32 }))
     }
 
     type GetStream = Pin<Box<dyn Stream<Item = Result<pb::BlobChunk, Status>> + Send>>;
@@ -175,6 +204,46 @@ impl pb::blobs_server::Blobs for BlobService {
         }
         Ok(Response::new(pb::MissingBlobsReply { missing }))
     }
+}
+
+/// Sends a write to every other data replica with `send` and waits until `quorum` copies
+/// (capped at the data replicas; this server's own counts when it stores blobs) are durable, or
+/// until that is impossible. Forwards still running then carry on in the background (repair
+/// covers any that fail). Returns (copies, copies needed, the forward tasks).
+async fn replicate<F, Fut>(node: &Arc<Node>, quorum: u32, send: F) -> (usize, usize, Vec<tokio::task::JoinHandle<()>>)
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    let replicas = node.data_replicas();
+    let quorum = if quorum == 0 { DEFAULT_WRITE_QUORUM } else { quorum };
+    let need = effective_write_quorum(quorum, replicas.len());
+    let mut tracker = QuorumTracker::new(need, replicas.len().max(1));
+    if !node.cfg.witness {
+        tracker.ok();
+    }
+    let (tx, mut rx) = mpsc::channel(replicas.len().max(1));
+    let mut forwards = Vec::new();
+    for m in replicas.into_iter().filter(|m| m.id != node.id) {
+        let tx = tx.clone();
+        let fut = send(m.info.addr.clone());
+        forwards.push(tokio::spawn(async move {
+            let r = fut.await;
+            if let Err(e) = &r {
+                tracing::warn!(peer = %m.info.addr, error = %e, "forwarding to a replica failed; repair will retry");
+            }
+            let _ = tx.send(r.is_ok()).await;
+        }));
+    }
+    drop(tx);
+    while tracker.state() == QuorumState::Pending {
+        match rx.recv().await {
+            Some(true) => tracker.ok(),
+            Some(false) => tracker.fail(),
+            None => break,
+        };
+    }
+    (tracker.successes(), need, forwards)
 }
 
 /// Streams a blob in chunks while hashing it, holding back the last chunk until the whole blob

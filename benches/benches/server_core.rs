@@ -33,24 +33,6 @@ fn local_durable_write(dir: &std::path::Path, name: &str, data: &[u8]) -> Result
     Ok(())
 }
 
-fn create_op(name: &str, content: &[u8]) -> pb::Op {
-    pb::Op {
-        expect_version: None,
-        op: Some(pb::op::Op::Create(pb::CreateOp {
-            parent: Some(pb::NodeRef {
-                target: Some(pb::node_ref::Target::Path(String::new())),
-            }),
-            name: name.into(),
-            kind: pb::ObjectKind::File as i32,
-            mode: 0o644,
-            hash: bytes::Bytes::copy_from_slice(&Hash::of(content).0),
-            size: content.len() as u64,
-            replace: true,
-            ..Default::default()
-        })),
-    }
-}
-
 async fn bench() -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
@@ -104,7 +86,10 @@ async fn bench() -> Result<Vec<Row>> {
         r?;
     }
     let put_time = t.elapsed();
-    let ops: Vec<pb::Op> = files.iter().map(|(n, d)| create_op(n, d)).collect();
+    let ops: Vec<pb::Op> = files
+        .iter()
+        .map(|(n, d)| codafs_client::ops::file(n, d, 0o644))
+        .collect();
     let t = Instant::now();
     c.commit(pb::CommitRequest {
         volume: "bench".into(),

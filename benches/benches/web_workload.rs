@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use codafs_common::Hash;
-use codafs_proto::pb;
+use codafs_client::ops;
 use codafs_tests::{ClusterOpts, Mount, TestCluster};
 use rand::{Rng, SeedableRng};
 
@@ -102,20 +101,9 @@ async fn bench() -> Result<Vec<String>> {
     let c = tc.client();
     let local = tempfile::tempdir()?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-    let mut ops = Vec::new();
+    let mut batch = Vec::new();
     for d in 0..50 {
-        ops.push(pb::Op {
-            expect_version: None,
-            op: Some(pb::op::Op::Create(pb::CreateOp {
-                parent: Some(pb::NodeRef {
-                    target: Some(pb::node_ref::Target::Path(String::new())),
-                }),
-                name: format!("d{d:02}"),
-                kind: pb::ObjectKind::Directory as i32,
-                mode: 0o755,
-                ..Default::default()
-            })),
-        });
+        batch.push(ops::dir(&format!("d{d:02}"), 0o755));
         std::fs::create_dir_all(local.path().join(format!("d{d:02}")))?;
     }
     let mut sizes = Vec::new();
@@ -125,24 +113,7 @@ async fn bench() -> Result<Vec<String>> {
         sizes.push(n);
         let data: Vec<u8> = (0..n).map(|j| b"abcdefghij<>/ \n"[(i + j) % 15]).collect();
         std::fs::write(local.path().join(relpath(i)), &data)?;
-        let (dir, name) = relpath(i)
-            .split_once('/')
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .unwrap_or_default();
-        ops.push(pb::Op {
-            expect_version: None,
-            op: Some(pb::op::Op::Create(pb::CreateOp {
-                parent: Some(pb::NodeRef {
-                    target: Some(pb::node_ref::Target::Path(dir)),
-                }),
-                name,
-                kind: pb::ObjectKind::File as i32,
-                mode: 0o644,
-                hash: bytes::Bytes::copy_from_slice(&Hash::of(&data).0),
-                size: n as u64,
-                ..Default::default()
-            })),
-        });
+        batch.push(ops::file(&relpath(i), &data, 0o644));
         blobs.push(bytes::Bytes::from(data));
     }
     use futures::StreamExt;
@@ -150,12 +121,7 @@ async fn bench() -> Result<Vec<String>> {
     while let Some(r) = puts.next().await {
         r?;
     }
-    c.commit(pb::CommitRequest {
-        volume: "www".into(),
-        ops,
-        expect_volume_version: None,
-    })
-    .await?;
+    c.commit(ops::commit("www", batch)).await?;
     let mut sorted = sizes.clone();
     sorted.sort_unstable();
     let median = sorted[FILES / 2];
@@ -183,32 +149,9 @@ async fn bench() -> Result<Vec<String>> {
     let mut delays = Vec::new();
     for round in 0..60u32 {
         let content = format!("version {round}").into_bytes();
-        let (dir, name) = relpath(7)
-            .split_once('/')
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .unwrap_or_default();
         c.put_blob(bytes::Bytes::from(content.clone()), 2).await?;
-        let op = pb::Op {
-            expect_version: None,
-            op: Some(pb::op::Op::Create(pb::CreateOp {
-                parent: Some(pb::NodeRef {
-                    target: Some(pb::node_ref::Target::Path(dir)),
-                }),
-                name,
-                kind: pb::ObjectKind::File as i32,
-                mode: 0o644,
-                hash: bytes::Bytes::copy_from_slice(&Hash::of(&content).0),
-                size: content.len() as u64,
-                replace: true,
-                ..Default::default()
-            })),
-        };
-        c.commit(pb::CommitRequest {
-            volume: "www".into(),
-            ops: vec![op],
-            expect_volume_version: None,
-        })
-        .await?;
+        c.commit(ops::commit("www", vec![ops::file(&relpath(7), &content, 0o644)]))
+            .await?;
         let acked = Instant::now();
         let deadline = acked + Duration::from_secs(5);
         loop {

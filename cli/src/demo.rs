@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use codafs_client::Cluster;
-use codafs_common::Hash;
+use codafs_client::{ops, Cluster};
 use codafs_proto::pb;
 
 #[derive(Args)]
@@ -101,41 +100,6 @@ async fn wait_voters(addr: &str, voters: u32) -> Result<()> {
     bail!("the cluster did not come up within 30 s (see the server logs)")
 }
 
-fn dir_op(path: &str) -> pb::Op {
-    let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
-    pb::Op {
-        expect_version: None,
-        op: Some(pb::op::Op::Create(pb::CreateOp {
-            parent: Some(pb::NodeRef {
-                target: Some(pb::node_ref::Target::Path(parent.into())),
-            }),
-            name: name.into(),
-            kind: pb::ObjectKind::Directory as i32,
-            mode: 0o755,
-            ..Default::default()
-        })),
-    }
-}
-
-fn file_op(path: &str, content: &[u8]) -> pb::Op {
-    let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
-    pb::Op {
-        expect_version: None,
-        op: Some(pb::op::Op::Create(pb::CreateOp {
-            parent: Some(pb::NodeRef {
-                target: Some(pb::node_ref::Target::Path(parent.into())),
-            }),
-            name: name.into(),
-            kind: pb::ObjectKind::File as i32,
-            mode: 0o644,
-            hash: bytes::Bytes::copy_from_slice(&Hash::of(content).0),
-            size: content.len() as u64,
-            replace: true,
-            ..Default::default()
-        })),
-    }
-}
-
 /// Publishes the sample site into `www` as one atomic commit.
 async fn publish_site(c: &Cluster) -> Result<u64> {
     let mut ops = Vec::new();
@@ -145,10 +109,10 @@ async fn publish_site(c: &Cluster) -> Result<u64> {
         .collect();
     dirs.sort();
     dirs.dedup();
-    ops.extend(dirs.into_iter().map(dir_op));
+    ops.extend(dirs.into_iter().map(|d| ops::dir(d, 0o755)));
     for (path, content) in SITE {
         c.put_blob(bytes::Bytes::from_static(content.as_bytes()), 2).await?;
-        ops.push(file_op(path, content.as_bytes()));
+        ops.push(ops::file(path, content.as_bytes(), 0o644));
     }
     Ok(c.commit(pb::CommitRequest {
         volume: "www".into(),

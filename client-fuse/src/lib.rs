@@ -6,6 +6,7 @@ pub mod callbacks;
 pub mod core;
 pub mod fuse;
 pub mod mount;
+pub mod ops;
 pub mod transport;
 pub mod upload;
 

@@ -16,6 +16,7 @@ use codafs_common::Hash;
 use codafs_proto::pb;
 use futures::StreamExt;
 
+use crate::ops;
 use crate::transport::{ClientError, Cluster};
 
 /// Upload failures, one line each.
@@ -250,48 +251,6 @@ fn join(base: &str, rel: &str) -> String {
     }
 }
 
-fn split(path: &str) -> (String, String) {
-    match path.rsplit_once('/') {
-        Some((p, n)) => (p.to_string(), n.to_string()),
-        None => (String::new(), path.to_string()),
-    }
-}
-
-fn at(path: String) -> Option<pb::NodeRef> {
-    Some(pb::NodeRef {
-        target: Some(pb::node_ref::Target::Path(path)),
-    })
-}
-
-fn create(full: &str, kind: pb::ObjectKind, mode: u32, hash: Option<Hash>, size: u64, target: &str) -> pb::Op {
-    let (parent, name) = split(full);
-    pb::Op {
-        expect_version: Some(0),
-        op: Some(pb::op::Op::Create(pb::CreateOp {
-            parent: at(parent),
-            name,
-            kind: kind as i32,
-            mode,
-            hash: hash.map(|h| bytes::Bytes::copy_from_slice(&h.0)).unwrap_or_default(),
-            size,
-            symlink_target: target.to_string(),
-            ..Default::default()
-        })),
-    }
-}
-
-fn remove(full: &str, version: u64) -> pb::Op {
-    let (parent, name) = split(full);
-    pb::Op {
-        expect_version: Some(version),
-        op: Some(pb::op::Op::Remove(pb::RemoveOp {
-            parent: at(parent),
-            name,
-            recursive: true,
-        })),
-    }
-}
-
 /// Files up to this size go in batches.
 const SMALL_BLOB: u64 = 256 << 10;
 /// Bytes per small-blob batch (well under the server's MAX_SMALL_BATCH).
@@ -352,9 +311,7 @@ pub async fn upload(
                 .await;
             match exists {
                 Ok(_) => {}
-                Err(e) if e.code() == tonic::Code::NotFound => {
-                    dirs.push((acc.clone(), create(&acc, pb::ObjectKind::Directory, 0o755, None, 0, "")))
-                }
+                Err(e) if e.code() == tonic::Code::NotFound => dirs.push((acc.clone(), ops::dir(&acc, 0o755))),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -371,12 +328,9 @@ pub async fn upload(
                     continue;
                 }
                 if let Some(r) = r {
-                    pre.push(remove(&full, r.version));
+                    pre.push(ops::expecting(ops::remove(&full), r.version));
                 }
-                dirs.push((
-                    full.clone(),
-                    create(&full, pb::ObjectKind::Directory, *mode, None, 0, ""),
-                ));
+                dirs.push((full.clone(), ops::expecting(ops::dir(&full, *mode), 0)));
                 s.created += 1;
             }
             Local::File { path, size, mode, hash } => {
@@ -388,7 +342,7 @@ pub async fn upload(
                             s.unchanged += 1;
                             continue;
                         }
-                        let node = at(full.clone());
+                        let node = ops::at(&full);
                         if r.hash != hash.0 {
                             files.push(pb::Op {
                                 expect_version: Some(r.version),
@@ -414,9 +368,9 @@ pub async fn upload(
                     }
                     other => {
                         if let Some(r) = other {
-                            pre.push(remove(&full, r.version));
+                            pre.push(ops::expecting(ops::remove(&full), r.version));
                         }
-                        files.push(create(&full, pb::ObjectKind::File, *mode, Some(*hash), *size, ""));
+                        files.push(ops::expecting(ops::file_hashed(&full, *hash, *size, *mode), 0));
                         s.created += 1;
                     }
                 }
@@ -430,9 +384,9 @@ pub async fn upload(
                     continue;
                 }
                 if let Some(r) = r {
-                    pre.push(remove(&full, r.version));
+                    pre.push(ops::expecting(ops::remove(&full), r.version));
                 }
-                files.push(create(&full, pb::ObjectKind::Symlink, 0o777, None, 0, target));
+                files.push(ops::expecting(ops::symlink(&full, target), 0));
                 s.created += 1;
             }
         }
@@ -444,7 +398,7 @@ pub async fn upload(
             if tree.contains_key(rel) || removed.iter().any(|d| rel.starts_with(&format!("{d}/"))) {
                 continue;
             }
-            post.push(remove(&join(&base, rel), r.version));
+            post.push(ops::expecting(ops::remove(&join(&base, rel)), r.version));
             removed.push(rel);
             s.removed += 1;
         }

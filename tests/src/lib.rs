@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use codafs_client::Cluster;
+use codafs_client::{ops, Cluster};
 use codafs_common::Hash;
 use codafs_proto::pb;
 
@@ -308,56 +308,17 @@ impl TestCluster {
         .await?)
     }
 
-    /// Stores `content` at `volume:path` (creating or replacing the file) through `client`.
+    /// Stores `content` at `volume:parent/name` (creating or replacing the file) through `client`.
     pub async fn write_file(client: &Cluster, volume: &str, parent: &str, name: &str, content: &[u8]) -> Result<u64> {
         client.put_blob(bytes::Bytes::copy_from_slice(content), 2).await?;
-        let op = pb::Op {
-            expect_version: None,
-            op: Some(pb::op::Op::Create(pb::CreateOp {
-                parent: Some(pb::NodeRef {
-                    target: Some(pb::node_ref::Target::Path(parent.into())),
-                }),
-                name: name.into(),
-                kind: pb::ObjectKind::File as i32,
-                mode: 0o644,
-                hash: bytes::Bytes::copy_from_slice(&Hash::of(content).0),
-                size: content.len() as u64,
-                replace: true,
-                ..Default::default()
-            })),
-        };
-        let r = client
-            .commit(pb::CommitRequest {
-                volume: volume.into(),
-                ops: vec![op],
-                expect_volume_version: None,
-            })
-            .await?;
-        Ok(r.version)
+        let op = ops::file(&join(parent, name), content, 0o644);
+        Ok(client.commit(ops::commit(volume, vec![op])).await?.version)
     }
 
     /// Creates a directory (a metadata-only commit: no blob involved).
     pub async fn mkdir(client: &Cluster, volume: &str, parent: &str, name: &str) -> Result<u64> {
-        let op = pb::Op {
-            expect_version: None,
-            op: Some(pb::op::Op::Create(pb::CreateOp {
-                parent: Some(pb::NodeRef {
-                    target: Some(pb::node_ref::Target::Path(parent.into())),
-                }),
-                name: name.into(),
-                kind: pb::ObjectKind::Directory as i32,
-                mode: 0o755,
-                ..Default::default()
-            })),
-        };
-        let r = client
-            .commit(pb::CommitRequest {
-                volume: volume.into(),
-                ops: vec![op],
-                expect_volume_version: None,
-            })
-            .await?;
-        Ok(r.version)
+        let op = ops::dir(&join(parent, name), 0o755);
+        Ok(client.commit(ops::commit(volume, vec![op])).await?.version)
     }
 
     /// Reads a file's attributes from one server.
@@ -393,6 +354,15 @@ impl TestCluster {
             })
             .await?;
         Ok(missing.is_empty())
+    }
+}
+
+/// Joins a volume-relative parent path and a name.
+fn join(parent: &str, name: &str) -> String {
+    if parent.is_empty() {
+        name.to_string()
+    } else {
+        format!("{parent}/{name}")
     }
 }
 

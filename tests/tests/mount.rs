@@ -3,6 +3,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use codafs_client::ops;
 use codafs_common::Hash;
 use codafs_proto::pb;
 use codafs_tests::{fs_call, read_file, wait_until, ClusterOpts, Mount, TestCluster};
@@ -13,19 +14,6 @@ async fn bounded<F: std::future::Future<Output = Result<()>>>(f: F) {
     match tokio::time::timeout(TEST_DEADLINE, f).await {
         Ok(r) => r.unwrap(),
         Err(_) => panic!("test exceeded {TEST_DEADLINE:?}"),
-    }
-}
-
-fn remove_op(name: &str) -> pb::Op {
-    pb::Op {
-        expect_version: None,
-        op: Some(pb::op::Op::Remove(pb::RemoveOp {
-            parent: Some(pb::NodeRef {
-                target: Some(pb::node_ref::Target::Path(String::new())),
-            }),
-            name: name.into(),
-            recursive: false,
-        })),
     }
 }
 
@@ -75,32 +63,12 @@ async fn two_mounts_share_the_tree_and_see_commits_without_remounting() {
         // One commit through the server API: replace, add, remove.
         c.put_blob(bytes::Bytes::from_static(b"version 2"), 2).await?;
         c.put_blob(bytes::Bytes::from_static(b"brand new"), 2).await?;
-        let create = |name: &str, content: &[u8]| pb::Op {
-            expect_version: None,
-            op: Some(pb::op::Op::Create(pb::CreateOp {
-                parent: Some(pb::NodeRef {
-                    target: Some(pb::node_ref::Target::Path(String::new())),
-                }),
-                name: name.into(),
-                kind: pb::ObjectKind::File as i32,
-                mode: 0o644,
-                hash: bytes::Bytes::copy_from_slice(&Hash::of(content).0),
-                size: content.len() as u64,
-                replace: true,
-                ..Default::default()
-            })),
-        };
-        let ops = vec![
-            create("index.html", b"version 2"),
-            create("new.html", b"brand new"),
-            remove_op("old.html"),
+        let batch = vec![
+            ops::file("index.html", b"version 2", 0o644),
+            ops::file("new.html", b"brand new", 0o644),
+            ops::remove("old.html"),
         ];
-        c.commit(pb::CommitRequest {
-            volume: "www".into(),
-            ops,
-            expect_volume_version: None,
-        })
-        .await?;
+        c.commit(ops::commit("www", batch)).await?;
         for m in [&a, &b] {
             let p = m.path.clone();
             wait_until(Duration::from_secs(10), "the mount sees the new version", || {
@@ -226,21 +194,18 @@ async fn client_crash_mid_fetch_leaves_no_corrupt_data_and_cache_is_reused() {
         let mut m = Mount::start(&tc.addrs(), tc.root.path(), "m", &[])?;
         assert_eq!(read_file(&m.path.join("www/a.html"))?, b"small a");
         assert_eq!(read_file(&m.path.join("www/b.html"))?, b"small b");
-        // Start fetching the big file, and kill the daemon while it streams.
+        // Start fetching the big file, and kill the daemon while it streams: as soon as the
+        // fetch's temp file exists (polled tightly, everything else computed beforehand).
+        let h = Hash::of(&big).to_hex();
+        let blob = m.cache.join("blobs").join(&h[..2]).join(&h);
+        let tmp = m.cache.join("tmp");
         let p = m.path.join("www/big.bin");
         let reader = std::thread::spawn(move || std::fs::read(p));
-        // Kill once the fetch is under way (a temp file exists) but before it finished.
-        let tmp = m.cache.join("tmp");
-        wait_until(Duration::from_secs(10), "the fetch to start", || {
-            let tmp = tmp.clone();
-            async move { std::fs::read_dir(tmp).is_ok_and(|mut d| d.next().is_some()) }
-        })
-        .await?;
-        let blob = m
-            .cache
-            .join("blobs")
-            .join(&Hash::of(&big).to_hex()[..2])
-            .join(Hash::of(&big).to_hex());
+        let start = std::time::Instant::now();
+        while !std::fs::read_dir(&tmp).is_ok_and(|mut d| d.next().is_some()) {
+            assert!(start.elapsed() < Duration::from_secs(10), "the fetch never started");
+            std::thread::sleep(Duration::from_micros(200));
+        }
         m.kill9();
         assert!(!blob.exists(), "killed before the fetch completed");
         let _ = reader.join();

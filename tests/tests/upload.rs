@@ -201,3 +201,56 @@ async fn leader_crash_during_upload_then_retry_publishes_everything() {
         .expect("test deadline")
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quota_overrun_is_refused_with_the_limit_and_changes_nothing() {
+    let run = async {
+        let tc = TestCluster::start(ClusterOpts::new(1, 0)).await?;
+        let c = tc.client();
+        let spec = pb::VolumeSpec {
+            name: "www".into(),
+            quota_files: 10,
+            quota_bytes: 2000,
+            write_quorum: 1,
+            public_read: true,
+            ..Default::default()
+        };
+        let before = c
+            .call(|ch| {
+                let r = c.request(spec.clone());
+                async move { Cluster::admin(ch).create_volume(r).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        let local = tc.root.path().join("local");
+        site(&local, 1, 20)?;
+        let e = upload(&c, &local, &opts(""), &()).await.unwrap_err().to_string();
+        assert!(
+            e.contains("quota exceeded: files would be 22, limit 10 (over by 12)"),
+            "{e}"
+        );
+        // Within the file quota but over the byte quota.
+        let small = tc.root.path().join("small");
+        std::fs::create_dir_all(&small)?;
+        std::fs::write(small.join("big.html"), "x".repeat(2500))?;
+        let e = upload(&c, &small, &opts(""), &()).await.unwrap_err().to_string();
+        assert!(
+            e.contains("quota exceeded: bytes would be 2500, limit 2000 (over by 500)"),
+            "{e}"
+        );
+        let after = c
+            .call(|ch| {
+                let r = c.request(pb::VolumeName { name: "www".into() });
+                async move { Cluster::admin(ch).get_volume(r).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        assert_eq!(
+            (after.version, after.used_files, after.used_bytes),
+            (before.version, 0, 0)
+        );
+        Ok::<_, anyhow::Error>(())
+    };
+    tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("test deadline")
+        .unwrap();
+}

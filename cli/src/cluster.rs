@@ -84,6 +84,19 @@ pub enum ClusterCmd {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Add a new token-signing key (admin). Tokens signed with older keys keep working until
+    /// those keys are retired; retiring a key revokes every token it signed, the admin token
+    /// from `cluster init` included (log in with a password first).
+    RotateKey {
+        /// Also retire this key id (see the ids printed by this command).
+        #[arg(long)]
+        retire: Option<u32>,
+        /// Only retire; do not add a new key.
+        #[arg(long, requires = "retire")]
+        no_new_key: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
     /// Print the client-config bundle (server addresses) that mounts and CLIs need.
     ClientConfig {
         #[command(flatten)]
@@ -230,6 +243,27 @@ pub async fn run(cmd: ClusterCmd) -> Result<()> {
             })
             .await?;
             println!("removed server {node_id}");
+            Ok(())
+        }
+        ClusterCmd::RotateKey {
+            retire,
+            no_new_key,
+            client,
+        } => {
+            client.required_token()?;
+            let c = client.cluster()?;
+            let req = pb::RotateKeyRequest {
+                add: !no_new_key,
+                retire,
+            };
+            let keys = c
+                .call(|ch| {
+                    let r = c.request(req);
+                    async move { Cluster::admin(ch).rotate_key(r).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            let ids: Vec<String> = keys.key_ids.iter().map(u32::to_string).collect();
+            println!("signing keys: {} (current: {})", ids.join(", "), keys.current);
             Ok(())
         }
         ClusterCmd::ClientConfig { client } => {

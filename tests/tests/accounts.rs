@@ -132,3 +132,61 @@ async fn webmaster_logs_in_and_writes_only_their_own_volume() {
         .expect("test deadline")
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rotating_keys_keeps_old_tokens_until_the_old_key_is_retired() {
+    let run = async {
+        let tc = TestCluster::start(ClusterOpts::new(1, 0)).await?;
+        let dir = tc.root.path();
+        let admin = [
+            (
+                "CODAFS_CREDENTIAL",
+                tc.servers[0].dir.join("admin.token").display().to_string(),
+            ),
+            ("CODAFS_TOKEN_FILE", dir.join("none").display().to_string()),
+        ];
+        let (ok, _, err) = cli(
+            &tc,
+            &admin,
+            &["user", "add", "ops", "--admin", "--password-stdin"],
+            "long-enough-pw\n",
+        )?;
+        assert!(ok, "{err}");
+        tc.create_volume("www", 1).await?;
+        let old = Cluster::new(&tc.addrs(), Some(tc.token.clone()))?;
+        let (ok, out, err) = cli(&tc, &admin, &["cluster", "rotate-key"], "")?;
+        assert!(ok && out.contains("signing keys: 1, 2 (current: 2)"), "{out}{err}");
+        // Tokens signed with key 1 still work; new logins are signed with key 2.
+        TestCluster::mkdir(&old, "www", "", "before-retire").await?;
+        let ops_token = dir.join("ops-token").display().to_string();
+        let (ok, _, err) = cli(
+            &tc,
+            &[("CODAFS_TOKEN_FILE", ops_token.clone())],
+            &["login", "ops", "--password-stdin"],
+            "long-enough-pw\n",
+        )?;
+        assert!(ok, "{err}");
+        let new_admin = [("CODAFS_TOKEN_FILE", ops_token)];
+        let (ok, out, err) = cli(
+            &tc,
+            &new_admin,
+            &["cluster", "rotate-key", "--retire", "1", "--no-new-key"],
+            "",
+        )?;
+        assert!(ok && out.contains("signing keys: 2 (current: 2)"), "{out}{err}");
+        let e = TestCluster::mkdir(&old, "www", "", "after-retire").await.unwrap_err();
+        assert!(e.to_string().contains("no longer knows"), "{e:#}");
+        let (ok, _, err) = cli(
+            &tc,
+            &new_admin,
+            &["cluster", "rotate-key", "--retire", "2", "--no-new-key"],
+            "",
+        )?;
+        assert!(!ok && err.contains("current signing key"), "{err}");
+        Ok::<_, anyhow::Error>(())
+    };
+    tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("test deadline")
+        .unwrap();
+}

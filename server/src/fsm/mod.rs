@@ -73,6 +73,7 @@ pub fn apply(view: &dyn StateView, index: u64, cmd: &Command) -> Result<(Delta, 
         Command::PutAccount { actor, account, create } => txn.put_account(actor, account, *create),
         Command::RemoveAccount { actor, name } => txn.remove_account(actor, name),
         Command::SetVolume { actor, name, changes } => txn.set_volume(actor, name, changes),
+        Command::RotateKey { actor, new_key, retire } => txn.rotate_key(actor, *new_key, *retire),
     };
     match res {
         Ok(outcome) => Ok((txn.finish(), Ok(outcome))),
@@ -228,6 +229,31 @@ impl<'a> Txn<'a> {
             next_volume_id: 1,
         });
         self.delta.accounts.insert(admin.name.clone(), Some(admin.clone()));
+        Ok(Outcome::Done)
+    }
+
+    fn rotate_key(&mut self, actor: &Actor, new_key: Option<[u8; 32]>, retire: Option<u32>) -> TxnResult<Outcome> {
+        if !actor.admin {
+            return refuse(ApplyError::Denied("rotating keys needs the admin role".into()));
+        }
+        let mut cluster = self.cluster()?;
+        if let Some(k) = new_key {
+            let next = cluster.keys.iter().map(|(id, _)| *id).max().unwrap_or(0) + 1;
+            cluster.keys.push((next, k));
+        }
+        if let Some(id) = retire {
+            if cluster.current_key().is_some_and(|(cur, _)| cur == id) {
+                return refuse(ApplyError::Invalid(format!(
+                    "key {id} is the current signing key; add a new one first"
+                )));
+            }
+            let before = cluster.keys.len();
+            cluster.keys.retain(|(k, _)| *k != id);
+            if cluster.keys.len() == before {
+                return refuse(ApplyError::NotFound(format!("key {id}")));
+            }
+        }
+        self.delta.cluster = Some(cluster);
         Ok(Outcome::Done)
     }
 

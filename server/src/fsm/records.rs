@@ -232,6 +232,13 @@ pub enum Command {
         name: String,
         changes: VolumeChanges,
     },
+    /// Adds a signing key (it signs from now on; older keys still verify until retired), or
+    /// retires the key with id `retire` (tokens it signed stop working).
+    RotateKey {
+        actor: Actor,
+        new_key: Option<[u8; 32]>,
+        retire: Option<u32>,
+    },
 }
 
 /// Deterministic refusals: every replica reaches the same one, and a refused command changes

@@ -405,3 +405,33 @@ fn accounts_and_volume_settings_need_admin_and_stay_consistent() {
     .unwrap();
     assert!(!s.accounts.contains_key("bob"));
 }
+
+#[test]
+fn key_rotation_keeps_old_tokens_until_retired() {
+    let mut s = setup();
+    let rot = |new_key, retire| Command::RotateKey {
+        actor: admin(),
+        new_key,
+        retire,
+    };
+    s.apply(3, &rot(Some([2; 32]), None)).unwrap();
+    let c = s.cluster.clone().unwrap();
+    assert_eq!(c.current_key(), Some((2, [2; 32])));
+    assert_eq!(c.key(1), Some([1; 32]), "the old key still verifies");
+    assert!(
+        matches!(s.apply(4, &rot(None, Some(2))), Err(ApplyError::Invalid(_))),
+        "cannot retire the current key"
+    );
+    s.apply(5, &rot(None, Some(1))).unwrap();
+    assert_eq!(s.cluster.clone().unwrap().key(1), None);
+    assert!(matches!(s.apply(6, &rot(None, Some(7))), Err(ApplyError::NotFound(_))));
+    let user = Command::RotateKey {
+        actor: Actor {
+            user: "alice".into(),
+            admin: false,
+        },
+        new_key: Some([3; 32]),
+        retire: None,
+    };
+    assert!(matches!(s.apply(7, &user), Err(ApplyError::Denied(_))));
+}

@@ -176,6 +176,38 @@ impl pb::admin_server::Admin for AdminService {
         .await
     }
 
+    #[tracing::instrument(skip_all)]
+    async fn rotate_key(&self, req: Request<pb::RotateKeyRequest>) -> Result<Response<pb::KeyList>, Status> {
+        let node = self.0.clone();
+        self.leader_write(
+            req,
+            // The new key is drawn by the server that received the request.
+            |actor, r| {
+                Ok(Command::RotateKey {
+                    actor,
+                    new_key: r.add.then(rand::random::<[u8; 32]>),
+                    retire: r.retire,
+                })
+            },
+            move |_| {
+                let c = node
+                    .tables()
+                    .cluster()
+                    .map_err(|e| NodeError::Internal(e.to_string()))?;
+                let keys = c.map(|c| {
+                    (
+                        c.keys.iter().map(|(id, _)| *id).collect(),
+                        c.current_key().map_or(0, |(id, _)| id),
+                    )
+                });
+                let (key_ids, current) = keys.unwrap_or_default();
+                Ok(pb::KeyList { key_ids, current })
+            },
+            |mut c, r| async move { c.rotate_key(r).await },
+        )
+        .await
+    }
+
     async fn list_users(&self, req: Request<pb::Empty>) -> Result<Response<pb::UserList>, Status> {
         self.0.authenticate_admin(token_of(&req).as_deref()).map_err(status)?;
         let accounts = self

@@ -131,7 +131,11 @@ impl BlobStore {
         }
         let mut staged = Vec::new();
         for (h, data) in blobs {
-            if self.has(h) || staged.iter().any(|(s, _, _)| s == h) {
+            if self.has(h) {
+                self.touch(h);
+                continue;
+            }
+            if staged.iter().any(|(s, _, _)| s == h) {
                 continue;
             }
             let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
@@ -168,6 +172,14 @@ impl BlobStore {
             return Err(std::io::Error::last_os_error().into());
         }
         Ok(())
+    }
+
+    /// Refreshes a stored blob's mtime: garbage collection measures its grace period from it, so
+    /// content uploaded or confirmed again is not collected just before a commit references it.
+    pub fn touch(&self, h: &Hash) {
+        if let Ok(f) = std::fs::File::options().write(true).open(self.path(h)) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
     }
 
     /// Opens a stored blob for reading. The caller verifies while streaming (see `verify_read`).

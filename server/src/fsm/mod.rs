@@ -41,6 +41,9 @@ pub trait StateView {
 /// subscriber that needs them revalidates instead.
 pub const CHANGE_RETAIN: u64 = 4096;
 
+/// Deepest directory nesting a rename checks for cycles; deeper trees cannot be moved.
+pub const MAX_DIR_DEPTH: usize = 4096;
+
 /// The writes one command makes. `None` values are deletions.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Delta {
@@ -76,7 +79,7 @@ pub fn apply(view: &dyn StateView, index: u64, cmd: &Command) -> Result<(Delta, 
         Command::RotateKey { actor, new_key, retire } => txn.rotate_key(actor, *new_key, *retire),
     };
     match res {
-        Ok(outcome) => Ok((txn.finish(), Ok(outcome))),
+        Ok(outcome) => Ok((txn.finish()?, Ok(outcome))),
         Err(TxnError::Refused(e)) => Ok((Delta::default(), Err(e))),
         Err(TxnError::Store(e)) => Err(e),
     }
@@ -126,17 +129,16 @@ impl<'a> Txn<'a> {
         }
     }
 
-    fn finish(mut self) -> Delta {
+    fn finish(mut self) -> Result<Delta, StoreError> {
         for (hash, d) in std::mem::take(&mut self.blob_deltas) {
             if d != 0 {
-                // Reading a count cannot be refused; a store failure here was already possible
-                // above and would have surfaced, so fall back to 0 defensively.
-                let base = self.view.blobref(&hash).unwrap_or(0);
+                // A read failure must stop the replica, not silently reset the count.
+                let base = self.view.blobref(&hash)?;
                 let v = (i128::from(base) + i128::from(d)).max(0);
-                self.delta.blobrefs.insert(hash, u64::try_from(v).unwrap_or(0));
+                self.delta.blobrefs.insert(hash, u64::try_from(v).unwrap_or(u64::MAX));
             }
         }
-        self.delta
+        Ok(self.delta)
     }
 
     // ---- overlay reads
@@ -555,7 +557,7 @@ impl<'a> Txn<'a> {
                 });
                 self.blob_ref(hash, 1);
                 vol.used_files += 1;
-                vol.used_bytes += size;
+                vol.used_bytes = add_bytes(vol.used_bytes, size)?;
                 self.put_dirent(dir.ino, name, Some(ino));
                 let mut dir = self.object(dir.ino)?.unwrap_or(dir);
                 if *kind == Kind::Dir {
@@ -577,7 +579,7 @@ impl<'a> Txn<'a> {
                 }
                 self.blob_ref(o.hash, -1);
                 self.blob_ref(Some(*hash), 1);
-                vol.used_bytes = vol.used_bytes.saturating_sub(o.size) + size;
+                vol.used_bytes = add_bytes(vol.used_bytes.saturating_sub(o.size), *size)?;
                 o.hash = Some(*hash);
                 o.size = *size;
                 o.mtime_ns = if *mtime_ns == 0 { now_ns } else { *mtime_ns };
@@ -660,7 +662,10 @@ impl<'a> Txn<'a> {
                 if o.kind == Kind::Dir {
                     // A directory may not move into its own subtree.
                     let mut cur = dst_dir.ino;
-                    for _ in 0..codafs_common::names::MAX_PATH_DEPTH * 4 {
+                    // Walk up to the volume root; refuse if the target is below the source, and
+                    // also if the walk does not reach the root (never let a cycle form).
+                    let mut reached_root = false;
+                    for _ in 0..MAX_DIR_DEPTH {
                         if cur == o.ino {
                             return refuse(ApplyError::Invalid(format!("cannot move {from_name} into itself")));
                         }
@@ -668,9 +673,15 @@ impl<'a> Txn<'a> {
                             .object(cur)?
                             .ok_or_else(|| ApplyError::NotFound(format!("node {cur:#x}")))?;
                         if c.parent == cur {
+                            reached_root = true;
                             break;
                         }
                         cur = c.parent;
+                    }
+                    if !reached_root {
+                        return refuse(ApplyError::Invalid(format!(
+                            "directories nested deeper than {MAX_DIR_DEPTH} levels cannot be moved"
+                        )));
                     }
                 }
                 if let Some(target) = self.dirent(dst_dir.ino, to_name)? {
@@ -764,6 +775,21 @@ fn expect(expected: Option<u64>, actual: Option<&ObjectRec>, what: &str) -> TxnR
         }),
         _ => Ok(()),
     }
+}
+
+/// Largest file size a commit may declare (1 PiB): far above any real file, far below overflow.
+pub const MAX_FILE_SIZE: u64 = 1 << 50;
+
+/// Adds a file size to a volume's usage, refusing absurd sizes instead of overflowing (an
+/// overflow here would panic or wrap on every replica replaying the entry).
+fn add_bytes(used: u64, size: u64) -> TxnResult<u64> {
+    if size > MAX_FILE_SIZE {
+        return refuse(ApplyError::Invalid(format!(
+            "file size {size} exceeds the limit of {MAX_FILE_SIZE} bytes"
+        )));
+    }
+    used.checked_add(size)
+        .ok_or_else(|| ApplyError::Invalid("volume usage would overflow".into()).into())
 }
 
 fn check_quota(what: &str, limit: u64, before: u64, after: u64) -> TxnResult<()> {

@@ -157,9 +157,19 @@ pub struct Op {
 impl Op {
     /// Content hashes this operation makes the volume reference.
     pub fn referenced_hash(&self) -> Option<Hash> {
+        self.referenced_blob().map(|(h, _)| h)
+    }
+
+    /// Content hash and declared size this operation makes the volume reference.
+    pub fn referenced_blob(&self) -> Option<(Hash, u64)> {
         match &self.kind {
-            OpKind::Create { hash, .. } => *hash,
-            OpKind::SetContent { hash, .. } => Some(*hash),
+            OpKind::Create {
+                hash,
+                size,
+                kind: Kind::File,
+                ..
+            } => hash.map(|h| (h, *size)),
+            OpKind::SetContent { hash, size, .. } => Some((*hash, *size)),
             _ => None,
         }
     }

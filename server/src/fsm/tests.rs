@@ -435,3 +435,36 @@ fn key_rotation_keeps_old_tokens_until_retired() {
     };
     assert!(matches!(s.apply(7, &user), Err(ApplyError::Denied(_))));
 }
+
+#[test]
+fn absurd_sizes_are_refused_not_overflowed() {
+    let mut s = setup();
+    s.volumes.get_mut("www").unwrap().quota_bytes = 0;
+    let huge = |name: &str, size: u64| OpKind::Create {
+        parent: NodeRef::Path(String::new()),
+        name: name.into(),
+        kind: Kind::File,
+        mode: 0o644,
+        hash: Some(Hash::of(b"x")),
+        size,
+        symlink: String::new(),
+        replace: false,
+        uid: 0,
+        gid: 0,
+        mtime_ns: 0,
+    };
+    let before = s.clone();
+    assert!(matches!(
+        commit(&mut s, 3, "alice", vec![huge("a", u64::MAX)]),
+        Err(ApplyError::Invalid(_))
+    ));
+    commit(
+        &mut s,
+        4,
+        "alice",
+        vec![huge("a", MAX_FILE_SIZE), huge("b", MAX_FILE_SIZE)],
+    )
+    .unwrap();
+    assert_eq!(s.volumes["www"].used_bytes, 2 * MAX_FILE_SIZE);
+    assert_ne!(s, before);
+}

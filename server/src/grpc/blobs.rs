@@ -69,6 +69,9 @@ impl pb::blobs_server::Blobs for BlobService {
         }
         let witness = node.cfg.witness;
         let already = !witness && node.blobs.has(&hash);
+        if already {
+            node.blobs.touch(&hash);
+        }
         if header.forwarded {
             if witness {
                 return Err(Status::failed_precondition("a witness stores no blobs"));
@@ -200,9 +203,25 @@ impl pb::blobs_server::Blobs for BlobService {
             let parsed = convert::hash(&h)?;
             if witness || !self.0.blobs.has(&parsed) {
                 missing.push(h);
+            } else {
+                // Asked because a commit is about to reference it: restart its GC grace period.
+                self.0.blobs.touch(&parsed);
             }
         }
         Ok(Response::new(pb::MissingBlobsReply { missing }))
+    }
+}
+
+/// Sends on the stream's channel from the blocking reader thread, giving up after a minute
+/// if the client stopped reading (so a stalled reader cannot hold a blocking thread forever).
+fn send_blocking(
+    tx: &mpsc::Sender<Result<pb::BlobChunk, Status>>,
+    msg: Result<pb::BlobChunk, Status>,
+) -> Result<(), ()> {
+    let handle = tokio::runtime::Handle::current();
+    match handle.block_on(tokio::time::timeout(std::time::Duration::from_secs(60), tx.send(msg))) {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
     }
 }
 
@@ -270,7 +289,7 @@ fn stream_verified(
                 Ok(0) => break,
                 Ok(n) => filled += n,
                 Err(e) => {
-                    let _ = tx.blocking_send(Err(Status::internal(format!("reading blob: {e}"))));
+                    let _ = send_blocking(tx, Err(Status::internal(format!("reading blob: {e}"))));
                     return;
                 }
             }
@@ -295,7 +314,7 @@ fn stream_verified(
                 total_size: if first { len } else { 0 },
             };
             first = false;
-            if tx.blocking_send(Ok(msg)).is_err() {
+            if send_blocking(tx, Ok(msg)).is_err() {
                 return;
             }
         }
@@ -304,16 +323,22 @@ fn stream_verified(
     if codafs_common::Hash::from(hasher.finalize()) != hash || pos != len {
         node.blobs.quarantine(&hash);
         node.repair_kick.notify_one();
-        let _ = tx.blocking_send(Err(Status::data_loss(format!(
-            "stored copy of blob {hash} is corrupt; try another replica"
-        ))));
+        let _ = send_blocking(
+            tx,
+            Err(Status::data_loss(format!(
+                "stored copy of blob {hash} is corrupt; try another replica"
+            ))),
+        );
         return;
     }
     let last = held.unwrap_or_default();
     if !last.is_empty() || first {
-        let _ = tx.blocking_send(Ok(pb::BlobChunk {
-            data: last,
-            total_size: if first { len } else { 0 },
-        }));
+        let _ = send_blocking(
+            tx,
+            Ok(pb::BlobChunk {
+                data: last,
+                total_size: if first { len } else { 0 },
+            }),
+        );
     }
 }

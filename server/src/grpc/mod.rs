@@ -98,9 +98,15 @@ where
     while tokio::time::Instant::now() < deadline {
         let leader = node.wait_leader().await.map_err(status)?;
         if leader == node.id {
-            match local().await {
-                Err(NodeError::ForwardTo(..)) | Err(NodeError::NoLeader) => {}
-                other => return other.map_err(status),
+            // A leader cut off from its majority does not step down by itself: bound the wait.
+            match tokio::time::timeout_at(deadline, local()).await {
+                Err(_) => {
+                    return Err(Status::unavailable(
+                        "no majority answered in time; the change may or may not have been committed",
+                    ))
+                }
+                Ok(Err(NodeError::ForwardTo(..))) | Ok(Err(NodeError::NoLeader)) => {}
+                Ok(other) => return other.map_err(status),
             }
         } else if forwarded {
             return Err(Status::unavailable("not the leader (leadership is changing)"));

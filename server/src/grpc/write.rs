@@ -42,10 +42,10 @@ async fn commit_local(
         .volume(&body.volume)
         .map_err(|e| NodeError::Internal(e.to_string()))?
         .ok_or_else(|| NodeError::Refused(crate::fsm::ApplyError::NoSuchVolume(body.volume.clone())))?;
-    let mut hashes: Vec<_> = ops.iter().filter_map(|o| o.referenced_hash()).collect();
-    hashes.sort();
-    hashes.dedup();
-    node.check_blob_copies(&hashes, vol.write_quorum).await?;
+    let mut blobs: Vec<_> = ops.iter().filter_map(|o| o.referenced_blob()).collect();
+    blobs.sort();
+    blobs.dedup();
+    node.check_blob_copies(&blobs, vol.write_quorum).await?;
     let cmd = Command::Commit {
         actor,
         volume: body.volume.clone(),

@@ -53,6 +53,7 @@ pub struct Applied {
 pub struct StateMachine {
     tables: Tables,
     snapshot_path: PathBuf,
+    guard: SnapshotFileGuard,
     notices: broadcast::Sender<Notice>,
     applied_tx: watch::Sender<u64>,
 }
@@ -71,6 +72,7 @@ impl StateMachine {
         Ok((
             StateMachine {
                 tables,
+                guard: SnapshotFileGuard::for_file(&snapshot_path),
                 snapshot_path,
                 notices,
                 applied_tx,
@@ -166,6 +168,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
+            guard: self.guard.clone(),
             tables: self.tables.clone(),
             path: self.snapshot_path.clone(),
         }
@@ -184,7 +187,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let file: SnapshotFile = bincode::deserialize(&data)
             .map_err(|e| StoreErr::from(StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e))))?;
         self.tables.replace_all(&file.tables).map_err(write_err)?;
-        write_snapshot_file(&self.snapshot_path, &data)?;
+        self.guard
+            .write(&self.snapshot_path, &data, meta.last_log_id.map_or(0, |l| l.index))?;
         tracing::info!(last = ?meta.last_log_id, "installed snapshot");
         let _ = self.notices.send(Notice::Reset);
         self.applied_tx.send_replace(meta.last_log_id.map_or(0, |l| l.index));
@@ -205,19 +209,49 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 }
 
-fn write_snapshot_file(path: &std::path::Path, data: &[u8]) -> Result<(), StoreErr> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(write_err)?;
-    f.write_all(data).map_err(write_err)?;
-    f.sync_all().map_err(write_err)?;
-    std::fs::rename(&tmp, path).map_err(write_err)
+/// Serialises writes of the snapshot file (openraft builds snapshots in a task of their own,
+/// concurrently with installs) and remembers the newest one written, so an older snapshot never
+/// replaces a newer one.
+#[derive(Clone, Default)]
+pub struct SnapshotFileGuard(Arc<std::sync::Mutex<Option<u64>>>);
+
+impl SnapshotFileGuard {
+    /// A guard that knows the index of the snapshot already at `path`, if any.
+    fn for_file(path: &std::path::Path) -> Self {
+        #[derive(Deserialize)]
+        struct MetaOnly {
+            meta: SnapshotMeta<NodeId, NodeInfo>,
+        }
+        // bincode reads struct fields in order: this reads the metadata prefix only.
+        let index = std::fs::File::open(path)
+            .ok()
+            .and_then(|f| bincode::deserialize_from::<_, MetaOnly>(std::io::BufReader::new(f)).ok())
+            .map(|m| m.meta.last_log_id.map_or(0, |l| l.index));
+        SnapshotFileGuard(Arc::new(std::sync::Mutex::new(index)))
+    }
+
+    /// Writes `data` (the snapshot up to `index`) unless a newer snapshot is already there.
+    fn write(&self, path: &std::path::Path, data: &[u8], index: u64) -> Result<bool, StoreErr> {
+        use std::io::Write;
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|l| index < l) {
+            return Ok(false);
+        }
+        let tmp = path.with_extension(format!("tmp.{}", codafs_common::now_ns()));
+        let mut f = std::fs::File::create(&tmp).map_err(write_err)?;
+        f.write_all(data).map_err(write_err)?;
+        f.sync_all().map_err(write_err)?;
+        std::fs::rename(&tmp, path).map_err(write_err)?;
+        *last = Some(index);
+        Ok(true)
+    }
 }
 
 /// Builds snapshots from a consistent view of the tables.
 pub struct SnapshotBuilder {
     tables: Tables,
     path: PathBuf,
+    guard: SnapshotFileGuard,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -235,7 +269,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             tables,
         })
         .map_err(write_err)?;
-        write_snapshot_file(&self.path, &data)?;
+        let index = meta.last_log_id.map_or(0, |l| l.index);
+        if !self.guard.write(&self.path, &data, index)? {
+            tracing::info!(last = ?meta.last_log_id, "a newer snapshot was installed meanwhile; keeping it");
+        }
         tracing::info!(last = ?meta.last_log_id, bytes = data.len(), "built snapshot");
         Ok(Snapshot {
             meta,

@@ -122,6 +122,15 @@ impl Cluster {
         F: Fn(Channel) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
+        self.call_retrying(f, retryable).await
+    }
+
+    /// Like [`Cluster::call`], moving on to the next server only when `retry` says so.
+    pub async fn call_retrying<T, F, Fut>(&self, f: F, retry: fn(&Status) -> bool) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
         let mut errors = Vec::new();
         for i in self.order() {
             let (addr, ch) = &self.servers[i];
@@ -130,7 +139,7 @@ impl Cluster {
                     self.preferred.store(i, Ordering::Relaxed);
                     return Ok(v);
                 }
-                Err(s) if retryable(&s) => {
+                Err(s) if retry(&s) => {
                     tracing::debug!(server = %addr, error = %s.message(), "server failed; trying the next");
                     errors.push(format!("{addr}: {}", s.message()));
                 }
@@ -183,12 +192,17 @@ impl Cluster {
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    /// Commits a batch (any server forwards it to the leader).
+    /// Commits a batch (any server forwards it to the leader). Not idempotent: it moves on to
+    /// another server only when this one was unavailable, never after a timeout or a broken
+    /// call whose outcome is unknown (that error is returned, and the caller can check).
     pub async fn commit(&self, req: pb::CommitRequest) -> Result<pb::CommitReply, ClientError> {
-        self.call(|ch| {
-            let r = self.request(req.clone());
-            async move { Self::write(ch).commit(r).await.map(|r| r.into_inner()) }
-        })
+        self.call_retrying(
+            |ch| {
+                let r = self.request(req.clone());
+                async move { Self::write(ch).commit(r).await.map(|r| r.into_inner()) }
+            },
+            |s| s.code() == Code::Unavailable,
+        )
         .await
     }
 

@@ -101,7 +101,7 @@ where
             // A leader cut off from its majority does not step down by itself: bound the wait.
             match tokio::time::timeout_at(deadline, local()).await {
                 Err(_) => {
-                    return Err(Status::unavailable(
+                    return Err(Status::deadline_exceeded(
                         "no majority answered in time; the change may or may not have been committed",
                     ))
                 }

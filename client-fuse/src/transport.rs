@@ -206,6 +206,33 @@ impl Cluster {
         .await
     }
 
+    /// Every entry of a directory with its attributes, following pages (at most 1,000 pages of
+    /// 8,192 entries; a larger directory is refused rather than read forever).
+    pub async fn read_dir_all(&self, ino: u64) -> Result<Vec<(String, pb::Attr)>, ClientError> {
+        let mut out: Vec<(String, pb::Attr)> = Vec::new();
+        let mut after = String::new();
+        for _ in 0..1000 {
+            let page = self
+                .call(|ch| {
+                    let r = self.request(pb::ReadDirRequest {
+                        ino,
+                        after: after.clone(),
+                        limit: 8192,
+                    });
+                    async move { Self::meta(ch).read_dir(r).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            out.extend(page.entries.into_iter().filter_map(|e| e.attr.map(|a| (e.name, a))));
+            match (page.more, out.last()) {
+                (true, Some((last, _))) => after = last.clone(),
+                _ => return Ok(out),
+            }
+        }
+        Err(ClientError::Server(Status::out_of_range(format!(
+            "directory {ino:#x} has more than 8 M entries"
+        ))))
+    }
+
     /// Uploads a blob held in memory; returns the durable copy count.
     pub async fn put_blob(&self, data: bytes::Bytes, write_quorum: u32) -> Result<u32, ClientError> {
         let hash = Hash::of(&data);

@@ -201,43 +201,19 @@ async fn remote_tree(c: &Cluster, volume: &str, base: &str) -> Result<BTreeMap<S
     }
     let mut stack = vec![(root.ino, String::new())];
     while let Some((ino, rel)) = stack.pop() {
-        let mut after = String::new();
-        loop {
-            let page = c
-                .call(|ch| {
-                    let r = c.request(pb::ReadDirRequest {
-                        ino,
-                        after: after.clone(),
-                        limit: 8192,
-                    });
-                    async move { Cluster::meta(ch).read_dir(r).await.map(|r| r.into_inner()) }
-                })
-                .await?;
-            for e in &page.entries {
-                let Some(a) = &e.attr else { continue };
-                let p = if rel.is_empty() {
-                    e.name.clone()
-                } else {
-                    format!("{rel}/{}", e.name)
-                };
-                if a.kind == pb::ObjectKind::Directory as i32 {
-                    stack.push((a.ino, p.clone()));
-                }
-                out.insert(
-                    p,
-                    Remote {
-                        kind: a.kind,
-                        mode: a.mode,
-                        hash: a.hash.to_vec(),
-                        symlink: a.symlink_target.clone(),
-                        version: a.version,
-                    },
-                );
+        for (name, a) in c.read_dir_all(ino).await? {
+            let p = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+            if a.kind == pb::ObjectKind::Directory as i32 {
+                stack.push((a.ino, p.clone()));
             }
-            match (page.more, page.entries.last()) {
-                (true, Some(last)) => after = last.name.clone(),
-                _ => break,
-            }
+            let r = Remote {
+                kind: a.kind,
+                mode: a.mode,
+                hash: a.hash.to_vec(),
+                symlink: a.symlink_target,
+                version: a.version,
+            };
+            out.insert(p, r);
         }
     }
     Ok(out)

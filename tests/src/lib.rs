@@ -29,6 +29,17 @@ pub fn codafs_bin() -> PathBuf {
     bin
 }
 
+/// Whole-test deadline: a hung test fails with a message instead of running into CI's limit.
+pub const TEST_DEADLINE: Duration = Duration::from_secs(180);
+
+/// Runs a test body under [`TEST_DEADLINE`], failing on error or timeout.
+pub async fn bounded<F: Future<Output = Result<()>>>(f: F) {
+    match tokio::time::timeout(TEST_DEADLINE, f).await {
+        Ok(r) => r.unwrap(),
+        Err(_) => panic!("test exceeded {TEST_DEADLINE:?}"),
+    }
+}
+
 /// A free loopback port (bound and released; the server binds it right after).
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
@@ -271,6 +282,16 @@ impl TestCluster {
             .await
             .map_err(|e| self.with_logs(e))?;
         self.leader().await
+    }
+
+    /// A volume's settings and usage, as the servers report them.
+    pub async fn volume_info(&self, name: &str) -> Result<pb::VolumeInfo> {
+        let c = self.client();
+        Ok(c.call(|ch| {
+            let r = c.request(pb::VolumeName { name: name.into() });
+            async move { Cluster::admin(ch).get_volume(r).await.map(|r| r.into_inner()) }
+        })
+        .await?)
     }
 
     /// Where server `i` keeps blob `h` on disk.

@@ -1,20 +1,12 @@
 //! End-to-end tests of the replicated server core with real `codafs server` processes.
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Context;
 use codafs_common::Hash;
 use codafs_proto::pb;
-use codafs_tests::{wait_until, ClusterOpts, TestCluster};
+use codafs_tests::{bounded, wait_until, ClusterOpts, TestCluster};
 
 /// Whole-test deadline: a hung test fails with a message instead of running into CI's limit.
-const TEST_DEADLINE: Duration = Duration::from_secs(180);
-
-async fn bounded<F: std::future::Future<Output = Result<()>>>(f: F) {
-    match tokio::time::timeout(TEST_DEADLINE, f).await {
-        Ok(r) => r.unwrap(),
-        Err(_) => panic!("test exceeded {TEST_DEADLINE:?}"),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn commit_is_readable_from_every_replica_with_witness() {
@@ -294,17 +286,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
             tonic::Code::Unauthenticated
         );
         // Nothing changed.
-        let info = c
-            .call(|ch| {
-                let r = c.request(pb::VolumeName { name: "www".into() });
-                async move {
-                    codafs_client::Cluster::admin(ch)
-                        .get_volume(r)
-                        .await
-                        .map(|r| r.into_inner())
-                }
-            })
-            .await?;
+        let info = tc.volume_info("www").await?;
         assert_eq!((info.version, info.used_files), (vol.version, 0));
         Ok(())
     })

@@ -5,17 +5,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use codafs_client::ops;
 use codafs_common::Hash;
-use codafs_proto::pb;
-use codafs_tests::{fs_call, read_file, wait_until, ClusterOpts, Mount, TestCluster};
-
-const TEST_DEADLINE: Duration = Duration::from_secs(180);
-
-async fn bounded<F: std::future::Future<Output = Result<()>>>(f: F) {
-    match tokio::time::timeout(TEST_DEADLINE, f).await {
-        Ok(r) => r.unwrap(),
-        Err(_) => panic!("test exceeded {TEST_DEADLINE:?}"),
-    }
-}
+use codafs_tests::{bounded, fs_call, read_file, wait_until, ClusterOpts, Mount, TestCluster};
 
 async fn blob_gets(tc: &TestCluster) -> u64 {
     let mut n = 0;
@@ -409,17 +399,7 @@ async fn every_mutating_syscall_is_refused_with_erofs() {
         }
         assert_eq!(read_file(&w.join("f.html"))?, b"keep me");
         // Nothing reached the servers either.
-        let info = c
-            .call(|ch| {
-                let r = c.request(pb::VolumeName { name: "www".into() });
-                async move {
-                    codafs_client::Cluster::admin(ch)
-                        .get_volume(r)
-                        .await
-                        .map(|r| r.into_inner())
-                }
-            })
-            .await?;
+        let info = tc.volume_info("www").await?;
         assert_eq!((info.used_files, info.version), (2, version));
         Ok(())
     })

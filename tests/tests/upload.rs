@@ -237,12 +237,7 @@ async fn quota_overrun_is_refused_with_the_limit_and_changes_nothing() {
             e.contains("quota exceeded: bytes would be 2500, limit 2000 (over by 500)"),
             "{e}"
         );
-        let after = c
-            .call(|ch| {
-                let r = c.request(pb::VolumeName { name: "www".into() });
-                async move { Cluster::admin(ch).get_volume(r).await.map(|r| r.into_inner()) }
-            })
-            .await?;
+        let after = tc.volume_info("www").await?;
         assert_eq!(
             (after.version, after.used_files, after.used_bytes),
             (before.version, 0, 0)

@@ -98,32 +98,7 @@ impl Remote for GrpcRemote {
     }
 
     async fn readdir(&self, ino: u64) -> Result<Vec<(String, pb::Attr)>, FsError> {
-        let c = &self.cluster;
-        let mut out = Vec::new();
-        let mut after = String::new();
-        // Bounded: a directory of more than 1,000 pages (8 M entries) is refused.
-        for _ in 0..1000 {
-            let page = c
-                .call(|ch| {
-                    let r = c.request(pb::ReadDirRequest {
-                        ino,
-                        after: after.clone(),
-                        limit: 8192,
-                    });
-                    async move { Cluster::meta(ch).read_dir(r).await.map(|r| r.into_inner()) }
-                })
-                .await?;
-            for e in page.entries {
-                if let Some(a) = e.attr {
-                    out.push((e.name, a));
-                }
-            }
-            match (page.more, out.last()) {
-                (true, Some((last, _))) => after = last.clone(),
-                _ => return Ok(out),
-            }
-        }
-        Err(FsError::Io(format!("directory {ino:#x} is too large")))
+        Ok(self.cluster.read_dir_all(ino).await?)
     }
 
     async fn fetch_blob(&self, hash: Hash, sink: &mut dyn ChunkSink) -> Result<(), FsError> {

@@ -136,58 +136,14 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::{self, Tables};
+    use crate::db;
     use crate::fsm::*;
     use codafs_common::Hash;
     use tokio::sync::watch;
 
     /// A volume with more commits than the kept history, applied to real RocksDB tables.
     fn tables_with_history(commits: u64) -> (tempfile::TempDir, Applied) {
-        let dir = tempfile::tempdir().unwrap();
-        let tables = Tables {
-            db: db::open(dir.path()).unwrap(),
-        };
-        let mut mem = mem::MemState::default();
-        let admin = AccountRec {
-            name: "admin".into(),
-            admin: true,
-            password_hash: String::new(),
-            created_ns: 0,
-        };
-        let actor = Actor {
-            user: "admin".into(),
-            admin: true,
-        };
-        let spec = VolumeSpec {
-            name: "www".into(),
-            owner: "admin".into(),
-            quota_bytes: 0,
-            quota_files: 0,
-            write_quorum: 1,
-            public_read: true,
-        };
-        db::apply_to_both(
-            &tables,
-            &mut mem,
-            1,
-            &Command::Bootstrap {
-                cluster_id: "c".into(),
-                key: [0; 32],
-                admin,
-            },
-        )
-        .unwrap();
-        db::apply_to_both(
-            &tables,
-            &mut mem,
-            2,
-            &Command::CreateVolume {
-                actor: actor.clone(),
-                spec,
-                now_ns: 0,
-            },
-        )
-        .unwrap();
+        let (dir, tables, mut mem, actor) = db::www_fixture();
         for i in 0..commits {
             let op = Op {
                 expect_version: None,

@@ -324,6 +324,59 @@ pub fn apply_to_both(
     Ok(())
 }
 
+/// A bootstrapped state with volume `www` owned by `admin`, applied as entries 1 and 2 to real
+/// RocksDB tables and to the in-memory reference, for tests that continue from there.
+#[cfg(test)]
+pub(crate) fn www_fixture() -> (tempfile::TempDir, Tables, fsm::mem::MemState, fsm::Actor) {
+    use crate::fsm::{AccountRec, Actor, Command, VolumeSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let tables = Tables {
+        db: open(dir.path()).unwrap(),
+    };
+    let mut mem = fsm::mem::MemState::default();
+    let admin = AccountRec {
+        name: "admin".into(),
+        admin: true,
+        password_hash: String::new(),
+        created_ns: 0,
+    };
+    let actor = Actor {
+        user: "admin".into(),
+        admin: true,
+    };
+    let spec = VolumeSpec {
+        name: "www".into(),
+        owner: "admin".into(),
+        quota_bytes: 0,
+        quota_files: 0,
+        write_quorum: 2,
+        public_read: true,
+    };
+    apply_to_both(
+        &tables,
+        &mut mem,
+        1,
+        &Command::Bootstrap {
+            cluster_id: "c".into(),
+            key: [3; 32],
+            admin,
+        },
+    )
+    .unwrap();
+    apply_to_both(
+        &tables,
+        &mut mem,
+        2,
+        &Command::CreateVolume {
+            actor: actor.clone(),
+            spec,
+            now_ns: 1,
+        },
+    )
+    .unwrap();
+    (dir, tables, mem, actor)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,41 +384,8 @@ mod tests {
 
     #[test]
     fn rocksdb_tables_match_the_reference_state() {
-        let dir = tempfile::tempdir().unwrap();
-        let tables = Tables {
-            db: open(dir.path()).unwrap(),
-        };
-        let mut mem = fsm::mem::MemState::default();
-        let admin = AccountRec {
-            name: "admin".into(),
-            admin: true,
-            password_hash: String::new(),
-            created_ns: 0,
-        };
-        let actor = Actor {
-            user: "admin".into(),
-            admin: true,
-        };
-        let spec = VolumeSpec {
-            name: "www".into(),
-            owner: "admin".into(),
-            quota_bytes: 0,
-            quota_files: 0,
-            write_quorum: 2,
-            public_read: true,
-        };
-        let mut cmds = vec![
-            Command::Bootstrap {
-                cluster_id: "c".into(),
-                key: [3; 32],
-                admin,
-            },
-            Command::CreateVolume {
-                actor: actor.clone(),
-                spec,
-                now_ns: 1,
-            },
-        ];
+        let (_dir, tables, mut mem, actor) = www_fixture();
+        let mut cmds = Vec::new();
         for i in 0..50u32 {
             let mk = |name: String, kind: Kind, content: Option<&[u8]>| Op {
                 expect_version: None,
@@ -401,7 +421,7 @@ mod tests {
             });
         }
         for (i, c) in cmds.iter().enumerate() {
-            apply_to_both(&tables, &mut mem, i as u64 + 1, c).unwrap();
+            apply_to_both(&tables, &mut mem, i as u64 + 3, c).unwrap();
         }
         let root = codafs_common::make_ino(1, 1);
         assert_eq!(

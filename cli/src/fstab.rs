@@ -1,7 +1,7 @@
 //! `mount.codafs`: the helper mount(8) runs for `codafs` lines in /etc/fstab, e.g.
 //!
 //! ```text
-//! /etc/codafs/client.toml  /coda  codafs  cache_size=10G,_netdev  0 0
+//! /etc/codafs/client.toml  /coda  codafs  ro,cache_size=10G,_netdev  0 0
 //! ```
 //!
 //! mount(8) calls `mount.codafs SOURCE MOUNTPOINT [-sfnv] [-o OPTIONS]`; this turns that into
@@ -9,9 +9,9 @@
 //! `ln -s $(command -v codafs) /sbin/mount.codafs`.
 use std::ffi::OsString;
 
-/// Options mount(8) passes that mean nothing to codafs (the mount is read-only regardless).
+/// Options mount(8) passes that mean nothing to codafs (`ro` means `--read-only`).
 const IGNORED: &[&str] = &[
-    "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "ro", "rw", "exec", "noexec", "suid",
+    "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail", "rw", "exec", "noexec", "suid",
     "nosuid", "dev", "nodev", "atime", "noatime", "relatime",
 ];
 
@@ -63,6 +63,7 @@ pub fn translate(args: &[OsString]) -> Result<Vec<OsString>, String> {
             ("cache_dir", Some(v)) => out.extend(["--cache-dir".into(), v.into()]),
             ("cache_size", Some(v)) => out.extend(["--cache-size".into(), v.into()]),
             ("timeout", Some(v)) => out.extend(["--timeout".into(), v.into()]),
+            ("ro", None) => out.push("--read-only".into()),
             (k, None) if IGNORED.contains(&k) => {}
             _ => {
                 return Err(format!(

@@ -38,9 +38,10 @@ enum Cmd {
     /// Manage accounts (admin): add, list, passwd, remove.
     #[command(subcommand)]
     User(user::UserCmd),
-    /// Log in: exchange a password for a token, stored for later commands.
+    /// Log in: exchange a password for a token, stored for later commands and handed to every
+    /// running mount, which then accepts writes from your uid.
     Login(user::LoginArgs),
-    /// Forget the stored token.
+    /// Forget the stored token and drop it from every running mount.
     Logout,
     /// Publish a local directory into VOLUME[:PATH] as one atomic commit.
     Upload(upload::UploadArgs),

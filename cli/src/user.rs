@@ -206,7 +206,8 @@ pub struct LoginArgs {
     client: ClientOpts,
 }
 
-/// `codafs login USER`: exchanges the password for a token and stores it (mode 0600).
+/// `codafs login USER`: exchanges the password for a token, stores it (mode 0600) and hands it
+/// to every running mount, which uses it for this uid's writes.
 pub async fn login(a: LoginArgs) -> Result<()> {
     let path = token_path().context("no place for the token: set HOME or CODAFS_TOKEN_FILE")?;
     let pw = a.password.read(&format!("password for {}: ", a.user), false)?;
@@ -238,6 +239,13 @@ pub async fn login(a: LoginArgs) -> Result<()> {
     std::fs::rename(&tmp, &path)?;
     let hours = reply.expires.saturating_sub(codafs_common::token::unix_now()) / 3600;
     println!("logged in as {} for {hours} h (token in {})", a.user, path.display());
+    // Mounts take the token for this uid only (they read it from the socket, not from us).
+    for (mnt, v) in crate::mount::tell_mounts(&format!("login {}", reply.token)) {
+        match v["error"].as_str() {
+            None => println!("mount {mnt}: writes by uid {} now use this token", v["uid"]),
+            Some(e) => eprintln!("mount {mnt}: token refused: {e}"),
+        }
+    }
     Ok(())
 }
 
@@ -246,8 +254,16 @@ pub fn logout() -> Result<()> {
     let path = token_path().context("no token location (HOME unset)")?;
     match std::fs::remove_file(&path) {
         Ok(()) => println!("logged out ({} removed)", path.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => println!("not logged in"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => println!("no token file"),
         Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+    for (mnt, v) in crate::mount::tell_mounts("logout") {
+        if v["had_token"].as_bool() == Some(true) {
+            println!(
+                "mount {mnt}: token of uid {} dropped; the mount is read-only for it",
+                v["uid"]
+            );
+        }
     }
     Ok(())
 }

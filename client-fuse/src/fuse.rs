@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, KernelConfig, Notifier, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, Notifier,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::core::remote::Remote;
+use crate::core::write::{Caller, SetAttrs};
 use crate::core::{Core, FsError, Invalidation, NodeAttr, NodeKind};
 
 /// How long the kernel may cache entries and attributes. Long, because callbacks invalidate.
@@ -27,21 +28,53 @@ pub trait Invalidator: Send + Sync + 'static {
     fn invalidate(&self, inv: &Invalidation);
 }
 
-/// Invalidation through the FUSE notifier.
-pub struct KernelInvalidator(pub Notifier);
+/// Invalidation through the FUSE notifier, on a thread of its own.
+///
+/// A kernel entry invalidation waits for the directory's lock, which the kernel holds while one
+/// of our own replies is pending (a `create` in that directory, say). Done on a tokio worker, it
+/// can block the very worker that would send that reply (tasks in a worker's LIFO slot are not
+/// stolen), and the mount deadlocks. A dedicated thread only waits until the reply is sent.
+pub struct KernelInvalidator {
+    tx: std::sync::Mutex<std::sync::mpsc::Sender<Invalidation>>,
+}
+
+impl KernelInvalidator {
+    pub fn new(notifier: Notifier) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<Invalidation>();
+        std::thread::Builder::new().name("codafs-inval".into()).spawn(move || {
+            // Ends when every sender is gone (the mount is shutting down).
+            while let Ok(inv) = rx.recv() {
+                invalidate_now(&notifier, &inv);
+            }
+        })?;
+        Ok(KernelInvalidator {
+            tx: std::sync::Mutex::new(tx),
+        })
+    }
+}
+
+fn invalidate_now(n: &Notifier, inv: &Invalidation) {
+    // ENOENT just means the kernel does not hold that node or name: nothing to drop.
+    for (parent, name) in &inv.entries {
+        if let Err(e) = n.inval_entry(INodeNo(*parent), OsStr::new(name)) {
+            tracing::trace!(parent, %name, error = %e, "inval_entry");
+        }
+    }
+    for ino in &inv.inodes {
+        if let Err(e) = n.inval_inode(INodeNo(*ino), 0, 0) {
+            tracing::trace!(ino, error = %e, "inval_inode");
+        }
+    }
+}
 
 impl Invalidator for KernelInvalidator {
     fn invalidate(&self, inv: &Invalidation) {
-        // ENOENT just means the kernel does not hold that node or name: nothing to drop.
-        for (parent, name) in &inv.entries {
-            if let Err(e) = self.0.inval_entry(INodeNo(*parent), OsStr::new(name)) {
-                tracing::trace!(parent, %name, error = %e, "inval_entry");
-            }
+        if inv.entries.is_empty() && inv.inodes.is_empty() {
+            return;
         }
-        for ino in &inv.inodes {
-            if let Err(e) = self.0.inval_inode(INodeNo(*ino), 0, 0) {
-                tracing::trace!(ino, error = %e, "inval_inode");
-            }
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        if tx.send(inv.clone()).is_err() {
+            tracing::debug!("invalidation thread gone (shutting down)");
         }
     }
 }
@@ -50,6 +83,10 @@ impl Invalidator for KernelInvalidator {
 pub struct CodaFs<R: Remote> {
     pub core: Arc<Core<R>>,
     pub rt: tokio::runtime::Handle,
+    /// `--read-only`: keep the no-open fast path (open/flush answer ENOSYS).
+    pub read_only: bool,
+    /// Kernel invalidations for the daemon's own needs (set once the session exists).
+    pub inval: Arc<std::sync::OnceLock<Arc<dyn Invalidator>>>,
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -78,7 +115,7 @@ pub fn file_attr(a: &NodeAttr) -> FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
         blocks: a.size.div_ceil(512),
-        atime: time(a.mtime_ns),
+        atime: time(a.atime_ns),
         mtime: time(a.mtime_ns),
         ctime: time(a.ctime_ns),
         crtime: time(a.ctime_ns),
@@ -114,13 +151,19 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.core.stats.fuse_request("lookup");
         let Some(name) = name_str(name) else {
             return reply.error(Errno::ENOENT);
         };
         let core = self.core.clone();
+        let check = (!self.read_only).then(|| caller(req));
         self.spawn(tracing::debug_span!("lookup", parent = parent.0, %name), async move {
+            if let Some(c) = check {
+                if let Err(e) = core.check_access(c, parent.0, libc::X_OK).await {
+                    return reply.error(errno(&e));
+                }
+            }
             match core.lookup(parent.0, &name).await {
                 Ok(a) => reply.entry(&KERNEL_TTL, &file_attr(&a), Generation(a.generation)),
                 Err(e) => reply.error(errno(&e)),
@@ -150,10 +193,25 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         });
     }
 
-    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.core.stats.fuse_request("open");
-        // No-open mode: the kernel keeps the page cache and never asks again.
-        reply.error(Errno::ENOSYS);
+        if self.read_only {
+            // No-open mode: the kernel keeps the page cache and never asks again.
+            return reply.error(Errno::ENOSYS);
+        }
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(tracing::debug_span!("open", ino = ino.0), async move {
+            if flags.0 & libc::O_ACCMODE != libc::O_WRONLY {
+                if let Err(e) = core.check_access(c, ino.0, libc::R_OK).await {
+                    return reply.error(errno(&e));
+                }
+            }
+            match core.open(c, ino.0, flags.0).await {
+                // Keep the page cache: callbacks invalidate it when the content changes.
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -162,9 +220,17 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         reply.error(Errno::ENOSYS);
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lo: fuser::LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _lo: fuser::LockOwner, reply: ReplyEmpty) {
         self.core.stats.fuse_request("flush");
-        reply.error(Errno::ENOSYS);
+        if self.read_only {
+            return reply.error(Errno::ENOSYS);
+        }
+        if fh.0 == 0 {
+            // A read-only handle: nothing to store.
+            return reply.ok();
+        }
+        // close(2): store a changed file; a failure is close's error.
+        self.store(tracing::debug_span!("flush", ino = ino.0), fh, reply);
     }
 
     fn read(
@@ -188,10 +254,16 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         });
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(&self, req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         self.core.stats.fuse_request("readdir");
         let core = self.core.clone();
+        let check = (!self.read_only).then(|| caller(req));
         self.spawn(tracing::debug_span!("readdir", ino = ino.0, offset), async move {
+            if let Some(c) = check {
+                if let Err(e) = core.check_access(c, ino.0, libc::R_OK).await {
+                    return reply.error(errno(&e));
+                }
+            }
             let entries = match core.readdir(ino.0).await {
                 Ok(e) => e,
                 Err(e) => return reply.error(errno(&e)),
@@ -209,10 +281,16 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         });
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(&self, req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         self.core.stats.fuse_request("readdir");
         let core = self.core.clone();
+        let check = (!self.read_only).then(|| caller(req));
         self.spawn(tracing::debug_span!("readdirplus", ino = ino.0, offset), async move {
+            if let Some(c) = check {
+                if let Err(e) = core.check_access(c, ino.0, libc::R_OK).await {
+                    return reply.error(errno(&e));
+                }
+            }
             let entries = match core.readdir(ino.0).await {
                 Ok(e) => e,
                 Err(e) => return reply.error(errno(&e)),
@@ -268,19 +346,19 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         );
     }
 
-    // ---- everything that would change the tree: the mount is read-only (EROFS)
+    // ---- changes: each needs the caller's token (EROFS without one, or on a --read-only mount)
 
     #[allow(clippy::too_many_arguments)]
     fn setattr(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
-        _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
@@ -290,87 +368,275 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         reply: ReplyAttr,
     ) {
         self.core.stats.fuse_request("write_ops");
-        reply.error(Errno::EROFS);
+        let (core, c) = (self.core.clone(), caller(req));
+        let s = SetAttrs {
+            mode,
+            uid,
+            gid,
+            size,
+            atime_ns: atime.map(time_ns),
+            mtime_ns: mtime.map(time_ns),
+        };
+        self.spawn(tracing::debug_span!("setattr", ino = ino.0), async move {
+            match core.setattr(c, ino.0, s).await {
+                Ok(a) => reply.attr(&KERNEL_TTL, &file_attr(&a)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
     }
 
-    fn mknod(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
         self.core.stats.fuse_request("write_ops");
-        reply.error(Errno::EROFS);
+        let Some(name) = name_str(name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(tracing::debug_span!("mknod", parent = parent.0, %name), async move {
+            entry(reply, core.mknod(c, parent.0, &name, mode & !umask).await);
+        });
     }
 
-    fn mkdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         self.core.stats.fuse_request("write_ops");
-        reply.error(Errno::EROFS);
+        let Some(name) = name_str(name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(tracing::debug_span!("mkdir", parent = parent.0, %name), async move {
+            entry(reply, core.mkdir(c, parent.0, &name, mode & !umask).await);
+        });
     }
 
-    fn unlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
-        self.core.stats.fuse_request("write_ops");
-        reply.error(Errno::EROFS);
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(req, parent, name, false, reply);
     }
 
-    fn rmdir(&self, _req: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
-        self.core.stats.fuse_request("write_ops");
-        reply.error(Errno::EROFS);
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(req, parent, name, true, reply);
     }
 
-    fn symlink(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _t: &Path, reply: ReplyEntry) {
+    fn symlink(&self, req: &Request, parent: INodeNo, name: &OsStr, target: &Path, reply: ReplyEntry) {
         self.core.stats.fuse_request("write_ops");
-        reply.error(Errno::EROFS);
+        let (Some(name), Some(target)) = (name_str(name), target.to_str().map(str::to_string)) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(tracing::debug_span!("symlink", parent = parent.0, %name), async move {
+            entry(reply, core.symlink(c, parent.0, &name, &target).await);
+        });
     }
 
     fn rename(
         &self,
-        _req: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _np: INodeNo,
-        _nn: &OsStr,
-        _f: RenameFlags,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        new_parent: INodeNo,
+        new_name: &OsStr,
+        flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
         self.core.stats.fuse_request("write_ops");
-        reply.error(Errno::EROFS);
+        let (Some(name), Some(new_name)) = (name_str(name), name_str(new_name)) else {
+            return reply.error(Errno::EINVAL);
+        };
+        if flags.intersects(RenameFlags::RENAME_EXCHANGE | RenameFlags::RENAME_WHITEOUT) {
+            return reply.error(Errno::EINVAL);
+        }
+        let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(tracing::debug_span!("rename", parent = parent.0, %name), async move {
+            let r = core
+                .rename(c, parent.0, &name, new_parent.0, &new_name, noreplace)
+                .await;
+            done(reply, r);
+        });
     }
 
-    fn link(&self, _req: &Request, _i: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
+    fn link(&self, req: &Request, ino: INodeNo, new_parent: INodeNo, new_name: &OsStr, reply: ReplyEntry) {
         self.core.stats.fuse_request("write_ops");
-        reply.error(Errno::EROFS);
+        let Some(new_name) = name_str(new_name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(tracing::debug_span!("link", ino = ino.0, %new_name), async move {
+            entry(reply, core.link(c, ino.0, new_parent.0, &new_name).await);
+        });
     }
 
-    fn create(&self, _req: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
         self.core.stats.fuse_request("write_ops");
-        reply.error(Errno::EROFS);
+        let Some(name) = name_str(name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(tracing::debug_span!("create", parent = parent.0, %name), async move {
+            match core.create(c, parent.0, &name, mode & !umask).await {
+                Ok((a, fh)) => reply.created(
+                    &KERNEL_TTL,
+                    &file_attr(&a),
+                    Generation(a.generation),
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                ),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
     }
 
     #[allow(clippy::too_many_arguments)]
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _data: &[u8],
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
         _wf: WriteFlags,
         _flags: OpenFlags,
         _lo: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
         self.core.stats.fuse_request("write_ops");
-        reply.error(Errno::EROFS);
+        let _span = tracing::trace_span!("write", ino = ino.0, offset, len = data.len()).entered();
+        // A local pwrite to the shadow: done inline, no server involved.
+        match self.core.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.core.stats.fuse_request("flush");
+        self.store(tracing::debug_span!("fsync", ino = ino.0), fh, reply);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let (core, inval) = (self.core.clone(), self.inval.clone());
+        self.spawn(tracing::debug_span!("release", ino = ino.0), async move {
+            let dropped = core.release(fh.0).await;
+            reply.ok();
+            if dropped {
+                // The page cache still holds the bytes that were never committed.
+                if let Some(i) = inval.get() {
+                    i.invalidate(&Invalidation {
+                        inodes: vec![ino.0],
+                        entries: Vec::new(),
+                    });
+                }
+            }
+        });
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        let (core, c) = (self.core.clone(), caller(req));
+        let read_only = self.read_only;
+        self.spawn(tracing::debug_span!("access", ino = ino.0), async move {
+            let mask = mask.bits();
+            if read_only && mask & libc::W_OK != 0 {
+                return reply.error(Errno::EROFS);
+            }
+            done(reply, core.access(c, ino.0, mask).await);
+        });
     }
 
     fn setxattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
         self.core.stats.fuse_request("write_ops");
-        reply.error(Errno::EROFS);
+        reply.error(if self.read_only { Errno::EROFS } else { Errno::ENOTSUP });
     }
 
     fn removexattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
         self.core.stats.fuse_request("write_ops");
-        reply.error(Errno::EROFS);
+        reply.error(if self.read_only { Errno::EROFS } else { Errno::ENOTSUP });
     }
 
     fn fallocate(&self, _req: &Request, _i: INodeNo, _fh: FileHandle, _o: u64, _l: u64, _m: i32, reply: ReplyEmpty) {
         self.core.stats.fuse_request("write_ops");
-        reply.error(Errno::EROFS);
+        reply.error(if self.read_only {
+            Errno::EROFS
+        } else {
+            Errno::EOPNOTSUPP
+        });
+    }
+}
+
+impl<R: Remote> CodaFs<R> {
+    /// Stores the file behind `fh` if it changed; the error is what close/fsync return.
+    fn store(&self, span: tracing::Span, fh: FileHandle, reply: ReplyEmpty) {
+        let core = self.core.clone();
+        self.spawn(span, async move { done(reply, core.flush(fh.0).await) });
+    }
+
+    fn remove(&self, req: &Request, parent: INodeNo, name: &OsStr, dir: bool, reply: ReplyEmpty) {
+        self.core.stats.fuse_request("write_ops");
+        let Some(name) = name_str(name) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(
+            tracing::debug_span!("remove", parent = parent.0, %name, dir),
+            async move {
+                done(reply, core.remove(c, parent.0, &name, dir).await);
+            },
+        );
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn done(reply: ReplyEmpty, r: Result<(), FsError>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn entry(reply: ReplyEntry, r: Result<NodeAttr, FsError>) {
+    match r {
+        Ok(a) => reply.entry(&KERNEL_TTL, &file_attr(&a), Generation(a.generation)),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn time_ns(t: TimeOrNow) -> i64 {
+    let t = match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    };
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
     }
 }

@@ -7,6 +7,7 @@ pub mod core;
 pub mod fuse;
 pub mod mount;
 pub mod ops;
+pub mod tokens;
 pub mod transport;
 pub mod upload;
 

@@ -10,8 +10,10 @@ use tokio::sync::watch;
 use crate::cache::blobs::BlobCache;
 use crate::cache::meta::MetaStore;
 use crate::core::remote::{GrpcRemote, Remote};
+use crate::core::write::WriteState;
 use crate::core::{Core, CoreConfig};
 use crate::fuse::{CodaFs, Invalidator, KernelInvalidator};
+use crate::tokens::TokenTable;
 use crate::transport::Cluster;
 
 /// Settings of one mount.
@@ -24,6 +26,9 @@ pub struct MountConfig {
     pub op_timeout: Duration,
     /// How often the volume list is refreshed (new and deleted volumes under `/coda`).
     pub volume_poll: Duration,
+    /// Refuse every change whatever tokens exist (web nodes). Also mounts read-only in the
+    /// kernel and keeps the zero-request warm read path (no open/flush/release requests).
+    pub read_only: bool,
 }
 
 /// Mount failures.
@@ -63,6 +68,9 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     let blobs = BlobCache::open(&cfg.cache_dir, cfg.cache_size).map_err(|e| setup(&e))?;
     let mut cluster = Cluster::new(&cfg.servers, None).map_err(|e| setup(&e))?;
     cluster.call_timeout = cfg.op_timeout;
+    let tokens = TokenTable::load(&cfg.cache_dir.join("tokens")).map_err(|e| setup(&format!("token store: {e}")))?;
+    let writes = WriteState::new(tokens, cfg.read_only, cfg.cache_dir.join("shadow"))
+        .map_err(|e| setup(&format!("shadow directory: {e}")))?;
     let core = Arc::new(
         Core::new(
             GrpcRemote::new(cluster),
@@ -71,6 +79,7 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
             CoreConfig {
                 op_timeout: cfg.op_timeout,
             },
+            writes,
         )
         .map_err(|e| setup(&e))?,
     );
@@ -79,28 +88,38 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     // missed changes of each stale volume. Disconnected: serve what is cached.
     rt.block_on(revalidate(&core, cfg.op_timeout));
 
+    let own_inval = Arc::new(std::sync::OnceLock::new());
     let fs = CodaFs {
         core: core.clone(),
         rt: rt.handle().clone(),
+        read_only: cfg.read_only,
+        inval: own_inval.clone(),
     };
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName("codafs".into()),
         fuser::MountOption::Subtype("codafs".into()),
-        fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoAtime,
         fuser::MountOption::NoDev,
         fuser::MountOption::NoSuid,
+    ];
+    if cfg.read_only {
         // Read-only at the kernel level too: writes fail with EROFS before reaching us, and the
         // kernel skips the atime invalidation after reads that would cost a getattr.
-        fuser::MountOption::RO,
-    ];
+        config.mount_options.push(fuser::MountOption::RO);
+        // The kernel checks modes itself, so reads never need to ask the daemon.
+        config.mount_options.push(fuser::MountOption::DefaultPermissions);
+    }
+    // A writable mount checks permissions in the daemon: changes are authorized by the
+    // caller's token and the volume's writers (as in AFS), reads by mode bits (core::write).
     // Web servers run as unprivileged users: let every user read (the kernel checks modes).
     config.acl = fuser::SessionACL::All;
     config.n_threads = Some(2);
     let session =
         fuser::Session::new(fs, &mountpoint, &config).map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
-    let inval: Arc<dyn Invalidator> = Arc::new(KernelInvalidator(session.notifier()));
+    let inval: Arc<dyn Invalidator> =
+        Arc::new(KernelInvalidator::new(session.notifier()).map_err(|e| MountError::Mount(mountpoint.clone(), e))?);
+    let _ = own_inval.set(inval.clone());
     let bg = session.spawn().map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -111,7 +130,12 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
         stop_rx.clone(),
     ));
     let socket = control_socket(&mountpoint);
-    rt.spawn(control(core.clone(), socket.clone(), stop_rx.clone()));
+    rt.spawn(control(
+        core.clone(),
+        mountpoint.clone(),
+        socket.clone(),
+        stop_rx.clone(),
+    ));
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
     ready();
 
@@ -209,9 +233,41 @@ async fn watch_volumes<R: Remote>(
     }
 }
 
-/// The control socket: `status` returns the mount's status as JSON. Only root and the mount's
-/// owner can connect (mode 0600 on a root-owned directory).
-async fn control<R: Remote>(core: Arc<Core<R>>, path: PathBuf, mut stop: watch::Receiver<bool>) {
+/// Takes `uid`'s token after the servers accepted it (a forged or retired token is refused
+/// here, with the reason, rather than at the first write). With no server reachable the token
+/// is kept unverified: the servers check every write anyway.
+async fn login<R: Remote>(core: &Core<R>, uid: u32, token: &str) -> serde_json::Value {
+    let token = token.trim();
+    match codafs_common::token::peek(token) {
+        Err(e) => return serde_json::json!({ "error": format!("not a codafs token: {e}") }),
+        Ok(c) if c.expires <= codafs_common::token::unix_now() => {
+            return serde_json::json!({ "error": "token expired; run codafs login again" })
+        }
+        Ok(_) => {}
+    }
+    let verified = match tokio::time::timeout(Duration::from_secs(10), core.remote.check_token(token)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(crate::core::FsError::Disconnected(_))) | Err(_) => false,
+        Ok(Err(e)) => return serde_json::json!({ "error": format!("the servers refuse this token: {e}") }),
+    };
+    match core.writes.tokens.set(uid, token, None) {
+        Ok(c) => {
+            tracing::info!(uid, user = %c.user, verified, "token set");
+            serde_json::json!({ "ok": true, "uid": uid, "user": c.user, "expires": c.expires, "verified": verified })
+        }
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
+    }
+}
+
+/// The control socket, one JSON line per request:
+/// - `status`: the mount's status;
+/// - `login TOKEN`: sets the *caller's* token (the uid comes from SO_PEERCRED, never from the
+///   request, so a user can only set their own);
+/// - `logout`: forgets the caller's token.
+///
+/// Every local user may connect (mode 0666): what a connection can do depends on its uid alone.
+async fn control<R: Remote>(core: Arc<Core<R>>, mountpoint: PathBuf, path: PathBuf, mut stop: watch::Receiver<bool>) {
+    let mnt = mountpoint.display().to_string();
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -221,28 +277,42 @@ async fn control<R: Remote>(core: Arc<Core<R>>, path: PathBuf, mut stop: watch::
         Err(e) => return tracing::warn!(path = %path.display(), error = %e, "no control socket"),
     };
     use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666));
     loop {
         let conn = tokio::select! {
             c = listener.accept() => c,
             _ = stop.changed() => return,
         };
         let Ok((stream, _)) = conn else { continue };
-        let core = core.clone();
+        let Ok(uid) = stream.peer_cred().map(|c| c.uid()) else {
+            continue;
+        };
+        let (core, mnt) = (core.clone(), mnt.clone());
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
-            let mut r = tokio::io::BufReader::new(r);
+            // A request is one short line; bound what a local user can make us buffer.
+            let mut r = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(r, 64 * 1024));
             if tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line))
                 .await
                 .is_err()
             {
                 return;
             }
-            let reply = match line.trim() {
-                "status" => core.status().to_string(),
-                other => serde_json::json!({ "error": format!("unknown command {other:?}") }).to_string(),
+            let line = line.trim();
+            let (cmd, arg) = line.split_once(' ').unwrap_or((line, ""));
+            let mut reply = match cmd {
+                "status" => core.status(),
+                "login" => login(&*core, uid, arg).await,
+                "logout" => {
+                    let had = core.writes.tokens.remove(uid);
+                    tracing::info!(uid, had, "token dropped");
+                    serde_json::json!({ "ok": true, "uid": uid, "had_token": had })
+                }
+                other => serde_json::json!({ "error": format!("unknown command {other:?}") }),
             };
+            reply["mountpoint"] = mnt.into();
+            let reply = reply.to_string();
             let _ = w.write_all(reply.as_bytes()).await;
             let _ = w.shutdown().await;
         });

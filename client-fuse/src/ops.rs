@@ -88,3 +88,26 @@ pub fn commit(volume: &str, ops: Vec<pb::Op>) -> pb::CommitRequest {
         expect_volume_version: None,
     }
 }
+
+/// The messages of a streamed blob put: a header, then `BLOB_CHUNK`-sized pieces of `data`.
+pub fn put_chunks(data: &bytes::Bytes, write_quorum: u32) -> Vec<pb::PutBlobChunk> {
+    use codafs_proto::limits::BLOB_CHUNK;
+    let hash = Hash::of(data);
+    let mut msgs = vec![pb::PutBlobChunk {
+        part: Some(pb::put_blob_chunk::Part::Header(pb::PutBlobHeader {
+            hash: bytes::Bytes::copy_from_slice(&hash.0),
+            size: data.len() as u64,
+            write_quorum,
+            forwarded: false,
+        })),
+    }];
+    let mut off = 0;
+    while off < data.len() {
+        let end = (off + BLOB_CHUNK).min(data.len());
+        msgs.push(pb::PutBlobChunk {
+            part: Some(pb::put_blob_chunk::Part::Data(data.slice(off..end))),
+        });
+        off = end;
+    }
+    msgs
+}

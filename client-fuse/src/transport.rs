@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use codafs_common::Hash;
-use codafs_proto::limits::{BLOB_CHUNK, MAX_MESSAGE, TOKEN_HEADER};
+use codafs_proto::limits::{MAX_MESSAGE, TOKEN_HEADER};
 use codafs_proto::pb;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -235,25 +235,8 @@ impl Cluster {
 
     /// Uploads a blob held in memory; returns the durable copy count.
     pub async fn put_blob(&self, data: bytes::Bytes, write_quorum: u32) -> Result<u32, ClientError> {
-        let hash = Hash::of(&data);
         self.call(|ch| {
-            let data = data.clone();
-            let mut msgs = vec![pb::PutBlobChunk {
-                part: Some(pb::put_blob_chunk::Part::Header(pb::PutBlobHeader {
-                    hash: bytes::Bytes::copy_from_slice(&hash.0),
-                    size: data.len() as u64,
-                    write_quorum,
-                    forwarded: false,
-                })),
-            }];
-            let mut off = 0;
-            while off < data.len() {
-                let end = (off + BLOB_CHUNK).min(data.len());
-                msgs.push(pb::PutBlobChunk {
-                    part: Some(pb::put_blob_chunk::Part::Data(data.slice(off..end))),
-                });
-                off = end;
-            }
+            let msgs = crate::ops::put_chunks(&data, write_quorum);
             let r = self.request(futures::stream::iter(msgs));
             async move { Self::blobs(ch).put(r).await.map(|r| r.into_inner().copies) }
         })

@@ -88,6 +88,14 @@ impl Node {
         *self.applied.index.borrow()
     }
 
+    /// Waits (at most `limit`) until this replica has applied log entry `index`, so a client
+    /// that committed through this server reads its own write here. Returns whether it did.
+    pub async fn wait_applied(&self, index: u64, limit: std::time::Duration) -> bool {
+        let mut rx = self.applied.index.clone();
+        let reached = tokio::time::timeout(limit, rx.wait_for(|i| *i >= index)).await;
+        matches!(reached, Ok(Ok(_)))
+    }
+
     /// Every server in the membership config (voters and learners).
     pub fn members(&self) -> Vec<Member> {
         let m = self.raft.metrics().borrow().membership_config.clone();

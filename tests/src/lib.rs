@@ -13,6 +13,8 @@ use codafs_client::{ops, Cluster};
 use codafs_common::Hash;
 use codafs_proto::pb;
 
+pub mod users;
+
 /// Path of the `codafs` binary built by this workspace (next to the test executable's `deps/`).
 pub fn codafs_bin() -> PathBuf {
     if let Ok(p) = std::env::var("CODAFS_BIN") {
@@ -504,16 +506,29 @@ impl Mount {
         self.spawn()
     }
 
-    /// SIGTERM and wait; the daemon unmounts. Falls back to fusermount3 and SIGKILL.
+    /// SIGTERM and wait; the daemon unmounts. Falls back to aborting the FUSE connection (so
+    /// a hung request fails instead of hanging the test run), fusermount3 and SIGKILL.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let dev = std::fs::metadata(&self.path).map(|m| std::os::unix::fs::MetadataExt::dev(&m));
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let start = Instant::now();
+            let mut exited = false;
             while start.elapsed() < Duration::from_secs(10) {
                 if let Ok(Some(_)) = c.try_wait() {
+                    exited = true;
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(20));
+            }
+            if !exited {
+                if let Ok(dev) = dev {
+                    eprintln!(
+                        "mount {} did not stop; aborting its FUSE connection",
+                        self.path.display()
+                    );
+                    abort_fuse_connection(dev);
+                }
             }
             let _ = c.kill();
             let _ = c.wait();
@@ -567,4 +582,30 @@ pub fn fs_call<T: Send + 'static>(
 pub fn read_file(path: &Path) -> Result<Vec<u8>> {
     let p = path.to_path_buf();
     fs_call(Duration::from_secs(30), move || std::fs::read(p))?.with_context(|| format!("reading {}", path.display()))
+}
+
+/// Aborts the FUSE connection of the filesystem with device number `dev`: every request
+/// waiting on it fails with ENOTCONN instead of blocking forever.
+fn abort_fuse_connection(dev: u64) {
+    let dir = Path::new("/sys/fs/fuse/connections");
+    if std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(true) {
+        let _ = Command::new("mount").args(["-t", "fusectl", "none"]).arg(dir).status();
+    }
+    let _ = std::fs::write(dir.join(dev.to_string()).join("abort"), "1");
+}
+
+/// Waits for a child's exit and output, killing it (by its PID) if it takes longer than `limit`.
+pub fn wait_output(child: Child, limit: Duration) -> Result<std::process::Output> {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => Ok(out?),
+        Err(_) => {
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            bail!("process {pid} did not finish within {limit:?} and was killed")
+        }
+    }
 }

@@ -8,6 +8,7 @@
 //! mount.
 pub mod error;
 pub mod remote;
+pub mod write;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -47,6 +48,7 @@ pub struct NodeAttr {
     pub gid: u32,
     pub mtime_ns: i64,
     pub ctime_ns: i64,
+    pub atime_ns: i64,
 }
 
 /// Kernel cache invalidations a change requires.
@@ -142,10 +144,18 @@ pub struct Core<R: Remote> {
     /// Content cache (hits, misses) per volume id.
     volume_hits: Mutex<HashMap<u32, (u64, u64)>>,
     pub stats: CoreStats,
+    /// Tokens, shadows and open handles of writes through the mount.
+    pub writes: write::WriteState,
 }
 
 impl<R: Remote> Core<R> {
-    pub fn new(remote: R, meta: MetaStore, blobs: BlobCache, cfg: CoreConfig) -> Result<Self, FsError> {
+    pub fn new(
+        remote: R,
+        meta: MetaStore,
+        blobs: BlobCache,
+        cfg: CoreConfig,
+        writes: write::WriteState,
+    ) -> Result<Self, FsError> {
         let vols = meta.volumes().map_err(|e| FsError::Io(e.to_string()))?;
         Ok(Core {
             remote,
@@ -158,6 +168,7 @@ impl<R: Remote> Core<R> {
             subscribed: Mutex::new(HashMap::new()),
             volume_hits: Mutex::new(HashMap::new()),
             stats: CoreStats::default(),
+            writes,
         })
     }
 
@@ -221,6 +232,7 @@ impl<R: Remote> Core<R> {
     /// `/coda` itself needs.
     pub async fn refresh_volumes(&self) -> Result<Invalidation, FsError> {
         let remote: Vec<RemoteVolume> = self.timed(self.cfg.op_timeout, self.remote.volumes()).await?;
+        self.set_acls(&remote);
         let mut inv = Invalidation::default();
         let mut vols = self.volumes.write().unwrap_or_else(|p| p.into_inner());
         for rv in &remote {
@@ -273,12 +285,15 @@ impl<R: Remote> Core<R> {
             gid: 0,
             mtime_ns: 0,
             ctime_ns: 0,
+            atime_ns: 0,
         }
     }
 
     fn to_node(&self, a: &pb::Attr) -> NodeAttr {
         let kind = kind_of(a.kind);
-        let public = self.volume_of(a.ino).is_none_or(|v| v.public_read);
+        // A writable mount shows the stored mode (what chmod set); its daemon lets everyone read
+        // public volumes whatever the mode (core::write::may_access).
+        let public = self.writes.read_only() && self.volume_of(a.ino).is_none_or(|v| v.public_read);
         NodeAttr {
             ino: a.ino,
             generation: a.generation,
@@ -290,6 +305,8 @@ impl<R: Remote> Core<R> {
             gid: a.gid,
             mtime_ns: a.mtime_ns,
             ctime_ns: a.ctime_ns,
+            // Older servers send no atime: show mtime rather than 1970.
+            atime_ns: if a.atime_ns == 0 { a.mtime_ns } else { a.atime_ns },
         }
     }
 
@@ -309,7 +326,9 @@ impl<R: Remote> Core<R> {
         if ino == ROOT_INO {
             return Ok(self.root_attr());
         }
-        Ok(self.to_node(&self.attr(ino).await?))
+        let mut a = self.to_node(&self.attr(ino).await?);
+        self.shadow_attr(&mut a);
+        Ok(a)
     }
 
     /// A directory's complete listing, cached or fetched.
@@ -433,6 +452,9 @@ impl<R: Remote> Core<R> {
 
     /// Reads `size` bytes at `offset` of a file, from the cache.
     pub async fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        if let Some(r) = self.read_shadow(ino, offset, size) {
+            return r;
+        }
         let (hash, len) = self.ensure_cached(ino).await?;
         let _pin = self.blobs.pin(hash);
         if offset >= len {
@@ -574,8 +596,23 @@ impl<R: Remote> Core<R> {
             .zip(&self.stats.fuse_requests)
             .map(|(n, c)| (n.to_string(), c.load(Ordering::Relaxed).into()))
             .collect();
+        let w = &self.writes.stats;
+        let tokens: Vec<_> = self
+            .writes
+            .tokens
+            .list()
+            .into_iter()
+            .map(|(uid, user, expires)| serde_json::json!({ "uid": uid, "user": user, "expires": expires }))
+            .collect();
         serde_json::json!({
             "connected": self.is_connected(),
+            "read_only": self.writes.read_only(),
+            "tokens": tokens,
+            "writes": {
+                "commits": w.commits.load(Ordering::Relaxed),
+                "failed_commits": w.failed_commits.load(Ordering::Relaxed),
+                "stored_bytes": w.stored_bytes.load(Ordering::Relaxed),
+            },
             "fuse_requests": fuse,
             "volumes": vols,
             "cache": {

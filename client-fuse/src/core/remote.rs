@@ -17,6 +17,11 @@ pub struct RemoteVolume {
     pub root_ino: u64,
     pub version: u64,
     pub public_read: bool,
+    /// Who may write: the owner, extra writers (admins always may).
+    pub owner: String,
+    pub writers: Vec<String>,
+    /// Copies a blob needs before a commit may reference it.
+    pub write_quorum: u32,
 }
 
 /// Receives a blob's bytes in order; `received` says where a resumed transfer continues.
@@ -47,6 +52,31 @@ pub trait Remote: Send + Sync + 'static {
     fn bad_copies(&self) -> u64 {
         0
     }
+    /// Checks a token with the servers (a mount cannot verify signatures itself).
+    fn check_token(&self, token: &str) -> impl Future<Output = Result<(), FsError>> + Send;
+    /// Stores a blob on `write_quorum` replicas, authenticated as `token`'s holder.
+    fn put_blob(
+        &self,
+        token: &str,
+        data: bytes::Bytes,
+        write_quorum: u32,
+    ) -> impl Future<Output = Result<(), FsError>> + Send;
+    /// Commits a batch of operations atomically, authenticated as `token`'s holder. Not
+    /// retried on another server once sent (the outcome of a broken call is unknown).
+    fn commit(
+        &self,
+        token: &str,
+        req: pb::CommitRequest,
+    ) -> impl Future<Output = Result<pb::CommitReply, FsError>> + Send;
+}
+
+/// A request carrying a caller's token (mounts act for many local users, each with their own).
+fn as_caller<T>(c: &Cluster, token: &str, body: T) -> tonic::Request<T> {
+    let mut r = c.request(body);
+    if let Ok(v) = token.parse() {
+        r.metadata_mut().insert(codafs_proto::limits::TOKEN_HEADER, v);
+    }
+    r
 }
 
 /// The real servers, through [`Cluster`].
@@ -82,6 +112,9 @@ impl Remote for GrpcRemote {
                 root_ino: v.root_ino,
                 version: v.version,
                 public_read: v.public_read,
+                owner: v.owner,
+                writers: v.writers,
+                write_quorum: v.write_quorum,
             })
             .collect())
     }
@@ -189,5 +222,59 @@ impl Remote for GrpcRemote {
 
     fn bad_copies(&self) -> u64 {
         self.bad_copies.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn check_token(&self, token: &str) -> Result<(), FsError> {
+        let c = &self.cluster;
+        c.call(|ch| {
+            let r = as_caller(c, token, pb::Empty {});
+            async move { Cluster::admin(ch).who_am_i(r).await.map(|_| ()) }
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn put_blob(&self, token: &str, data: bytes::Bytes, write_quorum: u32) -> Result<(), FsError> {
+        use codafs_proto::limits::BLOB_CHUNK;
+        let c = &self.cluster;
+        let hash = Hash::of(&data);
+        if data.len() <= BLOB_CHUNK {
+            // One small request, made durable with one sync per replica.
+            let req = pb::PutSmallRequest {
+                blobs: vec![pb::SmallBlob {
+                    hash: bytes::Bytes::copy_from_slice(&hash.0),
+                    data,
+                }],
+                write_quorum,
+                forwarded: false,
+            };
+            c.call(|ch| {
+                let r = as_caller(c, token, req.clone());
+                async move { Cluster::blobs(ch).put_small(r).await.map(|_| ()) }
+            })
+            .await?;
+            return Ok(());
+        }
+        c.call(|ch| {
+            let msgs = crate::ops::put_chunks(&data, write_quorum);
+            let mut r = as_caller(c, token, futures::stream::iter(msgs));
+            // Large blobs get time in proportion to their size (10 MB/s floor).
+            r.set_timeout(c.call_timeout + std::time::Duration::from_millis(data.len() as u64 / 10_000));
+            async move { Cluster::blobs(ch).put(r).await.map(|_| ()) }
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn commit(&self, token: &str, req: pb::CommitRequest) -> Result<pb::CommitReply, FsError> {
+        let c = &self.cluster;
+        Ok(c.call_retrying(
+            |ch| {
+                let r = as_caller(c, token, req.clone());
+                async move { Cluster::write(ch).commit(r).await.map(|r| r.into_inner()) }
+            },
+            |s| s.code() == tonic::Code::Unavailable,
+        )
+        .await?)
     }
 }

@@ -11,9 +11,11 @@ use codafs_proto::pb;
 use proptest::prelude::*;
 
 use super::remote::{ChangeStream, ChunkSink, Remote, RemoteVolume};
+use super::write::{Caller, WriteState};
 use super::*;
 use crate::cache::blobs::BlobCache;
 use crate::cache::meta::MetaStore;
+use crate::tokens::TokenTable;
 
 const VOL: u32 = 1;
 
@@ -174,6 +176,9 @@ impl Remote for FakeRemote {
             root_ino: root(),
             version: self.lock().version,
             public_read: true,
+            owner: "alice".into(),
+            writers: vec!["bob".into()],
+            write_quorum: 2,
         }])
     }
 
@@ -217,6 +222,21 @@ impl Remote for FakeRemote {
     async fn subscribe(&self, _volume: String, _from: u64) -> Result<ChangeStream, FsError> {
         Err(FsError::Disconnected("the model test delivers changes itself".into()))
     }
+
+    async fn check_token(&self, _token: &str) -> Result<(), FsError> {
+        self.check_up()
+    }
+
+    async fn put_blob(&self, _token: &str, data: bytes::Bytes, _write_quorum: u32) -> Result<(), FsError> {
+        self.check_up()?;
+        self.lock().blobs.insert(Hash::of(&data), data.to_vec());
+        Ok(())
+    }
+
+    async fn commit(&self, _token: &str, _req: pb::CommitRequest) -> Result<pb::CommitReply, FsError> {
+        // Commits are exercised end to end against real servers (tests/tests/writes.rs).
+        Err(FsError::Io("the fake does not commit".into()))
+    }
 }
 
 fn core_with(dir: &std::path::Path, cache_bytes: u64) -> Core<FakeRemote> {
@@ -225,7 +245,8 @@ fn core_with(dir: &std::path::Path, cache_bytes: u64) -> Core<FakeRemote> {
     let cfg = CoreConfig {
         op_timeout: Duration::from_millis(500),
     };
-    Core::new(FakeRemote::new(), meta, blobs, cfg).unwrap()
+    let writes = WriteState::new(TokenTable::in_memory(), false, dir.join("shadow")).unwrap();
+    Core::new(FakeRemote::new(), meta, blobs, cfg, writes).unwrap()
 }
 
 /// Reads a path through the core the way the kernel would: lookups, then a read.
@@ -384,4 +405,116 @@ async fn history_gone_drops_the_volume_metadata_and_invalidates_what_was_known()
     );
     assert!(core.meta.dir(root()).unwrap().is_none(), "listing forgotten");
     assert_eq!(core.volumes()[0].seen, 100);
+}
+
+fn token_for(user: &str, role: codafs_common::token::Role) -> String {
+    codafs_common::token::sign(
+        &codafs_common::token::Claims {
+            user: user.into(),
+            role,
+            cluster: "c".into(),
+            key_id: 1,
+            expires: u64::MAX / 2,
+        },
+        &[1; 32],
+    )
+}
+
+#[tokio::test]
+async fn writes_need_a_token_and_a_right_on_the_volume() {
+    use codafs_common::token::Role;
+    let dir = tempfile::tempdir().unwrap();
+    let core = core_with(dir.path(), 1 << 20);
+    core.remote.write(&[], "a.html", b"old");
+    core.refresh_volumes().await.unwrap();
+    let root = core.lookup(ROOT_INO, "www").await.unwrap().ino;
+    let file = core.lookup(root, "a.html").await.unwrap().ino;
+    let (root_user, alice, bob, mallory, admin) = (
+        Caller { uid: 0, gid: 0 },
+        Caller { uid: 1000, gid: 1000 },
+        Caller { uid: 1001, gid: 1001 },
+        Caller { uid: 1002, gid: 1002 },
+        Caller { uid: 1003, gid: 1003 },
+    );
+    // No token, root included: read-only.
+    for c in [root_user, alice] {
+        assert_eq!(core.mkdir(c, root, "d", 0o755).await, Err(FsError::ReadOnly));
+        assert_eq!(core.open(c, file, libc::O_WRONLY).await, Err(FsError::ReadOnly));
+        assert_eq!(core.remove(c, root, "a.html", false).await, Err(FsError::ReadOnly));
+    }
+    // Reading needs no token.
+    assert_eq!(core.open(root_user, file, libc::O_RDONLY).await, Ok(0));
+    core.writes
+        .tokens
+        .set(1000, &token_for("alice", Role::User), None)
+        .unwrap();
+    core.writes
+        .tokens
+        .set(1001, &token_for("bob", Role::User), None)
+        .unwrap();
+    core.writes
+        .tokens
+        .set(1002, &token_for("mallory", Role::User), None)
+        .unwrap();
+    core.writes
+        .tokens
+        .set(1003, &token_for("root", Role::Admin), None)
+        .unwrap();
+    // A token without a right on the volume: permission denied, not read-only.
+    assert!(matches!(
+        core.mkdir(mallory, root, "d", 0o755).await,
+        Err(FsError::Denied(_))
+    ));
+    assert!(matches!(
+        core.open(mallory, file, libc::O_RDWR).await,
+        Err(FsError::Denied(_))
+    ));
+    // Owner, extra writer and admin get as far as the server (which the fake refuses).
+    for c in [alice, bob, admin] {
+        assert_eq!(
+            core.mkdir(c, root, "d", 0o755).await,
+            Err(FsError::Io("the fake does not commit".into()))
+        );
+    }
+    // /coda itself holds volumes only.
+    assert!(matches!(
+        core.mkdir(alice, ROOT_INO, "x", 0o755).await,
+        Err(FsError::NotPermitted(_))
+    ));
+    // The uid's own token only: root does not borrow alice's.
+    assert_eq!(core.mkdir(root_user, root, "d", 0o755).await, Err(FsError::ReadOnly));
+}
+
+#[tokio::test]
+async fn a_shadow_serves_reads_and_size_until_released() {
+    use codafs_common::token::Role;
+    let dir = tempfile::tempdir().unwrap();
+    let core = core_with(dir.path(), 1 << 20);
+    core.remote.write(&[], "a.html", b"0123456789");
+    core.refresh_volumes().await.unwrap();
+    let root = core.lookup(ROOT_INO, "www").await.unwrap().ino;
+    let file = core.lookup(root, "a.html").await.unwrap().ino;
+    let alice = Caller { uid: 1000, gid: 1000 };
+    core.writes
+        .tokens
+        .set(1000, &token_for("alice", Role::User), None)
+        .unwrap();
+    let fh = core.open(alice, file, libc::O_RDWR).await.unwrap();
+    assert_ne!(fh, 0);
+    assert_eq!(core.write(fh, 10, b"abc"), Ok(3));
+    assert_eq!(core.read(file, 8, 100).await.unwrap(), b"89abc");
+    assert_eq!(core.getattr(file).await.unwrap().size, 13);
+    // A read-only handle cannot write; an unknown one neither.
+    assert_eq!(core.write(0, 0, b"x"), Err(FsError::BadHandle));
+    assert_eq!(core.write(fh + 100, 0, b"x"), Err(FsError::BadHandle));
+    // The store fails (the fake refuses commits): close reports it, content stays old.
+    assert!(core.flush(fh).await.is_err());
+    assert!(core.release(fh).await, "dropped changes need a kernel invalidation");
+    assert_eq!(core.read(file, 0, 100).await.unwrap(), b"0123456789");
+    assert_eq!(core.getattr(file).await.unwrap().size, 10);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("shadow")).unwrap().count(),
+        0,
+        "shadow removed"
+    );
 }

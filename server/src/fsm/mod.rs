@@ -41,6 +41,9 @@ pub trait StateView {
 /// subscriber that needs them revalidates instead.
 pub const CHANGE_RETAIN: u64 = 4096;
 
+/// Most names one file may have (as ext4).
+pub const MAX_LINKS: u32 = 65_000;
+
 /// Deepest directory nesting a rename checks for cycles; deeper trees cannot be moved.
 pub const MAX_DIR_DEPTH: usize = 4096;
 
@@ -370,6 +373,7 @@ impl<'a> Txn<'a> {
             symlink: String::new(),
             version: self.index,
             parent: root,
+            atime_ns: now_ns,
         });
         let vol = VolumeRec {
             id,
@@ -525,7 +529,7 @@ impl<'a> Txn<'a> {
                     if old.kind == Kind::Dir || *kind == Kind::Dir {
                         return refuse(ApplyError::IsDir(name.clone()));
                     }
-                    self.drop_object(vol, old)?;
+                    self.unlink_object(vol, old, now_ns)?;
                 }
                 let local = vol.next_inode;
                 if local > codafs_common::ids::MAX_LOCAL_INODE {
@@ -554,6 +558,7 @@ impl<'a> Txn<'a> {
                     symlink,
                     version: self.index,
                     parent: dir.ino,
+                    atime_ns: mtime,
                 });
                 self.blob_ref(hash, 1);
                 vol.used_files += 1;
@@ -594,6 +599,7 @@ impl<'a> Txn<'a> {
                 uid,
                 gid,
                 mtime_ns,
+                atime_ns,
             } => {
                 let mut o = self.resolve(vol, node)?;
                 expect(op.expect_version, Some(&o), &describe(node))?;
@@ -608,6 +614,9 @@ impl<'a> Txn<'a> {
                 }
                 if let Some(t) = mtime_ns {
                     o.mtime_ns = *t;
+                }
+                if let Some(t) = atime_ns {
+                    o.atime_ns = *t;
                 }
                 o.ctime_ns = now_ns;
                 o.version = self.index;
@@ -630,7 +639,7 @@ impl<'a> Txn<'a> {
                 if is_dir && !*recursive && !self.children(o.ino)?.is_empty() {
                     return refuse(ApplyError::NotEmpty(name.clone()));
                 }
-                self.drop_tree(vol, o)?;
+                self.drop_tree(vol, o, now_ns)?;
                 self.put_dirent(dir.ino, name, None);
                 let mut dir = self.object(dir.ino)?.unwrap_or(dir);
                 if is_dir {
@@ -684,7 +693,12 @@ impl<'a> Txn<'a> {
                         )));
                     }
                 }
-                if let Some(target) = self.dirent(dst_dir.ino, to_name)? {
+                let target = self.dirent(dst_dir.ino, to_name)?;
+                if target == Some(o.ino) {
+                    // Two hard links to one file: POSIX says rename does nothing.
+                    return Ok(0);
+                }
+                if let Some(target) = target {
                     let t = self
                         .object(target)?
                         .ok_or_else(|| ApplyError::NotFound(to_name.clone()))?;
@@ -697,7 +711,7 @@ impl<'a> Txn<'a> {
                         _ => {}
                     }
                     let target_is_dir = t.kind == Kind::Dir;
-                    self.drop_object(vol, t)?;
+                    self.unlink_object(vol, t, now_ns)?;
                     if target_is_dir {
                         let mut d = self.object(dst_dir.ino)?.unwrap_or(dst_dir.clone());
                         d.nlink = d.nlink.saturating_sub(1);
@@ -723,7 +737,49 @@ impl<'a> Txn<'a> {
                 self.touch_dir(d, now_ns);
                 Ok(0)
             }
+            OpKind::Link { node, parent, name } => {
+                validate_name(name).map_err(|e| ApplyError::InvalidName(e.to_string()))?;
+                let mut o = self.resolve(vol, node)?;
+                expect(op.expect_version, Some(&o), &describe(node))?;
+                if o.kind == Kind::Dir {
+                    return refuse(ApplyError::Denied(format!(
+                        "{}: directories cannot be hard-linked",
+                        describe(node)
+                    )));
+                }
+                let dir = self.resolve_dir(vol, parent)?;
+                if self.dirent(dir.ino, name)?.is_some() {
+                    return refuse(ApplyError::Exists(name.clone()));
+                }
+                if o.nlink >= MAX_LINKS {
+                    return refuse(ApplyError::Invalid(format!(
+                        "{} already has {MAX_LINKS} links",
+                        describe(node)
+                    )));
+                }
+                o.nlink += 1;
+                o.ctime_ns = now_ns;
+                o.version = self.index;
+                self.put_object(o.clone());
+                self.put_dirent(dir.ino, name, Some(o.ino));
+                let dir = self.object(dir.ino)?.unwrap_or(dir);
+                self.touch_dir(dir, now_ns);
+                Ok(0)
+            }
         }
+    }
+
+    /// Removes one name of an object: a file or symlink with other hard links loses a link
+    /// count; the last name (and any directory) deletes the object.
+    fn unlink_object(&mut self, vol: &mut VolumeRec, mut o: ObjectRec, now_ns: i64) -> TxnResult<()> {
+        if o.kind != Kind::Dir && o.nlink > 1 {
+            o.nlink -= 1;
+            o.ctime_ns = now_ns;
+            o.version = self.index;
+            self.put_object(o);
+            return Ok(());
+        }
+        self.drop_object(vol, o)
     }
 
     /// Deletes one object record and its accounting (not its directory entry).
@@ -740,18 +796,26 @@ impl<'a> Txn<'a> {
 
     /// Deletes an object and, for a directory, everything below it (iteratively: no recursion
     /// depth to exhaust).
-    fn drop_tree(&mut self, vol: &mut VolumeRec, root: ObjectRec) -> TxnResult<()> {
+    fn drop_tree(&mut self, vol: &mut VolumeRec, root: ObjectRec, now_ns: i64) -> TxnResult<()> {
         let mut stack = vec![root];
         while let Some(o) = stack.pop() {
             if o.kind == Kind::Dir {
                 for (name, child) in self.children(o.ino)? {
                     self.put_dirent(o.ino, &name, None);
+                    // Re-read: an earlier name of the same hard-linked file may have changed it.
                     if let Some(c) = self.object(child)? {
                         stack.push(c);
                     }
                 }
+                self.drop_object(vol, o)?;
+            } else {
+                // Fresh copy: another name of this file in the same subtree may have been
+                // unlinked already in this walk.
+                let current = self.object(o.ino)?;
+                if let Some(c) = current {
+                    self.unlink_object(vol, c, now_ns)?;
+                }
             }
-            self.drop_object(vol, o)?;
         }
         Ok(())
     }

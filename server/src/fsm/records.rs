@@ -28,8 +28,11 @@ pub struct ObjectRec {
     pub symlink: String,
     /// Log index of the last change to this object.
     pub version: u64,
-    /// Parent directory (a volume root names itself).
+    /// Parent directory (a volume root names itself). For a file with several hard links, the
+    /// directory of the first name; only directories' parents are relied on (cycle checks).
     pub parent: u64,
+    /// Access time as last set explicitly (utimensat); reads never update it.
+    pub atime_ns: i64,
 }
 
 /// A volume: a named tree with an owner, quota and version stamp.
@@ -133,6 +136,7 @@ pub enum OpKind {
         uid: Option<u32>,
         gid: Option<u32>,
         mtime_ns: Option<i64>,
+        atime_ns: Option<i64>,
     },
     Remove {
         parent: NodeRef,
@@ -144,6 +148,12 @@ pub enum OpKind {
         from_name: String,
         to_parent: NodeRef,
         to_name: String,
+    },
+    /// Another name for an existing non-directory.
+    Link {
+        node: NodeRef,
+        parent: NodeRef,
+        name: String,
     },
 }
 

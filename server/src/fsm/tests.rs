@@ -468,3 +468,110 @@ fn absurd_sizes_are_refused_not_overflowed() {
     assert_eq!(s.volumes["www"].used_bytes, 2 * MAX_FILE_SIZE);
     assert_ne!(s, before);
 }
+
+fn link(node: &str, parent: &str, name: &str) -> OpKind {
+    OpKind::Link {
+        node: NodeRef::Path(node.into()),
+        parent: NodeRef::Path(parent.into()),
+        name: name.into(),
+    }
+}
+
+fn remove(parent: &str, name: &str, recursive: bool) -> OpKind {
+    OpKind::Remove {
+        parent: NodeRef::Path(parent.into()),
+        name: name.into(),
+        recursive,
+    }
+}
+
+#[test]
+fn hard_links_share_one_object_until_the_last_name_goes() {
+    let mut s = setup();
+    commit(&mut s, 3, "alice", vec![dir("", "d"), file("", "a", b"hello")]).unwrap();
+    commit(&mut s, 4, "alice", vec![link("a", "d", "b")]).unwrap();
+    let a = lookup(&s, "a").unwrap();
+    let b = lookup(&s, "d/b").unwrap();
+    assert_eq!(a.ino, b.ino, "both names reach one object");
+    assert_eq!(a.nlink, 2);
+    let vol = s.volumes.get("www").unwrap().clone();
+    assert_eq!(vol.used_files, 2, "a link is not a new object");
+    assert_eq!(vol.used_bytes, 5, "a link adds no bytes");
+
+    // Renaming one name onto the other does nothing (POSIX).
+    commit(
+        &mut s,
+        5,
+        "alice",
+        vec![OpKind::Rename {
+            from_parent: NodeRef::Path(String::new()),
+            from_name: "a".into(),
+            to_parent: NodeRef::Path("d".into()),
+            to_name: "b".into(),
+        }],
+    )
+    .unwrap();
+    assert!(lookup(&s, "a").is_some() && lookup(&s, "d/b").is_some());
+
+    // Removing the directory holding one name keeps the object under the other.
+    commit(&mut s, 6, "alice", vec![remove("", "d", true)]).unwrap();
+    let a = lookup(&s, "a").unwrap();
+    assert_eq!(a.nlink, 1);
+    assert_eq!(s.blobrefs.get(&Hash::of(b"hello")).copied(), Some(1));
+    let vol = s.volumes.get("www").unwrap().clone();
+    assert_eq!((vol.used_files, vol.used_bytes), (1, 5));
+
+    commit(&mut s, 7, "alice", vec![remove("", "a", false)]).unwrap();
+    assert!(lookup(&s, "a").is_none());
+    assert!(!s.objects.contains_key(&a.ino));
+    assert_eq!(s.blobrefs.get(&Hash::of(b"hello")).copied().unwrap_or(0), 0);
+    let vol = s.volumes.get("www").unwrap().clone();
+    assert_eq!((vol.used_files, vol.used_bytes), (0, 0));
+}
+
+#[test]
+fn links_are_refused_for_directories_existing_names_and_bad_names() {
+    let mut s = setup();
+    commit(&mut s, 3, "alice", vec![dir("", "d"), file("", "a", b"x")]).unwrap();
+    let before = s.clone();
+    assert!(matches!(
+        commit(&mut s, 4, "alice", vec![link("d", "", "d2")]),
+        Err(ApplyError::Denied(_))
+    ));
+    assert!(matches!(
+        commit(&mut s, 5, "alice", vec![link("a", "", "d")]),
+        Err(ApplyError::Exists(_))
+    ));
+    assert!(matches!(
+        commit(&mut s, 6, "alice", vec![link("a", "", "..")]),
+        Err(ApplyError::InvalidName(_))
+    ));
+    assert!(matches!(
+        commit(&mut s, 7, "bob", vec![link("a", "", "b")]),
+        Err(ApplyError::Denied(_))
+    ));
+    assert_eq!(s, before, "refused links change nothing");
+}
+
+#[test]
+fn set_attr_honours_omitted_times() {
+    let mut s = setup();
+    commit(&mut s, 3, "alice", vec![file("", "a", b"x")]).unwrap();
+    let set = |atime, mtime| OpKind::SetAttr {
+        node: NodeRef::Path("a".into()),
+        mode: None,
+        uid: None,
+        gid: None,
+        mtime_ns: mtime,
+        atime_ns: atime,
+    };
+    commit(&mut s, 4, "alice", vec![set(Some(111), Some(222))]).unwrap();
+    let a = lookup(&s, "a").unwrap();
+    assert_eq!((a.atime_ns, a.mtime_ns), (111, 222));
+    commit(&mut s, 5, "alice", vec![set(None, Some(333))]).unwrap();
+    let a = lookup(&s, "a").unwrap();
+    assert_eq!((a.atime_ns, a.mtime_ns), (111, 333), "atime omitted stays");
+    commit(&mut s, 6, "alice", vec![set(Some(444), None)]).unwrap();
+    let a = lookup(&s, "a").unwrap();
+    assert_eq!((a.atime_ns, a.mtime_ns), (444, 333), "mtime omitted stays");
+}

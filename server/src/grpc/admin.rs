@@ -248,6 +248,15 @@ impl pb::admin_server::Admin for AdminService {
         }
     }
 
+    async fn who_am_i(&self, req: Request<pb::Empty>) -> Result<Response<pb::WhoAmIReply>, Status> {
+        let claims = self.0.authenticate(token_of(&req).as_deref()).map_err(status)?;
+        Ok(Response::new(pb::WhoAmIReply {
+            admin: claims.role == codafs_common::token::Role::Admin,
+            user: claims.user,
+            expires: claims.expires,
+        }))
+    }
+
     async fn list_volumes(&self, _req: Request<pb::Empty>) -> Result<Response<pb::VolumeList>, Status> {
         let vols = self.0.tables().volumes().map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::VolumeList {

@@ -25,6 +25,7 @@ pub fn attr(o: &ObjectRec) -> pb::Attr {
         symlink_target: o.symlink.clone(),
         version: o.version,
         parent: o.parent,
+        atime_ns: o.atime_ns,
     }
 }
 
@@ -99,6 +100,7 @@ pub fn op(o: pb::Op) -> Result<Op, Status> {
             uid: c.uid,
             gid: c.gid,
             mtime_ns: c.mtime_ns,
+            atime_ns: c.atime_ns,
         },
         P::Remove(c) => OpKind::Remove {
             parent: node_ref(c.parent, "remove.parent")?,
@@ -110,6 +112,11 @@ pub fn op(o: pb::Op) -> Result<Op, Status> {
             from_name: c.from_name,
             to_parent: node_ref(c.to_parent, "rename.to_parent")?,
             to_name: c.to_name,
+        },
+        P::Link(c) => OpKind::Link {
+            node: node_ref(c.node, "link.node")?,
+            parent: node_ref(c.parent, "link.parent")?,
+            name: c.name,
         },
     };
     Ok(Op {

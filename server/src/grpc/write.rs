@@ -84,6 +84,11 @@ impl pb::write_server::Write for WriteService {
             },
         )
         .await?;
+        // Read-your-writes: the client prefers the server that answered, so answer only once
+        // this replica has applied the commit (a follower usually has within a heartbeat).
+        if !node.wait_applied(reply.version, Duration::from_secs(5)).await {
+            tracing::warn!(version = reply.version, "committed, but not yet applied here after 5 s");
+        }
         Ok(Response::new(reply))
     }
 }

@@ -1,0 +1,828 @@
+//! Writes through the mount, with Coda/AFS session semantics.
+//!
+//! A file opened for writing gets a *shadow*: a private local copy of its current content (empty
+//! after a truncate). Writes, reads and size changes of that file go to the shadow while it is
+//! open. On `close` (FUSE flush) or `fsync`, a changed shadow is stored: its blob reaches the
+//! volume's write quorum, then one commit points the file at it. Other nodes see the new content
+//! after their callback; a failed store or commit is returned by that `close`/`fsync` and leaves
+//! the old content in place. Namespace operations (create, mkdir, unlink, rename, link, chmod,
+//! utimens...) are one commit each, sent at once.
+//!
+//! Every change is made with the token of the calling local uid (see [`crate::tokens`]): no token
+//! (root included) or a `--read-only` mount means `EROFS`; a token whose user may not write the
+//! volume means `EACCES`. Servers check again; these checks only give the friendlier errno early.
+//!
+//! Concurrent writers of one file: last store wins (as in AFS). Each store replaces the whole
+//! content, so a reader never sees a mix of two writers' bytes.
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use codafs_common::names::{validate_name, NameError};
+use codafs_common::token::{Claims, Role};
+use codafs_common::{split_ino, Hash};
+use codafs_proto::pb;
+
+use super::remote::{ChunkSink, Remote, RemoteVolume};
+use super::{Core, FsError, NodeAttr, NodeKind, ROOT_INO};
+use crate::tokens::TokenTable;
+
+/// Largest file the mount stores: a shadow is read into memory to hash and send it.
+pub const MAX_WRITE_FILE: u64 = 1 << 30;
+
+/// The process asking: the kernel's uid and gid of the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Who may write a volume, from the last volume list.
+#[derive(Debug, Clone)]
+struct VolumeAcl {
+    owner: String,
+    writers: Vec<String>,
+    write_quorum: u32,
+}
+
+/// A private local copy of an open file's content.
+struct Shadow {
+    file: std::fs::File,
+    path: PathBuf,
+    size: u64,
+    dirty: bool,
+    /// Bumped by every change, so a store racing with a write does not mark it clean.
+    generation: u64,
+    mtime_ns: i64,
+    opens: u32,
+    /// The last store failed and its error was reported; release does not retry it.
+    failed: bool,
+}
+
+struct Handle {
+    ino: u64,
+    uid: u32,
+    write: bool,
+}
+
+/// How a new shadow starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ShadowInit {
+    Empty,
+    Current,
+}
+
+/// Counters for `codafs status MNT`.
+#[derive(Debug, Default)]
+pub struct WriteStats {
+    pub commits: AtomicU64,
+    pub failed_commits: AtomicU64,
+    pub stored_bytes: AtomicU64,
+}
+
+/// The write side of the core.
+pub struct WriteState {
+    pub tokens: TokenTable,
+    read_only: bool,
+    shadow_dir: PathBuf,
+    acls: RwLock<HashMap<String, VolumeAcl>>,
+    shadows: Mutex<HashMap<u64, Arc<Mutex<Shadow>>>>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    /// Write quorums for which the empty blob (new files' content) is known stored.
+    empty_stored: Mutex<HashSet<u32>>,
+    pub stats: WriteStats,
+}
+
+impl WriteState {
+    /// `shadow_dir` holds open files' copies; it is emptied here (leftovers of a crash are
+    /// uncommitted writes whose `close` never returned success).
+    pub fn new(tokens: TokenTable, read_only: bool, shadow_dir: PathBuf) -> Result<Self, std::io::Error> {
+        let _ = std::fs::remove_dir_all(&shadow_dir);
+        std::fs::create_dir_all(&shadow_dir)?;
+        Ok(WriteState {
+            tokens,
+            read_only,
+            shadow_dir,
+            acls: RwLock::new(HashMap::new()),
+            shadows: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            empty_stored: Mutex::new(HashSet::new()),
+            stats: WriteStats::default(),
+        })
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn shadow(&self, ino: u64) -> Option<Arc<Mutex<Shadow>>> {
+        self.shadows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ino)
+            .cloned()
+    }
+
+    fn handle(&self, fh: u64) -> Option<(u64, u32, bool)> {
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh)
+            .map(|h| (h.ino, h.uid, h.write))
+    }
+}
+
+fn lock(s: &Mutex<Shadow>) -> std::sync::MutexGuard<'_, Shadow> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn may_write(claims: &Claims, acl: &VolumeAcl) -> bool {
+    claims.role == Role::Admin || acl.owner == claims.user || acl.writers.contains(&claims.user)
+}
+
+fn check_name(name: &str) -> Result<(), FsError> {
+    validate_name(name).map_err(|e| match e {
+        NameError::TooLong(_) => FsError::NameTooLong,
+        NameError::Reserved(_) => FsError::Exists,
+        other => FsError::Invalid(other.to_string()),
+    })
+}
+
+fn ino_ref(ino: u64) -> Option<pb::NodeRef> {
+    Some(pb::NodeRef {
+        target: Some(pb::node_ref::Target::Ino(ino)),
+    })
+}
+
+fn op(o: pb::op::Op) -> pb::Op {
+    pb::Op {
+        expect_version: None,
+        op: Some(o),
+    }
+}
+
+/// What a change needs: the caller's token and the volume's name and write quorum.
+struct WriteCtx {
+    token: String,
+    volume: String,
+    write_quorum: u32,
+}
+
+/// Attribute changes of one `setattr`.
+#[derive(Debug, Default, Clone)]
+pub struct SetAttrs {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime_ns: Option<i64>,
+    pub mtime_ns: Option<i64>,
+}
+
+impl<R: Remote> Core<R> {
+    /// Records who may write each volume (called with every fresh volume list).
+    pub(crate) fn set_acls(&self, vols: &[RemoteVolume]) {
+        let mut acls = self.writes.acls.write().unwrap_or_else(|p| p.into_inner());
+        acls.clear();
+        for v in vols {
+            acls.insert(
+                v.name.clone(),
+                VolumeAcl {
+                    owner: v.owner.clone(),
+                    writers: v.writers.clone(),
+                    write_quorum: v.write_quorum.max(1),
+                },
+            );
+        }
+    }
+
+    /// Checks that `uid` may change the volume holding `ino`, and returns what the change needs.
+    fn write_ctx(&self, uid: u32, ino: u64) -> Result<WriteCtx, FsError> {
+        if self.writes.read_only {
+            return Err(FsError::ReadOnly);
+        }
+        let (token, claims) = self.writes.tokens.get(uid).ok_or(FsError::ReadOnly)?;
+        if ino == ROOT_INO {
+            return Err(FsError::NotPermitted(
+                "volumes are created with `codafs volume create`".into(),
+            ));
+        }
+        let vol = self.volume_of(ino).ok_or(FsError::NotFound)?;
+        let acl = self
+            .writes
+            .acls
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&vol.name)
+            .cloned();
+        if let Some(a) = &acl {
+            if !may_write(&claims, a) {
+                return Err(FsError::Denied(format!(
+                    "{} may not write volume {}",
+                    claims.user, vol.name
+                )));
+            }
+        }
+        Ok(WriteCtx {
+            token,
+            volume: vol.name,
+            write_quorum: acl.map_or(2, |a| a.write_quorum),
+        })
+    }
+
+    fn write_timeout(&self, bytes: u64) -> Duration {
+        // Commits may wait out a leader election; large blobs get 10 MB/s on top.
+        (self.cfg.op_timeout * 5).max(Duration::from_secs(10)) + Duration::from_millis(bytes / 10_000)
+    }
+
+    /// Commits `ops`; afterwards forgets cached metadata of `inos` (attributes and listings)
+    /// whatever the outcome, since a broken call may still have committed.
+    async fn commit(&self, ctx: &WriteCtx, ops: Vec<pb::Op>, inos: &[u64]) -> Result<pb::CommitReply, FsError> {
+        let req = pb::CommitRequest {
+            volume: ctx.volume.clone(),
+            ops,
+            expect_volume_version: None,
+        };
+        let r = self
+            .timed(self.write_timeout(0), self.remote.commit(&ctx.token, req))
+            .await;
+        self.meta.forget(inos, &[]).map_err(Self::io)?;
+        let counter = match &r {
+            Ok(_) => &self.writes.stats.commits,
+            Err(e) => {
+                tracing::info!(volume = %ctx.volume, error = %e, "commit refused or failed");
+                &self.writes.stats.failed_commits
+            }
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        r
+    }
+
+    /// Stores a blob on the volume's write quorum and keeps a copy in the local cache.
+    async fn store_blob(&self, ctx: &WriteCtx, data: bytes::Bytes) -> Result<Hash, FsError> {
+        let hash = Hash::of(&data);
+        let len = data.len() as u64;
+        self.timed(
+            self.write_timeout(len),
+            self.remote.put_blob(&ctx.token, data.clone(), ctx.write_quorum),
+        )
+        .await?;
+        self.writes.stats.stored_bytes.fetch_add(len, Ordering::Relaxed);
+        if !self.blobs.lookup(&hash) {
+            // The writer reads its own file next: keep it cached instead of fetching it back.
+            if let Ok(mut w) = self.blobs.writer(hash, len) {
+                if w.write(&data).is_ok() {
+                    let _ = w.finish();
+                }
+            }
+        }
+        Ok(hash)
+    }
+
+    async fn ensure_empty_blob(&self, ctx: &WriteCtx) -> Result<Hash, FsError> {
+        let empty = Hash::of(b"");
+        let known = self
+            .writes
+            .empty_stored
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&ctx.write_quorum);
+        if !known {
+            self.store_blob(ctx, bytes::Bytes::new()).await?;
+            self.writes
+                .empty_stored
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(ctx.write_quorum);
+        }
+        Ok(empty)
+    }
+
+    /// Fresh attributes of a node after a change (the answering server has applied it).
+    async fn fresh_attr(&self, ino: u64) -> Result<NodeAttr, FsError> {
+        self.meta.forget(&[ino], &[]).map_err(Self::io)?;
+        self.getattr(ino).await
+    }
+
+    /// Creates a file, directory or symlink; returns its attributes.
+    #[allow(clippy::too_many_arguments)]
+    async fn create_node(
+        &self,
+        c: Caller,
+        ctx: &WriteCtx,
+        parent: u64,
+        name: &str,
+        kind: pb::ObjectKind,
+        mode: u32,
+        target: &str,
+    ) -> Result<NodeAttr, FsError> {
+        check_name(name)?;
+        let hash = if kind == pb::ObjectKind::File {
+            let h = self.ensure_empty_blob(ctx).await?;
+            bytes::Bytes::copy_from_slice(&h.0)
+        } else {
+            bytes::Bytes::new()
+        };
+        let create = pb::CreateOp {
+            parent: ino_ref(parent),
+            name: name.to_string(),
+            kind: kind as i32,
+            mode: mode & 0o7777,
+            hash,
+            size: 0,
+            symlink_target: target.to_string(),
+            replace: false,
+            uid: c.uid,
+            gid: c.gid,
+            mtime_ns: 0,
+        };
+        let reply = self
+            .commit(ctx, vec![op(pb::op::Op::Create(create))], &[parent])
+            .await?;
+        let ino = reply
+            .created
+            .first()
+            .copied()
+            .filter(|i| *i != 0)
+            .ok_or_else(|| FsError::Io("the server did not name the new node".into()))?;
+        self.fresh_attr(ino).await
+    }
+
+    /// `creat`/`open(O_CREAT)`: a new empty file, open for writing.
+    pub async fn create(&self, c: Caller, parent: u64, name: &str, mode: u32) -> Result<(NodeAttr, u64), FsError> {
+        let ctx = self.write_ctx(c.uid, parent)?;
+        let attr = self
+            .create_node(c, &ctx, parent, name, pb::ObjectKind::File, mode, "")
+            .await?;
+        let fh = self.open_handle(attr.ino, c.uid, true, ShadowInit::Empty).await?;
+        Ok((attr, fh))
+    }
+
+    /// `mknod`: regular files only (codafs stores no devices, FIFOs or sockets).
+    pub async fn mknod(&self, c: Caller, parent: u64, name: &str, mode: u32) -> Result<NodeAttr, FsError> {
+        let ctx = self.write_ctx(c.uid, parent)?;
+        if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
+            return Err(FsError::NotPermitted(
+                "only regular files, directories and symlinks can be stored".into(),
+            ));
+        }
+        self.create_node(c, &ctx, parent, name, pb::ObjectKind::File, mode, "")
+            .await
+    }
+
+    pub async fn mkdir(&self, c: Caller, parent: u64, name: &str, mode: u32) -> Result<NodeAttr, FsError> {
+        let ctx = self.write_ctx(c.uid, parent)?;
+        self.create_node(c, &ctx, parent, name, pb::ObjectKind::Directory, mode, "")
+            .await
+    }
+
+    pub async fn symlink(&self, c: Caller, parent: u64, name: &str, target: &str) -> Result<NodeAttr, FsError> {
+        let ctx = self.write_ctx(c.uid, parent)?;
+        if target.is_empty() || target.len() > 4096 {
+            return Err(FsError::NameTooLong);
+        }
+        self.create_node(c, &ctx, parent, name, pb::ObjectKind::Symlink, 0o777, target)
+            .await
+    }
+
+    /// `unlink` (`dir` false) or `rmdir` (`dir` true).
+    pub async fn remove(&self, c: Caller, parent: u64, name: &str, dir: bool) -> Result<(), FsError> {
+        let ctx = self.write_ctx(c.uid, parent)?;
+        let child = self.lookup(parent, name).await?;
+        match (dir, child.kind == NodeKind::Dir) {
+            (false, true) => return Err(FsError::IsDir),
+            (true, false) => return Err(FsError::NotDir),
+            _ => {}
+        }
+        let rm = pb::RemoveOp {
+            parent: ino_ref(parent),
+            name: name.to_string(),
+            recursive: false,
+        };
+        self.commit(&ctx, vec![op(pb::op::Op::Remove(rm))], &[parent, child.ino])
+            .await?;
+        Ok(())
+    }
+
+    /// `rename`, atomic inside a volume. `noreplace` is RENAME_NOREPLACE; RENAME_EXCHANGE is
+    /// refused by the adaptor.
+    pub async fn rename(
+        &self,
+        c: Caller,
+        parent: u64,
+        name: &str,
+        new_parent: u64,
+        new_name: &str,
+        noreplace: bool,
+    ) -> Result<(), FsError> {
+        let ctx = self.write_ctx(c.uid, parent)?;
+        if new_parent == ROOT_INO || split_ino(parent).0 != split_ino(new_parent).0 {
+            return Err(FsError::CrossVolume);
+        }
+        self.write_ctx(c.uid, new_parent)?;
+        check_name(new_name)?;
+        let src = self.lookup(parent, name).await?;
+        let dst = match self.lookup(new_parent, new_name).await {
+            Ok(a) => Some(a.ino),
+            Err(FsError::NotFound) => None,
+            Err(e) => return Err(e),
+        };
+        if noreplace && dst.is_some() {
+            return Err(FsError::Exists);
+        }
+        let mv = pb::RenameOp {
+            from_parent: ino_ref(parent),
+            from_name: name.to_string(),
+            to_parent: ino_ref(new_parent),
+            to_name: new_name.to_string(),
+        };
+        let mut inos = vec![parent, new_parent, src.ino];
+        inos.extend(dst);
+        self.commit(&ctx, vec![op(pb::op::Op::Rename(mv))], &inos).await?;
+        Ok(())
+    }
+
+    /// `link`: another name for a file or symlink of the same volume.
+    pub async fn link(&self, c: Caller, ino: u64, new_parent: u64, new_name: &str) -> Result<NodeAttr, FsError> {
+        let ctx = self.write_ctx(c.uid, new_parent)?;
+        if split_ino(ino).0 != split_ino(new_parent).0 {
+            return Err(FsError::CrossVolume);
+        }
+        check_name(new_name)?;
+        if self.getattr(ino).await?.kind == NodeKind::Dir {
+            return Err(FsError::NotPermitted("directories cannot be hard-linked".into()));
+        }
+        let l = pb::LinkOp {
+            node: ino_ref(ino),
+            parent: ino_ref(new_parent),
+            name: new_name.to_string(),
+        };
+        self.commit(&ctx, vec![op(pb::op::Op::Link(l))], &[new_parent, ino])
+            .await?;
+        self.fresh_attr(ino).await
+    }
+
+    /// `setattr`: mode, owner, times, and size (truncate). A size change of a file open for
+    /// writing goes to its shadow (stored on close); otherwise it is stored at once.
+    pub async fn setattr(&self, c: Caller, ino: u64, s: SetAttrs) -> Result<NodeAttr, FsError> {
+        let ctx = self.write_ctx(c.uid, ino)?;
+        if let Some(size) = s.size {
+            if size > MAX_WRITE_FILE {
+                return Err(FsError::TooLarge(format!(
+                    "the mount stores files up to {MAX_WRITE_FILE} bytes"
+                )));
+            }
+            match self.writes.shadow(ino) {
+                Some(sh) => {
+                    let mut g = lock(&sh);
+                    g.file.set_len(size)?;
+                    g.size = size;
+                    g.dirty = true;
+                    g.failed = false;
+                    g.generation += 1;
+                    g.mtime_ns = s.mtime_ns.unwrap_or_else(codafs_common::now_ns);
+                }
+                None => {
+                    let a = self.getattr(ino).await?;
+                    match a.kind {
+                        NodeKind::Dir => return Err(FsError::IsDir),
+                        NodeKind::Symlink => return Err(FsError::Invalid("cannot truncate a symlink".into())),
+                        NodeKind::File => {}
+                    }
+                    if size != a.size {
+                        let mut data = if size == 0 {
+                            Vec::new()
+                        } else {
+                            let (hash, _) = self.ensure_cached(ino).await?;
+                            let _pin = self.blobs.pin(hash);
+                            std::fs::read(self.blobs.path(&hash))?
+                        };
+                        data.resize(size as usize, 0);
+                        self.store_content(&ctx, ino, data, s.mtime_ns.unwrap_or(0)).await?;
+                    }
+                }
+            }
+        }
+        let changes_attrs = s.mode.is_some() || s.uid.is_some() || s.gid.is_some();
+        let changes_times = s.atime_ns.is_some() || s.mtime_ns.is_some();
+        if changes_attrs || changes_times {
+            let set = pb::SetAttrOp {
+                node: ino_ref(ino),
+                mode: s.mode.map(|m| m & 0o7777),
+                uid: s.uid,
+                gid: s.gid,
+                mtime_ns: s.mtime_ns,
+                atime_ns: s.atime_ns,
+            };
+            self.commit(&ctx, vec![op(pb::op::Op::SetAttr(set))], &[ino]).await?;
+            if let (Some(t), Some(sh)) = (s.mtime_ns, self.writes.shadow(ino)) {
+                // An explicit mtime on a file being written is what its store should keep.
+                lock(&sh).mtime_ns = t;
+            }
+        }
+        self.fresh_attr(ino).await
+    }
+
+    /// Stores `data` as the content of file `ino` (mtime 0 = commit time).
+    async fn store_content(&self, ctx: &WriteCtx, ino: u64, data: Vec<u8>, mtime_ns: i64) -> Result<(), FsError> {
+        let size = data.len() as u64;
+        let hash = self.store_blob(ctx, bytes::Bytes::from(data)).await?;
+        let set = pb::SetContentOp {
+            node: ino_ref(ino),
+            hash: bytes::Bytes::copy_from_slice(&hash.0),
+            size,
+            mtime_ns,
+        };
+        self.commit(ctx, vec![op(pb::op::Op::SetContent(set))], &[ino]).await?;
+        Ok(())
+    }
+
+    /// `open`: read-only opens need nothing (handle 0); opens for writing get the file's
+    /// shadow, shared by every writer of that file on this mount.
+    pub async fn open(&self, c: Caller, ino: u64, flags: i32) -> Result<u64, FsError> {
+        if flags & libc::O_ACCMODE == libc::O_RDONLY {
+            return Ok(0);
+        }
+        self.write_ctx(c.uid, ino)?;
+        let init = if flags & libc::O_TRUNC != 0 {
+            ShadowInit::Empty
+        } else {
+            ShadowInit::Current
+        };
+        self.open_handle(ino, c.uid, true, init).await
+    }
+
+    async fn open_handle(&self, ino: u64, uid: u32, write: bool, init: ShadowInit) -> Result<u64, FsError> {
+        if write {
+            self.attach_shadow(ino, init).await?;
+        }
+        let fh = self.writes.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.writes
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, Handle { ino, uid, write });
+        Ok(fh)
+    }
+
+    /// Joins the file's shadow, creating it from the current content (or empty) if needed.
+    async fn attach_shadow(&self, ino: u64, init: ShadowInit) -> Result<(), FsError> {
+        if let Some(sh) = self.writes.shadow(ino) {
+            let mut g = lock(&sh);
+            g.opens += 1;
+            if init == ShadowInit::Empty && g.size != 0 {
+                g.file.set_len(0)?;
+                g.size = 0;
+                g.dirty = true;
+                g.generation += 1;
+                g.mtime_ns = codafs_common::now_ns();
+            }
+            return Ok(());
+        }
+        let attr = self.getattr(ino).await?;
+        if attr.kind != NodeKind::File {
+            return Err(FsError::IsDir);
+        }
+        let path = self.writes.shadow_dir.join(format!(
+            "{ino:016x}-{}",
+            self.writes.next_fh.fetch_add(1, Ordering::Relaxed)
+        ));
+        let size = match init {
+            ShadowInit::Empty => {
+                std::fs::File::create(&path)?;
+                0
+            }
+            ShadowInit::Current => {
+                let (hash, size) = self.ensure_cached(ino).await?;
+                let _pin = self.blobs.pin(hash);
+                std::fs::copy(self.blobs.path(&hash), &path)?;
+                size
+            }
+        };
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+        let mut shadows = self.writes.shadows.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sh) = shadows.get(&ino) {
+            // Another opener won the race: join theirs.
+            lock(sh).opens += 1;
+            let _ = std::fs::remove_file(&path);
+            return Ok(());
+        }
+        shadows.insert(
+            ino,
+            Arc::new(Mutex::new(Shadow {
+                file,
+                path,
+                size,
+                dirty: init == ShadowInit::Empty && attr.size != 0,
+                generation: 0,
+                mtime_ns: attr.mtime_ns,
+                opens: 1,
+                failed: false,
+            })),
+        );
+        Ok(())
+    }
+
+    /// `write` through a handle opened for writing.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+        let (ino, _, write) = self.writes.handle(fh).ok_or(FsError::BadHandle)?;
+        if !write {
+            return Err(FsError::BadHandle);
+        }
+        let end = offset.saturating_add(data.len() as u64);
+        if end > MAX_WRITE_FILE {
+            return Err(FsError::TooLarge(format!(
+                "the mount stores files up to {MAX_WRITE_FILE} bytes"
+            )));
+        }
+        let sh = self.writes.shadow(ino).ok_or(FsError::BadHandle)?;
+        let mut g = lock(&sh);
+        g.file.write_all_at(data, offset)?;
+        g.size = g.size.max(end);
+        g.dirty = true;
+        g.failed = false;
+        g.generation += 1;
+        g.mtime_ns = codafs_common::now_ns();
+        Ok(data.len() as u32)
+    }
+
+    /// Reads from the shadow of a file open for writing, if it has one.
+    pub(crate) fn read_shadow(&self, ino: u64, offset: u64, size: u32) -> Option<Result<Vec<u8>, FsError>> {
+        let sh = self.writes.shadow(ino)?;
+        let g = lock(&sh);
+        if offset >= g.size {
+            return Some(Ok(Vec::new()));
+        }
+        let n = (size as u64).min(g.size - offset) as usize;
+        let mut buf = vec![0u8; n];
+        Some(match g.file.read_exact_at(&mut buf, offset) {
+            Ok(()) => Ok(buf),
+            Err(e) => Err(e.into()),
+        })
+    }
+
+    /// Size and mtime a file open for writing shows (its shadow's).
+    pub(crate) fn shadow_attr(&self, a: &mut NodeAttr) {
+        if let Some(sh) = self.writes.shadow(a.ino) {
+            let g = lock(&sh);
+            a.size = g.size;
+            if g.dirty {
+                a.mtime_ns = g.mtime_ns;
+            }
+        }
+    }
+
+    /// `close` (FUSE flush) and `fsync`: stores the file if its shadow changed. The error, if
+    /// any, is what `close`/`fsync` returns; the old content then stays in place.
+    pub async fn flush(&self, fh: u64) -> Result<(), FsError> {
+        let Some((ino, uid, true)) = self.writes.handle(fh) else {
+            return Ok(());
+        };
+        self.store_shadow(ino, uid).await
+    }
+
+    async fn store_shadow(&self, ino: u64, uid: u32) -> Result<(), FsError> {
+        let Some(sh) = self.writes.shadow(ino) else {
+            return Ok(());
+        };
+        let (data, generation, mtime) = {
+            let g = lock(&sh);
+            if !g.dirty {
+                return Ok(());
+            }
+            let mut buf = vec![0u8; g.size as usize];
+            g.file.read_exact_at(&mut buf, 0)?;
+            (buf, g.generation, g.mtime_ns)
+        };
+        let result = match self.write_ctx(uid, ino) {
+            Ok(ctx) => self.store_content(&ctx, ino, data, mtime).await,
+            Err(e) => Err(e),
+        };
+        let mut g = lock(&sh);
+        match result {
+            Ok(()) => {
+                if g.generation == generation {
+                    g.dirty = false;
+                }
+                g.failed = false;
+                Ok(())
+            }
+            Err(e) => {
+                g.failed = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// `release`: the last handle of a file drops its shadow. Changes never stored (no flush
+    /// arrived, as after `munmap`) are stored now, unless a store already failed and said so.
+    /// Returns true when unstored changes were dropped: the kernel's page cache and attributes
+    /// of that file still hold them and must be invalidated.
+    pub async fn release(&self, fh: u64) -> bool {
+        let Some(h) = self
+            .writes
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh)
+        else {
+            return false;
+        };
+        if !h.write {
+            return false;
+        }
+        let Some(sh) = self.writes.shadow(h.ino) else {
+            return false;
+        };
+        let (retry, last) = {
+            let mut g = lock(&sh);
+            g.opens = g.opens.saturating_sub(1);
+            (g.dirty && !g.failed, g.opens == 0)
+        };
+        if retry {
+            if let Err(e) = self.store_shadow(h.ino, h.uid).await {
+                tracing::warn!(ino = h.ino, error = %e, "changes of a released file could not be stored");
+            }
+        }
+        let mut dropped_changes = false;
+        if last {
+            let mut shadows = self.writes.shadows.lock().unwrap_or_else(|p| p.into_inner());
+            // Someone may have reopened the file meanwhile.
+            if shadows.get(&h.ino).is_some_and(|s| lock(s).opens == 0) {
+                if let Some(s) = shadows.remove(&h.ino) {
+                    let g = lock(&s);
+                    dropped_changes = g.dirty;
+                    let _ = std::fs::remove_file(&g.path);
+                }
+            }
+        }
+        if dropped_changes {
+            tracing::info!(
+                ino = h.ino,
+                "unstored changes dropped; the file shows its committed content"
+            );
+            let _ = self.meta.forget(&[h.ino], &[]);
+        }
+        dropped_changes
+    }
+}
+
+/// Read and search permission on writable mounts. A `--read-only` mount lets the kernel check
+/// modes (`default_permissions`); a writable one cannot, because changes are authorized by token
+/// and volume rights (as in AFS), not by mode bits, so the daemon checks reads itself.
+impl<R: Remote> Core<R> {
+    /// Whether `c` may read (`R_OK`) and/or search or execute (`X_OK`) a node with these
+    /// attributes; on a public volume everyone may read files and search directories. Only
+    /// the caller's primary group is known to the daemon.
+    pub fn may_access(c: Caller, a: &NodeAttr, mask: i32, public: bool) -> bool {
+        let want = (if mask & libc::R_OK != 0 { 4 } else { 0 }) | (if mask & libc::X_OK != 0 { 1 } else { 0 });
+        let exec_file = want & 1 != 0 && a.kind != NodeKind::Dir;
+        if public && !exec_file {
+            return true;
+        }
+        if c.uid == 0 {
+            // Root reads everything; it executes a file only if someone may.
+            return want & 1 == 0 || a.kind == NodeKind::Dir || a.perm & 0o111 != 0;
+        }
+        let bits = if a.uid == c.uid {
+            (a.perm >> 6) & 7
+        } else if a.gid == c.gid {
+            (a.perm >> 3) & 7
+        } else {
+            a.perm & 7
+        };
+        bits & want == want
+    }
+
+    fn is_public(&self, ino: u64) -> bool {
+        ino == ROOT_INO || self.volume_of(ino).is_none_or(|v| v.public_read)
+    }
+
+    /// `access(2)`: `W_OK` asks whether the caller's token may change the volume.
+    pub async fn access(&self, c: Caller, ino: u64, mask: i32) -> Result<(), FsError> {
+        let a = self.getattr(ino).await?;
+        if mask & libc::W_OK != 0 {
+            self.write_ctx(c.uid, ino)?;
+        }
+        if Self::may_access(c, &a, mask, self.is_public(ino)) {
+            Ok(())
+        } else {
+            Err(FsError::Denied("mode bits".into()))
+        }
+    }
+
+    /// Checks `mask` on node `ino` for `c`.
+    pub async fn check_access(&self, c: Caller, ino: u64, mask: i32) -> Result<(), FsError> {
+        let a = self.getattr(ino).await?;
+        if Self::may_access(c, &a, mask, self.is_public(ino)) {
+            Ok(())
+        } else {
+            Err(FsError::Denied("mode bits".into()))
+        }
+    }
+}

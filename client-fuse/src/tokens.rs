@@ -1,0 +1,181 @@
+//! Tokens held by a mount, one per local uid (as with Coda's `clog`).
+//!
+//! `codafs login` hands a token to the mount daemon over its control socket; the daemon learns
+//! the caller's uid from the socket (SO_PEERCRED), so a user can only ever set their own token, and
+//! only that uid's writes use it. Tokens are kept in `<cache-dir>/tokens/<uid>` (mode 0600, in a
+//! 0700 directory) so they survive a daemon restart until they expire. The daemon cannot verify a
+//! token's signature (only servers hold the keys); it reads the claims for expiry and for friendlier
+//! errors, and the servers check every request anyway.
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use codafs_common::token::{peek, Claims};
+
+/// Why a token was not accepted by the mount.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenStoreError {
+    #[error("not a codafs token")]
+    Malformed,
+    #[error("token expired")]
+    Expired,
+    #[error("token is for cluster {got}, this mount talks to {want}")]
+    WrongCluster { got: String, want: String },
+    #[error("saving the token: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Tokens by local uid.
+pub struct TokenTable {
+    dir: Option<PathBuf>,
+    map: RwLock<HashMap<u32, (String, Claims)>>,
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl TokenTable {
+    /// An empty table that keeps nothing on disk (tests).
+    pub fn in_memory() -> Self {
+        TokenTable {
+            dir: None,
+            map: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Loads the tokens saved in `dir`, dropping expired and unreadable ones.
+    pub fn load(dir: &Path) -> Result<Self, std::io::Error> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        let mut map = HashMap::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let Some(uid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let token = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            match peek(token.trim()) {
+                Ok(c) if c.expires > now_s() => {
+                    map.insert(uid, (token.trim().to_string(), c));
+                }
+                _ => {
+                    tracing::info!(uid, "dropping an expired or unreadable saved token");
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        Ok(TokenTable {
+            dir: Some(dir.to_path_buf()),
+            map: RwLock::new(map),
+        })
+    }
+
+    /// Sets `uid`'s token (replacing any earlier one) and saves it.
+    pub fn set(&self, uid: u32, token: &str, cluster: Option<&str>) -> Result<Claims, TokenStoreError> {
+        let token = token.trim();
+        let claims = peek(token).map_err(|_| TokenStoreError::Malformed)?;
+        if claims.expires <= now_s() {
+            return Err(TokenStoreError::Expired);
+        }
+        if let Some(want) = cluster {
+            if claims.cluster != want {
+                return Err(TokenStoreError::WrongCluster {
+                    got: claims.cluster,
+                    want: want.to_string(),
+                });
+            }
+        }
+        if let Some(dir) = &self.dir {
+            let tmp = dir.join(format!(".{uid}.tmp"));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(token.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, dir.join(uid.to_string()))?;
+        }
+        self.map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid, (token.to_string(), claims.clone()));
+        Ok(claims)
+    }
+
+    /// Forgets `uid`'s token; returns whether there was one.
+    pub fn remove(&self, uid: u32) -> bool {
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_file(dir.join(uid.to_string()));
+        }
+        self.map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&uid)
+            .is_some()
+    }
+
+    /// `uid`'s token and claims, if it has one that has not expired.
+    pub fn get(&self, uid: u32) -> Option<(String, Claims)> {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        map.get(&uid).filter(|(_, c)| c.expires > now_s()).cloned()
+    }
+
+    /// (uid, user, expiry) of every token held, for `status`.
+    pub fn list(&self) -> Vec<(u32, String, u64)> {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = map.iter().map(|(u, (_, c))| (*u, c.user.clone(), c.expires)).collect();
+        v.sort();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use codafs_common::token::{sign, Role};
+
+    fn token(user: &str, expires: u64) -> String {
+        sign(
+            &Claims {
+                user: user.into(),
+                role: Role::User,
+                cluster: "c1".into(),
+                key_id: 1,
+                expires,
+            },
+            &[7; 32],
+        )
+    }
+
+    #[test]
+    fn tokens_survive_a_restart_and_expired_ones_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TokenTable::load(dir.path()).unwrap();
+        t.set(1000, &token("alice", now_s() + 3600), Some("c1")).unwrap();
+        assert!(matches!(
+            t.set(1001, &token("bob", now_s() - 1), None),
+            Err(TokenStoreError::Expired)
+        ));
+        assert!(matches!(
+            t.set(1002, &token("carol", now_s() + 3600), Some("other")),
+            Err(TokenStoreError::WrongCluster { .. })
+        ));
+        assert!(matches!(t.set(1003, "nonsense", None), Err(TokenStoreError::Malformed)));
+        let mode = std::fs::metadata(dir.path().join("1000")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let again = TokenTable::load(dir.path()).unwrap();
+        assert_eq!(again.get(1000).map(|(_, c)| c.user), Some("alice".into()));
+        assert!(again.get(1001).is_none() && again.get(0).is_none());
+        assert!(again.remove(1000));
+        assert!(TokenTable::load(dir.path()).unwrap().get(1000).is_none());
+    }
+}

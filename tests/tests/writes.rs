@@ -1,0 +1,343 @@
+//! Writes through real mounts: per-uid tokens handed over the control socket, EROFS without a
+//! token (root included), EACCES without a right on the volume, store-on-close round trips seen
+//! from a second mount, failed commits that keep the old content, and the concurrent-writer
+//! policy. Everything runs against real server processes and real FUSE mounts.
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use codafs_tests::users::{sh_as, User};
+use codafs_tests::{bounded, read_file, wait_until, ClusterOpts, Mount, TestCluster};
+
+const WEBMASTER_UID: u32 = 1000;
+const STRANGER_UID: u32 = 1001;
+const PASSWORD: &str = "webmaster-pass\n";
+
+/// Runs `codafs` as root with the admin credential; fails on error.
+fn admin(tc: &TestCluster, args: &[&str], stdin: &str) -> Result<String> {
+    let cred = tc.servers[0].dir.join("admin.token").display().to_string();
+    let out = tc.codafs_as_with(None, &[("CODAFS_CREDENTIAL", cred)], args, stdin)?;
+    ensure!(out.ok, "codafs {args:?} failed: {}", out.stderr);
+    Ok(out.stdout)
+}
+
+/// A cluster with volume `www` owned by `webmaster` and volume `other` owned by the admin.
+async fn setup() -> Result<TestCluster> {
+    let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+    tc.create_volume("www", 2).await?;
+    tc.create_volume("other", 2).await?;
+    admin(&tc, &["user", "add", "webmaster", "--password-stdin"], PASSWORD)?;
+    admin(&tc, &["volume", "set", "www", "--owner", "webmaster"], "")?;
+    tc.shared_bin()?;
+    Ok(tc)
+}
+
+/// `codafs login webmaster` run by `user`: stores the token and hands it to every mount.
+fn login(tc: &TestCluster, user: &User) -> Result<String> {
+    let out = tc.codafs_as(Some(user), &["login", "webmaster", "--password-stdin"], PASSWORD)?;
+    ensure!(out.ok, "login failed: {}", out.stderr);
+    Ok(out.stdout)
+}
+
+/// Waits until `path` reads as `want` (through a mount, after callbacks).
+async fn wait_content(path: &Path, want: &[u8]) -> Result<()> {
+    let p = path.to_path_buf();
+    wait_until(
+        Duration::from_secs(10),
+        &format!("{} to read {:?}", p.display(), String::from_utf8_lossy(want)),
+        || {
+            let p = p.clone();
+            async move { read_file(&p).map(|d| d == want).unwrap_or(false) }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn webmaster_writes_through_the_mount_and_another_node_sees_each_change() {
+    bounded(async {
+        let tc = setup().await?;
+        let dir = tc.root.path();
+        let a = Mount::start(&tc.addrs(), dir, "a", &[])?;
+        let web = Mount::start(&tc.addrs(), dir, "web", &["--read-only"])?;
+        let wm = tc.user(WEBMASTER_UID)?;
+        let said = login(&tc, &wm)?;
+        ensure!(
+            said.contains(&format!("uid {WEBMASTER_UID}")),
+            "login did not reach the mount: {said}"
+        );
+
+        let w = a.path.join("www");
+        let script = format!(
+            r#"set -e
+cd {w}
+printf 'version one' > index.html
+mkdir -p css/old
+printf 'body {{}}' > css/old/site.css
+mv css/old/site.css css/site.css
+rmdir css/old
+ln -s index.html home.html
+ln index.html same.html
+chmod 640 css/site.css
+printf 'version two, longer' > index.html
+truncate -s 11 index.html
+touch -m -d '2001-02-03 04:05:06 UTC' css/site.css
+"#,
+            w = w.display()
+        );
+        let out = sh_as(&wm, &script)?;
+        ensure!(out.ok, "webmaster's writes failed: {}", out.stderr);
+
+        // The web node sees every change without remounting.
+        let r = web.path.join("www");
+        wait_content(&r.join("index.html"), b"version two").await?;
+        wait_content(&r.join("css/site.css"), b"body {}").await?;
+        ensure!(!r.join("css/old").exists(), "rmdir not seen");
+        ensure!(std::fs::read_link(r.join("home.html"))? == Path::new("index.html"));
+        let (m1, m2) = (
+            std::fs::metadata(r.join("index.html"))?,
+            std::fs::metadata(r.join("same.html"))?,
+        );
+        ensure!(
+            m1.ino() == m2.ino() && m1.nlink() == 2,
+            "hard link: {} {} nlink {}",
+            m1.ino(),
+            m2.ino(),
+            m1.nlink()
+        );
+        ensure!(read_file(&r.join("same.html"))? == b"version two");
+        let css_path = r.join("css/site.css");
+        wait_until(
+            Duration::from_secs(10),
+            "utimens mtime seen by the web node",
+            || async { std::fs::metadata(&css_path).is_ok_and(|m| m.mtime() == 981_173_106) },
+        )
+        .await?;
+        let css = std::fs::metadata(&css_path)?;
+        ensure!(
+            css.uid() == WEBMASTER_UID,
+            "new files belong to their creator: {}",
+            css.uid()
+        );
+        // The writer's own mount shows the same.
+        ensure!(read_file(&w.join("index.html"))? == b"version two");
+        ensure!(std::fs::metadata(w.join("css/site.css"))?.mode() & 0o777 == 0o640);
+
+        // Unlink of one name keeps the other.
+        let out = sh_as(&wm, &format!("rm {}", w.join("index.html").display()))?;
+        ensure!(out.ok, "{}", out.stderr);
+        wait_until(Duration::from_secs(10), "unlink seen by the web node", || async {
+            !r.join("index.html").exists()
+        })
+        .await?;
+        ensure!(read_file(&r.join("same.html"))? == b"version two");
+        ensure!(std::fs::metadata(r.join("same.html"))?.nlink() == 1);
+
+        // A token for `www` is no right on `other`: EACCES, not EROFS.
+        let o = a.path.join("other");
+        let out = sh_as(&wm, &format!("mkdir {}/x", o.display()))?;
+        ensure!(
+            !out.ok && out.stderr.contains("Permission denied"),
+            "mkdir in other: {}",
+            out.stderr
+        );
+        let out = sh_as(&wm, &format!("printf x > {}/x.html", o.display()))?;
+        ensure!(
+            !out.ok && out.stderr.contains("Permission denied"),
+            "create in other: {}",
+            out.stderr
+        );
+        ensure!(
+            tc.volume_info("other").await?.used_files == 0,
+            "nothing reached volume other"
+        );
+
+        // Rename and link never cross volumes (root with an admin token may write both).
+        let reply = a.control(&format!("login {}", tc.token))?;
+        ensure!(reply["ok"] == true, "admin token refused: {reply}");
+        let err = std::fs::rename(w.join("same.html"), o.join("same.html"))
+            .err()
+            .context("rename across volumes")?;
+        ensure!(err.raw_os_error() == Some(libc::EXDEV), "rename across volumes: {err}");
+        let err = std::fs::hard_link(w.join("same.html"), o.join("l.html"))
+            .err()
+            .context("link across volumes")?;
+        ensure!(err.raw_os_error() == Some(libc::EXDEV), "link across volumes: {err}");
+
+        // The read-only web node refuses changes even for root with a token.
+        let reply = web.control(&format!("login {}", tc.token))?;
+        ensure!(reply["ok"] == true);
+        let err = std::fs::write(r.join("same.html"), b"x")
+            .err()
+            .context("write on a --read-only mount")?;
+        ensure!(err.raw_os_error() == Some(libc::EROFS), "{err}");
+        Ok(())
+    })
+    .await
+}
+
+/// Every mutating syscall by `user` under `dir` fails with "Read-only file system".
+fn expect_read_only(user: &User, dir: &Path) -> Result<()> {
+    let attempts = [
+        ("create", ": > new.html"),
+        ("overwrite", "printf x > f.html"),
+        ("append", "printf x >> f.html"),
+        ("truncate", "truncate -s 0 f.html"),
+        ("touch", "touch f.html"),
+        ("utimens", "touch -d 2001-01-01 -c f.html"),
+        ("mkdir", "mkdir nd"),
+        ("rmdir", "rmdir d"),
+        ("unlink", "rm -f f.html"),
+        ("rename", "mv f.html g.html"),
+        ("symlink", "ln -s f.html s.html"),
+        ("link", "ln f.html h.html"),
+        ("chmod", "chmod 600 f.html"),
+        ("chown", "chown 1:1 f.html"),
+        ("mkfifo", "mkfifo p"),
+    ];
+    for (what, cmd) in attempts {
+        let out = sh_as(user, &format!("cd {} && {cmd}", dir.display()))?;
+        ensure!(
+            !out.ok && out.stderr.contains("Read-only file system"),
+            "{what} by uid {}: ok={} stderr={}",
+            user.uid,
+            out.ok,
+            out.stderr
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_valid_token_root_and_users_get_erofs_and_nothing_changes() {
+    bounded(async {
+        let tc = setup().await?;
+        let c = tc.client();
+        TestCluster::write_file(&c, "www", "", "f.html", b"keep me").await?;
+        TestCluster::mkdir(&c, "www", "", "d").await?;
+        let before = tc.volume_info("www").await?;
+        let m = Mount::start(&tc.addrs(), tc.root.path(), "m", &[])?;
+        let w = m.path.join("www");
+        let root = User {
+            uid: 0,
+            gid: 0,
+            home: tc.root.path().to_path_buf(),
+        };
+        let stranger = tc.user(STRANGER_UID)?;
+        let with_log = |e: anyhow::Error| anyhow::anyhow!("{e}\n--- mount log ---\n{}", m.log());
+        expect_read_only(&root, &w).map_err(with_log)?;
+        expect_read_only(&stranger, &w).map_err(with_log)?;
+
+        // Expired and forged tokens are refused when handed over, with the reason.
+        let expired = codafs_common::token::sign(
+            &codafs_common::token::Claims {
+                user: "admin".into(),
+                role: codafs_common::token::Role::Admin,
+                cluster: "x".into(),
+                key_id: 1,
+                expires: 1,
+            },
+            &[0; 32],
+        );
+        let reply = m.control(&format!("login {expired}"))?;
+        ensure!(
+            reply["error"].as_str().is_some_and(|e| e.contains("expired")),
+            "{reply}"
+        );
+        let mut forged = tc.token.clone();
+        let last = forged.pop().context("empty token")?;
+        forged.push(if last == '0' { '1' } else { '0' });
+        let reply = m.control(&format!("login {forged}"))?;
+        ensure!(reply["error"].as_str().is_some_and(|e| e.contains("forged")), "{reply}");
+        expect_read_only(&root, &w).map_err(with_log)?;
+        let reply = m.control("logout")?;
+        ensure!(reply["had_token"] == false, "{reply}");
+
+        ensure!(read_file(&w.join("f.html"))? == b"keep me");
+        let after = tc.volume_info("www").await?;
+        ensure!(
+            (after.version, after.used_files) == (before.version, before.used_files),
+            "servers changed: {before:?} -> {after:?}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokens_survive_a_mount_restart_and_a_refused_store_keeps_the_old_content() {
+    bounded(async {
+        let tc = setup().await?;
+        let dir = tc.root.path();
+        let mut a = Mount::start(&tc.addrs(), dir, "a", &[])?;
+        let b = Mount::start(&tc.addrs(), dir, "b", &["--read-only"])?;
+        let wm = tc.user(WEBMASTER_UID)?;
+        login(&tc, &wm)?;
+        // The token is kept 0600 in the cache directory and survives a crash of the daemon.
+        let saved = a.cache.join("tokens").join(WEBMASTER_UID.to_string());
+        ensure!(std::fs::metadata(&saved)?.mode() & 0o777 == 0o600);
+        a.remount()?;
+        let w = a.path.join("www");
+        let out = sh_as(&wm, &format!("printf 'small' > {}/q.html", w.display()))?;
+        ensure!(out.ok, "write after restart: {}", out.stderr);
+        wait_content(&b.path.join("www/q.html"), b"small").await?;
+
+        // Over quota: fsync and close fail with EDQUOT, and every node keeps the old content.
+        admin(&tc, &["volume", "set", "www", "--quota-bytes", "100"], "")?;
+        let version = tc.volume_info("www").await?.version;
+        let out = sh_as(
+            &wm,
+            &format!(
+                "dd if=/dev/zero of={}/q.html bs=1000 count=1 conv=fsync,notrunc",
+                w.display()
+            ),
+        )?;
+        ensure!(
+            !out.ok && out.stderr.contains("quota"),
+            "over-quota store: {}",
+            out.stderr
+        );
+        ensure!(
+            tc.volume_info("www").await?.version == version,
+            "a refused store changed the volume"
+        );
+        // The writer's node drops the uncommitted bytes from the kernel's cache on release.
+        wait_content(&w.join("q.html"), b"small").await?;
+        ensure!(read_file(&b.path.join("www/q.html"))? == b"small");
+        let st = a.status()?;
+        ensure!(st["writes"]["failed_commits"].as_u64() >= Some(1), "{st}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_on_two_nodes_last_close_wins_whole() {
+    bounded(async {
+        let tc = setup().await?;
+        let dir = tc.root.path();
+        let a = Mount::start(&tc.addrs(), dir, "a", &[])?;
+        let c = Mount::start(&tc.addrs(), dir, "c", &[])?;
+        let wm = tc.user(WEBMASTER_UID)?;
+        login(&tc, &wm)?;
+        let (fa, fc) = (a.path.join("www/race.txt"), c.path.join("www/race.txt"));
+        let out = sh_as(&wm, &format!("printf base > {}", fa.display()))?;
+        ensure!(out.ok, "{}", out.stderr);
+        let logs = |e: anyhow::Error| anyhow::anyhow!("{e}\n--- a ---\n{}\n--- c ---\n{}", a.log(), c.log());
+        wait_content(&fa, b"base").await.map_err(logs)?;
+        wait_content(&fc, b"base").await.map_err(logs)?;
+        // Both open before either closes; the later close replaces the whole file.
+        let script = format!(
+            "set -e\nexec 3>{fa}\nexec 4>{fc}\nprintf 'from node a' >&3\nprintf 'node c' >&4\nexec 3>&-\nexec 4>&-\n",
+            fa = fa.display(),
+            fc = fc.display()
+        );
+        let out = sh_as(&wm, &script)?;
+        ensure!(out.ok, "{}", out.stderr);
+        wait_content(&fa, b"node c").await?;
+        wait_content(&fc, b"node c").await?;
+        Ok(())
+    })
+    .await
+}

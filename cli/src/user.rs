@@ -194,9 +194,12 @@ pub async fn run(cmd: UserCmd) -> Result<()> {
 }
 
 #[derive(Args)]
+#[command(after_help = "Examples:\n  codafs login webmaster\n  echo \"$PASSWORD\" | codafs login webmaster --password-stdin\n  codafs login --credential /var/lib/codafs/admin.token   # hand an existing token to the mounts")]
 pub struct LoginArgs {
-    /// Account name.
-    user: String,
+    /// Account name. Without it, the token in --credential FILE (e.g. the admin credential from
+    /// `cluster init`) is checked with the servers and handed to the mounts instead.
+    #[arg(required_unless_present = "credential")]
+    user: Option<String>,
     /// Token lifetime in hours (at most 720).
     #[arg(long, default_value_t = 12)]
     hours: u64,
@@ -210,19 +213,41 @@ pub struct LoginArgs {
 /// to every running mount, which uses it for this uid's writes.
 pub async fn login(a: LoginArgs) -> Result<()> {
     let path = token_path().context("no place for the token: set HOME or CODAFS_TOKEN_FILE")?;
-    let pw = a.password.read(&format!("password for {}: ", a.user), false)?;
     let c = a.client.cluster()?;
-    let req = pb::LoginRequest {
-        user: a.user.clone(),
-        password: pw,
-        ttl_secs: a.hours.min(720) * 3600,
+    let (user, reply) = match &a.user {
+        Some(user) => {
+            let pw = a.password.read(&format!("password for {user}: "), false)?;
+            let req = pb::LoginRequest {
+                user: user.clone(),
+                password: pw,
+                ttl_secs: a.hours.min(720) * 3600,
+            };
+            let reply = c
+                .call(|ch| {
+                    let r = c.request(req.clone());
+                    async move { Cluster::admin(ch).login(r).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            (user.clone(), reply)
+        }
+        None => {
+            // The cluster was built with the credential's token: ask who it speaks for.
+            let token = a.client.required_token()?;
+            let who = c
+                .call(|ch| {
+                    let r = c.request(pb::Empty {});
+                    async move { Cluster::admin(ch).who_am_i(r).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            (
+                who.user,
+                pb::LoginReply {
+                    token,
+                    expires: who.expires,
+                },
+            )
+        }
     };
-    let reply = c
-        .call(|ch| {
-            let r = c.request(req.clone());
-            async move { Cluster::admin(ch).login(r).await.map(|r| r.into_inner()) }
-        })
-        .await?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -238,7 +263,7 @@ pub async fn login(a: LoginArgs) -> Result<()> {
     f.sync_all()?;
     std::fs::rename(&tmp, &path)?;
     let hours = reply.expires.saturating_sub(codafs_common::token::unix_now()) / 3600;
-    println!("logged in as {} for {hours} h (token in {})", a.user, path.display());
+    println!("logged in as {user} for {hours} h (token in {})", path.display());
     // Mounts take the token for this uid only (they read it from the socket, not from us).
     for (mnt, v) in crate::mount::tell_mounts(&format!("login {}", reply.token)) {
         match v["error"].as_str() {

@@ -194,7 +194,9 @@ pub async fn run(cmd: UserCmd) -> Result<()> {
 }
 
 #[derive(Args)]
-#[command(after_help = "Examples:\n  codafs login webmaster\n  echo \"$PASSWORD\" | codafs login webmaster --password-stdin\n  codafs login --credential /var/lib/codafs/admin.token   # hand an existing token to the mounts")]
+#[command(
+    after_help = "Examples:\n  codafs login webmaster\n  echo \"$PASSWORD\" | codafs login webmaster --password-stdin\n  codafs login --credential /var/lib/codafs/admin.token   # hand an existing token to the mounts"
+)]
 pub struct LoginArgs {
     /// Account name. Without it, the token in --credential FILE (e.g. the admin credential from
     /// `cluster init`) is checked with the servers and handed to the mounts instead.

@@ -341,3 +341,25 @@ async fn concurrent_writers_on_two_nodes_last_close_wins_whole() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_unlinked_while_open_closes_cleanly_and_stays_gone() {
+    bounded(async {
+        let tc = setup().await?;
+        let a = Mount::start(&tc.addrs(), tc.root.path(), "a", &[])?;
+        let wm = tc.user(WEBMASTER_UID)?;
+        login(&tc, &wm)?;
+        let f = a.path.join("www/tmp.txt");
+        let script = format!(
+            "set -e\nexec 3>{f}\nprintf 'scratch' >&3\nrm {f}\nprintf ' more' >&3\nexec 3>&-\n",
+            f = f.display()
+        );
+        let out = sh_as(&wm, &script)?;
+        ensure!(out.ok, "close after unlink failed: {}", out.stderr);
+        ensure!(!f.exists(), "the unlinked file came back");
+        let info = tc.volume_info("www").await?;
+        ensure!(info.used_files == 0, "files left on the servers: {}", info.used_files);
+        Ok(())
+    })
+    .await
+}

@@ -705,7 +705,9 @@ impl<R: Remote> Core<R> {
         };
         let mut g = lock(&sh);
         match result {
-            Ok(()) => {
+            // Unlinked (here or elsewhere) while open: as on any POSIX filesystem, the last
+            // writes to a file without a name go nowhere, and close succeeds.
+            Ok(()) | Err(FsError::NotFound) => {
                 if g.generation == generation {
                     g.dirty = false;
                 }

@@ -206,11 +206,26 @@ impl Cluster {
         .await
     }
 
-    /// Every entry of a directory with its attributes, following pages (at most 1,000 pages of
-    /// 8,192 entries; a larger directory is refused rather than read forever).
+    /// Every entry of a directory with its attributes, as of one state of the directory: pages
+    /// are each read from one snapshot, and a listing whose pages saw different versions of the
+    /// directory (a change landed between two pages) is read again, up to 5 times.
     pub async fn read_dir_all(&self, ino: u64) -> Result<Vec<(String, pb::Attr)>, ClientError> {
+        for _ in 0..5 {
+            if let Some(listing) = self.read_dir_once(ino).await? {
+                return Ok(listing);
+            }
+        }
+        Err(ClientError::Server(Status::aborted(format!(
+            "directory {ino:#x} kept changing while it was listed"
+        ))))
+    }
+
+    /// One pass over the pages (at most 1,000 pages of 8,192 entries; a larger directory is
+    /// refused rather than read forever); `None` if the directory changed between pages.
+    async fn read_dir_once(&self, ino: u64) -> Result<Option<Vec<(String, pb::Attr)>>, ClientError> {
         let mut out: Vec<(String, pb::Attr)> = Vec::new();
         let mut after = String::new();
+        let mut version = None;
         for _ in 0..1000 {
             let page = self
                 .call(|ch| {
@@ -222,10 +237,13 @@ impl Cluster {
                     async move { Self::meta(ch).read_dir(r).await.map(|r| r.into_inner()) }
                 })
                 .await?;
+            if *version.get_or_insert(page.dir_version) != page.dir_version {
+                return Ok(None);
+            }
             out.extend(page.entries.into_iter().filter_map(|e| e.attr.map(|a| (e.name, a))));
             match (page.more, out.last()) {
                 (true, Some((last, _))) => after = last.clone(),
-                _ => return Ok(out),
+                _ => return Ok(Some(out)),
             }
         }
         Err(ClientError::Server(Status::out_of_range(format!(

@@ -234,6 +234,57 @@ impl Tables {
     pub(crate) fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StoreError> {
         cf(&self.db, name)
     }
+
+    /// One page of a directory read from a single RocksDB snapshot: the directory itself and up
+    /// to `limit` entries after `after` with their objects, all as of one applied state (a
+    /// concurrent commit is either wholly in the page or not at all). The bool says whether
+    /// more entries follow.
+    #[allow(clippy::type_complexity)]
+    pub fn dir_page(
+        &self,
+        parent: u64,
+        after: &str,
+        limit: usize,
+    ) -> Result<Option<(ObjectRec, Vec<(String, ObjectRec)>, bool)>, StoreError> {
+        let snap = self.db.snapshot();
+        let objects = cf(&self.db, CF_OBJECTS)?;
+        let get_object = |ino: u64| -> Result<Option<ObjectRec>, StoreError> {
+            match snap.get_cf(objects, ino.to_be_bytes()).map_err(se)? {
+                Some(v) => Ok(Some(decode(&v)?)),
+                None => Ok(None),
+            }
+        };
+        let Some(dir) = get_object(parent)? else {
+            return Ok(None);
+        };
+        let start = dirent_key(parent, after);
+        let prefix = parent.to_be_bytes();
+        let mut out = Vec::new();
+        let mut more = false;
+        let it = snap.iterator_cf(
+            cf(&self.db, CF_DIRENTS)?,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        for item in it {
+            let (k, v) = item.map_err(se)?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let name = std::str::from_utf8(&k[8..]).map_err(se)?;
+            if name == after {
+                continue;
+            }
+            if out.len() >= limit {
+                more = true;
+                break;
+            }
+            let ino = u64::from_be_bytes(v.as_ref().try_into().map_err(se)?);
+            if let Some(o) = get_object(ino)? {
+                out.push((name.to_string(), o));
+            }
+        }
+        Ok(Some((dir, out, more)))
+    }
 }
 
 impl StateView for Tables {
@@ -440,5 +491,23 @@ mod tests {
         let page = tables.dirents(d0, "f1", 2).unwrap();
         assert_eq!(page, mem.dirents(d0, "f1", 2).unwrap());
         assert_eq!(page.len(), 2);
+
+        // Snapshot pages: the same entries with their objects, the directory, and `more`.
+        let (dir, all, more) = tables.dir_page(root, "", 1000).unwrap().unwrap();
+        assert_eq!(dir, mem.objects[&root]);
+        assert!(!more);
+        let names: Vec<(String, u64)> = all.iter().map(|(n, o)| (n.clone(), o.ino)).collect();
+        assert_eq!(names, mem.dirents(root, "", 1000).unwrap());
+        for (_, o) in &all {
+            assert_eq!(Some(o), mem.objects.get(&o.ino));
+        }
+        let (_, first, more) = tables.dir_page(root, "", 3).unwrap().unwrap();
+        assert!(more && first.len() == 3);
+        let (_, rest, more) = tables.dir_page(root, &first[2].0, 1000).unwrap().unwrap();
+        assert!(!more);
+        assert_eq!(first.len() + rest.len(), all.len());
+        let exact = tables.dir_page(root, "", all.len()).unwrap().unwrap();
+        assert!(!exact.2, "a page that ends at the last entry says no more follow");
+        assert!(tables.dir_page(12345, "", 10).unwrap().is_none());
     }
 }

@@ -75,33 +75,34 @@ impl pb::meta_server::Meta for MetaService {
 
     async fn read_dir(&self, req: Request<pb::ReadDirRequest>) -> Result<Response<pb::ReadDirReply>, Status> {
         let r = req.into_inner();
-        let dir = self.object(r.ino)?;
-        if dir.kind != crate::fsm::Kind::Dir {
-            return Err(Status::failed_precondition(format!("{:#x} is not a directory", r.ino)));
-        }
         let limit = if r.limit == 0 {
             DEFAULT_READDIR_PAGE
         } else {
             r.limit.min(MAX_READDIR_PAGE)
         } as usize;
-        let t = self.0.tables();
-        // One extra entry tells whether another page follows.
-        let mut page = t.dirents(r.ino, &r.after, limit + 1).map_err(internal)?;
-        let more = page.len() > limit;
-        page.truncate(limit);
-        let mut entries = Vec::with_capacity(page.len());
-        for (name, ino) in page {
-            if let Some(o) = t.object(ino).map_err(internal)? {
-                entries.push(pb::DirEntry {
-                    name,
-                    attr: Some(convert::attr(&o)),
-                });
-            }
+        // Read before the page: the page is at least this fresh.
+        let applied_index = self.0.applied_index();
+        let (dir, page, more) = self
+            .0
+            .tables()
+            .dir_page(r.ino, &r.after, limit)
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("no node {:#x}", r.ino)))?;
+        if dir.kind != crate::fsm::Kind::Dir {
+            return Err(Status::failed_precondition(format!("{:#x} is not a directory", r.ino)));
         }
+        let entries = page
+            .into_iter()
+            .map(|(name, o)| pb::DirEntry {
+                name,
+                attr: Some(convert::attr(&o)),
+            })
+            .collect();
         Ok(Response::new(pb::ReadDirReply {
             entries,
             more,
-            applied_index: self.0.applied_index(),
+            applied_index,
+            dir_version: dir.version,
         }))
     }
 

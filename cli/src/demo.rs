@@ -267,6 +267,15 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         "  codafs status --config {} # the servers",
         dir.join("client.toml").display()
     );
+    println!(
+        "  echo hi > {}/www/hi.html     # refused: Read-only file system (no token for your uid)",
+        mnt.display()
+    );
+    println!(
+        "  codafs login --credential {} --config {}   # hand your uid the admin token; then it works",
+        sdir(0).join("admin.token").display(),
+        dir.join("client.toml").display()
+    );
     println!("Ctrl-C stops the demo, unmounts and stops the servers.");
 
     use tokio::signal::unix::{signal, SignalKind};

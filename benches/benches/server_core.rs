@@ -95,6 +95,7 @@ async fn bench() -> Result<Vec<Row>> {
         volume: "bench".into(),
         ops,
         expect_volume_version: None,
+        request_id: Default::default(),
     })
     .await?;
     let commit_time = t.elapsed();

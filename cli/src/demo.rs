@@ -118,6 +118,7 @@ async fn publish_site(c: &Cluster) -> Result<u64> {
         volume: "www".into(),
         ops,
         expect_volume_version: None,
+        request_id: Default::default(),
     })
     .await?
     .version)

@@ -80,13 +80,19 @@ pub fn expecting(mut op: pb::Op, version: u64) -> pb::Op {
     op
 }
 
-/// A commit of `ops` to `volume`.
+/// A commit of `ops` to `volume`, with a fresh request id (so it may be retried safely).
 pub fn commit(volume: &str, ops: Vec<pb::Op>) -> pb::CommitRequest {
     pb::CommitRequest {
         volume: volume.to_string(),
         ops,
         expect_volume_version: None,
+        request_id: request_id(),
     }
+}
+
+/// A random commit request id: the servers apply a commit with a given id at most once.
+pub fn request_id() -> bytes::Bytes {
+    bytes::Bytes::copy_from_slice(&rand::random::<[u8; 16]>())
 }
 
 /// The messages of a streamed blob put: a header, then `BLOB_CHUNK`-sized pieces of `data`.

@@ -47,7 +47,7 @@ impl ClientError {
 }
 
 /// Whether an error means "try another server".
-fn retryable(s: &Status) -> bool {
+pub fn retryable(s: &Status) -> bool {
     matches!(
         s.code(),
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
@@ -192,16 +192,22 @@ impl Cluster {
             .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    /// Commits a batch (any server forwards it to the leader). Not idempotent: it moves on to
-    /// another server only when this one was unavailable, never after a timeout or a broken
-    /// call whose outcome is unknown (that error is returned, and the caller can check).
+    /// Commits a batch (any server forwards it to the leader). With a request id (see
+    /// [`crate::ops::commit`]) it is idempotent, so a timeout or a broken call moves on to the
+    /// next server like any read; without one it moves on only when a server was unavailable,
+    /// never after a call whose outcome is unknown.
     pub async fn commit(&self, req: pb::CommitRequest) -> Result<pb::CommitReply, ClientError> {
+        let idempotent = !req.request_id.is_empty();
         self.call_retrying(
             |ch| {
                 let r = self.request(req.clone());
                 async move { Self::write(ch).commit(r).await.map(|r| r.into_inner()) }
             },
-            |s| s.code() == Code::Unavailable,
+            if idempotent {
+                retryable
+            } else {
+                |s: &Status| s.code() == Code::Unavailable
+            },
         )
         .await
     }

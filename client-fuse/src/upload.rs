@@ -487,11 +487,7 @@ pub async fn upload(
         r?;
     }
     let reply = c
-        .commit(pb::CommitRequest {
-            volume: opts.volume.clone(),
-            ops,
-            expect_volume_version: None,
-        })
+        .commit(crate::ops::commit(&opts.volume, ops))
         .await
         .map_err(|e| match e.code() {
             tonic::Code::Aborted => UploadError::Conflict(e.to_string()),

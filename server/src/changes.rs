@@ -167,6 +167,7 @@ mod tests {
                 ops: vec![op],
                 expect_volume_version: None,
                 now_ns: 0,
+                request: None,
             };
             db::apply_to_both(&tables, &mut mem, 3 + i, &cmd).unwrap();
         }

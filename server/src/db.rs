@@ -23,6 +23,8 @@ pub const CF_VOLUMES: &str = "volumes";
 pub const CF_ACCOUNTS: &str = "accounts";
 pub const CF_CHANGES: &str = "changes";
 pub const CF_BLOBREFS: &str = "blobrefs";
+/// Applied commit requests: `r` + id -> record, and `t` + index + id (for trimming in order).
+pub const CF_REQUESTS: &str = "requests";
 
 /// Tables that make up the state machine (and so a snapshot).
 pub const SM_TABLES: &[&str] = &[
@@ -33,6 +35,7 @@ pub const SM_TABLES: &[&str] = &[
     CF_ACCOUNTS,
     CF_CHANGES,
     CF_BLOBREFS,
+    CF_REQUESTS,
 ];
 
 const KEY_CLUSTER: &[u8] = b"cluster";
@@ -74,6 +77,19 @@ fn dirent_key(parent: u64, name: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(8 + name.len());
     k.extend_from_slice(&parent.to_be_bytes());
     k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn request_key(id: &fsm::RequestId) -> Vec<u8> {
+    let mut k = vec![b'r'];
+    k.extend_from_slice(id);
+    k
+}
+
+fn request_order_key(index: u64, id: &fsm::RequestId) -> Vec<u8> {
+    let mut k = vec![b't'];
+    k.extend_from_slice(&index.to_be_bytes());
+    k.extend_from_slice(id);
     k
 }
 
@@ -188,6 +204,19 @@ impl Tables {
         }
         for (vol, idx) in &d.change_deletes {
             batch.delete_cf(cf(db, CF_CHANGES)?, change_key(*vol, *idx));
+        }
+        for (id, rec, index) in &d.requests {
+            let h = cf(db, CF_REQUESTS)?;
+            match rec {
+                Some(r) => {
+                    batch.put_cf(h, request_key(id), encode(r)?);
+                    batch.put_cf(h, request_order_key(*index, id), []);
+                }
+                None => {
+                    batch.delete_cf(h, request_key(id));
+                    batch.delete_cf(h, request_order_key(*index, id));
+                }
+            }
         }
         Ok(())
     }
@@ -357,6 +386,29 @@ impl StateView for Tables {
     fn oldest_change(&self, volume: u32) -> Result<Option<u64>, StoreError> {
         Ok(self.changes_after(volume, 0, 1)?.first().map(|(i, _)| *i))
     }
+
+    fn request(&self, id: &fsm::RequestId) -> Result<Option<fsm::RequestRec>, StoreError> {
+        self.get(CF_REQUESTS, &request_key(id))
+    }
+
+    fn requests_before(&self, before: u64, limit: usize) -> Result<Vec<(u64, fsm::RequestId)>, StoreError> {
+        let mut out = Vec::new();
+        let it = self
+            .db
+            .iterator_cf(cf(&self.db, CF_REQUESTS)?, IteratorMode::From(b"t", Direction::Forward));
+        for item in it {
+            let (k, _) = item.map_err(se)?;
+            if k.first() != Some(&b't') || out.len() >= limit || k.len() != 25 {
+                break;
+            }
+            let index = u64::from_be_bytes(k[1..9].try_into().map_err(se)?);
+            if index >= before {
+                break;
+            }
+            out.push((index, k[9..25].try_into().map_err(se)?));
+        }
+        Ok(out)
+    }
 }
 
 /// Checks that the RocksDB tables behave exactly like the in-memory reference state for the same
@@ -469,6 +521,7 @@ mod tests {
                 ops,
                 expect_volume_version: None,
                 now_ns: i64::from(i),
+                request: None,
             });
         }
         for (i, c) in cmds.iter().enumerate() {

@@ -257,6 +257,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
             volume: "www".into(),
             ops,
             expect_volume_version: None,
+            request_id: Default::default(),
         };
         let e = c
             .commit(commit(vec![op("a", &Hash::of(b"never uploaded").0)]))

@@ -363,3 +363,21 @@ async fn a_file_unlinked_while_open_closes_cleanly_and_stays_gone() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_sent_twice_with_one_request_id_applies_once() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(1, 0)).await?;
+        tc.create_volume("www", 1).await?;
+        let c = tc.client();
+        c.put_blob(bytes::Bytes::from_static(b"once"), 1).await?;
+        let req = codafs_client::ops::commit("www", vec![codafs_client::ops::file("once.html", b"once", 0o644)]);
+        let first = c.commit(req.clone()).await?;
+        let again = c.commit(req).await?;
+        ensure!(first == again, "a retry got another answer: {first:?} vs {again:?}");
+        let info = tc.volume_info("www").await?;
+        ensure!(info.version == first.version && info.used_files == 1, "applied twice: {info:?}");
+        Ok(())
+    })
+    .await
+}

@@ -61,8 +61,8 @@ pub trait Remote: Send + Sync + 'static {
         data: bytes::Bytes,
         write_quorum: u32,
     ) -> impl Future<Output = Result<(), FsError>> + Send;
-    /// Commits a batch of operations atomically, authenticated as `token`'s holder. Not
-    /// retried on another server once sent (the outcome of a broken call is unknown).
+    /// Commits a batch of operations atomically, authenticated as `token`'s holder; retried on
+    /// another server after a timeout when it carries a request id (applied at most once).
     fn commit(
         &self,
         token: &str,
@@ -268,12 +268,17 @@ impl Remote for GrpcRemote {
 
     async fn commit(&self, token: &str, req: pb::CommitRequest) -> Result<pb::CommitReply, FsError> {
         let c = &self.cluster;
+        let idempotent = !req.request_id.is_empty();
         Ok(c.call_retrying(
             |ch| {
                 let r = as_caller(c, token, req.clone());
                 async move { Cluster::write(ch).commit(r).await.map(|r| r.into_inner()) }
             },
-            |s| s.code() == tonic::Code::Unavailable,
+            if idempotent {
+                crate::transport::retryable
+            } else {
+                |s: &tonic::Status| s.code() == tonic::Code::Unavailable
+            },
         )
         .await?)
     }

@@ -243,11 +243,7 @@ impl<R: Remote> Core<R> {
     /// Commits `ops`; afterwards forgets cached metadata of `inos` (attributes and listings)
     /// whatever the outcome, since a broken call may still have committed.
     async fn commit(&self, ctx: &WriteCtx, ops: Vec<pb::Op>, inos: &[u64]) -> Result<pb::CommitReply, FsError> {
-        let req = pb::CommitRequest {
-            volume: ctx.volume.clone(),
-            ops,
-            expect_volume_version: None,
-        };
+        let req = crate::ops::commit(&ctx.volume, ops);
         let r = self
             .timed(self.write_timeout(0), self.remote.commit(&ctx.token, req))
             .await;

@@ -16,6 +16,7 @@ pub struct MemState {
     pub accounts: BTreeMap<String, AccountRec>,
     pub blobrefs: BTreeMap<Hash, u64>,
     pub changes: BTreeMap<(u32, u64), ChangeRec>,
+    pub requests: BTreeMap<RequestId, RequestRec>,
 }
 
 impl MemState {
@@ -55,6 +56,12 @@ impl MemState {
         }
         for k in d.change_deletes {
             self.changes.remove(&k);
+        }
+        for (id, rec, _) in d.requests {
+            match rec {
+                Some(r) => self.requests.insert(id, r),
+                None => self.requests.remove(&id),
+            };
         }
     }
 
@@ -104,6 +111,22 @@ impl StateView for MemState {
     }
     fn volume_owned_by(&self, user: &str) -> Result<Option<String>, StoreError> {
         Ok(self.volumes.values().find(|v| v.owner == user).map(|v| v.name.clone()))
+    }
+
+    fn request(&self, id: &RequestId) -> Result<Option<RequestRec>, StoreError> {
+        Ok(self.requests.get(id).cloned())
+    }
+
+    fn requests_before(&self, before: u64, limit: usize) -> Result<Vec<(u64, RequestId)>, StoreError> {
+        let mut v: Vec<(u64, RequestId)> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.index < before)
+            .map(|(id, r)| (r.index, *id))
+            .collect();
+        v.sort();
+        v.truncate(limit);
+        Ok(v)
     }
 
     fn oldest_change(&self, volume: u32) -> Result<Option<u64>, StoreError> {

@@ -35,7 +35,17 @@ pub trait StateView {
     fn oldest_change(&self, volume: u32) -> Result<Option<u64>, StoreError>;
     /// Name of some volume owned by `user`, if any.
     fn volume_owned_by(&self, user: &str) -> Result<Option<String>, StoreError>;
+    /// The remembered outcome of commit request `id`, if it was applied recently.
+    fn request(&self, id: &RequestId) -> Result<Option<RequestRec>, StoreError>;
+    /// Up to `limit` remembered requests applied before log index `before`, oldest first.
+    fn requests_before(&self, before: u64, limit: usize) -> Result<Vec<(u64, RequestId)>, StoreError>;
 }
+
+/// Commit requests are remembered for this many log entries: far longer than any client or
+/// forwarding server retries (seconds), bounded so the table does not grow forever.
+pub const REQUEST_RETAIN: u64 = 100_000;
+/// Most expired request records one commit deletes (one is added per commit, so this keeps up).
+const REQUEST_TRIM_BATCH: usize = 8;
 
 /// Change records kept per volume for resuming subscribers; older ones are trimmed and a
 /// subscriber that needs them revalidates instead.
@@ -61,6 +71,8 @@ pub struct Delta {
     pub changes: Vec<(u32, u64, ChangeRec)>,
     /// Change records trimmed: (volume id, version).
     pub change_deletes: Vec<(u32, u64)>,
+    /// Commit requests remembered (`Some`) or forgotten (`None`, with the index they had).
+    pub requests: Vec<(RequestId, Option<RequestRec>, u64)>,
 }
 
 /// Applies `cmd` as log entry `index`.
@@ -75,7 +87,8 @@ pub fn apply(view: &dyn StateView, index: u64, cmd: &Command) -> Result<(Delta, 
             ops,
             expect_volume_version,
             now_ns,
-        } => txn.commit(actor, volume, ops, *expect_volume_version, *now_ns),
+            request,
+        } => txn.commit(actor, volume, ops, *expect_volume_version, *now_ns, request.as_ref()),
         Command::PutAccount { actor, account, create } => txn.put_account(actor, account, *create),
         Command::RemoveAccount { actor, name } => txn.remove_account(actor, name),
         Command::SetVolume { actor, name, changes } => txn.set_volume(actor, name, changes),
@@ -403,7 +416,17 @@ impl<'a> Txn<'a> {
         ops: &[Op],
         expect_volume_version: Option<u64>,
         now_ns: i64,
+        request: Option<&RequestId>,
     ) -> TxnResult<Outcome> {
+        if let Some(id) = request {
+            if let Some(done) = self.view.request(id)? {
+                // Already applied: answer as the first time, change nothing.
+                return Ok(Outcome::Committed {
+                    version: done.index,
+                    created: done.created,
+                });
+            }
+        }
         let mut vol = self
             .volume(volume)?
             .ok_or_else(|| ApplyError::NoSuchVolume(volume.to_string()))?;
@@ -447,6 +470,18 @@ impl<'a> Txn<'a> {
             }
         }
         self.delta.volumes.insert(volume.to_string(), vol);
+        if let Some(id) = request {
+            let rec = RequestRec {
+                index: self.index,
+                created: created.clone(),
+            };
+            self.delta.requests.push((*id, Some(rec), self.index));
+        }
+        if let Some(before) = self.index.checked_sub(REQUEST_RETAIN) {
+            for (index, id) in self.view.requests_before(before, REQUEST_TRIM_BATCH)? {
+                self.delta.requests.push((id, None, index));
+            }
+        }
         Ok(Outcome::Committed {
             version: self.index,
             created,

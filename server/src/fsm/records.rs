@@ -208,6 +208,17 @@ pub struct VolumeChanges {
     pub public_read: Option<bool>,
 }
 
+/// A client-chosen random id of one commit request.
+pub type RequestId = [u8; 16];
+
+/// What the state machine remembers of an applied commit request, to answer its duplicates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRec {
+    /// Log index of the entry that applied it (also the volume version it produced).
+    pub index: u64,
+    pub created: Vec<u64>,
+}
+
 /// Who proposed a command, as established from a verified token by the server that accepted it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Actor {
@@ -229,13 +240,16 @@ pub enum Command {
         spec: VolumeSpec,
         now_ns: i64,
     },
-    /// An atomic batch of namespace operations on one volume.
+    /// An atomic batch of namespace operations on one volume. `request` is the client's id for
+    /// this commit: a commit whose id was already applied (a retry after a lost reply, or a
+    /// forward repeated by a server) is answered with the first outcome and applied once.
     Commit {
         actor: Actor,
         volume: String,
         ops: Vec<Op>,
         expect_volume_version: Option<u64>,
         now_ns: i64,
+        request: Option<RequestId>,
     },
     /// Creates an account (`create`) or replaces an existing one's password and role.
     PutAccount {

@@ -67,6 +67,7 @@ fn commit(s: &mut MemState, index: u64, user: &str, ops: Vec<OpKind>) -> Respons
             ops,
             expect_volume_version: None,
             now_ns: index as i64 * 10,
+            request: None,
         },
     )
 }
@@ -209,6 +210,7 @@ fn expected_versions_detect_conflicts() {
         ops: vec![op],
         expect_volume_version: None,
         now_ns: 1,
+        request: None,
     };
     assert!(matches!(
         s.apply(4, &cmd(set(2))),
@@ -574,4 +576,33 @@ fn set_attr_honours_omitted_times() {
     commit(&mut s, 6, "alice", vec![set(Some(444), None)]).unwrap();
     let a = lookup(&s, "a").unwrap();
     assert_eq!((a.atime_ns, a.mtime_ns), (444, 333), "mtime omitted stays");
+}
+
+#[test]
+fn a_commit_request_applies_once_and_its_record_expires() {
+    let mut s = setup();
+    let id = [9u8; 16];
+    let cmd = |now_ns| Command::Commit {
+        actor: Actor {
+            user: "alice".into(),
+            admin: false,
+        },
+        volume: "www".into(),
+        ops: vec![Op {
+            expect_version: None,
+            kind: file("", "a", b"x"),
+        }],
+        expect_volume_version: None,
+        now_ns,
+        request: Some(id),
+    };
+    let first = s.apply(3, &cmd(30)).unwrap();
+    let after_first = s.clone();
+    // The same request again (a retry after a lost reply): the first answer, nothing applied.
+    assert_eq!(s.apply(4, &cmd(40)).unwrap(), first);
+    assert_eq!(s, after_first);
+    // Long after, the record is trimmed by later commits and the id is forgotten.
+    let later = 3 + REQUEST_RETAIN + 1;
+    commit(&mut s, later, "alice", vec![dir("", "d")]).unwrap();
+    assert!(s.requests.is_empty(), "expired request records are trimmed");
 }

@@ -46,12 +46,18 @@ async fn commit_local(
     blobs.sort();
     blobs.dedup();
     node.check_blob_copies(&blobs, vol.write_quorum).await?;
+    let request = match body.request_id.len() {
+        0 => None,
+        16 => body.request_id.as_ref().try_into().ok(),
+        n => return Err(NodeError::Invalid(format!("request id is {n} bytes; it must be 16"))),
+    };
     let cmd = Command::Commit {
         actor,
         volume: body.volume.clone(),
         ops,
         expect_volume_version: body.expect_volume_version,
         now_ns: codafs_common::now_ns(),
+        request,
     };
     match node.propose(cmd).await? {
         Outcome::Committed { version, created } => Ok(pb::CommitReply { version, created }),

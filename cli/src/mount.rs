@@ -81,6 +81,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
     let cfg = MountConfig {
         mountpoint: mnt.clone(),
         servers: a.client.servers()?,
+        tls: a.client.tls()?,
         cache_dir,
         cache_size: a.cache_size,
         op_timeout: Duration::from_secs_f64(a.timeout.max(0.1)),
@@ -113,9 +114,10 @@ fn spawn_background(a: &MountArgs, mnt: &Path, cache_dir: &Path) -> Result<()> {
         .arg(a.cache_size.to_string())
         .arg("--timeout")
         .arg(a.timeout.to_string());
-    for s in a.client.servers()? {
-        cmd.arg("--server-addr").arg(s);
-    }
+    // Resolve here too, so a bad config fails in the foreground with its own message.
+    a.client.servers()?;
+    a.client.tls()?;
+    cmd.args(a.client.to_args());
     cmd.env(READY_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -99,7 +99,7 @@ async fn bench() -> Result<()> {
     println!("Uploaded {} blobs in one commit (version {}); re-running the unchanged upload took {rerun:.2} s and sent nothing.", s.uploaded_blobs, s.version);
 
     // File creation through an authenticated, writable mount (root holding the admin token).
-    let m = Mount::start(&tc.addrs(), root.path(), "mnt", &[])?;
+    let m = Mount::start(&tc.client_args(), root.path(), "mnt", &[])?;
     let reply = m.control(&format!("login {}", tc.token))?;
     anyhow::ensure!(reply["ok"] == true, "token refused: {reply}");
     let target = m.path.join("www").join("created");

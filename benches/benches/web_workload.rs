@@ -127,8 +127,8 @@ async fn bench() -> Result<Vec<String>> {
     let median = sorted[FILES / 2];
     let total_bytes: usize = sizes.iter().sum();
 
-    let a = Mount::start(&tc.addrs(), tc.root.path(), "a", &["--read-only"])?;
-    let b = Mount::start(&tc.addrs(), tc.root.path(), "b", &["--read-only"])?;
+    let a = Mount::start(&tc.client_args(), tc.root.path(), "a", &["--read-only"])?;
+    let b = Mount::start(&tc.client_args(), tc.root.path(), "b", &["--read-only"])?;
     let coda = a.path.join("www");
     // Warm both the codafs cache and the kernel caches, and the local page cache, equally.
     let t = Instant::now();

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use codafs_client::transport::Tls;
 use codafs_client::{ClientBundle, Cluster};
 use codafs_common::join::JoinToken;
 use codafs_common::token::{self, Claims, Role};
@@ -49,9 +50,9 @@ pub struct ServerArgs {
 
 #[derive(Subcommand)]
 pub enum ClusterCmd {
-    /// Initialise the first server of a new cluster: cluster identity, signing key, admin
-    /// credential (DIR/admin.token) and client config (DIR/client.toml). Then run
-    /// `codafs server --dir DIR`.
+    /// Initialise the first server of a new cluster: cluster identity, signing key, TLS
+    /// certificates (DIR/tls/: cluster CA and this server's certificate), admin credential
+    /// (DIR/admin.token) and client config (DIR/client.toml). Then run `codafs server --dir DIR`.
     Init {
         #[arg(long)]
         dir: PathBuf,
@@ -64,6 +65,10 @@ pub enum ClusterCmd {
         /// Name of the admin account.
         #[arg(long, default_value = "admin")]
         admin: String,
+        /// Create a cluster WITHOUT TLS: traffic unencrypted, servers unauthenticated, and anyone
+        /// who can reach a server can send it Raft messages. Only for isolated test networks.
+        #[arg(long)]
+        insecure: bool,
     },
     /// Print a token that lets a new server join (`codafs server --join TOKEN`). Admin only.
     JoinToken {
@@ -132,6 +137,7 @@ async fn shutdown_signal() {
 }
 
 pub async fn server(a: ServerArgs) -> Result<()> {
+    let join = a.join.as_deref().map(JoinToken::decode).transpose()?;
     std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
     let mut cfg = match ServerConfig::load(&a.dir)? {
         Some(c) => {
@@ -154,7 +160,10 @@ pub async fn server(a: ServerArgs) -> Result<()> {
                     a.dir.display()
                 );
             }
-            ServerConfig::new(listen, a.witness)
+            let mut c = ServerConfig::new(listen, a.witness);
+            // A joining server speaks whatever its cluster speaks; the token says which.
+            c.insecure = join.as_ref().is_some_and(|t| t.insecure);
+            c
         }
     };
     if let Some(l) = a.listen {
@@ -179,7 +188,6 @@ pub async fn server(a: ServerArgs) -> Result<()> {
         cfg.gc_grace_s = v;
     }
     cfg.save(&a.dir)?;
-    let join = a.join.as_deref().map(JoinToken::decode).transpose()?;
     codafs_server::run(&a.dir, cfg, join, shutdown_signal()).await?;
     Ok(())
 }
@@ -191,7 +199,8 @@ pub async fn run(cmd: ClusterCmd) -> Result<()> {
             listen,
             advertise,
             admin,
-        } => init(&dir, listen, advertise, &admin),
+            insecure,
+        } => init(&dir, listen, advertise, &admin, insecure),
         ClusterCmd::JoinToken { client } => {
             client.required_token()?;
             let c = client.cluster()?;
@@ -275,10 +284,12 @@ pub async fn run(cmd: ClusterCmd) -> Result<()> {
                     async move { Cluster::admin(ch).status(r).await.map(|r| r.into_inner()) }
                 })
                 .await?;
-            let bundle = ClientBundle {
-                cluster_id: st.cluster_id,
-                servers: list.servers.into_iter().map(|s| s.addr).collect(),
-            };
+            // The CA that just verified the servers is the one clients should trust.
+            let bundle = ClientBundle::new(
+                st.cluster_id,
+                list.servers.into_iter().map(|s| s.addr).collect(),
+                c.tls(),
+            );
             print!("{}", bundle.to_toml());
             Ok(())
         }
@@ -294,7 +305,7 @@ async fn servers(client: &ClientOpts) -> Result<pb::ServerList> {
     .await?)
 }
 
-pub fn init(dir: &Path, listen: String, advertise: Option<String>, admin: &str) -> Result<()> {
+pub fn init(dir: &Path, listen: String, advertise: Option<String>, admin: &str, insecure: bool) -> Result<()> {
     if ServerConfig::load(dir)?.is_some() {
         bail!(
             "{} already holds a server; refusing to initialise over it",
@@ -309,6 +320,14 @@ pub fn init(dir: &Path, listen: String, advertise: Option<String>, admin: &str) 
     if let Some(a) = advertise {
         cfg.advertise = a;
     }
+    cfg.insecure = insecure;
+    let tls = if insecure {
+        Tls::Insecure
+    } else {
+        let ca = codafs_server::tls::new_ca(&cluster_id)?;
+        codafs_server::tls::install(dir, &ca, &cluster_id, cfg.advertised())?;
+        Tls::ca(ca.cert_pem)
+    };
     let bootstrap = Bootstrap {
         cluster_id: cluster_id.clone(),
         key,
@@ -323,16 +342,23 @@ pub fn init(dir: &Path, listen: String, advertise: Option<String>, admin: &str) 
         expires: token::unix_now() + ADMIN_TOKEN_DAYS * 86400,
     };
     write_private(&dir.join(ADMIN_CREDENTIAL_FILE), &token::sign(&claims, &key))?;
-    let bundle = ClientBundle {
-        cluster_id: cluster_id.clone(),
-        servers: vec![cfg.advertised().to_string()],
-    };
+    let bundle = ClientBundle::new(cluster_id.clone(), vec![cfg.advertised().to_string()], &tls);
     std::fs::write(dir.join("client.toml"), bundle.to_toml())?;
     cfg.save(dir)?;
     println!("initialised cluster {cluster_id} in {}", dir.display());
     println!("  start it:          codafs server --dir {}", dir.display());
     println!("  admin credential:  {}", dir.join(ADMIN_CREDENTIAL_FILE).display());
     println!("  client config:     {}", dir.join("client.toml").display());
+    if insecure {
+        eprintln!(
+            "codafs: WARNING: this cluster runs WITHOUT TLS (--insecure): traffic is unencrypted and unauthenticated"
+        );
+    } else {
+        println!(
+            "  TLS:               cluster CA and server certificate in {}",
+            dir.join(codafs_server::tls::TLS_DIR).display()
+        );
+    }
     Ok(())
 }
 
@@ -341,7 +367,7 @@ pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> R
         Some(s) => vec![s],
         None => client.servers()?,
     };
-    let c = Cluster::new(&targets, None)?;
+    let c = Cluster::new(&targets, client.tls()?, None)?;
     let mut rows = Vec::new();
     let mut failed = 0;
     for addr in &targets {

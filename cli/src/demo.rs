@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use codafs_client::transport::Tls;
 use codafs_client::{ops, Cluster};
 use codafs_proto::pb;
 
@@ -79,8 +80,8 @@ fn spawn(dir: &Path, name: &str, args: &[String]) -> Result<Child> {
         .with_context(|| format!("starting {name}"))
 }
 
-async fn wait_voters(addr: &str, voters: u32) -> Result<()> {
-    let c = Cluster::new(&[addr.to_string()], None)?;
+async fn wait_voters(addr: &str, tls: &Tls, voters: u32) -> Result<()> {
+    let c = Cluster::new(&[addr.to_string()], tls.clone(), None)?;
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
         let st = c
@@ -153,7 +154,8 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
         .collect::<Result<_>>()?;
     let sdir = |i: usize| dir.join(format!("s{}", i + 1));
-    crate::cluster::init(&sdir(0), addrs[0].clone(), None, "admin")?;
+    crate::cluster::init(&sdir(0), addrs[0].clone(), None, "admin", false)?;
+    let tls = Tls::ca(codafs_server::tls::ca_cert_of(&sdir(0))?);
     let s = |i: usize, extra: &[&str]| {
         let mut v = vec![
             "server".to_string(),
@@ -166,9 +168,9 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         v
     };
     children.0.push(("server 1".into(), spawn(&dir, "s1", &s(0, &[]))?));
-    wait_voters(&addrs[0], 1).await?;
+    wait_voters(&addrs[0], &tls, 1).await?;
     let token = std::fs::read_to_string(sdir(0).join("admin.token"))?.trim().to_string();
-    let admin = Cluster::new(&addrs[..1], Some(token.clone()))?;
+    let admin = Cluster::new(&addrs[..1], tls.clone(), Some(token.clone()))?;
     let join = admin
         .call(|ch| {
             let r = admin.request(pb::Empty {});
@@ -178,14 +180,14 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     children
         .0
         .push(("server 2".into(), spawn(&dir, "s2", &s(1, &["--join", &join]))?));
-    wait_voters(&addrs[0], 2).await?;
+    wait_voters(&addrs[0], &tls, 2).await?;
     children.0.push((
         "witness".into(),
         spawn(&dir, "s3", &s(2, &["--join", &join, "--witness"]))?,
     ));
-    wait_voters(&addrs[0], 3).await?;
+    wait_voters(&addrs[0], &tls, 3).await?;
 
-    let c = Cluster::new(&addrs, Some(token))?;
+    let c = Cluster::new(&addrs, tls.clone(), Some(token))?;
     let spec = pb::VolumeSpec {
         name: "www".into(),
         public_read: true,
@@ -199,10 +201,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     .await?;
     let version = publish_site(&c).await?;
 
-    let bundle = codafs_client::ClientBundle {
-        cluster_id: String::new(),
-        servers: addrs.clone(),
-    };
+    let bundle = codafs_client::ClientBundle::new(String::new(), addrs.clone(), &tls);
     std::fs::write(dir.join("client.toml"), bundle.to_toml())?;
     let mut mount_args = vec![
         "mount".to_string(),

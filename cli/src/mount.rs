@@ -85,6 +85,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
     let cfg = MountConfig {
         mountpoint: mnt.clone(),
         servers: a.client.servers()?,
+        tls: a.client.tls()?,
         cache_dir,
         cache_size: a.cache_size,
         op_timeout: Duration::from_secs_f64(a.timeout.max(0.1)),
@@ -121,9 +122,10 @@ fn spawn_background(a: &MountArgs, mnt: &Path, cache_dir: &Path) -> Result<()> {
     if a.read_only {
         cmd.arg("--read-only");
     }
-    for s in a.client.servers()? {
-        cmd.arg("--server-addr").arg(s);
-    }
+    // Resolve here too, so a bad config fails in the foreground with its own message.
+    a.client.servers()?;
+    a.client.tls()?;
+    cmd.args(a.client.to_args());
     cmd.env(READY_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -1,8 +1,11 @@
-//! Options shared by every client command: where the servers are and which credential to use.
+//! Options shared by every client command: where the servers are, how to trust them (the
+//! cluster CA, or plaintext with `--insecure`), and which credential to use.
 use std::path::PathBuf;
+use std::sync::Once;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use codafs_client::transport::Tls;
 use codafs_client::{ClientBundle, Cluster};
 
 /// Default location of the client-config bundle.
@@ -20,15 +23,37 @@ pub struct ClientOpts {
     /// File holding a token (e.g. DIR/admin.token from `cluster init`).
     #[arg(long, env = "CODAFS_CREDENTIAL")]
     pub credential: Option<PathBuf>,
+    /// Cluster CA certificate (PEM; DIR/tls/ca.crt on any server) to verify servers with.
+    /// Overrides the client config's.
+    #[arg(long, env = "CODAFS_CA", conflicts_with = "insecure")]
+    pub ca: Option<PathBuf>,
+    /// Talk plaintext to a cluster created with `cluster init --insecure`: unencrypted and
+    /// unauthenticated. CODAFS_INSECURE accepts 1/0, true/false, yes/no, on/off.
+    #[arg(long, env = "CODAFS_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
+    pub insecure: bool,
+}
+
+/// Warns once per process that traffic is plaintext.
+fn warn_plaintext() {
+    static WARNED: Once = Once::new();
+    WARNED.call_once(|| {
+        eprintln!(
+            "codafs: WARNING: connecting WITHOUT TLS (--insecure): traffic is unencrypted and the servers are not authenticated"
+        );
+    });
 }
 
 impl ClientOpts {
+    fn config_path(&self) -> PathBuf {
+        self.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
+    }
+
     /// Servers from the flags, else from the bundle.
     pub fn servers(&self) -> Result<Vec<String>> {
         if !self.servers.is_empty() {
             return Ok(self.servers.clone());
         }
-        let path = self.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+        let path = self.config_path();
         if !path.exists() {
             bail!(
                 "no servers given: pass --server-addr HOST:PORT, set CODAFS_SERVERS, or point --config at a client config ({} does not exist)",
@@ -36,6 +61,48 @@ impl ClientOpts {
             );
         }
         Ok(ClientBundle::load(&path)?.servers)
+    }
+
+    /// How to connect: --insecure, else TLS against --ca, else what the client config says.
+    /// Never plaintext unless asked for, by the flag or by the config.
+    pub fn tls(&self) -> Result<Tls> {
+        let tls = if self.insecure {
+            Tls::Insecure
+        } else if let Some(p) = &self.ca {
+            let pem = std::fs::read_to_string(p).with_context(|| format!("reading CA certificate {}", p.display()))?;
+            Tls::ca(pem)
+        } else {
+            let path = self.config_path();
+            if !path.exists() {
+                bail!(
+                    "no cluster CA to verify the servers with: pass --ca FILE (DIR/tls/ca.crt on a server), or --config CLIENT_CONFIG ({} does not exist), or --insecure for a cluster created with --insecure",
+                    path.display()
+                );
+            }
+            ClientBundle::load(&path)?.tls()
+        };
+        if tls.is_insecure() {
+            warn_plaintext();
+        }
+        Ok(tls)
+    }
+
+    /// The connection options as arguments, to start another `codafs` process the same way.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for s in &self.servers {
+            v.extend(["--server-addr".to_string(), s.clone()]);
+        }
+        if let Some(c) = &self.config {
+            v.extend(["--config".to_string(), c.display().to_string()]);
+        }
+        if let Some(c) = &self.ca {
+            v.extend(["--ca".to_string(), c.display().to_string()]);
+        }
+        if self.insecure {
+            v.push("--insecure".into());
+        }
+        v
     }
 
     /// The token: from --credential / CODAFS_CREDENTIAL, else the one `codafs login` stored.
@@ -59,6 +126,6 @@ impl ClientOpts {
     }
 
     pub fn cluster(&self) -> Result<Cluster> {
-        Ok(Cluster::new(&self.servers()?, self.token()?)?)
+        Ok(Cluster::new(&self.servers()?, self.tls()?, self.token()?)?)
     }
 }

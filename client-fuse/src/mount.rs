@@ -21,6 +21,8 @@ use crate::transport::Cluster;
 pub struct MountConfig {
     pub mountpoint: PathBuf,
     pub servers: Vec<String>,
+    /// TLS against the cluster CA, or plaintext for an `--insecure` cluster.
+    pub tls: crate::transport::Tls,
     pub cache_dir: PathBuf,
     pub cache_size: u64,
     pub op_timeout: Duration,
@@ -66,7 +68,7 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
         .map_err(|e| setup(&format!("cache dir {}: {e}", cfg.cache_dir.display())))?;
     let meta = MetaStore::open(&cfg.cache_dir.join("meta")).map_err(|e| setup(&e))?;
     let blobs = BlobCache::open(&cfg.cache_dir, cfg.cache_size).map_err(|e| setup(&e))?;
-    let mut cluster = Cluster::new(&cfg.servers, None).map_err(|e| setup(&e))?;
+    let mut cluster = Cluster::new(&cfg.servers, cfg.tls.clone(), None).map_err(|e| setup(&e))?;
     cluster.call_timeout = cfg.op_timeout;
     let tokens = TokenTable::load(&cfg.cache_dir.join("tokens")).map_err(|e| setup(&format!("token store: {e}")))?;
     let writes = WriteState::new(tokens, cfg.read_only, cfg.cache_dir.join("shadow"))

@@ -4,6 +4,9 @@
 //! unavailable server, a timeout or a transport error it moves on to the next one, so one
 //! server failing never fails a read. The server that answered becomes the preferred one.
 //! Blob reads verify the hash while streaming and fall back to another replica on a mismatch.
+//!
+//! Connections use TLS verified against the cluster CA unless the caller explicitly asks for
+//! plaintext ([`Tls::Insecure`]); there is no fallback from one to the other.
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -11,6 +14,8 @@ use std::time::Duration;
 use codafs_common::Hash;
 use codafs_proto::limits::{MAX_MESSAGE, TOKEN_HEADER};
 use codafs_proto::pb;
+pub use codafs_proto::tls::Tls;
+use codafs_proto::tls::TlsError;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -25,6 +30,17 @@ pub enum ClientError {
     Corrupt(Hash),
     #[error("bad server address {0}: {1}")]
     Address(String, String),
+    #[error("{0}")]
+    Tls(String),
+}
+
+impl From<TlsError> for ClientError {
+    fn from(e: TlsError) -> Self {
+        match e {
+            TlsError::Address(a, m) => ClientError::Address(a, m),
+            e @ TlsError::Config(..) => ClientError::Tls(e.to_string()),
+        }
+    }
 }
 
 impl ClientError {
@@ -41,7 +57,7 @@ impl ClientError {
             ClientError::Server(s) => s.code(),
             ClientError::Unreachable(_) => Code::Unavailable,
             ClientError::Corrupt(_) => Code::DataLoss,
-            ClientError::Address(..) => Code::InvalidArgument,
+            ClientError::Address(..) | ClientError::Tls(_) => Code::InvalidArgument,
         }
     }
 }
@@ -57,6 +73,7 @@ pub fn retryable(s: &Status) -> bool {
 /// Connections to every server of a cluster.
 pub struct Cluster {
     servers: Vec<(String, Channel)>,
+    tls: Tls,
     preferred: AtomicUsize,
     token: Option<String>,
     /// Deadline for one metadata call to one server.
@@ -64,29 +81,28 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Prepares lazy connections to `servers` (nothing is contacted yet).
-    pub fn new(servers: &[String], token: Option<String>) -> Result<Self, ClientError> {
+    /// Prepares lazy connections to `servers` over `tls` (nothing is contacted yet).
+    pub fn new(servers: &[String], tls: Tls, token: Option<String>) -> Result<Self, ClientError> {
         if servers.is_empty() {
             return Err(ClientError::Unreachable("no servers configured".into()));
         }
         let mut chans = Vec::new();
         for s in servers {
-            let ep = Endpoint::from_shared(format!("http://{s}"))
-                .map_err(|e| ClientError::Address(s.clone(), e.to_string()))?
-                .connect_timeout(Duration::from_millis(800))
-                .tcp_nodelay(true)
-                .initial_stream_window_size(Some(4 << 20))
-                .initial_connection_window_size(Some(8 << 20))
-                .http2_keep_alive_interval(Duration::from_secs(5))
-                .keep_alive_timeout(Duration::from_secs(3));
+            let ep = tuned(tls.endpoint(s)?);
             chans.push((s.clone(), ep.connect_lazy()));
         }
         Ok(Cluster {
             servers: chans,
+            tls,
             preferred: AtomicUsize::new(0),
             token,
             call_timeout: Duration::from_secs(30),
         })
+    }
+
+    /// The transport security these connections use.
+    pub fn tls(&self) -> &Tls {
+        &self.tls
     }
 
     pub fn servers(&self) -> Vec<String> {
@@ -140,10 +156,11 @@ impl Cluster {
                     return Ok(v);
                 }
                 Err(s) if retry(&s) => {
-                    tracing::debug!(server = %addr, error = %s.message(), "server failed; trying the next");
-                    errors.push(format!("{addr}: {}", s.message()));
+                    let why = explain(&s, &self.tls);
+                    tracing::debug!(server = %addr, error = %why, "server failed; trying the next");
+                    errors.push(format!("{addr}: {why}"));
                 }
-                Err(s) => return Err(ClientError::Server(s)),
+                Err(s) => return Err(ClientError::Server(explained(s, &self.tls))),
             }
         }
         Err(ClientError::Unreachable(errors.join("; ")))
@@ -157,16 +174,13 @@ impl Cluster {
     {
         let ch = match self.servers.iter().find(|(a, _)| a == addr) {
             Some((_, c)) => c.clone(),
-            None => Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(|e| ClientError::Address(addr.into(), e.to_string()))?
-                .connect_timeout(Duration::from_millis(800))
-                .connect_lazy(),
+            None => tuned(self.tls.endpoint(addr)?).connect_lazy(),
         };
         f(ch).await.map_err(|s| {
             if retryable(&s) {
-                ClientError::Unreachable(format!("{addr}: {}", s.message()))
+                ClientError::Unreachable(format!("{addr}: {}", explain(&s, &self.tls)))
             } else {
-                ClientError::Server(s)
+                ClientError::Server(explained(s, &self.tls))
             }
         })
     }
@@ -314,7 +328,7 @@ impl Cluster {
                     corrupt = true;
                 }
                 Err(FetchError::Status(s)) => {
-                    tracing::debug!(server = %addr, error = %s.message(), "blob fetch failed; trying another replica");
+                    tracing::debug!(server = %addr, error = %explain(&s, &self.tls), "blob fetch failed; trying another replica");
                     last = Some(s);
                 }
             }
@@ -324,12 +338,43 @@ impl Cluster {
         }
         Err(match last {
             Some(s) if !retryable(&s) && s.code() != Code::NotFound && s.code() != Code::DataLoss => {
-                ClientError::Server(s)
+                ClientError::Server(explained(s, &self.tls))
             }
-            Some(s) => ClientError::Unreachable(s.message().to_string()),
+            Some(s) => ClientError::Unreachable(explain(&s, &self.tls)),
             None => ClientError::Unreachable("no servers".into()),
         })
     }
+}
+
+/// The channel tuning every client connection gets.
+fn tuned(ep: Endpoint) -> Endpoint {
+    ep.connect_timeout(Duration::from_millis(800))
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(3))
+}
+
+/// A failed call in one line: the message, the transport cause, and for the failures that a
+/// TLS/plaintext mismatch or a wrong CA produce, what probably went wrong.
+pub fn explain(s: &Status, tls: &Tls) -> String {
+    let text = codafs_proto::tls::describe(s);
+    let hint = codafs_proto::tls::mismatch_hint(&text, tls);
+    match hint {
+        Some(h) => format!("{text} ({h})"),
+        None => text,
+    }
+}
+
+/// A status from the transport (not from a server) rewritten with [`explain`]'s message, same
+/// code; a server's own refusals are returned as they are.
+fn explained(s: Status, tls: &Tls) -> Status {
+    use std::error::Error as _;
+    if s.source().is_none() {
+        return s;
+    }
+    Status::new(s.code(), explain(&s, tls))
 }
 
 enum FetchError {

@@ -1,6 +1,9 @@
 //! The codafs gRPC protocol: generated messages and services plus the size limits every peer
-//! enforces. Conversions to domain types live next to those types (in `codafs-common` and the
-//! server), so this crate stays generated code and constants.
+//! enforces, and [`tls`], how servers and clients open a connection to a server. Conversions to
+//! domain types live next to those types (in `codafs-common` and the server), so this crate stays
+//! generated code, constants and the transport settings every side shares.
+
+pub mod tls;
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod pb {

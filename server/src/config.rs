@@ -44,6 +44,10 @@ pub struct ServerConfig {
     /// Largest blob accepted, bytes.
     #[serde(default = "d_max_blob")]
     pub max_blob_bytes: u64,
+    /// Plaintext transport (`cluster init --insecure`, or joined with a token of such a
+    /// cluster): no encryption, no server authentication, and any client can act as a peer.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 fn d_snapshot_every() -> u64 {
@@ -83,6 +87,7 @@ impl ServerConfig {
             scrub_rate_mib: d_scrub_rate(),
             gc_grace_s: d_gc_grace(),
             max_blob_bytes: d_max_blob(),
+            insecure: false,
         }
     }
 

@@ -11,9 +11,11 @@ pub mod config;
 pub mod db;
 pub mod fsm;
 pub mod grpc;
+pub mod join;
 pub mod node;
 pub mod peers;
 pub mod raft;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -44,8 +46,32 @@ pub enum ServerError {
     Listen(String, std::io::Error),
     #[error("{0}")]
     Bootstrap(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("TLS listener: {0}")]
+    TlsListener(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// The TLS material of this server: loaded from `dir/tls/`, or (first start of a joining
+/// server) issued from the CA the cluster hands out. `None` on an `--insecure` server.
+async fn server_tls(
+    dir: &Path,
+    cfg: &ServerConfig,
+    join: Option<&JoinToken>,
+) -> Result<Option<tls::ServerTls>, ServerError> {
+    if cfg.insecure {
+        tracing::warn!(
+            listen = %cfg.listen,
+            "TLS is OFF (--insecure): all traffic to and from this server is unencrypted and unauthenticated, and anyone who can reach it can send Raft messages"
+        );
+        return Ok(None);
+    }
+    match join {
+        Some(token) if !tls::installed(dir) => Ok(Some(join::fetch_certificate(dir, cfg, token).await?)),
+        _ => Ok(Some(tls::load(dir)?)),
+    }
 }
 
 /// Starts a server in `dir` and runs it until `shutdown` completes.
@@ -55,6 +81,32 @@ pub async fn run(
     join: Option<JoinToken>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    tokio::pin!(shutdown);
+    if let Some(t) = &join {
+        if t.servers.is_empty() {
+            return Err(ServerError::Bootstrap("the join token names no servers".into()));
+        }
+        if t.insecure != cfg.insecure {
+            return Err(ServerError::Bootstrap(format!(
+                "the join token is for a cluster {} TLS, but this server was set up {} it",
+                if t.insecure { "without" } else { "with" },
+                if cfg.insecure { "without" } else { "with" },
+            )));
+        }
+    }
+    let tls = tokio::select! {
+        r = server_tls(dir, &cfg, join.as_ref()) => r?,
+        _ = &mut shutdown => return Ok(()),
+    };
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = &tls {
+        builder = builder
+            .tls_config(t.server_config())
+            .map_err(|e| ServerError::TlsListener(codafs_proto::tls::error_chain(&e)))?;
+    }
+    let peer_transport = tls
+        .as_ref()
+        .map_or(codafs_proto::tls::Tls::Insecure, tls::ServerTls::peer_transport);
     let db = db::open(&dir.join("db")).map_err(|e| ServerError::Db(dir.join("db"), e))?;
     let blob_dir = if cfg.witness {
         dir.join("spool")
@@ -66,7 +118,7 @@ pub async fn run(
     let committed = log.committed_index();
     let (sm, applied) = raft::state_machine::StateMachine::new(db::Tables { db: db.clone() }, dir.join("snapshot.bin"))
         .map_err(|e| ServerError::Raft(e.to_string()))?;
-    let peers = Arc::new(peers::Peers::default());
+    let peers = Arc::new(peers::Peers::new(peer_transport));
     let rcfg = raft::raft_config(cfg.snapshot_every)
         .validate()
         .map_err(|e| ServerError::Raft(e.to_string()))?;
@@ -84,15 +136,16 @@ pub async fn run(
         committed,
         counters: Counters::default(),
         repair_kick: tokio::sync::Notify::new(),
+        tls,
     });
 
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .map_err(|e| ServerError::Listen(cfg.listen.clone(), e))?;
     let local: SocketAddr = listener.local_addr()?;
-    tracing::info!(node = cfg.node_id, %local, witness = cfg.witness, "server listening");
+    tracing::info!(node = cfg.node_id, %local, witness = cfg.witness, tls = !cfg.insecure, "server listening");
     let (stop_tx, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(serve(node.clone(), listener, stop_rx.clone()));
+    let server = tokio::spawn(serve(node.clone(), listener, builder, stop_rx.clone()));
 
     let bootstrap_path = dir.join(BOOTSTRAP_FILE);
     if bootstrap_path.exists() {
@@ -101,7 +154,7 @@ pub async fn run(
     if let Some(token) = join {
         let n = node.clone();
         let stop = stop_rx.clone();
-        tokio::spawn(async move { join_cluster(&n, &token, stop).await });
+        tokio::spawn(async move { join::join_cluster(&n, &token, stop).await });
     }
     let maintenance = tokio::spawn(blobs::maintenance::run(node.clone(), stop_rx.clone()));
 
@@ -114,7 +167,14 @@ pub async fn run(
     Ok(())
 }
 
-async fn serve(node: Arc<Node>, listener: tokio::net::TcpListener, mut stop: watch::Receiver<bool>) {
+/// Serves every service on `listener` with `builder` (which carries the TLS settings: tonic
+/// applies them to incoming connections in `serve_with_incoming*` too).
+async fn serve(
+    node: Arc<Node>,
+    listener: tokio::net::TcpListener,
+    builder: tonic::transport::Server,
+    mut stop: watch::Receiver<bool>,
+) {
     use grpc::{admin::AdminService, blobs::BlobService, meta::MetaService, raft::RaftService, write::WriteService};
     // `Server::tcp_nodelay` only applies to sockets tonic binds itself; ours come from our own
     // listener, so set it here. Without it, small HTTP/2 frames (replies, WINDOW_UPDATEs) wait
@@ -122,7 +182,7 @@ async fn serve(node: Arc<Node>, listener: tokio::net::TcpListener, mut stop: wat
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(30)));
-    let result = tonic::transport::Server::builder()
+    let result = builder
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(8 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -211,42 +271,4 @@ async fn bootstrap(node: &Node, path: &Path) -> Result<(), ServerError> {
     std::fs::remove_file(path)?;
     tracing::info!(cluster = %b.cluster_id, "cluster bootstrapped");
     Ok(())
-}
-
-/// Asks the servers named in a join token to add this one, until one accepts or we stop.
-async fn join_cluster(node: &Node, token: &JoinToken, mut stop: watch::Receiver<bool>) {
-    let member = |n: &Node| n.members().iter().any(|m| m.id == n.id && m.voter);
-    let mut attempt = 0u32;
-    while !*stop.borrow() && !member(node) {
-        let addr = &token.servers[attempt as usize % token.servers.len().max(1)];
-        let req = pb::JoinRequest {
-            node_id: node.id,
-            addr: node.cfg.advertised().to_string(),
-            witness: node.cfg.witness,
-            join_key: token.join_key.clone(),
-        };
-        let result = async {
-            let mut c = node.peers.admin(addr).map_err(|e| e.to_string())?;
-            let mut r = tonic::Request::new(req);
-            r.set_timeout(Duration::from_secs(120));
-            c.join(r).await.map_err(|s| s.message().to_string())
-        }
-        .await;
-        match result {
-            Ok(_) => {
-                tracing::info!(via = %addr, "joined the cluster");
-                return;
-            }
-            Err(e) if e.contains("join key") => {
-                tracing::error!(via = %addr, error = %e, "join refused; check the join token");
-                return;
-            }
-            Err(e) => tracing::warn!(via = %addr, error = %e, "join attempt failed; retrying"),
-        }
-        attempt += 1;
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = stop.changed() => {}
-        }
-    }
 }

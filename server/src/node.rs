@@ -77,6 +77,8 @@ pub struct Node {
     pub counters: Counters,
     /// Wakes the repair task early (after corruption is found or new references arrive).
     pub repair_kick: Notify,
+    /// This server's certificate and the cluster CA; `None` on an `--insecure` server.
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 impl Node {

@@ -1,4 +1,6 @@
 //! Test harness: real `codafs` server processes on loopback ports with temp directories.
+//! Clusters run over TLS (as `cluster init` sets them up) unless a test asks for
+//! [`ClusterOpts::insecure`].
 //!
 //! Every process a [`TestCluster`] starts is killed by its PID when the cluster is dropped, also
 //! when a test panics (then the servers' logs are printed to help diagnose). Every wait is
@@ -9,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use codafs_client::transport::Tls;
 use codafs_client::{ops, Cluster};
 use codafs_common::Hash;
 use codafs_proto::pb;
@@ -128,6 +131,8 @@ pub struct ClusterOpts {
     pub data: usize,
     pub witnesses: usize,
     pub extra_args: Vec<String>,
+    /// `cluster init --insecure`: plaintext everywhere.
+    pub insecure: bool,
 }
 
 impl ClusterOpts {
@@ -136,7 +141,14 @@ impl ClusterOpts {
             data,
             witnesses,
             extra_args: vec!["--repair-interval-ms".into(), "200".into()],
+            insecure: false,
         }
+    }
+
+    /// A plaintext cluster (`cluster init --insecure`).
+    pub fn insecure(mut self) -> Self {
+        self.insecure = true;
+        self
     }
 
     pub fn arg(mut self, a: &str, v: &str) -> Self {
@@ -152,6 +164,8 @@ pub struct TestCluster {
     pub servers: Vec<Server>,
     pub token: String,
     pub join_token: String,
+    /// How clients reach the servers: TLS against the cluster CA, or plaintext.
+    pub tls: Tls,
 }
 
 impl TestCluster {
@@ -164,6 +178,7 @@ impl TestCluster {
             servers: Vec::new(),
             token: String::new(),
             join_token: String::new(),
+            tls: Tls::Insecure,
         };
         let total = opts.data + opts.witnesses;
         for i in 0..total {
@@ -176,13 +191,19 @@ impl TestCluster {
             });
         }
         let first = &tc.servers[0];
-        let out = Command::new(codafs_bin())
-            .args(["cluster", "init", "--dir"])
+        let mut init = Command::new(codafs_bin());
+        init.args(["cluster", "init", "--dir"])
             .arg(&first.dir)
-            .args(["--listen", &first.addr])
-            .output()?;
+            .args(["--listen", &first.addr]);
+        if opts.insecure {
+            init.arg("--insecure");
+        }
+        let out = init.output()?;
         if !out.status.success() {
             bail!("cluster init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        if !opts.insecure {
+            tc.tls = Tls::ca(std::fs::read_to_string(tc.ca_path())?);
         }
         tc.token = std::fs::read_to_string(first.dir.join("admin.token"))?
             .trim()
@@ -203,6 +224,28 @@ impl TestCluster {
             tc.wait_ready(&addr0, (i + 1) as u32).await?;
         }
         Ok(tc)
+    }
+
+    /// Starts `n` new data servers at once, all joining with the join token, and waits until
+    /// every one is a voter (concurrent joins).
+    pub async fn join_new(&mut self, n: usize) -> Result<()> {
+        let first = self.servers.len();
+        let extra = self.servers[0].extra_args.clone();
+        for i in first..first + n {
+            self.servers.push(Server {
+                addr: format!("127.0.0.1:{}", free_port()),
+                dir: self.root.path().join(format!("s{i}")),
+                witness: false,
+                extra_args: extra.clone(),
+                child: None,
+            });
+        }
+        let t = self.join_token.clone();
+        for s in &mut self.servers[first..] {
+            s.spawn(Some(&t))?;
+        }
+        let addr0 = self.servers[0].addr.clone();
+        self.wait_ready(&addr0, (first + n) as u32).await
     }
 
     /// Waits until the server at `addr` reports a leader, a bootstrapped cluster and `voters`
@@ -239,6 +282,35 @@ impl TestCluster {
         self.servers.iter().map(|s| s.addr.clone()).collect()
     }
 
+    /// The cluster CA certificate `cluster init` wrote (absent on an insecure cluster).
+    pub fn ca_path(&self) -> PathBuf {
+        self.servers[0].dir.join("tls/ca.crt")
+    }
+
+    /// `codafs` arguments that reach every server the way clients should: `--server-addr …`
+    /// plus `--ca FILE`, or `--insecure`.
+    pub fn client_args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for a in self.addrs() {
+            v.extend(["--server-addr".to_string(), a]);
+        }
+        match self.tls {
+            Tls::Insecure => v.push("--insecure".into()),
+            Tls::Ca { .. } => v.extend(["--ca".to_string(), self.ca_path().display().to_string()]),
+        }
+        v
+    }
+
+    /// The same as environment variables (`CODAFS_SERVERS`, `CODAFS_CA` / `CODAFS_INSECURE`).
+    pub fn client_env(&self) -> Vec<(&'static str, String)> {
+        let mut v = vec![("CODAFS_SERVERS", self.addrs().join(","))];
+        match self.tls {
+            Tls::Insecure => v.push(("CODAFS_INSECURE", "1".into())),
+            Tls::Ca { .. } => v.push(("CODAFS_CA", self.ca_path().display().to_string())),
+        }
+        v
+    }
+
     /// A client that knows every server and holds the admin token.
     pub fn client(&self) -> Cluster {
         self.client_for(&self.addrs())
@@ -251,13 +323,13 @@ impl TestCluster {
 
     /// A client that talks to the given servers only.
     pub fn client_for(&self, addrs: &[String]) -> Cluster {
-        let mut c = Cluster::new(addrs, Some(self.token.clone())).expect("valid addresses");
+        let mut c = Cluster::new(addrs, self.tls.clone(), Some(self.token.clone())).expect("valid addresses");
         c.call_timeout = Duration::from_secs(15);
         c
     }
 
     pub async fn status_of(&self, addr: &str) -> Result<pb::ServerStatus> {
-        let c = Cluster::new(&[addr.to_string()], None)?;
+        let c = Cluster::new(&[addr.to_string()], self.tls.clone(), None)?;
         Ok(c.call(|ch| async move {
             let mut r = tonic::Request::new(pb::Empty {});
             r.set_timeout(Duration::from_secs(2));
@@ -412,19 +484,20 @@ impl Drop for TestCluster {
 pub struct Mount {
     pub path: PathBuf,
     pub cache: PathBuf,
-    servers: Vec<String>,
+    conn: Vec<String>,
     extra: Vec<String>,
     child: Option<Child>,
     log: PathBuf,
 }
 
 impl Mount {
-    /// Mounts the cluster at `dir/<name>` with its cache in `dir/<name>.cache`.
-    pub fn start(servers: &[String], dir: &Path, name: &str, extra: &[&str]) -> Result<Mount> {
+    /// Mounts the cluster at `dir/<name>` with its cache in `dir/<name>.cache`; `conn` are the
+    /// connection arguments ([`TestCluster::client_args`]).
+    pub fn start(conn: &[String], dir: &Path, name: &str, extra: &[&str]) -> Result<Mount> {
         let mut m = Mount {
             path: dir.join(name),
             cache: dir.join(format!("{name}.cache")),
-            servers: servers.to_vec(),
+            conn: conn.to_vec(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
             log: dir.join(format!("{name}.log")),
@@ -443,9 +516,7 @@ impl Mount {
             .arg("--foreground")
             .arg("--cache-dir")
             .arg(&self.cache);
-        for s in &self.servers {
-            cmd.arg("--server-addr").arg(s);
-        }
+        cmd.args(&self.conn);
         cmd.args(&self.extra);
         cmd.env("CODAFS_NOTIFY_READY", "1")
             .env(

@@ -38,6 +38,11 @@ impl TestCluster {
             std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
             std::fs::copy(codafs_bin(), &exe).context("copying the codafs binary")?;
             std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))?;
+            // The CA certificate too: server directories are private to root.
+            if self.ca_path().exists() {
+                std::fs::copy(self.ca_path(), bin.join("ca.crt"))?;
+                std::fs::set_permissions(bin.join("ca.crt"), std::fs::Permissions::from_mode(0o644))?;
+            }
         }
         Ok(exe)
     }
@@ -63,11 +68,16 @@ impl TestCluster {
         args: &[&str],
         stdin: &str,
     ) -> Result<Output> {
-        let mut cmd = Command::new(self.shared_bin()?);
+        let exe = self.shared_bin()?;
+        let shared_ca = exe.with_file_name("ca.crt");
+        let mut cmd = Command::new(&exe);
         cmd.args(args)
-            .env("CODAFS_SERVERS", self.addrs().join(","))
+            .envs(self.client_env())
             .env_remove("CODAFS_CREDENTIAL")
             .env_remove("CODAFS_TOKEN_FILE");
+        if shared_ca.exists() {
+            cmd.env("CODAFS_CA", &shared_ca);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }

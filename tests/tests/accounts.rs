@@ -12,7 +12,7 @@ use codafs_tests::{codafs_bin, ClusterOpts, TestCluster};
 fn cli(tc: &TestCluster, env: &[(&str, String)], args: &[&str], stdin: &str) -> Result<(bool, String, String)> {
     let mut cmd = Command::new(codafs_bin());
     cmd.args(args)
-        .env("CODAFS_SERVERS", tc.addrs().join(","))
+        .envs(tc.client_env())
         .env_remove("CODAFS_CREDENTIAL")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -78,7 +78,7 @@ async fn webmaster_logs_in_and_writes_only_their_own_volume() {
         let token = std::fs::read_to_string(&token_file)?;
 
         // The token writes "site" but not "other"; admin commands are refused.
-        let c = Cluster::new(&tc.addrs(), Some(token.clone()))?;
+        let c = Cluster::new(&tc.addrs(), tc.tls.clone(), Some(token.clone()))?;
         c.put_blob(bytes::Bytes::from_static(b"<h1>mine</h1>"), 1).await?;
         TestCluster::write_file(&c, "site", "", "index.html", b"<h1>mine</h1>").await?;
         let e = TestCluster::write_file(&c, "other", "", "index.html", b"<h1>mine</h1>")
@@ -101,11 +101,11 @@ async fn webmaster_logs_in_and_writes_only_their_own_volume() {
             })
             .await?;
         tokio::time::sleep(Duration::from_millis(2100)).await;
-        let expired = Cluster::new(&tc.addrs(), Some(short))?;
+        let expired = Cluster::new(&tc.addrs(), tc.tls.clone(), Some(short))?;
         let e = TestCluster::mkdir(&expired, "site", "", "late").await.unwrap_err();
         assert!(e.to_string().contains("expired"), "{e:#}");
         let other = TestCluster::start(ClusterOpts::new(1, 0)).await?;
-        let foreign = Cluster::new(&tc.addrs(), Some(other.token.clone()))?;
+        let foreign = Cluster::new(&tc.addrs(), tc.tls.clone(), Some(other.token.clone()))?;
         let e = TestCluster::mkdir(&foreign, "site", "", "x").await.unwrap_err();
         assert!(
             e.to_string().contains("another cluster") || e.to_string().contains("no longer knows"),
@@ -153,7 +153,7 @@ async fn rotating_keys_keeps_old_tokens_until_the_old_key_is_retired() {
         )?;
         assert!(ok, "{err}");
         tc.create_volume("www", 1).await?;
-        let old = Cluster::new(&tc.addrs(), Some(tc.token.clone()))?;
+        let old = Cluster::new(&tc.addrs(), tc.tls.clone(), Some(tc.token.clone()))?;
         let (ok, out, err) = cli(&tc, &admin, &["cluster", "rotate-key"], "")?;
         assert!(ok && out.contains("signing keys: 1, 2 (current: 2)"), "{out}{err}");
         // Tokens signed with key 1 still work; new logins are signed with key 2.

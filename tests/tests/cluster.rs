@@ -272,13 +272,17 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         let e = c.commit(commit(vec![op("short", &[1, 2, 3])])).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         // A forged token is refused.
-        let forged = codafs_client::Cluster::new(&tc.addrs(), Some(format!("{}x", &tc.token[..tc.token.len() - 1])))?;
+        let forged = codafs_client::Cluster::new(
+            &tc.addrs(),
+            tc.tls.clone(),
+            Some(format!("{}x", &tc.token[..tc.token.len() - 1])),
+        )?;
         let e = forged
             .commit(commit(vec![op("f", &Hash::of(b"1").0)]))
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
-        let anon = codafs_client::Cluster::new(&tc.addrs(), None)?;
+        let anon = codafs_client::Cluster::new(&tc.addrs(), tc.tls.clone(), None)?;
         assert_eq!(
             anon.commit(commit(vec![op("f", &Hash::of(b"1").0)]))
                 .await

@@ -30,8 +30,8 @@ async fn two_mounts_share_the_tree_and_see_commits_without_remounting() {
         TestCluster::write_file(&c, "www", "", "old.html", b"to be removed").await?;
         TestCluster::mkdir(&c, "www", "", "css").await?;
         TestCluster::write_file(&c, "www", "css", "site.css", b"body{}").await?;
-        let a = Mount::start(&tc.addrs(), tc.root.path(), "a", &[])?;
-        let b = Mount::start(&tc.addrs(), tc.root.path(), "b", &["--read-only"])?;
+        let a = Mount::start(&tc.client_args(), tc.root.path(), "a", &[])?;
+        let b = Mount::start(&tc.client_args(), tc.root.path(), "b", &["--read-only"])?;
         for m in [&a, &b] {
             assert_eq!(read_file(&m.path.join("www/index.html"))?, b"version 1");
             assert_eq!(read_file(&m.path.join("www/css/site.css"))?, b"body{}");
@@ -99,7 +99,7 @@ async fn reads_continue_when_the_server_in_use_is_killed() {
             files.push((format!("p{i}.html"), content));
         }
         // The mount prefers the first server it is given: that is the one we kill.
-        let m = Mount::start(&tc.addrs(), tc.root.path(), "m", &["--read-only"])?;
+        let m = Mount::start(&tc.client_args(), tc.root.path(), "m", &["--read-only"])?;
         for (i, (name, content)) in files.iter().enumerate() {
             if i == 10 {
                 tc.kill(0);
@@ -133,7 +133,7 @@ async fn disconnected_mount_serves_cache_and_fails_fast_on_uncached_files() {
         let c = tc.client();
         TestCluster::write_file(&c, "www", "", "cached.html", b"i am cached").await?;
         TestCluster::write_file(&c, "www", "", "uncached.html", b"never read").await?;
-        let m = Mount::start(&tc.addrs(), tc.root.path(), "m", &["--read-only"])?;
+        let m = Mount::start(&tc.client_args(), tc.root.path(), "m", &["--read-only"])?;
         assert_eq!(read_file(&m.path.join("www/cached.html"))?, b"i am cached");
         // The listing (and so uncached.html's attributes) is cached; its content is not.
         assert!(m.path.join("www/uncached.html").exists());
@@ -181,7 +181,7 @@ async fn client_crash_mid_fetch_leaves_no_corrupt_data_and_cache_is_reused() {
         TestCluster::write_file(&c, "www", "", "big.bin", &big).await?;
         TestCluster::write_file(&c, "www", "", "a.html", b"small a").await?;
         TestCluster::write_file(&c, "www", "", "b.html", b"small b").await?;
-        let mut m = Mount::start(&tc.addrs(), tc.root.path(), "m", &["--read-only"])?;
+        let mut m = Mount::start(&tc.client_args(), tc.root.path(), "m", &["--read-only"])?;
         assert_eq!(read_file(&m.path.join("www/a.html"))?, b"small a");
         assert_eq!(read_file(&m.path.join("www/b.html"))?, b"small b");
         // Start fetching the big file, and kill the daemon while it streams: as soon as the
@@ -225,7 +225,12 @@ async fn small_cache_evicts_but_an_open_file_stays_readable() {
         for i in 0..10 {
             TestCluster::write_file(&c, "www", "", &format!("f{i}"), &file(i)).await?;
         }
-        let m = Mount::start(&tc.addrs(), tc.root.path(), "m", &["--cache-size", "1M", "--read-only"])?;
+        let m = Mount::start(
+            &tc.client_args(),
+            tc.root.path(),
+            "m",
+            &["--cache-size", "1M", "--read-only"],
+        )?;
         // Open f0, read its first page, then read everything else through the small cache.
         use std::io::Read;
         let mut f0 = std::fs::File::open(m.path.join("www/f0")).context("open f0")?;
@@ -253,7 +258,7 @@ async fn warm_hits_reach_no_daemon_code() {
         tc.create_volume("www", 2).await?;
         let c = tc.client();
         TestCluster::write_file(&c, "www", "", "hot.html", &b"<p>hot</p>".repeat(800)).await?;
-        let m = Mount::start(&tc.addrs(), tc.root.path(), "m", &["--read-only"])?;
+        let m = Mount::start(&tc.client_args(), tc.root.path(), "m", &["--read-only"])?;
         let path = m.path.join("www/hot.html");
         // Cold: lookups, attributes, the fetch, and the kernel learning the no-open mode.
         assert_eq!(read_file(&path)?.len(), 8000);
@@ -293,7 +298,7 @@ async fn every_mutating_syscall_on_a_read_only_mount_is_refused_with_erofs() {
         let c = tc.client();
         TestCluster::write_file(&c, "www", "", "f.html", b"keep me").await?;
         let version = TestCluster::mkdir(&c, "www", "", "d").await?;
-        let m = Mount::start(&tc.addrs(), tc.root.path(), "m", &["--read-only"])?;
+        let m = Mount::start(&tc.client_args(), tc.root.path(), "m", &["--read-only"])?;
         let w = m.path.join("www");
         use std::os::unix::fs::PermissionsExt;
         type Attempt = (&'static str, Box<dyn FnOnce() -> std::io::Result<()> + Send>);
@@ -416,10 +421,8 @@ async fn fstab_helper_mounts_and_the_daemon_exits_on_unmount() {
         let helper = dir.join("mount.codafs");
         std::os::unix::fs::symlink(codafs_tests::codafs_bin(), &helper)?;
         let config = dir.join("client.toml");
-        std::fs::write(
-            &config,
-            format!("cluster_id = \"\"\nservers = [\"{}\"]\n", tc.servers[0].addr),
-        )?;
+        let bundle = codafs_client::ClientBundle::new(String::new(), vec![tc.servers[0].addr.clone()], &tc.tls);
+        std::fs::write(&config, bundle.to_toml())?;
         let mnt = dir.join("fstab-mnt");
         let cache = dir.join("fstab-cache");
         std::fs::create_dir_all(&mnt)?;
@@ -505,7 +508,7 @@ async fn a_corrupt_replica_copy_is_refetched_from_another_replica() {
         let mut bad = std::fs::read(&path)?;
         bad[10] ^= 1;
         std::fs::write(&path, &bad)?;
-        let m = Mount::start(&tc.addrs(), tc.root.path(), "m", &["--read-only"])?;
+        let m = Mount::start(&tc.client_args(), tc.root.path(), "m", &["--read-only"])?;
         assert!(
             read_file(&m.path.join("www/big.bin"))? == content,
             "served the good copy"
@@ -528,7 +531,7 @@ async fn prefetch_warms_a_whole_volume_for_disconnected_serving() {
             let dir = if i % 2 == 0 { "" } else { "sub" };
             TestCluster::write_file(&c, "www", dir, &format!("f{i}"), format!("file {i}").as_bytes()).await?;
         }
-        let m = Mount::start(&tc.addrs(), tc.root.path(), "m", &["--read-only"])?;
+        let m = Mount::start(&tc.client_args(), tc.root.path(), "m", &["--read-only"])?;
         let out = std::process::Command::new(codafs_tests::codafs_bin())
             .arg("prefetch")
             .arg(m.path.join("www"))

@@ -59,8 +59,8 @@ async fn webmaster_writes_through_the_mount_and_another_node_sees_each_change() 
     bounded(async {
         let tc = setup().await?;
         let dir = tc.root.path();
-        let a = Mount::start(&tc.addrs(), dir, "a", &[])?;
-        let web = Mount::start(&tc.addrs(), dir, "web", &["--read-only"])?;
+        let a = Mount::start(&tc.client_args(), dir, "a", &[])?;
+        let web = Mount::start(&tc.client_args(), dir, "web", &["--read-only"])?;
         let wm = tc.user(WEBMASTER_UID)?;
         let said = login(&tc, &wm)?;
         ensure!(
@@ -217,7 +217,7 @@ async fn without_a_valid_token_root_and_users_get_erofs_and_nothing_changes() {
         TestCluster::write_file(&c, "www", "", "f.html", b"keep me").await?;
         TestCluster::mkdir(&c, "www", "", "d").await?;
         let before = tc.volume_info("www").await?;
-        let m = Mount::start(&tc.addrs(), tc.root.path(), "m", &[])?;
+        let m = Mount::start(&tc.client_args(), tc.root.path(), "m", &[])?;
         let w = m.path.join("www");
         let root = User {
             uid: 0,
@@ -270,8 +270,8 @@ async fn tokens_survive_a_mount_restart_and_a_refused_store_keeps_the_old_conten
     bounded(async {
         let tc = setup().await?;
         let dir = tc.root.path();
-        let mut a = Mount::start(&tc.addrs(), dir, "a", &[])?;
-        let b = Mount::start(&tc.addrs(), dir, "b", &["--read-only"])?;
+        let mut a = Mount::start(&tc.client_args(), dir, "a", &[])?;
+        let b = Mount::start(&tc.client_args(), dir, "b", &["--read-only"])?;
         let wm = tc.user(WEBMASTER_UID)?;
         login(&tc, &wm)?;
         // The token is kept 0600 in the cache directory and survives a crash of the daemon.
@@ -317,8 +317,8 @@ async fn concurrent_writers_on_two_nodes_last_close_wins_whole() {
     bounded(async {
         let tc = setup().await?;
         let dir = tc.root.path();
-        let a = Mount::start(&tc.addrs(), dir, "a", &[])?;
-        let c = Mount::start(&tc.addrs(), dir, "c", &[])?;
+        let a = Mount::start(&tc.client_args(), dir, "a", &[])?;
+        let c = Mount::start(&tc.client_args(), dir, "c", &[])?;
         let wm = tc.user(WEBMASTER_UID)?;
         login(&tc, &wm)?;
         let (fa, fc) = (a.path.join("www/race.txt"), c.path.join("www/race.txt"));
@@ -346,7 +346,7 @@ async fn concurrent_writers_on_two_nodes_last_close_wins_whole() {
 async fn a_file_unlinked_while_open_closes_cleanly_and_stays_gone() {
     bounded(async {
         let tc = setup().await?;
-        let a = Mount::start(&tc.addrs(), tc.root.path(), "a", &[])?;
+        let a = Mount::start(&tc.client_args(), tc.root.path(), "a", &[])?;
         let wm = tc.user(WEBMASTER_UID)?;
         login(&tc, &wm)?;
         let f = a.path.join("www/tmp.txt");
@@ -376,7 +376,10 @@ async fn a_commit_sent_twice_with_one_request_id_applies_once() {
         let again = c.commit(req).await?;
         ensure!(first == again, "a retry got another answer: {first:?} vs {again:?}");
         let info = tc.volume_info("www").await?;
-        ensure!(info.version == first.version && info.used_files == 1, "applied twice: {info:?}");
+        ensure!(
+            info.version == first.version && info.used_files == 1,
+            "applied twice: {info:?}"
+        );
         Ok(())
     })
     .await

@@ -46,7 +46,7 @@ impl AdminService {
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
     {
         let token = token_of(&req);
-        let forwarded = is_forwarded(&req);
+        let forwarded = is_forwarded(&self.0, &req)?;
         let body = req.into_inner();
         let node = &self.0;
         let actor = node.authenticate_admin(token.as_deref()).map_err(status)?;
@@ -58,6 +58,22 @@ impl AdminService {
             async move { f.await.map(|r| r.into_inner()) }
         };
         Ok(Response::new(on_leader(node, forwarded, local, remote).await?))
+    }
+
+    /// The cluster record, if `join_key` is this cluster's join key.
+    fn check_join_key(&self, join_key: &str) -> Result<crate::fsm::ClusterRec, Status> {
+        let cluster = self
+            .0
+            .tables()
+            .cluster()
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| Status::unavailable("this server has not caught up with the cluster yet"))?;
+        if join_key != cluster.join_key() {
+            return Err(status(NodeError::Unauthenticated(
+                "join key does not match this cluster".into(),
+            )));
+        }
+        Ok(cluster)
     }
 
     fn servers(&self) -> pb::ServerList {
@@ -285,19 +301,10 @@ impl pb::admin_server::Admin for AdminService {
 
     #[tracing::instrument(skip_all, fields(node = req.get_ref().node_id, addr = %req.get_ref().addr))]
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
-        let forwarded = is_forwarded(&req);
+        let forwarded = is_forwarded(&self.0, &req)?;
         let r = req.into_inner();
         let node = &self.0;
-        let cluster = node
-            .tables()
-            .cluster()
-            .map_err(|e| Status::internal(e.to_string()))?
-            .ok_or_else(|| Status::unavailable("this server has not caught up with the cluster yet"))?;
-        if r.join_key != cluster.join_key() {
-            return Err(status(NodeError::Unauthenticated(
-                "join key does not match this cluster".into(),
-            )));
-        }
+        let cluster = self.check_join_key(&r.join_key)?;
         if r.node_id == 0 || r.addr.is_empty() {
             return Err(Status::invalid_argument("join needs a node id and an address"));
         }
@@ -334,13 +341,39 @@ impl pb::admin_server::Admin for AdminService {
             cluster_id: cluster.cluster_id.clone(),
             join_key: cluster.join_key(),
             servers: self.0.members().into_iter().map(|m| m.info.addr).collect(),
+            ca_cert: self.0.tls.as_ref().map(|t| t.ca.cert_pem.clone()).unwrap_or_default(),
+            insecure: self.0.cfg.insecure,
         };
         Ok(Response::new(pb::JoinTokenReply { token: token.encode() }))
     }
 
+    /// Hands the cluster CA to a server about to join, so it can issue its own certificate before
+    /// it is added (the leader dials it over mutual TLS right away). Answered locally: every
+    /// server holds the CA. The join key already lets its holder become a full member, so the
+    /// CA key grants nothing more.
+    #[tracing::instrument(skip_all, fields(node = req.get_ref().node_id, addr = %req.get_ref().addr))]
+    async fn join_credentials(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinCredentialsReply>, Status> {
+        let r = req.into_inner();
+        let cluster = self.check_join_key(&r.join_key)?;
+        let Some(tls) = &self.0.tls else {
+            return Err(Status::failed_precondition(
+                "this cluster runs without TLS (--insecure): there are no certificates to hand out",
+            ));
+        };
+        tracing::info!("handing the cluster CA to a joining server");
+        Ok(Response::new(pb::JoinCredentialsReply {
+            cluster_id: cluster.cluster_id,
+            ca_cert_pem: tls.ca.cert_pem.clone(),
+            ca_key_pem: tls.ca.key_pem.clone(),
+        }))
+    }
+
     async fn remove_server(&self, req: Request<pb::RemoveServerRequest>) -> Result<Response<pb::ServerList>, Status> {
         let token = token_of(&req);
-        let forwarded = is_forwarded(&req);
+        let forwarded = is_forwarded(&self.0, &req)?;
         let r = req.into_inner();
         let node = &self.0;
         node.authenticate_admin(token.as_deref()).map_err(status)?;

@@ -58,6 +58,7 @@ impl pb::blobs_server::Blobs for BlobService {
     #[tracing::instrument(skip_all)]
     async fn put(&self, req: Request<Streaming<pb::PutBlobChunk>>) -> Result<Response<pb::PutBlobReply>, Status> {
         let node = self.0.clone();
+        let peer = super::is_peer(&node, &req);
         let mut stream = req.into_inner();
         let header = match stream.message().await?.and_then(|m| m.part) {
             Some(pb::put_blob_chunk::Part::Header(h)) => h,
@@ -73,6 +74,9 @@ impl pb::blobs_server::Blobs for BlobService {
             node.blobs.touch(&hash);
         }
         if header.forwarded {
+            if !peer {
+                return Err(super::peer_denied("forwarded blob puts"));
+            }
             if witness {
                 return Err(Status::failed_precondition("a witness stores no blobs"));
             }
@@ -119,7 +123,11 @@ impl pb::blobs_server::Blobs for BlobService {
     #[tracing::instrument(skip_all, fields(blobs = req.get_ref().blobs.len()))]
     async fn put_small(&self, req: Request<pb::PutSmallRequest>) -> Result<Response<pb::PutSmallReply>, Status> {
         let node = self.0.clone();
+        let peer = super::is_peer(&node, &req);
         let r = req.into_inner();
+        if r.forwarded && !peer {
+            return Err(super::peer_denied("forwarded blob batches"));
+        }
         let total: usize = r.blobs.iter().map(|b| b.data.len()).sum();
         if total > MAX_SMALL_BATCH || r.blobs.iter().any(|b| b.data.len() > BLOB_CHUNK) {
             return Err(Status::invalid_argument(format!(

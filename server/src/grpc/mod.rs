@@ -30,9 +30,36 @@ pub fn token_of<T>(req: &tonic::Request<T>) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Whether a request was forwarded by another server.
-pub fn is_forwarded<T>(req: &tonic::Request<T>) -> bool {
-    req.metadata().contains_key(FORWARDED_HEADER)
+/// Whether a request was forwarded by another server. Only servers may say so: a forwarded
+/// request is never forwarded again, so the header from anyone else is refused.
+pub fn is_forwarded<T>(node: &Node, req: &tonic::Request<T>) -> Result<bool, Status> {
+    let forwarded = req.metadata().contains_key(FORWARDED_HEADER);
+    if forwarded {
+        require_peer(node, req, "forwarded requests")?;
+    }
+    Ok(forwarded)
+}
+
+/// Whether the caller is another server of this cluster: it presented a certificate that the
+/// TLS listener verified against the cluster CA (which signs server certificates only). On an
+/// `--insecure` cluster nobody can be told apart, so every caller counts.
+pub fn is_peer<T>(node: &Node, req: &tonic::Request<T>) -> bool {
+    node.cfg.insecure || req.peer_certs().is_some_and(|c| !c.is_empty())
+}
+
+/// Refuses `what` (Raft messages, forwarded writes and blob copies) unless the caller is a peer.
+pub fn require_peer<T>(node: &Node, req: &tonic::Request<T>, what: &str) -> Result<(), Status> {
+    if is_peer(node, req) {
+        return Ok(());
+    }
+    Err(peer_denied(what))
+}
+
+/// The refusal of a peer-only request from a caller that is not a peer.
+pub fn peer_denied(what: &str) -> Status {
+    Status::permission_denied(format!(
+        "only servers of this cluster may send {what}: the caller presented no server certificate signed by the cluster CA"
+    ))
 }
 
 /// A request to forward to the leader, carrying the caller's token.

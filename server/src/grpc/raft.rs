@@ -1,9 +1,11 @@
-//! The `Raft` service: decodes openraft messages and hands them to the local Raft node.
+//! The `Raft` service: decodes openraft messages and hands them to the local Raft node. Only
+//! peers (callers with a server certificate) may call it.
 use std::sync::Arc;
 
 use codafs_proto::pb;
 use tonic::{Request, Response, Status};
 
+use super::require_peer;
 use crate::node::Node;
 
 pub struct RaftService(pub Arc<Node>);
@@ -22,16 +24,19 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftMessage>, Statu
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
     async fn append_entries(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        require_peer(&self.0, &req, "Raft messages")?;
         let r = self.0.raft.append_entries(decode(req.get_ref())?).await;
         encode(&r)
     }
 
     async fn vote(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        require_peer(&self.0, &req, "Raft messages")?;
         let r = self.0.raft.vote(decode(req.get_ref())?).await;
         encode(&r)
     }
 
     async fn install_snapshot(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        require_peer(&self.0, &req, "Raft messages")?;
         let r = self.0.raft.install_snapshot(decode(req.get_ref())?).await;
         encode(&r)
     }

@@ -70,7 +70,7 @@ impl pb::write_server::Write for WriteService {
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume, ops = req.get_ref().ops.len()))]
     async fn commit(&self, req: Request<pb::CommitRequest>) -> Result<Response<pb::CommitReply>, Status> {
         let token = token_of(&req);
-        let forwarded = is_forwarded(&req);
+        let forwarded = is_forwarded(&self.0, &req)?;
         let body = req.into_inner();
         let node = &self.0;
         // Refuse bad tokens here rather than after a forward: same answer, one hop sooner.

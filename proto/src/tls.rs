@@ -1,0 +1,118 @@
+//! How to reach a codafs server: over TLS verified against the cluster CA (the default), or in
+//! plaintext for clusters created with `--insecure`.
+//!
+//! Servers and clients verify a server's certificate against the cluster CA and the fixed name
+//! [`SERVER_NAME`], never against the address they dialled: certificates stay valid when a
+//! server moves to another address, and the trust decision is "signed by this cluster's CA",
+//! which is the only thing the CA is used for. Servers additionally present their own
+//! certificate as a client identity, which is how a server tells a peer from a client.
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+/// The DNS name every server certificate carries and every connection verifies.
+pub const SERVER_NAME: &str = "codafs-server";
+
+/// Transport security of outgoing connections.
+#[derive(Clone, Debug)]
+pub enum Tls {
+    /// TLS, verifying servers against this CA certificate (PEM). `identity` is presented to the
+    /// server when set (servers use their own certificate; mounts and CLIs have none).
+    Ca { ca_pem: String, identity: Option<Identity> },
+    /// Plaintext HTTP/2: unencrypted and unauthenticated (`--insecure` clusters only).
+    Insecure,
+}
+
+/// A bad CA certificate or identity, or an unusable address.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("bad server address {0}: {1}")]
+    Address(String, String),
+    #[error("TLS settings for {0}: {1}")]
+    Config(String, String),
+}
+
+impl Tls {
+    /// TLS against `ca_pem`, without a client certificate.
+    pub fn ca(ca_pem: impl Into<String>) -> Self {
+        Tls::Ca {
+            ca_pem: ca_pem.into(),
+            identity: None,
+        }
+    }
+
+    pub fn is_insecure(&self) -> bool {
+        matches!(self, Tls::Insecure)
+    }
+
+    /// An endpoint for `addr` (`host:port`) with this transport applied: `https://` plus the
+    /// cluster CA, or `http://`. Callers add their own timeouts and window sizes.
+    pub fn endpoint(&self, addr: &str) -> Result<Endpoint, TlsError> {
+        let bad = |e: &dyn std::fmt::Display| TlsError::Address(addr.to_string(), e.to_string());
+        match self {
+            Tls::Insecure => Endpoint::from_shared(format!("http://{addr}")).map_err(|e| bad(&e)),
+            Tls::Ca { ca_pem, identity } => {
+                let mut cfg = ClientTlsConfig::new()
+                    .domain_name(SERVER_NAME)
+                    .ca_certificate(Certificate::from_pem(ca_pem));
+                if let Some(id) = identity {
+                    cfg = cfg.identity(id.clone());
+                }
+                Endpoint::from_shared(format!("https://{addr}"))
+                    .map_err(|e| bad(&e))?
+                    .tls_config(cfg)
+                    .map_err(|e| TlsError::Config(addr.to_string(), error_chain(&e)))
+            }
+        }
+    }
+}
+
+/// A failed call's message with its transport cause on one line (for logs and errors). tonic's
+/// message often already names the root cause; it is added only when missing.
+pub fn describe(s: &tonic::Status) -> String {
+    use std::error::Error as _;
+    let mut root = None;
+    let mut src = s.source();
+    while let Some(e) = src {
+        root = Some(e.to_string());
+        src = e.source();
+    }
+    match root {
+        Some(r) if !s.message().contains(&r) => format!("{}: {r}", s.message()),
+        _ => s.message().to_string(),
+    }
+}
+
+/// An error and its sources on one line (tonic's transport errors keep the useful part, such as
+/// "invalid peer certificate: UnknownIssuer", in their sources).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = inner.source();
+    }
+    s
+}
+
+/// What probably went wrong when a call failed with `text` (from [`describe`]) over `tls`: a
+/// server whose certificate another CA signed, or one side speaking TLS to a plaintext peer.
+/// Such calls fail fast either way (the handshake or the HTTP/2 preface is refused); this only
+/// turns the low-level cause into advice.
+pub fn mismatch_hint(text: &str, tls: &Tls) -> Option<&'static str> {
+    let has = |needles: &[&str]| needles.iter().any(|n| text.contains(n));
+    match tls {
+        Tls::Ca { .. } if has(&["UnknownIssuer", "BadSignature", "invalid peer certificate"]) => Some(
+            "the server's certificate is not signed by the cluster CA this client trusts: is the client config or CA file from another cluster?",
+        ),
+        Tls::Ca { .. } if has(&["InvalidContentType", "corrupt message", "InvalidMessage", "HTTP/2 was not negotiated"]) => {
+            Some("the server does not speak TLS: it may be part of an --insecure cluster")
+        }
+        Tls::Insecure if has(&["connection reset", "Connection reset", "broken pipe", "Broken pipe", "frame with invalid size", "connection closed", "protocol error", "h2 protocol"]) => {
+            Some("the server may require TLS: connect with the cluster's client config or --ca instead of --insecure")
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,332 @@
+//! Transport security end to end: TLS by default, peer-only RPCs refused to callers without a
+//! server certificate, joins over TLS, and `--insecure` clusters with clear errors on mismatches.
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use codafs_client::transport::Tls;
+use codafs_client::{ops, Cluster};
+use codafs_common::join::JoinToken;
+use codafs_common::Hash;
+use codafs_proto::limits::TOKEN_HEADER;
+use codafs_proto::pb;
+use codafs_tests::{bounded, codafs_bin, free_port, ClusterOpts, TestCluster};
+use tonic::transport::{Channel, Identity};
+use tonic::Code;
+
+/// The CA certificate of a fresh, unrelated cluster (`cluster init` in `dir`; nothing started).
+fn foreign_ca(dir: &std::path::Path) -> Result<String> {
+    let out = Command::new(codafs_bin())
+        .args(["cluster", "init", "--dir"])
+        .arg(dir)
+        .args(["--listen", "127.0.0.1:1"])
+        .output()?;
+    if !out.status.success() {
+        bail!("cluster init failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(std::fs::read_to_string(dir.join("tls/ca.crt"))?)
+}
+
+/// Runs `codafs ARGS` with the cluster's connection settings replaced by `env`; returns
+/// (success, stderr).
+fn cli(args: &[&str], env: &[(&str, String)]) -> Result<(bool, String)> {
+    let out = Command::new(codafs_bin())
+        .args(args)
+        .env_remove("CODAFS_CA")
+        .env_remove("CODAFS_INSECURE")
+        .env_remove("CODAFS_CONFIG")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()?;
+    Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
+}
+
+async fn status(c: &Cluster) -> Result<pb::ServerStatus, codafs_client::ClientError> {
+    c.call(|ch| async move {
+        let mut r = tonic::Request::new(pb::Empty {});
+        r.set_timeout(Duration::from_secs(3));
+        Cluster::admin(ch).status(r).await.map(|r| r.into_inner())
+    })
+    .await
+}
+
+/// A TLS channel to `addr` that verifies the server but presents `identity` (or nothing).
+fn channel(tc: &TestCluster, addr: &str, identity: Option<Identity>) -> Result<Channel> {
+    let Tls::Ca { ca_pem, .. } = &tc.tls else {
+        bail!("cluster is not TLS")
+    };
+    let tls = Tls::Ca {
+        ca_pem: ca_pem.clone(),
+        identity,
+    };
+    Ok(tls
+        .endpoint(addr)?
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy())
+}
+
+fn raft_message() -> tonic::Request<pb::RaftMessage> {
+    let mut r = tonic::Request::new(pb::RaftMessage {
+        payload: bytes::Bytes::from_static(b"not a raft message"),
+    });
+    r.set_timeout(Duration::from_secs(5));
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_trusting_another_clusters_ca_is_refused_clearly() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(1, 0)).await?;
+        let other = foreign_ca(&tc.root.path().join("other"))?;
+        let c = Cluster::new(&tc.addrs(), Tls::ca(other), None)?;
+        let e = tokio::time::timeout(Duration::from_secs(20), status(&c))
+            .await
+            .context("a wrong CA must fail fast, not hang")?
+            .expect_err("a server signed by another CA must not be trusted");
+        let msg = e.to_string();
+        assert!(msg.contains("UnknownIssuer"), "{msg}");
+        assert!(msg.contains("not signed by the cluster CA"), "{msg}");
+        // The same through the CLI: one line, non-zero exit.
+        let (ok, err) = cli(
+            &[
+                "status",
+                "--ca",
+                &tc.root.path().join("other/tls/ca.crt").display().to_string(),
+            ],
+            &[("CODAFS_SERVERS", tc.addrs().join(","))],
+        )?;
+        assert!(!ok);
+        assert!(err.contains("not signed by the cluster CA"), "{err}");
+        // The right CA works, and the client config `cluster init` wrote carries it.
+        let good = Cluster::new(&tc.addrs(), tc.tls.clone(), None)?;
+        assert!(!status(&good).await?.cluster_id.is_empty());
+        let bundle = codafs_client::ClientBundle::load(&tc.servers[0].dir.join("client.toml"))?;
+        assert_eq!(bundle.ca_cert.trim(), std::fs::read_to_string(tc.ca_path())?.trim());
+        let (ok, err) = cli(
+            &[
+                "status",
+                "--config",
+                &tc.servers[0].dir.join("client.toml").display().to_string(),
+            ],
+            &[],
+        )?;
+        assert!(ok, "{err}");
+        assert!(!err.contains("WARNING"), "TLS must not warn: {err}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn callers_without_a_server_certificate_cannot_send_peer_rpcs_but_can_read() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 0)).await?;
+        tc.create_volume("www", 2).await?;
+        let writer = tc.client();
+        TestCluster::write_file(&writer, "www", "", "index.html", b"hello over TLS").await?;
+        let addr = tc.servers[1].addr.clone();
+
+        // Normal reads work for a client without a certificate.
+        assert_eq!(tc.read_on(&addr, "www", "index.html").await?, b"hello over TLS");
+
+        // Raft RPCs are refused before they are even decoded.
+        let anon = channel(&tc, &addr, None)?;
+        let mut raft = pb::raft_client::RaftClient::new(anon.clone());
+        for (name, r) in [
+            ("append_entries", raft.append_entries(raft_message()).await),
+            ("vote", raft.clone().vote(raft_message()).await),
+            ("install_snapshot", raft.clone().install_snapshot(raft_message()).await),
+        ] {
+            let s = r.expect_err(name);
+            assert_eq!(s.code(), Code::PermissionDenied, "{name}: {s:?}");
+            assert!(s.message().contains("server certificate"), "{name}: {}", s.message());
+        }
+
+        // A forwarded blob put (stored without replication) is refused, and nothing is stored.
+        let data = bytes::Bytes::from_static(b"smuggled without replication");
+        let hash = Hash::of(&data);
+        let msgs = vec![
+            pb::PutBlobChunk {
+                part: Some(pb::put_blob_chunk::Part::Header(pb::PutBlobHeader {
+                    hash: bytes::Bytes::copy_from_slice(&hash.0),
+                    size: data.len() as u64,
+                    write_quorum: 1,
+                    forwarded: true,
+                })),
+            },
+            pb::PutBlobChunk {
+                part: Some(pb::put_blob_chunk::Part::Data(data.clone())),
+            },
+        ];
+        let s = Cluster::blobs(anon.clone())
+            .put(futures::stream::iter(msgs))
+            .await
+            .expect_err("forwarded put from a client");
+        assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+        let batch = pb::PutSmallRequest {
+            blobs: vec![pb::SmallBlob {
+                hash: bytes::Bytes::copy_from_slice(&hash.0),
+                data: data.clone(),
+            }],
+            write_quorum: 1,
+            forwarded: true,
+        };
+        let s = Cluster::blobs(anon.clone())
+            .put_small(batch)
+            .await
+            .expect_err("forwarded small-blob batch from a client");
+        assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+        assert!(!tc.has_blobs(&addr, &[hash]).await?, "a refused put must store nothing");
+
+        // A commit claiming to be forwarded by a server is refused too, even with a valid token.
+        let mut r = tonic::Request::new(ops::commit("www", vec![ops::dir("d", 0o755)]));
+        r.metadata_mut().insert(TOKEN_HEADER, tc.token.parse()?);
+        r.metadata_mut().insert("x-codafs-forwarded", "1".parse()?);
+        let s = Cluster::write(anon.clone())
+            .commit(r)
+            .await
+            .expect_err("forged forward");
+        assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+
+        // With a server certificate the same garbage gets past the check (and fails decoding):
+        // the certificate is what decides.
+        let dir = &tc.servers[0].dir;
+        let id = Identity::from_pem(
+            std::fs::read_to_string(dir.join("tls/server.crt"))?,
+            std::fs::read_to_string(dir.join("tls/server.key"))?,
+        );
+        let mut peer = pb::raft_client::RaftClient::new(channel(&tc, &addr, Some(id))?);
+        let s = peer.vote(raft_message()).await.expect_err("garbage vote");
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        // And the cluster still works.
+        TestCluster::write_file(&writer, "www", "", "after.html", b"still fine").await?;
+        assert_eq!(tc.read_on(&addr, "www", "after.html").await?, b"still fine");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn servers_join_over_tls_concurrently_with_their_own_certificates() {
+    bounded(async {
+        let mut tc = TestCluster::start(ClusterOpts::new(1, 0)).await?;
+        let token = JoinToken::decode(&tc.join_token)?;
+        assert!(!token.insecure);
+        assert_eq!(token.ca_cert.trim(), std::fs::read_to_string(tc.ca_path())?.trim());
+        // Two servers join at once, each fetching the CA and issuing its own certificate.
+        tc.join_new(2).await?;
+        let ca = std::fs::read_to_string(tc.ca_path())?;
+        let mut certs = Vec::new();
+        for s in &tc.servers[1..] {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::read_to_string(s.dir.join("tls/ca.crt"))?.trim(), ca.trim());
+            let key = std::fs::metadata(s.dir.join("tls/server.key"))?;
+            assert_eq!(key.permissions().mode() & 0o777, 0o600);
+            certs.push(std::fs::read_to_string(s.dir.join("tls/server.crt"))?);
+        }
+        assert_ne!(certs[0], certs[1], "every server has its own certificate");
+        // Replication between the servers runs over mutual TLS: a write reaches all three.
+        tc.create_volume("www", 3).await?;
+        TestCluster::write_file(&tc.client(), "www", "", "a.html", b"three copies").await?;
+        for addr in tc.addrs() {
+            assert_eq!(tc.read_on(&addr, "www", "a.html").await?, b"three copies");
+        }
+        // A join token whose CA is another cluster's is refused at once, with a clear reason.
+        let bad = JoinToken {
+            ca_cert: foreign_ca(&tc.root.path().join("other"))?,
+            ..token
+        };
+        let dir = tc.root.path().join("intruder");
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new(codafs_bin())
+                .args(["server", "--dir"])
+                .arg(&dir)
+                .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+                .args(["--join", &bad.encode()])
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .context("a joiner with a wrong CA must give up, not retry forever")??;
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("UnknownIssuer") && err.contains("join token"), "{err}");
+        assert!(!dir.join("tls/server.crt").exists());
+        assert_eq!(status(&tc.client()).await?.voters, 3);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn insecure_cluster_works_in_plaintext_and_mismatches_fail_clearly() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1).insecure()).await?;
+        assert!(tc.tls.is_insecure());
+        assert!(!tc.ca_path().exists(), "an insecure cluster has no certificates");
+        assert!(JoinToken::decode(&tc.join_token)?.insecure);
+        for s in &tc.servers {
+            assert!(std::fs::read_to_string(s.dir.join("server.toml"))?.contains("insecure = true"));
+            assert!(s.log().contains("TLS is OFF"), "every start warns");
+        }
+        // End to end: through the witness (which forwards the blob), read from every replica.
+        tc.create_volume("www", 2).await?;
+        let c = tc.client_on(&tc.servers[2].addr);
+        TestCluster::write_file(&c, "www", "", "plain.html", b"no TLS here").await?;
+        for s in &tc.servers[..2] {
+            assert_eq!(tc.read_on(&s.addr, "www", "plain.html").await?, b"no TLS here");
+        }
+        // The CLI connects with a loud warning.
+        let (ok, err) = cli(&["status"], &tc.client_env())?;
+        assert!(ok, "{err}");
+        assert!(err.contains("WARNING") && err.contains("WITHOUT TLS"), "{err}");
+        let bundle = codafs_client::ClientBundle::load(&tc.servers[0].dir.join("client.toml"))?;
+        assert!(bundle.insecure && bundle.ca_cert.is_empty());
+        // A TLS client never falls back to plaintext: it fails fast and says why.
+        let ca = foreign_ca(&tc.root.path().join("other"))?;
+        let tls = Cluster::new(&tc.addrs(), Tls::ca(ca), None)?;
+        let e = tokio::time::timeout(Duration::from_secs(20), status(&tls))
+            .await
+            .context("TLS against plaintext must not hang")?
+            .expect_err("TLS client against a plaintext server");
+        assert!(e.to_string().contains("does not speak TLS"), "{e}");
+        let (ok, err) = cli(
+            &[
+                "status",
+                "--ca",
+                &tc.root.path().join("other/tls/ca.crt").display().to_string(),
+            ],
+            &[("CODAFS_SERVERS", tc.addrs().join(","))],
+        )?;
+        assert!(!ok);
+        assert!(err.contains("does not speak TLS"), "{err}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plaintext_client_against_a_tls_server_fails_clearly() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(1, 0)).await?;
+        let plain = Cluster::new(&tc.addrs(), Tls::Insecure, None)?;
+        let e = tokio::time::timeout(Duration::from_secs(20), status(&plain))
+            .await
+            .context("plaintext against TLS must not hang")?
+            .expect_err("plaintext client against a TLS server");
+        assert!(e.to_string().contains("may require TLS"), "{e}");
+        // No credentials of any kind: the CLI refuses to guess plaintext.
+        let (ok, err) = cli(
+            &[
+                "status",
+                "--config",
+                &tc.root.path().join("none.toml").display().to_string(),
+            ],
+            &[("CODAFS_SERVERS", tc.addrs().join(","))],
+        )?;
+        assert!(!ok);
+        assert!(err.contains("no cluster CA"), "{err}");
+        Ok(())
+    })
+    .await
+}

@@ -12,7 +12,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 pub const SERVER_NAME: &str = "codafs-server";
 
 /// Transport security of outgoing connections.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub enum Tls {
     /// TLS, verifying servers against this CA certificate (PEM). `identity` is presented to the
     /// server when set (servers use their own certificate; mounts and CLIs have none).
@@ -28,6 +28,20 @@ pub enum TlsError {
     Address(String, String),
     #[error("TLS settings for {0}: {1}")]
     Config(String, String),
+}
+
+/// Never prints key material (a server's identity holds its private key).
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Tls::Ca { identity, .. } => write!(
+                f,
+                "Tls::Ca {{ identity: {} }}",
+                if identity.is_some() { "yes" } else { "no" }
+            ),
+            Tls::Insecure => f.write_str("Tls::Insecure"),
+        }
+    }
 }
 
 impl Tls {
@@ -114,5 +128,32 @@ pub fn mismatch_hint(text: &str, tls: &Tls) -> Option<&'static str> {
             Some("the server may require TLS: connect with the cluster's client config or --ca instead of --insecure")
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_name_the_likely_mismatch_and_debug_hides_keys() {
+        let tls = Tls::ca("pem");
+        let wrong_ca = "transport error: invalid peer certificate: UnknownIssuer";
+        assert!(mismatch_hint(wrong_ca, &tls).is_some_and(|h| h.contains("not signed by the cluster CA")));
+        let plain_server = "received corrupt message of type InvalidContentType";
+        assert!(mismatch_hint(plain_server, &tls).is_some_and(|h| h.contains("does not speak TLS")));
+        let tls_server = "h2 protocol error: http2 error: connection error detected: frame with invalid size";
+        assert!(mismatch_hint(tls_server, &Tls::Insecure).is_some_and(|h| h.contains("may require TLS")));
+        assert_eq!(mismatch_hint("tcp connect error: Connection refused", &tls), None);
+        let with_key = Tls::Ca {
+            ca_pem: "CA".into(),
+            identity: Some(Identity::from_pem("CERT", "SECRET KEY")),
+        };
+        assert!(!format!("{with_key:?}").contains("SECRET"));
+        assert!(Tls::Insecure.endpoint("127.0.0.1:1").is_ok());
+        assert!(matches!(
+            Tls::Insecure.endpoint("bad host:1"),
+            Err(TlsError::Address(..))
+        ));
     }
 }

@@ -10,7 +10,7 @@ use codafs_common::join::JoinToken;
 use codafs_common::Hash;
 use codafs_proto::limits::TOKEN_HEADER;
 use codafs_proto::pb;
-use codafs_tests::{bounded, codafs_bin, free_port, ClusterOpts, TestCluster};
+use codafs_tests::{bounded, codafs_bin, free_port, read_file, ClusterOpts, Mount, TestCluster};
 use tonic::transport::{Channel, Identity};
 use tonic::Code;
 
@@ -276,6 +276,11 @@ async fn insecure_cluster_works_in_plaintext_and_mismatches_fail_clearly() {
         for s in &tc.servers[..2] {
             assert_eq!(tc.read_on(&s.addr, "www", "plain.html").await?, b"no TLS here");
         }
+        // Through a FUSE mount started with --insecure, which warns on stderr (its log).
+        let m = Mount::start(&tc.client_args(), tc.root.path(), "m", &[])?;
+        assert_eq!(read_file(&m.path.join("www/plain.html"))?, b"no TLS here");
+        assert!(m.log().contains("WITHOUT TLS"), "the mount warns: {}", m.log());
+        drop(m);
         // The CLI connects with a loud warning.
         let (ok, err) = cli(&["status"], &tc.client_env())?;
         assert!(ok, "{err}");

@@ -190,6 +190,7 @@ unmount
 rm -rf "$WORK"
 mkdir -p "$WORK/bin" "$WORK/home" "$MNT"
 chmod 0755 "$WORK" "$WORK/bin" "$WORK/home"
+MNT="$(readlink -f "$MNT")" # as /proc/mounts shows it
 # A copy the dummy users may execute (the target dir is usually under root's home), and that a
 # concurrent rebuild cannot replace mid-run.
 install -m 0755 "$CODAFS_BIN" "$WORK/bin/codafs"
@@ -214,10 +215,12 @@ done
 [ -s "$DEMO_DIR/demo.env" ] || { show_logs; die "codafs demo was not ready within 120 s"; }
 mounted "$MNT" || { show_logs; die "$MNT is not mounted"; }
 
-export CODAFS_SERVERS CODAFS_CREDENTIAL
-CODAFS_SERVERS="$(demo_env CODAFS_SERVERS)"
+# The demo's client config names the servers and carries the cluster CA (TLS); it is readable
+# by the dummy users too.
+export CODAFS_CONFIG CODAFS_CREDENTIAL
+CODAFS_CONFIG="$(demo_env CODAFS_CONFIG)"
 CODAFS_CREDENTIAL="$(demo_env CODAFS_CREDENTIAL)" # the admin token
-unset CODAFS_CONFIG
+unset CODAFS_SERVERS CODAFS_CA
 cfs() { timeout 60 "$CODAFS" "$@"; }
 
 say "creating private volumes pjd and pjd2, accounts for ${DUMMY_USERS[*]}"
@@ -370,11 +373,12 @@ if [ ${#skips[@]} -gt 0 ]; then
   printf '  %s\n' "${skips[@]}"
 fi
 echo "expected failures: $xfail (docs/PJDFSTEST.md)"
-for r in "${!xfail_by[@]}"; do
+for r in $(printf "%s\n" "${!WHY[@]}" | sort); do
+  [ -n "${xfail_by[$r]:-}" ] || continue
   printf '  %4d  %s: %s\n' "${xfail_by[$r]}" "$r" "${WHY[$r]}"
 done
 if [ ${#xpass[@]} -gt 0 ]; then
-  echo "listed as expected failures but PASSED (remove them from the list in $0 and docs/PJDFSTEST.md):"
+  echo "listed as expected failures but PASSED (take them off the lists in scripts/pjdfstest.sh and docs/PJDFSTEST.md):"
   printf '  %s\n' "${xpass[@]}"
 fi
 if [ ${#unexpected[@]} -gt 0 ]; then

@@ -237,7 +237,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
@@ -247,7 +247,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         self.core.stats.fuse_request("read");
         let core = self.core.clone();
         self.spawn(tracing::debug_span!("read", ino = ino.0, offset, size), async move {
-            match core.read(ino.0, offset, size).await {
+            match core.read(ino.0, fh.0, offset, size).await {
                 Ok(d) => reply.data(&d),
                 Err(e) => reply.error(errno(&e)),
             }

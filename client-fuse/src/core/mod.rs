@@ -49,6 +49,8 @@ pub struct NodeAttr {
     pub mtime_ns: i64,
     pub ctime_ns: i64,
     pub atime_ns: i64,
+    /// Content hash (files).
+    pub hash: Option<Hash>,
 }
 
 /// Kernel cache invalidations a change requires.
@@ -286,6 +288,7 @@ impl<R: Remote> Core<R> {
             mtime_ns: 0,
             ctime_ns: 0,
             atime_ns: 0,
+            hash: None,
         }
     }
 
@@ -307,6 +310,7 @@ impl<R: Remote> Core<R> {
             ctime_ns: a.ctime_ns,
             // Older servers send no atime: show mtime rather than 1970.
             atime_ns: if a.atime_ns == 0 { a.mtime_ns } else { a.atime_ns },
+            hash: Hash::from_slice(&a.hash).ok(),
         }
     }
 
@@ -326,7 +330,13 @@ impl<R: Remote> Core<R> {
         if ino == ROOT_INO {
             return Ok(self.root_attr());
         }
-        let mut a = self.to_node(&self.attr(ino).await?);
+        let raw = match self.attr(ino).await {
+            Ok(a) => a,
+            // Unlinked while this mount holds it open: it still exists for its opener.
+            Err(FsError::NotFound) => return self.orphan_attr(ino).ok_or(FsError::NotFound),
+            Err(e) => return Err(e),
+        };
+        let mut a = self.to_node(&raw);
         self.shadow_attr(&mut a);
         Ok(a)
     }
@@ -355,6 +365,9 @@ impl<R: Remote> Core<R> {
     }
 
     pub async fn lookup(&self, parent: u64, name: &str) -> Result<NodeAttr, FsError> {
+        if name.len() > codafs_common::names::MAX_NAME_BYTES {
+            return Err(FsError::NameTooLong);
+        }
         if parent == ROOT_INO {
             let v = self
                 .volumes
@@ -404,9 +417,15 @@ impl<R: Remote> Core<R> {
             NodeKind::Symlink => return Err(FsError::Invalid("symlink".into())),
         }
         let hash = Hash::from_slice(&a.hash).map_err(|e| FsError::Io(e.to_string()))?;
+        self.ensure_blob(ino, hash, a.size).await?;
+        Ok((hash, a.size))
+    }
+
+    /// Makes sure a blob is in the cache (`ino` is only for per-volume hit counting).
+    async fn ensure_blob(&self, ino: u64, hash: Hash, size: u64) -> Result<(), FsError> {
         if self.blobs.lookup(&hash) {
             self.count_hit(ino, true);
-            return Ok((hash, a.size));
+            return Ok(());
         }
         // One fetch per blob at a time; others wait for it.
         let lock = {
@@ -416,22 +435,21 @@ impl<R: Remote> Core<R> {
         let _guard = lock.lock().await;
         if self.blobs.lookup(&hash) {
             self.count_hit(ino, true);
-            return Ok((hash, a.size));
+            return Ok(());
         }
         self.count_hit(ino, false);
         // Large files get time in proportion to their size (10 MB/s floor) on top of the deadline.
-        let limit = self.cfg.op_timeout + Duration::from_millis(a.size / 10_000);
+        let limit = self.cfg.op_timeout + Duration::from_millis(size / 10_000);
         let result = self
             .timed(limit, async {
-                let mut w = self.blobs.writer(hash, a.size).map_err(Self::io)?;
+                let mut w = self.blobs.writer(hash, size).map_err(Self::io)?;
                 self.remote.fetch_blob(hash, &mut w).await?;
                 w.finish().map_err(|e| FsError::Corrupt(e.to_string()))?;
                 Ok(())
             })
             .await;
         self.fetches.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
-        result?;
-        Ok((hash, a.size))
+        result
     }
 
     fn count_hit(&self, ino: u64, hit: bool) {
@@ -450,12 +468,20 @@ impl<R: Remote> Core<R> {
         }
     }
 
-    /// Reads `size` bytes at `offset` of a file, from the cache.
-    pub async fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+    /// Reads `size` bytes at `offset` of a file through handle `fh` (0 = none), from the cache.
+    pub async fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
         if let Some(r) = self.read_shadow(ino, offset, size) {
             return r;
         }
-        let (hash, len) = self.ensure_cached(ino).await?;
+        let (hash, len) = match self.ensure_cached(ino).await {
+            // Unlinked while open: the handle still reads what it opened.
+            Err(FsError::NotFound) => {
+                let (hash, len) = self.handle_content(fh).ok_or(FsError::NotFound)?;
+                self.ensure_blob(ino, hash, len).await?;
+                (hash, len)
+            }
+            r => r?,
+        };
         let _pin = self.blobs.pin(hash);
         if offset >= len {
             return Ok(Vec::new());
@@ -491,6 +517,8 @@ impl<R: Remote> Core<R> {
         if ev.version <= vol.seen && !ev.history_gone {
             return Ok(Invalidation::default());
         }
+        // Wait for our own namespace commits in flight to record what they told the kernel.
+        let _inflight = self.writes.inflight.write().await;
         let mut inv = Invalidation::default();
         if ev.history_gone {
             inv = self.everything_in(vol.id)?;
@@ -513,12 +541,15 @@ impl<R: Remote> Core<R> {
                         let old_map: HashMap<&str, u64> = old.iter().map(|e| (e.name.as_str(), e.ino)).collect();
                         let new_map: HashMap<&str, u64> = new.iter().map(|(n, a)| (n.as_str(), a.ino)).collect();
                         for (n, i) in &old_map {
-                            if new_map.get(n) != Some(i) {
+                            if new_map.get(n) != Some(i)
+                                && !new_map.get(n).is_some_and(|ni| self.already_told(dir, n, *ni))
+                            {
                                 inv.entries.push((dir, n.to_string()));
                             }
                         }
-                        for n in new_map.keys() {
-                            if !old_map.contains_key(n) {
+                        for (n, ni) in &new_map {
+                            // Names our own reply just gave the kernel are already right there.
+                            if !old_map.contains_key(n) && !self.already_told(dir, n, *ni) {
                                 inv.entries.push((dir, n.to_string()));
                             }
                         }

@@ -57,6 +57,11 @@ struct Shadow {
     /// Bumped by every change, so a store racing with a write does not mark it clean.
     generation: u64,
     mtime_ns: i64,
+    /// Change time of the last local change (size or content).
+    ctime_ns: i64,
+    /// The file's attributes when the shadow was made: what an open file shows once its name
+    /// is gone (unlinked while open).
+    attr: NodeAttr,
     opens: u32,
     /// The last store failed and its error was reported; release does not retry it.
     failed: bool,
@@ -66,6 +71,8 @@ struct Handle {
     ino: u64,
     uid: u32,
     write: bool,
+    /// Attributes at open: a read-only handle keeps reading this content after an unlink.
+    attr: Option<NodeAttr>,
 }
 
 /// How a new shadow starts.
@@ -94,6 +101,12 @@ pub struct WriteState {
     next_fh: AtomicU64,
     /// Write quorums for which the empty blob (new files' content) is known stored.
     empty_stored: Mutex<HashSet<u32>>,
+    /// Names our own replies gave the kernel, until their change event arrives.
+    told: Mutex<HashMap<(u64, String), u64>>,
+    /// Held (shared) by a namespace commit until what it told the kernel is recorded, and
+    /// (exclusively) while a change event is applied, so the event of our own commit never
+    /// arrives "before" it.
+    pub(crate) inflight: tokio::sync::RwLock<()>,
     pub stats: WriteStats,
 }
 
@@ -112,6 +125,8 @@ impl WriteState {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             empty_stored: Mutex::new(HashSet::new()),
+            told: Mutex::new(HashMap::new()),
+            inflight: tokio::sync::RwLock::new(()),
             stats: WriteStats::default(),
         })
     }
@@ -337,6 +352,7 @@ impl<R: Remote> Core<R> {
             gid: c.gid,
             mtime_ns: 0,
         };
+        let inflight = self.writes.inflight.read().await;
         let reply = self
             .commit(ctx, vec![op(pb::op::Op::Create(create))], &[parent])
             .await?;
@@ -346,6 +362,8 @@ impl<R: Remote> Core<R> {
             .copied()
             .filter(|i| *i != 0)
             .ok_or_else(|| FsError::Io("the server did not name the new node".into()))?;
+        self.told(parent, name, ino);
+        drop(inflight);
         self.fresh_attr(ino).await
     }
 
@@ -439,7 +457,9 @@ impl<R: Remote> Core<R> {
         };
         let mut inos = vec![parent, new_parent, src.ino];
         inos.extend(dst);
+        let _inflight = self.writes.inflight.read().await;
         self.commit(&ctx, vec![op(pb::op::Op::Rename(mv))], &inos).await?;
+        self.told(new_parent, new_name, src.ino);
         Ok(())
     }
 
@@ -458,8 +478,11 @@ impl<R: Remote> Core<R> {
             parent: ino_ref(new_parent),
             name: new_name.to_string(),
         };
+        let inflight = self.writes.inflight.read().await;
         self.commit(&ctx, vec![op(pb::op::Op::Link(l))], &[new_parent, ino])
             .await?;
+        self.told(new_parent, new_name, ino);
+        drop(inflight);
         self.fresh_attr(ino).await
     }
 
@@ -482,6 +505,7 @@ impl<R: Remote> Core<R> {
                     g.failed = false;
                     g.generation += 1;
                     g.mtime_ns = s.mtime_ns.unwrap_or_else(codafs_common::now_ns);
+                    g.ctime_ns = codafs_common::now_ns();
                 }
                 None => {
                     let a = self.getattr(ino).await?;
@@ -542,7 +566,8 @@ impl<R: Remote> Core<R> {
     /// shadow, shared by every writer of that file on this mount.
     pub async fn open(&self, c: Caller, ino: u64, flags: i32) -> Result<u64, FsError> {
         if flags & libc::O_ACCMODE == libc::O_RDONLY {
-            return Ok(0);
+            // A handle remembering the file, so it stays readable if unlinked while open.
+            return self.open_handle(ino, c.uid, false, ShadowInit::Current).await;
         }
         self.write_ctx(c.uid, ino)?;
         let init = if flags & libc::O_TRUNC != 0 {
@@ -554,15 +579,18 @@ impl<R: Remote> Core<R> {
     }
 
     async fn open_handle(&self, ino: u64, uid: u32, write: bool, init: ShadowInit) -> Result<u64, FsError> {
-        if write {
+        let attr = if write {
             self.attach_shadow(ino, init).await?;
-        }
+            None
+        } else {
+            Some(self.getattr(ino).await?)
+        };
         let fh = self.writes.next_fh.fetch_add(1, Ordering::Relaxed);
         self.writes
             .handles
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(fh, Handle { ino, uid, write });
+            .insert(fh, Handle { ino, uid, write, attr });
         Ok(fh)
     }
 
@@ -577,6 +605,7 @@ impl<R: Remote> Core<R> {
                 g.dirty = true;
                 g.generation += 1;
                 g.mtime_ns = codafs_common::now_ns();
+                g.ctime_ns = g.mtime_ns;
             }
             return Ok(());
         }
@@ -617,6 +646,8 @@ impl<R: Remote> Core<R> {
                 dirty: init == ShadowInit::Empty && attr.size != 0,
                 generation: 0,
                 mtime_ns: attr.mtime_ns,
+                ctime_ns: attr.ctime_ns,
+                attr: attr.clone(),
                 opens: 1,
                 failed: false,
             })),
@@ -644,6 +675,7 @@ impl<R: Remote> Core<R> {
         g.failed = false;
         g.generation += 1;
         g.mtime_ns = codafs_common::now_ns();
+        g.ctime_ns = g.mtime_ns;
         Ok(data.len() as u32)
     }
 
@@ -662,6 +694,48 @@ impl<R: Remote> Core<R> {
         })
     }
 
+    /// What an open file whose name is gone shows: its attributes at open with no links, and
+    /// the shadow's size if it is being written.
+    pub(crate) fn orphan_attr(&self, ino: u64) -> Option<NodeAttr> {
+        if let Some(sh) = self.writes.shadow(ino) {
+            let g = lock(&sh);
+            let mut a = g.attr.clone();
+            a.nlink = 0;
+            a.size = g.size;
+            a.mtime_ns = g.mtime_ns;
+            a.ctime_ns = a.ctime_ns.max(g.ctime_ns);
+            return Some(a);
+        }
+        let handles = self.writes.handles.lock().unwrap_or_else(|p| p.into_inner());
+        let mut a = handles.values().find(|h| h.ino == ino).and_then(|h| h.attr.clone())?;
+        a.nlink = 0;
+        Some(a)
+    }
+
+    /// The content hash a read-only handle opened, for reading after an unlink.
+    pub(crate) fn handle_content(&self, fh: u64) -> Option<(Hash, u64)> {
+        let handles = self.writes.handles.lock().unwrap_or_else(|p| p.into_inner());
+        let a = handles.get(&fh)?.attr.as_ref()?;
+        Some((a.hash?, a.size))
+    }
+
+    /// Remembers that the kernel was given `name` -> `ino` in `dir` by our own reply, so the
+    /// change event of that very commit does not invalidate it again (which would also detach
+    /// anything mounted on it).
+    fn told(&self, dir: u64, name: &str, ino: u64) {
+        let mut t = self.writes.told.lock().unwrap_or_else(|p| p.into_inner());
+        if t.len() > 10_000 {
+            t.clear();
+        }
+        t.insert((dir, name.to_string()), ino);
+    }
+
+    /// Whether the kernel already holds `name` -> `ino` in `dir` from our own reply (forgets it).
+    pub(crate) fn already_told(&self, dir: u64, name: &str, ino: u64) -> bool {
+        let mut t = self.writes.told.lock().unwrap_or_else(|p| p.into_inner());
+        t.remove(&(dir, name.to_string())) == Some(ino)
+    }
+
     /// Size and mtime a file open for writing shows (its shadow's).
     pub(crate) fn shadow_attr(&self, a: &mut NodeAttr) {
         if let Some(sh) = self.writes.shadow(a.ino) {
@@ -669,6 +743,7 @@ impl<R: Remote> Core<R> {
             a.size = g.size;
             if g.dirty {
                 a.mtime_ns = g.mtime_ns;
+                a.ctime_ns = a.ctime_ns.max(g.ctime_ns);
             }
         }
     }

@@ -140,14 +140,11 @@ impl pb::blobs_server::Blobs for BlobService {
             .map(|b| Ok((convert::hash(&b.hash)?, b.data.clone())))
             .collect::<Result<_, Status>>()?;
         let witness = node.cfg.witness;
-        if !witness {
-            let refs: Vec<(codafs_common::Hash, &[u8])> = parsed.iter().map(|(h, d)| (*h, d.as_ref())).collect();
-            tokio::task::block_in_place(|| node.blobs.put_many(&refs)).map_err(blob_status)?;
-        }
         if r.forwarded {
             if witness {
                 return Err(Status::failed_precondition("a witness stores no blobs"));
             }
+            store_batch(&node, parsed).await?;
             return Ok(Response::new(pb::PutSmallReply { copies: 1 }));
         }
         let batch = pb::PutSmallRequest {
@@ -155,8 +152,17 @@ impl pb::blobs_server::Blobs for BlobService {
             write_quorum: 1,
             forwarded: true,
         };
+        // Store here and forward to the other replicas at the same time, so the replicas'
+        // filesystem syncs overlap instead of following one another. The reply waits for both.
+        let local = async {
+            if witness {
+                Ok(())
+            } else {
+                store_batch(&node, parsed.clone()).await
+            }
+        };
         let peers = node.peers.clone();
-        let (copies, need, _) = replicate(&node, r.write_quorum, move |addr| {
+        let forward = replicate(&node, r.write_quorum, move |addr| {
             let (peers, batch) = (peers.clone(), batch.clone());
             async move {
                 let mut c = peers.blobs(&addr).map_err(|e| e.to_string())?;
@@ -167,8 +173,9 @@ impl pb::blobs_server::Blobs for BlobService {
                     .map(drop)
                     .map_err(|s| format!("{addr}: {}", s.message()))
             }
-        })
-        .await;
+        });
+        let (local, (copies, need, _)) = tokio::join!(local, forward);
+        local?;
         if copies < need {
             return Err(Status::unavailable(format!(
                 "only {copies} of {need} required copies of a {}-blob batch could be stored",
@@ -231,6 +238,19 @@ fn send_blocking(
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
     }
+}
+
+/// Stores a verified batch of small blobs durably on this replica, off the async workers.
+async fn store_batch(node: &Arc<Node>, batch: Vec<(codafs_common::Hash, bytes::Bytes)>) -> Result<(), Status> {
+    let node = node.clone();
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<(codafs_common::Hash, &[u8])> = batch.iter().map(|(h, d)| (*h, d.as_ref())).collect();
+        node.blobs.put_many(&refs)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("storing a blob batch: {e}")))?
+    .map(drop)
+    .map_err(blob_status)
 }
 
 /// Sends a write to every other data replica with `send` and waits until `quorum` copies

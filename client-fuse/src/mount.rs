@@ -42,6 +42,9 @@ pub enum MountError {
     Mount(PathBuf, std::io::Error),
 }
 
+/// Control-socket connections served at once (more wait in the kernel's backlog).
+const CONTROL_CONNECTIONS: usize = 32;
+
 /// Directory holding the control sockets of running mounts.
 pub const CONTROL_DIR: &str = "/run/codafs";
 
@@ -66,6 +69,12 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     let _enter = rt.enter();
     std::fs::create_dir_all(&cfg.cache_dir)
         .map_err(|e| setup(&format!("cache dir {}: {e}", cfg.cache_dir.display())))?;
+    // Cached content of private volumes and files open for writing live here: root only.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cfg.cache_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| setup(&format!("cache dir {}: {e}", cfg.cache_dir.display())))?;
+    }
     let meta = MetaStore::open(&cfg.cache_dir.join("meta")).map_err(|e| setup(&e))?;
     let blobs = BlobCache::open(&cfg.cache_dir, cfg.cache_size).map_err(|e| setup(&e))?;
     let mut cluster = Cluster::new(&cfg.servers, cfg.tls.clone(), None).map_err(|e| setup(&e))?;
@@ -280,22 +289,39 @@ async fn control<R: Remote>(core: Arc<Core<R>>, mountpoint: PathBuf, path: PathB
     };
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666));
+    // Every local user may connect: bound how many connections (and so descriptors) they can
+    // hold, so the mount's own work never runs out of them.
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONTROL_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p,
+            _ = stop.changed() => return,
+        };
+        let Ok(permit) = permit else { return };
         let conn = tokio::select! {
             c = listener.accept() => c,
             _ = stop.changed() => return,
         };
-        let Ok((stream, _)) = conn else { continue };
+        let stream = match conn {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of descriptors, say: back off instead of spinning.
+                tracing::warn!(error = %e, "control socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let Ok(uid) = stream.peer_cred().map(|c| c.uid()) else {
             continue;
         };
         let (core, mnt) = (core.clone(), mnt.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
             // A request is one short line; bound what a local user can make us buffer.
             let mut r = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(r, 64 * 1024));
-            if tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line))
+            if tokio::time::timeout(Duration::from_secs(2), r.read_line(&mut line))
                 .await
                 .is_err()
             {

@@ -384,3 +384,80 @@ async fn a_commit_sent_twice_with_one_request_id_applies_once() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_local_change_does_not_hide_later_remote_renames_in_that_directory() {
+    bounded(async {
+        let tc = setup().await?;
+        let dir = tc.root.path();
+        let a = Mount::start(&tc.client_args(), dir, "a", &[])?;
+        let b = Mount::start(&tc.client_args(), dir, "b", &[])?;
+        let wm = tc.user(WEBMASTER_UID)?;
+        login(&tc, &wm)?;
+        let (wa, wb) = (a.path.join("www"), b.path.join("www"));
+        let out = sh_as(&wm, &format!("mkdir {0}/D && printf old > {0}/D/a", wa.display()))?;
+        ensure!(out.ok, "{}", out.stderr);
+        wait_content(&wb.join("D/a"), b"old").await?;
+        // A change made on b in that directory, then a rename on a.
+        let out = sh_as(&wm, &format!("touch {}/D/zzz", wb.display()))?;
+        ensure!(out.ok, "{}", out.stderr);
+        let out = sh_as(&wm, &format!("mv {0}/D/a {0}/D/b", wa.display()))?;
+        ensure!(out.ok, "{}", out.stderr);
+        let (gone, moved) = (wb.join("D/a"), wb.join("D/b"));
+        wait_until(Duration::from_secs(10), "b sees the rename", || async {
+            !gone.exists() && read_file(&moved).is_ok_and(|d| d == b"old")
+        })
+        .await?;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overlapping_stores_of_one_file_commit_in_order() {
+    bounded(async {
+        let tc = setup().await?;
+        let dir = tc.root.path();
+        let a = Mount::start(&tc.client_args(), dir, "a", &[])?;
+        let web = Mount::start(&tc.client_args(), dir, "web", &["--read-only"])?;
+        let reply = a.control(&format!("login {}", tc.token))?;
+        ensure!(reply["ok"] == true, "{reply}");
+        let path = a.path.join("www/big.bin");
+        let p = path.clone();
+        codafs_tests::fs_call(Duration::from_secs(60), move || {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&p)?;
+            f.write_all_at(&vec![7u8; 32 << 20], 0)?;
+            // Store 1 (32 MiB) starts on one thread; store 2 (small) starts while it runs.
+            let dup1 = unsafe { libc::dup(f.as_raw_fd()) };
+            let slow = std::thread::spawn(move || unsafe { libc::close(dup1) });
+            std::thread::sleep(Duration::from_millis(20));
+            f.set_len(0)?;
+            f.write_all_at(b"small\n", 0)?;
+            let dup2 = unsafe { libc::dup(f.as_raw_fd()) };
+            let fast = unsafe { libc::close(dup2) };
+            let slow = slow.join().unwrap_or(-1);
+            drop(f);
+            if fast != 0 || slow != 0 {
+                return Err(std::io::Error::other(format!("close returned {fast} and {slow}")));
+            }
+            Ok(())
+        })??;
+        // The newer content is what every node ends up with.
+        wait_content(&web.path.join("www/big.bin"), b"small\n").await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        ensure!(
+            read_file(&web.path.join("www/big.bin"))? == b"small\n",
+            "an older store landed last"
+        );
+        ensure!(read_file(&path)? == b"small\n");
+        Ok(())
+    })
+    .await
+}

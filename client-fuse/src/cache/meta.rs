@@ -117,6 +117,44 @@ impl MetaStore {
         self.db.write(batch).map_err(me)
     }
 
+    /// Forgets the attributes of these nodes, keeping directory listings.
+    pub fn forget_attrs(&self, inos: &[u64]) -> Result<(), MetaError> {
+        let mut batch = WriteBatch::default();
+        for i in inos {
+            batch.delete_cf(self.cf(CF_ATTRS)?, i.to_be_bytes());
+        }
+        self.db.write(batch).map_err(me)
+    }
+
+    /// Applies one name change to a cached listing, if the listing is cached: `Some` adds or
+    /// replaces `name`, `None` removes it. Keeps a listing current after this mount's own change
+    /// without refetching it, so the change events that follow still diff against what the
+    /// kernel was told.
+    pub fn patch_dir(&self, dir: u64, name: &str, entry: Option<(u64, i32)>) -> Result<(), MetaError> {
+        let Some(mut listing) = self.dir(dir)? else {
+            return Ok(());
+        };
+        listing.retain(|e| e.name != name);
+        if let Some((ino, kind)) = entry {
+            let at = listing.partition_point(|e| e.name.as_str() < name);
+            listing.insert(
+                at,
+                DirEnt {
+                    name: name.to_string(),
+                    ino,
+                    kind,
+                },
+            );
+        }
+        self.db
+            .put_cf(
+                self.cf(CF_DIRS)?,
+                dir.to_be_bytes(),
+                bincode::serialize(&listing).map_err(me)?,
+            )
+            .map_err(me)
+    }
+
     /// Forgets attributes and listings of these nodes.
     pub fn forget(&self, inos: &[u64], dirs: &[u64]) -> Result<(), MetaError> {
         let mut batch = WriteBatch::default();

@@ -541,15 +541,12 @@ impl<R: Remote> Core<R> {
                         let old_map: HashMap<&str, u64> = old.iter().map(|e| (e.name.as_str(), e.ino)).collect();
                         let new_map: HashMap<&str, u64> = new.iter().map(|(n, a)| (n.as_str(), a.ino)).collect();
                         for (n, i) in &old_map {
-                            if new_map.get(n) != Some(i)
-                                && !new_map.get(n).is_some_and(|ni| self.already_told(dir, n, *ni))
-                            {
+                            if new_map.get(n) != Some(i) {
                                 inv.entries.push((dir, n.to_string()));
                             }
                         }
-                        for (n, ni) in &new_map {
-                            // Names our own reply just gave the kernel are already right there.
-                            if !old_map.contains_key(n) && !self.already_told(dir, n, *ni) {
+                        for n in new_map.keys() {
+                            if !old_map.contains_key(n) {
                                 inv.entries.push((dir, n.to_string()));
                             }
                         }

@@ -101,12 +101,14 @@ pub struct WriteState {
     next_fh: AtomicU64,
     /// Write quorums for which the empty blob (new files' content) is known stored.
     empty_stored: Mutex<HashSet<u32>>,
-    /// Names our own replies gave the kernel, until their change event arrives.
-    told: Mutex<HashMap<(u64, String), u64>>,
-    /// Held (shared) by a namespace commit until what it told the kernel is recorded, and
-    /// (exclusively) while a change event is applied, so the event of our own commit never
-    /// arrives "before" it.
+    /// Held (shared) by a namespace commit until its effect is patched into the cached
+    /// listings, and (exclusively) while a change event is applied: the event of our own commit
+    /// then diffs against listings that already show it, and invalidates nothing the kernel was
+    /// just told by our reply (invalidating it would also detach anything mounted there).
     pub(crate) inflight: tokio::sync::RwLock<()>,
+    /// One store of a file at a time, snapshot to commit: a store that started later (with
+    /// newer content) must also commit later.
+    store_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
     pub stats: WriteStats,
 }
 
@@ -125,8 +127,9 @@ impl WriteState {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             empty_stored: Mutex::new(HashSet::new()),
-            told: Mutex::new(HashMap::new()),
+
             inflight: tokio::sync::RwLock::new(()),
+            store_locks: Mutex::new(HashMap::new()),
             stats: WriteStats::default(),
         })
     }
@@ -166,6 +169,15 @@ fn check_name(name: &str) -> Result<(), FsError> {
         NameError::Reserved(_) => FsError::Exists,
         other => FsError::Invalid(other.to_string()),
     })
+}
+
+fn pb_kind(k: NodeKind) -> i32 {
+    let k = match k {
+        NodeKind::File => pb::ObjectKind::File,
+        NodeKind::Dir => pb::ObjectKind::Directory,
+        NodeKind::Symlink => pb::ObjectKind::Symlink,
+    };
+    k as i32
 }
 
 fn ino_ref(ino: u64) -> Option<pb::NodeRef> {
@@ -262,7 +274,13 @@ impl<R: Remote> Core<R> {
         let r = self
             .timed(self.write_timeout(0), self.remote.commit(&ctx.token, req))
             .await;
-        self.meta.forget(inos, &[]).map_err(Self::io)?;
+        if r.is_ok() {
+            // Attributes changed; listings are patched by the caller (see `inflight`).
+            self.meta.forget_attrs(inos).map_err(Self::io)?;
+        } else {
+            // Outcome unknown or refused: drop what we know of these nodes, listings included.
+            self.meta.forget(inos, &[]).map_err(Self::io)?;
+        }
         let counter = match &r {
             Ok(_) => &self.writes.stats.commits,
             Err(e) => {
@@ -316,7 +334,7 @@ impl<R: Remote> Core<R> {
 
     /// Fresh attributes of a node after a change (the answering server has applied it).
     async fn fresh_attr(&self, ino: u64) -> Result<NodeAttr, FsError> {
-        self.meta.forget(&[ino], &[]).map_err(Self::io)?;
+        self.meta.forget_attrs(&[ino]).map_err(Self::io)?;
         self.getattr(ino).await
     }
 
@@ -362,7 +380,9 @@ impl<R: Remote> Core<R> {
             .copied()
             .filter(|i| *i != 0)
             .ok_or_else(|| FsError::Io("the server did not name the new node".into()))?;
-        self.told(parent, name, ino);
+        self.meta
+            .patch_dir(parent, name, Some((ino, kind as i32)))
+            .map_err(Self::io)?;
         drop(inflight);
         self.fresh_attr(ino).await
     }
@@ -418,8 +438,13 @@ impl<R: Remote> Core<R> {
             name: name.to_string(),
             recursive: false,
         };
+        let _inflight = self.writes.inflight.read().await;
         self.commit(&ctx, vec![op(pb::op::Op::Remove(rm))], &[parent, child.ino])
             .await?;
+        self.meta.patch_dir(parent, name, None).map_err(Self::io)?;
+        if dir {
+            self.meta.forget(&[child.ino], &[]).map_err(Self::io)?;
+        }
         Ok(())
     }
 
@@ -459,7 +484,10 @@ impl<R: Remote> Core<R> {
         inos.extend(dst);
         let _inflight = self.writes.inflight.read().await;
         self.commit(&ctx, vec![op(pb::op::Op::Rename(mv))], &inos).await?;
-        self.told(new_parent, new_name, src.ino);
+        self.meta.patch_dir(parent, name, None).map_err(Self::io)?;
+        self.meta
+            .patch_dir(new_parent, new_name, Some((src.ino, pb_kind(src.kind))))
+            .map_err(Self::io)?;
         Ok(())
     }
 
@@ -470,7 +498,8 @@ impl<R: Remote> Core<R> {
             return Err(FsError::CrossVolume);
         }
         check_name(new_name)?;
-        if self.getattr(ino).await?.kind == NodeKind::Dir {
+        let node = self.getattr(ino).await?;
+        if node.kind == NodeKind::Dir {
             return Err(FsError::NotPermitted("directories cannot be hard-linked".into()));
         }
         let l = pb::LinkOp {
@@ -481,7 +510,9 @@ impl<R: Remote> Core<R> {
         let inflight = self.writes.inflight.read().await;
         self.commit(&ctx, vec![op(pb::op::Op::Link(l))], &[new_parent, ino])
             .await?;
-        self.told(new_parent, new_name, ino);
+        self.meta
+            .patch_dir(new_parent, new_name, Some((ino, pb_kind(node.kind))))
+            .map_err(Self::io)?;
         drop(inflight);
         self.fresh_attr(ino).await
     }
@@ -515,6 +546,11 @@ impl<R: Remote> Core<R> {
                         NodeKind::File => {}
                     }
                     if size != a.size {
+                        if size != 0 && a.size > MAX_WRITE_FILE {
+                            return Err(FsError::TooLarge(format!(
+                                "the mount stores files up to {MAX_WRITE_FILE} bytes"
+                            )));
+                        }
                         let mut data = if size == 0 {
                             Vec::new()
                         } else {
@@ -596,22 +632,17 @@ impl<R: Remote> Core<R> {
 
     /// Joins the file's shadow, creating it from the current content (or empty) if needed.
     async fn attach_shadow(&self, ino: u64, init: ShadowInit) -> Result<(), FsError> {
-        if let Some(sh) = self.writes.shadow(ino) {
-            let mut g = lock(&sh);
-            g.opens += 1;
-            if init == ShadowInit::Empty && g.size != 0 {
-                g.file.set_len(0)?;
-                g.size = 0;
-                g.dirty = true;
-                g.generation += 1;
-                g.mtime_ns = codafs_common::now_ns();
-                g.ctime_ns = g.mtime_ns;
-            }
+        if self.join_shadow(ino, init)? {
             return Ok(());
         }
         let attr = self.getattr(ino).await?;
         if attr.kind != NodeKind::File {
             return Err(FsError::IsDir);
+        }
+        if init == ShadowInit::Current && attr.size > MAX_WRITE_FILE {
+            return Err(FsError::TooLarge(format!(
+                "the mount stores files up to {MAX_WRITE_FILE} bytes; publish larger ones with codafs upload"
+            )));
         }
         let path = self.writes.shadow_dir.join(format!(
             "{ino:016x}-{}",
@@ -631,11 +662,14 @@ impl<R: Remote> Core<R> {
         };
         let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
         let mut shadows = self.writes.shadows.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(sh) = shadows.get(&ino) {
+        if shadows.contains_key(&ino) {
             // Another opener won the race: join theirs.
-            lock(sh).opens += 1;
+            drop(shadows);
             let _ = std::fs::remove_file(&path);
-            return Ok(());
+            if self.join_shadow(ino, init)? {
+                return Ok(());
+            }
+            return Err(FsError::Io("a file's shadow vanished while it was being opened".into()));
         }
         shadows.insert(
             ino,
@@ -653,6 +687,26 @@ impl<R: Remote> Core<R> {
             })),
         );
         Ok(())
+    }
+
+    /// Joins the file's existing shadow, if any, while holding the map lock so a concurrent
+    /// release cannot drop it in between; truncates it for an `Empty` open.
+    fn join_shadow(&self, ino: u64, init: ShadowInit) -> Result<bool, FsError> {
+        let shadows = self.writes.shadows.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(sh) = shadows.get(&ino) else {
+            return Ok(false);
+        };
+        let mut g = lock(sh);
+        g.opens += 1;
+        if init == ShadowInit::Empty && g.size != 0 {
+            g.file.set_len(0)?;
+            g.size = 0;
+            g.dirty = true;
+            g.generation += 1;
+            g.mtime_ns = codafs_common::now_ns();
+            g.ctime_ns = g.mtime_ns;
+        }
+        Ok(true)
     }
 
     /// `write` through a handle opened for writing.
@@ -719,23 +773,6 @@ impl<R: Remote> Core<R> {
         Some((a.hash?, a.size))
     }
 
-    /// Remembers that the kernel was given `name` -> `ino` in `dir` by our own reply, so the
-    /// change event of that very commit does not invalidate it again (which would also detach
-    /// anything mounted on it).
-    fn told(&self, dir: u64, name: &str, ino: u64) {
-        let mut t = self.writes.told.lock().unwrap_or_else(|p| p.into_inner());
-        if t.len() > 10_000 {
-            t.clear();
-        }
-        t.insert((dir, name.to_string()), ino);
-    }
-
-    /// Whether the kernel already holds `name` -> `ino` in `dir` from our own reply (forgets it).
-    pub(crate) fn already_told(&self, dir: u64, name: &str, ino: u64) -> bool {
-        let mut t = self.writes.told.lock().unwrap_or_else(|p| p.into_inner());
-        t.remove(&(dir, name.to_string())) == Some(ino)
-    }
-
     /// Size and mtime a file open for writing shows (its shadow's).
     pub(crate) fn shadow_attr(&self, a: &mut NodeAttr) {
         if let Some(sh) = self.writes.shadow(a.ino) {
@@ -761,6 +798,15 @@ impl<R: Remote> Core<R> {
         let Some(sh) = self.writes.shadow(ino) else {
             return Ok(());
         };
+        let store_lock = self
+            .writes
+            .store_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(ino)
+            .or_default()
+            .clone();
+        let _one_store = store_lock.lock().await;
         let (data, generation, mtime) = {
             let g = lock(&sh);
             if !g.dirty {
@@ -831,6 +877,11 @@ impl<R: Remote> Core<R> {
                     let g = lock(&s);
                     dropped_changes = g.dirty;
                     let _ = std::fs::remove_file(&g.path);
+                    self.writes
+                        .store_locks
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&h.ino);
                 }
             }
         }

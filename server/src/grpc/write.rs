@@ -42,15 +42,28 @@ async fn commit_local(
         .volume(&body.volume)
         .map_err(|e| NodeError::Internal(e.to_string()))?
         .ok_or_else(|| NodeError::Refused(crate::fsm::ApplyError::NoSuchVolume(body.volume.clone())))?;
-    let mut blobs: Vec<_> = ops.iter().filter_map(|o| o.referenced_blob()).collect();
-    blobs.sort();
-    blobs.dedup();
-    node.check_blob_copies(&blobs, vol.write_quorum).await?;
     let request = match body.request_id.len() {
         0 => None,
         16 => body.request_id.as_ref().try_into().ok(),
         n => return Err(NodeError::Invalid(format!("request id is {n} bytes; it must be 16"))),
     };
+    if let Some(id) = &request {
+        // Already applied (a retry): answer as the first time before anything else can fail.
+        if let Some(done) = node
+            .tables()
+            .request(id)
+            .map_err(|e| NodeError::Internal(e.to_string()))?
+        {
+            return Ok(pb::CommitReply {
+                version: done.index,
+                created: done.created,
+            });
+        }
+    }
+    let mut blobs: Vec<_> = ops.iter().filter_map(|o| o.referenced_blob()).collect();
+    blobs.sort();
+    blobs.dedup();
+    node.check_blob_copies(&blobs, vol.write_quorum).await?;
     let cmd = Command::Commit {
         actor,
         volume: body.volume.clone(),

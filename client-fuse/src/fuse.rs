@@ -214,10 +214,28 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         });
     }
 
-    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.core.stats.fuse_request("opendir");
-        // No-opendir mode: the kernel caches directory listings (FOPEN_CACHE_DIR).
-        reply.error(Errno::ENOSYS);
+        if self.read_only {
+            // No-opendir mode: the kernel caches directory listings (FOPEN_CACHE_DIR) and checks
+            // modes itself.
+            return reply.error(Errno::ENOSYS);
+        }
+        // A writable mount checks each opener; listings of public volumes stay cached in the
+        // kernel, those of private ones are asked for each time (the kernel's cache would serve
+        // one user's listing to another).
+        let (core, c) = (self.core.clone(), caller(req));
+        self.spawn(tracing::debug_span!("opendir", ino = ino.0), async move {
+            if let Err(e) = core.check_access(c, ino.0, libc::R_OK).await {
+                return reply.error(errno(&e));
+            }
+            let flags = if core.is_public(ino.0) {
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+            } else {
+                FopenFlags::empty()
+            };
+            reply.opened(FileHandle(0), flags);
+        });
     }
 
     fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _lo: fuser::LockOwner, reply: ReplyEmpty) {

@@ -141,12 +141,14 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
         stop_rx.clone(),
     ));
     let socket = control_socket(&mountpoint);
-    rt.spawn(control(
-        core.clone(),
-        mountpoint.clone(),
-        socket.clone(),
-        stop_rx.clone(),
-    ));
+    match bind_control(&socket) {
+        Ok(listener) => {
+            rt.spawn(control(core.clone(), mountpoint.clone(), listener, stop_rx.clone()));
+        }
+        Err(e) => {
+            tracing::warn!(path = %socket.display(), error = %e, "no control socket: status and login unavailable")
+        }
+    }
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
     ready();
 
@@ -270,6 +272,18 @@ async fn login<R: Remote>(core: &Core<R>, uid: u32, token: &str) -> serde_json::
     }
 }
 
+/// Binds the control socket (before the mount reports ready, so `login` works at once).
+fn bind_control(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}
+
 /// The control socket, one JSON line per request:
 /// - `status`: the mount's status;
 /// - `login TOKEN`: sets the *caller's* token (the uid comes from SO_PEERCRED, never from the
@@ -277,18 +291,13 @@ async fn login<R: Remote>(core: &Core<R>, uid: u32, token: &str) -> serde_json::
 /// - `logout`: forgets the caller's token.
 ///
 /// Every local user may connect (mode 0666): what a connection can do depends on its uid alone.
-async fn control<R: Remote>(core: Arc<Core<R>>, mountpoint: PathBuf, path: PathBuf, mut stop: watch::Receiver<bool>) {
+async fn control<R: Remote>(
+    core: Arc<Core<R>>,
+    mountpoint: PathBuf,
+    listener: tokio::net::UnixListener,
+    mut stop: watch::Receiver<bool>,
+) {
     let mnt = mountpoint.display().to_string();
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    let _ = std::fs::remove_file(&path);
-    let listener = match tokio::net::UnixListener::bind(&path) {
-        Ok(l) => l,
-        Err(e) => return tracing::warn!(path = %path.display(), error = %e, "no control socket"),
-    };
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666));
     // Every local user may connect: bound how many connections (and so descriptors) they can
     // hold, so the mount's own work never runs out of them.
     let slots = Arc::new(tokio::sync::Semaphore::new(CONTROL_CONNECTIONS));

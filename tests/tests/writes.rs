@@ -461,3 +461,34 @@ async fn overlapping_stores_of_one_file_commit_in_order() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_private_volume_what_root_listed_stays_closed_to_other_users() {
+    bounded(async {
+        let tc = setup().await?;
+        admin(&tc, &["volume", "set", "other", "--private"], "")?;
+        let m = Mount::start(&tc.client_args(), tc.root.path(), "m", &[])?;
+        let reply = m
+            .control(&format!("login {}", tc.token))
+            .context("handing root the admin token")?;
+        ensure!(reply["ok"] == true, "{reply}");
+        let secret = m.path.join("other/secret");
+        let p = secret.clone();
+        codafs_tests::fs_call(Duration::from_secs(30), move || {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new().mode(0o700).create(&p)?;
+            std::fs::write(p.join("f.txt"), b"for root only")?;
+            // Root reads both, so the kernel holds the listing and the page.
+            std::fs::read_dir(&p)?.count();
+            std::fs::read(p.join("f.txt")).map(drop)
+        })?
+        .map_err(|e| anyhow::anyhow!("root's writes: {e}\n{}", m.log()))?;
+        let stranger = tc.user(STRANGER_UID).context("a stranger")?;
+        let out = sh_as(&stranger, &format!("ls {}", secret.display()))?;
+        ensure!(!out.ok && out.stderr.contains("Permission denied"), "ls: {out:?}");
+        let out = sh_as(&stranger, &format!("cat {}/f.txt", secret.display()))?;
+        ensure!(!out.ok && out.stderr.contains("Permission denied"), "cat: {out:?}");
+        Ok(())
+    })
+    .await
+}

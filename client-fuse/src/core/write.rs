@@ -65,6 +65,9 @@ struct Shadow {
     opens: u32,
     /// The last store failed and its error was reported; release does not retry it.
     failed: bool,
+    /// Local uids whose changes are not stored yet: each must still be allowed to write when
+    /// the file is stored, whoever closes it (the commit uses the closer's token).
+    writers: std::collections::BTreeSet<u32>,
 }
 
 struct Handle {
@@ -530,6 +533,7 @@ impl<R: Remote> Core<R> {
             match self.writes.shadow(ino) {
                 Some(sh) => {
                     let mut g = lock(&sh);
+                    g.writers.insert(c.uid);
                     g.file.set_len(size)?;
                     g.size = size;
                     g.dirty = true;
@@ -684,6 +688,7 @@ impl<R: Remote> Core<R> {
                 attr: attr.clone(),
                 opens: 1,
                 failed: false,
+                writers: Default::default(),
             })),
         );
         Ok(())
@@ -711,7 +716,7 @@ impl<R: Remote> Core<R> {
 
     /// `write` through a handle opened for writing.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
-        let (ino, _, write) = self.writes.handle(fh).ok_or(FsError::BadHandle)?;
+        let (ino, uid, write) = self.writes.handle(fh).ok_or(FsError::BadHandle)?;
         if !write {
             return Err(FsError::BadHandle);
         }
@@ -724,6 +729,7 @@ impl<R: Remote> Core<R> {
         let sh = self.writes.shadow(ino).ok_or(FsError::BadHandle)?;
         let mut g = lock(&sh);
         g.file.write_all_at(data, offset)?;
+        g.writers.insert(uid);
         g.size = g.size.max(end);
         g.dirty = true;
         g.failed = false;
@@ -807,16 +813,21 @@ impl<R: Remote> Core<R> {
             .or_default()
             .clone();
         let _one_store = store_lock.lock().await;
-        let (data, generation, mtime) = {
+        let (data, generation, mtime, writers) = {
             let g = lock(&sh);
             if !g.dirty {
                 return Ok(());
             }
             let mut buf = vec![0u8; g.size as usize];
             g.file.read_exact_at(&mut buf, 0)?;
-            (buf, g.generation, g.mtime_ns)
+            (buf, g.generation, g.mtime_ns, g.writers.clone())
         };
-        let result = match self.write_ctx(uid, ino) {
+        // Everyone whose bytes are in it must still be allowed to write this file.
+        let allowed = writers
+            .iter()
+            .filter(|w| **w != uid)
+            .try_for_each(|w| self.write_ctx(*w, ino).map(drop));
+        let result = match allowed.and_then(|()| self.write_ctx(uid, ino)) {
             Ok(ctx) => self.store_content(&ctx, ino, data, mtime).await,
             Err(e) => Err(e),
         };
@@ -827,6 +838,7 @@ impl<R: Remote> Core<R> {
             Ok(()) | Err(FsError::NotFound) => {
                 if g.generation == generation {
                     g.dirty = false;
+                    g.writers.clear();
                 }
                 g.failed = false;
                 Ok(())
@@ -923,7 +935,8 @@ impl<R: Remote> Core<R> {
         bits & want == want
     }
 
-    fn is_public(&self, ino: u64) -> bool {
+    /// Whether everyone may read the volume holding `ino` (`/coda` itself included).
+    pub fn is_public(&self, ino: u64) -> bool {
         ino == ROOT_INO || self.volume_of(ino).is_none_or(|v| v.public_read)
     }
 
@@ -940,13 +953,34 @@ impl<R: Remote> Core<R> {
         }
     }
 
-    /// Checks `mask` on node `ino` for `c`.
+    /// Checks `mask` on node `ino` for `c`, and on a private volume search permission on every
+    /// directory above it (the kernel's cached path walk does not ask us).
     pub async fn check_access(&self, c: Caller, ino: u64, mask: i32) -> Result<(), FsError> {
         let a = self.getattr(ino).await?;
-        if Self::may_access(c, &a, mask, self.is_public(ino)) {
-            Ok(())
-        } else {
-            Err(FsError::Denied("mode bits".into()))
+        let public = self.is_public(ino);
+        if !Self::may_access(c, &a, mask, public) {
+            return Err(FsError::Denied("mode bits".into()));
         }
+        if public || c.uid == 0 {
+            return Ok(());
+        }
+        let mut cur = ino;
+        for _ in 0..codafs_common::names::MAX_PATH_DEPTH {
+            let raw = match self.attr(cur).await {
+                Ok(r) => r,
+                // Unlinked while open: no path leads to it any more.
+                Err(FsError::NotFound) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            if raw.parent == cur || raw.parent == 0 {
+                return Ok(());
+            }
+            let p = self.getattr(raw.parent).await?;
+            if !Self::may_access(c, &p, libc::X_OK, false) {
+                return Err(FsError::Denied("search permission on a directory above".into()));
+            }
+            cur = raw.parent;
+        }
+        Ok(())
     }
 }

@@ -145,6 +145,9 @@ async fn readers_see_the_old_site_or_the_new_one_never_a_mix() {
         for v in 2..=6 {
             site(&local, v, pages)?;
             upload(&c, &local, &opts("site"), &()).await?;
+            // Let the reader complete passes between publishes too (uploads can be faster than
+            // one pass), so the check runs while versions change.
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         stop.store(true, Ordering::Relaxed);
         let checked = reader.await??;

@@ -241,6 +241,28 @@ pub fn print_mount_status(mnt: &Path, json: bool) -> Result<()> {
         c["misses"].as_u64().unwrap_or(0),
         c["evictions"].as_u64().unwrap_or(0),
     );
+    if st["read_only"].as_bool() == Some(true) {
+        println!("writes refused for everyone (--read-only)");
+    } else {
+        let tokens: Vec<String> = st["tokens"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| format!("uid {} as {}", t["uid"], t["user"].as_str().unwrap_or("?")))
+            .collect();
+        let w = &st["writes"];
+        println!(
+            "writes by {} ({} commits, {} refused or failed, {} stored); other uids read only",
+            if tokens.is_empty() {
+                "nobody: no tokens handed over".to_string()
+            } else {
+                tokens.join(", ")
+            },
+            w["commits"].as_u64().unwrap_or(0),
+            w["failed_commits"].as_u64().unwrap_or(0),
+            bytes(w["stored_bytes"].as_u64().unwrap_or(0)),
+        );
+    }
     println!(
         "{:<32} {:<14} {:>10} {:>10} {:>10} {:>9}",
         "VOLUME", "STATE", "VERSION", "FILES", "BYTES", "HIT RATIO"

@@ -39,9 +39,14 @@ pub const TEST_DEADLINE: Duration = Duration::from_secs(180);
 
 /// Runs a test body under [`TEST_DEADLINE`], failing on error or timeout.
 pub async fn bounded<F: Future<Output = Result<()>>>(f: F) {
-    match tokio::time::timeout(TEST_DEADLINE, f).await {
+    bounded_within(TEST_DEADLINE, f).await
+}
+
+/// Runs a test body under a deadline of its own, failing on error or timeout.
+pub async fn bounded_within<F: Future<Output = Result<()>>>(limit: Duration, f: F) {
+    match tokio::time::timeout(limit, f).await {
         Ok(r) => r.unwrap(),
-        Err(_) => panic!("test exceeded {TEST_DEADLINE:?}"),
+        Err(_) => panic!("test exceeded {limit:?}"),
     }
 }
 

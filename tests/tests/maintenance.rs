@@ -2,7 +2,6 @@
 //! deletes unreferenced blobs after the grace period while keeping referenced ones.
 use std::time::Duration;
 
-use anyhow::Result;
 use codafs_common::Hash;
 use codafs_tests::{wait_until, ClusterOpts, TestCluster};
 
@@ -57,8 +56,5 @@ async fn scrub_detects_unread_corruption_and_gc_collects_unreferenced_blobs() {
         assert_eq!(tc.read_on(&tc.servers[1].addr, "www", "kept.html").await?, kept);
         Ok::<_, anyhow::Error>(())
     };
-    let r: Result<()> = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("test deadline");
-    r.unwrap();
+    codafs_tests::bounded_within(Duration::from_secs(120), run).await;
 }

@@ -101,10 +101,7 @@ async fn upload_is_idempotent_deletes_and_dry_runs_change_nothing() {
         );
         Ok::<_, anyhow::Error>(())
     };
-    tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("test deadline")
-        .unwrap();
+    codafs_tests::bounded_within(Duration::from_secs(120), run).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -154,10 +151,7 @@ async fn readers_see_the_old_site_or_the_new_one_never_a_mix() {
         assert!(checked > 0, "no reader pass completed within one applied state");
         Ok::<_, anyhow::Error>(())
     };
-    tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("test deadline")
-        .unwrap();
+    codafs_tests::bounded_within(Duration::from_secs(120), run).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -199,10 +193,7 @@ async fn leader_crash_during_upload_then_retry_publishes_everything() {
         }
         Ok::<_, anyhow::Error>(())
     };
-    tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("test deadline")
-        .unwrap();
+    codafs_tests::bounded_within(Duration::from_secs(120), run).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -247,8 +238,5 @@ async fn quota_overrun_is_refused_with_the_limit_and_changes_nothing() {
         );
         Ok::<_, anyhow::Error>(())
     };
-    tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("test deadline")
-        .unwrap();
+    codafs_tests::bounded_within(Duration::from_secs(120), run).await;
 }

@@ -1,33 +1,15 @@
 //! Accounts, login and tokens through the real `codafs` CLI and servers.
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use codafs_client::Cluster;
 use codafs_proto::pb;
-use codafs_tests::{codafs_bin, ClusterOpts, TestCluster};
+use codafs_tests::{ClusterOpts, TestCluster};
 
 /// Runs `codafs ARGS` against the cluster with `stdin` as input; returns (ok, stdout, stderr).
 fn cli(tc: &TestCluster, env: &[(&str, String)], args: &[&str], stdin: &str) -> Result<(bool, String, String)> {
-    let mut cmd = Command::new(codafs_bin());
-    cmd.args(args)
-        .envs(tc.client_env())
-        .env_remove("CODAFS_CREDENTIAL")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn()?;
-    child.stdin.take().context("stdin")?.write_all(stdin.as_bytes())?;
-    let out = child.wait_with_output()?;
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    ))
+    let out = tc.codafs_as_with(None, env, args, stdin)?;
+    Ok((out.ok, out.stdout, out.stderr))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -272,16 +272,11 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         });
     }
 
-    fn readdir(&self, req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         self.core.stats.fuse_request("readdir");
+        // Read permission was checked when the directory was opened (opendir), as POSIX does.
         let core = self.core.clone();
-        let check = (!self.read_only).then(|| caller(req));
         self.spawn(tracing::debug_span!("readdir", ino = ino.0, offset), async move {
-            if let Some(c) = check {
-                if let Err(e) = core.check_access(c, ino.0, libc::R_OK).await {
-                    return reply.error(errno(&e));
-                }
-            }
             let entries = match core.readdir(ino.0).await {
                 Ok(e) => e,
                 Err(e) => return reply.error(errno(&e)),
@@ -299,16 +294,11 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         });
     }
 
-    fn readdirplus(&self, req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         self.core.stats.fuse_request("readdir");
+        // Read permission was checked when the directory was opened (opendir), as POSIX does.
         let core = self.core.clone();
-        let check = (!self.read_only).then(|| caller(req));
         self.spawn(tracing::debug_span!("readdirplus", ino = ino.0, offset), async move {
-            if let Some(c) = check {
-                if let Err(e) = core.check_access(c, ino.0, libc::R_OK).await {
-                    return reply.error(errno(&e));
-                }
-            }
             let entries = match core.readdir(ino.0).await {
                 Ok(e) => e,
                 Err(e) => return reply.error(errno(&e)),

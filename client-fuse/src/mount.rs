@@ -251,11 +251,12 @@ async fn watch_volumes<R: Remote>(
 /// is kept unverified: the servers check every write anyway.
 async fn login<R: Remote>(core: &Core<R>, uid: u32, token: &str) -> serde_json::Value {
     let token = token.trim();
-    match codafs_common::token::peek(token) {
-        Err(e) => return serde_json::json!({ "error": format!("not a codafs token: {e}") }),
-        Ok(c) if c.expires <= codafs_common::token::unix_now() => {
+    // Refuse what can be refused locally before asking the servers.
+    match TokenTable::check(token, None) {
+        Err(crate::tokens::TokenStoreError::Expired) => {
             return serde_json::json!({ "error": "token expired; run codafs login again" })
         }
+        Err(e) => return serde_json::json!({ "error": e.to_string() }),
         Ok(_) => {}
     }
     let verified = match tokio::time::timeout(Duration::from_secs(10), core.remote.check_token(token)).await {

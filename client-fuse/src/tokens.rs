@@ -79,18 +79,7 @@ impl TokenTable {
     /// Sets `uid`'s token (replacing any earlier one) and saves it.
     pub fn set(&self, uid: u32, token: &str, cluster: Option<&str>) -> Result<Claims, TokenStoreError> {
         let token = token.trim();
-        let claims = peek(token).map_err(|_| TokenStoreError::Malformed)?;
-        if claims.expires <= now_s() {
-            return Err(TokenStoreError::Expired);
-        }
-        if let Some(want) = cluster {
-            if claims.cluster != want {
-                return Err(TokenStoreError::WrongCluster {
-                    got: claims.cluster,
-                    want: want.to_string(),
-                });
-            }
-        }
+        let claims = Self::check(token, cluster)?;
         if let Some(dir) = &self.dir {
             let tmp = dir.join(format!(".{uid}.tmp"));
             let mut f = std::fs::OpenOptions::new()
@@ -107,6 +96,24 @@ impl TokenTable {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(uid, (token.to_string(), claims.clone()));
+        Ok(claims)
+    }
+
+    /// What the mount can check of a token without the servers: its form, its expiry and (if
+    /// given) its cluster. Returns its claims.
+    pub fn check(token: &str, cluster: Option<&str>) -> Result<Claims, TokenStoreError> {
+        let claims = peek(token.trim()).map_err(|_| TokenStoreError::Malformed)?;
+        if claims.expires <= now_s() {
+            return Err(TokenStoreError::Expired);
+        }
+        if let Some(want) = cluster {
+            if claims.cluster != want {
+                return Err(TokenStoreError::WrongCluster {
+                    got: claims.cluster,
+                    want: want.to_string(),
+                });
+            }
+        }
         Ok(claims)
     }
 

@@ -63,7 +63,7 @@ impl ClientError {
 }
 
 /// Whether an error means "try another server".
-pub fn retryable(s: &Status) -> bool {
+fn retryable(s: &Status) -> bool {
     matches!(
         s.code(),
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
@@ -116,6 +116,16 @@ impl Cluster {
             r.metadata_mut().insert(TOKEN_HEADER, t);
         }
         r.set_timeout(self.call_timeout);
+        r
+    }
+
+    /// A request carrying `token` instead of the cluster's own: a mount acts for many local
+    /// users, each with their own token.
+    pub fn request_as<T>(&self, token: &str, body: T) -> tonic::Request<T> {
+        let mut r = self.request(body);
+        if let Ok(v) = token.parse() {
+            r.metadata_mut().insert(TOKEN_HEADER, v);
+        }
         r
     }
 
@@ -211,10 +221,18 @@ impl Cluster {
     /// next server like any read; without one it moves on only when a server was unavailable,
     /// never after a call whose outcome is unknown.
     pub async fn commit(&self, req: pb::CommitRequest) -> Result<pb::CommitReply, ClientError> {
+        self.commit_as(None, req).await
+    }
+
+    /// [`Cluster::commit`] with `token` instead of the cluster's own, if given.
+    pub async fn commit_as(&self, token: Option<&str>, req: pb::CommitRequest) -> Result<pb::CommitReply, ClientError> {
         let idempotent = !req.request_id.is_empty();
         self.call_retrying(
             |ch| {
-                let r = self.request(req.clone());
+                let r = match token {
+                    Some(t) => self.request_as(t, req.clone()),
+                    None => self.request(req.clone()),
+                };
                 async move { Self::write(ch).commit(r).await.map(|r| r.into_inner()) }
             },
             if idempotent {

@@ -70,15 +70,6 @@ pub trait Remote: Send + Sync + 'static {
     ) -> impl Future<Output = Result<pb::CommitReply, FsError>> + Send;
 }
 
-/// A request carrying a caller's token (mounts act for many local users, each with their own).
-fn as_caller<T>(c: &Cluster, token: &str, body: T) -> tonic::Request<T> {
-    let mut r = c.request(body);
-    if let Ok(v) = token.parse() {
-        r.metadata_mut().insert(codafs_proto::limits::TOKEN_HEADER, v);
-    }
-    r
-}
-
 /// The real servers, through [`Cluster`].
 pub struct GrpcRemote {
     pub cluster: Cluster,
@@ -227,7 +218,7 @@ impl Remote for GrpcRemote {
     async fn check_token(&self, token: &str) -> Result<(), FsError> {
         let c = &self.cluster;
         c.call(|ch| {
-            let r = as_caller(c, token, pb::Empty {});
+            let r = c.request_as(token, pb::Empty {});
             async move { Cluster::admin(ch).who_am_i(r).await.map(|_| ()) }
         })
         .await?;
@@ -249,7 +240,7 @@ impl Remote for GrpcRemote {
                 forwarded: false,
             };
             c.call(|ch| {
-                let r = as_caller(c, token, req.clone());
+                let r = c.request_as(token, req.clone());
                 async move { Cluster::blobs(ch).put_small(r).await.map(|_| ()) }
             })
             .await?;
@@ -257,7 +248,7 @@ impl Remote for GrpcRemote {
         }
         c.call(|ch| {
             let msgs = crate::ops::put_chunks(&data, write_quorum);
-            let mut r = as_caller(c, token, futures::stream::iter(msgs));
+            let mut r = c.request_as(token, futures::stream::iter(msgs));
             // Large blobs get time in proportion to their size (10 MB/s floor).
             r.set_timeout(c.call_timeout + std::time::Duration::from_millis(data.len() as u64 / 10_000));
             async move { Cluster::blobs(ch).put(r).await.map(|_| ()) }
@@ -267,19 +258,6 @@ impl Remote for GrpcRemote {
     }
 
     async fn commit(&self, token: &str, req: pb::CommitRequest) -> Result<pb::CommitReply, FsError> {
-        let c = &self.cluster;
-        let idempotent = !req.request_id.is_empty();
-        Ok(c.call_retrying(
-            |ch| {
-                let r = as_caller(c, token, req.clone());
-                async move { Cluster::write(ch).commit(r).await.map(|r| r.into_inner()) }
-            },
-            if idempotent {
-                crate::transport::retryable
-            } else {
-                |s: &tonic::Status| s.code() == tonic::Code::Unavailable
-            },
-        )
-        .await?)
+        Ok(self.cluster.commit_as(Some(token), req).await?)
     }
 }

@@ -9,8 +9,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use crate::core::remote::Remote;
-use crate::core::Core;
-use crate::fuse::Invalidator;
+use crate::core::{Core, Invalidator, NoKernel};
 
 /// Follows `volume` until `stop` turns true or the volume disappears.
 pub async fn follow<R: Remote>(
@@ -37,7 +36,7 @@ pub async fn follow<R: Remote>(
                         _ = stop.changed() => return,
                     };
                     match ev {
-                        Some(Ok(ev)) => match core.apply_change(&volume, &ev).await {
+                        Some(Ok(ev)) => match core.apply_change(&volume, &ev, inval.as_ref()).await {
                             Ok(inv) => inval.invalidate(&inv),
                             Err(e) => {
                                 tracing::warn!(%volume, error = %e, "applying a change failed; resubscribing");
@@ -65,6 +64,7 @@ pub async fn follow<R: Remote>(
 
 /// Brings a cached volume up to its current version before it is served: replays the changes
 /// since the saved version (or drops its metadata if that history is gone). Bounded by `limit`.
+/// Runs before the kernel has seen anything, so there is nothing of the kernel's to switch.
 pub async fn catch_up<R: Remote>(core: &Core<R>, volume: &str, target: u64, limit: Duration) -> bool {
     let Some(from) = core.volumes().into_iter().find(|v| v.name == volume).map(|v| v.seen) else {
         return false;
@@ -75,7 +75,7 @@ pub async fn catch_up<R: Remote>(core: &Core<R>, volume: &str, target: u64, limi
     let run = async {
         let mut stream = core.remote.subscribe(volume.to_string(), from).await.ok()?;
         while let Some(Ok(ev)) = stream.next().await {
-            core.apply_change(volume, &ev).await.ok()?;
+            core.apply_change(volume, &ev, &NoKernel).await.ok()?;
             if ev.version >= target {
                 return Some(());
             }

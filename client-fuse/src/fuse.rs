@@ -18,38 +18,88 @@ use fuser::{
 
 use crate::core::remote::Remote;
 use crate::core::write::{Caller, SetAttrs};
-use crate::core::{Core, FsError, Invalidation, NodeAttr, NodeKind};
+use crate::core::{Core, FsError, Invalidation, Invalidator, NodeAttr, NodeKind};
 
 /// How long the kernel may cache entries and attributes. Long, because callbacks invalidate.
 pub const KERNEL_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// Turns core invalidations into kernel notifications.
-pub trait Invalidator: Send + Sync + 'static {
-    fn invalidate(&self, inv: &Invalidation);
-}
-
-/// Invalidation through the FUSE notifier, on a thread of its own.
+/// Kernel notifications: background invalidations on a thread of their own, and the
+/// lock-free switch a change event needs at once.
 ///
 /// A kernel entry invalidation waits for the directory's lock, which the kernel holds while one
 /// of our own replies is pending (a `create` in that directory, say). Done on a tokio worker, it
 /// can block the very worker that would send that reply (tasks in a worker's LIFO slot are not
 /// stolen), and the mount deadlocks. A dedicated thread only waits until the reply is sent.
+///
+/// The switch instead uses only notifications that take no such lock: attribute-only inode
+/// invalidations and, on Linux 6.16 and later, `FUSE_NOTIFY_INC_EPOCH`, which makes every
+/// cached name (negative ones too) stale at once, so the next path walk asks the daemon again.
 pub struct KernelInvalidator {
     tx: std::sync::Mutex<std::sync::mpsc::Sender<Invalidation>>,
+    notifier: Notifier,
+    /// A handle on the FUSE device for the notifications fuser does not offer (the epoch).
+    dev: Option<std::fs::File>,
+    epochs: std::sync::atomic::AtomicBool,
+}
+
+/// `FUSE_NOTIFY_INC_EPOCH` (protocol 7.44, Linux 6.16).
+const FUSE_NOTIFY_INC_EPOCH: i32 = 8;
+
+/// Whether the running kernel has name epochs (Linux 6.16 or later).
+fn kernel_has_epochs() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (6, 16)
 }
 
 impl KernelInvalidator {
-    pub fn new(notifier: Notifier) -> std::io::Result<Self> {
+    pub fn new<FS: Filesystem>(session: &fuser::Session<FS>) -> std::io::Result<Self> {
+        use std::os::fd::AsFd;
+        let notifier = session.notifier();
+        let background = notifier.clone();
         let (tx, rx) = std::sync::mpsc::channel::<Invalidation>();
         std::thread::Builder::new().name("codafs-inval".into()).spawn(move || {
             // Ends when every sender is gone (the mount is shutting down).
             while let Ok(inv) = rx.recv() {
-                invalidate_now(&notifier, &inv);
+                invalidate_now(&background, &inv);
             }
         })?;
+        let epochs = kernel_has_epochs();
+        let dev = if epochs {
+            Some(std::fs::File::from(session.as_fd().try_clone_to_owned()?))
+        } else {
+            tracing::warn!("this kernel has no FUSE name epochs (Linux 6.16+): a publish shows name by name");
+            None
+        };
         Ok(KernelInvalidator {
             tx: std::sync::Mutex::new(tx),
+            notifier,
+            dev,
+            epochs: std::sync::atomic::AtomicBool::new(epochs),
         })
+    }
+
+    /// Makes every name the kernel caches stale (one atomic increment in the kernel).
+    fn bump_epoch(&self) -> bool {
+        use std::io::Write;
+        use std::sync::atomic::Ordering;
+        let Some(dev) = &self.dev else { return false };
+        if !self.epochs.load(Ordering::Relaxed) {
+            return false;
+        }
+        // struct fuse_out_header { len: u32, error: i32 (the notification code), unique: u64 = 0 }
+        let mut msg = [0u8; 16];
+        msg[0..4].copy_from_slice(&16u32.to_ne_bytes());
+        msg[4..8].copy_from_slice(&FUSE_NOTIFY_INC_EPOCH.to_ne_bytes());
+        match (&*dev).write_all(&msg) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "the kernel refused a name epoch; falling back to name-by-name invalidation");
+                self.epochs.store(false, Ordering::Relaxed);
+                false
+            }
+        }
     }
 }
 
@@ -76,6 +126,18 @@ impl Invalidator for KernelInvalidator {
         if tx.send(inv.clone()).is_err() {
             tracing::debug!("invalidation thread gone (shutting down)");
         }
+    }
+
+    fn switch(&self, inodes: &[u64], names: bool) -> bool {
+        // A negative offset drops attributes only: no page lock, so no wait on a pending read.
+        // With the attributes gone, the next read asks for them, and a changed size or mtime
+        // drops the stale pages (auto_inval_data); the background pass drops the rest.
+        for ino in inodes {
+            if let Err(e) = self.notifier.inval_inode(INodeNo(*ino), -1, 0) {
+                tracing::trace!(ino, error = %e, "inval_inode (attributes)");
+            }
+        }
+        names && self.bump_epoch()
     }
 }
 
@@ -148,6 +210,11 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Large readahead: whole small files arrive in one request.
         let _ = config.set_max_readahead(1 << 20);
+        // A read after a change event dropped a file's attributes asks for them again, and the
+        // kernel drops pages whose file changed size or mtime (see KernelInvalidator::switch).
+        if let Err(e) = config.add_capabilities(fuser::InitFlags::FUSE_AUTO_INVAL_DATA) {
+            tracing::warn!(?e, "the kernel does not offer auto_inval_data");
+        }
         Ok(())
     }
 
@@ -164,7 +231,8 @@ impl<R: Remote> Filesystem for CodaFs<R> {
                     return reply.error(errno(&e));
                 }
             }
-            match core.lookup(parent.0, &name).await {
+            let (r, _view) = core.current(|| core.lookup(parent.0, &name)).await;
+            match r {
                 Ok(a) => reply.entry(&KERNEL_TTL, &file_attr(&a), Generation(a.generation)),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -175,7 +243,8 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         self.core.stats.fuse_request("getattr");
         let core = self.core.clone();
         self.spawn(tracing::debug_span!("getattr", ino = ino.0), async move {
-            match core.getattr(ino.0).await {
+            let (r, _view) = core.current(|| core.getattr(ino.0)).await;
+            match r {
                 Ok(a) => reply.attr(&KERNEL_TTL, &file_attr(&a)),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -186,7 +255,8 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         self.core.stats.fuse_request("readlink");
         let core = self.core.clone();
         self.spawn(tracing::debug_span!("readlink", ino = ino.0), async move {
-            match core.readlink(ino.0).await {
+            let (r, _view) = core.current(|| core.readlink(ino.0)).await;
+            match r {
                 Ok(t) => reply.data(t.as_bytes()),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -277,7 +347,8 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         // Read permission was checked when the directory was opened (opendir), as POSIX does.
         let core = self.core.clone();
         self.spawn(tracing::debug_span!("readdir", ino = ino.0, offset), async move {
-            let entries = match core.readdir(ino.0).await {
+            let (r, _view) = core.current(|| core.readdir(ino.0)).await;
+            let entries = match r {
                 Ok(e) => e,
                 Err(e) => return reply.error(errno(&e)),
             };
@@ -299,21 +370,20 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         // Read permission was checked when the directory was opened (opendir), as POSIX does.
         let core = self.core.clone();
         self.spawn(tracing::debug_span!("readdirplus", ino = ino.0, offset), async move {
-            let entries = match core.readdir(ino.0).await {
-                Ok(e) => e,
-                Err(e) => return reply.error(errno(&e)),
-            };
-            let me = match core.getattr(ino.0).await {
-                Ok(a) => a,
-                Err(e) => return reply.error(errno(&e)),
-            };
-            let mut all = vec![(".".to_string(), me.clone()), ("..".to_string(), me)];
-            for (name, child, _) in entries.into_iter().skip((offset as usize).saturating_sub(2)) {
-                match core.getattr(child).await {
-                    Ok(a) => all.push((name, a)),
-                    Err(e) => return reply.error(errno(&e)),
+            let listing = || async {
+                let entries = core.readdir(ino.0).await?;
+                let me = core.getattr(ino.0).await?;
+                let mut all = vec![(".".to_string(), me.clone()), ("..".to_string(), me)];
+                for (name, child, _) in entries.into_iter().skip((offset as usize).saturating_sub(2)) {
+                    all.push((name, core.getattr(child).await?));
                 }
-            }
+                Ok::<_, FsError>(all)
+            };
+            let (r, _view) = core.current(listing).await;
+            let all = match r {
+                Ok(all) => all,
+                Err(e) => return reply.error(errno(&e)),
+            };
             let start = offset.min(2) as usize;
             for (i, (name, a)) in all.into_iter().enumerate().skip(start) {
                 let next = if i < 2 {

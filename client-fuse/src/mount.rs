@@ -11,8 +11,9 @@ use crate::cache::blobs::BlobCache;
 use crate::cache::meta::MetaStore;
 use crate::core::remote::{GrpcRemote, Remote};
 use crate::core::write::WriteState;
+use crate::core::Invalidator;
 use crate::core::{Core, CoreConfig};
-use crate::fuse::{CodaFs, Invalidator, KernelInvalidator};
+use crate::fuse::{CodaFs, KernelInvalidator};
 use crate::tokens::TokenTable;
 use crate::transport::Cluster;
 
@@ -129,7 +130,7 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     let session =
         fuser::Session::new(fs, &mountpoint, &config).map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
     let inval: Arc<dyn Invalidator> =
-        Arc::new(KernelInvalidator::new(session.notifier()).map_err(|e| MountError::Mount(mountpoint.clone(), e))?);
+        Arc::new(KernelInvalidator::new(&session).map_err(|e| MountError::Mount(mountpoint.clone(), e))?);
     let _ = own_inval.set(inval.clone());
     let bg = session.spawn().map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
 

@@ -70,6 +70,16 @@ fn retryable(s: &Status) -> bool {
     )
 }
 
+/// A directory's whole listing as one replica had it.
+#[derive(Debug, Clone)]
+pub struct DirListing {
+    pub entries: Vec<(String, pb::Attr)>,
+    /// The directory's own version (log index of its last change).
+    pub dir_version: u64,
+    /// The lowest applied index the pages were read at: the listing is at least this fresh.
+    pub applied: u64,
+}
+
 /// Connections to every server of a cluster.
 pub struct Cluster {
     servers: Vec<(String, Channel)>,
@@ -248,6 +258,12 @@ impl Cluster {
     /// are each read from one snapshot, and a listing whose pages saw different versions of the
     /// directory (a change landed between two pages) is read again, up to 5 times.
     pub async fn read_dir_all(&self, ino: u64) -> Result<Vec<(String, pb::Attr)>, ClientError> {
+        Ok(self.read_dir_fresh(ino).await?.entries)
+    }
+
+    /// Every entry of a directory, with the freshness a mount needs to order the listing against
+    /// change events.
+    pub async fn read_dir_fresh(&self, ino: u64) -> Result<DirListing, ClientError> {
         for _ in 0..5 {
             if let Some(listing) = self.read_dir_once(ino).await? {
                 return Ok(listing);
@@ -260,8 +276,12 @@ impl Cluster {
 
     /// One pass over the pages (at most 1,000 pages of 8,192 entries; a larger directory is
     /// refused rather than read forever); `None` if the directory changed between pages.
-    async fn read_dir_once(&self, ino: u64) -> Result<Option<Vec<(String, pb::Attr)>>, ClientError> {
-        let mut out: Vec<(String, pb::Attr)> = Vec::new();
+    async fn read_dir_once(&self, ino: u64) -> Result<Option<DirListing>, ClientError> {
+        let mut out = DirListing {
+            entries: Vec::new(),
+            dir_version: 0,
+            applied: u64::MAX,
+        };
         let mut after = String::new();
         let mut version = None;
         for _ in 0..1000 {
@@ -278,8 +298,11 @@ impl Cluster {
             if *version.get_or_insert(page.dir_version) != page.dir_version {
                 return Ok(None);
             }
-            out.extend(page.entries.into_iter().filter_map(|e| e.attr.map(|a| (e.name, a))));
-            match (page.more, out.last()) {
+            out.dir_version = page.dir_version;
+            out.applied = out.applied.min(page.applied_index);
+            out.entries
+                .extend(page.entries.into_iter().filter_map(|e| e.attr.map(|a| (e.name, a))));
+            match (page.more, out.entries.last()) {
                 (true, Some((last, _))) => after = last.clone(),
                 _ => return Ok(Some(out)),
             }

@@ -6,6 +6,12 @@
 //! Change events drop exactly what they invalidate and return the kernel invalidations to issue
 //! (the FUSE adaptor turns them into notifier calls), so everything here is testable without a
 //! mount.
+//!
+//! **One version at a time.** The mount shows each volume as of the last change event it
+//! applied (`seen`). Metadata fetched from a replica is cached and shown only once it is that
+//! state (see [`Core::settle`]), and an event switches the cache and the kernel's copies while
+//! replies that show metadata wait (see [`Core::current`]). So a reader never sees part of a
+//! commit and then something older: a published site appears whole.
 pub mod error;
 pub mod remote;
 pub mod write;
@@ -19,7 +25,7 @@ use codafs_common::{split_ino, Hash};
 use codafs_proto::pb;
 
 pub use error::FsError;
-use remote::{Remote, RemoteVolume};
+use remote::{Fetched, Remote, RemoteVolume};
 
 use crate::cache::blobs::BlobCache;
 use crate::cache::meta::{MetaStore, VolState};
@@ -60,6 +66,37 @@ pub struct Invalidation {
     pub inodes: Vec<u64>,
     /// Directory entries (parent, name).
     pub entries: Vec<(u64, String)>,
+}
+
+/// The kernel's caches, as the core drives them.
+pub trait Invalidator: Send + Sync + 'static {
+    /// Queues invalidations to be issued in the background (an entry invalidation waits for the
+    /// directory's lock, which the kernel may hold while it waits for one of our replies).
+    fn invalidate(&self, inv: &Invalidation);
+    /// At once, and taking no kernel lock a pending request could hold: drops the kernel's
+    /// attributes of `inodes` and, if `names` and the kernel can, every cached name (the next
+    /// path walk asks again). Returns whether the names were dropped.
+    fn switch(&self, inodes: &[u64], names: bool) -> bool;
+}
+
+/// No kernel at all (unit tests, catching up before the mount exists).
+pub struct NoKernel;
+
+impl Invalidator for NoKernel {
+    fn invalidate(&self, _inv: &Invalidation) {}
+    fn switch(&self, _inodes: &[u64], _names: bool) -> bool {
+        false
+    }
+}
+
+/// What to do with metadata fetched from a replica (see [`Core::settle`]).
+enum Settle {
+    /// It is the mount's current state, and was cached.
+    Cached,
+    /// Show it once, do not cache it (its change event did not arrive in time).
+    Show,
+    /// The replica was behind, or an event switched the state meanwhile: read again.
+    Again,
 }
 
 /// Tunables of the core.
@@ -148,6 +185,16 @@ pub struct Core<R: Remote> {
     pub stats: CoreStats,
     /// Tokens, shadows and open handles of writes through the mount.
     pub writes: write::WriteState,
+    /// Filling the cache from a fetch and applying a change event exclude each other, so a
+    /// fetch that raced an event is never cached over it.
+    apply_mx: Mutex<()>,
+    /// Taken for writing while an event switches the cache and the kernel's copies; replies that
+    /// show metadata are sent under a read guard (see [`Core::current`]).
+    view: tokio::sync::RwLock<()>,
+    /// Bumped by every switch of `view`.
+    view_gen: AtomicU64,
+    /// Bumped after every applied event; fetches that are ahead of the mount wait on it.
+    applied_tx: tokio::sync::watch::Sender<u64>,
 }
 
 impl<R: Remote> Core<R> {
@@ -171,6 +218,10 @@ impl<R: Remote> Core<R> {
             volume_hits: Mutex::new(HashMap::new()),
             stats: CoreStats::default(),
             writes,
+            apply_mx: Mutex::new(()),
+            view: tokio::sync::RwLock::new(()),
+            view_gen: AtomicU64::new(0),
+            applied_tx: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -321,9 +372,104 @@ impl<R: Remote> Core<R> {
             return Ok(a);
         }
         self.stats.meta_misses.fetch_add(1, Ordering::Relaxed);
-        let a = self.timed(self.cfg.op_timeout, self.remote.getattr(ino)).await?;
-        self.meta.put_attr(&a).map_err(Self::io)?;
-        Ok(a)
+        self.fetch_settled(
+            ino,
+            || self.timed(self.cfg.op_timeout, self.remote.getattr(ino)),
+            |a| self.meta.put_attr(a).map_err(Self::io),
+        )
+        .await
+    }
+
+    /// The applied version of the volume holding `ino` (None: not a known volume).
+    fn seen_of(&self, ino: u64) -> Option<u64> {
+        self.volume_of(ino).map(|v| v.seen)
+    }
+
+    /// Orders metadata fetched for node `ino` against the change events this mount applied,
+    /// and caches it (`put`) when it is exactly the state the mount shows.
+    ///
+    /// The mount shows a volume as of its last applied event, `seen`. Data read at replica index
+    /// `applied >= seen` whose newest part changed at or before `seen` is that state. Data with
+    /// a newer change waits (at most the operation timeout) for that change's event, so the
+    /// kernel is never shown part of a commit before the mount has switched to all of it; if
+    /// the event does not come (no change stream), the data is shown but not cached. Data from
+    /// a replica behind `seen` is read again.
+    async fn settle<T>(
+        &self,
+        ino: u64,
+        f: &Fetched<T>,
+        put: impl FnOnce(&T) -> Result<(), FsError>,
+    ) -> Result<Settle, FsError> {
+        let mut rx = self.applied_tx.subscribe();
+        if self.seen_of(ino).is_some_and(|s| f.newest > s) {
+            let wait = async {
+                while self.seen_of(ino).is_some_and(|s| f.newest > s) {
+                    if rx.changed().await.is_err() {
+                        break;
+                    }
+                }
+            };
+            if tokio::time::timeout(self.cfg.op_timeout, wait).await.is_err() {
+                return Ok(Settle::Show);
+            }
+        }
+        let _g = self.apply_mx.lock().unwrap_or_else(|p| p.into_inner());
+        match self.seen_of(ino) {
+            // Not a known volume: there is no version to keep in step with.
+            None => {
+                put(&f.value)?;
+                Ok(Settle::Cached)
+            }
+            Some(seen) if f.applied >= seen && f.newest <= seen => {
+                put(&f.value)?;
+                Ok(Settle::Cached)
+            }
+            Some(_) => Ok(Settle::Again),
+        }
+    }
+
+    /// Fetches metadata of `ino` (at most four reads) and settles it (see [`Core::settle`]).
+    async fn fetch_settled<T, Fut>(
+        &self,
+        ino: u64,
+        fetch: impl Fn() -> Fut,
+        put: impl Fn(&T) -> Result<(), FsError>,
+    ) -> Result<T, FsError>
+    where
+        Fut: std::future::Future<Output = Result<Fetched<T>, FsError>>,
+    {
+        let mut attempt = 0u32;
+        loop {
+            let f = fetch().await?;
+            match self.settle(ino, &f, &put).await? {
+                Settle::Cached | Settle::Show => return Ok(f.value),
+                // A replica that stays behind: show what it has rather than fail.
+                Settle::Again if attempt == 3 => return Ok(f.value),
+                Settle::Again => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(2 << attempt)).await;
+                }
+            }
+        }
+    }
+
+    /// Runs `f` and returns its result with a read guard on the view: hold the guard until the
+    /// reply is sent. If a change event switched the view while `f` ran, `f` runs again (at most
+    /// twice), so a reply never shows the kernel a state older than one it was already shown.
+    pub async fn current<T, Fut>(&self, f: impl Fn() -> Fut) -> (T, tokio::sync::RwLockReadGuard<'_, ()>)
+    where
+        Fut: std::future::Future<Output = T>,
+    {
+        let mut attempt = 0;
+        loop {
+            let gen = self.view_gen.load(Ordering::Acquire);
+            let r = f().await;
+            let guard = self.view.read().await;
+            if self.view_gen.load(Ordering::Acquire) == gen || attempt == 2 {
+                return (r, guard);
+            }
+            attempt += 1;
+        }
     }
 
     pub async fn getattr(&self, ino: u64) -> Result<NodeAttr, FsError> {
@@ -352,8 +498,13 @@ impl<R: Remote> Core<R> {
         if kind_of(attr.kind) != NodeKind::Dir {
             return Err(FsError::NotDir);
         }
-        let entries = self.timed(self.cfg.op_timeout * 5, self.remote.readdir(ino)).await?;
-        self.meta.put_dir(ino, &entries).map_err(Self::io)?;
+        let entries = self
+            .fetch_settled(
+                ino,
+                || self.timed(self.cfg.op_timeout * 5, self.remote.readdir(ino)),
+                |e| self.meta.put_dir(ino, e).map_err(Self::io),
+            )
+            .await?;
         Ok(entries
             .into_iter()
             .map(|(name, a)| crate::cache::meta::DirEnt {
@@ -502,9 +653,19 @@ impl<R: Remote> Core<R> {
         Ok(buf)
     }
 
-    /// Applies one change event of `volume`: drops what it invalidates, refetches changed
-    /// listings (so new names are seen and vanished ones are not), records the version.
-    pub async fn apply_change(&self, volume: &str, ev: &pb::ChangeEvent) -> Result<Invalidation, FsError> {
+    /// Applies one change event of `volume`: switches the cache and the kernel's copies to the
+    /// event's version in one step, and returns the invalidations that may follow in the
+    /// background (page caches, and the names that changed on kernels without name epochs).
+    ///
+    /// The switch happens under the view's write lock, so no reply computed from the old state
+    /// goes out after it; the kernel part of it ([`Invalidator::switch`]) takes no lock a pending
+    /// request could hold, so it cannot deadlock with requests waiting for that lock.
+    pub async fn apply_change(
+        &self,
+        volume: &str,
+        ev: &pb::ChangeEvent,
+        kernel: &dyn Invalidator,
+    ) -> Result<Invalidation, FsError> {
         let Some(mut vol) = self
             .volumes
             .read()
@@ -519,27 +680,55 @@ impl<R: Remote> Core<R> {
         }
         // Wait for our own namespace commits in flight to record what they told the kernel.
         let _inflight = self.writes.inflight.write().await;
-        let mut inv = Invalidation::default();
-        if ev.history_gone {
-            inv = self.everything_in(vol.id)?;
-            self.meta.forget_volume(vol.id).map_err(Self::io)?;
+        // Our own commit: the kernel and the listings already show it (see write::commit).
+        let own = !ev.history_gone && self.writes.take_own(ev.version);
+        let mut changed: Vec<u64> = ev.inos.iter().chain(&ev.dirs).copied().collect();
+        changed.sort_unstable();
+        changed.dedup();
+        let old_dirs: Vec<(u64, Option<Vec<crate::cache::meta::DirEnt>>)> = if own || ev.history_gone {
+            Vec::new()
         } else {
-            let old_dirs: Vec<(u64, Option<Vec<crate::cache::meta::DirEnt>>)> = ev
-                .dirs
+            ev.dirs
                 .iter()
                 .map(|d| Ok((*d, self.meta.dir(*d).map_err(Self::io)?)))
-                .collect::<Result<_, FsError>>()?;
-            self.meta.forget(&ev.inos, &ev.dirs).map_err(Self::io)?;
-            inv.inodes.extend(ev.inos.iter().copied());
+                .collect::<Result<_, FsError>>()?
+        };
+        let mut inv = Invalidation::default();
+        let names_dropped = {
+            let _view = self.view.write().await;
+            {
+                let _g = self.apply_mx.lock().unwrap_or_else(|p| p.into_inner());
+                if ev.history_gone {
+                    inv = self.everything_in(vol.id)?;
+                    self.meta.forget_volume(vol.id).map_err(Self::io)?;
+                } else if own {
+                    self.meta.forget_attrs(&changed).map_err(Self::io)?;
+                } else {
+                    self.meta.forget(&changed, &ev.dirs).map_err(Self::io)?;
+                }
+                vol.seen = ev.version;
+                self.meta.put_volume(&vol).map_err(Self::io)?;
+                self.volumes
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(volume.to_string(), vol);
+            }
+            self.view_gen.fetch_add(1, Ordering::AcqRel);
+            inv.inodes.extend(changed.iter().copied());
+            inv.inodes.sort_unstable();
+            inv.inodes.dedup();
+            kernel.switch(&inv.inodes, !own)
+        };
+        self.applied_tx.send_modify(|n| *n += 1);
+        if !names_dropped {
+            // Without name epochs the kernel drops names one by one: exactly those that changed
+            // (including names it may hold as negative entries), found by diffing the listings.
             for (dir, old) in old_dirs {
-                inv.inodes.push(dir);
                 let Some(old) = old else { continue };
-                // Diff old and new listings so exactly the changed names are invalidated
-                // (including names the kernel may hold as negative entries).
                 match self.timed(self.cfg.op_timeout, self.remote.readdir(dir)).await {
                     Ok(new) => {
                         let old_map: HashMap<&str, u64> = old.iter().map(|e| (e.name.as_str(), e.ino)).collect();
-                        let new_map: HashMap<&str, u64> = new.iter().map(|(n, a)| (n.as_str(), a.ino)).collect();
+                        let new_map: HashMap<&str, u64> = new.value.iter().map(|(n, a)| (n.as_str(), a.ino)).collect();
                         for (n, i) in &old_map {
                             if new_map.get(n) != Some(i) {
                                 inv.entries.push((dir, n.to_string()));
@@ -550,20 +739,11 @@ impl<R: Remote> Core<R> {
                                 inv.entries.push((dir, n.to_string()));
                             }
                         }
-                        self.meta.put_dir(dir, &new).map_err(Self::io)?;
                     }
                     Err(_) => inv.entries.extend(old.into_iter().map(|e| (dir, e.name))),
                 }
             }
         }
-        vol.seen = ev.version;
-        self.meta.put_volume(&vol).map_err(Self::io)?;
-        self.volumes
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(volume.to_string(), vol);
-        inv.inodes.sort_unstable();
-        inv.inodes.dedup();
         Ok(inv)
     }
 

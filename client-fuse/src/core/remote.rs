@@ -37,12 +37,22 @@ pub trait ChunkSink: Send {
 /// A change event stream.
 pub type ChangeStream = std::pin::Pin<Box<dyn Stream<Item = Result<pb::ChangeEvent, FsError>> + Send>>;
 
+/// Metadata as one replica read it, with what the core needs to order it against change events.
+#[derive(Debug, Clone)]
+pub struct Fetched<T> {
+    pub value: T,
+    /// The replica's applied log index before it read `value` (so `value` is at least that fresh).
+    pub applied: u64,
+    /// The newest version (log index of the last change) of anything in `value`.
+    pub newest: u64,
+}
+
 /// Server operations the core uses.
 pub trait Remote: Send + Sync + 'static {
     fn volumes(&self) -> impl Future<Output = Result<Vec<RemoteVolume>, FsError>> + Send;
-    fn getattr(&self, ino: u64) -> impl Future<Output = Result<pb::Attr, FsError>> + Send;
+    fn getattr(&self, ino: u64) -> impl Future<Output = Result<Fetched<pb::Attr>, FsError>> + Send;
     /// Every entry of a directory, with attributes (all pages).
-    fn readdir(&self, ino: u64) -> impl Future<Output = Result<Vec<(String, pb::Attr)>, FsError>> + Send;
+    fn readdir(&self, ino: u64) -> impl Future<Output = Result<Fetched<Vec<(String, pb::Attr)>>, FsError>> + Send;
     /// Streams a blob into `sink`, resuming on another replica if one fails mid-transfer.
     fn fetch_blob(&self, hash: Hash, sink: &mut dyn ChunkSink) -> impl Future<Output = Result<(), FsError>> + Send;
     /// Current version stamps of the named volumes (one batched call).
@@ -110,7 +120,7 @@ impl Remote for GrpcRemote {
             .collect())
     }
 
-    async fn getattr(&self, ino: u64) -> Result<pb::Attr, FsError> {
+    async fn getattr(&self, ino: u64) -> Result<Fetched<pb::Attr>, FsError> {
         let c = &self.cluster;
         let r = c
             .call(|ch| {
@@ -118,11 +128,21 @@ impl Remote for GrpcRemote {
                 async move { Cluster::meta(ch).get_attr(r).await.map(|r| r.into_inner()) }
             })
             .await?;
-        r.attr.ok_or_else(|| FsError::Io("server sent no attributes".into()))
+        let a = r.attr.ok_or_else(|| FsError::Io("server sent no attributes".into()))?;
+        Ok(Fetched {
+            newest: a.version,
+            applied: r.applied_index,
+            value: a,
+        })
     }
 
-    async fn readdir(&self, ino: u64) -> Result<Vec<(String, pb::Attr)>, FsError> {
-        Ok(self.cluster.read_dir_all(ino).await?)
+    async fn readdir(&self, ino: u64) -> Result<Fetched<Vec<(String, pb::Attr)>>, FsError> {
+        let l = self.cluster.read_dir_fresh(ino).await?;
+        Ok(Fetched {
+            newest: l.entries.iter().map(|(_, a)| a.version).fold(l.dir_version, u64::max),
+            applied: l.applied,
+            value: l.entries,
+        })
     }
 
     async fn fetch_blob(&self, hash: Hash, sink: &mut dyn ChunkSink) -> Result<(), FsError> {

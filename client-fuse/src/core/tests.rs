@@ -10,7 +10,7 @@ use codafs_common::{make_ino, Hash};
 use codafs_proto::pb;
 use proptest::prelude::*;
 
-use super::remote::{ChangeStream, ChunkSink, Remote, RemoteVolume};
+use super::remote::{ChangeStream, ChunkSink, Fetched, Remote, RemoteVolume};
 use super::write::{Caller, WriteState};
 use super::*;
 use crate::cache::blobs::BlobCache;
@@ -182,18 +182,35 @@ impl Remote for FakeRemote {
         }])
     }
 
-    async fn getattr(&self, ino: u64) -> Result<pb::Attr, FsError> {
+    async fn getattr(&self, ino: u64) -> Result<Fetched<pb::Attr>, FsError> {
         self.check_up()?;
-        self.lock().objects.get(&ino).cloned().ok_or(FsError::NotFound)
+        let t = self.lock();
+        let a = t.objects.get(&ino).cloned().ok_or(FsError::NotFound)?;
+        Ok(Fetched {
+            newest: a.version,
+            applied: t.version,
+            value: a,
+        })
     }
 
-    async fn readdir(&self, ino: u64) -> Result<Vec<(String, pb::Attr)>, FsError> {
+    async fn readdir(&self, ino: u64) -> Result<Fetched<Vec<(String, pb::Attr)>>, FsError> {
         self.check_up()?;
         let t = self.lock();
         let d = t.dirs.get(&ino).ok_or(FsError::NotFound)?;
-        Ok(d.iter()
+        let value: Vec<(String, pb::Attr)> = d
+            .iter()
             .filter_map(|(n, i)| t.objects.get(i).map(|a| (n.clone(), a.clone())))
-            .collect())
+            .collect();
+        Ok(Fetched {
+            newest: value
+                .iter()
+                .map(|(_, a)| a.version)
+                .chain(t.objects.get(&ino).map(|a| a.version))
+                .max()
+                .unwrap_or(0),
+            applied: t.version,
+            value,
+        })
     }
 
     async fn fetch_blob(&self, hash: Hash, sink: &mut dyn ChunkSink) -> Result<(), FsError> {
@@ -314,12 +331,12 @@ async fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::RemoteWrite(i, c) if !core.remote.lock().down => {
                 let (path, name) = PATHS[i];
                 let ev = core.remote.write(path, name, &content_for(i, c));
-                core.apply_change("www", &ev).await.unwrap();
+                core.apply_change("www", &ev, &NoKernel).await.unwrap();
             }
             Op::RemoteRemove(i) if !core.remote.lock().down => {
                 let (path, name) = PATHS[i];
                 if let Some(ev) = core.remote.remove(path, name) {
-                    core.apply_change("www", &ev).await.unwrap();
+                    core.apply_change("www", &ev, &NoKernel).await.unwrap();
                 }
             }
             Op::ServerDown => core.remote.lock().down = true,
@@ -343,13 +360,19 @@ proptest! {
     }
 }
 
+/// Writes on the fake server and applies the change event, as the change stream would.
+async fn publish(core: &Core<FakeRemote>, path: &[&str], name: &str, content: &[u8]) {
+    let ev = core.remote.write(path, name, content);
+    core.apply_change("www", &ev, &NoKernel).await.unwrap();
+}
+
 #[tokio::test]
 async fn cached_content_is_served_while_disconnected_and_uncached_fails_fast() {
     let dir = tempfile::tempdir().unwrap();
     let core = core_with(dir.path(), 1 << 20);
     core.refresh_volumes().await.unwrap();
-    core.remote.write(&[], "cached", b"hello");
-    core.remote.write(&[], "uncached", b"world");
+    publish(&core, &[], "cached", b"hello").await;
+    publish(&core, &[], "uncached", b"world").await;
     assert_eq!(read_path(&core, &[], "cached").await.unwrap(), b"hello");
     // Listing cached (so "uncached" resolves), content not.
     core.remote.lock().down = true;
@@ -369,7 +392,7 @@ async fn a_restart_reuses_cached_metadata_and_content() {
     {
         let core = core_with(dir.path(), 1 << 20);
         core.refresh_volumes().await.unwrap();
-        core.remote.write(&["a"], "page", b"persisted");
+        publish(&core, &["a"], "page", b"persisted").await;
         assert_eq!(read_path(&core, &["a"], "page").await.unwrap(), b"persisted");
     }
     // A new core over the same directories, with the server down: everything comes from disk.
@@ -390,7 +413,7 @@ async fn history_gone_drops_the_volume_metadata_and_invalidates_what_was_known()
     let dir = tempfile::tempdir().unwrap();
     let core = core_with(dir.path(), 1 << 20);
     core.refresh_volumes().await.unwrap();
-    core.remote.write(&[], "p", b"1");
+    publish(&core, &[], "p", b"1").await;
     assert_eq!(read_path(&core, &[], "p").await.unwrap(), b"1");
     let ev = pb::ChangeEvent {
         version: 100,
@@ -398,7 +421,7 @@ async fn history_gone_drops_the_volume_metadata_and_invalidates_what_was_known()
         dirs: vec![],
         history_gone: true,
     };
-    let inv = core.apply_change("www", &ev).await.unwrap();
+    let inv = core.apply_change("www", &ev, &NoKernel).await.unwrap();
     assert!(
         inv.inodes.contains(&root()) && inv.entries.iter().any(|(_, n)| n == "p"),
         "{inv:?}"
@@ -425,7 +448,7 @@ async fn writes_need_a_token_and_a_right_on_the_volume() {
     use codafs_common::token::Role;
     let dir = tempfile::tempdir().unwrap();
     let core = core_with(dir.path(), 1 << 20);
-    core.remote.write(&[], "a.html", b"old");
+    publish(&core, &[], "a.html", b"old").await;
     core.refresh_volumes().await.unwrap();
     let root = core.lookup(ROOT_INO, "www").await.unwrap().ino;
     let file = core.lookup(root, "a.html").await.unwrap().ino;
@@ -490,7 +513,7 @@ async fn a_shadow_serves_reads_and_size_until_released() {
     use codafs_common::token::Role;
     let dir = tempfile::tempdir().unwrap();
     let core = core_with(dir.path(), 1 << 20);
-    core.remote.write(&[], "a.html", b"0123456789");
+    publish(&core, &[], "a.html", b"0123456789").await;
     core.refresh_volumes().await.unwrap();
     let root = core.lookup(ROOT_INO, "www").await.unwrap().ino;
     let file = core.lookup(root, "a.html").await.unwrap().ino;

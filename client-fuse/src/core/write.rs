@@ -112,8 +112,14 @@ pub struct WriteState {
     /// One store of a file at a time, snapshot to commit: a store that started later (with
     /// newer content) must also commit later.
     store_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    /// Versions of our own acknowledged commits whose change events have not arrived yet: the
+    /// kernel and the cached listings already show them (bounded; the oldest are dropped).
+    own: Mutex<std::collections::BTreeSet<u64>>,
     pub stats: WriteStats,
 }
+
+/// How many own commit versions are remembered until their events arrive.
+const OWN_RETAIN: usize = 4096;
 
 impl WriteState {
     /// `shadow_dir` holds open files' copies; it is emptied here (leftovers of a crash are
@@ -133,8 +139,23 @@ impl WriteState {
 
             inflight: tokio::sync::RwLock::new(()),
             store_locks: Mutex::new(HashMap::new()),
+            own: Mutex::new(std::collections::BTreeSet::new()),
             stats: WriteStats::default(),
         })
+    }
+
+    /// Records the version of one of our own acknowledged commits.
+    fn record_own(&self, version: u64) {
+        let mut own = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        own.insert(version);
+        while own.len() > OWN_RETAIN {
+            own.pop_first();
+        }
+    }
+
+    /// Whether `version` is one of our own commits (forgotten once asked).
+    pub(crate) fn take_own(&self, version: u64) -> bool {
+        self.own.lock().unwrap_or_else(|p| p.into_inner()).remove(&version)
     }
 
     pub fn read_only(&self) -> bool {
@@ -277,9 +298,10 @@ impl<R: Remote> Core<R> {
         let r = self
             .timed(self.write_timeout(0), self.remote.commit(&ctx.token, req))
             .await;
-        if r.is_ok() {
+        if let Ok(reply) = &r {
             // Attributes changed; listings are patched by the caller (see `inflight`).
             self.meta.forget_attrs(inos).map_err(Self::io)?;
+            self.writes.record_own(reply.version);
         } else {
             // Outcome unknown or refused: drop what we know of these nodes, listings included.
             self.meta.forget(inos, &[]).map_err(Self::io)?;
@@ -336,9 +358,14 @@ impl<R: Remote> Core<R> {
     }
 
     /// Fresh attributes of a node after a change (the answering server has applied it).
+    /// Attributes right after our own change: fetched and cached at once (read-your-writes),
+    /// without waiting for the change event (see `Core::settle`).
     async fn fresh_attr(&self, ino: u64) -> Result<NodeAttr, FsError> {
-        self.meta.forget_attrs(&[ino]).map_err(Self::io)?;
-        self.getattr(ino).await
+        let f = self.timed(self.cfg.op_timeout, self.remote.getattr(ino)).await?;
+        self.meta.put_attr(&f.value).map_err(Self::io)?;
+        let mut a = self.to_node(&f.value);
+        self.shadow_attr(&mut a);
+        Ok(a)
     }
 
     /// Creates a file, directory or symlink; returns its attributes.

@@ -30,10 +30,12 @@ impl MetaService {
             .ok_or_else(|| Status::not_found(format!("no object {ino:#x}")))
     }
 
-    fn reply(&self, o: &ObjectRec) -> Response<pb::AttrReply> {
+    /// An attribute reply. `applied_index` must be read before the object: the object is then
+    /// at least that fresh, which is what mounts rely on to order it against change events.
+    fn reply(o: &ObjectRec, applied_index: u64) -> Response<pb::AttrReply> {
         Response::new(pb::AttrReply {
             attr: Some(convert::attr(o)),
-            applied_index: self.0.applied_index(),
+            applied_index,
         })
     }
 }
@@ -43,21 +45,24 @@ impl pb::meta_server::Meta for MetaService {
     async fn lookup(&self, req: Request<pb::LookupRequest>) -> Result<Response<pb::AttrReply>, Status> {
         let r = req.into_inner();
         validate_name(&r.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let applied_index = self.0.applied_index();
         let ino = self
             .0
             .tables()
             .dirent(r.parent, &r.name)
             .map_err(internal)?
             .ok_or_else(|| Status::not_found(format!("{} not found", r.name)))?;
-        Ok(self.reply(&self.object(ino)?))
+        Ok(Self::reply(&self.object(ino)?, applied_index))
     }
 
     async fn get_attr(&self, req: Request<pb::GetAttrRequest>) -> Result<Response<pb::AttrReply>, Status> {
-        Ok(self.reply(&self.object(req.get_ref().ino)?))
+        let applied_index = self.0.applied_index();
+        Ok(Self::reply(&self.object(req.get_ref().ino)?, applied_index))
     }
 
     async fn resolve(&self, req: Request<pb::ResolveRequest>) -> Result<Response<pb::AttrReply>, Status> {
         let r = req.into_inner();
+        let applied_index = self.0.applied_index();
         let t = self.0.tables();
         let vol = t
             .volume(&r.volume)
@@ -70,7 +75,7 @@ impl pb::meta_server::Meta for MetaService {
                 .map_err(internal)?
                 .ok_or_else(|| Status::not_found(format!("{} not found", r.path)))?;
         }
-        Ok(self.reply(&self.object(cur)?))
+        Ok(Self::reply(&self.object(cur)?, applied_index))
     }
 
     async fn read_dir(&self, req: Request<pb::ReadDirRequest>) -> Result<Response<pb::ReadDirReply>, Status> {

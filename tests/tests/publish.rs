@@ -1,0 +1,141 @@
+//! Publishing seen through real mounts: while `codafs upload` replaces a site version after
+//! version, readers on a `--read-only` mount (a web node) and on a writable mount never see a
+//! newer version and then an older one, in file contents or in directory listings.
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use codafs_client::upload::{upload, UploadOptions};
+use codafs_tests::{ClusterOpts, Mount, TestCluster};
+
+const PAGES: usize = 24;
+const VERSIONS: u32 = 30;
+
+/// Version `v` of the site: every page says `v`, and `only-v<v>.html` exists in this version only.
+fn site(dir: &Path, v: u32) -> Result<()> {
+    let pages = dir.join("pages");
+    std::fs::create_dir_all(&pages)?;
+    for i in 0..PAGES {
+        // Sizes vary with the version, as real pages do; some versions keep the size.
+        let pad = ".".repeat((v as usize * 7 + i) % 5);
+        std::fs::write(pages.join(format!("p{i}.html")), format!("version {v} page {i}{pad}"))?;
+    }
+    if v > 1 {
+        let _ = std::fs::remove_file(pages.join(format!("only-v{}.html", v - 1)));
+    }
+    std::fs::write(pages.join(format!("only-v{v}.html")), format!("version {v} only"))?;
+    Ok(())
+}
+
+fn version_of(text: &str) -> Result<u32> {
+    text.strip_prefix("version ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("not a page of the site: {text:?}"))
+}
+
+/// One reader pass: the listing's version, then every page in order, then the first page again.
+/// A pass over an atomic publish reads a non-decreasing sequence of versions.
+fn pass(pages: &Path) -> Result<Vec<u32>> {
+    let mut seq = Vec::with_capacity(PAGES + 2);
+    let only: Vec<String> = std::fs::read_dir(pages)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| n.starts_with("only-v"))
+        .collect();
+    ensure!(only.len() == 1, "one listing shows {only:?}");
+    let v = only[0]
+        .trim_start_matches("only-v")
+        .trim_end_matches(".html")
+        .parse::<u32>()?;
+    seq.push(v);
+    for i in (0..PAGES).chain([0]) {
+        let text = std::fs::read_to_string(pages.join(format!("p{i}.html")))?;
+        seq.push(version_of(&text)?);
+    }
+    Ok(seq)
+}
+
+/// Reads the site over and over until `stop` (at most 20,000 passes or 90 s); fails on the first
+/// time a version older than one already seen shows up. Returns (passes, versions seen).
+fn reader(pages: PathBuf, stop: Arc<AtomicBool>) -> Result<(u32, Vec<u32>)> {
+    let started = Instant::now();
+    let (mut passes, mut newest, mut distinct) = (0u32, 0u32, Vec::new());
+    while !stop.load(Ordering::Relaxed) && passes < 20_000 && started.elapsed() < Duration::from_secs(90) {
+        let seq = pass(&pages)?;
+        for w in seq.iter() {
+            if *w < newest {
+                bail!("pass {passes} read version {w} after version {newest} (sequence {seq:?})");
+            }
+            if *w > newest {
+                newest = *w;
+                distinct.push(*w);
+            }
+        }
+        passes += 1;
+    }
+    Ok((passes, distinct))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mounts_see_each_published_version_whole() {
+    let run = async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let local = tc.root.path().join("local");
+        site(&local, 1)?;
+        let opts = UploadOptions {
+            volume: "www".into(),
+            path: "site".into(),
+            delete: true,
+            dry_run: false,
+            parallel: 8,
+        };
+        upload(&tc.client(), &local, &opts, &()).await?;
+        let web = Mount::start(&tc.client_args(), tc.root.path(), "web", &["--read-only"])?;
+        let rw = Mount::start(&tc.client_args(), tc.root.path(), "rw", &[])?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut readers = Vec::new();
+        for m in [&web, &rw, &web] {
+            let pages = m.path.join("www/site/pages");
+            codafs_tests::read_file(&pages.join("p0.html"))?;
+            let stop = stop.clone();
+            readers.push(std::thread::spawn(move || reader(pages, stop)));
+        }
+        let published = async {
+            for v in 2..=VERSIONS {
+                site(&local, v)?;
+                upload(&tc.client(), &local, &opts, &()).await?;
+                // Uneven gaps: some versions land mid-pass, some between passes.
+                tokio::time::sleep(Duration::from_millis(u64::from(v % 4) * 15)).await;
+            }
+            Ok::<_, anyhow::Error>(())
+        };
+        let result = published.await;
+        // Give the readers time to reach the last version before stopping them.
+        codafs_tests::wait_until(Duration::from_secs(10), "both mounts show the last version", || {
+            let paths = [web.path.clone(), rw.path.clone()];
+            async move {
+                paths.iter().all(|p| {
+                    std::fs::read_to_string(p.join("www/site/pages/p3.html"))
+                        .is_ok_and(|t| version_of(&t).ok() == Some(VERSIONS))
+                })
+            }
+        })
+        .await?;
+        stop.store(true, Ordering::Relaxed);
+        result?;
+        for r in readers {
+            let (passes, distinct) = r.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+            eprintln!("reader: {passes} passes, saw versions {distinct:?}");
+            ensure!(
+                distinct.len() >= 5,
+                "the reader saw too few versions ({distinct:?}) for the check to mean anything"
+            );
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    codafs_tests::bounded_within(Duration::from_secs(180), run).await;
+}

@@ -428,7 +428,7 @@ impl<R: Remote> Core<R> {
         }
     }
 
-    /// Fetches metadata of `ino` (at most four reads) and settles it (see [`Core::settle`]).
+    /// Fetches metadata of `ino` and settles it (see [`Core::settle`]).
     async fn fetch_settled<T, Fut>(
         &self,
         ino: u64,
@@ -438,16 +438,19 @@ impl<R: Remote> Core<R> {
     where
         Fut: std::future::Future<Output = Result<Fetched<T>, FsError>>,
     {
-        let mut attempt = 0u32;
+        // A replica behind the mount (a follower catching up after a failover) is asked again
+        // for up to the operation timeout; one that stays behind longer is shown as it is
+        // rather than failing the request.
+        let deadline = tokio::time::Instant::now() + self.cfg.op_timeout;
+        let mut pause = Duration::from_millis(2);
         loop {
             let f = fetch().await?;
             match self.settle(ino, &f, &put).await? {
                 Settle::Cached | Settle::Show => return Ok(f.value),
-                // A replica that stays behind: show what it has rather than fail.
-                Settle::Again if attempt == 3 => return Ok(f.value),
+                Settle::Again if tokio::time::Instant::now() + pause > deadline => return Ok(f.value),
                 Settle::Again => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(2 << attempt)).await;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(50));
                 }
             }
         }

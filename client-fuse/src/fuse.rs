@@ -139,6 +139,29 @@ impl Invalidator for KernelInvalidator {
         }
         names && self.bump_epoch()
     }
+
+    fn drop_pages(&self, ino: u64) {
+        if let Err(e) = self.notifier.inval_inode(INodeNo(ino), 0, 0) {
+            tracing::trace!(ino, error = %e, "inval_inode (pages)");
+        }
+    }
+}
+
+/// Drops the kernel's pages of `ino` if a change event replaced it since they were read, before
+/// a reply shows its new attributes: the kernel keeps pages when size and mtime look unchanged.
+///
+/// The kernel waits for page locks here, which only reads in flight hold; their replies need
+/// no lock of ours, so this cannot deadlock. It runs on the blocking pool so that a wait never
+/// holds up a runtime worker those reads need.
+async fn drop_stale_pages<R: Remote>(core: &Core<R>, inval: &std::sync::OnceLock<Arc<dyn Invalidator>>, ino: u64) {
+    if !core.take_stale_pages(ino) {
+        return;
+    }
+    if let Some(i) = inval.get().cloned() {
+        if let Err(e) = tokio::task::spawn_blocking(move || i.drop_pages(ino)).await {
+            tracing::debug!(ino, error = %e, "dropping stale pages");
+        }
+    }
 }
 
 /// The mounted filesystem.
@@ -223,7 +246,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         let Some(name) = name_str(name) else {
             return reply.error(Errno::ENOENT);
         };
-        let core = self.core.clone();
+        let (core, inval) = (self.core.clone(), self.inval.clone());
         let check = (!self.read_only).then(|| caller(req));
         self.spawn(tracing::debug_span!("lookup", parent = parent.0, %name), async move {
             if let Some(c) = check {
@@ -232,6 +255,9 @@ impl<R: Remote> Filesystem for CodaFs<R> {
                 }
             }
             let (r, _view) = core.current(|| core.lookup(parent.0, &name)).await;
+            if let Ok(a) = &r {
+                drop_stale_pages(&core, &inval, a.ino).await;
+            }
             match r {
                 Ok(a) => reply.entry(&KERNEL_TTL, &file_attr(&a), Generation(a.generation)),
                 Err(e) => reply.error(errno(&e)),
@@ -241,9 +267,12 @@ impl<R: Remote> Filesystem for CodaFs<R> {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         self.core.stats.fuse_request("getattr");
-        let core = self.core.clone();
+        let (core, inval) = (self.core.clone(), self.inval.clone());
         self.spawn(tracing::debug_span!("getattr", ino = ino.0), async move {
             let (r, _view) = core.current(|| core.getattr(ino.0)).await;
+            if r.is_ok() {
+                drop_stale_pages(&core, &inval, ino.0).await;
+            }
             match r {
                 Ok(a) => reply.attr(&KERNEL_TTL, &file_attr(&a)),
                 Err(e) => reply.error(errno(&e)),
@@ -368,7 +397,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         self.core.stats.fuse_request("readdir");
         // Read permission was checked when the directory was opened (opendir), as POSIX does.
-        let core = self.core.clone();
+        let (core, inval) = (self.core.clone(), self.inval.clone());
         self.spawn(tracing::debug_span!("readdirplus", ino = ino.0, offset), async move {
             let listing = || async {
                 let entries = core.readdir(ino.0).await?;
@@ -385,6 +414,9 @@ impl<R: Remote> Filesystem for CodaFs<R> {
                 Err(e) => return reply.error(errno(&e)),
             };
             let start = offset.min(2) as usize;
+            for (_, a) in all.iter().skip(start) {
+                drop_stale_pages(&core, &inval, a.ino).await;
+            }
             for (i, (name, a)) in all.into_iter().enumerate().skip(start) {
                 let next = if i < 2 {
                     i as u64 + 1

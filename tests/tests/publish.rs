@@ -147,6 +147,14 @@ async fn race(opts: ClusterOpts, kill: Option<usize>) -> Result<()> {
         .await;
     }
     stop.store(true, Ordering::Relaxed);
+    if result.is_ok() {
+        // Every version replaced pages the web node's kernel had cached; replies dropped them.
+        let drops = web.status()?["stale_page_drops"].as_u64().unwrap_or(0);
+        ensure!(
+            drops > 0,
+            "the web mount never dropped replaced pages before showing a change"
+        );
+    }
     for r in readers {
         let (passes, distinct) = r.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
         eprintln!("reader: {passes} passes, saw versions {distinct:?}");

@@ -77,6 +77,8 @@ pub trait Invalidator: Send + Sync + 'static {
     /// attributes of `inodes` and, if `names` and the kernel can, every cached name (the next
     /// path walk asks again). Returns whether the names were dropped.
     fn switch(&self, inodes: &[u64], names: bool) -> bool;
+    /// Drops the kernel's cached pages of `ino`, waiting for reads of them in flight.
+    fn drop_pages(&self, ino: u64);
 }
 
 /// No kernel at all (unit tests, catching up before the mount exists).
@@ -87,6 +89,7 @@ impl Invalidator for NoKernel {
     fn switch(&self, _inodes: &[u64], _names: bool) -> bool {
         false
     }
+    fn drop_pages(&self, _ino: u64) {}
 }
 
 /// What to do with metadata fetched from a replica (see [`Core::settle`]).
@@ -134,6 +137,8 @@ pub struct CoreStats {
     pub meta_hits: AtomicU64,
     pub meta_misses: AtomicU64,
     pub remote_errors: AtomicU64,
+    /// Nodes whose kernel pages were dropped before a reply showed them changed.
+    pub stale_page_drops: AtomicU64,
     /// Requests the kernel sent the daemon, indexed like [`FUSE_OPS`].
     pub fuse_requests: [AtomicU64; FUSE_OPS.len()],
 }
@@ -195,6 +200,10 @@ pub struct Core<R: Remote> {
     view_gen: AtomicU64,
     /// Bumped after every applied event; fetches that are ahead of the mount wait on it.
     applied_tx: tokio::sync::watch::Sender<u64>,
+    /// Nodes a change event replaced whose old pages the kernel may still hold. The kernel keeps
+    /// pages when a file's size and mtime look unchanged, so the first reply that shows such a
+    /// node drops them first (see [`Core::take_stale_pages`]).
+    stale_pages: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl<R: Remote> Core<R> {
@@ -222,6 +231,7 @@ impl<R: Remote> Core<R> {
             view: tokio::sync::RwLock::new(()),
             view_gen: AtomicU64::new(0),
             applied_tx: tokio::sync::watch::channel(0).0,
+            stale_pages: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -454,6 +464,16 @@ impl<R: Remote> Core<R> {
                 }
             }
         }
+    }
+
+    /// Whether the kernel may hold pages of `ino` from before a change event; true once, for the
+    /// reply that is to drop them.
+    pub fn take_stale_pages(&self, ino: u64) -> bool {
+        let stale = self.stale_pages.lock().unwrap_or_else(|p| p.into_inner()).remove(&ino);
+        if stale {
+            self.stats.stale_page_drops.fetch_add(1, Ordering::Relaxed);
+        }
+        stale
     }
 
     /// Runs `f` and returns its result with a read guard on the view: hold the guard until the
@@ -720,6 +740,14 @@ impl<R: Remote> Core<R> {
             inv.inodes.extend(changed.iter().copied());
             inv.inodes.sort_unstable();
             inv.inodes.dedup();
+            if !own {
+                // Our own stores left the new bytes in the kernel's pages; others' did not.
+                let mut stale = self.stale_pages.lock().unwrap_or_else(|p| p.into_inner());
+                if ev.history_gone {
+                    stale.clear();
+                }
+                stale.extend(inv.inodes.iter().copied());
+            }
             kernel.switch(&inv.inodes, !own)
         };
         self.applied_tx.send_modify(|n| *n += 1);
@@ -825,6 +853,7 @@ impl<R: Remote> Core<R> {
                 "stored_bytes": w.stored_bytes.load(Ordering::Relaxed),
             },
             "fuse_requests": fuse,
+            "stale_page_drops": self.stats.stale_page_drops.load(Ordering::Relaxed),
             "volumes": vols,
             "cache": {
                 "entries": entries, "bytes": bytes, "max_bytes": self.blobs.max_bytes(),

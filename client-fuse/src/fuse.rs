@@ -178,6 +178,16 @@ fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
 
+/// The errno of an operation on a node the kernel names by inode. A node that is gone answers
+/// ESTALE, not ENOENT: the kernel then walks the path again, asking for every name (a change
+/// event does not drop names whose nodes vanished; see `Core::name_changes`).
+fn by_ino(e: &FsError) -> Errno {
+    match e {
+        FsError::NotFound => Errno::ESTALE,
+        e => errno(e),
+    }
+}
+
 fn time(ns: i64) -> SystemTime {
     if ns <= 0 {
         UNIX_EPOCH
@@ -254,12 +264,17 @@ impl<R: Remote> Filesystem for CodaFs<R> {
                     return reply.error(errno(&e));
                 }
             }
-            let (r, _view) = core.current(|| core.lookup(parent.0, &name)).await;
-            if let Ok(a) = &r {
+            let lookup = || async {
+                let a = core.lookup(parent.0, &name).await?;
                 drop_stale_pages(&core, &inval, a.ino).await;
-            }
+                Ok::<_, FsError>(a)
+            };
+            let (r, _view) = core.current(lookup).await;
             match r {
-                Ok(a) => reply.entry(&KERNEL_TTL, &file_attr(&a), Generation(a.generation)),
+                Ok(a) => {
+                    core.told_name(parent.0, &name, a.ino);
+                    reply.entry(&KERNEL_TTL, &file_attr(&a), Generation(a.generation))
+                }
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -269,13 +284,15 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         self.core.stats.fuse_request("getattr");
         let (core, inval) = (self.core.clone(), self.inval.clone());
         self.spawn(tracing::debug_span!("getattr", ino = ino.0), async move {
-            let (r, _view) = core.current(|| core.getattr(ino.0)).await;
-            if r.is_ok() {
+            let getattr = || async {
+                let a = core.getattr(ino.0).await?;
                 drop_stale_pages(&core, &inval, ino.0).await;
-            }
+                Ok::<_, FsError>(a)
+            };
+            let (r, _view) = core.current(getattr).await;
             match r {
                 Ok(a) => reply.attr(&KERNEL_TTL, &file_attr(&a)),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(by_ino(&e)),
             }
         });
     }
@@ -287,7 +304,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
             let (r, _view) = core.current(|| core.readlink(ino.0)).await;
             match r {
                 Ok(t) => reply.data(t.as_bytes()),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(by_ino(&e)),
             }
         });
     }
@@ -302,13 +319,13 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         self.spawn(tracing::debug_span!("open", ino = ino.0), async move {
             if flags.0 & libc::O_ACCMODE != libc::O_WRONLY {
                 if let Err(e) = core.check_access(c, ino.0, libc::R_OK).await {
-                    return reply.error(errno(&e));
+                    return reply.error(by_ino(&e));
                 }
             }
             match core.open(c, ino.0, flags.0).await {
                 // Keep the page cache: callbacks invalidate it when the content changes.
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => reply.error(by_ino(&e)),
             }
         });
     }
@@ -326,7 +343,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         let (core, c) = (self.core.clone(), caller(req));
         self.spawn(tracing::debug_span!("opendir", ino = ino.0), async move {
             if let Err(e) = core.check_access(c, ino.0, libc::R_OK).await {
-                return reply.error(errno(&e));
+                return reply.error(by_ino(&e));
             }
             let flags = if core.is_public(ino.0) {
                 FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
@@ -404,6 +421,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
                 let me = core.getattr(ino.0).await?;
                 let mut all = vec![(".".to_string(), me.clone()), ("..".to_string(), me)];
                 for (name, child, _) in entries.into_iter().skip((offset as usize).saturating_sub(2)) {
+                    drop_stale_pages(&core, &inval, child).await;
                     all.push((name, core.getattr(child).await?));
                 }
                 Ok::<_, FsError>(all)
@@ -414,9 +432,6 @@ impl<R: Remote> Filesystem for CodaFs<R> {
                 Err(e) => return reply.error(errno(&e)),
             };
             let start = offset.min(2) as usize;
-            for (_, a) in all.iter().skip(start) {
-                drop_stale_pages(&core, &inval, a.ino).await;
-            }
             for (i, (name, a)) in all.into_iter().enumerate().skip(start) {
                 let next = if i < 2 {
                     i as u64 + 1

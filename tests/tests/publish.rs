@@ -30,6 +30,29 @@ fn site(dir: &Path, v: u32) -> Result<()> {
     Ok(())
 }
 
+/// `codafs upload local www:site --delete`.
+fn site_upload() -> UploadOptions {
+    UploadOptions {
+        volume: "www".into(),
+        path: "site".into(),
+        delete: true,
+        dry_run: false,
+        parallel: 8,
+    }
+}
+
+/// A cluster with version 1 of the site published in volume `www`, its local copy, and a web
+/// node's `--read-only` mount of it.
+async fn published_site(opts: ClusterOpts) -> Result<(TestCluster, PathBuf, Mount)> {
+    let tc = TestCluster::start(opts).await?;
+    tc.create_volume("www", 2).await?;
+    let local = tc.root.path().join("local");
+    site(&local, 1)?;
+    upload(&tc.client(), &local, &site_upload(), &()).await?;
+    let web = Mount::start(&tc.client_args(), tc.root.path(), "web", &["--read-only"])?;
+    Ok((tc, local, web))
+}
+
 fn version_of(text: &str) -> Result<u32> {
     text.strip_prefix("version ")
         .and_then(|r| r.split(' ').next())
@@ -84,19 +107,8 @@ fn reader(pages: PathBuf, stop: Arc<AtomicBool>) -> Result<(u32, Vec<u32>)> {
 /// check every pass; with `kill` set, that server is killed (SIGKILL) after version 10 and the
 /// publishing goes on through the others.
 async fn race(opts: ClusterOpts, kill: Option<usize>) -> Result<()> {
-    let mut tc = TestCluster::start(opts).await?;
-    tc.create_volume("www", 2).await?;
-    let local = tc.root.path().join("local");
-    site(&local, 1)?;
-    let up = UploadOptions {
-        volume: "www".into(),
-        path: "site".into(),
-        delete: true,
-        dry_run: false,
-        parallel: 8,
-    };
-    upload(&tc.client(), &local, &up, &()).await?;
-    let web = Mount::start(&tc.client_args(), tc.root.path(), "web", &["--read-only"])?;
+    let (mut tc, local, web) = published_site(opts).await?;
+    let up = site_upload();
     let rw = Mount::start(&tc.client_args(), tc.root.path(), "rw", &[])?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut readers = Vec::new();
@@ -176,4 +188,76 @@ async fn mounts_see_each_version_whole_across_a_server_kill() {
     // Three data servers, write quorum 2: killing the mounts' first server (which answers their
     // reads and streams their change events) leaves a quorum, and the mounts move on.
     codafs_tests::bounded_within(Duration::from_secs(180), race(ClusterOpts::new(3, 0), Some(10))).await;
+}
+
+/// Kernel requests the mount has seen so far: (reads, lookups).
+fn requests(m: &Mount) -> Result<(u64, u64)> {
+    let s = m.status()?;
+    let get = |k: &str| s["fuse_requests"][k].as_u64().unwrap_or(0);
+    Ok((get("read"), get("lookup")))
+}
+
+fn read_pages(pages: &Path) -> Result<Vec<String>> {
+    (0..PAGES)
+        .filter(|i| pages.join(format!("p{i}.html")).exists())
+        .map(|i| {
+            Ok(String::from_utf8(codafs_tests::read_file(
+                &pages.join(format!("p{i}.html")),
+            )?)?)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_publish_keeps_the_rest_of_a_web_nodes_cache() {
+    let run = async {
+        let (tc, local, web) = published_site(ClusterOpts::new(2, 1)).await?;
+        let up = site_upload();
+        let pages = web.path.join("www/site/pages");
+        read_pages(&pages)?;
+        let warm = requests(&web)?;
+        read_pages(&pages)?;
+        ensure!(requests(&web)? == warm, "a warm pass asked the daemon");
+
+        // Change one page: only that page is read again.
+        let local_pages = local.join("pages");
+        std::fs::write(local_pages.join("p0.html"), "version 2 page 0")?;
+        upload(&tc.client(), &local, &up, &()).await?;
+        codafs_tests::wait_until(Duration::from_secs(10), "the web node shows the new page", || {
+            let p = pages.join("p0.html");
+            async move { std::fs::read_to_string(p).is_ok_and(|t| t == "version 2 page 0") }
+        })
+        .await?;
+        let before = requests(&web)?;
+        let texts = read_pages(&pages)?;
+        ensure!(texts[0] == "version 2 page 0" && texts[1].starts_with("version 1 page 1"));
+        let after = requests(&web)?;
+        ensure!(
+            after.0 - warm.0 <= 2 && after.1 - warm.1 <= 4 && after == before,
+            "changing one page cost more than that page: {warm:?} -> {before:?} -> {after:?}"
+        );
+
+        // Remove one page the kernel holds: it is gone at once, the others stay cached.
+        std::fs::remove_file(local_pages.join(format!("p{}.html", PAGES - 1)))?;
+        upload(&tc.client(), &local, &up, &()).await?;
+        let gone = pages.join(format!("p{}.html", PAGES - 1));
+        codafs_tests::wait_until(Duration::from_secs(10), "the web node drops the removed page", || {
+            let g = gone.clone();
+            async move { matches!(std::fs::metadata(&g), Err(e) if e.kind() == std::io::ErrorKind::NotFound) }
+        })
+        .await?;
+        ensure!(
+            matches!(std::fs::read(&gone), Err(e) if e.kind() == std::io::ErrorKind::NotFound),
+            "the removed page is still readable"
+        );
+        let before = requests(&web)?;
+        ensure!(read_pages(&pages)?.len() == PAGES - 1);
+        let after = requests(&web)?;
+        ensure!(
+            after.0 == before.0,
+            "removing one page evicted the others' pages: {before:?} -> {after:?}"
+        );
+        Ok::<_, anyhow::Error>(())
+    };
+    codafs_tests::bounded_within(Duration::from_secs(120), run).await;
 }

@@ -92,6 +92,20 @@ impl Invalidator for NoKernel {
     fn drop_pages(&self, _ino: u64) {}
 }
 
+/// What a change did to the names the kernel holds (see [`Core::name_changes`]).
+#[derive(Debug, Default)]
+struct NameChanges {
+    /// Names that vanished or lead elsewhere: (directory, name).
+    entries: Vec<(u64, String)>,
+    /// The nodes those names led to.
+    gone: Vec<u64>,
+    /// A name now leads elsewhere while its old node is listed elsewhere, or it is unknown.
+    moved: bool,
+}
+
+/// Vanished names whose nodes are checked one by one; more than this drops every name instead.
+const MAX_GONE_CHECKS: usize = 64;
+
 /// What to do with metadata fetched from a replica (see [`Core::settle`]).
 enum Settle {
     /// It is the mount's current state, and was cached.
@@ -200,6 +214,9 @@ pub struct Core<R: Remote> {
     view_gen: AtomicU64,
     /// Bumped after every applied event; fetches that are ahead of the mount wait on it.
     applied_tx: tokio::sync::watch::Sender<u64>,
+    /// The names replies told the kernel, by directory: what it may still cache (see
+    /// [`Core::name_changes`]).
+    kernel_names: Mutex<HashMap<u64, HashMap<String, u64>>>,
     /// Nodes a change event replaced whose old pages the kernel may still hold. The kernel keeps
     /// pages when a file's size and mtime look unchanged, so the first reply that shows such a
     /// node drops them first (see [`Core::take_stale_pages`]).
@@ -232,6 +249,7 @@ impl<R: Remote> Core<R> {
             view_gen: AtomicU64::new(0),
             applied_tx: tokio::sync::watch::channel(0).0,
             stale_pages: Mutex::new(std::collections::HashSet::new()),
+            kernel_names: Mutex::new(HashMap::new()),
         })
     }
 
@@ -382,12 +400,17 @@ impl<R: Remote> Core<R> {
             return Ok(a);
         }
         self.stats.meta_misses.fetch_add(1, Ordering::Relaxed);
-        self.fetch_settled(
-            ino,
-            || self.timed(self.cfg.op_timeout, self.remote.getattr(ino)),
-            |a| self.meta.put_attr(a).map_err(Self::io),
-        )
-        .await
+        let r = self
+            .fetch_settled(
+                ino,
+                || self.timed(self.cfg.op_timeout, self.remote.getattr(ino)),
+                |a| self.meta.put_attr(a).map_err(Self::io),
+            )
+            .await;
+        if let Err(FsError::NotFound) = r {
+            self.settle_gone(ino).await;
+        }
+        r
     }
 
     /// The applied version of the volume holding `ino` (None: not a known volume).
@@ -410,18 +433,8 @@ impl<R: Remote> Core<R> {
         f: &Fetched<T>,
         put: impl FnOnce(&T) -> Result<(), FsError>,
     ) -> Result<Settle, FsError> {
-        let mut rx = self.applied_tx.subscribe();
-        if self.seen_of(ino).is_some_and(|s| f.newest > s) {
-            let wait = async {
-                while self.seen_of(ino).is_some_and(|s| f.newest > s) {
-                    if rx.changed().await.is_err() {
-                        break;
-                    }
-                }
-            };
-            if tokio::time::timeout(self.cfg.op_timeout, wait).await.is_err() {
-                return Ok(Settle::Show);
-            }
+        if !self.wait_seen(ino, f.newest).await {
+            return Ok(Settle::Show);
         }
         let _g = self.apply_mx.lock().unwrap_or_else(|p| p.into_inner());
         match self.seen_of(ino) {
@@ -435,6 +448,32 @@ impl<R: Remote> Core<R> {
                 Ok(Settle::Cached)
             }
             Some(_) => Ok(Settle::Again),
+        }
+    }
+
+    /// Waits (at most the operation timeout) until the mount has applied the events of the
+    /// volume holding `ino` up to `version`; false if they did not come in time.
+    async fn wait_seen(&self, ino: u64, version: u64) -> bool {
+        let mut rx = self.applied_tx.subscribe();
+        let wait = async {
+            while self.seen_of(ino).is_some_and(|s| version > s) {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(self.cfg.op_timeout, wait).await.is_ok()
+    }
+
+    /// A node the servers no longer have: its removal may be newer than what the mount shows,
+    /// so wait for the volume's current version before answering "gone" (the rest of that
+    /// commit is then shown with it).
+    async fn settle_gone(&self, ino: u64) {
+        let Some(vol) = self.volume_of(ino) else { return };
+        if let Ok(Ok(stamps)) = tokio::time::timeout(self.cfg.op_timeout, self.remote.stamps(vec![vol.name])).await {
+            if let Some(s) = stamps.into_iter().find(|s| s.exists) {
+                self.wait_seen(ino, s.version).await;
+            }
         }
     }
 
@@ -703,29 +742,52 @@ impl<R: Remote> Core<R> {
         }
         // Wait for our own namespace commits in flight to record what they told the kernel.
         let _inflight = self.writes.inflight.write().await;
-        // Our own commit: the kernel and the listings already show it (see write::commit).
+        // Our own commit: the kernel already shows it (see write::commit).
         let own = !ev.history_gone && self.writes.take_own(ev.version);
         let mut changed: Vec<u64> = ev.inos.iter().chain(&ev.dirs).copied().collect();
         changed.sort_unstable();
         changed.dedup();
-        let old_dirs: Vec<(u64, Option<Vec<crate::cache::meta::DirEnt>>)> = if own || ev.history_gone {
-            Vec::new()
-        } else {
-            ev.dirs
-                .iter()
-                .map(|d| Ok((*d, self.meta.dir(*d).map_err(Self::io)?)))
-                .collect::<Result<_, FsError>>()?
-        };
+        // Listings after the change, fetched before anything is locked.
+        let mut fresh: HashMap<u64, Option<HashMap<String, u64>>> = HashMap::new();
+        if !own && !ev.history_gone {
+            for dir in &ev.dirs {
+                if !self.told_names_in(*dir) {
+                    continue;
+                }
+                let listing = self.timed(self.cfg.op_timeout, self.remote.readdir(*dir)).await.ok();
+                fresh.insert(
+                    *dir,
+                    listing.map(|l| l.value.into_iter().map(|(n, a)| (n, a.ino)).collect()),
+                );
+            }
+        }
+        // Nodes behind names the kernel holds that vanished from their directory: a name of a
+        // node that is gone from the volume can wait (ESTALE on its next use), one of a node that
+        // still exists cannot.
+        let before = self.name_changes(&ev.dirs, &fresh);
+        let mut vanished: std::collections::HashSet<u64> = std::collections::HashSet::new();
+        if !before.moved && before.gone.len() <= MAX_GONE_CHECKS {
+            for ino in &before.gone {
+                if let Err(FsError::NotFound) = self.timed(self.cfg.op_timeout, self.remote.getattr(*ino)).await {
+                    vanished.insert(*ino);
+                }
+            }
+        }
         let mut inv = Invalidation::default();
-        let names_dropped = {
+        {
             let _view = self.view.write().await;
+            // No reply goes out now, so the names told to the kernel are all known here.
+            let names = if own || ev.history_gone {
+                NameChanges::default()
+            } else {
+                self.name_changes(&ev.dirs, &fresh)
+            };
+            let drop_all = ev.history_gone || names.moved || names.gone.iter().any(|i| !vanished.contains(i));
             {
                 let _g = self.apply_mx.lock().unwrap_or_else(|p| p.into_inner());
                 if ev.history_gone {
                     inv = self.everything_in(vol.id)?;
                     self.meta.forget_volume(vol.id).map_err(Self::io)?;
-                } else if own {
-                    self.meta.forget_attrs(&changed).map_err(Self::io)?;
                 } else {
                     self.meta.forget(&changed, &ev.dirs).map_err(Self::io)?;
                 }
@@ -735,6 +797,7 @@ impl<R: Remote> Core<R> {
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(volume.to_string(), vol);
+                self.writes.settled_own(ev.version);
             }
             self.view_gen.fetch_add(1, Ordering::AcqRel);
             inv.inodes.extend(changed.iter().copied());
@@ -748,34 +811,103 @@ impl<R: Remote> Core<R> {
                 }
                 stale.extend(inv.inodes.iter().copied());
             }
-            kernel.switch(&inv.inodes, !own)
-        };
-        self.applied_tx.send_modify(|n| *n += 1);
-        if !names_dropped {
-            // Without name epochs the kernel drops names one by one: exactly those that changed
-            // (including names it may hold as negative entries), found by diffing the listings.
-            for (dir, old) in old_dirs {
-                let Some(old) = old else { continue };
-                match self.timed(self.cfg.op_timeout, self.remote.readdir(dir)).await {
-                    Ok(new) => {
-                        let old_map: HashMap<&str, u64> = old.iter().map(|e| (e.name.as_str(), e.ino)).collect();
-                        let new_map: HashMap<&str, u64> = new.value.iter().map(|(n, a)| (n.as_str(), a.ino)).collect();
-                        for (n, i) in &old_map {
-                            if new_map.get(n) != Some(i) {
-                                inv.entries.push((dir, n.to_string()));
-                            }
-                        }
-                        for n in new_map.keys() {
-                            if !old_map.contains_key(n) {
-                                inv.entries.push((dir, n.to_string()));
-                            }
-                        }
+            let dropped = kernel.switch(&inv.inodes, drop_all);
+            let mut told = self.kernel_names.lock().unwrap_or_else(|p| p.into_inner());
+            if dropped {
+                // Every name is looked up again, and told again.
+                told.clear();
+            } else {
+                // Names go one by one, in the background: the kernel frees them, and until then
+                // a name of a vanished node answers ESTALE, which makes the kernel look it up
+                // again. (Without name epochs a moved name can show its old node until then.)
+                for (dir, name) in &names.entries {
+                    if let Some(d) = told.get_mut(dir) {
+                        d.remove(name);
                     }
-                    Err(_) => inv.entries.extend(old.into_iter().map(|e| (dir, e.name))),
                 }
+                inv.entries.extend(names.entries);
             }
         }
+        self.applied_tx.send_modify(|n| *n += 1);
         Ok(inv)
+    }
+
+    /// Whether the kernel was told any name in `dir`.
+    fn told_names_in(&self, dir: u64) -> bool {
+        self.kernel_names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&dir)
+            .is_some_and(|d| !d.is_empty())
+    }
+
+    /// Records that a reply told the kernel `name` in `parent` leads to `ino`; call it while the
+    /// view's read guard is held, before the reply is sent.
+    pub fn told_name(&self, parent: u64, name: &str, ino: u64) {
+        self.kernel_names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(parent)
+            .or_default()
+            .insert(name.to_string(), ino);
+    }
+
+    /// Records that the kernel dropped `name` in `parent` (our own unlink or rename).
+    pub fn forgot_name(&self, parent: u64, name: &str) {
+        if let Some(d) = self
+            .kernel_names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&parent)
+        {
+            d.remove(name);
+        }
+    }
+
+    /// Which names the kernel holds that a change retargeted, given the directories' listings
+    /// after it (`None`: unknown). The kernel learns names only from our replies, and keeps them
+    /// until it is told to drop them, so those are the names to check.
+    ///
+    /// Dropping every cached name (the epoch) also evicts every cached page, so it is done only
+    /// when needed: when a name the kernel holds now leads elsewhere while its old node still
+    /// exists (a rename), since that name would keep showing the old node. A name whose node
+    /// vanished needs nothing at once: the switch dropped the node's attributes, the kernel asks
+    /// for them on the next use, gets ESTALE and looks the name up again. Added names need
+    /// nothing: the kernel does not keep our "not found" answers.
+    fn name_changes(&self, dirs: &[u64], fresh: &HashMap<u64, Option<HashMap<String, u64>>>) -> NameChanges {
+        let mut out = NameChanges::default();
+        let told = self.kernel_names.lock().unwrap_or_else(|p| p.into_inner());
+        let mut listed: std::collections::HashSet<u64> = std::collections::HashSet::new();
+        for (dir, names) in told.iter() {
+            let Some(listing) = fresh.get(dir) else {
+                continue;
+            };
+            let Some(listing) = listing else {
+                // The new listing is unknown: assume the worst.
+                out.moved = true;
+                out.entries.extend(names.keys().map(|n| (*dir, n.clone())));
+                continue;
+            };
+            for (name, ino) in names {
+                if listing.get(name) != Some(ino) {
+                    out.entries.push((*dir, name.clone()));
+                    out.gone.push(*ino);
+                }
+            }
+            listed.extend(listing.values().copied());
+        }
+        // A changed directory the kernel had no name of when the listings were fetched, and was
+        // told one since: its new listing is unknown.
+        if dirs
+            .iter()
+            .any(|d| !fresh.contains_key(d) && told.get(d).is_some_and(|n| !n.is_empty()))
+        {
+            out.moved = true;
+        }
+        if out.gone.iter().any(|i| listed.contains(i)) {
+            out.moved = true;
+        }
+        out
     }
 
     /// Invalidations covering everything cached of a volume.

@@ -113,7 +113,7 @@ pub struct WriteState {
     /// newer content) must also commit later.
     store_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
     /// Versions of our own acknowledged commits whose change events have not arrived yet: the
-    /// kernel and the cached listings already show them (bounded; the oldest are dropped).
+    /// kernel already shows them (bounded; the oldest are dropped).
     own: Mutex<std::collections::BTreeSet<u64>>,
     pub stats: WriteStats,
 }
@@ -156,6 +156,13 @@ impl WriteState {
     /// Whether `version` is one of our own commits (forgotten once asked).
     pub(crate) fn take_own(&self, version: u64) -> bool {
         self.own.lock().unwrap_or_else(|p| p.into_inner()).remove(&version)
+    }
+
+    /// Forgets own commits at or below an applied event's version: their events came first
+    /// (they are then handled as anyone's, which is always safe).
+    pub(crate) fn settled_own(&self, version: u64) {
+        let mut own = self.own.lock().unwrap_or_else(|p| p.into_inner());
+        *own = own.split_off(&(version + 1));
     }
 
     pub fn read_only(&self) -> bool {
@@ -413,6 +420,7 @@ impl<R: Remote> Core<R> {
         self.meta
             .patch_dir(parent, name, Some((ino, kind as i32)))
             .map_err(Self::io)?;
+        self.told_name(parent, name, ino);
         drop(inflight);
         self.fresh_attr(ino).await
     }
@@ -472,6 +480,7 @@ impl<R: Remote> Core<R> {
         self.commit(&ctx, vec![op(pb::op::Op::Remove(rm))], &[parent, child.ino])
             .await?;
         self.meta.patch_dir(parent, name, None).map_err(Self::io)?;
+        self.forgot_name(parent, name);
         if dir {
             self.meta.forget(&[child.ino], &[]).map_err(Self::io)?;
         }
@@ -518,6 +527,8 @@ impl<R: Remote> Core<R> {
         self.meta
             .patch_dir(new_parent, new_name, Some((src.ino, pb_kind(src.kind))))
             .map_err(Self::io)?;
+        self.forgot_name(parent, name);
+        self.told_name(new_parent, new_name, src.ino);
         Ok(())
     }
 
@@ -543,6 +554,7 @@ impl<R: Remote> Core<R> {
         self.meta
             .patch_dir(new_parent, new_name, Some((ino, pb_kind(node.kind))))
             .map_err(Self::io)?;
+        self.told_name(new_parent, new_name, ino);
         drop(inflight);
         self.fresh_attr(ino).await
     }

@@ -147,16 +147,17 @@ impl Invalidator for KernelInvalidator {
     }
 }
 
-/// Drops the kernel's pages of `ino` if a change event replaced it since they were read, before
-/// a reply shows its new attributes: the kernel keeps pages when size and mtime look unchanged.
+/// Drops the kernel's pages of node `a` if a change event replaced it since they were read and
+/// the kernel would keep them (see `Core::take_stale_pages`), before a reply shows `a`.
 ///
 /// The kernel waits for page locks here, which only reads in flight hold; their replies need
 /// no lock of ours, so this cannot deadlock. It runs on the blocking pool so that a wait never
 /// holds up a runtime worker those reads need.
-async fn drop_stale_pages<R: Remote>(core: &Core<R>, inval: &std::sync::OnceLock<Arc<dyn Invalidator>>, ino: u64) {
-    if !core.take_stale_pages(ino) {
+async fn drop_stale_pages<R: Remote>(core: &Core<R>, inval: &std::sync::OnceLock<Arc<dyn Invalidator>>, a: &NodeAttr) {
+    if !core.take_stale_pages(a) {
         return;
     }
+    let ino = a.ino;
     if let Some(i) = inval.get().cloned() {
         if let Err(e) = tokio::task::spawn_blocking(move || i.drop_pages(ino)).await {
             tracing::debug!(ino, error = %e, "dropping stale pages");
@@ -266,7 +267,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
             }
             let lookup = || async {
                 let a = core.lookup(parent.0, &name).await?;
-                drop_stale_pages(&core, &inval, a.ino).await;
+                drop_stale_pages(&core, &inval, &a).await;
                 Ok::<_, FsError>(a)
             };
             let (r, _view) = core.current(lookup).await;
@@ -286,7 +287,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         self.spawn(tracing::debug_span!("getattr", ino = ino.0), async move {
             let getattr = || async {
                 let a = core.getattr(ino.0).await?;
-                drop_stale_pages(&core, &inval, ino.0).await;
+                drop_stale_pages(&core, &inval, &a).await;
                 Ok::<_, FsError>(a)
             };
             let (r, _view) = core.current(getattr).await;
@@ -421,8 +422,9 @@ impl<R: Remote> Filesystem for CodaFs<R> {
                 let me = core.getattr(ino.0).await?;
                 let mut all = vec![(".".to_string(), me.clone()), ("..".to_string(), me)];
                 for (name, child, _) in entries.into_iter().skip((offset as usize).saturating_sub(2)) {
-                    drop_stale_pages(&core, &inval, child).await;
-                    all.push((name, core.getattr(child).await?));
+                    let a = core.getattr(child).await?;
+                    drop_stale_pages(&core, &inval, &a).await;
+                    all.push((name, a));
                 }
                 Ok::<_, FsError>(all)
             };
@@ -688,7 +690,10 @@ impl<R: Remote> Filesystem for CodaFs<R> {
             if read_only && mask & libc::W_OK != 0 {
                 return reply.error(Errno::EROFS);
             }
-            done(reply, core.access(c, ino.0, mask).await);
+            match core.access(c, ino.0, mask).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(by_ino(&e)),
+            }
         });
     }
 

@@ -40,6 +40,25 @@ fn login(tc: &TestCluster, user: &User) -> Result<String> {
     Ok(out.stdout)
 }
 
+/// A writable mount "a" whose root holds the admin token, and a `--read-only` mount "web".
+fn writer_and_web_node(tc: &TestCluster) -> Result<(Mount, Mount)> {
+    let dir = tc.root.path();
+    let a = Mount::start(&tc.client_args(), dir, "a", &[])?;
+    let web = Mount::start(&tc.client_args(), dir, "web", &["--read-only"])?;
+    let reply = a.control(&format!("login {}", tc.token))?;
+    ensure!(reply["ok"] == true, "{reply}");
+    Ok((a, web))
+}
+
+/// The version of volume `www` a mount has applied (from `codafs status`).
+fn www_version(m: &Mount) -> Option<u64> {
+    m.status().ok()?["volumes"]
+        .as_array()?
+        .iter()
+        .find(|v| v["name"] == "www")?["version"]
+        .as_u64()
+}
+
 /// Waits until `path` reads as `want` (through a mount, after callbacks).
 async fn wait_content(path: &Path, want: &[u8]) -> Result<()> {
     let p = path.to_path_buf();
@@ -417,11 +436,7 @@ async fn a_local_change_does_not_hide_later_remote_renames_in_that_directory() {
 async fn overlapping_stores_of_one_file_commit_in_order() {
     bounded(async {
         let tc = setup().await?;
-        let dir = tc.root.path();
-        let a = Mount::start(&tc.client_args(), dir, "a", &[])?;
-        let web = Mount::start(&tc.client_args(), dir, "web", &["--read-only"])?;
-        let reply = a.control(&format!("login {}", tc.token))?;
-        ensure!(reply["ok"] == true, "{reply}");
+        let (a, web) = writer_and_web_node(&tc)?;
         let path = a.path.join("www/big.bin");
         let p = path.clone();
         codafs_tests::fs_call(Duration::from_secs(60), move || {
@@ -488,6 +503,57 @@ async fn on_a_private_volume_what_root_listed_stays_closed_to_other_users() {
         ensure!(!out.ok && out.stderr.contains("Permission denied"), "ls: {out:?}");
         let out = sh_as(&stranger, &format!("cat {}/f.txt", secret.display()))?;
         ensure!(!out.ok && out.stderr.contains("Permission denied"), "cat: {out:?}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn new_content_with_the_same_size_and_mtime_reaches_another_node() {
+    bounded(async {
+        let tc = setup().await?;
+        let (a, web) = writer_and_web_node(&tc)?;
+        // Reproducible builds stamp every file with one time: same size, same mtime, new bytes.
+        let stamp = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let write = |content: &'static [u8]| {
+            let p = a.path.join("www/same.txt");
+            codafs_tests::fs_call(Duration::from_secs(30), move || {
+                std::fs::write(&p, content)?;
+                std::fs::File::options().write(true).open(&p)?.set_modified(stamp)
+            })
+        };
+        write(b"aaaa")??;
+        let seen = web.path.join("www/same.txt");
+        wait_until(
+            Duration::from_secs(10),
+            "web shows the first version with its mtime",
+            || {
+                let p = seen.clone();
+                async move {
+                    read_file(&p).is_ok_and(|d| d == b"aaaa")
+                        && std::fs::metadata(&p).is_ok_and(|m| m.mtime() == 1_700_000_000)
+                }
+            },
+        )
+        .await?;
+        read_file(&seen)?;
+        write(b"bbbb")??;
+        // Both commits (content, then the mtime put back) reach the web node before it looks.
+        let version = www_version(&a).context("the writer's volume version")?;
+        wait_until(Duration::from_secs(10), "web applies both commits", || async {
+            www_version(&web).is_some_and(|v| v >= version)
+        })
+        .await?;
+        let meta = std::fs::metadata(&seen)?;
+        ensure!(
+            meta.len() == 4 && meta.mtime() == 1_700_000_000,
+            "size or mtime changed"
+        );
+        ensure!(read_file(&seen)? == b"bbbb", "the web node served the old bytes");
+        ensure!(
+            web.status()?["stale_page_drops"].as_u64().unwrap_or(0) > 0,
+            "the web node did not drop the replaced pages before showing the file"
+        );
         Ok(())
     })
     .await

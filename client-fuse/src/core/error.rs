@@ -10,6 +10,9 @@
 pub enum FsError {
     #[error("not found")]
     NotFound,
+    /// The node a request names by inode is gone (the kernel then walks the path again).
+    #[error("stale node")]
+    Stale,
     #[error("not a directory")]
     NotDir,
     #[error("is a directory")]
@@ -66,6 +69,7 @@ impl FsError {
             FsError::NotPermitted(_) => libc::EPERM,
             FsError::Quota(_) => libc::EDQUOT,
             FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::Stale => libc::ESTALE,
             FsError::CrossVolume => libc::EXDEV,
             FsError::BadHandle => libc::EBADF,
             FsError::TooLarge(_) => libc::EFBIG,

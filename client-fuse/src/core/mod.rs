@@ -106,6 +106,10 @@ struct NameChanges {
 /// Vanished names whose nodes are checked one by one; more than this drops every name instead.
 const MAX_GONE_CHECKS: usize = 64;
 
+/// Names told to the kernel that are remembered (see [`Core::name_changes`]); past this, all
+/// are dropped, in the kernel too, and learnt again.
+const MAX_TOLD_NAMES: usize = 1 << 20;
+
 /// What to do with metadata fetched from a replica (see [`Core::settle`]).
 enum Settle {
     /// It is the mount's current state, and was cached.
@@ -217,10 +221,11 @@ pub struct Core<R: Remote> {
     /// The names replies told the kernel, by directory: what it may still cache (see
     /// [`Core::name_changes`]).
     kernel_names: Mutex<HashMap<u64, HashMap<String, u64>>>,
-    /// Nodes a change event replaced whose old pages the kernel may still hold. The kernel keeps
-    /// pages when a file's size and mtime look unchanged, so the first reply that shows such a
-    /// node drops them first (see [`Core::take_stale_pages`]).
-    stale_pages: Mutex<std::collections::HashSet<u64>>,
+    /// Nodes a change event replaced whose old pages the kernel may still hold, with the size
+    /// and mtime the kernel was shown (if known). The kernel keeps pages when those look
+    /// unchanged, so the first reply that shows such a node drops them first (see
+    /// [`Core::take_stale_pages`]).
+    stale_pages: Mutex<HashMap<u64, Option<(u64, i64)>>>,
 }
 
 impl<R: Remote> Core<R> {
@@ -248,7 +253,7 @@ impl<R: Remote> Core<R> {
             view: tokio::sync::RwLock::new(()),
             view_gen: AtomicU64::new(0),
             applied_tx: tokio::sync::watch::channel(0).0,
-            stale_pages: Mutex::new(std::collections::HashSet::new()),
+            stale_pages: Mutex::new(HashMap::new()),
             kernel_names: Mutex::new(HashMap::new()),
         })
     }
@@ -505,33 +510,45 @@ impl<R: Remote> Core<R> {
         }
     }
 
-    /// Whether the kernel may hold pages of `ino` from before a change event; true once, for the
-    /// reply that is to drop them.
-    pub fn take_stale_pages(&self, ino: u64) -> bool {
-        let stale = self.stale_pages.lock().unwrap_or_else(|p| p.into_inner()).remove(&ino);
-        if stale {
+    /// Whether the reply about to show `a` must first drop the kernel's pages of it: true once
+    /// after a change replaced it, if its size and mtime look unchanged to the kernel (or the
+    /// kernel's view is unknown). When they differ the kernel drops the pages itself on reading
+    /// the reply, and dropping them here would make it discard the reply's attributes.
+    pub fn take_stale_pages(&self, a: &NodeAttr) -> bool {
+        let Some(shown) = self
+            .stale_pages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&a.ino)
+        else {
+            return false;
+        };
+        let drop = a.kind != NodeKind::Dir && shown.is_none_or(|s| s == (a.size, a.mtime_ns));
+        if drop {
             self.stats.stale_page_drops.fetch_add(1, Ordering::Relaxed);
         }
-        stale
+        drop
     }
 
     /// Runs `f` and returns its result with a read guard on the view: hold the guard until the
-    /// reply is sent. If a change event switched the view while `f` ran, `f` runs again (at most
-    /// twice), so a reply never shows the kernel a state older than one it was already shown.
+    /// reply is sent. If a change event switched the view while `f` ran, `f` runs again, so a
+    /// reply never shows the kernel a state older than one it was already shown.
     pub async fn current<T, Fut>(&self, f: impl Fn() -> Fut) -> (T, tokio::sync::RwLockReadGuard<'_, ()>)
     where
         Fut: std::future::Future<Output = T>,
     {
-        let mut attempt = 0;
-        loop {
+        for _ in 0..3 {
             let gen = self.view_gen.load(Ordering::Acquire);
             let r = f().await;
             let guard = self.view.read().await;
-            if self.view_gen.load(Ordering::Acquire) == gen || attempt == 2 {
+            if self.view_gen.load(Ordering::Acquire) == gen {
                 return (r, guard);
             }
-            attempt += 1;
         }
+        // Events keep switching the view: run once more holding the guard, which holds the
+        // next switch back (a wait inside for an event gives up after the operation timeout).
+        let guard = self.view.read().await;
+        (f().await, guard)
     }
 
     pub async fn getattr(&self, ino: u64) -> Result<NodeAttr, FsError> {
@@ -591,7 +608,11 @@ impl<R: Remote> Core<R> {
             let v = v.ok_or(FsError::NotFound)?;
             return self.getattr(v.root_ino).await;
         }
-        let listing = self.listing(parent).await?;
+        let listing = match self.listing(parent).await {
+            // The directory itself is gone: the kernel walks the path again.
+            Err(FsError::NotFound) => return Err(FsError::Stale),
+            r => r?,
+        };
         let e = listing.iter().find(|e| e.name == name).ok_or(FsError::NotFound)?;
         self.getattr(e.ino).await
     }
@@ -740,30 +761,19 @@ impl<R: Remote> Core<R> {
         if ev.version <= vol.seen && !ev.history_gone {
             return Ok(Invalidation::default());
         }
-        // Wait for our own namespace commits in flight to record what they told the kernel.
-        let _inflight = self.writes.inflight.write().await;
-        // Our own commit: the kernel already shows it (see write::commit).
-        let own = !ev.history_gone && self.writes.take_own(ev.version);
-        let mut changed: Vec<u64> = ev.inos.iter().chain(&ev.dirs).copied().collect();
-        changed.sort_unstable();
-        changed.dedup();
-        // Listings after the change, fetched before anything is locked.
+        // What the change did to the names the kernel holds, found before anything is locked
+        // (network reads): the listings after the change, and which nodes that lost a name
+        // vanished. A name of a node that is gone from the volume can wait (ESTALE on its next
+        // use); one of a node that still exists cannot.
+        let foreign = !ev.history_gone && !self.writes.is_own(ev.version);
         let mut fresh: HashMap<u64, Option<HashMap<String, u64>>> = HashMap::new();
-        if !own && !ev.history_gone {
+        if foreign {
             for dir in &ev.dirs {
-                if !self.told_names_in(*dir) {
-                    continue;
+                if self.told_names_in(*dir) {
+                    fresh.insert(*dir, self.listing_after(*dir, ev.version).await);
                 }
-                let listing = self.timed(self.cfg.op_timeout, self.remote.readdir(*dir)).await.ok();
-                fresh.insert(
-                    *dir,
-                    listing.map(|l| l.value.into_iter().map(|(n, a)| (n, a.ino)).collect()),
-                );
             }
         }
-        // Nodes behind names the kernel holds that vanished from their directory: a name of a
-        // node that is gone from the volume can wait (ESTALE on its next use), one of a node that
-        // still exists cannot.
         let before = self.name_changes(&ev.dirs, &fresh);
         let mut vanished: std::collections::HashSet<u64> = std::collections::HashSet::new();
         if !before.moved && before.gone.len() <= MAX_GONE_CHECKS {
@@ -773,18 +783,44 @@ impl<R: Remote> Core<R> {
                 }
             }
         }
+        // Wait for our own namespace commits in flight to record what they told the kernel.
+        let _inflight = self.writes.inflight.write().await;
+        // Our own commit: the kernel already shows it (see write::commit).
+        let own = !ev.history_gone && self.writes.take_own(ev.version);
+        let mut changed: Vec<u64> = ev.inos.iter().chain(&ev.dirs).copied().collect();
+        changed.sort_unstable();
+        changed.dedup();
         let mut inv = Invalidation::default();
         {
             let _view = self.view.write().await;
-            // No reply goes out now, so the names told to the kernel are all known here.
+            // No reply goes out now, so the names told to the kernel are all known here. (An own
+            // commit's names were told by its own replies; one recorded after `foreign` was
+            // decided is handled as anyone's, which is always safe.)
             let names = if own || ev.history_gone {
                 NameChanges::default()
+            } else if !foreign {
+                NameChanges {
+                    moved: true,
+                    ..NameChanges::default()
+                }
             } else {
                 self.name_changes(&ev.dirs, &fresh)
             };
             let drop_all = ev.history_gone || names.moved || names.gone.iter().any(|i| !vanished.contains(i));
             {
                 let _g = self.apply_mx.lock().unwrap_or_else(|p| p.into_inner());
+                if !own {
+                    // Our own stores left the new bytes in the kernel's pages; others' did not.
+                    // Remember what the kernel was shown of each node (see `take_stale_pages`).
+                    let mut stale = self.stale_pages.lock().unwrap_or_else(|p| p.into_inner());
+                    if ev.history_gone {
+                        stale.clear();
+                    }
+                    for ino in &changed {
+                        let shown = self.meta.attr(*ino).ok().flatten().map(|a| (a.size, a.mtime_ns));
+                        stale.insert(*ino, shown);
+                    }
+                }
                 if ev.history_gone {
                     inv = self.everything_in(vol.id)?;
                     self.meta.forget_volume(vol.id).map_err(Self::io)?;
@@ -803,14 +839,6 @@ impl<R: Remote> Core<R> {
             inv.inodes.extend(changed.iter().copied());
             inv.inodes.sort_unstable();
             inv.inodes.dedup();
-            if !own {
-                // Our own stores left the new bytes in the kernel's pages; others' did not.
-                let mut stale = self.stale_pages.lock().unwrap_or_else(|p| p.into_inner());
-                if ev.history_gone {
-                    stale.clear();
-                }
-                stale.extend(inv.inodes.iter().copied());
-            }
             let dropped = kernel.switch(&inv.inodes, drop_all);
             let mut told = self.kernel_names.lock().unwrap_or_else(|p| p.into_inner());
             if dropped {
@@ -826,10 +854,51 @@ impl<R: Remote> Core<R> {
                     }
                 }
                 inv.entries.extend(names.entries);
+                if !own {
+                    // A lookup answered just before the switch may reach the kernel after it,
+                    // too late for the attribute drop above: drop the changed files' names too.
+                    // The kernel orders that after the lookup (directory lock). Directories keep
+                    // theirs (dropping one drops everything cached below it).
+                    for (dir, names) in told.iter_mut() {
+                        names.retain(|name, ino| {
+                            let file = changed.binary_search(ino).is_ok() && !ev.dirs.contains(ino);
+                            if file {
+                                inv.entries.push((*dir, name.clone()));
+                            }
+                            !file
+                        });
+                    }
+                }
+                if told.values().map(HashMap::len).sum::<usize>() > MAX_TOLD_NAMES {
+                    // Bounded memory: forget them all, and make the kernel forget them too.
+                    if kernel.switch(&[], true) {
+                        told.clear();
+                    }
+                }
             }
         }
         self.applied_tx.send_modify(|n| *n += 1);
         Ok(inv)
+    }
+
+    /// A directory's entries as of at least `version` (a lagging replica is asked again, for up
+    /// to the operation timeout); a directory that is gone has none. `None`: unknown.
+    async fn listing_after(&self, dir: u64, version: u64) -> Option<HashMap<String, u64>> {
+        let deadline = tokio::time::Instant::now() + self.cfg.op_timeout;
+        let mut pause = Duration::from_millis(2);
+        loop {
+            match self.timed(self.cfg.op_timeout, self.remote.readdir(dir)).await {
+                Ok(l) if l.applied >= version => {
+                    return Some(l.value.into_iter().map(|(n, a)| (n, a.ino)).collect());
+                }
+                Err(FsError::NotFound) => return Some(HashMap::new()),
+                Ok(_) if tokio::time::Instant::now() + pause < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+                _ => return None,
+            }
+        }
     }
 
     /// Whether the kernel was told any name in `dir`.

@@ -153,6 +153,11 @@ impl WriteState {
         }
     }
 
+    /// Whether `version` is one of our own commits.
+    pub(crate) fn is_own(&self, version: u64) -> bool {
+        self.own.lock().unwrap_or_else(|p| p.into_inner()).contains(&version)
+    }
+
     /// Whether `version` is one of our own commits (forgotten once asked).
     pub(crate) fn take_own(&self, version: u64) -> bool {
         self.own.lock().unwrap_or_else(|p| p.into_inner()).remove(&version)

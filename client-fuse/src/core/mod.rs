@@ -765,12 +765,15 @@ impl<R: Remote> Core<R> {
         // (network reads): the listings after the change, and which nodes that lost a name
         // vanished. A name of a node that is gone from the volume can wait (ESTALE on its next
         // use); one of a node that still exists cannot.
+        // All of it within one operation timeout: past that, what is not known is assumed the
+        // worst (every name is dropped) rather than holding the event back.
+        let deadline = tokio::time::Instant::now() + self.cfg.op_timeout;
         let foreign = !ev.history_gone && !self.writes.is_own(ev.version);
         let mut fresh: HashMap<u64, Option<HashMap<String, u64>>> = HashMap::new();
         if foreign {
             for dir in &ev.dirs {
                 if self.told_names_in(*dir) {
-                    fresh.insert(*dir, self.listing_after(*dir, ev.version).await);
+                    fresh.insert(*dir, self.listing_after(*dir, ev.version, deadline).await);
                 }
             }
         }
@@ -778,7 +781,11 @@ impl<R: Remote> Core<R> {
         let mut vanished: std::collections::HashSet<u64> = std::collections::HashSet::new();
         if !before.moved && before.gone.len() <= MAX_GONE_CHECKS {
             for ino in &before.gone {
-                if let Err(FsError::NotFound) = self.timed(self.cfg.op_timeout, self.remote.getattr(*ino)).await {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                if let Err(FsError::NotFound) = self.timed(left, self.remote.getattr(*ino)).await {
                     vanished.insert(*ino);
                 }
             }
@@ -881,13 +888,21 @@ impl<R: Remote> Core<R> {
         Ok(inv)
     }
 
-    /// A directory's entries as of at least `version` (a lagging replica is asked again, for up
-    /// to the operation timeout); a directory that is gone has none. `None`: unknown.
-    async fn listing_after(&self, dir: u64, version: u64) -> Option<HashMap<String, u64>> {
-        let deadline = tokio::time::Instant::now() + self.cfg.op_timeout;
+    /// A directory's entries as of at least `version` (a lagging replica is asked again until
+    /// `deadline`); a directory that is gone has none. `None`: unknown.
+    async fn listing_after(
+        &self,
+        dir: u64,
+        version: u64,
+        deadline: tokio::time::Instant,
+    ) -> Option<HashMap<String, u64>> {
         let mut pause = Duration::from_millis(2);
         loop {
-            match self.timed(self.cfg.op_timeout, self.remote.readdir(dir)).await {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            match self.timed(left, self.remote.readdir(dir)).await {
                 Ok(l) if l.applied >= version => {
                     return Some(l.value.into_iter().map(|(n, a)| (n, a.ino)).collect());
                 }

@@ -3,17 +3,13 @@
 //! `/coda` (node 1) lists the volumes; below that every node id is the server's object id. All
 //! metadata comes from the persistent [`MetaStore`] when present and from the servers otherwise;
 //! file contents always come from the whole-file [`BlobCache`], fetched in full on first use.
-//! Change events drop exactly what they invalidate and return the kernel invalidations to issue
-//! (the FUSE adaptor turns them into notifier calls), so everything here is testable without a
-//! mount.
-//!
-//! **One version at a time.** The mount shows each volume as of the last change event it
-//! applied (`seen`). Metadata fetched from a replica is cached and shown only once it is that
-//! state (see [`Core::settle`]), and an event switches the cache and the kernel's copies while
-//! replies that show metadata wait (see [`Core::current`]). So a reader never sees part of a
-//! commit and then something older: a published site appears whole.
+//! Change events drop exactly what they invalidate and drive the kernel through an
+//! [`Invalidator`] (the FUSE adaptor turns that into notifier calls), so everything here is
+//! testable without a mount. How an event is applied, and how fetched metadata is kept in step
+//! with events, is in [`switch`].
 pub mod error;
 pub mod remote;
+pub mod switch;
 pub mod write;
 
 use std::collections::{BTreeMap, HashMap};
@@ -25,7 +21,7 @@ use codafs_common::{split_ino, Hash};
 use codafs_proto::pb;
 
 pub use error::FsError;
-use remote::{Fetched, Remote, RemoteVolume};
+use remote::{Remote, RemoteVolume};
 
 use crate::cache::blobs::BlobCache;
 use crate::cache::meta::{MetaStore, VolState};
@@ -92,34 +88,6 @@ impl Invalidator for NoKernel {
     fn drop_pages(&self, _ino: u64) {}
 }
 
-/// What a change did to the names the kernel holds (see [`Core::name_changes`]).
-#[derive(Debug, Default)]
-struct NameChanges {
-    /// Names that vanished or lead elsewhere: (directory, name).
-    entries: Vec<(u64, String)>,
-    /// The nodes those names led to.
-    gone: Vec<u64>,
-    /// A name now leads elsewhere while its old node is listed elsewhere, or it is unknown.
-    moved: bool,
-}
-
-/// Vanished names whose nodes are checked one by one; more than this drops every name instead.
-const MAX_GONE_CHECKS: usize = 64;
-
-/// Names told to the kernel that are remembered (see [`Core::name_changes`]); past this, all
-/// are dropped, in the kernel too, and learnt again.
-const MAX_TOLD_NAMES: usize = 1 << 20;
-
-/// What to do with metadata fetched from a replica (see [`Core::settle`]).
-enum Settle {
-    /// It is the mount's current state, and was cached.
-    Cached,
-    /// Show it once, do not cache it (its change event did not arrive in time).
-    Show,
-    /// The replica was behind, or an event switched the state meanwhile: read again.
-    Again,
-}
-
 /// Tunables of the core.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
@@ -184,7 +152,7 @@ pub fn shown_perm(mode: u32, kind: NodeKind, public: bool) -> u16 {
     m as u16
 }
 
-fn kind_of(k: i32) -> NodeKind {
+pub(crate) fn kind_of(k: i32) -> NodeKind {
     match pb::ObjectKind::try_from(k) {
         Ok(pb::ObjectKind::Directory) => NodeKind::Dir,
         Ok(pb::ObjectKind::Symlink) => NodeKind::Symlink,
@@ -418,139 +386,6 @@ impl<R: Remote> Core<R> {
         r
     }
 
-    /// The applied version of the volume holding `ino` (None: not a known volume).
-    fn seen_of(&self, ino: u64) -> Option<u64> {
-        self.volume_of(ino).map(|v| v.seen)
-    }
-
-    /// Orders metadata fetched for node `ino` against the change events this mount applied,
-    /// and caches it (`put`) when it is exactly the state the mount shows.
-    ///
-    /// The mount shows a volume as of its last applied event, `seen`. Data read at replica index
-    /// `applied >= seen` whose newest part changed at or before `seen` is that state. Data with
-    /// a newer change waits (at most the operation timeout) for that change's event, so the
-    /// kernel is never shown part of a commit before the mount has switched to all of it; if
-    /// the event does not come (no change stream), the data is shown but not cached. Data from
-    /// a replica behind `seen` is read again.
-    async fn settle<T>(
-        &self,
-        ino: u64,
-        f: &Fetched<T>,
-        put: impl FnOnce(&T) -> Result<(), FsError>,
-    ) -> Result<Settle, FsError> {
-        if !self.wait_seen(ino, f.newest).await {
-            return Ok(Settle::Show);
-        }
-        let _g = self.apply_mx.lock().unwrap_or_else(|p| p.into_inner());
-        match self.seen_of(ino) {
-            // Not a known volume: there is no version to keep in step with.
-            None => {
-                put(&f.value)?;
-                Ok(Settle::Cached)
-            }
-            Some(seen) if f.applied >= seen && f.newest <= seen => {
-                put(&f.value)?;
-                Ok(Settle::Cached)
-            }
-            Some(_) => Ok(Settle::Again),
-        }
-    }
-
-    /// Waits (at most the operation timeout) until the mount has applied the events of the
-    /// volume holding `ino` up to `version`; false if they did not come in time.
-    async fn wait_seen(&self, ino: u64, version: u64) -> bool {
-        let mut rx = self.applied_tx.subscribe();
-        let wait = async {
-            while self.seen_of(ino).is_some_and(|s| version > s) {
-                if rx.changed().await.is_err() {
-                    break;
-                }
-            }
-        };
-        tokio::time::timeout(self.cfg.op_timeout, wait).await.is_ok()
-    }
-
-    /// A node the servers no longer have: its removal may be newer than what the mount shows,
-    /// so wait for the volume's current version before answering "gone" (the rest of that
-    /// commit is then shown with it).
-    async fn settle_gone(&self, ino: u64) {
-        let Some(vol) = self.volume_of(ino) else { return };
-        if let Ok(Ok(stamps)) = tokio::time::timeout(self.cfg.op_timeout, self.remote.stamps(vec![vol.name])).await {
-            if let Some(s) = stamps.into_iter().find(|s| s.exists) {
-                self.wait_seen(ino, s.version).await;
-            }
-        }
-    }
-
-    /// Fetches metadata of `ino` and settles it (see [`Core::settle`]).
-    async fn fetch_settled<T, Fut>(
-        &self,
-        ino: u64,
-        fetch: impl Fn() -> Fut,
-        put: impl Fn(&T) -> Result<(), FsError>,
-    ) -> Result<T, FsError>
-    where
-        Fut: std::future::Future<Output = Result<Fetched<T>, FsError>>,
-    {
-        // A replica behind the mount (a follower catching up after a failover) is asked again
-        // for up to the operation timeout; one that stays behind longer is shown as it is
-        // rather than failing the request.
-        let deadline = tokio::time::Instant::now() + self.cfg.op_timeout;
-        let mut pause = Duration::from_millis(2);
-        loop {
-            let f = fetch().await?;
-            match self.settle(ino, &f, &put).await? {
-                Settle::Cached | Settle::Show => return Ok(f.value),
-                Settle::Again if tokio::time::Instant::now() + pause > deadline => return Ok(f.value),
-                Settle::Again => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(50));
-                }
-            }
-        }
-    }
-
-    /// Whether the reply about to show `a` must first drop the kernel's pages of it: true once
-    /// after a change replaced it, if its size and mtime look unchanged to the kernel (or the
-    /// kernel's view is unknown). When they differ the kernel drops the pages itself on reading
-    /// the reply, and dropping them here would make it discard the reply's attributes.
-    pub fn take_stale_pages(&self, a: &NodeAttr) -> bool {
-        let Some(shown) = self
-            .stale_pages
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&a.ino)
-        else {
-            return false;
-        };
-        let drop = a.kind != NodeKind::Dir && shown.is_none_or(|s| s == (a.size, a.mtime_ns));
-        if drop {
-            self.stats.stale_page_drops.fetch_add(1, Ordering::Relaxed);
-        }
-        drop
-    }
-
-    /// Runs `f` and returns its result with a read guard on the view: hold the guard until the
-    /// reply is sent. If a change event switched the view while `f` ran, `f` runs again, so a
-    /// reply never shows the kernel a state older than one it was already shown.
-    pub async fn current<T, Fut>(&self, f: impl Fn() -> Fut) -> (T, tokio::sync::RwLockReadGuard<'_, ()>)
-    where
-        Fut: std::future::Future<Output = T>,
-    {
-        for _ in 0..3 {
-            let gen = self.view_gen.load(Ordering::Acquire);
-            let r = f().await;
-            let guard = self.view.read().await;
-            if self.view_gen.load(Ordering::Acquire) == gen {
-                return (r, guard);
-            }
-        }
-        // Events keep switching the view: run once more holding the guard, which holds the
-        // next switch back (a wait inside for an event gives up after the operation timeout).
-        let guard = self.view.read().await;
-        (f().await, guard)
-    }
-
     pub async fn getattr(&self, ino: u64) -> Result<NodeAttr, FsError> {
         if ino == ROOT_INO {
             return Ok(self.root_attr());
@@ -734,287 +569,6 @@ impl<R: Remote> Core<R> {
         }
         buf.truncate(done);
         Ok(buf)
-    }
-
-    /// Applies one change event of `volume`: switches the cache and the kernel's copies to the
-    /// event's version in one step, and returns the invalidations that may follow in the
-    /// background (page caches, and the names that changed on kernels without name epochs).
-    ///
-    /// The switch happens under the view's write lock, so no reply computed from the old state
-    /// goes out after it; the kernel part of it ([`Invalidator::switch`]) takes no lock a pending
-    /// request could hold, so it cannot deadlock with requests waiting for that lock.
-    pub async fn apply_change(
-        &self,
-        volume: &str,
-        ev: &pb::ChangeEvent,
-        kernel: &dyn Invalidator,
-    ) -> Result<Invalidation, FsError> {
-        let Some(mut vol) = self
-            .volumes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(volume)
-            .cloned()
-        else {
-            return Ok(Invalidation::default());
-        };
-        if ev.version <= vol.seen && !ev.history_gone {
-            return Ok(Invalidation::default());
-        }
-        // What the change did to the names the kernel holds, found before anything is locked
-        // (network reads): the listings after the change, and which nodes that lost a name
-        // vanished. A name of a node that is gone from the volume can wait (ESTALE on its next
-        // use); one of a node that still exists cannot.
-        // All of it within one operation timeout: past that, what is not known is assumed the
-        // worst (every name is dropped) rather than holding the event back.
-        let deadline = tokio::time::Instant::now() + self.cfg.op_timeout;
-        let foreign = !ev.history_gone && !self.writes.is_own(ev.version);
-        let mut fresh: HashMap<u64, Option<HashMap<String, u64>>> = HashMap::new();
-        if foreign {
-            for dir in &ev.dirs {
-                if self.told_names_in(*dir) {
-                    fresh.insert(*dir, self.listing_after(*dir, ev.version, deadline).await);
-                }
-            }
-        }
-        let before = self.name_changes(&ev.dirs, &fresh);
-        let mut vanished: std::collections::HashSet<u64> = std::collections::HashSet::new();
-        if !before.moved && before.gone.len() <= MAX_GONE_CHECKS {
-            for ino in &before.gone {
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                if let Err(FsError::NotFound) = self.timed(left, self.remote.getattr(*ino)).await {
-                    vanished.insert(*ino);
-                }
-            }
-        }
-        // Wait for our own namespace commits in flight to record what they told the kernel.
-        let _inflight = self.writes.inflight.write().await;
-        // Our own commit: the kernel already shows it (see write::commit).
-        let own = !ev.history_gone && self.writes.take_own(ev.version);
-        let mut changed: Vec<u64> = ev.inos.iter().chain(&ev.dirs).copied().collect();
-        changed.sort_unstable();
-        changed.dedup();
-        let mut inv = Invalidation::default();
-        {
-            let _view = self.view.write().await;
-            // No reply goes out now, so the names told to the kernel are all known here. (An own
-            // commit's names were told by its own replies; one recorded after `foreign` was
-            // decided is handled as anyone's, which is always safe.)
-            let names = if own || ev.history_gone {
-                NameChanges::default()
-            } else if !foreign {
-                NameChanges {
-                    moved: true,
-                    ..NameChanges::default()
-                }
-            } else {
-                self.name_changes(&ev.dirs, &fresh)
-            };
-            let drop_all = ev.history_gone || names.moved || names.gone.iter().any(|i| !vanished.contains(i));
-            {
-                let _g = self.apply_mx.lock().unwrap_or_else(|p| p.into_inner());
-                if !own {
-                    // Our own stores left the new bytes in the kernel's pages; others' did not.
-                    // Remember what the kernel was shown of each node (see `take_stale_pages`).
-                    let mut stale = self.stale_pages.lock().unwrap_or_else(|p| p.into_inner());
-                    if ev.history_gone {
-                        stale.clear();
-                    }
-                    for ino in &changed {
-                        let shown = self.meta.attr(*ino).ok().flatten().map(|a| (a.size, a.mtime_ns));
-                        stale.insert(*ino, shown);
-                    }
-                }
-                if ev.history_gone {
-                    inv = self.everything_in(vol.id)?;
-                    self.meta.forget_volume(vol.id).map_err(Self::io)?;
-                } else {
-                    self.meta.forget(&changed, &ev.dirs).map_err(Self::io)?;
-                }
-                vol.seen = ev.version;
-                self.meta.put_volume(&vol).map_err(Self::io)?;
-                self.volumes
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(volume.to_string(), vol);
-                self.writes.settled_own(ev.version);
-            }
-            self.view_gen.fetch_add(1, Ordering::AcqRel);
-            inv.inodes.extend(changed.iter().copied());
-            inv.inodes.sort_unstable();
-            inv.inodes.dedup();
-            let dropped = kernel.switch(&inv.inodes, drop_all);
-            let mut told = self.kernel_names.lock().unwrap_or_else(|p| p.into_inner());
-            if dropped {
-                // Every name is looked up again, and told again.
-                told.clear();
-            } else {
-                // Names go one by one, in the background: the kernel frees them, and until then
-                // a name of a vanished node answers ESTALE, which makes the kernel look it up
-                // again. (Without name epochs a moved name can show its old node until then.)
-                for (dir, name) in &names.entries {
-                    if let Some(d) = told.get_mut(dir) {
-                        d.remove(name);
-                    }
-                }
-                inv.entries.extend(names.entries);
-                if !own {
-                    // A lookup answered just before the switch may reach the kernel after it,
-                    // too late for the attribute drop above: drop the changed files' names too.
-                    // The kernel orders that after the lookup (directory lock). Directories keep
-                    // theirs (dropping one drops everything cached below it).
-                    for (dir, names) in told.iter_mut() {
-                        names.retain(|name, ino| {
-                            let file = changed.binary_search(ino).is_ok() && !ev.dirs.contains(ino);
-                            if file {
-                                inv.entries.push((*dir, name.clone()));
-                            }
-                            !file
-                        });
-                    }
-                }
-                if told.values().map(HashMap::len).sum::<usize>() > MAX_TOLD_NAMES {
-                    // Bounded memory: forget them all, and make the kernel forget them too.
-                    if kernel.switch(&[], true) {
-                        told.clear();
-                    }
-                }
-            }
-        }
-        self.applied_tx.send_modify(|n| *n += 1);
-        Ok(inv)
-    }
-
-    /// A directory's entries as of at least `version` (a lagging replica is asked again until
-    /// `deadline`); a directory that is gone has none. `None`: unknown.
-    async fn listing_after(
-        &self,
-        dir: u64,
-        version: u64,
-        deadline: tokio::time::Instant,
-    ) -> Option<HashMap<String, u64>> {
-        let mut pause = Duration::from_millis(2);
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            match self.timed(left, self.remote.readdir(dir)).await {
-                Ok(l) if l.applied >= version => {
-                    return Some(l.value.into_iter().map(|(n, a)| (n, a.ino)).collect());
-                }
-                Err(FsError::NotFound) => return Some(HashMap::new()),
-                Ok(_) if tokio::time::Instant::now() + pause < deadline => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(50));
-                }
-                _ => return None,
-            }
-        }
-    }
-
-    /// Whether the kernel was told any name in `dir`.
-    fn told_names_in(&self, dir: u64) -> bool {
-        self.kernel_names
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&dir)
-            .is_some_and(|d| !d.is_empty())
-    }
-
-    /// Records that a reply told the kernel `name` in `parent` leads to `ino`; call it while the
-    /// view's read guard is held, before the reply is sent.
-    pub fn told_name(&self, parent: u64, name: &str, ino: u64) {
-        self.kernel_names
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(parent)
-            .or_default()
-            .insert(name.to_string(), ino);
-    }
-
-    /// Records that the kernel dropped `name` in `parent` (our own unlink or rename).
-    pub fn forgot_name(&self, parent: u64, name: &str) {
-        if let Some(d) = self
-            .kernel_names
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&parent)
-        {
-            d.remove(name);
-        }
-    }
-
-    /// Which names the kernel holds that a change retargeted, given the directories' listings
-    /// after it (`None`: unknown). The kernel learns names only from our replies, and keeps them
-    /// until it is told to drop them, so those are the names to check.
-    ///
-    /// Dropping every cached name (the epoch) also evicts every cached page, so it is done only
-    /// when needed: when a name the kernel holds now leads elsewhere while its old node still
-    /// exists (a rename), since that name would keep showing the old node. A name whose node
-    /// vanished needs nothing at once: the switch dropped the node's attributes, the kernel asks
-    /// for them on the next use, gets ESTALE and looks the name up again. Added names need
-    /// nothing: the kernel does not keep our "not found" answers.
-    fn name_changes(&self, dirs: &[u64], fresh: &HashMap<u64, Option<HashMap<String, u64>>>) -> NameChanges {
-        let mut out = NameChanges::default();
-        let told = self.kernel_names.lock().unwrap_or_else(|p| p.into_inner());
-        let mut listed: std::collections::HashSet<u64> = std::collections::HashSet::new();
-        for (dir, names) in told.iter() {
-            let Some(listing) = fresh.get(dir) else {
-                continue;
-            };
-            let Some(listing) = listing else {
-                // The new listing is unknown: assume the worst.
-                out.moved = true;
-                out.entries.extend(names.keys().map(|n| (*dir, n.clone())));
-                continue;
-            };
-            for (name, ino) in names {
-                if listing.get(name) != Some(ino) {
-                    out.entries.push((*dir, name.clone()));
-                    out.gone.push(*ino);
-                }
-            }
-            listed.extend(listing.values().copied());
-        }
-        // A changed directory the kernel had no name of when the listings were fetched, and was
-        // told one since: its new listing is unknown.
-        if dirs
-            .iter()
-            .any(|d| !fresh.contains_key(d) && told.get(d).is_some_and(|n| !n.is_empty()))
-        {
-            out.moved = true;
-        }
-        if out.gone.iter().any(|i| listed.contains(i)) {
-            out.moved = true;
-        }
-        out
-    }
-
-    /// Invalidations covering everything cached of a volume.
-    fn everything_in(&self, id: u32) -> Result<Invalidation, FsError> {
-        let mut inv = Invalidation::default();
-        let vols = self.volumes.read().unwrap_or_else(|p| p.into_inner());
-        if let Some(v) = vols.values().find(|v| v.id == id) {
-            let mut stack = vec![v.root_ino];
-            while let Some(d) = stack.pop() {
-                inv.inodes.push(d);
-                if let Some(l) = self.meta.dir(d).map_err(Self::io)? {
-                    for e in l {
-                        inv.entries.push((d, e.name.clone()));
-                        if kind_of(e.kind) == NodeKind::Dir {
-                            stack.push(e.ino);
-                        } else {
-                            inv.inodes.push(e.ino);
-                        }
-                    }
-                }
-            }
-        }
-        Ok(inv)
     }
 
     /// Status for `codafs status MNT`.

@@ -262,7 +262,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         self.spawn(tracing::debug_span!("lookup", parent = parent.0, %name), async move {
             if let Some(c) = check {
                 if let Err(e) = core.check_access(c, parent.0, libc::X_OK).await {
-                    return reply.error(errno(&e));
+                    return reply.error(by_ino(&e));
                 }
             }
             let lookup = || async {

@@ -250,6 +250,37 @@ async fn a_publish_keeps_the_rest_of_a_web_nodes_cache() {
             after.0 == before.0,
             "removing one page evicted the others' pages: {before:?} -> {after:?}"
         );
+
+        // Remove a whole directory of 100 pages the kernel holds: the other pages stay cached.
+        let bulk = local.join("bulk");
+        std::fs::create_dir_all(&bulk)?;
+        for i in 0..100 {
+            std::fs::write(bulk.join(format!("b{i}.html")), format!("bulk {i}"))?;
+        }
+        upload(&tc.client(), &local, &up, &()).await?;
+        let web_bulk = web.path.join("www/site/bulk");
+        codafs_tests::wait_until(Duration::from_secs(10), "the web node shows the new directory", || {
+            let p = web_bulk.join("b99.html");
+            async move { p.exists() }
+        })
+        .await?;
+        for i in 0..100 {
+            codafs_tests::read_file(&web_bulk.join(format!("b{i}.html")))?;
+        }
+        std::fs::remove_dir_all(&bulk)?;
+        upload(&tc.client(), &local, &up, &()).await?;
+        codafs_tests::wait_until(Duration::from_secs(10), "the web node drops the directory", || {
+            let p = web_bulk.join("b0.html");
+            async move { !p.exists() }
+        })
+        .await?;
+        let before = requests(&web)?;
+        ensure!(read_pages(&pages)?.len() == PAGES - 1);
+        let after = requests(&web)?;
+        ensure!(
+            after.0 == before.0,
+            "removing a directory evicted unrelated pages: {before:?} -> {after:?}"
+        );
         Ok::<_, anyhow::Error>(())
     };
     codafs_tests::bounded_within(Duration::from_secs(120), run).await;

@@ -550,9 +550,46 @@ async fn new_content_with_the_same_size_and_mtime_reaches_another_node() {
             "size or mtime changed"
         );
         ensure!(read_file(&seen)? == b"bbbb", "the web node served the old bytes");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_directory_attribute_change_keeps_what_another_node_caches_below_it() {
+    bounded(async {
+        let tc = setup().await?;
+        let (a, web) = writer_and_web_node(&tc)?;
+        let dir = a.path.join("www/docs");
+        let d = dir.clone();
+        codafs_tests::fs_call(Duration::from_secs(30), move || {
+            std::fs::create_dir(&d)?;
+            (0..20).try_for_each(|i| std::fs::write(d.join(format!("f{i}")), format!("file {i}")))
+        })??;
+        let seen = web.path.join("www/docs");
+        wait_content(&seen.join("f19"), b"file 19").await?;
+        for i in 0..20 {
+            read_file(&seen.join(format!("f{i}")))?;
+        }
+        let reads = |m: &Mount| -> Result<u64> { Ok(m.status()?["fuse_requests"]["read"].as_u64().unwrap_or(0)) };
+        let warm = reads(&web)?;
+        // A directory's attributes change (as `touch`, `chmod` or `tar x` do).
+        let d = dir.clone();
+        codafs_tests::fs_call(Duration::from_secs(30), move || {
+            std::fs::File::open(&d)?.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_600_000_000))
+        })??;
+        wait_until(Duration::from_secs(10), "web shows the new mtime", || {
+            let p = seen.clone();
+            async move { std::fs::metadata(&p).is_ok_and(|m| m.mtime() == 1_600_000_000) }
+        })
+        .await?;
+        for i in 0..20 {
+            ensure!(read_file(&seen.join(format!("f{i}")))? == format!("file {i}").as_bytes());
+        }
+        let after = reads(&web)?;
         ensure!(
-            web.status()?["stale_page_drops"].as_u64().unwrap_or(0) > 0,
-            "the web node did not drop the replaced pages before showing the file"
+            after == warm,
+            "a change of the directory evicted the files below it: {warm} -> {after} reads"
         );
         Ok(())
     })

@@ -27,8 +27,9 @@ struct NameChanges {
     moved: bool,
 }
 
-/// Vanished names whose nodes are checked one by one; more than this drops every name instead.
-const MAX_GONE_CHECKS: usize = 64;
+/// Vanished names whose nodes are checked (16 at a time); more than this drops every name
+/// instead.
+const MAX_GONE_CHECKS: usize = 4096;
 
 /// Names told to the kernel that are remembered (see [`Core::name_changes`]); past this, all
 /// are dropped, in the kernel too, and learnt again.
@@ -150,7 +151,7 @@ impl<R: Remote> Core<R> {
         else {
             return false;
         };
-        let drop = a.kind != NodeKind::Dir && shown.is_none_or(|s| s == (a.size, a.mtime_ns));
+        let drop = a.kind != NodeKind::Dir && shown.is_some_and(|s| s == (a.size, a.mtime_ns));
         if drop {
             self.stats.stale_page_drops.fetch_add(1, Ordering::Relaxed);
         }
@@ -164,18 +165,18 @@ impl<R: Remote> Core<R> {
     where
         Fut: std::future::Future<Output = T>,
     {
-        for _ in 0..3 {
+        let mut attempt = 0;
+        loop {
             let gen = self.view_gen.load(Ordering::Acquire);
             let r = f().await;
             let guard = self.view.read().await;
-            if self.view_gen.load(Ordering::Acquire) == gen {
+            // Eight switches during one request mean events without pause: answer anyway (the
+            // kernel still discards attributes older than an invalidation it received).
+            if self.view_gen.load(Ordering::Acquire) == gen || attempt == 7 {
                 return (r, guard);
             }
+            attempt += 1;
         }
-        // Events keep switching the view: run once more holding the guard, which holds the
-        // next switch back (a wait inside for an event gives up after the operation timeout).
-        let guard = self.view.read().await;
-        (f().await, guard)
     }
 
     /// Applies one change event of `volume`: switches the cache and the kernel's copies to the
@@ -222,15 +223,19 @@ impl<R: Remote> Core<R> {
         let before = self.name_changes(&ev.dirs, &fresh);
         let mut vanished: std::collections::HashSet<u64> = std::collections::HashSet::new();
         if !before.moved && before.gone.len() <= MAX_GONE_CHECKS {
-            for ino in &before.gone {
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                if let Err(FsError::NotFound) = self.timed(left, self.remote.getattr(*ino)).await {
-                    vanished.insert(*ino);
-                }
-            }
+            use futures::StreamExt;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let checks = futures::stream::iter(before.gone.iter().copied())
+                .map(|ino| async move { (ino, self.remote.getattr(ino).await) })
+                .buffer_unordered(16)
+                .for_each(|(ino, r)| {
+                    if let Err(FsError::NotFound) = r {
+                        vanished.insert(ino);
+                    }
+                    std::future::ready(())
+                });
+            // Past the deadline, the nodes not checked count as still existing.
+            let _ = tokio::time::timeout(left, checks).await;
         }
         // Wait for our own namespace commits in flight to record what they told the kernel.
         let _inflight = self.writes.inflight.write().await;
@@ -256,19 +261,11 @@ impl<R: Remote> Core<R> {
                 self.name_changes(&ev.dirs, &fresh)
             };
             let drop_all = ev.history_gone || names.moved || names.gone.iter().any(|i| !vanished.contains(i));
+            let mut late_names: Vec<(u64, String)> = Vec::new();
             {
                 let _g = self.apply_mx.lock().unwrap_or_else(|p| p.into_inner());
                 if !own {
-                    // Our own stores left the new bytes in the kernel's pages; others' did not.
-                    // Remember what the kernel was shown of each node (see `take_stale_pages`).
-                    let mut stale = self.stale_pages.lock().unwrap_or_else(|p| p.into_inner());
-                    if ev.history_gone {
-                        stale.clear();
-                    }
-                    for ino in &changed {
-                        let shown = self.meta.attr(*ino).ok().flatten().map(|a| (a.size, a.mtime_ns));
-                        stale.insert(*ino, shown);
-                    }
+                    late_names = self.shown_files(&changed, ev.history_gone);
                 }
                 if ev.history_gone {
                     inv = self.everything_in(vol.id)?;
@@ -303,20 +300,14 @@ impl<R: Remote> Core<R> {
                     }
                 }
                 inv.entries.extend(names.entries);
-                if !own {
-                    // A lookup answered just before the switch may reach the kernel after it,
-                    // too late for the attribute drop above: drop the changed files' names too.
-                    // The kernel orders that after the lookup (directory lock). Directories keep
-                    // theirs (dropping one drops everything cached below it).
-                    for (dir, names) in told.iter_mut() {
-                        names.retain(|name, ino| {
-                            let file = changed.binary_search(ino).is_ok() && !ev.dirs.contains(ino);
-                            if file {
-                                inv.entries.push((*dir, name.clone()));
-                            }
-                            !file
-                        });
+                // A lookup answered just before the switch may reach the kernel after it, too
+                // late for the attribute drop above: drop the changed files' names too. The
+                // kernel orders that after the lookup (directory lock).
+                for (dir, name) in late_names {
+                    if let Some(d) = told.get_mut(&dir) {
+                        d.remove(&name);
                     }
+                    inv.entries.push((dir, name));
                 }
                 if told.values().map(HashMap::len).sum::<usize>() > MAX_TOLD_NAMES {
                     // Bounded memory: forget them all, and make the kernel forget them too.
@@ -328,6 +319,37 @@ impl<R: Remote> Core<R> {
         }
         self.applied_tx.send_modify(|n| *n += 1);
         Ok(inv)
+    }
+
+    /// The changed files the kernel was told a name of, with those names: each is remembered
+    /// with the size and mtime the kernel was shown (see `take_stale_pages`), and its names are
+    /// returned to be dropped in the background. Directories are left out: dropping a
+    /// directory's name drops everything cached below it. Call before the change is forgotten.
+    fn shown_files(&self, changed: &[u64], reset: bool) -> Vec<(u64, String)> {
+        let mut stale = self.stale_pages.lock().unwrap_or_else(|p| p.into_inner());
+        if reset || stale.len() > MAX_TOLD_NAMES {
+            stale.clear();
+        }
+        let told = self.kernel_names.lock().unwrap_or_else(|p| p.into_inner());
+        let mut names = Vec::new();
+        for ino in changed {
+            let Ok(Some(a)) = self.meta.attr(*ino) else { continue };
+            if kind_of(a.kind) == NodeKind::Dir {
+                continue;
+            }
+            let Some(in_parent) = told.get(&a.parent) else { continue };
+            let before = names.len();
+            names.extend(
+                in_parent
+                    .iter()
+                    .filter(|(_, i)| **i == *ino)
+                    .map(|(n, _)| (a.parent, n.clone())),
+            );
+            if names.len() > before {
+                stale.insert(*ino, Some((a.size, a.mtime_ns)));
+            }
+        }
+        names
     }
 
     /// A directory's entries as of at least `version` (a lagging replica is asked again until

@@ -189,11 +189,11 @@ pub struct Core<R: Remote> {
     /// The names replies told the kernel, by directory: what it may still cache (see
     /// [`Core::name_changes`]).
     kernel_names: Mutex<HashMap<u64, HashMap<String, u64>>>,
-    /// Nodes a change event replaced whose old pages the kernel may still hold, with the size
-    /// and mtime the kernel was shown (if known). The kernel keeps pages when those look
+    /// Files a change event replaced whose old pages the kernel may still hold, with the size
+    /// and mtime the kernel was shown. The kernel keeps pages when those look
     /// unchanged, so the first reply that shows such a node drops them first (see
     /// [`Core::take_stale_pages`]).
-    stale_pages: Mutex<HashMap<u64, Option<(u64, i64)>>>,
+    stale_pages: Mutex<HashMap<u64, (u64, i64)>>,
 }
 
 impl<R: Remote> Core<R> {

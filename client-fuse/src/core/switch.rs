@@ -35,6 +35,31 @@ const MAX_GONE_CHECKS: usize = 4096;
 /// are dropped, in the kernel too, and learnt again.
 const MAX_TOLD_NAMES: usize = 1 << 20;
 
+/// Asking a lagging replica again: pauses doubling from 2 ms to 50 ms, until a deadline.
+struct Retry {
+    deadline: tokio::time::Instant,
+    pause: Duration,
+}
+
+impl Retry {
+    fn until(deadline: tokio::time::Instant) -> Self {
+        Retry {
+            deadline,
+            pause: Duration::from_millis(2),
+        }
+    }
+
+    /// Sleeps before the next try; false, without sleeping, if that would pass the deadline.
+    async fn pause(&mut self) -> bool {
+        if tokio::time::Instant::now() + self.pause > self.deadline {
+            return false;
+        }
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(Duration::from_millis(50));
+        true
+    }
+}
+
 /// What to do with metadata fetched from a replica (see [`Core::settle`]).
 enum Settle {
     /// It is the mount's current state, and was cached.
@@ -70,17 +95,15 @@ impl<R: Remote> Core<R> {
             return Ok(Settle::Show);
         }
         let _g = self.apply_mx.lock().unwrap_or_else(|p| p.into_inner());
-        match self.seen_of(ino) {
-            // Not a known volume: there is no version to keep in step with.
-            None => {
-                put(&f.value)?;
-                Ok(Settle::Cached)
-            }
-            Some(seen) if f.applied >= seen && f.newest <= seen => {
-                put(&f.value)?;
-                Ok(Settle::Cached)
-            }
-            Some(_) => Ok(Settle::Again),
+        // Not a known volume: there is no version to keep in step with.
+        if self
+            .seen_of(ino)
+            .is_none_or(|seen| f.applied >= seen && f.newest <= seen)
+        {
+            put(&f.value)?;
+            Ok(Settle::Cached)
+        } else {
+            Ok(Settle::Again)
         }
     }
 
@@ -123,25 +146,24 @@ impl<R: Remote> Core<R> {
         // A replica behind the mount (a follower catching up after a failover) is asked again
         // for up to the operation timeout; one that stays behind longer is shown as it is
         // rather than failing the request.
-        let deadline = tokio::time::Instant::now() + self.cfg.op_timeout;
-        let mut pause = Duration::from_millis(2);
+        let mut retry = Retry::until(tokio::time::Instant::now() + self.cfg.op_timeout);
         loop {
             let f = fetch().await?;
             match self.settle(ino, &f, &put).await? {
                 Settle::Cached | Settle::Show => return Ok(f.value),
-                Settle::Again if tokio::time::Instant::now() + pause > deadline => return Ok(f.value),
                 Settle::Again => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(50));
+                    if !retry.pause().await {
+                        return Ok(f.value);
+                    }
                 }
             }
         }
     }
 
     /// Whether the reply about to show `a` must first drop the kernel's pages of it: true once
-    /// after a change replaced it, if its size and mtime look unchanged to the kernel (or the
-    /// kernel's view is unknown). When they differ the kernel drops the pages itself on reading
-    /// the reply, and dropping them here would make it discard the reply's attributes.
+    /// after a change replaced it, if its size and mtime look unchanged to the kernel. When they
+    /// differ the kernel drops the pages itself on reading the reply, and dropping them here
+    /// would make it discard the reply's attributes.
     pub fn take_stale_pages(&self, a: &NodeAttr) -> bool {
         let Some(shown) = self
             .stale_pages
@@ -151,7 +173,8 @@ impl<R: Remote> Core<R> {
         else {
             return false;
         };
-        let drop = a.kind != NodeKind::Dir && shown.is_some_and(|s| s == (a.size, a.mtime_ns));
+        // Only files are remembered (see `shown_files`).
+        let drop = shown == (a.size, a.mtime_ns);
         if drop {
             self.stats.stale_page_drops.fetch_add(1, Ordering::Relaxed);
         }
@@ -294,16 +317,10 @@ impl<R: Remote> Core<R> {
                 // Names go one by one, in the background: the kernel frees them, and until then
                 // a name of a vanished node answers ESTALE, which makes the kernel look it up
                 // again. (Without name epochs a moved name can show its old node until then.)
-                for (dir, name) in &names.entries {
-                    if let Some(d) = told.get_mut(dir) {
-                        d.remove(name);
-                    }
-                }
-                inv.entries.extend(names.entries);
                 // A lookup answered just before the switch may reach the kernel after it, too
-                // late for the attribute drop above: drop the changed files' names too. The
+                // late for the attribute drop above: the changed files' names go too. The
                 // kernel orders that after the lookup (directory lock).
-                for (dir, name) in late_names {
+                for (dir, name) in names.entries.into_iter().chain(late_names) {
                     if let Some(d) = told.get_mut(&dir) {
                         d.remove(&name);
                     }
@@ -346,7 +363,7 @@ impl<R: Remote> Core<R> {
                     .map(|(n, _)| (a.parent, n.clone())),
             );
             if names.len() > before {
-                stale.insert(*ino, Some((a.size, a.mtime_ns)));
+                stale.insert(*ino, (a.size, a.mtime_ns));
             }
         }
         names
@@ -360,7 +377,7 @@ impl<R: Remote> Core<R> {
         version: u64,
         deadline: tokio::time::Instant,
     ) -> Option<HashMap<String, u64>> {
-        let mut pause = Duration::from_millis(2);
+        let mut retry = Retry::until(deadline);
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
@@ -371,10 +388,7 @@ impl<R: Remote> Core<R> {
                     return Some(l.value.into_iter().map(|(n, a)| (n, a.ino)).collect());
                 }
                 Err(FsError::NotFound) => return Some(HashMap::new()),
-                Ok(_) if tokio::time::Instant::now() + pause < deadline => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(50));
-                }
+                Ok(_) if retry.pause().await => {}
                 _ => return None,
             }
         }

@@ -128,8 +128,7 @@ impl MetaStore {
 
     /// Applies one name change to a cached listing, if the listing is cached: `Some` adds or
     /// replaces `name`, `None` removes it. Keeps a listing current after this mount's own change
-    /// without refetching it, so the change events that follow still diff against what the
-    /// kernel was told.
+    /// without refetching it (read-your-writes until the change's event arrives).
     pub fn patch_dir(&self, dir: u64, name: &str, entry: Option<(u64, i32)>) -> Result<(), MetaError> {
         let Some(mut listing) = self.dir(dir)? else {
             return Ok(());

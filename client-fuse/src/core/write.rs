@@ -104,10 +104,10 @@ pub struct WriteState {
     next_fh: AtomicU64,
     /// Write quorums for which the empty blob (new files' content) is known stored.
     empty_stored: Mutex<HashSet<u32>>,
-    /// Held (shared) by a namespace commit until its effect is patched into the cached
-    /// listings, and (exclusively) while a change event is applied: the event of our own commit
-    /// then diffs against listings that already show it, and invalidates nothing the kernel was
-    /// just told by our reply (invalidating it would also detach anything mounted there).
+    /// Held (shared) by a namespace commit until it has recorded its version and the names it
+    /// told the kernel, and patched the cached listings; (exclusively) while a change event is
+    /// applied. The event of our own commit is then known as ours and drops none of the
+    /// kernel's names (dropping them would also detach anything mounted there).
     pub(crate) inflight: tokio::sync::RwLock<()>,
     /// One store of a file at a time, snapshot to commit: a store that started later (with
     /// newer content) must also commit later.

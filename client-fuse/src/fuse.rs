@@ -440,6 +440,10 @@ impl<R: Remote> Filesystem for CodaFs<R> {
                 } else {
                     offset.max(2) + (i as u64 - 2) + 1
                 };
+                if i >= 2 {
+                    // The kernel makes a name of each entry, as from a lookup.
+                    core.told_name(ino.0, &name, a.ino);
+                }
                 if reply.add(
                     INodeNo(a.ino),
                     next,

@@ -625,6 +625,19 @@ impl Mount {
         }
         Ok(serde_json::from_slice(&out.stdout)?)
     }
+
+    /// How many kernel requests of each operation in `ops` (e.g. "read", "lookup") the daemon
+    /// has seen, from one `codafs status`.
+    pub fn fuse_requests(&self, ops: &[&str]) -> Result<Vec<u64>> {
+        let st = self.status()?;
+        ops.iter()
+            .map(|op| {
+                st["fuse_requests"][op]
+                    .as_u64()
+                    .with_context(|| format!("no {op} counter in the mount's status"))
+            })
+            .collect()
+    }
 }
 
 impl Drop for Mount {

@@ -184,9 +184,8 @@ async fn mounts_see_each_version_whole_across_a_server_kill() {
 
 /// Kernel requests the mount has seen so far: (reads, lookups).
 fn requests(m: &Mount) -> Result<(u64, u64)> {
-    let s = m.status()?;
-    let get = |k: &str| s["fuse_requests"][k].as_u64().unwrap_or(0);
-    Ok((get("read"), get("lookup")))
+    let n = m.fuse_requests(&["read", "lookup"])?;
+    Ok((n[0], n[1]))
 }
 
 fn read_pages(pages: &Path) -> Result<Vec<String>> {

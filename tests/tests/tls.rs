@@ -40,6 +40,25 @@ fn cli(args: &[&str], env: &[(&str, String)]) -> Result<(bool, String)> {
     Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
 }
 
+/// The error `status` through `c` fails with; a TLS mismatch must fail within 20 s, not hang.
+async fn status_refused(c: &Cluster, what: &str) -> Result<String> {
+    match tokio::time::timeout(Duration::from_secs(20), status(c)).await {
+        Err(_) => anyhow::bail!("{what}: hung instead of failing fast"),
+        Ok(Ok(_)) => anyhow::bail!("{what}: succeeded"),
+        Ok(Err(e)) => Ok(e.to_string()),
+    }
+}
+
+/// Stderr of `codafs status FLAG FILE` against `servers`, which must fail.
+fn cli_status_refused(flag: &str, file: &std::path::Path, servers: &[String]) -> Result<String> {
+    let (ok, err) = cli(
+        &["status", flag, &file.display().to_string()],
+        &[("CODAFS_SERVERS", servers.join(","))],
+    )?;
+    anyhow::ensure!(!ok, "codafs status {flag} {} succeeded: {err}", file.display());
+    Ok(err)
+}
+
 async fn status(c: &Cluster) -> Result<pb::ServerStatus, codafs_client::ClientError> {
     c.call(|ch| async move {
         let mut r = tonic::Request::new(pb::Empty {});
@@ -78,23 +97,11 @@ async fn a_client_trusting_another_clusters_ca_is_refused_clearly() {
         let tc = TestCluster::start(ClusterOpts::new(1, 0)).await?;
         let other = foreign_ca(&tc.root.path().join("other"))?;
         let c = Cluster::new(&tc.addrs(), Tls::ca(other), None)?;
-        let e = tokio::time::timeout(Duration::from_secs(20), status(&c))
-            .await
-            .context("a wrong CA must fail fast, not hang")?
-            .expect_err("a server signed by another CA must not be trusted");
-        let msg = e.to_string();
+        let msg = status_refused(&c, "a server signed by another CA").await?;
         assert!(msg.contains("UnknownIssuer"), "{msg}");
         assert!(msg.contains("not signed by the cluster CA"), "{msg}");
         // The same through the CLI: one line, non-zero exit.
-        let (ok, err) = cli(
-            &[
-                "status",
-                "--ca",
-                &tc.root.path().join("other/tls/ca.crt").display().to_string(),
-            ],
-            &[("CODAFS_SERVERS", tc.addrs().join(","))],
-        )?;
-        assert!(!ok);
+        let err = cli_status_refused("--ca", &tc.root.path().join("other/tls/ca.crt"), &tc.addrs())?;
         assert!(err.contains("not signed by the cluster CA"), "{err}");
         // The right CA works, and the client config `cluster init` wrote carries it.
         let good = Cluster::new(&tc.addrs(), tc.tls.clone(), None)?;
@@ -290,20 +297,9 @@ async fn insecure_cluster_works_in_plaintext_and_mismatches_fail_clearly() {
         // A TLS client never falls back to plaintext: it fails fast and says why.
         let ca = foreign_ca(&tc.root.path().join("other"))?;
         let tls = Cluster::new(&tc.addrs(), Tls::ca(ca), None)?;
-        let e = tokio::time::timeout(Duration::from_secs(20), status(&tls))
-            .await
-            .context("TLS against plaintext must not hang")?
-            .expect_err("TLS client against a plaintext server");
-        assert!(e.to_string().contains("does not speak TLS"), "{e}");
-        let (ok, err) = cli(
-            &[
-                "status",
-                "--ca",
-                &tc.root.path().join("other/tls/ca.crt").display().to_string(),
-            ],
-            &[("CODAFS_SERVERS", tc.addrs().join(","))],
-        )?;
-        assert!(!ok);
+        let e = status_refused(&tls, "a TLS client against a plaintext server").await?;
+        assert!(e.contains("does not speak TLS"), "{e}");
+        let err = cli_status_refused("--ca", &tc.root.path().join("other/tls/ca.crt"), &tc.addrs())?;
         assert!(err.contains("does not speak TLS"), "{err}");
         Ok(())
     })
@@ -315,21 +311,10 @@ async fn a_plaintext_client_against_a_tls_server_fails_clearly() {
     bounded(async {
         let tc = TestCluster::start(ClusterOpts::new(1, 0)).await?;
         let plain = Cluster::new(&tc.addrs(), Tls::Insecure, None)?;
-        let e = tokio::time::timeout(Duration::from_secs(20), status(&plain))
-            .await
-            .context("plaintext against TLS must not hang")?
-            .expect_err("plaintext client against a TLS server");
-        assert!(e.to_string().contains("may require TLS"), "{e}");
+        let e = status_refused(&plain, "a plaintext client against a TLS server").await?;
+        assert!(e.contains("may require TLS"), "{e}");
         // No credentials of any kind: the CLI refuses to guess plaintext.
-        let (ok, err) = cli(
-            &[
-                "status",
-                "--config",
-                &tc.root.path().join("none.toml").display().to_string(),
-            ],
-            &[("CODAFS_SERVERS", tc.addrs().join(","))],
-        )?;
-        assert!(!ok);
+        let err = cli_status_refused("--config", &tc.root.path().join("none.toml"), &tc.addrs())?;
         assert!(err.contains("no cluster CA"), "{err}");
         Ok(())
     })

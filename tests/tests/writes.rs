@@ -571,8 +571,7 @@ async fn a_directory_attribute_change_keeps_what_another_node_caches_below_it() 
         for i in 0..20 {
             read_file(&seen.join(format!("f{i}")))?;
         }
-        let reads = |m: &Mount| -> Result<u64> { Ok(m.status()?["fuse_requests"]["read"].as_u64().unwrap_or(0)) };
-        let warm = reads(&web)?;
+        let warm = web.fuse_requests(&["read"])?[0];
         // A directory's attributes change (as `touch`, `chmod` or `tar x` do).
         let d = dir.clone();
         codafs_tests::fs_call(Duration::from_secs(30), move || {
@@ -586,7 +585,7 @@ async fn a_directory_attribute_change_keeps_what_another_node_caches_below_it() 
         for i in 0..20 {
             ensure!(read_file(&seen.join(format!("f{i}")))? == format!("file {i}").as_bytes());
         }
-        let after = reads(&web)?;
+        let after = web.fuse_requests(&["read"])?[0];
         ensure!(
             after == warm,
             "a change of the directory evicted the files below it: {warm} -> {after} reads"

@@ -139,10 +139,25 @@ async fn bench() -> Result<Vec<Row>> {
         local: format!("{base_put:.0} (write+fsync)"),
         ratio: put / base_put,
     });
+    // Reading a blob needs a right to it: reference it from a file, and read with that file's
+    // ticket (the way mounts read).
+    c.commit(pb::CommitRequest {
+        volume: "bench".into(),
+        ops: vec![codafs_client::ops::file_hashed("big.bin", h, size as u64, 0o644)],
+        expect_volume_version: None,
+        request_id: Default::default(),
+    })
+    .await?;
+    let attr = tc
+        .resolve_on(&tc.servers[0].addr, "bench", "big.bin")
+        .await?
+        .attr
+        .ok_or_else(|| anyhow::anyhow!("no attributes for big.bin"))?;
+    let blob = codafs_client::transport::BlobRef::of(&attr)?;
     let data_server = tc.client_on(&tc.servers[0].addr);
-    let _ = data_server.get_blob(h).await?; // warm the server's page cache, as a hot blob would be
+    let _ = data_server.get_blob(&blob).await?; // warm the server's page cache, as a hot blob would be
     let t = Instant::now();
-    let got = data_server.get_blob(h).await?;
+    let got = data_server.get_blob(&blob).await?;
     let get = rate(size as f64 / 1e6, t.elapsed());
     assert_eq!(got.len(), size);
     let t = Instant::now();

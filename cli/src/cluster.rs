@@ -367,15 +367,19 @@ pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> R
         Some(s) => vec![s],
         None => client.servers()?,
     };
-    let c = Cluster::new(&targets, client.tls()?, None)?;
+    // Status details need a token; without one, servers only answer whether they are ready.
+    let Some(token) = client.token()? else {
+        return health(&targets, json, &client).await;
+    };
+    let c = Cluster::new(&targets, client.tls()?, Some(token))?;
     let mut rows = Vec::new();
     let mut failed = 0;
     for addr in &targets {
         let r = c
-            .call_on(addr, |ch| async move {
-                let mut req = tonic::Request::new(pb::Empty {});
+            .call_on(addr, |ch| {
+                let mut req = c.request(pb::Empty {});
                 req.set_timeout(std::time::Duration::from_secs(3));
-                Cluster::admin(ch).status(req).await.map(|r| r.into_inner())
+                async move { Cluster::admin(ch).status(req).await.map(|r| r.into_inner()) }
             })
             .await;
         match r {
@@ -432,6 +436,53 @@ pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> R
             }
         }
     }
+    if failed > 0 {
+        bail!("{failed} of {} servers unreachable", targets.len());
+    }
+    Ok(())
+}
+
+/// `codafs status` without credentials: each server's unauthenticated health answer.
+async fn health(targets: &[String], json: bool, client: &ClientOpts) -> Result<()> {
+    let c = Cluster::new(targets, client.tls()?, None)?;
+    let mut rows = Vec::new();
+    for addr in targets {
+        let r = c
+            .call_on(addr, |ch| async move {
+                let mut req = tonic::Request::new(pb::Empty {});
+                req.set_timeout(std::time::Duration::from_secs(3));
+                Cluster::admin(ch).health(req).await.map(|r| r.into_inner())
+            })
+            .await;
+        if let Err(e) = &r {
+            if !json {
+                eprintln!("{addr}: unreachable ({e})");
+            }
+        }
+        rows.push((addr.clone(), r.ok().map(|h| h.ready)));
+    }
+    if json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(addr, ready)| serde_json::json!({"addr": addr, "reachable": ready.is_some(), "ready": ready.unwrap_or(false)}))
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+    } else {
+        for (addr, ready) in &rows {
+            if let Some(r) = ready {
+                println!(
+                    "server {addr}: {}",
+                    if *r {
+                        "ready"
+                    } else {
+                        "not ready (no leader or not caught up)"
+                    }
+                );
+            }
+        }
+        eprintln!("(no credential: only health is shown; log in or set CODAFS_CREDENTIAL for details)");
+    }
+    let failed = rows.iter().filter(|(_, r)| r.is_none()).count();
     if failed > 0 {
         bail!("{failed} of {} servers unreachable", targets.len());
     }

@@ -80,15 +80,16 @@ fn spawn(dir: &Path, name: &str, args: &[String]) -> Result<Child> {
         .with_context(|| format!("starting {name}"))
 }
 
-async fn wait_voters(addr: &str, tls: &Tls, voters: u32) -> Result<()> {
-    let c = Cluster::new(&[addr.to_string()], tls.clone(), None)?;
+/// Waits until the server at `addr` sees `voters` voters (status needs the admin token).
+async fn wait_voters(addr: &str, tls: &Tls, token: &str, voters: u32) -> Result<()> {
+    let c = Cluster::new(&[addr.to_string()], tls.clone(), Some(token.to_string()))?;
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
         let st = c
-            .call(|ch| async move {
-                let mut r = tonic::Request::new(pb::Empty {});
+            .call(|ch| {
+                let mut r = c.request(pb::Empty {});
                 r.set_timeout(Duration::from_secs(1));
-                Cluster::admin(ch).status(r).await.map(|r| r.into_inner())
+                async move { Cluster::admin(ch).status(r).await.map(|r| r.into_inner()) }
             })
             .await;
         if let Ok(s) = st {
@@ -168,8 +169,8 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         v
     };
     children.0.push(("server 1".into(), spawn(&dir, "s1", &s(0, &[]))?));
-    wait_voters(&addrs[0], &tls, 1).await?;
     let token = std::fs::read_to_string(sdir(0).join("admin.token"))?.trim().to_string();
+    wait_voters(&addrs[0], &tls, &token, 1).await?;
     let admin = Cluster::new(&addrs[..1], tls.clone(), Some(token.clone()))?;
     let join = admin
         .call(|ch| {
@@ -180,12 +181,12 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     children
         .0
         .push(("server 2".into(), spawn(&dir, "s2", &s(1, &["--join", &join]))?));
-    wait_voters(&addrs[0], &tls, 2).await?;
+    wait_voters(&addrs[0], &tls, &token, 2).await?;
     children.0.push((
         "witness".into(),
         spawn(&dir, "s3", &s(2, &["--join", &join, "--witness"]))?,
     ));
-    wait_voters(&addrs[0], &tls, 3).await?;
+    wait_voters(&addrs[0], &tls, &token, 3).await?;
 
     let c = Cluster::new(&addrs, tls.clone(), Some(token))?;
     let spec = pb::VolumeSpec {

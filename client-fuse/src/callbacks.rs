@@ -45,6 +45,14 @@ pub async fn follow<R: Remote>(
                         },
                         Some(Err(e)) => {
                             tracing::info!(%volume, error = %e, "change stream broke; resubscribing");
+                            // Refused rather than broken: the volume may have been made private
+                            // or the reader's token revoked. The volume list says which.
+                            if matches!(
+                                e,
+                                crate::core::FsError::Denied(_) | crate::core::FsError::Unauthenticated(_)
+                            ) {
+                                core.volumes_wanted.notify_one();
+                            }
                             break;
                         }
                         None => break,
@@ -52,7 +60,15 @@ pub async fn follow<R: Remote>(
                 }
                 core.set_subscribed(&volume, false);
             }
-            Err(e) => tracing::debug!(%volume, error = %e, "subscribe failed"),
+            Err(e) => {
+                tracing::debug!(%volume, error = %e, "subscribe failed");
+                if matches!(
+                    e,
+                    crate::core::FsError::Denied(_) | crate::core::FsError::Unauthenticated(_)
+                ) {
+                    core.volumes_wanted.notify_one();
+                }
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}

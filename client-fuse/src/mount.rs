@@ -242,6 +242,7 @@ async fn watch_volumes<R: Remote>(
         followed.retain(|n| core.volumes().iter().any(|v| &v.name == n));
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
+            _ = core.volumes_wanted.notified() => {}
             _ = stop.changed() => return,
         }
     }
@@ -268,6 +269,9 @@ async fn login<R: Remote>(core: &Core<R>, uid: u32, token: &str) -> serde_json::
     match core.writes.tokens.set(uid, token, None) {
         Ok(c) => {
             tracing::info!(uid, user = %c.user, verified, "token set");
+            // The token may open private volumes: list them now rather than at the next poll.
+            core.sync_readers();
+            core.volumes_wanted.notify_one();
             serde_json::json!({ "ok": true, "uid": uid, "user": c.user, "expires": c.expires, "verified": verified })
         }
         Err(e) => serde_json::json!({ "error": e.to_string() }),
@@ -346,6 +350,8 @@ async fn control<R: Remote>(
                 "logout" => {
                     let had = core.writes.tokens.remove(uid);
                     tracing::info!(uid, had, "token dropped");
+                    core.sync_readers();
+                    core.volumes_wanted.notify_one();
                     serde_json::json!({ "ok": true, "uid": uid, "had_token": had })
                 }
                 other => serde_json::json!({ "error": format!("unknown command {other:?}") }),

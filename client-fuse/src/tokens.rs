@@ -135,6 +135,14 @@ impl TokenTable {
         map.get(&uid).filter(|(_, c)| c.expires > now_s()).cloned()
     }
 
+    /// Every unexpired token held, with its claims, ordered by uid.
+    pub fn all(&self) -> Vec<(String, Claims)> {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = map.iter().filter(|(_, (_, c))| c.expires > now_s()).collect();
+        v.sort_by_key(|(uid, _)| **uid);
+        v.into_iter().map(|(_, t)| t.clone()).collect()
+    }
+
     /// (uid, user, expiry) of every token held, for `status`.
     pub fn list(&self) -> Vec<(u32, String, u64)> {
         let map = self.map.read().unwrap_or_else(|p| p.into_inner());

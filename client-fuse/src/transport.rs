@@ -70,6 +70,37 @@ fn retryable(s: &Status) -> bool {
     )
 }
 
+/// A blob to read and the caller's right to it: the read ticket that came with the attributes
+/// of the file that holds it, and that file (servers also accept a readable file whose current
+/// content it is, for when the ticket has expired).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobRef {
+    pub hash: Hash,
+    pub ticket: bytes::Bytes,
+    pub ino: u64,
+}
+
+impl BlobRef {
+    /// The content of the file these attributes describe.
+    pub fn of(attr: &pb::Attr) -> Result<Self, codafs_common::hash::BadHash> {
+        Ok(BlobRef {
+            hash: Hash::from_slice(&attr.hash)?,
+            ticket: attr.read_ticket.clone(),
+            ino: attr.ino,
+        })
+    }
+
+    /// The request that reads it from byte `offset` on.
+    pub fn request(&self, offset: u64) -> pb::GetBlobRequest {
+        pb::GetBlobRequest {
+            hash: bytes::Bytes::copy_from_slice(&self.hash.0),
+            offset,
+            ticket: self.ticket.clone(),
+            ino: self.ino,
+        }
+    }
+}
+
 /// A directory's whole listing as one replica had it.
 #[derive(Debug, Clone)]
 pub struct DirListing {
@@ -137,6 +168,14 @@ impl Cluster {
             r.metadata_mut().insert(TOKEN_HEADER, v);
         }
         r
+    }
+
+    /// [`Cluster::request_as`] when a token is given, else [`Cluster::request`].
+    pub fn request_opt<T>(&self, token: Option<&str>, body: T) -> tonic::Request<T> {
+        match token {
+            Some(t) => self.request_as(t, body),
+            None => self.request(body),
+        }
     }
 
     /// Order in which to try servers: preferred first.
@@ -239,10 +278,7 @@ impl Cluster {
         let idempotent = !req.request_id.is_empty();
         self.call_retrying(
             |ch| {
-                let r = match token {
-                    Some(t) => self.request_as(t, req.clone()),
-                    None => self.request(req.clone()),
-                };
+                let r = self.request_opt(token, req.clone());
                 async move { Self::write(ch).commit(r).await.map(|r| r.into_inner()) }
             },
             if idempotent {
@@ -264,8 +300,14 @@ impl Cluster {
     /// Every entry of a directory, with the freshness a mount needs to order the listing against
     /// change events.
     pub async fn read_dir_fresh(&self, ino: u64) -> Result<DirListing, ClientError> {
+        self.read_dir_as(None, ino).await
+    }
+
+    /// [`Cluster::read_dir_fresh`] with `token` instead of the cluster's own, if given (a mount
+    /// reads a private volume with the token of a local user who may read it).
+    pub async fn read_dir_as(&self, token: Option<&str>, ino: u64) -> Result<DirListing, ClientError> {
         for _ in 0..5 {
-            if let Some(listing) = self.read_dir_once(ino).await? {
+            if let Some(listing) = self.read_dir_once(token, ino).await? {
                 return Ok(listing);
             }
         }
@@ -276,7 +318,7 @@ impl Cluster {
 
     /// One pass over the pages (at most 1,000 pages of 8,192 entries; a larger directory is
     /// refused rather than read forever); `None` if the directory changed between pages.
-    async fn read_dir_once(&self, ino: u64) -> Result<Option<DirListing>, ClientError> {
+    async fn read_dir_once(&self, token: Option<&str>, ino: u64) -> Result<Option<DirListing>, ClientError> {
         let mut out = DirListing {
             entries: Vec::new(),
             dir_version: 0,
@@ -287,11 +329,14 @@ impl Cluster {
         for _ in 0..1000 {
             let page = self
                 .call(|ch| {
-                    let r = self.request(pb::ReadDirRequest {
-                        ino,
-                        after: after.clone(),
-                        limit: 8192,
-                    });
+                    let r = self.request_opt(
+                        token,
+                        pb::ReadDirRequest {
+                            ino,
+                            after: after.clone(),
+                            limit: 8192,
+                        },
+                    );
                     async move { Self::meta(ch).read_dir(r).await.map(|r| r.into_inner()) }
                 })
                 .await?;
@@ -345,21 +390,13 @@ impl Cluster {
 
     /// Fetches a whole blob, verifying it; falls back to other replicas on a miss, an error
     /// mid-stream or a hash mismatch.
-    pub async fn get_blob(&self, hash: Hash) -> Result<Vec<u8>, ClientError> {
+    pub async fn get_blob(&self, blob: &BlobRef) -> Result<Vec<u8>, ClientError> {
+        let hash = blob.hash;
         let mut last = None;
         let mut corrupt = false;
         for i in self.order() {
             let (addr, ch) = &self.servers[i];
-            match fetch_one(
-                ch.clone(),
-                self.request(pb::GetBlobRequest {
-                    hash: bytes::Bytes::copy_from_slice(&hash.0),
-                    offset: 0,
-                }),
-                hash,
-            )
-            .await
-            {
+            match fetch_one(ch.clone(), self.request(blob.request(0)), hash).await {
                 Ok(data) => {
                     self.preferred.store(i, Ordering::Relaxed);
                     return Ok(data);

@@ -6,6 +6,7 @@ pub mod ids;
 pub mod join;
 pub mod names;
 pub mod telemetry;
+pub mod ticket;
 pub mod token;
 
 pub use hash::Hash;

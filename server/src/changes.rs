@@ -4,6 +4,10 @@
 //! the `changes` table, then live changes as they are applied. Versions are global log indices,
 //! so a client can resume on any replica after failover. If the history it needs was trimmed (or
 //! replaced by a snapshot), it gets one `history_gone` event and must revalidate the volume.
+//!
+//! The subscriber's right to read the volume is checked again whenever something that decides
+//! it changes (a `Rights` notice) and every [`RECHECK`]: a volume made private, a revoked
+//! account or an expired token ends the stream with the refusal.
 use codafs_proto::pb;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -13,12 +17,19 @@ use crate::fsm::StateView;
 use crate::raft::state_machine::{Applied, Notice};
 
 const BACKLOG_PAGE: usize = 1024;
+/// How often a live subscription checks its reader's right even without a `Rights` notice
+/// (this is what ends it when its token expires).
+pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Starts a subscription task; the stream ends when the client goes away.
+/// Checks that the subscriber may still read the volume.
+pub type Recheck = Box<dyn Fn() -> Result<(), Status> + Send + Sync>;
+
+/// Starts a subscription task; the stream ends when the client goes away or loses its right.
 pub fn subscribe(
     applied: Applied,
     volume: String,
     from: u64,
+    recheck: Recheck,
 ) -> Result<ReceiverStream<Result<pb::ChangeEvent, Status>>, Status> {
     // Subscribe before reading the backlog so nothing applied in between is missed.
     let live = applied.notices.subscribe();
@@ -29,7 +40,7 @@ pub fn subscribe(
         .ok_or_else(|| Status::not_found(format!("no volume {volume}")))?;
     let (tx, rx) = mpsc::channel(256);
     tokio::spawn(async move {
-        if let Err(e) = run(applied, vol.id, volume.clone(), from, live, &tx).await {
+        if let Err(e) = run(applied, vol.id, volume.clone(), from, live, &tx, &recheck).await {
             let _ = tx.send(Err(e)).await;
         }
         tracing::debug!(%volume, "change stream ended");
@@ -95,13 +106,18 @@ async fn run(
     from: u64,
     mut live: broadcast::Receiver<Notice>,
     tx: &Tx,
+    recheck: &Recheck,
 ) -> Result<(), Status> {
     let Some(mut cursor) = catch_up(&applied, vol_id, &volume, from, tx).await? else {
         return Ok(());
     };
+    let mut tick = tokio::time::interval(RECHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
     loop {
         let notice = tokio::select! {
             n = live.recv() => n,
+            _ = tick.tick() => Ok(Notice::Rights),
             _ = tx.closed() => return Ok(()),
         };
         match notice {
@@ -122,7 +138,9 @@ async fn run(
                 cursor = version;
             }
             Ok(Notice::Change { .. }) => {}
+            Ok(Notice::Rights) => recheck()?,
             Ok(Notice::Reset) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                recheck()?;
                 match catch_up(&applied, vol_id, &volume, cursor, tx).await? {
                     Some(c) => cursor = c,
                     None => return Ok(()),
@@ -177,7 +195,7 @@ mod tests {
     }
 
     async fn first(applied: &Applied, from: u64) -> pb::ChangeEvent {
-        let mut s = subscribe(applied.clone(), "www".into(), from).unwrap();
+        let mut s = subscribe(applied.clone(), "www".into(), from, Box::new(|| Ok(()))).unwrap();
         let ev = tokio_stream::StreamExt::next(&mut s).await;
         ev.expect("an event").expect("not an error")
     }

@@ -4,6 +4,7 @@
 //! tables and the Raft log in RocksDB; [`raft`] wires openraft to both and to the gRPC
 //! transport; [`blobs`] stores file contents and keeps them replicated; [`grpc`] holds the thin
 //! services; [`node`] is the running server they share. [`run`] starts all of it.
+pub mod access;
 pub mod auth;
 pub mod blobs;
 pub mod changes;
@@ -137,6 +138,7 @@ pub async fn run(
         counters: Counters::default(),
         repair_kick: tokio::sync::Notify::new(),
         tls,
+        pending: Default::default(),
     });
 
     let listener = tokio::net::TcpListener::bind(&cfg.listen)

@@ -41,6 +41,8 @@ pub enum NodeError {
     Invalid(String),
     #[error("not found: {0}")]
     NotFound(String),
+    #[error("quota exceeded: {0}")]
+    Quota(String),
     #[error("unavailable: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -79,6 +81,8 @@ pub struct Node {
     pub repair_kick: Notify,
     /// This server's certificate and the cluster CA; `None` on an `--insecure` server.
     pub tls: Option<crate::tls::ServerTls>,
+    /// Bytes stored per account that no volume references yet (quota accounting).
+    pub pending: crate::access::PendingBytes,
 }
 
 impl Node {

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use codafs_client::transport::Tls;
+use codafs_client::transport::{BlobRef, Tls};
 use codafs_client::{ops, Cluster};
 use codafs_common::Hash;
 use codafs_proto::pb;
@@ -333,12 +333,13 @@ impl TestCluster {
         c
     }
 
+    /// One server's status, asked with the admin token (status details need a token).
     pub async fn status_of(&self, addr: &str) -> Result<pb::ServerStatus> {
-        let c = Cluster::new(&[addr.to_string()], self.tls.clone(), None)?;
-        Ok(c.call(|ch| async move {
-            let mut r = tonic::Request::new(pb::Empty {});
+        let c = Cluster::new(&[addr.to_string()], self.tls.clone(), Some(self.token.clone()))?;
+        Ok(c.call(|ch| {
+            let mut r = c.request(pb::Empty {});
             r.set_timeout(Duration::from_secs(2));
-            Cluster::admin(ch).status(r).await.map(|r| r.into_inner())
+            async move { Cluster::admin(ch).status(r).await.map(|r| r.into_inner()) }
         })
         .await?)
     }
@@ -438,7 +439,7 @@ impl TestCluster {
     pub async fn read_on(&self, addr: &str, volume: &str, path: &str) -> Result<Vec<u8>> {
         let attr = self.resolve_on(addr, volume, path).await?.attr.context("no attr")?;
         let c = self.client_on(addr);
-        Ok(c.get_blob(Hash::from_slice(&attr.hash)?).await?)
+        Ok(c.get_blob(&BlobRef::of(&attr)?).await?)
     }
 
     /// Whether the server at `addr` stores every one of `hashes`.

@@ -2,6 +2,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use codafs_client::transport::BlobRef;
 use codafs_common::Hash;
 use codafs_proto::pb;
 use codafs_tests::{bounded, wait_until, ClusterOpts, TestCluster};
@@ -192,11 +193,18 @@ async fn corrupt_blob_is_never_served_and_is_repaired() {
         std::fs::write(&path, &bytes)?;
         // Reading from the corrupted replica alone: an error, never the bad bytes.
         let only = tc.client_on(&target.addr);
-        let r = only.get_blob(h).await;
+        let attr = tc
+            .resolve_on(&target.addr, "www", "a.bin")
+            .await?
+            .attr
+            .context("no attr")?;
+        let blob = BlobRef::of(&attr)?;
+        assert_eq!(blob.hash, h);
+        let r = only.get_blob(&blob).await;
         assert!(r.is_err(), "corrupt copy must not be served");
         // The replica noticed, quarantined it and repairs it from its peer.
         wait_until(Duration::from_secs(20), "corrupt blob repaired", || async {
-            only.get_blob(h).await.is_ok_and(|d| d == content)
+            only.get_blob(&blob).await.is_ok_and(|d| d == content)
         })
         .await?;
         let st = tc.status_of(&target.addr).await?;

@@ -59,11 +59,12 @@ fn cli_status_refused(flag: &str, file: &std::path::Path, servers: &[String]) ->
     Ok(err)
 }
 
+/// A server's status through `c` (with `c`'s token: status details need one).
 async fn status(c: &Cluster) -> Result<pb::ServerStatus, codafs_client::ClientError> {
-    c.call(|ch| async move {
-        let mut r = tonic::Request::new(pb::Empty {});
+    c.call(|ch| {
+        let mut r = c.request(pb::Empty {});
         r.set_timeout(Duration::from_secs(3));
-        Cluster::admin(ch).status(r).await.map(|r| r.into_inner())
+        async move { Cluster::admin(ch).status(r).await.map(|r| r.into_inner()) }
     })
     .await
 }
@@ -104,7 +105,7 @@ async fn a_client_trusting_another_clusters_ca_is_refused_clearly() {
         let err = cli_status_refused("--ca", &tc.root.path().join("other/tls/ca.crt"), &tc.addrs())?;
         assert!(err.contains("not signed by the cluster CA"), "{err}");
         // The right CA works, and the client config `cluster init` wrote carries it.
-        let good = Cluster::new(&tc.addrs(), tc.tls.clone(), None)?;
+        let good = Cluster::new(&tc.addrs(), tc.tls.clone(), Some(tc.token.clone()))?;
         assert!(!status(&good).await?.cluster_id.is_empty());
         let bundle = codafs_client::ClientBundle::load(&tc.servers[0].dir.join("client.toml"))?;
         assert_eq!(bundle.ca_cert.trim(), std::fs::read_to_string(tc.ca_path())?.trim());

@@ -51,7 +51,7 @@ async fn versions_on(c: &Cluster, pages: usize) -> Result<(std::collections::BTr
             .await?;
         applied.insert(reply.applied_index);
         let attr = reply.attr.ok_or_else(|| anyhow::anyhow!("no attr"))?;
-        let data = c.get_blob(codafs_common::Hash::from_slice(&attr.hash)?).await?;
+        let data = c.get_blob(&codafs_client::transport::BlobRef::of(&attr)?).await?;
         let text = String::from_utf8_lossy(&data).to_string();
         seen.insert(text.split(" page").next().unwrap_or("").to_string());
     }

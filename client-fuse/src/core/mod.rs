@@ -25,6 +25,7 @@ use remote::{Remote, RemoteVolume};
 
 use crate::cache::blobs::BlobCache;
 use crate::cache::meta::{MetaStore, VolState};
+use crate::transport::BlobRef;
 
 /// Node id of the `/coda` root.
 pub const ROOT_INO: u64 = 1;
@@ -194,6 +195,9 @@ pub struct Core<R: Remote> {
     /// unchanged, so the first reply that shows such a node drops them first (see
     /// [`Core::take_stale_pages`]).
     stale_pages: Mutex<HashMap<u64, (u64, i64)>>,
+    /// Asks the volume watcher for a fresh volume list now (tokens changed, or a change stream
+    /// was refused: a volume may have been made private).
+    pub volumes_wanted: tokio::sync::Notify,
 }
 
 impl<R: Remote> Core<R> {
@@ -222,6 +226,7 @@ impl<R: Remote> Core<R> {
             view_gen: AtomicU64::new(0),
             applied_tx: tokio::sync::watch::channel(0).0,
             stale_pages: Mutex::new(HashMap::new()),
+            volumes_wanted: tokio::sync::Notify::new(),
             kernel_names: Mutex::new(HashMap::new()),
         })
     }
@@ -285,11 +290,32 @@ impl<R: Remote> Core<R> {
     /// Fetches the volume list and records new and vanished volumes. Returns the invalidations
     /// `/coda` itself needs.
     pub async fn refresh_volumes(&self) -> Result<Invalidation, FsError> {
+        // Tokens may have come or gone since the last list: they decide what it shows.
+        self.sync_readers();
         let remote: Vec<RemoteVolume> = self.timed(self.cfg.op_timeout, self.remote.volumes()).await?;
         self.set_acls(&remote);
+        let inv = self.apply_volume_list(&remote)?;
+        self.sync_readers();
+        Ok(inv)
+    }
+
+    /// Records new and vanished volumes and changed read settings from a fresh volume list. A
+    /// volume this mount may no longer read is absent from the list, so it is dropped like a
+    /// deleted one: its cached metadata goes, and its name leaves `/coda`.
+    fn apply_volume_list(&self, remote: &[RemoteVolume]) -> Result<Invalidation, FsError> {
         let mut inv = Invalidation::default();
         let mut vols = self.volumes.write().unwrap_or_else(|p| p.into_inner());
-        for rv in &remote {
+        for rv in remote {
+            if let Some(v) = vols
+                .get_mut(&rv.name)
+                .filter(|v| v.id == rv.id && v.public_read != rv.public_read)
+            {
+                // Made private or public: the permissions shown change with it.
+                tracing::info!(volume = %rv.name, public = rv.public_read, "volume read setting changed");
+                v.public_read = rv.public_read;
+                self.meta.put_volume(v).map_err(Self::io)?;
+                inv.inodes.push(v.root_ino);
+            }
             let known = vols.get(&rv.name).is_some_and(|v| v.id == rv.id);
             if !known {
                 if let Some(old) = vols.get(&rv.name) {
@@ -485,13 +511,14 @@ impl<R: Remote> Core<R> {
             NodeKind::Dir => return Err(FsError::IsDir),
             NodeKind::Symlink => return Err(FsError::Invalid("symlink".into())),
         }
-        let hash = Hash::from_slice(&a.hash).map_err(|e| FsError::Io(e.to_string()))?;
-        self.ensure_blob(ino, hash, a.size).await?;
-        Ok((hash, a.size))
+        let blob = BlobRef::of(&a).map_err(|e| FsError::Io(e.to_string()))?;
+        self.ensure_blob(&blob, a.size).await?;
+        Ok((blob.hash, a.size))
     }
 
-    /// Makes sure a blob is in the cache (`ino` is only for per-volume hit counting).
-    async fn ensure_blob(&self, ino: u64, hash: Hash, size: u64) -> Result<(), FsError> {
+    /// Makes sure a blob is in the cache (`blob.ino` also counts the hit for its volume).
+    async fn ensure_blob(&self, blob: &BlobRef, size: u64) -> Result<(), FsError> {
+        let (ino, hash) = (blob.ino, blob.hash);
         if self.blobs.lookup(&hash) {
             self.count_hit(ino, true);
             return Ok(());
@@ -512,7 +539,7 @@ impl<R: Remote> Core<R> {
         let result = self
             .timed(limit, async {
                 let mut w = self.blobs.writer(hash, size).map_err(Self::io)?;
-                self.remote.fetch_blob(hash, &mut w).await?;
+                self.remote.fetch_blob(blob, &mut w).await?;
                 w.finish().map_err(|e| FsError::Corrupt(e.to_string()))?;
                 Ok(())
             })
@@ -546,7 +573,13 @@ impl<R: Remote> Core<R> {
             // Unlinked while open: the handle still reads what it opened.
             Err(FsError::NotFound) => {
                 let (hash, len) = self.handle_content(fh).ok_or(FsError::NotFound)?;
-                self.ensure_blob(ino, hash, len).await?;
+                // No ticket: this works while the content is cached (or the file is readable).
+                let blob = BlobRef {
+                    hash,
+                    ticket: Default::default(),
+                    ino,
+                };
+                self.ensure_blob(&blob, len).await?;
                 (hash, len)
             }
             r => r?,

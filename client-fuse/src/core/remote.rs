@@ -1,13 +1,15 @@
 //! What the filesystem core needs from the servers, as a trait: the gRPC implementation fails
 //! over between replicas; tests substitute an in-memory fake with failure injection.
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::RwLock;
 
 use codafs_common::Hash;
 use codafs_proto::pb;
 use futures::Stream;
 
 use super::FsError;
-use crate::transport::Cluster;
+use crate::transport::{BlobRef, Cluster};
 
 /// A volume as the client sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +49,25 @@ pub struct Fetched<T> {
     pub newest: u64,
 }
 
+/// Which token reads what: servers answer reads of a private volume only to a token of its
+/// owner, a writer or an admin, so a mount sends, for each private volume, the token of a local
+/// user who may read it. Public volumes are read without a token.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Readers {
+    /// The token that reads each private volume, by volume id.
+    pub by_id: HashMap<u32, String>,
+    /// The same, by volume name.
+    pub by_name: HashMap<String, String>,
+    /// Every token the mount holds (each may reveal private volumes in the volume list).
+    pub all: Vec<String>,
+}
+
+impl Readers {
+    fn for_ino(&self, ino: u64) -> Option<&str> {
+        self.by_id.get(&codafs_common::split_ino(ino).0).map(String::as_str)
+    }
+}
+
 /// Server operations the core uses.
 pub trait Remote: Send + Sync + 'static {
     fn volumes(&self) -> impl Future<Output = Result<Vec<RemoteVolume>, FsError>> + Send;
@@ -54,7 +75,9 @@ pub trait Remote: Send + Sync + 'static {
     /// Every entry of a directory, with attributes (all pages).
     fn readdir(&self, ino: u64) -> impl Future<Output = Result<Fetched<Vec<(String, pb::Attr)>>, FsError>> + Send;
     /// Streams a blob into `sink`, resuming on another replica if one fails mid-transfer.
-    fn fetch_blob(&self, hash: Hash, sink: &mut dyn ChunkSink) -> impl Future<Output = Result<(), FsError>> + Send;
+    fn fetch_blob(&self, blob: &BlobRef, sink: &mut dyn ChunkSink) -> impl Future<Output = Result<(), FsError>> + Send;
+    /// Which tokens to read private volumes with (called whenever tokens or volumes change).
+    fn set_readers(&self, _readers: Readers) {}
     /// Current version stamps of the named volumes (one batched call).
     fn stamps(&self, volumes: Vec<String>) -> impl Future<Output = Result<Vec<pb::VolumeStamp>, FsError>> + Send;
     fn subscribe(&self, volume: String, from: u64) -> impl Future<Output = Result<ChangeStream, FsError>> + Send;
@@ -84,6 +107,7 @@ pub trait Remote: Send + Sync + 'static {
 pub struct GrpcRemote {
     pub cluster: Cluster,
     pub bad_copies: std::sync::atomic::AtomicU64,
+    readers: RwLock<Readers>,
 }
 
 impl GrpcRemote {
@@ -91,22 +115,49 @@ impl GrpcRemote {
         GrpcRemote {
             cluster,
             bad_copies: Default::default(),
+            readers: Default::default(),
         }
+    }
+
+    fn readers(&self) -> std::sync::RwLockReadGuard<'_, Readers> {
+        self.readers.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The token to read node `ino` with (none for public volumes).
+    fn token_for_ino(&self, ino: u64) -> Option<String> {
+        self.readers().for_ino(ino).map(str::to_string)
+    }
+
+    /// The volumes one token (or none) may see.
+    async fn list_volumes(&self, token: Option<&str>) -> Result<Vec<pb::VolumeInfo>, FsError> {
+        let c = &self.cluster;
+        let list = c
+            .call(|ch| {
+                let r = c.request_opt(token, pb::Empty {});
+                async move { Cluster::admin(ch).list_volumes(r).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        Ok(list.volumes)
     }
 }
 
 impl Remote for GrpcRemote {
     async fn volumes(&self) -> Result<Vec<RemoteVolume>, FsError> {
-        let c = &self.cluster;
-        let list = c
-            .call(|ch| {
-                let r = c.request(pb::Empty {});
-                async move { Cluster::admin(ch).list_volumes(r).await.map(|r| r.into_inner()) }
-            })
-            .await?;
-        Ok(list
-            .volumes
-            .into_iter()
+        // Public volumes, plus the private ones each held token may read.
+        let mut seen: HashMap<String, pb::VolumeInfo> = HashMap::new();
+        for v in self.list_volumes(None).await? {
+            seen.insert(v.name.clone(), v);
+        }
+        let tokens = self.readers().all.clone();
+        for t in &tokens {
+            match self.list_volumes(Some(t)).await {
+                Ok(list) => seen.extend(list.into_iter().map(|v| (v.name.clone(), v))),
+                // An expired or revoked token shows nothing more; its user is told at login.
+                Err(e) => tracing::debug!(error = %e, "a held token could not list volumes"),
+            }
+        }
+        let mut vols: Vec<RemoteVolume> = seen
+            .into_values()
             .map(|v| RemoteVolume {
                 name: v.name,
                 id: v.id,
@@ -117,14 +168,17 @@ impl Remote for GrpcRemote {
                 writers: v.writers,
                 write_quorum: v.write_quorum,
             })
-            .collect())
+            .collect();
+        vols.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(vols)
     }
 
     async fn getattr(&self, ino: u64) -> Result<Fetched<pb::Attr>, FsError> {
         let c = &self.cluster;
+        let token = self.token_for_ino(ino);
         let r = c
             .call(|ch| {
-                let r = c.request(pb::GetAttrRequest { ino });
+                let r = c.request_opt(token.as_deref(), pb::GetAttrRequest { ino });
                 async move { Cluster::meta(ch).get_attr(r).await.map(|r| r.into_inner()) }
             })
             .await?;
@@ -137,7 +191,8 @@ impl Remote for GrpcRemote {
     }
 
     async fn readdir(&self, ino: u64) -> Result<Fetched<Vec<(String, pb::Attr)>>, FsError> {
-        let l = self.cluster.read_dir_fresh(ino).await?;
+        let token = self.token_for_ino(ino);
+        let l = self.cluster.read_dir_as(token.as_deref(), ino).await?;
         Ok(Fetched {
             newest: l.entries.iter().map(|(_, a)| a.version).fold(l.dir_version, u64::max),
             applied: l.applied,
@@ -145,14 +200,13 @@ impl Remote for GrpcRemote {
         })
     }
 
-    async fn fetch_blob(&self, hash: Hash, sink: &mut dyn ChunkSink) -> Result<(), FsError> {
+    async fn fetch_blob(&self, blob: &BlobRef, sink: &mut dyn ChunkSink) -> Result<(), FsError> {
+        let hash = blob.hash;
+        let token = self.token_for_ino(blob.ino);
         let mut last_err = FsError::Disconnected("no servers".into());
         for addr in self.cluster.ordered_servers() {
             let offset = sink.received();
-            let req = self.cluster.request(pb::GetBlobRequest {
-                hash: bytes::Bytes::copy_from_slice(&hash.0),
-                offset,
-            });
+            let req = self.cluster.request_opt(token.as_deref(), blob.request(offset));
             let result = self
                 .cluster
                 .call_on(&addr, |ch| async move {
@@ -199,26 +253,44 @@ impl Remote for GrpcRemote {
     }
 
     async fn stamps(&self, volumes: Vec<String>) -> Result<Vec<pb::VolumeStamp>, FsError> {
+        // One call per token: volumes of the same reader go together.
+        let mut groups: HashMap<Option<String>, Vec<String>> = HashMap::new();
+        {
+            let readers = self.readers();
+            for v in volumes {
+                groups.entry(readers.by_name.get(&v).cloned()).or_default().push(v);
+            }
+        }
         let c = &self.cluster;
-        let r = c
-            .call(|ch| {
-                let r = c.request(pb::VolumeStampsRequest {
-                    volumes: volumes.clone(),
-                });
-                async move { Cluster::meta(ch).volume_stamps(r).await.map(|r| r.into_inner()) }
-            })
-            .await?;
-        Ok(r.stamps)
+        let mut out = Vec::new();
+        for (token, names) in groups {
+            let r = c
+                .call(|ch| {
+                    let r = c.request_opt(token.as_deref(), pb::VolumeStampsRequest { volumes: names.clone() });
+                    async move { Cluster::meta(ch).volume_stamps(r).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            out.extend(r.stamps);
+        }
+        Ok(out)
+    }
+
+    fn set_readers(&self, readers: Readers) {
+        *self.readers.write().unwrap_or_else(|p| p.into_inner()) = readers;
     }
 
     async fn subscribe(&self, volume: String, from: u64) -> Result<ChangeStream, FsError> {
         let c = &self.cluster;
+        let token = self.readers().by_name.get(&volume).cloned();
         let stream = c
             .call(|ch| {
-                let mut r = tonic::Request::new(pb::SubscribeRequest {
-                    volume: volume.clone(),
-                    from_version: from,
-                });
+                let mut r = c.request_opt(
+                    token.as_deref(),
+                    pb::SubscribeRequest {
+                        volume: volume.clone(),
+                        from_version: from,
+                    },
+                );
                 // A subscription lives as long as the mount; the transport's keepalive notices
                 // a dead server.
                 r.set_timeout(std::time::Duration::from_secs(365 * 86400));

@@ -213,9 +213,9 @@ impl Remote for FakeRemote {
         })
     }
 
-    async fn fetch_blob(&self, hash: Hash, sink: &mut dyn ChunkSink) -> Result<(), FsError> {
+    async fn fetch_blob(&self, blob: &crate::transport::BlobRef, sink: &mut dyn ChunkSink) -> Result<(), FsError> {
         self.check_up()?;
-        let data = self.lock().blobs.get(&hash).cloned().ok_or(FsError::NotFound)?;
+        let data = self.lock().blobs.get(&blob.hash).cloned().ok_or(FsError::NotFound)?;
         // Two chunks, to exercise incremental verification.
         let mid = data.len() / 2;
         sink.write(&data[..mid])?;

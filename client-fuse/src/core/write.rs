@@ -26,7 +26,7 @@ use codafs_common::token::{Claims, Role};
 use codafs_common::{split_ino, Hash};
 use codafs_proto::pb;
 
-use super::remote::{ChunkSink, Remote, RemoteVolume};
+use super::remote::{ChunkSink, Readers, Remote, RemoteVolume};
 use super::{Core, FsError, NodeAttr, NodeKind, ROOT_INO};
 use crate::tokens::TokenTable;
 
@@ -89,6 +89,8 @@ enum ShadowInit {
 #[derive(Debug, Default)]
 pub struct WriteStats {
     pub commits: AtomicU64,
+    /// Stores that failed: a commit refused or failed, or its content refused by the servers
+    /// (a blob put over the uploader's quota headroom, for one).
     pub failed_commits: AtomicU64,
     pub stored_bytes: AtomicU64,
 }
@@ -264,6 +266,26 @@ impl<R: Remote> Core<R> {
         }
     }
 
+    /// Tells the remote which held token reads each private volume (see [`Readers`]): the
+    /// first, by uid, whose account may write it. Called when tokens or the volume list change.
+    pub fn sync_readers(&self) {
+        let tokens = self.writes.tokens.all();
+        let acls = self.writes.acls.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut readers = Readers {
+            all: tokens.iter().map(|(t, _)| t.clone()).collect(),
+            ..Default::default()
+        };
+        readers.all.dedup();
+        for v in self.volumes().into_iter().filter(|v| !v.public_read) {
+            let Some(acl) = acls.get(&v.name) else { continue };
+            if let Some((t, _)) = tokens.iter().find(|(_, c)| may_write(c, acl)) {
+                readers.by_id.insert(v.id, t.clone());
+                readers.by_name.insert(v.name.clone(), t.clone());
+            }
+        }
+        self.remote.set_readers(readers);
+    }
+
     /// Checks that `uid` may change the volume holding `ino`, and returns what the change needs.
     fn write_ctx(&self, uid: u32, ino: u64) -> Result<WriteCtx, FsError> {
         if self.writes.read_only {
@@ -333,11 +355,17 @@ impl<R: Remote> Core<R> {
     async fn store_blob(&self, ctx: &WriteCtx, data: bytes::Bytes) -> Result<Hash, FsError> {
         let hash = Hash::of(&data);
         let len = data.len() as u64;
-        self.timed(
-            self.write_timeout(len),
-            self.remote.put_blob(&ctx.token, data.clone(), ctx.write_quorum),
-        )
-        .await?;
+        let put = self
+            .timed(
+                self.write_timeout(len),
+                self.remote.put_blob(&ctx.token, data.clone(), ctx.write_quorum),
+            )
+            .await;
+        if let Err(e) = put {
+            tracing::info!(volume = %ctx.volume, error = %e, "content store refused or failed");
+            self.writes.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
+            return Err(e);
+        }
         self.writes.stats.stored_bytes.fetch_add(len, Ordering::Relaxed);
         if !self.blobs.lookup(&hash) {
             // The writer reads its own file next: keep it cached instead of fetching it back.

@@ -21,6 +21,8 @@ pub async fn fetch_from(node: &Node, addr: &str, hash: Hash) -> Result<(), Strin
     let mut req = tonic::Request::new(pb::GetBlobRequest {
         hash: bytes::Bytes::copy_from_slice(&hash.0),
         offset: 0,
+        // Peers read by certificate (repair), with no ticket.
+        ..Default::default()
     });
     req.set_timeout(Duration::from_secs(300));
     let mut stream = client.get(req).await.map_err(|s| s.message().to_string())?.into_inner();

@@ -9,6 +9,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::{convert, forward_request, is_forwarded, on_leader, status, token_of};
+use crate::access::Caller;
 use crate::fsm::{AccountRec, Actor, Command, Outcome, StateView, VolumeChanges, VolumeSpec};
 use crate::node::{Node, NodeError};
 use crate::raft::NodeInfo;
@@ -273,30 +274,46 @@ impl pb::admin_server::Admin for AdminService {
         }))
     }
 
-    async fn list_volumes(&self, _req: Request<pb::Empty>) -> Result<Response<pb::VolumeList>, Status> {
+    /// The volumes the caller may read: public ones, plus with a token those it owns or writes
+    /// (an admin sees all). A bad token is refused rather than silently shown less.
+    async fn list_volumes(&self, req: Request<pb::Empty>) -> Result<Response<pb::VolumeList>, Status> {
+        let caller = Caller::of(&self.0, &req);
+        if let Some(t) = caller.token.as_deref() {
+            self.0.authenticate(Some(t)).map_err(status)?;
+        }
         let vols = self.0.tables().volumes().map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::VolumeList {
-            volumes: vols.iter().map(convert::volume_info).collect(),
+            volumes: vols
+                .iter()
+                .filter(|v| self.0.may_read(&caller, v))
+                .map(convert::volume_info)
+                .collect(),
         }))
     }
 
     async fn get_volume(&self, req: Request<pb::VolumeName>) -> Result<Response<pb::VolumeInfo>, Status> {
-        let name = &req.get_ref().name;
-        let v = self
-            .0
-            .tables()
-            .volume(name)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .ok_or_else(|| status(NodeError::Refused(crate::fsm::ApplyError::NoSuchVolume(name.clone()))))?;
+        let caller = Caller::of(&self.0, &req);
+        let v = self.0.volume_named(&req.get_ref().name)?;
+        self.0.check_read(&caller, &v)?;
         Ok(Response::new(convert::volume_info(&v)))
     }
 
-    async fn servers(&self, _req: Request<pb::Empty>) -> Result<Response<pb::ServerList>, Status> {
+    async fn servers(&self, req: Request<pb::Empty>) -> Result<Response<pb::ServerList>, Status> {
+        self.0.check_known(&Caller::of(&self.0, &req))?;
         Ok(Response::new(self.servers()))
     }
 
-    async fn status(&self, _req: Request<pb::Empty>) -> Result<Response<pb::ServerStatus>, Status> {
+    async fn status(&self, req: Request<pb::Empty>) -> Result<Response<pb::ServerStatus>, Status> {
+        self.0.check_known(&Caller::of(&self.0, &req))?;
         Ok(Response::new(self.0.status()))
+    }
+
+    /// Answered to anyone: whether this server can serve (for load balancers' health checks).
+    async fn health(&self, _req: Request<pb::Empty>) -> Result<Response<pb::HealthReply>, Status> {
+        let bootstrapped = self.0.tables().cluster().ok().flatten().is_some();
+        Ok(Response::new(pb::HealthReply {
+            ready: bootstrapped && self.0.leader().is_some(),
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(node = req.get_ref().node_id, addr = %req.get_ref().addr))]

@@ -1,4 +1,7 @@
 //! The `Blobs` service: quorum puts, verified chunked gets, and "which do you lack" queries.
+//! Every call is authorized first (`access`): reads need a ticket or a readable file, stores a
+//! token that may write some volume (charged to its quota until referenced) or a member's
+//! certificate.
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -11,8 +14,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert;
+use crate::access::{self, Caller};
 use crate::blobs::quorum::{effective_write_quorum, QuorumState, QuorumTracker};
 use crate::blobs::{replicate, BlobError};
+use crate::fsm::StateView;
 use crate::node::Node;
 
 pub struct BlobService(pub Arc<Node>);
@@ -31,6 +36,21 @@ fn blob_status(e: BlobError) -> Status {
 }
 
 impl BlobService {
+    /// Authorizes a store of `blobs` by `caller` and charges them to its account until a
+    /// commit references them. Peers are not charged: the server they came from was.
+    fn admit_store(&self, caller: &Caller, blobs: &[(Hash, u64)]) -> Result<(), Status> {
+        let Some(claims) = self.0.check_store(caller)? else {
+            return Ok(());
+        };
+        let t = self.0.tables();
+        let vols = t.volumes().map_err(|e| Status::internal(e.to_string()))?;
+        let room = access::headroom(&claims, &vols);
+        self.0
+            .pending
+            .admit(&claims.user, blobs, room, |h| t.blobref(h).is_ok_and(|n| n > 0))
+            .map_err(super::status)
+    }
+
     /// Receives the data part of a put into the local store (the spool, on a witness).
     async fn receive(&self, hash: Hash, size: u64, stream: &mut Streaming<pb::PutBlobChunk>) -> Result<(), Status> {
         let mut w = self.0.blobs.writer(hash, size).map_err(blob_status)?;
@@ -58,7 +78,8 @@ impl pb::blobs_server::Blobs for BlobService {
     #[tracing::instrument(skip_all)]
     async fn put(&self, req: Request<Streaming<pb::PutBlobChunk>>) -> Result<Response<pb::PutBlobReply>, Status> {
         let node = self.0.clone();
-        let peer = super::is_peer(&node, &req);
+        let caller = Caller::of(&node, &req);
+        let peer = caller.peer;
         let mut stream = req.into_inner();
         let header = match stream.message().await?.and_then(|m| m.part) {
             Some(pb::put_blob_chunk::Part::Header(h)) => h,
@@ -68,15 +89,18 @@ impl pb::blobs_server::Blobs for BlobService {
         if header.size > node.cfg.max_blob_bytes {
             return Err(blob_status(BlobError::TooLarge(header.size, node.cfg.max_blob_bytes)));
         }
+        if header.forwarded && !peer {
+            return Err(super::peer_denied("forwarded blob puts"));
+        }
+        // Before anything is stored or touched: an unauthorized put must not even extend a
+        // blob's GC grace.
+        self.admit_store(&caller, &[(hash, header.size)])?;
         let witness = node.cfg.witness;
         let already = !witness && node.blobs.has(&hash);
         if already {
             node.blobs.touch(&hash);
         }
         if header.forwarded {
-            if !peer {
-                return Err(super::peer_denied("forwarded blob puts"));
-            }
             if witness {
                 return Err(Status::failed_precondition("a witness stores no blobs"));
             }
@@ -123,9 +147,9 @@ impl pb::blobs_server::Blobs for BlobService {
     #[tracing::instrument(skip_all, fields(blobs = req.get_ref().blobs.len()))]
     async fn put_small(&self, req: Request<pb::PutSmallRequest>) -> Result<Response<pb::PutSmallReply>, Status> {
         let node = self.0.clone();
-        let peer = super::is_peer(&node, &req);
+        let caller = Caller::of(&node, &req);
         let r = req.into_inner();
-        if r.forwarded && !peer {
+        if r.forwarded && !caller.peer {
             return Err(super::peer_denied("forwarded blob batches"));
         }
         let total: usize = r.blobs.iter().map(|b| b.data.len()).sum();
@@ -139,6 +163,8 @@ impl pb::blobs_server::Blobs for BlobService {
             .iter()
             .map(|b| Ok((convert::hash(&b.hash)?, b.data.clone())))
             .collect::<Result<_, Status>>()?;
+        let sizes: Vec<(Hash, u64)> = parsed.iter().map(|(h, d)| (*h, d.len() as u64)).collect();
+        self.admit_store(&caller, &sizes)?;
         let witness = node.cfg.witness;
         if r.forwarded {
             if witness {
@@ -193,8 +219,10 @@ impl pb::blobs_server::Blobs for BlobService {
         if node.cfg.witness {
             return Err(Status::unavailable("a witness stores no blobs; ask a data replica"));
         }
+        let caller = Caller::of(&node, &req);
         let r = req.into_inner();
         let hash = convert::hash(&r.hash)?;
+        node.check_blob_read(&caller, &hash, &r.ticket, r.ino)?;
         let (file, len) = node.blobs.open_read(&hash).map_err(blob_status)?;
         node.counters
             .blob_gets
@@ -206,6 +234,8 @@ impl pb::blobs_server::Blobs for BlobService {
     }
 
     async fn missing(&self, req: Request<pb::MissingBlobsRequest>) -> Result<Response<pb::MissingBlobsReply>, Status> {
+        // Asking may restart GC grace periods (below), so it needs the right to store.
+        self.0.check_store(&Caller::of(&self.0, &req))?;
         let hashes = req.into_inner().hashes;
         if hashes.len() > MAX_MISSING_QUERY {
             return Err(Status::invalid_argument(format!(

@@ -26,6 +26,8 @@ pub fn attr(o: &ObjectRec) -> pb::Attr {
         version: o.version,
         parent: o.parent,
         atime_ns: o.atime_ns,
+        // Only replies to a reader carry a ticket (grpc::meta adds it).
+        read_ticket: Default::default(),
     }
 }
 

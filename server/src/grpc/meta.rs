@@ -1,5 +1,6 @@
 //! The `Meta` service: follower reads from this replica's applied state (each reply carries the
-//! applied index), and the per-volume change stream.
+//! applied index), and the per-volume change stream. Every call is authorized per volume first
+//! (`access`): private volumes need a token of a reader; files come with blob read tickets.
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use super::convert;
+use crate::access::{Caller, TicketMaker};
 use crate::changes;
 use crate::fsm::{ObjectRec, StateView};
 use crate::node::Node;
@@ -32,19 +34,31 @@ impl MetaService {
 
     /// An attribute reply. `applied_index` must be read before the object: the object is then
     /// at least that fresh, which is what mounts rely on to order it against change events.
-    fn reply(o: &ObjectRec, applied_index: u64) -> Response<pb::AttrReply> {
-        Response::new(pb::AttrReply {
-            attr: Some(convert::attr(o)),
+    fn reply(&self, o: &ObjectRec, applied_index: u64) -> Result<Response<pb::AttrReply>, Status> {
+        let tickets = self.0.ticket_maker()?;
+        Ok(Response::new(pb::AttrReply {
+            attr: Some(shown(o, &tickets)),
             applied_index,
-        })
+        }))
     }
+}
+
+/// Attributes as a reader sees them: with a read ticket for a file's content.
+fn shown(o: &ObjectRec, tickets: &TicketMaker) -> pb::Attr {
+    let mut a = convert::attr(o);
+    if let Some(h) = &o.hash {
+        a.read_ticket = tickets.ticket(h);
+    }
+    a
 }
 
 #[tonic::async_trait]
 impl pb::meta_server::Meta for MetaService {
     async fn lookup(&self, req: Request<pb::LookupRequest>) -> Result<Response<pb::AttrReply>, Status> {
+        let caller = Caller::of(&self.0, &req);
         let r = req.into_inner();
         validate_name(&r.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.0.check_read_ino(&caller, r.parent)?;
         let applied_index = self.0.applied_index();
         let ino = self
             .0
@@ -52,15 +66,19 @@ impl pb::meta_server::Meta for MetaService {
             .dirent(r.parent, &r.name)
             .map_err(internal)?
             .ok_or_else(|| Status::not_found(format!("{} not found", r.name)))?;
-        Ok(Self::reply(&self.object(ino)?, applied_index))
+        self.reply(&self.object(ino)?, applied_index)
     }
 
     async fn get_attr(&self, req: Request<pb::GetAttrRequest>) -> Result<Response<pb::AttrReply>, Status> {
+        let caller = Caller::of(&self.0, &req);
+        let ino = req.get_ref().ino;
+        self.0.check_read_ino(&caller, ino)?;
         let applied_index = self.0.applied_index();
-        Ok(Self::reply(&self.object(req.get_ref().ino)?, applied_index))
+        self.reply(&self.object(ino)?, applied_index)
     }
 
     async fn resolve(&self, req: Request<pb::ResolveRequest>) -> Result<Response<pb::AttrReply>, Status> {
+        let caller = Caller::of(&self.0, &req);
         let r = req.into_inner();
         let applied_index = self.0.applied_index();
         let t = self.0.tables();
@@ -68,6 +86,7 @@ impl pb::meta_server::Meta for MetaService {
             .volume(&r.volume)
             .map_err(internal)?
             .ok_or_else(|| Status::not_found(format!("no volume {}", r.volume)))?;
+        self.0.check_read(&caller, &vol)?;
         let mut cur = codafs_common::make_ino(vol.id, VOLUME_ROOT_INODE);
         for part in split_path(&r.path).map_err(|e| Status::invalid_argument(e.to_string()))? {
             cur = t
@@ -75,11 +94,14 @@ impl pb::meta_server::Meta for MetaService {
                 .map_err(internal)?
                 .ok_or_else(|| Status::not_found(format!("{} not found", r.path)))?;
         }
-        Ok(Self::reply(&self.object(cur)?, applied_index))
+        self.reply(&self.object(cur)?, applied_index)
     }
 
     async fn read_dir(&self, req: Request<pb::ReadDirRequest>) -> Result<Response<pb::ReadDirReply>, Status> {
+        let caller = Caller::of(&self.0, &req);
         let r = req.into_inner();
+        self.0.check_read_ino(&caller, r.ino)?;
+        let tickets = self.0.ticket_maker()?;
         let limit = if r.limit == 0 {
             DEFAULT_READDIR_PAGE
         } else {
@@ -100,7 +122,7 @@ impl pb::meta_server::Meta for MetaService {
             .into_iter()
             .map(|(name, o)| pb::DirEntry {
                 name,
-                attr: Some(convert::attr(&o)),
+                attr: Some(shown(&o, &tickets)),
             })
             .collect();
         Ok(Response::new(pb::ReadDirReply {
@@ -115,6 +137,7 @@ impl pb::meta_server::Meta for MetaService {
         &self,
         req: Request<pb::VolumeStampsRequest>,
     ) -> Result<Response<pb::VolumeStampsReply>, Status> {
+        let caller = Caller::of(&self.0, &req);
         let t = self.0.tables();
         let mut stamps = Vec::new();
         let names: Vec<String> = if req.get_ref().volumes.is_empty() {
@@ -123,7 +146,11 @@ impl pb::meta_server::Meta for MetaService {
             req.into_inner().volumes
         };
         for name in names {
-            let v = t.volume(&name).map_err(internal)?;
+            // A volume the caller may not read is answered as absent: stamps never reveal it.
+            let v = t
+                .volume(&name)
+                .map_err(internal)?
+                .filter(|v| self.0.may_read(&caller, v));
             stamps.push(pb::VolumeStamp {
                 version: v.as_ref().map_or(0, |v| v.version),
                 exists: v.is_some(),
@@ -139,8 +166,15 @@ impl pb::meta_server::Meta for MetaService {
     type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::ChangeEvent, Status>> + Send>>;
 
     async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = Caller::of(&self.0, &req);
         let r = req.into_inner();
-        let stream = changes::subscribe(self.0.applied.clone(), r.volume, r.from_version)?;
+        let vol = self.0.volume_named(&r.volume)?;
+        self.0.check_read(&caller, &vol)?;
+        // The right is checked again whenever settings or accounts change, and when the token
+        // expires: a volume made private, or a revoked reader, ends the stream.
+        let node = self.0.clone();
+        let recheck = move || node.volume_named(&vol.name).and_then(|v| node.check_read(&caller, &v));
+        let stream = changes::subscribe(self.0.applied.clone(), r.volume, r.from_version, Box::new(recheck))?;
         Ok(Response::new(Box::pin(stream)))
     }
 }

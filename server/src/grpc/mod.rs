@@ -103,6 +103,7 @@ pub fn status(e: NodeError) -> Status {
         NodeError::NotEnoughCopies { .. } => ("copies", Code::FailedPrecondition),
         NodeError::Invalid(_) => ("invalid", Code::InvalidArgument),
         NodeError::NotFound(_) => ("not_found", Code::NotFound),
+        NodeError::Quota(_) => ("quota", Code::ResourceExhausted),
         NodeError::Internal(_) => ("internal", Code::Internal),
     };
     let mut s = Status::new(code, e.to_string());

@@ -32,6 +32,9 @@ pub enum Notice {
     },
     /// A snapshot replaced the state: subscribers re-read from the tables.
     Reset,
+    /// Something that decides who may read changed (volume settings, accounts, keys,
+    /// membership): subscribers check their right again.
+    Rights,
 }
 
 /// On-disk snapshot: openraft's metadata plus every state table.
@@ -138,6 +141,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Blank => Ok(Outcome::Done),
                 EntryPayload::Normal(cmd) => {
                     let (delta, resp) = fsm::apply(&self.tables, log_id.index, cmd).map_err(write_err)?;
+                    // Every command but a namespace commit is an administrative change.
+                    if !matches!(cmd, fsm::Command::Commit { .. }) {
+                        notices.push(Notice::Rights);
+                    }
                     self.tables.write_delta(&mut batch, &delta).map_err(write_err)?;
                     for (volume, version, change) in delta.changes {
                         notices.push(Notice::Change {
@@ -151,6 +158,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Membership(m) => {
                     let sm = StoredMembership::new(Some(log_id), m.clone());
                     batch.put_cf(meta_cf, KEY_MEMBERSHIP, encode(&sm).map_err(write_err)?);
+                    notices.push(Notice::Rights);
                     Ok(Outcome::Done)
                 }
             };

@@ -1,0 +1,365 @@
+//! Who may read and store what. Every read RPC asks here, so the rules live in one place:
+//!
+//! - A **public** volume is readable by anyone, token or not (web nodes read this way).
+//! - A **private** volume is readable by its owner, its writers and admins, proven by a token.
+//! - A **blob** is served to whoever shows a right to it: a read ticket for its hash (handed out
+//!   with the attributes of a readable file), a readable file whose content it is, or a server
+//!   certificate of a current member (repair and replication).
+//! - **Storing** blobs needs a token whose account may write some volume, or a member's
+//!   certificate; bytes stored but not yet referenced count against the uploader's quota.
+//!
+//! Tokens are only verified when a rule needs them, so a stale credential does not break reads
+//! of public volumes.
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use codafs_common::token::{Claims, Role};
+use codafs_common::{split_ino, ticket, Hash};
+use tonic::Status;
+
+use crate::fsm::{ClusterRec, StateView, VolumeRec};
+use crate::grpc::status;
+use crate::node::{Node, NodeError};
+
+/// Who is asking, as far as the request shows it.
+pub struct Caller {
+    /// The `x-codafs-token` header, not yet verified.
+    pub token: Option<String>,
+    /// Presented a certificate of a current member of this cluster.
+    pub peer: bool,
+}
+
+impl Caller {
+    pub fn of<T>(node: &Node, req: &tonic::Request<T>) -> Self {
+        Caller {
+            token: crate::grpc::token_of(req),
+            peer: crate::grpc::is_peer(node, req),
+        }
+    }
+}
+
+/// Whether an account (as its verified claims say) may read or write a volume.
+pub fn may_write(claims: &Claims, vol: &VolumeRec) -> bool {
+    claims.role == Role::Admin || vol.owner == claims.user || vol.writers.contains(&claims.user)
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+/// The refusal of a read of a private volume.
+fn private(vol: &str, why: &str) -> Status {
+    status(NodeError::Denied(format!(
+        "volume {vol} is private: reading it needs a token of its owner, a writer or an admin ({why})"
+    )))
+}
+
+impl Node {
+    /// The volume holding node `ino`.
+    pub fn volume_of_ino(&self, ino: u64) -> Result<VolumeRec, Status> {
+        let (id, _) = split_ino(ino);
+        self.tables()
+            .volumes()
+            .map_err(internal)?
+            .into_iter()
+            .find(|v| v.id == id)
+            .ok_or_else(|| Status::not_found(format!("no object {ino:#x}")))
+    }
+
+    /// The volume named `name`.
+    pub fn volume_named(&self, name: &str) -> Result<VolumeRec, Status> {
+        self.tables()
+            .volume(name)
+            .map_err(internal)?
+            .ok_or_else(|| status(NodeError::Refused(crate::fsm::ApplyError::NoSuchVolume(name.into()))))
+    }
+
+    /// Whether `caller` may read `vol` (see the module doc).
+    pub fn may_read(&self, caller: &Caller, vol: &VolumeRec) -> bool {
+        self.check_read(caller, vol).is_ok()
+    }
+
+    /// Refuses unless `caller` may read `vol`, saying why.
+    pub fn check_read(&self, caller: &Caller, vol: &VolumeRec) -> Result<(), Status> {
+        if vol.public_read {
+            return Ok(());
+        }
+        let Some(token) = caller.token.as_deref() else {
+            return Err(private(&vol.name, "no token was sent; log in first"));
+        };
+        let claims = self.authenticate(Some(token)).map_err(status)?;
+        if may_write(&claims, vol) {
+            Ok(())
+        } else {
+            Err(private(&vol.name, &format!("{} is none of them", claims.user)))
+        }
+    }
+
+    /// Refuses unless `caller` may read the volume of node `ino`; returns that volume.
+    pub fn check_read_ino(&self, caller: &Caller, ino: u64) -> Result<VolumeRec, Status> {
+        let vol = self.volume_of_ino(ino)?;
+        self.check_read(caller, &vol)?;
+        Ok(vol)
+    }
+
+    /// Makes read tickets for the attributes shown in one reply (one cluster lookup per reply).
+    pub fn ticket_maker(&self) -> Result<TicketMaker, Status> {
+        let cluster = self
+            .tables()
+            .cluster()
+            .map_err(internal)?
+            .ok_or_else(|| Status::unavailable("cluster is not bootstrapped yet"))?;
+        Ok(TicketMaker {
+            key: cluster.current_key().map(|(id, k)| (id, ticket::ticket_key(&k))),
+            expires: ticket::expiry(codafs_common::token::unix_now()),
+        })
+    }
+
+    /// Refuses a blob read unless `caller` shows a right to `hash` (see the module doc).
+    pub fn check_blob_read(&self, caller: &Caller, hash: &Hash, ticket_bytes: &[u8], ino: u64) -> Result<(), Status> {
+        if caller.peer {
+            return Ok(());
+        }
+        let cluster = self
+            .tables()
+            .cluster()
+            .map_err(internal)?
+            .ok_or_else(|| Status::unavailable("cluster is not bootstrapped yet"))?;
+        let by_ticket = ticket::verify(
+            ticket_bytes,
+            hash,
+            |id| ticket_key_of(&cluster, id),
+            codafs_common::token::unix_now(),
+        );
+        let Err(ticket_err) = by_ticket else {
+            return Ok(());
+        };
+        if ino != 0 {
+            let vol = self.check_read_ino(caller, ino)?;
+            let obj = self.tables().object(ino).map_err(internal)?;
+            if obj.is_some_and(|o| o.hash.as_ref() == Some(hash)) {
+                return Ok(());
+            }
+            return Err(status(NodeError::Denied(format!(
+                "file {ino:#x} of volume {} does not hold blob {hash} (any more); read its attributes again",
+                vol.name
+            ))));
+        }
+        Err(status(NodeError::Denied(format!(
+            "reading blob {hash} needs a read ticket from its file's attributes ({ticket_err})"
+        ))))
+    }
+
+    /// Refuses details meant for operators and clients of this cluster (server list, status)
+    /// unless the caller is a member or holds any valid token.
+    pub fn check_known(&self, caller: &Caller) -> Result<(), Status> {
+        if caller.peer {
+            return Ok(());
+        }
+        match caller.token.as_deref() {
+            None => Err(status(NodeError::Unauthenticated(
+                "this needs a token (log in, or set CODAFS_CREDENTIAL); without one only Health answers".into(),
+            ))),
+            Some(t) => self.authenticate(Some(t)).map(drop).map_err(status),
+        }
+    }
+
+    /// Refuses a blob store (or a "which do you lack" query) unless the caller is a member or
+    /// holds a token whose account may write some volume. Returns the account for quota
+    /// accounting (`None` for a peer).
+    pub fn check_store(&self, caller: &Caller) -> Result<Option<Claims>, Status> {
+        if caller.peer {
+            return Ok(None);
+        }
+        let Some(token) = caller.token.as_deref() else {
+            return Err(status(NodeError::Unauthenticated(
+                "storing blobs needs a token (log in first)".into(),
+            )));
+        };
+        let claims = self.authenticate(Some(token)).map_err(status)?;
+        if claims.role == Role::Admin {
+            return Ok(Some(claims));
+        }
+        let vols = self.tables().volumes().map_err(internal)?;
+        if vols.iter().any(|v| may_write(&claims, v)) {
+            return Ok(Some(claims));
+        }
+        Err(status(NodeError::Denied(format!(
+            "{} may write no volume, so may not store blobs",
+            claims.user
+        ))))
+    }
+}
+
+fn ticket_key_of(cluster: &ClusterRec, id: u32) -> Option<[u8; 32]> {
+    cluster.key(id).map(|k| ticket::ticket_key(&k))
+}
+
+/// Issues read tickets with the cluster's current key.
+pub struct TicketMaker {
+    key: Option<(u32, [u8; 32])>,
+    expires: u64,
+}
+
+impl TicketMaker {
+    /// A ticket for `hash` (empty when the cluster has no key, which only happens before
+    /// bootstrap).
+    pub fn ticket(&self, hash: &Hash) -> bytes::Bytes {
+        match &self.key {
+            Some((id, key)) => ticket::issue(key, *id, hash, self.expires).into(),
+            None => bytes::Bytes::new(),
+        }
+    }
+}
+
+/// How long stored-but-unreferenced bytes count against their uploader.
+pub const PENDING_TTL: Duration = Duration::from_secs(3600);
+/// Most uploaders tracked at once (oldest entries are dropped beyond it).
+const PENDING_USERS: usize = 4096;
+/// Most pending blobs tracked per uploader.
+const PENDING_PER_USER: usize = 65_536;
+
+/// Bytes each account stored on this server that no volume references yet. They count against
+/// the account's quota headroom until a commit references them or [`PENDING_TTL`] passes, so a
+/// writer cannot fill the servers' disks with blobs it never commits. Kept in memory per server:
+/// a restart forgets it, and garbage collection removes what is never referenced.
+#[derive(Default)]
+pub struct PendingBytes {
+    by_user: Mutex<HashMap<String, Vec<Pending>>>,
+}
+
+/// One stored blob not yet referenced: its hash, size and when it was stored.
+type Pending = (Hash, u64, Instant);
+
+impl PendingBytes {
+    /// Admits `blobs` stored by `user` if its pending bytes plus theirs fit `headroom`
+    /// (`None` = unlimited). `referenced` says whether a hash is referenced by now (those no
+    /// longer count).
+    pub fn admit(
+        &self,
+        user: &str,
+        blobs: &[(Hash, u64)],
+        headroom: Option<u64>,
+        referenced: impl Fn(&Hash) -> bool,
+    ) -> Result<(), NodeError> {
+        let mut map = self.by_user.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if !map.contains_key(user) && map.len() >= PENDING_USERS {
+            // Forget the uploader with the oldest entry (bounded memory; GC still applies).
+            let oldest = map
+                .iter()
+                .min_by_key(|(_, v)| v.first().map(|e| e.2))
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                map.remove(&k);
+            }
+        }
+        let list = map.entry(user.to_string()).or_default();
+        list.retain(|(h, _, at)| now.duration_since(*at) < PENDING_TTL && !referenced(h));
+        let have: u64 = list.iter().map(|e| e.1).sum();
+        let new: Vec<&(Hash, u64)> = blobs
+            .iter()
+            .filter(|(h, _)| !referenced(h) && !list.iter().any(|e| e.0 == *h))
+            .collect();
+        let adding: u64 = new.iter().map(|(_, s)| *s).sum();
+        if let Some(room) = headroom {
+            if have.saturating_add(adding) > room {
+                return Err(NodeError::Quota(format!(
+                    "{user} has {have} bytes uploaded but not yet committed; {adding} more would exceed the {room} bytes left in its volumes' quotas (commit or wait {} min)",
+                    PENDING_TTL.as_secs() / 60
+                )));
+            }
+        }
+        for (h, s) in new {
+            if list.len() >= PENDING_PER_USER {
+                list.remove(0);
+            }
+            list.push((*h, *s, now));
+        }
+        Ok(())
+    }
+}
+
+/// Quota headroom of an account: the most bytes any volume it may write can still take
+/// (`None` = some volume has no byte quota, or the account is an admin).
+pub fn headroom(claims: &Claims, vols: &[VolumeRec]) -> Option<u64> {
+    if claims.role == Role::Admin {
+        return None;
+    }
+    let mut best = Some(0u64);
+    for v in vols.iter().filter(|v| may_write(claims, v)) {
+        if v.quota_bytes == 0 {
+            return None;
+        }
+        best = best.map(|b| b.max(v.quota_bytes.saturating_sub(v.used_bytes)));
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(user: &str, role: Role) -> Claims {
+        Claims {
+            user: user.into(),
+            role,
+            cluster: "c".into(),
+            key_id: 1,
+            expires: u64::MAX,
+        }
+    }
+
+    fn vol(owner: &str, quota: u64, used: u64) -> VolumeRec {
+        VolumeRec {
+            id: 1,
+            name: format!("{owner}-vol"),
+            owner: owner.into(),
+            writers: vec!["helper".into()],
+            quota_bytes: quota,
+            quota_files: 0,
+            write_quorum: 2,
+            public_read: false,
+            version: 0,
+            used_bytes: used,
+            used_files: 0,
+            next_inode: 2,
+            created_ns: 0,
+            history_floor: 0,
+            change_count: 0,
+        }
+    }
+
+    #[test]
+    fn write_rights_and_headroom() {
+        let v = vol("web", 1000, 300);
+        assert!(may_write(&claims("web", Role::User), &v));
+        assert!(may_write(&claims("helper", Role::User), &v));
+        assert!(may_write(&claims("root", Role::Admin), &v));
+        assert!(!may_write(&claims("eve", Role::User), &v));
+        let vols = [v, vol("other", 5000, 0)];
+        assert_eq!(headroom(&claims("web", Role::User), &vols), Some(700));
+        // A writer of both volumes gets the larger headroom.
+        assert_eq!(headroom(&claims("helper", Role::User), &vols), Some(5000));
+        assert_eq!(headroom(&claims("eve", Role::User), &vols), Some(0));
+        assert_eq!(headroom(&claims("root", Role::Admin), &vols), None);
+        assert_eq!(headroom(&claims("web", Role::User), &[vol("web", 0, 9)]), None);
+    }
+
+    #[test]
+    fn pending_bytes_count_until_referenced() {
+        let p = PendingBytes::default();
+        let (a, b, c) = (Hash::of(b"a"), Hash::of(b"b"), Hash::of(b"c"));
+        p.admit("web", &[(a, 600)], Some(1000), |_| false).unwrap();
+        // The same blob again costs nothing more.
+        p.admit("web", &[(a, 600)], Some(1000), |_| false).unwrap();
+        let err = p.admit("web", &[(b, 500)], Some(1000), |_| false).unwrap_err();
+        assert!(matches!(err, NodeError::Quota(_)), "{err}");
+        // Another account has its own allowance.
+        p.admit("other", &[(b, 500)], Some(1000), |_| false).unwrap();
+        // Once `a` is referenced by a commit, it no longer counts.
+        p.admit("web", &[(b, 500)], Some(1000), |h| *h == a).unwrap();
+        p.admit("web", &[(c, 1)], None, |_| false).unwrap();
+    }
+}

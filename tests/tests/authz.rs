@@ -1,0 +1,747 @@
+//! The servers are the trust boundary: every RPC of every service is called, against a real TLS
+//! cluster, by callers holding different credentials, and each answer is compared with the
+//! documented one (docs/SECURITY.md). Only reads of public volumes succeed without a token.
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use codafs_client::transport::BlobRef;
+use codafs_client::{ops, Cluster};
+use codafs_common::Hash;
+use codafs_proto::pb;
+use codafs_tests::{bounded, read_file, wait_until, ClusterOpts, Mount, TestCluster};
+use tonic::Code;
+
+/// What the probes read and write.
+struct Fixture {
+    /// A file of the public volume `pub`, with its attributes as its reader saw them.
+    pub_file: pb::Attr,
+    /// A file of the private volume `priv` (owner alice), as alice saw it.
+    priv_file: pb::Attr,
+    priv_root: u64,
+}
+
+/// Runs `f` on the first server through `c` and reduces the outcome to a status code.
+async fn code<T, F, Fut>(c: &Cluster, f: F) -> Code
+where
+    F: FnOnce(tonic::transport::Channel) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let addr = c.servers()[0].clone();
+    match c.call_on(&addr, f).await {
+        Ok(_) => Code::Ok,
+        Err(e) => e.code(),
+    }
+}
+
+fn blob_get(blob: &BlobRef, ticket: bool, ino: bool) -> pb::GetBlobRequest {
+    let mut r = blob.request(0);
+    if !ticket {
+        r.ticket = Default::default();
+    }
+    if !ino {
+        r.ino = 0;
+    }
+    r
+}
+
+/// Reads a whole blob stream (errors may come with the first message).
+async fn drain(mut s: tonic::Streaming<pb::BlobChunk>) -> Result<(), tonic::Status> {
+    while s.message().await?.is_some() {}
+    Ok(())
+}
+
+/// Calls every RPC of every service once as `c`'s holder; returns each call's status code.
+async fn probe(c: &Cluster, fx: &Fixture) -> BTreeMap<&'static str, Code> {
+    let mut m = BTreeMap::new();
+    let pub_blob = BlobRef::of(&fx.pub_file).expect("pub file has content");
+    let priv_blob = BlobRef::of(&fx.priv_file).expect("priv file has content");
+    let new_data = bytes::Bytes::from(format!("probe {}", rand::random::<u64>()));
+    let new_hash = Hash::of(&new_data);
+
+    // Meta.
+    macro_rules! meta {
+        ($name:literal, $method:ident, $body:expr) => {{
+            let body = $body;
+            m.insert(
+                $name,
+                code(c, |ch| {
+                    let r = c.request(body);
+                    async move { Cluster::meta(ch).$method(r).await.map(drop) }
+                })
+                .await,
+            );
+        }};
+    }
+    meta!(
+        "Meta.Lookup pub",
+        lookup,
+        pb::LookupRequest {
+            parent: fx.pub_file.parent,
+            name: "index.html".into()
+        }
+    );
+    meta!(
+        "Meta.Lookup priv",
+        lookup,
+        pb::LookupRequest {
+            parent: fx.priv_root,
+            name: "secret.html".into()
+        }
+    );
+    meta!(
+        "Meta.GetAttr pub",
+        get_attr,
+        pb::GetAttrRequest { ino: fx.pub_file.ino }
+    );
+    meta!(
+        "Meta.GetAttr priv",
+        get_attr,
+        pb::GetAttrRequest { ino: fx.priv_file.ino }
+    );
+    meta!(
+        "Meta.Resolve pub",
+        resolve,
+        pb::ResolveRequest {
+            volume: "pub".into(),
+            path: "index.html".into()
+        }
+    );
+    meta!(
+        "Meta.Resolve priv",
+        resolve,
+        pb::ResolveRequest {
+            volume: "priv".into(),
+            path: "secret.html".into()
+        }
+    );
+    meta!(
+        "Meta.ReadDir pub",
+        read_dir,
+        pb::ReadDirRequest {
+            ino: fx.pub_file.parent,
+            ..Default::default()
+        }
+    );
+    meta!(
+        "Meta.ReadDir priv",
+        read_dir,
+        pb::ReadDirRequest {
+            ino: fx.priv_root,
+            ..Default::default()
+        }
+    );
+    meta!(
+        "Meta.VolumeStamps",
+        volume_stamps,
+        pb::VolumeStampsRequest {
+            volumes: vec!["pub".into(), "priv".into()]
+        }
+    );
+    meta!(
+        "Meta.Subscribe pub",
+        subscribe,
+        pb::SubscribeRequest {
+            volume: "pub".into(),
+            from_version: 0
+        }
+    );
+    meta!(
+        "Meta.Subscribe priv",
+        subscribe,
+        pb::SubscribeRequest {
+            volume: "priv".into(),
+            from_version: 0
+        }
+    );
+
+    // Blobs.
+    for (name, blob, ticket, ino) in [
+        ("Blobs.Get pub ticket", &pub_blob, true, false),
+        ("Blobs.Get pub ino", &pub_blob, false, true),
+        ("Blobs.Get priv ticket", &priv_blob, true, false),
+        ("Blobs.Get priv ino", &priv_blob, false, true),
+        ("Blobs.Get priv bare", &priv_blob, false, false),
+    ] {
+        let body = blob_get(blob, ticket, ino);
+        m.insert(
+            name,
+            code(c, |ch| {
+                let r = c.request(body);
+                async move { drain(Cluster::blobs(ch).get(r).await?.into_inner()).await }
+            })
+            .await,
+        );
+    }
+    // A ticket for one blob does not open another.
+    let mut forged = blob_get(&priv_blob, false, false);
+    forged.ticket = pub_blob.ticket.clone();
+    m.insert(
+        "Blobs.Get priv other ticket",
+        code(c, |ch| {
+            let r = c.request(forged);
+            async move { drain(Cluster::blobs(ch).get(r).await?.into_inner()).await }
+        })
+        .await,
+    );
+    let put = ops::put_chunks(&new_data, 2);
+    m.insert(
+        "Blobs.Put",
+        code(c, |ch| {
+            let r = c.request(futures::stream::iter(put));
+            async move { Cluster::blobs(ch).put(r).await.map(drop) }
+        })
+        .await,
+    );
+    let small = pb::PutSmallRequest {
+        blobs: vec![pb::SmallBlob {
+            hash: bytes::Bytes::copy_from_slice(&Hash::of(b"small probe").0),
+            data: bytes::Bytes::from_static(b"small probe"),
+        }],
+        write_quorum: 2,
+        forwarded: false,
+    };
+    m.insert(
+        "Blobs.PutSmall",
+        code(c, |ch| {
+            let r = c.request(small);
+            async move { Cluster::blobs(ch).put_small(r).await.map(drop) }
+        })
+        .await,
+    );
+    let missing = pb::MissingBlobsRequest {
+        hashes: vec![bytes::Bytes::copy_from_slice(&new_hash.0)],
+    };
+    m.insert(
+        "Blobs.Missing",
+        code(c, |ch| {
+            let r = c.request(missing);
+            async move { Cluster::blobs(ch).missing(r).await.map(drop) }
+        })
+        .await,
+    );
+
+    // Write.
+    let commit = ops::commit("priv", vec![ops::dir(&format!("d{}", rand::random::<u32>()), 0o755)]);
+    m.insert(
+        "Write.Commit priv",
+        code(c, |ch| {
+            let r = c.request(commit);
+            async move { Cluster::write(ch).commit(r).await.map(drop) }
+        })
+        .await,
+    );
+
+    // Raft: servers only, whatever token a client holds.
+    macro_rules! raft {
+        ($name:literal, $method:ident) => {{
+            m.insert(
+                $name,
+                code(c, |ch| {
+                    let r = c.request(pb::RaftMessage {
+                        payload: Default::default(),
+                    });
+                    async move { pb::raft_client::RaftClient::new(ch).$method(r).await.map(drop) }
+                })
+                .await,
+            );
+        }};
+    }
+    raft!("Raft.AppendEntries", append_entries);
+    raft!("Raft.Vote", vote);
+    raft!("Raft.InstallSnapshot", install_snapshot);
+
+    // Admin.
+    macro_rules! admin {
+        ($name:literal, $method:ident, $body:expr) => {{
+            let body = $body;
+            m.insert(
+                $name,
+                code(c, |ch| {
+                    let r = c.request(body);
+                    async move { Cluster::admin(ch).$method(r).await.map(drop) }
+                })
+                .await,
+            );
+        }};
+    }
+    admin!(
+        "Admin.CreateVolume",
+        create_volume,
+        pb::VolumeSpec {
+            name: "probe".into(),
+            ..Default::default()
+        }
+    );
+    admin!("Admin.ListVolumes", list_volumes, pb::Empty {});
+    admin!("Admin.GetVolume pub", get_volume, pb::VolumeName { name: "pub".into() });
+    admin!(
+        "Admin.GetVolume priv",
+        get_volume,
+        pb::VolumeName { name: "priv".into() }
+    );
+    admin!("Admin.Servers", servers, pb::Empty {});
+    admin!("Admin.Status", status, pb::Empty {});
+    admin!("Admin.Health", health, pb::Empty {});
+    let bad_join = pb::JoinRequest {
+        node_id: 99,
+        addr: "127.0.0.1:1".into(),
+        witness: false,
+        join_key: "not-the-key".into(),
+    };
+    admin!("Admin.Join", join, bad_join.clone());
+    admin!("Admin.JoinToken", join_token, pb::Empty {});
+    admin!("Admin.JoinCredentials", join_credentials, bad_join);
+    admin!(
+        "Admin.RemoveServer",
+        remove_server,
+        pb::RemoveServerRequest { node_id: 99 }
+    );
+    admin!(
+        "Admin.SetVolume",
+        set_volume,
+        pb::VolumeChanges {
+            name: "priv".into(),
+            public_read: Some(true),
+            ..Default::default()
+        }
+    );
+    admin!(
+        "Admin.PutUser",
+        put_user,
+        pb::UserSpec {
+            name: "mallory".into(),
+            password: "long enough pw".into(),
+            admin: true,
+            create: true
+        }
+    );
+    admin!("Admin.RemoveUser", remove_user, pb::UserName { name: "alice".into() });
+    admin!("Admin.ListUsers", list_users, pb::Empty {});
+    admin!(
+        "Admin.Login",
+        login,
+        pb::LoginRequest {
+            user: "alice".into(),
+            password: "wrong password".into(),
+            ttl_secs: 0
+        }
+    );
+    admin!(
+        "Admin.RotateKey",
+        rotate_key,
+        pb::RotateKeyRequest {
+            add: true,
+            retire: None
+        }
+    );
+    admin!("Admin.WhoAmI", who_am_i, pb::Empty {});
+    m
+}
+
+/// The documented answers for a caller: `public` lists what succeeds for everyone; `extra`
+/// overrides per caller; everything else gets `default`.
+fn expected(default: Code, extra: &[(&'static str, Code)]) -> BTreeMap<&'static str, Code> {
+    let mut m: BTreeMap<&'static str, Code> = BTreeMap::new();
+    for k in ALL {
+        m.insert(k, default);
+    }
+    for k in PUBLIC_READS {
+        m.insert(k, Code::Ok);
+    }
+    for k in PEER_ONLY {
+        m.insert(k, Code::PermissionDenied);
+    }
+    // A wrong password and a wrong join key are refused the same way for everyone.
+    for k in ["Admin.Login", "Admin.Join", "Admin.JoinCredentials"] {
+        m.insert(k, Code::Unauthenticated);
+    }
+    // Blobs without a right to them: no ticket for this blob, no readable file.
+    for k in ["Blobs.Get priv bare", "Blobs.Get priv other ticket"] {
+        m.insert(k, Code::PermissionDenied);
+    }
+    for (k, v) in extra {
+        m.insert(k, *v);
+    }
+    m
+}
+
+const ALL: [&str; 42] = [
+    "Meta.Lookup pub",
+    "Meta.Lookup priv",
+    "Meta.GetAttr pub",
+    "Meta.GetAttr priv",
+    "Meta.Resolve pub",
+    "Meta.Resolve priv",
+    "Meta.ReadDir pub",
+    "Meta.ReadDir priv",
+    "Meta.VolumeStamps",
+    "Meta.Subscribe pub",
+    "Meta.Subscribe priv",
+    "Blobs.Get pub ticket",
+    "Blobs.Get pub ino",
+    "Blobs.Get priv ticket",
+    "Blobs.Get priv ino",
+    "Blobs.Get priv bare",
+    "Blobs.Get priv other ticket",
+    "Blobs.Put",
+    "Blobs.PutSmall",
+    "Blobs.Missing",
+    "Write.Commit priv",
+    "Raft.AppendEntries",
+    "Raft.Vote",
+    "Raft.InstallSnapshot",
+    "Admin.CreateVolume",
+    "Admin.ListVolumes",
+    "Admin.GetVolume pub",
+    "Admin.GetVolume priv",
+    "Admin.Servers",
+    "Admin.Status",
+    "Admin.Health",
+    "Admin.Join",
+    "Admin.JoinToken",
+    "Admin.JoinCredentials",
+    "Admin.RemoveServer",
+    "Admin.SetVolume",
+    "Admin.PutUser",
+    "Admin.RemoveUser",
+    "Admin.ListUsers",
+    "Admin.Login",
+    "Admin.RotateKey",
+    "Admin.WhoAmI",
+];
+
+/// What anyone may do: read public volumes (and the volume list, filtered), ask for health.
+const PUBLIC_READS: [&str; 12] = [
+    "Meta.Lookup pub",
+    "Meta.GetAttr pub",
+    "Meta.Resolve pub",
+    "Meta.ReadDir pub",
+    "Meta.VolumeStamps",
+    "Meta.Subscribe pub",
+    "Blobs.Get pub ticket",
+    "Blobs.Get pub ino",
+    "Admin.ListVolumes",
+    "Admin.GetVolume pub",
+    "Admin.Health",
+    // A ticket is a bearer right to one blob: whoever holds one (here: copied out of
+    // alice's reply) reads that blob until it expires.
+    "Blobs.Get priv ticket",
+];
+
+const PEER_ONLY: [&str; 3] = ["Raft.AppendEntries", "Raft.Vote", "Raft.InstallSnapshot"];
+
+/// Reads of the private volume by someone who may not read it.
+const PRIV_READS: [&str; 7] = [
+    "Meta.Lookup priv",
+    "Meta.GetAttr priv",
+    "Meta.Resolve priv",
+    "Meta.ReadDir priv",
+    "Meta.Subscribe priv",
+    "Blobs.Get priv ino",
+    "Admin.GetVolume priv",
+];
+
+fn compare(who: &str, got: &BTreeMap<&'static str, Code>, want: &BTreeMap<&'static str, Code>) -> Result<()> {
+    let wrong: Vec<String> = want
+        .iter()
+        .filter(|(k, v)| got.get(*k) != Some(v))
+        .map(|(k, v)| format!("{k}: got {:?}, documented {v:?}", got.get(k)))
+        .collect();
+    ensure!(wrong.is_empty(), "{who}:\n  {}", wrong.join("\n  "));
+    ensure!(
+        got.len() == ALL.len(),
+        "{who}: probed {} calls, expected {}",
+        got.len(),
+        ALL.len()
+    );
+    Ok(())
+}
+
+async fn admin_call<T, F, Fut>(tc: &TestCluster, f: F) -> Result<T>
+where
+    F: Fn(Cluster, tonic::transport::Channel) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let c = tc.client();
+    Ok(c.call(|ch| f(tc.client(), ch)).await?)
+}
+
+async fn add_user(tc: &TestCluster, name: &str) -> Result<String> {
+    let spec = pb::UserSpec {
+        name: name.into(),
+        password: format!("{name} password"),
+        admin: false,
+        create: true,
+    };
+    admin_call(tc, |c, ch| {
+        let r = c.request(spec.clone());
+        async move { Cluster::admin(ch).put_user(r).await }
+    })
+    .await?;
+    let login = pb::LoginRequest {
+        user: name.into(),
+        password: format!("{name} password"),
+        ttl_secs: 3600,
+    };
+    let reply = admin_call(tc, |c, ch| {
+        let r = c.request(login.clone());
+        async move { Cluster::admin(ch).login(r).await.map(|r| r.into_inner()) }
+    })
+    .await?;
+    Ok(reply.token)
+}
+
+async fn add_volume(tc: &TestCluster, name: &str, owner: &str, public: bool) -> Result<()> {
+    let spec = pb::VolumeSpec {
+        name: name.into(),
+        owner: owner.into(),
+        public_read: public,
+        write_quorum: 2,
+        ..Default::default()
+    };
+    admin_call(tc, |c, ch| {
+        let r = c.request(spec.clone());
+        async move { Cluster::admin(ch).create_volume(r).await }
+    })
+    .await?;
+    Ok(())
+}
+
+async fn set_public(tc: &TestCluster, name: &str, public: bool) -> Result<()> {
+    let ch = pb::VolumeChanges {
+        name: name.into(),
+        public_read: Some(public),
+        ..Default::default()
+    };
+    admin_call(tc, |c, chan| {
+        let r = c.request(ch.clone());
+        async move { Cluster::admin(chan).set_volume(r).await }
+    })
+    .await?;
+    Ok(())
+}
+
+fn as_user(tc: &TestCluster, token: Option<&str>) -> Result<Cluster> {
+    let mut c = Cluster::new(&tc.addrs()[..1], tc.tls.clone(), token.map(str::to_string))?;
+    c.call_timeout = Duration::from_secs(10);
+    Ok(c)
+}
+
+/// A TLS cluster with a public volume, alice's private volume and bob's volume.
+async fn setup() -> Result<(TestCluster, Fixture, String, String, String)> {
+    let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+    let alice = add_user(&tc, "alice").await?;
+    let bob = add_user(&tc, "bob").await?;
+    let carol = add_user(&tc, "carol").await?;
+    add_volume(&tc, "pub", "admin", true).await?;
+    add_volume(&tc, "priv", "alice", false).await?;
+    add_volume(&tc, "bobs", "bob", false).await?;
+    let admin = tc.client();
+    TestCluster::write_file(&admin, "pub", "", "index.html", b"<h1>public page</h1>").await?;
+    let as_alice = as_user(&tc, Some(&alice))?;
+    TestCluster::write_file(&as_alice, "priv", "", "secret.html", b"<h1>alice's draft</h1>").await?;
+    let resolve = |c: Cluster, vol: &'static str, path: &'static str| async move {
+        let r = c
+            .call(|ch| {
+                let r = c.request(pb::ResolveRequest {
+                    volume: vol.into(),
+                    path: path.into(),
+                });
+                async move { Cluster::meta(ch).resolve(r).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        r.attr.context("no attributes")
+    };
+    let pub_file = resolve(as_user(&tc, None)?, "pub", "index.html").await?;
+    let priv_file = resolve(as_user(&tc, Some(&alice))?, "priv", "secret.html").await?;
+    let priv_root = resolve(as_user(&tc, Some(&alice))?, "priv", "").await?.ino;
+    ensure!(
+        !pub_file.read_ticket.is_empty(),
+        "attributes of a file carry a read ticket"
+    );
+    let fx = Fixture {
+        pub_file,
+        priv_file,
+        priv_root,
+    };
+    Ok((tc, fx, alice, bob, carol))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_rpc_answers_as_documented_for_each_kind_of_caller() {
+    bounded(async {
+        let (tc, fx, alice, bob, carol) = setup().await?;
+
+        // No token at all: only reads of public volumes.
+        let mut want = expected(Code::Unauthenticated, &[]);
+        for k in PRIV_READS {
+            want.insert(k, Code::PermissionDenied);
+        }
+        compare("no token", &probe(&as_user(&tc, None)?, &fx).await, &want)?;
+
+        // A token of a writer of another volume: may store blobs, nothing of alice's, no admin.
+        let mut want = expected(Code::PermissionDenied, &[]);
+        for k in [
+            "Blobs.Put",
+            "Blobs.PutSmall",
+            "Blobs.Missing",
+            "Admin.Servers",
+            "Admin.Status",
+            "Admin.WhoAmI",
+        ] {
+            want.insert(k, Code::Ok);
+        }
+        compare(
+            "bob (writes another volume)",
+            &probe(&as_user(&tc, Some(&bob))?, &fx).await,
+            &want,
+        )?;
+
+        // A token of an account that may write no volume may not store blobs either.
+        let mut want = expected(Code::PermissionDenied, &[]);
+        for k in ["Admin.Servers", "Admin.Status", "Admin.WhoAmI"] {
+            want.insert(k, Code::Ok);
+        }
+        compare(
+            "carol (writes nothing)",
+            &probe(&as_user(&tc, Some(&carol))?, &fx).await,
+            &want,
+        )?;
+
+        // The owner reads and writes her volume.
+        let mut want = expected(Code::PermissionDenied, &[]);
+        for k in PRIV_READS
+            .iter()
+            .chain(&["Blobs.Put", "Blobs.PutSmall", "Blobs.Missing", "Write.Commit priv"])
+            .chain(&["Admin.Servers", "Admin.Status", "Admin.WhoAmI"])
+        {
+            want.insert(k, Code::Ok);
+        }
+        compare("alice (owner)", &probe(&as_user(&tc, Some(&alice))?, &fx).await, &want)?;
+
+        // A forged token (alice's claims, a wrong signature) counts for nothing.
+        let forged = format!(
+            "{}{}",
+            &alice[..alice.len() - 4],
+            if alice.ends_with("0000") { "1111" } else { "0000" }
+        );
+        // Reads of public volumes do not look at the token; the volume list refuses a bad one
+        // rather than quietly showing less.
+        let want = expected(Code::Unauthenticated, &[("Admin.ListVolumes", Code::Unauthenticated)]);
+        compare("forged token", &probe(&as_user(&tc, Some(&forged))?, &fx).await, &want)?;
+
+        // Listings show only what the caller may see.
+        let names = |c: Cluster| async move {
+            let l = c
+                .call(|ch| {
+                    let r = c.request(pb::Empty {});
+                    async move { Cluster::admin(ch).list_volumes(r).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            anyhow::Ok(l.volumes.into_iter().map(|v| v.name).collect::<Vec<_>>())
+        };
+        ensure!(names(as_user(&tc, None)?).await? == ["pub"]);
+        ensure!(names(as_user(&tc, Some(&bob))?).await? == ["bobs", "pub"]);
+        ensure!(names(as_user(&tc, Some(&alice))?).await? == ["priv", "pub"]);
+        ensure!(names(tc.client()).await?.len() == 3, "an admin sees every volume");
+        let c = as_user(&tc, None)?;
+        let stamps = c
+            .call(|ch| {
+                let r = c.request(pb::VolumeStampsRequest::default());
+                async move { Cluster::meta(ch).volume_stamps(r).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        let shown: Vec<_> = stamps
+            .stamps
+            .iter()
+            .filter(|s| s.exists)
+            .map(|s| s.volume.as_str())
+            .collect();
+        ensure!(shown == ["pub"], "stamps without a token show {shown:?}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stored_but_uncommitted_bytes_count_against_the_uploaders_quota() {
+    bounded(async {
+        let (tc, _fx, _alice, bob, _carol) = setup().await?;
+        let quota = pb::VolumeChanges {
+            name: "bobs".into(),
+            quota_bytes: Some(100_000),
+            ..Default::default()
+        };
+        admin_call(&tc, |c, ch| {
+            let r = c.request(quota.clone());
+            async move { Cluster::admin(ch).set_volume(r).await }
+        })
+        .await?;
+        let c = as_user(&tc, Some(&bob))?;
+        c.put_blob(bytes::Bytes::from(vec![1u8; 60_000]), 2).await?;
+        let second = bytes::Bytes::from(vec![2u8; 60_000]);
+        let e = c
+            .put_blob(second.clone(), 2)
+            .await
+            .expect_err("over the quota's headroom");
+        ensure!(e.code() == Code::ResourceExhausted, "{e}");
+        ensure!(e.to_string().contains("not yet committed"), "{e}");
+        // Committing the first blob frees its bytes from the pending count (they are used now,
+        // and the volume's own quota covers them).
+        c.commit(ops::commit("bobs", vec![ops::file("a.bin", &[1u8; 60_000], 0o644)]))
+            .await?;
+        let e = c
+            .put_blob(second, 2)
+            .await
+            .expect_err("the volume itself is now nearly full");
+        ensure!(e.code() == Code::ResourceExhausted, "{e}");
+        c.put_blob(bytes::Bytes::from(vec![3u8; 30_000]), 2).await?;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mounts_read_private_volumes_only_with_a_readers_token_and_lock_down_when_made_private() {
+    bounded(async {
+        let (tc, _fx, alice, _bob, _carol) = setup().await?;
+        // A web node without tokens, and a node where alice logged in.
+        let web = Mount::start(&tc.client_args(), tc.root.path(), "web", &["--read-only"])?;
+        let node = Mount::start(&tc.client_args(), tc.root.path(), "node", &[])?;
+        let reply = node.control(&format!("login {alice}"))?;
+        ensure!(reply["ok"] == true, "{reply}");
+        let secret = node.path.join("priv/secret.html");
+        wait_until(Duration::from_secs(10), "alice's node shows her private volume", || {
+            let p = secret.clone();
+            async move { read_file(&p).is_ok_and(|d| d == b"<h1>alice's draft</h1>") }
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", node.log()))?;
+        ensure!(
+            !web.path.join("priv").exists(),
+            "a node without a token must not see a private volume"
+        );
+        let page = web.path.join("pub/index.html");
+        ensure!(read_file(&page)? == b"<h1>public page</h1>");
+
+        // Made private: within seconds the web node no longer serves it, cached or not.
+        set_public(&tc, "pub", false).await?;
+        let dir = web.path.join("pub");
+        wait_until(Duration::from_secs(10), "the web node locks the volume down", || {
+            let (p, d) = (page.clone(), dir.clone());
+            async move { read_file(&p).is_err() && !d.exists() }
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", web.log()))?;
+        // Public again: it comes back.
+        set_public(&tc, "pub", true).await?;
+        wait_until(Duration::from_secs(10), "the volume is back on the web node", || {
+            let p = page.clone();
+            async move { read_file(&p).is_ok_and(|d| d == b"<h1>public page</h1>") }
+        })
+        .await?;
+        Ok(())
+    })
+    .await
+}

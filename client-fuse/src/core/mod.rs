@@ -104,7 +104,7 @@ impl Default for CoreConfig {
 }
 
 /// Kernel requests counted by the FUSE adaptor, by operation.
-pub const FUSE_OPS: [&str; 10] = [
+pub const FUSE_OPS: [&str; 11] = [
     "lookup",
     "getattr",
     "readlink",
@@ -115,6 +115,7 @@ pub const FUSE_OPS: [&str; 10] = [
     "readdir",
     "statfs",
     "write_ops",
+    "ioctl",
 ];
 
 /// Counters shown by `codafs status MNT`.

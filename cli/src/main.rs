@@ -85,7 +85,23 @@ fn main() -> ExitCode {
         Cmd::Server(_) | Cmd::Mount(_) => "info,openraft=warn",
         _ => "warn,openraft=error",
     };
-    codafs_common::telemetry::init(default_log);
+    // Everything a codafs command creates (server directories, keys, databases, credentials,
+    // caches, logs) is its owner's alone, whatever umask it was started with; the few things
+    // meant for others (a mount's control socket) set their modes explicitly.
+    codafs_common::perms::private_umask();
+    let log_file = match &cli.cmd {
+        Cmd::Mount(a) => a.log_file.clone(),
+        _ => None,
+    };
+    match log_file {
+        Some(path) => {
+            if let Err(e) = codafs_common::telemetry::init_file(default_log, &path) {
+                codafs_common::telemetry::init(default_log);
+                tracing::warn!(path = %path.display(), error = %e, "cannot log to the file; logging to stderr");
+            }
+        }
+        None => codafs_common::telemetry::init(default_log),
+    }
     // The mount runs its own runtime (and may detach); prefetch is plain threads.
     let result = match cli.cmd {
         Cmd::Mount(a) => mount::mount(a),

@@ -36,6 +36,10 @@ pub struct MountArgs {
     /// the fastest warm reads: open and close of a cached file reach no daemon code.
     #[arg(long)]
     pub read_only: bool,
+    /// Log to this file instead of stderr, rotated at 10 MiB with 3 old files kept (what a
+    /// mount started without --foreground does with CACHE_DIR/mount.log).
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
     #[command(flatten)]
     pub client: ClientOpts,
 }
@@ -108,6 +112,8 @@ pub fn mount(a: MountArgs) -> Result<()> {
 fn spawn_background(a: &MountArgs, mnt: &Path, cache_dir: &Path) -> Result<()> {
     std::fs::create_dir_all(cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
     let log_path = cache_dir.join("mount.log");
+    // The daemon's stderr until it has set up its own (rotating) log writer on the same file:
+    // what goes wrong before that (a bad argument) still lands in the log.
     let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("mount")
@@ -118,7 +124,9 @@ fn spawn_background(a: &MountArgs, mnt: &Path, cache_dir: &Path) -> Result<()> {
         .arg("--cache-size")
         .arg(a.cache_size.to_string())
         .arg("--timeout")
-        .arg(a.timeout.to_string());
+        .arg(a.timeout.to_string())
+        .arg("--log-file")
+        .arg(&log_path);
     if a.read_only {
         cmd.arg("--read-only");
     }

@@ -70,11 +70,12 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     let _enter = rt.enter();
     std::fs::create_dir_all(&cfg.cache_dir)
         .map_err(|e| setup(&format!("cache dir {}: {e}", cfg.cache_dir.display())))?;
-    // Cached content of private volumes and files open for writing live here: root only.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&cfg.cache_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| setup(&format!("cache dir {}: {e}", cfg.cache_dir.display())))?;
+    // Cached content of private volumes, files open for writing and users' tokens live here:
+    // directories 0700 and files 0600, also in a cache an older version or a looser umask left.
+    let changed = codafs_common::perms::restrict_tree(&cfg.cache_dir)
+        .map_err(|e| setup(&format!("cache dir {}: {e}", cfg.cache_dir.display())))?;
+    if changed > 0 {
+        tracing::info!(dir = %cfg.cache_dir.display(), changed, "took group and other permissions off the cache");
     }
     let meta = MetaStore::open(&cfg.cache_dir.join("meta")).map_err(|e| setup(&e))?;
     let blobs = BlobCache::open(&cfg.cache_dir, cfg.cache_size).map_err(|e| setup(&e))?;
@@ -283,6 +284,8 @@ fn bind_control(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
+        // Every local user must reach the socket (whatever umask made the directory).
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
     }
     let _ = std::fs::remove_file(path);
     let listener = tokio::net::UnixListener::bind(path)?;

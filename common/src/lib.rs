@@ -1,10 +1,12 @@
 //! Types shared by codafs servers, clients and the CLI: node ids, name validation, content
-//! hashes, signed tokens and logging setup. Nothing here does I/O beyond reading the clock.
+//! hashes, signed tokens, logging setup and file permissions. Only logging (its files) and
+//! [`perms`] do I/O beyond reading the clock.
 
 pub mod hash;
 pub mod ids;
 pub mod join;
 pub mod names;
+pub mod perms;
 pub mod telemetry;
 pub mod ticket;
 pub mod token;

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod blobs;
 pub mod changes;
 pub mod config;
+pub mod conn_limit;
 pub mod db;
 pub mod fsm;
 pub mod grpc;
@@ -27,6 +28,7 @@ use std::time::Duration;
 use codafs_common::join::JoinToken;
 use codafs_proto::limits::{MAX_MESSAGE, MAX_RAFT_MESSAGE};
 use codafs_proto::pb;
+use futures::StreamExt;
 use tokio::sync::watch;
 
 use crate::config::{Bootstrap, ServerConfig, BOOTSTRAP_FILE};
@@ -94,6 +96,11 @@ pub async fn run(
                 if cfg.insecure { "without" } else { "with" },
             )));
         }
+    }
+    // Directories 0700, files 0600, also what an older version or a looser umask left behind.
+    let changed = codafs_common::perms::restrict_tree(dir)?;
+    if changed > 0 {
+        tracing::info!(dir = %dir.display(), changed, "took group and other permissions off the server directory");
     }
     let tls = tokio::select! {
         r = server_tls(dir, &cfg, join.as_ref()) => r?,
@@ -169,6 +176,16 @@ pub async fn run(
     Ok(())
 }
 
+/// Most requests (HTTP/2 streams) one connection may have open at once. Clients queue further
+/// requests themselves (HTTP/2 says so in its settings), so this bounds a server's work per
+/// connection without failing a busy web node: its mount multiplexes everything on one
+/// connection per server, and a few hundred concurrent reads are far more than it issues.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// Largest header block of one request (tokens and tickets are far smaller).
+pub const MAX_HEADER_LIST: u32 = 64 << 10;
+/// Streams a peer may open and reset at once before the connection is closed ("rapid reset").
+pub const MAX_PENDING_RESETS: usize = 32;
+
 /// Serves every service on `listener` with `builder` (which carries the TLS settings: tonic
 /// applies them to incoming connections in `serve_with_incoming*` too).
 async fn serve(
@@ -181,10 +198,32 @@ async fn serve(
     // `Server::tcp_nodelay` only applies to sockets tonic binds itself; ours come from our own
     // listener, so set it here. Without it, small HTTP/2 frames (replies, WINDOW_UPDATEs) wait
     // for Nagle's algorithm and a put crawls at tens of MB/s.
+    let limiter = Arc::new(conn_limit::ConnLimiter::default());
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(30)));
+        .with_keepalive(Some(Duration::from_secs(30)))
+        .filter_map(move |conn| {
+            let admitted = match conn {
+                Ok(stream) => match limiter.admit(stream) {
+                    Some(s) => Some(Ok(s)),
+                    None => {
+                        tracing::warn!(
+                            open = limiter.open(),
+                            max = conn_limit::MAX_CONNECTIONS,
+                            max_per_address = conn_limit::MAX_CONNECTIONS_PER_ADDRESS,
+                            "refused a connection: too many open"
+                        );
+                        None
+                    }
+                },
+                Err(e) => Some(Err(e)),
+            };
+            std::future::ready(admitted)
+        });
     let result = builder
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST))
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(8 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

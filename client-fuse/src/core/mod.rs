@@ -105,7 +105,7 @@ impl Default for CoreConfig {
 }
 
 /// Kernel requests counted by the FUSE adaptor, by operation.
-pub const FUSE_OPS: [&str; 10] = [
+pub const FUSE_OPS: [&str; 11] = [
     "lookup",
     "getattr",
     "readlink",
@@ -116,6 +116,7 @@ pub const FUSE_OPS: [&str; 10] = [
     "readdir",
     "statfs",
     "write_ops",
+    "ioctl",
 ];
 
 /// Counters shown by `codafs status MNT`.

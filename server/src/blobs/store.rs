@@ -291,6 +291,11 @@ pub struct BlobWriter<'a> {
 }
 
 impl BlobWriter<'_> {
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
     /// Appends data; refuses to grow past the announced size.
     pub fn write(&mut self, data: &[u8]) -> Result<(), BlobError> {
         let new_len = self.written + data.len() as u64;

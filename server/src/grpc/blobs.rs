@@ -4,6 +4,7 @@
 //! certificate.
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use codafs_common::Hash;
 use codafs_proto::limits::{BLOB_CHUNK, MAX_MISSING_QUERY, MAX_SMALL_BATCH};
@@ -35,6 +36,21 @@ fn blob_status(e: BlobError) -> Status {
     }
 }
 
+/// How long an upload may wait for its next chunk before it is abandoned. A client that stops
+/// sending mid-blob would otherwise hold a temp file, a stream and a task forever.
+pub const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Every upload may take at least this long in all, whatever its size.
+pub const UPLOAD_TIME_FLOOR: Duration = Duration::from_secs(60);
+/// The slowest sustained upload rate allowed (bytes per second): a blob of `size` bytes may
+/// take [`UPLOAD_TIME_FLOOR`] plus `size` at this rate. A trickle (one byte every few seconds
+/// keeps the idle timer happy) still ends within a bound proportional to the blob's size.
+pub const UPLOAD_MIN_RATE: u64 = 256 << 10;
+
+/// The longest an upload of `size` bytes may take.
+pub fn upload_time_limit(size: u64) -> Duration {
+    UPLOAD_TIME_FLOOR + Duration::from_secs(size / UPLOAD_MIN_RATE)
+}
+
 impl BlobService {
     /// Authorizes a store of `blobs` by `caller` and charges them to its account until a
     /// commit references them. Peers are not charged: the server they came from was.
@@ -51,10 +67,34 @@ impl BlobService {
             .map_err(super::status)
     }
 
-    /// Receives the data part of a put into the local store (the spool, on a witness).
+    /// Receives the data part of a put into the local store (the spool, on a witness). Bounded
+    /// by [`UPLOAD_IDLE_TIMEOUT`] between chunks and [`upload_time_limit`] in all; an upload
+    /// that runs out of either ends with DEADLINE_EXCEEDED, and dropping the writer removes its
+    /// partial temp file.
     async fn receive(&self, hash: Hash, size: u64, stream: &mut Streaming<pb::PutBlobChunk>) -> Result<(), Status> {
         let mut w = self.0.blobs.writer(hash, size).map_err(blob_status)?;
-        while let Some(msg) = stream.message().await? {
+        let limit = upload_time_limit(size);
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let idle = tokio::time::Instant::now() + UPLOAD_IDLE_TIMEOUT;
+            let next = match tokio::time::timeout_at(idle.min(deadline), stream.message()).await {
+                Ok(next) => next?,
+                Err(_) if idle < deadline => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "upload of blob {hash} abandoned: no data for {} s after {} of {size} bytes",
+                        UPLOAD_IDLE_TIMEOUT.as_secs(),
+                        w.written()
+                    )))
+                }
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "upload of blob {hash} abandoned: {size} bytes may take at most {} s, and {} had arrived",
+                        limit.as_secs(),
+                        w.written()
+                    )))
+                }
+            };
+            let Some(msg) = next else { break };
             match msg.part {
                 Some(pb::put_blob_chunk::Part::Data(d)) => {
                     if d.len() > BLOB_CHUNK {
@@ -323,49 +363,131 @@ where
     (tracker.successes(), need, forwards)
 }
 
-/// Streams a blob in chunks while hashing it, holding back the last chunk until the whole blob
-/// verified: a corrupt copy ends in an error before the receiver has all of it, so it is never
-/// served as complete. Corrupt copies are quarantined and repair is woken.
+/// Streams a blob from `offset`: from 0 verified (see [`stream_whole_verified`]), from a later
+/// offset without re-reading what lies before it (see [`stream_from`]).
 fn stream_verified(
     node: &Node,
+    file: std::fs::File,
+    len: u64,
+    hash: Hash,
+    offset: u64,
+    tx: &mpsc::Sender<Result<pb::BlobChunk, Status>>,
+) {
+    if offset == 0 {
+        stream_whole_verified(node, file, len, hash, tx);
+    } else {
+        stream_from(file, len, hash, offset, tx);
+    }
+}
+
+/// Fills `buf` from `file` as far as it goes; returns how much was read.
+fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// Streams the rest of a blob from `offset` (a client resuming a fetch that broke off). The
+/// bytes before `offset` are neither read nor hashed, so a resume costs what it sends, not the
+/// whole blob again; nothing here verifies the hash. That is safe because the client hashes
+/// every byte it received, from whichever replicas, and uses the blob only if the whole of it
+/// matches (`fetch_blob` in client-fuse): a corrupt copy here is caught there, and the client
+/// then starts over from 0 elsewhere, where this server's verified path applies.
+fn stream_from(
     mut file: std::fs::File,
     len: u64,
     hash: Hash,
     offset: u64,
     tx: &mpsc::Sender<Result<pb::BlobChunk, Status>>,
 ) {
-    use std::io::Read;
+    use std::io::{Seek, SeekFrom};
+    let mut first = true;
+    if offset < len {
+        if let Err(e) = file.seek(SeekFrom::Start(offset)) {
+            let _ = send_blocking(tx, Err(Status::internal(format!("seeking in blob {hash}: {e}"))));
+            return;
+        }
+        let mut pos = offset;
+        while pos < len {
+            let mut buf = vec![0u8; BLOB_CHUNK.min((len - pos) as usize)];
+            let filled = match read_full(&mut file, &mut buf) {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = send_blocking(tx, Err(Status::internal(format!("reading blob: {e}"))));
+                    return;
+                }
+            };
+            if filled == 0 {
+                break;
+            }
+            buf.truncate(filled);
+            pos += filled as u64;
+            let msg = pb::BlobChunk {
+                data: buf.into(),
+                total_size: if first { len } else { 0 },
+            };
+            first = false;
+            if send_blocking(tx, Ok(msg)).is_err() {
+                return;
+            }
+        }
+        if pos != len {
+            let _ = send_blocking(
+                tx,
+                Err(Status::data_loss(format!(
+                    "stored copy of blob {hash} is shorter than its {len} bytes; try another replica"
+                ))),
+            );
+            return;
+        }
+    }
+    if first {
+        // Nothing after the offset: still tell the client the blob's size.
+        let _ = send_blocking(
+            tx,
+            Ok(pb::BlobChunk {
+                data: bytes::Bytes::new(),
+                total_size: len,
+            }),
+        );
+    }
+}
+
+/// Streams a whole blob in chunks while hashing it, holding back the last chunk until the
+/// whole blob verified: a corrupt copy ends in an error before the receiver has all of it, so
+/// it is never served as complete. Corrupt copies are quarantined and repair is woken.
+fn stream_whole_verified(
+    node: &Node,
+    mut file: std::fs::File,
+    len: u64,
+    hash: Hash,
+    tx: &mpsc::Sender<Result<pb::BlobChunk, Status>>,
+) {
     let mut hasher = blake3::Hasher::new();
     let mut pos = 0u64;
     let mut held: Option<bytes::Bytes> = None;
     let mut first = true;
     loop {
         let mut buf = vec![0u8; BLOB_CHUNK];
-        let mut filled = 0;
-        while filled < buf.len() {
-            match file.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) => {
-                    let _ = send_blocking(tx, Err(Status::internal(format!("reading blob: {e}"))));
-                    return;
-                }
+        let filled = match read_full(&mut file, &mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = send_blocking(tx, Err(Status::internal(format!("reading blob: {e}"))));
+                return;
             }
-        }
+        };
         if filled == 0 {
             break;
         }
         buf.truncate(filled);
         hasher.update(&buf);
-        let start = pos;
         pos += filled as u64;
-        // Skip what lies before the requested offset (still hashed above).
-        let data = if pos <= offset {
-            None
-        } else {
-            let skip = offset.saturating_sub(start) as usize;
-            Some(bytes::Bytes::from(buf).slice(skip..))
-        };
         if let Some(prev) = held.take() {
             let msg = pb::BlobChunk {
                 data: prev,
@@ -376,7 +498,7 @@ fn stream_verified(
                 return;
             }
         }
-        held = data;
+        held = Some(buf.into());
     }
     if codafs_common::Hash::from(hasher.finalize()) != hash || pos != len {
         node.blobs.quarantine(&hash);
@@ -398,5 +520,50 @@ fn stream_verified(
                 total_size: if first { len } else { 0 },
             }),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs [`stream_from`] on a file holding `stored` and collects what it sends.
+    async fn read_from(stored: &[u8], hash: Hash, offset: u64) -> Vec<Result<pb::BlobChunk, Status>> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, stored).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let len = stored.len() as u64;
+        let (tx, mut rx) = mpsc::channel(4);
+        let task = tokio::task::spawn_blocking(move || stream_from(file, len, hash, offset, &tx));
+        let mut out = Vec::new();
+        while let Some(m) = rx.recv().await {
+            out.push(m);
+        }
+        task.await.unwrap();
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_at_an_offset_sends_the_rest_without_reading_what_lies_before() {
+        let content: Vec<u8> = (0..3 * BLOB_CHUNK + 123).map(|i| (i % 251) as u8).collect();
+        let hash = Hash::of(&content);
+        let offset = (2 * BLOB_CHUNK + 7) as u64;
+        // The bytes before the offset are damaged on disk: a read from 0 would find the copy
+        // corrupt; a read from the offset neither reads nor hashes them (the client verifies).
+        let mut stored = content.clone();
+        stored[10] ^= 0xff;
+        let chunks = read_from(&stored, hash, offset).await;
+        let chunks: Vec<pb::BlobChunk> = chunks.into_iter().map(|c| c.unwrap()).collect();
+        assert_eq!(chunks[0].total_size, content.len() as u64);
+        assert!(chunks[1..].iter().all(|c| c.total_size == 0));
+        let got: Vec<u8> = chunks.iter().flat_map(|c| c.data.to_vec()).collect();
+        assert_eq!(got, content[offset as usize..]);
+
+        let end = read_from(&content, hash, content.len() as u64 + 5).await;
+        assert_eq!(end.len(), 1);
+        let only = end.into_iter().next().unwrap().unwrap();
+        assert!(only.data.is_empty());
+        assert_eq!(only.total_size, content.len() as u64);
     }
 }

@@ -246,7 +246,16 @@ impl SnapshotFileGuard {
             return Ok(false);
         }
         let tmp = path.with_extension(format!("tmp.{}", codafs_common::now_ns()));
-        let mut f = std::fs::File::create(&tmp).map_err(write_err)?;
+        // The snapshot holds the token-signing keys: owner only, whatever the umask.
+        let mut f = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(write_err)?
+        };
         f.write_all(data).map_err(write_err)?;
         f.sync_all().map_err(write_err)?;
         std::fs::rename(&tmp, path).map_err(write_err)?;

@@ -145,7 +145,13 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     let socket = control_socket(&mountpoint);
     match bind_control(&socket) {
         Ok(listener) => {
-            rt.spawn(control(core.clone(), mountpoint.clone(), listener, stop_rx.clone()));
+            rt.spawn(control(
+                core.clone(),
+                inval.clone(),
+                mountpoint.clone(),
+                listener,
+                stop_rx.clone(),
+            ));
         }
         Err(e) => {
             tracing::warn!(path = %socket.display(), error = %e, "no control socket: status and login unavailable")
@@ -270,9 +276,7 @@ async fn login<R: Remote>(core: &Core<R>, uid: u32, token: &str) -> serde_json::
     match core.writes.tokens.set(uid, token, None) {
         Ok(c) => {
             tracing::info!(uid, user = %c.user, verified, "token set");
-            // The token may open private volumes: list them now rather than at the next poll.
             core.sync_readers();
-            core.volumes_wanted.notify_one();
             serde_json::json!({ "ok": true, "uid": uid, "user": c.user, "expires": c.expires, "verified": verified })
         }
         Err(e) => serde_json::json!({ "error": e.to_string() }),
@@ -302,6 +306,7 @@ fn bind_control(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
 /// Every local user may connect (mode 0666): what a connection can do depends on its uid alone.
 async fn control<R: Remote>(
     core: Arc<Core<R>>,
+    inval: Arc<dyn Invalidator>,
     mountpoint: PathBuf,
     listener: tokio::net::UnixListener,
     mut stop: watch::Receiver<bool>,
@@ -332,7 +337,7 @@ async fn control<R: Remote>(
         let Ok(uid) = stream.peer_cred().map(|c| c.uid()) else {
             continue;
         };
-        let (core, mnt) = (core.clone(), mnt.clone());
+        let (core, inval, mnt) = (core.clone(), inval.clone(), mnt.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let (r, mut w) = stream.into_split();
@@ -349,7 +354,17 @@ async fn control<R: Remote>(
             let (cmd, arg) = line.split_once(' ').unwrap_or((line, ""));
             let mut reply = match cmd {
                 "status" => core.status(),
-                "login" => login(&*core, uid, arg).await,
+                "login" => {
+                    let reply = login(&*core, uid, arg).await;
+                    // A token may open private volumes: show them before answering, so what
+                    // the user does next after `codafs login` finds them.
+                    if reply["ok"] == true {
+                        if let Ok(inv) = core.refresh_volumes().await {
+                            inval.invalidate(&inv);
+                        }
+                    }
+                    reply
+                }
                 "logout" => {
                     let had = core.writes.tokens.remove(uid);
                     tracing::info!(uid, had, "token dropped");

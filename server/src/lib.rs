@@ -137,6 +137,7 @@ pub async fn run(
         counters: Counters::default(),
         repair_kick: tokio::sync::Notify::new(),
         tls,
+        logins: auth::LoginGuard::default(),
     });
 
     let listener = tokio::net::TcpListener::bind(&cfg.listen)

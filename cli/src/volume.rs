@@ -56,8 +56,8 @@ pub struct CreateArgs {
 #[derive(Args)]
 pub struct SetArgs {
     name: String,
-    /// New owner account. A former owner who is not made a writer loses their tokens, as with
-    /// --remove-writer.
+    /// New owner account. A former owner who is not made a writer (and is not an admin) loses
+    /// their tokens, as with --remove-writer.
     #[arg(long)]
     owner: Option<String>,
     /// Let this account write the volume too (repeatable).

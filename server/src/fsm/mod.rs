@@ -383,7 +383,8 @@ impl<'a> Txn<'a> {
         // Whoever loses the right to write this volume (a removed writer, a former owner who is
         // not made a writer) loses their tokens too. Rights are checked against the current
         // state at every call anyway; the revocation also ends sessions that were granted on
-        // the strength of those rights. Gaining rights revokes nothing.
+        // the strength of those rights. Gaining rights revokes nothing, and admins, who may
+        // write every volume, lose nothing here.
         let may_write = |v: &VolumeRec, u: &str| v.owner == u || v.writers.iter().any(|w| w == u);
         let losers: Vec<String> = std::iter::once(&before.owner)
             .chain(&before.writers)
@@ -391,7 +392,9 @@ impl<'a> Txn<'a> {
             .cloned()
             .collect();
         for u in &losers {
-            self.revoke(u);
+            if self.view.account(u)?.is_some_and(|a| !a.admin) {
+                self.revoke(u);
+            }
         }
         self.delta.volumes.insert(name.to_string(), vol.clone());
         Ok(Outcome::Volume(vol))

@@ -625,7 +625,7 @@ fn account_changes_and_lost_write_rights_revoke_tokens() {
     s.apply(3, &put(acct("bob", false), true)).unwrap();
     assert_eq!(generation(&s, "bob"), 3, "creating an account starts a generation");
     // A new password or role: generation = the entry's index.
-    s.apply(4, &put(acct("bob", true), false)).unwrap();
+    s.apply(4, &put(acct("bob", false), false)).unwrap();
     assert_eq!(generation(&s, "bob"), 4);
     assert_eq!(generation(&s, "alice"), 0, "other accounts keep theirs");
 
@@ -673,6 +673,17 @@ fn account_changes_and_lost_write_rights_revoke_tokens() {
     )
     .unwrap();
     assert_eq!((generation(&s, "alice"), generation(&s, "bob")), (0, 8));
+    // An admin who stops owning a volume loses no right (admins write every volume): its
+    // tokens (the init credential among them) stay valid.
+    s.apply(
+        9,
+        &set(VolumeChanges {
+            owner: Some("alice".into()),
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    assert_eq!(generation(&s, "admin"), 0);
 
     // `user revoke`: admins for anyone, users for themselves only.
     let revoke = |user: &str, admin, name: &str| Command::RevokeTokens {
@@ -683,30 +694,30 @@ fn account_changes_and_lost_write_rights_revoke_tokens() {
         name: name.into(),
     };
     assert!(matches!(
-        s.apply(9, &revoke("alice", false, "bob")),
+        s.apply(19, &revoke("alice", false, "bob")),
         Err(ApplyError::Denied(_))
     ));
     assert_eq!(generation(&s, "bob"), 8, "a refused revocation changes nothing");
-    s.apply(10, &revoke("alice", false, "alice")).unwrap();
-    assert_eq!(generation(&s, "alice"), 10);
-    s.apply(11, &revoke("admin", true, "bob")).unwrap();
-    assert_eq!(generation(&s, "bob"), 11);
+    s.apply(20, &revoke("alice", false, "alice")).unwrap();
+    assert_eq!(generation(&s, "alice"), 20);
+    s.apply(21, &revoke("admin", true, "bob")).unwrap();
+    assert_eq!(generation(&s, "bob"), 21);
     assert!(matches!(
-        s.apply(12, &revoke("admin", true, "nobody")),
+        s.apply(22, &revoke("admin", true, "nobody")),
         Err(ApplyError::NotFound(_))
     ));
 
     // Removal revokes, and the generation outlives the account: re-creating the name does not
     // bring old tokens back.
     s.apply(
-        13,
+        23,
         &Command::RemoveAccount {
             actor: admin(),
             name: "bob".into(),
         },
     )
     .unwrap();
-    assert_eq!(generation(&s, "bob"), 13);
-    s.apply(14, &put(acct("bob", false), true)).unwrap();
-    assert_eq!(generation(&s, "bob"), 14);
+    assert_eq!(generation(&s, "bob"), 23);
+    s.apply(24, &put(acct("bob", false), true)).unwrap();
+    assert_eq!(generation(&s, "bob"), 24);
 }

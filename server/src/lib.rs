@@ -139,6 +139,8 @@ pub async fn run(
         tls,
         logins: auth::LoginGuard::default(),
     });
+    // Off the async workers: one argon2 hash.
+    tokio::task::spawn_blocking(auth::prepare);
 
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await

@@ -63,6 +63,12 @@ fn dummy_hash() -> &'static str {
     })
 }
 
+/// Makes the dummy hash now (one argon2 hash, on the calling thread), so the first login for an
+/// unknown account does not cost twice as much as later ones.
+pub fn prepare() {
+    dummy_hash();
+}
+
 /// Whether `password` is the account's. Runs one argon2 verification whatever the account:
 /// absent accounts and accounts without a password are checked against a dummy hash and fail.
 /// CPU-heavy (tens of milliseconds): call it off the async workers.

@@ -14,8 +14,11 @@ use codafs_server::config::{Bootstrap, ServerConfig, ADMIN_CREDENTIAL_FILE, BOOT
 use crate::opts::ClientOpts;
 use crate::output::bytes;
 
-/// How long the admin credential created at init stays valid.
-const ADMIN_TOKEN_DAYS: u64 = 365;
+/// How long the admin credential created at init stays valid: long enough to set the cluster
+/// up and give the admin account a password (`codafs user passwd admin`, which also ends this
+/// credential), short enough that a copy left lying around soon stops being a master key.
+/// After that, `codafs login admin` gives fresh tokens.
+pub const ADMIN_TOKEN_DAYS: u64 = 7;
 
 #[derive(Args)]
 pub struct ServerArgs {
@@ -52,7 +55,9 @@ pub struct ServerArgs {
 pub enum ClusterCmd {
     /// Initialise the first server of a new cluster: cluster identity, signing key, TLS
     /// certificates (DIR/tls/: cluster CA and this server's certificate), admin credential
-    /// (DIR/admin.token) and client config (DIR/client.toml). Then run `codafs server --dir DIR`.
+    /// (DIR/admin.token, valid 7 days) and client config (DIR/client.toml). Then run `codafs
+    /// server --dir DIR`, give the admin account a password (`codafs user passwd admin`) and use
+    /// `codafs login admin` from then on.
     Init {
         #[arg(long)]
         dir: PathBuf,
@@ -340,6 +345,7 @@ pub fn init(dir: &Path, listen: String, advertise: Option<String>, admin: &str, 
         cluster: cluster_id.clone(),
         key_id: 1,
         expires: token::unix_now() + ADMIN_TOKEN_DAYS * 86400,
+        generation: 0,
     };
     write_private(&dir.join(ADMIN_CREDENTIAL_FILE), &token::sign(&claims, &key))?;
     let bundle = ClientBundle::new(cluster_id.clone(), vec![cfg.advertised().to_string()], &tls);
@@ -347,7 +353,10 @@ pub fn init(dir: &Path, listen: String, advertise: Option<String>, admin: &str, 
     cfg.save(dir)?;
     println!("initialised cluster {cluster_id} in {}", dir.display());
     println!("  start it:          codafs server --dir {}", dir.display());
-    println!("  admin credential:  {}", dir.join(ADMIN_CREDENTIAL_FILE).display());
+    println!(
+        "  admin credential:  {} (valid {ADMIN_TOKEN_DAYS} days: give {admin} a password with `codafs user passwd {admin}`, then `codafs login {admin}`)",
+        dir.join(ADMIN_CREDENTIAL_FILE).display()
+    );
     println!("  client config:     {}", dir.join("client.toml").display());
     if insecure {
         eprintln!(

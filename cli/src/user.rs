@@ -31,6 +31,8 @@ pub enum UserCmd {
         client: ClientOpts,
     },
     /// Set an account's password (admin). Keeps its role unless --admin/--no-admin is given.
+    /// Ends every token the account holds (the admin credential from `cluster init` too, when
+    /// this sets the admin's password): log in again with the new password.
     Passwd {
         name: String,
         #[arg(long, conflicts_with = "no_admin")]
@@ -42,8 +44,25 @@ pub enum UserCmd {
         #[command(flatten)]
         client: ClientOpts,
     },
-    /// Remove an account (admin). Volumes it owns need a new owner first.
+    /// Remove an account (admin). Volumes it owns need a new owner first. Its tokens stop
+    /// working on every server within seconds.
     Remove {
+        name: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// End every token issued so far to an account, on every server within seconds.
+    ///
+    /// For a stolen or leaked token, or to log an account out everywhere (mounts included).
+    /// Admins may revoke any account's tokens; any user may revoke their own (the token doing
+    /// it stops working too). The password stays valid: `codafs login USER` gives a new token.
+    /// Removing an account, changing its password or role (`user passwd`), and taking away its
+    /// write rights on a volume (`volume set --remove-writer`, or a new owner) revoke its tokens
+    /// the same way.
+    #[command(
+        after_help = "Examples:\n  codafs user revoke webmaster   # as an admin: log webmaster out everywhere\n  codafs user revoke alice       # as alice: end all of alice's tokens, this one included"
+    )]
+    Revoke {
         name: String,
         #[command(flatten)]
         client: ClientOpts,
@@ -179,7 +198,7 @@ pub async fn run(cmd: UserCmd) -> Result<()> {
                 async move { a.put_user(r).await }
             })
             .await?;
-            println!("password of {name} changed");
+            println!("password of {name} changed; tokens issued before no longer work");
         }
         UserCmd::Remove { name, client } => {
             admin_call(&client, |mut a, c| {
@@ -188,6 +207,14 @@ pub async fn run(cmd: UserCmd) -> Result<()> {
             })
             .await?;
             println!("removed account {name}");
+        }
+        UserCmd::Revoke { name, client } => {
+            admin_call(&client, |mut a, c| {
+                let r = c.request(pb::UserName { name: name.clone() });
+                async move { a.revoke_user(r).await }
+            })
+            .await?;
+            println!("revoked every token of {name} issued until now; {name} logs in again to get a new one");
         }
     }
     Ok(())

@@ -56,13 +56,15 @@ pub struct CreateArgs {
 #[derive(Args)]
 pub struct SetArgs {
     name: String,
-    /// New owner account.
+    /// New owner account. A former owner who is not made a writer (and is not an admin) loses
+    /// their tokens, as with --remove-writer.
     #[arg(long)]
     owner: Option<String>,
     /// Let this account write the volume too (repeatable).
     #[arg(long = "add-writer")]
     add_writers: Vec<String>,
-    /// Stop letting this account write the volume (repeatable).
+    /// Stop letting this account write the volume (repeatable). Also ends the account's tokens on
+    /// every server: it logs in again for its remaining rights.
     #[arg(long = "remove-writer")]
     remove_writers: Vec<String>,
     /// Byte quota (0 = unlimited).

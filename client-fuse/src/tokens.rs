@@ -165,6 +165,7 @@ mod tests {
                 cluster: "c1".into(),
                 key_id: 1,
                 expires,
+                generation: 0,
             },
             &[7; 32],
         )

@@ -26,6 +26,17 @@ pub struct Claims {
     pub key_id: u32,
     /// Unix seconds after which the token is refused.
     pub expires: u64,
+    /// The account's token generation when the token was issued. Servers refuse a token whose
+    /// generation is older than the account's current one, which is how removing a user,
+    /// changing their password, role or write rights, or `codafs user revoke` ends every token
+    /// issued before. Tokens from before this claim existed read as generation 0 (and a zero is
+    /// not written, so such tokens look exactly as before).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// Why a token was refused.
@@ -120,6 +131,7 @@ mod tests {
             cluster: "c1".into(),
             key_id: 1,
             expires,
+            generation: 0,
         }
     }
 
@@ -146,6 +158,31 @@ mod tests {
         let sig = t.rsplit('.').next().unwrap();
         assert_eq!(
             verify(&format!("cfs1.{forged_body}.{sig}"), "c1", keys, 50),
+            Err(TokenError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn generation_claim_is_optional_and_signed() {
+        let key = [7u8; 32];
+        let keys = |id| (id == 1).then_some(key);
+        // A token written before the claim existed (no "generation" key) reads as generation 0.
+        let old_json = br#"{"user":"admin","role":"admin","cluster":"c1","key_id":1,"expires":100}"#;
+        let old = format!("cfs1.{}.{}", hex::encode(old_json), mac(&key, old_json).to_hex());
+        assert_eq!(verify(&old, "c1", keys, 50).unwrap(), claims(100));
+        // Generation 0 is not written, so new tokens of never-revoked accounts look as before.
+        assert_eq!(sign(&claims(100), &key), old);
+        let later = Claims {
+            generation: 42,
+            ..claims(100)
+        };
+        let t = sign(&later, &key);
+        assert_eq!(verify(&t, "c1", keys, 50).unwrap().generation, 42);
+        // Lowering the generation (to dodge a revocation) breaks the signature.
+        let body = hex::encode(serde_json::to_vec(&claims(100)).unwrap());
+        let sig = t.rsplit('.').next().unwrap();
+        assert_eq!(
+            verify(&format!("cfs1.{body}.{sig}"), "c1", keys, 50),
             Err(TokenError::BadSignature)
         );
     }

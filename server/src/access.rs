@@ -308,6 +308,7 @@ mod tests {
             cluster: "c".into(),
             key_id: 1,
             expires: u64::MAX,
+            generation: 0,
         }
     }
 

@@ -146,7 +146,10 @@ pub async fn run(
         repair_kick: tokio::sync::Notify::new(),
         tls,
         pending: Default::default(),
+        logins: auth::LoginGuard::default(),
     });
+    // Off the async workers: one argon2 hash.
+    tokio::task::spawn_blocking(auth::prepare);
 
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await

@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use crate::blobs::BlobStore;
 use crate::config::ServerConfig;
 use crate::db::Tables;
-use crate::fsm::{Actor, Command, Outcome, StateView};
+use crate::fsm::{AccountRec, Actor, Command, Outcome, StateView};
 use crate::peers::Peers;
 use crate::raft::state_machine::Applied;
 use crate::raft::{NodeId, NodeInfo, Raft};
@@ -83,6 +83,8 @@ pub struct Node {
     pub tls: Option<crate::tls::ServerTls>,
     /// Bytes stored per account that no volume references yet (quota accounting).
     pub pending: crate::access::PendingBytes,
+    /// Bounds on password work and login attempts (in memory, per server).
+    pub logins: crate::auth::LoginGuard,
 }
 
 impl Node {
@@ -143,19 +145,28 @@ impl Node {
         }
     }
 
-    /// Verifies a token against the replicated cluster keys.
+    /// Verifies a token against the replicated cluster keys and the account as it is now: the
+    /// account must still exist and the token must not be older than the account's token
+    /// generation (see `Command::RevokeTokens`). The returned claims carry the account's
+    /// CURRENT role, not the one the token was issued with, so a demoted admin is a user at once.
+    /// Every server checks against its own applied state, which follows the leader within
+    /// milliseconds: a revocation takes effect everywhere as soon as it is applied.
     pub fn authenticate(&self, token: Option<&str>) -> Result<Claims, NodeError> {
         let token = token.ok_or_else(|| NodeError::Unauthenticated("no token (log in first)".into()))?;
-        let cluster = self
-            .tables()
+        let t = self.tables();
+        let internal = |e: crate::fsm::StoreError| NodeError::Internal(e.to_string());
+        let cluster = t
             .cluster()
-            .map_err(|e| NodeError::Internal(e.to_string()))?
+            .map_err(internal)?
             .ok_or_else(|| NodeError::Unavailable("cluster is not bootstrapped yet".into()))?;
-        token::verify(token, &cluster.cluster_id, |id| cluster.key(id), token::unix_now())
-            .map_err(|e| NodeError::Unauthenticated(e.to_string()))
+        let claims = token::verify(token, &cluster.cluster_id, |id| cluster.key(id), token::unix_now())
+            .map_err(|e| NodeError::Unauthenticated(e.to_string()))?;
+        let account = t.account(&claims.user).map_err(internal)?;
+        let generation = t.token_generation(&claims.user).map_err(internal)?;
+        current_claims(claims, account.as_ref(), generation)
     }
 
-    /// Verifies a token and requires the admin role.
+    /// Verifies a token and requires the account's current admin role.
     pub fn authenticate_admin(&self, token: Option<&str>) -> Result<Actor, NodeError> {
         let c = self.authenticate(token)?;
         if c.role != Role::Admin {
@@ -336,5 +347,75 @@ impl Node {
             .await
             .map_err(|e| NodeError::Unavailable(e.to_string()))?;
         Ok(())
+    }
+}
+
+/// The claims of a verified token as the account stands now: refused if the account is gone or
+/// its tokens were revoked after this one was issued; otherwise with the current role.
+fn current_claims(mut claims: Claims, account: Option<&AccountRec>, generation: u64) -> Result<Claims, NodeError> {
+    let Some(account) = account else {
+        return Err(NodeError::Unauthenticated(format!(
+            "account {} no longer exists",
+            claims.user
+        )));
+    };
+    if claims.generation < generation {
+        return Err(NodeError::Unauthenticated(format!(
+            "token revoked: the tokens of {} were revoked (password, role or write rights changed, or `codafs user revoke`) after this one was issued; log in again",
+            claims.user
+        )));
+    }
+    claims.role = if account.admin { Role::Admin } else { Role::User };
+    Ok(claims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(role: Role, generation: u64) -> Claims {
+        Claims {
+            user: "web".into(),
+            role,
+            cluster: "c".into(),
+            key_id: 1,
+            expires: u64::MAX,
+            generation,
+        }
+    }
+
+    fn account(admin: bool) -> AccountRec {
+        AccountRec {
+            name: "web".into(),
+            admin,
+            password_hash: String::new(),
+            created_ns: 0,
+        }
+    }
+
+    #[test]
+    fn tokens_are_checked_against_the_current_account() {
+        // Never revoked: generation 0 tokens (also those from before the claim existed) pass.
+        let c = current_claims(claims(Role::User, 0), Some(&account(false)), 0).unwrap();
+        assert_eq!(c.role, Role::User);
+        // Issued at the current generation or later: accepted.
+        assert!(current_claims(claims(Role::User, 9), Some(&account(false)), 9).is_ok());
+        // Issued before the account's tokens were revoked: refused, saying why.
+        let e = current_claims(claims(Role::User, 8), Some(&account(false)), 9).unwrap_err();
+        assert!(
+            matches!(&e, NodeError::Unauthenticated(m) if m.contains("revoked")),
+            "{e}"
+        );
+        // The account is gone.
+        let e = current_claims(claims(Role::Admin, 9), None, 9).unwrap_err();
+        assert!(
+            matches!(&e, NodeError::Unauthenticated(m) if m.contains("no longer exists")),
+            "{e}"
+        );
+        // The role is the account's current one, whatever the token says.
+        let demoted = current_claims(claims(Role::Admin, 0), Some(&account(false)), 0).unwrap();
+        assert_eq!(demoted.role, Role::User);
+        let promoted = current_claims(claims(Role::User, 0), Some(&account(true)), 0).unwrap();
+        assert_eq!(promoted.role, Role::Admin);
     }
 }

@@ -22,17 +22,20 @@ struct Fixture {
 }
 
 /// Runs `f` on the first server through `c` and reduces the outcome to a status code.
-async fn code<T, F, Fut>(c: &Cluster, f: F) -> Code
+async fn code<T, F, Fut>(c: &Cluster, f: F) -> Outcome
 where
     F: FnOnce(tonic::transport::Channel) -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
     let addr = c.servers()[0].clone();
     match c.call_on(&addr, f).await {
-        Ok(_) => Code::Ok,
-        Err(e) => e.code(),
+        Ok(_) => Outcome(Code::Ok, String::new()),
+        Err(e) => Outcome(e.code(), e.to_string()),
     }
 }
+
+/// A call's status code, and its message for the report when it is not the documented one.
+struct Outcome(Code, String);
 
 fn blob_get(blob: &BlobRef, ticket: bool, ino: bool) -> pb::GetBlobRequest {
     let mut r = blob.request(0);
@@ -52,7 +55,7 @@ async fn drain(mut s: tonic::Streaming<pb::BlobChunk>) -> Result<(), tonic::Stat
 }
 
 /// Calls every RPC of every service once as `c`'s holder; returns each call's status code.
-async fn probe(c: &Cluster, fx: &Fixture) -> BTreeMap<&'static str, Code> {
+async fn probe(c: &Cluster, fx: &Fixture) -> BTreeMap<&'static str, Outcome> {
     let mut m = BTreeMap::new();
     let pub_blob = BlobRef::of(&fx.pub_file).expect("pub file has content");
     let priv_blob = BlobRef::of(&fx.priv_file).expect("priv file has content");
@@ -336,6 +339,8 @@ async fn probe(c: &Cluster, fx: &Fixture) -> BTreeMap<&'static str, Code> {
         }
     );
     admin!("Admin.WhoAmI", who_am_i, pb::Empty {});
+    // Someone else's tokens: only an admin (or dave himself) may end them.
+    admin!("Admin.RevokeUser", revoke_user, pb::UserName { name: "dave".into() });
     m
 }
 
@@ -366,7 +371,7 @@ fn expected(default: Code, extra: &[(&'static str, Code)]) -> BTreeMap<&'static 
     m
 }
 
-const ALL: [&str; 42] = [
+const ALL: [&str; 43] = [
     "Meta.Lookup pub",
     "Meta.Lookup priv",
     "Meta.GetAttr pub",
@@ -409,6 +414,7 @@ const ALL: [&str; 42] = [
     "Admin.Login",
     "Admin.RotateKey",
     "Admin.WhoAmI",
+    "Admin.RevokeUser",
 ];
 
 /// What anyone may do: read public volumes (and the volume list, filtered), ask for health.
@@ -442,11 +448,14 @@ const PRIV_READS: [&str; 7] = [
     "Admin.GetVolume priv",
 ];
 
-fn compare(who: &str, got: &BTreeMap<&'static str, Code>, want: &BTreeMap<&'static str, Code>) -> Result<()> {
+fn compare(who: &str, got: &BTreeMap<&'static str, Outcome>, want: &BTreeMap<&'static str, Code>) -> Result<()> {
     let wrong: Vec<String> = want
         .iter()
-        .filter(|(k, v)| got.get(*k) != Some(v))
-        .map(|(k, v)| format!("{k}: got {:?}, documented {v:?}", got.get(k)))
+        .filter(|(k, v)| got.get(*k).map(|o| o.0) != Some(**v))
+        .map(|(k, v)| match got.get(k) {
+            Some(Outcome(c, msg)) => format!("{k}: got {c:?} ({msg}), documented {v:?}"),
+            None => format!("{k}: not probed, documented {v:?}"),
+        })
         .collect();
     ensure!(wrong.is_empty(), "{who}:\n  {}", wrong.join("\n  "));
     ensure!(
@@ -534,6 +543,7 @@ async fn setup() -> Result<(TestCluster, Fixture, String, String, String)> {
     let alice = add_user(&tc, "alice").await?;
     let bob = add_user(&tc, "bob").await?;
     let carol = add_user(&tc, "carol").await?;
+    add_user(&tc, "dave").await?;
     add_volume(&tc, "pub", "admin", true).await?;
     add_volume(&tc, "priv", "alice", false).await?;
     add_volume(&tc, "bobs", "bob", false).await?;
@@ -619,6 +629,36 @@ async fn every_rpc_answers_as_documented_for_each_kind_of_caller() {
             want.insert(k, Code::Ok);
         }
         compare("alice (owner)", &probe(&as_user(&tc, Some(&alice))?, &fx).await, &want)?;
+
+        // A revoked token counts for nothing, on every server, within seconds.
+        let erin = add_user(&tc, "erin").await?;
+        let revoke = pb::UserName { name: "erin".into() };
+        admin_call(&tc, |c, ch| {
+            let r = c.request(revoke.clone());
+            async move { Cluster::admin(ch).revoke_user(r).await }
+        })
+        .await?;
+        let want = expected(Code::Unauthenticated, &[("Admin.ListVolumes", Code::Unauthenticated)]);
+        for addr in tc.addrs() {
+            let mut c = Cluster::new(std::slice::from_ref(&addr), tc.tls.clone(), Some(erin.clone()))?;
+            c.call_timeout = Duration::from_secs(10);
+            wait_until(Duration::from_secs(10), "the revocation reaches every server", || {
+                let c = &c;
+                async move {
+                    c.call(|ch| {
+                        let r = c.request(pb::Empty {});
+                        async move { Cluster::admin(ch).who_am_i(r).await }
+                    })
+                    .await
+                    .is_err_and(|e| e.code() == Code::Unauthenticated)
+                }
+            })
+            .await?;
+            // Every call, on the data servers (a witness answers blob reads with UNAVAILABLE).
+            if addr != tc.addrs()[2] {
+                compare(&format!("revoked token at {addr}"), &probe(&c, &fx).await, &want)?;
+            }
+        }
 
         // A forged token (alice's claims, a wrong signature) counts for nothing.
         let forged = format!(

@@ -256,6 +256,7 @@ async fn without_a_valid_token_root_and_users_get_erofs_and_nothing_changes() {
                 cluster: "x".into(),
                 key_id: 1,
                 expires: 1,
+                generation: 0,
             },
             &[0; 32],
         );

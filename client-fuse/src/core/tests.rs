@@ -438,6 +438,7 @@ fn token_for(user: &str, role: codafs_common::token::Role) -> String {
             cluster: "c".into(),
             key_id: 1,
             expires: u64::MAX / 2,
+            generation: 0,
         },
         &[1; 32],
     )

@@ -14,6 +14,7 @@ pub struct MemState {
     pub volumes: BTreeMap<String, VolumeRec>,
     pub cluster: Option<ClusterRec>,
     pub accounts: BTreeMap<String, AccountRec>,
+    pub token_generations: BTreeMap<String, u64>,
     pub blobrefs: BTreeMap<Hash, u64>,
     pub changes: BTreeMap<(u32, u64), ChangeRec>,
     pub requests: BTreeMap<RequestId, RequestRec>,
@@ -44,6 +45,7 @@ impl MemState {
                 None => self.accounts.remove(&k),
             };
         }
+        self.token_generations.extend(d.token_generations);
         for (h, n) in d.blobrefs {
             if n == 0 {
                 self.blobrefs.remove(&h);
@@ -105,6 +107,9 @@ impl StateView for MemState {
     }
     fn account(&self, name: &str) -> Result<Option<AccountRec>, StoreError> {
         Ok(self.accounts.get(name).cloned())
+    }
+    fn token_generation(&self, user: &str) -> Result<u64, StoreError> {
+        Ok(self.token_generations.get(user).copied().unwrap_or(0))
     }
     fn blobref(&self, hash: &Hash) -> Result<u64, StoreError> {
         Ok(self.blobrefs.get(hash).copied().unwrap_or(0))

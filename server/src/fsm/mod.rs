@@ -30,6 +30,10 @@ pub trait StateView {
     fn volume_name(&self, id: u32) -> Result<Option<String>, StoreError>;
     fn cluster(&self) -> Result<Option<ClusterRec>, StoreError>;
     fn account(&self, name: &str) -> Result<Option<AccountRec>, StoreError>;
+    /// The account's token generation: tokens carrying an older one are refused. 0 for an
+    /// account whose tokens were never revoked. Kept after the account is removed, so a new
+    /// account of the same name does not bring old tokens back.
+    fn token_generation(&self, user: &str) -> Result<u64, StoreError>;
     fn blobref(&self, hash: &Hash) -> Result<u64, StoreError>;
     /// Version of the oldest change record kept for a volume.
     fn oldest_change(&self, volume: u32) -> Result<Option<u64>, StoreError>;
@@ -65,6 +69,8 @@ pub struct Delta {
     pub volumes: BTreeMap<String, VolumeRec>,
     pub cluster: Option<ClusterRec>,
     pub accounts: BTreeMap<String, Option<AccountRec>>,
+    /// New token generations of accounts whose tokens this command revokes.
+    pub token_generations: BTreeMap<String, u64>,
     /// Final reference counts of blobs whose count changed (0 = unreferenced).
     pub blobrefs: BTreeMap<Hash, u64>,
     /// Change records: (volume id, version, what changed).
@@ -93,6 +99,7 @@ pub fn apply(view: &dyn StateView, index: u64, cmd: &Command) -> Result<(Delta, 
         Command::RemoveAccount { actor, name } => txn.remove_account(actor, name),
         Command::SetVolume { actor, name, changes } => txn.set_volume(actor, name, changes),
         Command::RotateKey { actor, new_key, retire } => txn.rotate_key(actor, *new_key, *retire),
+        Command::RevokeTokens { actor, name } => txn.revoke_tokens(actor, name),
     };
     match res {
         Ok(outcome) => Ok((txn.finish()?, Ok(outcome))),
@@ -235,6 +242,13 @@ impl<'a> Txn<'a> {
         }
     }
 
+    /// Revokes every token `user` holds now: their generation becomes this entry's index, which
+    /// is larger than any generation a token could carry so far (tokens copy the generation
+    /// current at login, and indexes only grow).
+    fn revoke(&mut self, user: &str) {
+        self.delta.token_generations.insert(user.to_string(), self.index);
+    }
+
     // ---- commands
 
     fn bootstrap(&mut self, cluster_id: &str, key: &[u8; 32], admin: &AccountRec) -> TxnResult<Outcome> {
@@ -287,6 +301,22 @@ impl<'a> Txn<'a> {
             _ => {}
         }
         self.delta.accounts.insert(account.name.clone(), Some(account.clone()));
+        // A new password or role: tokens issued under the old ones end here.
+        self.revoke(&account.name);
+        Ok(Outcome::Done)
+    }
+
+    fn revoke_tokens(&mut self, actor: &Actor, name: &str) -> TxnResult<Outcome> {
+        if !(actor.admin || actor.user == name) {
+            return refuse(ApplyError::Denied(format!(
+                "{} may not revoke the tokens of {name} (admins may revoke anyone's; users their own)",
+                actor.user
+            )));
+        }
+        if self.view.account(name)?.is_none() {
+            return refuse(ApplyError::NotFound(format!("account {name}")));
+        }
+        self.revoke(name);
         Ok(Outcome::Done)
     }
 
@@ -306,6 +336,7 @@ impl<'a> Txn<'a> {
             )));
         }
         self.delta.accounts.insert(name.to_string(), None);
+        self.revoke(name);
         Ok(Outcome::Done)
     }
 
@@ -318,6 +349,7 @@ impl<'a> Txn<'a> {
         let mut vol = self
             .volume(name)?
             .ok_or_else(|| ApplyError::NoSuchVolume(name.to_string()))?;
+        let before = vol.clone();
         for user in c.owner.iter().chain(&c.add_writers) {
             if self.view.account(user)?.is_none() {
                 return refuse(ApplyError::NotFound(format!("account {user}")));
@@ -347,6 +379,22 @@ impl<'a> Txn<'a> {
         }
         if let Some(p) = c.public_read {
             vol.public_read = p;
+        }
+        // Whoever loses the right to write this volume (a removed writer, a former owner who is
+        // not made a writer) loses their tokens too. Rights are checked against the current
+        // state at every call anyway; the revocation also ends sessions that were granted on
+        // the strength of those rights. Gaining rights revokes nothing, and admins, who may
+        // write every volume, lose nothing here.
+        let may_write = |v: &VolumeRec, u: &str| v.owner == u || v.writers.iter().any(|w| w == u);
+        let losers: Vec<String> = std::iter::once(&before.owner)
+            .chain(&before.writers)
+            .filter(|u| !may_write(&vol, u))
+            .cloned()
+            .collect();
+        for u in &losers {
+            if self.view.account(u)?.is_some_and(|a| !a.admin) {
+                self.revoke(u);
+            }
         }
         self.delta.volumes.insert(name.to_string(), vol.clone());
         Ok(Outcome::Volume(vol))

@@ -273,6 +273,12 @@ pub enum Command {
         new_key: Option<[u8; 32]>,
         retire: Option<u32>,
     },
+    /// Ends every token of account `name` issued so far (`codafs user revoke`): its token
+    /// generation becomes this entry's log index. Allowed to admins and to the account itself.
+    RevokeTokens {
+        actor: Actor,
+        name: String,
+    },
 }
 
 /// Deterministic refusals: every replica reaches the same one, and a refused command changes

@@ -606,3 +606,118 @@ fn a_commit_request_applies_once_and_its_record_expires() {
     commit(&mut s, later, "alice", vec![dir("", "d")]).unwrap();
     assert!(s.requests.is_empty(), "expired request records are trimmed");
 }
+
+#[test]
+fn account_changes_and_lost_write_rights_revoke_tokens() {
+    let mut s = setup();
+    let acct = |n: &str, admin| AccountRec {
+        name: n.into(),
+        admin,
+        password_hash: "h".into(),
+        created_ns: 0,
+    };
+    let generation = |s: &MemState, u: &str| s.token_generation(u).unwrap();
+    let put = |a, create| Command::PutAccount {
+        actor: admin(),
+        account: a,
+        create,
+    };
+    s.apply(3, &put(acct("bob", false), true)).unwrap();
+    assert_eq!(generation(&s, "bob"), 3, "creating an account starts a generation");
+    // A new password or role: generation = the entry's index.
+    s.apply(4, &put(acct("bob", false), false)).unwrap();
+    assert_eq!(generation(&s, "bob"), 4);
+    assert_eq!(generation(&s, "alice"), 0, "other accounts keep theirs");
+
+    // Gaining write rights revokes nothing; losing them does, in the same entry.
+    let set = |changes| Command::SetVolume {
+        actor: admin(),
+        name: "www".into(),
+        changes,
+    };
+    s.apply(
+        5,
+        &set(VolumeChanges {
+            add_writers: vec!["bob".into()],
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    assert_eq!(generation(&s, "bob"), 4);
+    s.apply(
+        6,
+        &set(VolumeChanges {
+            remove_writers: vec!["bob".into()],
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    assert_eq!(generation(&s, "bob"), 6);
+    // An owner who stays a writer keeps their tokens; the next owner change takes them.
+    s.apply(
+        7,
+        &set(VolumeChanges {
+            owner: Some("bob".into()),
+            add_writers: vec!["alice".into()],
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    assert_eq!((generation(&s, "alice"), generation(&s, "bob")), (0, 6));
+    s.apply(
+        8,
+        &set(VolumeChanges {
+            owner: Some("admin".into()),
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    assert_eq!((generation(&s, "alice"), generation(&s, "bob")), (0, 8));
+    // An admin who stops owning a volume loses no right (admins write every volume): its
+    // tokens (the init credential among them) stay valid.
+    s.apply(
+        9,
+        &set(VolumeChanges {
+            owner: Some("alice".into()),
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    assert_eq!(generation(&s, "admin"), 0);
+
+    // `user revoke`: admins for anyone, users for themselves only.
+    let revoke = |user: &str, admin, name: &str| Command::RevokeTokens {
+        actor: Actor {
+            user: user.into(),
+            admin,
+        },
+        name: name.into(),
+    };
+    assert!(matches!(
+        s.apply(19, &revoke("alice", false, "bob")),
+        Err(ApplyError::Denied(_))
+    ));
+    assert_eq!(generation(&s, "bob"), 8, "a refused revocation changes nothing");
+    s.apply(20, &revoke("alice", false, "alice")).unwrap();
+    assert_eq!(generation(&s, "alice"), 20);
+    s.apply(21, &revoke("admin", true, "bob")).unwrap();
+    assert_eq!(generation(&s, "bob"), 21);
+    assert!(matches!(
+        s.apply(22, &revoke("admin", true, "nobody")),
+        Err(ApplyError::NotFound(_))
+    ));
+
+    // Removal revokes, and the generation outlives the account: re-creating the name does not
+    // bring old tokens back.
+    s.apply(
+        23,
+        &Command::RemoveAccount {
+            actor: admin(),
+            name: "bob".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(generation(&s, "bob"), 23);
+    s.apply(24, &put(acct("bob", false), true)).unwrap();
+    assert_eq!(generation(&s, "bob"), 24);
+}

@@ -46,11 +46,33 @@ impl AdminService {
         F: Fn(pb::admin_client::AdminClient<Channel>, Request<Req>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
     {
+        self.leader_write_as(req, Node::authenticate_admin, build, done, forward)
+            .await
+    }
+
+    /// [`Self::leader_write`] for a change that `authenticate` decides who may ask for (the
+    /// state machine still checks the actor's rights).
+    async fn leader_write_as<Req, T, A, B, D, F, Fut>(
+        &self,
+        req: Request<Req>,
+        authenticate: A,
+        build: B,
+        done: D,
+        forward: F,
+    ) -> Result<Response<T>, Status>
+    where
+        Req: Clone,
+        A: FnOnce(&Node, Option<&str>) -> Result<Actor, NodeError>,
+        B: FnOnce(Actor, &Req) -> Result<Command, NodeError>,
+        D: Fn(Outcome) -> Result<T, NodeError>,
+        F: Fn(pb::admin_client::AdminClient<Channel>, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<T>, Status>>,
+    {
         let token = token_of(&req);
         let forwarded = is_forwarded(&self.0, &req)?;
         let body = req.into_inner();
         let node = &self.0;
-        let actor = node.authenticate_admin(token.as_deref()).map_err(status)?;
+        let actor = authenticate(node, token.as_deref()).map_err(status)?;
         let cmd = build(actor, &body).map_err(status)?;
         let local = || async { done(node.propose(cmd.clone()).await?) };
         let remote = |ch| {
@@ -154,11 +176,20 @@ impl pb::admin_server::Admin for AdminService {
 
     #[tracing::instrument(skip_all, fields(user = %req.get_ref().name))]
     async fn put_user(&self, req: Request<pb::UserSpec>) -> Result<Response<pb::Empty>, Status> {
+        // Only an admin may make this server hash a password (argon2 is expensive); the hash is
+        // made here, on the blocking pool within the argon2 bound, before the command exists.
+        self.0.authenticate_admin(token_of(&req).as_deref()).map_err(status)?;
+        let password = req.get_ref().password.clone();
+        let password_hash = self
+            .0
+            .logins
+            .argon2(move || crate::auth::hash_password(&password))
+            .await
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?
+            .map_err(|e| status(NodeError::Invalid(e.to_string())))?;
         self.leader_write(
             req,
             |actor, u| {
-                let password_hash = tokio::task::block_in_place(|| crate::auth::hash_password(&u.password))
-                    .map_err(|e| NodeError::Invalid(e.to_string()))?;
                 let account = AccountRec {
                     name: u.name.clone(),
                     admin: u.admin,
@@ -189,6 +220,31 @@ impl pb::admin_server::Admin for AdminService {
             },
             |_| Ok(pb::Empty {}),
             |mut c, r| async move { c.remove_user(r).await },
+        )
+        .await
+    }
+
+    #[tracing::instrument(skip_all, fields(user = %req.get_ref().name))]
+    async fn revoke_user(&self, req: Request<pb::UserName>) -> Result<Response<pb::Empty>, Status> {
+        // Any valid token may ask; the state machine lets admins revoke anyone's tokens and
+        // users only their own.
+        self.leader_write_as(
+            req,
+            |node, token| {
+                let c = node.authenticate(token)?;
+                Ok(Actor {
+                    admin: c.role == codafs_common::token::Role::Admin,
+                    user: c.user,
+                })
+            },
+            |actor, u| {
+                Ok(Command::RevokeTokens {
+                    actor,
+                    name: u.name.clone(),
+                })
+            },
+            |_| Ok(pb::Empty {}),
+            |mut c, r| async move { c.revoke_user(r).await },
         )
         .await
     }
@@ -244,25 +300,52 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::UserList { users }))
     }
 
+    /// Exchanges a password for a token. Answered by the server that receives it (no leader
+    /// needed). Rate-limited per address and per account name, and bounded in argon2 work; an
+    /// unknown account costs the same argon2 verification as a known one.
     #[tracing::instrument(skip_all, fields(user = %req.get_ref().user))]
     async fn login(&self, req: Request<pb::LoginRequest>) -> Result<Response<pb::LoginReply>, Status> {
+        let addr = req.remote_addr().map(|a| a.ip());
         let r = req.into_inner();
-        let t = self.0.tables();
+        let node = &self.0;
+        let t = node.tables();
         let cluster = t
             .cluster()
             .map_err(|e| Status::internal(e.to_string()))?
             .ok_or_else(|| Status::unavailable("cluster is not bootstrapped yet"))?;
-        let account = t.account(&r.user).map_err(|e| Status::internal(e.to_string()))?;
-        let result =
-            tokio::task::block_in_place(|| crate::auth::login(account.as_ref(), &r.password, &cluster, r.ttl_secs));
-        match result {
-            Ok((token, expires)) => Ok(Response::new(pb::LoginReply { token, expires })),
-            Err(crate::auth::AuthError::WrongCredentials) => {
-                tracing::info!(user = %r.user, "login refused");
-                Err(status(NodeError::Unauthenticated("wrong user name or password".into())))
+        let exhausted = |e: crate::auth::LimitError| {
+            tracing::info!(user = %r.user, ?addr, "login refused: {e}");
+            Status::resource_exhausted(e.to_string())
+        };
+        let attempt = node.logins.admit(&r.user, addr).map_err(exhausted)?;
+        // A name no account can have is looked up like any other: not found.
+        let account = match codafs_common::names::validate_name(&r.user) {
+            Ok(()) => t.account(&r.user).map_err(|e| Status::internal(e.to_string()))?,
+            Err(_) => None,
+        };
+        // Read with the account, so a token never carries a generation older than the password
+        // it was checked against.
+        let generation = t
+            .token_generation(&r.user)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let checked = account.clone();
+        let password = r.password;
+        let ok = node
+            .logins
+            .argon2(move || crate::auth::password_matches(checked.as_ref(), &password))
+            .await
+            .map_err(exhausted)?;
+        let account = match (ok, account) {
+            (true, Some(a)) => a,
+            _ => {
+                tracing::info!(user = %r.user, ?addr, "login refused: wrong user name or password");
+                return Err(status(NodeError::Unauthenticated("wrong user name or password".into())));
             }
-            Err(e) => Err(Status::internal(e.to_string())),
-        }
+        };
+        node.logins.succeeded(attempt);
+        let (token, expires) = crate::auth::issue_token(&account, &cluster, r.ttl_secs, generation)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::LoginReply { token, expires }))
     }
 
     async fn who_am_i(&self, req: Request<pb::Empty>) -> Result<Response<pb::WhoAmIReply>, Status> {

@@ -115,6 +115,10 @@ pub async fn run(
     let peer_transport = tls
         .as_ref()
         .map_or(codafs_proto::tls::Tls::Insecure, tls::ServerTls::peer_transport);
+    if let Ok(u) = blobs::space::disk_usage(dir) {
+        let min_free = cfg.min_free_bytes.unwrap_or_else(|| blobs::space::default_min_free(u.total));
+        tracing::info!(free = u.free, total = u.total, min_free, "disk space of the server directory");
+    }
     let db = db::open(&dir.join("db")).map_err(|e| ServerError::Db(dir.join("db"), e))?;
     let blob_dir = if cfg.witness {
         dir.join("spool")
@@ -146,6 +150,7 @@ pub async fn run(
         repair_kick: tokio::sync::Notify::new(),
         tls,
         pending: Default::default(),
+        space: blobs::space::Space::new(dir, cfg.min_free_bytes),
     });
 
     let listener = tokio::net::TcpListener::bind(&cfg.listen)

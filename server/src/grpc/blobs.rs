@@ -32,8 +32,21 @@ fn blob_status(e: BlobError) -> Status {
         e @ (BlobError::HashMismatch { .. } | BlobError::SizeMismatch { .. }) => Status::data_loss(e.to_string()),
         e @ BlobError::TooLarge(..) => Status::resource_exhausted(e.to_string()),
         e @ BlobError::Corrupt(_) => Status::data_loss(e.to_string()),
+        BlobError::Io(e) if is_disk_full(&e) => {
+            let mut s = Status::resource_exhausted(format!("blob storage: {e}"));
+            s.metadata_mut().insert(
+                super::ERROR_KIND_HEADER,
+                tonic::metadata::MetadataValue::from_static("no_space"),
+            );
+            s
+        }
         BlobError::Io(e) => Status::internal(format!("blob storage: {e}")),
     }
+}
+
+/// Whether an I/O error means the disk (or a quota on it) is full.
+fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
 /// How long an upload may wait for its next chunk before it is abandoned. A client that stops
@@ -72,6 +85,8 @@ impl BlobService {
     /// that runs out of either ends with DEADLINE_EXCEEDED, and dropping the writer removes its
     /// partial temp file.
     async fn receive(&self, hash: Hash, size: u64, stream: &mut Streaming<pb::PutBlobChunk>) -> Result<(), Status> {
+        let what = format!("store blob {hash} ({size} bytes)");
+        let _room = self.0.space.reserve(size, &what).map_err(super::no_space)?;
         let mut w = self.0.blobs.writer(hash, size).map_err(blob_status)?;
         let limit = upload_time_limit(size);
         let deadline = tokio::time::Instant::now() + limit;
@@ -104,6 +119,12 @@ impl BlobService {
                         )));
                     }
                     tokio::task::block_in_place(|| w.write(&d)).map_err(blob_status)?;
+                    // Another writer may have used the space meanwhile: stop (dropping the writer
+                    // removes the partial file) rather than fill the disk.
+                    self.0
+                        .space
+                        .check_remaining(size - w.written(), &what)
+                        .map_err(super::no_space)?;
                 }
                 _ => return Err(Status::invalid_argument("a put carries one header, then data only")),
             }
@@ -206,6 +227,18 @@ impl pb::blobs_server::Blobs for BlobService {
         let sizes: Vec<(Hash, u64)> = parsed.iter().map(|(h, d)| (*h, d.len() as u64)).collect();
         self.admit_store(&caller, &sizes)?;
         let witness = node.cfg.witness;
+        // Up front, before anything is stored here or forwarded: room for what is new here.
+        let need: u64 = if witness {
+            0
+        } else {
+            parsed
+                .iter()
+                .filter(|(h, _)| !node.blobs.has(h))
+                .map(|(_, d)| d.len() as u64)
+                .sum()
+        };
+        let what = format!("store a batch of {} small blobs ({need} bytes)", parsed.len());
+        let _room = node.space.reserve(need, &what).map_err(super::no_space)?;
         if r.forwarded {
             if witness {
                 return Err(Status::failed_precondition("a witness stores no blobs"));

@@ -116,8 +116,15 @@ pub async fn run(
         .as_ref()
         .map_or(codafs_proto::tls::Tls::Insecure, tls::ServerTls::peer_transport);
     if let Ok(u) = blobs::space::disk_usage(dir) {
-        let min_free = cfg.min_free_bytes.unwrap_or_else(|| blobs::space::default_min_free(u.total));
-        tracing::info!(free = u.free, total = u.total, min_free, "disk space of the server directory");
+        let min_free = cfg
+            .min_free_bytes
+            .unwrap_or_else(|| blobs::space::default_min_free(u.total));
+        tracing::info!(
+            free = u.free,
+            total = u.total,
+            min_free,
+            "disk space of the server directory"
+        );
     }
     let db = db::open(&dir.join("db")).map_err(|e| ServerError::Db(dir.join("db"), e))?;
     let blob_dir = if cfg.witness {

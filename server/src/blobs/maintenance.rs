@@ -156,7 +156,10 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
         let (grace, gc_every) = if pressure {
             (pressure_grace, PRESSURE_GC_INTERVAL.max(repair_every))
         } else {
-            (normal_grace, normal_grace.min(Duration::from_secs(600)).max(repair_every))
+            (
+                normal_grace,
+                normal_grace.min(Duration::from_secs(600)).max(repair_every),
+            )
         };
         if refused && last_gc.elapsed() >= PRESSURE_GC_MIN_GAP {
             // A put was just refused: collect now, before repair or scrub.

@@ -58,6 +58,10 @@ pub fn only_removes(ops: &[codafs_proto::pb::Op]) -> bool {
     !ops.is_empty() && ops.iter().all(|o| matches!(o.op, Some(Op::Remove(_))))
 }
 
+/// Words every refusal for space starts with, so a server that forwarded a put can tell such a
+/// refusal from a replica apart from other failures (it arrives as text).
+pub const NO_SPACE_MARK: &str = "not enough disk space";
+
 /// Why new data was refused.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SpaceError {
@@ -149,7 +153,10 @@ impl Space {
     /// already in progress) is below the watermark.
     pub fn reserve(&self, need: u64, what: &str) -> Result<Reservation<'_>, SpaceError> {
         let before = self.reserved.fetch_add(need, Ordering::Relaxed);
-        let r = Reservation { space: self, bytes: need };
+        let r = Reservation {
+            space: self,
+            bytes: need,
+        };
         if need == 0 {
             return Ok(r);
         }
@@ -178,14 +185,20 @@ impl Space {
         let Some(u) = self.usage() else { return Ok(()) };
         let min_free = self.min_free_of(u.total);
         if u.free < min_free {
-            return Err(self.refuse("commit a change that adds data (commits that only remove are allowed)", u.free, 0, min_free));
+            return Err(self.refuse(
+                "commit a change that adds data (commits that only remove are allowed)",
+                u.free,
+                0,
+                min_free,
+            ));
         }
         Ok(())
     }
 
     /// Whether free space is under twice the watermark: GC then collects sooner.
     pub fn under_pressure(&self) -> bool {
-        self.usage().is_some_and(|u| u.free < self.min_free_of(u.total).saturating_mul(2))
+        self.usage()
+            .is_some_and(|u| u.free < self.min_free_of(u.total).saturating_mul(2))
     }
 }
 
@@ -207,7 +220,10 @@ mod tests {
         // A watermark just under what is free: a small put fits, a large one does not.
         let s = Space::new(dir.path(), Some(free.saturating_sub(64 << 20)));
         let r = s.reserve(1 << 20, "store a test blob").unwrap();
-        let err = s.reserve(128 << 20, "store a test blob").unwrap_err().to_string();
+        let Err(err) = s.reserve(128 << 20, "store a test blob") else {
+            panic!("a put past the watermark was accepted");
+        };
+        let err = err.to_string();
         assert!(err.contains("bytes free") && err.contains("needed"), "{err}");
         assert_eq!(s.refusals.load(Ordering::Relaxed), 1);
         drop(r);

@@ -181,7 +181,7 @@ impl pb::blobs_server::Blobs for BlobService {
         let path = node.blobs.path(&hash);
         let size = header.size;
         let peers = node.peers.clone();
-        let (copies, need, forwards) = replicate(&node, header.write_quorum, move |addr| {
+        let (copies, need, forwards, failures) = replicate(&node, header.write_quorum, move |addr| {
             let (peers, path) = (peers.clone(), path.clone());
             async move { replicate::send_file(&peers, &addr, &path, hash, size).await.map(drop) }
         })
@@ -195,9 +195,10 @@ impl pb::blobs_server::Blobs for BlobService {
             });
         }
         if copies < need {
-            return Err(Status::unavailable(format!(
-                "only {copies} of {need} required copies of blob {hash} could be stored"
-            )));
+            return Err(quorum_missed(
+                format!("only {copies} of {need} required copies of blob {hash} could be stored"),
+                &failures,
+            ));
         }
         Ok(Response::new(pb::PutBlobReply {
             copies: copies as u32,
@@ -273,13 +274,16 @@ impl pb::blobs_server::Blobs for BlobService {
                     .map_err(|s| format!("{addr}: {}", s.message()))
             }
         });
-        let (local, (copies, need, _)) = tokio::join!(local, forward);
+        let (local, (copies, need, _, failures)) = tokio::join!(local, forward);
         local?;
         if copies < need {
-            return Err(Status::unavailable(format!(
-                "only {copies} of {need} required copies of a {}-blob batch could be stored",
-                parsed.len()
-            )));
+            return Err(quorum_missed(
+                format!(
+                    "only {copies} of {need} required copies of a {}-blob batch could be stored",
+                    parsed.len()
+                ),
+                &failures,
+            ));
         }
         Ok(Response::new(pb::PutSmallReply { copies: copies as u32 }))
     }
@@ -359,8 +363,12 @@ async fn store_batch(node: &Arc<Node>, batch: Vec<(codafs_common::Hash, bytes::B
 /// Sends a write to every other data replica with `send` and waits until `quorum` copies
 /// (capped at the data replicas; this server's own counts when it stores blobs) are durable, or
 /// until that is impossible. Forwards still running then carry on in the background (repair
-/// covers any that fail). Returns (copies, copies needed, the forward tasks).
-async fn replicate<F, Fut>(node: &Arc<Node>, quorum: u32, send: F) -> (usize, usize, Vec<tokio::task::JoinHandle<()>>)
+/// covers any that fail). Returns (copies, copies needed, the forward tasks, the failures seen).
+async fn replicate<F, Fut>(
+    node: &Arc<Node>,
+    quorum: u32,
+    send: F,
+) -> (usize, usize, Vec<tokio::task::JoinHandle<()>>, Vec<String>)
 where
     F: Fn(String) -> Fut,
     Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
@@ -382,18 +390,38 @@ where
             if let Err(e) = &r {
                 tracing::warn!(peer = %m.info.addr, error = %e, "forwarding to a replica failed; repair will retry");
             }
-            let _ = tx.send(r.is_ok()).await;
+            let _ = tx.send(r).await;
         }));
     }
     drop(tx);
+    let mut failures = Vec::new();
     while tracker.state() == QuorumState::Pending {
         match rx.recv().await {
-            Some(true) => tracker.ok(),
-            Some(false) => tracker.fail(),
+            Some(Ok(())) => tracker.ok(),
+            Some(Err(e)) => {
+                failures.push(e);
+                tracker.fail()
+            }
             None => break,
         };
     }
-    (tracker.successes(), need, forwards)
+    (tracker.successes(), need, forwards, failures)
+}
+
+/// The answer to a put that missed its write quorum: RESOURCE_EXHAUSTED (kind `no_space`) if a
+/// replica refused for lack of disk space, so the uploader learns why; UNAVAILABLE otherwise.
+fn quorum_missed(what: String, failures: &[String]) -> Status {
+    match failures.iter().find(|f| f.contains(crate::blobs::space::NO_SPACE_MARK)) {
+        Some(f) => {
+            let mut s = Status::resource_exhausted(format!("{what}: {f}"));
+            s.metadata_mut().insert(
+                super::ERROR_KIND_HEADER,
+                tonic::metadata::MetadataValue::from_static("no_space"),
+            );
+            s
+        }
+        None => Status::unavailable(what),
+    }
 }
 
 /// Streams a blob from `offset`: from 0 verified (see [`stream_whole_verified`]), from a later

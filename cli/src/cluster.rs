@@ -49,6 +49,28 @@ pub struct ServerArgs {
     /// Grace period before unreferenced blobs are deleted, seconds.
     #[arg(long, help_heading = "Tuning")]
     gc_grace_s: Option<u64>,
+    /// Free space to keep on the server directory's filesystem (e.g. 2G): blob puts that would
+    /// leave less, and commits that add data while less is free, are refused. `auto` =
+    /// max(1G, 5% of the filesystem). Saved in server.toml.
+    #[arg(long, value_name = "SIZE", value_parser = parse_min_free)]
+    min_free: Option<MinFree>,
+    /// GC grace period while free space is under twice --min-free, seconds.
+    #[arg(long, help_heading = "Tuning")]
+    gc_pressure_grace_s: Option<u64>,
+}
+
+/// `--min-free`: a size, or `auto`.
+#[derive(Clone, Copy, Debug)]
+enum MinFree {
+    Auto,
+    Bytes(u64),
+}
+
+fn parse_min_free(s: &str) -> Result<MinFree, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(MinFree::Auto);
+    }
+    crate::mount::parse_size(s).map(MinFree::Bytes)
 }
 
 #[derive(Subcommand)]
@@ -191,6 +213,14 @@ pub async fn server(a: ServerArgs) -> Result<()> {
     }
     if let Some(v) = a.gc_grace_s {
         cfg.gc_grace_s = v;
+    }
+    if let Some(v) = a.gc_pressure_grace_s {
+        cfg.gc_pressure_grace_s = v;
+    }
+    match a.min_free {
+        Some(MinFree::Auto) => cfg.min_free_bytes = None,
+        Some(MinFree::Bytes(b)) => cfg.min_free_bytes = Some(b),
+        None => {}
     }
     cfg.save(&a.dir)?;
     codafs_server::run(&a.dir, cfg, join, shutdown_signal()).await?;
@@ -412,6 +442,8 @@ pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> R
                     "applied_index": s.applied_index, "snapshot_index": s.snapshot_index, "witness": s.witness,
                     "blob_count": s.blob_count, "blob_bytes": s.blob_bytes, "repair_backlog": s.repair_backlog,
                     "corrupt_found": s.corrupt_found, "cluster_id": s.cluster_id, "voters": s.voters, "servers": s.servers,
+                    "disk_free_bytes": s.disk_free_bytes, "disk_total_bytes": s.disk_total_bytes,
+                    "disk_min_free_bytes": s.disk_min_free_bytes, "space_refusals": s.space_refusals,
                 }),
                 None => serde_json::json!({"addr": addr, "reachable": false}),
             })
@@ -443,12 +475,37 @@ pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> R
                     s.corrupt_found
                 );
             }
+            println!("  disk        {}", disk_line(s));
         }
     }
     if failed > 0 {
         bail!("{failed} of {} servers unreachable", targets.len());
     }
     Ok(())
+}
+
+/// Free space against the watermark, e.g. `12.0 GiB free of 100.0 GiB, min free 5.0 GiB (ok)`.
+fn disk_line(s: &pb::ServerStatus) -> String {
+    if s.disk_total_bytes == 0 {
+        return "unknown (the server did not report it)".into();
+    }
+    let state = if s.disk_free_bytes < s.disk_min_free_bytes {
+        "LOW: refusing puts and commits that add data"
+    } else if s.disk_free_bytes < s.disk_min_free_bytes.saturating_mul(2) {
+        "pressure: GC collects sooner"
+    } else {
+        "ok"
+    };
+    let mut line = format!(
+        "{} free of {}, min free {} ({state})",
+        bytes(s.disk_free_bytes),
+        bytes(s.disk_total_bytes),
+        bytes(s.disk_min_free_bytes)
+    );
+    if s.space_refusals > 0 {
+        line.push_str(&format!(", {} refused for space", s.space_refusals));
+    }
+    line
 }
 
 /// `codafs status` without credentials: each server's unauthenticated health answer.

@@ -48,6 +48,15 @@ pub struct ServerConfig {
     /// cluster): no encryption, no server authentication, and any client can act as a peer.
     #[serde(default)]
     pub insecure: bool,
+    /// Free-space watermark of the server directory's filesystem, bytes: blob puts that would
+    /// leave less free, and commits that add data while less is free, are refused. Unset =
+    /// max(1 GiB, 5 % of the filesystem), at most half of it (see `blobs::space`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_free_bytes: Option<u64>,
+    /// GC grace period while free space is under twice the watermark, seconds (at most
+    /// `gc_grace_s`): overwritten versions are reclaimed sooner when space runs short.
+    #[serde(default = "d_gc_pressure_grace")]
+    pub gc_pressure_grace_s: u64,
 }
 
 fn d_snapshot_every() -> u64 {
@@ -64,6 +73,9 @@ fn d_scrub_rate() -> u64 {
 }
 fn d_gc_grace() -> u64 {
     3600
+}
+fn d_gc_pressure_grace() -> u64 {
+    60
 }
 fn d_max_blob() -> u64 {
     16 << 30
@@ -88,6 +100,8 @@ impl ServerConfig {
             gc_grace_s: d_gc_grace(),
             max_blob_bytes: d_max_blob(),
             insecure: false,
+            min_free_bytes: None,
+            gc_pressure_grace_s: d_gc_pressure_grace(),
         }
     }
 

@@ -115,6 +115,17 @@ pub async fn run(
     let peer_transport = tls
         .as_ref()
         .map_or(codafs_proto::tls::Tls::Insecure, tls::ServerTls::peer_transport);
+    if let Ok(u) = blobs::space::disk_usage(dir) {
+        let min_free = cfg
+            .min_free_bytes
+            .unwrap_or_else(|| blobs::space::default_min_free(u.total));
+        tracing::info!(
+            free = u.free,
+            total = u.total,
+            min_free,
+            "disk space of the server directory"
+        );
+    }
     let db = db::open(&dir.join("db")).map_err(|e| ServerError::Db(dir.join("db"), e))?;
     let blob_dir = if cfg.witness {
         dir.join("spool")
@@ -147,6 +158,7 @@ pub async fn run(
         tls,
         pending: Default::default(),
         logins: auth::LoginGuard::default(),
+        space: blobs::space::Space::new(dir, cfg.min_free_bytes),
     });
     // Off the async workers: one argon2 hash.
     tokio::task::spawn_blocking(auth::prepare);

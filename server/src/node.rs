@@ -45,6 +45,8 @@ pub enum NodeError {
     Quota(String),
     #[error("unavailable: {0}")]
     Unavailable(String),
+    #[error("{0}")]
+    NoSpace(#[from] crate::blobs::space::SpaceError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -85,6 +87,8 @@ pub struct Node {
     pub pending: crate::access::PendingBytes,
     /// Bounds on password work and login attempts (in memory, per server).
     pub logins: crate::auth::LoginGuard,
+    /// The free-space watermark of the server directory (disk-full safety).
+    pub space: crate::blobs::space::Space,
 }
 
 impl Node {
@@ -269,6 +273,7 @@ impl Node {
         let m = self.raft.metrics().borrow().clone();
         let (blob_count, blob_bytes) = if self.cfg.witness { (0, 0) } else { self.blobs.stats() };
         let members = self.members();
+        let disk = self.space.usage();
         let role = match m.state {
             openraft::ServerState::Leader => "leader",
             openraft::ServerState::Follower => "follower",
@@ -304,6 +309,10 @@ impl Node {
             voters: members.iter().filter(|m| m.voter).count() as u32,
             servers: members.len() as u32,
             blob_gets: self.counters.blob_gets.load(Ordering::Relaxed),
+            disk_free_bytes: disk.map_or(0, |u| u.free),
+            disk_total_bytes: disk.map_or(0, |u| u.total),
+            disk_min_free_bytes: disk.map_or(0, |u| self.space.min_free_of(u.total)),
+            space_refusals: self.space.refusals.load(Ordering::Relaxed),
         }
     }
 

@@ -6,8 +6,14 @@
 //! entry found at start is *unverified* and is re-hashed on its first use, so a torn file left by
 //! a crash is detected and refetched instead of served.
 //!
-//! Eviction: least recently used first, down to the byte budget; pinned entries (open files,
-//! reads in progress) are skipped.
+//! Eviction: least recently used first, down to the byte budget; pinned entries (reads in
+//! progress) and the entry just admitted are skipped, so a blob larger than the whole budget is
+//! still readable: a read pins it before it is fetched and admitted, and it stays (over budget)
+//! until the next admission evicts it.
+//!
+//! A full cache disk is not an error for readers: a fetch that cannot be written here is
+//! reported as [`CacheWriter::failed_locally`] and the core streams it through memory instead
+//! (see `stream`).
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -52,6 +58,22 @@ pub enum CacheError {
     Mismatch(Hash),
     #[error("cache I/O: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Bytes a fetch leaves free on the cache's filesystem at least; with less, blobs are streamed
+/// through memory instead of cached (metadata and shadows need room too).
+pub const CACHE_DISK_HEADROOM: u64 = 8 << 20;
+
+/// Free bytes of the filesystem holding `path` (`None` if it cannot be asked).
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated string and `st` a properly sized out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 impl BlobCache {
@@ -122,6 +144,12 @@ impl BlobCache {
         self.max_bytes
     }
 
+    /// Whether the cache's disk has room for a blob of `size` bytes (and some headroom); when it
+    /// cannot tell, it assumes so (a write that fails is handled anyway).
+    pub fn has_room(&self, size: u64) -> bool {
+        free_bytes(&self.root).is_none_or(|free| free >= size.saturating_add(CACHE_DISK_HEADROOM))
+    }
+
     /// Whether `h` is cached (and marks it used). Unverified entries are checked first.
     pub fn lookup(&self, h: &Hash) -> bool {
         let needs_check = {
@@ -182,6 +210,7 @@ impl BlobCache {
             file: Some(file),
             hasher: blake3::Hasher::new(),
             received: 0,
+            local_error: None,
         })
     }
 
@@ -194,18 +223,23 @@ impl BlobCache {
             s.total += len;
         }
         self.stats.fetched_bytes.fetch_add(len, Ordering::Relaxed);
-        self.evict();
+        self.evict_but(Some(h));
     }
 
     /// Evicts least recently used, unpinned entries until within budget.
     pub fn evict(&self) {
+        self.evict_but(None);
+    }
+
+    /// Evicts least recently used entries until within budget, sparing pinned ones and `keep`.
+    fn evict_but(&self, keep: Option<Hash>) {
         let mut victims = Vec::new();
         {
             let mut s = self.lock();
             let mut skipped = Vec::new();
             while s.total > self.max_bytes {
                 let Some((h, len)) = s.lru.pop_lru() else { break };
-                if s.pins.contains_key(&h) {
+                if s.pins.contains_key(&h) || keep == Some(h) {
                     skipped.push((h, len));
                     continue;
                 }
@@ -252,6 +286,8 @@ pub struct CacheWriter<'a> {
     file: Option<std::io::BufWriter<std::fs::File>>,
     hasher: blake3::Hasher,
     received: u64,
+    /// Writing the temp file failed (a full disk): the fetch is of no use to the cache.
+    local_error: Option<std::io::Error>,
 }
 
 impl ChunkSink for CacheWriter<'_> {
@@ -268,7 +304,12 @@ impl ChunkSink for CacheWriter<'_> {
         }
         self.hasher.update(data);
         if let Some(f) = self.file.as_mut() {
-            f.write_all(data)?;
+            if let Err(e) = f.write_all(data) {
+                let kind = e.kind();
+                let msg = e.to_string();
+                self.local_error = Some(e);
+                return Err(std::io::Error::new(kind, msg));
+            }
         }
         self.received += data.len() as u64;
         Ok(())
@@ -292,22 +333,35 @@ impl ChunkSink for CacheWriter<'_> {
 }
 
 impl CacheWriter<'_> {
+    /// The local write error that ended this fetch, if one did (the cache disk is full, say).
+    pub fn failed_locally(&self) -> Option<&std::io::Error> {
+        self.local_error.as_ref()
+    }
+
     /// Verifies the whole content and makes it a cache entry.
     pub fn finish(mut self) -> Result<PathBuf, CacheError> {
         let Some(mut f) = self.file.take() else {
             return Err(CacheError::Mismatch(self.hash));
         };
-        f.flush()?;
+        if let Err(e) = f.flush() {
+            let _ = std::fs::remove_file(&self.tmp);
+            return Err(e.into());
+        }
         drop(f);
         if self.received != self.size || Hash::from(self.hasher.finalize()) != self.hash {
             let _ = std::fs::remove_file(&self.tmp);
             return Err(CacheError::Mismatch(self.hash));
         }
         let dest = self.cache.path(&self.hash);
-        if let Some(dir) = dest.parent() {
-            std::fs::create_dir_all(dir)?;
+        let placed = match dest.parent() {
+            Some(dir) => std::fs::create_dir_all(dir),
+            None => Ok(()),
         }
-        std::fs::rename(&self.tmp, &dest)?;
+        .and_then(|()| std::fs::rename(&self.tmp, &dest));
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&self.tmp);
+            return Err(e.into());
+        }
         self.cache.admit(self.hash, self.size);
         Ok(dest)
     }
@@ -346,6 +400,23 @@ mod tests {
         assert!(!c.lookup(&b), "LRU entry evicted");
         assert!(c.lookup(&d));
         assert_eq!(c.usage(), (2, 20));
+    }
+
+    #[test]
+    fn a_blob_larger_than_the_whole_cache_stays_until_the_next_admission() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = BlobCache::open(dir.path(), 25).unwrap();
+        let small = put(&c, &[1; 10]);
+        let big = put(&c, &[7; 100]);
+        assert!(c.lookup(&big), "just admitted: readable although over budget");
+        assert!(!c.lookup(&small), "older entries made room");
+        // Pinned (a read in progress), it survives the next admission too.
+        let pin = c.pin(big);
+        let other = put(&c, &[2; 10]);
+        assert!(c.lookup(&big) && c.lookup(&other));
+        drop(pin);
+        put(&c, &[3; 10]);
+        assert!(!c.lookup(&big), "unpinned and no longer the newest: evicted");
     }
 
     #[test]

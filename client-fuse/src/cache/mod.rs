@@ -1,3 +1,4 @@
 //! The client's persistent caches: whole-file blobs and metadata.
 pub mod blobs;
 pub mod meta;
+pub mod stream;

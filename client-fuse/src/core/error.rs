@@ -50,6 +50,10 @@ pub enum FsError {
     /// The servers refused the caller's token (forged, expired, retired key): as good as none.
     #[error("{0}")]
     Unauthenticated(String),
+    /// No space: the mount's cache disk is full (a shadow cannot grow), or the servers refused
+    /// a store below their free-space watermark.
+    #[error("no space left: {0}")]
+    NoSpace(String),
 }
 
 impl FsError {
@@ -73,6 +77,7 @@ impl FsError {
             FsError::CrossVolume => libc::EXDEV,
             FsError::BadHandle => libc::EBADF,
             FsError::TooLarge(_) => libc::EFBIG,
+            FsError::NoSpace(_) => libc::ENOSPC,
         }
     }
 }
@@ -82,8 +87,16 @@ const ERROR_KIND_HEADER: &str = "x-codafs-error";
 
 impl From<std::io::Error> for FsError {
     fn from(e: std::io::Error) -> Self {
+        if is_disk_full(&e) {
+            return FsError::NoSpace(e.to_string());
+        }
         FsError::Io(e.to_string())
     }
+}
+
+/// Whether a local I/O error means the disk (or a quota on it) is full.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
 impl From<crate::transport::ClientError> for FsError {
@@ -102,6 +115,7 @@ impl From<crate::transport::ClientError> for FsError {
             Some("is_dir") => return FsError::IsDir,
             Some("not_dir") => return FsError::NotDir,
             Some("quota") => return FsError::Quota(msg),
+            Some("no_space") => return FsError::NoSpace(msg),
             Some("denied") => return FsError::Denied(msg),
             Some("invalid_name") if msg.contains("the limit is") => return FsError::NameTooLong,
             // A token the servers do not accept (expired, retired key) is no token at all.
@@ -132,5 +146,7 @@ mod tests {
         assert_eq!(FsError::ReadOnly.errno(), libc::EROFS);
         assert_eq!(FsError::Disconnected("x".into()).errno(), libc::EIO);
         assert_eq!(FsError::Corrupt("x".into()).errno(), libc::EIO);
+        let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        assert_eq!(FsError::from(full).errno(), libc::ENOSPC);
     }
 }

@@ -129,6 +129,8 @@ pub struct CoreStats {
     pub stale_page_drops: AtomicU64,
     /// Requests the kernel sent the daemon, indexed like [`FUSE_OPS`].
     pub fuse_requests: [AtomicU64; FUSE_OPS.len()],
+    /// Blob fetches streamed through memory because the cache disk was full.
+    pub streamed_uncached: AtomicU64,
 }
 
 impl CoreStats {
@@ -199,6 +201,8 @@ pub struct Core<R: Remote> {
     /// Asks the volume watcher for a fresh volume list now (tokens changed, or a change stream
     /// was refused: a volume may have been made private).
     pub volumes_wanted: tokio::sync::Notify,
+    /// Content streamed through memory while the cache disk is full.
+    windows: crate::cache::stream::Windows,
 }
 
 impl<R: Remote> Core<R> {
@@ -229,6 +233,7 @@ impl<R: Remote> Core<R> {
             stale_pages: Mutex::new(HashMap::new()),
             volumes_wanted: tokio::sync::Notify::new(),
             kernel_names: Mutex::new(HashMap::new()),
+            windows: Default::default(),
         })
     }
 
@@ -504,8 +509,8 @@ impl<R: Remote> Core<R> {
         Ok(a.symlink_target)
     }
 
-    /// Makes sure a file's content is in the cache; returns its hash and size.
-    pub async fn ensure_cached(&self, ino: u64) -> Result<(Hash, u64), FsError> {
+    /// A file's content: which blob, and its size.
+    async fn content_of(&self, ino: u64) -> Result<(BlobRef, u64), FsError> {
         let a = self.attr(ino).await?;
         match kind_of(a.kind) {
             NodeKind::File => {}
@@ -513,11 +518,20 @@ impl<R: Remote> Core<R> {
             NodeKind::Symlink => return Err(FsError::Invalid("symlink".into())),
         }
         let blob = BlobRef::of(&a).map_err(|e| FsError::Io(e.to_string()))?;
-        self.ensure_blob(&blob, a.size).await?;
-        Ok((blob.hash, a.size))
+        Ok((blob, a.size))
     }
 
-    /// Makes sure a blob is in the cache (`blob.ino` also counts the hit for its volume).
+    /// Makes sure a file's content is in the cache; returns its hash and size.
+    pub async fn ensure_cached(&self, ino: u64) -> Result<(Hash, u64), FsError> {
+        let (blob, size) = self.content_of(ino).await?;
+        let _pin = self.blobs.pin(blob.hash);
+        self.ensure_blob(&blob, size).await?;
+        Ok((blob.hash, size))
+    }
+
+    /// Makes sure a blob is in the cache (`blob.ino` also counts the hit for its volume). When
+    /// the cache disk has no room for it, fails with [`FsError::NoSpace`] before or after
+    /// fetching: readers then stream it through memory ([`Core::read_uncached`]).
     async fn ensure_blob(&self, blob: &BlobRef, size: u64) -> Result<(), FsError> {
         let (ino, hash) = (blob.ino, blob.hash);
         if self.blobs.lookup(&hash) {
@@ -534,19 +548,63 @@ impl<R: Remote> Core<R> {
             self.count_hit(ino, true);
             return Ok(());
         }
+        if !self.blobs.has_room(size) {
+            return Err(FsError::NoSpace(format!("the cache disk has no room for {size} bytes")));
+        }
         self.count_hit(ino, false);
         // Large files get time in proportion to their size (10 MB/s floor) on top of the deadline.
         let limit = self.cfg.op_timeout + Duration::from_millis(size / 10_000);
         let result = self
             .timed(limit, async {
-                let mut w = self.blobs.writer(hash, size).map_err(Self::io)?;
-                self.remote.fetch_blob(blob, &mut w).await?;
-                w.finish().map_err(|e| FsError::Corrupt(e.to_string()))?;
+                let mut w = self
+                    .blobs
+                    .writer(hash, size)
+                    .map_err(|e| FsError::NoSpace(format!("caching blob {hash}: {e}")))?;
+                let fetched = self.remote.fetch_blob(blob, &mut w).await;
+                if let Some(e) = w.failed_locally() {
+                    return Err(FsError::NoSpace(format!("caching blob {hash}: {e}")));
+                }
+                fetched?;
+                w.finish().map_err(|e| match e {
+                    e @ crate::cache::blobs::CacheError::Mismatch(_) => FsError::Corrupt(e.to_string()),
+                    e => cache_error(e),
+                })?;
                 Ok(())
             })
             .await;
         self.fetches.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
         result
+    }
+
+    /// Reads `size` bytes at `offset` of a blob without the disk cache (its disk is full): the
+    /// whole blob is fetched and verified, and the window around `offset` is kept in memory for
+    /// the reads that follow.
+    async fn read_uncached(&self, blob: &BlobRef, len: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        let hash = blob.hash;
+        if let Some(d) = self.windows.get(&hash, offset, size as u64, len) {
+            return Ok(d);
+        }
+        let lock = {
+            let mut f = self.fetches.lock().unwrap_or_else(|p| p.into_inner());
+            f.entry(hash).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        if let Some(d) = self.windows.get(&hash, offset, size as u64, len) {
+            return Ok(d);
+        }
+        self.count_hit(blob.ino, false);
+        self.stats.streamed_uncached.fetch_add(1, Ordering::Relaxed);
+        let limit = self.cfg.op_timeout + Duration::from_millis(len / 10_000);
+        let mut sink = crate::cache::stream::WindowSink::new(hash, len, offset);
+        let result = self.timed(limit, self.remote.fetch_blob(blob, &mut sink)).await;
+        self.fetches.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
+        result?;
+        if !sink.finish(&self.windows) {
+            return Err(FsError::Corrupt(format!("blob {hash} failed verification")));
+        }
+        self.windows
+            .get(&hash, offset, size as u64, len)
+            .ok_or_else(|| FsError::Io(format!("blob {hash}: the streamed window misses offset {offset}")))
     }
 
     fn count_hit(&self, ino: u64, hit: bool) {
@@ -565,12 +623,13 @@ impl<R: Remote> Core<R> {
         }
     }
 
-    /// Reads `size` bytes at `offset` of a file through handle `fh` (0 = none), from the cache.
+    /// Reads `size` bytes at `offset` of a file through handle `fh` (0 = none), from the cache,
+    /// or through memory when the cache disk is full.
     pub async fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
         if let Some(r) = self.read_shadow(ino, offset, size) {
             return r;
         }
-        let (hash, len) = match self.ensure_cached(ino).await {
+        let (blob, len) = match self.content_of(ino).await {
             // Unlinked while open: the handle still reads what it opened.
             Err(FsError::NotFound) => {
                 let (hash, len) = self.handle_content(fh).ok_or(FsError::NotFound)?;
@@ -580,19 +639,39 @@ impl<R: Remote> Core<R> {
                     ticket: Default::default(),
                     ino,
                 };
-                self.ensure_blob(&blob, len).await?;
-                (hash, len)
+                (blob, len)
             }
             r => r?,
         };
-        let _pin = self.blobs.pin(hash);
-        if offset >= len {
-            return Ok(Vec::new());
+        // Pinned before it is fetched, so admitting it cannot evict it (it may be larger than the
+        // whole cache), and until it is read.
+        let _pin = self.blobs.pin(blob.hash);
+        for _ in 0..3 {
+            match self.ensure_blob(&blob, len).await {
+                Ok(()) => {}
+                Err(FsError::NoSpace(why)) => {
+                    tracing::debug!(hash = %blob.hash, %why, "streaming a read through memory");
+                    return self.read_uncached(&blob, len, offset, size).await;
+                }
+                Err(e) => return Err(e),
+            }
+            if offset >= len {
+                return Ok(Vec::new());
+            }
+            match self.read_cached(&blob.hash, len, offset, size) {
+                // Dropped between the fetch and the read (found corrupt, say): fetch again.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                r => return Ok(r?),
+            }
         }
+        Err(FsError::Io(format!("blob {} kept vanishing from the cache", blob.hash)))
+    }
+
+    /// Reads from a cached blob's file.
+    fn read_cached(&self, hash: &Hash, len: u64, offset: u64, size: u32) -> std::io::Result<Vec<u8>> {
         let n = (size as u64).min(len - offset) as usize;
-        let path = self.blobs.path(&hash);
         let mut buf = vec![0u8; n];
-        let f = std::fs::File::open(&path)?;
+        let f = std::fs::File::open(self.blobs.path(hash))?;
         let mut done = 0;
         while done < n {
             let r = std::os::unix::fs::FileExt::read_at(&f, &mut buf[done..], offset + done as u64)?;
@@ -667,6 +746,7 @@ impl<R: Remote> Core<R> {
                 "evictions": s.evictions.load(Ordering::Relaxed),
                 "corrupt_dropped": s.corrupt_dropped.load(Ordering::Relaxed),
                 "bad_copies_refetched": self.remote.bad_copies(),
+                "streamed_uncached": self.stats.streamed_uncached.load(Ordering::Relaxed),
             },
         })
     }
@@ -693,6 +773,14 @@ impl<R: Remote> Core<R> {
             }
         }
         serde_json::json!({ "files": files, "bytes": bytes })
+    }
+}
+
+/// A cache failure as a filesystem error: a full cache disk is [`FsError::NoSpace`].
+fn cache_error(e: crate::cache::blobs::CacheError) -> FsError {
+    match e {
+        crate::cache::blobs::CacheError::Io(e) => FsError::from(e),
+        e => FsError::Io(e.to_string()),
     }
 }
 

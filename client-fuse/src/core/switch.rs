@@ -100,8 +100,15 @@ impl<R: Remote> Core<R> {
             .seen_of(ino)
             .is_none_or(|seen| f.applied >= seen && f.newest <= seen)
         {
-            put(&f.value)?;
-            Ok(Settle::Cached)
+            match put(&f.value) {
+                Ok(()) => Ok(Settle::Cached),
+                // The metadata cache could not be written (its disk is full, say): show what was
+                // fetched without caching it, rather than failing the reader.
+                Err(e) => {
+                    tracing::warn!(ino, error = %e, "metadata cache write failed; answering uncached");
+                    Ok(Settle::Show)
+                }
+            }
         } else {
             Ok(Settle::Again)
         }

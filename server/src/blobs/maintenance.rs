@@ -3,7 +3,9 @@
 //!   quarantined as corrupt) is fetched from a peer and verified;
 //! - **scrub**: stored blobs are re-hashed at a bounded rate; corrupt ones are quarantined;
 //! - **GC**: blobs no volume references are deleted after a grace period (so a blob uploaded for
-//!   a commit not yet made survives).
+//!   a commit not yet made survives). Under space pressure (see `space`) the grace period is
+//!   `gc_pressure_grace_s` instead and GC runs every few seconds, and at once after a put was
+//!   refused for lack of space: overwritten versions cannot pile up until the disk is full.
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,8 +29,12 @@ pub async fn fetch_from(node: &Node, addr: &str, hash: Hash) -> Result<(), Strin
     req.set_timeout(Duration::from_secs(300));
     let mut stream = client.get(req).await.map_err(|s| s.message().to_string())?.into_inner();
     let mut writer = None;
+    let mut room = None;
     while let Some(chunk) = stream.message().await.map_err(|s| s.message().to_string())? {
         if writer.is_none() {
+            // Repair too stays above the watermark: a copy missing here is still on a peer.
+            let what = format!("repair blob {hash} ({} bytes)", chunk.total_size);
+            room = Some(node.space.reserve(chunk.total_size, &what).map_err(|e| e.to_string())?);
             writer = Some(node.blobs.writer(hash, chunk.total_size).map_err(|e| e.to_string())?);
         }
         if let Some(w) = writer.as_mut() {
@@ -37,6 +43,7 @@ pub async fn fetch_from(node: &Node, addr: &str, hash: Hash) -> Result<(), Strin
     }
     let w = writer.ok_or("empty reply")?;
     tokio::task::block_in_place(|| w.finish()).map_err(|e| e.to_string())?;
+    drop(room);
     Ok(())
 }
 
@@ -117,6 +124,11 @@ pub fn gc_pass(node: &Node, grace: Duration) {
     }
 }
 
+/// How often GC runs while free space is under twice the watermark.
+const PRESSURE_GC_INTERVAL: Duration = Duration::from_secs(5);
+/// Refusals wake GC at most this often (a burst of refused puts runs one pass).
+const PRESSURE_GC_MIN_GAP: Duration = Duration::from_secs(1);
+
 /// Runs repair, scrub and GC until `stop` turns true.
 pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
     if node.cfg.witness {
@@ -124,25 +136,43 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
     }
     let repair_every = Duration::from_millis(node.cfg.repair_interval_ms.max(50));
     let scrub_every = Duration::from_secs(node.cfg.scrub_interval_s);
-    let grace = Duration::from_secs(node.cfg.gc_grace_s);
+    let normal_grace = Duration::from_secs(node.cfg.gc_grace_s);
+    let pressure_grace = Duration::from_secs(node.cfg.gc_pressure_grace_s).min(normal_grace);
     let rate = node.cfg.scrub_rate_mib << 20;
     let mut last_scrub = tokio::time::Instant::now();
     let mut last_gc = tokio::time::Instant::now();
     loop {
+        let mut refused = false;
         tokio::select! {
             _ = tokio::time::sleep(repair_every) => {}
             _ = node.repair_kick.notified() => {}
+            _ = node.space.pressure.notified() => refused = true,
             _ = stop.changed() => {}
         }
         if *stop.borrow() {
             return;
+        }
+        let pressure = refused || node.space.under_pressure();
+        let (grace, gc_every) = if pressure {
+            (pressure_grace, PRESSURE_GC_INTERVAL.max(repair_every))
+        } else {
+            (
+                normal_grace,
+                normal_grace.min(Duration::from_secs(600)).max(repair_every),
+            )
+        };
+        if refused && last_gc.elapsed() >= PRESSURE_GC_MIN_GAP {
+            // A put was just refused: collect now, before repair or scrub.
+            let n = node.clone();
+            let _ = tokio::task::spawn_blocking(move || gc_pass(&n, grace)).await;
+            last_gc = tokio::time::Instant::now();
         }
         repair_pass(&node).await;
         if node.cfg.scrub_interval_s > 0 && last_scrub.elapsed() >= scrub_every {
             scrub_pass(&node, rate, &stop).await;
             last_scrub = tokio::time::Instant::now();
         }
-        if last_gc.elapsed() >= grace.min(Duration::from_secs(600)).max(repair_every) {
+        if last_gc.elapsed() >= gc_every {
             let n = node.clone();
             let _ = tokio::task::spawn_blocking(move || gc_pass(&n, grace)).await;
             last_gc = tokio::time::Instant::now();

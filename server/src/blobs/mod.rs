@@ -3,6 +3,7 @@
 pub mod maintenance;
 pub mod quorum;
 pub mod replicate;
+pub mod space;
 pub mod store;
 
 pub use store::{BlobError, BlobStore, BlobWriter};

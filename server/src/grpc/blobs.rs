@@ -32,8 +32,21 @@ fn blob_status(e: BlobError) -> Status {
         e @ (BlobError::HashMismatch { .. } | BlobError::SizeMismatch { .. }) => Status::data_loss(e.to_string()),
         e @ BlobError::TooLarge(..) => Status::resource_exhausted(e.to_string()),
         e @ BlobError::Corrupt(_) => Status::data_loss(e.to_string()),
+        BlobError::Io(e) if is_disk_full(&e) => {
+            let mut s = Status::resource_exhausted(format!("blob storage: {e}"));
+            s.metadata_mut().insert(
+                super::ERROR_KIND_HEADER,
+                tonic::metadata::MetadataValue::from_static("no_space"),
+            );
+            s
+        }
         BlobError::Io(e) => Status::internal(format!("blob storage: {e}")),
     }
+}
+
+/// Whether an I/O error means the disk (or a quota on it) is full.
+fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
 /// How long an upload may wait for its next chunk before it is abandoned. A client that stops
@@ -72,6 +85,8 @@ impl BlobService {
     /// that runs out of either ends with DEADLINE_EXCEEDED, and dropping the writer removes its
     /// partial temp file.
     async fn receive(&self, hash: Hash, size: u64, stream: &mut Streaming<pb::PutBlobChunk>) -> Result<(), Status> {
+        let what = format!("store blob {hash} ({size} bytes)");
+        let _room = self.0.space.reserve(size, &what).map_err(super::no_space)?;
         let mut w = self.0.blobs.writer(hash, size).map_err(blob_status)?;
         let limit = upload_time_limit(size);
         let deadline = tokio::time::Instant::now() + limit;
@@ -104,6 +119,12 @@ impl BlobService {
                         )));
                     }
                     tokio::task::block_in_place(|| w.write(&d)).map_err(blob_status)?;
+                    // Another writer may have used the space meanwhile: stop (dropping the writer
+                    // removes the partial file) rather than fill the disk.
+                    self.0
+                        .space
+                        .check_remaining(size - w.written(), &what)
+                        .map_err(super::no_space)?;
                 }
                 _ => return Err(Status::invalid_argument("a put carries one header, then data only")),
             }
@@ -160,7 +181,7 @@ impl pb::blobs_server::Blobs for BlobService {
         let path = node.blobs.path(&hash);
         let size = header.size;
         let peers = node.peers.clone();
-        let (copies, need, forwards) = replicate(&node, header.write_quorum, move |addr| {
+        let (copies, need, forwards, failures) = replicate(&node, header.write_quorum, move |addr| {
             let (peers, path) = (peers.clone(), path.clone());
             async move { replicate::send_file(&peers, &addr, &path, hash, size).await.map(drop) }
         })
@@ -174,9 +195,10 @@ impl pb::blobs_server::Blobs for BlobService {
             });
         }
         if copies < need {
-            return Err(Status::unavailable(format!(
-                "only {copies} of {need} required copies of blob {hash} could be stored"
-            )));
+            return Err(quorum_missed(
+                format!("only {copies} of {need} required copies of blob {hash} could be stored"),
+                &failures,
+            ));
         }
         Ok(Response::new(pb::PutBlobReply {
             copies: copies as u32,
@@ -206,6 +228,18 @@ impl pb::blobs_server::Blobs for BlobService {
         let sizes: Vec<(Hash, u64)> = parsed.iter().map(|(h, d)| (*h, d.len() as u64)).collect();
         self.admit_store(&caller, &sizes)?;
         let witness = node.cfg.witness;
+        // Up front, before anything is stored here or forwarded: room for what is new here.
+        let need: u64 = if witness {
+            0
+        } else {
+            parsed
+                .iter()
+                .filter(|(h, _)| !node.blobs.has(h))
+                .map(|(_, d)| d.len() as u64)
+                .sum()
+        };
+        let what = format!("store a batch of {} small blobs ({need} bytes)", parsed.len());
+        let _room = node.space.reserve(need, &what).map_err(super::no_space)?;
         if r.forwarded {
             if witness {
                 return Err(Status::failed_precondition("a witness stores no blobs"));
@@ -240,13 +274,16 @@ impl pb::blobs_server::Blobs for BlobService {
                     .map_err(|s| format!("{addr}: {}", s.message()))
             }
         });
-        let (local, (copies, need, _)) = tokio::join!(local, forward);
+        let (local, (copies, need, _, failures)) = tokio::join!(local, forward);
         local?;
         if copies < need {
-            return Err(Status::unavailable(format!(
-                "only {copies} of {need} required copies of a {}-blob batch could be stored",
-                parsed.len()
-            )));
+            return Err(quorum_missed(
+                format!(
+                    "only {copies} of {need} required copies of a {}-blob batch could be stored",
+                    parsed.len()
+                ),
+                &failures,
+            ));
         }
         Ok(Response::new(pb::PutSmallReply { copies: copies as u32 }))
     }
@@ -326,8 +363,12 @@ async fn store_batch(node: &Arc<Node>, batch: Vec<(codafs_common::Hash, bytes::B
 /// Sends a write to every other data replica with `send` and waits until `quorum` copies
 /// (capped at the data replicas; this server's own counts when it stores blobs) are durable, or
 /// until that is impossible. Forwards still running then carry on in the background (repair
-/// covers any that fail). Returns (copies, copies needed, the forward tasks).
-async fn replicate<F, Fut>(node: &Arc<Node>, quorum: u32, send: F) -> (usize, usize, Vec<tokio::task::JoinHandle<()>>)
+/// covers any that fail). Returns (copies, copies needed, the forward tasks, the failures seen).
+async fn replicate<F, Fut>(
+    node: &Arc<Node>,
+    quorum: u32,
+    send: F,
+) -> (usize, usize, Vec<tokio::task::JoinHandle<()>>, Vec<String>)
 where
     F: Fn(String) -> Fut,
     Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
@@ -349,18 +390,38 @@ where
             if let Err(e) = &r {
                 tracing::warn!(peer = %m.info.addr, error = %e, "forwarding to a replica failed; repair will retry");
             }
-            let _ = tx.send(r.is_ok()).await;
+            let _ = tx.send(r).await;
         }));
     }
     drop(tx);
+    let mut failures = Vec::new();
     while tracker.state() == QuorumState::Pending {
         match rx.recv().await {
-            Some(true) => tracker.ok(),
-            Some(false) => tracker.fail(),
+            Some(Ok(())) => tracker.ok(),
+            Some(Err(e)) => {
+                failures.push(e);
+                tracker.fail()
+            }
             None => break,
         };
     }
-    (tracker.successes(), need, forwards)
+    (tracker.successes(), need, forwards, failures)
+}
+
+/// The answer to a put that missed its write quorum: RESOURCE_EXHAUSTED (kind `no_space`) if a
+/// replica refused for lack of disk space, so the uploader learns why; UNAVAILABLE otherwise.
+fn quorum_missed(what: String, failures: &[String]) -> Status {
+    match failures.iter().find(|f| f.contains(crate::blobs::space::NO_SPACE_MARK)) {
+        Some(f) => {
+            let mut s = Status::resource_exhausted(format!("{what}: {f}"));
+            s.metadata_mut().insert(
+                super::ERROR_KIND_HEADER,
+                tonic::metadata::MetadataValue::from_static("no_space"),
+            );
+            s
+        }
+        None => Status::unavailable(what),
+    }
 }
 
 /// Streams a blob from `offset`: from 0 verified (see [`stream_whole_verified`]), from a later

@@ -104,12 +104,19 @@ pub fn status(e: NodeError) -> Status {
         NodeError::Invalid(_) => ("invalid", Code::InvalidArgument),
         NodeError::NotFound(_) => ("not_found", Code::NotFound),
         NodeError::Quota(_) => ("quota", Code::ResourceExhausted),
+        NodeError::NoSpace(_) => ("no_space", Code::ResourceExhausted),
         NodeError::Internal(_) => ("internal", Code::Internal),
     };
     let mut s = Status::new(code, e.to_string());
     s.metadata_mut()
         .insert(ERROR_KIND_HEADER, tonic::metadata::MetadataValue::from_static(k));
     s
+}
+
+/// The refusal of a put or commit for lack of disk space (RESOURCE_EXHAUSTED, kind
+/// `no_space`: mounts report it as ENOSPC).
+pub fn no_space(e: crate::blobs::space::SpaceError) -> Status {
+    status(NodeError::NoSpace(e))
 }
 
 /// Runs a write on the leader: locally when this node leads, otherwise forwarded once to the

@@ -60,6 +60,7 @@ async fn commit_local(
             });
         }
     }
+    check_space(node, body)?;
     let mut blobs: Vec<_> = ops.iter().filter_map(|o| o.referenced_blob()).collect();
     blobs.sort();
     blobs.dedup();
@@ -78,6 +79,23 @@ async fn commit_local(
     }
 }
 
+/// Refuses a commit that adds data while this server's disk is below its free-space watermark
+/// (checked where a commit arrives and again on the leader). Commits that only remove pass, so
+/// an operator can always free space.
+fn check_space(node: &Node, body: &pb::CommitRequest) -> Result<(), NodeError> {
+    if crate::blobs::space::only_removes(&body.ops) {
+        return Ok(());
+    }
+    // A retry of a commit already applied is answered as the first time (see `commit_local`).
+    let applied = <[u8; 16]>::try_from(body.request_id.as_ref())
+        .ok()
+        .is_some_and(|id| node.tables().request(&id).ok().flatten().is_some());
+    if applied {
+        return Ok(());
+    }
+    Ok(node.space.check_commit()?)
+}
+
 #[tonic::async_trait]
 impl pb::write_server::Write for WriteService {
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume, ops = req.get_ref().ops.len()))]
@@ -88,6 +106,7 @@ impl pb::write_server::Write for WriteService {
         let node = &self.0;
         // Refuse bad tokens here rather than after a forward: same answer, one hop sooner.
         node.authenticate(token.as_deref()).map_err(status)?;
+        check_space(node, &body).map_err(status)?;
         let reply = on_leader(
             node,
             forwarded,

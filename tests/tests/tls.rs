@@ -10,7 +10,7 @@ use codafs_common::join::JoinToken;
 use codafs_common::Hash;
 use codafs_proto::limits::TOKEN_HEADER;
 use codafs_proto::pb;
-use codafs_tests::{bounded, codafs_bin, free_port, read_file, ClusterOpts, Mount, TestCluster};
+use codafs_tests::{bounded, codafs_bin, free_port, read_file, wait_until, ClusterOpts, Mount, TestCluster};
 use tonic::transport::{Channel, Identity};
 use tonic::Code;
 
@@ -207,7 +207,17 @@ async fn callers_without_a_server_certificate_cannot_send_peer_rpcs_but_can_read
         assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
         // And the cluster still works.
         TestCluster::write_file(&writer, "www", "", "after.html", b"still fine").await?;
-        assert_eq!(tc.read_on(&addr, "www", "after.html").await?, b"still fine");
+        // Read from `addr`, which may apply the commit a moment after the server that answered.
+        wait_until(
+            Duration::from_secs(10),
+            "after.html readable on the probed server",
+            || async {
+                tc.read_on(&addr, "www", "after.html")
+                    .await
+                    .is_ok_and(|d| d == b"still fine")
+            },
+        )
+        .await?;
         Ok(())
     })
     .await
@@ -234,6 +244,11 @@ async fn servers_join_over_tls_concurrently_with_their_own_certificates() {
         assert_ne!(certs[0], certs[1], "every server has its own certificate");
         // Replication between the servers runs over mutual TLS: a write reaches all three.
         tc.create_volume("www", 3).await?;
+        // Stored on all three before the commit asks for three copies (write_file's own put is
+        // answered at two, and the third could still be in flight).
+        tc.client()
+            .put_blob(bytes::Bytes::from_static(b"three copies"), 3)
+            .await?;
         TestCluster::write_file(&tc.client(), "www", "", "a.html", b"three copies").await?;
         for addr in tc.addrs() {
             assert_eq!(tc.read_on(&addr, "www", "a.html").await?, b"three copies");

@@ -235,16 +235,6 @@ for u in "${DUMMY_USERS[@]}"; do
 done
 cfs volume set pjd "${writers[@]}" >/dev/null
 
-# The mount picks up new volumes within a few seconds.
-for ((i = 0; i < 300; i++)); do
-  [ -d "$MNT/pjd" ] && [ -d "$MNT/pjd2" ] && break
-  sleep 0.1
-done
-if ! [ -d "$MNT/pjd" ] || ! [ -d "$MNT/pjd2" ]; then
-  show_logs
-  die "volumes pjd/pjd2 did not appear in $MNT within 30 s"
-fi
-
 # Tokens: root gets the admin token; each dummy user logs in with its own uid (the mount takes
 # the uid from the control socket). Token files stay in $WORK, not in anyone's home.
 mkdir -m 0700 "$WORK/home/root"
@@ -258,6 +248,17 @@ for u in "${DUMMY_USERS[@]}"; do
       env -u CODAFS_CREDENTIAL HOME="$h" CODAFS_TOKEN_FILE="$h/token" \
       "$CODAFS" login "pjd-$u" --password-stdin >/dev/null
 done
+
+# Private volumes appear on a mount only once it holds a token of a reader (root's admin token
+# here); login refreshes the volume list, so this is quick.
+for ((i = 0; i < 300; i++)); do
+  [ -d "$MNT/pjd" ] && [ -d "$MNT/pjd2" ] && break
+  sleep 0.1
+done
+if ! [ -d "$MNT/pjd" ] || ! [ -d "$MNT/pjd2" ]; then
+  show_logs
+  die "volumes pjd/pjd2 did not appear in $MNT within 30 s"
+fi
 
 # Check that every uid can write before blaming the suite (in a 0777 directory, so this holds
 # whatever codafs does with mode bits).

@@ -65,6 +65,13 @@ impl Drop for Children {
     }
 }
 
+/// Sets `path`'s permission bits (every command runs with umask 077, so shared files say so).
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))
+}
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -147,6 +154,10 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir)?;
+    // Other local users (webmasters trying the demo, pjdfstest's dummy users) read the client
+    // config and demo.env here; what is secret (server dirs, the admin credential, the cache)
+    // sits in 0700 directories below, made so by the servers and the mount themselves.
+    set_mode(&dir, 0o755)?;
     std::fs::create_dir_all(&a.mount).with_context(|| format!("creating {}", a.mount.display()))?;
     let mnt = std::fs::canonicalize(&a.mount)?;
     let mut children = Children(Vec::new(), None);
@@ -204,6 +215,8 @@ pub async fn run(a: DemoArgs) -> Result<()> {
 
     let bundle = codafs_client::ClientBundle::new(String::new(), addrs.clone(), &tls);
     std::fs::write(dir.join("client.toml"), bundle.to_toml())?;
+    // Addresses and the CA certificate only: public, like any client config.
+    set_mode(&dir.join("client.toml"), 0o644)?;
     let mut mount_args = vec![
         "mount".to_string(),
         mnt.display().to_string(),
@@ -250,6 +263,8 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         (0..3).map(|i| sdir(i).display().to_string()).collect::<Vec<_>>().join(","),
     );
     std::fs::write(dir.join("demo.env"), env)?;
+    // Paths and PIDs only (the credential is named, not included).
+    set_mode(&dir.join("demo.env"), 0o644)?;
     println!("codafs demo is running (www at version {version}).");
     println!(
         "  servers     {} (data), {} (data), {} (witness)",

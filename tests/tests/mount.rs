@@ -155,6 +155,16 @@ async fn disconnected_mount_serves_cache_and_fails_fast_on_uncached_files() {
             tc.restart(i)?;
         }
         tc.wait_leader(Duration::from_secs(20)).await?;
+        // A write needs both data replicas: wait until every server answers again.
+        wait_until(Duration::from_secs(20), "every restarted server answers", || async {
+            for a in tc.addrs() {
+                if tc.status_of(&a).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        })
+        .await?;
         let c = tc.client();
         TestCluster::write_file(&c, "www", "", "cached.html", b"updated while away").await?;
         let p = m.path.join("www/cached.html");

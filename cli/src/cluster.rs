@@ -37,6 +37,10 @@ pub struct ServerArgs {
     /// Vote in Raft but store no blobs (a tie-breaker beside two data replicas).
     #[arg(long)]
     witness: bool,
+    /// Before starting, replace this server's TLS key and certificate with new ones for the
+    /// same node id (signed here if this server holds the CA key, otherwise by one that does).
+    #[arg(long)]
+    rotate_cert: bool,
     /// Build a snapshot and compact the log every N entries.
     #[arg(long, help_heading = "Tuning")]
     snapshot_every: Option<u64>,
@@ -97,8 +101,12 @@ pub enum ClusterCmd {
         #[arg(long)]
         insecure: bool,
     },
-    /// Print a token that lets a new server join (`codafs server --join TOKEN`). Admin only.
+    /// Print a token that lets one new server join (`codafs server --join TOKEN`). Admin only.
+    /// A token admits a single server and expires (default after one hour).
     JoinToken {
+        /// How long the token stays valid: seconds, or with a unit (90s, 30m, 2h, 1d; at most 7d).
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: u64,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -134,6 +142,39 @@ pub enum ClusterCmd {
         #[command(flatten)]
         client: ClientOpts,
     },
+}
+
+/// A duration for `--ttl`: seconds, or a number with s, m, h or d; returned in seconds.
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 90s, 30m, 2h, 1d)"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("unknown unit {unit:?} in {s:?} (use s, m, h or d)")),
+    };
+    match n.checked_mul(mult) {
+        Some(0) | None => Err(format!("{s:?} is not a usable duration")),
+        Some(v) => Ok(v),
+    }
+}
+
+/// A `--ttl` in the largest unit that divides it.
+fn show_ttl(secs: u64) -> String {
+    match secs {
+        s if s % 86400 == 0 => format!("{} d", s / 86400),
+        s if s % 3600 == 0 => format!("{} h", s / 3600),
+        s if s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
 }
 
 fn write_private(path: &Path, data: &str) -> Result<()> {
@@ -223,7 +264,7 @@ pub async fn server(a: ServerArgs) -> Result<()> {
         None => {}
     }
     cfg.save(&a.dir)?;
-    codafs_server::run(&a.dir, cfg, join, shutdown_signal()).await?;
+    codafs_server::run(&a.dir, cfg, join, a.rotate_cert, shutdown_signal()).await?;
     Ok(())
 }
 
@@ -236,16 +277,17 @@ pub async fn run(cmd: ClusterCmd) -> Result<()> {
             admin,
             insecure,
         } => init(&dir, listen, advertise, &admin, insecure),
-        ClusterCmd::JoinToken { client } => {
+        ClusterCmd::JoinToken { ttl, client } => {
             client.required_token()?;
             let c = client.cluster()?;
             let t = c
                 .call(|ch| {
-                    let r = c.request(pb::Empty {});
+                    let r = c.request(pb::JoinTokenRequest { ttl_secs: ttl });
                     async move { Cluster::admin(ch).join_token(r).await.map(|r| r.into_inner()) }
                 })
                 .await?;
             println!("{}", t.token);
+            eprintln!("codafs: this token admits ONE server and expires in {}", show_ttl(ttl));
             Ok(())
         }
         ClusterCmd::Servers { json, client } => {
@@ -360,7 +402,7 @@ pub fn init(dir: &Path, listen: String, advertise: Option<String>, admin: &str, 
         Tls::Insecure
     } else {
         let ca = codafs_server::tls::new_ca(&cluster_id)?;
-        codafs_server::tls::install(dir, &ca, &cluster_id, cfg.advertised())?;
+        codafs_server::tls::install_with_ca(dir, &ca, cfg.node_id, cfg.advertised())?;
         Tls::ca(ca.cert_pem)
     };
     let bootstrap = Bootstrap {
@@ -393,9 +435,14 @@ pub fn init(dir: &Path, listen: String, advertise: Option<String>, admin: &str, 
             "codafs: WARNING: this cluster runs WITHOUT TLS (--insecure): traffic is unencrypted and unauthenticated"
         );
     } else {
+        let tls_dir = dir.join(codafs_server::tls::TLS_DIR);
         println!(
             "  TLS:               cluster CA and server certificate in {}",
-            dir.join(codafs_server::tls::TLS_DIR).display()
+            tls_dir.display()
+        );
+        println!(
+            "  CA key:            {} (only this server has it; keep an offline copy, see docs/SECURITY.md)",
+            tls_dir.join(codafs_server::tls::CA_KEY_FILE).display()
         );
     }
     Ok(())

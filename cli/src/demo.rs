@@ -183,16 +183,19 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     let token = std::fs::read_to_string(sdir(0).join("admin.token"))?.trim().to_string();
     wait_voters(&addrs[0], &tls, &token, 1).await?;
     let admin = Cluster::new(&addrs[..1], tls.clone(), Some(token.clone()))?;
-    let join = admin
-        .call(|ch| {
-            let r = admin.request(pb::Empty {});
+    // A join token admits one server: one each.
+    let join_token = || {
+        admin.call(|ch| {
+            let r = admin.request(pb::JoinTokenRequest::default());
             async move { Cluster::admin(ch).join_token(r).await.map(|r| r.into_inner().token) }
         })
-        .await?;
+    };
+    let join = join_token().await?;
     children
         .0
         .push(("server 2".into(), spawn(&dir, "s2", &s(1, &["--join", &join]))?));
     wait_voters(&addrs[0], &tls, &token, 2).await?;
+    let join = join_token().await?;
     children.0.push((
         "witness".into(),
         spawn(&dir, "s3", &s(2, &["--join", &join, "--witness"]))?,

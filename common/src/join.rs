@@ -1,7 +1,8 @@
 //! Join tokens: what `codafs cluster join-token` prints and `codafs server --join` consumes. It
-//! names the cluster, carries a secret derived from the cluster key, lists servers to ask, and
-//! carries the cluster CA certificate, so the joining server can verify those servers before it
-//! has a certificate of its own (or says the cluster runs without TLS).
+//! names the cluster, carries a random secret (the cluster records only its hash, with an expiry
+//! time, and lets one server join with it), lists servers to ask, and carries the cluster CA
+//! certificate, so the joining server can verify those servers before it has a certificate of
+//! its own (or says the cluster runs without TLS).
 use serde::{Deserialize, Serialize};
 
 const PREFIX: &str = "cfsjoin1.";
@@ -10,6 +11,7 @@ const PREFIX: &str = "cfsjoin1.";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinToken {
     pub cluster_id: String,
+    /// The secret (hex). Single use: the first server that joins with it spends it.
     pub join_key: String,
     pub servers: Vec<String>,
     /// The cluster CA certificate (PEM); empty on an `--insecure` cluster.
@@ -18,6 +20,9 @@ pub struct JoinToken {
     /// The cluster runs without TLS.
     #[serde(default)]
     pub insecure: bool,
+    /// When the token stops working (Unix seconds; the servers decide, this is for messages).
+    #[serde(default)]
+    pub expires: u64,
 }
 
 /// A string that is not a usable join token.
@@ -57,6 +62,7 @@ mod tests {
             servers: vec!["127.0.0.1:1".into()],
             ca_cert: "-----BEGIN CERTIFICATE-----\n…".into(),
             insecure: false,
+            expires: 1,
         };
         assert_eq!(JoinToken::decode(&t.encode()).unwrap(), t);
         let no_ca = JoinToken {

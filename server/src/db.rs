@@ -28,6 +28,8 @@ pub const CF_BLOBREFS: &str = "blobrefs";
 pub const CF_TOKEN_GENERATIONS: &str = "token_generations";
 /// Applied commit requests: `r` + id -> record, and `t` + index + id (for trimming in order).
 pub const CF_REQUESTS: &str = "requests";
+/// Join tokens (`t` + hash of the secret) and removed servers (`r` + node id).
+pub const CF_PKI: &str = "pki";
 
 /// Tables that make up the state machine (and so a snapshot).
 pub const SM_TABLES: &[&str] = &[
@@ -40,6 +42,7 @@ pub const SM_TABLES: &[&str] = &[
     CF_BLOBREFS,
     CF_REQUESTS,
     CF_TOKEN_GENERATIONS,
+    CF_PKI,
 ];
 
 const KEY_CLUSTER: &[u8] = b"cluster";
@@ -94,6 +97,18 @@ fn request_order_key(index: u64, id: &fsm::RequestId) -> Vec<u8> {
     let mut k = vec![b't'];
     k.extend_from_slice(&index.to_be_bytes());
     k.extend_from_slice(id);
+    k
+}
+
+fn join_token_key(secret_hash: &[u8; 32]) -> Vec<u8> {
+    let mut k = vec![b't'];
+    k.extend_from_slice(secret_hash);
+    k
+}
+
+fn removed_server_key(node_id: u64) -> Vec<u8> {
+    let mut k = vec![b'r'];
+    k.extend_from_slice(&node_id.to_be_bytes());
     k
 }
 
@@ -224,6 +239,16 @@ impl Tables {
                     batch.delete_cf(h, request_order_key(*index, id));
                 }
             }
+        }
+        for (h, t) in &d.join_tokens {
+            let cf = cf(db, CF_PKI)?;
+            match t {
+                Some(t) => batch.put_cf(cf, join_token_key(h), encode(t)?),
+                None => batch.delete_cf(cf, join_token_key(h)),
+            }
+        }
+        for (id, r) in &d.removed_servers {
+            batch.put_cf(cf(db, CF_PKI)?, removed_server_key(*id), encode(r)?);
         }
         Ok(())
     }
@@ -427,6 +452,29 @@ impl StateView for Tables {
         }
         Ok(out)
     }
+
+    fn join_token(&self, secret_hash: &[u8; 32]) -> Result<Option<fsm::JoinTokenRec>, StoreError> {
+        self.get(CF_PKI, &join_token_key(secret_hash))
+    }
+
+    fn join_tokens(&self) -> Result<Vec<([u8; 32], fsm::JoinTokenRec)>, StoreError> {
+        let mut out = Vec::new();
+        let it = self
+            .db
+            .iterator_cf(cf(&self.db, CF_PKI)?, IteratorMode::From(b"t", Direction::Forward));
+        for item in it {
+            let (k, v) = item.map_err(se)?;
+            if k.first() != Some(&b't') {
+                break;
+            }
+            out.push((k[1..].try_into().map_err(se)?, decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    fn removed_server(&self, node_id: u64) -> Result<Option<fsm::RemovedServerRec>, StoreError> {
+        self.get(CF_PKI, &removed_server_key(node_id))
+    }
 }
 
 /// Checks that the RocksDB tables behave exactly like the in-memory reference state for the same
@@ -598,5 +646,52 @@ mod tests {
         assert!(dump
             .iter()
             .any(|(t, rows)| t == CF_TOKEN_GENERATIONS && rows.len() == 1));
+    }
+
+    #[test]
+    fn join_tokens_and_removed_servers_round_trip_through_rocksdb() {
+        use crate::fsm::Command;
+        let (_dir, tables, mut mem, actor) = www_fixture();
+        let cmds = [
+            Command::IssueJoinToken {
+                actor: actor.clone(),
+                secret_hash: [1; 32],
+                expires_ns: 100,
+                now_ns: 10,
+            },
+            Command::IssueJoinToken {
+                actor: actor.clone(),
+                secret_hash: [2; 32],
+                expires_ns: 100,
+                now_ns: 10,
+            },
+            Command::UseJoinToken {
+                secret_hash: [1; 32],
+                node_id: 5,
+                now_ns: 20,
+            },
+            Command::ForgetServer {
+                actor: actor.clone(),
+                node_id: 6,
+                now_ns: 30,
+            },
+            // Trims both (expired more than a day ago).
+            Command::IssueJoinToken {
+                actor,
+                secret_hash: [3; 32],
+                expires_ns: i64::MAX,
+                now_ns: 101 + crate::fsm::JOIN_TOKEN_KEEP_NS,
+            },
+        ];
+        for (i, c) in cmds.iter().enumerate() {
+            apply_to_both(&tables, &mut mem, i as u64 + 3, c).unwrap();
+            let mut rows = tables.join_tokens().unwrap();
+            rows.sort_by_key(|(h, _)| *h);
+            assert_eq!(rows, mem.join_tokens().unwrap(), "after command {i}");
+        }
+        assert_eq!(mem.join_tokens.len(), 1);
+        assert!(tables.removed_server(6).unwrap().is_some());
+        assert_eq!(tables.removed_server(6).unwrap(), mem.removed_server(6).unwrap());
+        assert!(tables.removed_server(5).unwrap().is_none());
     }
 }

@@ -1,6 +1,7 @@
-//! Joining an existing cluster with a join token: first, on a TLS cluster, fetching the cluster CA
-//! and issuing this server's certificate (before listening, since the leader dials a new member
-//! over mutual TLS as soon as it is added); then asking to be added until a server accepts.
+//! Joining an existing cluster with a join token: first, on a TLS cluster, getting this server's
+//! certificate (before listening, since the leader dials a new member over mutual TLS as soon as
+//! it is added): a new key pair is made here and a server holding the CA key signs its public
+//! key; then asking to be added until a server accepts, which spends the token.
 use std::path::Path;
 use std::time::Duration;
 
@@ -8,45 +9,77 @@ use codafs_common::join::JoinToken;
 use codafs_proto::pb;
 use codafs_proto::tls::Tls;
 use tokio::sync::watch;
+use tonic::Code;
 
 use crate::config::ServerConfig;
 use crate::node::Node;
-use crate::tls::{self, CaMaterial, ServerTls};
+use crate::tls::{self, ServerTls};
 use crate::ServerError;
 
 /// How long one request to an existing server may take while joining.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a join token lives unless `--ttl` says otherwise.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// The longest life a join token may be given.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
-fn request(cfg: &ServerConfig, token: &JoinToken) -> pb::JoinRequest {
+/// What the cluster records of a join token's secret: its hash, so the replicated state (and
+/// every snapshot) holds nothing that admits a server.
+pub fn secret_hash(join_key: &str) -> [u8; 32] {
+    *blake3::hash(join_key.as_bytes()).as_bytes()
+}
+
+fn request(cfg: &ServerConfig, token: &JoinToken, csr_pem: String) -> pb::JoinRequest {
     pb::JoinRequest {
         node_id: cfg.node_id,
         addr: cfg.advertised().to_string(),
         witness: cfg.witness,
         join_key: token.join_key.clone(),
+        csr_pem,
     }
 }
 
-/// Asks the servers of `token` for the cluster CA (verifying them against the CA in the token),
-/// then issues this server's certificate into `dir/tls/`. Retries until it succeeds; a refused
-/// join key or a CA that does not match the token ends it with an error.
+/// How many times a token a server calls unknown is tried (on the next server each time, a
+/// second apart): a token made a moment ago may not have reached every replica yet.
+const UNKNOWN_TOKEN_TRIES: u32 = 5;
+
+/// Refusals no retry changes: the token is spent or expired, or this node id was removed; or
+/// the token stayed unknown to the cluster after `UNKNOWN_TOKEN_TRIES` answers (`unknown` counts
+/// them).
+fn final_refusal(s: &tonic::Status, unknown: &mut u32) -> bool {
+    match s.code() {
+        Code::PermissionDenied => true,
+        Code::Unauthenticated => {
+            *unknown += 1;
+            *unknown >= UNKNOWN_TOKEN_TRIES
+        }
+        _ => false,
+    }
+}
+
+/// Asks the servers of `token` (verified against the CA in the token) to sign a certificate for
+/// a key pair made here, and installs it into `dir/tls/` (no CA key: joiners never get it).
+/// Servers without the CA key say so and the next is asked; retries until one signs. A refused
+/// token or a CA that does not match the token ends it with an error.
 pub async fn fetch_certificate(dir: &Path, cfg: &ServerConfig, token: &JoinToken) -> Result<ServerTls, ServerError> {
     let transport = Tls::ca(token.ca_cert.clone());
+    let (key_pem, csr_pem) = tls::new_key_and_csr()?;
     let mut attempt = 0usize;
+    let mut unknown = 0;
     loop {
         let addr = &token.servers[attempt % token.servers.len().max(1)];
         let result = async {
             let ch = transport
                 .endpoint(addr)
-                .map_err(|e| e.to_string())?
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?
                 .connect_timeout(crate::peers::CONNECT_TIMEOUT)
                 .connect_lazy();
-            let mut r = tonic::Request::new(request(cfg, token));
+            let mut r = tonic::Request::new(request(cfg, token, csr_pem.clone()));
             r.set_timeout(ATTEMPT_TIMEOUT);
             pb::admin_client::AdminClient::new(ch)
                 .join_credentials(r)
                 .await
                 .map(|r| r.into_inner())
-                .map_err(|s| crate::peers::describe(&s))
         }
         .await;
         match result {
@@ -54,26 +87,33 @@ pub async fn fetch_certificate(dir: &Path, cfg: &ServerConfig, token: &JoinToken
                 if !tls::same_pem(&reply.ca_cert_pem, &token.ca_cert) {
                     return Err(ServerError::Tls(tls::TlsError::CaMismatch));
                 }
-                let ca = CaMaterial {
-                    cert_pem: reply.ca_cert_pem,
-                    key_pem: reply.ca_key_pem,
-                };
-                let installed = tls::install(dir, &ca, &reply.cluster_id, cfg.advertised())?;
-                tracing::info!(via = %addr, "received the cluster CA and issued this server's certificate");
+                if tls::node_id_of_pem(&reply.cert_pem)? != Some(cfg.node_id)
+                    || !tls::key_matches(&reply.cert_pem, &key_pem)?
+                {
+                    return Err(ServerError::Bootstrap(format!(
+                        "joining via {addr}: the certificate received is not for this server's node id and key"
+                    )));
+                }
+                let installed = tls::install(dir, &reply.ca_cert_pem, &reply.cert_pem, &key_pem)?;
+                tracing::info!(via = %addr, node = cfg.node_id, "received this server's certificate");
                 return Ok(installed);
             }
-            Err(e) if e.contains("join key") || e.contains("without TLS") => {
-                return Err(ServerError::Bootstrap(format!("joining via {addr}: {e}")));
+            Err(s) if final_refusal(&s, &mut unknown) || s.message().contains("without TLS") => {
+                return Err(ServerError::Bootstrap(format!(
+                    "joining via {addr}: {}",
+                    crate::peers::describe(&s)
+                )));
             }
-            // A server whose certificate the token's CA did not sign, or one without TLS: no
-            // retry will change that.
-            Err(e) => {
+            Err(s) => {
+                let e = crate::peers::describe(&s);
+                // A server whose certificate the token's CA did not sign, or one without TLS: no
+                // retry will change that.
                 if let Some(hint) = codafs_proto::tls::mismatch_hint(&e, &transport) {
                     return Err(ServerError::Bootstrap(format!(
                         "joining via {addr}: {e} ({hint}; check the join token)"
                     )));
                 }
-                tracing::warn!(via = %addr, error = %e, "could not get the cluster CA; retrying")
+                tracing::warn!(via = %addr, error = %e, "could not get a certificate; asking the next server");
             }
         }
         attempt += 1;
@@ -85,14 +125,18 @@ pub async fn fetch_certificate(dir: &Path, cfg: &ServerConfig, token: &JoinToken
 pub async fn join_cluster(node: &Node, token: &JoinToken, mut stop: watch::Receiver<bool>) {
     let member = |n: &Node| n.members().iter().any(|m| m.id == n.id && m.voter);
     let mut attempt = 0u32;
+    let mut unknown = 0;
     while !*stop.borrow() && !member(node) {
         let addr = &token.servers[attempt as usize % token.servers.len().max(1)];
-        let req = request(&node.cfg, token);
+        let req = request(&node.cfg, token, String::new());
         let result = async {
-            let mut c = node.peers.admin(addr).map_err(|e| e.to_string())?;
+            let mut c = node
+                .peers
+                .admin(addr)
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
             let mut r = tonic::Request::new(req);
             r.set_timeout(Duration::from_secs(120));
-            c.join(r).await.map_err(|s| crate::peers::describe(&s))
+            c.join(r).await
         }
         .await;
         match result {
@@ -100,11 +144,13 @@ pub async fn join_cluster(node: &Node, token: &JoinToken, mut stop: watch::Recei
                 tracing::info!(via = %addr, "joined the cluster");
                 return;
             }
-            Err(e) if e.contains("join key") => {
-                tracing::error!(via = %addr, error = %e, "join refused; check the join token");
+            Err(s) if final_refusal(&s, &mut unknown) => {
+                tracing::error!(via = %addr, error = %crate::peers::describe(&s), "join refused");
                 return;
             }
-            Err(e) => tracing::warn!(via = %addr, error = %e, "join attempt failed; retrying"),
+            Err(s) => {
+                tracing::warn!(via = %addr, error = %crate::peers::describe(&s), "join attempt failed; retrying")
+            }
         }
         attempt += 1;
         tokio::select! {

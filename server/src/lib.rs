@@ -17,6 +17,7 @@ pub mod join;
 pub mod node;
 pub mod peers;
 pub mod raft;
+pub mod rotate;
 pub mod tls;
 
 use std::future::Future;
@@ -58,7 +59,8 @@ pub enum ServerError {
 }
 
 /// The TLS material of this server: loaded from `dir/tls/`, or (first start of a joining
-/// server) issued from the CA the cluster hands out. `None` on an `--insecure` server.
+/// server) a new key with a certificate signed by a server holding the CA key. `None` on an
+/// `--insecure` server.
 async fn server_tls(
     dir: &Path,
     cfg: &ServerConfig,
@@ -71,17 +73,58 @@ async fn server_tls(
         );
         return Ok(None);
     }
-    match join {
-        Some(token) if !tls::installed(dir) => Ok(Some(join::fetch_certificate(dir, cfg, token).await?)),
-        _ => Ok(Some(tls::load(dir)?)),
+    let loaded = match join {
+        Some(token) if !tls::installed(dir) => join::fetch_certificate(dir, cfg, token).await?,
+        _ => tls::load(dir)?,
+    };
+    let bound = bind_to_node(dir, cfg, loaded)?;
+    if bound.signer().is_some() {
+        tracing::info!(
+            "this server holds the cluster CA key ({}/{}) and signs joining servers' certificates",
+            tls::TLS_DIR,
+            tls::CA_KEY_FILE
+        );
+    }
+    Ok(Some(bound))
+}
+
+/// Checks that this server's certificate names its node id. A certificate from before
+/// certificates were bound to node ids is re-issued when this server holds the CA key (every
+/// server of such a cluster does).
+fn bind_to_node(dir: &Path, cfg: &ServerConfig, t: tls::ServerTls) -> Result<tls::ServerTls, ServerError> {
+    let path = dir.join(tls::TLS_DIR).join(tls::SERVER_CERT_FILE);
+    match tls::node_id_of_pem(&t.cert_pem)? {
+        Some(id) if id == cfg.node_id => Ok(t),
+        Some(id) => Err(ServerError::Bootstrap(format!(
+            "{}: the certificate names node {id}, but this server is node {}",
+            path.display(),
+            cfg.node_id
+        ))),
+        None => {
+            let Some(ca) = t.signer() else {
+                return Err(ServerError::Bootstrap(format!(
+                    "{}: the certificate names no node id (made by an older version) and this server has no CA key to re-issue it",
+                    path.display()
+                )));
+            };
+            let (cert_pem, key_pem) = tls::issue_locally(&ca, cfg.node_id, cfg.advertised())?;
+            tls::replace_server_cert(dir, &cert_pem, &key_pem)?;
+            tracing::warn!(
+                node = cfg.node_id,
+                "re-issued this server's certificate to name its node id (it was made by an older version)"
+            );
+            Ok(tls::ServerTls { cert_pem, key_pem, ..t })
+        }
     }
 }
 
-/// Starts a server in `dir` and runs it until `shutdown` completes.
+/// Starts a server in `dir` and runs it until `shutdown` completes. With `rotate_cert`, the
+/// server first gets a new key and certificate for its node id (see [`rotate`]).
 pub async fn run(
     dir: &Path,
     cfg: ServerConfig,
     join: Option<JoinToken>,
+    rotate_cert: bool,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     tokio::pin!(shutdown);
@@ -102,10 +145,23 @@ pub async fn run(
     if changed > 0 {
         tracing::info!(dir = %dir.display(), changed, "took group and other permissions off the server directory");
     }
-    let tls = tokio::select! {
+    let mut tls = tokio::select! {
         r = server_tls(dir, &cfg, join.as_ref()) => r?,
         _ = &mut shutdown => return Ok(()),
     };
+    let db = db::open(&dir.join("db")).map_err(|e| ServerError::Db(dir.join("db"), e))?;
+    if rotate_cert {
+        let Some(current) = &tls else {
+            return Err(ServerError::Bootstrap(
+                "--rotate-cert: this server runs without TLS (--insecure)".into(),
+            ));
+        };
+        let tables = db::Tables { db: db.clone() };
+        tls = tokio::select! {
+            r = rotate::rotate(dir, &cfg, current, &tables) => Some(r?),
+            _ = &mut shutdown => return Ok(()),
+        };
+    }
     let mut builder = tonic::transport::Server::builder();
     if let Some(t) = &tls {
         builder = builder
@@ -126,7 +182,6 @@ pub async fn run(
             "disk space of the server directory"
         );
     }
-    let db = db::open(&dir.join("db")).map_err(|e| ServerError::Db(dir.join("db"), e))?;
     let blob_dir = if cfg.witness {
         dir.join("spool")
     } else {

@@ -168,6 +168,7 @@ pub struct TestCluster {
     pub root: tempfile::TempDir,
     pub servers: Vec<Server>,
     pub token: String,
+    /// A join token made after the first server started (unused: each joiner gets its own).
     pub join_token: String,
     /// How clients reach the servers: TLS against the cluster CA, or plaintext.
     pub tls: Tls,
@@ -216,19 +217,23 @@ impl TestCluster {
         tc.servers[0].spawn(None)?;
         let addr0 = tc.servers[0].addr.clone();
         tc.wait_ready(&addr0, 1).await?;
-        let c = tc.client_for(std::slice::from_ref(&addr0));
-        tc.join_token = c
-            .call(|ch| {
-                let r = c.request(pb::Empty {});
-                async move { Cluster::admin(ch).join_token(r).await.map(|r| r.into_inner().token) }
-            })
-            .await?;
+        tc.join_token = tc.new_join_token(0).await?;
         for i in 1..total {
-            let t = tc.join_token.clone();
+            let t = tc.new_join_token(0).await?;
             tc.servers[i].spawn(Some(&t))?;
             tc.wait_ready(&addr0, (i + 1) as u32).await?;
         }
         Ok(tc)
+    }
+
+    /// A new join token (single use) valid for `ttl_secs` (0: the default hour).
+    pub async fn new_join_token(&self, ttl_secs: u64) -> Result<String> {
+        let c = self.client_for(std::slice::from_ref(&self.servers[0].addr));
+        Ok(c.call(|ch| {
+            let r = c.request(pb::JoinTokenRequest { ttl_secs });
+            async move { Cluster::admin(ch).join_token(r).await.map(|r| r.into_inner().token) }
+        })
+        .await?)
     }
 
     /// Starts `n` new data servers at once, all joining with the join token, and waits until
@@ -245,12 +250,29 @@ impl TestCluster {
                 child: None,
             });
         }
-        let t = self.join_token.clone();
-        for s in &mut self.servers[first..] {
-            s.spawn(Some(&t))?;
+        for i in first..first + n {
+            let t = self.new_join_token(0).await?;
+            self.servers[i].spawn(Some(&t))?;
         }
         let addr0 = self.servers[0].addr.clone();
         self.wait_ready(&addr0, (first + n) as u32).await
+    }
+
+    /// Starts one new data server that joins with `token` and waits until it is a voter (with
+    /// every server so far); returns its index.
+    pub async fn join_with(&mut self, token: &str) -> Result<usize> {
+        let i = self.servers.len();
+        self.servers.push(Server {
+            addr: format!("127.0.0.1:{}", free_port()),
+            dir: self.root.path().join(format!("s{i}")),
+            witness: false,
+            extra_args: self.servers[0].extra_args.clone(),
+            child: None,
+        });
+        self.servers[i].spawn(Some(token))?;
+        let addr0 = self.servers[0].addr.clone();
+        self.wait_ready(&addr0, (i + 1) as u32).await?;
+        Ok(i)
     }
 
     /// Waits until the server at `addr` reports a leader, a bootstrapped cluster and `voters`
@@ -440,6 +462,82 @@ impl TestCluster {
         let attr = self.resolve_on(addr, volume, path).await?.attr.context("no attr")?;
         let c = self.client_on(addr);
         Ok(c.get_blob(&BlobRef::of(&attr)?).await?)
+    }
+
+    /// Runs `codafs server --join TOKEN` in a new directory `name` under the cluster's root; it
+    /// must give up (exit with an error) within 30 s. Returns its stderr and the directory.
+    pub async fn failed_join(&self, name: &str, token: &str) -> Result<(String, PathBuf)> {
+        let dir = self.root.path().join(name);
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new(codafs_bin())
+                .args(["server", "--dir"])
+                .arg(&dir)
+                .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+                .args(["--join", token])
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .context("a joiner with a refused token must give up, not retry forever")??;
+        anyhow::ensure!(!out.status.success(), "the joiner {name} started");
+        Ok((String::from_utf8_lossy(&out.stderr).into_owned(), dir))
+    }
+
+    /// Checks that the server at `addr`, called over `ch`, refuses what only a current server
+    /// may send: a forwarded blob put and a forwarded small-blob batch (storing nothing), and a
+    /// commit claiming to be forwarded although it carries the admin token. `data` is what the
+    /// puts try to store.
+    pub async fn refuses_forwarding(
+        &self,
+        ch: tonic::transport::Channel,
+        addr: &str,
+        data: &'static [u8],
+    ) -> Result<()> {
+        let data = bytes::Bytes::from_static(data);
+        let hash = Hash::of(&data);
+        let msgs = vec![
+            pb::PutBlobChunk {
+                part: Some(pb::put_blob_chunk::Part::Header(pb::PutBlobHeader {
+                    hash: bytes::Bytes::copy_from_slice(&hash.0),
+                    size: data.len() as u64,
+                    write_quorum: 1,
+                    forwarded: true,
+                })),
+            },
+            pb::PutBlobChunk {
+                part: Some(pb::put_blob_chunk::Part::Data(data.clone())),
+            },
+        ];
+        let put = Cluster::blobs(ch.clone()).put(futures::stream::iter(msgs)).await;
+        let batch = pb::PutSmallRequest {
+            blobs: vec![pb::SmallBlob {
+                hash: bytes::Bytes::copy_from_slice(&hash.0),
+                data,
+            }],
+            write_quorum: 1,
+            forwarded: true,
+        };
+        let small = Cluster::blobs(ch.clone()).put_small(batch).await.map(drop);
+        let mut r = tonic::Request::new(ops::commit("www", vec![ops::dir("forged", 0o755)]));
+        r.metadata_mut()
+            .insert(codafs_proto::limits::TOKEN_HEADER, self.token.parse()?);
+        r.metadata_mut().insert("x-codafs-forwarded", "1".parse()?);
+        let commit = Cluster::write(ch).commit(r).await.map(drop);
+        for (what, res) in [
+            ("forwarded put", put.map(drop)),
+            ("forwarded batch", small),
+            ("forged forward", commit),
+        ] {
+            match res {
+                Err(s) if s.code() == tonic::Code::PermissionDenied => {}
+                other => bail!("{what} at {addr}: expected PERMISSION_DENIED, got {other:?}"),
+            }
+        }
+        if self.has_blobs(addr, &[hash]).await? {
+            bail!("a refused put stored its blob at {addr}");
+        }
+        Ok(())
     }
 
     /// Whether the server at `addr` stores every one of `hashes`.

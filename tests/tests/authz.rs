@@ -291,9 +291,10 @@ async fn probe(c: &Cluster, fx: &Fixture) -> BTreeMap<&'static str, Outcome> {
         addr: "127.0.0.1:1".into(),
         witness: false,
         join_key: "not-the-key".into(),
+        csr_pem: String::new(),
     };
     admin!("Admin.Join", join, bad_join.clone());
-    admin!("Admin.JoinToken", join_token, pb::Empty {});
+    admin!("Admin.JoinToken", join_token, pb::JoinTokenRequest::default());
     admin!("Admin.JoinCredentials", join_credentials, bad_join);
     admin!(
         "Admin.RemoveServer",
@@ -341,6 +342,11 @@ async fn probe(c: &Cluster, fx: &Fixture) -> BTreeMap<&'static str, Outcome> {
     admin!("Admin.WhoAmI", who_am_i, pb::Empty {});
     // Someone else's tokens: only an admin (or dave himself) may end them.
     admin!("Admin.RevokeUser", revoke_user, pb::UserName { name: "dave".into() });
+    admin!(
+        "Admin.RenewCertificate",
+        renew_certificate,
+        pb::RenewCertificateRequest { csr_pem: String::new() }
+    );
     m
 }
 
@@ -357,7 +363,8 @@ fn expected(default: Code, extra: &[(&'static str, Code)]) -> BTreeMap<&'static 
     for k in PEER_ONLY {
         m.insert(k, Code::PermissionDenied);
     }
-    // A wrong password and a wrong join key are refused the same way for everyone.
+    // A wrong password and a join key unknown to the cluster are refused the same way for
+    // everyone.
     for k in ["Admin.Login", "Admin.Join", "Admin.JoinCredentials"] {
         m.insert(k, Code::Unauthenticated);
     }
@@ -371,7 +378,7 @@ fn expected(default: Code, extra: &[(&'static str, Code)]) -> BTreeMap<&'static 
     m
 }
 
-const ALL: [&str; 43] = [
+const ALL: [&str; 44] = [
     "Meta.Lookup pub",
     "Meta.Lookup priv",
     "Meta.GetAttr pub",
@@ -415,6 +422,7 @@ const ALL: [&str; 43] = [
     "Admin.RotateKey",
     "Admin.WhoAmI",
     "Admin.RevokeUser",
+    "Admin.RenewCertificate",
 ];
 
 /// What anyone may do: read public volumes (and the volume list, filtered), ask for health.
@@ -435,7 +443,12 @@ const PUBLIC_READS: [&str; 12] = [
     "Blobs.Get priv ticket",
 ];
 
-const PEER_ONLY: [&str; 3] = ["Raft.AppendEntries", "Raft.Vote", "Raft.InstallSnapshot"];
+const PEER_ONLY: [&str; 4] = [
+    "Raft.AppendEntries",
+    "Raft.Vote",
+    "Raft.InstallSnapshot",
+    "Admin.RenewCertificate",
+];
 
 /// Reads of the private volume by someone who may not read it.
 const PRIV_READS: [&str; 7] = [
@@ -781,6 +794,128 @@ async fn mounts_read_private_volumes_only_with_a_readers_token_and_lock_down_whe
             async move { read_file(&p).is_ok_and(|d| d == b"<h1>public page</h1>") }
         })
         .await?;
+        Ok(())
+    })
+    .await
+}
+
+/// A client presenting server `i`'s certificate and key (no token).
+fn as_server(tc: &TestCluster, i: usize) -> Result<Cluster> {
+    let dir = &tc.servers[i].dir;
+    let identity = tonic::transport::Identity::from_pem(
+        std::fs::read_to_string(dir.join("tls/server.crt"))?,
+        std::fs::read_to_string(dir.join("tls/server.key"))?,
+    );
+    let codafs_client::transport::Tls::Ca { ca_pem, .. } = &tc.tls else {
+        anyhow::bail!("the test cluster runs TLS")
+    };
+    let tls = codafs_client::transport::Tls::Ca {
+        ca_pem: ca_pem.clone(),
+        identity: Some(identity),
+    };
+    let mut c = Cluster::new(&tc.addrs()[..1], tls, None)?;
+    c.call_timeout = Duration::from_secs(10);
+    Ok(c)
+}
+
+/// `Admin.JoinCredentials` for node 99 with join token `token`.
+async fn join_credentials(tc: &TestCluster, token: &str) -> Result<tonic::Status> {
+    let t = codafs_common::join::JoinToken::decode(token)?;
+    let c = as_user(tc, None)?;
+    let req = pb::JoinRequest {
+        node_id: 99,
+        addr: "127.0.0.1:1".into(),
+        witness: false,
+        join_key: t.join_key,
+        csr_pem: String::new(),
+    };
+    let out = c
+        .call(|ch| {
+            let r = c.request(req.clone());
+            async move { Cluster::admin(ch).join_credentials(r).await }
+        })
+        .await;
+    Ok(match out {
+        Ok(_) => tonic::Status::ok("credentials handed out"),
+        Err(e) => tonic::Status::new(e.code(), e.to_string()),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removed_servers_certificate_and_spent_join_tokens_count_for_nothing() {
+    bounded(async {
+        let (mut tc, fx, _, _, _) = setup().await?;
+        let token = tc.new_join_token(0).await?;
+        let victim = tc.join_with(&token).await?;
+        let victim_id = tc.status_of(&tc.servers[victim].addr).await?.node_id;
+
+        // A current member's certificate passes the peer checks: Raft messages get as far as
+        // decoding (these are empty), blobs may be stored and any blob read (repair), and the
+        // membership and status may be read.
+        let mut want = expected(Code::Unauthenticated, &[]);
+        for k in PRIV_READS {
+            want.insert(k, Code::PermissionDenied);
+        }
+        let mut member = want.clone();
+        for k in PEER_ONLY {
+            member.insert(k, Code::InvalidArgument);
+        }
+        for k in [
+            "Blobs.Get priv bare",
+            "Blobs.Get priv other ticket",
+            "Blobs.Get priv ino",
+            "Blobs.Put",
+            "Blobs.PutSmall",
+            "Blobs.Missing",
+            "Admin.Servers",
+            "Admin.Status",
+        ] {
+            member.insert(k, Code::Ok);
+        }
+        compare(
+            "a member's certificate",
+            &probe(&as_server(&tc, victim)?, &fx).await,
+            &member,
+        )?;
+
+        // Removed: its certificate, still signed by the cluster CA, counts for nothing at once.
+        let rm = pb::RemoveServerRequest { node_id: victim_id };
+        admin_call(&tc, |c, ch| {
+            let r = c.request(rm);
+            async move { Cluster::admin(ch).remove_server(r).await }
+        })
+        .await?;
+        tc.kill(victim);
+        let removed = as_server(&tc, victim)?;
+        wait_until(Duration::from_secs(10), "the removal reaches the first server", || {
+            let c = &removed;
+            async move {
+                c.call(|ch| {
+                    let r = c.request(pb::RaftMessage {
+                        payload: Default::default(),
+                    });
+                    async move { pb::raft_client::RaftClient::new(ch).vote(r).await }
+                })
+                .await
+                .is_err_and(|e| e.code() == Code::PermissionDenied)
+            }
+        })
+        .await?;
+        compare("a removed server's certificate", &probe(&removed, &fx).await, &want)?;
+
+        // The join token it used admits nobody else; an expired one admits nobody.
+        let used = join_credentials(&tc, &token).await?;
+        ensure!(
+            used.code() == Code::PermissionDenied && used.message().contains("already used"),
+            "a spent join token: {used:?}"
+        );
+        let short = tc.new_join_token(1).await?;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let expired = join_credentials(&tc, &short).await?;
+        ensure!(
+            expired.code() == Code::PermissionDenied && expired.message().contains("expired"),
+            "an expired join token: {expired:?}"
+        );
         Ok(())
     })
     .await

@@ -3,14 +3,12 @@
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use codafs_client::transport::Tls;
-use codafs_client::{ops, Cluster};
+use codafs_client::Cluster;
 use codafs_common::join::JoinToken;
-use codafs_common::Hash;
-use codafs_proto::limits::TOKEN_HEADER;
 use codafs_proto::pb;
-use codafs_tests::{bounded, codafs_bin, free_port, read_file, wait_until, ClusterOpts, Mount, TestCluster};
+use codafs_tests::{bounded, codafs_bin, read_file, wait_until, ClusterOpts, Mount, TestCluster};
 use tonic::transport::{Channel, Identity};
 use tonic::Code;
 
@@ -149,51 +147,10 @@ async fn callers_without_a_server_certificate_cannot_send_peer_rpcs_but_can_read
             assert!(s.message().contains("server certificate"), "{name}: {}", s.message());
         }
 
-        // A forwarded blob put (stored without replication) is refused, and nothing is stored.
-        let data = bytes::Bytes::from_static(b"smuggled without replication");
-        let hash = Hash::of(&data);
-        let msgs = vec![
-            pb::PutBlobChunk {
-                part: Some(pb::put_blob_chunk::Part::Header(pb::PutBlobHeader {
-                    hash: bytes::Bytes::copy_from_slice(&hash.0),
-                    size: data.len() as u64,
-                    write_quorum: 1,
-                    forwarded: true,
-                })),
-            },
-            pb::PutBlobChunk {
-                part: Some(pb::put_blob_chunk::Part::Data(data.clone())),
-            },
-        ];
-        let s = Cluster::blobs(anon.clone())
-            .put(futures::stream::iter(msgs))
-            .await
-            .expect_err("forwarded put from a client");
-        assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
-        let batch = pb::PutSmallRequest {
-            blobs: vec![pb::SmallBlob {
-                hash: bytes::Bytes::copy_from_slice(&hash.0),
-                data: data.clone(),
-            }],
-            write_quorum: 1,
-            forwarded: true,
-        };
-        let s = Cluster::blobs(anon.clone())
-            .put_small(batch)
-            .await
-            .expect_err("forwarded small-blob batch from a client");
-        assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
-        assert!(!tc.has_blobs(&addr, &[hash]).await?, "a refused put must store nothing");
-
-        // A commit claiming to be forwarded by a server is refused too, even with a valid token.
-        let mut r = tonic::Request::new(ops::commit("www", vec![ops::dir("d", 0o755)]));
-        r.metadata_mut().insert(TOKEN_HEADER, tc.token.parse()?);
-        r.metadata_mut().insert("x-codafs-forwarded", "1".parse()?);
-        let s = Cluster::write(anon.clone())
-            .commit(r)
-            .await
-            .expect_err("forged forward");
-        assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+        // Forwarded blob puts (stored without replication) are refused and store nothing, and a
+        // commit claiming to be forwarded by a server is refused too, even with a valid token.
+        tc.refuses_forwarding(anon.clone(), &addr, b"smuggled without replication")
+            .await?;
 
         // With a server certificate the same garbage gets past the check (and fails decoding):
         // the certificate is what decides.
@@ -258,21 +215,7 @@ async fn servers_join_over_tls_concurrently_with_their_own_certificates() {
             ca_cert: foreign_ca(&tc.root.path().join("other"))?,
             ..token
         };
-        let dir = tc.root.path().join("intruder");
-        let out = tokio::time::timeout(
-            Duration::from_secs(30),
-            tokio::process::Command::new(codafs_bin())
-                .args(["server", "--dir"])
-                .arg(&dir)
-                .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-                .args(["--join", &bad.encode()])
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .context("a joiner with a wrong CA must give up, not retry forever")??;
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
+        let (err, dir) = tc.failed_join("intruder", &bad.encode()).await?;
         assert!(err.contains("UnknownIssuer") && err.contains("join token"), "{err}");
         assert!(!dir.join("tls/server.crt").exists());
         assert_eq!(status(&tc.client()).await?.voters, 3);

@@ -18,6 +18,8 @@ pub struct MemState {
     pub blobrefs: BTreeMap<Hash, u64>,
     pub changes: BTreeMap<(u32, u64), ChangeRec>,
     pub requests: BTreeMap<RequestId, RequestRec>,
+    pub join_tokens: BTreeMap<[u8; 32], JoinTokenRec>,
+    pub removed_servers: BTreeMap<u64, RemovedServerRec>,
 }
 
 impl MemState {
@@ -65,6 +67,13 @@ impl MemState {
                 None => self.requests.remove(&id),
             };
         }
+        for (h, t) in d.join_tokens {
+            match t {
+                Some(t) => self.join_tokens.insert(h, t),
+                None => self.join_tokens.remove(&h),
+            };
+        }
+        self.removed_servers.extend(d.removed_servers);
     }
 
     /// Applies a command as entry `index` and writes its delta.
@@ -132,6 +141,18 @@ impl StateView for MemState {
         v.sort();
         v.truncate(limit);
         Ok(v)
+    }
+
+    fn join_token(&self, secret_hash: &[u8; 32]) -> Result<Option<JoinTokenRec>, StoreError> {
+        Ok(self.join_tokens.get(secret_hash).cloned())
+    }
+
+    fn join_tokens(&self) -> Result<Vec<([u8; 32], JoinTokenRec)>, StoreError> {
+        Ok(self.join_tokens.iter().map(|(h, t)| (*h, t.clone())).collect())
+    }
+
+    fn removed_server(&self, node_id: u64) -> Result<Option<RemovedServerRec>, StoreError> {
+        Ok(self.removed_servers.get(&node_id).cloned())
     }
 
     fn oldest_change(&self, volume: u32) -> Result<Option<u64>, StoreError> {

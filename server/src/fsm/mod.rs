@@ -43,7 +43,45 @@ pub trait StateView {
     fn request(&self, id: &RequestId) -> Result<Option<RequestRec>, StoreError>;
     /// Up to `limit` remembered requests applied before log index `before`, oldest first.
     fn requests_before(&self, before: u64, limit: usize) -> Result<Vec<(u64, RequestId)>, StoreError>;
+    /// A join token by the hash of its secret.
+    fn join_token(&self, secret_hash: &[u8; 32]) -> Result<Option<JoinTokenRec>, StoreError>;
+    /// Every join token kept (they are few: made by hand, trimmed a day after they expire).
+    fn join_tokens(&self) -> Result<Vec<([u8; 32], JoinTokenRec)>, StoreError>;
+    /// Whether server `node_id` was removed from the cluster.
+    fn removed_server(&self, node_id: u64) -> Result<Option<RemovedServerRec>, StoreError>;
 }
+
+/// Why join token `token` cannot admit server `node_id` at `now_ns`, if it cannot. `removed` says
+/// whether that node id was removed from the cluster. Shared by the servers' early checks and
+/// the state machine, so both give the same answer.
+pub fn join_token_refusal(token: Option<&JoinTokenRec>, removed: bool, node_id: u64, now_ns: i64) -> Option<String> {
+    if removed {
+        return Some(format!(
+            "server {node_id} was removed from this cluster and cannot join again with that node id: start it from an empty directory with a new join token"
+        ));
+    }
+    let Some(t) = token else {
+        return Some(
+            "this join token is unknown to the cluster (another cluster's, or long expired): make a new one with `codafs cluster join-token`".into(),
+        );
+    };
+    match t.used_by {
+        Some(n) if n == node_id => None,
+        Some(n) => Some(format!(
+            "this join token was already used by server {n}; a join token admits one server: make a new one with `codafs cluster join-token`"
+        )),
+        None if now_ns >= t.expires_ns => {
+            Some("this join token has expired: make a new one with `codafs cluster join-token`".into())
+        }
+        None => None,
+    }
+}
+
+/// Join tokens are kept this long after they expire (so a late retry is told "expired", not
+/// "unknown"), then trimmed.
+pub const JOIN_TOKEN_KEEP_NS: i64 = 24 * 3600 * 1_000_000_000;
+/// Most expired join tokens one new token trims.
+const JOIN_TOKEN_TRIM_BATCH: usize = 8;
 
 /// Commit requests are remembered for this many log entries: far longer than any client or
 /// forwarding server retries (seconds), bounded so the table does not grow forever.
@@ -79,6 +117,10 @@ pub struct Delta {
     pub change_deletes: Vec<(u32, u64)>,
     /// Commit requests remembered (`Some`) or forgotten (`None`, with the index they had).
     pub requests: Vec<(RequestId, Option<RequestRec>, u64)>,
+    /// Join tokens written (`Some`) or trimmed (`None`).
+    pub join_tokens: BTreeMap<[u8; 32], Option<JoinTokenRec>>,
+    /// Servers removed from the cluster.
+    pub removed_servers: BTreeMap<u64, RemovedServerRec>,
 }
 
 /// Applies `cmd` as log entry `index`.
@@ -100,6 +142,18 @@ pub fn apply(view: &dyn StateView, index: u64, cmd: &Command) -> Result<(Delta, 
         Command::SetVolume { actor, name, changes } => txn.set_volume(actor, name, changes),
         Command::RotateKey { actor, new_key, retire } => txn.rotate_key(actor, *new_key, *retire),
         Command::RevokeTokens { actor, name } => txn.revoke_tokens(actor, name),
+        Command::IssueJoinToken {
+            actor,
+            secret_hash,
+            expires_ns,
+            now_ns,
+        } => txn.issue_join_token(actor, secret_hash, *expires_ns, *now_ns),
+        Command::UseJoinToken {
+            secret_hash,
+            node_id,
+            now_ns,
+        } => txn.use_join_token(secret_hash, *node_id, *now_ns),
+        Command::ForgetServer { actor, node_id, now_ns } => txn.forget_server(actor, *node_id, *now_ns),
     };
     match res {
         Ok(outcome) => Ok((txn.finish()?, Ok(outcome))),
@@ -261,6 +315,72 @@ impl<'a> Txn<'a> {
             next_volume_id: 1,
         });
         self.delta.accounts.insert(admin.name.clone(), Some(admin.clone()));
+        Ok(Outcome::Done)
+    }
+
+    fn issue_join_token(
+        &mut self,
+        actor: &Actor,
+        secret_hash: &[u8; 32],
+        expires_ns: i64,
+        now_ns: i64,
+    ) -> TxnResult<Outcome> {
+        if !actor.admin {
+            return refuse(ApplyError::Denied("making join tokens needs the admin role".into()));
+        }
+        self.cluster()?;
+        if self.view.join_token(secret_hash)?.is_some() {
+            return refuse(ApplyError::Exists("join token".into()));
+        }
+        let stale: Vec<[u8; 32]> = self
+            .view
+            .join_tokens()?
+            .into_iter()
+            .filter(|(_, t)| t.expires_ns.saturating_add(JOIN_TOKEN_KEEP_NS) < now_ns)
+            .map(|(h, _)| h)
+            .take(JOIN_TOKEN_TRIM_BATCH)
+            .collect();
+        for h in stale {
+            self.delta.join_tokens.insert(h, None);
+        }
+        let rec = JoinTokenRec {
+            created_ns: now_ns,
+            created_by: actor.user.clone(),
+            expires_ns,
+            used_by: None,
+            used_ns: 0,
+        };
+        self.delta.join_tokens.insert(*secret_hash, Some(rec));
+        Ok(Outcome::Done)
+    }
+
+    fn use_join_token(&mut self, secret_hash: &[u8; 32], node_id: u64, now_ns: i64) -> TxnResult<Outcome> {
+        self.cluster()?;
+        let removed = self.view.removed_server(node_id)?.is_some();
+        let token = self.view.join_token(secret_hash)?;
+        if let Some(why) = join_token_refusal(token.as_ref(), removed, node_id, now_ns) {
+            return refuse(ApplyError::Denied(why));
+        }
+        if let Some(mut t) = token.filter(|t| t.used_by.is_none()) {
+            t.used_by = Some(node_id);
+            t.used_ns = now_ns;
+            self.delta.join_tokens.insert(*secret_hash, Some(t));
+        }
+        Ok(Outcome::Done)
+    }
+
+    fn forget_server(&mut self, actor: &Actor, node_id: u64, now_ns: i64) -> TxnResult<Outcome> {
+        if !actor.admin {
+            return refuse(ApplyError::Denied("removing servers needs the admin role".into()));
+        }
+        self.cluster()?;
+        if self.view.removed_server(node_id)?.is_none() {
+            let rec = RemovedServerRec {
+                removed_ns: now_ns,
+                removed_by: actor.user.clone(),
+            };
+            self.delta.removed_servers.insert(node_id, rec);
+        }
         Ok(Outcome::Done)
     }
 

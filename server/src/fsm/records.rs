@@ -77,12 +77,6 @@ impl ClusterRec {
     pub fn key(&self, id: u32) -> Option<[u8; 32]> {
         self.keys.iter().find(|(k, _)| *k == id).map(|(_, v)| *v)
     }
-
-    /// The secret a `join-token` carries, derived from the current key so it rotates with it.
-    pub fn join_key(&self) -> String {
-        let key = self.current_key().map(|(_, k)| k).unwrap_or_default();
-        blake3::keyed_hash(&key, b"codafs-join-v1").to_hex().to_string()
-    }
 }
 
 /// An account. Password hashes arrive with full authentication; admin tokens work without them.
@@ -279,6 +273,46 @@ pub enum Command {
         actor: Actor,
         name: String,
     },
+    /// Records a new join token (by the hash of its secret; the secret itself is never logged)
+    /// that is valid until `expires_ns` for one server to join.
+    IssueJoinToken {
+        actor: Actor,
+        secret_hash: [u8; 32],
+        expires_ns: i64,
+        now_ns: i64,
+    },
+    /// Spends a join token on server `node_id`: refused when the token is unknown, expired, or
+    /// already used by another server. Repeating it for the same server is accepted (a retried
+    /// join). The token is the credential, so there is no actor.
+    UseJoinToken {
+        secret_hash: [u8; 32],
+        node_id: u64,
+        now_ns: i64,
+    },
+    /// Remembers that server `node_id` was removed: it can never join again under that id.
+    ForgetServer {
+        actor: Actor,
+        node_id: u64,
+        now_ns: i64,
+    },
+}
+
+/// A join token, by the hash of its secret (table `pki`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenRec {
+    pub created_ns: i64,
+    pub created_by: String,
+    pub expires_ns: i64,
+    /// The server that joined with it; a used token is refused to every other server.
+    pub used_by: Option<u64>,
+    pub used_ns: i64,
+}
+
+/// A server removed from the cluster (table `pki`): its node id may not join again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedServerRec {
+    pub removed_ns: i64,
+    pub removed_by: String,
 }
 
 /// Deterministic refusals: every replica reaches the same one, and a refused command changes

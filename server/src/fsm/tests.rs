@@ -721,3 +721,62 @@ fn account_changes_and_lost_write_rights_revoke_tokens() {
     s.apply(24, &put(acct("bob", false), true)).unwrap();
     assert_eq!(generation(&s, "bob"), 24);
 }
+
+#[test]
+fn join_tokens_admit_one_server_until_they_expire() {
+    let mut s = setup();
+    let alice = Actor {
+        user: "alice".into(),
+        admin: false,
+    };
+    let issue = |actor: Actor, h: u8, expires_ns: i64, now_ns: i64| Command::IssueJoinToken {
+        actor,
+        secret_hash: [h; 32],
+        expires_ns,
+        now_ns,
+    };
+    let spend = |h: u8, node_id: u64, now_ns: i64| Command::UseJoinToken {
+        secret_hash: [h; 32],
+        node_id,
+        now_ns,
+    };
+    assert!(matches!(
+        s.apply(3, &issue(alice, 1, 100, 10)),
+        Err(ApplyError::Denied(_))
+    ));
+    s.apply(4, &issue(admin(), 1, 100, 10)).unwrap();
+    assert!(matches!(
+        s.apply(5, &issue(admin(), 1, 100, 10)),
+        Err(ApplyError::Exists(_))
+    ));
+    // Unknown token, then the first server spends it; a retry by the same server is fine.
+    let denied = |r: Response, what: &str| match r {
+        Err(ApplyError::Denied(m)) => assert!(m.contains(what), "{m}"),
+        other => panic!("expected a refusal containing {what:?}, got {other:?}"),
+    };
+    denied(s.apply(6, &spend(9, 7, 20)), "unknown");
+    s.apply(7, &spend(1, 7, 20)).unwrap();
+    s.apply(8, &spend(1, 7, 30)).unwrap();
+    assert_eq!(s.join_tokens[&[1; 32]].used_by, Some(7));
+    denied(s.apply(9, &spend(1, 8, 30)), "already used by server 7");
+    // An unused token stops working at its expiry time.
+    s.apply(10, &issue(admin(), 2, 100, 10)).unwrap();
+    denied(s.apply(11, &spend(2, 8, 100)), "expired");
+    // A removed server can never join again under its node id.
+    s.apply(
+        12,
+        &Command::ForgetServer {
+            actor: admin(),
+            node_id: 8,
+            now_ns: 50,
+        },
+    )
+    .unwrap();
+    s.apply(13, &issue(admin(), 3, i64::MAX / 2, 60)).unwrap();
+    denied(s.apply(14, &spend(3, 8, 70)), "removed");
+    // Expired tokens are trimmed a day after they expire, when a new one is made.
+    s.apply(15, &issue(admin(), 4, i64::MAX, 100 + JOIN_TOKEN_KEEP_NS + 1))
+        .unwrap();
+    assert!(!s.join_tokens.contains_key(&[1; 32]) && !s.join_tokens.contains_key(&[2; 32]));
+    assert!(s.join_tokens.contains_key(&[3; 32]) && s.join_tokens.contains_key(&[4; 32]));
+}

@@ -8,7 +8,7 @@ use codafs_proto::pb;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use super::{convert, forward_request, is_forwarded, on_leader, status, token_of};
+use super::{convert, forward_request, is_forwarded, on_leader, peer_node_id, require_peer, status, token_of};
 use crate::access::Caller;
 use crate::fsm::{AccountRec, Actor, Command, Outcome, StateView, VolumeChanges, VolumeSpec};
 use crate::node::{Node, NodeError};
@@ -83,20 +83,25 @@ impl AdminService {
         Ok(Response::new(on_leader(node, forwarded, local, remote).await?))
     }
 
-    /// The cluster record, if `join_key` is this cluster's join key.
-    fn check_join_key(&self, join_key: &str) -> Result<crate::fsm::ClusterRec, Status> {
-        let cluster = self
-            .0
-            .tables()
+    /// The cluster record, if join token `join_key` may admit server `node_id` (as far as this
+    /// replica knows; spending it on the leader decides).
+    fn check_join_token(&self, join_key: &str, node_id: u64) -> Result<crate::fsm::ClusterRec, Status> {
+        let t = self.0.tables();
+        let internal = |e: crate::fsm::StoreError| Status::internal(e.to_string());
+        let cluster = t
             .cluster()
-            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(internal)?
             .ok_or_else(|| Status::unavailable("this server has not caught up with the cluster yet"))?;
-        if join_key != cluster.join_key() {
-            return Err(status(NodeError::Unauthenticated(
-                "join key does not match this cluster".into(),
-            )));
+        let token = t.join_token(&crate::join::secret_hash(join_key)).map_err(internal)?;
+        let removed = t.removed_server(node_id).map_err(internal)?.is_some();
+        let now = codafs_common::now_ns();
+        match crate::fsm::join_token_refusal(token.as_ref(), removed, node_id, now) {
+            // Not a credential of this cluster at all (or one this replica has not applied yet:
+            // joiners retry this answer a few times on other servers).
+            Some(why) if token.is_none() && !removed => Err(status(NodeError::Unauthenticated(why))),
+            Some(why) => Err(status(NodeError::Denied(why))),
+            None => Ok(cluster),
         }
-        Ok(cluster)
     }
 
     fn servers(&self) -> pb::ServerList {
@@ -399,16 +404,32 @@ impl pb::admin_server::Admin for AdminService {
         }))
     }
 
+    /// Adds a server that holds an unspent join token, spending it (on the leader) first. Over
+    /// TLS the caller must present the certificate issued to the node id it joins as.
     #[tracing::instrument(skip_all, fields(node = req.get_ref().node_id, addr = %req.get_ref().addr))]
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
         let forwarded = is_forwarded(&self.0, &req)?;
+        let caller_node = peer_node_id(&req);
         let r = req.into_inner();
         let node = &self.0;
-        let cluster = self.check_join_key(&r.join_key)?;
         if r.node_id == 0 || r.addr.is_empty() {
             return Err(Status::invalid_argument("join needs a node id and an address"));
         }
+        let cluster = self.check_join_token(&r.join_key, r.node_id)?;
+        if !forwarded && !node.cfg.insecure && caller_node != Some(r.node_id) {
+            return Err(Status::permission_denied(format!(
+                "a joining server must present the certificate issued to node {} (from JoinCredentials)",
+                r.node_id
+            )));
+        }
+        let secret_hash = crate::join::secret_hash(&r.join_key);
         let local = || async {
+            let spend = Command::UseJoinToken {
+                secret_hash,
+                node_id: r.node_id,
+                now_ns: codafs_common::now_ns(),
+            };
+            node.propose(spend).await?;
             node.add_server(
                 r.node_id,
                 NodeInfo {
@@ -429,55 +450,145 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(on_leader(node, forwarded, local, remote).await?))
     }
 
-    async fn join_token(&self, req: Request<pb::Empty>) -> Result<Response<pb::JoinTokenReply>, Status> {
-        self.0.authenticate_admin(token_of(&req).as_deref()).map_err(status)?;
-        let cluster = self
-            .0
-            .tables()
-            .cluster()
-            .map_err(|e| Status::internal(e.to_string()))?
-            .ok_or_else(|| Status::unavailable("cluster is not bootstrapped yet"))?;
-        let token = JoinToken {
-            cluster_id: cluster.cluster_id.clone(),
-            join_key: cluster.join_key(),
-            servers: self.0.members().into_iter().map(|m| m.info.addr).collect(),
-            ca_cert: self.0.tls.as_ref().map(|t| t.ca.cert_pem.clone()).unwrap_or_default(),
-            insecure: self.0.cfg.insecure,
+    /// Makes a single-use join token valid for `ttl_secs` (default one hour). The secret is drawn
+    /// here; the cluster records only its hash.
+    async fn join_token(&self, req: Request<pb::JoinTokenRequest>) -> Result<Response<pb::JoinTokenReply>, Status> {
+        let ttl = match req.get_ref().ttl_secs {
+            0 => crate::join::DEFAULT_TOKEN_TTL,
+            n => Duration::from_secs(n),
         };
-        Ok(Response::new(pb::JoinTokenReply { token: token.encode() }))
+        if ttl > crate::join::MAX_TOKEN_TTL {
+            return Err(Status::invalid_argument(format!(
+                "a join token may live at most {} hours",
+                crate::join::MAX_TOKEN_TTL.as_secs() / 3600
+            )));
+        }
+        let secret = hex::encode(rand::random::<[u8; 32]>());
+        let secret_hash = crate::join::secret_hash(&secret);
+        let now_ns = codafs_common::now_ns();
+        let expires_ns = now_ns.saturating_add(i64::try_from(ttl.as_nanos()).unwrap_or(i64::MAX));
+        let node = self.0.clone();
+        self.leader_write(
+            req,
+            |actor, _| {
+                Ok(Command::IssueJoinToken {
+                    actor,
+                    secret_hash,
+                    expires_ns,
+                    now_ns,
+                })
+            },
+            move |_| {
+                let cluster = node
+                    .tables()
+                    .cluster()
+                    .map_err(|e| NodeError::Internal(e.to_string()))?
+                    .ok_or_else(|| NodeError::Unavailable("cluster is not bootstrapped yet".into()))?;
+                let token = JoinToken {
+                    cluster_id: cluster.cluster_id,
+                    join_key: secret.clone(),
+                    servers: node.members().into_iter().map(|m| m.info.addr).collect(),
+                    ca_cert: node.tls.as_ref().map(|t| t.ca_cert_pem.clone()).unwrap_or_default(),
+                    insecure: node.cfg.insecure,
+                    expires: u64::try_from(expires_ns / 1_000_000_000).unwrap_or(0),
+                };
+                Ok(pb::JoinTokenReply { token: token.encode() })
+            },
+            |mut c, r| async move { c.join_token(r).await },
+        )
+        .await
     }
 
-    /// Hands the cluster CA to a server about to join, so it can issue its own certificate before
-    /// it is added (the leader dials it over mutual TLS right away). Answered locally: every
-    /// server holds the CA. The join key already lets its holder become a full member, so the
-    /// CA key grants nothing more.
+    /// Signs the certificate of a server about to join (before it is added: the leader dials a
+    /// new member over mutual TLS right away), over the public key of its signing request and
+    /// for the node id it will join as. Only a server holding the CA key can answer; the others
+    /// say so and the joiner asks the next server of its token. The CA key never leaves.
     #[tracing::instrument(skip_all, fields(node = req.get_ref().node_id, addr = %req.get_ref().addr))]
     async fn join_credentials(
         &self,
         req: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinCredentialsReply>, Status> {
         let r = req.into_inner();
-        let cluster = self.check_join_key(&r.join_key)?;
+        if r.node_id == 0 || r.addr.is_empty() {
+            return Err(Status::invalid_argument("join needs a node id and an address"));
+        }
+        let cluster = self.check_join_token(&r.join_key, r.node_id)?;
+        if self.0.members().iter().any(|m| m.id == r.node_id) {
+            return Err(Status::permission_denied(format!(
+                "server {} is already a member; a joiner needs a node id of its own",
+                r.node_id
+            )));
+        }
         let Some(tls) = &self.0.tls else {
             return Err(Status::failed_precondition(
                 "this cluster runs without TLS (--insecure): there are no certificates to hand out",
             ));
         };
-        tracing::info!("handing the cluster CA to a joining server");
+        let Some(ca) = tls.signer() else {
+            return Err(Status::failed_precondition(
+                "this server does not hold the cluster CA key, so it cannot sign certificates (see docs/SECURITY.md)",
+            ));
+        };
+        if r.csr_pem.is_empty() {
+            return Err(Status::invalid_argument(
+                "no certificate signing request: the joining server is older than this cluster; upgrade it",
+            ));
+        }
+        let cert_pem = crate::tls::sign_csr(&ca, r.node_id, &r.addr, &r.csr_pem)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!("signed the certificate of a joining server");
         Ok(Response::new(pb::JoinCredentialsReply {
             cluster_id: cluster.cluster_id,
-            ca_cert_pem: tls.ca.cert_pem.clone(),
-            ca_key_pem: tls.ca.key_pem.clone(),
+            ca_cert_pem: ca.cert_pem,
+            ca_key_pem: String::new(),
+            cert_pem,
         }))
     }
 
+    /// Signs a new certificate for the calling server (`codafs server --rotate-cert`), for the
+    /// node id its current certificate names; that node must be a current member.
+    #[tracing::instrument(skip_all)]
+    async fn renew_certificate(
+        &self,
+        req: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::RenewCertificateReply>, Status> {
+        require_peer(&self.0, &req, "certificate renewals")?;
+        let node = &self.0;
+        let (Some(tls), Some(id)) = (&node.tls, peer_node_id(&req)) else {
+            return Err(Status::failed_precondition(
+                "this cluster runs without TLS (--insecure): there are no certificates to renew",
+            ));
+        };
+        let Some(ca) = tls.signer() else {
+            return Err(Status::failed_precondition(
+                "this server does not hold the cluster CA key, so it cannot sign certificates (see docs/SECURITY.md)",
+            ));
+        };
+        let addr = node.addr_of(id).unwrap_or_default();
+        let cert_pem = crate::tls::sign_csr(&ca, id, &addr, &req.get_ref().csr_pem)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(node = id, "signed a renewed certificate");
+        Ok(Response::new(pb::RenewCertificateReply { cert_pem }))
+    }
+
+    /// Removes a server, first recording that its node id may never join again. Its certificate
+    /// is refused by every peer-only call as soon as the membership change is applied.
     async fn remove_server(&self, req: Request<pb::RemoveServerRequest>) -> Result<Response<pb::ServerList>, Status> {
         let token = token_of(&req);
         let forwarded = is_forwarded(&self.0, &req)?;
         let r = req.into_inner();
         let node = &self.0;
-        node.authenticate_admin(token.as_deref()).map_err(status)?;
+        let actor = node.authenticate_admin(token.as_deref()).map_err(status)?;
         let local = || async {
+            if !node.members().iter().any(|m| m.id == r.node_id) {
+                return Err(NodeError::NotFound(format!("server {}", r.node_id)));
+            }
+            let forget = Command::ForgetServer {
+                actor: actor.clone(),
+                node_id: r.node_id,
+                now_ns: codafs_common::now_ns(),
+            };
+            node.propose(forget).await?;
             node.remove_server(r.node_id).await?;
             Ok(self.servers())
         };

@@ -40,11 +40,30 @@ pub fn is_forwarded<T>(node: &Node, req: &tonic::Request<T>) -> Result<bool, Sta
     Ok(forwarded)
 }
 
-/// Whether the caller is another server of this cluster: it presented a certificate that the
-/// TLS listener verified against the cluster CA (which signs server certificates only). On an
+/// The node id named by the certificate the caller presented, if any. The TLS listener has
+/// verified the certificate against the cluster CA, which signs server certificates only, each
+/// bound to one node id.
+pub fn peer_node_id<T>(req: &tonic::Request<T>) -> Option<u64> {
+    let certs = req.peer_certs()?;
+    crate::tls::node_id_of_der(certs.first()?.as_ref())
+}
+
+/// Whether server `id` is in this server's current Raft membership (voter or learner). A server
+/// that has no membership yet (a joiner before its first log entries) accepts any server of the
+/// cluster: it must take the leader's messages to learn the membership at all.
+fn is_member(node: &Node, id: u64) -> bool {
+    let metrics = node.raft.metrics();
+    let m = metrics.borrow();
+    let membership = m.membership_config.membership();
+    membership.get_node(&id).is_some() || membership.nodes().next().is_none()
+}
+
+/// Whether the caller is a current server of this cluster: it presented a certificate signed by
+/// the cluster CA that names a node id in the current membership. A removed server's certificate
+/// stays signed but names a node that is no longer a member, so it is refused at once. On an
 /// `--insecure` cluster nobody can be told apart, so every caller counts.
 pub fn is_peer<T>(node: &Node, req: &tonic::Request<T>) -> bool {
-    node.cfg.insecure || req.peer_certs().is_some_and(|c| !c.is_empty())
+    node.cfg.insecure || peer_node_id(req).is_some_and(|id| is_member(node, id))
 }
 
 /// Refuses `what` (Raft messages, forwarded writes and blob copies) unless the caller is a peer.
@@ -52,13 +71,21 @@ pub fn require_peer<T>(node: &Node, req: &tonic::Request<T>, what: &str) -> Resu
     if is_peer(node, req) {
         return Ok(());
     }
-    Err(peer_denied(what))
+    match peer_node_id(req) {
+        Some(id) => {
+            tracing::warn!(node = id, what, "refused a server that is not a current member");
+            Err(Status::permission_denied(format!(
+                "only current servers of this cluster may send {what}: the caller's server certificate names node {id}, which is not a member (removed?)"
+            )))
+        }
+        None => Err(peer_denied(what)),
+    }
 }
 
 /// The refusal of a peer-only request from a caller that is not a peer.
 pub fn peer_denied(what: &str) -> Status {
     Status::permission_denied(format!(
-        "only servers of this cluster may send {what}: the caller presented no server certificate signed by the cluster CA"
+        "only current servers of this cluster may send {what}: the caller presented no server certificate of a current member signed by the cluster CA"
     ))
 }
 

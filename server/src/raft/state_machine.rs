@@ -93,6 +93,17 @@ fn read_applied(t: &Tables) -> Result<Option<LogId<NodeId>>, StoreErr> {
     }
 }
 
+/// The servers of the last membership this state machine applied (read before Raft starts, e.g.
+/// to find peers for a certificate rotation).
+pub fn stored_members(t: &Tables) -> Result<Vec<(NodeId, NodeInfo)>, StoreErr> {
+    let cf = t.cf(CF_SM_META).map_err(read_err)?;
+    let m: StoredMembership<NodeId, NodeInfo> = match t.db.get_cf(cf, KEY_MEMBERSHIP).map_err(read_err)? {
+        Some(v) => decode(&v).map_err(read_err)?,
+        None => StoredMembership::default(),
+    };
+    Ok(m.membership().nodes().map(|(id, n)| (*id, n.clone())).collect())
+}
+
 /// Last applied log id and membership, as openraft asks for them.
 type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>);
 

@@ -26,6 +26,7 @@ pub type Recheck = Box<dyn Fn() -> Result<(), Status> + Send + Sync>;
 
 /// Starts a subscription task; the stream ends when the client goes away or loses its right.
 pub fn subscribe(
+    tasks: &crate::tasks::Tasks,
     applied: Applied,
     volume: String,
     from: u64,
@@ -39,7 +40,7 @@ pub fn subscribe(
         .map_err(|e| Status::internal(e.to_string()))?
         .ok_or_else(|| Status::not_found(format!("no volume {volume}")))?;
     let (tx, rx) = mpsc::channel(256);
-    tokio::spawn(async move {
+    tasks.spawn("change stream", async move {
         if let Err(e) = run(applied, vol.id, volume.clone(), from, live, &tx, &recheck).await {
             let _ = tx.send(Err(e)).await;
         }
@@ -195,7 +196,8 @@ mod tests {
     }
 
     async fn first(applied: &Applied, from: u64) -> pb::ChangeEvent {
-        let mut s = subscribe(applied.clone(), "www".into(), from, Box::new(|| Ok(()))).unwrap();
+        let (tasks, _stop) = crate::tasks::Tasks::new();
+        let mut s = subscribe(&tasks, applied.clone(), "www".into(), from, Box::new(|| Ok(()))).unwrap();
         let ev = tokio_stream::StreamExt::next(&mut s).await;
         ev.expect("an event").expect("not an error")
     }

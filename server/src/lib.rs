@@ -18,6 +18,7 @@ pub mod node;
 pub mod peers;
 pub mod raft;
 pub mod rotate;
+pub mod tasks;
 pub mod tls;
 
 use std::future::Future;
@@ -188,6 +189,9 @@ pub async fn run(
         dir.join("blobs")
     };
     let blob_store = Arc::new(blobs::BlobStore::open(&blob_dir)?);
+    if cfg.witness {
+        empty_spool(&blob_store);
+    }
     let log = raft::log_store::LogStore::new(db.clone());
     let committed = log.committed_index();
     let (sm, applied) = raft::state_machine::StateMachine::new(db::Tables { db: db.clone() }, dir.join("snapshot.bin"))
@@ -200,6 +204,7 @@ pub async fn run(
     let raft = raft::Raft::new(cfg.node_id, Arc::new(rcfg), network, log, sm)
         .await
         .map_err(|e| ServerError::Raft(e.to_string()))?;
+    let (tasks, stop_tx) = tasks::Tasks::new();
     let node = Arc::new(Node {
         id: cfg.node_id,
         cfg: cfg.clone(),
@@ -214,6 +219,7 @@ pub async fn run(
         pending: Default::default(),
         logins: auth::LoginGuard::default(),
         space: blobs::space::Space::new(dir, cfg.min_free_bytes),
+        tasks: tasks.clone(),
     });
     // Off the async workers: one argon2 hash.
     tokio::task::spawn_blocking(auth::prepare);
@@ -223,8 +229,7 @@ pub async fn run(
         .map_err(|e| ServerError::Listen(cfg.listen.clone(), e))?;
     let local: SocketAddr = listener.local_addr()?;
     tracing::info!(node = cfg.node_id, %local, witness = cfg.witness, tls = !cfg.insecure, "server listening");
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(serve(node.clone(), listener, builder, stop_rx.clone()));
+    let server = tokio::spawn(serve(node.clone(), listener, builder, tasks.stop_signal()));
 
     let bootstrap_path = dir.join(BOOTSTRAP_FILE);
     if bootstrap_path.exists() {
@@ -232,19 +237,51 @@ pub async fn run(
     }
     if let Some(token) = join {
         let n = node.clone();
-        let stop = stop_rx.clone();
-        tokio::spawn(async move { join::join_cluster(&n, &token, stop).await });
+        let stop = tasks.stop_signal();
+        tasks.spawn("join", async move { join::join_cluster(&n, &token, stop).await });
     }
-    let maintenance = tokio::spawn(blobs::maintenance::run(node.clone(), stop_rx.clone()));
+    tasks.spawn("maintenance", blobs::maintenance::run(node.clone()));
 
     shutdown.await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let _ = node.raft.shutdown().await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), maintenance).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    // One deadline for everything: the listener's connections and every tracked task.
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
+    let _ = tokio::time::timeout_at(deadline, server).await;
+    let left = tasks
+        .wait(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .await;
+    if left > 0 {
+        tracing::warn!(
+            tasks = left,
+            "some background tasks had not ended by the shutdown deadline"
+        );
+    } else {
+        tracing::info!("stopped: every background task ended");
+    }
     Ok(())
 }
+
+/// Removes what a witness's spool still holds from its last run. A witness keeps a relayed blob
+/// only until its forwards end; a stop (or crash) can cut that cleanup short, and nothing else
+/// ever collects a spool (witnesses run no GC).
+fn empty_spool(store: &blobs::BlobStore) {
+    match store.list() {
+        Ok(list) if !list.is_empty() => {
+            let n = list.len();
+            for (hash, _) in list {
+                let _ = store.remove(&hash);
+            }
+            tracing::info!(blobs = n, "emptied the witness spool left by the last run");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not list the witness spool"),
+    }
+}
+
+/// How long a stopping server waits for open requests and background tasks to end.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Most requests (HTTP/2 streams) one connection may have open at once. Clients queue further
 /// requests themselves (HTTP/2 says so in its settings), so this bounds a server's work per

@@ -89,6 +89,8 @@ pub struct Node {
     pub logins: crate::auth::LoginGuard,
     /// The free-space watermark of the server directory (disk-full safety).
     pub space: crate::blobs::space::Space,
+    /// Background tasks that outlive a request, stopped and awaited together at shutdown.
+    pub tasks: crate::tasks::Tasks,
 }
 
 impl Node {

@@ -121,6 +121,26 @@ impl Server {
         self.child.is_some()
     }
 
+    /// SIGTERM (a clean stop) and wait at most `within` for the process to exit; returns how long
+    /// it took and whether it exited with success. Killed with SIGKILL when it overstays.
+    pub fn terminate(&mut self, within: Duration) -> Result<(Duration, bool)> {
+        let Some(mut c) = self.child.take() else {
+            bail!("server {} is not running", self.addr)
+        };
+        let start = Instant::now();
+        // SAFETY: kill(2) on the PID of a child this harness started and has not reaped yet.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        while start.elapsed() < within {
+            if let Some(status) = c.try_wait()? {
+                return Ok((start.elapsed(), status.success()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        bail!("server {} did not exit within {within:?} of SIGTERM", self.addr)
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

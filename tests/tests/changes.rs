@@ -64,3 +64,44 @@ async fn changes_stream_live_and_resume_on_another_replica() {
     };
     codafs_tests::bounded_within(Duration::from_secs(120), run).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopping_server_ends_its_change_streams_and_every_task() {
+    codafs_tests::bounded(async {
+        let mut tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        TestCluster::write_file(&tc.client(), "www", "", "a.html", b"one").await?;
+        // Two open change streams on server 1, as two mounts would hold them.
+        let c1 = tc.client_for(&tc.addrs()[1..2]);
+        let mut streams = vec![subscribe(&c1, "www", 0).await?, subscribe(&c1, "www", 0).await?];
+        for s in &mut streams {
+            next(s).await?;
+        }
+        // A clean stop ends the streams (their tasks stop with the server) and every other
+        // background task, within the shutdown deadline (5 s), and exits with success.
+        let (took, ok) = tc.servers[1].terminate(Duration::from_secs(10))?;
+        assert!(
+            ok,
+            "server 1 exited with an error after SIGTERM:\n{}",
+            tc.servers[1].log()
+        );
+        let log = tc.servers[1].log();
+        assert!(
+            log.contains("every background task ended"),
+            "after {took:?}, the log does not say every task ended:\n{log}"
+        );
+        for s in &mut streams {
+            let end = tokio::time::timeout(Duration::from_secs(10), s.message())
+                .await
+                .context("a change stream outlived its server")?;
+            assert!(
+                !matches!(end, Ok(Some(_))),
+                "no further event from a stopped server: {end:?}"
+            );
+        }
+        // The others serve on.
+        assert_eq!(tc.read_on(&tc.servers[0].addr, "www", "a.html").await?, b"one");
+        Ok(())
+    })
+    .await
+}

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use codafs_common::Hash;
 use codafs_proto::pb;
-use tokio::sync::watch;
 
 use crate::fsm::StateView;
 use crate::node::Node;
@@ -47,7 +46,7 @@ pub async fn fetch_from(node: &Node, addr: &str, hash: Hash) -> Result<(), Strin
     Ok(())
 }
 
-/// One repair pass; returns how many blobs are still missing.
+/// One repair pass; returns how many blobs are still missing. Ends early when the server stops.
 pub async fn repair_pass(node: &Arc<Node>) -> u64 {
     let refs = match node.tables().referenced_blobs() {
         Ok(r) => r,
@@ -71,6 +70,9 @@ pub async fn repair_pass(node: &Arc<Node>) -> u64 {
         .collect();
     let mut left = missing.len() as u64;
     for hash in missing {
+        if node.tasks.stopping() {
+            break;
+        }
         for addr in &peers {
             match fetch_from(node, addr, hash).await {
                 Ok(()) => {
@@ -87,14 +89,14 @@ pub async fn repair_pass(node: &Arc<Node>) -> u64 {
     left
 }
 
-/// One scrub pass at `rate` bytes/s.
-pub async fn scrub_pass(node: &Arc<Node>, rate: u64, stop: &watch::Receiver<bool>) {
+/// One scrub pass at `rate` bytes/s; ends early when the server stops.
+pub async fn scrub_pass(node: &Arc<Node>, rate: u64) {
     let list = match node.blobs.list() {
         Ok(l) => l,
         Err(e) => return tracing::warn!(error = %e, "scrub: listing blobs failed"),
     };
     for (hash, size) in list {
-        if *stop.borrow() {
+        if node.tasks.stopping() {
             return;
         }
         let n = node.clone();
@@ -103,8 +105,13 @@ pub async fn scrub_pass(node: &Arc<Node>, rate: u64, stop: &watch::Receiver<bool
             node.repair_kick.notify_one();
         }
         node.counters.scrubbed.fetch_add(1, Ordering::Relaxed);
-        if rate > 0 {
-            tokio::time::sleep(Duration::from_secs_f64(size as f64 / rate as f64)).await;
+        if rate > 0
+            && node
+                .tasks
+                .sleep_or_stop(Duration::from_secs_f64(size as f64 / rate as f64))
+                .await
+        {
+            return;
         }
     }
 }
@@ -129,8 +136,9 @@ const PRESSURE_GC_INTERVAL: Duration = Duration::from_secs(5);
 /// Refusals wake GC at most this often (a burst of refused puts runs one pass).
 const PRESSURE_GC_MIN_GAP: Duration = Duration::from_secs(1);
 
-/// Runs repair, scrub and GC until `stop` turns true.
-pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
+/// Runs repair, scrub and GC until the server stops.
+pub async fn run(node: Arc<Node>) {
+    let mut stop = node.tasks.stop_signal();
     if node.cfg.witness {
         return;
     }
@@ -169,7 +177,7 @@ pub async fn run(node: Arc<Node>, mut stop: watch::Receiver<bool>) {
         }
         repair_pass(&node).await;
         if node.cfg.scrub_interval_s > 0 && last_scrub.elapsed() >= scrub_every {
-            scrub_pass(&node, rate, &stop).await;
+            scrub_pass(&node, rate).await;
             last_scrub = tokio::time::Instant::now();
         }
         if last_gc.elapsed() >= gc_every {

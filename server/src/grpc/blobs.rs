@@ -188,10 +188,10 @@ impl pb::blobs_server::Blobs for BlobService {
         .await;
         if witness {
             // The witness only relayed the blob: drop its spooled copy once every forward ended.
-            let node = node.clone();
-            tokio::spawn(async move {
+            let n = node.clone();
+            node.tasks.spawn("witness spool cleanup", async move {
                 futures::future::join_all(forwards).await;
-                let _ = node.blobs.remove(&hash);
+                let _ = n.blobs.remove(&hash);
             });
         }
         if copies < need {
@@ -368,7 +368,7 @@ async fn replicate<F, Fut>(
     node: &Arc<Node>,
     quorum: u32,
     send: F,
-) -> (usize, usize, Vec<tokio::task::JoinHandle<()>>, Vec<String>)
+) -> (usize, usize, Vec<tokio::task::JoinHandle<Option<()>>>, Vec<String>)
 where
     F: Fn(String) -> Fut,
     Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
@@ -385,7 +385,7 @@ where
     for m in replicas.into_iter().filter(|m| m.id != node.id) {
         let tx = tx.clone();
         let fut = send(m.info.addr.clone());
-        forwards.push(tokio::spawn(async move {
+        forwards.push(node.tasks.spawn("blob forward", async move {
             let r = fut.await;
             if let Err(e) = &r {
                 tracing::warn!(peer = %m.info.addr, error = %e, "forwarding to a replica failed; repair will retry");

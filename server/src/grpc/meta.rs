@@ -174,7 +174,13 @@ impl pb::meta_server::Meta for MetaService {
         // expires: a volume made private, or a revoked reader, ends the stream.
         let node = self.0.clone();
         let recheck = move || node.volume_named(&vol.name).and_then(|v| node.check_read(&caller, &v));
-        let stream = changes::subscribe(self.0.applied.clone(), r.volume, r.from_version, Box::new(recheck))?;
+        let stream = changes::subscribe(
+            &self.0.tasks,
+            self.0.applied.clone(),
+            r.volume,
+            r.from_version,
+            Box::new(recheck),
+        )?;
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -154,16 +154,18 @@ impl BlobCache {
     pub fn lookup(&self, h: &Hash) -> bool {
         let needs_check = {
             let mut s = self.lock();
-            if s.lru.get(h).is_none() {
+            let Some(len) = s.lru.get(h).copied() else {
                 return false;
-            }
-            s.unverified.contains(h)
+            };
+            s.unverified.contains(h).then_some(len)
         };
-        if needs_check {
-            let ok = std::fs::File::open(self.path(h)).and_then(|mut f| {
-                let mut hasher = blake3::Hasher::new();
-                std::io::copy(&mut f, &mut hasher)?;
-                Ok(Hash::from(hasher.finalize()) == *h)
+        if let Some(len) = needs_check {
+            let ok = crate::blocking::blocking(len, || {
+                std::fs::File::open(self.path(h)).and_then(|mut f| {
+                    let mut hasher = blake3::Hasher::new();
+                    std::io::copy(&mut f, &mut hasher)?;
+                    Ok(Hash::from(hasher.finalize()) == *h)
+                })
             });
             if !matches!(ok, Ok(true)) {
                 self.stats.corrupt_dropped.fetch_add(1, Ordering::Relaxed);

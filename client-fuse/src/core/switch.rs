@@ -268,7 +268,8 @@ impl<R: Remote> Core<R> {
             let _ = tokio::time::timeout(left, checks).await;
         }
         // Wait for our own namespace commits in flight to record what they told the kernel.
-        let _inflight = self.writes.inflight.write().await;
+        let lock = self.writes.inflight(vol.id);
+        let _inflight = lock.write().await;
         // Our own commit: the kernel already shows it (see write::commit).
         let own = !ev.history_gone && self.writes.take_own(ev.version);
         let mut changed: Vec<u64> = ev.inos.iter().chain(&ev.dirs).copied().collect();

@@ -28,6 +28,7 @@ use codafs_proto::pb;
 
 use super::remote::{ChunkSink, Readers, Remote, RemoteVolume};
 use super::{Core, FsError, NodeAttr, NodeKind, ROOT_INO};
+use crate::blocking::blocking;
 use crate::tokens::TokenTable;
 
 /// Largest file the mount stores: a shadow is read into memory to hash and send it.
@@ -106,11 +107,12 @@ pub struct WriteState {
     next_fh: AtomicU64,
     /// Write quorums for which the empty blob (new files' content) is known stored.
     empty_stored: Mutex<HashSet<u32>>,
-    /// Held (shared) by a namespace commit until it has recorded its version and the names it
-    /// told the kernel, and patched the cached listings; (exclusively) while a change event is
-    /// applied. The event of our own commit is then known as ours and drops none of the
-    /// kernel's names (dropping them would also detach anything mounted there).
-    pub(crate) inflight: tokio::sync::RwLock<()>,
+    /// Per volume: held (shared) by a namespace commit until it has recorded its version and
+    /// the names it told the kernel, and patched the cached listings; (exclusively) while a
+    /// change event of that volume is applied. The event of our own commit is then known as ours
+    /// and drops none of the kernel's names (dropping them would also detach anything mounted
+    /// there). Per volume, so a slow commit holds back only its own volume's callbacks.
+    inflight: Mutex<HashMap<u32, Arc<tokio::sync::RwLock<()>>>>,
     /// One store of a file at a time, snapshot to commit: a store that started later (with
     /// newer content) must also commit later.
     store_locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
@@ -139,11 +141,21 @@ impl WriteState {
             next_fh: AtomicU64::new(1),
             empty_stored: Mutex::new(HashSet::new()),
 
-            inflight: tokio::sync::RwLock::new(()),
+            inflight: Mutex::new(HashMap::new()),
             store_locks: Mutex::new(HashMap::new()),
             own: Mutex::new(std::collections::BTreeSet::new()),
             stats: WriteStats::default(),
         })
+    }
+
+    /// The in-flight lock of volume `vol` (see the field).
+    pub(crate) fn inflight(&self, vol: u32) -> Arc<tokio::sync::RwLock<()>> {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(vol)
+            .or_default()
+            .clone()
     }
 
     /// Records the version of one of our own acknowledged commits.
@@ -353,8 +365,8 @@ impl<R: Remote> Core<R> {
 
     /// Stores a blob on the volume's write quorum and keeps a copy in the local cache.
     async fn store_blob(&self, ctx: &WriteCtx, data: bytes::Bytes) -> Result<Hash, FsError> {
-        let hash = Hash::of(&data);
         let len = data.len() as u64;
+        let hash = blocking(len, || Hash::of(&data));
         let put = self
             .timed(
                 self.write_timeout(len),
@@ -369,11 +381,13 @@ impl<R: Remote> Core<R> {
         self.writes.stats.stored_bytes.fetch_add(len, Ordering::Relaxed);
         if !self.blobs.lookup(&hash) {
             // The writer reads its own file next: keep it cached instead of fetching it back.
-            if let Ok(mut w) = self.blobs.writer(hash, len) {
-                if w.write(&data).is_ok() {
-                    let _ = w.finish();
+            blocking(len, || {
+                if let Ok(mut w) = self.blobs.writer(hash, len) {
+                    if w.write(&data).is_ok() {
+                        let _ = w.finish();
+                    }
                 }
-            }
+            });
         }
         Ok(hash)
     }
@@ -440,7 +454,8 @@ impl<R: Remote> Core<R> {
             gid: c.gid,
             mtime_ns: 0,
         };
-        let inflight = self.writes.inflight.read().await;
+        let lock = self.writes.inflight(split_ino(parent).0);
+        let inflight = lock.read().await;
         let reply = self
             .commit(ctx, vec![op(pb::op::Op::Create(create))], &[parent])
             .await?;
@@ -509,7 +524,8 @@ impl<R: Remote> Core<R> {
             name: name.to_string(),
             recursive: false,
         };
-        let _inflight = self.writes.inflight.read().await;
+        let lock = self.writes.inflight(split_ino(parent).0);
+        let _inflight = lock.read().await;
         self.commit(&ctx, vec![op(pb::op::Op::Remove(rm))], &[parent, child.ino])
             .await?;
         self.meta.patch_dir(parent, name, None).map_err(Self::io)?;
@@ -554,7 +570,8 @@ impl<R: Remote> Core<R> {
         };
         let mut inos = vec![parent, new_parent, src.ino];
         inos.extend(dst);
-        let _inflight = self.writes.inflight.read().await;
+        let lock = self.writes.inflight(split_ino(parent).0);
+        let _inflight = lock.read().await;
         self.commit(&ctx, vec![op(pb::op::Op::Rename(mv))], &inos).await?;
         self.meta.patch_dir(parent, name, None).map_err(Self::io)?;
         self.meta
@@ -581,7 +598,8 @@ impl<R: Remote> Core<R> {
             parent: ino_ref(new_parent),
             name: new_name.to_string(),
         };
-        let inflight = self.writes.inflight.read().await;
+        let lock = self.writes.inflight(split_ino(new_parent).0);
+        let inflight = lock.read().await;
         self.commit(&ctx, vec![op(pb::op::Op::Link(l))], &[new_parent, ino])
             .await?;
         self.meta
@@ -732,7 +750,7 @@ impl<R: Remote> Core<R> {
             ShadowInit::Current => {
                 let (hash, size) = self.ensure_cached(ino).await?;
                 let _pin = self.blobs.pin(hash);
-                std::fs::copy(self.blobs.path(&hash), &path)?;
+                blocking(size, || std::fs::copy(self.blobs.path(&hash), &path))?;
                 size
             }
         };
@@ -891,7 +909,7 @@ impl<R: Remote> Core<R> {
                 return Ok(());
             }
             let mut buf = vec![0u8; g.size as usize];
-            g.file.read_exact_at(&mut buf, 0)?;
+            blocking(g.size, || g.file.read_exact_at(&mut buf, 0))?;
             (buf, g.generation, g.mtime_ns, g.writers.clone())
         };
         // Everyone whose bytes are in it must still be allowed to write this file.

@@ -1,10 +1,12 @@
 //! The FUSE adaptor: a thin layer that turns kernel requests into [`Core`] calls on the tokio
 //! runtime, replies, and maps errors to errno values through [`FsError::errno`].
 //!
-//! Kernel caching is the point: entries and attributes get long lifetimes, `open`, `opendir` and
-//! `flush` answer `ENOSYS` so the kernel stops sending them at all (its no-open mode keeps the page
-//! cache and caches directory listings), and correctness comes from callback invalidations. A warm
-//! open + read + close therefore reaches no daemon code (see docs/SEMANTICS.md).
+//! Kernel caching is the point: entries and attributes get long lifetimes and correctness comes
+//! from callback invalidations. On a `--read-only` mount (web nodes) `open`, `opendir` and `flush`
+//! answer `ENOSYS`, so the kernel stops sending them at all (its no-open mode keeps the page cache
+//! and caches directory listings), and a warm open + read + close reaches no daemon code. A
+//! writable mount answers them (write handles, read checks for private volumes) and keeps the
+//! page cache with `FOPEN_KEEP_CACHE` (see docs/SEMANTICS.md).
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;

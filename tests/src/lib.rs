@@ -477,8 +477,28 @@ impl TestCluster {
         .await?)
     }
 
-    /// Reads a file's content from one server (metadata and blob both from it).
+    /// Waits (at most 10 s) until the server at `addr` has applied everything any running
+    /// server knows to be committed. Follower reads answer from the replica's own applied state,
+    /// which may trail the server that acknowledged a write by a moment.
+    pub async fn caught_up(&self, addr: &str) -> Result<()> {
+        let mut committed = 0;
+        for s in self.servers.iter().filter(|s| s.is_running()) {
+            if let Ok(st) = self.status_of(&s.addr).await {
+                committed = committed.max(st.commit_index);
+            }
+        }
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{addr} to apply log index {committed}"),
+            || async { self.status_of(addr).await.is_ok_and(|s| s.applied_index >= committed) },
+        )
+        .await
+    }
+
+    /// Reads a file's content from one server (metadata and blob both from it), once that
+    /// server has applied every acknowledged write ([`Self::caught_up`]).
     pub async fn read_on(&self, addr: &str, volume: &str, path: &str) -> Result<Vec<u8>> {
+        self.caught_up(addr).await?;
         let attr = self.resolve_on(addr, volume, path).await?.attr.context("no attr")?;
         let c = self.client_on(addr);
         Ok(c.get_blob(&BlobRef::of(&attr)?).await?)

@@ -199,6 +199,19 @@ fn read_pages(pages: &Path) -> Result<Vec<String>> {
         .collect()
 }
 
+/// Checks that a pass over the remaining pages was served from the kernel's page cache: the
+/// daemon dropped none of them. The kernel itself may reclaim a page or two under memory pressure
+/// (a busy CI machine); a change that drops the pages re-reads all of them.
+fn kept_cached(before: (u64, u64), after: (u64, u64), what: &str) -> Result<()> {
+    let reread = after.0 - before.0;
+    ensure!(
+        reread <= 4,
+        "{what} evicted the other pages: {reread} reads for {} cached pages ({before:?} -> {after:?})",
+        PAGES - 1
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_publish_keeps_the_rest_of_a_web_nodes_cache() {
     let run = async {
@@ -244,11 +257,7 @@ async fn a_publish_keeps_the_rest_of_a_web_nodes_cache() {
         );
         let before = requests(&web)?;
         ensure!(read_pages(&pages)?.len() == PAGES - 1);
-        let after = requests(&web)?;
-        ensure!(
-            after.0 == before.0,
-            "removing one page evicted the others' pages: {before:?} -> {after:?}"
-        );
+        kept_cached(before, requests(&web)?, "removing one page")?;
 
         // Remove a whole directory of 100 pages the kernel holds: the other pages stay cached.
         let bulk = local.join("bulk");
@@ -275,11 +284,7 @@ async fn a_publish_keeps_the_rest_of_a_web_nodes_cache() {
         .await?;
         let before = requests(&web)?;
         ensure!(read_pages(&pages)?.len() == PAGES - 1);
-        let after = requests(&web)?;
-        ensure!(
-            after.0 == before.0,
-            "removing a directory evicted unrelated pages: {before:?} -> {after:?}"
-        );
+        kept_cached(before, requests(&web)?, "removing a directory")?;
         Ok::<_, anyhow::Error>(())
     };
     codafs_tests::bounded_within(Duration::from_secs(120), run).await;

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use codafs_common::Hash;
+use codafs_proto::error::{kind_of, status, ErrorKind};
 use codafs_proto::limits::{MAX_MESSAGE, TOKEN_HEADER};
 use codafs_proto::pb;
 pub use codafs_proto::tls::Tls;
@@ -52,22 +53,28 @@ impl ClientError {
         }
     }
 
+    /// What went wrong, as the error contract names it: decide by this, never by the message.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ClientError::Server(s) => kind_of(s),
+            ClientError::Unreachable(_) => ErrorKind::Unavailable,
+            ClientError::Corrupt(_) => ErrorKind::Corrupt,
+            ClientError::Address(..) | ClientError::Tls(_) => ErrorKind::Invalid,
+        }
+    }
+
+    /// The gRPC code (for tools and tests that show or compare codes).
     pub fn code(&self) -> Code {
         match self {
             ClientError::Server(s) => s.code(),
-            ClientError::Unreachable(_) => Code::Unavailable,
-            ClientError::Corrupt(_) => Code::DataLoss,
-            ClientError::Address(..) | ClientError::Tls(_) => Code::InvalidArgument,
+            other => other.kind().code(),
         }
     }
 }
 
 /// Whether an error means "try another server".
 fn retryable(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
-    )
+    kind_of(s).is_retryable()
 }
 
 /// A blob to read and the caller's right to it: the read ticket that came with the attributes
@@ -284,7 +291,7 @@ impl Cluster {
             if idempotent {
                 retryable
             } else {
-                |s: &Status| s.code() == Code::Unavailable
+                |s: &Status| kind_of(s) == ErrorKind::Unavailable
             },
         )
         .await
@@ -311,9 +318,10 @@ impl Cluster {
                 return Ok(listing);
             }
         }
-        Err(ClientError::Server(Status::aborted(format!(
-            "directory {ino:#x} kept changing while it was listed"
-        ))))
+        Err(ClientError::Server(status(
+            ErrorKind::Conflict,
+            format!("directory {ino:#x} kept changing while it was listed"),
+        )))
     }
 
     /// One pass over the pages (at most 1,000 pages of 8,192 entries; a larger directory is
@@ -352,9 +360,10 @@ impl Cluster {
                 _ => return Ok(Some(out)),
             }
         }
-        Err(ClientError::Server(Status::out_of_range(format!(
-            "directory {ino:#x} has more than 8 M entries"
-        ))))
+        Err(ClientError::Server(status(
+            ErrorKind::TooLarge,
+            format!("directory {ino:#x} has more than 8 M entries"),
+        )))
     }
 
     /// Uploads a blob held in memory; returns the durable copy count.
@@ -415,7 +424,12 @@ impl Cluster {
             return Err(ClientError::Corrupt(hash));
         }
         Err(match last {
-            Some(s) if !retryable(&s) && s.code() != Code::NotFound && s.code() != Code::DataLoss => {
+            Some(s)
+                if !matches!(
+                    kind_of(&s),
+                    ErrorKind::Unavailable | ErrorKind::Timeout | ErrorKind::NotFound | ErrorKind::Corrupt
+                ) =>
+            {
                 ClientError::Server(explained(s, &self.tls))
             }
             Some(s) => ClientError::Unreachable(explain(&s, &self.tls)),

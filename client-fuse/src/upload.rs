@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use codafs_common::names::validate_name;
 use codafs_common::Hash;
+use codafs_proto::error::ErrorKind;
 use codafs_proto::pb;
 use futures::StreamExt;
 
@@ -191,7 +192,7 @@ async fn remote_tree(c: &Cluster, volume: &str, base: &str) -> Result<BTreeMap<S
         Ok(r) => r
             .attr
             .ok_or_else(|| UploadError::Other("server sent no attributes".into()))?,
-        Err(e) if e.code() == tonic::Code::NotFound => return Ok(out),
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NoVolume) => return Ok(out),
         Err(e) => return Err(e.into()),
     };
     if root.kind != pb::ObjectKind::Directory as i32 {
@@ -287,7 +288,7 @@ pub async fn upload(
                 .await;
             match exists {
                 Ok(_) => {}
-                Err(e) if e.code() == tonic::Code::NotFound => dirs.push((acc.clone(), ops::dir(&acc, 0o755))),
+                Err(e) if e.kind() == ErrorKind::NotFound => dirs.push((acc.clone(), ops::dir(&acc, 0o755))),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -489,8 +490,8 @@ pub async fn upload(
     let reply = c
         .commit(crate::ops::commit(&opts.volume, ops))
         .await
-        .map_err(|e| match e.code() {
-            tonic::Code::Aborted => UploadError::Conflict(e.to_string()),
+        .map_err(|e| match e.kind() {
+            ErrorKind::Conflict => UploadError::Conflict(e.to_string()),
             _ => UploadError::Server(e),
         })?;
     s.version = reply.version;

@@ -1,8 +1,10 @@
 //! The codafs gRPC protocol: generated messages and services plus the size limits every peer
 //! enforces, and [`tls`], how servers and clients open a connection to a server. Conversions to
 //! domain types live next to those types (in `codafs-common` and the server), so this crate stays
-//! generated code, constants and the transport settings every side shares.
+//! generated code, constants, the error contract ([`error`]) and the transport settings every side
+//! shares.
 
+pub mod error;
 pub mod tls;
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

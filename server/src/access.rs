@@ -19,7 +19,7 @@ use codafs_common::{split_ino, ticket, Hash};
 use tonic::Status;
 
 use crate::fsm::{ClusterRec, StateView, VolumeRec};
-use crate::grpc::status;
+use crate::grpc::{internal, refuse, status, ErrorKind};
 use crate::node::{Node, NodeError};
 
 /// Who is asking, as far as the request shows it.
@@ -44,10 +44,6 @@ pub fn may_write(claims: &Claims, vol: &VolumeRec) -> bool {
     claims.role == Role::Admin || vol.owner == claims.user || vol.writers.contains(&claims.user)
 }
 
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
-}
-
 /// The refusal of a read of a private volume.
 fn private(vol: &str, why: &str) -> Status {
     status(NodeError::Denied(format!(
@@ -64,7 +60,7 @@ impl Node {
             .map_err(internal)?
             .into_iter()
             .find(|v| v.id == id)
-            .ok_or_else(|| Status::not_found(format!("no object {ino:#x}")))
+            .ok_or_else(|| refuse(ErrorKind::NotFound, format!("no object {ino:#x}")))
     }
 
     /// The volume named `name`.
@@ -109,7 +105,7 @@ impl Node {
             .tables()
             .cluster()
             .map_err(internal)?
-            .ok_or_else(|| Status::unavailable("cluster is not bootstrapped yet"))?;
+            .ok_or_else(|| refuse(ErrorKind::Unavailable, "cluster is not bootstrapped yet"))?;
         Ok(TicketMaker {
             key: cluster.current_key().map(|(id, k)| (id, ticket::ticket_key(&k))),
             expires: ticket::expiry(codafs_common::token::unix_now()),
@@ -125,7 +121,7 @@ impl Node {
             .tables()
             .cluster()
             .map_err(internal)?
-            .ok_or_else(|| Status::unavailable("cluster is not bootstrapped yet"))?;
+            .ok_or_else(|| refuse(ErrorKind::Unavailable, "cluster is not bootstrapped yet"))?;
         let by_ticket = ticket::verify(
             ticket_bytes,
             hash,

@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use crate::fsm::StateView;
+use crate::grpc::{internal, refuse, ErrorKind};
 use crate::raft::state_machine::{Applied, Notice};
 
 const BACKLOG_PAGE: usize = 1024;
@@ -37,8 +38,8 @@ pub fn subscribe(
     let vol = applied
         .tables
         .volume(&volume)
-        .map_err(|e| Status::internal(e.to_string()))?
-        .ok_or_else(|| Status::not_found(format!("no volume {volume}")))?;
+        .map_err(internal)?
+        .ok_or_else(|| refuse(ErrorKind::NoVolume, format!("no volume {volume}")))?;
     let (tx, rx) = mpsc::channel(256);
     tasks.spawn("change stream", async move {
         if let Err(e) = run(applied, vol.id, volume.clone(), from, live, &tx, &recheck).await {
@@ -63,8 +64,8 @@ async fn catch_up(
     let t = &applied.tables;
     let vol = t
         .volume(volume)
-        .map_err(|e| Status::internal(e.to_string()))?
-        .ok_or_else(|| Status::not_found(format!("volume {volume} was deleted")))?;
+        .map_err(internal)?
+        .ok_or_else(|| refuse(ErrorKind::NoVolume, format!("volume {volume} was deleted")))?;
     if cursor < vol.history_floor && cursor < vol.version {
         let ev = pb::ChangeEvent {
             version: vol.version,
@@ -78,9 +79,7 @@ async fn catch_up(
         return Ok(Some(vol.version));
     }
     loop {
-        let page = t
-            .changes_after(vol_id, cursor, BACKLOG_PAGE)
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let page = t.changes_after(vol_id, cursor, BACKLOG_PAGE).map_err(internal)?;
         let n = page.len();
         for (version, c) in page {
             let ev = pb::ChangeEvent {
@@ -147,7 +146,9 @@ async fn run(
                     None => return Ok(()),
                 }
             }
-            Err(broadcast::error::RecvError::Closed) => return Err(Status::unavailable("server shutting down")),
+            Err(broadcast::error::RecvError::Closed) => {
+                return Err(refuse(ErrorKind::Unavailable, "server shutting down"))
+            }
         }
     }
 }

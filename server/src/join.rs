@@ -6,10 +6,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use codafs_common::join::JoinToken;
+use codafs_proto::error::{kind_of, ErrorKind};
 use codafs_proto::pb;
 use codafs_proto::tls::Tls;
 use tokio::sync::watch;
-use tonic::Code;
+
+use crate::grpc::refuse;
 
 use crate::config::ServerConfig;
 use crate::node::Node;
@@ -47,9 +49,10 @@ const UNKNOWN_TOKEN_TRIES: u32 = 5;
 /// the token stayed unknown to the cluster after `UNKNOWN_TOKEN_TRIES` answers (`unknown` counts
 /// them).
 fn final_refusal(s: &tonic::Status, unknown: &mut u32) -> bool {
-    match s.code() {
-        Code::PermissionDenied => true,
-        Code::Unauthenticated => {
+    match kind_of(s) {
+        // Denied: spent, expired or removed; invalid: e.g. a TLS token for an insecure cluster.
+        ErrorKind::Denied | ErrorKind::Invalid => true,
+        ErrorKind::Unauthenticated => {
             *unknown += 1;
             *unknown >= UNKNOWN_TOKEN_TRIES
         }
@@ -71,7 +74,7 @@ pub async fn fetch_certificate(dir: &Path, cfg: &ServerConfig, token: &JoinToken
         let result = async {
             let ch = transport
                 .endpoint(addr)
-                .map_err(|e| tonic::Status::unavailable(e.to_string()))?
+                .map_err(|e| refuse(ErrorKind::Unavailable, e.to_string()))?
                 .connect_timeout(crate::peers::CONNECT_TIMEOUT)
                 .connect_lazy();
             let mut r = tonic::Request::new(request(cfg, token, csr_pem.clone()));
@@ -98,7 +101,7 @@ pub async fn fetch_certificate(dir: &Path, cfg: &ServerConfig, token: &JoinToken
                 tracing::info!(via = %addr, node = cfg.node_id, "received this server's certificate");
                 return Ok(installed);
             }
-            Err(s) if final_refusal(&s, &mut unknown) || s.message().contains("without TLS") => {
+            Err(s) if final_refusal(&s, &mut unknown) => {
                 return Err(ServerError::Bootstrap(format!(
                     "joining via {addr}: {}",
                     crate::peers::describe(&s)
@@ -133,7 +136,7 @@ pub async fn join_cluster(node: &Node, token: &JoinToken, mut stop: watch::Recei
             let mut c = node
                 .peers
                 .admin(addr)
-                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                .map_err(|e| refuse(ErrorKind::Unavailable, e.to_string()))?;
             let mut r = tonic::Request::new(req);
             r.set_timeout(Duration::from_secs(120));
             c.join(r).await

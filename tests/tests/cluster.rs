@@ -4,6 +4,7 @@ use std::time::Duration;
 use anyhow::Context;
 use codafs_client::transport::BlobRef;
 use codafs_common::Hash;
+use codafs_proto::error::ErrorKind;
 use codafs_proto::pb;
 use codafs_tests::{bounded, wait_until, ClusterOpts, TestCluster};
 
@@ -272,13 +273,24 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("copies"), "{e}");
-        for bad in ["..", ".", "a/b", "a\0b", &"x".repeat(256)] {
+        assert_eq!(e.kind(), ErrorKind::NotEnoughCopies, "{e}");
+        // Every refusal names its kind (the error contract), next to the code it implies.
+        let long = "x".repeat(256);
+        for (bad, kind) in [
+            ("..", ErrorKind::InvalidName),
+            (".", ErrorKind::InvalidName),
+            ("a/b", ErrorKind::InvalidName),
+            ("a\0b", ErrorKind::InvalidName),
+            (long.as_str(), ErrorKind::NameTooLong),
+        ] {
             c.put_blob(bytes::Bytes::from_static(b"1"), 1).await?;
             let e = c.commit(commit(vec![op(bad, &Hash::of(b"1").0)])).await.unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}: {e}");
+            assert_eq!(e.kind(), kind, "{bad:?}: {e}");
         }
         let e = c.commit(commit(vec![op("short", &[1, 2, 3])])).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(e.kind(), ErrorKind::Invalid);
         // A forged token is refused.
         let forged = codafs_client::Cluster::new(
             &tc.addrs(),
@@ -301,6 +313,12 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
         // Nothing changed.
         let info = tc.volume_info("www").await?;
         assert_eq!((info.version, info.used_files), (vol.version, 0));
+        c.commit(commit(vec![op("taken", &Hash::of(b"1").0)])).await?;
+        let e = c
+            .commit(commit(vec![op("taken", &Hash::of(b"1").0)]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Exists, "{e}");
         Ok(())
     })
     .await

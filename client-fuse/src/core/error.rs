@@ -1,9 +1,12 @@
-//! Filesystem errors and the one place they become errno values.
+//! Filesystem errors and the one place they become errno values: a server's refusal is mapped
+//! by its [`ErrorKind`] (the error contract in `codafs_proto::error`), never by its message.
 //!
 //! Choices: an unreachable cluster is `EIO` (the page cannot be served, and a web server turns it
 //! into a 5xx rather than a 404); a write by a local user without a valid token (root included),
 //! or on a `--read-only` mount, is `EROFS`; a user whose token grants no right on the volume gets
 //! `EACCES`; a blob that fails verification on every replica is `EIO` too, never its bytes.
+
+use codafs_proto::error::ErrorKind;
 
 /// What a filesystem operation can fail with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,9 +85,6 @@ impl FsError {
     }
 }
 
-/// Header the servers use to name the kind of a refusal (see the server's grpc module).
-const ERROR_KIND_HEADER: &str = "x-codafs-error";
-
 impl From<std::io::Error> for FsError {
     fn from(e: std::io::Error) -> Self {
         if is_disk_full(&e) {
@@ -100,38 +100,33 @@ pub fn is_disk_full(e: &std::io::Error) -> bool {
 }
 
 impl From<crate::transport::ClientError> for FsError {
+    /// Decided by the error's kind alone (the message is only carried along, for logs): with
+    /// [`FsError::errno`] this is the one table from the error contract to errno values.
     fn from(e: crate::transport::ClientError) -> Self {
-        use tonic::Code;
-        // Refusals of the state machine name their kind in a header; map those exactly.
-        let kind = e
-            .status()
-            .and_then(|s| s.metadata().get(ERROR_KIND_HEADER))
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
         let msg = e.to_string();
-        match kind.as_deref() {
-            Some("exists") => return FsError::Exists,
-            Some("not_empty") => return FsError::NotEmpty,
-            Some("is_dir") => return FsError::IsDir,
-            Some("not_dir") => return FsError::NotDir,
-            Some("quota") => return FsError::Quota(msg),
-            Some("no_space") => return FsError::NoSpace(msg),
-            Some("denied") => return FsError::Denied(msg),
-            Some("invalid_name") if msg.contains("the limit is") => return FsError::NameTooLong,
+        match e.kind() {
+            ErrorKind::NotFound | ErrorKind::NoVolume => FsError::NotFound,
+            ErrorKind::Exists => FsError::Exists,
+            ErrorKind::NotDir => FsError::NotDir,
+            ErrorKind::IsDir => FsError::IsDir,
+            ErrorKind::NotEmpty => FsError::NotEmpty,
+            ErrorKind::Quota => FsError::Quota(msg),
+            ErrorKind::NoSpace => FsError::NoSpace(msg),
+            ErrorKind::TooLarge => FsError::TooLarge(msg),
+            ErrorKind::NameTooLong => FsError::NameTooLong,
+            ErrorKind::InvalidName | ErrorKind::Invalid => FsError::Invalid(msg),
+            ErrorKind::Denied => FsError::Denied(msg),
             // A token the servers do not accept (expired, retired key) is no token at all.
-            Some("unauthenticated") => return FsError::Unauthenticated(msg),
-            _ => {}
-        }
-        match e.code() {
-            Code::NotFound => FsError::NotFound,
-            Code::FailedPrecondition if e.to_string().contains("not a directory") => FsError::NotDir,
-            Code::InvalidArgument => FsError::Invalid(e.to_string()),
-            Code::DataLoss => FsError::Corrupt(e.to_string()),
-            Code::Unavailable | Code::DeadlineExceeded => FsError::Disconnected(e.to_string()),
-            Code::PermissionDenied => FsError::Denied(msg),
-            Code::Unauthenticated => FsError::Unauthenticated(msg),
-            Code::ResourceExhausted => FsError::Quota(msg),
-            _ => FsError::Io(e.to_string()),
+            ErrorKind::Unauthenticated => FsError::Unauthenticated(msg),
+            ErrorKind::Unavailable | ErrorKind::Timeout => FsError::Disconnected(msg),
+            ErrorKind::Corrupt => FsError::Corrupt(msg),
+            // Someone else's change won, too few copies, a witness asked for blobs, too many
+            // requests, a server fault: the operation failed, and retrying it is the caller's call.
+            ErrorKind::Conflict
+            | ErrorKind::NotEnoughCopies
+            | ErrorKind::Witness
+            | ErrorKind::Busy
+            | ErrorKind::Internal => FsError::Io(msg),
         }
     }
 }
@@ -148,5 +143,46 @@ mod tests {
         assert_eq!(FsError::Corrupt("x".into()).errno(), libc::EIO);
         let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
         assert_eq!(FsError::from(full).errno(), libc::ENOSPC);
+    }
+
+    /// Every kind a server can send maps to one errno, whatever the message says.
+    #[test]
+    fn server_refusals_map_by_kind_only() {
+        use crate::transport::ClientError;
+        let errno =
+            |k: ErrorKind, msg: &str| FsError::from(ClientError::Server(codafs_proto::error::status(k, msg))).errno();
+        let want = [
+            (ErrorKind::NotFound, libc::ENOENT),
+            (ErrorKind::NoVolume, libc::ENOENT),
+            (ErrorKind::Exists, libc::EEXIST),
+            (ErrorKind::NotDir, libc::ENOTDIR),
+            (ErrorKind::IsDir, libc::EISDIR),
+            (ErrorKind::NotEmpty, libc::ENOTEMPTY),
+            (ErrorKind::Conflict, libc::EIO),
+            (ErrorKind::Quota, libc::EDQUOT),
+            (ErrorKind::NoSpace, libc::ENOSPC),
+            (ErrorKind::TooLarge, libc::EFBIG),
+            (ErrorKind::Busy, libc::EIO),
+            (ErrorKind::InvalidName, libc::EINVAL),
+            (ErrorKind::NameTooLong, libc::ENAMETOOLONG),
+            (ErrorKind::Invalid, libc::EINVAL),
+            (ErrorKind::Denied, libc::EACCES),
+            (ErrorKind::Unauthenticated, libc::EROFS),
+            (ErrorKind::Unavailable, libc::EIO),
+            (ErrorKind::Timeout, libc::EIO),
+            (ErrorKind::NotEnoughCopies, libc::EIO),
+            (ErrorKind::Witness, libc::EIO),
+            (ErrorKind::Corrupt, libc::EIO),
+            (ErrorKind::Internal, libc::EIO),
+        ];
+        assert_eq!(want.len(), ErrorKind::ALL.len(), "every kind has an errno");
+        for (k, e) in want {
+            assert_eq!(errno(k, "some text"), e, "{k}");
+            // Messages that once decided the errno no longer do.
+            assert_eq!(errno(k, "not a directory; the limit is 255"), e, "{k}");
+        }
+        // A status from no codafs server (a transport failure) is classified by its code.
+        let dropped = ClientError::Server(tonic::Status::unavailable("connection refused"));
+        assert_eq!(FsError::from(dropped).errno(), libc::EIO);
     }
 }

@@ -233,7 +233,7 @@ impl Remote for GrpcRemote {
                         last_err = FsError::Corrupt(format!("{addr} sent a copy of {hash} that failed verification"));
                         break;
                     }
-                    Err(s) if s.code() == tonic::Code::DataLoss => {
+                    Err(s) if codafs_proto::error::kind_of(&s) == codafs_proto::error::ErrorKind::Corrupt => {
                         // The server found its own copy corrupt; bytes already sent may be bad.
                         tracing::warn!(server = %addr, %hash, "replica reports a corrupt copy; fetching from another");
                         self.bad_copies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -7,7 +7,39 @@ use codafs_proto::pb;
 use futures::StreamExt;
 use tokio::io::AsyncReadExt;
 
+use codafs_proto::error::{kind_of, ErrorKind};
+
 use crate::peers::Peers;
+
+/// Why a forward to one replica failed, with the kind of the replica's refusal (a replica out
+/// of disk space makes the put's answer say so).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{addr}: {message}")]
+pub struct ForwardError {
+    pub addr: String,
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ForwardError {
+    /// The replica answered with a refusal.
+    pub fn refused(addr: &str, s: &tonic::Status) -> Self {
+        ForwardError {
+            addr: addr.to_string(),
+            kind: kind_of(s),
+            message: s.message().to_string(),
+        }
+    }
+
+    /// The replica could not be asked at all (a bad address, a local file gone).
+    pub fn unreachable(addr: &str, e: impl std::fmt::Display) -> Self {
+        ForwardError {
+            addr: addr.to_string(),
+            kind: ErrorKind::Unavailable,
+            message: e.to_string(),
+        }
+    }
+}
 
 /// Streams the file at `path` (content `hash`, `size` bytes) to `addr` as a forwarded put.
 pub async fn send_file(
@@ -16,10 +48,10 @@ pub async fn send_file(
     path: &std::path::Path,
     hash: Hash,
     size: u64,
-) -> Result<u32, String> {
+) -> Result<u32, ForwardError> {
     let file = tokio::fs::File::open(path)
         .await
-        .map_err(|e| format!("open {}: {e}", path.display()))?;
+        .map_err(|e| ForwardError::unreachable(addr, format!("open {}: {e}", path.display())))?;
     let header = pb::PutBlobChunk {
         part: Some(pb::put_blob_chunk::Part::Header(pb::PutBlobHeader {
             hash: bytes::Bytes::copy_from_slice(&hash.0),
@@ -50,10 +82,10 @@ pub async fn send_file(
         Some((msg, Some(f)))
     });
     let stream = futures::stream::iter([header]).chain(body);
-    let mut client = peers.blobs(addr).map_err(|e| e.to_string())?;
+    let mut client = peers.blobs(addr).map_err(|e| ForwardError::unreachable(addr, e))?;
     let mut req = tonic::Request::new(stream);
     // Generous: at least 30 s, plus a second per 20 MiB.
     req.set_timeout(Duration::from_secs(30 + size / (20 << 20)));
-    let reply = client.put(req).await.map_err(|s| format!("{addr}: {}", s.message()))?;
+    let reply = client.put(req).await.map_err(|s| ForwardError::refused(addr, &s))?;
     Ok(reply.into_inner().copies)
 }

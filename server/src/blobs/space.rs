@@ -58,10 +58,6 @@ pub fn only_removes(ops: &[codafs_proto::pb::Op]) -> bool {
     !ops.is_empty() && ops.iter().all(|o| matches!(o.op, Some(Op::Remove(_))))
 }
 
-/// Words every refusal for space starts with, so a server that forwarded a put can tell such a
-/// refusal from a replica apart from other failures (it arrives as text).
-pub const NO_SPACE_MARK: &str = "not enough disk space";
-
 /// Why new data was refused.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SpaceError {

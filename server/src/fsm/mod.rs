@@ -414,7 +414,7 @@ impl<'a> Txn<'a> {
         if !actor.admin {
             return refuse(ApplyError::Denied("managing accounts needs the admin role".into()));
         }
-        validate_name(&account.name).map_err(|e| ApplyError::InvalidName(e.to_string()))?;
+        validate_name(&account.name).map_err(ApplyError::from)?;
         let existing = self.view.account(&account.name)?;
         match (create, existing) {
             (true, Some(_)) => return refuse(ApplyError::Exists(format!("account {}", account.name))),
@@ -525,7 +525,7 @@ impl<'a> Txn<'a> {
         if !actor.admin {
             return refuse(ApplyError::Denied("creating volumes needs the admin role".into()));
         }
-        validate_volume_name(&spec.name).map_err(|e| ApplyError::InvalidName(e.to_string()))?;
+        validate_volume_name(&spec.name).map_err(ApplyError::from)?;
         if self.volume(&spec.name)?.is_some() {
             return refuse(ApplyError::Exists(format!("volume {}", spec.name)));
         }
@@ -669,7 +669,7 @@ impl<'a> Txn<'a> {
                 *ino
             }
             NodeRef::Path(p) => {
-                let parts = split_path(p).map_err(|e| ApplyError::InvalidName(e.to_string()))?;
+                let parts = split_path(p).map_err(ApplyError::from)?;
                 let mut cur = make_ino(vol.id, VOLUME_ROOT_INODE);
                 for part in parts {
                     cur = self.dirent(cur, part)?.ok_or_else(|| ApplyError::NotFound(p.clone()))?;

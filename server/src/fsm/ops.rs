@@ -38,7 +38,7 @@ impl Txn<'_> {
         else {
             return refuse(ApplyError::Invalid("internal: not a create operation".into()));
         };
-        validate_name(name).map_err(|e| ApplyError::InvalidName(e.to_string()))?;
+        validate_name(name).map_err(ApplyError::from)?;
         let dir = self.resolve_dir(vol, parent)?;
         let existing = match self.dirent(dir.ino, name)? {
             Some(ino) => self.object(ino)?,
@@ -165,7 +165,7 @@ impl Txn<'_> {
         else {
             return refuse(ApplyError::Invalid("internal: not a remove operation".into()));
         };
-        validate_name(name).map_err(|e| ApplyError::InvalidName(e.to_string()))?;
+        validate_name(name).map_err(ApplyError::from)?;
         let dir = self.resolve_dir(vol, parent)?;
         let ino = self
             .dirent(dir.ino, name)?
@@ -197,8 +197,8 @@ impl Txn<'_> {
         else {
             return refuse(ApplyError::Invalid("internal: not a rename operation".into()));
         };
-        validate_name(from_name).map_err(|e| ApplyError::InvalidName(e.to_string()))?;
-        validate_name(to_name).map_err(|e| ApplyError::InvalidName(e.to_string()))?;
+        validate_name(from_name).map_err(ApplyError::from)?;
+        validate_name(to_name).map_err(ApplyError::from)?;
         let src_dir = self.resolve_dir(vol, from_parent)?;
         let dst_dir = self.resolve_dir(vol, to_parent)?;
         let ino = self
@@ -247,7 +247,7 @@ impl Txn<'_> {
         let OpKind::Link { node, parent, name } = &op.kind else {
             return refuse(ApplyError::Invalid("internal: not a link operation".into()));
         };
-        validate_name(name).map_err(|e| ApplyError::InvalidName(e.to_string()))?;
+        validate_name(name).map_err(ApplyError::from)?;
         let mut o = self.resolve(vol, node)?;
         expect(op.expect_version, Some(&o), &describe(node))?;
         if o.kind == Kind::Dir {

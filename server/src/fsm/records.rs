@@ -343,6 +343,17 @@ pub enum ApplyError {
     NoSuchVolume(String),
     #[error("cluster not bootstrapped")]
     NotBootstrapped,
+    #[error("invalid name: {0}")]
+    NameTooLong(String),
+}
+
+impl From<codafs_common::names::NameError> for ApplyError {
+    fn from(e: codafs_common::names::NameError) -> Self {
+        match e {
+            e @ codafs_common::names::NameError::TooLong(_) => ApplyError::NameTooLong(e.to_string()),
+            e => ApplyError::InvalidName(e.to_string()),
+        }
+    }
 }
 
 /// Result of applying one command.

@@ -8,7 +8,10 @@ use codafs_proto::pb;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use super::{convert, forward_request, is_forwarded, on_leader, peer_node_id, require_peer, status, token_of};
+use super::{
+    convert, forward_request, internal, is_forwarded, on_leader, peer_node_id, refuse, require_peer, status, token_of,
+    ErrorKind,
+};
 use crate::access::Caller;
 use crate::fsm::{AccountRec, Actor, Command, Outcome, StateView, VolumeChanges, VolumeSpec};
 use crate::node::{Node, NodeError};
@@ -87,11 +90,12 @@ impl AdminService {
     /// replica knows; spending it on the leader decides).
     fn check_join_token(&self, join_key: &str, node_id: u64) -> Result<crate::fsm::ClusterRec, Status> {
         let t = self.0.tables();
-        let internal = |e: crate::fsm::StoreError| Status::internal(e.to_string());
-        let cluster = t
-            .cluster()
-            .map_err(internal)?
-            .ok_or_else(|| Status::unavailable("this server has not caught up with the cluster yet"))?;
+        let cluster = t.cluster().map_err(internal)?.ok_or_else(|| {
+            refuse(
+                ErrorKind::Unavailable,
+                "this server has not caught up with the cluster yet",
+            )
+        })?;
         let token = t.join_token(&crate::join::secret_hash(join_key)).map_err(internal)?;
         let removed = t.removed_server(node_id).map_err(internal)?.is_some();
         let now = codafs_common::now_ns();
@@ -190,7 +194,7 @@ impl pb::admin_server::Admin for AdminService {
             .logins
             .argon2(move || crate::auth::hash_password(&password))
             .await
-            .map_err(|e| Status::resource_exhausted(e.to_string()))?
+            .map_err(|e| refuse(ErrorKind::Busy, e.to_string()))?
             .map_err(|e| status(NodeError::Invalid(e.to_string())))?;
         self.leader_write(
             req,
@@ -288,11 +292,7 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn list_users(&self, req: Request<pb::Empty>) -> Result<Response<pb::UserList>, Status> {
         self.0.authenticate_admin(token_of(&req).as_deref()).map_err(status)?;
-        let accounts = self
-            .0
-            .tables()
-            .accounts()
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let accounts = self.0.tables().accounts().map_err(internal)?;
         let users = accounts
             .into_iter()
             .map(|a| pb::UserInfo {
@@ -316,23 +316,21 @@ impl pb::admin_server::Admin for AdminService {
         let t = node.tables();
         let cluster = t
             .cluster()
-            .map_err(|e| Status::internal(e.to_string()))?
-            .ok_or_else(|| Status::unavailable("cluster is not bootstrapped yet"))?;
+            .map_err(internal)?
+            .ok_or_else(|| refuse(ErrorKind::Unavailable, "cluster is not bootstrapped yet"))?;
         let exhausted = |e: crate::auth::LimitError| {
             tracing::info!(user = %r.user, ?addr, "login refused: {e}");
-            Status::resource_exhausted(e.to_string())
+            refuse(ErrorKind::Busy, e.to_string())
         };
         let attempt = node.logins.admit(&r.user, addr).map_err(exhausted)?;
         // A name no account can have is looked up like any other: not found.
         let account = match codafs_common::names::validate_name(&r.user) {
-            Ok(()) => t.account(&r.user).map_err(|e| Status::internal(e.to_string()))?,
+            Ok(()) => t.account(&r.user).map_err(internal)?,
             Err(_) => None,
         };
         // Read with the account, so a token never carries a generation older than the password
         // it was checked against.
-        let generation = t
-            .token_generation(&r.user)
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let generation = t.token_generation(&r.user).map_err(internal)?;
         let checked = account.clone();
         let password = r.password;
         let ok = node
@@ -348,8 +346,8 @@ impl pb::admin_server::Admin for AdminService {
             }
         };
         node.logins.succeeded(attempt);
-        let (token, expires) = crate::auth::issue_token(&account, &cluster, r.ttl_secs, generation)
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let (token, expires) =
+            crate::auth::issue_token(&account, &cluster, r.ttl_secs, generation).map_err(internal)?;
         Ok(Response::new(pb::LoginReply { token, expires }))
     }
 
@@ -369,7 +367,7 @@ impl pb::admin_server::Admin for AdminService {
         if let Some(t) = caller.token.as_deref() {
             self.0.authenticate(Some(t)).map_err(status)?;
         }
-        let vols = self.0.tables().volumes().map_err(|e| Status::internal(e.to_string()))?;
+        let vols = self.0.tables().volumes().map_err(internal)?;
         Ok(Response::new(pb::VolumeList {
             volumes: vols
                 .iter()
@@ -413,14 +411,17 @@ impl pb::admin_server::Admin for AdminService {
         let r = req.into_inner();
         let node = &self.0;
         if r.node_id == 0 || r.addr.is_empty() {
-            return Err(Status::invalid_argument("join needs a node id and an address"));
+            return Err(refuse(ErrorKind::Invalid, "join needs a node id and an address"));
         }
         let cluster = self.check_join_token(&r.join_key, r.node_id)?;
         if !forwarded && !node.cfg.insecure && caller_node != Some(r.node_id) {
-            return Err(Status::permission_denied(format!(
-                "a joining server must present the certificate issued to node {} (from JoinCredentials)",
-                r.node_id
-            )));
+            return Err(refuse(
+                ErrorKind::Denied,
+                format!(
+                    "a joining server must present the certificate issued to node {} (from JoinCredentials)",
+                    r.node_id
+                ),
+            ));
         }
         let secret_hash = crate::join::secret_hash(&r.join_key);
         let local = || async {
@@ -458,10 +459,13 @@ impl pb::admin_server::Admin for AdminService {
             n => Duration::from_secs(n),
         };
         if ttl > crate::join::MAX_TOKEN_TTL {
-            return Err(Status::invalid_argument(format!(
-                "a join token may live at most {} hours",
-                crate::join::MAX_TOKEN_TTL.as_secs() / 3600
-            )));
+            return Err(refuse(
+                ErrorKind::Invalid,
+                format!(
+                    "a join token may live at most {} hours",
+                    crate::join::MAX_TOKEN_TTL.as_secs() / 3600
+                ),
+            ));
         }
         let secret = hex::encode(rand::random::<[u8; 32]>());
         let secret_hash = crate::join::secret_hash(&secret);
@@ -510,32 +514,38 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::JoinCredentialsReply>, Status> {
         let r = req.into_inner();
         if r.node_id == 0 || r.addr.is_empty() {
-            return Err(Status::invalid_argument("join needs a node id and an address"));
+            return Err(refuse(ErrorKind::Invalid, "join needs a node id and an address"));
         }
         let cluster = self.check_join_token(&r.join_key, r.node_id)?;
         if self.0.members().iter().any(|m| m.id == r.node_id) {
-            return Err(Status::permission_denied(format!(
-                "server {} is already a member; a joiner needs a node id of its own",
-                r.node_id
-            )));
+            return Err(refuse(
+                ErrorKind::Denied,
+                format!(
+                    "server {} is already a member; a joiner needs a node id of its own",
+                    r.node_id
+                ),
+            ));
         }
         let Some(tls) = &self.0.tls else {
-            return Err(Status::failed_precondition(
+            return Err(refuse(
+                ErrorKind::Invalid,
                 "this cluster runs without TLS (--insecure): there are no certificates to hand out",
             ));
         };
         let Some(ca) = tls.signer() else {
-            return Err(Status::failed_precondition(
+            return Err(refuse(
+                ErrorKind::Unavailable,
                 "this server does not hold the cluster CA key, so it cannot sign certificates (see docs/SECURITY.md)",
             ));
         };
         if r.csr_pem.is_empty() {
-            return Err(Status::invalid_argument(
+            return Err(refuse(
+                ErrorKind::Invalid,
                 "no certificate signing request: the joining server is older than this cluster; upgrade it",
             ));
         }
         let cert_pem = crate::tls::sign_csr(&ca, r.node_id, &r.addr, &r.csr_pem)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| refuse(ErrorKind::Invalid, e.to_string()))?;
         tracing::info!("signed the certificate of a joining server");
         Ok(Response::new(pb::JoinCredentialsReply {
             cluster_id: cluster.cluster_id,
@@ -555,18 +565,20 @@ impl pb::admin_server::Admin for AdminService {
         require_peer(&self.0, &req, "certificate renewals")?;
         let node = &self.0;
         let (Some(tls), Some(id)) = (&node.tls, peer_node_id(&req)) else {
-            return Err(Status::failed_precondition(
+            return Err(refuse(
+                ErrorKind::Invalid,
                 "this cluster runs without TLS (--insecure): there are no certificates to renew",
             ));
         };
         let Some(ca) = tls.signer() else {
-            return Err(Status::failed_precondition(
+            return Err(refuse(
+                ErrorKind::Unavailable,
                 "this server does not hold the cluster CA key, so it cannot sign certificates (see docs/SECURITY.md)",
             ));
         };
         let addr = node.addr_of(id).unwrap_or_default();
         let cert_pem = crate::tls::sign_csr(&ca, id, &addr, &req.get_ref().csr_pem)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| refuse(ErrorKind::Invalid, e.to_string()))?;
         tracing::info!(node = id, "signed a renewed certificate");
         Ok(Response::new(pb::RenewCertificateReply { cert_pem }))
     }

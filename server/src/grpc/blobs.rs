@@ -14,10 +14,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::convert;
+use super::{convert, internal, refuse, ErrorKind};
 use crate::access::{self, Caller};
 use crate::blobs::quorum::{effective_write_quorum, QuorumState, QuorumTracker};
-use crate::blobs::{replicate, BlobError};
+use crate::blobs::replicate::{self, ForwardError};
+use crate::blobs::BlobError;
 use crate::fsm::StateView;
 use crate::node::Node;
 
@@ -28,19 +29,14 @@ const DEFAULT_WRITE_QUORUM: u32 = 2;
 
 fn blob_status(e: BlobError) -> Status {
     match e {
-        BlobError::NotFound(h) => Status::not_found(format!("blob {h} not stored here")),
-        e @ (BlobError::HashMismatch { .. } | BlobError::SizeMismatch { .. }) => Status::data_loss(e.to_string()),
-        e @ BlobError::TooLarge(..) => Status::resource_exhausted(e.to_string()),
-        e @ BlobError::Corrupt(_) => Status::data_loss(e.to_string()),
-        BlobError::Io(e) if is_disk_full(&e) => {
-            let mut s = Status::resource_exhausted(format!("blob storage: {e}"));
-            s.metadata_mut().insert(
-                super::ERROR_KIND_HEADER,
-                tonic::metadata::MetadataValue::from_static("no_space"),
-            );
-            s
+        BlobError::NotFound(h) => refuse(ErrorKind::NotFound, format!("blob {h} not stored here")),
+        e @ (BlobError::HashMismatch { .. } | BlobError::SizeMismatch { .. }) => {
+            refuse(ErrorKind::Corrupt, e.to_string())
         }
-        BlobError::Io(e) => Status::internal(format!("blob storage: {e}")),
+        e @ BlobError::TooLarge(..) => refuse(ErrorKind::TooLarge, e.to_string()),
+        e @ BlobError::Corrupt(_) => refuse(ErrorKind::Corrupt, e.to_string()),
+        BlobError::Io(e) if is_disk_full(&e) => refuse(ErrorKind::NoSpace, format!("blob storage: {e}")),
+        BlobError::Io(e) => refuse(ErrorKind::Internal, format!("blob storage: {e}")),
     }
 }
 
@@ -72,7 +68,7 @@ impl BlobService {
             return Ok(());
         };
         let t = self.0.tables();
-        let vols = t.volumes().map_err(|e| Status::internal(e.to_string()))?;
+        let vols = t.volumes().map_err(internal)?;
         let room = access::headroom(&claims, &vols);
         self.0
             .pending
@@ -95,28 +91,34 @@ impl BlobService {
             let next = match tokio::time::timeout_at(idle.min(deadline), stream.message()).await {
                 Ok(next) => next?,
                 Err(_) if idle < deadline => {
-                    return Err(Status::deadline_exceeded(format!(
-                        "upload of blob {hash} abandoned: no data for {} s after {} of {size} bytes",
-                        UPLOAD_IDLE_TIMEOUT.as_secs(),
-                        w.written()
-                    )))
+                    return Err(refuse(
+                        ErrorKind::Timeout,
+                        format!(
+                            "upload of blob {hash} abandoned: no data for {} s after {} of {size} bytes",
+                            UPLOAD_IDLE_TIMEOUT.as_secs(),
+                            w.written()
+                        ),
+                    ))
                 }
                 Err(_) => {
-                    return Err(Status::deadline_exceeded(format!(
-                        "upload of blob {hash} abandoned: {size} bytes may take at most {} s, and {} had arrived",
-                        limit.as_secs(),
-                        w.written()
-                    )))
+                    return Err(refuse(
+                        ErrorKind::Timeout,
+                        format!(
+                            "upload of blob {hash} abandoned: {size} bytes may take at most {} s, and {} had arrived",
+                            limit.as_secs(),
+                            w.written()
+                        ),
+                    ))
                 }
             };
             let Some(msg) = next else { break };
             match msg.part {
                 Some(pb::put_blob_chunk::Part::Data(d)) => {
                     if d.len() > BLOB_CHUNK {
-                        return Err(Status::invalid_argument(format!(
-                            "chunk of {} bytes exceeds {BLOB_CHUNK}",
-                            d.len()
-                        )));
+                        return Err(refuse(
+                            ErrorKind::Invalid,
+                            format!("chunk of {} bytes exceeds {BLOB_CHUNK}", d.len()),
+                        ));
                     }
                     tokio::task::block_in_place(|| w.write(&d)).map_err(blob_status)?;
                     // Another writer may have used the space meanwhile: stop (dropping the writer
@@ -126,7 +128,7 @@ impl BlobService {
                         .check_remaining(size - w.written(), &what)
                         .map_err(super::no_space)?;
                 }
-                _ => return Err(Status::invalid_argument("a put carries one header, then data only")),
+                _ => return Err(refuse(ErrorKind::Invalid, "a put carries one header, then data only")),
             }
         }
         tokio::task::block_in_place(|| w.finish()).map_err(blob_status)?;
@@ -144,7 +146,7 @@ impl pb::blobs_server::Blobs for BlobService {
         let mut stream = req.into_inner();
         let header = match stream.message().await?.and_then(|m| m.part) {
             Some(pb::put_blob_chunk::Part::Header(h)) => h,
-            _ => return Err(Status::invalid_argument("a put starts with its header")),
+            _ => return Err(refuse(ErrorKind::Invalid, "a put starts with its header")),
         };
         let hash = convert::hash(&header.hash)?;
         if header.size > node.cfg.max_blob_bytes {
@@ -163,7 +165,7 @@ impl pb::blobs_server::Blobs for BlobService {
         }
         if header.forwarded {
             if witness {
-                return Err(Status::failed_precondition("a witness stores no blobs"));
+                return Err(refuse(ErrorKind::Witness, "a witness stores no blobs"));
             }
             if !already {
                 self.receive(hash, header.size, &mut stream).await?;
@@ -216,9 +218,10 @@ impl pb::blobs_server::Blobs for BlobService {
         }
         let total: usize = r.blobs.iter().map(|b| b.data.len()).sum();
         if total > MAX_SMALL_BATCH || r.blobs.iter().any(|b| b.data.len() > BLOB_CHUNK) {
-            return Err(Status::invalid_argument(format!(
-                "a small-blob batch holds blobs of at most {BLOB_CHUNK} bytes, {MAX_SMALL_BATCH} in all"
-            )));
+            return Err(refuse(
+                ErrorKind::Invalid,
+                format!("a small-blob batch holds blobs of at most {BLOB_CHUNK} bytes, {MAX_SMALL_BATCH} in all"),
+            ));
         }
         let parsed: Vec<(codafs_common::Hash, bytes::Bytes)> = r
             .blobs
@@ -242,7 +245,7 @@ impl pb::blobs_server::Blobs for BlobService {
         let _room = node.space.reserve(need, &what).map_err(super::no_space)?;
         if r.forwarded {
             if witness {
-                return Err(Status::failed_precondition("a witness stores no blobs"));
+                return Err(refuse(ErrorKind::Witness, "a witness stores no blobs"));
             }
             store_batch(&node, parsed).await?;
             return Ok(Response::new(pb::PutSmallReply { copies: 1 }));
@@ -265,13 +268,13 @@ impl pb::blobs_server::Blobs for BlobService {
         let forward = replicate(&node, r.write_quorum, move |addr| {
             let (peers, batch) = (peers.clone(), batch.clone());
             async move {
-                let mut c = peers.blobs(&addr).map_err(|e| e.to_string())?;
+                let mut c = peers.blobs(&addr).map_err(|e| ForwardError::unreachable(&addr, e))?;
                 let mut req = tonic::Request::new(batch);
                 req.set_timeout(std::time::Duration::from_secs(60));
                 c.put_small(req)
                     .await
                     .map(drop)
-                    .map_err(|s| format!("{addr}: {}", s.message()))
+                    .map_err(|s| ForwardError::refused(&addr, &s))
             }
         });
         let (local, (copies, need, _, failures)) = tokio::join!(local, forward);
@@ -298,7 +301,10 @@ impl pb::blobs_server::Blobs for BlobService {
         let hash = convert::hash(&r.hash)?;
         node.check_blob_read(&caller, &hash, &r.ticket, r.ino)?;
         if node.cfg.witness {
-            return Err(Status::unavailable("a witness stores no blobs; ask a data replica"));
+            return Err(refuse(
+                ErrorKind::Unavailable,
+                "a witness stores no blobs; ask a data replica",
+            ));
         }
         let (file, len) = node.blobs.open_read(&hash).map_err(blob_status)?;
         node.counters
@@ -315,9 +321,10 @@ impl pb::blobs_server::Blobs for BlobService {
         self.0.check_store(&Caller::of(&self.0, &req))?;
         let hashes = req.into_inner().hashes;
         if hashes.len() > MAX_MISSING_QUERY {
-            return Err(Status::invalid_argument(format!(
-                "at most {MAX_MISSING_QUERY} hashes per query"
-            )));
+            return Err(refuse(
+                ErrorKind::Invalid,
+                format!("at most {MAX_MISSING_QUERY} hashes per query"),
+            ));
         }
         let witness = self.0.cfg.witness;
         let mut missing = Vec::new();
@@ -355,7 +362,7 @@ async fn store_batch(node: &Arc<Node>, batch: Vec<(codafs_common::Hash, bytes::B
         node.blobs.put_many(&refs)
     })
     .await
-    .map_err(|e| Status::internal(format!("storing a blob batch: {e}")))?
+    .map_err(|e| refuse(ErrorKind::Internal, format!("storing a blob batch: {e}")))?
     .map(drop)
     .map_err(blob_status)
 }
@@ -368,10 +375,15 @@ async fn replicate<F, Fut>(
     node: &Arc<Node>,
     quorum: u32,
     send: F,
-) -> (usize, usize, Vec<tokio::task::JoinHandle<Option<()>>>, Vec<String>)
+) -> (
+    usize,
+    usize,
+    Vec<tokio::task::JoinHandle<Option<()>>>,
+    Vec<ForwardError>,
+)
 where
     F: Fn(String) -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), ForwardError>> + Send + 'static,
 {
     let replicas = node.data_replicas();
     let quorum = if quorum == 0 { DEFAULT_WRITE_QUORUM } else { quorum };
@@ -408,19 +420,12 @@ where
     (tracker.successes(), need, forwards, failures)
 }
 
-/// The answer to a put that missed its write quorum: RESOURCE_EXHAUSTED (kind `no_space`) if a
-/// replica refused for lack of disk space, so the uploader learns why; UNAVAILABLE otherwise.
-fn quorum_missed(what: String, failures: &[String]) -> Status {
-    match failures.iter().find(|f| f.contains(crate::blobs::space::NO_SPACE_MARK)) {
-        Some(f) => {
-            let mut s = Status::resource_exhausted(format!("{what}: {f}"));
-            s.metadata_mut().insert(
-                super::ERROR_KIND_HEADER,
-                tonic::metadata::MetadataValue::from_static("no_space"),
-            );
-            s
-        }
-        None => Status::unavailable(what),
+/// The answer to a put that missed its write quorum: `no_space` if a replica refused for lack
+/// of disk space, so the uploader learns why; `unavailable` otherwise.
+fn quorum_missed(what: String, failures: &[ForwardError]) -> Status {
+    match failures.iter().find(|f| f.kind == ErrorKind::NoSpace) {
+        Some(f) => refuse(ErrorKind::NoSpace, format!("{what}: {f}")),
+        None => refuse(ErrorKind::Unavailable, what),
     }
 }
 
@@ -471,7 +476,10 @@ fn stream_from(
     let mut first = true;
     if offset < len {
         if let Err(e) = file.seek(SeekFrom::Start(offset)) {
-            let _ = send_blocking(tx, Err(Status::internal(format!("seeking in blob {hash}: {e}"))));
+            let _ = send_blocking(
+                tx,
+                Err(refuse(ErrorKind::Internal, format!("seeking in blob {hash}: {e}"))),
+            );
             return;
         }
         let mut pos = offset;
@@ -480,7 +488,7 @@ fn stream_from(
             let filled = match read_full(&mut file, &mut buf) {
                 Ok(n) => n,
                 Err(e) => {
-                    let _ = send_blocking(tx, Err(Status::internal(format!("reading blob: {e}"))));
+                    let _ = send_blocking(tx, Err(refuse(ErrorKind::Internal, format!("reading blob: {e}"))));
                     return;
                 }
             };
@@ -501,9 +509,10 @@ fn stream_from(
         if pos != len {
             let _ = send_blocking(
                 tx,
-                Err(Status::data_loss(format!(
-                    "stored copy of blob {hash} is shorter than its {len} bytes; try another replica"
-                ))),
+                Err(refuse(
+                    ErrorKind::Corrupt,
+                    format!("stored copy of blob {hash} is shorter than its {len} bytes; try another replica"),
+                )),
             );
             return;
         }
@@ -539,7 +548,7 @@ fn stream_whole_verified(
         let filled = match read_full(&mut file, &mut buf) {
             Ok(n) => n,
             Err(e) => {
-                let _ = send_blocking(tx, Err(Status::internal(format!("reading blob: {e}"))));
+                let _ = send_blocking(tx, Err(refuse(ErrorKind::Internal, format!("reading blob: {e}"))));
                 return;
             }
         };
@@ -566,9 +575,10 @@ fn stream_whole_verified(
         node.repair_kick.notify_one();
         let _ = send_blocking(
             tx,
-            Err(Status::data_loss(format!(
-                "stored copy of blob {hash} is corrupt; try another replica"
-            ))),
+            Err(refuse(
+                ErrorKind::Corrupt,
+                format!("stored copy of blob {hash} is corrupt; try another replica"),
+            )),
         );
         return;
     }

@@ -3,6 +3,7 @@ use codafs_common::Hash;
 use codafs_proto::pb;
 use tonic::Status;
 
+use super::{refuse, ErrorKind};
 use crate::fsm::{Kind, NodeRef, ObjectRec, Op, OpKind, VolumeRec};
 
 pub fn attr(o: &ObjectRec) -> pb::Attr {
@@ -50,14 +51,14 @@ pub fn volume_info(v: &VolumeRec) -> pb::VolumeInfo {
 }
 
 pub fn hash(b: &[u8]) -> Result<Hash, Status> {
-    Hash::from_slice(b).map_err(|e| Status::invalid_argument(e.to_string()))
+    Hash::from_slice(b).map_err(|e| refuse(ErrorKind::Invalid, e.to_string()))
 }
 
 fn node_ref(r: Option<pb::NodeRef>, what: &str) -> Result<NodeRef, Status> {
     match r.and_then(|r| r.target) {
         Some(pb::node_ref::Target::Ino(i)) => Ok(NodeRef::Ino(i)),
         Some(pb::node_ref::Target::Path(p)) => Ok(NodeRef::Path(p)),
-        None => Err(Status::invalid_argument(format!("{what} is missing"))),
+        None => Err(refuse(ErrorKind::Invalid, format!("{what} is missing"))),
     }
 }
 
@@ -66,14 +67,14 @@ fn kind(k: i32) -> Result<Kind, Status> {
         Ok(pb::ObjectKind::File) => Ok(Kind::File),
         Ok(pb::ObjectKind::Directory) => Ok(Kind::Dir),
         Ok(pb::ObjectKind::Symlink) => Ok(Kind::Symlink),
-        _ => Err(Status::invalid_argument(format!("unknown object kind {k}"))),
+        _ => Err(refuse(ErrorKind::Invalid, format!("unknown object kind {k}"))),
     }
 }
 
 /// Converts a protocol operation; malformed ones are refused before anything is proposed.
 pub fn op(o: pb::Op) -> Result<Op, Status> {
     use pb::op::Op as P;
-    let kind = match o.op.ok_or_else(|| Status::invalid_argument("operation is empty"))? {
+    let kind = match o.op.ok_or_else(|| refuse(ErrorKind::Invalid, "operation is empty"))? {
         P::Create(c) => {
             let k = kind(c.kind)?;
             OpKind::Create {

@@ -11,7 +11,7 @@ use codafs_proto::pb;
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
-use super::convert;
+use super::{bad_name, convert, internal, refuse, ErrorKind};
 use crate::access::{Caller, TicketMaker};
 use crate::changes;
 use crate::fsm::{ObjectRec, StateView};
@@ -19,17 +19,13 @@ use crate::node::Node;
 
 pub struct MetaService(pub Arc<Node>);
 
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
-}
-
 impl MetaService {
     fn object(&self, ino: u64) -> Result<ObjectRec, Status> {
         self.0
             .tables()
             .object(ino)
             .map_err(internal)?
-            .ok_or_else(|| Status::not_found(format!("no object {ino:#x}")))
+            .ok_or_else(|| refuse(ErrorKind::NotFound, format!("no object {ino:#x}")))
     }
 
     /// An attribute reply. `applied_index` must be read before the object: the object is then
@@ -57,7 +53,7 @@ impl pb::meta_server::Meta for MetaService {
     async fn lookup(&self, req: Request<pb::LookupRequest>) -> Result<Response<pb::AttrReply>, Status> {
         let caller = Caller::of(&self.0, &req);
         let r = req.into_inner();
-        validate_name(&r.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        validate_name(&r.name).map_err(bad_name)?;
         self.0.check_read_ino(&caller, r.parent)?;
         let applied_index = self.0.applied_index();
         let ino = self
@@ -65,7 +61,7 @@ impl pb::meta_server::Meta for MetaService {
             .tables()
             .dirent(r.parent, &r.name)
             .map_err(internal)?
-            .ok_or_else(|| Status::not_found(format!("{} not found", r.name)))?;
+            .ok_or_else(|| refuse(ErrorKind::NotFound, format!("{} not found", r.name)))?;
         self.reply(&self.object(ino)?, applied_index)
     }
 
@@ -85,14 +81,14 @@ impl pb::meta_server::Meta for MetaService {
         let vol = t
             .volume(&r.volume)
             .map_err(internal)?
-            .ok_or_else(|| Status::not_found(format!("no volume {}", r.volume)))?;
+            .ok_or_else(|| refuse(ErrorKind::NoVolume, format!("no volume {}", r.volume)))?;
         self.0.check_read(&caller, &vol)?;
         let mut cur = codafs_common::make_ino(vol.id, VOLUME_ROOT_INODE);
-        for part in split_path(&r.path).map_err(|e| Status::invalid_argument(e.to_string()))? {
+        for part in split_path(&r.path).map_err(bad_name)? {
             cur = t
                 .dirent(cur, part)
                 .map_err(internal)?
-                .ok_or_else(|| Status::not_found(format!("{} not found", r.path)))?;
+                .ok_or_else(|| refuse(ErrorKind::NotFound, format!("{} not found", r.path)))?;
         }
         self.reply(&self.object(cur)?, applied_index)
     }
@@ -114,9 +110,9 @@ impl pb::meta_server::Meta for MetaService {
             .tables()
             .dir_page(r.ino, &r.after, limit)
             .map_err(internal)?
-            .ok_or_else(|| Status::not_found(format!("no node {:#x}", r.ino)))?;
+            .ok_or_else(|| refuse(ErrorKind::NotFound, format!("no node {:#x}", r.ino)))?;
         if dir.kind != crate::fsm::Kind::Dir {
-            return Err(Status::failed_precondition(format!("{:#x} is not a directory", r.ino)));
+            return Err(refuse(ErrorKind::NotDir, format!("{:#x} is not a directory", r.ino)));
         }
         let entries = page
             .into_iter()

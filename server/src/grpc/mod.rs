@@ -12,15 +12,16 @@ use std::time::Duration;
 
 use codafs_proto::limits::TOKEN_HEADER;
 use tonic::transport::Channel;
-use tonic::{Code, Status};
+use tonic::Status;
 
 use crate::fsm::ApplyError;
 use crate::node::{Node, NodeError, LEADER_WAIT};
 
 /// Header set on requests one server forwards to another, so they are never forwarded twice.
 pub const FORWARDED_HEADER: &str = "x-codafs-forwarded";
-/// Header naming the kind of a refusal, for clients that map errors to errno values.
-pub const ERROR_KIND_HEADER: &str = "x-codafs-error";
+/// Every refusal is built by [`refuse`] (or [`status`] from a [`NodeError`]): see
+/// `codafs_proto::error` for the contract.
+pub use codafs_proto::error::{status as refuse, ErrorKind};
 
 /// The caller's token, if any.
 pub fn token_of<T>(req: &tonic::Request<T>) -> Option<String> {
@@ -74,9 +75,12 @@ pub fn require_peer<T>(node: &Node, req: &tonic::Request<T>, what: &str) -> Resu
     match peer_node_id(req) {
         Some(id) => {
             tracing::warn!(node = id, what, "refused a server that is not a current member");
-            Err(Status::permission_denied(format!(
-                "only current servers of this cluster may send {what}: the caller's server certificate names node {id}, which is not a member (removed?)"
-            )))
+            Err(refuse(
+                ErrorKind::Denied,
+                format!(
+                    "only current servers of this cluster may send {what}: the caller's server certificate names node {id}, which is not a member (removed?)"
+                ),
+            ))
         }
         None => Err(peer_denied(what)),
     }
@@ -84,9 +88,12 @@ pub fn require_peer<T>(node: &Node, req: &tonic::Request<T>, what: &str) -> Resu
 
 /// The refusal of a peer-only request from a caller that is not a peer.
 pub fn peer_denied(what: &str) -> Status {
-    Status::permission_denied(format!(
-        "only current servers of this cluster may send {what}: the caller presented no server certificate of a current member signed by the cluster CA"
-    ))
+    refuse(
+        ErrorKind::Denied,
+        format!(
+            "only current servers of this cluster may send {what}: the caller presented no server certificate of a current member signed by the cluster CA"
+        ),
+    )
 }
 
 /// A request to forward to the leader, carrying the caller's token.
@@ -101,49 +108,56 @@ pub fn forward_request<T>(body: T, token: Option<&str>, timeout: Duration) -> to
     r
 }
 
-fn kind(e: &ApplyError) -> (&'static str, Code) {
+/// The kind of a state machine refusal.
+fn apply_kind(e: &ApplyError) -> ErrorKind {
     match e {
-        ApplyError::NotFound(_) => ("not_found", Code::NotFound),
-        ApplyError::NoSuchVolume(_) => ("no_volume", Code::NotFound),
-        ApplyError::Exists(_) => ("exists", Code::AlreadyExists),
-        ApplyError::NotDir(_) => ("not_dir", Code::FailedPrecondition),
-        ApplyError::IsDir(_) => ("is_dir", Code::FailedPrecondition),
-        ApplyError::NotEmpty(_) => ("not_empty", Code::FailedPrecondition),
-        ApplyError::Conflict { .. } => ("conflict", Code::Aborted),
-        ApplyError::Quota { .. } => ("quota", Code::ResourceExhausted),
-        ApplyError::InvalidName(_) => ("invalid_name", Code::InvalidArgument),
-        ApplyError::Invalid(_) => ("invalid", Code::InvalidArgument),
-        ApplyError::Denied(_) => ("denied", Code::PermissionDenied),
-        ApplyError::NotBootstrapped => ("unavailable", Code::Unavailable),
+        ApplyError::NotFound(_) => ErrorKind::NotFound,
+        ApplyError::NoSuchVolume(_) => ErrorKind::NoVolume,
+        ApplyError::Exists(_) => ErrorKind::Exists,
+        ApplyError::NotDir(_) => ErrorKind::NotDir,
+        ApplyError::IsDir(_) => ErrorKind::IsDir,
+        ApplyError::NotEmpty(_) => ErrorKind::NotEmpty,
+        ApplyError::Conflict { .. } => ErrorKind::Conflict,
+        ApplyError::Quota { .. } => ErrorKind::Quota,
+        ApplyError::InvalidName(_) => ErrorKind::InvalidName,
+        ApplyError::NameTooLong(_) => ErrorKind::NameTooLong,
+        ApplyError::Invalid(_) => ErrorKind::Invalid,
+        ApplyError::Denied(_) => ErrorKind::Denied,
+        ApplyError::NotBootstrapped => ErrorKind::Unavailable,
     }
 }
 
 /// The one mapping from node errors to gRPC statuses.
 pub fn status(e: NodeError) -> Status {
-    let (k, code) = match &e {
-        NodeError::Refused(a) => kind(a),
-        NodeError::Unauthenticated(_) => ("unauthenticated", Code::Unauthenticated),
-        NodeError::Denied(_) => ("denied", Code::PermissionDenied),
-        NodeError::NoLeader | NodeError::ForwardTo(..) | NodeError::Unavailable(_) => {
-            ("unavailable", Code::Unavailable)
-        }
-        NodeError::NotEnoughCopies { .. } => ("copies", Code::FailedPrecondition),
-        NodeError::Invalid(_) => ("invalid", Code::InvalidArgument),
-        NodeError::NotFound(_) => ("not_found", Code::NotFound),
-        NodeError::Quota(_) => ("quota", Code::ResourceExhausted),
-        NodeError::NoSpace(_) => ("no_space", Code::ResourceExhausted),
-        NodeError::Internal(_) => ("internal", Code::Internal),
+    let kind = match &e {
+        NodeError::Refused(a) => apply_kind(a),
+        NodeError::Unauthenticated(_) => ErrorKind::Unauthenticated,
+        NodeError::Denied(_) => ErrorKind::Denied,
+        NodeError::NoLeader | NodeError::ForwardTo(..) | NodeError::Unavailable(_) => ErrorKind::Unavailable,
+        NodeError::NotEnoughCopies { .. } => ErrorKind::NotEnoughCopies,
+        NodeError::Invalid(_) => ErrorKind::Invalid,
+        NodeError::NotFound(_) => ErrorKind::NotFound,
+        NodeError::Quota(_) => ErrorKind::Quota,
+        NodeError::NoSpace(_) => ErrorKind::NoSpace,
+        NodeError::Internal(_) => ErrorKind::Internal,
     };
-    let mut s = Status::new(code, e.to_string());
-    s.metadata_mut()
-        .insert(ERROR_KIND_HEADER, tonic::metadata::MetadataValue::from_static(k));
-    s
+    refuse(kind, e.to_string())
 }
 
-/// The refusal of a put or commit for lack of disk space (RESOURCE_EXHAUSTED, kind
-/// `no_space`: mounts report it as ENOSPC).
+/// The refusal of a put or commit for lack of disk space (kind `no_space`: mounts report it as
+/// ENOSPC).
 pub fn no_space(e: crate::blobs::space::SpaceError) -> Status {
     status(NodeError::NoSpace(e))
+}
+
+/// The refusal of a bad name or path (`name_too_long` for an overlong one).
+pub fn bad_name(e: codafs_common::names::NameError) -> Status {
+    status(NodeError::Refused(ApplyError::from(e)))
+}
+
+/// An internal fault (storage I/O, a broken invariant), as a status.
+pub fn internal(e: impl std::fmt::Display) -> Status {
+    refuse(ErrorKind::Internal, e.to_string())
 }
 
 /// Runs a write on the leader: locally when this node leads, otherwise forwarded once to the
@@ -156,14 +170,18 @@ where
     RF: Future<Output = Result<T, Status>>,
 {
     let deadline = tokio::time::Instant::now() + LEADER_WAIT;
-    let mut last = Status::unavailable("no leader is reachable (is a majority of servers up?)");
+    let mut last = refuse(
+        ErrorKind::Unavailable,
+        "no leader is reachable (is a majority of servers up?)",
+    );
     while tokio::time::Instant::now() < deadline {
         let leader = node.wait_leader().await.map_err(status)?;
         if leader == node.id {
             // A leader cut off from its majority does not step down by itself: bound the wait.
             match tokio::time::timeout_at(deadline, local()).await {
                 Err(_) => {
-                    return Err(Status::deadline_exceeded(
+                    return Err(refuse(
+                        ErrorKind::Timeout,
                         "no majority answered in time; the change may or may not have been committed",
                     ))
                 }
@@ -171,11 +189,14 @@ where
                 Ok(other) => return other.map_err(status),
             }
         } else if forwarded {
-            return Err(Status::unavailable("not the leader (leadership is changing)"));
+            return Err(refuse(
+                ErrorKind::Unavailable,
+                "not the leader (leadership is changing)",
+            ));
         } else if let Some(addr) = node.addr_of(leader) {
-            let ch = node.peers.channel(&addr).map_err(|e| Status::internal(e.to_string()))?;
+            let ch = node.peers.channel(&addr).map_err(internal)?;
             match remote(ch).await {
-                Err(s) if s.code() == Code::Unavailable => last = s,
+                Err(s) if codafs_proto::error::kind_of(&s) == ErrorKind::Unavailable => last = s,
                 other => return other,
             }
         }

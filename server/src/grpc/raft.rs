@@ -5,17 +5,17 @@ use std::sync::Arc;
 use codafs_proto::pb;
 use tonic::{Request, Response, Status};
 
-use super::require_peer;
+use super::{internal, refuse, require_peer, ErrorKind};
 use crate::node::Node;
 
 pub struct RaftService(pub Arc<Node>);
 
 fn decode<T: serde::de::DeserializeOwned>(m: &pb::RaftMessage) -> Result<T, Status> {
-    bincode::deserialize(&m.payload).map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))
+    bincode::deserialize(&m.payload).map_err(|e| refuse(ErrorKind::Invalid, format!("bad raft message: {e}")))
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftMessage>, Status> {
-    let payload = bincode::serialize(v).map_err(|e| Status::internal(e.to_string()))?;
+    let payload = bincode::serialize(v).map_err(internal)?;
     Ok(Response::new(pb::RaftMessage {
         payload: payload.into(),
     }))

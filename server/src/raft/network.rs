@@ -234,11 +234,12 @@ where
         Rpc::Vote => client.vote(request).await,
         Rpc::Snapshot => client.install_snapshot(request).await,
     };
-    let reply = reply.map_err(|s| match s.code() {
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+    let reply = reply.map_err(|s| {
+        if codafs_proto::error::kind_of(&s).is_retryable() {
             RPCError::Unreachable(Unreachable::new(&s))
+        } else {
+            RPCError::Network(NetworkError::new(&s))
         }
-        _ => RPCError::Network(NetworkError::new(&s)),
     })?;
     let result: Result<Resp, RaftError<NodeId, E>> =
         bincode::deserialize(&reply.into_inner().payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;

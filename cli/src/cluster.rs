@@ -280,13 +280,7 @@ pub async fn run(cmd: ClusterCmd) -> Result<()> {
         ClusterCmd::JoinToken { ttl, client } => {
             client.required_token()?;
             let c = client.cluster()?;
-            let t = c
-                .call(|ch| {
-                    let r = c.request(pb::JoinTokenRequest { ttl_secs: ttl });
-                    async move { Cluster::admin(ch).join_token(r).await.map(|r| r.into_inner()) }
-                })
-                .await?;
-            println!("{}", t.token);
+            println!("{}", c.join_token(ttl).await?);
             eprintln!("codafs: this token admits ONE server and expires in {}", show_ttl(ttl));
             Ok(())
         }
@@ -323,11 +317,7 @@ pub async fn run(cmd: ClusterCmd) -> Result<()> {
         ClusterCmd::Remove { node_id, client } => {
             client.required_token()?;
             let c = client.cluster()?;
-            c.call(|ch| {
-                let r = c.request(pb::RemoveServerRequest { node_id });
-                async move { Cluster::admin(ch).remove_server(r).await.map(|r| r.into_inner()) }
-            })
-            .await?;
+            c.remove_server(node_id).await?;
             println!("removed server {node_id}");
             Ok(())
         }
@@ -342,12 +332,7 @@ pub async fn run(cmd: ClusterCmd) -> Result<()> {
                 add: !no_new_key,
                 retire,
             };
-            let keys = c
-                .call(|ch| {
-                    let r = c.request(req);
-                    async move { Cluster::admin(ch).rotate_key(r).await.map(|r| r.into_inner()) }
-                })
-                .await?;
+            let keys = c.rotate_key(req).await?;
             let ids: Vec<String> = keys.key_ids.iter().map(u32::to_string).collect();
             println!("signing keys: {} (current: {})", ids.join(", "), keys.current);
             Ok(())
@@ -355,12 +340,7 @@ pub async fn run(cmd: ClusterCmd) -> Result<()> {
         ClusterCmd::ClientConfig { client } => {
             let list = servers(&client).await?;
             let c = client.cluster()?;
-            let st = c
-                .call(|ch| {
-                    let r = c.request(pb::Empty {});
-                    async move { Cluster::admin(ch).status(r).await.map(|r| r.into_inner()) }
-                })
-                .await?;
+            let st = c.status().await?;
             // The CA that just verified the servers is the one clients should trust.
             let bundle = ClientBundle::new(
                 st.cluster_id,
@@ -374,12 +354,7 @@ pub async fn run(cmd: ClusterCmd) -> Result<()> {
 }
 
 async fn servers(client: &ClientOpts) -> Result<pb::ServerList> {
-    let c = client.cluster()?;
-    Ok(c.call(|ch| {
-        let r = c.request(pb::Empty {});
-        async move { Cluster::admin(ch).servers(r).await.map(|r| r.into_inner()) }
-    })
-    .await?)
+    Ok(client.cluster()?.list_servers().await?)
 }
 
 pub fn init(dir: &Path, listen: String, advertise: Option<String>, admin: &str, insecure: bool) -> Result<()> {
@@ -461,13 +436,7 @@ pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> R
     let mut rows = Vec::new();
     let mut failed = 0;
     for addr in &targets {
-        let r = c
-            .call_on(addr, |ch| {
-                let mut req = c.request(pb::Empty {});
-                req.set_timeout(std::time::Duration::from_secs(3));
-                async move { Cluster::admin(ch).status(req).await.map(|r| r.into_inner()) }
-            })
-            .await;
+        let r = c.status_on(addr).await;
         match r {
             Ok(st) => rows.push((addr.clone(), Some(st))),
             Err(e) => {
@@ -560,13 +529,7 @@ async fn health(targets: &[String], json: bool, client: &ClientOpts) -> Result<(
     let c = Cluster::new(targets, client.tls()?, None)?;
     let mut rows = Vec::new();
     for addr in targets {
-        let r = c
-            .call_on(addr, |ch| async move {
-                let mut req = tonic::Request::new(pb::Empty {});
-                req.set_timeout(std::time::Duration::from_secs(3));
-                Cluster::admin(ch).health(req).await.map(|r| r.into_inner())
-            })
-            .await;
+        let r = c.health_on(addr).await;
         if let Err(e) = &r {
             if !json {
                 eprintln!("{addr}: unreachable ({e})");

@@ -92,13 +92,7 @@ async fn wait_voters(addr: &str, tls: &Tls, token: &str, voters: u32) -> Result<
     let c = Cluster::new(&[addr.to_string()], tls.clone(), Some(token.to_string()))?;
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
-        let st = c
-            .call(|ch| {
-                let mut r = c.request(pb::Empty {});
-                r.set_timeout(Duration::from_secs(1));
-                async move { Cluster::admin(ch).status(r).await.map(|r| r.into_inner()) }
-            })
-            .await;
+        let st = c.status_on(addr).await;
         if let Ok(s) = st {
             if s.leader_id != 0 && !s.cluster_id.is_empty() && s.voters >= voters {
                 return Ok(());
@@ -184,12 +178,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     wait_voters(&addrs[0], &tls, &token, 1).await?;
     let admin = Cluster::new(&addrs[..1], tls.clone(), Some(token.clone()))?;
     // A join token admits one server: one each.
-    let join_token = || {
-        admin.call(|ch| {
-            let r = admin.request(pb::JoinTokenRequest::default());
-            async move { Cluster::admin(ch).join_token(r).await.map(|r| r.into_inner().token) }
-        })
-    };
+    let join_token = || admin.join_token(0);
     let join = join_token().await?;
     children
         .0
@@ -209,11 +198,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         write_quorum: 2,
         ..Default::default()
     };
-    c.call(|ch| {
-        let r = c.request(spec.clone());
-        async move { Cluster::admin(ch).create_volume(r).await.map(|r| r.into_inner()) }
-    })
-    .await?;
+    c.create_volume(spec).await?;
     let version = publish_site(&c).await?;
 
     let bundle = codafs_client::ClientBundle::new(String::new(), addrs.clone(), &tls);

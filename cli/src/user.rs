@@ -103,14 +103,10 @@ pub fn token_path() -> Option<PathBuf> {
     Some(base.join("codafs").join("token"))
 }
 
-async fn admin_call<T, F, Fut>(client: &ClientOpts, f: F) -> Result<T>
-where
-    F: Fn(pb::admin_client::AdminClient<tonic::transport::Channel>, &Cluster) -> Fut,
-    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
-{
+/// A connection for an administrative command, which needs a token.
+fn admin_cluster(client: &ClientOpts) -> Result<Cluster> {
     client.required_token()?;
-    let c = client.cluster()?;
-    Ok(c.call(|ch| f(Cluster::admin(ch), &c)).await?)
+    client.cluster()
 }
 
 pub async fn run(cmd: UserCmd) -> Result<()> {
@@ -129,19 +125,11 @@ pub async fn run(cmd: UserCmd) -> Result<()> {
                 admin,
                 create: true,
             };
-            admin_call(&client, |mut a, c| {
-                let r = c.request(spec.clone());
-                async move { a.put_user(r).await }
-            })
-            .await?;
+            admin_cluster(&client)?.put_user(spec).await?;
             println!("created account {name}{}", if admin { " (admin)" } else { "" });
         }
         UserCmd::List { json, client } => {
-            let list = admin_call(&client, |mut a, c| {
-                let r = c.request(pb::Empty {});
-                async move { a.list_users(r).await.map(|r| r.into_inner()) }
-            })
-            .await?;
+            let list = admin_cluster(&client)?.list_users().await?;
             if json {
                 let v: Vec<_> = list
                     .users
@@ -169,11 +157,7 @@ pub async fn run(cmd: UserCmd) -> Result<()> {
             password,
             client,
         } => {
-            let list = admin_call(&client, |mut a, c| {
-                let r = c.request(pb::Empty {});
-                async move { a.list_users(r).await.map(|r| r.into_inner()) }
-            })
-            .await?;
+            let list = admin_cluster(&client)?.list_users().await?;
             let current = list
                 .users
                 .iter()
@@ -193,27 +177,15 @@ pub async fn run(cmd: UserCmd) -> Result<()> {
                 admin: role,
                 create: false,
             };
-            admin_call(&client, |mut a, c| {
-                let r = c.request(spec.clone());
-                async move { a.put_user(r).await }
-            })
-            .await?;
+            admin_cluster(&client)?.put_user(spec).await?;
             println!("password of {name} changed; tokens issued before no longer work");
         }
         UserCmd::Remove { name, client } => {
-            admin_call(&client, |mut a, c| {
-                let r = c.request(pb::UserName { name: name.clone() });
-                async move { a.remove_user(r).await }
-            })
-            .await?;
+            admin_cluster(&client)?.remove_user(&name).await?;
             println!("removed account {name}");
         }
         UserCmd::Revoke { name, client } => {
-            admin_call(&client, |mut a, c| {
-                let r = c.request(pb::UserName { name: name.clone() });
-                async move { a.revoke_user(r).await }
-            })
-            .await?;
+            admin_cluster(&client)?.revoke_user(&name).await?;
             println!("revoked every token of {name} issued until now; {name} logs in again to get a new one");
         }
     }
@@ -251,23 +223,13 @@ pub async fn login(a: LoginArgs) -> Result<()> {
                 password: pw,
                 ttl_secs: a.hours.min(720) * 3600,
             };
-            let reply = c
-                .call(|ch| {
-                    let r = c.request(req.clone());
-                    async move { Cluster::admin(ch).login(r).await.map(|r| r.into_inner()) }
-                })
-                .await?;
+            let reply = c.login(req).await?;
             (user.clone(), reply)
         }
         None => {
             // The cluster was built with the credential's token: ask who it speaks for.
             let token = a.client.required_token()?;
-            let who = c
-                .call(|ch| {
-                    let r = c.request(pb::Empty {});
-                    async move { Cluster::admin(ch).who_am_i(r).await.map(|r| r.into_inner()) }
-                })
-                .await?;
+            let who = c.who_am_i(None).await?;
             (
                 who.user,
                 pb::LoginReply {

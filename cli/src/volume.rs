@@ -1,7 +1,6 @@
 //! `codafs volume …`: create, list and inspect volumes.
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use codafs_client::Cluster;
 use codafs_proto::pb;
 
 use crate::opts::ClientOpts;
@@ -126,12 +125,7 @@ pub async fn run(cmd: VolumeCmd) -> Result<()> {
                 write_quorum: a.write_quorum,
                 public_read: !a.private,
             };
-            let v = cluster
-                .call(|ch| {
-                    let r = cluster.request(spec.clone());
-                    async move { Cluster::admin(ch).create_volume(r).await.map(|r| r.into_inner()) }
-                })
-                .await?;
+            let v = cluster.create_volume(spec).await?;
             println!("created volume {} (id {}, version {})", v.name, v.id, v.version);
         }
         VolumeCmd::Set(a) => {
@@ -153,30 +147,20 @@ pub async fn run(cmd: VolumeCmd) -> Result<()> {
                     None
                 },
             };
-            let v = cluster
-                .call(|ch| {
-                    let r = cluster.request(changes.clone());
-                    async move { Cluster::admin(ch).set_volume(r).await.map(|r| r.into_inner()) }
-                })
-                .await?;
+            let v = cluster.set_volume(changes).await?;
             print_volume(&v);
         }
         VolumeCmd::List { json: as_json, client } => {
             let cluster = client.cluster()?;
-            let list = cluster
-                .call(|ch| {
-                    let r = cluster.request(pb::Empty {});
-                    async move { Cluster::admin(ch).list_volumes(r).await.map(|r| r.into_inner()) }
-                })
-                .await?;
+            let volumes = cluster.list_volumes(None).await?;
             if as_json {
-                println!("{}", serde_json::Value::Array(list.volumes.iter().map(json).collect()));
+                println!("{}", serde_json::Value::Array(volumes.iter().map(json).collect()));
             } else {
                 println!(
                     "{:<32} {:>8} {:>12} {:>10} {:>10}",
                     "VOLUME", "OWNER", "VERSION", "FILES", "BYTES"
                 );
-                for v in &list.volumes {
+                for v in &volumes {
                     println!(
                         "{:<32} {:>8} {:>12} {:>10} {:>10}",
                         v.name,
@@ -194,12 +178,7 @@ pub async fn run(cmd: VolumeCmd) -> Result<()> {
             client,
         } => {
             let cluster = client.cluster()?;
-            let v = cluster
-                .call(|ch| {
-                    let r = cluster.request(pb::VolumeName { name: name.clone() });
-                    async move { Cluster::admin(ch).get_volume(r).await.map(|r| r.into_inner()) }
-                })
-                .await?;
+            let v = cluster.get_volume(&name).await?;
             if as_json {
                 println!("{}", json(&v));
             } else {

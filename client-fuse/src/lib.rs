@@ -8,6 +8,8 @@ pub mod core;
 pub mod fuse;
 pub mod mount;
 pub mod ops;
+pub mod policy;
+pub mod rpc;
 pub mod tokens;
 pub mod transport;
 pub mod upload;

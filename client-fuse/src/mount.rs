@@ -80,7 +80,7 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     let meta = MetaStore::open(&cfg.cache_dir.join("meta")).map_err(|e| setup(&e))?;
     let blobs = BlobCache::open(&cfg.cache_dir, cfg.cache_size).map_err(|e| setup(&e))?;
     let mut cluster = Cluster::new(&cfg.servers, cfg.tls.clone(), None).map_err(|e| setup(&e))?;
-    cluster.call_timeout = cfg.op_timeout;
+    cluster.policy.call_timeout = cfg.op_timeout;
     let tokens = TokenTable::load(&cfg.cache_dir.join("tokens")).map_err(|e| setup(&format!("token store: {e}")))?;
     let writes = WriteState::new(tokens, cfg.read_only, cfg.cache_dir.join("shadow"))
         .map_err(|e| setup(&format!("shadow directory: {e}")))?;

@@ -17,6 +17,8 @@ use codafs_proto::limits::{MAX_MESSAGE, TOKEN_HEADER};
 use codafs_proto::pb;
 pub use codafs_proto::tls::Tls;
 use codafs_proto::tls::TlsError;
+
+use crate::policy::{RequestPolicy, Retry};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -72,11 +74,6 @@ impl ClientError {
     }
 }
 
-/// Whether an error means "try another server".
-fn retryable(s: &Status) -> bool {
-    kind_of(s).is_retryable()
-}
-
 /// A blob to read and the caller's right to it: the read ticket that came with the attributes
 /// of the file that holds it, and that file (servers also accept a readable file whose current
 /// content it is, for when the ticket has expired).
@@ -124,8 +121,8 @@ pub struct Cluster {
     tls: Tls,
     preferred: AtomicUsize,
     token: Option<String>,
-    /// Deadline for one metadata call to one server.
-    pub call_timeout: Duration,
+    /// Deadlines of every call (see [`RequestPolicy`]).
+    pub policy: RequestPolicy,
 }
 
 impl Cluster {
@@ -144,7 +141,7 @@ impl Cluster {
             tls,
             preferred: AtomicUsize::new(0),
             token,
-            call_timeout: Duration::from_secs(30),
+            policy: RequestPolicy::default(),
         })
     }
 
@@ -163,7 +160,7 @@ impl Cluster {
         if let Some(t) = self.token.as_deref().and_then(|t| t.parse().ok()) {
             r.metadata_mut().insert(TOKEN_HEADER, t);
         }
-        r.set_timeout(self.call_timeout);
+        r.set_timeout(self.policy.call_timeout);
         r
     }
 
@@ -204,11 +201,11 @@ impl Cluster {
         F: Fn(Channel) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        self.call_retrying(f, retryable).await
+        self.call_retrying(f, Retry::Elsewhere).await
     }
 
     /// Like [`Cluster::call`], moving on to the next server only when `retry` says so.
-    pub async fn call_retrying<T, F, Fut>(&self, f: F, retry: fn(&Status) -> bool) -> Result<T, ClientError>
+    pub async fn call_retrying<T, F, Fut>(&self, f: F, retry: Retry) -> Result<T, ClientError>
     where
         F: Fn(Channel) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
@@ -221,7 +218,7 @@ impl Cluster {
                     self.preferred.store(i, Ordering::Relaxed);
                     return Ok(v);
                 }
-                Err(s) if retry(&s) => {
+                Err(s) if retry.moves_on(&s) => {
                     let why = explain(&s, &self.tls);
                     tracing::debug!(server = %addr, error = %why, "server failed; trying the next");
                     errors.push(format!("{addr}: {why}"));
@@ -243,7 +240,7 @@ impl Cluster {
             None => tuned(self.tls.endpoint(addr)?).connect_lazy(),
         };
         f(ch).await.map_err(|s| {
-            if retryable(&s) {
+            if Retry::Elsewhere.moves_on(&s) {
                 ClientError::Unreachable(format!("{addr}: {}", explain(&s, &self.tls)))
             } else {
                 ClientError::Server(explained(s, &self.tls))
@@ -288,11 +285,7 @@ impl Cluster {
                 let r = self.request_opt(token, req.clone());
                 async move { Self::write(ch).commit(r).await.map(|r| r.into_inner()) }
             },
-            if idempotent {
-                retryable
-            } else {
-                |s: &Status| kind_of(s) == ErrorKind::Unavailable
-            },
+            if idempotent { Retry::Elsewhere } else { Retry::IfNotRun },
         )
         .await
     }
@@ -368,9 +361,22 @@ impl Cluster {
 
     /// Uploads a blob held in memory; returns the durable copy count.
     pub async fn put_blob(&self, data: bytes::Bytes, write_quorum: u32) -> Result<u32, ClientError> {
+        self.put_blob_as(None, data, write_quorum).await
+    }
+
+    /// [`Cluster::put_blob`] with `token` instead of the cluster's own, if given; given time in
+    /// proportion to its size.
+    pub async fn put_blob_as(
+        &self,
+        token: Option<&str>,
+        data: bytes::Bytes,
+        write_quorum: u32,
+    ) -> Result<u32, ClientError> {
+        let timeout = self.policy.for_bytes(data.len() as u64);
         self.call(|ch| {
             let msgs = crate::ops::put_chunks(&data, write_quorum);
-            let r = self.request(futures::stream::iter(msgs));
+            let mut r = self.request_opt(token, futures::stream::iter(msgs));
+            r.set_timeout(timeout);
             async move { Self::blobs(ch).put(r).await.map(|r| r.into_inner().copies) }
         })
         .await
@@ -379,6 +385,16 @@ impl Cluster {
     /// Uploads a batch of small blobs (each at most 1 MiB) in one request; returns the durable
     /// copy count of the whole batch.
     pub async fn put_small(&self, blobs: &[(Hash, bytes::Bytes)], write_quorum: u32) -> Result<u32, ClientError> {
+        self.put_small_as(None, blobs, write_quorum).await
+    }
+
+    /// [`Cluster::put_small`] with `token` instead of the cluster's own, if given.
+    pub async fn put_small_as(
+        &self,
+        token: Option<&str>,
+        blobs: &[(Hash, bytes::Bytes)],
+        write_quorum: u32,
+    ) -> Result<u32, ClientError> {
         let req = pb::PutSmallRequest {
             blobs: blobs
                 .iter()
@@ -391,7 +407,7 @@ impl Cluster {
             forwarded: false,
         };
         self.call(|ch| {
-            let r = self.request(req.clone());
+            let r = self.request_opt(token, req.clone());
             async move { Self::blobs(ch).put_small(r).await.map(|r| r.into_inner().copies) }
         })
         .await

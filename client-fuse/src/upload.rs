@@ -179,15 +179,7 @@ fn scan(root: &Path, threads: usize) -> Result<BTreeMap<String, Local>, UploadEr
 /// Walks the remote subtree at `base` (absent = empty).
 async fn remote_tree(c: &Cluster, volume: &str, base: &str) -> Result<BTreeMap<String, Remote>, UploadError> {
     let mut out = BTreeMap::new();
-    let root = c
-        .call(|ch| {
-            let r = c.request(pb::ResolveRequest {
-                volume: volume.into(),
-                path: base.into(),
-            });
-            async move { Cluster::meta(ch).resolve(r).await.map(|r| r.into_inner()) }
-        })
-        .await;
+    let root = c.resolve(None, volume, base).await;
     let root = match root {
         Ok(r) => r
             .attr
@@ -277,16 +269,7 @@ pub async fn upload(
         let mut acc = String::new();
         for part in base.split('/') {
             acc = join(&acc, part);
-            let exists = c
-                .call(|ch| {
-                    let r = c.request(pb::ResolveRequest {
-                        volume: opts.volume.clone(),
-                        path: acc.clone(),
-                    });
-                    async move { Cluster::meta(ch).resolve(r).await.map(|r| r.into_inner()) }
-                })
-                .await;
-            match exists {
+            match c.resolve(None, &opts.volume, &acc).await {
                 Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::NotFound => dirs.push((acc.clone(), ops::dir(&acc, 0o755))),
                 Err(e) => return Err(e.into()),
@@ -392,12 +375,7 @@ pub async fn upload(
     }
 
     // Which blobs does any data replica lack? (A blob short of copies is sent again.)
-    let servers = c
-        .call(|ch| {
-            let r = c.request(pb::Empty {});
-            async move { Cluster::admin(ch).servers(r).await.map(|r| r.into_inner()) }
-        })
-        .await?;
+    let servers = c.list_servers().await?;
     let data: Vec<String> = servers
         .servers
         .iter()
@@ -407,18 +385,9 @@ pub async fn upload(
     let wanted: Vec<Hash> = blobs.keys().copied().collect();
     let mut missing: HashSet<Hash> = HashSet::new();
     for chunk in wanted.chunks(10_000) {
-        let req = pb::MissingBlobsRequest {
-            hashes: chunk.iter().map(|h| bytes::Bytes::copy_from_slice(&h.0)).collect(),
-        };
         for addr in &data {
-            let r = c
-                .call_on(addr, |ch| {
-                    let r = c.request(req.clone());
-                    async move { Cluster::blobs(ch).missing(r).await.map(|r| r.into_inner()) }
-                })
-                .await;
-            match r {
-                Ok(m) => missing.extend(m.missing.iter().filter_map(|b| Hash::from_slice(b).ok())),
+            match c.missing_on(addr, chunk).await {
+                Ok(m) => missing.extend(m),
                 // An unreachable replica: send everything (the put succeeds once W copies exist).
                 Err(_) => missing.extend(chunk.iter().copied()),
             }
@@ -432,14 +401,7 @@ pub async fn upload(
     s.uploaded_blobs = todo.len();
     s.uploaded_bytes = todo.iter().map(|(_, _, n)| n).sum();
     progress.planned(todo.len(), s.uploaded_bytes);
-    let volume_info = c
-        .call(|ch| {
-            let r = c.request(pb::VolumeName {
-                name: opts.volume.clone(),
-            });
-            async move { Cluster::admin(ch).get_volume(r).await.map(|r| r.into_inner()) }
-        })
-        .await?;
+    let volume_info = c.get_volume(&opts.volume).await?;
     let quorum = volume_info.write_quorum;
     // Small files travel in batches (one request and one sync per batch on each replica);
     // large ones are streamed one by one.

@@ -31,6 +31,8 @@ pub mod limits {
     pub const MAX_COMMIT_OPS: usize = 200_000;
     /// Most hashes in one `Missing` query.
     pub const MAX_MISSING_QUERY: usize = 100_000;
+    /// Copies a blob write waits for when neither the request nor the volume names a quorum.
+    pub const DEFAULT_WRITE_QUORUM: u32 = 2;
     /// Request header carrying the caller's token.
     pub const TOKEN_HEADER: &str = "x-codafs-token";
 }

@@ -249,11 +249,7 @@ impl TestCluster {
     /// A new join token (single use) valid for `ttl_secs` (0: the default hour).
     pub async fn new_join_token(&self, ttl_secs: u64) -> Result<String> {
         let c = self.client_for(std::slice::from_ref(&self.servers[0].addr));
-        Ok(c.call(|ch| {
-            let r = c.request(pb::JoinTokenRequest { ttl_secs });
-            async move { Cluster::admin(ch).join_token(r).await.map(|r| r.into_inner().token) }
-        })
-        .await?)
+        Ok(c.join_token(ttl_secs).await?)
     }
 
     /// Starts `n` new data servers at once, all joining with the join token, and waits until
@@ -371,19 +367,15 @@ impl TestCluster {
     /// A client that talks to the given servers only.
     pub fn client_for(&self, addrs: &[String]) -> Cluster {
         let mut c = Cluster::new(addrs, self.tls.clone(), Some(self.token.clone())).expect("valid addresses");
-        c.call_timeout = Duration::from_secs(15);
+        c.policy.call_timeout = Duration::from_secs(15);
         c
     }
 
     /// One server's status, asked with the admin token (status details need a token).
     pub async fn status_of(&self, addr: &str) -> Result<pb::ServerStatus> {
-        let c = Cluster::new(&[addr.to_string()], self.tls.clone(), Some(self.token.clone()))?;
-        Ok(c.call(|ch| {
-            let mut r = c.request(pb::Empty {});
-            r.set_timeout(Duration::from_secs(2));
-            async move { Cluster::admin(ch).status(r).await.map(|r| r.into_inner()) }
-        })
-        .await?)
+        let mut c = Cluster::new(&[addr.to_string()], self.tls.clone(), Some(self.token.clone()))?;
+        c.policy.probe_timeout = Duration::from_secs(2);
+        Ok(c.status_on(addr).await?)
     }
 
     /// Index of the server that currently leads (asked of running servers).
@@ -408,12 +400,7 @@ impl TestCluster {
 
     /// A volume's settings and usage, as the servers report them.
     pub async fn volume_info(&self, name: &str) -> Result<pb::VolumeInfo> {
-        let c = self.client();
-        Ok(c.call(|ch| {
-            let r = c.request(pb::VolumeName { name: name.into() });
-            async move { Cluster::admin(ch).get_volume(r).await.map(|r| r.into_inner()) }
-        })
-        .await?)
+        Ok(self.client().get_volume(name).await?)
     }
 
     /// Where server `i` keeps blob `h` on disk.
@@ -444,11 +431,7 @@ impl TestCluster {
             public_read: true,
             ..Default::default()
         };
-        Ok(c.call(|ch| {
-            let r = c.request(spec.clone());
-            async move { Cluster::admin(ch).create_volume(r).await.map(|r| r.into_inner()) }
-        })
-        .await?)
+        Ok(c.create_volume(spec).await?)
     }
 
     /// Stores `content` at `volume:parent/name` (creating or replacing the file) through `client`.
@@ -466,15 +449,7 @@ impl TestCluster {
 
     /// Reads a file's attributes from one server.
     pub async fn resolve_on(&self, addr: &str, volume: &str, path: &str) -> Result<pb::AttrReply> {
-        let c = self.client_on(addr);
-        Ok(c.call(|ch| {
-            let r = c.request(pb::ResolveRequest {
-                volume: volume.into(),
-                path: path.into(),
-            });
-            async move { Cluster::meta(ch).resolve(r).await.map(|r| r.into_inner()) }
-        })
-        .await?)
+        Ok(self.client_on(addr).resolve(None, volume, path).await?)
     }
 
     /// Waits (at most 10 s) until the server at `addr` has applied everything any running
@@ -582,17 +557,7 @@ impl TestCluster {
 
     /// Whether the server at `addr` stores every one of `hashes`.
     pub async fn has_blobs(&self, addr: &str, hashes: &[Hash]) -> Result<bool> {
-        let c = self.client_on(addr);
-        let req = pb::MissingBlobsRequest {
-            hashes: hashes.iter().map(|h| bytes::Bytes::copy_from_slice(&h.0)).collect(),
-        };
-        let missing = c
-            .call(|ch| {
-                let r = c.request(req.clone());
-                async move { Cluster::blobs(ch).missing(r).await.map(|r| r.into_inner().missing) }
-            })
-            .await?;
-        Ok(missing.is_empty())
+        Ok(self.client_on(addr).missing_on(addr, hashes).await?.is_empty())
     }
 }
 

@@ -546,7 +546,7 @@ async fn set_public(tc: &TestCluster, name: &str, public: bool) -> Result<()> {
 
 fn as_user(tc: &TestCluster, token: Option<&str>) -> Result<Cluster> {
     let mut c = Cluster::new(&tc.addrs()[..1], tc.tls.clone(), token.map(str::to_string))?;
-    c.call_timeout = Duration::from_secs(10);
+    c.policy.call_timeout = Duration::from_secs(10);
     Ok(c)
 }
 
@@ -654,7 +654,7 @@ async fn every_rpc_answers_as_documented_for_each_kind_of_caller() {
         let want = expected(Code::Unauthenticated, &[("Admin.ListVolumes", Code::Unauthenticated)]);
         for addr in tc.addrs() {
             let mut c = Cluster::new(std::slice::from_ref(&addr), tc.tls.clone(), Some(erin.clone()))?;
-            c.call_timeout = Duration::from_secs(10);
+            c.policy.call_timeout = Duration::from_secs(10);
             wait_until(Duration::from_secs(10), "the revocation reaches every server", || {
                 let c = &c;
                 async move {
@@ -814,7 +814,7 @@ fn as_server(tc: &TestCluster, i: usize) -> Result<Cluster> {
         identity: Some(identity),
     };
     let mut c = Cluster::new(&tc.addrs()[..1], tls, None)?;
-    c.call_timeout = Duration::from_secs(10);
+    c.policy.call_timeout = Duration::from_secs(10);
     Ok(c)
 }
 

@@ -44,7 +44,7 @@ async fn a_follower_behind_by_several_maximum_size_commits_catches_up() {
             .map(|s| s.addr.clone())
             .collect();
         let mut c = tc.client_for(&up);
-        c.call_timeout = Duration::from_secs(120);
+        c.policy.call_timeout = Duration::from_secs(120);
         for k in 0..COMMITS {
             let commit = big_commit(k);
             let bytes = commit.encoded_len();

@@ -552,8 +552,8 @@ impl<R: Remote> Core<R> {
             return Err(FsError::NoSpace(format!("the cache disk has no room for {size} bytes")));
         }
         self.count_hit(ino, false);
-        // Large files get time in proportion to their size (10 MB/s floor) on top of the deadline.
-        let limit = self.cfg.op_timeout + Duration::from_millis(size / 10_000);
+        // Large files get time in proportion to their size on top of the deadline.
+        let limit = crate::policy::transfer_timeout(self.cfg.op_timeout, size);
         let result = self
             .timed(limit, async {
                 let mut w = self
@@ -594,7 +594,7 @@ impl<R: Remote> Core<R> {
         }
         self.count_hit(blob.ino, false);
         self.stats.streamed_uncached.fetch_add(1, Ordering::Relaxed);
-        let limit = self.cfg.op_timeout + Duration::from_millis(len / 10_000);
+        let limit = crate::policy::transfer_timeout(self.cfg.op_timeout, len);
         let mut sink = crate::cache::stream::WindowSink::new(hash, len, offset);
         let result = self.timed(limit, self.remote.fetch_blob(blob, &mut sink)).await;
         self.fetches.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);

@@ -130,14 +130,7 @@ impl GrpcRemote {
 
     /// The volumes one token (or none) may see.
     async fn list_volumes(&self, token: Option<&str>) -> Result<Vec<pb::VolumeInfo>, FsError> {
-        let c = &self.cluster;
-        let list = c
-            .call(|ch| {
-                let r = c.request_opt(token, pb::Empty {});
-                async move { Cluster::admin(ch).list_volumes(r).await.map(|r| r.into_inner()) }
-            })
-            .await?;
-        Ok(list.volumes)
+        Ok(self.cluster.list_volumes(token).await?)
     }
 }
 
@@ -174,14 +167,8 @@ impl Remote for GrpcRemote {
     }
 
     async fn getattr(&self, ino: u64) -> Result<Fetched<pb::Attr>, FsError> {
-        let c = &self.cluster;
         let token = self.token_for_ino(ino);
-        let r = c
-            .call(|ch| {
-                let r = c.request_opt(token.as_deref(), pb::GetAttrRequest { ino });
-                async move { Cluster::meta(ch).get_attr(r).await.map(|r| r.into_inner()) }
-            })
-            .await?;
+        let r = self.cluster.get_attr(token.as_deref(), ino).await?;
         let a = r.attr.ok_or_else(|| FsError::Io("server sent no attributes".into()))?;
         Ok(Fetched {
             newest: a.version,
@@ -206,13 +193,9 @@ impl Remote for GrpcRemote {
         let mut last_err = FsError::Disconnected("no servers".into());
         for addr in self.cluster.ordered_servers() {
             let offset = sink.received();
-            let req = self.cluster.request_opt(token.as_deref(), blob.request(offset));
             let result = self
                 .cluster
-                .call_on(&addr, |ch| async move {
-                    let stream = Cluster::blobs(ch).get(req).await?.into_inner();
-                    Ok(stream)
-                })
+                .open_blob_on(&addr, token.as_deref(), blob.request(offset))
                 .await;
             let mut stream = match result {
                 Ok(s) => s,
@@ -261,16 +244,9 @@ impl Remote for GrpcRemote {
                 groups.entry(readers.by_name.get(&v).cloned()).or_default().push(v);
             }
         }
-        let c = &self.cluster;
         let mut out = Vec::new();
         for (token, names) in groups {
-            let r = c
-                .call(|ch| {
-                    let r = c.request_opt(token.as_deref(), pb::VolumeStampsRequest { volumes: names.clone() });
-                    async move { Cluster::meta(ch).volume_stamps(r).await.map(|r| r.into_inner()) }
-                })
-                .await?;
-            out.extend(r.stamps);
+            out.extend(self.cluster.volume_stamps(token.as_deref(), names).await?);
         }
         Ok(out)
     }
@@ -280,23 +256,8 @@ impl Remote for GrpcRemote {
     }
 
     async fn subscribe(&self, volume: String, from: u64) -> Result<ChangeStream, FsError> {
-        let c = &self.cluster;
         let token = self.readers().by_name.get(&volume).cloned();
-        let stream = c
-            .call(|ch| {
-                let mut r = c.request_opt(
-                    token.as_deref(),
-                    pb::SubscribeRequest {
-                        volume: volume.clone(),
-                        from_version: from,
-                    },
-                );
-                // A subscription lives as long as the mount; the transport's keepalive notices
-                // a dead server.
-                r.set_timeout(std::time::Duration::from_secs(365 * 86400));
-                async move { Cluster::meta(ch).subscribe(r).await.map(|r| r.into_inner()) }
-            })
-            .await?;
+        let stream = self.cluster.subscribe(token.as_deref(), &volume, from).await?;
         use futures::StreamExt;
         Ok(Box::pin(stream.map(|r| {
             r.map_err(|s| FsError::from(crate::transport::ClientError::Server(s)))
@@ -308,44 +269,18 @@ impl Remote for GrpcRemote {
     }
 
     async fn check_token(&self, token: &str) -> Result<(), FsError> {
-        let c = &self.cluster;
-        c.call(|ch| {
-            let r = c.request_as(token, pb::Empty {});
-            async move { Cluster::admin(ch).who_am_i(r).await.map(|_| ()) }
-        })
-        .await?;
+        self.cluster.who_am_i(Some(token)).await?;
         Ok(())
     }
 
     async fn put_blob(&self, token: &str, data: bytes::Bytes, write_quorum: u32) -> Result<(), FsError> {
-        use codafs_proto::limits::BLOB_CHUNK;
-        let c = &self.cluster;
-        let hash = Hash::of(&data);
-        if data.len() <= BLOB_CHUNK {
+        if data.len() <= codafs_proto::limits::BLOB_CHUNK {
             // One small request, made durable with one sync per replica.
-            let req = pb::PutSmallRequest {
-                blobs: vec![pb::SmallBlob {
-                    hash: bytes::Bytes::copy_from_slice(&hash.0),
-                    data,
-                }],
-                write_quorum,
-                forwarded: false,
-            };
-            c.call(|ch| {
-                let r = c.request_as(token, req.clone());
-                async move { Cluster::blobs(ch).put_small(r).await.map(|_| ()) }
-            })
-            .await?;
-            return Ok(());
+            let blob = [(Hash::of(&data), data)];
+            self.cluster.put_small_as(Some(token), &blob, write_quorum).await?;
+        } else {
+            self.cluster.put_blob_as(Some(token), data, write_quorum).await?;
         }
-        c.call(|ch| {
-            let msgs = crate::ops::put_chunks(&data, write_quorum);
-            let mut r = c.request_as(token, futures::stream::iter(msgs));
-            // Large blobs get time in proportion to their size (10 MB/s floor).
-            r.set_timeout(c.call_timeout + std::time::Duration::from_millis(data.len() as u64 / 10_000));
-            async move { Cluster::blobs(ch).put(r).await.map(|_| ()) }
-        })
-        .await?;
         Ok(())
     }
 

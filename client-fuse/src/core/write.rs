@@ -328,13 +328,13 @@ impl<R: Remote> Core<R> {
         Ok(WriteCtx {
             token,
             volume: vol.name,
-            write_quorum: acl.map_or(2, |a| a.write_quorum),
+            write_quorum: acl.map_or(crate::policy::DEFAULT_WRITE_QUORUM, |a| a.write_quorum),
         })
     }
 
     fn write_timeout(&self, bytes: u64) -> Duration {
-        // Commits may wait out a leader election; large blobs get 10 MB/s on top.
-        (self.cfg.op_timeout * 5).max(Duration::from_secs(10)) + Duration::from_millis(bytes / 10_000)
+        // Commits may wait out a leader election; large blobs get time for their size on top.
+        crate::policy::transfer_timeout((self.cfg.op_timeout * 5).max(Duration::from_secs(10)), bytes)
     }
 
     /// Commits `ops`; afterwards forgets cached metadata of `inos` (attributes and listings)

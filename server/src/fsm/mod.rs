@@ -564,7 +564,11 @@ impl<'a> Txn<'a> {
             writers: Vec::new(),
             quota_bytes: spec.quota_bytes,
             quota_files: spec.quota_files,
-            write_quorum: if spec.write_quorum == 0 { 2 } else { spec.write_quorum },
+            write_quorum: if spec.write_quorum == 0 {
+                codafs_proto::limits::DEFAULT_WRITE_QUORUM
+            } else {
+                spec.write_quorum
+            },
             public_read: spec.public_read,
             version: self.index,
             used_bytes: 0,

@@ -1,0 +1,287 @@
+//! One method per RPC on [`Cluster`]. A call site names the RPC and its arguments; which server
+//! answers, the deadline, and when a failure moves on to the next server are decided by
+//! [`Cluster`] and its [`crate::policy::RequestPolicy`], never at the call site.
+//!
+//! Methods that a mount calls on behalf of a local user take `token: Option<&str>` (`None`: the
+//! cluster's own token, or none on a web node); administrative ones always use the cluster's own.
+//! Streams, blob transfers and commits live in `transport.rs`.
+use std::future::Future;
+use std::time::Duration;
+
+use codafs_common::Hash;
+use codafs_proto::pb;
+use tonic::transport::Channel;
+use tonic::{Response, Status, Streaming};
+
+use crate::transport::{ClientError, Cluster};
+
+impl Cluster {
+    /// Sends `req` with `token` (or the cluster's own) to servers in preference order, moving on
+    /// as the policy says, and returns the reply body.
+    async fn unary<Req, Rep, F, Fut>(&self, token: Option<&str>, req: Req, rpc: F) -> Result<Rep, ClientError>
+    where
+        Req: Clone,
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Rep>, Status>>,
+    {
+        self.call(|ch| {
+            let reply = rpc(ch, self.request_opt(token, req.clone()));
+            async move { reply.await.map(Response::into_inner) }
+        })
+        .await
+    }
+
+    /// [`Cluster::unary`] against the server at `addr` only, within `timeout`.
+    async fn unary_on<Req, Rep, F, Fut>(
+        &self,
+        addr: &str,
+        timeout: Duration,
+        req: Req,
+        rpc: F,
+    ) -> Result<Rep, ClientError>
+    where
+        F: FnOnce(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Rep>, Status>>,
+    {
+        let mut r = self.request(req);
+        r.set_timeout(timeout);
+        self.call_on(addr, |ch| async move { rpc(ch, r).await.map(Response::into_inner) })
+            .await
+    }
+
+    // ----------------------------------------------------------------------------- Meta
+
+    /// A node's attributes, with the answering replica's applied index.
+    pub async fn get_attr(&self, token: Option<&str>, ino: u64) -> Result<pb::AttrReply, ClientError> {
+        self.unary(token, pb::GetAttrRequest { ino }, |ch, r| async move {
+            Cluster::meta(ch).get_attr(r).await
+        })
+        .await
+    }
+
+    /// The attributes of `volume:path` (`""` is the volume's root).
+    pub async fn resolve(&self, token: Option<&str>, volume: &str, path: &str) -> Result<pb::AttrReply, ClientError> {
+        let req = pb::ResolveRequest {
+            volume: volume.into(),
+            path: path.into(),
+        };
+        self.unary(token, req, |ch, r| async move { Cluster::meta(ch).resolve(r).await })
+            .await
+    }
+
+    /// The current version of each of `volumes`.
+    pub async fn volume_stamps(
+        &self,
+        token: Option<&str>,
+        volumes: Vec<String>,
+    ) -> Result<Vec<pb::VolumeStamp>, ClientError> {
+        let req = pb::VolumeStampsRequest { volumes };
+        let reply = self
+            .unary(
+                token,
+                req,
+                |ch, r| async move { Cluster::meta(ch).volume_stamps(r).await },
+            )
+            .await?;
+        Ok(reply.stamps)
+    }
+
+    /// Every change to `volume` after version `from`, then live changes. The stream lives as
+    /// long as its reader wants it; the connection's keepalive notices a dead server.
+    pub async fn subscribe(
+        &self,
+        token: Option<&str>,
+        volume: &str,
+        from: u64,
+    ) -> Result<Streaming<pb::ChangeEvent>, ClientError> {
+        let req = pb::SubscribeRequest {
+            volume: volume.into(),
+            from_version: from,
+        };
+        self.call(|ch| {
+            let mut r = self.request_opt(token, req.clone());
+            r.set_timeout(Duration::from_secs(365 * 86400));
+            async move { Cluster::meta(ch).subscribe(r).await.map(Response::into_inner) }
+        })
+        .await
+    }
+
+    // ---------------------------------------------------------------------------- Blobs
+
+    /// Which of `hashes` the server at `addr` lacks.
+    pub async fn missing_on(&self, addr: &str, hashes: &[Hash]) -> Result<Vec<Hash>, ClientError> {
+        let req = pb::MissingBlobsRequest {
+            hashes: hashes.iter().map(|h| bytes::Bytes::copy_from_slice(&h.0)).collect(),
+        };
+        let timeout = self.policy.call_timeout;
+        let reply = self
+            .unary_on(addr, timeout, req, |ch, r| async move {
+                Cluster::blobs(ch).missing(r).await
+            })
+            .await?;
+        Ok(reply.missing.iter().filter_map(|b| Hash::from_slice(b).ok()).collect())
+    }
+
+    /// Opens the chunk stream of a blob on the server at `addr` (the caller verifies it).
+    pub async fn open_blob_on(
+        &self,
+        addr: &str,
+        token: Option<&str>,
+        req: pb::GetBlobRequest,
+    ) -> Result<Streaming<pb::BlobChunk>, ClientError> {
+        let r = self.request_opt(token, req);
+        self.call_on(addr, |ch| async move {
+            Cluster::blobs(ch).get(r).await.map(Response::into_inner)
+        })
+        .await
+    }
+
+    // ---------------------------------------------------------------------------- Admin
+
+    /// The volumes `token` (or the cluster's own token) may see.
+    pub async fn list_volumes(&self, token: Option<&str>) -> Result<Vec<pb::VolumeInfo>, ClientError> {
+        let reply = self
+            .unary(token, pb::Empty {}, |ch, r| async move {
+                Cluster::admin(ch).list_volumes(r).await
+            })
+            .await?;
+        Ok(reply.volumes)
+    }
+
+    /// One volume's settings and usage.
+    pub async fn get_volume(&self, name: &str) -> Result<pb::VolumeInfo, ClientError> {
+        let req = pb::VolumeName { name: name.into() };
+        self.unary(None, req, |ch, r| async move { Cluster::admin(ch).get_volume(r).await })
+            .await
+    }
+
+    pub async fn create_volume(&self, spec: pb::VolumeSpec) -> Result<pb::VolumeInfo, ClientError> {
+        self.unary(
+            None,
+            spec,
+            |ch, r| async move { Cluster::admin(ch).create_volume(r).await },
+        )
+        .await
+    }
+
+    pub async fn set_volume(&self, changes: pb::VolumeChanges) -> Result<pb::VolumeInfo, ClientError> {
+        self.unary(
+            None,
+            changes,
+            |ch, r| async move { Cluster::admin(ch).set_volume(r).await },
+        )
+        .await
+    }
+
+    /// The cluster's servers, as the membership records them.
+    pub async fn list_servers(&self) -> Result<pb::ServerList, ClientError> {
+        self.unary(None, pb::Empty {}, |ch, r| async move {
+            Cluster::admin(ch).servers(r).await
+        })
+        .await
+    }
+
+    /// The status of whichever server answers first.
+    pub async fn status(&self) -> Result<pb::ServerStatus, ClientError> {
+        self.unary(
+            None,
+            pb::Empty {},
+            |ch, r| async move { Cluster::admin(ch).status(r).await },
+        )
+        .await
+    }
+
+    /// The status of the server at `addr`, within the policy's probe deadline.
+    pub async fn status_on(&self, addr: &str) -> Result<pb::ServerStatus, ClientError> {
+        let timeout = self.policy.probe_timeout;
+        self.unary_on(addr, timeout, pb::Empty {}, |ch, r| async move {
+            Cluster::admin(ch).status(r).await
+        })
+        .await
+    }
+
+    /// Whether the server at `addr` is ready (needs no token: load balancers ask it).
+    pub async fn health_on(&self, addr: &str) -> Result<pb::HealthReply, ClientError> {
+        let timeout = self.policy.probe_timeout;
+        self.unary_on(addr, timeout, pb::Empty {}, |ch, r| async move {
+            Cluster::admin(ch).health(r).await
+        })
+        .await
+    }
+
+    /// A single-use join token valid for `ttl_secs` (0: the servers' default).
+    pub async fn join_token(&self, ttl_secs: u64) -> Result<String, ClientError> {
+        let req = pb::JoinTokenRequest { ttl_secs };
+        let reply = self
+            .unary(None, req, |ch, r| async move { Cluster::admin(ch).join_token(r).await })
+            .await?;
+        Ok(reply.token)
+    }
+
+    /// Removes server `node_id` from the cluster; returns the servers that remain.
+    pub async fn remove_server(&self, node_id: u64) -> Result<pb::ServerList, ClientError> {
+        let req = pb::RemoveServerRequest { node_id };
+        self.unary(
+            None,
+            req,
+            |ch, r| async move { Cluster::admin(ch).remove_server(r).await },
+        )
+        .await
+    }
+
+    pub async fn rotate_key(&self, req: pb::RotateKeyRequest) -> Result<pb::KeyList, ClientError> {
+        self.unary(None, req, |ch, r| async move { Cluster::admin(ch).rotate_key(r).await })
+            .await
+    }
+
+    /// Creates an account or changes its password or role.
+    pub async fn put_user(&self, spec: pb::UserSpec) -> Result<(), ClientError> {
+        self.unary(None, spec, |ch, r| async move { Cluster::admin(ch).put_user(r).await })
+            .await
+            .map(drop)
+    }
+
+    pub async fn remove_user(&self, name: &str) -> Result<(), ClientError> {
+        let req = pb::UserName { name: name.into() };
+        self.unary(
+            None,
+            req,
+            |ch, r| async move { Cluster::admin(ch).remove_user(r).await },
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Ends every token of `name` issued until now.
+    pub async fn revoke_user(&self, name: &str) -> Result<(), ClientError> {
+        let req = pb::UserName { name: name.into() };
+        self.unary(
+            None,
+            req,
+            |ch, r| async move { Cluster::admin(ch).revoke_user(r).await },
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn list_users(&self) -> Result<pb::UserList, ClientError> {
+        self.unary(None, pb::Empty {}, |ch, r| async move {
+            Cluster::admin(ch).list_users(r).await
+        })
+        .await
+    }
+
+    /// Exchanges a user name and password for a token.
+    pub async fn login(&self, req: pb::LoginRequest) -> Result<pb::LoginReply, ClientError> {
+        self.unary(None, req, |ch, r| async move { Cluster::admin(ch).login(r).await })
+            .await
+    }
+
+    /// Whom `token` (or the cluster's own token) speaks for, if the servers accept it.
+    pub async fn who_am_i(&self, token: Option<&str>) -> Result<pb::WhoAmIReply, ClientError> {
+        self.unary(token, pb::Empty {}, |ch, r| async move {
+            Cluster::admin(ch).who_am_i(r).await
+        })
+        .await
+    }
+}

@@ -1,23 +1,25 @@
 //! `codafs upload`: publish a local tree into a volume as one atomic commit.
 //!
-//! 1. Scan the local tree and hash its files in parallel.
-//! 2. Walk the remote subtree and diff: directories to create, files whose content or mode
-//!    changed, symlinks, and (with `--delete`) what is gone locally.
-//! 3. Ask every data replica which blobs it lacks (in batches), upload only those, in parallel.
+//! 1. Scan the local tree and hash its files in parallel (here).
+//! 2. Walk the remote subtree and plan the commit (`plan.rs`): directories to create, files whose
+//!    content or mode changed, symlinks, and (with `--delete`) what is gone locally.
+//! 3. Ask every data replica which blobs it lacks (in batches), upload only those, in parallel
+//!    (`send.rs`).
 //! 4. Commit every change as one batch: readers see the old tree or the new one. Changed objects
 //!    carry the version they were diffed against, so a concurrent change makes the commit fail
 //!    (and change nothing) instead of being overwritten. Re-running after an interruption uploads
 //!    only what is still missing.
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use codafs_common::names::validate_name;
 use codafs_common::Hash;
 use codafs_proto::error::ErrorKind;
 use codafs_proto::pb;
-use futures::StreamExt;
 
-use crate::ops;
+mod plan;
+mod send;
+
 use crate::transport::{ClientError, Cluster};
 
 /// Upload failures, one line each.
@@ -221,32 +223,9 @@ fn join(base: &str, rel: &str) -> String {
 }
 
 /// Files up to this size go in batches.
-const SMALL_BLOB: u64 = 256 << 10;
-/// Bytes per small-blob batch (well under the server's MAX_SMALL_BATCH).
-const BATCH_BYTES: u64 = 8 << 20;
-/// Blobs per small-blob batch.
-const BATCH_BLOBS: usize = 250;
-
-enum Job {
-    Small(Vec<(Hash, PathBuf, u64)>),
-    Large((Hash, PathBuf, u64)),
-}
-
-/// Reads a file and checks it still has the content that was hashed when the tree was scanned.
-async fn read_checked(path: &Path, h: Hash) -> Result<bytes::Bytes, UploadError> {
-    let data = tokio::fs::read(path)
-        .await
-        .map_err(|e| UploadError::Local(path.to_path_buf(), e))?;
-    if Hash::of(&data) != h {
-        return Err(UploadError::Other(format!(
-            "{} changed during the upload; run it again",
-            path.display()
-        )));
-    }
-    Ok(data.into())
-}
-
-/// Publishes `local` into `opts.volume:opts.path`.
+/// Publishes `local` into `opts.volume:opts.path`: scan and hash the local tree, read the remote
+/// one, [`plan::plan`] the commit, send the blobs some data replica lacks ([`send`]), then commit
+/// everything at once, expecting the versions seen.
 pub async fn upload(
     c: &Cluster,
     local: &Path,
@@ -262,195 +241,26 @@ pub async fn upload(
         .await
         .map_err(|e| UploadError::Other(e.to_string()))??;
     let remote = remote_tree(c, &opts.volume, &base).await?;
-    let mut s = Summary::default();
-    let (mut pre, mut dirs, mut files, mut post) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    // The base directory and any missing ancestors (existing ones must not be created again).
-    if !base.is_empty() && remote.is_empty() {
-        let mut acc = String::new();
-        for part in base.split('/') {
-            acc = join(&acc, part);
-            match c.resolve(None, &opts.volume, &acc).await {
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::NotFound => dirs.push((acc.clone(), ops::dir(&acc, 0o755))),
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-    let mut blobs: BTreeMap<Hash, (PathBuf, u64)> = BTreeMap::new();
-    for (rel, l) in &tree {
-        let full = join(&base, rel);
-        let r = remote.get(rel);
-        let same_kind = |k: pb::ObjectKind| r.is_some_and(|r| r.kind == k as i32);
-        match l {
-            Local::Dir { mode } => {
-                if same_kind(pb::ObjectKind::Directory) {
-                    s.unchanged += 1;
-                    continue;
-                }
-                if let Some(r) = r {
-                    pre.push(ops::expecting(ops::remove(&full), r.version));
-                }
-                dirs.push((full.clone(), ops::expecting(ops::dir(&full, *mode), 0)));
-                s.created += 1;
-            }
-            Local::File { path, size, mode, hash } => {
-                s.files += 1;
-                s.bytes += size;
-                match r {
-                    Some(r) if r.kind == pb::ObjectKind::File as i32 => {
-                        if r.hash == hash.0 && r.mode == *mode {
-                            s.unchanged += 1;
-                            continue;
-                        }
-                        let node = ops::at(&full);
-                        if r.hash != hash.0 {
-                            files.push(pb::Op {
-                                expect_version: Some(r.version),
-                                op: Some(pb::op::Op::SetContent(pb::SetContentOp {
-                                    node: node.clone(),
-                                    hash: bytes::Bytes::copy_from_slice(&hash.0),
-                                    size: *size,
-                                    mtime_ns: 0,
-                                })),
-                            });
-                        }
-                        if r.mode != *mode {
-                            files.push(pb::Op {
-                                expect_version: None,
-                                op: Some(pb::op::Op::SetAttr(pb::SetAttrOp {
-                                    node,
-                                    mode: Some(*mode),
-                                    ..Default::default()
-                                })),
-                            });
-                        }
-                        s.updated += 1;
-                    }
-                    other => {
-                        if let Some(r) = other {
-                            pre.push(ops::expecting(ops::remove(&full), r.version));
-                        }
-                        files.push(ops::expecting(ops::file_hashed(&full, *hash, *size, *mode), 0));
-                        s.created += 1;
-                    }
-                }
-                if r.is_none_or(|r| r.hash != hash.0) {
-                    blobs.insert(*hash, (path.clone(), *size));
-                }
-            }
-            Local::Symlink { target } => {
-                if same_kind(pb::ObjectKind::Symlink) && r.is_some_and(|r| &r.symlink == target) {
-                    s.unchanged += 1;
-                    continue;
-                }
-                if let Some(r) = r {
-                    pre.push(ops::expecting(ops::remove(&full), r.version));
-                }
-                files.push(ops::expecting(ops::symlink(&full, target), 0));
-                s.created += 1;
-            }
-        }
-    }
-    if opts.delete {
-        // Remove what is gone locally: only the topmost such path (a recursive remove covers the rest).
-        let mut removed: Vec<&String> = Vec::new();
-        for (rel, r) in &remote {
-            if tree.contains_key(rel) || removed.iter().any(|d| rel.starts_with(&format!("{d}/"))) {
-                continue;
-            }
-            post.push(ops::expecting(ops::remove(&join(&base, rel)), r.version));
-            removed.push(rel);
-            s.removed += 1;
-        }
-    }
-    dirs.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut ops: Vec<pb::Op> = pre;
-    ops.extend(dirs.into_iter().map(|(_, op)| op));
-    ops.extend(files);
-    ops.extend(post);
-    if opts.dry_run || ops.is_empty() {
-        s.uploaded_blobs = blobs.len();
-        s.uploaded_bytes = blobs.values().map(|(_, n)| n).sum();
+    let ancestors = if remote.is_empty() {
+        missing_ancestors(c, &opts.volume, &base).await?
+    } else {
+        Vec::new()
+    };
+    let plan = plan::plan(&tree, &remote, &base, &ancestors, opts.delete);
+    let mut s = plan.summary;
+    if opts.dry_run || plan.ops.is_empty() {
+        s.uploaded_blobs = plan.blobs.len();
+        s.uploaded_bytes = plan.blobs.values().map(|(_, n)| n).sum();
         return Ok(s);
     }
-
-    // Which blobs does any data replica lack? (A blob short of copies is sent again.)
-    let servers = c.list_servers().await?;
-    let data: Vec<String> = servers
-        .servers
-        .iter()
-        .filter(|s| !s.witness)
-        .map(|s| s.addr.clone())
-        .collect();
-    let wanted: Vec<Hash> = blobs.keys().copied().collect();
-    let mut missing: HashSet<Hash> = HashSet::new();
-    for chunk in wanted.chunks(10_000) {
-        for addr in &data {
-            match c.missing_on(addr, chunk).await {
-                Ok(m) => missing.extend(m),
-                // An unreachable replica: send everything (the put succeeds once W copies exist).
-                Err(_) => missing.extend(chunk.iter().copied()),
-            }
-        }
-    }
-    let todo: Vec<(Hash, PathBuf, u64)> = blobs
-        .into_iter()
-        .filter(|(h, _)| missing.contains(h))
-        .map(|(h, (p, n))| (h, p, n))
-        .collect();
+    let todo = send::find_missing(c, plan.blobs).await?;
     s.uploaded_blobs = todo.len();
     s.uploaded_bytes = todo.iter().map(|(_, _, n)| n).sum();
     progress.planned(todo.len(), s.uploaded_bytes);
-    let volume_info = c.get_volume(&opts.volume).await?;
-    let quorum = volume_info.write_quorum;
-    // Small files travel in batches (one request and one sync per batch on each replica);
-    // large ones are streamed one by one.
-    let (small, large): (Vec<_>, Vec<_>) = todo.into_iter().partition(|(_, _, n)| *n <= SMALL_BLOB);
-    let mut batches: Vec<Vec<(Hash, PathBuf, u64)>> = vec![Vec::new()];
-    let mut batch_bytes = 0;
-    for item in small {
-        let full = batches
-            .last()
-            .is_some_and(|b| b.len() >= BATCH_BLOBS || batch_bytes + item.2 > BATCH_BYTES);
-        if full {
-            batches.push(Vec::new());
-            batch_bytes = 0;
-        }
-        batch_bytes += item.2;
-        if let Some(b) = batches.last_mut() {
-            b.push(item);
-        }
-    }
-    batches.retain(|b| !b.is_empty());
-    let jobs = batches
-        .into_iter()
-        .map(Job::Small)
-        .chain(large.into_iter().map(Job::Large));
-    let mut puts = futures::stream::iter(jobs.map(|job| async move {
-        match job {
-            Job::Small(items) => {
-                let mut blobs = Vec::with_capacity(items.len());
-                let mut n = 0;
-                for (h, path, size) in items {
-                    blobs.push((h, read_checked(&path, h).await?));
-                    n += size;
-                }
-                c.put_small(&blobs, quorum).await?;
-                progress.uploaded(n);
-            }
-            Job::Large((h, path, size)) => {
-                c.put_blob(read_checked(&path, h).await?, quorum).await?;
-                progress.uploaded(size);
-            }
-        }
-        Ok::<_, UploadError>(())
-    }))
-    .buffer_unordered(opts.parallel.max(1));
-    while let Some(r) = puts.next().await {
-        r?;
-    }
+    let quorum = c.get_volume(&opts.volume).await?.write_quorum;
+    send::send(c, send::jobs(todo), quorum, opts.parallel, progress).await?;
     let reply = c
-        .commit(crate::ops::commit(&opts.volume, ops))
+        .commit(crate::ops::commit(&opts.volume, plan.ops))
         .await
         .map_err(|e| match e.kind() {
             ErrorKind::Conflict => UploadError::Conflict(e.to_string()),
@@ -458,4 +268,19 @@ pub async fn upload(
         })?;
     s.version = reply.version;
     Ok(s)
+}
+
+/// The directories above `base` (and `base` itself) that do not exist yet, parents first.
+async fn missing_ancestors(c: &Cluster, volume: &str, base: &str) -> Result<Vec<String>, UploadError> {
+    let mut out = Vec::new();
+    let mut acc = String::new();
+    for part in base.split('/').filter(|p| !p.is_empty()) {
+        acc = join(&acc, part);
+        match c.resolve(None, volume, &acc).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => out.push(acc.clone()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(out)
 }

@@ -1,0 +1,112 @@
+//! Open file handles: `open` (a read-only handle remembers the file; a writing one joins its
+//! shadow), `flush` (store on close) and `release` (the last handle drops the shadow).
+use super::*;
+
+/// One open file handle: whose it is, and whether it may write.
+pub(super) struct Handle {
+    pub(super) ino: u64,
+    pub(super) uid: u32,
+    pub(super) write: bool,
+    /// Attributes at open: a read-only handle keeps reading this content after an unlink.
+    pub(super) attr: Option<NodeAttr>,
+}
+
+impl<R: Remote> Core<R> {
+    /// `open`: read-only opens need nothing (handle 0); opens for writing get the file's
+    /// shadow, shared by every writer of that file on this mount.
+    pub async fn open(&self, c: Caller, ino: u64, flags: i32) -> Result<u64, FsError> {
+        if flags & libc::O_ACCMODE == libc::O_RDONLY {
+            // A handle remembering the file, so it stays readable if unlinked while open.
+            return self.open_handle(ino, c.uid, false, ShadowInit::Current).await;
+        }
+        self.write_ctx(c.uid, ino)?;
+        let init = if flags & libc::O_TRUNC != 0 {
+            ShadowInit::Empty
+        } else {
+            ShadowInit::Current
+        };
+        self.open_handle(ino, c.uid, true, init).await
+    }
+
+    pub(super) async fn open_handle(&self, ino: u64, uid: u32, write: bool, init: ShadowInit) -> Result<u64, FsError> {
+        let attr = if write {
+            self.attach_shadow(ino, init).await?;
+            None
+        } else {
+            Some(self.getattr(ino).await?)
+        };
+        let fh = self.writes.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.writes
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, Handle { ino, uid, write, attr });
+        Ok(fh)
+    }
+
+    /// `close` (FUSE flush) and `fsync`: stores the file if its shadow changed. The error, if
+    /// any, is what `close`/`fsync` returns; the old content then stays in place.
+    pub async fn flush(&self, fh: u64) -> Result<(), FsError> {
+        let Some((ino, uid, true)) = self.writes.handle(fh) else {
+            return Ok(());
+        };
+        self.store_shadow(ino, uid).await
+    }
+
+    /// `release`: the last handle of a file drops its shadow. Changes never stored (no flush
+    /// arrived, as after `munmap`) are stored now, unless a store already failed and said so.
+    /// Returns true when unstored changes were dropped: the kernel's page cache and attributes
+    /// of that file still hold them and must be invalidated.
+    pub async fn release(&self, fh: u64) -> bool {
+        let Some(h) = self
+            .writes
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh)
+        else {
+            return false;
+        };
+        if !h.write {
+            return false;
+        }
+        let Some(sh) = self.writes.shadow(h.ino) else {
+            return false;
+        };
+        let (retry, last) = {
+            let mut g = lock(&sh);
+            g.opens = g.opens.saturating_sub(1);
+            (g.dirty && !g.failed, g.opens == 0)
+        };
+        if retry {
+            if let Err(e) = self.store_shadow(h.ino, h.uid).await {
+                tracing::warn!(ino = h.ino, error = %e, "changes of a released file could not be stored");
+            }
+        }
+        let mut dropped_changes = false;
+        if last {
+            let mut shadows = self.writes.shadows.lock().unwrap_or_else(|p| p.into_inner());
+            // Someone may have reopened the file meanwhile.
+            if shadows.get(&h.ino).is_some_and(|s| lock(s).opens == 0) {
+                if let Some(s) = shadows.remove(&h.ino) {
+                    let g = lock(&s);
+                    dropped_changes = g.dirty;
+                    let _ = std::fs::remove_file(&g.path);
+                    self.writes
+                        .store_locks
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&h.ino);
+                }
+            }
+        }
+        if dropped_changes {
+            tracing::info!(
+                ino = h.ino,
+                "unstored changes dropped; the file shows its committed content"
+            );
+            let _ = self.meta.forget(&[h.ino], &[]);
+        }
+        dropped_changes
+    }
+}

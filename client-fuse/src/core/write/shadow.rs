@@ -1,0 +1,265 @@
+//! Shadows: the private local copy of a file open for writing. Writes, reads and size changes
+//! of the file go to its shadow while it is open; storing a changed shadow sends its content to
+//! the write quorum and then commits the file's new content.
+use super::*;
+
+/// A private local copy of an open file's content.
+pub(super) struct Shadow {
+    pub(super) file: std::fs::File,
+    pub(super) path: PathBuf,
+    pub(super) size: u64,
+    pub(super) dirty: bool,
+    /// Bumped by every change, so a store racing with a write does not mark it clean.
+    pub(super) generation: u64,
+    pub(super) mtime_ns: i64,
+    /// Change time of the last local change (size or content).
+    pub(super) ctime_ns: i64,
+    /// The file's attributes when the shadow was made: what an open file shows once its name
+    /// is gone (unlinked while open).
+    pub(super) attr: NodeAttr,
+    pub(super) opens: u32,
+    /// The last store failed and its error was reported; release does not retry it.
+    pub(super) failed: bool,
+    /// Local uids whose changes are not stored yet: each must still be allowed to write when
+    /// the file is stored, whoever closes it (the commit uses the closer's token).
+    pub(super) writers: std::collections::BTreeSet<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ShadowInit {
+    Empty,
+    Current,
+}
+
+pub(super) fn lock(s: &Mutex<Shadow>) -> std::sync::MutexGuard<'_, Shadow> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<R: Remote> Core<R> {
+    /// Stores `data` as the content of file `ino` (mtime 0 = commit time).
+    pub(super) async fn store_content(
+        &self,
+        ctx: &WriteCtx,
+        ino: u64,
+        data: Vec<u8>,
+        mtime_ns: i64,
+    ) -> Result<(), FsError> {
+        let size = data.len() as u64;
+        let hash = self.store_blob(ctx, bytes::Bytes::from(data)).await?;
+        let set = pb::SetContentOp {
+            node: ino_ref(ino),
+            hash: bytes::Bytes::copy_from_slice(&hash.0),
+            size,
+            mtime_ns,
+        };
+        self.commit(ctx, vec![op(pb::op::Op::SetContent(set))], &[ino]).await?;
+        Ok(())
+    }
+
+    /// Joins the file's shadow, creating it from the current content (or empty) if needed.
+    pub(super) async fn attach_shadow(&self, ino: u64, init: ShadowInit) -> Result<(), FsError> {
+        if self.join_shadow(ino, init)? {
+            return Ok(());
+        }
+        let attr = self.getattr(ino).await?;
+        if attr.kind != NodeKind::File {
+            return Err(FsError::IsDir);
+        }
+        if init == ShadowInit::Current && attr.size > MAX_WRITE_FILE {
+            return Err(FsError::TooLarge(format!(
+                "the mount stores files up to {MAX_WRITE_FILE} bytes; publish larger ones with codafs upload"
+            )));
+        }
+        let path = self.writes.shadow_dir.join(format!(
+            "{ino:016x}-{}",
+            self.writes.next_fh.fetch_add(1, Ordering::Relaxed)
+        ));
+        let size = match init {
+            ShadowInit::Empty => {
+                std::fs::File::create(&path)?;
+                0
+            }
+            ShadowInit::Current => {
+                let (hash, size) = self.ensure_cached(ino).await?;
+                let _pin = self.blobs.pin(hash);
+                blocking(size, || std::fs::copy(self.blobs.path(&hash), &path))?;
+                size
+            }
+        };
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+        let mut shadows = self.writes.shadows.lock().unwrap_or_else(|p| p.into_inner());
+        if shadows.contains_key(&ino) {
+            // Another opener won the race: join theirs.
+            drop(shadows);
+            let _ = std::fs::remove_file(&path);
+            if self.join_shadow(ino, init)? {
+                return Ok(());
+            }
+            return Err(FsError::Io("a file's shadow vanished while it was being opened".into()));
+        }
+        shadows.insert(
+            ino,
+            Arc::new(Mutex::new(Shadow {
+                file,
+                path,
+                size,
+                dirty: init == ShadowInit::Empty && attr.size != 0,
+                generation: 0,
+                mtime_ns: attr.mtime_ns,
+                ctime_ns: attr.ctime_ns,
+                attr: attr.clone(),
+                opens: 1,
+                failed: false,
+                writers: Default::default(),
+            })),
+        );
+        Ok(())
+    }
+
+    /// Joins the file's existing shadow, if any, while holding the map lock so a concurrent
+    /// release cannot drop it in between; truncates it for an `Empty` open.
+    pub(super) fn join_shadow(&self, ino: u64, init: ShadowInit) -> Result<bool, FsError> {
+        let shadows = self.writes.shadows.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(sh) = shadows.get(&ino) else {
+            return Ok(false);
+        };
+        let mut g = lock(sh);
+        g.opens += 1;
+        if init == ShadowInit::Empty && g.size != 0 {
+            g.file.set_len(0)?;
+            g.size = 0;
+            g.dirty = true;
+            g.generation += 1;
+            g.mtime_ns = codafs_common::now_ns();
+            g.ctime_ns = g.mtime_ns;
+        }
+        Ok(true)
+    }
+
+    /// `write` through a handle opened for writing.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+        let (ino, uid, write) = self.writes.handle(fh).ok_or(FsError::BadHandle)?;
+        if !write {
+            return Err(FsError::BadHandle);
+        }
+        let end = offset.saturating_add(data.len() as u64);
+        if end > MAX_WRITE_FILE {
+            return Err(FsError::TooLarge(format!(
+                "the mount stores files up to {MAX_WRITE_FILE} bytes"
+            )));
+        }
+        let sh = self.writes.shadow(ino).ok_or(FsError::BadHandle)?;
+        let mut g = lock(&sh);
+        g.file.write_all_at(data, offset)?;
+        g.writers.insert(uid);
+        g.size = g.size.max(end);
+        g.dirty = true;
+        g.failed = false;
+        g.generation += 1;
+        g.mtime_ns = codafs_common::now_ns();
+        g.ctime_ns = g.mtime_ns;
+        Ok(data.len() as u32)
+    }
+
+    /// Reads from the shadow of a file open for writing, if it has one.
+    pub(crate) fn read_shadow(&self, ino: u64, offset: u64, size: u32) -> Option<Result<Vec<u8>, FsError>> {
+        let sh = self.writes.shadow(ino)?;
+        let g = lock(&sh);
+        if offset >= g.size {
+            return Some(Ok(Vec::new()));
+        }
+        let n = (size as u64).min(g.size - offset) as usize;
+        let mut buf = vec![0u8; n];
+        Some(match g.file.read_exact_at(&mut buf, offset) {
+            Ok(()) => Ok(buf),
+            Err(e) => Err(e.into()),
+        })
+    }
+
+    /// What an open file whose name is gone shows: its attributes at open with no links, and
+    /// the shadow's size if it is being written.
+    pub(crate) fn orphan_attr(&self, ino: u64) -> Option<NodeAttr> {
+        if let Some(sh) = self.writes.shadow(ino) {
+            let g = lock(&sh);
+            let mut a = g.attr.clone();
+            a.nlink = 0;
+            a.size = g.size;
+            a.mtime_ns = g.mtime_ns;
+            a.ctime_ns = a.ctime_ns.max(g.ctime_ns);
+            return Some(a);
+        }
+        let handles = self.writes.handles.lock().unwrap_or_else(|p| p.into_inner());
+        let mut a = handles.values().find(|h| h.ino == ino).and_then(|h| h.attr.clone())?;
+        a.nlink = 0;
+        Some(a)
+    }
+
+    /// The content hash a read-only handle opened, for reading after an unlink.
+    pub(crate) fn handle_content(&self, fh: u64) -> Option<(Hash, u64)> {
+        let handles = self.writes.handles.lock().unwrap_or_else(|p| p.into_inner());
+        let a = handles.get(&fh)?.attr.as_ref()?;
+        Some((a.hash?, a.size))
+    }
+
+    /// Size and mtime a file open for writing shows (its shadow's).
+    pub(crate) fn shadow_attr(&self, a: &mut NodeAttr) {
+        if let Some(sh) = self.writes.shadow(a.ino) {
+            let g = lock(&sh);
+            a.size = g.size;
+            if g.dirty {
+                a.mtime_ns = g.mtime_ns;
+                a.ctime_ns = a.ctime_ns.max(g.ctime_ns);
+            }
+        }
+    }
+
+    pub(super) async fn store_shadow(&self, ino: u64, uid: u32) -> Result<(), FsError> {
+        let Some(sh) = self.writes.shadow(ino) else {
+            return Ok(());
+        };
+        let store_lock = self
+            .writes
+            .store_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(ino)
+            .or_default()
+            .clone();
+        let _one_store = store_lock.lock().await;
+        let (data, generation, mtime, writers) = {
+            let g = lock(&sh);
+            if !g.dirty {
+                return Ok(());
+            }
+            let mut buf = vec![0u8; g.size as usize];
+            blocking(g.size, || g.file.read_exact_at(&mut buf, 0))?;
+            (buf, g.generation, g.mtime_ns, g.writers.clone())
+        };
+        // Everyone whose bytes are in it must still be allowed to write this file.
+        let allowed = writers
+            .iter()
+            .filter(|w| **w != uid)
+            .try_for_each(|w| self.write_ctx(*w, ino).map(drop));
+        let result = match allowed.and_then(|()| self.write_ctx(uid, ino)) {
+            Ok(ctx) => self.store_content(&ctx, ino, data, mtime).await,
+            Err(e) => Err(e),
+        };
+        let mut g = lock(&sh);
+        match result {
+            // Unlinked (here or elsewhere) while open: as on any POSIX filesystem, the last
+            // writes to a file without a name go nowhere, and close succeeds.
+            Ok(()) | Err(FsError::NotFound) => {
+                if g.generation == generation {
+                    g.dirty = false;
+                    g.writers.clear();
+                }
+                g.failed = false;
+                Ok(())
+            }
+            Err(e) => {
+                g.failed = true;
+                Err(e)
+            }
+        }
+    }
+}

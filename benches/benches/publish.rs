@@ -130,7 +130,7 @@ async fn bench() -> Result<()> {
     println!();
     println!(
         "Mount counters: {} commits, {} failed, {} bytes stored.",
-        st["writes"]["commits"], st["writes"]["failed_commits"], st["writes"]["stored_bytes"]
+        st.writes.commits, st.writes.failed_commits, st.writes.stored_bytes
     );
     Ok(())
 }

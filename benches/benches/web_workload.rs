@@ -178,7 +178,7 @@ async fn bench() -> Result<Vec<String>> {
         format!("| warm stat, ops/s | {coda_stats:.0} | {local_stats:.0} | {:.2} |", coda_stats / local_stats),
         format!("| callback delay (commit acked → visible on another mount), ms | p50 {p50:.1}, p99 {p99:.1} | – | – |"),
         String::new(),
-        format!("FUSE requests seen by the daemon during the whole run: {}", warm["fuse_requests"]),
+        format!("FUSE requests seen by the daemon during the whole run: {}", format!("{:?}", warm.fuse_requests)),
     ])
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use codafs_client::mount::{control_socket, MountConfig};
+use codafs_client::status::MountStatus;
 
 use crate::opts::ClientOpts;
 use crate::output::bytes;
@@ -190,14 +191,23 @@ pub fn control_request(sock: &Path, line: &str) -> Result<serde_json::Value> {
 }
 
 /// Asks a running mount for its status.
-pub fn mount_status(mnt: &Path) -> Result<serde_json::Value> {
+pub fn mount_status(mnt: &Path) -> Result<MountStatus> {
     let mnt = std::fs::canonicalize(mnt).with_context(|| format!("{}", mnt.display()))?;
     let sock = control_socket(&mnt);
-    control_request(&sock, "status").with_context(|| {
+    let reply = control_request(&sock, "status").with_context(|| {
         format!(
             "no codafs mount at {} (no control socket {})",
             mnt.display(),
             sock.display()
+        )
+    })?;
+    if let Some(e) = reply.get("error").and_then(|e| e.as_str()) {
+        bail!("the mount at {} could not report its status: {e}", mnt.display());
+    }
+    serde_json::from_value(reply).with_context(|| {
+        format!(
+            "the mount at {} sent a status this codafs cannot read (a different version?)",
+            mnt.display()
         )
     })
 }
@@ -226,39 +236,34 @@ pub fn tell_mounts(line: &str) -> Vec<(String, serde_json::Value)> {
 pub fn print_mount_status(mnt: &Path, json: bool) -> Result<()> {
     let st = mount_status(mnt)?;
     if json {
-        println!("{st}");
+        println!("{}", serde_json::to_string(&st)?);
         return Ok(());
     }
-    let c = &st["cache"];
+    let c = &st.cache;
     println!(
         "mount {}  ({})",
         mnt.display(),
-        if st["connected"].as_bool() == Some(true) {
-            "connected"
-        } else {
-            "DISCONNECTED"
-        }
+        if st.connected { "connected" } else { "DISCONNECTED" }
     );
     println!(
         "cache  {} of {} in {} blobs, hit ratio {:.1}% ({} hits, {} misses), {} evictions",
-        bytes(c["bytes"].as_u64().unwrap_or(0)),
-        bytes(c["max_bytes"].as_u64().unwrap_or(0)),
-        c["entries"].as_u64().unwrap_or(0),
-        c["hit_ratio"].as_f64().unwrap_or(0.0) * 100.0,
-        c["hits"].as_u64().unwrap_or(0),
-        c["misses"].as_u64().unwrap_or(0),
-        c["evictions"].as_u64().unwrap_or(0),
+        bytes(c.bytes),
+        bytes(c.max_bytes),
+        c.entries,
+        c.hit_ratio * 100.0,
+        c.hits,
+        c.misses,
+        c.evictions,
     );
-    if st["read_only"].as_bool() == Some(true) {
+    if st.read_only {
         println!("writes refused for everyone (--read-only)");
     } else {
-        let tokens: Vec<String> = st["tokens"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|t| format!("uid {} as {}", t["uid"], t["user"].as_str().unwrap_or("?")))
+        let tokens: Vec<String> = st
+            .tokens
+            .iter()
+            .map(|t| format!("uid {} as {}", t.uid, t.user))
             .collect();
-        let w = &st["writes"];
+        let w = &st.writes;
         println!(
             "writes by {} ({} commits, {} refused or failed, {} stored); other uids read only",
             if tokens.is_empty() {
@@ -266,28 +271,24 @@ pub fn print_mount_status(mnt: &Path, json: bool) -> Result<()> {
             } else {
                 tokens.join(", ")
             },
-            w["commits"].as_u64().unwrap_or(0),
-            w["failed_commits"].as_u64().unwrap_or(0),
-            bytes(w["stored_bytes"].as_u64().unwrap_or(0)),
+            w.commits,
+            w.failed_commits,
+            bytes(w.stored_bytes),
         );
     }
     println!(
         "{:<32} {:<14} {:>10} {:>10} {:>10} {:>9}",
         "VOLUME", "STATE", "VERSION", "FILES", "BYTES", "HIT RATIO"
     );
-    for v in st["volumes"].as_array().into_iter().flatten() {
+    for v in &st.volumes {
         println!(
             "{:<32} {:<14} {:>10} {:>10} {:>10} {:>8.1}%",
-            v["name"].as_str().unwrap_or("?"),
-            if v["connected"].as_bool() == Some(true) {
-                "connected"
-            } else {
-                "disconnected"
-            },
-            v["version"].as_u64().unwrap_or(0),
-            v["cached"]["files"].as_u64().unwrap_or(0),
-            bytes(v["cached"]["bytes"].as_u64().unwrap_or(0)),
-            v["hit_ratio"].as_f64().unwrap_or(0.0) * 100.0,
+            v.name,
+            if v.connected { "connected" } else { "disconnected" },
+            v.version,
+            v.cached.files,
+            bytes(v.cached.bytes),
+            v.hit_ratio * 100.0,
         );
     }
     Ok(())

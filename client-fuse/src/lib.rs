@@ -10,6 +10,7 @@ pub mod mount;
 pub mod ops;
 pub mod policy;
 pub mod rpc;
+pub mod status;
 pub mod tokens;
 pub mod transport;
 pub mod upload;

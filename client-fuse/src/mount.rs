@@ -353,7 +353,8 @@ async fn control<R: Remote>(
             let line = line.trim();
             let (cmd, arg) = line.split_once(' ').unwrap_or((line, ""));
             let mut reply = match cmd {
-                "status" => core.status(),
+                "status" => serde_json::to_value(core.status())
+                    .unwrap_or_else(|e| serde_json::json!({ "error": format!("status: {e}") })),
                 "login" => {
                     let reply = login(&*core, uid, arg).await;
                     // A token may open private volumes: show them before answering, so what

@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use codafs_client::status::MountStatus;
 use codafs_client::transport::{BlobRef, Tls};
 use codafs_client::{ops, Cluster};
 use codafs_common::Hash;
@@ -718,16 +719,9 @@ impl Mount {
         }
     }
 
-    pub fn status(&self) -> Result<serde_json::Value> {
-        let out = Command::new(codafs_bin())
-            .arg("status")
-            .arg(&self.path)
-            .arg("--json")
-            .output()?;
-        if !out.status.success() {
-            bail!("codafs status failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(serde_json::from_slice(&out.stdout)?)
+    /// The mount's status, from `codafs status --json`.
+    pub fn status(&self) -> Result<MountStatus> {
+        mount_status(&self.path)
     }
 
     /// How many kernel requests of each operation in `ops` (e.g. "read", "lookup") the daemon
@@ -736,8 +730,9 @@ impl Mount {
         let st = self.status()?;
         ops.iter()
             .map(|op| {
-                st["fuse_requests"][op]
-                    .as_u64()
+                st.fuse_requests
+                    .get(*op)
+                    .copied()
                     .with_context(|| format!("no {op} counter in the mount's status"))
             })
             .collect()
@@ -755,6 +750,19 @@ impl Drop for Mount {
         }
         self.stop();
     }
+}
+
+/// The status of the mount at `path`, from `codafs status --json` (as a user would ask it).
+pub fn mount_status(path: &Path) -> Result<MountStatus> {
+    let out = Command::new(codafs_bin())
+        .arg("status")
+        .arg(path)
+        .arg("--json")
+        .output()?;
+    if !out.status.success() {
+        bail!("codafs status failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    serde_json::from_slice(&out.stdout).context("codafs status --json printed an unreadable status")
 }
 
 /// Runs a blocking filesystem call on its own thread and gives up after `limit`, so a hung

@@ -290,7 +290,7 @@ async fn a_mount_with_a_full_cache_disk_serves_reads_and_refuses_writes_with_eno
         ensure!(read_file(&www.join("cached.html"))? == cached, "cached read");
         ensure!(read_file(&www.join("uncached.bin"))? == uncached, "uncached read");
         let st = m.status()?;
-        ensure!(st["cache"]["streamed_uncached"].as_u64() > Some(0), "{st}");
+        ensure!(st.cache.streamed_uncached > 0, "{st:?}");
 
         // Writes fail with ENOSPC (the shadow copy cannot grow), at write or at close.
         let p = www.join("while-full.bin");
@@ -366,8 +366,8 @@ async fn a_file_larger_than_the_whole_cache_reads_back_whole() {
         ensure!(Hash::of(&r) == Hash::of(&big), "interleaved read of the large file");
         let st = m.status()?;
         ensure!(
-            st["cache"]["bytes"].as_u64() <= Some(12 << 20 | 4 << 20),
-            "the cache does not keep growing: {st}"
+            st.cache.bytes <= (12 << 20 | 4 << 20),
+            "the cache does not keep growing: {st:?}"
         );
         Ok(())
     })

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use codafs_client::ops;
+use codafs_client::status::MountStatus;
 use codafs_common::Hash;
 use codafs_tests::{bounded, fs_call, read_file, wait_until, ClusterOpts, Mount, TestCluster};
 
@@ -78,8 +79,8 @@ async fn two_mounts_share_the_tree_and_see_commits_without_remounting() {
             );
         }
         let st = a.status()?;
-        assert_eq!(st["volumes"][0]["name"], "www");
-        assert_eq!(st["volumes"][0]["connected"], true, "{st}");
+        assert_eq!(st.volumes[0].name, "www");
+        assert!(st.volumes[0].connected, "{st:?}");
         Ok(())
     })
     .await
@@ -149,7 +150,7 @@ async fn disconnected_mount_serves_cache_and_fails_fast_on_uncached_files() {
         assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
         eprintln!("uncached read failed with EIO after {took:?}");
         let st = m.status()?;
-        assert_eq!(st["connected"], false, "{st}");
+        assert!(!st.connected, "{st:?}");
         // Servers come back: the mount reconnects on its own and catches up.
         for i in 0..3 {
             tc.restart(i)?;
@@ -254,8 +255,8 @@ async fn small_cache_evicts_but_an_open_file_stays_readable() {
         head.extend(rest);
         assert!(head == file(0), "open file stays readable and correct");
         let st = m.status()?;
-        assert!(st["cache"]["evictions"].as_u64().unwrap_or(0) > 0, "{st}");
-        assert!(st["cache"]["bytes"].as_u64().unwrap_or(u64::MAX) <= 1 << 20, "{st}");
+        assert!(st.cache.evictions > 0, "{st:?}");
+        assert!(st.cache.bytes <= 1 << 20, "{st:?}");
         Ok(())
     })
     .await
@@ -272,12 +273,7 @@ async fn warm_hits_reach_no_daemon_code() {
         let path = m.path.join("www/hot.html");
         // Cold: lookups, attributes, the fetch, and the kernel learning the no-open mode.
         assert_eq!(read_file(&path)?.len(), 8000);
-        let total = |st: &serde_json::Value| -> u64 {
-            st["fuse_requests"]
-                .as_object()
-                .map(|o| o.values().filter_map(|v| v.as_u64()).sum())
-                .unwrap_or(0)
-        };
+        let total = |st: &MountStatus| -> u64 { st.fuse_requests.values().sum() };
         let before = m.status()?;
         use std::io::Read;
         for _ in 0..200 {
@@ -291,9 +287,9 @@ async fn warm_hits_reach_no_daemon_code() {
         assert_eq!(
             total(&after) - total(&before),
             0,
-            "200 warm open+read+close+stat cycles reached the daemon: before {} after {}",
-            before["fuse_requests"],
-            after["fuse_requests"]
+            "200 warm open+read+close+stat cycles reached the daemon: before {:?} after {:?}",
+            before.fuse_requests,
+            after.fuse_requests
         );
         Ok(())
     })
@@ -524,7 +520,7 @@ async fn a_corrupt_replica_copy_is_refetched_from_another_replica() {
             "served the good copy"
         );
         let st = m.status()?;
-        assert!(st["cache"]["bad_copies_refetched"].as_u64().unwrap_or(0) >= 1, "{st}");
+        assert!(st.cache.bad_copies_refetched >= 1, "{st:?}");
         Ok(())
     })
     .await
@@ -549,8 +545,8 @@ async fn prefetch_warms_a_whole_volume_for_disconnected_serving() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(String::from_utf8_lossy(&out.stdout).contains("prefetched 30 files"));
         let st = m.status()?;
-        assert_eq!(st["volumes"][0]["cached"]["files"], 30, "{st}");
-        assert_eq!(st["volumes"][0]["misses"], 30, "{st}");
+        assert_eq!(st.volumes[0].cached.files, 30, "{st:?}");
+        assert_eq!(st.volumes[0].misses, 30, "{st:?}");
         for i in 0..3 {
             tc.kill(i);
         }

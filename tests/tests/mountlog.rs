@@ -59,14 +59,8 @@ impl BackgroundMount {
         self.cache.join("mount.log")
     }
 
-    fn status(&self) -> Result<serde_json::Value> {
-        let out = Command::new(codafs_bin())
-            .arg("status")
-            .arg(&self.path)
-            .arg("--json")
-            .output()?;
-        ensure!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(serde_json::from_slice(&out.stdout)?)
+    fn status(&self) -> Result<codafs_client::status::MountStatus> {
+        codafs_tests::mount_status(&self.path)
     }
 }
 
@@ -119,14 +113,12 @@ async fn python_opens_leave_no_log_line_per_request() {
         let file = m.path.join("www/index.html");
         python_opens(&file, 10)?;
         let before = std::fs::metadata(m.log())?.len();
-        let ioctls_before = m.status()?["fuse_requests"]["ioctl"]
-            .as_u64()
-            .context("ioctl counter")?;
+        let ioctls_before = m.status()?.requests("ioctl");
 
         python_opens(&file, OPENS)?;
 
         let st = m.status()?;
-        let ioctls = st["fuse_requests"]["ioctl"].as_u64().context("ioctl counter")? - ioctls_before;
+        let ioctls = st.requests("ioctl") - ioctls_before;
         ensure!(
             ioctls >= OPENS as u64,
             "{OPENS} Python opens made only {ioctls} ioctl requests: the test does not exercise what it should"

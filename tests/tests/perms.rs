@@ -101,10 +101,7 @@ async fn server_dirs_and_caches_are_private_whatever_the_umask() {
 
         // The control socket is for every local user: its directory 0755, the socket 0666.
         let st = m.status()?;
-        ensure!(
-            st["read_only"].as_bool() == Some(true),
-            "status answers over the socket: {st}"
-        );
+        ensure!(st.read_only, "status answers over the socket: {st:?}");
         let run = std::fs::metadata("/run/codafs")?.permissions().mode() & 0o777;
         ensure!(run == 0o755, "/run/codafs is {run:o}");
 

@@ -52,11 +52,7 @@ fn writer_and_web_node(tc: &TestCluster) -> Result<(Mount, Mount)> {
 
 /// The version of volume `www` a mount has applied (from `codafs status`).
 fn www_version(m: &Mount) -> Option<u64> {
-    m.status().ok()?["volumes"]
-        .as_array()?
-        .iter()
-        .find(|v| v["name"] == "www")?["version"]
-        .as_u64()
+    Some(m.status().ok()?.volume("www")?.version)
 }
 
 /// Waits until `path` reads as `want` (through a mount, after callbacks).
@@ -326,7 +322,7 @@ async fn tokens_survive_a_mount_restart_and_a_refused_store_keeps_the_old_conten
         wait_content(&w.join("q.html"), b"small").await?;
         ensure!(read_file(&b.path.join("www/q.html"))? == b"small");
         let st = a.status()?;
-        ensure!(st["writes"]["failed_commits"].as_u64() >= Some(1), "{st}");
+        ensure!(st.writes.failed_commits >= 1, "{st:?}");
         Ok(())
     })
     .await

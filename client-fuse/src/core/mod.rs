@@ -25,6 +25,7 @@ use remote::{Remote, RemoteVolume};
 
 use crate::cache::blobs::BlobCache;
 use crate::cache::meta::{MetaStore, VolState};
+use crate::status::{ratio, CacheStatus, CachedFiles, MountStatus, TokenStatus, VolumeStatus, WriteCounters};
 use crate::transport::BlobRef;
 
 /// Node id of the `/coda` root.
@@ -685,74 +686,81 @@ impl<R: Remote> Core<R> {
     }
 
     /// Status for `codafs status MNT`.
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> MountStatus {
         let subs = self.subscribed.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let (entries, bytes) = self.blobs.usage();
-        let s = &self.blobs.stats;
-        let hits = s.hits.load(Ordering::Relaxed);
-        let misses = s.misses.load(Ordering::Relaxed);
-        let vols: Vec<_> = self
+        let volumes = self
             .volumes()
             .into_iter()
             .map(|v| {
-                let (h, m) = self
+                let (hits, misses) = self
                     .volume_hits
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .get(&v.id)
                     .copied()
                     .unwrap_or_default();
-                serde_json::json!({
-                    "name": v.name,
-                    "version": v.seen,
-                    "connected": subs.get(&v.name).copied().unwrap_or(false),
-                    "cached": self.cached_in(&v),
-                    "hits": h,
-                    "misses": m,
-                    "hit_ratio": if h + m == 0 { 0.0 } else { h as f64 / (h + m) as f64 },
-                })
+                VolumeStatus {
+                    connected: subs.get(&v.name).copied().unwrap_or(false),
+                    cached: self.cached_in(&v),
+                    name: v.name,
+                    version: v.seen,
+                    hits,
+                    misses,
+                    hit_ratio: ratio(hits, misses),
+                }
             })
             .collect();
-        let fuse: serde_json::Map<String, serde_json::Value> = FUSE_OPS
-            .iter()
-            .zip(&self.stats.fuse_requests)
-            .map(|(n, c)| (n.to_string(), c.load(Ordering::Relaxed).into()))
-            .collect();
         let w = &self.writes.stats;
-        let tokens: Vec<_> = self
+        let tokens = self
             .writes
             .tokens
             .list()
             .into_iter()
-            .map(|(uid, user, expires)| serde_json::json!({ "uid": uid, "user": user, "expires": expires }))
+            .map(|(uid, user, expires)| TokenStatus { uid, user, expires })
             .collect();
-        serde_json::json!({
-            "connected": self.is_connected(),
-            "read_only": self.writes.read_only(),
-            "tokens": tokens,
-            "writes": {
-                "commits": w.commits.load(Ordering::Relaxed),
-                "failed_commits": w.failed_commits.load(Ordering::Relaxed),
-                "stored_bytes": w.stored_bytes.load(Ordering::Relaxed),
+        MountStatus {
+            mountpoint: String::new(),
+            connected: self.is_connected(),
+            read_only: self.writes.read_only(),
+            tokens,
+            writes: WriteCounters {
+                commits: w.commits.load(Ordering::Relaxed),
+                failed_commits: w.failed_commits.load(Ordering::Relaxed),
+                stored_bytes: w.stored_bytes.load(Ordering::Relaxed),
             },
-            "fuse_requests": fuse,
-            "stale_page_drops": self.stats.stale_page_drops.load(Ordering::Relaxed),
-            "volumes": vols,
-            "cache": {
-                "entries": entries, "bytes": bytes, "max_bytes": self.blobs.max_bytes(),
-                "hits": hits, "misses": misses,
-                "hit_ratio": if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },
-                "fetched_bytes": s.fetched_bytes.load(Ordering::Relaxed),
-                "evictions": s.evictions.load(Ordering::Relaxed),
-                "corrupt_dropped": s.corrupt_dropped.load(Ordering::Relaxed),
-                "bad_copies_refetched": self.remote.bad_copies(),
-                "streamed_uncached": self.stats.streamed_uncached.load(Ordering::Relaxed),
-            },
-        })
+            fuse_requests: FUSE_OPS
+                .iter()
+                .zip(&self.stats.fuse_requests)
+                .map(|(n, c)| (n.to_string(), c.load(Ordering::Relaxed)))
+                .collect(),
+            stale_page_drops: self.stats.stale_page_drops.load(Ordering::Relaxed),
+            volumes,
+            cache: self.cache_status(),
+        }
     }
 
-    /// Files of a volume whose content is cached: (files, bytes). Walks the cached listings.
-    fn cached_in(&self, v: &VolState) -> serde_json::Value {
+    fn cache_status(&self) -> CacheStatus {
+        let (entries, bytes) = self.blobs.usage();
+        let s = &self.blobs.stats;
+        let hits = s.hits.load(Ordering::Relaxed);
+        let misses = s.misses.load(Ordering::Relaxed);
+        CacheStatus {
+            entries: entries as u64,
+            bytes,
+            max_bytes: self.blobs.max_bytes(),
+            hits,
+            misses,
+            hit_ratio: ratio(hits, misses),
+            fetched_bytes: s.fetched_bytes.load(Ordering::Relaxed),
+            evictions: s.evictions.load(Ordering::Relaxed),
+            corrupt_dropped: s.corrupt_dropped.load(Ordering::Relaxed),
+            bad_copies_refetched: self.remote.bad_copies(),
+            streamed_uncached: self.stats.streamed_uncached.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Files of a volume whose content is cached. Walks the cached listings.
+    fn cached_in(&self, v: &VolState) -> CachedFiles {
         let (mut files, mut bytes) = (0u64, 0u64);
         let mut stack = vec![v.root_ino];
         while let Some(d) = stack.pop() {
@@ -772,7 +780,7 @@ impl<R: Remote> Core<R> {
                 }
             }
         }
-        serde_json::json!({ "files": files, "bytes": bytes })
+        CachedFiles { files, bytes }
     }
 }
 

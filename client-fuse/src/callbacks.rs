@@ -26,7 +26,7 @@ pub async fn follow<R: Remote>(
         let Some(from) = core.volumes().into_iter().find(|v| v.name == volume).map(|v| v.seen) else {
             return;
         };
-        match core.remote.subscribe(volume.clone(), from).await {
+        match core.subscribe(volume.clone(), from).await {
             Ok(mut stream) => {
                 core.set_subscribed(&volume, true);
                 backoff = Duration::from_millis(100);
@@ -51,7 +51,7 @@ pub async fn follow<R: Remote>(
                                 e,
                                 crate::core::FsError::Denied(_) | crate::core::FsError::Unauthenticated(_)
                             ) {
-                                core.volumes_wanted.notify_one();
+                                core.want_volumes();
                             }
                             break;
                         }
@@ -66,7 +66,7 @@ pub async fn follow<R: Remote>(
                     e,
                     crate::core::FsError::Denied(_) | crate::core::FsError::Unauthenticated(_)
                 ) {
-                    core.volumes_wanted.notify_one();
+                    core.want_volumes();
                 }
             }
         }
@@ -89,7 +89,7 @@ pub async fn catch_up<R: Remote>(core: &Core<R>, volume: &str, target: u64, limi
         return true;
     }
     let run = async {
-        let mut stream = core.remote.subscribe(volume.to_string(), from).await.ok()?;
+        let mut stream = core.subscribe(volume.to_string(), from).await.ok()?;
         while let Some(Ok(ev)) = stream.next().await {
             core.apply_change(volume, &ev, &NoKernel).await.ok()?;
             if ev.version >= target {

@@ -256,7 +256,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.core.stats.fuse_request("lookup");
+        self.core.count_request("lookup");
         let Some(name) = name_str(name) else {
             return reply.error(Errno::ENOENT);
         };
@@ -285,7 +285,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.core.stats.fuse_request("getattr");
+        self.core.count_request("getattr");
         let (core, inval) = (self.core.clone(), self.inval.clone());
         self.spawn(tracing::debug_span!("getattr", ino = ino.0), async move {
             let getattr = || async {
@@ -302,7 +302,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.core.stats.fuse_request("readlink");
+        self.core.count_request("readlink");
         let core = self.core.clone();
         self.spawn(tracing::debug_span!("readlink", ino = ino.0), async move {
             let (r, _view) = core.current(|| core.readlink(ino.0)).await;
@@ -314,7 +314,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.core.stats.fuse_request("open");
+        self.core.count_request("open");
         if self.read_only {
             // No-open mode: the kernel keeps the page cache and never asks again.
             return reply.error(Errno::ENOSYS);
@@ -335,7 +335,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.core.stats.fuse_request("opendir");
+        self.core.count_request("opendir");
         if self.read_only {
             // No-opendir mode: the kernel caches directory listings (FOPEN_CACHE_DIR) and checks
             // modes itself.
@@ -359,7 +359,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     }
 
     fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _lo: fuser::LockOwner, reply: ReplyEmpty) {
-        self.core.stats.fuse_request("flush");
+        self.core.count_request("flush");
         if self.read_only {
             return reply.error(Errno::ENOSYS);
         }
@@ -382,7 +382,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        self.core.stats.fuse_request("read");
+        self.core.count_request("read");
         let core = self.core.clone();
         self.spawn(tracing::debug_span!("read", ino = ino.0, offset, size), async move {
             match core.read(ino.0, fh.0, offset, size).await {
@@ -393,7 +393,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        self.core.stats.fuse_request("readdir");
+        self.core.count_request("readdir");
         // Read permission was checked when the directory was opened (opendir), as POSIX does.
         let core = self.core.clone();
         self.spawn(tracing::debug_span!("readdir", ino = ino.0, offset), async move {
@@ -416,7 +416,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     }
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        self.core.stats.fuse_request("readdir");
+        self.core.count_request("readdir");
         // Read permission was checked when the directory was opened (opendir), as POSIX does.
         let (core, inval) = (self.core.clone(), self.inval.clone());
         self.spawn(tracing::debug_span!("readdirplus", ino = ino.0, offset), async move {
@@ -463,10 +463,10 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        self.core.stats.fuse_request("statfs");
-        let (files, bytes) = self.core.blobs.usage();
+        self.core.count_request("statfs");
+        let (files, bytes, max_bytes) = self.core.cache_usage();
         let bsize = 4096u64;
-        let blocks = self.core.blobs.max_bytes() / bsize;
+        let blocks = max_bytes / bsize;
         let used = bytes / bsize;
         reply.statfs(
             blocks,
@@ -501,7 +501,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        self.core.stats.fuse_request("write_ops");
+        self.core.count_request("write_ops");
         let (core, c) = (self.core.clone(), caller(req));
         let s = SetAttrs {
             mode,
@@ -529,7 +529,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.core.stats.fuse_request("write_ops");
+        self.core.count_request("write_ops");
         let Some(name) = name_str(name) else {
             return reply.error(Errno::EINVAL);
         };
@@ -540,7 +540,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        self.core.stats.fuse_request("write_ops");
+        self.core.count_request("write_ops");
         let Some(name) = name_str(name) else {
             return reply.error(Errno::EINVAL);
         };
@@ -559,7 +559,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, name: &OsStr, target: &Path, reply: ReplyEntry) {
-        self.core.stats.fuse_request("write_ops");
+        self.core.count_request("write_ops");
         let (Some(name), Some(target)) = (name_str(name), target.to_str().map(str::to_string)) else {
             return reply.error(Errno::EINVAL);
         };
@@ -579,7 +579,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        self.core.stats.fuse_request("write_ops");
+        self.core.count_request("write_ops");
         let (Some(name), Some(new_name)) = (name_str(name), name_str(new_name)) else {
             return reply.error(Errno::EINVAL);
         };
@@ -597,7 +597,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     }
 
     fn link(&self, req: &Request, ino: INodeNo, new_parent: INodeNo, new_name: &OsStr, reply: ReplyEntry) {
-        self.core.stats.fuse_request("write_ops");
+        self.core.count_request("write_ops");
         let Some(new_name) = name_str(new_name) else {
             return reply.error(Errno::EINVAL);
         };
@@ -617,7 +617,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        self.core.stats.fuse_request("write_ops");
+        self.core.count_request("write_ops");
         let Some(name) = name_str(name) else {
             return reply.error(Errno::EINVAL);
         };
@@ -649,7 +649,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         _lo: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        self.core.stats.fuse_request("write_ops");
+        self.core.count_request("write_ops");
         let _span = tracing::trace_span!("write", ino = ino.0, offset, len = data.len()).entered();
         // A local pwrite to the shadow: done inline, no server involved.
         match self.core.write(fh.0, offset, data) {
@@ -659,7 +659,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.core.stats.fuse_request("flush");
+        self.core.count_request("flush");
         self.store(tracing::debug_span!("fsync", ino = ino.0), fh, reply);
     }
 
@@ -705,17 +705,17 @@ impl<R: Remote> Filesystem for CodaFs<R> {
     }
 
     fn setxattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
-        self.core.stats.fuse_request("write_ops");
+        self.core.count_request("write_ops");
         reply.error(if self.read_only { Errno::EROFS } else { Errno::ENOTSUP });
     }
 
     fn removexattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
-        self.core.stats.fuse_request("write_ops");
+        self.core.count_request("write_ops");
         reply.error(if self.read_only { Errno::EROFS } else { Errno::ENOTSUP });
     }
 
     fn fallocate(&self, _req: &Request, _i: INodeNo, _fh: FileHandle, _o: u64, _l: u64, _m: i32, reply: ReplyEmpty) {
-        self.core.stats.fuse_request("write_ops");
+        self.core.count_request("write_ops");
         reply.error(if self.read_only {
             Errno::EROFS
         } else {
@@ -740,7 +740,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
-        self.core.stats.fuse_request("ioctl");
+        self.core.count_request("ioctl");
         reply.error(Errno::ENOTTY);
     }
 
@@ -835,7 +835,7 @@ impl<R: Remote> CodaFs<R> {
     }
 
     fn remove(&self, req: &Request, parent: INodeNo, name: &OsStr, dir: bool, reply: ReplyEmpty) {
-        self.core.stats.fuse_request("write_ops");
+        self.core.count_request("write_ops");
         let Some(name) = name_str(name) else {
             return reply.error(Errno::ENOENT);
         };

@@ -208,7 +208,7 @@ async fn revalidate<R: Remote>(core: &Core<R>, limit: Duration) {
     if names.is_empty() {
         return;
     }
-    let Ok(stamps) = core.remote.stamps(names).await else {
+    let Ok(stamps) = core.volume_stamps(names).await else {
         return;
     };
     for s in stamps.into_iter().filter(|s| s.exists) {
@@ -218,7 +218,7 @@ async fn revalidate<R: Remote>(core: &Core<R>, limit: Duration) {
         } else if !crate::callbacks::catch_up(core, &s.volume, s.version, limit * 5).await {
             tracing::warn!(volume = %s.volume, "could not catch up; dropping its cached metadata");
             if let Some(v) = core.volumes().into_iter().find(|v| v.name == s.volume) {
-                let _ = core.meta.forget_volume(v.id);
+                let _ = core.forget_volume(v.id);
             }
         }
     }
@@ -249,7 +249,7 @@ async fn watch_volumes<R: Remote>(
         followed.retain(|n| core.volumes().iter().any(|v| &v.name == n));
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = core.volumes_wanted.notified() => {}
+            _ = core.volumes_wanted() => {}
             _ = stop.changed() => return,
         }
     }
@@ -268,15 +268,14 @@ async fn login<R: Remote>(core: &Core<R>, uid: u32, token: &str) -> serde_json::
         Err(e) => return serde_json::json!({ "error": e.to_string() }),
         Ok(_) => {}
     }
-    let verified = match tokio::time::timeout(Duration::from_secs(10), core.remote.check_token(token)).await {
+    let verified = match tokio::time::timeout(Duration::from_secs(10), core.check_token(token)).await {
         Ok(Ok(())) => true,
         Ok(Err(crate::core::FsError::Disconnected(_))) | Err(_) => false,
         Ok(Err(e)) => return serde_json::json!({ "error": format!("the servers refuse this token: {e}") }),
     };
-    match core.writes.tokens.set(uid, token, None) {
+    match core.set_token(uid, token) {
         Ok(c) => {
             tracing::info!(uid, user = %c.user, verified, "token set");
-            core.sync_readers();
             serde_json::json!({ "ok": true, "uid": uid, "user": c.user, "expires": c.expires, "verified": verified })
         }
         Err(e) => serde_json::json!({ "error": e.to_string() }),
@@ -367,10 +366,9 @@ async fn control<R: Remote>(
                     reply
                 }
                 "logout" => {
-                    let had = core.writes.tokens.remove(uid);
+                    let had = core.drop_token(uid);
                     tracing::info!(uid, had, "token dropped");
-                    core.sync_readers();
-                    core.volumes_wanted.notify_one();
+                    core.want_volumes();
                     serde_json::json!({ "ok": true, "uid": uid, "had_token": had })
                 }
                 other => serde_json::json!({ "error": format!("unknown command {other:?}") }),

@@ -9,6 +9,7 @@
 //! with events, is in [`switch`].
 pub mod error;
 pub mod remote;
+mod runner;
 pub mod switch;
 pub mod write;
 
@@ -165,11 +166,27 @@ pub(crate) fn kind_of(k: i32) -> NodeKind {
     }
 }
 
-/// The filesystem core.
+/// The filesystem core. Its fields are private: the FUSE adaptor, the mount runner and the
+/// callback followers use its methods (filesystem operations here and in `write.rs`, the
+/// switch in `switch.rs`, the rest in `runner.rs`).
+///
+/// Locks, in the order they are taken when more than one is held (never the other way round):
+/// 1. a volume's in-flight lock (`WriteState::inflight`, async): shared by a namespace commit
+///    until it has recorded what it told the kernel, exclusive while an event of that volume is
+///    applied;
+/// 2. `view` (async): exclusive while an event switches the cache and the kernel's copies,
+///    shared by replies until they are sent;
+/// 3. `apply_mx`: a fetch filling the cache, or an event being applied to it;
+/// 4. leaf locks, held for a moment with nothing else taken inside them: `volumes`,
+///    `subscribed`, `volume_hits`, `fetches`, and `kernel_names` (which `stale_pages` may
+///    hold while it is taken).
+///
+/// No std lock is held across an await. A file's store lock (`write/shadow.rs`) is taken before
+/// any of these and held across its commit.
 pub struct Core<R: Remote> {
-    pub remote: R,
-    pub meta: MetaStore,
-    pub blobs: BlobCache,
+    remote: R,
+    meta: MetaStore,
+    blobs: BlobCache,
     cfg: CoreConfig,
     volumes: RwLock<BTreeMap<String, VolState>>,
     fetches: Mutex<HashMap<Hash, Arc<tokio::sync::Mutex<()>>>>,
@@ -178,9 +195,9 @@ pub struct Core<R: Remote> {
     subscribed: Mutex<HashMap<String, bool>>,
     /// Content cache (hits, misses) per volume id.
     volume_hits: Mutex<HashMap<u32, (u64, u64)>>,
-    pub stats: CoreStats,
+    stats: CoreStats,
     /// Tokens, shadows and open handles of writes through the mount.
-    pub writes: write::WriteState,
+    writes: write::WriteState,
     /// Filling the cache from a fetch and applying a change event exclude each other, so a
     /// fetch that raced an event is never cached over it.
     apply_mx: Mutex<()>,
@@ -201,7 +218,7 @@ pub struct Core<R: Remote> {
     stale_pages: Mutex<HashMap<u64, (u64, i64)>>,
     /// Asks the volume watcher for a fresh volume list now (tokens changed, or a change stream
     /// was refused: a volume may have been made private).
-    pub volumes_wanted: tokio::sync::Notify,
+    volumes_wanted: tokio::sync::Notify,
     /// Content streamed through memory while the cache disk is full.
     windows: crate::cache::stream::Windows,
 }

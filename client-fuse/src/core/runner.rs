@@ -1,0 +1,67 @@
+//! What the mount runner, the FUSE adaptor and the callback followers ask of the core beyond
+//! filesystem operations: counters, the cache's size, token hand-over, volume stamps and change
+//! streams. They go through these methods, so the core's fields stay private to it.
+use codafs_common::token::Claims;
+use codafs_proto::pb;
+
+use super::remote::{ChangeStream, Remote};
+use super::{Core, FsError};
+use crate::tokens::TokenStoreError;
+
+impl<R: Remote> Core<R> {
+    /// Counts one kernel request of operation `op` (see `FUSE_OPS`).
+    pub fn count_request(&self, op: &str) {
+        self.stats.fuse_request(op);
+    }
+
+    /// The whole-file cache: (cached blobs, bytes used, byte budget).
+    pub fn cache_usage(&self) -> (usize, u64, u64) {
+        let (entries, bytes) = self.blobs.usage();
+        (entries, bytes, self.blobs.max_bytes())
+    }
+
+    /// The current version of each of `volumes`, as the servers have it.
+    pub async fn volume_stamps(&self, volumes: Vec<String>) -> Result<Vec<pb::VolumeStamp>, FsError> {
+        self.remote.stamps(volumes).await
+    }
+
+    /// Drops the cached metadata of volume `id` (it is fetched again as needed).
+    pub fn forget_volume(&self, id: u32) -> Result<(), FsError> {
+        self.meta.forget_volume(id).map_err(Self::io)
+    }
+
+    /// `volume`'s change events after version `from`, then live ones.
+    pub async fn subscribe(&self, volume: String, from: u64) -> Result<ChangeStream, FsError> {
+        self.remote.subscribe(volume, from).await
+    }
+
+    /// Whether the servers accept `token`.
+    pub async fn check_token(&self, token: &str) -> Result<(), FsError> {
+        self.remote.check_token(token).await
+    }
+
+    /// Makes `token` the one local user `uid` writes (and reads private volumes) with.
+    pub fn set_token(&self, uid: u32, token: &str) -> Result<Claims, TokenStoreError> {
+        let claims = self.writes.tokens.set(uid, token, None)?;
+        self.sync_readers();
+        Ok(claims)
+    }
+
+    /// Forgets `uid`'s token; returns whether it had one.
+    pub fn drop_token(&self, uid: u32) -> bool {
+        let had = self.writes.tokens.remove(uid);
+        self.sync_readers();
+        had
+    }
+
+    /// Asks the volume watcher to refresh the volume list now (a token changed, a volume
+    /// appeared or went away).
+    pub fn want_volumes(&self) {
+        self.volumes_wanted.notify_one();
+    }
+
+    /// Resolves when [`Core::want_volumes`] was called.
+    pub async fn volumes_wanted(&self) {
+        self.volumes_wanted.notified().await
+    }
+}

@@ -493,6 +493,29 @@ pub fn apply_to_both(
     Ok(())
 }
 
+/// Empty state-machine tables in a temporary directory (removed when the guard drops).
+#[cfg(test)]
+pub(crate) fn temp_tables() -> (tempfile::TempDir, Tables) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let db = open(dir.path()).expect("RocksDB opens in a fresh directory");
+    (dir, Tables { db })
+}
+
+#[cfg(test)]
+impl Tables {
+    /// Writes one delta at once (as the state machine does for an applied entry).
+    pub(crate) fn write_now(&self, d: &Delta) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        self.write_delta(&mut batch, d)?;
+        self.db.write(batch).map_err(se)
+    }
+
+    /// Rows per state-machine table.
+    pub(crate) fn row_counts(&self) -> Result<std::collections::BTreeMap<String, usize>, StoreError> {
+        Ok(self.dump()?.into_iter().map(|(t, rows)| (t, rows.len())).collect())
+    }
+}
+
 /// A bootstrapped state with volume `www` owned by `admin`, applied as entries 1 and 2 to real
 /// RocksDB tables and to the in-memory reference, for tests that continue from there.
 #[cfg(test)]

@@ -801,3 +801,5 @@ fn check_quota(what: &str, limit: u64, before: u64, after: u64) -> TxnResult<()>
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod twin;

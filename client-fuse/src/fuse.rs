@@ -150,24 +150,6 @@ impl Invalidator for KernelInvalidator {
     }
 }
 
-/// Drops the kernel's pages of node `a` if a change event replaced it since they were read and
-/// the kernel would keep them (see `Core::take_stale_pages`), before a reply shows `a`.
-///
-/// The kernel waits for page locks here, which only reads in flight hold; their replies need
-/// no lock of ours, so this cannot deadlock. It runs on the blocking pool so that a wait never
-/// holds up a runtime worker those reads need.
-async fn drop_stale_pages<R: Remote>(core: &Core<R>, inval: &std::sync::OnceLock<Arc<dyn Invalidator>>, a: &NodeAttr) {
-    if !core.take_stale_pages(a) {
-        return;
-    }
-    let ino = a.ino;
-    if let Some(i) = inval.get().cloned() {
-        if let Err(e) = tokio::task::spawn_blocking(move || i.drop_pages(ino)).await {
-            tracing::debug!(ino, error = %e, "dropping stale pages");
-        }
-    }
-}
-
 /// The mounted filesystem.
 pub struct CodaFs<R: Remote> {
     pub core: Arc<Core<R>>,
@@ -268,17 +250,9 @@ impl<R: Remote> Filesystem for CodaFs<R> {
                     return reply.error(by_ino(&e));
                 }
             }
-            let lookup = || async {
-                let a = core.lookup(parent.0, &name).await?;
-                drop_stale_pages(&core, &inval, &a).await;
-                Ok::<_, FsError>(a)
-            };
-            let (r, _view) = core.current(lookup).await;
+            let (r, _view) = core.lookup_reply(parent.0, &name, &inval.get().cloned()).await;
             match r {
-                Ok(a) => {
-                    core.told_name(parent.0, &name, a.ino);
-                    reply.entry(&KERNEL_TTL, &file_attr(&a), Generation(a.generation))
-                }
+                Ok(a) => reply.entry(&KERNEL_TTL, &file_attr(&a), Generation(a.generation)),
                 Err(e) => reply.error(errno(&e)),
             }
         });
@@ -288,12 +262,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         self.core.count_request("getattr");
         let (core, inval) = (self.core.clone(), self.inval.clone());
         self.spawn(tracing::debug_span!("getattr", ino = ino.0), async move {
-            let getattr = || async {
-                let a = core.getattr(ino.0).await?;
-                drop_stale_pages(&core, &inval, &a).await;
-                Ok::<_, FsError>(a)
-            };
-            let (r, _view) = core.current(getattr).await;
+            let (r, _view) = core.getattr_reply(ino.0, &inval.get().cloned()).await;
             match r {
                 Ok(a) => reply.attr(&KERNEL_TTL, &file_attr(&a)),
                 Err(e) => reply.error(by_ino(&e)),
@@ -305,7 +274,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         self.core.count_request("readlink");
         let core = self.core.clone();
         self.spawn(tracing::debug_span!("readlink", ino = ino.0), async move {
-            let (r, _view) = core.current(|| core.readlink(ino.0)).await;
+            let (r, _view) = core.readlink_reply(ino.0).await;
             match r {
                 Ok(t) => reply.data(t.as_bytes()),
                 Err(e) => reply.error(by_ino(&e)),
@@ -397,7 +366,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         // Read permission was checked when the directory was opened (opendir), as POSIX does.
         let core = self.core.clone();
         self.spawn(tracing::debug_span!("readdir", ino = ino.0, offset), async move {
-            let (r, _view) = core.current(|| core.readdir(ino.0)).await;
+            let (r, _view) = core.names_reply(ino.0).await;
             let entries = match r {
                 Ok(e) => e,
                 Err(e) => return reply.error(errno(&e)),
@@ -420,18 +389,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         // Read permission was checked when the directory was opened (opendir), as POSIX does.
         let (core, inval) = (self.core.clone(), self.inval.clone());
         self.spawn(tracing::debug_span!("readdirplus", ino = ino.0, offset), async move {
-            let listing = || async {
-                let entries = core.readdir(ino.0).await?;
-                let me = core.getattr(ino.0).await?;
-                let mut all = vec![(".".to_string(), me.clone()), ("..".to_string(), me)];
-                for (name, child, _) in entries.into_iter().skip((offset as usize).saturating_sub(2)) {
-                    let a = core.getattr(child).await?;
-                    drop_stale_pages(&core, &inval, &a).await;
-                    all.push((name, a));
-                }
-                Ok::<_, FsError>(all)
-            };
-            let (r, _view) = core.current(listing).await;
+            let (r, _view) = core.listing_reply(ino.0, offset, &inval.get().cloned()).await;
             let all = match r {
                 Ok(all) => all,
                 Err(e) => return reply.error(errno(&e)),
@@ -443,10 +401,6 @@ impl<R: Remote> Filesystem for CodaFs<R> {
                 } else {
                     offset.max(2) + (i as u64 - 2) + 1
                 };
-                if i >= 2 {
-                    // The kernel makes a name of each entry, as from a lookup.
-                    core.told_name(ino.0, &name, a.ino);
-                }
                 if reply.add(
                     INodeNo(a.ino),
                     next,

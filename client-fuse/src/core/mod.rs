@@ -9,6 +9,7 @@
 //! with events, is in [`switch`].
 pub mod error;
 pub mod remote;
+pub mod replies;
 mod runner;
 pub mod switch;
 pub mod write;

@@ -171,7 +171,7 @@ impl<R: Remote> Core<R> {
     /// after a change replaced it, if its size and mtime look unchanged to the kernel. When they
     /// differ the kernel drops the pages itself on reading the reply, and dropping them here
     /// would make it discard the reply's attributes.
-    pub fn take_stale_pages(&self, a: &NodeAttr) -> bool {
+    pub(super) fn take_stale_pages(&self, a: &NodeAttr) -> bool {
         let Some(shown) = self
             .stale_pages
             .lock()
@@ -191,7 +191,7 @@ impl<R: Remote> Core<R> {
     /// Runs `f` and returns its result with a read guard on the view: hold the guard until the
     /// reply is sent. If a change event switched the view while `f` ran, `f` runs again, so a
     /// reply never shows the kernel a state older than one it was already shown.
-    pub async fn current<T, Fut>(&self, f: impl Fn() -> Fut) -> (T, tokio::sync::RwLockReadGuard<'_, ()>)
+    pub(super) async fn current<T, Fut>(&self, f: impl Fn() -> Fut) -> (T, tokio::sync::RwLockReadGuard<'_, ()>)
     where
         Fut: std::future::Future<Output = T>,
     {
@@ -413,7 +413,7 @@ impl<R: Remote> Core<R> {
 
     /// Records that a reply told the kernel `name` in `parent` leads to `ino`; call it while the
     /// view's read guard is held, before the reply is sent.
-    pub fn told_name(&self, parent: u64, name: &str, ino: u64) {
+    pub(super) fn told_name(&self, parent: u64, name: &str, ino: u64) {
         self.kernel_names
             .lock()
             .unwrap_or_else(|p| p.into_inner())

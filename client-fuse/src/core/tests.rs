@@ -542,3 +542,88 @@ async fn a_shadow_serves_reads_and_size_until_released() {
         "shadow removed"
     );
 }
+
+/// What the core asked of the kernel, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KernelCall {
+    Switch { inodes: Vec<u64>, names: bool },
+    Invalidate(Invalidation),
+    DropPages(u64),
+}
+
+/// An [`Invalidator`] that records every call (and has no name epochs, like older kernels).
+#[derive(Default)]
+struct Recorder(Mutex<Vec<KernelCall>>);
+
+impl Recorder {
+    fn take(&self) -> Vec<KernelCall> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+impl Invalidator for Recorder {
+    fn invalidate(&self, inv: &Invalidation) {
+        self.0.lock().unwrap().push(KernelCall::Invalidate(inv.clone()));
+    }
+    fn switch(&self, inodes: &[u64], names: bool) -> bool {
+        self.0.lock().unwrap().push(KernelCall::Switch {
+            inodes: inodes.to_vec(),
+            names,
+        });
+        false
+    }
+    fn drop_pages(&self, ino: u64) {
+        self.0.lock().unwrap().push(KernelCall::DropPages(ino));
+    }
+}
+
+/// The reply protocol and the switch together: a change drops exactly the attributes and names
+/// the kernel was shown, and the next reply that shows the changed file first drops its pages
+/// (same size and mtime, so the kernel would keep them).
+#[tokio::test]
+async fn a_change_drops_what_the_kernel_was_shown_and_the_next_reply_its_stale_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = core_with(dir.path(), 1 << 20);
+    core.refresh_volumes().await.unwrap();
+    publish(&core, &[], "shown", b"1").await;
+    publish(&core, &[], "never-shown", b"1").await;
+    let rec = Arc::new(Recorder::default());
+    let kernel: replies::Kernel = Some(rec.clone());
+    let (shown, view) = core.lookup_reply(root(), "shown", &kernel).await;
+    let shown = shown.unwrap();
+    drop(view);
+    let other = core.lookup(root(), "never-shown").await.unwrap();
+    assert!(rec.take().is_empty(), "a first lookup drops nothing");
+
+    // Another node rewrites both files (same sizes): the switch drops both nodes' attributes
+    // at once, and the name the kernel holds goes in the background; the other is not named.
+    let ev = core.remote.write(&[], "shown", b"2");
+    let inv = core.apply_change("www", &ev, &*rec).await.unwrap();
+    let ev2 = core.remote.write(&[], "never-shown", b"2");
+    let inv2 = core.apply_change("www", &ev2, &*rec).await.unwrap();
+    assert_eq!(
+        rec.take(),
+        [
+            KernelCall::Switch {
+                inodes: vec![shown.ino],
+                names: false
+            },
+            KernelCall::Switch {
+                inodes: vec![other.ino],
+                names: false
+            },
+        ]
+    );
+    assert_eq!(inv.entries, [(root(), "shown".to_string())], "{inv:?}");
+    assert!(inv2.entries.is_empty(), "a name never told is not dropped: {inv2:?}");
+
+    // The next reply showing the file drops its pages first, once.
+    let (again, view) = core.lookup_reply(root(), "shown", &kernel).await;
+    assert_eq!(again.unwrap().ino, shown.ino);
+    drop(view);
+    assert_eq!(rec.take(), [KernelCall::DropPages(shown.ino)]);
+    let (_, view) = core.getattr_reply(shown.ino, &kernel).await;
+    drop(view);
+    assert!(rec.take().is_empty(), "pages are dropped once per change");
+    assert_eq!(read_path(&core, &[], "shown").await.unwrap(), b"2");
+}

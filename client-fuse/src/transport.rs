@@ -440,11 +440,11 @@ impl Cluster {
             return Err(ClientError::Corrupt(hash));
         }
         Err(match last {
+            // A refusal every replica would repeat; a missing or corrupt copy, or a server
+            // that could not answer, says nothing about the others and reads as unreachable.
             Some(s)
-                if !matches!(
-                    kind_of(&s),
-                    ErrorKind::Unavailable | ErrorKind::Timeout | ErrorKind::NotFound | ErrorKind::Corrupt
-                ) =>
+                if !Retry::Elsewhere.moves_on(&s)
+                    && !matches!(kind_of(&s), ErrorKind::NotFound | ErrorKind::Corrupt) =>
             {
                 ClientError::Server(explained(s, &self.tls))
             }

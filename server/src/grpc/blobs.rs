@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use codafs_common::Hash;
-use codafs_proto::limits::{BLOB_CHUNK, MAX_MISSING_QUERY, MAX_SMALL_BATCH};
+use codafs_proto::limits::{BLOB_CHUNK, DEFAULT_WRITE_QUORUM, MAX_MISSING_QUERY, MAX_SMALL_BATCH};
 use codafs_proto::pb;
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -23,9 +23,6 @@ use crate::fsm::StateView;
 use crate::node::Node;
 
 pub struct BlobService(pub Arc<Node>);
-
-/// Default copies when a put does not name the volume's quorum.
-const DEFAULT_WRITE_QUORUM: u32 = 2;
 
 fn blob_status(e: BlobError) -> Status {
     match e {

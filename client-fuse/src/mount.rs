@@ -9,7 +9,8 @@ use tokio::sync::watch;
 
 use crate::cache::blobs::BlobCache;
 use crate::cache::meta::MetaStore;
-use crate::core::remote::{GrpcRemote, Remote};
+use crate::core::grpc::GrpcRemote;
+use crate::core::remote::Remote;
 use crate::core::write::WriteState;
 use crate::core::Invalidator;
 use crate::core::{Core, CoreConfig};

@@ -8,6 +8,8 @@
 use std::path::Path;
 
 use codafs_proto::pb;
+
+use crate::core::types::Attr;
 use prost::Message;
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
@@ -40,6 +42,11 @@ pub struct VolState {
 #[error("metadata cache: {0}")]
 pub struct MetaError(String);
 
+/// Attributes are stored as the wire message (the cache's on-disk format).
+fn encode(a: &Attr) -> Vec<u8> {
+    pb::Attr::from(a).encode_to_vec()
+}
+
 fn me(e: impl std::fmt::Display) -> MetaError {
     MetaError(e.to_string())
 }
@@ -67,20 +74,20 @@ impl MetaStore {
             .ok_or_else(|| MetaError(format!("column family {name} missing")))
     }
 
-    pub fn attr(&self, ino: u64) -> Result<Option<pb::Attr>, MetaError> {
+    pub fn attr(&self, ino: u64) -> Result<Option<Attr>, MetaError> {
         match self
             .db
             .get_pinned_cf(self.cf(CF_ATTRS)?, ino.to_be_bytes())
             .map_err(me)?
         {
-            Some(v) => Ok(Some(pb::Attr::decode(v.as_ref()).map_err(me)?)),
+            Some(v) => Ok(Some(pb::Attr::decode(v.as_ref()).map_err(me)?.into())),
             None => Ok(None),
         }
     }
 
-    pub fn put_attr(&self, a: &pb::Attr) -> Result<(), MetaError> {
+    pub fn put_attr(&self, a: &Attr) -> Result<(), MetaError> {
         self.db
-            .put_cf(self.cf(CF_ATTRS)?, a.ino.to_be_bytes(), a.encode_to_vec())
+            .put_cf(self.cf(CF_ATTRS)?, a.ino.to_be_bytes(), encode(a))
             .map_err(me)
     }
 
@@ -96,14 +103,14 @@ impl MetaStore {
     }
 
     /// Stores a complete listing and the attributes of its entries in one batch.
-    pub fn put_dir(&self, ino: u64, entries: &[(String, pb::Attr)]) -> Result<(), MetaError> {
+    pub fn put_dir(&self, ino: u64, entries: &[(String, Attr)]) -> Result<(), MetaError> {
         let mut batch = WriteBatch::default();
         let listing: Vec<DirEnt> = entries
             .iter()
             .map(|(n, a)| DirEnt {
                 name: n.clone(),
                 ino: a.ino,
-                kind: a.kind,
+                kind: crate::core::kind_code(a.kind),
             })
             .collect();
         batch.put_cf(
@@ -112,7 +119,7 @@ impl MetaStore {
             bincode::serialize(&listing).map_err(me)?,
         );
         for (_, a) in entries {
-            batch.put_cf(self.cf(CF_ATTRS)?, a.ino.to_be_bytes(), a.encode_to_vec());
+            batch.put_cf(self.cf(CF_ATTRS)?, a.ino.to_be_bytes(), encode(a));
         }
         self.db.write(batch).map_err(me)
     }
@@ -220,7 +227,7 @@ mod tests {
     fn round_trips_and_forgets() {
         let dir = tempfile::tempdir().unwrap();
         let m = MetaStore::open(dir.path()).unwrap();
-        let a = pb::Attr {
+        let a = Attr {
             ino: codafs_common::make_ino(1, 5),
             size: 3,
             ..Default::default()

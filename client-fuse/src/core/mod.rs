@@ -8,10 +8,13 @@
 //! testable without a mount. How an event is applied, and how fetched metadata is kept in step
 //! with events, is in [`switch`].
 pub mod error;
+pub mod grpc;
 pub mod remote;
 pub mod replies;
 mod runner;
 pub mod switch;
+pub mod types;
+mod wire;
 pub mod write;
 
 use std::collections::{BTreeMap, HashMap};
@@ -20,10 +23,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use codafs_common::{split_ino, Hash};
-use codafs_proto::pb;
 
 pub use error::FsError;
 use remote::{Remote, RemoteVolume};
+use types::Attr;
 
 use crate::cache::blobs::BlobCache;
 use crate::cache::meta::{MetaStore, VolState};
@@ -34,8 +37,9 @@ use crate::transport::BlobRef;
 pub const ROOT_INO: u64 = 1;
 
 /// Kinds of node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NodeKind {
+    #[default]
     File,
     Dir,
     Symlink,
@@ -159,13 +163,7 @@ pub fn shown_perm(mode: u32, kind: NodeKind, public: bool) -> u16 {
     m as u16
 }
 
-pub(crate) fn kind_of(k: i32) -> NodeKind {
-    match pb::ObjectKind::try_from(k) {
-        Ok(pb::ObjectKind::Directory) => NodeKind::Dir,
-        Ok(pb::ObjectKind::Symlink) => NodeKind::Symlink,
-        _ => NodeKind::File,
-    }
-}
+pub(crate) use wire::{kind_code, kind_of};
 
 /// The filesystem core. Its fields are private: the FUSE adaptor, the mount runner and the
 /// callback followers use its methods (filesystem operations here and in `write.rs`, the
@@ -395,8 +393,8 @@ impl<R: Remote> Core<R> {
         }
     }
 
-    fn to_node(&self, a: &pb::Attr) -> NodeAttr {
-        let kind = kind_of(a.kind);
+    fn to_node(&self, a: &Attr) -> NodeAttr {
+        let kind = a.kind;
         // A writable mount shows the stored mode (what chmod set); its daemon lets everyone read
         // public volumes whatever the mode (core::write::may_access).
         let public = self.writes.read_only() && self.volume_of(a.ino).is_none_or(|v| v.public_read);
@@ -413,12 +411,12 @@ impl<R: Remote> Core<R> {
             ctime_ns: a.ctime_ns,
             // Older servers send no atime: show mtime rather than 1970.
             atime_ns: if a.atime_ns == 0 { a.mtime_ns } else { a.atime_ns },
-            hash: Hash::from_slice(&a.hash).ok(),
+            hash: a.hash,
         }
     }
 
     /// Raw cached-or-fetched attributes.
-    async fn attr(&self, ino: u64) -> Result<pb::Attr, FsError> {
+    async fn attr(&self, ino: u64) -> Result<Attr, FsError> {
         if let Some(a) = self.meta.attr(ino).map_err(Self::io)? {
             self.stats.meta_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(a);
@@ -460,7 +458,7 @@ impl<R: Remote> Core<R> {
         }
         self.stats.meta_misses.fetch_add(1, Ordering::Relaxed);
         let attr = self.attr(ino).await?;
-        if kind_of(attr.kind) != NodeKind::Dir {
+        if attr.kind != NodeKind::Dir {
             return Err(FsError::NotDir);
         }
         let entries = self
@@ -475,7 +473,7 @@ impl<R: Remote> Core<R> {
             .map(|(name, a)| crate::cache::meta::DirEnt {
                 name,
                 ino: a.ino,
-                kind: a.kind,
+                kind: kind_code(a.kind),
             })
             .collect())
     }
@@ -522,7 +520,7 @@ impl<R: Remote> Core<R> {
 
     pub async fn readlink(&self, ino: u64) -> Result<String, FsError> {
         let a = self.attr(ino).await?;
-        if kind_of(a.kind) != NodeKind::Symlink {
+        if a.kind != NodeKind::Symlink {
             return Err(FsError::NotSymlink);
         }
         Ok(a.symlink_target)
@@ -531,12 +529,19 @@ impl<R: Remote> Core<R> {
     /// A file's content: which blob, and its size.
     async fn content_of(&self, ino: u64) -> Result<(BlobRef, u64), FsError> {
         let a = self.attr(ino).await?;
-        match kind_of(a.kind) {
+        match a.kind {
             NodeKind::File => {}
             NodeKind::Dir => return Err(FsError::IsDir),
             NodeKind::Symlink => return Err(FsError::Invalid("symlink".into())),
         }
-        let blob = BlobRef::of(&a).map_err(|e| FsError::Io(e.to_string()))?;
+        let hash = a
+            .hash
+            .ok_or_else(|| FsError::Io(format!("file {ino} has no content hash")))?;
+        let blob = BlobRef {
+            hash,
+            ticket: a.read_ticket,
+            ino,
+        };
         Ok((blob, a.size))
     }
 
@@ -788,7 +793,7 @@ impl<R: Remote> Core<R> {
                     NodeKind::Dir => stack.push(e.ino),
                     NodeKind::File => {
                         if let Ok(Some(a)) = self.meta.attr(e.ino) {
-                            if Hash::from_slice(&a.hash).is_ok_and(|h| self.blobs.path(&h).exists()) {
+                            if a.hash.is_some_and(|h| self.blobs.path(&h).exists()) {
                                 files += 1;
                                 bytes += a.size;
                             }

@@ -2,7 +2,6 @@
 //! filesystem operations: counters, the cache's size, token hand-over, volume stamps and change
 //! streams. They go through these methods, so the core's fields stay private to it.
 use codafs_common::token::Claims;
-use codafs_proto::pb;
 
 use super::remote::{ChangeStream, Remote};
 use super::{Core, FsError};
@@ -21,7 +20,7 @@ impl<R: Remote> Core<R> {
     }
 
     /// The current version of each of `volumes`, as the servers have it.
-    pub async fn volume_stamps(&self, volumes: Vec<String>) -> Result<Vec<pb::VolumeStamp>, FsError> {
+    pub async fn volume_stamps(&self, volumes: Vec<String>) -> Result<Vec<super::types::VolumeStamp>, FsError> {
         self.remote.stamps(volumes).await
     }
 

@@ -11,9 +11,8 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use codafs_proto::pb;
-
 use super::remote::{Fetched, Remote};
+use super::types::{Attr, ChangeEvent};
 use super::{kind_of, Core, FsError, Invalidation, Invalidator, NodeAttr, NodeKind};
 
 /// What a change did to the names the kernel holds (see [`Core::name_changes`]).
@@ -80,7 +79,9 @@ impl<R: Remote> Core<R> {
     /// and caches it (`put`) when it is exactly the state the mount shows.
     ///
     /// The mount shows a volume as of its last applied event, `seen`. Data read at replica index
-    /// `applied >= seen` whose newest part changed at or before `seen` is that state. Data with
+    /// `applied >= seen` whose newest part changed at or before `seen` is that state, unless the
+    /// replica has not applied this mount's own newest commit (its event may still be on the
+    /// way: the data may predate the mount's own write), which counts as behind. Data with
     /// a newer change waits (at most the operation timeout) for that change's event, so the
     /// kernel is never shown part of a commit before the mount has switched to all of it; if
     /// the event does not come (no change stream), the data is shown but not cached. Data from
@@ -91,14 +92,20 @@ impl<R: Remote> Core<R> {
         f: &Fetched<T>,
         put: impl FnOnce(&T) -> Result<(), FsError>,
     ) -> Result<Settle, FsError> {
+        let own = self.writes.own_floor();
+        if self.seen_of(ino).is_some_and(|seen| f.applied < seen.max(own)) {
+            return Ok(Settle::Again);
+        }
         if !self.wait_seen(ino, f.newest).await {
             return Ok(Settle::Show);
         }
         let _g = self.apply_mx.lock().unwrap_or_else(|p| p.into_inner());
-        // Not a known volume: there is no version to keep in step with.
+        // Not a known volume: there is no version to keep in step with. An own commit recorded
+        // while this waited is a newer floor (its listing patch must not be overwritten).
+        let own = self.writes.own_floor();
         if self
             .seen_of(ino)
-            .is_none_or(|seen| f.applied >= seen && f.newest <= seen)
+            .is_none_or(|seen| f.applied >= seen.max(own) && f.newest <= seen)
         {
             match put(&f.value) {
                 Ok(()) => Ok(Settle::Cached),
@@ -167,6 +174,25 @@ impl<R: Remote> Core<R> {
         }
     }
 
+    /// Attributes of `ino` right after this mount's own change, cached at once without waiting
+    /// for the change's event (read-your-writes). A replica that has not applied the change yet
+    /// is asked again for up to the operation timeout; if none catches up, the answer is shown
+    /// but not cached.
+    pub(super) async fn fetch_own(&self, ino: u64) -> Result<Attr, FsError> {
+        let floor = self.writes.own_floor();
+        let mut retry = Retry::until(tokio::time::Instant::now() + self.cfg.op_timeout);
+        loop {
+            let f = self.timed(self.cfg.op_timeout, self.remote.getattr(ino)).await?;
+            if f.applied >= floor {
+                self.meta.put_attr(&f.value).map_err(Self::io)?;
+                return Ok(f.value);
+            }
+            if !retry.pause().await {
+                return Ok(f.value);
+            }
+        }
+    }
+
     /// Whether the reply about to show `a` must first drop the kernel's pages of it: true once
     /// after a change replaced it, if its size and mtime look unchanged to the kernel. When they
     /// differ the kernel drops the pages itself on reading the reply, and dropping them here
@@ -219,7 +245,7 @@ impl<R: Remote> Core<R> {
     pub async fn apply_change(
         &self,
         volume: &str,
-        ev: &pb::ChangeEvent,
+        ev: &ChangeEvent,
         kernel: &dyn Invalidator,
     ) -> Result<Invalidation, FsError> {
         let Some(mut vol) = self
@@ -359,7 +385,7 @@ impl<R: Remote> Core<R> {
         let mut names = Vec::new();
         for ino in changed {
             let Ok(Some(a)) = self.meta.attr(*ino) else { continue };
-            if kind_of(a.kind) == NodeKind::Dir {
+            if a.kind == NodeKind::Dir {
                 continue;
             }
             let Some(in_parent) = told.get(&a.parent) else { continue };

@@ -28,10 +28,10 @@ use std::time::Duration;
 use codafs_common::names::{validate_name, NameError};
 use codafs_common::token::{Claims, Role};
 use codafs_common::{split_ino, Hash};
-use codafs_proto::pb;
 
 use super::remote::{ChunkSink, Readers, Remote, RemoteVolume};
-use super::{Core, FsError, NodeAttr, NodeKind, ROOT_INO};
+use super::types::{Committed, Op};
+use super::{kind_code, Core, FsError, NodeAttr, NodeKind, ROOT_INO};
 use crate::blocking::blocking;
 use crate::tokens::TokenTable;
 
@@ -92,6 +92,9 @@ pub struct WriteState {
     /// Versions of our own acknowledged commits whose change events have not arrived yet: the
     /// kernel already shows them (bounded; the oldest are dropped).
     own: Mutex<std::collections::BTreeSet<u64>>,
+    /// The newest of our own acknowledged commits: a replica that has not applied it may
+    /// answer with what that commit replaced (see `Core::settle`).
+    own_floor: AtomicU64,
     pub stats: WriteStats,
 }
 
@@ -117,6 +120,7 @@ impl WriteState {
             inflight: Mutex::new(HashMap::new()),
             store_locks: Mutex::new(HashMap::new()),
             own: Mutex::new(std::collections::BTreeSet::new()),
+            own_floor: AtomicU64::new(0),
             stats: WriteStats::default(),
         })
     }
@@ -133,11 +137,17 @@ impl WriteState {
 
     /// Records the version of one of our own acknowledged commits.
     fn record_own(&self, version: u64) {
+        self.own_floor.fetch_max(version, Ordering::AcqRel);
         let mut own = self.own.lock().unwrap_or_else(|p| p.into_inner());
         own.insert(version);
         while own.len() > OWN_RETAIN {
             own.pop_first();
         }
+    }
+
+    /// The log index every answer must reflect: our newest acknowledged commit.
+    pub(crate) fn own_floor(&self) -> u64 {
+        self.own_floor.load(Ordering::Acquire)
     }
 
     /// Whether `version` is one of our own commits.
@@ -188,28 +198,6 @@ fn check_name(name: &str) -> Result<(), FsError> {
         NameError::Reserved(_) => FsError::Exists,
         other => FsError::Invalid(other.to_string()),
     })
-}
-
-fn pb_kind(k: NodeKind) -> i32 {
-    let k = match k {
-        NodeKind::File => pb::ObjectKind::File,
-        NodeKind::Dir => pb::ObjectKind::Directory,
-        NodeKind::Symlink => pb::ObjectKind::Symlink,
-    };
-    k as i32
-}
-
-fn ino_ref(ino: u64) -> Option<pb::NodeRef> {
-    Some(pb::NodeRef {
-        target: Some(pb::node_ref::Target::Ino(ino)),
-    })
-}
-
-fn op(o: pb::op::Op) -> pb::Op {
-    pb::Op {
-        expect_version: None,
-        op: Some(o),
-    }
 }
 
 /// What a change needs: the caller's token and the volume's name and write quorum.
@@ -308,15 +296,16 @@ impl<R: Remote> Core<R> {
 
     /// Commits `ops`; afterwards forgets cached metadata of `inos` (attributes and listings)
     /// whatever the outcome, since a broken call may still have committed.
-    async fn commit(&self, ctx: &WriteCtx, ops: Vec<pb::Op>, inos: &[u64]) -> Result<pb::CommitReply, FsError> {
-        let req = crate::ops::commit(&ctx.volume, ops);
+    async fn commit(&self, ctx: &WriteCtx, ops: Vec<Op>, inos: &[u64]) -> Result<Committed, FsError> {
         let r = self
-            .timed(self.write_timeout(0), self.remote.commit(&ctx.token, req))
+            .timed(self.write_timeout(0), self.remote.commit(&ctx.token, &ctx.volume, ops))
             .await;
         if let Ok(reply) = &r {
-            // Attributes changed; listings are patched by the caller (see `inflight`).
-            self.meta.forget_attrs(inos).map_err(Self::io)?;
+            // Attributes changed; listings are patched by the caller (see `inflight`). The floor
+            // first: a fetch older than this commit settling meanwhile is then not cached, or
+            // was cached before the attributes are forgotten here.
             self.writes.record_own(reply.version);
+            self.meta.forget_attrs(inos).map_err(Self::io)?;
         } else {
             // Outcome unknown or refused: drop what we know of these nodes, listings included.
             self.meta.forget(inos, &[]).map_err(Self::io)?;
@@ -380,13 +369,10 @@ impl<R: Remote> Core<R> {
         Ok(empty)
     }
 
-    /// Fresh attributes of a node after a change (the answering server has applied it).
-    /// Attributes right after our own change: fetched and cached at once (read-your-writes),
-    /// without waiting for the change event (see `Core::settle`).
+    /// Attributes right after our own change (read-your-writes; see `Core::fetch_own`).
     async fn fresh_attr(&self, ino: u64) -> Result<NodeAttr, FsError> {
-        let f = self.timed(self.cfg.op_timeout, self.remote.getattr(ino)).await?;
-        self.meta.put_attr(&f.value).map_err(Self::io)?;
-        let mut a = self.to_node(&f.value);
+        let attr = self.fetch_own(ino).await?;
+        let mut a = self.to_node(&attr);
         self.shadow_attr(&mut a);
         Ok(a)
     }
@@ -399,35 +385,28 @@ impl<R: Remote> Core<R> {
         ctx: &WriteCtx,
         parent: u64,
         name: &str,
-        kind: pb::ObjectKind,
+        kind: NodeKind,
         mode: u32,
         target: &str,
     ) -> Result<NodeAttr, FsError> {
         check_name(name)?;
-        let hash = if kind == pb::ObjectKind::File {
-            let h = self.ensure_empty_blob(ctx).await?;
-            bytes::Bytes::copy_from_slice(&h.0)
-        } else {
-            bytes::Bytes::new()
+        let hash = match kind {
+            NodeKind::File => Some(self.ensure_empty_blob(ctx).await?),
+            NodeKind::Dir | NodeKind::Symlink => None,
         };
-        let create = pb::CreateOp {
-            parent: ino_ref(parent),
+        let create = Op::Create {
+            parent,
             name: name.to_string(),
-            kind: kind as i32,
+            kind,
             mode: mode & 0o7777,
             hash,
-            size: 0,
             symlink_target: target.to_string(),
-            replace: false,
             uid: c.uid,
             gid: c.gid,
-            mtime_ns: 0,
         };
         let lock = self.writes.inflight(split_ino(parent).0);
         let inflight = lock.read().await;
-        let reply = self
-            .commit(ctx, vec![op(pb::op::Op::Create(create))], &[parent])
-            .await?;
+        let reply = self.commit(ctx, vec![create], &[parent]).await?;
         let ino = reply
             .created
             .first()
@@ -435,7 +414,7 @@ impl<R: Remote> Core<R> {
             .filter(|i| *i != 0)
             .ok_or_else(|| FsError::Io("the server did not name the new node".into()))?;
         self.meta
-            .patch_dir(parent, name, Some((ino, kind as i32)))
+            .patch_dir(parent, name, Some((ino, kind_code(kind))))
             .map_err(Self::io)?;
         self.told_name(parent, name, ino);
         drop(inflight);
@@ -446,7 +425,7 @@ impl<R: Remote> Core<R> {
     pub async fn create(&self, c: Caller, parent: u64, name: &str, mode: u32) -> Result<(NodeAttr, u64), FsError> {
         let ctx = self.write_ctx(c.uid, parent)?;
         let attr = self
-            .create_node(c, &ctx, parent, name, pb::ObjectKind::File, mode, "")
+            .create_node(c, &ctx, parent, name, NodeKind::File, mode, "")
             .await?;
         let fh = self.open_handle(attr.ino, c.uid, true, ShadowInit::Empty).await?;
         Ok((attr, fh))
@@ -460,14 +439,12 @@ impl<R: Remote> Core<R> {
                 "only regular files, directories and symlinks can be stored".into(),
             ));
         }
-        self.create_node(c, &ctx, parent, name, pb::ObjectKind::File, mode, "")
-            .await
+        self.create_node(c, &ctx, parent, name, NodeKind::File, mode, "").await
     }
 
     pub async fn mkdir(&self, c: Caller, parent: u64, name: &str, mode: u32) -> Result<NodeAttr, FsError> {
         let ctx = self.write_ctx(c.uid, parent)?;
-        self.create_node(c, &ctx, parent, name, pb::ObjectKind::Directory, mode, "")
-            .await
+        self.create_node(c, &ctx, parent, name, NodeKind::Dir, mode, "").await
     }
 
     pub async fn symlink(&self, c: Caller, parent: u64, name: &str, target: &str) -> Result<NodeAttr, FsError> {
@@ -475,7 +452,7 @@ impl<R: Remote> Core<R> {
         if target.is_empty() || target.len() > 4096 {
             return Err(FsError::NameTooLong);
         }
-        self.create_node(c, &ctx, parent, name, pb::ObjectKind::Symlink, 0o777, target)
+        self.create_node(c, &ctx, parent, name, NodeKind::Symlink, 0o777, target)
             .await
     }
 
@@ -488,15 +465,13 @@ impl<R: Remote> Core<R> {
             (true, false) => return Err(FsError::NotDir),
             _ => {}
         }
-        let rm = pb::RemoveOp {
-            parent: ino_ref(parent),
+        let rm = Op::Remove {
+            parent,
             name: name.to_string(),
-            recursive: false,
         };
         let lock = self.writes.inflight(split_ino(parent).0);
         let _inflight = lock.read().await;
-        self.commit(&ctx, vec![op(pb::op::Op::Remove(rm))], &[parent, child.ino])
-            .await?;
+        self.commit(&ctx, vec![rm], &[parent, child.ino]).await?;
         self.meta.patch_dir(parent, name, None).map_err(Self::io)?;
         self.forgot_name(parent, name);
         if dir {
@@ -531,20 +506,20 @@ impl<R: Remote> Core<R> {
         if noreplace && dst.is_some() {
             return Err(FsError::Exists);
         }
-        let mv = pb::RenameOp {
-            from_parent: ino_ref(parent),
+        let mv = Op::Rename {
+            from_parent: parent,
             from_name: name.to_string(),
-            to_parent: ino_ref(new_parent),
+            to_parent: new_parent,
             to_name: new_name.to_string(),
         };
         let mut inos = vec![parent, new_parent, src.ino];
         inos.extend(dst);
         let lock = self.writes.inflight(split_ino(parent).0);
         let _inflight = lock.read().await;
-        self.commit(&ctx, vec![op(pb::op::Op::Rename(mv))], &inos).await?;
+        self.commit(&ctx, vec![mv], &inos).await?;
         self.meta.patch_dir(parent, name, None).map_err(Self::io)?;
         self.meta
-            .patch_dir(new_parent, new_name, Some((src.ino, pb_kind(src.kind))))
+            .patch_dir(new_parent, new_name, Some((src.ino, kind_code(src.kind))))
             .map_err(Self::io)?;
         self.forgot_name(parent, name);
         self.told_name(new_parent, new_name, src.ino);
@@ -562,17 +537,16 @@ impl<R: Remote> Core<R> {
         if node.kind == NodeKind::Dir {
             return Err(FsError::NotPermitted("directories cannot be hard-linked".into()));
         }
-        let l = pb::LinkOp {
-            node: ino_ref(ino),
-            parent: ino_ref(new_parent),
+        let l = Op::Link {
+            ino,
+            parent: new_parent,
             name: new_name.to_string(),
         };
         let lock = self.writes.inflight(split_ino(new_parent).0);
         let inflight = lock.read().await;
-        self.commit(&ctx, vec![op(pb::op::Op::Link(l))], &[new_parent, ino])
-            .await?;
+        self.commit(&ctx, vec![l], &[new_parent, ino]).await?;
         self.meta
-            .patch_dir(new_parent, new_name, Some((ino, pb_kind(node.kind))))
+            .patch_dir(new_parent, new_name, Some((ino, kind_code(node.kind))))
             .map_err(Self::io)?;
         self.told_name(new_parent, new_name, ino);
         drop(inflight);
@@ -630,15 +604,15 @@ impl<R: Remote> Core<R> {
         let changes_attrs = s.mode.is_some() || s.uid.is_some() || s.gid.is_some();
         let changes_times = s.atime_ns.is_some() || s.mtime_ns.is_some();
         if changes_attrs || changes_times {
-            let set = pb::SetAttrOp {
-                node: ino_ref(ino),
+            let set = Op::SetAttr {
+                ino,
                 mode: s.mode.map(|m| m & 0o7777),
                 uid: s.uid,
                 gid: s.gid,
                 mtime_ns: s.mtime_ns,
                 atime_ns: s.atime_ns,
             };
-            self.commit(&ctx, vec![op(pb::op::Op::SetAttr(set))], &[ino]).await?;
+            self.commit(&ctx, vec![set], &[ino]).await?;
             if let (Some(t), Some(sh)) = (s.mtime_ns, self.writes.shadow(ino)) {
                 // An explicit mtime on a file being written is what its store should keep.
                 lock(&sh).mtime_ns = t;

@@ -46,13 +46,13 @@ impl<R: Remote> Core<R> {
     ) -> Result<(), FsError> {
         let size = data.len() as u64;
         let hash = self.store_blob(ctx, bytes::Bytes::from(data)).await?;
-        let set = pb::SetContentOp {
-            node: ino_ref(ino),
-            hash: bytes::Bytes::copy_from_slice(&hash.0),
+        let set = Op::SetContent {
+            ino,
+            hash,
             size,
             mtime_ns,
         };
-        self.commit(ctx, vec![op(pb::op::Op::SetContent(set))], &[ino]).await?;
+        self.commit(ctx, vec![set], &[ino]).await?;
         Ok(())
     }
 

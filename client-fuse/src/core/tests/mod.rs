@@ -1,0 +1,406 @@
+//! Tests of the core against an in-memory server (`fake.rs`): the reference model of reads,
+//! writes and the switch (`model.rs`), and named cases of the reply protocol, disconnection,
+//! restarts and write checks.
+use std::sync::Mutex;
+
+use super::types::ChangeEvent;
+use super::write::{Caller, WriteState};
+use super::*;
+use crate::cache::blobs::BlobCache;
+use crate::cache::meta::MetaStore;
+use crate::tokens::TokenTable;
+use fake::{root, CommitFailure, FakeRemote};
+
+mod fake;
+mod model;
+
+fn core_with(dir: &std::path::Path, cache_bytes: u64) -> Core<FakeRemote> {
+    let meta = MetaStore::open(&dir.join("meta")).unwrap();
+    let blobs = BlobCache::open(dir, cache_bytes).unwrap();
+    let cfg = CoreConfig {
+        op_timeout: Duration::from_millis(500),
+    };
+    let writes = WriteState::new(TokenTable::in_memory(), false, dir.join("shadow")).unwrap();
+    Core::new(FakeRemote::new(), meta, blobs, cfg, writes).unwrap()
+}
+
+/// Reads a path through the core the way the kernel would: lookups, then a read.
+async fn read_path(core: &Core<FakeRemote>, path: &[&str], name: &str) -> Result<Vec<u8>, FsError> {
+    let mut cur = core.lookup(ROOT_INO, "www").await?.ino;
+    for p in path {
+        cur = core.lookup(cur, p).await?.ino;
+    }
+    let a = core.lookup(cur, name).await?;
+    core.read(a.ino, 0, 0, 1 << 20).await
+}
+
+/// Writes on the fake server and applies the change event, as the change stream would.
+async fn publish(core: &Core<FakeRemote>, path: &[&str], name: &str, content: &[u8]) {
+    let ev = core.remote.write(path, name, content);
+    core.apply_change("www", &ev, &NoKernel).await.unwrap();
+}
+
+#[tokio::test]
+async fn cached_content_is_served_while_disconnected_and_uncached_fails_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = core_with(dir.path(), 1 << 20);
+    core.refresh_volumes().await.unwrap();
+    publish(&core, &[], "cached", b"hello").await;
+    publish(&core, &[], "uncached", b"world").await;
+    assert_eq!(read_path(&core, &[], "cached").await.unwrap(), b"hello");
+    // Listing cached (so "uncached" resolves), content not.
+    core.remote.lock().down = true;
+    assert_eq!(read_path(&core, &[], "cached").await.unwrap(), b"hello");
+    let t = std::time::Instant::now();
+    assert!(matches!(
+        read_path(&core, &[], "uncached").await,
+        Err(FsError::Disconnected(_))
+    ));
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(!core.is_connected());
+}
+
+#[tokio::test]
+async fn a_restart_reuses_cached_metadata_and_content() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let core = core_with(dir.path(), 1 << 20);
+        core.refresh_volumes().await.unwrap();
+        publish(&core, &["a"], "page", b"persisted").await;
+        assert_eq!(read_path(&core, &["a"], "page").await.unwrap(), b"persisted");
+    }
+    // A new core over the same directories, with the server down: everything comes from disk.
+    let core = core_with(dir.path(), 1 << 20);
+    core.remote.lock().down = true;
+    // The fake server starts empty, so any server call would fail: this read is cache-only.
+    let got = read_path(&core, &["a"], "page").await.unwrap();
+    assert_eq!(got, b"persisted");
+    assert_eq!(
+        core.stats.meta_misses.load(Ordering::Relaxed),
+        0,
+        "no metadata was refetched"
+    );
+}
+
+#[tokio::test]
+async fn history_gone_drops_the_volume_metadata_and_invalidates_what_was_known() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = core_with(dir.path(), 1 << 20);
+    core.refresh_volumes().await.unwrap();
+    publish(&core, &[], "p", b"1").await;
+    assert_eq!(read_path(&core, &[], "p").await.unwrap(), b"1");
+    let ev = ChangeEvent {
+        version: 100,
+        inos: vec![],
+        dirs: vec![],
+        history_gone: true,
+    };
+    let inv = core.apply_change("www", &ev, &NoKernel).await.unwrap();
+    assert!(
+        inv.inodes.contains(&root()) && inv.entries.iter().any(|(_, n)| n == "p"),
+        "{inv:?}"
+    );
+    assert!(core.meta.dir(root()).unwrap().is_none(), "listing forgotten");
+    assert_eq!(core.volumes()[0].seen, 100);
+}
+
+fn token_for(user: &str, role: codafs_common::token::Role) -> String {
+    codafs_common::token::sign(
+        &codafs_common::token::Claims {
+            user: user.into(),
+            role,
+            cluster: "c".into(),
+            key_id: 1,
+            expires: u64::MAX / 2,
+            generation: 0,
+        },
+        &[1; 32],
+    )
+}
+
+#[tokio::test]
+async fn writes_need_a_token_and_a_right_on_the_volume() {
+    use codafs_common::token::Role;
+    let dir = tempfile::tempdir().unwrap();
+    let core = core_with(dir.path(), 1 << 20);
+    publish(&core, &[], "a.html", b"old").await;
+    core.refresh_volumes().await.unwrap();
+    let root = core.lookup(ROOT_INO, "www").await.unwrap().ino;
+    let file = core.lookup(root, "a.html").await.unwrap().ino;
+    let (root_user, alice, bob, mallory, admin) = (
+        Caller { uid: 0, gid: 0 },
+        Caller { uid: 1000, gid: 1000 },
+        Caller { uid: 1001, gid: 1001 },
+        Caller { uid: 1002, gid: 1002 },
+        Caller { uid: 1003, gid: 1003 },
+    );
+    // No token, root included: read-only.
+    for c in [root_user, alice] {
+        assert_eq!(core.mkdir(c, root, "d", 0o755).await, Err(FsError::ReadOnly));
+        assert_eq!(core.open(c, file, libc::O_WRONLY).await, Err(FsError::ReadOnly));
+        assert_eq!(core.remove(c, root, "a.html", false).await, Err(FsError::ReadOnly));
+    }
+    // Reading needs no token.
+    assert!(core.open(root_user, file, libc::O_RDONLY).await.is_ok());
+    core.writes
+        .tokens
+        .set(1000, &token_for("alice", Role::User), None)
+        .unwrap();
+    core.writes
+        .tokens
+        .set(1001, &token_for("bob", Role::User), None)
+        .unwrap();
+    core.writes
+        .tokens
+        .set(1002, &token_for("mallory", Role::User), None)
+        .unwrap();
+    core.writes
+        .tokens
+        .set(1003, &token_for("root", Role::Admin), None)
+        .unwrap();
+    // A token without a right on the volume: permission denied, not read-only.
+    assert!(matches!(
+        core.mkdir(mallory, root, "d", 0o755).await,
+        Err(FsError::Denied(_))
+    ));
+    assert!(matches!(
+        core.open(mallory, file, libc::O_RDWR).await,
+        Err(FsError::Denied(_))
+    ));
+    // Owner, extra writer and admin may.
+    for (c, name) in [(alice, "by-alice"), (bob, "by-bob"), (admin, "by-admin")] {
+        let made = core.mkdir(c, root, name, 0o755).await.unwrap();
+        assert_eq!(core.lookup(root, name).await.unwrap().ino, made.ino);
+    }
+    // /coda itself holds volumes only.
+    assert!(matches!(
+        core.mkdir(alice, ROOT_INO, "x", 0o755).await,
+        Err(FsError::NotPermitted(_))
+    ));
+    // The uid's own token only: root does not borrow alice's.
+    assert_eq!(core.mkdir(root_user, root, "d", 0o755).await, Err(FsError::ReadOnly));
+}
+
+#[tokio::test]
+async fn a_shadow_serves_reads_and_size_until_released() {
+    use codafs_common::token::Role;
+    let dir = tempfile::tempdir().unwrap();
+    let core = core_with(dir.path(), 1 << 20);
+    publish(&core, &[], "a.html", b"0123456789").await;
+    core.refresh_volumes().await.unwrap();
+    let root = core.lookup(ROOT_INO, "www").await.unwrap().ino;
+    let file = core.lookup(root, "a.html").await.unwrap().ino;
+    let alice = Caller { uid: 1000, gid: 1000 };
+    core.writes
+        .tokens
+        .set(1000, &token_for("alice", Role::User), None)
+        .unwrap();
+    let fh = core.open(alice, file, libc::O_RDWR).await.unwrap();
+    assert_ne!(fh, 0);
+    assert_eq!(core.write(fh, 10, b"abc"), Ok(3));
+    assert_eq!(core.read(file, fh, 8, 100).await.unwrap(), b"89abc");
+    assert_eq!(core.getattr(file).await.unwrap().size, 13);
+    // A read-only handle cannot write; an unknown one neither.
+    assert_eq!(core.write(0, 0, b"x"), Err(FsError::BadHandle));
+    assert_eq!(core.write(fh + 100, 0, b"x"), Err(FsError::BadHandle));
+    // The store fails (the server refuses the commit): close reports it, content stays old.
+    core.remote.lock().fail_next_commit = Some(CommitFailure::Refused);
+    assert!(core.flush(fh).await.is_err());
+    assert!(core.release(fh).await, "dropped changes need a kernel invalidation");
+    assert_eq!(core.read(file, 0, 0, 100).await.unwrap(), b"0123456789");
+    assert_eq!(core.getattr(file).await.unwrap().size, 10);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("shadow")).unwrap().count(),
+        0,
+        "shadow removed"
+    );
+}
+
+/// What the core asked of the kernel, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KernelCall {
+    Switch { inodes: Vec<u64>, names: bool },
+    Invalidate(Invalidation),
+    DropPages(u64),
+}
+
+/// An [`Invalidator`] that records every call (and has no name epochs, like older kernels).
+#[derive(Default)]
+struct Recorder(Mutex<Vec<KernelCall>>);
+
+impl Recorder {
+    fn take(&self) -> Vec<KernelCall> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+impl Invalidator for Recorder {
+    fn invalidate(&self, inv: &Invalidation) {
+        self.0.lock().unwrap().push(KernelCall::Invalidate(inv.clone()));
+    }
+    fn switch(&self, inodes: &[u64], names: bool) -> bool {
+        self.0.lock().unwrap().push(KernelCall::Switch {
+            inodes: inodes.to_vec(),
+            names,
+        });
+        false
+    }
+    fn drop_pages(&self, ino: u64) {
+        self.0.lock().unwrap().push(KernelCall::DropPages(ino));
+    }
+}
+
+/// The reply protocol and the switch together: a change drops exactly the attributes and names
+/// the kernel was shown, and the next reply that shows the changed file first drops its pages
+/// (same size and mtime, so the kernel would keep them).
+#[tokio::test]
+async fn a_change_drops_what_the_kernel_was_shown_and_the_next_reply_its_stale_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = core_with(dir.path(), 1 << 20);
+    core.refresh_volumes().await.unwrap();
+    publish(&core, &[], "shown", b"1").await;
+    publish(&core, &[], "never-shown", b"1").await;
+    let rec = Arc::new(Recorder::default());
+    let kernel: replies::Kernel = Some(rec.clone());
+    let (shown, view) = core.lookup_reply(root(), "shown", &kernel).await;
+    let shown = shown.unwrap();
+    drop(view);
+    let other = core.lookup(root(), "never-shown").await.unwrap();
+    assert!(rec.take().is_empty(), "a first lookup drops nothing");
+
+    // Another node rewrites both files (same sizes): the switch drops both nodes' attributes
+    // at once, and the name the kernel holds goes in the background; the other is not named.
+    let ev = core.remote.write(&[], "shown", b"2");
+    let inv = core.apply_change("www", &ev, &*rec).await.unwrap();
+    let ev2 = core.remote.write(&[], "never-shown", b"2");
+    let inv2 = core.apply_change("www", &ev2, &*rec).await.unwrap();
+    assert_eq!(
+        rec.take(),
+        [
+            KernelCall::Switch {
+                inodes: vec![shown.ino],
+                names: false
+            },
+            KernelCall::Switch {
+                inodes: vec![other.ino],
+                names: false
+            },
+        ]
+    );
+    assert_eq!(inv.entries, [(root(), "shown".to_string())], "{inv:?}");
+    assert!(inv2.entries.is_empty(), "a name never told is not dropped: {inv2:?}");
+
+    // The next reply showing the file drops its pages first, once.
+    let (again, view) = core.lookup_reply(root(), "shown", &kernel).await;
+    assert_eq!(again.unwrap().ino, shown.ino);
+    drop(view);
+    assert_eq!(rec.take(), [KernelCall::DropPages(shown.ino)]);
+    let (_, view) = core.getattr_reply(shown.ino, &kernel).await;
+    drop(view);
+    assert!(rec.take().is_empty(), "pages are dropped once per change");
+    assert_eq!(read_path(&core, &[], "shown").await.unwrap(), b"2");
+}
+
+/// A mount with alice's token, and the volume known.
+async fn writable_core(dir: &std::path::Path) -> Core<FakeRemote> {
+    let core = core_with(dir, 1 << 20);
+    core.writes
+        .tokens
+        .set(
+            model::ALICE.uid,
+            &token_for("alice", codafs_common::token::Role::User),
+            None,
+        )
+        .unwrap();
+    core.refresh_volumes().await.unwrap();
+    core
+}
+
+/// Delivers every pending change event, in order, as the change stream would.
+async fn deliver_all(core: &Core<FakeRemote>) {
+    loop {
+        let Some(ev) = core.remote.lock().pending.pop_front() else {
+            return;
+        };
+        core.apply_change("www", &ev, &NoKernel).await.unwrap();
+    }
+}
+
+/// A replica behind the version the mount shows (a follower after a failover) is asked again,
+/// and what it says is never shown or cached.
+#[tokio::test(start_paused = true)]
+async fn a_lagging_replica_is_asked_again_until_it_has_the_shown_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = writable_core(dir.path()).await;
+    core.remote.write(&["a"], "p", b"old");
+    deliver_all(&core).await;
+    assert_eq!(model::read(&core, "a/p").await.unwrap(), b"old");
+    core.remote.lag(3);
+    core.remote.write(&["a"], "p", b"new");
+    deliver_all(&core).await;
+    assert_eq!(model::read(&core, "a/p").await.unwrap(), b"new");
+    let left = core.remote.lock().lagging.as_ref().map(|l| l.reads_left);
+    assert_eq!(left, Some(0), "the lagging replica answered and was asked again");
+    assert_eq!(
+        model::read(&core, "a/p").await.unwrap(),
+        b"new",
+        "and nothing old was cached"
+    );
+}
+
+/// As on any POSIX filesystem, writes to a file that lost its name while open go nowhere and
+/// `close` succeeds; nothing reappears (found by the model: the mount's own write must not
+/// revive a file another node removed).
+#[tokio::test(start_paused = true)]
+async fn a_close_after_the_file_was_removed_elsewhere_succeeds_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = writable_core(dir.path()).await;
+    model::write(&core, "a/p", b"mine").await.unwrap();
+    deliver_all(&core).await;
+    let dir_ino = core.lookup(root(), "a").await.unwrap().ino;
+    let p = core.lookup(dir_ino, "p").await.unwrap().ino;
+    let fh = core.open(model::ALICE, p, libc::O_WRONLY).await.unwrap();
+    core.remote.remove(&["a"], "p").unwrap();
+    assert_eq!(core.write(fh, 0, b"lost"), Ok(4));
+    assert_eq!(core.flush(fh).await, Ok(()));
+    core.release(fh).await;
+    deliver_all(&core).await;
+    assert_eq!(model::read(&core, "a/p").await, Err(FsError::NotFound));
+    assert_eq!(core.remote.content("a/p"), None);
+}
+
+/// A commit whose reply was lost fails `close` (the writer cannot know), but the mount then
+/// shows whatever the servers hold, here the applied write, not its old copy.
+#[tokio::test(start_paused = true)]
+async fn after_a_lost_commit_reply_the_mount_shows_what_the_servers_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = writable_core(dir.path()).await;
+    model::write(&core, "p", b"one").await.unwrap();
+    deliver_all(&core).await;
+    assert_eq!(model::read(&core, "p").await.unwrap(), b"one");
+    core.remote.lock().fail_next_commit = Some(CommitFailure::ReplyLost);
+    assert!(matches!(
+        model::write(&core, "p", b"two").await,
+        Err(FsError::Disconnected(_))
+    ));
+    assert_eq!(core.remote.content("p"), Some(b"two".to_vec()));
+    assert_eq!(model::read(&core, "p").await.unwrap(), b"two", "before the event");
+    deliver_all(&core).await;
+    assert_eq!(model::read(&core, "p").await.unwrap(), b"two", "after it");
+}
+
+/// A refused commit changes nothing, on the servers or in what the mount shows.
+#[tokio::test(start_paused = true)]
+async fn a_refused_commit_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = writable_core(dir.path()).await;
+    model::write(&core, "p", b"one").await.unwrap();
+    let version = core.remote.version();
+    core.remote.lock().fail_next_commit = Some(CommitFailure::Refused);
+    assert!(matches!(
+        model::write(&core, "p", b"two").await,
+        Err(FsError::Denied(_))
+    ));
+    assert_eq!(core.remote.version(), version);
+    assert_eq!(model::read(&core, "p").await.unwrap(), b"one");
+}

@@ -1,0 +1,106 @@
+//! The core's own vocabulary: attributes, change events and commit operations as the filesystem
+//! logic sees them. Protobuf meets these types only in `wire.rs` (for `GrpcRemote` and the
+//! metadata cache's on-disk encoding), so the core and its model tests never build gRPC messages.
+use codafs_common::Hash;
+
+use super::NodeKind;
+
+/// A node's attributes as a server stored them (before the mount decides what to show).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub generation: u64,
+    pub kind: NodeKind,
+    pub size: u64,
+    /// Permission bits only (07777).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    /// 0 when the server never stored one.
+    pub atime_ns: i64,
+    pub nlink: u32,
+    /// The content's hash (files; `None` for directories and symlinks).
+    pub hash: Option<Hash>,
+    pub symlink_target: String,
+    /// Log index of the last change to this node.
+    pub version: u64,
+    /// The parent directory (a volume root names itself).
+    pub parent: u64,
+    /// Files: the short-lived ticket that lets this mount fetch the content from any server.
+    pub read_ticket: bytes::Bytes,
+}
+
+/// One committed change of a volume, as its change stream reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangeEvent {
+    /// The change's log index: the volume's new version.
+    pub version: u64,
+    /// Nodes whose attributes or content changed, or that vanished.
+    pub inos: Vec<u64>,
+    /// Directories whose entries changed.
+    pub dirs: Vec<u64>,
+    /// The server no longer holds the history asked for: revalidate the whole volume.
+    pub history_gone: bool,
+}
+
+/// A volume's current version, as one batched stamp check reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeStamp {
+    pub volume: String,
+    pub version: u64,
+    pub exists: bool,
+}
+
+/// One namespace operation of a commit, by node id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// A new file (empty content `hash`), directory or symlink under `parent`.
+    Create {
+        parent: u64,
+        name: String,
+        kind: NodeKind,
+        mode: u32,
+        hash: Option<Hash>,
+        symlink_target: String,
+        uid: u32,
+        gid: u32,
+    },
+    /// New content for a file (`mtime_ns` 0 = commit time).
+    SetContent {
+        ino: u64,
+        hash: Hash,
+        size: u64,
+        mtime_ns: i64,
+    },
+    /// chmod, chown and utimens: only the given fields change.
+    SetAttr {
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        mtime_ns: Option<i64>,
+        atime_ns: Option<i64>,
+    },
+    /// unlink or rmdir (a directory must be empty).
+    Remove { parent: u64, name: String },
+    /// Rename within a volume, replacing a non-directory or empty directory at the target.
+    Rename {
+        from_parent: u64,
+        from_name: String,
+        to_parent: u64,
+        to_name: String,
+    },
+    /// Another name for a file or symlink.
+    Link { ino: u64, parent: u64, name: String },
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// The volume's new version (the commit's log index).
+    pub version: u64,
+    /// Node ids of created nodes, in operation order (0 for other operations).
+    pub created: Vec<u64>,
+}

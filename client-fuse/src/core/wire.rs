@@ -1,0 +1,259 @@
+//! Where the core's types meet protobuf: `GrpcRemote` converts every request and answer here,
+//! and the metadata cache encodes attributes with the wire message (its on-disk format).
+use codafs_common::Hash;
+use codafs_proto::pb;
+
+use super::types::{Attr, ChangeEvent, Committed, Op, VolumeStamp};
+use super::NodeKind;
+
+/// A node kind from its wire code (unknown codes read as files, like the servers' default).
+pub(crate) fn kind_of(code: i32) -> NodeKind {
+    match pb::ObjectKind::try_from(code) {
+        Ok(pb::ObjectKind::Directory) => NodeKind::Dir,
+        Ok(pb::ObjectKind::Symlink) => NodeKind::Symlink,
+        _ => NodeKind::File,
+    }
+}
+
+/// A node kind's wire code.
+pub(crate) fn kind_code(kind: NodeKind) -> i32 {
+    let k = match kind {
+        NodeKind::File => pb::ObjectKind::File,
+        NodeKind::Dir => pb::ObjectKind::Directory,
+        NodeKind::Symlink => pb::ObjectKind::Symlink,
+    };
+    k as i32
+}
+
+fn hash_bytes(h: Option<Hash>) -> bytes::Bytes {
+    h.map_or_else(bytes::Bytes::new, |h| bytes::Bytes::copy_from_slice(&h.0))
+}
+
+impl From<pb::Attr> for Attr {
+    fn from(a: pb::Attr) -> Self {
+        Attr {
+            ino: a.ino,
+            generation: a.generation,
+            kind: kind_of(a.kind),
+            size: a.size,
+            mode: a.mode,
+            uid: a.uid,
+            gid: a.gid,
+            mtime_ns: a.mtime_ns,
+            ctime_ns: a.ctime_ns,
+            atime_ns: a.atime_ns,
+            nlink: a.nlink,
+            // Only files carry a hash; a malformed one is no content (reads then fail cleanly).
+            hash: Hash::from_slice(&a.hash).ok(),
+            symlink_target: a.symlink_target,
+            version: a.version,
+            parent: a.parent,
+            read_ticket: a.read_ticket,
+        }
+    }
+}
+
+impl From<&Attr> for pb::Attr {
+    fn from(a: &Attr) -> Self {
+        pb::Attr {
+            ino: a.ino,
+            generation: a.generation,
+            kind: kind_code(a.kind),
+            size: a.size,
+            mode: a.mode,
+            uid: a.uid,
+            gid: a.gid,
+            mtime_ns: a.mtime_ns,
+            ctime_ns: a.ctime_ns,
+            nlink: a.nlink,
+            hash: hash_bytes(a.hash),
+            symlink_target: a.symlink_target.clone(),
+            version: a.version,
+            parent: a.parent,
+            atime_ns: a.atime_ns,
+            read_ticket: a.read_ticket.clone(),
+        }
+    }
+}
+
+impl From<pb::ChangeEvent> for ChangeEvent {
+    fn from(e: pb::ChangeEvent) -> Self {
+        ChangeEvent {
+            version: e.version,
+            inos: e.inos,
+            dirs: e.dirs,
+            history_gone: e.history_gone,
+        }
+    }
+}
+
+impl From<pb::VolumeStamp> for VolumeStamp {
+    fn from(s: pb::VolumeStamp) -> Self {
+        VolumeStamp {
+            volume: s.volume,
+            version: s.version,
+            exists: s.exists,
+        }
+    }
+}
+
+impl From<pb::CommitReply> for Committed {
+    fn from(r: pb::CommitReply) -> Self {
+        Committed {
+            version: r.version,
+            created: r.created,
+        }
+    }
+}
+
+fn node(ino: u64) -> Option<pb::NodeRef> {
+    Some(pb::NodeRef {
+        target: Some(pb::node_ref::Target::Ino(ino)),
+    })
+}
+
+/// One operation as the servers take it (never with an expected version: the mount's writes
+/// apply to whatever is current, like a local filesystem's).
+fn op(o: Op) -> pb::Op {
+    use pb::op::Op as W;
+    let o = match o {
+        Op::Create {
+            parent,
+            name,
+            kind,
+            mode,
+            hash,
+            symlink_target,
+            uid,
+            gid,
+        } => W::Create(pb::CreateOp {
+            parent: node(parent),
+            name,
+            kind: kind_code(kind),
+            mode,
+            hash: hash_bytes(hash),
+            size: 0,
+            symlink_target,
+            replace: false,
+            uid,
+            gid,
+            mtime_ns: 0,
+        }),
+        Op::SetContent {
+            ino,
+            hash,
+            size,
+            mtime_ns,
+        } => W::SetContent(pb::SetContentOp {
+            node: node(ino),
+            hash: hash_bytes(Some(hash)),
+            size,
+            mtime_ns,
+        }),
+        Op::SetAttr {
+            ino,
+            mode,
+            uid,
+            gid,
+            mtime_ns,
+            atime_ns,
+        } => W::SetAttr(pb::SetAttrOp {
+            node: node(ino),
+            mode,
+            uid,
+            gid,
+            mtime_ns,
+            atime_ns,
+        }),
+        Op::Remove { parent, name } => W::Remove(pb::RemoveOp {
+            parent: node(parent),
+            name,
+            recursive: false,
+        }),
+        Op::Rename {
+            from_parent,
+            from_name,
+            to_parent,
+            to_name,
+        } => W::Rename(pb::RenameOp {
+            from_parent: node(from_parent),
+            from_name,
+            to_parent: node(to_parent),
+            to_name,
+        }),
+        Op::Link { ino, parent, name } => W::Link(pb::LinkOp {
+            node: node(ino),
+            parent: node(parent),
+            name,
+        }),
+    };
+    pb::Op {
+        expect_version: None,
+        op: Some(o),
+    }
+}
+
+/// A commit of `ops` on `volume`, with a fresh request id (so a retry after a lost reply is
+/// applied at most once).
+pub(crate) fn commit_request(volume: &str, ops: Vec<Op>) -> pb::CommitRequest {
+    crate::ops::commit(volume, ops.into_iter().map(op).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attributes_survive_the_cache_encoding() {
+        let a = Attr {
+            ino: 7,
+            generation: 2,
+            kind: NodeKind::Symlink,
+            size: 3,
+            mode: 0o777,
+            uid: 1,
+            gid: 2,
+            mtime_ns: 4,
+            ctime_ns: 5,
+            atime_ns: 6,
+            nlink: 1,
+            hash: Some(Hash::of(b"x")),
+            symlink_target: "t".into(),
+            version: 9,
+            parent: 1,
+            read_ticket: bytes::Bytes::from_static(b"ticket"),
+        };
+        assert_eq!(Attr::from(pb::Attr::from(&a)), a);
+        let dir = Attr {
+            kind: NodeKind::Dir,
+            hash: None,
+            ..a
+        };
+        assert_eq!(Attr::from(pb::Attr::from(&dir)), dir);
+    }
+
+    #[test]
+    fn every_operation_names_its_nodes_by_id() {
+        let req = commit_request(
+            "www",
+            vec![
+                Op::Remove {
+                    parent: 5,
+                    name: "a".into(),
+                },
+                Op::Link {
+                    ino: 6,
+                    parent: 5,
+                    name: "b".into(),
+                },
+            ],
+        );
+        assert_eq!(req.volume, "www");
+        assert_eq!(req.request_id.len(), 16, "commits from the mount are retry-safe");
+        let Some(pb::op::Op::Link(l)) = &req.ops[1].op else {
+            panic!("{:?}", req.ops[1]);
+        };
+        assert_eq!((l.node.clone(), l.parent.clone()), (node(6), node(5)));
+        assert!(req.ops.iter().all(|o| o.expect_version.is_none()));
+    }
+}

@@ -58,7 +58,6 @@ pub fn control_socket(mountpoint: &Path) -> PathBuf {
 
 /// Mounts and serves until a signal arrives; calls `ready` once the mount is usable.
 pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
-    let setup = |e: &dyn std::fmt::Display| MountError::Setup(e.to_string());
     let mountpoint = std::fs::canonicalize(&cfg.mountpoint)
         .map_err(|e| MountError::Setup(format!("mountpoint {}: {e}", cfg.mountpoint.display())))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -66,9 +65,60 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
         .thread_name("codafs-mount")
         .enable_all()
         .build()
-        .map_err(|e| setup(&e))?;
+        .map_err(|e| MountError::Setup(e.to_string()))?;
     // Channels are created inside the runtime (tonic's lazy connect spawns on it).
     let _enter = rt.enter();
+    let core = open_core(&cfg)?;
+
+    // Bring the persistent cache up to date before serving: one batched stamp check, then the
+    // missed changes of each stale volume. Disconnected: serve what is cached.
+    rt.block_on(revalidate(&core, cfg.op_timeout));
+
+    let own_inval = Arc::new(std::sync::OnceLock::new());
+    let fs = CodaFs {
+        core: core.clone(),
+        rt: rt.handle().clone(),
+        read_only: cfg.read_only,
+        inval: own_inval.clone(),
+    };
+    let mount_err = |e| MountError::Mount(mountpoint.clone(), e);
+    let session = fuser::Session::new(fs, &mountpoint, &fuse_config(cfg.read_only)).map_err(mount_err)?;
+    let inval: Arc<dyn Invalidator> = Arc::new(KernelInvalidator::new(&session).map_err(mount_err)?);
+    let _ = own_inval.set(inval.clone());
+    let bg = session.spawn().map_err(mount_err)?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    rt.spawn(watch_volumes(
+        core.clone(),
+        inval.clone(),
+        cfg.volume_poll,
+        stop_rx.clone(),
+    ));
+    let socket = control_socket(&mountpoint);
+    match bind_control(&socket) {
+        Ok(listener) => {
+            rt.spawn(control(core, inval, mountpoint.clone(), listener, stop_rx));
+        }
+        Err(e) => {
+            tracing::warn!(path = %socket.display(), error = %e, "no control socket: status and login unavailable")
+        }
+    }
+    tracing::info!(mountpoint = %mountpoint.display(), "mounted");
+    ready();
+
+    rt.block_on(until_stopped(&mountpoint));
+    tracing::info!("unmounting");
+    let _ = stop_tx.send(true);
+    let _ = std::fs::remove_file(&socket);
+    bg.umount_and_join().map_err(|e| MountError::Mount(mountpoint, e))?;
+    rt.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
+}
+
+/// The core over the cache directory (made private first) and the configured servers. Call
+/// inside the mount's runtime.
+fn open_core(cfg: &MountConfig) -> Result<Arc<Core<GrpcRemote>>, MountError> {
+    let setup = |e: &dyn std::fmt::Display| MountError::Setup(e.to_string());
     std::fs::create_dir_all(&cfg.cache_dir)
         .map_err(|e| setup(&format!("cache dir {}: {e}", cfg.cache_dir.display())))?;
     // Cached content of private volumes, files open for writing and users' tokens live here:
@@ -85,30 +135,15 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     let tokens = TokenTable::load(&cfg.cache_dir.join("tokens")).map_err(|e| setup(&format!("token store: {e}")))?;
     let writes = WriteState::new(tokens, cfg.read_only, cfg.cache_dir.join("shadow"))
         .map_err(|e| setup(&format!("shadow directory: {e}")))?;
-    let core = Arc::new(
-        Core::new(
-            GrpcRemote::new(cluster),
-            meta,
-            blobs,
-            CoreConfig {
-                op_timeout: cfg.op_timeout,
-            },
-            writes,
-        )
-        .map_err(|e| setup(&e))?,
-    );
-
-    // Bring the persistent cache up to date before serving: one batched stamp check, then the
-    // missed changes of each stale volume. Disconnected: serve what is cached.
-    rt.block_on(revalidate(&core, cfg.op_timeout));
-
-    let own_inval = Arc::new(std::sync::OnceLock::new());
-    let fs = CodaFs {
-        core: core.clone(),
-        rt: rt.handle().clone(),
-        read_only: cfg.read_only,
-        inval: own_inval.clone(),
+    let core_cfg = CoreConfig {
+        op_timeout: cfg.op_timeout,
     };
+    let core = Core::new(GrpcRemote::new(cluster), meta, blobs, core_cfg, writes).map_err(|e| setup(&e))?;
+    Ok(Arc::new(core))
+}
+
+/// FUSE session options for a read-only or writable mount.
+fn fuse_config(read_only: bool) -> fuser::Config {
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName("codafs".into()),
@@ -117,7 +152,7 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
         fuser::MountOption::NoDev,
         fuser::MountOption::NoSuid,
     ];
-    if cfg.read_only {
+    if read_only {
         // Read-only at the kernel level too: writes fail with EROFS before reaching us, and the
         // kernel skips the atime invalidation after reads that would cost a getattr.
         config.mount_options.push(fuser::MountOption::RO);
@@ -129,64 +164,28 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     // Web servers run as unprivileged users: let every user read (the kernel checks modes).
     config.acl = fuser::SessionACL::All;
     config.n_threads = Some(2);
-    let session =
-        fuser::Session::new(fs, &mountpoint, &config).map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
-    let inval: Arc<dyn Invalidator> =
-        Arc::new(KernelInvalidator::new(&session).map_err(|e| MountError::Mount(mountpoint.clone(), e))?);
-    let _ = own_inval.set(inval.clone());
-    let bg = session.spawn().map_err(|e| MountError::Mount(mountpoint.clone(), e))?;
+    config
+}
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    rt.spawn(watch_volumes(
-        core.clone(),
-        inval.clone(),
-        cfg.volume_poll,
-        stop_rx.clone(),
-    ));
-    let socket = control_socket(&mountpoint);
-    match bind_control(&socket) {
-        Ok(listener) => {
-            rt.spawn(control(
-                core.clone(),
-                inval.clone(),
-                mountpoint.clone(),
-                listener,
-                stop_rx.clone(),
-            ));
-        }
-        Err(e) => {
-            tracing::warn!(path = %socket.display(), error = %e, "no control socket: status and login unavailable")
-        }
-    }
-    tracing::info!(mountpoint = %mountpoint.display(), "mounted");
-    ready();
-
-    // Stop on SIGTERM/SIGINT, or when someone unmounted us (`fusermount3 -u`, `umount`).
-    rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-            return;
-        };
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                _ = term.recv() => return,
-                _ = int.recv() => return,
-                _ = tick.tick() => {
-                    if !is_mounted(&mountpoint) {
-                        tracing::info!("unmounted from outside; exiting");
-                        return;
-                    }
+/// Returns on SIGTERM or SIGINT, or once someone unmounted us (`fusermount3 -u`, `umount`).
+async fn until_stopped(mountpoint: &Path) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = tick.tick() => {
+                if !is_mounted(mountpoint) {
+                    tracing::info!("unmounted from outside; exiting");
+                    return;
                 }
             }
         }
-    });
-    tracing::info!("unmounting");
-    let _ = stop_tx.send(true);
-    let _ = std::fs::remove_file(&socket);
-    bg.umount_and_join().map_err(|e| MountError::Mount(mountpoint, e))?;
-    rt.shutdown_timeout(Duration::from_secs(2));
-    Ok(())
+    }
 }
 
 /// Whether `/proc/self/mountinfo` lists a mount at `path`.

@@ -14,6 +14,7 @@ use std::time::Duration;
 use super::remote::{Fetched, Remote};
 use super::types::{Attr, ChangeEvent};
 use super::{kind_of, Core, FsError, Invalidation, Invalidator, NodeAttr, NodeKind};
+use crate::cache::meta::VolState;
 
 /// What a change did to the names the kernel holds (see [`Core::name_changes`]).
 #[derive(Debug, Default)]
@@ -24,6 +25,16 @@ struct NameChanges {
     gone: Vec<u64>,
     /// A name now leads elsewhere while its old node is listed elsewhere, or it is unknown.
     moved: bool,
+}
+
+/// What [`Core::look_ahead`] learnt before a switch.
+#[derive(Default)]
+struct Ahead {
+    /// Listings after the change of the changed directories the kernel holds names in
+    /// (`None`: unknown).
+    fresh: HashMap<u64, Option<HashMap<String, u64>>>,
+    /// Nodes that lost a name and are gone from the volume.
+    vanished: std::collections::HashSet<u64>,
 }
 
 /// Vanished names whose nodes are checked (16 at a time); more than this drops every name
@@ -248,7 +259,7 @@ impl<R: Remote> Core<R> {
         ev: &ChangeEvent,
         kernel: &dyn Invalidator,
     ) -> Result<Invalidation, FsError> {
-        let Some(mut vol) = self
+        let Some(vol) = self
             .volumes
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -260,39 +271,8 @@ impl<R: Remote> Core<R> {
         if ev.version <= vol.seen && !ev.history_gone {
             return Ok(Invalidation::default());
         }
-        // What the change did to the names the kernel holds, found before anything is locked
-        // (network reads): the listings after the change, and which nodes that lost a name
-        // vanished. A name of a node that is gone from the volume can wait (ESTALE on its next
-        // use); one of a node that still exists cannot.
-        // All of it within one operation timeout: past that, what is not known is assumed the
-        // worst (every name is dropped) rather than holding the event back.
-        let deadline = tokio::time::Instant::now() + self.cfg.op_timeout;
         let foreign = !ev.history_gone && !self.writes.is_own(ev.version);
-        let mut fresh: HashMap<u64, Option<HashMap<String, u64>>> = HashMap::new();
-        if foreign {
-            for dir in &ev.dirs {
-                if self.told_names_in(*dir) {
-                    fresh.insert(*dir, self.listing_after(*dir, ev.version, deadline).await);
-                }
-            }
-        }
-        let before = self.name_changes(&ev.dirs, &fresh);
-        let mut vanished: std::collections::HashSet<u64> = std::collections::HashSet::new();
-        if !before.moved && before.gone.len() <= MAX_GONE_CHECKS {
-            use futures::StreamExt;
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let checks = futures::stream::iter(before.gone.iter().copied())
-                .map(|ino| async move { (ino, self.remote.getattr(ino).await) })
-                .buffer_unordered(16)
-                .for_each(|(ino, r)| {
-                    if let Err(FsError::NotFound) = r {
-                        vanished.insert(ino);
-                    }
-                    std::future::ready(())
-                });
-            // Past the deadline, the nodes not checked count as still existing.
-            let _ = tokio::time::timeout(left, checks).await;
-        }
+        let ahead = self.look_ahead(ev, foreign).await;
         // Wait for our own namespace commits in flight to record what they told the kernel.
         let lock = self.writes.inflight(vol.id);
         let _inflight = lock.write().await;
@@ -301,8 +281,7 @@ impl<R: Remote> Core<R> {
         let mut changed: Vec<u64> = ev.inos.iter().chain(&ev.dirs).copied().collect();
         changed.sort_unstable();
         changed.dedup();
-        let mut inv = Invalidation::default();
-        {
+        let inv = {
             let _view = self.view.write().await;
             // No reply goes out now, so the names told to the kernel are all known here. (An own
             // commit's names were told by its own replies; one recorded after `foreign` was
@@ -315,61 +294,124 @@ impl<R: Remote> Core<R> {
                     ..NameChanges::default()
                 }
             } else {
-                self.name_changes(&ev.dirs, &fresh)
+                self.name_changes(&ev.dirs, &ahead.fresh)
             };
-            let drop_all = ev.history_gone || names.moved || names.gone.iter().any(|i| !vanished.contains(i));
-            let mut late_names: Vec<(u64, String)> = Vec::new();
-            {
-                let _g = self.apply_mx.lock().unwrap_or_else(|p| p.into_inner());
-                if !own {
-                    late_names = self.shown_files(&changed, ev.history_gone);
-                }
-                if ev.history_gone {
-                    inv = self.everything_in(vol.id)?;
-                    self.meta.forget_volume(vol.id).map_err(Self::io)?;
-                } else {
-                    self.meta.forget(&changed, &ev.dirs).map_err(Self::io)?;
-                }
-                vol.seen = ev.version;
-                self.meta.put_volume(&vol).map_err(Self::io)?;
-                self.volumes
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(volume.to_string(), vol);
-                self.writes.settled_own(ev.version);
-            }
+            let drop_all = ev.history_gone || names.moved || names.gone.iter().any(|i| !ahead.vanished.contains(i));
+            let (mut inv, late_names) = self.switch_cache(vol, ev, own, &changed)?;
             self.view_gen.fetch_add(1, Ordering::AcqRel);
             inv.inodes.extend(changed.iter().copied());
             inv.inodes.sort_unstable();
             inv.inodes.dedup();
             let dropped = kernel.switch(&inv.inodes, drop_all);
-            let mut told = self.kernel_names.lock().unwrap_or_else(|p| p.into_inner());
-            if dropped {
-                // Every name is looked up again, and told again.
-                told.clear();
-            } else {
-                // Names go one by one, in the background: the kernel frees them, and until then
-                // a name of a vanished node answers ESTALE, which makes the kernel look it up
-                // again. (Without name epochs a moved name can show its old node until then.)
-                // A lookup answered just before the switch may reach the kernel after it, too
-                // late for the attribute drop above: the changed files' names go too. The
-                // kernel orders that after the lookup (directory lock).
-                for (dir, name) in names.entries.into_iter().chain(late_names) {
-                    if let Some(d) = told.get_mut(&dir) {
-                        d.remove(&name);
-                    }
-                    inv.entries.push((dir, name));
-                }
-                if told.values().map(HashMap::len).sum::<usize>() > MAX_TOLD_NAMES {
-                    // Bounded memory: forget them all, and make the kernel forget them too.
-                    if kernel.switch(&[], true) {
-                        told.clear();
-                    }
+            self.drop_names(dropped, names.entries.into_iter().chain(late_names), &mut inv, kernel);
+            inv
+        };
+        self.applied_tx.send_modify(|n| *n += 1);
+        Ok(inv)
+    }
+
+    /// What a change did to the names the kernel holds, found before anything is locked
+    /// (network reads): the listings after the change, and which nodes that lost a name
+    /// vanished. A name of a node that is gone from the volume can wait (ESTALE on its next
+    /// use); one of a node that still exists cannot. All of it within one operation timeout:
+    /// past that, what is not known is assumed the worst (every name is dropped) rather than
+    /// holding the event back.
+    async fn look_ahead(&self, ev: &ChangeEvent, foreign: bool) -> Ahead {
+        let deadline = tokio::time::Instant::now() + self.cfg.op_timeout;
+        let mut ahead = Ahead::default();
+        if foreign {
+            for dir in &ev.dirs {
+                if self.told_names_in(*dir) {
+                    ahead
+                        .fresh
+                        .insert(*dir, self.listing_after(*dir, ev.version, deadline).await);
                 }
             }
         }
-        self.applied_tx.send_modify(|n| *n += 1);
-        Ok(inv)
+        let before = self.name_changes(&ev.dirs, &ahead.fresh);
+        if !before.moved && before.gone.len() <= MAX_GONE_CHECKS {
+            use futures::StreamExt;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let vanished = &mut ahead.vanished;
+            let checks = futures::stream::iter(before.gone.iter().copied())
+                .map(|ino| async move { (ino, self.remote.getattr(ino).await) })
+                .buffer_unordered(16)
+                .for_each(|(ino, r)| {
+                    if let Err(FsError::NotFound) = r {
+                        vanished.insert(ino);
+                    }
+                    std::future::ready(())
+                });
+            // Past the deadline, the nodes not checked count as still existing.
+            let _ = tokio::time::timeout(left, checks).await;
+        }
+        ahead
+    }
+
+    /// The cache part of a switch (under the view's write lock): forgets what the change
+    /// replaced and moves the volume to the event's version. Returns the invalidations of a
+    /// whole volume (history gone) and the names of changed files the kernel was told.
+    fn switch_cache(
+        &self,
+        mut vol: VolState,
+        ev: &ChangeEvent,
+        own: bool,
+        changed: &[u64],
+    ) -> Result<(Invalidation, Vec<(u64, String)>), FsError> {
+        let _g = self.apply_mx.lock().unwrap_or_else(|p| p.into_inner());
+        let late_names = if own {
+            Vec::new()
+        } else {
+            self.shown_files(changed, ev.history_gone)
+        };
+        let mut inv = Invalidation::default();
+        if ev.history_gone {
+            inv = self.everything_in(vol.id)?;
+            self.meta.forget_volume(vol.id).map_err(Self::io)?;
+        } else {
+            self.meta.forget(changed, &ev.dirs).map_err(Self::io)?;
+        }
+        vol.seen = ev.version;
+        self.meta.put_volume(&vol).map_err(Self::io)?;
+        self.volumes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vol.name.clone(), vol);
+        self.writes.settled_own(ev.version);
+        Ok((inv, late_names))
+    }
+
+    /// The kernel-names part of a switch: if the kernel `dropped` every name, each is told
+    /// again; otherwise `entries` go one by one in the background. Until then a name of a
+    /// vanished node answers ESTALE, which makes the kernel look it up again. (Without name
+    /// epochs a moved name can show its old node until then.) A lookup answered just before
+    /// the switch may reach the kernel after it, too late for the attribute drop: the changed
+    /// files' names are among `entries` too, and the kernel orders their drop after the
+    /// lookup (directory lock).
+    fn drop_names(
+        &self,
+        dropped: bool,
+        entries: impl Iterator<Item = (u64, String)>,
+        inv: &mut Invalidation,
+        kernel: &dyn Invalidator,
+    ) {
+        let mut told = self.kernel_names.lock().unwrap_or_else(|p| p.into_inner());
+        if dropped {
+            told.clear();
+            return;
+        }
+        for (dir, name) in entries {
+            if let Some(d) = told.get_mut(&dir) {
+                d.remove(&name);
+            }
+            inv.entries.push((dir, name));
+        }
+        if told.values().map(HashMap::len).sum::<usize>() > MAX_TOLD_NAMES {
+            // Bounded memory: forget them all, and make the kernel forget them too.
+            if kernel.switch(&[], true) {
+                told.clear();
+            }
+        }
     }
 
     /// The changed files the kernel was told a name of, with those names: each is remembered

@@ -1,5 +1,7 @@
-//! File contents as content-addressed blobs: local storage, quorum writes across data replicas,
-//! and background repair, scrub and garbage collection.
+//! File contents as content-addressed blobs: local storage, quorum writes across data replicas
+//! (`replicate`: the fan-out; `copies`: the commit-time check), and background repair, scrub
+//! and garbage collection.
+pub mod copies;
 pub mod maintenance;
 pub mod quorum;
 pub mod replicate;

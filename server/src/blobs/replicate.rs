@@ -1,4 +1,7 @@
-//! Sending a stored blob to another replica (put forwarding and repair share the wire format).
+//! Writing a blob to the write quorum: the fan-out from the server that received a put to
+//! every other data replica, and sending a stored blob to one replica (put forwarding and
+//! repair share that wire format). The commit-time check that W copies exist is in `copies.rs`.
+use std::sync::Arc;
 use std::time::Duration;
 
 use codafs_common::Hash;
@@ -9,7 +12,11 @@ use tokio::io::AsyncReadExt;
 
 use codafs_proto::error::{kind_of, ErrorKind};
 
+use crate::blobs::quorum::{effective_write_quorum, QuorumState, QuorumTracker};
+use crate::node::Node;
 use crate::peers::Peers;
+use codafs_proto::limits::DEFAULT_WRITE_QUORUM;
+use tokio::sync::mpsc;
 
 /// Why a forward to one replica failed, with the kind of the replica's refusal (a replica out
 /// of disk space makes the put's answer say so).
@@ -88,4 +95,76 @@ pub async fn send_file(
     req.set_timeout(Duration::from_secs(30 + size / (20 << 20)));
     let reply = client.put(req).await.map_err(|s| ForwardError::refused(addr, &s))?;
     Ok(reply.into_inner().copies)
+}
+
+/// How a fan-out to the data replicas went.
+pub struct Replicated {
+    /// Durable copies, this server's own included when it stores blobs.
+    pub copies: usize,
+    /// Copies the write needs (its quorum, capped at the data replicas).
+    pub need: usize,
+    /// Forwards still running carry on in the background (repair covers any that fail).
+    pub forwards: Vec<tokio::task::JoinHandle<Option<()>>>,
+    /// The failures seen before the outcome was known.
+    pub failures: Vec<ForwardError>,
+}
+
+impl Replicated {
+    /// Whether the write quorum was reached.
+    pub fn met(&self) -> bool {
+        self.copies >= self.need
+    }
+
+    /// A replica that refused for lack of disk space (so the uploader learns why).
+    pub fn no_space(&self) -> Option<&ForwardError> {
+        self.failures.iter().find(|f| f.kind == ErrorKind::NoSpace)
+    }
+}
+
+/// Sends a write to every other data replica with `send` and waits until `quorum` copies
+/// (capped at the data replicas; this server's own counts when it stores blobs) are durable, or
+/// until that is impossible. Forwards are tasks of the server (`node.tasks`), so they stop with it.
+pub async fn replicate<F, Fut>(node: &Arc<Node>, quorum: u32, send: F) -> Replicated
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(), ForwardError>> + Send + 'static,
+{
+    let replicas = node.data_replicas();
+    let quorum = if quorum == 0 { DEFAULT_WRITE_QUORUM } else { quorum };
+    let need = effective_write_quorum(quorum, replicas.len());
+    let mut tracker = QuorumTracker::new(need, replicas.len().max(1));
+    if !node.cfg.witness {
+        tracker.ok();
+    }
+    let (tx, mut rx) = mpsc::channel(replicas.len().max(1));
+    let mut forwards = Vec::new();
+    for m in replicas.into_iter().filter(|m| m.id != node.id) {
+        let tx = tx.clone();
+        let fut = send(m.info.addr.clone());
+        forwards.push(node.tasks.spawn("blob forward", async move {
+            let r = fut.await;
+            if let Err(e) = &r {
+                tracing::warn!(peer = %m.info.addr, error = %e, "forwarding to a replica failed; repair will retry");
+            }
+            let _ = tx.send(r).await;
+        }));
+    }
+    drop(tx);
+    let mut failures = Vec::new();
+    while tracker.state() == QuorumState::Pending {
+        match rx.recv().await {
+            Some(Ok(())) => tracker.ok(),
+            Some(Err(e)) => {
+                failures.push(e);
+                tracker.fail()
+            }
+            None => break,
+        };
+    }
+    Replicated {
+        copies: tracker.successes(),
+        need,
+        forwards,
+        failures,
+    }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use codafs_common::Hash;
-use codafs_proto::limits::{BLOB_CHUNK, DEFAULT_WRITE_QUORUM, MAX_MISSING_QUERY, MAX_SMALL_BATCH};
+use codafs_proto::limits::{BLOB_CHUNK, MAX_MISSING_QUERY, MAX_SMALL_BATCH};
 use codafs_proto::pb;
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -16,8 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{convert, internal, refuse, ErrorKind};
 use crate::access::{self, Caller};
-use crate::blobs::quorum::{effective_write_quorum, QuorumState, QuorumTracker};
-use crate::blobs::replicate::{self, ForwardError};
+use crate::blobs::replicate::{self, replicate, ForwardError, Replicated};
 use crate::blobs::BlobError;
 use crate::fsm::StateView;
 use crate::node::Node;
@@ -180,7 +179,7 @@ impl pb::blobs_server::Blobs for BlobService {
         let path = node.blobs.path(&hash);
         let size = header.size;
         let peers = node.peers.clone();
-        let (copies, need, forwards, failures) = replicate(&node, header.write_quorum, move |addr| {
+        let mut r = replicate(&node, header.write_quorum, move |addr| {
             let (peers, path) = (peers.clone(), path.clone());
             async move { replicate::send_file(&peers, &addr, &path, hash, size).await.map(drop) }
         })
@@ -188,19 +187,23 @@ impl pb::blobs_server::Blobs for BlobService {
         if witness {
             // The witness only relayed the blob: drop its spooled copy once every forward ended.
             let n = node.clone();
+            let forwards = std::mem::take(&mut r.forwards);
             node.tasks.spawn("witness spool cleanup", async move {
                 futures::future::join_all(forwards).await;
                 let _ = n.blobs.remove(&hash);
             });
         }
-        if copies < need {
+        if !r.met() {
             return Err(quorum_missed(
-                format!("only {copies} of {need} required copies of blob {hash} could be stored"),
-                &failures,
+                format!(
+                    "only {} of {} required copies of blob {hash} could be stored",
+                    r.copies, r.need
+                ),
+                &r,
             ));
         }
         Ok(Response::new(pb::PutBlobReply {
-            copies: copies as u32,
+            copies: r.copies as u32,
             already_present: already,
         }))
     }
@@ -274,18 +277,22 @@ impl pb::blobs_server::Blobs for BlobService {
                     .map_err(|s| ForwardError::refused(&addr, &s))
             }
         });
-        let (local, (copies, need, _, failures)) = tokio::join!(local, forward);
+        let (local, r) = tokio::join!(local, forward);
         local?;
-        if copies < need {
+        if !r.met() {
             return Err(quorum_missed(
                 format!(
-                    "only {copies} of {need} required copies of a {}-blob batch could be stored",
+                    "only {} of {} required copies of a {}-blob batch could be stored",
+                    r.copies,
+                    r.need,
                     parsed.len()
                 ),
-                &failures,
+                &r,
             ));
         }
-        Ok(Response::new(pb::PutSmallReply { copies: copies as u32 }))
+        Ok(Response::new(pb::PutSmallReply {
+            copies: r.copies as u32,
+        }))
     }
 
     type GetStream = Pin<Box<dyn Stream<Item = Result<pb::BlobChunk, Status>> + Send>>;
@@ -364,63 +371,10 @@ async fn store_batch(node: &Arc<Node>, batch: Vec<(codafs_common::Hash, bytes::B
     .map_err(blob_status)
 }
 
-/// Sends a write to every other data replica with `send` and waits until `quorum` copies
-/// (capped at the data replicas; this server's own counts when it stores blobs) are durable, or
-/// until that is impossible. Forwards still running then carry on in the background (repair
-/// covers any that fail). Returns (copies, copies needed, the forward tasks, the failures seen).
-async fn replicate<F, Fut>(
-    node: &Arc<Node>,
-    quorum: u32,
-    send: F,
-) -> (
-    usize,
-    usize,
-    Vec<tokio::task::JoinHandle<Option<()>>>,
-    Vec<ForwardError>,
-)
-where
-    F: Fn(String) -> Fut,
-    Fut: std::future::Future<Output = Result<(), ForwardError>> + Send + 'static,
-{
-    let replicas = node.data_replicas();
-    let quorum = if quorum == 0 { DEFAULT_WRITE_QUORUM } else { quorum };
-    let need = effective_write_quorum(quorum, replicas.len());
-    let mut tracker = QuorumTracker::new(need, replicas.len().max(1));
-    if !node.cfg.witness {
-        tracker.ok();
-    }
-    let (tx, mut rx) = mpsc::channel(replicas.len().max(1));
-    let mut forwards = Vec::new();
-    for m in replicas.into_iter().filter(|m| m.id != node.id) {
-        let tx = tx.clone();
-        let fut = send(m.info.addr.clone());
-        forwards.push(node.tasks.spawn("blob forward", async move {
-            let r = fut.await;
-            if let Err(e) = &r {
-                tracing::warn!(peer = %m.info.addr, error = %e, "forwarding to a replica failed; repair will retry");
-            }
-            let _ = tx.send(r).await;
-        }));
-    }
-    drop(tx);
-    let mut failures = Vec::new();
-    while tracker.state() == QuorumState::Pending {
-        match rx.recv().await {
-            Some(Ok(())) => tracker.ok(),
-            Some(Err(e)) => {
-                failures.push(e);
-                tracker.fail()
-            }
-            None => break,
-        };
-    }
-    (tracker.successes(), need, forwards, failures)
-}
-
 /// The answer to a put that missed its write quorum: `no_space` if a replica refused for lack
 /// of disk space, so the uploader learns why; `unavailable` otherwise.
-fn quorum_missed(what: String, failures: &[ForwardError]) -> Status {
-    match failures.iter().find(|f| f.kind == ErrorKind::NoSpace) {
+fn quorum_missed(what: String, r: &Replicated) -> Status {
+    match r.no_space() {
         Some(f) => refuse(ErrorKind::NoSpace, format!("{what}: {f}")),
         None => refuse(ErrorKind::Unavailable, what),
     }

@@ -410,6 +410,27 @@ fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize>
     Ok(filled)
 }
 
+/// The next chunk of at most `max` bytes (`None` at the end). A read error is sent to the
+/// client, and `Err` tells the caller to stop there.
+fn next_chunk(
+    file: &mut std::fs::File,
+    max: usize,
+    tx: &mpsc::Sender<Result<pb::BlobChunk, Status>>,
+) -> Result<Option<Vec<u8>>, ()> {
+    let mut buf = vec![0u8; max];
+    match read_full(file, &mut buf) {
+        Ok(0) => Ok(None),
+        Ok(n) => {
+            buf.truncate(n);
+            Ok(Some(buf))
+        }
+        Err(e) => {
+            let _ = send_blocking(tx, Err(refuse(ErrorKind::Internal, format!("reading blob: {e}"))));
+            Err(())
+        }
+    }
+}
+
 /// Streams the rest of a blob from `offset` (a client resuming a fetch that broke off). The
 /// bytes before `offset` are neither read nor hashed, so a resume costs what it sends, not the
 /// whole blob again; nothing here verifies the hash. That is safe because the client hashes
@@ -435,19 +456,11 @@ fn stream_from(
         }
         let mut pos = offset;
         while pos < len {
-            let mut buf = vec![0u8; BLOB_CHUNK.min((len - pos) as usize)];
-            let filled = match read_full(&mut file, &mut buf) {
-                Ok(n) => n,
-                Err(e) => {
-                    let _ = send_blocking(tx, Err(refuse(ErrorKind::Internal, format!("reading blob: {e}"))));
-                    return;
-                }
+            let Ok(chunk) = next_chunk(&mut file, BLOB_CHUNK.min((len - pos) as usize), tx) else {
+                return;
             };
-            if filled == 0 {
-                break;
-            }
-            buf.truncate(filled);
-            pos += filled as u64;
+            let Some(buf) = chunk else { break };
+            pos += buf.len() as u64;
             let msg = pb::BlobChunk {
                 data: buf.into(),
                 total_size: if first { len } else { 0 },
@@ -495,20 +508,12 @@ fn stream_whole_verified(
     let mut held: Option<bytes::Bytes> = None;
     let mut first = true;
     loop {
-        let mut buf = vec![0u8; BLOB_CHUNK];
-        let filled = match read_full(&mut file, &mut buf) {
-            Ok(n) => n,
-            Err(e) => {
-                let _ = send_blocking(tx, Err(refuse(ErrorKind::Internal, format!("reading blob: {e}"))));
-                return;
-            }
+        let Ok(chunk) = next_chunk(&mut file, BLOB_CHUNK, tx) else {
+            return;
         };
-        if filled == 0 {
-            break;
-        }
-        buf.truncate(filled);
+        let Some(buf) = chunk else { break };
         hasher.update(&buf);
-        pos += filled as u64;
+        pos += buf.len() as u64;
         if let Some(prev) = held.take() {
             let msg = pb::BlobChunk {
                 data: prev,

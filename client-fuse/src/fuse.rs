@@ -187,6 +187,10 @@ fn file_type(k: NodeKind) -> FileType {
         NodeKind::File => FileType::RegularFile,
         NodeKind::Dir => FileType::Directory,
         NodeKind::Symlink => FileType::Symlink,
+        NodeKind::Fifo => FileType::NamedPipe,
+        NodeKind::Socket => FileType::Socket,
+        NodeKind::CharDevice => FileType::CharDevice,
+        NodeKind::BlockDevice => FileType::BlockDevice,
     }
 }
 
@@ -205,7 +209,8 @@ pub fn file_attr(a: &NodeAttr) -> FileAttr {
         nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
+        // The kernel's dev_t as FUSE carries it (new_encode_dev of the stored number).
+        rdev: a.rdev as u32,
         blksize: 64 * 1024,
         flags: 0,
     }
@@ -473,23 +478,17 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         });
     }
 
-    fn mknod(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        _rdev: u32,
-        reply: ReplyEntry,
-    ) {
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
         self.core.count_request("write_ops");
         let Some(name) = name_str(name) else {
             return reply.error(Errno::EINVAL);
         };
         let (core, c) = (self.core.clone(), caller(req));
         self.spawn(tracing::debug_span!("mknod", parent = parent.0, %name), async move {
-            entry(reply, core.mknod(c, parent.0, &name, mode & !umask).await);
+            entry(
+                reply,
+                core.mknod(c, parent.0, &name, mode & !umask, u64::from(rdev)).await,
+            );
         });
     }
 

@@ -591,3 +591,87 @@ async fn a_directory_attribute_change_keeps_what_another_node_caches_below_it() 
     })
     .await
 }
+
+/// FIFOs, sockets and device nodes are stored as metadata only: every node sees their type,
+/// mode and device number, they take no bytes of the quota, and each node's kernel serves their
+/// I/O itself (a FIFO carries data between processes of one node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifos_sockets_and_device_nodes_are_metadata_every_node_sees() {
+    use std::os::unix::fs::FileTypeExt;
+    bounded(async {
+        let tc = setup().await?;
+        let (a, web) = writer_and_web_node(&tc)?;
+        let dir = a.path.join("www");
+        let run = |cmd: &str, args: &[&str]| -> Result<()> {
+            let out = std::process::Command::new(cmd).args(args).output()?;
+            ensure!(
+                out.status.success(),
+                "{cmd} {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        let fifo = dir.join("pipe");
+        run("mkfifo", &["-m", "0620", &fifo.display().to_string()])?;
+        run("mknod", &[&dir.join("null").display().to_string(), "c", "1", "3"])?;
+        run("mknod", &[&dir.join("disk").display().to_string(), "b", "7", "0"])?;
+        let sock = std::os::unix::net::UnixListener::bind(dir.join("sock"))?;
+        // A regular file through mknod(2), as `creat` makes.
+        let plain = std::ffi::CString::new(dir.join("plain").display().to_string())?;
+        // SAFETY: a valid NUL-terminated path; mknod has no other preconditions.
+        let rc = unsafe { libc::mknod(plain.as_ptr(), libc::S_IFREG | 0o640, 0) };
+        ensure!(rc == 0, "mknod S_IFREG: {}", std::io::Error::last_os_error());
+
+        // This node's kernel runs the FIFO: a writer and a reader meet through it.
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::write(fifo, b"ping"))
+        };
+        ensure!(std::fs::read(&fifo)? == b"ping", "the FIFO carried the wrong bytes");
+        writer.join().map_err(|_| anyhow::anyhow!("FIFO writer panicked"))??;
+        drop(sock);
+
+        // Every node sees the same nodes, with their kinds and device numbers.
+        let seen = web.path.join("www/disk");
+        wait_until(Duration::from_secs(10), "the web node sees the new nodes", || {
+            let seen = seen.clone();
+            async move { seen.exists() }
+        })
+        .await?;
+        for m in [&a, &web] {
+            let d = m.path.join("www");
+            let md = |n: &str| std::fs::symlink_metadata(d.join(n));
+            let (p, n, b, s, f) = (md("pipe")?, md("null")?, md("disk")?, md("sock")?, md("plain")?);
+            // A read-only web node shows public volumes world-readable (README, "Status").
+            let want = if m.path == a.path { 0o620 } else { 0o664 };
+            ensure!(p.file_type().is_fifo() && p.mode() & 0o7777 == want, "pipe: {p:?}");
+            ensure!(
+                n.file_type().is_char_device() && n.rdev() == libc::makedev(1, 3),
+                "null: {n:?}"
+            );
+            ensure!(
+                b.file_type().is_block_device() && b.rdev() == libc::makedev(7, 0),
+                "disk: {b:?}"
+            );
+            ensure!(s.file_type().is_socket(), "sock: {s:?}");
+            ensure!(f.file_type().is_file() && f.len() == 0, "plain: {f:?}");
+        }
+        let info = tc.volume_info("www").await?;
+        ensure!(
+            info.used_files == 5 && info.used_bytes == 0,
+            "usage {} files, {} bytes",
+            info.used_files,
+            info.used_bytes
+        );
+        // They rename, link and go away like files.
+        std::fs::rename(dir.join("null"), dir.join("null2"))?;
+        std::fs::hard_link(dir.join("pipe"), dir.join("pipe2"))?;
+        for n in ["null2", "pipe", "pipe2", "disk", "sock", "plain"] {
+            std::fs::remove_file(dir.join(n))?;
+        }
+        let info = tc.volume_info("www").await?;
+        ensure!(info.used_files == 0, "files left: {}", info.used_files);
+        Ok(())
+    })
+    .await
+}

@@ -43,6 +43,25 @@ pub enum NodeKind {
     File,
     Dir,
     Symlink,
+    /// Metadata-only nodes (no content on the servers; the kernel serves their I/O).
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+impl NodeKind {
+    /// The kind `mknod` asks for in `mode`'s type bits (0 means a regular file).
+    pub fn from_mode(mode: u32) -> Option<NodeKind> {
+        match mode & libc::S_IFMT {
+            0 | libc::S_IFREG => Some(NodeKind::File),
+            libc::S_IFIFO => Some(NodeKind::Fifo),
+            libc::S_IFSOCK => Some(NodeKind::Socket),
+            libc::S_IFCHR => Some(NodeKind::CharDevice),
+            libc::S_IFBLK => Some(NodeKind::BlockDevice),
+            _ => None,
+        }
+    }
 }
 
 /// Attributes as shown to the kernel.
@@ -61,6 +80,8 @@ pub struct NodeAttr {
     pub atime_ns: i64,
     /// Content hash (files).
     pub hash: Option<Hash>,
+    /// Device number (character and block devices).
+    pub rdev: u64,
 }
 
 /// Kernel cache invalidations a change requires.
@@ -389,6 +410,7 @@ impl<R: Remote> Core<R> {
             mtime_ns: 0,
             ctime_ns: 0,
             atime_ns: 0,
+            rdev: 0,
             hash: None,
         }
     }
@@ -412,6 +434,7 @@ impl<R: Remote> Core<R> {
             // Older servers send no atime: show mtime rather than 1970.
             atime_ns: if a.atime_ns == 0 { a.mtime_ns } else { a.atime_ns },
             hash: a.hash,
+            rdev: a.rdev,
         }
     }
 
@@ -533,6 +556,7 @@ impl<R: Remote> Core<R> {
             NodeKind::File => {}
             NodeKind::Dir => return Err(FsError::IsDir),
             NodeKind::Symlink => return Err(FsError::Invalid("symlink".into())),
+            _ => return Err(FsError::Invalid("a special node has no content here".into())),
         }
         let hash = a
             .hash
@@ -799,7 +823,7 @@ impl<R: Remote> Core<R> {
                             }
                         }
                     }
-                    NodeKind::Symlink => {}
+                    _ => {}
                 }
             }
         }

@@ -30,6 +30,8 @@ pub struct Attr {
     pub parent: u64,
     /// Files: the short-lived ticket that lets this mount fetch the content from any server.
     pub read_ticket: bytes::Bytes,
+    /// Device number (character and block devices).
+    pub rdev: u64,
 }
 
 /// One committed change of a volume, as its change stream reports it.
@@ -56,7 +58,7 @@ pub struct VolumeStamp {
 /// One namespace operation of a commit, by node id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    /// A new file (empty content `hash`), directory or symlink under `parent`.
+    /// A new file (empty content `hash`), directory, symlink or special node under `parent`.
     Create {
         parent: u64,
         name: String,
@@ -64,6 +66,8 @@ pub enum Op {
         mode: u32,
         hash: Option<Hash>,
         symlink_target: String,
+        /// Device number (character and block devices).
+        rdev: u64,
         uid: u32,
         gid: u32,
     },

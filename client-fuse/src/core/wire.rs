@@ -11,6 +11,10 @@ pub(crate) fn kind_of(code: i32) -> NodeKind {
     match pb::ObjectKind::try_from(code) {
         Ok(pb::ObjectKind::Directory) => NodeKind::Dir,
         Ok(pb::ObjectKind::Symlink) => NodeKind::Symlink,
+        Ok(pb::ObjectKind::Fifo) => NodeKind::Fifo,
+        Ok(pb::ObjectKind::Socket) => NodeKind::Socket,
+        Ok(pb::ObjectKind::CharDevice) => NodeKind::CharDevice,
+        Ok(pb::ObjectKind::BlockDevice) => NodeKind::BlockDevice,
         _ => NodeKind::File,
     }
 }
@@ -21,6 +25,10 @@ pub(crate) fn kind_code(kind: NodeKind) -> i32 {
         NodeKind::File => pb::ObjectKind::File,
         NodeKind::Dir => pb::ObjectKind::Directory,
         NodeKind::Symlink => pb::ObjectKind::Symlink,
+        NodeKind::Fifo => pb::ObjectKind::Fifo,
+        NodeKind::Socket => pb::ObjectKind::Socket,
+        NodeKind::CharDevice => pb::ObjectKind::CharDevice,
+        NodeKind::BlockDevice => pb::ObjectKind::BlockDevice,
     };
     k as i32
 }
@@ -49,6 +57,7 @@ impl From<pb::Attr> for Attr {
             version: a.version,
             parent: a.parent,
             read_ticket: a.read_ticket,
+            rdev: a.rdev,
         }
     }
 }
@@ -72,6 +81,7 @@ impl From<&Attr> for pb::Attr {
             parent: a.parent,
             atime_ns: a.atime_ns,
             read_ticket: a.read_ticket.clone(),
+            rdev: a.rdev,
         }
     }
 }
@@ -124,6 +134,7 @@ fn op(o: Op) -> pb::Op {
             mode,
             hash,
             symlink_target,
+            rdev,
             uid,
             gid,
         } => W::Create(pb::CreateOp {
@@ -138,6 +149,7 @@ fn op(o: Op) -> pb::Op {
             uid,
             gid,
             mtime_ns: 0,
+            rdev,
         }),
         Op::SetContent {
             ino,
@@ -222,7 +234,15 @@ mod tests {
             version: 9,
             parent: 1,
             read_ticket: bytes::Bytes::from_static(b"ticket"),
+            rdev: 0,
         };
+        let dev = Attr {
+            kind: NodeKind::CharDevice,
+            hash: None,
+            rdev: 0x0103,
+            ..a.clone()
+        };
+        assert_eq!(Attr::from(pb::Attr::from(&dev)), dev);
         assert_eq!(Attr::from(pb::Attr::from(&a)), a);
         let dir = Attr {
             kind: NodeKind::Dir,

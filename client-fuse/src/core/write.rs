@@ -385,14 +385,14 @@ impl<R: Remote> Core<R> {
         ctx: &WriteCtx,
         parent: u64,
         name: &str,
-        kind: NodeKind,
+        (kind, rdev): (NodeKind, u64),
         mode: u32,
         target: &str,
     ) -> Result<NodeAttr, FsError> {
         check_name(name)?;
         let hash = match kind {
             NodeKind::File => Some(self.ensure_empty_blob(ctx).await?),
-            NodeKind::Dir | NodeKind::Symlink => None,
+            _ => None,
         };
         let create = Op::Create {
             parent,
@@ -401,6 +401,7 @@ impl<R: Remote> Core<R> {
             mode: mode & 0o7777,
             hash,
             symlink_target: target.to_string(),
+            rdev,
             uid: c.uid,
             gid: c.gid,
         };
@@ -425,26 +426,31 @@ impl<R: Remote> Core<R> {
     pub async fn create(&self, c: Caller, parent: u64, name: &str, mode: u32) -> Result<(NodeAttr, u64), FsError> {
         let ctx = self.write_ctx(c.uid, parent)?;
         let attr = self
-            .create_node(c, &ctx, parent, name, NodeKind::File, mode, "")
+            .create_node(c, &ctx, parent, name, (NodeKind::File, 0), mode, "")
             .await?;
         let fh = self.open_handle(attr.ino, c.uid, true, ShadowInit::Empty).await?;
         Ok((attr, fh))
     }
 
     /// `mknod`: regular files only (codafs stores no devices, FIFOs or sockets).
-    pub async fn mknod(&self, c: Caller, parent: u64, name: &str, mode: u32) -> Result<NodeAttr, FsError> {
+    /// `mknod`: a regular file (as `creat` makes), or a FIFO, socket or device node (stored as
+    /// metadata only; the kernel serves their I/O on each node by itself).
+    pub async fn mknod(&self, c: Caller, parent: u64, name: &str, mode: u32, rdev: u64) -> Result<NodeAttr, FsError> {
         let ctx = self.write_ctx(c.uid, parent)?;
-        if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
-            return Err(FsError::NotPermitted(
-                "only regular files, directories and symlinks can be stored".into(),
-            ));
-        }
-        self.create_node(c, &ctx, parent, name, NodeKind::File, mode, "").await
+        let kind = NodeKind::from_mode(mode)
+            .ok_or_else(|| FsError::Invalid(format!("mknod of file type {:o}", mode & libc::S_IFMT)))?;
+        let rdev = if matches!(kind, NodeKind::CharDevice | NodeKind::BlockDevice) {
+            rdev
+        } else {
+            0
+        };
+        self.create_node(c, &ctx, parent, name, (kind, rdev), mode, "").await
     }
 
     pub async fn mkdir(&self, c: Caller, parent: u64, name: &str, mode: u32) -> Result<NodeAttr, FsError> {
         let ctx = self.write_ctx(c.uid, parent)?;
-        self.create_node(c, &ctx, parent, name, NodeKind::Dir, mode, "").await
+        self.create_node(c, &ctx, parent, name, (NodeKind::Dir, 0), mode, "")
+            .await
     }
 
     pub async fn symlink(&self, c: Caller, parent: u64, name: &str, target: &str) -> Result<NodeAttr, FsError> {
@@ -452,7 +458,7 @@ impl<R: Remote> Core<R> {
         if target.is_empty() || target.len() > 4096 {
             return Err(FsError::NameTooLong);
         }
-        self.create_node(c, &ctx, parent, name, NodeKind::Symlink, 0o777, target)
+        self.create_node(c, &ctx, parent, name, (NodeKind::Symlink, 0), 0o777, target)
             .await
     }
 
@@ -579,8 +585,8 @@ impl<R: Remote> Core<R> {
                     let a = self.getattr(ino).await?;
                     match a.kind {
                         NodeKind::Dir => return Err(FsError::IsDir),
-                        NodeKind::Symlink => return Err(FsError::Invalid("cannot truncate a symlink".into())),
                         NodeKind::File => {}
+                        _ => return Err(FsError::Invalid("only regular files can be truncated".into())),
                     }
                     if size != a.size {
                         if size != 0 && a.size > MAX_WRITE_FILE {

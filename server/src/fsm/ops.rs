@@ -19,7 +19,7 @@ impl Txn<'_> {
         }
     }
 
-    /// A new file, directory or symlink; with `replace`, it takes the place of a file or symlink
+    /// A new file, directory, symlink or special node; with `replace`, it takes the place of a file or symlink
     /// of that name.
     fn op_create(&mut self, vol: &mut VolumeRec, op: &Op, now_ns: i64) -> TxnResult<u64> {
         let OpKind::Create {
@@ -60,6 +60,7 @@ impl Txn<'_> {
             Kind::File => (*size, *hash, String::new()),
             Kind::Dir => (0, None, String::new()),
             Kind::Symlink => (symlink.len() as u64, None, symlink.clone()),
+            Kind::Fifo | Kind::Socket | Kind::CharDevice(_) | Kind::BlockDevice(_) => (0, None, String::new()),
         };
         let mtime = if *mtime_ns == 0 { now_ns } else { *mtime_ns };
         self.put_object(ObjectRec {

@@ -3,15 +3,30 @@
 use codafs_common::{Hash, VolumeId};
 use serde::{Deserialize, Serialize};
 
-/// Kind of a namespace object.
+/// Kind of a namespace object. Variants are only appended (the log stores them by position);
+/// the last four are metadata-only nodes, with the device number in the variant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Kind {
     File,
     Dir,
     Symlink,
+    Fifo,
+    Socket,
+    CharDevice(u64),
+    BlockDevice(u64),
 }
 
-/// One file, directory or symlink.
+impl Kind {
+    /// A FIFO, socket or device node: no content, nothing to replicate.
+    pub fn is_special(self) -> bool {
+        matches!(
+            self,
+            Kind::Fifo | Kind::Socket | Kind::CharDevice(_) | Kind::BlockDevice(_)
+        )
+    }
+}
+
+/// One file, directory, symlink or special node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectRec {
     pub ino: u64,

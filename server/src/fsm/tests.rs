@@ -804,3 +804,69 @@ fn join_tokens_admit_one_server_until_they_expire() {
     assert!(!s.join_tokens.contains_key(&[1; 32]) && !s.join_tokens.contains_key(&[2; 32]));
     assert!(s.join_tokens.contains_key(&[3; 32]) && s.join_tokens.contains_key(&[4; 32]));
 }
+
+fn special(name: &str, kind: Kind) -> OpKind {
+    OpKind::Create {
+        parent: NodeRef::Path(String::new()),
+        name: name.into(),
+        kind,
+        mode: 0o620,
+        hash: None,
+        size: 0,
+        symlink: String::new(),
+        replace: false,
+        uid: 7,
+        gid: 8,
+        mtime_ns: 0,
+    }
+}
+
+#[test]
+fn special_nodes_are_metadata_with_their_device_numbers_and_no_bytes() {
+    let mut s = setup();
+    let kinds = [
+        ("pipe", Kind::Fifo),
+        ("sock", Kind::Socket),
+        ("null", Kind::CharDevice(0x103)),
+        ("loop", Kind::BlockDevice(0x700)),
+    ];
+    commit(&mut s, 3, "alice", kinds.iter().map(|(n, k)| special(n, *k)).collect()).unwrap();
+    for (name, kind) in kinds {
+        let o = lookup(&s, name).unwrap();
+        assert_eq!(
+            (o.kind, o.mode, o.uid, o.gid, o.size, o.hash),
+            (kind, 0o620, 7, 8, 0, None)
+        );
+        assert!(o.kind.is_special());
+    }
+    let v = &s.volumes["www"];
+    assert_eq!((v.used_files, v.used_bytes), (4, 0));
+    // They rename, link and go like files; a file may replace one.
+    commit(
+        &mut s,
+        4,
+        "alice",
+        vec![
+            OpKind::Rename {
+                from_parent: NodeRef::Path(String::new()),
+                from_name: "null".into(),
+                to_parent: NodeRef::Path(String::new()),
+                to_name: "null2".into(),
+            },
+            OpKind::Remove {
+                parent: NodeRef::Path(String::new()),
+                name: "sock".into(),
+                recursive: false,
+            },
+        ],
+    )
+    .unwrap();
+    assert_eq!(lookup(&s, "null2").unwrap().kind, Kind::CharDevice(0x103));
+    let mut over = file("", "pipe", b"x");
+    if let OpKind::Create { replace, .. } = &mut over {
+        *replace = true;
+    }
+    commit(&mut s, 5, "alice", vec![over]).unwrap();
+    assert_eq!(lookup(&s, "pipe").unwrap().kind, Kind::File);
+    assert_eq!(s.volumes["www"].used_files, 3);
+}

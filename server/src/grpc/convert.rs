@@ -14,7 +14,15 @@ pub fn attr(o: &ObjectRec) -> pb::Attr {
             Kind::File => pb::ObjectKind::File,
             Kind::Dir => pb::ObjectKind::Directory,
             Kind::Symlink => pb::ObjectKind::Symlink,
+            Kind::Fifo => pb::ObjectKind::Fifo,
+            Kind::Socket => pb::ObjectKind::Socket,
+            Kind::CharDevice(_) => pb::ObjectKind::CharDevice,
+            Kind::BlockDevice(_) => pb::ObjectKind::BlockDevice,
         } as i32,
+        rdev: match o.kind {
+            Kind::CharDevice(d) | Kind::BlockDevice(d) => d,
+            _ => 0,
+        },
         size: o.size,
         mode: o.mode,
         uid: o.uid,
@@ -62,11 +70,15 @@ fn node_ref(r: Option<pb::NodeRef>, what: &str) -> Result<NodeRef, Status> {
     }
 }
 
-fn kind(k: i32) -> Result<Kind, Status> {
+fn kind(k: i32, rdev: u64) -> Result<Kind, Status> {
     match pb::ObjectKind::try_from(k) {
         Ok(pb::ObjectKind::File) => Ok(Kind::File),
         Ok(pb::ObjectKind::Directory) => Ok(Kind::Dir),
         Ok(pb::ObjectKind::Symlink) => Ok(Kind::Symlink),
+        Ok(pb::ObjectKind::Fifo) => Ok(Kind::Fifo),
+        Ok(pb::ObjectKind::Socket) => Ok(Kind::Socket),
+        Ok(pb::ObjectKind::CharDevice) => Ok(Kind::CharDevice(rdev)),
+        Ok(pb::ObjectKind::BlockDevice) => Ok(Kind::BlockDevice(rdev)),
         _ => Err(refuse(ErrorKind::Invalid, format!("unknown object kind {k}"))),
     }
 }
@@ -76,7 +88,7 @@ pub fn op(o: pb::Op) -> Result<Op, Status> {
     use pb::op::Op as P;
     let kind = match o.op.ok_or_else(|| refuse(ErrorKind::Invalid, "operation is empty"))? {
         P::Create(c) => {
-            let k = kind(c.kind)?;
+            let k = kind(c.kind, c.rdev)?;
             OpKind::Create {
                 parent: node_ref(c.parent, "create.parent")?,
                 name: c.name,

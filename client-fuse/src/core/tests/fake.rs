@@ -133,6 +133,7 @@ impl Truth {
                 mode,
                 hash,
                 symlink_target,
+                rdev,
                 uid,
                 gid,
             } => {
@@ -158,6 +159,7 @@ impl Truth {
                         nlink: 1,
                         hash,
                         symlink_target,
+                        rdev,
                         version: v,
                         parent,
                         ..Default::default()

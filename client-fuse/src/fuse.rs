@@ -293,7 +293,18 @@ impl<R: Remote> Filesystem for CodaFs<R> {
             // No-open mode: the kernel keeps the page cache and never asks again.
             return reply.error(Errno::ENOSYS);
         }
-        let (core, c) = (self.core.clone(), caller(req));
+        let c = caller(req);
+        let read_only_open = flags.0 & libc::O_ACCMODE == libc::O_RDONLY && flags.0 & libc::O_TRUNC == 0;
+        // A read-only handle stores nothing on close: no FLUSH round trip for it.
+        let read_flags = FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH;
+        if read_only_open {
+            match self.core.open_read_cached(c, ino.0) {
+                Some(Ok(fh)) => return reply.opened(FileHandle(fh), read_flags),
+                Some(Err(e)) => return reply.error(by_ino(&e)),
+                None => {}
+            }
+        }
+        let core = self.core.clone();
         self.spawn(tracing::debug_span!("open", ino = ino.0), async move {
             if flags.0 & libc::O_ACCMODE != libc::O_WRONLY {
                 if let Err(e) = core.check_access(c, ino.0, libc::R_OK).await {
@@ -302,6 +313,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
             }
             match core.open(c, ino.0, flags.0).await {
                 // Keep the page cache: callbacks invalidate it when the content changes.
+                Ok(fh) if read_only_open => reply.opened(FileHandle(fh), read_flags),
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
                 Err(e) => reply.error(by_ino(&e)),
             }
@@ -626,6 +638,9 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        if self.core.release_read(fh.0) {
+            return reply.ok();
+        }
         let (core, inval) = (self.core.clone(), self.inval.clone());
         self.spawn(tracing::debug_span!("release", ino = ino.0), async move {
             let dropped = core.release(fh.0).await;

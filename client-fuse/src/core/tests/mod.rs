@@ -404,3 +404,30 @@ async fn a_refused_commit_changes_nothing() {
     assert_eq!(core.remote.version(), version);
     assert_eq!(model::read(&core, "p").await.unwrap(), b"one");
 }
+
+/// A read-only open of a cached file is answered without waiting, keeps the file readable
+/// after another node removes it, and its release is answered without waiting too; anything
+/// else takes the full path.
+#[tokio::test(start_paused = true)]
+async fn read_only_opens_of_cached_files_need_no_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = writable_core(dir.path()).await;
+    core.remote.write(&[], "p", b"page");
+    deliver_all(&core).await;
+    let ino = core.remote.lock().tree.dirs[&root()]["p"];
+    let alice = model::ALICE;
+    assert!(core.open_read_cached(alice, ino).is_none(), "attributes not cached yet");
+    assert_eq!(model::read(&core, "p").await.unwrap(), b"page");
+    let fh = core.open_read_cached(alice, ino).unwrap().unwrap();
+    core.remote.remove(&[], "p").unwrap();
+    deliver_all(&core).await;
+    assert_eq!(core.read(ino, fh, 0, 100).await.unwrap(), b"page", "open handle still reads");
+    assert!(core.release_read(fh));
+    assert!(!core.release_read(fh), "released once");
+    // A writing handle is released the long way (its shadow may need storing).
+    model::write(&core, "q", b"x").await.unwrap();
+    let q = core.lookup(root(), "q").await.unwrap().ino;
+    let wfh = core.open(alice, q, libc::O_WRONLY).await.unwrap();
+    assert!(!core.release_read(wfh));
+    assert!(!core.release(wfh).await);
+}

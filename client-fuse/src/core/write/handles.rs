@@ -35,13 +35,41 @@ impl<R: Remote> Core<R> {
         } else {
             Some(self.getattr(ino).await?)
         };
+        Ok(self.add_handle(Handle { ino, uid, write, attr }))
+    }
+
+    fn add_handle(&self, h: Handle) -> u64 {
         let fh = self.writes.next_fh.fetch_add(1, Ordering::Relaxed);
         self.writes
             .handles
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(fh, Handle { ino, uid, write, attr });
-        Ok(fh)
+            .insert(fh, h);
+        fh
+    }
+
+    /// A read-only open answered from the caches without waiting, so the adaptor can reply on
+    /// the kernel's thread: the node's attributes are cached, and it is on a public volume or
+    /// opened by root (no directory above needs a search check). `None`: take [`Core::open`]
+    /// after [`Core::check_access`], which may ask the servers.
+    pub fn open_read_cached(&self, c: Caller, ino: u64) -> Option<Result<u64, FsError>> {
+        let public = self.is_public(ino);
+        if !public && c.uid != 0 {
+            return None;
+        }
+        let raw = self.meta.attr(ino).ok()??;
+        self.stats.meta_hits.fetch_add(1, Ordering::Relaxed);
+        let mut a = self.to_node(&raw);
+        self.shadow_attr(&mut a);
+        if !Self::may_access(c, &a, libc::R_OK, public) {
+            return Some(Err(FsError::Denied("mode bits".into())));
+        }
+        Some(Ok(self.add_handle(Handle {
+            ino,
+            uid: c.uid,
+            write: false,
+            attr: Some(a),
+        })))
     }
 
     /// `close` (FUSE flush) and `fsync`: stores the file if its shadow changed. The error, if
@@ -51,6 +79,16 @@ impl<R: Remote> Core<R> {
             return Ok(());
         };
         self.store_shadow(ino, uid).await
+    }
+
+    /// `release` of a read-only handle, done without waiting (the adaptor replies on the
+    /// kernel's thread): true if `fh` was one and is gone; false leaves it to [`Core::release`].
+    pub fn release_read(&self, fh: u64) -> bool {
+        let mut handles = self.writes.handles.lock().unwrap_or_else(|p| p.into_inner());
+        match handles.get(&fh) {
+            Some(h) if !h.write => handles.remove(&fh).is_some(),
+            _ => false,
+        }
     }
 
     /// `release`: the last handle of a file drops its shadow. Changes never stored (no flush

@@ -421,7 +421,11 @@ async fn read_only_opens_of_cached_files_need_no_wait() {
     let fh = core.open_read_cached(alice, ino).unwrap().unwrap();
     core.remote.remove(&[], "p").unwrap();
     deliver_all(&core).await;
-    assert_eq!(core.read(ino, fh, 0, 100).await.unwrap(), b"page", "open handle still reads");
+    assert_eq!(
+        core.read(ino, fh, 0, 100).await.unwrap(),
+        b"page",
+        "open handle still reads"
+    );
     assert!(core.release_read(fh));
     assert!(!core.release_read(fh), "released once");
     // A writing handle is released the long way (its shadow may need storing).

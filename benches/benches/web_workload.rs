@@ -193,6 +193,10 @@ async fn bench() -> Result<Vec<String>> {
         format!("| callback delay (commit acked → visible on another mount), ms | p50 {p50:.1}, p99 {p99:.1} | – | – |"),
         String::new(),
         format!("FUSE requests seen by the daemon during the whole run: {}", format!("{:?}", warm.fuse_requests)),
+        format!(
+            "Small files brought with their directory's listing (cold pass): {} of {FILES}",
+            warm.cache.prefetched
+        ),
         format!("FUSE requests seen by the writable mount's daemon: {}", format!("{:?}", warm_w.fuse_requests)),
     ])
 }

@@ -255,6 +255,12 @@ pub fn print_mount_status(mnt: &Path, json: bool) -> Result<()> {
         c.misses,
         c.evictions,
     );
+    if c.prefetched > 0 || c.bad_small_copies > 0 {
+        println!(
+            "       {} small files brought with their directory's listing ({} bad copies left out)",
+            c.prefetched, c.bad_small_copies
+        );
+    }
     if st.read_only {
         println!("writes refused for everyone (--read-only)");
     } else {

@@ -136,6 +136,21 @@ impl Cluster {
         .await
     }
 
+    /// Several small blobs in one call (each request carries its ticket or file); the reply
+    /// holds those the answering server had, unverified (the caller hashes each).
+    pub async fn get_small(
+        &self,
+        token: Option<&str>,
+        blobs: Vec<pb::GetBlobRequest>,
+    ) -> Result<Vec<pb::SmallBlob>, ClientError> {
+        let reply = self
+            .unary(token, pb::GetSmallRequest { blobs }, |ch, r| async move {
+                Cluster::blobs(ch).get_small(r).await
+            })
+            .await?;
+        Ok(reply.blobs)
+    }
+
     // ---------------------------------------------------------------------------- Admin
 
     /// The volumes `token` (or the cluster's own token) may see.

@@ -94,6 +94,12 @@ pub struct CacheStatus {
     pub bad_copies_refetched: u64,
     /// Reads served from the servers without caching (the file did not fit).
     pub streamed_uncached: u64,
+    /// Small files brought into the cache with their directory's listing.
+    #[serde(default)]
+    pub prefetched: u64,
+    /// Of the small files sent with a listing, copies that failed verification.
+    #[serde(default)]
+    pub bad_small_copies: u64,
 }
 
 /// `hits / (hits + misses)`, 0 before any access.

@@ -19,6 +19,10 @@ pub mod limits {
     pub const BLOB_CHUNK: usize = 1 << 20;
     /// Largest batch of small blobs in one `PutSmall` request.
     pub const MAX_SMALL_BATCH: usize = 16 << 20;
+    /// Blobs asked for in one `Blobs.GetSmall` call, at most.
+    pub const MAX_SMALL_GET: usize = 256;
+    /// Bytes of blobs one `Blobs.GetSmall` reply carries, at most (each blob at most `BLOB_CHUNK`).
+    pub const MAX_SMALL_GET_BYTES: usize = 4 << 20;
     /// Largest metadata message (a commit batch, a directory page): 64 MiB.
     pub const MAX_MESSAGE: usize = 64 << 20;
     /// Largest Raft message: a batch of log entries or a snapshot chunk.

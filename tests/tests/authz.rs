@@ -176,6 +176,24 @@ async fn probe(c: &Cluster, fx: &Fixture) -> BTreeMap<&'static str, Outcome> {
             .await,
         );
     }
+    // Several small blobs in one call: each item is authorized as a Get.
+    for (name, blob, ticket, ino) in [
+        ("Blobs.GetSmall pub ticket", &pub_blob, true, false),
+        ("Blobs.GetSmall priv ino", &priv_blob, false, true),
+        ("Blobs.GetSmall priv bare", &priv_blob, false, false),
+    ] {
+        let body = pb::GetSmallRequest {
+            blobs: vec![blob_get(blob, ticket, ino)],
+        };
+        m.insert(
+            name,
+            code(c, |ch| {
+                let r = c.request(body);
+                async move { Cluster::blobs(ch).get_small(r).await.map(drop) }
+            })
+            .await,
+        );
+    }
     // A ticket for one blob does not open another.
     let mut forged = blob_get(&priv_blob, false, false);
     forged.ticket = pub_blob.ticket.clone();
@@ -369,7 +387,11 @@ fn expected(default: Code, extra: &[(&'static str, Code)]) -> BTreeMap<&'static 
         m.insert(k, Code::Unauthenticated);
     }
     // Blobs without a right to them: no ticket for this blob, no readable file.
-    for k in ["Blobs.Get priv bare", "Blobs.Get priv other ticket"] {
+    for k in [
+        "Blobs.Get priv bare",
+        "Blobs.Get priv other ticket",
+        "Blobs.GetSmall priv bare",
+    ] {
         m.insert(k, Code::PermissionDenied);
     }
     for (k, v) in extra {
@@ -378,7 +400,7 @@ fn expected(default: Code, extra: &[(&'static str, Code)]) -> BTreeMap<&'static 
     m
 }
 
-const ALL: [&str; 44] = [
+const ALL: [&str; 47] = [
     "Meta.Lookup pub",
     "Meta.Lookup priv",
     "Meta.GetAttr pub",
@@ -396,6 +418,9 @@ const ALL: [&str; 44] = [
     "Blobs.Get priv ino",
     "Blobs.Get priv bare",
     "Blobs.Get priv other ticket",
+    "Blobs.GetSmall pub ticket",
+    "Blobs.GetSmall priv ino",
+    "Blobs.GetSmall priv bare",
     "Blobs.Put",
     "Blobs.PutSmall",
     "Blobs.Missing",
@@ -426,7 +451,7 @@ const ALL: [&str; 44] = [
 ];
 
 /// What anyone may do: read public volumes (and the volume list, filtered), ask for health.
-const PUBLIC_READS: [&str; 12] = [
+const PUBLIC_READS: [&str; 13] = [
     "Meta.Lookup pub",
     "Meta.GetAttr pub",
     "Meta.Resolve pub",
@@ -435,6 +460,7 @@ const PUBLIC_READS: [&str; 12] = [
     "Meta.Subscribe pub",
     "Blobs.Get pub ticket",
     "Blobs.Get pub ino",
+    "Blobs.GetSmall pub ticket",
     "Admin.ListVolumes",
     "Admin.GetVolume pub",
     "Admin.Health",
@@ -451,13 +477,14 @@ const PEER_ONLY: [&str; 4] = [
 ];
 
 /// Reads of the private volume by someone who may not read it.
-const PRIV_READS: [&str; 7] = [
+const PRIV_READS: [&str; 8] = [
     "Meta.Lookup priv",
     "Meta.GetAttr priv",
     "Meta.Resolve priv",
     "Meta.ReadDir priv",
     "Meta.Subscribe priv",
     "Blobs.Get priv ino",
+    "Blobs.GetSmall priv ino",
     "Admin.GetVolume priv",
 ];
 
@@ -864,6 +891,8 @@ async fn a_removed_servers_certificate_and_spent_join_tokens_count_for_nothing()
             "Blobs.Get priv bare",
             "Blobs.Get priv other ticket",
             "Blobs.Get priv ino",
+            "Blobs.GetSmall priv bare",
+            "Blobs.GetSmall priv ino",
             "Blobs.Put",
             "Blobs.PutSmall",
             "Blobs.Missing",

@@ -133,7 +133,9 @@ async fn disconnected_mount_serves_cache_and_fails_fast_on_uncached_files() {
         tc.create_volume("www", 2).await?;
         let c = tc.client();
         TestCluster::write_file(&c, "www", "", "cached.html", b"i am cached").await?;
-        TestCluster::write_file(&c, "www", "", "uncached.html", b"never read").await?;
+        // Larger than what comes with a directory's listing (client-fuse/src/core/prefetch.rs).
+        let never_read = vec![b'n'; 100 << 10];
+        TestCluster::write_file(&c, "www", "", "uncached.html", &never_read).await?;
         let m = Mount::start(&tc.client_args(), tc.root.path(), "m", &["--read-only"])?;
         assert_eq!(read_file(&m.path.join("www/cached.html"))?, b"i am cached");
         // The listing (and so uncached.html's attributes) is cached; its content is not.
@@ -174,7 +176,7 @@ async fn disconnected_mount_serves_cache_and_fails_fast_on_uncached_files() {
             async move { std::fs::read(p).is_ok_and(|d| d == b"updated while away") }
         })
         .await?;
-        assert_eq!(read_file(&m.path.join("www/uncached.html"))?, b"never read");
+        assert_eq!(read_file(&m.path.join("www/uncached.html"))?, never_read);
         Ok(())
     })
     .await

@@ -179,6 +179,20 @@ impl Remote for GrpcRemote {
         })))
     }
 
+    async fn fetch_small(&self, blobs: Vec<BlobRef>) -> Result<Vec<(Hash, bytes::Bytes)>, FsError> {
+        // One listing's files: one volume, so one reader's token.
+        let Some(first) = blobs.first() else {
+            return Ok(Vec::new());
+        };
+        let token = self.token_for_ino(first.ino);
+        let reqs = blobs.iter().map(|b| b.request(0)).collect();
+        let got = self.cluster.get_small(token.as_deref(), reqs).await?;
+        Ok(got
+            .into_iter()
+            .filter_map(|b| Some((Hash::from_slice(&b.hash).ok()?, b.data)))
+            .collect())
+    }
+
     fn bad_copies(&self) -> u64 {
         self.bad_copies.load(std::sync::atomic::Ordering::Relaxed)
     }

@@ -9,6 +9,7 @@
 //! with events, is in [`switch`].
 pub mod error;
 pub mod grpc;
+mod prefetch;
 pub mod remote;
 pub mod replies;
 mod runner;
@@ -159,6 +160,10 @@ pub struct CoreStats {
     pub fuse_requests: [AtomicU64; FUSE_OPS.len()],
     /// Blob fetches streamed through memory because the cache disk was full.
     pub streamed_uncached: AtomicU64,
+    /// Small files brought into the cache with their directory's listing.
+    pub prefetched: AtomicU64,
+    /// Of those, copies that failed verification (left out; fetched on open instead).
+    pub bad_small_copies: AtomicU64,
 }
 
 impl CoreStats {
@@ -473,8 +478,9 @@ impl<R: Remote> Core<R> {
         Ok(a)
     }
 
-    /// A directory's complete listing, cached or fetched.
-    async fn listing(&self, ino: u64) -> Result<Vec<crate::cache::meta::DirEnt>, FsError> {
+    /// A directory's complete listing, cached or fetched. With `prefetch` (a name lookup, which
+    /// an open usually follows), a fetched listing also brings its small files' content.
+    async fn listing(&self, ino: u64, prefetch: bool) -> Result<Vec<crate::cache::meta::DirEnt>, FsError> {
         if let Some(l) = self.meta.dir(ino).map_err(Self::io)? {
             self.stats.meta_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(l);
@@ -491,6 +497,9 @@ impl<R: Remote> Core<R> {
                 |e| self.meta.put_dir(ino, e).map_err(Self::io),
             )
             .await?;
+        if prefetch {
+            self.prefetch_small(&entries).await;
+        }
         Ok(entries
             .into_iter()
             .map(|(name, a)| crate::cache::meta::DirEnt {
@@ -515,7 +524,7 @@ impl<R: Remote> Core<R> {
             let v = v.ok_or(FsError::NotFound)?;
             return self.getattr(v.root_ino).await;
         }
-        let listing = match self.listing(parent).await {
+        let listing = match self.listing(parent, true).await {
             // The directory itself is gone: the kernel walks the path again.
             Err(FsError::NotFound) => return Err(FsError::Stale),
             r => r?,
@@ -534,7 +543,7 @@ impl<R: Remote> Core<R> {
                 .collect());
         }
         Ok(self
-            .listing(ino)
+            .listing(ino, false)
             .await?
             .into_iter()
             .map(|e| (e.name, e.ino, kind_of(e.kind)))
@@ -803,6 +812,8 @@ impl<R: Remote> Core<R> {
             corrupt_dropped: s.corrupt_dropped.load(Ordering::Relaxed),
             bad_copies_refetched: self.remote.bad_copies(),
             streamed_uncached: self.stats.streamed_uncached.load(Ordering::Relaxed),
+            prefetched: self.stats.prefetched.load(Ordering::Relaxed),
+            bad_small_copies: self.stats.bad_small_copies.load(Ordering::Relaxed),
         }
     }
 

@@ -80,6 +80,14 @@ pub trait Remote: Send + Sync + 'static {
     /// Current version stamps of the named volumes (one batched call).
     fn stamps(&self, volumes: Vec<String>) -> impl Future<Output = Result<Vec<VolumeStamp>, FsError>> + Send;
     fn subscribe(&self, volume: String, from: u64) -> impl Future<Output = Result<ChangeStream, FsError>> + Send;
+    /// Several small blobs in one call, best effort: those the answering server had, not yet
+    /// verified (the caller hashes each). The default fetches none.
+    fn fetch_small(
+        &self,
+        _blobs: Vec<BlobRef>,
+    ) -> impl Future<Output = Result<Vec<(codafs_common::Hash, bytes::Bytes)>, FsError>> + Send {
+        async { Ok(Vec::new()) }
+    }
     /// Blob copies that failed verification (server- or client-side) and were refetched elsewhere.
     fn bad_copies(&self) -> u64 {
         0

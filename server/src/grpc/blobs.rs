@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use codafs_common::Hash;
-use codafs_proto::limits::{BLOB_CHUNK, MAX_MISSING_QUERY, MAX_SMALL_BATCH};
+use codafs_proto::limits::{BLOB_CHUNK, MAX_MISSING_QUERY, MAX_SMALL_BATCH, MAX_SMALL_GET, MAX_SMALL_GET_BYTES};
 use codafs_proto::pb;
 use futures::Stream;
 use tokio::sync::mpsc;
@@ -320,6 +320,39 @@ impl pb::blobs_server::Blobs for BlobService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    #[tracing::instrument(skip_all, fields(blobs = req.get_ref().blobs.len()))]
+    async fn get_small(&self, req: Request<pb::GetSmallRequest>) -> Result<Response<pb::GetSmallReply>, Status> {
+        let node = self.0.clone();
+        let caller = Caller::of(&node, &req);
+        let r = req.into_inner();
+        if r.blobs.len() > MAX_SMALL_GET {
+            return Err(refuse(
+                ErrorKind::Invalid,
+                format!("at most {MAX_SMALL_GET} blobs per GetSmall"),
+            ));
+        }
+        let mut wanted = Vec::with_capacity(r.blobs.len());
+        for b in &r.blobs {
+            let hash = convert::hash(&b.hash)?;
+            node.check_blob_read(&caller, &hash, &b.ticket, b.ino)?;
+            wanted.push(hash);
+        }
+        if node.cfg.witness {
+            return Err(refuse(
+                ErrorKind::Unavailable,
+                "a witness stores no blobs; ask a data replica",
+            ));
+        }
+        let n = node.clone();
+        let blobs = tokio::task::spawn_blocking(move || read_small_blobs(&n, &wanted))
+            .await
+            .map_err(internal)?;
+        node.counters
+            .blob_gets
+            .fetch_add(blobs.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(Response::new(pb::GetSmallReply { blobs }))
+    }
+
     async fn missing(&self, req: Request<pb::MissingBlobsRequest>) -> Result<Response<pb::MissingBlobsReply>, Status> {
         // Asking may restart GC grace periods (below), so it needs the right to store.
         self.0.check_store(&Caller::of(&self.0, &req))?;
@@ -343,6 +376,38 @@ impl pb::blobs_server::Blobs for BlobService {
         }
         Ok(Response::new(pb::MissingBlobsReply { missing }))
     }
+}
+
+/// The blobs of `wanted` this replica holds, each at most `BLOB_CHUNK` and verified, up to
+/// `MAX_SMALL_GET_BYTES` in all. A corrupt copy is quarantined (repair is woken) and left out,
+/// as is anything missing, too large or unreadable: the caller fetches those one by one.
+fn read_small_blobs(node: &Node, wanted: &[Hash]) -> Vec<pb::SmallBlob> {
+    let mut out = Vec::new();
+    let mut total = 0usize;
+    for hash in wanted {
+        let Ok((mut file, len)) = node.blobs.open_read(hash) else {
+            continue;
+        };
+        let len = len as usize;
+        if len > BLOB_CHUNK || total + len > MAX_SMALL_GET_BYTES {
+            continue;
+        }
+        let mut data = vec![0u8; len];
+        if !matches!(read_full(&mut file, &mut data), Ok(n) if n == len) {
+            continue;
+        }
+        if Hash::of(&data) != *hash {
+            node.blobs.quarantine(hash);
+            node.repair_kick.notify_one();
+            continue;
+        }
+        total += len;
+        out.push(pb::SmallBlob {
+            hash: bytes::Bytes::copy_from_slice(&hash.0),
+            data: data.into(),
+        });
+    }
+    out
 }
 
 /// Sends on the stream's channel from the blocking reader thread, giving up after a minute

@@ -55,6 +55,10 @@ pub struct Truth {
     pub fail_next_commit: Option<CommitFailure>,
     /// Contents after each version, oldest first.
     pub history: Vec<(u64, Contents)>,
+    /// Single-blob fetches served (`fetch_blob`).
+    pub blob_fetches: u64,
+    /// `fetch_small` answers with these bytes instead of the stored ones (a corrupt replica).
+    pub corrupt_small: bool,
 }
 
 /// The fake server.
@@ -438,12 +442,33 @@ impl Remote for FakeRemote {
 
     async fn fetch_blob(&self, blob: &crate::transport::BlobRef, sink: &mut dyn ChunkSink) -> Result<(), FsError> {
         self.check_up()?;
-        let data = self.lock().blobs.get(&blob.hash).cloned().ok_or(FsError::NotFound)?;
+        let data = {
+            let mut t = self.lock();
+            t.blob_fetches += 1;
+            t.blobs.get(&blob.hash).cloned().ok_or(FsError::NotFound)?
+        };
         // Two chunks, to exercise incremental verification.
         let mid = data.len() / 2;
         sink.write(&data[..mid])?;
         sink.write(&data[mid..])?;
         Ok(())
+    }
+
+    async fn fetch_small(&self, blobs: Vec<crate::transport::BlobRef>) -> Result<Vec<(Hash, bytes::Bytes)>, FsError> {
+        self.check_up()?;
+        let t = self.lock();
+        Ok(blobs
+            .iter()
+            .filter_map(|b| {
+                let data = t.blobs.get(&b.hash)?;
+                let data = if t.corrupt_small {
+                    vec![0xee; data.len()]
+                } else {
+                    data.clone()
+                };
+                Some((b.hash, bytes::Bytes::from(data)))
+            })
+            .collect())
     }
 
     async fn stamps(&self, volumes: Vec<String>) -> Result<Vec<VolumeStamp>, FsError> {

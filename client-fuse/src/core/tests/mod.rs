@@ -46,7 +46,9 @@ async fn cached_content_is_served_while_disconnected_and_uncached_fails_fast() {
     let core = core_with(dir.path(), 1 << 20);
     core.refresh_volumes().await.unwrap();
     publish(&core, &[], "cached", b"hello").await;
-    publish(&core, &[], "uncached", b"world").await;
+    // Too large to come with its directory's listing (core/prefetch.rs).
+    let large = vec![b'w'; 100 << 10];
+    publish(&core, &[], "uncached", &large).await;
     assert_eq!(read_path(&core, &[], "cached").await.unwrap(), b"hello");
     // Listing cached (so "uncached" resolves), content not.
     core.remote.lock().down = true;
@@ -434,4 +436,41 @@ async fn read_only_opens_of_cached_files_need_no_wait() {
     let wfh = core.open(alice, q, libc::O_WRONLY).await.unwrap();
     assert!(!core.release_read(wfh));
     assert!(!core.release(wfh).await);
+}
+
+/// A lookup that fetches a directory's listing brings that directory's small files into the
+/// cache in one call: opening them next fetches nothing. Copies that fail verification are
+/// left out (and fetched on open); a listing read for `readdir` brings nothing.
+#[tokio::test(start_paused = true)]
+async fn a_lookup_brings_the_small_files_of_its_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = writable_core(dir.path()).await;
+    for n in ["a", "b", "c"] {
+        core.remote.write(&["d"], n, n.repeat(100).as_bytes());
+    }
+    core.remote.write(&["big"], "x", &vec![7u8; 100 << 10]);
+    core.remote.write(&["big"], "y", b"y");
+    core.remote.write(&["e"], "p", b"pp");
+    core.remote.write(&["e"], "q", b"qq");
+    deliver_all(&core).await;
+    assert_eq!(model::read(&core, "d/a").await.unwrap(), "a".repeat(100).as_bytes());
+    assert_eq!(core.stats.prefetched.load(Ordering::Relaxed), 3);
+    assert_eq!(core.remote.lock().blob_fetches, 0, "the lookup brought it");
+    for n in ["b", "c"] {
+        model::read(&core, &format!("d/{n}")).await.unwrap();
+    }
+    assert_eq!(core.remote.lock().blob_fetches, 0, "and its neighbours");
+    // Only small files come along: the large one is fetched on its own.
+    model::read(&core, "big/x").await.unwrap();
+    assert_eq!(core.remote.lock().blob_fetches, 1);
+    assert_eq!(
+        core.stats.prefetched.load(Ordering::Relaxed),
+        3,
+        "one small file alone stays"
+    );
+    // A corrupt batch is not cached: its files are fetched (and verified) on open.
+    core.remote.lock().corrupt_small = true;
+    assert_eq!(model::read(&core, "e/p").await.unwrap(), b"pp");
+    assert_eq!(core.stats.bad_small_copies.load(Ordering::Relaxed), 2);
+    assert_eq!(core.remote.lock().blob_fetches, 2);
 }

@@ -1,0 +1,75 @@
+//! A cold web node's first reads: when a name lookup fetches a directory's listing, the small
+//! files of that directory come with it in one `GetSmall` call, so opening them next needs no
+//! fetch each (a miss cost a round trip per file). Bounded per listing, best effort: whatever
+//! is not brought here is fetched on open as before.
+use std::sync::atomic::Ordering;
+
+use codafs_common::Hash;
+use codafs_proto::limits::MAX_SMALL_GET;
+
+use super::remote::{ChunkSink, Remote};
+use super::types::Attr;
+use super::{Core, NodeKind};
+use crate::blocking::blocking;
+use crate::transport::BlobRef;
+
+/// Files up to this size are brought with their directory's listing.
+const MAX_FILE: u64 = 64 << 10;
+/// Bytes brought with one listing, at most.
+const MAX_BYTES: u64 = 1 << 20;
+
+impl<R: Remote> Core<R> {
+    /// Brings the small files of a just-fetched listing into the cache (those not cached yet).
+    pub(super) async fn prefetch_small(&self, entries: &[(String, Attr)]) {
+        let mut want: Vec<BlobRef> = Vec::new();
+        let mut bytes = 0u64;
+        for (_, a) in entries {
+            if want.len() >= MAX_SMALL_GET {
+                break;
+            }
+            let (NodeKind::File, Some(hash)) = (a.kind, a.hash) else {
+                continue;
+            };
+            if a.size > MAX_FILE || bytes + a.size > MAX_BYTES || self.blobs.lookup(&hash) {
+                continue;
+            }
+            bytes += a.size;
+            want.push(BlobRef {
+                hash,
+                ticket: a.read_ticket.clone(),
+                ino: a.ino,
+            });
+        }
+        // One file costs the same either way.
+        if want.len() < 2 {
+            return;
+        }
+        let asked: std::collections::HashSet<Hash> = want.iter().map(|b| b.hash).collect();
+        let got = match tokio::time::timeout(self.cfg.op_timeout, self.remote.fetch_small(want)).await {
+            Ok(Ok(got)) => got,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "small files not brought with their listing");
+                return;
+            }
+            Err(_) => return,
+        };
+        for (hash, data) in got {
+            let len = data.len() as u64;
+            if !asked.contains(&hash) || self.blobs.lookup(&hash) {
+                continue;
+            }
+            if blocking(len, || Hash::of(&data)) != hash {
+                self.stats.bad_small_copies.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            blocking(len, || {
+                if let Ok(mut w) = self.blobs.writer(hash, len) {
+                    if w.write(&data).is_ok() {
+                        let _ = w.finish();
+                    }
+                }
+            });
+            self.stats.prefetched.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

@@ -8,40 +8,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use codafs_benches::{open_read_close, publish_web_tree, relpath, zipf_cdf, FILES};
 use codafs_client::ops;
 use codafs_tests::{ClusterOpts, Mount, TestCluster};
 use rand::{Rng, SeedableRng};
 
-const FILES: usize = 5000;
 const READERS: usize = 4;
 const RUN: Duration = Duration::from_secs(4);
-
-/// Web-like sizes: log-normal around 8 KiB, from 200 B to 1 MiB.
-fn size_of(rng: &mut rand::rngs::StdRng) -> usize {
-    // Box-Muller normal sample.
-    let (u1, u2): (f64, f64) = (rng.gen_range(1e-9..1.0), rng.gen());
-    let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-    ((8192.0 * (1.1 * z).exp()) as usize).clamp(200, 1 << 20)
-}
-
-/// Cumulative Zipf(s) distribution over `n` ranks.
-fn zipf_cdf(n: usize, s: f64) -> Vec<f64> {
-    let mut acc = 0.0;
-    let mut cdf: Vec<f64> = (1..=n)
-        .map(|k| {
-            acc += 1.0 / (k as f64).powf(s);
-            acc
-        })
-        .collect();
-    for v in &mut cdf {
-        *v /= acc;
-    }
-    cdf
-}
-
-fn relpath(i: usize) -> String {
-    format!("d{:02}/page{i:05}.html", i % 50)
-}
 
 /// Runs `READERS` threads doing `op` on Zipf-chosen files for `RUN`; returns ops/s.
 fn drive(root: &Path, cdf: &[f64], op: fn(&Path) -> std::io::Result<()>) -> Result<f64> {
@@ -78,14 +51,6 @@ fn drive(root: &Path, cdf: &[f64], op: fn(&Path) -> std::io::Result<()>) -> Resu
     Ok(total as f64 / RUN.as_secs_f64())
 }
 
-fn open_read_close(p: &Path) -> std::io::Result<()> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(p)?;
-    let mut buf = [0u8; 64 * 1024];
-    while f.read(&mut buf)? > 0 {}
-    Ok(())
-}
-
 fn stat(p: &Path) -> std::io::Result<()> {
     std::fs::metadata(p).map(drop)
 }
@@ -100,32 +65,9 @@ async fn bench() -> Result<Vec<String>> {
     tc.create_volume("www", 2).await?;
     let c = tc.client();
     let local = tempfile::tempdir()?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-    let mut batch = Vec::new();
-    for d in 0..50 {
-        batch.push(ops::dir(&format!("d{d:02}"), 0o755));
-        std::fs::create_dir_all(local.path().join(format!("d{d:02}")))?;
-    }
-    let mut sizes = Vec::new();
-    let mut blobs = Vec::new();
-    for i in 0..FILES {
-        let n = size_of(&mut rng);
-        sizes.push(n);
-        let data: Vec<u8> = (0..n).map(|j| b"abcdefghij<>/ \n"[(i + j) % 15]).collect();
-        std::fs::write(local.path().join(relpath(i)), &data)?;
-        batch.push(ops::file(&relpath(i), &data, 0o644));
-        blobs.push(bytes::Bytes::from(data));
-    }
-    use futures::StreamExt;
-    let mut puts = futures::stream::iter(blobs.into_iter().map(|b| c.put_blob(b, 2))).buffer_unordered(16);
-    while let Some(r) = puts.next().await {
-        r?;
-    }
-    c.commit(ops::commit("www", batch)).await?;
-    let mut sorted = sizes.clone();
-    sorted.sort_unstable();
-    let median = sorted[FILES / 2];
-    let total_bytes: usize = sizes.iter().sum();
+    let tree = publish_web_tree(&tc, local.path()).await?;
+    let median = tree.median();
+    let total_bytes = tree.total_bytes();
 
     let a = Mount::start(&tc.client_args(), tc.root.path(), "a", &["--read-only"])?;
     let b = Mount::start(&tc.client_args(), tc.root.path(), "b", &["--read-only"])?;

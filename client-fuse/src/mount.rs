@@ -68,6 +68,8 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
         .map_err(|e| MountError::Setup(e.to_string()))?;
     // Channels are created inside the runtime (tonic's lazy connect spawns on it).
     let _enter = rt.enter();
+    // Declared before the core, so it is released after everything else let go of the cache.
+    let _cache_lock = take_cache_dir(&cfg)?;
     let core = open_core(&cfg)?;
 
     // Bring the persistent cache up to date before serving: one batched stamp check, then the
@@ -113,6 +115,16 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     bg.umount_and_join().map_err(|e| MountError::Mount(mountpoint, e))?;
     rt.shutdown_timeout(Duration::from_secs(2));
     Ok(())
+}
+
+/// How long a new daemon waits for a previous one to let go of the same cache directory.
+const CACHE_DIR_WAIT: Duration = Duration::from_secs(20);
+
+/// Makes the cache directory and takes it for this daemon (see `cache/lock.rs`).
+fn take_cache_dir(cfg: &MountConfig) -> Result<crate::cache::lock::CacheLock, MountError> {
+    std::fs::create_dir_all(&cfg.cache_dir)
+        .map_err(|e| MountError::Setup(format!("cache dir {}: {e}", cfg.cache_dir.display())))?;
+    crate::cache::lock::lock_cache_dir(&cfg.cache_dir, CACHE_DIR_WAIT).map_err(|e| MountError::Setup(e.to_string()))
 }
 
 /// The core over the cache directory (made private first) and the configured servers. Call

@@ -681,6 +681,25 @@ impl Mount {
         }
     }
 
+    /// `fusermount3 -u`, then at once a new daemon over the same cache directory, while the
+    /// old one may still be exiting (what `umount /coda && codafs mount /coda` does). The old
+    /// process is waited for afterwards (10 s, then killed).
+    pub fn umount_and_mount_at_once(&mut self) -> Result<()> {
+        let st = Command::new("fusermount3").arg("-u").arg(&self.path).status()?;
+        anyhow::ensure!(st.success(), "fusermount3 -u {} failed", self.path.display());
+        let old = self.child.take();
+        let started = self.spawn();
+        if let Some(mut c) = old {
+            let t = Instant::now();
+            while !matches!(c.try_wait(), Ok(Some(_))) && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        started
+    }
+
     /// Mounts again with the same cache directory.
     pub fn remount(&mut self) -> Result<()> {
         self.kill9();

@@ -563,3 +563,36 @@ async fn prefetch_warms_a_whole_volume_for_disconnected_serving() {
     })
     .await
 }
+
+/// `umount` returns before the old daemon has closed its cache: a `codafs mount` right after it
+/// waits for that daemon instead of failing on the cache's lock, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn umount_then_mount_at_once_works_20_times_in_a_row() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let c = tc.client();
+        TestCluster::write_file(&c, "www", "", "index.html", b"still here").await?;
+        let mut m = Mount::start(&tc.client_args(), tc.root.path(), "m", &["--read-only"])?;
+        assert_eq!(read_file(&m.path.join("www/index.html"))?, b"still here");
+        for round in 0..20 {
+            m.umount_and_mount_at_once()
+                .map_err(|e| anyhow::anyhow!("round {round}: {e:#}"))?;
+            assert_eq!(
+                read_file(&m.path.join("www/index.html"))?,
+                b"still here",
+                "round {round}"
+            );
+        }
+        // The race is real: the old daemon was still holding the cache in most rounds (it
+        // notices an outside unmount within a second).
+        let waited = m.log().matches("waiting for the previous daemon").count();
+        eprintln!("a new daemon waited for the old one in {waited} of 20 rounds");
+        anyhow::ensure!(
+            waited > 0,
+            "no round overlapped an exiting daemon: the test proves nothing"
+        );
+        Ok(())
+    })
+    .await
+}

@@ -1,4 +1,5 @@
 //! The client's persistent caches: whole-file blobs and metadata.
 pub mod blobs;
+pub mod lock;
 pub mod meta;
 pub mod stream;

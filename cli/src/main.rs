@@ -70,6 +70,12 @@ enum Cmd {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Print a shell completion script for SHELL to stdout, e.g.
+    /// `codafs completions bash > /etc/bash_completion.d/codafs`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -104,6 +110,11 @@ fn main() -> ExitCode {
     }
     // The mount runs its own runtime (and may detach); prefetch is plain threads.
     let result = match cli.cmd {
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "codafs", &mut std::io::stdout());
+            Ok(())
+        }
         Cmd::Mount(a) => mount::mount(a),
         Cmd::Prefetch(a) => mount::prefetch(a),
         other => run_async(other),
@@ -126,8 +137,8 @@ fn run_async(cmd: Cmd) -> anyhow::Result<()> {
             Cmd::Logout => user::logout(),
             Cmd::Upload(a) => upload::run(a).await,
             Cmd::Demo(a) => demo::run(a).await,
-            Cmd::Mount(_) | Cmd::Prefetch(_) => {
-                anyhow::bail!("internal error: mount and prefetch run outside the runtime")
+            Cmd::Mount(_) | Cmd::Prefetch(_) | Cmd::Completions { .. } => {
+                anyhow::bail!("internal error: mount, prefetch and completions run outside the runtime")
             }
             Cmd::Status {
                 mountpoint: Some(m),

@@ -585,7 +585,7 @@ async fn umount_then_mount_at_once_works_20_times_in_a_row() {
             );
         }
         // The race is real: the old daemon was still holding the cache in most rounds (it
-        // notices an outside unmount within a second).
+        // notices an outside unmount within a quarter of a second, then closes its caches).
         let waited = m.log().matches("waiting for the previous daemon").count();
         eprintln!("a new daemon waited for the old one in {waited} of 20 rounds");
         anyhow::ensure!(

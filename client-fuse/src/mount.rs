@@ -128,12 +128,10 @@ fn take_cache_dir(cfg: &MountConfig) -> Result<crate::cache::lock::CacheLock, Mo
 }
 
 /// The core over the cache directory (made private first) and the configured servers. Call
-/// inside the mount's runtime.
+/// inside the mount's runtime, after `take_cache_dir`.
 fn open_core(cfg: &MountConfig) -> Result<Arc<Core<GrpcRemote>>, MountError> {
     let setup = |e: &dyn std::fmt::Display| MountError::Setup(e.to_string());
-    std::fs::create_dir_all(&cfg.cache_dir)
-        .map_err(|e| setup(&format!("cache dir {}: {e}", cfg.cache_dir.display())))?;
-    // Cached content of private volumes, files open for writing and users' tokens live here:
+    // The directory exists: `take_cache_dir` made it. Cached content of private volumes, files open for writing and users' tokens live here:
     // directories 0700 and files 0600, also in a cache an older version or a looser umask left.
     let changed = codafs_common::perms::restrict_tree(&cfg.cache_dir)
         .map_err(|e| setup(&format!("cache dir {}: {e}", cfg.cache_dir.display())))?;

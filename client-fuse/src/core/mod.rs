@@ -420,12 +420,14 @@ impl<R: Remote> Core<R> {
         }
     }
 
+    /// Attributes as this mount shows them: the mode as the mount's kind allows, and the size
+    /// and times of a file being written here (its shadow) over the stored ones.
     fn to_node(&self, a: &Attr) -> NodeAttr {
         let kind = a.kind;
         // A writable mount shows the stored mode (what chmod set); its daemon lets everyone read
         // public volumes whatever the mode (core::write::may_access).
         let public = self.writes.read_only() && self.volume_of(a.ino).is_none_or(|v| v.public_read);
-        NodeAttr {
+        let mut shown = NodeAttr {
             ino: a.ino,
             generation: a.generation,
             kind,
@@ -440,7 +442,9 @@ impl<R: Remote> Core<R> {
             atime_ns: if a.atime_ns == 0 { a.mtime_ns } else { a.atime_ns },
             hash: a.hash,
             rdev: a.rdev,
-        }
+        };
+        self.shadow_attr(&mut shown);
+        shown
     }
 
     /// Raw cached-or-fetched attributes.
@@ -473,9 +477,7 @@ impl<R: Remote> Core<R> {
             Err(FsError::NotFound) => return self.orphan_attr(ino).ok_or(FsError::NotFound),
             Err(e) => return Err(e),
         };
-        let mut a = self.to_node(&raw);
-        self.shadow_attr(&mut a);
-        Ok(a)
+        Ok(self.to_node(&raw))
     }
 
     /// A directory's complete listing, cached or fetched. With `prefetch` (a name lookup, which

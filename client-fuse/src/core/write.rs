@@ -372,9 +372,7 @@ impl<R: Remote> Core<R> {
     /// Attributes right after our own change (read-your-writes; see `Core::fetch_own`).
     async fn fresh_attr(&self, ino: u64) -> Result<NodeAttr, FsError> {
         let attr = self.fetch_own(ino).await?;
-        let mut a = self.to_node(&attr);
-        self.shadow_attr(&mut a);
-        Ok(a)
+        Ok(self.to_node(&attr))
     }
 
     /// Creates a file, directory or symlink; returns its attributes.
@@ -432,7 +430,6 @@ impl<R: Remote> Core<R> {
         Ok((attr, fh))
     }
 
-    /// `mknod`: regular files only (codafs stores no devices, FIFOs or sockets).
     /// `mknod`: a regular file (as `creat` makes), or a FIFO, socket or device node (stored as
     /// metadata only; the kernel serves their I/O on each node by itself).
     pub async fn mknod(&self, c: Caller, parent: u64, name: &str, mode: u32, rdev: u64) -> Result<NodeAttr, FsError> {

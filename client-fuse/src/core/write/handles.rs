@@ -59,8 +59,7 @@ impl<R: Remote> Core<R> {
         }
         let raw = self.meta.attr(ino).ok()??;
         self.stats.meta_hits.fetch_add(1, Ordering::Relaxed);
-        let mut a = self.to_node(&raw);
-        self.shadow_attr(&mut a);
+        let a = self.to_node(&raw);
         if !Self::may_access(c, &a, libc::R_OK, public) {
             return Some(Err(FsError::Denied("mode bits".into())));
         }

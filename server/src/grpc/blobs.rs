@@ -379,29 +379,29 @@ impl pb::blobs_server::Blobs for BlobService {
 }
 
 /// The blobs of `wanted` this replica holds, each at most `BLOB_CHUNK` and verified, up to
-/// `MAX_SMALL_GET_BYTES` in all. A corrupt copy is quarantined (repair is woken) and left out,
-/// as is anything missing, too large or unreadable: the caller fetches those one by one.
+/// `MAX_SMALL_GET_BYTES` in all. A corrupt copy is quarantined (`BlobStore::read_verified`;
+/// repair is woken) and left out, as is anything missing, too large or unreadable: the caller
+/// fetches those one by one.
 fn read_small_blobs(node: &Node, wanted: &[Hash]) -> Vec<pb::SmallBlob> {
     let mut out = Vec::new();
     let mut total = 0usize;
     for hash in wanted {
-        let Ok((mut file, len)) = node.blobs.open_read(hash) else {
+        let Ok(meta) = std::fs::metadata(node.blobs.path(hash)) else {
             continue;
         };
-        let len = len as usize;
+        let len = meta.len() as usize;
         if len > BLOB_CHUNK || total + len > MAX_SMALL_GET_BYTES {
             continue;
         }
-        let mut data = vec![0u8; len];
-        if !matches!(read_full(&mut file, &mut data), Ok(n) if n == len) {
-            continue;
-        }
-        if Hash::of(&data) != *hash {
-            node.blobs.quarantine(hash);
-            node.repair_kick.notify_one();
-            continue;
-        }
-        total += len;
+        let data = match node.blobs.read_verified(hash) {
+            Ok(data) => data,
+            Err(BlobError::Corrupt(_)) => {
+                node.repair_kick.notify_one();
+                continue;
+            }
+            Err(_) => continue,
+        };
+        total += data.len();
         out.push(pb::SmallBlob {
             hash: bytes::Bytes::copy_from_slice(&hash.0),
             data: data.into(),

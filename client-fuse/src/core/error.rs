@@ -57,6 +57,9 @@ pub enum FsError {
     /// a store below their free-space watermark.
     #[error("no space left: {0}")]
     NoSpace(String),
+    /// Someone else's change came first: an expected version no longer holds.
+    #[error("conflict: {0}")]
+    Conflict(String),
 }
 
 impl FsError {
@@ -69,7 +72,7 @@ impl FsError {
             FsError::NotSymlink => libc::EINVAL,
             FsError::ReadOnly | FsError::Unauthenticated(_) => libc::EROFS,
             FsError::Invalid(_) => libc::EINVAL,
-            FsError::Disconnected(_) | FsError::Corrupt(_) | FsError::Io(_) => libc::EIO,
+            FsError::Disconnected(_) | FsError::Corrupt(_) | FsError::Io(_) | FsError::Conflict(_) => libc::EIO,
             FsError::Exists => libc::EEXIST,
             FsError::NotEmpty => libc::ENOTEMPTY,
             FsError::Denied(_) => libc::EACCES,
@@ -120,13 +123,10 @@ impl From<crate::transport::ClientError> for FsError {
             ErrorKind::Unauthenticated => FsError::Unauthenticated(msg),
             ErrorKind::Unavailable | ErrorKind::Timeout => FsError::Disconnected(msg),
             ErrorKind::Corrupt => FsError::Corrupt(msg),
-            // Someone else's change won, too few copies, a witness asked for blobs, too many
-            // requests, a server fault: the operation failed, and retrying it is the caller's call.
-            ErrorKind::Conflict
-            | ErrorKind::NotEnoughCopies
-            | ErrorKind::Witness
-            | ErrorKind::Busy
-            | ErrorKind::Internal => FsError::Io(msg),
+            ErrorKind::Conflict => FsError::Conflict(msg),
+            // Too few copies, a witness asked for blobs, too many requests, a server fault: the
+            // operation failed, and retrying it is the caller's call.
+            ErrorKind::NotEnoughCopies | ErrorKind::Witness | ErrorKind::Busy | ErrorKind::Internal => FsError::Io(msg),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::RwLock;
 use codafs_common::Hash;
 use codafs_proto::pb;
 
-use super::remote::{ChangeStream, ChunkSink, Fetched, Readers, Remote, RemoteVolume};
+use super::remote::{ChangeStream, ChunkSink, Fetched, Readers, Remote, RemoteVolume, RequestId};
 use super::types::{Attr, ChangeEvent, Committed, Op, VolumeStamp};
 use super::FsError;
 use crate::transport::{BlobRef, Cluster};
@@ -213,8 +213,8 @@ impl Remote for GrpcRemote {
         Ok(())
     }
 
-    async fn commit(&self, token: &str, volume: &str, ops: Vec<Op>) -> Result<Committed, FsError> {
-        let req = super::wire::commit_request(volume, ops);
+    async fn commit(&self, token: &str, volume: &str, ops: Vec<Op>, request: RequestId) -> Result<Committed, FsError> {
+        let req = super::wire::commit_request(volume, ops, request);
         Ok(self.cluster.commit_as(Some(token), req).await?.into())
     }
 }

@@ -10,6 +10,14 @@ use super::types::{Attr, ChangeEvent, Committed, Op, VolumeStamp};
 use super::FsError;
 use crate::transport::BlobRef;
 
+/// A commit request's id: chosen by the client, remembered by the servers.
+pub type RequestId = [u8; 16];
+
+/// A fresh random request id.
+pub fn new_request_id() -> RequestId {
+    rand::random()
+}
+
 /// A volume as the client sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteVolume {
@@ -101,12 +109,14 @@ pub trait Remote: Send + Sync + 'static {
         data: bytes::Bytes,
         write_quorum: u32,
     ) -> impl Future<Output = Result<(), FsError>> + Send;
-    /// Commits a batch of operations on `volume` atomically, authenticated as `token`'s holder;
-    /// applied at most once even when retried on another server after a timeout.
+    /// Commits a batch of operations on `volume` atomically, authenticated as `token`'s holder.
+    /// A commit with a `request` id already applied is answered as the first time and not
+    /// applied again (retries on another server, replays of a write-back log).
     fn commit(
         &self,
         token: &str,
         volume: &str,
         ops: Vec<Op>,
+        request: RequestId,
     ) -> impl Future<Output = Result<Committed, FsError>> + Send;
 }

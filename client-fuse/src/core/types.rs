@@ -58,8 +58,10 @@ pub struct VolumeStamp {
 /// One namespace operation of a commit, by node id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    /// A new file (empty content `hash`), directory, symlink or special node under `parent`.
+    /// A new file (content `hash` of `size` bytes), directory, symlink or special node under
+    /// `parent`; `ino` names it with a reserved node id (write-back), `None` lets the server.
     Create {
+        ino: Option<u64>,
         parent: u64,
         name: String,
         kind: NodeKind,
@@ -70,9 +72,14 @@ pub enum Op {
         rdev: u64,
         uid: u32,
         gid: u32,
+        size: u64,
+        /// 0 = commit time.
+        mtime_ns: i64,
     },
-    /// New content for a file (`mtime_ns` 0 = commit time).
+    /// New content for a file (`mtime_ns` 0 = commit time); with `expect`, only if the file is
+    /// still at that version (otherwise the whole commit fails with a conflict).
     SetContent {
+        expect: Option<u64>,
         ino: u64,
         hash: Hash,
         size: u64,
@@ -98,6 +105,9 @@ pub enum Op {
     },
     /// Another name for a file or symlink.
     Link { ino: u64, parent: u64, name: String },
+    /// Sets `count` node ids aside for this mount's new nodes; the reply's `created` holds the
+    /// first.
+    Reserve { count: u32 },
 }
 
 /// What a commit did.

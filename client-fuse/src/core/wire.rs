@@ -122,12 +122,14 @@ fn node(ino: u64) -> Option<pb::NodeRef> {
     })
 }
 
-/// One operation as the servers take it (never with an expected version: the mount's writes
-/// apply to whatever is current, like a local filesystem's).
+/// One operation as the servers take it. Only a write-back content change carries an expected
+/// version; every other write applies to whatever is current, like a local filesystem's.
 fn op(o: Op) -> pb::Op {
     use pb::op::Op as W;
+    let mut expect_version = None;
     let o = match o {
         Op::Create {
+            ino,
             parent,
             name,
             kind,
@@ -137,31 +139,38 @@ fn op(o: Op) -> pb::Op {
             rdev,
             uid,
             gid,
+            size,
+            mtime_ns,
         } => W::Create(pb::CreateOp {
             parent: node(parent),
             name,
             kind: kind_code(kind),
             mode,
             hash: hash_bytes(hash),
-            size: 0,
+            size,
             symlink_target,
             replace: false,
             uid,
             gid,
-            mtime_ns: 0,
+            mtime_ns,
             rdev,
+            ino,
         }),
         Op::SetContent {
+            expect,
             ino,
             hash,
             size,
             mtime_ns,
-        } => W::SetContent(pb::SetContentOp {
-            node: node(ino),
-            hash: hash_bytes(Some(hash)),
-            size,
-            mtime_ns,
-        }),
+        } => {
+            expect_version = expect;
+            W::SetContent(pb::SetContentOp {
+                node: node(ino),
+                hash: hash_bytes(Some(hash)),
+                size,
+                mtime_ns,
+            })
+        }
         Op::SetAttr {
             ino,
             mode,
@@ -198,17 +207,20 @@ fn op(o: Op) -> pb::Op {
             parent: node(parent),
             name,
         }),
+        Op::Reserve { count } => W::Reserve(pb::ReserveOp { count }),
     };
     pb::Op {
-        expect_version: None,
+        expect_version,
         op: Some(o),
     }
 }
 
-/// A commit of `ops` on `volume`, with a fresh request id (so a retry after a lost reply is
-/// applied at most once).
-pub(crate) fn commit_request(volume: &str, ops: Vec<Op>) -> pb::CommitRequest {
-    crate::ops::commit(volume, ops.into_iter().map(op).collect())
+/// A commit of `ops` on `volume` with request id `request` (a retry after a lost reply, or a
+/// replay, is applied at most once).
+pub(crate) fn commit_request(volume: &str, ops: Vec<Op>, request: super::remote::RequestId) -> pb::CommitRequest {
+    let mut req = crate::ops::commit(volume, ops.into_iter().map(op).collect());
+    req.request_id = bytes::Bytes::copy_from_slice(&request);
+    req
 }
 
 #[cfg(test)]
@@ -267,9 +279,14 @@ mod tests {
                     name: "b".into(),
                 },
             ],
+            [7; 16],
         );
         assert_eq!(req.volume, "www");
-        assert_eq!(req.request_id.len(), 16, "commits from the mount are retry-safe");
+        assert_eq!(
+            &req.request_id[..],
+            &[7; 16],
+            "the caller's request id, for retries and replays"
+        );
         let Some(pb::op::Op::Link(l)) = &req.ops[1].op else {
             panic!("{:?}", req.ops[1]);
         };

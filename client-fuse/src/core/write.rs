@@ -298,7 +298,11 @@ impl<R: Remote> Core<R> {
     /// whatever the outcome, since a broken call may still have committed.
     async fn commit(&self, ctx: &WriteCtx, ops: Vec<Op>, inos: &[u64]) -> Result<Committed, FsError> {
         let r = self
-            .timed(self.write_timeout(0), self.remote.commit(&ctx.token, &ctx.volume, ops))
+            .timed(
+                self.write_timeout(0),
+                self.remote
+                    .commit(&ctx.token, &ctx.volume, ops, super::remote::new_request_id()),
+            )
             .await;
         if let Ok(reply) = &r {
             // Attributes changed; listings are patched by the caller (see `inflight`). The floor
@@ -393,6 +397,7 @@ impl<R: Remote> Core<R> {
             _ => None,
         };
         let create = Op::Create {
+            ino: None,
             parent,
             name: name.to_string(),
             kind,
@@ -402,6 +407,8 @@ impl<R: Remote> Core<R> {
             rdev,
             uid: c.uid,
             gid: c.gid,
+            size: 0,
+            mtime_ns: 0,
         };
         let lock = self.writes.inflight(split_ino(parent).0);
         let inflight = lock.read().await;

@@ -10,7 +10,9 @@ impl Txn<'_> {
     /// Applies one operation of a commit; returns the new node id (creations) or 0.
     pub(super) fn op(&mut self, vol: &mut VolumeRec, op: &Op, now_ns: i64) -> TxnResult<u64> {
         match &op.kind {
-            OpKind::Create { .. } => self.op_create(vol, op, now_ns),
+            OpKind::Create { .. } => self.op_create(vol, op.expect_version, &op.kind, None, now_ns),
+            OpKind::CreateAt { ino, create } => self.op_create(vol, op.expect_version, create, Some(*ino), now_ns),
+            OpKind::Reserve { count } => reserve(vol, *count),
             OpKind::SetContent { .. } => self.op_set_content(vol, op, now_ns),
             OpKind::SetAttr { .. } => self.op_set_attr(vol, op, now_ns),
             OpKind::Remove { .. } => self.op_remove(vol, op, now_ns),
@@ -21,7 +23,15 @@ impl Txn<'_> {
 
     /// A new file, directory, symlink or special node; with `replace`, it takes the place of a file or symlink
     /// of that name.
-    fn op_create(&mut self, vol: &mut VolumeRec, op: &Op, now_ns: i64) -> TxnResult<u64> {
+    /// (`at`: the reserved node id to use.)
+    fn op_create(
+        &mut self,
+        vol: &mut VolumeRec,
+        expect_version: Option<u64>,
+        op: &OpKind,
+        at: Option<u64>,
+        now_ns: i64,
+    ) -> TxnResult<u64> {
         let OpKind::Create {
             parent,
             name,
@@ -34,17 +44,20 @@ impl Txn<'_> {
             uid,
             gid,
             mtime_ns,
-        } = &op.kind
+        } = op
         else {
-            return refuse(ApplyError::Invalid("internal: not a create operation".into()));
+            return refuse(ApplyError::Invalid("create_at must hold a create operation".into()));
         };
+        if at.is_some() && *replace {
+            return refuse(ApplyError::Invalid("create_at cannot replace".into()));
+        }
         validate_name(name).map_err(ApplyError::from)?;
         let dir = self.resolve_dir(vol, parent)?;
         let existing = match self.dirent(dir.ino, name)? {
             Some(ino) => self.object(ino)?,
             None => None,
         };
-        expect(op.expect_version, existing.as_ref(), name)?;
+        expect(expect_version, existing.as_ref(), name)?;
         check_content(*kind, hash.as_ref(), symlink, name)?;
         if let Some(old) = existing {
             if !*replace {
@@ -55,7 +68,10 @@ impl Txn<'_> {
             }
             self.unlink_object(vol, old, now_ns)?;
         }
-        let ino = alloc_ino(vol)?;
+        let ino = match at {
+            Some(ino) => self.reserved_ino(vol, ino)?,
+            None => alloc_ino(vol)?,
+        };
         let (size, hash, symlink) = match kind {
             Kind::File => (*size, *hash, String::new()),
             Kind::Dir => (0, None, String::new()),
@@ -346,6 +362,42 @@ fn check_content(kind: Kind, hash: Option<&Hash>, symlink: &str, name: &str) -> 
 }
 
 /// The next node id of volume `vol`.
+/// Most node ids one `Reserve` sets aside.
+pub const MAX_RESERVE: u32 = 1 << 16;
+
+/// Sets aside `count` node ids (see [`OpKind::Reserve`]); returns the first.
+fn reserve(vol: &mut VolumeRec, count: u32) -> TxnResult<u64> {
+    if count == 0 || count > MAX_RESERVE {
+        return refuse(ApplyError::Invalid(format!(
+            "reserve {count} node ids: between 1 and {MAX_RESERVE} at a time"
+        )));
+    }
+    let first = vol.next_inode;
+    let end = first + u64::from(count);
+    if end - 1 > codafs_common::ids::MAX_LOCAL_INODE {
+        return refuse(ApplyError::Invalid("inode numbers exhausted in this volume".into()));
+    }
+    vol.next_inode = end;
+    Ok(make_ino(vol.id, first))
+}
+
+impl Txn<'_> {
+    /// Checks that `ino` was reserved in `vol` and names no node.
+    fn reserved_ino(&self, vol: &VolumeRec, ino: u64) -> TxnResult<u64> {
+        let (id, local) = codafs_common::split_ino(ino);
+        if id != vol.id || local <= VOLUME_ROOT_INODE || local >= vol.next_inode {
+            return refuse(ApplyError::Invalid(format!(
+                "node id {ino:#x} was not reserved in volume {}",
+                vol.name
+            )));
+        }
+        if self.object(ino)?.is_some() {
+            return refuse(ApplyError::Exists(format!("node id {ino:#x}")));
+        }
+        Ok(ino)
+    }
+}
+
 fn alloc_ino(vol: &mut VolumeRec) -> TxnResult<u64> {
     let local = vol.next_inode;
     if local > codafs_common::ids::MAX_LOCAL_INODE {

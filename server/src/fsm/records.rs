@@ -164,6 +164,14 @@ pub enum OpKind {
         parent: NodeRef,
         name: String,
     },
+    // Appended variants keep the encoding of the ones above (log entries, snapshots).
+    /// Sets `count` node ids of the volume aside for one client, which names its new nodes
+    /// with them before the servers hear of them (write-back mounts). The commit's `created`
+    /// answer holds the first reserved id.
+    Reserve { count: u32 },
+    /// `create` (a [`OpKind::Create`] without `replace`) with the node id `ino`, which an earlier
+    /// `Reserve` set aside and no node has.
+    CreateAt { ino: u64, create: Box<OpKind> },
 }
 
 /// An operation plus the version its target is expected to have.
@@ -189,6 +197,11 @@ impl Op {
                 ..
             } => hash.map(|h| (h, *size)),
             OpKind::SetContent { hash, size, .. } => Some((*hash, *size)),
+            OpKind::CreateAt { create, .. } => Op {
+                expect_version: None,
+                kind: (**create).clone(),
+            }
+            .referenced_blob(),
             _ => None,
         }
     }

@@ -870,3 +870,59 @@ fn special_nodes_are_metadata_with_their_device_numbers_and_no_bytes() {
     assert_eq!(lookup(&s, "pipe").unwrap().kind, Kind::File);
     assert_eq!(s.volumes["www"].used_files, 3);
 }
+
+#[test]
+fn reserved_node_ids_name_new_nodes_once_and_only_in_their_volume() {
+    let mut s = setup();
+    let r = commit(&mut s, 3, "alice", vec![OpKind::Reserve { count: 100 }]);
+    let Ok(Outcome::Committed { created, .. }) = r else {
+        panic!("{r:?}")
+    };
+    let first = created[0];
+    let vol = s.volumes["www"].clone();
+    assert_eq!(codafs_common::split_ino(first), (vol.id, VOLUME_ROOT_INODE + 1));
+    assert_eq!(vol.next_inode, VOLUME_ROOT_INODE + 101, "the ids are set aside");
+    let at = |ino: u64, op: OpKind| OpKind::CreateAt {
+        ino,
+        create: Box::new(op),
+    };
+    // A directory and a file in it, named by the client, in one commit.
+    let r = commit(
+        &mut s,
+        4,
+        "alice",
+        vec![at(first + 5, dir("", "d")), at(first + 6, file("d", "f", b"x"))],
+    );
+    let Ok(Outcome::Committed { created, .. }) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(created, vec![first + 5, first + 6]);
+    assert_eq!(lookup(&s, "d/f").unwrap().ino, first + 6);
+    // Plain creates keep allocating past the reservation.
+    let r = commit(&mut s, 5, "alice", vec![file("", "g", b"y")]);
+    let Ok(Outcome::Committed { created, .. }) = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(codafs_common::split_ino(created[0]).1, VOLUME_ROOT_INODE + 101);
+    let before = s.clone();
+    let refused = [
+        (at(first + 6, file("", "again", b"z")), "an id in use"),
+        (at(first + 500, file("", "h", b"z")), "an id never reserved"),
+        (at(make_ino(vol.id + 1, 3), file("", "h", b"z")), "another volume's id"),
+        (at(first + 7, link("g", "", "h")), "not a create"),
+        (OpKind::Reserve { count: 0 }, "nothing to reserve"),
+        (OpKind::Reserve { count: (1 << 16) + 1 }, "too many at once"),
+    ];
+    for (i, (op, why)) in refused.into_iter().enumerate() {
+        let r = commit(&mut s, 6 + i as u64, "alice", vec![op]);
+        assert!(r.is_err(), "{why}: {r:?}");
+        assert_eq!(*s, before, "{why}: a refused commit changes nothing");
+    }
+    let mut replace = file("", "g", b"new");
+    if let OpKind::Create { replace: r, .. } = &mut replace {
+        *r = true;
+    }
+    assert!(commit(&mut s, 20, "alice", vec![at(first + 8, replace)]).is_err());
+    // Only writers of the volume may reserve.
+    assert!(commit(&mut s, 21, "mallory", vec![OpKind::Reserve { count: 1 }]).is_err());
+}

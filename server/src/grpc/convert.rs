@@ -89,7 +89,7 @@ pub fn op(o: pb::Op) -> Result<Op, Status> {
     let kind = match o.op.ok_or_else(|| refuse(ErrorKind::Invalid, "operation is empty"))? {
         P::Create(c) => {
             let k = kind(c.kind, c.rdev)?;
-            OpKind::Create {
+            let create = OpKind::Create {
                 parent: node_ref(c.parent, "create.parent")?,
                 name: c.name,
                 kind: k,
@@ -101,8 +101,16 @@ pub fn op(o: pb::Op) -> Result<Op, Status> {
                 uid: c.uid,
                 gid: c.gid,
                 mtime_ns: c.mtime_ns,
+            };
+            match c.ino {
+                Some(ino) => OpKind::CreateAt {
+                    ino,
+                    create: Box::new(create),
+                },
+                None => create,
             }
         }
+        P::Reserve(r) => OpKind::Reserve { count: r.count },
         P::SetContent(c) => OpKind::SetContent {
             node: node_ref(c.node, "set_content.node")?,
             hash: hash(&c.hash)?,

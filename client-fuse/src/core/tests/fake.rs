@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use codafs_common::{make_ino, Hash};
 
-use super::super::remote::{ChangeStream, ChunkSink, Fetched, Remote, RemoteVolume};
+use super::super::remote::{ChangeStream, ChunkSink, Fetched, Remote, RemoteVolume, RequestId};
 use super::super::types::{Attr, ChangeEvent, Committed, Op, VolumeStamp};
 use super::super::{FsError, NodeKind};
 
@@ -59,6 +59,8 @@ pub struct Truth {
     pub blob_fetches: u64,
     /// `fetch_small` answers with these bytes instead of the stored ones (a corrupt replica).
     pub corrupt_small: bool,
+    /// Applied commit requests, answered again to a retry (as the servers do).
+    pub requests: HashMap<RequestId, Committed>,
 }
 
 /// The fake server.
@@ -131,6 +133,7 @@ impl Truth {
         let is_dir = |t: &Tree, i: u64| t.objects.get(&i).is_some_and(|a| a.kind == NodeKind::Dir);
         match op {
             Op::Create {
+                ino: at,
                 parent,
                 name,
                 kind,
@@ -140,6 +143,8 @@ impl Truth {
                 rdev,
                 uid,
                 gid,
+                size,
+                ..
             } => {
                 if !is_dir(tree, parent) {
                     return Err(FsError::NotFound);
@@ -150,7 +155,13 @@ impl Truth {
                 if hash.is_some_and(|h| !self.blobs.contains_key(&h)) {
                     return Err(FsError::Invalid("content not stored".into()));
                 }
-                let ino = self.new_ino();
+                let ino = match at {
+                    Some(i) if tree.objects.contains_key(&i) || i > make_ino(VOL, self.next_ino) => {
+                        return Err(FsError::Invalid("node id not reserved or in use".into()))
+                    }
+                    Some(i) => i,
+                    None => self.new_ino(),
+                };
                 let attr = if kind == NodeKind::Dir {
                     dir_attr(ino, parent, v)
                 } else {
@@ -162,6 +173,7 @@ impl Truth {
                         gid,
                         nlink: 1,
                         hash,
+                        size,
                         symlink_target,
                         rdev,
                         version: v,
@@ -176,11 +188,20 @@ impl Truth {
                 tree.dirs.entry(parent).or_default().insert(name, ino);
                 Ok((ino, vec![ino], vec![parent]))
             }
-            Op::SetContent { ino, hash, size, .. } => {
+            Op::SetContent {
+                expect,
+                ino,
+                hash,
+                size,
+                ..
+            } => {
                 if !self.blobs.contains_key(&hash) {
                     return Err(FsError::Invalid("content not stored".into()));
                 }
                 let a = tree.objects.get_mut(&ino).ok_or(FsError::NotFound)?;
+                if expect.is_some_and(|e| e != a.version) {
+                    return Err(FsError::Conflict(format!("{ino} is at version {}", a.version)));
+                }
                 if a.kind != NodeKind::File {
                     return Err(FsError::IsDir);
                 }
@@ -234,6 +255,11 @@ impl Truth {
                 (a.nlink, a.version) = (a.nlink + 1, v);
                 tree.dirs.entry(parent).or_default().insert(name, ino);
                 Ok((0, vec![ino], vec![parent]))
+            }
+            Op::Reserve { count } => {
+                let first = make_ino(VOL, self.next_ino + 1);
+                self.next_ino += u64::from(count);
+                Ok((first, vec![], vec![]))
             }
         }
     }
@@ -498,12 +524,15 @@ impl Remote for FakeRemote {
         Ok(())
     }
 
-    async fn commit(&self, _token: &str, volume: &str, ops: Vec<Op>) -> Result<Committed, FsError> {
+    async fn commit(&self, _token: &str, volume: &str, ops: Vec<Op>, request: RequestId) -> Result<Committed, FsError> {
         self.check_up()?;
         if volume != "www" {
             return Err(FsError::NotFound);
         }
         let mut t = self.lock();
+        if let Some(done) = t.requests.get(&request) {
+            return Ok(done.clone());
+        }
         let failure = t.fail_next_commit.take();
         if failure == Some(CommitFailure::Refused) {
             return Err(FsError::Denied("the fake refuses this commit".into()));
@@ -529,6 +558,13 @@ impl Remote for FakeRemote {
         tree.version = v;
         t.tree = tree;
         t.finish(inos, dirs);
+        t.requests.insert(
+            request,
+            Committed {
+                version: v,
+                created: created.clone(),
+            },
+        );
         match failure {
             Some(_) => Err(FsError::Disconnected("the fake lost the commit's reply".into())),
             None => Ok(Committed { version: v, created }),

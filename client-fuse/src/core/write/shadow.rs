@@ -47,6 +47,7 @@ impl<R: Remote> Core<R> {
         let size = data.len() as u64;
         let hash = self.store_blob(ctx, bytes::Bytes::from(data)).await?;
         let set = Op::SetContent {
+            expect: None,
             ino,
             hash,
             size,

@@ -14,6 +14,7 @@ pub mod status;
 pub mod tokens;
 pub mod transport;
 pub mod upload;
+pub mod wblog;
 
 pub use bundle::ClientBundle;
 pub use transport::{ClientError, Cluster};

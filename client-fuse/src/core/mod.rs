@@ -38,7 +38,7 @@ use crate::transport::BlobRef;
 pub const ROOT_INO: u64 = 1;
 
 /// Kinds of node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum NodeKind {
     #[default]
     File,

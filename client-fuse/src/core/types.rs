@@ -55,8 +55,9 @@ pub struct VolumeStamp {
     pub exists: bool,
 }
 
-/// One namespace operation of a commit, by node id.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One namespace operation of a commit, by node id (also a record of the write-back log, so
+/// its encoding is part of that log's format).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Op {
     /// A new file (content `hash` of `size` bytes), directory, symlink or special node under
     /// `parent`; `ino` names it with a reserved node id (write-back), `None` lets the server.

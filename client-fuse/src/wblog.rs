@@ -1,0 +1,515 @@
+//! The write-back log: the durable record of changes made on a writable mount that the servers
+//! have not confirmed yet (Coda's client modify log).
+//!
+//! `close` of a changed file returns once its change is in this log and the log is on disk; a
+//! background reintegrator sends the logged changes to the servers in batches (see
+//! `core/write/back.rs`). A daemon killed with -9, or a machine that lost power, finds the log at
+//! the next mount and sends what is left, each batch exactly once: the id of a batch's commit is
+//! logged before the batch is sent, and the servers answer a repeated id with its first outcome.
+//!
+//! On disk, in `CACHE/wblog/`: segments `seg-NNNNNNNNNN` (a magic line, then records, each
+//! `[len u32][blake3 of the payload, 8 bytes][bincode payload]`) and `data/` (contents too large to
+//! log inline, one fsynced file each). A torn record at the end of the last segment (a crash in
+//! the middle of an append) is cut off at replay: it was never acknowledged. A segment is deleted
+//! once every change it names is done, so the log's size follows its backlog, and the whole log
+//! (segments and data) stays within a configured bound: a change past it fails with ENOSPC.
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::remote::RequestId;
+use crate::core::types::Op;
+
+/// First bytes of every segment: the format's name and version.
+const MAGIC: &[u8] = b"codafs write-back log v1\n";
+/// A new segment is started past this size.
+const SEGMENT_BYTES: u64 = 16 << 20;
+/// Largest record accepted at replay (contents above `INLINE_MAX` are data files).
+const MAX_RECORD: u32 = 8 << 20;
+/// Contents up to this size are logged inline; larger ones become data files.
+pub const INLINE_MAX: usize = 1 << 20;
+
+/// Log failures.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("write-back log {0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error(
+        "the write-back log is full ({used} of {limit} bytes): changes wait for the servers; \
+         see `codafs status` and raise --log-limit if this is routine"
+    )]
+    Full { used: u64, limit: u64 },
+    #[error("write-back log {0}: {1}")]
+    Corrupt(PathBuf, String),
+}
+
+/// The content of a logged file change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Content {
+    Inline(Vec<u8>),
+    /// A file in `data/`, by name.
+    File(String),
+}
+
+/// One change made on this mount.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub seq: u64,
+    pub volume: String,
+    /// The local user who made it: the change is sent with that user's token.
+    pub uid: u32,
+    pub op: Op,
+    /// Content of a `Create` of a file or a `SetContent`.
+    pub content: Option<Content>,
+    /// The name of the changed file when the change was made (parent, name): where a conflict
+    /// copy goes.
+    pub name: Option<(u64, String)>,
+}
+
+/// One log record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Record {
+    Change(Change),
+    /// Node ids the servers set aside for this mount: `first..first + count` of volume `volume`.
+    Reserved {
+        volume: String,
+        first: u64,
+        count: u32,
+    },
+    /// A batch about to be sent: exactly the changes `first..=last` (those not yet done), as
+    /// the commit with id `request`.
+    Sending {
+        first: u64,
+        last: u64,
+        request: RequestId,
+    },
+    /// Every change up to `last` is settled: on the servers, or kept as a conflict copy.
+    Done {
+        last: u64,
+    },
+}
+
+impl Record {
+    /// The highest change sequence number this record names (0: none).
+    fn names_seq(&self) -> u64 {
+        match self {
+            Record::Change(c) => c.seq,
+            Record::Sending { last, .. } => *last,
+            _ => 0,
+        }
+    }
+}
+
+/// What a log held when it was opened.
+#[derive(Debug, Default)]
+pub struct Replay {
+    /// Records in order, from every segment.
+    pub records: Vec<Record>,
+    /// Bytes of a torn record cut off the end.
+    pub torn: u64,
+}
+
+struct Segment {
+    id: u64,
+    /// The highest change seq any record in it names.
+    max_seq: u64,
+    bytes: u64,
+}
+
+struct Inner {
+    active: File,
+    segments: Vec<Segment>,
+    data_bytes: u64,
+    /// Bytes appended (in all) and bytes known durable.
+    appended: u64,
+}
+
+/// The write-back log of one cache directory.
+pub struct Log {
+    dir: PathBuf,
+    limit: u64,
+    inner: Mutex<Inner>,
+    /// Bytes of the log known to be on disk; a sync covers everything appended before it.
+    synced: tokio::sync::watch::Sender<u64>,
+    sync_one: tokio::sync::Mutex<()>,
+}
+
+fn io(p: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
+    move |e| LogError::Io(p.to_path_buf(), e)
+}
+
+fn seg_name(id: u64) -> String {
+    format!("seg-{id:010}")
+}
+
+impl Log {
+    /// Opens (or creates) the log in `dir`, returning what it holds. `limit` bounds its bytes.
+    pub fn open(dir: &Path, limit: u64) -> Result<(Log, Replay), LogError> {
+        let data = dir.join("data");
+        std::fs::create_dir_all(&data).map_err(io(&data))?;
+        let mut ids: Vec<u64> = std::fs::read_dir(dir)
+            .map_err(io(dir))?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("seg-")?.parse().ok())
+            .collect();
+        ids.sort_unstable();
+        let mut replay = Replay::default();
+        let mut segments = Vec::new();
+        let last_id = ids.last().copied();
+        for id in ids {
+            let path = dir.join(seg_name(id));
+            let (records, good, torn) = read_segment(&path)?;
+            if torn > 0 {
+                if Some(id) != last_id {
+                    return Err(LogError::Corrupt(path, format!("a bad record at byte {good}")));
+                }
+                tracing::warn!(segment = %path.display(), bytes = torn, "cut a torn record off the write-back log");
+                let f = OpenOptions::new().write(true).open(&path).map_err(io(&path))?;
+                f.set_len(good).map_err(io(&path))?;
+                f.sync_all().map_err(io(&path))?;
+                replay.torn = torn;
+            }
+            let max_seq = records.iter().map(Record::names_seq).max().unwrap_or(0);
+            segments.push(Segment {
+                id,
+                max_seq,
+                bytes: good,
+            });
+            replay.records.extend(records);
+        }
+        let data_bytes = dir_bytes(&data);
+        let next = segments.last().map_or(1, |s| s.id + 1);
+        let active = new_segment(dir, next)?;
+        segments.push(Segment {
+            id: next,
+            max_seq: 0,
+            bytes: MAGIC.len() as u64,
+        });
+        let log = Log {
+            dir: dir.to_path_buf(),
+            limit,
+            inner: Mutex::new(Inner {
+                active,
+                segments,
+                data_bytes,
+                appended: 0,
+            }),
+            synced: tokio::sync::watch::channel(0).0,
+            sync_one: tokio::sync::Mutex::new(()),
+        };
+        Ok((log, replay))
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes the log holds (segments and data files).
+    pub fn used(&self) -> u64 {
+        let g = self.inner();
+        g.segments.iter().map(|s| s.bytes).sum::<u64>() + g.data_bytes
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Whether `more` bytes fit within the bound.
+    pub fn check_room(&self, more: u64) -> Result<(), LogError> {
+        let used = self.used();
+        if used + more > self.limit {
+            return Err(LogError::Full {
+                used,
+                limit: self.limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Appends `rec` (not yet durable: see [`Log::sync`]). Changes must fit within the bound;
+    /// bookkeeping records always go in. Returns the log position after it.
+    pub fn append(&self, rec: &Record) -> Result<u64, LogError> {
+        let payload = bincode::serialize(rec).map_err(|e| LogError::Corrupt(self.dir.clone(), e.to_string()))?;
+        let mut frame = Vec::with_capacity(payload.len() + 12);
+        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&blake3::hash(&payload).as_bytes()[..8]);
+        frame.extend_from_slice(&payload);
+        if matches!(rec, Record::Change(_)) {
+            self.check_room(frame.len() as u64)?;
+        }
+        let mut g = self.inner();
+        let full = g.segments.last().is_some_and(|s| s.bytes >= SEGMENT_BYTES);
+        if full {
+            let id = g.segments.last().map_or(1, |s| s.id + 1);
+            // What is written so far must be durable before records go elsewhere.
+            g.active.sync_data().map_err(io(&self.dir))?;
+            g.active = new_segment(&self.dir, id)?;
+            g.segments.push(Segment {
+                id,
+                max_seq: 0,
+                bytes: MAGIC.len() as u64,
+            });
+        }
+        g.active.write_all(&frame).map_err(io(&self.dir))?;
+        g.appended += frame.len() as u64;
+        let names = rec.names_seq();
+        if let Some(s) = g.segments.last_mut() {
+            s.bytes += frame.len() as u64;
+            s.max_seq = s.max_seq.max(names);
+        }
+        Ok(g.appended)
+    }
+
+    /// Makes everything appended up to position `upto` durable. Concurrent callers share one
+    /// fsync: whoever syncs covers everything appended before it started.
+    pub async fn sync(&self, upto: u64) -> Result<(), LogError> {
+        if *self.synced.borrow() >= upto {
+            return Ok(());
+        }
+        let _one = self.sync_one.lock().await;
+        if *self.synced.borrow() >= upto {
+            return Ok(());
+        }
+        let (file, pos) = {
+            let g = self.inner();
+            (g.active.try_clone().map_err(io(&self.dir))?, g.appended)
+        };
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || file.sync_data().map_err(|e| LogError::Io(dir, e)))
+            .await
+            .map_err(|e| LogError::Io(self.dir.clone(), std::io::Error::other(e.to_string())))??;
+        self.synced.send_modify(|s| *s = (*s).max(pos));
+        Ok(())
+    }
+
+    /// Writes a content too large to log inline as a durable data file; returns its name.
+    pub fn write_data(&self, name: &str, bytes: &[u8]) -> Result<String, LogError> {
+        self.check_room(bytes.len() as u64)?;
+        let dir = self.dir.join("data");
+        let path = dir.join(name);
+        let mut f = File::create(&path).map_err(io(&path))?;
+        f.write_all(bytes).map_err(io(&path))?;
+        f.sync_all().map_err(io(&path))?;
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))?;
+        self.inner().data_bytes += bytes.len() as u64;
+        Ok(name.to_string())
+    }
+
+    /// Reads a logged content.
+    pub fn read_content(&self, c: &Content) -> Result<Vec<u8>, LogError> {
+        match c {
+            Content::Inline(b) => Ok(b.clone()),
+            Content::File(name) => {
+                let path = self.dir.join("data").join(name);
+                std::fs::read(&path).map_err(io(&path))
+            }
+        }
+    }
+
+    /// Forgets what changes up to `done` needed: segments naming nothing newer, and the data
+    /// files `data` (contents of those changes).
+    pub fn release(&self, done: u64, data: &[String]) {
+        let mut g = self.inner();
+        let active = g.segments.last().map(|s| s.id);
+        let (gone, keep): (Vec<Segment>, Vec<Segment>) = std::mem::take(&mut g.segments)
+            .into_iter()
+            .partition(|s| Some(s.id) != active && s.max_seq <= done);
+        g.segments = keep;
+        for s in gone {
+            let _ = std::fs::remove_file(self.dir.join(seg_name(s.id)));
+        }
+        for name in data {
+            let path = self.dir.join("data").join(name);
+            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            if std::fs::remove_file(&path).is_ok() {
+                g.data_bytes = g.data_bytes.saturating_sub(len);
+            }
+        }
+    }
+}
+
+fn new_segment(dir: &Path, id: u64) -> Result<File, LogError> {
+    let path = dir.join(seg_name(id));
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)
+        .map_err(io(&path))?;
+    f.write_all(MAGIC).map_err(io(&path))?;
+    f.sync_all().map_err(io(&path))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+    Ok(f)
+}
+
+/// Reads one segment: its records, the length of its good prefix, and the bytes after it.
+fn read_segment(path: &Path) -> Result<(Vec<Record>, u64, u64), LogError> {
+    let mut buf = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut buf))
+        .map_err(io(path))?;
+    if buf.len() < MAGIC.len() {
+        // Created but its magic never reached the disk: an empty segment.
+        return Ok((Vec::new(), 0, buf.len() as u64));
+    }
+    if &buf[..MAGIC.len()] != MAGIC {
+        return Err(LogError::Corrupt(
+            path.to_path_buf(),
+            "not a codafs write-back log of this version (remove the cache directory only if \
+             its changes may be lost)"
+                .into(),
+        ));
+    }
+    let mut records = Vec::new();
+    let mut at = MAGIC.len();
+    loop {
+        let Some(head) = buf.get(at..at + 12) else { break };
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+        if len > MAX_RECORD {
+            break;
+        }
+        let Some(payload) = buf.get(at + 12..at + 12 + len as usize) else {
+            break;
+        };
+        if blake3::hash(payload).as_bytes()[..8] != head[4..12] {
+            break;
+        }
+        let Ok(rec) = bincode::deserialize::<Record>(payload) else {
+            break;
+        };
+        records.push(rec);
+        at += 12 + len as usize;
+    }
+    Ok((records, at as u64, (buf.len() - at) as u64))
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|it| it.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use codafs_common::Hash;
+
+    fn change(seq: u64, bytes: &[u8]) -> Record {
+        Record::Change(Change {
+            seq,
+            volume: "www".into(),
+            uid: 1000,
+            op: Op::SetContent {
+                expect: Some(3),
+                ino: 7,
+                hash: Hash::of(bytes),
+                size: bytes.len() as u64,
+                mtime_ns: 5,
+            },
+            content: Some(Content::Inline(bytes.to_vec())),
+            name: Some((1, "index.html".into())),
+        })
+    }
+
+    #[tokio::test]
+    async fn records_survive_a_reopen_and_a_torn_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, replay) = Log::open(dir.path(), 1 << 30).unwrap();
+        assert!(replay.records.is_empty());
+        let recs = vec![
+            change(1, b"one"),
+            Record::Reserved {
+                volume: "www".into(),
+                first: 100,
+                count: 64,
+            },
+            Record::Sending {
+                first: 1,
+                last: 1,
+                request: [9; 16],
+            },
+            Record::Done { last: 1 },
+            change(2, b"two"),
+        ];
+        let mut pos = 0;
+        for r in &recs {
+            pos = log.append(r).unwrap();
+        }
+        log.sync(pos).await.unwrap();
+        drop(log);
+        // A crash in the middle of the next append: half a record at the end.
+        let seg = dir.path().join(seg_name(1));
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(&[40, 0, 0, 0, 1, 2, 3]).unwrap();
+        let (log, replay) = Log::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(replay.records, recs);
+        assert_eq!(replay.torn, 7);
+        // The cut is durable: the next open finds the same records and nothing torn.
+        drop(log);
+        let (_log, replay) = Log::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(replay.records, recs);
+        assert_eq!(replay.torn, 0);
+    }
+
+    #[tokio::test]
+    async fn a_flipped_byte_ends_the_replay_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = Log::open(dir.path(), 1 << 30).unwrap();
+        log.append(&change(1, b"kept")).unwrap();
+        let pos = log.append(&change(2, b"damaged")).unwrap();
+        log.sync(pos).await.unwrap();
+        drop(log);
+        let seg = dir.path().join(seg_name(1));
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let n = bytes.len();
+        bytes[n - 2] ^= 0xff;
+        std::fs::write(&seg, bytes).unwrap();
+        let (_log, replay) = Log::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(replay.records, vec![change(1, b"kept")]);
+        assert!(replay.torn > 0);
+    }
+
+    #[test]
+    fn the_bound_refuses_changes_but_not_bookkeeping() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = Log::open(dir.path(), 400).unwrap();
+        log.append(&change(1, &[0; 60])).unwrap();
+        let err = log.append(&change(2, &[0; 300])).unwrap_err();
+        assert!(matches!(err, LogError::Full { .. }), "{err}");
+        assert!(err.to_string().contains("--log-limit"));
+        log.append(&Record::Done { last: 1 }).unwrap();
+        assert!(log.write_data("big", &[0; 300]).is_err(), "data files count too");
+    }
+
+    #[test]
+    fn segments_go_once_every_change_they_name_is_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = Log::open(dir.path(), 1 << 40).unwrap();
+        let big = vec![7u8; 1 << 20];
+        for seq in 1..=20 {
+            log.append(&change(seq, &big)).unwrap();
+        }
+        let segs = |d: &Path| {
+            std::fs::read_dir(d)
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().file_name().to_str().unwrap().starts_with("seg-"))
+                .count()
+        };
+        assert_eq!(segs(dir.path()), 2, "rotated past 16 MiB");
+        let before = log.used();
+        log.release(10, &[]);
+        assert_eq!(segs(dir.path()), 2, "the first segment still names changes 11..=16");
+        log.release(20, &[]);
+        assert_eq!(segs(dir.path()), 1, "only the active segment is left");
+        assert!(log.used() < before / 2);
+        let name = log.write_data("c1", b"large content").unwrap();
+        assert_eq!(
+            log.read_content(&Content::File(name.clone())).unwrap(),
+            b"large content"
+        );
+        log.release(20, &[name]);
+        assert!(!dir.path().join("data/c1").exists());
+    }
+}

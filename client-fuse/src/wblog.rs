@@ -71,6 +71,7 @@ pub struct Change {
 
 /// One log record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[allow(clippy::large_enum_variant)] // records are built one at a time, never stored in bulk
 pub enum Record {
     Change(Change),
     /// Node ids the servers set aside for this mount: `first..first + count` of volume `volume`.

@@ -71,7 +71,7 @@ pub struct Change {
 
 /// One log record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[allow(clippy::large_enum_variant)] // records are built one at a time, never stored in bulk
+#[allow(clippy::large_enum_variant)] // nearly every record is a Change
 pub enum Record {
     Change(Change),
     /// Node ids the servers set aside for this mount: `first..first + count` of volume `volume`.
@@ -365,8 +365,7 @@ fn read_segment(path: &Path) -> Result<(Vec<Record>, u64, u64), LogError> {
     }
     let mut records = Vec::new();
     let mut at = MAGIC.len();
-    loop {
-        let Some(head) = buf.get(at..at + 12) else { break };
+    while let Some(head) = buf.get(at..at + 12) {
         let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
         if len > MAX_RECORD {
             break;

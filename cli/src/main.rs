@@ -70,6 +70,15 @@ enum Cmd {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// Wait until every change a writable mount logged before now is on the servers (the
+    /// write-back log drained that far).
+    Sync {
+        /// A codafs mountpoint.
+        mountpoint: std::path::PathBuf,
+        /// Give up (exit 1, changes stay logged) after this many seconds.
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+    },
     /// Print a shell completion script for SHELL to stdout, e.g.
     /// `codafs completions bash > /etc/bash_completion.d/codafs`.
     Completions {
@@ -117,6 +126,7 @@ fn main() -> ExitCode {
         }
         Cmd::Mount(a) => mount::mount(a),
         Cmd::Prefetch(a) => mount::prefetch(a),
+        Cmd::Sync { mountpoint, timeout } => mount::sync(&mountpoint, timeout),
         other => run_async(other),
     };
     finish(result)
@@ -137,7 +147,7 @@ fn run_async(cmd: Cmd) -> anyhow::Result<()> {
             Cmd::Logout => user::logout(),
             Cmd::Upload(a) => upload::run(a).await,
             Cmd::Demo(a) => demo::run(a).await,
-            Cmd::Mount(_) | Cmd::Prefetch(_) | Cmd::Completions { .. } => {
+            Cmd::Mount(_) | Cmd::Prefetch(_) | Cmd::Completions { .. } | Cmd::Sync { .. } => {
                 anyhow::bail!("internal error: mount, prefetch and completions run outside the runtime")
             }
             Cmd::Status {

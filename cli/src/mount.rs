@@ -37,6 +37,16 @@ pub struct MountArgs {
     /// the fastest warm reads: open and close of a cached file reach no daemon code.
     #[arg(long)]
     pub read_only: bool,
+    /// Make `close` wait until a change is on the servers (two commits and a blob put per new
+    /// file). By default a writable mount logs changes durably in the cache directory, `close`
+    /// returns once they are on disk there, and a background task sends them in batches;
+    /// `fsync` and `codafs sync MNT` wait for the servers.
+    #[arg(long, conflicts_with = "read_only")]
+    pub write_through: bool,
+    /// Bound of the write-back log (changes not yet on the servers), e.g. 2G. Past it, writes
+    /// fail with ENOSPC until the servers take the backlog.
+    #[arg(long, default_value = "2G", value_parser = parse_size)]
+    pub log_limit: u64,
     /// Log to this file instead of stderr, rotated at 10 MiB with 3 old files kept (what a
     /// mount started without --foreground does with CACHE_DIR/mount.log).
     #[arg(long)]
@@ -96,6 +106,8 @@ pub fn mount(a: MountArgs) -> Result<()> {
         op_timeout: Duration::from_secs_f64(a.timeout.max(0.1)),
         volume_poll: Duration::from_secs(2),
         read_only: a.read_only,
+        write_through: a.write_through,
+        log_limit: a.log_limit,
     };
     let notify = std::env::var_os(READY_ENV).is_some();
     codafs_client::mount::run(cfg, || {
@@ -131,6 +143,10 @@ fn spawn_background(a: &MountArgs, mnt: &Path, cache_dir: &Path) -> Result<()> {
     if a.read_only {
         cmd.arg("--read-only");
     }
+    if a.write_through {
+        cmd.arg("--write-through");
+    }
+    cmd.arg("--log-limit").arg(a.log_limit.to_string());
     // Resolve here too, so a bad config fails in the foreground with its own message.
     a.client.servers()?;
     a.client.tls()?;
@@ -181,8 +197,13 @@ fn spawn_background(a: &MountArgs, mnt: &Path, cache_dir: &Path) -> Result<()> {
 
 /// Sends one request line to a mount's control socket and returns its JSON answer.
 pub fn control_request(sock: &Path, line: &str) -> Result<serde_json::Value> {
+    control_request_within(sock, line, Duration::from_secs(5))
+}
+
+/// [`control_request`], waiting up to `limit` for the answer.
+fn control_request_within(sock: &Path, line: &str, limit: Duration) -> Result<serde_json::Value> {
     let mut s = std::os::unix::net::UnixStream::connect(sock)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(limit))?;
     s.write_all(line.as_bytes())?;
     s.write_all(b"\n")?;
     let mut reply = String::new();
@@ -233,6 +254,26 @@ pub fn tell_mounts(line: &str) -> Vec<(String, serde_json::Value)> {
     out
 }
 
+/// `codafs sync MNT`: waits until every change the mount logged before the call is on the
+/// servers.
+pub fn sync(mnt: &Path, timeout: f64) -> Result<()> {
+    let mnt = std::fs::canonicalize(mnt).with_context(|| format!("{}", mnt.display()))?;
+    let sock = control_socket(&mnt);
+    let limit = timeout.clamp(0.1, 3600.0);
+    let reply = control_request_within(&sock, &format!("sync {limit}"), Duration::from_secs_f64(limit + 5.0))
+        .with_context(|| {
+            format!(
+                "no codafs mount at {} (no control socket {})",
+                mnt.display(),
+                sock.display()
+            )
+        })?;
+    if let Some(e) = reply.get("error").and_then(|e| e.as_str()) {
+        bail!("{}: {e}", mnt.display());
+    }
+    Ok(())
+}
+
 pub fn print_mount_status(mnt: &Path, json: bool) -> Result<()> {
     let st = mount_status(mnt)?;
     if json {
@@ -281,6 +322,27 @@ pub fn print_mount_status(mnt: &Path, json: bool) -> Result<()> {
             w.failed_commits,
             bytes(w.stored_bytes),
         );
+        match &w.write_back {
+            None => println!("write-through: close returns once a change is on the servers"),
+            Some(b) => {
+                println!(
+                    "write-back log: {} changes waiting ({} of {}), {} sent in {} batches, {} conflicts{}",
+                    b.changes,
+                    bytes(b.log_bytes),
+                    bytes(b.log_limit),
+                    b.changes_sent,
+                    b.batches_sent,
+                    b.conflicts,
+                    b.blocked
+                        .as_deref()
+                        .map(|w| format!("; waiting: {w}"))
+                        .unwrap_or_default(),
+                );
+                if let Some(c) = &b.last_conflict {
+                    println!("       last conflict: {c}");
+                }
+            }
+        }
     }
     println!(
         "{:<32} {:<14} {:>10} {:>10} {:>10} {:>9}",

@@ -625,7 +625,11 @@ impl<R: Remote> Filesystem for CodaFs<R> {
 
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         self.core.count_request("flush");
-        self.store(tracing::debug_span!("fsync", ino = ino.0), fh, reply);
+        // close's store, and on a write-back mount also the wait until it is on the servers.
+        let core = self.core.clone();
+        self.spawn(tracing::debug_span!("fsync", ino = ino.0), async move {
+            done(reply, core.fsync(fh.0).await)
+        });
     }
 
     fn release(

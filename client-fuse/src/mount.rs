@@ -11,7 +11,7 @@ use crate::cache::blobs::BlobCache;
 use crate::cache::meta::MetaStore;
 use crate::core::grpc::GrpcRemote;
 use crate::core::remote::Remote;
-use crate::core::write::WriteState;
+use crate::core::write::{WriteBack, WriteState};
 use crate::core::Invalidator;
 use crate::core::{Core, CoreConfig};
 use crate::fuse::{CodaFs, KernelInvalidator};
@@ -33,6 +33,11 @@ pub struct MountConfig {
     /// Refuse every change whatever tokens exist (web nodes). Also mounts read-only in the
     /// kernel and keeps the zero-request warm read path (no open/flush/release requests).
     pub read_only: bool,
+    /// Writable mounts: `close` waits until the change is on the servers, instead of until it
+    /// is in the write-back log.
+    pub write_through: bool,
+    /// Bound of the write-back log in bytes (past it, changes fail with ENOSPC).
+    pub log_limit: u64,
 }
 
 /// Mount failures.
@@ -71,6 +76,8 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     // Declared before the core, so it is released after everything else let go of the cache.
     let _cache_lock = take_cache_dir(&cfg)?;
     let core = open_core(&cfg)?;
+    core.resume_write_back()
+        .map_err(|e| MountError::Setup(format!("write-back log: {e}")))?;
 
     // Bring the persistent cache up to date before serving: one batched stamp check, then the
     // missed changes of each stale volume. Disconnected: serve what is cached.
@@ -90,6 +97,11 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     let bg = session.spawn().map_err(mount_err)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(b) = core.write_back() {
+        b.set_kernel(inval.clone());
+        let (core, stop) = (core.clone(), stop_rx.clone());
+        rt.spawn(async move { core.reintegrate(stop).await });
+    }
     rt.spawn(watch_volumes(
         core.clone(),
         inval.clone(),
@@ -143,7 +155,16 @@ fn open_core(cfg: &MountConfig) -> Result<Arc<Core<GrpcRemote>>, MountError> {
     let mut cluster = Cluster::new(&cfg.servers, cfg.tls.clone(), None).map_err(|e| setup(&e))?;
     cluster.policy.call_timeout = cfg.op_timeout;
     let tokens = TokenTable::load(&cfg.cache_dir.join("tokens")).map_err(|e| setup(&format!("token store: {e}")))?;
-    let writes = WriteState::new(tokens, cfg.read_only, cfg.cache_dir.join("shadow"))
+    let back = if cfg.read_only || cfg.write_through {
+        None
+    } else {
+        let dir = cfg.cache_dir.join("wblog");
+        Some(
+            WriteBack::open(&dir, cfg.log_limit)
+                .map_err(|e| setup(&format!("write-back log {}: {e}", dir.display())))?,
+        )
+    };
+    let writes = WriteState::new(tokens, cfg.read_only, cfg.cache_dir.join("shadow"), back)
         .map_err(|e| setup(&format!("shadow directory: {e}")))?;
     let core_cfg = CoreConfig {
         op_timeout: cfg.op_timeout,
@@ -376,6 +397,14 @@ async fn control<R: Remote>(
                         }
                     }
                     reply
+                }
+                "sync" => {
+                    // `codafs sync MNT`: everything logged so far on the servers.
+                    let limit = Duration::from_secs_f64(arg.parse::<f64>().unwrap_or(60.0).clamp(0.1, 3600.0));
+                    match core.sync_log(limit).await {
+                        Ok(()) => serde_json::json!({ "ok": true }),
+                        Err(e) => serde_json::json!({ "error": e.to_string() }),
+                    }
                 }
                 "logout" => {
                     let had = core.drop_token(uid);

@@ -54,6 +54,9 @@ pub struct WriteCounters {
     /// Stores the servers refused or that failed.
     pub failed_commits: u64,
     pub stored_bytes: u64,
+    /// The write-back log (absent on write-through and read-only mounts).
+    #[serde(default)]
+    pub write_back: Option<crate::core::write::BacklogStatus>,
 }
 
 /// One volume as this mount sees it.

@@ -738,6 +738,24 @@ impl Mount {
         }
     }
 
+    /// `codafs sync MNT`: waits until everything the mount logged is on the servers.
+    pub fn sync(&self) -> Result<()> {
+        let out = Command::new(codafs_bin())
+            .arg("sync")
+            .arg(&self.path)
+            .arg("--timeout")
+            .arg("30")
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "codafs sync {}: {}",
+                self.path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// The mount's status, from `codafs status --json`.
     pub fn status(&self) -> Result<MountStatus> {
         mount_status(&self.path)

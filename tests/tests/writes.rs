@@ -3,7 +3,7 @@
 //! from a second mount, failed commits that keep the old content, and the concurrent-writer
 //! policy. Everything runs against real server processes and real FUSE mounts.
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -286,7 +286,8 @@ async fn tokens_survive_a_mount_restart_and_a_refused_store_keeps_the_old_conten
     bounded(async {
         let tc = setup().await?;
         let dir = tc.root.path();
-        let mut a = Mount::start(&tc.client_args(), dir, "a", &[])?;
+        // Write-through: the refusal is close's own error.
+        let mut a = Mount::start(&tc.client_args(), dir, "a", &["--write-through"])?;
         let b = Mount::start(&tc.client_args(), dir, "b", &["--read-only"])?;
         let wm = tc.user(WEBMASTER_UID)?;
         login(&tc, &wm)?;
@@ -329,30 +330,94 @@ async fn tokens_survive_a_mount_restart_and_a_refused_store_keeps_the_old_conten
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_writers_on_two_nodes_last_close_wins_whole() {
+async fn concurrent_writers_on_two_write_through_nodes_last_close_wins_whole() {
+    bounded(async {
+        let tc = setup().await?;
+        let dir = tc.root.path();
+        let a = Mount::start(&tc.client_args(), dir, "a", &["--write-through"])?;
+        let c = Mount::start(&tc.client_args(), dir, "c", &["--write-through"])?;
+        let (fa, fc) = race(&tc, &a, &c).await?;
+        wait_content(&fa, b"node c").await?;
+        wait_content(&fc, b"node c").await?;
+        Ok(())
+    })
+    .await
+}
+
+/// Both nodes open `race.txt` before either closes; a's close comes first.
+async fn race(tc: &TestCluster, a: &Mount, c: &Mount) -> Result<(PathBuf, PathBuf)> {
+    let wm = tc.user(WEBMASTER_UID)?;
+    login(tc, &wm)?;
+    let (fa, fc) = (a.path.join("www/race.txt"), c.path.join("www/race.txt"));
+    let out = sh_as(&wm, &format!("printf base > {}", fa.display()))?;
+    ensure!(out.ok, "{}", out.stderr);
+    let logs = |e: anyhow::Error| anyhow::anyhow!("{e}\n--- a ---\n{}\n--- c ---\n{}", a.log(), c.log());
+    wait_content(&fa, b"base").await.map_err(logs)?;
+    wait_content(&fc, b"base").await.map_err(logs)?;
+    let script = format!(
+        "set -e\nexec 3>{fa}\nexec 4>{fc}\nprintf 'from node a' >&3\nprintf 'node c' >&4\nexec 3>&-\nexec 4>&-\n",
+        fa = fa.display(),
+        fc = fc.display()
+    );
+    let out = sh_as(&wm, &script)?;
+    ensure!(out.ok, "{}", out.stderr);
+    Ok((fa, fc))
+}
+
+/// Write-back: the change that reaches the servers second conflicts with the first. Neither is
+/// lost: one is `race.txt`, the other a `race.txt.conflict-*` sibling, every node sees both,
+/// and the mount that kept a copy says so in its status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers_on_two_write_back_nodes_keep_both_versions() {
     bounded(async {
         let tc = setup().await?;
         let dir = tc.root.path();
         let a = Mount::start(&tc.client_args(), dir, "a", &[])?;
         let c = Mount::start(&tc.client_args(), dir, "c", &[])?;
-        let wm = tc.user(WEBMASTER_UID)?;
-        login(&tc, &wm)?;
-        let (fa, fc) = (a.path.join("www/race.txt"), c.path.join("www/race.txt"));
-        let out = sh_as(&wm, &format!("printf base > {}", fa.display()))?;
-        ensure!(out.ok, "{}", out.stderr);
-        let logs = |e: anyhow::Error| anyhow::anyhow!("{e}\n--- a ---\n{}\n--- c ---\n{}", a.log(), c.log());
-        wait_content(&fa, b"base").await.map_err(logs)?;
-        wait_content(&fc, b"base").await.map_err(logs)?;
-        // Both open before either closes; the later close replaces the whole file.
-        let script = format!(
-            "set -e\nexec 3>{fa}\nexec 4>{fc}\nprintf 'from node a' >&3\nprintf 'node c' >&4\nexec 3>&-\nexec 4>&-\n",
-            fa = fa.display(),
-            fc = fc.display()
+        race(&tc, &a, &c).await?;
+        a.sync()?;
+        c.sync()?;
+        let www = a.path.join("www");
+        let list = |www: &Path| -> Vec<String> {
+            std::fs::read_dir(www)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| n.starts_with("race.txt"))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        wait_until(Duration::from_secs(10), "both versions listed on node a", || {
+            let n = list(&www).len();
+            async move { n == 2 }
+        })
+        .await?;
+        let mut found = list(&www);
+        found.sort();
+        ensure!(
+            found[0] == "race.txt" && found[1].starts_with("race.txt.conflict-"),
+            "{found:?}"
         );
-        let out = sh_as(&wm, &script)?;
-        ensure!(out.ok, "{}", out.stderr);
-        wait_content(&fa, b"node c").await?;
-        wait_content(&fc, b"node c").await?;
+        let mut contents = vec![read_file(&www.join(&found[0]))?, read_file(&www.join(&found[1]))?];
+        contents.sort();
+        ensure!(
+            contents == [b"from node a".to_vec(), b"node c".to_vec()],
+            "both writers' bytes are kept: {contents:?}"
+        );
+        wait_content(&c.path.join("www").join(&found[1]), &read_file(&www.join(&found[1]))?).await?;
+        let conflicts = |m: &Mount| {
+            m.status()
+                .ok()
+                .and_then(|s| s.writes.write_back)
+                .map_or(0, |b| b.conflicts)
+        };
+        ensure!(
+            conflicts(&a) + conflicts(&c) == 1,
+            "one mount reports the conflict: a {} c {}",
+            conflicts(&a),
+            conflicts(&c)
+        );
         Ok(())
     })
     .await
@@ -535,7 +600,8 @@ async fn new_content_with_the_same_size_and_mtime_reaches_another_node() {
         .await?;
         read_file(&seen)?;
         write(b"bbbb")??;
-        // Both commits (content, then the mtime put back) reach the web node before it looks.
+        // Both changes (content, then the mtime put back) reach the web node before it looks.
+        a.sync()?;
         let version = www_version(&a).context("the writer's volume version")?;
         wait_until(Duration::from_secs(10), "web applies both commits", || async {
             www_version(&web).is_some_and(|v| v >= version)
@@ -671,6 +737,79 @@ async fn fifos_sockets_and_device_nodes_are_metadata_every_node_sees() {
         }
         let info = tc.volume_info("www").await?;
         ensure!(info.used_files == 0, "files left: {}", info.used_files);
+        Ok(())
+    })
+    .await
+}
+
+/// Write-back with every server down: closes return once logged, the log holds the backlog, a
+/// kill -9 of the daemon loses none of it, and the next mount sends each file exactly once and
+/// whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_write_back_log_survives_servers_down_and_a_kill_9() {
+    bounded(async {
+        let mut tc = setup().await?;
+        let (mut a, web) = writer_and_web_node(&tc)?;
+        let www = a.path.join("www");
+        // One file while the servers are up: node ids get reserved, the listing cached.
+        let first = www.join("first.html");
+        let logs = |e: anyhow::Error| anyhow::anyhow!("{e}\n--- a ---\n{}", a.log());
+        codafs_tests::fs_call(Duration::from_secs(30), move || std::fs::write(first, "first"))?
+            .context("the first file")
+            .map_err(logs)?;
+        a.sync()?;
+        wait_content(&web.path.join("www/first.html"), b"first").await?;
+        // The writer has applied its own commit's event (which drops the cached listing), so the
+        // listing read next stays cached: with the servers gone, nothing else can answer.
+        let version = tc.volume_info("www").await?.version;
+        wait_until(Duration::from_secs(10), "the writer applies its own commit", || async {
+            www_version(&a).is_some_and(|v| v >= version)
+        })
+        .await?;
+        let w = www.clone();
+        codafs_tests::fs_call(Duration::from_secs(30), move || {
+            std::fs::read_dir(w).map(Iterator::count)
+        })?
+        .context("listing www")
+        .map_err(logs)?;
+
+        for i in 0..tc.servers.len() {
+            tc.kill(i);
+        }
+        const FILES: usize = 200;
+        let content = |i: usize| format!("<p>page {i}</p>\n").repeat(i + 1);
+        let tree = www.join("tree");
+        codafs_tests::fs_call(Duration::from_secs(60), move || {
+            std::fs::create_dir(&tree)?;
+            (0..FILES).try_for_each(|i| std::fs::write(tree.join(format!("f{i}.html")), content(i)))
+        })?
+        .context("writing while every server is down")
+        .map_err(|e| anyhow::anyhow!("{e:#}\n--- a ---\n{}", a.log()))?;
+        let backlog = a.status()?.writes.write_back.context("a write-back mount")?;
+        ensure!(backlog.changes as usize > FILES, "the log holds the tree: {backlog:?}");
+        let own = read_file(&www.join("tree/f7.html"))
+            .context("reading a logged file")
+            .map_err(|e| anyhow::anyhow!("{e:#}\n--- a ---\n{}", a.log()))?;
+        ensure!(own == content(7).as_bytes(), "the writer reads its own logged content");
+        a.kill9();
+
+        for i in 0..tc.servers.len() {
+            tc.restart(i)?;
+        }
+        tc.wait_leader(Duration::from_secs(30)).await?;
+        a.remount()?;
+        a.sync().map_err(|e| anyhow::anyhow!("{e}\n{}", a.log()))?;
+        for i in 0..FILES {
+            wait_content(&web.path.join(format!("www/tree/f{i}.html")), content(i).as_bytes()).await?;
+        }
+        let info = tc.volume_info("www").await?;
+        ensure!(
+            info.used_files as usize == FILES + 2,
+            "each file once (first.html, tree/ and the pages): {}",
+            info.used_files
+        );
+        let backlog = a.status()?.writes.write_back.context("a write-back mount")?;
+        ensure!(backlog.changes == 0 && backlog.conflicts == 0, "{backlog:?}");
         Ok(())
     })
     .await

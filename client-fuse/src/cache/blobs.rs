@@ -189,8 +189,24 @@ impl BlobCache {
 
     /// Pins `h` against eviction until the returned guard drops.
     pub fn pin(&self, h: Hash) -> Pin<'_> {
-        *self.lock().pins.entry(h).or_insert(0) += 1;
+        self.hold(h);
         Pin { cache: self, hash: h }
+    }
+
+    /// A pin without a guard, for holders that outlive a borrow (write-back contents not yet
+    /// on the servers); each `hold` needs one [`BlobCache::unhold`].
+    pub fn hold(&self, h: Hash) {
+        *self.lock().pins.entry(h).or_insert(0) += 1;
+    }
+
+    pub fn unhold(&self, h: &Hash) {
+        let mut s = self.lock();
+        if let Some(n) = s.pins.get_mut(h) {
+            *n -= 1;
+            if *n == 0 {
+                s.pins.remove(h);
+            }
+        }
     }
 
     pub fn pinned(&self, h: &Hash) -> bool {
@@ -269,13 +285,7 @@ pub struct Pin<'a> {
 
 impl Drop for Pin<'_> {
     fn drop(&mut self) {
-        let mut s = self.cache.lock();
-        if let Some(n) = s.pins.get_mut(&self.hash) {
-            *n -= 1;
-            if *n == 0 {
-                s.pins.remove(&self.hash);
-            }
-        }
+        self.cache.unhold(&self.hash);
     }
 }
 

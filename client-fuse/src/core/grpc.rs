@@ -213,6 +213,12 @@ impl Remote for GrpcRemote {
         Ok(())
     }
 
+    async fn put_blobs(&self, token: &str, blobs: Vec<bytes::Bytes>, write_quorum: u32) -> Result<(), FsError> {
+        let blobs: Vec<(Hash, bytes::Bytes)> = blobs.into_iter().map(|b| (Hash::of(&b), b)).collect();
+        self.cluster.put_small_as(Some(token), &blobs, write_quorum).await?;
+        Ok(())
+    }
+
     async fn commit(&self, token: &str, volume: &str, ops: Vec<Op>, request: RequestId) -> Result<Committed, FsError> {
         let req = super::wire::commit_request(volume, ops, request);
         Ok(self.cluster.commit_as(Some(token), req).await?.into())

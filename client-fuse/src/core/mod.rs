@@ -447,8 +447,21 @@ impl<R: Remote> Core<R> {
         shown
     }
 
-    /// Raw cached-or-fetched attributes.
+    /// Raw attributes: this mount's unsent changes (write-back) over what the servers hold.
     async fn attr(&self, ino: u64) -> Result<Attr, FsError> {
+        match self.writes.pending(ino) {
+            Some(write::back::Pending::Created(a)) => Ok(a),
+            Some(write::back::Pending::Changed(p)) => {
+                let mut a = self.stored_attr(ino).await?;
+                p.apply(&mut a);
+                Ok(a)
+            }
+            None => self.stored_attr(ino).await,
+        }
+    }
+
+    /// Raw cached-or-fetched attributes, as the servers hold them.
+    async fn stored_attr(&self, ino: u64) -> Result<Attr, FsError> {
         if let Some(a) = self.meta.attr(ino).map_err(Self::io)? {
             self.stats.meta_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(a);
@@ -483,6 +496,16 @@ impl<R: Remote> Core<R> {
     /// A directory's complete listing, cached or fetched. With `prefetch` (a name lookup, which
     /// an open usually follows), a fetched listing also brings its small files' content.
     async fn listing(&self, ino: u64, prefetch: bool) -> Result<Vec<crate::cache::meta::DirEnt>, FsError> {
+        let mut l = self.stored_listing(ino, prefetch).await?;
+        self.writes.add_new_names(ino, &mut l);
+        Ok(l)
+    }
+
+    /// A directory's listing as the servers hold it (empty for one created here and not sent).
+    async fn stored_listing(&self, ino: u64, prefetch: bool) -> Result<Vec<crate::cache::meta::DirEnt>, FsError> {
+        if self.writes.new_dir(ino) {
+            return Ok(Vec::new());
+        }
         if let Some(l) = self.meta.dir(ino).map_err(Self::io)? {
             self.stats.meta_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(l);
@@ -785,6 +808,7 @@ impl<R: Remote> Core<R> {
                 commits: w.commits.load(Ordering::Relaxed),
                 failed_commits: w.failed_commits.load(Ordering::Relaxed),
                 stored_bytes: w.stored_bytes.load(Ordering::Relaxed),
+                write_back: self.backlog(),
             },
             fuse_requests: FUSE_OPS
                 .iter()

@@ -109,6 +109,21 @@ pub trait Remote: Send + Sync + 'static {
         data: bytes::Bytes,
         write_quorum: u32,
     ) -> impl Future<Output = Result<(), FsError>> + Send;
+    /// Stores several blobs (each small) on `write_quorum` replicas in one request where the
+    /// transport can. The default stores them one by one.
+    fn put_blobs(
+        &self,
+        token: &str,
+        blobs: Vec<bytes::Bytes>,
+        write_quorum: u32,
+    ) -> impl Future<Output = Result<(), FsError>> + Send {
+        async move {
+            for b in blobs {
+                self.put_blob(token, b, write_quorum).await?;
+            }
+            Ok(())
+        }
+    }
     /// Commits a batch of operations on `volume` atomically, authenticated as `token`'s holder.
     /// A commit with a `request` id already applied is answered as the first time and not
     /// applied again (retries on another server, replays of a write-back log).

@@ -461,7 +461,12 @@ impl<R: Remote> Core<R> {
             }
             match self.timed(left, self.remote.readdir(dir)).await {
                 Ok(l) if l.applied >= version => {
-                    return Some(l.value.into_iter().map(|(n, a)| (n, a.ino)).collect());
+                    let mut names: HashMap<String, u64> = l.value.into_iter().map(|(n, a)| (n, a.ino)).collect();
+                    // Names this mount created and has not sent yet stay (write-back).
+                    let mut mine = Vec::new();
+                    self.writes.add_new_names(dir, &mut mine);
+                    names.extend(mine.into_iter().map(|e| (e.name, e.ino)));
+                    return Some(names);
                 }
                 Err(FsError::NotFound) => return Some(HashMap::new()),
                 Ok(_) if retry.pause().await => {}

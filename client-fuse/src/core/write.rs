@@ -36,8 +36,11 @@ use crate::blocking::blocking;
 use crate::tokens::TokenTable;
 
 mod access;
+pub mod back;
 mod handles;
 mod shadow;
+
+pub use back::{BacklogStatus, WriteBack};
 
 use handles::Handle;
 use shadow::{lock, Shadow, ShadowInit};
@@ -96,6 +99,8 @@ pub struct WriteState {
     /// answer with what that commit replaced (see `Core::settle`).
     own_floor: AtomicU64,
     pub stats: WriteStats,
+    /// The write-back log and its overlay (`None`: write-through, or a read-only mount).
+    back: Option<WriteBack>,
 }
 
 /// How many own commit versions are remembered until their events arrive.
@@ -103,8 +108,14 @@ const OWN_RETAIN: usize = 4096;
 
 impl WriteState {
     /// `shadow_dir` holds open files' copies; it is emptied here (leftovers of a crash are
-    /// uncommitted writes whose `close` never returned success).
-    pub fn new(tokens: TokenTable, read_only: bool, shadow_dir: PathBuf) -> Result<Self, std::io::Error> {
+    /// uncommitted writes whose `close` never returned success). With `back`, changes go
+    /// through that write-back log.
+    pub fn new(
+        tokens: TokenTable,
+        read_only: bool,
+        shadow_dir: PathBuf,
+        back: Option<WriteBack>,
+    ) -> Result<Self, std::io::Error> {
         let _ = std::fs::remove_dir_all(&shadow_dir);
         std::fs::create_dir_all(&shadow_dir)?;
         Ok(WriteState {
@@ -122,6 +133,7 @@ impl WriteState {
             own: Mutex::new(std::collections::BTreeSet::new()),
             own_floor: AtomicU64::new(0),
             stats: WriteStats::default(),
+            back,
         })
     }
 
@@ -169,6 +181,33 @@ impl WriteState {
 
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// A node as this mount's unsent changes leave it, if they touch it.
+    pub(crate) fn pending(&self, ino: u64) -> Option<back::Pending> {
+        self.back.as_ref()?.pending(ino)
+    }
+
+    /// Whether `ino` is a directory created here that the servers do not have yet.
+    pub(crate) fn new_dir(&self, ino: u64) -> bool {
+        self.back.as_ref().is_some_and(|b| b.new_dir(ino))
+    }
+
+    /// Adds the names this mount created in `dir` and has not sent yet to a listing of it.
+    pub(crate) fn add_new_names(&self, dir: u64, l: &mut Vec<crate::cache::meta::DirEnt>) {
+        let Some(b) = &self.back else { return };
+        for (name, ino, kind) in b.names_in(dir) {
+            l.retain(|e| e.name != name);
+            let at = l.partition_point(|e| e.name < name);
+            l.insert(
+                at,
+                crate::cache::meta::DirEnt {
+                    name,
+                    ino,
+                    kind: kind_code(kind),
+                },
+            );
+        }
     }
 
     fn shadow(&self, ino: u64) -> Option<Arc<Mutex<Shadow>>> {
@@ -392,6 +431,11 @@ impl<R: Remote> Core<R> {
         target: &str,
     ) -> Result<NodeAttr, FsError> {
         check_name(name)?;
+        if self.writes_back() {
+            return self
+                .create_logged(c, ctx, parent, name, (kind, rdev), mode, target)
+                .await;
+        }
         let hash = match kind {
             NodeKind::File => Some(self.ensure_empty_blob(ctx).await?),
             _ => None,
@@ -469,6 +513,7 @@ impl<R: Remote> Core<R> {
     /// `unlink` (`dir` false) or `rmdir` (`dir` true).
     pub async fn remove(&self, c: Caller, parent: u64, name: &str, dir: bool) -> Result<(), FsError> {
         let ctx = self.write_ctx(c.uid, parent)?;
+        self.drain_log().await?;
         let child = self.lookup(parent, name).await?;
         match (dir, child.kind == NodeKind::Dir) {
             (false, true) => return Err(FsError::IsDir),
@@ -507,6 +552,7 @@ impl<R: Remote> Core<R> {
         }
         self.write_ctx(c.uid, new_parent)?;
         check_name(new_name)?;
+        self.drain_log().await?;
         let src = self.lookup(parent, name).await?;
         let dst = match self.lookup(new_parent, new_name).await {
             Ok(a) => Some(a.ino),
@@ -543,6 +589,7 @@ impl<R: Remote> Core<R> {
             return Err(FsError::CrossVolume);
         }
         check_name(new_name)?;
+        self.drain_log().await?;
         let node = self.getattr(ino).await?;
         if node.kind == NodeKind::Dir {
             return Err(FsError::NotPermitted("directories cannot be hard-linked".into()));
@@ -586,6 +633,7 @@ impl<R: Remote> Core<R> {
                     g.ctime_ns = codafs_common::now_ns();
                 }
                 None => {
+                    self.drain_log().await?;
                     let a = self.getattr(ino).await?;
                     match a.kind {
                         NodeKind::Dir => return Err(FsError::IsDir),
@@ -622,11 +670,19 @@ impl<R: Remote> Core<R> {
                 mtime_ns: s.mtime_ns,
                 atime_ns: s.atime_ns,
             };
-            self.commit(&ctx, vec![set], &[ino]).await?;
+            if self.writes_back() {
+                self.getattr(ino).await?;
+                self.set_attr_logged(&ctx, c.uid, set).await?;
+            } else {
+                self.commit(&ctx, vec![set], &[ino]).await?;
+            }
             if let (Some(t), Some(sh)) = (s.mtime_ns, self.writes.shadow(ino)) {
                 // An explicit mtime on a file being written is what its store should keep.
                 lock(&sh).mtime_ns = t;
             }
+        }
+        if self.writes_back() {
+            return self.getattr(ino).await;
         }
         self.fresh_attr(ino).await
     }

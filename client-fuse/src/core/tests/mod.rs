@@ -20,7 +20,7 @@ fn core_with(dir: &std::path::Path, cache_bytes: u64) -> Core<FakeRemote> {
     let cfg = CoreConfig {
         op_timeout: Duration::from_millis(500),
     };
-    let writes = WriteState::new(TokenTable::in_memory(), false, dir.join("shadow")).unwrap();
+    let writes = WriteState::new(TokenTable::in_memory(), false, dir.join("shadow"), None).unwrap();
     Core::new(FakeRemote::new(), meta, blobs, cfg, writes).unwrap()
 }
 

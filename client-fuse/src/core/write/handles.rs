@@ -54,7 +54,7 @@ impl<R: Remote> Core<R> {
     /// after [`Core::check_access`], which may ask the servers.
     pub fn open_read_cached(&self, c: Caller, ino: u64) -> Option<Result<u64, FsError>> {
         let public = self.is_public(ino);
-        if !public && c.uid != 0 {
+        if (!public && c.uid != 0) || self.writes.pending(ino).is_some() {
             return None;
         }
         let raw = self.meta.attr(ino).ok()??;
@@ -78,6 +78,13 @@ impl<R: Remote> Core<R> {
             return Ok(());
         };
         self.store_shadow(ino, uid).await
+    }
+
+    /// `fsync`: stores the file (as `close` does) and, on a write-back mount, waits until
+    /// everything logged so far, this file included, is on the servers.
+    pub async fn fsync(&self, fh: u64) -> Result<(), FsError> {
+        self.flush(fh).await?;
+        self.sync_log(self.write_timeout(0)).await
     }
 
     /// `release` of a read-only handle, done without waiting (the adaptor replies on the

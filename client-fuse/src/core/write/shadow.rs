@@ -17,6 +17,8 @@ pub(super) struct Shadow {
     /// The file's attributes when the shadow was made: what an open file shows once its name
     /// is gone (unlinked while open).
     pub(super) attr: NodeAttr,
+    /// The version of the content the shadow started from (what a write-back store expects).
+    pub(super) base_version: u64,
     pub(super) opens: u32,
     /// The last store failed and its error was reported; release does not retry it.
     pub(super) failed: bool,
@@ -62,7 +64,8 @@ impl<R: Remote> Core<R> {
         if self.join_shadow(ino, init)? {
             return Ok(());
         }
-        let attr = self.getattr(ino).await?;
+        let raw = self.attr(ino).await?;
+        let attr = self.to_node(&raw);
         if attr.kind != NodeKind::File {
             return Err(FsError::IsDir);
         }
@@ -109,6 +112,7 @@ impl<R: Remote> Core<R> {
                 mtime_ns: attr.mtime_ns,
                 ctime_ns: attr.ctime_ns,
                 attr: attr.clone(),
+                base_version: raw.version,
                 opens: 1,
                 failed: false,
                 writers: Default::default(),
@@ -227,14 +231,14 @@ impl<R: Remote> Core<R> {
             .or_default()
             .clone();
         let _one_store = store_lock.lock().await;
-        let (data, generation, mtime, writers) = {
+        let (data, generation, mtime, writers, base) = {
             let g = lock(&sh);
             if !g.dirty {
                 return Ok(());
             }
             let mut buf = vec![0u8; g.size as usize];
             blocking(g.size, || g.file.read_exact_at(&mut buf, 0))?;
-            (buf, g.generation, g.mtime_ns, g.writers.clone())
+            (buf, g.generation, g.mtime_ns, g.writers.clone(), g.base_version)
         };
         // Everyone whose bytes are in it must still be allowed to write this file.
         let allowed = writers
@@ -242,6 +246,7 @@ impl<R: Remote> Core<R> {
             .filter(|w| **w != uid)
             .try_for_each(|w| self.write_ctx(*w, ino).map(drop));
         let result = match allowed.and_then(|()| self.write_ctx(uid, ino)) {
+            Ok(ctx) if self.writes_back() => self.store_logged(&ctx, uid, ino, data, mtime, base).await,
             Ok(ctx) => self.store_content(&ctx, ino, data, mtime).await,
             Err(e) => Err(e),
         };

@@ -1,0 +1,1309 @@
+//! Write-back: a writable mount's changes go to the durable log first ([`crate::wblog`]) and reach
+//! the servers in batches, sent by a background reintegrator.
+//!
+//! What is logged: creations (files, directories, symlinks, special nodes), contents stored by
+//! `close`, and chmod/chown/utimens. New nodes are named with node ids the servers set aside for
+//! this mount (`Op::Reserve`), so the kernel gets its final inode number at once. Until a change
+//! is on the servers, this mount shows it from an overlay (new names, new nodes, changed
+//! attributes) over what the servers hold; the written content sits in the blob cache, held
+//! there. Unlink, rmdir, rename, link and truncation of a file not open first wait until
+//! everything logged is on the servers, and then go as one commit each, as in write-through mode.
+//!
+//! A batch is consecutive changes of one volume by one local user: its contents are put to the
+//! write quorum, then one commit applies all of it, a file's creation and content as one
+//! operation. Content changes carry the version the file had when it was opened; if another
+//! writer got there first, the batch fails with a conflict and its changes are sent one by one:
+//! a change whose name was taken goes under a sibling name (`NAME.conflict-HOST-TIME`), and so
+//! does content written over someone else's newer version. Nothing logged is dropped silently:
+//! conflicts are counted in `codafs status` and logged.
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::OnceLock;
+
+use tokio::sync::{watch, Notify};
+
+use super::*;
+use crate::core::remote::{new_request_id, RequestId};
+use crate::core::types::Attr;
+use crate::core::{Invalidation, Invalidator};
+use crate::wblog::{Change, Content, Log, LogError, Record, INLINE_MAX};
+
+/// Node ids asked for at a time.
+const RESERVE_BATCH: u32 = 1024;
+/// A batch holds at most this many changes, and this many content bytes.
+const BATCH_CHANGES: usize = 5000;
+const BATCH_BYTES: u64 = 64 << 20;
+/// How long the reintegrator gathers changes before it sends a batch.
+const GATHER: Duration = Duration::from_millis(20);
+/// Small contents are put in groups of at most this many blobs and bytes.
+const PUT_GROUP: usize = 250;
+const PUT_GROUP_BYTES: u64 = 8 << 20;
+const SMALL_PUT: usize = 256 << 10;
+
+/// Fields a logged change set on a node the servers have.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AttrPatch {
+    content: Option<(Hash, u64, i64)>,
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    mtime_ns: Option<i64>,
+    atime_ns: Option<i64>,
+    ctime_ns: i64,
+}
+
+impl AttrPatch {
+    pub(crate) fn apply(&self, a: &mut Attr) {
+        if let Some((h, size, mtime)) = self.content {
+            (a.hash, a.size, a.mtime_ns) = (Some(h), size, mtime);
+        }
+        a.mode = self.mode.unwrap_or(a.mode);
+        a.uid = self.uid.unwrap_or(a.uid);
+        a.gid = self.gid.unwrap_or(a.gid);
+        a.mtime_ns = self.mtime_ns.unwrap_or(a.mtime_ns);
+        a.atime_ns = self.atime_ns.unwrap_or(a.atime_ns);
+        a.ctime_ns = a.ctime_ns.max(self.ctime_ns);
+    }
+}
+
+/// A node as this mount's unsent changes leave it.
+#[derive(Debug, Clone)]
+pub(crate) enum Pending {
+    /// Created here; the servers do not have it yet.
+    Created(Attr),
+    /// Changed here: these fields over what the servers hold.
+    Changed(AttrPatch),
+}
+
+#[derive(Default)]
+struct BackState {
+    next_seq: u64,
+    /// Changes not yet settled, in order.
+    queue: VecDeque<Change>,
+    /// The batch a previous daemon was sending when it stopped: (first, last, request).
+    replayed: Option<(u64, u64, RequestId)>,
+    /// Reserved node ids per volume: ranges `next..end`.
+    pool: HashMap<String, VecDeque<(u64, u64)>>,
+    /// New names per directory: name -> (node, kind, seq of the change).
+    names: HashMap<u64, BTreeMap<String, (u64, NodeKind, u64)>>,
+    /// Nodes changed here, with the seq of their last change.
+    nodes: HashMap<u64, (Pending, u64)>,
+    /// Version each node had after this mount's last write-back commit touching it.
+    own_versions: HashMap<u64, u64>,
+    conflicts: u64,
+    last_conflict: Option<String>,
+    /// Why the reintegrator is waiting (servers unreachable, no token...).
+    blocked: Option<String>,
+    sent_batches: u64,
+    sent_changes: u64,
+}
+
+/// What `codafs status` shows of write-back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BacklogStatus {
+    /// Changes logged and not yet on the servers.
+    pub changes: u64,
+    /// Bytes the log holds, and its bound.
+    pub log_bytes: u64,
+    pub log_limit: u64,
+    pub batches_sent: u64,
+    pub changes_sent: u64,
+    pub conflicts: u64,
+    pub last_conflict: Option<String>,
+    /// Why nothing is being sent, if so.
+    pub blocked: Option<String>,
+}
+
+/// The write-back side of a writable mount.
+pub struct WriteBack {
+    log: Log,
+    st: Mutex<BackState>,
+    /// New changes for the reintegrator.
+    work: Notify,
+    /// Highest change seq settled.
+    settled: watch::Sender<u64>,
+    /// Names the kernel must forget when a conflict moves a new node aside.
+    kernel: OnceLock<Arc<dyn Invalidator>>,
+    host: String,
+}
+
+fn log_err(e: LogError) -> FsError {
+    match e {
+        LogError::Full { .. } => FsError::NoSpace(e.to_string()),
+        e => FsError::Io(e.to_string()),
+    }
+}
+
+impl WriteBack {
+    /// Opens the log in `dir` (bounded by `limit` bytes) and takes up what it holds.
+    pub fn open(dir: &std::path::Path, limit: u64) -> Result<Self, FsError> {
+        let (log, replay) = Log::open(dir, limit).map_err(log_err)?;
+        let mut st = BackState::default();
+        let done = replay
+            .records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Done { last } => Some(*last),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        let mut max_seq = done;
+        for r in replay.records {
+            match r {
+                Record::Change(c) => {
+                    max_seq = max_seq.max(c.seq);
+                    if c.seq > done {
+                        st.take_ids_used_by(&c);
+                        st.overlay(&c);
+                        st.queue.push_back(c);
+                    } else {
+                        st.take_ids_used_by(&c);
+                    }
+                }
+                Record::Reserved { volume, first, count } => {
+                    st.pool
+                        .entry(volume)
+                        .or_default()
+                        .push_back((first, first + u64::from(count)));
+                }
+                Record::Sending { first, last, request } if last > done => {
+                    st.replayed = Some((first, last, request));
+                }
+                _ => {}
+            }
+        }
+        st.next_seq = max_seq + 1;
+        if !st.queue.is_empty() {
+            tracing::info!(
+                changes = st.queue.len(),
+                "write-back log replayed: sending what the last daemon left"
+            );
+        }
+        Ok(WriteBack {
+            log,
+            st: Mutex::new(st),
+            work: Notify::new(),
+            settled: watch::channel(done).0,
+            kernel: OnceLock::new(),
+            host: hostname(),
+        })
+    }
+
+    fn st(&self) -> std::sync::MutexGuard<'_, BackState> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The kernel's caches, for names a conflict moves aside.
+    pub fn set_kernel(&self, k: Arc<dyn Invalidator>) {
+        let _ = self.kernel.set(k);
+    }
+
+    pub(crate) fn pending(&self, ino: u64) -> Option<Pending> {
+        self.st().nodes.get(&ino).map(|(p, _)| p.clone())
+    }
+
+    /// Whether `ino` is a directory created here and not on the servers yet.
+    pub(crate) fn new_dir(&self, ino: u64) -> bool {
+        matches!(self.st().nodes.get(&ino), Some((Pending::Created(a), _)) if a.kind == NodeKind::Dir)
+    }
+
+    /// New names in `dir`: (name, node, kind).
+    pub(crate) fn names_in(&self, dir: u64) -> Vec<(String, u64, NodeKind)> {
+        self.st().names.get(&dir).map_or_else(Vec::new, |m| {
+            m.iter().map(|(n, (i, k, _))| (n.clone(), *i, *k)).collect()
+        })
+    }
+
+    /// The last change seq logged (0: none).
+    fn last_seq(&self) -> u64 {
+        self.st().next_seq - 1
+    }
+
+    pub fn status(&self) -> BacklogStatus {
+        let st = self.st();
+        BacklogStatus {
+            changes: st.queue.len() as u64,
+            log_bytes: self.log.used(),
+            log_limit: self.log.limit(),
+            batches_sent: st.sent_batches,
+            changes_sent: st.sent_changes,
+            conflicts: st.conflicts,
+            last_conflict: st.last_conflict.clone(),
+            blocked: st.blocked.clone(),
+        }
+    }
+
+    /// Logs one change and shows it in the overlay; with `durable`, returns once it is on disk.
+    async fn log_change(
+        &self,
+        volume: &str,
+        uid: u32,
+        op: Op,
+        content: Option<Content>,
+        durable: bool,
+    ) -> Result<u64, FsError> {
+        let (seq, pos) = {
+            let mut st = self.st();
+            let c = Change {
+                seq: st.next_seq,
+                volume: volume.to_string(),
+                uid,
+                op,
+                content,
+                name: None,
+            };
+            // Appended under the state lock, so the log's order is the order of the changes.
+            let pos = self.log.append(&Record::Change(c.clone())).map_err(log_err)?;
+            st.next_seq += 1;
+            st.overlay(&c);
+            st.queue.push_back(c);
+            (st.next_seq - 1, pos)
+        };
+        if durable {
+            self.log.sync(pos).await.map_err(log_err)?;
+        }
+        self.work.notify_one();
+        Ok(seq)
+    }
+
+    /// Waits until every change logged before the call is settled, or `limit` passes.
+    async fn settled_through(&self, seq: u64, limit: Duration) -> Result<(), FsError> {
+        let mut rx = self.settled.subscribe();
+        let r = tokio::time::timeout(limit, rx.wait_for(|s| *s >= seq))
+            .await
+            .map(|r| r.map(drop));
+        match r {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(FsError::Io("the write-back reintegrator stopped".into())),
+            Err(_) => {
+                let why = self.st().blocked.clone().unwrap_or_else(|| "still sending".into());
+                Err(FsError::Disconnected(format!(
+                    "logged changes are not on the servers after {limit:?} ({why}); they stay logged"
+                )))
+            }
+        }
+    }
+}
+
+impl BackState {
+    /// Shows a change in the overlay.
+    fn overlay(&mut self, c: &Change) {
+        let seq = c.seq;
+        match &c.op {
+            Op::Create {
+                ino: Some(ino),
+                parent,
+                name,
+                kind,
+                mode,
+                hash,
+                symlink_target,
+                rdev,
+                uid,
+                gid,
+                size,
+                mtime_ns,
+            } => {
+                let a = Attr {
+                    ino: *ino,
+                    generation: 0,
+                    kind: *kind,
+                    size: if *kind == NodeKind::Symlink {
+                        symlink_target.len() as u64
+                    } else {
+                        *size
+                    },
+                    mode: *mode,
+                    uid: *uid,
+                    gid: *gid,
+                    mtime_ns: *mtime_ns,
+                    ctime_ns: *mtime_ns,
+                    atime_ns: *mtime_ns,
+                    nlink: if *kind == NodeKind::Dir { 2 } else { 1 },
+                    hash: *hash,
+                    symlink_target: symlink_target.clone(),
+                    version: 0,
+                    parent: *parent,
+                    read_ticket: Default::default(),
+                    rdev: *rdev,
+                };
+                self.names
+                    .entry(*parent)
+                    .or_default()
+                    .insert(name.clone(), (*ino, *kind, seq));
+                self.nodes.insert(*ino, (Pending::Created(a), seq));
+            }
+            Op::SetContent {
+                ino,
+                hash,
+                size,
+                mtime_ns,
+                ..
+            } => self.patch(
+                *ino,
+                seq,
+                |a| (a.hash, a.size, a.mtime_ns, a.ctime_ns) = (Some(*hash), *size, *mtime_ns, *mtime_ns),
+                |p| {
+                    p.content = Some((*hash, *size, *mtime_ns));
+                    p.ctime_ns = *mtime_ns;
+                },
+            ),
+            Op::SetAttr {
+                ino,
+                mode,
+                uid,
+                gid,
+                mtime_ns,
+                atime_ns,
+            } => {
+                let now = codafs_common::now_ns();
+                let set = |a: &mut Attr| {
+                    a.mode = mode.unwrap_or(a.mode);
+                    a.uid = uid.unwrap_or(a.uid);
+                    a.gid = gid.unwrap_or(a.gid);
+                    a.mtime_ns = mtime_ns.unwrap_or(a.mtime_ns);
+                    a.atime_ns = atime_ns.unwrap_or(a.atime_ns);
+                    a.ctime_ns = now;
+                };
+                self.patch(*ino, seq, set, |p| {
+                    p.mode = mode.or(p.mode);
+                    p.uid = uid.or(p.uid);
+                    p.gid = gid.or(p.gid);
+                    p.mtime_ns = mtime_ns.or(p.mtime_ns);
+                    p.atime_ns = atime_ns.or(p.atime_ns);
+                    p.ctime_ns = now;
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn patch(&mut self, ino: u64, seq: u64, created: impl FnOnce(&mut Attr), changed: impl FnOnce(&mut AttrPatch)) {
+        let e = self
+            .nodes
+            .entry(ino)
+            .or_insert_with(|| (Pending::Changed(AttrPatch::default()), seq));
+        e.1 = seq;
+        match &mut e.0 {
+            Pending::Created(a) => created(a),
+            Pending::Changed(p) => changed(p),
+        }
+    }
+
+    /// Drops the overlay of changes up to `last` (later changes of the same names stay).
+    fn settle_overlay(&mut self, last: u64) {
+        self.nodes.retain(|_, (_, seq)| *seq > last);
+        for m in self.names.values_mut() {
+            m.retain(|_, (_, _, seq)| *seq > last);
+        }
+        self.names.retain(|_, m| !m.is_empty());
+    }
+
+    /// Takes a node id a logged create used out of the reserved pool (replay).
+    fn take_ids_used_by(&mut self, c: &Change) {
+        let Op::Create { ino: Some(ino), .. } = &c.op else {
+            return;
+        };
+        if let Some(ranges) = self.pool.get_mut(&c.volume) {
+            for r in ranges.iter_mut() {
+                if (r.0..r.1).contains(ino) {
+                    r.0 = r.0.max(ino + 1);
+                }
+            }
+            ranges.retain(|r| r.0 < r.1);
+        }
+    }
+
+    fn take_id(&mut self, volume: &str) -> Option<u64> {
+        let ranges = self.pool.get_mut(volume)?;
+        let r = ranges.front_mut()?;
+        let ino = r.0;
+        r.0 += 1;
+        if r.0 >= r.1 {
+            ranges.pop_front();
+        }
+        Some(ino)
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+        .replace('/', "_")
+}
+
+/// The sibling name a conflicting change is kept under.
+fn conflict_name(name: &str, host: &str) -> String {
+    let t = codafs_common::now_ns() / 1_000_000;
+    let suffix = format!(".conflict-{host}-{t}");
+    let max = codafs_common::names::MAX_NAME_BYTES - suffix.len();
+    let mut base = name.to_string();
+    while base.len() > max {
+        base.pop();
+    }
+    format!("{base}{suffix}")
+}
+
+/// One batch ready to send.
+struct Batch {
+    first: u64,
+    last: u64,
+    volume: String,
+    uid: u32,
+    changes: Vec<Change>,
+}
+
+/// The operations of a batch: a file's creation and its content become one create; of several
+/// contents of one file only the last is sent. Content changes expect the version this mount's
+/// own last commit gave the file, or else the one it had when it was opened.
+fn batch_ops(changes: &[Change], own: &HashMap<u64, u64>) -> Vec<Op> {
+    let mut ops: Vec<Op> = Vec::with_capacity(changes.len());
+    let mut created: HashMap<u64, usize> = HashMap::new();
+    let mut content_at: HashMap<u64, usize> = HashMap::new();
+    for c in changes {
+        match &c.op {
+            Op::Create { ino: Some(ino), .. } => {
+                created.insert(*ino, ops.len());
+                ops.push(c.op.clone());
+            }
+            Op::SetContent {
+                ino,
+                hash,
+                size,
+                mtime_ns,
+                expect,
+            } => {
+                if let Some(Op::Create {
+                    hash: h,
+                    size: s,
+                    mtime_ns: m,
+                    kind: NodeKind::File,
+                    ..
+                }) = created.get(ino).and_then(|i| ops.get_mut(*i))
+                {
+                    (*h, *s, *m) = (Some(*hash), *size, *mtime_ns);
+                    continue;
+                }
+                if let Some(Op::SetContent {
+                    hash: h,
+                    size: s,
+                    mtime_ns: m,
+                    ..
+                }) = content_at.get(ino).and_then(|i| ops.get_mut(*i))
+                {
+                    (*h, *s, *m) = (*hash, *size, *mtime_ns);
+                    continue;
+                }
+                content_at.insert(*ino, ops.len());
+                ops.push(Op::SetContent {
+                    expect: newest(own.get(ino).copied(), *expect),
+                    ino: *ino,
+                    hash: *hash,
+                    size: *size,
+                    mtime_ns: *mtime_ns,
+                });
+            }
+            op => ops.push(op.clone()),
+        }
+    }
+    ops
+}
+
+/// The newer of two versions of one node this mount knows: its own last commit of it, and the
+/// one its content had when the file was opened (either can be the later).
+fn newest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, y) => x.or(y),
+    }
+}
+
+/// The content hashes a batch's operations reference.
+fn referenced(ops: &[Op]) -> Vec<Hash> {
+    let mut v: Vec<Hash> = ops
+        .iter()
+        .filter_map(|o| match o {
+            Op::Create { hash, .. } => *hash,
+            Op::SetContent { hash, .. } => Some(*hash),
+            _ => None,
+        })
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Node ids an operation touches (their cached attributes are stale after it).
+fn touched(op: &Op) -> Vec<u64> {
+    match op {
+        Op::Create { ino, parent, .. } => ino.iter().copied().chain([*parent]).collect(),
+        Op::SetContent { ino, .. } | Op::SetAttr { ino, .. } => vec![*ino],
+        Op::Remove { parent, .. } => vec![*parent],
+        Op::Rename {
+            from_parent, to_parent, ..
+        } => vec![*from_parent, *to_parent],
+        Op::Link { ino, parent, .. } => vec![*ino, *parent],
+        Op::Reserve { .. } => vec![],
+    }
+}
+
+/// Whether a refusal means the change cannot apply as logged (someone else's change is in the
+/// way), as opposed to a reason to wait and send it again.
+fn is_conflict(e: &FsError) -> bool {
+    matches!(
+        e,
+        FsError::Conflict(_)
+            | FsError::Exists
+            | FsError::NotFound
+            | FsError::NotDir
+            | FsError::IsDir
+            | FsError::NotEmpty
+            | FsError::Invalid(_)
+            | FsError::NameTooLong
+    )
+}
+
+/// A request id derived from a batch's, for its changes sent one by one (replays repeat them).
+fn sub_request(request: &RequestId, i: usize) -> RequestId {
+    let mut h = blake3::Hasher::new();
+    h.update(request);
+    h.update(&(i as u64).to_le_bytes());
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    id
+}
+
+impl<R: Remote> Core<R> {
+    fn back(&self) -> Option<&WriteBack> {
+        self.writes.back.as_ref()
+    }
+
+    /// The write-back log, if this mount has one.
+    pub fn write_back(&self) -> Option<&WriteBack> {
+        self.back()
+    }
+
+    /// Whether this mount logs its changes (write-back) rather than sending each at once.
+    pub(crate) fn writes_back(&self) -> bool {
+        self.writes.back.is_some()
+    }
+
+    /// Puts every logged content still waiting for the servers into the blob cache and holds it
+    /// there (after a restart, the cache may have lost them). Call once before serving.
+    pub fn resume_write_back(&self) -> Result<(), FsError> {
+        let Some(b) = self.back() else { return Ok(()) };
+        let changes: Vec<Change> = b.st().queue.iter().cloned().collect();
+        for c in &changes {
+            self.hold_content(b, c)?;
+        }
+        Ok(())
+    }
+
+    /// Holds a change's content in the blob cache (writing it there if missing).
+    fn hold_content(&self, b: &WriteBack, c: &Change) -> Result<(), FsError> {
+        let (Some(content), Some(hash)) = (&c.content, content_hash(&c.op)) else {
+            return Ok(());
+        };
+        self.blobs.hold(hash);
+        if !self.blobs.lookup(&hash) {
+            let bytes = b.log.read_content(content).map_err(log_err)?;
+            self.cache_copy(hash, &bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` into the blob cache as `hash`.
+    fn cache_copy(&self, hash: Hash, bytes: &[u8]) -> Result<(), FsError> {
+        let mut w = self
+            .blobs
+            .writer(hash, bytes.len() as u64)
+            .map_err(|e| FsError::NoSpace(format!("caching written content: {e}")))?;
+        w.write(bytes)?;
+        w.finish().map(drop).map_err(|e| FsError::Io(e.to_string()))
+    }
+
+    /// A node id for a new node of `volume`: from the reserved pool, reserving more first if it
+    /// is empty (that needs the servers).
+    async fn new_ino(&self, ctx: &WriteCtx) -> Result<u64, FsError> {
+        let b = self
+            .back()
+            .ok_or_else(|| FsError::Io("not a write-back mount".into()))?;
+        if let Some(i) = b.st().take_id(&ctx.volume) {
+            return Ok(i);
+        }
+        let reserve = Op::Reserve { count: RESERVE_BATCH };
+        let r = self
+            .timed(
+                self.write_timeout(0),
+                self.remote
+                    .commit(&ctx.token, &ctx.volume, vec![reserve], new_request_id()),
+            )
+            .await?;
+        let first = r
+            .created
+            .first()
+            .copied()
+            .filter(|i| *i != 0)
+            .ok_or_else(|| FsError::Io("the servers reserved no node ids".into()))?;
+        // Our own commit: its event is known as ours.
+        self.writes.record_own(r.version);
+        let rec = Record::Reserved {
+            volume: ctx.volume.clone(),
+            first,
+            count: RESERVE_BATCH,
+        };
+        let pos = b.log.append(&rec).map_err(log_err)?;
+        b.log.sync(pos).await.map_err(log_err)?;
+        let mut st = b.st();
+        st.pool
+            .entry(ctx.volume.clone())
+            .or_default()
+            .push_back((first, first + u64::from(RESERVE_BATCH)));
+        st.take_id(&ctx.volume)
+            .ok_or_else(|| FsError::Io("reserved node ids vanished".into()))
+    }
+
+    /// A create, logged: the new node exists here at once and on the servers after its batch.
+    #[allow(clippy::too_many_arguments)] // create_node's arguments, passed on
+    pub(super) async fn create_logged(
+        &self,
+        c: Caller,
+        ctx: &WriteCtx,
+        parent: u64,
+        name: &str,
+        (kind, rdev): (NodeKind, u64),
+        mode: u32,
+        target: &str,
+    ) -> Result<NodeAttr, FsError> {
+        let b = self
+            .back()
+            .ok_or_else(|| FsError::Io("not a write-back mount".into()))?;
+        match self.lookup(parent, name).await {
+            Ok(_) => return Err(FsError::Exists),
+            Err(FsError::NotFound) => {}
+            Err(e) => return Err(e),
+        }
+        let ino = self.new_ino(ctx).await?;
+        let empty = Hash::of(b"");
+        let op = Op::Create {
+            ino: Some(ino),
+            parent,
+            name: name.to_string(),
+            kind,
+            mode: mode & 0o7777,
+            hash: (kind == NodeKind::File).then_some(empty),
+            symlink_target: target.to_string(),
+            rdev,
+            uid: c.uid,
+            gid: c.gid,
+            size: 0,
+            mtime_ns: codafs_common::now_ns(),
+        };
+        let content = (kind == NodeKind::File).then(|| Content::Inline(Vec::new()));
+        if kind == NodeKind::File && !self.blobs.lookup(&empty) {
+            self.cache_copy(empty, b"")?;
+        }
+        b.log_change(&ctx.volume, c.uid, op, content, false).await?;
+        if kind == NodeKind::File {
+            self.blobs.hold(empty);
+        }
+        self.told_name(parent, name, ino);
+        self.getattr(ino).await
+    }
+
+    /// `close` of a changed file, logged: returns once the content is in the log on disk.
+    pub(super) async fn store_logged(
+        &self,
+        ctx: &WriteCtx,
+        uid: u32,
+        ino: u64,
+        data: Vec<u8>,
+        mtime_ns: i64,
+        base_version: u64,
+    ) -> Result<(), FsError> {
+        let b = self
+            .back()
+            .ok_or_else(|| FsError::Io("not a write-back mount".into()))?;
+        let size = data.len() as u64;
+        let hash = blocking(size, || Hash::of(&data));
+        let content = if data.len() <= INLINE_MAX {
+            Content::Inline(data.clone())
+        } else {
+            let name = format!("{}-{ino:016x}", hash.to_hex());
+            blocking(size, || b.log.write_data(&name, &data)).map_err(log_err)?;
+            Content::File(name)
+        };
+        if !self.blobs.lookup(&hash) {
+            blocking(size, || self.cache_copy(hash, &data))?;
+        }
+        let created_here = matches!(b.pending(ino), Some(Pending::Created(_)));
+        let op = Op::SetContent {
+            expect: (!created_here).then_some(base_version),
+            ino,
+            hash,
+            size,
+            mtime_ns: if mtime_ns == 0 {
+                codafs_common::now_ns()
+            } else {
+                mtime_ns
+            },
+        };
+        b.log_change(&ctx.volume, uid, op, Some(content), true).await?;
+        self.blobs.hold(hash);
+        self.writes.stats.stored_bytes.fetch_add(size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// chmod, chown and utimens, logged.
+    pub(super) async fn set_attr_logged(&self, ctx: &WriteCtx, uid: u32, op: Op) -> Result<(), FsError> {
+        let b = self
+            .back()
+            .ok_or_else(|| FsError::Io("not a write-back mount".into()))?;
+        b.log_change(&ctx.volume, uid, op, None, false).await?;
+        Ok(())
+    }
+
+    /// Waits until everything logged so far is on the servers (before a change that is sent at
+    /// once, so the servers see the changes in the order they were made).
+    pub(super) async fn drain_log(&self) -> Result<(), FsError> {
+        let Some(b) = self.back() else { return Ok(()) };
+        let last = b.last_seq();
+        b.settled_through(last, self.write_timeout(0)).await
+    }
+
+    /// `codafs sync`, `fsync`: waits until everything logged before the call is on the servers,
+    /// at most `limit`.
+    pub async fn sync_log(&self, limit: Duration) -> Result<(), FsError> {
+        let Some(b) = self.back() else { return Ok(()) };
+        let last = b.last_seq();
+        b.settled_through(last, limit).await
+    }
+
+    /// The write-back part of `codafs status`.
+    pub(crate) fn backlog(&self) -> Option<BacklogStatus> {
+        self.back().map(WriteBack::status)
+    }
+
+    /// Sends logged changes until `stop`: the reintegrator.
+    pub async fn reintegrate(&self, mut stop: watch::Receiver<bool>) {
+        let Some(b) = self.back() else { return };
+        let mut pause = Duration::from_millis(100);
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let Some(batch) = self.next_batch(b) else {
+                tokio::select! {
+                    _ = b.work.notified() => {}
+                    _ = stop.changed() => return,
+                }
+                // Let a burst of changes gather into one batch.
+                tokio::time::sleep(GATHER).await;
+                continue;
+            };
+            match self.send_batch(b, &batch).await {
+                Ok(()) => {
+                    pause = Duration::from_millis(100);
+                    b.st().blocked = None;
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, changes = batch.changes.len(), "write-back batch not sent; trying again");
+                    b.st().blocked = Some(e.to_string());
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = stop.changed() => return,
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// The next batch: the changes a previous daemon was sending, or consecutive changes of one
+    /// volume by one user.
+    fn next_batch(&self, b: &WriteBack) -> Option<Batch> {
+        let st = b.st();
+        let head = st.queue.front()?;
+        let (volume, uid) = (head.volume.clone(), head.uid);
+        let mut changes = Vec::new();
+        let mut bytes = 0u64;
+        for c in &st.queue {
+            if let Some((_, last, _)) = st.replayed {
+                if c.seq > last {
+                    break;
+                }
+            } else if c.volume != volume || c.uid != uid || changes.len() >= BATCH_CHANGES || bytes > BATCH_BYTES {
+                break;
+            }
+            bytes += content_size(&c.op);
+            changes.push(c.clone());
+        }
+        Some(Batch {
+            first: changes.first()?.seq,
+            last: changes.last()?.seq,
+            volume,
+            uid,
+            changes,
+        })
+    }
+
+    /// Sends one batch: contents, then one commit; a conflict sends its changes one by one.
+    /// `Err` means try again later (nothing settled).
+    async fn send_batch(&self, b: &WriteBack, batch: &Batch) -> Result<(), FsError> {
+        let (token, _) = self.writes.tokens.get(batch.uid).ok_or_else(|| {
+            FsError::Unauthenticated(format!(
+                "changes of uid {} wait for a token: that user must run `codafs login` again",
+                batch.uid
+            ))
+        })?;
+        let replayed = b.st().replayed;
+        let request = match replayed {
+            Some((_, _, request)) => request,
+            None => {
+                let request = new_request_id();
+                let pos = b
+                    .log
+                    .append(&Record::Sending {
+                        first: batch.first,
+                        last: batch.last,
+                        request,
+                    })
+                    .map_err(log_err)?;
+                b.log.sync(pos).await.map_err(log_err)?;
+                b.st().replayed = Some((batch.first, batch.last, request));
+                request
+            }
+        };
+        let own = b.st().own_versions.clone();
+        let ops = batch_ops(&batch.changes, &own);
+        let quorum = self.quorum_of(&batch.volume);
+        self.put_contents(b, &token, &batch.changes, &referenced(&ops), quorum)
+            .await?;
+        let lock = self
+            .writes
+            .inflight(batch.changes.first().map_or(0, |c| split_ino(op_ino(&c.op)).0));
+        let inflight = lock.read().await;
+        let r = self
+            .timed(
+                self.write_timeout(0),
+                self.remote.commit(&token, &batch.volume, ops.clone(), request),
+            )
+            .await;
+        match r {
+            Ok(done) => {
+                self.after_commit(b, &ops, done.version);
+                drop(inflight);
+            }
+            Err(e) if is_conflict(&e) => {
+                drop(inflight);
+                tracing::info!(error = %e, "write-back batch conflicts; sending its changes one by one");
+                self.one_by_one(b, &token, batch, &request).await?;
+            }
+            Err(e) => return Err(e),
+        }
+        self.settle_batch(b, batch);
+        Ok(())
+    }
+
+    /// Puts the contents `wanted` of `changes` to the write quorum.
+    async fn put_contents(
+        &self,
+        b: &WriteBack,
+        token: &str,
+        changes: &[Change],
+        wanted: &[Hash],
+        quorum: u32,
+    ) -> Result<(), FsError> {
+        let mut by_hash: HashMap<Hash, &Content> = HashMap::new();
+        for c in changes {
+            if let (Some(h), Some(content)) = (content_hash(&c.op), &c.content) {
+                by_hash.insert(h, content);
+            }
+        }
+        let mut group: Vec<bytes::Bytes> = Vec::new();
+        let mut group_bytes = 0u64;
+        for h in wanted {
+            let Some(content) = by_hash.get(h) else { continue };
+            let data = bytes::Bytes::from(b.log.read_content(content).map_err(log_err)?);
+            let len = data.len() as u64;
+            if data.len() > SMALL_PUT {
+                self.timed(self.write_timeout(len), self.remote.put_blob(token, data, quorum))
+                    .await?;
+                continue;
+            }
+            if group.len() >= PUT_GROUP || group_bytes + len > PUT_GROUP_BYTES {
+                let g = std::mem::take(&mut group);
+                self.timed(self.write_timeout(group_bytes), self.remote.put_blobs(token, g, quorum))
+                    .await?;
+                group_bytes = 0;
+            }
+            group_bytes += len;
+            group.push(data);
+        }
+        if !group.is_empty() {
+            self.timed(
+                self.write_timeout(group_bytes),
+                self.remote.put_blobs(token, group, quorum),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    fn quorum_of(&self, volume: &str) -> u32 {
+        self.writes
+            .acls
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(volume)
+            .map_or(crate::policy::DEFAULT_WRITE_QUORUM, |a| a.write_quorum)
+    }
+
+    /// What a committed batch changes here: the version is our own, cached listings gain the
+    /// new names, and attributes of what it touched are read again when next needed.
+    fn after_commit(&self, b: &WriteBack, ops: &[Op], version: u64) {
+        self.writes.record_own(version);
+        let mut inos = Vec::new();
+        {
+            let mut st = b.st();
+            st.sent_batches += 1;
+            for op in ops {
+                match op {
+                    Op::Create { ino: Some(i), .. } | Op::SetContent { ino: i, .. } | Op::SetAttr { ino: i, .. } => {
+                        st.own_versions.insert(*i, version);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for op in ops {
+            if let Op::Create {
+                ino: Some(ino),
+                parent,
+                name,
+                kind,
+                ..
+            } = op
+            {
+                let _ = self.meta.patch_dir(*parent, name, Some((*ino, kind_code(*kind))));
+            }
+            inos.extend(touched(op));
+        }
+        let _ = self.meta.forget_attrs(&inos);
+        self.writes.stats.commits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A batch that conflicts: each change alone (with ids derived from the batch's, so a replay
+    /// repeats none), conflicting ones kept under a sibling name.
+    async fn one_by_one(&self, b: &WriteBack, token: &str, batch: &Batch, request: &RequestId) -> Result<(), FsError> {
+        let own = b.st().own_versions.clone();
+        for (i, c) in batch.changes.iter().enumerate() {
+            let mut ops = batch_ops(std::slice::from_ref(c), &own);
+            if let Some(Op::SetContent { expect, ino, .. }) = ops.first_mut() {
+                *expect = newest(b.st().own_versions.get(ino).copied(), *expect);
+            }
+            let r = self
+                .timed(
+                    self.write_timeout(0),
+                    self.remote
+                        .commit(token, &batch.volume, ops.clone(), sub_request(request, i)),
+                )
+                .await;
+            match r {
+                Ok(done) => self.after_commit(b, &ops, done.version),
+                Err(e) if is_conflict(&e) => {
+                    self.keep_conflict(b, token, c, &e, sub_request(request, i + batch.changes.len()))
+                        .await?
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps a change that cannot apply: a creation or content under a sibling name next to
+    /// the original; anything else (an attribute change) is dropped. Either way it is reported.
+    async fn keep_conflict(
+        &self,
+        b: &WriteBack,
+        token: &str,
+        c: &Change,
+        why: &FsError,
+        request: RequestId,
+    ) -> Result<(), FsError> {
+        let (op, note) = match &c.op {
+            Op::Create { parent, name, .. } => {
+                let mut op = c.op.clone();
+                let new = conflict_name(name, &b.host);
+                if let Op::Create { name: n, .. } = &mut op {
+                    n.clone_from(&new);
+                }
+                if let Some(k) = b.kernel.get() {
+                    k.invalidate(&Invalidation {
+                        inodes: vec![*parent],
+                        entries: vec![(*parent, name.clone())],
+                    });
+                }
+                self.forgot_name(*parent, name);
+                (
+                    Some(op),
+                    format!("{name} was created elsewhere too; this mount's is kept as {new}"),
+                )
+            }
+            Op::SetContent {
+                ino,
+                hash,
+                size,
+                mtime_ns,
+                ..
+            } => {
+                let (parent, name) = self.name_of(*ino).await;
+                let new = conflict_name(&name, &b.host);
+                let op = Op::Create {
+                    ino: None,
+                    parent,
+                    name: new.clone(),
+                    kind: NodeKind::File,
+                    mode: 0o644,
+                    hash: Some(*hash),
+                    symlink_target: String::new(),
+                    rdev: 0,
+                    uid: c.uid,
+                    gid: 0,
+                    size: *size,
+                    mtime_ns: *mtime_ns,
+                };
+                if let Some(k) = b.kernel.get() {
+                    k.invalidate(&Invalidation {
+                        inodes: vec![*ino],
+                        entries: Vec::new(),
+                    });
+                }
+                (
+                    Some(op),
+                    format!("{name} was changed elsewhere too; this mount's content is kept as {new}"),
+                )
+            }
+            other => (None, format!("dropped {other:?}: {why}")),
+        };
+        tracing::warn!(volume = %c.volume, error = %why, "write-back conflict: {note}");
+        {
+            let mut st = b.st();
+            st.conflicts += 1;
+            st.last_conflict = Some(note);
+        }
+        let Some(op) = op else { return Ok(()) };
+        let r = self
+            .timed(
+                self.write_timeout(0),
+                self.remote.commit(token, &c.volume, vec![op.clone()], request),
+            )
+            .await;
+        match r {
+            Ok(done) => {
+                self.after_commit(b, &[op], done.version);
+                Ok(())
+            }
+            Err(e) if is_conflict(&e) => {
+                // Even the sibling cannot be made (its directory is gone): say so loudly; the
+                // content stays in the cache until evicted.
+                tracing::error!(volume = %c.volume, error = %e, "a conflicting change could not be kept on the servers");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The parent and a name of file `ino` on the servers (for a conflict copy next to it).
+    async fn name_of(&self, ino: u64) -> (u64, String) {
+        let fallback = (self.volume_of(ino).map_or(0, |v| v.root_ino), format!("node-{ino:x}"));
+        let Ok(a) = self.stored_attr(ino).await else {
+            return fallback;
+        };
+        match self.remote.readdir(a.parent).await {
+            Ok(l) => l
+                .value
+                .into_iter()
+                .find(|(_, e)| e.ino == ino)
+                .map_or(fallback, |(n, _)| (a.parent, n)),
+            Err(_) => fallback,
+        }
+    }
+
+    /// Marks a sent batch settled: logged as done, overlay and held contents released.
+    fn settle_batch(&self, b: &WriteBack, batch: &Batch) {
+        let _ = b.log.append(&Record::Done { last: batch.last });
+        let mut data = Vec::new();
+        {
+            let mut st = b.st();
+            st.replayed = None;
+            st.sent_changes += batch.changes.len() as u64;
+            while st.queue.front().is_some_and(|c| c.seq <= batch.last) {
+                st.queue.pop_front();
+            }
+            st.settle_overlay(batch.last);
+        }
+        for c in &batch.changes {
+            if let Some(h) = content_hash(&c.op) {
+                if c.content.is_some() {
+                    self.blobs.unhold(&h);
+                }
+            }
+            if let Some(Content::File(name)) = &c.content {
+                data.push(name.clone());
+            }
+        }
+        b.log.release(batch.last, &data);
+        b.settled.send_modify(|s| *s = (*s).max(batch.last));
+    }
+}
+
+fn content_hash(op: &Op) -> Option<Hash> {
+    match op {
+        Op::Create {
+            hash: Some(h),
+            kind: NodeKind::File,
+            ..
+        } => Some(*h),
+        Op::SetContent { hash, .. } => Some(*hash),
+        _ => None,
+    }
+}
+
+fn content_size(op: &Op) -> u64 {
+    match op {
+        Op::Create { size, .. } | Op::SetContent { size, .. } => *size,
+        _ => 0,
+    }
+}
+
+/// A node id an operation is about (its volume is the batch's).
+fn op_ino(op: &Op) -> u64 {
+    touched(op).first().copied().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(seq: u64, op: Op) -> Change {
+        Change {
+            seq,
+            volume: "www".into(),
+            uid: 1,
+            op,
+            content: None,
+            name: None,
+        }
+    }
+
+    fn create(ino: u64, name: &str) -> Op {
+        Op::Create {
+            ino: Some(ino),
+            parent: 1,
+            name: name.into(),
+            kind: NodeKind::File,
+            mode: 0o644,
+            hash: Some(Hash::of(b"")),
+            symlink_target: String::new(),
+            rdev: 0,
+            uid: 1,
+            gid: 1,
+            size: 0,
+            mtime_ns: 1,
+        }
+    }
+
+    fn content(ino: u64, data: &[u8], expect: Option<u64>) -> Op {
+        Op::SetContent {
+            expect,
+            ino,
+            hash: Hash::of(data),
+            size: data.len() as u64,
+            mtime_ns: 2,
+        }
+    }
+
+    #[test]
+    fn a_files_creation_and_last_content_become_one_create() {
+        let changes = vec![
+            change(1, create(10, "a")),
+            change(2, content(10, b"first", None)),
+            change(3, content(10, b"second", None)),
+            change(4, content(20, b"old file", Some(7))),
+            change(5, content(20, b"old file again", Some(7))),
+            change(6, content(30, b"touched before", Some(4))),
+        ];
+        let own = HashMap::from([(30, 9)]);
+        let ops = batch_ops(&changes, &own);
+        assert_eq!(ops.len(), 3, "{ops:?}");
+        let Op::Create { hash, size, .. } = &ops[0] else {
+            panic!()
+        };
+        assert_eq!((*hash, *size), (Some(Hash::of(b"second")), 6));
+        assert_eq!(ops[1], content(20, b"old file again", Some(7)));
+        assert_eq!(
+            ops[2],
+            content(30, b"touched before", Some(9)),
+            "our own later commit's version"
+        );
+        let own = HashMap::from([(30, 2)]);
+        let ops = batch_ops(&changes[5..], &own);
+        assert_eq!(
+            ops[0],
+            content(30, b"touched before", Some(4)),
+            "a later version seen at open"
+        );
+        assert_eq!(referenced(&ops), {
+            let mut v = vec![
+                Hash::of(b"second"),
+                Hash::of(b"old file again"),
+                Hash::of(b"touched before"),
+            ];
+            v.sort();
+            v
+        });
+    }
+
+    #[test]
+    fn the_overlay_shows_new_nodes_and_patches_until_settled() {
+        let mut st = BackState::default();
+        st.overlay(&change(1, create(10, "a")));
+        st.overlay(&change(2, content(10, b"abc", None)));
+        st.overlay(&change(3, content(20, b"xy", Some(3))));
+        let Some((Pending::Created(a), 2)) = st.nodes.get(&10).cloned() else {
+            panic!()
+        };
+        assert_eq!((a.size, a.hash), (3, Some(Hash::of(b"abc"))));
+        assert_eq!(st.names[&1]["a"], (10, NodeKind::File, 1));
+        let mut base = Attr {
+            ino: 20,
+            size: 100,
+            mode: 0o600,
+            ..Default::default()
+        };
+        let Some((Pending::Changed(p), 3)) = st.nodes.get(&20).cloned() else {
+            panic!()
+        };
+        p.apply(&mut base);
+        assert_eq!((base.size, base.mode), (2, 0o600));
+        // Settling change 2 keeps what change 3 did.
+        st.settle_overlay(2);
+        assert!(!st.nodes.contains_key(&10) && st.names.is_empty());
+        assert!(st.nodes.contains_key(&20));
+    }
+
+    #[test]
+    fn reserved_ids_are_handed_out_once_even_across_a_replay() {
+        let mut st = BackState::default();
+        st.pool.entry("www".into()).or_default().push_back((100, 103));
+        st.take_ids_used_by(&change(1, create(101, "a")));
+        assert_eq!(st.take_id("www"), Some(102));
+        assert_eq!(st.take_id("www"), None);
+        assert!(conflict_name(&"x".repeat(255), "host").len() <= 255);
+        assert!(conflict_name("index.html", "web1").starts_with("index.html.conflict-web1-"));
+    }
+}

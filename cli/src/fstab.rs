@@ -47,7 +47,7 @@ pub fn translate(args: &[OsString]) -> Result<Vec<OsString>, String> {
     }
     let [source, mountpoint] = positional.as_slice() else {
         return Err(
-            "usage: mount.codafs CLIENT_CONFIG MOUNTPOINT [-o cache_dir=DIR,cache_size=SIZE,timeout=SECS]".into(),
+            "usage: mount.codafs CLIENT_CONFIG MOUNTPOINT [-o cache_dir=DIR,cache_size=SIZE,timeout=SECS,log_limit=SIZE,ro,sync]".into(),
         );
     };
     let mut out: Vec<OsString> = vec![
@@ -64,10 +64,13 @@ pub fn translate(args: &[OsString]) -> Result<Vec<OsString>, String> {
             ("cache_size", Some(v)) => out.extend(["--cache-size".into(), v.into()]),
             ("timeout", Some(v)) => out.extend(["--timeout".into(), v.into()]),
             ("ro", None) => out.push("--read-only".into()),
+            // fstab's usual word for "writes reach storage before the call returns".
+            ("sync", None) => out.push("--write-through".into()),
+            ("log_limit", Some(v)) => out.extend(["--log-limit".into(), v.into()]),
             (k, None) if IGNORED.contains(&k) => {}
             _ => {
                 return Err(format!(
-                    "unknown codafs mount option {o:?} (known: cache_dir=, cache_size=, timeout=)"
+                    "unknown codafs mount option {o:?} (known: cache_dir=, cache_size=, timeout=, log_limit=, ro, sync)"
                 ))
             }
         }
@@ -107,6 +110,8 @@ mod tests {
                 "3"
             ])
         );
+        let sync = translate(&v(&["mount.codafs", "/c", "/coda", "-o", "sync,log_limit=1G"])).unwrap();
+        assert_eq!(sync[5..], v(&["--write-through", "--log-limit", "1G"]));
         assert!(translate(&v(&["mount.codafs", "/c", "/coda", "-o", "bogus=1"]))
             .unwrap_err()
             .contains("bogus"));

@@ -1251,9 +1251,9 @@ mod tests {
             "our own later commit's version"
         );
         let own = HashMap::from([(30, 2)]);
-        let ops = batch_ops(&changes[5..], &own);
+        let later = batch_ops(&changes[5..], &own);
         assert_eq!(
-            ops[0],
+            later[0],
             content(30, b"touched before", Some(4)),
             "a later version seen at open"
         );

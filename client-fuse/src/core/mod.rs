@@ -549,7 +549,11 @@ impl<R: Remote> Core<R> {
             let v = v.ok_or(FsError::NotFound)?;
             return self.getattr(v.root_ino).await;
         }
-        let listing = match self.listing(parent, true).await {
+        // A name created here and not sent yet (write-back).
+        if let Some(ino) = self.writes.new_name(parent, name) {
+            return self.getattr(ino).await;
+        }
+        let listing = match self.stored_listing(parent, true).await {
             // The directory itself is gone: the kernel walks the path again.
             Err(FsError::NotFound) => return Err(FsError::Stale),
             r => r?,
@@ -632,6 +636,12 @@ impl<R: Remote> Core<R> {
         }
         if !self.blobs.has_room(size) {
             return Err(FsError::NoSpace(format!("the cache disk has no room for {size} bytes")));
+        }
+        // Written here and not on the servers yet: the write-back log has it.
+        if self.cache_from_log(&hash)? {
+            self.fetches.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
+            self.count_hit(ino, true);
+            return Ok(());
         }
         self.count_hit(ino, false);
         // Large files get time in proportion to their size on top of the deadline.

@@ -368,9 +368,13 @@ impl<R: Remote> Core<R> {
         if ev.history_gone {
             inv = self.everything_in(vol.id)?;
             self.meta.forget_volume(vol.id).map_err(Self::io)?;
-        } else {
+        } else if !own {
             self.meta.forget(changed, &ev.dirs).map_err(Self::io)?;
         }
+        // Our own commit's changes are in the cache already: its listings were patched and its
+        // attributes forgotten when the reply came (write.rs `commit`, back.rs `after_commit`),
+        // and anything fetched since reflects it (the own-commit floor). Forgetting them again
+        // would make the next create in the same directory fetch its whole listing.
         vol.seen = ev.version;
         self.meta.put_volume(&vol).map_err(Self::io)?;
         self.volumes

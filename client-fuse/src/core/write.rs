@@ -81,6 +81,8 @@ pub struct WriteState {
     shadows: Mutex<HashMap<u64, Arc<Mutex<Shadow>>>>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
+    /// Shadows living in memory (see `shadow.rs`).
+    memory_shadows: std::sync::atomic::AtomicUsize,
     /// Write quorums for which the empty blob (new files' content) is known stored.
     empty_stored: Mutex<HashSet<u32>>,
     /// Per volume: held (shared) by a namespace commit until it has recorded its version and
@@ -126,6 +128,7 @@ impl WriteState {
             shadows: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            memory_shadows: Default::default(),
             empty_stored: Mutex::new(HashSet::new()),
 
             inflight: Mutex::new(HashMap::new()),
@@ -183,6 +186,21 @@ impl WriteState {
         self.read_only
     }
 
+    /// Takes one of the in-memory shadow slots, if one is free.
+    fn take_memory_shadow(&self) -> bool {
+        self.memory_shadows
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < shadow::IN_MEMORY_SHADOWS).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn put_memory_shadow(&self) {
+        let _ = self
+            .memory_shadows
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
     /// A node as this mount's unsent changes leave it, if they touch it.
     pub(crate) fn pending(&self, ino: u64) -> Option<back::Pending> {
         self.back.as_ref()?.pending(ino)
@@ -196,18 +214,23 @@ impl WriteState {
     /// Adds the names this mount created in `dir` and has not sent yet to a listing of it.
     pub(crate) fn add_new_names(&self, dir: u64, l: &mut Vec<crate::cache::meta::DirEnt>) {
         let Some(b) = &self.back else { return };
-        for (name, ino, kind) in b.names_in(dir) {
-            l.retain(|e| e.name != name);
-            let at = l.partition_point(|e| e.name < name);
-            l.insert(
-                at,
-                crate::cache::meta::DirEnt {
-                    name,
-                    ino,
-                    kind: kind_code(kind),
-                },
-            );
+        let new = b.names_in(dir);
+        if new.is_empty() {
+            return;
         }
+        let names: HashSet<&str> = new.iter().map(|(n, _, _)| n.as_str()).collect();
+        l.retain(|e| !names.contains(e.name.as_str()));
+        l.extend(new.iter().map(|(name, ino, kind)| crate::cache::meta::DirEnt {
+            name: name.clone(),
+            ino: *ino,
+            kind: kind_code(*kind),
+        }));
+        l.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+    }
+
+    /// The node a name this mount created in `dir` and has not sent yet leads to.
+    pub(crate) fn new_name(&self, dir: u64, name: &str) -> Option<u64> {
+        self.back.as_ref()?.new_name(dir, name)
     }
 
     fn shadow(&self, ino: u64) -> Option<Arc<Mutex<Shadow>>> {

@@ -5,8 +5,8 @@
 //! `close`, and chmod/chown/utimens. New nodes are named with node ids the servers set aside for
 //! this mount (`Op::Reserve`), so the kernel gets its final inode number at once. Until a change
 //! is on the servers, this mount shows it from an overlay (new names, new nodes, changed
-//! attributes) over what the servers hold; the written content sits in the blob cache, held
-//! there. Unlink, rmdir, rename, link and truncation of a file not open first wait until
+//! attributes) over what the servers hold; reads of written content not yet sent are served
+//! from the log (copied into the blob cache on first read). Unlink, rmdir, rename, link and truncation of a file not open first wait until
 //! everything logged is on the servers, and then go as one commit each, as in write-through mode.
 //!
 //! A batch is consecutive changes of one volume by one local user: its contents are put to the
@@ -32,8 +32,11 @@ const RESERVE_BATCH: u32 = 1024;
 /// A batch holds at most this many changes, and this many content bytes.
 const BATCH_CHANGES: usize = 5000;
 const BATCH_BYTES: u64 = 64 << 20;
-/// How long the reintegrator gathers changes before it sends a batch.
+/// The reintegrator gathers changes while they keep coming (checked every `GATHER`), for at most
+/// `GATHER_MAX`: a stream of closes goes out in a few large batches instead of many small ones,
+/// each of which costs the servers a Raft entry and fsyncs.
 const GATHER: Duration = Duration::from_millis(20);
+const GATHER_MAX: Duration = Duration::from_millis(250);
 /// Small contents are put in groups of at most this many blobs and bytes.
 const PUT_GROUP: usize = 250;
 const PUT_GROUP_BYTES: u64 = 8 << 20;
@@ -119,6 +122,8 @@ pub struct WriteBack {
     st: Mutex<BackState>,
     /// New changes for the reintegrator.
     work: Notify,
+    /// Callers waiting for the servers (`fsync`, `codafs sync`): batches go without gathering.
+    waiting: std::sync::atomic::AtomicUsize,
     /// Highest change seq settled.
     settled: watch::Sender<u64>,
     /// Names the kernel must forget when a conflict moves a new node aside.
@@ -173,6 +178,18 @@ impl WriteBack {
             }
         }
         st.next_seq = max_seq + 1;
+        // Segments and data files that only settled changes need (a crash came before their
+        // release) go now.
+        log.release(done, &[]);
+        let keep = st
+            .queue
+            .iter()
+            .filter_map(|c| match &c.content {
+                Some(Content::File(name)) => Some(name.clone()),
+                _ => None,
+            })
+            .collect();
+        log.keep_only_data(&keep);
         if !st.queue.is_empty() {
             tracing::info!(
                 changes = st.queue.len(),
@@ -183,6 +200,7 @@ impl WriteBack {
             log,
             st: Mutex::new(st),
             work: Notify::new(),
+            waiting: Default::default(),
             settled: watch::channel(done).0,
             kernel: OnceLock::new(),
             host: hostname(),
@@ -207,11 +225,45 @@ impl WriteBack {
         matches!(self.st().nodes.get(&ino), Some((Pending::Created(a), _)) if a.kind == NodeKind::Dir)
     }
 
+    /// The node new name `name` in `dir` leads to.
+    pub(crate) fn new_name(&self, dir: u64, name: &str) -> Option<u64> {
+        self.st().names.get(&dir)?.get(name).map(|(i, _, _)| *i)
+    }
+
     /// New names in `dir`: (name, node, kind).
     pub(crate) fn names_in(&self, dir: u64) -> Vec<(String, u64, NodeKind)> {
         self.st().names.get(&dir).map_or_else(Vec::new, |m| {
             m.iter().map(|(n, (i, k, _))| (n.clone(), *i, *k)).collect()
         })
+    }
+
+    /// Waits while changes keep arriving (see `GATHER`), unless someone waits for the servers,
+    /// a full batch is queued, or a previous daemon's batch is to be sent again.
+    async fn gather(&self) {
+        let start = tokio::time::Instant::now();
+        let mut len = self.st().queue.len();
+        while start.elapsed() < GATHER_MAX
+            && len < BATCH_CHANGES
+            && self.waiting.load(Ordering::Acquire) == 0
+            && self.st().replayed.is_none()
+        {
+            tokio::time::sleep(GATHER).await;
+            let now = self.st().queue.len();
+            if now == len {
+                break;
+            }
+            len = now;
+        }
+    }
+
+    /// Where the newest logged content `hash` of a change waiting for the servers is.
+    fn content_of(&self, hash: &Hash) -> Option<Content> {
+        let st = self.st();
+        st.queue
+            .iter()
+            .rev()
+            .find(|c| content_hash(&c.op) == Some(*hash) && c.content.is_some())
+            .and_then(|c| c.content.clone())
     }
 
     /// The last change seq logged (0: none).
@@ -591,28 +643,22 @@ impl<R: Remote> Core<R> {
         self.writes.back.is_some()
     }
 
-    /// Puts every logged content still waiting for the servers into the blob cache and holds it
-    /// there (after a restart, the cache may have lost them). Call once before serving.
+    /// Takes up a replayed log before serving (nothing to do yet: contents are read from the
+    /// log when needed).
     pub fn resume_write_back(&self) -> Result<(), FsError> {
-        let Some(b) = self.back() else { return Ok(()) };
-        let changes: Vec<Change> = b.st().queue.iter().cloned().collect();
-        for c in &changes {
-            self.hold_content(b, c)?;
-        }
         Ok(())
     }
 
-    /// Holds a change's content in the blob cache (writing it there if missing).
-    fn hold_content(&self, b: &WriteBack, c: &Change) -> Result<(), FsError> {
-        let (Some(content), Some(hash)) = (&c.content, content_hash(&c.op)) else {
-            return Ok(());
+    /// Puts logged content `hash` into the blob cache, if a change waiting for the servers has
+    /// it (a read of a file written here and not sent yet). Returns whether it did.
+    pub(crate) fn cache_from_log(&self, hash: &Hash) -> Result<bool, FsError> {
+        let Some(b) = self.back() else { return Ok(false) };
+        let Some(content) = b.content_of(hash) else {
+            return Ok(false);
         };
-        self.blobs.hold(hash);
-        if !self.blobs.lookup(&hash) {
-            let bytes = b.log.read_content(content).map_err(log_err)?;
-            self.cache_copy(hash, &bytes)?;
-        }
-        Ok(())
+        let bytes = b.log.read_content(&content).map_err(log_err)?;
+        self.cache_copy(*hash, &bytes)?;
+        Ok(true)
     }
 
     /// Writes `bytes` into the blob cache as `hash`.
@@ -703,13 +749,7 @@ impl<R: Remote> Core<R> {
             mtime_ns: codafs_common::now_ns(),
         };
         let content = (kind == NodeKind::File).then(|| Content::Inline(Vec::new()));
-        if kind == NodeKind::File && !self.blobs.lookup(&empty) {
-            self.cache_copy(empty, b"")?;
-        }
         b.log_change(&ctx.volume, c.uid, op, content, false).await?;
-        if kind == NodeKind::File {
-            self.blobs.hold(empty);
-        }
         self.told_name(parent, name, ino);
         self.getattr(ino).await
     }
@@ -736,9 +776,6 @@ impl<R: Remote> Core<R> {
             blocking(size, || b.log.write_data(&name, &data)).map_err(log_err)?;
             Content::File(name)
         };
-        if !self.blobs.lookup(&hash) {
-            blocking(size, || self.cache_copy(hash, &data))?;
-        }
         let created_here = matches!(b.pending(ino), Some(Pending::Created(_)));
         let op = Op::SetContent {
             expect: (!created_here).then_some(base_version),
@@ -752,7 +789,6 @@ impl<R: Remote> Core<R> {
             },
         };
         b.log_change(&ctx.volume, uid, op, Some(content), true).await?;
-        self.blobs.hold(hash);
         self.writes.stats.stored_bytes.fetch_add(size, Ordering::Relaxed);
         Ok(())
     }
@@ -795,15 +831,14 @@ impl<R: Remote> Core<R> {
             if *stop.borrow() {
                 return;
             }
-            let Some(batch) = self.next_batch(b) else {
+            if b.st().queue.is_empty() {
                 tokio::select! {
                     _ = b.work.notified() => {}
                     _ = stop.changed() => return,
                 }
-                // Let a burst of changes gather into one batch.
-                tokio::time::sleep(GATHER).await;
-                continue;
-            };
+            }
+            b.gather().await;
+            let Some(batch) = self.next_batch(b) else { continue };
             match self.send_batch(b, &batch).await {
                 Ok(()) => {
                     pause = Duration::from_millis(100);
@@ -1147,11 +1182,6 @@ impl<R: Remote> Core<R> {
             st.settle_overlay(batch.last);
         }
         for c in &batch.changes {
-            if let Some(h) = content_hash(&c.op) {
-                if c.content.is_some() {
-                    self.blobs.unhold(&h);
-                }
-            }
             if let Some(Content::File(name)) = &c.content {
                 data.push(name.clone());
             }

@@ -135,7 +135,7 @@ impl<R: Remote> Core<R> {
                 if let Some(s) = shadows.remove(&h.ino) {
                     let g = lock(&s);
                     dropped_changes = g.dirty;
-                    let _ = std::fs::remove_file(&g.path);
+                    self.drop_shadow_file(g.path.as_deref());
                     self.writes
                         .store_locks
                         .lock()

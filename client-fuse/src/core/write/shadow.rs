@@ -3,10 +3,18 @@
 //! the write quorum and then commits the file's new content.
 use super::*;
 
+/// A shadow started empty lives in memory (a memfd) up to this size: new files then cost no
+/// file creation, unlink or metadata journaling in the cache directory. Past it, it moves to a
+/// file in `CACHE_DIR/shadow`.
+const IN_MEMORY_SHADOW: u64 = 8 << 20;
+/// At most this many shadows live in memory at once (so at most 512 MiB).
+pub(super) const IN_MEMORY_SHADOWS: usize = 64;
+
 /// A private local copy of an open file's content.
 pub(super) struct Shadow {
     pub(super) file: std::fs::File,
-    pub(super) path: PathBuf,
+    /// Its file in the shadow directory (`None`: in memory).
+    pub(super) path: Option<PathBuf>,
     pub(super) size: u64,
     pub(super) dirty: bool,
     /// Bumped by every change, so a store racing with a write does not mark it clean.
@@ -37,7 +45,54 @@ pub(super) fn lock(s: &Mutex<Shadow>) -> std::sync::MutexGuard<'_, Shadow> {
     s.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// An anonymous in-memory file.
+fn memfd() -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; a non-negative result is a new
+    // descriptor that nothing else owns.
+    let fd = unsafe { libc::memfd_create(c"codafs-shadow".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor owned by nothing else.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
 impl<R: Remote> Core<R> {
+    fn shadow_path(&self, ino: u64) -> PathBuf {
+        self.writes.shadow_dir.join(format!(
+            "{ino:016x}-{}",
+            self.writes.next_fh.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    /// Removes a shadow's file, or gives back its in-memory slot.
+    pub(super) fn drop_shadow_file(&self, path: Option<&std::path::Path>) {
+        match path {
+            Some(p) => {
+                let _ = std::fs::remove_file(p);
+            }
+            None => self.writes.put_memory_shadow(),
+        }
+    }
+
+    /// Moves an in-memory shadow that outgrew [`IN_MEMORY_SHADOW`] to a file.
+    fn spill(&self, ino: u64, g: &mut Shadow) -> Result<(), FsError> {
+        let path = self.shadow_path(ino);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        let mut from = g.file.try_clone()?;
+        std::io::Seek::rewind(&mut from)?;
+        std::io::copy(&mut std::io::Read::take(from, g.size), &mut file)?;
+        g.file = file;
+        g.path = Some(path);
+        self.writes.put_memory_shadow();
+        Ok(())
+    }
+
     /// Stores `data` as the content of file `ino` (mtime 0 = commit time).
     pub(super) async fn store_content(
         &self,
@@ -74,28 +129,37 @@ impl<R: Remote> Core<R> {
                 "the mount stores files up to {MAX_WRITE_FILE} bytes; publish larger ones with codafs upload"
             )));
         }
-        let path = self.writes.shadow_dir.join(format!(
-            "{ino:016x}-{}",
-            self.writes.next_fh.fetch_add(1, Ordering::Relaxed)
-        ));
-        let size = match init {
-            ShadowInit::Empty => {
-                std::fs::File::create(&path)?;
-                0
+        let in_memory = init == ShadowInit::Empty && self.writes.take_memory_shadow();
+        let (file, path, size) = if in_memory {
+            match memfd() {
+                Ok(f) => (f, None, 0),
+                Err(e) => {
+                    self.writes.put_memory_shadow();
+                    return Err(e.into());
+                }
             }
-            ShadowInit::Current => {
-                let (hash, size) = self.ensure_cached(ino).await?;
-                let _pin = self.blobs.pin(hash);
-                blocking(size, || std::fs::copy(self.blobs.path(&hash), &path))?;
-                size
-            }
+        } else {
+            let path = self.shadow_path(ino);
+            let size = match init {
+                ShadowInit::Empty => {
+                    std::fs::File::create(&path)?;
+                    0
+                }
+                ShadowInit::Current => {
+                    let (hash, size) = self.ensure_cached(ino).await?;
+                    let _pin = self.blobs.pin(hash);
+                    blocking(size, || std::fs::copy(self.blobs.path(&hash), &path))?;
+                    size
+                }
+            };
+            let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+            (file, Some(path), size)
         };
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
         let mut shadows = self.writes.shadows.lock().unwrap_or_else(|p| p.into_inner());
         if shadows.contains_key(&ino) {
             // Another opener won the race: join theirs.
             drop(shadows);
-            let _ = std::fs::remove_file(&path);
+            self.drop_shadow_file(path.as_deref());
             if self.join_shadow(ino, init)? {
                 return Ok(());
             }
@@ -155,6 +219,9 @@ impl<R: Remote> Core<R> {
         }
         let sh = self.writes.shadow(ino).ok_or(FsError::BadHandle)?;
         let mut g = lock(&sh);
+        if g.path.is_none() && end > IN_MEMORY_SHADOW {
+            self.spill(ino, &mut g)?;
+        }
         g.file.write_all_at(data, offset)?;
         g.writers.insert(uid);
         g.size = g.size.max(end);

@@ -1,32 +1,15 @@
 //! Publishing benchmark: `codafs upload` of 5,000 small files into a real cluster (2 data
-//! replicas + 1 witness, write quorum 2) beside a local copy of the same tree in the same run;
-//! then file creation through an authenticated mount beside the same writes to local disk.
+//! replicas + 1 witness, write quorum 2) beside a local copy of the same tree in the same run.
+//! Copying into a writable mount is the `copy_in` bench.
 //!
 //! Run: `cargo build --bin codafs && cargo bench -p codafs-benches --profile dev --bench publish`
 use std::time::Instant;
 
 use anyhow::Result;
 use codafs_client::upload::{upload, UploadOptions};
-use codafs_tests::{ClusterOpts, Mount, TestCluster};
+use codafs_tests::{ClusterOpts, TestCluster};
 
 const FILES: usize = 5000;
-/// Files created one by one through the mount (each is a create commit, a blob and a commit).
-const MOUNT_FILES: usize = 500;
-
-/// Writes `n` small files under `dir` (10 subdirectories), each created, written and closed.
-fn write_files(dir: &std::path::Path, n: usize) -> std::io::Result<usize> {
-    let mut bytes = 0;
-    for i in 0..n {
-        let d = dir.join(format!("d{:02}", i % 10));
-        if i < 10 {
-            std::fs::create_dir_all(&d)?;
-        }
-        let body = format!("<p>page {i}</p>{}", "y".repeat(500 + (i * 7919) % 7000));
-        bytes += body.len();
-        std::fs::write(d.join(format!("p{i:05}.html")), body)?;
-    }
-    Ok(bytes)
-}
 
 fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
     std::fs::create_dir_all(to)?;
@@ -98,40 +81,6 @@ async fn bench() -> Result<()> {
     println!();
     println!("Uploaded {} blobs in one commit (version {}); re-running the unchanged upload took {rerun:.2} s and sent nothing.", s.uploaded_blobs, s.version);
 
-    // File creation through an authenticated, writable mount (root holding the admin token).
-    let m = Mount::start(&tc.client_args(), root.path(), "mnt", &[])?;
-    let reply = m.control(&format!("login {}", tc.token))?;
-    anyhow::ensure!(reply["ok"] == true, "token refused: {reply}");
-    let target = m.path.join("www").join("created");
-    let t = Instant::now();
-    let bytes = tokio::task::spawn_blocking(move || write_files(&target, MOUNT_FILES)).await??;
-    let through_mount = t.elapsed().as_secs_f64();
-    let local_dir = root.path().join("local-created");
-    let t = Instant::now();
-    tokio::task::spawn_blocking(move || write_files(&local_dir, MOUNT_FILES)).await??;
-    std::process::Command::new("sync").status()?;
-    let local = t.elapsed().as_secs_f64();
-    println!();
-    println!(
-        "File creation, {MOUNT_FILES} files of 0.5-7.5 KiB ({:.1} MiB), each created, written and closed:",
-        bytes as f64 / 1048576.0
-    );
-    println!();
-    println!("| measurement | through an authenticated mount | local disk (+ sync) | ratio |");
-    println!("|---|---|---|---|");
-    println!(
-        "| files/s | {:.0} | {:.0} | {:.3} |",
-        MOUNT_FILES as f64 / through_mount,
-        MOUNT_FILES as f64 / local,
-        local / through_mount
-    );
-    println!("| seconds | {through_mount:.2} | {local:.2} | |");
-    let st = m.status()?;
-    println!();
-    println!(
-        "Mount counters: {} commits, {} failed, {} bytes stored.",
-        st.writes.commits, st.writes.failed_commits, st.writes.stored_bytes
-    );
     Ok(())
 }
 

@@ -65,23 +65,37 @@ impl WebTree {
     }
 }
 
-/// Writes the web tree to `local` and publishes the same files to volume `www` in one commit.
-pub async fn publish_web_tree(tc: &TestCluster, local: &Path) -> Result<WebTree> {
-    let c = tc.client();
+/// The web tree's files in order: (relative path, content).
+fn web_files() -> impl Iterator<Item = (String, Vec<u8>)> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-    let mut batch = Vec::new();
+    (0..FILES).map(move |i| {
+        let n = size_of(&mut rng);
+        let data: Vec<u8> = (0..n).map(|j| b"abcdefghij<>/ \n"[(i + j) % 15]).collect();
+        (relpath(i), data)
+    })
+}
+
+/// Writes the web tree to `local` (50 directories of files).
+pub fn write_web_tree(local: &Path) -> Result<WebTree> {
     for d in 0..50 {
-        batch.push(ops::dir(&format!("d{d:02}"), 0o755));
         std::fs::create_dir_all(local.join(format!("d{d:02}")))?;
     }
     let mut sizes = Vec::new();
+    for (path, data) in web_files() {
+        sizes.push(data.len());
+        std::fs::write(local.join(path), &data)?;
+    }
+    Ok(WebTree { sizes })
+}
+
+/// Writes the web tree to `local` and publishes the same files to volume `www` in one commit.
+pub async fn publish_web_tree(tc: &TestCluster, local: &Path) -> Result<WebTree> {
+    let c = tc.client();
+    let tree = write_web_tree(local)?;
+    let mut batch: Vec<_> = (0..50).map(|d| ops::dir(&format!("d{d:02}"), 0o755)).collect();
     let mut blobs = Vec::new();
-    for i in 0..FILES {
-        let n = size_of(&mut rng);
-        sizes.push(n);
-        let data: Vec<u8> = (0..n).map(|j| b"abcdefghij<>/ \n"[(i + j) % 15]).collect();
-        std::fs::write(local.join(relpath(i)), &data)?;
-        batch.push(ops::file(&relpath(i), &data, 0o644));
+    for (path, data) in web_files() {
+        batch.push(ops::file(&path, &data, 0o644));
         blobs.push(bytes::Bytes::from(data));
     }
     use futures::StreamExt;
@@ -90,5 +104,5 @@ pub async fn publish_web_tree(tc: &TestCluster, local: &Path) -> Result<WebTree>
         r?;
     }
     c.commit(ops::commit("www", batch)).await?;
-    Ok(WebTree { sizes })
+    Ok(tree)
 }

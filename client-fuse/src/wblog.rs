@@ -54,6 +54,49 @@ pub enum Content {
     Inline(Vec<u8>),
     /// A file in `data/`, by name.
     File(String),
+    /// In memory only (never written): an inline content left in the log, by segment and
+    /// record offset, so the backlog held in memory does not hold the bytes too.
+    At {
+        seg: u64,
+        offset: u64,
+    },
+}
+
+impl Content {
+    /// This content as kept in memory once its record is at `seg`/`offset`.
+    fn logged_at(self, seg: u64, offset: u64) -> Content {
+        match self {
+            Content::Inline(b) if !b.is_empty() => Content::At { seg, offset },
+            other => other,
+        }
+    }
+}
+
+/// Where a record went.
+#[derive(Debug, Clone, Copy)]
+pub struct Appended {
+    /// Log position after it (what [`Log::sync`] takes).
+    pub end: u64,
+    pub seg: u64,
+    pub offset: u64,
+}
+
+impl Change {
+    /// The change as the backlog keeps it in memory once logged at `seg`/`offset`.
+    fn logged_at(mut self, seg: u64, offset: u64) -> Change {
+        self.content = self.content.map(|x| x.logged_at(seg, offset));
+        self
+    }
+}
+
+impl Record {
+    /// The record as the backlog keeps it in memory: an inline content replaced by where it is.
+    fn in_memory(self, seg: u64, offset: u64) -> Record {
+        match self {
+            Record::Change(c) => Record::Change(c.logged_at(seg, offset)),
+            other => other,
+        }
+    }
 }
 
 /// One change made on this mount.
@@ -167,6 +210,7 @@ impl Log {
         for id in ids {
             let path = dir.join(seg_name(id));
             let (records, good, torn) = read_segment(&path)?;
+            let records: Vec<Record> = records.into_iter().map(|(at, r)| r.in_memory(id, at)).collect();
             if torn > 0 {
                 if Some(id) != last_id {
                     return Err(LogError::Corrupt(path, format!("a bad record at byte {good}")));
@@ -238,8 +282,8 @@ impl Log {
     }
 
     /// Appends `rec` (not yet durable: see [`Log::sync`]). Changes must fit within the bound;
-    /// bookkeeping records always go in. Returns the log position after it.
-    pub fn append(&self, rec: &Record) -> Result<u64, LogError> {
+    /// bookkeeping records always go in.
+    pub fn append(&self, rec: &Record) -> Result<Appended, LogError> {
         let payload = bincode::serialize(rec).map_err(|e| LogError::Corrupt(self.dir.clone(), e.to_string()))?;
         let mut frame = Vec::with_capacity(payload.len() + 12);
         frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -274,7 +318,7 @@ impl Log {
                 disk: SEGMENT_BYTES,
             });
         }
-        let at = g.segments.last().map_or(MAGIC.len() as u64, |s| s.bytes);
+        let (seg, at) = g.segments.last().map_or((0, MAGIC.len() as u64), |s| (s.id, s.bytes));
         std::os::unix::fs::FileExt::write_all_at(&g.active, &frame, at).map_err(io(&self.dir))?;
         g.appended += frame.len() as u64;
         let names = rec.names_seq();
@@ -282,7 +326,25 @@ impl Log {
             s.bytes += frame.len() as u64;
             s.max_seq = s.max_seq.max(names);
         }
-        Ok(g.appended)
+        Ok(Appended {
+            end: g.appended,
+            seg,
+            offset: at,
+        })
+    }
+
+    /// Appends a change; returns where it went and the change as the backlog keeps it in memory
+    /// (its inline content left in the log).
+    pub fn append_change(&self, c: Change) -> Result<(Appended, Change), LogError> {
+        let rec = Record::Change(c);
+        let at = self.append(&rec)?;
+        match rec {
+            Record::Change(c) => Ok((at, c.logged_at(at.seg, at.offset))),
+            _ => Err(LogError::Corrupt(
+                self.dir.clone(),
+                "internal: a change changed kind".into(),
+            )),
+        }
     }
 
     /// Makes everything appended up to position `upto` durable. Concurrent callers share one
@@ -328,6 +390,33 @@ impl Log {
                 let path = self.dir.join("data").join(name);
                 std::fs::read(&path).map_err(io(&path))
             }
+            Content::At { seg, offset } => self.read_inline(*seg, *offset),
+        }
+    }
+
+    /// The inline content of the change record at `offset` of segment `seg`.
+    fn read_inline(&self, seg: u64, offset: u64) -> Result<Vec<u8>, LogError> {
+        use std::os::unix::fs::FileExt;
+        let path = self.dir.join(seg_name(seg));
+        let f = File::open(&path).map_err(io(&path))?;
+        let mut head = [0u8; 12];
+        f.read_exact_at(&mut head, offset).map_err(io(&path))?;
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+        let bad = |what: &str| LogError::Corrupt(path.clone(), format!("record at {offset}: {what}"));
+        if len > MAX_RECORD {
+            return Err(bad("too long"));
+        }
+        let mut payload = vec![0u8; len as usize];
+        f.read_exact_at(&mut payload, offset + 12).map_err(io(&path))?;
+        if blake3::hash(&payload).as_bytes()[..8] != head[4..12] {
+            return Err(bad("checksum mismatch"));
+        }
+        match bincode::deserialize::<Record>(&payload) {
+            Ok(Record::Change(Change {
+                content: Some(Content::Inline(b)),
+                ..
+            })) => Ok(b),
+            _ => Err(bad("not a change with inline content")),
         }
     }
 
@@ -392,8 +481,12 @@ fn new_segment(dir: &Path, id: u64) -> Result<File, LogError> {
     Ok(f)
 }
 
-/// Reads one segment: its records, the length of its good prefix, and the bytes after it.
-fn read_segment(path: &Path) -> Result<(Vec<Record>, u64, u64), LogError> {
+/// What [`read_segment`] found: records with their offsets, the length of the good prefix, and
+/// the bytes after it that are not the zeroed rest (a torn record).
+type SegmentRead = (Vec<(u64, Record)>, u64, u64);
+
+/// Reads one segment.
+fn read_segment(path: &Path) -> Result<SegmentRead, LogError> {
     let mut buf = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut buf))
@@ -426,7 +519,7 @@ fn read_segment(path: &Path) -> Result<(Vec<Record>, u64, u64), LogError> {
         let Ok(rec) = bincode::deserialize::<Record>(payload) else {
             break;
         };
-        records.push(rec);
+        records.push((at as u64, rec));
         at += 12 + len as usize;
     }
     // The unused, zeroed rest of a preallocated segment is no torn record.
@@ -467,6 +560,22 @@ mod tests {
         })
     }
 
+    /// Replayed records with their contents read back from the log.
+    fn inline(log: &Log, records: Vec<Record>) -> Vec<Record> {
+        records
+            .into_iter()
+            .map(|r| match r {
+                Record::Change(mut c) => {
+                    if let Some(x) = &c.content {
+                        c.content = Some(Content::Inline(log.read_content(x).unwrap()));
+                    }
+                    Record::Change(c)
+                }
+                other => other,
+            })
+            .collect()
+    }
+
     #[tokio::test]
     async fn records_survive_a_reopen_and_a_torn_tail_is_cut() {
         let dir = tempfile::tempdir().unwrap();
@@ -489,7 +598,7 @@ mod tests {
         ];
         let mut pos = 0;
         for r in &recs {
-            pos = log.append(r).unwrap();
+            pos = log.append(r).unwrap().end;
         }
         log.sync(pos).await.unwrap();
         drop(log);
@@ -500,12 +609,22 @@ mod tests {
         let f = OpenOptions::new().write(true).open(&seg).unwrap();
         std::os::unix::fs::FileExt::write_all_at(&f, &[40, 0, 0, 0, 1, 2, 3], end as u64).unwrap();
         let (log, replay) = Log::open(dir.path(), 1 << 30).unwrap();
-        assert_eq!(replay.records, recs);
+        assert!(
+            matches!(
+                &replay.records[0],
+                Record::Change(Change {
+                    content: Some(Content::At { .. }),
+                    ..
+                })
+            ),
+            "the backlog in memory does not hold the bytes"
+        );
+        assert_eq!(inline(&log, replay.records), recs);
         assert!(replay.torn >= 7);
         // The cut is durable: the next open finds the same records and nothing torn.
         drop(log);
-        let (_log, replay) = Log::open(dir.path(), 1 << 30).unwrap();
-        assert_eq!(replay.records, recs);
+        let (log, replay) = Log::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(inline(&log, replay.records), recs);
         assert_eq!(replay.torn, 0);
     }
 
@@ -514,7 +633,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (log, _) = Log::open(dir.path(), 1 << 30).unwrap();
         log.append(&change(1, b"kept")).unwrap();
-        let pos = log.append(&change(2, b"damaged")).unwrap();
+        let pos = log.append(&change(2, b"damaged")).unwrap().end;
         log.sync(pos).await.unwrap();
         drop(log);
         let seg = dir.path().join(seg_name(1));
@@ -522,8 +641,8 @@ mod tests {
         let n = bytes.iter().rposition(|b| *b != 0).unwrap() + 1;
         bytes[n - 2] ^= 0xff;
         std::fs::write(&seg, bytes).unwrap();
-        let (_log, replay) = Log::open(dir.path(), 1 << 30).unwrap();
-        assert_eq!(replay.records, vec![change(1, b"kept")]);
+        let (log, replay) = Log::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(inline(&log, replay.records), vec![change(1, b"kept")]);
         assert!(replay.torn > 0);
     }
 

@@ -315,6 +315,8 @@ async fn a_mount_with_a_full_cache_disk_serves_reads_and_refuses_writes_with_eno
         ensure!(read_file(&www.join("written-before.txt"))? == b"acknowledged before the disk filled");
         ensure!(read_file(&www.join("written-after.txt"))? == b"after");
         ensure!(read_file(&www.join("uncached.bin"))? == uncached);
+        // Write-back: on the servers once the log has drained.
+        m.sync().map_err(|e| anyhow::anyhow!("{e}\n{}", m.log()))?;
         let seen = tc.read_on(&tc.servers[0].addr, "www", "written-before.txt").await?;
         ensure!(seen == b"acknowledged before the disk filled", "on the servers too");
         drop(m);

@@ -132,9 +132,11 @@ pub struct WriteBack {
 }
 
 fn log_err(e: LogError) -> FsError {
-    match e {
+    match &e {
         LogError::Full { .. } => FsError::NoSpace(e.to_string()),
-        e => FsError::Io(e.to_string()),
+        // The cache disk is full: the log cannot grow.
+        LogError::Io(_, io) if crate::core::error::is_disk_full(io) => FsError::NoSpace(e.to_string()),
+        _ => FsError::Io(e.to_string()),
     }
 }
 
@@ -305,11 +307,11 @@ impl WriteBack {
                 name: None,
             };
             // Appended under the state lock, so the log's order is the order of the changes.
-            let pos = self.log.append(&Record::Change(c.clone())).map_err(log_err)?;
+            let (at, c) = self.log.append_change(c).map_err(log_err)?;
             st.next_seq += 1;
             st.overlay(&c);
             st.queue.push_back(c);
-            (st.next_seq - 1, pos)
+            (st.next_seq - 1, at.end)
         };
         if durable {
             self.log.sync(pos).await.map_err(log_err)?;
@@ -701,8 +703,8 @@ impl<R: Remote> Core<R> {
             first,
             count: RESERVE_BATCH,
         };
-        let pos = b.log.append(&rec).map_err(log_err)?;
-        b.log.sync(pos).await.map_err(log_err)?;
+        let at = b.log.append(&rec).map_err(log_err)?;
+        b.log.sync(at.end).await.map_err(log_err)?;
         let mut st = b.st();
         st.pool
             .entry(ctx.volume.clone())
@@ -907,7 +909,7 @@ impl<R: Remote> Core<R> {
                         request,
                     })
                     .map_err(log_err)?;
-                b.log.sync(pos).await.map_err(log_err)?;
+                b.log.sync(pos.end).await.map_err(log_err)?;
                 b.st().replayed = Some((batch.first, batch.last, request));
                 request
             }

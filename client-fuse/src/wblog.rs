@@ -27,8 +27,11 @@ use crate::core::types::Op;
 
 /// First bytes of every segment: the format's name and version.
 const MAGIC: &[u8] = b"codafs write-back log v1\n";
-/// A new segment is started past this size.
+/// A new segment is started past this size (smaller in unit tests, which make many logs).
+#[cfg(not(test))]
 const SEGMENT_BYTES: u64 = 16 << 20;
+#[cfg(test)]
+const SEGMENT_BYTES: u64 = 1 << 20;
 /// Largest record accepted at replay (contents above `INLINE_MAX` are data files).
 const MAX_RECORD: u32 = 8 << 20;
 /// Contents up to this size are logged inline; larger ones become data files.
@@ -420,6 +423,18 @@ impl Log {
         }
     }
 
+    /// Keeps the content of a change the servers would not take at all in `lost+found/NAME`
+    /// (next to the log, in the cache directory); returns its path.
+    pub fn keep_aside(&self, name: &str, bytes: &[u8]) -> Result<PathBuf, LogError> {
+        let dir = self.dir.join("lost+found");
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let path = dir.join(name);
+        let mut f = File::create(&path).map_err(io(&path))?;
+        f.write_all(bytes).map_err(io(&path))?;
+        f.sync_all().map_err(io(&path))?;
+        Ok(path)
+    }
+
     /// Deletes data files no change in `keep` names (leftovers of changes settled just before a
     /// crash).
     pub fn keep_only_data(&self, keep: &std::collections::HashSet<String>) {
@@ -651,7 +666,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // One preallocated segment: changes fill it, the next needs another and is refused.
         let (log, _) = Log::open(dir.path(), SEGMENT_BYTES).unwrap();
-        let mb = vec![1u8; 1 << 20];
+        let mb = vec![1u8; (SEGMENT_BYTES / 16) as usize];
         for seq in 1..=15 {
             log.append(&change(seq, &mb)).unwrap();
         }
@@ -668,7 +683,7 @@ mod tests {
     fn segments_go_once_every_change_they_name_is_done() {
         let dir = tempfile::tempdir().unwrap();
         let (log, _) = Log::open(dir.path(), 1 << 40).unwrap();
-        let big = vec![7u8; 1 << 20];
+        let big = vec![7u8; (SEGMENT_BYTES / 16) as usize];
         for seq in 1..=20 {
             log.append(&change(seq, &big)).unwrap();
         }
@@ -678,7 +693,7 @@ mod tests {
                 .filter(|e| e.as_ref().unwrap().file_name().to_str().unwrap().starts_with("seg-"))
                 .count()
         };
-        assert_eq!(segs(dir.path()), 2, "rotated past 16 MiB");
+        assert_eq!(segs(dir.path()), 2, "rotated past SEGMENT_BYTES");
         let before = log.used();
         log.release(10, &[]);
         assert_eq!(segs(dir.path()), 2, "the first segment still names changes 11..=16");

@@ -402,6 +402,12 @@ impl FakeRemote {
             .map(|(v, _)| *v)
     }
 
+    /// Whether any file held `content` at any version.
+    pub fn ever_held(&self, content: &[u8]) -> bool {
+        let t = self.lock();
+        t.history.iter().any(|(_, c)| c.values().any(|v| v == content))
+    }
+
     /// The current version.
     pub fn version(&self) -> u64 {
         self.lock().tree.version

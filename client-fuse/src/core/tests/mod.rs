@@ -15,12 +15,22 @@ mod fake;
 mod model;
 
 fn core_with(dir: &std::path::Path, cache_bytes: u64) -> Core<FakeRemote> {
+    core_over(dir, cache_bytes, None)
+}
+
+/// A core of a write-back mount (its log in `dir/wblog`).
+fn core_writing_back(dir: &std::path::Path, cache_bytes: u64) -> Core<FakeRemote> {
+    let back = write::WriteBack::open(&dir.join("wblog"), 64 << 20).unwrap();
+    core_over(dir, cache_bytes, Some(back))
+}
+
+fn core_over(dir: &std::path::Path, cache_bytes: u64, back: Option<write::WriteBack>) -> Core<FakeRemote> {
     let meta = MetaStore::open(&dir.join("meta")).unwrap();
     let blobs = BlobCache::open(dir, cache_bytes).unwrap();
     let cfg = CoreConfig {
         op_timeout: Duration::from_millis(500),
     };
-    let writes = WriteState::new(TokenTable::in_memory(), false, dir.join("shadow"), None).unwrap();
+    let writes = WriteState::new(TokenTable::in_memory(), false, dir.join("shadow"), back).unwrap();
     Core::new(FakeRemote::new(), meta, blobs, cfg, writes).unwrap()
 }
 

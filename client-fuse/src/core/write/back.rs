@@ -1037,11 +1037,25 @@ impl<R: Remote> Core<R> {
     /// repeats none), conflicting ones kept under a sibling name.
     async fn one_by_one(&self, b: &WriteBack, token: &str, batch: &Batch, request: &RequestId) -> Result<(), FsError> {
         let own = b.st().own_versions.clone();
+        let quorum = self.quorum_of(&batch.volume);
         for (i, c) in batch.changes.iter().enumerate() {
+            // A content a later change of the batch replaces is never sent (as in the batch).
+            if let Op::SetContent { ino, .. } = &c.op {
+                let later = batch.changes[i + 1..]
+                    .iter()
+                    .any(|l| matches!(&l.op, Op::SetContent { ino: j, .. } if j == ino));
+                if later {
+                    continue;
+                }
+            }
             let mut ops = batch_ops(std::slice::from_ref(c), &own);
             if let Some(Op::SetContent { expect, ino, .. }) = ops.first_mut() {
                 *expect = newest(b.st().own_versions.get(ino).copied(), *expect);
             }
+            // Its content may not have been put with the batch's (a content the batch merged
+            // away is sent here on its own).
+            self.put_contents(b, token, std::slice::from_ref(c), &referenced(&ops), quorum)
+                .await?;
             let r = self
                 .timed(
                     self.write_timeout(0),
@@ -1071,6 +1085,7 @@ impl<R: Remote> Core<R> {
         why: &FsError,
         request: RequestId,
     ) -> Result<(), FsError> {
+        // Attempts derive their ids from this one (see the loop below).
         let (op, note) = match &c.op {
             Op::Create { parent, name, .. } => {
                 let mut op = c.op.clone();
@@ -1132,26 +1147,59 @@ impl<R: Remote> Core<R> {
             st.conflicts += 1;
             st.last_conflict = Some(note);
         }
-        let Some(op) = op else { return Ok(()) };
-        let r = self
-            .timed(
-                self.write_timeout(0),
-                self.remote.commit(token, &c.volume, vec![op.clone()], request),
-            )
-            .await;
-        match r {
-            Ok(done) => {
-                self.after_commit(b, &[op], done.version);
-                Ok(())
+        let Some(mut op) = op else { return Ok(()) };
+        let base = match &op {
+            Op::Create { name, .. } => name.clone(),
+            _ => String::new(),
+        };
+        // Two conflicts of one file within a millisecond would pick one name: number them.
+        for attempt in 0..8u64 {
+            if let Op::Create { name, .. } = &mut op {
+                *name = if attempt == 0 {
+                    base.clone()
+                } else {
+                    format!("{base}-{attempt}")
+                };
             }
-            Err(e) if is_conflict(&e) => {
-                // Even the sibling cannot be made (its directory is gone): say so loudly; the
-                // content stays in the cache until evicted.
-                tracing::error!(volume = %c.volume, error = %e, "a conflicting change could not be kept on the servers");
-                Ok(())
+            let r = self
+                .timed(
+                    self.write_timeout(0),
+                    self.remote.commit(
+                        token,
+                        &c.volume,
+                        vec![op.clone()],
+                        sub_request(&request, attempt as usize),
+                    ),
+                )
+                .await;
+            match r {
+                Ok(done) => {
+                    self.after_commit(b, &[op], done.version);
+                    return Ok(());
+                }
+                Err(FsError::Exists) => continue,
+                Err(e) if is_conflict(&e) => break,
+                Err(e) => return Err(e),
             }
-            Err(e) => Err(e),
         }
+        // Even a sibling cannot be made (its directory is gone, say): keep the bytes in the
+        // cache directory and say where, loudly.
+        if let Some(content) = &c.content {
+            let kept = b.log.read_content(content).map_err(log_err).and_then(|bytes| {
+                b.log
+                    .keep_aside(&format!("{}-{:016x}-{}", c.volume, op_target(&c.op), c.seq), &bytes)
+                    .map_err(log_err)
+            });
+            match kept {
+                Ok(path) => tracing::error!(
+                    volume = %c.volume,
+                    path = %path.display(),
+                    "a conflicting change could not be kept on the servers; its content is kept here"
+                ),
+                Err(e) => tracing::error!(volume = %c.volume, error = %e, "a conflicting change is lost"),
+            }
+        }
+        Ok(())
     }
 
     /// The parent and a name of file `ino` on the servers (for a conflict copy next to it).
@@ -1208,6 +1256,15 @@ fn content_hash(op: &Op) -> Option<Hash> {
 fn content_size(op: &Op) -> u64 {
     match op {
         Op::Create { size, .. } | Op::SetContent { size, .. } => *size,
+        _ => 0,
+    }
+}
+
+/// The node a content change is about (0: none).
+fn op_target(op: &Op) -> u64 {
+    match op {
+        Op::Create { ino, .. } => ino.unwrap_or(0),
+        Op::SetContent { ino, .. } | Op::SetAttr { ino, .. } => *ino,
         _ => 0,
     }
 }

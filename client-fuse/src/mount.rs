@@ -111,7 +111,7 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     let socket = control_socket(&mountpoint);
     match bind_control(&socket) {
         Ok(listener) => {
-            rt.spawn(control(core, inval, mountpoint.clone(), listener, stop_rx));
+            rt.spawn(control(core.clone(), inval, mountpoint.clone(), listener, stop_rx));
         }
         Err(e) => {
             tracing::warn!(path = %socket.display(), error = %e, "no control socket: status and login unavailable")
@@ -122,12 +122,26 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
 
     rt.block_on(until_stopped(&mountpoint));
     tracing::info!("unmounting");
+    // Logged changes go to the servers now if they can (within a bound); what is left stays in
+    // the log and is sent by the next mount of this cache directory.
+    if let Some(left) = core.write_back().map(|b| b.status().changes).filter(|n| *n > 0) {
+        tracing::info!(
+            changes = left,
+            "sending the write-back log before stopping (up to {UNMOUNT_DRAIN:?})"
+        );
+        if let Err(e) = rt.block_on(core.sync_log(UNMOUNT_DRAIN)) {
+            tracing::warn!(error = %e, "changes stay in the write-back log until the next mount");
+        }
+    }
     let _ = stop_tx.send(true);
     let _ = std::fs::remove_file(&socket);
     bg.umount_and_join().map_err(|e| MountError::Mount(mountpoint, e))?;
     rt.shutdown_timeout(Duration::from_secs(2));
     Ok(())
 }
+
+/// How long an unmount waits for the write-back log to reach the servers.
+const UNMOUNT_DRAIN: Duration = Duration::from_secs(5);
 
 /// How long a new daemon waits for a previous one to let go of the same cache directory.
 const CACHE_DIR_WAIT: Duration = Duration::from_secs(20);

@@ -79,6 +79,9 @@ impl Txn<'_> {
             Kind::Fifo | Kind::Socket | Kind::CharDevice(_) | Kind::BlockDevice(_) => (0, None, String::new()),
         };
         let mtime = if *mtime_ns == 0 { now_ns } else { *mtime_ns };
+        // A node a write-back mount made (and named) before sending it was created when that
+        // mount says: its ctime stays what the mount showed, not the time the batch arrived.
+        let ctime = if at.is_some() { mtime } else { now_ns };
         self.put_object(ObjectRec {
             ino,
             generation: self.index,
@@ -88,7 +91,7 @@ impl Txn<'_> {
             uid: *uid,
             gid: *gid,
             mtime_ns: mtime,
-            ctime_ns: now_ns,
+            ctime_ns: ctime,
             nlink: if *kind == Kind::Dir { 2 } else { 1 },
             hash,
             symlink,

@@ -46,6 +46,8 @@ const SMALL_PUT: usize = 256 << 10;
 #[derive(Debug, Clone, Default)]
 pub(crate) struct AttrPatch {
     content: Option<(Hash, u64, i64)>,
+    /// Links added (a directory gains one per subdirectory made in it).
+    nlink_added: u32,
     mode: Option<u32>,
     uid: Option<u32>,
     gid: Option<u32>,
@@ -65,6 +67,7 @@ impl AttrPatch {
         a.mtime_ns = self.mtime_ns.unwrap_or(a.mtime_ns);
         a.atime_ns = self.atime_ns.unwrap_or(a.atime_ns);
         a.ctime_ns = a.ctime_ns.max(self.ctime_ns);
+        a.nlink += self.nlink_added;
     }
 }
 
@@ -386,6 +389,20 @@ impl BackState {
                     .or_default()
                     .insert(name.clone(), (*ino, *kind, seq));
                 self.nodes.insert(*ino, (Pending::Created(a), seq));
+                // The directory changed too: new times, and a link more for a subdirectory.
+                let (t, dir) = (*mtime_ns, *kind == NodeKind::Dir);
+                self.patch(
+                    *parent,
+                    seq,
+                    |p| {
+                        (p.mtime_ns, p.ctime_ns) = (t, t);
+                        p.nlink += u32::from(dir);
+                    },
+                    |p| {
+                        (p.mtime_ns, p.ctime_ns) = (Some(t), t);
+                        p.nlink_added += u32::from(dir);
+                    },
+                );
             }
             Op::SetContent {
                 ino,

@@ -289,6 +289,10 @@ impl TestCluster {
         self.servers[i].spawn(Some(token))?;
         let addr0 = self.servers[0].addr.clone();
         self.wait_ready(&addr0, (i + 1) as u32).await?;
+        // And the joiner itself has the cluster's state (a request to it right after the join
+        // could otherwise find it "not bootstrapped yet").
+        let joined = self.servers[i].addr.clone();
+        self.wait_ready(&joined, (i + 1) as u32).await?;
         Ok(i)
     }
 

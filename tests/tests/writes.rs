@@ -814,3 +814,72 @@ async fn the_write_back_log_survives_servers_down_and_a_kill_9() {
     })
     .await
 }
+
+/// kill -9 of the daemon in the middle of a `cp -r`: at the next mount every file whose close
+/// returned reaches the servers once, and no file shows part of its content (the one being
+/// written when the daemon died is empty, as after `creat` on any filesystem, or absent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kill_9_in_the_middle_of_a_copy_loses_no_closed_file() {
+    bounded(async {
+        let tc = setup().await?;
+        let (mut a, web) = writer_and_web_node(&tc)?;
+        let src = tc.root.path().join("site");
+        const FILES: usize = 400;
+        let content = |i: usize| format!("<p>page {i}</p>\n").repeat(50 + i);
+        std::fs::create_dir_all(&src)?;
+        for i in 0..FILES {
+            std::fs::write(src.join(format!("p{i:03}.html")), content(i))?;
+        }
+        let dst = a.path.join("www/site");
+        let mut cp = std::process::Command::new("cp").arg("-r").arg(&src).arg(&dst).spawn()?;
+        // Kill once part of the tree is through (bounded: the copy takes seconds).
+        wait_until(Duration::from_secs(30), "cp to be under way", || {
+            let n = std::fs::read_dir(&dst).map(Iterator::count).unwrap_or(0);
+            async move { n >= FILES / 4 }
+        })
+        .await?;
+        a.kill9();
+        let _ = cp.wait();
+        a.remount()?;
+        a.sync().map_err(|e| anyhow::anyhow!("{e}\n{}", a.log()))?;
+        let www = web.path.join("www/site");
+        let mut complete = 0;
+        let mut empty = 0;
+        wait_until(Duration::from_secs(10), "the web node to list the copy", || {
+            let ok = www.exists();
+            async move { ok }
+        })
+        .await?;
+        for e in std::fs::read_dir(&www)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            ensure!(!name.contains(".conflict-"), "a replay made a conflict copy: {name}");
+            let i: usize = name
+                .trim_start_matches('p')
+                .trim_end_matches(".html")
+                .parse()
+                .with_context(|| format!("unexpected file {name}"))?;
+            let got = read_file(&e.path())?;
+            if got.is_empty() {
+                empty += 1;
+            } else {
+                ensure!(
+                    got == content(i).as_bytes(),
+                    "{name} shows part of its content ({} bytes)",
+                    got.len()
+                );
+                complete += 1;
+            }
+        }
+        ensure!(complete >= FILES / 4 - 1, "closed files were lost: {complete} complete");
+        ensure!(empty <= 1, "{empty} empty files: only the one being written may be");
+        let info = tc.volume_info("www").await?;
+        ensure!(
+            info.used_files as usize == complete + empty + 1,
+            "each file once: {} on the servers, {complete} + {empty} listed",
+            info.used_files
+        );
+        Ok(())
+    })
+    .await
+}

@@ -948,7 +948,7 @@ impl<R: Remote> Core<R> {
             .await;
         match r {
             Ok(done) => {
-                self.after_commit(b, &ops, done.version);
+                self.after_commit(b, &ops, &done);
                 drop(inflight);
             }
             Err(e) if is_conflict(&e) => {
@@ -1018,7 +1018,8 @@ impl<R: Remote> Core<R> {
 
     /// What a committed batch changes here: the version is our own, cached listings gain the
     /// new names, and attributes of what it touched are read again when next needed.
-    fn after_commit(&self, b: &WriteBack, ops: &[Op], version: u64) {
+    fn after_commit(&self, b: &WriteBack, ops: &[Op], done: &crate::core::types::Committed) {
+        let version = done.version;
         self.writes.record_own(version);
         let mut inos = Vec::new();
         {
@@ -1033,16 +1034,26 @@ impl<R: Remote> Core<R> {
                 }
             }
         }
-        for op in ops {
+        for (i, op) in ops.iter().enumerate() {
             if let Op::Create {
-                ino: Some(ino),
+                ino,
                 parent,
                 name,
                 kind,
                 ..
             } = op
             {
-                let _ = self.meta.patch_dir(*parent, name, Some((*ino, kind_code(*kind))));
+                // A conflict copy is created without a reserved id: the reply names it. Either
+                // way the listing must learn it here: our own event does not drop it.
+                let made = ino.or_else(|| done.created.get(i).copied().filter(|c| *c != 0));
+                match made {
+                    Some(made) => {
+                        let _ = self.meta.patch_dir(*parent, name, Some((made, kind_code(*kind))));
+                    }
+                    None => {
+                        let _ = self.meta.forget(&[], &[*parent]);
+                    }
+                }
             }
             inos.extend(touched(op));
         }
@@ -1081,7 +1092,7 @@ impl<R: Remote> Core<R> {
                 )
                 .await;
             match r {
-                Ok(done) => self.after_commit(b, &ops, done.version),
+                Ok(done) => self.after_commit(b, &ops, &done),
                 Err(e) if is_conflict(&e) => {
                     self.keep_conflict(b, token, c, &e, sub_request(request, i + batch.changes.len()))
                         .await?
@@ -1191,7 +1202,7 @@ impl<R: Remote> Core<R> {
                 .await;
             match r {
                 Ok(done) => {
-                    self.after_commit(b, &[op], done.version);
+                    self.after_commit(b, &[op], &done);
                     return Ok(());
                 }
                 Err(FsError::Exists) => continue,

@@ -76,8 +76,6 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     // Declared before the core, so it is released after everything else let go of the cache.
     let _cache_lock = take_cache_dir(&cfg)?;
     let core = open_core(&cfg)?;
-    core.resume_write_back()
-        .map_err(|e| MountError::Setup(format!("write-back log: {e}")))?;
 
     // Bring the persistent cache up to date before serving: one batched stamp check, then the
     // missed changes of each stale volume. Disconnected: serve what is cached.

@@ -26,7 +26,7 @@ use crate::core::remote::RequestId;
 use crate::core::types::Op;
 
 /// First bytes of every segment: the format's name and version.
-const MAGIC: &[u8] = b"codafs write-back log v1\n";
+const MAGIC: &[u8] = b"codafs write-back log v2\n";
 /// A new segment is started past this size (smaller in unit tests, which make many logs).
 #[cfg(not(test))]
 const SEGMENT_BYTES: u64 = 16 << 20;
@@ -112,9 +112,6 @@ pub struct Change {
     pub op: Op,
     /// Content of a `Create` of a file or a `SetContent`.
     pub content: Option<Content>,
-    /// The name of the changed file when the change was made (parent, name): where a conflict
-    /// copy goes.
-    pub name: Option<(u64, String)>,
 }
 
 /// One log record.
@@ -177,6 +174,13 @@ struct Inner {
     data_bytes: u64,
     /// Bytes appended (in all) and bytes known durable.
     appended: u64,
+}
+
+impl Inner {
+    /// Bytes on disk: segments (preallocated, or larger) and data files.
+    fn used(&self) -> u64 {
+        self.segments.iter().map(|s| s.disk.max(s.bytes)).sum::<u64>() + self.data_bytes
+    }
 }
 
 /// The write-back log of one cache directory.
@@ -264,8 +268,7 @@ impl Log {
 
     /// Bytes the log holds (segments and data files).
     pub fn used(&self) -> u64 {
-        let g = self.inner();
-        g.segments.iter().map(|s| s.disk.max(s.bytes)).sum::<u64>() + g.data_bytes
+        self.inner().used()
     }
 
     pub fn limit(&self) -> u64 {
@@ -300,7 +303,7 @@ impl Log {
                 Some(s) => (s.bytes + frame.len() as u64).saturating_sub(s.disk),
                 None => 0,
             };
-            let used = g.segments.iter().map(|s| s.disk.max(s.bytes)).sum::<u64>() + g.data_bytes;
+            let used = g.used();
             if used + growth > self.limit {
                 return Err(LogError::Full {
                     used,
@@ -571,7 +574,6 @@ mod tests {
                 mtime_ns: 5,
             },
             content: Some(Content::Inline(bytes.to_vec())),
-            name: Some((1, "index.html".into())),
         })
     }
 

@@ -467,9 +467,7 @@ impl<R: Remote> Core<R> {
                 Ok(l) if l.applied >= version => {
                     let mut names: HashMap<String, u64> = l.value.into_iter().map(|(n, a)| (n, a.ino)).collect();
                     // Names this mount created and has not sent yet stay (write-back).
-                    let mut mine = Vec::new();
-                    self.writes.add_new_names(dir, &mut mine);
-                    names.extend(mine.into_iter().map(|e| (e.name, e.ino)));
+                    names.extend(self.writes.new_names(dir).into_iter().map(|(n, ino, _)| (n, ino)));
                     return Some(names);
                 }
                 Err(FsError::NotFound) => return Some(HashMap::new()),

@@ -213,8 +213,7 @@ impl WriteState {
 
     /// Adds the names this mount created in `dir` and has not sent yet to a listing of it.
     pub(crate) fn add_new_names(&self, dir: u64, l: &mut Vec<crate::cache::meta::DirEnt>) {
-        let Some(b) = &self.back else { return };
-        let new = b.names_in(dir);
+        let new = self.new_names(dir);
         if new.is_empty() {
             return;
         }
@@ -226,6 +225,11 @@ impl WriteState {
             kind: kind_code(*kind),
         }));
         l.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+    }
+
+    /// The names this mount created in `dir` and has not sent yet: (name, node, kind).
+    pub(crate) fn new_names(&self, dir: u64) -> Vec<(String, u64, NodeKind)> {
+        self.back.as_ref().map_or_else(Vec::new, |b| b.names_in(dir))
     }
 
     /// The node a name this mount created in `dir` and has not sent yet leads to.

@@ -162,12 +162,10 @@ impl WriteBack {
             match r {
                 Record::Change(c) => {
                     max_seq = max_seq.max(c.seq);
+                    st.take_ids_used_by(&c);
                     if c.seq > done {
-                        st.take_ids_used_by(&c);
                         st.overlay(&c);
                         st.queue.push_back(c);
-                    } else {
-                        st.take_ids_used_by(&c);
                     }
                 }
                 Record::Reserved { volume, first, count } => {
@@ -307,7 +305,6 @@ impl WriteBack {
                 uid,
                 op,
                 content,
-                name: None,
             };
             // Appended under the state lock, so the log's order is the order of the changes.
             let (at, c) = self.log.append_change(c).map_err(log_err)?;
@@ -648,13 +645,15 @@ fn sub_request(request: &RequestId, i: usize) -> RequestId {
 }
 
 impl<R: Remote> Core<R> {
-    fn back(&self) -> Option<&WriteBack> {
+    /// The write-back log, if this mount has one.
+    pub fn write_back(&self) -> Option<&WriteBack> {
         self.writes.back.as_ref()
     }
 
-    /// The write-back log, if this mount has one.
-    pub fn write_back(&self) -> Option<&WriteBack> {
-        self.back()
+    /// The write-back log, for the paths only a write-back mount takes.
+    fn logging(&self) -> Result<&WriteBack, FsError> {
+        self.write_back()
+            .ok_or_else(|| FsError::Io("internal: not a write-back mount".into()))
     }
 
     /// Whether this mount logs its changes (write-back) rather than sending each at once.
@@ -662,16 +661,10 @@ impl<R: Remote> Core<R> {
         self.writes.back.is_some()
     }
 
-    /// Takes up a replayed log before serving (nothing to do yet: contents are read from the
-    /// log when needed).
-    pub fn resume_write_back(&self) -> Result<(), FsError> {
-        Ok(())
-    }
-
     /// Puts logged content `hash` into the blob cache, if a change waiting for the servers has
     /// it (a read of a file written here and not sent yet). Returns whether it did.
     pub(crate) fn cache_from_log(&self, hash: &Hash) -> Result<bool, FsError> {
-        let Some(b) = self.back() else { return Ok(false) };
+        let Some(b) = self.write_back() else { return Ok(false) };
         let Some(content) = b.content_of(hash) else {
             return Ok(false);
         };
@@ -693,9 +686,7 @@ impl<R: Remote> Core<R> {
     /// A node id for a new node of `volume`: from the reserved pool, reserving more first if it
     /// is empty (that needs the servers).
     async fn new_ino(&self, ctx: &WriteCtx) -> Result<u64, FsError> {
-        let b = self
-            .back()
-            .ok_or_else(|| FsError::Io("not a write-back mount".into()))?;
+        let b = self.logging()?;
         if let Some(i) = b.st().take_id(&ctx.volume) {
             return Ok(i);
         }
@@ -743,9 +734,7 @@ impl<R: Remote> Core<R> {
         mode: u32,
         target: &str,
     ) -> Result<NodeAttr, FsError> {
-        let b = self
-            .back()
-            .ok_or_else(|| FsError::Io("not a write-back mount".into()))?;
+        let b = self.logging()?;
         match self.lookup(parent, name).await {
             Ok(_) => return Err(FsError::Exists),
             Err(FsError::NotFound) => {}
@@ -783,13 +772,11 @@ impl<R: Remote> Core<R> {
         mtime_ns: i64,
         base_version: u64,
     ) -> Result<(), FsError> {
-        let b = self
-            .back()
-            .ok_or_else(|| FsError::Io("not a write-back mount".into()))?;
+        let b = self.logging()?;
         let size = data.len() as u64;
         let hash = blocking(size, || Hash::of(&data));
         let content = if data.len() <= INLINE_MAX {
-            Content::Inline(data.clone())
+            Content::Inline(data)
         } else {
             let name = format!("{}-{ino:016x}", hash.to_hex());
             blocking(size, || b.log.write_data(&name, &data)).map_err(log_err)?;
@@ -814,9 +801,7 @@ impl<R: Remote> Core<R> {
 
     /// chmod, chown and utimens, logged.
     pub(super) async fn set_attr_logged(&self, ctx: &WriteCtx, uid: u32, op: Op) -> Result<(), FsError> {
-        let b = self
-            .back()
-            .ok_or_else(|| FsError::Io("not a write-back mount".into()))?;
+        let b = self.logging()?;
         b.log_change(&ctx.volume, uid, op, None, false).await?;
         Ok(())
     }
@@ -824,27 +809,25 @@ impl<R: Remote> Core<R> {
     /// Waits until everything logged so far is on the servers (before a change that is sent at
     /// once, so the servers see the changes in the order they were made).
     pub(super) async fn drain_log(&self) -> Result<(), FsError> {
-        let Some(b) = self.back() else { return Ok(()) };
-        let last = b.last_seq();
-        b.settled_through(last, self.write_timeout(0)).await
+        self.sync_log(self.write_timeout(0)).await
     }
 
     /// `codafs sync`, `fsync`: waits until everything logged before the call is on the servers,
     /// at most `limit`.
     pub async fn sync_log(&self, limit: Duration) -> Result<(), FsError> {
-        let Some(b) = self.back() else { return Ok(()) };
+        let Some(b) = self.write_back() else { return Ok(()) };
         let last = b.last_seq();
         b.settled_through(last, limit).await
     }
 
     /// The write-back part of `codafs status`.
     pub(crate) fn backlog(&self) -> Option<BacklogStatus> {
-        self.back().map(WriteBack::status)
+        self.write_back().map(WriteBack::status)
     }
 
     /// Sends logged changes until `stop`: the reintegrator.
     pub async fn reintegrate(&self, mut stop: watch::Receiver<bool>) {
-        let Some(b) = self.back() else { return };
+        let Some(b) = self.write_back() else { return };
         let mut pause = Duration::from_millis(100);
         loop {
             if *stop.borrow() {
@@ -1064,7 +1047,6 @@ impl<R: Remote> Core<R> {
     /// A batch that conflicts: each change alone (with ids derived from the batch's, so a replay
     /// repeats none), conflicting ones kept under a sibling name.
     async fn one_by_one(&self, b: &WriteBack, token: &str, batch: &Batch, request: &RequestId) -> Result<(), FsError> {
-        let own = b.st().own_versions.clone();
         let quorum = self.quorum_of(&batch.volume);
         for (i, c) in batch.changes.iter().enumerate() {
             // A content a later change of the batch replaces is never sent (as in the batch).
@@ -1076,10 +1058,9 @@ impl<R: Remote> Core<R> {
                     continue;
                 }
             }
-            let mut ops = batch_ops(std::slice::from_ref(c), &own);
-            if let Some(Op::SetContent { expect, ino, .. }) = ops.first_mut() {
-                *expect = newest(b.st().own_versions.get(ino).copied(), *expect);
-            }
+            // The versions as the changes before this one left them.
+            let own = b.st().own_versions.clone();
+            let ops = batch_ops(std::slice::from_ref(c), &own);
             // Its content may not have been put with the batch's (a content the batch merged
             // away is sent here on its own).
             self.put_contents(b, token, std::slice::from_ref(c), &referenced(&ops), quorum)
@@ -1313,7 +1294,6 @@ mod tests {
             uid: 1,
             op,
             content: None,
-            name: None,
         }
     }
 

@@ -237,6 +237,16 @@ impl WriteState {
         self.back.as_ref()?.new_name(dir, name)
     }
 
+    /// Files open for writing here (they have a shadow).
+    pub(crate) fn open_shadows(&self) -> HashSet<u64> {
+        self.shadows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect()
+    }
+
     fn shadow(&self, ino: u64) -> Option<Arc<Mutex<Shadow>>> {
         self.shadows
             .lock()

@@ -16,7 +16,7 @@
 //! a change whose name was taken goes under a sibling name (`NAME.conflict-HOST-TIME`), and so
 //! does content written over someone else's newer version. Nothing logged is dropped silently:
 //! conflicts are counted in `codafs status` and logged.
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::OnceLock;
 
 use tokio::sync::{watch, Notify};
@@ -37,6 +37,8 @@ const BATCH_BYTES: u64 = 64 << 20;
 /// each of which costs the servers a Raft entry and fsyncs.
 const GATHER: Duration = Duration::from_millis(20);
 const GATHER_MAX: Duration = Duration::from_millis(250);
+/// `own_versions` entries kept before those no queued change or open file needs are dropped.
+const OWN_VERSIONS_KEPT: usize = 16384;
 /// Small contents are put in groups of at most this many blobs and bytes.
 const PUT_GROUP: usize = 250;
 const PUT_GROUP_BYTES: u64 = 8 << 20;
@@ -465,6 +467,18 @@ impl BackState {
             m.retain(|_, (_, _, seq)| *seq > last);
         }
         self.names.retain(|_, m| !m.is_empty());
+    }
+
+    /// Keeps `own_versions` bounded: past [`OWN_VERSIONS_KEPT`] entries, only nodes that a queued
+    /// change or an open file (`open`) may still send content for keep theirs. Any other node's
+    /// next content change starts from attributes read after our commit, which carry its version.
+    fn bound_own_versions(&mut self, open: &HashSet<u64>) {
+        if self.own_versions.len() <= OWN_VERSIONS_KEPT {
+            return;
+        }
+        let queued: HashSet<u64> = self.queue.iter().map(|c| op_target(&c.op)).collect();
+        self.own_versions
+            .retain(|ino, _| queued.contains(ino) || open.contains(ino));
     }
 
     /// Takes a node id a logged create used out of the reserved pool (replay).
@@ -1231,6 +1245,13 @@ impl<R: Remote> Core<R> {
     fn settle_batch(&self, b: &WriteBack, batch: &Batch) {
         let _ = b.log.append(&Record::Done { last: batch.last });
         let mut data = Vec::new();
+        // Collected before the state lock (never both at once), and only when it will be used.
+        let over = b.st().own_versions.len() > OWN_VERSIONS_KEPT;
+        let open = if over {
+            self.writes.open_shadows()
+        } else {
+            HashSet::new()
+        };
         {
             let mut st = b.st();
             st.replayed = None;
@@ -1239,6 +1260,7 @@ impl<R: Remote> Core<R> {
                 st.queue.pop_front();
             }
             st.settle_overlay(batch.last);
+            st.bound_own_versions(&open);
         }
         for c in &batch.changes {
             if let Some(Content::File(name)) = &c.content {
@@ -1391,6 +1413,26 @@ mod tests {
         st.settle_overlay(2);
         assert!(!st.nodes.contains_key(&10) && st.names.is_empty());
         assert!(st.nodes.contains_key(&20));
+    }
+
+    #[test]
+    fn own_versions_stay_bounded_but_keep_what_queued_changes_and_open_files_need() {
+        let mut st = BackState::default();
+        for ino in 0..(OWN_VERSIONS_KEPT as u64) {
+            st.own_versions.insert(ino, 7);
+        }
+        st.bound_own_versions(&HashSet::new());
+        assert_eq!(
+            st.own_versions.len(),
+            OWN_VERSIONS_KEPT,
+            "nothing dropped up to the bound"
+        );
+        st.own_versions.insert(1 << 40, 7);
+        st.queue.push_back(change(9, content(3, b"queued", Some(1))));
+        st.bound_own_versions(&HashSet::from([5]));
+        let mut kept: Vec<u64> = st.own_versions.keys().copied().collect();
+        kept.sort_unstable();
+        assert_eq!(kept, vec![3, 5], "a queued change's node and an open file's");
     }
 
     #[test]

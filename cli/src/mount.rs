@@ -211,17 +211,24 @@ fn control_request_within(sock: &Path, line: &str, limit: Duration) -> Result<se
     Ok(serde_json::from_str(&reply)?)
 }
 
-/// Asks a running mount for its status.
-pub fn mount_status(mnt: &Path) -> Result<MountStatus> {
+/// Sends `line` to the mount at `mnt`, waiting up to `limit`; returns the mountpoint as
+/// resolved and the mount's answer.
+fn ask_mount(mnt: &Path, line: &str, limit: Duration) -> Result<(PathBuf, serde_json::Value)> {
     let mnt = std::fs::canonicalize(mnt).with_context(|| format!("{}", mnt.display()))?;
     let sock = control_socket(&mnt);
-    let reply = control_request(&sock, "status").with_context(|| {
+    let reply = control_request_within(&sock, line, limit).with_context(|| {
         format!(
             "no codafs mount at {} (no control socket {})",
             mnt.display(),
             sock.display()
         )
     })?;
+    Ok((mnt, reply))
+}
+
+/// Asks a running mount for its status.
+pub fn mount_status(mnt: &Path) -> Result<MountStatus> {
+    let (mnt, reply) = ask_mount(mnt, "status", Duration::from_secs(5))?;
     if let Some(e) = reply.get("error").and_then(|e| e.as_str()) {
         bail!("the mount at {} could not report its status: {e}", mnt.display());
     }
@@ -257,17 +264,8 @@ pub fn tell_mounts(line: &str) -> Vec<(String, serde_json::Value)> {
 /// `codafs sync MNT`: waits until every change the mount logged before the call is on the
 /// servers.
 pub fn sync(mnt: &Path, timeout: f64) -> Result<()> {
-    let mnt = std::fs::canonicalize(mnt).with_context(|| format!("{}", mnt.display()))?;
-    let sock = control_socket(&mnt);
     let limit = timeout.clamp(0.1, 3600.0);
-    let reply = control_request_within(&sock, &format!("sync {limit}"), Duration::from_secs_f64(limit + 5.0))
-        .with_context(|| {
-            format!(
-                "no codafs mount at {} (no control socket {})",
-                mnt.display(),
-                sock.display()
-            )
-        })?;
+    let (mnt, reply) = ask_mount(mnt, &format!("sync {limit}"), Duration::from_secs_f64(limit + 5.0))?;
     if let Some(e) = reply.get("error").and_then(|e| e.as_str()) {
         bail!("{}: {e}", mnt.display());
     }

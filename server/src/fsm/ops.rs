@@ -18,7 +18,29 @@ impl Txn<'_> {
             OpKind::Remove { .. } => self.op_remove(vol, op, now_ns),
             OpKind::Rename { .. } => self.op_rename(vol, op, now_ns),
             OpKind::Link { .. } => self.op_link(vol, op, now_ns),
+            OpKind::Expect { parent, name } => self.op_expect(vol, op.expect_version, parent, name),
         }
+    }
+
+    /// A precondition: the node at `parent`/`name` is at `expect_version` (0: none there).
+    fn op_expect(
+        &mut self,
+        vol: &mut VolumeRec,
+        expect_version: Option<u64>,
+        parent: &NodeRef,
+        name: &str,
+    ) -> TxnResult<u64> {
+        validate_name(name).map_err(ApplyError::from)?;
+        if expect_version.is_none() {
+            return refuse(ApplyError::Invalid("an expect operation needs expect_version".into()));
+        }
+        let dir = self.resolve_dir(vol, parent)?;
+        let existing = match self.dirent(dir.ino, name)? {
+            Some(ino) => self.object(ino)?,
+            None => None,
+        };
+        expect(expect_version, existing.as_ref(), name)?;
+        Ok(0)
     }
 
     /// A new file, directory, symlink or special node; with `replace`, it takes the place of a file or symlink

@@ -172,6 +172,9 @@ pub enum OpKind {
     /// `create` (a [`OpKind::Create`] without `replace`) with the node id `ino`, which an earlier
     /// `Reserve` set aside and no node has.
     CreateAt { ino: u64, create: Box<OpKind> },
+    /// A precondition that changes nothing: the node at `parent`/`name` is at the operation's
+    /// `expect_version` (0: the name is free). Write-back mounts guard logged renames with it.
+    Expect { parent: NodeRef, name: String },
 }
 
 /// An operation plus the version its target is expected to have.

@@ -245,6 +245,54 @@ fn expected_versions_detect_conflicts() {
     assert!(matches!(s.apply(6, &cmd(create)), Err(ApplyError::Conflict { .. })));
 }
 
+/// A write-back mount guards a logged rename with an expect operation on its target: the
+/// whole commit applies only if the name is still free (0) or still at the version it saw.
+#[test]
+fn an_expect_operation_guards_a_name_and_changes_nothing() {
+    let mut s = setup();
+    commit(&mut s, 3, "alice", vec![file("", "a", b"1")]).unwrap();
+    let cmd = |ops: Vec<Op>| Command::Commit {
+        actor: admin(),
+        volume: "www".into(),
+        ops,
+        expect_volume_version: None,
+        now_ns: 1,
+        request: None,
+    };
+    let expect = |name: &str, v: Option<u64>| Op {
+        expect_version: v,
+        kind: OpKind::Expect {
+            parent: NodeRef::Path(String::new()),
+            name: name.into(),
+        },
+    };
+    let plain = |kind| Op {
+        expect_version: None,
+        kind,
+    };
+    // The name taken meanwhile: nothing of the commit applies.
+    let r = s.apply(4, &cmd(vec![plain(file("", "b", b"2")), expect("a", Some(0))]));
+    assert!(
+        matches!(
+            r,
+            Err(ApplyError::Conflict {
+                expected: 0,
+                actual: 3,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(lookup(&s, "b").is_none(), "a failed commit changes nothing");
+    s.apply(5, &cmd(vec![expect("a", Some(3)), expect("free", Some(0))]))
+        .unwrap();
+    assert_eq!(lookup(&s, "a").unwrap().version, 3, "an expect changes nothing");
+    let r = s.apply(6, &cmd(vec![expect("a", None)]));
+    assert!(matches!(r, Err(ApplyError::Invalid(_))), "{r:?}");
+    let r = s.apply(7, &cmd(vec![expect("../x", Some(0))]));
+    assert!(r.is_err(), "bad names are refused: {r:?}");
+}
+
 #[test]
 fn remove_and_rename_rules() {
     let mut s = setup();

@@ -111,6 +111,10 @@ pub fn op(o: pb::Op) -> Result<Op, Status> {
             }
         }
         P::Reserve(r) => OpKind::Reserve { count: r.count },
+        P::Expect(e) => OpKind::Expect {
+            parent: node_ref(e.parent, "expect.parent")?,
+            name: e.name,
+        },
         P::SetContent(c) => OpKind::SetContent {
             node: node_ref(c.node, "set_content.node")?,
             hash: hash(&c.hash)?,

@@ -26,7 +26,7 @@ use crate::core::remote::RequestId;
 use crate::core::types::Op;
 
 /// First bytes of every segment: the format's name and version.
-const MAGIC: &[u8] = b"codafs write-back log v2\n";
+const MAGIC: &[u8] = b"codafs write-back log v3\n";
 /// A new segment is started past this size (smaller in unit tests, which make many logs).
 #[cfg(not(test))]
 const SEGMENT_BYTES: u64 = 16 << 20;
@@ -514,12 +514,14 @@ fn read_segment(path: &Path) -> Result<SegmentRead, LogError> {
         return Ok((Vec::new(), 0, buf.len() as u64));
     }
     if &buf[..MAGIC.len()] != MAGIC {
-        return Err(LogError::Corrupt(
-            path.to_path_buf(),
-            "not a codafs write-back log of this version (remove the cache directory only if \
-             its changes may be lost)"
-                .into(),
-        ));
+        let why = if buf.starts_with(b"codafs write-back log v") {
+            "written by another version of codafs: mount with that version until `codafs sync` \
+             has sent its changes, then upgrade (remove the cache directory only if its changes \
+             may be lost)"
+        } else {
+            "not a codafs write-back log (remove the cache directory only if its changes may be lost)"
+        };
+        return Err(LogError::Corrupt(path.to_path_buf(), why.into()));
     }
     let mut records = Vec::new();
     let mut at = MAGIC.len();

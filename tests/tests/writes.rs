@@ -735,6 +735,8 @@ async fn fifos_sockets_and_device_nodes_are_metadata_every_node_sees() {
         for n in ["null2", "pipe", "pipe2", "disk", "sock", "plain"] {
             std::fs::remove_file(dir.join(n))?;
         }
+        // Logged (write-back): on the servers once the log is sent.
+        a.sync()?;
         let info = tc.volume_info("www").await?;
         ensure!(info.used_files == 0, "files left: {}", info.used_files);
         Ok(())
@@ -877,6 +879,83 @@ async fn a_kill_9_in_the_middle_of_a_copy_loses_no_closed_file() {
         ensure!(
             info.used_files as usize == complete + empty + 1,
             "each file once: {} on the servers, {complete} + {empty} listed",
+            info.used_files
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// Write-back and rsync, the webmaster's tool: rsync writes each file under a temporary name
+/// and renames it over the real one. The renames are logged like the writes (no round trip
+/// each), the servers get the final tree in a few commits and never a temporary name, and a
+/// second rsync of changed files replaces them the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rsync_into_a_write_back_mount_reaches_the_servers_as_its_final_tree() {
+    bounded(async {
+        let tc = setup().await?;
+        let (a, web) = writer_and_web_node(&tc)?;
+        let src = tc.root.path().join("site-src");
+        for i in 0..300 {
+            let d = src.join(format!("d{}", i % 3));
+            std::fs::create_dir_all(&d)?;
+            std::fs::write(
+                d.join(format!("page{i}.html")),
+                format!("<p>page {i}</p>\n").repeat(i % 40 + 1),
+            )?;
+        }
+        let rsync = |what: &str| -> Result<()> {
+            let out = std::process::Command::new("rsync")
+                .args(["-r", &format!("{}/", src.display())])
+                .arg(a.path.join("www/site"))
+                .output()
+                .context("rsync (scripts/install-deps.sh installs it)")?;
+            ensure!(
+                out.status.success(),
+                "rsync {what}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        let before = tc.volume_info("www").await?.version;
+        rsync("of 300 new files")?;
+        // The second pass replaces 50 files (rsync's temporary name, then a rename over each).
+        for i in (0..300).step_by(6) {
+            let p = src.join(format!("d{}/page{i}.html", i % 3));
+            std::fs::write(&p, format!("<p>page {i}, edited</p>\n"))?;
+        }
+        rsync("of 50 changed files")?;
+        a.sync()?;
+        let info = tc.volume_info("www").await?;
+        let commits = info.version - before;
+        ensure!(
+            commits < 40,
+            "{commits} commits for 350 files and their renames: not batched"
+        );
+        let www = web.path.join("www/site");
+        wait_until(Duration::from_secs(10), "the web node sees the last edit", || {
+            let p = www.join("d0/page294.html");
+            async move { read_file(&p).is_ok_and(|d| d == b"<p>page 294, edited</p>\n") }
+        })
+        .await?;
+        for i in 0..300 {
+            let rel = format!("d{}/page{i}.html", i % 3);
+            let (want, got) = (read_file(&src.join(&rel))?, read_file(&www.join(&rel))?);
+            ensure!(got == want, "{rel} on the web node differs from the source");
+        }
+        for d in 0..3 {
+            let names: Vec<String> = std::fs::read_dir(www.join(format!("d{d}")))?
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('.'))
+                .collect();
+            ensure!(names.is_empty(), "temporary names on the web node: {names:?}");
+        }
+        let back = a.status()?.writes.write_back.context("a write-back mount")?;
+        ensure!(back.conflicts == 0, "conflicts: {:?}", back.last_conflict);
+        ensure!(
+            info.used_files == 304,
+            "nodes on the servers (300 files, 4 directories): {}",
             info.used_files
         );
         Ok(())

@@ -490,7 +490,12 @@ impl<R: Remote> Core<R> {
             Err(FsError::NotFound) => return self.orphan_attr(ino).ok_or(FsError::NotFound),
             Err(e) => return Err(e),
         };
-        Ok(self.to_node(&raw))
+        let mut shown = self.to_node(&raw);
+        // Unlinked here, still open, not sent yet (write-back): no names left.
+        if raw.nlink == 0 && self.writes.pending(ino).is_some() {
+            shown.nlink = 0;
+        }
+        Ok(shown)
     }
 
     /// A directory's complete listing, cached or fetched. With `prefetch` (a name lookup, which
@@ -549,9 +554,11 @@ impl<R: Remote> Core<R> {
             let v = v.ok_or(FsError::NotFound)?;
             return self.getattr(v.root_ino).await;
         }
-        // A name created here and not sent yet (write-back).
-        if let Some(ino) = self.writes.new_name(parent, name) {
-            return self.getattr(ino).await;
+        // A name made or removed here and not sent yet (write-back).
+        match self.writes.new_name(parent, name) {
+            Some(Some(ino)) => return self.getattr(ino).await,
+            Some(None) => return Err(FsError::NotFound),
+            None => {}
         }
         let listing = match self.stored_listing(parent, true).await {
             // The directory itself is gone: the kernel walks the path again.

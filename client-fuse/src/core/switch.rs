@@ -466,8 +466,13 @@ impl<R: Remote> Core<R> {
             match self.timed(left, self.remote.readdir(dir)).await {
                 Ok(l) if l.applied >= version => {
                     let mut names: HashMap<String, u64> = l.value.into_iter().map(|(n, a)| (n, a.ino)).collect();
-                    // Names this mount created and has not sent yet stay (write-back).
-                    names.extend(self.writes.new_names(dir).into_iter().map(|(n, ino, _)| (n, ino)));
+                    // Names this mount made or removed and has not sent yet stay so (write-back).
+                    for (n, now) in self.writes.new_names(dir) {
+                        match now {
+                            Some((ino, _)) => names.insert(n, ino),
+                            None => names.remove(&n),
+                        };
+                    }
                     return Some(names);
                 }
                 Err(FsError::NotFound) => return Some(HashMap::new()),

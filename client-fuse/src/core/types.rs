@@ -95,20 +95,47 @@ pub enum Op {
         mtime_ns: Option<i64>,
         atime_ns: Option<i64>,
     },
-    /// unlink or rmdir (a directory must be empty).
-    Remove { parent: u64, name: String },
+    /// unlink or rmdir (a directory must be empty). `seen`: the node a write-back mount removed
+    /// (logged, for its overlay); `expect`: only if that node is still at this version.
+    Remove {
+        parent: u64,
+        name: String,
+        seen: Option<Seen>,
+        expect: Option<u64>,
+    },
     /// Rename within a volume, replacing a non-directory or empty directory at the target.
+    /// `seen` and `replaces` (write-back) are the moved node and the node the target name held
+    /// when the rename was logged; the servers see neither (a logged rename is guarded by an
+    /// [`Op::Expect`] on its target instead).
     Rename {
         from_parent: u64,
         from_name: String,
         to_parent: u64,
         to_name: String,
+        seen: Option<Seen>,
+        replaces: Option<Seen>,
     },
     /// Another name for a file or symlink.
-    Link { ino: u64, parent: u64, name: String },
+    Link {
+        ino: u64,
+        parent: u64,
+        name: String,
+        kind: NodeKind,
+    },
     /// Sets `count` node ids aside for this mount's new nodes; the reply's `created` holds the
     /// first.
     Reserve { count: u32 },
+    /// A precondition that changes nothing: the node named `name` in `parent` is at `version`
+    /// (0: no node has that name), or the commit fails with a conflict.
+    Expect { parent: u64, name: String, version: u64 },
+}
+
+/// A node as a write-back mount saw it when it logged a change of its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Seen {
+    pub ino: u64,
+    pub version: u64,
+    pub kind: NodeKind,
 }
 
 /// What a commit did.

@@ -122,8 +122,9 @@ fn node(ino: u64) -> Option<pb::NodeRef> {
     })
 }
 
-/// One operation as the servers take it. Only a write-back content change carries an expected
-/// version; every other write applies to whatever is current, like a local filesystem's.
+/// One operation as the servers take it. Only write-back changes carry expected versions (a
+/// content change, a remove, a rename's guard); every other write applies to whatever is
+/// current, like a local filesystem's.
 fn op(o: Op) -> pb::Op {
     use pb::op::Op as W;
     let mut expect_version = None;
@@ -186,28 +187,41 @@ fn op(o: Op) -> pb::Op {
             mtime_ns,
             atime_ns,
         }),
-        Op::Remove { parent, name } => W::Remove(pb::RemoveOp {
-            parent: node(parent),
-            name,
-            recursive: false,
-        }),
+        Op::Remove {
+            parent, name, expect, ..
+        } => {
+            expect_version = expect;
+            W::Remove(pb::RemoveOp {
+                parent: node(parent),
+                name,
+                recursive: false,
+            })
+        }
         Op::Rename {
             from_parent,
             from_name,
             to_parent,
             to_name,
+            ..
         } => W::Rename(pb::RenameOp {
             from_parent: node(from_parent),
             from_name,
             to_parent: node(to_parent),
             to_name,
         }),
-        Op::Link { ino, parent, name } => W::Link(pb::LinkOp {
+        Op::Link { ino, parent, name, .. } => W::Link(pb::LinkOp {
             node: node(ino),
             parent: node(parent),
             name,
         }),
         Op::Reserve { count } => W::Reserve(pb::ReserveOp { count }),
+        Op::Expect { parent, name, version } => {
+            expect_version = Some(version);
+            W::Expect(pb::ExpectOp {
+                parent: node(parent),
+                name,
+            })
+        }
     };
     pb::Op {
         expect_version,
@@ -272,11 +286,14 @@ mod tests {
                 Op::Remove {
                     parent: 5,
                     name: "a".into(),
+                    seen: None,
+                    expect: None,
                 },
                 Op::Link {
                     ino: 6,
                     parent: 5,
                     name: "b".into(),
+                    kind: NodeKind::File,
                 },
             ],
             [7; 16],

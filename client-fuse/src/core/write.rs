@@ -37,7 +37,9 @@ use crate::tokens::TokenTable;
 
 mod access;
 pub mod back;
+mod batch;
 mod handles;
+mod names;
 mod shadow;
 
 pub use back::{BacklogStatus, WriteBack};
@@ -211,29 +213,33 @@ impl WriteState {
         self.back.as_ref().is_some_and(|b| b.new_dir(ino))
     }
 
-    /// Adds the names this mount created in `dir` and has not sent yet to a listing of it.
+    /// Applies the names this mount made or removed in `dir` and has not sent yet to a listing
+    /// of it.
     pub(crate) fn add_new_names(&self, dir: u64, l: &mut Vec<crate::cache::meta::DirEnt>) {
         let new = self.new_names(dir);
         if new.is_empty() {
             return;
         }
-        let names: HashSet<&str> = new.iter().map(|(n, _, _)| n.as_str()).collect();
+        let names: HashSet<&str> = new.iter().map(|(n, _)| n.as_str()).collect();
         l.retain(|e| !names.contains(e.name.as_str()));
-        l.extend(new.iter().map(|(name, ino, kind)| crate::cache::meta::DirEnt {
-            name: name.clone(),
-            ino: *ino,
-            kind: kind_code(*kind),
+        l.extend(new.iter().filter_map(|(name, now)| {
+            now.map(|(ino, kind)| crate::cache::meta::DirEnt {
+                name: name.clone(),
+                ino,
+                kind: kind_code(kind),
+            })
         }));
         l.sort_unstable_by(|a, b| a.name.cmp(&b.name));
     }
 
-    /// The names this mount created in `dir` and has not sent yet: (name, node, kind).
-    pub(crate) fn new_names(&self, dir: u64) -> Vec<(String, u64, NodeKind)> {
+    /// The names this mount made or removed in `dir` and has not sent yet.
+    pub(crate) fn new_names(&self, dir: u64) -> Vec<(String, back::NameNow)> {
         self.back.as_ref().map_or_else(Vec::new, |b| b.names_in(dir))
     }
 
-    /// The node a name this mount created in `dir` and has not sent yet leads to.
-    pub(crate) fn new_name(&self, dir: u64, name: &str) -> Option<u64> {
+    /// What a name this mount made or removed in `dir` (not sent yet) leads to: `Some(None)`
+    /// if it was removed here.
+    pub(crate) fn new_name(&self, dir: u64, name: &str) -> Option<Option<u64>> {
         self.back.as_ref()?.new_name(dir, name)
     }
 
@@ -384,7 +390,7 @@ impl<R: Remote> Core<R> {
             // Attributes changed; listings are patched by the caller (see `inflight`). The floor
             // first: a fetch older than this commit settling meanwhile is then not cached, or
             // was cached before the attributes are forgotten here.
-            self.writes.record_own(reply.version);
+            self.own_commit(reply.version);
             self.meta.forget_attrs(inos).map_err(Self::io)?;
         } else {
             // Outcome unknown or refused: drop what we know of these nodes, listings included.
@@ -399,6 +405,14 @@ impl<R: Remote> Core<R> {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         r
+    }
+
+    /// Records our own commit `version`: the floor every cached answer must reach. Taken under
+    /// `apply_mx`, so a fetch cannot check the old floor, let this commit's listing patch run,
+    /// and then be cached over that patch (the patch always follows this call).
+    pub(super) fn own_commit(&self, version: u64) {
+        let _g = self.apply_mx.lock().unwrap_or_else(|p| p.into_inner());
+        self.writes.record_own(version);
     }
 
     /// Stores a blob on the volume's write quorum and keeps a copy in the local cache.
@@ -550,7 +564,9 @@ impl<R: Remote> Core<R> {
     /// `unlink` (`dir` false) or `rmdir` (`dir` true).
     pub async fn remove(&self, c: Caller, parent: u64, name: &str, dir: bool) -> Result<(), FsError> {
         let ctx = self.write_ctx(c.uid, parent)?;
-        self.drain_log().await?;
+        if self.writes_back() {
+            return self.remove_logged(c, &ctx, parent, name, dir).await;
+        }
         let child = self.lookup(parent, name).await?;
         match (dir, child.kind == NodeKind::Dir) {
             (false, true) => return Err(FsError::IsDir),
@@ -560,6 +576,8 @@ impl<R: Remote> Core<R> {
         let rm = Op::Remove {
             parent,
             name: name.to_string(),
+            seen: None,
+            expect: None,
         };
         let lock = self.writes.inflight(split_ino(parent).0);
         let _inflight = lock.read().await;
@@ -589,7 +607,11 @@ impl<R: Remote> Core<R> {
         }
         self.write_ctx(c.uid, new_parent)?;
         check_name(new_name)?;
-        self.drain_log().await?;
+        if self.writes_back() {
+            return self
+                .rename_logged(c, &ctx, (parent, name), (new_parent, new_name), noreplace)
+                .await;
+        }
         let src = self.lookup(parent, name).await?;
         let dst = match self.lookup(new_parent, new_name).await {
             Ok(a) => Some(a.ino),
@@ -604,6 +626,8 @@ impl<R: Remote> Core<R> {
             from_name: name.to_string(),
             to_parent: new_parent,
             to_name: new_name.to_string(),
+            seen: None,
+            replaces: None,
         };
         let mut inos = vec![parent, new_parent, src.ino];
         inos.extend(dst);
@@ -626,7 +650,6 @@ impl<R: Remote> Core<R> {
             return Err(FsError::CrossVolume);
         }
         check_name(new_name)?;
-        self.drain_log().await?;
         let node = self.getattr(ino).await?;
         if node.kind == NodeKind::Dir {
             return Err(FsError::NotPermitted("directories cannot be hard-linked".into()));
@@ -635,7 +658,11 @@ impl<R: Remote> Core<R> {
             ino,
             parent: new_parent,
             name: new_name.to_string(),
+            kind: node.kind,
         };
+        if self.writes_back() {
+            return self.link_logged(c, &ctx, l).await;
+        }
         let lock = self.writes.inflight(split_ino(new_parent).0);
         let inflight = lock.read().await;
         self.commit(&ctx, vec![l], &[new_parent, ino]).await?;

@@ -214,8 +214,14 @@ impl Truth {
                 a.version = v;
                 Ok((0, vec![ino], vec![]))
             }
-            Op::Remove { parent, name } => {
+            Op::Remove {
+                parent, name, expect, ..
+            } => {
                 let ino = tree.child(parent, &name).ok_or(FsError::NotFound)?;
+                let version = tree.objects.get(&ino).map_or(0, |a| a.version);
+                if expect.is_some_and(|e| e != version) {
+                    return Err(FsError::Conflict(format!("{name} is at version {version}")));
+                }
                 if tree.dirs.get(&ino).is_some_and(|d| !d.is_empty()) {
                     return Err(FsError::NotEmpty);
                 }
@@ -229,6 +235,7 @@ impl Truth {
                 from_name,
                 to_parent,
                 to_name,
+                ..
             } => {
                 let ino = tree.child(from_parent, &from_name).ok_or(FsError::NotFound)?;
                 let mut inos = vec![ino];
@@ -247,7 +254,7 @@ impl Truth {
                 }
                 Ok((0, inos, vec![from_parent, to_parent]))
             }
-            Op::Link { ino, parent, name } => {
+            Op::Link { ino, parent, name, .. } => {
                 if tree.child(parent, &name).is_some() {
                     return Err(FsError::Exists);
                 }
@@ -255,6 +262,15 @@ impl Truth {
                 (a.nlink, a.version) = (a.nlink + 1, v);
                 tree.dirs.entry(parent).or_default().insert(name, ino);
                 Ok((0, vec![ino], vec![parent]))
+            }
+            Op::Expect { parent, name, version } => {
+                let now = tree
+                    .child(parent, &name)
+                    .map_or(0, |i| tree.objects.get(&i).map_or(0, |a| a.version));
+                if now != version {
+                    return Err(FsError::Conflict(format!("{name} is at version {now}, not {version}")));
+                }
+                Ok((0, vec![], vec![]))
             }
             Op::Reserve { count } => {
                 let first = make_ino(VOL, self.next_ino + 1);
@@ -400,6 +416,12 @@ impl FakeRemote {
             .iter()
             .find(|(v, c)| *v > from && c.get(path).map(Vec::as_slice) == content)
             .map(|(v, _)| *v)
+    }
+
+    /// Whether a file had `path` at any version.
+    pub fn ever_had(&self, path: &str) -> bool {
+        let t = self.lock();
+        t.history.iter().any(|(_, c)| c.contains_key(path))
     }
 
     /// Whether any file held `content` at any version.

@@ -315,7 +315,11 @@ async fn a_change_drops_what_the_kernel_was_shown_and_the_next_reply_its_stale_p
 
 /// A mount with alice's token, and the volume known.
 async fn writable_core(dir: &std::path::Path) -> Core<FakeRemote> {
-    let core = core_with(dir, 1 << 20);
+    with_alice(core_with(dir, 1 << 20)).await
+}
+
+/// `core` with alice's token, and the volume known.
+async fn with_alice(core: Core<FakeRemote>) -> Core<FakeRemote> {
     core.writes
         .tokens
         .set(
@@ -483,4 +487,76 @@ async fn a_lookup_brings_the_small_files_of_its_directory() {
     assert_eq!(model::read(&core, "e/p").await.unwrap(), b"pp");
     assert_eq!(core.stats.bad_small_copies.load(Ordering::Relaxed), 2);
     assert_eq!(core.remote.lock().blob_fetches, 2);
+}
+
+/// Write-back: runs the reintegrator until everything logged is on the server.
+async fn send_log(core: &Core<FakeRemote>) {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let sync = async {
+        let r = core.sync_log(Duration::from_secs(60)).await;
+        let _ = stop.send(true);
+        r
+    };
+    let ((), r) = tokio::join!(core.reintegrate(stopped), sync);
+    r.unwrap();
+}
+
+/// Write-back: a save by rename (editors, rsync) reaches the server as its final state, in
+/// one commit; a rename or remove whose target another node changed meanwhile keeps that
+/// node's change and this mount's bytes (under a conflict name), and says so.
+#[tokio::test(start_paused = true)]
+async fn write_back_saves_by_rename_arrive_whole_and_conflicting_names_keep_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = with_alice(core_writing_back(dir.path(), 1 << 20)).await;
+    for page in ["index.html", "b.html", "c.html"] {
+        core.remote.write(&[], page, b"old");
+    }
+    deliver_all(&core).await;
+    let www = core.lookup(ROOT_INO, "www").await.unwrap().ino;
+    let save = |name: &'static str, data: &'static [u8]| {
+        let core = &core;
+        async move {
+            let tmp = format!(".{name}.tmp");
+            model::write(core, &tmp, data).await.unwrap();
+            core.rename(model::ALICE, www, &tmp, www, name, false).await.unwrap();
+        }
+    };
+    save("index.html", b"new").await;
+    assert_eq!(model::read(&core, "index.html").await.unwrap(), b"new", "shown at once");
+    assert_eq!(core.remote.content("index.html").unwrap(), b"old", "not sent yet");
+    let before = core.remote.version();
+    send_log(&core).await;
+    assert_eq!(core.remote.content("index.html").unwrap(), b"new");
+    assert!(
+        !core.remote.ever_had(".index.html.tmp"),
+        "the temporary name never reached the server"
+    );
+    assert_eq!(core.remote.version(), before + 1, "one commit");
+    deliver_all(&core).await;
+    // Another node changes b.html and c.html before this mount's save and remove are sent.
+    save("b.html", b"mine").await;
+    core.remove(model::ALICE, www, "c.html", false).await.unwrap();
+    assert_eq!(model::read(&core, "c.html").await, Err(FsError::NotFound));
+    core.remote.write(&[], "b.html", b"theirs");
+    core.remote.write(&[], "c.html", b"theirs too");
+    send_log(&core).await;
+    deliver_all(&core).await;
+    assert_eq!(core.remote.content("b.html").unwrap(), b"theirs");
+    assert_eq!(
+        core.remote.content("c.html").unwrap(),
+        b"theirs too",
+        "the remove is not applied"
+    );
+    let names: Vec<String> = core
+        .readdir(www)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .filter(|n| n.starts_with("b.html.conflict-"))
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert_eq!(model::read(&core, &names[0]).await.unwrap(), b"mine");
+    assert_eq!(model::read(&core, "c.html").await.unwrap(), b"theirs too");
+    assert_eq!(core.backlog().unwrap().conflicts, 2);
 }

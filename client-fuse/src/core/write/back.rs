@@ -21,6 +21,7 @@ use std::sync::OnceLock;
 
 use tokio::sync::{watch, Notify};
 
+use super::batch::{batch_ops, referenced};
 use super::*;
 use crate::core::remote::{new_request_id, RequestId};
 use crate::core::types::Attr;
@@ -48,8 +49,11 @@ const SMALL_PUT: usize = 256 << 10;
 #[derive(Debug, Clone, Default)]
 pub(crate) struct AttrPatch {
     content: Option<(Hash, u64, i64)>,
-    /// Links added (a directory gains one per subdirectory made in it).
-    nlink_added: u32,
+    /// Links added or taken away (a directory gains one per subdirectory made in it, a file
+    /// loses one per name removed).
+    nlink_delta: i32,
+    /// A directory moved: its new parent.
+    parent: Option<u64>,
     mode: Option<u32>,
     uid: Option<u32>,
     gid: Option<u32>,
@@ -69,9 +73,17 @@ impl AttrPatch {
         a.mtime_ns = self.mtime_ns.unwrap_or(a.mtime_ns);
         a.atime_ns = self.atime_ns.unwrap_or(a.atime_ns);
         a.ctime_ns = a.ctime_ns.max(self.ctime_ns);
-        a.nlink += self.nlink_added;
+        a.nlink = add_links(a.nlink, self.nlink_delta);
+        a.parent = self.parent.unwrap_or(a.parent);
     }
 }
+
+fn add_links(nlink: u32, delta: i32) -> u32 {
+    nlink.saturating_add_signed(delta)
+}
+
+/// What a name changed here leads to: a node and its kind, or nothing (removed here).
+pub(crate) type NameNow = Option<(u64, NodeKind)>;
 
 /// A node as this mount's unsent changes leave it.
 #[derive(Debug, Clone)]
@@ -91,10 +103,14 @@ struct BackState {
     replayed: Option<(u64, u64, RequestId)>,
     /// Reserved node ids per volume: ranges `next..end`.
     pool: HashMap<String, VecDeque<(u64, u64)>>,
-    /// New names per directory: name -> (node, kind, seq of the change).
-    names: HashMap<u64, BTreeMap<String, (u64, NodeKind, u64)>>,
+    /// Names changed per directory: name -> (the node and kind it leads to now, or `None` if
+    /// it was removed here; seq of the change).
+    names: HashMap<u64, BTreeMap<String, (NameNow, u64)>>,
     /// Nodes changed here, with the seq of their last change.
     nodes: HashMap<u64, (Pending, u64)>,
+    /// Nodes whose creation is not on the servers yet, with its seq. (A node created here stays
+    /// `Pending::Created` while later changes of it are unsent, also once its creation is sent.)
+    unsent_creations: HashMap<u64, u64>,
     /// Version each node had after this mount's last write-back commit touching it.
     own_versions: HashMap<u64, u64>,
     conflicts: u64,
@@ -227,19 +243,23 @@ impl WriteBack {
 
     /// Whether `ino` is a directory created here and not on the servers yet.
     pub(crate) fn new_dir(&self, ino: u64) -> bool {
-        matches!(self.st().nodes.get(&ino), Some((Pending::Created(a), _)) if a.kind == NodeKind::Dir)
+        let st = self.st();
+        st.unsent_creations.contains_key(&ino)
+            && matches!(st.nodes.get(&ino), Some((Pending::Created(a), _)) if a.kind == NodeKind::Dir)
     }
 
-    /// The node new name `name` in `dir` leads to.
-    pub(crate) fn new_name(&self, dir: u64, name: &str) -> Option<u64> {
-        self.st().names.get(&dir)?.get(name).map(|(i, _, _)| *i)
+    /// What `name` in `dir` leads to, if a change logged here and not yet sent made or removed it
+    /// (`Some(None)`: removed here).
+    pub(crate) fn new_name(&self, dir: u64, name: &str) -> Option<Option<u64>> {
+        self.st().names.get(&dir)?.get(name).map(|(now, _)| now.map(|(i, _)| i))
     }
 
-    /// New names in `dir`: (name, node, kind).
-    pub(crate) fn names_in(&self, dir: u64) -> Vec<(String, u64, NodeKind)> {
-        self.st().names.get(&dir).map_or_else(Vec::new, |m| {
-            m.iter().map(|(n, (i, k, _))| (n.clone(), *i, *k)).collect()
-        })
+    /// Names in `dir` that unsent changes made or removed: (name, what it leads to now).
+    pub(crate) fn names_in(&self, dir: u64) -> Vec<(String, NameNow)> {
+        self.st()
+            .names
+            .get(&dir)
+            .map_or_else(Vec::new, |m| m.iter().map(|(n, (now, _))| (n.clone(), *now)).collect())
     }
 
     /// Waits while changes keep arriving (see `GATHER`), unless someone waits for the servers,
@@ -291,7 +311,7 @@ impl WriteBack {
     }
 
     /// Logs one change and shows it in the overlay; with `durable`, returns once it is on disk.
-    async fn log_change(
+    pub(super) async fn log_change(
         &self,
         volume: &str,
         uid: u32,
@@ -308,7 +328,9 @@ impl WriteBack {
                 op,
                 content,
             };
-            // Appended under the state lock, so the log's order is the order of the changes.
+            // Checked and appended under the state lock, so the log's order is the order of
+            // the changes, and two racing changes of one name cannot both pass their checks.
+            st.admits(&c.op)?;
             let (at, c) = self.log.append_change(c).map_err(log_err)?;
             st.next_seq += 1;
             st.overlay(&c);
@@ -342,6 +364,35 @@ impl WriteBack {
 }
 
 impl BackState {
+    /// Refuses a change whose check (made before the state lock was taken) another change
+    /// logged meanwhile made wrong: a name taken, or a name that no longer leads to the node.
+    fn admits(&self, op: &Op) -> Result<(), FsError> {
+        let now = |dir: &u64, name: &str| self.names.get(dir).and_then(|m| m.get(name)).map(|(n, _)| *n);
+        match op {
+            Op::Create { parent, name, .. } | Op::Link { parent, name, .. } => match now(parent, name) {
+                Some(Some(_)) => Err(FsError::Exists),
+                _ => Ok(()),
+            },
+            Op::Remove {
+                parent,
+                name,
+                seen: Some(s),
+                ..
+            }
+            | Op::Rename {
+                from_parent: parent,
+                from_name: name,
+                seen: Some(s),
+                ..
+            } => match now(parent, name) {
+                Some(None) => Err(FsError::NotFound),
+                Some(Some((ino, _))) if ino != s.ino => Err(FsError::Stale),
+                _ => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+
     /// Shows a change in the overlay.
     fn overlay(&mut self, c: &Change) {
         let seq = c.seq;
@@ -383,25 +434,59 @@ impl BackState {
                     read_ticket: Default::default(),
                     rdev: *rdev,
                 };
-                self.names
-                    .entry(*parent)
-                    .or_default()
-                    .insert(name.clone(), (*ino, *kind, seq));
+                self.name(*parent, name, Some((*ino, *kind)), seq);
                 self.nodes.insert(*ino, (Pending::Created(a), seq));
+                self.unsent_creations.insert(*ino, seq);
                 // The directory changed too: new times, and a link more for a subdirectory.
-                let (t, dir) = (*mtime_ns, *kind == NodeKind::Dir);
+                self.dir_changed(*parent, seq, *mtime_ns, i32::from(*kind == NodeKind::Dir));
+            }
+            Op::Remove {
+                parent,
+                name,
+                seen: Some(s),
+                ..
+            } => {
+                let now = codafs_common::now_ns();
+                self.name(*parent, name, None, seq);
+                self.links(s.ino, seq, now, -1);
+                self.dir_changed(*parent, seq, now, -i32::from(s.kind == NodeKind::Dir));
+            }
+            Op::Rename {
+                from_parent,
+                from_name,
+                to_parent,
+                to_name,
+                seen: Some(s),
+                replaces,
+            } => {
+                let now = codafs_common::now_ns();
+                self.name(*from_parent, from_name, None, seq);
+                self.name(*to_parent, to_name, Some((s.ino, s.kind)), seq);
+                let to = *to_parent;
                 self.patch(
-                    *parent,
+                    s.ino,
                     seq,
-                    |p| {
-                        (p.mtime_ns, p.ctime_ns) = (t, t);
-                        p.nlink += u32::from(dir);
-                    },
-                    |p| {
-                        (p.mtime_ns, p.ctime_ns) = (Some(t), t);
-                        p.nlink_added += u32::from(dir);
-                    },
+                    |a| (a.parent, a.ctime_ns) = (to, now),
+                    |p| (p.parent, p.ctime_ns) = (Some(to), now),
                 );
+                if let Some(t) = replaces {
+                    self.links(t.ino, seq, now, -1);
+                }
+                let moved_dir = i32::from(s.kind == NodeKind::Dir && from_parent != to_parent);
+                let replaced_dir = i32::from(replaces.is_some_and(|t| t.kind == NodeKind::Dir));
+                self.dir_changed(*from_parent, seq, now, -moved_dir);
+                self.dir_changed(*to_parent, seq, now, moved_dir - replaced_dir);
+            }
+            Op::Link {
+                ino,
+                parent,
+                name,
+                kind,
+            } => {
+                let now = codafs_common::now_ns();
+                self.name(*parent, name, Some((*ino, *kind)), seq);
+                self.links(*ino, seq, now, 1);
+                self.dir_changed(*parent, seq, now, 0);
             }
             Op::SetContent {
                 ino,
@@ -448,6 +533,42 @@ impl BackState {
         }
     }
 
+    fn name(&mut self, dir: u64, name: &str, now: NameNow, seq: u64) {
+        self.names.entry(dir).or_default().insert(name.to_string(), (now, seq));
+    }
+
+    /// A directory's entries changed at `t`: new times, and `links` more (subdirectories).
+    fn dir_changed(&mut self, dir: u64, seq: u64, t: i64, links: i32) {
+        self.patch(
+            dir,
+            seq,
+            |a| {
+                (a.mtime_ns, a.ctime_ns) = (t, t);
+                a.nlink = add_links(a.nlink, links);
+            },
+            |p| {
+                (p.mtime_ns, p.ctime_ns) = (Some(t), t);
+                p.nlink_delta += links;
+            },
+        );
+    }
+
+    /// A node gained or lost names at `t`.
+    fn links(&mut self, ino: u64, seq: u64, t: i64, links: i32) {
+        self.patch(
+            ino,
+            seq,
+            |a| {
+                a.ctime_ns = t;
+                a.nlink = add_links(a.nlink, links);
+            },
+            |p| {
+                p.ctime_ns = t;
+                p.nlink_delta += links;
+            },
+        );
+    }
+
     fn patch(&mut self, ino: u64, seq: u64, created: impl FnOnce(&mut Attr), changed: impl FnOnce(&mut AttrPatch)) {
         let e = self
             .nodes
@@ -463,8 +584,9 @@ impl BackState {
     /// Drops the overlay of changes up to `last` (later changes of the same names stay).
     fn settle_overlay(&mut self, last: u64) {
         self.nodes.retain(|_, (_, seq)| *seq > last);
+        self.unsent_creations.retain(|_, seq| *seq > last);
         for m in self.names.values_mut() {
-            m.retain(|_, (_, _, seq)| *seq > last);
+            m.retain(|_, (_, seq)| *seq > last);
         }
         self.names.retain(|_, m| !m.is_empty());
     }
@@ -476,7 +598,7 @@ impl BackState {
         if self.own_versions.len() <= OWN_VERSIONS_KEPT {
             return;
         }
-        let queued: HashSet<u64> = self.queue.iter().map(|c| op_target(&c.op)).collect();
+        let queued: HashSet<u64> = self.queue.iter().flat_map(|c| touched(&c.op)).collect();
         self.own_versions
             .retain(|ino, _| queued.contains(ino) || open.contains(ino));
     }
@@ -538,97 +660,25 @@ struct Batch {
     changes: Vec<Change>,
 }
 
-/// The operations of a batch: a file's creation and its content become one create; of several
-/// contents of one file only the last is sent. Content changes expect the version this mount's
-/// own last commit gave the file, or else the one it had when it was opened.
-fn batch_ops(changes: &[Change], own: &HashMap<u64, u64>) -> Vec<Op> {
-    let mut ops: Vec<Op> = Vec::with_capacity(changes.len());
-    let mut created: HashMap<u64, usize> = HashMap::new();
-    let mut content_at: HashMap<u64, usize> = HashMap::new();
-    for c in changes {
-        match &c.op {
-            Op::Create { ino: Some(ino), .. } => {
-                created.insert(*ino, ops.len());
-                ops.push(c.op.clone());
-            }
-            Op::SetContent {
-                ino,
-                hash,
-                size,
-                mtime_ns,
-                expect,
-            } => {
-                if let Some(Op::Create {
-                    hash: h,
-                    size: s,
-                    mtime_ns: m,
-                    kind: NodeKind::File,
-                    ..
-                }) = created.get(ino).and_then(|i| ops.get_mut(*i))
-                {
-                    (*h, *s, *m) = (Some(*hash), *size, *mtime_ns);
-                    continue;
-                }
-                if let Some(Op::SetContent {
-                    hash: h,
-                    size: s,
-                    mtime_ns: m,
-                    ..
-                }) = content_at.get(ino).and_then(|i| ops.get_mut(*i))
-                {
-                    (*h, *s, *m) = (*hash, *size, *mtime_ns);
-                    continue;
-                }
-                content_at.insert(*ino, ops.len());
-                ops.push(Op::SetContent {
-                    expect: newest(own.get(ino).copied(), *expect),
-                    ino: *ino,
-                    hash: *hash,
-                    size: *size,
-                    mtime_ns: *mtime_ns,
-                });
-            }
-            op => ops.push(op.clone()),
-        }
-    }
-    ops
-}
-
-/// The newer of two versions of one node this mount knows: its own last commit of it, and the
-/// one its content had when the file was opened (either can be the later).
-fn newest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
-    match (a, b) {
-        (Some(x), Some(y)) => Some(x.max(y)),
-        (x, y) => x.or(y),
-    }
-}
-
-/// The content hashes a batch's operations reference.
-fn referenced(ops: &[Op]) -> Vec<Hash> {
-    let mut v: Vec<Hash> = ops
-        .iter()
-        .filter_map(|o| match o {
-            Op::Create { hash, .. } => *hash,
-            Op::SetContent { hash, .. } => Some(*hash),
-            _ => None,
-        })
-        .collect();
-    v.sort();
-    v.dedup();
-    v
-}
-
 /// Node ids an operation touches (their cached attributes are stale after it).
 fn touched(op: &Op) -> Vec<u64> {
     match op {
         Op::Create { ino, parent, .. } => ino.iter().copied().chain([*parent]).collect(),
         Op::SetContent { ino, .. } | Op::SetAttr { ino, .. } => vec![*ino],
-        Op::Remove { parent, .. } => vec![*parent],
+        Op::Remove { parent, seen, .. } => [*parent].into_iter().chain(seen.map(|s| s.ino)).collect(),
         Op::Rename {
-            from_parent, to_parent, ..
-        } => vec![*from_parent, *to_parent],
+            from_parent,
+            to_parent,
+            seen,
+            replaces,
+            ..
+        } => [*from_parent, *to_parent]
+            .into_iter()
+            .chain(seen.map(|s| s.ino))
+            .chain(replaces.map(|s| s.ino))
+            .collect(),
         Op::Link { ino, parent, .. } => vec![*ino, *parent],
-        Op::Reserve { .. } => vec![],
+        Op::Reserve { .. } | Op::Expect { .. } => vec![],
     }
 }
 
@@ -665,7 +715,7 @@ impl<R: Remote> Core<R> {
     }
 
     /// The write-back log, for the paths only a write-back mount takes.
-    fn logging(&self) -> Result<&WriteBack, FsError> {
+    pub(super) fn logging(&self) -> Result<&WriteBack, FsError> {
         self.write_back()
             .ok_or_else(|| FsError::Io("internal: not a write-back mount".into()))
     }
@@ -719,7 +769,7 @@ impl<R: Remote> Core<R> {
             .filter(|i| *i != 0)
             .ok_or_else(|| FsError::Io("the servers reserved no node ids".into()))?;
         // Our own commit: its event is known as ours.
-        self.writes.record_own(r.version);
+        self.own_commit(r.version);
         let rec = Record::Reserved {
             volume: ctx.volume.clone(),
             first,
@@ -796,7 +846,7 @@ impl<R: Remote> Core<R> {
             blocking(size, || b.log.write_data(&name, &data)).map_err(log_err)?;
             Content::File(name)
         };
-        let created_here = matches!(b.pending(ino), Some(Pending::Created(_)));
+        let created_here = b.st().unsent_creations.contains_key(&ino);
         let op = Op::SetContent {
             expect: (!created_here).then_some(base_version),
             ino,
@@ -1017,21 +1067,29 @@ impl<R: Remote> Core<R> {
     /// new names, and attributes of what it touched are read again when next needed.
     fn after_commit(&self, b: &WriteBack, ops: &[Op], done: &crate::core::types::Committed) {
         let version = done.version;
-        self.writes.record_own(version);
+        self.own_commit(version);
         let mut inos = Vec::new();
         {
             let mut st = b.st();
             st.sent_batches += 1;
             for op in ops {
                 match op {
-                    Op::Create { ino: Some(i), .. } | Op::SetContent { ino: i, .. } | Op::SetAttr { ino: i, .. } => {
+                    Op::Create { ino: Some(i), .. }
+                    | Op::SetContent { ino: i, .. }
+                    | Op::SetAttr { ino: i, .. }
+                    | Op::Link { ino: i, .. } => {
                         st.own_versions.insert(*i, version);
+                    }
+                    // A node that keeps other names after a remove, and a moved node, changed.
+                    Op::Remove { seen: Some(s), .. } | Op::Rename { seen: Some(s), .. } => {
+                        st.own_versions.insert(s.ino, version);
                     }
                     _ => {}
                 }
             }
         }
         for (i, op) in ops.iter().enumerate() {
+            self.patch_listings(op);
             if let Op::Create {
                 ino,
                 parent,
@@ -1056,6 +1114,45 @@ impl<R: Remote> Core<R> {
         }
         let _ = self.meta.forget_attrs(&inos);
         self.writes.stats.commits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The cached listings a committed remove, rename or link changed, patched: our own change
+    /// event does not drop them.
+    fn patch_listings(&self, op: &Op) {
+        match op {
+            Op::Remove { parent, name, .. } => {
+                let _ = self.meta.patch_dir(*parent, name, None);
+            }
+            Op::Rename {
+                from_parent,
+                from_name,
+                to_parent,
+                to_name,
+                seen,
+                ..
+            } => {
+                let _ = self.meta.patch_dir(*from_parent, from_name, None);
+                match seen {
+                    Some(s) => {
+                        let _ = self
+                            .meta
+                            .patch_dir(*to_parent, to_name, Some((s.ino, kind_code(s.kind))));
+                    }
+                    None => {
+                        let _ = self.meta.forget(&[], &[*to_parent]);
+                    }
+                }
+            }
+            Op::Link {
+                ino,
+                parent,
+                name,
+                kind,
+            } => {
+                let _ = self.meta.patch_dir(*parent, name, Some((*ino, kind_code(*kind))));
+            }
+            _ => {}
+        }
     }
 
     /// A batch that conflicts: each change alone (with ids derived from the batch's, so a replay
@@ -1110,10 +1207,10 @@ impl<R: Remote> Core<R> {
     ) -> Result<(), FsError> {
         // Attempts derive their ids from this one (see the loop below).
         let (op, note) = match &c.op {
-            Op::Create { parent, name, .. } => {
+            Op::Create { parent, name, .. } | Op::Link { parent, name, .. } => {
                 let mut op = c.op.clone();
                 let new = conflict_name(name, &b.host);
-                if let Op::Create { name: n, .. } = &mut op {
+                if let Some(n) = new_name_of(&mut op) {
                     n.clone_from(&new);
                 }
                 if let Some(k) = b.kernel.get() {
@@ -1123,9 +1220,14 @@ impl<R: Remote> Core<R> {
                     });
                 }
                 self.forgot_name(*parent, name);
+                let what = if matches!(c.op, Op::Link { .. }) {
+                    "link"
+                } else {
+                    "node"
+                };
                 (
                     Some(op),
-                    format!("{name} was created elsewhere too; this mount's is kept as {new}"),
+                    format!("{name} was created elsewhere too; this mount's {what} is kept as {new}"),
                 )
             }
             Op::SetContent {
@@ -1162,6 +1264,50 @@ impl<R: Remote> Core<R> {
                     format!("{name} was changed elsewhere too; this mount's content is kept as {new}"),
                 )
             }
+            Op::Rename {
+                from_parent,
+                from_name,
+                to_parent,
+                to_name,
+                ..
+            } => {
+                let new = conflict_name(to_name, &b.host);
+                let mut op = c.op.clone();
+                if let Op::Rename {
+                    to_name: n, replaces, ..
+                } = &mut op
+                {
+                    (*n, *replaces) = (new.clone(), None);
+                }
+                if let Some(k) = b.kernel.get() {
+                    k.invalidate(&Invalidation {
+                        inodes: vec![*from_parent, *to_parent],
+                        entries: vec![(*from_parent, from_name.clone()), (*to_parent, to_name.clone())],
+                    });
+                }
+                self.forgot_name(*to_parent, to_name);
+                (
+                    Some(op),
+                    format!(
+                        "{to_name} was changed elsewhere while this mount renamed {from_name} to it; \
+                         this mount's is kept as {new}"
+                    ),
+                )
+            }
+            Op::Remove { parent, name, .. } => {
+                // The other change wins: the name shows what it holds now.
+                if let Some(k) = b.kernel.get() {
+                    k.invalidate(&Invalidation {
+                        inodes: vec![*parent],
+                        entries: vec![(*parent, name.clone())],
+                    });
+                }
+                let _ = self.meta.forget(&[], &[*parent]);
+                (
+                    None,
+                    format!("{name} was changed elsewhere; this mount's removal of it is not applied ({why})"),
+                )
+            }
             other => (None, format!("dropped {other:?}: {why}")),
         };
         tracing::warn!(volume = %c.volume, error = %why, "write-back conflict: {note}");
@@ -1171,13 +1317,10 @@ impl<R: Remote> Core<R> {
             st.last_conflict = Some(note);
         }
         let Some(mut op) = op else { return Ok(()) };
-        let base = match &op {
-            Op::Create { name, .. } => name.clone(),
-            _ => String::new(),
-        };
+        let base = new_name_of(&mut op).map(|n| n.clone()).unwrap_or_default();
         // Two conflicts of one file within a millisecond would pick one name: number them.
         for attempt in 0..8u64 {
-            if let Op::Create { name, .. } = &mut op {
+            if let Some(name) = new_name_of(&mut op) {
                 *name = if attempt == 0 {
                     base.clone()
                 } else {
@@ -1272,6 +1415,14 @@ impl<R: Remote> Core<R> {
     }
 }
 
+/// The name an operation gives a node (a conflict copy's, to number).
+fn new_name_of(op: &mut Op) -> Option<&mut String> {
+    match op {
+        Op::Create { name, .. } | Op::Link { name, .. } | Op::Rename { to_name: name, .. } => Some(name),
+        _ => None,
+    }
+}
+
 fn content_hash(op: &Op) -> Option<Hash> {
     match op {
         Op::Create {
@@ -1308,84 +1459,7 @@ fn op_ino(op: &Op) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn change(seq: u64, op: Op) -> Change {
-        Change {
-            seq,
-            volume: "www".into(),
-            uid: 1,
-            op,
-            content: None,
-        }
-    }
-
-    fn create(ino: u64, name: &str) -> Op {
-        Op::Create {
-            ino: Some(ino),
-            parent: 1,
-            name: name.into(),
-            kind: NodeKind::File,
-            mode: 0o644,
-            hash: Some(Hash::of(b"")),
-            symlink_target: String::new(),
-            rdev: 0,
-            uid: 1,
-            gid: 1,
-            size: 0,
-            mtime_ns: 1,
-        }
-    }
-
-    fn content(ino: u64, data: &[u8], expect: Option<u64>) -> Op {
-        Op::SetContent {
-            expect,
-            ino,
-            hash: Hash::of(data),
-            size: data.len() as u64,
-            mtime_ns: 2,
-        }
-    }
-
-    #[test]
-    fn a_files_creation_and_last_content_become_one_create() {
-        let changes = vec![
-            change(1, create(10, "a")),
-            change(2, content(10, b"first", None)),
-            change(3, content(10, b"second", None)),
-            change(4, content(20, b"old file", Some(7))),
-            change(5, content(20, b"old file again", Some(7))),
-            change(6, content(30, b"touched before", Some(4))),
-        ];
-        let own = HashMap::from([(30, 9)]);
-        let ops = batch_ops(&changes, &own);
-        assert_eq!(ops.len(), 3, "{ops:?}");
-        let Op::Create { hash, size, .. } = &ops[0] else {
-            panic!()
-        };
-        assert_eq!((*hash, *size), (Some(Hash::of(b"second")), 6));
-        assert_eq!(ops[1], content(20, b"old file again", Some(7)));
-        assert_eq!(
-            ops[2],
-            content(30, b"touched before", Some(9)),
-            "our own later commit's version"
-        );
-        let own = HashMap::from([(30, 2)]);
-        let later = batch_ops(&changes[5..], &own);
-        assert_eq!(
-            later[0],
-            content(30, b"touched before", Some(4)),
-            "a later version seen at open"
-        );
-        assert_eq!(referenced(&ops), {
-            let mut v = vec![
-                Hash::of(b"second"),
-                Hash::of(b"old file again"),
-                Hash::of(b"touched before"),
-            ];
-            v.sort();
-            v
-        });
-    }
+    use crate::core::write::batch::tests::{change, content, create};
 
     #[test]
     fn the_overlay_shows_new_nodes_and_patches_until_settled() {
@@ -1397,7 +1471,7 @@ mod tests {
             panic!()
         };
         assert_eq!((a.size, a.hash), (3, Some(Hash::of(b"abc"))));
-        assert_eq!(st.names[&1]["a"], (10, NodeKind::File, 1));
+        assert_eq!(st.names[&1]["a"], (Some((10, NodeKind::File)), 1));
         let mut base = Attr {
             ino: 20,
             size: 100,
@@ -1413,6 +1487,79 @@ mod tests {
         st.settle_overlay(2);
         assert!(!st.nodes.contains_key(&10) && st.names.is_empty());
         assert!(st.nodes.contains_key(&20));
+        // A directory made here, and a file made in it after the directory's batch was taken:
+        // once that batch settles the directory is on the servers (its listing is theirs plus
+        // the overlay), although it still shows the overlay's attributes.
+        let mut dir = create(40, "d");
+        if let Op::Create { kind, .. } = &mut dir {
+            *kind = NodeKind::Dir;
+        }
+        st.overlay(&change(4, dir));
+        let mut inner = create(41, "f");
+        if let Op::Create { parent, .. } = &mut inner {
+            *parent = 40;
+        }
+        st.overlay(&change(5, inner));
+        assert!(st.unsent_creations.contains_key(&40));
+        st.settle_overlay(4);
+        assert!(
+            matches!(st.nodes.get(&40), Some((Pending::Created(_), 5))) && !st.unsent_creations.contains_key(&40),
+            "patched by change 5, but created on the servers"
+        );
+    }
+
+    #[test]
+    fn the_overlay_shows_removes_renames_and_links_until_settled() {
+        use crate::core::types::Seen;
+        let file = |ino| Seen {
+            ino,
+            version: 3,
+            kind: NodeKind::File,
+        };
+        let mut st = BackState::default();
+        st.overlay(&change(1, create(10, "a")));
+        st.overlay(&change(
+            2,
+            Op::Rename {
+                from_parent: 1,
+                from_name: "a".into(),
+                to_parent: 1,
+                to_name: "b".into(),
+                seen: Some(file(10)),
+                replaces: Some(file(20)),
+            },
+        ));
+        st.overlay(&change(
+            3,
+            Op::Link {
+                ino: 30,
+                parent: 1,
+                name: "l".into(),
+                kind: NodeKind::File,
+            },
+        ));
+        st.overlay(&change(
+            4,
+            Op::Remove {
+                parent: 1,
+                name: "c".into(),
+                seen: Some(file(30)),
+                expect: None,
+            },
+        ));
+        let names = &st.names[&1];
+        assert_eq!(names["a"].0, None, "renamed away");
+        assert_eq!(names["b"].0, Some((10, NodeKind::File)));
+        assert_eq!(names["c"].0, None, "removed");
+        assert_eq!(names["l"].0, Some((30, NodeKind::File)));
+        let links = |st: &BackState, ino| match st.nodes.get(&ino) {
+            Some((Pending::Changed(p), _)) => p.nlink_delta,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(links(&st, 20), -1, "the replaced node lost its name");
+        assert_eq!(links(&st, 30), 0, "one link made, one name removed");
+        st.settle_overlay(3);
+        assert_eq!(st.names[&1].len(), 1, "only the remove's name is unsent");
     }
 
     #[test]

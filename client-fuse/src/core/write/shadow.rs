@@ -30,6 +30,9 @@ pub(super) struct Shadow {
     pub(super) opens: u32,
     /// The last store failed and its error was reported; release does not retry it.
     pub(super) failed: bool,
+    /// Its last name was removed here (write-back): as on any POSIX filesystem, what is
+    /// written to it now goes nowhere (and is not sent as a conflict copy).
+    pub(super) unlinked: bool,
     /// Local uids whose changes are not stored yet: each must still be allowed to write when
     /// the file is stored, whoever closes it (the commit uses the closer's token).
     pub(super) writers: std::collections::BTreeSet<u32>,
@@ -179,6 +182,7 @@ impl<R: Remote> Core<R> {
                 base_version: raw.version,
                 opens: 1,
                 failed: false,
+                unlinked: false,
                 writers: Default::default(),
             })),
         );
@@ -299,7 +303,11 @@ impl<R: Remote> Core<R> {
             .clone();
         let _one_store = store_lock.lock().await;
         let (data, generation, mtime, writers, base) = {
-            let g = lock(&sh);
+            let mut g = lock(&sh);
+            if g.unlinked {
+                g.dirty = false;
+                g.writers.clear();
+            }
             if !g.dirty {
                 return Ok(());
             }

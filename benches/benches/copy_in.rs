@@ -3,7 +3,10 @@
 //! - a write-back mount (the default): `close` returns once the file is in the fsynced log, and
 //!   `codafs sync` then waits until everything is on the servers;
 //! - a `--write-through` mount: every `close` waits for the blob put and the commits;
-//! - local disk: `cp -r` then `sync`, in the same run (the baseline of the ratios).
+//! - local disk: `cp -r` then `sync`, in the same run (the baseline of the ratios);
+//!
+//! and the same tree published with `rsync -r` (a temporary name per file, then a rename over
+//! the real one) into a local directory and into a write-back mount.
 //!
 //! Run: `cargo build --bin codafs && cargo bench -p codafs-benches --profile dev --bench copy_in`
 use std::path::Path;
@@ -20,6 +23,28 @@ fn cp(from: &Path, to: &Path) -> Result<f64> {
     let st = Command::new("cp").arg("-r").arg(from).arg(to).status()?;
     ensure!(st.success(), "cp -r {} {} failed", from.display(), to.display());
     Ok(start.elapsed().as_secs_f64())
+}
+
+/// `rsync -r from/ to`; returns the seconds it took.
+fn rsync(from: &Path, to: &Path) -> Result<f64> {
+    let start = Instant::now();
+    let st = Command::new("rsync")
+        .arg("-r")
+        .arg(format!("{}/", from.display()))
+        .arg(to)
+        .status()
+        .context("rsync (scripts/install-deps.sh installs it)")?;
+    ensure!(st.success(), "rsync {} {} failed", from.display(), to.display());
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Runs `f`, then sync(2); returns the seconds both took.
+fn durable(f: impl FnOnce() -> Result<f64>) -> Result<f64> {
+    let copied = f()?;
+    let start = Instant::now();
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    Ok(copied + start.elapsed().as_secs_f64())
 }
 
 /// A writable mount whose root writes as the cluster's admin.
@@ -39,10 +64,8 @@ async fn bench() -> Result<Vec<String>> {
 
     // Local disk: the copy, and the copy made durable.
     let local_cp = cp(&src, &local.path().join("copy"))?;
-    let start = Instant::now();
-    // SAFETY: sync(2) takes no arguments and cannot fail.
-    unsafe { libc::sync() };
-    let local_durable = local_cp + start.elapsed().as_secs_f64();
+    let local_durable = durable(|| Ok(local_cp))?;
+    let local_rsync = durable(|| rsync(&src, &local.path().join("rsynced")))?;
 
     let wb = writer(&tc, "wb", &[])?;
     let wb_cp = cp(&src, &wb.path.join("www/wb")).context("cp into the write-back mount")?;
@@ -50,6 +73,11 @@ async fn bench() -> Result<Vec<String>> {
     wb.sync()?;
     let wb_servers = wb_cp + start.elapsed().as_secs_f64();
     let backlog = wb.status()?.writes.write_back.context("a write-back mount")?;
+    let wb_rsync = rsync(&src, &wb.path.join("www/rsynced")).context("rsync into the write-back mount")?;
+    let start = Instant::now();
+    wb.sync()?;
+    let wb_rsync_servers = wb_rsync + start.elapsed().as_secs_f64();
+    let after = wb.status()?.writes.write_back.context("a write-back mount")?;
 
     let wt = writer(&tc, "wt", &["--write-through"])?;
     let wt_cp = cp(&src, &wt.path.join("www/wt")).context("cp into the write-through mount")?;
@@ -76,10 +104,18 @@ async fn bench() -> Result<Vec<String>> {
         row("write-back mount, cp -r (every close in the fsynced log)", wb_cp),
         row("write-back mount, until every file is on the servers (codafs sync)", wb_servers),
         row("--write-through mount, cp -r", wt_cp),
+        row("local disk, rsync -r + sync", local_rsync),
+        row("write-back mount, rsync -r", wb_rsync),
+        row("write-back mount, rsync -r, until on the servers (codafs sync)", wb_rsync_servers),
         String::new(),
         format!(
-            "Write-back batches: {} changes sent in {} commits, {} conflicts.",
-            backlog.changes_sent, backlog.batches_sent, backlog.conflicts
+            "Write-back batches: cp sent {} changes in {} commits, {} conflicts; rsync {} changes in {} commits, {} conflicts.",
+            backlog.changes_sent,
+            backlog.batches_sent,
+            backlog.conflicts,
+            after.changes_sent - backlog.changes_sent,
+            after.batches_sent - backlog.batches_sent,
+            after.conflicts - backlog.conflicts
         ),
     ])
 }

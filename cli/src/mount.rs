@@ -324,13 +324,14 @@ pub fn print_mount_status(mnt: &Path, json: bool) -> Result<()> {
             None => println!("write-through: close returns once a change is on the servers"),
             Some(b) => {
                 println!(
-                    "write-back log: {} changes waiting ({} of {}), {} sent in {} batches, {} conflicts{}",
+                    "write-back log: {} changes waiting ({} of {}), {} sent in {} batches, {} conflicts, {} refused{}",
                     b.changes,
                     bytes(b.log_bytes),
                     bytes(b.log_limit),
                     b.changes_sent,
                     b.batches_sent,
                     b.conflicts,
+                    b.refused,
                     b.blocked
                         .as_deref()
                         .map(|w| format!("; waiting: {w}"))
@@ -338,6 +339,9 @@ pub fn print_mount_status(mnt: &Path, json: bool) -> Result<()> {
                 );
                 if let Some(c) = &b.last_conflict {
                     println!("       last conflict: {c}");
+                }
+                if let Some(r) = &b.last_refused {
+                    println!("       last refused: {r}");
                 }
             }
         }

@@ -962,3 +962,63 @@ async fn rsync_into_a_write_back_mount_reaches_the_servers_as_its_final_tree() {
     })
     .await
 }
+
+/// Write-back and a quota: `close` returned long before the servers saw the files, so the
+/// files past the quota are refused at reintegration. They are set aside (bytes in the cache
+/// directory's `wblog/lost+found`, reported in `codafs status`), the files within the quota
+/// reach the servers, and the refusal does not hold up what is logged after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn files_over_a_quota_are_set_aside_and_do_not_block_the_log() {
+    bounded(async {
+        let tc = setup().await?;
+        let spec = codafs_proto::pb::VolumeSpec {
+            name: "small".into(),
+            quota_files: 3,
+            write_quorum: 1,
+            public_read: true,
+            ..Default::default()
+        };
+        tc.client().create_volume(spec).await?;
+        let (a, _web) = writer_and_web_node(&tc)?;
+        let small = a.path.join("small");
+        wait_until(Duration::from_secs(10), "the mount sees the new volume", || {
+            let small = small.clone();
+            async move { small.is_dir() }
+        })
+        .await?;
+        for i in 0..5 {
+            std::fs::write(small.join(format!("page{i}.html")), format!("page {i} of five"))?;
+        }
+        // Logged after the refused files, in another volume: not held up.
+        std::fs::write(a.path.join("www/after.html"), "after")?;
+        a.sync()?;
+        let info = tc.volume_info("small").await?;
+        ensure!(info.used_files == 3, "files on the servers: {}", info.used_files);
+        ensure!(
+            tc.volume_info("www").await?.used_files == 1,
+            "www/after.html is not on the servers"
+        );
+        let back = a.status()?.writes.write_back.context("a write-back mount")?;
+        ensure!(back.refused == 2, "refused: {} ({:?})", back.refused, back.last_refused);
+        let note = back.last_refused.unwrap_or_default();
+        ensure!(note.contains("quota"), "the reason is given: {note}");
+        let kept: Vec<Vec<u8>> = std::fs::read_dir(a.cache.join("wblog/lost+found"))?
+            .flatten()
+            .map(|e| std::fs::read(e.path()))
+            .collect::<std::io::Result<_>>()?;
+        ensure!(kept.len() == 2, "{} files kept aside", kept.len());
+        for k in &kept {
+            let text = String::from_utf8_lossy(k);
+            ensure!(text.starts_with("page ") && text.ends_with(" of five"), "kept: {text}");
+        }
+        // The mount shows what the servers hold: the three files within the quota.
+        let mut names: Vec<String> = std::fs::read_dir(&small)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        ensure!(names.len() == 3, "the mount shows {names:?}");
+        Ok(())
+    })
+    .await
+}

@@ -115,6 +115,8 @@ struct BackState {
     own_versions: HashMap<u64, u64>,
     conflicts: u64,
     last_conflict: Option<String>,
+    refused: u64,
+    last_refused: Option<String>,
     /// Why the reintegrator is waiting (servers unreachable, no token...).
     blocked: Option<String>,
     sent_batches: u64,
@@ -133,6 +135,11 @@ pub struct BacklogStatus {
     pub changes_sent: u64,
     pub conflicts: u64,
     pub last_conflict: Option<String>,
+    /// Changes the servers refused outright (no right, over quota), set aside with their bytes.
+    #[serde(default)]
+    pub refused: u64,
+    #[serde(default)]
+    pub last_refused: Option<String>,
     /// Why nothing is being sent, if so.
     pub blocked: Option<String>,
 }
@@ -306,6 +313,8 @@ impl WriteBack {
             changes_sent: st.sent_changes,
             conflicts: st.conflicts,
             last_conflict: st.last_conflict.clone(),
+            refused: st.refused,
+            last_refused: st.last_refused.clone(),
             blocked: st.blocked.clone(),
         }
     }
@@ -698,6 +707,22 @@ fn is_conflict(e: &FsError) -> bool {
     )
 }
 
+/// Whether the servers refused a change itself, so that sending it again soon would change
+/// nothing: no right on the volume, over its quota, too large. Such changes are set aside one
+/// by one (their bytes kept in `wblog/lost+found`) rather than holding up everything logged
+/// after them. (A missing or expired token is not one: it waits for `codafs login`.)
+fn is_refusal(e: &FsError) -> bool {
+    matches!(
+        e,
+        FsError::Denied(_)
+            | FsError::NotPermitted(_)
+            | FsError::Quota(_)
+            | FsError::TooLarge(_)
+            | FsError::ReadOnly
+            | FsError::CrossVolume
+    )
+}
+
 /// A request id derived from a batch's, for its changes sent one by one (replays repeat them).
 fn sub_request(request: &RequestId, i: usize) -> RequestId {
     let mut h = blake3::Hasher::new();
@@ -981,8 +1006,19 @@ impl<R: Remote> Core<R> {
         let own = b.st().own_versions.clone();
         let ops = batch_ops(&batch.changes, &own);
         let quorum = self.quorum_of(&batch.volume);
-        self.put_contents(b, &token, &batch.changes, &referenced(&ops), quorum)
-            .await?;
+        match self
+            .put_contents(b, &token, &batch.changes, &referenced(&ops), quorum)
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if is_refusal(&e) => {
+                tracing::info!(error = %e, "write-back contents refused; sending the batch change by change");
+                self.one_by_one(b, &token, batch, &request).await?;
+                self.settle_batch(b, batch);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
         let lock = self
             .writes
             .inflight(batch.changes.first().map_or(0, |c| split_ino(op_ino(&c.op)).0));
@@ -998,9 +1034,9 @@ impl<R: Remote> Core<R> {
                 self.after_commit(b, &ops, &done);
                 drop(inflight);
             }
-            Err(e) if is_conflict(&e) => {
+            Err(e) if is_conflict(&e) || is_refusal(&e) => {
                 drop(inflight);
-                tracing::info!(error = %e, "write-back batch conflicts; sending its changes one by one");
+                tracing::info!(error = %e, "write-back batch conflicts or is refused; sending its changes one by one");
                 self.one_by_one(b, &token, batch, &request).await?;
             }
             Err(e) => return Err(e),
@@ -1159,7 +1195,11 @@ impl<R: Remote> Core<R> {
     /// repeats none), conflicting ones kept under a sibling name.
     async fn one_by_one(&self, b: &WriteBack, token: &str, batch: &Batch, request: &RequestId) -> Result<(), FsError> {
         let quorum = self.quorum_of(&batch.volume);
+        let mut merged_away: HashSet<usize> = HashSet::new();
         for (i, c) in batch.changes.iter().enumerate() {
+            if merged_away.contains(&i) {
+                continue;
+            }
             // A content a later change of the batch replaces is never sent (as in the batch).
             if let Op::SetContent { ino, .. } = &c.op {
                 let later = batch.changes[i + 1..]
@@ -1169,13 +1209,26 @@ impl<R: Remote> Core<R> {
                     continue;
                 }
             }
+            // A new file goes with its last content, as in the batch: a conflict or refusal
+            // then keeps (or sets aside) the file whole, under its own name.
+            let merged = merge_creation(&batch.changes, i, &mut merged_away);
+            let c = merged.as_ref().unwrap_or(c);
             // The versions as the changes before this one left them.
             let own = b.st().own_versions.clone();
             let ops = batch_ops(std::slice::from_ref(c), &own);
             // Its content may not have been put with the batch's (a content the batch merged
             // away is sent here on its own).
-            self.put_contents(b, token, std::slice::from_ref(c), &referenced(&ops), quorum)
-                .await?;
+            match self
+                .put_contents(b, token, std::slice::from_ref(c), &referenced(&ops), quorum)
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if is_refusal(&e) => {
+                    self.keep_refused(b, c, &e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
             let r = self
                 .timed(
                     self.write_timeout(0),
@@ -1189,6 +1242,7 @@ impl<R: Remote> Core<R> {
                     self.keep_conflict(b, token, c, &e, sub_request(request, i + batch.changes.len()))
                         .await?
                 }
+                Err(e) if is_refusal(&e) => self.keep_refused(b, c, &e),
                 Err(e) => return Err(e),
             }
         }
@@ -1344,28 +1398,62 @@ impl<R: Remote> Core<R> {
                     return Ok(());
                 }
                 Err(FsError::Exists) => continue,
-                Err(e) if is_conflict(&e) => break,
+                Err(e) if is_conflict(&e) || is_refusal(&e) => break,
                 Err(e) => return Err(e),
             }
         }
         // Even a sibling cannot be made (its directory is gone, say): keep the bytes in the
         // cache directory and say where, loudly.
-        if let Some(content) = &c.content {
-            let kept = b.log.read_content(content).map_err(log_err).and_then(|bytes| {
-                b.log
-                    .keep_aside(&format!("{}-{:016x}-{}", c.volume, op_target(&c.op), c.seq), &bytes)
-                    .map_err(log_err)
-            });
-            match kept {
-                Ok(path) => tracing::error!(
-                    volume = %c.volume,
-                    path = %path.display(),
-                    "a conflicting change could not be kept on the servers; its content is kept here"
-                ),
-                Err(e) => tracing::error!(volume = %c.volume, error = %e, "a conflicting change is lost"),
-            }
+        match keep_bytes(b, c) {
+            Ok(Some(path)) => tracing::error!(
+                volume = %c.volume,
+                path = %path.display(),
+                "a conflicting change could not be kept on the servers; its content is kept here"
+            ),
+            Ok(None) => {}
+            Err(e) => tracing::error!(volume = %c.volume, error = %e, "a conflicting change is lost"),
         }
         Ok(())
+    }
+
+    /// Sets aside a change the servers refused outright (see [`is_refusal`]): its bytes go to
+    /// `wblog/lost+found`, this mount stops showing it, and it is counted and reported.
+    fn keep_refused(&self, b: &WriteBack, c: &Change, why: &FsError) {
+        let kept = match keep_bytes(b, c) {
+            Ok(Some(path)) => format!("; its content is kept in {}", path.display()),
+            Ok(None) => String::new(),
+            Err(e) => format!("; its content could not be kept: {e}"),
+        };
+        let note = format!("{} refused by the servers: {why}{kept}", describe(&c.op));
+        tracing::warn!(volume = %c.volume, uid = c.uid, "write-back: {note}");
+        let mut inodes = touched(&c.op);
+        let mut entries = Vec::new();
+        match &c.op {
+            Op::Create { parent, name, .. } | Op::Link { parent, name, .. } | Op::Remove { parent, name, .. } => {
+                entries.push((*parent, name.clone()));
+            }
+            Op::Rename {
+                from_parent,
+                from_name,
+                to_parent,
+                to_name,
+                ..
+            } => entries.extend([(*from_parent, from_name.clone()), (*to_parent, to_name.clone())]),
+            _ => {}
+        }
+        for (dir, name) in &entries {
+            self.forgot_name(*dir, name);
+        }
+        let dirs: Vec<u64> = entries.iter().map(|(d, _)| *d).collect();
+        let _ = self.meta.forget(&inodes, &dirs);
+        inodes.sort_unstable();
+        inodes.dedup();
+        if let Some(k) = b.kernel.get() {
+            k.invalidate(&Invalidation { inodes, entries });
+        }
+        let mut st = b.st();
+        st.refused += 1;
+        st.last_refused = Some(note);
     }
 
     /// The parent and a name of file `ino` on the servers (for a conflict copy next to it).
@@ -1412,6 +1500,62 @@ impl<R: Remote> Core<R> {
         }
         b.log.release(batch.last, &data);
         b.settled.send_modify(|s| *s = (*s).max(batch.last));
+    }
+}
+
+/// Change `i` of `changes` merged with the last content change of the same file, if `i` creates
+/// a file whose content a later change sets; the content changes go into `merged_away`.
+fn merge_creation(changes: &[Change], i: usize, merged_away: &mut HashSet<usize>) -> Option<Change> {
+    let c = &changes[i];
+    let Op::Create {
+        ino: Some(ino),
+        kind: NodeKind::File,
+        ..
+    } = &c.op
+    else {
+        return None;
+    };
+    let contents: Vec<usize> = (i + 1..changes.len())
+        .filter(|j| matches!(&changes[*j].op, Op::SetContent { ino: k, .. } if k == ino))
+        .collect();
+    let last = &changes[*contents.last()?];
+    let [op] = batch_ops(&[c.clone(), last.clone()], &HashMap::new()).try_into().ok()?;
+    merged_away.extend(contents);
+    Some(Change {
+        op,
+        content: last.content.clone(),
+        ..c.clone()
+    })
+}
+
+/// Keeps the content of change `c` (if it has one) in `wblog/lost+found`; returns where.
+fn keep_bytes(b: &WriteBack, c: &Change) -> Result<Option<std::path::PathBuf>, FsError> {
+    let Some(content) = &c.content else { return Ok(None) };
+    let label = match &c.op {
+        Op::Create { name, .. } => name.clone(),
+        op => format!("{:016x}", op_target(op)),
+    };
+    let bytes = b.log.read_content(content).map_err(log_err)?;
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    let path = b
+        .log
+        .keep_aside(&format!("{}-{}-{label}", c.volume, c.seq), &bytes)
+        .map_err(log_err)?;
+    Ok(Some(path))
+}
+
+/// A change as the log and `codafs status` name it.
+fn describe(op: &Op) -> String {
+    match op {
+        Op::Create { name, .. } => format!("the creation of {name}"),
+        Op::SetContent { ino, .. } => format!("new content of node {ino:#x}"),
+        Op::SetAttr { ino, .. } => format!("an attribute change of node {ino:#x}"),
+        Op::Remove { name, .. } => format!("the removal of {name}"),
+        Op::Rename { from_name, to_name, .. } => format!("the rename of {from_name} to {to_name}"),
+        Op::Link { name, .. } => format!("the link {name}"),
+        Op::Reserve { .. } | Op::Expect { .. } => format!("{op:?}"),
     }
 }
 

@@ -1022,3 +1022,76 @@ async fn files_over_a_quota_are_set_aside_and_do_not_block_the_log() {
     })
     .await
 }
+
+/// Write-back under server failures: a writer stores a stream of files, each followed by
+/// `fsync` (which returns once the file is on the servers), while a random server and then the
+/// leader are killed -9 and restarted. Every file whose `fsync` succeeded is on the servers,
+/// whole, once the log drains; a file whose `fsync` failed is at most late, never torn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nothing_acknowledged_by_fsync_is_lost_while_servers_are_killed() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    bounded(async {
+        let mut tc = setup().await?;
+        let (a, web) = writer_and_web_node(&tc)?;
+        const FILES: usize = 120;
+        let content = |i: usize| format!("<p>file {i}</p>\n").repeat(i % 50 + 1);
+        let dir = a.path.join("www/stream");
+        std::fs::create_dir(&dir)?;
+        let (written, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+        let writer = {
+            let (written, stop, dir) = (written.clone(), stop.clone(), dir.clone());
+            std::thread::spawn(move || {
+                let mut acked = Vec::new();
+                for i in 0..FILES {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let write = || -> std::io::Result<()> {
+                        use std::io::Write;
+                        let mut f = std::fs::File::create(dir.join(format!("f{i}.html")))?;
+                        f.write_all(content(i).as_bytes())?;
+                        f.sync_all()
+                    };
+                    if write().is_ok() {
+                        acked.push(i);
+                    }
+                    written.store(i + 1, Ordering::Relaxed);
+                }
+                acked
+            })
+        };
+        let progress = |n: usize| {
+            let written = written.clone();
+            async move { written.load(Ordering::Relaxed) >= n }
+        };
+        let victim = rand::random::<usize>() % tc.servers.len();
+        wait_until(Duration::from_secs(60), "the writer gets going", || progress(20)).await?;
+        tc.kill(victim);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tc.restart(victim)?;
+        wait_until(Duration::from_secs(90), "the writer goes on", || progress(60)).await?;
+        let leader = tc.leader().await?;
+        tc.kill(leader);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tc.restart(leader)?;
+        let done = wait_until(Duration::from_secs(120), "the writer finishes", || progress(FILES)).await;
+        stop.store(true, Ordering::Relaxed);
+        done?;
+        let acked = writer.join().map_err(|_| anyhow::anyhow!("the writer panicked"))?;
+        ensure!(
+            acked.len() >= FILES / 2,
+            "only {} of {FILES} fsyncs succeeded",
+            acked.len()
+        );
+        tc.wait_leader(Duration::from_secs(30)).await?;
+        a.sync().map_err(|e| anyhow::anyhow!("{e}\n{}", a.log()))?;
+        for i in acked {
+            wait_content(&web.path.join(format!("www/stream/f{i}.html")), content(i).as_bytes())
+                .await
+                .with_context(|| format!("f{i}.html (victim {victim}, leader {leader})"))?;
+        }
+        Ok(())
+    })
+    .await
+}

@@ -5,10 +5,13 @@
 //! Writes are not fsynced: RocksDB's WAL loses at most a suffix in a crash, and the seen version
 //! of a volume is written after the invalidations it covers, so a lost suffix means the changes are
 //! replayed from the server, never skipped.
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use codafs_proto::pb;
 
+use super::listings::{find, Listing, Listings};
 use crate::core::types::Attr;
 use prost::Message;
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, DB};
@@ -17,6 +20,9 @@ use serde::{Deserialize, Serialize};
 const CF_ATTRS: &str = "attrs";
 const CF_DIRS: &str = "dirs";
 const CF_VOLUMES: &str = "volumes";
+
+/// A name change of a cached listing: (directory, name, new node and kind code; `None`: gone).
+pub type DirPatch = (u64, String, Option<(u64, i32)>);
 
 /// A directory entry as cached (its attributes are cached separately by node id).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +60,9 @@ fn me(e: impl std::fmt::Display) -> MetaError {
 /// The metadata cache.
 pub struct MetaStore {
     db: DB,
+    /// Decoded listings (see `listings.rs`). Every write of a listing takes this lock around
+    /// its RocksDB write, so the memory copy never lags the stored one.
+    listings: std::sync::Mutex<Listings>,
 }
 
 impl MetaStore {
@@ -65,6 +74,7 @@ impl MetaStore {
         let cfs = [CF_ATTRS, CF_DIRS, CF_VOLUMES].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         Ok(MetaStore {
             db: DB::open_cf_descriptors(&opts, dir, cfs).map_err(me)?,
+            listings: Default::default(),
         })
     }
 
@@ -91,15 +101,58 @@ impl MetaStore {
             .map_err(me)
     }
 
-    pub fn dir(&self, ino: u64) -> Result<Option<Vec<DirEnt>>, MetaError> {
-        match self
+    fn listings(&self) -> std::sync::MutexGuard<'_, Listings> {
+        self.listings.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A cached listing, sorted by name, from memory or decoded from the store (under the
+    /// listings lock, so no write slips between the read and keeping it in memory).
+    fn listing_locked(&self, g: &mut Listings, ino: u64) -> Result<Option<Listing>, MetaError> {
+        if let Some(l) = g.get(ino) {
+            return Ok(Some(l));
+        }
+        let Some(v) = self
             .db
             .get_pinned_cf(self.cf(CF_DIRS)?, ino.to_be_bytes())
             .map_err(me)?
-        {
-            Some(v) => Ok(Some(bincode::deserialize(&v).map_err(me)?)),
-            None => Ok(None),
+        else {
+            return Ok(None);
+        };
+        let mut l: Vec<DirEnt> = bincode::deserialize(&v).map_err(me)?;
+        if !l.is_sorted_by(|a, b| a.name <= b.name) {
+            l.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         }
+        let l: Listing = Arc::new(l);
+        g.insert(ino, l.clone());
+        Ok(Some(l))
+    }
+
+    /// A cached listing, shared (no copy of its entries).
+    pub fn listing(&self, ino: u64) -> Result<Option<Listing>, MetaError> {
+        self.listing_locked(&mut self.listings(), ino)
+    }
+
+    pub fn dir(&self, ino: u64) -> Result<Option<Vec<DirEnt>>, MetaError> {
+        Ok(self.listing(ino)?.map(|l| l.as_ref().clone()))
+    }
+
+    /// The node `name` in cached listing `dir` leads to: `None` if the listing is not cached,
+    /// `Some(None)` if it has no such name.
+    pub fn dir_entry(&self, dir: u64, name: &str) -> Result<Option<Option<DirEnt>>, MetaError> {
+        Ok(self.listing(dir)?.map(|l| find(&l, name).cloned()))
+    }
+
+    /// Writes `listing` of `dir` (under the listings lock, held by the caller).
+    fn store_listing(&self, g: &mut Listings, dir: u64, listing: Vec<DirEnt>) -> Result<(), MetaError> {
+        self.db
+            .put_cf(
+                self.cf(CF_DIRS)?,
+                dir.to_be_bytes(),
+                bincode::serialize(&listing).map_err(me)?,
+            )
+            .map_err(me)?;
+        g.insert(dir, Arc::new(listing));
+        Ok(())
     }
 
     /// Stores a complete listing and the attributes of its entries in one batch.
@@ -121,7 +174,12 @@ impl MetaStore {
         for (_, a) in entries {
             batch.put_cf(self.cf(CF_ATTRS)?, a.ino.to_be_bytes(), encode(a));
         }
-        self.db.write(batch).map_err(me)
+        let mut g = self.listings();
+        self.db.write(batch).map_err(me)?;
+        let mut listing = listing;
+        listing.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        g.insert(ino, Arc::new(listing));
+        Ok(())
     }
 
     /// Forgets the attributes of these nodes, keeping directory listings.
@@ -133,32 +191,40 @@ impl MetaStore {
         self.db.write(batch).map_err(me)
     }
 
+    /// Applies name changes to cached listings (those not cached are left alone), in order:
+    /// each listing is read and written once, however many of its names change.
+    pub fn patch_dirs(&self, patches: &[DirPatch]) -> Result<(), MetaError> {
+        let mut by_dir: HashMap<u64, Vec<&DirPatch>> = HashMap::new();
+        for p in patches {
+            by_dir.entry(p.0).or_default().push(p);
+        }
+        let mut g = self.listings();
+        for (dir, changes) in by_dir {
+            let Some(listing) = self.listing_locked(&mut g, dir)? else {
+                continue;
+            };
+            let mut names: std::collections::BTreeMap<String, (u64, i32)> =
+                listing.iter().map(|e| (e.name.clone(), (e.ino, e.kind))).collect();
+            for (_, name, entry) in changes {
+                match entry {
+                    Some(e) => names.insert(name.clone(), *e),
+                    None => names.remove(name),
+                };
+            }
+            let listing: Vec<DirEnt> = names
+                .into_iter()
+                .map(|(name, (ino, kind))| DirEnt { name, ino, kind })
+                .collect();
+            self.store_listing(&mut g, dir, listing)?;
+        }
+        Ok(())
+    }
+
     /// Applies one name change to a cached listing, if the listing is cached: `Some` adds or
     /// replaces `name`, `None` removes it. Keeps a listing current after this mount's own change
     /// without refetching it (read-your-writes until the change's event arrives).
     pub fn patch_dir(&self, dir: u64, name: &str, entry: Option<(u64, i32)>) -> Result<(), MetaError> {
-        let Some(mut listing) = self.dir(dir)? else {
-            return Ok(());
-        };
-        listing.retain(|e| e.name != name);
-        if let Some((ino, kind)) = entry {
-            let at = listing.partition_point(|e| e.name.as_str() < name);
-            listing.insert(
-                at,
-                DirEnt {
-                    name: name.to_string(),
-                    ino,
-                    kind,
-                },
-            );
-        }
-        self.db
-            .put_cf(
-                self.cf(CF_DIRS)?,
-                dir.to_be_bytes(),
-                bincode::serialize(&listing).map_err(me)?,
-            )
-            .map_err(me)
+        self.patch_dirs(&[(dir, name.to_string(), entry)])
     }
 
     /// Forgets attributes and listings of these nodes.
@@ -171,7 +237,12 @@ impl MetaStore {
         for d in dirs {
             batch.delete_cf(self.cf(CF_DIRS)?, d.to_be_bytes());
         }
-        self.db.write(batch).map_err(me)
+        let mut g = self.listings();
+        self.db.write(batch).map_err(me)?;
+        for d in inos.iter().chain(dirs) {
+            g.remove(*d);
+        }
+        Ok(())
     }
 
     /// Forgets everything cached about one volume (its history is gone: revalidate lazily).
@@ -181,7 +252,10 @@ impl MetaStore {
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(self.cf(CF_ATTRS)?, from, to);
         batch.delete_range_cf(self.cf(CF_DIRS)?, from, to);
-        self.db.write(batch).map_err(me)
+        let mut g = self.listings();
+        self.db.write(batch).map_err(me)?;
+        g.clear();
+        Ok(())
     }
 
     pub fn volume(&self, name: &str) -> Result<Option<VolState>, MetaError> {
@@ -250,5 +324,39 @@ mod tests {
         m.forget_volume(1).unwrap();
         assert_eq!(m.attr(a.ino).unwrap(), None);
         assert_eq!(m.dir(codafs_common::make_ino(1, 1)).unwrap(), None);
+    }
+
+    #[test]
+    fn patches_apply_in_order_to_cached_listings_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = MetaStore::open(dir.path()).unwrap();
+        let (d, other) = (codafs_common::make_ino(1, 1), codafs_common::make_ino(1, 2));
+        let a = |i| Attr {
+            ino: codafs_common::make_ino(1, i),
+            ..Default::default()
+        };
+        m.put_dir(d, &[("b".into(), a(5)), ("d".into(), a(6))]).unwrap();
+        m.patch_dirs(&[
+            (d, "c".into(), Some((7, 1))),
+            (d, "b".into(), None),
+            (d, "a".into(), Some((8, 1))),
+            (d, "c".into(), Some((9, 1))),
+            (other, "x".into(), Some((10, 1))),
+        ])
+        .unwrap();
+        let names: Vec<(String, u64)> = m
+            .dir(d)
+            .unwrap()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.name, e.ino))
+            .collect();
+        let want = [("a", 8), ("c", 9), ("d", codafs_common::make_ino(1, 6))];
+        assert_eq!(
+            names,
+            want.map(|(n, i)| (n.to_string(), i)),
+            "sorted, later patches win"
+        );
+        assert_eq!(m.dir(other).unwrap(), None, "a listing not cached stays unknown");
     }
 }

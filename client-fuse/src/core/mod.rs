@@ -560,6 +560,17 @@ impl<R: Remote> Core<R> {
             Some(None) => return Err(FsError::NotFound),
             None => {}
         }
+        // A cached listing answers with a binary search, not a copy of the whole listing.
+        if self.writes.new_dir(parent) {
+            return Err(FsError::NotFound);
+        }
+        if let Some(hit) = self.meta.dir_entry(parent, name).map_err(Self::io)? {
+            self.stats.meta_hits.fetch_add(1, Ordering::Relaxed);
+            return match hit {
+                Some(e) => self.getattr(e.ino).await,
+                None => Err(FsError::NotFound),
+            };
+        }
         let listing = match self.stored_listing(parent, true).await {
             // The directory itself is gone: the kernel walks the path again.
             Err(FsError::NotFound) => return Err(FsError::Stale),

@@ -23,6 +23,7 @@ use tokio::sync::{watch, Notify};
 
 use super::batch::{batch_ops, referenced};
 use super::*;
+use crate::cache::meta::DirPatch;
 use crate::core::remote::{new_request_id, RequestId};
 use crate::core::types::Attr;
 use crate::core::{Invalidation, Invalidator};
@@ -1124,71 +1125,19 @@ impl<R: Remote> Core<R> {
                 }
             }
         }
+        // The cached listings learn the batch's names here (our own event does not drop them),
+        // each listing read and written once however many names the batch changed in it.
+        let (mut patches, mut unknown) = (Vec::new(), Vec::new());
         for (i, op) in ops.iter().enumerate() {
-            self.patch_listings(op);
-            if let Op::Create {
-                ino,
-                parent,
-                name,
-                kind,
-                ..
-            } = op
-            {
-                // A conflict copy is created without a reserved id: the reply names it. Either
-                // way the listing must learn it here: our own event does not drop it.
-                let made = ino.or_else(|| done.created.get(i).copied().filter(|c| *c != 0));
-                match made {
-                    Some(made) => {
-                        let _ = self.meta.patch_dir(*parent, name, Some((made, kind_code(*kind))));
-                    }
-                    None => {
-                        let _ = self.meta.forget(&[], &[*parent]);
-                    }
-                }
-            }
+            // A conflict copy is created without a reserved id: the reply names it.
+            let made = done.created.get(i).copied().filter(|c| *c != 0);
+            listing_patches(op, made, &mut patches, &mut unknown);
             inos.extend(touched(op));
         }
+        let _ = self.meta.patch_dirs(&patches);
+        let _ = self.meta.forget(&[], &unknown);
         let _ = self.meta.forget_attrs(&inos);
         self.writes.stats.commits.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The cached listings a committed remove, rename or link changed, patched: our own change
-    /// event does not drop them.
-    fn patch_listings(&self, op: &Op) {
-        match op {
-            Op::Remove { parent, name, .. } => {
-                let _ = self.meta.patch_dir(*parent, name, None);
-            }
-            Op::Rename {
-                from_parent,
-                from_name,
-                to_parent,
-                to_name,
-                seen,
-                ..
-            } => {
-                let _ = self.meta.patch_dir(*from_parent, from_name, None);
-                match seen {
-                    Some(s) => {
-                        let _ = self
-                            .meta
-                            .patch_dir(*to_parent, to_name, Some((s.ino, kind_code(s.kind))));
-                    }
-                    None => {
-                        let _ = self.meta.forget(&[], &[*to_parent]);
-                    }
-                }
-            }
-            Op::Link {
-                ino,
-                parent,
-                name,
-                kind,
-            } => {
-                let _ = self.meta.patch_dir(*parent, name, Some((*ino, kind_code(*kind))));
-            }
-            _ => {}
-        }
     }
 
     /// A batch that conflicts: each change alone (with ids derived from the batch's, so a replay
@@ -1500,6 +1449,46 @@ impl<R: Remote> Core<R> {
         }
         b.log.release(batch.last, &data);
         b.settled.send_modify(|s| *s = (*s).max(batch.last));
+    }
+}
+
+/// The name changes a committed operation made, as patches of cached listings (`patches`), or
+/// directories whose listing must be read again (`unknown`). `made`: the node the commit's
+/// reply says the operation created.
+fn listing_patches(op: &Op, made: Option<u64>, patches: &mut Vec<DirPatch>, unknown: &mut Vec<u64>) {
+    match op {
+        Op::Create {
+            ino,
+            parent,
+            name,
+            kind,
+            ..
+        } => match ino.or(made) {
+            Some(i) => patches.push((*parent, name.clone(), Some((i, kind_code(*kind))))),
+            None => unknown.push(*parent),
+        },
+        Op::Remove { parent, name, .. } => patches.push((*parent, name.clone(), None)),
+        Op::Rename {
+            from_parent,
+            from_name,
+            to_parent,
+            to_name,
+            seen,
+            ..
+        } => {
+            patches.push((*from_parent, from_name.clone(), None));
+            match seen {
+                Some(s) => patches.push((*to_parent, to_name.clone(), Some((s.ino, kind_code(s.kind))))),
+                None => unknown.push(*to_parent),
+            }
+        }
+        Op::Link {
+            ino,
+            parent,
+            name,
+            kind,
+        } => patches.push((*parent, name.clone(), Some((*ino, kind_code(*kind))))),
+        _ => {}
     }
 }
 

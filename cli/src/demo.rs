@@ -73,7 +73,7 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(codafs_common::ports::free_loopback_port()?)
 }
 
 fn spawn(dir: &Path, name: &str, args: &[String]) -> Result<Child> {
@@ -87,8 +87,24 @@ fn spawn(dir: &Path, name: &str, args: &[String]) -> Result<Child> {
         .with_context(|| format!("starting {name}"))
 }
 
-/// Waits until the server at `addr` sees `voters` voters (status needs the admin token).
-async fn wait_voters(addr: &str, tls: &Tls, token: &str, voters: u32) -> Result<()> {
+/// The last lines of a child's log, for an error message.
+fn log_tail(dir: &Path, name: &str) -> String {
+    let text = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(8)..].join("\n    ");
+    format!("{name}.log:\n    {tail}")
+}
+
+/// Waits until the server at `addr` sees `voters` voters (status needs the admin token). A
+/// server that exits meanwhile (its port taken, say) ends the wait at once, with its log.
+async fn wait_voters(
+    addr: &str,
+    tls: &Tls,
+    token: &str,
+    voters: u32,
+    children: &mut Children,
+    dir: &Path,
+) -> Result<()> {
     let c = Cluster::new(&[addr.to_string()], tls.clone(), Some(token.to_string()))?;
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
@@ -98,9 +114,17 @@ async fn wait_voters(addr: &str, tls: &Tls, token: &str, voters: u32) -> Result<
                 return Ok(());
             }
         }
+        for (i, (what, child)) in children.0.iter_mut().enumerate() {
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!("{what} exited ({status}); {}", log_tail(dir, &format!("s{}", i + 1)));
+            }
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    bail!("the cluster did not come up within 30 s (see the server logs)")
+    let logs: Vec<String> = (1..=children.0.len())
+        .map(|i| log_tail(dir, &format!("s{i}")))
+        .collect();
+    bail!("the cluster did not come up within 30 s; {}", logs.join("\n"))
 }
 
 /// Publishes the sample site into `www` as one atomic commit.
@@ -175,7 +199,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     };
     children.0.push(("server 1".into(), spawn(&dir, "s1", &s(0, &[]))?));
     let token = std::fs::read_to_string(sdir(0).join("admin.token"))?.trim().to_string();
-    wait_voters(&addrs[0], &tls, &token, 1).await?;
+    wait_voters(&addrs[0], &tls, &token, 1, &mut children, &dir).await?;
     let admin = Cluster::new(&addrs[..1], tls.clone(), Some(token.clone()))?;
     // A join token admits one server: one each.
     let join_token = || admin.join_token(0);
@@ -183,13 +207,13 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     children
         .0
         .push(("server 2".into(), spawn(&dir, "s2", &s(1, &["--join", &join]))?));
-    wait_voters(&addrs[0], &tls, &token, 2).await?;
+    wait_voters(&addrs[0], &tls, &token, 2, &mut children, &dir).await?;
     let join = join_token().await?;
     children.0.push((
         "witness".into(),
         spawn(&dir, "s3", &s(2, &["--join", &join, "--witness"]))?,
     ));
-    wait_voters(&addrs[0], &tls, &token, 3).await?;
+    wait_voters(&addrs[0], &tls, &token, 3, &mut children, &dir).await?;
 
     let c = Cluster::new(&addrs, tls.clone(), Some(token))?;
     let spec = pb::VolumeSpec {

@@ -7,6 +7,7 @@ pub mod ids;
 pub mod join;
 pub mod names;
 pub mod perms;
+pub mod ports;
 pub mod telemetry;
 pub mod ticket;
 pub mod token;

@@ -53,8 +53,7 @@ pub async fn bounded_within<F: Future<Output = Result<()>>>(limit: Duration, f: 
 
 /// A free loopback port (bound and released; the server binds it right after).
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
-    l.local_addr().expect("local addr").port()
+    codafs_common::ports::free_loopback_port().expect("a free loopback port")
 }
 
 /// Polls `check` every 50 ms until it returns true or `timeout` passes.

@@ -697,7 +697,6 @@ impl<R: Remote> Core<R> {
                     g.ctime_ns = codafs_common::now_ns();
                 }
                 None => {
-                    self.drain_log().await?;
                     let a = self.getattr(ino).await?;
                     match a.kind {
                         NodeKind::Dir => return Err(FsError::IsDir),
@@ -718,7 +717,14 @@ impl<R: Remote> Core<R> {
                             std::fs::read(self.blobs.path(&hash))?
                         };
                         data.resize(size as usize, 0);
-                        self.store_content(&ctx, ino, data, s.mtime_ns.unwrap_or(0)).await?;
+                        let mtime = s.mtime_ns.unwrap_or(0);
+                        if self.writes_back() {
+                            // Logged like a close's content, expecting the version shown now.
+                            let base = self.attr(ino).await?.version;
+                            self.store_logged(&ctx, c.uid, ino, data, mtime, base).await?;
+                        } else {
+                            self.store_content(&ctx, ino, data, mtime).await?;
+                        }
                     }
                 }
             }

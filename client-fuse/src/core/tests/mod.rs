@@ -560,3 +560,27 @@ async fn write_back_saves_by_rename_arrive_whole_and_conflicting_names_keep_both
     assert_eq!(model::read(&core, "c.html").await.unwrap(), b"theirs too");
     assert_eq!(core.backlog().unwrap().conflicts, 2);
 }
+
+/// Write-back: truncating a file that is not open is logged like a close's content (it does
+/// not wait for the servers), shown at once, and sent with the next batch.
+#[tokio::test(start_paused = true)]
+async fn write_back_truncate_of_a_closed_file_is_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = with_alice(core_writing_back(dir.path(), 1 << 20)).await;
+    core.remote.write(&[], "p", b"hello world");
+    deliver_all(&core).await;
+    let www = core.lookup(ROOT_INO, "www").await.unwrap().ino;
+    let p = core.lookup(www, "p").await.unwrap().ino;
+    assert_eq!(model::read(&core, "p").await.unwrap(), b"hello world", "now cached");
+    core.remote.lock().down = true;
+    let s = write::SetAttrs {
+        size: Some(5),
+        ..Default::default()
+    };
+    let a = core.setattr(model::ALICE, p, s).await.unwrap();
+    assert_eq!(a.size, 5, "shown at once, with every server down");
+    assert_eq!(model::read(&core, "p").await.unwrap(), b"hello");
+    core.remote.lock().down = false;
+    send_log(&core).await;
+    assert_eq!(core.remote.content("p").unwrap(), b"hello");
+}

@@ -6,8 +6,8 @@
 //! this mount (`Op::Reserve`), so the kernel gets its final inode number at once. Until a change
 //! is on the servers, this mount shows it from an overlay (new names, new nodes, changed
 //! attributes) over what the servers hold; reads of written content not yet sent are served
-//! from the log (copied into the blob cache on first read). Unlink, rmdir, rename, link and truncation of a file not open first wait until
-//! everything logged is on the servers, and then go as one commit each, as in write-through mode.
+//! from the log (copied into the blob cache on first read). Unlink, rmdir, rename and link are
+//! logged too (`names.rs`); truncating a file that is not open logs its new content.
 //!
 //! A batch is consecutive changes of one volume by one local user: its contents are put to the
 //! write quorum, then one commit applies all of it, a file's creation and content as one
@@ -894,12 +894,6 @@ impl<R: Remote> Core<R> {
         let b = self.logging()?;
         b.log_change(&ctx.volume, uid, op, None, false).await?;
         Ok(())
-    }
-
-    /// Waits until everything logged so far is on the servers (before a change that is sent at
-    /// once, so the servers see the changes in the order they were made).
-    pub(super) async fn drain_log(&self) -> Result<(), FsError> {
-        self.sync_log(self.write_timeout(0)).await
     }
 
     /// `codafs sync`, `fsync`: waits until everything logged before the call is on the servers,

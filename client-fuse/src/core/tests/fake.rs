@@ -418,6 +418,19 @@ impl FakeRemote {
             .map(|(v, _)| *v)
     }
 
+    /// The names in directory `path` (`""`: the volume root) now, sorted; `None`: no such
+    /// directory.
+    pub fn names(&self, path: &str) -> Option<Vec<String>> {
+        let t = self.lock();
+        let mut cur = root();
+        for p in path.split('/').filter(|p| !p.is_empty()) {
+            cur = t.tree.child(cur, p)?;
+        }
+        let mut v: Vec<String> = t.tree.dirs.get(&cur)?.keys().cloned().collect();
+        v.sort();
+        Some(v)
+    }
+
     /// Whether a file had `path` at any version.
     pub fn ever_had(&self, path: &str) -> bool {
         let t = self.lock();

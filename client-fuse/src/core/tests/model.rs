@@ -427,6 +427,31 @@ async fn run_steps(world: &World<'_>, groups: Vec<Vec<Step>>) -> Result<(), Test
         }
     }
     world.deliver(u8::MAX).await;
+    // Every directory lists what the server holds (a stale cached listing, or an overlay left
+    // behind, shows here).
+    for dir in ["", "a", "a/b"] {
+        let want = core.remote.names(dir);
+        let mut cur = core.lookup(ROOT_INO, "www").await.map(|a| a.ino);
+        for d in dir.split('/').filter(|d| !d.is_empty()) {
+            cur = match cur {
+                Ok(c) => core.lookup(c, d).await.map(|a| a.ino),
+                e => e,
+            };
+        }
+        let got = match cur {
+            Ok(c) => core.readdir(c).await.map(|l| {
+                let mut v: Vec<String> = l.into_iter().map(|(n, _, _)| n).collect();
+                v.sort();
+                v
+            }),
+            Err(e) => Err(e),
+        };
+        match (got, want) {
+            (Ok(got), Some(want)) => prop_assert_eq!(got, want, "listing of {:?} after everything settled", dir),
+            (Err(FsError::NotFound), None) => {}
+            (got, want) => prop_assert!(false, "{dir:?} after everything settled: {got:?}, server {want:?}"),
+        }
+    }
     for path in PATHS {
         let want = core.remote.content(path);
         match read(core, path).await {

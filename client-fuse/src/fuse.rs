@@ -660,8 +660,8 @@ impl<R: Remote> Filesystem for CodaFs<R> {
             }
         };
         let span = tracing::debug_span!("release", ino = ino.0);
-        if self.core.writes_back() {
-            // As `flush` (see `store`): nothing here needs a server.
+        if self.core.quick_store(fh.0) {
+            // As `flush` (see `store`): nothing here needs a server, and it is quick.
             let _g = span.entered();
             return self.rt.block_on(released);
         }
@@ -810,9 +810,10 @@ impl<R: Remote> CodaFs<R> {
     /// Stores the file behind `fh` if it changed; the error is what close/fsync return.
     fn store(&self, span: tracing::Span, fh: FileHandle, reply: ReplyEmpty) {
         let core = self.core.clone();
-        if core.writes_back() {
-            // Write-back: the store goes to the local log, never to a server, so it runs here
-            // on the FUSE thread (two thread switches less per close; its fsync is the wait).
+        if core.quick_store(fh.0) {
+            // Write-back, a small file: the store goes to the local log, never to a server, so
+            // it runs here on the FUSE thread (two thread switches less per close; its fsync is
+            // the wait). A large file's store is not: it would hold this thread for long.
             let _g = span.entered();
             return done(reply, self.rt.block_on(core.flush(fh.0)));
         }

@@ -367,20 +367,10 @@ impl Log {
             let g = self.inner();
             (g.active.try_clone().map_err(io(&self.dir))?, g.appended)
         };
-        let dir = self.dir.clone();
-        let sync = move || file.sync_data().map_err(|e| LogError::Io(dir, e));
-        // On a multi-thread runtime (the mount) the fsync runs where the close is, without
-        // handing it to a blocking thread and back (two thread switches per close); tokio moves
-        // the worker's other tasks away meanwhile. Elsewhere (tests) it goes to a blocking thread.
-        let multi = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        if multi {
-            tokio::task::block_in_place(sync)?;
-        } else {
-            tokio::task::spawn_blocking(sync)
-                .await
-                .map_err(|e| LogError::Io(self.dir.clone(), std::io::Error::other(e.to_string())))??;
-        }
+        // In place on the mount's multi-thread runtime (tokio moves the worker's other tasks
+        // away meanwhile), not handed to a blocking thread and back: two thread switches less
+        // per close.
+        crate::blocking::blocking(u64::MAX, || file.sync_data()).map_err(io(&self.dir))?;
         self.synced.send_modify(|s| *s = (*s).max(pos));
         Ok(())
     }

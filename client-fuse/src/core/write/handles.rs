@@ -80,6 +80,20 @@ impl<R: Remote> Core<R> {
         self.store_shadow(ino, uid).await
     }
 
+    /// Whether storing `fh` at close is quick and local: a write-back mount, and a file small
+    /// enough to log inline (the adaptor then stores it on the kernel's thread).
+    pub fn quick_store(&self, fh: u64) -> bool {
+        if !self.writes_back() {
+            return false;
+        }
+        let Some((ino, _, true)) = self.writes.handle(fh) else {
+            return true;
+        };
+        self.writes
+            .shadow(ino)
+            .is_none_or(|sh| lock(&sh).size <= crate::wblog::INLINE_MAX as u64)
+    }
+
     /// `fsync`: stores the file (as `close` does) and, on a write-back mount, waits until
     /// everything logged so far, this file included, is on the servers.
     pub async fn fsync(&self, fh: u64) -> Result<(), FsError> {

@@ -158,7 +158,7 @@ impl MetaStore {
     /// Stores a complete listing and the attributes of its entries in one batch.
     pub fn put_dir(&self, ino: u64, entries: &[(String, Attr)]) -> Result<(), MetaError> {
         let mut batch = WriteBatch::default();
-        let listing: Vec<DirEnt> = entries
+        let mut listing: Vec<DirEnt> = entries
             .iter()
             .map(|(n, a)| DirEnt {
                 name: n.clone(),
@@ -166,6 +166,8 @@ impl MetaStore {
                 kind: crate::core::kind_code(a.kind),
             })
             .collect();
+        // Stored sorted, as held in memory (lookups search it by name).
+        listing.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         batch.put_cf(
             self.cf(CF_DIRS)?,
             ino.to_be_bytes(),
@@ -176,8 +178,6 @@ impl MetaStore {
         }
         let mut g = self.listings();
         self.db.write(batch).map_err(me)?;
-        let mut listing = listing;
-        listing.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         g.insert(ino, Arc::new(listing));
         Ok(())
     }

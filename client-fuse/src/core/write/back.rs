@@ -245,6 +245,14 @@ impl WriteBack {
         let _ = self.kernel.set(k);
     }
 
+    /// Makes the kernel forget these nodes and names (a conflict or refusal changed what this
+    /// mount showed of them).
+    fn invalidate(&self, inodes: Vec<u64>, entries: Vec<(u64, String)>) {
+        if let Some(k) = self.kernel.get() {
+            k.invalidate(&Invalidation { inodes, entries });
+        }
+    }
+
     pub(crate) fn pending(&self, ino: u64) -> Option<Pending> {
         self.st().nodes.get(&ino).map(|(p, _)| p.clone())
     }
@@ -1001,42 +1009,46 @@ impl<R: Remote> Core<R> {
         let own = b.st().own_versions.clone();
         let ops = batch_ops(&batch.changes, &own);
         let quorum = self.quorum_of(&batch.volume);
-        match self
+        let sent = match self
             .put_contents(b, &token, &batch.changes, &referenced(&ops), quorum)
             .await
         {
-            Ok(()) => {}
-            Err(e) if is_refusal(&e) => {
-                tracing::info!(error = %e, "write-back contents refused; sending the batch change by change");
-                self.one_by_one(b, &token, batch, &request).await?;
-                self.settle_batch(b, batch);
-                return Ok(());
-            }
+            Ok(()) => self.commit_batch(b, &token, batch, &ops, request).await,
+            Err(e) if is_refusal(&e) => Err(e),
             Err(e) => return Err(e),
-        }
-        let lock = self
-            .writes
-            .inflight(batch.changes.first().map_or(0, |c| split_ino(op_ino(&c.op)).0));
-        let inflight = lock.read().await;
-        let r = self
-            .timed(
-                self.write_timeout(0),
-                self.remote.commit(&token, &batch.volume, ops.clone(), request),
-            )
-            .await;
-        match r {
-            Ok(done) => {
-                self.after_commit(b, &ops, &done);
-                drop(inflight);
-            }
+        };
+        match sent {
+            Ok(()) => {}
             Err(e) if is_conflict(&e) || is_refusal(&e) => {
-                drop(inflight);
                 tracing::info!(error = %e, "write-back batch conflicts or is refused; sending its changes one by one");
                 self.one_by_one(b, &token, batch, &request).await?;
             }
             Err(e) => return Err(e),
         }
         self.settle_batch(b, batch);
+        Ok(())
+    }
+
+    /// The one commit of a batch whose contents are on the servers.
+    async fn commit_batch(
+        &self,
+        b: &WriteBack,
+        token: &str,
+        batch: &Batch,
+        ops: &[Op],
+        request: RequestId,
+    ) -> Result<(), FsError> {
+        let lock = self
+            .writes
+            .inflight(batch.changes.first().map_or(0, |c| split_ino(op_ino(&c.op)).0));
+        let _inflight = lock.read().await;
+        let done = self
+            .timed(
+                self.write_timeout(0),
+                self.remote.commit(token, &batch.volume, ops.to_vec(), request),
+            )
+            .await?;
+        self.after_commit(b, ops, &done);
         Ok(())
     }
 
@@ -1210,12 +1222,7 @@ impl<R: Remote> Core<R> {
                 if let Some(n) = new_name_of(&mut op) {
                     n.clone_from(&new);
                 }
-                if let Some(k) = b.kernel.get() {
-                    k.invalidate(&Invalidation {
-                        inodes: vec![*parent],
-                        entries: vec![(*parent, name.clone())],
-                    });
-                }
+                b.invalidate(vec![*parent], vec![(*parent, name.clone())]);
                 self.forgot_name(*parent, name);
                 let what = if matches!(c.op, Op::Link { .. }) {
                     "link"
@@ -1250,12 +1257,7 @@ impl<R: Remote> Core<R> {
                     size: *size,
                     mtime_ns: *mtime_ns,
                 };
-                if let Some(k) = b.kernel.get() {
-                    k.invalidate(&Invalidation {
-                        inodes: vec![*ino],
-                        entries: Vec::new(),
-                    });
-                }
+                b.invalidate(vec![*ino], Vec::new());
                 (
                     Some(op),
                     format!("{name} was changed elsewhere too; this mount's content is kept as {new}"),
@@ -1276,12 +1278,10 @@ impl<R: Remote> Core<R> {
                 {
                     (*n, *replaces) = (new.clone(), None);
                 }
-                if let Some(k) = b.kernel.get() {
-                    k.invalidate(&Invalidation {
-                        inodes: vec![*from_parent, *to_parent],
-                        entries: vec![(*from_parent, from_name.clone()), (*to_parent, to_name.clone())],
-                    });
-                }
+                b.invalidate(
+                    vec![*from_parent, *to_parent],
+                    vec![(*from_parent, from_name.clone()), (*to_parent, to_name.clone())],
+                );
                 self.forgot_name(*to_parent, to_name);
                 (
                     Some(op),
@@ -1293,12 +1293,7 @@ impl<R: Remote> Core<R> {
             }
             Op::Remove { parent, name, .. } => {
                 // The other change wins: the name shows what it holds now.
-                if let Some(k) = b.kernel.get() {
-                    k.invalidate(&Invalidation {
-                        inodes: vec![*parent],
-                        entries: vec![(*parent, name.clone())],
-                    });
-                }
+                b.invalidate(vec![*parent], vec![(*parent, name.clone())]);
                 let _ = self.meta.forget(&[], &[*parent]);
                 (
                     None,
@@ -1391,9 +1386,7 @@ impl<R: Remote> Core<R> {
         let _ = self.meta.forget(&inodes, &dirs);
         inodes.sort_unstable();
         inodes.dedup();
-        if let Some(k) = b.kernel.get() {
-            k.invalidate(&Invalidation { inodes, entries });
-        }
+        b.invalidate(inodes, entries);
         let mut st = b.st();
         st.refused += 1;
         st.last_refused = Some(note);

@@ -86,6 +86,12 @@ impl Builder<'_> {
         at.into_iter().filter_map(|i| self.ops[i].take()).collect()
     }
 
+    /// A node made and removed in this batch: none of its operations is sent.
+    fn cancel(&mut self, ino: u64) {
+        self.take(ino);
+        self.dropped.insert(ino);
+    }
+
     fn add(&mut self, op: &Op) {
         match op {
             Op::Create {
@@ -131,8 +137,7 @@ impl Builder<'_> {
             } => {
                 if self.movable.contains_key(&s.ino) {
                     // Made and removed in this batch: the servers never hear of it.
-                    self.take(s.ino);
-                    self.dropped.insert(s.ino);
+                    self.cancel(s.ino);
                     return;
                 }
                 let expect = self.expect(s);
@@ -155,8 +160,7 @@ impl Builder<'_> {
                 // A target made in this batch goes with the rename: the name is free again.
                 let mut replaces = *replaces;
                 if let Some(t) = replaces.filter(|t| self.movable.contains_key(&t.ino)) {
-                    self.take(t.ino);
-                    self.dropped.insert(t.ino);
+                    self.cancel(t.ino);
                     replaces = None;
                 }
                 if self.movable.contains_key(&s.ino) {

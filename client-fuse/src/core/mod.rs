@@ -554,30 +554,41 @@ impl<R: Remote> Core<R> {
             let v = v.ok_or(FsError::NotFound)?;
             return self.getattr(v.root_ino).await;
         }
-        // A name made or removed here and not sent yet (write-back).
-        match self.writes.new_name(parent, name) {
-            Some(Some(ino)) => return self.getattr(ino).await,
-            Some(None) => return Err(FsError::NotFound),
-            None => {}
-        }
-        // A cached listing answers with a binary search, not a copy of the whole listing.
-        if self.writes.new_dir(parent) {
+        let Some(ino) = self.resolve(parent, name).await? else {
             return Err(FsError::NotFound);
+        };
+        match self.getattr(ino).await {
+            // The listed node is gone: a change committed while this looked may have given the
+            // name to another node (a rename over it, whose listing patch follows its commit).
+            // The name is resolved once more.
+            Err(FsError::NotFound) => match self.resolve(parent, name).await? {
+                Some(again) if again != ino => self.getattr(again).await,
+                _ => Err(FsError::NotFound),
+            },
+            r => r,
+        }
+    }
+
+    /// The node `name` in `parent` leads to (`None`: no such name), from this mount's unsent
+    /// changes, else the cached listing (a binary search), else a fetched one.
+    async fn resolve(&self, parent: u64, name: &str) -> Result<Option<u64>, FsError> {
+        // A name made or removed here and not sent yet (write-back).
+        if let Some(now) = self.writes.new_name(parent, name) {
+            return Ok(now);
+        }
+        if self.writes.new_dir(parent) {
+            return Ok(None);
         }
         if let Some(hit) = self.meta.dir_entry(parent, name).map_err(Self::io)? {
             self.stats.meta_hits.fetch_add(1, Ordering::Relaxed);
-            return match hit {
-                Some(e) => self.getattr(e.ino).await,
-                None => Err(FsError::NotFound),
-            };
+            return Ok(hit.map(|e| e.ino));
         }
         let listing = match self.stored_listing(parent, true).await {
             // The directory itself is gone: the kernel walks the path again.
             Err(FsError::NotFound) => return Err(FsError::Stale),
             r => r?,
         };
-        let e = listing.iter().find(|e| e.name == name).ok_or(FsError::NotFound)?;
-        self.getattr(e.ino).await
+        Ok(listing.iter().find(|e| e.name == name).map(|e| e.ino))
     }
 
     /// Entries of a directory (without `.` and `..`).

@@ -82,7 +82,7 @@ enum Settle {
 
 impl<R: Remote> Core<R> {
     /// The applied version of the volume holding `ino` (None: not a known volume).
-    fn seen_of(&self, ino: u64) -> Option<u64> {
+    pub(super) fn seen_of(&self, ino: u64) -> Option<u64> {
         self.volume_of(ino).map(|v| v.seen)
     }
 

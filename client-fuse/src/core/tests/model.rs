@@ -533,6 +533,40 @@ mod regressions {
         ]);
     }
 
+    /// Write-back: a batch's reply was lost and the batch sent again after another node had
+    /// made `y` anew (its event applied); the retry's listing patch took `y` out of a listing
+    /// that already held the new one, so `y` stayed missing here.
+    #[test]
+    fn write_back_a_retried_batch_never_patches_a_newer_listing() {
+        replay_back(vec![
+            vec![RemoteWrite(2, 0), RemoteWrite(1, 0), Deliver(2)],
+            vec![Read(0)],
+            vec![LocalWrite(3, 0)],
+            vec![LocalRemove(1), RemoteWrite(3, 0)],
+            vec![Deliver(2)],
+            vec![Lag(4), RemoteRemove(3)],
+            vec![FailNextCommit(true), Deliver(1)],
+            vec![RemoteWrite(1, 0)],
+            vec![Deliver(2)],
+            vec![Read(2)],
+        ]);
+    }
+
+    /// A read looked up `y` while a save renamed a new file over it: the lookup found the
+    /// old node in the listing, the rename's commit had already made it gone, and its listing
+    /// patch had not run yet: `y` read as missing although it never was.
+    #[test]
+    fn a_read_racing_a_rename_over_the_name_never_finds_it_missing() {
+        replay(vec![
+            vec![Lag(3)],
+            vec![LocalWrite(0, 0)],
+            vec![RemoteWrite(2, 0)],
+            vec![LocalWrite(1, 0)],
+            vec![Deliver(2)],
+            vec![LocalSave(1, 0), Read(1), Deliver(2)],
+        ]);
+    }
+
     /// A replica that had not applied the mount's own write answered a read after it: the
     /// mount showed (and cached) what its own write replaced.
     #[test]

@@ -1140,7 +1140,21 @@ impl<R: Remote> Core<R> {
             listing_patches(op, made, &mut patches, &mut unknown);
             inos.extend(touched(op));
         }
-        let _ = self.meta.patch_dirs(&patches);
+        {
+            // A listing is patched only while the mount shows the volume from before this
+            // commit (under `apply_mx`, so no event lands in between). Once an event at or past
+            // the commit was applied (a reply lost and the commit sent again, say), a cached
+            // listing may hold later changes the patch would undo: it is read again instead.
+            let _g = self.apply_mx.lock().unwrap_or_else(|p| p.into_inner());
+            let past = patches
+                .first()
+                .and_then(|p| self.seen_of(p.0))
+                .is_some_and(|seen| seen >= version);
+            if past {
+                unknown.extend(patches.drain(..).map(|p| p.0));
+            }
+            let _ = self.meta.patch_dirs(&patches);
+        }
         let _ = self.meta.forget(&[], &unknown);
         let _ = self.meta.forget_attrs(&inos);
         self.writes.stats.commits.fetch_add(1, Ordering::Relaxed);

@@ -5,6 +5,7 @@
 //! Methods that a mount calls on behalf of a local user take `token: Option<&str>` (`None`: the
 //! cluster's own token, or none on a web node); administrative ones always use the cluster's own.
 //! Streams, blob transfers and commits live in `transport.rs`.
+use std::collections::HashSet;
 use std::future::Future;
 use std::time::Duration;
 
@@ -14,6 +15,10 @@ use tonic::transport::Channel;
 use tonic::{Response, Status, Streaming};
 
 use crate::transport::{ClientError, Cluster};
+
+/// Hashes per `Missing` query (the servers take at most `MAX_MISSING_QUERY`; this keeps a
+/// request well under the message limit).
+const MISSING_QUERY: usize = 10_000;
 
 impl Cluster {
     /// Sends `req` with `token` (or the cluster's own) to servers in preference order, moving on
@@ -110,16 +115,54 @@ impl Cluster {
 
     /// Which of `hashes` the server at `addr` lacks.
     pub async fn missing_on(&self, addr: &str, hashes: &[Hash]) -> Result<Vec<Hash>, ClientError> {
+        self.missing_on_as(addr, None, hashes).await
+    }
+
+    /// [`Cluster::missing_on`], asked as `token`'s holder (asking needs the right to store).
+    pub async fn missing_on_as(
+        &self,
+        addr: &str,
+        token: Option<&str>,
+        hashes: &[Hash],
+    ) -> Result<Vec<Hash>, ClientError> {
         let req = pb::MissingBlobsRequest {
             hashes: hashes.iter().map(|h| bytes::Bytes::copy_from_slice(&h.0)).collect(),
         };
-        let timeout = self.policy.call_timeout;
+        let mut r = self.request_opt(token, req);
+        r.set_timeout(self.policy.call_timeout);
         let reply = self
-            .unary_on(addr, timeout, req, |ch, r| async move {
-                Cluster::blobs(ch).missing(r).await
+            .call_on(addr, |ch| async move {
+                Cluster::blobs(ch).missing(r).await.map(Response::into_inner)
             })
             .await?;
         Ok(reply.missing.iter().filter_map(|b| Hash::from_slice(b).ok()).collect())
+    }
+
+    /// The hashes of `hashes` that some data replica lacks, asked as `token`'s holder. A
+    /// replica that cannot be asked counts as lacking everything (a put succeeds once W copies
+    /// exist, so sending too much is safe; sending too little fails the commit).
+    pub async fn lacking(&self, token: Option<&str>, hashes: &[Hash]) -> Result<HashSet<Hash>, ClientError> {
+        let data: Vec<String> = self
+            .list_servers_as(token)
+            .await?
+            .servers
+            .into_iter()
+            .filter(|s| !s.witness)
+            .map(|s| s.addr)
+            .collect();
+        let mut lacking = HashSet::new();
+        for part in hashes.chunks(MISSING_QUERY) {
+            for addr in &data {
+                match self.missing_on_as(addr, token, part).await {
+                    Ok(m) => lacking.extend(m),
+                    Err(e) => {
+                        tracing::debug!(server = %addr, error = %e, "could not ask which blobs a replica lacks");
+                        lacking.extend(part.iter().copied());
+                    }
+                }
+            }
+        }
+        Ok(lacking)
     }
 
     /// Opens the chunk stream of a blob on the server at `addr` (the caller verifies it).
@@ -190,7 +233,12 @@ impl Cluster {
 
     /// The cluster's servers, as the membership records them.
     pub async fn list_servers(&self) -> Result<pb::ServerList, ClientError> {
-        self.unary(None, pb::Empty {}, |ch, r| async move {
+        self.list_servers_as(None).await
+    }
+
+    /// [`Cluster::list_servers`] as `token`'s holder (the cluster's own token if `None`).
+    pub async fn list_servers_as(&self, token: Option<&str>) -> Result<pb::ServerList, ClientError> {
+        self.unary(token, pb::Empty {}, |ch, r| async move {
             Cluster::admin(ch).servers(r).await
         })
         .await

@@ -82,6 +82,9 @@ pub struct BlobRef {
     pub hash: Hash,
     pub ticket: bytes::Bytes,
     pub ino: u64,
+    /// Set when `hash` is a chunk of a large file: that file's manifest (the ticket and `ino`
+    /// then show the right to the manifest).
+    pub manifest: Option<Hash>,
 }
 
 impl BlobRef {
@@ -91,7 +94,18 @@ impl BlobRef {
             hash: Hash::from_slice(&attr.hash)?,
             ticket: attr.read_ticket.clone(),
             ino: attr.ino,
+            manifest: None,
         })
+    }
+
+    /// Chunk `chunk` of the large file this names (read under this file's right).
+    pub fn chunk(&self, chunk: Hash) -> Self {
+        BlobRef {
+            hash: chunk,
+            ticket: self.ticket.clone(),
+            ino: self.ino,
+            manifest: Some(self.hash),
+        }
     }
 
     /// The request that reads it from byte `offset` on.
@@ -101,6 +115,10 @@ impl BlobRef {
             offset,
             ticket: self.ticket.clone(),
             ino: self.ino,
+            manifest: self
+                .manifest
+                .map(|m| bytes::Bytes::copy_from_slice(&m.0))
+                .unwrap_or_default(),
         }
     }
 }

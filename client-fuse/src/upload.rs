@@ -1,17 +1,21 @@
 //! `codafs upload`: publish a local tree into a volume as one atomic commit.
 //!
-//! 1. Scan the local tree and hash its files in parallel (here).
+//! 1. Scan the local tree and hash its files in parallel (here). A file over the chunk threshold
+//!    is cut into chunks in the same read, and named by its manifest (`codafs_common::chunks`).
 //! 2. Walk the remote subtree and plan the commit (`plan.rs`): directories to create, files whose
 //!    content or mode changed, symlinks, and (with `--delete`) what is gone locally.
-//! 3. Ask every data replica which blobs it lacks (in batches), upload only those, in parallel
-//!    (`send.rs`).
+//! 3. Ask every data replica which blobs (small files, chunks, manifests) it lacks (in
+//!    batches), upload only those, in parallel, every manifest after its chunks (`send.rs`): a
+//!    small edit to a large file sends the chunks around it and a new manifest.
 //! 4. Commit every change as one batch: readers see the old tree or the new one. Changed objects
 //!    carry the version they were diffed against, so a concurrent change makes the commit fail
 //!    (and change nothing) instead of being overwritten. Re-running after an interruption uploads
 //!    only what is still missing.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use codafs_common::chunks::{content_id, is_chunked, Manifest};
 use codafs_common::names::validate_name;
 use codafs_common::Hash;
 use codafs_proto::error::ErrorKind;
@@ -29,6 +33,8 @@ pub enum UploadError {
     Local(PathBuf, std::io::Error),
     #[error("{0}: {1}")]
     BadName(PathBuf, String),
+    #[error("{0} changed during the upload; run it again")]
+    Changed(PathBuf),
     #[error("{0}")]
     Server(#[from] ClientError),
     #[error("the volume changed during the upload ({0}); run the upload again")]
@@ -47,7 +53,10 @@ enum Local {
         path: PathBuf,
         size: u64,
         mode: u32,
+        /// What names the content: its blake3, or its manifest's hash when chunked.
         hash: Hash,
+        /// The manifest of a chunked file (over the chunk threshold).
+        chunks: Option<Arc<Manifest>>,
     },
     Symlink {
         target: String,
@@ -151,21 +160,19 @@ fn scan(root: &Path, threads: usize) -> Result<BTreeMap<String, Local>, UploadEr
                 let Some((rel, path, size, mode)) = queue.lock().unwrap_or_else(|p| p.into_inner()).pop() else {
                     break;
                 };
-                let hashed = std::fs::File::open(&path).and_then(|mut f| {
-                    let mut h = blake3::Hasher::new();
-                    std::io::copy(&mut f, &mut h)?;
-                    Ok(Hash::from(h.finalize()))
-                });
-                match hashed {
-                    Ok(hash) => results
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((rel, Local::File { path, size, mode, hash })),
+                match identify(&path, size) {
+                    Ok((hash, chunks)) => results.lock().unwrap_or_else(|p| p.into_inner()).push((
+                        rel,
+                        Local::File {
+                            path,
+                            size,
+                            mode,
+                            hash,
+                            chunks: chunks.map(Arc::new),
+                        },
+                    )),
                     Err(e) => {
-                        first_err
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(UploadError::Local(path, e));
+                        first_err.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                     }
                 }
             });
@@ -177,6 +184,28 @@ fn scan(root: &Path, threads: usize) -> Result<BTreeMap<String, Local>, UploadEr
     out.extend(results.into_inner().unwrap_or_else(|p| p.into_inner()));
     Ok(out)
 }
+
+/// Reads the file at `path` once and names its content (`size` bytes, as scanned): its blake3,
+/// or for a large file its manifest's hash and the manifest. A file whose length no longer
+/// matches the scan changed meanwhile and is an error (it would name content of another size).
+fn identify(path: &Path, size: u64) -> Result<(Hash, Option<Manifest>), UploadError> {
+    let f = std::fs::File::open(path).map_err(|e| UploadError::Local(path.to_path_buf(), e))?;
+    // The chunker reads into a buffer of its own (the largest chunk); a small file is hashed
+    // through a read buffer.
+    let id = if is_chunked(size) {
+        content_id(f, size)
+    } else {
+        content_id(std::io::BufReader::with_capacity(READ_BUF, f), size)
+    };
+    match id {
+        Ok(id) => Ok(id),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(UploadError::Changed(path.to_path_buf())),
+        Err(e) => Err(UploadError::Local(path.to_path_buf(), e)),
+    }
+}
+
+/// The read buffer for hashing (larger reads, fewer system calls, bounded memory per thread).
+const READ_BUF: usize = 1 << 20;
 
 /// Walks the remote subtree at `base` (absent = empty).
 async fn remote_tree(c: &Cluster, volume: &str, base: &str) -> Result<BTreeMap<String, Remote>, UploadError> {
@@ -222,7 +251,6 @@ fn join(base: &str, rel: &str) -> String {
     }
 }
 
-/// Files up to this size go in batches.
 /// Publishes `local` into `opts.volume:opts.path`: scan and hash the local tree, read the remote
 /// one, [`plan::plan`] the commit, send the blobs some data replica lacks ([`send`]), then commit
 /// everything at once, expecting the versions seen.
@@ -250,12 +278,17 @@ pub async fn upload(
     let mut s = plan.summary;
     if opts.dry_run || plan.ops.is_empty() {
         s.uploaded_blobs = plan.blobs.len();
-        s.uploaded_bytes = plan.blobs.values().map(|(_, n)| n).sum();
+        s.uploaded_bytes = plan.blobs.values().map(|src| src.len()).sum();
         return Ok(s);
     }
     let todo = send::find_missing(c, plan.blobs).await?;
     s.uploaded_blobs = todo.len();
-    s.uploaded_bytes = todo.iter().map(|(_, _, n)| n).sum();
+    s.uploaded_bytes = todo.iter().map(|(_, src)| src.len()).sum();
+    tracing::debug!(
+        blobs = s.uploaded_blobs,
+        bytes = s.uploaded_bytes,
+        "blobs some data replica lacks"
+    );
     progress.planned(todo.len(), s.uploaded_bytes);
     let quorum = c.get_volume(&opts.volume).await?.write_quorum;
     send::send(c, send::jobs(todo), quorum, opts.parallel, progress).await?;
@@ -283,4 +316,39 @@ async fn missing_ancestors(c: &Cluster, volume: &str, base: &str) -> Result<Vec<
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scan_names_a_large_file_by_its_manifest_and_a_small_one_by_its_blake3(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let big: Vec<u8> = (0..(6u32 << 20))
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        std::fs::write(dir.path().join("big"), &big)?;
+        std::fs::write(dir.path().join("small"), b"small")?;
+        let tree = scan(dir.path(), 2)?;
+        let (want, manifest) = content_id(&big[..], big.len() as u64)?;
+        match tree.get("big") {
+            Some(Local::File {
+                hash,
+                chunks: Some(m),
+                size,
+                ..
+            }) => {
+                assert_eq!((*hash, *size), (want, big.len() as u64));
+                assert_eq!(Some(&**m), manifest.as_ref());
+            }
+            other => panic!("big scanned as {other:?}"),
+        }
+        match tree.get("small") {
+            Some(Local::File { hash, chunks: None, .. }) => assert_eq!(*hash, Hash::of(b"small")),
+            other => panic!("small scanned as {other:?}"),
+        }
+        Ok(())
+    }
 }

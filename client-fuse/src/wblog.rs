@@ -388,6 +388,52 @@ impl Log {
         Ok(name.to_string())
     }
 
+    /// Copies the first `size` bytes of `from` (a large file's shadow, read by position) into
+    /// data file `name`, durably; returns the name. Memory stays at one buffer.
+    pub fn write_data_from(&self, name: &str, from: &File, size: u64) -> Result<String, LogError> {
+        use std::os::unix::fs::FileExt;
+        self.check_room(size)?;
+        let dir = self.dir.join("data");
+        let path = dir.join(name);
+        let mut f = File::create(&path).map_err(io(&path))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        while at < size {
+            let want = buf.len().min((size - at) as usize);
+            let n = from.read_at(&mut buf[..want], at).map_err(io(&path))?;
+            if n == 0 {
+                let _ = std::fs::remove_file(&path);
+                return Err(LogError::Io(
+                    path,
+                    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file shrank while it was logged"),
+                ));
+            }
+            f.write_all(&buf[..n]).map_err(io(&path))?;
+            at += n as u64;
+        }
+        f.sync_all().map_err(io(&path))?;
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))?;
+        self.inner().data_bytes += size;
+        Ok(name.to_string())
+    }
+
+    /// Renames data file `from` to `to` (a copy named once its content hash is known).
+    pub fn rename_data(&self, from: &str, to: &str) -> Result<(), LogError> {
+        let dir = self.dir.join("data");
+        let dest = dir.join(to);
+        std::fs::rename(dir.join(from), &dest).map_err(io(&dest))?;
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))
+    }
+
+    /// The data file holding a logged content, when it is one (contents over 1 MiB): large
+    /// contents are read from it piece by piece, never whole.
+    pub fn data_path(&self, c: &Content) -> Option<PathBuf> {
+        match c {
+            Content::File(name) => Some(self.dir.join("data").join(name)),
+            _ => None,
+        }
+    }
+
     /// Reads a logged content.
     pub fn read_content(&self, c: &Content) -> Result<Vec<u8>, LogError> {
         match c {
@@ -428,6 +474,16 @@ impl Log {
 
     /// Keeps the content of a change the servers would not take at all in `lost+found/NAME`
     /// (next to the log, in the cache directory); returns its path.
+    /// Keeps a copy of logged data file `from` in `lost+found` as `name`.
+    pub fn keep_aside_file(&self, name: &str, from: &Path) -> Result<PathBuf, LogError> {
+        let dir = self.dir.join("lost+found");
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let path = dir.join(name);
+        std::fs::copy(from, &path).map_err(io(&path))?;
+        File::open(&path).and_then(|f| f.sync_all()).map_err(io(&path))?;
+        Ok(path)
+    }
+
     pub fn keep_aside(&self, name: &str, bytes: &[u8]) -> Result<PathBuf, LogError> {
         let dir = self.dir.join("lost+found");
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;

@@ -1,7 +1,8 @@
 //! Types shared by codafs servers, clients and the CLI: node ids, name validation, content
-//! hashes, signed tokens, logging setup and file permissions. Only logging (its files) and
+//! hashes and chunk manifests, signed tokens, logging setup and file permissions. Only logging (its files) and
 //! [`perms`] do I/O beyond reading the clock.
 
+pub mod chunks;
 pub mod hash;
 pub mod ids;
 pub mod join;
@@ -9,6 +10,7 @@ pub mod names;
 pub mod perms;
 pub mod ports;
 pub mod telemetry;
+pub mod testdata;
 pub mod ticket;
 pub mod token;
 

@@ -5,6 +5,9 @@
 //! - A **blob** is served to whoever shows a right to it: a read ticket for its hash (handed out
 //!   with the attributes of a readable file), a readable file whose content it is, or a server
 //!   certificate of a current member (repair and replication).
+//! - A **chunk** of a large file is read by its own hash together with the file's manifest hash:
+//!   the ticket or file then shows the right to the manifest, and the manifest must list the
+//!   chunk. A chunk shared by several files is readable through any of them.
 //! - **Storing** blobs needs a token whose account may write some volume, or a member's
 //!   certificate; bytes stored but not yet referenced count against the uploader's quota.
 //!
@@ -147,6 +150,35 @@ impl Node {
         ))))
     }
 
+    /// The manifest a client names to read a chunk (`GetBlobRequest.manifest`), if it names one
+    /// and is not a peer: its right is then checked against the manifest, and the manifest must
+    /// list the chunk ([`Node::check_chunk_listed`]). Peers read anything by certificate.
+    pub fn chunk_read_manifest(&self, caller: &Caller, manifest: &[u8]) -> Result<Option<Hash>, Status> {
+        if caller.peer || manifest.is_empty() {
+            return Ok(None);
+        }
+        Hash::from_slice(manifest)
+            .map(Some)
+            .map_err(|_| refuse(ErrorKind::Invalid, "a manifest hash is 32 bytes"))
+    }
+
+    /// Whether manifest `manifest` lists `chunk`, as this server can tell: `Ok(false)` when it
+    /// does not hold the manifest (the caller answers as for a missing blob, so the client asks
+    /// another replica), `Denied` when the manifest does not list the chunk.
+    pub async fn check_chunk_listed(&self, manifest: &Hash, chunk: &Hash) -> Result<bool, Status> {
+        let m = match self.manifest(manifest).await {
+            Ok(m) => m,
+            Err(NodeError::NotFound(_)) => return Ok(false),
+            Err(e) => return Err(status(e)),
+        };
+        if m.lists(chunk) {
+            return Ok(true);
+        }
+        Err(status(NodeError::Denied(format!(
+            "blob {chunk} is not a chunk of manifest {manifest}"
+        ))))
+    }
+
     /// Refuses details meant for operators and clients of this cluster (server list, status)
     /// unless the caller is a member or holds any valid token.
     pub fn check_known(&self, caller: &Caller) -> Result<(), Status> {
@@ -277,6 +309,31 @@ impl PendingBytes {
     }
 }
 
+impl PendingBytes {
+    /// Moves `user`'s pending charges of `chunks` onto `manifest`: a large file's chunks are
+    /// referenced only through its manifest, so their bytes stop counting once a commit
+    /// references the manifest (or expire with it).
+    pub fn fold(&self, user: &str, manifest: Hash, chunks: &std::collections::HashSet<Hash>) {
+        let mut map = self.by_user.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(list) = map.get_mut(user) else { return };
+        let mut moved = 0u64;
+        list.retain(|(h, s, _)| {
+            let chunk = chunks.contains(h);
+            if chunk {
+                moved += s;
+            }
+            !chunk
+        });
+        if moved == 0 {
+            return;
+        }
+        match list.iter_mut().find(|e| e.0 == manifest) {
+            Some(e) => e.1 += moved,
+            None => list.push((manifest, moved, Instant::now())),
+        }
+    }
+}
+
 /// Quota headroom of an account: the most bytes any volume it may write can still take
 /// (`None` = some volume has no byte quota, or the account is an admin).
 pub fn headroom(claims: &Claims, vols: &[VolumeRec]) -> Option<u64> {
@@ -358,5 +415,23 @@ mod tests {
         // Once `a` is referenced by a commit, it no longer counts.
         p.admit("web", &[(b, 500)], Some(1000), |h| *h == a).unwrap();
         p.admit("web", &[(c, 1)], None, |_| false).unwrap();
+    }
+
+    /// A large file's chunks stop counting when a commit references its manifest.
+    #[test]
+    fn chunk_charges_move_onto_their_manifest() {
+        let p = PendingBytes::default();
+        let (c1, c2, m) = (Hash::of(b"c1"), Hash::of(b"c2"), Hash::of(b"m"));
+        p.admit("web", &[(c1, 400), (c2, 400)], Some(1000), |_| false).unwrap();
+        p.admit("web", &[(m, 100)], Some(1000), |_| false).unwrap();
+        p.fold("web", m, &[c1, c2].into_iter().collect());
+        // Still charged (900 of 1000) until the manifest is referenced...
+        let err = p
+            .admit("web", &[(Hash::of(b"x"), 200)], Some(1000), |_| false)
+            .unwrap_err();
+        assert!(matches!(err, NodeError::Quota(_)), "{err}");
+        // ...then nothing of it counts.
+        p.admit("web", &[(Hash::of(b"x"), 900)], Some(1000), |h| *h == m)
+            .unwrap();
     }
 }

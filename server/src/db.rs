@@ -23,6 +23,10 @@ pub const CF_VOLUMES: &str = "volumes";
 pub const CF_ACCOUNTS: &str = "accounts";
 pub const CF_CHANGES: &str = "changes";
 pub const CF_BLOBREFS: &str = "blobrefs";
+/// References to chunk manifests (hash -> count, big-endian u64): the file contents over
+/// `chunks::CHUNK_THRESHOLD` whose hash names a manifest. Those hashes are in `blobrefs` too;
+/// this table says which referenced blobs list chunks that repair and GC must keep.
+pub const CF_MANIFESTREFS: &str = "manifestrefs";
 /// Token generations by account name (big-endian u64): tokens carrying an older generation are
 /// refused. A table of its own, so account records keep their format.
 pub const CF_TOKEN_GENERATIONS: &str = "token_generations";
@@ -40,6 +44,7 @@ pub const SM_TABLES: &[&str] = &[
     CF_ACCOUNTS,
     CF_CHANGES,
     CF_BLOBREFS,
+    CF_MANIFESTREFS,
     CF_REQUESTS,
     CF_TOKEN_GENERATIONS,
     CF_PKI,
@@ -175,12 +180,30 @@ impl Tables {
 
     /// Every referenced blob hash.
     pub fn referenced_blobs(&self) -> Result<Vec<Hash>, StoreError> {
+        self.hash_keys(CF_BLOBREFS)
+    }
+
+    /// Every referenced chunk manifest's hash.
+    pub fn referenced_manifests(&self) -> Result<Vec<Hash>, StoreError> {
+        self.hash_keys(CF_MANIFESTREFS)
+    }
+
+    /// The keys of a table keyed by hash, in order.
+    fn hash_keys(&self, table: &str) -> Result<Vec<Hash>, StoreError> {
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(cf(&self.db, CF_BLOBREFS)?, IteratorMode::Start) {
+        for item in self.db.iterator_cf(cf(&self.db, table)?, IteratorMode::Start) {
             let (k, _) = item.map_err(se)?;
             out.push(Hash::from_slice(&k).map_err(se)?);
         }
         Ok(out)
+    }
+
+    /// A hash-keyed count (`blobrefs`, `manifestrefs`); 0 when absent.
+    fn count(&self, table: &str, hash: &Hash) -> Result<u64, StoreError> {
+        match self.db.get_pinned_cf(cf(&self.db, table)?, hash.0).map_err(se)? {
+            Some(v) => Ok(u64::from_be_bytes(v.as_ref().try_into().map_err(se)?)),
+            None => Ok(0),
+        }
     }
 
     /// Adds a delta to a write batch.
@@ -214,11 +237,14 @@ impl Tables {
         for (name, g) in &d.token_generations {
             batch.put_cf(cf(db, CF_TOKEN_GENERATIONS)?, name.as_bytes(), g.to_be_bytes());
         }
-        for (h, n) in &d.blobrefs {
-            if *n == 0 {
-                batch.delete_cf(cf(db, CF_BLOBREFS)?, h.0);
-            } else {
-                batch.put_cf(cf(db, CF_BLOBREFS)?, h.0, n.to_be_bytes());
+        for (table, counts) in [(CF_BLOBREFS, &d.blobrefs), (CF_MANIFESTREFS, &d.manifestrefs)] {
+            let h = cf(db, table)?;
+            for (hash, n) in counts {
+                if *n == 0 {
+                    batch.delete_cf(h, hash.0);
+                } else {
+                    batch.put_cf(h, hash.0, n.to_be_bytes());
+                }
             }
         }
         for (vol, idx, c) in &d.changes {
@@ -415,10 +441,11 @@ impl StateView for Tables {
     }
 
     fn blobref(&self, hash: &Hash) -> Result<u64, StoreError> {
-        match self.db.get_pinned_cf(cf(&self.db, CF_BLOBREFS)?, hash.0).map_err(se)? {
-            Some(v) => Ok(u64::from_be_bytes(v.as_ref().try_into().map_err(se)?)),
-            None => Ok(0),
-        }
+        self.count(CF_BLOBREFS, hash)
+    }
+
+    fn manifestref(&self, hash: &Hash) -> Result<u64, StoreError> {
+        self.count(CF_MANIFESTREFS, hash)
     }
 
     fn volume_owned_by(&self, user: &str) -> Result<Option<String>, StoreError> {
@@ -651,6 +678,48 @@ mod tests {
         let exact = tables.dir_page(root, "", all.len()).unwrap().unwrap();
         assert!(!exact.2, "a page that ends at the last entry says no more follow");
         assert!(tables.dir_page(12345, "", 10).unwrap().is_none());
+    }
+
+    #[test]
+    fn manifest_references_are_listed_and_travel_in_snapshots() {
+        let (_dir, tables, mut mem, actor) = www_fixture();
+        let (manifest, small) = (Hash::of(b"manifest"), Hash::of(b"small"));
+        let file = |name: &str, hash: Hash, size: u64| Op {
+            expect_version: None,
+            kind: OpKind::Create {
+                parent: NodeRef::Path(String::new()),
+                name: name.into(),
+                kind: Kind::File,
+                mode: 0o644,
+                hash: Some(hash),
+                size,
+                symlink: String::new(),
+                replace: false,
+                uid: 0,
+                gid: 0,
+                mtime_ns: 0,
+            },
+        };
+        let big = codafs_common::chunks::CHUNK_THRESHOLD + 1;
+        let cmd = Command::Commit {
+            actor,
+            volume: "www".into(),
+            ops: vec![file("big", manifest, big), file("small", small, 5)],
+            expect_volume_version: None,
+            now_ns: 1,
+            request: None,
+        };
+        apply_to_both(&tables, &mut mem, 3, &cmd).unwrap();
+        assert_eq!(tables.referenced_manifests().unwrap(), vec![manifest]);
+        assert_eq!(tables.manifestref(&manifest).unwrap(), 1);
+        assert_eq!(tables.manifestref(&small).unwrap(), 0);
+        let mut blobs = tables.referenced_blobs().unwrap();
+        blobs.sort();
+        let mut want = vec![manifest, small];
+        want.sort();
+        assert_eq!(blobs, want, "a manifest is a referenced blob too");
+        let dump = tables.dump().unwrap();
+        assert!(dump.iter().any(|(t, rows)| t == CF_MANIFESTREFS && rows.len() == 1));
     }
 
     #[test]

@@ -220,6 +220,7 @@ pub async fn run(
         logins: auth::LoginGuard::default(),
         space: blobs::space::Space::new(dir, cfg.min_free_bytes),
         tasks: tasks.clone(),
+        manifests: Default::default(),
     });
     // Off the async workers: one argon2 hash.
     tokio::task::spawn_blocking(auth::prepare);

@@ -58,6 +58,8 @@ pub struct Counters {
     pub scrubbed: AtomicU64,
     pub gc_removed: AtomicU64,
     pub blob_gets: AtomicU64,
+    /// Blob bytes newly stored here by puts (client or forwarded; not repair).
+    pub blob_bytes_received: AtomicU64,
 }
 
 /// A member of the cluster as the membership config records it.
@@ -90,6 +92,8 @@ pub struct Node {
     pub space: crate::blobs::space::Space,
     /// Background tasks that outlive a request, stopped and awaited together at shutdown.
     pub tasks: crate::tasks::Tasks,
+    /// Parsed chunk manifests, bounded (see `blobs::manifests`).
+    pub manifests: crate::blobs::manifests::ManifestCache,
 }
 
 impl Node {
@@ -240,6 +244,7 @@ impl Node {
             disk_total_bytes: disk.map_or(0, |u| u.total),
             disk_min_free_bytes: disk.map_or(0, |u| self.space.min_free_of(u.total)),
             space_refusals: self.space.refusals.load(Ordering::Relaxed),
+            blob_bytes_received: self.counters.blob_bytes_received.load(Ordering::Relaxed),
         }
     }
 

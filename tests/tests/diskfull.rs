@@ -77,15 +77,7 @@ fn free_bytes(path: &Path) -> Result<u64> {
 
 /// Deterministic content of `len` bytes, different per `seed`.
 fn content(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    codafs_common::testdata::noise(len, seed)
 }
 
 /// Moves server `i`'s directory onto a fresh tmpfs of `size_mib` (stopping and restarting it).

@@ -1,15 +1,20 @@
 //! `codafs upload` against real servers: idempotent re-runs, --delete, dry runs, atomic
-//! visibility to a concurrent reader, and a leader crash during an upload.
+//! visibility to a concurrent reader, a leader crash during an upload, and large files sent as
+//! chunks (a small edit sends only the chunks around it).
+use codafs_common::testdata::noise;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
-use codafs_client::upload::{upload, UploadOptions};
+use anyhow::{ensure, Context, Result};
+use codafs_client::transport::BlobRef;
+use codafs_client::upload::{upload, Progress, UploadOptions};
 use codafs_client::Cluster;
+use codafs_common::chunks::Manifest;
+use codafs_common::Hash;
 use codafs_proto::pb;
-use codafs_tests::{ClusterOpts, TestCluster};
+use codafs_tests::{read_file, ClusterOpts, Mount, TestCluster};
 
 fn site(dir: &Path, version: u32, pages: usize) -> Result<()> {
     std::fs::create_dir_all(dir.join("pages"))?;
@@ -236,6 +241,179 @@ async fn quota_overrun_is_refused_with_the_limit_and_changes_nothing() {
             (after.version, after.used_files, after.used_bytes),
             (before.version, 0, 0)
         );
+        Ok::<_, anyhow::Error>(())
+    };
+    codafs_tests::bounded_within(Duration::from_secs(120), run).await;
+}
+
+/// Counts what an upload reports through its progress callbacks.
+#[derive(Default)]
+struct Counted {
+    planned: AtomicU64,
+    sent: AtomicU64,
+}
+
+impl Progress for Counted {
+    fn planned(&self, _blobs: usize, bytes: u64) {
+        self.planned.store(bytes, Ordering::Relaxed);
+    }
+    fn uploaded(&self, bytes: u64) {
+        self.sent.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+/// The data servers (a witness keeps no blobs): their addresses and stored blob bytes.
+async fn data_servers(tc: &TestCluster) -> Result<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    for s in &tc.servers {
+        let st = tc.status_of(&s.addr).await?;
+        if !st.witness {
+            out.push((s.addr.clone(), st.blob_bytes));
+        }
+    }
+    Ok(out)
+}
+
+/// The content of `volume:path` read from the server at `addr` by blobs: for a chunked file its
+/// manifest (checked against the file's size), then every chunk it lists, each verified.
+async fn read_chunked_on(tc: &TestCluster, addr: &str, volume: &str, path: &str) -> Result<(Vec<u8>, Manifest)> {
+    tc.caught_up(addr).await?;
+    let attr = tc.resolve_on(addr, volume, path).await?.attr.context("no attr")?;
+    let file = BlobRef::of(&attr)?;
+    let c = tc.client_on(addr);
+    let manifest = Manifest::decode(&c.get_blob(&file).await?).context("the file's hash names no manifest")?;
+    ensure!(
+        manifest.size() == attr.size,
+        "manifest of {} bytes for a {}-byte file",
+        manifest.size(),
+        attr.size
+    );
+    let mut data = Vec::with_capacity(attr.size as usize);
+    for chunk in &manifest.chunks {
+        data.extend_from_slice(&c.get_blob(&file.chunk(chunk.hash)).await?);
+    }
+    Ok((data, manifest))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_file_goes_in_chunks_and_an_edit_sends_only_the_chunks_around_it() {
+    const MIB: u64 = 1 << 20;
+    let run = async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let c = tc.client();
+        let local = tc.root.path().join("local");
+        std::fs::create_dir_all(&local)?;
+        let mut big = noise(40 << 20, 1);
+        std::fs::write(local.join("big.bin"), &big)?;
+        std::fs::write(local.join("small.txt"), b"a small file")?;
+
+        // First upload: every chunk, the manifest and the small file, and nothing twice.
+        let stored_before = data_servers(&tc).await?;
+        ensure!(stored_before.len() == 2, "two data servers: {stored_before:?}");
+        let progress = Counted::default();
+        let s = upload(&c, &local, &opts("data"), &progress).await?;
+        assert_eq!((s.files, s.created, s.bytes), (2, 2, 40 * MIB + 12));
+        assert!(
+            s.uploaded_bytes > 40 * MIB && s.uploaded_bytes < 40 * MIB + 64 * 1024,
+            "first upload sent {} bytes",
+            s.uploaded_bytes
+        );
+        assert!(
+            s.uploaded_blobs > 10,
+            "40 MiB in chunks of about 1 MiB: {} blobs",
+            s.uploaded_blobs
+        );
+        assert_eq!(progress.planned.load(Ordering::Relaxed), s.uploaded_bytes);
+        assert_eq!(progress.sent.load(Ordering::Relaxed), s.uploaded_bytes);
+        let stored = data_servers(&tc).await?;
+        for ((addr, b), (_, a)) in stored_before.iter().zip(&stored) {
+            assert!(a - b >= 40 * MIB, "data server {addr} stored {} bytes", a - b);
+            assert_eq!(tc.read_on(addr, "www", "data/small.txt").await?, b"a small file");
+        }
+        let (got, first) = read_chunked_on(&tc, &stored[1].0, "www", "data/big.bin").await?;
+        assert!(
+            got == big,
+            "the big file reads back different (blake3 {})",
+            Hash::of(&got)
+        );
+        assert!(first.chunks.len() > 10 && first.chunks.iter().all(|c| c.len <= 4 << 20));
+
+        // An unchanged tree sends nothing.
+        let again = upload(&c, &local, &opts("data"), &()).await?;
+        assert_eq!((again.uploaded_blobs, again.uploaded_bytes, again.version), (0, 0, 0));
+
+        // 64 KiB changed in the middle: the chunks around it and a new manifest, nothing more.
+        let mid = 20 << 20;
+        big[mid..mid + (64 << 10)].copy_from_slice(&noise(64 << 10, 2));
+        std::fs::write(local.join("big.bin"), &big)?;
+        let progress = Counted::default();
+        let s = upload(&c, &local, &opts("data"), &progress).await?;
+        assert_eq!((s.updated, s.unchanged), (1, 1));
+        assert!(s.version > 0);
+        assert!(s.uploaded_bytes < 12 * MIB, "the edit sent {} bytes", s.uploaded_bytes);
+        assert_eq!(progress.sent.load(Ordering::Relaxed), s.uploaded_bytes);
+        let after = data_servers(&tc).await?;
+        for ((addr, b), (_, a)) in stored.iter().zip(&after) {
+            assert!(
+                a - b < 12 * MIB,
+                "data server {addr} stored {} more bytes for a 64 KiB edit",
+                a - b
+            );
+        }
+        let (got, second) = read_chunked_on(&tc, &stored[0].0, "www", "data/big.bin").await?;
+        assert!(
+            got == big,
+            "the edited file reads back different (blake3 {})",
+            Hash::of(&got)
+        );
+        let shared = second.chunks.iter().filter(|c| first.chunks.contains(c)).count();
+        assert!(
+            shared + 4 >= second.chunks.len(),
+            "{shared} of {} chunks kept",
+            second.chunks.len()
+        );
+
+        // And through a mount, as a web node reads it.
+        let web = Mount::start(&tc.client_args(), tc.root.path(), "web", &["--read-only"])?;
+        let through = read_file(&web.path.join("www/data/big.bin")).with_context(|| web.log())?;
+        assert!(
+            through == big,
+            "the mount reads the big file differently (blake3 {})",
+            Hash::of(&through)
+        );
+        assert_eq!(read_file(&web.path.join("www/data/small.txt"))?, b"a small file");
+        Ok::<_, anyhow::Error>(())
+    };
+    codafs_tests::bounded_within(Duration::from_secs(180), run).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_file_changed_during_the_upload_fails_it_clearly() {
+    let run = async {
+        let tc = TestCluster::start(ClusterOpts::new(1, 0)).await?;
+        tc.create_volume("www", 1).await?;
+        let c = tc.client();
+        let local = tc.root.path().join("local");
+        std::fs::create_dir_all(&local)?;
+        let path = local.join("big.bin");
+        let big = noise(12 << 20, 3);
+        std::fs::write(&path, &big)?;
+        // Changed after the scan, before its chunks are read: the progress callback that says
+        // what is planned runs between the two.
+        struct Overwrite<'a>(&'a Path);
+        impl Progress for Overwrite<'_> {
+            fn planned(&self, _blobs: usize, _bytes: u64) {
+                let _ = std::fs::write(self.0, noise(12 << 20, 4));
+            }
+        }
+        let e = upload(&c, &local, &opts("data"), &Overwrite(&path))
+            .await
+            .err()
+            .context("the upload succeeded")?;
+        let msg = e.to_string();
+        assert!(msg.contains("big.bin changed during the upload; run it again"), "{msg}");
+        assert!(tc.resolve_on(&tc.servers[0].addr, "www", "data/big.bin").await.is_err());
         Ok::<_, anyhow::Error>(())
     };
     codafs_tests::bounded_within(Duration::from_secs(120), run).await;

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use codafs_common::chunks::{content_id, is_chunked};
 use codafs_common::Hash;
 use lru::LruCache;
 
@@ -160,13 +161,7 @@ impl BlobCache {
             s.unverified.contains(h).then_some(len)
         };
         if let Some(len) = needs_check {
-            let ok = crate::blocking::blocking(len, || {
-                std::fs::File::open(self.path(h)).and_then(|mut f| {
-                    let mut hasher = blake3::Hasher::new();
-                    std::io::copy(&mut f, &mut hasher)?;
-                    Ok(Hash::from(hasher.finalize()) == *h)
-                })
-            });
+            let ok = crate::blocking::blocking(len, || content_matches(&self.path(h), h, len));
             if !matches!(ok, Ok(true)) {
                 self.stats.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(hash = %h, "cached blob failed verification; dropping it");
@@ -226,7 +221,8 @@ impl BlobCache {
             size,
             tmp,
             file: Some(file),
-            hasher: blake3::Hasher::new(),
+            hasher: (!is_chunked(size)).then(blake3::Hasher::new),
+            chunks_verified: false,
             received: 0,
             local_error: None,
         })
@@ -289,6 +285,13 @@ impl Drop for Pin<'_> {
     }
 }
 
+/// Whether the file at `path` holds the content `h` names (a blob's blake3, or a chunked
+/// file's manifest hash, computed again from its bytes).
+fn content_matches(path: &Path, h: &Hash, len: u64) -> std::io::Result<bool> {
+    let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
+    Ok(content_id(f, len)?.0 == *h)
+}
+
 /// An in-progress fetch into the cache.
 pub struct CacheWriter<'a> {
     cache: &'a BlobCache,
@@ -296,7 +299,11 @@ pub struct CacheWriter<'a> {
     size: u64,
     tmp: PathBuf,
     file: Option<std::io::BufWriter<std::fs::File>>,
-    hasher: blake3::Hasher,
+    /// The whole-content hash of a single-blob file; `None` for a chunked one, which is
+    /// verified chunk by chunk (see [`CacheWriter::chunks_verified`]) or re-chunked at the end.
+    hasher: Option<blake3::Hasher>,
+    /// The fetcher verified every chunk of a chunked file before writing it here, in order.
+    chunks_verified: bool,
     received: u64,
     /// Writing the temp file failed (a full disk): the fetch is of no use to the cache.
     local_error: Option<std::io::Error>,
@@ -314,7 +321,9 @@ impl ChunkSink for CacheWriter<'_> {
                 self.hash, self.size
             )));
         }
-        self.hasher.update(data);
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(data);
+        }
         if let Some(f) = self.file.as_mut() {
             if let Err(e) = f.write_all(data) {
                 let kind = e.kind();
@@ -334,13 +343,20 @@ impl ChunkSink for CacheWriter<'_> {
             f.get_mut().set_len(0)?;
             f.get_mut().seek(std::io::SeekFrom::Start(0))?;
         }
-        self.hasher = blake3::Hasher::new();
+        if self.hasher.is_some() {
+            self.hasher = Some(blake3::Hasher::new());
+        }
+        self.chunks_verified = false;
         self.received = 0;
         Ok(())
     }
 
     fn verified(&self) -> bool {
-        self.received == self.size && Hash::from(self.hasher.finalize()) == self.hash
+        self.received == self.size
+            && match &self.hasher {
+                Some(h) => Hash::from(h.finalize()) == self.hash,
+                None => self.chunks_verified,
+            }
     }
 }
 
@@ -348,6 +364,12 @@ impl CacheWriter<'_> {
     /// The local write error that ended this fetch, if one did (the cache disk is full, say).
     pub fn failed_locally(&self) -> Option<&std::io::Error> {
         self.local_error.as_ref()
+    }
+
+    /// Records that every byte written was a chunk of this file's manifest, verified against
+    /// its hash and written in order, so [`CacheWriter::finish`] need not read it all again.
+    pub fn chunks_verified(&mut self) {
+        self.chunks_verified = true;
     }
 
     /// Verifies the whole content and makes it a cache entry.
@@ -360,7 +382,12 @@ impl CacheWriter<'_> {
             return Err(e.into());
         }
         drop(f);
-        if self.received != self.size || Hash::from(self.hasher.finalize()) != self.hash {
+        let good = self.received == self.size
+            && match &self.hasher {
+                Some(h) => Hash::from(h.finalize()) == self.hash,
+                None => self.chunks_verified || matches!(content_matches(&self.tmp, &self.hash, self.size), Ok(true)),
+            };
+        if !good {
             let _ = std::fs::remove_file(&self.tmp);
             return Err(CacheError::Mismatch(self.hash));
         }

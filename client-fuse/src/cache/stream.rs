@@ -45,6 +45,12 @@ impl Windows {
         Some(out)
     }
 
+    /// Keeps verified bytes `data` of content `hash` starting at `start` (a chunk of a large
+    /// file, read without the disk cache).
+    pub fn insert_range(&self, hash: Hash, start: u64, data: bytes::Bytes) {
+        self.insert(Window { hash, start, data });
+    }
+
     fn insert(&self, w: Window) {
         let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
         list.retain(|o| !(o.hash == w.hash && o.start == w.start));
@@ -81,6 +87,12 @@ impl WindowSink {
     }
 
     /// Stores the window once the whole blob verified; false if it did not.
+    /// The whole blob, if it was received and verified and fit in one window (a chunk of a
+    /// large file always does).
+    pub fn into_bytes(self) -> Option<Vec<u8>> {
+        (self.verified() && self.start == 0 && self.keep.len() as u64 == self.size).then_some(self.keep)
+    }
+
     pub fn finish(self, windows: &Windows) -> bool {
         if !self.verified() {
             return false;

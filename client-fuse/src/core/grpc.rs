@@ -219,6 +219,11 @@ impl Remote for GrpcRemote {
         Ok(())
     }
 
+    async fn missing(&self, token: &str, hashes: Vec<Hash>) -> Result<Vec<Hash>, FsError> {
+        let lacking = self.cluster.lacking(Some(token), &hashes).await?;
+        Ok(hashes.into_iter().filter(|h| lacking.contains(h)).collect())
+    }
+
     async fn commit(&self, token: &str, volume: &str, ops: Vec<Op>, request: RequestId) -> Result<Committed, FsError> {
         let req = super::wire::commit_request(volume, ops, request);
         Ok(self.cluster.commit_as(Some(token), req).await?.into())

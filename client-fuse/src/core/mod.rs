@@ -7,6 +7,7 @@
 //! [`Invalidator`] (the FUSE adaptor turns that into notifier calls), so everything here is
 //! testable without a mount. How an event is applied, and how fetched metadata is kept in step
 //! with events, is in [`switch`].
+mod chunked;
 pub mod error;
 pub mod grpc;
 mod prefetch;
@@ -23,6 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use codafs_common::chunks::is_chunked;
 use codafs_common::{split_ino, Hash};
 
 pub use error::FsError;
@@ -246,6 +248,8 @@ pub struct Core<R: Remote> {
     volumes_wanted: tokio::sync::Notify,
     /// Content streamed through memory while the cache disk is full.
     windows: crate::cache::stream::Windows,
+    /// Manifests of large files recently read (see `chunked.rs`).
+    manifests: Mutex<lru::LruCache<Hash, Arc<codafs_common::chunks::Manifest>>>,
 }
 
 impl<R: Remote> Core<R> {
@@ -277,6 +281,9 @@ impl<R: Remote> Core<R> {
             volumes_wanted: tokio::sync::Notify::new(),
             kernel_names: Mutex::new(HashMap::new()),
             windows: Default::default(),
+            manifests: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(chunked::MANIFESTS_KEPT).unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
         })
     }
 
@@ -632,6 +639,7 @@ impl<R: Remote> Core<R> {
             hash,
             ticket: a.read_ticket,
             ino,
+            manifest: None,
         };
         Ok((blob, a.size))
     }
@@ -681,7 +689,11 @@ impl<R: Remote> Core<R> {
                     .blobs
                     .writer(hash, size)
                     .map_err(|e| FsError::NoSpace(format!("caching blob {hash}: {e}")))?;
-                let fetched = self.remote.fetch_blob(blob, &mut w).await;
+                let fetched = if is_chunked(size) {
+                    self.fetch_chunks(blob, size, &mut w).await
+                } else {
+                    self.remote.fetch_blob(blob, &mut w).await
+                };
                 if let Some(e) = w.failed_locally() {
                     return Err(FsError::NoSpace(format!("caching blob {hash}: {e}")));
                 }
@@ -715,6 +727,14 @@ impl<R: Remote> Core<R> {
         }
         self.count_hit(blob.ino, false);
         self.stats.streamed_uncached.fetch_add(1, Ordering::Relaxed);
+        if is_chunked(len) {
+            let limit = crate::policy::transfer_timeout(self.cfg.op_timeout, codafs_common::chunks::CHUNK_MAX as u64);
+            let r = self
+                .timed(limit, self.read_chunked_uncached(blob, len, offset, size))
+                .await;
+            self.fetches.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
+            return r;
+        }
         let limit = crate::policy::transfer_timeout(self.cfg.op_timeout, len);
         let mut sink = crate::cache::stream::WindowSink::new(hash, len, offset);
         let result = self.timed(limit, self.remote.fetch_blob(blob, &mut sink)).await;
@@ -759,6 +779,7 @@ impl<R: Remote> Core<R> {
                     hash,
                     ticket: Default::default(),
                     ino,
+                    manifest: None,
                 };
                 (blob, len)
             }

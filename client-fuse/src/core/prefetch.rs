@@ -38,6 +38,7 @@ impl<R: Remote> Core<R> {
                 hash,
                 ticket: a.read_ticket.clone(),
                 ino: a.ino,
+                manifest: None,
             });
         }
         // One file costs the same either way.

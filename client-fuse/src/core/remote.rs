@@ -124,6 +124,16 @@ pub trait Remote: Send + Sync + 'static {
             Ok(())
         }
     }
+    /// Which of `hashes` some data replica lacks, asked as `token`'s holder (a large file's
+    /// store sends only those chunks). The default answers all of them: always safe, as a put
+    /// of a blob already stored changes nothing.
+    fn missing(
+        &self,
+        _token: &str,
+        hashes: Vec<codafs_common::Hash>,
+    ) -> impl Future<Output = Result<Vec<codafs_common::Hash>, FsError>> + Send {
+        async move { Ok(hashes) }
+    }
     /// Commits a batch of operations on `volume` atomically, authenticated as `token`'s holder.
     /// A commit with a `request` id already applied is answered as the first time and not
     /// applied again (retries on another server, replays of a write-back log).

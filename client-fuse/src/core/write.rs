@@ -45,10 +45,11 @@ mod shadow;
 pub use back::{BacklogStatus, WriteBack};
 
 use handles::Handle;
-use shadow::{lock, Shadow, ShadowInit};
+use shadow::{lock, Payload, Shadow, ShadowInit};
 
-/// Largest file the mount stores: a shadow is read into memory to hash and send it.
-pub const MAX_WRITE_FILE: u64 = 1 << 30;
+/// Largest file the mount stores (1 TiB): larger contents are stored in chunks, so no buffer
+/// grows with the file; the bound keeps a manifest within the servers' limits.
+pub const MAX_WRITE_FILE: u64 = codafs_common::chunks::MAX_CONTENT;
 
 /// The process asking: the kernel's uid and gid of the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -444,6 +445,56 @@ impl<R: Remote> Core<R> {
         Ok(hash)
     }
 
+    /// Stores a large file (`size` bytes of `file`, a chunked size) on the volume's write
+    /// quorum, only the chunks the replicas lack, and keeps a copy in the local cache.
+    async fn store_chunked(&self, ctx: &WriteCtx, file: &std::fs::File, size: u64) -> Result<Hash, FsError> {
+        let put = self
+            .timed(
+                self.write_timeout(size),
+                self.put_chunked(&ctx.token, file, size, ctx.write_quorum),
+            )
+            .await;
+        let (hash, manifest) = match put {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(volume = %ctx.volume, error = %e, "content store refused or failed");
+                self.writes.stats.failed_commits.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        if !self.blobs.lookup(&hash) {
+            // The writer reads its own file next: keep it cached instead of fetching it back.
+            if let Err(e) = blocking(size, || self.cache_chunks(hash, &manifest, file)) {
+                tracing::debug!(%hash, error = %e, "a stored large file was not kept in the cache");
+            }
+        }
+        Ok(hash)
+    }
+
+    /// Copies a large file's chunks from `file` into the cache as content `hash`, checking
+    /// each against `manifest` (the file may have changed since it was cut).
+    fn cache_chunks(
+        &self,
+        hash: Hash,
+        manifest: &codafs_common::chunks::Manifest,
+        file: &std::fs::File,
+    ) -> Result<(), FsError> {
+        let mut w = self
+            .blobs
+            .writer(hash, manifest.size())
+            .map_err(|e| FsError::NoSpace(format!("caching written content: {e}")))?;
+        for (off, c) in manifest.with_offsets() {
+            let mut buf = vec![0u8; c.len as usize];
+            std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, off)?;
+            if Hash::of(&buf) != c.hash {
+                return Err(FsError::Io("the file changed while it was stored".into()));
+            }
+            w.write(&buf)?;
+        }
+        w.chunks_verified();
+        w.finish().map(drop).map_err(|e| FsError::Io(e.to_string()))
+    }
+
     async fn ensure_empty_blob(&self, ctx: &WriteCtx) -> Result<Hash, FsError> {
         let empty = Hash::of(b"");
         let known = self
@@ -709,14 +760,13 @@ impl<R: Remote> Core<R> {
                                 "the mount stores files up to {MAX_WRITE_FILE} bytes"
                             )));
                         }
-                        let mut data = if size == 0 {
-                            Vec::new()
+                        let data = if size == 0 {
+                            Payload::Memory(Vec::new())
                         } else {
                             let (hash, _) = self.ensure_cached(ino).await?;
                             let _pin = self.blobs.pin(hash);
-                            std::fs::read(self.blobs.path(&hash))?
+                            self.truncated(ino, &self.blobs.path(&hash), size)?
                         };
-                        data.resize(size as usize, 0);
                         let mtime = s.mtime_ns.unwrap_or(0);
                         if self.writes_back() {
                             // Logged like a close's content, expecting the version shown now.

@@ -1,9 +1,15 @@
 //! The plan of an upload: from the scanned local tree and the remote one, the operations of its
 //! one commit (in an order the servers can apply), the blobs those operations reference, and the
 //! counts the user is shown. Pure, so every case is unit-tested without a cluster.
+//!
+//! The blobs of a file follow `codafs_common::chunks`: a file up to the chunk threshold is one
+//! blob (the whole file); a larger one is its chunks (byte ranges of the local file, read only
+//! when sent) and its manifest (in memory), and the manifest is sent after the chunks.
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::Path;
+use std::sync::Arc;
 
+use codafs_common::chunks::Manifest;
 use codafs_common::Hash;
 use codafs_proto::pb;
 
@@ -16,10 +22,67 @@ pub(super) struct Plan {
     /// The operations of the commit: replaced entries removed first, then directories (parents
     /// before children), then files and symlinks, then deletions.
     pub ops: Vec<pb::Op>,
-    /// Content the operations reference that the remote tree does not already hold, with a local
-    /// file that has it.
-    pub blobs: BTreeMap<Hash, (PathBuf, u64)>,
+    /// The blobs of content the remote tree does not already name, each once (identical chunks
+    /// of several files, or of one, are one blob), with where its bytes are. A chunk listed here
+    /// may already be stored (an edited file keeps most of its chunks): `send::find_missing`
+    /// asks the replicas.
+    pub blobs: BTreeMap<Hash, Source>,
     pub summary: Summary,
+}
+
+/// Where the bytes of a blob to send come from. Only manifests are held in memory: a file's
+/// bytes are read when they are sent, so memory does not grow with the files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Source {
+    /// A whole file of `size` bytes (one that is not chunked).
+    File { path: Arc<Path>, size: u64 },
+    /// `len` bytes of a large file from `offset`: one of its chunks.
+    Chunk { path: Arc<Path>, offset: u64, len: u32 },
+    /// A large file's manifest. Servers may check that the chunks it lists are stored, so it is
+    /// sent only after every chunk.
+    Manifest(bytes::Bytes),
+}
+
+impl Source {
+    /// The blob's size in bytes.
+    pub(super) fn len(&self) -> u64 {
+        match self {
+            Source::File { size, .. } => *size,
+            Source::Chunk { len, .. } => u64::from(*len),
+            Source::Manifest(b) => b.len() as u64,
+        }
+    }
+
+    /// Whether this is a manifest (sent in the second phase, after every chunk).
+    pub(super) fn is_manifest(&self) -> bool {
+        matches!(self, Source::Manifest(_))
+    }
+}
+
+/// The blobs holding the content of the local file at `path` (`size` bytes, named `hash`): the
+/// file itself, or, when `chunks` is its manifest, each chunk (as a range of the file) and the
+/// manifest's bytes.
+pub(super) fn content_blobs(path: &Path, size: u64, hash: Hash, chunks: Option<&Manifest>) -> Vec<(Hash, Source)> {
+    let path: Arc<Path> = Arc::from(path);
+    let Some(m) = chunks else {
+        return vec![(hash, Source::File { path, size })];
+    };
+    let mut out: Vec<(Hash, Source)> = m
+        .with_offsets()
+        .map(|(offset, c)| {
+            let path = path.clone();
+            (
+                c.hash,
+                Source::Chunk {
+                    path,
+                    offset,
+                    len: c.len,
+                },
+            )
+        })
+        .collect();
+    out.push((hash, Source::Manifest(m.encode().into())));
+    out
 }
 
 /// Plans publishing `tree` at `base` over `remote` (the remote subtree at `base`).
@@ -39,7 +102,13 @@ pub(super) fn plan(
         let r = remote.get(rel);
         match l {
             Local::Dir { mode } => p.dir(&full, *mode, r),
-            Local::File { path, size, mode, hash } => p.file(&full, path, *size, *mode, *hash, r),
+            Local::File {
+                path,
+                size,
+                mode,
+                hash,
+                chunks,
+            } => p.file(&full, path, *size, *mode, (*hash, chunks.as_deref()), r),
             Local::Symlink { target } => p.symlink(&full, target, r),
         }
     }
@@ -56,7 +125,7 @@ struct Planner {
     dirs: Vec<(String, pb::Op)>,
     files: Vec<pb::Op>,
     post: Vec<pb::Op>,
-    blobs: BTreeMap<Hash, (PathBuf, u64)>,
+    blobs: BTreeMap<Hash, Source>,
     s: Summary,
 }
 
@@ -79,7 +148,36 @@ impl Planner {
         self.s.created += 1;
     }
 
-    fn file(&mut self, full: &str, path: &std::path::Path, size: u64, mode: u32, hash: Hash, r: Option<&Remote>) {
+    /// Adds the blobs of a file's content, each hash once. A manifest wins over another source
+    /// of the same bytes (a small file that happens to hold them), so it keeps its place after
+    /// the chunks.
+    fn content(&mut self, path: &Path, size: u64, hash: Hash, chunks: Option<&Manifest>) {
+        for (h, src) in content_blobs(path, size, hash, chunks) {
+            match self.blobs.entry(h) {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(src);
+                }
+                std::collections::btree_map::Entry::Occupied(mut o) => {
+                    if src.is_manifest() {
+                        o.insert(src);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A local file: unchanged, new content and/or mode for a remote file, or created (after
+    /// removing whatever else stands there). `content` is its hash and, when chunked, manifest.
+    fn file(
+        &mut self,
+        full: &str,
+        path: &Path,
+        size: u64,
+        mode: u32,
+        content: (Hash, Option<&Manifest>),
+        r: Option<&Remote>,
+    ) {
+        let (hash, chunks) = content;
         self.s.files += 1;
         self.s.bytes += size;
         match r {
@@ -90,7 +188,7 @@ impl Planner {
                 }
                 if r.hash != hash.0 {
                     self.files.push(set_content(full, hash, size, r.version));
-                    self.blobs.insert(hash, (path.to_path_buf(), size));
+                    self.content(path, size, hash, chunks);
                 }
                 if r.mode != mode {
                     self.files.push(set_mode(full, mode));
@@ -101,7 +199,7 @@ impl Planner {
                 self.replace(full, other);
                 self.files
                     .push(ops::expecting(ops::file_hashed(full, hash, size, mode), 0));
-                self.blobs.insert(hash, (path.to_path_buf(), size));
+                self.content(path, size, hash, chunks);
                 self.s.created += 1;
             }
         }
@@ -172,6 +270,11 @@ fn set_mode(full: &str, mode: u32) -> pb::Op {
 
 #[cfg(test)]
 mod tests {
+    use codafs_common::testdata::noise;
+    use std::path::PathBuf;
+
+    use codafs_common::chunks::{content_id, CHUNK_THRESHOLD};
+
     use super::*;
 
     /// One line per operation: what it does, to which path, and the version it expects.
@@ -214,6 +317,26 @@ mod tests {
             size: content.len() as u64,
             mode,
             hash: Hash::of(content),
+            chunks: None,
+        }
+    }
+
+    /// A local file as the scan names it: over the threshold, by its manifest.
+    fn big_file(name: &str, content: &[u8]) -> Local {
+        let (hash, chunks) = content_id(content, content.len() as u64).expect("a slice reads in full");
+        Local::File {
+            path: PathBuf::from(format!("/local/{name}")),
+            size: content.len() as u64,
+            mode: 0o644,
+            hash,
+            chunks: chunks.map(Arc::new),
+        }
+    }
+
+    fn manifest_of(l: &Local) -> Arc<Manifest> {
+        match l {
+            Local::File { chunks: Some(m), .. } => m.clone(),
+            other => panic!("not a chunked file: {other:?}"),
         }
     }
 
@@ -349,5 +472,124 @@ mod tests {
         assert_eq!(shown(&p), ["remove www/gone @2", "remove www/gone2 @5"]);
         assert_eq!(p.summary.removed, 2);
         assert!(plan(&t, &r, "www", &[], false).ops.is_empty());
+    }
+
+    #[test]
+    fn a_large_file_is_sent_as_its_chunks_and_its_manifest() {
+        let data = noise(12 << 20, 1);
+        let big = big_file("big", &data);
+        let m = manifest_of(&big);
+        let t = tree(&[("big", big.clone()), ("small", file("s", b"s", 0o644))]);
+        let p = plan(&t, &BTreeMap::new(), "", &[], false);
+        assert_eq!(shown(&p), ["create big @0", "create small @0"]);
+        assert_eq!(p.blobs.len(), m.chunks.len() + 2);
+        // The file is named by its manifest, which is sent as its encoded bytes.
+        let Local::File { hash, .. } = &big else { unreachable!() };
+        assert_eq!(*hash, m.hash());
+        assert_eq!(p.blobs.get(hash), Some(&Source::Manifest(m.encode().into())));
+        // Each chunk is a range of the local file: in order, back to back, covering all of it.
+        let mut at = 0u64;
+        for c in &m.chunks {
+            match p.blobs.get(&c.hash) {
+                Some(Source::Chunk { path, offset, len }) => {
+                    assert_eq!(
+                        (&**path, *offset, *len),
+                        (std::path::Path::new("/local/big"), at, c.len)
+                    );
+                    let bytes = &data[at as usize..(at + u64::from(c.len)) as usize];
+                    assert_eq!(Hash::of(bytes), c.hash);
+                }
+                other => panic!("chunk {} planned as {other:?}", c.hash),
+            }
+            at += u64::from(c.len);
+        }
+        assert_eq!(at, data.len() as u64);
+        // Bytes to send: every chunk, the manifest and the small file.
+        let total: u64 = p.blobs.values().map(Source::len).sum();
+        assert_eq!(total, data.len() as u64 + m.encode().len() as u64 + 1);
+        assert_eq!(p.summary.bytes, data.len() as u64 + 1);
+    }
+
+    #[test]
+    fn a_file_at_the_threshold_is_one_blob_and_one_byte_more_is_chunked() {
+        let at = noise(CHUNK_THRESHOLD as usize, 2);
+        let over = noise(CHUNK_THRESHOLD as usize + 1, 3);
+        let (h, none) = content_id(&at[..], at.len() as u64).expect("a slice reads in full");
+        assert!(none.is_none());
+        assert_eq!(h, Hash::of(&at));
+        let p = plan(
+            &tree(&[("at", file("at", &at, 0o644))]),
+            &BTreeMap::new(),
+            "",
+            &[],
+            false,
+        );
+        assert!(matches!(p.blobs.get(&h), Some(Source::File { size, .. }) if *size == CHUNK_THRESHOLD));
+        assert_eq!(p.blobs.len(), 1);
+        let p = plan(
+            &tree(&[("over", big_file("over", &over))]),
+            &BTreeMap::new(),
+            "",
+            &[],
+            false,
+        );
+        assert!(p.blobs.values().any(Source::is_manifest));
+        assert!(p.blobs.values().all(|s| !matches!(s, Source::File { .. })));
+    }
+
+    #[test]
+    fn identical_chunks_within_and_across_files_are_planned_once() {
+        // Two copies of the same 6 MiB in one file, and a second file with the same bytes.
+        let half = noise(6 << 20, 4);
+        let twice = [half.clone(), half.clone()].concat();
+        let (a, b) = (big_file("a", &twice), big_file("b", &half));
+        let (ma, mb) = (manifest_of(&a), manifest_of(&b));
+        let t = tree(&[("a", a), ("b", b)]);
+        let p = plan(&t, &BTreeMap::new(), "", &[], false);
+        let distinct: std::collections::HashSet<Hash> = ma.chunks.iter().chain(&mb.chunks).map(|c| c.hash).collect();
+        assert!(distinct.len() < ma.chunks.len(), "the repeated half repeats chunks");
+        assert_eq!(p.blobs.len(), distinct.len() + 2);
+        let chunk_bytes: u64 = p.blobs.values().filter(|s| !s.is_manifest()).map(Source::len).sum();
+        assert!(chunk_bytes < twice.len() as u64, "{chunk_bytes} bytes of chunks");
+    }
+
+    #[test]
+    fn an_edited_large_file_plans_new_content_with_all_its_chunks() {
+        // The plan lists every chunk; which of them a replica lacks is asked later (send.rs),
+        // so an unchanged chunk costs a hash in a query, not its bytes.
+        let mut data = noise(10 << 20, 5);
+        let old = manifest_of(&big_file("f", &data));
+        data[5 << 20..(5 << 20) + 4096].fill(0);
+        let new = big_file("f", &data);
+        let mut remote_big = remote_file(b"", 0o644, 3);
+        remote_big.hash = old.hash().0.to_vec();
+        let p = plan(
+            &tree(&[("f", new.clone())]),
+            &remote(vec![("f", remote_big)]),
+            "",
+            &[],
+            false,
+        );
+        assert_eq!(shown(&p), ["content f @3"]);
+        let m = manifest_of(&new);
+        assert!(p.blobs.contains_key(&m.hash()));
+        let kept = old.chunks.iter().filter(|c| p.blobs.contains_key(&c.hash)).count();
+        assert!(kept > 0, "unchanged chunks are still planned (and then found present)");
+        // An unchanged large file plans nothing.
+        let mut same = remote_file(b"", 0o644, 4);
+        same.hash = m.hash().0.to_vec();
+        let p = plan(&tree(&[("f", new)]), &remote(vec![("f", same)]), "", &[], false);
+        assert!(p.ops.is_empty() && p.blobs.is_empty());
+    }
+
+    #[test]
+    fn a_manifest_keeps_its_place_after_the_chunks_when_a_small_file_has_its_bytes() {
+        let data = noise(5 << 20, 6);
+        let big = big_file("big", &data);
+        let bytes = manifest_of(&big).encode();
+        // A small file whose content is exactly the manifest's bytes (same hash).
+        let t = tree(&[("a-copy", file("copy", &bytes, 0o644)), ("big", big)]);
+        let p = plan(&t, &BTreeMap::new(), "", &[], false);
+        assert!(p.blobs.get(&Hash::of(&bytes)).is_some_and(Source::is_manifest));
     }
 }

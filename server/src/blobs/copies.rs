@@ -1,41 +1,137 @@
 //! The commit-time check that the blobs a commit references have W durable copies: the
 //! leader asks every data replica which of them it lacks (`Blobs.Missing`), and counts.
-use std::collections::HashMap;
+//!
+//! Content over `chunks::CHUNK_THRESHOLD` bytes is named by a chunk manifest: the check first
+//! makes sure the manifest is one and describes the declared size, then counts copies of the
+//! manifest and of every chunk it lists. A large file lists many chunks, so blobs are checked
+//! in rounds of at most [`ROUND`]: memory and each query stay bounded whatever a commit names.
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
+use codafs_common::chunks::is_chunked;
 use codafs_common::Hash;
+use codafs_proto::limits::MAX_MISSING_QUERY;
 use codafs_proto::pb;
 
-use crate::node::{Node, NodeError};
+use crate::node::{Member, Node, NodeError};
+
+/// Most distinct blobs one round of the check holds and asks each replica about.
+const ROUND: usize = MAX_MISSING_QUERY;
+
+/// The blobs of one round, by hash, with the size each must have.
+#[derive(Default)]
+struct Round {
+    blobs: BTreeMap<Hash, u64>,
+}
+
+impl Round {
+    /// Adds a blob; the same hash declared with two sizes cannot both be right.
+    fn add(&mut self, hash: Hash, size: u64) -> Result<(), NodeError> {
+        match self.blobs.insert(hash, size) {
+            Some(other) if other != size => Err(NodeError::Invalid(format!(
+                "blob {hash} is declared both as {other} and as {size} bytes"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.blobs.len() >= ROUND
+    }
+}
+
+/// Where to ask and how many copies each blob needs.
+struct Quorum {
+    replicas: Vec<Member>,
+    need: usize,
+}
 
 impl Node {
     /// Checks that every blob a commit references has reached the volume's write quorum, and
-    /// that declared sizes match the stored content where this server holds a copy. Copies found
-    /// here get their mtime refreshed, so garbage collection's grace period restarts for content
-    /// that is about to be referenced again.
+    /// that declared sizes match the stored content where this server holds a copy. For chunked
+    /// content (by its declared size) that is the manifest and each of its chunks, after the
+    /// manifest is found valid and of the declared size. Copies found here get their mtime
+    /// refreshed, so garbage collection's grace period restarts for content that is about to be
+    /// referenced again.
     pub async fn check_blob_copies(&self, blobs: &[(Hash, u64)], write_quorum: u32) -> Result<(), NodeError> {
         if blobs.is_empty() {
             return Ok(());
         }
         let replicas = self.data_replicas();
         let need = crate::blobs::quorum::effective_write_quorum(write_quorum, replicas.len());
+        let quorum = Quorum { replicas, need };
+        let mut round = Round::default();
+        let whole = blobs.iter().filter(|(_, size)| !is_chunked(*size));
+        let chunked = blobs.iter().filter(|(_, size)| is_chunked(*size));
+        for &(hash, size) in whole {
+            self.add_to_round(&quorum, &mut round, hash, size).await?;
+        }
+        for &(hash, size) in chunked {
+            let m = self.commit_manifest(&hash, size, need).await?;
+            self.add_to_round(&quorum, &mut round, hash, m.len).await?;
+            for c in &m.manifest.chunks {
+                self.add_to_round(&quorum, &mut round, c.hash, u64::from(c.len)).await?;
+            }
+        }
+        self.count_copies(&quorum, std::mem::take(&mut round)).await
+    }
+
+    /// Adds a blob to the round, checking the round first when it is full.
+    async fn add_to_round(&self, q: &Quorum, round: &mut Round, hash: Hash, size: u64) -> Result<(), NodeError> {
+        if round.full() {
+            self.count_copies(q, std::mem::take(round)).await?;
+        }
+        round.add(hash, size)
+    }
+
+    /// The manifest that content of `size` bytes names, refused unless it is a manifest of
+    /// exactly that size. Fetched from a peer when this server lacks it.
+    async fn commit_manifest(
+        &self,
+        hash: &Hash,
+        size: u64,
+        need: usize,
+    ) -> Result<std::sync::Arc<crate::blobs::manifests::ManifestEntry>, NodeError> {
+        let m = match self.manifest_anywhere(hash).await {
+            Ok(m) => m,
+            Err(NodeError::Invalid(why)) => {
+                return Err(NodeError::Invalid(format!(
+                    "content of {size} bytes is stored in chunks; {why}"
+                )))
+            }
+            Err(NodeError::NotFound(_)) => {
+                return Err(NodeError::NotEnoughCopies {
+                    hash: *hash,
+                    have: 0,
+                    need,
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        if m.size != size {
+            return Err(NodeError::Invalid(format!(
+                "manifest {hash} describes {} bytes, the file declares {size}",
+                m.size
+            )));
+        }
+        Ok(m)
+    }
+
+    /// Counts the copies of one round's blobs on every data replica; refuses unless each has
+    /// `need`.
+    async fn count_copies(&self, q: &Quorum, round: Round) -> Result<(), NodeError> {
+        if round.blobs.is_empty() {
+            return Ok(());
+        }
+        let blobs: Vec<(Hash, u64)> = round.blobs.into_iter().collect();
         let mut have: HashMap<Hash, usize> = blobs.iter().map(|(h, _)| (*h, 0)).collect();
         let mut failures = Vec::new();
         let mut queries = Vec::new();
-        for m in &replicas {
+        for m in &q.replicas {
             if m.id == self.id {
-                for (h, size) in blobs {
-                    if let Ok(meta) = std::fs::metadata(self.blobs.path(h)) {
-                        if meta.len() != *size {
-                            return Err(NodeError::Invalid(format!(
-                                "declared size {size} of blob {h} does not match its {} stored bytes",
-                                meta.len()
-                            )));
-                        }
-                        self.blobs.touch(h);
-                        if let Some(n) = have.get_mut(h) {
-                            *n += 1;
-                        }
+                for h in self.held_here(&blobs).await? {
+                    if let Some(n) = have.get_mut(&h) {
+                        *n += 1;
                     }
                 }
                 continue;
@@ -45,7 +141,7 @@ impl Node {
             let hashes: Vec<Hash> = have.keys().copied().collect();
             queries.push(async move {
                 let mut missing = Vec::new();
-                for chunk in hashes.chunks(codafs_proto::limits::MAX_MISSING_QUERY) {
+                for chunk in hashes.chunks(MAX_MISSING_QUERY) {
                     let wire = chunk.iter().map(|h| bytes::Bytes::copy_from_slice(&h.0)).collect();
                     let mut c = peers.blobs(&addr).map_err(|e| format!("{addr}: {e}"))?;
                     let mut req = tonic::Request::new(pb::MissingBlobsRequest { hashes: wire });
@@ -59,7 +155,7 @@ impl Node {
         for result in futures::future::join_all(queries).await {
             match result {
                 Ok(missing) => {
-                    let missing: std::collections::HashSet<&[u8]> = missing.iter().map(|b| b.as_ref()).collect();
+                    let missing: HashSet<&[u8]> = missing.iter().map(|b| b.as_ref()).collect();
                     for (h, n) in have.iter_mut() {
                         if !missing.contains(&h.0[..]) {
                             *n += 1;
@@ -70,16 +166,46 @@ impl Node {
             }
         }
         for (hash, n) in have {
-            if n < need {
+            if n < q.need {
                 if !failures.is_empty() {
                     return Err(NodeError::Unavailable(format!(
-                        "only {n} of {need} copies of blob {hash} confirmed; could not ask: {}",
+                        "only {n} of {} copies of blob {hash} confirmed; could not ask: {}",
+                        q.need,
                         failures.join("; ")
                     )));
                 }
-                return Err(NodeError::NotEnoughCopies { hash, have: n, need });
+                return Err(NodeError::NotEnoughCopies {
+                    hash,
+                    have: n,
+                    need: q.need,
+                });
             }
         }
         Ok(())
+    }
+
+    /// The blobs of `blobs` stored here, each checked against its declared size and touched
+    /// (off the async workers: a round may stat many thousands of files).
+    async fn held_here(&self, blobs: &[(Hash, u64)]) -> Result<Vec<Hash>, NodeError> {
+        let store = self.blobs.clone();
+        let blobs = blobs.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let mut held = Vec::new();
+            for (h, size) in blobs {
+                if let Ok(meta) = std::fs::metadata(store.path(&h)) {
+                    if meta.len() != size {
+                        return Err(NodeError::Invalid(format!(
+                            "declared size {size} of blob {h} does not match its {} stored bytes",
+                            meta.len()
+                        )));
+                    }
+                    store.touch(&h);
+                    held.push(h);
+                }
+            }
+            Ok(held)
+        })
+        .await
+        .map_err(|e| NodeError::Internal(format!("checking local blob copies: {e}")))?
     }
 }

@@ -1,11 +1,13 @@
 //! Background blob maintenance on data replicas:
 //! - **repair**: every referenced blob missing here (never received, lost in a crash, or
-//!   quarantined as corrupt) is fetched from a peer and verified;
+//!   quarantined as corrupt) is fetched from a peer and verified, and so is every chunk listed by
+//!   a referenced chunk manifest (`manifestrefs`);
 //! - **scrub**: stored blobs are re-hashed at a bounded rate; corrupt ones are quarantined;
-//! - **GC**: blobs no volume references are deleted after a grace period (so a blob uploaded for
-//!   a commit not yet made survives). Under space pressure (see `space`) the grace period is
+//! - **GC**: blobs no volume references, directly or as a chunk of a referenced manifest, are
+//!   deleted after a grace period (so a blob uploaded for a commit not yet made survives). Under space pressure (see `space`) the grace period is
 //!   `gc_pressure_grace_s` instead and GC runs every few seconds, and at once after a put was
 //!   refused for lack of space: overwritten versions cannot pile up until the disk is full.
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,12 +15,17 @@ use std::time::Duration;
 use codafs_common::Hash;
 use codafs_proto::pb;
 
+use crate::blobs::manifests::Held;
+use crate::blobs::replicate::ForwardError;
 use crate::fsm::StateView;
-use crate::node::Node;
+use crate::node::{Node, NodeError};
 
-/// Fetches `hash` from the server at `addr` into the local store, verifying it.
-pub async fn fetch_from(node: &Node, addr: &str, hash: Hash) -> Result<(), String> {
-    let mut client = node.peers.blobs(addr).map_err(|e| e.to_string())?;
+/// Fetches `hash` from the server at `addr` into the local store, verifying it. The error
+/// carries the kind of the peer's refusal (`NotFound` when it lacks the blob).
+pub async fn fetch_from(node: &Node, addr: &str, hash: Hash) -> Result<(), ForwardError> {
+    let local = |e: &dyn std::fmt::Display| ForwardError::unreachable(addr, e);
+    let refused = |s: tonic::Status| ForwardError::refused(addr, &s);
+    let mut client = node.peers.blobs(addr).map_err(|e| local(&e))?;
     let mut req = tonic::Request::new(pb::GetBlobRequest {
         hash: bytes::Bytes::copy_from_slice(&hash.0),
         offset: 0,
@@ -26,27 +33,34 @@ pub async fn fetch_from(node: &Node, addr: &str, hash: Hash) -> Result<(), Strin
         ..Default::default()
     });
     req.set_timeout(Duration::from_secs(300));
-    let mut stream = client.get(req).await.map_err(|s| s.message().to_string())?.into_inner();
+    let mut stream = client.get(req).await.map_err(refused)?.into_inner();
     let mut writer = None;
     let mut room = None;
-    while let Some(chunk) = stream.message().await.map_err(|s| s.message().to_string())? {
+    while let Some(chunk) = stream.message().await.map_err(refused)? {
         if writer.is_none() {
             // Repair too stays above the watermark: a copy missing here is still on a peer.
             let what = format!("repair blob {hash} ({} bytes)", chunk.total_size);
-            room = Some(node.space.reserve(chunk.total_size, &what).map_err(|e| e.to_string())?);
-            writer = Some(node.blobs.writer(hash, chunk.total_size).map_err(|e| e.to_string())?);
+            room = Some(node.space.reserve(chunk.total_size, &what).map_err(|e| local(&e))?);
+            writer = Some(node.blobs.writer(hash, chunk.total_size).map_err(|e| local(&e))?);
         }
         if let Some(w) = writer.as_mut() {
-            tokio::task::block_in_place(|| w.write(&chunk.data)).map_err(|e| e.to_string())?;
+            tokio::task::block_in_place(|| w.write(&chunk.data)).map_err(|e| local(&e))?;
         }
     }
-    let w = writer.ok_or("empty reply")?;
-    tokio::task::block_in_place(|| w.finish()).map_err(|e| e.to_string())?;
+    let w = writer.ok_or_else(|| local(&"empty reply"))?;
+    tokio::task::block_in_place(|| w.finish()).map_err(|e| local(&e))?;
     drop(room);
     Ok(())
 }
 
-/// One repair pass; returns how many blobs are still missing. Ends early when the server stops.
+/// Most missing chunks one repair pass lists and fetches (the rest wait for the next pass;
+/// all of them are counted in the backlog). Bounds the pass's memory when a new replica lacks
+/// everything.
+const REPAIR_CHUNKS_PER_PASS: usize = 1 << 20;
+
+/// One repair pass; returns how many blobs are still missing. Referenced blobs come first (the
+/// chunk manifests among them), then the chunks of the referenced manifests held here, listed
+/// again after the first step so one pass refills a whole file. Ends early when the server stops.
 pub async fn repair_pass(node: &Arc<Node>) -> u64 {
     let refs = match node.tables().referenced_blobs() {
         Ok(r) => r,
@@ -56,29 +70,44 @@ pub async fn repair_pass(node: &Arc<Node>) -> u64 {
         }
     };
     let missing: Vec<Hash> = refs.into_iter().filter(|h| !node.blobs.has(h)).collect();
-    node.counters
-        .repair_backlog
-        .store(missing.len() as u64, Ordering::Relaxed);
-    if missing.is_empty() {
-        return 0;
-    }
+    let (chunks, chunks_missing) = missing_chunks(node).await;
     let peers: Vec<String> = node
         .data_replicas()
         .into_iter()
         .filter(|m| m.id != node.id)
         .map(|m| m.info.addr)
         .collect();
-    let mut left = missing.len() as u64;
-    for hash in missing {
+    let left_refs = fetch_all(node, &peers, &missing, chunks_missing).await;
+    let t = node.tables();
+    let manifest_fetched = missing
+        .iter()
+        .any(|h| node.blobs.has(h) && t.manifestref(h).is_ok_and(|n| n > 0));
+    let (chunks, chunks_missing) = if manifest_fetched {
+        // Manifests fetched just now list chunks that were unknown a moment ago.
+        missing_chunks(node).await
+    } else {
+        (chunks, chunks_missing)
+    };
+    let not_listed = chunks_missing.saturating_sub(chunks.len() as u64);
+    let left_chunks = fetch_all(node, &peers, &chunks, left_refs + not_listed).await;
+    left_refs + not_listed + left_chunks
+}
+
+/// Fetches each of `hashes` from the first peer that has it. Keeps `repair_backlog` at what is
+/// still missing (`others`: missing blobs not in this list). Returns how many were not fetched.
+async fn fetch_all(node: &Node, peers: &[String], hashes: &[Hash], others: u64) -> u64 {
+    let mut left = hashes.len() as u64;
+    node.counters.repair_backlog.store(left + others, Ordering::Relaxed);
+    for hash in hashes {
         if node.tasks.stopping() {
             break;
         }
-        for addr in &peers {
-            match fetch_from(node, addr, hash).await {
+        for addr in peers {
+            match fetch_from(node, addr, *hash).await {
                 Ok(()) => {
                     node.counters.repaired.fetch_add(1, Ordering::Relaxed);
                     left -= 1;
-                    node.counters.repair_backlog.store(left, Ordering::Relaxed);
+                    node.counters.repair_backlog.store(left + others, Ordering::Relaxed);
                     tracing::info!(%hash, from = %addr, "repaired blob");
                     break;
                 }
@@ -87,6 +116,79 @@ pub async fn repair_pass(node: &Arc<Node>) -> u64 {
         }
     }
     left
+}
+
+/// Chunks of the referenced manifests held here that this server lacks: up to
+/// [`REPAIR_CHUNKS_PER_PASS`] of them, and how many there are in all.
+async fn missing_chunks(node: &Arc<Node>) -> (Vec<Hash>, u64) {
+    let manifests = match node.tables().referenced_manifests() {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "repair: reading manifest references failed");
+            return (Vec::new(), 0);
+        }
+    };
+    if manifests.is_empty() {
+        return (Vec::new(), 0);
+    }
+    let n = node.clone();
+    let listed = tokio::task::spawn_blocking(move || {
+        let mut found = MissingChunks::new(REPAIR_CHUNKS_PER_PASS);
+        for m in &manifests {
+            match n.manifest_if_stored(m) {
+                Ok(held) => found.add(&held, |h| n.blobs.has(h)),
+                Err(e) => tracing::warn!(manifest = %m, error = %e, "repair: reading a manifest failed"),
+            }
+        }
+        (found.listed, found.count)
+    })
+    .await;
+    listed.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "repair: listing missing chunks failed");
+        (Vec::new(), 0)
+    })
+}
+
+/// The missing chunks of a set of manifests, each once: the first `cap` listed, all counted.
+struct MissingChunks {
+    seen: HashSet<Hash>,
+    listed: Vec<Hash>,
+    count: u64,
+    cap: usize,
+}
+
+impl MissingChunks {
+    fn new(cap: usize) -> Self {
+        MissingChunks {
+            seen: HashSet::new(),
+            listed: Vec::new(),
+            count: 0,
+            cap,
+        }
+    }
+
+    /// Adds the chunks `stored` says are missing from one manifest. A manifest not held here
+    /// names no chunks yet (it is repaired as a referenced blob first); a blob that is not a
+    /// manifest names none at all.
+    fn add(&mut self, manifest: &Held, stored: impl Fn(&Hash) -> bool) {
+        let Held::Manifest(m) = manifest else { return };
+        for c in &m.manifest.chunks {
+            if stored(&c.hash) {
+                continue;
+            }
+            // Past the cap, `seen` stops growing too: a chunk missing from two files may then be
+            // counted twice, which only overstates the backlog until the next pass.
+            if self.listed.len() < self.cap {
+                if !self.seen.insert(c.hash) {
+                    continue;
+                }
+                self.listed.push(c.hash);
+            } else if self.seen.contains(&c.hash) {
+                continue;
+            }
+            self.count += 1;
+        }
+    }
 }
 
 /// One scrub pass at `rate` bytes/s; ends early when the server stops.
@@ -116,19 +218,71 @@ pub async fn scrub_pass(node: &Arc<Node>, rate: u64) {
     }
 }
 
-/// One GC pass: deletes unreferenced blobs older than `grace`.
+/// One GC pass: deletes blobs older than `grace` that no file references, directly or as a
+/// chunk of a referenced manifest. When the chunks of some referenced manifest cannot be known
+/// here (the manifest is not held, or unreadable), nothing is deleted this pass: any old blob
+/// could be one of them.
 pub fn gc_pass(node: &Node, grace: Duration) {
     let list = match node.blobs.list() {
         Ok(l) => l,
         Err(e) => return tracing::warn!(error = %e, "gc: listing blobs failed"),
     };
-    for (hash, _) in list {
-        let unreferenced = matches!(node.tables().blobref(&hash), Ok(0));
-        if unreferenced && node.blobs.age(&hash).is_some_and(|a| a >= grace) && node.blobs.remove(&hash).is_ok() {
+    let old_unreferenced =
+        |h: &Hash| matches!(node.tables().blobref(h), Ok(0)) && node.blobs.age(h).is_some_and(|a| a >= grace);
+    let mut candidates: HashSet<Hash> = list.into_iter().map(|(h, _)| h).filter(old_unreferenced).collect();
+    if candidates.is_empty() {
+        return;
+    }
+    let manifests = match node.tables().referenced_manifests() {
+        Ok(m) => m,
+        Err(e) => return tracing::warn!(error = %e, "gc: reading manifest references failed; deleting nothing"),
+    };
+    if let Err(why) = keep_chunks(&mut candidates, &manifests, |m| node.manifest_if_stored(m)) {
+        return tracing::warn!(reason = %why, "gc: deleting nothing this pass");
+    }
+    for hash in candidates {
+        // Again just before deleting: a commit may have referenced it, or touched it, meanwhile.
+        if old_unreferenced(&hash) && node.blobs.remove(&hash).is_ok() {
             node.counters.gc_removed.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%hash, "collected unreferenced blob");
         }
     }
+}
+
+/// Removes from `candidates` every chunk that one of the referenced `manifests` lists (those
+/// are live). `Err` says why the chunks cannot all be known: a referenced manifest not held
+/// here or not readable. A blob that is held and intact but no manifest lists no chunks.
+fn keep_chunks(
+    candidates: &mut HashSet<Hash>,
+    manifests: &[Hash],
+    load: impl Fn(&Hash) -> Result<Held, NodeError>,
+) -> Result<(), String> {
+    for m in manifests {
+        if candidates.is_empty() {
+            break;
+        }
+        match load(m) {
+            Ok(Held::Manifest(entry)) => {
+                for c in &entry.manifest.chunks {
+                    candidates.remove(&c.hash);
+                }
+            }
+            Ok(Held::NotManifest(why)) => {
+                tracing::debug!(manifest = %m, %why, "gc: a referenced blob over the chunk threshold is no manifest")
+            }
+            Ok(Held::Missing) => {
+                return Err(format!(
+                    "referenced manifest {m} is not stored here yet (repair fetches it), so its chunks are unknown"
+                ))
+            }
+            Err(e) => {
+                return Err(format!(
+                    "referenced manifest {m} cannot be read ({e}), so its chunks are unknown"
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// How often GC runs while free space is under twice the watermark.
@@ -185,5 +339,84 @@ pub async fn run(node: Arc<Node>) {
             let _ = tokio::task::spawn_blocking(move || gc_pass(&n, grace)).await;
             last_gc = tokio::time::Instant::now();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blobs::manifests::ManifestEntry;
+    use codafs_common::chunks::{ChunkRef, Manifest, CHUNK_MAX};
+
+    /// A held manifest listing chunks named by `names` (each of the largest size, so two or more
+    /// are over the chunk threshold).
+    fn held(names: &[&str]) -> (Hash, Held) {
+        let m = Manifest {
+            chunks: names
+                .iter()
+                .map(|n| ChunkRef {
+                    hash: Hash::of(n.as_bytes()),
+                    len: CHUNK_MAX,
+                })
+                .collect(),
+        };
+        let bytes = m.encode();
+        let entry = ManifestEntry::parse(&bytes).expect("a valid manifest");
+        (Hash::of(&bytes), Held::Manifest(Arc::new(entry)))
+    }
+
+    fn hashes(names: &[&str]) -> HashSet<Hash> {
+        names.iter().map(|n| Hash::of(n.as_bytes())).collect()
+    }
+
+    #[test]
+    fn chunks_of_referenced_manifests_are_live() {
+        let (m1, _) = held(&["a", "b"]);
+        let (m2, _) = held(&["b", "c"]);
+        let load = |h: &Hash| -> Result<Held, NodeError> {
+            Ok(if *h == m1 {
+                held(&["a", "b"]).1
+            } else if *h == m2 {
+                held(&["b", "c"]).1
+            } else {
+                Held::NotManifest("plain content".into())
+            })
+        };
+        let mut candidates = hashes(&["a", "b", "c", "old version", "orphan"]);
+        let legacy = Hash::of(b"a large blob from before chunking");
+        keep_chunks(&mut candidates, &[m1, legacy, m2], load).unwrap();
+        assert_eq!(candidates, hashes(&["old version", "orphan"]));
+    }
+
+    #[test]
+    fn a_referenced_manifest_not_held_here_stops_the_pass() {
+        let (m1, _) = held(&["a", "a2"]);
+        let absent = Hash::of(b"not fetched yet");
+        let load =
+            |h: &Hash| -> Result<Held, NodeError> { Ok(if *h == m1 { held(&["a", "a2"]).1 } else { Held::Missing }) };
+        let mut candidates = hashes(&["a", "orphan"]);
+        let why = keep_chunks(&mut candidates, &[m1, absent], load).unwrap_err();
+        assert!(
+            why.contains(&absent.to_string()) && why.contains("not stored here"),
+            "{why}"
+        );
+        let unreadable = |_: &Hash| -> Result<Held, NodeError> { Err(NodeError::Internal("disk error".into())) };
+        let why = keep_chunks(&mut hashes(&["x"]), &[m1], unreadable).unwrap_err();
+        assert!(why.contains("disk error"), "{why}");
+        // Nothing to delete: no manifest needs reading at all.
+        keep_chunks(&mut HashSet::new(), &[absent], unreadable).unwrap();
+    }
+
+    #[test]
+    fn missing_chunks_are_listed_once_up_to_the_cap_and_all_counted() {
+        let stored = hashes(&["b"]);
+        let has = |h: &Hash| stored.contains(h);
+        let mut found = MissingChunks::new(2);
+        found.add(&held(&["a", "b", "c"]).1, has);
+        found.add(&held(&["c", "a", "d", "e"]).1, has);
+        found.add(&Held::Missing, has);
+        found.add(&Held::NotManifest("plain".into()), has);
+        assert_eq!(found.listed, vec![Hash::of(b"a"), Hash::of(b"c")]);
+        assert_eq!(found.count, 4, "a, c, d, e");
     }
 }

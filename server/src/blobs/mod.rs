@@ -1,8 +1,9 @@
 //! File contents as content-addressed blobs: local storage, quorum writes across data replicas
-//! (`replicate`: the fan-out; `copies`: the commit-time check), and background repair, scrub
-//! and garbage collection.
+//! (`replicate`: the fan-out; `copies`: the commit-time check), chunk manifests of large files
+//! (`manifests`: parsed and cached), and background repair, scrub and garbage collection.
 pub mod copies;
 pub mod maintenance;
+pub mod manifests;
 pub mod quorum;
 pub mod replicate;
 pub mod space;

@@ -117,8 +117,8 @@ impl BlobStore {
     /// Stores many small verified blobs with two `syncfs` calls for the whole batch instead of
     /// two fsyncs per blob: temp files are written, synced, renamed into place, and the renames
     /// synced. A blob is never visible under its name before its bytes are durable. Returns how
-    /// many were new.
-    pub fn put_many(&self, blobs: &[(Hash, &[u8])]) -> Result<usize, BlobError> {
+    /// many were new and their bytes.
+    pub fn put_many(&self, blobs: &[(Hash, &[u8])]) -> Result<(usize, u64), BlobError> {
         for (h, data) in blobs {
             let actual = Hash::of(data);
             if actual != *h {
@@ -147,7 +147,7 @@ impl BlobStore {
             staged.push((*h, tmp, data.len() as u64));
         }
         if staged.is_empty() {
-            return Ok(0);
+            return Ok((0, 0));
         }
         self.syncfs()?;
         for (h, tmp, len) in &staged {
@@ -160,7 +160,7 @@ impl BlobStore {
             self.bytes.fetch_add(*len, Ordering::Relaxed);
         }
         self.syncfs()?;
-        Ok(staged.len())
+        Ok((staged.len(), staged.iter().map(|(_, _, len)| len).sum()))
     }
 
     /// Flushes the filesystem holding the store.
@@ -383,9 +383,9 @@ mod tests {
         let s = BlobStore::open(dir.path()).unwrap();
         let (a, b): (&[u8], &[u8]) = (b"first", b"second");
         let batch = [(Hash::of(a), a), (Hash::of(b), b), (Hash::of(a), a)];
-        assert_eq!(s.put_many(&batch).unwrap(), 2);
+        assert_eq!(s.put_many(&batch).unwrap(), (2, 11));
         assert_eq!(s.read_verified(&Hash::of(b)).unwrap(), b);
-        assert_eq!(s.put_many(&batch).unwrap(), 0, "already stored");
+        assert_eq!(s.put_many(&batch).unwrap(), (0, 0), "already stored");
         // One bad blob refuses the whole batch before anything is written.
         let c: &[u8] = b"third";
         assert!(matches!(

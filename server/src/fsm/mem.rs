@@ -16,6 +16,7 @@ pub struct MemState {
     pub accounts: BTreeMap<String, AccountRec>,
     pub token_generations: BTreeMap<String, u64>,
     pub blobrefs: BTreeMap<Hash, u64>,
+    pub manifestrefs: BTreeMap<Hash, u64>,
     pub changes: BTreeMap<(u32, u64), ChangeRec>,
     pub requests: BTreeMap<RequestId, RequestRec>,
     pub join_tokens: BTreeMap<[u8; 32], JoinTokenRec>,
@@ -48,13 +49,8 @@ impl MemState {
             };
         }
         self.token_generations.extend(d.token_generations);
-        for (h, n) in d.blobrefs {
-            if n == 0 {
-                self.blobrefs.remove(&h);
-            } else {
-                self.blobrefs.insert(h, n);
-            }
-        }
+        write_counts(&mut self.blobrefs, d.blobrefs);
+        write_counts(&mut self.manifestrefs, d.manifestrefs);
         for (v, i, c) in d.changes {
             self.changes.insert((v, i), c);
         }
@@ -84,6 +80,17 @@ impl MemState {
                 resp
             }
             Err(e) => Err(ApplyError::Invalid(e.to_string())),
+        }
+    }
+}
+
+/// Writes final reference counts: a count of 0 removes the row, as in RocksDB.
+fn write_counts(table: &mut BTreeMap<Hash, u64>, counts: BTreeMap<Hash, u64>) {
+    for (h, n) in counts {
+        if n == 0 {
+            table.remove(&h);
+        } else {
+            table.insert(h, n);
         }
     }
 }
@@ -122,6 +129,9 @@ impl StateView for MemState {
     }
     fn blobref(&self, hash: &Hash) -> Result<u64, StoreError> {
         Ok(self.blobrefs.get(hash).copied().unwrap_or(0))
+    }
+    fn manifestref(&self, hash: &Hash) -> Result<u64, StoreError> {
+        Ok(self.manifestrefs.get(hash).copied().unwrap_or(0))
     }
     fn volume_owned_by(&self, user: &str) -> Result<Option<String>, StoreError> {
         Ok(self.volumes.values().find(|v| v.owner == user).map(|v| v.name.clone()))

@@ -36,6 +36,10 @@ pub trait StateView {
     /// account of the same name does not bring old tokens back.
     fn token_generation(&self, user: &str) -> Result<u64, StoreError>;
     fn blobref(&self, hash: &Hash) -> Result<u64, StoreError>;
+    /// How many file contents name `hash` as their chunk manifest (contents over
+    /// `chunks::CHUNK_THRESHOLD`). Such a hash is also counted by [`StateView::blobref`]; this
+    /// second count tells repair and GC which referenced blobs list chunks they must keep.
+    fn manifestref(&self, hash: &Hash) -> Result<u64, StoreError>;
     /// Version of the oldest change record kept for a volume.
     fn oldest_change(&self, volume: u32) -> Result<Option<u64>, StoreError>;
     /// Name of some volume owned by `user`, if any.
@@ -112,6 +116,8 @@ pub struct Delta {
     pub token_generations: BTreeMap<String, u64>,
     /// Final reference counts of blobs whose count changed (0 = unreferenced).
     pub blobrefs: BTreeMap<Hash, u64>,
+    /// Final counts of references to chunk manifests whose count changed (0 = none).
+    pub manifestrefs: BTreeMap<Hash, u64>,
     /// Change records: (volume id, version, what changed).
     pub changes: Vec<(u32, u64, ChangeRec)>,
     /// Change records trimmed: (volume id, version).
@@ -191,6 +197,7 @@ struct Txn<'a> {
     index: u64,
     delta: Delta,
     blob_deltas: BTreeMap<Hash, i64>,
+    manifest_deltas: BTreeMap<Hash, i64>,
     changed_inos: BTreeSet<u64>,
     changed_dirs: BTreeSet<u64>,
 }
@@ -202,20 +209,16 @@ impl<'a> Txn<'a> {
             index,
             delta: Delta::default(),
             blob_deltas: BTreeMap::new(),
+            manifest_deltas: BTreeMap::new(),
             changed_inos: BTreeSet::new(),
             changed_dirs: BTreeSet::new(),
         }
     }
 
     fn finish(mut self) -> Result<Delta, StoreError> {
-        for (hash, d) in std::mem::take(&mut self.blob_deltas) {
-            if d != 0 {
-                // A read failure must stop the replica, not silently reset the count.
-                let base = self.view.blobref(&hash)?;
-                let v = (i128::from(base) + i128::from(d)).max(0);
-                self.delta.blobrefs.insert(hash, u64::try_from(v).unwrap_or(u64::MAX));
-            }
-        }
+        let view = self.view;
+        self.delta.blobrefs = final_counts(std::mem::take(&mut self.blob_deltas), |h| view.blobref(h))?;
+        self.delta.manifestrefs = final_counts(std::mem::take(&mut self.manifest_deltas), |h| view.manifestref(h))?;
         Ok(self.delta)
     }
 
@@ -291,9 +294,16 @@ impl<'a> Txn<'a> {
         self.delta.dirents.insert((parent, name.to_string()), child);
     }
 
-    fn blob_ref(&mut self, hash: Option<Hash>, d: i64) {
+    /// Counts `d` more (or fewer) references to file content `hash` of `size` bytes: always in
+    /// `blobrefs`, and also in `manifestrefs` when content of that size is chunked (the hash
+    /// then names a manifest). The rule depends only on the size, so the record's own size says
+    /// which count to undo when the content is replaced or dropped.
+    fn blob_ref(&mut self, hash: Option<Hash>, size: u64, d: i64) {
         if let Some(h) = hash {
             *self.blob_deltas.entry(h).or_insert(0) += d;
+            if codafs_common::chunks::is_chunked(size) {
+                *self.manifest_deltas.entry(h).or_insert(0) += d;
+            }
         }
     }
 
@@ -715,7 +725,7 @@ impl<'a> Txn<'a> {
 
     /// Deletes one object record and its accounting (not its directory entry).
     fn drop_object(&mut self, vol: &mut VolumeRec, o: ObjectRec) -> TxnResult<()> {
-        self.blob_ref(o.hash, -1);
+        self.blob_ref(o.hash, o.size, -1);
         vol.used_files = vol.used_files.saturating_sub(1);
         if o.kind != Kind::Dir {
             vol.used_bytes = vol.used_bytes.saturating_sub(o.size);
@@ -750,6 +760,22 @@ impl<'a> Txn<'a> {
         }
         Ok(())
     }
+}
+
+/// The new value of every count that changed: the applied count plus the net change, never
+/// below 0. A read failure stops the replica instead of silently resetting a count.
+fn final_counts(
+    deltas: BTreeMap<Hash, i64>,
+    base: impl Fn(&Hash) -> Result<u64, StoreError>,
+) -> Result<BTreeMap<Hash, u64>, StoreError> {
+    let mut out = BTreeMap::new();
+    for (hash, d) in deltas {
+        if d != 0 {
+            let v = (i128::from(base(&hash)?) + i128::from(d)).max(0);
+            out.insert(hash, u64::try_from(v).unwrap_or(u64::MAX));
+        }
+    }
+    Ok(out)
 }
 
 fn describe(node: &NodeRef) -> String {

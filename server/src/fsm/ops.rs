@@ -121,7 +121,7 @@ impl Txn<'_> {
             parent: dir.ino,
             atime_ns: mtime,
         });
-        self.blob_ref(hash, 1);
+        self.blob_ref(hash, size, 1);
         vol.used_files += 1;
         vol.used_bytes = add_bytes(vol.used_bytes, size)?;
         self.put_dirent(dir.ino, name, Some(ino));
@@ -149,8 +149,8 @@ impl Txn<'_> {
         if o.kind != Kind::File {
             return refuse(ApplyError::IsDir(describe(node)));
         }
-        self.blob_ref(o.hash, -1);
-        self.blob_ref(Some(*hash), 1);
+        self.blob_ref(o.hash, o.size, -1);
+        self.blob_ref(Some(*hash), *size, 1);
         vol.used_bytes = add_bytes(vol.used_bytes.saturating_sub(o.size), *size)?;
         o.hash = Some(*hash);
         o.size = *size;

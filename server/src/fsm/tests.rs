@@ -974,3 +974,145 @@ fn reserved_node_ids_name_new_nodes_once_and_only_in_their_volume() {
     // Only writers of the volume may reserve.
     assert!(commit(&mut s, 21, "mallory", vec![OpKind::Reserve { count: 1 }]).is_err());
 }
+
+/// Volume `www` without a byte quota, so files over the chunk threshold fit.
+fn setup_unlimited() -> Twin {
+    let mut s = setup();
+    let unlimited = VolumeChanges {
+        quota_bytes: Some(0),
+        ..Default::default()
+    };
+    s.apply(
+        2,
+        &Command::SetVolume {
+            actor: admin(),
+            name: "www".into(),
+            changes: unlimited,
+        },
+    )
+    .unwrap();
+    s
+}
+
+/// A file in the root whose content is named by `hash` and is `size` bytes (a manifest when
+/// chunked).
+fn sized_file(name: &str, hash: Hash, size: u64, replace: bool) -> OpKind {
+    sized_file_in("", name, hash, size, replace)
+}
+
+fn sized_file_in(parent: &str, name: &str, hash: Hash, size: u64, replace: bool) -> OpKind {
+    OpKind::Create {
+        parent: NodeRef::Path(parent.into()),
+        name: name.into(),
+        kind: Kind::File,
+        mode: 0o644,
+        hash: Some(hash),
+        size,
+        symlink: String::new(),
+        replace,
+        uid: 0,
+        gid: 0,
+        mtime_ns: 0,
+    }
+}
+
+fn set_content(name: &str, hash: Hash, size: u64) -> OpKind {
+    OpKind::SetContent {
+        node: NodeRef::Path(name.into()),
+        hash,
+        size,
+        mtime_ns: 0,
+    }
+}
+
+/// (blob references, manifest references) of `h`.
+fn counts(s: &MemState, h: &Hash) -> (u64, u64) {
+    (
+        s.blobrefs.get(h).copied().unwrap_or(0),
+        s.manifestrefs.get(h).copied().unwrap_or(0),
+    )
+}
+
+#[test]
+fn chunked_contents_are_counted_as_blobs_and_as_manifests() {
+    use codafs_common::chunks::CHUNK_THRESHOLD;
+    let mut s = setup_unlimited();
+    let (m1, m2, small) = (Hash::of(b"manifest 1"), Hash::of(b"manifest 2"), Hash::of(b"small"));
+    let (big, bigger) = (CHUNK_THRESHOLD + 1, 3 * CHUNK_THRESHOLD);
+    // Two files with the same chunked content: two references of each kind.
+    commit(
+        &mut s,
+        3,
+        "alice",
+        vec![sized_file("a", m1, big, false), sized_file("b", m1, big, false)],
+    )
+    .unwrap();
+    assert_eq!(counts(&s, &m1), (2, 2));
+    // New chunked content for one: the old manifest loses a reference, the new one gains one.
+    commit(&mut s, 4, "alice", vec![set_content("a", m2, bigger)]).unwrap();
+    assert_eq!((counts(&s, &m1), counts(&s, &m2)), ((1, 1), (1, 1)));
+    // Content that is not chunked: the manifest goes, the small blob is no manifest.
+    commit(&mut s, 5, "alice", vec![set_content("a", small, 5)]).unwrap();
+    assert_eq!((counts(&s, &m2), counts(&s, &small)), ((0, 0), (1, 0)));
+    // And back to chunked content by replacing the name.
+    commit(&mut s, 6, "alice", vec![sized_file("a", m2, bigger, true)]).unwrap();
+    assert_eq!((counts(&s, &m2), counts(&s, &small)), ((1, 1), (0, 0)));
+    // A hard link adds no reference; removing both names drops them all.
+    commit(&mut s, 7, "alice", vec![link("b", "", "b2")]).unwrap();
+    assert_eq!(counts(&s, &m1), (1, 1));
+    commit(
+        &mut s,
+        8,
+        "alice",
+        vec![remove("", "a", false), remove("", "b", false), remove("", "b2", false)],
+    )
+    .unwrap();
+    assert!(
+        s.blobrefs.is_empty() && s.manifestrefs.is_empty(),
+        "{:?}",
+        s.manifestrefs
+    );
+    // A refused commit leaves both counts as they were.
+    commit(&mut s, 9, "alice", vec![sized_file("c", m1, big, false)]).unwrap();
+    let before = s.clone();
+    let r = commit(
+        &mut s,
+        10,
+        "alice",
+        vec![set_content("c", m2, bigger), sized_file("c", m1, big, false)],
+    );
+    assert!(matches!(r, Err(ApplyError::Exists(_))), "{r:?}");
+    assert_eq!(*s, before);
+}
+
+#[test]
+fn chunked_contents_in_a_removed_tree_are_released() {
+    let mut s = setup_unlimited();
+    let m = Hash::of(b"manifest");
+    let size = codafs_common::chunks::CHUNK_THRESHOLD * 2;
+    let in_dir = |name: &str| sized_file_in("d", name, m, size, false);
+    commit(&mut s, 3, "alice", vec![dir("", "d"), in_dir("x"), in_dir("y")]).unwrap();
+    assert_eq!(counts(&s, &m), (2, 2));
+    commit(&mut s, 4, "alice", vec![remove("", "d", true)]).unwrap();
+    assert_eq!(counts(&s, &m), (0, 0));
+    assert!(s.manifestrefs.is_empty());
+}
+
+#[test]
+fn contents_up_to_the_threshold_never_count_as_manifests() {
+    use codafs_common::chunks::CHUNK_THRESHOLD;
+    let mut s = setup_unlimited();
+    let (h, e) = (Hash::of(b"four mebibytes"), Hash::of(b""));
+    commit(
+        &mut s,
+        3,
+        "alice",
+        vec![sized_file("a", h, CHUNK_THRESHOLD, false), sized_file("e", e, 0, false)],
+    )
+    .unwrap();
+    commit(&mut s, 4, "alice", vec![set_content("e", h, CHUNK_THRESHOLD)]).unwrap();
+    assert_eq!(counts(&s, &h), (2, 0));
+    assert!(s.manifestrefs.is_empty());
+    commit(&mut s, 5, "alice", vec![remove("", "a", false), remove("", "e", false)]).unwrap();
+    assert!(s.blobrefs.is_empty() && s.manifestrefs.is_empty());
+}

@@ -82,6 +82,14 @@ impl Twin {
             assert_eq!(db.blobref(h).unwrap(), *n, "references to {h} {at}");
         }
         assert_eq!(count(crate::db::CF_BLOBREFS), m.blobrefs.len(), "blob references {at}");
+        for (h, n) in &m.manifestrefs {
+            assert_eq!(db.manifestref(h).unwrap(), *n, "manifest references to {h} {at}");
+        }
+        assert_eq!(
+            count(crate::db::CF_MANIFESTREFS),
+            m.manifestrefs.len(),
+            "manifest references {at}"
+        );
         assert_eq!(count(crate::db::CF_CHANGES), m.changes.len(), "change records {at}");
         for (id, r) in &m.requests {
             assert_eq!(db.request(id).unwrap().as_ref(), Some(r), "request record {at}");

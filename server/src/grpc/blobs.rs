@@ -3,9 +3,11 @@
 //! token that may write some volume (charged to its quota until referenced) or a member's
 //! certificate.
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use codafs_common::chunks::looks_like_manifest;
 use codafs_common::Hash;
 use codafs_proto::limits::{BLOB_CHUNK, MAX_MISSING_QUERY, MAX_SMALL_BATCH, MAX_SMALL_GET, MAX_SMALL_GET_BYTES};
 use codafs_proto::pb;
@@ -16,6 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{convert, internal, refuse, ErrorKind};
 use crate::access::{self, Caller};
+use crate::blobs::manifests::ManifestEntry;
 use crate::blobs::replicate::{self, replicate, ForwardError, Replicated};
 use crate::blobs::BlobError;
 use crate::fsm::StateView;
@@ -59,9 +62,10 @@ pub fn upload_time_limit(size: u64) -> Duration {
 impl BlobService {
     /// Authorizes a store of `blobs` by `caller` and charges them to its account until a
     /// commit references them. Peers are not charged: the server they came from was.
-    fn admit_store(&self, caller: &Caller, blobs: &[(Hash, u64)]) -> Result<(), Status> {
+    /// Returns the account charged (`None` for peers).
+    fn admit_store(&self, caller: &Caller, blobs: &[(Hash, u64)]) -> Result<Option<String>, Status> {
         let Some(claims) = self.0.check_store(caller)? else {
-            return Ok(());
+            return Ok(None);
         };
         let t = self.0.tables();
         let vols = t.volumes().map_err(internal)?;
@@ -69,7 +73,34 @@ impl BlobService {
         self.0
             .pending
             .admit(&claims.user, blobs, room, |h| t.blobref(h).is_ok_and(|n| n > 0))
-            .map_err(super::status)
+            .map_err(super::status)?;
+        Ok(Some(claims.user))
+    }
+
+    /// After `user` stored blob `hash`: if it is a manifest, the charges of its chunks move
+    /// onto it (see [`access::PendingBytes::fold`]). `data` is the blob when in memory;
+    /// otherwise a stored blob that starts like a manifest is parsed from the store.
+    async fn fold_chunk_charges(&self, user: Option<&str>, hash: Hash, data: Option<&[u8]>) {
+        let Some(user) = user else { return };
+        let entry = match data {
+            Some(d) if looks_like_manifest(d) => ManifestEntry::parse(d).ok().map(Arc::new),
+            Some(_) => None,
+            None if self.0.cfg.witness => None,
+            None => {
+                let mut head = [0u8; 24];
+                let starts = std::fs::File::open(self.0.blobs.path(&hash))
+                    .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0))
+                    .is_ok_and(|()| looks_like_manifest(&head));
+                if starts {
+                    self.0.manifest(&hash).await.ok()
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(e) = entry {
+            self.0.pending.fold(user, hash, &e.chunks);
+        }
     }
 
     /// Receives the data part of a put into the local store (the spool, on a witness). Bounded
@@ -127,7 +158,10 @@ impl BlobService {
                 _ => return Err(refuse(ErrorKind::Invalid, "a put carries one header, then data only")),
             }
         }
-        tokio::task::block_in_place(|| w.finish()).map_err(blob_status)?;
+        let new = tokio::task::block_in_place(|| w.finish()).map_err(blob_status)?;
+        if new && !self.0.cfg.witness {
+            self.0.counters.blob_bytes_received.fetch_add(size, Ordering::Relaxed);
+        }
         Ok(())
     }
 }
@@ -153,7 +187,7 @@ impl pb::blobs_server::Blobs for BlobService {
         }
         // Before anything is stored or touched: an unauthorized put must not even extend a
         // blob's GC grace.
-        self.admit_store(&caller, &[(hash, header.size)])?;
+        let charged = self.admit_store(&caller, &[(hash, header.size)])?;
         let witness = node.cfg.witness;
         let already = !witness && node.blobs.has(&hash);
         if already {
@@ -202,6 +236,7 @@ impl pb::blobs_server::Blobs for BlobService {
                 &r,
             ));
         }
+        self.fold_chunk_charges(charged.as_deref(), hash, None).await;
         Ok(Response::new(pb::PutBlobReply {
             copies: r.copies as u32,
             already_present: already,
@@ -229,7 +264,7 @@ impl pb::blobs_server::Blobs for BlobService {
             .map(|b| Ok((convert::hash(&b.hash)?, b.data.clone())))
             .collect::<Result<_, Status>>()?;
         let sizes: Vec<(Hash, u64)> = parsed.iter().map(|(h, d)| (*h, d.len() as u64)).collect();
-        self.admit_store(&caller, &sizes)?;
+        let charged = self.admit_store(&caller, &sizes)?;
         let witness = node.cfg.witness;
         // Up front, before anything is stored here or forwarded: room for what is new here.
         let need: u64 = if witness {
@@ -290,6 +325,9 @@ impl pb::blobs_server::Blobs for BlobService {
                 &r,
             ));
         }
+        for (h, d) in &parsed {
+            self.fold_chunk_charges(charged.as_deref(), *h, Some(d)).await;
+        }
         Ok(Response::new(pb::PutSmallReply {
             copies: r.copies as u32,
         }))
@@ -303,17 +341,22 @@ impl pb::blobs_server::Blobs for BlobService {
         let caller = Caller::of(&node, &req);
         let r = req.into_inner();
         let hash = convert::hash(&r.hash)?;
-        node.check_blob_read(&caller, &hash, &r.ticket, r.ino)?;
+        // A chunk is read with the right to its file's manifest (see `access`).
+        let manifest = node.chunk_read_manifest(&caller, &r.manifest)?;
+        node.check_blob_read(&caller, manifest.as_ref().unwrap_or(&hash), &r.ticket, r.ino)?;
         if node.cfg.witness {
             return Err(refuse(
                 ErrorKind::Unavailable,
                 "a witness stores no blobs; ask a data replica",
             ));
         }
+        if let Some(m) = &manifest {
+            if !node.check_chunk_listed(m, &hash).await? {
+                return Err(blob_status(BlobError::NotFound(*m)));
+            }
+        }
         let (file, len) = node.blobs.open_read(&hash).map_err(blob_status)?;
-        node.counters
-            .blob_gets
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        node.counters.blob_gets.fetch_add(1, Ordering::Relaxed);
         let offset = r.offset;
         let (tx, rx) = mpsc::channel::<Result<pb::BlobChunk, Status>>(4);
         tokio::task::spawn_blocking(move || stream_verified(&node, file, len, hash, offset, &tx));
@@ -331,11 +374,12 @@ impl pb::blobs_server::Blobs for BlobService {
                 format!("at most {MAX_SMALL_GET} blobs per GetSmall"),
             ));
         }
-        let mut wanted = Vec::with_capacity(r.blobs.len());
+        let mut asked = Vec::with_capacity(r.blobs.len());
         for b in &r.blobs {
             let hash = convert::hash(&b.hash)?;
-            node.check_blob_read(&caller, &hash, &b.ticket, b.ino)?;
-            wanted.push(hash);
+            let manifest = node.chunk_read_manifest(&caller, &b.manifest)?;
+            node.check_blob_read(&caller, manifest.as_ref().unwrap_or(&hash), &b.ticket, b.ino)?;
+            asked.push((hash, manifest));
         }
         if node.cfg.witness {
             return Err(refuse(
@@ -343,13 +387,19 @@ impl pb::blobs_server::Blobs for BlobService {
                 "a witness stores no blobs; ask a data replica",
             ));
         }
+        let mut wanted = Vec::with_capacity(asked.len());
+        for (hash, manifest) in asked {
+            // A chunk whose manifest is not held here is left out, like a missing blob.
+            match &manifest {
+                Some(m) if !node.check_chunk_listed(m, &hash).await? => {}
+                _ => wanted.push(hash),
+            }
+        }
         let n = node.clone();
         let blobs = tokio::task::spawn_blocking(move || read_small_blobs(&n, &wanted))
             .await
             .map_err(internal)?;
-        node.counters
-            .blob_gets
-            .fetch_add(blobs.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        node.counters.blob_gets.fetch_add(blobs.len() as u64, Ordering::Relaxed);
         Ok(Response::new(pb::GetSmallReply { blobs }))
     }
 
@@ -363,17 +413,30 @@ impl pb::blobs_server::Blobs for BlobService {
                 format!("at most {MAX_MISSING_QUERY} hashes per query"),
             ));
         }
-        let witness = self.0.cfg.witness;
-        let mut missing = Vec::new();
-        for h in hashes {
-            let parsed = convert::hash(&h)?;
-            if witness || !self.0.blobs.has(&parsed) {
-                missing.push(h);
-            } else {
-                // Asked because a commit is about to reference it: restart its GC grace period.
-                self.0.blobs.touch(&parsed);
-            }
+        let parsed = hashes
+            .iter()
+            .map(|h| convert::hash(h))
+            .collect::<Result<Vec<_>, Status>>()?;
+        if self.0.cfg.witness {
+            return Ok(Response::new(pb::MissingBlobsReply { missing: hashes }));
         }
+        // Up to MAX_MISSING_QUERY files looked at and touched: off the async workers.
+        let store = self.0.blobs.clone();
+        let missing = tokio::task::spawn_blocking(move || {
+            let mut missing = Vec::new();
+            for (h, wire) in parsed.iter().zip(hashes) {
+                if store.has(h) {
+                    // Asked because a commit is about to reference it (a chunk reused by a new
+                    // version, say): restart its GC grace period.
+                    store.touch(h);
+                } else {
+                    missing.push(wire);
+                }
+            }
+            missing
+        })
+        .await
+        .map_err(internal)?;
         Ok(Response::new(pb::MissingBlobsReply { missing }))
     }
 }
@@ -423,17 +486,19 @@ fn send_blocking(
     }
 }
 
-/// Stores a verified batch of small blobs durably on this replica, off the async workers.
+/// Stores a verified batch of small blobs durably on this replica, off the async workers, and
+/// counts the bytes that were new here (`blob_bytes_received`: what dedup did not save).
 async fn store_batch(node: &Arc<Node>, batch: Vec<(codafs_common::Hash, bytes::Bytes)>) -> Result<(), Status> {
-    let node = node.clone();
-    tokio::task::spawn_blocking(move || {
+    let n = node.clone();
+    let (_, bytes) = tokio::task::spawn_blocking(move || {
         let refs: Vec<(codafs_common::Hash, &[u8])> = batch.iter().map(|(h, d)| (*h, d.as_ref())).collect();
-        node.blobs.put_many(&refs)
+        n.blobs.put_many(&refs)
     })
     .await
     .map_err(|e| refuse(ErrorKind::Internal, format!("storing a blob batch: {e}")))?
-    .map(drop)
-    .map_err(blob_status)
+    .map_err(blob_status)?;
+    node.counters.blob_bytes_received.fetch_add(bytes, Ordering::Relaxed);
+    Ok(())
 }
 
 /// The answer to a put that missed its write quorum: `no_space` if a replica refused for lack

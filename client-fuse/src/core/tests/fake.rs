@@ -61,6 +61,41 @@ pub struct Truth {
     pub corrupt_small: bool,
     /// Applied commit requests, answered again to a retry (as the servers do).
     pub requests: HashMap<RequestId, Committed>,
+    /// Bytes of blobs stored that were not stored before (what a store sent, deduplicated).
+    pub new_blob_bytes: u64,
+}
+
+/// The bytes content `h` of `size` bytes stands for: the blob itself, or a chunked file's
+/// chunks put together (`None` if any part is missing).
+fn assemble(blobs: &HashMap<Hash, Vec<u8>>, h: &Hash, size: u64) -> Option<Vec<u8>> {
+    let stored = blobs.get(h)?;
+    if !codafs_common::chunks::is_chunked(size) {
+        return Some(stored.clone());
+    }
+    let m = codafs_common::chunks::Manifest::decode(stored).ok()?;
+    let mut out = Vec::with_capacity(size as usize);
+    for c in &m.chunks {
+        out.extend_from_slice(blobs.get(&c.hash)?);
+    }
+    Some(out)
+}
+
+/// Stores `content` as the servers would: one blob, or chunks and a manifest; returns its hash.
+fn store(blobs: &mut HashMap<Hash, Vec<u8>>, content: &[u8]) -> Hash {
+    if !codafs_common::chunks::is_chunked(content.len() as u64) {
+        let h = Hash::of(content);
+        blobs.insert(h, content.to_vec());
+        return h;
+    }
+    let m = codafs_common::chunks::chunk_reader(content, |_, c, bytes| {
+        blobs.insert(c.hash, bytes.to_vec());
+        Ok(())
+    })
+    .unwrap_or_default();
+    let encoded = m.encode();
+    let h = Hash::of(&encoded);
+    blobs.insert(h, encoded);
+    h
 }
 
 /// The fake server.
@@ -93,7 +128,7 @@ impl Tree {
                 match self.objects.get(ino) {
                     Some(a) if a.kind == NodeKind::Dir => stack.push((*ino, format!("{path}/"))),
                     Some(a) => {
-                        let data = a.hash.and_then(|h| blobs.get(&h)).cloned().unwrap_or_default();
+                        let data = a.hash.and_then(|h| assemble(blobs, &h, a.size)).unwrap_or_default();
                         out.insert(path, data);
                     }
                     None => {}
@@ -346,8 +381,7 @@ impl FakeRemote {
         t.tree.version += 1;
         let v = t.tree.version;
         let (d, mut dirs) = t.mkdirs(path);
-        let h = Hash::of(content);
-        t.blobs.insert(h, content.to_vec());
+        let h = store(&mut t.blobs, content);
         let ino = match t.tree.child(d, name) {
             Some(i) => i,
             None => {
@@ -561,8 +595,17 @@ impl Remote for FakeRemote {
 
     async fn put_blob(&self, _token: &str, data: bytes::Bytes, _write_quorum: u32) -> Result<(), FsError> {
         self.check_up()?;
-        self.lock().blobs.insert(Hash::of(&data), data.to_vec());
+        let mut t = self.lock();
+        if t.blobs.insert(Hash::of(&data), data.to_vec()).is_none() {
+            t.new_blob_bytes += data.len() as u64;
+        }
         Ok(())
+    }
+
+    async fn missing(&self, _token: &str, hashes: Vec<Hash>) -> Result<Vec<Hash>, FsError> {
+        self.check_up()?;
+        let t = self.lock();
+        Ok(hashes.into_iter().filter(|h| !t.blobs.contains_key(h)).collect())
     }
 
     async fn commit(&self, _token: &str, volume: &str, ops: Vec<Op>, request: RequestId) -> Result<Committed, FsError> {

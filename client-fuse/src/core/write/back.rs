@@ -28,6 +28,7 @@ use crate::core::remote::{new_request_id, RequestId};
 use crate::core::types::Attr;
 use crate::core::{Invalidation, Invalidator};
 use crate::wblog::{Change, Content, Log, LogError, Record, INLINE_MAX};
+use codafs_common::chunks::content_id;
 
 /// Node ids asked for at a time.
 const RESERVE_BATCH: u32 = 1024;
@@ -766,9 +767,34 @@ impl<R: Remote> Core<R> {
         let Some(content) = b.content_of(hash) else {
             return Ok(false);
         };
+        if let Some(path) = b.log.data_path(&content) {
+            self.cache_file(*hash, &path)?;
+            return Ok(true);
+        }
         let bytes = b.log.read_content(&content).map_err(log_err)?;
         self.cache_copy(*hash, &bytes)?;
         Ok(true)
+    }
+
+    /// Copies file `path` into the blob cache as `hash` (verified there, chunked or not).
+    fn cache_file(&self, hash: Hash, path: &std::path::Path) -> Result<(), FsError> {
+        let mut f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        let mut w = self
+            .blobs
+            .writer(hash, len)
+            .map_err(|e| FsError::NoSpace(format!("caching written content: {e}")))?;
+        blocking(len, || -> Result<(), FsError> {
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = std::io::Read::read(&mut f, &mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                w.write(&buf[..n])?;
+            }
+        })?;
+        w.finish().map(drop).map_err(|e| FsError::Io(e.to_string()))
     }
 
     /// Writes `bytes` into the blob cache as `hash`.
@@ -866,19 +892,43 @@ impl<R: Remote> Core<R> {
         ctx: &WriteCtx,
         uid: u32,
         ino: u64,
-        data: Vec<u8>,
+        data: Payload,
         mtime_ns: i64,
         base_version: u64,
     ) -> Result<(), FsError> {
         let b = self.logging()?;
-        let size = data.len() as u64;
-        let hash = blocking(size, || Hash::of(&data));
-        let content = if data.len() <= INLINE_MAX {
-            Content::Inline(data)
-        } else {
-            let name = format!("{}-{ino:016x}", hash.to_hex());
-            blocking(size, || b.log.write_data(&name, &data)).map_err(log_err)?;
-            Content::File(name)
+        let size = data.len();
+        let (hash, content) = match data {
+            Payload::Memory(data) => {
+                let hash = blocking(size, || Hash::of(&data));
+                if data.len() <= INLINE_MAX {
+                    (hash, Content::Inline(data))
+                } else {
+                    let name = format!("{}-{ino:016x}", hash.to_hex());
+                    blocking(size, || b.log.write_data(&name, &data)).map_err(log_err)?;
+                    (hash, Content::File(name))
+                }
+            }
+            Payload::File { file, size } => {
+                // Copied into the log first, then named by the copy's own content, so the log
+                // never holds bytes under a hash they do not have.
+                let tmp = format!("incoming-{ino:016x}-{}", codafs_common::now_ns());
+                blocking(size, || b.log.write_data_from(&tmp, &file, size)).map_err(log_err)?;
+                let from = b.log.data_path(&Content::File(tmp.clone()));
+                let named = from.as_deref().map(|p| {
+                    let f = std::fs::File::open(p)?;
+                    let (hash, _) = blocking(size, || content_id(std::io::BufReader::with_capacity(1 << 20, f), size))?;
+                    let name = format!("{}-{ino:016x}", hash.to_hex());
+                    b.log
+                        .rename_data(&tmp, &name)
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    Ok::<_, std::io::Error>((hash, Content::File(name)))
+                });
+                match named {
+                    Some(r) => r?,
+                    None => return Err(FsError::Io("internal: a logged data file has no path".into())),
+                }
+            }
         };
         let created_here = b.st().unsent_creations.contains_key(&ino);
         let op = Op::SetContent {
@@ -1071,6 +1121,22 @@ impl<R: Remote> Core<R> {
         let mut group_bytes = 0u64;
         for h in wanted {
             let Some(content) = by_hash.get(h) else { continue };
+            if let Some(path) = b.log.data_path(content) {
+                let file = std::fs::File::open(&path)?;
+                let len = file.metadata()?.len();
+                if codafs_common::chunks::is_chunked(len) {
+                    let (stored, _) = self
+                        .timed(self.write_timeout(len), self.put_chunked(token, &file, len, quorum))
+                        .await?;
+                    if stored != *h {
+                        return Err(FsError::Corrupt(format!(
+                            "logged content {h} now reads as {stored}: {} was changed",
+                            path.display()
+                        )));
+                    }
+                    continue;
+                }
+            }
             let data = bytes::Bytes::from(b.log.read_content(content).map_err(log_err)?);
             let len = data.len() as u64;
             if data.len() > SMALL_PUT {
@@ -1525,14 +1591,15 @@ fn keep_bytes(b: &WriteBack, c: &Change) -> Result<Option<std::path::PathBuf>, F
         Op::Create { name, .. } => name.clone(),
         op => format!("{:016x}", op_target(op)),
     };
+    let name = format!("{}-{}-{label}", c.volume, c.seq);
+    if let Some(from) = b.log.data_path(content) {
+        return Ok(Some(b.log.keep_aside_file(&name, &from).map_err(log_err)?));
+    }
     let bytes = b.log.read_content(content).map_err(log_err)?;
     if bytes.is_empty() {
         return Ok(None);
     }
-    let path = b
-        .log
-        .keep_aside(&format!("{}-{}-{label}", c.volume, c.seq), &bytes)
-        .map_err(log_err)?;
+    let path = b.log.keep_aside(&name, &bytes).map_err(log_err)?;
     Ok(Some(path))
 }
 

@@ -98,7 +98,13 @@ impl<R: Remote> Core<R> {
     /// everything logged so far, this file included, is on the servers.
     pub async fn fsync(&self, fh: u64) -> Result<(), FsError> {
         self.flush(fh).await?;
-        self.sync_log(self.write_timeout(0)).await
+        // Time for what is waiting in the log to travel, on top of a commit's.
+        let waiting = self.backlog().map_or(0, |b| b.log_bytes);
+        let r = self.sync_log(self.write_timeout(waiting)).await;
+        if let Err(e) = &r {
+            tracing::info!(error = %e, waiting, "fsync: the log did not reach the servers in time");
+        }
+        r
     }
 
     /// `release` of a read-only handle, done without waiting (the adaptor replies on the

@@ -10,6 +10,36 @@ const IN_MEMORY_SHADOW: u64 = 8 << 20;
 /// At most this many shadows live in memory at once (so at most 512 MiB).
 pub(super) const IN_MEMORY_SHADOWS: usize = 64;
 
+/// A closed file's bytes on their way to the servers or the log: in memory up to the chunk
+/// threshold (one blob), or a file read by position (a large file's shadow, cut into chunks;
+/// never read into memory whole).
+pub(crate) enum Payload {
+    Memory(Vec<u8>),
+    File { file: std::fs::File, size: u64 },
+}
+
+impl Payload {
+    /// The first `size` bytes of `file`: read into memory when they are one blob.
+    pub(super) fn of_file(file: &std::fs::File, size: u64) -> Result<Self, FsError> {
+        if codafs_common::chunks::is_chunked(size) {
+            return Ok(Payload::File {
+                file: file.try_clone()?,
+                size,
+            });
+        }
+        let mut buf = vec![0u8; size as usize];
+        blocking(size, || file.read_exact_at(&mut buf, 0))?;
+        Ok(Payload::Memory(buf))
+    }
+
+    pub(super) fn len(&self) -> u64 {
+        match self {
+            Payload::Memory(d) => d.len() as u64,
+            Payload::File { size, .. } => *size,
+        }
+    }
+}
+
 /// A private local copy of an open file's content.
 pub(super) struct Shadow {
     pub(super) file: std::fs::File,
@@ -69,6 +99,22 @@ impl<R: Remote> Core<R> {
         ))
     }
 
+    /// The content of cached file `from` cut or zero-extended to `size` bytes (a truncate of a
+    /// file that is not open): a large one goes through an unlinked file in the shadow
+    /// directory, never through memory.
+    pub(super) fn truncated(&self, ino: u64, from: &std::path::Path, size: u64) -> Result<Payload, FsError> {
+        let path = self.shadow_path(ino);
+        let file = blocking(size, || -> std::io::Result<std::fs::File> {
+            std::fs::copy(from, &path)?;
+            let f = std::fs::OpenOptions::new().read(true).write(true).open(&path);
+            let _ = std::fs::remove_file(&path);
+            let f = f?;
+            f.set_len(size)?;
+            Ok(f)
+        })?;
+        Payload::of_file(&file, size)
+    }
+
     /// Removes a shadow's file, or gives back its in-memory slot.
     pub(super) fn drop_shadow_file(&self, path: Option<&std::path::Path>) {
         match path {
@@ -101,11 +147,14 @@ impl<R: Remote> Core<R> {
         &self,
         ctx: &WriteCtx,
         ino: u64,
-        data: Vec<u8>,
+        data: Payload,
         mtime_ns: i64,
     ) -> Result<(), FsError> {
-        let size = data.len() as u64;
-        let hash = self.store_blob(ctx, bytes::Bytes::from(data)).await?;
+        let size = data.len();
+        let hash = match data {
+            Payload::Memory(d) => self.store_blob(ctx, bytes::Bytes::from(d)).await?,
+            Payload::File { file, size } => self.store_chunked(ctx, &file, size).await?,
+        };
         let set = Op::SetContent {
             expect: None,
             ino,
@@ -311,9 +360,8 @@ impl<R: Remote> Core<R> {
             if !g.dirty {
                 return Ok(());
             }
-            let mut buf = vec![0u8; g.size as usize];
-            blocking(g.size, || g.file.read_exact_at(&mut buf, 0))?;
-            (buf, g.generation, g.mtime_ns, g.writers.clone(), g.base_version)
+            let data = Payload::of_file(&g.file, g.size)?;
+            (data, g.generation, g.mtime_ns, g.writers.clone(), g.base_version)
         };
         // Everyone whose bytes are in it must still be allowed to write this file.
         let allowed = writers

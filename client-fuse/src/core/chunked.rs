@@ -1,0 +1,234 @@
+//! Large files in chunks (the rule is in `codafs_common::chunks`: content over 4 MiB is a
+//! manifest of content-defined chunks, each its own blob).
+//!
+//! - A fetch reads the manifest, then the chunks in order, a few in flight; each chunk is
+//!   verified against its own hash before a byte of it reaches the cache file, so memory stays
+//!   at [`IN_FLIGHT`] chunks whatever the file's size.
+//! - A read without the disk cache (its disk is full) fetches only the chunk that holds the
+//!   requested offset.
+//! - A store cuts a local file into chunks, asks the data replicas which they lack, sends only
+//!   those, then the manifest: a small edit to a large file sends one or two chunks.
+use std::sync::Arc;
+
+use codafs_common::chunks::{chunk_reader, Manifest, MAX_MANIFEST_LEN};
+use codafs_common::Hash;
+use futures::StreamExt;
+
+use super::remote::Remote;
+use super::{Core, FsError};
+use crate::blocking::blocking;
+use crate::cache::blobs::CacheWriter;
+use crate::cache::stream::WindowSink;
+use crate::transport::BlobRef;
+
+/// Chunks fetched or sent at once for one file.
+const IN_FLIGHT: usize = 4;
+/// Manifests kept in memory (a large file being read keeps its own).
+pub(super) const MANIFESTS_KEPT: usize = 64;
+
+impl<R: Remote> Core<R> {
+    /// The manifest of chunked file content `blob` (`size` bytes): fetched, verified against
+    /// the file's hash and checked against its size, then kept for the reads that follow.
+    pub(super) async fn manifest_of(&self, blob: &BlobRef, size: u64) -> Result<Arc<Manifest>, FsError> {
+        if let Some(m) = self.manifests.lock().unwrap_or_else(|p| p.into_inner()).get(&blob.hash) {
+            return Ok(m.clone());
+        }
+        let bytes = fetch_manifest(&self.remote, blob).await?;
+        let m = Manifest::decode(&bytes)
+            .map_err(|e| FsError::Corrupt(format!("content {} of a {size}-byte file: {e}", blob.hash)))?;
+        if m.size() != size {
+            return Err(FsError::Corrupt(format!(
+                "manifest {} describes {} bytes, the file has {size}",
+                blob.hash,
+                m.size()
+            )));
+        }
+        let m = Arc::new(m);
+        self.manifests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put(blob.hash, m.clone());
+        Ok(m)
+    }
+
+    /// Fetches one chunk into memory, verified (at most `CHUNK_MAX` bytes, within one window).
+    async fn fetch_chunk(&self, file: &BlobRef, chunk: Hash, len: u32) -> Result<Vec<u8>, FsError> {
+        let mut sink = WindowSink::new(chunk, len as u64, 0);
+        self.remote.fetch_blob(&file.chunk(chunk), &mut sink).await?;
+        sink.into_bytes()
+            .ok_or_else(|| FsError::Corrupt(format!("chunk {chunk} of {} failed verification", file.hash)))
+    }
+
+    /// Fetches every chunk of `blob` into the cache writer `w`, in order, [`IN_FLIGHT`] at once.
+    pub(super) async fn fetch_chunks(&self, blob: &BlobRef, size: u64, w: &mut CacheWriter<'_>) -> Result<(), FsError> {
+        let manifest = self.manifest_of(blob, size).await?;
+        let mut pending = futures::stream::FuturesOrdered::new();
+        let mut next = manifest.chunks.iter();
+        loop {
+            while pending.len() < IN_FLIGHT {
+                let Some(c) = next.next() else { break };
+                pending.push_back(self.fetch_chunk(blob, c.hash, c.len));
+            }
+            let Some(data) = pending.next().await else { break };
+            let data = data?;
+            blocking(data.len() as u64, || super::remote::ChunkSink::write(w, &data))?;
+        }
+        w.chunks_verified();
+        Ok(())
+    }
+
+    /// `size` bytes at `offset` of chunked content `blob` (`len` bytes in all), through memory:
+    /// the chunk holding `offset` is fetched and kept as a window for the reads that follow.
+    pub(super) async fn read_chunked_uncached(
+        &self,
+        blob: &BlobRef,
+        len: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>, FsError> {
+        let manifest = self.manifest_of(blob, len).await?;
+        let Some((start, c)) = manifest.with_offsets().find(|(start, c)| offset < start + c.len as u64) else {
+            return Ok(Vec::new());
+        };
+        let data = self.fetch_chunk(blob, c.hash, c.len).await?;
+        let from = (offset - start) as usize;
+        let to = (from + size as usize).min(data.len());
+        let out = data[from..to].to_vec();
+        self.windows.insert_range(blob.hash, start, data.into());
+        Ok(out)
+    }
+
+    /// Stores the `size` bytes of `file` (a chunked size) on `quorum` replicas as `token`'s
+    /// holder: only the chunks some data replica lacks, then the manifest. Returns the content's
+    /// hash (the manifest's). The file is read twice (to cut it, then each missing chunk), never
+    /// held in memory.
+    pub(super) async fn put_chunked(
+        &self,
+        token: &str,
+        file: &std::fs::File,
+        size: u64,
+        quorum: u32,
+    ) -> Result<(Hash, Arc<Manifest>), FsError> {
+        let manifest = blocking(size, || {
+            let reader = std::io::BufReader::with_capacity(1 << 20, std::io::Read::take(pread(file), size));
+            chunk_reader(reader, |_, _, _| Ok(()))
+        })?;
+        if manifest.size() != size {
+            return Err(FsError::Io(format!(
+                "the file changed while it was stored ({} of {size} bytes read)",
+                manifest.size()
+            )));
+        }
+        let mut offsets = std::collections::HashMap::new();
+        for (off, c) in manifest.with_offsets() {
+            offsets.entry(c.hash).or_insert((off, c.len));
+        }
+        let hashes: Vec<Hash> = offsets.keys().copied().collect();
+        let wanted = self.remote.missing(token, hashes).await?;
+        let sent: u64 = wanted
+            .iter()
+            .filter_map(|h| offsets.get(h))
+            .map(|(_, l)| *l as u64)
+            .sum();
+        tracing::debug!(
+            chunks = manifest.chunks.len(),
+            missing = wanted.len(),
+            bytes = sent,
+            "storing a chunked file"
+        );
+        let mut pending = futures::stream::FuturesUnordered::new();
+        let mut next = wanted.into_iter();
+        loop {
+            while pending.len() < IN_FLIGHT {
+                let Some(h) = next.next() else { break };
+                let (off, len) = offsets[&h];
+                pending.push(self.put_chunk(token, file, h, off, len, quorum));
+            }
+            match pending.next().await {
+                Some(r) => r?,
+                None => break,
+            }
+        }
+        let encoded = manifest.encode();
+        let hash = Hash::of(&encoded);
+        self.remote.put_blob(token, encoded.into(), quorum).await?;
+        self.writes
+            .stats
+            .stored_bytes
+            .fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
+        Ok((hash, Arc::new(manifest)))
+    }
+}
+
+impl<R: Remote> Core<R> {
+    /// Sends chunk `h` (`len` bytes at `off` of `file`), checking the bytes still are that chunk.
+    async fn put_chunk(
+        &self,
+        token: &str,
+        file: &std::fs::File,
+        h: Hash,
+        off: u64,
+        len: u32,
+        quorum: u32,
+    ) -> Result<(), FsError> {
+        let mut buf = vec![0u8; len as usize];
+        blocking(len as u64, || {
+            std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, off)
+        })?;
+        if Hash::of(&buf) != h {
+            return Err(FsError::Io("the file changed while it was stored".into()));
+        }
+        self.remote.put_blob(token, buf.into(), quorum).await
+    }
+}
+
+/// A reader over a file by position (`pread`), leaving the shared descriptor's offset alone
+/// (a shadow file's descriptor is shared with writers).
+fn pread(file: &std::fs::File) -> impl std::io::Read + '_ {
+    struct At<'a>(&'a std::fs::File, u64);
+    impl std::io::Read for At<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = std::os::unix::fs::FileExt::read_at(self.0, buf, self.1)?;
+            self.1 += n as u64;
+            Ok(n)
+        }
+    }
+    At(file, 0)
+}
+
+/// Reads a manifest whole, verified. Its length is not in the file's attributes, so it is
+/// bounded by the longest a manifest can be ([`MAX_MANIFEST_LEN`]).
+async fn fetch_manifest<R: Remote>(remote: &R, blob: &BlobRef) -> Result<Vec<u8>, FsError> {
+    struct Whole {
+        hash: Hash,
+        data: Vec<u8>,
+    }
+    impl super::remote::ChunkSink for Whole {
+        fn received(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn write(&mut self, d: &[u8]) -> std::io::Result<()> {
+            if (self.data.len() + d.len()) as u64 > MAX_MANIFEST_LEN {
+                return Err(std::io::Error::other(format!("manifest {} is too long", self.hash)));
+            }
+            self.data.extend_from_slice(d);
+            Ok(())
+        }
+        fn reset(&mut self) -> std::io::Result<()> {
+            self.data.clear();
+            Ok(())
+        }
+        fn verified(&self) -> bool {
+            Hash::of(&self.data) == self.hash
+        }
+    }
+    let mut sink = Whole {
+        hash: blob.hash,
+        data: Vec::new(),
+    };
+    remote.fetch_blob(blob, &mut sink).await?;
+    if !super::remote::ChunkSink::verified(&sink) {
+        return Err(FsError::Corrupt(format!("manifest {} failed verification", blob.hash)));
+    }
+    Ok(sink.data)
+}

@@ -40,7 +40,7 @@ pub fn file(path: &str, content: &[u8], mode: u32) -> pb::Op {
         path,
         pb::ObjectKind::File,
         mode,
-        Some(Hash::of(content)),
+        Some(codafs_common::chunks::content_id_of(content)),
         content.len() as u64,
         "",
     )

@@ -400,6 +400,45 @@ impl Cluster {
         .await
     }
 
+    /// Stores file content held in memory the way files are stored: one blob, or (over the
+    /// chunk threshold) its chunks and then its manifest. Returns the content's hash, what a
+    /// create or set-content operation names (`ops::file` computes the same).
+    pub async fn put_content(&self, data: &[u8], write_quorum: u32) -> Result<Hash, ClientError> {
+        if !codafs_common::chunks::is_chunked(data.len() as u64) {
+            self.put_blob(bytes::Bytes::copy_from_slice(data), write_quorum).await?;
+            return Ok(Hash::of(data));
+        }
+        let mut chunks = Vec::new();
+        let manifest = codafs_common::chunks::chunk_reader(data, |off, c, _| {
+            chunks.push((off as usize, c.len as usize));
+            Ok(())
+        })
+        .map_err(|e| ClientError::Server(status(ErrorKind::Invalid, e.to_string())))?;
+        for (off, len) in chunks {
+            self.put_blob(bytes::Bytes::copy_from_slice(&data[off..off + len]), write_quorum)
+                .await?;
+        }
+        let encoded = manifest.encode();
+        self.put_blob(encoded.into(), write_quorum).await?;
+        Ok(manifest.hash())
+    }
+
+    /// Reads the whole content of a file of `size` bytes (`blob` from its attributes) into
+    /// memory: the blob, or the manifest and then each chunk, every one verified.
+    pub async fn get_content(&self, blob: &BlobRef, size: u64) -> Result<Vec<u8>, ClientError> {
+        if !codafs_common::chunks::is_chunked(size) {
+            return self.get_blob(blob).await;
+        }
+        let bytes = self.get_blob(blob).await?;
+        let manifest = codafs_common::chunks::Manifest::decode(&bytes)
+            .map_err(|e| ClientError::Server(status(ErrorKind::Corrupt, format!("{}: {e}", blob.hash))))?;
+        let mut out = Vec::with_capacity(size as usize);
+        for c in &manifest.chunks {
+            out.extend_from_slice(&self.get_blob(&blob.chunk(c.hash)).await?);
+        }
+        Ok(out)
+    }
+
     /// Uploads a batch of small blobs (each at most 1 MiB) in one request; returns the durable
     /// copy count of the whole batch.
     pub async fn put_small(&self, blobs: &[(Hash, bytes::Bytes)], write_quorum: u32) -> Result<u32, ClientError> {

@@ -388,30 +388,23 @@ impl Log {
         Ok(name.to_string())
     }
 
-    /// Copies the first `size` bytes of `from` (a large file's shadow, read by position) into
-    /// data file `name`, durably; returns the name. Memory stays at one buffer.
-    pub fn write_data_from(&self, name: &str, from: &File, size: u64) -> Result<String, LogError> {
-        use std::os::unix::fs::FileExt;
+    /// Writes data file `name` (`size` bytes) with `fill`, durably; returns the name. For a
+    /// large file's content, which is cut into chunks as it is copied in.
+    pub fn write_data_with(
+        &self,
+        name: &str,
+        size: u64,
+        fill: impl FnOnce(&mut File) -> std::io::Result<()>,
+    ) -> Result<String, LogError> {
         self.check_room(size)?;
         let dir = self.dir.join("data");
         let path = dir.join(name);
         let mut f = File::create(&path).map_err(io(&path))?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut at = 0u64;
-        while at < size {
-            let want = buf.len().min((size - at) as usize);
-            let n = from.read_at(&mut buf[..want], at).map_err(io(&path))?;
-            if n == 0 {
-                let _ = std::fs::remove_file(&path);
-                return Err(LogError::Io(
-                    path,
-                    std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file shrank while it was logged"),
-                ));
-            }
-            f.write_all(&buf[..n]).map_err(io(&path))?;
-            at += n as u64;
+        let filled = fill(&mut f).and_then(|()| f.sync_all());
+        if let Err(e) = filled {
+            let _ = std::fs::remove_file(&path);
+            return Err(LogError::Io(path, e));
         }
-        f.sync_all().map_err(io(&path))?;
         File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))?;
         self.inner().data_bytes += size;
         Ok(name.to_string())
@@ -514,6 +507,12 @@ impl Log {
     /// Forgets what changes up to `done` needed: segments naming nothing newer, and the data
     /// files `data` (contents of those changes).
     pub fn release(&self, done: u64, data: &[String]) {
+        self.release_keeping(done, data, |_, _| false);
+    }
+
+    /// [`Log::release`], offering each data file to `moved(path, len)` first: a `true` answer
+    /// means it moved the file away (into the blob cache) and the log no longer counts it.
+    pub fn release_keeping(&self, done: u64, data: &[String], mut moved: impl FnMut(&Path, u64) -> bool) {
         let mut g = self.inner();
         let active = g.segments.last().map(|s| s.id);
         let (gone, keep): (Vec<Segment>, Vec<Segment>) = std::mem::take(&mut g.segments)
@@ -526,7 +525,7 @@ impl Log {
         for name in data {
             let path = self.dir.join("data").join(name);
             let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            if std::fs::remove_file(&path).is_ok() {
+            if moved(&path, len) || std::fs::remove_file(&path).is_ok() {
                 g.data_bytes = g.data_bytes.saturating_sub(len);
             }
         }

@@ -440,7 +440,7 @@ impl TestCluster {
 
     /// Stores `content` at `volume:parent/name` (creating or replacing the file) through `client`.
     pub async fn write_file(client: &Cluster, volume: &str, parent: &str, name: &str, content: &[u8]) -> Result<u64> {
-        client.put_blob(bytes::Bytes::copy_from_slice(content), 2).await?;
+        client.put_content(content, 2).await?;
         let op = ops::file(&join(parent, name), content, 0o644);
         Ok(client.commit(ops::commit(volume, vec![op])).await?.version)
     }
@@ -480,7 +480,7 @@ impl TestCluster {
         self.caught_up(addr).await?;
         let attr = self.resolve_on(addr, volume, path).await?.attr.context("no attr")?;
         let c = self.client_on(addr);
-        Ok(c.get_blob(&BlobRef::of(&attr)?).await?)
+        Ok(c.get_content(&BlobRef::of(&attr)?, attr.size).await?)
     }
 
     /// Runs `codafs server --join TOKEN` in a new directory `name` under the cluster's root; it

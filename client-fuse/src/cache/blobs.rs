@@ -182,6 +182,22 @@ impl BlobCache {
         let _ = std::fs::remove_file(self.path(h));
     }
 
+    /// Moves file `from` (content `h`, `len` bytes) into the cache instead of copying it: a
+    /// large file the write-back log sent. Unless `verified` (its hash was computed from these
+    /// bytes in this process), it is re-hashed on first use like an entry found at start.
+    pub fn adopt(&self, h: Hash, from: &Path, len: u64, verified: bool) -> Result<(), CacheError> {
+        let dest = self.path(&h);
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::rename(from, &dest)?;
+        if !verified {
+            self.lock().unverified.insert(h);
+        }
+        self.admit(h, len);
+        Ok(())
+    }
+
     /// Pins `h` against eviction until the returned guard drops.
     pub fn pin(&self, h: Hash) -> Pin<'_> {
         self.hold(h);

@@ -87,14 +87,27 @@ impl<R: Remote> Core<R> {
         size: u32,
     ) -> Result<Vec<u8>, FsError> {
         let manifest = self.manifest_of(blob, len).await?;
-        let Some((start, c)) = manifest.with_offsets().find(|(start, c)| offset < start + c.len as u64) else {
-            return Ok(Vec::new());
-        };
-        let data = self.fetch_chunk(blob, c.hash, c.len).await?;
-        let from = (offset - start) as usize;
-        let to = (from + size as usize).min(data.len());
-        let out = data[from..to].to_vec();
-        self.windows.insert_range(blob.hash, start, data.into());
+        let end = offset.saturating_add(size as u64).min(len);
+        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        // The chunks the range covers (a read may straddle a boundary): each is fetched whole,
+        // verified, and kept as a window for the reads that follow.
+        for (start, c) in manifest.with_offsets() {
+            let stop = start + c.len as u64;
+            if stop <= offset || start >= end {
+                continue;
+            }
+            let from = offset.max(start);
+            let to = end.min(stop);
+            let data = match self.windows.get(&blob.hash, start, c.len as u64, len) {
+                Some(d) => d,
+                None => {
+                    let d = self.fetch_chunk(blob, c.hash, c.len).await?;
+                    self.windows.insert_range(blob.hash, start, d.clone().into());
+                    d
+                }
+            };
+            out.extend_from_slice(&data[(from - start) as usize..(to - start) as usize]);
+        }
         Ok(out)
     }
 
@@ -108,11 +121,16 @@ impl<R: Remote> Core<R> {
         file: &std::fs::File,
         size: u64,
         quorum: u32,
+        known: Option<Arc<Manifest>>,
     ) -> Result<(Hash, Arc<Manifest>), FsError> {
-        let manifest = blocking(size, || {
-            let reader = std::io::BufReader::with_capacity(1 << 20, std::io::Read::take(pread(file), size));
-            chunk_reader(reader, |_, _, _| Ok(()))
-        })?;
+        let manifest = match known.filter(|m| m.size() == size) {
+            // Cut when the file was logged: every chunk sent is checked against it below.
+            Some(m) => m,
+            None => Arc::new(blocking(size, || {
+                let reader = std::io::BufReader::with_capacity(1 << 20, read_at(file, size));
+                chunk_reader(reader, |_, _, _| Ok(()))
+            })?),
+        };
         if manifest.size() != size {
             return Err(FsError::Io(format!(
                 "the file changed while it was stored ({} of {size} bytes read)",
@@ -156,7 +174,7 @@ impl<R: Remote> Core<R> {
             .stats
             .stored_bytes
             .fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
-        Ok((hash, Arc::new(manifest)))
+        Ok((hash, manifest))
     }
 }
 
@@ -182,18 +200,19 @@ impl<R: Remote> Core<R> {
     }
 }
 
-/// A reader over a file by position (`pread`), leaving the shared descriptor's offset alone
-/// (a shadow file's descriptor is shared with writers).
-fn pread(file: &std::fs::File) -> impl std::io::Read + '_ {
-    struct At<'a>(&'a std::fs::File, u64);
+/// The first `size` bytes of `file`, read by position (`pread`): the shared descriptor's
+/// offset is left alone (a shadow file's descriptor is shared with writers).
+pub(crate) fn read_at(file: &std::fs::File, size: u64) -> impl std::io::Read + '_ {
+    struct At<'a>(&'a std::fs::File, u64, u64);
     impl std::io::Read for At<'_> {
         fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            let n = std::os::unix::fs::FileExt::read_at(self.0, buf, self.1)?;
+            let want = buf.len().min((self.2 - self.1) as usize);
+            let n = std::os::unix::fs::FileExt::read_at(self.0, &mut buf[..want], self.1)?;
             self.1 += n as u64;
             Ok(n)
         }
     }
-    At(file, 0)
+    At(file, 0, size)
 }
 
 /// Reads a manifest whole, verified. Its length is not in the file's attributes, so it is

@@ -451,7 +451,7 @@ impl<R: Remote> Core<R> {
         let put = self
             .timed(
                 self.write_timeout(size),
-                self.put_chunked(&ctx.token, file, size, ctx.write_quorum),
+                self.put_chunked(&ctx.token, file, size, ctx.write_quorum, None),
             )
             .await;
         let (hash, manifest) = match put {

@@ -24,11 +24,12 @@ use tokio::sync::{watch, Notify};
 use super::batch::{batch_ops, referenced};
 use super::*;
 use crate::cache::meta::DirPatch;
+use crate::core::chunked::read_at;
 use crate::core::remote::{new_request_id, RequestId};
 use crate::core::types::Attr;
 use crate::core::{Invalidation, Invalidator};
 use crate::wblog::{Change, Content, Log, LogError, Record, INLINE_MAX};
-use codafs_common::chunks::content_id;
+use codafs_common::chunks::chunk_reader;
 
 /// Node ids asked for at a time.
 const RESERVE_BATCH: u32 = 1024;
@@ -910,24 +911,31 @@ impl<R: Remote> Core<R> {
                 }
             }
             Payload::File { file, size } => {
-                // Copied into the log first, then named by the copy's own content, so the log
-                // never holds bytes under a hash they do not have.
+                // One pass: the shadow is cut into chunks as it is copied into the log, so the
+                // copy is named by its own bytes (a file changing meanwhile cannot mismatch).
                 let tmp = format!("incoming-{ino:016x}-{}", codafs_common::now_ns());
-                blocking(size, || b.log.write_data_from(&tmp, &file, size)).map_err(log_err)?;
-                let from = b.log.data_path(&Content::File(tmp.clone()));
-                let named = from.as_deref().map(|p| {
-                    let f = std::fs::File::open(p)?;
-                    let (hash, _) = blocking(size, || content_id(std::io::BufReader::with_capacity(1 << 20, f), size))?;
-                    let name = format!("{}-{ino:016x}", hash.to_hex());
-                    b.log
-                        .rename_data(&tmp, &name)
-                        .map_err(|e| std::io::Error::other(e.to_string()))?;
-                    Ok::<_, std::io::Error>((hash, Content::File(name)))
-                });
-                match named {
-                    Some(r) => r?,
-                    None => return Err(FsError::Io("internal: a logged data file has no path".into())),
-                }
+                let mut cut = None;
+                blocking(size, || {
+                    b.log.write_data_with(&tmp, size, |out| {
+                        let reader = std::io::BufReader::with_capacity(1 << 20, read_at(&file, size));
+                        let m = chunk_reader(reader, |_, _, bytes| std::io::Write::write_all(out, bytes))?;
+                        cut = Some(m);
+                        Ok(())
+                    })
+                })
+                .map_err(log_err)?;
+                let Some(m) = cut.filter(|m| m.size() == size) else {
+                    b.log.release(0, std::slice::from_ref(&tmp));
+                    return Err(FsError::Io("the file changed size while it was logged".into()));
+                };
+                let hash = m.hash();
+                let name = format!("{}-{ino:016x}", hash.to_hex());
+                b.log.rename_data(&tmp, &name).map_err(log_err)?;
+                self.manifests
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .put(hash, std::sync::Arc::new(m));
+                (hash, Content::File(name))
             }
         };
         let created_here = b.st().unsent_creations.contains_key(&ino);
@@ -1125,8 +1133,12 @@ impl<R: Remote> Core<R> {
                 let file = std::fs::File::open(&path)?;
                 let len = file.metadata()?.len();
                 if codafs_common::chunks::is_chunked(len) {
+                    let known = self.manifests.lock().unwrap_or_else(|p| p.into_inner()).get(h).cloned();
                     let (stored, _) = self
-                        .timed(self.write_timeout(len), self.put_chunked(token, &file, len, quorum))
+                        .timed(
+                            self.write_timeout(len),
+                            self.put_chunked(token, &file, len, quorum, known),
+                        )
                         .await?;
                     if stored != *h {
                         return Err(FsError::Corrupt(format!(
@@ -1509,12 +1521,27 @@ impl<R: Remote> Core<R> {
             st.settle_overlay(batch.last);
             st.bound_own_versions(&open);
         }
+        let mut large = HashMap::new();
         for c in &batch.changes {
             if let Some(Content::File(name)) = &c.content {
                 data.push(name.clone());
+                if let Some(h) = content_hash(&c.op) {
+                    large.insert(b.log.data_path(&Content::File(name.clone())), h);
+                }
             }
         }
-        b.log.release(batch.last, &data);
+        // A large file just sent is read next (reopened, rewritten): its log copy becomes the
+        // cache entry instead of being deleted and fetched back.
+        b.log.release_keeping(batch.last, &data, |path, len| {
+            let Some(h) = large.get(&Some(path.to_path_buf())) else {
+                return false;
+            };
+            if !codafs_common::chunks::is_chunked(len) || self.blobs.lookup(h) {
+                return false;
+            }
+            let known = self.manifests.lock().unwrap_or_else(|p| p.into_inner()).contains(h);
+            self.blobs.adopt(*h, path, len, known).is_ok()
+        });
         b.settled.send_modify(|s| *s = (*s).max(batch.last));
     }
 }

@@ -132,10 +132,7 @@ impl<R: Remote> Core<R> {
             })?),
         };
         if manifest.size() != size {
-            return Err(FsError::Io(format!(
-                "the file changed while it was stored ({} of {size} bytes read)",
-                manifest.size()
-            )));
+            return Err(FsError::Changed(format!("{} of {size} bytes read", manifest.size())));
         }
         let mut offsets = std::collections::HashMap::new();
         for (off, c) in manifest.with_offsets() {
@@ -194,7 +191,7 @@ impl<R: Remote> Core<R> {
             std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, off)
         })?;
         if Hash::of(&buf) != h {
-            return Err(FsError::Io("the file changed while it was stored".into()));
+            return Err(FsError::Changed(format!("chunk {h} at {off} reads differently")));
         }
         self.remote.put_blob(token, buf.into(), quorum).await
     }

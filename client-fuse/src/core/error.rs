@@ -50,6 +50,10 @@ pub enum FsError {
     BadHandle,
     #[error("file too large: {0}")]
     TooLarge(String),
+    /// A large file's bytes changed while they were being stored (another write or truncate
+    /// on the same open file): that store is superseded by the next one.
+    #[error("the file changed while it was stored: {0}")]
+    Changed(String),
     /// The servers refused the caller's token (forged, expired, retired key): as good as none.
     #[error("{0}")]
     Unauthenticated(String),
@@ -72,7 +76,11 @@ impl FsError {
             FsError::NotSymlink => libc::EINVAL,
             FsError::ReadOnly | FsError::Unauthenticated(_) => libc::EROFS,
             FsError::Invalid(_) => libc::EINVAL,
-            FsError::Disconnected(_) | FsError::Corrupt(_) | FsError::Io(_) | FsError::Conflict(_) => libc::EIO,
+            FsError::Disconnected(_)
+            | FsError::Corrupt(_)
+            | FsError::Io(_)
+            | FsError::Conflict(_)
+            | FsError::Changed(_) => libc::EIO,
             FsError::Exists => libc::EEXIST,
             FsError::NotEmpty => libc::ENOTEMPTY,
             FsError::Denied(_) => libc::EACCES,

@@ -487,7 +487,7 @@ impl<R: Remote> Core<R> {
             let mut buf = vec![0u8; c.len as usize];
             std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, off)?;
             if Hash::of(&buf) != c.hash {
-                return Err(FsError::Io("the file changed while it was stored".into()));
+                return Err(FsError::Changed(format!("chunk {} at {off} reads differently", c.hash)));
             }
             w.write(&buf)?;
         }

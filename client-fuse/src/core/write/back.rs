@@ -926,7 +926,7 @@ impl<R: Remote> Core<R> {
                 .map_err(log_err)?;
                 let Some(m) = cut.filter(|m| m.size() == size) else {
                     b.log.release(0, std::slice::from_ref(&tmp));
-                    return Err(FsError::Io("the file changed size while it was logged".into()));
+                    return Err(FsError::Changed(format!("{size} bytes expected in the log copy")));
                 };
                 let hash = m.hash();
                 let name = format!("{}-{ino:016x}", hash.to_hex());

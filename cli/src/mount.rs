@@ -300,6 +300,12 @@ pub fn print_mount_status(mnt: &Path, json: bool) -> Result<()> {
             c.prefetched, c.bad_small_copies
         );
     }
+    if c.reused_chunk_bytes > 0 {
+        println!(
+            "       {} of large files' new versions taken from chunks already cached",
+            bytes(c.reused_chunk_bytes)
+        );
+    }
     if st.read_only {
         println!("writes refused for everyone (--read-only)");
     } else {

@@ -103,6 +103,10 @@ pub struct CacheStatus {
     /// Of the small files sent with a listing, copies that failed verification.
     #[serde(default)]
     pub bad_small_copies: u64,
+    /// Bytes of large files' new versions taken from chunks already cached (old versions, other
+    /// files) instead of fetched.
+    #[serde(default)]
+    pub reused_chunk_bytes: u64,
 }
 
 /// `hits / (hits + misses)`, 0 before any access.

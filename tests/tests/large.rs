@@ -171,6 +171,12 @@ async fn a_2_gib_file_is_written_read_back_and_rewritten_in_part_by_its_chunks()
         })
         .await
         .with_context(|| format!("last read: {last:?}"))?;
+        // The web node took the unchanged chunks from the old version it had cached.
+        let reused = web.status()?.cache.reused_chunk_bytes;
+        ensure!(
+            reused > SIZE / 2,
+            "the web node reused only {reused} bytes of the old version"
+        );
         // The writer reads its own version back too.
         let (mine, _) = checksum(&big)?;
         ensure!(mine == want, "the writer reads back what it wrote");

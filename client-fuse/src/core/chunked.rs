@@ -8,6 +8,7 @@
 //!   requested offset.
 //! - A store cuts a local file into chunks, asks the data replicas which they lack, sends only
 //!   those, then the manifest: a small edit to a large file sends one or two chunks.
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use codafs_common::chunks::{chunk_reader, Manifest, MAX_MANIFEST_LEN};
@@ -59,15 +60,69 @@ impl<R: Remote> Core<R> {
             .ok_or_else(|| FsError::Corrupt(format!("chunk {chunk} of {} failed verification", file.hash)))
     }
 
+    /// Where chunks of `manifest` already are on this machine: in the cached content of other
+    /// large files whose manifests were read recently (above all the previous version of the
+    /// same file, when a change event brought a new one). A new version then costs only its
+    /// new chunks, for reads and `codafs prefetch` alike.
+    fn local_chunks(&self, file: &Hash, manifest: &Manifest) -> HashMap<Hash, (Hash, u64)> {
+        let wanted: HashSet<Hash> = manifest.chunks.iter().map(|c| c.hash).collect();
+        let known: Vec<(Hash, Arc<Manifest>)> = {
+            let lru = self.manifests.lock().unwrap_or_else(|p| p.into_inner());
+            lru.iter()
+                .filter(|(h, _)| *h != file)
+                .map(|(h, m)| (*h, m.clone()))
+                .collect()
+        };
+        let mut found = HashMap::new();
+        for (other, m) in known {
+            if !self.blobs.lookup(&other) {
+                continue;
+            }
+            for (off, c) in m.with_offsets() {
+                if wanted.contains(&c.hash) {
+                    found.entry(c.hash).or_insert((other, off));
+                }
+            }
+        }
+        found
+    }
+
+    /// One chunk's bytes: from a cached file that holds it (`local`: that file and the offset),
+    /// verified, or else fetched.
+    async fn chunk_bytes(
+        &self,
+        file: &BlobRef,
+        chunk: Hash,
+        len: u32,
+        local: Option<(Hash, u64)>,
+    ) -> Result<Vec<u8>, FsError> {
+        if let Some((other, off)) = local {
+            let _pin = self.blobs.pin(other);
+            let mut buf = vec![0u8; len as usize];
+            let read = blocking(len as u64, || {
+                std::fs::File::open(self.blobs.path(&other))
+                    .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, off))
+            });
+            if read.is_ok() && Hash::of(&buf) == chunk {
+                self.stats
+                    .reused_chunk_bytes
+                    .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+                return Ok(buf);
+            }
+        }
+        self.fetch_chunk(file, chunk, len).await
+    }
+
     /// Fetches every chunk of `blob` into the cache writer `w`, in order, [`IN_FLIGHT`] at once.
     pub(super) async fn fetch_chunks(&self, blob: &BlobRef, size: u64, w: &mut CacheWriter<'_>) -> Result<(), FsError> {
         let manifest = self.manifest_of(blob, size).await?;
+        let local = self.local_chunks(&blob.hash, &manifest);
         let mut pending = futures::stream::FuturesOrdered::new();
         let mut next = manifest.chunks.iter();
         loop {
             while pending.len() < IN_FLIGHT {
                 let Some(c) = next.next() else { break };
-                pending.push_back(self.fetch_chunk(blob, c.hash, c.len));
+                pending.push_back(self.chunk_bytes(blob, c.hash, c.len, local.get(&c.hash).copied()));
             }
             let Some(data) = pending.next().await else { break };
             let data = data?;

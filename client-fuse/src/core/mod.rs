@@ -166,6 +166,8 @@ pub struct CoreStats {
     pub prefetched: AtomicU64,
     /// Of those, copies that failed verification (left out; fetched on open instead).
     pub bad_small_copies: AtomicU64,
+    /// Chunk bytes of large files copied from other cached files instead of fetched.
+    pub reused_chunk_bytes: AtomicU64,
 }
 
 impl CoreStats {
@@ -900,6 +902,7 @@ impl<R: Remote> Core<R> {
             streamed_uncached: self.stats.streamed_uncached.load(Ordering::Relaxed),
             prefetched: self.stats.prefetched.load(Ordering::Relaxed),
             bad_small_copies: self.stats.bad_small_copies.load(Ordering::Relaxed),
+            reused_chunk_bytes: self.stats.reused_chunk_bytes.load(Ordering::Relaxed),
         }
     }
 

@@ -684,3 +684,25 @@ async fn a_large_file_from_elsewhere_is_fetched_in_chunks() {
     }
     assert!(failed, "a corrupt chunk must fail the read");
 }
+
+/// A new version of a large file, announced by a change event, costs only its new chunks: the
+/// rest are copied from the cached old version (what a web node pays when a webmaster edits a
+/// large file, and what `codafs prefetch` moves).
+#[tokio::test(start_paused = true)]
+async fn a_new_version_of_a_large_file_fetches_only_its_new_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = writable_core(dir.path()).await;
+    let mut data = noise(24 << 20, 21);
+    core.remote.write(&[], "db.sqlite", &data);
+    deliver_all(&core).await;
+    assert_eq!(read_whole(&core, "db.sqlite").await, data);
+    let first = core.remote.lock().blob_fetches;
+    data[(15 << 20)..(15 << 20) + 4096].copy_from_slice(&noise(4096, 22));
+    core.remote.write(&[], "db.sqlite", &data);
+    deliver_all(&core).await;
+    assert_eq!(read_whole(&core, "db.sqlite").await, data);
+    let fetched = core.remote.lock().blob_fetches - first;
+    assert!(fetched <= 4, "the manifest and one or two chunks, not {fetched} blobs");
+    let reused = core.stats.reused_chunk_bytes.load(Ordering::Relaxed);
+    assert!(reused >= 16 << 20, "only {reused} bytes came from the old version");
+}

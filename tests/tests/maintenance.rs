@@ -58,3 +58,81 @@ async fn scrub_detects_unread_corruption_and_gc_collects_unreferenced_blobs() {
     };
     codafs_tests::bounded_within(Duration::from_secs(120), run).await;
 }
+
+/// A large file's chunks get every blob guarantee: a data replica that was down while the file
+/// was written refills its manifest and every chunk by repair (and then serves the file alone);
+/// a corrupt chunk is found by scrub and repaired; once the file is replaced, GC removes the
+/// old version's chunks and keeps the new one's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_files_chunks_are_repaired_scrubbed_and_collected() {
+    let run = async {
+        let opts = ClusterOpts::new(2, 1)
+            .arg("--scrub-interval-s", "1")
+            .arg("--gc-grace-s", "2");
+        let mut tc = TestCluster::start(opts).await?;
+        tc.create_volume("www", 1).await?;
+        let c = tc.client();
+        let (a0, a1) = (tc.servers[0].addr.clone(), tc.servers[1].addr.clone());
+
+        // Written while data server 1 is down (W=1): only server 0 has it.
+        tc.kill(1);
+        let v1 = codafs_common::testdata::noise(12 << 20, 31);
+        c.put_content(&v1, 1).await?;
+        let ops = vec![codafs_client::ops::file("video.mp4", &v1, 0o644)];
+        c.commit(codafs_client::ops::commit("www", ops)).await?;
+        tc.restart(1)?;
+        wait_until(Duration::from_secs(60), "repair refills every chunk", || async {
+            tc.status_of(&a1)
+                .await
+                .is_ok_and(|s| s.blob_bytes >= 12 << 20 && s.repair_backlog == 0)
+        })
+        .await?;
+        tc.kill(0);
+        assert_eq!(
+            tc.read_on(&a1, "www", "video.mp4").await?,
+            v1,
+            "served by the repaired replica alone"
+        );
+        tc.restart(0)?;
+        tc.caught_up(&a0).await?;
+
+        // Corrupt one chunk on server 1: scrub finds it, repair restores it.
+        let attr = tc.resolve_on(&a0, "www", "video.mp4").await?.attr.expect("attributes");
+        let manifest =
+            codafs_common::chunks::Manifest::decode(&std::fs::read(tc.blob_path(0, &Hash::from_slice(&attr.hash)?))?)?;
+        let chunk = manifest.chunks[manifest.chunks.len() / 2].hash;
+        let path = tc.blob_path(1, &chunk);
+        let mut bytes = std::fs::read(&path)?;
+        bytes[100] ^= 0x55;
+        std::fs::write(&path, &bytes)?;
+        wait_until(
+            Duration::from_secs(30),
+            "scrub finds and repair restores the chunk",
+            || async {
+                std::fs::read(&path).is_ok_and(|d| Hash::of(&d) == chunk)
+                    && tc.status_of(&a1).await.is_ok_and(|s| s.corrupt_found >= 1)
+            },
+        )
+        .await?;
+
+        // Replaced: the old version's chunks go, the new version's stay.
+        let v2 = codafs_common::testdata::noise(6 << 20, 32);
+        TestCluster::write_file(&c, "www", "", "video.mp4", &v2).await?;
+        for (i, s) in tc.servers.iter().enumerate().filter(|(_, s)| !s.witness) {
+            let old = tc.blob_path(i, &chunk);
+            wait_until(Duration::from_secs(30), "GC removes the old version's chunks", || {
+                let f = old.clone();
+                async move { !f.exists() }
+            })
+            .await?;
+            wait_until(Duration::from_secs(30), "only the new version's blobs stay", || async {
+                tc.status_of(&s.addr).await.is_ok_and(|st| st.blob_bytes < 8 << 20)
+            })
+            .await?;
+        }
+        assert_eq!(tc.read_on(&a0, "www", "video.mp4").await?, v2);
+        assert_eq!(tc.read_on(&a1, "www", "video.mp4").await?, v2);
+        Ok::<_, anyhow::Error>(())
+    };
+    codafs_tests::bounded_within(Duration::from_secs(180), run).await;
+}

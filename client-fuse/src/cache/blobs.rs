@@ -224,6 +224,13 @@ impl BlobCache {
         self.lock().pins.contains_key(h)
     }
 
+    /// A fresh temp file path for content `h` (the cache directory's `tmp/`, emptied at start).
+    pub fn tmp_path(&self, h: &Hash) -> PathBuf {
+        self.root
+            .join("tmp")
+            .join(format!("{}-{}", h.to_hex(), self.seq.fetch_add(1, Ordering::Relaxed)))
+    }
+
     /// A writer for fetching `h` (`size` bytes) into the cache.
     pub fn writer(&self, h: Hash, size: u64) -> Result<CacheWriter<'_>, CacheError> {
         let tmp = self

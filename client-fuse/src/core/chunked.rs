@@ -3,9 +3,11 @@
 //!
 //! - A fetch reads the manifest, then the chunks in order, a few in flight; each chunk is
 //!   verified against its own hash before a byte of it reaches the cache file, so memory stays
-//!   at [`IN_FLIGHT`] chunks whatever the file's size.
-//! - A read without the disk cache (its disk is full) fetches only the chunk that holds the
-//!   requested offset.
+//!   at [`IN_FLIGHT`] chunks whatever the file's size. Readers drive it (a [`Fill`]): a read
+//!   waits only for the chunks up to its range, so a reader starts before the whole file
+//!   arrives; chunks already cached in other files (an old version) are copied, not fetched.
+//! - A read without the disk cache (its disk is full), or far ahead of a fill, fetches only the
+//!   chunks that hold the requested range.
 //! - A store cuts a local file into chunks, asks the data replicas which they lack, sends only
 //!   those, then the manifest: a small edit to a large file sends one or two chunks.
 use std::collections::{HashMap, HashSet};
@@ -18,7 +20,6 @@ use futures::StreamExt;
 use super::remote::Remote;
 use super::{Core, FsError};
 use crate::blocking::blocking;
-use crate::cache::blobs::CacheWriter;
 use crate::cache::stream::WindowSink;
 use crate::transport::BlobRef;
 
@@ -111,25 +112,6 @@ impl<R: Remote> Core<R> {
             }
         }
         self.fetch_chunk(file, chunk, len).await
-    }
-
-    /// Fetches every chunk of `blob` into the cache writer `w`, in order, [`IN_FLIGHT`] at once.
-    pub(super) async fn fetch_chunks(&self, blob: &BlobRef, size: u64, w: &mut CacheWriter<'_>) -> Result<(), FsError> {
-        let manifest = self.manifest_of(blob, size).await?;
-        let local = self.local_chunks(&blob.hash, &manifest);
-        let mut pending = futures::stream::FuturesOrdered::new();
-        let mut next = manifest.chunks.iter();
-        loop {
-            while pending.len() < IN_FLIGHT {
-                let Some(c) = next.next() else { break };
-                pending.push_back(self.chunk_bytes(blob, c.hash, c.len, local.get(&c.hash).copied()));
-            }
-            let Some(data) = pending.next().await else { break };
-            let data = data?;
-            blocking(data.len() as u64, || super::remote::ChunkSink::write(w, &data))?;
-        }
-        w.chunks_verified();
-        Ok(())
     }
 
     /// `size` bytes at `offset` of chunked content `blob` (`len` bytes in all), through memory:
@@ -302,4 +284,151 @@ async fn fetch_manifest<R: Remote>(remote: &R, blob: &BlobRef) -> Result<Vec<u8>
         return Err(FsError::Corrupt(format!("manifest {} failed verification", blob.hash)));
     }
     Ok(sink.data)
+}
+
+/// Fills in progress kept at once (each holds a temp file of a partly fetched large file).
+pub(super) const FILLS_KEPT: usize = 16;
+/// The most a single read may wait to have fetched: its distance ahead plus one round of
+/// chunks (what its deadline is sized for).
+pub(super) const READ_AHEAD_BYTES: u64 = FAR_AHEAD + IN_FLIGHT as u64 * codafs_common::chunks::CHUNK_MAX as u64;
+/// A read this far past what a fill has verified is served from its own chunk instead of
+/// fetching everything before it (a reader seeking into a large file).
+const FAR_AHEAD: u64 = 32 << 20;
+
+/// A large file being brought into the cache by its readers, chunk by chunk in order: a read
+/// waits only for the chunks up to its range (and a few ahead), so a reader starts before the
+/// whole file arrives. Readers drive it (no background task); once the last chunk is in, the
+/// file becomes a cache entry. A fill dropped unfinished (evicted, or the mount stopping)
+/// removes its temp file.
+pub(super) struct Fill {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+    manifest: Arc<Manifest>,
+    /// Chunks written and verified: the first `next`, covering `verified` bytes.
+    next: usize,
+    verified: u64,
+    /// Moved into the cache: nothing to remove.
+    adopted: bool,
+}
+
+impl Drop for Fill {
+    fn drop(&mut self) {
+        if !self.adopted {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A shared fill.
+pub(super) type FillRef = Arc<tokio::sync::Mutex<Fill>>;
+
+impl<R: Remote> Core<R> {
+    /// The fill of chunked content `blob` (`len` bytes), started if there is none. `None` when
+    /// the cache disk has no room for the whole file (readers then go through memory).
+    async fn fill_of(&self, blob: &BlobRef, len: u64) -> Result<Option<FillRef>, FsError> {
+        if let Some(f) = self.fills.lock().unwrap_or_else(|p| p.into_inner()).get(&blob.hash) {
+            return Ok(Some(f.clone()));
+        }
+        if !self.blobs.has_room(len) {
+            return Ok(None);
+        }
+        let manifest = self.manifest_of(blob, len).await?;
+        self.count_hit(blob.ino, false);
+        let path = self.blobs.tmp_path(&blob.hash);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        let fill = Arc::new(tokio::sync::Mutex::new(Fill {
+            file,
+            path,
+            manifest,
+            next: 0,
+            verified: 0,
+            adopted: false,
+        }));
+        let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+        // Another reader may have started one meanwhile: use theirs (ours is dropped unused).
+        if let Some(f) = fills.get(&blob.hash) {
+            return Ok(Some(f.clone()));
+        }
+        fills.put(blob.hash, fill.clone());
+        Ok(Some(fill))
+    }
+
+    /// Fetches chunks of `fill` in order until `upto` bytes are verified (and up to
+    /// [`IN_FLIGHT`] chunks in one go); makes it a cache entry once complete.
+    async fn drive(&self, blob: &BlobRef, fill: &mut Fill, upto: u64) -> Result<(), FsError> {
+        let manifest = fill.manifest.clone();
+        let local = if fill.verified < upto {
+            self.local_chunks(&blob.hash, &manifest)
+        } else {
+            HashMap::new()
+        };
+        while fill.verified < upto && fill.next < manifest.chunks.len() {
+            let mut pending = futures::stream::FuturesOrdered::new();
+            for c in manifest.chunks[fill.next..].iter().take(IN_FLIGHT) {
+                pending.push_back(self.chunk_bytes(blob, c.hash, c.len, local.get(&c.hash).copied()));
+            }
+            while let Some(data) = pending.next().await {
+                let data = data?;
+                let at = fill.verified;
+                blocking(data.len() as u64, || {
+                    std::os::unix::fs::FileExt::write_all_at(&fill.file, &data, at)
+                })?;
+                fill.verified += data.len() as u64;
+                fill.next += 1;
+            }
+        }
+        if fill.next == manifest.chunks.len() && !fill.adopted {
+            self.fills.lock().unwrap_or_else(|p| p.into_inner()).pop(&blob.hash);
+            if !self.blobs.lookup(&blob.hash) {
+                self.blobs
+                    .adopt(blob.hash, &fill.path, fill.verified, true)
+                    .map_err(|e| FsError::NoSpace(format!("caching {}: {e}", blob.hash)))?;
+            }
+            fill.adopted = true;
+        }
+        Ok(())
+    }
+
+    /// Brings all of chunked content `blob` into the cache through its fill (what opening a
+    /// large file for writing, or any whole-file need, waits for).
+    pub(super) async fn fill_whole(&self, blob: &BlobRef, len: u64) -> Result<bool, FsError> {
+        let Some(fill) = self.fill_of(blob, len).await? else {
+            return Ok(false);
+        };
+        let mut f = fill.lock().await;
+        self.drive(blob, &mut f, len).await?;
+        Ok(true)
+    }
+
+    /// `size` bytes at `offset` of chunked content `blob` (`len` bytes) not yet cached: served
+    /// from its fill once the chunks up to there are in (a far seek is served from its own
+    /// chunk instead). `None` when the cache disk has no room for the file.
+    pub(super) async fn read_filling(
+        &self,
+        blob: &BlobRef,
+        len: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<Option<Vec<u8>>, FsError> {
+        let Some(fill) = self.fill_of(blob, len).await? else {
+            return Ok(None);
+        };
+        let end = offset.saturating_add(size as u64).min(len);
+        let mut f = fill.lock().await;
+        if offset > f.verified.saturating_add(FAR_AHEAD) {
+            drop(f);
+            return self.read_chunked_uncached(blob, len, offset, size).await.map(Some);
+        }
+        self.drive(blob, &mut f, end).await?;
+        let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
+        let file = &f.file;
+        blocking(buf.len() as u64, || {
+            std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, offset)
+        })?;
+        Ok(Some(buf))
+    }
 }

@@ -252,6 +252,8 @@ pub struct Core<R: Remote> {
     windows: crate::cache::stream::Windows,
     /// Manifests of large files recently read (see `chunked.rs`).
     manifests: Mutex<lru::LruCache<Hash, Arc<codafs_common::chunks::Manifest>>>,
+    /// Large files being brought into the cache by their readers (see `chunked.rs`).
+    fills: Mutex<lru::LruCache<Hash, chunked::FillRef>>,
 }
 
 impl<R: Remote> Core<R> {
@@ -285,6 +287,9 @@ impl<R: Remote> Core<R> {
             windows: Default::default(),
             manifests: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(chunked::MANIFESTS_KEPT).unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
+            fills: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(chunked::FILLS_KEPT).unwrap_or(std::num::NonZeroUsize::MIN),
             )),
         })
     }
@@ -682,20 +687,25 @@ impl<R: Remote> Core<R> {
             self.count_hit(ino, true);
             return Ok(());
         }
-        self.count_hit(ino, false);
         // Large files get time in proportion to their size on top of the deadline.
         let limit = crate::policy::transfer_timeout(self.cfg.op_timeout, size);
+        if is_chunked(size) {
+            // Through the file's fill, which readers may have begun (and which counts the miss).
+            let filled = self.timed(limit, self.fill_whole(blob, size)).await;
+            self.fetches.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
+            return match filled? {
+                true => Ok(()),
+                false => Err(FsError::NoSpace(format!("the cache disk has no room for {size} bytes"))),
+            };
+        }
+        self.count_hit(ino, false);
         let result = self
             .timed(limit, async {
                 let mut w = self
                     .blobs
                     .writer(hash, size)
                     .map_err(|e| FsError::NoSpace(format!("caching blob {hash}: {e}")))?;
-                let fetched = if is_chunked(size) {
-                    self.fetch_chunks(blob, size, &mut w).await
-                } else {
-                    self.remote.fetch_blob(blob, &mut w).await
-                };
+                let fetched = self.remote.fetch_blob(blob, &mut w).await;
                 if let Some(e) = w.failed_locally() {
                     return Err(FsError::NoSpace(format!("caching blob {hash}: {e}")));
                 }
@@ -790,6 +800,13 @@ impl<R: Remote> Core<R> {
         // Pinned before it is fetched, so admitting it cannot evict it (it may be larger than the
         // whole cache), and until it is read.
         let _pin = self.blobs.pin(blob.hash);
+        if is_chunked(len) && !self.blobs.lookup(&blob.hash) && !self.cache_from_log(&blob.hash)? {
+            // A large file not cached yet: this read waits only for the chunks up to its range.
+            let limit = crate::policy::transfer_timeout(self.cfg.op_timeout, chunked::READ_AHEAD_BYTES);
+            if let Some(d) = self.timed(limit, self.read_filling(&blob, len, offset, size)).await? {
+                return Ok(d);
+            }
+        }
         for _ in 0..3 {
             match self.ensure_blob(&blob, len).await {
                 Ok(()) => {}

@@ -706,3 +706,38 @@ async fn a_new_version_of_a_large_file_fetches_only_its_new_chunks() {
     let reused = core.stats.reused_chunk_bytes.load(Ordering::Relaxed);
     assert!(reused >= 16 << 20, "only {reused} bytes came from the old version");
 }
+
+/// A reader of a large file starts before the whole file arrives: the first read waits for the
+/// first few chunks only, a far seek fetches only its own chunk, and reading on brings the rest
+/// into the cache (then a cache hit like any file).
+#[tokio::test(start_paused = true)]
+async fn a_large_file_is_read_before_it_has_all_arrived() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = writable_core(dir.path()).await;
+    let data = noise(96 << 20, 41);
+    core.remote.write(&[], "movie.mp4", &data);
+    deliver_all(&core).await;
+    let www = core.lookup(ROOT_INO, "www").await.unwrap().ino;
+    let a = core.lookup(www, "movie.mp4").await.unwrap();
+    let chunks = (data.len() >> 20) as u64;
+    assert_eq!(core.read(a.ino, 0, 0, 4096).await.unwrap(), &data[..4096]);
+    let first = core.remote.lock().blob_fetches;
+    assert!(
+        first <= 6,
+        "the first read fetched {first} blobs (the manifest and a few chunks)"
+    );
+    let far = 80 << 20;
+    assert_eq!(
+        core.read(a.ino, 0, far, 4096).await.unwrap(),
+        &data[far as usize..far as usize + 4096]
+    );
+    assert!(
+        core.remote.lock().blob_fetches <= first + 2,
+        "a far seek fetches its own chunk"
+    );
+    assert_eq!(read_whole(&core, "movie.mp4").await, data);
+    let all = core.remote.lock().blob_fetches;
+    assert!(all > chunks / 4, "{all} fetches for the whole file");
+    assert_eq!(read_whole(&core, "movie.mp4").await, data);
+    assert_eq!(core.remote.lock().blob_fetches, all, "now a cache hit");
+}

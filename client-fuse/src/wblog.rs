@@ -26,7 +26,8 @@ use crate::core::remote::RequestId;
 use crate::core::types::Op;
 
 /// First bytes of every segment: the format's name and version.
-const MAGIC: &[u8] = b"codafs write-back log v3\n";
+/// v4: a logged content over 4 MiB is named by its chunk manifest (`codafs_common::chunks`).
+const MAGIC: &[u8] = b"codafs write-back log v4\n";
 /// A new segment is started past this size (smaller in unit tests, which make many logs).
 #[cfg(not(test))]
 const SEGMENT_BYTES: u64 = 16 << 20;

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use codafs_benches::{open_read_close, publish_web_tree, relpath, zipf_cdf, FILES};
 use codafs_tests::{ClusterOpts, Mount, TestCluster};
 use rand::{Rng, SeedableRng};
@@ -36,16 +36,9 @@ fn zipf_order() -> Vec<usize> {
     order
 }
 
-/// Writes back dirty pages and drops the kernel's page, dentry and inode caches.
-fn drop_caches() -> Result<()> {
-    // SAFETY: sync(2) takes no arguments and cannot fail.
-    unsafe { libc::sync() };
-    std::fs::write("/proc/sys/vm/drop_caches", "3\n").context("dropping the kernel's caches needs root")
-}
-
 /// One pass: `READERS` threads share `order`, each file read once. Returns (files/s, MB/s).
 fn pass(root: &Path, order: &[usize], bytes: usize) -> Result<(f64, f64)> {
-    drop_caches()?;
+    codafs_benches::drop_caches()?;
     let paths: Vec<PathBuf> = order.iter().map(|i| root.join(relpath(*i))).collect();
     let start = Instant::now();
     std::thread::scope(|s| {

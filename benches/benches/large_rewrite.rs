@@ -4,7 +4,9 @@
 //!
 //! Reports, per rewrite: the seconds until the change is on the servers, and the blob bytes each
 //! data server newly stored (its `blob_bytes_received` counter); then, once garbage collection
-//! has run, each data server's blob bytes against the file's size.
+//! has run, each data server's blob bytes against the file's size; then a first read on a web
+//! node with an empty cache (time to the first 4 KiB, and the whole file) against the local copy
+//! read cold. Needs root (it drops the kernel's caches).
 //!
 //! Run: `cargo build --bin codafs && cargo bench -p codafs-benches --profile dev --bench large_rewrite`
 //! (`REWRITES=100` for the full run; the default is 20).
@@ -73,6 +75,18 @@ async fn counters(tc: &TestCluster) -> Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
+/// Seconds to open `path` and read its first 4 KiB, and then to read it to the end (from the
+/// open, so the whole read includes the first).
+fn timed_reads(path: &Path) -> Result<(f64, f64)> {
+    let start = Instant::now();
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 4096];
+    std::io::Read::read_exact(&mut f, &mut buf)?;
+    let first = start.elapsed().as_secs_f64();
+    std::io::copy(&mut f, &mut std::io::sink())?;
+    Ok((first, start.elapsed().as_secs_f64()))
+}
+
 fn mib(b: u64) -> f64 {
     b as f64 / 1048576.0
 }
@@ -123,6 +137,21 @@ async fn bench() -> Result<Vec<String>> {
     let last = counters(&tc).await?;
     let stored_max = last.iter().map(|c| c.1).max().unwrap_or(0);
 
+    // A web node with an empty cache: the first 4 KiB, then the whole file, against the local
+    // copy read with the kernel's caches dropped.
+    let web = Mount::start(
+        &tc.client_args(),
+        tc.root.path(),
+        "web",
+        &["--read-only", "--cache-size", "4G"],
+    )?;
+    let seen = web.path.join("www/big.bin");
+    let (web_first, web_all) = timed_reads(&seen)?;
+    codafs_benches::drop_caches()?;
+    let (local_first, _) = timed_reads(&local)?;
+    codafs_benches::drop_caches()?;
+    let (_, local_all) = timed_reads(&local)?;
+
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let mut sorted = sent.clone();
     sorted.sort_unstable();
@@ -153,6 +182,21 @@ async fn bench() -> Result<Vec<String>> {
             "After {rewrites} rewrites and garbage collection: {:.0} MiB of blobs on the fullest data server, {:.2}x the file's size (aim: under 2x).",
             mib(stored_max),
             stored_max as f64 / SIZE as f64
+        ),
+        String::new(),
+        "| first read of the 1 GiB file | local disk, caches dropped | codafs web node, empty cache | ratio |".into(),
+        "|---|---|---|---|".into(),
+        format!(
+            "| open + first 4 KiB | {:.1} ms | {:.1} ms | {:.2}x |",
+            local_first * 1e3,
+            web_first * 1e3,
+            local_first / web_first
+        ),
+        format!(
+            "| the whole file, MB/s | {:.0} | {:.0} | {:.2}x |",
+            SIZE as f64 / 1e6 / local_all,
+            SIZE as f64 / 1e6 / web_all,
+            local_all / web_all
         ),
     ])
 }

@@ -3,7 +3,7 @@
 //! mount helpers live in `codafs-tests`.
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use codafs_client::ops;
 use codafs_tests::TestCluster;
 use rand::{Rng, SeedableRng};
@@ -105,4 +105,12 @@ pub async fn publish_web_tree(tc: &TestCluster, local: &Path) -> Result<WebTree>
     }
     c.commit(ops::commit("www", batch)).await?;
     Ok(tree)
+}
+
+/// Writes back dirty pages and drops the kernel's page, dentry and inode caches (needs root):
+/// the local-disk side of a cold-read comparison.
+pub fn drop_caches() -> Result<()> {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n").context("dropping the kernel's caches needs root")
 }

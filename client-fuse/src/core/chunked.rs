@@ -24,7 +24,10 @@ use crate::cache::stream::WindowSink;
 use crate::transport::BlobRef;
 
 /// Chunks fetched or sent at once for one file.
-const IN_FLIGHT: usize = 4;
+const IN_FLIGHT: usize = 8;
+/// How far past a read a fill fetches at most while that read waits anyway (it starts at
+/// nothing and doubles with what has arrived, as kernel readahead does).
+const READ_AHEAD: u64 = 16 << 20;
 /// Manifests kept in memory (a large file being read keeps its own).
 pub(super) const MANIFESTS_KEPT: usize = 64;
 
@@ -290,7 +293,8 @@ async fn fetch_manifest<R: Remote>(remote: &R, blob: &BlobRef) -> Result<Vec<u8>
 pub(super) const FILLS_KEPT: usize = 16;
 /// The most a single read may wait to have fetched: its distance ahead plus one round of
 /// chunks (what its deadline is sized for).
-pub(super) const READ_AHEAD_BYTES: u64 = FAR_AHEAD + IN_FLIGHT as u64 * codafs_common::chunks::CHUNK_MAX as u64;
+pub(super) const READ_AHEAD_BYTES: u64 =
+    FAR_AHEAD + READ_AHEAD + IN_FLIGHT as u64 * codafs_common::chunks::CHUNK_MAX as u64;
 /// A read this far past what a fill has verified is served from its own chunk instead of
 /// fetching everything before it (a reader seeking into a large file).
 const FAR_AHEAD: u64 = 32 << 20;
@@ -366,20 +370,26 @@ impl<R: Remote> Core<R> {
         } else {
             HashMap::new()
         };
-        while fill.verified < upto && fill.next < manifest.chunks.len() {
-            let mut pending = futures::stream::FuturesOrdered::new();
-            for c in manifest.chunks[fill.next..].iter().take(IN_FLIGHT) {
+        // A window of chunks in flight, refilled as each arrives, until `upto` is covered and
+        // what was started has landed (a read that stops there leaves nothing half-fetched).
+        let mut pending = futures::stream::FuturesOrdered::new();
+        let mut started = fill.next;
+        let mut covered = fill.verified;
+        loop {
+            while pending.len() < IN_FLIGHT && started < manifest.chunks.len() && covered < upto {
+                let c = &manifest.chunks[started];
                 pending.push_back(self.chunk_bytes(blob, c.hash, c.len, local.get(&c.hash).copied()));
+                covered += c.len as u64;
+                started += 1;
             }
-            while let Some(data) = pending.next().await {
-                let data = data?;
-                let at = fill.verified;
-                blocking(data.len() as u64, || {
-                    std::os::unix::fs::FileExt::write_all_at(&fill.file, &data, at)
-                })?;
-                fill.verified += data.len() as u64;
-                fill.next += 1;
-            }
+            let Some(data) = pending.next().await else { break };
+            let data = data?;
+            let at = fill.verified;
+            blocking(data.len() as u64, || {
+                std::os::unix::fs::FileExt::write_all_at(&fill.file, &data, at)
+            })?;
+            fill.verified += data.len() as u64;
+            fill.next += 1;
         }
         if fill.next == manifest.chunks.len() && !fill.adopted {
             self.fills.lock().unwrap_or_else(|p| p.into_inner()).pop(&blob.hash);
@@ -423,7 +433,10 @@ impl<R: Remote> Core<R> {
             drop(f);
             return self.read_chunked_uncached(blob, len, offset, size).await.map(Some);
         }
-        self.drive(blob, &mut f, end).await?;
+        // Ahead of the reader too, ramping up as it goes (the first read waits for one chunk):
+        // a sequential reader's next reads find their chunks in.
+        let ahead = f.verified.min(READ_AHEAD);
+        self.drive(blob, &mut f, end.saturating_add(ahead).min(len)).await?;
         let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
         let file = &f.file;
         blocking(buf.len() as u64, || {

@@ -17,7 +17,8 @@ pub struct UploadArgs {
     /// Also remove what exists in the target but not locally.
     #[arg(long)]
     delete: bool,
-    /// Show what would change; upload and commit nothing.
+    /// Show what would change and how much would be sent (asking the data replicas which blobs
+    /// they lack; everything, if they cannot be asked); upload and commit nothing.
     #[arg(long)]
     dry_run: bool,
     /// Blob uploads in flight at once.

@@ -276,9 +276,20 @@ pub async fn upload(
     };
     let plan = plan::plan(&tree, &remote, &base, &ancestors, opts.delete);
     let mut s = plan.summary;
-    if opts.dry_run || plan.ops.is_empty() {
-        s.uploaded_blobs = plan.blobs.len();
-        s.uploaded_bytes = plan.blobs.values().map(|src| src.len()).sum();
+    if plan.ops.is_empty() {
+        return Ok(s);
+    }
+    if opts.dry_run {
+        // What would travel: the blobs some data replica lacks (an edited large file's new
+        // chunks, not the whole file), or all of them if the replicas cannot be asked.
+        let all = (plan.blobs.len(), plan.blobs.values().map(|src| src.len()).sum());
+        (s.uploaded_blobs, s.uploaded_bytes) = match send::find_missing(c, plan.blobs).await {
+            Ok(todo) => (todo.len(), todo.iter().map(|(_, src)| src.len()).sum()),
+            Err(e) => {
+                tracing::debug!(error = %e, "dry run: could not ask which blobs the replicas lack");
+                all
+            }
+        };
         return Ok(s);
     }
     let todo = send::find_missing(c, plan.blobs).await?;

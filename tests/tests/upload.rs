@@ -347,8 +347,23 @@ async fn a_large_file_goes_in_chunks_and_an_edit_sends_only_the_chunks_around_it
         let mid = 20 << 20;
         big[mid..mid + (64 << 10)].copy_from_slice(&noise(64 << 10, 2));
         std::fs::write(local.join("big.bin"), &big)?;
+        // A dry run says what would travel: the new chunks and manifest, not the whole file.
+        let dry = UploadOptions {
+            dry_run: true,
+            ..opts("data")
+        };
+        let d = upload(&c, &local, &dry, &()).await?;
+        assert!(
+            d.uploaded_bytes > 0 && d.uploaded_bytes < 12 * MIB,
+            "the dry run would send {} bytes",
+            d.uploaded_bytes
+        );
         let progress = Counted::default();
         let s = upload(&c, &local, &opts("data"), &progress).await?;
+        assert_eq!(
+            s.uploaded_bytes, d.uploaded_bytes,
+            "the dry run told what the upload sent"
+        );
         assert_eq!((s.updated, s.unchanged), (1, 1));
         assert!(s.version > 0);
         assert!(s.uploaded_bytes < 12 * MIB, "the edit sent {} bytes", s.uploaded_bytes);

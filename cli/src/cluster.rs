@@ -456,7 +456,8 @@ pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> R
                     "addr": addr, "reachable": true, "node_id": s.node_id, "role": s.role, "term": s.term,
                     "leader_id": s.leader_id, "last_log_index": s.last_log_index, "commit_index": s.commit_index,
                     "applied_index": s.applied_index, "snapshot_index": s.snapshot_index, "witness": s.witness,
-                    "blob_count": s.blob_count, "blob_bytes": s.blob_bytes, "repair_backlog": s.repair_backlog,
+                    "blob_count": s.blob_count, "blob_bytes": s.blob_bytes, "blob_bytes_received": s.blob_bytes_received,
+                    "repair_backlog": s.repair_backlog,
                     "corrupt_found": s.corrupt_found, "cluster_id": s.cluster_id, "voters": s.voters, "servers": s.servers,
                     "disk_free_bytes": s.disk_free_bytes, "disk_total_bytes": s.disk_total_bytes,
                     "disk_min_free_bytes": s.disk_min_free_bytes, "space_refusals": s.space_refusals,
@@ -484,11 +485,12 @@ pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> R
             );
             if !s.witness {
                 println!(
-                    "  blobs       {} ({}), repair backlog {}, corrupt found {}",
+                    "  blobs       {} ({}), repair backlog {}, corrupt found {}, {} newly stored since start",
                     s.blob_count,
                     bytes(s.blob_bytes),
                     s.repair_backlog,
-                    s.corrupt_found
+                    s.corrupt_found,
+                    bytes(s.blob_bytes_received)
                 );
             }
             println!("  disk        {}", disk_line(s));

@@ -327,6 +327,12 @@ impl Drop for Fill {
 pub(super) type FillRef = Arc<tokio::sync::Mutex<Fill>>;
 
 impl<R: Remote> Core<R> {
+    /// Whether chunked content `hash` is being brought in by its readers (then it is neither
+    /// cached nor in the write-back log: the next read goes straight to the fill).
+    pub(super) fn filling(&self, hash: &Hash) -> bool {
+        self.fills.lock().unwrap_or_else(|p| p.into_inner()).contains(hash)
+    }
+
     /// The fill of chunked content `blob` (`len` bytes), started if there is none. `None` when
     /// the cache disk has no room for the whole file (readers then go through memory).
     async fn fill_of(&self, blob: &BlobRef, len: u64) -> Result<Option<FillRef>, FsError> {

@@ -800,7 +800,10 @@ impl<R: Remote> Core<R> {
         // Pinned before it is fetched, so admitting it cannot evict it (it may be larger than the
         // whole cache), and until it is read.
         let _pin = self.blobs.pin(blob.hash);
-        if is_chunked(len) && !self.blobs.lookup(&blob.hash) && !self.cache_from_log(&blob.hash)? {
+        if is_chunked(len)
+            && !self.blobs.lookup(&blob.hash)
+            && (self.filling(&blob.hash) || !self.cache_from_log(&blob.hash)?)
+        {
             // A large file not cached yet: this read waits only for the chunks up to its range.
             let limit = crate::policy::transfer_timeout(self.cfg.op_timeout, chunked::READ_AHEAD_BYTES);
             if let Some(d) = self.timed(limit, self.read_filling(&blob, len, offset, size)).await? {

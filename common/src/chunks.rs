@@ -37,11 +37,6 @@ pub fn is_chunked(size: u64) -> bool {
     size > CHUNK_THRESHOLD
 }
 
-/// Whether bytes start like a manifest (a cheap test before [`Manifest::decode`]).
-pub fn looks_like_manifest(head: &[u8]) -> bool {
-    head.len() >= HEADER_LEN && &head[..8] == MAGIC
-}
-
 /// One chunk of a manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ChunkRef {

@@ -499,33 +499,8 @@ fn key_rotation_keeps_old_tokens_until_retired() {
 
 #[test]
 fn absurd_sizes_are_refused_not_overflowed() {
-    let mut s = setup();
-    let unlimited = VolumeChanges {
-        quota_bytes: Some(0),
-        ..Default::default()
-    };
-    s.apply(
-        2,
-        &Command::SetVolume {
-            actor: admin(),
-            name: "www".into(),
-            changes: unlimited,
-        },
-    )
-    .unwrap();
-    let huge = |name: &str, size: u64| OpKind::Create {
-        parent: NodeRef::Path(String::new()),
-        name: name.into(),
-        kind: Kind::File,
-        mode: 0o644,
-        hash: Some(Hash::of(b"x")),
-        size,
-        symlink: String::new(),
-        replace: false,
-        uid: 0,
-        gid: 0,
-        mtime_ns: 0,
-    };
+    let mut s = setup_unlimited();
+    let huge = |name: &str, size: u64| sized_file(name, Hash::of(b"x"), size, false);
     let before = s.clone();
     assert!(matches!(
         commit(&mut s, 3, "alice", vec![huge("a", u64::MAX)]),

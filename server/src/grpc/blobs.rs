@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use codafs_common::chunks::looks_like_manifest;
 use codafs_common::Hash;
 use codafs_proto::limits::{BLOB_CHUNK, MAX_MISSING_QUERY, MAX_SMALL_BATCH, MAX_SMALL_GET, MAX_SMALL_GET_BYTES};
 use codafs_proto::pb;
@@ -79,24 +78,13 @@ impl BlobService {
 
     /// After `user` stored blob `hash`: if it is a manifest, the charges of its chunks move
     /// onto it (see [`access::PendingBytes::fold`]). `data` is the blob when in memory;
-    /// otherwise a stored blob that starts like a manifest is parsed from the store.
+    /// otherwise it is loaded as a manifest from the store (`Node::manifest` looks at its
+    /// header first, so another blob costs one small read).
     async fn fold_chunk_charges(&self, user: Option<&str>, hash: Hash, data: Option<&[u8]>) {
         let Some(user) = user else { return };
         let entry = match data {
-            Some(d) if looks_like_manifest(d) => ManifestEntry::parse(d).ok().map(Arc::new),
-            Some(_) => None,
-            None if self.0.cfg.witness => None,
-            None => {
-                let mut head = [0u8; 24];
-                let starts = std::fs::File::open(self.0.blobs.path(&hash))
-                    .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0))
-                    .is_ok_and(|()| looks_like_manifest(&head));
-                if starts {
-                    self.0.manifest(&hash).await.ok()
-                } else {
-                    None
-                }
-            }
+            Some(d) => ManifestEntry::parse(d).ok().map(Arc::new),
+            None => self.0.manifest(&hash).await.ok(),
         };
         if let Some(e) = entry {
             self.0.pending.fold(user, hash, &e.chunks);

@@ -508,12 +508,12 @@ impl Log {
     /// Forgets what changes up to `done` needed: segments naming nothing newer, and the data
     /// files `data` (contents of those changes).
     pub fn release(&self, done: u64, data: &[String]) {
-        self.release_keeping(done, data, |_, _| false);
+        self.release_keeping(done, data, |_, _, _| false);
     }
 
-    /// [`Log::release`], offering each data file to `moved(path, len)` first: a `true` answer
-    /// means it moved the file away (into the blob cache) and the log no longer counts it.
-    pub fn release_keeping(&self, done: u64, data: &[String], mut moved: impl FnMut(&Path, u64) -> bool) {
+    /// [`Log::release`], offering each data file to `moved(name, path, len)` first: a `true`
+    /// answer means it moved the file away (into the blob cache) and the log no longer counts it.
+    pub fn release_keeping(&self, done: u64, data: &[String], mut moved: impl FnMut(&str, &Path, u64) -> bool) {
         let mut g = self.inner();
         let active = g.segments.last().map(|s| s.id);
         let (gone, keep): (Vec<Segment>, Vec<Segment>) = std::mem::take(&mut g.segments)
@@ -526,7 +526,7 @@ impl Log {
         for name in data {
             let path = self.dir.join("data").join(name);
             let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            if moved(&path, len) || std::fs::remove_file(&path).is_ok() {
+            if moved(name, &path, len) || std::fs::remove_file(&path).is_ok() {
                 g.data_bytes = g.data_bytes.saturating_sub(len);
             }
         }

@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use codafs_common::chunks::{chunk_reader, Manifest, MAX_MANIFEST_LEN};
+use codafs_common::chunks::{chunk_reader, ChunkRef, Manifest, MAX_MANIFEST_LEN};
 use codafs_common::Hash;
 use futures::StreamExt;
 
@@ -102,12 +102,11 @@ impl<R: Remote> Core<R> {
     ) -> Result<Vec<u8>, FsError> {
         if let Some((other, off)) = local {
             let _pin = self.blobs.pin(other);
-            let mut buf = vec![0u8; len as usize];
+            let c = ChunkRef { hash: chunk, len };
             let read = blocking(len as u64, || {
-                std::fs::File::open(self.blobs.path(&other))
-                    .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, off))
+                std::fs::File::open(self.blobs.path(&other)).and_then(|f| read_chunk(&f, off, &c))
             });
-            if read.is_ok() && Hash::of(&buf) == chunk {
+            if let Ok(Some(buf)) = read {
                 self.stats
                     .reused_chunk_bytes
                     .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
@@ -213,9 +212,7 @@ impl<R: Remote> Core<R> {
             .fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
         Ok((hash, manifest))
     }
-}
 
-impl<R: Remote> Core<R> {
     /// Sends chunk `h` (`len` bytes at `off` of `file`), checking the bytes still are that chunk.
     async fn put_chunk(
         &self,
@@ -226,15 +223,20 @@ impl<R: Remote> Core<R> {
         len: u32,
         quorum: u32,
     ) -> Result<(), FsError> {
-        let mut buf = vec![0u8; len as usize];
-        blocking(len as u64, || {
-            std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, off)
-        })?;
-        if Hash::of(&buf) != h {
+        let c = ChunkRef { hash: h, len };
+        let Some(buf) = blocking(len as u64, || read_chunk(file, off, &c))? else {
             return Err(FsError::Changed(format!("chunk {h} at {off} reads differently")));
-        }
+        };
         self.remote.put_blob(token, buf.into(), quorum).await
     }
+}
+
+/// Chunk `c` read from `file` at `off`, if the bytes there still are that chunk (`None`: the
+/// file changed since it was cut).
+pub(super) fn read_chunk(file: &std::fs::File, off: u64, c: &ChunkRef) -> std::io::Result<Option<Vec<u8>>> {
+    let mut buf = vec![0u8; c.len as usize];
+    std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, off)?;
+    Ok((Hash::of(&buf) == c.hash).then_some(buf))
 }
 
 /// The first `size` bytes of `file`, read by position (`pread`): the shared descriptor's
@@ -308,6 +310,9 @@ pub(super) struct Fill {
     file: std::fs::File,
     path: std::path::PathBuf,
     manifest: Arc<Manifest>,
+    /// Where its chunks already are locally (see `Core::local_chunks`), found once when the
+    /// fill starts; a copy that has gone since is fetched instead.
+    local: HashMap<Hash, (Hash, u64)>,
     /// Chunks written and verified: the first `next`, covering `verified` bytes.
     next: usize,
     verified: u64,
@@ -350,10 +355,12 @@ impl<R: Remote> Core<R> {
             .write(true)
             .create_new(true)
             .open(&path)?;
+        let local = self.local_chunks(&blob.hash, &manifest);
         let fill = Arc::new(tokio::sync::Mutex::new(Fill {
             file,
             path,
             manifest,
+            local,
             next: 0,
             verified: 0,
             adopted: false,
@@ -371,11 +378,6 @@ impl<R: Remote> Core<R> {
     /// [`IN_FLIGHT`] chunks in one go); makes it a cache entry once complete.
     async fn drive(&self, blob: &BlobRef, fill: &mut Fill, upto: u64) -> Result<(), FsError> {
         let manifest = fill.manifest.clone();
-        let local = if fill.verified < upto {
-            self.local_chunks(&blob.hash, &manifest)
-        } else {
-            HashMap::new()
-        };
         // A window of chunks in flight, refilled as each arrives, until `upto` is covered and
         // what was started has landed (a read that stops there leaves nothing half-fetched).
         let mut pending = futures::stream::FuturesOrdered::new();
@@ -384,7 +386,7 @@ impl<R: Remote> Core<R> {
         loop {
             while pending.len() < IN_FLIGHT && started < manifest.chunks.len() && covered < upto {
                 let c = &manifest.chunks[started];
-                pending.push_back(self.chunk_bytes(blob, c.hash, c.len, local.get(&c.hash).copied()));
+                pending.push_back(self.chunk_bytes(blob, c.hash, c.len, fill.local.get(&c.hash).copied()));
                 covered += c.len as u64;
                 started += 1;
             }

@@ -484,11 +484,9 @@ impl<R: Remote> Core<R> {
             .writer(hash, manifest.size())
             .map_err(|e| FsError::NoSpace(format!("caching written content: {e}")))?;
         for (off, c) in manifest.with_offsets() {
-            let mut buf = vec![0u8; c.len as usize];
-            std::os::unix::fs::FileExt::read_exact_at(file, &mut buf, off)?;
-            if Hash::of(&buf) != c.hash {
+            let Some(buf) = super::chunked::read_chunk(file, off, c)? else {
                 return Err(FsError::Changed(format!("chunk {} at {off} reads differently", c.hash)));
-            }
+            };
             w.write(&buf)?;
         }
         w.chunks_verified();

@@ -1521,21 +1521,19 @@ impl<R: Remote> Core<R> {
             st.settle_overlay(batch.last);
             st.bound_own_versions(&open);
         }
-        let mut large = HashMap::new();
+        let mut hashes = HashMap::new();
         for c in &batch.changes {
             if let Some(Content::File(name)) = &c.content {
                 data.push(name.clone());
                 if let Some(h) = content_hash(&c.op) {
-                    large.insert(b.log.data_path(&Content::File(name.clone())), h);
+                    hashes.insert(name.as_str(), h);
                 }
             }
         }
         // A large file just sent is read next (reopened, rewritten): its log copy becomes the
         // cache entry instead of being deleted and fetched back.
-        b.log.release_keeping(batch.last, &data, |path, len| {
-            let Some(h) = large.get(&Some(path.to_path_buf())) else {
-                return false;
-            };
+        b.log.release_keeping(batch.last, &data, |name, path, len| {
+            let Some(h) = hashes.get(name) else { return false };
             if !codafs_common::chunks::is_chunked(len) || self.blobs.lookup(h) {
                 return false;
             }

@@ -8,6 +8,7 @@
 //! Dropping the kernel's caches needs root (`/proc/sys/vm/drop_caches`).
 //!
 //! Run: `cargo build --bin codafs && cargo bench -p codafs-benches --profile dev --bench cold_reads`
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -36,9 +37,48 @@ fn zipf_order() -> Vec<usize> {
     order
 }
 
-/// One pass: `READERS` threads share `order`, each file read once. Returns (files/s, MB/s).
-fn pass(root: &Path, order: &[usize], bytes: usize) -> Result<(f64, f64)> {
+/// Block-device reads completed so far, over every whole disk (`/proc/diskstats`): what a
+/// pass cost the disk, beside what it cost in time.
+fn disk_reads() -> u64 {
+    let stats = std::fs::read_to_string("/proc/diskstats").unwrap_or_default();
+    stats
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // Whole disks only (partitions repeat their disk's counts): vda, sda, nvme0n1.
+            let name = *f.get(2)?;
+            let whole = std::path::Path::new("/sys/block").join(name).exists();
+            (whole && !name.starts_with("loop") && !name.starts_with("ram")).then(|| f.get(3)?.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
+/// CPU seconds process `pid` has used (user + system), from `/proc/PID/stat`.
+fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let Some(stat) = pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok()) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start at state; utime and stime
+    // are the 14th and 15th fields overall.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12].iter().filter_map(|i| f.get(*i)?.parse::<f64>().ok()).sum();
+    // SAFETY: sysconf only reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks / hz
+}
+
+/// One pass's figures.
+struct Pass {
+    files_per_s: f64,
+    mb_per_s: f64,
+    disk_reads: u64,
+}
+
+/// One pass: `READERS` threads share `order`, each file read once.
+fn pass(root: &Path, order: &[usize], bytes: usize) -> Result<Pass> {
     codafs_benches::drop_caches()?;
+    let reads_before = disk_reads();
     let paths: Vec<PathBuf> = order.iter().map(|i| root.join(relpath(*i))).collect();
     let start = Instant::now();
     std::thread::scope(|s| {
@@ -58,7 +98,24 @@ fn pass(root: &Path, order: &[usize], bytes: usize) -> Result<(f64, f64)> {
             .try_for_each(|h| h.join().map_err(|_| std::io::Error::other("reader panicked"))?)
     })?;
     let secs = start.elapsed().as_secs_f64();
-    Ok((FILES as f64 / secs, bytes as f64 / secs / 1e6))
+    Ok(Pass {
+        files_per_s: FILES as f64 / secs,
+        mb_per_s: bytes as f64 / secs / 1e6,
+        disk_reads: disk_reads().saturating_sub(reads_before),
+    })
+}
+
+/// What the mount daemon did in a pass: its CPU time, then the kernel requests it answered
+/// between two of its status reports ("op n, ...").
+fn daemon_work(cpu: f64, before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> String {
+    let shown: Vec<String> = after
+        .iter()
+        .filter_map(|(op, n)| {
+            let d = n.saturating_sub(before.get(op).copied().unwrap_or(0));
+            (d > 0).then(|| format!("{op} {d}"))
+        })
+        .collect();
+    format!("{cpu:.2} s; {}", shown.join(", "))
 }
 
 async fn bench() -> Result<Vec<String>> {
@@ -71,15 +128,27 @@ async fn bench() -> Result<Vec<String>> {
 
     let local_1 = pass(local.path(), &order, bytes)?;
     let mut m = Mount::start(&tc.client_args(), tc.root.path(), "cold", &["--read-only"])?;
+    let (before, cpu) = (m.status()?.fuse_requests, cpu_seconds(m.pid()));
     let empty = pass(&m.path.join("www"), &order, bytes)?;
-    let prefetched = m.status()?.cache.prefetched;
+    let status = m.status()?;
+    let empty_requests = daemon_work(cpu_seconds(m.pid()) - cpu, &before, &status.fuse_requests);
+    let prefetched = status.cache.prefetched;
     let local_2 = pass(local.path(), &order, bytes)?;
     // Killed and mounted again over the same cache directory (a restarted web node).
     m.remount()?;
+    let (before, cpu) = (m.status()?.fuse_requests, cpu_seconds(m.pid()));
     let remounted = pass(&m.path.join("www"), &order, bytes)?;
-    let local_files = (local_1.0 + local_2.0) / 2.0;
-    let row =
-        |what: &str, (files, mb): (f64, f64)| format!("| {what} | {files:.0} | {mb:.1} | {:.2} |", files / local_files);
+    let remounted_requests = daemon_work(cpu_seconds(m.pid()) - cpu, &before, &m.status()?.fuse_requests);
+    let local_files = (local_1.files_per_s + local_2.files_per_s) / 2.0;
+    let row = |what: &str, p: &Pass, requests: &str| {
+        format!(
+            "| {what} | {:.0} | {:.1} | {:.2} | {} | {requests} |",
+            p.files_per_s,
+            p.mb_per_s,
+            p.files_per_s / local_files,
+            p.disk_reads
+        )
+    };
     Ok(vec![
         format!(
             "Files: {FILES} in 50 directories, {:.1} MiB, median size {} B; each read once in Zipf(0.9) order by {READERS} readers; kernel caches dropped before every pass.",
@@ -87,12 +156,12 @@ async fn bench() -> Result<Vec<String>> {
             tree.median()
         ),
         String::new(),
-        "| pass | files/s | MB/s | ratio to cold local disk |".into(),
-        "|---|---|---|---|".into(),
-        row("local disk, cold (first)", local_1),
-        row("local disk, cold (second)", local_2),
-        row("/coda, new mount, empty cache", empty),
-        row("/coda, remounted, persistent cache warm", remounted),
+        "| pass | files/s | MB/s | ratio to cold local disk | disk reads | mount daemon: CPU; FUSE requests |".into(),
+        "|---|---|---|---|---|---|".into(),
+        row("local disk, cold (first)", &local_1, "–"),
+        row("local disk, cold (second)", &local_2, "–"),
+        row("/coda, new mount, empty cache", &empty, &empty_requests),
+        row("/coda, remounted, persistent cache warm", &remounted, &remounted_requests),
         String::new(),
         format!("Small files brought with their directory's listing in the empty-cache pass: {prefetched}"),
     ])

@@ -44,9 +44,14 @@ pub struct ServerArgs {
     /// Build a snapshot and compact the log every N entries.
     #[arg(long, help_heading = "Tuning")]
     snapshot_every: Option<u64>,
-    /// Repair pass interval, milliseconds.
+    /// Repair pass interval, milliseconds. A pass checks the blobs that commits referenced
+    /// since the last one.
     #[arg(long, help_heading = "Tuning")]
     repair_interval_ms: Option<u64>,
+    /// How often a repair pass checks every referenced blob (seconds), for blob files lost
+    /// behind the server's back. Corruption found by scrub or reads starts one at once.
+    #[arg(long, help_heading = "Tuning")]
+    full_repair_interval_s: Option<u64>,
     /// Scrub pass interval, seconds (0 = never).
     #[arg(long, help_heading = "Tuning")]
     scrub_interval_s: Option<u64>,
@@ -245,6 +250,9 @@ pub async fn server(a: ServerArgs) -> Result<()> {
     }
     if let Some(v) = a.snapshot_every {
         cfg.snapshot_every = v.max(10);
+    }
+    if let Some(v) = a.full_repair_interval_s {
+        cfg.full_repair_interval_s = v;
     }
     if let Some(v) = a.repair_interval_ms {
         cfg.repair_interval_ms = v;

@@ -193,7 +193,15 @@ mod tests {
         }
         let (notices, _) = broadcast::channel(16);
         let (_tx, index) = watch::channel(2 + commits);
-        (dir, Applied { tables, notices, index })
+        (
+            dir,
+            Applied {
+                tables,
+                notices,
+                index,
+                suspects: Default::default(),
+            },
+        )
     }
 
     async fn first(applied: &Applied, from: u64) -> pb::ChangeEvent {

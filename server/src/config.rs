@@ -32,6 +32,10 @@ pub struct ServerConfig {
     /// How often the repair pass looks for referenced blobs missing here.
     #[serde(default = "d_repair_ms")]
     pub repair_interval_ms: u64,
+    /// How often a repair pass checks every referenced blob, not only those recent commits
+    /// referenced (see `blobs::suspects`): catches blob files lost behind the server's back.
+    #[serde(default = "d_full_repair_s")]
+    pub full_repair_interval_s: u64,
     /// How often a scrub pass re-verifies every stored blob (0 = never).
     #[serde(default = "d_scrub_s")]
     pub scrub_interval_s: u64,
@@ -65,6 +69,9 @@ fn d_snapshot_every() -> u64 {
 fn d_repair_ms() -> u64 {
     2000
 }
+fn d_full_repair_s() -> u64 {
+    600
+}
 fn d_scrub_s() -> u64 {
     24 * 3600
 }
@@ -95,6 +102,7 @@ impl ServerConfig {
             witness,
             snapshot_every: d_snapshot_every(),
             repair_interval_ms: d_repair_ms(),
+            full_repair_interval_s: d_full_repair_s(),
             scrub_interval_s: d_scrub_s(),
             scrub_rate_mib: d_scrub_rate(),
             gc_grace_s: d_gc_grace(),

@@ -214,7 +214,6 @@ pub async fn run(
         peers,
         committed,
         counters: Counters::default(),
-        repair_kick: tokio::sync::Notify::new(),
         tls,
         pending: Default::default(),
         logins: auth::LoginGuard::default(),

@@ -8,7 +8,6 @@ use codafs_common::token::{self, Claims, Role};
 use codafs_common::Hash;
 use codafs_proto::pb;
 use openraft::error::{ClientWriteError, RaftError};
-use tokio::sync::Notify;
 
 use crate::blobs::BlobStore;
 use crate::config::ServerConfig;
@@ -80,8 +79,6 @@ pub struct Node {
     pub peers: Arc<Peers>,
     pub committed: Arc<AtomicU64>,
     pub counters: Counters,
-    /// Wakes the repair task early (after corruption is found or new references arrive).
-    pub repair_kick: Notify,
     /// This server's certificate and the cluster CA; `None` on an `--insecure` server.
     pub tls: Option<crate::tls::ServerTls>,
     /// Bytes stored per account that no volume references yet (quota accounting).
@@ -97,6 +94,12 @@ pub struct Node {
 }
 
 impl Node {
+    /// A copy was found corrupt (and quarantined): repair checks everything now. Which file
+    /// a quarantined chunk belongs to is not known here, and corruption is rare.
+    pub fn repair_now(&self) {
+        self.applied.suspects.everything_now();
+    }
+
     pub fn tables(&self) -> &Tables {
         &self.applied.tables
     }

@@ -1,7 +1,9 @@
 //! Background blob maintenance on data replicas:
 //! - **repair**: every referenced blob missing here (never received, lost in a crash, or
 //!   quarantined as corrupt) is fetched from a peer and verified, and so is every chunk listed by
-//!   a referenced chunk manifest (`manifestrefs`);
+//!   a referenced chunk manifest (`manifestrefs`). A pass checks what recent commits referenced,
+//!   and everything only after a start, a snapshot, corruption, or `full_repair_interval_s`
+//!   (see `suspects`);
 //! - **scrub**: stored blobs are re-hashed at a bounded rate; corrupt ones are quarantined;
 //! - **GC**: blobs no volume references, directly or as a chunk of a referenced manifest, are
 //!   deleted after a grace period (so a blob uploaded for a commit not yet made survives). Under space pressure (see `space`) the grace period is
@@ -17,6 +19,7 @@ use codafs_proto::pb;
 
 use crate::blobs::manifests::Held;
 use crate::blobs::replicate::ForwardError;
+use crate::blobs::suspects::Scope;
 use crate::fsm::StateView;
 use crate::node::{Node, NodeError};
 
@@ -58,19 +61,28 @@ pub async fn fetch_from(node: &Node, addr: &str, hash: Hash) -> Result<(), Forwa
 /// everything.
 const REPAIR_CHUNKS_PER_PASS: usize = 1 << 20;
 
-/// One repair pass; returns how many blobs are still missing. Referenced blobs come first (the
-/// chunk manifests among them), then the chunks of the referenced manifests held here, listed
-/// again after the first step so one pass refills a whole file. Ends early when the server stops.
-pub async fn repair_pass(node: &Arc<Node>) -> u64 {
-    let refs = match node.tables().referenced_blobs() {
-        Ok(r) => r,
+/// One repair pass over `scope`; returns how many blobs are still missing. Referenced blobs
+/// come first (the chunk manifests among them), then the chunks of the referenced manifests held
+/// here, listed again after the first step so one pass refills a whole file. What it could not
+/// fetch (no peer had it, or peers were down) stays a suspect for the next pass. Ends early when
+/// the server stops.
+pub async fn repair_pass(node: &Arc<Node>, scope: Scope) -> u64 {
+    let t = node.tables();
+    let everything = scope == Scope::Everything;
+    let listed = match scope {
+        Scope::Everything => t.referenced_blobs().and_then(|r| Ok((r, t.referenced_manifests()?))),
+        Scope::Some(set) => referenced_among(t, set),
+    };
+    let (refs, manifests) = match listed {
+        Ok(l) => l,
         Err(e) => {
             tracing::warn!(error = %e, "repair: reading references failed");
+            node.applied.suspects.everything();
             return node.counters.repair_backlog.load(Ordering::Relaxed);
         }
     };
     let missing: Vec<Hash> = refs.into_iter().filter(|h| !node.blobs.has(h)).collect();
-    let (chunks, chunks_missing) = missing_chunks(node).await;
+    let (chunks, chunks_missing) = missing_chunks(node, &manifests).await;
     let peers: Vec<String> = node
         .data_replicas()
         .into_iter()
@@ -78,60 +90,88 @@ pub async fn repair_pass(node: &Arc<Node>) -> u64 {
         .map(|m| m.info.addr)
         .collect();
     let left_refs = fetch_all(node, &peers, &missing, chunks_missing).await;
-    let t = node.tables();
     let manifest_fetched = missing
         .iter()
         .any(|h| node.blobs.has(h) && t.manifestref(h).is_ok_and(|n| n > 0));
     let (chunks, chunks_missing) = if manifest_fetched {
         // Manifests fetched just now list chunks that were unknown a moment ago.
-        missing_chunks(node).await
+        missing_chunks(node, &manifests).await
     } else {
         (chunks, chunks_missing)
     };
     let not_listed = chunks_missing.saturating_sub(chunks.len() as u64);
-    let left_chunks = fetch_all(node, &peers, &chunks, left_refs + not_listed).await;
-    left_refs + not_listed + left_chunks
+    let left_chunks = fetch_all(node, &peers, &chunks, left_refs.len() as u64 + not_listed).await;
+    let left = left_refs.len() as u64 + not_listed + left_chunks.len() as u64;
+    if everything && left > 0 {
+        node.applied.suspects.everything();
+    } else if left > 0 {
+        // A chunk is found again through its manifest, so those are what the next pass checks.
+        let again = if left_chunks.is_empty() && not_listed == 0 {
+            Vec::new()
+        } else {
+            manifests
+        };
+        node.applied.suspects.add(left_refs.into_iter().chain(again));
+    }
+    left
+}
+
+/// The referenced blobs and the referenced manifests among `set`.
+fn referenced_among(
+    t: &crate::db::Tables,
+    set: HashSet<Hash>,
+) -> Result<(Vec<Hash>, Vec<Hash>), crate::fsm::StoreError> {
+    let (mut refs, mut manifests) = (Vec::new(), Vec::new());
+    for h in set {
+        if t.blobref(&h)? > 0 {
+            refs.push(h);
+        }
+        if t.manifestref(&h)? > 0 {
+            manifests.push(h);
+        }
+    }
+    Ok((refs, manifests))
 }
 
 /// Fetches each of `hashes` from the first peer that has it. Keeps `repair_backlog` at what is
-/// still missing (`others`: missing blobs not in this list). Returns how many were not fetched.
-async fn fetch_all(node: &Node, peers: &[String], hashes: &[Hash], others: u64) -> u64 {
-    let mut left = hashes.len() as u64;
-    node.counters.repair_backlog.store(left + others, Ordering::Relaxed);
-    for hash in hashes {
+/// still missing (`others`: missing blobs not in this list). Returns those not fetched.
+async fn fetch_all(node: &Node, peers: &[String], hashes: &[Hash], others: u64) -> Vec<Hash> {
+    let mut left = Vec::new();
+    let mut to_go = hashes.len() as u64;
+    node.counters.repair_backlog.store(to_go + others, Ordering::Relaxed);
+    for (i, hash) in hashes.iter().enumerate() {
         if node.tasks.stopping() {
+            left.extend_from_slice(&hashes[i..]);
             break;
         }
+        let mut fetched = false;
         for addr in peers {
             match fetch_from(node, addr, *hash).await {
                 Ok(()) => {
                     node.counters.repaired.fetch_add(1, Ordering::Relaxed);
-                    left -= 1;
-                    node.counters.repair_backlog.store(left + others, Ordering::Relaxed);
+                    to_go -= 1;
+                    node.counters.repair_backlog.store(to_go + others, Ordering::Relaxed);
                     tracing::info!(%hash, from = %addr, "repaired blob");
+                    fetched = true;
                     break;
                 }
                 Err(e) => tracing::debug!(%hash, from = %addr, error = %e, "repair fetch failed"),
             }
         }
+        if !fetched {
+            left.push(*hash);
+        }
     }
     left
 }
 
-/// Chunks of the referenced manifests held here that this server lacks: up to
+/// Chunks of `manifests` (referenced, held here) that this server lacks: up to
 /// [`REPAIR_CHUNKS_PER_PASS`] of them, and how many there are in all.
-async fn missing_chunks(node: &Arc<Node>) -> (Vec<Hash>, u64) {
-    let manifests = match node.tables().referenced_manifests() {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::warn!(error = %e, "repair: reading manifest references failed");
-            return (Vec::new(), 0);
-        }
-    };
+async fn missing_chunks(node: &Arc<Node>, manifests: &[Hash]) -> (Vec<Hash>, u64) {
     if manifests.is_empty() {
         return (Vec::new(), 0);
     }
-    let n = node.clone();
+    let (n, manifests) = (node.clone(), manifests.to_vec());
     let listed = tokio::task::spawn_blocking(move || {
         let mut found = MissingChunks::new(REPAIR_CHUNKS_PER_PASS);
         for m in &manifests {
@@ -204,7 +244,7 @@ pub async fn scrub_pass(node: &Arc<Node>, rate: u64) {
         let n = node.clone();
         let r = tokio::task::spawn_blocking(move || n.blobs.verify(&hash)).await;
         if let Ok(Err(crate::blobs::BlobError::Corrupt(_))) = r {
-            node.repair_kick.notify_one();
+            node.repair_now();
         }
         node.counters.scrubbed.fetch_add(1, Ordering::Relaxed);
         if rate > 0
@@ -297,6 +337,8 @@ pub async fn run(node: Arc<Node>) {
         return;
     }
     let repair_every = Duration::from_millis(node.cfg.repair_interval_ms.max(50));
+    let full_every = Duration::from_secs(node.cfg.full_repair_interval_s.max(1));
+    let mut last_full = tokio::time::Instant::now();
     let scrub_every = Duration::from_secs(node.cfg.scrub_interval_s);
     let normal_grace = Duration::from_secs(node.cfg.gc_grace_s);
     let pressure_grace = Duration::from_secs(node.cfg.gc_pressure_grace_s).min(normal_grace);
@@ -307,7 +349,7 @@ pub async fn run(node: Arc<Node>) {
         let mut refused = false;
         tokio::select! {
             _ = tokio::time::sleep(repair_every) => {}
-            _ = node.repair_kick.notified() => {}
+            _ = node.applied.suspects.kicked() => {}
             _ = node.space.pressure.notified() => refused = true,
             _ = stop.changed() => {}
         }
@@ -329,7 +371,14 @@ pub async fn run(node: Arc<Node>) {
             let _ = tokio::task::spawn_blocking(move || gc_pass(&n, grace)).await;
             last_gc = tokio::time::Instant::now();
         }
-        repair_pass(&node).await;
+        if last_full.elapsed() >= full_every {
+            node.applied.suspects.everything();
+        }
+        let scope = node.applied.suspects.take();
+        if scope == Scope::Everything {
+            last_full = tokio::time::Instant::now();
+        }
+        repair_pass(&node, scope).await;
         if node.cfg.scrub_interval_s > 0 && last_scrub.elapsed() >= scrub_every {
             scrub_pass(&node, rate).await;
             last_scrub = tokio::time::Instant::now();

@@ -244,7 +244,7 @@ impl Node {
             Err(LoadError::Blob(BlobError::NotFound(_))) => Err(not_here(hash)),
             Err(LoadError::Blob(BlobError::Corrupt(_))) => {
                 // Quarantined by the read: repair fetches a good copy.
-                self.repair_kick.notify_one();
+                self.repair_now();
                 Err(not_here(hash))
             }
             Err(LoadError::Blob(e)) => Err(NodeError::Internal(format!("reading manifest {hash}: {e}"))),

@@ -8,5 +8,6 @@ pub mod quorum;
 pub mod replicate;
 pub mod space;
 pub mod store;
+pub mod suspects;
 
 pub use store::{BlobError, BlobStore, BlobWriter};

@@ -447,7 +447,7 @@ fn read_small_blobs(node: &Node, wanted: &[Hash]) -> Vec<pb::SmallBlob> {
         let data = match node.blobs.read_verified(hash) {
             Ok(data) => data,
             Err(BlobError::Corrupt(_)) => {
-                node.repair_kick.notify_one();
+                node.repair_now();
                 continue;
             }
             Err(_) => continue,
@@ -646,7 +646,7 @@ fn stream_whole_verified(
     }
     if codafs_common::Hash::from(hasher.finalize()) != hash || pos != len {
         node.blobs.quarantine(&hash);
-        node.repair_kick.notify_one();
+        node.repair_now();
         let _ = send_blocking(
             tx,
             Err(refuse(

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
 use super::{read_err, write_err, Entry, NodeId, NodeInfo, StoreErr, TypeConfig};
+use crate::blobs::suspects::Suspects;
 use crate::db::{decode, encode, TableDump, Tables, CF_SM_META};
 use crate::fsm::{self, ChangeRec, Outcome, Response};
 
@@ -50,6 +51,8 @@ pub struct Applied {
     pub tables: Tables,
     pub notices: broadcast::Sender<Notice>,
     pub index: watch::Receiver<u64>,
+    /// Blobs repair should check: those applied entries referenced.
+    pub suspects: Arc<Suspects>,
 }
 
 /// The state machine openraft drives.
@@ -59,6 +62,7 @@ pub struct StateMachine {
     guard: SnapshotFileGuard,
     notices: broadcast::Sender<Notice>,
     applied_tx: watch::Sender<u64>,
+    suspects: Arc<Suspects>,
 }
 
 impl StateMachine {
@@ -67,10 +71,12 @@ impl StateMachine {
         let (notices, _) = broadcast::channel(4096);
         let start = read_applied(&tables)?.map_or(0, |l| l.index);
         let (applied_tx, index) = watch::channel(start);
+        let suspects = Arc::new(Suspects::default());
         let applied = Applied {
             tables: tables.clone(),
             notices: notices.clone(),
             index,
+            suspects: suspects.clone(),
         };
         Ok((
             StateMachine {
@@ -79,6 +85,7 @@ impl StateMachine {
                 snapshot_path,
                 notices,
                 applied_tx,
+                suspects,
             },
             applied,
         ))
@@ -148,6 +155,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut batch = WriteBatch::default();
             let meta_cf = self.tables.cf(CF_SM_META).map_err(write_err)?;
             let mut notices = Vec::new();
+            let mut referenced = Vec::new();
             let resp = match &entry.payload {
                 EntryPayload::Blank => Ok(Outcome::Done),
                 EntryPayload::Normal(cmd) => {
@@ -157,6 +165,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         notices.push(Notice::Rights);
                     }
                     self.tables.write_delta(&mut batch, &delta).map_err(write_err)?;
+                    // Content whose references changed may be missing here: repair checks it.
+                    let counts = delta.blobrefs.iter().chain(&delta.manifestrefs);
+                    referenced.extend(counts.filter(|(_, n)| **n > 0).map(|(h, _)| *h));
                     for (volume, version, change) in delta.changes {
                         notices.push(Notice::Change {
                             volume,
@@ -175,6 +186,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
             batch.put_cf(meta_cf, KEY_APPLIED, encode(&Some(log_id)).map_err(write_err)?);
             self.tables.db.write(batch).map_err(write_err)?;
+            if !referenced.is_empty() {
+                self.suspects.add(referenced);
+            }
             for n in notices {
                 // No subscribers is fine.
                 let _ = self.notices.send(n);
@@ -210,6 +224,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .write(&self.snapshot_path, &data, meta.last_log_id.map_or(0, |l| l.index))?;
         tracing::info!(last = ?meta.last_log_id, "installed snapshot");
         let _ = self.notices.send(Notice::Reset);
+        self.suspects.everything();
         self.applied_tx.send_replace(meta.last_log_id.map_or(0, |l| l.index));
         Ok(())
     }

@@ -206,7 +206,9 @@ fn fuse_config(read_only: bool) -> fuser::Config {
     // caller's token and the volume's writers (as in AFS), reads by mode bits (core::write).
     // Web servers run as unprivileged users: let every user read (the kernel checks modes).
     config.acl = fuser::SessionACL::All;
-    config.n_threads = Some(2);
+    // Requests answered from the cache run on these threads (see `CodaFs::spawn`); reads of a
+    // cache on a cold disk wait for it there, so several threads keep several reads in flight.
+    config.n_threads = Some(4);
     config
 }
 

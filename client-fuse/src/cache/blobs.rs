@@ -2,9 +2,15 @@
 //! content hash, so identical files share an entry and an entry can never be stale.
 //!
 //! Crash safety: a fetch writes `tmp/…` while hashing, and only a blob whose hash verified is
-//! renamed into place (temp files are deleted at start). Entries are not fsynced; instead every
-//! entry found at start is *unverified* and is re-hashed on its first use, so a torn file left by
-//! a crash is detected and refetched instead of served.
+//! renamed into place (temp files are deleted at start). Entries are not fsynced; instead, after
+//! a machine crash or reboot every entry found at start is *unverified* and is re-hashed on its
+//! first use, so a torn file left by the crash is detected and refetched instead of served.
+//!
+//! Only a reboot can tear an entry: a daemon that is killed or restarted leaves every completed
+//! write in the kernel's page cache. So the cache keeps a marker (`verified-boot`) naming the
+//! boot during which every entry present was written or verified, and a restart within that
+//! boot trusts them all: no re-hashing, which would cost a restarted web node a whole-file read
+//! and hash per first read. The marker is removed while any entry is unverified.
 //!
 //! Eviction: least recently used first, down to the byte budget; pinned entries (reads in
 //! progress) and the entry just admitted are skipped, so a blob larger than the whole budget is
@@ -41,6 +47,8 @@ struct State {
     total: u64,
     pins: HashMap<Hash, usize>,
     unverified: HashSet<Hash>,
+    /// Whether the `verified-boot` marker names this boot (no entry is unverified).
+    marked: bool,
 }
 
 /// The blob cache directory.
@@ -50,6 +58,8 @@ pub struct BlobCache {
     state: Mutex<State>,
     seq: AtomicU64,
     pub stats: BlobStats,
+    /// This boot's id, for the `verified-boot` marker.
+    boot: String,
 }
 
 /// Why a blob could not be cached.
@@ -77,9 +87,26 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
     Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
+/// The running kernel's boot id: it changes at every boot, so a marker holding it says "since
+/// this boot began" (empty if the kernel does not tell, which makes every start unverified).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+const BOOT_MARKER: &str = "verified-boot";
+
 impl BlobCache {
     /// Opens the cache at `root`, bounded to `max_bytes`.
     pub fn open(root: &Path, max_bytes: u64) -> Result<Self, CacheError> {
+        Self::open_in_boot(root, max_bytes, &boot_id())
+    }
+
+    /// [`BlobCache::open`] as if running in boot `boot` (tests simulate a reboot with it).
+    fn open_in_boot(root: &Path, max_bytes: u64, boot: &str) -> Result<Self, CacheError> {
+        let marker = std::fs::read_to_string(root.join(BOOT_MARKER)).unwrap_or_default();
+        let same_boot = !boot.is_empty() && marker.trim() == boot;
         std::fs::create_dir_all(root.join("blobs"))?;
         std::fs::create_dir_all(root.join("tmp"))?;
         for e in std::fs::read_dir(root.join("tmp"))? {
@@ -108,7 +135,9 @@ impl BlobCache {
         for (_, h, len) in found {
             lru.put(h, len);
             total += len;
-            unverified.insert(h);
+            if !same_boot {
+                unverified.insert(h);
+            }
         }
         let cache = BlobCache {
             root: root.to_path_buf(),
@@ -118,12 +147,50 @@ impl BlobCache {
                 total,
                 pins: HashMap::new(),
                 unverified,
+                marked: same_boot,
             }),
             seq: AtomicU64::new(0),
             stats: BlobStats::default(),
+            boot: boot.to_string(),
         };
+        if !same_boot {
+            // Written afresh once every entry is verified (or at once, if there is none).
+            let _ = std::fs::remove_file(root.join(BOOT_MARKER));
+        }
         cache.evict();
+        cache.settle_marker(&mut cache.lock());
         Ok(cache)
+    }
+
+    /// Keeps the boot marker true: present exactly when no entry is unverified. Called after
+    /// every change to the unverified set; writing or removing it happens once per change of
+    /// state, not per entry.
+    fn settle_marker(&self, s: &mut State) {
+        let want = s.unverified.is_empty() && !self.boot.is_empty();
+        if want == s.marked {
+            return;
+        }
+        let path = self.root.join(BOOT_MARKER);
+        let done = if want {
+            // A torn marker cannot match a boot id, so no fsync; the rename makes it whole.
+            let tmp = self.root.join("tmp").join(BOOT_MARKER);
+            std::fs::write(&tmp, &self.boot).and_then(|()| std::fs::rename(&tmp, &path))
+        } else {
+            std::fs::remove_file(&path).or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            })
+        };
+        match done {
+            Ok(()) => s.marked = want,
+            Err(e) => tracing::debug!(error = %e, "blob cache boot marker"),
+        }
+    }
+
+    /// Entries still to be re-hashed before their first use (after a reboot).
+    #[cfg(test)]
+    fn unverified(&self) -> usize {
+        self.lock().unverified.len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -168,7 +235,9 @@ impl BlobCache {
                 self.remove(h);
                 return false;
             }
-            self.lock().unverified.remove(h);
+            let mut s = self.lock();
+            s.unverified.remove(h);
+            self.settle_marker(&mut s);
         }
         true
     }
@@ -179,6 +248,7 @@ impl BlobCache {
             s.total -= len;
         }
         s.unverified.remove(h);
+        self.settle_marker(&mut s);
         let _ = std::fs::remove_file(self.path(h));
     }
 
@@ -192,7 +262,9 @@ impl BlobCache {
         }
         std::fs::rename(from, &dest)?;
         if !verified {
-            self.lock().unverified.insert(h);
+            let mut s = self.lock();
+            s.unverified.insert(h);
+            self.settle_marker(&mut s);
         }
         self.admit(h, len);
         Ok(())
@@ -288,6 +360,7 @@ impl BlobCache {
             for (h, len) in skipped {
                 s.lru.put(h, len);
             }
+            self.settle_marker(&mut s);
         }
         for h in victims {
             self.stats.evictions.fetch_add(1, Ordering::Relaxed);
@@ -492,15 +565,57 @@ mod tests {
         assert!(!c.lookup(&h));
         let h = put(&c, b"good data");
         drop(c);
-        // A crash left a torn entry: reopen finds it unverified and refuses to serve it.
+        // A crash left a torn entry: reopen after the reboot finds it unverified and refuses to
+        // serve it.
         std::fs::write(
             dir.path().join("blobs").join(&h.to_hex()[..2]).join(h.to_hex()),
             b"good d",
         )
         .unwrap();
-        let c = BlobCache::open(dir.path(), 1 << 20).unwrap();
+        let c = BlobCache::open_in_boot(dir.path(), 1 << 20, "another boot").unwrap();
         assert!(!c.lookup(&h));
         assert_eq!(c.stats.corrupt_dropped.load(Ordering::Relaxed), 1);
         assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn entries_are_rehashed_after_a_reboot_and_trusted_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join(BOOT_MARKER);
+        let c = BlobCache::open_in_boot(dir.path(), 1 << 20, "boot-a").unwrap();
+        let hashes: Vec<Hash> = (0u8..3).map(|i| put(&c, &[i; 100])).collect();
+        assert_eq!(std::fs::read_to_string(&marker).unwrap(), "boot-a");
+        drop(c);
+
+        // A restart in the same boot (a killed or upgraded daemon): nothing to re-hash.
+        let c = BlobCache::open_in_boot(dir.path(), 1 << 20, "boot-a").unwrap();
+        assert_eq!(c.unverified(), 0);
+        assert!(hashes.iter().all(|h| c.lookup(h)));
+        drop(c);
+
+        // After a reboot every entry is re-hashed once, and the marker stays away until the
+        // last one is: a restart before then must not trust the rest.
+        let c = BlobCache::open_in_boot(dir.path(), 1 << 20, "boot-b").unwrap();
+        assert_eq!(c.unverified(), 3);
+        assert!(!marker.exists());
+        assert!(c.lookup(&hashes[0]));
+        drop(c);
+        let c = BlobCache::open_in_boot(dir.path(), 1 << 20, "boot-b").unwrap();
+        assert_eq!(
+            c.unverified(),
+            3,
+            "a restart before every entry was checked checks them all"
+        );
+        assert!(hashes.iter().all(|h| c.lookup(h)));
+        assert_eq!(c.unverified(), 0);
+        assert_eq!(std::fs::read_to_string(&marker).unwrap(), "boot-b");
+        // A log file adopted unchecked makes the marker go until it is checked.
+        let h = Hash::of(b"from the log");
+        let from = dir.path().join("from-log");
+        std::fs::write(&from, b"from the log").unwrap();
+        c.adopt(h, &from, 12, false).unwrap();
+        assert!(!marker.exists());
+        assert!(c.lookup(&h));
+        assert!(marker.exists());
     }
 }

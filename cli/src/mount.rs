@@ -300,6 +300,10 @@ pub fn print_mount_status(mnt: &Path, json: bool) -> Result<()> {
             c.prefetched, c.bad_small_copies
         );
     }
+    println!(
+        "kernel requests: {} answered at once from this node, {} waited for a server or a lock",
+        st.answered_inline, st.handed_off
+    );
     if c.reused_chunk_bytes > 0 {
         println!(
             "       {} of large files' new versions taken from chunks already cached",

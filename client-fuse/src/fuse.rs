@@ -235,7 +235,9 @@ impl<R: Remote> CodaFs<R> {
         // Timers and `spawn_blocking` inside the work need the runtime's context.
         let _rt = self.rt.enter();
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if f.as_mut().poll(&mut cx).is_pending() {
+        let waits = f.as_mut().poll(&mut cx).is_pending();
+        self.core.count_answer(!waits);
+        if waits {
             self.rt.spawn(f);
         }
     }

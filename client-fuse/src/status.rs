@@ -22,6 +22,12 @@ pub struct MountStatus {
     pub fuse_requests: BTreeMap<String, u64>,
     /// Kernel page caches dropped because a change kept a file's size and mtime.
     pub stale_page_drops: u64,
+    /// Requests answered on the kernel's thread without waiting (a cache hit, a logged change).
+    #[serde(default)]
+    pub answered_inline: u64,
+    /// Requests that waited for a server, a lock or a timer on the mount's runtime.
+    #[serde(default)]
+    pub handed_off: u64,
     pub volumes: Vec<VolumeStatus>,
     pub cache: CacheStatus,
 }

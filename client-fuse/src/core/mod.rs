@@ -168,6 +168,10 @@ pub struct CoreStats {
     pub bad_small_copies: AtomicU64,
     /// Chunk bytes of large files copied from other cached files instead of fetched.
     pub reused_chunk_bytes: AtomicU64,
+    /// Requests answered on the kernel's thread, without waiting for anything.
+    pub answered_inline: AtomicU64,
+    /// Requests that had to wait (a server, a lock, a timer) and went to the runtime.
+    pub handed_off: AtomicU64,
 }
 
 impl CoreStats {
@@ -898,6 +902,8 @@ impl<R: Remote> Core<R> {
                 .map(|(n, c)| (n.to_string(), c.load(Ordering::Relaxed)))
                 .collect(),
             stale_page_drops: self.stats.stale_page_drops.load(Ordering::Relaxed),
+            answered_inline: self.stats.answered_inline.load(Ordering::Relaxed),
+            handed_off: self.stats.handed_off.load(Ordering::Relaxed),
             volumes,
             cache: self.cache_status(),
         }

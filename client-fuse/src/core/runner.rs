@@ -13,6 +13,16 @@ impl<R: Remote> Core<R> {
         self.stats.fuse_request(op);
     }
 
+    /// Counts a request answered on the kernel's thread (`inline`) or handed to the runtime.
+    pub fn count_answer(&self, inline: bool) {
+        let c = if inline {
+            &self.stats.answered_inline
+        } else {
+            &self.stats.handed_off
+        };
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The whole-file cache: (cached blobs, bytes used, byte budget).
     pub fn cache_usage(&self) -> (usize, u64, u64) {
         let (entries, bytes) = self.blobs.usage();

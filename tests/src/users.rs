@@ -71,6 +71,11 @@ impl TestCluster {
         let exe = self.shared_bin()?;
         let shared_ca = exe.with_file_name("ca.crt");
         let mut cmd = Command::new(&exe);
+        if user.is_none() {
+            // Root's runs get a home of their own: a token root saved on this machine with
+            // `codafs login` (for another cluster, say) must not leak into a test.
+            cmd.env("HOME", self.root.path());
+        }
         cmd.args(args)
             .envs(self.client_env())
             .env_remove("CODAFS_CREDENTIAL")

@@ -33,6 +33,8 @@ fn cli(args: &[&str], env: &[(&str, String)]) -> Result<(bool, String)> {
         .env_remove("CODAFS_CA")
         .env_remove("CODAFS_INSECURE")
         .env_remove("CODAFS_CONFIG")
+        // Never a token the machine's root saved with `codafs login` (another cluster's).
+        .env("CODAFS_TOKEN_FILE", "/nonexistent/codafs-test-token")
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .output()?;
     Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))

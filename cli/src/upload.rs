@@ -28,7 +28,19 @@ pub struct UploadArgs {
     client: ClientOpts,
 }
 
-struct Bar(indicatif::ProgressBar);
+/// A progress bar on stderr (drawn only on a terminal) for uploads, backups and restores.
+pub(crate) struct Bar(pub(crate) indicatif::ProgressBar);
+
+impl Bar {
+    pub(crate) fn new() -> Bar {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Bar(bar)
+    }
+}
 
 impl Progress for Bar {
     fn planned(&self, blobs: usize, total: u64) {
@@ -51,11 +63,7 @@ pub async fn run(a: UploadArgs) -> Result<()> {
     }
     a.client.required_token()?;
     let c = a.client.cluster()?;
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = Bar::new();
     let opts = UploadOptions {
         volume: volume.to_string(),
         path: path.to_string(),
@@ -63,8 +71,8 @@ pub async fn run(a: UploadArgs) -> Result<()> {
         dry_run: a.dry_run,
         parallel: a.parallel,
     };
-    let s = upload(&c, &a.local, &opts, &Bar(bar.clone())).await?;
-    bar.finish_and_clear();
+    let s = upload(&c, &a.local, &opts, &bar).await?;
+    bar.0.finish_and_clear();
     let changes = format!(
         "+{} created, ~{} updated, -{} removed, {} unchanged",
         s.created, s.updated, s.removed, s.unchanged

@@ -1,5 +1,7 @@
-//! `codafs volume …`: create, list and inspect volumes.
-use anyhow::Result;
+//! `codafs volume …`: create, list, inspect, change, delete, back up and restore volumes.
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use codafs_proto::pb;
 
@@ -19,6 +21,24 @@ pub enum VolumeCmd {
     },
     /// Change a volume's owner, writers, quotas, write quorum or visibility (admin).
     Set(SetArgs),
+    /// Delete a volume and everything in it (admin). Asks for its name first unless --yes;
+    /// mounts drop it within seconds, and server GC frees its contents after the grace period.
+    Delete {
+        name: String,
+        /// Do not ask (scripts).
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Write a volume to an archive (FILE, or - for stdout): its files, directories, links,
+    /// modes, owners and times, and every content, as of one version. Restore it with
+    /// `volume restore`.
+    Backup(BackupArgs),
+    /// Restore an archive (FILE, or - for stdin) written by `volume backup` as VOLUME. Every
+    /// content is checked against its hash before anything changes; an existing volume is
+    /// replaced only with --replace.
+    Restore(RestoreArgs),
     /// Show one volume.
     Info {
         name: String,
@@ -48,6 +68,43 @@ pub struct CreateArgs {
     /// Not readable without a token (default: public, as web content is).
     #[arg(long)]
     private: bool,
+    #[command(flatten)]
+    client: ClientOpts,
+}
+
+#[derive(Args)]
+pub struct BackupArgs {
+    volume: String,
+    /// Archive to write; `-` writes to stdout (pipe it to compression or remote storage).
+    file: PathBuf,
+    /// Incremental: every node, but only the contents of files changed after this volume
+    /// version (the version an earlier backup printed). Restoring it needs those older
+    /// contents on the servers (restore the full backup first).
+    #[arg(long, value_name = "VERSION")]
+    since: Option<u64>,
+    #[command(flatten)]
+    client: ClientOpts,
+}
+
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// Archive to read; `-` reads stdin.
+    file: PathBuf,
+    /// Volume to create (the archive's own name need not match).
+    volume: String,
+    /// Delete an existing volume of that name first.
+    #[arg(long)]
+    replace: bool,
+    /// Owner of the restored volume [default: the archive's].
+    #[arg(long)]
+    owner: Option<String>,
+    /// Directory holding contents while they are checked and sent [default: the system's
+    /// temporary directory]. Needs room for the archive's contents.
+    #[arg(long)]
+    spool: Option<PathBuf>,
+    /// Blob uploads in flight at once.
+    #[arg(long, default_value_t = 16)]
+    parallel: usize,
     #[command(flatten)]
     client: ClientOpts,
 }
@@ -112,6 +169,30 @@ fn json(v: &pb::VolumeInfo) -> serde_json::Value {
     })
 }
 
+/// Asks on the terminal for the volume's name; anything else cancels.
+fn confirm_delete(v: &pb::VolumeInfo) -> Result<()> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "refusing to delete volume {} without confirmation: no terminal to ask on (pass --yes)",
+            v.name
+        );
+    }
+    print!(
+        "Delete volume {} and everything in it ({} files, {})? Type its name to confirm: ",
+        v.name,
+        v.used_files,
+        bytes(v.used_bytes)
+    );
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if answer.trim() != v.name {
+        anyhow::bail!("not confirmed; volume {} left as it is", v.name);
+    }
+    Ok(())
+}
+
 pub async fn run(cmd: VolumeCmd) -> Result<()> {
     match cmd {
         VolumeCmd::Create(a) => {
@@ -172,6 +253,23 @@ pub async fn run(cmd: VolumeCmd) -> Result<()> {
                 }
             }
         }
+        VolumeCmd::Delete { name, yes, client } => {
+            client.required_token()?;
+            let cluster = client.cluster()?;
+            let v = cluster.get_volume(&name).await?;
+            if !yes {
+                confirm_delete(&v)?;
+            }
+            cluster.delete_volume(&name).await?;
+            println!(
+                "deleted volume {} ({} files, {}); its contents are collected after the servers' GC grace period",
+                v.name,
+                v.used_files,
+                bytes(v.used_bytes)
+            );
+        }
+        VolumeCmd::Backup(a) => backup(a).await?,
+        VolumeCmd::Restore(a) => restore(a).await?,
         VolumeCmd::Info {
             name,
             json: as_json,
@@ -186,5 +284,83 @@ pub async fn run(cmd: VolumeCmd) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `volume backup`: to a temporary file renamed into place once complete (no half archive
+/// under the final name), or to stdout.
+async fn backup(a: BackupArgs) -> Result<()> {
+    a.client.required_token()?;
+    let c = a.client.cluster()?;
+    let bar = crate::upload::Bar::new();
+    let s = if a.file == Path::new("-") {
+        let out = std::io::BufWriter::new(std::io::stdout());
+        codafs_client::backup::backup(&c, &a.volume, a.since, out, &bar)
+            .await?
+            .0
+    } else {
+        let tmp = a.file.with_extension("partial");
+        let f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let result = codafs_client::backup::backup(&c, &a.volume, a.since, std::io::BufWriter::new(f), &bar).await;
+        let (s, out) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e.into());
+            }
+        };
+        out.into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &a.file).with_context(|| format!("renaming {} into place", tmp.display()))?;
+        s
+    };
+    bar.0.finish_and_clear();
+    eprintln!(
+        "backed up volume {} at version {}{}: {} nodes, {} contents ({})",
+        a.volume,
+        s.version,
+        a.since
+            .map(|v| format!(" (contents changed after version {v})"))
+            .unwrap_or_default(),
+        s.nodes,
+        s.contents,
+        bytes(s.content_bytes)
+    );
+    Ok(())
+}
+
+/// `volume restore`.
+async fn restore(a: RestoreArgs) -> Result<()> {
+    a.client.required_token()?;
+    let c = a.client.cluster()?;
+    let spool = match &a.spool {
+        Some(d) => tempfile::tempdir_in(d),
+        None => tempfile::tempdir(),
+    }
+    .context("creating the spool directory")?;
+    let opts = codafs_client::backup::RestoreOptions {
+        replace: a.replace,
+        owner: a.owner.clone(),
+        spool: spool.path().join("contents"),
+        parallel: a.parallel,
+    };
+    let bar = crate::upload::Bar::new();
+    let s = if a.file == Path::new("-") {
+        codafs_client::backup::restore(&c, std::io::stdin(), &a.volume, &opts, &bar).await?
+    } else {
+        let f = std::fs::File::open(&a.file).with_context(|| format!("opening {}", a.file.display()))?;
+        codafs_client::backup::restore(&c, std::io::BufReader::new(f), &a.volume, &opts, &bar).await?
+    };
+    bar.0.finish_and_clear();
+    println!(
+        "restored volume {}: {} nodes, {} contents ({}); volume version {}",
+        a.volume,
+        s.nodes,
+        s.contents,
+        bytes(s.content_bytes),
+        s.version
+    );
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! codafs client side: the replica transport with failover, the persistent whole-file and
 //! metadata caches, the filesystem core (no FUSE types), callbacks, and the FUSE adaptor.
+pub mod backup;
 pub mod blocking;
 pub mod bundle;
 pub mod cache;

@@ -75,6 +75,21 @@ impl Cluster {
     }
 
     /// The current version of each of `volumes`.
+    /// [`Cluster::volume_stamps`] with the applied index of the state they were read from.
+    pub async fn volume_stamps_applied(
+        &self,
+        token: Option<&str>,
+        volumes: Vec<String>,
+    ) -> Result<pb::VolumeStampsReply, ClientError> {
+        let req = pb::VolumeStampsRequest { volumes };
+        self.unary(
+            token,
+            req,
+            |ch, r| async move { Cluster::meta(ch).volume_stamps(r).await },
+        )
+        .await
+    }
+
     pub async fn volume_stamps(
         &self,
         token: Option<&str>,
@@ -229,6 +244,18 @@ impl Cluster {
             |ch, r| async move { Cluster::admin(ch).set_volume(r).await },
         )
         .await
+    }
+
+    /// Deletes a volume and everything in it (admin).
+    pub async fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
+        let req = pb::VolumeName { name: name.into() };
+        self.unary(
+            None,
+            req,
+            |ch, r| async move { Cluster::admin(ch).delete_volume(r).await },
+        )
+        .await
+        .map(|_| ())
     }
 
     /// The cluster's servers, as the membership records them.

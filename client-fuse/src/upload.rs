@@ -243,6 +243,22 @@ async fn remote_tree(c: &Cluster, volume: &str, base: &str) -> Result<BTreeMap<S
     Ok(out)
 }
 
+pub(crate) use plan::content_blobs;
+
+/// Sends the blobs of `blobs` that some data replica lacks, as an upload does (small ones in
+/// batches, chunks before manifests). `codafs volume restore` sends an archive's contents so.
+pub(crate) async fn send_blobs(
+    c: &Cluster,
+    blobs: BTreeMap<Hash, plan::Source>,
+    quorum: u32,
+    parallel: usize,
+    progress: &dyn Progress,
+) -> Result<(), UploadError> {
+    let todo = send::find_missing(c, blobs).await?;
+    progress.planned(todo.len(), todo.iter().map(|(_, src)| src.len()).sum());
+    send::send(c, send::jobs(todo), quorum, parallel, progress).await
+}
+
 fn join(base: &str, rel: &str) -> String {
     match (base.is_empty(), rel.is_empty()) {
         (true, _) => rel.to_string(),

@@ -225,6 +225,11 @@ impl Tables {
         for (name, v) in &d.volumes {
             batch.put_cf(cf(db, CF_VOLUMES)?, name.as_bytes(), encode(v)?);
         }
+        for (name, id) in &d.volume_deletes {
+            batch.delete_cf(cf(db, CF_VOLUMES)?, name.as_bytes());
+            let end = change_key(id.saturating_add(1), 0);
+            batch.delete_range_cf(cf(db, CF_CHANGES)?, change_key(*id, 0), end);
+        }
         if let Some(c) = &d.cluster {
             batch.put_cf(cf(db, CF_SM_META)?, KEY_CLUSTER, encode(c)?);
         }

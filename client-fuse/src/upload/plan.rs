@@ -33,7 +33,7 @@ pub(super) struct Plan {
 /// Where the bytes of a blob to send come from. Only manifests are held in memory: a file's
 /// bytes are read when they are sent, so memory does not grow with the files.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Source {
+pub(crate) enum Source {
     /// A whole file of `size` bytes (one that is not chunked).
     File { path: Arc<Path>, size: u64 },
     /// `len` bytes of a large file from `offset`: one of its chunks.
@@ -62,7 +62,7 @@ impl Source {
 /// The blobs holding the content of the local file at `path` (`size` bytes, named `hash`): the
 /// file itself, or, when `chunks` is its manifest, each chunk (as a range of the file) and the
 /// manifest's bytes.
-pub(super) fn content_blobs(path: &Path, size: u64, hash: Hash, chunks: Option<&Manifest>) -> Vec<(Hash, Source)> {
+pub(crate) fn content_blobs(path: &Path, size: u64, hash: Hash, chunks: Option<&Manifest>) -> Vec<(Hash, Source)> {
     let path: Arc<Path> = Arc::from(path);
     let Some(m) = chunks else {
         return vec![(hash, Source::File { path, size })];

@@ -39,6 +39,10 @@ impl MemState {
             };
         }
         self.volumes.extend(d.volumes);
+        for (name, id) in d.volume_deletes {
+            self.volumes.remove(&name);
+            self.changes.retain(|(v, _), _| *v != id);
+        }
         if let Some(c) = d.cluster {
             self.cluster = Some(c);
         }

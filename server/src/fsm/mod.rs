@@ -110,6 +110,8 @@ pub struct Delta {
     pub objects: BTreeMap<u64, Option<ObjectRec>>,
     pub dirents: BTreeMap<(u64, String), Option<u64>>,
     pub volumes: BTreeMap<String, VolumeRec>,
+    /// Volumes deleted, with their ids (their change records go too).
+    pub volume_deletes: BTreeMap<String, u32>,
     pub cluster: Option<ClusterRec>,
     pub accounts: BTreeMap<String, Option<AccountRec>>,
     /// New token generations of accounts whose tokens this command revokes.
@@ -147,6 +149,7 @@ pub fn apply(view: &dyn StateView, index: u64, cmd: &Command) -> Result<(Delta, 
         Command::PutAccount { actor, account, create } => txn.put_account(actor, account, *create),
         Command::RemoveAccount { actor, name } => txn.remove_account(actor, name),
         Command::SetVolume { actor, name, changes } => txn.set_volume(actor, name, changes),
+        Command::DeleteVolume { actor, name, now_ns } => txn.delete_volume(actor, name, *now_ns),
         Command::RotateKey { actor, new_key, retire } => txn.rotate_key(actor, *new_key, *retire),
         Command::RevokeTokens { actor, name } => txn.revoke_tokens(actor, name),
         Command::IssueJoinToken {
@@ -529,6 +532,27 @@ impl<'a> Txn<'a> {
         }
         self.delta.volumes.insert(name.to_string(), vol.clone());
         Ok(Outcome::Volume(vol))
+    }
+
+    /// Deletes a volume: every object and name in it (their contents lose a reference each, so
+    /// GC collects what nothing else holds), its change records and its record. Mounts drop
+    /// it at their next volume poll; its change streams end.
+    fn delete_volume(&mut self, actor: &Actor, name: &str, now_ns: i64) -> TxnResult<Outcome> {
+        if !actor.admin {
+            return refuse(ApplyError::Denied("deleting volumes needs the admin role".into()));
+        }
+        let mut vol = self
+            .volume(name)?
+            .ok_or_else(|| ApplyError::NoSuchVolume(name.to_string()))?;
+        let root_ino = make_ino(vol.id, VOLUME_ROOT_INODE);
+        if let Some(root) = self.object(root_ino)? {
+            self.drop_tree(&mut vol, root, now_ns)?;
+        }
+        // Nobody is told about these nodes: the volume is gone as a whole.
+        self.changed_inos.clear();
+        self.delta.volumes.remove(name);
+        self.delta.volume_deletes.insert(name.to_string(), vol.id);
+        Ok(Outcome::Done)
     }
 
     fn create_volume(&mut self, actor: &Actor, spec: &VolumeSpec, now_ns: i64) -> TxnResult<Outcome> {

@@ -326,6 +326,13 @@ pub enum Command {
         node_id: u64,
         now_ns: i64,
     },
+    /// Deletes volume `name` and everything in it (admin only). Its contents lose their
+    /// references, so GC collects them; its id is never given to another volume.
+    DeleteVolume {
+        actor: Actor,
+        name: String,
+        now_ns: i64,
+    },
 }
 
 /// A join token, by the hash of its secret (table `pki`).

@@ -1091,3 +1091,94 @@ fn contents_up_to_the_threshold_never_count_as_manifests() {
     commit(&mut s, 5, "alice", vec![remove("", "a", false), remove("", "e", false)]).unwrap();
     assert!(s.blobrefs.is_empty() && s.manifestrefs.is_empty());
 }
+
+#[test]
+fn deleting_a_volume_drops_its_tree_history_and_references_and_only_an_admin_may() {
+    let mut s = setup();
+    let shared = b"shared page";
+    let ok = commit(
+        &mut s,
+        3,
+        "alice",
+        vec![dir("", "d"), file("d", "a", shared), file("", "b", b"only here")],
+    );
+    assert!(ok.is_ok(), "{ok:?}");
+    // A second volume holds the same content: its reference must survive.
+    let spec = VolumeSpec {
+        name: "other".into(),
+        owner: "alice".into(),
+        quota_bytes: 0,
+        quota_files: 0,
+        write_quorum: 0,
+        public_read: true,
+    };
+    s.apply(
+        4,
+        &Command::CreateVolume {
+            actor: admin(),
+            spec: spec.clone(),
+            now_ns: 5,
+        },
+    )
+    .unwrap();
+    let other = Command::Commit {
+        actor: admin(),
+        volume: "other".into(),
+        ops: vec![Op {
+            expect_version: None,
+            kind: file("", "copy", shared),
+        }],
+        expect_volume_version: None,
+        now_ns: 50,
+        request: None,
+    };
+    s.apply(5, &other).unwrap();
+    let www_id = s.volumes["www"].id;
+    assert!(s.changes.keys().any(|(v, _)| *v == www_id));
+
+    let by = |actor: Actor| Command::DeleteVolume {
+        actor,
+        name: "www".into(),
+        now_ns: 60,
+    };
+    let alice = Actor {
+        user: "alice".into(),
+        admin: false,
+    };
+    assert!(
+        matches!(s.apply(6, &by(alice)), Err(ApplyError::Denied(_))),
+        "the owner is no admin"
+    );
+    assert!(s.volumes.contains_key("www"));
+    s.apply(7, &by(admin())).unwrap();
+
+    assert!(!s.volumes.contains_key("www"));
+    assert!(
+        s.objects.keys().all(|ino| split_ino(*ino).0 != www_id),
+        "every node of the volume is gone"
+    );
+    assert!(!s.changes.keys().any(|(v, _)| *v == www_id), "its history too");
+    assert_eq!(
+        s.blobrefs.get(&Hash::of(shared)),
+        Some(&1),
+        "still held by the other volume"
+    );
+    assert_eq!(s.blobrefs.get(&Hash::of(b"only here")), None, "left for GC");
+    assert!(matches!(s.apply(8, &by(admin())), Err(ApplyError::NoSuchVolume(_))));
+    // The name is free again; the id is not reused.
+    let again = VolumeSpec {
+        name: "www".into(),
+        ..spec
+    };
+    s.apply(
+        9,
+        &Command::CreateVolume {
+            actor: admin(),
+            spec: again,
+            now_ns: 90,
+        },
+    )
+    .unwrap();
+    assert_ne!(s.volumes["www"].id, www_id);
+    assert!(lookup(&s, "b").is_none());
+}

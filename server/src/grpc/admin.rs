@@ -217,6 +217,23 @@ impl pb::admin_server::Admin for AdminService {
         .await
     }
 
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().name))]
+    async fn delete_volume(&self, req: Request<pb::VolumeName>) -> Result<Response<pb::Empty>, Status> {
+        self.leader_write(
+            req,
+            |actor, v| {
+                Ok(Command::DeleteVolume {
+                    actor,
+                    name: v.name.clone(),
+                    now_ns: codafs_common::now_ns(),
+                })
+            },
+            |_| Ok(pb::Empty {}),
+            |mut c, r| async move { c.delete_volume(r).await },
+        )
+        .await
+    }
+
     #[tracing::instrument(skip_all, fields(user = %req.get_ref().name))]
     async fn remove_user(&self, req: Request<pb::UserName>) -> Result<Response<pb::Empty>, Status> {
         self.leader_write(

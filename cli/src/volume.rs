@@ -169,6 +169,82 @@ fn json(v: &pb::VolumeInfo) -> serde_json::Value {
     })
 }
 
+/// One server's view of a volume: its blob health (server-wide) and its change streams of the
+/// volume (the mounts subscribed through it).
+struct Replica {
+    addr: String,
+    status: Result<pb::ServerStatus, String>,
+    subscribers: Vec<pb::Subscriber>,
+}
+
+impl Replica {
+    fn json(&self) -> serde_json::Value {
+        let mounts: Vec<serde_json::Value> = self
+            .subscribers
+            .iter()
+            .map(|s| serde_json::json!({"peer": s.peer, "since_ns": s.since_ns}))
+            .collect();
+        match &self.status {
+            Ok(s) => serde_json::json!({
+                "addr": self.addr, "role": s.role, "witness": s.witness,
+                "repair_backlog": s.repair_backlog, "corrupt_found": s.corrupt_found,
+                "subscribers": mounts,
+            }),
+            Err(e) => serde_json::json!({"addr": self.addr, "error": e}),
+        }
+    }
+}
+
+/// Every server's view (an unreachable one says why).
+async fn replicas(c: &codafs_client::Cluster, volume: &str) -> Vec<Replica> {
+    let Ok(servers) = c.list_servers().await else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for s in servers.servers {
+        let status = c.status_on(&s.addr).await.map_err(|e| e.to_string());
+        let subscribers = c
+            .get_volume_on(&s.addr, volume)
+            .await
+            .map(|v| v.subscribers)
+            .unwrap_or_default();
+        out.push(Replica {
+            addr: s.addr,
+            status,
+            subscribers,
+        });
+    }
+    out
+}
+
+fn print_replicas(replicas: &[Replica]) {
+    if replicas.is_empty() {
+        return;
+    }
+    println!("servers     (backlog: referenced blobs the server lacks and repair will fetch; corrupt: bad copies it found since it started; both server-wide)");
+    println!("  {:<24} {:<10} {:>8} {:>8}", "SERVER", "ROLE", "BACKLOG", "CORRUPT");
+    for r in replicas {
+        match &r.status {
+            Ok(s) if s.witness => println!("  {:<24} {:<10} {:>8} {:>8}", r.addr, "witness", "-", "-"),
+            Ok(s) => println!(
+                "  {:<24} {:<10} {:>8} {:>8}",
+                r.addr, s.role, s.repair_backlog, s.corrupt_found
+            ),
+            Err(e) => println!("  {:<24} unreachable: {e}", r.addr),
+        }
+    }
+    let now = codafs_common::now_ns();
+    let mounts: Vec<(&str, &pb::Subscriber)> = replicas
+        .iter()
+        .flat_map(|r| r.subscribers.iter().map(move |s| (r.addr.as_str(), s)))
+        .collect();
+    println!("mounts      {} subscribed to its changes", mounts.len());
+    for (server, s) in mounts {
+        let secs = (now - s.since_ns).max(0) / 1_000_000_000;
+        println!("  {:<24} through {server}, for {secs} s", s.peer);
+    }
+}
+
 /// Asks on the terminal for the volume's name; anything else cancels.
 fn confirm_delete(v: &pb::VolumeInfo) -> Result<()> {
     use std::io::{BufRead, IsTerminal, Write};
@@ -277,10 +353,14 @@ pub async fn run(cmd: VolumeCmd) -> Result<()> {
         } => {
             let cluster = client.cluster()?;
             let v = cluster.get_volume(&name).await?;
+            let replicas = replicas(&cluster, &name).await;
             if as_json {
-                println!("{}", json(&v));
+                let mut j = json(&v);
+                j["replicas"] = serde_json::Value::Array(replicas.iter().map(Replica::json).collect());
+                println!("{j}");
             } else {
                 print_volume(&v);
+                print_replicas(&replicas);
             }
         }
     }

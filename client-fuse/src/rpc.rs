@@ -246,6 +246,16 @@ impl Cluster {
         .await
     }
 
+    /// One volume as the server at `addr` sees it (with that server's change streams of it).
+    pub async fn get_volume_on(&self, addr: &str, name: &str) -> Result<pb::VolumeInfo, ClientError> {
+        let timeout = self.policy.probe_timeout;
+        let req = pb::VolumeName { name: name.into() };
+        self.unary_on(addr, timeout, req, |ch, r| async move {
+            Cluster::admin(ch).get_volume(r).await
+        })
+        .await
+    }
+
     /// Deletes a volume and everything in it (admin).
     pub async fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
         let req = pb::VolumeName { name: name.into() };

@@ -32,6 +32,7 @@ pub fn subscribe(
     volume: String,
     from: u64,
     recheck: Recheck,
+    listed: crate::subscribers::Guard,
 ) -> Result<ReceiverStream<Result<pb::ChangeEvent, Status>>, Status> {
     // Subscribe before reading the backlog so nothing applied in between is missed.
     let live = applied.notices.subscribe();
@@ -45,6 +46,7 @@ pub fn subscribe(
         if let Err(e) = run(applied, vol.id, volume.clone(), from, live, &tx, &recheck).await {
             let _ = tx.send(Err(e)).await;
         }
+        drop(listed);
         tracing::debug!(%volume, "change stream ended");
     });
     Ok(ReceiverStream::new(rx))
@@ -206,7 +208,8 @@ mod tests {
 
     async fn first(applied: &Applied, from: u64) -> pb::ChangeEvent {
         let (tasks, _stop) = crate::tasks::Tasks::new();
-        let mut s = subscribe(&tasks, applied.clone(), "www".into(), from, Box::new(|| Ok(()))).unwrap();
+        let listed = std::sync::Arc::new(crate::subscribers::Subscribers::default()).register("www", "test");
+        let mut s = subscribe(&tasks, applied.clone(), "www".into(), from, Box::new(|| Ok(())), listed).unwrap();
         let ev = tokio_stream::StreamExt::next(&mut s).await;
         ev.expect("an event").expect("not an error")
     }

@@ -18,6 +18,7 @@ pub mod node;
 pub mod peers;
 pub mod raft;
 pub mod rotate;
+pub mod subscribers;
 pub mod tasks;
 pub mod tls;
 
@@ -220,6 +221,7 @@ pub async fn run(
         space: blobs::space::Space::new(dir, cfg.min_free_bytes),
         tasks: tasks.clone(),
         manifests: Default::default(),
+        subscribers: Default::default(),
     });
     // Off the async workers: one argon2 hash.
     tokio::task::spawn_blocking(auth::prepare);

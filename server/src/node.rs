@@ -91,6 +91,8 @@ pub struct Node {
     pub tasks: crate::tasks::Tasks,
     /// Parsed chunk manifests, bounded (see `blobs::manifests`).
     pub manifests: crate::blobs::manifests::ManifestCache,
+    /// Live change streams, by volume (`codafs volume info` lists them).
+    pub subscribers: Arc<crate::subscribers::Subscribers>,
 }
 
 impl Node {

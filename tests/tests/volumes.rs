@@ -277,3 +277,65 @@ async fn a_volume_backed_up_deleted_and_restored_is_the_same_volume() {
     };
     codafs_tests::bounded_within(Duration::from_secs(180), run).await;
 }
+
+/// `volume info` shows each server's blob health and the mounts subscribed to the volume's
+/// changes, which come and go with the mounts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn volume_info_lists_servers_and_subscribed_mounts() {
+    let run = async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let subscribed = |out: &str| -> Option<usize> {
+            let line = out.lines().find(|l| l.starts_with("mounts"))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        };
+        let (ok, out, err) = cli(&tc, &["volume", "info", "www"])?;
+        assert!(ok, "{err}");
+        assert_eq!(subscribed(&out), Some(0), "{out}");
+        assert_eq!(out.matches("127.0.0.1:").count(), 3, "one line per server: {out}");
+        assert!(out.contains("witness") && out.contains("leader"), "{out}");
+
+        let mut mounts = Vec::new();
+        for name in ["web1", "web2"] {
+            let m = codafs_tests::Mount::start(&tc.client_args(), tc.root.path(), name, &["--read-only"])?;
+            std::fs::read_dir(m.path.join("www")).context("the mount shows the volume")?;
+            mounts.push(m);
+        }
+        let mut seen = None;
+        for _ in 0..100 {
+            let (_, out, _) = cli(&tc, &["volume", "info", "www"])?;
+            seen = subscribed(&out);
+            if seen == Some(2) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(seen, Some(2), "both mounts listed");
+        let (ok, out, err) = cli(&tc, &["volume", "info", "www", "--json"])?;
+        assert!(ok, "{err}");
+        let j: serde_json::Value = serde_json::from_str(&out)?;
+        let streams: usize = j["replicas"]
+            .as_array()
+            .context("replicas")?
+            .iter()
+            .map(|r| r["subscribers"].as_array().map_or(0, |s| s.len()))
+            .sum();
+        assert_eq!(streams, 2, "{j}");
+
+        for mut m in mounts {
+            m.stop();
+        }
+        let mut seen = None;
+        for _ in 0..100 {
+            let (_, out, _) = cli(&tc, &["volume", "info", "www"])?;
+            seen = subscribed(&out);
+            if seen == Some(0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(seen, Some(0), "a stopped mount is no longer listed");
+        Ok::<_, anyhow::Error>(())
+    };
+    codafs_tests::bounded_within(Duration::from_secs(120), run).await;
+}

@@ -398,7 +398,18 @@ impl pb::admin_server::Admin for AdminService {
         let caller = Caller::of(&self.0, &req);
         let v = self.0.volume_named(&req.get_ref().name)?;
         self.0.check_read(&caller, &v)?;
-        Ok(Response::new(convert::volume_info(&v)))
+        let mut info = convert::volume_info(&v);
+        info.subscribers = self
+            .0
+            .subscribers
+            .of(&v.name)
+            .into_iter()
+            .map(|s| pb::Subscriber {
+                peer: s.peer,
+                since_ns: s.since_ns,
+            })
+            .collect();
+        Ok(Response::new(info))
     }
 
     async fn servers(&self, req: Request<pb::Empty>) -> Result<Response<pb::ServerList>, Status> {

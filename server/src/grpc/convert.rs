@@ -55,6 +55,8 @@ pub fn volume_info(v: &VolumeRec) -> pb::VolumeInfo {
         root_ino: codafs_common::make_ino(v.id, codafs_common::ids::VOLUME_ROOT_INODE),
         created_ns: v.created_ns,
         writers: v.writers.clone(),
+        // Filled by `GetVolume` from the answering server's live streams.
+        subscribers: Vec::new(),
     }
 }
 

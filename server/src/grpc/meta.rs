@@ -163,9 +163,13 @@ impl pb::meta_server::Meta for MetaService {
 
     async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         let caller = Caller::of(&self.0, &req);
+        let peer = req
+            .remote_addr()
+            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
         let r = req.into_inner();
         let vol = self.0.volume_named(&r.volume)?;
         self.0.check_read(&caller, &vol)?;
+        let listed = self.0.subscribers.register(&vol.name, &peer);
         // The right is checked again whenever settings or accounts change, and when the token
         // expires: a volume made private, or a revoked reader, ends the stream.
         let node = self.0.clone();
@@ -176,6 +180,7 @@ impl pb::meta_server::Meta for MetaService {
             r.volume,
             r.from_version,
             Box::new(recheck),
+            listed,
         )?;
         Ok(Response::new(Box::pin(stream)))
     }

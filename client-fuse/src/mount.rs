@@ -47,6 +47,8 @@ pub enum MountError {
     Setup(String),
     #[error("mounting {0}: {1}")]
     Mount(PathBuf, std::io::Error),
+    #[error("unmounting {0}: {1}")]
+    Unmount(PathBuf, std::io::Error),
 }
 
 /// Control-socket connections served at once (more wait in the kernel's backlog).
@@ -118,7 +120,7 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
     ready();
 
-    rt.block_on(until_stopped(&mountpoint));
+    let still_mounted = rt.block_on(until_stopped(&mountpoint));
     tracing::info!("unmounting");
     // Logged changes go to the servers now if they can (within a bound); what is left stays in
     // the log and is sent by the next mount of this cache directory.
@@ -133,8 +135,19 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     }
     let _ = stop_tx.send(true);
     let _ = std::fs::remove_file(&socket);
-    bg.umount_and_join().map_err(|e| MountError::Mount(mountpoint, e))?;
+    // Unmounted from outside: nothing to unmount (trying fails with EINVAL), only the FUSE
+    // threads to join. They hold the core, and so the metadata database's lock: the cache
+    // directory is released (when this returns) only after they and the runtime's tasks are
+    // gone, or a new daemon over the same cache (`umount && codafs mount`) could find the
+    // database still locked.
+    let ended = if still_mounted {
+        bg.umount_and_join()
+    } else {
+        bg.join()
+    };
     rt.shutdown_timeout(Duration::from_secs(2));
+    drop(core);
+    ended.map_err(|e| MountError::Unmount(mountpoint, e))?;
     Ok(())
 }
 
@@ -212,23 +225,24 @@ fn fuse_config(read_only: bool) -> fuser::Config {
     config
 }
 
-/// Returns on SIGTERM or SIGINT, or once someone unmounted us (`fusermount3 -u`, `umount`).
-async fn until_stopped(mountpoint: &Path) {
+/// Returns on SIGTERM or SIGINT (`true`: still mounted), or once someone unmounted us
+/// (`fusermount3 -u`, `umount`; `false`).
+async fn until_stopped(mountpoint: &Path) -> bool {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return;
+        return true;
     };
     // Checked often, so a restart (`umount && codafs mount`) finds the cache directory free
     // quickly; reading /proc/mounts four times a second costs nothing measurable.
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
+            _ = term.recv() => return true,
+            _ = int.recv() => return true,
             _ = tick.tick() => {
                 if !is_mounted(mountpoint) {
                     tracing::info!("unmounted from outside; exiting");
-                    return;
+                    return false;
                 }
             }
         }

@@ -161,8 +161,17 @@ const CACHE_DIR_WAIT: Duration = Duration::from_secs(20);
 fn take_cache_dir(cfg: &MountConfig) -> Result<crate::cache::lock::CacheLock, MountError> {
     std::fs::create_dir_all(&cfg.cache_dir)
         .map_err(|e| MountError::Setup(format!("cache dir {}: {e}", cfg.cache_dir.display())))?;
-    crate::cache::lock::lock_cache_dir(&cfg.cache_dir, CACHE_DIR_WAIT).map_err(|e| MountError::Setup(e.to_string()))
+    let lock =
+        crate::cache::lock::lock_cache_dir(&cfg.cache_dir, CACHE_DIR_WAIT).map_err(|e| MountError::Setup(e.to_string()))?;
+    codafs_common::format::check_or_stamp(&cfg.cache_dir, CACHE_FORMAT_NAME, CACHE_FORMAT)
+        .map_err(|e| MountError::Setup(e.to_string()))?;
+    Ok(lock)
 }
+
+/// What a mount's cache directory holds (its `FORMAT` file), and the version this build reads:
+/// the blob cache layout and the metadata database (the write-back log has its own version).
+pub const CACHE_FORMAT_NAME: &str = "codafs-cache";
+pub const CACHE_FORMAT: u32 = 1;
 
 /// The core over the cache directory (made private first) and the configured servers. Call
 /// inside the mount's runtime, after `take_cache_dir`.

@@ -3,6 +3,7 @@
 //! [`perms`] do I/O beyond reading the clock.
 
 pub mod chunks;
+pub mod format;
 pub mod hash;
 pub mod ids;
 pub mod join;

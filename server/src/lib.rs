@@ -122,6 +122,11 @@ fn bind_to_node(dir: &Path, cfg: &ServerConfig, t: tls::ServerTls) -> Result<tls
 
 /// Starts a server in `dir` and runs it until `shutdown` completes. With `rotate_cert`, the
 /// server first gets a new key and certificate for its node id (see [`rotate`]).
+/// What a server directory holds (its `FORMAT` file), and the version this build reads:
+/// the state tables, Raft log and snapshots, blob store layout and chunk manifests.
+pub const SERVER_FORMAT_NAME: &str = "codafs-server";
+pub const SERVER_FORMAT: u32 = 1;
+
 pub async fn run(
     dir: &Path,
     cfg: ServerConfig,
@@ -147,6 +152,8 @@ pub async fn run(
     if changed > 0 {
         tracing::info!(dir = %dir.display(), changed, "took group and other permissions off the server directory");
     }
+    codafs_common::format::check_or_stamp(dir, SERVER_FORMAT_NAME, SERVER_FORMAT)
+        .map_err(|e| ServerError::Bootstrap(e.to_string()))?;
     let mut tls = tokio::select! {
         r = server_tls(dir, &cfg, join.as_ref()) => r?,
         _ = &mut shutdown => return Ok(()),

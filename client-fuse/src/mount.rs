@@ -140,11 +140,7 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     // directory is released (when this returns) only after they and the runtime's tasks are
     // gone, or a new daemon over the same cache (`umount && codafs mount`) could find the
     // database still locked.
-    let ended = if still_mounted {
-        bg.umount_and_join()
-    } else {
-        bg.join()
-    };
+    let ended = if still_mounted { bg.umount_and_join() } else { bg.join() };
     rt.shutdown_timeout(Duration::from_secs(2));
     drop(core);
     ended.map_err(|e| MountError::Unmount(mountpoint, e))?;
@@ -161,8 +157,8 @@ const CACHE_DIR_WAIT: Duration = Duration::from_secs(20);
 fn take_cache_dir(cfg: &MountConfig) -> Result<crate::cache::lock::CacheLock, MountError> {
     std::fs::create_dir_all(&cfg.cache_dir)
         .map_err(|e| MountError::Setup(format!("cache dir {}: {e}", cfg.cache_dir.display())))?;
-    let lock =
-        crate::cache::lock::lock_cache_dir(&cfg.cache_dir, CACHE_DIR_WAIT).map_err(|e| MountError::Setup(e.to_string()))?;
+    let lock = crate::cache::lock::lock_cache_dir(&cfg.cache_dir, CACHE_DIR_WAIT)
+        .map_err(|e| MountError::Setup(e.to_string()))?;
     codafs_common::format::check_or_stamp(&cfg.cache_dir, CACHE_FORMAT_NAME, CACHE_FORMAT)
         .map_err(|e| MountError::Setup(e.to_string()))?;
     Ok(lock)

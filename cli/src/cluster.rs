@@ -115,7 +115,8 @@ pub enum ClusterCmd {
         #[command(flatten)]
         client: ClientOpts,
     },
-    /// List the servers in the cluster and who leads.
+    /// List the servers: kind, role, state (up or unreachable), lag (log entries behind the
+    /// newest commit), blobs, blob data and free disk.
     Servers {
         #[arg(long)]
         json: bool,
@@ -294,30 +295,79 @@ pub async fn run(cmd: ClusterCmd) -> Result<()> {
         }
         ClusterCmd::Servers { json, client } => {
             let list = servers(&client).await?;
+            let c = client.cluster()?;
+            // Each server's own view: state, how far behind the leader's commit it has
+            // applied, and its blobs and disk. An unreachable server says so.
+            let mut rows = Vec::new();
+            for s in &list.servers {
+                rows.push((s, c.status_on(&s.addr).await));
+            }
+            let committed = rows
+                .iter()
+                .filter_map(|(_, st)| st.as_ref().ok())
+                .map(|st| st.commit_index)
+                .max()
+                .unwrap_or(0);
+            let role = |s: &pb::ServerInfo| {
+                if s.node_id == list.leader_id {
+                    "leader"
+                } else if s.voter {
+                    "voter"
+                } else {
+                    "learner"
+                }
+            };
             if json {
-                let v: Vec<_> = list
-                    .servers
+                let v: Vec<_> = rows
                     .iter()
-                    .map(|s| serde_json::json!({"node_id": s.node_id, "addr": s.addr, "witness": s.witness, "voter": s.voter, "leader": s.node_id == list.leader_id}))
+                    .map(|(s, st)| {
+                        let mut j = serde_json::json!({"node_id": s.node_id, "addr": s.addr, "witness": s.witness, "voter": s.voter, "leader": s.node_id == list.leader_id});
+                        match st {
+                            Ok(st) => {
+                                j["state"] = "up".into();
+                                j["lag"] = committed.saturating_sub(st.applied_index).into();
+                                j["blob_count"] = st.blob_count.into();
+                                j["blob_bytes"] = st.blob_bytes.into();
+                                j["disk_free_bytes"] = st.disk_free_bytes.into();
+                                j["disk_total_bytes"] = st.disk_total_bytes.into();
+                            }
+                            Err(e) => {
+                                j["state"] = "unreachable".into();
+                                j["error"] = e.to_string().into();
+                            }
+                        }
+                        j
+                    })
                     .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
-                println!("{:<20} {:<24} {:<8} ROLE", "NODE", "ADDRESS", "KIND");
-                for s in &list.servers {
-                    let role = if s.node_id == list.leader_id {
-                        "leader"
-                    } else if s.voter {
-                        "voter"
-                    } else {
-                        "learner"
-                    };
-                    println!(
-                        "{:<20} {:<24} {:<8} {}",
-                        s.node_id,
-                        s.addr,
-                        if s.witness { "witness" } else { "data" },
-                        role
-                    );
+                println!(
+                    "{:<20} {:<22} {:<8} {:<8} {:<11} {:>6} {:>8} {:>10} {:>10}",
+                    "NODE", "ADDRESS", "KIND", "ROLE", "STATE", "LAG", "BLOBS", "BLOB DATA", "DISK FREE"
+                );
+                for (s, st) in &rows {
+                    let kind = if s.witness { "witness" } else { "data" };
+                    match st {
+                        Ok(st) => println!(
+                            "{:<20} {:<22} {:<8} {:<8} {:<11} {:>6} {:>8} {:>10} {:>10}",
+                            s.node_id,
+                            s.addr,
+                            kind,
+                            role(s),
+                            "up",
+                            committed.saturating_sub(st.applied_index),
+                            st.blob_count,
+                            crate::output::bytes(st.blob_bytes),
+                            crate::output::bytes(st.disk_free_bytes)
+                        ),
+                        Err(e) => println!(
+                            "{:<20} {:<22} {:<8} {:<8} unreachable: {e}",
+                            s.node_id,
+                            s.addr,
+                            kind,
+                            role(s)
+                        ),
+                    }
                 }
             }
             Ok(())

@@ -66,6 +66,11 @@ pub struct ServerArgs {
     /// GC grace period while free space is under twice --min-free, seconds.
     #[arg(long, help_heading = "Tuning")]
     gc_pressure_grace_s: Option<u64>,
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9401; `off` to
+    /// stop. Plain HTTP without authentication: bind it to loopback or a management network.
+    /// Saved in server.toml. See docs/METRICS.md.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 /// `--min-free`: a size, or `auto`.
@@ -270,6 +275,11 @@ pub async fn server(a: ServerArgs) -> Result<()> {
     match a.min_free {
         Some(MinFree::Auto) => cfg.min_free_bytes = None,
         Some(MinFree::Bytes(b)) => cfg.min_free_bytes = Some(b),
+        None => {}
+    }
+    match a.metrics_listen {
+        Some(m) if m.eq_ignore_ascii_case("off") => cfg.metrics_listen = None,
+        Some(m) => cfg.metrics_listen = Some(m),
         None => {}
     }
     cfg.save(&a.dir)?;

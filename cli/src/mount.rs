@@ -51,6 +51,11 @@ pub struct MountArgs {
     /// mount started without --foreground does with CACHE_DIR/mount.log).
     #[arg(long)]
     pub log_file: Option<PathBuf>,
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9402. Plain
+    /// HTTP without authentication: bind it to loopback or a management network. See
+    /// docs/METRICS.md.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
     #[command(flatten)]
     pub client: ClientOpts,
 }
@@ -108,6 +113,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
         read_only: a.read_only,
         write_through: a.write_through,
         log_limit: a.log_limit,
+        metrics_listen: a.metrics_listen.clone(),
     };
     let notify = std::env::var_os(READY_ENV).is_some();
     codafs_client::mount::run(cfg, || {
@@ -147,6 +153,9 @@ fn spawn_background(a: &MountArgs, mnt: &Path, cache_dir: &Path) -> Result<()> {
         cmd.arg("--write-through");
     }
     cmd.arg("--log-limit").arg(a.log_limit.to_string());
+    if let Some(m) = &a.metrics_listen {
+        cmd.arg("--metrics-listen").arg(m);
+    }
     // Resolve here too, so a bad config fails in the foreground with its own message.
     a.client.servers()?;
     a.client.tls()?;

@@ -36,13 +36,20 @@ pub async fn follow<R: Remote>(
                         _ = stop.changed() => return,
                     };
                     match ev {
-                        Some(Ok(ev)) => match core.apply_change(&volume, &ev, inval.as_ref()).await {
-                            Ok(inv) => inval.invalidate(&inv),
-                            Err(e) => {
-                                tracing::warn!(%volume, error = %e, "applying a change failed; resubscribing");
-                                break;
+                        Some(Ok(ev)) => {
+                            let received = std::time::Instant::now();
+                            core.timings().callback_received(&volume);
+                            match core.apply_change(&volume, &ev, inval.as_ref()).await {
+                                Ok(inv) => {
+                                    inval.invalidate(&inv);
+                                    core.timings().callback_applied(received);
+                                }
+                                Err(e) => {
+                                    tracing::warn!(%volume, error = %e, "applying a change failed; resubscribing");
+                                    break;
+                                }
                             }
-                        },
+                        }
                         Some(Err(e)) => {
                             tracing::info!(%volume, error = %e, "change stream broke; resubscribing");
                             // Refused rather than broken: the volume may have been made private

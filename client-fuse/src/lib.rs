@@ -7,6 +7,7 @@ pub mod cache;
 pub mod callbacks;
 pub mod core;
 pub mod fuse;
+pub mod metrics;
 pub mod mount;
 pub mod ops;
 pub mod policy;

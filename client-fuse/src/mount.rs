@@ -38,6 +38,9 @@ pub struct MountConfig {
     pub write_through: bool,
     /// Bound of the write-back log in bytes (past it, changes fail with ENOSPC).
     pub log_limit: u64,
+    /// Where to serve Prometheus metrics (`GET /metrics`, plain unauthenticated HTTP; see
+    /// `crate::metrics`); `None` = nowhere.
+    pub metrics_listen: Option<String>,
 }
 
 /// Mount failures.
@@ -77,7 +80,23 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     let _enter = rt.enter();
     // Declared before the core, so it is released after everything else let go of the cache.
     let _cache_lock = take_cache_dir(&cfg)?;
+    // Before the mount exists, so a taken or bad address fails it. After the cache directory:
+    // a daemon that is still exiting (`umount && codafs mount`) holds the port until then.
+    let metrics_listener = match &cfg.metrics_listen {
+        Some(addr) => Some(
+            rt.block_on(crate::metrics::bind(addr))
+                .map_err(|e| MountError::Setup(e.to_string()))?,
+        ),
+        None => None,
+    };
     let core = open_core(&cfg)?;
+    let metrics = match metrics_listener {
+        Some(l) => Some((
+            l,
+            crate::metrics::registry(core.clone()).map_err(|e| MountError::Setup(e.to_string()))?,
+        )),
+        None => None,
+    };
 
     // Bring the persistent cache up to date before serving: one batched stamp check, then the
     // missed changes of each stale volume. Disconnected: serve what is cached.
@@ -97,6 +116,16 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     let bg = session.spawn().map_err(mount_err)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some((listener, registry)) = metrics {
+        tracing::info!(addr = ?listener.local_addr().ok(), "serving metrics: GET /metrics, plain HTTP, unauthenticated");
+        let mut stop = stop_rx.clone();
+        rt.spawn(async move {
+            tokio::select! {
+                _ = crate::metrics::serve(listener, registry) => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        });
+    }
     if let Some(b) = core.write_back() {
         b.set_kernel(inval.clone());
         let (core, stop) = (core.clone(), stop_rx.clone());

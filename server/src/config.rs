@@ -61,6 +61,10 @@ pub struct ServerConfig {
     /// `gc_grace_s`): overwritten versions are reclaimed sooner when space runs short.
     #[serde(default = "d_gc_pressure_grace")]
     pub gc_pressure_grace_s: u64,
+    /// Address of the Prometheus endpoint (`GET /metrics`, plain unauthenticated HTTP, see
+    /// `crate::metrics`); unset = no endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
 }
 
 fn d_snapshot_every() -> u64 {
@@ -110,6 +114,7 @@ impl ServerConfig {
             insecure: false,
             min_free_bytes: None,
             gc_pressure_grace_s: d_gc_pressure_grace(),
+            metrics_listen: None,
         }
     }
 

@@ -14,6 +14,7 @@ pub mod db;
 pub mod fsm;
 pub mod grpc;
 pub mod join;
+pub mod metrics;
 pub mod node;
 pub mod peers;
 pub mod raft;
@@ -56,6 +57,8 @@ pub enum ServerError {
     Tls(#[from] tls::TlsError),
     #[error("TLS listener: {0}")]
     TlsListener(String),
+    #[error("{0}")]
+    Metrics(#[from] metrics::MetricsError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -233,12 +236,22 @@ pub async fn run(
     // Off the async workers: one argon2 hash.
     tokio::task::spawn_blocking(auth::prepare);
 
+    let rpc_timing = match &cfg.metrics_listen {
+        Some(addr) => {
+            let listener = metrics::bind(addr).await?;
+            let m = metrics::Metrics::new(node.clone())?;
+            tracing::info!(addr = %listener.local_addr()?, "serving metrics: GET /metrics, plain HTTP, unauthenticated");
+            tasks.spawn("metrics", metrics::serve(listener, m.registry.clone()));
+            m.rpc_layer()
+        }
+        None => metrics::RpcTimingLayer::default(),
+    };
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .map_err(|e| ServerError::Listen(cfg.listen.clone(), e))?;
     let local: SocketAddr = listener.local_addr()?;
     tracing::info!(node = cfg.node_id, %local, witness = cfg.witness, tls = !cfg.insecure, "server listening");
-    let server = tokio::spawn(serve(node.clone(), listener, builder, tasks.stop_signal()));
+    let server = tokio::spawn(serve(node.clone(), listener, builder, rpc_timing, tasks.stop_signal()));
 
     let bootstrap_path = dir.join(BOOTSTRAP_FILE);
     if bootstrap_path.exists() {
@@ -303,11 +316,13 @@ pub const MAX_HEADER_LIST: u32 = 64 << 10;
 pub const MAX_PENDING_RESETS: usize = 32;
 
 /// Serves every service on `listener` with `builder` (which carries the TLS settings: tonic
-/// applies them to incoming connections in `serve_with_incoming*` too).
+/// applies them to incoming connections in `serve_with_incoming*` too), timing every RPC with
+/// `rpc_timing`.
 async fn serve(
     node: Arc<Node>,
     listener: tokio::net::TcpListener,
     builder: tonic::transport::Server,
+    rpc_timing: metrics::RpcTimingLayer,
     mut stop: watch::Receiver<bool>,
 ) {
     use grpc::{admin::AdminService, blobs::BlobService, meta::MetaService, raft::RaftService, write::WriteService};
@@ -344,6 +359,7 @@ async fn serve(
         .initial_connection_window_size(Some(8 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .layer(rpc_timing)
         .add_service(
             pb::meta_server::MetaServer::new(MetaService(node.clone()))
                 .max_decoding_message_size(MAX_MESSAGE)

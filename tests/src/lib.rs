@@ -78,6 +78,9 @@ pub struct Server {
     pub dir: PathBuf,
     pub witness: bool,
     pub extra_args: Vec<String>,
+    /// `--metrics-listen` address (a port of its own), when the cluster serves metrics
+    /// (`ClusterOpts::metrics()`).
+    pub metrics_addr: Option<String>,
     child: Option<Child>,
 }
 
@@ -98,6 +101,9 @@ impl Server {
         }
         if let Some(t) = join {
             cmd.arg("--join").arg(t);
+        }
+        if let Some(m) = &self.metrics_addr {
+            cmd.arg("--metrics-listen").arg(m);
         }
         cmd.args(&self.extra_args);
         cmd.env(
@@ -158,6 +164,9 @@ pub struct ClusterOpts {
     pub extra_args: Vec<String>,
     /// `cluster init --insecure`: plaintext everywhere.
     pub insecure: bool,
+    /// Every server serves Prometheus metrics on a loopback port of its own
+    /// ([`Server::metrics_addr`]).
+    pub metrics: bool,
 }
 
 impl ClusterOpts {
@@ -167,7 +176,14 @@ impl ClusterOpts {
             witnesses,
             extra_args: vec!["--repair-interval-ms".into(), "200".into()],
             insecure: false,
+            metrics: false,
         }
+    }
+
+    /// Every server with `--metrics-listen` on a free loopback port of its own.
+    pub fn metrics(mut self) -> Self {
+        self.metrics = true;
+        self
     }
 
     /// A plaintext cluster (`cluster init --insecure`).
@@ -213,6 +229,7 @@ impl TestCluster {
                 dir: tc.root.path().join(format!("s{i}")),
                 witness: i >= opts.data,
                 extra_args: opts.extra_args.clone(),
+                metrics_addr: metrics_addr(opts.metrics),
                 child: None,
             });
         }
@@ -263,6 +280,7 @@ impl TestCluster {
                 dir: self.root.path().join(format!("s{i}")),
                 witness: false,
                 extra_args: extra.clone(),
+                metrics_addr: metrics_addr(self.servers[0].metrics_addr.is_some()),
                 child: None,
             });
         }
@@ -283,6 +301,7 @@ impl TestCluster {
             dir: self.root.path().join(format!("s{i}")),
             witness: false,
             extra_args: self.servers[0].extra_args.clone(),
+            metrics_addr: metrics_addr(self.servers[0].metrics_addr.is_some()),
             child: None,
         });
         self.servers[i].spawn(Some(token))?;
@@ -563,6 +582,11 @@ impl TestCluster {
     pub async fn has_blobs(&self, addr: &str, hashes: &[Hash]) -> Result<bool> {
         Ok(self.client_on(addr).missing_on(addr, hashes).await?.is_empty())
     }
+}
+
+/// A `--metrics-listen` address on a free loopback port, if `wanted`.
+fn metrics_addr(wanted: bool) -> Option<String> {
+    wanted.then(|| format!("127.0.0.1:{}", free_port()))
 }
 
 /// Joins a volume-relative parent path and a name.

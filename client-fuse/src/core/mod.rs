@@ -229,6 +229,8 @@ pub struct Core<R: Remote> {
     /// Content cache (hits, misses) per volume id.
     volume_hits: Mutex<HashMap<u32, (u64, u64)>>,
     stats: CoreStats,
+    /// Fetch and callback timings for the metrics endpoint (`crate::metrics`).
+    timings: crate::metrics::Timings,
     /// Tokens, shadows and open handles of writes through the mount.
     writes: write::WriteState,
     /// Filling the cache from a fetch and applying a change event exclude each other, so a
@@ -280,6 +282,7 @@ impl<R: Remote> Core<R> {
             subscribed: Mutex::new(HashMap::new()),
             volume_hits: Mutex::new(HashMap::new()),
             stats: CoreStats::default(),
+            timings: crate::metrics::Timings::new().map_err(Self::io)?,
             writes,
             apply_mx: Mutex::new(()),
             view: tokio::sync::RwLock::new(()),
@@ -703,6 +706,7 @@ impl<R: Remote> Core<R> {
             };
         }
         self.count_hit(ino, false);
+        let started = std::time::Instant::now();
         let result = self
             .timed(limit, async {
                 let mut w = self
@@ -721,6 +725,7 @@ impl<R: Remote> Core<R> {
                 Ok(())
             })
             .await;
+        self.timings.fetched(started, result.is_ok());
         self.fetches.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
         result
     }
@@ -854,6 +859,21 @@ impl<R: Remote> Core<R> {
 
     /// Status for `codafs status MNT`.
     pub fn status(&self) -> MountStatus {
+        self.status_of(true)
+    }
+
+    /// [`Core::status`] without the cached files of each volume (counting them walks every
+    /// cached listing): what the metrics endpoint reads at each scrape.
+    pub fn status_counters(&self) -> MountStatus {
+        self.status_of(false)
+    }
+
+    /// Fetch and callback timings (see `crate::metrics`).
+    pub fn timings(&self) -> &crate::metrics::Timings {
+        &self.timings
+    }
+
+    fn status_of(&self, cached_files: bool) -> MountStatus {
         let subs = self.subscribed.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let volumes = self
             .volumes()
@@ -868,7 +888,11 @@ impl<R: Remote> Core<R> {
                     .unwrap_or_default();
                 VolumeStatus {
                     connected: subs.get(&v.name).copied().unwrap_or(false),
-                    cached: self.cached_in(&v),
+                    cached: if cached_files {
+                        self.cached_in(&v)
+                    } else {
+                        CachedFiles::default()
+                    },
                     name: v.name,
                     version: v.seen,
                     hits,

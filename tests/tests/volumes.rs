@@ -339,3 +339,30 @@ async fn volume_info_lists_servers_and_subscribed_mounts() {
     };
     codafs_tests::bounded_within(Duration::from_secs(120), run).await;
 }
+
+/// With the majority lost, a surviving data server still answers reads: a backup taken from it
+/// alone holds the whole volume (docs/OPERATIONS.md, "When a majority is lost").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_from_the_last_data_server_works_without_a_majority() {
+    let run = async {
+        let mut tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        let c = tc.client();
+        let big = populate(&tc, &c).await?;
+        let survivor = tc.servers.iter().position(|s| !s.witness).context("a data server")?;
+        let addr = tc.servers[survivor].addr.clone();
+        tc.caught_up(&addr).await?;
+        for i in 0..tc.servers.len() {
+            if i != survivor {
+                tc.kill(i);
+            }
+        }
+        let archive = tc.root.path().join("survivor.codafs");
+        let archive_s = archive.display().to_string();
+        let (ok, _, err) = cli(&tc, &["volume", "backup", "www", &archive_s, "--server-addr", &addr])?;
+        assert!(ok, "{err}");
+        assert!(err.contains("3 contents"), "every distinct content: {err}");
+        assert!(std::fs::metadata(&archive)?.len() > big.len() as u64);
+        Ok::<_, anyhow::Error>(())
+    };
+    codafs_tests::bounded_within(Duration::from_secs(120), run).await;
+}

@@ -73,6 +73,50 @@ pub struct ServerArgs {
     metrics_listen: Option<String>,
 }
 
+/// What removing server `node_id` would break: a majority that the servers left cannot form
+/// (counting only those that answer now), or volumes whose write quorum more data servers than
+/// would remain. Empty when the removal is safe.
+async fn removal_risks(c: &Cluster, node_id: u64) -> Result<Vec<String>> {
+    let list = c.list_servers().await?;
+    let Some(target) = list.servers.iter().find(|s| s.node_id == node_id) else {
+        bail!("no server {node_id} in the cluster (see `codafs cluster servers`)");
+    };
+    let mut risks = Vec::new();
+    let voters_left: Vec<&pb::ServerInfo> = list
+        .servers
+        .iter()
+        .filter(|s| s.voter && s.node_id != node_id)
+        .collect();
+    let mut answering = 0;
+    for s in &voters_left {
+        if c.status_on(&s.addr).await.is_ok() {
+            answering += 1;
+        }
+    }
+    if answering * 2 <= voters_left.len() {
+        risks.push(format!(
+            "only {answering} of the {} voters left answer, no majority: nothing could be committed",
+            voters_left.len()
+        ));
+    }
+    if !target.witness {
+        let data_left = list
+            .servers
+            .iter()
+            .filter(|s| !s.witness && s.node_id != node_id)
+            .count() as u32;
+        for v in c.list_volumes(None).await? {
+            if v.write_quorum > data_left {
+                risks.push(format!(
+                    "volume {} needs {} copies of its content and only {data_left} data servers would remain, so its content writes would stop (add a data server first)",
+                    v.name, v.write_quorum
+                ));
+            }
+        }
+    }
+    Ok(risks)
+}
+
 /// `--min-free`: a size, or `auto`.
 #[derive(Clone, Copy, Debug)]
 enum MinFree {
@@ -128,10 +172,15 @@ pub enum ClusterCmd {
         #[command(flatten)]
         client: ClientOpts,
     },
-    /// Remove a server from the membership (admin). Stop its process afterwards.
+    /// Remove a server from the membership (admin). Stop its process afterwards. Refused,
+    /// unless --force, when the servers left that answer would be no majority, or when fewer
+    /// data servers would remain than a volume's write quorum (its content writes would stop).
     Remove {
         /// Node id as shown by `codafs cluster servers`.
         node_id: u64,
+        /// Remove it even so (printing what breaks): for a dead server that must go.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -382,9 +431,22 @@ pub async fn run(cmd: ClusterCmd) -> Result<()> {
             }
             Ok(())
         }
-        ClusterCmd::Remove { node_id, client } => {
+        ClusterCmd::Remove { node_id, force, client } => {
             client.required_token()?;
             let c = client.cluster()?;
+            let risks = removal_risks(&c, node_id).await?;
+            if !risks.is_empty() {
+                if !force {
+                    bail!(
+                        "not removing server {node_id}: {}. Pass --force to remove it anyway",
+                        risks.join("; ")
+                    );
+                }
+                eprintln!(
+                    "codafs: WARNING: removing server {node_id} although {}",
+                    risks.join("; ")
+                );
+            }
             c.remove_server(node_id).await?;
             println!("removed server {node_id}");
             Ok(())

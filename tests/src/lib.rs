@@ -292,9 +292,8 @@ impl TestCluster {
         self.wait_ready(&addr0, (first + n) as u32).await
     }
 
-    /// Starts one new data server that joins with `token` and waits until it is a voter (with
-    /// every server so far); returns its index.
-    pub async fn join_with(&mut self, token: &str) -> Result<usize> {
+    /// A new data server's settings (not started), like the first server's; returns its index.
+    fn push_data_server(&mut self) -> usize {
         let i = self.servers.len();
         self.servers.push(Server {
             addr: format!("127.0.0.1:{}", free_port()),
@@ -304,6 +303,32 @@ impl TestCluster {
             metrics_addr: metrics_addr(self.servers[0].metrics_addr.is_some()),
             child: None,
         });
+        i
+    }
+
+    /// Starts one new data server with a fresh join token and waits until it is a voter beside
+    /// the current voters (some servers may have been removed); returns its index.
+    pub async fn join_replacement(&mut self) -> Result<usize> {
+        let voters = self
+            .client()
+            .list_servers()
+            .await?
+            .servers
+            .iter()
+            .filter(|s| s.voter)
+            .count() as u32;
+        let token = self.new_join_token(0).await?;
+        let i = self.push_data_server();
+        self.servers[i].spawn(Some(&token))?;
+        let joined = self.servers[i].addr.clone();
+        self.wait_ready(&joined, voters + 1).await?;
+        Ok(i)
+    }
+
+    /// Starts one new data server that joins with `token` and waits until it is a voter (with
+    /// every server so far); returns its index.
+    pub async fn join_with(&mut self, token: &str) -> Result<usize> {
+        let i = self.push_data_server();
         self.servers[i].spawn(Some(token))?;
         let addr0 = self.servers[0].addr.clone();
         self.wait_ready(&addr0, (i + 1) as u32).await?;

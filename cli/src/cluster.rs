@@ -87,12 +87,8 @@ async fn removal_risks(c: &Cluster, node_id: u64) -> Result<Vec<String>> {
         .iter()
         .filter(|s| s.voter && s.node_id != node_id)
         .collect();
-    let mut answering = 0;
-    for s in &voters_left {
-        if c.status_on(&s.addr).await.is_ok() {
-            answering += 1;
-        }
-    }
+    let addrs: Vec<String> = voters_left.iter().map(|s| s.addr.clone()).collect();
+    let answering = c.status_each(&addrs).await.iter().filter(|r| r.is_ok()).count();
     if answering * 2 <= voters_left.len() {
         risks.push(format!(
             "only {answering} of the {} voters left answer, no majority: nothing could be committed",
@@ -357,10 +353,8 @@ pub async fn run(cmd: ClusterCmd) -> Result<()> {
             let c = client.cluster()?;
             // Each server's own view: state, how far behind the leader's commit it has
             // applied, and its blobs and disk. An unreachable server says so.
-            let mut rows = Vec::new();
-            for s in &list.servers {
-                rows.push((s, c.status_on(&s.addr).await));
-            }
+            let addrs: Vec<String> = list.servers.iter().map(|s| s.addr.clone()).collect();
+            let rows: Vec<_> = list.servers.iter().zip(c.status_each(&addrs).await).collect();
             let committed = rows
                 .iter()
                 .filter_map(|(_, st)| st.as_ref().ok())
@@ -565,8 +559,7 @@ pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> R
     let c = Cluster::new(&targets, client.tls()?, Some(token))?;
     let mut rows = Vec::new();
     let mut failed = 0;
-    for addr in &targets {
-        let r = c.status_on(addr).await;
+    for (addr, r) in targets.iter().zip(c.status_each(&targets).await) {
         match r {
             Ok(st) => rows.push((addr.clone(), Some(st))),
             Err(e) => {

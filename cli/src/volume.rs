@@ -200,9 +200,10 @@ async fn replicas(c: &codafs_client::Cluster, volume: &str) -> Vec<Replica> {
     let Ok(servers) = c.list_servers().await else {
         return Vec::new();
     };
+    let addrs: Vec<String> = servers.servers.iter().map(|s| s.addr.clone()).collect();
     let mut out = Vec::new();
-    for s in servers.servers {
-        let status = c.status_on(&s.addr).await.map_err(|e| e.to_string());
+    for (s, status) in servers.servers.into_iter().zip(c.status_each(&addrs).await) {
+        let status = status.map_err(|e| e.to_string());
         let subscribers = c
             .get_volume_on(&s.addr, volume)
             .await

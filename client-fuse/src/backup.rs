@@ -96,13 +96,13 @@ pub async fn backup<W: Write>(
         w.frame(&Frame::Node(n.node.clone()))?;
     }
     // Each distinct content once; only those changed after `since` in an incremental archive.
-    let mut wanted: BTreeMap<Hash, (&Walked, u64)> = BTreeMap::new();
+    let mut wanted: BTreeMap<Hash, &Walked> = BTreeMap::new();
     for n in &walked {
         if let (Some(b), true) = (&n.blob, since.is_none_or(|s| n.version > s)) {
-            wanted.entry(b.hash).or_insert((n, n.node.size));
+            wanted.entry(b.hash).or_insert(n);
         }
     }
-    progress.planned(wanted.len(), wanted.values().map(|(_, s)| *s).sum());
+    progress.planned(wanted.len(), wanted.values().map(|n| n.node.size).sum());
     let walked_at = Instant::now();
     let mut fresh: HashMap<u64, BTreeMap<u64, BlobRef>> = HashMap::new();
     let mut s = Summary {
@@ -110,7 +110,8 @@ pub async fn backup<W: Write>(
         nodes: walked.len() as u64,
         ..Default::default()
     };
-    for (hash, (n, size)) in &wanted {
+    for (hash, n) in &wanted {
+        let size = &n.node.size;
         let mut blob = n
             .blob
             .clone()

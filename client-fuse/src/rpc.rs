@@ -74,7 +74,6 @@ impl Cluster {
             .await
     }
 
-    /// The current version of each of `volumes`.
     /// [`Cluster::volume_stamps`] with the applied index of the state they were read from.
     pub async fn volume_stamps_applied(
         &self,
@@ -90,20 +89,13 @@ impl Cluster {
         .await
     }
 
+    /// The current version of each of `volumes`.
     pub async fn volume_stamps(
         &self,
         token: Option<&str>,
         volumes: Vec<String>,
     ) -> Result<Vec<pb::VolumeStamp>, ClientError> {
-        let req = pb::VolumeStampsRequest { volumes };
-        let reply = self
-            .unary(
-                token,
-                req,
-                |ch, r| async move { Cluster::meta(ch).volume_stamps(r).await },
-            )
-            .await?;
-        Ok(reply.stamps)
+        Ok(self.volume_stamps_applied(token, volumes).await?.stamps)
     }
 
     /// Every change to `volume` after version `from`, then live changes. The stream lives as
@@ -298,6 +290,12 @@ impl Cluster {
             Cluster::admin(ch).status(r).await
         })
         .await
+    }
+
+    /// The status of each server of `addrs`, in that order, asked at once: an unreachable one
+    /// costs one probe deadline, not one per server before it.
+    pub async fn status_each(&self, addrs: &[String]) -> Vec<Result<pb::ServerStatus, ClientError>> {
+        futures::future::join_all(addrs.iter().map(|a| self.status_on(a))).await
     }
 
     /// Whether the server at `addr` is ready (needs no token: load balancers ask it).

@@ -60,16 +60,17 @@ impl TestCluster {
         self.codafs_as_with(user, &[], args, stdin)
     }
 
-    /// `codafs ARGS` as root with the cluster's admin credential (and no saved token).
-    pub fn codafs_admin(&self, args: &[&str]) -> Result<Output> {
+    /// The environment that gives a `codafs` command the cluster's admin credential (and no
+    /// saved token).
+    pub fn admin_env(&self) -> Vec<(&'static str, String)> {
         let cred = self.servers[0].dir.join("admin.token").display().to_string();
         let none = self.root.path().join("no-token").display().to_string();
-        self.codafs_as_with(
-            None,
-            &[("CODAFS_CREDENTIAL", cred), ("CODAFS_TOKEN_FILE", none)],
-            args,
-            "",
-        )
+        vec![("CODAFS_CREDENTIAL", cred), ("CODAFS_TOKEN_FILE", none)]
+    }
+
+    /// `codafs ARGS` as root with the cluster's admin credential (and no saved token).
+    pub fn codafs_admin(&self, args: &[&str]) -> Result<Output> {
+        self.codafs_as_with(None, &self.admin_env(), args, "")
     }
 
     /// Like [`TestCluster::codafs_as`], with extra environment variables.

@@ -71,15 +71,9 @@ async fn content(c: &Cluster, volume: &str, path: &str) -> Result<Vec<u8>> {
     Ok(c.get_content(&BlobRef::of(&a)?, a.size).await?)
 }
 
-fn admin_env(tc: &TestCluster) -> Vec<(&'static str, String)> {
-    let cred = tc.servers[0].dir.join("admin.token").display().to_string();
-    let none = tc.root.path().join("no-token").display().to_string();
-    vec![("CODAFS_CREDENTIAL", cred), ("CODAFS_TOKEN_FILE", none)]
-}
-
 /// `codafs ARGS` as the admin; returns (ok, stdout, stderr).
 fn cli(tc: &TestCluster, args: &[&str]) -> Result<(bool, String, String)> {
-    let out = tc.codafs_as_with(None, &admin_env(tc), args, "")?;
+    let out = tc.codafs_admin(args)?;
     Ok((out.ok, out.stdout, out.stderr))
 }
 
@@ -91,7 +85,7 @@ fn backup_to_stdout(tc: &TestCluster, volume: &str, file: &Path, extra: &[&str])
     cmd.args(["volume", "backup", volume, "-"])
         .args(extra)
         .envs(tc.client_env())
-        .envs(admin_env(tc))
+        .envs(tc.admin_env())
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(Stdio::piped());
@@ -228,7 +222,7 @@ async fn a_volume_backed_up_deleted_and_restored_is_the_same_volume() {
         // Through a pipe: stdout, then stdin, under another name.
         let piped = dir.join("piped.codafs");
         backup_to_stdout(&tc, "www", &piped, &[])?;
-        let out = tc.codafs_as_with(None, &admin_env(&tc), &["volume", "restore", "-", "copy"], "");
+        let out = tc.codafs_admin(&["volume", "restore", "-", "copy"]);
         assert!(out.is_ok_and(|o| !o.ok), "an empty stdin is no archive");
         let status = Command::new("sh")
             .arg("-c")
@@ -238,7 +232,7 @@ async fn a_volume_backed_up_deleted_and_restored_is_the_same_volume() {
                 piped.display()
             ))
             .envs(tc.client_env())
-            .envs(admin_env(&tc))
+            .envs(tc.admin_env())
             .output()?;
         assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
         assert_eq!(tree(&c, "copy").await?.0, before);

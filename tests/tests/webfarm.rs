@@ -118,20 +118,9 @@ fn write_site(dir: &Path, v: u32) -> Result<()> {
     Ok(())
 }
 
-fn admin_env(tc: &TestCluster) -> Vec<(&'static str, String)> {
-    let cred = tc.servers[0].dir.join("admin.token").display().to_string();
-    vec![
-        ("CODAFS_CREDENTIAL", cred),
-        (
-            "CODAFS_TOKEN_FILE",
-            tc.root.path().join("no-token").display().to_string(),
-        ),
-    ]
-}
-
 /// `codafs ARGS` as the admin: (ok, stdout + stderr).
 fn cli(tc: &TestCluster, args: &[&str]) -> Result<(bool, String)> {
-    let out = tc.codafs_as_with(None, &admin_env(tc), args, "")?;
+    let out = tc.codafs_admin(args)?;
     Ok((out.ok, format!("{}{}", out.stdout, out.stderr)))
 }
 

@@ -31,7 +31,6 @@ pub enum Scope {
     Some(HashSet<Hash>),
 }
 
-#[derive(Default)]
 struct Inner {
     set: HashSet<Hash>,
     everything: bool,

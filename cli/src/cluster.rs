@@ -66,6 +66,11 @@ pub struct ServerArgs {
     /// GC grace period while free space is under twice --min-free, seconds.
     #[arg(long, help_heading = "Tuning")]
     gc_pressure_grace_s: Option<u64>,
+    /// On a witness: most its spool may hold (e.g. 4G, the default). The spool keeps blobs for
+    /// a data server that is down (hinted handoff), so publishing goes on without it; past this
+    /// bound such writes fail. Saved in server.toml.
+    #[arg(long, value_name = "SIZE", value_parser = crate::mount::parse_size)]
+    spool_max: Option<u64>,
     /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9401; `off` to
     /// stop. Plain HTTP without authentication: bind it to loopback or a management network.
     /// Saved in server.toml. See docs/METRICS.md.
@@ -317,6 +322,9 @@ pub async fn server(a: ServerArgs) -> Result<()> {
     if let Some(v) = a.gc_pressure_grace_s {
         cfg.gc_pressure_grace_s = v;
     }
+    if let Some(v) = a.spool_max {
+        cfg.spool_max_bytes = Some(v);
+    }
     match a.min_free {
         Some(MinFree::Auto) => cfg.min_free_bytes = None,
         Some(MinFree::Bytes(b)) => cfg.min_free_bytes = Some(b),
@@ -383,6 +391,11 @@ pub async fn run(cmd: ClusterCmd) -> Result<()> {
                                 j["blob_bytes"] = st.blob_bytes.into();
                                 j["disk_free_bytes"] = st.disk_free_bytes.into();
                                 j["disk_total_bytes"] = st.disk_total_bytes.into();
+                                if s.witness {
+                                    j["spool_blobs"] = st.spool_blobs.into();
+                                    j["spool_bytes"] = st.spool_bytes.into();
+                                    j["spool_limit_bytes"] = st.spool_limit_bytes.into();
+                                }
                             }
                             Err(e) => {
                                 j["state"] = "unreachable".into();
@@ -420,6 +433,13 @@ pub async fn run(cmd: ClusterCmd) -> Result<()> {
                             kind,
                             role(s)
                         ),
+                    }
+                }
+                for (s, st) in &rows {
+                    if let Ok(st) = st {
+                        if s.witness && st.spool_blobs > 0 {
+                            println!("witness {}: {}", s.node_id, spool_line(st));
+                        }
                     }
                 }
             }
@@ -584,6 +604,7 @@ pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> R
                     "corrupt_found": s.corrupt_found, "cluster_id": s.cluster_id, "voters": s.voters, "servers": s.servers,
                     "disk_free_bytes": s.disk_free_bytes, "disk_total_bytes": s.disk_total_bytes,
                     "disk_min_free_bytes": s.disk_min_free_bytes, "space_refusals": s.space_refusals,
+                    "spool_blobs": s.spool_blobs, "spool_bytes": s.spool_bytes, "spool_limit_bytes": s.spool_limit_bytes,
                 }),
                 None => serde_json::json!({"addr": addr, "reachable": false}),
             })
@@ -616,6 +637,9 @@ pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> R
                     bytes(s.blob_bytes_received)
                 );
             }
+            if s.witness {
+                println!("  spool       {}", spool_line(s));
+            }
             println!("  disk        {}", disk_line(s));
         }
     }
@@ -623,6 +647,19 @@ pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> R
         bail!("{failed} of {} servers unreachable", targets.len());
     }
     Ok(())
+}
+
+/// A witness's spool, e.g. `3 blobs (1.2 MiB of 4.0 GiB) held for data servers that are down`.
+fn spool_line(s: &pb::ServerStatus) -> String {
+    if s.spool_blobs == 0 {
+        return format!("empty (bound {})", bytes(s.spool_limit_bytes));
+    }
+    format!(
+        "{} blobs ({} of {}) relayed or held for data servers that are down; handed off when they are back",
+        s.spool_blobs,
+        bytes(s.spool_bytes),
+        bytes(s.spool_limit_bytes)
+    )
 }
 
 /// Free space against the watermark, e.g. `12.0 GiB free of 100.0 GiB, min free 5.0 GiB (ok)`.

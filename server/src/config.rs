@@ -65,7 +65,15 @@ pub struct ServerConfig {
     /// `crate::metrics`); unset = no endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<String>,
+    /// On a witness: most bytes its spool holds, relayed blobs and hints for data replicas that
+    /// are down together (see `blobs::handoff`). Past it, hints are refused. Unset =
+    /// [`DEFAULT_SPOOL_MAX`] (and not written, so older builds still read the file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spool_max_bytes: Option<u64>,
 }
+
+/// A witness's spool bound when server.toml sets none.
+pub const DEFAULT_SPOOL_MAX: u64 = 4 << 30;
 
 fn d_snapshot_every() -> u64 {
     5000
@@ -115,7 +123,13 @@ impl ServerConfig {
             min_free_bytes: None,
             gc_pressure_grace_s: d_gc_pressure_grace(),
             metrics_listen: None,
+            spool_max_bytes: None,
         }
+    }
+
+    /// The witness spool's bound.
+    pub fn spool_max(&self) -> u64 {
+        self.spool_max_bytes.unwrap_or(DEFAULT_SPOOL_MAX)
     }
 
     /// The address peers and clients should use.

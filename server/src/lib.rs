@@ -201,7 +201,14 @@ pub async fn run(
     };
     let blob_store = Arc::new(blobs::BlobStore::open(&blob_dir)?);
     if cfg.witness {
-        empty_spool(&blob_store);
+        let (n, bytes) = blob_store.stats();
+        if n > 0 {
+            tracing::info!(
+                blobs = n,
+                bytes,
+                "the spool holds blobs from the last run; handoff delivers them to the data replicas that lack them"
+            );
+        }
     }
     let log = raft::log_store::LogStore::new(db.clone());
     let committed = log.committed_index();
@@ -232,6 +239,7 @@ pub async fn run(
         tasks: tasks.clone(),
         manifests: Default::default(),
         subscribers: Default::default(),
+        spool: blobs::handoff::SpoolBudget::new(cfg.spool_max()),
     });
     // Off the async workers: one argon2 hash.
     tokio::task::spawn_blocking(auth::prepare);
@@ -283,23 +291,6 @@ pub async fn run(
         tracing::info!("stopped: every background task ended");
     }
     Ok(())
-}
-
-/// Removes what a witness's spool still holds from its last run. A witness keeps a relayed blob
-/// only until its forwards end; a stop (or crash) can cut that cleanup short, and nothing else
-/// ever collects a spool (witnesses run no GC).
-fn empty_spool(store: &blobs::BlobStore) {
-    match store.list() {
-        Ok(list) if !list.is_empty() => {
-            let n = list.len();
-            for (hash, _) in list {
-                let _ = store.remove(&hash);
-            }
-            tracing::info!(blobs = n, "emptied the witness spool left by the last run");
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "could not list the witness spool"),
-    }
 }
 
 /// How long a stopping server waits for open requests and background tasks to end.

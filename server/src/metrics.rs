@@ -109,7 +109,7 @@ impl Collector for StatusCollector {
                 .map(|r| sample(MetricType::GAUGE, &[("role", r)], f64::from(u8::from(st.role == *r))))
                 .collect(),
         );
-        let gauges: [(&str, &str, u64); 12] = [
+        let gauges: [(&str, &str, u64); 15] = [
             ("codafs_server_raft_term", "Current Raft term.", st.term),
             (
                 "codafs_server_raft_last_log_index",
@@ -150,6 +150,21 @@ impl Collector for StatusCollector {
                 "codafs_server_blob_bytes",
                 "Bytes of the blobs stored here (0 on a witness).",
                 st.blob_bytes,
+            ),
+            (
+                "codafs_server_spool_blobs",
+                "On a witness: blobs in its spool, relayed or kept as hints for data replicas that are down (hinted handoff).",
+                st.spool_blobs,
+            ),
+            (
+                "codafs_server_spool_bytes",
+                "On a witness: bytes in its spool (bounded by codafs_server_spool_limit_bytes).",
+                st.spool_bytes,
+            ),
+            (
+                "codafs_server_spool_limit_bytes",
+                "On a witness: the spool's bound (spool_max_bytes); hints past it are refused.",
+                st.spool_limit_bytes,
             ),
             (
                 "codafs_server_repair_backlog_blobs",

@@ -93,6 +93,8 @@ pub struct Node {
     pub manifests: crate::blobs::manifests::ManifestCache,
     /// Live change streams, by volume (`codafs volume info` lists them).
     pub subscribers: Arc<crate::subscribers::Subscribers>,
+    /// On a witness, the bound on its spool of relayed blobs and hints (`blobs::handoff`).
+    pub spool: crate::blobs::handoff::SpoolBudget,
 }
 
 impl Node {
@@ -135,6 +137,11 @@ impl Node {
     /// Servers that store blobs.
     pub fn data_replicas(&self) -> Vec<Member> {
         self.members().into_iter().filter(|m| !m.info.witness).collect()
+    }
+
+    /// Servers that vote but store no blobs (they keep hints: see `blobs::handoff`).
+    pub fn witnesses(&self) -> Vec<Member> {
+        self.members().into_iter().filter(|m| m.info.witness).collect()
     }
 
     pub fn addr_of(&self, id: NodeId) -> Option<String> {
@@ -208,6 +215,12 @@ impl Node {
     pub fn status(&self) -> pb::ServerStatus {
         let m = self.raft.metrics().borrow().clone();
         let (blob_count, blob_bytes) = if self.cfg.witness { (0, 0) } else { self.blobs.stats() };
+        let (spool_blobs, spool_bytes, spool_limit_bytes) = if self.cfg.witness {
+            let (n, b) = self.blobs.stats();
+            (n, b, self.spool.limit())
+        } else {
+            (0, 0, 0)
+        };
         let members = self.members();
         let disk = self.space.usage();
         let role = match m.state {
@@ -250,6 +263,9 @@ impl Node {
             disk_min_free_bytes: disk.map_or(0, |u| self.space.min_free_of(u.total)),
             space_refusals: self.space.refusals.load(Ordering::Relaxed),
             blob_bytes_received: self.counters.blob_bytes_received.load(Ordering::Relaxed),
+            spool_blobs,
+            spool_bytes,
+            spool_limit_bytes,
         }
     }
 

@@ -1,5 +1,7 @@
 //! The commit-time check that the blobs a commit references have W durable copies: the
-//! leader asks every data replica which of them it lacks (`Blobs.Missing`), and counts.
+//! leader asks every data replica which of them it lacks (`Blobs.Missing`), and counts. Hints
+//! that witnesses hold for data replicas that are down count too, beside at least one data
+//! copy (see `handoff`).
 //!
 //! Content over `chunks::CHUNK_THRESHOLD` bytes is named by a chunk manifest: the check first
 //! makes sure the manifest is one and describes the declared size, then counts copies of the
@@ -43,7 +45,26 @@ impl Round {
 /// Where to ask and how many copies each blob needs.
 struct Quorum {
     replicas: Vec<Member>,
+    witnesses: Vec<Member>,
     need: usize,
+}
+
+/// Copies of one blob found so far.
+#[derive(Debug, Default, Clone, Copy)]
+struct Found {
+    data: usize,
+    hints: usize,
+}
+
+impl Found {
+    /// Copies that count toward the quorum: hints only beside a data copy.
+    fn counted(self) -> usize {
+        if self.data == 0 {
+            0
+        } else {
+            self.data + self.hints
+        }
+    }
 }
 
 impl Node {
@@ -59,7 +80,11 @@ impl Node {
         }
         let replicas = self.data_replicas();
         let need = crate::blobs::quorum::effective_write_quorum(write_quorum, replicas.len());
-        let quorum = Quorum { replicas, need };
+        let quorum = Quorum {
+            replicas,
+            witnesses: self.witnesses(),
+            need,
+        };
         let mut round = Round::default();
         let whole = blobs.iter().filter(|(_, size)| !is_chunked(*size));
         let chunked = blobs.iter().filter(|(_, size)| is_chunked(*size));
@@ -117,25 +142,36 @@ impl Node {
         Ok(m)
     }
 
-    /// Counts the copies of one round's blobs on every data replica; refuses unless each has
-    /// `need`.
+    /// Counts the copies of one round's blobs on every data replica, and the hints witnesses
+    /// hold; refuses unless each has `need` (see [`Found::counted`]).
     async fn count_copies(&self, q: &Quorum, round: Round) -> Result<(), NodeError> {
         if round.blobs.is_empty() {
             return Ok(());
         }
         let blobs: Vec<(Hash, u64)> = round.blobs.into_iter().collect();
-        let mut have: HashMap<Hash, usize> = blobs.iter().map(|(h, _)| (*h, 0)).collect();
+        let mut have: HashMap<Hash, Found> = blobs.iter().map(|(h, _)| (*h, Found::default())).collect();
         let mut failures = Vec::new();
         let mut queries = Vec::new();
-        for m in &q.replicas {
+        let holders = q.replicas.iter().map(|m| (m, false));
+        let holders = holders.chain(q.witnesses.iter().map(|m| (m, true)));
+        let count = |f: &mut Found, hint: bool| {
+            if hint {
+                f.hints += 1
+            } else {
+                f.data += 1
+            }
+        };
+        let mut asked = Vec::new();
+        for (m, hint) in holders {
             if m.id == self.id {
                 for h in self.held_here(&blobs).await? {
-                    if let Some(n) = have.get_mut(&h) {
-                        *n += 1;
+                    if let Some(f) = have.get_mut(&h) {
+                        count(f, hint);
                     }
                 }
                 continue;
             }
+            asked.push(hint);
             let peers = self.peers.clone();
             let addr = m.info.addr.clone();
             let hashes: Vec<Hash> = have.keys().copied().collect();
@@ -152,20 +188,23 @@ impl Node {
                 Ok::<_, String>(missing)
             });
         }
-        for result in futures::future::join_all(queries).await {
+        for (result, hint) in futures::future::join_all(queries).await.into_iter().zip(asked) {
             match result {
                 Ok(missing) => {
                     let missing: HashSet<&[u8]> = missing.iter().map(|b| b.as_ref()).collect();
-                    for (h, n) in have.iter_mut() {
+                    for (h, f) in have.iter_mut() {
                         if !missing.contains(&h.0[..]) {
-                            *n += 1;
+                            count(f, hint);
                         }
                     }
                 }
+                // A witness that cannot be asked holds no hint that counts.
+                Err(_) if hint => {}
                 Err(e) => failures.push(e),
             }
         }
-        for (hash, n) in have {
+        for (hash, found) in have {
+            let n = found.counted();
             if n < q.need {
                 if !failures.is_empty() {
                     return Err(NodeError::Unavailable(format!(
@@ -207,5 +246,19 @@ impl Node {
         })
         .await
         .map_err(|e| NodeError::Internal(format!("checking local blob copies: {e}")))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Found;
+
+    #[test]
+    fn hints_count_only_beside_a_data_copy() {
+        let f = |data, hints| Found { data, hints }.counted();
+        assert_eq!(f(1, 1), 2, "one data copy and the witness's hint make W=2");
+        assert_eq!(f(2, 0), 2);
+        assert_eq!(f(0, 2), 0, "hints alone are no copy a reader can use");
+        assert_eq!(f(0, 0), 0);
     }
 }

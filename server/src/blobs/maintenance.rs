@@ -330,12 +330,13 @@ const PRESSURE_GC_INTERVAL: Duration = Duration::from_secs(5);
 /// Refusals wake GC at most this often (a burst of refused puts runs one pass).
 const PRESSURE_GC_MIN_GAP: Duration = Duration::from_secs(1);
 
-/// Runs repair, scrub and GC until the server stops.
+/// Runs repair, scrub and GC until the server stops (hinted handoff, on a witness).
 pub async fn run(node: Arc<Node>) {
-    let mut stop = node.tasks.stop_signal();
     if node.cfg.witness {
-        return;
+        // A witness stores no blobs of its own: it only hands off what it keeps for others.
+        return crate::blobs::handoff::run(node).await;
     }
+    let mut stop = node.tasks.stop_signal();
     let repair_every = Duration::from_millis(node.cfg.repair_interval_ms.max(50));
     let full_every = Duration::from_secs(node.cfg.full_repair_interval_s.max(1));
     let mut last_full = tokio::time::Instant::now();

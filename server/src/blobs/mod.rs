@@ -1,7 +1,9 @@
 //! File contents as content-addressed blobs: local storage, quorum writes across data replicas
 //! (`replicate`: the fan-out; `copies`: the commit-time check), chunk manifests of large files
-//! (`manifests`: parsed and cached), and background repair, scrub and garbage collection.
+//! (`manifests`: parsed and cached), background repair, scrub and garbage collection, and the
+//! witnesses' hinted handoff (`handoff`).
 pub mod copies;
+pub mod handoff;
 pub mod maintenance;
 pub mod manifests;
 pub mod quorum;

@@ -1,6 +1,7 @@
 //! Writing a blob to the write quorum: the fan-out from the server that received a put to
-//! every other data replica, and sending a stored blob to one replica (put forwarding and
-//! repair share that wire format). The commit-time check that W copies exist is in `copies.rs`.
+//! every other data replica, hints to witnesses when data replicas are down (`handoff`), and
+//! sending a stored blob to one server (put forwarding, handoff and repair share that wire
+//! format). The commit-time check that W copies exist is in `copies.rs`.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,15 @@ pub struct ForwardError {
 }
 
 impl ForwardError {
+    /// Whether the replica is down or out of reach (rather than refusing): the case a hint on
+    /// a witness covers. A replica that refuses (full disk, corrupt data) is up and says why.
+    pub fn is_down(&self) -> bool {
+        matches!(
+            self.kind,
+            ErrorKind::Unavailable | ErrorKind::Timeout | ErrorKind::Witness
+        )
+    }
+
     /// The replica answered with a refusal.
     pub fn refused(addr: &str, s: &tonic::Status) -> Self {
         ForwardError {
@@ -99,12 +109,16 @@ pub async fn send_file(
 
 /// How a fan-out to the data replicas went.
 pub struct Replicated {
-    /// Durable copies, this server's own included when it stores blobs.
+    /// Durable copies, this server's own included when it stores blobs, and hints.
     pub copies: usize,
+    /// Of `copies`, those witnesses hold as hints for data replicas that are down (on a witness
+    /// relaying a put, its own spool copy among them: it must stay until handed off).
+    pub hinted: usize,
     /// Copies the write needs (its quorum, capped at the data replicas).
     pub need: usize,
-    /// Forwards still running carry on in the background (repair covers any that fail).
-    pub forwards: Vec<tokio::task::JoinHandle<Option<()>>>,
+    /// Forwards still running carry on in the background (repair covers any that fail); each
+    /// ends with whether it stored its copy (`None` if the server stopped first).
+    pub forwards: Vec<tokio::task::JoinHandle<Option<bool>>>,
     /// The failures seen before the outcome was known.
     pub failures: Vec<ForwardError>,
 }
@@ -123,7 +137,9 @@ impl Replicated {
 
 /// Sends a write to every other data replica with `send` and waits until `quorum` copies
 /// (capped at the data replicas; this server's own counts when it stores blobs) are durable, or
-/// until that is impossible. Forwards are tasks of the server (`node.tasks`), so they stop with it.
+/// until that is impossible. When data replicas are down and at least one copy is on a data
+/// replica, witnesses make up the difference with hints (see `handoff`). Forwards are tasks of
+/// the server (`node.tasks`), so they stop with it.
 pub async fn replicate<F, Fut>(node: &Arc<Node>, quorum: u32, send: F) -> Replicated
 where
     F: Fn(String) -> Fut,
@@ -146,12 +162,23 @@ where
             if let Err(e) = &r {
                 tracing::warn!(peer = %m.info.addr, error = %e, "forwarding to a replica failed; repair will retry");
             }
+            let ok = r.is_ok();
             let _ = tx.send(r).await;
+            ok
         }));
     }
     drop(tx);
-    let mut failures = Vec::new();
-    while tracker.state() == QuorumState::Pending {
+    let mut failures: Vec<ForwardError> = Vec::new();
+    // Out of reach for data copies alone, a write can still make it with hints when the
+    // replicas that failed are down: then the forwards still running are waited for, since
+    // the hints only count beside a data copy.
+    let can_hint = !node.witnesses().is_empty();
+    loop {
+        match tracker.state() {
+            QuorumState::Reached => break,
+            QuorumState::Failed if !can_hint || !failures.iter().all(ForwardError::is_down) => break,
+            _ => {}
+        }
         match rx.recv().await {
             Some(Ok(())) => tracker.ok(),
             Some(Err(e)) => {
@@ -161,10 +188,48 @@ where
             None => break,
         };
     }
+    let data = tracker.successes();
+    let mut hinted = 0;
+    if can_hint && data >= 1 && data < need && !failures.is_empty() && failures.iter().all(ForwardError::is_down) {
+        hinted = hint(node, need - data, &send, &mut failures).await;
+    }
     Replicated {
-        copies: tracker.successes(),
+        copies: data + hinted,
+        hinted,
         need,
         forwards,
         failures,
     }
+}
+
+/// Places up to `wanted` hints on witnesses, this server's own spool copy first when it is a
+/// witness; returns how many are durable.
+async fn hint<F, Fut>(node: &Arc<Node>, wanted: usize, send: &F, failures: &mut Vec<ForwardError>) -> usize
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(), ForwardError>> + Send + 'static,
+{
+    let mut hinted = 0;
+    if node.cfg.witness {
+        hinted += 1;
+    }
+    for w in node.witnesses().into_iter().filter(|m| m.id != node.id) {
+        if hinted >= wanted {
+            break;
+        }
+        match send(w.info.addr.clone()).await {
+            Ok(()) => hinted += 1,
+            Err(e) => {
+                tracing::warn!(witness = %w.info.addr, error = %e, "a witness refused a hint");
+                failures.push(e);
+            }
+        }
+    }
+    if hinted > 0 {
+        tracing::info!(
+            hints = hinted,
+            "data replicas are down: witnesses hold hints until they return"
+        );
+    }
+    hinted.min(wanted)
 }

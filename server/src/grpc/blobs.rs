@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{convert, internal, refuse, ErrorKind};
 use crate::access::{self, Caller};
+use crate::blobs::handoff::SpoolReservation;
 use crate::blobs::manifests::ManifestEntry;
 use crate::blobs::replicate::{self, replicate, ForwardError, Replicated};
 use crate::blobs::BlobError;
@@ -91,12 +92,20 @@ impl BlobService {
         }
     }
 
-    /// Receives the data part of a put into the local store (the spool, on a witness). Bounded
+    /// Receives the data part of a put into the local store (the spool, on a witness, within
+    /// its budget: see [`spool_room`]; `forwarded` says whether a server sent it). Bounded
     /// by [`UPLOAD_IDLE_TIMEOUT`] between chunks and [`upload_time_limit`] in all; an upload
     /// that runs out of either ends with DEADLINE_EXCEEDED, and dropping the writer removes its
     /// partial temp file.
-    async fn receive(&self, hash: Hash, size: u64, stream: &mut Streaming<pb::PutBlobChunk>) -> Result<(), Status> {
+    async fn receive(
+        &self,
+        hash: Hash,
+        size: u64,
+        stream: &mut Streaming<pb::PutBlobChunk>,
+        forwarded: bool,
+    ) -> Result<(), Status> {
         let what = format!("store blob {hash} ({size} bytes)");
+        let _spool = spool_room(&self.0, size, forwarded)?;
         let _room = self.0.space.reserve(size, &what).map_err(super::no_space)?;
         let mut w = self.0.blobs.writer(hash, size).map_err(blob_status)?;
         let limit = upload_time_limit(size);
@@ -182,11 +191,10 @@ impl pb::blobs_server::Blobs for BlobService {
             node.blobs.touch(&hash);
         }
         if header.forwarded {
-            if witness {
-                return Err(refuse(ErrorKind::Witness, "a witness stores no blobs"));
-            }
+            // On a witness, a forwarded put is a hint: a copy kept for data replicas that are
+            // down (see `blobs::handoff`).
             if !already {
-                self.receive(hash, header.size, &mut stream).await?;
+                self.receive(hash, header.size, &mut stream, true).await?;
             }
             return Ok(Response::new(pb::PutBlobReply {
                 copies: 1,
@@ -194,7 +202,7 @@ impl pb::blobs_server::Blobs for BlobService {
             }));
         }
         if !already {
-            self.receive(hash, header.size, &mut stream).await?;
+            self.receive(hash, header.size, &mut stream, false).await?;
         }
         drop(stream);
         // Forward to the other data replicas; answer once the write quorum is durable.
@@ -207,13 +215,7 @@ impl pb::blobs_server::Blobs for BlobService {
         })
         .await;
         if witness {
-            // The witness only relayed the blob: drop its spooled copy once every forward ended.
-            let n = node.clone();
-            let forwards = std::mem::take(&mut r.forwards);
-            node.tasks.spawn("witness spool cleanup", async move {
-                futures::future::join_all(forwards).await;
-                let _ = n.blobs.remove(&hash);
-            });
+            drop_relay_copy(&node, &mut r, vec![hash]);
         }
         if !r.met() {
             return Err(quorum_missed(
@@ -254,22 +256,18 @@ impl pb::blobs_server::Blobs for BlobService {
         let sizes: Vec<(Hash, u64)> = parsed.iter().map(|(h, d)| (*h, d.len() as u64)).collect();
         let charged = self.admit_store(&caller, &sizes)?;
         let witness = node.cfg.witness;
-        // Up front, before anything is stored here or forwarded: room for what is new here.
-        let need: u64 = if witness {
-            0
-        } else {
-            parsed
-                .iter()
-                .filter(|(h, _)| !node.blobs.has(h))
-                .map(|(_, d)| d.len() as u64)
-                .sum()
-        };
+        // Up front, before anything is stored here or forwarded: room for what is new here
+        // (a witness spools the batch: it relays it, and keeps it as a hint if a data replica
+        // is down).
+        let need: u64 = parsed
+            .iter()
+            .filter(|(h, _)| !node.blobs.has(h))
+            .map(|(_, d)| d.len() as u64)
+            .sum();
+        let _spool = spool_room(&node, need, r.forwarded)?;
         let what = format!("store a batch of {} small blobs ({need} bytes)", parsed.len());
         let _room = node.space.reserve(need, &what).map_err(super::no_space)?;
         if r.forwarded {
-            if witness {
-                return Err(refuse(ErrorKind::Witness, "a witness stores no blobs"));
-            }
             store_batch(&node, parsed).await?;
             return Ok(Response::new(pb::PutSmallReply { copies: 1 }));
         }
@@ -280,13 +278,7 @@ impl pb::blobs_server::Blobs for BlobService {
         };
         // Store here and forward to the other replicas at the same time, so the replicas'
         // filesystem syncs overlap instead of following one another. The reply waits for both.
-        let local = async {
-            if witness {
-                Ok(())
-            } else {
-                store_batch(&node, parsed.clone()).await
-            }
-        };
+        let local = store_batch(&node, parsed.clone());
         let peers = node.peers.clone();
         let forward = replicate(&node, r.write_quorum, move |addr| {
             let (peers, batch) = (peers.clone(), batch.clone());
@@ -300,7 +292,10 @@ impl pb::blobs_server::Blobs for BlobService {
                     .map_err(|s| ForwardError::refused(&addr, &s))
             }
         });
-        let (local, r) = tokio::join!(local, forward);
+        let (local, mut r) = tokio::join!(local, forward);
+        if witness {
+            drop_relay_copy(&node, &mut r, parsed.iter().map(|(h, _)| *h).collect());
+        }
         local?;
         if !r.met() {
             return Err(quorum_missed(
@@ -405,11 +400,9 @@ impl pb::blobs_server::Blobs for BlobService {
             .iter()
             .map(|h| convert::hash(h))
             .collect::<Result<Vec<_>, Status>>()?;
-        if self.0.cfg.witness {
-            return Ok(Response::new(pb::MissingBlobsReply { missing: hashes }));
-        }
         // Up to MAX_MISSING_QUERY files looked at and touched: off the async workers.
         let store = self.0.blobs.clone();
+        // A witness answers from its spool: the commit check counts hints.
         let missing = tokio::task::spawn_blocking(move || {
             let mut missing = Vec::new();
             for (h, wire) in parsed.iter().zip(hashes) {
@@ -472,6 +465,44 @@ fn send_blocking(
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
     }
+}
+
+/// On a witness, the spool's room for `size` more bytes (nothing to reserve elsewhere). A full
+/// spool refuses a hint (`forwarded`) for lack of space, so the put it belongs to says why, and
+/// a client's put as unavailable here, so the client takes it to a data replica instead.
+fn spool_room(node: &Node, size: u64, forwarded: bool) -> Result<Option<SpoolReservation<'_>>, Status> {
+    if !node.cfg.witness {
+        return Ok(None);
+    }
+    let (_, held) = node.blobs.stats();
+    match node.spool.reserve(held, size) {
+        Ok(r) => Ok(Some(r)),
+        Err(e) if forwarded => Err(refuse(ErrorKind::NoSpace, e.to_string())),
+        Err(e) => Err(refuse(
+            ErrorKind::Unavailable,
+            format!("this witness cannot relay the put: {e}; ask a data replica"),
+        )),
+    }
+}
+
+/// On a witness that relayed a put: drops its spool copies of `hashes` once every forward
+/// stored its copy, unless the put counted them as hints; otherwise the handoff loop keeps
+/// them until every data replica holds them.
+fn drop_relay_copy(node: &Arc<Node>, r: &mut Replicated, hashes: Vec<Hash>) {
+    let forwards = std::mem::take(&mut r.forwards);
+    let hinted = r.hinted > 0;
+    let n = node.clone();
+    node.tasks.spawn("witness spool cleanup", async move {
+        let all_stored = futures::future::join_all(forwards)
+            .await
+            .into_iter()
+            .all(|f| matches!(f, Ok(Some(true))));
+        if all_stored && !hinted {
+            for h in hashes {
+                let _ = n.blobs.remove(&h);
+            }
+        }
+    });
 }
 
 /// Stores a verified batch of small blobs durably on this replica, off the async workers, and

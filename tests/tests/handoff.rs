@@ -1,0 +1,157 @@
+//! Hinted handoff through the witness, with real servers: 2 data servers + 1 witness and a
+//! volume of write quorum 2. With one data server killed, publishing goes on (through the
+//! surviving data server, and through the witness), because the witness keeps a durable hint
+//! that counts toward W. The spool is bounded: past it, a put is refused and says why, and
+//! nothing is committed. Restarted, the data server ends up holding every blob and the witness
+//! spool drains.
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use codafs_common::Hash;
+use codafs_tests::{bounded, wait_until, ClusterOpts, TestCluster};
+
+/// Writes `files` (name, content) under `dir`, returning their hashes.
+fn write_tree(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<Vec<Hash>> {
+    std::fs::create_dir_all(dir)?;
+    let mut hashes = Vec::new();
+    for (name, data) in files {
+        std::fs::write(dir.join(name), data)?;
+        hashes.push(Hash::of(data));
+    }
+    Ok(hashes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn publishing_goes_on_with_a_data_server_down_and_the_witness_hands_off_its_hints() {
+    bounded(async {
+        let mut tc = TestCluster::start(ClusterOpts::new(2, 1).arg("--spool-max", "1M")).await?;
+        tc.create_volume("www", 2).await?;
+        let leader = tc.leader().await?;
+        let down = tc
+            .servers
+            .iter()
+            .enumerate()
+            .position(|(i, s)| !s.witness && i != leader)
+            .context("a data server that does not lead")?;
+        let up = tc
+            .servers
+            .iter()
+            .enumerate()
+            .position(|(i, s)| !s.witness && i != down)
+            .context("the other data server")?;
+        let witness = tc.servers.iter().position(|s| s.witness).context("a witness")?;
+        let (down_addr, up_addr, w_addr) = (
+            tc.servers[down].addr.clone(),
+            tc.servers[up].addr.clone(),
+            tc.servers[witness].addr.clone(),
+        );
+        tc.kill(down);
+
+        // A site of small pages (sent in batches) and an image above the batch limit (streamed).
+        let site = tc.root.path().join("site");
+        let mut files: Vec<(String, Vec<u8>)> = (0..30)
+            .map(|i| (format!("p{i}.html"), format!("page {i} ").repeat(200).into_bytes()))
+            .collect();
+        files.push(("logo.png".into(), (0..600_000u32).map(|i| (i % 251) as u8).collect()));
+        let mut hashes = write_tree(&site, &files)?;
+        let out = tc.codafs_admin(&["upload", &site.display().to_string(), "www"])?;
+        ensure!(out.ok, "upload with a data server down: {}{}", out.stdout, out.stderr);
+
+        // Both ways into the cluster: a put the surviving data server forwards (it hints the
+        // witness), and one the witness relays (it keeps its own copy as the hint).
+        for (via, name) in [(&up_addr, "via-data.html"), (&w_addr, "via-witness.html")] {
+            let content = format!("published through {via}").repeat(50);
+            TestCluster::write_file(&tc.client_on(via), "www", "", name, content.as_bytes())
+                .await
+                .with_context(|| format!("write through {via}"))?;
+            hashes.push(Hash::of(content.as_bytes()));
+        }
+        ensure!(
+            tc.has_blobs(&up_addr, &hashes).await?,
+            "the surviving data server holds every blob"
+        );
+        let st = tc.status_of(&w_addr).await?;
+        ensure!(
+            st.spool_blobs >= hashes.len() as u64 && st.spool_limit_bytes == 1 << 20,
+            "the witness holds a hint of every blob: {st:?}"
+        );
+        let out = tc.codafs_admin(&["cluster", "servers"])?;
+        ensure!(
+            out.ok && out.stdout.contains("held for data servers that are down"),
+            "cluster servers shows the spool: {}{}",
+            out.stdout,
+            out.stderr
+        );
+
+        // The spool is bounded: a file that does not fit is refused, saying why, and not
+        // committed. Pages that fit still go.
+        let big = tc.root.path().join("big");
+        write_tree(&big, &[("video.bin".into(), vec![7u8; 2 << 20])])?;
+        let out = tc.codafs_admin(&["upload", &big.display().to_string(), "www:media"])?;
+        ensure!(!out.ok, "a put past the spool's bound is refused: {}", out.stdout);
+        ensure!(
+            out.stderr.contains("spool is full"),
+            "the refusal says why: {}",
+            out.stderr
+        );
+        ensure!(
+            tc.client().resolve(None, "www", "media/video.bin").await.is_err(),
+            "nothing was committed"
+        );
+
+        // Back: the restarted data server holds every blob, and the witness has handed off and
+        // dropped everything it held.
+        tc.restart(down)?;
+        tc.caught_up(&down_addr).await?;
+        wait_until(
+            Duration::from_secs(30),
+            "every blob on the restarted data server",
+            || async { tc.has_blobs(&down_addr, &hashes).await.unwrap_or(false) },
+        )
+        .await?;
+        wait_until(Duration::from_secs(30), "the witness spool drains", || async {
+            tc.status_of(&w_addr)
+                .await
+                .is_ok_and(|s| s.spool_blobs == 0 && s.spool_bytes == 0)
+        })
+        .await?;
+        // Each data server alone serves what was published while the other was down.
+        tc.kill(up);
+        let logo = tc.read_on(&down_addr, "www", "logo.png").await?;
+        ensure!(
+            Hash::of(&logo) == hashes[30],
+            "the image, from the returned server alone"
+        );
+        let page = tc.read_on(&down_addr, "www", "via-witness.html").await?;
+        ensure!(page == format!("published through {w_addr}").repeat(50).as_bytes());
+        Ok(())
+    })
+    .await
+}
+
+/// Without any data copy, hints do not count: with both data servers down, a put through a
+/// witness fails, although two witnesses could hold two hints (the spool keeps the relayed
+/// copy, to hand off later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hints_alone_do_not_make_a_quorum() {
+    bounded(async {
+        let mut tc = TestCluster::start(ClusterOpts::new(2, 2)).await?;
+        tc.create_volume("www", 2).await?;
+        let witness = tc.servers.iter().position(|s| s.witness).context("a witness")?;
+        let w_addr = tc.servers[witness].addr.clone();
+        for i in 0..tc.servers.len() {
+            if !tc.servers[i].witness {
+                tc.kill(i);
+            }
+        }
+        let r = tc
+            .client_on(&w_addr)
+            .put_content(b"no data server to hold this", 2)
+            .await;
+        let err = r.err().context("a put with no data server up must fail")?;
+        ensure!(err.to_string().contains("copies"), "{err}");
+        Ok(())
+    })
+    .await
+}

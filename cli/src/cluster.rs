@@ -34,7 +34,8 @@ pub struct ServerArgs {
     /// Join an existing cluster with a token from `codafs cluster join-token` (first start only).
     #[arg(long)]
     join: Option<String>,
-    /// Vote in Raft but store no blobs (a tie-breaker beside two data replicas).
+    /// Vote in Raft but store no blobs (a tie-breaker beside two data replicas). First start
+    /// only: `codafs cluster role` switches a member later.
     #[arg(long)]
     witness: bool,
     /// Before starting, replace this server's TLS key and certificate with new ones for the
@@ -101,21 +102,117 @@ async fn removal_risks(c: &Cluster, node_id: u64) -> Result<Vec<String>> {
         ));
     }
     if !target.witness {
-        let data_left = list
-            .servers
-            .iter()
-            .filter(|s| !s.witness && s.node_id != node_id)
-            .count() as u32;
-        for v in c.list_volumes(None).await? {
-            if v.write_quorum > data_left {
-                risks.push(format!(
-                    "volume {} needs {} copies of its content and only {data_left} data servers would remain, so its content writes would stop (add a data server first)",
-                    v.name, v.write_quorum
-                ));
-            }
+        risks.extend(fewer_data_servers(c, &list, node_id).await?);
+    }
+    Ok(risks)
+}
+
+/// The volumes whose write quorum more data servers than would remain without `node_id`.
+async fn fewer_data_servers(c: &Cluster, list: &pb::ServerList, node_id: u64) -> Result<Vec<String>> {
+    let data_left = list
+        .servers
+        .iter()
+        .filter(|s| !s.witness && s.node_id != node_id)
+        .count() as u32;
+    let mut risks = Vec::new();
+    for v in c.list_volumes(None).await? {
+        if v.write_quorum > data_left {
+            risks.push(format!(
+                "volume {} needs {} copies of its content and only {data_left} data servers would remain, so its content writes would stop (add a data server first)",
+                v.name, v.write_quorum
+            ));
         }
     }
     Ok(risks)
+}
+
+fn role_name(witness: bool) -> &'static str {
+    if witness {
+        "witness"
+    } else {
+        "data server"
+    }
+}
+
+/// Before `cluster remove`: a server that answers hands off everything it holds (a data server
+/// by becoming a witness first). One that does not answer is left as it is.
+async fn drain(c: &Cluster, node_id: u64) -> Result<()> {
+    let list = c.list_servers().await?;
+    let Some(target) = list.servers.iter().find(|s| s.node_id == node_id) else {
+        bail!("no server {node_id} in the cluster (see `codafs cluster servers`)");
+    };
+    if let Err(e) = c.status_on(&target.addr).await {
+        eprintln!("server {node_id} does not answer ({e}): removing it without draining");
+        return Ok(());
+    }
+    if !target.witness {
+        eprintln!("draining server {node_id}: it becomes a witness and hands its blobs to the other data servers");
+        c.set_role(node_id, true).await?;
+    }
+    wait_handed_off(c, &target.addr, node_id).await.map_err(|e| {
+        let undo = if target.witness {
+            String::new()
+        } else {
+            format!(" It is a witness now; `codafs cluster role {node_id} data` undoes that.")
+        };
+        anyhow::anyhow!("not removing server {node_id}: {e:#}.{undo} Pass --no-drain to remove it anyway")
+    })
+}
+
+/// What `cluster role` makes a server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServerRole {
+    /// Stores every blob, serves reads, counts toward write quorums.
+    Data,
+    /// Votes, stores no blobs of its own, keeps hints for data servers that are down.
+    Witness,
+}
+
+/// How long a drain may go without progress before `cluster remove` or `cluster role` gives up
+/// waiting (the server goes on handing off in the background).
+const DRAIN_STALL: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Waits until the server at `addr` (node `node_id`), a witness now or soon, holds nothing:
+/// every blob it had is on every data server. Shows how many are left; gives up when nothing
+/// moved for [`DRAIN_STALL`] (a data server down, say) and says so.
+async fn wait_handed_off(c: &Cluster, addr: &str, node_id: u64) -> Result<()> {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    let mut least = u64::MAX;
+    let mut last_progress = std::time::Instant::now();
+    loop {
+        let st = c
+            .status_on(addr)
+            .await
+            .with_context(|| format!("server {node_id} stopped answering while it handed off its blobs"))?;
+        if st.witness {
+            if st.spool_blobs == 0 {
+                bar.finish_and_clear();
+                return Ok(());
+            }
+            if st.spool_blobs < least {
+                least = st.spool_blobs;
+                last_progress = std::time::Instant::now();
+            }
+            bar.set_message(format!(
+                "server {node_id}: {} blobs ({}) left to hand to the data servers",
+                st.spool_blobs,
+                bytes(st.spool_bytes)
+            ));
+        } else {
+            bar.set_message(format!("server {node_id}: waiting for it to take its new role"));
+        }
+        bar.tick();
+        if last_progress.elapsed() > DRAIN_STALL {
+            bar.finish_and_clear();
+            bail!(
+                "server {node_id} still holds {} blobs that some data server lacks, and none moved for {} s: is a data server down? `codafs cluster servers` shows; the server keeps handing them off in the background",
+                st.spool_blobs,
+                DRAIN_STALL.as_secs()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 }
 
 /// `--min-free`: a size, or `auto`.
@@ -176,12 +273,37 @@ pub enum ClusterCmd {
     /// Remove a server from the membership (admin). Stop its process afterwards. Refused,
     /// unless --force, when the servers left that answer would be no majority, or when fewer
     /// data servers would remain than a volume's write quorum (its content writes would stop).
+    /// A server that answers is drained first: a data server becomes a witness and hands every
+    /// blob it holds to the other data servers, and a witness hands off what it keeps for them;
+    /// it is removed once it holds nothing. A server that does not answer is removed at once.
     Remove {
         /// Node id as shown by `codafs cluster servers`.
         node_id: u64,
         /// Remove it even so (printing what breaks): for a dead server that must go.
         #[arg(long)]
         force: bool,
+        /// Remove it without draining it first.
+        #[arg(long)]
+        no_drain: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Make a server a data server or a witness (admin). A new witness hands every blob it
+    /// holds to the data servers (this waits until it has, unless --no-wait), then keeps only
+    /// hints; a new data server is filled by repair. Refused, unless --force, when fewer data
+    /// servers would remain than a volume's write quorum.
+    Role {
+        /// Node id as shown by `codafs cluster servers`.
+        node_id: u64,
+        /// The new role.
+        #[arg(value_enum)]
+        role: ServerRole,
+        /// Switch even so (printing what breaks).
+        #[arg(long)]
+        force: bool,
+        /// Return at once instead of waiting for a new witness to hand off its blobs.
+        #[arg(long)]
+        no_wait: bool,
         #[command(flatten)]
         client: ClientOpts,
     },
@@ -272,8 +394,9 @@ pub async fn server(a: ServerArgs) -> Result<()> {
         Some(c) => {
             if a.witness && !c.witness {
                 bail!(
-                    "{} was created as a data replica; --witness cannot change that",
-                    a.dir.display()
+                    "{} is a data server (server.toml); --witness applies to a new directory only. To make a cluster member a witness, run `codafs cluster role {} witness`",
+                    a.dir.display(),
+                    c.node_id
                 );
             }
             c
@@ -445,7 +568,12 @@ pub async fn run(cmd: ClusterCmd) -> Result<()> {
             }
             Ok(())
         }
-        ClusterCmd::Remove { node_id, force, client } => {
+        ClusterCmd::Remove {
+            node_id,
+            force,
+            no_drain,
+            client,
+        } => {
             client.required_token()?;
             let c = client.cluster()?;
             let risks = removal_risks(&c, node_id).await?;
@@ -461,8 +589,54 @@ pub async fn run(cmd: ClusterCmd) -> Result<()> {
                     risks.join("; ")
                 );
             }
+            if !no_drain {
+                drain(&c, node_id).await?;
+            }
             c.remove_server(node_id).await?;
             println!("removed server {node_id}");
+            Ok(())
+        }
+        ClusterCmd::Role {
+            node_id,
+            role,
+            force,
+            no_wait,
+            client,
+        } => {
+            client.required_token()?;
+            let c = client.cluster()?;
+            let list = c.list_servers().await?;
+            let Some(target) = list.servers.iter().find(|s| s.node_id == node_id) else {
+                bail!("no server {node_id} in the cluster (see `codafs cluster servers`)");
+            };
+            let witness = role == ServerRole::Witness;
+            if target.witness == witness {
+                println!("server {node_id} is already a {}", role_name(witness));
+                return Ok(());
+            }
+            if witness {
+                let risks = fewer_data_servers(&c, &list, node_id).await?;
+                if !risks.is_empty() {
+                    if !force {
+                        bail!(
+                            "not making server {node_id} a witness: {}. Pass --force to switch it anyway",
+                            risks.join("; ")
+                        );
+                    }
+                    eprintln!(
+                        "codafs: WARNING: making server {node_id} a witness although {}",
+                        risks.join("; ")
+                    );
+                }
+            }
+            c.set_role(node_id, witness).await?;
+            println!("server {node_id} is now a {}", role_name(witness));
+            if witness && !no_wait {
+                wait_handed_off(&c, &target.addr, node_id).await?;
+                println!("server {node_id} has handed every blob it held to the data servers");
+            } else if !witness {
+                println!("repair fills it with every referenced blob (`codafs cluster servers` shows its blob count)");
+            }
             Ok(())
         }
         ClusterCmd::RotateKey {

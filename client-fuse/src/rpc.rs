@@ -327,6 +327,13 @@ impl Cluster {
         .await
     }
 
+    /// Makes server `node_id` a witness or a data server (admin).
+    pub async fn set_role(&self, node_id: u64, witness: bool) -> Result<pb::ServerList, ClientError> {
+        let req = pb::SetRoleRequest { node_id, witness };
+        self.unary(None, req, |ch, r| async move { Cluster::admin(ch).set_role(r).await })
+            .await
+    }
+
     pub async fn rotate_key(&self, req: pb::RotateKeyRequest) -> Result<pb::KeyList, ClientError> {
         self.unary(None, req, |ch, r| async move { Cluster::admin(ch).rotate_key(r).await })
             .await

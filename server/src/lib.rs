@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod node;
 pub mod peers;
 pub mod raft;
+pub mod role;
 pub mod rotate;
 pub mod subscribers;
 pub mod tasks;
@@ -194,11 +195,7 @@ pub async fn run(
             "disk space of the server directory"
         );
     }
-    let blob_dir = if cfg.witness {
-        dir.join("spool")
-    } else {
-        dir.join("blobs")
-    };
+    let blob_dir = role::blob_dir(dir, cfg.witness)?;
     let blob_store = Arc::new(blobs::BlobStore::open(&blob_dir)?);
     if cfg.witness {
         let (n, bytes) = blob_store.stats();
@@ -240,6 +237,7 @@ pub async fn run(
         manifests: Default::default(),
         subscribers: Default::default(),
         spool: blobs::handoff::SpoolBudget::new(cfg.spool_max()),
+        witness: std::sync::atomic::AtomicBool::new(cfg.witness),
     });
     // Off the async workers: one argon2 hash.
     tokio::task::spawn_blocking(auth::prepare);
@@ -271,6 +269,7 @@ pub async fn run(
         tasks.spawn("join", async move { join::join_cluster(&n, &token, stop).await });
     }
     tasks.spawn("maintenance", blobs::maintenance::run(node.clone()));
+    tasks.spawn("role", role::watch(node.clone(), dir.to_path_buf()));
 
     shutdown.await;
     tracing::info!("shutting down");

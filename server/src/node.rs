@@ -95,6 +95,9 @@ pub struct Node {
     pub subscribers: Arc<crate::subscribers::Subscribers>,
     /// On a witness, the bound on its spool of relayed blobs and hints (`blobs::handoff`).
     pub spool: crate::blobs::handoff::SpoolBudget,
+    /// Whether this server is a witness now: `cfg.witness` at start, then what the membership
+    /// says (`role::watch`; `codafs cluster role` switches it).
+    pub witness: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -132,6 +135,11 @@ impl Node {
                 voter: voters.contains(id),
             })
             .collect()
+    }
+
+    /// Whether this server is a witness (stores no blobs of its own, keeps hints) now.
+    pub fn is_witness(&self) -> bool {
+        self.witness.load(Ordering::Acquire)
     }
 
     /// Servers that store blobs.
@@ -214,8 +222,8 @@ impl Node {
     /// Status for `codafs status --server`.
     pub fn status(&self) -> pb::ServerStatus {
         let m = self.raft.metrics().borrow().clone();
-        let (blob_count, blob_bytes) = if self.cfg.witness { (0, 0) } else { self.blobs.stats() };
-        let (spool_blobs, spool_bytes, spool_limit_bytes) = if self.cfg.witness {
+        let (blob_count, blob_bytes) = if self.is_witness() { (0, 0) } else { self.blobs.stats() };
+        let (spool_blobs, spool_bytes, spool_limit_bytes) = if self.is_witness() {
             let (n, b) = self.blobs.stats();
             (n, b, self.spool.limit())
         } else {
@@ -233,7 +241,7 @@ impl Node {
         pb::ServerStatus {
             node_id: self.id,
             addr: self.cfg.advertised().to_string(),
-            witness: self.cfg.witness,
+            witness: self.is_witness(),
             role: role.into(),
             term: m.current_term,
             leader_id: m.current_leader.unwrap_or(0),
@@ -286,6 +294,36 @@ impl Node {
         // Add just this voter, so two servers joining at once cannot drop each other.
         let add = openraft::ChangeMembers::AddVoterIds([id].into_iter().collect());
         self.raft.change_membership(add, false).await.map_err(map_err)?;
+        Ok(())
+    }
+
+    /// Makes server `id` a witness or a data replica, by changing its entry in the membership
+    /// (its address stays, so this cannot split the cluster). The last data replica cannot
+    /// become a witness: nothing would hold the contents.
+    pub async fn set_role(&self, id: NodeId, witness: bool) -> Result<(), NodeError> {
+        let members = self.members();
+        let Some(m) = members.iter().find(|m| m.id == id) else {
+            return Err(NodeError::NotFound(format!("server {id}")));
+        };
+        if m.info.witness == witness {
+            return Ok(());
+        }
+        if witness && !members.iter().any(|o| o.id != id && !o.info.witness) {
+            return Err(NodeError::Invalid(format!(
+                "server {id} is the only data server: it cannot become a witness until another data server has joined"
+            )));
+        }
+        let info = NodeInfo {
+            witness,
+            ..m.info.clone()
+        };
+        self.raft
+            .change_membership(
+                openraft::ChangeMembers::SetNodes([(id, info)].into_iter().collect()),
+                false,
+            )
+            .await
+            .map_err(|e| NodeError::Unavailable(e.to_string()))?;
         Ok(())
     }
 

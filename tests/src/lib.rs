@@ -96,7 +96,9 @@ impl Server {
             .arg(&self.dir)
             .arg("--listen")
             .arg(&self.addr);
-        if self.witness {
+        // The role is chosen at the first start; later ones take server.toml's (which
+        // `cluster role` may have changed).
+        if self.witness && !self.dir.join("server.toml").exists() {
             cmd.arg("--witness");
         }
         if let Some(t) = join {

@@ -56,13 +56,7 @@ async fn a_dead_data_server_is_replaced_and_the_new_one_refilled() {
     bounded(async {
         let mut tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
         tc.create_volume("www", 2).await?;
-        let c = tc.client();
-        let mut hashes = Vec::new();
-        for i in 0..20 {
-            let page = format!("page {i} ").repeat(100 + i);
-            TestCluster::write_file(&c, "www", "", &format!("p{i}.html"), page.as_bytes()).await?;
-            hashes.push(codafs_common::Hash::of(page.as_bytes()));
-        }
+        let hashes = pages(&tc.client()).await?;
         let leader = tc.leader().await?;
         let dead = tc
             .servers
@@ -93,18 +87,149 @@ async fn a_dead_data_server_is_replaced_and_the_new_one_refilled() {
         )
         .await?;
         // The other data server goes too: the new one serves every page alone.
-        let other = tc
+        serves_alone(&mut tc, dead, new).await
+    })
+    .await
+}
+
+/// Kills the data server that is neither `gone` nor `new`, then reads pages of [`pages`] from
+/// server `new` alone.
+async fn serves_alone(tc: &mut TestCluster, gone: usize, new: usize) -> anyhow::Result<()> {
+    let addr = tc.servers[new].addr.clone();
+    let other = tc
+        .servers
+        .iter()
+        .enumerate()
+        .position(|(i, s)| !s.witness && i != gone && i != new)
+        .context("the other data server")?;
+    tc.caught_up(&addr).await?;
+    tc.kill(other);
+    for i in [0, 7, 19] {
+        let page = format!("page {i} ").repeat(100 + i);
+        ensure!(tc.read_on(&addr, "www", &format!("p{i}.html")).await? == page.as_bytes());
+    }
+    Ok(())
+}
+
+/// Twenty pages written through `c`, with their hashes.
+async fn pages(c: &codafs_client::Cluster) -> anyhow::Result<Vec<codafs_common::Hash>> {
+    let mut hashes = Vec::new();
+    for i in 0..20 {
+        let page = format!("page {i} ").repeat(100 + i);
+        TestCluster::write_file(c, "www", "", &format!("p{i}.html"), page.as_bytes()).await?;
+        hashes.push(codafs_common::Hash::of(page.as_bytes()));
+    }
+    Ok(hashes)
+}
+
+/// Replacing a live data server: a new one joins, and `cluster remove` of the old one drains it
+/// first (it becomes a witness and hands every blob to the data servers), so with the other old
+/// server gone too the new one serves every page alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_data_server_is_drained_before_it_is_removed() {
+    bounded(async {
+        let mut tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let hashes = pages(&tc.client()).await?;
+        let leader = tc.leader().await?;
+        let old = tc
             .servers
             .iter()
             .enumerate()
-            .position(|(i, s)| !s.witness && i != dead && i != new)
-            .context("the other data server")?;
-        tc.caught_up(&addr).await?;
-        tc.kill(other);
-        for i in [0, 7, 19] {
-            let page = format!("page {i} ").repeat(100 + i);
-            ensure!(tc.read_on(&addr, "www", &format!("p{i}.html")).await? == page.as_bytes());
+            .position(|(i, s)| !s.witness && i != leader)
+            .context("a data server that does not lead")?;
+        let old_addr = tc.servers[old].addr.clone();
+        let old_id = tc.status_of(&old_addr).await?.node_id.to_string();
+        let new = tc.join_replacement().await?;
+        let new_addr = tc.servers[new].addr.clone();
+
+        let out = tc.codafs_admin(&["cluster", "remove", &old_id])?;
+        ensure!(out.ok, "{}{}", out.stdout, out.stderr);
+        ensure!(out.stderr.contains("draining server"), "{}", out.stderr);
+        ensure!(
+            tc.has_blobs(&new_addr, &hashes).await?,
+            "the drain left every blob on the new server"
+        );
+        let list = tc.client().list_servers().await?;
+        ensure!(
+            list.servers.len() == 3 && !list.servers.iter().any(|s| s.addr == old_addr),
+            "{list:?}"
+        );
+        tc.kill(old);
+        serves_alone(&mut tc, old, new).await
+    })
+    .await
+}
+
+/// `cluster role`: the witness becomes a data server (repair fills it, and it survives a
+/// restart in its new role), then a witness again (it hands off and empties its store). A data
+/// server the volume's write quorum needs is not switched without --force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_switches_between_witness_and_data() {
+    bounded(async {
+        let mut tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let hashes = pages(&tc.client()).await?;
+        let w = tc.servers.iter().position(|s| s.witness).context("a witness")?;
+        let w_addr = tc.servers[w].addr.clone();
+        let w_id = tc.status_of(&w_addr).await?.node_id.to_string();
+        let data = tc.servers.iter().position(|s| !s.witness).context("a data server")?;
+        let data_id = tc.status_of(&tc.servers[data].addr).await?.node_id.to_string();
+
+        let out = tc.codafs_admin(&["cluster", "role", &data_id, "witness"])?;
+        ensure!(!out.ok, "{}", out.stdout);
+        ensure!(
+            out.stderr.contains("volume www needs 2 copies") && out.stderr.contains("--force"),
+            "{}",
+            out.stderr
+        );
+
+        let out = tc.codafs_admin(&["cluster", "role", &w_id, "data"])?;
+        ensure!(
+            out.ok && out.stdout.contains("now a data server"),
+            "{}{}",
+            out.stdout,
+            out.stderr
+        );
+        wait_until(Duration::from_secs(30), "repair fills the new data server", || async {
+            tc.has_blobs(&w_addr, &hashes).await.unwrap_or(false)
+        })
+        .await?;
+        ensure!(!tc.status_of(&w_addr).await?.witness, "it reports itself a data server");
+        let toml = std::fs::read_to_string(tc.servers[w].dir.join("server.toml"))?;
+        ensure!(toml.contains("witness = false"), "server.toml records the role: {toml}");
+        tc.kill(w);
+        tc.restart(w)?;
+        if let Err(e) = tc.caught_up(&w_addr).await {
+            anyhow::bail!("{e}: {}", tc.servers[w].log());
         }
+        ensure!(
+            tc.servers[w].dir.join("blobs/data").is_dir() && !tc.servers[w].dir.join("spool").exists(),
+            "the store moved to blobs/ at the restart"
+        );
+        ensure!(tc.has_blobs(&w_addr, &hashes).await?, "and still holds every blob");
+        // A third data server: the original data server may now become a witness.
+        let out = tc.codafs_admin(&["cluster", "role", &data_id, "witness"])?;
+        ensure!(
+            out.ok && out.stdout.contains("handed every blob"),
+            "{}{}",
+            out.stdout,
+            out.stderr
+        );
+        let st = tc.status_of(&tc.servers[data].addr).await?;
+        ensure!(st.witness && st.spool_blobs == 0 && st.blob_count == 0, "{st:?}");
+        let servers = tc.codafs_admin(&["cluster", "servers", "--json"])?;
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&servers.stdout)?;
+        ensure!(
+            rows.iter().filter(|r| r["witness"] == true).count() == 1
+                && rows
+                    .iter()
+                    .any(|r| r["witness"] == true
+                        && r["node_id"].as_u64().map(|n| n.to_string()) == Some(data_id.clone())),
+            "{rows:?}"
+        );
+        // Content writes go on in the new layout.
+        TestCluster::write_file(&tc.client(), "www", "", "after.html", b"after the switch").await?;
         Ok(())
     })
     .await

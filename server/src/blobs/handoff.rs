@@ -103,7 +103,7 @@ pub struct PassOutcome {
     pub kept: u64,
 }
 
-/// Runs the handoff loop until the server stops (witnesses only).
+/// Runs the handoff loop until the server stops or becomes a data replica.
 pub async fn run(node: Arc<Node>) {
     let mut stop = node.tasks.stop_signal();
     loop {
@@ -111,7 +111,7 @@ pub async fn run(node: Arc<Node>) {
             _ = tokio::time::sleep(HANDOFF_INTERVAL) => {}
             _ = stop.changed() => {}
         }
-        if *stop.borrow() {
+        if *stop.borrow() || !node.is_witness() {
             return;
         }
         let (count, _) = node.blobs.stats();

@@ -330,12 +330,21 @@ const PRESSURE_GC_INTERVAL: Duration = Duration::from_secs(5);
 /// Refusals wake GC at most this often (a burst of refused puts runs one pass).
 const PRESSURE_GC_MIN_GAP: Duration = Duration::from_secs(1);
 
-/// Runs repair, scrub and GC until the server stops (hinted handoff, on a witness).
+/// Runs repair, scrub and GC until the server stops; hinted handoff instead while it is a
+/// witness (which stores no blobs of its own: it only hands off what it keeps for others).
 pub async fn run(node: Arc<Node>) {
-    if node.cfg.witness {
-        // A witness stores no blobs of its own: it only hands off what it keeps for others.
-        return crate::blobs::handoff::run(node).await;
+    let stop = node.tasks.stop_signal();
+    while !*stop.borrow() {
+        if node.is_witness() {
+            crate::blobs::handoff::run(node.clone()).await;
+        } else {
+            data_maintenance(node.clone()).await;
+        }
     }
+}
+
+/// Repair, scrub and GC until the server stops or becomes a witness.
+async fn data_maintenance(node: Arc<Node>) {
     let mut stop = node.tasks.stop_signal();
     let repair_every = Duration::from_millis(node.cfg.repair_interval_ms.max(50));
     let full_every = Duration::from_secs(node.cfg.full_repair_interval_s.max(1));
@@ -354,7 +363,7 @@ pub async fn run(node: Arc<Node>) {
             _ = node.space.pressure.notified() => refused = true,
             _ = stop.changed() => {}
         }
-        if *stop.borrow() {
+        if *stop.borrow() || node.is_witness() {
             return;
         }
         let pressure = refused || node.space.under_pressure();

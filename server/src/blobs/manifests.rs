@@ -197,7 +197,7 @@ impl Node {
         if let Some(e) = self.manifests.get(hash) {
             return Ok(e);
         }
-        if self.cfg.witness {
+        if self.is_witness() {
             return Err(not_here(hash));
         }
         let (store, h) = (self.blobs.clone(), *hash);
@@ -212,7 +212,7 @@ impl Node {
         if let Some(e) = self.manifests.get(hash) {
             return Ok(e);
         }
-        if self.cfg.witness {
+        if self.is_witness() {
             return Err(not_here(hash));
         }
         self.cache_loaded(hash, load_local(&self.blobs, hash))
@@ -328,7 +328,7 @@ impl Node {
     async fn adopt_fetched(&self, hash: &Hash, bytes: Vec<u8>) -> Result<Arc<ManifestEntry>, NodeError> {
         let entry = Arc::new(ManifestEntry::parse(&bytes).map_err(|e| not_a_manifest(hash, &e.to_string()))?);
         self.manifests.insert(*hash, entry.clone());
-        if self.cfg.witness {
+        if self.is_witness() {
             return Ok(entry);
         }
         let what = format!("store manifest {hash} ({} bytes)", bytes.len());

@@ -149,7 +149,7 @@ where
     let quorum = if quorum == 0 { DEFAULT_WRITE_QUORUM } else { quorum };
     let need = effective_write_quorum(quorum, replicas.len());
     let mut tracker = QuorumTracker::new(need, replicas.len().max(1));
-    if !node.cfg.witness {
+    if !node.is_witness() {
         tracker.ok();
     }
     let (tx, mut rx) = mpsc::channel(replicas.len().max(1));
@@ -210,7 +210,7 @@ where
     Fut: std::future::Future<Output = Result<(), ForwardError>> + Send + 'static,
 {
     let mut hinted = 0;
-    if node.cfg.witness {
+    if node.is_witness() {
         hinted += 1;
     }
     for w in node.witnesses().into_iter().filter(|m| m.id != node.id) {

@@ -638,4 +638,23 @@ impl pb::admin_server::Admin for AdminService {
         };
         Ok(Response::new(on_leader(node, forwarded, local, remote).await?))
     }
+
+    /// Makes a server a witness or a data replica (`Node::set_role`; the server itself follows,
+    /// see `role`).
+    async fn set_role(&self, req: Request<pb::SetRoleRequest>) -> Result<Response<pb::ServerList>, Status> {
+        let token = token_of(&req);
+        let forwarded = is_forwarded(&self.0, &req)?;
+        let r = req.into_inner();
+        let node = &self.0;
+        node.authenticate_admin(token.as_deref()).map_err(status)?;
+        let local = || async {
+            node.set_role(r.node_id, r.witness).await?;
+            Ok(self.servers())
+        };
+        let remote = |ch| {
+            let fr = forward_request(r, token.as_deref(), FORWARD_TIMEOUT);
+            async move { client(ch).set_role(fr).await.map(|r| r.into_inner()) }
+        };
+        Ok(Response::new(on_leader(node, forwarded, local, remote).await?))
+    }
 }

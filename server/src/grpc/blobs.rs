@@ -156,7 +156,7 @@ impl BlobService {
             }
         }
         let new = tokio::task::block_in_place(|| w.finish()).map_err(blob_status)?;
-        if new && !self.0.cfg.witness {
+        if new && !self.0.is_witness() {
             self.0.counters.blob_bytes_received.fetch_add(size, Ordering::Relaxed);
         }
         Ok(())
@@ -185,7 +185,7 @@ impl pb::blobs_server::Blobs for BlobService {
         // Before anything is stored or touched: an unauthorized put must not even extend a
         // blob's GC grace.
         let charged = self.admit_store(&caller, &[(hash, header.size)])?;
-        let witness = node.cfg.witness;
+        let witness = node.is_witness();
         let already = !witness && node.blobs.has(&hash);
         if already {
             node.blobs.touch(&hash);
@@ -255,7 +255,7 @@ impl pb::blobs_server::Blobs for BlobService {
             .collect::<Result<_, Status>>()?;
         let sizes: Vec<(Hash, u64)> = parsed.iter().map(|(h, d)| (*h, d.len() as u64)).collect();
         let charged = self.admit_store(&caller, &sizes)?;
-        let witness = node.cfg.witness;
+        let witness = node.is_witness();
         // Up front, before anything is stored here or forwarded: room for what is new here
         // (a witness spools the batch: it relays it, and keeps it as a hint if a data replica
         // is down).
@@ -327,7 +327,7 @@ impl pb::blobs_server::Blobs for BlobService {
         // A chunk is read with the right to its file's manifest (see `access`).
         let manifest = node.chunk_read_manifest(&caller, &r.manifest)?;
         node.check_blob_read(&caller, manifest.as_ref().unwrap_or(&hash), &r.ticket, r.ino)?;
-        if node.cfg.witness {
+        if node.is_witness() {
             return Err(refuse(
                 ErrorKind::Unavailable,
                 "a witness stores no blobs; ask a data replica",
@@ -364,7 +364,7 @@ impl pb::blobs_server::Blobs for BlobService {
             node.check_blob_read(&caller, manifest.as_ref().unwrap_or(&hash), &b.ticket, b.ino)?;
             asked.push((hash, manifest));
         }
-        if node.cfg.witness {
+        if node.is_witness() {
             return Err(refuse(
                 ErrorKind::Unavailable,
                 "a witness stores no blobs; ask a data replica",
@@ -471,7 +471,7 @@ fn send_blocking(
 /// spool refuses a hint (`forwarded`) for lack of space, so the put it belongs to says why, and
 /// a client's put as unavailable here, so the client takes it to a data replica instead.
 fn spool_room(node: &Node, size: u64, forwarded: bool) -> Result<Option<SpoolReservation<'_>>, Status> {
-    if !node.cfg.witness {
+    if !node.is_witness() {
         return Ok(None);
     }
     let (_, held) = node.blobs.stats();

@@ -59,10 +59,10 @@ const WALK_ATTEMPTS: usize = 5;
 const TICKET_REFRESH: Duration = Duration::from_secs(5 * 60);
 
 /// One node found by the walk, with what fetching its content needs.
-struct Walked {
-    node: Node,
+pub(crate) struct Walked {
+    pub(crate) node: Node,
     parent_ino: u64,
-    blob: Option<BlobRef>,
+    pub(crate) blob: Option<BlobRef>,
     version: u64,
 }
 
@@ -161,7 +161,7 @@ async fn stamp(c: &Cluster, volume: &str) -> Result<(u64, u64), BackupError> {
 
 /// Every node under the volume root, parents first; and the newest applied index a listing
 /// came from. A listing older than `min_version` is read again.
-async fn walk(c: &Cluster, volume: &str, min_version: u64) -> Result<(Vec<Walked>, u64), BackupError> {
+pub(crate) async fn walk(c: &Cluster, volume: &str, min_version: u64) -> Result<(Vec<Walked>, u64), BackupError> {
     let root = c
         .resolve(None, volume, "")
         .await?

@@ -5,6 +5,7 @@ pub mod blocking;
 pub mod bundle;
 pub mod cache;
 pub mod callbacks;
+pub mod copies;
 pub mod core;
 pub mod fuse;
 pub mod metrics;

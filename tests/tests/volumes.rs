@@ -334,6 +334,67 @@ async fn volume_info_lists_servers_and_subscribed_mounts() {
     codafs_tests::bounded_within(Duration::from_secs(120), run).await;
 }
 
+/// `volume info` counts the copies of every blob the volume names (a large file's manifest and
+/// chunks included) on every data server: a copy lost behind a server's back shows as
+/// under-replicated, and a server that does not answer is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn volume_info_counts_the_copies_of_the_volumes_blobs() {
+    let run = async {
+        let mut tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let c = tc.client();
+        TestCluster::write_file(&c, "www", "", "a.html", b"page a").await?;
+        TestCluster::write_file(&c, "www", "", "b.html", b"page b").await?;
+        let big: Vec<u8> = (0..(6u32 << 20))
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        TestCluster::write_file(&c, "www", "", "big.bin", &big).await?;
+        let copies = |tc: &TestCluster| -> Result<serde_json::Value> {
+            let (ok, out, err) = cli(tc, &["volume", "info", "www", "--json"])?;
+            anyhow::ensure!(ok, "{err}");
+            let j: serde_json::Value = serde_json::from_str(&out)?;
+            Ok(j["copies"].clone())
+        };
+        let h = copies(&tc)?;
+        let blobs = h["blobs"].as_u64().context("blobs")?;
+        assert!(blobs >= 5, "two pages, a manifest and its chunks: {h}");
+        assert_eq!(
+            (h["under_replicated"].as_u64(), h["data_servers"].as_u64()),
+            (Some(0), Some(2)),
+            "{h}"
+        );
+        let (_, out, _) = cli(&tc, &["volume", "info", "www"])?;
+        assert!(
+            out.contains(&format!("{blobs} blobs, each on all 2 data servers")),
+            "{out}"
+        );
+
+        let data = tc.servers.iter().position(|s| !s.witness).context("a data server")?;
+        std::fs::remove_file(tc.blob_path(data, &codafs_common::Hash::of(b"page a")))?;
+        let h = copies(&tc)?;
+        assert_eq!(
+            (
+                h["under_replicated"].as_u64(),
+                h["below_quorum"].as_u64(),
+                h["lost"].as_u64()
+            ),
+            (Some(1), Some(1), Some(0)),
+            "{h}"
+        );
+        let (_, out, _) = cli(&tc, &["volume", "info", "www"])?;
+        assert!(out.contains("1 missing from some data server"), "{out}");
+
+        tc.kill(data);
+        let h = copies(&tc)?;
+        assert_eq!(h["under_replicated"].as_u64(), Some(blobs), "{h}");
+        assert_eq!(h["unreachable"].as_array().map(Vec::len), Some(1), "{h}");
+        let (ok, out, _) = cli(&tc, &["volume", "info", "www", "--no-copies"])?;
+        assert!(ok && !out.lines().any(|l| l.starts_with("copies")), "{out}");
+        Ok::<_, anyhow::Error>(())
+    };
+    codafs_tests::bounded_within(Duration::from_secs(120), run).await;
+}
+
 /// With the majority lost, a surviving data server still answers reads: a backup taken from it
 /// alone holds the whole volume (docs/OPERATIONS.md, "When a majority is lost").
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use codafs_benches::{open_read_close, publish_web_tree, relpath, zipf_cdf, FILES};
+use codafs_benches::{count_for, open_read_close, publish_web_tree, relpath, sum_counts, zipf_cdf, FILES};
 use codafs_client::ops;
 use codafs_tests::{ClusterOpts, Mount, TestCluster};
 use rand::{Rng, SeedableRng};
@@ -19,34 +19,20 @@ const RUN: Duration = Duration::from_secs(4);
 /// Runs `READERS` threads doing `op` on Zipf-chosen files for `RUN`; returns ops/s.
 fn drive(root: &Path, cdf: &[f64], op: fn(&Path) -> std::io::Result<()>) -> Result<f64> {
     let paths: Vec<PathBuf> = (0..FILES).map(|i| root.join(relpath(i))).collect();
-    let total: u64 = std::thread::scope(|s| {
+    let total = std::thread::scope(|s| {
         let handles: Vec<_> = (0..READERS)
             .map(|t| {
                 let paths = &paths;
-                s.spawn(move || -> std::io::Result<u64> {
+                s.spawn(move || {
                     let mut rng = rand::rngs::StdRng::seed_from_u64(t as u64);
-                    let start = Instant::now();
-                    let mut n = 0u64;
-                    while start.elapsed() < RUN {
-                        for _ in 0..256 {
-                            let u: f64 = rng.gen();
-                            let i = cdf.partition_point(|c| *c < u).min(FILES - 1);
-                            op(&paths[i])?;
-                            n += 1;
-                        }
-                    }
-                    Ok(n)
+                    count_for(RUN, || {
+                        let u: f64 = rng.gen();
+                        op(&paths[cdf.partition_point(|c| *c < u).min(FILES - 1)])
+                    })
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .map_err(|_| std::io::Error::other("reader panicked"))
-                    .and_then(|r| r)
-            })
-            .sum::<std::io::Result<u64>>()
+        sum_counts(handles)
     })?;
     Ok(total as f64 / RUN.as_secs_f64())
 }

@@ -39,6 +39,31 @@ pub fn relpath(i: usize) -> String {
     format!("d{:02}/page{i:05}.html", i % 50)
 }
 
+/// Calls `op` in batches of 64 until `run` has passed; returns how many calls were made.
+pub fn count_for(run: std::time::Duration, mut op: impl FnMut() -> std::io::Result<()>) -> std::io::Result<u64> {
+    let start = std::time::Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < run {
+        for _ in 0..64 {
+            op()?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Joins reader threads and adds up their counts; a reader's error or panic is the result.
+pub fn sum_counts(handles: Vec<std::thread::ScopedJoinHandle<'_, std::io::Result<u64>>>) -> Result<u64> {
+    handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a reader panicked"))?
+                .map_err(Into::into)
+        })
+        .sum()
+}
+
 /// Opens, reads whole and closes a file.
 pub fn open_read_close(p: &Path) -> std::io::Result<()> {
     use std::io::Read;

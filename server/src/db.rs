@@ -52,8 +52,34 @@ pub const SM_TABLES: &[&str] = &[
 
 const KEY_CLUSTER: &[u8] = b"cluster";
 
-/// Every row of every state-machine table: (table name, [(key, value)]).
-pub type TableDump = Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>;
+/// Set in `raft_meta` while a snapshot replaces the state tables (see `Tables::replace_start`).
+const KEY_REPLACING: &[u8] = b"sm_replacing";
+
+/// A consistent view of the state-machine tables (see [`Tables::state_snapshot`]).
+pub struct StateSnapshot<'a> {
+    db: &'a DB,
+    snap: rocksdb::Snapshot<'a>,
+}
+
+impl StateSnapshot<'_> {
+    /// One row of `table`.
+    pub fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.snap.get_cf(cf(self.db, table)?, key).map_err(se)
+    }
+
+    /// Calls `f` with every row of `table`, in key order.
+    pub fn each_row<E: From<StoreError>>(
+        &self,
+        table: &str,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for item in self.snap.iterator_cf(cf(self.db, table)?, IteratorMode::Start) {
+            let (k, v) = item.map_err(se)?;
+            f(&k, &v)?;
+        }
+        Ok(())
+    }
+}
 
 /// Opens (or creates) the database under `dir`.
 pub fn open(dir: &Path) -> Result<Arc<DB>, rocksdb::Error> {
@@ -284,43 +310,65 @@ impl Tables {
         Ok(())
     }
 
-    /// Reads every state-machine table (for a snapshot) from a consistent RocksDB snapshot.
-    pub fn dump(&self) -> Result<TableDump, StoreError> {
-        let snap = self.db.snapshot();
-        let mut tables = Vec::new();
-        for name in SM_TABLES {
-            let mut rows = Vec::new();
-            for item in snap.iterator_cf(cf(&self.db, name)?, IteratorMode::Start) {
-                let (k, v) = item.map_err(se)?;
-                rows.push((k.to_vec(), v.to_vec()));
-            }
-            tables.push((name.to_string(), rows));
+    /// A consistent view of every state-machine table (a RocksDB snapshot), for building a
+    /// Raft snapshot row by row.
+    pub fn state_snapshot(&self) -> StateSnapshot<'_> {
+        StateSnapshot {
+            db: &self.db,
+            snap: self.db.snapshot(),
         }
-        Ok(tables)
     }
 
-    /// Replaces every state-machine table with `tables` in one atomic batch.
-    pub fn replace_all(&self, tables: &TableDump) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
+    /// Begins replacing the state-machine tables (a Raft snapshot install): records that a
+    /// replacement is under way (synced), then deletes every row. Rows follow in batches
+    /// ([`Tables::replace_rows`]) and [`Tables::replace_finish`] ends it. A server that stops
+    /// in between finds [`Tables::replace_pending`] at its next start and installs again.
+    pub fn replace_start(&self) -> Result<(), StoreError> {
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db
+            .put_cf_opt(cf(&self.db, CF_RAFT_META)?, KEY_REPLACING, b"1", &wo)
+            .map_err(se)?;
         for name in SM_TABLES {
             let h = cf(&self.db, name)?;
+            let mut batch = WriteBatch::default();
             for item in self.db.iterator_cf(h, IteratorMode::Start) {
                 let (k, _) = item.map_err(se)?;
                 batch.delete_cf(h, k);
+                if batch.len() >= 100_000 {
+                    self.db.write(std::mem::take(&mut batch)).map_err(se)?;
+                }
             }
+            self.db.write(batch).map_err(se)?;
         }
-        for (name, rows) in tables {
-            if !SM_TABLES.contains(&name.as_str()) {
-                return Err(StoreError(format!("snapshot has unknown table {name}")));
-            }
-            let h = cf(&self.db, name)?;
-            for (k, v) in rows {
-                batch.put_cf(h, k, v);
-            }
+        Ok(())
+    }
+
+    /// Writes one batch of rows of a replacement: (table, key, value).
+    pub fn replace_rows(&self, rows: &[(&str, Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for (table, k, v) in rows {
+            batch.put_cf(cf(&self.db, table)?, k, v);
         }
+        self.db.write(batch).map_err(se)
+    }
+
+    /// Ends a replacement; the synced write makes every batch before it durable too (one WAL).
+    pub fn replace_finish(&self) -> Result<(), StoreError> {
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
-        self.db.write_opt(batch, &wo).map_err(se)
+        self.db
+            .delete_cf_opt(cf(&self.db, CF_RAFT_META)?, KEY_REPLACING, &wo)
+            .map_err(se)
+    }
+
+    /// Whether a replacement was started and not finished.
+    pub fn replace_pending(&self) -> Result<bool, StoreError> {
+        Ok(self
+            .db
+            .get_cf(cf(&self.db, CF_RAFT_META)?, KEY_REPLACING)
+            .map_err(se)?
+            .is_some())
     }
 
     pub(crate) fn cf(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StoreError> {
@@ -544,7 +592,17 @@ impl Tables {
 
     /// Rows per state-machine table.
     pub(crate) fn row_counts(&self) -> Result<std::collections::BTreeMap<String, usize>, StoreError> {
-        Ok(self.dump()?.into_iter().map(|(t, rows)| (t, rows.len())).collect())
+        let snap = self.state_snapshot();
+        let mut counts = std::collections::BTreeMap::new();
+        for name in SM_TABLES {
+            let mut n = 0;
+            snap.each_row::<StoreError>(name, |_, _| {
+                n += 1;
+                Ok(())
+            })?;
+            counts.insert(name.to_string(), n);
+        }
+        Ok(counts)
     }
 }
 
@@ -723,8 +781,7 @@ mod tests {
         let mut want = vec![manifest, small];
         want.sort();
         assert_eq!(blobs, want, "a manifest is a referenced blob too");
-        let dump = tables.dump().unwrap();
-        assert!(dump.iter().any(|(t, rows)| t == CF_MANIFESTREFS && rows.len() == 1));
+        assert_eq!(tables.row_counts().unwrap()[CF_MANIFESTREFS], 1);
     }
 
     #[test]
@@ -739,10 +796,7 @@ mod tests {
         assert_eq!(tables.token_generation("admin").unwrap(), 3);
         assert_eq!(mem.token_generation("admin").unwrap(), 3);
         // Generations travel in snapshots like every other state table.
-        let dump = tables.dump().unwrap();
-        assert!(dump
-            .iter()
-            .any(|(t, rows)| t == CF_TOKEN_GENERATIONS && rows.len() == 1));
+        assert_eq!(tables.row_counts().unwrap()[CF_TOKEN_GENERATIONS], 1);
     }
 
     #[test]

@@ -6,10 +6,10 @@
 #![allow(clippy::result_large_err)]
 pub mod log_store;
 pub mod network;
+pub mod snapshot_file;
 pub mod state_machine;
 
 use std::fmt;
-use std::io::Cursor;
 
 use openraft::{AnyError, StorageError, StorageIOError};
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,8 @@ openraft::declare_raft_types!(
         R = Response,
         NodeId = NodeId,
         Node = NodeInfo,
+        // A file, not bytes in memory: see `snapshot_file`.
+        SnapshotData = tokio::fs::File,
 );
 
 /// A running Raft node.

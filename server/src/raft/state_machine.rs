@@ -4,24 +4,24 @@
 //! and the applied index never disagree. Those writes are not fsynced on their own: the log store
 //! syncs the shared WAL on every append and before purging, and anything lost in a crash is
 //! re-applied from the log. Snapshots are a consistent dump of all state tables (a RocksDB
-//! snapshot), kept as one file so a lagging or new replica can install it.
-use std::io::Cursor;
-use std::path::PathBuf;
+//! snapshot), streamed into one file (`snapshot_file`) so a lagging or new replica can install
+//! it; none of it is held in memory.
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{AnyError, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageIOError, StoredMembership};
 use rocksdb::WriteBatch;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::sync::{broadcast, watch};
 
 use super::{read_err, write_err, Entry, NodeId, NodeInfo, StoreErr, TypeConfig};
 use crate::blobs::suspects::Suspects;
-use crate::db::{decode, encode, TableDump, Tables, CF_SM_META};
+use crate::db::{decode, encode, Tables, CF_SM_META};
 use crate::fsm::{self, ChangeRec, Outcome, Response};
 
-const KEY_APPLIED: &[u8] = b"last_applied";
-const KEY_MEMBERSHIP: &[u8] = b"membership";
+pub(super) const KEY_APPLIED: &[u8] = b"last_applied";
+pub(super) const KEY_MEMBERSHIP: &[u8] = b"membership";
 
 /// A committed change to a volume, broadcast to change-stream subscribers as it is applied.
 #[derive(Debug, Clone)]
@@ -36,13 +36,6 @@ pub enum Notice {
     /// Something that decides who may read changed (volume settings, accounts, keys,
     /// membership): subscribers check their right again.
     Rights,
-}
-
-/// On-disk snapshot: openraft's metadata plus every state table.
-#[derive(Serialize, Deserialize)]
-struct SnapshotFile {
-    meta: SnapshotMeta<NodeId, NodeInfo>,
-    tables: TableDump,
 }
 
 /// Shared handles for readers of the applied state.
@@ -68,6 +61,13 @@ pub struct StateMachine {
 impl StateMachine {
     /// Opens the state machine over `tables`; snapshots are kept at `snapshot_path`.
     pub fn new(tables: Tables, snapshot_path: PathBuf) -> Result<(Self, Applied), StoreErr> {
+        if tables.replace_pending().map_err(read_err)? {
+            // The last snapshot install stopped halfway: the tables are part old, part new. The
+            // snapshot it installed was kept before it started: install it again.
+            let f = std::fs::File::open(&snapshot_path).map_err(read_err)?;
+            let meta = super::snapshot_file::install(&tables, f)?;
+            tracing::warn!(last = ?meta.last_log_id, "finished a snapshot install that a stop had cut short");
+        }
         let (notices, _) = broadcast::channel(4096);
         let start = read_applied(&tables)?.map_or(0, |l| l.index);
         let (applied_tx, index) = watch::channel(start);
@@ -109,26 +109,6 @@ pub fn stored_members(t: &Tables) -> Result<Vec<(NodeId, NodeInfo)>, StoreErr> {
         None => StoredMembership::default(),
     };
     Ok(m.membership().nodes().map(|(id, n)| (*id, n.clone())).collect())
-}
-
-/// Last applied log id and membership, as openraft asks for them.
-type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, NodeInfo>);
-
-fn meta_from_dump(tables: &TableDump) -> Result<AppliedState, StoreErr> {
-    let mut applied = None;
-    let mut membership = StoredMembership::default();
-    for (name, rows) in tables {
-        if name == CF_SM_META {
-            for (k, v) in rows {
-                if k == KEY_APPLIED {
-                    applied = decode(v).map_err(read_err)?;
-                } else if k == KEY_MEMBERSHIP {
-                    membership = decode(v).map_err(read_err)?;
-                }
-            }
-        }
-    }
-    Ok((applied, membership))
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -207,21 +187,42 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StoreErr> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    /// A snapshot arrives into an unnamed file beside the kept one (created, then unlinked at
+    /// once: nothing is left behind if the transfer stops).
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StoreErr> {
+        let path = self
+            .snapshot_path
+            .with_extension(format!("recv.{}", codafs_common::now_ns()));
+        let f = create_private(&path).map_err(write_err)?;
+        std::fs::remove_file(&path).map_err(write_err)?;
+        Ok(Box::new(tokio::fs::File::from_std(f)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, NodeInfo>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StoreErr> {
-        let data = snapshot.into_inner();
-        let file: SnapshotFile = bincode::deserialize(&data)
-            .map_err(|e| StoreErr::from(StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e))))?;
-        self.tables.replace_all(&file.tables).map_err(write_err)?;
-        self.guard
-            .write(&self.snapshot_path, &data, meta.last_log_id.map_or(0, |l| l.index))?;
+        use std::io::{Seek, SeekFrom};
+        let snap_err = |e: std::io::Error| {
+            StoreErr::from(StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e)))
+        };
+        let mut received = snapshot.into_std().await;
+        received.seek(SeekFrom::Start(0)).map_err(snap_err)?;
+        // Kept first (a stop during the install below finds it and installs it again), then
+        // installed from the kept copy.
+        let index = meta.last_log_id.map_or(0, |l| l.index);
+        let kept = self.guard.keep(&self.snapshot_path, index, |out| {
+            std::io::copy(&mut received, out).map(drop)
+        })?;
+        let source = match kept {
+            Some(f) => f,
+            None => {
+                received.seek(SeekFrom::Start(0)).map_err(snap_err)?;
+                received
+            }
+        };
+        super::snapshot_file::install(&self.tables, source)?;
         tracing::info!(last = ?meta.last_log_id, "installed snapshot");
         let _ = self.notices.send(Notice::Reset);
         self.suspects.everything();
@@ -230,15 +231,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StoreErr> {
-        let data = match std::fs::read(&self.snapshot_path) {
-            Ok(d) => d,
+        let f = match std::fs::File::open(&self.snapshot_path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(read_err(e)),
         };
-        let file: SnapshotFile = bincode::deserialize(&data).map_err(read_err)?;
+        let meta = super::snapshot_file::read_meta(&f)?;
         Ok(Some(Snapshot {
-            meta: file.meta,
-            snapshot: Box::new(Cursor::new(data)),
+            meta,
+            snapshot: Box::new(rewound(f)?),
         }))
     }
 }
@@ -264,30 +265,75 @@ impl SnapshotFileGuard {
         SnapshotFileGuard(Arc::new(std::sync::Mutex::new(index)))
     }
 
-    /// Writes `data` (the snapshot up to `index`) unless a newer snapshot is already there.
-    fn write(&self, path: &std::path::Path, data: &[u8], index: u64) -> Result<bool, StoreErr> {
-        use std::io::Write;
+    /// Keeps a snapshot up to `index` at `path`, written by `fill` into a new file that then
+    /// replaces the old one, unless a newer snapshot is already there. Returns the kept file,
+    /// open at its start, or `None` if the newer one stayed.
+    fn keep(
+        &self,
+        path: &Path,
+        index: u64,
+        fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+    ) -> Result<Option<std::fs::File>, StoreErr> {
+        let tmp = path.with_extension(format!("tmp.{}", codafs_common::now_ns()));
+        let written = create_private(&tmp).and_then(|mut f| {
+            fill(&mut f)?;
+            f.sync_all()?;
+            Ok(f)
+        });
+        let f = match written {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(write_err(e));
+            }
+        };
+        if !self.place(&tmp, path, index)? {
+            return Ok(None);
+        }
+        rewound_std(f).map(Some).map_err(read_err)
+    }
+
+    /// Renames the complete, synced snapshot file `tmp` (up to `index`) to `path`, unless a
+    /// newer snapshot is already there (then `tmp` is removed). Returns whether it was placed.
+    fn place(&self, tmp: &Path, path: &Path, index: u64) -> Result<bool, StoreErr> {
         let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_some_and(|l| index < l) {
+            let _ = std::fs::remove_file(tmp);
             return Ok(false);
         }
-        let tmp = path.with_extension(format!("tmp.{}", codafs_common::now_ns()));
-        // The snapshot holds the token-signing keys: owner only, whatever the umask.
-        let mut f = {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(write_err)?
-        };
-        f.write_all(data).map_err(write_err)?;
-        f.sync_all().map_err(write_err)?;
-        std::fs::rename(&tmp, path).map_err(write_err)?;
+        if let Err(e) = std::fs::rename(tmp, path) {
+            let _ = std::fs::remove_file(tmp);
+            return Err(write_err(e));
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(write_err)?;
+        }
         *last = Some(index);
         Ok(true)
     }
+}
+
+/// A new file only its owner may read: the snapshot holds the token-signing keys, whatever
+/// the umask.
+fn create_private(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
+fn rewound_std(mut f: std::fs::File) -> std::io::Result<std::fs::File> {
+    use std::io::Seek;
+    f.seek(std::io::SeekFrom::Start(0))?;
+    Ok(f)
+}
+
+/// `f` at its start, as openraft reads snapshots.
+fn rewound(f: std::fs::File) -> Result<tokio::fs::File, StoreErr> {
+    Ok(tokio::fs::File::from_std(rewound_std(f).map_err(read_err)?))
 }
 
 /// Builds snapshots from a consistent view of the tables.
@@ -299,27 +345,65 @@ pub struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StoreErr> {
-        let tables = self.tables.dump().map_err(read_err)?;
-        let (last_log_id, last_membership) = meta_from_dump(&tables)?;
-        let snapshot_id = format!("{}-{}", last_log_id.map_or(0, |l| l.index), codafs_common::now_ns());
-        let meta = SnapshotMeta {
-            last_log_id,
-            last_membership,
-            snapshot_id,
+        // Written straight into a new file from one RocksDB snapshot, row by row.
+        let id = |l: Option<LogId<NodeId>>| format!("{}-{}", l.map_or(0, |l| l.index), codafs_common::now_ns());
+        let tmp = self.path.with_extension(format!("build.{}", codafs_common::now_ns()));
+        let built = create_private(&tmp).map_err(write_err).and_then(|mut f| {
+            let meta = super::snapshot_file::write(&self.tables, &mut f, id)?;
+            f.sync_all().map_err(write_err)?;
+            Ok((meta, f))
+        });
+        let (meta, f) = match built {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
         };
-        let data = bincode::serialize(&SnapshotFile {
-            meta: meta.clone(),
-            tables,
-        })
-        .map_err(write_err)?;
+        let bytes = f.metadata().map_or(0, |m| m.len());
         let index = meta.last_log_id.map_or(0, |l| l.index);
-        if !self.guard.write(&self.path, &data, index)? {
+        // `f` stays readable for the caller whether or not its name is kept.
+        if !self.guard.place(&tmp, &self.path, index)? {
             tracing::info!(last = ?meta.last_log_id, "a newer snapshot was installed meanwhile; keeping it");
         }
-        tracing::info!(last = ?meta.last_log_id, bytes = data.len(), "built snapshot");
+        tracing::info!(last = ?meta.last_log_id, bytes, "built snapshot");
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(rewound(f)?),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db;
+
+    /// A stop in the middle of a snapshot install leaves the tables half replaced; the next
+    /// start installs the kept `snapshot.bin` again before anything reads them.
+    #[test]
+    fn an_interrupted_install_is_finished_at_the_next_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = Tables {
+            db: db::open(&dir.path().join("src")).expect("open"),
+        };
+        src.replace_rows(&[(db::CF_VOLUMES, b"www".to_vec(), b"v".to_vec())])
+            .expect("row");
+        let path = dir.path().join("snapshot.bin");
+        let f = std::fs::File::create(&path).expect("create");
+        super::super::snapshot_file::write(&src, f, |_| "s".into()).expect("write");
+
+        let dst = Tables {
+            db: db::open(&dir.path().join("dst")).expect("open"),
+        };
+        dst.replace_rows(&[(db::CF_OBJECTS, b"old".to_vec(), b"o".to_vec())])
+            .expect("row");
+        dst.replace_start().expect("start, then the server stops");
+        let (_sm, applied) = StateMachine::new(dst.clone(), path).expect("start");
+        assert!(!applied.tables.replace_pending().expect("marker"));
+        assert_eq!(
+            applied.tables.row_counts().expect("rows"),
+            src.row_counts().expect("rows")
+        );
     }
 }

@@ -303,9 +303,5 @@ async fn bench() -> Result<Vec<String>> {
 }
 
 fn main() -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    for line in rt.block_on(bench())? {
-        println!("{line}");
-    }
-    Ok(())
+    codafs_benches::print_report(bench)
 }

@@ -39,6 +39,15 @@ pub fn relpath(i: usize) -> String {
     format!("d{:02}/page{i:05}.html", i % 50)
 }
 
+/// Runs a bench's async body on a multi-threaded runtime and prints the report lines it returns.
+pub fn print_report<F: std::future::Future<Output = Result<Vec<String>>>>(bench: impl FnOnce() -> F) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    for line in rt.block_on(bench())? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
 /// Calls `op` in batches of 64 until `run` has passed; returns how many calls were made.
 pub fn count_for(run: std::time::Duration, mut op: impl FnMut() -> std::io::Result<()>) -> std::io::Result<u64> {
     let start = std::time::Instant::now();

@@ -346,6 +346,7 @@ pub struct SnapshotBuilder {
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StoreErr> {
         // Written straight into a new file from one RocksDB snapshot, row by row.
+        let started = std::time::Instant::now();
         let id = |l: Option<LogId<NodeId>>| format!("{}-{}", l.map_or(0, |l| l.index), codafs_common::now_ns());
         let tmp = self.path.with_extension(format!("build.{}", codafs_common::now_ns()));
         let built = create_private(&tmp).map_err(write_err).and_then(|mut f| {
@@ -366,7 +367,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         if !self.guard.place(&tmp, &self.path, index)? {
             tracing::info!(last = ?meta.last_log_id, "a newer snapshot was installed meanwhile; keeping it");
         }
-        tracing::info!(last = ?meta.last_log_id, bytes, "built snapshot");
+        let ms = started.elapsed().as_millis() as u64;
+        tracing::info!(last = ?meta.last_log_id, bytes, ms, "built snapshot");
         Ok(Snapshot {
             meta,
             snapshot: Box::new(rewound(f)?),

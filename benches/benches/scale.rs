@@ -1,0 +1,196 @@
+//! One big volume (issue #14, scale): `SCALE_FILES` tiny files (default 200,000; the issue's
+//! figure is 1,000,000) in directories of 1,000, published through the client library in
+//! commits of 5,000 files, into 2 data servers + 1 witness that build a snapshot every 10 log
+//! entries. Reported:
+//! - the publish rate;
+//! - each server's resident memory now and at its peak (snapshots included), and its directory
+//!   on disk, against the content's size;
+//! - the size of the last snapshot and how long building it took (from the server's log);
+//! - a full `find` through a new mount (empty cache) and again (warm), against `find` of the same
+//!   tree on local disk with the kernel's caches dropped and again;
+//! - the mount daemon's resident memory after the walks.
+//!
+//! Run: `cargo build --bin codafs && SCALE_FILES=200000 cargo bench -p codafs-benches --profile dev --bench scale`
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use codafs_benches::drop_caches;
+use codafs_client::ops;
+use codafs_tests::{ClusterOpts, Mount, TestCluster};
+use futures::StreamExt;
+
+/// Files per directory and per commit.
+const PER_DIR: usize = 1000;
+const PER_COMMIT: usize = 5000;
+
+/// The content of file `i` (about 100 bytes, all different).
+fn content(i: usize) -> Vec<u8> {
+    format!("<p>file {i}</p>{}\n", "x".repeat(i % 80)).into_bytes()
+}
+
+fn path_of(i: usize) -> String {
+    format!("d{:04}/f{i:07}.html", i / PER_DIR)
+}
+
+/// `VmRSS` and `VmHWM` of process `pid`, MiB.
+fn rss_mib(pid: u32) -> Result<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Result<f64> {
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
+        let kb: f64 = line.split_whitespace().nth(1).context("a value")?.parse()?;
+        Ok(kb / 1024.0)
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Disk used under `dir`, MiB (`du`, as an operator would look).
+fn du_mib(dir: &Path) -> Result<f64> {
+    let out = Command::new("du").arg("-sk").arg(dir).output()?;
+    let kb: f64 = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .context("du output")?
+        .parse()?;
+    Ok(kb / 1024.0)
+}
+
+/// Runs `find DIR` and returns (entries, seconds).
+fn find(dir: &Path) -> Result<(usize, f64)> {
+    let start = Instant::now();
+    let out = Command::new("find").arg(dir).output()?;
+    if !out.status.success() {
+        bail!("find {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((
+        out.stdout.iter().filter(|b| **b == b'\n').count(),
+        start.elapsed().as_secs_f64(),
+    ))
+}
+
+/// The last "built snapshot" line of a server log: (bytes, ms).
+fn last_snapshot(log: &str) -> Option<(u64, u64)> {
+    let line = log.lines().rev().find(|l| l.contains("built snapshot"))?;
+    let field = |name: &str| -> Option<u64> {
+        let rest = line.split(&format!("{name}=")).nth(1)?;
+        rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    };
+    Some((field("bytes")?, field("ms")?))
+}
+
+async fn bench() -> Result<Vec<String>> {
+    let files: usize = std::env::var("SCALE_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let tc = TestCluster::start(ClusterOpts::new(2, 1).arg("--snapshot-every", "10")).await?;
+    tc.create_volume("www", 2).await?;
+    let c = tc.client();
+    let local = tempfile::tempdir()?;
+    let mut content_bytes = 0usize;
+    let start = Instant::now();
+    for first in (0..files).step_by(PER_COMMIT) {
+        let last = (first + PER_COMMIT).min(files);
+        let mut batch = Vec::new();
+        for d in (first / PER_DIR)..last.div_ceil(PER_DIR) {
+            if d * PER_DIR >= first {
+                batch.push(ops::dir(&format!("d{d:04}"), 0o755));
+                std::fs::create_dir_all(local.path().join(format!("d{d:04}")))?;
+            }
+        }
+        let mut blobs = Vec::new();
+        for i in first..last {
+            let data = content(i);
+            content_bytes += data.len();
+            std::fs::write(local.path().join(path_of(i)), &data)?;
+            batch.push(ops::file(&path_of(i), &data, 0o644));
+            blobs.push(data);
+        }
+        let mut puts = futures::stream::iter(
+            blobs
+                .chunks(200)
+                .map(|b| {
+                    let b: Vec<_> = b
+                        .iter()
+                        .map(|d| (codafs_common::Hash::of(d), bytes::Bytes::copy_from_slice(d)))
+                        .collect();
+                    b
+                })
+                .map(|b| {
+                    let c = &c;
+                    async move { c.put_small(&b, 2).await }
+                }),
+        )
+        .buffer_unordered(8);
+        while let Some(r) = puts.next().await {
+            r?;
+        }
+        c.commit(ops::commit("www", batch)).await?;
+    }
+    let upload = start.elapsed().as_secs_f64();
+    // A few more entries so the last snapshot holds the whole tree.
+    for i in 0..12 {
+        let op = ops::dir(&format!("extra{i}"), 0o755);
+        c.commit(ops::commit("www", vec![op])).await?;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+
+    let mut out = vec![
+        format!(
+            "{files} files of about 100 B ({:.1} MiB of content) in {} directories; 2 data servers + 1 witness, a snapshot every 10 entries.",
+            content_bytes as f64 / 1048576.0,
+            files.div_ceil(PER_DIR)
+        ),
+        format!(
+            "Publish through the client library, 5,000 files per commit: {upload:.1} s ({:.0} files/s).",
+            files as f64 / upload
+        ),
+        String::new(),
+        "| server | RSS now, MiB | RSS peak, MiB | directory on disk, MiB | last snapshot, MiB | built in, ms |".into(),
+        "|---|---|---|---|---|---|".into(),
+    ];
+    for s in &tc.servers {
+        let (rss, peak) = rss_mib(s.pid().context("server pid")?)?;
+        let (bytes, ms) = last_snapshot(&s.log()).unwrap_or((0, 0));
+        out.push(format!(
+            "| {}{} | {rss:.0} | {peak:.0} | {:.0} | {:.1} | {ms} |",
+            s.addr,
+            if s.witness { " (witness)" } else { "" },
+            du_mib(&s.dir)?,
+            bytes as f64 / 1048576.0
+        ));
+    }
+
+    drop_caches()?;
+    let (n_local, cold_local) = find(local.path())?;
+    let (_, warm_local) = find(local.path())?;
+    let dir = tempfile::tempdir()?;
+    let m = Mount::start(&tc.client_args(), dir.path(), "web", &["--read-only"])?;
+    let www = m.path.join("www");
+    let (n_coda, cold_coda) = find(&www)?;
+    let (_, warm_coda) = find(&www)?;
+    let (mount_rss, _) = rss_mib(m.pid().context("mount pid")?)?;
+    out.push(String::new());
+    out.push("| `find` of the whole tree | /coda | local disk | ratio |".into());
+    out.push("|---|---|---|---|".into());
+    out.push(format!(
+        "| cold (new mount, empty cache / caches dropped), s | {cold_coda:.2} | {cold_local:.2} | {:.2} |",
+        cold_coda / cold_local
+    ));
+    out.push(format!(
+        "| warm, s | {warm_coda:.2} | {warm_local:.2} | {:.2} |",
+        warm_coda / warm_local
+    ));
+    out.push(format!(
+        "Entries found: {n_coda} through /coda, {n_local} locally. Mount daemon RSS after the walks: {mount_rss:.0} MiB."
+    ));
+    Ok(out)
+}
+
+fn main() -> Result<()> {
+    codafs_benches::print_report(bench)
+}

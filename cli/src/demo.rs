@@ -226,7 +226,7 @@ pub(crate) async fn start(dir: &Path, mount: &Path, tell: bool) -> Result<Demo> 
     std::fs::write(dir.join("client.toml"), bundle.to_toml())?;
     // Addresses and the CA certificate only: public, like any client config.
     set_mode(&dir.join("client.toml"), 0o644)?;
-    start_mount(&dir, "mount", mnt, &mut children).await?;
+    start_mount(&dir, "mount", mnt, &[], &mut children).await?;
     Ok(Demo {
         children,
         addrs,
@@ -239,7 +239,13 @@ pub(crate) async fn start(dir: &Path, mount: &Path, tell: bool) -> Result<Demo> 
 
 /// Starts a mount of the demo cluster (client.toml in `dir`, cache `dir/cache-NAME`, log
 /// `dir/NAME.log`) at `mnt`, added to `children`; returns when it is ready.
-pub(crate) async fn start_mount(dir: &Path, name: &str, mnt: &Path, children: &mut Children) -> Result<()> {
+pub(crate) async fn start_mount(
+    dir: &Path,
+    name: &str,
+    mnt: &Path,
+    extra: &[&str],
+    children: &mut Children,
+) -> Result<()> {
     let cache = if name == "mount" {
         "cache".to_string()
     } else {
@@ -256,6 +262,7 @@ pub(crate) async fn start_mount(dir: &Path, name: &str, mnt: &Path, children: &m
     ];
     mount_args.push("--cache-size".into());
     mount_args.push("1G".into());
+    mount_args.extend(extra.iter().map(|x| x.to_string()));
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
     let mut mount = Command::new(std::env::current_exe()?)
         .args(&mount_args)

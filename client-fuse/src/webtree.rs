@@ -97,3 +97,19 @@ pub fn write_web_tree(local: &Path, n: usize) -> std::io::Result<WebTree> {
     }
     Ok(WebTree { sizes })
 }
+
+/// A minimal nginx configuration serving `root` on 127.0.0.1:`port`, with its pid, logs and
+/// temporary files under `dir` (its prefix), so it runs beside any system nginx, also as root.
+/// Shared by `codafs bench` and the web-farm test.
+pub fn nginx_conf(dir: &Path, port: u16, root: &Path, connections: usize) -> String {
+    let t = dir.join("tmp").display().to_string();
+    format!(
+        "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+         events {{ worker_connections {connections}; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {t}/body;\n  proxy_temp_path {t}/proxy;\n\
+         fastcgi_temp_path {t}/fastcgi;\n  uwsgi_temp_path {t}/uwsgi;\n  scgi_temp_path {t}/scgi;\n\
+         server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
+        d = dir.display(),
+        root = root.display(),
+    )
+}

@@ -19,7 +19,7 @@ pub(crate) async fn run(ctx: &mut Ctx, report: &mut Report) -> Result<()> {
         let dir = ctx.work.join("cluster");
         for k in 1..ctx.observers {
             let m = ctx.work.join(format!("observer{k}"));
-            crate::demo::start_mount(&dir, &format!("observer{k}"), &m, &mut d.children).await?;
+            crate::demo::start_mount(&dir, &format!("observer{k}"), &m, &["--read-only"], &mut d.children).await?;
             mounts.push(std::fs::canonicalize(&m)?);
         }
     }

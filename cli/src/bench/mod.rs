@@ -55,7 +55,8 @@ pub struct BenchArgs {
     /// needs an admin or writer credential: see --credential).
     #[arg(long, requires = "mount")]
     volume: Option<String>,
-    /// With --demo: where to mount (default: a directory inside the work directory).
+    /// With --demo: where to put the writable mount (default: a directory inside the work
+    /// directory). The reads are measured on a `--read-only` mount in the work directory.
     #[arg(long)]
     mount_dir: Option<PathBuf>,
     /// Work directory for the local copy, servers and caches (default: a new temporary
@@ -232,14 +233,19 @@ async fn setup(a: &BenchArgs, work: &Path) -> Result<Ctx> {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let mount = a.mount_dir.clone().unwrap_or_else(|| work.join("mnt"));
-        let d = crate::demo::start(&dir, &mount, false).await?;
+        let mut d = crate::demo::start(&dir, &mount, false).await?;
+        // Reads are measured on a `--read-only` mount, what a web node runs; the demo's own
+        // (writable) mount is used for the copy-in of the publish section.
+        let reader = work.join("reader");
+        crate::demo::start_mount(&dir, "reader", &reader, &["--read-only"], &mut d.children).await?;
+        let reader = std::fs::canonicalize(&reader)?;
         let c = Cluster::new(&d.addrs, d.tls.clone(), Some(d.token.clone()))?;
         // Our uid writes through this mount (and only this one) with the admin token.
         let (_, v) = crate::mount::ask_mount(&d.mnt, &format!("login {}", d.token), Duration::from_secs(10))?;
         if let Some(e) = v["error"].as_str() {
             bail!("the bench's mount refused the admin token: {e}");
         }
-        (d.mnt.clone(), "www".to_string(), Some(c), Some(d))
+        (reader, "www".to_string(), Some(c), Some(d))
     } else {
         let mnt = a.mount.clone().context("--mount")?;
         let vol = a.volume.clone().context("--volume")?;

@@ -71,7 +71,7 @@ pub(crate) async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     let mut notes = Vec::new();
     match ctx.demo.as_ref() {
         Some(d) => {
-            let target = ctx.mnt.join(&ctx.volume).join(format!("{sub}-cp"));
+            let target = d.mnt.join(&ctx.volume).join(format!("{sub}-cp"));
             let local = timed_local_copy(ctx, "copy-2")?;
             let src = ctx.local.clone();
             let mnt = d.mnt.clone();

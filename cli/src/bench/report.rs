@@ -126,7 +126,16 @@ impl Report {
         println!("codafs bench: {}", self.config);
         println!("| section | measurement | mount | local | ratio (median of rounds) |");
         println!("|---|---|---|---|---|");
-        let f = |v: Option<f64>| v.map_or("–".to_string(), |x| format!("{x:.1}"));
+        // Latencies of local reads are microseconds: small values keep their significant digits.
+        let f = |v: Option<f64>| {
+            v.map_or("–".to_string(), |x| {
+                if x.abs() < 10.0 {
+                    format!("{x:.4}")
+                } else {
+                    format!("{x:.1}")
+                }
+            })
+        };
         for s in &self.sections {
             if s.status != "ran" {
                 println!("| {} | {} | | | |", s.name, s.status);

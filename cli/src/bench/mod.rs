@@ -24,25 +24,12 @@ use report::Report;
 /// The sections, in the order they run.
 const SECTIONS: &[&str] = &["web", "http", "publish", "callbacks", "failover"];
 
-/// Benchmark codafs against local disk on this machine.
-///
-/// Sections (all by default; choose with --only):
-///   web        warm open+read+close ops/s, MB/s and latency p50/p99, stat ops/s, first-read
-///              MB/s with empty kernel caches, and the mount's cache hit ratio; the same
-///              Zipf workload on a local copy of the tree in alternating rounds, with the
-///              paired ratios (mount/local) per round and their median.
-///   http       two nginx instances (one serving the mount, one the local copy) driven by a
-///              built-in keep-alive HTTP/1.1 load generator: req/s, latency p50/p99, ratios.
-///   publish    `upload` files/s of a fresh copy of the tree against a local recursive copy;
-///              with --demo also copying the tree into a writable mount.
-///   callbacks  a writer commits a new version of a file; time until M mounts see it (p50/p99).
-///   failover   (--demo only) kill -9 the Raft leader, then a data server, during continuous
-///              reads and writes: time until reads and writes succeed again.
-///
-/// Output: a table on stdout (--json: JSON instead); --out DIR also writes bench.json and
-/// bench.svg (latency CDF of warm reads, bars of the paired ratios).
+/// What each section measures, shown by `codafs bench --help` after the flags.
+const SECTIONS_HELP: &str = "Sections (all by default; choose with --only):\n  web        warm open+read+close ops/s, MB/s and latency p50/p99, stat ops/s, first-read\n             MB/s with empty kernel caches, and the mount's cache hit ratio; the same\n             Zipf workload on a local copy of the tree in alternating rounds, with the\n             paired ratios (mount/local) per round and their median.\n  http       two nginx instances (one serving the mount, one the local copy) driven by a\n             built-in keep-alive HTTP/1.1 load generator: req/s, latency p50/p99, ratios.\n  publish    `upload` files/s of a fresh copy of the tree against a local recursive copy;\n             with --demo also copying the tree into a writable mount.\n  callbacks  a writer commits a new version of a file; time until M mounts see it (p50/p99).\n  failover   (--demo only) kill -9 the Raft leader, then a data server, during continuous\n             reads and writes: time until reads and writes succeed again.\n\nOutput: a table on stdout (--json: JSON instead); --out DIR also writes bench.json and\nbench.svg (latency CDF of warm reads, bars of the paired ratios).";
+
+/// `codafs bench`'s flags.
 #[derive(Args, Clone)]
-#[command(verbatim_doc_comment)]
+#[command(after_help = SECTIONS_HELP)]
 pub struct BenchArgs {
     /// Start a throw-away loopback cluster (2 data servers + 1 witness), a volume and mounts in a
     /// temporary directory, and stop everything at the end (also on errors and Ctrl-C).

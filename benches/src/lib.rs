@@ -6,38 +6,11 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use codafs_client::ops;
 use codafs_tests::TestCluster;
-use rand::{Rng, SeedableRng};
 
 /// Files in the web tree, spread over 50 directories.
 pub const FILES: usize = 5000;
 
-/// Web-like sizes: log-normal around 8 KiB, from 200 B to 1 MiB.
-fn size_of(rng: &mut rand::rngs::StdRng) -> usize {
-    // Box-Muller normal sample.
-    let (u1, u2): (f64, f64) = (rng.gen_range(1e-9..1.0), rng.gen());
-    let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-    ((8192.0 * (1.1 * z).exp()) as usize).clamp(200, 1 << 20)
-}
-
-/// Cumulative Zipf(s) distribution over `n` ranks.
-pub fn zipf_cdf(n: usize, s: f64) -> Vec<f64> {
-    let mut acc = 0.0;
-    let mut cdf: Vec<f64> = (1..=n)
-        .map(|k| {
-            acc += 1.0 / (k as f64).powf(s);
-            acc
-        })
-        .collect();
-    for v in &mut cdf {
-        *v /= acc;
-    }
-    cdf
-}
-
-/// The path of file `i` inside the tree.
-pub fn relpath(i: usize) -> String {
-    format!("d{:02}/page{i:05}.html", i % 50)
-}
+pub use codafs_client::webtree::{relpath, zipf_cdf, WebTree};
 
 /// Runs a bench's async body on a multi-threaded runtime and prints the report lines it returns.
 pub fn print_report<F: std::future::Future<Output = Result<Vec<String>>>>(bench: impl FnOnce() -> F) -> Result<()> {
@@ -75,51 +48,12 @@ pub fn sum_counts(handles: Vec<std::thread::ScopedJoinHandle<'_, std::io::Result
 
 /// Opens, reads whole and closes a file.
 pub fn open_read_close(p: &Path) -> std::io::Result<()> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(p)?;
-    let mut buf = [0u8; 64 * 1024];
-    while f.read(&mut buf)? > 0 {}
-    Ok(())
-}
-
-/// The published tree's sizes.
-pub struct WebTree {
-    pub sizes: Vec<usize>,
-}
-
-impl WebTree {
-    pub fn median(&self) -> usize {
-        let mut sorted = self.sizes.clone();
-        sorted.sort_unstable();
-        sorted[sorted.len() / 2]
-    }
-
-    pub fn total_bytes(&self) -> usize {
-        self.sizes.iter().sum()
-    }
-}
-
-/// The web tree's files in order: (relative path, content).
-fn web_files() -> impl Iterator<Item = (String, Vec<u8>)> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-    (0..FILES).map(move |i| {
-        let n = size_of(&mut rng);
-        let data: Vec<u8> = (0..n).map(|j| b"abcdefghij<>/ \n"[(i + j) % 15]).collect();
-        (relpath(i), data)
-    })
+    codafs_client::webtree::open_read_close(p).map(drop)
 }
 
 /// Writes the web tree to `local` (50 directories of files).
 pub fn write_web_tree(local: &Path) -> Result<WebTree> {
-    for d in 0..50 {
-        std::fs::create_dir_all(local.join(format!("d{d:02}")))?;
-    }
-    let mut sizes = Vec::new();
-    for (path, data) in web_files() {
-        sizes.push(data.len());
-        std::fs::write(local.join(path), &data)?;
-    }
-    Ok(WebTree { sizes })
+    Ok(codafs_client::webtree::write_web_tree(local, FILES)?)
 }
 
 /// Writes the web tree to `local` and publishes the same files to volume `www` in one commit.
@@ -128,7 +62,7 @@ pub async fn publish_web_tree(tc: &TestCluster, local: &Path) -> Result<WebTree>
     let tree = write_web_tree(local)?;
     let mut batch: Vec<_> = (0..50).map(|d| ops::dir(&format!("d{d:02}"), 0o755)).collect();
     let mut blobs = Vec::new();
-    for (path, data) in web_files() {
+    for (path, data) in codafs_client::webtree::web_files(FILES) {
         batch.push(ops::file(&path, &data, 0o644));
         blobs.push(bytes::Bytes::from(data));
     }

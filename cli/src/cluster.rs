@@ -676,6 +676,26 @@ async fn servers(client: &ClientOpts) -> Result<pb::ServerList> {
 }
 
 pub fn init(dir: &Path, listen: String, advertise: Option<String>, admin: &str, insecure: bool) -> Result<()> {
+    init_server(dir, listen, advertise, admin, insecure, true)
+}
+
+/// [`init`], printing what it made only if `tell` (`codafs bench --json` keeps stdout for its
+/// report).
+pub fn init_server(
+    dir: &Path,
+    listen: String,
+    advertise: Option<String>,
+    admin: &str,
+    insecure: bool,
+    tell: bool,
+) -> Result<()> {
+    macro_rules! say {
+        ($($t:tt)*) => {
+            if tell {
+                println!($($t)*)
+            }
+        };
+    }
     if ServerConfig::load(dir)?.is_some() {
         bail!(
             "{} already holds a server; refusing to initialise over it",
@@ -716,24 +736,24 @@ pub fn init(dir: &Path, listen: String, advertise: Option<String>, admin: &str, 
     let bundle = ClientBundle::new(cluster_id.clone(), vec![cfg.advertised().to_string()], &tls);
     std::fs::write(dir.join("client.toml"), bundle.to_toml())?;
     cfg.save(dir)?;
-    println!("initialised cluster {cluster_id} in {}", dir.display());
-    println!("  start it:          codafs server --dir {}", dir.display());
-    println!(
+    say!("initialised cluster {cluster_id} in {}", dir.display());
+    say!("  start it:          codafs server --dir {}", dir.display());
+    say!(
         "  admin credential:  {} (valid {ADMIN_TOKEN_DAYS} days: give {admin} a password with `codafs user passwd {admin}`, then `codafs login {admin}`)",
         dir.join(ADMIN_CREDENTIAL_FILE).display()
     );
-    println!("  client config:     {}", dir.join("client.toml").display());
+    say!("  client config:     {}", dir.join("client.toml").display());
     if insecure {
         eprintln!(
             "codafs: WARNING: this cluster runs WITHOUT TLS (--insecure): traffic is unencrypted and unauthenticated"
         );
     } else {
         let tls_dir = dir.join(codafs_server::tls::TLS_DIR);
-        println!(
+        say!(
             "  TLS:               cluster CA and server certificate in {}",
             tls_dir.display()
         );
-        println!(
+        say!(
             "  CA key:            {} (only this server has it; keep an offline copy, see docs/SECURITY.md)",
             tls_dir.join(codafs_server::tls::CA_KEY_FILE).display()
         );

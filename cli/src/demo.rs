@@ -33,8 +33,9 @@ const SITE: &[(&str, &str)] = &[
     ("robots.txt", include_str!("demo_site/robots.txt")),
 ];
 
-/// Children started by the demo, stopped in reverse order on drop (also on errors).
-struct Children(Vec<(String, Child)>, Option<PathBuf>);
+/// Children started by the demo, stopped in reverse order on drop (also on errors); the second
+/// field lists the mountpoints to unmount if their daemon died without doing so.
+pub(crate) struct Children(pub(crate) Vec<(String, Child)>, pub(crate) Vec<PathBuf>);
 
 impl Drop for Children {
     fn drop(&mut self) {
@@ -53,7 +54,7 @@ impl Drop for Children {
                 let _ = c.wait();
             }
         }
-        if let Some(m) = &self.1 {
+        for m in &self.1 {
             // If the mount daemon died without unmounting, do not leave a dead mount behind.
             let mounted = std::fs::read_to_string("/proc/mounts")
                 .unwrap_or_default()
@@ -76,8 +77,11 @@ fn free_port() -> Result<u16> {
     Ok(codafs_common::ports::free_loopback_port()?)
 }
 
-fn spawn(dir: &Path, name: &str, args: &[String]) -> Result<Child> {
-    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+pub(crate) fn spawn(dir: &Path, name: &str, args: &[String]) -> Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.log")))?;
     Command::new(std::env::current_exe()?)
         .args(args)
         .stdin(Stdio::null())
@@ -151,40 +155,33 @@ async fn publish_site(c: &Cluster) -> Result<u64> {
     .version)
 }
 
-pub async fn run(a: DemoArgs) -> Result<()> {
-    let dir = a.dir.clone();
-    if dir.join("demo.env").exists() {
-        let env = std::fs::read_to_string(dir.join("demo.env")).unwrap_or_default();
-        if let Some(pid) = env
-            .lines()
-            .find_map(|l| l.strip_prefix("CODAFS_DEMO_PID="))
-            .and_then(|p| p.parse::<i32>().ok())
-        {
-            if unsafe { libc::kill(pid, 0) } == 0 {
-                bail!(
-                    "a demo is already running from {} (pid {pid}); stop it first",
-                    dir.display()
-                );
-            }
-        }
-    }
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
-    }
-    std::fs::create_dir_all(&dir)?;
-    // Other local users (webmasters trying the demo, pjdfstest's dummy users) read the client
-    // config and demo.env here; what is secret (server dirs, the admin credential, the cache)
-    // sits in 0700 directories below, made so by the servers and the mount themselves.
-    set_mode(&dir, 0o755)?;
-    std::fs::create_dir_all(&a.mount).with_context(|| format!("creating {}", a.mount.display()))?;
-    let mnt = std::fs::canonicalize(&a.mount)?;
-    let mut children = Children(Vec::new(), None);
+/// A running demo cluster and its first mount; everything stops when it is dropped.
+pub(crate) struct Demo {
+    pub(crate) children: Children,
+    /// Servers 1 and 2 (data) and 3 (witness), in the order of `children`.
+    pub(crate) addrs: Vec<String>,
+    pub(crate) tls: Tls,
+    /// The admin token.
+    pub(crate) token: String,
+    pub(crate) mnt: PathBuf,
+    /// `www`'s version after the sample site was published.
+    pub(crate) version: u64,
+}
+
+/// Starts the demo cluster in `dir` (which must exist and be empty): two data servers and a
+/// witness (server directories `dir/s1..s3`, logs `dir/s1.log..`), volume `www` with the sample
+/// site, and a mount at `mount`. `codafs demo` and `codafs bench --demo` share it.
+pub(crate) async fn start(dir: &Path, mount: &Path, tell: bool) -> Result<Demo> {
+    std::fs::create_dir_all(mount).with_context(|| format!("creating {}", mount.display()))?;
+    let mnt = &std::fs::canonicalize(mount)?;
+    let dir = dir.to_path_buf();
+    let mut children = Children(Vec::new(), Vec::new());
 
     let addrs: Vec<String> = (0..3)
         .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
         .collect::<Result<_>>()?;
     let sdir = |i: usize| dir.join(format!("s{}", i + 1));
-    crate::cluster::init(&sdir(0), addrs[0].clone(), None, "admin", false)?;
+    crate::cluster::init_server(&sdir(0), addrs[0].clone(), None, "admin", false, tell)?;
     let tls = Tls::ca(codafs_server::tls::ca_cert_of(&sdir(0))?);
     let s = |i: usize, extra: &[&str]| {
         let mut v = vec![
@@ -215,7 +212,7 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     ));
     wait_voters(&addrs[0], &tls, &token, 3, &mut children, &dir).await?;
 
-    let c = Cluster::new(&addrs, tls.clone(), Some(token))?;
+    let c = Cluster::new(&addrs, tls.clone(), Some(token.clone()))?;
     let spec = pb::VolumeSpec {
         name: "www".into(),
         public_read: true,
@@ -229,18 +226,44 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     std::fs::write(dir.join("client.toml"), bundle.to_toml())?;
     // Addresses and the CA certificate only: public, like any client config.
     set_mode(&dir.join("client.toml"), 0o644)?;
+    start_mount(&dir, "mount", mnt, &[], &mut children).await?;
+    Ok(Demo {
+        children,
+        addrs,
+        tls,
+        token,
+        mnt: mnt.to_path_buf(),
+        version,
+    })
+}
+
+/// Starts a mount of the demo cluster (client.toml in `dir`, cache `dir/cache-NAME`, log
+/// `dir/NAME.log`) at `mnt`, added to `children`; returns when it is ready.
+pub(crate) async fn start_mount(
+    dir: &Path,
+    name: &str,
+    mnt: &Path,
+    extra: &[&str],
+    children: &mut Children,
+) -> Result<()> {
+    let cache = if name == "mount" {
+        "cache".to_string()
+    } else {
+        format!("cache-{name}")
+    };
     let mut mount_args = vec![
         "mount".to_string(),
         mnt.display().to_string(),
         "--foreground".into(),
         "--cache-dir".into(),
-        dir.join("cache").display().to_string(),
+        dir.join(cache).display().to_string(),
         "--config".into(),
         dir.join("client.toml").display().to_string(),
     ];
     mount_args.push("--cache-size".into());
     mount_args.push("1G".into());
-    let log = std::fs::File::create(dir.join("mount.log"))?;
+    mount_args.extend(extra.iter().map(|x| x.to_string()));
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
     let mut mount = Command::new(std::env::current_exe()?)
         .args(&mount_args)
         .env("CODAFS_NOTIFY_READY", "1")
@@ -250,8 +273,8 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         .spawn()
         .context("starting the mount")?;
     let stdout = mount.stdout.take().context("mount stdout")?;
-    children.0.push(("mount".into(), mount));
-    children.1 = Some(mnt.clone());
+    children.0.push((name.to_string(), mount));
+    children.1.push(mnt.to_path_buf());
     let ready = tokio::task::spawn_blocking(move || {
         let mut line = String::new();
         let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
@@ -259,9 +282,43 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     });
     match tokio::time::timeout(Duration::from_secs(30), ready).await {
         Ok(Ok(l)) if l.trim() == "codafs-mount-ready" => {}
-        _ => bail!("the mount did not come up (see {})", dir.join("mount.log").display()),
+        _ => bail!(
+            "the mount did not come up (see {})",
+            dir.join(format!("{name}.log")).display()
+        ),
     }
 
+    Ok(())
+}
+
+pub async fn run(a: DemoArgs) -> Result<()> {
+    let dir = a.dir.clone();
+    if dir.join("demo.env").exists() {
+        let env = std::fs::read_to_string(dir.join("demo.env")).unwrap_or_default();
+        if let Some(pid) = env
+            .lines()
+            .find_map(|l| l.strip_prefix("CODAFS_DEMO_PID="))
+            .and_then(|p| p.parse::<i32>().ok())
+        {
+            if unsafe { libc::kill(pid, 0) } == 0 {
+                bail!(
+                    "a demo is already running from {} (pid {pid}); stop it first",
+                    dir.display()
+                );
+            }
+        }
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    // Other local users (webmasters trying the demo, pjdfstest's dummy users) read the client
+    // config and demo.env here; what is secret (server dirs, the admin credential, the cache)
+    // sits in 0700 directories below, made so by the servers and the mount themselves.
+    set_mode(&dir, 0o755)?;
+    let d = start(&dir, &a.mount, true).await?;
+    let (children, addrs, mnt, version) = (d.children, d.addrs, d.mnt, d.version);
+    let sdir = |i: usize| dir.join(format!("s{}", i + 1));
     let pids: Vec<String> = children.0.iter().map(|(_, c)| c.id().to_string()).collect();
     let env = format!(
         "CODAFS_DEMO_PID={}\nCODAFS_SERVERS={}\nCODAFS_CONFIG={}\nCODAFS_CREDENTIAL={}\nCODAFS_MOUNT={}\nCODAFS_SERVER_PIDS={}\nCODAFS_MOUNT_PID={}\nCODAFS_SERVER_DIRS={}\n",

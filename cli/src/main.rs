@@ -1,5 +1,6 @@
 //! The `codafs` command: one binary for servers, cluster and volume administration and status.
 //! Errors print one line (`codafs: …`) and exit 1; nothing here panics on bad input.
+mod bench;
 mod cluster;
 mod demo;
 mod fstab;
@@ -51,6 +52,9 @@ enum Cmd {
     /// Start a local demo: 2 data servers + 1 witness on loopback, volume `www` with a sample
     /// site, mounted at /coda. Stays in the foreground; Ctrl-C stops everything.
     Demo(demo::DemoArgs),
+    /// Benchmark codafs against local disk on this machine (web reads, nginx, publish,
+    /// callbacks, failover); see `codafs bench --help`.
+    Bench(Box<bench::BenchArgs>),
     /// Mount the cluster's volumes (one directory per volume) at MOUNTPOINT.
     Mount(mount::MountArgs),
     /// Pull a volume or subtree of a mount into the cache (warm a node before it serves).
@@ -147,6 +151,7 @@ fn run_async(cmd: Cmd) -> anyhow::Result<()> {
             Cmd::Logout => user::logout(),
             Cmd::Upload(a) => upload::run(a).await,
             Cmd::Demo(a) => demo::run(a).await,
+            Cmd::Bench(a) => bench::run(*a).await,
             Cmd::Mount(_) | Cmd::Prefetch(_) | Cmd::Completions { .. } | Cmd::Sync { .. } => {
                 anyhow::bail!("internal error: mount, prefetch and completions run outside the runtime")
             }

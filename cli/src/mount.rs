@@ -222,7 +222,7 @@ fn control_request_within(sock: &Path, line: &str, limit: Duration) -> Result<se
 
 /// Sends `line` to the mount at `mnt`, waiting up to `limit`; returns the mountpoint as
 /// resolved and the mount's answer.
-fn ask_mount(mnt: &Path, line: &str, limit: Duration) -> Result<(PathBuf, serde_json::Value)> {
+pub(crate) fn ask_mount(mnt: &Path, line: &str, limit: Duration) -> Result<(PathBuf, serde_json::Value)> {
     let mnt = std::fs::canonicalize(mnt).with_context(|| format!("{}", mnt.display()))?;
     let sock = control_socket(&mnt);
     let reply = control_request_within(&sock, line, limit).with_context(|| {

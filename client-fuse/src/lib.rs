@@ -18,6 +18,7 @@ pub mod tokens;
 pub mod transport;
 pub mod upload;
 pub mod wblog;
+pub mod webtree;
 
 pub use bundle::ClientBundle;
 pub use transport::{ClientError, Cluster};

@@ -29,16 +29,7 @@ impl Nginx {
     fn start(dir: &Path, docroot: &Path) -> Result<Nginx> {
         std::fs::create_dir_all(dir.join("tmp"))?;
         let port = free_port();
-        let t = dir.join("tmp").display().to_string();
-        let conf = format!(
-            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {t}/body;\n  proxy_temp_path {t}/proxy;\n\
-             fastcgi_temp_path {t}/fastcgi;\n  uwsgi_temp_path {t}/uwsgi;\n  scgi_temp_path {t}/scgi;\n\
-             server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
-            d = dir.display(),
-            root = docroot.display(),
-        );
+        let conf = codafs_client::webtree::nginx_conf(dir, port, docroot, 64);
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf)?;
         let child = Command::new("nginx")

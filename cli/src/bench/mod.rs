@@ -259,7 +259,14 @@ async fn setup(a: &BenchArgs, work: &Path) -> Result<Ctx> {
         demo,
         observers: if a.demo { a.observers.max(1) } else { 1 },
     };
-    if ctx.mounted_tree().is_dir() {
+    // A tree left by an earlier run is reused when it has as many files as this run wants.
+    let last = codafs_client::webtree::relpath(ctx.files.saturating_sub(1));
+    if ctx.mounted_tree().join(&last).is_file()
+        && !ctx
+            .mounted_tree()
+            .join(codafs_client::webtree::relpath(ctx.files))
+            .exists()
+    {
         return Ok(ctx);
     }
     let c = ctx

@@ -11,16 +11,42 @@ use codafs_client::Cluster;
 use super::report::{Report, Row};
 use super::Ctx;
 
-/// Publishes `local` into `volume:path` as one commit.
+/// Publishes `local` into `volume:path` as one commit, removing what else is there (a tree
+/// left by a run of another size becomes this run's).
 pub(crate) async fn upload_tree(c: &Cluster, local: &Path, volume: &str, path: &str) -> Result<usize> {
     let opts = UploadOptions {
         volume: volume.into(),
         path: path.into(),
-        delete: false,
+        delete: true,
         dry_run: false,
         parallel: 16,
     };
     Ok(upload(c, local, &opts, &()).await.context("uploading the tree")?.files)
+}
+
+/// Removes `volume:path` and everything under it: an upload of an empty directory with
+/// `delete` empties it, then one commit removes it. So a run against an operator's volume
+/// leaves only the reusable `bench-tree` behind.
+pub(crate) async fn remove_tree(c: &Cluster, work: &Path, volume: &str, path: &str) -> Result<()> {
+    let empty = work.join("empty");
+    std::fs::create_dir_all(&empty)?;
+    let opts = UploadOptions {
+        volume: volume.into(),
+        path: path.into(),
+        delete: true,
+        dry_run: false,
+        parallel: 16,
+    };
+    upload(c, &empty, &opts, &())
+        .await
+        .context("emptying the published copy")?;
+    c.commit(codafs_client::ops::commit(
+        volume,
+        vec![codafs_client::ops::remove(path)],
+    ))
+    .await
+    .with_context(|| format!("removing {volume}:{path}"))?;
+    Ok(())
 }
 
 /// Recursive copy of files and directories (what `cp -r` does for this tree): files copied.
@@ -63,6 +89,7 @@ pub(crate) async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     let t = Instant::now();
     let n = upload_tree(c, &ctx.local, &ctx.volume, &sub).await?;
     let up = n as f64 / t.elapsed().as_secs_f64();
+    remove_tree(c, &ctx.work, &ctx.volume, &sub).await?;
     rows.push(Row::paired(
         "upload of a fresh copy, files/s (local: recursive copy + sync)",
         &[up],
@@ -82,6 +109,7 @@ pub(crate) async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
                 Ok((n, t.elapsed().as_secs_f64()))
             })
             .await??;
+            remove_tree(c, &ctx.work, &ctx.volume, &format!("{sub}-cp")).await?;
             rows.push(Row::paired(
                 "copy into the writable mount + codafs sync, files/s",
                 &[n as f64 / secs],

@@ -30,14 +30,7 @@ pub(crate) async fn upload_tree(c: &Cluster, local: &Path, volume: &str, path: &
 pub(crate) async fn remove_tree(c: &Cluster, work: &Path, volume: &str, path: &str) -> Result<()> {
     let empty = work.join("empty");
     std::fs::create_dir_all(&empty)?;
-    let opts = UploadOptions {
-        volume: volume.into(),
-        path: path.into(),
-        delete: true,
-        dry_run: false,
-        parallel: 16,
-    };
-    upload(c, &empty, &opts, &())
+    upload_tree(c, &empty, volume, path)
         .await
         .context("emptying the published copy")?;
     c.commit(codafs_client::ops::commit(

@@ -17,10 +17,49 @@ pub use codafs_proto::tls::describe;
 /// How long establishing a TCP connection to a peer may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How often failed blob forwards to one peer are logged at WARN while it stays down.
+pub const FORWARD_WARN_EVERY: Duration = Duration::from_secs(60);
+
 /// A pool of channels keyed by address.
 pub struct Peers {
     tls: Tls,
     channels: Mutex<HashMap<String, Channel>>,
+    failing: Mutex<FailureLog>,
+}
+
+/// Which peers blob forwards are failing to, so a down peer costs one WARN line a minute rather
+/// than one per blob (an upload of thousands of files with a data server down).
+#[derive(Default)]
+pub struct FailureLog {
+    /// Per peer: when the last WARN went out, and failures since that were not logged.
+    peers: HashMap<String, (std::time::Instant, u64)>,
+}
+
+impl FailureLog {
+    /// A forward to `addr` failed at `now`: `Some(n)` to log it at WARN now, `n` failures
+    /// having gone unlogged since the last line; `None` to stay quiet.
+    pub fn failed(&mut self, addr: &str, now: std::time::Instant) -> Option<u64> {
+        match self.peers.get_mut(addr) {
+            Some((last, quiet)) if now.duration_since(*last) < FORWARD_WARN_EVERY => {
+                *quiet += 1;
+                None
+            }
+            Some((last, quiet)) => {
+                let n = std::mem::take(quiet);
+                *last = now;
+                Some(n)
+            }
+            None => {
+                self.peers.insert(addr.to_string(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+
+    /// A forward to `addr` worked: whether it had been failing.
+    pub fn worked(&mut self, addr: &str) -> bool {
+        self.peers.remove(addr).is_some()
+    }
 }
 
 impl Peers {
@@ -29,6 +68,31 @@ impl Peers {
         Peers {
             tls,
             channels: Mutex::default(),
+            failing: Mutex::default(),
+        }
+    }
+
+    /// Logs a failed blob forward to `addr`: at WARN for the first failure and then once a
+    /// minute while the peer stays down, at DEBUG otherwise.
+    pub fn forward_failed(&self, addr: &str, error: &dyn std::fmt::Display) {
+        let warn = self
+            .failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .failed(addr, std::time::Instant::now());
+        match warn {
+            Some(0) => tracing::warn!(peer = %addr, %error, "forwarding to a replica failed; repair will retry"),
+            Some(quiet) => {
+                tracing::warn!(peer = %addr, %error, not_logged = quiet, "forwards to this replica still fail; repair will retry")
+            }
+            None => tracing::debug!(peer = %addr, %error, "forwarding to a replica failed"),
+        }
+    }
+
+    /// Notes that a blob forward to `addr` worked (logged once, if it had been failing).
+    pub fn forward_worked(&self, addr: &str) {
+        if self.failing.lock().unwrap_or_else(|p| p.into_inner()).worked(addr) {
+            tracing::info!(peer = %addr, "forwards to this replica work again");
         }
     }
 
@@ -74,5 +138,33 @@ impl Peers {
         Ok(pb::admin_client::AdminClient::new(self.channel(addr)?)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_down_peer_is_logged_once_a_minute_with_what_was_left_out() {
+        let mut log = FailureLog::default();
+        let t0 = std::time::Instant::now();
+        assert_eq!(log.failed("a:1", t0), Some(0), "the first failure is logged");
+        for s in 1..=5 {
+            assert_eq!(log.failed("a:1", t0 + Duration::from_secs(s)), None);
+        }
+        assert_eq!(log.failed("b:2", t0), Some(0), "each peer on its own");
+        assert_eq!(
+            log.failed("a:1", t0 + FORWARD_WARN_EVERY),
+            Some(5),
+            "a minute later, with the count"
+        );
+        assert!(log.worked("a:1"));
+        assert!(!log.worked("a:1"), "only once");
+        assert_eq!(
+            log.failed("a:1", t0 + FORWARD_WARN_EVERY),
+            Some(0),
+            "down again: logged at once"
+        );
     }
 }

@@ -157,10 +157,12 @@ where
     for m in replicas.into_iter().filter(|m| m.id != node.id) {
         let tx = tx.clone();
         let fut = send(m.info.addr.clone());
+        let peers = node.peers.clone();
         forwards.push(node.tasks.spawn("blob forward", async move {
             let r = fut.await;
-            if let Err(e) = &r {
-                tracing::warn!(peer = %m.info.addr, error = %e, "forwarding to a replica failed; repair will retry");
+            match &r {
+                Ok(()) => peers.forward_worked(&m.info.addr),
+                Err(e) => peers.forward_failed(&m.info.addr, e),
             }
             let ok = r.is_ok();
             let _ = tx.send(r).await;

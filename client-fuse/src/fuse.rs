@@ -413,7 +413,8 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         // Read permission was checked when the directory was opened (opendir), as POSIX does.
         let core = self.core.clone();
         self.spawn(tracing::debug_span!("readdir", ino = ino.0, offset), async move {
-            let (r, _view) = core.names_reply(ino.0).await;
+            // Positions 0 and 1 are `.` and `..`; entry k of the listing is position k + 2.
+            let (r, _view) = core.names_reply(ino.0, (offset as usize).saturating_sub(2)).await;
             let entries = match r {
                 Ok(e) => e,
                 Err(e) => return reply.error(errno(&e)),
@@ -422,8 +423,15 @@ impl<R: Remote> Filesystem for CodaFs<R> {
                 (".".to_string(), ino.0, NodeKind::Dir),
                 ("..".to_string(), ino.0, NodeKind::Dir),
             ];
-            for (i, (name, child, kind)) in dots.into_iter().chain(entries).enumerate().skip(offset as usize) {
-                if reply.add(INodeNo(child), (i + 1) as u64, file_type(kind), name) {
+            let first = offset.max(2);
+            let numbered = dots
+                .into_iter()
+                .enumerate()
+                .map(|(i, d)| (i as u64, d))
+                .skip(offset as usize)
+                .chain(entries.into_iter().enumerate().map(|(i, e)| (first + i as u64, e)));
+            for (pos, (name, child, kind)) in numbered {
+                if reply.add(INodeNo(child), pos + 1, file_type(kind), name) {
                     break;
                 }
             }

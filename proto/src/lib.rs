@@ -33,6 +33,10 @@ pub mod limits {
     pub const MAX_READDIR_PAGE: u32 = 8192;
     /// Most operations in one commit.
     pub const MAX_COMMIT_OPS: usize = 200_000;
+    /// Name changes a change event carries (`ChangeEvent.names`); a commit that changes more
+    /// sends none, and mounts read the changed directories again. Bounds an event to about
+    /// 1 MiB of names.
+    pub const MAX_CHANGE_NAMES: usize = 4096;
     /// Most hashes in one `Missing` query.
     pub const MAX_MISSING_QUERY: usize = 100_000;
     /// Copies a blob write waits for when neither the request nor the volume names a quorum.

@@ -13,7 +13,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use crate::fsm::StateView;
+use crate::fsm::{ChangeRec, StateView};
 use crate::grpc::{internal, refuse, ErrorKind};
 use crate::raft::state_machine::{Applied, Notice};
 
@@ -54,6 +54,28 @@ pub fn subscribe(
 
 type Tx = mpsc::Sender<Result<pb::ChangeEvent, Status>>;
 
+/// The event a subscriber gets for change record `c` at `version`.
+fn event(version: u64, c: &ChangeRec) -> pb::ChangeEvent {
+    let names = c.names.as_deref().unwrap_or_default();
+    pb::ChangeEvent {
+        version,
+        inos: c.inos.clone(),
+        dirs: c.dirs.clone(),
+        history_gone: false,
+        names_complete: c.names.is_some(),
+        names: names
+            .iter()
+            .map(|n| pb::NameChange {
+                dir: n.dir,
+                name: n.name.clone(),
+                ino: n.target.map_or(0, |(ino, _)| ino),
+                kind: n.target.map_or(0, |(_, k)| crate::grpc::convert::wire_kind(k) as i32),
+            })
+            .collect(),
+        removed: c.removed.clone(),
+    }
+}
+
 /// Sends the kept history after `cursor` (or `history_gone`); returns the new cursor, or None
 /// when the client has gone.
 async fn catch_up(
@@ -71,9 +93,8 @@ async fn catch_up(
     if cursor < vol.history_floor && cursor < vol.version {
         let ev = pb::ChangeEvent {
             version: vol.version,
-            inos: vec![],
-            dirs: vec![],
             history_gone: true,
+            ..Default::default()
         };
         if tx.send(Ok(ev)).await.is_err() {
             return Ok(None);
@@ -84,13 +105,7 @@ async fn catch_up(
         let page = t.changes_after(vol_id, cursor, BACKLOG_PAGE).map_err(internal)?;
         let n = page.len();
         for (version, c) in page {
-            let ev = pb::ChangeEvent {
-                version,
-                inos: c.inos,
-                dirs: c.dirs,
-                history_gone: false,
-            };
-            if tx.send(Ok(ev)).await.is_err() {
+            if tx.send(Ok(event(version, &c))).await.is_err() {
                 return Ok(None);
             }
             cursor = version;
@@ -128,13 +143,7 @@ async fn run(
                 version,
                 change,
             }) if v == vol_id && version > cursor => {
-                let ev = pb::ChangeEvent {
-                    version,
-                    inos: change.inos.clone(),
-                    dirs: change.dirs.clone(),
-                    history_gone: false,
-                };
-                if tx.send(Ok(ev)).await.is_err() {
+                if tx.send(Ok(event(version, &change))).await.is_err() {
                     return Ok(());
                 }
                 cursor = version;

@@ -199,7 +199,7 @@ impl Tables {
             }
             let mut idx = [0u8; 8];
             idx.copy_from_slice(&k[4..]);
-            out.push((u64::from_be_bytes(idx), decode(&v)?));
+            out.push((u64::from_be_bytes(idx), ChangeRec::decode(&v).map_err(se)?));
         }
         Ok(out)
     }

@@ -17,6 +17,7 @@ use codafs_client::{ops, Cluster};
 use codafs_common::Hash;
 use codafs_proto::pb;
 
+pub mod http;
 pub mod users;
 
 /// Path of the `codafs` binary built by this workspace (next to the test executable's `deps/`).

@@ -5,51 +5,10 @@ use std::os::unix::io::AsRawFd;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use codafs_tests::http::{get, scrape, value};
 use codafs_tests::{
     bounded, codafs_bin, free_port, read_file, wait_output, wait_until, ClusterOpts, Mount, TestCluster,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// One HTTP/1.1 GET on a fresh connection: the status code, the headers and the body.
-async fn get(addr: &str, path: &str) -> Result<(u16, String, String)> {
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        anyhow::Ok(String::from_utf8(buf)?)
-    };
-    let text = tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .with_context(|| format!("GET http://{addr}{path} took over 10 s"))??;
-    let (head, body) = text.split_once("\r\n\r\n").context("no end of headers")?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("no status in {head:?}"))?;
-    Ok((status, head.to_string(), body.to_string()))
-}
-
-/// `GET /metrics` from `addr`, which must answer 200 in the Prometheus text format.
-async fn scrape(addr: &str) -> Result<String> {
-    let (status, head, body) = get(addr, "/metrics").await?;
-    ensure!(status == 200, "GET /metrics at {addr}: {head}\n{body}");
-    ensure!(
-        head.to_ascii_lowercase()
-            .contains("content-type: text/plain; version=0.0.4"),
-        "{head}"
-    );
-    Ok(body)
-}
-
-/// The value of one series, written as the text format writes it: `name` or
-/// `name{label="value"}`. `None` if the scrape has no such series.
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-}
 
 /// [`value`], failing with the scrape when the series is missing.
 fn must(text: &str, series: &str) -> Result<f64> {

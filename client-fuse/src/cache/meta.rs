@@ -24,6 +24,9 @@ const CF_VOLUMES: &str = "volumes";
 /// A name change of a cached listing: (directory, name, new node and kind code; `None`: gone).
 pub type DirPatch = (u64, String, Option<(u64, i32)>);
 
+/// Where each changed name of one directory leads now (`None`: gone), sorted by name.
+type NameChanges<'a> = std::collections::BTreeMap<&'a str, Option<(u64, i32)>>;
+
 /// A directory entry as cached (its attributes are cached separately by node id).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirEnt {
@@ -192,30 +195,40 @@ impl MetaStore {
     }
 
     /// Applies name changes to cached listings (those not cached are left alone), in order:
-    /// each listing is read and written once, however many of its names change.
+    /// each listing is read and written once, however many of its names change. The sorted
+    /// listing and the sorted changes are merged in one pass, so a change to one entry of a
+    /// huge directory costs a copy of its listing, not a rebuild.
     pub fn patch_dirs(&self, patches: &[DirPatch]) -> Result<(), MetaError> {
-        let mut by_dir: HashMap<u64, Vec<&DirPatch>> = HashMap::new();
-        for p in patches {
-            by_dir.entry(p.0).or_default().push(p);
+        // Per directory, each name's last change (later patches win).
+        let mut by_dir: HashMap<u64, NameChanges<'_>> = HashMap::new();
+        for (dir, name, entry) in patches {
+            by_dir.entry(*dir).or_default().insert(name.as_str(), *entry);
         }
         let mut g = self.listings();
         for (dir, changes) in by_dir {
             let Some(listing) = self.listing_locked(&mut g, dir)? else {
                 continue;
             };
-            let mut names: std::collections::BTreeMap<String, (u64, i32)> =
-                listing.iter().map(|e| (e.name.clone(), (e.ino, e.kind))).collect();
-            for (_, name, entry) in changes {
-                match entry {
-                    Some(e) => names.insert(name.clone(), *e),
-                    None => names.remove(name),
-                };
+            // Not shared any more once out of the memory copy (unless a reader holds it).
+            g.remove(dir);
+            let old = Arc::try_unwrap(listing).unwrap_or_else(|shared| shared.as_ref().clone());
+            let mut out = Vec::with_capacity(old.len() + changes.len());
+            let mut old = old.into_iter().peekable();
+            for (name, entry) in changes {
+                while let Some(e) = old.next_if(|e| e.name.as_str() < name) {
+                    out.push(e);
+                }
+                old.next_if(|e| e.name == name);
+                if let Some((ino, kind)) = entry {
+                    out.push(DirEnt {
+                        name: name.to_string(),
+                        ino,
+                        kind,
+                    });
+                }
             }
-            let listing: Vec<DirEnt> = names
-                .into_iter()
-                .map(|(name, (ino, kind))| DirEnt { name, ino, kind })
-                .collect();
-            self.store_listing(&mut g, dir, listing)?;
+            out.extend(old);
+            self.store_listing(&mut g, dir, out)?;
         }
         Ok(())
     }
@@ -358,5 +371,24 @@ mod tests {
             "sorted, later patches win"
         );
         assert_eq!(m.dir(other).unwrap(), None, "a listing not cached stays unknown");
+        // A name past the end, a replaced one, and a removal of a name that is not there; the
+        // stored copy (read back after a reopen) is the patched one.
+        m.patch_dirs(&[
+            (d, "z".into(), Some((11, 2))),
+            (d, "d".into(), Some((12, 1))),
+            (d, "q".into(), None),
+        ])
+        .unwrap();
+        drop(m);
+        let m = MetaStore::open(dir.path()).unwrap();
+        let names: Vec<(String, u64, i32)> = m
+            .dir(d)
+            .unwrap()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.name, e.ino, e.kind))
+            .collect();
+        let want = [("a", 8, 1), ("c", 9, 1), ("d", 12, 1), ("z", 11, 2)];
+        assert_eq!(names, want.map(|(n, i, k)| (n.to_string(), i, k)));
     }
 }

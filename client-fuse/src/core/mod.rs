@@ -629,6 +629,38 @@ impl<R: Remote> Core<R> {
             .collect())
     }
 
+    /// At most `max` entries of a directory from position `skip` on (without `.` and `..`).
+    /// A reply holds what fits the kernel's buffer, and the kernel asks again from where it
+    /// stopped; so each reply is built from a bounded slice of a shared listing, and listing a
+    /// huge directory costs in proportion to its size, not its size times the replies.
+    pub async fn readdir_page(
+        &self,
+        ino: u64,
+        skip: usize,
+        max: usize,
+    ) -> Result<Vec<(String, u64, NodeKind)>, FsError> {
+        if ino == ROOT_INO {
+            return Ok(self.readdir(ino).await?.into_iter().skip(skip).take(max).collect());
+        }
+        let shared = if self.writes.new_dir(ino) || !self.writes.new_names(ino).is_empty() {
+            None
+        } else {
+            self.meta.listing(ino).map_err(Self::io)?
+        };
+        let l = match shared {
+            Some(l) => {
+                self.stats.meta_hits.fetch_add(1, Ordering::Relaxed);
+                l
+            }
+            None => Arc::new(self.listing(ino, false).await?),
+        };
+        Ok(l.iter()
+            .skip(skip)
+            .take(max)
+            .map(|e| (e.name.clone(), e.ino, kind_of(e.kind)))
+            .collect())
+    }
+
     pub async fn readlink(&self, ino: u64) -> Result<String, FsError> {
         let a = self.attr(ino).await?;
         if a.kind != NodeKind::Symlink {

@@ -18,6 +18,14 @@ pub type ViewGuard<'a> = tokio::sync::RwLockReadGuard<'a, ()>;
 /// The kernel, once the mount exists (`None` before, and in tests without one).
 pub type Kernel = Option<Arc<dyn Invalidator>>;
 
+/// Most entries a plain readdir reply is built from (names only: more than a kernel buffer
+/// of the smallest entries holds, so a reply is never short for want of entries).
+pub const NAMES_PER_REPLY: usize = 4096;
+
+/// Most entries a readdirplus reply is built from, each with its attributes. Entries the
+/// reply buffer has no room for are asked for again by the kernel.
+pub const ENTRIES_PER_REPLY: usize = 1024;
+
 impl<R: Remote> Core<R> {
     /// The attributes of `parent`/`name`, for a lookup reply.
     pub async fn lookup_reply(
@@ -43,14 +51,19 @@ impl<R: Remote> Core<R> {
         self.current(|| self.readlink(ino)).await
     }
 
-    /// Directory `ino`'s names (no attributes), for a plain readdir reply. The kernel makes no
+    /// Directory `ino`'s names (no attributes) from entry `skip` on (`.` and `..` not
+    /// counted), at most [`NAMES_PER_REPLY`], for a plain readdir reply. The kernel makes no
     /// names from these.
-    pub async fn names_reply(&self, ino: u64) -> (Result<Vec<(String, u64, NodeKind)>, FsError>, ViewGuard<'_>) {
-        self.current(|| self.readdir(ino)).await
+    pub async fn names_reply(
+        &self,
+        ino: u64,
+        skip: usize,
+    ) -> (Result<Vec<(String, u64, NodeKind)>, FsError>, ViewGuard<'_>) {
+        self.current(|| self.readdir_page(ino, skip, NAMES_PER_REPLY)).await
     }
 
-    /// Directory `ino`'s entries from position `offset` on (0 and 1 are `.` and `..`), with
-    /// their attributes, for a readdirplus reply. Every entry's name is recorded as told: the
+    /// Directory `ino`'s entries from position `offset` on (0 and 1 are `.` and `..`), at most
+    /// [`ENTRIES_PER_REPLY`] with their attributes, for a readdirplus reply. Every entry's name is recorded as told: the
     /// kernel makes a name of each one it takes, and recording one it did not take (the reply
     /// buffer filled first) only costs a needless invalidation later.
     pub async fn listing_reply(
@@ -70,10 +83,12 @@ impl<R: Remote> Core<R> {
 
     /// `.` and `..` (both `ino` itself), then the entries from `offset`.
     async fn listing_from(&self, ino: u64, offset: u64, kernel: &Kernel) -> Result<Vec<(String, NodeAttr)>, FsError> {
-        let entries = self.readdir(ino).await?;
+        let entries = self
+            .readdir_page(ino, (offset as usize).saturating_sub(2), ENTRIES_PER_REPLY)
+            .await?;
         let me = self.getattr(ino).await?;
         let mut all = vec![(".".to_string(), me.clone()), ("..".to_string(), me)];
-        for (name, child, _) in entries.into_iter().skip((offset as usize).saturating_sub(2)) {
+        for (name, child, _) in entries {
             let a = self.shown(self.getattr(child), kernel).await?;
             all.push((name, a));
         }

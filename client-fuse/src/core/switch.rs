@@ -27,12 +27,39 @@ struct NameChanges {
     moved: bool,
 }
 
+/// A changed directory's names after a change, as far as [`Core::name_changes`] needs them.
+enum After {
+    /// The whole listing (read from a server).
+    Listing(HashMap<String, u64>),
+    /// Only the names the change touched, with where each leads now (`None`: removed); every
+    /// other name is unchanged. From the event itself: nothing is read.
+    Touched(HashMap<String, Option<u64>>),
+}
+
+impl After {
+    /// Where `name` leads after the change, given where it led before.
+    fn now(&self, name: &str, before: u64) -> Option<u64> {
+        match self {
+            After::Listing(l) => l.get(name).copied(),
+            After::Touched(t) => t.get(name).copied().unwrap_or(Some(before)),
+        }
+    }
+
+    /// Nodes this knows a name of after the change.
+    fn listed(&self) -> Vec<u64> {
+        match self {
+            After::Listing(l) => l.values().copied().collect(),
+            After::Touched(t) => t.values().flatten().copied().collect(),
+        }
+    }
+}
+
 /// What [`Core::look_ahead`] learnt before a switch.
 #[derive(Default)]
 struct Ahead {
-    /// Listings after the change of the changed directories the kernel holds names in
+    /// Names after the change of the changed directories the kernel holds names in
     /// (`None`: unknown).
-    fresh: HashMap<u64, Option<HashMap<String, u64>>>,
+    fresh: HashMap<u64, Option<After>>,
     /// Nodes that lost a name and are gone from the volume.
     vanished: std::collections::HashSet<u64>,
 }
@@ -322,13 +349,21 @@ impl<R: Remote> Core<R> {
         if foreign {
             for dir in &ev.dirs {
                 if self.told_names_in(*dir) {
-                    ahead
-                        .fresh
-                        .insert(*dir, self.listing_after(*dir, ev.version, deadline).await);
+                    let after = match &ev.names {
+                        Some(names) => Some(self.touched_in(*dir, names)),
+                        None => self.listing_after(*dir, ev.version, deadline).await.map(After::Listing),
+                    };
+                    ahead.fresh.insert(*dir, after);
                 }
             }
         }
         let before = self.name_changes(&ev.dirs, &ahead.fresh);
+        if ev.names.is_some() {
+            // The event says which nodes it deleted: nothing to ask.
+            let removed: std::collections::HashSet<u64> = ev.removed.iter().copied().collect();
+            ahead.vanished = before.gone.into_iter().filter(|i| removed.contains(i)).collect();
+            return ahead;
+        }
         if !before.moved && before.gone.len() <= MAX_GONE_CHECKS {
             use futures::StreamExt;
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -369,7 +404,17 @@ impl<R: Remote> Core<R> {
             inv = self.everything_in(vol.id)?;
             self.meta.forget_volume(vol.id).map_err(Self::io)?;
         } else if !own {
-            self.meta.forget(changed, &ev.dirs).map_err(Self::io)?;
+            match &ev.names {
+                // Cached listings are as of `seen`, so the event's names bring them to its
+                // version, unless a newer commit of this mount already patched them (its event
+                // still to come): those are read again.
+                Some(names) if self.writes.own_floor() <= ev.version => {
+                    self.meta.forget_attrs(changed).map_err(Self::io)?;
+                    self.meta.forget(&ev.removed, &[]).map_err(Self::io)?;
+                    self.meta.patch_dirs(names).map_err(Self::io)?;
+                }
+                _ => self.meta.forget(changed, &ev.dirs).map_err(Self::io)?,
+            }
         }
         // Our own commit's changes are in the cache already: its listings were patched and its
         // attributes forgotten when the reply came (write.rs `commit`, back.rs `after_commit`),
@@ -482,6 +527,20 @@ impl<R: Remote> Core<R> {
         }
     }
 
+    /// The names a change touched in `dir` (from its event), with where each leads now. Names
+    /// this mount made or removed and has not sent yet stay so (write-back).
+    fn touched_in(&self, dir: u64, names: &[crate::cache::meta::DirPatch]) -> After {
+        let mut touched: HashMap<String, Option<u64>> = names
+            .iter()
+            .filter(|(d, _, _)| *d == dir)
+            .map(|(_, name, target)| (name.clone(), target.map(|(ino, _)| ino)))
+            .collect();
+        for (n, now) in self.writes.new_names(dir) {
+            touched.insert(n, now.map(|(ino, _)| ino));
+        }
+        After::Touched(touched)
+    }
+
     /// Whether the kernel was told any name in `dir`.
     fn told_names_in(&self, dir: u64) -> bool {
         self.kernel_names
@@ -524,7 +583,7 @@ impl<R: Remote> Core<R> {
     /// vanished needs nothing at once: the switch dropped the node's attributes, the kernel asks
     /// for them on the next use, gets ESTALE and looks the name up again. Added names need
     /// nothing: the kernel does not keep our "not found" answers.
-    fn name_changes(&self, dirs: &[u64], fresh: &HashMap<u64, Option<HashMap<String, u64>>>) -> NameChanges {
+    fn name_changes(&self, dirs: &[u64], fresh: &HashMap<u64, Option<After>>) -> NameChanges {
         let mut out = NameChanges::default();
         let told = self.kernel_names.lock().unwrap_or_else(|p| p.into_inner());
         let mut listed: std::collections::HashSet<u64> = std::collections::HashSet::new();
@@ -539,12 +598,12 @@ impl<R: Remote> Core<R> {
                 continue;
             };
             for (name, ino) in names {
-                if listing.get(name) != Some(ino) {
+                if listing.now(name, *ino) != Some(*ino) {
                     out.entries.push((*dir, name.clone()));
                     out.gone.push(*ino);
                 }
             }
-            listed.extend(listing.values().copied());
+            listed.extend(listing.listed());
         }
         // A changed directory the kernel had no name of when the listings were fetched, and was
         // told one since: its new listing is unknown.

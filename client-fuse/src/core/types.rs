@@ -45,6 +45,12 @@ pub struct ChangeEvent {
     pub dirs: Vec<u64>,
     /// The server no longer holds the history asked for: revalidate the whole volume.
     pub history_gone: bool,
+    /// Every name in `dirs` the change added, pointed elsewhere or removed: (directory, name,
+    /// new node and kind code; `None`: removed). `None`: not sent (an older server, or too many
+    /// names): the changed directories are read again.
+    pub names: Option<Vec<crate::cache::meta::DirPatch>>,
+    /// Nodes the change deleted (sent with `names`).
+    pub removed: Vec<u64>,
 }
 
 /// A volume's current version, as one batched stamp check reports it.

@@ -93,6 +93,13 @@ impl From<pb::ChangeEvent> for ChangeEvent {
             inos: e.inos,
             dirs: e.dirs,
             history_gone: e.history_gone,
+            names: e.names_complete.then(|| {
+                e.names
+                    .into_iter()
+                    .map(|n| (n.dir, n.name, (n.ino != 0).then_some((n.ino, n.kind))))
+                    .collect()
+            }),
+            removed: if e.names_complete { e.removed } else { Vec::new() },
         }
     }
 }

@@ -203,6 +203,8 @@ struct Txn<'a> {
     manifest_deltas: BTreeMap<Hash, i64>,
     changed_inos: BTreeSet<u64>,
     changed_dirs: BTreeSet<u64>,
+    /// Names changed in `changed_dirs`, with where each leads now (`None`: removed).
+    changed_names: BTreeMap<(u64, String), Option<u64>>,
 }
 
 impl<'a> Txn<'a> {
@@ -215,6 +217,7 @@ impl<'a> Txn<'a> {
             manifest_deltas: BTreeMap::new(),
             changed_inos: BTreeSet::new(),
             changed_dirs: BTreeSet::new(),
+            changed_names: BTreeMap::new(),
         }
     }
 
@@ -294,6 +297,7 @@ impl<'a> Txn<'a> {
 
     fn put_dirent(&mut self, parent: u64, name: &str, child: Option<u64>) {
         self.changed_dirs.insert(parent);
+        self.changed_names.insert((parent, name.to_string()), child);
         self.delta.dirents.insert((parent, name.to_string()), child);
     }
 
@@ -550,6 +554,8 @@ impl<'a> Txn<'a> {
         }
         // Nobody is told about these nodes: the volume is gone as a whole.
         self.changed_inos.clear();
+        self.changed_dirs.clear();
+        self.changed_names.clear();
         self.delta.volumes.remove(name);
         self.delta.volume_deletes.insert(name.to_string(), vol.id);
         Ok(Outcome::Done)
@@ -663,10 +669,7 @@ impl<'a> Txn<'a> {
         check_quota("bytes", vol.quota_bytes, before_bytes, vol.used_bytes)?;
         check_quota("files", vol.quota_files, before_files, vol.used_files)?;
         vol.version = self.index;
-        let change = ChangeRec {
-            inos: std::mem::take(&mut self.changed_inos).into_iter().collect(),
-            dirs: std::mem::take(&mut self.changed_dirs).into_iter().collect(),
-        };
+        let change = self.take_change()?;
         self.delta.changes.push((vol.id, self.index, change));
         vol.change_count += 1;
         if vol.change_count > CHANGE_RETAIN {
@@ -692,6 +695,47 @@ impl<'a> Txn<'a> {
         Ok(Outcome::Committed {
             version: self.index,
             created,
+        })
+    }
+
+    /// What this commit changed, for the change stream: with every name it touched and the
+    /// nodes it deleted, unless it touched more than `MAX_CHANGE_NAMES` names (mounts then read
+    /// the changed directories again).
+    fn take_change(&mut self) -> TxnResult<ChangeRec> {
+        let inos: Vec<u64> = std::mem::take(&mut self.changed_inos).into_iter().collect();
+        let dirs = std::mem::take(&mut self.changed_dirs).into_iter().collect();
+        let touched = std::mem::take(&mut self.changed_names);
+        let without_names = |inos, dirs| ChangeRec {
+            inos,
+            dirs,
+            names: None,
+            removed: Vec::new(),
+        };
+        if touched.len() > codafs_proto::limits::MAX_CHANGE_NAMES {
+            return Ok(without_names(inos, dirs));
+        }
+        let mut names = Vec::with_capacity(touched.len());
+        for ((dir, name), child) in touched {
+            let target = match child {
+                Some(ino) => match self.object(ino)? {
+                    Some(o) => Some((ino, o.kind)),
+                    // Cannot happen (a name always leads to a node); mounts then read `dirs`.
+                    None => return Ok(without_names(inos, dirs)),
+                },
+                None => None,
+            };
+            names.push(NameRec { dir, name, target });
+        }
+        let removed = inos
+            .iter()
+            .copied()
+            .filter(|i| matches!(self.delta.objects.get(i), Some(None)))
+            .collect();
+        Ok(ChangeRec {
+            inos,
+            dirs,
+            names: Some(names),
+            removed,
         })
     }
 

@@ -108,6 +108,45 @@ pub struct AccountRec {
 pub struct ChangeRec {
     pub inos: Vec<u64>,
     pub dirs: Vec<u64>,
+    /// Every name in `dirs` the change added, pointed elsewhere or removed, so mounts patch
+    /// their listings instead of reading them again. `None`: not kept (more than
+    /// `MAX_CHANGE_NAMES`, or a record written before names were kept).
+    pub names: Option<Vec<NameRec>>,
+    /// Nodes the change deleted (kept with `names`, empty without).
+    pub removed: Vec<u64>,
+}
+
+/// One name a change touched: `name` in `dir` now leads to `target` (`None`: removed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameRec {
+    pub dir: u64,
+    pub name: String,
+    pub target: Option<(u64, Kind)>,
+}
+
+/// A change record as written before names were kept (bincode has no optional trailing
+/// fields, so such a record decodes as this and is converted).
+#[derive(Deserialize)]
+struct ChangeRecV1 {
+    inos: Vec<u64>,
+    dirs: Vec<u64>,
+}
+
+impl ChangeRec {
+    /// Decodes a stored record of either layout. A current record is tried first: an older,
+    /// shorter one fails it (it ends before `names`), while reading a current record as an
+    /// older one would succeed and drop its names.
+    pub fn decode(b: &[u8]) -> Result<Self, bincode::Error> {
+        bincode::deserialize::<ChangeRec>(b).or_else(|e| match bincode::deserialize::<ChangeRecV1>(b) {
+            Ok(old) => Ok(ChangeRec {
+                inos: old.inos,
+                dirs: old.dirs,
+                names: None,
+                removed: Vec::new(),
+            }),
+            Err(_) => Err(e),
+        })
+    }
 }
 
 /// Addresses an object by node id or by volume-relative path.

@@ -341,6 +341,87 @@ fn remove_and_rename_rules() {
 }
 
 #[test]
+fn change_records_carry_every_name_they_touch_and_the_nodes_they_delete() {
+    let mut s = setup();
+    commit(
+        &mut s,
+        3,
+        "alice",
+        vec![dir("", "d"), file("d", "f", b"12"), file("", "g", b"3")],
+    )
+    .unwrap();
+    let vol = s.volumes["www"].clone();
+    let root = make_ino(vol.id, VOLUME_ROOT_INODE);
+    let (d, f, g) = (
+        lookup(&s, "d").unwrap().ino,
+        lookup(&s, "d/f").unwrap().ino,
+        lookup(&s, "g").unwrap().ino,
+    );
+    let names = |s: &Twin, v: u64| s.changes[&(vol.id, v)].names.clone().expect("names kept");
+    let rec = |dir, name: &str, target| NameRec {
+        dir,
+        name: name.into(),
+        target,
+    };
+    assert_eq!(
+        names(&s, 3),
+        vec![
+            rec(root, "d", Some((d, Kind::Dir))),
+            rec(root, "g", Some((g, Kind::File))),
+            rec(d, "f", Some((f, Kind::File)))
+        ]
+    );
+    // A rename over an existing name: the old name goes, the new one leads to the moved node,
+    // and the node it replaced is deleted.
+    let mv = OpKind::Rename {
+        from_parent: NodeRef::Path("d".into()),
+        from_name: "f".into(),
+        to_parent: NodeRef::Path(String::new()),
+        to_name: "g".into(),
+    };
+    commit(&mut s, 4, "alice", vec![mv]).unwrap();
+    assert_eq!(
+        names(&s, 4),
+        vec![rec(root, "g", Some((f, Kind::File))), rec(d, "f", None)]
+    );
+    assert_eq!(s.changes[&(vol.id, 4)].removed, vec![g]);
+    commit(&mut s, 5, "alice", vec![remove("", "d", true)]).unwrap();
+    assert_eq!(names(&s, 5), vec![rec(root, "d", None)]);
+    assert_eq!(s.changes[&(vol.id, 5)].removed, vec![d]);
+}
+
+#[test]
+fn change_records_written_before_names_were_kept_still_decode() {
+    #[derive(serde::Serialize)]
+    struct Old {
+        inos: Vec<u64>,
+        dirs: Vec<u64>,
+    }
+    let old = bincode::serialize(&Old {
+        inos: vec![7, 8],
+        dirs: vec![7],
+    })
+    .unwrap();
+    let rec = ChangeRec::decode(&old).unwrap();
+    assert_eq!(
+        (rec.inos, rec.dirs, rec.names, rec.removed),
+        (vec![7, 8], vec![7], None, vec![])
+    );
+    let new = ChangeRec {
+        inos: vec![1],
+        dirs: vec![1],
+        names: Some(vec![NameRec {
+            dir: 1,
+            name: "a".into(),
+            target: None,
+        }]),
+        removed: vec![2],
+    };
+    assert_eq!(ChangeRec::decode(&bincode::serialize(&new).unwrap()).unwrap(), new);
+    assert!(ChangeRec::decode(&[1, 2, 3]).is_err(), "garbage is an error");
+}
+
+#[test]
 fn identical_content_is_referenced_once_per_file() {
     let mut s = setup();
     commit(&mut s, 3, "alice", vec![file("", "a", b"same"), file("", "b", b"same")]).unwrap();

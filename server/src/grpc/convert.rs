@@ -6,19 +6,24 @@ use tonic::Status;
 use super::{refuse, ErrorKind};
 use crate::fsm::{Kind, NodeRef, ObjectRec, Op, OpKind, VolumeRec};
 
+/// A node kind on the wire (a device's number travels separately, as `rdev`).
+pub fn wire_kind(k: Kind) -> pb::ObjectKind {
+    match k {
+        Kind::File => pb::ObjectKind::File,
+        Kind::Dir => pb::ObjectKind::Directory,
+        Kind::Symlink => pb::ObjectKind::Symlink,
+        Kind::Fifo => pb::ObjectKind::Fifo,
+        Kind::Socket => pb::ObjectKind::Socket,
+        Kind::CharDevice(_) => pb::ObjectKind::CharDevice,
+        Kind::BlockDevice(_) => pb::ObjectKind::BlockDevice,
+    }
+}
+
 pub fn attr(o: &ObjectRec) -> pb::Attr {
     pb::Attr {
         ino: o.ino,
         generation: o.generation,
-        kind: match o.kind {
-            Kind::File => pb::ObjectKind::File,
-            Kind::Dir => pb::ObjectKind::Directory,
-            Kind::Symlink => pb::ObjectKind::Symlink,
-            Kind::Fifo => pb::ObjectKind::Fifo,
-            Kind::Socket => pb::ObjectKind::Socket,
-            Kind::CharDevice(_) => pb::ObjectKind::CharDevice,
-            Kind::BlockDevice(_) => pb::ObjectKind::BlockDevice,
-        } as i32,
+        kind: wire_kind(o.kind) as i32,
         rdev: match o.kind {
             Kind::CharDevice(d) | Kind::BlockDevice(d) => d,
             _ => 0,

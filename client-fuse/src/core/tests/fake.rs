@@ -63,6 +63,12 @@ pub struct Truth {
     pub requests: HashMap<RequestId, Committed>,
     /// Bytes of blobs stored that were not stored before (what a store sent, deduplicated).
     pub new_blob_bytes: u64,
+    /// Events carry no names, as an older server's: mounts read changed directories again.
+    pub events_without_names: bool,
+    /// Directory listings served (`readdir`).
+    pub readdirs: u64,
+    /// The namespace as of the last event (what the next event's names are counted from).
+    shown: Tree,
 }
 
 /// The bytes content `h` of `size` bytes stands for: the blob itself, or a chunked file's
@@ -145,6 +151,27 @@ impl Truth {
         make_ino(VOL, self.next_ino)
     }
 
+    /// The names in `dirs` that differ from the last event's namespace, as a server's event
+    /// lists them.
+    fn names_changed(&self, dirs: &[u64]) -> Vec<crate::cache::meta::DirPatch> {
+        let empty = BTreeMap::new();
+        let mut out = Vec::new();
+        for d in dirs {
+            let before = self.shown.dirs.get(d).unwrap_or(&empty);
+            let after = self.tree.dirs.get(d).unwrap_or(&empty);
+            for (name, ino) in after {
+                if before.get(name) != Some(ino) {
+                    let kind = self.tree.objects.get(ino).map_or(NodeKind::File, |a| a.kind);
+                    out.push((*d, name.clone(), Some((*ino, super::super::kind_code(kind)))));
+                }
+            }
+            for name in before.keys().filter(|n| !after.contains_key(*n)) {
+                out.push((*d, name.clone(), None));
+            }
+        }
+        out
+    }
+
     /// Ends a change at the next version: records its event and the contents after it.
     fn finish(&mut self, mut inos: Vec<u64>, mut dirs: Vec<u64>) -> u64 {
         let v = self.tree.version;
@@ -152,11 +179,25 @@ impl Truth {
         inos.dedup();
         dirs.sort_unstable();
         dirs.dedup();
+        let (names, removed) = if self.events_without_names {
+            (None, Vec::new())
+        } else {
+            let names = self.names_changed(&dirs);
+            let removed = inos
+                .iter()
+                .copied()
+                .filter(|i| !self.tree.objects.contains_key(i))
+                .collect();
+            (Some(names), removed)
+        };
+        self.shown = self.tree.clone();
         self.pending.push_back(ChangeEvent {
             version: v,
             inos,
             dirs,
             history_gone: false,
+            names,
+            removed,
         });
         let contents = self.tree.contents(&self.blobs);
         self.history.push((v, contents));
@@ -359,6 +400,7 @@ impl FakeRemote {
         t.tree.objects.insert(root(), dir_attr(root(), root(), 1));
         t.tree.dirs.insert(root(), BTreeMap::new());
         t.history.push((1, Contents::new()));
+        t.shown = t.tree.clone();
         FakeRemote(Mutex::new(t))
     }
 
@@ -523,6 +565,7 @@ impl Remote for FakeRemote {
     async fn readdir(&self, ino: u64) -> Result<Fetched<Vec<(String, Attr)>>, FsError> {
         self.check_up()?;
         let mut t = self.lock();
+        t.readdirs += 1;
         let tree = t.read_tree();
         let d = tree.dirs.get(&ino).ok_or(FsError::NotFound)?;
         let value: Vec<(String, Attr)> = d

@@ -107,6 +107,7 @@ async fn history_gone_drops_the_volume_metadata_and_invalidates_what_was_known()
         inos: vec![],
         dirs: vec![],
         history_gone: true,
+        ..Default::default()
     };
     let inv = core.apply_change("www", &ev, &NoKernel).await.unwrap();
     assert!(
@@ -312,6 +313,68 @@ async fn a_change_drops_what_the_kernel_was_shown_and_the_next_reply_its_stale_p
     drop(view);
     assert!(rec.take().is_empty(), "pages are dropped once per change");
     assert_eq!(read_path(&core, &[], "shown").await.unwrap(), b"2");
+}
+
+/// A change event that carries its names patches the cached listing: a mount does not read a
+/// directory again when one entry of it changes, and drops only the names the change touched.
+/// Without names (an older server) the listing is read again.
+#[tokio::test]
+async fn a_change_to_one_entry_patches_the_cached_listing_instead_of_reading_it_again() {
+    for names in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let core = core_with(dir.path(), 1 << 20);
+        core.refresh_volumes().await.unwrap();
+        core.remote.lock().events_without_names = !names;
+        for n in ["a", "b", "c"] {
+            publish(&core, &[], n, b"1").await;
+        }
+        let rec = Arc::new(Recorder::default());
+        let kernel: replies::Kernel = Some(rec.clone());
+        let (b, view) = core.lookup_reply(root(), "b", &kernel).await;
+        let b = b.unwrap();
+        drop(view);
+        let (listed, view) = core.listing_reply(root(), 0, &kernel).await;
+        drop(view);
+        assert_eq!(listed.unwrap().len(), 5, ". .. a b c");
+        rec.take();
+        let reads = core.remote.lock().readdirs;
+
+        // Elsewhere: `b` is removed and `d` created, each its own commit.
+        let gone = core.remote.remove(&[], "b").expect("b existed");
+        assert_eq!(gone.names.is_some(), names);
+        let inv = core.apply_change("www", &gone, &*rec).await.unwrap();
+        let made = core.remote.write(&[], "d", b"2");
+        core.apply_change("www", &made, &*rec).await.unwrap();
+        // (The removed file's name comes twice: as a vanished name, and as a changed file's.)
+        assert!(
+            !inv.entries.is_empty() && inv.entries.iter().all(|e| *e == (root(), "b".to_string())),
+            "only the touched name is dropped: {inv:?}"
+        );
+        let calls = rec.take();
+        assert!(
+            calls
+                .iter()
+                .all(|c| matches!(c, KernelCall::Switch { names: false, .. })),
+            "no name epoch: {calls:?}"
+        );
+        let now: Vec<String> = core
+            .readdir(root())
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(n, _, _)| n)
+            .collect();
+        assert_eq!(now, ["a", "c", "d"]);
+        assert!(matches!(core.lookup(root(), "b").await, Err(FsError::NotFound)));
+        assert_eq!(core.getattr(b.ino).await.err(), Some(FsError::NotFound));
+        let read_again = core.remote.lock().readdirs - reads;
+        if names {
+            assert_eq!(read_again, 0, "the listing was patched, not read again");
+        } else {
+            assert!(read_again >= 1, "without names the listing is read again");
+        }
+        assert_eq!(read_path(&core, &[], "d").await.unwrap(), b"2");
+    }
 }
 
 /// A mount with alice's token, and the volume known.

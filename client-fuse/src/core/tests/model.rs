@@ -336,12 +336,19 @@ async fn run_model(groups: Vec<Vec<Step>>) -> Result<(), TestCaseError> {
 }
 
 async fn run_model_as(groups: Vec<Vec<Step>>, write_back: bool) -> Result<(), TestCaseError> {
+    run_model_with(groups, write_back, true).await
+}
+
+/// `names`: change events carry their name changes (mounts patch cached listings); without,
+/// as from an older server, mounts read changed directories again.
+async fn run_model_with(groups: Vec<Vec<Step>>, write_back: bool, names: bool) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let core = if write_back {
         core_writing_back(dir.path(), 200)
     } else {
         core_with(dir.path(), 200)
     };
+    core.remote.lock().events_without_names = !names;
     core.writes
         .tokens
         .set(ALICE.uid, &token_for("alice", Role::User), None)
@@ -486,6 +493,13 @@ proptest! {
         groups in proptest::collection::vec(proptest::collection::vec(step(), 1..4), 1..40)
     ) {
         runtime().block_on(run_model_as(groups, true))?;
+    }
+
+    #[test]
+    fn events_without_names_make_the_core_read_changed_directories_again(
+        groups in proptest::collection::vec(proptest::collection::vec(step(), 1..4), 1..40)
+    ) {
+        runtime().block_on(run_model_with(groups, true, false))?;
     }
 }
 

@@ -8,7 +8,11 @@
 //! - the size of the last snapshot and how long building it took (from the server's log);
 //! - a full `find` through a new mount (empty cache) and again (warm), against `find` of the same
 //!   tree on local disk with the kernel's caches dropped and again;
-//! - the mount daemon's resident memory after the walks.
+//! - the mount daemon's resident memory after the walks, and how long the servers took to
+//!   answer the cold walk's directory pages (from their metrics).
+//!
+//! With `SCALE_READ_ALL=1`, every file is then read through the mount (`codafs prefetch`) and
+//! read again at random by 1 and 4 readers: the mount daemon's memory with everything cached.
 //!
 //! Run: `cargo build --bin codafs && SCALE_FILES=200000 cargo bench -p codafs-benches --profile dev --bench scale`
 use std::path::Path;
@@ -72,6 +76,44 @@ fn find(dir: &Path) -> Result<(usize, f64)> {
     ))
 }
 
+/// The servers' `Meta/ReadDir` RPCs so far: how many, and the seconds they took in all.
+#[derive(Clone, Copy)]
+struct Listings {
+    count: f64,
+    seconds: f64,
+}
+
+impl Listings {
+    fn since(self, before: Listings) -> Listings {
+        Listings {
+            count: self.count - before.count,
+            seconds: self.seconds - before.seconds,
+        }
+    }
+
+    fn mean_ms(&self) -> f64 {
+        if self.count == 0.0 {
+            0.0
+        } else {
+            self.seconds / self.count * 1000.0
+        }
+    }
+}
+
+async fn listing_time(metrics: &[String]) -> Result<Listings> {
+    let mut l = Listings {
+        count: 0.0,
+        seconds: 0.0,
+    };
+    let series = |what| format!("codafs_server_rpc_duration_seconds_{what}{{method=\"Meta/ReadDir\"}}");
+    for addr in metrics {
+        let text = codafs_tests::http::scrape(addr).await?;
+        l.count += codafs_tests::http::value(&text, &series("count")).unwrap_or(0.0);
+        l.seconds += codafs_tests::http::value(&text, &series("sum")).unwrap_or(0.0);
+    }
+    Ok(l)
+}
+
 /// The last "built snapshot" line of a server log: (bytes, ms).
 fn last_snapshot(log: &str) -> Option<(u64, u64)> {
     let line = log.lines().rev().find(|l| l.contains("built snapshot"))?;
@@ -87,7 +129,8 @@ async fn bench() -> Result<Vec<String>> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
-    let tc = TestCluster::start(ClusterOpts::new(2, 1).arg("--snapshot-every", "10")).await?;
+    let tc = TestCluster::start(ClusterOpts::new(2, 1).arg("--snapshot-every", "10").metrics()).await?;
+    let metrics: Vec<String> = tc.servers.iter().filter_map(|s| s.metrics_addr.clone()).collect();
     tc.create_volume("www", 2).await?;
     let c = tc.client();
     let local = tempfile::tempdir()?;
@@ -171,7 +214,9 @@ async fn bench() -> Result<Vec<String>> {
     let dir = tempfile::tempdir()?;
     let m = Mount::start(&tc.client_args(), dir.path(), "web", &["--read-only"])?;
     let www = m.path.join("www");
+    let listed = listing_time(&metrics).await?;
     let (n_coda, cold_coda) = find(&www)?;
+    let listed = listing_time(&metrics).await?.since(listed);
     let (_, warm_coda) = find(&www)?;
     let (mount_rss, _) = rss_mib(m.pid().context("mount pid")?)?;
     out.push(String::new());
@@ -188,6 +233,70 @@ async fn bench() -> Result<Vec<String>> {
     out.push(format!(
         "Entries found: {n_coda} through /coda, {n_local} locally. Mount daemon RSS after the walks: {mount_rss:.0} MiB."
     ));
+    out.push(format!(
+        "The cold walk asked the servers for {:.0} directory pages, which took them {:.1} ms each on average ({:.2} s in all).",
+        listed.count,
+        listed.mean_ms(),
+        listed.seconds
+    ));
+    if std::env::var("SCALE_READ_ALL").is_ok_and(|v| v == "1") {
+        out.extend(read_all(&m, files)?);
+    }
+    Ok(out)
+}
+
+/// Every file read through the mount (`codafs prefetch`), then warm reads of random files by
+/// 1 and then 4 readers: the mount daemon's memory with everything cached, and whether it grows
+/// with the request rate.
+fn read_all(m: &Mount, files: usize) -> Result<Vec<String>> {
+    let pid = m.pid().context("mount pid")?;
+    let www = m.path.join("www");
+    let start = Instant::now();
+    let st = Command::new(codafs_tests::codafs_bin())
+        .arg("prefetch")
+        .arg(&www)
+        .arg("--parallel")
+        .arg("16")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    if !st.success() {
+        bail!("codafs prefetch {} failed: {st}", www.display());
+    }
+    let read_secs = start.elapsed().as_secs_f64();
+    let cached = m.status()?.cache.entries;
+    let (rss, _) = rss_mib(pid)?;
+    let mut out = vec![
+        String::new(),
+        format!(
+            "Every file read through the mount (`codafs prefetch --parallel 16`): {read_secs:.0} s; \
+             {cached} files cached; mount daemon RSS {rss:.0} MiB."
+        ),
+        String::new(),
+        "| warm readers (random files, 5 s) | reads/s | mount RSS after, MiB |".into(),
+        "|---|---|---|".into(),
+    ];
+    for readers in [1usize, 4] {
+        let n = std::thread::scope(|s| {
+            let handles = (0..readers)
+                .map(|r| {
+                    let www = &www;
+                    s.spawn(move || {
+                        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ r as u64;
+                        codafs_benches::count_for(std::time::Duration::from_secs(5), || {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            codafs_benches::open_read_close(&www.join(path_of(x as usize % files)))
+                        })
+                    })
+                })
+                .collect();
+            codafs_benches::sum_counts(handles)
+        })?;
+        let (rss, _) = rss_mib(pid)?;
+        out.push(format!("| {readers} | {:.0} | {rss:.0} |", n as f64 / 5.0));
+    }
     Ok(out)
 }
 

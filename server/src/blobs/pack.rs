@@ -10,7 +10,7 @@
 //!
 //! Both rows of a blob are written in one batch, and every write that stores a blob is synced
 //! (one sync for a whole batch): a blob is never visible before it is durable. A touch only
-//! refreshes `meta` and is not synced, like a file's mtime. Writes go through [`Pack::begin`],
+//! refreshes `meta` and is not synced, like a file's mtime; nor is a removal, like a file's. Writes go through [`Pack::begin`],
 //! which serializes them, so "is it stored already?" and the write that follows cannot race
 //! with another writer or a removal of the same blob (the store's counts stay exact).
 //!
@@ -227,8 +227,10 @@ impl PackWrite<'_> {
         Ok(true)
     }
 
-    /// Deletes a packed blob (synced). Returns its size, `None` if it was not packed. A blob
-    /// whose `meta` row is malformed is deleted too, as size 0.
+    /// Deletes a packed blob. Returns its size, `None` if it was not packed. A blob whose `meta`
+    /// row is malformed is deleted too, as size 0. Not synced, like a file's removal: a crash
+    /// may bring the blob back, and GC, handoff or a verified read remove it again; GC and
+    /// handoff remove thousands one by one.
     pub fn remove(&self, h: &Hash) -> Result<Option<u64>, BlobError> {
         let (data, meta) = (self.pack.cf(CF_DATA)?, self.pack.cf(CF_META)?);
         let size = match self.pack.meta(h) {
@@ -240,9 +242,7 @@ impl PackWrite<'_> {
         let mut batch = WriteBatch::default();
         batch.delete_cf(data, h.0);
         batch.delete_cf(meta, h.0);
-        let mut sync = WriteOptions::default();
-        sync.set_sync(true);
-        self.pack.db.write_opt(batch, &sync).map_err(pack_err)?;
+        self.pack.db.write(batch).map_err(pack_err)?;
         Ok(Some(size))
     }
 

@@ -20,22 +20,13 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use codafs_benches::drop_caches;
+use codafs_benches::{drop_caches, du_mib, publish_files, tree_path, PER_DIR};
 use codafs_client::ops;
 use codafs_tests::{ClusterOpts, Mount, TestCluster};
-use futures::StreamExt;
-
-/// Files per directory and per commit.
-const PER_DIR: usize = 1000;
-const PER_COMMIT: usize = 5000;
 
 /// The content of file `i` (about 100 bytes, all different).
 fn content(i: usize) -> Vec<u8> {
     format!("<p>file {i}</p>{}\n", "x".repeat(i % 80)).into_bytes()
-}
-
-fn path_of(i: usize) -> String {
-    format!("d{:04}/f{i:07}.html", i / PER_DIR)
 }
 
 /// `VmRSS` and `VmHWM` of process `pid`, MiB.
@@ -50,17 +41,6 @@ fn rss_mib(pid: u32) -> Result<(f64, f64)> {
         Ok(kb / 1024.0)
     };
     Ok((field("VmRSS:")?, field("VmHWM:")?))
-}
-
-/// Disk used under `dir`, MiB (`du`, as an operator would look).
-fn du_mib(dir: &Path) -> Result<f64> {
-    let out = Command::new("du").arg("-sk").arg(dir).output()?;
-    let kb: f64 = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .context("du output")?
-        .parse()?;
-    Ok(kb / 1024.0)
 }
 
 /// Runs `find DIR` and returns (entries, seconds).
@@ -134,46 +114,15 @@ async fn bench() -> Result<Vec<String>> {
     tc.create_volume("www", 2).await?;
     let c = tc.client();
     let local = tempfile::tempdir()?;
-    let mut content_bytes = 0usize;
     let start = Instant::now();
-    for first in (0..files).step_by(PER_COMMIT) {
-        let last = (first + PER_COMMIT).min(files);
-        let mut batch = Vec::new();
-        for d in (first / PER_DIR)..last.div_ceil(PER_DIR) {
-            if d * PER_DIR >= first {
-                batch.push(ops::dir(&format!("d{d:04}"), 0o755));
-                std::fs::create_dir_all(local.path().join(format!("d{d:04}")))?;
-            }
+    let content_bytes = publish_files(&c, files, content, |path, data| {
+        let p = local.path().join(path);
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir)?;
         }
-        let mut blobs = Vec::new();
-        for i in first..last {
-            let data = content(i);
-            content_bytes += data.len();
-            std::fs::write(local.path().join(path_of(i)), &data)?;
-            batch.push(ops::file(&path_of(i), &data, 0o644));
-            blobs.push(data);
-        }
-        let mut puts = futures::stream::iter(
-            blobs
-                .chunks(200)
-                .map(|b| {
-                    let b: Vec<_> = b
-                        .iter()
-                        .map(|d| (codafs_common::Hash::of(d), bytes::Bytes::copy_from_slice(d)))
-                        .collect();
-                    b
-                })
-                .map(|b| {
-                    let c = &c;
-                    async move { c.put_small(&b, 2).await }
-                }),
-        )
-        .buffer_unordered(8);
-        while let Some(r) = puts.next().await {
-            r?;
-        }
-        c.commit(ops::commit("www", batch)).await?;
-    }
+        Ok(std::fs::write(p, data)?)
+    })
+    .await?;
     let upload = start.elapsed().as_secs_f64();
     // A few more entries so the last snapshot holds the whole tree.
     for i in 0..12 {
@@ -287,7 +236,7 @@ fn read_all(m: &Mount, files: usize) -> Result<Vec<String>> {
                             x ^= x << 13;
                             x ^= x >> 7;
                             x ^= x << 17;
-                            codafs_benches::open_read_close(&www.join(path_of(x as usize % files)))
+                            codafs_benches::open_read_close(&www.join(tree_path(x as usize % files)))
                         })
                     })
                 })

@@ -82,3 +82,61 @@ pub fn drop_caches() -> Result<()> {
     unsafe { libc::sync() };
     std::fs::write("/proc/sys/vm/drop_caches", "3\n").context("dropping the kernel's caches needs root")
 }
+
+/// Files per directory of [`publish_files`].
+pub const PER_DIR: usize = 1000;
+/// Files per commit of [`publish_files`].
+pub const PER_COMMIT: usize = 5000;
+
+/// The path of file `i` of [`publish_files`]: `dNNNN/fNNNNNNN.html`, [`PER_DIR`] a directory.
+pub fn tree_path(i: usize) -> String {
+    format!("d{:04}/f{i:07}.html", i / PER_DIR)
+}
+
+/// Publishes `files` files to volume `www` (file `i` holds `content(i)`, at [`tree_path`]) in
+/// commits of [`PER_COMMIT`] files, each commit's blobs uploaded first in batches of 200 small
+/// blobs, 8 batches at once, with write quorum 2. Calls `each` with every file's path and
+/// content (for a local copy). Returns the bytes of content published.
+pub async fn publish_files(
+    c: &codafs_client::Cluster,
+    files: usize,
+    content: impl Fn(usize) -> Vec<u8>,
+    mut each: impl FnMut(&str, &[u8]) -> Result<()>,
+) -> Result<usize> {
+    use futures::StreamExt;
+    let mut content_bytes = 0usize;
+    for first in (0..files).step_by(PER_COMMIT) {
+        let last = (first + PER_COMMIT).min(files);
+        let mut batch = Vec::new();
+        for d in (first / PER_DIR)..last.div_ceil(PER_DIR) {
+            if d * PER_DIR >= first {
+                batch.push(ops::dir(&format!("d{d:04}"), 0o755));
+            }
+        }
+        let mut blobs = Vec::new();
+        for i in first..last {
+            let data = content(i);
+            content_bytes += data.len();
+            each(&tree_path(i), &data)?;
+            batch.push(ops::file(&tree_path(i), &data, 0o644));
+            blobs.push((codafs_common::Hash::of(&data), bytes::Bytes::from(data)));
+        }
+        let mut puts = futures::stream::iter(blobs.chunks(200).map(|b| c.put_small(b, 2))).buffer_unordered(8);
+        while let Some(r) = puts.next().await {
+            r?;
+        }
+        c.commit(ops::commit("www", batch)).await?;
+    }
+    Ok(content_bytes)
+}
+
+/// Disk used under `dir`, MiB (`du`, as an operator would look).
+pub fn du_mib(dir: &Path) -> Result<f64> {
+    let out = std::process::Command::new("du").arg("-sk").arg(dir).output()?;
+    let kb: f64 = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .context("du output")?
+        .parse()?;
+    Ok(kb / 1024.0)
+}

@@ -4,7 +4,12 @@
 //! does not read, instead of misreading it.
 //!
 //! Directories written before formats were versioned have no file. They hold version 1 of
-//! their format, so they are stamped as such and accepted.
+//! their format, which every build so far reads, so they are stamped with the current version
+//! and accepted.
+//!
+//! A build may also read some older versions as they are (a server reads format 1's one file per
+//! blob beside format 2's packed small blobs): it upgrades such a directory by stamping it with
+//! its own version, so that older builds refuse it from then on instead of misreading it.
 use std::path::Path;
 
 /// The file holding a directory's format.
@@ -33,6 +38,13 @@ pub enum FormatError {
 /// `FORMAT` yet (a new one, or one from before versions). `what` is a short name such as
 /// `codafs-server`.
 pub fn check_or_stamp(dir: &Path, what: &str, reads: u32) -> Result<(), FormatError> {
+    check_or_upgrade(dir, what, reads, &[]).map(drop)
+}
+
+/// Like [`check_or_stamp`], and a directory in one of the `older` versions, which this build
+/// reads as they are, is stamped `reads`: older builds refuse it from then on. Returns the
+/// version it was upgraded from, if it was.
+pub fn check_or_upgrade(dir: &Path, what: &str, reads: u32, older: &[u32]) -> Result<Option<u32>, FormatError> {
     let path = dir.join(FORMAT_FILE);
     let shown = dir.display().to_string();
     match std::fs::read_to_string(&path) {
@@ -50,7 +62,10 @@ pub fn check_or_stamp(dir: &Path, what: &str, reads: u32) -> Result<(), FormatEr
                 .parse()
                 .map_err(|_| FormatError::Unreadable(format!("no version in {:?}", text.trim()), shown.clone()))?;
             if found == reads {
-                return Ok(());
+                return Ok(None);
+            }
+            if older.contains(&found) {
+                return stamp(dir, what, reads).map(|()| Some(found));
             }
             let advice = if found > reads {
                 "A newer codafs wrote it: run that version (or newer) here; docs/OPERATIONS.md, Upgrades."
@@ -65,14 +80,19 @@ pub fn check_or_stamp(dir: &Path, what: &str, reads: u32) -> Result<(), FormatEr
                 advice: advice.to_string(),
             })
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let tmp = dir.join(format!("{FORMAT_FILE}.tmp"));
-            std::fs::write(&tmp, format!("{what} {reads}\n"))
-                .and_then(|()| std::fs::rename(&tmp, &path))
-                .map_err(|e| FormatError::Write(shown, e))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => stamp(dir, what, reads).map(|()| None),
         Err(e) => Err(FormatError::Unreadable(e.to_string(), shown)),
     }
+}
+
+/// Writes `dir`'s `FORMAT` file (a temp file renamed over it, then the directory synced).
+fn stamp(dir: &Path, what: &str, version: u32) -> Result<(), FormatError> {
+    let tmp = dir.join(format!("{FORMAT_FILE}.tmp"));
+    std::fs::write(&tmp, format!("{what} {version}\n"))
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, dir.join(FORMAT_FILE)))
+        .and_then(|()| std::fs::File::open(dir)?.sync_all())
+        .map_err(|e| FormatError::Write(dir.display().to_string(), e))
 }
 
 #[cfg(test)]
@@ -103,5 +123,26 @@ mod tests {
         assert!(e.contains("not a codafs-server directory"), "{e}");
         std::fs::write(dir.path().join(FORMAT_FILE), "codafs-server x\n").unwrap();
         assert!(check_or_stamp(dir.path(), "codafs-server", 1).is_err());
+    }
+
+    #[test]
+    fn an_older_version_this_build_reads_is_upgraded_and_others_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let read = |d: &Path| std::fs::read_to_string(d.join(FORMAT_FILE)).unwrap();
+        std::fs::write(dir.path().join(FORMAT_FILE), "codafs-server 1\n").unwrap();
+        assert_eq!(check_or_upgrade(dir.path(), "codafs-server", 2, &[1]).unwrap(), Some(1));
+        assert_eq!(read(dir.path()), "codafs-server 2\n");
+        assert_eq!(check_or_upgrade(dir.path(), "codafs-server", 2, &[1]).unwrap(), None);
+        // An older build now refuses it, saying a newer one wrote it.
+        let e = check_or_stamp(dir.path(), "codafs-server", 1).unwrap_err().to_string();
+        assert!(e.contains("newer"), "{e}");
+        // A version not listed as readable is refused, and left as it was.
+        std::fs::write(dir.path().join(FORMAT_FILE), "codafs-server 0\n").unwrap();
+        assert!(check_or_upgrade(dir.path(), "codafs-server", 2, &[1]).is_err());
+        assert_eq!(read(dir.path()), "codafs-server 0\n");
+        // A new directory is stamped with the current version.
+        let new = tempfile::tempdir().unwrap();
+        assert_eq!(check_or_upgrade(new.path(), "codafs-server", 2, &[1]).unwrap(), None);
+        assert_eq!(read(new.path()), "codafs-server 2\n");
     }
 }

@@ -124,13 +124,17 @@ fn bind_to_node(dir: &Path, cfg: &ServerConfig, t: tls::ServerTls) -> Result<tls
     }
 }
 
+/// What a server directory holds (its `FORMAT` file), and the version this build reads:
+/// the state tables, Raft log and snapshots, blob store layout and chunk manifests. Format 2
+/// packs small blobs (`blobs::pack`); builds of format 1 would not see them.
+pub const SERVER_FORMAT_NAME: &str = "codafs-server";
+pub const SERVER_FORMAT: u32 = 2;
+/// Older formats this build reads as they are, and upgrades by stamping: format 1 kept every
+/// blob as a file, which format 2 still reads.
+pub const SERVER_FORMATS_UPGRADED: &[u32] = &[1];
+
 /// Starts a server in `dir` and runs it until `shutdown` completes. With `rotate_cert`, the
 /// server first gets a new key and certificate for its node id (see [`rotate`]).
-/// What a server directory holds (its `FORMAT` file), and the version this build reads:
-/// the state tables, Raft log and snapshots, blob store layout and chunk manifests.
-pub const SERVER_FORMAT_NAME: &str = "codafs-server";
-pub const SERVER_FORMAT: u32 = 1;
-
 pub async fn run(
     dir: &Path,
     cfg: ServerConfig,
@@ -156,8 +160,16 @@ pub async fn run(
     if changed > 0 {
         tracing::info!(dir = %dir.display(), changed, "took group and other permissions off the server directory");
     }
-    codafs_common::format::check_or_stamp(dir, SERVER_FORMAT_NAME, SERVER_FORMAT)
-        .map_err(|e| ServerError::Bootstrap(e.to_string()))?;
+    let upgraded =
+        codafs_common::format::check_or_upgrade(dir, SERVER_FORMAT_NAME, SERVER_FORMAT, SERVER_FORMATS_UPGRADED)
+            .map_err(|e| ServerError::Bootstrap(e.to_string()))?;
+    if let Some(from) = upgraded {
+        tracing::info!(
+            from,
+            to = SERVER_FORMAT,
+            "upgraded the server directory's format: small blobs are packed from now on, blobs stored as files stay as they are, and older builds refuse this directory"
+        );
+    }
     let mut tls = tokio::select! {
         r = server_tls(dir, &cfg, join.as_ref()) => r?,
         _ = &mut shutdown => return Ok(()),

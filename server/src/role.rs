@@ -6,7 +6,8 @@
 //!   and then drops; a new data replica's spool becomes its store, which repair checks in full
 //!   and fills, and GC trims;
 //! - `server.toml` records the new role, and the next start moves the store to the directory
-//!   of that role (`blobs/` or `spool/`, see [`blob_dir`]).
+//!   of that role (`blobs/` or `spool/`, see [`blob_dir`]): the whole directory, packed small
+//!   blobs and files alike.
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -85,5 +86,28 @@ mod tests {
         std::fs::create_dir_all(d.path().join("blobs")).expect("mkdir");
         assert_eq!(blob_dir(d.path(), true).expect("kept"), spool);
         assert!(spool.join("data/x").is_file());
+    }
+
+    #[test]
+    fn packed_blobs_move_with_the_store() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let blobs = blob_dir(d.path(), false).expect("data server's store");
+        let (small, large) = (b"a small page".to_vec(), vec![7u8; 100 << 10]);
+        {
+            let store = crate::blobs::BlobStore::open(&blobs).expect("open");
+            store.put_bytes(&small).expect("packed");
+            store.put_bytes(&large).expect("a file");
+        }
+        let spool = blob_dir(d.path(), true).expect("moved");
+        let store = crate::blobs::BlobStore::open(&spool).expect("reopen as a spool");
+        assert_eq!(store.stats(), (2, (small.len() + large.len()) as u64));
+        assert_eq!(
+            store.read_verified(&codafs_common::Hash::of(&small)).expect("read"),
+            small
+        );
+        assert_eq!(
+            store.read_verified(&codafs_common::Hash::of(&large)).expect("read"),
+            large
+        );
     }
 }

@@ -454,7 +454,9 @@ impl TestCluster {
         Ok(self.client().get_volume(name).await?)
     }
 
-    /// Where server `i` keeps blob `h` on disk.
+    /// Where server `i` keeps blob `h` on disk, if it is a file: larger than
+    /// `codafs_server::blobs::PACK_MAX_BYTES` (16 KiB). Smaller blobs are packed in the
+    /// server's RocksDB (`damage_packed_blob` in `tests/maintenance.rs` damages one).
     pub fn blob_path(&self, i: usize, h: &Hash) -> PathBuf {
         let hex = h.to_hex();
         self.servers[i]

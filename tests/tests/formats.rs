@@ -13,7 +13,7 @@ async fn a_server_or_cache_directory_of_another_format_is_refused_clearly() {
         tc.create_volume("www", 1).await?;
         let format = tc.servers[0].dir.join("FORMAT");
         ensure!(
-            std::fs::read_to_string(&format)? == "codafs-server 1\n",
+            std::fs::read_to_string(&format)? == "codafs-server 2\n",
             "stamped at start"
         );
 
@@ -23,7 +23,7 @@ async fn a_server_or_cache_directory_of_another_format_is_refused_clearly() {
         tc.restart(0)?;
         wait_until(Duration::from_secs(20), "the refusal in the server's log", || {
             let log = tc.servers[0].log();
-            async move { log.contains("format 9") && log.contains("reads format 1") }
+            async move { log.contains("format 9") && log.contains("reads format 2") }
         })
         .await?;
         let (_, clean) = tc.servers[0].terminate(Duration::from_secs(10))?;
@@ -33,11 +33,17 @@ async fn a_server_or_cache_directory_of_another_format_is_refused_clearly() {
             "left as it was"
         );
 
-        // Back to its own format: it starts and serves again.
+        // Back to format 1 (one file per blob), which this build reads as it is: it starts,
+        // serves again, and stamps the directory as its own format, which older builds refuse.
         std::fs::write(&format, "codafs-server 1\n")?;
         tc.restart(0)?;
         tc.wait_leader(Duration::from_secs(20)).await?;
         ensure!(tc.volume_info("www").await?.name == "www");
+        ensure!(
+            std::fs::read_to_string(&format)? == "codafs-server 2\n",
+            "upgraded at start"
+        );
+        ensure!(tc.servers[0].log().contains("upgraded the server directory's format"));
 
         // A cache directory of another format: the mount refuses to start.
         let cache = tc.root.path().join("m.cache");

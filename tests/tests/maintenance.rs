@@ -1,9 +1,25 @@
 //! Background blob maintenance against real servers: scrub finds corruption nobody read, and GC
-//! deletes unreferenced blobs after the grace period while keeping referenced ones.
+//! deletes unreferenced blobs after the grace period while keeping referenced ones. Small blobs
+//! are packed in each server's RocksDB and larger ones are files: both kinds are covered.
+use std::path::Path;
 use std::time::Duration;
 
+use anyhow::ensure;
+use codafs_client::transport::BlobRef;
 use codafs_common::Hash;
+use codafs_server::blobs::{BlobStore, PACK_MAX_BYTES};
 use codafs_tests::{wait_until, ClusterOpts, TestCluster};
+
+/// Damages the packed copy of `h` in the blob store of a server that is not running (the
+/// server holds its pack open), as a bad disk would: the content no longer matches the hash.
+fn damage_packed_blob(server_dir: &Path, h: &Hash) -> anyhow::Result<()> {
+    let store = BlobStore::open(&server_dir.join("blobs"))?;
+    let mut bytes = store.read_verified(h)?;
+    ensure!(bytes.len() as u64 <= PACK_MAX_BYTES, "blob {h} is a file, not packed");
+    bytes[0] ^= 0x55;
+    store.damage_for_tests(h, &bytes)?;
+    Ok(())
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scrub_detects_unread_corruption_and_gc_collects_unreferenced_blobs() {
@@ -11,7 +27,7 @@ async fn scrub_detects_unread_corruption_and_gc_collects_unreferenced_blobs() {
         let opts = ClusterOpts::new(2, 1)
             .arg("--scrub-interval-s", "1")
             .arg("--gc-grace-s", "2");
-        let tc = TestCluster::start(opts).await?;
+        let mut tc = TestCluster::start(opts).await?;
         tc.create_volume("www", 2).await?;
         let c = tc.client();
         let kept = b"referenced content".repeat(100);
@@ -23,30 +39,35 @@ async fn scrub_detects_unread_corruption_and_gc_collects_unreferenced_blobs() {
         let orphan_hash = Hash::of(&orphan);
         assert!(tc.has_blobs(&tc.servers[0].addr, &[orphan_hash]).await?);
 
-        // Corrupt server 1's copy of the referenced blob; nobody reads it.
-        let path = tc.blob_path(1, &kept_hash);
-        let mut bytes = std::fs::read(&path)?;
-        bytes[0] ^= 0x55;
-        std::fs::write(&path, &bytes)?;
+        // Corrupt server 1's packed copy of the referenced blob (while it is down: it holds
+        // the pack open); nobody reads it.
+        tc.kill(1);
+        damage_packed_blob(&tc.servers[1].dir, &kept_hash)?;
+        tc.restart(1)?;
         let addr1 = tc.servers[1].addr.clone();
-        wait_until(Duration::from_secs(20), "scrub finds the corrupt copy", || async {
+        wait_until(Duration::from_secs(30), "scrub finds the corrupt copy", || async {
             tc.status_of(&addr1).await.is_ok_and(|s| s.corrupt_found >= 1)
         })
         .await?;
+        // Read from server 1 alone, verified there: the refetched copy.
         wait_until(Duration::from_secs(20), "repair restores a good copy", || async {
-            std::fs::read(&path).is_ok_and(|d| Hash::of(&d) == kept_hash)
+            tc.read_on(&addr1, "www", "kept.html").await.is_ok_and(|d| d == kept)
         })
         .await?;
 
-        // Watch the files, not the Missing RPC: asking a server about a blob restarts its grace
-        // period (a commit is presumably about to reference it).
-        for (i, s) in tc.servers.iter().enumerate().filter(|(_, s)| !s.witness) {
-            let orphan_file = tc.blob_path(i, &orphan_hash);
-            wait_until(Duration::from_secs(20), "GC removes the orphan", || {
-                let f = orphan_file.clone();
-                async move { !f.exists() }
+        // Watch the servers' blob counts, not the Missing RPC: asking a server about a blob
+        // restarts its grace period (a commit is presumably about to reference it). The kept
+        // page is the only other blob they hold.
+        for s in tc.servers.iter().filter(|s| !s.witness) {
+            wait_until(Duration::from_secs(20), "GC removes the orphan", || async {
+                tc.status_of(&s.addr).await.is_ok_and(|st| st.blob_count == 1)
             })
             .await?;
+            assert!(
+                !tc.has_blobs(&s.addr, &[orphan_hash]).await?,
+                "orphan collected on {}",
+                s.addr
+            );
             assert!(
                 tc.has_blobs(&s.addr, &[kept_hash]).await?,
                 "referenced blob kept on {}",
@@ -98,8 +119,8 @@ async fn a_large_files_chunks_are_repaired_scrubbed_and_collected() {
 
         // Corrupt one chunk on server 1: scrub finds it, repair restores it.
         let attr = tc.resolve_on(&a0, "www", "video.mp4").await?.attr.expect("attributes");
-        let manifest =
-            codafs_common::chunks::Manifest::decode(&std::fs::read(tc.blob_path(0, &Hash::from_slice(&attr.hash)?))?)?;
+        // The manifest is small, so packed: read it as a client does.
+        let manifest = codafs_common::chunks::Manifest::decode(&c.get_blob(&BlobRef::of(&attr)?).await?)?;
         let chunk = manifest.chunks[manifest.chunks.len() / 2].hash;
         let path = tc.blob_path(1, &chunk);
         let mut bytes = std::fs::read(&path)?;
@@ -147,7 +168,10 @@ async fn a_blob_a_new_commit_references_is_repaired_without_a_full_pass() {
         let tc = TestCluster::start(opts).await?;
         tc.create_volume("www", 1).await?;
         let c = tc.client();
-        let page = b"a page two files share".repeat(100);
+        // Large enough to be a file, which the test deletes behind the running server's back
+        // (small blobs are packed in the server's RocksDB, which it holds open).
+        let page = b"a page two files share".repeat(1000);
+        ensure!(page.len() as u64 > PACK_MAX_BYTES);
         TestCluster::write_file(&c, "www", "", "a.html", &page).await?;
         let hash = Hash::of(&page);
         let lost = tc.blob_path(1, &hash);

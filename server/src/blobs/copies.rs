@@ -231,11 +231,10 @@ impl Node {
         tokio::task::spawn_blocking(move || {
             let mut held = Vec::new();
             for (h, size) in blobs {
-                if let Ok(meta) = std::fs::metadata(store.path(&h)) {
-                    if meta.len() != size {
+                if let Some(len) = store.size(&h) {
+                    if len != size {
                         return Err(NodeError::Invalid(format!(
-                            "declared size {size} of blob {h} does not match its {} stored bytes",
-                            meta.len()
+                            "declared size {size} of blob {h} does not match its {len} stored bytes"
                         )));
                     }
                     store.touch(&h);

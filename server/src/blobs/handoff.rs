@@ -24,7 +24,7 @@ use codafs_proto::error::ErrorKind;
 use codafs_proto::limits::MAX_MISSING_QUERY;
 use codafs_proto::pb;
 
-use crate::blobs::replicate::send_file;
+use crate::blobs::replicate::send_blob;
 use crate::node::Node;
 
 /// How often the handoff loop looks at the spool.
@@ -182,10 +182,9 @@ async fn hand_off(node: &Node, replicas: &[String], batch: &[(Hash, u64)], out: 
         }
     }
     for &(hash, size) in batch {
-        let path = node.blobs.path(&hash);
         let mut complete = matches!(lacking.get(&hash), Some(Some(_)));
         for addr in lacking.get(&hash).cloned().flatten().unwrap_or_default() {
-            match send_file(&node.peers, addr, &path, hash, size).await {
+            match send_blob(&node.peers, addr, node.blobs.clone(), hash, size).await {
                 Ok(_) => out.sent += 1,
                 Err(e) if e.kind == ErrorKind::Corrupt => {
                     // The receiver verifies: this copy is bad, and the put path checked it

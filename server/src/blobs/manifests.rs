@@ -427,7 +427,7 @@ mod tests {
         let mut bad = m.encode();
         let last = bad.len() - 1;
         bad[last] ^= 1;
-        std::fs::write(store.path(&h), &bad).unwrap();
+        store.damage_for_tests(&h, &bad).unwrap();
         assert!(matches!(
             load_local(&store, &h),
             Err(LoadError::Blob(BlobError::Corrupt(_)))

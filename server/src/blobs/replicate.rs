@@ -14,6 +14,7 @@ use tokio::io::AsyncReadExt;
 use codafs_proto::error::{kind_of, ErrorKind};
 
 use crate::blobs::quorum::{effective_write_quorum, QuorumState, QuorumTracker};
+use crate::blobs::BlobStore;
 use crate::node::Node;
 use crate::peers::Peers;
 use codafs_proto::limits::DEFAULT_WRITE_QUORUM;
@@ -59,16 +60,19 @@ impl ForwardError {
 }
 
 /// Streams the file at `path` (content `hash`, `size` bytes) to `addr` as a forwarded put.
-pub async fn send_file(
+pub async fn send_blob(
     peers: &Peers,
     addr: &str,
-    path: &std::path::Path,
+    store: Arc<BlobStore>,
     hash: Hash,
     size: u64,
 ) -> Result<u32, ForwardError> {
-    let file = tokio::fs::File::open(path)
+    let reading = |e: &dyn std::fmt::Display| ForwardError::unreachable(addr, format!("reading blob {hash} here: {e}"));
+    let (file, _) = tokio::task::spawn_blocking(move || store.open_read(&hash))
         .await
-        .map_err(|e| ForwardError::unreachable(addr, format!("open {}: {e}", path.display())))?;
+        .map_err(|e| reading(&e))?
+        .map_err(|e| reading(&e))?;
+    let file = file.into_async();
     let header = pb::PutBlobChunk {
         part: Some(pb::put_blob_chunk::Part::Header(pb::PutBlobHeader {
             hash: bytes::Bytes::copy_from_slice(&hash.0),

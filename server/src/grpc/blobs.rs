@@ -20,7 +20,7 @@ use crate::access::{self, Caller};
 use crate::blobs::handoff::SpoolReservation;
 use crate::blobs::manifests::ManifestEntry;
 use crate::blobs::replicate::{self, replicate, ForwardError, Replicated};
-use crate::blobs::BlobError;
+use crate::blobs::{BlobError, BlobReader};
 use crate::fsm::StateView;
 use crate::node::Node;
 
@@ -36,6 +36,8 @@ fn blob_status(e: BlobError) -> Status {
         e @ BlobError::Corrupt(_) => refuse(ErrorKind::Corrupt, e.to_string()),
         BlobError::Io(e) if is_disk_full(&e) => refuse(ErrorKind::NoSpace, format!("blob storage: {e}")),
         BlobError::Io(e) => refuse(ErrorKind::Internal, format!("blob storage: {e}")),
+        e @ BlobError::Pack { disk_full: true, .. } => refuse(ErrorKind::NoSpace, e.to_string()),
+        e @ BlobError::Pack { .. } => refuse(ErrorKind::Internal, e.to_string()),
     }
 }
 
@@ -206,12 +208,11 @@ impl pb::blobs_server::Blobs for BlobService {
         }
         drop(stream);
         // Forward to the other data replicas; answer once the write quorum is durable.
-        let path = node.blobs.path(&hash);
         let size = header.size;
-        let peers = node.peers.clone();
+        let (peers, store) = (node.peers.clone(), node.blobs.clone());
         let mut r = replicate(&node, header.write_quorum, move |addr| {
-            let (peers, path) = (peers.clone(), path.clone());
-            async move { replicate::send_file(&peers, &addr, &path, hash, size).await.map(drop) }
+            let (peers, store) = (peers.clone(), store.clone());
+            async move { replicate::send_blob(&peers, &addr, store, hash, size).await.map(drop) }
         })
         .await;
         if witness {
@@ -338,7 +339,15 @@ impl pb::blobs_server::Blobs for BlobService {
                 return Err(blob_status(BlobError::NotFound(*m)));
             }
         }
-        let (file, len) = node.blobs.open_read(&hash).map_err(blob_status)?;
+        let (file, len) = match node.blobs.open_read(&hash) {
+            Ok(opened) => opened,
+            Err(e) => {
+                if matches!(e, BlobError::Corrupt(_)) {
+                    node.repair_now();
+                }
+                return Err(blob_status(e));
+            }
+        };
         node.counters.blob_gets.fetch_add(1, Ordering::Relaxed);
         let offset = r.offset;
         let (tx, rx) = mpsc::channel::<Result<pb::BlobChunk, Status>>(4);
@@ -430,10 +439,10 @@ fn read_small_blobs(node: &Node, wanted: &[Hash]) -> Vec<pb::SmallBlob> {
     let mut out = Vec::new();
     let mut total = 0usize;
     for hash in wanted {
-        let Ok(meta) = std::fs::metadata(node.blobs.path(hash)) else {
+        let Some(len) = node.blobs.size(hash) else {
             continue;
         };
-        let len = meta.len() as usize;
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
         if len > BLOB_CHUNK || total + len > MAX_SMALL_GET_BYTES {
             continue;
         }
@@ -533,7 +542,7 @@ fn quorum_missed(what: String, r: &Replicated) -> Status {
 /// offset without re-reading what lies before it (see [`stream_from`]).
 fn stream_verified(
     node: &Node,
-    file: std::fs::File,
+    file: BlobReader,
     len: u64,
     hash: Hash,
     offset: u64,
@@ -547,7 +556,7 @@ fn stream_verified(
 }
 
 /// Fills `buf` from `file` as far as it goes; returns how much was read.
-fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+fn read_full(file: &mut BlobReader, buf: &mut [u8]) -> std::io::Result<usize> {
     use std::io::Read;
     let mut filled = 0;
     while filled < buf.len() {
@@ -562,7 +571,7 @@ fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize>
 /// The next chunk of at most `max` bytes (`None` at the end). A read error is sent to the
 /// client, and `Err` tells the caller to stop there.
 fn next_chunk(
-    file: &mut std::fs::File,
+    file: &mut BlobReader,
     max: usize,
     tx: &mpsc::Sender<Result<pb::BlobChunk, Status>>,
 ) -> Result<Option<Vec<u8>>, ()> {
@@ -587,7 +596,7 @@ fn next_chunk(
 /// matches (`fetch_blob` in client-fuse): a corrupt copy here is caught there, and the client
 /// then starts over from 0 elsewhere, where this server's verified path applies.
 fn stream_from(
-    mut file: std::fs::File,
+    mut file: BlobReader,
     len: u64,
     hash: Hash,
     offset: u64,
@@ -647,7 +656,7 @@ fn stream_from(
 /// it is never served as complete. Corrupt copies are quarantined and repair is woken.
 fn stream_whole_verified(
     node: &Node,
-    mut file: std::fs::File,
+    mut file: BlobReader,
     len: u64,
     hash: Hash,
     tx: &mpsc::Sender<Result<pb::BlobChunk, Status>>,
@@ -708,7 +717,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("blob");
         std::fs::write(&path, stored).unwrap();
-        let file = std::fs::File::open(&path).unwrap();
+        let file = BlobReader::File(std::fs::File::open(&path).unwrap());
         let len = stored.len() as u64;
         let (tx, mut rx) = mpsc::channel(4);
         let task = tokio::task::spawn_blocking(move || stream_from(file, len, hash, offset, &tx));

@@ -211,7 +211,12 @@ pub fn control_request(sock: &Path, line: &str) -> Result<serde_json::Value> {
 
 /// [`control_request`], waiting up to `limit` for the answer.
 fn control_request_within(sock: &Path, line: &str, limit: Duration) -> Result<serde_json::Value> {
-    let mut s = std::os::unix::net::UnixStream::connect(sock)?;
+    let s = std::os::unix::net::UnixStream::connect(sock)?;
+    exchange(s, line, limit)
+}
+
+/// Sends one request line on a connected control socket and reads the JSON answer.
+fn exchange(mut s: std::os::unix::net::UnixStream, line: &str, limit: Duration) -> Result<serde_json::Value> {
     s.set_read_timeout(Some(limit))?;
     s.write_all(line.as_bytes())?;
     s.write_all(b"\n")?;
@@ -225,13 +230,16 @@ fn control_request_within(sock: &Path, line: &str, limit: Duration) -> Result<se
 pub(crate) fn ask_mount(mnt: &Path, line: &str, limit: Duration) -> Result<(PathBuf, serde_json::Value)> {
     let mnt = std::fs::canonicalize(mnt).with_context(|| format!("{}", mnt.display()))?;
     let sock = control_socket(&mnt);
-    let reply = control_request_within(&sock, line, limit).with_context(|| {
+    let conn = std::os::unix::net::UnixStream::connect(&sock).with_context(|| {
         format!(
             "no codafs mount at {} (no control socket {})",
             mnt.display(),
             sock.display()
         )
     })?;
+    let cmd = line.split(' ').next().unwrap_or_default();
+    let reply = exchange(conn, line, limit)
+        .with_context(|| format!("the mount at {} did not answer `{cmd}` within {limit:?}", mnt.display()))?;
     Ok((mnt, reply))
 }
 
@@ -375,7 +383,8 @@ pub fn print_mount_status(mnt: &Path, json: bool) -> Result<()> {
             v.name,
             if v.connected { "connected" } else { "disconnected" },
             v.version,
-            v.cached.files,
+            // A lower bound for volumes with more files than a status counts.
+            format!("{}{}", if v.cached.complete { "" } else { ">=" }, v.cached.files),
             bytes(v.cached.bytes),
             v.hit_ratio * 100.0,
         );

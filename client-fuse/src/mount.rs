@@ -447,8 +447,15 @@ async fn control<R: Remote>(
             let line = line.trim();
             let (cmd, arg) = line.split_once(' ').unwrap_or((line, ""));
             let mut reply = match cmd {
-                "status" => serde_json::to_value(core.status())
-                    .unwrap_or_else(|e| serde_json::json!({ "error": format!("status: {e}") })),
+                // Counting a big volume's cached files reads many cache rows: off the runtime.
+                "status" => {
+                    let c = core.clone();
+                    match tokio::task::spawn_blocking(move || c.status()).await {
+                        Ok(st) => serde_json::to_value(st)
+                            .unwrap_or_else(|e| serde_json::json!({ "error": format!("status: {e}") })),
+                        Err(e) => serde_json::json!({ "error": format!("status: {e}") }),
+                    }
+                }
                 "login" => {
                     let reply = login(&*core, uid, arg).await;
                     // A token may open private volumes: show them before answering, so what

@@ -84,6 +84,14 @@ pub struct VolumeStatus {
 pub struct CachedFiles {
     pub files: u64,
     pub bytes: u64,
+    /// False when the volume has more files in cached listings than a status looks at
+    /// (`MAX_STATUS_FILES`): the figures are then a lower bound.
+    #[serde(default = "counted_all")]
+    pub complete: bool,
+}
+
+fn counted_all() -> bool {
+    true
 }
 
 /// The whole-file cache.

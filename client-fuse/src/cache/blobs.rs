@@ -218,6 +218,12 @@ impl BlobCache {
         free_bytes(&self.root).is_none_or(|free| free >= size.saturating_add(CACHE_DISK_HEADROOM))
     }
 
+    /// Whether `h` is cached, from memory alone: neither marks it used nor checks it (for
+    /// counting what is cached, not for serving it).
+    pub fn holds(&self, h: &Hash) -> bool {
+        self.lock().lru.contains(h)
+    }
+
     /// Whether `h` is cached (and marks it used). Unverified entries are checked first.
     pub fn lookup(&self, h: &Hash) -> bool {
         let needs_check = {

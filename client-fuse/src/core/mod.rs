@@ -989,19 +989,36 @@ impl<R: Remote> Core<R> {
     }
 
     /// Files of a volume whose content is cached. Walks the cached listings.
+    /// The files of volume `v` whose content is cached, found by walking its cached listings.
+    /// The walk looks at most at [`MAX_STATUS_FILES`] files (a status must answer at once,
+    /// also for a million-file volume); past that the count is a lower bound.
     fn cached_in(&self, v: &VolState) -> CachedFiles {
-        let (mut files, mut bytes) = (0u64, 0u64);
+        self.cached_in_at_most(v, MAX_STATUS_FILES)
+    }
+
+    /// [`Core::cached_in`], looking at most at `max` files.
+    fn cached_in_at_most(&self, v: &VolState, max: u64) -> CachedFiles {
+        let mut out = CachedFiles {
+            complete: true,
+            ..CachedFiles::default()
+        };
+        let mut seen = 0u64;
         let mut stack = vec![v.root_ino];
         while let Some(d) = stack.pop() {
-            let Ok(Some(l)) = self.meta.dir(d) else { continue };
-            for e in l {
+            let Ok(Some(l)) = self.meta.listing(d) else { continue };
+            for e in l.iter() {
                 match kind_of(e.kind) {
                     NodeKind::Dir => stack.push(e.ino),
                     NodeKind::File => {
+                        if seen == max {
+                            out.complete = false;
+                            return out;
+                        }
+                        seen += 1;
                         if let Ok(Some(a)) = self.meta.attr(e.ino) {
-                            if a.hash.is_some_and(|h| self.blobs.path(&h).exists()) {
-                                files += 1;
-                                bytes += a.size;
+                            if a.hash.is_some_and(|h| self.blobs.holds(&h)) {
+                                out.files += 1;
+                                out.bytes += a.size;
                             }
                         }
                     }
@@ -1009,9 +1026,12 @@ impl<R: Remote> Core<R> {
                 }
             }
         }
-        CachedFiles { files, bytes }
+        out
     }
 }
+
+/// Most files [`Core::status`] looks at per volume when it counts the cached ones.
+pub const MAX_STATUS_FILES: u64 = 200_000;
 
 /// A cache failure as a filesystem error: a full cache disk is [`FsError::NoSpace`].
 fn cache_error(e: crate::cache::blobs::CacheError) -> FsError {

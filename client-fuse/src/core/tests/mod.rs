@@ -377,6 +377,27 @@ async fn a_change_to_one_entry_patches_the_cached_listing_instead_of_reading_it_
     }
 }
 
+/// A status counts the cached files of a volume by walking its cached listings, at most up to
+/// a bound (a million-file volume must still answer at once); past it the count says so.
+#[tokio::test]
+async fn cached_files_are_counted_up_to_a_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = core_with(dir.path(), 1 << 20);
+    core.refresh_volumes().await.unwrap();
+    for n in ["a", "b", "c"] {
+        publish(&core, &[], n, n.as_bytes()).await;
+    }
+    let v = core.volumes().into_iter().next().unwrap();
+    assert_eq!(core.cached_in_at_most(&v, 10).files, 0, "nothing read yet");
+    // The lookup brings the directory's small files with its listing: all three are cached.
+    read_path(&core, &[], "a").await.unwrap();
+    let all = core.cached_in_at_most(&v, 10);
+    assert_eq!((all.files, all.bytes, all.complete), (3, 3, true));
+    let some = core.cached_in_at_most(&v, 1);
+    assert!(!some.complete && some.files <= 1, "{some:?}");
+    assert_eq!(core.status().volumes[0].cached, all);
+}
+
 /// A mount with alice's token, and the volume known.
 async fn writable_core(dir: &std::path::Path) -> Core<FakeRemote> {
     with_alice(core_with(dir, 1 << 20)).await

@@ -20,6 +20,10 @@ use serde::{Deserialize, Serialize};
 const CF_ATTRS: &str = "attrs";
 const CF_DIRS: &str = "dirs";
 const CF_VOLUMES: &str = "volumes";
+/// All memtables of the metadata cache together (see [`MetaStore::open`]).
+const WRITE_BUFFERS: usize = 16 << 20;
+/// The block cache the column families share.
+const BLOCK_CACHE: usize = 16 << 20;
 
 /// A name change of a cached listing: (directory, name, new node and kind code; `None`: gone).
 pub type DirPatch = (u64, String, Option<(u64, i32)>);
@@ -69,12 +73,34 @@ pub struct MetaStore {
 }
 
 impl MetaStore {
+    /// Opens (or creates) the metadata cache in `dir`.
+    ///
+    /// Its memory is bounded: RocksDB's defaults let each column family hold two 64 MiB
+    /// memtables, so a mount that cached a million files' attributes held over 100 MiB of them.
+    /// All memtables together are capped at [`WRITE_BUFFERS`] (RocksDB flushes past it, and
+    /// the write-ahead log stays about that size), and the column families share one small
+    /// block cache.
     pub fn open(dir: &Path) -> Result<Self, MetaError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_keep_log_file_num(2);
-        let cfs = [CF_ATTRS, CF_DIRS, CF_VOLUMES].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        opts.set_db_write_buffer_size(WRITE_BUFFERS);
+        opts.set_max_total_wal_size(WRITE_BUFFERS as u64);
+        let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE);
+        let cf_opts = |buffer: usize| {
+            let mut o = Options::default();
+            o.set_write_buffer_size(buffer);
+            let mut table = rocksdb::BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            o.set_block_based_table_factory(&table);
+            o
+        };
+        let cfs = [
+            ColumnFamilyDescriptor::new(CF_ATTRS, cf_opts(WRITE_BUFFERS / 2)),
+            ColumnFamilyDescriptor::new(CF_DIRS, cf_opts(WRITE_BUFFERS / 2)),
+            ColumnFamilyDescriptor::new(CF_VOLUMES, cf_opts(1 << 20)),
+        ];
         Ok(MetaStore {
             db: DB::open_cf_descriptors(&opts, dir, cfs).map_err(me)?,
             listings: Default::default(),

@@ -81,17 +81,8 @@ impl Listings {
 }
 
 async fn listing_time(metrics: &[String]) -> Result<Listings> {
-    let mut l = Listings {
-        count: 0.0,
-        seconds: 0.0,
-    };
-    let series = |what| format!("codafs_server_rpc_duration_seconds_{what}{{method=\"Meta/ReadDir\"}}");
-    for addr in metrics {
-        let text = codafs_tests::http::scrape(addr).await?;
-        l.count += codafs_tests::http::value(&text, &series("count")).unwrap_or(0.0);
-        l.seconds += codafs_tests::http::value(&text, &series("sum")).unwrap_or(0.0);
-    }
-    Ok(l)
+    let (count, seconds) = codafs_tests::http::rpc_totals(metrics, "Meta/ReadDir").await?;
+    Ok(Listings { count, seconds })
 }
 
 /// The last "built snapshot" line of a server log: (bytes, ms).

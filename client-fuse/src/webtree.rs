@@ -113,3 +113,52 @@ pub fn nginx_conf(dir: &Path, port: u16, root: &Path, connections: usize) -> Str
         root = root.display(),
     )
 }
+
+/// One nginx serving `root` on a free loopback port with [`nginx_conf`], its files under `dir`;
+/// killed when dropped. Shared by `codafs bench` and the web-farm test.
+pub struct Nginx {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl Nginx {
+    /// Starts nginx and waits (at most 5 s) until it accepts connections.
+    pub fn start(dir: &Path, root: &Path, connections: usize) -> std::io::Result<Nginx> {
+        use std::process::{Command, Stdio};
+        std::fs::create_dir_all(dir.join("tmp"))?;
+        let port = codafs_common::ports::free_loopback_port()?;
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, nginx_conf(dir, port, root, connections))?;
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| std::io::Error::new(e.kind(), format!("starting nginx: {e}")))?;
+        let n = Nginx { child, port };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(n);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "nginx did not listen on 127.0.0.1:{port} within 5 s (see {}/error.log)",
+                dir.display()
+            ),
+        ))
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -47,12 +47,21 @@ pub fn value(text: &str, series: &str) -> Option<f64> {
 }
 
 /// How many `method` RPCs (e.g. "Meta/ReadDir") the servers at these metrics addresses have
-/// answered in all, from one scrape of each (a method never called has no series: 0).
-pub async fn rpc_count(metrics: &[String], method: &str) -> Result<f64> {
-    let series = format!("codafs_server_rpc_duration_seconds_count{{method=\"{method}\"}}");
-    let mut n = 0.0;
+/// answered in all, and the seconds they took, from one scrape of each (a method never called
+/// has no series: 0).
+pub async fn rpc_totals(metrics: &[String], method: &str) -> Result<(f64, f64)> {
+    let series = |what: &str| format!("codafs_server_rpc_duration_seconds_{what}{{method=\"{method}\"}}");
+    let (mut count, mut seconds) = (0.0, 0.0);
     for addr in metrics {
-        n += value(&scrape(addr).await?, &series).unwrap_or(0.0);
+        let text = scrape(addr).await?;
+        count += value(&text, &series("count")).unwrap_or(0.0);
+        seconds += value(&text, &series("sum")).unwrap_or(0.0);
     }
-    Ok(n)
+    Ok((count, seconds))
+}
+
+/// How many `method` RPCs the servers at these metrics addresses have answered (see
+/// [`rpc_totals`]).
+pub async fn rpc_count(metrics: &[String], method: &str) -> Result<f64> {
+    Ok(rpc_totals(metrics, method).await?.0)
 }

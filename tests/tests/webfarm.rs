@@ -9,56 +9,15 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use codafs_tests::{free_port, ClusterOpts, Mount, TestCluster};
+use codafs_client::webtree::Nginx;
+use codafs_tests::{ClusterOpts, Mount, TestCluster};
 
 const PAGES: usize = 20;
-
-/// nginx serving one web node's mount on a loopback port; stopped when dropped.
-struct Nginx {
-    child: Child,
-    port: u16,
-}
-
-impl Nginx {
-    fn start(dir: &Path, docroot: &Path) -> Result<Nginx> {
-        std::fs::create_dir_all(dir.join("tmp"))?;
-        let port = free_port();
-        let conf = codafs_client::webtree::nginx_conf(dir, port, docroot, 64);
-        let conf_path = dir.join("nginx.conf");
-        std::fs::write(&conf_path, conf)?;
-        let child = Command::new("nginx")
-            .arg("-c")
-            .arg(&conf_path)
-            .arg("-p")
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting nginx (scripts/install-deps.sh installs it)")?;
-        let n = Nginx { child, port };
-        for _ in 0..100 {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Ok(n);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("nginx did not listen on 127.0.0.1:{port} within 5 s")
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// GET `path` from 127.0.0.1:`port`: (status, body).
 fn get(port: u16, path: &str) -> Result<(u16, Vec<u8>)> {
@@ -204,7 +163,7 @@ async fn the_classic_web_farm_serves_publishes_survives_a_server_loss_and_restor
         let mut nginx = Vec::new();
         for n in 0..3 {
             let m = Mount::start(&tc.client_args(), &dir, &format!("web{n}"), &["--read-only"])?;
-            nginx.push(Nginx::start(&dir.join(format!("nginx{n}")), &m.path.join("www"))?);
+            nginx.push(Nginx::start(&dir.join(format!("nginx{n}")), &m.path.join("www"), 64)?);
             mounts.push(m);
         }
         let ports: Vec<u16> = nginx.iter().map(|n| n.port).collect();

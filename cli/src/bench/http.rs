@@ -3,60 +3,14 @@
 //! HTTP/1.1 load generator so the bench needs no other tool.
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use codafs_client::webtree::{relpath, zipf_cdf, zipf_pick};
+use codafs_client::webtree::{relpath, zipf_cdf, zipf_pick, Nginx};
 use rand::SeedableRng;
 
 use super::report::{percentile, Report, Row};
 use super::Ctx;
-
-/// One nginx serving `root` on a loopback port; stopped when dropped.
-struct Nginx {
-    child: Child,
-    port: u16,
-}
-
-impl Nginx {
-    fn start(dir: &Path, root: &Path) -> Result<Nginx> {
-        std::fs::create_dir_all(dir.join("tmp"))?;
-        let port = codafs_common::ports::free_loopback_port()?;
-        let conf = codafs_client::webtree::nginx_conf(dir, port, root, 256);
-        let conf_path = dir.join("nginx.conf");
-        std::fs::write(&conf_path, conf)?;
-        let child = Command::new("nginx")
-            .arg("-c")
-            .arg(&conf_path)
-            .arg("-p")
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting nginx")?;
-        let n = Nginx { child, port };
-        for _ in 0..100 {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Ok(n);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!(
-            "nginx did not listen on 127.0.0.1:{port} within 5 s (see {}/error.log)",
-            dir.display()
-        )
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Whether `nginx` is on PATH.
 fn nginx_installed() -> bool {
@@ -137,8 +91,8 @@ pub(crate) async fn run(ctx: &Ctx, report: &mut Report) -> Result<()> {
     let (mnt, local, work) = (ctx.mounted_tree(), ctx.local.clone(), ctx.work.clone());
     let (files, readers, dur, rounds, zipf) = (ctx.files, ctx.readers, ctx.duration, ctx.rounds, ctx.zipf);
     let rows = tokio::task::spawn_blocking(move || -> Result<Vec<Row>> {
-        let m = Nginx::start(&work.join("nginx-mount"), &mnt)?;
-        let l = Nginx::start(&work.join("nginx-local"), &local)?;
+        let m = Nginx::start(&work.join("nginx-mount"), &mnt, 256)?;
+        let l = Nginx::start(&work.join("nginx-local"), &local, 256)?;
         let cdf = zipf_cdf(files, zipf);
         let (mut rps, mut p50, mut p99) = ([vec![], vec![]], [vec![], vec![]], [vec![], vec![]]);
         for _ in 0..rounds {

@@ -20,7 +20,7 @@
 //! A full cache disk is not an error for readers: a fetch that cannot be written here is
 //! reported as [`CacheWriter::failed_locally`] and the core streams it through memory instead
 //! (see `stream`).
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,8 +28,8 @@ use std::sync::Mutex;
 
 use codafs_common::chunks::{content_id, is_chunked};
 use codafs_common::Hash;
-use lru::LruCache;
 
+use super::index::Index;
 use crate::core::remote::ChunkSink;
 
 /// Cache counters.
@@ -43,10 +43,9 @@ pub struct BlobStats {
 }
 
 struct State {
-    lru: LruCache<Hash, u64>,
-    total: u64,
+    /// Entries, their sizes and order of use, and which are unverified.
+    index: Index,
     pins: HashMap<Hash, usize>,
-    unverified: HashSet<Hash>,
     /// Whether the `verified-boot` marker names this boot (no entry is unverified).
     marked: bool,
 }
@@ -129,24 +128,19 @@ impl BlobCache {
         }
         // Oldest first, so the most recently written end up most recently used.
         found.sort();
-        let mut lru = LruCache::unbounded();
-        let mut total = 0;
-        let mut unverified = HashSet::new();
+        let mut index = Index::default();
         for (_, h, len) in found {
-            lru.put(h, len);
-            total += len;
-            if !same_boot {
-                unverified.insert(h);
+            if index.insert(h, len, !same_boot).is_err() {
+                // More entries than the index can name: the rest are not cached.
+                let _ = std::fs::remove_file(Self::path_in(root, &h));
             }
         }
         let cache = BlobCache {
             root: root.to_path_buf(),
             max_bytes,
             state: Mutex::new(State {
-                lru,
-                total,
+                index,
                 pins: HashMap::new(),
-                unverified,
                 marked: same_boot,
             }),
             seq: AtomicU64::new(0),
@@ -166,7 +160,7 @@ impl BlobCache {
     /// every change to the unverified set; writing or removing it happens once per change of
     /// state, not per entry.
     fn settle_marker(&self, s: &mut State) {
-        let want = s.unverified.is_empty() && !self.boot.is_empty();
+        let want = s.index.unverified() == 0 && !self.boot.is_empty();
         if want == s.marked {
             return;
         }
@@ -190,7 +184,7 @@ impl BlobCache {
     /// Entries still to be re-hashed before their first use (after a reboot).
     #[cfg(test)]
     fn unverified(&self) -> usize {
-        self.lock().unverified.len()
+        self.lock().index.unverified()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -198,14 +192,18 @@ impl BlobCache {
     }
 
     pub fn path(&self, h: &Hash) -> PathBuf {
+        Self::path_in(&self.root, h)
+    }
+
+    fn path_in(root: &Path, h: &Hash) -> PathBuf {
         let hex = h.to_hex();
-        self.root.join("blobs").join(&hex[..2]).join(hex)
+        root.join("blobs").join(&hex[..2]).join(hex)
     }
 
     /// (entries, bytes) cached.
     pub fn usage(&self) -> (usize, u64) {
         let s = self.lock();
-        (s.lru.len(), s.total)
+        (s.index.len(), s.index.bytes())
     }
 
     pub fn max_bytes(&self) -> u64 {
@@ -221,17 +219,17 @@ impl BlobCache {
     /// Whether `h` is cached, from memory alone: neither marks it used nor checks it (for
     /// counting what is cached, not for serving it).
     pub fn holds(&self, h: &Hash) -> bool {
-        self.lock().lru.contains(h)
+        self.lock().index.contains(h)
     }
 
     /// Whether `h` is cached (and marks it used). Unverified entries are checked first.
     pub fn lookup(&self, h: &Hash) -> bool {
         let needs_check = {
             let mut s = self.lock();
-            let Some(len) = s.lru.get(h).copied() else {
+            let Some((len, unverified)) = s.index.touch(h) else {
                 return false;
             };
-            s.unverified.contains(h).then_some(len)
+            unverified.then_some(len)
         };
         if let Some(len) = needs_check {
             let ok = crate::blocking::blocking(len, || content_matches(&self.path(h), h, len));
@@ -242,7 +240,7 @@ impl BlobCache {
                 return false;
             }
             let mut s = self.lock();
-            s.unverified.remove(h);
+            s.index.set_verified(h);
             self.settle_marker(&mut s);
         }
         true
@@ -250,10 +248,7 @@ impl BlobCache {
 
     fn remove(&self, h: &Hash) {
         let mut s = self.lock();
-        if let Some(len) = s.lru.pop(h) {
-            s.total -= len;
-        }
-        s.unverified.remove(h);
+        s.index.remove(h);
         self.settle_marker(&mut s);
         let _ = std::fs::remove_file(self.path(h));
     }
@@ -267,12 +262,7 @@ impl BlobCache {
             std::fs::create_dir_all(dir)?;
         }
         std::fs::rename(from, &dest)?;
-        if !verified {
-            let mut s = self.lock();
-            s.unverified.insert(h);
-            self.settle_marker(&mut s);
-        }
-        self.admit(h, len);
+        self.admit(h, len, !verified);
         Ok(())
     }
 
@@ -329,13 +319,20 @@ impl BlobCache {
         })
     }
 
-    fn admit(&self, h: Hash, len: u64) {
+    /// Makes the file at `self.path(&h)` an entry, `unverified` if its bytes were not hashed in
+    /// this process.
+    fn admit(&self, h: Hash, len: u64, unverified: bool) {
         {
             let mut s = self.lock();
-            if let Some(old) = s.lru.put(h, len) {
-                s.total -= old;
+            if s.index.insert(h, len, unverified).is_err() {
+                drop(s);
+                tracing::warn!(hash = %h, "blob cache index full; not caching this blob");
+                let _ = std::fs::remove_file(self.path(&h));
+                return;
             }
-            s.total += len;
+            if unverified {
+                self.settle_marker(&mut s);
+            }
         }
         self.stats.fetched_bytes.fetch_add(len, Ordering::Relaxed);
         self.evict_but(Some(h));
@@ -348,26 +345,13 @@ impl BlobCache {
 
     /// Evicts least recently used entries until within budget, sparing pinned ones and `keep`.
     fn evict_but(&self, keep: Option<Hash>) {
-        let mut victims = Vec::new();
-        {
+        let victims = {
             let mut s = self.lock();
-            let mut skipped = Vec::new();
-            while s.total > self.max_bytes {
-                let Some((h, len)) = s.lru.pop_lru() else { break };
-                if s.pins.contains_key(&h) || keep == Some(h) {
-                    skipped.push((h, len));
-                    continue;
-                }
-                s.total -= len;
-                s.unverified.remove(&h);
-                victims.push(h);
-            }
-            // Pinned entries go back as most recently used.
-            for (h, len) in skipped {
-                s.lru.put(h, len);
-            }
+            let State { index, pins, .. } = &mut *s;
+            let victims = index.evict_to(self.max_bytes, |h| pins.contains_key(h) || keep == Some(*h));
             self.settle_marker(&mut s);
-        }
+            victims
+        };
         for h in victims {
             self.stats.evictions.fetch_add(1, Ordering::Relaxed);
             let _ = std::fs::remove_file(self.path(&h));
@@ -503,7 +487,7 @@ impl CacheWriter<'_> {
             let _ = std::fs::remove_file(&self.tmp);
             return Err(e.into());
         }
-        self.cache.admit(self.hash, self.size);
+        self.cache.admit(self.hash, self.size, false);
         Ok(dest)
     }
 }

@@ -451,7 +451,7 @@ impl<R: Remote> Core<R> {
         }
         for (dir, name) in entries {
             if let Some(d) = told.get_mut(&dir) {
-                d.remove(&name);
+                d.remove(name.as_str());
             }
             inv.entries.push((dir, name));
         }
@@ -485,7 +485,7 @@ impl<R: Remote> Core<R> {
                 in_parent
                     .iter()
                     .filter(|(_, i)| **i == *ino)
-                    .map(|(n, _)| (a.parent, n.clone())),
+                    .map(|(n, _)| (a.parent, n.to_string())),
             );
             if names.len() > before {
                 stale.insert(*ino, (a.size, a.mtime_ns));
@@ -558,7 +558,7 @@ impl<R: Remote> Core<R> {
             .unwrap_or_else(|p| p.into_inner())
             .entry(parent)
             .or_default()
-            .insert(name.to_string(), ino);
+            .insert(name.into(), ino);
     }
 
     /// Records that the kernel dropped `name` in `parent` (our own unlink or rename).
@@ -594,12 +594,12 @@ impl<R: Remote> Core<R> {
             let Some(listing) = listing else {
                 // The new listing is unknown: assume the worst.
                 out.moved = true;
-                out.entries.extend(names.keys().map(|n| (*dir, n.clone())));
+                out.entries.extend(names.keys().map(|n| (*dir, n.to_string())));
                 continue;
             };
             for (name, ino) in names {
                 if listing.now(name, *ino) != Some(*ino) {
-                    out.entries.push((*dir, name.clone()));
+                    out.entries.push((*dir, name.to_string()));
                     out.gone.push(*ino);
                 }
             }

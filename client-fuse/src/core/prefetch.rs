@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use codafs_common::Hash;
 use codafs_proto::limits::MAX_SMALL_GET;
 
-use super::remote::{ChunkSink, Remote};
+use super::remote::Remote;
 use super::types::Attr;
 use super::{Core, NodeKind};
 use crate::blocking::blocking;
@@ -63,13 +63,10 @@ impl<R: Remote> Core<R> {
                 self.stats.bad_small_copies.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            blocking(len, || {
-                if let Ok(mut w) = self.blobs.writer(hash, len) {
-                    if w.write(&data).is_ok() {
-                        let _ = w.finish();
-                    }
-                }
-            });
+            if let Err(e) = blocking(len, || self.blobs.put_verified(hash, &data)) {
+                tracing::debug!(%hash, error = %e, "a small file brought with its listing was not cached");
+                continue;
+            }
             self.stats.prefetched.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use codafs_benches::{open_read_close, publish_web_tree, relpath, zipf_cdf, FILES};
+use codafs_tests::http::value;
 use codafs_tests::{ClusterOpts, Mount, TestCluster};
 use rand::{Rng, SeedableRng};
 
@@ -127,9 +128,17 @@ async fn bench() -> Result<Vec<String>> {
     let order = zipf_order();
 
     let local_1 = pass(local.path(), &order, bytes)?;
-    let mut m = Mount::start(&tc.client_args(), tc.root.path(), "cold", &["--read-only"])?;
+    let metrics = format!("127.0.0.1:{}", codafs_tests::free_port());
+    let mut m = Mount::start(
+        &tc.client_args(),
+        tc.root.path(),
+        "cold",
+        &["--read-only", "--metrics-listen", &metrics],
+    )?;
     let (before, cpu) = (m.status()?.fuse_requests, cpu_seconds(m.pid()));
+    let waits_before = Waits::read(&metrics).await?;
     let empty = pass(&m.path.join("www"), &order, bytes)?;
+    let waits = Waits::read(&metrics).await?.since(&waits_before);
     let status = m.status()?;
     let empty_requests = daemon_work(cpu_seconds(m.pid()) - cpu, &before, &status.fuse_requests);
     let prefetched = status.cache.prefetched;
@@ -164,7 +173,59 @@ async fn bench() -> Result<Vec<String>> {
         row("/coda, remounted, persistent cache warm", &remounted, &remounted_requests),
         String::new(),
         format!("Small files brought with their directory's listing in the empty-cache pass: {prefetched}"),
+        format!("What the empty-cache pass waited for (the mount's metrics): {waits}"),
     ])
+}
+
+/// Counts and total seconds of the mount's fetch histograms: listings, small-file batches and
+/// single blobs.
+#[derive(Default)]
+struct Waits([(f64, f64); 3]);
+
+const WAITED_FOR: [(&str, &str); 3] = [
+    (
+        "listings",
+        "codafs_mount_listing_fetch_duration_seconds_{}{part=\"listing\"}",
+    ),
+    (
+        "small-file batches",
+        "codafs_mount_listing_fetch_duration_seconds_{}{part=\"small_files\"}",
+    ),
+    ("single files", "codafs_mount_fetch_duration_seconds_{}{result=\"ok\"}"),
+];
+
+impl Waits {
+    async fn read(metrics: &str) -> Result<Waits> {
+        let text = codafs_tests::http::scrape(metrics).await?;
+        let mut w = Waits::default();
+        for (i, (_, series)) in WAITED_FOR.iter().enumerate() {
+            let get = |what: &str| value(&text, &series.replace("{}", what)).unwrap_or(0.0);
+            w.0[i] = (get("count"), get("sum"));
+        }
+        Ok(w)
+    }
+
+    fn since(&self, before: &Waits) -> Waits {
+        let mut w = Waits::default();
+        for i in 0..3 {
+            w.0[i] = (self.0[i].0 - before.0[i].0, self.0[i].1 - before.0[i].1);
+        }
+        w
+    }
+}
+
+impl std::fmt::Display for Waits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, ((what, _), (n, secs))) in WAITED_FOR.iter().zip(self.0).enumerate() {
+            let mean = if n > 0.0 { secs / n * 1000.0 } else { 0.0 };
+            let sep = if i == 0 { "" } else { "; " };
+            write!(
+                f,
+                "{sep}{n:.0} {what}, {mean:.1} ms each on average, {secs:.2} s in all"
+            )?;
+        }
+        Ok(())
+    }
 }
 
 fn main() -> Result<()> {

@@ -6,7 +6,7 @@
 //! each scrape through [`Core::status_counters`] rather than keeping a second set of books.
 //! What `codafs status` has no counter for is measured here, in [`Timings`], which the core
 //! keeps whether or not an endpoint runs (an observation is a few atomic adds): how long blob
-//! fetches take, and how many change events (callbacks) arrive and how long applying them takes.
+//! and listing fetches take, and how many change events (callbacks) arrive and how long applying them takes.
 //!
 //! The endpoint is plain HTTP without authentication (what Prometheus scrapes): bind it to
 //! loopback or a management network. It answers `GET /metrics` and nothing else, serves a few
@@ -38,6 +38,7 @@ const CALLBACK_BUCKETS: &[f64] = &[
 /// What the mount measures for the metrics endpoint beyond `codafs status`'s counters.
 pub struct Timings {
     fetch: HistogramVec,
+    listing: HistogramVec,
     callbacks: IntCounterVec,
     callback_delay: Histogram,
 }
@@ -54,6 +55,16 @@ impl Timings {
                 )
                 .buckets(FETCH_BUCKETS.to_vec()),
                 &["result"],
+            )?,
+            listing: HistogramVec::new(
+                HistogramOpts::new(
+                    "codafs_mount_listing_fetch_duration_seconds",
+                    "Time a name lookup in a directory not cached yet waited for the servers, by \
+                     part: the directory's listing, then its small files' content (one GetSmall \
+                     call; only when there were two or more to bring).",
+                )
+                .buckets(FETCH_BUCKETS.to_vec()),
+                &["part"],
             )?,
             callbacks: IntCounterVec::new(
                 Opts::new(
@@ -82,6 +93,20 @@ impl Timings {
             .observe(started.elapsed().as_secs_f64());
     }
 
+    /// A directory's listing, fetched for a lookup, arrived (it was asked for at `started`).
+    pub fn listed(&self, started: Instant) {
+        self.listing
+            .with_label_values(&["listing"])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// The small files of a just-fetched listing, asked for at `started`, arrived (or failed to).
+    pub fn small_files_fetched(&self, started: Instant) {
+        self.listing
+            .with_label_values(&["small_files"])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
     /// A change event of `volume` arrived.
     pub fn callback_received(&self, volume: &str) {
         self.callbacks.with_label_values(&[volume]).inc();
@@ -94,6 +119,7 @@ impl Timings {
 
     fn register(&self, r: &Registry) -> Result<(), prometheus::Error> {
         r.register(Box::new(self.fetch.clone()))?;
+        r.register(Box::new(self.listing.clone()))?;
         r.register(Box::new(self.callbacks.clone()))?;
         r.register(Box::new(self.callback_delay.clone()))
     }
@@ -355,6 +381,9 @@ mod tests {
         t.fetched(Instant::now(), true);
         t.callback_received("www");
         t.callback_applied(Instant::now());
+        t.listed(Instant::now());
+        t.listed(Instant::now());
+        t.small_files_fetched(Instant::now());
         let text = TextEncoder::new().encode_to_string(&r.gather()).expect("encodes");
         assert!(
             text.contains("codafs_mount_fetch_duration_seconds_count{result=\"ok\"} 1"),
@@ -365,5 +394,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("codafs_mount_callback_delay_seconds_count 1"), "{text}");
+        for series in [
+            "codafs_mount_listing_fetch_duration_seconds_count{part=\"listing\"} 2",
+            "codafs_mount_listing_fetch_duration_seconds_count{part=\"small_files\"} 1",
+        ] {
+            assert!(text.contains(series), "{series} missing from {text}");
+        }
     }
 }

@@ -242,8 +242,9 @@ fn open_core(cfg: &MountConfig) -> Result<Arc<Core<GrpcRemote>>, MountError> {
     let core_cfg = CoreConfig {
         op_timeout: cfg.op_timeout,
     };
-    let core = Core::new(GrpcRemote::new(cluster), meta, blobs, core_cfg, writes).map_err(|e| setup(&e))?;
-    Ok(Arc::new(core))
+    let core = Arc::new(Core::new(GrpcRemote::new(cluster), meta, blobs, core_cfg, writes).map_err(|e| setup(&e))?);
+    core.run_in_background();
+    Ok(core)
 }
 
 /// FUSE session options for a read-only or writable mount.

@@ -262,6 +262,11 @@ pub struct Core<R: Remote> {
     manifests: Mutex<lru::LruCache<Hash, Arc<codafs_common::chunks::Manifest>>>,
     /// Large files being brought into the cache by their readers (see `chunked.rs`).
     fills: Mutex<lru::LruCache<Hash, chunked::FillRef>>,
+    /// This core, once shared ([`Core::run_in_background`]), for work a request starts and
+    /// need not wait for (small files brought with a listing). Unset, that work runs inline.
+    me: std::sync::OnceLock<std::sync::Weak<Self>>,
+    /// Small-file batches running in the background, at most [`prefetch::BACKGROUND_BATCHES`].
+    small_batches: Arc<tokio::sync::Semaphore>,
 }
 
 impl<R: Remote> Core<R> {
@@ -300,6 +305,8 @@ impl<R: Remote> Core<R> {
             fills: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(chunked::FILLS_KEPT).unwrap_or(std::num::NonZeroUsize::MIN),
             )),
+            me: std::sync::OnceLock::new(),
+            small_batches: Arc::new(tokio::sync::Semaphore::new(prefetch::BACKGROUND_BATCHES)),
         })
     }
 
@@ -543,6 +550,7 @@ impl<R: Remote> Core<R> {
         if attr.kind != NodeKind::Dir {
             return Err(FsError::NotDir);
         }
+        let started = std::time::Instant::now();
         let entries = self
             .fetch_settled(
                 ino,
@@ -550,8 +558,9 @@ impl<R: Remote> Core<R> {
                 |e| self.meta.put_dir(ino, e).map_err(Self::io),
             )
             .await?;
+        self.timings.listed(started);
         if prefetch {
-            self.prefetch_small(&entries).await;
+            self.bring_small(&entries).await;
         }
         Ok(entries
             .into_iter()
@@ -889,6 +898,12 @@ impl<R: Remote> Core<R> {
         }
         buf.truncate(done);
         Ok(buf)
+    }
+
+    /// Lets requests start work they need not wait for on the runtime (small files brought
+    /// with a listing): call once the core is shared. Without it, that work runs inline.
+    pub fn run_in_background(self: &Arc<Self>) {
+        let _ = self.me.set(Arc::downgrade(self));
     }
 
     /// Status for `codafs status MNT`.

@@ -59,6 +59,8 @@ pub struct Truth {
     pub blob_fetches: u64,
     /// `fetch_small` answers with these bytes instead of the stored ones (a corrupt replica).
     pub corrupt_small: bool,
+    /// `fetch_small` waits for a permit of this first (a slow server).
+    pub small_gate: Option<std::sync::Arc<tokio::sync::Semaphore>>,
     /// Applied commit requests, answered again to a retry (as the servers do).
     pub requests: HashMap<RequestId, Committed>,
     /// Bytes of blobs stored that were not stored before (what a store sent, deduplicated).
@@ -600,6 +602,10 @@ impl Remote for FakeRemote {
 
     async fn fetch_small(&self, blobs: Vec<crate::transport::BlobRef>) -> Result<Vec<(Hash, bytes::Bytes)>, FsError> {
         self.check_up()?;
+        let gate = self.lock().small_gate.clone();
+        if let Some(gate) = gate {
+            let _ = gate.acquire().await;
+        }
         let t = self.lock();
         Ok(blobs
             .iter()

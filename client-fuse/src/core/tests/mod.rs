@@ -537,6 +537,45 @@ async fn read_only_opens_of_cached_files_need_no_wait() {
     assert!(!core.release(wfh).await);
 }
 
+/// On a mount, where the core runs work in the background, the lookup that fetches a listing
+/// answers without waiting for the directory's small files; they arrive all the same.
+#[tokio::test(start_paused = true)]
+async fn a_lookup_does_not_wait_for_the_small_files_of_its_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = std::sync::Arc::new(writable_core(dir.path()).await);
+    core.run_in_background();
+    for n in ["a", "b", "c"] {
+        core.remote.write(&["d"], n, n.repeat(100).as_bytes());
+    }
+    deliver_all(&core).await;
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    core.remote.lock().small_gate = Some(gate.clone());
+    let began = tokio::time::Instant::now();
+    let www = core.lookup(ROOT_INO, "www").await.unwrap().ino;
+    let d = core.lookup(www, "d").await.unwrap().ino;
+    core.lookup(d, "a").await.unwrap();
+    assert!(
+        began.elapsed() < Duration::from_millis(100),
+        "the lookup waited for the small files"
+    );
+    assert_eq!(core.stats.prefetched.load(Ordering::Relaxed), 0);
+    gate.add_permits(1);
+    for _ in 0..100 {
+        if core.stats.prefetched.load(Ordering::Relaxed) == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(core.stats.prefetched.load(Ordering::Relaxed), 3);
+    for n in ["a", "b", "c"] {
+        assert_eq!(
+            model::read(&core, &format!("d/{n}")).await.unwrap(),
+            n.repeat(100).as_bytes()
+        );
+    }
+    assert_eq!(core.remote.lock().blob_fetches, 0, "all three came in the batch");
+}
+
 /// A lookup that fetches a directory's listing brings that directory's small files into the
 /// cache in one call: opening them next fetches nothing. Copies that fail verification are
 /// left out (and fetched on open); a listing read for `readdir` brings nothing.

@@ -12,20 +12,30 @@ use anyhow::{ensure, Result};
 use codafs_tests::{bounded, read_file, wait_until, ClusterOpts, Mount, TestCluster};
 
 /// Every entry under `root` (itself included) whose mode gives group or others anything, or
-/// a directory that is not exactly 0700; and how many entries were looked at.
+/// a directory that is not exactly 0700; and how many entries were looked at. The servers keep
+/// running while this walks, so an entry that vanishes between its listing and its `lstat` (a
+/// RocksDB table replaced by a compaction, say) is skipped; `root` itself must exist.
 fn loose_entries(root: &Path) -> Result<(Vec<(PathBuf, u32)>, usize)> {
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
     let mut loose = Vec::new();
     let mut seen = 0;
     let mut stack = vec![root.to_path_buf()];
     while let Some(p) = stack.pop() {
-        let m = std::fs::symlink_metadata(&p)?;
+        let m = match std::fs::symlink_metadata(&p) {
+            Err(e) if gone(&e) && p != root => continue,
+            m => m?,
+        };
         seen += 1;
         let mode = m.permissions().mode() & 0o7777;
         if m.is_dir() {
             if mode != 0o700 {
                 loose.push((p.clone(), mode));
             }
-            for e in std::fs::read_dir(&p)? {
+            let entries = match std::fs::read_dir(&p) {
+                Err(e) if gone(&e) && p != root => continue,
+                r => r?,
+            };
+            for e in entries {
                 stack.push(e?.path());
             }
         } else if !m.file_type().is_symlink() && mode & 0o077 != 0 {

@@ -185,6 +185,8 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     // database still locked.
     let ended = if still_mounted { bg.umount_and_join() } else { bg.join() };
     rt.shutdown_timeout(Duration::from_secs(2));
+    // Nothing is fetched any more: the next start reads the cache's index instead of listing it.
+    core.save_cache_index();
     drop(core);
     ended.map_err(|e| MountError::Unmount(mountpoint, e))?;
     Ok(())
@@ -218,7 +220,7 @@ fn open_core(cfg: &MountConfig) -> Result<Arc<Core<GrpcRemote>>, MountError> {
     let setup = |e: &dyn std::fmt::Display| MountError::Setup(e.to_string());
     // The directory exists: `take_cache_dir` made it. Cached content of private volumes, files open for writing and users' tokens live here:
     // directories 0700 and files 0600, also in a cache an older version or a looser umask left.
-    let changed = codafs_common::perms::restrict_tree(&cfg.cache_dir)
+    let changed = codafs_common::perms::restrict_tree_once(&cfg.cache_dir)
         .map_err(|e| setup(&format!("cache dir {}: {e}", cfg.cache_dir.display())))?;
     if changed > 0 {
         tracing::info!(dir = %cfg.cache_dir.display(), changed, "took group and other permissions off the cache");

@@ -56,6 +56,45 @@ pub fn restrict_tree(root: &Path) -> std::io::Result<u64> {
     Ok(changed)
 }
 
+/// The marker [`restrict_tree_once`] leaves in a directory it has restricted.
+pub const RESTRICTED_MARKER: &str = "perms-restricted";
+
+/// [`restrict_tree`], once per directory. After a whole pass, and only if this process's umask
+/// keeps group and other bits off everything it creates from then on, it leaves
+/// [`RESTRICTED_MARKER`] in `root`; later calls restrict `root` itself only. Why: the walk
+/// `lstat`s every entry, and a mount's cache of a million files after a reboot made that
+/// seconds of disk reads at every start.
+pub fn restrict_tree_once(root: &Path) -> std::io::Result<u64> {
+    restrict_tree_marking(root, umask() & 0o077 == 0o077)
+}
+
+/// [`restrict_tree_once`], leaving the marker after a walk if `private` (the umask's verdict).
+fn restrict_tree_marking(root: &Path, private: bool) -> std::io::Result<u64> {
+    let marker = root.join(RESTRICTED_MARKER);
+    if marker.exists() {
+        let meta = std::fs::symlink_metadata(root)?;
+        return restrict(root, &meta);
+    }
+    let changed = restrict_tree(root)?;
+    if root.is_dir() && private {
+        std::fs::write(&marker, b"")?;
+        restrict(&marker, &std::fs::symlink_metadata(&marker)?)?;
+    }
+    Ok(changed)
+}
+
+/// This process's umask (from `/proc/self/status`, which reads it without changing it); 0 if
+/// the kernel does not tell.
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("Umask:"))?;
+            u32::from_str_radix(line.split_whitespace().nth(1)?, 8).ok()
+        })
+        .unwrap_or(0)
+}
+
 /// Restricts one entry; 1 if its mode changed.
 fn restrict(path: &Path, meta: &std::fs::Metadata) -> std::io::Result<u64> {
     let ft = meta.file_type();
@@ -112,6 +151,40 @@ mod tests {
         assert_eq!(mode(Path::new("/etc/passwd")), passwd, "links are not followed");
         assert_eq!(restrict_tree(&root).unwrap(), 0, "a second pass changes nothing");
         assert_eq!(restrict_tree(&t.join("missing")).unwrap(), 0);
+        std::fs::remove_dir_all(&t).unwrap();
+    }
+
+    #[test]
+    fn restrict_tree_once_walks_until_a_pass_under_a_private_umask_leaves_its_marker() {
+        let t = tempfile_dir();
+        let root = t.join("cache");
+        std::fs::create_dir_all(root.join("blobs")).unwrap();
+        let old = root.join("blobs/old");
+        std::fs::write(&old, b"x").unwrap();
+        let loosen = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+        loosen(&old, 0o644);
+        loosen(&root, 0o755);
+        loosen(&root.join("blobs"), 0o755);
+        let marker = root.join(RESTRICTED_MARKER);
+        // A umask that lets group or other bits through: no marker, every call walks.
+        assert_eq!(
+            restrict_tree_marking(&root, false).unwrap(),
+            3,
+            "root, blobs and the file"
+        );
+        assert!(!marker.exists());
+        loosen(&old, 0o644);
+        assert_eq!(restrict_tree_marking(&root, false).unwrap(), 1);
+        // A private umask: the walk leaves the marker (itself private)...
+        loosen(&old, 0o644);
+        assert_eq!(restrict_tree_marking(&root, true).unwrap(), 1);
+        assert_eq!(mode(&marker), 0o600);
+        // ...and later calls restrict the root only.
+        loosen(&old, 0o644);
+        loosen(&root, 0o755);
+        assert_eq!(restrict_tree_marking(&root, true).unwrap(), 1);
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&old), 0o644, "not visited again");
         std::fs::remove_dir_all(&t).unwrap();
     }
 

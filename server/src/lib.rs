@@ -156,7 +156,7 @@ pub async fn run(
         }
     }
     // Directories 0700, files 0600, also what an older version or a looser umask left behind.
-    let changed = codafs_common::perms::restrict_tree(dir)?;
+    let changed = codafs_common::perms::restrict_tree_once(dir)?;
     if changed > 0 {
         tracing::info!(dir = %dir.display(), changed, "took group and other permissions off the server directory");
     }

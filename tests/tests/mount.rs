@@ -228,6 +228,55 @@ async fn client_crash_mid_fetch_leaves_no_corrupt_data_and_cache_is_reused() {
     .await
 }
 
+/// A clean stop saves the blob cache's index and the next start reads it instead of listing
+/// every cached file; a killed daemon saved nothing, so its next start lists them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clean_stop_saves_the_cache_index_for_the_next_start() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let c = tc.client();
+        for i in 0..20 {
+            TestCluster::write_file(&c, "www", "", &format!("p{i}.html"), format!("page {i}").as_bytes()).await?;
+        }
+        let mut m = Mount::start(&tc.client_args(), tc.root.path(), "m", &["--read-only"])?;
+        let read_all = |m: &Mount| -> Result<()> {
+            for i in 0..20 {
+                let got = read_file(&m.path.join(format!("www/p{i}.html")))?;
+                anyhow::ensure!(got == format!("page {i}").as_bytes(), "p{i}.html: {got:?}");
+            }
+            Ok(())
+        };
+        read_all(&m)?;
+        let cached = m.status()?.cache.entries;
+        anyhow::ensure!(cached >= 20, "{cached} entries cached");
+        let saved = m.cache.join("blobs.index");
+        anyhow::ensure!(!saved.exists(), "no saved index while running");
+
+        m.stop();
+        anyhow::ensure!(saved.exists(), "a clean stop saves the index");
+        m.remount()?;
+        anyhow::ensure!(!saved.exists(), "the next start consumes it");
+        let opened = |m: &Mount, how: &str| m.log().matches(&format!("blob cache opened {how}")).count();
+        anyhow::ensure!(opened(&m, "from the saved index") == 1, "log:\n{}", m.log());
+        anyhow::ensure!(m.status()?.cache.entries == cached, "every entry is back");
+        let before = blob_gets(&tc).await;
+        read_all(&m)?;
+        anyhow::ensure!(blob_gets(&tc).await == before, "served from the cache, nothing fetched");
+
+        // Killed: nothing saved, so the next start lists the files and finds them all.
+        m.kill9();
+        anyhow::ensure!(!saved.exists());
+        m.remount()?;
+        anyhow::ensure!(opened(&m, "by listing its files") == 2, "log:\n{}", m.log());
+        anyhow::ensure!(m.status()?.cache.entries == cached);
+        read_all(&m)?;
+        anyhow::ensure!(blob_gets(&tc).await == before, "served from the cache, nothing fetched");
+        Ok(())
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn small_cache_evicts_but_an_open_file_stays_readable() {
     bounded(async {

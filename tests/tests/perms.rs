@@ -115,10 +115,21 @@ async fn server_dirs_and_caches_are_private_whatever_the_umask() {
         let run = std::fs::metadata("/run/codafs")?.permissions().mode() & 0o777;
         ensure!(run == 0o755, "/run/codafs is {run:o}");
 
-        // A directory left loose (by an older version) is tightened at the next start.
+        // A directory left loose by an older version (which left no marker of a finished
+        // pass) is tightened at the next start.
         tc.kill(1);
         let dir1 = tc.servers[1].dir.clone();
+        let marker = dir1.join(codafs_common::perms::RESTRICTED_MARKER);
+        ensure!(
+            marker.exists(),
+            "a server's first start marks its directory as restricted"
+        );
+        ensure!(
+            m.cache.join(codafs_common::perms::RESTRICTED_MARKER).exists(),
+            "a mount's first start marks its cache as restricted"
+        );
         loosen(&dir1)?;
+        std::fs::remove_file(&marker)?;
         ensure!(!loose_entries(&dir1)?.0.is_empty(), "loosening had no effect");
         tc.restart(1)?;
         let addr1 = tc.servers[1].addr.clone();

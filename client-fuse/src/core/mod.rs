@@ -875,12 +875,27 @@ impl<R: Remote> Core<R> {
                 return Ok(Vec::new());
             }
             match self.read_cached(&blob.hash, len, offset, size) {
-                // Dropped between the fetch and the read (found corrupt, say): fetch again.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                // Dropped between the fetch and the read (found corrupt, say), or deleted
+                // behind the cache's back: fetch again.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    self.blobs.forget_missing(&blob.hash);
+                    continue;
+                }
                 r => return Ok(r?),
             }
         }
         Err(FsError::Io(format!("blob {} kept vanishing from the cache", blob.hash)))
+    }
+
+    /// Saves the blob cache's index for a fast next start (a clean stop; see `cache/blobs.rs`).
+    pub fn save_cache_index(&self) {
+        match self.blobs.save_index() {
+            Ok(true) => tracing::debug!("saved the blob cache index"),
+            Ok(false) => {
+                tracing::info!("blob cache index not saved (a fetch was still writing); the next start lists the cache")
+            }
+            Err(e) => tracing::warn!(error = %e, "could not save the blob cache index; the next start lists the cache"),
+        }
     }
 
     /// Reads from a cached blob's file.

@@ -457,7 +457,10 @@ impl BlobCache {
     /// directory's listing): written and placed without a second hash or a buffer.
     pub fn put_verified(&self, h: Hash, data: &[u8]) -> Result<(), CacheError> {
         let tmp = self.tmp_beside(&h);
-        let placed = std::fs::write(&tmp, data).and_then(|()| std::fs::rename(&tmp, self.path(&h)));
+        let placed = self
+            .create_tmp(&tmp)
+            .and_then(|mut f| f.write_all(data))
+            .and_then(|()| std::fs::rename(&tmp, self.path(&h)));
         if placed.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
@@ -465,6 +468,20 @@ impl BlobCache {
         placed?;
         self.admit(h, data.len() as u64, false);
         Ok(())
+    }
+
+    /// Creates a temp file from [`BlobCache::tmp_beside`]; its directory is made again if
+    /// someone removed it (the 256 are otherwise made only at start).
+    fn create_tmp(&self, tmp: &Path) -> std::io::Result<std::fs::File> {
+        match std::fs::File::create(tmp) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(dir) = tmp.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                std::fs::File::create(tmp)
+            }
+            r => r,
+        }
     }
 
     /// A temp file from [`BlobCache::tmp_beside`] is renamed or removed.
@@ -477,7 +494,7 @@ impl BlobCache {
         let tmp = self.tmp_beside(&h);
         // A buffer no larger than the blob: most are a few KiB.
         let buf = size.clamp(4 << 10, 1 << 20) as usize;
-        let file = match std::fs::File::create(&tmp) {
+        let file = match self.create_tmp(&tmp) {
             Ok(f) => std::io::BufWriter::with_capacity(buf, f),
             Err(e) => {
                 self.tmp_done();
@@ -536,7 +553,11 @@ impl BlobCache {
         }
         for h in victims {
             self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-            let _ = std::fs::remove_file(self.path(&h));
+            // Fetched and admitted again since it was chosen: its new file stays.
+            let s = self.lock();
+            if !s.index.contains(&h) {
+                let _ = std::fs::remove_file(self.path(&h));
+            }
         }
     }
 }
@@ -959,5 +980,20 @@ mod tests {
         c.forget_missing(&a);
         assert!(!c.lookup(&a));
         assert_eq!(c.usage(), (1, 2));
+    }
+    #[test]
+    fn a_removed_entry_directory_is_made_again_by_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = BlobCache::open(dir.path(), 1 << 20).unwrap();
+        let (a, b) = (Hash::of(b"by put"), Hash::of(b"by writer"));
+        for h in [a, b] {
+            let _ = std::fs::remove_dir_all(dir.path().join("blobs").join(&h.to_hex()[..2]));
+        }
+        c.put_verified(a, b"by put").unwrap();
+        let mut w = c.writer(b, 9).unwrap();
+        w.write(b"by writer").unwrap();
+        w.finish().unwrap();
+        assert!(c.lookup(&a) && c.lookup(&b));
+        assert_eq!(std::fs::read(c.path(&b)).unwrap(), b"by writer");
     }
 }

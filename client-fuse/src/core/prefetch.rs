@@ -8,6 +8,7 @@
 //! a batch took about 33 ms against 4 ms for the listing, and readers waited for both. The file
 //! the lookup was for is then usually fetched on its own by the read that follows, at the cost
 //! of one file fetched twice per directory.
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
 use codafs_common::Hash;
@@ -31,23 +32,44 @@ impl<R: Remote> Core<R> {
     /// Brings the small files of a just-fetched listing into the cache, in the background when
     /// the core runs work there and a batch slot is free, inline otherwise.
     pub(super) async fn bring_small(&self, entries: &[(String, Attr)]) {
+        let want = self.small_wanted(entries);
+        // One file costs the same either way.
+        if want.len() < 2 {
+            return;
+        }
         let me = self.me.get().and_then(std::sync::Weak::upgrade);
         if let Some(me) = me {
             if let Ok(slot) = self.small_batches.clone().try_acquire_owned() {
-                let entries = entries.to_vec();
                 tokio::spawn(async move {
-                    me.prefetch_small(&entries).await;
+                    let started = std::time::Instant::now();
+                    if let Some((asked, got)) = me.fetch_small(want).await {
+                        // Up to a few hundred file writes: on a blocking thread, not a worker.
+                        let cache = me.clone();
+                        if let Err(e) = tokio::task::spawn_blocking(move || cache.cache_small(&asked, got)).await {
+                            tracing::debug!(error = %e, "caching a small-file batch ended early");
+                        }
+                    }
+                    me.timings.small_files_fetched(started);
                     drop(slot);
                 });
                 return;
             }
         }
-        self.prefetch_small(entries).await;
+        let started = std::time::Instant::now();
+        if let Some((asked, got)) = self.fetch_small(want).await {
+            for (hash, data) in got {
+                let len = data.len() as u64;
+                blocking(len, || self.cache_one_small(&asked, hash, &data));
+            }
+        }
+        self.timings.small_files_fetched(started);
     }
 
-    /// Brings the small files of a just-fetched listing into the cache (those not cached yet).
-    pub(super) async fn prefetch_small(&self, entries: &[(String, Attr)]) {
+    /// The small files of `entries` worth bringing: not cached, each blob once, within the
+    /// batch's bounds.
+    fn small_wanted(&self, entries: &[(String, Attr)]) -> Vec<BlobRef> {
         let mut want: Vec<BlobRef> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         let mut bytes = 0u64;
         for (_, a) in entries {
             if want.len() >= MAX_SMALL_GET {
@@ -56,7 +78,8 @@ impl<R: Remote> Core<R> {
             let (NodeKind::File, Some(hash)) = (a.kind, a.hash) else {
                 continue;
             };
-            if a.size > MAX_FILE || bytes + a.size > MAX_BYTES || self.blobs.lookup(&hash) {
+            // `holds`, not `lookup`: choosing must not re-hash an unverified entry.
+            if a.size > MAX_FILE || bytes + a.size > MAX_BYTES || self.blobs.holds(&hash) || !seen.insert(hash) {
                 continue;
             }
             bytes += a.size;
@@ -67,40 +90,42 @@ impl<R: Remote> Core<R> {
                 manifest: None,
             });
         }
-        // One file costs the same either way.
-        if want.len() < 2 {
-            return;
-        }
-        let started = std::time::Instant::now();
-        self.fetch_small_into_cache(want).await;
-        self.timings.small_files_fetched(started);
+        want
     }
 
-    /// Fetches `want` in one call and caches what verifies.
-    async fn fetch_small_into_cache(&self, want: Vec<BlobRef>) {
-        let asked: std::collections::HashSet<Hash> = want.iter().map(|b| b.hash).collect();
-        let got = match tokio::time::timeout(self.cfg.op_timeout, self.remote.fetch_small(want)).await {
-            Ok(Ok(got)) => got,
+    /// Fetches `want` in one call: the hashes asked for and what came back.
+    async fn fetch_small(&self, want: Vec<BlobRef>) -> Option<(HashSet<Hash>, Vec<(Hash, bytes::Bytes)>)> {
+        let asked: HashSet<Hash> = want.iter().map(|b| b.hash).collect();
+        match tokio::time::timeout(self.cfg.op_timeout, self.remote.fetch_small(want)).await {
+            Ok(Ok(got)) => Some((asked, got)),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "small files not brought with their listing");
-                return;
+                None
             }
-            Err(_) => return,
-        };
-        for (hash, data) in got {
-            let len = data.len() as u64;
-            if !asked.contains(&hash) || self.blobs.lookup(&hash) {
-                continue;
-            }
-            if blocking(len, || Hash::of(&data)) != hash {
-                self.stats.bad_small_copies.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            if let Err(e) = blocking(len, || self.blobs.put_verified(hash, &data)) {
-                tracing::debug!(%hash, error = %e, "a small file brought with its listing was not cached");
-                continue;
-            }
-            self.stats.prefetched.fetch_add(1, Ordering::Relaxed);
+            Err(_) => None,
         }
+    }
+
+    /// Caches what came back of a batch (on a blocking thread).
+    fn cache_small(&self, asked: &HashSet<Hash>, got: Vec<(Hash, bytes::Bytes)>) {
+        for (hash, data) in got {
+            self.cache_one_small(asked, hash, &data);
+        }
+    }
+
+    /// Caches one file of a batch if it was asked for, is not cached yet, and verifies.
+    fn cache_one_small(&self, asked: &HashSet<Hash>, hash: Hash, data: &[u8]) {
+        if !asked.contains(&hash) || self.blobs.holds(&hash) {
+            return;
+        }
+        if Hash::of(data) != hash {
+            self.stats.bad_small_copies.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if let Err(e) = self.blobs.put_verified(hash, data) {
+            tracing::debug!(%hash, error = %e, "a small file brought with its listing was not cached");
+            return;
+        }
+        self.stats.prefetched.fetch_add(1, Ordering::Relaxed);
     }
 }

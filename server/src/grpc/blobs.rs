@@ -469,8 +469,36 @@ fn read_small_blobs(node: &Node, wanted: &[Hash]) -> Vec<pb::SmallBlob> {
 /// the node waiting about 25 ms per directory; several in flight let the disk overlap them.
 const SMALL_READERS: usize = 8;
 
+/// Reader threads all `GetSmall`s together may run beside their callers: a burst of cold web
+/// nodes must not become thousands of threads. Past it, a request reads on its own thread.
+const SMALL_READERS_TOTAL: usize = 32;
+
+/// Reader threads running now (see [`SMALL_READERS_TOTAL`]).
+static SMALL_READERS_NOW: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One of [`SMALL_READERS_TOTAL`], given back when dropped.
+struct ReaderSlot;
+
+impl ReaderSlot {
+    fn take() -> Option<ReaderSlot> {
+        use std::sync::atomic::Ordering;
+        SMALL_READERS_NOW
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < SMALL_READERS_TOTAL).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ReaderSlot)
+    }
+}
+
+impl Drop for ReaderSlot {
+    fn drop(&mut self) {
+        SMALL_READERS_NOW.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// `f` over `items` on up to [`SMALL_READERS`] threads, results in order. Where a thread
-/// cannot be started, its share runs here.
+/// cannot be started, or all [`SMALL_READERS_TOTAL`] are busy, its share runs here.
 fn par_map<T: Sync, U: Send>(items: &[T], f: impl Fn(&T) -> U + Sync) -> Vec<U> {
     let per = items.len().div_ceil(SMALL_READERS).max(1);
     if items.len() <= per {
@@ -481,9 +509,15 @@ fn par_map<T: Sync, U: Send>(items: &[T], f: impl Fn(&T) -> U + Sync) -> Vec<U> 
         let parts: Vec<_> = items
             .chunks(per)
             .map(|part| {
-                let t = std::thread::Builder::new()
-                    .name("small-get".into())
-                    .spawn_scoped(s, move || part.iter().map(f).collect::<Vec<U>>());
+                let t = match ReaderSlot::take() {
+                    Some(slot) => std::thread::Builder::new()
+                        .name("small-get".into())
+                        .spawn_scoped(s, move || {
+                            let _slot = slot;
+                            part.iter().map(f).collect::<Vec<U>>()
+                        }),
+                    None => Err(std::io::Error::other("every small-get reader is busy")),
+                };
                 (part, t)
             })
             .collect();
@@ -774,6 +808,19 @@ mod tests {
                 assert!(used > 1, "{n} items read on one thread");
             }
         }
+        // With every reader thread of the process busy, a request reads on its own thread.
+        let held: Vec<ReaderSlot> = std::iter::from_fn(ReaderSlot::take)
+            .take(SMALL_READERS_TOTAL + 1)
+            .collect();
+        assert!(held.len() <= SMALL_READERS_TOTAL);
+        let items: Vec<usize> = (0..100).collect();
+        let me = std::thread::current().id();
+        let out = par_map(&items, |i| {
+            assert_eq!(std::thread::current().id(), me, "no thread past the bound");
+            i + 1
+        });
+        assert_eq!(out, items.iter().map(|i| i + 1).collect::<Vec<_>>());
+        drop(held);
     }
 
     /// Runs [`stream_from`] on a file holding `stored` and collects what it sends.

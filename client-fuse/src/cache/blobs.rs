@@ -151,9 +151,7 @@ impl BlobCache {
                 // Written during this boot: its verified flags still hold; else none does.
                 let trust = same_boot && saved.boot == boot;
                 for (h, len, unverified) in saved.entries {
-                    if index.insert(h, len, unverified || !trust).is_err() {
-                        let _ = std::fs::remove_file(Self::path_in(root, &h));
-                    }
+                    Self::index_found(root, &mut index, h, len, unverified || !trust);
                 }
                 true
             }
@@ -221,12 +219,17 @@ impl BlobCache {
         // Oldest first, so the most recently written end up most recently used.
         found.sort();
         for (_, h, len) in found {
-            if index.insert(h, len, unverified).is_err() {
-                // More entries than the index can name: the rest are not cached.
-                let _ = std::fs::remove_file(Self::path_in(root, &h));
-            }
+            Self::index_found(root, index, h, len, unverified);
         }
         Ok(())
+    }
+
+    /// Adds an entry found at start; past what the index can name, its file is removed (the
+    /// rest are not cached).
+    fn index_found(root: &Path, index: &mut Index, h: Hash, len: u64, unverified: bool) {
+        if index.insert(h, len, unverified).is_err() {
+            let _ = std::fs::remove_file(Self::path_in(root, &h));
+        }
     }
 
     /// Saves the index for the next start (see the module's note); call once nothing more is

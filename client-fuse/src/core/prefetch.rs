@@ -17,7 +17,6 @@ use codafs_proto::limits::MAX_SMALL_GET;
 use super::remote::Remote;
 use super::types::Attr;
 use super::{Core, NodeKind};
-use crate::blocking::blocking;
 use crate::transport::BlobRef;
 
 /// Files up to this size are brought with their directory's listing.
@@ -57,10 +56,8 @@ impl<R: Remote> Core<R> {
         }
         let started = std::time::Instant::now();
         if let Some((asked, got)) = self.fetch_small(want).await {
-            for (hash, data) in got {
-                let len = data.len() as u64;
-                blocking(len, || self.cache_one_small(&asked, hash, &data));
-            }
+            // Each file is at most MAX_FILE, small enough to write in place.
+            self.cache_small(&asked, got);
         }
         self.timings.small_files_fetched(started);
     }
@@ -106,7 +103,7 @@ impl<R: Remote> Core<R> {
         }
     }
 
-    /// Caches what came back of a batch (on a blocking thread).
+    /// Caches what came back of a batch.
     fn cache_small(&self, asked: &HashSet<Hash>, got: Vec<(Hash, bytes::Bytes)>) {
         for (hash, data) in got {
             self.cache_one_small(asked, hash, &data);

@@ -47,7 +47,7 @@ pub fn translate(args: &[OsString]) -> Result<Vec<OsString>, String> {
     }
     let [source, mountpoint] = positional.as_slice() else {
         return Err(
-            "usage: mount.codafs CLIENT_CONFIG MOUNTPOINT [-o cache_dir=DIR,cache_size=SIZE,timeout=SECS,log_limit=SIZE,ro,sync]".into(),
+            "usage: mount.codafs CLIENT_CONFIG MOUNTPOINT [-o cache_dir=DIR,cache_size=SIZE,cache_checkpoint=SECS,timeout=SECS,log_limit=SIZE,ro,sync]".into(),
         );
     };
     let mut out: Vec<OsString> = vec![
@@ -62,6 +62,7 @@ pub fn translate(args: &[OsString]) -> Result<Vec<OsString>, String> {
         match (k, v) {
             ("cache_dir", Some(v)) => out.extend(["--cache-dir".into(), v.into()]),
             ("cache_size", Some(v)) => out.extend(["--cache-size".into(), v.into()]),
+            ("cache_checkpoint", Some(v)) => out.extend(["--cache-checkpoint".into(), v.into()]),
             ("timeout", Some(v)) => out.extend(["--timeout".into(), v.into()]),
             ("ro", None) => out.push("--read-only".into()),
             // fstab's usual word for "writes reach storage before the call returns".
@@ -70,7 +71,7 @@ pub fn translate(args: &[OsString]) -> Result<Vec<OsString>, String> {
             (k, None) if IGNORED.contains(&k) => {}
             _ => {
                 return Err(format!(
-                    "unknown codafs mount option {o:?} (known: cache_dir=, cache_size=, timeout=, log_limit=, ro, sync)"
+                    "unknown codafs mount option {o:?} (known: cache_dir=, cache_size=, cache_checkpoint=, timeout=, log_limit=, ro, sync)"
                 ))
             }
         }
@@ -110,8 +111,18 @@ mod tests {
                 "3"
             ])
         );
-        let sync = translate(&v(&["mount.codafs", "/c", "/coda", "-o", "sync,log_limit=1G"])).unwrap();
-        assert_eq!(sync[5..], v(&["--write-through", "--log-limit", "1G"]));
+        let sync = translate(&v(&[
+            "mount.codafs",
+            "/c",
+            "/coda",
+            "-o",
+            "sync,log_limit=1G,cache_checkpoint=60",
+        ]))
+        .unwrap();
+        assert_eq!(
+            sync[5..],
+            v(&["--write-through", "--log-limit", "1G", "--cache-checkpoint", "60"])
+        );
         assert!(translate(&v(&["mount.codafs", "/c", "/coda", "-o", "bogus=1"]))
             .unwrap_err()
             .contains("bogus"));

@@ -56,6 +56,12 @@ pub struct MountArgs {
     /// docs/METRICS.md.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
+    /// Seconds between checkpoints of the cache's index (written only when the cache changed;
+    /// 40 bytes per cached file). After a crash or `kill -9` the next start reads the last
+    /// checkpoint instead of listing every cached file, serves at once, and reconciles the
+    /// files in the background. 0 = never (such a start lists the cache first).
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    pub cache_checkpoint: u64,
     #[command(flatten)]
     pub client: ClientOpts,
 }
@@ -114,6 +120,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
         write_through: a.write_through,
         log_limit: a.log_limit,
         metrics_listen: a.metrics_listen.clone(),
+        cache_checkpoint: (a.cache_checkpoint > 0).then(|| Duration::from_secs(a.cache_checkpoint)),
     };
     let notify = std::env::var_os(READY_ENV).is_some();
     codafs_client::mount::run(cfg, || {
@@ -153,6 +160,7 @@ fn spawn_background(a: &MountArgs, mnt: &Path, cache_dir: &Path) -> Result<()> {
         cmd.arg("--write-through");
     }
     cmd.arg("--log-limit").arg(a.log_limit.to_string());
+    cmd.arg("--cache-checkpoint").arg(a.cache_checkpoint.to_string());
     if let Some(m) = &a.metrics_listen {
         cmd.arg("--metrics-listen").arg(m);
     }

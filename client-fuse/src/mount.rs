@@ -41,6 +41,9 @@ pub struct MountConfig {
     /// Where to serve Prometheus metrics (`GET /metrics`, plain unauthenticated HTTP; see
     /// `crate::metrics`); `None` = nowhere.
     pub metrics_listen: Option<String>,
+    /// How often the blob cache's index is checkpointed for a fast start after a crash (see
+    /// `cache/blobs.rs`); `None` = never.
+    pub cache_checkpoint: Option<Duration>,
 }
 
 /// Mount failures.
@@ -154,7 +157,13 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     let socket = control_socket(&mountpoint);
     match bind_control(&socket) {
         Ok(listener) => {
-            rt.spawn(control(core.clone(), inval, mountpoint.clone(), listener, stop_rx));
+            rt.spawn(control(
+                core.clone(),
+                inval,
+                mountpoint.clone(),
+                listener,
+                stop_rx.clone(),
+            ));
         }
         Err(e) => {
             tracing::warn!(path = %socket.display(), error = %e, "no control socket: status and login unavailable")
@@ -162,6 +171,11 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     }
     tracing::info!(mountpoint = %mountpoint.display(), "mounted");
     ready();
+    // After a start from a checkpoint: adopt the cache files it missed, beside the traffic.
+    let sweep = spawn_cache_sweep(&core);
+    if let Some(every) = cfg.cache_checkpoint {
+        rt.spawn(checkpoint_cache(core.clone(), every, stop_rx.clone()));
+    }
 
     let still_mounted = rt.block_on(until_stopped(&mountpoint));
     tracing::info!("unmounting");
@@ -185,11 +199,55 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     // database still locked.
     let ended = if still_mounted { bg.umount_and_join() } else { bg.join() };
     rt.shutdown_timeout(Duration::from_secs(2));
-    // Nothing is fetched any more: the next start reads the cache's index instead of listing it.
+    // Nothing is fetched any more: the next start reads the cache's index instead of listing it
+    // (unless a sweep was still running: it stops at its next directory, and the next start
+    // begins from the checkpoint again).
+    core.stop_cache_sweep();
+    if let Some(t) = sweep {
+        let _ = t.join();
+    }
     core.save_cache_index();
     drop(core);
     ended.map_err(|e| MountError::Unmount(mountpoint, e))?;
     Ok(())
+}
+
+/// Runs the blob cache's sweep on a thread of its own at a lower CPU priority (it lists every
+/// cache directory: seconds for a million files); `None` when none is needed or the thread
+/// could not start (the next start sweeps then).
+fn spawn_cache_sweep(core: &Arc<Core<GrpcRemote>>) -> Option<std::thread::JoinHandle<()>> {
+    if !core.cache_sweep_pending() {
+        return None;
+    }
+    let core = core.clone();
+    let started = std::thread::Builder::new().name("codafs-sweep".into()).spawn(move || {
+        // SAFETY: setpriority on the calling thread (who = 0 with PRIO_PROCESS names the
+        // calling thread on Linux); a refusal only leaves the priority as it was.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+        core.sweep_cache();
+    });
+    match started {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the cache sweep; the next start lists the cache");
+            None
+        }
+    }
+}
+
+/// Writes a checkpoint of the blob cache's index every `every`, when it changed.
+async fn checkpoint_cache(core: Arc<Core<GrpcRemote>>, every: Duration, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let core = core.clone();
+        let _ = tokio::task::spawn_blocking(move || core.checkpoint_cache_index()).await;
+    }
 }
 
 /// How long an unmount waits for the write-back log to reach the servers.

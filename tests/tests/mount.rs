@@ -278,6 +278,92 @@ async fn a_clean_stop_saves_the_cache_index_for_the_next_start() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_kill_9_the_cache_starts_from_its_checkpoint_and_adopts_what_it_missed() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let c = tc.client();
+        // 20 pages at the top, 10 in `later/`, which nothing reads before the checkpoint (a
+        // directory's small files come with its listing).
+        TestCluster::mkdir(&c, "www", "", "later").await?;
+        for i in 0..30 {
+            let name = if i < 20 {
+                format!("p{i}.html")
+            } else {
+                format!("later/p{i}.html")
+            };
+            TestCluster::write_file(&c, "www", "", &name, format!("page {i}").as_bytes()).await?;
+        }
+        // Checkpoints every 3 s: the test reads more files right after one and kills the
+        // daemon long before the next.
+        let mut m = Mount::start(
+            &tc.client_args(),
+            tc.root.path(),
+            "m",
+            &["--read-only", "--cache-checkpoint", "3"],
+        )?;
+        let read = |m: &Mount, range: std::ops::Range<usize>| -> Result<()> {
+            for i in range {
+                let dir = if i < 20 { "www" } else { "www/later" };
+                let got = read_file(&m.path.join(format!("{dir}/p{i}.html")))?;
+                anyhow::ensure!(got == format!("page {i}").as_bytes(), "p{i}.html: {got:?}");
+            }
+            Ok(())
+        };
+        read(&m, 0..20)?;
+        // Wait for a checkpoint holding the 20 entries (its size tells: a header of magic,
+        // boot id and count, 40 bytes per entry, a 32-byte checksum), then read 10 more and
+        // kill the daemon well before the next one.
+        let checkpoint = m.cache.join("blobs.checkpoint");
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?;
+        let header = 8 + 4 + boot.trim().len() as u64 + 8 + 32;
+        let entries = || {
+            std::fs::metadata(&checkpoint)
+                .map(|m| m.len().saturating_sub(header) / 40)
+                .unwrap_or(0)
+        };
+        wait_until(Duration::from_secs(10), "a checkpoint of 20 entries", || {
+            let n = entries();
+            async move { n == 20 }
+        })
+        .await?;
+        read(&m, 20..30)?;
+        let cached = m.status()?.cache.entries;
+        anyhow::ensure!(cached >= 30, "{cached} entries cached");
+        m.kill9();
+        anyhow::ensure!(!m.cache.join("blobs.index").exists(), "a killed daemon saves no index");
+
+        m.remount()?;
+        let log = || m.log();
+        anyhow::ensure!(
+            log().contains("blob cache opened from its checkpoint"),
+            "log:\n{}",
+            log()
+        );
+        // The sweep adopts the 10 files the checkpoint missed, in the background.
+        wait_until(Duration::from_secs(10), "the cache sweep", || {
+            let done = m.log().contains("cache swept");
+            async move { done }
+        })
+        .await?;
+        anyhow::ensure!(log().contains("adopted=10"), "log:\n{}", log());
+        anyhow::ensure!(m.status()?.cache.entries == cached, "every cached file is counted");
+        let before = blob_gets(&tc).await;
+        read(&m, 0..30)?;
+        anyhow::ensure!(blob_gets(&tc).await == before, "served from the cache, nothing fetched");
+
+        // Swept: a clean stop saves an exact index again.
+        m.stop();
+        anyhow::ensure!(
+            m.cache.join("blobs.index").exists(),
+            "a clean stop after the sweep saves the index"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn small_cache_evicts_but_an_open_file_stays_readable() {
     bounded(async {
         let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;

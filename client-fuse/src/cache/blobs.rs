@@ -24,10 +24,20 @@
 //! verified flag in order of use, with a checksum), and the next start reads it instead of
 //! listing and `stat`ing every entry, which after a reboot costs a disk read per cached file
 //! (about 10 s for a million). The file is removed (durably) as it is read, and any change to
-//! the cache after it was written removes it as well, so a saved index is exact or absent: a
-//! daemon that is killed, or anything that moved after the save, means a full listing at the
-//! next start, as before. Entries a saved index names but whose files someone deleted are
-//! forgotten when a read finds them missing.
+//! the cache after it was written removes it as well, so a saved index is exact or absent.
+//! Entries a saved index names but whose files someone deleted are forgotten when a read finds
+//! them missing.
+//!
+//! A daemon that is killed, or a machine that crashes, saves nothing. For those starts the
+//! running daemon also writes a *checkpoint* of the index now and then (`blobs.checkpoint`,
+//! same format, [`BlobCache::checkpoint`]): a hint, not exact. A start without a saved index
+//! reads the checkpoint and serves at once; [`BlobCache::sweep`] then lists the files in the
+//! background and adopts those the checkpoint missed (fetched after it was written: without
+//! this they would fill the disk past the bound, uncounted) and removes temp files the dead
+//! daemon left. Entries the checkpoint names whose files were evicted after it are counted
+//! until a read finds them missing or eviction reaches them: the cache errs towards holding
+//! less than its bound, never more. A clean stop before the sweep has finished saves no exact
+//! index, so the next start sweeps again. Without either file, a start lists, as before.
 //!
 //! A full cache disk is not an error for readers: a fetch that cannot be written here is
 //! reported as [`CacheWriter::failed_locally`] and the core streams it through memory instead
@@ -75,6 +85,31 @@ pub struct BlobCache {
     live_tmp: AtomicU64,
     /// A saved index (`blobs.index`) is on disk and exact; the next change removes it.
     saved: AtomicBool,
+    /// This daemon's mark in temp file names, so a sweep running beside it removes only those
+    /// an earlier daemon left.
+    run: String,
+    /// Counts changes to the index, so a checkpoint is written only when something moved.
+    generation: AtomicU64,
+    /// The generation the last checkpoint described (also serializes checkpoints).
+    checkpointed: Mutex<Option<u64>>,
+    /// Opened from a checkpoint: files on disk may be missing from the index until
+    /// [`BlobCache::sweep`] has run.
+    sweep_pending: AtomicBool,
+    /// Whether files a sweep adopts must be re-hashed first (not written during this boot).
+    adopt_unverified: bool,
+    /// A clean stop began: a running sweep stops at its next directory.
+    closing: AtomicBool,
+}
+
+/// What a [`BlobCache::sweep`] found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Files the index did not name, now entries.
+    pub adopted: u64,
+    /// Temp files an earlier daemon left, removed.
+    pub stale_tmp: u64,
+    /// The sweep stopped early (a clean stop began); the next start sweeps again.
+    pub interrupted: bool,
 }
 
 /// Why a blob could not be cached.
@@ -114,6 +149,8 @@ const BOOT_MARKER: &str = "verified-boot";
 
 /// The index a clean stop saves for the next start.
 const SAVED_INDEX: &str = "blobs.index";
+/// The index a running daemon writes now and then, for a start after a crash.
+const CHECKPOINT: &str = "blobs.checkpoint";
 /// First bytes of [`SAVED_INDEX`], with its format's version.
 const SAVED_MAGIC: &[u8; 8] = b"CDFSIDX1";
 /// Bytes per entry in [`SAVED_INDEX`]: hash, then size with the unverified flag in the top bit.
@@ -146,30 +183,34 @@ impl BlobCache {
         }
         let mut index = Index::default();
         let started = std::time::Instant::now();
-        let from_saved = match take_saved_index(root)? {
+        // Written during this boot: a saved index's verified flags still hold; else none does.
+        let load = |index: &mut Index, saved: SavedIndex| {
+            let trust = same_boot && saved.boot == boot;
+            for (h, len, unverified) in saved.entries {
+                Self::index_found(root, index, h, len, unverified || !trust);
+            }
+        };
+        let (how, sweep_pending) = match take_saved_index(root)? {
             Some(saved) => {
-                // Written during this boot: its verified flags still hold; else none does.
-                let trust = same_boot && saved.boot == boot;
-                for (h, len, unverified) in saved.entries {
-                    Self::index_found(root, &mut index, h, len, unverified || !trust);
+                load(&mut index, saved);
+                ("from the saved index", false)
+            }
+            None => match read_checkpoint(root) {
+                Some(saved) => {
+                    load(&mut index, saved);
+                    ("from its checkpoint; its files are reconciled in the background", true)
                 }
-                true
-            }
-            None => {
-                Self::list_entries(root, &mut index, !same_boot)?;
-                false
-            }
+                None => {
+                    Self::list_entries(root, &mut index, !same_boot)?;
+                    ("by listing its files", false)
+                }
+            },
         };
         tracing::info!(
             entries = index.len(),
             bytes = index.bytes(),
             ms = started.elapsed().as_millis() as u64,
-            "blob cache opened {}",
-            if from_saved {
-                "from the saved index"
-            } else {
-                "by listing its files"
-            }
+            "blob cache opened {how}"
         );
         let cache = BlobCache {
             root: root.to_path_buf(),
@@ -184,6 +225,12 @@ impl BlobCache {
             boot: boot.to_string(),
             live_tmp: AtomicU64::new(0),
             saved: AtomicBool::new(false),
+            run: format!("{:x}{:x}", std::process::id(), codafs_common::now_ns()),
+            generation: AtomicU64::new(0),
+            checkpointed: Mutex::new(None),
+            sweep_pending: AtomicBool::new(sweep_pending),
+            adopt_unverified: !same_boot,
+            closing: AtomicBool::new(false),
         };
         if !same_boot {
             // Written afresh once every entry is verified (or at once, if there is none).
@@ -235,11 +282,41 @@ impl BlobCache {
     /// Saves the index for the next start (see the module's note); call once nothing more is
     /// being cached (a clean stop). Not saved while a temp file is being written, because the
     /// next start would not look for it. Whether it was saved.
+    /// Also not while a sweep still has files to adopt: the next start sweeps again.
     pub fn save_index(&self) -> Result<bool, CacheError> {
+        self.stop_sweep();
         let s = self.lock();
-        if self.live_tmp.load(Ordering::SeqCst) > 0 {
+        if self.live_tmp.load(Ordering::SeqCst) > 0 || self.sweep_pending.load(Ordering::SeqCst) {
             return Ok(false);
         }
+        let out = self.encode_index(&s);
+        self.write_index_file(SAVED_INDEX, &out)?;
+        // Under the state lock: a change that follows sees the flag and removes the file.
+        self.saved.store(true, Ordering::SeqCst);
+        drop(s);
+        Ok(true)
+    }
+
+    /// Writes a checkpoint of the index (see the module's note) unless nothing changed since
+    /// the last one; whether it wrote one. The state lock is held only to copy the entries
+    /// (about 40 bytes each), not for the write and its fsync.
+    pub fn checkpoint(&self) -> Result<bool, CacheError> {
+        let mut last = self.checkpointed.lock().unwrap_or_else(|p| p.into_inner());
+        let (out, generation) = {
+            let s = self.lock();
+            let generation = self.generation.load(Ordering::SeqCst);
+            if *last == Some(generation) {
+                return Ok(false);
+            }
+            (self.encode_index(&s), generation)
+        };
+        self.write_index_file(CHECKPOINT, &out)?;
+        *last = Some(generation);
+        Ok(true)
+    }
+
+    /// The index in the saved-index format: magic, boot id, count, entries oldest first, blake3.
+    fn encode_index(&self, s: &State) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + s.index.len() * SAVED_ENTRY);
         out.extend_from_slice(SAVED_MAGIC);
         out.extend_from_slice(&(self.boot.len() as u32).to_le_bytes());
@@ -252,26 +329,93 @@ impl BlobCache {
         }
         let sum = blake3::hash(&out);
         out.extend_from_slice(sum.as_bytes());
-        let tmp = self.root.join("tmp").join(SAVED_INDEX);
+        out
+    }
+
+    /// Writes `bytes` to `name` in the cache directory, whole or not at all (temp file, fsync,
+    /// rename, directory fsync).
+    fn write_index_file(&self, name: &str, bytes: &[u8]) -> Result<(), CacheError> {
+        let tmp = self.root.join("tmp").join(name);
         let written = (|| {
             let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&out)?;
+            f.write_all(bytes)?;
             f.sync_all()?;
-            std::fs::rename(&tmp, self.root.join(SAVED_INDEX))?;
+            std::fs::rename(&tmp, self.root.join(name))?;
             std::fs::File::open(&self.root)?.sync_all()
         })();
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
             return Err(e.into());
         }
-        // Under the state lock: a change that follows sees the flag and removes the file.
-        self.saved.store(true, Ordering::SeqCst);
-        drop(s);
-        Ok(true)
+        Ok(())
     }
 
-    /// The cache changed: a saved index no longer describes it.
+    /// After a start from a checkpoint: lists every entry directory, adopts files the index
+    /// does not name and removes temp files an earlier daemon left (see the module's note).
+    /// Runs beside reads and fetches; does nothing after any other start.
+    pub fn sweep(&self) -> SweepReport {
+        let mut report = SweepReport::default();
+        if !self.sweep_pending.load(Ordering::SeqCst) {
+            return report;
+        }
+        let ours = format!("{TMP_PREFIX}{}-", self.run);
+        for i in 0..=255u8 {
+            if self.closing.load(Ordering::SeqCst) {
+                report.interrupted = true;
+                return report;
+            }
+            let dir = self.root.join("blobs").join(format!("{i:02x}"));
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for f in entries.flatten() {
+                let name = f.file_name();
+                let Some(h) = name.to_str().and_then(|n| Hash::from_hex(n).ok()) else {
+                    let n = name.as_encoded_bytes();
+                    if n.starts_with(TMP_PREFIX.as_bytes()) && !n.starts_with(ours.as_bytes()) {
+                        report.stale_tmp += u64::from(std::fs::remove_file(f.path()).is_ok());
+                    }
+                    continue;
+                };
+                if self.holds(&h) {
+                    continue;
+                }
+                // Under the lock, with the file checked again: an eviction removes its file
+                // under this lock too, so nothing adopted here lacks its file.
+                let mut s = self.lock();
+                let Ok(m) = std::fs::metadata(f.path()) else {
+                    continue;
+                };
+                if s.index.contains(&h) || s.index.insert(h, m.len(), self.adopt_unverified).is_err() {
+                    continue;
+                }
+                report.adopted += 1;
+                if self.adopt_unverified {
+                    self.settle_marker(&mut s);
+                }
+                drop(s);
+                self.unsave();
+            }
+        }
+        self.sweep_pending.store(false, Ordering::SeqCst);
+        self.evict();
+        report
+    }
+
+    /// Whether a sweep is still to run (see [`BlobCache::sweep`]).
+    pub fn sweep_pending(&self) -> bool {
+        self.sweep_pending.load(Ordering::SeqCst)
+    }
+
+    /// Makes a running sweep stop at its next directory.
+    pub fn stop_sweep(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+    }
+
+    /// The cache changed: a saved index no longer describes it, and the next checkpoint
+    /// has something to write.
     fn unsave(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
         if self.saved.swap(false, Ordering::SeqCst) {
             let _ = std::fs::remove_file(self.root.join(SAVED_INDEX));
         }
@@ -370,6 +514,13 @@ impl BlobCache {
         };
         if let Some(len) = needs_check {
             let ok = crate::blocking::blocking(len, || content_matches(&self.path(h), h, len));
+            if let Err(e) = &ok {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    // Evicted after a checkpoint named it, or deleted by hand: not corrupt.
+                    self.forget_missing(h);
+                    return false;
+                }
+            }
             if !matches!(ok, Ok(true)) {
                 self.stats.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(hash = %h, "cached blob failed verification; dropping it");
@@ -387,9 +538,10 @@ impl BlobCache {
         let mut s = self.lock();
         s.index.remove(h);
         self.settle_marker(&mut s);
+        // Under the lock, so a sweep cannot adopt the file in between.
+        let _ = std::fs::remove_file(self.path(h));
         drop(s);
         self.unsave();
-        let _ = std::fs::remove_file(self.path(h));
     }
 
     /// Moves file `from` (content `h`, `len` bytes) into the cache instead of copying it: a
@@ -453,7 +605,7 @@ impl BlobCache {
         self.root
             .join("blobs")
             .join(&hex[..2])
-            .join(format!("{TMP_PREFIX}{hex}-{seq}"))
+            .join(format!("{TMP_PREFIX}{}-{hex}-{seq}", self.run))
     }
 
     /// Caches `data`, whose hash the caller has checked is `h` (a small file that came with its
@@ -594,6 +746,25 @@ fn take_saved_index(root: &Path) -> Result<Option<SavedIndex>, CacheError> {
         tracing::warn!(path = %path.display(), "the saved cache index is damaged; listing the cache");
     }
     Ok(saved)
+}
+
+/// Reads the checkpoint a running daemon wrote (see [`BlobCache::checkpoint`]); `None` when
+/// there is none or it is unreadable. It stays on disk: it is a hint, replaced by the next one.
+fn read_checkpoint(root: &Path) -> Option<SavedIndex> {
+    let path = root.join(CHECKPOINT);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the cache checkpoint; listing the cache");
+            return None;
+        }
+    };
+    let saved = parse_saved_index(&bytes);
+    if saved.is_none() {
+        tracing::warn!(path = %path.display(), "the cache checkpoint is damaged; listing the cache");
+    }
+    saved
 }
 
 /// Parses [`SAVED_INDEX`]'s bytes (see [`BlobCache::save_index`]); `None` unless whole.
@@ -944,6 +1115,83 @@ mod tests {
         assert_eq!((c.unverified(), c.usage()), (2, (2, 200)));
         assert!(c.lookup(&hashes[0]) && c.lookup(&hashes[2]));
         assert_eq!(c.unverified(), 0);
+    }
+
+    #[test]
+    fn a_start_after_a_crash_uses_the_checkpoint_and_the_sweep_adopts_what_it_missed() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = BlobCache::open_in_boot(dir.path(), 1 << 20, "boot-a").unwrap();
+        let before: Vec<Hash> = (0u8..3).map(|i| put(&c, &[i; 100])).collect();
+        assert!(c.checkpoint().unwrap());
+        assert!(!c.checkpoint().unwrap(), "nothing changed: not written again");
+        // After the checkpoint: one new entry (the checkpoint misses it), one evicted (the
+        // checkpoint still names it), and a fetch still writing when the daemon dies.
+        let after = put(&c, &[9; 50]);
+        c.remove(&before[1]);
+        let mut w = c.writer(Hash::of(b"half"), 4).unwrap();
+        w.write(b"ha").unwrap();
+        std::mem::forget(w); // killed: nothing removes its temp file
+        drop(c);
+
+        let c = BlobCache::open_in_boot(dir.path(), 1 << 20, "boot-a").unwrap();
+        assert!(dir.path().join(CHECKPOINT).exists(), "a checkpoint stays: it is a hint");
+        assert!(c.holds(&before[0]) && c.holds(&before[2]));
+        assert!(!c.holds(&after), "not adopted before the sweep");
+        assert!(!c.save_index().unwrap(), "no exact index while the sweep is pending");
+        c.closing.store(false, Ordering::SeqCst);
+        let report = c.sweep();
+        assert_eq!(
+            report,
+            SweepReport {
+                adopted: 1,
+                stale_tmp: 1,
+                interrupted: false
+            }
+        );
+        assert!(c.holds(&after));
+        assert_eq!(c.unverified(), 0, "the same boot: adopted files are trusted");
+        assert_eq!(c.sweep(), SweepReport::default(), "once only");
+        // The evicted entry the checkpoint named is counted until a read finds its file
+        // missing (the core's read then forgets it and fetches again).
+        assert!(c.holds(&before[1]) && c.lookup(&before[1]));
+        c.forget_missing(&before[1]);
+        assert!(!c.holds(&before[1]));
+        assert_eq!(c.stats.corrupt_dropped.load(Ordering::Relaxed), 0);
+        assert_eq!(c.usage(), (3, 250));
+        assert!(c.save_index().unwrap(), "swept: a clean stop saves an exact index");
+        drop(c);
+
+        // After a reboot, a checkpoint's entries and the adopted files are all checked first.
+        std::fs::remove_file(dir.path().join(SAVED_INDEX)).unwrap();
+        let c = BlobCache::open_in_boot(dir.path(), 1 << 20, "boot-b").unwrap();
+        assert_eq!(c.usage(), (3, 300), "the checkpoint's three, one of them missing");
+        assert_eq!(c.sweep().adopted, 1);
+        assert_eq!(c.unverified(), 4);
+        // An unverified one is checked before use: missing is not corruption either.
+        assert!(!c.lookup(&before[1]));
+        assert_eq!(c.stats.corrupt_dropped.load(Ordering::Relaxed), 0);
+        assert!(c.lookup(&before[0]) && c.lookup(&before[2]) && c.lookup(&after));
+        assert_eq!(c.unverified(), 0);
+
+        // A sweep stops when a clean stop begins; the next start sweeps again.
+        drop(c);
+        let c = BlobCache::open_in_boot(dir.path(), 1 << 20, "boot-b").unwrap();
+        assert!(!c.save_index().unwrap());
+        assert!(c.sweep().interrupted);
+
+        // A damaged checkpoint is ignored: the cache is listed.
+        drop(c);
+        let cp = dir.path().join(CHECKPOINT);
+        let mut bytes = std::fs::read(&cp).unwrap();
+        bytes[20] ^= 1;
+        std::fs::write(&cp, &bytes).unwrap();
+        let c = BlobCache::open_in_boot(dir.path(), 1 << 20, "boot-b").unwrap();
+        assert_eq!(c.usage(), (3, 250), "listed: the files that exist");
+        assert_eq!(
+            c.sweep(),
+            SweepReport::default(),
+            "nothing to reconcile after a listing"
+        );
     }
 
     #[test]

@@ -898,6 +898,42 @@ impl<R: Remote> Core<R> {
         }
     }
 
+    /// Writes a checkpoint of the blob cache's index if it changed (see `cache/blobs.rs`).
+    pub fn checkpoint_cache_index(&self) {
+        let started = std::time::Instant::now();
+        match self.blobs.checkpoint() {
+            Ok(true) => tracing::debug!(
+                ms = started.elapsed().as_millis() as u64,
+                "checkpointed the blob cache index"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "could not checkpoint the blob cache index"),
+        }
+    }
+
+    /// Whether the blob cache started from a checkpoint and still has to be swept.
+    pub fn cache_sweep_pending(&self) -> bool {
+        self.blobs.sweep_pending()
+    }
+
+    /// Adopts cache files a checkpoint missed (see `BlobCache::sweep`); blocks for as long as
+    /// listing the cache takes.
+    pub fn sweep_cache(&self) {
+        let started = std::time::Instant::now();
+        let r = self.blobs.sweep();
+        let ms = started.elapsed().as_millis() as u64;
+        if r.interrupted {
+            tracing::info!(ms, "cache sweep stopped by the unmount; the next start sweeps again");
+        } else {
+            tracing::info!(ms, adopted = r.adopted, stale_tmp = r.stale_tmp, "cache swept");
+        }
+    }
+
+    /// Makes a running sweep stop at its next directory (a clean stop).
+    pub fn stop_cache_sweep(&self) {
+        self.blobs.stop_sweep();
+    }
+
     /// Reads from a cached blob's file.
     fn read_cached(&self, hash: &Hash, len: u64, offset: u64, size: u32) -> std::io::Result<Vec<u8>> {
         let n = (size as u64).min(len - offset) as usize;

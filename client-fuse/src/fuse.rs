@@ -769,9 +769,17 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         reply.error(Errno::ENOSYS);
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        // Directory changes are durable once their commit is acknowledged.
-        reply.error(Errno::ENOSYS);
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        if self.read_only {
+            // Nothing to make durable: the kernel stops asking.
+            return reply.error(Errno::ENOSYS);
+        }
+        // Write-back: a rename or creation in it is in the log until the servers have it (the
+        // atomic-save pattern ends with fsync of the directory). Write-through: already there.
+        let core = self.core.clone();
+        self.spawn(tracing::debug_span!("fsyncdir", ino = ino.0), async move {
+            done(reply, core.fsyncdir().await)
+        });
     }
 
     fn getlk(

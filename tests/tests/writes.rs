@@ -1095,3 +1095,44 @@ async fn nothing_acknowledged_by_fsync_is_lost_while_servers_are_killed() {
     })
     .await
 }
+
+/// The same large content closed again while its first change is still queued or being sent,
+/// on a write-back mount: each change has its own copy in the log, so settling the first
+/// leaves the second's in place (they used to share one file, named by content and node, which
+/// the first's settling deleted: the log then retried the second for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_large_content_closed_again_before_it_was_sent_reaches_the_servers() {
+    bounded(async {
+        let tc = setup().await?;
+        let (a, web) = writer_and_web_node(&tc)?;
+        // Over the log's inline size (1 MiB): each close writes a data file. Large enough that
+        // sending one takes a while, so the next close lands while it is in flight.
+        let big = |tag: u8| -> Vec<u8> { (0..24usize << 20).map(|i| (i % 251) as u8 ^ tag).collect() };
+        let (x, y) = (big(1), big(2));
+        let f = a.path.join("www/big.bin");
+        let (fx, fy) = (x.clone(), y.clone());
+        codafs_tests::fs_call(Duration::from_secs(60), move || {
+            [&fx, &fy, &fx, &fy, &fx]
+                .into_iter()
+                .try_for_each(|c| std::fs::write(&f, c))
+        })?
+        .context("closing big.bin five times")
+        .map_err(|e| anyhow::anyhow!("{e:#}\n--- a ---\n{}", a.log()))?;
+        // fsync of the directory waits, as `fsync` of a file does, until the servers have
+        // every change logged before it.
+        let dir = a.path.join("www");
+        codafs_tests::fs_call(Duration::from_secs(60), move || std::fs::File::open(&dir)?.sync_all())?
+            .context("fsync of www")
+            .map_err(|e| anyhow::anyhow!("{e:#}\n--- a ---\n{}", a.log()))?;
+        let backlog = a.status()?.writes.write_back.context("a write-back mount")?;
+        ensure!(backlog.changes == 0 && backlog.conflicts == 0, "{backlog:?}");
+        let p = web.path.join("www/big.bin");
+        wait_until(Duration::from_secs(10), "big.bin on the web node", || {
+            let same = read_file(&p).is_ok_and(|d| d == x);
+            async move { same }
+        })
+        .await?;
+        Ok(())
+    })
+    .await
+}

@@ -202,13 +202,29 @@ impl WriteBack {
                         .or_default()
                         .push_back((first, first + u64::from(count)));
                 }
-                Record::Sending { first, last, request } if last > done => {
-                    st.replayed = Some((first, last, request));
+                Record::Sending { first, last, request } => {
+                    // New changes never reuse a sent batch's numbers.
+                    max_seq = max_seq.max(last);
+                    if last > done {
+                        st.replayed = Some((first, last, request));
+                    }
                 }
                 _ => {}
             }
         }
         st.next_seq = max_seq + 1;
+        if let Some((first, last, _)) = st.replayed {
+            // Its changes are gone from the log (only an older version's release order could do
+            // that): resending its request id would settle whatever comes next unsent.
+            if !st.queue.iter().any(|c| (first..=last).contains(&c.seq)) {
+                tracing::warn!(
+                    first,
+                    last,
+                    "a sent write-back batch left no changes in the log; not resending it"
+                );
+                st.replayed = None;
+            }
+        }
         // Segments and data files that only settled changes need (a crash came before their
         // release) go now.
         log.release(done, &[]);
@@ -905,7 +921,7 @@ impl<R: Remote> Core<R> {
                 if data.len() <= INLINE_MAX {
                     (hash, Content::Inline(data))
                 } else {
-                    let name = format!("{}-{ino:016x}", hash.to_hex());
+                    let name = data_file_name(&hash, ino);
                     blocking(size, || b.log.write_data(&name, &data)).map_err(log_err)?;
                     (hash, Content::File(name))
                 }
@@ -929,7 +945,7 @@ impl<R: Remote> Core<R> {
                     return Err(FsError::Changed(format!("{size} bytes expected in the log copy")));
                 };
                 let hash = m.hash();
-                let name = format!("{}-{ino:016x}", hash.to_hex());
+                let name = data_file_name(&hash, ino);
                 b.log.rename_data(&tmp, &name).map_err(log_err)?;
                 self.manifests
                     .lock()
@@ -1083,7 +1099,7 @@ impl<R: Remote> Core<R> {
             }
             Err(e) => return Err(e),
         }
-        self.settle_batch(b, batch);
+        self.settle_batch(b, batch).await;
         Ok(())
     }
 
@@ -1271,7 +1287,7 @@ impl<R: Remote> Core<R> {
             {
                 Ok(()) => {}
                 Err(e) if is_refusal(&e) => {
-                    self.keep_refused(b, c, &e);
+                    self.keep_refused(b, c, &e)?;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -1289,7 +1305,7 @@ impl<R: Remote> Core<R> {
                     self.keep_conflict(b, token, c, &e, sub_request(request, i + batch.changes.len()))
                         .await?
                 }
-                Err(e) if is_refusal(&e) => self.keep_refused(b, c, &e),
+                Err(e) if is_refusal(&e) => self.keep_refused(b, c, &e)?,
                 Err(e) => return Err(e),
             }
         }
@@ -1441,18 +1457,27 @@ impl<R: Remote> Core<R> {
                 "a conflicting change could not be kept on the servers; its content is kept here"
             ),
             Ok(None) => {}
-            Err(e) => tracing::error!(volume = %c.volume, error = %e, "a conflicting change is lost"),
+            Err(e) => {
+                // Never dropped: the batch stays logged and is tried again.
+                tracing::error!(volume = %c.volume, error = %e, "a conflicting change cannot be kept anywhere yet; it stays in the log");
+                return Err(FsError::Io(format!("keeping a conflicting change: {e}")));
+            }
         }
         Ok(())
     }
 
     /// Sets aside a change the servers refused outright (see [`is_refusal`]): its bytes go to
     /// `wblog/lost+found`, this mount stops showing it, and it is counted and reported.
-    fn keep_refused(&self, b: &WriteBack, c: &Change, why: &FsError) {
+    /// If its bytes cannot be set aside (the cache disk failing), nothing is dropped: the
+    /// error keeps the batch in the log, to be tried again.
+    fn keep_refused(&self, b: &WriteBack, c: &Change, why: &FsError) -> Result<(), FsError> {
         let kept = match keep_bytes(b, c) {
             Ok(Some(path)) => format!("; its content is kept in {}", path.display()),
             Ok(None) => String::new(),
-            Err(e) => format!("; its content could not be kept: {e}"),
+            Err(e) => {
+                tracing::error!(volume = %c.volume, error = %e, "a refused change cannot be set aside yet; it stays in the log");
+                return Err(FsError::Io(format!("setting aside a refused change: {e}")));
+            }
         };
         let note = format!("{} refused by the servers: {why}{kept}", describe(&c.op));
         tracing::warn!(volume = %c.volume, uid = c.uid, "write-back: {note}");
@@ -1482,6 +1507,7 @@ impl<R: Remote> Core<R> {
         let mut st = b.st();
         st.refused += 1;
         st.last_refused = Some(note);
+        Ok(())
     }
 
     /// The parent and a name of file `ino` on the servers (for a conflict copy next to it).
@@ -1501,8 +1527,16 @@ impl<R: Remote> Core<R> {
     }
 
     /// Marks a sent batch settled: logged as done, overlay and held contents released.
-    fn settle_batch(&self, b: &WriteBack, batch: &Batch) {
-        let _ = b.log.append(&Record::Done { last: batch.last });
+    ///
+    /// The `Done` record is made durable before any segment or data file goes: a start that
+    /// found the batch's `Sending` record without its changes or contents could never resend
+    /// it. If it cannot be written (the cache disk failing), nothing is released: the next
+    /// start resends the batch, which the servers answer from their record of its request id.
+    async fn settle_batch(&self, b: &WriteBack, batch: &Batch) {
+        let recorded = match b.log.append(&Record::Done { last: batch.last }) {
+            Ok(at) => b.log.sync(at.end).await,
+            Err(e) => Err(e),
+        };
         let mut data = Vec::new();
         // Collected before the state lock (never both at once), and only when it will be used.
         let over = b.st().own_versions.len() > OWN_VERSIONS_KEPT;
@@ -1529,6 +1563,11 @@ impl<R: Remote> Core<R> {
                     hashes.insert(name.as_str(), h);
                 }
             }
+        }
+        if let Err(e) = recorded {
+            tracing::warn!(error = %e, last = batch.last, "cannot record a sent write-back batch; its log files stay until the next start resends it");
+            b.settled.send_modify(|s| *s = (*s).max(batch.last));
+            return;
         }
         // A large file just sent is read next (reopened, rewritten): its log copy becomes the
         // cache entry instead of being deleted and fetched back.
@@ -1680,6 +1719,15 @@ fn op_target(op: &Op) -> u64 {
 /// A node id an operation is about (its volume is the batch's).
 fn op_ino(op: &Op) -> u64 {
     touched(op).first().copied().unwrap_or(0)
+}
+
+/// A new name for a logged content's data file. Unique per close, not only per content and
+/// node: the same bytes closed twice while the first change is still queued are two changes,
+/// and settling the first must not delete (or move into the cache) the file the second needs.
+fn data_file_name(hash: &Hash, ino: u64) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{ino:016x}-{:x}-{n:x}", hash.to_hex(), codafs_common::now_ns())
 }
 
 #[cfg(test)]

@@ -107,6 +107,21 @@ impl<R: Remote> Core<R> {
         r
     }
 
+    /// `fsync` of a directory: on a write-back mount, waits until every change logged before
+    /// it (the renames and creations in it among them) is on the servers, as `fsync` of a file
+    /// does; elsewhere a directory change is committed before its call returns.
+    pub async fn fsyncdir(&self) -> Result<(), FsError> {
+        if self.write_back().is_none() {
+            return Ok(());
+        }
+        let waiting = self.backlog().map_or(0, |b| b.log_bytes);
+        let r = self.sync_log(self.write_timeout(waiting)).await;
+        if let Err(e) = &r {
+            tracing::info!(error = %e, waiting, "fsync of a directory: the log did not reach the servers in time");
+        }
+        r
+    }
+
     /// `release` of a read-only handle, done without waiting (the adaptor replies on the
     /// kernel's thread): true if `fh` was one and is gone; false leaves it to [`Core::release`].
     pub fn release_read(&self, fh: u64) -> bool {

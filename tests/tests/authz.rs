@@ -739,6 +739,67 @@ async fn every_rpc_answers_as_documented_for_each_kind_of_caller() {
             .map(|s| s.volume.as_str())
             .collect();
         ensure!(shown == ["pub"], "stamps without a token show {shown:?}");
+        let listed: Vec<_> = stamps.stamps.iter().map(|s| s.volume.as_str()).collect();
+        ensure!(listed == ["pub"], "private names are not listed either: {listed:?}");
+        let many = c
+            .call(|ch| {
+                let r = c.request(pb::VolumeStampsRequest {
+                    volumes: vec!["x".into(); 10_001],
+                });
+                async move { Cluster::meta(ch).volume_stamps(r).await.map(drop) }
+            })
+            .await;
+        ensure!(many.is_err(), "10,001 names in one stamps request are refused");
+
+        // A login with a name or password longer than any account's is refused before it is
+        // logged or hashed.
+        for (user, password) in [
+            ("u".repeat(1 << 20), "p".to_string()),
+            ("alice".into(), "p".repeat(1 << 20)),
+        ] {
+            let r = c
+                .call(|ch| {
+                    let r = c.request(pb::LoginRequest {
+                        user: user.clone(),
+                        password: password.clone(),
+                        ..Default::default()
+                    });
+                    async move { Cluster::admin(ch).login(r).await.map(drop) }
+                })
+                .await;
+            ensure!(r.is_err(), "an overlong login is refused");
+        }
+        let log = tc.servers[0].log();
+        ensure!(!log.contains(&"u".repeat(300)), "an overlong user name reached the log");
+
+        // Who follows a public volume (mount addresses) is for those who run it. A mount
+        // follows one server: find it, then ask that server without a token.
+        let info = |c: Cluster| async move {
+            c.call(|ch| {
+                let r = c.request(pb::VolumeName { name: "pub".into() });
+                async move { Cluster::admin(ch).get_volume(r).await.map(|r| r.into_inner()) }
+            })
+            .await
+        };
+        let _follower = Mount::start(&tc.client_args(), tc.root.path(), "follower", &["--read-only"])?;
+        let mut followed = None;
+        for _ in 0..100 {
+            for addr in tc.addrs() {
+                if info(tc.client_on(&addr)).await.is_ok_and(|i| !i.subscribers.is_empty()) {
+                    followed = Some(addr);
+                }
+            }
+            if followed.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let addr = followed.context("no server lists the mount as following pub within 10 s")?;
+        let anonymous = Cluster::new(&[addr], tc.tls.clone(), None)?;
+        ensure!(
+            info(anonymous).await?.subscribers.is_empty(),
+            "anonymous readers see no subscribers"
+        );
         Ok(())
     })
     .await

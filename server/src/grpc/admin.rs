@@ -325,10 +325,22 @@ impl pb::admin_server::Admin for AdminService {
     /// Exchanges a password for a token. Answered by the server that receives it (no leader
     /// needed). Rate-limited per address and per account name, and bounded in argon2 work; an
     /// unknown account costs the same argon2 verification as a known one.
-    #[tracing::instrument(skip_all, fields(user = %req.get_ref().user))]
+    #[tracing::instrument(skip_all)]
     async fn login(&self, req: Request<pb::LoginRequest>) -> Result<Response<pb::LoginReply>, Status> {
         let addr = req.remote_addr().map(|a| a.ip());
         let r = req.into_inner();
+        // Before anything logs the name or hashes the password: no account has a longer name,
+        // and no password set here is longer, so neither can match (and a request of tens of
+        // MiB must not become a log line or an argon2 input).
+        if r.user.len() > codafs_common::names::MAX_NAME_BYTES || r.password.len() > crate::auth::MAX_PASSWORD {
+            tracing::info!(
+                ?addr,
+                user_bytes = r.user.len(),
+                password_bytes = r.password.len(),
+                "login refused: user name or password too long"
+            );
+            return Err(status(NodeError::Unauthenticated("wrong user name or password".into())));
+        }
         let node = &self.0;
         let t = node.tables();
         let cluster = t
@@ -399,16 +411,25 @@ impl pb::admin_server::Admin for AdminService {
         let v = self.0.volume_named(&req.get_ref().name)?;
         self.0.check_read(&caller, &v)?;
         let mut info = convert::volume_info(&v);
-        info.subscribers = self
-            .0
-            .subscribers
-            .of(&v.name)
-            .into_iter()
-            .map(|s| pb::Subscriber {
-                peer: s.peer,
-                since_ns: s.since_ns,
-            })
-            .collect();
+        // The addresses of the nodes that follow it: for those who run the volume (its owner,
+        // writers, admins), not for every reader of a public site.
+        let runs_it = caller
+            .token
+            .as_deref()
+            .and_then(|t| self.0.authenticate(Some(t)).ok())
+            .is_some_and(|c| crate::access::may_write(&c, &v));
+        if runs_it {
+            info.subscribers = self
+                .0
+                .subscribers
+                .of(&v.name)
+                .into_iter()
+                .map(|s| pb::Subscriber {
+                    peer: s.peer,
+                    since_ns: s.since_ns,
+                })
+                .collect();
+        }
         Ok(Response::new(info))
     }
 

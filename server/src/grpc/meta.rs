@@ -17,6 +17,9 @@ use crate::changes;
 use crate::fsm::{ObjectRec, StateView};
 use crate::node::Node;
 
+/// Volumes one `VolumeStamps` request may name.
+const MAX_STAMPS: usize = 10_000;
+
 pub struct MetaService(pub Arc<Node>);
 
 impl MetaService {
@@ -136,8 +139,23 @@ impl pb::meta_server::Meta for MetaService {
         let caller = Caller::of(&self.0, &req);
         let t = self.0.tables();
         let mut stamps = Vec::new();
+        if req.get_ref().volumes.len() > MAX_STAMPS {
+            return Err(refuse(
+                ErrorKind::Invalid,
+                format!(
+                    "{} volumes asked at once; the limit is {MAX_STAMPS}",
+                    req.get_ref().volumes.len()
+                ),
+            ));
+        }
         let names: Vec<String> = if req.get_ref().volumes.is_empty() {
-            t.volumes().map_err(internal)?.into_iter().map(|v| v.name).collect()
+            // "Every volume": those the caller may read, so private names are not listed.
+            t.volumes()
+                .map_err(internal)?
+                .into_iter()
+                .filter(|v| self.0.may_read(&caller, v))
+                .map(|v| v.name)
+                .collect()
         } else {
             req.into_inner().volumes
         };

@@ -21,7 +21,7 @@ async fn commit_local(
 ) -> Result<pb::CommitReply, NodeError> {
     let claims = node.authenticate(token)?;
     let actor = Actor {
-        user: claims.user,
+        user: claims.user.clone(),
         admin: claims.role == Role::Admin,
     };
     if body.ops.len() > MAX_COMMIT_OPS {
@@ -42,6 +42,15 @@ async fn commit_local(
         .volume(&body.volume)
         .map_err(|e| NodeError::Internal(e.to_string()))?
         .ok_or_else(|| NodeError::Refused(crate::fsm::ApplyError::NoSuchVolume(body.volume.clone())))?;
+    // Checked here as well as in the state machine: before the blob checks and manifest
+    // fetches below (work on every replica, and a fresh GC grace for each blob named) and
+    // before a request id's earlier outcome is told to someone who may not write here.
+    if !crate::access::may_write(&claims, &vol) {
+        return Err(NodeError::Refused(crate::fsm::ApplyError::Denied(format!(
+            "{} may not write volume {}",
+            actor.user, body.volume
+        ))));
+    }
     let request = match body.request_id.len() {
         0 => None,
         16 => body.request_id.as_ref().try_into().ok(),

@@ -84,6 +84,12 @@ impl Node {
         if vol.public_read {
             return Ok(());
         }
+        self.check_runs(caller, vol)
+    }
+
+    /// Refuses unless `caller` holds a token of `vol`'s owner, one of its writers or an admin
+    /// (who may read it even when it is private, and see who follows it).
+    pub fn check_runs(&self, caller: &Caller, vol: &VolumeRec) -> Result<(), Status> {
         let Some(token) = caller.token.as_deref() else {
             return Err(private(&vol.name, "no token was sent; log in first"));
         };

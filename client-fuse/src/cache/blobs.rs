@@ -284,7 +284,6 @@ impl BlobCache {
     /// next start would not look for it. Whether it was saved.
     /// Also not while a sweep still has files to adopt: the next start sweeps again.
     pub fn save_index(&self) -> Result<bool, CacheError> {
-        self.stop_sweep();
         let s = self.lock();
         if self.live_tmp.load(Ordering::SeqCst) > 0 || self.sweep_pending.load(Ordering::SeqCst) {
             return Ok(false);
@@ -377,16 +376,16 @@ impl BlobCache {
                     }
                     continue;
                 };
-                if self.holds(&h) {
+                let mut s = self.lock();
+                if s.index.contains(&h) {
                     continue;
                 }
                 // Under the lock, with the file checked again: an eviction removes its file
                 // under this lock too, so nothing adopted here lacks its file.
-                let mut s = self.lock();
                 let Ok(m) = std::fs::metadata(f.path()) else {
                     continue;
                 };
-                if s.index.contains(&h) || s.index.insert(h, m.len(), self.adopt_unverified).is_err() {
+                if s.index.insert(h, m.len(), self.adopt_unverified).is_err() {
                     continue;
                 }
                 report.adopted += 1;
@@ -731,40 +730,36 @@ struct SavedIndex {
 /// index; if it cannot be removed, the cache is not opened.
 fn take_saved_index(root: &Path) -> Result<Option<SavedIndex>, CacheError> {
     let path = root.join(SAVED_INDEX);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot read the saved cache index; listing the cache");
-            Vec::new()
-        }
+    let Some(saved) = read_index_file(&path, "the saved cache index") else {
+        return Ok(None);
     };
     std::fs::remove_file(&path)?;
     std::fs::File::open(root)?.sync_all()?;
-    let saved = parse_saved_index(&bytes);
-    if saved.is_none() {
-        tracing::warn!(path = %path.display(), "the saved cache index is damaged; listing the cache");
-    }
     Ok(saved)
 }
 
 /// Reads the checkpoint a running daemon wrote (see [`BlobCache::checkpoint`]); `None` when
 /// there is none or it is unreadable. It stays on disk: it is a hint, replaced by the next one.
 fn read_checkpoint(root: &Path) -> Option<SavedIndex> {
-    let path = root.join(CHECKPOINT);
-    let bytes = match std::fs::read(&path) {
+    read_index_file(&root.join(CHECKPOINT), "the cache checkpoint").flatten()
+}
+
+/// Reads an index file (`what` names it in warnings): `None` when there is no file,
+/// `Some(None)` when there is one that cannot be read or parsed (a listing follows).
+fn read_index_file(path: &Path, what: &str) -> Option<Option<SavedIndex>> {
+    let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot read the cache checkpoint; listing the cache");
-            return None;
+            tracing::warn!(path = %path.display(), error = %e, "cannot read {what}; listing the cache");
+            return Some(None);
         }
     };
     let saved = parse_saved_index(&bytes);
     if saved.is_none() {
-        tracing::warn!(path = %path.display(), "the cache checkpoint is damaged; listing the cache");
+        tracing::warn!(path = %path.display(), "{what} is damaged; listing the cache");
     }
-    saved
+    Some(saved)
 }
 
 /// Parses [`SAVED_INDEX`]'s bytes (see [`BlobCache::save_index`]); `None` unless whole.
@@ -1138,7 +1133,6 @@ mod tests {
         assert!(c.holds(&before[0]) && c.holds(&before[2]));
         assert!(!c.holds(&after), "not adopted before the sweep");
         assert!(!c.save_index().unwrap(), "no exact index while the sweep is pending");
-        c.closing.store(false, Ordering::SeqCst);
         let report = c.sweep();
         assert_eq!(
             report,
@@ -1176,6 +1170,7 @@ mod tests {
         // A sweep stops when a clean stop begins; the next start sweeps again.
         drop(c);
         let c = BlobCache::open_in_boot(dir.path(), 1 << 20, "boot-b").unwrap();
+        c.stop_sweep();
         assert!(!c.save_index().unwrap());
         assert!(c.sweep().interrupted);
 

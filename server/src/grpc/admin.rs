@@ -413,12 +413,7 @@ impl pb::admin_server::Admin for AdminService {
         let mut info = convert::volume_info(&v);
         // The addresses of the nodes that follow it: for those who run the volume (its owner,
         // writers, admins), not for every reader of a public site.
-        let runs_it = caller
-            .token
-            .as_deref()
-            .and_then(|t| self.0.authenticate(Some(t)).ok())
-            .is_some_and(|c| crate::access::may_write(&c, &v));
-        if runs_it {
+        if self.0.check_runs(&caller, &v).is_ok() {
             info.subscribers = self
                 .0
                 .subscribers

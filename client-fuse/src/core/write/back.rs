@@ -1564,21 +1564,21 @@ impl<R: Remote> Core<R> {
                 }
             }
         }
-        if let Err(e) = recorded {
-            tracing::warn!(error = %e, last = batch.last, "cannot record a sent write-back batch; its log files stay until the next start resends it");
-            b.settled.send_modify(|s| *s = (*s).max(batch.last));
-            return;
-        }
-        // A large file just sent is read next (reopened, rewritten): its log copy becomes the
-        // cache entry instead of being deleted and fetched back.
-        b.log.release_keeping(batch.last, &data, |name, path, len| {
-            let Some(h) = hashes.get(name) else { return false };
-            if !codafs_common::chunks::is_chunked(len) || self.blobs.lookup(h) {
-                return false;
+        match recorded {
+            // A large file just sent is read next (reopened, rewritten): its log copy becomes
+            // the cache entry instead of being deleted and fetched back.
+            Ok(()) => b.log.release_keeping(batch.last, &data, |name, path, len| {
+                let Some(h) = hashes.get(name) else { return false };
+                if !codafs_common::chunks::is_chunked(len) || self.blobs.lookup(h) {
+                    return false;
+                }
+                let known = self.manifests.lock().unwrap_or_else(|p| p.into_inner()).contains(h);
+                self.blobs.adopt(*h, path, len, known).is_ok()
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, last = batch.last, "cannot record a sent write-back batch; its log files stay until the next start resends it")
             }
-            let known = self.manifests.lock().unwrap_or_else(|p| p.into_inner()).contains(h);
-            self.blobs.adopt(*h, path, len, known).is_ok()
-        });
+        }
         b.settled.send_modify(|s| *s = (*s).max(batch.last));
     }
 }

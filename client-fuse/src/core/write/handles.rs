@@ -98,26 +98,18 @@ impl<R: Remote> Core<R> {
     /// everything logged so far, this file included, is on the servers.
     pub async fn fsync(&self, fh: u64) -> Result<(), FsError> {
         self.flush(fh).await?;
+        self.fsyncdir().await
+    }
+
+    /// `fsync` of a directory, and the wait of `fsync` of a file: on a write-back mount, waits
+    /// until every change logged before it (the renames and creations in a directory among
+    /// them) is on the servers; elsewhere a change is committed before its call returns.
+    pub async fn fsyncdir(&self) -> Result<(), FsError> {
         // Time for what is waiting in the log to travel, on top of a commit's.
         let waiting = self.backlog().map_or(0, |b| b.log_bytes);
         let r = self.sync_log(self.write_timeout(waiting)).await;
         if let Err(e) = &r {
             tracing::info!(error = %e, waiting, "fsync: the log did not reach the servers in time");
-        }
-        r
-    }
-
-    /// `fsync` of a directory: on a write-back mount, waits until every change logged before
-    /// it (the renames and creations in it among them) is on the servers, as `fsync` of a file
-    /// does; elsewhere a directory change is committed before its call returns.
-    pub async fn fsyncdir(&self) -> Result<(), FsError> {
-        if self.write_back().is_none() {
-            return Ok(());
-        }
-        let waiting = self.backlog().map_or(0, |b| b.log_bytes);
-        let r = self.sync_log(self.write_timeout(waiting)).await;
-        if let Err(e) = &r {
-            tracing::info!(error = %e, waiting, "fsync of a directory: the log did not reach the servers in time");
         }
         r
     }

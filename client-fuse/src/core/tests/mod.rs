@@ -685,6 +685,39 @@ async fn write_back_saves_by_rename_arrive_whole_and_conflicting_names_keep_both
     assert_eq!(core.backlog().unwrap().conflicts, 2);
 }
 
+/// Write-back: new content of a file another node removed before it was sent is kept under a
+/// conflict name in the file's own directory (not the volume's root), and the report says the
+/// file was removed elsewhere.
+#[tokio::test(start_paused = true)]
+async fn write_back_content_of_a_file_removed_elsewhere_is_kept_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = with_alice(core_writing_back(dir.path(), 1 << 20)).await;
+    core.remote.write(&["d"], "p", b"old");
+    deliver_all(&core).await;
+    assert_eq!(model::read(&core, "d/p").await.unwrap(), b"old");
+    model::write(&core, "d/p", b"mine").await.unwrap();
+    core.remote.remove(&["d"], "p");
+    send_log(&core).await;
+    deliver_all(&core).await;
+    assert_eq!(model::read(&core, "d/p").await, Err(FsError::NotFound));
+    let www = core.lookup(ROOT_INO, "www").await.unwrap().ino;
+    let d = core.lookup(www, "d").await.unwrap().ino;
+    let names: Vec<String> = core
+        .readdir(d)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .filter(|n| n.starts_with("p.conflict-"))
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert_eq!(model::read(&core, &format!("d/{}", names[0])).await.unwrap(), b"mine");
+    let b = core.backlog().unwrap();
+    assert_eq!(b.conflicts, 1);
+    let note = b.last_conflict.unwrap();
+    assert!(note.starts_with("p was removed elsewhere"), "{note}");
+}
+
 /// Write-back: truncating a file that is not open is logged like a close's content (it does
 /// not wait for the servers), shown at once, and sent with the next batch.
 #[tokio::test(start_paused = true)]

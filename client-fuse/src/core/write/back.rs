@@ -1349,7 +1349,7 @@ impl<R: Remote> Core<R> {
                 mtime_ns,
                 ..
             } => {
-                let (parent, name) = self.name_of(*ino).await;
+                let (parent, name, listed) = self.name_of(*ino).await;
                 let new = conflict_name(&name, &b.host);
                 let op = Op::Create {
                     ino: None,
@@ -1366,9 +1366,14 @@ impl<R: Remote> Core<R> {
                     mtime_ns: *mtime_ns,
                 };
                 b.invalidate(vec![*ino], Vec::new());
+                let elsewhere = if listed {
+                    "changed elsewhere too"
+                } else {
+                    "removed elsewhere"
+                };
                 (
                     Some(op),
-                    format!("{name} was changed elsewhere too; this mount's content is kept as {new}"),
+                    format!("{name} was {elsewhere}; this mount's content is kept as {new}"),
                 )
             }
             Op::Rename {
@@ -1510,19 +1515,32 @@ impl<R: Remote> Core<R> {
         Ok(())
     }
 
-    /// The parent and a name of file `ino` on the servers (for a conflict copy next to it).
-    async fn name_of(&self, ino: u64) -> (u64, String) {
-        let fallback = (self.volume_of(ino).map_or(0, |v| v.root_ino), format!("node-{ino:x}"));
+    /// Where a conflict copy of file `ino` goes: its parent and name on the servers, and
+    /// whether the servers still list it there (`false`: removed elsewhere). A node removed
+    /// elsewhere keeps the name this mount last listed it under, in its directory if that still
+    /// exists; a node the mount cannot place at all goes to the volume's root as `node-<ino>`.
+    async fn name_of(&self, ino: u64) -> (u64, String, bool) {
+        let root = self.volume_of(ino).map_or(0, |v| v.root_ino);
+        let fallback = (root, format!("node-{ino:x}"), false);
         let Ok(a) = self.stored_attr(ino).await else {
             return fallback;
         };
-        match self.remote.readdir(a.parent).await {
-            Ok(l) => l
-                .value
-                .into_iter()
-                .find(|(_, e)| e.ino == ino)
-                .map_or(fallback, |(n, _)| (a.parent, n)),
-            Err(_) => fallback,
+        let Ok(listing) = self.remote.readdir(a.parent).await else {
+            return fallback;
+        };
+        if let Some((n, _)) = listing.value.into_iter().find(|(_, e)| e.ino == ino) {
+            return (a.parent, n, true);
+        }
+        // Gone from the servers' listing: the name this mount last knew it by, if any.
+        let known = self
+            .meta
+            .dir(a.parent)
+            .ok()
+            .flatten()
+            .and_then(|l| l.into_iter().find(|e| e.ino == ino));
+        match known {
+            Some(e) => (a.parent, e.name, false),
+            None => fallback,
         }
     }
 

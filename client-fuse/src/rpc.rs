@@ -134,6 +134,7 @@ impl Cluster {
     ) -> Result<Vec<Hash>, ClientError> {
         let req = pb::MissingBlobsRequest {
             hashes: hashes.iter().map(|h| bytes::Bytes::copy_from_slice(&h.0)).collect(),
+            sizes: Vec::new(),
         };
         let mut r = self.request_opt(token, req);
         r.set_timeout(self.policy.call_timeout);

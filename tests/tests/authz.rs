@@ -232,6 +232,7 @@ async fn probe(c: &Cluster, fx: &Fixture) -> BTreeMap<&'static str, Outcome> {
     );
     let missing = pb::MissingBlobsRequest {
         hashes: vec![bytes::Bytes::copy_from_slice(&new_hash.0)],
+        sizes: Vec::new(),
     };
     m.insert(
         "Blobs.Missing",
@@ -1006,6 +1007,43 @@ async fn a_removed_servers_certificate_and_spent_join_tokens_count_for_nothing()
             expired.code() == Code::PermissionDenied && expired.message().contains("expired"),
             "an expired join token: {expired:?}"
         );
+        Ok(())
+    })
+    .await
+}
+
+/// A commit that declares a size its content does not have is refused even when the leader
+/// holds no copy of that content: the other replicas check the size too. (Before, only the
+/// leader's own copy was checked, so a client could store 60,000 bytes and have a quota
+/// charged 10.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_size_declared_falsely_is_refused_on_every_replica_not_only_the_leaders() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("q", 1).await?;
+        let c = tc.client();
+        let content = vec![9u8; 60_000];
+        let hash = c.put_content(&content, 2).await?;
+        let leader = tc.leader().await?;
+        let follower = 1 - leader;
+        ensure!(
+            tc.has_blobs(&tc.addrs()[follower], &[hash]).await?,
+            "the put reached both data replicas"
+        );
+        // The leader loses its copy; the follower's alone meets the volume's quorum of 1.
+        std::fs::remove_file(tc.blob_path(leader, &hash)).context("removing the leader's copy")?;
+        let lie = ops::file_hashed("big.bin", hash, 10, 0o644);
+        let e = c
+            .commit(ops::commit("q", vec![lie]))
+            .await
+            .expect_err("a false size is refused");
+        ensure!(e.code() == Code::InvalidArgument, "{e}");
+        ensure!(e.to_string().contains("does not match the copy stored on"), "{e}");
+        ensure!(tc.volume_info("q").await?.used_bytes == 0, "nothing was charged");
+        // The true size is taken, on the follower's copy alone.
+        let honest = ops::file_hashed("big.bin", hash, content.len() as u64, 0o644);
+        c.commit(ops::commit("q", vec![honest])).await?;
+        ensure!(tc.volume_info("q").await?.used_bytes == 60_000);
         Ok(())
     })
     .await

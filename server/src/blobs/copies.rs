@@ -69,7 +69,8 @@ impl Found {
 
 impl Node {
     /// Checks that every blob a commit references has reached the volume's write quorum, and
-    /// that declared sizes match the stored content where this server holds a copy. For chunked
+    /// that declared sizes match the stored content on every replica that holds a copy (a
+    /// commit that lied about a size would be charged against quota wrongly). For chunked
     /// content (by its declared size) that is the manifest and each of its chunks, after the
     /// manifest is found valid and of the declared size. Copies found here get their mtime
     /// refreshed, so garbage collection's grace period restarts for content that is about to be
@@ -148,7 +149,8 @@ impl Node {
         if round.blobs.is_empty() {
             return Ok(());
         }
-        let blobs: Vec<(Hash, u64)> = round.blobs.into_iter().collect();
+        let round_sizes = round.blobs;
+        let blobs: Vec<(Hash, u64)> = round_sizes.iter().map(|(h, s)| (*h, *s)).collect();
         let mut have: HashMap<Hash, Found> = blobs.iter().map(|(h, _)| (*h, Found::default())).collect();
         let mut failures = Vec::new();
         let mut queries = Vec::new();
@@ -174,23 +176,37 @@ impl Node {
             asked.push(hint);
             let peers = self.peers.clone();
             let addr = m.info.addr.clone();
-            let hashes: Vec<Hash> = have.keys().copied().collect();
+            let asked_blobs = blobs.clone();
             queries.push(async move {
-                let mut missing = Vec::new();
-                for chunk in hashes.chunks(MAX_MISSING_QUERY) {
-                    let wire = chunk.iter().map(|h| bytes::Bytes::copy_from_slice(&h.0)).collect();
+                let (mut missing, mut wrong_size) = (Vec::new(), Vec::new());
+                for chunk in asked_blobs.chunks(MAX_MISSING_QUERY) {
+                    let wire = chunk.iter().map(|(h, _)| bytes::Bytes::copy_from_slice(&h.0)).collect();
+                    let sizes = chunk.iter().map(|(_, s)| *s).collect();
                     let mut c = peers.blobs(&addr).map_err(|e| format!("{addr}: {e}"))?;
-                    let mut req = tonic::Request::new(pb::MissingBlobsRequest { hashes: wire });
+                    let mut req = tonic::Request::new(pb::MissingBlobsRequest { hashes: wire, sizes });
                     req.set_timeout(Duration::from_secs(10));
                     let r = c.missing(req).await.map_err(|s| format!("{addr}: {}", s.message()))?;
-                    missing.extend(r.into_inner().missing);
+                    let r = r.into_inner();
+                    missing.extend(r.missing);
+                    wrong_size.extend(r.wrong_size.into_iter().map(|b| (b, addr.clone())));
                 }
-                Ok::<_, String>(missing)
+                Ok::<_, String>((missing, wrong_size))
             });
         }
         for (result, hint) in futures::future::join_all(queries).await.into_iter().zip(asked) {
             match result {
-                Ok(missing) => {
+                Ok((missing, wrong_size)) => {
+                    // Content addresses fix sizes: a copy of another size means the commit
+                    // declared a false one (on any replica, not only the leader's own copy).
+                    if let Some((h, addr)) = wrong_size.first() {
+                        let named = Hash::from_slice(h).ok().and_then(|h| round_sizes.get_key_value(&h));
+                        return Err(NodeError::Invalid(match named {
+                            Some((h, size)) => {
+                                format!("declared size {size} of blob {h} does not match the copy stored on {addr}")
+                            }
+                            None => format!("{addr} reports a wrong size for a blob this commit does not name"),
+                        }));
+                    }
                     let missing: HashSet<&[u8]> = missing.iter().map(|b| b.as_ref()).collect();
                     for (h, f) in have.iter_mut() {
                         if !missing.contains(&h.0[..]) {

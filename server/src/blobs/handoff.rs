@@ -217,7 +217,10 @@ async fn hand_off(node: &Node, replicas: &[String], batch: &[(Hash, u64)], out: 
 async fn missing_on(node: &Node, addr: &str, hashes: &[Hash]) -> Result<Vec<Hash>, String> {
     let mut c = node.peers.blobs(addr).map_err(|e| e.to_string())?;
     let wire = hashes.iter().map(|h| bytes::Bytes::copy_from_slice(&h.0)).collect();
-    let mut req = tonic::Request::new(pb::MissingBlobsRequest { hashes: wire });
+    let mut req = tonic::Request::new(pb::MissingBlobsRequest {
+        hashes: wire,
+        sizes: Vec::new(),
+    });
     req.set_timeout(Duration::from_secs(10));
     let r = c.missing(req).await.map_err(|s| s.message().to_string())?;
     Ok(r.into_inner()

@@ -398,11 +398,21 @@ impl pb::blobs_server::Blobs for BlobService {
     async fn missing(&self, req: Request<pb::MissingBlobsRequest>) -> Result<Response<pb::MissingBlobsReply>, Status> {
         // Asking may restart GC grace periods (below), so it needs the right to store.
         self.0.check_store(&Caller::of(&self.0, &req))?;
-        let hashes = req.into_inner().hashes;
+        let pb::MissingBlobsRequest { hashes, sizes } = req.into_inner();
         if hashes.len() > MAX_MISSING_QUERY {
             return Err(refuse(
                 ErrorKind::Invalid,
                 format!("at most {MAX_MISSING_QUERY} hashes per query"),
+            ));
+        }
+        if !sizes.is_empty() && sizes.len() != hashes.len() {
+            return Err(refuse(
+                ErrorKind::Invalid,
+                format!(
+                    "{} sizes for {} hashes: give one per hash, or none",
+                    sizes.len(),
+                    hashes.len()
+                ),
             ));
         }
         let parsed = hashes
@@ -412,22 +422,25 @@ impl pb::blobs_server::Blobs for BlobService {
         // Up to MAX_MISSING_QUERY files looked at and touched: off the async workers.
         let store = self.0.blobs.clone();
         // A witness answers from its spool: the commit check counts hints.
-        let missing = tokio::task::spawn_blocking(move || {
-            let mut missing = Vec::new();
-            for (h, wire) in parsed.iter().zip(hashes) {
-                if store.has(h) {
+        let (missing, wrong_size) = tokio::task::spawn_blocking(move || {
+            let (mut missing, mut wrong_size) = (Vec::new(), Vec::new());
+            for (i, (h, wire)) in parsed.iter().zip(hashes).enumerate() {
+                match (store.size(h), sizes.get(i)) {
+                    (Some(len), Some(&want)) if len != want => {
+                        wrong_size.push(wire.clone());
+                        missing.push(wire);
+                    }
                     // Asked because a commit is about to reference it (a chunk reused by a new
                     // version, say): restart its GC grace period.
-                    store.touch(h);
-                } else {
-                    missing.push(wire);
+                    (Some(_), _) => store.touch(h),
+                    (None, _) => missing.push(wire),
                 }
             }
-            missing
+            (missing, wrong_size)
         })
         .await
         .map_err(internal)?;
-        Ok(Response::new(pb::MissingBlobsReply { missing }))
+        Ok(Response::new(pb::MissingBlobsReply { missing, wrong_size }))
     }
 }
 

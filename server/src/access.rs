@@ -9,14 +9,11 @@
 //!   the ticket or file then shows the right to the manifest, and the manifest must list the
 //!   chunk. A chunk shared by several files is readable through any of them.
 //! - **Storing** blobs needs a token whose account may write some volume, or a member's
-//!   certificate; bytes stored but not yet referenced count against the uploader's quota.
+//!   certificate; bytes stored but not yet referenced count against the uploader's quota
+//!   (`crate::pending`).
 //!
 //! Tokens are only verified when a rule needs them, so a stale credential does not break reads
 //! of public volumes.
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
 use codafs_common::token::{Claims, Role};
 use codafs_common::{split_ino, ticket, Hash};
 use tonic::Status;
@@ -247,99 +244,6 @@ impl TicketMaker {
     }
 }
 
-/// How long stored-but-unreferenced bytes count against their uploader.
-pub const PENDING_TTL: Duration = Duration::from_secs(3600);
-/// Most uploaders tracked at once (oldest entries are dropped beyond it).
-const PENDING_USERS: usize = 4096;
-/// Most pending blobs tracked per uploader.
-const PENDING_PER_USER: usize = 65_536;
-
-/// Bytes each account stored on this server that no volume references yet. They count against
-/// the account's quota headroom until a commit references them or [`PENDING_TTL`] passes, so a
-/// writer cannot fill the servers' disks with blobs it never commits. Kept in memory per server:
-/// a restart forgets it, and garbage collection removes what is never referenced.
-#[derive(Default)]
-pub struct PendingBytes {
-    by_user: Mutex<HashMap<String, Vec<Pending>>>,
-}
-
-/// One stored blob not yet referenced: its hash, size and when it was stored.
-type Pending = (Hash, u64, Instant);
-
-impl PendingBytes {
-    /// Admits `blobs` stored by `user` if its pending bytes plus theirs fit `headroom`
-    /// (`None` = unlimited). `referenced` says whether a hash is referenced by now (those no
-    /// longer count).
-    pub fn admit(
-        &self,
-        user: &str,
-        blobs: &[(Hash, u64)],
-        headroom: Option<u64>,
-        referenced: impl Fn(&Hash) -> bool,
-    ) -> Result<(), NodeError> {
-        let mut map = self.by_user.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if !map.contains_key(user) && map.len() >= PENDING_USERS {
-            // Forget the uploader with the oldest entry (bounded memory; GC still applies).
-            let oldest = map
-                .iter()
-                .min_by_key(|(_, v)| v.first().map(|e| e.2))
-                .map(|(k, _)| k.clone());
-            if let Some(k) = oldest {
-                map.remove(&k);
-            }
-        }
-        let list = map.entry(user.to_string()).or_default();
-        list.retain(|(h, _, at)| now.duration_since(*at) < PENDING_TTL && !referenced(h));
-        let have: u64 = list.iter().map(|e| e.1).sum();
-        let new: Vec<&(Hash, u64)> = blobs
-            .iter()
-            .filter(|(h, _)| !referenced(h) && !list.iter().any(|e| e.0 == *h))
-            .collect();
-        let adding: u64 = new.iter().map(|(_, s)| *s).sum();
-        if let Some(room) = headroom {
-            if have.saturating_add(adding) > room {
-                return Err(NodeError::Quota(format!(
-                    "{user} has {have} bytes uploaded but not yet committed; {adding} more would exceed the {room} bytes left in its volumes' quotas (commit or wait {} min)",
-                    PENDING_TTL.as_secs() / 60
-                )));
-            }
-        }
-        for (h, s) in new {
-            if list.len() >= PENDING_PER_USER {
-                list.remove(0);
-            }
-            list.push((*h, *s, now));
-        }
-        Ok(())
-    }
-}
-
-impl PendingBytes {
-    /// Moves `user`'s pending charges of `chunks` onto `manifest`: a large file's chunks are
-    /// referenced only through its manifest, so their bytes stop counting once a commit
-    /// references the manifest (or expire with it).
-    pub fn fold(&self, user: &str, manifest: Hash, chunks: &std::collections::HashSet<Hash>) {
-        let mut map = self.by_user.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(list) = map.get_mut(user) else { return };
-        let mut moved = 0u64;
-        list.retain(|(h, s, _)| {
-            let chunk = chunks.contains(h);
-            if chunk {
-                moved += s;
-            }
-            !chunk
-        });
-        if moved == 0 {
-            return;
-        }
-        match list.iter_mut().find(|e| e.0 == manifest) {
-            Some(e) => e.1 += moved,
-            None => list.push((manifest, moved, Instant::now())),
-        }
-    }
-}
-
 /// Quota headroom of an account: the most bytes any volume it may write can still take
 /// (`None` = some volume has no byte quota, or the account is an admin).
 pub fn headroom(claims: &Claims, vols: &[VolumeRec]) -> Option<u64> {
@@ -405,39 +309,5 @@ mod tests {
         assert_eq!(headroom(&claims("eve", Role::User), &vols), Some(0));
         assert_eq!(headroom(&claims("root", Role::Admin), &vols), None);
         assert_eq!(headroom(&claims("web", Role::User), &[vol("web", 0, 9)]), None);
-    }
-
-    #[test]
-    fn pending_bytes_count_until_referenced() {
-        let p = PendingBytes::default();
-        let (a, b, c) = (Hash::of(b"a"), Hash::of(b"b"), Hash::of(b"c"));
-        p.admit("web", &[(a, 600)], Some(1000), |_| false).unwrap();
-        // The same blob again costs nothing more.
-        p.admit("web", &[(a, 600)], Some(1000), |_| false).unwrap();
-        let err = p.admit("web", &[(b, 500)], Some(1000), |_| false).unwrap_err();
-        assert!(matches!(err, NodeError::Quota(_)), "{err}");
-        // Another account has its own allowance.
-        p.admit("other", &[(b, 500)], Some(1000), |_| false).unwrap();
-        // Once `a` is referenced by a commit, it no longer counts.
-        p.admit("web", &[(b, 500)], Some(1000), |h| *h == a).unwrap();
-        p.admit("web", &[(c, 1)], None, |_| false).unwrap();
-    }
-
-    /// A large file's chunks stop counting when a commit references its manifest.
-    #[test]
-    fn chunk_charges_move_onto_their_manifest() {
-        let p = PendingBytes::default();
-        let (c1, c2, m) = (Hash::of(b"c1"), Hash::of(b"c2"), Hash::of(b"m"));
-        p.admit("web", &[(c1, 400), (c2, 400)], Some(1000), |_| false).unwrap();
-        p.admit("web", &[(m, 100)], Some(1000), |_| false).unwrap();
-        p.fold("web", m, &[c1, c2].into_iter().collect());
-        // Still charged (900 of 1000) until the manifest is referenced...
-        let err = p
-            .admit("web", &[(Hash::of(b"x"), 200)], Some(1000), |_| false)
-            .unwrap_err();
-        assert!(matches!(err, NodeError::Quota(_)), "{err}");
-        // ...then nothing of it counts.
-        p.admit("web", &[(Hash::of(b"x"), 900)], Some(1000), |h| *h == m)
-            .unwrap();
     }
 }

@@ -17,6 +17,7 @@ pub mod join;
 pub mod metrics;
 pub mod node;
 pub mod peers;
+pub mod pending;
 pub mod raft;
 pub mod role;
 pub mod rotate;

@@ -82,7 +82,7 @@ pub struct Node {
     /// This server's certificate and the cluster CA; `None` on an `--insecure` server.
     pub tls: Option<crate::tls::ServerTls>,
     /// Bytes stored per account that no volume references yet (quota accounting).
-    pub pending: crate::access::PendingBytes,
+    pub pending: crate::pending::PendingBytes,
     /// Bounds on password work and login attempts (in memory, per server).
     pub logins: crate::auth::LoginGuard,
     /// The free-space watermark of the server directory (disk-full safety).

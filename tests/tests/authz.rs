@@ -558,18 +558,33 @@ async fn add_volume(tc: &TestCluster, name: &str, owner: &str, public: bool) -> 
     Ok(())
 }
 
+/// Changes volume settings as the admin.
+async fn set_volume(tc: &TestCluster, changes: pb::VolumeChanges) -> Result<()> {
+    admin_call(tc, |c, ch| {
+        let r = c.request(changes.clone());
+        async move { Cluster::admin(ch).set_volume(r).await }
+    })
+    .await?;
+    Ok(())
+}
+
 async fn set_public(tc: &TestCluster, name: &str, public: bool) -> Result<()> {
-    let ch = pb::VolumeChanges {
+    let changes = pb::VolumeChanges {
         name: name.into(),
         public_read: Some(public),
         ..Default::default()
     };
-    admin_call(tc, |c, chan| {
-        let r = c.request(ch.clone());
-        async move { Cluster::admin(chan).set_volume(r).await }
-    })
-    .await?;
-    Ok(())
+    set_volume(tc, changes).await
+}
+
+/// Gives volume `name` a byte quota.
+async fn set_quota(tc: &TestCluster, name: &str, bytes: u64) -> Result<()> {
+    let changes = pb::VolumeChanges {
+        name: name.into(),
+        quota_bytes: Some(bytes),
+        ..Default::default()
+    };
+    set_volume(tc, changes).await
 }
 
 fn as_user(tc: &TestCluster, token: Option<&str>) -> Result<Cluster> {
@@ -810,16 +825,7 @@ async fn every_rpc_answers_as_documented_for_each_kind_of_caller() {
 async fn stored_but_uncommitted_bytes_count_against_the_uploaders_quota() {
     bounded(async {
         let (tc, _fx, _alice, bob, _carol) = setup().await?;
-        let quota = pb::VolumeChanges {
-            name: "bobs".into(),
-            quota_bytes: Some(100_000),
-            ..Default::default()
-        };
-        admin_call(&tc, |c, ch| {
-            let r = c.request(quota.clone());
-            async move { Cluster::admin(ch).set_volume(r).await }
-        })
-        .await?;
+        set_quota(&tc, "bobs", 100_000).await?;
         let c = as_user(&tc, Some(&bob))?;
         c.put_blob(bytes::Bytes::from(vec![1u8; 60_000]), 2).await?;
         let second = bytes::Bytes::from(vec![2u8; 60_000]);
@@ -839,6 +845,42 @@ async fn stored_but_uncommitted_bytes_count_against_the_uploaders_quota() {
             .expect_err("the volume itself is now nearly full");
         ensure!(e.code() == Code::ResourceExhausted, "{e}");
         c.put_blob(bytes::Bytes::from(vec![3u8; 30_000]), 2).await?;
+        Ok(())
+    })
+    .await
+}
+
+/// A store whose content does not verify is refused and charges nothing: bytes that were
+/// never stored cannot use up an account's headroom (and, since a full account is refused
+/// rather than trimmed, cannot push real charges out either).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_that_fails_verification_charges_nothing() {
+    bounded(async {
+        let (tc, _fx, _alice, bob, _carol) = setup().await?;
+        set_quota(&tc, "bobs", 100_000).await?;
+        let c = as_user(&tc, Some(&bob))?;
+        // 90,000 bytes under a hash they do not have.
+        let forged = pb::PutSmallRequest {
+            blobs: vec![pb::SmallBlob {
+                hash: bytes::Bytes::copy_from_slice(&Hash::of(b"something else").0),
+                data: bytes::Bytes::from(vec![7u8; 90_000]),
+            }],
+            write_quorum: 2,
+            forwarded: false,
+        };
+        let e = c
+            .call(|ch| {
+                let r = c.request(forged.clone());
+                async move { Cluster::blobs(ch).put_small(r).await }
+            })
+            .await
+            .expect_err("content that does not match its hash");
+        ensure!(
+            e.to_string().contains("mismatch") || e.to_string().contains("hash"),
+            "{e}"
+        );
+        // Had the forged 90,000 bytes been charged, 60,000 more would not fit the 100,000.
+        c.put_blob(bytes::Bytes::from(vec![1u8; 60_000]), 2).await?;
         Ok(())
     })
     .await

@@ -23,6 +23,7 @@ use crate::blobs::replicate::{self, replicate, ForwardError, Replicated};
 use crate::blobs::{BlobError, BlobReader};
 use crate::fsm::StateView;
 use crate::node::Node;
+use crate::pending::Charge;
 
 pub struct BlobService(pub Arc<Node>);
 
@@ -62,25 +63,26 @@ pub fn upload_time_limit(size: u64) -> Duration {
 }
 
 impl BlobService {
-    /// Authorizes a store of `blobs` by `caller` and charges them to its account until a
-    /// commit references them. Peers are not charged: the server they came from was.
-    /// Returns the account charged (`None` for peers).
-    fn admit_store(&self, caller: &Caller, blobs: &[(Hash, u64)]) -> Result<Option<String>, Status> {
+    /// Authorizes a store of `blobs` by `caller` and reserves their charge to its account
+    /// until a commit references them (kept once the store succeeds: see
+    /// [`crate::pending::Charge`]). Peers are not charged: the server they came from was.
+    fn admit_store(&self, caller: &Caller, blobs: &[(Hash, u64)]) -> Result<Option<Charge<'_>>, Status> {
         let Some(claims) = self.0.check_store(caller)? else {
             return Ok(None);
         };
         let t = self.0.tables();
         let vols = t.volumes().map_err(internal)?;
         let room = access::headroom(&claims, &vols);
-        self.0
+        let charge = self
+            .0
             .pending
             .admit(&claims.user, blobs, room, |h| t.blobref(h).is_ok_and(|n| n > 0))
             .map_err(super::status)?;
-        Ok(Some(claims.user))
+        Ok(Some(charge))
     }
 
     /// After `user` stored blob `hash`: if it is a manifest, the charges of its chunks move
-    /// onto it (see [`access::PendingBytes::fold`]). `data` is the blob when in memory;
+    /// onto it (see [`crate::pending::PendingBytes::fold`]). `data` is the blob when in memory;
     /// otherwise it is loaded as a manifest from the store (`Node::manifest` looks at its
     /// header first, so another blob costs one small read).
     async fn fold_chunk_charges(&self, user: Option<&str>, hash: Hash, data: Option<&[u8]>) {
@@ -186,7 +188,7 @@ impl pb::blobs_server::Blobs for BlobService {
         }
         // Before anything is stored or touched: an unauthorized put must not even extend a
         // blob's GC grace.
-        let charged = self.admit_store(&caller, &[(hash, header.size)])?;
+        let charge = self.admit_store(&caller, &[(hash, header.size)])?;
         let witness = node.is_witness();
         let already = !witness && node.blobs.has(&hash);
         if already {
@@ -207,6 +209,8 @@ impl pb::blobs_server::Blobs for BlobService {
             self.receive(hash, header.size, &mut stream, false).await?;
         }
         drop(stream);
+        // Stored and verified here: the charge stands, whatever the other replicas answer.
+        let charged = charge.map(Charge::keep);
         // Forward to the other data replicas; answer once the write quorum is durable.
         let size = header.size;
         let (peers, store) = (node.peers.clone(), node.blobs.clone());
@@ -255,7 +259,7 @@ impl pb::blobs_server::Blobs for BlobService {
             .map(|b| Ok((convert::hash(&b.hash)?, b.data.clone())))
             .collect::<Result<_, Status>>()?;
         let sizes: Vec<(Hash, u64)> = parsed.iter().map(|(h, d)| (*h, d.len() as u64)).collect();
-        let charged = self.admit_store(&caller, &sizes)?;
+        let charge = self.admit_store(&caller, &sizes)?;
         let witness = node.is_witness();
         // Up front, before anything is stored here or forwarded: room for what is new here
         // (a witness spools the batch: it relays it, and keeps it as a hint if a data replica
@@ -298,6 +302,7 @@ impl pb::blobs_server::Blobs for BlobService {
             drop_relay_copy(&node, &mut r, parsed.iter().map(|(h, _)| *h).collect());
         }
         local?;
+        let charged = charge.map(Charge::keep);
         if !r.met() {
             return Err(quorum_missed(
                 format!(

@@ -92,8 +92,9 @@ impl Manifest {
         Hash::of(&self.encode())
     }
 
-    /// Parses and checks a manifest: every chunk is 1..=[`CHUNK_MAX`] bytes, the lengths add
-    /// up to the recorded size, and that size is one that is chunked at all.
+    /// Parses and checks a manifest: every chunk is [`CHUNK_MIN`]..=[`CHUNK_MAX`] bytes (the
+    /// last one may be shorter, not empty), the lengths add up to the recorded size, and that
+    /// size is one that is chunked at all.
     pub fn decode(b: &[u8]) -> Result<Manifest, ManifestError> {
         if b.len() < HEADER_LEN || &b[..8] != MAGIC {
             return Err(ManifestError::NotManifest);
@@ -113,7 +114,8 @@ impl Manifest {
         }
         let mut chunks = Vec::with_capacity(count as usize);
         let mut total = 0u64;
-        for e in body.chunks_exact(ENTRY_LEN) {
+        let last = body.len() / ENTRY_LEN;
+        for (i, e) in body.chunks_exact(ENTRY_LEN).enumerate() {
             let mut h = [0u8; 32];
             h.copy_from_slice(&e[..32]);
             let mut l = [0u8; 4];
@@ -121,6 +123,13 @@ impl Manifest {
             let len = u32::from_le_bytes(l);
             if len == 0 || len > CHUNK_MAX {
                 return Err(ManifestError::Malformed(format!("a chunk of {len} bytes")));
+            }
+            // The chunker cuts nothing shorter but the end: tiny chunks would multiply the
+            // blobs (and the work of GC, repair and scrub) a file of a given size costs.
+            if len < CHUNK_MIN && i + 1 < last {
+                return Err(ManifestError::Malformed(format!(
+                    "chunk {i} of {last} is {len} bytes; only the last may be under {CHUNK_MIN}"
+                )));
             }
             total += len as u64;
             chunks.push(ChunkRef { hash: Hash(h), len });
@@ -216,6 +225,24 @@ mod tests {
         assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
     }
 
+    /// What the chunker cuts, the manifest check takes: every chunk but the last is at least
+    /// CHUNK_MIN, for noise, for runs of one byte (cut at CHUNK_MAX) and for a size that
+    /// leaves a short tail.
+    #[test]
+    fn the_chunker_cuts_only_the_last_chunk_short() {
+        let mut cases = vec![noise(9 << 20, 8), vec![0u8; (17 << 20) + 5]];
+        let mut mixed = noise(6 << 20, 9);
+        mixed.extend(std::iter::repeat_n(7u8, (5 << 20) + 1));
+        cases.push(mixed);
+        for data in cases {
+            let m = content_id(&data[..], data.len() as u64).unwrap().1.unwrap();
+            let (last, rest) = m.chunks.split_last().unwrap();
+            assert!(rest.iter().all(|c| c.len >= CHUNK_MIN), "a short chunk before the end");
+            assert!(last.len >= 1);
+            assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+        }
+    }
+
     #[test]
     fn an_edit_in_the_middle_changes_only_the_chunks_around_it() {
         let mut data = noise(40 << 20, 3);
@@ -256,6 +283,17 @@ mod tests {
             }],
         };
         assert!(Manifest::decode(&tiny.encode()).is_err());
+        // Many tiny chunks adding up to a chunked size: only the last may be short.
+        let splinters = Manifest {
+            chunks: (0..(CHUNK_THRESHOLD / 1000 + 1) as u32)
+                .map(|i| ChunkRef {
+                    hash: Hash::of(&i.to_le_bytes()),
+                    len: 1000,
+                })
+                .collect(),
+        };
+        let e = Manifest::decode(&splinters.encode()).unwrap_err();
+        assert!(e.to_string().contains("only the last may be under"), "{e}");
     }
 
     #[test]

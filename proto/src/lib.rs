@@ -33,6 +33,9 @@ pub mod limits {
     pub const MAX_READDIR_PAGE: u32 = 8192;
     /// Most operations in one commit.
     pub const MAX_COMMIT_OPS: usize = 200_000;
+    /// Most files and directories one commit's recursive removes may delete (the state machine
+    /// deletes a tree in one step, so a larger one is removed in parts).
+    pub const MAX_REMOVE_NODES: usize = 200_000;
     /// Name changes a change event carries (`ChangeEvent.names`); a commit that changes more
     /// sends none, and mounts read the changed directories again. Bounds an event to about
     /// 1 MiB of names.

@@ -323,3 +323,45 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     })
     .await
 }
+
+/// A recursive remove of a tree larger than `MAX_REMOVE_NODES` is refused by the leader with a
+/// clear error and removes nothing (the state machine would delete it in one step, holding up
+/// every volume); removed in parts, the same tree goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recursive_remove_of_a_huge_tree_is_refused_and_goes_in_parts() {
+    use codafs_client::ops;
+    use codafs_proto::limits::{MAX_COMMIT_OPS, MAX_REMOVE_NODES};
+    codafs_tests::bounded_within(Duration::from_secs(300), async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("big", 2).await?;
+        let mut c = tc.client();
+        c.policy.call_timeout = Duration::from_secs(120);
+        // `top` with MAX_REMOVE_NODES + 1 nodes below it: directories, no blobs involved.
+        let names: Vec<String> = (0..=MAX_REMOVE_NODES).map(|i| format!("top/d{i:06}")).collect();
+        let mut first = vec![ops::dir("top", 0o755)];
+        first.extend(names[..MAX_COMMIT_OPS - 1].iter().map(|n| ops::dir(n, 0o755)));
+        c.commit(ops::commit("big", first)).await?;
+        let rest = names[MAX_COMMIT_OPS - 1..].iter().map(|n| ops::dir(n, 0o755)).collect();
+        c.commit(ops::commit("big", rest)).await?;
+        let before = tc.volume_info("big").await?.used_files;
+        anyhow::ensure!(before as usize == MAX_REMOVE_NODES + 2, "{before} nodes");
+        let e = c
+            .commit(ops::commit("big", vec![ops::remove("top")]))
+            .await
+            .expect_err("too many nodes for one commit");
+        anyhow::ensure!(e.code() == tonic::Code::InvalidArgument, "{e}");
+        anyhow::ensure!(
+            e.to_string()
+                .contains(&format!("more than {MAX_REMOVE_NODES} files and directories")),
+            "{e}"
+        );
+        anyhow::ensure!(tc.volume_info("big").await?.used_files == before, "nothing removed");
+        // In parts: two entries first, then the rest of the tree at the limit.
+        let two = names[..2].iter().map(|n| ops::remove(n)).collect();
+        c.commit(ops::commit("big", two)).await?;
+        c.commit(ops::commit("big", vec![ops::remove("top")])).await?;
+        anyhow::ensure!(tc.volume_info("big").await?.used_files == 0, "all gone");
+        Ok(())
+    })
+    .await
+}

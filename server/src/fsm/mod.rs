@@ -4,6 +4,7 @@
 //! writes the delta atomically (a RocksDB `WriteBatch` in production, a `BTreeMap` in tests). A
 //! refused command yields an empty delta, so a failed commit changes nothing. Applying is
 //! deterministic: time and identity come from the command, never from the replica.
+pub mod bounds;
 pub mod mem;
 mod ops;
 pub mod records;
@@ -245,6 +246,36 @@ impl<'a> Txn<'a> {
     }
 
     /// All entries of a directory, overlay applied.
+    /// Whether directory `parent` has any entry: the names this transaction changed decide
+    /// first, then stored pages are read only until a name it did not remove turns up (an
+    /// rmdir never loads a large directory's whole listing).
+    fn has_children(&self, parent: u64) -> TxnResult<bool> {
+        const PAGE: usize = 64;
+        let mut removed = BTreeSet::new();
+        for ((p, name), v) in self.delta.dirents.range((parent, String::new())..) {
+            if *p != parent {
+                break;
+            }
+            match v {
+                Some(_) => return Ok(true),
+                None => {
+                    removed.insert(name.as_str());
+                }
+            }
+        }
+        let mut after = String::new();
+        loop {
+            let page = self.view.dirents(parent, &after, PAGE)?;
+            if page.iter().any(|(n, _)| !removed.contains(n.as_str())) {
+                return Ok(true);
+            }
+            match page.last() {
+                Some((last, _)) if page.len() == PAGE => after.clone_from(last),
+                _ => return Ok(false),
+            }
+        }
+    }
+
     fn children(&self, parent: u64) -> TxnResult<Vec<(String, u64)>> {
         let mut all: BTreeMap<String, u64> = BTreeMap::new();
         let mut after = String::new();

@@ -215,7 +215,7 @@ impl Txn<'_> {
         let o = self.object(ino)?.ok_or_else(|| ApplyError::NotFound(name.clone()))?;
         expect(op.expect_version, Some(&o), name)?;
         let is_dir = o.kind == Kind::Dir;
-        if is_dir && !*recursive && !self.children(o.ino)?.is_empty() {
+        if is_dir && !*recursive && self.has_children(o.ino)? {
             return refuse(ApplyError::NotEmpty(name.clone()));
         }
         self.drop_tree(vol, o, now_ns)?;
@@ -357,9 +357,7 @@ impl Txn<'_> {
         match (moved.kind == Kind::Dir, t.kind == Kind::Dir) {
             (false, true) => return refuse(ApplyError::IsDir(to_name.to_string())),
             (true, false) => return refuse(ApplyError::NotDir(to_name.to_string())),
-            (true, true) if !self.children(t.ino)?.is_empty() => {
-                return refuse(ApplyError::NotEmpty(to_name.to_string()))
-            }
+            (true, true) if self.has_children(t.ino)? => return refuse(ApplyError::NotEmpty(to_name.to_string())),
             _ => {}
         }
         let target_is_dir = t.kind == Kind::Dir;

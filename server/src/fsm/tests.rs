@@ -59,14 +59,19 @@ fn setup() -> Twin {
     s
 }
 
-fn commit(s: &mut Twin, index: u64, user: &str, ops: Vec<OpKind>) -> Response {
-    let ops = ops
+/// Operations without expected versions.
+fn ops_of(kinds: Vec<OpKind>) -> Vec<Op> {
+    kinds
         .into_iter()
         .map(|kind| Op {
             expect_version: None,
             kind,
         })
-        .collect();
+        .collect()
+}
+
+fn commit(s: &mut Twin, index: u64, user: &str, ops: Vec<OpKind>) -> Response {
+    let ops = ops_of(ops);
     s.apply(
         index,
         &Command::Commit {
@@ -1262,4 +1267,82 @@ fn deleting_a_volume_drops_its_tree_history_and_references_and_only_an_admin_may
     .unwrap();
     assert_ne!(s.volumes["www"].id, www_id);
     assert!(lookup(&s, "b").is_none());
+}
+
+/// The leader's bound on what one commit's recursive removes delete: nodes are counted through
+/// the whole tree and summed over the commit's removes; a plain file counts one, a missing
+/// target nothing (the apply reports it).
+#[test]
+fn recursive_removes_are_bounded_per_commit() {
+    let mut s = setup();
+    commit(
+        &mut s,
+        3,
+        "alice",
+        vec![
+            dir("", "d"),
+            file("d", "a", b"1"),
+            file("d", "b", b"2"),
+            dir("d", "e"),
+            file("d/e", "f", b"3"),
+            file("", "g", b"4"),
+        ],
+    )
+    .unwrap();
+    let vol = s.volumes.get("www").unwrap().clone();
+    let check = |kinds, limit| bounds::check_remove_bound(&*s, &vol, &ops_of(kinds), limit);
+    // d holds 5 nodes with itself.
+    assert!(check(vec![remove("", "d", true)], 5).is_ok());
+    let e = check(vec![remove("", "d", true)], 4).unwrap_err();
+    assert!(e.to_string().contains("more than 4 files and directories"), "{e}");
+    // Summed over the commit: d (5) and g (1).
+    assert!(check(vec![remove("", "d", true), remove("", "g", true)], 6).is_ok());
+    assert!(check(vec![remove("", "d", true), remove("", "g", true)], 5).is_err());
+    // Non-recursive removes and missing targets are not counted here.
+    assert!(check(vec![remove("", "d", false), remove("", "nothing", true)], 0).is_ok());
+    // Through an ino reference too.
+    let d = lookup(&s, "d").unwrap().ino;
+    let by_ino = OpKind::Remove {
+        parent: NodeRef::Ino(d),
+        name: "e".into(),
+        recursive: true,
+    };
+    assert!(check(vec![by_ino.clone()], 2).is_ok());
+    assert!(check(vec![by_ino], 1).is_err());
+}
+
+/// An rmdir sees the names its own commit removed or added before it: emptied in the same
+/// commit, a directory goes; given a name in the same commit, it stays.
+#[test]
+fn an_rmdir_counts_the_names_its_own_commit_changed() {
+    let mut s = setup();
+    commit(
+        &mut s,
+        3,
+        "alice",
+        vec![dir("", "d"), file("d", "a", b"1"), file("d", "b", b"2"), dir("", "e")],
+    )
+    .unwrap();
+    assert!(matches!(
+        commit(
+            &mut s,
+            4,
+            "alice",
+            vec![remove("d", "a", false), remove("", "d", false)]
+        ),
+        Err(ApplyError::NotEmpty(_))
+    ));
+    assert!(matches!(
+        commit(&mut s, 5, "alice", vec![file("e", "x", b"3"), remove("", "e", false)]),
+        Err(ApplyError::NotEmpty(_))
+    ));
+    commit(
+        &mut s,
+        6,
+        "alice",
+        vec![remove("d", "a", false), remove("d", "b", false), remove("", "d", false)],
+    )
+    .unwrap();
+    commit(&mut s, 7, "alice", vec![remove("", "e", false)]).unwrap();
+    assert!(lookup(&s, "d").is_none() && lookup(&s, "e").is_none());
 }

@@ -4,11 +4,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use codafs_common::token::Role;
-use codafs_proto::limits::MAX_COMMIT_OPS;
+use codafs_proto::limits::{MAX_COMMIT_OPS, MAX_REMOVE_NODES};
 use codafs_proto::pb;
 use tonic::{Request, Response, Status};
 
 use super::{convert, forward_request, is_forwarded, on_leader, status, token_of};
+use crate::fsm::bounds::CheckError;
 use crate::fsm::{Actor, Command, Outcome, StateView};
 use crate::node::{Node, NodeError};
 
@@ -70,6 +71,7 @@ async fn commit_local(
         }
     }
     check_space(node, body)?;
+    check_remove_bound(node, &vol, &ops).await?;
     let mut blobs: Vec<_> = ops.iter().filter_map(|o| o.referenced_blob()).collect();
     blobs.sort();
     blobs.dedup();
@@ -86,6 +88,26 @@ async fn commit_local(
         Outcome::Committed { version, created } => Ok(pb::CommitReply { version, created }),
         other => Err(NodeError::Internal(format!("unexpected outcome {other:?}"))),
     }
+}
+
+/// Refuses a commit whose recursive removes would delete more than [`MAX_REMOVE_NODES`] nodes
+/// (see `fsm::bounds`). The count reads up to that many records: off the async workers.
+async fn check_remove_bound(node: &Node, vol: &crate::fsm::VolumeRec, ops: &[crate::fsm::Op]) -> Result<(), NodeError> {
+    let recursive = |o: &&crate::fsm::Op| matches!(o.kind, crate::fsm::OpKind::Remove { recursive: true, .. });
+    let removes: Vec<crate::fsm::Op> = ops.iter().filter(recursive).cloned().collect();
+    if removes.is_empty() {
+        return Ok(());
+    }
+    let (tables, vol) = (node.tables().clone(), vol.clone());
+    tokio::task::spawn_blocking(move || {
+        crate::fsm::bounds::check_remove_bound(&tables, &vol, &removes, MAX_REMOVE_NODES)
+    })
+    .await
+    .map_err(|e| NodeError::Internal(format!("counting a recursive remove: {e}")))?
+    .map_err(|e| match e {
+        CheckError::Refused(a) => NodeError::Refused(a),
+        CheckError::Store(s) => NodeError::Internal(s.to_string()),
+    })
 }
 
 /// Refuses a commit that adds data while this server's disk is below its free-space watermark

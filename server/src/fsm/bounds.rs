@@ -1,0 +1,110 @@
+//! The leader's check that a commit's recursive removes stay within
+//! [`MAX_REMOVE_NODES`](codafs_proto::limits::MAX_REMOVE_NODES).
+//!
+//! A recursive remove is one operation, but the state machine deletes every node below it in
+//! one apply: in memory, in one write batch, while no other commit applies. A tree of millions of
+//! nodes would stall every volume for minutes or exhaust a replica's memory. So the leader
+//! counts what a commit's recursive removes would delete, before it proposes the commit, and
+//! refuses one that would delete more than the limit.
+//!
+//! The count is taken here rather than in the state machine so that the rule is no part of what
+//! every replica must decide alike (replicas of different builds apply the same log the same
+//! way). It reads the state as of the check: commits applied between the check and this one's
+//! apply can grow a tree by at most what they themselves could add, so the bound holds within
+//! one commit's size.
+use codafs_common::ids::VOLUME_ROOT_INODE;
+use codafs_common::make_ino;
+use codafs_common::names::split_path;
+
+use super::{ApplyError, Kind, NodeRef, Op, OpKind, StateView, StoreError, VolumeRec};
+
+/// Entries read per directory page while counting.
+const PAGE: usize = 4096;
+
+/// Refuses `ops` if their recursive removes would delete more than `limit` nodes in `vol`.
+/// Targets that cannot be found are left to the state machine, which reports them.
+pub fn check_remove_bound(view: &impl StateView, vol: &VolumeRec, ops: &[Op], limit: usize) -> Result<(), CheckError> {
+    let mut total = 0usize;
+    for op in ops {
+        let OpKind::Remove {
+            parent,
+            name,
+            recursive: true,
+        } = &op.kind
+        else {
+            continue;
+        };
+        let Some(dir) = resolve(view, vol, parent)? else {
+            continue;
+        };
+        let Some(ino) = view.dirent(dir, name)? else {
+            continue;
+        };
+        total += if view.object(ino)?.is_some_and(|o| o.kind == Kind::Dir) {
+            count_subtree(view, ino, limit.saturating_sub(total).saturating_add(1))?
+        } else {
+            1
+        };
+        if total > limit {
+            return Err(CheckError::Refused(ApplyError::Invalid(format!(
+                "removing {name} would delete more than {limit} files and directories in one commit; \
+                 remove what is inside it in several commits first (removing through a mount does so)"
+            ))));
+        }
+    }
+    Ok(())
+}
+
+/// Why a commit does not pass the check.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Refused(ApplyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The directory a reference names, if it exists in `vol`.
+fn resolve(view: &impl StateView, vol: &VolumeRec, node: &NodeRef) -> Result<Option<u64>, StoreError> {
+    match node {
+        NodeRef::Ino(ino) => Ok(Some(*ino)),
+        NodeRef::Path(p) => {
+            let Ok(parts) = split_path(p) else { return Ok(None) };
+            let mut cur = make_ino(vol.id, VOLUME_ROOT_INODE);
+            for part in parts {
+                match view.dirent(cur, part)? {
+                    Some(next) => cur = next,
+                    None => return Ok(None),
+                }
+            }
+            Ok(Some(cur))
+        }
+    }
+}
+
+/// Nodes in the tree at directory `root` (itself included), counted up to `budget`: the walk
+/// stops as soon as the count passes it.
+fn count_subtree(view: &impl StateView, root: u64, budget: usize) -> Result<usize, StoreError> {
+    let mut count = 1usize;
+    let mut dirs = vec![root];
+    while let Some(dir) = dirs.pop() {
+        let mut after = String::new();
+        loop {
+            let page = view.dirents(dir, &after, PAGE)?;
+            for (_, ino) in &page {
+                count += 1;
+                if count > budget {
+                    return Ok(count);
+                }
+                if view.object(*ino)?.is_some_and(|o| o.kind == Kind::Dir) {
+                    dirs.push(*ino);
+                }
+            }
+            match page.last() {
+                Some((last, _)) if page.len() == PAGE => after.clone_from(last),
+                _ => break,
+            }
+        }
+    }
+    Ok(count)
+}

@@ -136,6 +136,13 @@ pub enum Record {
     Done {
         last: u64,
     },
+    /// Versions this mount's own commits gave nodes (`(ino, version)`) that changes logged
+    /// before those commits still name: a replay needs them to tell its own earlier change
+    /// from someone else's. Kept while any change up to `until` is unsettled.
+    Own {
+        until: u64,
+        versions: Vec<(u64, u64)>,
+    },
 }
 
 impl Record {
@@ -144,6 +151,7 @@ impl Record {
         match self {
             Record::Change(c) => c.seq,
             Record::Sending { last, .. } => *last,
+            Record::Own { until, .. } => *until,
             _ => 0,
         }
     }

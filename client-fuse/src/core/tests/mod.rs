@@ -718,6 +718,40 @@ async fn write_back_content_of_a_file_removed_elsewhere_is_kept_beside_it() {
     assert!(note.starts_with("p was removed elsewhere"), "{note}");
 }
 
+/// Write-back: a file opened before its creation was sent and closed after it was. Its new
+/// content expects the version this mount's own commit gave it, and a replay after a crash
+/// (the daemon's memory of its commits gone) still sends it as this mount's own change, not
+/// as a conflict.
+#[tokio::test(start_paused = true)]
+async fn write_back_a_replay_after_a_crash_knows_this_mounts_own_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let truth = {
+        let core = with_alice(core_writing_back(dir.path(), 1 << 20)).await;
+        model::write(&core, "a", b"one").await.unwrap();
+        let www = core.lookup(ROOT_INO, "www").await.unwrap().ino;
+        let a = core.lookup(www, "a").await.unwrap().ino;
+        let fh = core
+            .open(model::ALICE, a, libc::O_WRONLY | libc::O_TRUNC)
+            .await
+            .unwrap();
+        send_log(&core).await;
+        assert_eq!(core.remote.content("a").unwrap(), b"one");
+        core.write(fh, 0, b"two").unwrap();
+        core.flush(fh).await.unwrap();
+        core.release(fh).await;
+        // The daemon dies here: nothing more is sent.
+        let truth = std::mem::take(&mut *core.remote.lock());
+        truth
+    };
+    let core = core_writing_back(dir.path(), 1 << 20);
+    *core.remote.lock() = truth;
+    let core = with_alice(core).await;
+    assert_eq!(core.backlog().unwrap().changes, 1, "the close was logged");
+    send_log(&core).await;
+    assert_eq!(core.remote.content("a").unwrap(), b"two");
+    assert_eq!(core.backlog().unwrap().conflicts, 0, "{:?}", core.backlog());
+}
+
 /// Write-back: truncating a file that is not open is logged like a close's content (it does
 /// not wait for the servers), shown at once, and sent with the next batch.
 #[tokio::test(start_paused = true)]

@@ -209,6 +209,12 @@ impl WriteBack {
                         st.replayed = Some((first, last, request));
                     }
                 }
+                Record::Own { until, versions } if until > done => {
+                    for (ino, v) in versions {
+                        let e = st.own_versions.entry(ino).or_insert(v);
+                        *e = (*e).max(v);
+                    }
+                }
                 _ => {}
             }
         }
@@ -639,6 +645,25 @@ impl BackState {
             .retain(|ino, _| queued.contains(ino) || open.contains(ino));
     }
 
+    /// The `Own` record of a batch just committed: the versions it gave nodes that changes
+    /// logged after it still touch (their seq is past the batch's), with the last such seq.
+    /// Changes logged from now on carry these versions themselves (see `store_logged`), so only
+    /// those already logged need the record.
+    fn own_record(&self, batch: &Batch) -> Option<Record> {
+        let mut until = 0;
+        let mut versions: Vec<(u64, u64)> = Vec::new();
+        for ino in batch.changes.iter().flat_map(|c| touched(&c.op)) {
+            let later = self.nodes.get(&ino).map(|(_, seq)| *seq).filter(|s| *s > batch.last);
+            if let (Some(seq), Some(v)) = (later, self.own_versions.get(&ino)) {
+                until = until.max(seq);
+                versions.push((ino, *v));
+            }
+        }
+        versions.sort_unstable();
+        versions.dedup();
+        (!versions.is_empty()).then_some(Record::Own { until, versions })
+    }
+
     /// Takes a node id a logged create used out of the reserved pool (replay).
     fn take_ids_used_by(&mut self, c: &Change) {
         let Op::Create { ino: Some(ino), .. } = &c.op else {
@@ -954,9 +979,19 @@ impl<R: Remote> Core<R> {
                 (hash, Content::File(name))
             }
         };
-        let created_here = b.st().unsent_creations.contains_key(&ino);
+        // The version expected is the one the file had when opened, or this mount's own later
+        // commit of it, taken now: logged with the change, it survives a crash (the in-memory
+        // record of own commits does not).
+        let expect = {
+            let st = b.st();
+            (!st.unsent_creations.contains_key(&ino)).then(|| {
+                st.own_versions
+                    .get(&ino)
+                    .map_or(base_version, |v| (*v).max(base_version))
+            })
+        };
         let op = Op::SetContent {
-            expect: (!created_here).then_some(base_version),
+            expect,
             ino,
             hash,
             size,
@@ -1551,6 +1586,12 @@ impl<R: Remote> Core<R> {
     /// it. If it cannot be written (the cache disk failing), nothing is released: the next
     /// start resends the batch, which the servers answer from their record of its request id.
     async fn settle_batch(&self, b: &WriteBack, batch: &Batch) {
+        // Own versions that changes still logged will need after a crash, made durable by the
+        // same sync as `Done` (an `Own` record that cannot be written costs only a false
+        // conflict after a crash, kept as a sibling).
+        if let Some(own) = b.st().own_record(batch) {
+            let _ = b.log.append(&own);
+        }
         let recorded = match b.log.append(&Record::Done { last: batch.last }) {
             Ok(at) => b.log.sync(at.end).await,
             Err(e) => Err(e),
@@ -1872,6 +1913,45 @@ mod tests {
         let mut kept: Vec<u64> = st.own_versions.keys().copied().collect();
         kept.sort_unstable();
         assert_eq!(kept, vec![3, 5], "a queued change's node and an open file's");
+    }
+
+    /// After a batch commits, the versions it gave nodes that later logged changes still touch
+    /// are logged (`Own`) and taken up again by a replay, until those changes settle.
+    #[test]
+    fn own_versions_that_logged_changes_need_survive_a_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let batch = Batch {
+            first: 1,
+            last: 2,
+            volume: "www".into(),
+            uid: 1,
+            changes: vec![change(1, create(10, "a")), change(2, create(11, "b"))],
+        };
+        {
+            let b = WriteBack::open(dir.path(), 64 << 20).unwrap();
+            let mut st = b.st();
+            for c in &batch.changes {
+                st.overlay(c);
+            }
+            // Logged before the batch was sent: new content of `a` (not of `b`).
+            st.overlay(&change(3, content(10, b"new", Some(0))));
+            st.own_versions.extend([(10, 42), (11, 43)]);
+            let own = st.own_record(&batch);
+            let Some(Record::Own { until, versions }) = &own else {
+                panic!("{own:?}")
+            };
+            assert_eq!((*until, versions.as_slice()), (3, &[(10, 42)][..]));
+            drop(st);
+            b.log.append(&own.unwrap()).unwrap();
+            b.log.append(&Record::Done { last: 2 }).unwrap();
+        }
+        let b = WriteBack::open(dir.path(), 64 << 20).unwrap();
+        assert_eq!(b.st().own_versions.get(&10), Some(&42), "taken up by the replay");
+        assert_eq!(b.st().own_versions.get(&11), None);
+        b.log.append(&Record::Done { last: 3 }).unwrap();
+        drop(b);
+        let b = WriteBack::open(dir.path(), 64 << 20).unwrap();
+        assert!(b.st().own_versions.is_empty(), "no longer needed once change 3 settled");
     }
 
     #[test]

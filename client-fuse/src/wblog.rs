@@ -32,7 +32,11 @@ use spare::Spare;
 
 /// First bytes of every segment: the format's name and version.
 /// v4: a logged content over 4 MiB is named by its chunk manifest (`codafs_common::chunks`).
-const MAGIC: &[u8] = b"codafs write-back log v4\n";
+/// v5: `Record::Own`. A v4 segment holds none and reads as it is; a v4 build refuses a v5 one
+/// (it could not read its records) instead of cutting it short.
+const MAGIC: &[u8] = b"codafs write-back log v5\n";
+/// Older magic lines this build still reads (all the same length as [`MAGIC`]).
+const READS: &[&[u8]] = &[MAGIC, b"codafs write-back log v4\n"];
 /// A new segment is started past this size (smaller in unit tests, which make many logs).
 #[cfg(not(test))]
 const SEGMENT_BYTES: u64 = 16 << 20;
@@ -605,7 +609,7 @@ fn read_segment(path: &Path) -> Result<SegmentRead, LogError> {
         // Created but its magic never reached the disk: an empty segment.
         return Ok((Vec::new(), 0, buf.len() as u64));
     }
-    if &buf[..MAGIC.len()] != MAGIC {
+    if !READS.contains(&&buf[..MAGIC.len()]) {
         let why = if buf.starts_with(b"codafs write-back log v") {
             "written by another version of codafs: mount with that version until `codafs sync` \
              has sent its changes, then upgrade (remove the cache directory only if its changes \
@@ -783,6 +787,26 @@ mod tests {
         assert!(err.to_string().contains("--log-limit"));
         log.append(&Record::Done { last: 1 }).unwrap();
         assert!(log.write_data("big", &[0; 300]).is_err(), "data files count too");
+    }
+
+    /// A segment an older build wrote (v4: no `Own` records) is read as it is.
+    #[test]
+    fn a_segment_of_the_previous_format_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (log, _) = Log::open(dir.path(), 1 << 30).unwrap();
+            log.append(&change(1, b"old")).unwrap();
+            log.inner().active.sync_all().unwrap();
+        }
+        let seg = dir.path().join(seg_name(1));
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes[..MAGIC.len()].copy_from_slice(READS[1]);
+        std::fs::write(&seg, bytes).unwrap();
+        let (_, replay) = Log::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(
+            replay.records.iter().map(Record::names_seq).collect::<Vec<_>>(),
+            vec![1]
+        );
     }
 
     /// Past half a segment, the next one is made ahead and the rotation takes it; the records

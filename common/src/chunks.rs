@@ -87,14 +87,31 @@ impl Manifest {
         out
     }
 
+    /// Whether the chunks are cut as the chunker cuts them: none under [`CHUNK_MIN`] but the
+    /// last. Tiny chunks would multiply the blobs (and the work of GC, repair and scrub) a file
+    /// of a given size costs, so servers refuse to commit such a manifest.
+    pub fn check_cut(&self) -> Result<(), ManifestError> {
+        let n = self.chunks.len();
+        match self.chunks[..n.saturating_sub(1)]
+            .iter()
+            .position(|c| c.len < CHUNK_MIN)
+        {
+            Some(i) => Err(ManifestError::Malformed(format!(
+                "chunk {i} of {n} is {} bytes; only the last may be under {CHUNK_MIN}",
+                self.chunks[i].len
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// The manifest's blob hash: what a chunked file's `hash` names.
     pub fn hash(&self) -> Hash {
         Hash::of(&self.encode())
     }
 
-    /// Parses and checks a manifest: every chunk is [`CHUNK_MIN`]..=[`CHUNK_MAX`] bytes (the
-    /// last one may be shorter, not empty), the lengths add up to the recorded size, and that
-    /// size is one that is chunked at all.
+    /// Parses and checks a manifest: every chunk is 1..=[`CHUNK_MAX`] bytes, the lengths add
+    /// up to the recorded size, and that size is one that is chunked at all. (New manifests are
+    /// also held to [`Manifest::check_cut`] when committed; stored ones are read as they are.)
     pub fn decode(b: &[u8]) -> Result<Manifest, ManifestError> {
         if b.len() < HEADER_LEN || &b[..8] != MAGIC {
             return Err(ManifestError::NotManifest);
@@ -114,8 +131,7 @@ impl Manifest {
         }
         let mut chunks = Vec::with_capacity(count as usize);
         let mut total = 0u64;
-        let last = body.len() / ENTRY_LEN;
-        for (i, e) in body.chunks_exact(ENTRY_LEN).enumerate() {
+        for e in body.chunks_exact(ENTRY_LEN) {
             let mut h = [0u8; 32];
             h.copy_from_slice(&e[..32]);
             let mut l = [0u8; 4];
@@ -123,13 +139,6 @@ impl Manifest {
             let len = u32::from_le_bytes(l);
             if len == 0 || len > CHUNK_MAX {
                 return Err(ManifestError::Malformed(format!("a chunk of {len} bytes")));
-            }
-            // The chunker cuts nothing shorter but the end: tiny chunks would multiply the
-            // blobs (and the work of GC, repair and scrub) a file of a given size costs.
-            if len < CHUNK_MIN && i + 1 < last {
-                return Err(ManifestError::Malformed(format!(
-                    "chunk {i} of {last} is {len} bytes; only the last may be under {CHUNK_MIN}"
-                )));
             }
             total += len as u64;
             chunks.push(ChunkRef { hash: Hash(h), len });
@@ -240,6 +249,7 @@ mod tests {
             assert!(rest.iter().all(|c| c.len >= CHUNK_MIN), "a short chunk before the end");
             assert!(last.len >= 1);
             assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+            m.check_cut().unwrap();
         }
     }
 
@@ -283,7 +293,7 @@ mod tests {
             }],
         };
         assert!(Manifest::decode(&tiny.encode()).is_err());
-        // Many tiny chunks adding up to a chunked size: only the last may be short.
+        // Many tiny chunks adding up to a chunked size: read, but not to be committed.
         let splinters = Manifest {
             chunks: (0..(CHUNK_THRESHOLD / 1000 + 1) as u32)
                 .map(|i| ChunkRef {
@@ -292,7 +302,8 @@ mod tests {
                 })
                 .collect(),
         };
-        let e = Manifest::decode(&splinters.encode()).unwrap_err();
+        let read = Manifest::decode(&splinters.encode()).expect("a stored one is still read");
+        let e = read.check_cut().unwrap_err();
         assert!(e.to_string().contains("only the last may be under"), "{e}");
     }
 

@@ -6,11 +6,14 @@
 //! is never referenced.
 //!
 //! A store reserves its charge before it writes anything (so concurrent stores cannot all slip
-//! under the headroom) and keeps it only once its content is verified and stored here: a
-//! [`Charge`] dropped without [`Charge::keep`] takes its entries back. A refused or corrupt
-//! store therefore leaves no trace, and since a full account is refused rather than trimmed,
-//! no flood of stores can push real charges out.
-use std::collections::{HashMap, HashSet};
+//! under the headroom) and keeps it only once its content is verified and stored: a [`Charge`]
+//! dropped without [`Charge::keep`] takes back what it alone held. Stores of one blob running
+//! at once share its entry (counted once, held by each until it keeps or fails), so a failing
+//! store never takes back a charge another one relies on. Past [`PENDING_PER_USER`] blobs an
+//! account's further charges are kept as bytes by the minute, without hashes: they can no
+//! longer be told referenced, so they count until they expire. That over-charges a very large
+//! upload for up to an hour; it never under-charges, and nothing is pushed out.
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -22,16 +25,28 @@ use crate::node::NodeError;
 pub const PENDING_TTL: Duration = Duration::from_secs(3600);
 /// Most uploaders tracked at once (beyond it, the one idle longest is forgotten).
 const PENDING_USERS: usize = 4096;
-/// Most pending blobs tracked per uploader; a store beyond it is refused until some are
-/// committed or expire.
+/// Most pending blobs tracked by hash per uploader; beyond, bytes by the minute.
 pub const PENDING_PER_USER: usize = 65_536;
+/// Overflow charges within this span share one bucket.
+const BUCKET: Duration = Duration::from_secs(60);
+
+/// One pending blob.
+struct Entry {
+    size: u64,
+    at: Instant,
+    /// Stores of it in progress.
+    holds: u32,
+    /// Some store of it succeeded.
+    kept: bool,
+}
 
 /// One account's pending blobs.
 #[derive(Default)]
 struct Account {
-    /// Hash → (size, when stored).
-    blobs: HashMap<Hash, (u64, Instant)>,
-    /// Sum of the sizes in `blobs`.
+    blobs: HashMap<Hash, Entry>,
+    /// Charges past [`PENDING_PER_USER`]: (bucket start, bytes), oldest first.
+    overflow: VecDeque<(Instant, u64)>,
+    /// Sum of the sizes in `blobs` and `overflow`.
     bytes: u64,
     /// Last store admitted (which account to forget when too many are tracked).
     active: Option<Instant>,
@@ -39,23 +54,41 @@ struct Account {
 
 impl Account {
     fn remove(&mut self, h: &Hash) -> Option<u64> {
-        let (size, _) = self.blobs.remove(h)?;
-        self.bytes -= size;
-        Some(size)
+        let e = self.blobs.remove(h)?;
+        self.bytes -= e.size;
+        Some(e.size)
     }
 
-    /// Drops entries that expired or that a commit references by now. Each entry costs a
-    /// lookup, so this runs only when a store would otherwise be refused.
+    /// Drops entries that expired or that a commit references by now (not while a store of
+    /// them runs). Each entry costs a lookup, so this runs only when a store would otherwise
+    /// be refused.
     fn prune(&mut self, now: Instant, referenced: &impl Fn(&Hash) -> bool) {
         let gone: Vec<Hash> = self
             .blobs
             .iter()
-            .filter(|(h, (_, at))| now.duration_since(*at) >= PENDING_TTL || referenced(h))
+            .filter(|(h, e)| e.holds == 0 && (now.duration_since(e.at) >= PENDING_TTL || referenced(h)))
             .map(|(h, _)| *h)
             .collect();
         for h in &gone {
             self.remove(h);
         }
+        while let Some((at, b)) = self.overflow.front().copied() {
+            if now.duration_since(at) < PENDING_TTL {
+                break;
+            }
+            self.overflow.pop_front();
+            self.bytes -= b;
+        }
+    }
+
+    /// Charges `size` bytes past the hash-tracked limit; returns the bucket it went to.
+    fn overflow(&mut self, now: Instant, size: u64) -> Instant {
+        match self.overflow.back_mut() {
+            Some((at, b)) if now.duration_since(*at) < BUCKET => *b += size,
+            _ => self.overflow.push_back((now, size)),
+        }
+        self.bytes += size;
+        self.overflow.back().map_or(now, |(at, _)| *at)
     }
 }
 
@@ -65,12 +98,16 @@ pub struct PendingBytes {
     by_user: Mutex<HashMap<String, Account>>,
 }
 
-/// A reserved charge: taken back when dropped, unless [`Charge::keep`] was called.
+/// A reserved charge: what it alone held is taken back when dropped, unless [`Charge::keep`]
+/// was called.
 #[must_use = "a charge is taken back when dropped: keep it once the content is stored"]
 pub struct Charge<'a> {
     pending: &'a PendingBytes,
     user: String,
+    /// Entries this store holds.
     hashes: Vec<Hash>,
+    /// Bytes charged past the limit, and their bucket.
+    overflow: Option<(Instant, u64)>,
 }
 
 impl Charge<'_> {
@@ -82,20 +119,42 @@ impl Charge<'_> {
     /// The content is stored here: the charge stands (until committed or expired). Returns
     /// the account charged.
     pub fn keep(mut self) -> String {
-        self.hashes.clear();
+        let hashes = std::mem::take(&mut self.hashes);
+        self.overflow = None;
+        let mut map = self.pending.lock();
+        if let Some(acct) = map.get_mut(&self.user) {
+            for h in &hashes {
+                if let Some(e) = acct.blobs.get_mut(h) {
+                    e.holds = e.holds.saturating_sub(1);
+                    e.kept = true;
+                }
+            }
+        }
         std::mem::take(&mut self.user)
     }
 }
 
 impl Drop for Charge<'_> {
     fn drop(&mut self) {
-        if self.hashes.is_empty() {
+        if self.hashes.is_empty() && self.overflow.is_none() {
             return;
         }
         let mut map = self.pending.lock();
-        if let Some(acct) = map.get_mut(&self.user) {
-            for h in &self.hashes {
+        let Some(acct) = map.get_mut(&self.user) else { return };
+        for h in &self.hashes {
+            let gone = acct.blobs.get_mut(h).is_some_and(|e| {
+                e.holds = e.holds.saturating_sub(1);
+                e.holds == 0 && !e.kept
+            });
+            if gone {
                 acct.remove(h);
+            }
+        }
+        if let Some((at, size)) = self.overflow {
+            if let Some((_, b)) = acct.overflow.iter_mut().find(|(t, _)| *t == at) {
+                let back = size.min(*b);
+                *b -= back;
+                acct.bytes -= back;
             }
         }
     }
@@ -107,9 +166,9 @@ impl PendingBytes {
     }
 
     /// Reserves the charge of `blobs` to be stored by `user`, if its pending bytes plus theirs
-    /// fit `headroom` (`None` = unlimited) and it tracks fewer than [`PENDING_PER_USER`] blobs.
-    /// `referenced` says whether a hash is referenced by a commit by now (those cost nothing).
-    /// A blob already charged, or named twice, is charged once.
+    /// fit `headroom` (`None` = unlimited). `referenced` says whether a hash is referenced by a
+    /// commit by now (those cost nothing). A blob already charged, or named twice, is charged
+    /// once.
     pub fn admit(
         &self,
         user: &str,
@@ -128,29 +187,27 @@ impl PendingBytes {
         }
         let acct = map.entry(user.to_string()).or_default();
         let mut seen = HashSet::new();
-        let new: Vec<(Hash, u64)> = blobs
-            .iter()
-            .filter(|(h, _)| !acct.blobs.contains_key(h) && seen.insert(*h) && !referenced(h))
-            .copied()
-            .collect();
+        let (mut shared, mut new) = (Vec::new(), Vec::new());
+        for (h, size) in blobs {
+            if !seen.insert(*h) {
+                continue;
+            }
+            match acct.blobs.get(h) {
+                // Being stored by another request right now: shared, so a failure of that
+                // one cannot take back the charge this one relies on.
+                Some(e) if !e.kept => shared.push(*h),
+                Some(_) => {}
+                None if !referenced(h) => new.push((*h, *size)),
+                None => {}
+            }
+        }
         let adding: u64 = new.iter().map(|(_, s)| *s).sum();
-        let fits = |a: &Account| {
-            headroom.is_none_or(|room| a.bytes.saturating_add(adding) <= room)
-                && a.blobs.len() + new.len() <= PENDING_PER_USER
-        };
+        let fits = |a: &Account| headroom.is_none_or(|room| a.bytes.saturating_add(adding) <= room);
         if !fits(acct) {
             acct.prune(now, &referenced);
         }
         if !fits(acct) {
             let minutes = PENDING_TTL.as_secs() / 60;
-            if acct.blobs.len() + new.len() > PENDING_PER_USER {
-                return Err(NodeError::Quota(format!(
-                    "{user} has {} blobs stored but not yet committed on this server, and {} more would exceed \
-                     the limit of {PENDING_PER_USER} (commit them, or wait up to {minutes} min)",
-                    acct.blobs.len(),
-                    new.len()
-                )));
-            }
             return Err(NodeError::Quota(format!(
                 "{user} has {} bytes uploaded but not yet committed; {adding} more would exceed the {} bytes left \
                  in its volumes' quotas (commit or wait {minutes} min)",
@@ -158,30 +215,63 @@ impl PendingBytes {
                 headroom.unwrap_or(0)
             )));
         }
-        for (h, s) in &new {
-            acct.blobs.insert(*h, (*s, now));
+        let mut hashes = shared;
+        let mut over = 0u64;
+        for (h, size) in new {
+            if acct.blobs.len() < PENDING_PER_USER {
+                acct.blobs.insert(
+                    h,
+                    Entry {
+                        size,
+                        at: now,
+                        holds: 0,
+                        kept: false,
+                    },
+                );
+                acct.bytes += size;
+                hashes.push(h);
+            } else {
+                over += size;
+            }
         }
-        acct.bytes += adding;
+        for h in &hashes {
+            if let Some(e) = acct.blobs.get_mut(h) {
+                e.holds += 1;
+            }
+        }
+        let overflow = (over > 0).then(|| (acct.overflow(now, over), over));
         acct.active = Some(now);
         Ok(Charge {
             pending: self,
             user: user.to_string(),
-            hashes: new.into_iter().map(|(h, _)| h).collect(),
+            hashes,
+            overflow,
         })
     }
 
     /// Moves `user`'s pending charges of `chunks` onto `manifest`: a large file's chunks are
     /// referenced only through its manifest, so their bytes stop counting once a commit
-    /// references the manifest (or expire with it).
+    /// references the manifest (or expire with it). Chunks still being stored stay as they are.
     pub fn fold(&self, user: &str, manifest: Hash, chunks: &HashSet<Hash>) {
         let mut map = self.lock();
         let Some(acct) = map.get_mut(user) else { return };
-        let moved: u64 = chunks.iter().filter_map(|h| acct.remove(h)).sum();
+        let settled: Vec<Hash> = chunks
+            .iter()
+            .filter(|h| **h != manifest && acct.blobs.get(h).is_some_and(|e| e.holds == 0))
+            .copied()
+            .collect();
+        let moved: u64 = settled.iter().filter_map(|h| acct.remove(h)).sum();
         if moved == 0 {
             return;
         }
-        let e = acct.blobs.entry(manifest).or_insert((0, Instant::now()));
-        e.0 += moved;
+        let now = Instant::now();
+        let e = acct.blobs.entry(manifest).or_insert(Entry {
+            size: 0,
+            at: now,
+            holds: 0,
+            kept: true,
+        });
+        e.size += moved;
         acct.bytes += moved;
     }
 
@@ -250,21 +340,42 @@ mod tests {
         assert_eq!(p.of("web"), (1000, 1));
     }
 
-    /// A full account is refused, never trimmed: a flood of stores cannot push real charges
-    /// out and so reset the count. Committed or expired entries make room.
+    /// Past the hash-tracked limit, charges are kept as bytes until they expire: nothing is
+    /// refused for the count, and nothing already charged is pushed out.
     #[test]
-    fn a_full_account_is_refused_rather_than_trimmed() {
+    fn past_the_tracked_limit_charges_are_kept_as_bytes() {
         let p = PendingBytes::default();
         let hashes: Vec<(Hash, u64)> = (0..PENDING_PER_USER as u64)
             .map(|i| (Hash::of(&i.to_le_bytes()), 1))
             .collect();
-        p.admit("web", &hashes, None, |_| false).unwrap().keep();
-        let extra = Hash::of(b"one too many");
-        let err = p.admit("web", &[(extra, 1)], None, |_| false).err().unwrap();
-        assert!(err.to_string().contains("not yet committed"), "{err}");
-        assert_eq!(p.of("web"), (PENDING_PER_USER as u64, PENDING_PER_USER));
-        let first = hashes[0].0;
-        p.admit("web", &[(extra, 1)], None, |h| *h == first).unwrap().keep();
-        assert_eq!(p.of("web"), (PENDING_PER_USER as u64, PENDING_PER_USER));
+        let _ = p.admit("web", &hashes, None, |_| false).unwrap().keep();
+        let extra = Hash::of(b"one more");
+        let _ = p.admit("web", &[(extra, 10)], None, |_| false).unwrap().keep();
+        assert_eq!(p.of("web"), (PENDING_PER_USER as u64 + 10, PENDING_PER_USER));
+        // The overflow counts against the headroom like any charge...
+        let room = Some(PENDING_PER_USER as u64 + 15);
+        assert!(p.admit("web", &[(Hash::of(b"x"), 6)], room, |_| false).is_err());
+        // ...and a failed overflow store takes its bytes back.
+        drop(p.admit("web", &[(Hash::of(b"y"), 5)], None, |_| false).unwrap());
+        assert_eq!(p.of("web").0, PENDING_PER_USER as u64 + 10);
+    }
+
+    /// Two stores of one blob at once: the first fails, the second succeeds; the blob stays
+    /// charged (a failing store never takes back a charge another relies on).
+    #[test]
+    fn a_failing_store_never_takes_back_a_charge_another_relies_on() {
+        let p = PendingBytes::default();
+        let h = Hash::of(b"h");
+        let first = p.admit("web", &[(h, 700)], Some(1000), |_| false).unwrap();
+        let second = p.admit("web", &[(h, 700)], Some(1000), |_| false).unwrap();
+        assert_eq!(p.of("web"), (700, 1), "charged once");
+        drop(first);
+        assert_eq!(p.of("web"), (700, 1), "still held by the second");
+        let _ = second.keep();
+        assert_eq!(p.of("web"), (700, 1));
+        // The other order: kept first, then a failing one changes nothing.
+        let third = p.admit("web", &[(h, 700)], Some(1000), |_| false).unwrap();
+        drop(third);
+        assert_eq!(p.of("web"), (700, 1));
     }
 }

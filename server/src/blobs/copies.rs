@@ -134,6 +134,9 @@ impl Node {
             }
             Err(e) => return Err(e),
         };
+        if let Err(e) = m.manifest.check_cut() {
+            return Err(NodeError::Invalid(format!("manifest {hash}: {e}")));
+        }
         if m.size != size {
             return Err(NodeError::Invalid(format!(
                 "manifest {hash} describes {} bytes, the file declares {size}",
@@ -164,6 +167,7 @@ impl Node {
             }
         };
         let mut asked = Vec::new();
+        let mut wrong: Vec<(Hash, String)> = Vec::new();
         for (m, hint) in holders {
             if m.id == self.id {
                 for h in self.held_here(&blobs).await? {
@@ -196,17 +200,11 @@ impl Node {
         for (result, hint) in futures::future::join_all(queries).await.into_iter().zip(asked) {
             match result {
                 Ok((missing, wrong_size)) => {
-                    // Content addresses fix sizes: a copy of another size means the commit
-                    // declared a false one (on any replica, not only the leader's own copy).
-                    if let Some((h, addr)) = wrong_size.first() {
-                        let named = Hash::from_slice(h).ok().and_then(|h| round_sizes.get_key_value(&h));
-                        return Err(NodeError::Invalid(match named {
-                            Some((h, size)) => {
-                                format!("declared size {size} of blob {h} does not match the copy stored on {addr}")
-                            }
-                            None => format!("{addr} reports a wrong size for a blob this commit does not name"),
-                        }));
-                    }
+                    wrong.extend(
+                        wrong_size
+                            .into_iter()
+                            .filter_map(|(h, addr)| Some((Hash::from_slice(&h).ok()?, addr))),
+                    );
                     let missing: HashSet<&[u8]> = missing.iter().map(|b| b.as_ref()).collect();
                     for (h, f) in have.iter_mut() {
                         if !missing.contains(&h.0[..]) {
@@ -217,6 +215,17 @@ impl Node {
                 // A witness that cannot be asked holds no hint that counts.
                 Err(_) if hint => {}
                 Err(e) => failures.push(e),
+            }
+        }
+        // Content addresses fix sizes: a copy of another size and none of the declared one
+        // means the commit declared a false size (seen on any replica, not only the leader's
+        // own copy). One damaged copy beside good ones is only a missing copy.
+        for (hash, addr) in &wrong {
+            if have.get(hash).is_some_and(|f| f.data + f.hints == 0) {
+                let size = round_sizes.get(hash).copied().unwrap_or_default();
+                return Err(NodeError::Invalid(format!(
+                    "declared size {size} of blob {hash} does not match the copy stored on {addr}"
+                )));
             }
         }
         for (hash, found) in have {

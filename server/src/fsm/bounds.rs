@@ -9,9 +9,10 @@
 //!
 //! The count is taken here rather than in the state machine so that the rule is no part of what
 //! every replica must decide alike (replicas of different builds apply the same log the same
-//! way). It reads the state as of the check: commits applied between the check and this one's
-//! apply can grow a tree by at most what they themselves could add, so the bound holds within
-//! one commit's size.
+//! way). It reads the state as of the check, so a tree renamed earlier in the same commit is
+//! counted too (it may be removed under its new name). Commits applied between the check and
+//! this one's apply can grow a tree by at most what they themselves add, so the bound holds
+//! within one commit's size.
 use codafs_common::ids::VOLUME_ROOT_INODE;
 use codafs_common::make_ino;
 use codafs_common::names::split_path;
@@ -25,26 +26,28 @@ const PAGE: usize = 4096;
 /// Targets that cannot be found are left to the state machine, which reports them.
 pub fn check_remove_bound(view: &impl StateView, vol: &VolumeRec, ops: &[Op], limit: usize) -> Result<(), CheckError> {
     let mut total = 0usize;
+    // Trees renamed earlier in the commit: a later remove may delete them under their new
+    // names, which the state before the commit does not show. Each is counted (once) as soon
+    // as a recursive remove follows it.
+    let mut moved: Vec<(&NodeRef, &str)> = Vec::new();
     for op in ops {
-        let OpKind::Remove {
-            parent,
-            name,
-            recursive: true,
-        } = &op.kind
-        else {
-            continue;
+        let (parent, name) = match &op.kind {
+            OpKind::Rename {
+                from_parent, from_name, ..
+            } => {
+                moved.push((from_parent, from_name));
+                continue;
+            }
+            OpKind::Remove {
+                parent,
+                name,
+                recursive: true,
+            } => (parent, name),
+            _ => continue,
         };
-        let Some(dir) = resolve(view, vol, parent)? else {
-            continue;
-        };
-        let Some(ino) = view.dirent(dir, name)? else {
-            continue;
-        };
-        total += if view.object(ino)?.is_some_and(|o| o.kind == Kind::Dir) {
-            count_subtree(view, ino, limit.saturating_sub(total).saturating_add(1))?
-        } else {
-            1
-        };
+        for (p, n) in moved.drain(..).chain([(parent, name.as_str())]) {
+            total += count_target(view, vol, p, n, limit.saturating_sub(total).saturating_add(1))?;
+        }
         if total > limit {
             return Err(CheckError::Refused(ApplyError::Invalid(format!(
                 "removing {name} would delete more than {limit} files and directories in one commit; \
@@ -53,6 +56,28 @@ pub fn check_remove_bound(view: &impl StateView, vol: &VolumeRec, ops: &[Op], li
         }
     }
     Ok(())
+}
+
+/// Nodes in the tree at `parent`/`name` as the state holds it (0 if there is none), counted
+/// up to `budget`.
+fn count_target(
+    view: &impl StateView,
+    vol: &VolumeRec,
+    parent: &NodeRef,
+    name: &str,
+    budget: usize,
+) -> Result<usize, StoreError> {
+    let Some(dir) = resolve(view, vol, parent)? else {
+        return Ok(0);
+    };
+    let Some(ino) = view.dirent(dir, name)? else {
+        return Ok(0);
+    };
+    if view.object(ino)?.is_some_and(|o| o.kind == Kind::Dir) {
+        count_subtree(view, ino, budget)
+    } else {
+        Ok(1)
+    }
 }
 
 /// Why a commit does not pass the check.

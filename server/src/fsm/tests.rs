@@ -1309,6 +1309,15 @@ fn recursive_removes_are_bounded_per_commit() {
     };
     assert!(check(vec![by_ino.clone()], 2).is_ok());
     assert!(check(vec![by_ino], 1).is_err());
+    // A tree renamed first and removed under its new name is counted too.
+    let mv = OpKind::Rename {
+        from_parent: NodeRef::Path(String::new()),
+        from_name: "d".into(),
+        to_parent: NodeRef::Path(String::new()),
+        to_name: "x".into(),
+    };
+    assert!(check(vec![mv.clone(), remove("", "x", true)], 4).is_err());
+    assert!(check(vec![mv, remove("", "x", true)], 5).is_ok());
 }
 
 /// An rmdir sees the names its own commit removed or added before it: emptied in the same

@@ -93,11 +93,17 @@ async fn commit_local(
 /// Refuses a commit whose recursive removes would delete more than [`MAX_REMOVE_NODES`] nodes
 /// (see `fsm::bounds`). The count reads up to that many records: off the async workers.
 async fn check_remove_bound(node: &Node, vol: &crate::fsm::VolumeRec, ops: &[crate::fsm::Op]) -> Result<(), NodeError> {
-    let recursive = |o: &&crate::fsm::Op| matches!(o.kind, crate::fsm::OpKind::Remove { recursive: true, .. });
-    let removes: Vec<crate::fsm::Op> = ops.iter().filter(recursive).cloned().collect();
-    if removes.is_empty() {
+    use crate::fsm::OpKind;
+    if !ops
+        .iter()
+        .any(|o| matches!(o.kind, OpKind::Remove { recursive: true, .. }))
+    {
         return Ok(());
     }
+    // Renames too: a tree renamed first may be removed under its new name.
+    let counted =
+        |o: &&crate::fsm::Op| matches!(o.kind, OpKind::Remove { recursive: true, .. } | OpKind::Rename { .. });
+    let removes: Vec<crate::fsm::Op> = ops.iter().filter(counted).cloned().collect();
     let (tables, vol) = (node.tables().clone(), vol.clone());
     tokio::task::spawn_blocking(move || {
         crate::fsm::bounds::check_remove_bound(&tables, &vol, &removes, MAX_REMOVE_NODES)

@@ -195,7 +195,15 @@ impl ClusterOpts {
         self
     }
 
+    /// Passes `a v` to every server; a flag given before (such as the default
+    /// `--repair-interval-ms`) takes the new value instead.
     pub fn arg(mut self, a: &str, v: &str) -> Self {
+        if let Some(i) = self.extra_args.iter().position(|x| x == a) {
+            if let Some(old) = self.extra_args.get_mut(i + 1) {
+                *old = v.into();
+                return self;
+            }
+        }
         self.extra_args.push(a.into());
         self.extra_args.push(v.into());
         self

@@ -815,9 +815,9 @@ mod tests {
     fn a_rotation_takes_the_segment_made_ahead_and_an_open_removes_a_leftover() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path()).unwrap();
-        std::fs::write(dir.path().join(spare::SPARE), b"left by a daemon that stopped").unwrap();
+        std::fs::write(dir.path().join("spare-1-0"), b"left by a daemon that stopped").unwrap();
         let (log, _) = Log::open(dir.path(), 1 << 40).unwrap();
-        assert!(!dir.path().join(spare::SPARE).exists(), "a leftover spare is removed");
+        assert!(!dir.path().join("spare-1-0").exists(), "a leftover spare is removed");
         let big = vec![7u8; (SEGMENT_BYTES / 16) as usize];
         for seq in 1..=9 {
             log.append(&change(seq, &big)).unwrap();

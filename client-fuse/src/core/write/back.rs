@@ -363,7 +363,7 @@ impl WriteBack {
     ) -> Result<u64, FsError> {
         let (seq, pos) = {
             let mut st = self.st();
-            let c = Change {
+            let mut c = Change {
                 seq: st.next_seq,
                 volume: volume.to_string(),
                 uid,
@@ -373,6 +373,9 @@ impl WriteBack {
             // Checked and appended under the state lock, so the log's order is the order of
             // the changes, and two racing changes of one name cannot both pass their checks.
             st.admits(&c.op)?;
+            if let Op::SetContent { expect, ino, .. } = &mut c.op {
+                *expect = st.expect_of(*ino, *expect);
+            }
             let (at, c) = self.log.append_change(c).map_err(log_err)?;
             st.next_seq += 1;
             st.overlay(&c);
@@ -406,6 +409,20 @@ impl WriteBack {
 }
 
 impl BackState {
+    /// The version a new content of `ino` expects, given the one the file had when opened
+    /// (`opened`): none while the file's creation is unsent (the creation carries the content),
+    /// else the newer of `opened` and this mount's own last commit of it. Taken under the state
+    /// lock in the same step as the append: a batch settled just before is seen here, and one
+    /// settled just after finds the change queued and records the version in its `Own` record,
+    /// so a replay after a crash expects the right version either way.
+    fn expect_of(&self, ino: u64, opened: Option<u64>) -> Option<u64> {
+        if self.unsent_creations.contains_key(&ino) {
+            return None;
+        }
+        let opened = opened?;
+        Some(self.own_versions.get(&ino).map_or(opened, |v| (*v).max(opened)))
+    }
+
     /// Refuses a change whose check (made before the state lock was taken) another change
     /// logged meanwhile made wrong: a name taken, or a name that no longer leads to the node.
     fn admits(&self, op: &Op) -> Result<(), FsError> {
@@ -979,19 +996,10 @@ impl<R: Remote> Core<R> {
                 (hash, Content::File(name))
             }
         };
-        // The version expected is the one the file had when opened, or this mount's own later
-        // commit of it, taken now: logged with the change, it survives a crash (the in-memory
-        // record of own commits does not).
-        let expect = {
-            let st = b.st();
-            (!st.unsent_creations.contains_key(&ino)).then(|| {
-                st.own_versions
-                    .get(&ino)
-                    .map_or(base_version, |v| (*v).max(base_version))
-            })
-        };
+        // `log_change` folds in this mount's own later commit of the file (see
+        // `BackState::expect_of`).
         let op = Op::SetContent {
-            expect,
+            expect: Some(base_version),
             ino,
             hash,
             size,
@@ -1952,6 +1960,40 @@ mod tests {
         drop(b);
         let b = WriteBack::open(dir.path(), 64 << 20).unwrap();
         assert!(b.st().own_versions.is_empty(), "no longer needed once change 3 settled");
+    }
+
+    /// The version a logged content expects is settled in the same locked step as the append:
+    /// a commit of the file by this mount that lands after `close` read the opened version but
+    /// before the append is in the logged record, so a replay after a crash expects it too.
+    #[tokio::test]
+    async fn a_logged_content_expects_this_mounts_latest_commit_taken_at_the_append() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let b = WriteBack::open(dir.path(), 64 << 20).unwrap();
+            b.st().own_versions.insert(10, 42);
+            b.log_change("www", 1, content(10, b"new", Some(7)), None, false)
+                .await
+                .unwrap();
+            b.log_change("www", 1, create(11, "b"), None, false).await.unwrap();
+            b.log_change("www", 1, content(11, b"b", Some(3)), None, true)
+                .await
+                .unwrap();
+        }
+        let b = WriteBack::open(dir.path(), 64 << 20).unwrap();
+        let expects: Vec<Option<u64>> = b
+            .st()
+            .queue
+            .iter()
+            .filter_map(|c| match &c.op {
+                Op::SetContent { expect, .. } => Some(*expect),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            expects,
+            vec![Some(42), None],
+            "own commit folded in; a file whose creation is unsent expects nothing"
+        );
     }
 
     #[test]

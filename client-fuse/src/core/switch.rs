@@ -394,6 +394,9 @@ impl<R: Remote> Core<R> {
         changed: &[u64],
     ) -> Result<(Invalidation, Vec<(u64, String)>), FsError> {
         let _g = self.apply_mx.lock().unwrap_or_else(|p| p.into_inner());
+        if !own {
+            self.note_places(&ev.inos);
+        }
         let late_names = if own {
             Vec::new()
         } else {

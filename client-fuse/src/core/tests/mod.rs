@@ -690,6 +690,18 @@ async fn write_back_saves_by_rename_arrive_whole_and_conflicting_names_keep_both
 /// file was removed elsewhere.
 #[tokio::test(start_paused = true)]
 async fn write_back_content_of_a_file_removed_elsewhere_is_kept_beside_it() {
+    content_of_a_file_removed_elsewhere_is_kept_beside_it(false).await;
+}
+
+/// The same, when the removal's event reaches this mount before the batch is sent: the cache
+/// then no longer lists the file, and the place it had is what the mount noted as the event
+/// was applied.
+#[tokio::test(start_paused = true)]
+async fn write_back_content_of_a_file_removed_elsewhere_is_kept_beside_it_after_the_event() {
+    content_of_a_file_removed_elsewhere_is_kept_beside_it(true).await;
+}
+
+async fn content_of_a_file_removed_elsewhere_is_kept_beside_it(event_first: bool) {
     let dir = tempfile::tempdir().unwrap();
     let core = with_alice(core_writing_back(dir.path(), 1 << 20)).await;
     core.remote.write(&["d"], "p", b"old");
@@ -697,6 +709,9 @@ async fn write_back_content_of_a_file_removed_elsewhere_is_kept_beside_it() {
     assert_eq!(model::read(&core, "d/p").await.unwrap(), b"old");
     model::write(&core, "d/p", b"mine").await.unwrap();
     core.remote.remove(&["d"], "p");
+    if event_first {
+        deliver_all(&core).await;
+    }
     send_log(&core).await;
     deliver_all(&core).await;
     assert_eq!(model::read(&core, "d/p").await, Err(FsError::NotFound));

@@ -116,6 +116,10 @@ struct BackState {
     unsent_creations: HashMap<u64, u64>,
     /// Version each node had after this mount's last write-back commit touching it.
     own_versions: HashMap<u64, u64>,
+    /// Where a node with unsettled changes here was listed when another client's change to it
+    /// arrived (directory, name): a conflict copy of one removed elsewhere goes there, since
+    /// the cache no longer knows it once the event is applied. Only nodes in `nodes`.
+    places: HashMap<u64, (u64, String)>,
     conflicts: u64,
     last_conflict: Option<String>,
     refused: u64,
@@ -643,6 +647,8 @@ impl BackState {
     /// Drops the overlay of changes up to `last` (later changes of the same names stay).
     fn settle_overlay(&mut self, last: u64) {
         self.nodes.retain(|_, (_, seq)| *seq > last);
+        let nodes = &self.nodes;
+        self.places.retain(|ino, _| nodes.contains_key(ino));
         self.unsent_creations.retain(|_, seq| *seq > last);
         for m in self.names.values_mut() {
             m.retain(|_, (_, seq)| *seq > last);
@@ -1560,11 +1566,14 @@ impl<R: Remote> Core<R> {
 
     /// Where a conflict copy of file `ino` goes: its parent and name on the servers, and
     /// whether the servers still list it there (`false`: removed elsewhere). A node removed
-    /// elsewhere keeps the name this mount last listed it under, in its directory if that still
-    /// exists; a node the mount cannot place at all goes to the volume's root as `node-<ino>`.
+    /// elsewhere keeps the name this mount last listed it under (from the cache, or noted when
+    /// the removal's event was applied), in its directory if that still exists; a node the
+    /// mount cannot place at all goes to the volume's root as `node-<ino>`.
     async fn name_of(&self, ino: u64) -> (u64, String, bool) {
         let root = self.volume_of(ino).map_or(0, |v| v.root_ino);
-        let fallback = (root, format!("node-{ino:x}"), false);
+        let fallback = self
+            .place_noted(ino)
+            .unwrap_or_else(|| (root, format!("node-{ino:x}"), false));
         let Ok(a) = self.stored_attr(ino).await else {
             return fallback;
         };
@@ -1584,6 +1593,43 @@ impl<R: Remote> Core<R> {
         match known {
             Some(e) => (a.parent, e.name, false),
             None => fallback,
+        }
+    }
+
+    /// Where `ino` was listed when another client's change to it was applied here (see
+    /// `BackState::places`).
+    fn place_noted(&self, ino: u64) -> Option<(u64, String, bool)> {
+        let b = self.write_back()?;
+        let (parent, name) = b.st().places.get(&ino).cloned()?;
+        Some((parent, name, false))
+    }
+
+    /// Before another client's change is applied to the cache: notes where the nodes it
+    /// touches that have unsettled changes here are listed, while the cache still knows (a
+    /// removal makes them unknown). Rare, so the cached listing is read only then.
+    pub(in crate::core) fn note_places(&self, inos: &[u64]) {
+        let Some(b) = self.write_back() else { return };
+        let pending: Vec<u64> = {
+            let st = b.st();
+            inos.iter()
+                .copied()
+                .filter(|i| st.nodes.contains_key(i) && !st.places.contains_key(i))
+                .collect()
+        };
+        for ino in pending {
+            let Ok(Some(a)) = self.meta.attr(ino) else { continue };
+            let listed = self
+                .meta
+                .dir(a.parent)
+                .ok()
+                .flatten()
+                .and_then(|l| l.into_iter().find(|e| e.ino == ino));
+            if let Some(e) = listed {
+                let mut st = b.st();
+                if st.nodes.contains_key(&ino) {
+                    st.places.insert(ino, (a.parent, e.name));
+                }
+            }
         }
     }
 

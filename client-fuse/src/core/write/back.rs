@@ -1584,16 +1584,16 @@ impl<R: Remote> Core<R> {
             return (a.parent, n, true);
         }
         // Gone from the servers' listing: the name this mount last knew it by, if any.
-        let known = self
-            .meta
-            .dir(a.parent)
-            .ok()
-            .flatten()
-            .and_then(|l| l.into_iter().find(|e| e.ino == ino));
-        match known {
-            Some(e) => (a.parent, e.name, false),
+        match self.cached_name(a.parent, ino) {
+            Some(name) => (a.parent, name, false),
             None => fallback,
         }
+    }
+
+    /// The name `ino` has in the cached listing of `dir`, if the cache holds one.
+    fn cached_name(&self, dir: u64, ino: u64) -> Option<String> {
+        let listing = self.meta.dir(dir).ok().flatten()?;
+        listing.into_iter().find(|e| e.ino == ino).map(|e| e.name)
     }
 
     /// Where `ino` was listed when another client's change to it was applied here (see
@@ -1618,16 +1618,10 @@ impl<R: Remote> Core<R> {
         };
         for ino in pending {
             let Ok(Some(a)) = self.meta.attr(ino) else { continue };
-            let listed = self
-                .meta
-                .dir(a.parent)
-                .ok()
-                .flatten()
-                .and_then(|l| l.into_iter().find(|e| e.ino == ino));
-            if let Some(e) = listed {
+            if let Some(name) = self.cached_name(a.parent, ino) {
                 let mut st = b.st();
                 if st.nodes.contains_key(&ino) {
-                    st.places.insert(ino, (a.parent, e.name));
+                    st.places.insert(ino, (a.parent, name));
                 }
             }
         }

@@ -1054,6 +1054,40 @@ async fn a_removed_servers_certificate_and_spent_join_tokens_count_for_nothing()
     .await
 }
 
+/// A damaged copy is a missing copy, not a refusal: with the leader's copy cut short, a commit
+/// declaring the content's true size goes through on the other replica's good copy. (Before,
+/// the leader's own copy of another size refused every commit naming that content.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_damaged_copy_on_the_leader_does_not_refuse_a_true_size() {
+    bounded(async {
+        // Repair off, so the damaged copy stays as it is while the commit is checked.
+        let opts = ClusterOpts::new(2, 1)
+            .arg("--repair-interval-ms", "3600000")
+            .arg("--full-repair-interval-s", "3600");
+        let tc = TestCluster::start(opts).await?;
+        tc.create_volume("q", 1).await?;
+        let c = tc.client();
+        let content = vec![7u8; 60_000];
+        let hash = c.put_content(&content, 2).await?;
+        let leader = tc.leader().await?;
+        ensure!(
+            tc.has_blobs(&tc.addrs()[1 - leader], &[hash]).await?,
+            "the put reached both data replicas"
+        );
+        let damaged = std::fs::OpenOptions::new()
+            .write(true)
+            .open(tc.blob_path(leader, &hash))
+            .context("the leader's copy")?;
+        damaged.set_len(1000)?;
+        drop(damaged);
+        let honest = ops::file_hashed("big.bin", hash, content.len() as u64, 0o644);
+        c.commit(ops::commit("q", vec![honest])).await?;
+        ensure!(tc.volume_info("q").await?.used_bytes == 60_000);
+        Ok(())
+    })
+    .await
+}
+
 /// A commit that declares a size its content does not have is refused even when the leader
 /// holds no copy of that content: the other replicas check the size too. (Before, only the
 /// leader's own copy was checked, so a client could store 60,000 bytes and have a quota

@@ -170,11 +170,13 @@ impl Node {
         let mut wrong: Vec<(Hash, String)> = Vec::new();
         for (m, hint) in holders {
             if m.id == self.id {
-                for h in self.held_here(&blobs).await? {
+                let (held, other_size) = self.held_here(&blobs).await?;
+                for h in held {
                     if let Some(f) = have.get_mut(&h) {
                         count(f, hint);
                     }
                 }
+                wrong.extend(other_size.into_iter().map(|h| (h, m.info.addr.clone())));
                 continue;
             }
             asked.push(hint);
@@ -248,28 +250,29 @@ impl Node {
         Ok(())
     }
 
-    /// The blobs of `blobs` stored here, each checked against its declared size and touched
-    /// (off the async workers: a round may stat many thousands of files).
-    async fn held_here(&self, blobs: &[(Hash, u64)]) -> Result<Vec<Hash>, NodeError> {
+    /// The blobs of `blobs` stored here with their declared size (each touched), and those
+    /// stored here with another size: like a peer's, a local copy of another size counts as
+    /// missing, and refuses the commit only if no copy has the declared size. Off the async
+    /// workers: a round may stat many thousands of files.
+    async fn held_here(&self, blobs: &[(Hash, u64)]) -> Result<(Vec<Hash>, Vec<Hash>), NodeError> {
         let store = self.blobs.clone();
         let blobs = blobs.to_vec();
         tokio::task::spawn_blocking(move || {
-            let mut held = Vec::new();
+            let (mut held, mut other_size) = (Vec::new(), Vec::new());
             for (h, size) in blobs {
-                if let Some(len) = store.size(&h) {
-                    if len != size {
-                        return Err(NodeError::Invalid(format!(
-                            "declared size {size} of blob {h} does not match its {len} stored bytes"
-                        )));
+                match store.size(&h) {
+                    Some(len) if len == size => {
+                        store.touch(&h);
+                        held.push(h);
                     }
-                    store.touch(&h);
-                    held.push(h);
+                    Some(_) => other_size.push(h),
+                    None => {}
                 }
             }
-            Ok(held)
+            (held, other_size)
         })
         .await
-        .map_err(|e| NodeError::Internal(format!("checking local blob copies: {e}")))?
+        .map_err(|e| NodeError::Internal(format!("checking local blob copies: {e}")))
     }
 }
 

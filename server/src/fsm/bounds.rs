@@ -13,8 +13,6 @@
 //! counted too (it may be removed under its new name). Commits applied between the check and
 //! this one's apply can grow a tree by at most what they themselves add, so the bound holds
 //! within one commit's size.
-use codafs_common::ids::VOLUME_ROOT_INODE;
-use codafs_common::make_ino;
 use codafs_common::names::split_path;
 
 use super::{ApplyError, Kind, NodeRef, Op, OpKind, StateView, StoreError, VolumeRec};
@@ -95,14 +93,7 @@ fn resolve(view: &impl StateView, vol: &VolumeRec, node: &NodeRef) -> Result<Opt
         NodeRef::Ino(ino) => Ok(Some(*ino)),
         NodeRef::Path(p) => {
             let Ok(parts) = split_path(p) else { return Ok(None) };
-            let mut cur = make_ino(vol.id, VOLUME_ROOT_INODE);
-            for part in parts {
-                match view.dirent(cur, part)? {
-                    Some(next) => cur = next,
-                    None => return Ok(None),
-                }
-            }
-            Ok(Some(cur))
+            super::walk_path(vol, &parts, |dir, name| view.dirent(dir, name))
         }
     }
 }

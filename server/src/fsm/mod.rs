@@ -783,11 +783,8 @@ impl<'a> Txn<'a> {
             }
             NodeRef::Path(p) => {
                 let parts = split_path(p).map_err(ApplyError::from)?;
-                let mut cur = make_ino(vol.id, VOLUME_ROOT_INODE);
-                for part in parts {
-                    cur = self.dirent(cur, part)?.ok_or_else(|| ApplyError::NotFound(p.clone()))?;
-                }
-                cur
+                walk_path(vol, &parts, |dir, name| self.dirent(dir, name))?
+                    .ok_or_else(|| ApplyError::NotFound(p.clone()))?
             }
         };
         self.object(ino)?
@@ -922,6 +919,23 @@ fn check_quota(what: &str, limit: u64, before: u64, after: u64) -> TxnResult<()>
         });
     }
     Ok(())
+}
+
+/// Follows `parts` from the root of `vol` with `dirent` (the transaction's view, or the state's
+/// alone): the node they name, or `None` at the first name missing.
+pub(crate) fn walk_path<E>(
+    vol: &VolumeRec,
+    parts: &[&str],
+    mut dirent: impl FnMut(u64, &str) -> Result<Option<u64>, E>,
+) -> Result<Option<u64>, E> {
+    let mut cur = make_ino(vol.id, VOLUME_ROOT_INODE);
+    for part in parts {
+        match dirent(cur, part)? {
+            Some(next) => cur = next,
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(cur))
 }
 
 #[cfg(test)]

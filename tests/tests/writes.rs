@@ -1136,3 +1136,66 @@ async fn the_same_large_content_closed_again_before_it_was_sent_reaches_the_serv
     })
     .await
 }
+
+/// A name looked up and not found is cached by the kernel as absent (on Linux 6.16+, whose name
+/// epochs let a change drop it at once): a web server probing for a missing file reaches the
+/// daemon once, and a create after a `stat` of the name needs no second lookup. A change that
+/// adds the name drops it on every mount within the callback delay, not at the entry's expiry.
+/// At the mount's root (volume names, which change without change events) nothing is cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn absent_names_are_cached_until_a_change_adds_them() {
+    bounded(async {
+        let tc = setup().await?;
+        let (a, web) = writer_and_web_node(&tc)?;
+        /// Lookups `n` stats of a missing `rel` under the mount cost.
+        fn probe(m: &Mount, rel: &str, n: usize) -> Result<u64> {
+            let p = m.path.join(rel);
+            let before = m.fuse_requests(&["lookup"])?[0];
+            for _ in 0..n {
+                let r = std::fs::metadata(&p);
+                ensure!(
+                    r.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound),
+                    "{}: {r:?}",
+                    p.display()
+                );
+            }
+            Ok(m.fuse_requests(&["lookup"])?[0] - before)
+        }
+        for m in [&a, &web] {
+            ensure!(std::fs::metadata(m.path.join("www"))?.is_dir());
+            let n = probe(m, "www/missing.html", 50)?;
+            ensure!(
+                n == 1,
+                "{}: 50 stats of a missing name made {n} lookups",
+                m.path.display()
+            );
+            let n = probe(m, "no-such-volume", 5)?;
+            ensure!(
+                n == 5,
+                "{}: a missing volume name was cached ({n} lookups)",
+                m.path.display()
+            );
+        }
+
+        // The writer creates it: the kernel had it as absent, so the create needs no lookup.
+        let counts = |m: &Mount| -> Result<(u64, u64)> {
+            let st = m.status()?;
+            let n = |op: &str| st.fuse_requests.get(op).copied().unwrap_or(0);
+            Ok((n("lookup"), n("write_ops")))
+        };
+        let before = counts(&a)?;
+        let p = a.path.join("www/missing.html");
+        codafs_tests::fs_call(Duration::from_secs(30), move || std::fs::write(&p, b"here now"))??;
+        let after = counts(&a)?;
+        ensure!(
+            after.0 == before.0 && after.1 > before.1,
+            "lookups and write requests: {before:?} -> {after:?}"
+        );
+        // The web node had it as absent too; the change event drops that at once
+        // (`wait_content` gives up after 10 s, well before the absent entry's 60 s expiry).
+        wait_content(&web.path.join("www/missing.html"), b"here now").await?;
+        ensure!(read_file(&a.path.join("www/missing.html"))? == b"here now");
+        Ok(())
+    })
+    .await
+}

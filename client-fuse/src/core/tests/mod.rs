@@ -946,3 +946,42 @@ async fn a_large_file_is_read_before_it_has_all_arrived() {
     assert_eq!(read_whole(&core, "movie.mp4").await, data);
     assert_eq!(core.remote.lock().blob_fetches, all, "now a cache hit");
 }
+
+/// A kernel with name epochs: it can drop every cached name, so absent names may be cached.
+struct EpochKernel;
+
+impl Invalidator for EpochKernel {
+    fn invalidate(&self, _inv: &Invalidation) {}
+    fn switch(&self, _inodes: &[u64], _names: bool) -> bool {
+        true
+    }
+    fn drop_pages(&self, _ino: u64) {}
+    fn drops_names(&self) -> bool {
+        true
+    }
+}
+
+/// Absent names are cached only where a change can drop them (a kernel with epochs), never at
+/// the mount's root, never over a name the kernel holds a node for, and at most
+/// `MAX_ABSENT_TOLD` until every cached name is dropped.
+#[test]
+fn absent_names_are_told_only_where_they_can_be_dropped_and_within_a_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = core_with(dir.path(), 1 << 20);
+    assert!(!core.told_absent(ROOT_INO, "no-such-volume", &EpochKernel));
+    assert!(
+        !core.told_absent(5, "a", &NoKernel),
+        "without epochs nothing is cached absent"
+    );
+    core.told_name(5, "real", 9);
+    assert!(!core.told_absent(5, "real", &EpochKernel));
+    for i in 0..super::switch::MAX_ABSENT_TOLD {
+        assert!(core.told_absent(5, &format!("n{i}"), &EpochKernel));
+    }
+    assert!(!core.told_absent(5, "one-more", &EpochKernel), "past the bound");
+    core.drop_names(true, std::iter::empty(), &mut Invalidation::default(), &EpochKernel);
+    assert!(
+        core.told_absent(5, "one-more", &EpochKernel),
+        "every name dropped: room again"
+    );
+}

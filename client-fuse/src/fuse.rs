@@ -26,34 +26,6 @@ use crate::core::{Core, FsError, Invalidation, Invalidator, NodeAttr, NodeKind};
 /// How long the kernel may cache entries and attributes. Long, because callbacks invalidate.
 pub const KERNEL_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// How long the kernel may cache a name as absent. A change that adds the name drops it at
-/// once (see `Core::told_absent`); the expiry only bounds what a lost notification could cost,
-/// while a web server's probes for missing files (`try_files`, `.htaccess`) still stay in the
-/// kernel almost always.
-pub const ABSENT_TTL: Duration = Duration::from_secs(60);
-
-/// The attributes of an absent name's reply: node 0 tells the kernel to cache the name as
-/// absent.
-fn absent_attr() -> FileAttr {
-    FileAttr {
-        ino: INodeNo(0),
-        size: 0,
-        blocks: 0,
-        atime: UNIX_EPOCH,
-        mtime: UNIX_EPOCH,
-        ctime: UNIX_EPOCH,
-        crtime: UNIX_EPOCH,
-        kind: fuser::FileType::RegularFile,
-        perm: 0,
-        nlink: 0,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        blksize: 0,
-        flags: 0,
-    }
-}
-
 /// Kernel notifications: background invalidations on a thread of their own, and the
 /// lock-free switch a change event needs at once.
 ///
@@ -175,10 +147,6 @@ impl Invalidator for KernelInvalidator {
         if let Err(e) = self.notifier.inval_inode(INodeNo(ino), 0, 0) {
             tracing::trace!(ino, error = %e, "inval_inode (pages)");
         }
-    }
-
-    fn drops_names(&self) -> bool {
-        self.dev.is_some() && self.epochs.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -317,14 +285,9 @@ impl<R: Remote> Filesystem for CodaFs<R> {
                     return reply.error(by_ino(&e));
                 }
             }
-            let kernel = inval.get().cloned();
-            let (r, _view) = core.lookup_reply(parent.0, &name, &kernel).await;
+            let (r, _view) = core.lookup_reply(parent.0, &name, &inval.get().cloned()).await;
             match r {
                 Ok(a) => reply.entry(&KERNEL_TTL, &file_attr(&a), Generation(a.generation)),
-                // Node 0: "absent", cached by the kernel (the view guard is still held).
-                Err(FsError::NotFound) if kernel.as_deref().is_some_and(|k| core.told_absent(parent.0, &name, k)) => {
-                    reply.entry(&ABSENT_TTL, &absent_attr(), Generation(0))
-                }
                 Err(e) => reply.error(errno(&e)),
             }
         });

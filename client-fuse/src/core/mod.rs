@@ -20,7 +20,7 @@ mod wire;
 pub mod write;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -107,11 +107,6 @@ pub trait Invalidator: Send + Sync + 'static {
     fn switch(&self, inodes: &[u64], names: bool) -> bool;
     /// Drops the kernel's cached pages of `ino`, waiting for reads of them in flight.
     fn drop_pages(&self, ino: u64);
-    /// Whether [`Invalidator::switch`] can drop every cached name, absent ones included: only
-    /// then may the kernel cache "not found" (see [`Core::told_absent`]).
-    fn drops_names(&self) -> bool {
-        false
-    }
 }
 
 /// No kernel at all (unit tests, catching up before the mount exists).
@@ -252,11 +247,7 @@ pub struct Core<R: Remote> {
     /// [`Core::name_changes`]). Names are `CompactString`s, which hold names of up to 24 bytes
     /// without a heap allocation: with a million names told, that is 43 bytes per name instead
     /// of 75.
-    /// Absent names are recorded here as node 0 (see [`Core::told_absent`]).
     kernel_names: Mutex<HashMap<u64, HashMap<compact_str::CompactString, u64>>>,
-    /// Absent names told to the kernel since `kernel_names` was last emptied (an upper bound:
-    /// names forgotten one by one are not subtracted).
-    absent_told: AtomicUsize,
     /// Files a change event replaced whose old pages the kernel may still hold, with the size
     /// and mtime the kernel was shown. The kernel keeps pages when those look
     /// unchanged, so the first reply that shows such a node drops them first (see
@@ -307,7 +298,6 @@ impl<R: Remote> Core<R> {
             stale_pages: Mutex::new(HashMap::new()),
             volumes_wanted: tokio::sync::Notify::new(),
             kernel_names: Mutex::new(HashMap::new()),
-            absent_told: AtomicUsize::new(0),
             windows: Default::default(),
             manifests: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(chunked::MANIFESTS_KEPT).unwrap_or(std::num::NonZeroUsize::MIN),

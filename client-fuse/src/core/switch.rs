@@ -72,12 +72,6 @@ const MAX_GONE_CHECKS: usize = 4096;
 /// are dropped, in the kernel too, and learnt again.
 const MAX_TOLD_NAMES: usize = 1 << 20;
 
-/// Absent names told to the kernel at most (see [`Core::told_absent`]); past it, "not found"
-/// is answered uncached, as before, until every cached name is dropped. A scanner probing
-/// random paths then costs a round trip per probe instead of forcing the kernel to drop its
-/// caches.
-pub(super) const MAX_ABSENT_TOLD: usize = 1 << 16;
-
 /// Asking a lagging replica again: pauses doubling from 2 ms to 50 ms, until a deadline.
 struct Retry {
     deadline: tokio::time::Instant,
@@ -446,7 +440,7 @@ impl<R: Remote> Core<R> {
     /// the switch may reach the kernel after it, too late for the attribute drop: the changed
     /// files' names are among `entries` too, and the kernel orders their drop after the
     /// lookup (directory lock).
-    pub(super) fn drop_names(
+    fn drop_names(
         &self,
         dropped: bool,
         entries: impl Iterator<Item = (u64, String)>,
@@ -456,7 +450,6 @@ impl<R: Remote> Core<R> {
         let mut told = self.kernel_names.lock().unwrap_or_else(|p| p.into_inner());
         if dropped {
             told.clear();
-            self.absent_told.store(0, Ordering::Relaxed);
             return;
         }
         for (dir, name) in entries {
@@ -469,7 +462,6 @@ impl<R: Remote> Core<R> {
             // Bounded memory: forget them all, and make the kernel forget them too.
             if kernel.switch(&[], true) {
                 told.clear();
-                self.absent_told.store(0, Ordering::Relaxed);
             }
         }
     }
@@ -572,35 +564,6 @@ impl<R: Remote> Core<R> {
             .insert(name.into(), ino);
     }
 
-    /// Records, if there is room, that a reply is about to tell the kernel `name` in `parent`
-    /// does not exist, cached (a negative entry); false: answer "not found" uncached. Call it
-    /// while the view's read guard is held, before the reply is sent, as for
-    /// [`Core::told_name`].
-    ///
-    /// A cached absent name must go as soon as a change adds it: [`Core::name_changes`] then
-    /// drops every cached name at once, in the switch (a name dropped in the background would
-    /// show a publish part by part). So absent names are cached only where that drop exists
-    /// (`kernel` can drop names, Linux 6.16+), never in the mount's root (the volume list
-    /// changes without change events), and at most [`MAX_ABSENT_TOLD`] of them.
-    pub fn told_absent(&self, parent: u64, name: &str, kernel: &dyn Invalidator) -> bool {
-        if parent == crate::core::ROOT_INO || !kernel.drops_names() {
-            return false;
-        }
-        let mut told = self.kernel_names.lock().unwrap_or_else(|p| p.into_inner());
-        if self.absent_told.load(Ordering::Relaxed) >= MAX_ABSENT_TOLD {
-            return false;
-        }
-        let d = told.entry(parent).or_default();
-        if d.get(name).is_some_and(|i| *i != 0) {
-            // Told a node there earlier and not forgotten: leave that record for the checks.
-            return false;
-        }
-        if d.insert(name.into(), 0).is_none() {
-            self.absent_told.fetch_add(1, Ordering::Relaxed);
-        }
-        true
-    }
-
     /// Records that the kernel dropped `name` in `parent` (our own unlink or rename).
     pub fn forgot_name(&self, parent: u64, name: &str) {
         if let Some(d) = self
@@ -622,8 +585,7 @@ impl<R: Remote> Core<R> {
     /// exists (a rename), since that name would keep showing the old node. A name whose node
     /// vanished needs nothing at once: the switch dropped the node's attributes, the kernel asks
     /// for them on the next use, gets ESTALE and looks the name up again. Added names need
-    /// nothing unless the kernel caches them as absent (see [`Core::told_absent`]): then every
-    /// name is dropped.
+    /// nothing: the kernel does not keep our "not found" answers.
     fn name_changes(&self, dirs: &[u64], fresh: &HashMap<u64, Option<After>>) -> NameChanges {
         let mut out = NameChanges::default();
         let told = self.kernel_names.lock().unwrap_or_else(|p| p.into_inner());
@@ -639,15 +601,7 @@ impl<R: Remote> Core<R> {
                 continue;
             };
             for (name, ino) in names {
-                let now = listing.now(name, *ino);
-                if *ino == 0 {
-                    // Cached as absent: a name added now must drop at once (the background
-                    // drop also queued, should the kernel refuse that).
-                    if now.is_some_and(|i| i != 0) {
-                        out.moved = true;
-                        out.entries.push((*dir, name.to_string()));
-                    }
-                } else if now != Some(*ino) {
+                if listing.now(name, *ino) != Some(*ino) {
                     out.entries.push((*dir, name.to_string()));
                     out.gone.push(*ino);
                 }

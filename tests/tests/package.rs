@@ -16,7 +16,10 @@ fn run(cmd: &mut Command) -> Result<String> {
 
 #[test]
 fn the_deb_holds_the_binary_mount_helper_units_man_pages_and_docs() -> Result<()> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // Cargo sets the manifest directory when it runs the test too; that one is right even when
+    // a checkout elsewhere sharing the target directory built this binary.
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").into());
+    let root = std::path::Path::new(&manifest).join("..");
     let out = tempfile::tempdir()?;
     let printed = run(Command::new("bash")
         .arg(root.join("scripts/build-deb.sh"))

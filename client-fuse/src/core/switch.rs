@@ -308,6 +308,11 @@ impl<R: Remote> Core<R> {
         let mut changed: Vec<u64> = ev.inos.iter().chain(&ev.dirs).copied().collect();
         changed.sort_unstable();
         changed.dedup();
+        if !own {
+            // Before the switch holds every reply back: this may wait on the write-back log's
+            // lock, and the cache still shows the state before the event until the switch.
+            self.note_places(&ev.inos);
+        }
         let inv = {
             let _view = self.view.write().await;
             // No reply goes out now, so the names told to the kernel are all known here. (An own
@@ -394,9 +399,6 @@ impl<R: Remote> Core<R> {
         changed: &[u64],
     ) -> Result<(Invalidation, Vec<(u64, String)>), FsError> {
         let _g = self.apply_mx.lock().unwrap_or_else(|p| p.into_inner());
-        if !own {
-            self.note_places(&ev.inos);
-        }
         let late_names = if own {
             Vec::new()
         } else {

@@ -98,7 +98,9 @@ impl Spare {
         let spawned = std::thread::Builder::new()
             .name("codafs-wblog-spare".into())
             .spawn(move || {
-                let made = make(&path);
+                // A panic counts as a failure: a rotation waiting for this spare must wake.
+                let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| make(&path)))
+                    .unwrap_or_else(|_| Err(std::io::Error::other("making the spare segment panicked")));
                 let mut st = shared.state();
                 match made {
                     Ok(f) if matches!(*st, State::Making) => *st = State::Ready(f),
@@ -228,6 +230,19 @@ mod tests {
         s.prepare(failing);
         wait_until(|| s.has_failed());
         assert_eq!(CALLS.load(Ordering::SeqCst), calls + 1, "tried again after it");
+    }
+
+    fn panicking(_: &Path) -> std::io::Result<File> {
+        panic!("simulated")
+    }
+
+    /// A spare whose making panicked does not leave a rotation waiting for it.
+    #[test]
+    fn a_panic_while_making_a_spare_does_not_hang_the_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spare::new(dir.path());
+        s.prepare(panicking);
+        assert!(s.take_as(&dir.path().join("seg")).is_none());
     }
 
     /// A rotation waits for a spare being made instead of making a second segment beside it.

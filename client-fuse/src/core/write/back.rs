@@ -116,8 +116,8 @@ struct BackState {
     unsent_creations: HashMap<u64, u64>,
     /// Version each node had after this mount's last write-back commit touching it.
     own_versions: HashMap<u64, u64>,
-    /// Where a node with unsettled changes here was listed when another client's change to it
-    /// arrived (directory, name): a conflict copy of one removed elsewhere goes there, since
+    /// Where a node with unsettled changes here was listed when another client's latest change
+    /// to it arrived (directory, name): a conflict copy of one removed elsewhere goes there, since
     /// the cache no longer knows it once the event is applied. Only nodes in `nodes`.
     places: HashMap<u64, (u64, String)>,
     conflicts: u64,
@@ -1573,6 +1573,7 @@ impl<R: Remote> Core<R> {
         let root = self.volume_of(ino).map_or(0, |v| v.root_ino);
         let fallback = self
             .place_noted(ino)
+            .await
             .unwrap_or_else(|| (root, format!("node-{ino:x}"), false));
         let Ok(a) = self.stored_attr(ino).await else {
             return fallback;
@@ -1598,9 +1599,12 @@ impl<R: Remote> Core<R> {
 
     /// Where `ino` was listed when another client's change to it was applied here (see
     /// `BackState::places`).
-    fn place_noted(&self, ino: u64) -> Option<(u64, String, bool)> {
+    /// Only if that directory still exists on the servers: a copy made in a removed one would
+    /// be refused and stay on this node only.
+    async fn place_noted(&self, ino: u64) -> Option<(u64, String, bool)> {
         let b = self.write_back()?;
         let (parent, name) = b.st().places.get(&ino).cloned()?;
+        self.remote.getattr(parent).await.ok()?;
         Some((parent, name, false))
     }
 
@@ -1611,10 +1615,7 @@ impl<R: Remote> Core<R> {
         let Some(b) = self.write_back() else { return };
         let pending: Vec<u64> = {
             let st = b.st();
-            inos.iter()
-                .copied()
-                .filter(|i| st.nodes.contains_key(i) && !st.places.contains_key(i))
-                .collect()
+            inos.iter().copied().filter(|i| st.nodes.contains_key(i)).collect()
         };
         for ino in pending {
             let Ok(Some(a)) = self.meta.attr(ino) else { continue };

@@ -1570,25 +1570,29 @@ impl<R: Remote> Core<R> {
     /// the removal's event was applied), in its directory if that still exists; a node the
     /// mount cannot place at all goes to the volume's root as `node-<ino>`.
     async fn name_of(&self, ino: u64) -> (u64, String, bool) {
-        let root = self.volume_of(ino).map_or(0, |v| v.root_ino);
-        let fallback = self
-            .place_noted(ino)
-            .await
-            .unwrap_or_else(|| (root, format!("node-{ino:x}"), false));
-        let Ok(a) = self.stored_attr(ino).await else {
-            return fallback;
-        };
-        let Ok(listing) = self.remote.readdir(a.parent).await else {
-            return fallback;
-        };
+        if let Some(known) = self.place_known(ino).await {
+            return known;
+        }
+        match self.place_noted(ino).await {
+            Some(noted) => noted,
+            None => {
+                let root = self.volume_of(ino).map_or(0, |v| v.root_ino);
+                (root, format!("node-{ino:x}"), false)
+            }
+        }
+    }
+
+    /// Where the servers list `ino`, or the name the cached listing of its directory last
+    /// had for it (`false`: removed elsewhere); `None` if its attributes or that listing are
+    /// gone.
+    async fn place_known(&self, ino: u64) -> Option<(u64, String, bool)> {
+        let a = self.stored_attr(ino).await.ok()?;
+        let listing = self.remote.readdir(a.parent).await.ok()?;
         if let Some((n, _)) = listing.value.into_iter().find(|(_, e)| e.ino == ino) {
-            return (a.parent, n, true);
+            return Some((a.parent, n, true));
         }
-        // Gone from the servers' listing: the name this mount last knew it by, if any.
-        match self.cached_name(a.parent, ino) {
-            Some(name) => (a.parent, name, false),
-            None => fallback,
-        }
+        let name = self.cached_name(a.parent, ino)?;
+        Some((a.parent, name, false))
     }
 
     /// The name `ino` has in the cached listing of `dir`, if the cache holds one.
@@ -1598,9 +1602,8 @@ impl<R: Remote> Core<R> {
     }
 
     /// Where `ino` was listed when another client's change to it was applied here (see
-    /// `BackState::places`).
-    /// Only if that directory still exists on the servers: a copy made in a removed one would
-    /// be refused and stay on this node only.
+    /// `BackState::places`), if that directory still exists on the servers: a copy made in a
+    /// removed one would be refused and stay on this node only.
     async fn place_noted(&self, ino: u64) -> Option<(u64, String, bool)> {
         let b = self.write_back()?;
         let (parent, name) = b.st().places.get(&ino).cloned()?;

@@ -666,7 +666,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         // close's store, and on a write-back mount also the wait until it is on the servers.
         let core = self.core.clone();
         self.spawn(tracing::debug_span!("fsync", ino = ino.0), async move {
-            done(reply, core.fsync(fh.0).await)
+            done(reply, core.fsync(ino.0, fh.0).await)
         });
     }
 
@@ -778,7 +778,7 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         // atomic-save pattern ends with fsync of the directory). Write-through: already there.
         let core = self.core.clone();
         self.spawn(tracing::debug_span!("fsyncdir", ino = ino.0), async move {
-            done(reply, core.fsyncdir().await)
+            done(reply, core.fsyncdir(ino.0).await)
         });
     }
 

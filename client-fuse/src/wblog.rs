@@ -152,6 +152,35 @@ pub enum Record {
         until: u64,
         versions: Vec<(u64, u64)>,
     },
+    /// A batch about to be sent that skips changes held back (their user has no valid token):
+    /// exactly the changes in the inclusive ranges `runs` (those not yet done), as the commit
+    /// with id `request`.
+    SendingRuns {
+        runs: Vec<(u64, u64)>,
+        request: RequestId,
+    },
+    /// The changes in the inclusive ranges `runs` are settled, ahead of earlier changes held
+    /// back. (`Done` covers them once everything before them is settled too.)
+    Settled {
+        runs: Vec<(u64, u64)>,
+    },
+}
+
+/// Consecutive numbers of `seqs` (ascending) as inclusive ranges.
+pub fn runs_of(seqs: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for s in seqs {
+        match runs.last_mut() {
+            Some((_, end)) if *end + 1 == s => *end = s,
+            _ => runs.push((s, s)),
+        }
+    }
+    runs
+}
+
+/// Whether `seq` is in one of `runs`.
+pub fn in_runs(runs: &[(u64, u64)], seq: u64) -> bool {
+    runs.iter().any(|(a, b)| (*a..=*b).contains(&seq))
 }
 
 impl Record {
@@ -161,6 +190,8 @@ impl Record {
             Record::Change(c) => c.seq,
             Record::Sending { last, .. } => *last,
             Record::Own { until, .. } => *until,
+            // Kept until `Done` passes every change they name.
+            Record::SendingRuns { runs, .. } | Record::Settled { runs } => runs.iter().map(|r| r.1).max().unwrap_or(0),
             _ => 0,
         }
     }
@@ -555,10 +586,15 @@ impl Log {
     pub fn release_keeping(&self, done: u64, data: &[String], mut moved: impl FnMut(&str, &Path, u64) -> bool) {
         let mut g = self.inner();
         let active = g.segments.last().map(|s| s.id);
-        let (gone, keep): (Vec<Segment>, Vec<Segment>) = std::mem::take(&mut g.segments)
-            .into_iter()
-            .partition(|s| Some(s.id) != active && s.max_seq <= done);
-        g.segments = keep;
+        // Oldest first, and only while every older one goes too: the records that settle a
+        // segment's changes (`Done`, `Settled`) are in it or in newer segments, which must
+        // outlive it. (A newer segment holding only such records names no change itself.)
+        let n = g
+            .segments
+            .iter()
+            .take_while(|s| Some(s.id) != active && s.max_seq <= done)
+            .count();
+        let gone: Vec<Segment> = g.segments.drain(..n).collect();
         for s in gone {
             let _ = std::fs::remove_file(self.dir.join(seg_name(s.id)));
         }
@@ -869,5 +905,30 @@ mod tests {
         );
         log.release(20, &[name]);
         assert!(!dir.path().join("data/c1").exists());
+        // A segment holding only the `Done` of changes in an older segment that must stay (it
+        // names an unsettled change too) stays with it.
+        let (log, _) = {
+            drop(log);
+            Log::open(dir.path(), 1 << 40).unwrap()
+        };
+        // Sixteen changes fill a segment: the done record goes to a segment of its own.
+        for seq in 21..=36 {
+            log.append(&change(seq, &big)).unwrap();
+        }
+        log.append(&Record::Done { last: 35 }).unwrap();
+        let (log, replay) = {
+            drop(log);
+            Log::open(dir.path(), 1 << 40).unwrap()
+        };
+        assert!(replay.records.contains(&Record::Done { last: 35 }));
+        log.release(35, &[]);
+        let (_log, replay) = {
+            drop(log);
+            Log::open(dir.path(), 1 << 40).unwrap()
+        };
+        assert!(
+            replay.records.contains(&Record::Done { last: 35 }),
+            "the record settling changes 21..=35 outlives the segment holding them"
+        );
     }
 }

@@ -1136,3 +1136,108 @@ async fn the_same_large_content_closed_again_before_it_was_sent_reaches_the_serv
     })
     .await
 }
+
+/// Write-back with two users on one web node: the webmaster's token is revoked (their password
+/// changed elsewhere) while their changes wait in the log. Root's page, logged after them, still
+/// reaches the servers and another node, and its `fsync` returns; root's page in the
+/// webmaster's new directory waits with that directory; `codafs status` and `codafs sync` name
+/// the uid that must log in; nothing is set aside as a conflict. Once the webmaster logs in
+/// again, everything held arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_token_holds_back_only_that_users_changes() {
+    bounded(async {
+        let tc = setup().await?;
+        let (a, web) = writer_and_web_node(&tc)?;
+        let w = a.path.join("www");
+        let r = web.path.join("www");
+        // Root's first page: the mount reserves its node ids for the volume.
+        std::fs::write(w.join("first.html"), "first")?;
+        a.sync()?;
+        let wm = tc.user(WEBMASTER_UID)?;
+        login(&tc, &wm)?;
+        let old = std::fs::read_to_string(wm.home.join(".config/codafs/token"))?;
+        let old = old.trim().to_string();
+        admin(
+            &tc,
+            &["user", "passwd", "webmaster", "--password-stdin"],
+            "second-pass\n",
+        )?;
+        // Every server refuses the old token before the webmaster writes with it.
+        for addr in tc.addrs() {
+            wait_until(
+                Duration::from_secs(10),
+                &format!("{addr} to refuse the old token"),
+                || {
+                    let (addrs, tls, old, addr) = (tc.addrs(), tc.tls.clone(), old.clone(), addr.clone());
+                    async move {
+                        let Ok(c) = codafs_client::Cluster::new(&addrs, tls, Some(old)) else {
+                            return false;
+                        };
+                        let r = c
+                            .call_on(&addr, |ch| {
+                                let req = c.request(codafs_proto::pb::Empty {});
+                                async move {
+                                    codafs_client::Cluster::admin(ch)
+                                        .who_am_i(req)
+                                        .await
+                                        .map(|r| r.into_inner())
+                                }
+                            })
+                            .await;
+                        r.is_err_and(|e| e.code() == tonic::Code::Unauthenticated)
+                    }
+                },
+            )
+            .await?;
+        }
+        let out = sh_as(
+            &wm,
+            &format!(
+                "set -e; mkdir {w}/news; printf alice > {w}/news/a.html",
+                w = w.display()
+            ),
+        )?;
+        ensure!(out.ok, "the webmaster's writes were not logged: {}", out.stderr);
+        // Root: a page in the webmaster's new directory (it needs that directory), then one of
+        // its own, with fsync.
+        std::fs::write(w.join("news/root.html"), "root in news")?;
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(w.join("root.html"))?;
+            f.write_all(b"root's own")?;
+            f.sync_all()
+                .context("fsync of root's page while the webmaster's changes wait")?;
+        }
+        wait_content(&r.join("root.html"), b"root's own").await?;
+        ensure!(
+            !r.join("news").exists(),
+            "the webmaster's directory reached the servers with a revoked token"
+        );
+        let back = a.status()?.writes.write_back.context("a write-back mount")?;
+        ensure!(back.waiting_for_login == [WEBMASTER_UID], "{back:?}");
+        let why = back.blocked.clone().unwrap_or_default();
+        ensure!(why.contains("uid 1000") && why.contains("codafs login"), "{why}");
+        ensure!((back.conflicts, back.refused) == (0, 0), "{back:?}");
+        let out = tc.codafs_as(None, &["sync", &a.path.display().to_string(), "--timeout", "2"], "")?;
+        ensure!(
+            !out.ok && out.stderr.contains("uid 1000"),
+            "codafs sync says why it cannot finish: {}",
+            out.stderr
+        );
+
+        // The webmaster logs in again: what waited arrives, in order, whole.
+        let out = tc.codafs_as(Some(&wm), &["login", "webmaster", "--password-stdin"], "second-pass\n")?;
+        ensure!(out.ok, "login failed: {}", out.stderr);
+        a.sync()?;
+        wait_content(&r.join("news/a.html"), b"alice").await?;
+        wait_content(&r.join("news/root.html"), b"root in news").await?;
+        let back = a.status()?.writes.write_back.context("a write-back mount")?;
+        ensure!(
+            back.waiting_for_login.is_empty() && back.blocked.is_none() && back.changes == 0,
+            "{back:?}"
+        );
+        ensure!((back.conflicts, back.refused) == (0, 0), "{back:?}");
+        Ok(())
+    })
+    .await
+}

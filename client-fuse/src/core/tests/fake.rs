@@ -69,6 +69,8 @@ pub struct Truth {
     pub events_without_names: bool,
     /// Directory listings served (`readdir`).
     pub readdirs: u64,
+    /// Tokens refused as revoked (by puts and commits).
+    pub refused_tokens: std::collections::HashSet<String>,
     /// The namespace as of the last event (what the next event's names are counted from).
     shown: Tree,
 }
@@ -418,6 +420,15 @@ impl FakeRemote {
         }
     }
 
+    /// A revoked token, as the servers refuse it.
+    fn check_refused(&self, token: &str) -> Result<(), FsError> {
+        if self.lock().refused_tokens.contains(token) {
+            Err(FsError::Unauthenticated("token revoked".into()))
+        } else {
+            Ok(())
+        }
+    }
+
     /// Another node writes a file (directories created as needed); returns its change event,
     /// which stays pending for delivery too.
     pub fn write(&self, path: &[&str], name: &str, content: &[u8]) -> ChangeEvent {
@@ -642,8 +653,9 @@ impl Remote for FakeRemote {
         self.check_up()
     }
 
-    async fn put_blob(&self, _token: &str, data: bytes::Bytes, _write_quorum: u32) -> Result<(), FsError> {
+    async fn put_blob(&self, token: &str, data: bytes::Bytes, _write_quorum: u32) -> Result<(), FsError> {
         self.check_up()?;
+        self.check_refused(token)?;
         let mut t = self.lock();
         if t.blobs.insert(Hash::of(&data), data.to_vec()).is_none() {
             t.new_blob_bytes += data.len() as u64;
@@ -651,14 +663,16 @@ impl Remote for FakeRemote {
         Ok(())
     }
 
-    async fn missing(&self, _token: &str, hashes: Vec<Hash>) -> Result<Vec<Hash>, FsError> {
+    async fn missing(&self, token: &str, hashes: Vec<Hash>) -> Result<Vec<Hash>, FsError> {
         self.check_up()?;
+        self.check_refused(token)?;
         let t = self.lock();
         Ok(hashes.into_iter().filter(|h| !t.blobs.contains_key(h)).collect())
     }
 
-    async fn commit(&self, _token: &str, volume: &str, ops: Vec<Op>, request: RequestId) -> Result<Committed, FsError> {
+    async fn commit(&self, token: &str, volume: &str, ops: Vec<Op>, request: RequestId) -> Result<Committed, FsError> {
         self.check_up()?;
+        self.check_refused(token)?;
         if volume != "www" {
             return Err(FsError::NotFound);
         }

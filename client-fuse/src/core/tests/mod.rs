@@ -119,13 +119,18 @@ async fn history_gone_drops_the_volume_metadata_and_invalidates_what_was_known()
 }
 
 fn token_for(user: &str, role: codafs_common::token::Role) -> String {
+    signed(user, role, u64::MAX / 2)
+}
+
+/// A token for `user` that expires at `expires` (tokens with different expiries differ).
+fn signed(user: &str, role: codafs_common::token::Role, expires: u64) -> String {
     codafs_common::token::sign(
         &codafs_common::token::Claims {
             user: user.into(),
             role,
             cluster: "c".into(),
             key_id: 1,
-            expires: u64::MAX / 2,
+            expires,
             generation: 0,
         },
         &[1; 32],
@@ -765,6 +770,87 @@ async fn write_back_a_replay_after_a_crash_knows_this_mounts_own_commits() {
     send_log(&core).await;
     assert_eq!(core.remote.content("a").unwrap(), b"two");
     assert_eq!(core.backlog().unwrap().conflicts, 0, "{:?}", core.backlog());
+}
+
+/// Write-back: a user whose token the servers refuse holds back only their own changes and the
+/// changes that need them (a file made in their new directory). Another user's own page reaches
+/// the server, and its `fsync` returns; `status` names the user who must log in; `codafs sync`
+/// says why it cannot finish. A restart keeps exactly what was held (the page sent ahead is not
+/// sent again), and after a new login everything arrives, with no conflict.
+#[tokio::test(start_paused = true)]
+async fn write_back_a_refused_token_holds_back_only_that_users_changes() {
+    use codafs_common::token::Role;
+    let bob = Caller { uid: 1001, gid: 1001 };
+    let dir = tempfile::tempdir().unwrap();
+    let with_bob = |core: Core<FakeRemote>| {
+        core.writes
+            .tokens
+            .set(bob.uid, &token_for("bob", Role::User), None)
+            .unwrap();
+        core
+    };
+    let (truth, held) = {
+        let core = with_bob(with_alice(core_writing_back(dir.path(), 1 << 20)).await);
+        let www = core.lookup(ROOT_INO, "www").await.unwrap().ino;
+        core.mkdir(model::ALICE, www, "news", 0o777).await.unwrap();
+        model::write_as(&core, model::ALICE, "news/a.html", b"alice")
+            .await
+            .unwrap();
+        // Alice's token is revoked (her password changed elsewhere) before her changes are sent.
+        let alice_token = core.writes.tokens.get(model::ALICE.uid).unwrap().0;
+        core.remote.lock().refused_tokens.insert(alice_token);
+        model::write_as(&core, bob, "b.html", b"bob").await.unwrap();
+        model::write_as(&core, bob, "news/b.html", b"bob in news")
+            .await
+            .unwrap();
+        let b_html = core.lookup(www, "b.html").await.unwrap().ino;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let checks = async {
+            core.sync_node(b_html, Duration::from_secs(60)).await.unwrap();
+            assert_eq!(core.remote.content("b.html").unwrap(), b"bob");
+            assert!(!core.remote.ever_had("news/a.html"), "alice's page waits for her token");
+            assert!(
+                !core.remote.ever_had("news/b.html"),
+                "bob's page in alice's new directory waits with it"
+            );
+            let back = core.backlog().unwrap();
+            assert_eq!(back.waiting_for_login, vec![model::ALICE.uid]);
+            let why = back.blocked.unwrap_or_default();
+            assert!(why.contains("uid 1000") && why.contains("codafs login"), "{why}");
+            assert_eq!((back.conflicts, back.refused), (0, 0));
+            let synced = core.sync_log(Duration::from_secs(5)).await;
+            assert!(
+                matches!(&synced, Err(FsError::Disconnected(m)) if m.contains("uid 1000")),
+                "{synced:?}"
+            );
+            let _ = stop.send(true);
+        };
+        let ((), ()) = tokio::join!(core.reintegrate(stopped), checks);
+        let held = core.backlog().unwrap().changes;
+        // The daemon stops here.
+        let truth = std::mem::take(&mut *core.remote.lock());
+        (truth, held)
+    };
+    let version = truth.tree.version;
+    let core = core_writing_back(dir.path(), 1 << 20);
+    *core.remote.lock() = truth;
+    let core = with_bob(with_alice(core).await);
+    assert_eq!(core.backlog().unwrap().changes, held, "the replay holds what was held");
+    // Alice logs in again: a new token, which the servers accept.
+    let fresh = signed("alice", Role::User, u64::MAX / 4);
+    core.writes.tokens.set(model::ALICE.uid, &fresh, None).unwrap();
+    send_log(&core).await;
+    for (path, want) in [
+        ("news/a.html", b"alice".as_slice()),
+        ("news/b.html", b"bob in news"),
+        ("b.html", b"bob"),
+    ] {
+        assert_eq!(core.remote.content(path).unwrap(), want, "{path}");
+    }
+    let back = core.backlog().unwrap();
+    assert_eq!((back.changes, back.conflicts, back.refused), (0, 0, 0), "{back:?}");
+    assert!(back.waiting_for_login.is_empty() && back.blocked.is_none(), "{back:?}");
+    assert!(core.remote.version() > version);
 }
 
 /// Write-back: truncating a file that is not open is logged like a close's content (it does

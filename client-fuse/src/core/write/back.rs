@@ -28,7 +28,7 @@ use crate::core::chunked::read_at;
 use crate::core::remote::{new_request_id, RequestId};
 use crate::core::types::Attr;
 use crate::core::{Invalidation, Invalidator};
-use crate::wblog::{Change, Content, Log, LogError, Record, INLINE_MAX};
+use crate::wblog::{in_runs, runs_of, Change, Content, Log, LogError, Record, INLINE_MAX};
 use codafs_common::chunks::chunk_reader;
 
 /// Node ids asked for at a time.
@@ -102,8 +102,20 @@ struct BackState {
     next_seq: u64,
     /// Changes not yet settled, in order.
     queue: VecDeque<Change>,
-    /// The batch a previous daemon was sending when it stopped: (first, last, request).
-    replayed: Option<(u64, u64, RequestId)>,
+    /// Batches with a `Sending` record in the log, not yet settled, in the order they were
+    /// first sent: each is sent again (with its request id) before anything new of its user.
+    sent: Vec<Sent>,
+    /// Users whose changes wait for a token (none held, or one the servers refused): their
+    /// changes, and every later change that needs one of those (see [`keys`]), are held back
+    /// while the rest of the log is sent.
+    held: HashMap<u32, Held>,
+    /// The queued changes the reintegrator last found held back (see `held_back_seqs`).
+    held_seqs: HashSet<u64>,
+    /// The sibling name each conflict copy of the batch being sent got, by the request id of
+    /// its commit: a retry (after a lost reply) must send the same name, since the servers
+    /// answer a repeated request id with the first outcome, and the mount's listing is
+    /// patched with the name it sent.
+    conflict_names: HashMap<RequestId, String>,
     /// Reserved node ids per volume: ranges `next..end`.
     pool: HashMap<String, VecDeque<(u64, u64)>>,
     /// Names changed per directory: name -> (the node and kind it leads to now, or `None` if
@@ -124,8 +136,8 @@ struct BackState {
     last_conflict: Option<String>,
     refused: u64,
     last_refused: Option<String>,
-    /// Why the reintegrator is waiting (servers unreachable, no token...).
-    blocked: Option<String>,
+    /// Why the last batch could not be sent (servers unreachable...), until one is.
+    failing: Option<String>,
     sent_batches: u64,
     sent_changes: u64,
 }
@@ -149,7 +161,34 @@ pub struct BacklogStatus {
     pub last_refused: Option<String>,
     /// Why nothing is being sent, if so.
     pub blocked: Option<String>,
+    /// Users whose changes wait for `codafs login` (their token expired, was revoked, or is
+    /// missing); the changes of other users are sent meanwhile.
+    #[serde(default)]
+    pub waiting_for_login: Vec<u32>,
 }
+
+/// A batch whose `Sending` record is in the log: its changes (ranges of seq) and commit id.
+#[derive(Debug, Clone)]
+struct Sent {
+    uid: u32,
+    runs: Vec<(u64, u64)>,
+    request: RequestId,
+}
+
+/// Why a user's changes are held back: the token the servers refused (`None`: no token was
+/// held), since when, and what they said.
+#[derive(Debug, Clone)]
+struct Held {
+    token: Option<String>,
+    since: tokio::time::Instant,
+    why: String,
+}
+
+/// A held user's changes are tried again this long after the refusal even with the same token
+/// (a new token, from `codafs login`, is tried at once).
+const HELD_RETRY: Duration = Duration::from_secs(30);
+/// While every queued change is held back, the reintegrator looks for a new token this often.
+const HELD_RECHECK: Duration = Duration::from_secs(1);
 
 /// The write-back side of a writable mount.
 pub struct WriteBack {
@@ -159,8 +198,9 @@ pub struct WriteBack {
     work: Notify,
     /// Callers waiting for the servers (`fsync`, `codafs sync`): batches go without gathering.
     waiting: std::sync::atomic::AtomicUsize,
-    /// Highest change seq settled.
-    settled: watch::Sender<u64>,
+    /// Batches settled (and changes of what is held back) so far: waiters for the servers look
+    /// again at each.
+    settles: watch::Sender<u64>,
     /// Names the kernel must forget when a conflict moves a new node aside.
     kernel: OnceLock<Arc<dyn Invalidator>>,
     host: String,
@@ -189,13 +229,24 @@ impl WriteBack {
             })
             .max()
             .unwrap_or(0);
+        // Changes settled ahead of earlier ones held back.
+        let early: Vec<(u64, u64)> = replay
+            .records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Settled { runs } => Some(runs.iter().copied()),
+                _ => None,
+            })
+            .flatten()
+            .filter(|r| r.1 > done)
+            .collect();
         let mut max_seq = done;
         for r in replay.records {
             match r {
                 Record::Change(c) => {
                     max_seq = max_seq.max(c.seq);
                     st.take_ids_used_by(&c);
-                    if c.seq > done {
+                    if c.seq > done && !in_runs(&early, c.seq) {
                         st.overlay(&c);
                         st.queue.push_back(c);
                     }
@@ -210,7 +261,18 @@ impl WriteBack {
                     // New changes never reuse a sent batch's numbers.
                     max_seq = max_seq.max(last);
                     if last > done {
-                        st.replayed = Some((first, last, request));
+                        st.sent.push(Sent {
+                            uid: 0,
+                            runs: vec![(first, last)],
+                            request,
+                        });
+                    }
+                }
+                Record::SendingRuns { runs, request } => {
+                    let last = runs.iter().map(|r| r.1).max().unwrap_or(0);
+                    max_seq = max_seq.max(last);
+                    if last > done {
+                        st.sent.push(Sent { uid: 0, runs, request });
                     }
                 }
                 Record::Own { until, versions } if until > done => {
@@ -223,20 +285,21 @@ impl WriteBack {
             }
         }
         st.next_seq = max_seq + 1;
-        if let Some((first, last, _)) = st.replayed {
-            // Its changes are gone from the log (only an older version's release order could do
-            // that): resending its request id would settle whatever comes next unsent.
-            if !st.queue.iter().any(|c| (first..=last).contains(&c.seq)) {
-                tracing::warn!(
-                    first,
-                    last,
-                    "a sent write-back batch left no changes in the log; not resending it"
-                );
-                st.replayed = None;
+        // A sent batch whose changes all settled is done. (One whose changes are gone from the
+        // log, which only an older version's release order could do, is not resent: its request
+        // id would settle whatever comes next unsent.)
+        let mut sent = std::mem::take(&mut st.sent);
+        sent.retain_mut(|s| match st.queue.iter().find(|c| in_runs(&s.runs, c.seq)) {
+            Some(c) => {
+                s.uid = c.uid;
+                true
             }
-        }
+            None => false,
+        });
+        st.sent = sent;
         // Segments and data files that only settled changes need (a crash came before their
-        // release) go now.
+        // release) go now. (Up to `done` only: a segment is kept while its changes may need the
+        // `Settled` records of others, until a `Done` covers them.)
         log.release(done, &[]);
         let keep = st
             .queue
@@ -258,7 +321,7 @@ impl WriteBack {
             st: Mutex::new(st),
             work: Notify::new(),
             waiting: Default::default(),
-            settled: watch::channel(done).0,
+            settles: watch::channel(0).0,
             kernel: OnceLock::new(),
             host: hostname(),
         })
@@ -314,7 +377,7 @@ impl WriteBack {
         while start.elapsed() < GATHER_MAX
             && len < BATCH_CHANGES
             && self.waiting.load(Ordering::Acquire) == 0
-            && self.st().replayed.is_none()
+            && !self.st().resends()
         {
             tokio::time::sleep(GATHER).await;
             let now = self.st().queue.len();
@@ -352,7 +415,12 @@ impl WriteBack {
             last_conflict: st.last_conflict.clone(),
             refused: st.refused,
             last_refused: st.last_refused.clone(),
-            blocked: st.blocked.clone(),
+            blocked: st.failing.clone().or_else(|| st.held_reason()),
+            waiting_for_login: {
+                let mut uids: Vec<u32> = st.held.keys().copied().collect();
+                uids.sort_unstable();
+                uids
+            },
         }
     }
 
@@ -393,17 +461,48 @@ impl WriteBack {
         Ok(seq)
     }
 
-    /// Waits until every change logged before the call is settled, or `limit` passes.
-    async fn settled_through(&self, seq: u64, limit: Duration) -> Result<(), FsError> {
-        let mut rx = self.settled.subscribe();
-        let r = tokio::time::timeout(limit, rx.wait_for(|s| *s >= seq))
+    /// Waits until every change logged up to `seq` is settled, or `limit` passes. With `node`
+    /// (`fsync`), changes held back for another user's token are not waited for, unless they
+    /// touch that node: a change is sent only after the earlier changes it may depend on (see
+    /// `BackState::next_batch`), so once the node's own changes are settled, so is everything
+    /// they need.
+    async fn settled_through(&self, seq: u64, node: Option<u64>, limit: Duration) -> Result<(), FsError> {
+        /// Counts the caller among those the reintegrator must not make wait (see `gather`).
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&self.waiting);
+        let mut rx = self.settles.subscribe();
+        // (The reintegrator never holds the state lock while it announces a settle.)
+        let done = |_: &u64| {
+            let st = self.st();
+            match node {
+                None => st.watermark() >= seq,
+                Some(n) => !st
+                    .queue
+                    .iter()
+                    .take_while(|c| c.seq <= seq)
+                    .any(|c| !st.held_seqs.contains(&c.seq) || touched(&c.op).contains(&n)),
+            }
+        };
+        let r = tokio::time::timeout(limit, rx.wait_for(done))
             .await
             .map(|r| r.map(drop));
         match r {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(FsError::Io("the write-back reintegrator stopped".into())),
             Err(_) => {
-                let why = self.st().blocked.clone().unwrap_or_else(|| "still sending".into());
+                let why = {
+                    let st = self.st();
+                    st.failing
+                        .clone()
+                        .or_else(|| st.held_reason())
+                        .unwrap_or_else(|| "still sending".into())
+                };
                 Err(FsError::Disconnected(format!(
                     "logged changes are not on the servers after {limit:?} ({why}); they stay logged"
                 )))
@@ -413,6 +512,96 @@ impl WriteBack {
 }
 
 impl BackState {
+    /// The highest seq up to which every change is settled.
+    fn watermark(&self) -> u64 {
+        self.queue
+            .front()
+            .map_or(self.next_seq.saturating_sub(1), |c| c.seq - 1)
+    }
+
+    /// Whether a batch sent before (by a previous daemon, or refused for its token) is to be
+    /// sent again now: its user is not held back.
+    fn resends(&self) -> bool {
+        self.sent.iter().any(|s| !self.held.contains_key(&s.uid))
+    }
+
+    /// What `status` and a timed-out `sync` say of held-back users.
+    fn held_reason(&self) -> Option<String> {
+        let mut held: Vec<(&u32, &Held)> = self.held.iter().collect();
+        held.sort_by_key(|(uid, _)| **uid);
+        let uids: Vec<String> = held.iter().map(|(uid, _)| uid.to_string()).collect();
+        let (_, first) = held.first()?;
+        Some(format!(
+            "changes of uid {} wait for a token: run `codafs login` as that user ({}); other users' changes are sent meanwhile",
+            uids.join(", "),
+            first.why
+        ))
+    }
+
+    /// The next batch to send. A batch sent before whose user is not held back goes first, with
+    /// its request id (the servers may have applied it already). Otherwise: consecutive
+    /// changes of one volume by one user, skipping the changes held back (see
+    /// [`BackState::held_back_seqs`]).
+    fn next_batch(&self, held: impl Fn(u32) -> bool) -> Option<Batch> {
+        for s in &self.sent {
+            if held(s.uid) {
+                continue;
+            }
+            let changes: Vec<Change> = self.queue.iter().filter(|c| in_runs(&s.runs, c.seq)).cloned().collect();
+            let Some(first) = changes.first() else { continue };
+            return Some(Batch {
+                last: changes.last()?.seq,
+                volume: first.volume.clone(),
+                uid: first.uid,
+                request: Some(s.request),
+                changes,
+            });
+        }
+        let skip = self.held_back_seqs(&held);
+        let mut changes: Vec<Change> = Vec::new();
+        let mut bytes = 0u64;
+        for c in &self.queue {
+            if skip.contains(&c.seq) {
+                continue;
+            }
+            if let Some(head) = changes.first() {
+                if c.volume != head.volume || c.uid != head.uid || changes.len() >= BATCH_CHANGES || bytes > BATCH_BYTES
+                {
+                    break;
+                }
+            }
+            bytes += content_size(&c.op);
+            changes.push(c.clone());
+        }
+        let first = changes.first()?;
+        Some(Batch {
+            last: changes.last()?.seq,
+            volume: first.volume.clone(),
+            uid: first.uid,
+            request: None,
+            changes,
+        })
+    }
+
+    /// The queued changes held back: those of users `held` back (their batches sent before
+    /// included), and every change that uses a key one of those defines (see [`keys`]). `held`
+    /// answers true only for users in `self.held`.
+    fn held_back_seqs(&self, held: impl Fn(u32) -> bool) -> HashSet<u64> {
+        let mut seqs = HashSet::new();
+        if self.held.is_empty() {
+            return seqs;
+        }
+        let mut skipped: HashSet<Key> = HashSet::new();
+        for c in &self.queue {
+            let dependent = !skipped.is_empty() && keys(&c.op).0.iter().any(|k| skipped.contains(k));
+            if held(c.uid) || dependent {
+                skipped.extend(keys(&c.op).1);
+                seqs.insert(c.seq);
+            }
+        }
+        seqs
+    }
+
     /// The version a new content of `ino` expects, given the one the file had when opened
     /// (`opened`): none while the file's creation is unsent (the creation carries the content),
     /// else the newer of `opened` and this mount's own last commit of it. Taken under the state
@@ -450,9 +639,33 @@ impl BackState {
             } => match now(parent, name) {
                 Some(None) => Err(FsError::NotFound),
                 Some(Some((ino, _))) if ino != s.ino => Err(FsError::Stale),
-                _ => Ok(()),
+                _ => self.admits_target(op),
             },
             _ => Ok(()),
+        }
+    }
+
+    /// A rename's target as checked must still be what this mount shows: a racing change
+    /// logged meanwhile (another save renamed over the same name) makes the check stale, and
+    /// the rename is checked again (`Stale`). Sent as logged, the later rename would expect the
+    /// name free and be kept as a conflict copy of this mount's own change.
+    fn admits_target(&self, op: &Op) -> Result<(), FsError> {
+        let Op::Rename {
+            to_parent,
+            to_name,
+            replaces,
+            ..
+        } = op
+        else {
+            return Ok(());
+        };
+        let Some(now) = self.names.get(to_parent).and_then(|m| m.get(to_name)).map(|(n, _)| *n) else {
+            return Ok(());
+        };
+        if now.map(|(ino, _)| ino) == replaces.map(|r| r.ino) {
+            Ok(())
+        } else {
+            Err(FsError::Stale)
         }
     }
 
@@ -644,14 +857,16 @@ impl BackState {
         }
     }
 
-    /// Drops the overlay of changes up to `last` (later changes of the same names stay).
-    fn settle_overlay(&mut self, last: u64) {
-        self.nodes.retain(|_, (_, seq)| *seq > last);
+    /// Drops the overlay of the changes `settled` says are (later changes of the same names
+    /// stay). An entry carries the seq of the last change of its node or name, and a node's
+    /// changes settle in order, so that change settled means all of them did.
+    fn settle_overlay(&mut self, settled: impl Fn(u64) -> bool) {
+        self.nodes.retain(|_, (_, seq)| !settled(*seq));
         let nodes = &self.nodes;
         self.places.retain(|ino, _| nodes.contains_key(ino));
-        self.unsent_creations.retain(|_, seq| *seq > last);
+        self.unsent_creations.retain(|_, seq| !settled(*seq));
         for m in self.names.values_mut() {
-            m.retain(|_, (_, seq)| *seq > last);
+            m.retain(|_, (_, seq)| !settled(*seq));
         }
         self.names.retain(|_, m| !m.is_empty());
     }
@@ -737,10 +952,11 @@ fn conflict_name(name: &str, host: &str) -> String {
 
 /// One batch ready to send.
 struct Batch {
-    first: u64,
     last: u64,
     volume: String,
     uid: u32,
+    /// The request id it was sent with before, if it was.
+    request: Option<RequestId>,
     changes: Vec<Change>,
 }
 
@@ -763,6 +979,84 @@ fn touched(op: &Op) -> Vec<u64> {
             .collect(),
         Op::Link { ino, parent, .. } => vec![*ino, *parent],
         Op::Reserve { .. } | Op::Expect { .. } => vec![],
+    }
+}
+
+/// What a change's order depends on: a node, a name in a directory, or the set of names in a
+/// directory (whether it is empty).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Node(u64),
+    Name(u64, String),
+    Entries(u64),
+}
+
+/// The keys a change needs as the changes before it left them (`uses`), and those it changes
+/// (`defines`). A change held back makes every later change that uses a key it defines wait
+/// too: a file made in a directory it made, a later content of a file it wrote, a name it
+/// freed, the removal of a directory it put a name in. Changes that only share a directory
+/// (two new names in one) do not wait for each other.
+fn keys(op: &Op) -> (Vec<Key>, Vec<Key>) {
+    use Key::*;
+    let name = |d: &u64, n: &str| Name(*d, n.to_string());
+    match op {
+        Op::Create {
+            ino, parent, name: n, ..
+        } => (
+            vec![Node(*parent), name(parent, n)],
+            ino.iter()
+                .map(|i| Node(*i))
+                .chain([name(parent, n), Entries(*parent)])
+                .collect(),
+        ),
+        Op::Link {
+            ino, parent, name: n, ..
+        } => (
+            vec![Node(*ino), Node(*parent), name(parent, n)],
+            vec![Node(*ino), name(parent, n), Entries(*parent)],
+        ),
+        Op::Remove {
+            parent, name: n, seen, ..
+        } => {
+            let seen = seen.iter().flat_map(|s| [Node(s.ino), Entries(s.ino)]);
+            (
+                [Node(*parent), name(parent, n)]
+                    .into_iter()
+                    .chain(seen.clone())
+                    .collect(),
+                [name(parent, n), Entries(*parent)].into_iter().chain(seen).collect(),
+            )
+        }
+        Op::Rename {
+            from_parent,
+            from_name,
+            to_parent,
+            to_name,
+            seen,
+            replaces,
+            ..
+        } => {
+            let nodes = seen
+                .iter()
+                .map(|s| Node(s.ino))
+                .chain(replaces.iter().flat_map(|s| [Node(s.ino), Entries(s.ino)]));
+            let names = [name(from_parent, from_name), name(to_parent, to_name)];
+            (
+                names
+                    .iter()
+                    .cloned()
+                    .chain([Node(*from_parent), Node(*to_parent)])
+                    .chain(nodes.clone())
+                    .collect(),
+                names
+                    .into_iter()
+                    .chain([Entries(*from_parent), Entries(*to_parent)])
+                    .chain(nodes)
+                    .collect(),
+            )
+        }
+        Op::SetContent { ino, .. } | Op::SetAttr { ino, .. } => (vec![Node(*ino)], vec![Node(*ino)]),
+        Op::Reserve { .. } | Op::Expect { .. } => (vec![], vec![]),
     }
 }
 
@@ -1027,12 +1321,21 @@ impl<R: Remote> Core<R> {
         Ok(())
     }
 
-    /// `codafs sync`, `fsync`: waits until everything logged before the call is on the servers,
-    /// at most `limit`.
+    /// `codafs sync`, `syncfs`: waits until everything logged before the call is on the
+    /// servers, at most `limit`.
     pub async fn sync_log(&self, limit: Duration) -> Result<(), FsError> {
         let Some(b) = self.write_back() else { return Ok(()) };
         let last = b.last_seq();
-        b.settled_through(last, limit).await
+        b.settled_through(last, None, limit).await
+    }
+
+    /// `fsync` of a file or directory: waits until every change logged before the call is on
+    /// the servers, at most `limit`, except changes held back for a user's token that do not
+    /// touch node `ino` (another user's expired token does not fail this user's `fsync`).
+    pub async fn sync_node(&self, ino: u64, limit: Duration) -> Result<(), FsError> {
+        let Some(b) = self.write_back() else { return Ok(()) };
+        let last = b.last_seq();
+        b.settled_through(last, Some(ino), limit).await
     }
 
     /// The write-back part of `codafs status`.
@@ -1055,15 +1358,52 @@ impl<R: Remote> Core<R> {
                 }
             }
             b.gather().await;
-            let Some(batch) = self.next_batch(b) else { continue };
+            let (batch, newly_held) = {
+                let mut st = b.st();
+                let held = st.held_back_seqs(|uid| self.held_back(&st, uid));
+                let batch = st.next_batch(|uid| self.held_back(&st, uid));
+                let changed = st.held_seqs != held;
+                st.held_seqs = held;
+                (batch, changed)
+            };
+            if newly_held {
+                // `fsync` callers look again: what they wait for may now be held back.
+                b.settles.send_modify(|n| *n += 1);
+            }
+            let Some(batch) = batch else {
+                // Everything queued waits for a login, which needs no notice: look again soon.
+                tokio::select! {
+                    _ = b.work.notified() => {}
+                    _ = tokio::time::sleep(HELD_RECHECK) => {}
+                    _ = stop.changed() => return,
+                }
+                continue;
+            };
             match self.send_batch(b, &batch).await {
                 Ok(()) => {
                     pause = Duration::from_millis(100);
-                    b.st().blocked = None;
+                    let mut st = b.st();
+                    st.failing = None;
+                    st.held.remove(&batch.uid);
+                }
+                Err(FsError::Unauthenticated(why)) => {
+                    // Only this user's changes (and those that need them) wait; the rest go on.
+                    tracing::warn!(uid = batch.uid, reason = %why, changes = batch.changes.len(), "write-back: changes wait for that user's next login");
+                    let token = self.writes.tokens.get(batch.uid).map(|(t, _)| t);
+                    let mut st = b.st();
+                    st.failing = None;
+                    st.held.insert(
+                        batch.uid,
+                        Held {
+                            token,
+                            since: tokio::time::Instant::now(),
+                            why,
+                        },
+                    );
                 }
                 Err(e) => {
                     tracing::info!(error = %e, changes = batch.changes.len(), "write-back batch not sent; trying again");
-                    b.st().blocked = Some(e.to_string());
+                    b.st().failing = Some(e.to_string());
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
                         _ = stop.changed() => return,
@@ -1074,32 +1414,11 @@ impl<R: Remote> Core<R> {
         }
     }
 
-    /// The next batch: the changes a previous daemon was sending, or consecutive changes of one
-    /// volume by one user.
-    fn next_batch(&self, b: &WriteBack) -> Option<Batch> {
-        let st = b.st();
-        let head = st.queue.front()?;
-        let (volume, uid) = (head.volume.clone(), head.uid);
-        let mut changes = Vec::new();
-        let mut bytes = 0u64;
-        for c in &st.queue {
-            if let Some((_, last, _)) = st.replayed {
-                if c.seq > last {
-                    break;
-                }
-            } else if c.volume != volume || c.uid != uid || changes.len() >= BATCH_CHANGES || bytes > BATCH_BYTES {
-                break;
-            }
-            bytes += content_size(&c.op);
-            changes.push(c.clone());
-        }
-        Some(Batch {
-            first: changes.first()?.seq,
-            last: changes.last()?.seq,
-            volume,
-            uid,
-            changes,
-        })
+    /// Whether `uid`'s changes are held back: its token was refused (or missing), no new one
+    /// has come since, and the refusal is recent (see [`HELD_RETRY`]).
+    fn held_back(&self, st: &BackState, uid: u32) -> bool {
+        let Some(h) = st.held.get(&uid) else { return false };
+        h.since.elapsed() < HELD_RETRY && self.writes.tokens.get(uid).map(|(t, _)| t) == h.token
     }
 
     /// Sends one batch: contents, then one commit; a conflict sends its changes one by one.
@@ -1111,21 +1430,30 @@ impl<R: Remote> Core<R> {
                 batch.uid
             ))
         })?;
-        let replayed = b.st().replayed;
-        let request = match replayed {
-            Some((_, _, request)) => request,
+        let request = match batch.request {
+            Some(request) => request,
             None => {
                 let request = new_request_id();
-                let pos = b
-                    .log
-                    .append(&Record::Sending {
-                        first: batch.first,
-                        last: batch.last,
+                let runs = runs_of(batch.changes.iter().map(|c| c.seq));
+                // The format older versions read, unless the batch skips held-back changes.
+                let rec = match runs.as_slice() {
+                    [(first, last)] => Record::Sending {
+                        first: *first,
+                        last: *last,
                         request,
-                    })
-                    .map_err(log_err)?;
+                    },
+                    _ => Record::SendingRuns {
+                        runs: runs.clone(),
+                        request,
+                    },
+                };
+                let pos = b.log.append(&rec).map_err(log_err)?;
                 b.log.sync(pos.end).await.map_err(log_err)?;
-                b.st().replayed = Some((batch.first, batch.last, request));
+                b.st().sent.push(Sent {
+                    uid: batch.uid,
+                    runs,
+                    request,
+                });
                 request
             }
         };
@@ -1372,6 +1700,14 @@ impl<R: Remote> Core<R> {
         request: RequestId,
     ) -> Result<(), FsError> {
         // Attempts derive their ids from this one (see the loop below).
+        let conflict_name = |name: &str, host: &str| {
+            b.st()
+                .conflict_names
+                .entry(request)
+                .or_insert_with(|| conflict_name(name, host))
+                .clone()
+        };
+        let again = b.st().conflict_names.contains_key(&request);
         let (op, note) = match &c.op {
             Op::Create { parent, name, .. } | Op::Link { parent, name, .. } => {
                 let mut op = c.op.clone();
@@ -1464,8 +1800,9 @@ impl<R: Remote> Core<R> {
             }
             other => (None, format!("dropped {other:?}: {why}")),
         };
-        tracing::warn!(volume = %c.volume, error = %why, "write-back conflict: {note}");
-        {
+        b.st().conflict_names.entry(request).or_default();
+        if !again {
+            tracing::warn!(volume = %c.volume, error = %why, "write-back conflict: {note}");
             let mut st = b.st();
             st.conflicts += 1;
             st.last_conflict = Some(note);
@@ -1644,7 +1981,27 @@ impl<R: Remote> Core<R> {
         if let Some(own) = b.st().own_record(batch) {
             let _ = b.log.append(&own);
         }
-        let recorded = match b.log.append(&Record::Done { last: batch.last }) {
+        let seqs: HashSet<u64> = batch.changes.iter().map(|c| c.seq).collect();
+        // Everything up to `watermark` is settled once this batch is: `Done` says so. A batch
+        // sent ahead of changes held back is recorded by its own numbers instead.
+        let watermark = {
+            let st = b.st();
+            st.queue
+                .iter()
+                .find(|c| !seqs.contains(&c.seq))
+                .map_or(st.next_seq.saturating_sub(1), |c| c.seq - 1)
+        };
+        // Segments go only under a `Done` (a `Settled` record must outlive the changes it
+        // names); the batch's data files go either way.
+        let release_upto = if watermark >= batch.last { watermark } else { 0 };
+        let rec = if watermark >= batch.last {
+            Record::Done { last: watermark }
+        } else {
+            Record::Settled {
+                runs: runs_of(batch.changes.iter().map(|c| c.seq)),
+            }
+        };
+        let recorded = match b.log.append(&rec) {
             Ok(at) => b.log.sync(at.end).await,
             Err(e) => Err(e),
         };
@@ -1658,12 +2015,12 @@ impl<R: Remote> Core<R> {
         };
         {
             let mut st = b.st();
-            st.replayed = None;
+            st.sent.retain(|s| !seqs.iter().any(|q| in_runs(&s.runs, *q)));
+            // Batches go one at a time: no conflict copy of this or an earlier one is sent again.
+            st.conflict_names.clear();
             st.sent_changes += batch.changes.len() as u64;
-            while st.queue.front().is_some_and(|c| c.seq <= batch.last) {
-                st.queue.pop_front();
-            }
-            st.settle_overlay(batch.last);
+            st.queue.retain(|c| !seqs.contains(&c.seq));
+            st.settle_overlay(|seq| seq <= watermark || seqs.contains(&seq));
             st.bound_own_versions(&open);
         }
         let mut hashes = HashMap::new();
@@ -1678,7 +2035,7 @@ impl<R: Remote> Core<R> {
         match recorded {
             // A large file just sent is read next (reopened, rewritten): its log copy becomes
             // the cache entry instead of being deleted and fetched back.
-            Ok(()) => b.log.release_keeping(batch.last, &data, |name, path, len| {
+            Ok(()) => b.log.release_keeping(release_upto, &data, |name, path, len| {
                 let Some(h) = hashes.get(name) else { return false };
                 if !codafs_common::chunks::is_chunked(len) || self.blobs.lookup(h) {
                     return false;
@@ -1690,7 +2047,7 @@ impl<R: Remote> Core<R> {
                 tracing::warn!(error = %e, last = batch.last, "cannot record a sent write-back batch; its log files stay until the next start resends it")
             }
         }
-        b.settled.send_modify(|s| *s = (*s).max(batch.last));
+        b.settles.send_modify(|n| *n += 1);
     }
 }
 
@@ -1869,7 +2226,7 @@ mod tests {
         p.apply(&mut base);
         assert_eq!((base.size, base.mode), (2, 0o600));
         // Settling change 2 keeps what change 3 did.
-        st.settle_overlay(2);
+        st.settle_overlay(|s| s <= 2);
         assert!(!st.nodes.contains_key(&10) && st.names.is_empty());
         assert!(st.nodes.contains_key(&20));
         // A directory made here, and a file made in it after the directory's batch was taken:
@@ -1886,7 +2243,7 @@ mod tests {
         }
         st.overlay(&change(5, inner));
         assert!(st.unsent_creations.contains_key(&40));
-        st.settle_overlay(4);
+        st.settle_overlay(|s| s <= 4);
         assert!(
             matches!(st.nodes.get(&40), Some((Pending::Created(_), 5))) && !st.unsent_creations.contains_key(&40),
             "patched by change 5, but created on the servers"
@@ -1943,7 +2300,7 @@ mod tests {
         };
         assert_eq!(links(&st, 20), -1, "the replaced node lost its name");
         assert_eq!(links(&st, 30), 0, "one link made, one name removed");
-        st.settle_overlay(3);
+        st.settle_overlay(|s| s <= 3);
         assert_eq!(st.names[&1].len(), 1, "only the remove's name is unsent");
     }
 
@@ -1973,10 +2330,10 @@ mod tests {
     fn own_versions_that_logged_changes_need_survive_a_replay() {
         let dir = tempfile::tempdir().unwrap();
         let batch = Batch {
-            first: 1,
             last: 2,
             volume: "www".into(),
             uid: 1,
+            request: None,
             changes: vec![change(1, create(10, "a")), change(2, create(11, "b"))],
         };
         {
@@ -2004,6 +2361,158 @@ mod tests {
         drop(b);
         let b = WriteBack::open(dir.path(), 64 << 20).unwrap();
         assert!(b.st().own_versions.is_empty(), "no longer needed once change 3 settled");
+    }
+
+    /// A change by `uid` of `op` (in volume www).
+    fn by(uid: u32, seq: u64, op: Op) -> Change {
+        Change { uid, ..change(seq, op) }
+    }
+
+    /// A new node `ino` named `name` in directory `parent`.
+    fn create_in(parent: u64, ino: u64, name: &str, kind: NodeKind) -> Op {
+        let mut op = create(ino, name);
+        if let Op::Create { parent: p, kind: k, .. } = &mut op {
+            (*p, *k) = (parent, kind);
+        }
+        op
+    }
+
+    fn seqs(b: &Batch) -> Vec<u64> {
+        b.changes.iter().map(|c| c.seq).collect()
+    }
+
+    /// Held-back users' changes are skipped, and so is every change touching a node one of
+    /// them touches (transitively); batches sent before go first unless their user is held.
+    #[test]
+    fn a_held_users_changes_and_what_needs_them_are_skipped() {
+        const A: u32 = 1000;
+        const B: u32 = 1001;
+        let mut st = BackState::default();
+        st.queue.extend([
+            by(A, 1, create_in(1, 40, "news", NodeKind::Dir)),
+            by(B, 2, create_in(1, 50, "b.html", NodeKind::File)),
+            by(B, 3, create_in(40, 51, "in-news.html", NodeKind::File)),
+            by(B, 4, content(50, b"b", None)),
+            by(B, 5, content(51, b"c", None)),
+            by(A, 6, content(60, b"a", Some(2))),
+            by(B, 7, content(61, b"d", Some(2))),
+        ]);
+        st.next_seq = 8;
+        st.held.insert(
+            A,
+            Held {
+                token: None,
+                since: tokio::time::Instant::now(),
+                why: "no token".into(),
+            },
+        );
+        let none = |_: u32| false;
+        let only_a = |uid: u32| uid == A;
+        // Nobody held: in order, one user at a time.
+        assert_eq!(seqs(&st.next_batch(none).unwrap()), [1]);
+        // A held: B's changes that need none of A's, across the skipped ones.
+        let b = st.next_batch(only_a).unwrap();
+        assert_eq!((seqs(&b), b.uid, b.request), (vec![2, 4, 7], B, None));
+        // A batch of A sent before is skipped while A is held, sent first once A is not.
+        st.sent.push(Sent {
+            uid: A,
+            runs: vec![(1, 1)],
+            request: [7; 16],
+        });
+        assert_eq!(seqs(&st.next_batch(only_a).unwrap()), [2, 4, 7]);
+        let again = st.next_batch(none).unwrap();
+        assert_eq!((seqs(&again), again.request), (vec![1], Some([7; 16])));
+        // A batch of B sent before (ahead of A's) goes again first, with its request id.
+        st.sent.push(Sent {
+            uid: B,
+            runs: runs_of([2, 4]),
+            request: [8; 16],
+        });
+        let resent = st.next_batch(only_a).unwrap();
+        assert_eq!((seqs(&resent), resent.request), (vec![2, 4], Some([8; 16])));
+        // Names: B taking a name A freed, or removing a directory A put a name in, waits;
+        // B's new name in a directory where A made one does not.
+        let remove = |name: &str, dir: u64| Op::Remove {
+            parent: 1,
+            name: name.into(),
+            seen: Some(crate::core::types::Seen {
+                ino: dir,
+                version: 1,
+                kind: NodeKind::Dir,
+            }),
+            expect: None,
+        };
+        let mut names = BackState::default();
+        names.queue.extend([
+            by(A, 1, remove("old", 70)),
+            by(A, 2, create_in(80, 81, "x", NodeKind::File)),
+            by(A, 3, create_in(85, 86, "x", NodeKind::File)),
+            by(B, 4, create_in(1, 90, "old", NodeKind::File)),
+            by(B, 5, remove("d", 80)),
+            by(B, 6, create_in(85, 91, "y", NodeKind::File)),
+        ]);
+        names.next_seq = 7;
+        names.held = st.held.clone();
+        assert_eq!(seqs(&names.next_batch(only_a).unwrap()), [6]);
+        // Nothing left but held changes: no batch.
+        st.sent.clear();
+        st.queue.retain(|c| c.uid == A || c.seq == 3);
+        assert!(st.next_batch(only_a).is_none());
+        assert_eq!(st.watermark(), 0);
+    }
+
+    /// The log's records of batches sent and settled ahead of held changes replay as they were:
+    /// settled changes stay settled, a batch sent and not settled is sent again with its id.
+    #[tokio::test]
+    async fn batches_settled_ahead_of_held_changes_survive_a_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let b = WriteBack::open(dir.path(), 64 << 20).unwrap();
+            for c in [
+                by(1000, 1, create(10, "a")),
+                by(1001, 2, create(11, "b")),
+                by(1000, 3, create(12, "c")),
+                by(1001, 4, create(13, "d")),
+                by(1001, 5, create(14, "e")),
+            ] {
+                b.log.append(&Record::Change(c)).unwrap();
+            }
+            for rec in [
+                Record::Sending {
+                    first: 1,
+                    last: 1,
+                    request: [1; 16],
+                },
+                Record::SendingRuns {
+                    runs: runs_of([2, 4]),
+                    request: [2; 16],
+                },
+                Record::Settled { runs: runs_of([2, 4]) },
+                Record::SendingRuns {
+                    runs: runs_of([5]),
+                    request: [3; 16],
+                },
+            ] {
+                b.log.append(&rec).unwrap();
+            }
+            let end = b.log.append(&Record::Done { last: 0 }).unwrap().end;
+            b.log.sync(end).await.unwrap();
+        }
+        let b = WriteBack::open(dir.path(), 64 << 20).unwrap();
+        {
+            let st = b.st();
+            let queued: Vec<u64> = st.queue.iter().map(|c| c.seq).collect();
+            assert_eq!(queued, [1, 3, 5]);
+            let sent: Vec<_> = st.sent.iter().map(|s| (s.uid, s.runs.clone(), s.request)).collect();
+            assert_eq!(sent, [(1000, vec![(1, 1)], [1; 16]), (1001, vec![(5, 5)], [3; 16])]);
+            assert_eq!((st.watermark(), st.next_seq), (0, 6));
+            assert!(st.nodes.contains_key(&12) && !st.nodes.contains_key(&11));
+        }
+        // Once everything before is settled, `Done` covers the changes settled ahead too.
+        b.log.append(&Record::Done { last: 5 }).unwrap();
+        drop(b);
+        let b = WriteBack::open(dir.path(), 64 << 20).unwrap();
+        assert!(b.st().queue.is_empty() && b.st().sent.is_empty());
     }
 
     /// The version a logged content expects is settled in the same locked step as the append:

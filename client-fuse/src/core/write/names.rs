@@ -8,6 +8,8 @@ use crate::core::types::Seen;
 
 /// Directory levels walked to check that a directory is not moved into itself.
 const MAX_DEPTH: usize = 4096;
+/// Checks of a rename that racing changes keep making stale, before `ESTALE` is returned.
+const RENAME_TRIES: u32 = 3;
 
 impl<R: Remote> Core<R> {
     /// What this mount shows of the node `a`, as a logged change records it.
@@ -48,8 +50,27 @@ impl<R: Remote> Core<R> {
         Ok(())
     }
 
-    /// `rename`, logged. `from` and `to` are (directory, name).
+    /// `rename`, logged. `from` and `to` are (directory, name). A rename whose checks a racing
+    /// change here made stale (see `BackState::admits`) is checked again, a few times.
     pub(super) async fn rename_logged(
+        &self,
+        c: Caller,
+        ctx: &WriteCtx,
+        from: (u64, &str),
+        to: (u64, &str),
+        noreplace: bool,
+    ) -> Result<(), FsError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.rename_logged_once(c, ctx, from, to, noreplace).await {
+                Err(FsError::Stale) if tries < RENAME_TRIES => continue,
+                r => return r,
+            }
+        }
+    }
+
+    async fn rename_logged_once(
         &self,
         c: Caller,
         ctx: &WriteCtx,

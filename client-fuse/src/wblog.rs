@@ -34,9 +34,13 @@ use spare::Spare;
 /// v4: a logged content over 4 MiB is named by its chunk manifest (`codafs_common::chunks`).
 /// v5: `Record::Own`. A v4 segment holds none and reads as it is; a v4 build refuses a v5 one
 /// (it could not read its records) instead of cutting it short.
-const MAGIC: &[u8] = b"codafs write-back log v5\n";
+/// v6: `Record::SendingRuns` and `Record::Settled` (batches sent ahead of changes held back for
+/// a token). A v5 build refuses a v6 segment: it would take an unknown record for a torn tail
+/// and cut the changes after it, and read a `Sending` of a batch sent ahead as covering the
+/// held changes in its range.
+const MAGIC: &[u8] = b"codafs write-back log v6\n";
 /// Older magic lines this build still reads (all the same length as [`MAGIC`]).
-const READS: &[&[u8]] = &[MAGIC, b"codafs write-back log v4\n"];
+const READS: &[&[u8]] = &[MAGIC, b"codafs write-back log v5\n", b"codafs write-back log v4\n"];
 /// A new segment is started past this size (smaller in unit tests, which make many logs).
 #[cfg(not(test))]
 const SEGMENT_BYTES: u64 = 16 << 20;
@@ -825,24 +829,27 @@ mod tests {
         assert!(log.write_data("big", &[0; 300]).is_err(), "data files count too");
     }
 
-    /// A segment an older build wrote (v4: no `Own` records) is read as it is.
+    /// A segment an older build wrote (v5: no `SendingRuns` or `Settled`; v4: no `Own`
+    /// records either) is read as it is.
     #[test]
     fn a_segment_of_the_previous_format_is_read() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let (log, _) = Log::open(dir.path(), 1 << 30).unwrap();
-            log.append(&change(1, b"old")).unwrap();
-            log.inner().active.sync_all().unwrap();
+        for old in &READS[1..] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let (log, _) = Log::open(dir.path(), 1 << 30).unwrap();
+                log.append(&change(1, b"old")).unwrap();
+                log.inner().active.sync_all().unwrap();
+            }
+            let seg = dir.path().join(seg_name(1));
+            let mut bytes = std::fs::read(&seg).unwrap();
+            bytes[..MAGIC.len()].copy_from_slice(old);
+            std::fs::write(&seg, bytes).unwrap();
+            let (_, replay) = Log::open(dir.path(), 1 << 30).unwrap();
+            assert_eq!(
+                replay.records.iter().map(Record::names_seq).collect::<Vec<_>>(),
+                vec![1]
+            );
         }
-        let seg = dir.path().join(seg_name(1));
-        let mut bytes = std::fs::read(&seg).unwrap();
-        bytes[..MAGIC.len()].copy_from_slice(READS[1]);
-        std::fs::write(&seg, bytes).unwrap();
-        let (_, replay) = Log::open(dir.path(), 1 << 30).unwrap();
-        assert_eq!(
-            replay.records.iter().map(Record::names_seq).collect::<Vec<_>>(),
-            vec![1]
-        );
     }
 
     /// Past half a segment, the next one is made ahead and the rotation takes it; the records

@@ -415,7 +415,7 @@ impl WriteBack {
             last_conflict: st.last_conflict.clone(),
             refused: st.refused,
             last_refused: st.last_refused.clone(),
-            blocked: st.failing.clone().or_else(|| st.held_reason()),
+            blocked: st.blocked(),
             waiting_for_login: {
                 let mut uids: Vec<u32> = st.held.keys().copied().collect();
                 uids.sort_unstable();
@@ -496,13 +496,7 @@ impl WriteBack {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(FsError::Io("the write-back reintegrator stopped".into())),
             Err(_) => {
-                let why = {
-                    let st = self.st();
-                    st.failing
-                        .clone()
-                        .or_else(|| st.held_reason())
-                        .unwrap_or_else(|| "still sending".into())
-                };
+                let why = self.st().blocked().unwrap_or_else(|| "still sending".into());
                 Err(FsError::Disconnected(format!(
                     "logged changes are not on the servers after {limit:?} ({why}); they stay logged"
                 )))
@@ -523,6 +517,14 @@ impl BackState {
     /// sent again now: its user is not held back.
     fn resends(&self) -> bool {
         self.sent.iter().any(|s| !self.held.contains_key(&s.uid))
+    }
+
+    /// Why changes wait: the last failed send, and the users held back for a token.
+    fn blocked(&self) -> Option<String> {
+        match (self.failing.clone(), self.held_reason()) {
+            (Some(f), Some(h)) => Some(format!("{f}; {h}")),
+            (f, h) => f.or(h),
+        }
     }
 
     /// What `status` and a timed-out `sync` say of held-back users.
@@ -1379,6 +1381,9 @@ impl<R: Remote> Core<R> {
                 }
                 continue;
             };
+            // The token this batch goes with: a login during the send brings a new one, which
+            // a refusal of this one must not hold back.
+            let token = self.writes.tokens.get(batch.uid).map(|(t, _)| t);
             match self.send_batch(b, &batch).await {
                 Ok(()) => {
                     pause = Duration::from_millis(100);
@@ -1389,7 +1394,6 @@ impl<R: Remote> Core<R> {
                 Err(FsError::Unauthenticated(why)) => {
                     // Only this user's changes (and those that need them) wait; the rest go on.
                     tracing::warn!(uid = batch.uid, reason = %why, changes = batch.changes.len(), "write-back: changes wait for that user's next login");
-                    let token = self.writes.tokens.get(batch.uid).map(|(t, _)| t);
                     let mut st = b.st();
                     st.failing = None;
                     st.held.insert(
@@ -2016,8 +2020,11 @@ impl<R: Remote> Core<R> {
         {
             let mut st = b.st();
             st.sent.retain(|s| !seqs.iter().any(|q| in_runs(&s.runs, *q)));
-            // Batches go one at a time: no conflict copy of this or an earlier one is sent again.
-            st.conflict_names.clear();
+            // No batch awaits a resend: no conflict copy is sent again. (A batch held back for
+            // its user's token keeps the names its copies got.)
+            if st.sent.is_empty() {
+                st.conflict_names.clear();
+            }
             st.sent_changes += batch.changes.len() as u64;
             st.queue.retain(|c| !seqs.contains(&c.seq));
             st.settle_overlay(|seq| seq <= watermark || seqs.contains(&seq));

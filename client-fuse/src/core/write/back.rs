@@ -508,8 +508,15 @@ impl WriteBack {
 impl BackState {
     /// The highest seq up to which every change is settled.
     fn watermark(&self) -> u64 {
+        self.watermark_past(&HashSet::new())
+    }
+
+    /// The highest seq up to which every change will be settled once the changes `settling`
+    /// are.
+    fn watermark_past(&self, settling: &HashSet<u64>) -> u64 {
         self.queue
-            .front()
+            .iter()
+            .find(|c| !settling.contains(&c.seq))
             .map_or(self.next_seq.saturating_sub(1), |c| c.seq - 1)
     }
 
@@ -543,8 +550,8 @@ impl BackState {
     /// The next batch to send. A batch sent before whose user is not held back goes first, with
     /// its request id (the servers may have applied it already). Otherwise: consecutive
     /// changes of one volume by one user, skipping the changes held back (see
-    /// [`BackState::held_back_seqs`]).
-    fn next_batch(&self, held: impl Fn(u32) -> bool) -> Option<Batch> {
+    /// [`BackState::held_back_seqs`], passed in as `skip`).
+    fn next_batch(&self, held: impl Fn(u32) -> bool, skip: &HashSet<u64>) -> Option<Batch> {
         for s in &self.sent {
             if held(s.uid) {
                 continue;
@@ -559,7 +566,6 @@ impl BackState {
                 changes,
             });
         }
-        let skip = self.held_back_seqs(&held);
         let mut changes: Vec<Change> = Vec::new();
         let mut bytes = 0u64;
         for c in &self.queue {
@@ -1363,7 +1369,7 @@ impl<R: Remote> Core<R> {
             let (batch, newly_held) = {
                 let mut st = b.st();
                 let held = st.held_back_seqs(|uid| self.held_back(&st, uid));
-                let batch = st.next_batch(|uid| self.held_back(&st, uid));
+                let batch = st.next_batch(|uid| self.held_back(&st, uid), &held);
                 let changed = st.held_seqs != held;
                 st.held_seqs = held;
                 (batch, changed)
@@ -1988,22 +1994,14 @@ impl<R: Remote> Core<R> {
         let seqs: HashSet<u64> = batch.changes.iter().map(|c| c.seq).collect();
         // Everything up to `watermark` is settled once this batch is: `Done` says so. A batch
         // sent ahead of changes held back is recorded by its own numbers instead.
-        let watermark = {
-            let st = b.st();
-            st.queue
-                .iter()
-                .find(|c| !seqs.contains(&c.seq))
-                .map_or(st.next_seq.saturating_sub(1), |c| c.seq - 1)
-        };
+        let watermark = b.st().watermark_past(&seqs);
         // Segments go only under a `Done` (a `Settled` record must outlive the changes it
         // names); the batch's data files go either way.
-        let release_upto = if watermark >= batch.last { watermark } else { 0 };
-        let rec = if watermark >= batch.last {
-            Record::Done { last: watermark }
+        let (rec, release_upto) = if watermark >= batch.last {
+            (Record::Done { last: watermark }, watermark)
         } else {
-            Record::Settled {
-                runs: runs_of(batch.changes.iter().map(|c| c.seq)),
-            }
+            let runs = runs_of(batch.changes.iter().map(|c| c.seq));
+            (Record::Settled { runs }, 0)
         };
         let recorded = match b.log.append(&rec) {
             Ok(at) => b.log.sync(at.end).await,
@@ -2384,6 +2382,11 @@ mod tests {
         op
     }
 
+    /// The next batch with the users `held` back, as the reintegrator picks it.
+    fn pick(st: &BackState, held: impl Fn(u32) -> bool) -> Option<Batch> {
+        st.next_batch(&held, &st.held_back_seqs(&held))
+    }
+
     fn seqs(b: &Batch) -> Vec<u64> {
         b.changes.iter().map(|c| c.seq).collect()
     }
@@ -2416,9 +2419,9 @@ mod tests {
         let none = |_: u32| false;
         let only_a = |uid: u32| uid == A;
         // Nobody held: in order, one user at a time.
-        assert_eq!(seqs(&st.next_batch(none).unwrap()), [1]);
+        assert_eq!(seqs(&pick(&st, none).unwrap()), [1]);
         // A held: B's changes that need none of A's, across the skipped ones.
-        let b = st.next_batch(only_a).unwrap();
+        let b = pick(&st, only_a).unwrap();
         assert_eq!((seqs(&b), b.uid, b.request), (vec![2, 4, 7], B, None));
         // A batch of A sent before is skipped while A is held, sent first once A is not.
         st.sent.push(Sent {
@@ -2426,8 +2429,8 @@ mod tests {
             runs: vec![(1, 1)],
             request: [7; 16],
         });
-        assert_eq!(seqs(&st.next_batch(only_a).unwrap()), [2, 4, 7]);
-        let again = st.next_batch(none).unwrap();
+        assert_eq!(seqs(&pick(&st, only_a).unwrap()), [2, 4, 7]);
+        let again = pick(&st, none).unwrap();
         assert_eq!((seqs(&again), again.request), (vec![1], Some([7; 16])));
         // A batch of B sent before (ahead of A's) goes again first, with its request id.
         st.sent.push(Sent {
@@ -2435,7 +2438,7 @@ mod tests {
             runs: runs_of([2, 4]),
             request: [8; 16],
         });
-        let resent = st.next_batch(only_a).unwrap();
+        let resent = pick(&st, only_a).unwrap();
         assert_eq!((seqs(&resent), resent.request), (vec![2, 4], Some([8; 16])));
         // Names: B taking a name A freed, or removing a directory A put a name in, waits;
         // B's new name in a directory where A made one does not.
@@ -2460,11 +2463,11 @@ mod tests {
         ]);
         names.next_seq = 7;
         names.held = st.held.clone();
-        assert_eq!(seqs(&names.next_batch(only_a).unwrap()), [6]);
+        assert_eq!(seqs(&pick(&names, only_a).unwrap()), [6]);
         // Nothing left but held changes: no batch.
         st.sent.clear();
         st.queue.retain(|c| c.uid == A || c.seq == 3);
-        assert!(st.next_batch(only_a).is_none());
+        assert!(pick(&st, only_a).is_none());
         assert_eq!(st.watermark(), 0);
     }
 

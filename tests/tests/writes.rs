@@ -746,7 +746,8 @@ async fn fifos_sockets_and_device_nodes_are_metadata_every_node_sees() {
 
 /// Write-back with every server down: closes return once logged, the log holds the backlog, a
 /// kill -9 of the daemon loses none of it, and the next mount sends each file exactly once and
-/// whole.
+/// whole. The offline tree needs more node ids than one reservation holds (4,096): the mount
+/// reserved a second batch ahead while the servers were up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_write_back_log_survives_servers_down_and_a_kill_9() {
     bounded(async {
@@ -774,16 +775,27 @@ async fn the_write_back_log_survives_servers_down_and_a_kill_9() {
         })?
         .context("listing www")
         .map_err(logs)?;
+        wait_until(Duration::from_secs(10), "node ids reserved ahead", || async {
+            a.status().ok().and_then(|s| s.writes.write_back).is_some_and(|b| {
+                b.ids_reserved
+                    .get("www")
+                    .is_some_and(|n| *n > (EMPTY + FILES + 2) as u64)
+            })
+        })
+        .await?;
 
         for i in 0..tc.servers.len() {
             tc.kill(i);
         }
         const FILES: usize = 200;
+        const EMPTY: usize = 4_000;
         let content = |i: usize| format!("<p>page {i}</p>\n").repeat(i + 1);
         let tree = www.join("tree");
         codafs_tests::fs_call(Duration::from_secs(60), move || {
             std::fs::create_dir(&tree)?;
-            (0..FILES).try_for_each(|i| std::fs::write(tree.join(format!("f{i}.html")), content(i)))
+            (0..FILES).try_for_each(|i| std::fs::write(tree.join(format!("f{i}.html")), content(i)))?;
+            std::fs::create_dir(tree.join("empty"))?;
+            (0..EMPTY).try_for_each(|i| std::fs::write(tree.join(format!("empty/e{i}")), ""))
         })?
         .context("writing while every server is down")
         .map_err(|e| anyhow::anyhow!("{e:#}\n--- a ---\n{}", a.log()))?;
@@ -804,10 +816,12 @@ async fn the_write_back_log_survives_servers_down_and_a_kill_9() {
         for i in 0..FILES {
             wait_content(&web.path.join(format!("www/tree/f{i}.html")), content(i).as_bytes()).await?;
         }
+        let empties = std::fs::read_dir(web.path.join("www/tree/empty"))?.count();
+        ensure!(empties == EMPTY, "{empties} of the {EMPTY} empty files");
         let info = tc.volume_info("www").await?;
         ensure!(
-            info.used_files as usize == FILES + 2,
-            "each file once (first.html, tree/ and the pages): {}",
+            info.used_files as usize == FILES + EMPTY + 3,
+            "each file once (first.html, tree/, the pages, empty/ and its files): {}",
             info.used_files
         );
         let backlog = a.status()?.writes.write_back.context("a write-back mount")?;

@@ -853,6 +853,46 @@ async fn write_back_a_refused_token_holds_back_only_that_users_changes() {
     assert!(core.remote.version() > version);
 }
 
+/// Write-back: a node that goes offline keeps creating past one reservation of node ids. The
+/// first create reserves two batches (it must wait for the servers); once creations bring the
+/// pool below one batch, the reintegrator reserves another after its next send, so more
+/// creations than remained before it succeed while every server is down, and all of them reach
+/// the servers when they are back.
+#[tokio::test(start_paused = true)]
+async fn write_back_creates_go_on_offline_past_one_reservation() {
+    use crate::core::write::back::RESERVE_BATCH;
+    let dir = tempfile::tempdir().unwrap();
+    let core = with_alice(core_writing_back(dir.path(), 1 << 20)).await;
+    let www = core.lookup(ROOT_INO, "www").await.unwrap().ino;
+    let online = RESERVE_BATCH as usize + 10;
+    for i in 0..online {
+        core.mkdir(model::ALICE, www, &format!("on{i}"), 0o755).await.unwrap();
+    }
+    let left = core.backlog().unwrap().ids_reserved.get("www").copied().unwrap_or(0);
+    assert!(left < u64::from(RESERVE_BATCH), "below one batch: {left}");
+    send_log(&core).await;
+    let reserved = core.backlog().unwrap().ids_reserved.get("www").copied().unwrap_or(0);
+    assert_eq!(
+        reserved,
+        left + u64::from(RESERVE_BATCH),
+        "a batch is reserved ahead once the servers answer"
+    );
+    core.remote.lock().down = true;
+    let offline = RESERVE_BATCH as usize + 100;
+    for i in 0..offline {
+        core.mkdir(model::ALICE, www, &format!("d{i}"), 0o755)
+            .await
+            .unwrap_or_else(|e| panic!("offline mkdir {i}: {e:?}"));
+    }
+    assert_eq!(core.backlog().unwrap().changes, offline as u64);
+    core.remote.lock().down = false;
+    send_log(&core).await;
+    let names = core.remote.names("").unwrap();
+    assert_eq!(names.len(), online + offline, "every directory reached the servers");
+    let back = core.backlog().unwrap();
+    assert_eq!((back.changes, back.conflicts), (0, 0), "{back:?}");
+}
+
 /// Write-back: truncating a file that is not open is logged like a close's content (it does
 /// not wait for the servers), shown at once, and sent with the next batch.
 #[tokio::test(start_paused = true)]

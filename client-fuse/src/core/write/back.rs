@@ -31,8 +31,14 @@ use crate::core::{Invalidation, Invalidator};
 use crate::wblog::{in_runs, runs_of, Change, Content, Log, LogError, Record, INLINE_MAX};
 use codafs_common::chunks::chunk_reader;
 
-/// Node ids asked for at a time.
-const RESERVE_BATCH: u32 = 1024;
+/// Node ids asked for at a time. New nodes take their ids from a pool the servers set aside
+/// for this mount, so creating works while the servers are unreachable, as long as ids remain.
+pub(crate) const RESERVE_BATCH: u32 = 4096;
+/// When fewer ids than this remain for a volume, the reintegrator reserves another batch after
+/// its next successful send (a mount's first create reserves two): a node that goes offline
+/// still has at least this many creations in hand, counted from its last send, and only a
+/// mount's first create in a volume waits for a reservation.
+const RESERVE_LOW: u64 = RESERVE_BATCH as u64;
 /// A batch holds at most this many changes, and this many content bytes.
 const BATCH_CHANGES: usize = 5000;
 const BATCH_BYTES: u64 = 64 << 20;
@@ -118,6 +124,8 @@ struct BackState {
     conflict_names: HashMap<RequestId, String>,
     /// Reserved node ids per volume: ranges `next..end`.
     pool: HashMap<String, VecDeque<(u64, u64)>>,
+    /// Volumes whose pool ran below [`RESERVE_LOW`], with the uid whose token reserves more.
+    low_pools: HashMap<String, u32>,
     /// Names changed per directory: name -> (the node and kind it leads to now, or `None` if
     /// it was removed here; seq of the change).
     names: HashMap<u64, BTreeMap<String, (NameNow, u64)>>,
@@ -165,6 +173,10 @@ pub struct BacklogStatus {
     /// missing); the changes of other users are sent meanwhile.
     #[serde(default)]
     pub waiting_for_login: Vec<u32>,
+    /// Node ids reserved for new nodes, per volume: how many files and directories this node
+    /// can still create while the servers are unreachable.
+    #[serde(default)]
+    pub ids_reserved: BTreeMap<String, u64>,
 }
 
 /// A batch whose `Sending` record is in the log: its changes (ranges of seq) and commit id.
@@ -421,6 +433,7 @@ impl WriteBack {
                 uids.sort_unstable();
                 uids
             },
+            ids_reserved: st.pool.keys().map(|v| (v.clone(), st.ids_left(v))).collect(),
         }
     }
 
@@ -925,7 +938,9 @@ impl BackState {
         }
     }
 
-    fn take_id(&mut self, volume: &str) -> Option<u64> {
+    /// A node id for a new node of `volume` made by `uid`, if any is reserved; notes the pool
+    /// for a top-up when it runs low.
+    fn take_id(&mut self, volume: &str, uid: u32) -> Option<u64> {
         let ranges = self.pool.get_mut(volume)?;
         let r = ranges.front_mut()?;
         let ino = r.0;
@@ -933,7 +948,15 @@ impl BackState {
         if r.0 >= r.1 {
             ranges.pop_front();
         }
+        if self.ids_left(volume) < RESERVE_LOW {
+            self.low_pools.entry(volume.to_string()).or_insert(uid);
+        }
         Some(ino)
+    }
+
+    /// Node ids still reserved for `volume`.
+    fn ids_left(&self, volume: &str) -> u64 {
+        self.pool.get(volume).map_or(0, |rs| rs.iter().map(|r| r.1 - r.0).sum())
     }
 }
 
@@ -1174,19 +1197,33 @@ impl<R: Remote> Core<R> {
         w.finish().map(drop).map_err(|e| FsError::Io(e.to_string()))
     }
 
-    /// A node id for a new node of `volume`: from the reserved pool, reserving more first if it
-    /// is empty (that needs the servers).
-    async fn new_ino(&self, ctx: &WriteCtx) -> Result<u64, FsError> {
+    /// A node id for a new node of `volume` made by `uid`: from the reserved pool, reserving
+    /// more first if it is empty (that needs the servers; the reintegrator keeps the pool
+    /// topped up, so only a mount's first create in a volume, or one past the reserve while the
+    /// servers are unreachable, gets here).
+    async fn new_ino(&self, ctx: &WriteCtx, uid: u32) -> Result<u64, FsError> {
         let b = self.logging()?;
-        if let Some(i) = b.st().take_id(&ctx.volume) {
+        if let Some(i) = b.st().take_id(&ctx.volume, uid) {
             return Ok(i);
         }
-        let reserve = Op::Reserve { count: RESERVE_BATCH };
+        // Twice a batch: the pool starts above its low mark, so no top-up follows at once.
+        if let Err(e) = self.reserve_ids(b, &ctx.token, &ctx.volume, 2 * RESERVE_BATCH).await {
+            tracing::warn!(volume = %ctx.volume, error = %e, "no node ids left for new files here, and reserving more failed: creating fails until the servers answer");
+            return Err(e);
+        }
+        b.st()
+            .take_id(&ctx.volume, uid)
+            .ok_or_else(|| FsError::Io("reserved node ids vanished".into()))
+    }
+
+    /// Asks the servers for `count` node ids of `volume` and adds them to the pool, durably
+    /// logged (a replay must not hand them out again, nor lose them).
+    async fn reserve_ids(&self, b: &WriteBack, token: &str, volume: &str, count: u32) -> Result<(), FsError> {
+        let reserve = Op::Reserve { count };
         let r = self
             .timed(
                 self.write_timeout(0),
-                self.remote
-                    .commit(&ctx.token, &ctx.volume, vec![reserve], new_request_id()),
+                self.remote.commit(token, volume, vec![reserve], new_request_id()),
             )
             .await?;
         let first = r
@@ -1198,19 +1235,36 @@ impl<R: Remote> Core<R> {
         // Our own commit: its event is known as ours.
         self.own_commit(r.version);
         let rec = Record::Reserved {
-            volume: ctx.volume.clone(),
+            volume: volume.to_string(),
             first,
-            count: RESERVE_BATCH,
+            count,
         };
         let at = b.log.append(&rec).map_err(log_err)?;
         b.log.sync(at.end).await.map_err(log_err)?;
         let mut st = b.st();
         st.pool
-            .entry(ctx.volume.clone())
+            .entry(volume.to_string())
             .or_default()
-            .push_back((first, first + u64::from(RESERVE_BATCH)));
-        st.take_id(&ctx.volume)
-            .ok_or_else(|| FsError::Io("reserved node ids vanished".into()))
+            .push_back((first, first + u64::from(count)));
+        if st.ids_left(volume) >= RESERVE_LOW {
+            st.low_pools.remove(volume);
+        }
+        Ok(())
+    }
+
+    /// Reserves more node ids for the volumes whose pool ran low, with the token of the user
+    /// who last took one there. Called after a successful send, when the servers answer; a
+    /// failure is only logged, and the next create there asks again.
+    async fn top_up_ids(&self, b: &WriteBack) {
+        let low = std::mem::take(&mut b.st().low_pools);
+        for (volume, uid) in low {
+            let Some((token, _)) = self.writes.tokens.get(uid) else {
+                continue;
+            };
+            if let Err(e) = self.reserve_ids(b, &token, &volume, RESERVE_BATCH).await {
+                tracing::info!(%volume, uid, error = %e, "reserving node ids ahead failed; the next create here asks again");
+            }
+        }
     }
 
     /// A create, logged: the new node exists here at once and on the servers after its batch.
@@ -1231,7 +1285,7 @@ impl<R: Remote> Core<R> {
             Err(FsError::NotFound) => {}
             Err(e) => return Err(e),
         }
-        let ino = self.new_ino(ctx).await?;
+        let ino = self.new_ino(ctx, c.uid).await?;
         let empty = Hash::of(b"");
         let op = Op::Create {
             ino: Some(ino),
@@ -1393,9 +1447,12 @@ impl<R: Remote> Core<R> {
             match self.send_batch(b, &batch).await {
                 Ok(()) => {
                     pause = Duration::from_millis(100);
-                    let mut st = b.st();
-                    st.failing = None;
-                    st.held.remove(&batch.uid);
+                    {
+                        let mut st = b.st();
+                        st.failing = None;
+                        st.held.remove(&batch.uid);
+                    }
+                    self.top_up_ids(b).await;
                 }
                 Err(FsError::Unauthenticated(why)) => {
                     // Only this user's changes (and those that need them) wait; the rest go on.
@@ -2564,8 +2621,8 @@ mod tests {
         let mut st = BackState::default();
         st.pool.entry("www".into()).or_default().push_back((100, 103));
         st.take_ids_used_by(&change(1, create(101, "a")));
-        assert_eq!(st.take_id("www"), Some(102));
-        assert_eq!(st.take_id("www"), None);
+        assert_eq!(st.take_id("www", 0), Some(102));
+        assert_eq!(st.take_id("www", 0), None);
         assert!(conflict_name(&"x".repeat(255), "host").len() <= 255);
         assert!(conflict_name("index.html", "web1").starts_with("index.html.conflict-web1-"));
     }

@@ -893,6 +893,47 @@ async fn write_back_creates_go_on_offline_past_one_reservation() {
     assert_eq!((back.changes, back.conflicts), (0, 0), "{back:?}");
 }
 
+/// Write-back: once the log drains, what its commits made the cache forget is read again
+/// before `codafs sync` returns: with every server gone right after, the directories just
+/// written (one of them new) still answer lookups, stats and new creations.
+#[tokio::test(start_paused = true)]
+async fn write_back_what_was_just_sent_stays_usable_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = with_alice(core_writing_back(dir.path(), 1 << 20)).await;
+    let www = core.lookup(ROOT_INO, "www").await.unwrap().ino;
+    core.mkdir(model::ALICE, www, "news", 0o755).await.unwrap();
+    model::write(&core, "news/a.html", b"a").await.unwrap();
+    model::write(&core, "top.html", b"top").await.unwrap();
+    // The change stream delivers the batch's event while it is sent, as it does live.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let events = async {
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            deliver_all(&core).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    let sent = async {
+        send_log(&core).await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
+    tokio::join!(events, sent);
+    assert_eq!(core.remote.content("news/a.html").unwrap(), b"a");
+    core.remote.lock().down = true;
+    let news = core.lookup(www, "news").await.expect("the new directory, offline").ino;
+    core.getattr(news).await.expect("its attributes, offline");
+    core.lookup(news, "a.html").await.expect("a file in it, offline");
+    core.lookup(www, "top.html")
+        .await
+        .expect("a file in its parent, offline");
+    assert_eq!(core.lookup(news, "absent").await, Err(FsError::NotFound));
+    core.mkdir(model::ALICE, news, "more", 0o755)
+        .await
+        .expect("a creation in it, offline");
+    core.remote.lock().down = false;
+    send_log(&core).await;
+    assert!(core.remote.names("news").unwrap().contains(&"more".to_string()));
+}
+
 /// Write-back: truncating a file that is not open is logged like a close's content (it does
 /// not wait for the servers), shown at once, and sent with the next batch.
 #[tokio::test(start_paused = true)]

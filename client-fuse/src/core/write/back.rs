@@ -16,7 +16,7 @@
 //! a change whose name was taken goes under a sibling name (`NAME.conflict-HOST-TIME`), and so
 //! does content written over someone else's newer version. Nothing logged is dropped silently:
 //! conflicts are counted in `codafs status` and logged.
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::OnceLock;
 
 use tokio::sync::{watch, Notify};
@@ -34,6 +34,10 @@ use codafs_common::chunks::chunk_reader;
 /// Node ids asked for at a time. New nodes take their ids from a pool the servers set aside
 /// for this mount, so creating works while the servers are unreachable, as long as ids remain.
 pub(crate) const RESERVE_BATCH: u32 = 4096;
+/// Directories (and nodes) read again after the log drains, at most; listings longer than
+/// `REWARM_LISTING_MAX` are not read again whole (their directory's attributes are).
+const REWARM_MAX: usize = 512;
+const REWARM_LISTING_MAX: usize = 10_000;
 /// When fewer ids than this remain for a volume, the reintegrator reserves another batch after
 /// its next successful send (a mount's first create reserves two): a node that goes offline
 /// still has at least this many creations in hand, counted from its last send, and only a
@@ -126,6 +130,12 @@ struct BackState {
     pool: HashMap<String, VecDeque<(u64, u64)>>,
     /// Volumes whose pool ran below [`RESERVE_LOW`], with the uid whose token reserves more.
     low_pools: HashMap<String, u32>,
+    /// Directories and nodes whose cached metadata this mount's commits made it forget (or,
+    /// for new directories, never had): read again once the log drains (see `rewarm`), so
+    /// what was just sent stays usable while the servers are unreachable. At most
+    /// [`REWARM_MAX`] of each.
+    rewarm_dirs: BTreeSet<u64>,
+    rewarm_nodes: BTreeSet<u64>,
     /// Names changed per directory: name -> (the node and kind it leads to now, or `None` if
     /// it was removed here; seq of the change).
     names: HashMap<u64, BTreeMap<String, (NameNow, u64)>>,
@@ -1543,8 +1553,65 @@ impl<R: Remote> Core<R> {
             }
             Err(e) => return Err(e),
         }
+        // The log drains with this batch: what its commits made the cache forget is read again
+        // before the batch settles, so `codafs sync` returns with it cached for offline use.
+        let drained = {
+            let st = b.st();
+            st.queue.len() <= batch.changes.len() + st.held_seqs.len()
+        };
+        if drained {
+            let _ = tokio::time::timeout(self.cfg.op_timeout, self.rewarm(b)).await;
+        }
         self.settle_batch(b, batch).await;
         Ok(())
+    }
+
+    /// Reads again, while the servers answer, the listings (with their entries' attributes)
+    /// and attributes that this mount's commits made the cache forget, and the listings of
+    /// the directories it created. Without this, a node that loses the servers right after
+    /// sending could no longer look up, stat or create in the directories it just wrote to.
+    /// Best effort: the first failure ends it (what is left is fetched when next needed).
+    async fn rewarm(&self, b: &WriteBack) {
+        let (dirs, nodes) = {
+            let mut st = b.st();
+            (
+                std::mem::take(&mut st.rewarm_dirs),
+                std::mem::take(&mut st.rewarm_nodes),
+            )
+        };
+        for dir in dirs {
+            let long = matches!(self.meta.listing(dir), Ok(Some(l)) if l.len() > REWARM_LISTING_MAX);
+            let r = if long {
+                self.stored_attr(dir).await.map(drop)
+            } else {
+                self.fetch_settled(
+                    dir,
+                    || self.timed(self.cfg.op_timeout, self.remote.readdir(dir)),
+                    |e| self.meta.put_dir(dir, e).map_err(|e| FsError::Io(e.to_string())),
+                )
+                .await
+                .map(drop)
+            };
+            match r {
+                Ok(()) | Err(FsError::NotFound) | Err(FsError::NotDir) => {}
+                Err(e) => {
+                    tracing::debug!(dir, error = %e, "reading a written directory again failed");
+                    return;
+                }
+            }
+        }
+        for ino in nodes {
+            if matches!(self.meta.attr(ino), Ok(Some(_))) {
+                continue;
+            }
+            match self.stored_attr(ino).await {
+                Ok(_) | Err(FsError::NotFound) => {}
+                Err(e) => {
+                    tracing::debug!(ino, error = %e, "reading a written node again failed");
+                    return;
+                }
+            }
+        }
     }
 
     /// The one commit of a batch whose contents are on the servers.
@@ -1671,12 +1738,38 @@ impl<R: Remote> Core<R> {
         }
         // The cached listings learn the batch's names here (our own event does not drop them),
         // each listing read and written once however many names the batch changed in it.
-        let (mut patches, mut unknown) = (Vec::new(), Vec::new());
+        let (mut patches, mut unknown, mut new_dirs) = (Vec::new(), Vec::new(), Vec::new());
         for (i, op) in ops.iter().enumerate() {
             // A conflict copy is created without a reserved id: the reply names it.
             let made = done.created.get(i).copied().filter(|c| *c != 0);
             listing_patches(op, made, &mut patches, &mut unknown);
             inos.extend(touched(op));
+            if let Op::Create {
+                ino,
+                kind: NodeKind::Dir,
+                ..
+            } = op
+            {
+                new_dirs.extend(ino.or(made));
+            }
+        }
+        {
+            let mut st = b.st();
+            let dirs = patches
+                .iter()
+                .map(|p| p.0)
+                .chain(unknown.iter().copied())
+                .chain(new_dirs);
+            for d in dirs {
+                if st.rewarm_dirs.len() < REWARM_MAX {
+                    st.rewarm_dirs.insert(d);
+                }
+            }
+            for &i in &inos {
+                if st.rewarm_nodes.len() < REWARM_MAX {
+                    st.rewarm_nodes.insert(i);
+                }
+            }
         }
         {
             // A listing is patched only while the mount shows the volume from before this

@@ -755,11 +755,14 @@ async fn the_write_back_log_survives_servers_down_and_a_kill_9() {
         let (mut a, web) = writer_and_web_node(&tc)?;
         let www = a.path.join("www");
         // One file while the servers are up: node ids get reserved.
-        let first = www.join("first.html");
+        let (first, sent) = (www.join("first.html"), www.join("sent.html"));
         let logs = |e: anyhow::Error| anyhow::anyhow!("{e}\n--- a ---\n{}", a.log());
-        codafs_tests::fs_call(Duration::from_secs(30), move || std::fs::write(first, "first"))?
-            .context("the first file")
-            .map_err(logs)?;
+        codafs_tests::fs_call(Duration::from_secs(30), move || {
+            std::fs::write(first, "first")?;
+            std::fs::write(sent, "sent")
+        })?
+        .context("the first files")
+        .map_err(logs)?;
         a.sync()?;
         wait_content(&web.path.join("www/first.html"), b"first").await?;
         // No listing or stat while the servers are up: what the sync sent was read again
@@ -780,7 +783,13 @@ async fn the_write_back_log_survives_servers_down_and_a_kill_9() {
         const EMPTY: usize = 4_000;
         let content = |i: usize| format!("<p>page {i}</p>\n").repeat(i + 1);
         let tree = www.join("tree");
+        let (first, sent) = (www.join("first.html"), www.join("sent.html"));
         codafs_tests::fs_call(Duration::from_secs(60), move || {
+            // Files sent just before: one reopened to append (its content comes from the
+            // blob cache), one overwritten (O_TRUNC needs no old content).
+            use std::io::Write;
+            std::fs::OpenOptions::new().append(true).open(&first)?.write_all(b"+")?;
+            std::fs::write(&sent, "overwritten")?;
             std::fs::create_dir(&tree)?;
             (0..FILES).try_for_each(|i| std::fs::write(tree.join(format!("f{i}.html")), content(i)))?;
             std::fs::create_dir(tree.join("empty"))?;
@@ -805,12 +814,14 @@ async fn the_write_back_log_survives_servers_down_and_a_kill_9() {
         for i in 0..FILES {
             wait_content(&web.path.join(format!("www/tree/f{i}.html")), content(i).as_bytes()).await?;
         }
+        wait_content(&web.path.join("www/first.html"), b"first+").await?;
+        wait_content(&web.path.join("www/sent.html"), b"overwritten").await?;
         let empties = std::fs::read_dir(web.path.join("www/tree/empty"))?.count();
         ensure!(empties == EMPTY, "{empties} of the {EMPTY} empty files");
         let info = tc.volume_info("www").await?;
         ensure!(
-            info.used_files as usize == FILES + EMPTY + 3,
-            "each file once (first.html, tree/, the pages, empty/ and its files): {}",
+            info.used_files as usize == FILES + EMPTY + 4,
+            "each file once (first.html, sent.html, tree/, the pages, empty/ and its files): {}",
             info.used_files
         );
         let backlog = a.status()?.writes.write_back.context("a write-back mount")?;

@@ -894,8 +894,9 @@ async fn write_back_creates_go_on_offline_past_one_reservation() {
 }
 
 /// Write-back: once the log drains, what its commits made the cache forget is read again
-/// before `codafs sync` returns: with every server gone right after, the directories just
-/// written (one of them new) still answer lookups, stats and new creations.
+/// before `codafs sync` returns, and the contents just sent stay in the blob cache: with every
+/// server gone right after, the directories just written (one of them new) still answer
+/// lookups, stats and new creations, and the files read and reopen for writing.
 #[tokio::test(start_paused = true)]
 async fn write_back_what_was_just_sent_stays_usable_offline() {
     let dir = tempfile::tempdir().unwrap();
@@ -929,9 +930,22 @@ async fn write_back_what_was_just_sent_stays_usable_offline() {
     core.mkdir(model::ALICE, news, "more", 0o755)
         .await
         .expect("a creation in it, offline");
+    assert_eq!(
+        model::read(&core, "news/a.html").await.expect("its content, offline"),
+        b"a"
+    );
+    let top = core.lookup(www, "top.html").await.unwrap().ino;
+    let fh = core
+        .open(model::ALICE, top, libc::O_WRONLY)
+        .await
+        .expect("open for writing without O_TRUNC, offline");
+    core.write(fh, 3, b"!").unwrap();
+    core.flush(fh).await.unwrap();
+    core.release(fh).await;
     core.remote.lock().down = false;
     send_log(&core).await;
     assert!(core.remote.names("news").unwrap().contains(&"more".to_string()));
+    assert_eq!(core.remote.content("top.html").unwrap(), b"top!");
 }
 
 /// Write-back: truncating a file that is not open is logged like a close's content (it does

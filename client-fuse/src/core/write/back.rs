@@ -38,6 +38,8 @@ pub(crate) const RESERVE_BATCH: u32 = 4096;
 /// `REWARM_LISTING_MAX` are not read again whole (their directory's attributes are).
 const REWARM_MAX: usize = 512;
 const REWARM_LISTING_MAX: usize = 10_000;
+/// Bytes of inline contents a batch that drains the log keeps in the blob cache, at most.
+const KEEP_MAX_BYTES: u64 = 64 << 20;
 /// When fewer ids than this remain for a volume, the reintegrator reserves another batch after
 /// its next successful send (a mount's first create reserves two): a node that goes offline
 /// still has at least this many creations in hand, counted from its last send, and only a
@@ -1561,9 +1563,41 @@ impl<R: Remote> Core<R> {
         };
         if drained {
             let _ = tokio::time::timeout(self.cfg.op_timeout, self.rewarm(b)).await;
+            self.keep_sent_contents(b, batch);
         }
-        self.settle_batch(b, batch).await;
+        self.settle_batch(b, batch, drained).await;
         Ok(())
+    }
+
+    /// Copies the inline contents of a batch that drained the log into the blob cache, newest
+    /// first, at most [`REWARM_MAX`] files and [`KEEP_MAX_BYTES`]: the files just written stay
+    /// readable, and open for writing, while the servers are unreachable. (During a long copy
+    /// only the last batch is kept: copying every file at its send would double the copy's
+    /// disk writes.) Best effort: the blob cache may refuse (full), and evicts as usual.
+    fn keep_sent_contents(&self, b: &WriteBack, batch: &Batch) {
+        let (mut files, mut bytes) = (0usize, 0u64);
+        for c in batch.changes.iter().rev() {
+            let (Some(content), Some(h)) = (&c.content, content_hash(&c.op)) else {
+                continue;
+            };
+            if matches!(content, Content::File(_)) || self.blobs.lookup(&h) {
+                // Data files are moved into the cache when the batch settles.
+                continue;
+            }
+            if files >= REWARM_MAX || bytes >= KEEP_MAX_BYTES {
+                return;
+            }
+            match b.log.read_content(content) {
+                Ok(data) => {
+                    if self.cache_copy(h, &data).is_err() {
+                        return;
+                    }
+                    files += 1;
+                    bytes += data.len() as u64;
+                }
+                Err(_) => return,
+            }
+        }
     }
 
     /// Reads again, while the servers answer, the listings (with their entries' attributes)
@@ -2134,7 +2168,9 @@ impl<R: Remote> Core<R> {
     /// found the batch's `Sending` record without its changes or contents could never resend
     /// it. If it cannot be written (the cache disk failing), nothing is released: the next
     /// start resends the batch, which the servers answer from their record of its request id.
-    async fn settle_batch(&self, b: &WriteBack, batch: &Batch) {
+    /// `drained`: the batch emptied the log, so its data files all move into the blob cache
+    /// (otherwise only chunked ones do, which a reader usually opens next).
+    async fn settle_batch(&self, b: &WriteBack, batch: &Batch, drained: bool) {
         // Own versions that changes still logged will need after a crash, made durable by the
         // same sync as `Done` (an `Own` record that cannot be written costs only a false
         // conflict after a crash, kept as a sibling).
@@ -2192,10 +2228,12 @@ impl<R: Remote> Core<R> {
             // the cache entry instead of being deleted and fetched back.
             Ok(()) => b.log.release_keeping(release_upto, &data, |name, path, len| {
                 let Some(h) = hashes.get(name) else { return false };
-                if !codafs_common::chunks::is_chunked(len) || self.blobs.lookup(h) {
+                let chunked = codafs_common::chunks::is_chunked(len);
+                if !(chunked || drained) || self.blobs.lookup(h) {
                     return false;
                 }
-                let known = self.manifests.lock().unwrap_or_else(|p| p.into_inner()).contains(h);
+                // A whole-file entry is hashed again on first use (it may come from a replay).
+                let known = chunked && self.manifests.lock().unwrap_or_else(|p| p.into_inner()).contains(h);
                 self.blobs.adopt(*h, path, len, known).is_ok()
             }),
             Err(e) => {

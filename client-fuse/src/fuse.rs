@@ -259,13 +259,10 @@ impl<R: Remote> Filesystem for CodaFs<R> {
         // Lookups in one directory run in parallel (the kernel otherwise serializes them per
         // directory, so one slow miss held up every reader there), and a listing carries its
         // entries' attributes (`ls -l`, `find`, rsync: no lookup per entry afterwards).
-        // An open with O_TRUNC carries it (no separate truncate after the open, so the old
-        // content is never fetched just to be thrown away, and overwriting works offline).
         let wanted = [
             fuser::InitFlags::FUSE_PARALLEL_DIROPS,
             fuser::InitFlags::FUSE_DO_READDIRPLUS,
             fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
-            fuser::InitFlags::FUSE_ATOMIC_O_TRUNC,
         ];
         for flag in wanted {
             if let Err(e) = config.add_capabilities(flag) {

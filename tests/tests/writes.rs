@@ -786,7 +786,7 @@ async fn the_write_back_log_survives_servers_down_and_a_kill_9() {
         let (first, sent) = (www.join("first.html"), www.join("sent.html"));
         codafs_tests::fs_call(Duration::from_secs(60), move || {
             // Files sent just before: one reopened to append (its content comes from the
-            // blob cache), one overwritten (O_TRUNC needs no old content).
+            // blob cache), one overwritten (its old content is copied from there too).
             use std::io::Write;
             std::fs::OpenOptions::new().append(true).open(&first)?.write_all(b"+")?;
             std::fs::write(&sent, "overwritten")?;

@@ -938,7 +938,7 @@ async fn write_back_what_was_just_sent_stays_usable_offline() {
     let fh = core
         .open(model::ALICE, top, libc::O_WRONLY)
         .await
-        .expect("open for writing without O_TRUNC, offline");
+        .expect("open for writing, offline");
     core.write(fh, 3, b"!").unwrap();
     core.flush(fh).await.unwrap();
     core.release(fh).await;

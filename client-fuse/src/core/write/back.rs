@@ -16,7 +16,7 @@
 //! a change whose name was taken goes under a sibling name (`NAME.conflict-HOST-TIME`), and so
 //! does content written over someone else's newer version. Nothing logged is dropped silently:
 //! conflicts are counted in `codafs status` and logged.
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::OnceLock;
 
 use tokio::sync::{watch, Notify};
@@ -40,6 +40,8 @@ const REWARM_MAX: usize = 512;
 const REWARM_LISTING_MAX: usize = 10_000;
 /// Bytes of inline contents a batch that drains the log keeps in the blob cache, at most.
 const KEEP_MAX_BYTES: u64 = 64 << 20;
+/// The reads of `rewarm` take at most this long in all.
+const REWARM_TIME: Duration = Duration::from_millis(500);
 /// When fewer ids than this remain for a volume, the reintegrator reserves another batch after
 /// its next successful send (a mount's first create reserves two): a node that goes offline
 /// still has at least this many creations in hand, counted from its last send, and only a
@@ -135,9 +137,9 @@ struct BackState {
     /// Directories and nodes whose cached metadata this mount's commits made it forget (or,
     /// for new directories, never had): read again once the log drains (see `rewarm`), so
     /// what was just sent stays usable while the servers are unreachable. At most
-    /// [`REWARM_MAX`] of each.
-    rewarm_dirs: BTreeSet<u64>,
-    rewarm_nodes: BTreeSet<u64>,
+    /// [`REWARM_MAX`] of each, the newest (older ones are dropped first).
+    rewarm_dirs: VecDeque<u64>,
+    rewarm_nodes: VecDeque<u64>,
     /// Names changed per directory: name -> (the node and kind it leads to now, or `None` if
     /// it was removed here; seq of the change).
     names: HashMap<u64, BTreeMap<String, (NameNow, u64)>>,
@@ -961,7 +963,7 @@ impl BackState {
             ranges.pop_front();
         }
         if self.ids_left(volume) < RESERVE_LOW {
-            self.low_pools.entry(volume.to_string()).or_insert(uid);
+            self.low_pools.insert(volume.to_string(), uid);
         }
         Some(ino)
     }
@@ -1267,10 +1269,11 @@ impl<R: Remote> Core<R> {
     /// Reserves more node ids for the volumes whose pool ran low, with the token of the user
     /// who last took one there. Called after a successful send, when the servers answer; a
     /// failure is only logged, and the next create there asks again.
-    async fn top_up_ids(&self, b: &WriteBack) {
+    async fn top_up_ids(&self, b: &WriteBack, sender: u32) {
         let low = std::mem::take(&mut b.st().low_pools);
         for (volume, uid) in low {
-            let Some((token, _)) = self.writes.tokens.get(uid) else {
+            // That user's token, or else the one the batch just went with.
+            let Some((token, _)) = self.writes.tokens.get(uid).or_else(|| self.writes.tokens.get(sender)) else {
                 continue;
             };
             if let Err(e) = self.reserve_ids(b, &token, &volume, RESERVE_BATCH).await {
@@ -1464,7 +1467,7 @@ impl<R: Remote> Core<R> {
                         st.failing = None;
                         st.held.remove(&batch.uid);
                     }
-                    self.top_up_ids(b).await;
+                    self.top_up_ids(b, batch.uid).await;
                 }
                 Err(FsError::Unauthenticated(why)) => {
                     // Only this user's changes (and those that need them) wait; the rest go on.
@@ -1562,8 +1565,10 @@ impl<R: Remote> Core<R> {
             st.queue.len() <= batch.changes.len() + st.held_seqs.len()
         };
         if drained {
-            let _ = tokio::time::timeout(self.cfg.op_timeout, self.rewarm(b)).await;
-            self.keep_sent_contents(b, batch);
+            // Bounded tighter than a request: with the change stream down, each read would
+            // wait for this commit's event.
+            let _ = tokio::time::timeout(self.cfg.op_timeout.min(REWARM_TIME), self.rewarm(b)).await;
+            crate::blocking::blocking(u64::MAX, || self.keep_sent_contents(b, batch));
         }
         self.settle_batch(b, batch, drained).await;
         Ok(())
@@ -1576,10 +1581,15 @@ impl<R: Remote> Core<R> {
     /// disk writes.) Best effort: the blob cache may refuse (full), and evicts as usual.
     fn keep_sent_contents(&self, b: &WriteBack, batch: &Batch) {
         let (mut files, mut bytes) = (0usize, 0u64);
+        let mut newer: HashSet<u64> = HashSet::new();
         for c in batch.changes.iter().rev() {
             let (Some(content), Some(h)) = (&c.content, content_hash(&c.op)) else {
                 continue;
             };
+            // Only each file's last content in the batch (the one sent).
+            if !newer.insert(op_target(&c.op)) {
+                continue;
+            }
             if matches!(content, Content::File(_)) || self.blobs.lookup(&h) {
                 // Data files are moved into the cache when the batch settles.
                 continue;
@@ -1613,7 +1623,11 @@ impl<R: Remote> Core<R> {
                 std::mem::take(&mut st.rewarm_nodes),
             )
         };
-        for dir in dirs {
+        let mut seen = HashSet::new();
+        for dir in dirs.into_iter().rev() {
+            if !seen.insert(dir) {
+                continue;
+            }
             let long = matches!(self.meta.listing(dir), Ok(Some(l)) if l.len() > REWARM_LISTING_MAX);
             let r = if long {
                 self.stored_attr(dir).await.map(drop)
@@ -1634,8 +1648,10 @@ impl<R: Remote> Core<R> {
                 }
             }
         }
-        for ino in nodes {
-            if matches!(self.meta.attr(ino), Ok(Some(_))) {
+        // A directory read again above still needs its own attributes.
+        let mut seen = HashSet::new();
+        for ino in nodes.into_iter().rev() {
+            if !seen.insert(ino) || matches!(self.meta.attr(ino), Ok(Some(_))) {
                 continue;
             }
             match self.stored_attr(ino).await {
@@ -1795,13 +1811,15 @@ impl<R: Remote> Core<R> {
                 .chain(unknown.iter().copied())
                 .chain(new_dirs);
             for d in dirs {
-                if st.rewarm_dirs.len() < REWARM_MAX {
-                    st.rewarm_dirs.insert(d);
-                }
+                bounded_push(&mut st.rewarm_dirs, d);
             }
-            for &i in &inos {
-                if st.rewarm_nodes.len() < REWARM_MAX {
-                    st.rewarm_nodes.insert(i);
+            // Not the nodes a remove or a rename took away: they may be gone.
+            for op in ops {
+                for i in touched(op) {
+                    let gone = matches!(op, Op::Remove { seen: Some(s), .. } | Op::Rename { replaces: Some(s), .. } if s.ino == i);
+                    if !gone {
+                        bounded_push(&mut st.rewarm_nodes, i);
+                    }
                 }
             }
         }
@@ -2242,6 +2260,17 @@ impl<R: Remote> Core<R> {
         }
         b.settles.send_modify(|n| *n += 1);
     }
+}
+
+/// Appends `v` to a bounded queue of [`REWARM_MAX`], dropping the oldest entry when full.
+fn bounded_push(q: &mut VecDeque<u64>, v: u64) {
+    if q.back() == Some(&v) {
+        return;
+    }
+    if q.len() >= REWARM_MAX {
+        q.pop_front();
+    }
+    q.push_back(v);
 }
 
 /// The name changes a committed operation made, as patches of cached listings (`patches`), or

@@ -13,11 +13,9 @@ pub(super) struct Handle {
 
 impl<R: Remote> Core<R> {
     /// `open`: read-only opens need nothing (handle 0); opens for writing get the file's
-    /// shadow, shared by every writer of that file on this mount. `O_TRUNC` comes with the
-    /// open (`FUSE_ATOMIC_O_TRUNC`): the shadow starts empty, without the old content (which
-    /// may not be cached, and need not be), and a read-only open with `O_TRUNC` truncates too.
+    /// shadow, shared by every writer of that file on this mount.
     pub async fn open(&self, c: Caller, ino: u64, flags: i32) -> Result<u64, FsError> {
-        if flags & libc::O_ACCMODE == libc::O_RDONLY && flags & libc::O_TRUNC == 0 {
+        if flags & libc::O_ACCMODE == libc::O_RDONLY {
             // A handle remembering the file, so it stays readable if unlinked while open.
             return self.open_handle(ino, c.uid, false, ShadowInit::Current).await;
         }

@@ -217,25 +217,16 @@ impl<R: Remote> Core<R> {
             }
             return Err(FsError::Io("a file's shadow vanished while it was being opened".into()));
         }
-        // Emptying a file that had content (an open with O_TRUNC) changes it now, as a
-        // truncate would: its times move even if nothing is written before close.
-        let truncated = init == ShadowInit::Empty && attr.size != 0;
-        let (mtime_ns, ctime_ns) = if truncated {
-            let now = codafs_common::now_ns();
-            (now, now)
-        } else {
-            (attr.mtime_ns, attr.ctime_ns)
-        };
         shadows.insert(
             ino,
             Arc::new(Mutex::new(Shadow {
                 file,
                 path,
                 size,
-                dirty: truncated,
+                dirty: init == ShadowInit::Empty && attr.size != 0,
                 generation: 0,
-                mtime_ns,
-                ctime_ns,
+                mtime_ns: attr.mtime_ns,
+                ctime_ns: attr.ctime_ns,
                 attr: attr.clone(),
                 base_version: raw.version,
                 opens: 1,

@@ -551,13 +551,7 @@ impl<R: Remote> Core<R> {
             return Err(FsError::NotDir);
         }
         let started = std::time::Instant::now();
-        let entries = self
-            .fetch_settled(
-                ino,
-                || self.timed(self.cfg.op_timeout * 5, self.remote.readdir(ino)),
-                |e| self.meta.put_dir(ino, e).map_err(Self::io),
-            )
-            .await?;
+        let entries = self.fetch_listing(ino, self.cfg.op_timeout * 5).await?;
         self.timings.listed(started);
         if prefetch {
             self.bring_small(&entries).await;
@@ -570,6 +564,17 @@ impl<R: Remote> Core<R> {
                 kind: kind_code(a.kind),
             })
             .collect())
+    }
+
+    /// Reads directory `ino`'s listing with its entries' attributes from the servers (each
+    /// try within `limit`) and caches both once they are the state the mount shows.
+    async fn fetch_listing(&self, ino: u64, limit: std::time::Duration) -> Result<Vec<(String, Attr)>, FsError> {
+        self.fetch_settled(
+            ino,
+            || self.timed(limit, self.remote.readdir(ino)),
+            |e| self.meta.put_dir(ino, e).map_err(Self::io),
+        )
+        .await
     }
 
     pub async fn lookup(&self, parent: u64, name: &str) -> Result<NodeAttr, FsError> {

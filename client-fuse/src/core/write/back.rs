@@ -1632,13 +1632,7 @@ impl<R: Remote> Core<R> {
             let r = if long {
                 self.stored_attr(dir).await.map(drop)
             } else {
-                self.fetch_settled(
-                    dir,
-                    || self.timed(self.cfg.op_timeout, self.remote.readdir(dir)),
-                    |e| self.meta.put_dir(dir, e).map_err(|e| FsError::Io(e.to_string())),
-                )
-                .await
-                .map(drop)
+                self.fetch_listing(dir, self.cfg.op_timeout).await.map(drop)
             };
             match r {
                 Ok(()) | Err(FsError::NotFound) | Err(FsError::NotDir) => {}
@@ -1789,11 +1783,19 @@ impl<R: Remote> Core<R> {
         // The cached listings learn the batch's names here (our own event does not drop them),
         // each listing read and written once however many names the batch changed in it.
         let (mut patches, mut unknown, mut new_dirs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut warm = Vec::new();
         for (i, op) in ops.iter().enumerate() {
             // A conflict copy is created without a reserved id: the reply names it.
             let made = done.created.get(i).copied().filter(|c| *c != 0);
             listing_patches(op, made, &mut patches, &mut unknown);
-            inos.extend(touched(op));
+            for ino in touched(op) {
+                // Not the nodes a remove or a rename took away: they may be gone.
+                let gone = matches!(op, Op::Remove { seen: Some(s), .. } | Op::Rename { replaces: Some(s), .. } if s.ino == ino);
+                if !gone {
+                    warm.push(ino);
+                }
+                inos.push(ino);
+            }
             if let Op::Create {
                 ino,
                 kind: NodeKind::Dir,
@@ -1813,14 +1815,8 @@ impl<R: Remote> Core<R> {
             for d in dirs {
                 bounded_push(&mut st.rewarm_dirs, d);
             }
-            // Not the nodes a remove or a rename took away: they may be gone.
-            for op in ops {
-                for i in touched(op) {
-                    let gone = matches!(op, Op::Remove { seen: Some(s), .. } | Op::Rename { replaces: Some(s), .. } if s.ino == i);
-                    if !gone {
-                        bounded_push(&mut st.rewarm_nodes, i);
-                    }
-                }
+            for i in warm {
+                bounded_push(&mut st.rewarm_nodes, i);
             }
         }
         {

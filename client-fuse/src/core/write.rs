@@ -724,7 +724,8 @@ impl<R: Remote> Core<R> {
     }
 
     /// `setattr`: mode, owner, times, and size (truncate). A size change of a file open for
-    /// writing goes to its shadow (stored on close); otherwise it is stored at once.
+    /// writing goes to its shadow (stored on close, or at once if its last handle was released
+    /// meanwhile); otherwise it is stored at once.
     pub async fn setattr(&self, c: Caller, ino: u64, s: SetAttrs) -> Result<NodeAttr, FsError> {
         let ctx = self.write_ctx(c.uid, ino)?;
         if let Some(size) = s.size {
@@ -733,17 +734,25 @@ impl<R: Remote> Core<R> {
                     "the mount stores files up to {MAX_WRITE_FILE} bytes"
                 )));
             }
-            match self.writes.shadow(ino) {
+            // Pinned: a file just closed keeps its shadow until its release, which may run
+            // meanwhile; the last of the two stores the truncated shadow.
+            match self.pin_shadow(ino) {
                 Some(sh) => {
-                    let mut g = lock(&sh);
-                    g.writers.insert(c.uid);
-                    g.file.set_len(size)?;
-                    g.size = size;
-                    g.dirty = true;
-                    g.failed = false;
-                    g.generation += 1;
-                    g.mtime_ns = s.mtime_ns.unwrap_or_else(codafs_common::now_ns);
-                    g.ctime_ns = codafs_common::now_ns();
+                    let cut = {
+                        let mut g = lock(&sh);
+                        g.file.set_len(size).map(|()| {
+                            g.writers.insert(c.uid);
+                            g.size = size;
+                            g.dirty = true;
+                            g.failed = false;
+                            g.generation += 1;
+                            g.mtime_ns = s.mtime_ns.unwrap_or_else(codafs_common::now_ns);
+                            g.ctime_ns = codafs_common::now_ns();
+                        })
+                    };
+                    let (stored, _) = self.let_go(ino, c.uid, &sh, false).await;
+                    cut?;
+                    stored?;
                 }
                 None => {
                     let a = self.getattr(ino).await?;

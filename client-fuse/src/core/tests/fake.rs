@@ -61,6 +61,8 @@ pub struct Truth {
     pub corrupt_small: bool,
     /// `fetch_small` waits for a permit of this first (a slow server).
     pub small_gate: Option<std::sync::Arc<tokio::sync::Semaphore>>,
+    /// `commit` waits for a permit of this first (a commit in flight while other calls run).
+    pub commit_gate: Option<std::sync::Arc<tokio::sync::Semaphore>>,
     /// Applied commit requests, answered again to a retry (as the servers do).
     pub requests: HashMap<RequestId, Committed>,
     /// Bytes of blobs stored that were not stored before (what a store sent, deduplicated).
@@ -672,6 +674,10 @@ impl Remote for FakeRemote {
 
     async fn commit(&self, token: &str, volume: &str, ops: Vec<Op>, request: RequestId) -> Result<Committed, FsError> {
         self.check_up()?;
+        let gate = self.lock().commit_gate.clone();
+        if let Some(gate) = gate {
+            let _ = gate.acquire().await;
+        }
         self.check_refused(token)?;
         if volume != "www" {
             return Err(FsError::NotFound);

@@ -2,6 +2,11 @@
 //! shadow), `flush` (store on close) and `release` (the last handle drops the shadow).
 use super::*;
 
+/// Stores the last opener of a shadow makes before dropping it: one, and one more for each time
+/// another opener changed it meanwhile (see [`Core::let_go`]); past them, what is left is
+/// dropped and reported.
+const LAST_STORES: u32 = 4;
+
 /// One open file handle: whose it is, and whether it may write.
 pub(super) struct Handle {
     pub(super) ino: u64,
@@ -145,40 +150,79 @@ impl<R: Remote> Core<R> {
         let Some(sh) = self.writes.shadow(h.ino) else {
             return false;
         };
-        let (retry, last) = {
-            let mut g = lock(&sh);
+        let (stored, dropped) = self.let_go(h.ino, h.uid, &sh, true).await;
+        if let Err(e) = stored {
+            tracing::warn!(ino = h.ino, error = %e, "changes of a released file could not be stored");
+        }
+        dropped
+    }
+
+    /// One opener of `ino`'s shadow lets go of it (a handle's release, or a truncate by path
+    /// that pinned it). Changes not stored yet are stored: by any opener if `any`, and always
+    /// by the last (unless a store already failed and said so). The last opener drops the
+    /// shadow, once it is clean: another opener may pin it while this one stores (a truncate
+    /// by path during a release's store), and what it changed is stored again before the
+    /// shadow goes. Returns the store's outcome, and whether unstored changes were dropped:
+    /// the kernel's page cache and attributes of that file still hold them and must be
+    /// invalidated.
+    pub(super) async fn let_go(
+        &self,
+        ino: u64,
+        uid: u32,
+        sh: &Mutex<Shadow>,
+        any: bool,
+    ) -> (Result<(), FsError>, bool) {
+        let (store, last) = {
+            let mut g = lock(sh);
             g.opens = g.opens.saturating_sub(1);
-            (g.dirty && !g.failed, g.opens == 0)
+            let last = g.opens == 0;
+            (g.dirty && !g.failed && any && !last, last)
         };
-        if retry {
-            if let Err(e) = self.store_shadow(h.ino, h.uid).await {
-                tracing::warn!(ino = h.ino, error = %e, "changes of a released file could not be stored");
-            }
+        let mut stored = if store {
+            self.store_shadow(ino, uid).await
+        } else {
+            Ok(())
+        };
+        if !last {
+            return (stored, false);
         }
         let mut dropped_changes = false;
-        if last {
-            let mut shadows = self.writes.shadows.lock().unwrap_or_else(|p| p.into_inner());
-            // Someone may have reopened the file meanwhile.
-            if shadows.get(&h.ino).is_some_and(|s| lock(s).opens == 0) {
-                if let Some(s) = shadows.remove(&h.ino) {
-                    let g = lock(&s);
-                    dropped_changes = g.dirty;
-                    self.drop_shadow_file(g.path.as_deref());
-                    self.writes
-                        .store_locks
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&h.ino);
+        for attempt in 0..=LAST_STORES {
+            let again = {
+                let mut shadows = self.writes.shadows.lock().unwrap_or_else(|p| p.into_inner());
+                // Still this shadow, and nobody holds it now (a newer opener lets go itself).
+                let ours = shadows.get(&ino).filter(|s| std::ptr::eq(s.as_ref(), sh)).cloned();
+                match ours {
+                    Some(s) => {
+                        let g = lock(&s);
+                        if g.opens != 0 {
+                            false
+                        } else if g.dirty && !g.failed && stored.is_ok() && attempt < LAST_STORES {
+                            true
+                        } else {
+                            dropped_changes = g.dirty;
+                            self.drop_shadow_file(g.path.as_deref());
+                            shadows.remove(&ino);
+                            self.writes
+                                .store_locks
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .remove(&ino);
+                            false
+                        }
+                    }
+                    None => false,
                 }
+            };
+            if !again {
+                break;
             }
+            stored = self.store_shadow(ino, uid).await;
         }
         if dropped_changes {
-            tracing::info!(
-                ino = h.ino,
-                "unstored changes dropped; the file shows its committed content"
-            );
-            let _ = self.meta.forget(&[h.ino], &[]);
+            tracing::info!(ino, "unstored changes dropped; the file shows its committed content");
+            let _ = self.meta.forget(&[ino], &[]);
         }
-        dropped_changes
+        (stored, dropped_changes)
     }
 }

@@ -238,15 +238,23 @@ impl<R: Remote> Core<R> {
         Ok(())
     }
 
-    /// Joins the file's existing shadow, if any, while holding the map lock so a concurrent
-    /// release cannot drop it in between; truncates it for an `Empty` open.
-    pub(super) fn join_shadow(&self, ino: u64, init: ShadowInit) -> Result<bool, FsError> {
+    /// The file's shadow, if it has one, held as one more open. The open is counted under the
+    /// map lock, so a release racing with the caller cannot drop the shadow (and with it the
+    /// caller's change) in between. Given back with [`Core::let_go`].
+    pub(super) fn pin_shadow(&self, ino: u64) -> Option<Arc<Mutex<Shadow>>> {
         let shadows = self.writes.shadows.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(sh) = shadows.get(&ino) else {
+        let sh = shadows.get(&ino)?.clone();
+        lock(&sh).opens += 1;
+        Some(sh)
+    }
+
+    /// Joins the file's existing shadow, if any (see [`Core::pin_shadow`]); truncates it for an
+    /// `Empty` open.
+    pub(super) fn join_shadow(&self, ino: u64, init: ShadowInit) -> Result<bool, FsError> {
+        let Some(sh) = self.pin_shadow(ino) else {
             return Ok(false);
         };
-        let mut g = lock(sh);
-        g.opens += 1;
+        let mut g = lock(&sh);
         if init == ShadowInit::Empty && g.size != 0 {
             g.file.set_len(0)?;
             g.size = 0;

@@ -38,9 +38,17 @@ use spare::Spare;
 /// a token). A v5 build refuses a v6 segment: it would take an unknown record for a torn tail
 /// and cut the changes after it, and read a `Sending` of a batch sent ahead as covering the
 /// held changes in its range.
-const MAGIC: &[u8] = b"codafs write-back log v6\n";
+/// v7: `Record::Pool` (the reserved node ids, carried past the release of the segments whose
+/// `Reserved` records gave them). A v6 build refuses a v7 segment: it would cut the log at the
+/// unknown record.
+const MAGIC: &[u8] = b"codafs write-back log v7\n";
 /// Older magic lines this build still reads (all the same length as [`MAGIC`]).
-const READS: &[&[u8]] = &[MAGIC, b"codafs write-back log v5\n", b"codafs write-back log v4\n"];
+const READS: &[&[u8]] = &[
+    MAGIC,
+    b"codafs write-back log v6\n",
+    b"codafs write-back log v5\n",
+    b"codafs write-back log v4\n",
+];
 /// A new segment is started past this size (smaller in unit tests, which make many logs).
 #[cfg(not(test))]
 const SEGMENT_BYTES: u64 = 16 << 20;
@@ -167,6 +175,12 @@ pub enum Record {
     /// back. (`Done` covers them once everything before them is settled too.)
     Settled {
         runs: Vec<(u64, u64)>,
+    },
+    /// The node ids reserved and not handed out yet, per volume (ranges `next..end`), written
+    /// before segments are released: the `Reserved` records that gave them may go with those
+    /// segments. Replaces the whole pool at replay; later records change it as usual.
+    Pool {
+        pools: Vec<(String, Vec<(u64, u64)>)>,
     },
 }
 
@@ -582,22 +596,39 @@ impl Log {
     /// Forgets what changes up to `done` needed: segments naming nothing newer, and the data
     /// files `data` (contents of those changes).
     pub fn release(&self, done: u64, data: &[String]) {
-        self.release_keeping(done, data, |_, _, _| false);
+        self.release_keeping(done, data, || None, |_, _, _| false);
     }
 
     /// [`Log::release`], offering each data file to `moved(name, path, len)` first: a `true`
     /// answer means it moved the file away (into the blob cache) and the log no longer counts it.
-    pub fn release_keeping(&self, done: u64, data: &[String], mut moved: impl FnMut(&str, &Path, u64) -> bool) {
+    /// Before any segment goes, the record `carry()` gives (state that records in those
+    /// segments built up, such as the pool of node ids) is appended and made durable; if that
+    /// fails, the segments stay.
+    pub fn release_keeping(
+        &self,
+        done: u64,
+        data: &[String],
+        carry: impl FnOnce() -> Option<Record>,
+        mut moved: impl FnMut(&str, &Path, u64) -> bool,
+    ) {
         let mut g = self.inner();
-        let active = g.segments.last().map(|s| s.id);
-        // Oldest first, and only while every older one goes too: the records that settle a
-        // segment's changes (`Done`, `Settled`) are in it or in newer segments, which must
-        // outlive it. (A newer segment holding only such records names no change itself.)
-        let n = g
-            .segments
-            .iter()
-            .take_while(|s| Some(s.id) != active && s.max_seq <= done)
-            .count();
+        let mut n = releasable(&g, done);
+        if n > 0 {
+            if let Some(rec) = carry() {
+                drop(g);
+                let kept = self
+                    .append(&rec)
+                    .and_then(|_| self.inner().active.sync_data().map_err(io(&self.dir)));
+                g = self.inner();
+                n = match kept {
+                    Ok(()) => releasable(&g, done),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot carry state past old write-back log segments; they stay");
+                        0
+                    }
+                };
+            }
+        }
         let gone: Vec<Segment> = g.segments.drain(..n).collect();
         for s in gone {
             let _ = std::fs::remove_file(self.dir.join(seg_name(s.id)));
@@ -610,6 +641,18 @@ impl Log {
             }
         }
     }
+}
+
+/// How many segments, oldest first, [`Log::release_keeping`] may delete once changes up to
+/// `done` are settled: only while every older one goes too (the records that settle a
+/// segment's changes, `Done` and `Settled`, are in it or in newer segments, which must outlive
+/// it; a newer segment holding only such records names no change itself), never the active one.
+fn releasable(g: &Inner, done: u64) -> usize {
+    let active = g.segments.last().map(|s| s.id);
+    g.segments
+        .iter()
+        .take_while(|s| Some(s.id) != active && s.max_seq <= done)
+        .count()
 }
 
 fn new_segment(dir: &Path, id: u64) -> Result<File, LogError> {

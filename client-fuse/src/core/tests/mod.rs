@@ -893,6 +893,60 @@ async fn write_back_creates_go_on_offline_past_one_reservation() {
     assert_eq!((back.changes, back.conflicts), (0, 0), "{back:?}");
 }
 
+/// Write-back: the node ids reserved ahead outlive the log segments whose records reserved
+/// them. Once enough was sent for the oldest segments to be deleted, a daemon restarted while
+/// every server is down still has its ids, creates with them, and hands none out twice.
+#[tokio::test(start_paused = true)]
+async fn write_back_reserved_ids_survive_a_restart_after_old_segments_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let segments = |dir: &std::path::Path| {
+        std::fs::read_dir(dir.join("wblog"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("seg-"))
+            .count()
+    };
+    let (truth, reserved) = {
+        let core = with_alice(core_writing_back(dir.path(), 1 << 20)).await;
+        // Inline contents over two segments (1 MiB each in unit tests), all sent.
+        let page = vec![b'x'; 64 << 10];
+        for i in 0..40 {
+            model::write(&core, &format!("p{i}"), &page).await.unwrap();
+        }
+        let before = segments(dir.path());
+        send_log(&core).await;
+        assert!(segments(dir.path()) < before, "old segments were deleted");
+        let reserved = core.backlog().unwrap().ids_reserved.get("www").copied().unwrap_or(0);
+        assert!(reserved > 0);
+        // The daemon stops here.
+        let truth = std::mem::take(&mut *core.remote.lock());
+        (truth, reserved)
+    };
+    let core = core_writing_back(dir.path(), 1 << 20);
+    *core.remote.lock() = truth;
+    let core = with_alice(core).await;
+    assert_eq!(
+        core.backlog().unwrap().ids_reserved.get("www").copied(),
+        Some(reserved),
+        "the pool was replayed"
+    );
+    core.remote.lock().down = true;
+    let www = core.lookup(ROOT_INO, "www").await.unwrap().ino;
+    for i in 0..10 {
+        core.mkdir(model::ALICE, www, &format!("off{i}"), 0o755)
+            .await
+            .unwrap_or_else(|e| panic!("offline mkdir {i} after the restart: {e:?}"));
+    }
+    core.remote.lock().down = false;
+    send_log(&core).await;
+    assert_eq!(
+        core.remote.names("").unwrap().len(),
+        50,
+        "every node reached the servers"
+    );
+    let back = core.backlog().unwrap();
+    assert_eq!((back.changes, back.conflicts, back.refused), (0, 0, 0), "{back:?}");
+}
+
 /// Write-back: once the log drains, what its commits made the cache forget is read again
 /// before `codafs sync` returns, and the contents just sent stay in the blob cache: with every
 /// server gone right after, the directories just written (one of them new) still answer

@@ -267,11 +267,16 @@ impl WriteBack {
             .filter(|r| r.1 > done)
             .collect();
         let mut max_seq = done;
+        // Creations' ids leave the pool once every record is read: a `Pool` snapshot may
+        // follow the creation of an id it still held (taken while the snapshot was written).
+        let mut used = Vec::new();
         for r in replay.records {
             match r {
                 Record::Change(c) => {
                     max_seq = max_seq.max(c.seq);
-                    st.take_ids_used_by(&c);
+                    if let Op::Create { ino: Some(ino), .. } = &c.op {
+                        used.push((c.volume.clone(), *ino));
+                    }
                     if c.seq > done && !in_runs(&early, c.seq) {
                         st.overlay(&c);
                         st.queue.push_back(c);
@@ -282,6 +287,10 @@ impl WriteBack {
                         .entry(volume)
                         .or_default()
                         .push_back((first, first + u64::from(count)));
+                }
+                // The pool as it was when older segments went: what their records built up.
+                Record::Pool { pools } => {
+                    st.pool = pools.into_iter().map(|(v, r)| (v, r.into_iter().collect())).collect();
                 }
                 Record::Sending { first, last, request } => {
                     // New changes never reuse a sent batch's numbers.
@@ -310,6 +319,9 @@ impl WriteBack {
                 _ => {}
             }
         }
+        for (volume, ino) in used {
+            st.take_id_used(&volume, ino);
+        }
         st.next_seq = max_seq + 1;
         // A sent batch whose changes all settled is done. (One whose changes are gone from the
         // log, which only an older version's release order could do, is not resent: its request
@@ -326,7 +338,7 @@ impl WriteBack {
         // Segments and data files that only settled changes need (a crash came before their
         // release) go now. (Up to `done` only: a segment is kept while its changes may need the
         // `Settled` records of others, until a `Done` covers them.)
-        log.release(done, &[]);
+        log.release_keeping(done, &[], || Some(st.pool_record()), |_, _, _| false);
         let keep = st
             .queue
             .iter()
@@ -937,14 +949,11 @@ impl BackState {
         (!versions.is_empty()).then_some(Record::Own { until, versions })
     }
 
-    /// Takes a node id a logged create used out of the reserved pool (replay).
-    fn take_ids_used_by(&mut self, c: &Change) {
-        let Op::Create { ino: Some(ino), .. } = &c.op else {
-            return;
-        };
-        if let Some(ranges) = self.pool.get_mut(&c.volume) {
+    /// Takes node id `ino`, which a logged create used, out of the reserved pool (replay).
+    fn take_id_used(&mut self, volume: &str, ino: u64) {
+        if let Some(ranges) = self.pool.get_mut(volume) {
             for r in ranges.iter_mut() {
-                if (r.0..r.1).contains(ino) {
+                if (r.0..r.1).contains(&ino) {
                     r.0 = r.0.max(ino + 1);
                 }
             }
@@ -966,6 +975,20 @@ impl BackState {
             self.low_pools.insert(volume.to_string(), uid);
         }
         Some(ino)
+    }
+
+    /// The pool of reserved node ids as a log record, to outlive the segments whose `Reserved`
+    /// records filled it (see [`Log::release_keeping`]). Ids taken before it, whatever record
+    /// logs their use, are not in it; a range reserved while it is written may be left out,
+    /// which only loses those ids. No id is ever in it twice.
+    fn pool_record(&self) -> Record {
+        let mut pools: Vec<(String, Vec<(u64, u64)>)> = self
+            .pool
+            .iter()
+            .map(|(v, r)| (v.clone(), r.iter().copied().collect()))
+            .collect();
+        pools.sort();
+        Record::Pool { pools }
     }
 
     /// Node ids still reserved for `volume`.
@@ -2240,16 +2263,21 @@ impl<R: Remote> Core<R> {
         match recorded {
             // A large file just sent is read next (reopened, rewritten): its log copy becomes
             // the cache entry instead of being deleted and fetched back.
-            Ok(()) => b.log.release_keeping(release_upto, &data, |name, path, len| {
-                let Some(h) = hashes.get(name) else { return false };
-                let chunked = codafs_common::chunks::is_chunked(len);
-                if !(chunked || drained) || self.blobs.lookup(h) {
-                    return false;
-                }
-                // A whole-file entry is hashed again on first use (it may come from a replay).
-                let known = chunked && self.manifests.lock().unwrap_or_else(|p| p.into_inner()).contains(h);
-                self.blobs.adopt(*h, path, len, known).is_ok()
-            }),
+            Ok(()) => b.log.release_keeping(
+                release_upto,
+                &data,
+                || Some(b.st().pool_record()),
+                |name, path, len| {
+                    let Some(h) = hashes.get(name) else { return false };
+                    let chunked = codafs_common::chunks::is_chunked(len);
+                    if !(chunked || drained) || self.blobs.lookup(h) {
+                        return false;
+                    }
+                    // A whole-file entry is hashed again on first use (it may come from a replay).
+                    let known = chunked && self.manifests.lock().unwrap_or_else(|p| p.into_inner()).contains(h);
+                    self.blobs.adopt(*h, path, len, known).is_ok()
+                },
+            ),
             Err(e) => {
                 tracing::warn!(error = %e, last = batch.last, "cannot record a sent write-back batch; its log files stay until the next start resends it")
             }
@@ -2776,7 +2804,7 @@ mod tests {
     fn reserved_ids_are_handed_out_once_even_across_a_replay() {
         let mut st = BackState::default();
         st.pool.entry("www".into()).or_default().push_back((100, 103));
-        st.take_ids_used_by(&change(1, create(101, "a")));
+        st.take_id_used("www", 101);
         assert_eq!(st.take_id("www", 0), Some(102));
         assert_eq!(st.take_id("www", 0), None);
         assert!(conflict_name(&"x".repeat(255), "host").len() <= 255);

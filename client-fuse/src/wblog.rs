@@ -611,24 +611,29 @@ impl Log {
         carry: impl FnOnce() -> Option<Record>,
         mut moved: impl FnMut(&str, &Path, u64) -> bool,
     ) {
-        let mut g = self.inner();
-        let mut n = releasable(&g, done);
-        if n > 0 {
-            if let Some(rec) = carry() {
-                drop(g);
-                let kept = self
+        // `carry` is called without the log's lock: it takes the caller's state lock, under
+        // which changes are appended (the other order would deadlock). The segment the carried
+        // record went to, and every newer one, stay (a rotation may follow the check).
+        let mut n = 0;
+        if releasable(&self.inner(), done, u64::MAX) > 0 {
+            let upto = match carry() {
+                Some(rec) => match self
                     .append(&rec)
-                    .and_then(|_| self.inner().active.sync_data().map_err(io(&self.dir)));
-                g = self.inner();
-                n = match kept {
-                    Ok(()) => releasable(&g, done),
+                    .and_then(|at| self.inner().active.sync_data().map(|()| at.seg).map_err(io(&self.dir)))
+                {
+                    Ok(seg) => seg,
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot carry state past old write-back log segments; they stay");
                         0
                     }
-                };
-            }
+                },
+                None => u64::MAX,
+            };
+            n = releasable(&self.inner(), done, upto);
         }
+        let mut g = self.inner();
+        // (Only this call deletes segments, and the log's owner makes one at a time.)
+        n = n.min(releasable(&g, done, u64::MAX));
         let gone: Vec<Segment> = g.segments.drain(..n).collect();
         for s in gone {
             let _ = std::fs::remove_file(self.dir.join(seg_name(s.id)));
@@ -647,11 +652,12 @@ impl Log {
 /// `done` are settled: only while every older one goes too (the records that settle a
 /// segment's changes, `Done` and `Settled`, are in it or in newer segments, which must outlive
 /// it; a newer segment holding only such records names no change itself), never the active one.
-fn releasable(g: &Inner, done: u64) -> usize {
+/// Only segments older than `before` count.
+fn releasable(g: &Inner, done: u64, before: u64) -> usize {
     let active = g.segments.last().map(|s| s.id);
     g.segments
         .iter()
-        .take_while(|s| Some(s.id) != active && s.max_seq <= done)
+        .take_while(|s| Some(s.id) != active && s.id < before && s.max_seq <= done)
         .count()
 }
 
@@ -925,6 +931,52 @@ mod tests {
         let seqs: Vec<u64> = replay.records.iter().map(Record::names_seq).collect();
         assert_eq!(seqs, (1..=20).collect::<Vec<u64>>());
         assert_eq!(log.spares_used(), 0);
+    }
+
+    /// The record `carry` gives is written before old segments go and outlives them, and
+    /// `carry` runs without the log's lock: the caller's carry takes its state lock, under which
+    /// changes are appended, so calling it under the log's lock deadlocked a busy mount (here
+    /// the carry touches the log itself, which then deadlocked at once). Bounded in time.
+    #[test]
+    fn a_carried_record_outlives_the_segments_released_and_carry_runs_unlocked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (log, _) = Log::open(&path, 1 << 40).unwrap();
+            let big = vec![7u8; (SEGMENT_BYTES / 16) as usize];
+            for seq in 1..=20 {
+                log.append(&change(seq, &big)).unwrap();
+            }
+            let pool = Record::Pool {
+                pools: vec![("www".into(), vec![(100, 200)])],
+            };
+            log.release_keeping(
+                20,
+                &[],
+                || {
+                    let _ = log.used();
+                    Some(pool.clone())
+                },
+                |_, _, _| false,
+            );
+            // Nothing to release now: no carry is written.
+            log.release_keeping(20, &[], || panic!("no segment goes"), |_, _, _| false);
+            drop(log);
+            let (_, replay) = Log::open(&path, 1 << 40).unwrap();
+            let _ = done.send(replay.records);
+        });
+        let records = finished
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("release_keeping returned (no deadlock, no panic)");
+        let changes = records.iter().filter(|r| matches!(r, Record::Change(_))).count();
+        assert!(changes < 20, "the first segment went ({changes} changes left)");
+        assert!(
+            records
+                .iter()
+                .any(|r| matches!(r, Record::Pool { pools } if pools[0].1 == [(100, 200)])),
+            "the carried pool is kept: {records:?}"
+        );
     }
 
     #[test]

@@ -893,6 +893,58 @@ async fn write_back_creates_go_on_offline_past_one_reservation() {
     assert_eq!((back.changes, back.conflicts), (0, 0), "{back:?}");
 }
 
+/// Write-back: two writers and the reintegrator, on their own threads, while old log segments
+/// are deleted (1 MiB each in unit tests): every write arrives. The release of a segment, which
+/// first records the node ids in reserve, once took the log's lock and then the state lock while
+/// a close took them the other way round, and a 70 MiB `cp -r` hung; this runs that mix, and
+/// `wblog`'s `a_carried_record_outlives_the_segments_released_and_carry_runs_unlocked` checks
+/// the lock order itself. Bounded in time: a deadlock fails the test.
+#[test]
+fn write_back_writes_go_on_while_old_segments_are_released() {
+    // A deadlock blocks the runtime's workers, timers included: the bound is kept by this
+    // thread, which waits for the runtime's thread to report.
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let names = rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let core = Arc::new(with_alice(core_writing_back(dir.path(), 1 << 20)).await);
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let sender = tokio::spawn({
+                let core = core.clone();
+                async move { core.reintegrate(stopped).await }
+            });
+            let page = vec![b'x'; 32 << 10];
+            let writers: Vec<_> = (0..2)
+                .map(|w| {
+                    let (core, page) = (core.clone(), page.clone());
+                    tokio::spawn(async move {
+                        for i in 0..300 {
+                            model::write(&core, &format!("w{w}p{i}"), &page).await.unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for w in writers {
+                w.await.unwrap();
+            }
+            core.sync_log(Duration::from_secs(30)).await.unwrap();
+            let _ = stop.send(true);
+            sender.await.unwrap();
+            core.remote.names("").unwrap().len()
+        });
+        let _ = done.send(names);
+    });
+    let names = finished
+        .recv_timeout(Duration::from_secs(60))
+        .expect("writing and sending finished within 60 s (no deadlock, no panic)");
+    assert_eq!(names, 600);
+}
+
 /// Write-back: the node ids reserved ahead outlive the log segments whose records reserved
 /// them. Once enough was sent for the oldest segments to be deleted, a daemon restarted while
 /// every server is down still has its ids, creates with them, and hands none out twice.

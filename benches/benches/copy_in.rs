@@ -6,7 +6,9 @@
 //! - local disk: `cp -r` then `sync`, in the same run (the baseline of the ratios);
 //!
 //! and the same tree published with `rsync -r` (a temporary name per file, then a rename over
-//! the real one) into a local directory and into a write-back mount.
+//! the real one) into a local directory and into a write-back mount; then an editor's atomic
+//! saves into one of the copied directories (write a temporary file, `fsync` it, rename it over
+//! the page, `fsync` the directory), where each `fsync` waits for the servers.
 //!
 //! Run: `cargo build --bin codafs && cargo bench -p codafs-benches --profile dev --bench copy_in`
 use std::path::Path;
@@ -36,6 +38,38 @@ fn rsync(from: &Path, to: &Path) -> Result<f64> {
         .context("rsync (scripts/install-deps.sh installs it)")?;
     ensure!(st.success(), "rsync {} {} failed", from.display(), to.display());
     Ok(start.elapsed().as_secs_f64())
+}
+
+/// Editor saves (see the module doc) of one page in `dir`, `SAVES` times; returns the seconds.
+fn saves(dir: &Path) -> Result<f64> {
+    let start = Instant::now();
+    let tmp = dir.join(".page.html.swp");
+    for i in 0..SAVES {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(
+            &mut f,
+            format!("<html><body>save {i}</body></html>\n").repeat(40).as_bytes(),
+        )?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, dir.join("page.html"))?;
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Saves per run of [`saves`].
+const SAVES: usize = 200;
+
+/// The first directory (by name) of the copied tree under `root`.
+fn first_dir(root: &Path) -> Result<std::path::PathBuf> {
+    let mut dirs: Vec<_> = std::fs::read_dir(root)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    dirs.sort();
+    dirs.into_iter().next().context("the copied tree has no directory")
 }
 
 /// Runs `f`, then sync(2); returns the seconds both took.
@@ -84,6 +118,18 @@ async fn bench() -> Result<Vec<String>> {
     let wt = writer(&tc, "wt", &["--write-through"])?;
     let wt_cp = cp(&src, &wt.path.join("www/wt")).context("cp into the write-through mount")?;
 
+    let local_saves = saves(&first_dir(&local.path().join("copy"))?)?;
+    let wb_saves = saves(&first_dir(&wb.path.join("www/wb"))?).context("saves on the write-back mount")?;
+    let wt_saves = saves(&first_dir(&wt.path.join("www/wt"))?).context("saves on the write-through mount")?;
+    let save_row = |what: &str, secs: f64| {
+        format!(
+            "| {what} | {:.2} | {:.0} | {:.2} |",
+            secs * 1000.0 / SAVES as f64,
+            SAVES as f64 / secs,
+            local_saves / secs
+        )
+    };
+
     let rate = |secs: f64| FILES as f64 / secs;
     let row = |what: &str, secs: f64| {
         format!(
@@ -109,6 +155,14 @@ async fn bench() -> Result<Vec<String>> {
         row("local disk, rsync -r + sync", local_rsync),
         row("write-back mount, rsync -r", wb_rsync),
         row("write-back mount, rsync -r, until on the servers (codafs sync)", wb_rsync_servers),
+        String::new(),
+        format!("Editor saves ({SAVES}; temporary file, fsync, rename, fsync of the directory) in one copied directory:"),
+        String::new(),
+        "| save | ms per save | saves/s | ratio to local |".into(),
+        "|---|---|---|---|".into(),
+        save_row("local disk", local_saves),
+        save_row("write-back mount (each fsync waits for the servers)", wb_saves),
+        save_row("--write-through mount", wt_saves),
         String::new(),
         format!(
             "Write-back batches: cp sent {} changes in {} commits, {} conflicts; rsync {} changes in {} commits, {} conflicts.",

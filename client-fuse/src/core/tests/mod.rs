@@ -853,6 +853,23 @@ async fn write_back_a_refused_token_holds_back_only_that_users_changes() {
     assert!(core.remote.version() > version);
 }
 
+/// Write-back: [`send_log`], while the change stream delivers each commit's event as it does
+/// live (reads after a commit wait for its event).
+async fn send_log_with_events(core: &Core<FakeRemote>) {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let events = async {
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            deliver_all(core).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    let sent = async {
+        send_log(core).await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
+    tokio::join!(events, sent);
+}
+
 /// Write-back: a node that goes offline keeps creating past one reservation of node ids. The
 /// first create reserves two batches (it must wait for the servers); once creations bring the
 /// pool below one batch, the reintegrator reserves another after its next send, so more
@@ -891,6 +908,38 @@ async fn write_back_creates_go_on_offline_past_one_reservation() {
     assert_eq!(names.len(), online + offline, "every directory reached the servers");
     let back = core.backlog().unwrap();
     assert_eq!((back.changes, back.conflicts), (0, 0), "{back:?}");
+}
+
+/// Write-back: a save in a large directory is not followed by a read of that directory's
+/// listing (its cached listing is patched; the few nodes touched are read one by one), and a
+/// directory made here gets its listing from what was sent; both stay usable offline.
+#[tokio::test(start_paused = true)]
+async fn write_back_a_few_changes_in_a_large_directory_do_not_read_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = with_alice(core_writing_back(dir.path(), 1 << 20)).await;
+    for i in 0..200 {
+        core.remote.write(&["big"], &format!("f{i}"), b"old");
+    }
+    deliver_all(&core).await;
+    let www = core.lookup(ROOT_INO, "www").await.unwrap().ino;
+    let big = core.lookup(www, "big").await.unwrap().ino;
+    assert_eq!(core.readdir(big).await.unwrap().len(), 200);
+    let readdirs = core.remote.lock().readdirs;
+    model::write(&core, "big/f7", b"new").await.unwrap();
+    model::write(&core, "big/g", b"new").await.unwrap();
+    core.mkdir(model::ALICE, www, "fresh", 0o755).await.unwrap();
+    model::write(&core, "fresh/a", b"a").await.unwrap();
+    send_log_with_events(&core).await;
+    assert_eq!(core.remote.lock().readdirs, readdirs, "no listing was read again");
+    core.remote.lock().down = true;
+    let fresh = core.lookup(www, "fresh").await.expect("the new directory, offline").ino;
+    core.lookup(fresh, "a").await.expect("its file, offline");
+    assert_eq!(core.lookup(fresh, "b").await, Err(FsError::NotFound));
+    core.lookup(big, "g").await.expect("the new file, offline");
+    core.getattr(core.lookup(big, "f7").await.unwrap().ino)
+        .await
+        .expect("the rewritten file's attributes, offline");
+    assert_eq!(core.readdir(big).await.unwrap().len(), 201, "the listing, offline");
 }
 
 /// Write-back: two writers and the reintegrator, on their own threads, while old log segments
@@ -943,6 +992,39 @@ fn write_back_writes_go_on_while_old_segments_are_released() {
         .recv_timeout(Duration::from_secs(60))
         .expect("writing and sending finished within 60 s (no deadlock, no panic)");
     assert_eq!(names, 600);
+}
+
+/// Write-back: a caller that starts waiting for the servers (`fsync`, `codafs sync`) ends the
+/// reintegrator's gathering at once, instead of when its 20 ms wait runs out. An editor's save
+/// (an `fsync` of the file, a rename, an `fsync` of the directory) took 53 ms before, almost
+/// all of it those waits. (Virtual time: the test's clock moves only when every task waits.)
+#[tokio::test(start_paused = true)]
+async fn write_back_an_fsync_ends_the_gathering_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = with_alice(core_writing_back(dir.path(), 1 << 20)).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    // The change stream delivers each commit's event, as it does live (reads after a commit
+    // wait for it).
+    let events = async {
+        while !*stop.borrow() {
+            deliver_all(&core).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    let saves = async {
+        for i in 0..5 {
+            model::write(&core, &format!("p{i}"), b"page").await.unwrap();
+            // The reintegrator is gathering now.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let started = tokio::time::Instant::now();
+            core.sync_log(Duration::from_secs(10)).await.unwrap();
+            let waited = started.elapsed();
+            assert!(waited < Duration::from_millis(10), "sync {i} waited {waited:?}");
+            assert_eq!(core.remote.content(&format!("p{i}")).unwrap(), b"page");
+        }
+        let _ = stop.send(true);
+    };
+    tokio::join!(core.reintegrate(stopped), saves, events);
 }
 
 /// Write-back: the node ids reserved ahead outlive the log segments whose records reserved
@@ -1011,19 +1093,7 @@ async fn write_back_what_was_just_sent_stays_usable_offline() {
     core.mkdir(model::ALICE, www, "news", 0o755).await.unwrap();
     model::write(&core, "news/a.html", b"a").await.unwrap();
     model::write(&core, "top.html", b"top").await.unwrap();
-    // The change stream delivers the batch's event while it is sent, as it does live.
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let events = async {
-        while !done.load(std::sync::atomic::Ordering::Relaxed) {
-            deliver_all(&core).await;
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    };
-    let sent = async {
-        send_log(&core).await;
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-    };
-    tokio::join!(events, sent);
+    send_log_with_events(&core).await;
     assert_eq!(core.remote.content("news/a.html").unwrap(), b"a");
     core.remote.lock().down = true;
     let news = core.lookup(www, "news").await.expect("the new directory, offline").ino;

@@ -38,6 +38,9 @@ pub(crate) const RESERVE_BATCH: u32 = 4096;
 /// `REWARM_LISTING_MAX` are not read again whole (their directory's attributes are).
 const REWARM_MAX: usize = 512;
 const REWARM_LISTING_MAX: usize = 10_000;
+/// A directory that gained at least this many names in a batch has its listing read again
+/// (with every entry's attributes, in one call) rather than those nodes' attributes one by one.
+const REWARM_LISTING_NAMES: usize = 16;
 /// Bytes of inline contents a batch that drains the log keeps in the blob cache, at most.
 const KEEP_MAX_BYTES: u64 = 64 << 20;
 /// The reads of `rewarm` take at most this long in all.
@@ -52,7 +55,8 @@ const BATCH_CHANGES: usize = 5000;
 const BATCH_BYTES: u64 = 64 << 20;
 /// The reintegrator gathers changes while they keep coming (checked every `GATHER`), for at most
 /// `GATHER_MAX`: a stream of closes goes out in a few large batches instead of many small ones,
-/// each of which costs the servers a Raft entry and fsyncs.
+/// each of which costs the servers a Raft entry and fsyncs. A caller that starts waiting for the
+/// servers (`fsync`, `codafs sync`) ends the gathering at once.
 const GATHER: Duration = Duration::from_millis(20);
 const GATHER_MAX: Duration = Duration::from_millis(250);
 /// `own_versions` entries kept before those no queued change or open file needs are dropped.
@@ -224,6 +228,8 @@ pub struct WriteBack {
     work: Notify,
     /// Callers waiting for the servers (`fsync`, `codafs sync`): batches go without gathering.
     waiting: std::sync::atomic::AtomicUsize,
+    /// A caller started waiting for the servers: a gathering reintegrator sends at once.
+    hurry: Notify,
     /// Batches settled (and changes of what is held back) so far: waiters for the servers look
     /// again at each.
     settles: watch::Sender<u64>,
@@ -359,6 +365,7 @@ impl WriteBack {
             st: Mutex::new(st),
             work: Notify::new(),
             waiting: Default::default(),
+            hurry: Notify::new(),
             settles: watch::channel(0).0,
             kernel: OnceLock::new(),
             host: hostname(),
@@ -417,7 +424,10 @@ impl WriteBack {
             && self.waiting.load(Ordering::Acquire) == 0
             && !self.st().resends()
         {
-            tokio::time::sleep(GATHER).await;
+            tokio::select! {
+                _ = tokio::time::sleep(GATHER) => {}
+                _ = self.hurry.notified() => {}
+            }
             let now = self.st().queue.len();
             if now == len {
                 break;
@@ -515,6 +525,7 @@ impl WriteBack {
         }
         self.waiting.fetch_add(1, Ordering::AcqRel);
         let _waiting = Waiting(&self.waiting);
+        self.hurry.notify_one();
         let mut rx = self.settles.subscribe();
         // (The reintegrator never holds the state lock while it announces a settle.)
         let done = |_: &u64| {
@@ -1828,20 +1839,18 @@ impl<R: Remote> Core<R> {
                 new_dirs.extend(ino.or(made));
             }
         }
-        {
-            let mut st = b.st();
-            let dirs = patches
-                .iter()
-                .map(|p| p.0)
-                .chain(unknown.iter().copied())
-                .chain(new_dirs);
-            for d in dirs {
-                bounded_push(&mut st.rewarm_dirs, d);
-            }
-            for i in warm {
-                bounded_push(&mut st.rewarm_nodes, i);
-            }
+        // A listing read again brings all its entries' attributes in one call: worth it for a
+        // directory that gained many names (a copy), not for one with a few (an editor's save
+        // in a large directory), whose nodes are read one by one.
+        let mut gained: HashMap<u64, usize> = HashMap::new();
+        for p in patches.iter().filter(|p| p.2.is_some()) {
+            *gained.entry(p.0).or_default() += 1;
         }
+        let mut reread: Vec<u64> = gained
+            .into_iter()
+            .filter(|(_, n)| *n >= REWARM_LISTING_NAMES)
+            .map(|(d, _)| d)
+            .collect();
         {
             // A listing is patched only while the mount shows the volume from before this
             // commit (under `apply_mx`, so no event lands in between). Once an event at or past
@@ -1854,8 +1863,27 @@ impl<R: Remote> Core<R> {
                 .is_some_and(|seen| seen >= version);
             if past {
                 unknown.extend(patches.drain(..).map(|p| p.0));
+                reread.extend(new_dirs);
+            } else {
+                // A directory this batch made starts with an empty listing, which then takes the
+                // batch's names in it (it would otherwise be read from the servers when next
+                // listed, which fails offline).
+                for d in new_dirs {
+                    if matches!(self.meta.listing(d), Ok(None)) {
+                        let _ = self.meta.put_dir(d, &[]);
+                    }
+                }
             }
             let _ = self.meta.patch_dirs(&patches);
+        }
+        {
+            let mut st = b.st();
+            for d in reread.into_iter().chain(unknown.iter().copied()) {
+                bounded_push(&mut st.rewarm_dirs, d);
+            }
+            for i in warm {
+                bounded_push(&mut st.rewarm_nodes, i);
+            }
         }
         let _ = self.meta.forget(&[], &unknown);
         let _ = self.meta.forget_attrs(&inos);

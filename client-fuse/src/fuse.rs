@@ -520,10 +520,21 @@ impl<R: Remote> Filesystem for CodaFs<R> {
             atime_ns: atime.map(time_ns),
             mtime_ns: mtime.map(time_ns),
         };
+        let inval = self.inval.clone();
         self.spawn(tracing::debug_span!("setattr", ino = ino.0), async move {
             match core.setattr(c, ino.0, s).await {
                 Ok(a) => reply.attr(&KERNEL_TTL, &file_attr(&a)),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => {
+                    reply.error(errno(&e));
+                    // A failed truncate of an open file may have dropped its unstored changes:
+                    // the page cache must not keep showing them.
+                    if let (Some(_), Some(i)) = (size, inval.get()) {
+                        i.invalidate(&Invalidation {
+                            inodes: vec![ino.0],
+                            entries: Vec::new(),
+                        });
+                    }
+                }
             }
         });
     }

@@ -428,6 +428,17 @@ impl Log {
         })
     }
 
+    /// Appends `rec` and makes it durable at once (the fsync outside the log's lock, so
+    /// appends go on meanwhile); returns the segment it went to. For bookkeeping that must be
+    /// on disk before something else happens, rarely.
+    fn append_durably(&self, rec: &Record) -> Result<u64, LogError> {
+        let at = self.append(rec)?;
+        // A rotation after the append synced the segment it went to already.
+        let active = self.inner().active.try_clone().map_err(io(&self.dir))?;
+        active.sync_data().map_err(io(&self.dir))?;
+        Ok(at.seg)
+    }
+
     /// Appends a change; returns where it went and the change as the backlog keeps it in memory
     /// (its inline content left in the log).
     pub fn append_change(&self, c: Change) -> Result<(Appended, Change), LogError> {
@@ -609,18 +620,15 @@ impl Log {
         done: u64,
         data: &[String],
         carry: impl FnOnce() -> Option<Record>,
-        mut moved: impl FnMut(&str, &Path, u64) -> bool,
+        moved: impl FnMut(&str, &Path, u64) -> bool,
     ) {
         // `carry` is called without the log's lock: it takes the caller's state lock, under
         // which changes are appended (the other order would deadlock). The segment the carried
         // record went to, and every newer one, stay (a rotation may follow the check).
-        let mut n = 0;
+        let mut upto = 0;
         if releasable(&self.inner(), done, u64::MAX) > 0 {
-            let upto = match carry() {
-                Some(rec) => match self
-                    .append(&rec)
-                    .and_then(|at| self.inner().active.sync_data().map(|()| at.seg).map_err(io(&self.dir)))
-                {
+            upto = match carry() {
+                Some(rec) => match self.append_durably(&rec) {
                     Ok(seg) => seg,
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot carry state past old write-back log segments; they stay");
@@ -629,15 +637,23 @@ impl Log {
                 },
                 None => u64::MAX,
             };
-            n = releasable(&self.inner(), done, upto);
         }
         let mut g = self.inner();
-        // (Only this call deletes segments, and the log's owner makes one at a time.)
-        n = n.min(releasable(&g, done, u64::MAX));
+        let n = releasable(&g, done, upto);
         let gone: Vec<Segment> = g.segments.drain(..n).collect();
         for s in gone {
             let _ = std::fs::remove_file(self.dir.join(seg_name(s.id)));
         }
+        self.release_data_locked(&mut g, data, moved);
+    }
+
+    /// Deletes the data files `data` (a content that never made it into a change), and no
+    /// segment.
+    pub fn release_data(&self, data: &[String]) {
+        self.release_data_locked(&mut self.inner(), data, |_, _, _| false);
+    }
+
+    fn release_data_locked(&self, g: &mut Inner, data: &[String], mut moved: impl FnMut(&str, &Path, u64) -> bool) {
         for name in data {
             let path = self.dir.join("data").join(name);
             let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);

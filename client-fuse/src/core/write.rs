@@ -750,9 +750,14 @@ impl<R: Remote> Core<R> {
                             g.ctime_ns = codafs_common::now_ns();
                         })
                     };
-                    let (stored, _) = self.let_go(ino, c.uid, &sh, false).await;
+                    let (stored, dropped) = self.let_go(ino, c.uid, &sh, false).await;
                     cut?;
                     stored?;
+                    if dropped {
+                        return Err(FsError::Io(
+                            "the file's changes could not be stored; it shows its committed content".into(),
+                        ));
+                    }
                 }
                 None => {
                     let a = self.getattr(ino).await?;

@@ -1157,13 +1157,33 @@ async fn write_back_truncate_of_a_closed_file_is_logged() {
 /// saw size 0 once on a write-back mount, where the two run on different threads.
 #[tokio::test(start_paused = true)]
 async fn a_truncate_during_the_release_is_kept() {
+    truncate_during_the_release(false).await;
+}
+
+/// The same, when the release's store fails: that failure is of the content before the
+/// truncate, so the shadow is not marked failed, and the truncated content is stored (before,
+/// the release dropped the shadow with the truncate's change, and the truncate reported
+/// success).
+#[tokio::test(start_paused = true)]
+async fn a_truncate_during_a_failing_release_is_still_stored() {
+    truncate_during_the_release(true).await;
+}
+
+/// A file written and not flushed; its release stores it with the server's commit held back
+/// (and failing, with `fail_release`) while a truncate by path runs. The truncate's size is
+/// what ends up stored.
+async fn truncate_during_the_release(fail_release: bool) {
     let dir = tempfile::tempdir().unwrap();
     let core = with_alice(core_with(dir.path(), 1 << 20)).await;
     let www = core.lookup(ROOT_INO, "www").await.unwrap().ino;
     let (a, fh) = core.create(model::ALICE, www, "f", 0o644).await.unwrap();
     core.write(fh, 0, b"x").unwrap();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    core.remote.lock().commit_gate = Some(gate.clone());
+    {
+        let mut t = core.remote.lock();
+        t.commit_gate = Some(gate.clone());
+        t.fail_next_commit = fail_release.then_some(CommitFailure::Refused);
+    }
     let size = 1_234_567;
     let cut = async {
         let s = write::SetAttrs {
@@ -1178,7 +1198,7 @@ async fn a_truncate_during_the_release_is_kept() {
     };
     let (dropped, cut, ()) = tokio::join!(core.release(fh), cut, open_gate);
     assert!(!dropped, "no change was dropped");
-    assert_eq!(cut.unwrap().size, size, "the truncate's reply");
+    assert_eq!(cut.expect("the truncate is stored").size, size, "the truncate's reply");
     assert_eq!(core.getattr(a.ino).await.unwrap().size, size, "shown after both");
     let stored = core.remote.content("f").unwrap();
     assert_eq!((stored.len() as u64, stored[0]), (size, b'x'), "as stored");

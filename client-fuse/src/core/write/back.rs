@@ -1394,7 +1394,7 @@ impl<R: Remote> Core<R> {
                 })
                 .map_err(log_err)?;
                 let Some(m) = cut.filter(|m| m.size() == size) else {
-                    b.log.release(0, std::slice::from_ref(&tmp));
+                    b.log.release_data(std::slice::from_ref(&tmp));
                     return Err(FsError::Changed(format!("{size} bytes expected in the log copy")));
                 };
                 let hash = m.hash();
@@ -1847,9 +1847,9 @@ impl<R: Remote> Core<R> {
             *gained.entry(p.0).or_default() += 1;
         }
         let mut reread: Vec<u64> = gained
-            .into_iter()
-            .filter(|(_, n)| *n >= REWARM_LISTING_NAMES)
-            .map(|(d, _)| d)
+            .iter()
+            .filter(|(_, n)| **n >= REWARM_LISTING_NAMES)
+            .map(|(d, _)| *d)
             .collect();
         {
             // A listing is patched only while the mount shows the volume from before this
@@ -1876,6 +1876,14 @@ impl<R: Remote> Core<R> {
             }
             let _ = self.meta.patch_dirs(&patches);
         }
+        // A directory whose listing is not cached was not patched: read it (to be usable
+        // offline), however few names it gained.
+        let unpatched: Vec<u64> = gained
+            .into_iter()
+            .filter(|(d, n)| *n < REWARM_LISTING_NAMES && matches!(self.meta.listing(*d), Ok(None)))
+            .map(|(d, _)| d)
+            .collect();
+        reread.extend(unpatched);
         {
             let mut st = b.st();
             for d in reread.into_iter().chain(unknown.iter().copied()) {

@@ -194,13 +194,14 @@ impl<R: Remote> Core<R> {
                 let ours = shadows.get(&ino).filter(|s| std::ptr::eq(s.as_ref(), sh)).cloned();
                 match ours {
                     Some(s) => {
-                        let g = lock(&s);
+                        let mut g = lock(&s);
                         if g.opens != 0 {
                             false
-                        } else if g.dirty && !g.failed && stored.is_ok() && attempt < LAST_STORES {
+                        } else if g.dirty && !g.failed && attempt < LAST_STORES {
                             true
                         } else {
                             dropped_changes = g.dirty;
+                            g.dropped_dirty = g.dirty;
                             self.drop_shadow_file(g.path.as_deref());
                             shadows.remove(&ino);
                             self.writes
@@ -211,7 +212,11 @@ impl<R: Remote> Core<R> {
                             false
                         }
                     }
-                    None => false,
+                    // Gone: another last opener dropped it, with this one's change if dirty.
+                    None => {
+                        dropped_changes = lock(sh).dropped_dirty;
+                        false
+                    }
                 }
             };
             if !again {

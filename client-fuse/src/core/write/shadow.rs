@@ -63,6 +63,9 @@ pub(super) struct Shadow {
     /// Its last name was removed here (write-back): as on any POSIX filesystem, what is
     /// written to it now goes nowhere (and is not sent as a conflict copy).
     pub(super) unlinked: bool,
+    /// It was taken out of the map with changes not stored (see [`Core::let_go`]): an opener
+    /// that changed it and finds it gone reports that its change was dropped.
+    pub(super) dropped_dirty: bool,
     /// Local uids whose changes are not stored yet: each must still be allowed to write when
     /// the file is stored, whoever closes it (the commit uses the closer's token).
     pub(super) writers: std::collections::BTreeSet<u32>,
@@ -232,6 +235,7 @@ impl<R: Remote> Core<R> {
                 opens: 1,
                 failed: false,
                 unlinked: false,
+                dropped_dirty: false,
                 writers: Default::default(),
             })),
         );
@@ -404,7 +408,11 @@ impl<R: Remote> Core<R> {
                 Ok(())
             }
             Err(e) => {
-                g.failed = true;
+                // A store of an older generation failed: the newer one is still to be stored
+                // (by the next close, or the last opener), so the shadow is not marked failed.
+                if g.generation == generation {
+                    g.failed = true;
+                }
                 Err(e)
             }
         }

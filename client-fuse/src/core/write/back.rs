@@ -1611,8 +1611,9 @@ impl<R: Remote> Core<R> {
     /// Copies the inline contents of a batch that drained the log into the blob cache, newest
     /// first, at most [`REWARM_MAX`] files and [`KEEP_MAX_BYTES`]: the files just written stay
     /// readable, and open for writing, while the servers are unreachable. (During a long copy
-    /// only the last batch is kept: copying every file at its send would double the copy's
-    /// disk writes.) Best effort: the blob cache may refuse (full), and evicts as usual.
+    /// only the last batch is kept: copying every batch's files before it settles delayed the
+    /// copy's arrival on the servers by up to 2 s, docs/benchmarks.md "Session 21".) Best
+    /// effort: the blob cache may refuse (full), and evicts as usual.
     fn keep_sent_contents(&self, b: &WriteBack, batch: &Batch) {
         let (mut files, mut bytes) = (0usize, 0u64);
         let mut newer: HashSet<u64> = HashSet::new();
@@ -1839,18 +1840,11 @@ impl<R: Remote> Core<R> {
                 new_dirs.extend(ino.or(made));
             }
         }
-        // A listing read again brings all its entries' attributes in one call: worth it for a
-        // directory that gained many names (a copy), not for one with a few (an editor's save
-        // in a large directory), whose nodes are read one by one.
         let mut gained: HashMap<u64, usize> = HashMap::new();
         for p in patches.iter().filter(|p| p.2.is_some()) {
             *gained.entry(p.0).or_default() += 1;
         }
-        let mut reread: Vec<u64> = gained
-            .iter()
-            .filter(|(_, n)| **n >= REWARM_LISTING_NAMES)
-            .map(|(d, _)| *d)
-            .collect();
+        let mut reread = Vec::new();
         {
             // A listing is patched only while the mount shows the volume from before this
             // commit (under `apply_mx`, so no event lands in between). Once an event at or past
@@ -1876,14 +1870,16 @@ impl<R: Remote> Core<R> {
             }
             let _ = self.meta.patch_dirs(&patches);
         }
-        // A directory whose listing is not cached was not patched: read it (to be usable
-        // offline), however few names it gained.
-        let unpatched: Vec<u64> = gained
-            .into_iter()
-            .filter(|(d, n)| *n < REWARM_LISTING_NAMES && matches!(self.meta.listing(*d), Ok(None)))
-            .map(|(d, _)| d)
-            .collect();
-        reread.extend(unpatched);
+        // A listing read again brings all its entries' attributes in one call: worth it for a
+        // directory that gained many names (a copy), not for one with a few (an editor's save
+        // in a large directory), whose nodes are read one by one. A directory whose listing is
+        // not cached was not patched: it is read (to be usable offline) however few it gained.
+        reread.extend(
+            gained
+                .into_iter()
+                .filter(|(d, n)| *n >= REWARM_LISTING_NAMES || matches!(self.meta.listing(*d), Ok(None)))
+                .map(|(d, _)| d),
+        );
         {
             let mut st = b.st();
             for d in reread.into_iter().chain(unknown.iter().copied()) {

@@ -17,3 +17,11 @@ pub fn blocking<T>(len: u64, f: impl FnOnce() -> T) -> T {
         f()
     }
 }
+
+/// Lowers the calling thread's CPU priority (nice 10), for background work that must yield to
+/// requests on a busy machine: the cache sweep, copies of sent contents into the cache.
+pub fn lower_priority() {
+    // SAFETY: setpriority on the calling thread (who = 0 with PRIO_PROCESS names the calling
+    // thread on Linux); a refusal only leaves the priority as it was.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+}

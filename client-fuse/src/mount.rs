@@ -221,9 +221,7 @@ fn spawn_cache_sweep(core: &Arc<Core<GrpcRemote>>) -> Option<std::thread::JoinHa
     }
     let core = core.clone();
     let started = std::thread::Builder::new().name("codafs-sweep".into()).spawn(move || {
-        // SAFETY: setpriority on the calling thread (who = 0 with PRIO_PROCESS names the
-        // calling thread on Linux); a refusal only leaves the priority as it was.
-        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+        crate::blocking::lower_priority();
         core.sweep_cache();
     });
     match started {

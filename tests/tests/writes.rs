@@ -1255,3 +1255,84 @@ async fn a_revoked_token_holds_back_only_that_users_changes() {
     })
     .await
 }
+
+/// Write-back: after a copy larger than what the reintegrator reads again one node at a time
+/// (512 nodes), with every server killed and the kernel's caches dropped, the writer still
+/// lists and stats every directory and file it copied, and reads the files of the batch that
+/// drained the log. Before, the commits made the mount forget the attributes of the copy's
+/// directories and most files, so paths into the copy failed with EIO. A file of an earlier
+/// batch reads its bytes or fails: never other bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_copy_stays_usable_with_every_server_down() {
+    bounded(async {
+        let mut tc = setup().await?;
+        let (a, _web) = writer_and_web_node(&tc)?;
+        const DIRS: usize = 12;
+        const FILES: usize = 100;
+        let content = |d: usize, i: usize| format!("<p>page {d}/{i}</p>\n").repeat(1 + i % 7);
+        let site = a.path.join("www/site");
+        let written = site.clone();
+        codafs_tests::fs_call(Duration::from_secs(60), move || {
+            for d in 0..DIRS {
+                let dir = written.join(format!("d{d:02}"));
+                std::fs::create_dir_all(&dir)?;
+                for i in 0..FILES {
+                    std::fs::write(dir.join(format!("f{i:03}.html")), content(d, i))?;
+                }
+            }
+            Ok(())
+        })?
+        .context("copying the tree")
+        .map_err(|e| anyhow::anyhow!("{e:#}\n--- a ---\n{}", a.log()))?;
+        a.sync()?;
+        for i in 0..tc.servers.len() {
+            tc.kill(i);
+        }
+        // The kernel forgets names, attributes and pages: each path below reaches the daemon.
+        std::fs::write("/proc/sys/vm/drop_caches", "3").context("dropping the kernel's caches")?;
+        let read_back = site.clone();
+        let (bad, read) = codafs_tests::fs_call(Duration::from_secs(60), move || {
+            let (mut bad, mut read) = (Vec::new(), Vec::new());
+            for d in 0..DIRS {
+                let dir = read_back.join(format!("d{d:02}"));
+                match std::fs::read_dir(&dir).map(|r| r.count()) {
+                    Ok(n) if n == FILES => {}
+                    Ok(n) => bad.push(format!("{}: {n} names", dir.display())),
+                    Err(e) => bad.push(format!("listing {}: {e}", dir.display())),
+                }
+                for i in 0..FILES {
+                    let p = dir.join(format!("f{i:03}.html"));
+                    let want = content(d, i);
+                    match std::fs::metadata(&p) {
+                        Ok(m) if m.len() == want.len() as u64 => {}
+                        Ok(m) => bad.push(format!("{}: size {}", p.display(), m.len())),
+                        Err(e) => bad.push(format!("stat {}: {e}", p.display())),
+                    }
+                    match std::fs::read(&p) {
+                        Ok(got) if got == want.as_bytes() => read.push((d, i)),
+                        Ok(_) => bad.push(format!("{}: other bytes", p.display())),
+                        Err(_) => {}
+                    }
+                }
+            }
+            Ok((bad, read))
+        })?
+        .context("reading the copy back offline")
+        .map_err(|e| anyhow::anyhow!("{e:#}\n--- a ---\n{}", a.log()))?;
+        ensure!(
+            bad.is_empty(),
+            "{} failures offline, first: {:?}\n--- a ---\n{}",
+            bad.len(),
+            bad.iter().take(5).collect::<Vec<_>>(),
+            a.log()
+        );
+        ensure!(
+            read.contains(&(DIRS - 1, FILES - 1)),
+            "the last file copied reads offline ({} of {} files did)",
+            read.len(),
+            DIRS * FILES
+        );
+        Ok(())
+    })
+    .await
+}

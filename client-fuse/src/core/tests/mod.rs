@@ -1124,6 +1124,60 @@ async fn write_back_what_was_just_sent_stays_usable_offline() {
     assert_eq!(core.remote.content("top.html").unwrap(), b"top!");
 }
 
+/// Write-back: after a copy that touches more nodes than the reintegrator reads again one by
+/// one (512), with every server gone, every directory of the copy still looks up, stats and
+/// lists, and every file stats and reads (the batch that drained the log keeps its contents,
+/// the newest 512 before `codafs sync` returns, the rest just after). Before, the directories'
+/// attributes were forgotten by the commits and not read again (only the newest 512 nodes
+/// were), so paths into the copy failed offline, and only 512 of the files kept their
+/// contents.
+#[tokio::test(start_paused = true)]
+async fn write_back_a_long_copy_stays_usable_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = Arc::new(with_alice(core_writing_back(dir.path(), 1 << 20)).await);
+    core.run_in_background();
+    let subdirs = ["a", "b", "c"];
+    // Each directory gets a few names in a batch of its own, then many.
+    model::write(&core, "site/a/first.html", b"first").await.unwrap();
+    send_log_with_events(&core).await;
+    for d in subdirs {
+        for i in 0..250 {
+            model::write(&core, &format!("site/{d}/f{i:03}.html"), format!("{d}{i}").as_bytes())
+                .await
+                .unwrap();
+        }
+    }
+    send_log_with_events(&core).await;
+    core.kept_in_background().await;
+    core.remote.lock().down = true;
+    let www = core.lookup(ROOT_INO, "www").await.expect("the volume, offline").ino;
+    core.getattr(www).await.expect("its attributes, offline");
+    let site = core.lookup(www, "site").await.expect("the copy's top, offline").ino;
+    core.getattr(site).await.expect("its attributes, offline");
+    for d in subdirs {
+        let sub = core
+            .lookup(site, d)
+            .await
+            .expect("a directory of the copy, offline")
+            .ino;
+        let (names, _view) = core.names_reply(sub, 0).await;
+        let names = names.expect("its listing, offline");
+        assert_eq!(names.len(), if d == "a" { 251 } else { 250 });
+        for (name, ino, _) in names {
+            core.getattr(ino)
+                .await
+                .unwrap_or_else(|e| panic!("{d}/{name} stats offline: {e}"));
+        }
+        for i in 0..250 {
+            let path = format!("site/{d}/f{i:03}.html");
+            let got = model::read(&core, &path)
+                .await
+                .unwrap_or_else(|e| panic!("{path} reads offline: {e}"));
+            assert_eq!(got, format!("{d}{i}").as_bytes());
+        }
+    }
+}
+
 /// Write-back: truncating a file that is not open is logged like a close's content (it does
 /// not wait for the servers), shown at once, and sent with the next batch.
 #[tokio::test(start_paused = true)]

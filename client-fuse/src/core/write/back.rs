@@ -41,7 +41,9 @@ const REWARM_LISTING_MAX: usize = 10_000;
 /// A directory that gained at least this many names in a batch has its listing read again
 /// (with every entry's attributes, in one call) rather than those nodes' attributes one by one.
 const REWARM_LISTING_NAMES: usize = 16;
-/// Bytes of inline contents a batch that drains the log keeps in the blob cache, at most.
+/// Bytes of inline contents a batch keeps in the blob cache, at most: read and copied in place
+/// by the batch that drains the log, read into memory and copied on a blocking thread for an
+/// earlier one (one such copy at a time).
 const KEEP_MAX_BYTES: u64 = 64 << 20;
 /// The reads of `rewarm` take at most this long in all.
 const REWARM_TIME: Duration = Duration::from_millis(500);
@@ -144,6 +146,9 @@ struct BackState {
     /// [`REWARM_MAX`] of each, the newest (older ones are dropped first).
     rewarm_dirs: VecDeque<u64>,
     rewarm_nodes: VecDeque<u64>,
+    /// Names each of those directories gained since (`usize::MAX`: its listing is to be read
+    /// again whatever it gained); at most `4 * REWARM_MAX` directories.
+    rewarm_gained: HashMap<u64, usize>,
     /// Names changed per directory: name -> (the node and kind it leads to now, or `None` if
     /// it was removed here; seq of the change).
     names: HashMap<u64, BTreeMap<String, (NameNow, u64)>>,
@@ -230,6 +235,9 @@ pub struct WriteBack {
     waiting: std::sync::atomic::AtomicUsize,
     /// A caller started waiting for the servers: a gathering reintegrator sends at once.
     hurry: Notify,
+    /// The one copy of an earlier batch's contents into the blob cache that may run in the
+    /// background (see `Core::keep_in_background`).
+    keeping: Arc<tokio::sync::Semaphore>,
     /// Batches settled (and changes of what is held back) so far: waiters for the servers look
     /// again at each.
     settles: watch::Sender<u64>,
@@ -366,6 +374,7 @@ impl WriteBack {
             work: Notify::new(),
             waiting: Default::default(),
             hurry: Notify::new(),
+            keeping: Arc::new(tokio::sync::Semaphore::new(1)),
             settles: watch::channel(0).0,
             kernel: OnceLock::new(),
             host: hostname(),
@@ -1602,46 +1611,83 @@ impl<R: Remote> Core<R> {
             // Bounded tighter than a request: with the change stream down, each read would
             // wait for this commit's event.
             let _ = tokio::time::timeout(self.cfg.op_timeout.min(REWARM_TIME), self.rewarm(b)).await;
-            crate::blocking::blocking(u64::MAX, || self.keep_sent_contents(b, batch));
+            // The newest files are in the cache when `codafs sync` returns; the rest follow in
+            // the background. An earlier batch's contents are not kept: copying them into the
+            // cache while the copy goes on slowed a 5,000-file `cp -r` by about a fifth
+            // (docs/benchmarks.md, "Session 22").
+            let keeper = self.keeper(b);
+            let (mut copied, mut rest) = (0, Vec::new());
+            crate::blocking::blocking(u64::MAX, || {
+                self.each_sent_content(b, batch, |h, data| {
+                    if copied < REWARM_MAX {
+                        copied += 1;
+                        return self.cache_copy(h, &data).is_ok();
+                    }
+                    rest.push((h, data));
+                    keeper.is_some()
+                })
+            });
+            if let Some(k) = keeper {
+                k.keep(rest);
+            }
         }
         self.settle_batch(b, batch, drained).await;
         Ok(())
     }
 
-    /// Copies the inline contents of a batch that drained the log into the blob cache, newest
-    /// first, at most [`REWARM_MAX`] files and [`KEEP_MAX_BYTES`]: the files just written stay
-    /// readable, and open for writing, while the servers are unreachable. (During a long copy
-    /// only the last batch is kept: copying every batch's files before it settles delayed the
-    /// copy's arrival on the servers by up to 2 s, docs/benchmarks.md "Session 21".) Best
-    /// effort: the blob cache may refuse (full), and evicts as usual.
-    fn keep_sent_contents(&self, b: &WriteBack, batch: &Batch) {
-        let (mut files, mut bytes) = (0usize, 0u64);
+    /// Hands each inline content of a sent batch to `keep`, newest first, each file's last one
+    /// only (the one sent), skipping what the blob cache holds, until `keep` says no or
+    /// [`KEEP_MAX_BYTES`] were handed over. The contents are read from the log, so this runs
+    /// before the batch settles (its segments may go then). Data files (contents over 1 MiB)
+    /// are moved into the cache when the batch settles.
+    fn each_sent_content(&self, b: &WriteBack, batch: &Batch, mut keep: impl FnMut(Hash, Vec<u8>) -> bool) {
+        let mut bytes = 0u64;
         let mut newer: HashSet<u64> = HashSet::new();
         for c in batch.changes.iter().rev() {
             let (Some(content), Some(h)) = (&c.content, content_hash(&c.op)) else {
                 continue;
             };
-            // Only each file's last content in the batch (the one sent).
             if !newer.insert(op_target(&c.op)) {
                 continue;
             }
             if matches!(content, Content::File(_)) || self.blobs.lookup(&h) {
-                // Data files are moved into the cache when the batch settles.
                 continue;
             }
-            if files >= REWARM_MAX || bytes >= KEEP_MAX_BYTES {
+            if bytes >= KEEP_MAX_BYTES {
                 return;
             }
-            match b.log.read_content(content) {
-                Ok(data) => {
-                    if self.cache_copy(h, &data).is_err() {
-                        return;
-                    }
-                    files += 1;
-                    bytes += data.len() as u64;
-                }
-                Err(_) => return,
+            let Ok(data) = b.log.read_content(content) else {
+                return;
+            };
+            bytes += data.len() as u64;
+            if !keep(h, data) {
+                return;
             }
+        }
+    }
+
+    /// The copier of sent contents into the blob cache on a thread beside the reintegrator,
+    /// if none runs now: what the batch that drains the log sent beyond its newest
+    /// [`REWARM_MAX`] files stays readable, and open for writing, while the servers are
+    /// unreachable, without holding up `codafs sync`. One copy at a time: while one runs, a
+    /// later batch's contents are not kept (a file of it is read from the servers when next
+    /// needed). `None` also on a core without background work (unit tests of other things).
+    fn keeper(&self, b: &WriteBack) -> Option<Keeper<R>> {
+        let me = self.me.get().and_then(std::sync::Weak::upgrade)?;
+        match b.keeping.clone().try_acquire_owned() {
+            Ok(slot) => Some(Keeper { me, slot }),
+            Err(_) => {
+                tracing::debug!("the previous batch's contents are still being cached; this batch's are not kept");
+                None
+            }
+        }
+    }
+
+    /// Waits until no copy of sent contents into the cache runs in the background.
+    #[cfg(test)]
+    pub(crate) async fn kept_in_background(&self) {
+        if let Some(b) = self.write_back() {
+            drop(b.keeping.acquire().await);
         }
     }
 
@@ -1651,11 +1697,12 @@ impl<R: Remote> Core<R> {
     /// sending could no longer look up, stat or create in the directories it just wrote to.
     /// Best effort: the first failure ends it (what is left is fetched when next needed).
     async fn rewarm(&self, b: &WriteBack) {
-        let (dirs, nodes) = {
+        let (dirs, nodes, gained) = {
             let mut st = b.st();
             (
                 std::mem::take(&mut st.rewarm_dirs),
                 std::mem::take(&mut st.rewarm_nodes),
+                std::mem::take(&mut st.rewarm_gained),
             )
         };
         let mut seen = HashSet::new();
@@ -1663,11 +1710,23 @@ impl<R: Remote> Core<R> {
             if !seen.insert(dir) {
                 continue;
             }
-            let long = matches!(self.meta.listing(dir), Ok(Some(l)) if l.len() > REWARM_LISTING_MAX);
-            let r = if long {
-                self.stored_attr(dir).await.map(drop)
-            } else {
+            // A listing read again brings all its entries' attributes in one call: worth it for
+            // a directory that gained many names (a copy), not for one with a few (an editor's
+            // save in a large directory), whose nodes are read one by one below. Either way the
+            // directory's own attributes are read (its times changed): without them every
+            // path through it fails offline.
+            let listing = self.meta.listing(dir);
+            let long = matches!(&listing, Ok(Some(l)) if l.len() > REWARM_LISTING_MAX);
+            let many = gained.get(&dir).is_some_and(|n| *n >= REWARM_LISTING_NAMES);
+            let whole = !long && (many || matches!(listing, Ok(None)));
+            let r = if whole {
                 self.fetch_listing(dir, self.cfg.op_timeout).await.map(drop)
+            } else {
+                Ok(())
+            };
+            let r = match r {
+                Ok(()) if !matches!(self.meta.attr(dir), Ok(Some(_))) => self.stored_attr(dir).await.map(drop),
+                r => r,
             };
             match r {
                 Ok(()) | Err(FsError::NotFound) | Err(FsError::NotDir) => {}
@@ -1840,10 +1899,6 @@ impl<R: Remote> Core<R> {
                 new_dirs.extend(ino.or(made));
             }
         }
-        let mut gained: HashMap<u64, usize> = HashMap::new();
-        for p in patches.iter().filter(|p| p.2.is_some()) {
-            *gained.entry(p.0).or_default() += 1;
-        }
         let mut reread = Vec::new();
         {
             // A listing is patched only while the mount shows the volume from before this
@@ -1870,19 +1925,26 @@ impl<R: Remote> Core<R> {
             }
             let _ = self.meta.patch_dirs(&patches);
         }
-        // A listing read again brings all its entries' attributes in one call: worth it for a
-        // directory that gained many names (a copy), not for one with a few (an editor's save
-        // in a large directory), whose nodes are read one by one. A directory whose listing is
-        // not cached was not patched: it is read (to be usable offline) however few it gained.
+        // A directory whose listing is not cached was not patched: it is read (to be usable
+        // offline) however few names it gained. Whether a patched one is read again whole or
+        // only its own attributes is decided when the log drains, by the names it gained since
+        // (see `rewarm`).
+        let patched: HashSet<u64> = patches.iter().map(|p| p.0).collect();
         reread.extend(
-            gained
+            patched
                 .into_iter()
-                .filter(|(d, n)| *n >= REWARM_LISTING_NAMES || matches!(self.meta.listing(*d), Ok(None)))
-                .map(|(d, _)| d),
+                .filter(|d| matches!(self.meta.listing(*d), Ok(None))),
         );
         {
             let mut st = b.st();
+            for p in &patches {
+                if p.2.is_some() {
+                    add_gained(&mut st.rewarm_gained, p.0, 1);
+                }
+                bounded_push(&mut st.rewarm_dirs, p.0);
+            }
             for d in reread.into_iter().chain(unknown.iter().copied()) {
+                add_gained(&mut st.rewarm_gained, d, usize::MAX);
                 bounded_push(&mut st.rewarm_dirs, d);
             }
             for i in warm {
@@ -2316,6 +2378,47 @@ impl<R: Remote> Core<R> {
         }
         b.settles.send_modify(|n| *n += 1);
     }
+}
+
+/// Copies sent contents into the blob cache on a blocking thread (see `Core::keeper`),
+/// holding the one slot for it until done.
+struct Keeper<R: Remote> {
+    me: Arc<Core<R>>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<R: Remote> Keeper<R> {
+    /// On a thread of its own at a lower CPU priority, so a copy still running into the mount
+    /// gets the CPU first. Best effort: the first content the blob cache refuses (full) ends
+    /// it.
+    fn keep(self, contents: Vec<(Hash, Vec<u8>)>) {
+        if contents.is_empty() {
+            return;
+        }
+        let started = std::thread::Builder::new().name("codafs-keep".into()).spawn(move || {
+            crate::blocking::lower_priority();
+            for (h, data) in contents {
+                if self.me.cache_copy(h, &data).is_err() {
+                    break;
+                }
+            }
+            drop(self.slot);
+        });
+        if let Err(e) = started {
+            tracing::debug!(error = %e, "no thread to keep sent contents in the cache");
+        }
+    }
+}
+
+/// Counts `n` more names gained by directory `dir` since the log last drained (saturating:
+/// `usize::MAX` marks a listing to read again whole); a directory past the map's bound is not
+/// counted, and is read again whole only if its listing is not cached.
+fn add_gained(gained: &mut HashMap<u64, usize>, dir: u64, n: usize) {
+    if gained.len() >= 4 * REWARM_MAX && !gained.contains_key(&dir) {
+        return;
+    }
+    let e = gained.entry(dir).or_default();
+    *e = e.saturating_add(n);
 }
 
 /// Appends `v` to a bounded queue of [`REWARM_MAX`], dropping the oldest entry when full.

@@ -38,12 +38,12 @@ pub(crate) const RESERVE_BATCH: u32 = 4096;
 /// `REWARM_LISTING_MAX` are not read again whole (their directory's attributes are).
 const REWARM_MAX: usize = 512;
 const REWARM_LISTING_MAX: usize = 10_000;
-/// A directory that gained at least this many names in a batch has its listing read again
-/// (with every entry's attributes, in one call) rather than those nodes' attributes one by one.
+/// A directory that gained at least this many names since the log last drained has its listing
+/// read again (with every entry's attributes, in one call) rather than those nodes' attributes
+/// one by one.
 const REWARM_LISTING_NAMES: usize = 16;
-/// Bytes of inline contents a batch keeps in the blob cache, at most: read and copied in place
-/// by the batch that drains the log, read into memory and copied on a blocking thread for an
-/// earlier one (one such copy at a time).
+/// Bytes of inline contents the batch that drains the log keeps in the blob cache, at most (its
+/// newest files copied in place, the rest held in memory for a thread that copies them).
 const KEEP_MAX_BYTES: u64 = 64 << 20;
 /// The reads of `rewarm` take at most this long in all.
 const REWARM_TIME: Duration = Duration::from_millis(500);
@@ -235,8 +235,8 @@ pub struct WriteBack {
     waiting: std::sync::atomic::AtomicUsize,
     /// A caller started waiting for the servers: a gathering reintegrator sends at once.
     hurry: Notify,
-    /// The one copy of an earlier batch's contents into the blob cache that may run in the
-    /// background (see `Core::keep_in_background`).
+    /// The one copy of sent contents into the blob cache that may run in the background (see
+    /// `Core::keeper`).
     keeping: Arc<tokio::sync::Semaphore>,
     /// Batches settled (and changes of what is held back) so far: waiters for the servers look
     /// again at each.

@@ -1623,8 +1623,11 @@ impl<R: Remote> Core<R> {
                         copied += 1;
                         return self.cache_copy(h, &data).is_ok();
                     }
+                    if keeper.is_none() {
+                        return false;
+                    }
                     rest.push((h, data));
-                    keeper.is_some()
+                    true
                 })
             });
             if let Some(k) = keeper {
@@ -2380,7 +2383,7 @@ impl<R: Remote> Core<R> {
     }
 }
 
-/// Copies sent contents into the blob cache on a blocking thread (see `Core::keeper`),
+/// Copies sent contents into the blob cache on a thread of its own (see `Core::keeper`),
 /// holding the one slot for it until done.
 struct Keeper<R: Remote> {
     me: Arc<Core<R>>,

@@ -1,5 +1,9 @@
 //! The persistent whole-file cache: one file per blob at `blobs/<2 hex>/<64 hex>`, keyed by
-//! content hash, so identical files share an entry and an entry can never be stale.
+//! content hash, so identical files share an entry and an entry can never be stale. The small
+//! files a listing brings are kept together as one entry, a pack (`<64 hex>.pack`, see
+//! `pack.rs`): its files are found through `State::members` (about 120 bytes of memory each),
+//! and everything below (verification, the saved index, the sweep, eviction) treats the pack
+//! as one entry.
 //!
 //! Crash safety: a fetch writes `blobs/<2 hex>/.tmp-…` while hashing, and only a blob whose hash
 //! verified is renamed into place (temp files are deleted at start). The temp file is in the
@@ -52,6 +56,7 @@ use codafs_common::chunks::{content_id, is_chunked};
 use codafs_common::Hash;
 
 use super::index::Index;
+use super::pack::{self, Member};
 use crate::core::remote::ChunkSink;
 
 /// Cache counters.
@@ -65,11 +70,76 @@ pub struct BlobStats {
 }
 
 struct State {
-    /// Entries, their sizes and order of use, and which are unverified.
+    /// Entries, their sizes and order of use, and which are unverified. A pack is one entry.
     index: Index,
     pins: HashMap<Hash, usize>,
     /// Whether the `verified-boot` marker names this boot (no entry is unverified).
     marked: bool,
+    /// Packs held (see `pack`), by name: the files each holds.
+    packs: HashMap<Hash, Box<[Member]>>,
+    /// Where each packed file is: its pack's name, and its place there.
+    members: HashMap<Hash, Place>,
+}
+
+/// A packed file's place: its pack, offset and length.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    pack: Hash,
+    offset: u64,
+    len: u64,
+}
+
+impl State {
+    /// Whether `h` is cached: an entry of its own, or a file of a pack held.
+    fn holds(&self, h: &Hash) -> bool {
+        self.index.contains(h) || self.members.get(h).is_some_and(|p| self.index.contains(&p.pack))
+    }
+
+    /// Records the files of pack `id` (its entry is in the index).
+    fn add_pack(&mut self, id: Hash, members: Vec<Member>) {
+        for m in &members {
+            self.members.insert(
+                m.hash,
+                Place {
+                    pack: id,
+                    offset: m.offset,
+                    len: m.len,
+                },
+            );
+        }
+        self.packs.insert(id, members.into_boxed_slice());
+    }
+
+    /// Forgets the files of pack `id`; whether it was one.
+    fn drop_pack(&mut self, id: &Hash) -> bool {
+        let Some(members) = self.packs.remove(id) else {
+            return false;
+        };
+        for m in members.iter() {
+            if self.members.get(&m.hash).is_some_and(|p| p.pack == *id) {
+                self.members.remove(&m.hash);
+            }
+        }
+        true
+    }
+
+    /// Whether entry `h` must stay: pinned itself, or a pack with a pinned file.
+    fn pinned(&self, h: &Hash) -> bool {
+        self.pins.contains_key(h)
+            || self
+                .packs
+                .get(h)
+                .is_some_and(|ms| ms.iter().any(|m| self.pins.contains_key(&m.hash)))
+    }
+}
+
+/// Where a cached blob's bytes are: a file, and the offset of its first byte there.
+struct Located {
+    path: PathBuf,
+    offset: u64,
+    packed: bool,
+    /// Bytes of it there: a packed file's length, or no bound (its own file ends it).
+    limit: u64,
 }
 
 /// The blob cache directory.
@@ -151,14 +221,22 @@ const BOOT_MARKER: &str = "verified-boot";
 const SAVED_INDEX: &str = "blobs.index";
 /// The index a running daemon writes now and then, for a start after a crash.
 const CHECKPOINT: &str = "blobs.checkpoint";
-/// First bytes of [`SAVED_INDEX`], with its format's version.
-const SAVED_MAGIC: &[u8; 8] = b"CDFSIDX1";
-/// Bytes per entry in [`SAVED_INDEX`]: hash, then size with the unverified flag in the top bit.
+/// First bytes of [`SAVED_INDEX`], with its format's version (2: packs).
+const SAVED_MAGIC: &[u8; 8] = b"CDFSIDX2";
+/// The format before packs, still read: entries only.
+const SAVED_MAGIC_1: &[u8; 8] = b"CDFSIDX1";
+/// Bytes per entry in [`SAVED_INDEX`]: hash, then size with the flags in its top bits.
 const SAVED_ENTRY: usize = 40;
 const SAVED_UNVERIFIED: u64 = 1 << 63;
+const SAVED_PACK: u64 = 1 << 62;
 
 /// Names of blobs being written, beside the entries they become.
 const TMP_PREFIX: &str = ".tmp-";
+/// What a pack's file name ends with (`<64 hex>.pack`).
+const PACK_SUFFIX: &str = ".pack";
+/// A pack is at most this share of the cache's budget (past it, its files are cached one
+/// file each): 1/16, so 1 MiB batches are packed from a 16 MiB cache up.
+const PACK_SHARE: u64 = 16;
 
 impl BlobCache {
     /// Opens the cache at `root`, bounded to `max_bytes`.
@@ -181,45 +259,49 @@ impl BlobCache {
         for e in std::fs::read_dir(root.join("tmp"))? {
             let _ = std::fs::remove_file(e?.path());
         }
-        let mut index = Index::default();
+        let mut state = State {
+            index: Index::default(),
+            pins: HashMap::new(),
+            marked: same_boot,
+            packs: HashMap::new(),
+            members: HashMap::new(),
+        };
         let started = std::time::Instant::now();
         // Written during this boot: a saved index's verified flags still hold; else none does.
-        let load = |index: &mut Index, saved: SavedIndex| {
+        let load = |state: &mut State, saved: SavedIndex| {
             let trust = same_boot && saved.boot == boot;
-            for (h, len, unverified) in saved.entries {
-                Self::index_found(root, index, h, len, unverified || !trust);
+            for mut f in saved.entries {
+                f.unverified |= !trust;
+                Self::index_found(root, state, f);
             }
         };
         let (how, sweep_pending) = match take_saved_index(root)? {
             Some(saved) => {
-                load(&mut index, saved);
+                load(&mut state, saved);
                 ("from the saved index", false)
             }
             None => match read_checkpoint(root) {
                 Some(saved) => {
-                    load(&mut index, saved);
+                    load(&mut state, saved);
                     ("from its checkpoint; its files are reconciled in the background", true)
                 }
                 None => {
-                    Self::list_entries(root, &mut index, !same_boot)?;
+                    Self::list_entries(root, &mut state, !same_boot)?;
                     ("by listing its files", false)
                 }
             },
         };
         tracing::info!(
-            entries = index.len(),
-            bytes = index.bytes(),
+            entries = state.index.len(),
+            packs = state.packs.len(),
+            bytes = state.index.bytes(),
             ms = started.elapsed().as_millis() as u64,
             "blob cache opened {how}"
         );
         let cache = BlobCache {
             root: root.to_path_buf(),
             max_bytes,
-            state: Mutex::new(State {
-                index,
-                pins: HashMap::new(),
-                marked: same_boot,
-            }),
+            state: Mutex::new(state),
             seq: AtomicU64::new(0),
             stats: BlobStats::default(),
             boot: boot.to_string(),
@@ -243,7 +325,7 @@ impl BlobCache {
 
     /// Rebuilds the index from the files in `blobs/` (no saved index, or an unusable one),
     /// removing temp files a stopped daemon left; recency follows the files' modification times.
-    fn list_entries(root: &Path, index: &mut Index, unverified: bool) -> Result<(), CacheError> {
+    fn list_entries(root: &Path, state: &mut State, unverified: bool) -> Result<(), CacheError> {
         let mut found = Vec::new();
         for sub in std::fs::read_dir(root.join("blobs"))? {
             let sub = sub?.path();
@@ -253,29 +335,58 @@ impl BlobCache {
             for f in std::fs::read_dir(&sub)? {
                 let f = f?;
                 let name = f.file_name();
-                let Some(h) = name.to_str().and_then(|n| Hash::from_hex(n).ok()) else {
+                let Some((h, packed)) = entry_name(&name) else {
                     if name.as_encoded_bytes().starts_with(TMP_PREFIX.as_bytes()) {
                         let _ = std::fs::remove_file(f.path());
                     }
                     continue;
                 };
                 let m = f.metadata()?;
-                found.push((m.modified().ok(), h, m.len()));
+                let Some(members) = Self::members_found(&f.path(), packed, m.len()) else {
+                    continue;
+                };
+                found.push((m.modified().ok(), h, m.len(), members));
             }
         }
         // Oldest first, so the most recently written end up most recently used.
-        found.sort();
-        for (_, h, len) in found {
-            Self::index_found(root, index, h, len, unverified);
+        found.sort_by_key(|(t, h, _, _)| (*t, *h));
+        for (_, hash, len, members) in found {
+            let f = Found {
+                hash,
+                len,
+                unverified,
+                members,
+            };
+            Self::index_found(root, state, f);
         }
         Ok(())
     }
 
+    /// The files of the pack at `path` (`Some(None)` for an entry that is not a pack);
+    /// `None`, with the file removed, for a pack that cannot be read.
+    fn members_found(path: &Path, packed: bool, len: u64) -> Option<Option<Vec<Member>>> {
+        if !packed {
+            return Some(None);
+        }
+        match pack::read_members(path, len) {
+            Ok(members) => Some(Some(members)),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "removing an unreadable cache pack");
+                let _ = std::fs::remove_file(path);
+                None
+            }
+        }
+    }
+
     /// Adds an entry found at start; past what the index can name, its file is removed (the
     /// rest are not cached).
-    fn index_found(root: &Path, index: &mut Index, h: Hash, len: u64, unverified: bool) {
-        if index.insert(h, len, unverified).is_err() {
-            let _ = std::fs::remove_file(Self::path_in(root, &h));
+    fn index_found(root: &Path, state: &mut State, f: Found) {
+        if state.index.insert(f.hash, f.len, f.unverified).is_err() {
+            let _ = std::fs::remove_file(Self::path_in(root, &f.hash, f.members.is_some()));
+            return;
+        }
+        if let Some(members) = f.members {
+            state.add_pack(f.hash, members);
         }
     }
 
@@ -314,17 +425,30 @@ impl BlobCache {
         Ok(true)
     }
 
-    /// The index in the saved-index format: magic, boot id, count, entries oldest first, blake3.
+    /// The index in the saved-index format: magic, boot id, count, entries oldest first (a
+    /// pack flagged), then each pack's files (count, then hash and length each), blake3.
     fn encode_index(&self, s: &State) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 + s.index.len() * SAVED_ENTRY);
+        let mut out = Vec::with_capacity(64 + s.index.len() * SAVED_ENTRY + s.members.len() * pack::LINE);
         out.extend_from_slice(SAVED_MAGIC);
         out.extend_from_slice(&(self.boot.len() as u32).to_le_bytes());
         out.extend_from_slice(self.boot.as_bytes());
         out.extend_from_slice(&(s.index.len() as u64).to_le_bytes());
+        let mut packs = Vec::new();
         for (h, len, unverified) in s.index.entries() {
             out.extend_from_slice(&h.0);
-            let flag = if unverified { SAVED_UNVERIFIED } else { 0 };
-            out.extend_from_slice(&(len | flag).to_le_bytes());
+            let mut flags = if unverified { SAVED_UNVERIFIED } else { 0 };
+            if let Some(members) = s.packs.get(&h) {
+                flags |= SAVED_PACK;
+                packs.push(members);
+            }
+            out.extend_from_slice(&(len | flags).to_le_bytes());
+        }
+        for members in packs {
+            out.extend_from_slice(&(members.len() as u32).to_le_bytes());
+            for m in members.iter() {
+                out.extend_from_slice(&m.hash.0);
+                out.extend_from_slice(&(m.len as u32).to_le_bytes());
+            }
         }
         let sum = blake3::hash(&out);
         out.extend_from_slice(sum.as_bytes());
@@ -369,7 +493,7 @@ impl BlobCache {
             };
             for f in entries.flatten() {
                 let name = f.file_name();
-                let Some(h) = name.to_str().and_then(|n| Hash::from_hex(n).ok()) else {
+                let Some((h, packed)) = entry_name(&name) else {
                     let n = name.as_encoded_bytes();
                     if n.starts_with(TMP_PREFIX.as_bytes()) && !n.starts_with(ours.as_bytes()) {
                         report.stale_tmp += u64::from(std::fs::remove_file(f.path()).is_ok());
@@ -385,8 +509,14 @@ impl BlobCache {
                 let Ok(m) = std::fs::metadata(f.path()) else {
                     continue;
                 };
+                let Some(members) = Self::members_found(&f.path(), packed, m.len()) else {
+                    continue;
+                };
                 if s.index.insert(h, m.len(), self.adopt_unverified).is_err() {
                     continue;
+                }
+                if let Some(members) = members {
+                    s.add_pack(h, members);
                 }
                 report.adopted += 1;
                 if self.adopt_unverified {
@@ -424,11 +554,17 @@ impl BlobCache {
     /// (deleted behind the cache's back), so the next read fetches it again.
     pub fn forget_missing(&self, h: &Hash) {
         let mut s = self.lock();
+        // A packed file: its pack is what went missing.
+        let (h, packed) = match s.members.get(h) {
+            Some(p) => (p.pack, true),
+            None => (*h, false),
+        };
         // Placed again meanwhile (a concurrent fetch): keep it.
-        if self.path(h).exists() {
+        if Self::path_in(&self.root, &h, packed).exists() {
             return;
         }
-        if s.index.remove(h).is_some() {
+        s.drop_pack(&h);
+        if s.index.remove(&h).is_some() {
             tracing::warn!(hash = %h, "a cached blob's file is missing; fetching it again");
             self.settle_marker(&mut s);
             drop(s);
@@ -471,19 +607,89 @@ impl BlobCache {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The file of entry `h` when it is a file of its own (not a pack's).
     pub fn path(&self, h: &Hash) -> PathBuf {
-        Self::path_in(&self.root, h)
+        Self::path_in(&self.root, h, false)
     }
 
-    fn path_in(root: &Path, h: &Hash) -> PathBuf {
+    /// The file of entry `h`: a blob's, or a pack's (`<hex>.pack`).
+    fn path_in(root: &Path, h: &Hash, pack: bool) -> PathBuf {
         let hex = h.to_hex();
-        root.join("blobs").join(&hex[..2]).join(hex)
+        let dir = root.join("blobs").join(&hex[..2]);
+        if pack {
+            dir.join(format!("{hex}{PACK_SUFFIX}"))
+        } else {
+            dir.join(hex)
+        }
     }
 
-    /// (entries, bytes) cached.
+    /// Where `h`'s bytes are, if cached (a file of its own, or its place in a pack).
+    fn locate(&self, h: &Hash) -> Option<Located> {
+        let s = self.lock();
+        if let Some(p) = s.members.get(h) {
+            if s.index.contains(&p.pack) {
+                return Some(Located {
+                    path: Self::path_in(&self.root, &p.pack, true),
+                    offset: p.offset,
+                    packed: true,
+                    limit: p.len,
+                });
+            }
+        }
+        s.index.contains(h).then(|| Located {
+            path: self.path(h),
+            offset: 0,
+            packed: false,
+            limit: u64::MAX,
+        })
+    }
+
+    /// Up to `n` bytes of cached blob `h` from `offset` (fewer at its end). `NotFound` when it
+    /// is not cached, or its file went missing (see [`BlobCache::forget_missing`]).
+    pub fn read_at(&self, h: &Hash, offset: u64, n: usize) -> std::io::Result<Vec<u8>> {
+        let at = self
+            .locate(h)
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
+        // Never past a packed file's end, into the next one's bytes.
+        let n = n.min(usize::try_from(at.limit.saturating_sub(offset)).unwrap_or(usize::MAX));
+        let f = std::fs::File::open(&at.path)?;
+        let mut buf = vec![0u8; n];
+        let mut done = 0;
+        while done < n {
+            let r = std::os::unix::fs::FileExt::read_at(&f, &mut buf[done..], at.offset + offset + done as u64)?;
+            if r == 0 {
+                break;
+            }
+            done += r;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    /// Copies cached blob `h` (`len` bytes) to a new file at `dest` (a shadow to write in).
+    pub fn copy_to(&self, h: &Hash, len: u64, dest: &Path) -> std::io::Result<()> {
+        let at = self
+            .locate(h)
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
+        if !at.packed {
+            std::fs::copy(&at.path, dest)?;
+            return Ok(());
+        }
+        // A packed file is small (a listing brings files of at most 64 KiB).
+        let bytes = self.read_at(h, 0, usize::try_from(len).unwrap_or(usize::MAX))?;
+        if bytes.len() as u64 != len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("cached blob {h} is shorter than its {len} bytes"),
+            ));
+        }
+        std::fs::write(dest, bytes)
+    }
+
+    /// (entries, bytes) cached; each file of a pack counts as an entry.
     pub fn usage(&self) -> (usize, u64) {
         let s = self.lock();
-        (s.index.len(), s.index.bytes())
+        (s.index.len() - s.packs.len() + s.members.len(), s.index.bytes())
     }
 
     pub fn max_bytes(&self) -> u64 {
@@ -499,20 +705,37 @@ impl BlobCache {
     /// Whether `h` is cached, from memory alone: neither marks it used nor checks it (for
     /// counting what is cached, not for serving it).
     pub fn holds(&self, h: &Hash) -> bool {
-        self.lock().index.contains(h)
+        self.lock().holds(h)
     }
 
     /// Whether `h` is cached (and marks it used). Unverified entries are checked first.
+    /// A packed file marks its pack used, and is checked with it.
     pub fn lookup(&self, h: &Hash) -> bool {
-        let needs_check = {
+        let (entry, packed, needs_check) = {
             let mut s = self.lock();
-            let Some((len, unverified)) = s.index.touch(h) else {
+            let (entry, packed) = match s.members.get(h).map(|p| p.pack) {
+                Some(b) if s.index.contains(&b) => (b, true),
+                Some(_) => {
+                    // Its pack is gone: not packed any more.
+                    s.members.remove(h);
+                    (*h, false)
+                }
+                None => (*h, false),
+            };
+            let Some((len, unverified)) = s.index.touch(&entry) else {
                 return false;
             };
-            unverified.then_some(len)
+            (entry, packed, unverified.then_some(len))
         };
         if let Some(len) = needs_check {
-            let ok = crate::blocking::blocking(len, || content_matches(&self.path(h), h, len));
+            let path = Self::path_in(&self.root, &entry, packed);
+            let ok = crate::blocking::blocking(len, || {
+                if packed {
+                    pack::matches(&path, &entry)
+                } else {
+                    content_matches(&path, &entry, len)
+                }
+            });
             if let Err(e) = &ok {
                 if e.kind() == std::io::ErrorKind::NotFound {
                     // Evicted after a checkpoint named it, or deleted by hand: not corrupt.
@@ -522,23 +745,25 @@ impl BlobCache {
             }
             if !matches!(ok, Ok(true)) {
                 self.stats.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(hash = %h, "cached blob failed verification; dropping it");
-                self.remove(h);
+                tracing::warn!(hash = %entry, pack = packed, "cached blob failed verification; dropping it");
+                self.remove(&entry);
                 return false;
             }
             let mut s = self.lock();
-            s.index.set_verified(h);
+            s.index.set_verified(&entry);
             self.settle_marker(&mut s);
         }
         true
     }
 
+    /// Drops entry `h` (a blob, or a pack with its files) and its file.
     fn remove(&self, h: &Hash) {
         let mut s = self.lock();
         s.index.remove(h);
+        let packed = s.drop_pack(h);
         self.settle_marker(&mut s);
         // Under the lock, so a sweep cannot adopt the file in between.
-        let _ = std::fs::remove_file(self.path(h));
+        let _ = std::fs::remove_file(Self::path_in(&self.root, h, packed));
         drop(s);
         self.unsave();
     }
@@ -610,18 +835,64 @@ impl BlobCache {
     /// Caches `data`, whose hash the caller has checked is `h` (a small file that came with its
     /// directory's listing): written and placed without a second hash or a buffer.
     pub fn put_verified(&self, h: Hash, data: &[u8]) -> Result<(), CacheError> {
+        self.place_new(h, data, false)?;
+        self.admit(h, data.len() as u64, false);
+        Ok(())
+    }
+
+    /// Caches files that came together (each checked against its hash by the caller) as one
+    /// pack (see `pack`), leaving out those cached already; how many it cached. One file
+    /// alone, or a batch past a pack's bounds, is cached a file each.
+    pub fn put_pack(&self, files: &[(Hash, &[u8])]) -> Result<usize, CacheError> {
+        let fresh: Vec<(Hash, &[u8])> = {
+            let s = self.lock();
+            let mut seen = std::collections::HashSet::new();
+            files
+                .iter()
+                .filter(|(h, _)| !s.holds(h) && seen.insert(*h))
+                .copied()
+                .collect()
+        };
+        // A pack is evicted whole: in a small cache it would crowd out too much at once.
+        let encoded = if fresh.len() > 1 { pack::encode(&fresh) } else { None };
+        let Some((bytes, members)) = encoded.filter(|(b, _)| b.len() as u64 <= self.max_bytes / PACK_SHARE) else {
+            for (h, data) in &fresh {
+                self.put_verified(*h, data)?;
+            }
+            return Ok(fresh.len());
+        };
+        let id = pack::id_of(&bytes);
+        self.place_new(id, &bytes, true)?;
+        let len = bytes.len() as u64;
+        {
+            let mut s = self.lock();
+            if s.index.insert(id, len, false).is_err() {
+                drop(s);
+                tracing::warn!(pack = %id, "blob cache index full; not caching this pack");
+                let _ = std::fs::remove_file(Self::path_in(&self.root, &id, true));
+                return Ok(0);
+            }
+            s.add_pack(id, members);
+        }
+        self.unsave();
+        self.stats.fetched_bytes.fetch_add(len, Ordering::Relaxed);
+        self.evict_but(Some(id));
+        Ok(fresh.len())
+    }
+
+    /// Writes `data` as entry `h`'s file (a pack's if `pack`): in a temp file beside it,
+    /// then renamed into place. The caller admits it.
+    fn place_new(&self, h: Hash, data: &[u8], pack: bool) -> Result<(), CacheError> {
         let tmp = self.tmp_beside(&h);
         let placed = self
             .create_tmp(&tmp)
             .and_then(|mut f| f.write_all(data))
-            .and_then(|()| std::fs::rename(&tmp, self.path(&h)));
+            .and_then(|()| std::fs::rename(&tmp, Self::path_in(&self.root, &h, pack)));
         if placed.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
         self.tmp_done();
-        placed?;
-        self.admit(h, data.len() as u64, false);
-        Ok(())
+        Ok(placed?)
     }
 
     /// Creates a temp file from [`BlobCache::tmp_beside`]; its directory is made again if
@@ -695,22 +966,24 @@ impl BlobCache {
 
     /// Evicts least recently used entries until within budget, sparing pinned ones and `keep`.
     fn evict_but(&self, keep: Option<Hash>) {
-        let victims = {
+        let victims: Vec<(Hash, bool)> = {
             let mut s = self.lock();
-            let State { index, pins, .. } = &mut *s;
-            let victims = index.evict_to(self.max_bytes, |h| pins.contains_key(h) || keep == Some(*h));
+            let mut index = std::mem::take(&mut s.index);
+            let victims = index.evict_to(self.max_bytes, |h| s.pinned(h) || keep == Some(*h));
+            s.index = index;
+            let victims = victims.into_iter().map(|h| (h, s.drop_pack(&h))).collect();
             self.settle_marker(&mut s);
             victims
         };
         if !victims.is_empty() {
             self.unsave();
         }
-        for h in victims {
+        for (h, packed) in victims {
             self.stats.evictions.fetch_add(1, Ordering::Relaxed);
             // Fetched and admitted again since it was chosen: its new file stays.
             let s = self.lock();
             if !s.index.contains(&h) {
-                let _ = std::fs::remove_file(self.path(&h));
+                let _ = std::fs::remove_file(Self::path_in(&self.root, &h, packed));
             }
         }
     }
@@ -720,8 +993,27 @@ impl BlobCache {
 struct SavedIndex {
     /// The boot it was written in.
     boot: String,
-    /// (hash, size, unverified), least recently used first.
-    entries: Vec<(Hash, u64, bool)>,
+    /// Least recently used first.
+    entries: Vec<Found>,
+}
+
+/// An entry found at start, in an index file or on disk.
+struct Found {
+    hash: Hash,
+    len: u64,
+    unverified: bool,
+    /// A pack's files.
+    members: Option<Vec<Member>>,
+}
+
+/// The entry a file in `blobs/<2 hex>/` is, and whether it is a pack (`<hex>.pack`); `None`
+/// for anything else.
+fn entry_name(name: &std::ffi::OsStr) -> Option<(Hash, bool)> {
+    let name = name.to_str()?;
+    match name.strip_suffix(PACK_SUFFIX) {
+        Some(hex) => Some((Hash::from_hex(hex).ok()?, true)),
+        None => Some((Hash::from_hex(name).ok()?, false)),
+    }
 }
 
 /// Reads and removes the index a clean stop saved. `None` when there is none, or when it is
@@ -768,25 +1060,45 @@ fn parse_saved_index(bytes: &[u8]) -> Option<SavedIndex> {
     if blake3::hash(body).as_bytes() != sum {
         return None;
     }
-    let rest = body.strip_prefix(SAVED_MAGIC.as_slice())?;
+    let (with_packs, rest) = match body.strip_prefix(SAVED_MAGIC.as_slice()) {
+        Some(rest) => (true, rest),
+        None => (false, body.strip_prefix(SAVED_MAGIC_1.as_slice())?),
+    };
     let (n, rest) = rest.split_at_checked(4)?;
     let boot_len = u32::from_le_bytes(n.try_into().ok()?) as usize;
     let (boot, rest) = rest.split_at_checked(boot_len)?;
     let (n, rest) = rest.split_at_checked(8)?;
-    let count = u64::from_le_bytes(n.try_into().ok()?);
-    if rest.len() as u64 != count.checked_mul(SAVED_ENTRY as u64)? {
+    let count = usize::try_from(u64::from_le_bytes(n.try_into().ok()?)).ok()?;
+    let (table, mut rest) = rest.split_at_checked(count.checked_mul(SAVED_ENTRY)?)?;
+    let mut entries = Vec::with_capacity(count);
+    for e in table.chunks_exact(SAVED_ENTRY) {
+        let (mut h, mut len) = ([0u8; 32], [0u8; 8]);
+        h.copy_from_slice(&e[..32]);
+        len.copy_from_slice(&e[32..]);
+        let (hash, len) = (Hash(h), u64::from_le_bytes(len));
+        let members = if with_packs && len & SAVED_PACK != 0 {
+            let (n, more) = rest.split_at_checked(4)?;
+            let n = u32::from_le_bytes(n.try_into().ok()?) as usize;
+            let (lines, more) = more.split_at_checked(n.checked_mul(pack::LINE)?)?;
+            rest = more;
+            Some(pack::layout(lines.chunks_exact(pack::LINE).map(|l| {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(&l[..32]);
+                (Hash(h), u64::from(u32::from_le_bytes([l[32], l[33], l[34], l[35]])))
+            })))
+        } else {
+            None
+        };
+        entries.push(Found {
+            hash,
+            len: len & !(SAVED_UNVERIFIED | SAVED_PACK),
+            unverified: len & SAVED_UNVERIFIED != 0,
+            members,
+        });
+    }
+    if !rest.is_empty() {
         return None;
     }
-    let entries = rest
-        .chunks_exact(SAVED_ENTRY)
-        .map(|e| {
-            let (mut h, mut len) = ([0u8; 32], [0u8; 8]);
-            h.copy_from_slice(&e[..32]);
-            len.copy_from_slice(&e[32..]);
-            let (h, len) = (Hash(h), u64::from_le_bytes(len));
-            (h, len & !SAVED_UNVERIFIED, len & SAVED_UNVERIFIED != 0)
-        })
-        .collect();
     Some(SavedIndex {
         boot: String::from_utf8(boot.to_vec()).ok()?,
         entries,
@@ -930,6 +1242,10 @@ impl Drop for CacheWriter<'_> {
         self.cache.tmp_done();
     }
 }
+
+#[cfg(test)]
+#[path = "packed_tests.rs"]
+mod packed_tests;
 
 #[cfg(test)]
 mod tests {

@@ -4,4 +4,5 @@ pub mod index;
 pub mod listings;
 pub mod lock;
 pub mod meta;
+pub mod pack;
 pub mod stream;

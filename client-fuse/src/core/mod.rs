@@ -939,21 +939,10 @@ impl<R: Remote> Core<R> {
         self.blobs.stop_sweep();
     }
 
-    /// Reads from a cached blob's file.
+    /// Reads from a cached blob (its own file, or its bundle's).
     fn read_cached(&self, hash: &Hash, len: u64, offset: u64, size: u32) -> std::io::Result<Vec<u8>> {
         let n = (size as u64).min(len - offset) as usize;
-        let mut buf = vec![0u8; n];
-        let f = std::fs::File::open(self.blobs.path(hash))?;
-        let mut done = 0;
-        while done < n {
-            let r = std::os::unix::fs::FileExt::read_at(&f, &mut buf[done..], offset + done as u64)?;
-            if r == 0 {
-                break;
-            }
-            done += r;
-        }
-        buf.truncate(done);
-        Ok(buf)
+        self.blobs.read_at(hash, offset, n)
     }
 
     /// Lets requests start work they need not wait for on the runtime (small files brought

@@ -775,9 +775,9 @@ impl<R: Remote> Core<R> {
                         let data = if size == 0 {
                             Payload::Memory(Vec::new())
                         } else {
-                            let (hash, _) = self.ensure_cached(ino).await?;
+                            let (hash, len) = self.ensure_cached(ino).await?;
                             let _pin = self.blobs.pin(hash);
-                            self.truncated(ino, &self.blobs.path(&hash), size)?
+                            self.truncated(ino, &hash, len, size)?
                         };
                         let mtime = s.mtime_ns.unwrap_or(0);
                         if self.writes_back() {

@@ -105,10 +105,10 @@ impl<R: Remote> Core<R> {
     /// The content of cached file `from` cut or zero-extended to `size` bytes (a truncate of a
     /// file that is not open): a large one goes through an unlinked file in the shadow
     /// directory, never through memory.
-    pub(super) fn truncated(&self, ino: u64, from: &std::path::Path, size: u64) -> Result<Payload, FsError> {
+    pub(super) fn truncated(&self, ino: u64, from: &Hash, len: u64, size: u64) -> Result<Payload, FsError> {
         let path = self.shadow_path(ino);
         let file = blocking(size, || -> std::io::Result<std::fs::File> {
-            std::fs::copy(from, &path)?;
+            self.blobs.copy_to(from, len, &path)?;
             let f = std::fs::OpenOptions::new().read(true).write(true).open(&path);
             let _ = std::fs::remove_file(&path);
             let f = f?;
@@ -203,7 +203,7 @@ impl<R: Remote> Core<R> {
                 ShadowInit::Current => {
                     let (hash, size) = self.ensure_cached(ino).await?;
                     let _pin = self.blobs.pin(hash);
-                    blocking(size, || std::fs::copy(self.blobs.path(&hash), &path))?;
+                    blocking(size, || self.blobs.copy_to(&hash, size, &path))?;
                     size
                 }
             };

@@ -45,6 +45,10 @@ const REWARM_LISTING_NAMES: usize = 16;
 /// Bytes of inline contents the batch that drains the log keeps in the blob cache, at most (its
 /// newest files copied in place, the rest held in memory for a thread that copies them).
 const KEEP_MAX_BYTES: u64 = 64 << 20;
+/// Sent contents up to this size are kept in packs of up to `PACK_BYTES`, as a listing's small
+/// files are (`core/prefetch.rs`).
+const PACK_FILE_MAX: u64 = 64 << 10;
+const PACK_BYTES: u64 = 1 << 20;
 /// The reads of `rewarm` take at most this long in all.
 const REWARM_TIME: Duration = Duration::from_millis(500);
 /// When fewer ids than this remain for a volume, the reintegrator reserves another batch after
@@ -236,8 +240,9 @@ pub struct WriteBack {
     /// A caller started waiting for the servers: a gathering reintegrator sends at once.
     hurry: Notify,
     /// The one copy of sent contents into the blob cache that may run in the background (see
-    /// `Core::keeper`).
+    /// `Core::keep_in_background`), and what waits for it.
     keeping: Arc<tokio::sync::Semaphore>,
+    to_keep: Mutex<KeepQueue>,
     /// Batches settled (and changes of what is held back) so far: waiters for the servers look
     /// again at each.
     settles: watch::Sender<u64>,
@@ -375,10 +380,16 @@ impl WriteBack {
             waiting: Default::default(),
             hurry: Notify::new(),
             keeping: Arc::new(tokio::sync::Semaphore::new(1)),
+            to_keep: Mutex::new(KeepQueue::default()),
             settles: watch::channel(0).0,
             kernel: OnceLock::new(),
             host: hostname(),
         })
+    }
+
+    /// Sent contents waiting for the keeper (see `Core::keep_in_background`).
+    fn keep_queue(&self) -> std::sync::MutexGuard<'_, KeepQueue> {
+        self.to_keep.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn st(&self) -> std::sync::MutexGuard<'_, BackState> {
@@ -1245,6 +1256,36 @@ impl<R: Remote> Core<R> {
     }
 
     /// Writes `bytes` into the blob cache as `hash`.
+    /// Copies sent contents into the blob cache: small ones in packs of a listing's size
+    /// (checked against their hashes first, as a copy through a cache writer would be), the
+    /// rest a file each. Best effort: it stops at the first the cache refuses (full).
+    fn cache_contents(&self, contents: Vec<(Hash, Vec<u8>)>) {
+        let (small, large): (Vec<_>, Vec<_>) = contents
+            .into_iter()
+            .filter(|(h, d)| d.len() as u64 > PACK_FILE_MAX || Hash::of(d) == *h)
+            .partition(|(_, d)| d.len() as u64 <= PACK_FILE_MAX);
+        let mut pack: Vec<(Hash, &[u8])> = Vec::new();
+        let mut bytes = 0u64;
+        for (i, (h, d)) in small.iter().enumerate() {
+            pack.push((*h, d));
+            bytes += d.len() as u64;
+            let last = i + 1 == small.len();
+            if last || bytes >= PACK_BYTES || pack.len() >= crate::cache::pack::MAX_FILES {
+                if let Err(e) = self.blobs.put_pack(&pack) {
+                    tracing::debug!(error = %e, "sent contents not kept in the cache");
+                    return;
+                }
+                pack.clear();
+                bytes = 0;
+            }
+        }
+        for (h, d) in large {
+            if self.cache_copy(h, &d).is_err() {
+                return;
+            }
+        }
+    }
+
     fn cache_copy(&self, hash: Hash, bytes: &[u8]) -> Result<(), FsError> {
         let mut w = self
             .blobs
@@ -1611,28 +1652,35 @@ impl<R: Remote> Core<R> {
             // Bounded tighter than a request: with the change stream down, each read would
             // wait for this commit's event.
             let _ = tokio::time::timeout(self.cfg.op_timeout.min(REWARM_TIME), self.rewarm(b)).await;
-            // The newest files are in the cache when `codafs sync` returns; the rest follow in
-            // the background. An earlier batch's contents are not kept: copying them into the
-            // cache while the copy goes on slowed a 5,000-file `cp -r` by about a fifth
-            // (docs/benchmarks.md, "Session 22").
-            let keeper = self.keeper(b);
-            let (mut copied, mut rest) = (0, Vec::new());
+        }
+        // What was sent stays readable offline. The batch that drains the log has its newest
+        // files in the cache when `codafs sync` returns; the rest, and every earlier batch's,
+        // follow on the keeper's thread. Small files go in packs (`cache/pack.rs`): copied a
+        // file each, keeping every batch slowed a 5,000-file `cp -r` by about a fifth
+        // (docs/benchmarks.md, "Session 22").
+        let room = if self.me.get().is_some() {
+            KEEP_MAX_BYTES.saturating_sub(b.keep_queue().bytes)
+        } else {
+            0
+        };
+        if drained || room > 0 {
+            let (mut now, mut rest, mut queued) = (Vec::new(), Vec::new(), 0);
             crate::blocking::blocking(u64::MAX, || {
                 self.each_sent_content(b, batch, |h, data| {
-                    if copied < REWARM_MAX {
-                        copied += 1;
-                        return self.cache_copy(h, &data).is_ok();
+                    if drained && now.len() < REWARM_MAX {
+                        now.push((h, data));
+                        return true;
                     }
-                    if keeper.is_none() {
+                    queued += data.len() as u64;
+                    if queued > room {
                         return false;
                     }
                     rest.push((h, data));
                     true
-                })
+                });
+                self.cache_contents(now);
             });
-            if let Some(k) = keeper {
-                k.keep(rest);
-            }
+            self.keep_in_background(b, rest);
         }
         self.settle_batch(b, batch, drained).await;
         Ok(())
@@ -1669,20 +1717,40 @@ impl<R: Remote> Core<R> {
         }
     }
 
-    /// The copier of sent contents into the blob cache on a thread beside the reintegrator,
-    /// if none runs now: what the batch that drains the log sent beyond its newest
-    /// [`REWARM_MAX`] files stays readable, and open for writing, while the servers are
-    /// unreachable, without holding up `codafs sync`. One copy at a time: while one runs, a
-    /// later batch's contents are not kept (a file of it is read from the servers when next
-    /// needed). `None` also on a core without background work (unit tests of other things).
-    fn keeper(&self, b: &WriteBack) -> Option<Keeper<R>> {
-        let me = self.me.get().and_then(std::sync::Weak::upgrade)?;
-        match b.keeping.clone().try_acquire_owned() {
-            Ok(slot) => Some(Keeper { me, slot }),
-            Err(_) => {
-                tracing::debug!("the previous batch's contents are still being cached; this batch's are not kept");
-                None
+    /// Queues sent contents for the keeper's thread, and starts it unless it runs: what a
+    /// batch sent (beyond the newest [`REWARM_MAX`] files of the batch that drains the log,
+    /// kept before `codafs sync` returns) stays readable, and open for writing, while the
+    /// servers are unreachable, without holding up the copy or `codafs sync`. The queue holds
+    /// at most [`KEEP_MAX_BYTES`]; what does not fit is not kept (a file of it is read from the
+    /// servers when next needed). Nothing starts on a core without background work (unit
+    /// tests of other things).
+    fn keep_in_background(&self, b: &WriteBack, contents: Vec<(Hash, Vec<u8>)>) {
+        if contents.is_empty() {
+            return;
+        }
+        {
+            let mut q = b.keep_queue();
+            for (h, d) in contents {
+                if q.bytes + d.len() as u64 > KEEP_MAX_BYTES {
+                    tracing::debug!("the keeper's queue is full; later sent contents are not kept");
+                    break;
+                }
+                q.bytes += d.len() as u64;
+                q.items.push((h, d));
             }
+        }
+        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
+        let Ok(slot) = b.keeping.clone().try_acquire_owned() else {
+            // The running keeper takes these too.
+            return;
+        };
+        let started = std::thread::Builder::new()
+            .name("codafs-keep".into())
+            .spawn(move || Keeper { me, slot }.run());
+        if let Err(e) = started {
+            tracing::debug!(error = %e, "no thread to keep sent contents in the cache");
         }
     }
 
@@ -1690,7 +1758,10 @@ impl<R: Remote> Core<R> {
     #[cfg(test)]
     pub(crate) async fn kept_in_background(&self) {
         if let Some(b) = self.write_back() {
-            drop(b.keeping.acquire().await);
+            let _slot = b.keeping.acquire().await;
+            // Queued just as a keeper stopped (it found the slot held here): kept here.
+            let items = b.keep_queue().take();
+            self.cache_contents(items);
         }
     }
 
@@ -2383,32 +2454,51 @@ impl<R: Remote> Core<R> {
     }
 }
 
-/// Copies sent contents into the blob cache on a thread of its own (see `Core::keeper`),
-/// holding the one slot for it until done.
+/// Sent contents waiting for the keeper's thread (see `Core::keep_in_background`).
+#[derive(Default)]
+pub(crate) struct KeepQueue {
+    items: Vec<(Hash, Vec<u8>)>,
+    bytes: u64,
+}
+
+impl KeepQueue {
+    fn take(&mut self) -> Vec<(Hash, Vec<u8>)> {
+        self.bytes = 0;
+        std::mem::take(&mut self.items)
+    }
+}
+
+/// Copies queued sent contents into the blob cache on a thread of its own (see
+/// `Core::keep_in_background`), holding the one slot for it while it runs.
 struct Keeper<R: Remote> {
     me: Arc<Core<R>>,
     slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl<R: Remote> Keeper<R> {
-    /// On a thread of its own at a lower CPU priority, so a copy still running into the mount
-    /// gets the CPU first. Best effort: the first content the blob cache refuses (full) ends
-    /// it.
-    fn keep(self, contents: Vec<(Hash, Vec<u8>)>) {
-        if contents.is_empty() {
-            return;
-        }
-        let started = std::thread::Builder::new().name("codafs-keep".into()).spawn(move || {
-            crate::blocking::lower_priority();
-            for (h, data) in contents {
-                if self.me.cache_copy(h, &data).is_err() {
-                    break;
-                }
+    /// At a lower CPU priority, so a copy still running into the mount gets the CPU first;
+    /// until the queue is empty. Best effort: contents the blob cache refuses (full) are
+    /// dropped.
+    fn run(self) {
+        crate::blocking::lower_priority();
+        let Keeper { me, mut slot } = self;
+        let Some(b) = me.write_back() else { return };
+        loop {
+            let items = b.keep_queue().take();
+            if !items.is_empty() {
+                me.cache_contents(items);
+                continue;
             }
-            drop(self.slot);
-        });
-        if let Err(e) = started {
-            tracing::debug!(error = %e, "no thread to keep sent contents in the cache");
+            drop(slot);
+            // Queued after the queue was found empty, while the slot was still held: take it
+            // again, unless someone else holds it now (and so takes them).
+            if b.keep_queue().items.is_empty() {
+                return;
+            }
+            match b.keeping.clone().try_acquire_owned() {
+                Ok(s) => slot = s,
+                Err(_) => return,
+            }
         }
     }
 }

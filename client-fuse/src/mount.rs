@@ -206,6 +206,11 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     if let Some(t) = sweep {
         let _ = t.join();
     }
+    // A copy of sent contents into the cache still running would change it after the save
+    // (which would then be removed again): it ends first, or the next start sweeps.
+    if !core.stop_keeping(Duration::from_secs(5)) {
+        tracing::info!("sent contents were still being kept in the cache; the next start reconciles it");
+    }
     core.save_cache_index();
     drop(core);
     ended.map_err(|e| MountError::Unmount(mountpoint, e))?;

@@ -98,6 +98,14 @@ impl State {
     /// Records the files of pack `id` (its entry is in the index).
     fn add_pack(&mut self, id: Hash, members: Vec<Member>) {
         for m in &members {
+            // Packed already elsewhere (two batches raced): that pack keeps serving it.
+            if self
+                .members
+                .get(&m.hash)
+                .is_some_and(|p| self.packs.contains_key(&p.pack))
+            {
+                continue;
+            }
             self.members.insert(
                 m.hash,
                 Place {
@@ -122,15 +130,15 @@ impl State {
         }
         true
     }
+}
 
-    /// Whether entry `h` must stay: pinned itself, or a pack with a pinned file.
-    fn pinned(&self, h: &Hash) -> bool {
-        self.pins.contains_key(h)
-            || self
-                .packs
+/// Whether entry `h` must stay: pinned itself, or a pack with a pinned file.
+fn pinned(pins: &HashMap<Hash, usize>, packs: &HashMap<Hash, Box<[Member]>>, h: &Hash) -> bool {
+    !pins.is_empty()
+        && (pins.contains_key(h)
+            || packs
                 .get(h)
-                .is_some_and(|ms| ms.iter().any(|m| self.pins.contains_key(&m.hash)))
-    }
+                .is_some_and(|ms| ms.iter().any(|m| pins.contains_key(&m.hash))))
 }
 
 /// Where a cached blob's bytes are: a file, and the offset of its first byte there.
@@ -371,8 +379,16 @@ impl BlobCache {
         match pack::read_members(path, len) {
             Ok(members) => Some(Some(members)),
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "removing an unreadable cache pack");
-                let _ = std::fs::remove_file(path);
+                // Only a pack that is not one goes; one that could not be read now stays for
+                // the next start (uncounted until then).
+                let broken = match &e {
+                    pack::PackError::Malformed(_) => true,
+                    pack::PackError::Io(io) => io.kind() == std::io::ErrorKind::UnexpectedEof,
+                };
+                tracing::warn!(path = %path.display(), error = %e, removed = broken, "a cache pack was not read");
+                if broken {
+                    let _ = std::fs::remove_file(path);
+                }
                 None
             }
         }
@@ -837,6 +853,7 @@ impl BlobCache {
     pub fn put_verified(&self, h: Hash, data: &[u8]) -> Result<(), CacheError> {
         self.place_new(h, data, false)?;
         self.admit(h, data.len() as u64, false);
+        self.tmp_done();
         Ok(())
     }
 
@@ -870,10 +887,13 @@ impl BlobCache {
                 drop(s);
                 tracing::warn!(pack = %id, "blob cache index full; not caching this pack");
                 let _ = std::fs::remove_file(Self::path_in(&self.root, &id, true));
+                self.tmp_done();
                 return Ok(0);
             }
             s.add_pack(id, members);
         }
+        // Only now: a save in between would have missed the placed file.
+        self.tmp_done();
         self.unsave();
         self.stats.fetched_bytes.fetch_add(len, Ordering::Relaxed);
         self.evict_but(Some(id));
@@ -881,18 +901,20 @@ impl BlobCache {
     }
 
     /// Writes `data` as entry `h`'s file (a pack's if `pack`): in a temp file beside it,
-    /// then renamed into place. The caller admits it.
+    /// then renamed into place. The caller admits it, then calls [`BlobCache::tmp_done`]
+    /// (until then no index is saved, since it would miss the file); on an error, it is done.
     fn place_new(&self, h: Hash, data: &[u8], pack: bool) -> Result<(), CacheError> {
         let tmp = self.tmp_beside(&h);
         let placed = self
             .create_tmp(&tmp)
             .and_then(|mut f| f.write_all(data))
             .and_then(|()| std::fs::rename(&tmp, Self::path_in(&self.root, &h, pack)));
-        if placed.is_err() {
+        if let Err(e) = placed {
             let _ = std::fs::remove_file(&tmp);
+            self.tmp_done();
+            return Err(e.into());
         }
-        self.tmp_done();
-        Ok(placed?)
+        Ok(())
     }
 
     /// Creates a temp file from [`BlobCache::tmp_beside`]; its directory is made again if
@@ -968,9 +990,8 @@ impl BlobCache {
     fn evict_but(&self, keep: Option<Hash>) {
         let victims: Vec<(Hash, bool)> = {
             let mut s = self.lock();
-            let mut index = std::mem::take(&mut s.index);
-            let victims = index.evict_to(self.max_bytes, |h| s.pinned(h) || keep == Some(*h));
-            s.index = index;
+            let State { index, pins, packs, .. } = &mut *s;
+            let victims = index.evict_to(self.max_bytes, |h| pinned(pins, packs, h) || keep == Some(*h));
             let victims = victims.into_iter().map(|h| (h, s.drop_pack(&h))).collect();
             self.settle_marker(&mut s);
             victims
@@ -1081,11 +1102,17 @@ fn parse_saved_index(bytes: &[u8]) -> Option<SavedIndex> {
             let n = u32::from_le_bytes(n.try_into().ok()?) as usize;
             let (lines, more) = more.split_at_checked(n.checked_mul(pack::LINE)?)?;
             rest = more;
-            Some(pack::layout(lines.chunks_exact(pack::LINE).map(|l| {
+            let members = pack::layout(lines.chunks_exact(pack::LINE).map(|l| {
                 let mut h = [0u8; 32];
                 h.copy_from_slice(&l[..32]);
                 (Hash(h), u64::from(u32::from_le_bytes([l[32], l[33], l[34], l[35]])))
-            })))
+            }));
+            // As a pack's own header is checked: its files fill it exactly.
+            let end = members.last().map(|m| m.offset + m.len);
+            if end != Some(len & !(SAVED_UNVERIFIED | SAVED_PACK)) {
+                return None;
+            }
+            Some(members)
         } else {
             None
         };

@@ -154,3 +154,34 @@ fn an_index_saved_before_packs_is_still_read() {
     out.extend_from_slice(sum.as_bytes());
     assert!(parse_saved_index(&out).is_none());
 }
+
+#[test]
+fn a_saved_pack_whose_files_do_not_fill_it_is_refused() {
+    let files = [
+        (Hash::of(b"ab"), b"ab".as_slice()),
+        (Hash::of(b"cde"), b"cde".as_slice()),
+    ];
+    let (bytes, _) = pack::encode(&files).unwrap();
+    let saved = |len: u64| {
+        let mut out = SAVED_MAGIC.to_vec();
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(b"b");
+        out.extend_from_slice(&1u64.to_le_bytes());
+        out.extend_from_slice(&pack::id_of(&bytes).0);
+        out.extend_from_slice(&(len | SAVED_PACK).to_le_bytes());
+        out.extend_from_slice(&2u32.to_le_bytes());
+        for (h, d) in files {
+            out.extend_from_slice(&h.0);
+            out.extend_from_slice(&(d.len() as u32).to_le_bytes());
+        }
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        parse_saved_index(&out)
+    };
+    let ok = saved(bytes.len() as u64).expect("a whole pack");
+    assert_eq!(ok.entries[0].members.as_ref().map(Vec::len), Some(2));
+    assert!(
+        saved(bytes.len() as u64 + 1).is_none(),
+        "files one byte short of the pack"
+    );
+}

@@ -1255,7 +1255,6 @@ impl<R: Remote> Core<R> {
         w.finish().map(drop).map_err(|e| FsError::Io(e.to_string()))
     }
 
-    /// Writes `bytes` into the blob cache as `hash`.
     /// Copies sent contents into the blob cache: small ones in packs of a listing's size
     /// (checked against their hashes first, as a copy through a cache writer would be), the
     /// rest a file each. Best effort: it stops at the first the cache refuses (full).
@@ -1286,6 +1285,7 @@ impl<R: Remote> Core<R> {
         }
     }
 
+    /// Writes `bytes` into the blob cache as `hash`.
     fn cache_copy(&self, hash: Hash, bytes: &[u8]) -> Result<(), FsError> {
         let mut w = self
             .blobs
@@ -1725,9 +1725,6 @@ impl<R: Remote> Core<R> {
     /// servers when next needed). Nothing starts on a core without background work (unit
     /// tests of other things).
     fn keep_in_background(&self, b: &WriteBack, contents: Vec<(Hash, Vec<u8>)>) {
-        if contents.is_empty() {
-            return;
-        }
         {
             let mut q = b.keep_queue();
             for (h, d) in contents {
@@ -1737,6 +1734,10 @@ impl<R: Remote> Core<R> {
                 }
                 q.bytes += d.len() as u64;
                 q.items.push((h, d));
+            }
+            // Also with nothing new: a keeper that could not start last time starts now.
+            if q.items.is_empty() {
+                return;
             }
         }
         let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
@@ -1754,14 +1755,34 @@ impl<R: Remote> Core<R> {
         }
     }
 
+    /// At unmount: drops what still waits for the keeper (it is on the servers, and read from
+    /// them when next needed) and waits, at most `limit`, for the copy that runs to end, so
+    /// the cache's index is saved with it. Whether none runs now.
+    pub fn stop_keeping(&self, limit: Duration) -> bool {
+        let Some(b) = self.write_back() else { return true };
+        let (_, bytes) = b.keep_queue().take();
+        b.keep_queue().done(bytes);
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if b.keeping.try_acquire().is_ok() {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits until no copy of sent contents into the cache runs in the background.
     #[cfg(test)]
     pub(crate) async fn kept_in_background(&self) {
         if let Some(b) = self.write_back() {
             let _slot = b.keeping.acquire().await;
             // Queued just as a keeper stopped (it found the slot held here): kept here.
-            let items = b.keep_queue().take();
+            let (items, bytes) = b.keep_queue().take();
             self.cache_contents(items);
+            b.keep_queue().done(bytes);
         }
     }
 
@@ -2462,9 +2483,16 @@ pub(crate) struct KeepQueue {
 }
 
 impl KeepQueue {
-    fn take(&mut self) -> Vec<(Hash, Vec<u8>)> {
-        self.bytes = 0;
-        std::mem::take(&mut self.items)
+    /// The queued contents, still counted in `bytes` until [`KeepQueue::done`]: the bound is
+    /// on what is held in memory, queued or being copied.
+    fn take(&mut self) -> (Vec<(Hash, Vec<u8>)>, u64) {
+        let items = std::mem::take(&mut self.items);
+        let bytes = items.iter().map(|(_, d)| d.len() as u64).sum();
+        (items, bytes)
+    }
+
+    fn done(&mut self, bytes: u64) {
+        self.bytes = self.bytes.saturating_sub(bytes);
     }
 }
 
@@ -2484,9 +2512,10 @@ impl<R: Remote> Keeper<R> {
         let Keeper { me, mut slot } = self;
         let Some(b) = me.write_back() else { return };
         loop {
-            let items = b.keep_queue().take();
+            let (items, bytes) = b.keep_queue().take();
             if !items.is_empty() {
                 me.cache_contents(items);
+                b.keep_queue().done(bytes);
                 continue;
             }
             drop(slot);

@@ -613,6 +613,12 @@ impl BlobCache {
         }
     }
 
+    /// Packs held.
+    #[cfg(test)]
+    pub fn packs(&self) -> usize {
+        self.lock().packs.len()
+    }
+
     /// Entries still to be re-hashed before their first use (after a reboot).
     #[cfg(test)]
     fn unverified(&self) -> usize {

@@ -598,6 +598,7 @@ async fn a_lookup_brings_the_small_files_of_its_directory() {
     deliver_all(&core).await;
     assert_eq!(model::read(&core, "d/a").await.unwrap(), "a".repeat(100).as_bytes());
     assert_eq!(core.stats.prefetched.load(Ordering::Relaxed), 3);
+    assert_eq!(core.blobs.packs(), 1, "the three cached as one pack");
     assert_eq!(core.remote.lock().blob_fetches, 0, "the lookup brought it");
     for n in ["b", "c"] {
         model::read(&core, &format!("d/{n}")).await.unwrap();

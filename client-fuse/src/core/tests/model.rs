@@ -1,7 +1,8 @@
 //! The reference model: random groups of operations run concurrently against the core and the
 //! fake server, on a paused clock. Operations are reads and writes through the core, other
 //! nodes' writes and removes, change events delivered late and in order, a replica that lags,
-//! commits refused or whose reply is lost, outages, and a 200-byte cache that keeps evicting.
+//! commits refused or whose reply is lost, outages, and a 200-byte cache that keeps evicting
+//! (or a 4,000-byte one, where a listing's small files are cached as packs).
 //!
 //! The invariants:
 //! - a read answers what the file held at some version from the one the mount showed when the
@@ -381,12 +382,23 @@ async fn run_model_as(groups: Vec<Vec<Step>>, write_back: bool) -> Result<(), Te
 /// `names`: change events carry their name changes (mounts patch cached listings); without,
 /// as from an older server, mounts read changed directories again.
 async fn run_model_with(groups: Vec<Vec<Step>>, write_back: bool, names: bool) -> Result<(), TestCaseError> {
+    run_model_in(groups, write_back, names, SMALL_CACHE).await
+}
+
+/// A cache that keeps evicting; too small for packs (at most 1/16 of it each).
+const SMALL_CACHE: u64 = 200;
+/// A cache in which a listing's small files become packs of two or three, and still evicts.
+const PACKING_CACHE: u64 = 4000;
+
+/// The model with a blob cache of `cache` bytes.
+async fn run_model_in(groups: Vec<Vec<Step>>, write_back: bool, names: bool, cache: u64) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let core = if write_back {
-        core_writing_back(dir.path(), 200)
+        core_writing_back(dir.path(), cache)
     } else {
-        core_with(dir.path(), 200)
+        core_with(dir.path(), cache)
     };
+    let budget = cache;
     core.remote.lock().events_without_names = !names;
     core.writes
         .tokens
@@ -411,7 +423,7 @@ async fn run_model_with(groups: Vec<Vec<Step>>, write_back: bool, names: bool) -
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let steps = async {
-        let r = run_steps(&world, dir.path(), groups).await;
+        let r = run_steps(&world, dir.path(), groups, budget).await;
         let _ = stop.send(true);
         r
     };
@@ -419,7 +431,12 @@ async fn run_model_with(groups: Vec<Vec<Step>>, write_back: bool, names: bool) -
     r
 }
 
-async fn run_steps(world: &World<'_>, dir: &std::path::Path, groups: Vec<Vec<Step>>) -> Result<(), TestCaseError> {
+async fn run_steps(
+    world: &World<'_>,
+    dir: &std::path::Path,
+    groups: Vec<Vec<Step>>,
+    budget: u64,
+) -> Result<(), TestCaseError> {
     let core = world.core;
     for group in groups {
         world.group.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -430,7 +447,7 @@ async fn run_steps(world: &World<'_>, dir: &std::path::Path, groups: Vec<Vec<Ste
             r?;
         }
         let (_, bytes) = core.blobs.usage();
-        prop_assert!(bytes <= 200, "cache over budget: {bytes}");
+        prop_assert!(bytes <= budget, "cache over budget: {bytes}");
     }
     // Everything settles: the server back, every event delivered, every file as it is stored.
     {
@@ -562,6 +579,16 @@ proptest! {
         )
     ) {
         runtime().block_on(run_model_as(groups, true))?;
+    }
+
+    /// The same with a cache large enough for packs (`cache/pack.rs`): a listing's small
+    /// files cached together, served, evicted and replaced with them.
+    #[test]
+    fn the_core_serves_no_replaced_content_from_packs(
+        groups in proptest::collection::vec(proptest::collection::vec(step(), 1..4), 1..40),
+        write_back in any::<bool>(),
+    ) {
+        runtime().block_on(run_model_in(groups, write_back, true, PACKING_CACHE))?;
     }
 
     #[test]

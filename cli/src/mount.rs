@@ -325,6 +325,12 @@ pub fn print_mount_status(mnt: &Path, json: bool) -> Result<()> {
             c.prefetched, c.bad_small_copies
         );
     }
+    if c.packs > 0 {
+        println!(
+            "       {} of the cached files kept together in {} packs",
+            c.packed_files, c.packs
+        );
+    }
     println!(
         "kernel requests: {} answered at once from this node, {} waited for a server or a lock",
         st.answered_inline, st.handed_off

@@ -121,6 +121,12 @@ pub struct CacheStatus {
     /// files) instead of fetched.
     #[serde(default)]
     pub reused_chunk_bytes: u64,
+    /// Packs held (a listing's small files cached as one file each), and the files in them
+    /// (counted in `entries` too).
+    #[serde(default)]
+    pub packs: u64,
+    #[serde(default)]
+    pub packed_files: u64,
 }
 
 /// `hits / (hits + misses)`, 0 before any access.

@@ -334,7 +334,12 @@ async fn after_kill_9_the_cache_starts_from_its_checkpoint_and_adopts_what_it_mi
             async move { n >= 30 }
         })
         .await?;
-        let cached = m.status()?.cache.entries;
+        let status = m.status()?.cache;
+        let (cached, packs) = (status.entries, status.packs);
+        anyhow::ensure!(
+            packs >= 2,
+            "each directory's small files cached as a pack: {packs} packs"
+        );
         m.kill9();
         anyhow::ensure!(!m.cache.join("blobs.index").exists(), "a killed daemon saves no index");
 
@@ -357,7 +362,9 @@ async fn after_kill_9_the_cache_starts_from_its_checkpoint_and_adopts_what_it_mi
             "the sweep adopted nothing; log:\n{}",
             log()
         );
-        anyhow::ensure!(m.status()?.cache.entries == cached, "every cached file is counted");
+        let status = m.status()?.cache;
+        anyhow::ensure!(status.entries == cached, "every cached file is counted");
+        anyhow::ensure!(status.packs == packs, "every pack is back: {} of {packs}", status.packs);
         let before = blob_gets(&tc).await;
         read(&m, 0..30)?;
         anyhow::ensure!(blob_gets(&tc).await == before, "served from the cache, nothing fetched");

@@ -619,6 +619,12 @@ impl BlobCache {
         self.lock().packs.len()
     }
 
+    /// (packs, files found through them) held.
+    pub fn pack_usage(&self) -> (usize, usize) {
+        let s = self.lock();
+        (s.packs.len(), s.members.len())
+    }
+
     /// Entries still to be re-hashed before their first use (after a reboot).
     #[cfg(test)]
     fn unverified(&self) -> usize {

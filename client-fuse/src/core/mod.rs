@@ -1029,6 +1029,7 @@ impl<R: Remote> Core<R> {
 
     fn cache_status(&self) -> CacheStatus {
         let (entries, bytes) = self.blobs.usage();
+        let (packs, packed_files) = self.blobs.pack_usage();
         let s = &self.blobs.stats;
         let hits = s.hits.load(Ordering::Relaxed);
         let misses = s.misses.load(Ordering::Relaxed);
@@ -1047,6 +1048,8 @@ impl<R: Remote> Core<R> {
             prefetched: self.stats.prefetched.load(Ordering::Relaxed),
             bad_small_copies: self.stats.bad_small_copies.load(Ordering::Relaxed),
             reused_chunk_bytes: self.stats.reused_chunk_bytes.load(Ordering::Relaxed),
+            packs: packs as u64,
+            packed_files: packed_files as u64,
         }
     }
 

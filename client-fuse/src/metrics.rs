@@ -244,6 +244,18 @@ impl<R: Remote> Collector for StatusCollector<R> {
             "The cache's bound (--cache-size).",
             c.max_bytes as f64,
         );
+        f.single(
+            GAUGE,
+            "codafs_mount_cache_packs",
+            "Packs in the cache: a listing's small files, or sent contents, kept as one file.",
+            c.packs as f64,
+        );
+        f.single(
+            GAUGE,
+            "codafs_mount_cache_packed_files",
+            "Cached files kept in packs (counted in codafs_mount_cache_entries too).",
+            c.packed_files as f64,
+        );
         f.add(
             "codafs_mount_fuse_requests_total",
             "Kernel (FUSE) requests the daemon answered, by operation.",

@@ -101,6 +101,12 @@ async fn servers_and_mounts_serve_prometheus_metrics() {
             must(&after, "codafs_mount_write_back_log_limit_bytes")? > 0.0,
             "{after}"
         );
+        let packed = must(&after, "codafs_mount_cache_packed_files")?;
+        ensure!(
+            packed <= must(&after, "codafs_mount_cache_entries")?,
+            "packed files are counted among the entries: {after}"
+        );
+        must(&after, "codafs_mount_cache_packs")?;
 
         // The servers: Raft state, blobs, RPC timings.
         let mut leaders = 0;

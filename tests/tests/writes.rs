@@ -1258,10 +1258,10 @@ async fn a_revoked_token_holds_back_only_that_users_changes() {
 
 /// Write-back: after a copy larger than what the reintegrator reads again one node at a time
 /// (512 nodes), with every server killed and the kernel's caches dropped, the writer still
-/// lists and stats every directory and file it copied, and reads the files of the batch that
-/// drained the log. Before, the commits made the mount forget the attributes of the copy's
-/// directories and most files, so paths into the copy failed with EIO. A file of an earlier
-/// batch reads its bytes or fails: never other bytes.
+/// lists and stats every directory and file it copied, and reads every file: each batch's
+/// contents were kept in the cache (in packs) once sent. Before, the commits made the mount
+/// forget the attributes of the copy's directories and most files, so paths into the copy
+/// failed with EIO, and only the files of the batch that drained the log were kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_long_copy_stays_usable_with_every_server_down() {
     bounded(async {

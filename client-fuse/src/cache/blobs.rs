@@ -92,7 +92,20 @@ struct Place {
 impl State {
     /// Whether `h` is cached: an entry of its own, or a file of a pack held.
     fn holds(&self, h: &Hash) -> bool {
-        self.index.contains(h) || self.members.get(h).is_some_and(|p| self.index.contains(&p.pack))
+        self.index.contains(h) || self.place(h).is_some()
+    }
+
+    /// Where packed file `h` is, if a pack held has it.
+    fn place(&self, h: &Hash) -> Option<&Place> {
+        self.members.get(h).filter(|p| self.index.contains(&p.pack))
+    }
+
+    /// The entry that holds `h`'s bytes: its pack (`true`) if packed, else `h` itself.
+    fn entry_of(&self, h: &Hash) -> (Hash, bool) {
+        match self.place(h) {
+            Some(p) => (p.pack, true),
+            None => (*h, false),
+        }
     }
 
     /// Records the files of pack `id` (its entry is in the index).
@@ -462,8 +475,7 @@ impl BlobCache {
         for members in packs {
             out.extend_from_slice(&(members.len() as u32).to_le_bytes());
             for m in members.iter() {
-                out.extend_from_slice(&m.hash.0);
-                out.extend_from_slice(&(m.len as u32).to_le_bytes());
+                pack::push_line(&mut out, &m.hash, m.len);
             }
         }
         let sum = blake3::hash(&out);
@@ -571,10 +583,7 @@ impl BlobCache {
     pub fn forget_missing(&self, h: &Hash) {
         let mut s = self.lock();
         // A packed file: its pack is what went missing.
-        let (h, packed) = match s.members.get(h) {
-            Some(p) => (p.pack, true),
-            None => (*h, false),
-        };
+        let (h, packed) = s.entry_of(h);
         // Placed again meanwhile (a concurrent fetch): keep it.
         if Self::path_in(&self.root, &h, packed).exists() {
             return;
@@ -654,15 +663,13 @@ impl BlobCache {
     /// Where `h`'s bytes are, if cached (a file of its own, or its place in a pack).
     fn locate(&self, h: &Hash) -> Option<Located> {
         let s = self.lock();
-        if let Some(p) = s.members.get(h) {
-            if s.index.contains(&p.pack) {
-                return Some(Located {
-                    path: Self::path_in(&self.root, &p.pack, true),
-                    offset: p.offset,
-                    packed: true,
-                    limit: p.len,
-                });
-            }
+        if let Some(p) = s.place(h) {
+            return Some(Located {
+                path: Self::path_in(&self.root, &p.pack, true),
+                offset: p.offset,
+                packed: true,
+                limit: p.len,
+            });
         }
         s.index.contains(h).then(|| Located {
             path: self.path(h),
@@ -741,15 +748,7 @@ impl BlobCache {
     pub fn lookup(&self, h: &Hash) -> bool {
         let (entry, packed, needs_check) = {
             let mut s = self.lock();
-            let (entry, packed) = match s.members.get(h).map(|p| p.pack) {
-                Some(b) if s.index.contains(&b) => (b, true),
-                Some(_) => {
-                    // Its pack is gone: not packed any more.
-                    s.members.remove(h);
-                    (*h, false)
-                }
-                None => (*h, false),
-            };
+            let (entry, packed) = s.entry_of(h);
             let Some((len, unverified)) = s.index.touch(&entry) else {
                 return false;
             };
@@ -1114,17 +1113,8 @@ fn parse_saved_index(bytes: &[u8]) -> Option<SavedIndex> {
             let n = u32::from_le_bytes(n.try_into().ok()?) as usize;
             let (lines, more) = more.split_at_checked(n.checked_mul(pack::LINE)?)?;
             rest = more;
-            let members = pack::layout(lines.chunks_exact(pack::LINE).map(|l| {
-                let mut h = [0u8; 32];
-                h.copy_from_slice(&l[..32]);
-                (Hash(h), u64::from(u32::from_le_bytes([l[32], l[33], l[34], l[35]])))
-            }));
             // As a pack's own header is checked: its files fill it exactly.
-            let end = members.last().map(|m| m.offset + m.len);
-            if end != Some(len & !(SAVED_UNVERIFIED | SAVED_PACK)) {
-                return None;
-            }
-            Some(members)
+            Some(pack::members_of(lines, len & !(SAVED_UNVERIFIED | SAVED_PACK))?)
         } else {
             None
         };

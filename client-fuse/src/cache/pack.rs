@@ -68,8 +68,7 @@ pub fn encode(files: &[(Hash, &[u8])]) -> Option<(Vec<u8>, Vec<Member>)> {
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&(files.len() as u32).to_le_bytes());
     for (hash, data) in files {
-        out.extend_from_slice(&hash.0);
-        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        push_line(&mut out, hash, data.len() as u64);
     }
     for (_, data) in files {
         out.extend_from_slice(data);
@@ -78,8 +77,28 @@ pub fn encode(files: &[(Hash, &[u8])]) -> Option<(Vec<u8>, Vec<Member>)> {
     Some((out, members))
 }
 
+/// Appends one file's line (hash, then length) of a pack's header, or of a saved index.
+pub fn push_line(out: &mut Vec<u8>, hash: &Hash, len: u64) {
+    out.extend_from_slice(&hash.0);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+}
+
+/// The files a pack's header lines name (`lines`: whole lines, as [`push_line`] wrote them),
+/// if they fill the pack's `pack_len` bytes exactly.
+pub fn members_of(lines: &[u8], pack_len: u64) -> Option<Vec<Member>> {
+    let members = layout(lines.chunks_exact(LINE).map(|line| {
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&line[..32]);
+        (
+            Hash(hash),
+            u64::from(u32::from_le_bytes([line[32], line[33], line[34], line[35]])),
+        )
+    }));
+    (members.last().map(|m| m.offset + m.len) == Some(pack_len)).then_some(members)
+}
+
 /// Where each file of a pack is, from its header's lines (hash and length, in order).
-pub fn layout(lines: impl ExactSizeIterator<Item = (Hash, u64)>) -> Vec<Member> {
+fn layout(lines: impl ExactSizeIterator<Item = (Hash, u64)>) -> Vec<Member> {
     let mut offset = header_len(lines.len()) as u64;
     lines
         .map(|(hash, len)| {
@@ -109,18 +128,7 @@ pub fn read_members(path: &Path, file_len: u64) -> Result<Vec<Member>, PackError
     }
     let mut lines = vec![0u8; n * LINE];
     f.read_exact(&mut lines)?;
-    let members = layout(lines.chunks_exact(LINE).map(|line| {
-        let mut hash = [0u8; 32];
-        hash.copy_from_slice(&line[..32]);
-        (
-            Hash(hash),
-            u64::from(u32::from_le_bytes([line[32], line[33], line[34], line[35]])),
-        )
-    }));
-    if members.last().map(|m| m.offset + m.len) != Some(file_len) {
-        return Err(PackError::Malformed("header does not match the file's length"));
-    }
-    Ok(members)
+    members_of(&lines, file_len).ok_or(PackError::Malformed("header does not match the file's length"))
 }
 
 /// Whether the pack file at `path` still matches its name `id` (after a reboot).

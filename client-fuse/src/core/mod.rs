@@ -939,7 +939,7 @@ impl<R: Remote> Core<R> {
         self.blobs.stop_sweep();
     }
 
-    /// Reads from a cached blob (its own file, or its bundle's).
+    /// Reads from a cached blob (its own file, or its pack's).
     fn read_cached(&self, hash: &Hash, len: u64, offset: u64, size: u32) -> std::io::Result<Vec<u8>> {
         let n = (size as u64).min(len - offset) as usize;
         self.blobs.read_at(hash, offset, n)

@@ -1127,8 +1127,9 @@ async fn write_back_what_was_just_sent_stays_usable_offline() {
 
 /// Write-back: after a copy that touches more nodes than the reintegrator reads again one by
 /// one (512), with every server gone, every directory of the copy still looks up, stats and
-/// lists, and every file stats and reads (the batch that drained the log keeps its contents,
-/// the newest 512 before `codafs sync` returns, the rest just after). Before, the directories'
+/// lists, and every file stats and reads (what each batch sent is kept in the cache: the
+/// newest 512 files of the batch that drained the log before `codafs sync` returns, the rest
+/// on the keeper's thread). Before, the directories'
 /// attributes were forgotten by the commits and not read again (only the newest 512 nodes
 /// were), so paths into the copy failed offline, and only 512 of the files kept their
 /// contents.

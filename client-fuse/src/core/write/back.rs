@@ -42,8 +42,8 @@ const REWARM_LISTING_MAX: usize = 10_000;
 /// read again (with every entry's attributes, in one call) rather than those nodes' attributes
 /// one by one.
 const REWARM_LISTING_NAMES: usize = 16;
-/// Bytes of inline contents the batch that drains the log keeps in the blob cache, at most (its
-/// newest files copied in place, the rest held in memory for a thread that copies them).
+/// Bytes of sent inline contents read back from the log for the blob cache, at most: per
+/// batch, and in memory waiting for or being copied by the keeper's thread (`KeepQueue`).
 const KEEP_MAX_BYTES: u64 = 64 << 20;
 /// Sent contents up to this size are kept in packs of up to `PACK_BYTES`, as a listing's small
 /// files are (`core/prefetch.rs`).

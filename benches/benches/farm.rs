@@ -13,11 +13,16 @@
 //!    Prometheus counters, Raft's own included) and CPU time (from /proc) over the same window,
 //!    beside a window with the mounts idle.
 //! 3. **A cold farm start.** N mounts started at once, each reading every page once from an
-//!    empty cache (small files come with their directory's listing: `prefetch`). Reported: the
-//!    time until every node has read every page, and server RPCs per node.
+//!    empty cache (small files come with their directory's listing: `prefetch`), with each
+//!    server limited to a share of a CPU (cgroups), as if each ran on a machine of its own.
+//!    Run with every mount on the first listed server, then with each at a random one (the
+//!    default), twice. Reported: the time until every node has read every page, server RPCs
+//!    per node, and how the RPCs split over the servers.
 //!
 //! Run: `cargo build --bin codafs && cargo bench -p codafs-benches --profile dev --bench farm`
-//! (`FARM_COLD_NODES`, default 20, sets N).
+//! (`FARM_COLD_NODES`, default 20, sets N; `FARM_SERVER_CPU`, default 0.15, the share of a CPU
+//! each server gets during the cold starts, 0 for no limit: at 0.15 the servers, not the N
+//! mounts sharing this machine's two cores, bound the start, as they would on a real farm).
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -134,19 +139,27 @@ async fn fan_out(tc: &TestCluster, subscribers: usize) -> Result<(Vec<f64>, f64)
 
 /// Servers' RPCs so far (sum of every method's count) and CPU time (ms), over all servers.
 async fn server_cost(tc: &TestCluster) -> Result<(f64, f64)> {
-    let mut rpcs = 0.0;
     let mut cpu = 0.0;
+    for s in &tc.servers {
+        cpu += cpu_ms(s.pid().context("server pid")?)?;
+    }
+    Ok((rpcs_by_server(tc).await?.iter().sum(), cpu))
+}
+
+/// Each server's RPCs so far (sum of every method's count), in the cluster's order.
+async fn rpcs_by_server(tc: &TestCluster) -> Result<Vec<f64>> {
+    let mut out = Vec::new();
     for s in &tc.servers {
         let addr = s.metrics_addr.as_deref().context("servers serve metrics")?;
         let text = scrape(addr).await?;
-        rpcs += text
-            .lines()
-            .filter(|l| l.starts_with("codafs_server_rpc_duration_seconds_count"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>();
-        cpu += cpu_ms(s.pid().context("server pid")?)?;
+        out.push(
+            text.lines()
+                .filter(|l| l.starts_with("codafs_server_rpc_duration_seconds_count"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>(),
+        );
     }
-    Ok((rpcs, cpu))
+    Ok(out)
 }
 
 /// User + system CPU time of process `pid`, ms.
@@ -262,13 +275,60 @@ async fn bench() -> Result<Vec<String>> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
+    let share: f64 = std::env::var("FARM_SERVER_CPU")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.15);
+    out.push(String::new());
+    out.push(format!(
+        "Cold start: {nodes} mounts started at once, each reading all {PAGES} pages from an empty cache, with each server limited to {} (FARM_SERVER_CPU); two rounds, alternating:",
+        if share > 0.0 { format!("{share} of a CPU, as on a small machine of its own") } else { "nothing".to_string() }
+    ));
+    out.push(String::new());
+    out.push("| mounts' server | seconds until every node had read every page | server RPCs per node | pages that came with their listing | RPCs by server |".into());
+    out.push("|---|---|---|---|---|".into());
+    let _limits = tc
+        .servers
+        .iter()
+        .filter(|_| share > 0.0)
+        .map(|s| CpuLimit::new(s.pid().context("server pid")?, share))
+        .collect::<Result<Vec<_>>>()?;
+    for _round in 0..2 {
+        for (what, args) in [
+            ("the first listed (`--prefer-server`)", tc.client_args()),
+            ("one at random (the default)", tc.client_args_spread()),
+        ] {
+            let c = cold_start(&tc, nodes, &args).await?;
+            out.push(format!(
+                "| {what} | {:.2} | {:.0} | {:.0} % | {} |",
+                c.took.as_secs_f64(),
+                c.rpcs_per_node,
+                c.prefetched_pct,
+                c.by_server
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// What one cold farm start cost.
+struct ColdStart {
+    took: Duration,
+    rpcs_per_node: f64,
+    prefetched_pct: f64,
+    /// Each server's share of the RPCs, as a table cell.
+    by_server: String,
+}
+
+/// `nodes` mounts (connected with `args`) started at once, each reading every page once from
+/// an empty cache.
+async fn cold_start(tc: &TestCluster, nodes: usize, args: &[String]) -> Result<ColdStart> {
     let cold = tempfile::tempdir()?;
-    let (rpcs0, _) = server_cost(&tc).await?;
+    let before = rpcs_by_server(tc).await?;
     let start = Instant::now();
-    let args = tc.client_args();
     let handles: Vec<_> = (0..nodes)
         .map(|i| {
-            let (args, root) = (args.clone(), cold.path().to_path_buf());
+            let (args, root) = (args.to_vec(), cold.path().to_path_buf());
             std::thread::spawn(move || -> Result<Mount> {
                 let m = Mount::start(&args, &root, &format!("cold{i}"), &["--read-only"])?;
                 let www = m.path.join("www");
@@ -279,27 +339,93 @@ async fn bench() -> Result<Vec<String>> {
             })
         })
         .collect();
-    let mut cold_mounts = Vec::new();
+    let mut mounts = Vec::new();
     for h in handles {
-        cold_mounts.push(h.join().map_err(|_| anyhow::anyhow!("a cold node panicked"))??);
+        mounts.push(h.join().map_err(|_| anyhow::anyhow!("a cold node panicked"))??);
     }
     let took = start.elapsed();
-    let (rpcs1, _) = server_cost(&tc).await?;
-    let prefetched: u64 = cold_mounts
+    let by_server: Vec<f64> = rpcs_by_server(tc)
+        .await?
+        .iter()
+        .zip(&before)
+        .map(|(after, before)| after - before)
+        .collect();
+    let rpcs: f64 = by_server.iter().sum();
+    let prefetched: u64 = mounts
         .iter()
         .map(|m| m.status().map(|s| s.cache.prefetched).unwrap_or(0))
         .sum();
-    for m in &mut cold_mounts {
+    for m in &mut mounts {
         m.stop();
     }
-    out.push(String::new());
-    out.push(format!(
-        "Cold start: {nodes} mounts started at once, each reading all {PAGES} pages from an empty cache: {:.2} s until every node had read every page; {:.0} server RPCs per node; {:.0} % of pages came with their directory's listing.",
-        took.as_secs_f64(),
-        (rpcs1 - rpcs0) / nodes as f64,
-        100.0 * prefetched as f64 / (nodes * PAGES) as f64
-    ));
-    Ok(out)
+    Ok(ColdStart {
+        took,
+        rpcs_per_node: rpcs / nodes as f64,
+        prefetched_pct: 100.0 * prefetched as f64 / (nodes * PAGES) as f64,
+        by_server: tc
+            .servers
+            .iter()
+            .zip(&by_server)
+            .map(|(s, n)| {
+                let role = if s.witness { "witness" } else { "data" };
+                format!("{role} {:.0} %", 100.0 * n / rpcs.max(1.0))
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+/// A CPU limit on one process, removed when dropped: the servers of this one machine then
+/// behave like machines of their own, each with `share` of a CPU, so that how a farm spreads
+/// over them shows. Uses the cgroup `cpu` controller (v1 at `/sys/fs/cgroup/cpu`, else v2);
+/// needs root.
+struct CpuLimit {
+    dir: std::path::PathBuf,
+    /// Where the process goes back to.
+    root: std::path::PathBuf,
+}
+
+impl CpuLimit {
+    fn new(pid: u32, share: f64) -> Result<CpuLimit> {
+        const PERIOD_US: u64 = 100_000;
+        let quota = ((share * PERIOD_US as f64) as u64).max(1_000);
+        let v1 = std::path::Path::new("/sys/fs/cgroup/cpu");
+        let (root, limit) = if v1.join("cpu.cfs_quota_us").exists() {
+            (v1.to_path_buf(), None)
+        } else {
+            let v2 = std::path::PathBuf::from("/sys/fs/cgroup");
+            let controllers = std::fs::read_to_string(v2.join("cgroup.controllers")).unwrap_or_default();
+            if !controllers.split_whitespace().any(|c| c == "cpu") {
+                bail!("no cgroup cpu controller (v1 /sys/fs/cgroup/cpu or v2): cannot limit the servers' CPU (FARM_SERVER_CPU)");
+            }
+            std::fs::write(v2.join("cgroup.subtree_control"), "+cpu")
+                .context("enabling the cgroup v2 cpu controller")?;
+            (v2, Some(format!("{quota} {PERIOD_US}")))
+        };
+        let dir = root.join(format!("codafs-farm-{pid}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let set = match &limit {
+            None => std::fs::write(dir.join("cpu.cfs_period_us"), PERIOD_US.to_string())
+                .and_then(|()| std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())),
+            Some(max) => std::fs::write(dir.join("cpu.max"), max),
+        };
+        let guard = CpuLimit { dir, root };
+        set.context("setting a CPU quota")?;
+        std::fs::write(guard.dir.join("cgroup.procs"), pid.to_string())
+            .context("moving a server into its CPU cgroup")?;
+        Ok(guard)
+    }
+}
+
+impl Drop for CpuLimit {
+    fn drop(&mut self) {
+        if let Ok(procs) = std::fs::read_to_string(self.dir.join("cgroup.procs")) {
+            for pid in procs.split_whitespace() {
+                let _ = std::fs::write(self.root.join("cgroup.procs"), pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }
 
 fn main() -> Result<()> {

@@ -47,7 +47,7 @@ pub fn translate(args: &[OsString]) -> Result<Vec<OsString>, String> {
     }
     let [source, mountpoint] = positional.as_slice() else {
         return Err(
-            "usage: mount.codafs CLIENT_CONFIG MOUNTPOINT [-o cache_dir=DIR,cache_size=SIZE,cache_checkpoint=SECS,timeout=SECS,log_limit=SIZE,ro,sync]".into(),
+            "usage: mount.codafs CLIENT_CONFIG MOUNTPOINT [-o cache_dir=DIR,cache_size=SIZE,cache_checkpoint=SECS,timeout=SECS,log_limit=SIZE,prefer_server=HOST:PORT,ro,sync]".into(),
         );
     };
     let mut out: Vec<OsString> = vec![
@@ -68,10 +68,11 @@ pub fn translate(args: &[OsString]) -> Result<Vec<OsString>, String> {
             // fstab's usual word for "writes reach storage before the call returns".
             ("sync", None) => out.push("--write-through".into()),
             ("log_limit", Some(v)) => out.extend(["--log-limit".into(), v.into()]),
+            ("prefer_server", Some(v)) => out.extend(["--prefer-server".into(), v.into()]),
             (k, None) if IGNORED.contains(&k) => {}
             _ => {
                 return Err(format!(
-                    "unknown codafs mount option {o:?} (known: cache_dir=, cache_size=, cache_checkpoint=, timeout=, log_limit=, ro, sync)"
+                    "unknown codafs mount option {o:?} (known: cache_dir=, cache_size=, cache_checkpoint=, timeout=, log_limit=, prefer_server=, ro, sync)"
                 ))
             }
         }
@@ -116,12 +117,20 @@ mod tests {
             "/c",
             "/coda",
             "-o",
-            "sync,log_limit=1G,cache_checkpoint=60",
+            "sync,log_limit=1G,cache_checkpoint=60,prefer_server=10.0.0.2:7000",
         ]))
         .unwrap();
         assert_eq!(
             sync[5..],
-            v(&["--write-through", "--log-limit", "1G", "--cache-checkpoint", "60"])
+            v(&[
+                "--write-through",
+                "--log-limit",
+                "1G",
+                "--cache-checkpoint",
+                "60",
+                "--prefer-server",
+                "10.0.0.2:7000"
+            ])
         );
         assert!(translate(&v(&["mount.codafs", "/c", "/coda", "-o", "bogus=1"]))
             .unwrap_err()

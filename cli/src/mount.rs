@@ -111,6 +111,7 @@ pub fn mount(a: MountArgs) -> Result<()> {
     let cfg = MountConfig {
         mountpoint: mnt.clone(),
         servers: a.client.servers()?,
+        prefer: a.client.prefer()?,
         tls: a.client.tls()?,
         cache_dir,
         cache_size: a.cache_size,
@@ -166,6 +167,7 @@ fn spawn_background(a: &MountArgs, mnt: &Path, cache_dir: &Path) -> Result<()> {
     }
     // Resolve here too, so a bad config fails in the foreground with its own message.
     a.client.servers()?;
+    a.client.prefer()?;
     a.client.tls()?;
     cmd.args(a.client.to_args());
     cmd.env(READY_ENV, "1")
@@ -305,9 +307,13 @@ pub fn print_mount_status(mnt: &Path, json: bool) -> Result<()> {
     }
     let c = &st.cache;
     println!(
-        "mount {}  ({})",
+        "mount {}  ({}{})",
         mnt.display(),
-        if st.connected { "connected" } else { "DISCONNECTED" }
+        if st.connected { "connected" } else { "DISCONNECTED" },
+        st.server
+            .as_deref()
+            .map(|s| format!(", reads from {s} first"))
+            .unwrap_or_default()
     );
     println!(
         "cache  {} of {} in {} blobs, hit ratio {:.1}% ({} hits, {} misses), {} evictions",

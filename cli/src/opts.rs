@@ -17,6 +17,11 @@ pub struct ClientOpts {
     /// Server to talk to (host:port); repeat for failover. Overrides the client config.
     #[arg(long = "server-addr", env = "CODAFS_SERVERS", value_delimiter = ',')]
     pub servers: Vec<String>,
+    /// Server (host:port, one of the servers) to send reads and change streams to first
+    /// [default: one of the servers at random, so a farm's nodes spread over them]. After it
+    /// fails, the client moves to another one, also at random.
+    #[arg(long, env = "CODAFS_PREFER_SERVER", value_name = "HOST:PORT")]
+    pub prefer_server: Option<String>,
     /// Client-config bundle from `codafs cluster client-config` [default: /etc/codafs/client.toml]
     #[arg(long, env = "CODAFS_CONFIG")]
     pub config: Option<PathBuf>,
@@ -93,6 +98,9 @@ impl ClientOpts {
         for s in &self.servers {
             v.extend(["--server-addr".to_string(), s.clone()]);
         }
+        if let Some(p) = &self.prefer_server {
+            v.extend(["--prefer-server".to_string(), p.clone()]);
+        }
         if let Some(c) = &self.config {
             v.extend(["--config".to_string(), c.display().to_string()]);
         }
@@ -125,7 +133,23 @@ impl ClientOpts {
             .context("this command needs a credential: run `codafs login USER`, or pass --credential FILE")
     }
 
+    /// `--prefer-server`, checked to be one of the servers.
+    pub fn prefer(&self) -> Result<Option<String>> {
+        let Some(p) = &self.prefer_server else {
+            return Ok(None);
+        };
+        let servers = self.servers()?;
+        if !servers.contains(p) {
+            bail!("--prefer-server {p} is not one of the servers ({})", servers.join(", "));
+        }
+        Ok(Some(p.clone()))
+    }
+
     pub fn cluster(&self) -> Result<Cluster> {
-        Ok(Cluster::new(&self.servers()?, self.tls()?, self.token()?)?)
+        let c = Cluster::new(&self.servers()?, self.tls()?, self.token()?)?;
+        if let Some(p) = self.prefer()? {
+            c.prefer(&p)?;
+        }
+        Ok(c)
     }
 }

@@ -23,6 +23,8 @@ use crate::transport::Cluster;
 pub struct MountConfig {
     pub mountpoint: PathBuf,
     pub servers: Vec<String>,
+    /// The server to use first (one of `servers`); `None` = one at random (see `transport`).
+    pub prefer: Option<String>,
     /// TLS against the cluster CA, or plaintext for an `--insecure` cluster.
     pub tls: crate::transport::Tls,
     pub cache_dir: PathBuf,
@@ -290,6 +292,9 @@ fn open_core(cfg: &MountConfig) -> Result<Arc<Core<GrpcRemote>>, MountError> {
     let blobs = BlobCache::open(&cfg.cache_dir, cfg.cache_size).map_err(|e| setup(&e))?;
     let mut cluster = Cluster::new(&cfg.servers, cfg.tls.clone(), None).map_err(|e| setup(&e))?;
     cluster.policy.call_timeout = cfg.op_timeout;
+    if let Some(p) = &cfg.prefer {
+        cluster.prefer(p).map_err(|e| setup(&e))?;
+    }
     let tokens = TokenTable::load(&cfg.cache_dir.join("tokens")).map_err(|e| setup(&format!("token store: {e}")))?;
     let back = if cfg.read_only || cfg.write_through {
         None

@@ -13,6 +13,10 @@ pub struct MountStatus {
     pub mountpoint: String,
     /// Whether the servers answer.
     pub connected: bool,
+    /// The server the mount's reads and change streams go to first (`None` from a mount that
+    /// does not know: an older version, or a test's fake).
+    #[serde(default)]
+    pub server: Option<String>,
     /// `--read-only`: writes refused for everyone.
     pub read_only: bool,
     /// Local users whose tokens the mount holds.

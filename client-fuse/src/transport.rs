@@ -1,9 +1,15 @@
 //! Talking to replica servers with failover.
 //!
 //! A [`Cluster`] knows every server. Each call goes to the preferred server first; on an
-//! unavailable server, a timeout or a transport error it moves on to the next one, so one
+//! unavailable server, a timeout or a transport error it moves on to another one, so one
 //! server failing never fails a read. The server that answered becomes the preferred one.
 //! Blob reads verify the hash while streaming and fall back to another replica on a mismatch.
+//!
+//! Every web node of a farm is given the same server list, so the preferred server is not the
+//! first listed one: a client starts at a random one ([`Cluster::prefer`] picks one instead),
+//! and after a failure tries the others in a random order. A farm's reads, cold fetches and
+//! change streams so spread over the servers, and the clients of a server that fails spread
+//! over the rest instead of all landing on the next one in the list.
 //!
 //! Connections use TLS verified against the cluster CA unless the caller explicitly asks for
 //! plaintext ([`Tls::Insecure`]); there is no fallback from one to the other.
@@ -144,7 +150,8 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Prepares lazy connections to `servers` over `tls` (nothing is contacted yet).
+    /// Prepares lazy connections to `servers` over `tls` (nothing is contacted yet); the
+    /// preferred server is one of them at random.
     pub fn new(servers: &[String], tls: Tls, token: Option<String>) -> Result<Self, ClientError> {
         if servers.is_empty() {
             return Err(ClientError::Unreachable("no servers configured".into()));
@@ -157,7 +164,7 @@ impl Cluster {
         Ok(Cluster {
             servers: chans,
             tls,
-            preferred: AtomicUsize::new(0),
+            preferred: AtomicUsize::new(rand::random::<usize>() % servers.len()),
             token,
             policy: RequestPolicy::default(),
         })
@@ -200,11 +207,35 @@ impl Cluster {
         }
     }
 
-    /// Order in which to try servers: preferred first.
+    /// Sends this client's calls to server `addr` first (one of the configured servers), until
+    /// it fails: a web node placed beside one server, or a test that must know which server a
+    /// client uses.
+    pub fn prefer(&self, addr: &str) -> Result<(), ClientError> {
+        let i = self.servers.iter().position(|(a, _)| a == addr).ok_or_else(|| {
+            ClientError::Address(
+                addr.to_string(),
+                format!("not one of the configured servers ({})", self.servers().join(", ")),
+            )
+        })?;
+        self.preferred.store(i, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The server calls go to first now.
+    pub fn preferred(&self) -> String {
+        self.servers[self.preferred.load(Ordering::Relaxed) % self.servers.len()]
+            .0
+            .clone()
+    }
+
+    /// Order in which to try servers: the preferred one, then the others from a random one on
+    /// (see the module doc).
     fn order(&self) -> impl Iterator<Item = usize> + '_ {
-        let n = self.servers.len();
-        let p = self.preferred.load(Ordering::Relaxed) % n;
-        (0..n).map(move |i| (p + i) % n)
+        failover_order(
+            self.servers.len(),
+            self.preferred.load(Ordering::Relaxed),
+            rand::random::<usize>(),
+        )
     }
 
     /// Server addresses in preference order.
@@ -512,6 +543,15 @@ impl Cluster {
 }
 
 /// The channel tuning every client connection gets.
+/// Every index below `n` once: `preferred` first, then the others in list order starting from
+/// the one `r` picks, so the next server after a failure is any of the others alike.
+fn failover_order(n: usize, preferred: usize, r: usize) -> impl Iterator<Item = usize> {
+    let p = preferred % n;
+    let others = n - 1;
+    let start = if others == 0 { 0 } else { r % others };
+    std::iter::once(p).chain((0..others).map(move |k| (p + 1 + (start + k) % others) % n))
+}
+
 fn tuned(ep: Endpoint) -> Endpoint {
     ep.connect_timeout(Duration::from_millis(800))
         .tcp_nodelay(true)
@@ -566,4 +606,53 @@ async fn fetch_one(ch: Channel, req: tonic::Request<pb::GetBlobRequest>, hash: H
         return Err(FetchError::Mismatch);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failover_tries_every_server_once_preferred_first() {
+        for n in 1..6 {
+            for p in 0..n {
+                for r in 0..12 {
+                    let order: Vec<usize> = failover_order(n, p, r).collect();
+                    assert_eq!(order[0], p, "n={n} p={p} r={r}");
+                    let mut sorted = order.clone();
+                    sorted.sort_unstable();
+                    assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "n={n} p={p} r={r}: {order:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn after_a_failure_any_other_server_can_be_next() {
+        // Three servers, the first preferred: the next one tried is the second or the third
+        // alike, so the clients of a failed server spread over the rest.
+        let next: std::collections::BTreeSet<usize> =
+            (0..4).map(|r| failover_order(3, 0, r).nth(1).unwrap_or(9)).collect();
+        assert_eq!(next, [1, 2].into());
+    }
+
+    #[tokio::test]
+    async fn clients_start_at_random_servers_unless_told_which() -> Result<(), ClientError> {
+        let servers: Vec<String> = (1..=3).map(|i| format!("127.0.0.1:{i}")).collect();
+        let mut seen = std::collections::BTreeSet::new();
+        // The chance that 200 clients all miss one of three servers is below 1e-34.
+        for _ in 0..200 {
+            seen.insert(Cluster::new(&servers, Tls::Insecure, None)?.preferred());
+        }
+        assert_eq!(seen.len(), 3, "{seen:?}");
+
+        let c = Cluster::new(&servers, Tls::Insecure, None)?;
+        c.prefer("127.0.0.1:2")?;
+        assert_eq!(c.preferred(), "127.0.0.1:2");
+        assert_eq!(c.ordered_servers()[0], "127.0.0.1:2");
+        let err = c.prefer("127.0.0.1:9").expect_err("not a configured server");
+        assert!(err.to_string().contains("not one of the configured servers"), "{err}");
+        assert_eq!(c.preferred(), "127.0.0.1:2", "a refused preference changes nothing");
+        Ok(())
+    }
 }

@@ -390,8 +390,18 @@ impl TestCluster {
     }
 
     /// `codafs` arguments that reach every server the way clients should: `--server-addr …`
-    /// plus `--ca FILE`, or `--insecure`.
+    /// plus `--ca FILE`, or `--insecure`; and `--prefer-server` with the first server, so a
+    /// test knows which server a client uses (a client's default is a random one:
+    /// [`TestCluster::client_args_spread`]).
     pub fn client_args(&self) -> Vec<String> {
+        let mut v = self.client_args_spread();
+        v.extend(["--prefer-server".to_string(), self.servers[0].addr.clone()]);
+        v
+    }
+
+    /// [`TestCluster::client_args`] without a preferred server: the client picks one at random,
+    /// as on a web node.
+    pub fn client_args_spread(&self) -> Vec<String> {
         let mut v = Vec::new();
         for a in self.addrs() {
             v.extend(["--server-addr".to_string(), a]);
@@ -403,9 +413,13 @@ impl TestCluster {
         v
     }
 
-    /// The same as environment variables (`CODAFS_SERVERS`, `CODAFS_CA` / `CODAFS_INSECURE`).
+    /// The same as environment variables (`CODAFS_SERVERS`, `CODAFS_PREFER_SERVER`,
+    /// `CODAFS_CA` / `CODAFS_INSECURE`).
     pub fn client_env(&self) -> Vec<(&'static str, String)> {
-        let mut v = vec![("CODAFS_SERVERS", self.addrs().join(","))];
+        let mut v = vec![
+            ("CODAFS_SERVERS", self.addrs().join(",")),
+            ("CODAFS_PREFER_SERVER", self.servers[0].addr.clone()),
+        ];
         match self.tls {
             Tls::Insecure => v.push(("CODAFS_INSECURE", "1".into())),
             Tls::Ca { .. } => v.push(("CODAFS_CA", self.ca_path().display().to_string())),
@@ -423,10 +437,13 @@ impl TestCluster {
         self.client_for(&[addr.to_string()])
     }
 
-    /// A client that talks to the given servers only.
+    /// A client that talks to the given servers only, the first one first.
     pub fn client_for(&self, addrs: &[String]) -> Cluster {
         let mut c = Cluster::new(addrs, self.tls.clone(), Some(self.token.clone())).expect("valid addresses");
         c.policy.call_timeout = Duration::from_secs(15);
+        if let Some(first) = addrs.first() {
+            c.prefer(first).expect("one of its own servers");
+        }
         c
     }
 

@@ -99,16 +99,23 @@ async fn reads_continue_when_the_server_in_use_is_killed() {
             TestCluster::write_file(&c, "www", "", &format!("p{i}.html"), &content).await?;
             files.push((format!("p{i}.html"), content));
         }
-        // The mount prefers the first server it is given: that is the one we kill.
-        let m = Mount::start(&tc.client_args(), tc.root.path(), "m", &["--read-only"])?;
+        // No preferred server given: the mount picks one at random, says which in its status,
+        // and that is the one we kill.
+        let m = Mount::start(&tc.client_args_spread(), tc.root.path(), "m", &["--read-only"])?;
+        let in_use = m.status()?.server.context("the mount names the server it uses")?;
+        let killed = tc
+            .servers
+            .iter()
+            .position(|s| s.addr == in_use)
+            .with_context(|| format!("{in_use} is not one of the cluster's servers"))?;
         for (i, (name, content)) in files.iter().enumerate() {
             if i == 10 {
-                tc.kill(0);
+                tc.kill(killed);
             }
             assert_eq!(&read_file(&m.path.join("www").join(name))?, content, "{name}");
         }
         // Callbacks fail over too: a change committed now still reaches the mount.
-        let c2 = tc.client_on(&tc.servers[1].addr);
+        let c2 = tc.client_on(&tc.servers[(killed + 1) % 3].addr);
         tc.wait_leader(Duration::from_secs(15)).await?;
         TestCluster::write_file(&c2, "www", "", "p0.html", b"after failover").await?;
         let p = m.path.join("www/p0.html");
@@ -121,6 +128,8 @@ async fn reads_continue_when_the_server_in_use_is_killed() {
             },
         )
         .await?;
+        let now = m.status()?.server.context("the mount names the server it uses")?;
+        anyhow::ensure!(now != in_use, "the mount moved off the killed server {in_use}");
         Ok(())
     })
     .await

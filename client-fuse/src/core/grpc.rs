@@ -99,7 +99,7 @@ impl Remote for GrpcRemote {
         let hash = blob.hash;
         let token = self.token_for_ino(blob.ino);
         let mut last_err = FsError::Disconnected("no servers".into());
-        for addr in self.cluster.ordered_servers() {
+        for (i, addr) in self.cluster.ordered_servers().into_iter().enumerate() {
             let offset = sink.received();
             let result = self
                 .cluster
@@ -115,7 +115,14 @@ impl Remote for GrpcRemote {
             loop {
                 match stream.message().await {
                     Ok(Some(chunk)) => sink.write(&chunk.data)?,
-                    Ok(None) if sink.verified() => return Ok(()),
+                    Ok(None) if sink.verified() => {
+                        // Another server answered: it becomes the preferred one, as in
+                        // `Cluster::call`.
+                        if i > 0 {
+                            let _ = self.cluster.prefer(&addr);
+                        }
+                        return Ok(());
+                    }
                     Ok(None) => {
                         // Complete but wrong: this replica's copy is bad. Start over elsewhere.
                         tracing::warn!(server = %addr, %hash, "blob failed verification; fetching from another replica");
@@ -195,6 +202,10 @@ impl Remote for GrpcRemote {
 
     fn bad_copies(&self) -> u64 {
         self.bad_copies.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn preferred_server(&self) -> Option<String> {
+        Some(self.cluster.preferred())
     }
 
     async fn check_token(&self, token: &str) -> Result<(), FsError> {

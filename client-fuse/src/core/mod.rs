@@ -1006,6 +1006,7 @@ impl<R: Remote> Core<R> {
         MountStatus {
             mountpoint: String::new(),
             connected: self.is_connected(),
+            server: self.remote.preferred_server(),
             read_only: self.writes.read_only(),
             tokens,
             writes: WriteCounters {

@@ -100,6 +100,10 @@ pub trait Remote: Send + Sync + 'static {
     fn bad_copies(&self) -> u64 {
         0
     }
+    /// The server calls go to first now, if there is one.
+    fn preferred_server(&self) -> Option<String> {
+        None
+    }
     /// Checks a token with the servers (a mount cannot verify signatures itself).
     fn check_token(&self, token: &str) -> impl Future<Output = Result<(), FsError>> + Send;
     /// Stores a blob on `write_quorum` replicas, authenticated as `token`'s holder.

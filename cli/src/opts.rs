@@ -17,9 +17,11 @@ pub struct ClientOpts {
     /// Server to talk to (host:port); repeat for failover. Overrides the client config.
     #[arg(long = "server-addr", env = "CODAFS_SERVERS", value_delimiter = ',')]
     pub servers: Vec<String>,
-    /// Server (host:port, one of the servers) to send reads and change streams to first
-    /// [default: one of the servers at random, so a farm's nodes spread over them]. After it
-    /// fails, the client moves to another one, also at random.
+    /// Server (host:port, one of the servers) to talk to first [default: for `mount`, one of
+    /// the servers at random, so a farm's nodes spread over them; for other commands, the
+    /// first one, so each command sees what the one before it changed]. After it fails, the
+    /// client moves to another one, picked at random. One not among the servers is ignored,
+    /// with a warning.
     #[arg(long, env = "CODAFS_PREFER_SERVER", value_name = "HOST:PORT")]
     pub prefer_server: Option<String>,
     /// Client-config bundle from `codafs cluster client-config` [default: /etc/codafs/client.toml]
@@ -133,23 +135,72 @@ impl ClientOpts {
             .context("this command needs a credential: run `codafs login USER`, or pass --credential FILE")
     }
 
-    /// `--prefer-server`, checked to be one of the servers.
+    /// `--prefer-server` if it is one of the servers. One that is not is ignored with a
+    /// warning, not refused: it only says where to start, and a `CODAFS_PREFER_SERVER` a web
+    /// node exports must not stop a command given another `--server-addr` (a recovery that
+    /// talks to the one surviving server, say).
     pub fn prefer(&self) -> Result<Option<String>> {
         let Some(p) = &self.prefer_server else {
             return Ok(None);
         };
         let servers = self.servers()?;
         if !servers.contains(p) {
-            bail!("--prefer-server {p} is not one of the servers ({})", servers.join(", "));
+            eprintln!(
+                "codafs: WARNING: ignoring --prefer-server/CODAFS_PREFER_SERVER {p}: not one of the servers ({})",
+                servers.join(", ")
+            );
+            return Ok(None);
         }
         Ok(Some(p.clone()))
     }
 
     pub fn cluster(&self) -> Result<Cluster> {
-        let c = Cluster::new(&self.servers()?, self.tls()?, self.token()?)?;
-        if let Some(p) = self.prefer()? {
+        let servers = self.servers()?;
+        let c = Cluster::new(&servers, self.tls()?, self.token()?)?;
+        // A command starts at the first server unless told otherwise (see `prefer_server`):
+        // a commit is answered once the server that answered has applied it, so the next
+        // command, starting there too, reads it.
+        if let Some(p) = self.prefer()?.or_else(|| servers.first().cloned()) {
             c.prefer(&p)?;
         }
         Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(servers: &[&str], prefer: Option<&str>) -> ClientOpts {
+        ClientOpts {
+            servers: servers.iter().map(|s| s.to_string()).collect(),
+            prefer_server: prefer.map(str::to_string),
+            insecure: true,
+            ..ClientOpts::default()
+        }
+    }
+
+    #[test]
+    fn a_preferred_server_must_be_listed_or_is_ignored() -> Result<()> {
+        let listed = ["127.0.0.1:1", "127.0.0.1:2"];
+        assert_eq!(
+            opts(&listed, Some("127.0.0.1:2")).prefer()?.as_deref(),
+            Some("127.0.0.1:2")
+        );
+        // A stale CODAFS_PREFER_SERVER beside another --server-addr: a warning, not a refusal.
+        assert_eq!(opts(&listed, Some("127.0.0.1:9")).prefer()?, None);
+        assert_eq!(opts(&listed, None).prefer()?, None);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn commands_start_at_the_first_server_unless_told() -> Result<()> {
+        let listed = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"];
+        for _ in 0..20 {
+            assert_eq!(opts(&listed, None).cluster()?.preferred(), "127.0.0.1:1");
+        }
+        assert_eq!(opts(&listed, Some("127.0.0.1:3")).cluster()?.preferred(), "127.0.0.1:3");
+        assert_eq!(opts(&listed, Some("127.0.0.1:9")).cluster()?.preferred(), "127.0.0.1:1");
+        Ok(())
     }
 }

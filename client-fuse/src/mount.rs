@@ -135,6 +135,12 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
     let bg = session.spawn().map_err(mount_err)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    if cfg.prefer.is_none() {
+        // Started at a random server: if that is a witness, move to a data server in the
+        // background (a mount must start while servers are down, so nothing waits for it).
+        let core = core.clone();
+        rt.spawn(async move { core.avoid_witness().await });
+    }
     if let Some((listener, registry)) = metrics {
         tracing::info!(addr = ?listener.local_addr().ok(), "serving metrics: GET /metrics, plain HTTP, unauthenticated");
         let mut stop = stop_rx.clone();

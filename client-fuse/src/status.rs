@@ -13,8 +13,9 @@ pub struct MountStatus {
     pub mountpoint: String,
     /// Whether the servers answer.
     pub connected: bool,
-    /// The server the mount's reads and change streams go to first (`None` from a mount that
-    /// does not know: an older version, or a test's fake).
+    /// The server the mount's calls go to first now (`None` from a mount that does not know:
+    /// an older version, or a test's fake). A change stream opened before the preference
+    /// moved stays on its server until it reconnects.
     #[serde(default)]
     pub server: Option<String>,
     /// `--read-only`: writes refused for everyone.

@@ -6,8 +6,9 @@
 //! Blob reads verify the hash while streaming and fall back to another replica on a mismatch.
 //!
 //! Every web node of a farm is given the same server list, so the preferred server is not the
-//! first listed one: a client starts at a random one ([`Cluster::prefer`] picks one instead),
-//! and after a failure tries the others in a random order. A farm's reads, cold fetches and
+//! first listed one: a client starts at a random one ([`Cluster::prefer`] picks one instead;
+//! a mount then moves off a witness, [`Cluster::avoid_witness`]), and after a failure tries
+//! the others from a random one on. A farm's reads, cold fetches and
 //! change streams so spread over the servers, and the clients of a server that fails spread
 //! over the rest instead of all landing on the next one in the list.
 //!
@@ -219,6 +220,28 @@ impl Cluster {
         })?;
         self.preferred.store(i, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Moves the preference off a witness, to a data server at random: a witness stores no
+    /// blobs, so a client starting there would have its first read refused, and its writes
+    /// relayed. Asks the preferred server's `Health` (answered to anyone); changes nothing if
+    /// it is a data server, does not answer, or every other server is a witness too (each
+    /// is then asked in turn).
+    pub async fn avoid_witness(&self) {
+        let n = self.servers.len();
+        for i in failover_order(n, self.preferred.load(Ordering::Relaxed), rand::random()) {
+            let addr = self.servers[i].0.clone();
+            let Ok(h) = self.health_on(&addr).await else {
+                return;
+            };
+            if !h.witness {
+                if i != self.preferred.load(Ordering::Relaxed) % n {
+                    tracing::debug!(server = %addr, "preferring a data server over a witness");
+                    self.preferred.store(i, Ordering::Relaxed);
+                }
+                return;
+            }
+        }
     }
 
     /// The server calls go to first now.
@@ -542,7 +565,6 @@ impl Cluster {
     }
 }
 
-/// The channel tuning every client connection gets.
 /// Every index below `n` once: `preferred` first, then the others in list order starting from
 /// the one `r` picks, so the next server after a failure is any of the others alike.
 fn failover_order(n: usize, preferred: usize, r: usize) -> impl Iterator<Item = usize> {
@@ -552,6 +574,7 @@ fn failover_order(n: usize, preferred: usize, r: usize) -> impl Iterator<Item = 
     std::iter::once(p).chain((0..others).map(move |k| (p + 1 + (start + k) % others) % n))
 }
 
+/// The channel tuning every client connection gets.
 fn tuned(ep: Endpoint) -> Endpoint {
     ep.connect_timeout(Duration::from_millis(800))
         .tcp_nodelay(true)

@@ -99,17 +99,18 @@ async fn reads_continue_when_the_server_in_use_is_killed() {
             TestCluster::write_file(&c, "www", "", &format!("p{i}.html"), &content).await?;
             files.push((format!("p{i}.html"), content));
         }
-        // No preferred server given: the mount picks one at random, says which in its status,
-        // and that is the one we kill.
+        // No preferred server given: the mount picks one at random and says which in its
+        // status; the one it names just before the kill is the one we kill.
         let m = Mount::start(&tc.client_args_spread(), tc.root.path(), "m", &["--read-only"])?;
-        let in_use = m.status()?.server.context("the mount names the server it uses")?;
-        let killed = tc
-            .servers
-            .iter()
-            .position(|s| s.addr == in_use)
-            .with_context(|| format!("{in_use} is not one of the cluster's servers"))?;
+        let (mut in_use, mut killed) = (String::new(), 0);
         for (i, (name, content)) in files.iter().enumerate() {
             if i == 10 {
+                in_use = m.status()?.server.context("the mount names the server it uses")?;
+                killed = tc
+                    .servers
+                    .iter()
+                    .position(|s| s.addr == in_use)
+                    .with_context(|| format!("{in_use} is not one of the cluster's servers"))?;
                 tc.kill(killed);
             }
             assert_eq!(&read_file(&m.path.join("www").join(name))?, content, "{name}");
@@ -756,4 +757,33 @@ async fn umount_then_mount_at_once_works_20_times_in_a_row() {
         Ok(())
     })
     .await
+}
+
+/// A client that starts at a witness (which stores no blobs) moves to a data server when the
+/// mount starts, as `Cluster::avoid_witness` does there; one at a data server stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_starts_at_a_witness_moves_to_a_data_server() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        let witness = tc.servers.iter().find(|s| s.witness).context("a witness")?.addr.clone();
+        let data: Vec<String> = tc
+            .servers
+            .iter()
+            .filter(|s| !s.witness)
+            .map(|s| s.addr.clone())
+            .collect();
+        let c = tc.client();
+        c.prefer(&witness)?;
+        c.avoid_witness().await;
+        anyhow::ensure!(
+            data.contains(&c.preferred()),
+            "moved to a data server, not {}",
+            c.preferred()
+        );
+        c.prefer(&data[1])?;
+        c.avoid_witness().await;
+        anyhow::ensure!(c.preferred() == data[1], "a data server is kept");
+        Ok(())
+    })
+    .await;
 }

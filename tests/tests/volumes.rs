@@ -421,19 +421,7 @@ async fn a_backup_from_the_last_data_server_works_without_a_majority() {
         }
         let archive = tc.root.path().join("survivor.codafs");
         let archive_s = archive.display().to_string();
-        let (ok, _, err) = cli(
-            &tc,
-            &[
-                "volume",
-                "backup",
-                "www",
-                &archive_s,
-                "--server-addr",
-                &addr,
-                "--prefer-server",
-                &addr,
-            ],
-        )?;
+        let (ok, _, err) = cli(&tc, &["volume", "backup", "www", &archive_s, "--server-addr", &addr])?;
         assert!(ok, "{err}");
         assert!(err.contains("3 contents"), "every distinct content: {err}");
         assert!(std::fs::metadata(&archive)?.len() > big.len() as u64);

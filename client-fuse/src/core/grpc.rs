@@ -208,6 +208,10 @@ impl Remote for GrpcRemote {
         Some(self.cluster.preferred())
     }
 
+    async fn avoid_witness(&self) {
+        self.cluster.avoid_witness().await
+    }
+
     async fn check_token(&self, token: &str) -> Result<(), FsError> {
         self.cluster.who_am_i(Some(token)).await?;
         Ok(())

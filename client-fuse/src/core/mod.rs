@@ -951,6 +951,11 @@ impl<R: Remote> Core<R> {
         let _ = self.me.set(Arc::downgrade(self));
     }
 
+    /// Moves the servers this mount talks to first off a witness, if it started at one.
+    pub async fn avoid_witness(&self) {
+        self.remote.avoid_witness().await
+    }
+
     /// Status for `codafs status MNT`.
     pub fn status(&self) -> MountStatus {
         self.status_of(true)

@@ -104,6 +104,10 @@ pub trait Remote: Send + Sync + 'static {
     fn preferred_server(&self) -> Option<String> {
         None
     }
+    /// Moves the preferred server off a witness (see `Cluster::avoid_witness`).
+    fn avoid_witness(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
     /// Checks a token with the servers (a mount cannot verify signatures itself).
     fn check_token(&self, token: &str) -> impl Future<Output = Result<(), FsError>> + Send;
     /// Stores a blob on `write_quorum` replicas, authenticated as `token`'s holder.

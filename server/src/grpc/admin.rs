@@ -443,6 +443,7 @@ impl pb::admin_server::Admin for AdminService {
         let bootstrapped = self.0.tables().cluster().ok().flatten().is_some();
         Ok(Response::new(pb::HealthReply {
             ready: bootstrapped && self.0.leader().is_some(),
+            witness: self.0.is_witness(),
         }))
     }
 

@@ -759,8 +759,9 @@ async fn umount_then_mount_at_once_works_20_times_in_a_row() {
     .await
 }
 
-/// A client that starts at a witness (which stores no blobs) moves to a data server when the
-/// mount starts, as `Cluster::avoid_witness` does there; one at a data server stays.
+/// A client that starts at a witness (which stores no blobs) moves to a data server
+/// (`Cluster::avoid_witness`, which a mount without `--prefer-server` runs at start); one at a
+/// data server stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_starts_at_a_witness_moves_to_a_data_server() {
     bounded(async {
@@ -783,6 +784,31 @@ async fn a_client_that_starts_at_a_witness_moves_to_a_data_server() {
         c.prefer(&data[1])?;
         c.avoid_witness().await;
         anyhow::ensure!(c.preferred() == data[1], "a data server is kept");
+
+        // Mounts without a preferred server: whichever server each draws, it ends up at a
+        // data server (a third of them draw the witness).
+        let mut mounts = Vec::new();
+        for i in 0..3 {
+            mounts.push(Mount::start(
+                &tc.client_args_spread(),
+                tc.root.path(),
+                &format!("m{i}"),
+                &["--read-only"],
+            )?);
+        }
+        for m in &mounts {
+            wait_until(
+                Duration::from_secs(10),
+                "the mount settles on a data server",
+                || async {
+                    m.status()
+                        .ok()
+                        .and_then(|s| s.server)
+                        .is_some_and(|s| data.contains(&s))
+                },
+            )
+            .await?;
+        }
         Ok(())
     })
     .await;

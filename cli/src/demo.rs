@@ -213,8 +213,6 @@ pub(crate) async fn start(dir: &Path, mount: &Path, tell: bool) -> Result<Demo> 
     wait_voters(&addrs[0], &tls, &token, 3, &mut children, &dir).await?;
 
     let c = Cluster::new(&addrs, tls.clone(), Some(token.clone()))?;
-    // The first server, like any one-shot command (see `ClientOpts::cluster`).
-    c.prefer(&addrs[0])?;
     let spec = pb::VolumeSpec {
         name: "www".into(),
         public_read: true,

@@ -155,12 +155,11 @@ impl ClientOpts {
     }
 
     pub fn cluster(&self) -> Result<Cluster> {
-        let servers = self.servers()?;
-        let c = Cluster::new(&servers, self.tls()?, self.token()?)?;
-        // A command starts at the first server unless told otherwise (see `prefer_server`):
-        // a commit is answered once the server that answered has applied it, so the next
-        // command, starting there too, reads it.
-        if let Some(p) = self.prefer()?.or_else(|| servers.first().cloned()) {
+        // A command starts at the first server unless told otherwise (`Cluster::new`; see
+        // `prefer_server`): a commit is answered once the server that took it has applied it,
+        // so the next command, starting there too, reads it.
+        let c = Cluster::new(&self.servers()?, self.tls()?, self.token()?)?;
+        if let Some(p) = self.prefer()? {
             c.prefer(&p)?;
         }
         Ok(c)

@@ -298,8 +298,10 @@ fn open_core(cfg: &MountConfig) -> Result<Arc<Core<GrpcRemote>>, MountError> {
     let blobs = BlobCache::open(&cfg.cache_dir, cfg.cache_size).map_err(|e| setup(&e))?;
     let mut cluster = Cluster::new(&cfg.servers, cfg.tls.clone(), None).map_err(|e| setup(&e))?;
     cluster.policy.call_timeout = cfg.op_timeout;
-    if let Some(p) = &cfg.prefer {
-        cluster.prefer(p).map_err(|e| setup(&e))?;
+    // A farm's nodes share one server list: each starts at a random server (see `transport`).
+    match &cfg.prefer {
+        Some(p) => cluster.prefer(p).map_err(|e| setup(&e))?,
+        None => cluster.spread(),
     }
     let tokens = TokenTable::load(&cfg.cache_dir.join("tokens")).map_err(|e| setup(&format!("token store: {e}")))?;
     let back = if cfg.read_only || cfg.write_through {

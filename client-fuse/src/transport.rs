@@ -5,12 +5,12 @@
 //! server failing never fails a read. The server that answered becomes the preferred one.
 //! Blob reads verify the hash while streaming and fall back to another replica on a mismatch.
 //!
-//! Every web node of a farm is given the same server list, so the preferred server is not the
-//! first listed one: a client starts at a random one ([`Cluster::prefer`] picks one instead;
-//! a mount then moves off a witness, [`Cluster::avoid_witness`]), and after a failure tries
-//! the others from a random one on. A farm's reads, cold fetches and
-//! change streams so spread over the servers, and the clients of a server that fails spread
-//! over the rest instead of all landing on the next one in the list.
+//! A client starts at the first listed server ([`Cluster::prefer`] picks another). Every web
+//! node of a farm is given the same server list, so a mount starts at a random one instead
+//! ([`Cluster::spread`]) and moves off a witness ([`Cluster::avoid_witness`]). After a failure
+//! a client tries the others from a random one on. A farm's reads, cold fetches and change
+//! streams so spread over the servers, and the clients of a server that fails spread over the
+//! rest instead of all landing on the next one in the list.
 //!
 //! Connections use TLS verified against the cluster CA unless the caller explicitly asks for
 //! plaintext ([`Tls::Insecure`]); there is no fallback from one to the other.
@@ -152,7 +152,7 @@ pub struct Cluster {
 
 impl Cluster {
     /// Prepares lazy connections to `servers` over `tls` (nothing is contacted yet); the
-    /// preferred server is one of them at random.
+    /// first one is preferred.
     pub fn new(servers: &[String], tls: Tls, token: Option<String>) -> Result<Self, ClientError> {
         if servers.is_empty() {
             return Err(ClientError::Unreachable("no servers configured".into()));
@@ -165,7 +165,7 @@ impl Cluster {
         Ok(Cluster {
             servers: chans,
             tls,
-            preferred: AtomicUsize::new(rand::random::<usize>() % servers.len()),
+            preferred: AtomicUsize::new(0),
             token,
             policy: RequestPolicy::default(),
         })
@@ -222,25 +222,49 @@ impl Cluster {
         Ok(())
     }
 
+    /// Prefers one of the servers at random (a mount: see the module doc).
+    pub fn spread(&self) {
+        self.preferred
+            .store(rand::random::<usize>() % self.servers.len(), Ordering::Relaxed);
+    }
+
     /// Moves the preference off a witness, to a data server at random: a witness stores no
     /// blobs, so a client starting there would have its first read refused, and its writes
-    /// relayed. Asks the preferred server's `Health` (answered to anyone); changes nothing if
-    /// it is a data server, does not answer, or every other server is a witness too (each
-    /// is then asked in turn).
+    /// relayed. Asks `Health` (answered to anyone) of the preferred server, then of the others
+    /// from a random one on, skipping those that do not answer, until one is a data server.
+    /// A preference that moved meanwhile (a failover) is left as it is.
     pub async fn avoid_witness(&self) {
         let n = self.servers.len();
-        for i in failover_order(n, self.preferred.load(Ordering::Relaxed), rand::random()) {
+        let start = self.preferred.load(Ordering::Relaxed) % n;
+        for i in failover_order(n, start, rand::random()) {
             let addr = self.servers[i].0.clone();
-            let Ok(h) = self.health_on(&addr).await else {
-                return;
-            };
-            if !h.witness {
-                if i != self.preferred.load(Ordering::Relaxed) % n {
-                    tracing::debug!(server = %addr, "preferring a data server over a witness");
-                    self.preferred.store(i, Ordering::Relaxed);
+            match self.health_on(&addr).await {
+                Ok(h) if !h.witness => {
+                    if i != start {
+                        tracing::info!(server = %addr, "preferring a data server over a witness");
+                        self.move_preference(start, i);
+                    }
+                    return;
                 }
-                return;
+                Ok(_) => {}
+                Err(e) => tracing::debug!(server = %addr, error = %e, "no health answer; asking another server"),
             }
+        }
+    }
+
+    /// Prefers server `to` if the preference is still `from`: a move decided on an older
+    /// preference (a call that started before another one failed over) never undoes a newer.
+    fn move_preference(&self, from: usize, to: usize) {
+        let _ = self
+            .preferred
+            .compare_exchange(from, to, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// [`Cluster::move_preference`] by address: from `from` to `to` (both of the servers).
+    pub fn moved_to(&self, from: &str, to: &str) {
+        let at = |a: &str| self.servers.iter().position(|(x, _)| x == a);
+        if let (Some(f), Some(t)) = (at(from), at(to)) {
+            self.move_preference(f, t);
         }
     }
 
@@ -251,19 +275,17 @@ impl Cluster {
             .clone()
     }
 
-    /// Order in which to try servers: the preferred one, then the others from a random one on
-    /// (see the module doc).
-    fn order(&self) -> impl Iterator<Item = usize> + '_ {
-        failover_order(
-            self.servers.len(),
-            self.preferred.load(Ordering::Relaxed),
-            rand::random::<usize>(),
-        )
+    /// Order in which to try servers: the preferred one (also returned), then the others from
+    /// a random one on (see the module doc).
+    fn order(&self) -> (usize, impl Iterator<Item = usize> + '_) {
+        let n = self.servers.len();
+        let p = self.preferred.load(Ordering::Relaxed) % n;
+        (p, failover_order(n, p, rand::random::<usize>()))
     }
 
     /// Server addresses in preference order.
     pub fn ordered_servers(&self) -> Vec<String> {
-        self.order().map(|i| self.servers[i].0.clone()).collect()
+        self.order().1.map(|i| self.servers[i].0.clone()).collect()
     }
 
     /// Runs `f` against servers in preference order until one answers (success or a
@@ -283,11 +305,12 @@ impl Cluster {
         Fut: Future<Output = Result<T, Status>>,
     {
         let mut errors = Vec::new();
-        for i in self.order() {
+        let (first, order) = self.order();
+        for i in order {
             let (addr, ch) = &self.servers[i];
             match f(ch.clone()).await {
                 Ok(v) => {
-                    self.preferred.store(i, Ordering::Relaxed);
+                    self.move_preference(first, i);
                     return Ok(v);
                 }
                 Err(s) if retry.moves_on(&s) => {
@@ -530,11 +553,12 @@ impl Cluster {
         let hash = blob.hash;
         let mut last = None;
         let mut corrupt = false;
-        for i in self.order() {
+        let (first, order) = self.order();
+        for i in order {
             let (addr, ch) = &self.servers[i];
             match fetch_one(ch.clone(), self.request(blob.request(0)), hash).await {
                 Ok(data) => {
-                    self.preferred.store(i, Ordering::Relaxed);
+                    self.move_preference(first, i);
                     return Ok(data);
                 }
                 Err(FetchError::Mismatch) => {
@@ -660,14 +684,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn clients_start_at_random_servers_unless_told_which() -> Result<(), ClientError> {
+    async fn clients_start_at_the_first_server_and_spread_at_random() -> Result<(), ClientError> {
         let servers: Vec<String> = (1..=3).map(|i| format!("127.0.0.1:{i}")).collect();
+        assert_eq!(Cluster::new(&servers, Tls::Insecure, None)?.preferred(), "127.0.0.1:1");
         let mut seen = std::collections::BTreeSet::new();
-        // The chance that 200 clients all miss one of three servers is below 1e-34.
+        // The chance that 200 spread clients all miss one of three servers is below 1e-34.
         for _ in 0..200 {
-            seen.insert(Cluster::new(&servers, Tls::Insecure, None)?.preferred());
+            let c = Cluster::new(&servers, Tls::Insecure, None)?;
+            c.spread();
+            seen.insert(c.preferred());
         }
         assert_eq!(seen.len(), 3, "{seen:?}");
+
+        // A move decided on an older preference does not undo a newer one.
+        let c = Cluster::new(&servers, Tls::Insecure, None)?;
+        c.move_preference(0, 2);
+        assert_eq!(c.preferred(), "127.0.0.1:3");
+        c.move_preference(0, 1);
+        assert_eq!(c.preferred(), "127.0.0.1:3", "the preference had moved from the first");
 
         let c = Cluster::new(&servers, Tls::Insecure, None)?;
         c.prefer("127.0.0.1:2")?;

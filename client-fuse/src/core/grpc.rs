@@ -99,7 +99,9 @@ impl Remote for GrpcRemote {
         let hash = blob.hash;
         let token = self.token_for_ino(blob.ino);
         let mut last_err = FsError::Disconnected("no servers".into());
-        for (i, addr) in self.cluster.ordered_servers().into_iter().enumerate() {
+        let servers = self.cluster.ordered_servers();
+        let first = servers.first().cloned().unwrap_or_default();
+        for (i, addr) in servers.into_iter().enumerate() {
             let offset = sink.received();
             let result = self
                 .cluster
@@ -117,9 +119,9 @@ impl Remote for GrpcRemote {
                     Ok(Some(chunk)) => sink.write(&chunk.data)?,
                     Ok(None) if sink.verified() => {
                         // Another server answered: it becomes the preferred one, as in
-                        // `Cluster::call`.
+                        // `Cluster::call` (unless the preference moved meanwhile).
                         if i > 0 {
-                            let _ = self.cluster.prefer(&addr);
+                            self.cluster.moved_to(&first, &addr);
                         }
                         return Ok(());
                     }

@@ -212,7 +212,7 @@ impl Cluster {
     /// it fails: a web node placed beside one server, or a test that must know which server a
     /// client uses.
     pub fn prefer(&self, addr: &str) -> Result<(), ClientError> {
-        let i = self.servers.iter().position(|(a, _)| a == addr).ok_or_else(|| {
+        let i = self.index_of(addr).ok_or_else(|| {
             ClientError::Address(
                 addr.to_string(),
                 format!("not one of the configured servers ({})", self.servers().join(", ")),
@@ -262,10 +262,14 @@ impl Cluster {
 
     /// [`Cluster::move_preference`] by address: from `from` to `to` (both of the servers).
     pub fn moved_to(&self, from: &str, to: &str) {
-        let at = |a: &str| self.servers.iter().position(|(x, _)| x == a);
-        if let (Some(f), Some(t)) = (at(from), at(to)) {
+        if let (Some(f), Some(t)) = (self.index_of(from), self.index_of(to)) {
             self.move_preference(f, t);
         }
+    }
+
+    /// Where server `addr` is in the list, if it is one of the servers.
+    fn index_of(&self, addr: &str) -> Option<usize> {
+        self.servers.iter().position(|(a, _)| a == addr)
     }
 
     /// The server calls go to first now.

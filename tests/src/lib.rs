@@ -391,16 +391,16 @@ impl TestCluster {
 
     /// `codafs` arguments that reach every server the way clients should: `--server-addr …`
     /// plus `--ca FILE`, or `--insecure`; and `--prefer-server` with the first server, so a
-    /// test knows which server a client uses (a client's default is a random one:
-    /// [`TestCluster::client_args_spread`]).
+    /// test knows which server a mount uses (a mount's default is a random one:
+    /// [`TestCluster::client_args_spread`]; other commands start at the first anyway).
     pub fn client_args(&self) -> Vec<String> {
         let mut v = self.client_args_spread();
         v.extend(["--prefer-server".to_string(), self.servers[0].addr.clone()]);
         v
     }
 
-    /// [`TestCluster::client_args`] without a preferred server: the client picks one at random,
-    /// as on a web node.
+    /// [`TestCluster::client_args`] without a preferred server: a mount picks one at random, as
+    /// on a web node.
     pub fn client_args_spread(&self) -> Vec<String> {
         let mut v = Vec::new();
         for a in self.addrs() {
@@ -437,13 +437,10 @@ impl TestCluster {
         self.client_for(&[addr.to_string()])
     }
 
-    /// A client that talks to the given servers only, the first one first.
+    /// A client that talks to the given servers only, the first one first (`Cluster::new`).
     pub fn client_for(&self, addrs: &[String]) -> Cluster {
         let mut c = Cluster::new(addrs, self.tls.clone(), Some(self.token.clone())).expect("valid addresses");
         c.policy.call_timeout = Duration::from_secs(15);
-        if let Some(first) = addrs.first() {
-            c.prefer(first).expect("one of its own servers");
-        }
         c
     }
 

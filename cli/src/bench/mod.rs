@@ -223,15 +223,15 @@ async fn setup(a: &BenchArgs, work: &Path) -> Result<Ctx> {
         let mut d = crate::demo::start(&dir, &mount, false).await?;
         // Reads are measured on a `--read-only` mount, what a web node runs; the demo's own
         // (writable) mount is used for the copy-in of the publish section.
-        // Both read from the first server, so the failover section's kill of the leader (the
-        // first server, unless an election moved it) hits the server they use.
+        // Both read from the first server (the library client does unless told otherwise), so
+        // the failover section's kill of the leader (the first server, unless an election
+        // moved it) hits the server they use.
         let reader = work.join("reader");
         let first = d.addrs.first().context("the demo started no server")?.clone();
         let args = ["--read-only", "--prefer-server", first.as_str()];
         crate::demo::start_mount(&dir, "reader", &reader, &args, &mut d.children).await?;
         let reader = std::fs::canonicalize(&reader)?;
         let c = Cluster::new(&d.addrs, d.tls.clone(), Some(d.token.clone()))?;
-        c.prefer(&first)?;
         // Our uid writes through this mount (and only this one) with the admin token.
         let (_, v) = crate::mount::ask_mount(&d.mnt, &format!("login {}", d.token), Duration::from_secs(10))?;
         if let Some(e) = v["error"].as_str() {

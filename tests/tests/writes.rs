@@ -375,52 +375,102 @@ async fn concurrent_writers_on_two_write_back_nodes_keep_both_versions() {
         let a = Mount::start(&tc.client_args(), dir, "a", &[])?;
         let c = Mount::start(&tc.client_args(), dir, "c", &[])?;
         race(&tc, &a, &c).await?;
-        a.sync()?;
-        c.sync()?;
-        let www = a.path.join("www");
-        let list = |www: &Path| -> Vec<String> {
-            std::fs::read_dir(www)
-                .map(|d| {
-                    d.flatten()
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .filter(|n| n.starts_with("race.txt"))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        wait_until(Duration::from_secs(10), "both versions listed on node a", || {
-            let n = list(&www).len();
-            async move { n == 2 }
-        })
-        .await?;
-        let mut found = list(&www);
-        found.sort();
-        ensure!(
-            found[0] == "race.txt" && found[1].starts_with("race.txt.conflict-"),
-            "{found:?}"
-        );
-        let mut contents = vec![read_file(&www.join(&found[0]))?, read_file(&www.join(&found[1]))?];
-        contents.sort();
-        ensure!(
-            contents == [b"from node a".to_vec(), b"node c".to_vec()],
-            "both writers' bytes are kept: {contents:?}"
-        );
-        wait_content(&c.path.join("www").join(&found[1]), &read_file(&www.join(&found[1]))?).await?;
-        let conflicts = |m: &Mount| {
-            m.status()
-                .ok()
-                .and_then(|s| s.writes.write_back)
-                .map_or(0, |b| b.conflicts)
-        };
-        ensure!(
-            conflicts(&a) + conflicts(&c) == 1,
-            "one mount reports the conflict: a {} c {}",
-            conflicts(&a),
-            conflicts(&c)
-        );
-        Ok(())
+        both_versions_kept(&a, &c).await
     })
     .await
+}
+
+/// Node c changes the file's mode and then its content, and both wait in its log (its daemon
+/// stopped) while node a's content reaches the servers. Node c's batch then carries a chmod,
+/// which checks no version, before the content: nothing checked the file before the batch
+/// moved its version, and node a's content was replaced without a conflict copy. The content's
+/// check now goes in front of the chmod, and both versions are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chmod_before_a_conflicting_write_keeps_both_versions() {
+    bounded(async {
+        let tc = setup().await?;
+        let dir = tc.root.path();
+        let a = Mount::start(&tc.client_args(), dir, "a", &[])?;
+        let c = Mount::start(&tc.client_args(), dir, "c", &[])?;
+        let wm = tc.user(WEBMASTER_UID)?;
+        login(&tc, &wm)?;
+        let (fa, fc) = (a.path.join("www/race.txt"), c.path.join("www/race.txt"));
+        let out = sh_as(&wm, &format!("printf base > {}", fa.display()))?;
+        ensure!(out.ok, "{}", out.stderr);
+        wait_content(&fa, b"base").await?;
+        wait_content(&fc, b"base").await?;
+        let out = sh_as(
+            &wm,
+            &format!("set -e\nchmod 600 {f}\nprintf 'node c' > {f}\n", f = fc.display()),
+        )?;
+        ensure!(out.ok, "{}", out.stderr);
+        // Within the 20 ms node c gathers changes before it sends them.
+        let pid = c.pid().context("node c's daemon")?;
+        let stopped = std::process::Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()?;
+        ensure!(stopped.success(), "kill -STOP {pid}");
+        let wrote = sh_as(&wm, &format!("printf 'from node a' > {}", fa.display()));
+        let synced = a.sync();
+        let cont = std::process::Command::new("kill")
+            .args(["-CONT", &pid.to_string()])
+            .status();
+        ensure!(cont?.success(), "kill -CONT {pid}");
+        ensure!(wrote?.ok, "node a's write");
+        synced?;
+        c.sync()?;
+        both_versions_kept(&a, &c).await
+    })
+    .await
+}
+
+/// After [`race`]: `race.txt` and one `race.txt.conflict-*` sibling hold the two writers'
+/// bytes on both nodes, and one mount reports the conflict.
+async fn both_versions_kept(a: &Mount, c: &Mount) -> Result<()> {
+    a.sync()?;
+    c.sync()?;
+    let www = a.path.join("www");
+    let list = |www: &Path| -> Vec<String> {
+        std::fs::read_dir(www)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("race.txt"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    wait_until(Duration::from_secs(10), "both versions listed on node a", || {
+        let n = list(&www).len();
+        async move { n == 2 }
+    })
+    .await?;
+    let mut found = list(&www);
+    found.sort();
+    ensure!(
+        found[0] == "race.txt" && found[1].starts_with("race.txt.conflict-"),
+        "{found:?}"
+    );
+    let mut contents = vec![read_file(&www.join(&found[0]))?, read_file(&www.join(&found[1]))?];
+    contents.sort();
+    ensure!(
+        contents == [b"from node a".to_vec(), b"node c".to_vec()],
+        "both writers' bytes are kept: {contents:?}"
+    );
+    wait_content(&c.path.join("www").join(&found[1]), &read_file(&www.join(&found[1]))?).await?;
+    let conflicts = |m: &Mount| {
+        m.status()
+            .ok()
+            .and_then(|s| s.writes.write_back)
+            .map_or(0, |b| b.conflicts)
+    };
+    ensure!(
+        conflicts(a) + conflicts(c) == 1,
+        "one mount reports the conflict: a {} c {}",
+        conflicts(a),
+        conflicts(c)
+    );
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -134,6 +134,12 @@ pub enum Op {
     /// A precondition that changes nothing: the node named `name` in `parent` is at `version`
     /// (0: no node has that name), or the commit fails with a conflict.
     Expect { parent: u64, name: String, version: u64 },
+    /// A precondition by node id: node `ino` is at `version`, or the commit fails with a
+    /// conflict. Sent as an attribute change of no attribute (which only moves the node's
+    /// version and ctime, as the change it guards does anyway); never logged. A batch puts
+    /// it in front of a chmod, link or rename that carries no check of its own, when a later
+    /// change of the same node in the batch does (see `write/batch.rs`).
+    ExpectNode { ino: u64, version: u64 },
 }
 
 /// A node as a write-back mount saw it when it logged a change of its name.

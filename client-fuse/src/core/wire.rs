@@ -222,6 +222,13 @@ fn op(o: Op) -> pb::Op {
             name,
         }),
         Op::Reserve { count } => W::Reserve(pb::ReserveOp { count }),
+        Op::ExpectNode { ino, version } => {
+            expect_version = Some(version);
+            W::SetAttr(pb::SetAttrOp {
+                node: node(ino),
+                ..Default::default()
+            })
+        }
         Op::Expect { parent, name, version } => {
             expect_version = Some(version);
             W::Expect(pb::ExpectOp {

@@ -354,6 +354,14 @@ impl Truth {
                 }
                 Ok((0, vec![], vec![]))
             }
+            Op::ExpectNode { ino, version } => {
+                let a = tree.objects.get_mut(&ino).ok_or(FsError::NotFound)?;
+                if a.version != version {
+                    return Err(FsError::Conflict(format!("{ino} is at version {}", a.version)));
+                }
+                a.version = v;
+                Ok((0, vec![ino], vec![]))
+            }
             Op::Reserve { count } => {
                 let first = make_ino(VOL, self.next_ino + 1);
                 self.next_ino += u64::from(count);

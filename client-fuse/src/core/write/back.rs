@@ -1077,7 +1077,7 @@ fn touched(op: &Op) -> Vec<u64> {
             .chain(replaces.map(|s| s.ino))
             .collect(),
         Op::Link { ino, parent, .. } => vec![*ino, *parent],
-        Op::Reserve { .. } | Op::Expect { .. } => vec![],
+        Op::Reserve { .. } | Op::Expect { .. } | Op::ExpectNode { .. } => vec![],
     }
 }
 
@@ -1155,7 +1155,7 @@ fn keys(op: &Op) -> (Vec<Key>, Vec<Key>) {
             )
         }
         Op::SetContent { ino, .. } | Op::SetAttr { ino, .. } => (vec![Node(*ino)], vec![Node(*ino)]),
-        Op::Reserve { .. } | Op::Expect { .. } => (vec![], vec![]),
+        Op::Reserve { .. } | Op::Expect { .. } | Op::ExpectNode { .. } => (vec![], vec![]),
     }
 }
 
@@ -1866,7 +1866,7 @@ impl<R: Remote> Core<R> {
                 self.remote.commit(token, &batch.volume, ops.to_vec(), request),
             )
             .await?;
-        self.after_commit(b, ops, &done);
+        self.after_commit(b, ops, &done, true);
         Ok(())
     }
 
@@ -1946,7 +1946,14 @@ impl<R: Remote> Core<R> {
 
     /// What a committed batch changes here: the version is our own, cached listings gain the
     /// new names, and attributes of what it touched are read again when next needed.
-    fn after_commit(&self, b: &WriteBack, ops: &[Op], done: &crate::core::types::Committed) {
+    ///
+    /// `trusted: false`: the commit is a chmod, link or rename sent without the check of its
+    /// node that a later change of the batch makes, because that check failed (see
+    /// `one_by_one`): another node's content came between the version this mount saw and this
+    /// commit. The commit's version then stands for content this mount never saw, and the
+    /// later change, expecting it, would replace that content unchecked. So the node keeps
+    /// the version it had here, and the later change conflicts (both versions are kept).
+    fn after_commit(&self, b: &WriteBack, ops: &[Op], done: &crate::core::types::Committed, trusted: bool) {
         let version = done.version;
         self.own_commit(version);
         let mut inos = Vec::new();
@@ -1955,14 +1962,17 @@ impl<R: Remote> Core<R> {
             st.sent_batches += 1;
             for op in ops {
                 match op {
-                    Op::Create { ino: Some(i), .. }
-                    | Op::SetContent { ino: i, .. }
-                    | Op::SetAttr { ino: i, .. }
-                    | Op::Link { ino: i, .. } => {
+                    Op::Create { ino: Some(i), .. } | Op::SetContent { ino: i, .. } => {
+                        st.own_versions.insert(*i, version);
+                    }
+                    Op::SetAttr { ino: i, .. } | Op::Link { ino: i, .. } if trusted => {
                         st.own_versions.insert(*i, version);
                     }
                     // A node that keeps other names after a remove, and a moved node, changed.
-                    Op::Remove { seen: Some(s), .. } | Op::Rename { seen: Some(s), .. } => {
+                    Op::Remove { seen: Some(s), .. } => {
+                        st.own_versions.insert(s.ino, version);
+                    }
+                    Op::Rename { seen: Some(s), .. } if trusted => {
                         st.own_versions.insert(s.ino, version);
                     }
                     _ => {}
@@ -2089,15 +2099,43 @@ impl<R: Remote> Core<R> {
                 }
                 Err(e) => return Err(e),
             }
-            let r = self
-                .timed(
-                    self.write_timeout(0),
-                    self.remote
-                        .commit(token, &batch.volume, ops.clone(), sub_request(request, i)),
-                )
-                .await;
+            // A chmod, link or rename of a node a later change of the batch checks carries that
+            // check (see `batch.rs`). Refused, it goes without it, and the node keeps the
+            // version it had here, so the later change conflicts as in the batch.
+            let guard = later_check(&batch.changes[i + 1..], &c.op, &own);
+            let mut trusted = true;
+            let mut r = Err(FsError::Conflict(String::new()));
+            if let Some(g) = &guard {
+                let guarded: Vec<Op> = std::iter::once(g.clone()).chain(ops.iter().cloned()).collect();
+                r = self
+                    .timed(
+                        self.write_timeout(0),
+                        self.remote
+                            .commit(token, &batch.volume, guarded.clone(), sub_request(request, i)),
+                    )
+                    .await;
+                if let Ok(done) = &r {
+                    self.after_commit(b, &guarded, done, true);
+                    continue;
+                }
+                trusted = false;
+            }
+            if guard.is_none() || r.as_ref().err().is_some_and(is_conflict) {
+                let attempt = if guard.is_some() {
+                    i + 2 * batch.changes.len()
+                } else {
+                    i
+                };
+                r = self
+                    .timed(
+                        self.write_timeout(0),
+                        self.remote
+                            .commit(token, &batch.volume, ops.clone(), sub_request(request, attempt)),
+                    )
+                    .await;
+            }
             match r {
-                Ok(done) => self.after_commit(b, &ops, &done),
+                Ok(done) => self.after_commit(b, &ops, &done, trusted),
                 Err(e) if is_conflict(&e) => {
                     self.keep_conflict(b, token, c, &e, sub_request(request, i + batch.changes.len()))
                         .await?
@@ -2251,7 +2289,7 @@ impl<R: Remote> Core<R> {
                 .await;
             match r {
                 Ok(done) => {
-                    self.after_commit(b, &[op], &done);
+                    self.after_commit(b, &[op], &done, true);
                     return Ok(());
                 }
                 Err(FsError::Exists) => continue,
@@ -2594,6 +2632,23 @@ fn listing_patches(op: &Op, made: Option<u64>, patches: &mut Vec<DirPatch>, unkn
     }
 }
 
+/// The check a chmod, link or rename `op` of a node the servers have carries when sent alone:
+/// the one the first later change of the node in `later` makes (new content, or a remove).
+fn later_check(later: &[Change], op: &Op, own: &HashMap<u64, u64>) -> Option<Op> {
+    let ino = match op {
+        Op::SetAttr { ino, .. } | Op::Link { ino, .. } => *ino,
+        Op::Rename { seen: Some(s), .. } if s.kind != NodeKind::Dir => s.ino,
+        _ => return None,
+    };
+    let seen = later.iter().find_map(|c| match &c.op {
+        Op::SetContent { ino: i, expect, .. } if *i == ino => Some(*expect),
+        Op::Remove { seen: Some(s), .. } if s.ino == ino => Some(Some(s.version)),
+        _ => None,
+    })?;
+    let version = super::batch::newest(own.get(&ino).copied(), seen)?;
+    Some(Op::ExpectNode { ino, version })
+}
+
 /// Change `i` of `changes` merged with the last content change of the same file, if `i` creates
 /// a file whose content a later change sets; the content changes go into `merged_away`.
 fn merge_creation(changes: &[Change], i: usize, merged_away: &mut HashSet<usize>) -> Option<Change> {
@@ -2647,7 +2702,7 @@ fn describe(op: &Op) -> String {
         Op::Remove { name, .. } => format!("the removal of {name}"),
         Op::Rename { from_name, to_name, .. } => format!("the rename of {from_name} to {to_name}"),
         Op::Link { name, .. } => format!("the link {name}"),
-        Op::Reserve { .. } | Op::Expect { .. } => format!("{op:?}"),
+        Op::Reserve { .. } | Op::Expect { .. } | Op::ExpectNode { .. } => format!("{op:?}"),
     }
 }
 

@@ -7,8 +7,12 @@
 //!   its final name: the servers never see the temporary name (an editor's or rsync's
 //!   save-by-rename). Made and removed in the batch, it is not sent at all.
 //! - Content changes and removes expect the node's version: the newer of the one this mount saw
-//!   and the one its own last commit gave it. Nodes an earlier operation of the same batch
-//!   changed expect nothing more (nothing can come between operations of one commit).
+//!   and the one its own last commit gave it. The check goes where the batch first changes the
+//!   node: a chmod, link or rename carries no check of its own, so when one of them came first
+//!   an [`Op::ExpectNode`] goes in front of it (otherwise the batch would move the version
+//!   before anything checked it, and a `chmod` then a write would overwrite another client's
+//!   newer content silently). Later operations on a node expect nothing more (nothing can come
+//!   between operations of one commit).
 //! - A rename is guarded by an [`Op::Expect`] on its target: the target name must still be free,
 //!   or still hold the node this mount saw there, so a name someone else took meanwhile is never
 //!   replaced silently.
@@ -40,11 +44,18 @@ pub(super) fn batch_ops(changes: &[Change], own: &HashMap<u64, u64>) -> Vec<Op> 
         movable: HashMap::new(),
         dropped: HashSet::new(),
         touched: HashSet::new(),
+        unchecked: HashMap::new(),
+        guards: HashMap::new(),
     };
     for c in changes {
         b.add(&c.op);
     }
-    b.ops.into_iter().flatten().collect()
+    let mut guards = b.guards;
+    b.ops
+        .into_iter()
+        .enumerate()
+        .flat_map(|(i, op)| guards.remove(&i).into_iter().chain(op))
+        .collect()
 }
 
 struct Builder<'a> {
@@ -62,6 +73,11 @@ struct Builder<'a> {
     dropped: HashSet<u64>,
     /// Nodes an operation of the batch changed.
     touched: HashSet<u64>,
+    /// Nodes the servers have whose first change in the batch checked no version (a chmod, a
+    /// link, a rename): where that change is.
+    unchecked: HashMap<u64, usize>,
+    /// The version check that goes in front of the operation at an index.
+    guards: HashMap<usize, Op>,
 }
 
 impl Builder<'_> {
@@ -72,11 +88,33 @@ impl Builder<'_> {
 
     /// The version a change of `s` expects: none for directories (their version moves with
     /// their entries; the servers check emptiness themselves) and for nodes this batch changed.
-    fn expect(&self, s: &Seen) -> Option<u64> {
-        if s.kind == NodeKind::Dir || self.touched.contains(&s.ino) {
+    fn expect(&mut self, s: &Seen) -> Option<u64> {
+        if s.kind == NodeKind::Dir {
             return None;
         }
-        newest(self.own.get(&s.ino).copied(), Some(s.version))
+        self.check(s.ino, Some(s.version))
+    }
+
+    /// The version a change of `ino` that saw it at `seen` expects, if its check goes on the
+    /// change itself; a node this batch already changed is checked in front of that first
+    /// change instead (if nothing checked it there), and a node checked once expects nothing
+    /// more.
+    fn check(&mut self, ino: u64, seen: Option<u64>) -> Option<u64> {
+        let version = newest(self.own.get(&ino).copied(), seen);
+        if !self.touched.contains(&ino) {
+            return version;
+        }
+        if let (Some(at), Some(version)) = (self.unchecked.remove(&ino), version) {
+            self.guards.insert(at, Op::ExpectNode { ino, version });
+        }
+        None
+    }
+
+    /// Records a change of `ino` at `at` that checks no version.
+    fn touch_unchecked(&mut self, ino: u64, at: usize) {
+        if self.touched.insert(ino) && !self.movable.contains_key(&ino) {
+            self.unchecked.insert(ino, at);
+        }
     }
 
     /// Takes a movable node's operations out of the batch.
@@ -121,13 +159,17 @@ impl Builder<'_> {
                 if let Some(v) = self.movable.get_mut(ino) {
                     v.push(at);
                 }
-                self.touched.insert(*ino);
+                self.touch_unchecked(*ino, at);
             }
             Op::Link { ino, .. } => {
                 // A second name: the node can no longer move with one of them.
-                self.movable.remove(ino);
-                self.push(op.clone());
-                self.touched.insert(*ino);
+                let created = self.movable.remove(ino).is_some();
+                let at = self.push(op.clone());
+                if created {
+                    self.touched.insert(*ino);
+                } else {
+                    self.touch_unchecked(*ino, at);
+                }
             }
             Op::Remove {
                 parent,
@@ -178,7 +220,7 @@ impl Builder<'_> {
                         version,
                     });
                 }
-                self.push(Op::Rename {
+                let at = self.push(Op::Rename {
                     from_parent: *from_parent,
                     from_name: from_name.clone(),
                     to_parent: *to_parent,
@@ -186,7 +228,11 @@ impl Builder<'_> {
                     seen: Some(*s),
                     replaces,
                 });
-                self.touched.insert(s.ino);
+                if s.kind != NodeKind::Dir {
+                    self.touch_unchecked(s.ino, at);
+                } else {
+                    self.touched.insert(s.ino);
+                }
                 self.touched.extend(replaces.map(|t| t.ino));
             }
             op => {
@@ -221,11 +267,7 @@ impl Builder<'_> {
             (*h, *s, *m) = (hash, size, mtime_ns);
             return;
         }
-        let expect = if self.touched.contains(&ino) {
-            None
-        } else {
-            newest(self.own.get(&ino).copied(), expect)
-        };
+        let expect = self.check(ino, expect);
         let at = self.push(Op::SetContent {
             expect,
             ino,
@@ -360,6 +402,7 @@ pub(super) mod tests {
                 Op::Remove { name, expect, .. } => format!("remove {name} {expect:?}"),
                 Op::Rename { from_name, to_name, .. } => format!("rename {from_name} {to_name}"),
                 Op::Expect { name, version, .. } => format!("expect {name} {version}"),
+                Op::ExpectNode { ino, version } => format!("check {ino} {version}"),
                 o => format!("{o:?}"),
             })
             .collect()
@@ -466,6 +509,7 @@ pub(super) mod tests {
                 "expect new 0",
                 "rename old new",
                 "expect b 6",
+                "check 40 4",
                 "rename a b",
                 "remove gone Some(9)",
                 "content 40 None",
@@ -480,5 +524,80 @@ pub(super) mod tests {
             change(3, rename("a", "b", seen(10, 0), Some(seen(11, 0)))),
         ];
         assert_eq!(names(&batch_ops(&changes, &HashMap::new())), ["create b"]);
+    }
+
+    fn attr(ino: u64) -> Op {
+        Op::SetAttr {
+            ino,
+            mode: Some(0o600),
+            uid: None,
+            gid: None,
+            mtime_ns: None,
+            atime_ns: None,
+        }
+    }
+
+    fn link(ino: u64, name: &str) -> Op {
+        Op::Link {
+            ino,
+            parent: 1,
+            name: name.into(),
+            kind: NodeKind::File,
+        }
+    }
+
+    #[test]
+    fn a_node_changed_first_by_a_chmod_link_or_rename_is_checked_in_front_of_that_change() {
+        // chmod, then new content: the content's check goes in front of the chmod, which would
+        // otherwise move the version first and let the content replace a newer one unchecked.
+        let changes = vec![
+            change(1, attr(20)),
+            change(2, content(20, b"mine", Some(7))),
+            change(3, content(20, b"mine again", Some(7))),
+        ];
+        assert_eq!(
+            names(&batch_ops(&changes, &HashMap::new())),
+            ["check 20 7", "attr 20", "content 20 None"]
+        );
+        // This mount's own later commit of the node is the one to expect.
+        assert_eq!(
+            names(&batch_ops(&changes, &HashMap::from([(20, 9)]))),
+            ["check 20 9", "attr 20", "content 20 None"]
+        );
+        // A link, then a remove of the other name: the remove's check goes first.
+        let changes = vec![change(1, link(30, "second")), change(2, remove("first", seen(30, 5)))];
+        assert_eq!(
+            names(&batch_ops(&changes, &HashMap::new())),
+            [
+                "check 30 5",
+                "Link { ino: 30, parent: 1, name: \"second\", kind: File }",
+                "remove first None"
+            ]
+        );
+        // Checked once is enough: two chmods and two contents make one check.
+        let changes = vec![
+            change(1, attr(40)),
+            change(2, attr(40)),
+            change(3, content(40, b"x", Some(3))),
+            change(4, remove("f", seen(40, 3))),
+        ];
+        assert_eq!(
+            names(&batch_ops(&changes, &HashMap::new())),
+            ["check 40 3", "attr 40", "attr 40", "content 40 None", "remove f None"]
+        );
+        // A chmod alone checks nothing (chmod and another client's content both stand), nor does
+        // a change of a node made in the batch, nor a content whose version is unknown.
+        let changes = vec![
+            change(1, attr(50)),
+            change(2, create(60, "new")),
+            change(3, attr(60)),
+            change(4, content(60, b"y", None)),
+            change(5, attr(70)),
+            change(6, content(70, b"z", None)),
+        ];
+        assert_eq!(
+            names(&batch_ops(&changes, &HashMap::new())),
+            ["attr 50", "create new", "attr 60", "attr 70", "content 70 None"]
+        );
     }
 }

@@ -71,6 +71,11 @@ pub enum LogError {
     Full { used: u64, limit: u64 },
     #[error("write-back log {0}: {1}")]
     Corrupt(PathBuf, String),
+    #[error(
+        "write-back log {0}: a flush to disk failed ({1}); it takes no more changes until the mount \
+         restarts and replays what reached the disk"
+    )]
+    Failed(PathBuf, String),
 }
 
 /// The content of a logged file change.
@@ -259,6 +264,15 @@ pub struct Log {
     /// Bytes of the log known to be on disk; a sync covers everything appended before it.
     synced: tokio::sync::watch::Sender<u64>,
     sync_one: tokio::sync::Mutex<()>,
+    /// Why a flush of a segment failed, once one has. Linux reports a failed writeback once
+    /// per open file and then forgets it: a later fsync of the same segment can succeed
+    /// although records it was to cover never reached the disk. So after one failure no
+    /// flush is trusted again, and no append or sync succeeds until the next start replays
+    /// what is on disk.
+    failed: std::sync::OnceLock<String>,
+    /// Tests: the next flush fails.
+    #[cfg(test)]
+    fail_next_flush: std::sync::atomic::AtomicBool,
 }
 
 fn io(p: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
@@ -327,6 +341,9 @@ impl Log {
             synced: tokio::sync::watch::channel(0).0,
             sync_one: tokio::sync::Mutex::new(()),
             spare: Spare::new(dir),
+            failed: std::sync::OnceLock::new(),
+            #[cfg(test)]
+            fail_next_flush: std::sync::atomic::AtomicBool::new(false),
         };
         Ok((log, replay))
     }
@@ -368,6 +385,7 @@ impl Log {
     /// Appends `rec` (not yet durable: see [`Log::sync`]). Changes must fit within the bound;
     /// bookkeeping records always go in.
     pub fn append(&self, rec: &Record) -> Result<Appended, LogError> {
+        self.healthy()?;
         let payload = bincode::serialize(rec).map_err(|e| LogError::Corrupt(self.dir.clone(), e.to_string()))?;
         let mut frame = Vec::with_capacity(payload.len() + 12);
         frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -395,7 +413,7 @@ impl Log {
         if full {
             let id = g.segments.last().map_or(1, |s| s.id + 1);
             // What is written so far must be durable before records go elsewhere.
-            g.active.sync_data().map_err(io(&self.dir))?;
+            self.flush(&g.active)?;
             let path = self.dir.join(seg_name(id));
             g.active = match self.spare.take_as(&path) {
                 Some(made) => made.map_err(io(&path))?,
@@ -435,8 +453,35 @@ impl Log {
         let at = self.append(rec)?;
         // A rotation after the append synced the segment it went to already.
         let active = self.inner().active.try_clone().map_err(io(&self.dir))?;
-        active.sync_data().map_err(io(&self.dir))?;
+        self.flush(&active)?;
         Ok(at.seg)
+    }
+
+    /// Fails once a flush has failed (see `failed`).
+    fn healthy(&self) -> Result<(), LogError> {
+        match self.failed.get() {
+            Some(why) => Err(LogError::Failed(self.dir.clone(), why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// `fdatasync` of a segment; a failure is remembered for good (see `failed`).
+    fn flush(&self, segment: &File) -> Result<(), LogError> {
+        self.healthy()?;
+        #[cfg(test)]
+        let injected = self.fail_next_flush.swap(false, std::sync::atomic::Ordering::SeqCst);
+        #[cfg(not(test))]
+        let injected = false;
+        let r = if injected {
+            Err(std::io::Error::other("injected flush failure"))
+        } else {
+            segment.sync_data()
+        };
+        r.map_err(|e| {
+            tracing::error!(dir = %self.dir.display(), error = %e, "a flush of the write-back log failed; it takes no more changes until the mount restarts");
+            let _ = self.failed.set(e.to_string());
+            LogError::Io(self.dir.clone(), e)
+        })
     }
 
     /// Appends a change; returns where it went and the change as the backlog keeps it in memory
@@ -470,7 +515,7 @@ impl Log {
         // In place on the mount's multi-thread runtime (tokio moves the worker's other tasks
         // away meanwhile), not handed to a blocking thread and back: two thread switches less
         // per close.
-        crate::blocking::blocking(u64::MAX, || file.sync_data()).map_err(io(&self.dir))?;
+        crate::blocking::blocking(u64::MAX, || self.flush(&file))?;
         self.synced.send_modify(|s| *s = (*s).max(pos));
         Ok(())
     }
@@ -566,24 +611,46 @@ impl Log {
     }
 
     /// Keeps the content of a change the servers would not take at all in `lost+found/NAME`
-    /// (next to the log, in the cache directory); returns its path.
-    /// Keeps a copy of logged data file `from` in `lost+found` as `name`.
+    /// (next to the log, in the cache directory): a copy of logged data file `from`. Returns
+    /// its path (see [`Log::keep_aside`]).
     pub fn keep_aside_file(&self, name: &str, from: &Path) -> Result<PathBuf, LogError> {
-        let dir = self.dir.join("lost+found");
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let path = dir.join(name);
-        std::fs::copy(from, &path).map_err(io(&path))?;
-        File::open(&path).and_then(|f| f.sync_all()).map_err(io(&path))?;
-        Ok(path)
+        let mut src = File::open(from).map_err(io(from))?;
+        self.set_aside(name, |f| std::io::copy(&mut src, f).map(drop))
     }
 
+    /// Keeps `bytes` in `lost+found/NAME`; returns its path. A name taken already gets `.1`,
+    /// `.2`, … appended: a change's sequence number (part of the names callers give) starts
+    /// again at 1 once the log has drained, and a copy kept earlier is never replaced.
     pub fn keep_aside(&self, name: &str, bytes: &[u8]) -> Result<PathBuf, LogError> {
+        self.set_aside(name, |f| f.write_all(bytes))
+    }
+
+    /// Writes a new file in `lost+found` under `name` or the first free `name.N`, and makes it
+    /// and its name durable.
+    fn set_aside(&self, name: &str, fill: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<PathBuf, LogError> {
         let dir = self.dir.join("lost+found");
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let path = dir.join(name);
-        let mut f = File::create(&path).map_err(io(&path))?;
-        f.write_all(bytes).map_err(io(&path))?;
-        f.sync_all().map_err(io(&path))?;
+        let mut made = None;
+        for n in 0..10_000u32 {
+            let path = if n == 0 {
+                dir.join(name)
+            } else {
+                dir.join(format!("{name}.{n}"))
+            };
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(f) => {
+                    made = Some((path, f));
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(LogError::Io(path, e)),
+            }
+        }
+        let (path, mut f) = made.ok_or_else(|| {
+            LogError::Corrupt(dir.clone(), format!("10,000 files named {name} are set aside already"))
+        })?;
+        fill(&mut f).and_then(|()| f.sync_all()).map_err(io(&path))?;
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))?;
         Ok(path)
     }
 
@@ -876,6 +943,50 @@ mod tests {
         let (log, replay) = Log::open(dir.path(), 1 << 30).unwrap();
         assert_eq!(inline(&log, replay.records), vec![change(1, b"kept")]);
         assert!(replay.torn > 0);
+    }
+
+    #[test]
+    fn a_name_set_aside_twice_keeps_both_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = Log::open(dir.path(), 1 << 30).unwrap();
+        let first = log.keep_aside("www-1-index.html", b"first").unwrap();
+        let data = dir.path().join("data").join("big");
+        std::fs::write(&data, b"second").unwrap();
+        let second = log.keep_aside_file("www-1-index.html", &data).unwrap();
+        let third = log.keep_aside("www-1-index.html", b"third").unwrap();
+        assert_eq!(std::fs::read(&first).unwrap(), b"first");
+        assert_eq!(std::fs::read(&second).unwrap(), b"second");
+        assert_eq!(std::fs::read(&third).unwrap(), b"third");
+        assert!(second.ends_with("lost+found/www-1-index.html.1"), "{second:?}");
+        assert!(third.ends_with("lost+found/www-1-index.html.2"), "{third:?}");
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_flush_no_sync_or_append_succeeds_until_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = Log::open(dir.path(), 1 << 30).unwrap();
+        let first = log.append(&change(1, b"durable")).unwrap().end;
+        log.sync(first).await.unwrap();
+        let pos = log.append(&change(2, b"lost in the failed flush")).unwrap().end;
+        log.fail_next_flush.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(matches!(log.sync(pos).await, Err(LogError::Io(..))));
+        // The kernel would now report success for the same file: the log does not.
+        let err = log.sync(pos).await.unwrap_err();
+        assert!(matches!(err, LogError::Failed(..)), "{err}");
+        assert!(err.to_string().contains("restarts"), "{err}");
+        assert!(matches!(log.append(&change(3, b"later")), Err(LogError::Failed(..))));
+        assert!(matches!(
+            log.append_durably(&Record::Done { last: 1 }),
+            Err(LogError::Failed(..))
+        ));
+        // What was synced before stays synced.
+        log.sync(first).await.unwrap();
+        drop(log);
+        // The next start replays what reached the disk and takes changes again.
+        let (log, replay) = Log::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(inline(&log, replay.records)[0], change(1, b"durable"));
+        let pos = log.append(&change(4, b"after the restart")).unwrap().end;
+        log.sync(pos).await.unwrap();
     }
 
     #[test]

@@ -378,11 +378,12 @@ async fn serve(
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
-        .add_service(
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             pb::raft_server::RaftServer::new(RaftService(node.clone()))
                 .max_decoding_message_size(MAX_RAFT_MESSAGE)
                 .max_encoding_message_size(MAX_RAFT_MESSAGE),
-        )
+            grpc::raft::peers_only(node.clone()),
+        ))
         .add_service(
             pb::admin_server::AdminServer::new(AdminService(node.clone()))
                 .max_decoding_message_size(MAX_MESSAGE)

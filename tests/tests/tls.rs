@@ -3,7 +3,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use codafs_client::transport::Tls;
 use codafs_client::Cluster;
 use codafs_common::join::JoinToken;
@@ -84,6 +84,16 @@ fn channel(tc: &TestCluster, addr: &str, identity: Option<Identity>) -> Result<C
         .connect_lazy())
 }
 
+/// A process's peak resident memory (`VmHWM`), in KiB.
+fn peak_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in /proc/PID/status")
+}
+
 fn raft_message() -> tonic::Request<pb::RaftMessage> {
     let mut r = tonic::Request::new(pb::RaftMessage {
         payload: bytes::Bytes::from_static(b"not a raft message"),
@@ -148,6 +158,25 @@ async fn callers_without_a_server_certificate_cannot_send_peer_rpcs_but_can_read
             assert_eq!(s.code(), Code::PermissionDenied, "{name}: {s:?}");
             assert!(s.message().contains("server certificate"), "{name}: {}", s.message());
         }
+        // Refused from its headers: a large message is never buffered (tonic reads a whole
+        // message before a handler runs). The server's peak memory is reset, then measured.
+        let pid = tc.servers[1].pid().context("the probed server's pid")?;
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5")?;
+        let before = peak_kib(pid)?;
+        let mut big = tonic::Request::new(pb::RaftMessage {
+            payload: bytes::Bytes::from(vec![7u8; 200 << 20]),
+        });
+        big.set_timeout(Duration::from_secs(30));
+        let s = raft
+            .append_entries(big)
+            .await
+            .expect_err("a large anonymous append_entries");
+        assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+        let grew = peak_kib(pid)?.saturating_sub(before);
+        assert!(
+            grew < 64 << 10,
+            "the server's peak memory grew by {grew} KiB for a refused 200 MiB message"
+        );
 
         // Forwarded blob puts (stored without replication) are refused and store nothing, and a
         // commit claiming to be forwarded by a server is refused too, even with a valid token.

@@ -14,6 +14,17 @@ fn decode<T: serde::de::DeserializeOwned>(m: &pb::RaftMessage) -> Result<T, Stat
     bincode::deserialize(&m.payload).map_err(|e| refuse(ErrorKind::Invalid, format!("bad raft message: {e}")))
 }
 
+/// Refuses a Raft request from anyone but a current member from its headers, before its
+/// message (up to `MAX_RAFT_MESSAGE`) is read: the handlers check again, but only once tonic
+/// has buffered and decoded the whole message, which a caller without a certificate could
+/// otherwise make every server hold for as long as it keeps sending.
+pub fn peers_only(node: Arc<Node>) -> impl tonic::service::Interceptor + Clone {
+    move |req: Request<()>| {
+        require_peer(&node, &req, "Raft messages")?;
+        Ok(req)
+    }
+}
+
 fn encode<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftMessage>, Status> {
     let payload = bincode::serialize(v).map_err(internal)?;
     Ok(Response::new(pb::RaftMessage {

@@ -8,9 +8,21 @@
 //! The subscriber's right to read the volume is checked again whenever something that decides
 //! it changes (a `Rights` notice) and every [`RECHECK`]: a volume made private, a revoked
 //! account or an expired token ends the stream with the refusal.
+//!
+//! Memory is bounded: a change record can name hundreds of thousands of nodes (a big publish),
+//! and a subscriber that reads nothing would otherwise make the server hold a page of 1,024 of
+//! them, and its queue of events, for as long as its connection stays open. History is read
+//! in pages of at most [`PAGE_BYTES`], a stream's queue holds at most [`STREAM_BYTES`] of
+//! encoded events, and all streams together at most [`ALL_STREAMS_BYTES`]; a subscriber that
+//! takes nothing for [`STALL`] is dropped (its mount resubscribes from the version it has).
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
 use codafs_proto::pb;
-use tokio::sync::{broadcast, mpsc};
+use prost::Message;
+use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
 use crate::fsm::{ChangeRec, StateView};
@@ -18,6 +30,22 @@ use crate::grpc::{internal, refuse, ErrorKind};
 use crate::raft::state_machine::{Applied, Notice};
 
 const BACKLOG_PAGE: usize = 1024;
+/// Bytes of change records read from the history at once, per stream (at least one record).
+pub const PAGE_BYTES: usize = 1 << 20;
+/// Encoded events a stream holds for its subscriber, at most (a larger event waits for the
+/// queue to empty, then goes alone).
+pub const STREAM_BYTES: usize = 1 << 20;
+/// Encoded events all streams of this server hold, at most.
+pub const ALL_STREAMS_BYTES: usize = 128 << 20;
+/// A subscriber that takes no event for this long is dropped.
+pub const STALL: Duration = Duration::from_secs(60);
+
+/// The server-wide budget of queued event bytes, in KiB.
+fn all_streams() -> Arc<Semaphore> {
+    static ALL: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    ALL.get_or_init(|| Arc::new(Semaphore::new(ALL_STREAMS_BYTES >> 10)))
+        .clone()
+}
 /// How often a live subscription checks its reader's right even without a `Rights` notice
 /// (this is what ends it when its token expires).
 pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
@@ -33,7 +61,7 @@ pub fn subscribe(
     from: u64,
     recheck: Recheck,
     listed: crate::subscribers::Guard,
-) -> Result<ReceiverStream<Result<pb::ChangeEvent, Status>>, Status> {
+) -> Result<impl Stream<Item = Result<pb::ChangeEvent, Status>> + Send, Status> {
     // Subscribe before reading the backlog so nothing applied in between is missed.
     let live = applied.notices.subscribe();
     let vol = applied
@@ -42,6 +70,11 @@ pub fn subscribe(
         .map_err(internal)?
         .ok_or_else(|| refuse(ErrorKind::NoVolume, format!("no volume {volume}")))?;
     let (tx, rx) = mpsc::channel(256);
+    let tx = Tx {
+        tx,
+        own: Arc::new(Semaphore::new(STREAM_BYTES >> 10)),
+        all: all_streams(),
+    };
     tasks.spawn("change stream", async move {
         if let Err(e) = run(applied, vol.id, volume.clone(), from, live, &tx, &recheck).await {
             let _ = tx.send(Err(e)).await;
@@ -49,10 +82,64 @@ pub fn subscribe(
         drop(listed);
         tracing::debug!(%volume, "change stream ended");
     });
-    Ok(ReceiverStream::new(rx))
+    // An event's room is given back as the connection takes it.
+    Ok(ReceiverStream::new(rx).map(|(event, _room)| event))
 }
 
-type Tx = mpsc::Sender<Result<pb::ChangeEvent, Status>>;
+type Item = (Result<pb::ChangeEvent, Status>, Option<Room>);
+
+/// Queue room an event holds, in its stream's budget and in the server's, until dropped.
+struct Room {
+    _own: OwnedSemaphorePermit,
+    _all: OwnedSemaphorePermit,
+}
+
+/// A stream's sending end, bounded in bytes (see the module doc).
+struct Tx {
+    tx: mpsc::Sender<Item>,
+    own: Arc<Semaphore>,
+    all: Arc<Semaphore>,
+}
+
+/// Why an event was not queued.
+#[derive(Debug)]
+enum Gone {
+    /// The subscriber went away.
+    Closed,
+    /// It took nothing for [`STALL`].
+    Stalled,
+    /// The server's budget for all streams stayed taken for [`STALL`].
+    Full,
+}
+
+impl Tx {
+    /// Queues `item` once there is room for it; fails if the subscriber went away or takes
+    /// nothing for [`STALL`], or if the server's budget stays taken that long.
+    async fn send(&self, item: Result<pb::ChangeEvent, Status>) -> Result<(), Gone> {
+        let kib = item.as_ref().map_or(1, |e| e.encoded_len().div_ceil(1024).max(1));
+        let kib = u32::try_from(kib.min(STREAM_BYTES >> 10)).unwrap_or(1);
+        let own = self
+            .wait(Gone::Stalled, self.own.clone().acquire_many_owned(kib))
+            .await?;
+        let all = self.wait(Gone::Full, self.all.clone().acquire_many_owned(kib)).await?;
+        let room = Some(Room { _own: own, _all: all });
+        self.wait(Gone::Stalled, async { self.tx.send((item, room)).await.map_err(drop) })
+            .await
+    }
+
+    /// `f`, unless the subscriber goes away first or it takes [`STALL`] (then `late`).
+    async fn wait<T, E>(&self, late: Gone, f: impl std::future::Future<Output = Result<T, E>>) -> Result<T, Gone> {
+        tokio::select! {
+            r = f => r.map_err(|_| Gone::Closed),
+            _ = self.tx.closed() => Err(Gone::Closed),
+            _ = tokio::time::sleep(STALL) => Err(late),
+        }
+    }
+
+    async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
 
 /// The event a subscriber gets for change record `c` at `version`.
 fn event(version: u64, c: &ChangeRec) -> pb::ChangeEvent {
@@ -96,22 +183,46 @@ async fn catch_up(
             history_gone: true,
             ..Default::default()
         };
-        if tx.send(Ok(ev)).await.is_err() {
-            return Ok(None);
-        }
-        return Ok(Some(vol.version));
+        return Ok(sent(tx.send(Ok(ev)).await, volume)?.then_some(vol.version));
     }
     loop {
-        let page = t.changes_after(vol_id, cursor, BACKLOG_PAGE).map_err(internal)?;
-        let n = page.len();
+        let (page, more) = t
+            .changes_page(vol_id, cursor, BACKLOG_PAGE, PAGE_BYTES)
+            .map_err(internal)?;
         for (version, c) in page {
-            if tx.send(Ok(event(version, &c))).await.is_err() {
+            if !sent(tx.send(Ok(event(version, &c))).await, volume)? {
                 return Ok(None);
             }
             cursor = version;
         }
-        if n < BACKLOG_PAGE {
+        if !more {
             return Ok(Some(cursor));
+        }
+    }
+}
+
+/// Whether an event was queued; a stalled subscriber ends its stream with an error it may see
+/// when it reads again.
+fn sent(r: Result<(), Gone>, volume: &str) -> Result<bool, Status> {
+    match r {
+        Ok(()) => Ok(true),
+        Err(Gone::Closed) => Ok(false),
+        Err(Gone::Stalled) => {
+            tracing::info!(%volume, "dropped a change stream whose subscriber took nothing for {}s", STALL.as_secs());
+            Err(refuse(
+                ErrorKind::Unavailable,
+                format!("the subscriber took no event for {}s; subscribe again", STALL.as_secs()),
+            ))
+        }
+        Err(Gone::Full) => {
+            tracing::warn!(%volume, "dropped a change stream: subscribers that read slowly hold all {} MiB this server queues for change streams", ALL_STREAMS_BYTES >> 20);
+            Err(refuse(
+                ErrorKind::Unavailable,
+                format!(
+                    "this server holds its limit of queued change events ({} MiB) for subscribers that read slowly; subscribe again",
+                    ALL_STREAMS_BYTES >> 20
+                ),
+            ))
         }
     }
 }
@@ -143,7 +254,7 @@ async fn run(
                 version,
                 change,
             }) if v == vol_id && version > cursor => {
-                if tx.send(Ok(event(version, &change))).await.is_err() {
+                if !sent(tx.send(Ok(event(version, &change))).await, &volume)? {
                     return Ok(());
                 }
                 cursor = version;
@@ -221,6 +332,42 @@ mod tests {
         let mut s = subscribe(&tasks, applied.clone(), "www".into(), from, Box::new(|| Ok(())), listed).unwrap();
         let ev = tokio_stream::StreamExt::next(&mut s).await;
         ev.expect("an event").expect("not an error")
+    }
+
+    #[test]
+    fn history_pages_stop_at_their_byte_bound() {
+        let (_dir, applied) = tables_with_history(20);
+        let vol = applied.tables.volume("www").unwrap().unwrap();
+        let (one, more) = applied.tables.changes_page(vol.id, 2, BACKLOG_PAGE, 1).unwrap();
+        assert_eq!((one.len(), more), (1, true), "at least one record, then the bound");
+        let (all, more) = applied
+            .tables
+            .changes_page(vol.id, 2, BACKLOG_PAGE, PAGE_BYTES)
+            .unwrap();
+        assert_eq!((all.len(), more), (20, false));
+        let (some, more) = applied.tables.changes_page(vol.id, 2, 5, PAGE_BYTES).unwrap();
+        assert_eq!((some.len(), more), (5, true));
+    }
+
+    /// A subscriber that reads nothing does not hold its stream's task (and what it read)
+    /// for as long as its connection stays open: after STALL the task gives up, and the
+    /// stream ends once what was queued is taken.
+    #[tokio::test(start_paused = true)]
+    async fn a_subscriber_that_reads_nothing_is_dropped_after_the_stall_time() {
+        let (_dir, applied) = tables_with_history(400);
+        let (tasks, _stop) = crate::tasks::Tasks::new();
+        let listed = std::sync::Arc::new(crate::subscribers::Subscribers::default()).register("www", "test");
+        let mut s = subscribe(&tasks, applied, "www".into(), 2, Box::new(|| Ok(())), listed).unwrap();
+        tokio::time::sleep(STALL * 3).await;
+        let mut events = 0;
+        while let Some(ev) = tokio::time::timeout(Duration::from_secs(1), s.next())
+            .await
+            .expect("the stream ends instead of waiting")
+        {
+            ev.expect("no error could be queued");
+            events += 1;
+        }
+        assert_eq!(events, 256, "what the queue held when the subscriber stopped reading");
     }
 
     #[tokio::test]

@@ -213,6 +213,38 @@ impl Tables {
         Ok(out)
     }
 
+    /// Change records of `volume` after `after`: at most `limit`, and no more once `max_bytes`
+    /// of them are read (at least one). Also says whether more follow.
+    pub fn changes_page(
+        &self,
+        volume: u32,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<(u64, ChangeRec)>, bool), StoreError> {
+        let start = change_key(volume, after.saturating_add(1));
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let it = self.db.iterator_cf(
+            cf(&self.db, CF_CHANGES)?,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        for item in it {
+            let (k, v) = item.map_err(se)?;
+            if k.len() != 12 || k[..4] != volume.to_be_bytes() {
+                return Ok((out, false));
+            }
+            if out.len() >= limit || (bytes >= max_bytes && !out.is_empty()) {
+                return Ok((out, true));
+            }
+            let mut idx = [0u8; 8];
+            idx.copy_from_slice(&k[4..]);
+            bytes += v.len();
+            out.push((u64::from_be_bytes(idx), ChangeRec::decode(&v).map_err(se)?));
+        }
+        Ok((out, false))
+    }
+
     /// Every referenced blob hash.
     pub fn referenced_blobs(&self) -> Result<Vec<Hash>, StoreError> {
         self.hash_keys(CF_BLOBREFS)

@@ -373,11 +373,12 @@ async fn serve(
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
-        .add_service(
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             pb::write_server::WriteServer::new(WriteService(node.clone()))
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
-        )
+            grpc::write::signed_only(node.clone()),
+        ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             pb::raft_server::RaftServer::new(RaftService(node.clone()))
                 .max_decoding_message_size(MAX_RAFT_MESSAGE)

@@ -177,6 +177,25 @@ async fn callers_without_a_server_certificate_cannot_send_peer_rpcs_but_can_read
             grew < 64 << 10,
             "the server's peak memory grew by {grew} KiB for a refused 200 MiB message"
         );
+        // The same for a commit without a token (messages up to 64 MiB).
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5")?;
+        let before = peak_kib(pid)?;
+        let mut commit = tonic::Request::new(pb::CommitRequest {
+            volume: "www".into(),
+            request_id: bytes::Bytes::from(vec![7u8; 60 << 20]),
+            ..Default::default()
+        });
+        commit.set_timeout(Duration::from_secs(30));
+        let s = pb::write_client::WriteClient::new(anon.clone())
+            .commit(commit)
+            .await
+            .expect_err("a large commit without a token");
+        assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+        let grew = peak_kib(pid)?.saturating_sub(before);
+        assert!(
+            grew < 32 << 10,
+            "the server's peak memory grew by {grew} KiB for a refused 60 MiB commit"
+        );
 
         // Forwarded blob puts (stored without replication) are refused and store nothing, and a
         // commit claiming to be forwarded by a server is refused too, even with a valid token.

@@ -15,6 +15,18 @@ use crate::node::{Node, NodeError};
 
 pub struct WriteService(pub Arc<Node>);
 
+/// Refuses a commit without a valid token (or with a forwarding claim from a non-server) from
+/// its headers, before tonic reads its message (up to `MAX_MESSAGE`): the handler makes the
+/// same checks first, but only once the whole message is buffered, which anyone who can reach
+/// the server could otherwise make it hold.
+pub fn signed_only(node: Arc<Node>) -> impl tonic::service::Interceptor + Clone {
+    move |req: Request<()>| {
+        is_forwarded(&node, &req)?;
+        node.authenticate(token_of(&req).as_deref()).map_err(status)?;
+        Ok(req)
+    }
+}
+
 async fn commit_local(
     node: &Node,
     token: Option<&str>,

@@ -1318,12 +1318,7 @@ impl<R: Remote> Core<R> {
     /// logged (a replay must not hand them out again, nor lose them).
     async fn reserve_ids(&self, b: &WriteBack, token: &str, volume: &str, count: u32) -> Result<(), FsError> {
         let reserve = Op::Reserve { count };
-        let r = self
-            .timed(
-                self.write_timeout(0),
-                self.remote.commit(token, volume, vec![reserve], new_request_id()),
-            )
-            .await?;
+        let r = self.commit_ops(token, volume, vec![reserve], new_request_id()).await?;
         let first = r
             .created
             .first()
@@ -1860,14 +1855,21 @@ impl<R: Remote> Core<R> {
             .writes
             .inflight(batch.changes.first().map_or(0, |c| split_ino(op_ino(&c.op)).0));
         let _inflight = lock.read().await;
-        let done = self
-            .timed(
-                self.write_timeout(0),
-                self.remote.commit(token, &batch.volume, ops.to_vec(), request),
-            )
-            .await?;
+        let done = self.commit_ops(token, &batch.volume, ops.to_vec(), request).await?;
         self.after_commit(b, ops, &done, true);
         Ok(())
+    }
+
+    /// Commits `ops` on `volume` as request `request`, within the write timeout.
+    async fn commit_ops(
+        &self,
+        token: &str,
+        volume: &str,
+        ops: Vec<Op>,
+        request: RequestId,
+    ) -> Result<crate::core::types::Committed, FsError> {
+        self.timed(self.write_timeout(0), self.remote.commit(token, volume, ops, request))
+            .await
     }
 
     /// Puts the contents `wanted` of `changes` to the write quorum.
@@ -2102,38 +2104,31 @@ impl<R: Remote> Core<R> {
             // A chmod, link or rename of a node a later change of the batch checks carries that
             // check (see `batch.rs`). Refused, it goes without it, and the node keeps the
             // version it had here, so the later change conflicts as in the batch.
-            let guard = later_check(&batch.changes[i + 1..], &c.op, &own);
             let mut trusted = true;
-            let mut r = Err(FsError::Conflict(String::new()));
-            if let Some(g) = &guard {
-                let guarded: Vec<Op> = std::iter::once(g.clone()).chain(ops.iter().cloned()).collect();
-                r = self
-                    .timed(
-                        self.write_timeout(0),
-                        self.remote
-                            .commit(token, &batch.volume, guarded.clone(), sub_request(request, i)),
-                    )
-                    .await;
-                if let Ok(done) = &r {
-                    self.after_commit(b, &guarded, done, true);
-                    continue;
+            let r = match later_check(&batch.changes[i + 1..], &c.op, &own) {
+                None => {
+                    self.commit_ops(token, &batch.volume, ops.clone(), sub_request(request, i))
+                        .await
                 }
-                trusted = false;
-            }
-            if guard.is_none() || r.as_ref().err().is_some_and(is_conflict) {
-                let attempt = if guard.is_some() {
-                    i + 2 * batch.changes.len()
-                } else {
-                    i
-                };
-                r = self
-                    .timed(
-                        self.write_timeout(0),
-                        self.remote
-                            .commit(token, &batch.volume, ops.clone(), sub_request(request, attempt)),
-                    )
-                    .await;
-            }
+                Some(guard) => {
+                    let guarded: Vec<Op> = std::iter::once(guard).chain(ops.iter().cloned()).collect();
+                    match self
+                        .commit_ops(token, &batch.volume, guarded.clone(), sub_request(request, i))
+                        .await
+                    {
+                        Ok(done) => {
+                            self.after_commit(b, &guarded, &done, true);
+                            continue;
+                        }
+                        Err(e) if is_conflict(&e) => {
+                            trusted = false;
+                            let again = sub_request(request, i + 2 * batch.changes.len());
+                            self.commit_ops(token, &batch.volume, ops.clone(), again).await
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            };
             match r {
                 Ok(done) => self.after_commit(b, &ops, &done, trusted),
                 Err(e) if is_conflict(&e) => {
@@ -2277,14 +2272,11 @@ impl<R: Remote> Core<R> {
                 };
             }
             let r = self
-                .timed(
-                    self.write_timeout(0),
-                    self.remote.commit(
-                        token,
-                        &c.volume,
-                        vec![op.clone()],
-                        sub_request(&request, attempt as usize),
-                    ),
+                .commit_ops(
+                    token,
+                    &c.volume,
+                    vec![op.clone()],
+                    sub_request(&request, attempt as usize),
                 )
                 .await;
             match r {

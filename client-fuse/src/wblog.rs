@@ -279,6 +279,11 @@ fn io(p: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
     move |e| LogError::Io(p.to_path_buf(), e)
 }
 
+/// Makes the names in directory `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
 fn seg_name(id: u64) -> String {
     format!("seg-{id:010}")
 }
@@ -528,7 +533,7 @@ impl Log {
         let mut f = File::create(&path).map_err(io(&path))?;
         f.write_all(bytes).map_err(io(&path))?;
         f.sync_all().map_err(io(&path))?;
-        File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))?;
+        sync_dir(&dir)?;
         self.inner().data_bytes += bytes.len() as u64;
         Ok(name.to_string())
     }
@@ -550,7 +555,7 @@ impl Log {
             let _ = std::fs::remove_file(&path);
             return Err(LogError::Io(path, e));
         }
-        File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))?;
+        sync_dir(&dir)?;
         self.inner().data_bytes += size;
         Ok(name.to_string())
     }
@@ -560,7 +565,7 @@ impl Log {
         let dir = self.dir.join("data");
         let dest = dir.join(to);
         std::fs::rename(dir.join(from), &dest).map_err(io(&dest))?;
-        File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))
+        sync_dir(&dir)
     }
 
     /// The data file holding a logged content, when it is one (contents over 1 MiB): large
@@ -650,7 +655,7 @@ impl Log {
             LogError::Corrupt(dir.clone(), format!("10,000 files named {name} are set aside already"))
         })?;
         fill(&mut f).and_then(|()| f.sync_all()).map_err(io(&path))?;
-        File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))?;
+        sync_dir(&dir)?;
         Ok(path)
     }
 
@@ -749,7 +754,7 @@ fn releasable(g: &Inner, done: u64, before: u64) -> usize {
 fn new_segment(dir: &Path, id: u64) -> Result<File, LogError> {
     let path = dir.join(seg_name(id));
     let f = segment_file(&path).map_err(io(&path))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+    sync_dir(dir)?;
     Ok(f)
 }
 

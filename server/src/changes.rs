@@ -86,7 +86,7 @@ pub fn subscribe(
     Ok(ReceiverStream::new(rx).map(|(event, _room)| event))
 }
 
-type Item = (Result<pb::ChangeEvent, Status>, Option<Room>);
+type Item = (Result<pb::ChangeEvent, Status>, Room);
 
 /// Queue room an event holds, in its stream's budget and in the server's, until dropped.
 struct Room {
@@ -122,7 +122,7 @@ impl Tx {
             .wait(Gone::Stalled, self.own.clone().acquire_many_owned(kib))
             .await?;
         let all = self.wait(Gone::Full, self.all.clone().acquire_many_owned(kib)).await?;
-        let room = Some(Room { _own: own, _all: all });
+        let room = Room { _own: own, _all: all };
         self.wait(Gone::Stalled, async { self.tx.send((item, room)).await.map_err(drop) })
             .await
     }

@@ -195,22 +195,7 @@ impl Tables {
 
     /// Change records of a volume with version > `after`, at most `limit`.
     pub fn changes_after(&self, volume: u32, after: u64, limit: usize) -> Result<Vec<(u64, ChangeRec)>, StoreError> {
-        let start = change_key(volume, after.saturating_add(1));
-        let mut out = Vec::new();
-        let it = self.db.iterator_cf(
-            cf(&self.db, CF_CHANGES)?,
-            IteratorMode::From(&start, Direction::Forward),
-        );
-        for item in it {
-            let (k, v) = item.map_err(se)?;
-            if k.len() != 12 || k[..4] != volume.to_be_bytes() || out.len() >= limit {
-                break;
-            }
-            let mut idx = [0u8; 8];
-            idx.copy_from_slice(&k[4..]);
-            out.push((u64::from_be_bytes(idx), ChangeRec::decode(&v).map_err(se)?));
-        }
-        Ok(out)
+        Ok(self.changes_page(volume, after, limit, usize::MAX)?.0)
     }
 
     /// Change records of `volume` after `after`: at most `limit`, and no more once `max_bytes`

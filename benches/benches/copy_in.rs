@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use codafs_benches::{write_web_tree, FILES};
-use codafs_tests::{ClusterOpts, Mount, TestCluster};
+use codafs_tests::{ClusterOpts, Mount, TestCluster, Tmpfs};
 
 /// `cp -r from to`; returns the seconds it took.
 fn cp(from: &Path, to: &Path) -> Result<f64> {
@@ -91,35 +91,6 @@ fn writer(tc: &TestCluster, dir: &Path, name: &str, extra: &[&str]) -> Result<Mo
     Ok(m)
 }
 
-/// A tmpfs mounted for the run, unmounted on drop (after the mounts inside it are gone).
-struct Tmpfs(tempfile::TempDir);
-
-impl Tmpfs {
-    fn new() -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=2g", "codafs-bench"])
-            .arg(dir.path())
-            .status()?;
-        ensure!(
-            st.success(),
-            "mount -t tmpfs on {} failed (needs root)",
-            dir.path().display()
-        );
-        Ok(Tmpfs(dir))
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).status();
-    }
-}
-
 async fn bench() -> Result<Vec<String>> {
     let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
     tc.create_volume("www", 2).await?;
@@ -152,7 +123,7 @@ async fn bench() -> Result<Vec<String>> {
     // The same copy with the mount's cache, and so its log, in memory: what the copy costs
     // without the disk's cache flush behind each `close` (not durable; the ceiling of this
     // machine's FUSE round trips).
-    let ram = Tmpfs::new()?;
+    let ram = Tmpfs::mount(&tc.root.path().join("ram"), 2048)?;
     let rb = writer(&tc, ram.path(), "rb", &[])?;
     let rb_cp = cp(&src, &rb.path.join("www/rb")).context("cp into the write-back mount on tmpfs")?;
     rb.sync()?;

@@ -668,6 +668,36 @@ impl Drop for TestCluster {
     }
 }
 
+/// A size-limited tmpfs mounted on a directory (made if missing); lazily unmounted when
+/// dropped, also when a test fails. Needs root.
+pub struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: &Path, size_mib: u64) -> Result<Tmpfs> {
+        std::fs::create_dir_all(path)?;
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m,mode=0700"), "tmpfs"])
+            .arg(path)
+            .status()?;
+        anyhow::ensure!(st.success(), "mounting a tmpfs on {} failed", path.display());
+        Ok(Tmpfs {
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
 /// A `codafs mount` process. Stopped (SIGTERM, then unmounted with `fusermount3 -u` and killed
 /// if needed) when dropped, also when a test panics.
 pub struct Mount {

@@ -11,33 +11,22 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use codafs_client::ops;
 use codafs_common::Hash;
-use codafs_tests::{bounded_within, fs_call, read_file, wait_until, ClusterOpts, Mount, TestCluster};
+use codafs_tests::{bounded_within, fs_call, read_file, wait_until, ClusterOpts, Mount, TestCluster, Tmpfs};
 
-/// A size-limited tmpfs mounted on a directory; lazily unmounted when dropped.
-struct Tmpfs {
-    path: PathBuf,
+/// Filling a test's tmpfs.
+trait Filling {
+    fn free(&self) -> Result<u64>;
+    fn fill_leaving(&self, leave: u64) -> Result<PathBuf>;
 }
 
-impl Tmpfs {
-    fn mount(path: &Path, size_mib: u64) -> Result<Tmpfs> {
-        std::fs::create_dir_all(path)?;
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m,mode=0700"), "tmpfs"])
-            .arg(path)
-            .status()?;
-        ensure!(st.success(), "mounting a tmpfs on {} failed", path.display());
-        Ok(Tmpfs {
-            path: path.to_path_buf(),
-        })
-    }
-
+impl Filling for Tmpfs {
     fn free(&self) -> Result<u64> {
-        free_bytes(&self.path)
+        free_bytes(self.path())
     }
 
     /// Fills the filesystem until only about `leave` bytes are free; returns the filler's path.
     fn fill_leaving(&self, leave: u64) -> Result<PathBuf> {
-        let filler = self.path.join("filler");
+        let filler = self.path().join("filler");
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&filler)?;
         let chunk = vec![0xa5u8; 1 << 20];
         for _ in 0..100_000 {
@@ -56,12 +45,6 @@ impl Tmpfs {
             f.flush()?;
         }
         Ok(filler)
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
 }
 

@@ -84,6 +84,15 @@ fn channel(tc: &TestCluster, addr: &str, identity: Option<Identity>) -> Result<C
         .connect_lazy())
 }
 
+/// What `f` returns, and how far process `pid`'s peak resident memory rose while it ran (in
+/// KiB): the peak is reset first (`clear_refs`).
+async fn peak_growth<T>(pid: u32, f: impl std::future::Future<Output = T>) -> Result<(T, u64)> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")?;
+    let before = peak_kib(pid)?;
+    let r = f.await;
+    Ok((r, peak_kib(pid)?.saturating_sub(before)))
+}
+
 /// A process's peak resident memory (`VmHWM`), in KiB.
 fn peak_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -161,37 +170,28 @@ async fn callers_without_a_server_certificate_cannot_send_peer_rpcs_but_can_read
         // Refused from its headers: a large message is never buffered (tonic reads a whole
         // message before a handler runs). The server's peak memory is reset, then measured.
         let pid = tc.servers[1].pid().context("the probed server's pid")?;
-        std::fs::write(format!("/proc/{pid}/clear_refs"), "5")?;
-        let before = peak_kib(pid)?;
         let mut big = tonic::Request::new(pb::RaftMessage {
             payload: bytes::Bytes::from(vec![7u8; 200 << 20]),
         });
         big.set_timeout(Duration::from_secs(30));
-        let s = raft
-            .append_entries(big)
-            .await
-            .expect_err("a large anonymous append_entries");
+        let (r, grew) = peak_growth(pid, raft.append_entries(big)).await?;
+        let s = r.expect_err("a large anonymous append_entries");
         assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
-        let grew = peak_kib(pid)?.saturating_sub(before);
         assert!(
             grew < 64 << 10,
             "the server's peak memory grew by {grew} KiB for a refused 200 MiB message"
         );
         // The same for a commit without a token (messages up to 64 MiB).
-        std::fs::write(format!("/proc/{pid}/clear_refs"), "5")?;
-        let before = peak_kib(pid)?;
         let mut commit = tonic::Request::new(pb::CommitRequest {
             volume: "www".into(),
             request_id: bytes::Bytes::from(vec![7u8; 60 << 20]),
             ..Default::default()
         });
         commit.set_timeout(Duration::from_secs(30));
-        let s = pb::write_client::WriteClient::new(anon.clone())
-            .commit(commit)
-            .await
-            .expect_err("a large commit without a token");
+        let mut write = pb::write_client::WriteClient::new(anon.clone());
+        let (r, grew) = peak_growth(pid, write.commit(commit)).await?;
+        let s = r.expect_err("a large commit without a token");
         assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
-        let grew = peak_kib(pid)?.saturating_sub(before);
         assert!(
             grew < 32 << 10,
             "the server's peak memory grew by {grew} KiB for a refused 60 MiB commit"

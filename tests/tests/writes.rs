@@ -344,8 +344,9 @@ async fn concurrent_writers_on_two_write_through_nodes_last_close_wins_whole() {
     .await
 }
 
-/// Both nodes open `race.txt` before either closes; a's close comes first.
-async fn race(tc: &TestCluster, a: &Mount, c: &Mount) -> Result<(PathBuf, PathBuf)> {
+/// The webmaster, logged in, writes `race.txt` through node a; returns them and the file's
+/// path on each node once both show it.
+async fn race_base(tc: &TestCluster, a: &Mount, c: &Mount) -> Result<(User, PathBuf, PathBuf)> {
     let wm = tc.user(WEBMASTER_UID)?;
     login(tc, &wm)?;
     let (fa, fc) = (a.path.join("www/race.txt"), c.path.join("www/race.txt"));
@@ -354,6 +355,12 @@ async fn race(tc: &TestCluster, a: &Mount, c: &Mount) -> Result<(PathBuf, PathBu
     let logs = |e: anyhow::Error| anyhow::anyhow!("{e}\n--- a ---\n{}\n--- c ---\n{}", a.log(), c.log());
     wait_content(&fa, b"base").await.map_err(logs)?;
     wait_content(&fc, b"base").await.map_err(logs)?;
+    Ok((wm, fa, fc))
+}
+
+/// Both nodes open `race.txt` before either closes; a's close comes first.
+async fn race(tc: &TestCluster, a: &Mount, c: &Mount) -> Result<(PathBuf, PathBuf)> {
+    let (wm, fa, fc) = race_base(tc, a, c).await?;
     let script = format!(
         "set -e\nexec 3>{fa}\nexec 4>{fc}\nprintf 'from node a' >&3\nprintf 'node c' >&4\nexec 3>&-\nexec 4>&-\n",
         fa = fa.display(),
@@ -392,13 +399,7 @@ async fn a_chmod_before_a_conflicting_write_keeps_both_versions() {
         let dir = tc.root.path();
         let a = Mount::start(&tc.client_args(), dir, "a", &[])?;
         let c = Mount::start(&tc.client_args(), dir, "c", &[])?;
-        let wm = tc.user(WEBMASTER_UID)?;
-        login(&tc, &wm)?;
-        let (fa, fc) = (a.path.join("www/race.txt"), c.path.join("www/race.txt"));
-        let out = sh_as(&wm, &format!("printf base > {}", fa.display()))?;
-        ensure!(out.ok, "{}", out.stderr);
-        wait_content(&fa, b"base").await?;
-        wait_content(&fc, b"base").await?;
+        let (wm, fa, fc) = race_base(&tc, &a, &c).await?;
         let out = sh_as(
             &wm,
             &format!("set -e\nchmod 600 {f}\nprintf 'node c' > {f}\n", f = fc.display()),

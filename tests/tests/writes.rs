@@ -344,6 +344,15 @@ async fn concurrent_writers_on_two_write_through_nodes_last_close_wins_whole() {
     .await
 }
 
+/// Write-back mounts on nodes a and c.
+fn two_nodes(tc: &TestCluster) -> Result<(Mount, Mount)> {
+    let dir = tc.root.path();
+    Ok((
+        Mount::start(&tc.client_args(), dir, "a", &[])?,
+        Mount::start(&tc.client_args(), dir, "c", &[])?,
+    ))
+}
+
 /// The webmaster, logged in, writes `race.txt` through node a; returns them and the file's
 /// path on each node once both show it.
 async fn race_base(tc: &TestCluster, a: &Mount, c: &Mount) -> Result<(User, PathBuf, PathBuf)> {
@@ -378,9 +387,7 @@ async fn race(tc: &TestCluster, a: &Mount, c: &Mount) -> Result<(PathBuf, PathBu
 async fn concurrent_writers_on_two_write_back_nodes_keep_both_versions() {
     bounded(async {
         let tc = setup().await?;
-        let dir = tc.root.path();
-        let a = Mount::start(&tc.client_args(), dir, "a", &[])?;
-        let c = Mount::start(&tc.client_args(), dir, "c", &[])?;
+        let (a, c) = two_nodes(&tc)?;
         race(&tc, &a, &c).await?;
         both_versions_kept(&a, &c).await
     })
@@ -396,9 +403,7 @@ async fn concurrent_writers_on_two_write_back_nodes_keep_both_versions() {
 async fn a_chmod_before_a_conflicting_write_keeps_both_versions() {
     bounded(async {
         let tc = setup().await?;
-        let dir = tc.root.path();
-        let a = Mount::start(&tc.client_args(), dir, "a", &[])?;
-        let c = Mount::start(&tc.client_args(), dir, "c", &[])?;
+        let (a, c) = two_nodes(&tc)?;
         let (wm, fa, fc) = race_base(&tc, &a, &c).await?;
         let out = sh_as(
             &wm,
@@ -420,6 +425,36 @@ async fn a_chmod_before_a_conflicting_write_keeps_both_versions() {
         ensure!(wrote?.ok, "node a's write");
         synced?;
         c.sync()?;
+        both_versions_kept(&a, &c).await
+    })
+    .await
+}
+
+/// Node c opens the file for writing, node a's content reaches the servers, and node c's chmod
+/// of the still-open file goes out on its own. The chmod's commit took the version past node
+/// a's, and node c's content, closed afterwards, expected the version of its own chmod and
+/// replaced node a's without a conflict copy. The chmod now carries the check the open file's
+/// content will make, and both versions are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chmod_sent_while_the_file_is_open_keeps_both_versions() {
+    bounded(async {
+        let tc = setup().await?;
+        let (a, c) = two_nodes(&tc)?;
+        let (wm, fa, fc) = race_base(&tc, &a, &c).await?;
+        let bin = tc.shared_bin()?;
+        // One shell holds the file open on node c across the steps; `codafs sync` returns once
+        // what the mount logged before it is on the servers.
+        let script = format!(
+            "set -e\nexec 4<>{fc}\nprintf 'from node a' > {fa}\n{bin} sync {ma} --timeout 30\n\
+             chmod 600 {fc}\n{bin} sync {mc} --timeout 30\nprintf 'node c' >&4\nexec 4>&-\n",
+            fa = fa.display(),
+            fc = fc.display(),
+            bin = bin.display(),
+            ma = a.path.display(),
+            mc = c.path.display(),
+        );
+        let out = sh_as(&wm, &script)?;
+        ensure!(out.ok, "{}\n--- a ---\n{}\n--- c ---\n{}", out.stderr, a.log(), c.log());
         both_versions_kept(&a, &c).await
     })
     .await

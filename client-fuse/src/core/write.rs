@@ -254,6 +254,14 @@ impl WriteState {
             .collect()
     }
 
+    /// The version the file open for writing as `ino` was opened at (what its content expects
+    /// when closed), if it is open and still has a name.
+    pub(crate) fn open_base(&self, ino: u64) -> Option<u64> {
+        let sh = self.shadow(ino)?;
+        let g = shadow::lock(&sh);
+        (!g.unlinked).then_some(g.base_version)
+    }
+
     fn shadow(&self, ino: u64) -> Option<Arc<Mutex<Shadow>>> {
         self.shadows
             .lock()

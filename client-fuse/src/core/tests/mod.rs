@@ -691,27 +691,27 @@ async fn write_back_saves_by_rename_arrive_whole_and_conflicting_names_keep_both
     assert_eq!(core.backlog().unwrap().conflicts, 2);
 }
 
-/// Write-back: a chmod logged before new content goes in the same batch. The chmod checks no
-/// version, so the content's check goes in front of it: another node's content sent meanwhile
-/// is kept, and this mount's bytes go to a conflict copy (once sent after the chmod, unchecked,
-/// the content replaced theirs silently).
-#[tokio::test(start_paused = true)]
-async fn write_back_a_chmod_before_new_content_still_finds_the_conflict() {
-    let dir = tempfile::tempdir().unwrap();
-    let core = with_alice(core_writing_back(dir.path(), 1 << 20)).await;
+/// A write-back core with `p.html` ("old") written by another node and cached here: the core,
+/// and the node ids of `/www` and the file.
+async fn page_written_back(dir: &std::path::Path) -> (Core<FakeRemote>, u64, u64) {
+    let core = with_alice(core_writing_back(dir, 1 << 20)).await;
     core.remote.write(&[], "p.html", b"old");
     deliver_all(&core).await;
     let www = core.lookup(ROOT_INO, "www").await.unwrap().ino;
     let ino = core.lookup(www, "p.html").await.unwrap().ino;
-    let mode = |m| write::SetAttrs {
-        mode: Some(m),
-        ..Default::default()
-    };
-    core.setattr(model::ALICE, ino, mode(0o600)).await.unwrap();
-    model::write(&core, "p.html", b"mine").await.unwrap();
-    core.remote.write(&[], "p.html", b"theirs");
-    send_log(&core).await;
-    deliver_all(&core).await;
+    (core, www, ino)
+}
+
+/// Writes `data` at the start of open file `fh`, and closes it.
+async fn write_and_close(core: &Core<FakeRemote>, fh: u64, data: &[u8]) {
+    core.write(fh, 0, data).unwrap();
+    core.flush(fh).await.unwrap();
+    core.release(fh).await;
+}
+
+/// After a conflict on `p.html`: the other node's "theirs" stands, and this mount's "mine" is
+/// kept in one conflict copy beside it.
+async fn theirs_stand_and_mine_is_kept(core: &Core<FakeRemote>, www: u64) {
     assert_eq!(
         core.remote.content("p.html").unwrap(),
         b"theirs",
@@ -726,7 +726,27 @@ async fn write_back_a_chmod_before_new_content_still_finds_the_conflict() {
         .filter(|n| n.starts_with("p.html.conflict-"))
         .collect();
     assert_eq!(copies.len(), 1, "{copies:?}");
-    assert_eq!(model::read(&core, &copies[0]).await.unwrap(), b"mine");
+    assert_eq!(model::read(core, &copies[0]).await.unwrap(), b"mine");
+}
+
+/// Write-back: a chmod logged before new content goes in the same batch. The chmod checks no
+/// version, so the content's check goes in front of it: another node's content sent meanwhile
+/// is kept, and this mount's bytes go to a conflict copy (once sent after the chmod, unchecked,
+/// the content replaced theirs silently).
+#[tokio::test(start_paused = true)]
+async fn write_back_a_chmod_before_new_content_still_finds_the_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let (core, www, ino) = page_written_back(dir.path()).await;
+    let mode = |m| write::SetAttrs {
+        mode: Some(m),
+        ..Default::default()
+    };
+    core.setattr(model::ALICE, ino, mode(0o600)).await.unwrap();
+    model::write(&core, "p.html", b"mine").await.unwrap();
+    core.remote.write(&[], "p.html", b"theirs");
+    send_log(&core).await;
+    deliver_all(&core).await;
+    theirs_stand_and_mine_is_kept(&core, www).await;
     assert_eq!(core.backlog().unwrap().conflicts, 1);
     // With nobody in between, a chmod and new content go through without a conflict.
     deliver_all(&core).await;
@@ -735,6 +755,70 @@ async fn write_back_a_chmod_before_new_content_still_finds_the_conflict() {
     send_log(&core).await;
     assert_eq!(core.remote.content("p.html").unwrap(), b"mine again");
     assert_eq!(core.backlog().unwrap().conflicts, 1, "no new conflict");
+}
+
+/// Write-back: a chmod of a file open for writing is sent on its own, after another node's new
+/// content and before the file is closed. The chmod's commit moves the version past theirs, and
+/// the content, expecting the version this mount's own commit gave, replaced theirs silently.
+/// The chmod now carries the check the open file's content will make; failing it, the chmod
+/// goes without it, and the content conflicts.
+#[tokio::test(start_paused = true)]
+async fn write_back_a_chmod_sent_while_the_file_is_open_still_finds_the_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let (core, www, ino) = page_written_back(dir.path()).await;
+    let mode = |m| write::SetAttrs {
+        mode: Some(m),
+        ..Default::default()
+    };
+    let flags = libc::O_WRONLY | libc::O_TRUNC;
+    let fh = core.open(model::ALICE, ino, flags).await.unwrap();
+    core.remote.write(&[], "p.html", b"theirs");
+    core.setattr(model::ALICE, ino, mode(0o600)).await.unwrap();
+    send_log(&core).await;
+    assert_eq!(core.backlog().unwrap().changes, 0, "the chmod is on the servers");
+    write_and_close(&core, fh, b"mine").await;
+    send_log(&core).await;
+    deliver_all(&core).await;
+    theirs_stand_and_mine_is_kept(&core, www).await;
+    // With nobody in between, the same goes through without a conflict.
+    deliver_all(&core).await;
+    let fh = core.open(model::ALICE, ino, flags).await.unwrap();
+    core.setattr(model::ALICE, ino, mode(0o640)).await.unwrap();
+    send_log(&core).await;
+    write_and_close(&core, fh, b"mine again").await;
+    send_log(&core).await;
+    assert_eq!(core.remote.content("p.html").unwrap(), b"mine again");
+    assert_eq!(core.backlog().unwrap().conflicts, 1, "no new conflict");
+}
+
+/// Write-back: the file is opened for writing after the batch with its chmod was built and
+/// before that batch's commit lands, and another node's content lands in between. The chmod
+/// checked nothing (nothing needed a check when it was built), so its commit's version is not
+/// taken for this mount's own, and the content, closed later, conflicts.
+#[tokio::test(start_paused = true)]
+async fn write_back_a_file_opened_while_its_chmod_is_in_flight_still_finds_the_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let (core, www, ino) = page_written_back(dir.path()).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    core.remote.lock().commit_gate = Some(gate.clone());
+    let mode = write::SetAttrs {
+        mode: Some(0o600),
+        ..Default::default()
+    };
+    core.setattr(model::ALICE, ino, mode).await.unwrap();
+    let open_meanwhile = async {
+        // The batch is built and waits at the gate.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let fh = core.open(model::ALICE, ino, libc::O_WRONLY | libc::O_TRUNC).await;
+        core.remote.write(&[], "p.html", b"theirs");
+        gate.add_permits(1000);
+        fh
+    };
+    let ((), fh) = tokio::join!(send_log(&core), open_meanwhile);
+    write_and_close(&core, fh.unwrap(), b"mine").await;
+    send_log(&core).await;
+    deliver_all(&core).await;
+    theirs_stand_and_mine_is_kept(&core, www).await;
 }
 
 /// Write-back: new content of a file another node removed before it was sent is kept under a

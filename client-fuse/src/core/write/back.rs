@@ -21,7 +21,7 @@ use std::sync::OnceLock;
 
 use tokio::sync::{watch, Notify};
 
-use super::batch::{batch_ops, referenced};
+use super::batch::{batch_ops, batch_ops_before, referenced};
 use super::*;
 use crate::cache::meta::DirPatch;
 use crate::core::chunked::read_at;
@@ -1618,8 +1618,9 @@ impl<R: Remote> Core<R> {
                 request
             }
         };
+        let after = self.checks_after(b, batch);
         let own = b.st().own_versions.clone();
-        let ops = batch_ops(&batch.changes, &own);
+        let ops = batch_ops_before(&batch.changes, &own, &after);
         let quorum = self.quorum_of(&batch.volume);
         let sent = match self
             .put_contents(b, &token, &batch.changes, &referenced(&ops), quorum)
@@ -1633,7 +1634,7 @@ impl<R: Remote> Core<R> {
             Ok(()) => {}
             Err(e) if is_conflict(&e) || is_refusal(&e) => {
                 tracing::info!(error = %e, "write-back batch conflicts or is refused; sending its changes one by one");
-                self.one_by_one(b, &token, batch, &request).await?;
+                self.one_by_one(b, &token, batch, &request, &after).await?;
             }
             Err(e) => return Err(e),
         }
@@ -1856,7 +1857,7 @@ impl<R: Remote> Core<R> {
             .inflight(batch.changes.first().map_or(0, |c| split_ino(op_ino(&c.op)).0));
         let _inflight = lock.read().await;
         let done = self.commit_ops(token, &batch.volume, ops.to_vec(), request).await?;
-        self.after_commit(b, ops, &done, true);
+        self.after_commit(b, ops, &done, &self.late_checks(b, batch, ops));
         Ok(())
     }
 
@@ -1946,16 +1947,90 @@ impl<R: Remote> Core<R> {
             .map_or(crate::policy::DEFAULT_WRITE_QUORUM, |a| a.write_quorum)
     }
 
+    /// The versions changes outside `batch` will check of the nodes it chmods, links or renames
+    /// (see [`batch_ops_before`]): the first change queued behind the batch that checks the
+    /// node, else the version the file was opened at if it is open for writing here. (A file
+    /// opened after this is read expects the version it saw at its open; only someone else's
+    /// commit landing between that open and this batch's commit can go unnoticed.)
+    fn checks_after(&self, b: &WriteBack, batch: &Batch) -> HashMap<u64, u64> {
+        let targets = batch.changes.iter().filter_map(|c| unchecked_target(&c.op)).collect();
+        self.checks_of(b, batch, &targets)
+    }
+
+    /// [`Core::checks_after`] for the nodes `targets`.
+    fn checks_of(&self, b: &WriteBack, batch: &Batch, targets: &HashSet<u64>) -> HashMap<u64, u64> {
+        if targets.is_empty() {
+            return HashMap::new();
+        }
+        // Open files first: their locks are never held with the state's.
+        let mut after: HashMap<u64, u64> = targets
+            .iter()
+            .filter_map(|ino| Some((*ino, self.writes.open_base(*ino)?)))
+            .collect();
+        let in_batch: HashSet<u64> = batch.changes.iter().map(|c| c.seq).collect();
+        let mut queued: HashSet<u64> = HashSet::new();
+        let st = b.st();
+        for c in st.queue.iter().filter(|c| !in_batch.contains(&c.seq)) {
+            let Some((ino, seen)) = checked_by(&c.op).filter(|(i, _)| targets.contains(i)) else {
+                continue;
+            };
+            // The first queued change of the node is the one that checks it (and comes before
+            // the open file's close).
+            if queued.insert(ino) {
+                match seen {
+                    Some(v) => after.insert(ino, v),
+                    None => after.remove(&ino),
+                };
+            }
+            if queued.len() == targets.len() {
+                break;
+            }
+        }
+        after
+    }
+
+    /// Nodes `ops` (committed for `batch`) chmodded, linked or renamed whose commit's version
+    /// cannot be taken for this mount's own (see [`Core::after_commit`]): a later change of the
+    /// node (a file open for writing here, or a change logged behind the batch, perhaps begun
+    /// after the batch was built) would have expected a version other than the one the commit
+    /// checked, or the commit checked none. Another node's commit may then have come between
+    /// the version that change saw and this commit, and the change, expecting this commit's
+    /// version, would replace it unchecked. It conflicts instead, if need be with this mount's
+    /// own commit (both versions are kept either way).
+    fn late_checks(&self, b: &WriteBack, batch: &Batch, ops: &[Op]) -> HashSet<u64> {
+        let pending = self.checks_of(b, batch, &targets_of(ops));
+        if pending.is_empty() {
+            return HashSet::new();
+        }
+        let checked: HashMap<u64, u64> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::ExpectNode { ino, version } => Some((*ino, *version)),
+                _ => None,
+            })
+            .collect();
+        let st = b.st();
+        pending
+            .into_iter()
+            .filter(|(ino, seen)| {
+                let expects = st.own_versions.get(ino).map_or(*seen, |o| (*o).max(*seen));
+                checked.get(ino) != Some(&expects)
+            })
+            .map(|(ino, _)| ino)
+            .collect()
+    }
+
     /// What a committed batch changes here: the version is our own, cached listings gain the
     /// new names, and attributes of what it touched are read again when next needed.
     ///
-    /// `trusted: false`: the commit is a chmod, link or rename sent without the check of its
-    /// node that a later change of the batch makes, because that check failed (see
-    /// `one_by_one`): another node's content came between the version this mount saw and this
-    /// commit. The commit's version then stands for content this mount never saw, and the
-    /// later change, expecting it, would replace that content unchecked. So the node keeps
-    /// the version it had here, and the later change conflicts (both versions are kept).
-    fn after_commit(&self, b: &WriteBack, ops: &[Op], done: &crate::core::types::Committed, trusted: bool) {
+    /// `distrust`: nodes whose chmod, link or rename in `ops` went without the check a later
+    /// change of them makes, because that check failed (see `one_by_one`) or the later change
+    /// began after the batch was built ([`Core::late_checks`]). Another node's content may
+    /// have come between the version this mount saw and this commit; the commit's version
+    /// then stands for content this mount never saw, and the later change, expecting it,
+    /// would replace that content unchecked. So the node keeps the version it had here, and
+    /// the later change conflicts (both versions are kept).
+    fn after_commit(&self, b: &WriteBack, ops: &[Op], done: &crate::core::types::Committed, distrust: &HashSet<u64>) {
         let version = done.version;
         self.own_commit(version);
         let mut inos = Vec::new();
@@ -1967,14 +2042,14 @@ impl<R: Remote> Core<R> {
                     Op::Create { ino: Some(i), .. } | Op::SetContent { ino: i, .. } => {
                         st.own_versions.insert(*i, version);
                     }
-                    Op::SetAttr { ino: i, .. } | Op::Link { ino: i, .. } if trusted => {
+                    Op::SetAttr { ino: i, .. } | Op::Link { ino: i, .. } if !distrust.contains(i) => {
                         st.own_versions.insert(*i, version);
                     }
                     // A node that keeps other names after a remove, and a moved node, changed.
                     Op::Remove { seen: Some(s), .. } => {
                         st.own_versions.insert(s.ino, version);
                     }
-                    Op::Rename { seen: Some(s), .. } if trusted => {
+                    Op::Rename { seen: Some(s), .. } if !distrust.contains(&s.ino) => {
                         st.own_versions.insert(s.ino, version);
                     }
                     _ => {}
@@ -2065,7 +2140,14 @@ impl<R: Remote> Core<R> {
 
     /// A batch that conflicts: each change alone (with ids derived from the batch's, so a replay
     /// repeats none), conflicting ones kept under a sibling name.
-    async fn one_by_one(&self, b: &WriteBack, token: &str, batch: &Batch, request: &RequestId) -> Result<(), FsError> {
+    async fn one_by_one(
+        &self,
+        b: &WriteBack,
+        token: &str,
+        batch: &Batch,
+        request: &RequestId,
+        after: &HashMap<u64, u64>,
+    ) -> Result<(), FsError> {
         let quorum = self.quorum_of(&batch.volume);
         let mut merged_away: HashSet<usize> = HashSet::new();
         for (i, c) in batch.changes.iter().enumerate() {
@@ -2101,11 +2183,12 @@ impl<R: Remote> Core<R> {
                 }
                 Err(e) => return Err(e),
             }
-            // A chmod, link or rename of a node a later change of the batch checks carries that
-            // check (see `batch.rs`). Refused, it goes without it, and the node keeps the
-            // version it had here, so the later change conflicts as in the batch.
-            let mut trusted = true;
-            let r = match later_check(&batch.changes[i + 1..], &c.op, &own) {
+            // A chmod, link or rename of a node a later change checks (in the batch, queued
+            // behind it, or an open file's content) carries that check (see `batch.rs`).
+            // Refused, it goes without it, and the node keeps the version it had here, so the
+            // later change conflicts as in the batch.
+            let mut distrust = HashSet::new();
+            let r = match later_check(&batch.changes[i + 1..], &c.op, &own, after) {
                 None => {
                     self.commit_ops(token, &batch.volume, ops.clone(), sub_request(request, i))
                         .await
@@ -2117,11 +2200,11 @@ impl<R: Remote> Core<R> {
                         .await
                     {
                         Ok(done) => {
-                            self.after_commit(b, &guarded, &done, true);
+                            self.after_commit(b, &guarded, &done, &self.late_checks(b, batch, &guarded));
                             continue;
                         }
                         Err(e) if is_conflict(&e) => {
-                            trusted = false;
+                            distrust = targets_of(&ops);
                             let again = sub_request(request, i + 2 * batch.changes.len());
                             self.commit_ops(token, &batch.volume, ops.clone(), again).await
                         }
@@ -2130,7 +2213,12 @@ impl<R: Remote> Core<R> {
                 }
             };
             match r {
-                Ok(done) => self.after_commit(b, &ops, &done, trusted),
+                Ok(done) => {
+                    if distrust.is_empty() {
+                        distrust = self.late_checks(b, batch, &ops);
+                    }
+                    self.after_commit(b, &ops, &done, &distrust)
+                }
                 Err(e) if is_conflict(&e) => {
                     self.keep_conflict(b, token, c, &e, sub_request(request, i + batch.changes.len()))
                         .await?
@@ -2281,7 +2369,7 @@ impl<R: Remote> Core<R> {
                 .await;
             match r {
                 Ok(done) => {
-                    self.after_commit(b, &[op], &done, true);
+                    self.after_commit(b, &[op], &done, &HashSet::new());
                     return Ok(());
                 }
                 Err(FsError::Exists) => continue,
@@ -2624,19 +2712,40 @@ fn listing_patches(op: &Op, made: Option<u64>, patches: &mut Vec<DirPatch>, unkn
     }
 }
 
-/// The check a chmod, link or rename `op` of a node the servers have carries when sent alone:
-/// the one the first later change of the node in `later` makes (new content, or a remove).
-fn later_check(later: &[Change], op: &Op, own: &HashMap<u64, u64>) -> Option<Op> {
-    let ino = match op {
-        Op::SetAttr { ino, .. } | Op::Link { ino, .. } => *ino,
-        Op::Rename { seen: Some(s), .. } if s.kind != NodeKind::Dir => s.ino,
-        _ => return None,
-    };
-    let seen = later.iter().find_map(|c| match &c.op {
-        Op::SetContent { ino: i, expect, .. } if *i == ino => Some(*expect),
-        Op::Remove { seen: Some(s), .. } if s.ino == ino => Some(Some(s.version)),
+/// The node a chmod, link or rename changes without checking its version (none for other
+/// changes, and for a directory's rename: a directory's version moves with its entries).
+fn unchecked_target(op: &Op) -> Option<u64> {
+    match op {
+        Op::SetAttr { ino, .. } | Op::Link { ino, .. } => Some(*ino),
+        Op::Rename { seen: Some(s), .. } if s.kind != NodeKind::Dir => Some(s.ino),
         _ => None,
-    })?;
+    }
+}
+
+/// The nodes `ops` chmod, link or rename without checking their version.
+fn targets_of(ops: &[Op]) -> HashSet<u64> {
+    ops.iter().filter_map(unchecked_target).collect()
+}
+
+/// The node a change checks and the version it saw (`None`: unknown), if it checks one: new
+/// content, or the remove of a node other than a directory.
+fn checked_by(op: &Op) -> Option<(u64, Option<u64>)> {
+    match op {
+        Op::SetContent { ino, expect, .. } => Some((*ino, *expect)),
+        Op::Remove { seen: Some(s), .. } if s.kind != NodeKind::Dir => Some((s.ino, Some(s.version))),
+        _ => None,
+    }
+}
+
+/// The check a chmod, link or rename `op` of a node the servers have carries when sent alone:
+/// the one the first later change of the node in `later` makes, else the one a change outside
+/// the batch makes (`after`, see [`Core::checks_after`]).
+fn later_check(later: &[Change], op: &Op, own: &HashMap<u64, u64>, after: &HashMap<u64, u64>) -> Option<Op> {
+    let ino = unchecked_target(op)?;
+    let seen = later
+        .iter()
+        .find_map(|c| checked_by(&c.op).filter(|(i, _)| *i == ino).map(|(_, v)| v))
+        .or_else(|| after.get(&ino).map(|v| Some(*v)))?;
     let version = super::batch::newest(own.get(&ino).copied(), seen)?;
     Some(Op::ExpectNode { ino, version })
 }

@@ -36,6 +36,17 @@ pub(super) fn newest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 /// The operations of one commit for `changes` (see the module doc); `own` holds the version of
 /// each node after this mount's last commit touching it.
 pub(super) fn batch_ops(changes: &[Change], own: &HashMap<u64, u64>) -> Vec<Op> {
+    batch_ops_before(changes, own, &HashMap::new())
+}
+
+/// [`batch_ops`] for a batch that later changes follow: `after` holds, per node, the version a
+/// change outside the batch will check (a change queued behind it, or the content of a file
+/// open for writing here, which expects the version it was opened at). A chmod, link or rename
+/// the batch sends with no check of its own is guarded with that version, as one a later
+/// change in the batch checks would be. Otherwise the batch would move the node's version
+/// before anything checked it, and the later change, taking that version for this mount's own,
+/// would overwrite another client's newer content silently.
+pub(super) fn batch_ops_before(changes: &[Change], own: &HashMap<u64, u64>, after: &HashMap<u64, u64>) -> Vec<Op> {
     let mut b = Builder {
         own,
         ops: Vec::with_capacity(changes.len()),
@@ -51,6 +62,12 @@ pub(super) fn batch_ops(changes: &[Change], own: &HashMap<u64, u64>) -> Vec<Op> 
         b.add(&c.op);
     }
     let mut guards = b.guards;
+    for (ino, at) in b.unchecked {
+        if let Some(seen) = after.get(&ino) {
+            let version = own.get(&ino).map_or(*seen, |o| (*o).max(*seen));
+            guards.insert(at, Op::ExpectNode { ino, version });
+        }
+    }
     b.ops
         .into_iter()
         .enumerate()
@@ -598,6 +615,43 @@ pub(super) mod tests {
         assert_eq!(
             names(&batch_ops(&changes, &HashMap::new())),
             ["attr 50", "create new", "attr 60", "attr 70", "content 70 None"]
+        );
+    }
+
+    #[test]
+    fn a_chmod_that_a_change_outside_the_batch_will_check_carries_that_check() {
+        // Node 20 is open for writing (opened at version 7), node 30 has a content queued
+        // behind the batch (seen at 4, this mount's own commit since gave it 6); node 40 is not
+        // named outside; node 50's chmod follows its content in the batch, which checks it.
+        let changes = vec![
+            change(1, attr(20)),
+            change(2, rename("a", "b", seen(30, 4), None)),
+            change(3, attr(40)),
+            change(4, content(50, b"x", Some(2))),
+            change(5, attr(50)),
+            change(6, create(60, "new")),
+            change(7, attr(60)),
+        ];
+        let after = HashMap::from([(20, 7), (30, 4), (50, 9), (60, 1)]);
+        assert_eq!(
+            names(&batch_ops_before(&changes, &HashMap::from([(30, 6)]), &after)),
+            [
+                "check 20 7",
+                "attr 20",
+                "expect b 0",
+                "check 30 6",
+                "rename a b",
+                "attr 40",
+                "content 50 Some(2)",
+                "attr 50",
+                "create new",
+                "attr 60"
+            ]
+        );
+        // Nothing outside: no check.
+        assert_eq!(
+            names(&batch_ops_before(&changes[..1], &HashMap::new(), &HashMap::new())),
+            ["attr 20"]
         );
     }
 }

@@ -72,6 +72,12 @@ pub struct ServerArgs {
     /// bound such writes fail. Saved in server.toml.
     #[arg(long, value_name = "SIZE", value_parser = crate::mount::parse_size)]
     spool_max: Option<u64>,
+    /// Most request bytes this server holds before its handlers take them (e.g. 1G, the
+    /// default): messages still arriving, which tonic reads whole before any token is checked.
+    /// Any one remote address may hold half of it; a request past either bound fails with
+    /// RESOURCE_EXHAUSTED. Saved in server.toml.
+    #[arg(long, value_name = "SIZE", value_parser = crate::mount::parse_size, help_heading = "Tuning")]
+    request_buffer_max: Option<u64>,
     /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9401; `off` to
     /// stop. Plain HTTP without authentication: bind it to loopback or a management network.
     /// Saved in server.toml. See docs/METRICS.md.
@@ -447,6 +453,9 @@ pub async fn server(a: ServerArgs) -> Result<()> {
     }
     if let Some(v) = a.spool_max {
         cfg.spool_max_bytes = Some(v);
+    }
+    if let Some(v) = a.request_buffer_max {
+        cfg.request_buffer_bytes = Some(v);
     }
     match a.min_free {
         Some(MinFree::Auto) => cfg.min_free_bytes = None,

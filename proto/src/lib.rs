@@ -25,6 +25,9 @@ pub mod limits {
     pub const MAX_SMALL_GET_BYTES: usize = 4 << 20;
     /// Largest metadata message (a commit batch, a directory page): 64 MiB.
     pub const MAX_MESSAGE: usize = 64 << 20;
+    /// Largest request to the `Meta` and `Admin` services (names, paths and settings): what a
+    /// server reads of one before its handler checks the caller.
+    pub const MAX_SMALL_REQUEST: usize = 1 << 20;
     /// Largest Raft message: a batch of log entries or a snapshot chunk.
     pub const MAX_RAFT_MESSAGE: usize = 256 << 20;
     /// Entries in one directory page when the client does not say.

@@ -70,6 +70,11 @@ pub struct ServerConfig {
     /// [`DEFAULT_SPOOL_MAX`] (and not written, so older builds still read the file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spool_max_bytes: Option<u64>,
+    /// Most request bytes held before their handlers take them, half of it for any one remote
+    /// address (see `body_budget`). Unset = [`crate::body_budget::DEFAULT_BUDGET`] (and not
+    /// written, so older builds still read the file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_buffer_bytes: Option<u64>,
 }
 
 /// A witness's spool bound when server.toml sets none.
@@ -124,6 +129,7 @@ impl ServerConfig {
             gc_pressure_grace_s: d_gc_pressure_grace(),
             metrics_listen: None,
             spool_max_bytes: None,
+            request_buffer_bytes: None,
         }
     }
 

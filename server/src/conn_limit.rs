@@ -1,8 +1,8 @@
 //! A bound on open client connections, in all and per remote address.
 //!
-//! Each HTTP/2 connection may buffer up to its flow-control window and carry up to
-//! [`crate::MAX_STREAMS_PER_CONNECTION`] requests, so the number of connections is what bounds
-//! a server's memory and tasks against a caller who simply opens more of them. A connection
+//! Each HTTP/2 connection carries up to [`crate::MAX_STREAMS_PER_CONNECTION`] requests, so the
+//! number of connections bounds a server's tasks against a caller who simply opens more of
+//! them (the bytes their requests hold are bounded by [`crate::body_budget`]). A connection
 //! over either limit is closed at once (the kernel's accept backlog is not left to fill up);
 //! one from an address that is under its share still gets in, so servers reaching each other
 //! are not locked out by a flood from elsewhere.

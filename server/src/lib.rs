@@ -7,6 +7,7 @@
 pub mod access;
 pub mod auth;
 pub mod blobs;
+pub mod body_budget;
 pub mod changes;
 pub mod config;
 pub mod conn_limit;
@@ -32,7 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use codafs_common::join::JoinToken;
-use codafs_proto::limits::{MAX_MESSAGE, MAX_RAFT_MESSAGE};
+use codafs_proto::limits::{MAX_MESSAGE, MAX_RAFT_MESSAGE, MAX_SMALL_REQUEST};
 use codafs_proto::pb;
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -363,9 +364,12 @@ async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .layer(rpc_timing)
+        .layer(body_budget::BudgetLayer(body_budget::Budget::new(
+            node.cfg.request_buffer_bytes.unwrap_or(body_budget::DEFAULT_BUDGET),
+        )))
         .add_service(
             pb::meta_server::MetaServer::new(MetaService(node.clone()))
-                .max_decoding_message_size(MAX_MESSAGE)
+                .max_decoding_message_size(MAX_SMALL_REQUEST)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .add_service(
@@ -387,7 +391,7 @@ async fn serve(
         ))
         .add_service(
             pb::admin_server::AdminServer::new(AdminService(node.clone()))
-                .max_decoding_message_size(MAX_MESSAGE)
+                .max_decoding_message_size(MAX_SMALL_REQUEST)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .serve_with_incoming_shutdown(incoming, async move {

@@ -329,3 +329,73 @@ async fn a_plaintext_client_against_a_tls_server_fails_clearly() {
     })
     .await
 }
+
+/// Anyone who can reach a server can open HTTP/2 streams whose messages never finish: tonic
+/// reads a whole message before the handler (and its token check) runs, so each stream held
+/// what it had received, up to the service's message limit, 256 streams per connection. A
+/// server now holds at most its request budget (`--request-buffer-max`, half per address):
+/// past it, a stream fails with `RESOURCE_EXHAUSTED`, and the memory is not taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unfinished_request_messages_are_held_within_the_servers_budget() {
+    bounded(async {
+        let opts = ClusterOpts::new(2, 0).insecure().arg("--request-buffer-max", "64M");
+        let tc = TestCluster::start(opts).await?;
+        tc.create_volume("www", 2).await?;
+        let addr = tc.servers[1].addr.clone();
+        let pid = tc.servers[1].pid().context("the probed server's pid")?;
+        let tcp = tokio::net::TcpStream::connect(&addr).await?;
+        let (client, conn) = h2::client::handshake(tcp).await?;
+        let driver = tokio::spawn(conn);
+        // 32 anonymous blob batches, each declaring a 16 MiB message and sending 4 MiB of it:
+        // 128 MiB held without the budget, at most 32 MiB (this address's half) with it.
+        const STREAMS: usize = 32;
+        let (held, grew) = peak_growth(pid, async {
+            let mut answers = futures::stream::FuturesUnordered::new();
+            let mut open = Vec::new();
+            let mut client = client.clone();
+            for _ in 0..STREAMS {
+                client = client.ready().await?;
+                let req = http::Request::post(format!("http://{addr}/codafs.v1.Blobs/PutSmall"))
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(())?;
+                let (answer, mut send) = client.send_request(req, false)?;
+                let mut data = vec![0u8; 5 + (4 << 20)];
+                data[1..5].copy_from_slice(&(16u32 << 20).to_be_bytes());
+                send.send_data(bytes::Bytes::from(data), false)?;
+                answers.push(answer);
+                open.push(send);
+            }
+            // Refused streams answer at once; the others wait for the rest of their message
+            // (so answers stop coming: 3 s without one ends the wait).
+            let mut refused = 0;
+            let wait = Duration::from_secs(3);
+            while let Ok(Some(answer)) = tokio::time::timeout(wait, futures::StreamExt::next(&mut answers)).await {
+                let answer: http::Response<h2::RecvStream> = answer?;
+                let status = answer.headers().get("grpc-status").map(|v| v.as_bytes().to_vec());
+                anyhow::ensure!(
+                    status.as_deref() == Some(b"8"),
+                    "an answer other than RESOURCE_EXHAUSTED: {status:?}"
+                );
+                refused += 1;
+            }
+            Ok::<_, anyhow::Error>((refused, open))
+        })
+        .await?;
+        let (refused, _open) = held?;
+        assert!(
+            refused >= STREAMS - 8,
+            "{refused} of {STREAMS} streams refused: the server held more than its budget"
+        );
+        assert!(
+            grew < 64 << 10,
+            "the server's peak memory grew by {grew} KiB for 32 unfinished 4 MiB messages"
+        );
+        driver.abort();
+        // With the connection gone, the budget is free again: writes work.
+        let writer = tc.client();
+        TestCluster::write_file(&writer, "www", "", "after.html", b"still fine").await?;
+        Ok(())
+    })
+    .await
+}

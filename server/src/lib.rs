@@ -252,6 +252,7 @@ pub async fn run(
         subscribers: Default::default(),
         spool: blobs::handoff::SpoolBudget::new(cfg.spool_max()),
         witness: std::sync::atomic::AtomicBool::new(cfg.witness),
+        commit_locks: Default::default(),
     });
     // Off the async workers: one argon2 hash.
     tokio::task::spawn_blocking(auth::prepare);

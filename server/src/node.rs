@@ -98,9 +98,27 @@ pub struct Node {
     /// Whether this server is a witness now: `cfg.witness` at start, then what the membership
     /// says (`role::watch`; `codafs cluster role` switches it).
     pub witness: std::sync::atomic::AtomicBool,
+    /// Per volume: commits that the leader checks against the state before proposing them
+    /// (recursive removes, and commits whose apply could read more than `fsm::cost` allows)
+    /// hold it alone from their check to their apply, others shared (see [`Node::commit_lock`]).
+    pub commit_locks: CommitLocks,
 }
 
+/// Per-volume locks of [`Node::commit_lock`].
+#[derive(Default)]
+pub struct CommitLocks(std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::RwLock<()>>>>);
+
 impl Node {
+    /// The commit lock of `volume` (an existing volume: the map holds one entry per volume
+    /// ever committed to on this server while it ran). A commit the leader checks against its
+    /// state holds it exclusively from the check until its apply, so no commit of the volume
+    /// proposed meanwhile can change what was checked; other commits hold it shared until
+    /// theirs, so the check also waits for those in flight.
+    pub fn commit_lock(&self, volume: &str) -> Arc<tokio::sync::RwLock<()>> {
+        let mut m = self.commit_locks.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(volume.to_string()).or_default().clone()
+    }
+
     /// A copy was found corrupt (and quarantined): repair checks everything now. Which file
     /// a quarantined chunk belongs to is not known here, and corruption is rare.
     pub fn repair_now(&self) {

@@ -365,3 +365,76 @@ async fn a_recursive_remove_of_a_huge_tree_is_refused_and_goes_in_parts() {
     })
     .await
 }
+
+/// A directory rename walks up from its destination to the volume root when applied, so a
+/// commit of many renames into a deep tree would hold up every volume on every replica while it
+/// applies. The leader measures such a commit on a scratch copy of its state and refuses it
+/// past `fsm::cost::APPLY_READS` (4 million) records read, changing nothing; fewer of the same
+/// renames go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_too_costly_to_apply_is_refused_and_smaller_ones_go() {
+    use codafs_client::ops;
+    codafs_tests::bounded_within(Duration::from_secs(300), async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("deep", 2).await?;
+        let mut c = tc.client();
+        c.policy.call_timeout = Duration::from_secs(120);
+        // A chain of directories 1,000 deep (paths stop at 256 components: each level is
+        // created below the one before by its reserved node id), and 5,000 directories at the
+        // root.
+        let reserve = pb::Op {
+            expect_version: None,
+            op: Some(pb::op::Op::Reserve(pb::ReserveOp { count: 1000 })),
+        };
+        let first = c.commit(ops::commit("deep", vec![reserve])).await?.created[0];
+        let level = |k: u64| {
+            let mut op = ops::dir("d", 0o755);
+            if let Some(pb::op::Op::Create(create)) = &mut op.op {
+                if k > 0 {
+                    create.parent = Some(pb::NodeRef {
+                        target: Some(pb::node_ref::Target::Ino(first + k - 1)),
+                    });
+                }
+                create.ino = Some(first + k);
+            }
+            op
+        };
+        c.commit(ops::commit("deep", (0..1000).map(level).collect())).await?;
+        let beside = (0..5000).map(|i| ops::dir(&format!("m{i}"), 0o755)).collect();
+        c.commit(ops::commit("deep", beside)).await?;
+        let bottom = first + 999;
+        let into_bottom = |i: usize| pb::Op {
+            expect_version: None,
+            op: Some(pb::op::Op::Rename(pb::RenameOp {
+                from_parent: ops::at(""),
+                from_name: format!("m{i}"),
+                to_parent: Some(pb::NodeRef {
+                    target: Some(pb::node_ref::Target::Ino(bottom)),
+                }),
+                to_name: format!("m{i}"),
+            })),
+        };
+        // 5,000 renames, each walking 1,000 levels: 5 million reads.
+        let before = tc.volume_info("deep").await?.version;
+        let e = match c
+            .commit(ops::commit("deep", (0..5000).map(into_bottom).collect()))
+            .await
+        {
+            Ok(r) => anyhow::bail!("5,000 renames into the deep tree applied as version {}", r.version),
+            Err(e) => e,
+        };
+        anyhow::ensure!(e.code() == tonic::Code::InvalidArgument, "{e}");
+        anyhow::ensure!(e.to_string().contains("records when applied"), "{e}");
+        anyhow::ensure!(tc.volume_info("deep").await?.version == before, "nothing changed");
+        // 1,000 of them: measured too (their bound passes the limit), about a million reads.
+        c.commit(ops::commit("deep", (0..1000).map(into_bottom).collect()))
+            .await?;
+        let addr = tc.servers[0].addr.clone();
+        tc.caught_up(&addr).await?;
+        let gone = tc.resolve_on(&addr, "deep", "m0").await;
+        anyhow::ensure!(gone.is_err(), "m0 moved away from the root");
+        tc.resolve_on(&addr, "deep", "m1000").await?;
+        Ok(())
+    })
+    .await
+}

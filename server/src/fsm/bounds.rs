@@ -10,9 +10,10 @@
 //! The count is taken here rather than in the state machine so that the rule is no part of what
 //! every replica must decide alike (replicas of different builds apply the same log the same
 //! way). It reads the state as of the check, so a tree renamed earlier in the same commit is
-//! counted too (it may be removed under its new name). Commits applied between the check and
-//! this one's apply can grow a tree by at most what they themselves add, so the bound holds
-//! within one commit's size.
+//! counted too (it may be removed under its new name). The leader checks such a commit while
+//! it holds its volume's commit lock alone, after every earlier entry is applied, and keeps the
+//! lock until this one is applied (`Node::commit_lock`): no other commit of the volume, a
+//! rename moving a large tree under the removed directory for one, can come in between.
 use codafs_common::names::split_path;
 
 use super::{ApplyError, Kind, NodeRef, Op, OpKind, StateView, StoreError, VolumeRec};

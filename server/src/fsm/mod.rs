@@ -5,6 +5,7 @@
 //! refused command yields an empty delta, so a failed commit changes nothing. Applying is
 //! deterministic: time and identity come from the command, never from the replica.
 pub mod bounds;
+pub mod cost;
 pub mod mem;
 mod ops;
 pub mod records;

@@ -1355,3 +1355,52 @@ fn an_rmdir_counts_the_names_its_own_commit_changed() {
     commit(&mut s, 7, "alice", vec![remove("", "e", false)]).unwrap();
     assert!(lookup(&s, "d").is_none() && lookup(&s, "e").is_none());
 }
+
+/// The leader's measure of a commit's apply: directory renames into a deep tree read an
+/// ancestor walk each, counted on a scratch overlay that changes nothing; the bound from the
+/// operations alone is above what is read.
+#[test]
+fn a_commits_apply_is_measured_without_changing_anything() {
+    let mut s = setup();
+    let room = VolumeChanges {
+        quota_files: Some(0),
+        ..Default::default()
+    };
+    let set = Command::SetVolume {
+        actor: admin(),
+        name: "www".into(),
+        changes: room,
+    };
+    s.apply(2, &set).unwrap();
+    let chain: Vec<OpKind> = (0..50).map(|d| dir(&vec!["d"; d].join("/"), "d")).collect();
+    commit(&mut s, 3, "alice", chain).unwrap();
+    let beside: Vec<OpKind> = (0..20).map(|i| dir("", &format!("m{i}"))).collect();
+    commit(&mut s, 4, "alice", beside).unwrap();
+    let bottom = lookup(&s, &vec!["d"; 50].join("/")).unwrap().ino;
+    let renames = ops_of(
+        (0..20)
+            .map(|i| OpKind::Rename {
+                from_parent: NodeRef::Path(String::new()),
+                from_name: format!("m{i}"),
+                to_parent: NodeRef::Ino(bottom),
+                to_name: format!("m{i}"),
+            })
+            .collect(),
+    );
+    let cmd = Command::Commit {
+        actor: admin(),
+        volume: "www".into(),
+        ops: renames.clone(),
+        expect_volume_version: None,
+        now_ns: 50,
+        request: None,
+    };
+    // 20 walks of 50 levels: over 1,000 reads, under 2,000.
+    assert!(!cost::within(&*s, 5, &cmd, 1000).unwrap());
+    assert!(cost::within(&*s, 5, &cmd, 2000).unwrap());
+    assert!(cost::reads_bound(&renames) > 20 * MAX_DIR_DEPTH as u64);
+    assert!(lookup(&s, "m0").is_some(), "nothing was applied");
+    // Path references count their components in the bound.
+    let deep = ops_of(vec![file(&vec!["d"; 50].join("/"), "f", b"x")]);
+    assert_eq!(cost::reads_bound(&deep), 16 + 100);
+}

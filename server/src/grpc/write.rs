@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 
 use super::{convert, forward_request, is_forwarded, on_leader, status, token_of};
 use crate::fsm::bounds::CheckError;
+use crate::fsm::cost;
 use crate::fsm::{Actor, Command, Outcome, StateView};
 use crate::node::{Node, NodeError};
 
@@ -83,11 +84,15 @@ async fn commit_local(
         }
     }
     check_space(node, body)?;
-    check_remove_bound(node, &vol, &ops).await?;
     let mut blobs: Vec<_> = ops.iter().filter_map(|o| o.referenced_blob()).collect();
     blobs.sort();
     blobs.dedup();
     node.check_blob_copies(&blobs, vol.write_quorum).await?;
+    let recursive = ops
+        .iter()
+        .any(|o| matches!(o.kind, crate::fsm::OpKind::Remove { recursive: true, .. }));
+    let costly = cost::reads_bound(&ops) > cost::APPLY_READS;
+    let checked = recursive || costly;
     let cmd = Command::Commit {
         actor,
         volume: body.volume.clone(),
@@ -95,6 +100,26 @@ async fn commit_local(
         expect_volume_version: body.expect_volume_version,
         now_ns: codafs_common::now_ns(),
         request,
+    };
+    // A commit checked against the state holds its volume's lock alone until it is applied,
+    // after everything proposed before it is applied here: the apply then reads what the check
+    // read (see `fsm::bounds` and `fsm::cost`).
+    let lock = node.commit_lock(&body.volume);
+    let (_shared, _alone) = if checked {
+        let alone = lock.write_owned().await;
+        node.raft
+            .ensure_linearizable()
+            .await
+            .map_err(|e| NodeError::Unavailable(format!("waiting for earlier commits to apply: {e}")))?;
+        if recursive {
+            check_remove_bound(node, &vol, &cmd).await?;
+        }
+        if costly {
+            check_apply_cost(node, &cmd).await?;
+        }
+        (None, Some(alone))
+    } else {
+        (Some(lock.read_owned().await), None)
     };
     match node.propose(cmd).await? {
         Outcome::Committed { version, created } => Ok(pb::CommitReply { version, created }),
@@ -104,14 +129,11 @@ async fn commit_local(
 
 /// Refuses a commit whose recursive removes would delete more than [`MAX_REMOVE_NODES`] nodes
 /// (see `fsm::bounds`). The count reads up to that many records: off the async workers.
-async fn check_remove_bound(node: &Node, vol: &crate::fsm::VolumeRec, ops: &[crate::fsm::Op]) -> Result<(), NodeError> {
+async fn check_remove_bound(node: &Node, vol: &crate::fsm::VolumeRec, cmd: &Command) -> Result<(), NodeError> {
     use crate::fsm::OpKind;
-    if !ops
-        .iter()
-        .any(|o| matches!(o.kind, OpKind::Remove { recursive: true, .. }))
-    {
+    let Command::Commit { ops, .. } = cmd else {
         return Ok(());
-    }
+    };
     // Renames too: a tree renamed first may be removed under its new name.
     let counted =
         |o: &&crate::fsm::Op| matches!(o.kind, OpKind::Remove { recursive: true, .. } | OpKind::Rename { .. });
@@ -126,6 +148,25 @@ async fn check_remove_bound(node: &Node, vol: &crate::fsm::VolumeRec, ops: &[cra
         CheckError::Refused(a) => NodeError::Refused(a),
         CheckError::Store(s) => NodeError::Internal(s.to_string()),
     })
+}
+
+/// Refuses a commit whose apply would read more than [`cost::APPLY_READS`] records, found by
+/// applying it to a scratch overlay of this server's state (see `fsm::cost`). Off the async
+/// workers: it reads up to that many records.
+async fn check_apply_cost(node: &Node, cmd: &Command) -> Result<(), NodeError> {
+    let (tables, cmd, index) = (node.tables().clone(), cmd.clone(), node.applied_index() + 1);
+    let within = tokio::task::spawn_blocking(move || cost::within(&tables, index, &cmd, cost::APPLY_READS))
+        .await
+        .map_err(|e| NodeError::Internal(format!("measuring a commit's apply: {e}")))?
+        .map_err(|e| NodeError::Internal(e.to_string()))?;
+    if within {
+        return Ok(());
+    }
+    Err(NodeError::Refused(crate::fsm::ApplyError::Invalid(format!(
+        "this commit would read more than {} records when applied (each directory rename walks up to \
+         the volume root, each path its components): send it as several smaller commits",
+        cost::APPLY_READS
+    ))))
 }
 
 /// Refuses a commit that adds data while this server's disk is below its free-space watermark

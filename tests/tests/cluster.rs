@@ -438,3 +438,32 @@ async fn a_commit_too_costly_to_apply_is_refused_and_smaller_ones_go() {
     })
     .await
 }
+
+/// Node ids set aside by `Reserve` are never given back: a commit of many reservations could
+/// use up a volume's ids in a few dozen commits, after which nothing could be created in it.
+/// One commit reserves at most `MAX_RESERVE` (65,536) ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_reserves_at_most_one_batch_of_node_ids() {
+    use codafs_client::ops;
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 0)).await?;
+        tc.create_volume("www", 2).await?;
+        let c = tc.client();
+        let reserve = |count| pb::Op {
+            expect_version: None,
+            op: Some(pb::op::Op::Reserve(pb::ReserveOp { count })),
+        };
+        let before = tc.volume_info("www").await?.version;
+        let e = match c.commit(ops::commit("www", vec![reserve(65_536), reserve(1)])).await {
+            Ok(r) => anyhow::bail!("65,537 ids reserved in one commit (version {})", r.version),
+            Err(e) => e,
+        };
+        anyhow::ensure!(e.code() == tonic::Code::InvalidArgument, "{e}");
+        anyhow::ensure!(e.to_string().contains("65537 node ids reserved in one commit"), "{e}");
+        anyhow::ensure!(tc.volume_info("www").await?.version == before, "nothing committed");
+        let r = c.commit(ops::commit("www", vec![reserve(65_536)])).await?;
+        anyhow::ensure!(r.created.first().is_some_and(|f| *f > 0), "{:?}", r.created.first());
+        Ok(())
+    })
+    .await
+}

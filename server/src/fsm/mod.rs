@@ -8,6 +8,7 @@ pub mod bounds;
 pub mod cost;
 pub mod mem;
 mod ops;
+pub use ops::MAX_RESERVE;
 pub mod records;
 
 use std::collections::{BTreeMap, BTreeSet};

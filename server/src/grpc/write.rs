@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use super::{convert, forward_request, is_forwarded, on_leader, status, token_of};
 use crate::fsm::bounds::CheckError;
 use crate::fsm::cost;
-use crate::fsm::{Actor, Command, Outcome, StateView};
+use crate::fsm::{Actor, Command, Outcome, StateView, MAX_RESERVE};
 use crate::node::{Node, NodeError};
 
 pub struct WriteService(pub Arc<Node>);
@@ -42,6 +42,21 @@ async fn commit_local(
         return Err(NodeError::Invalid(format!(
             "{} operations in one commit; the limit is {MAX_COMMIT_OPS}",
             body.ops.len()
+        )));
+    }
+    // Each Reserve may set aside up to MAX_RESERVE node ids; many in one commit would use up a
+    // volume's 2^40 ids in a few dozen commits, after which nothing could be created in it.
+    let reserved: u64 = body
+        .ops
+        .iter()
+        .filter_map(|o| match &o.op {
+            Some(pb::op::Op::Reserve(r)) => Some(u64::from(r.count)),
+            _ => None,
+        })
+        .sum();
+    if reserved > u64::from(MAX_RESERVE) {
+        return Err(NodeError::Invalid(format!(
+            "{reserved} node ids reserved in one commit; the limit is {MAX_RESERVE}"
         )));
     }
     let ops = body

@@ -390,6 +390,9 @@ pub fn print_mount_status(mnt: &Path, json: bool) -> Result<()> {
                 if let Some(r) = &b.last_refused {
                     println!("       last refused: {r}");
                 }
+                if let Some(d) = &b.damaged {
+                    println!("       DAMAGED LOG: {d}");
+                }
                 if !b.ids_reserved.is_empty() {
                     let ids: Vec<String> = b.ids_reserved.iter().map(|(v, n)| format!("{v} {n}")).collect();
                     println!(

@@ -227,6 +227,18 @@ pub struct Replay {
     pub records: Vec<Record>,
     /// Bytes of a torn record cut off the end.
     pub torn: u64,
+    /// Damaged stretches skipped (records after them were read), each set aside in
+    /// `lost+found`: what the operator is told about.
+    pub damaged: Vec<Damage>,
+}
+
+/// A stretch of a segment whose records could not be read, with where its bytes were kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    pub segment: PathBuf,
+    pub offset: u64,
+    pub bytes: u64,
+    pub kept: PathBuf,
 }
 
 struct Segment {
@@ -284,6 +296,63 @@ fn sync_dir(dir: &Path) -> Result<(), LogError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
+/// Writes a new file in `DIR/lost+found` under `name` or the first free `name.N`, and makes it
+/// and its name durable.
+fn set_aside_in(
+    log_dir: &Path,
+    name: &str,
+    fill: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<PathBuf, LogError> {
+    let dir = log_dir.join("lost+found");
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let mut made = None;
+    for n in 0..10_000u32 {
+        let path = if n == 0 {
+            dir.join(name)
+        } else {
+            dir.join(format!("{name}.{n}"))
+        };
+        match OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(f) => {
+                made = Some((path, f));
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(LogError::Io(path, e)),
+        }
+    }
+    let (path, mut f) =
+        made.ok_or_else(|| LogError::Corrupt(dir.clone(), format!("10,000 files named {name} are set aside already")))?;
+    fill(&mut f).and_then(|()| f.sync_all()).map_err(io(&path))?;
+    sync_dir(&dir)?;
+    Ok(path)
+}
+
+/// Keeps `bytes` bytes of segment `path` (number `id`) from `offset` in `lost+found`, once:
+/// a later replay finds the same damage and the copy already made.
+fn keep_damaged(dir: &Path, path: &Path, id: u64, offset: u64, bytes: u64) -> Result<Damage, LogError> {
+    let name = format!("damaged-{}-at-{offset}", seg_name(id));
+    let kept = dir.join("lost+found").join(&name);
+    if !kept.exists() {
+        let mut src = File::open(path).map_err(io(path))?;
+        std::io::Seek::seek(&mut src, std::io::SeekFrom::Start(offset)).map_err(io(path))?;
+        set_aside_in(dir, &name, |f| std::io::copy(&mut src.take(bytes), f).map(drop))?;
+        tracing::error!(
+            segment = %path.display(),
+            offset,
+            bytes,
+            kept = %kept.display(),
+            "the write-back log has damaged bytes: the changes in them are lost, the bytes are kept"
+        );
+    }
+    Ok(Damage {
+        segment: path.to_path_buf(),
+        offset,
+        bytes,
+        kept,
+    })
+}
+
 fn seg_name(id: u64) -> String {
     format!("seg-{id:010}")
 }
@@ -303,13 +372,22 @@ impl Log {
         let last_id = ids.last().copied();
         for id in ids {
             let path = dir.join(seg_name(id));
-            let (records, good, torn) = read_segment(&path)?;
-            let records: Vec<Record> = records.into_iter().map(|(at, r)| r.in_memory(id, at)).collect();
-            if torn > 0 {
-                if Some(id) != last_id {
-                    return Err(LogError::Corrupt(path, format!("a bad record at byte {good}")));
-                }
+            let read = read_segment(&path)?;
+            let records: Vec<Record> = read.records.into_iter().map(|(at, r)| r.in_memory(id, at)).collect();
+            let (good, torn) = (read.good, read.torn);
+            // Damage with readable records after it is no torn append: those records were
+            // acknowledged, so they are replayed, and the unreadable bytes are kept aside.
+            for (offset, bytes) in read.damaged {
+                replay.damaged.push(keep_damaged(dir, &path, id, offset, bytes)?);
+            }
+            if torn > 0 && Some(id) != last_id {
+                // An older segment ended before the next was started: its end is damage too.
+                replay.damaged.push(keep_damaged(dir, &path, id, good, torn)?);
+            } else if torn > 0 {
                 tracing::warn!(segment = %path.display(), bytes = torn, "cut a torn record off the write-back log");
+                // A torn append was never acknowledged; a damaged last record was. Which it was
+                // cannot be told, so the bytes are kept before they are cut.
+                keep_damaged(dir, &path, id, good, torn)?;
                 let f = OpenOptions::new().write(true).open(&path).map_err(io(&path))?;
                 f.set_len(good).map_err(io(&path))?;
                 f.sync_all().map_err(io(&path))?;
@@ -633,30 +711,7 @@ impl Log {
     /// Writes a new file in `lost+found` under `name` or the first free `name.N`, and makes it
     /// and its name durable.
     fn set_aside(&self, name: &str, fill: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<PathBuf, LogError> {
-        let dir = self.dir.join("lost+found");
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let mut made = None;
-        for n in 0..10_000u32 {
-            let path = if n == 0 {
-                dir.join(name)
-            } else {
-                dir.join(format!("{name}.{n}"))
-            };
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(f) => {
-                    made = Some((path, f));
-                    break;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(LogError::Io(path, e)),
-            }
-        }
-        let (path, mut f) = made.ok_or_else(|| {
-            LogError::Corrupt(dir.clone(), format!("10,000 files named {name} are set aside already"))
-        })?;
-        fill(&mut f).and_then(|()| f.sync_all()).map_err(io(&path))?;
-        sync_dir(&dir)?;
-        Ok(path)
+        set_aside_in(&self.dir, name, fill)
     }
 
     /// Deletes data files no change in `keep` names (leftovers of changes settled just before a
@@ -774,11 +829,25 @@ fn segment_file(path: &Path) -> std::io::Result<File> {
     Ok(f)
 }
 
-/// What [`read_segment`] found: records with their offsets, the length of the good prefix, and
-/// the bytes after it that are not the zeroed rest (a torn record).
-type SegmentRead = (Vec<(u64, Record)>, u64, u64);
+/// What [`read_segment`] found.
+struct SegmentRead {
+    /// Records with their offsets.
+    records: Vec<(u64, Record)>,
+    /// Where the last readable record ends.
+    good: u64,
+    /// Bytes after `good` that are not the zeroed rest (a torn or damaged end).
+    torn: u64,
+    /// Unreadable stretches with readable records after them: (offset, length).
+    damaged: Vec<(u64, u64)>,
+}
 
-/// Reads one segment.
+/// Bytes a search for the record after a damaged one may hash, in all (a segment is 16 MiB).
+const RESYNC_HASHED: usize = 64 << 20;
+
+/// Reads one segment. Past an unreadable record, reading goes on at the next readable one: the
+/// one its length field points at if that is readable, else the first offset after it where a
+/// whole record checks out (its length fits, its 8-byte hash matches, it decodes), a search
+/// that hashes at most [`RESYNC_HASHED`] bytes.
 fn read_segment(path: &Path) -> Result<SegmentRead, LogError> {
     let mut buf = Vec::new();
     File::open(path)
@@ -786,7 +855,12 @@ fn read_segment(path: &Path) -> Result<SegmentRead, LogError> {
         .map_err(io(path))?;
     if buf.len() < MAGIC.len() {
         // Created but its magic never reached the disk: an empty segment.
-        return Ok((Vec::new(), 0, buf.len() as u64));
+        return Ok(SegmentRead {
+            records: Vec::new(),
+            good: 0,
+            torn: buf.len() as u64,
+            damaged: Vec::new(),
+        });
     }
     if !READS.contains(&&buf[..MAGIC.len()]) {
         let why = if buf.starts_with(b"codafs write-back log v") {
@@ -799,32 +873,66 @@ fn read_segment(path: &Path) -> Result<SegmentRead, LogError> {
         return Err(LogError::Corrupt(path.to_path_buf(), why.into()));
     }
     let mut records = Vec::new();
+    let mut damaged = Vec::new();
     let mut at = MAGIC.len();
-    while let Some(head) = buf.get(at..at + 12) {
-        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-        if len > MAX_RECORD {
-            break;
+    let mut good = at;
+    let mut hashed = 0usize;
+    while at + 12 <= buf.len() {
+        if let Some((rec, end)) = record_at(&buf, at, &mut hashed) {
+            records.push((at as u64, rec));
+            at = end;
+            good = at;
+            continue;
         }
-        let Some(payload) = buf.get(at + 12..at + 12 + len as usize) else {
+        let Some(next) = next_record(&buf, at, &mut hashed) else {
             break;
         };
-        if blake3::hash(payload).as_bytes()[..8] != head[4..12] {
-            break;
-        }
-        let Ok(rec) = bincode::deserialize::<Record>(payload) else {
-            break;
-        };
-        records.push((at as u64, rec));
-        at += 12 + len as usize;
+        damaged.push((at as u64, (next - at) as u64));
+        at = next;
     }
     // The unused, zeroed rest of a preallocated segment is no torn record.
-    let rest = &buf[at..];
+    let rest = &buf[good..];
     let torn = if rest.iter().all(|b| *b == 0) {
         0
     } else {
         rest.len() as u64
     };
-    Ok((records, at as u64, torn))
+    Ok(SegmentRead {
+        records,
+        good: good as u64,
+        torn,
+        damaged,
+    })
+}
+
+/// The record at `at` and where it ends, if it checks out. Counts the bytes hashed.
+fn record_at(buf: &[u8], at: usize, hashed: &mut usize) -> Option<(Record, usize)> {
+    let head = buf.get(at..at + 12)?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    if len == 0 || len > MAX_RECORD {
+        return None;
+    }
+    let payload = buf.get(at + 12..at + 12 + len as usize)?;
+    *hashed += payload.len();
+    if blake3::hash(payload).as_bytes()[..8] != head[4..12] {
+        return None;
+    }
+    let rec = bincode::deserialize::<Record>(payload).ok()?;
+    Some((rec, at + 12 + len as usize))
+}
+
+/// Where the first readable record after the unreadable one at `bad` starts, if any.
+fn next_record(buf: &[u8], bad: usize, hashed: &mut usize) -> Option<usize> {
+    // Its length field may be intact (a flipped bit in its payload or hash).
+    let len = u32::from_le_bytes(buf[bad..bad + 4].try_into().ok()?) as usize;
+    let after = bad + 12 + len;
+    if len > 0 && after < buf.len() && record_at(buf, after, hashed).is_some() {
+        return Some(after);
+    }
+    (bad + 1..buf.len().saturating_sub(12)).find(|q| {
+        // Zeroed space (the unused rest) is skipped without hashing.
+        *hashed <= RESYNC_HASHED && buf[*q..*q + 4] != [0; 4] && record_at(buf, *q, hashed).is_some()
+    })
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -948,6 +1056,81 @@ mod tests {
         let (log, replay) = Log::open(dir.path(), 1 << 30).unwrap();
         assert_eq!(inline(&log, replay.records), vec![change(1, b"kept")]);
         assert!(replay.torn > 0);
+    }
+
+    /// Writes `recs` to a new log in `dir` (synced) and returns where each record starts in
+    /// its segment.
+    async fn written(dir: &Path, recs: &[Record]) -> Vec<usize> {
+        let (log, _) = Log::open(dir, 1 << 30).unwrap();
+        let mut starts = Vec::new();
+        let mut pos = 0;
+        for r in recs {
+            let at = log.append(r).unwrap();
+            starts.push(at.offset as usize);
+            pos = at.end;
+        }
+        log.sync(pos).await.unwrap();
+        starts
+    }
+
+    #[tokio::test]
+    async fn records_after_a_damaged_one_are_replayed_and_its_bytes_kept() {
+        for damage_length in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let recs = vec![change(1, b"one"), change(2, b"two, damaged"), change(3, b"three")];
+            let starts = written(dir.path(), &recs).await;
+            let seg = dir.path().join(seg_name(1));
+            let mut bytes = std::fs::read(&seg).unwrap();
+            // A flipped byte in the second record's payload, or in its length field (then the
+            // next record is found by searching).
+            let at = if damage_length { starts[1] + 1 } else { starts[1] + 20 };
+            bytes[at] ^= 0x5a;
+            std::fs::write(&seg, &bytes).unwrap();
+            let (log, replay) = Log::open(dir.path(), 1 << 30).unwrap();
+            assert_eq!(
+                inline(&log, replay.records),
+                vec![change(1, b"one"), change(3, b"three")],
+                "length damaged: {damage_length}"
+            );
+            assert_eq!(replay.torn, 0, "nothing cut");
+            let [d] = replay.damaged.as_slice() else {
+                panic!("{:?}", replay.damaged)
+            };
+            assert_eq!((d.offset, d.bytes), (starts[1] as u64, (starts[2] - starts[1]) as u64));
+            assert_eq!(std::fs::read(&d.kept).unwrap(), bytes[starts[1]..starts[2]]);
+            // The next start finds the same, and keeps no second copy.
+            drop(log);
+            let (log, replay) = Log::open(dir.path(), 1 << 30).unwrap();
+            assert_eq!(inline(&log, replay.records).len(), 2);
+            assert_eq!(replay.damaged.len(), 1);
+            let kept = std::fs::read_dir(dir.path().join("lost+found")).unwrap().count();
+            assert_eq!(kept, 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn damage_in_an_older_segment_no_longer_stops_the_mount() {
+        let dir = tempfile::tempdir().unwrap();
+        // Records of 300 KiB: the fourth starts the second segment (1 MiB in tests).
+        let big = |seq, fill| change(seq, &vec![fill; 300 << 10]);
+        let recs: Vec<Record> = (1..=5).map(|i| big(i, i as u8)).collect();
+        let starts = written(dir.path(), &recs).await;
+        assert!(dir.path().join(seg_name(2)).exists(), "the log rotated");
+        let seg = dir.path().join(seg_name(1));
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes[starts[2] + 100] ^= 1;
+        std::fs::write(&seg, &bytes).unwrap();
+        let (log, replay) = Log::open(dir.path(), 1 << 30).unwrap();
+        let seqs: Vec<u64> = inline(&log, replay.records)
+            .iter()
+            .map(|r| match r {
+                Record::Change(c) => c.seq,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(seqs, [1, 2, 4, 5], "the third is lost, the rest replayed");
+        assert_eq!(replay.damaged.len(), 1);
+        assert!(replay.damaged[0].kept.exists());
     }
 
     #[test]

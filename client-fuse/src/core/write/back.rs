@@ -171,6 +171,8 @@ struct BackState {
     last_conflict: Option<String>,
     refused: u64,
     last_refused: Option<String>,
+    /// What the replay at start skipped as damaged (see [`BacklogStatus::damaged`]).
+    damaged: Option<String>,
     /// Why the last batch could not be sent (servers unreachable...), until one is.
     failing: Option<String>,
     sent_batches: u64,
@@ -204,6 +206,10 @@ pub struct BacklogStatus {
     /// can still create while the servers are unreachable.
     #[serde(default)]
     pub ids_reserved: BTreeMap<String, u64>,
+    /// Damaged stretches of the log skipped when it was replayed at this mount's start: the
+    /// changes in them are lost, their bytes kept in `lost+found`.
+    #[serde(default)]
+    pub damaged: Option<String>,
 }
 
 /// A batch whose `Sending` record is in the log: its changes (ranges of seq) and commit id.
@@ -265,6 +271,15 @@ impl WriteBack {
     pub fn open(dir: &std::path::Path, limit: u64) -> Result<Self, FsError> {
         let (log, replay) = Log::open(dir, limit).map_err(log_err)?;
         let mut st = BackState::default();
+        if let Some(first) = replay.damaged.first() {
+            let bytes: u64 = replay.damaged.iter().map(|d| d.bytes).sum();
+            st.damaged = Some(format!(
+                "{} damaged stretch(es) of the log ({bytes} bytes) skipped at replay: the changes in \
+                 them are lost; their bytes are kept in {} (and beside it)",
+                replay.damaged.len(),
+                first.kept.display()
+            ));
+        }
         let done = replay
             .records
             .iter()
@@ -490,6 +505,7 @@ impl WriteBack {
                 uids
             },
             ids_reserved: st.pool.keys().map(|v| (v.clone(), st.ids_left(v))).collect(),
+            damaged: st.damaged.clone(),
         }
     }
 

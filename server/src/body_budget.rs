@@ -8,11 +8,16 @@
 //! connection can hold gigabytes this way.
 //!
 //! So every byte of a request body is charged, as it arrives, against a budget per remote
-//! address and one for the whole server, and given back once the message it belongs to is
-//! complete and the handler asks for more (or the request ends). A byte over either budget
-//! fails its request with `RESOURCE_EXHAUSTED`; other requests go on. The bytes of a complete
-//! message are the handler's from then on: each handler bounds what it keeps.
+//! address and one for the whole server. The bytes of a complete message are given back when
+//! more of the request arrives (a stream's next message: the handler took the one before) or
+//! when the request ends; a request of one message stays charged until its stream ends, since
+//! tonic holds the message until then. A byte over either budget fails its request with
+//! `RESOURCE_EXHAUSTED`, and a request that holds bytes and sends nothing for [`STALL`] fails
+//! too, so a caller cannot keep the budget by going quiet. Raft messages are not charged: the
+//! Raft service refuses every caller but a member from its headers, before any body is read
+//! (`grpc::raft::peers_only`), and Raft must go on while others fill the budget.
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +32,12 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 /// Request bytes a server holds at most by default. Half of it, what one remote address may
 /// hold, is room for the largest Raft message and the largest commit at once.
 pub const DEFAULT_BUDGET: u64 = 1 << 30;
+
+/// How long a request holding charged bytes may send nothing before it fails.
+pub const STALL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Requests under this path are not charged (see the module doc).
+const UNCHARGED: &str = "/codafs.v1.Raft/";
 
 /// The shared counts.
 pub struct Budget {
@@ -160,13 +171,14 @@ where
             .or_else(|| ext.get::<TlsConnectInfo<TcpConnectInfo>>().map(|t| t.get_ref()))
             .and_then(|c| c.remote_addr())
             .map(|a| a.ip());
-        let budget = self.budget.clone();
+        let budget = (!req.uri().path().starts_with(UNCHARGED)).then(|| self.budget.clone());
         self.inner.call(req.map(|inner| Charged {
             inner,
             budget,
             addr,
             charged: 0,
             framing: Framing::default(),
+            idle: None,
         }))
     }
 }
@@ -216,16 +228,28 @@ impl Framing {
 /// A request body whose bytes are on the budget until their message is taken.
 pub struct Charged<B> {
     inner: B,
-    budget: Arc<Budget>,
+    /// `None`: not charged.
+    budget: Option<Arc<Budget>>,
     addr: Option<IpAddr>,
     /// Bytes on the budget now.
     charged: u64,
     framing: Framing,
+    /// Running while bytes are charged and nothing arrives.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> Charged<B> {
+    fn release(&mut self, n: u64) {
+        if let Some(b) = &self.budget {
+            b.release(self.addr, n);
+        }
+        self.charged -= n;
+    }
 }
 
 impl<B> Drop for Charged<B> {
     fn drop(&mut self) {
-        self.budget.release(self.addr, self.charged);
+        self.release(self.charged);
     }
 }
 
@@ -239,24 +263,42 @@ where
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        // Asked for more: the messages complete before are the handler's now.
-        let done = std::mem::take(&mut this.framing.complete);
-        this.budget.release(this.addr, done);
-        this.charged -= done;
         let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(f))) => f,
             Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => return Poll::Pending,
-        };
-        if let Some(data) = frame.data_ref() {
-            let n = data.len() as u64;
-            if !this.budget.charge(this.addr, n) {
-                return Poll::Ready(Some(Err(Box::new(this.budget.refused(this.addr)))));
+            Poll::Ready(None) => {
+                this.release(this.charged);
+                return Poll::Ready(None);
             }
-            this.charged += n;
-            this.framing.advance(data);
+            Poll::Pending => {
+                if this.charged == 0 {
+                    return Poll::Pending;
+                }
+                let idle = this.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(STALL)));
+                if idle.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let held = this.charged;
+                this.release(held);
+                return Poll::Ready(Some(Err(Box::new(tonic::Status::resource_exhausted(format!(
+                    "the request held {held} bytes and sent nothing for {} s",
+                    STALL.as_secs()
+                ))))));
+            }
+        };
+        this.idle = None;
+        let (Some(data), Some(budget)) = (frame.data_ref(), this.budget.clone()) else {
+            return Poll::Ready(Some(Ok(frame)));
+        };
+        // More of the request: the messages complete before it are the handler's now.
+        let done = std::mem::take(&mut this.framing.complete);
+        this.release(done);
+        let n = data.len() as u64;
+        if !budget.charge(this.addr, n) {
+            return Poll::Ready(Some(Err(Box::new(budget.refused(this.addr)))));
         }
+        this.charged += n;
+        this.framing.advance(data);
         Poll::Ready(Some(Ok(frame)))
     }
 
@@ -281,31 +323,43 @@ mod tests {
         m
     }
 
-    /// A body of `frames`, each a data frame.
-    fn body(frames: Vec<Vec<u8>>, budget: &Arc<Budget>) -> Charged<http_body_util::StreamBody<FrameStream>> {
-        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> =
-            frames.into_iter().map(|f| Ok(Frame::data(Bytes::from(f)))).collect();
+    type Frames = Vec<Result<Frame<Bytes>, std::convert::Infallible>>;
+    type FrameStream = futures::stream::Chain<
+        futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::convert::Infallible>>>,
+        futures::stream::BoxStream<'static, Result<Frame<Bytes>, std::convert::Infallible>>,
+    >;
+
+    /// A body of `frames`, each a data frame, that ends after them or (`open`) stays open.
+    fn body(
+        frames: Vec<Vec<u8>>,
+        budget: &Arc<Budget>,
+        open: bool,
+    ) -> Charged<http_body_util::StreamBody<FrameStream>> {
+        use futures::StreamExt;
+        let frames: Frames = frames.into_iter().map(|f| Ok(Frame::data(Bytes::from(f)))).collect();
+        let rest = if open {
+            futures::stream::pending().boxed()
+        } else {
+            futures::stream::empty().boxed()
+        };
         Charged {
-            inner: http_body_util::StreamBody::new(futures::stream::iter(frames)),
-            budget: budget.clone(),
+            inner: http_body_util::StreamBody::new(futures::stream::iter(frames).chain(rest)),
+            budget: Some(budget.clone()),
             addr: Some(IpAddr::from([127, 0, 0, 9])),
             charged: 0,
             framing: Framing::default(),
+            idle: None,
         }
     }
-
-    type FrameStream = futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::convert::Infallible>>>;
 
     #[tokio::test]
     async fn bytes_are_held_until_their_message_is_taken_and_past_the_budget_refused() {
         let budget = Budget::new(200);
-        // Two messages of 60 bytes in three frames: the first message's bytes go back when the
-        // second is asked for; the budget (100 per address) is never passed.
+        // Two messages of 60 bytes in three frames: the first message's bytes go back when more
+        // of the stream arrives; the budget (100 per address) is never passed.
         let two = [message(60), message(60)].concat();
-        let mut b = body(
-            vec![two[..40].to_vec(), two[40..100].to_vec(), two[100..].to_vec()],
-            &budget,
-        );
+        let frames = vec![two[..40].to_vec(), two[40..100].to_vec(), two[100..].to_vec()];
+        let mut b = body(frames, &budget, false);
         b.frame().await.unwrap().unwrap();
         assert_eq!(budget.held(), 40);
         b.frame().await.unwrap().unwrap();
@@ -313,21 +367,40 @@ mod tests {
         b.frame().await.unwrap().unwrap();
         assert_eq!(budget.held(), 35 + 30, "the first message went back");
         assert!(b.frame().await.is_none());
-        drop(b);
         assert_eq!(budget.held(), 0, "all back at the end");
+        drop(b);
+        assert_eq!(budget.held(), 0);
 
         // A message of 150 bytes passes the 100 an address may hold: refused, nothing kept.
-        let mut big = body(vec![message(150)[..90].to_vec(), message(150)[90..].to_vec()], &budget);
+        let big = message(150);
+        let mut big = body(vec![big[..90].to_vec(), big[90..].to_vec()], &budget, false);
         big.frame().await.unwrap().unwrap();
         let err = big.frame().await.unwrap().expect_err("over the budget");
         let status = tonic::Status::from_error(err);
         assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
         // Another address still has room while that one holds 90.
-        let mut other = body(vec![message(10)], &budget);
+        let mut other = body(vec![message(10)], &budget, false);
         other.addr = Some(IpAddr::from([127, 0, 0, 10]));
         other.frame().await.unwrap().unwrap();
         assert_eq!(budget.held(), 90 + 15);
         drop((big, other));
+        assert_eq!(budget.held(), 0);
+    }
+
+    /// A whole message whose stream stays open stays charged (tonic holds it until the stream
+    /// ends), and a request that holds bytes and sends nothing fails after `STALL`.
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_request_keeps_its_charge_only_until_it_stalls() {
+        let budget = Budget::new(200);
+        let mut b = body(vec![message(50)], &budget, true);
+        b.frame().await.unwrap().unwrap();
+        let next = tokio::time::timeout(STALL / 2, b.frame()).await;
+        assert!(next.is_err(), "nothing more arrives");
+        assert_eq!(budget.held(), 55, "the whole message stays charged");
+        let err = b.frame().await.unwrap().expect_err("stalled");
+        let status = tonic::Status::from_error(err);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("sent nothing"), "{status:?}");
         assert_eq!(budget.held(), 0);
     }
 

@@ -330,11 +330,12 @@ async fn a_plaintext_client_against_a_tls_server_fails_clearly() {
     .await
 }
 
-/// Anyone who can reach a server can open HTTP/2 streams whose messages never finish: tonic
-/// reads a whole message before the handler (and its token check) runs, so each stream held
-/// what it had received, up to the service's message limit, 256 streams per connection. A
-/// server now holds at most its request budget (`--request-buffer-max`, half per address):
-/// past it, a stream fails with `RESOURCE_EXHAUSTED`, and the memory is not taken.
+/// Anyone who can reach a server can open HTTP/2 streams whose requests never finish: tonic
+/// reads a whole message before the handler (and its token check) runs, and holds a request's
+/// one message until its stream ends, so each stream held what it had received, up to the
+/// service's message limit, 256 streams per connection. A server now holds at most its request
+/// budget (`--request-buffer-max`, half per address): past it, a stream fails with
+/// `RESOURCE_EXHAUSTED`, and the memory is not taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unfinished_request_messages_are_held_within_the_servers_budget() {
     bounded(async {
@@ -346,14 +347,16 @@ async fn unfinished_request_messages_are_held_within_the_servers_budget() {
         let tcp = tokio::net::TcpStream::connect(&addr).await?;
         let (client, conn) = h2::client::handshake(tcp).await?;
         let driver = tokio::spawn(conn);
-        // 32 anonymous blob batches, each declaring a 16 MiB message and sending 4 MiB of it:
-        // 128 MiB held without the budget, at most 32 MiB (this address's half) with it.
+        // 32 anonymous blob batches of 4 MiB: half of them send the whole message and leave
+        // their stream open (tonic holds a whole message until the stream ends), half declare
+        // 16 MiB and send 4 MiB of it. 128 MiB held without the budget, at most 32 MiB (this
+        // address's half) with it.
         const STREAMS: usize = 32;
         let (held, grew) = peak_growth(pid, async {
             let mut answers = futures::stream::FuturesUnordered::new();
             let mut open = Vec::new();
             let mut client = client.clone();
-            for _ in 0..STREAMS {
+            for i in 0..STREAMS {
                 client = client.ready().await?;
                 let req = http::Request::post(format!("http://{addr}/codafs.v1.Blobs/PutSmall"))
                     .header("content-type", "application/grpc")
@@ -361,7 +364,16 @@ async fn unfinished_request_messages_are_held_within_the_servers_budget() {
                     .body(())?;
                 let (answer, mut send) = client.send_request(req, false)?;
                 let mut data = vec![0u8; 5 + (4 << 20)];
-                data[1..5].copy_from_slice(&(16u32 << 20).to_be_bytes());
+                let declared: u32 = if i % 2 == 0 { 4 << 20 } else { 16 << 20 };
+                data[1..5].copy_from_slice(&declared.to_be_bytes());
+                // A message that decodes: one unknown bytes field (number 15) filling it.
+                let inner = (4u32 << 20) - 5;
+                data[5] = (15 << 3) | 2;
+                let mut v = inner;
+                for b in &mut data[6..10] {
+                    *b = (v & 0x7f) as u8 | if v >= 0x80 { 0x80 } else { 0 };
+                    v >>= 7;
+                }
                 send.send_data(bytes::Bytes::from(data), false)?;
                 answers.push(answer);
                 open.push(send);
@@ -375,7 +387,8 @@ async fn unfinished_request_messages_are_held_within_the_servers_budget() {
                 let status = answer.headers().get("grpc-status").map(|v| v.as_bytes().to_vec());
                 anyhow::ensure!(
                     status.as_deref() == Some(b"8"),
-                    "an answer other than RESOURCE_EXHAUSTED: {status:?}"
+                    "an answer other than RESOURCE_EXHAUSTED: {status:?} {:?}",
+                    answer.headers()
                 );
                 refused += 1;
             }
@@ -389,7 +402,7 @@ async fn unfinished_request_messages_are_held_within_the_servers_budget() {
         );
         assert!(
             grew < 64 << 10,
-            "the server's peak memory grew by {grew} KiB for 32 unfinished 4 MiB messages"
+            "the server's peak memory grew by {grew} KiB for 32 unfinished 4 MiB requests"
         );
         driver.abort();
         // With the connection gone, the budget is free again: writes work.

@@ -29,7 +29,7 @@ pub fn signed_only(node: Arc<Node>) -> impl tonic::service::Interceptor + Clone 
 }
 
 async fn commit_local(
-    node: &Node,
+    node: &Arc<Node>,
     token: Option<&str>,
     body: &pb::CommitRequest,
 ) -> Result<pb::CommitReply, NodeError> {
@@ -120,7 +120,7 @@ async fn commit_local(
     // after everything proposed before it is applied here: the apply then reads what the check
     // read (see `fsm::bounds` and `fsm::cost`).
     let lock = node.commit_lock(&body.volume);
-    let (_shared, _alone) = if checked {
+    let held = if checked {
         let alone = lock.write_owned().await;
         node.raft
             .ensure_linearizable()
@@ -136,7 +136,18 @@ async fn commit_local(
     } else {
         (Some(lock.read_owned().await), None)
     };
-    match node.propose(cmd).await? {
+    // Proposed by a task of its own that holds the lock: a request cancelled meanwhile (its
+    // deadline passed, its caller went) leaves an entry that may still commit, and the lock
+    // must stay taken until it has.
+    let proposer = node.clone();
+    let proposed = tokio::spawn(async move {
+        let _held = held;
+        proposer.propose(cmd).await
+    });
+    match proposed
+        .await
+        .map_err(|e| NodeError::Internal(format!("proposing a commit: {e}")))??
+    {
         Outcome::Committed { version, created } => Ok(pb::CommitReply { version, created }),
         other => Err(NodeError::Internal(format!("unexpected outcome {other:?}"))),
     }

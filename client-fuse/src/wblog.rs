@@ -330,27 +330,38 @@ fn set_aside_in(
 
 /// Keeps `bytes` bytes of segment `path` (number `id`) from `offset` in `lost+found`, once:
 /// a later replay finds the same damage and the copy already made.
-fn keep_damaged(dir: &Path, path: &Path, id: u64, offset: u64, bytes: u64) -> Result<Damage, LogError> {
+/// A copy that cannot be made (the cache disk full, say) is logged and does not stop the mount.
+fn keep_damaged(dir: &Path, path: &Path, id: u64, offset: u64, bytes: u64) -> Damage {
     let name = format!("damaged-{}-at-{offset}", seg_name(id));
     let kept = dir.join("lost+found").join(&name);
     if !kept.exists() {
-        let mut src = File::open(path).map_err(io(path))?;
-        std::io::Seek::seek(&mut src, std::io::SeekFrom::Start(offset)).map_err(io(path))?;
-        set_aside_in(dir, &name, |f| std::io::copy(&mut src.take(bytes), f).map(drop))?;
-        tracing::error!(
-            segment = %path.display(),
-            offset,
-            bytes,
-            kept = %kept.display(),
-            "the write-back log has damaged bytes: the changes in them are lost, the bytes are kept"
-        );
+        let copied = File::open(path).map_err(io(path)).and_then(|mut src| {
+            std::io::Seek::seek(&mut src, std::io::SeekFrom::Start(offset)).map_err(io(path))?;
+            set_aside_in(dir, &name, |f| std::io::copy(&mut src.take(bytes), f).map(drop))
+        });
+        match copied {
+            Ok(_) => tracing::error!(
+                segment = %path.display(),
+                offset,
+                bytes,
+                kept = %kept.display(),
+                "the write-back log has damaged bytes: the changes in them are lost, the bytes are kept"
+            ),
+            Err(e) => tracing::error!(
+                segment = %path.display(),
+                offset,
+                bytes,
+                error = %e,
+                "the write-back log has damaged bytes: the changes in them are lost, and keeping a copy failed"
+            ),
+        }
     }
-    Ok(Damage {
+    Damage {
         segment: path.to_path_buf(),
         offset,
         bytes,
         kept,
-    })
+    }
 }
 
 fn seg_name(id: u64) -> String {
@@ -375,19 +386,20 @@ impl Log {
             let read = read_segment(&path)?;
             let records: Vec<Record> = read.records.into_iter().map(|(at, r)| r.in_memory(id, at)).collect();
             let (good, torn) = (read.good, read.torn);
-            // Damage with readable records after it is no torn append: those records were
-            // acknowledged, so they are replayed, and the unreadable bytes are kept aside.
+            // A damaged record with a readable one after it is no torn append: the records after
+            // it were acknowledged, so they are replayed, and the unreadable bytes are kept.
             for (offset, bytes) in read.damaged {
-                replay.damaged.push(keep_damaged(dir, &path, id, offset, bytes)?);
+                replay.damaged.push(keep_damaged(dir, &path, id, offset, bytes));
             }
             if torn > 0 && Some(id) != last_id {
-                // An older segment ended before the next was started: its end is damage too.
-                replay.damaged.push(keep_damaged(dir, &path, id, good, torn)?);
+                // Its records end early, and later segments hold records that may need them.
+                keep_damaged(dir, &path, id, good, torn);
+                return Err(LogError::Corrupt(path, format!("a bad record at byte {good}")));
             } else if torn > 0 {
                 tracing::warn!(segment = %path.display(), bytes = torn, "cut a torn record off the write-back log");
                 // A torn append was never acknowledged; a damaged last record was. Which it was
                 // cannot be told, so the bytes are kept before they are cut.
-                keep_damaged(dir, &path, id, good, torn)?;
+                keep_damaged(dir, &path, id, good, torn);
                 let f = OpenOptions::new().write(true).open(&path).map_err(io(&path))?;
                 f.set_len(good).map_err(io(&path))?;
                 f.sync_all().map_err(io(&path))?;
@@ -841,13 +853,11 @@ struct SegmentRead {
     damaged: Vec<(u64, u64)>,
 }
 
-/// Bytes a search for the record after a damaged one may hash, in all (a segment is 16 MiB).
-const RESYNC_HASHED: usize = 64 << 20;
-
-/// Reads one segment. Past an unreadable record, reading goes on at the next readable one: the
-/// one its length field points at if that is readable, else the first offset after it where a
-/// whole record checks out (its length fits, its 8-byte hash matches, it decodes), a search
-/// that hashes at most [`RESYNC_HASHED`] bytes.
+/// Reads one segment. Past an unreadable record whose length field still holds (a damaged
+/// payload or hash), reading goes on at the record that length points at, if that one checks
+/// out and the damaged record shows no page that never reached the disk (see [`next_record`]).
+/// Anything else ends the segment's readable records: no search for a later record, since a
+/// file's content logged inline could hold bytes that read as one.
 fn read_segment(path: &Path) -> Result<SegmentRead, LogError> {
     let mut buf = Vec::new();
     File::open(path)
@@ -876,15 +886,14 @@ fn read_segment(path: &Path) -> Result<SegmentRead, LogError> {
     let mut damaged = Vec::new();
     let mut at = MAGIC.len();
     let mut good = at;
-    let mut hashed = 0usize;
     while at + 12 <= buf.len() {
-        if let Some((rec, end)) = record_at(&buf, at, &mut hashed) {
+        if let Some((rec, end)) = record_at(&buf, at) {
             records.push((at as u64, rec));
             at = end;
             good = at;
             continue;
         }
-        let Some(next) = next_record(&buf, at, &mut hashed) else {
+        let Some(next) = next_record(&buf, at) else {
             break;
         };
         damaged.push((at as u64, (next - at) as u64));
@@ -905,15 +914,14 @@ fn read_segment(path: &Path) -> Result<SegmentRead, LogError> {
     })
 }
 
-/// The record at `at` and where it ends, if it checks out. Counts the bytes hashed.
-fn record_at(buf: &[u8], at: usize, hashed: &mut usize) -> Option<(Record, usize)> {
+/// The record at `at` and where it ends, if it checks out.
+fn record_at(buf: &[u8], at: usize) -> Option<(Record, usize)> {
     let head = buf.get(at..at + 12)?;
     let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
     if len == 0 || len > MAX_RECORD {
         return None;
     }
     let payload = buf.get(at + 12..at + 12 + len as usize)?;
-    *hashed += payload.len();
     if blake3::hash(payload).as_bytes()[..8] != head[4..12] {
         return None;
     }
@@ -921,18 +929,25 @@ fn record_at(buf: &[u8], at: usize, hashed: &mut usize) -> Option<(Record, usize
     Some((rec, at + 12 + len as usize))
 }
 
-/// Where the first readable record after the unreadable one at `bad` starts, if any.
-fn next_record(buf: &[u8], bad: usize, hashed: &mut usize) -> Option<usize> {
-    // Its length field may be intact (a flipped bit in its payload or hash).
-    let len = u32::from_le_bytes(buf[bad..bad + 4].try_into().ok()?) as usize;
+/// Where the record after the unreadable one at `bad` starts, if its length field holds and
+/// the damage is no write lost in a crash. Appends are made durable in batches, and a crash can
+/// leave a later page of the segment written and an earlier one not (it reads as zeros, the
+/// segment being preallocated): a record after such a page was never acknowledged, and
+/// replaying it without the ones before would apply changes out of order. So a damaged record
+/// that spans an all-zero page ends the segment instead.
+fn next_record(buf: &[u8], bad: usize) -> Option<usize> {
+    const PAGE: usize = 4096;
+    let len = u32::from_le_bytes(buf.get(bad..bad + 4)?.try_into().ok()?) as usize;
     let after = bad + 12 + len;
-    if len > 0 && after < buf.len() && record_at(buf, after, hashed).is_some() {
-        return Some(after);
+    if len == 0 || len > MAX_RECORD as usize || after >= buf.len() {
+        return None;
     }
-    (bad + 1..buf.len().saturating_sub(12)).find(|q| {
-        // Zeroed space (the unused rest) is skipped without hashing.
-        *hashed <= RESYNC_HASHED && buf[*q..*q + 4] != [0; 4] && record_at(buf, *q, hashed).is_some()
-    })
+    let lost_page = (bad / PAGE..after.div_ceil(PAGE))
+        .any(|p| buf[p * PAGE..((p + 1) * PAGE).min(buf.len())].iter().all(|b| *b == 0));
+    if lost_page {
+        return None;
+    }
+    record_at(buf, after).map(|_| after)
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
@@ -1081,17 +1096,22 @@ mod tests {
             let starts = written(dir.path(), &recs).await;
             let seg = dir.path().join(seg_name(1));
             let mut bytes = std::fs::read(&seg).unwrap();
-            // A flipped byte in the second record's payload, or in its length field (then the
-            // next record is found by searching).
+            // A flipped byte in the second record's payload: its length still leads to the
+            // third. In its length field: nothing can be trusted after it (a search could take
+            // a file's logged content for records), so the log is cut there.
             let at = if damage_length { starts[1] + 1 } else { starts[1] + 20 };
             bytes[at] ^= 0x5a;
             std::fs::write(&seg, &bytes).unwrap();
             let (log, replay) = Log::open(dir.path(), 1 << 30).unwrap();
-            assert_eq!(
-                inline(&log, replay.records),
-                vec![change(1, b"one"), change(3, b"three")],
-                "length damaged: {damage_length}"
-            );
+            let records = inline(&log, replay.records);
+            if damage_length {
+                assert_eq!(records, vec![change(1, b"one")]);
+                assert!(replay.torn > 0 && replay.damaged.is_empty());
+                let kept = std::fs::read_dir(dir.path().join("lost+found")).unwrap().count();
+                assert_eq!(kept, 1, "the cut bytes are kept");
+                continue;
+            }
+            assert_eq!(records, vec![change(1, b"one"), change(3, b"three")]);
             assert_eq!(replay.torn, 0, "nothing cut");
             let [d] = replay.damaged.as_slice() else {
                 panic!("{:?}", replay.damaged)
@@ -1109,28 +1129,50 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn damage_in_an_older_segment_no_longer_stops_the_mount() {
-        let dir = tempfile::tempdir().unwrap();
+    async fn damage_in_an_older_segment_skips_one_record_but_a_lost_page_ends_the_log() {
         // Records of 300 KiB: the fourth starts the second segment (1 MiB in tests).
         let big = |seq, fill| change(seq, &vec![fill; 300 << 10]);
         let recs: Vec<Record> = (1..=5).map(|i| big(i, i as u8)).collect();
-        let starts = written(dir.path(), &recs).await;
-        assert!(dir.path().join(seg_name(2)).exists(), "the log rotated");
-        let seg = dir.path().join(seg_name(1));
-        let mut bytes = std::fs::read(&seg).unwrap();
-        bytes[starts[2] + 100] ^= 1;
-        std::fs::write(&seg, &bytes).unwrap();
-        let (log, replay) = Log::open(dir.path(), 1 << 30).unwrap();
-        let seqs: Vec<u64> = inline(&log, replay.records)
-            .iter()
-            .map(|r| match r {
-                Record::Change(c) => c.seq,
-                other => panic!("{other:?}"),
-            })
-            .collect();
-        assert_eq!(seqs, [1, 2, 4, 5], "the third is lost, the rest replayed");
-        assert_eq!(replay.damaged.len(), 1);
-        assert!(replay.damaged[0].kept.exists());
+        let seqs = |log: &Log, replay: Replay| -> Vec<u64> {
+            inline(log, replay.records)
+                .iter()
+                .map(|r| match r {
+                    Record::Change(c) => c.seq,
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        for lost_page in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let starts = written(dir.path(), &recs).await;
+            assert!(dir.path().join(seg_name(2)).exists(), "the log rotated");
+            let seg = dir.path().join(seg_name(1));
+            let mut bytes = std::fs::read(&seg).unwrap();
+            if lost_page {
+                // A page of the second record that never reached the disk (a crash): the records
+                // after it were not acknowledged either, and are not replayed out of order.
+                let page = (starts[1] / 4096 + 2) * 4096;
+                bytes[page..page + 4096].fill(0);
+            } else {
+                bytes[starts[1] + 100] ^= 1;
+            }
+            std::fs::write(&seg, &bytes).unwrap();
+            if lost_page {
+                let Err(e) = Log::open(dir.path(), 1 << 30) else {
+                    panic!("an older segment ending early opened")
+                };
+                assert!(e.to_string().contains("bad record"), "{e}");
+                continue;
+            }
+            let (log, replay) = Log::open(dir.path(), 1 << 30).unwrap();
+            assert_eq!(replay.damaged.len(), 1);
+            assert!(replay.damaged[0].kept.exists());
+            assert_eq!(
+                seqs(&log, replay),
+                [1, 3, 4, 5],
+                "the second is lost, the rest replayed"
+            );
+        }
     }
 
     #[test]

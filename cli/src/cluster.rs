@@ -74,7 +74,7 @@ pub struct ServerArgs {
     spool_max: Option<u64>,
     /// Most request bytes this server holds before its handlers take them (e.g. 1G, the
     /// default): messages still arriving, which tonic reads whole before any token is checked.
-    /// Any one remote address may hold half of it; a request past either bound fails with
+    /// Any one remote address may hold a quarter of it; a request past either bound fails with
     /// RESOURCE_EXHAUSTED. Saved in server.toml.
     #[arg(long, value_name = "SIZE", value_parser = crate::mount::parse_size, help_heading = "Tuning")]
     request_buffer_max: Option<u64>,

@@ -29,8 +29,9 @@ use http_body::{Body, Frame, SizeHint};
 use tonic::codegen::http::Request;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
-/// Request bytes a server holds at most by default. Half of it, what one remote address may
-/// hold, is room for the largest Raft message and the largest commit at once.
+/// Request bytes a server holds at most by default. A quarter of it, what one remote address
+/// may hold, is room for the largest commit and a mount's blob uploads at once (Raft messages
+/// are not charged), and no fewer than four addresses can fill it.
 pub const DEFAULT_BUDGET: u64 = 1 << 30;
 
 /// How long a request holding charged bytes may send nothing before it fails.
@@ -55,11 +56,11 @@ struct Used {
 }
 
 impl Budget {
-    /// A budget of `total` bytes, half of it for any one address.
+    /// A budget of `total` bytes, a quarter of it for any one address.
     pub fn new(total: u64) -> Arc<Budget> {
         Arc::new(Budget {
             total,
-            per_address: total / 2,
+            per_address: total / 4,
             used: Mutex::new(Used::default()),
             warned: AtomicU64::new(0),
         })
@@ -354,7 +355,7 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_are_held_until_their_message_is_taken_and_past_the_budget_refused() {
-        let budget = Budget::new(200);
+        let budget = Budget::new(400);
         // Two messages of 60 bytes in three frames: the first message's bytes go back when more
         // of the stream arrives; the budget (100 per address) is never passed.
         let two = [message(60), message(60)].concat();
@@ -391,7 +392,7 @@ mod tests {
     /// ends), and a request that holds bytes and sends nothing fails after `STALL`.
     #[tokio::test(start_paused = true)]
     async fn a_quiet_request_keeps_its_charge_only_until_it_stalls() {
-        let budget = Budget::new(200);
+        let budget = Budget::new(400);
         let mut b = body(vec![message(50)], &budget, true);
         b.frame().await.unwrap().unwrap();
         let next = tokio::time::timeout(STALL / 2, b.frame()).await;

@@ -334,7 +334,7 @@ async fn a_plaintext_client_against_a_tls_server_fails_clearly() {
 /// reads a whole message before the handler (and its token check) runs, and holds a request's
 /// one message until its stream ends, so each stream held what it had received, up to the
 /// service's message limit, 256 streams per connection. A server now holds at most its request
-/// budget (`--request-buffer-max`, half per address): past it, a stream fails with
+/// budget (`--request-buffer-max`, a quarter per address): past it, a stream fails with
 /// `RESOURCE_EXHAUSTED`, and the memory is not taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unfinished_request_messages_are_held_within_the_servers_budget() {
@@ -349,8 +349,8 @@ async fn unfinished_request_messages_are_held_within_the_servers_budget() {
         let driver = tokio::spawn(conn);
         // 32 anonymous blob batches of 4 MiB: half of them send the whole message and leave
         // their stream open (tonic holds a whole message until the stream ends), half declare
-        // 16 MiB and send 4 MiB of it. 128 MiB held without the budget, at most 32 MiB (this
-        // address's half) with it.
+        // 16 MiB and send 4 MiB of it. 128 MiB held without the budget, at most 16 MiB (this
+        // address's quarter) with it.
         const STREAMS: usize = 32;
         let (held, grew) = peak_growth(pid, async {
             let mut answers = futures::stream::FuturesUnordered::new();

@@ -235,7 +235,6 @@ pub struct Replay {
 /// A stretch of a segment whose records could not be read, with where its bytes were kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Damage {
-    pub segment: PathBuf,
     pub offset: u64,
     pub bytes: u64,
     pub kept: PathBuf,
@@ -356,12 +355,7 @@ fn keep_damaged(dir: &Path, path: &Path, id: u64, offset: u64, bytes: u64) -> Da
             ),
         }
     }
-    Damage {
-        segment: path.to_path_buf(),
-        offset,
-        bytes,
-        kept,
-    }
+    Damage { offset, bytes, kept }
 }
 
 fn seg_name(id: u64) -> String {
@@ -887,17 +881,19 @@ fn read_segment(path: &Path) -> Result<SegmentRead, LogError> {
     let mut at = MAGIC.len();
     let mut good = at;
     while at + 12 <= buf.len() {
-        if let Some((rec, end)) = record_at(&buf, at) {
-            records.push((at as u64, rec));
-            at = end;
-            good = at;
-            continue;
-        }
-        let Some(next) = next_record(&buf, at) else {
-            break;
+        let (start, rec, end) = match record_at(&buf, at) {
+            Some((rec, end)) => (at, rec, end),
+            None => {
+                let Some((next, rec, end)) = next_record(&buf, at) else {
+                    break;
+                };
+                damaged.push((at as u64, (next - at) as u64));
+                (next, rec, end)
+            }
         };
-        damaged.push((at as u64, (next - at) as u64));
-        at = next;
+        records.push((start as u64, rec));
+        at = end;
+        good = at;
     }
     // The unused, zeroed rest of a preallocated segment is no torn record.
     let rest = &buf[good..];
@@ -929,13 +925,13 @@ fn record_at(buf: &[u8], at: usize) -> Option<(Record, usize)> {
     Some((rec, at + 12 + len as usize))
 }
 
-/// Where the record after the unreadable one at `bad` starts, if its length field holds and
-/// the damage is no write lost in a crash. Appends are made durable in batches, and a crash can
+/// The record after the unreadable one at `bad` (where it starts, it, and where it ends), if
+/// the damaged record's length field holds and the damage is no write lost in a crash. Appends are made durable in batches, and a crash can
 /// leave a later page of the segment written and an earlier one not (it reads as zeros, the
 /// segment being preallocated): a record after such a page was never acknowledged, and
 /// replaying it without the ones before would apply changes out of order. So a damaged record
 /// that spans an all-zero page ends the segment instead.
-fn next_record(buf: &[u8], bad: usize) -> Option<usize> {
+fn next_record(buf: &[u8], bad: usize) -> Option<(usize, Record, usize)> {
     const PAGE: usize = 4096;
     let len = u32::from_le_bytes(buf.get(bad..bad + 4)?.try_into().ok()?) as usize;
     let after = bad + 12 + len;
@@ -947,7 +943,7 @@ fn next_record(buf: &[u8], bad: usize) -> Option<usize> {
     if lost_page {
         return None;
     }
-    record_at(buf, after).map(|_| after)
+    record_at(buf, after).map(|(rec, end)| (after, rec, end))
 }
 
 fn dir_bytes(dir: &Path) -> u64 {

@@ -108,14 +108,6 @@ async fn commit_local(
         .any(|o| matches!(o.kind, crate::fsm::OpKind::Remove { recursive: true, .. }));
     let costly = cost::reads_bound(&ops) > cost::APPLY_READS;
     let checked = recursive || costly;
-    let cmd = Command::Commit {
-        actor,
-        volume: body.volume.clone(),
-        ops,
-        expect_volume_version: body.expect_volume_version,
-        now_ns: codafs_common::now_ns(),
-        request,
-    };
     // A commit checked against the state holds its volume's lock alone until it is applied,
     // after everything proposed before it is applied here: the apply then reads what the check
     // read (see `fsm::bounds` and `fsm::cost`).
@@ -127,15 +119,24 @@ async fn commit_local(
             .await
             .map_err(|e| NodeError::Unavailable(format!("waiting for earlier commits to apply: {e}")))?;
         if recursive {
-            check_remove_bound(node, &vol, &cmd).await?;
-        }
-        if costly {
-            check_apply_cost(node, &cmd).await?;
+            check_remove_bound(node, &vol, &ops).await?;
         }
         (None, Some(alone))
     } else {
         (Some(lock.read_owned().await), None)
     };
+    let cmd = Command::Commit {
+        actor,
+        volume: body.volume.clone(),
+        ops,
+        expect_volume_version: body.expect_volume_version,
+        now_ns: codafs_common::now_ns(),
+        request,
+    };
+    // Still under the lock taken alone (`costly` is part of `checked`).
+    if costly {
+        check_apply_cost(node, &cmd).await?;
+    }
     // Proposed by a task of its own that holds the lock: a request cancelled meanwhile (its
     // deadline passed, its caller went) leaves an entry that may still commit, and the lock
     // must stay taken until it has.
@@ -155,11 +156,8 @@ async fn commit_local(
 
 /// Refuses a commit whose recursive removes would delete more than [`MAX_REMOVE_NODES`] nodes
 /// (see `fsm::bounds`). The count reads up to that many records: off the async workers.
-async fn check_remove_bound(node: &Node, vol: &crate::fsm::VolumeRec, cmd: &Command) -> Result<(), NodeError> {
+async fn check_remove_bound(node: &Node, vol: &crate::fsm::VolumeRec, ops: &[crate::fsm::Op]) -> Result<(), NodeError> {
     use crate::fsm::OpKind;
-    let Command::Commit { ops, .. } = cmd else {
-        return Ok(());
-    };
     // Renames too: a tree renamed first may be removed under its new name.
     let counted =
         |o: &&crate::fsm::Op| matches!(o.kind, OpKind::Remove { recursive: true, .. } | OpKind::Rename { .. });

@@ -707,7 +707,7 @@ impl BackState {
             return None;
         }
         let opened = opened?;
-        Some(self.own_versions.get(&ino).map_or(opened, |v| (*v).max(opened)))
+        Some(super::batch::expects(&self.own_versions, ino, opened))
     }
 
     /// Refuses a change whose check (made before the state lock was taken) another change
@@ -2028,10 +2028,7 @@ impl<R: Remote> Core<R> {
         let st = b.st();
         pending
             .into_iter()
-            .filter(|(ino, seen)| {
-                let expects = st.own_versions.get(ino).map_or(*seen, |o| (*o).max(*seen));
-                checked.get(ino) != Some(&expects)
-            })
+            .filter(|(ino, seen)| checked.get(ino) != Some(&super::batch::expects(&st.own_versions, *ino, *seen)))
             .map(|(ino, _)| ino)
             .collect()
     }

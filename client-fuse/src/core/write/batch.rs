@@ -33,6 +33,12 @@ pub(super) fn newest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     }
 }
 
+/// The version a change of `ino` that saw it at `seen` expects: the newer of that and this
+/// mount's own last commit of it (in `own`).
+pub(super) fn expects(own: &HashMap<u64, u64>, ino: u64, seen: u64) -> u64 {
+    own.get(&ino).map_or(seen, |o| (*o).max(seen))
+}
+
 /// The operations of one commit for `changes` (see the module doc); `own` holds the version of
 /// each node after this mount's last commit touching it.
 pub(super) fn batch_ops(changes: &[Change], own: &HashMap<u64, u64>) -> Vec<Op> {
@@ -64,7 +70,7 @@ pub(super) fn batch_ops_before(changes: &[Change], own: &HashMap<u64, u64>, afte
     let mut guards = b.guards;
     for (ino, at) in b.unchecked {
         if let Some(seen) = after.get(&ino) {
-            let version = own.get(&ino).map_or(*seen, |o| (*o).max(*seen));
+            let version = expects(own, ino, *seen);
             guards.insert(at, Op::ExpectNode { ino, version });
         }
     }

@@ -74,8 +74,10 @@ pub struct ServerArgs {
     spool_max: Option<u64>,
     /// Most request bytes this server holds before its handlers take them (e.g. 1G, the
     /// default): messages still arriving, which tonic reads whole before any token is checked.
-    /// Any one remote address may hold a quarter of it; a request past either bound fails with
-    /// RESOURCE_EXHAUSTED. Saved in server.toml.
+    /// Any one account (a request with a validly signed token) or server may hold a quarter of
+    /// it; callers with neither hold an eighth of it together and a sixty-fourth each (per
+    /// address, per /64 for IPv6). A request past a bound fails with RESOURCE_EXHAUSTED. Saved
+    /// in server.toml.
     #[arg(long, value_name = "SIZE", value_parser = crate::mount::parse_size, help_heading = "Tuning")]
     request_buffer_max: Option<u64>,
     /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9401; `off` to

@@ -7,11 +7,24 @@
 //! their messages. The connection bound ([`crate::conn_limit`]) does not help, since one
 //! connection can hold gigabytes this way.
 //!
-//! So every byte of a request body is charged, as it arrives, against a budget per remote
-//! address and one for the whole server. The bytes of a complete message are given back when
-//! more of the request arrives (a stream's next message: the handler took the one before) or
-//! when the request ends; a request of one message stays charged until its stream ends, since
-//! tonic holds the message until then. A byte over either budget fails its request with
+//! So every byte of a request body is charged, as it arrives, against the server's budget and
+//! against the share of whoever sends it. Who that is comes from the request's headers, which
+//! arrive before its body ([`Sender`]):
+//! - an **account**, for a request with a validly signed token (whether the account may do
+//!   what it asks is the handler's business): a quarter of the budget per account. An account
+//!   that abuses it is known by name, and its tokens can be revoked;
+//! - a **server** of the cluster (a member's certificate; on an `--insecure` cluster, every
+//!   caller without a token, since nobody can be told apart there): a quarter per address;
+//! - a **stranger**, anyone else: strangers together hold at most an eighth of the budget,
+//!   each address (IPv6: each /64) a sixty-fourth. A stranger's legitimate requests are small
+//!   reads of public volumes; strangers flooding a server from many addresses can make other
+//!   strangers' requests fail, but never an account's or a server's. Web nodes that must keep
+//!   reading through such a flood log in (any account will do).
+//!
+//! The bytes of a complete message are given back when more of the request arrives (a
+//! stream's next message: the handler took the one before) or when the request ends; a request
+//! of one message stays charged until its stream ends, since tonic holds the message until
+//! then. A byte over the budget or the sender's share fails its request with
 //! `RESOURCE_EXHAUSTED`, and a request that holds bytes and sends nothing for [`STALL`] fails
 //! too, so a caller cannot keep the budget by going quiet. Raft messages are not charged: the
 //! Raft service refuses every caller but a member from its headers, before any body is read
@@ -26,12 +39,13 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tonic::codegen::http::Request;
+use tonic::codegen::http::{HeaderMap, Request};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::CertificateDer;
 
-/// Request bytes a server holds at most by default. A quarter of it, what one remote address
-/// may hold, is room for the largest commit and a mount's blob uploads at once (Raft messages
-/// are not charged), and no fewer than four addresses can fill it.
+/// Request bytes a server holds at most by default. A quarter of it, what one account or
+/// server may hold, is room for the largest commit and a mount's blob uploads at once (Raft
+/// messages are not charged).
 pub const DEFAULT_BUDGET: u64 = 1 << 30;
 
 /// How long a request holding charged bytes may send nothing before it fails.
@@ -40,10 +54,58 @@ pub const STALL: std::time::Duration = std::time::Duration::from_secs(30);
 /// Requests under this path are not charged (see the module doc).
 const UNCHARGED: &str = "/codafs.v1.Raft/";
 
+/// Who sends a request, as its headers show (see the module doc).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sender {
+    /// A validly signed token of this account.
+    Account(String),
+    /// A server of the cluster (or, on an `--insecure` cluster, any caller without a token).
+    Server,
+    /// Anyone else.
+    Stranger,
+}
+
+/// Tells a request's [`Sender`] from its headers and the certificates its caller presented.
+pub type Classify = Arc<dyn Fn(&HeaderMap, Option<&[CertificateDer<'static>]>) -> Sender + Send + Sync>;
+
+/// Whose share a request's bytes count against.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Holder {
+    Account(Arc<str>),
+    Server(IpAddr),
+    /// A stranger's address (an IPv6 address's /64: one host commonly holds all of it).
+    Stranger(IpAddr),
+}
+
+impl Holder {
+    fn of(sender: Sender, addr: Option<IpAddr>) -> Option<Holder> {
+        match sender {
+            Sender::Account(user) => Some(Holder::Account(user.into())),
+            Sender::Server => addr.map(Holder::Server),
+            Sender::Stranger => Some(Holder::Stranger(addr.map_or(IpAddr::from([0, 0, 0, 0]), network_of))),
+        }
+    }
+}
+
+/// `addr` itself for IPv4, its /64 for IPv6.
+fn network_of(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
+
 /// The shared counts.
 pub struct Budget {
     total: u64,
-    per_address: u64,
+    /// What one account or one server may hold.
+    per_holder: u64,
+    /// What all strangers together may hold, and each of them.
+    strangers: u64,
+    per_stranger: u64,
     used: Mutex<Used>,
     /// When a refusal was last logged (seconds since the Unix epoch): one line a second at most.
     warned: AtomicU64,
@@ -52,15 +114,19 @@ pub struct Budget {
 #[derive(Default)]
 struct Used {
     total: u64,
-    per_address: HashMap<IpAddr, u64>,
+    strangers: u64,
+    by_holder: HashMap<Holder, u64>,
 }
 
 impl Budget {
-    /// A budget of `total` bytes, a quarter of it for any one address.
+    /// A budget of `total` bytes: a quarter of it for any one account or server, an eighth for
+    /// all strangers together and a sixty-fourth for each.
     pub fn new(total: u64) -> Arc<Budget> {
         Arc::new(Budget {
             total,
-            per_address: total / 4,
+            per_holder: total / 4,
+            strangers: total / 8,
+            per_stranger: total / 64,
             used: Mutex::new(Used::default()),
             warned: AtomicU64::new(0),
         })
@@ -70,37 +136,53 @@ impl Budget {
         self.used.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes `n` bytes for `addr`; false (nothing taken) if either budget would be passed.
-    fn charge(&self, addr: Option<IpAddr>, n: u64) -> bool {
+    /// What `holder` may hold.
+    fn share(&self, holder: &Holder) -> u64 {
+        match holder {
+            Holder::Stranger(_) => self.per_stranger,
+            _ => self.per_holder,
+        }
+    }
+
+    /// Takes `n` bytes for `holder`; false (nothing taken) if the budget or a share would be
+    /// passed.
+    fn charge(&self, holder: Option<&Holder>, n: u64) -> bool {
         let mut u = self.used();
         if u.total + n > self.total {
             return false;
         }
-        if let Some(a) = addr {
-            let mine = u.per_address.entry(a).or_default();
-            if *mine + n > self.per_address {
-                if *mine == 0 {
-                    u.per_address.remove(&a);
-                }
+        let stranger = matches!(holder, Some(Holder::Stranger(_)));
+        if stranger && u.strangers + n > self.strangers {
+            return false;
+        }
+        if let Some(h) = holder {
+            let mine = u.by_holder.get(h).copied().unwrap_or(0);
+            if mine + n > self.share(h) {
                 return false;
             }
-            *mine += n;
+            u.by_holder.insert(h.clone(), mine + n);
+        }
+        if stranger {
+            u.strangers += n;
         }
         u.total += n;
         true
     }
 
-    fn release(&self, addr: Option<IpAddr>, n: u64) {
+    fn release(&self, holder: Option<&Holder>, n: u64) {
         if n == 0 {
             return;
         }
         let mut u = self.used();
         u.total = u.total.saturating_sub(n);
-        if let Some(a) = addr {
-            if let Some(mine) = u.per_address.get_mut(&a) {
+        if let Some(h) = holder {
+            if matches!(h, Holder::Stranger(_)) {
+                u.strangers = u.strangers.saturating_sub(n);
+            }
+            if let Some(mine) = u.by_holder.get_mut(h) {
                 *mine = mine.saturating_sub(n);
                 if *mine == 0 {
-                    u.per_address.remove(&a);
+                    u.by_holder.remove(h);
                 }
             }
         }
@@ -111,29 +193,37 @@ impl Budget {
         self.used().total
     }
 
-    fn refused(&self, addr: Option<IpAddr>) -> tonic::Status {
+    fn refused(&self, holder: Option<&Holder>) -> tonic::Status {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         if self.warned.swap(now, Ordering::Relaxed) != now {
             tracing::warn!(
-                address = ?addr,
+                sender = ?holder,
                 budget = self.total,
-                per_address = self.per_address,
                 "refused a request: request bytes held before their handlers are at the budget"
             );
         }
+        let share = match holder {
+            Some(Holder::Stranger(_)) => format!(
+                "{} for each caller without a token, {} for all of them",
+                self.per_stranger, self.strangers
+            ),
+            _ => format!("{} for each account or server", self.per_holder),
+        };
         tonic::Status::resource_exhausted(format!(
-            "the server holds too many unfinished request bytes ({} in all, {} per address): \
-             try again shortly",
-            self.total, self.per_address
+            "the server holds too many unfinished request bytes ({} in all, {share}): try again shortly",
+            self.total
         ))
     }
 }
 
 /// The layer that puts every request body on the budget.
 #[derive(Clone)]
-pub struct BudgetLayer(pub Arc<Budget>);
+pub struct BudgetLayer {
+    pub budget: Arc<Budget>,
+    pub classify: Classify,
+}
 
 impl<S> tower_layer::Layer<S> for BudgetLayer {
     type Service = Budgeted<S>;
@@ -141,7 +231,8 @@ impl<S> tower_layer::Layer<S> for BudgetLayer {
     fn layer(&self, inner: S) -> Budgeted<S> {
         Budgeted {
             inner,
-            budget: self.0.clone(),
+            budget: self.budget.clone(),
+            classify: self.classify.clone(),
         }
     }
 }
@@ -151,6 +242,7 @@ impl<S> tower_layer::Layer<S> for BudgetLayer {
 pub struct Budgeted<S> {
     inner: S,
     budget: Arc<Budget>,
+    classify: Classify,
 }
 
 impl<S, B> tower_service::Service<Request<B>> for Budgeted<S>
@@ -166,17 +258,25 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let ext = req.extensions();
-        let addr = ext
-            .get::<TcpConnectInfo>()
-            .or_else(|| ext.get::<TlsConnectInfo<TcpConnectInfo>>().map(|t| t.get_ref()))
-            .and_then(|c| c.remote_addr())
-            .map(|a| a.ip());
-        let budget = (!req.uri().path().starts_with(UNCHARGED)).then(|| self.budget.clone());
+        let charged = !req.uri().path().starts_with(UNCHARGED);
+        let holder = if charged {
+            let ext = req.extensions();
+            let tls = ext.get::<TlsConnectInfo<TcpConnectInfo>>();
+            let addr = ext
+                .get::<TcpConnectInfo>()
+                .or_else(|| tls.map(|t| t.get_ref()))
+                .and_then(|c| c.remote_addr())
+                .map(|a| a.ip());
+            let certs = tls.and_then(|t| t.peer_certs());
+            Holder::of((self.classify)(req.headers(), certs.as_deref().map(|c| &c[..])), addr)
+        } else {
+            None
+        };
+        let budget = charged.then(|| self.budget.clone());
         self.inner.call(req.map(|inner| Charged {
             inner,
             budget,
-            addr,
+            holder,
             charged: 0,
             framing: Framing::default(),
             idle: None,
@@ -231,7 +331,7 @@ pub struct Charged<B> {
     inner: B,
     /// `None`: not charged.
     budget: Option<Arc<Budget>>,
-    addr: Option<IpAddr>,
+    holder: Option<Holder>,
     /// Bytes on the budget now.
     charged: u64,
     framing: Framing,
@@ -242,7 +342,7 @@ pub struct Charged<B> {
 impl<B> Charged<B> {
     fn release(&mut self, n: u64) {
         if let Some(b) = &self.budget {
-            b.release(self.addr, n);
+            b.release(self.holder.as_ref(), n);
         }
         self.charged -= n;
     }
@@ -295,8 +395,8 @@ where
         let done = std::mem::take(&mut this.framing.complete);
         this.release(done);
         let n = data.len() as u64;
-        if !budget.charge(this.addr, n) {
-            return Poll::Ready(Some(Err(Box::new(budget.refused(this.addr)))));
+        if !budget.charge(this.holder.as_ref(), n) {
+            return Poll::Ready(Some(Err(Box::new(budget.refused(this.holder.as_ref())))));
         }
         this.charged += n;
         this.framing.advance(data);
@@ -346,7 +446,7 @@ mod tests {
         Charged {
             inner: http_body_util::StreamBody::new(futures::stream::iter(frames).chain(rest)),
             budget: Some(budget.clone()),
-            addr: Some(IpAddr::from([127, 0, 0, 9])),
+            holder: Some(Holder::Server(IpAddr::from([127, 0, 0, 9]))),
             charged: 0,
             framing: Framing::default(),
             idle: None,
@@ -381,7 +481,7 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
         // Another address still has room while that one holds 90.
         let mut other = body(vec![message(10)], &budget, false);
-        other.addr = Some(IpAddr::from([127, 0, 0, 10]));
+        other.holder = Some(Holder::Server(IpAddr::from([127, 0, 0, 10])));
         other.frame().await.unwrap().unwrap();
         assert_eq!(budget.held(), 90 + 15);
         drop((big, other));
@@ -403,6 +503,42 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
         assert!(status.message().contains("sent nothing"), "{status:?}");
         assert_eq!(budget.held(), 0);
+    }
+
+    /// Strangers share an eighth of the budget, each address (each IPv6 /64) a sixty-fourth;
+    /// accounts and servers a quarter each, whatever strangers hold.
+    #[test]
+    fn strangers_share_a_small_part_and_cannot_crowd_out_accounts() {
+        let b = Budget::new(6400);
+        let stranger = |last: u8| Holder::of(Sender::Stranger, Some(IpAddr::from([10, 0, 0, last])));
+        // Each stranger 100 bytes, all of them 800.
+        assert!(b.charge(stranger(1).as_ref(), 100));
+        assert!(!b.charge(stranger(1).as_ref(), 1), "one stranger's share is full");
+        for last in 2..=8 {
+            assert!(b.charge(stranger(last).as_ref(), 100), "stranger {last}");
+        }
+        assert!(!b.charge(stranger(9).as_ref(), 1), "all strangers' part is full");
+        // Two addresses of one IPv6 /64 are one stranger.
+        let v6 = |s: &str| Holder::of(Sender::Stranger, Some(s.parse().unwrap()));
+        b.release(stranger(8).as_ref(), 100);
+        assert!(b.charge(v6("2001:db8::1").as_ref(), 60));
+        assert!(!b.charge(v6("2001:db8::2").as_ref(), 60), "same /64");
+        assert!(b.charge(v6("2001:db8:0:1::2").as_ref(), 40), "another /64");
+        // Accounts and servers still have their quarters.
+        let alice = Holder::of(Sender::Account("alice".into()), Some(IpAddr::from([10, 0, 0, 1])));
+        let server = Holder::of(Sender::Server, Some(IpAddr::from([10, 0, 0, 2])));
+        assert!(b.charge(alice.as_ref(), 1600));
+        assert!(!b.charge(alice.as_ref(), 1), "an account's quarter is full");
+        assert!(b.charge(server.as_ref(), 1600));
+        assert_eq!(b.held(), 800 + 3200);
+        // Given back, the part strangers hold is free again.
+        for last in 1..=7 {
+            b.release(stranger(last).as_ref(), 100);
+        }
+        b.release(v6("2001:db8::1").as_ref(), 60);
+        b.release(v6("2001:db8:0:1::").as_ref(), 40);
+        assert!(b.charge(stranger(9).as_ref(), 100));
+        assert_eq!(b.held(), 100 + 3200);
     }
 
     #[test]

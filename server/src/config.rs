@@ -70,8 +70,8 @@ pub struct ServerConfig {
     /// [`DEFAULT_SPOOL_MAX`] (and not written, so older builds still read the file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spool_max_bytes: Option<u64>,
-    /// Most request bytes held before their handlers take them, a quarter of it for any one remote
-    /// address (see `body_budget`). Unset = [`crate::body_budget::DEFAULT_BUDGET`] (and not
+    /// Most request bytes held before their handlers take them, shared out by who sends them
+    /// (see `body_budget`). Unset = [`crate::body_budget::DEFAULT_BUDGET`] (and not
     /// written, so older builds still read the file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_buffer_bytes: Option<u64>,

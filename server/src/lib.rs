@@ -365,9 +365,13 @@ async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .layer(rpc_timing)
-        .layer(body_budget::BudgetLayer(body_budget::Budget::new(
-            node.cfg.request_buffer_bytes.unwrap_or(body_budget::DEFAULT_BUDGET),
-        )))
+        .layer(body_budget::BudgetLayer {
+            budget: body_budget::Budget::new(node.cfg.request_buffer_bytes.unwrap_or(body_budget::DEFAULT_BUDGET)),
+            classify: {
+                let node = node.clone();
+                Arc::new(move |headers, certs| grpc::budget_sender(&node, headers, certs))
+            },
+        })
         .add_service(
             pb::meta_server::MetaServer::new(MetaService(node.clone()))
                 .max_decoding_message_size(MAX_SMALL_REQUEST)

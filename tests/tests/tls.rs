@@ -412,3 +412,94 @@ async fn unfinished_request_messages_are_held_within_the_servers_budget() {
     })
     .await
 }
+
+/// A request to `path` through `ch` that sends the first `sent` bytes of a message declared
+/// `declared` bytes long and then stays open. Resolves to its `grpc-status` when the server
+/// answers (a refusal answers at once; a held request only when it fails for its stall).
+async fn unfinished(mut ch: Channel, path: &str, declared: u32, sent: usize) -> Result<Option<Vec<u8>>> {
+    use futures::StreamExt;
+    use http_body::Frame;
+    let mut data = vec![0u8; sent];
+    data[1..5].copy_from_slice(&declared.to_be_bytes());
+    let first = futures::stream::iter([Ok::<_, std::convert::Infallible>(Frame::data(bytes::Bytes::from(data)))]);
+    let body = http_body_util::StreamBody::new(first.chain(futures::stream::pending()));
+    let req = http::Request::post(format!("https://127.0.0.1{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(body))?;
+    futures::future::poll_fn(|cx| tower_service::Service::poll_ready(&mut ch, cx)).await?;
+    let answer = tower_service::Service::call(&mut ch, req).await?;
+    Ok(answer.headers().get("grpc-status").map(|v| v.as_bytes().to_vec()))
+}
+
+/// Callers with neither a token nor a server certificate ("strangers") share an eighth of the
+/// request budget, each address a sixty-fourth. Before, each address could hold a quarter, so
+/// four of them filling it made every other caller's large requests fail, a webmaster's upload
+/// included. Eight stranger addresses now hold at most 8 MiB of a 64 MiB budget, a ninth is
+/// refused, and an account's 6 MiB upload goes through while they hold it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn strangers_cannot_take_the_request_budget_from_accounts() {
+    bounded(async {
+        let opts = ClusterOpts::new(2, 0).arg("--request-buffer-max", "64M");
+        let tc = TestCluster::start(opts).await?;
+        tc.create_volume("www", 2).await?;
+        let addr = tc.servers[1].addr.clone();
+        let Tls::Ca { ca_pem, .. } = &tc.tls else {
+            bail!("cluster is not TLS")
+        };
+        let from = |last: u8| -> Result<Channel> {
+            let tls = Tls::Ca {
+                ca_pem: ca_pem.clone(),
+                identity: None,
+            };
+            Ok(tls
+                .endpoint(&addr)?
+                .local_address(Some(std::net::IpAddr::from([127, 0, 0, last])))
+                .connect_timeout(Duration::from_secs(2))
+                .connect_lazy())
+        };
+        // 8 addresses, 32 streams each, 512 KiB sent of a 4 MiB message: 128 MiB offered. At a
+        // quarter per address, four addresses held all 64 MiB; now 8 MiB in all.
+        const ADDRESSES: u8 = 8;
+        const STREAMS: usize = 32;
+        let mut answers = futures::stream::FuturesUnordered::new();
+        for a in 0..ADDRESSES {
+            let ch = from(20 + a)?;
+            for _ in 0..STREAMS {
+                answers.push(unfinished(ch.clone(), "/codafs.v1.Blobs/PutSmall", 4 << 20, 512 << 10));
+            }
+        }
+        // Refusals answer at once; held streams do not answer (3 s without one ends the wait).
+        let mut refused = 0;
+        let wait = Duration::from_secs(3);
+        while let Ok(Some(status)) = tokio::time::timeout(wait, futures::StreamExt::next(&mut answers)).await {
+            let status = status?;
+            anyhow::ensure!(
+                status.as_deref() == Some(b"8"),
+                "an answer other than RESOURCE_EXHAUSTED: {status:?}"
+            );
+            refused += 1;
+        }
+        // An account is not a stranger: its upload goes through while they hold their part.
+        let writer = tc.client();
+        let content = vec![7u8; 6 << 20];
+        TestCluster::write_file(&writer, "www", "", "big.bin", &content)
+            .await
+            .context("an account's upload while strangers hold unfinished requests")?;
+        let held = usize::from(ADDRESSES) * STREAMS - refused;
+        assert!(
+            held <= 16,
+            "{held} unfinished 512 KiB requests of strangers held: more than their 8 MiB"
+        );
+        assert!(held >= 8, "only {held} held: each stranger address may hold 1 MiB");
+        // A ninth address finds the strangers' part full.
+        let ninth = unfinished(from(20 + ADDRESSES)?, "/codafs.v1.Blobs/PutSmall", 4 << 20, 64 << 10);
+        let status = tokio::time::timeout(Duration::from_secs(10), ninth)
+            .await
+            .context("a ninth stranger's request was held, not refused")??;
+        assert_eq!(status.as_deref(), Some(&b"8"[..]), "the ninth stranger's answer");
+        drop(answers);
+        Ok(())
+    })
+    .await
+}

@@ -67,6 +67,45 @@ pub fn is_peer<T>(node: &Node, req: &tonic::Request<T>) -> bool {
     node.cfg.insecure || peer_node_id(req).is_some_and(|id| is_member(node, id))
 }
 
+/// Who sends a request, for the request budget (`crate::body_budget`), from its headers alone
+/// (the body has not arrived): an account whose token's signature holds (expiry, revocation and
+/// rights are checked by the handler), a current member by its certificate (any caller without
+/// a token on an `--insecure` cluster), or a stranger.
+pub fn budget_sender(
+    node: &Node,
+    headers: &tonic::codegen::http::HeaderMap,
+    certs: Option<&[tonic::transport::CertificateDer<'static>]>,
+) -> crate::body_budget::Sender {
+    use crate::body_budget::Sender;
+    let token = headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok());
+    if let Some(user) = token.and_then(|t| token_user(node, t)) {
+        return Sender::Account(user);
+    }
+    let member = certs
+        .and_then(|c| c.first())
+        .and_then(|c| crate::tls::node_id_of_der(c.as_ref()))
+        .is_some_and(|id| is_member(node, id));
+    if node.cfg.insecure || member {
+        Sender::Server
+    } else {
+        Sender::Stranger
+    }
+}
+
+/// The account a token names, if its signature is one of the cluster's keys'.
+fn token_user(node: &Node, token: &str) -> Option<String> {
+    use crate::fsm::StateView;
+    let cluster = node.tables().cluster().ok()??;
+    let claims = codafs_common::token::verify(
+        token,
+        &cluster.cluster_id,
+        |id| cluster.key(id),
+        codafs_common::token::unix_now(),
+    )
+    .ok()?;
+    Some(claims.user)
+}
+
 /// Refuses `what` (Raft messages, forwarded writes and blob copies) unless the caller is a peer.
 pub fn require_peer<T>(node: &Node, req: &tonic::Request<T>, what: &str) -> Result<(), Status> {
     if is_peer(node, req) {

@@ -120,21 +120,35 @@ impl Cluster {
 
     // ---------------------------------------------------------------------------- Blobs
 
-    /// Which of `hashes` the server at `addr` lacks.
+    /// Which of `hashes` the server at `addr` does not store (a health check: nothing is
+    /// touched, and an unreferenced blob counts while it is stored).
     pub async fn missing_on(&self, addr: &str, hashes: &[Hash]) -> Result<Vec<Hash>, ClientError> {
-        self.missing_on_as(addr, None, hashes).await
+        self.ask_missing(addr, None, hashes, true).await
     }
 
-    /// [`Cluster::missing_on`], asked as `token`'s holder (asking needs the right to store).
+    /// Which of `hashes` a commit could not reference on the server at `addr`, asked as
+    /// `token`'s holder (asking needs the right to store): those it lacks, and unreferenced
+    /// ones near the end of their GC grace period, which are to be sent again.
     pub async fn missing_on_as(
         &self,
         addr: &str,
         token: Option<&str>,
         hashes: &[Hash],
     ) -> Result<Vec<Hash>, ClientError> {
+        self.ask_missing(addr, token, hashes, false).await
+    }
+
+    async fn ask_missing(
+        &self,
+        addr: &str,
+        token: Option<&str>,
+        hashes: &[Hash],
+        exists_only: bool,
+    ) -> Result<Vec<Hash>, ClientError> {
         let req = pb::MissingBlobsRequest {
             hashes: hashes.iter().map(|h| bytes::Bytes::copy_from_slice(&h.0)).collect(),
             sizes: Vec::new(),
+            exists_only,
         };
         let mut r = self.request_opt(token, req);
         r.set_timeout(self.policy.call_timeout);

@@ -308,7 +308,7 @@ pub async fn upload(
         };
         return Ok(s);
     }
-    let todo = send::find_missing(c, plan.blobs).await?;
+    let todo = send::find_missing(c, plan.blobs.clone()).await?;
     s.uploaded_blobs = todo.len();
     s.uploaded_bytes = todo.iter().map(|(_, src)| src.len()).sum();
     tracing::debug!(
@@ -319,16 +319,31 @@ pub async fn upload(
     progress.planned(todo.len(), s.uploaded_bytes);
     let quorum = c.get_volume(&opts.volume).await?.write_quorum;
     send::send(c, send::jobs(todo), quorum, opts.parallel, progress).await?;
-    let reply = c
-        .commit(crate::ops::commit(&opts.volume, plan.ops))
-        .await
-        .map_err(|e| match e.kind() {
-            ErrorKind::Conflict => UploadError::Conflict(e.to_string()),
-            _ => UploadError::Server(e),
-        })?;
+    let commit = crate::ops::commit(&opts.volume, plan.ops);
+    let mut resent = 0;
+    let reply = loop {
+        match c.commit(commit.clone()).await {
+            // A blob found held when asked can be short of copies at the commit: an
+            // unreferenced one near the end of its GC grace period is no longer counted (the
+            // servers' `blobs::asked`), or a replica lost it. Send what is lacking now, and
+            // commit again (same request id: applied at most once).
+            Err(e) if e.kind() == ErrorKind::NotEnoughCopies && resent < COMMIT_RESENDS => {
+                resent += 1;
+                tracing::info!(error = %e, "the commit found blobs short of copies; sending them again");
+                let todo = send::find_missing(c, plan.blobs.clone()).await?;
+                send::send(c, send::jobs(todo), quorum, opts.parallel, &()).await?;
+            }
+            Err(e) if e.kind() == ErrorKind::Conflict => return Err(UploadError::Conflict(e.to_string())),
+            Err(e) => return Err(UploadError::Server(e)),
+            Ok(reply) => break reply,
+        }
+    };
     s.version = reply.version;
     Ok(s)
 }
+
+/// How often an upload sends lacking blobs again when its commit finds some short of copies.
+const COMMIT_RESENDS: usize = 2;
 
 /// The directories above `base` (and `base` itself) that do not exist yet, parents first.
 async fn missing_ancestors(c: &Cluster, volume: &str, base: &str) -> Result<Vec<String>, UploadError> {

@@ -91,6 +91,10 @@ pub struct Node {
     pub tasks: crate::tasks::Tasks,
     /// Parsed chunk manifests, bounded (see `blobs::manifests`).
     pub manifests: crate::blobs::manifests::ManifestCache,
+    /// Chunks of referenced manifests as the last GC pass found them, and unreferenced blobs
+    /// reported held to a commit (see `blobs::asked`).
+    pub live_chunks: crate::blobs::asked::LiveChunks,
+    pub pins: Arc<crate::blobs::asked::Pins>,
     /// Live change streams, by volume (`codafs volume info` lists them).
     pub subscribers: Arc<crate::subscribers::Subscribers>,
     /// On a witness, the bound on its spool of relayed blobs and hints (`blobs::handoff`).

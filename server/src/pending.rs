@@ -21,7 +21,9 @@ use codafs_common::Hash;
 
 use crate::node::NodeError;
 
-/// How long stored-but-unreferenced bytes count against their uploader.
+/// How long stored-but-unreferenced bytes count against their uploader at least; longer when
+/// the GC grace period is longer ([`PendingBytes::new`]), so that garbage counts for as long as
+/// GC keeps it.
 pub const PENDING_TTL: Duration = Duration::from_secs(3600);
 /// Most uploaders tracked at once (beyond it, the one idle longest is forgotten).
 const PENDING_USERS: usize = 4096;
@@ -62,18 +64,18 @@ impl Account {
     /// Drops entries that expired or that a commit references by now (not while a store of
     /// them runs). Each entry costs a lookup, so this runs only when a store would otherwise
     /// be refused.
-    fn prune(&mut self, now: Instant, referenced: &impl Fn(&Hash) -> bool) {
+    fn prune(&mut self, now: Instant, ttl: Duration, referenced: &impl Fn(&Hash) -> bool) {
         let gone: Vec<Hash> = self
             .blobs
             .iter()
-            .filter(|(h, e)| e.holds == 0 && (now.duration_since(e.at) >= PENDING_TTL || referenced(h)))
+            .filter(|(h, e)| e.holds == 0 && (now.duration_since(e.at) >= ttl || referenced(h)))
             .map(|(h, _)| *h)
             .collect();
         for h in &gone {
             self.remove(h);
         }
         while let Some((at, b)) = self.overflow.front().copied() {
-            if now.duration_since(at) < PENDING_TTL {
+            if now.duration_since(at) < ttl {
                 break;
             }
             self.overflow.pop_front();
@@ -93,9 +95,16 @@ impl Account {
 }
 
 /// See the module documentation.
-#[derive(Default)]
 pub struct PendingBytes {
     by_user: Mutex<HashMap<String, Account>>,
+    /// How long a charge lasts.
+    ttl: Duration,
+}
+
+impl Default for PendingBytes {
+    fn default() -> Self {
+        Self::new(Duration::ZERO)
+    }
 }
 
 /// A reserved charge: what it alone held is taken back when dropped, unless [`Charge::keep`]
@@ -161,6 +170,14 @@ impl Drop for Charge<'_> {
 }
 
 impl PendingBytes {
+    /// Charges that last [`PENDING_TTL`], or `gc_grace` if that is longer.
+    pub fn new(gc_grace: Duration) -> Self {
+        PendingBytes {
+            by_user: Mutex::default(),
+            ttl: PENDING_TTL.max(gc_grace),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Account>> {
         self.by_user.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -192,11 +209,12 @@ impl PendingBytes {
             if !seen.insert(*h) {
                 continue;
             }
-            match acct.blobs.get(h) {
+            match acct.blobs.get_mut(h) {
                 // Being stored by another request right now: shared, so a failure of that
                 // one cannot take back the charge this one relies on.
                 Some(e) if !e.kept => shared.push(*h),
-                Some(_) => {}
+                // Stored again: that restarts its GC grace period, so its charge restarts too.
+                Some(e) => e.at = now,
                 None if !referenced(h) => new.push((*h, *size)),
                 None => {}
             }
@@ -204,10 +222,10 @@ impl PendingBytes {
         let adding: u64 = new.iter().map(|(_, s)| *s).sum();
         let fits = |a: &Account| headroom.is_none_or(|room| a.bytes.saturating_add(adding) <= room);
         if !fits(acct) {
-            acct.prune(now, &referenced);
+            acct.prune(now, self.ttl, &referenced);
         }
         if !fits(acct) {
-            let minutes = PENDING_TTL.as_secs() / 60;
+            let minutes = self.ttl.as_secs().div_ceil(60);
             return Err(NodeError::Quota(format!(
                 "{user} has {} bytes uploaded but not yet committed; {adding} more would exceed the {} bytes left \
                  in its volumes' quotas (commit or wait {minutes} min)",

@@ -630,6 +630,15 @@ impl TestCluster {
         Ok(())
     }
 
+    /// The addresses of the data servers (not witnesses).
+    pub fn data_addrs(&self) -> Vec<String> {
+        self.servers
+            .iter()
+            .filter(|s| !s.witness)
+            .map(|s| s.addr.clone())
+            .collect()
+    }
+
     /// Whether the server at `addr` stores every one of `hashes`.
     pub async fn has_blobs(&self, addr: &str, hashes: &[Hash]) -> Result<bool> {
         Ok(self.client_on(addr).missing_on(addr, hashes).await?.is_empty())

@@ -233,6 +233,7 @@ async fn probe(c: &Cluster, fx: &Fixture) -> BTreeMap<&'static str, Outcome> {
     let missing = pb::MissingBlobsRequest {
         hashes: vec![bytes::Bytes::copy_from_slice(&new_hash.0)],
         sizes: Vec::new(),
+        exists_only: false,
     };
     m.insert(
         "Blobs.Missing",

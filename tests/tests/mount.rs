@@ -767,12 +767,7 @@ async fn a_client_that_starts_at_a_witness_moves_to_a_data_server() {
     bounded(async {
         let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
         let witness = tc.servers.iter().find(|s| s.witness).context("a witness")?.addr.clone();
-        let data: Vec<String> = tc
-            .servers
-            .iter()
-            .filter(|s| !s.witness)
-            .map(|s| s.addr.clone())
-            .collect();
+        let data = tc.data_addrs();
         let c = tc.client();
         c.prefer(&witness)?;
         c.avoid_witness().await;

@@ -15,6 +15,7 @@ use codafs_common::Hash;
 use codafs_proto::limits::MAX_MISSING_QUERY;
 use codafs_proto::pb;
 
+use crate::blobs::asked::Held;
 use crate::node::{Member, Node, NodeError};
 
 /// Most distinct blobs one round of the check holds and asks each replica about.
@@ -72,9 +73,8 @@ impl Node {
     /// that declared sizes match the stored content on every replica that holds a copy (a
     /// commit that lied about a size would be charged against quota wrongly). For chunked
     /// content (by its declared size) that is the manifest and each of its chunks, after the
-    /// manifest is found valid and of the declared size. Copies found here get their mtime
-    /// refreshed, so garbage collection's grace period restarts for content that is about to be
-    /// referenced again.
+    /// manifest is found valid and of the declared size. What each replica counts as held, and
+    /// what asking does to a blob's GC grace, is `blobs::asked`'s.
     pub async fn check_blob_copies(&self, blobs: &[(Hash, u64)], write_quorum: u32) -> Result<(), NodeError> {
         if blobs.is_empty() {
             return Ok(());
@@ -189,7 +189,11 @@ impl Node {
                     let wire = chunk.iter().map(|(h, _)| bytes::Bytes::copy_from_slice(&h.0)).collect();
                     let sizes = chunk.iter().map(|(_, s)| *s).collect();
                     let mut c = peers.blobs(&addr).map_err(|e| format!("{addr}: {e}"))?;
-                    let mut req = tonic::Request::new(pb::MissingBlobsRequest { hashes: wire, sizes });
+                    let mut req = tonic::Request::new(pb::MissingBlobsRequest {
+                        hashes: wire,
+                        sizes,
+                        exists_only: false,
+                    });
                     req.set_timeout(Duration::from_secs(10));
                     let r = c.missing(req).await.map_err(|s| format!("{addr}: {}", s.message()))?;
                     let r = r.into_inner();
@@ -250,23 +254,22 @@ impl Node {
         Ok(())
     }
 
-    /// The blobs of `blobs` stored here with their declared size (each touched), and those
-    /// stored here with another size: like a peer's, a local copy of another size counts as
-    /// missing, and refuses the commit only if no copy has the declared size. Off the async
-    /// workers: a round may stat many thousands of files.
+    /// The blobs of `blobs` held here with their declared size (touched or pinned as
+    /// `blobs::asked` says; an unreferenced blob near the end of its grace period counts as
+    /// missing), and those stored here with another size: like a peer's, a local copy of
+    /// another size counts as missing, and refuses the commit only if no copy has the declared
+    /// size. Off the async workers: a round may stat many thousands of files.
     async fn held_here(&self, blobs: &[(Hash, u64)]) -> Result<(Vec<Hash>, Vec<Hash>), NodeError> {
-        let store = self.blobs.clone();
+        let asker = self.asker();
         let blobs = blobs.to_vec();
         tokio::task::spawn_blocking(move || {
+            let asked: Vec<(Hash, Option<u64>)> = blobs.iter().map(|(h, s)| (*h, Some(*s))).collect();
             let (mut held, mut other_size) = (Vec::new(), Vec::new());
-            for (h, size) in blobs {
-                match store.size(&h) {
-                    Some(len) if len == size => {
-                        store.touch(&h);
-                        held.push(h);
-                    }
-                    Some(_) => other_size.push(h),
-                    None => {}
+            for ((h, _), answer) in blobs.into_iter().zip(asker.held_for_commit(&asked)) {
+                match answer {
+                    Held::Yes => held.push(h),
+                    Held::OtherSize => other_size.push(h),
+                    Held::No => {}
                 }
             }
             (held, other_size)

@@ -213,13 +213,14 @@ async fn hand_off(node: &Node, replicas: &[String], batch: &[(Hash, u64)], out: 
     }
 }
 
-/// The hashes of `hashes` the data replica at `addr` lacks.
+/// The hashes of `hashes` the data replica at `addr` does not store.
 async fn missing_on(node: &Node, addr: &str, hashes: &[Hash]) -> Result<Vec<Hash>, String> {
     let mut c = node.peers.blobs(addr).map_err(|e| e.to_string())?;
     let wire = hashes.iter().map(|h| bytes::Bytes::copy_from_slice(&h.0)).collect();
     let mut req = tonic::Request::new(pb::MissingBlobsRequest {
         hashes: wire,
         sizes: Vec::new(),
+        exists_only: true,
     });
     req.set_timeout(Duration::from_secs(10));
     let r = c.missing(req).await.map_err(|s| s.message().to_string())?;

@@ -17,6 +17,7 @@ use std::time::Duration;
 use codafs_common::Hash;
 use codafs_proto::pb;
 
+use crate::blobs::asked;
 use crate::blobs::manifests::Held;
 use crate::blobs::replicate::ForwardError;
 use crate::blobs::suspects::Scope;
@@ -259,29 +260,35 @@ pub async fn scrub_pass(node: &Arc<Node>, rate: u64) {
 }
 
 /// One GC pass: deletes blobs older than `grace` that no file references, directly or as a
-/// chunk of a referenced manifest. When the chunks of some referenced manifest cannot be known
-/// here (the manifest is not held, or unreadable), nothing is deleted this pass: any old blob
-/// could be one of them.
+/// chunk of a referenced manifest, and that no commit check pinned (`blobs::asked`). When the
+/// chunks of some referenced manifest cannot be known here (the manifest is not held, or
+/// unreadable), nothing is deleted this pass: any old blob could be one of them. Each pass also
+/// renews the set of live chunks that answers to "is this blob held" go by.
 pub fn gc_pass(node: &Node, grace: Duration) {
-    let list = match node.blobs.list() {
-        Ok(l) => l,
-        Err(e) => return tracing::warn!(error = %e, "gc: listing blobs failed"),
-    };
-    let old_unreferenced =
-        |h: &Hash| matches!(node.tables().blobref(h), Ok(0)) && node.blobs.age(h).is_some_and(|a| a >= grace);
-    let mut candidates: HashSet<Hash> = list.into_iter().map(|(h, _)| h).filter(old_unreferenced).collect();
-    if candidates.is_empty() {
-        return;
-    }
+    node.pins.prune();
     let manifests = match node.tables().referenced_manifests() {
         Ok(m) => m,
         Err(e) => return tracing::warn!(error = %e, "gc: reading manifest references failed; deleting nothing"),
     };
-    if let Err(why) = keep_chunks(&mut candidates, &manifests, |m| node.manifest_if_stored(m)) {
+    let (live, unknown) = refresh_live_chunks(node, &manifests);
+    let list = match node.blobs.list() {
+        Ok(l) => l,
+        Err(e) => return tracing::warn!(error = %e, "gc: listing blobs failed"),
+    };
+    let old_unreferenced = |h: &Hash| {
+        matches!(node.tables().blobref(h), Ok(0)) && node.blobs.age(h).is_some_and(|a| a >= grace) && !node.pins.held(h)
+    };
+    let mut candidates: HashSet<Hash> = list.into_iter().map(|(h, _)| h).filter(old_unreferenced).collect();
+    if candidates.is_empty() {
+        return;
+    }
+    if let Some(why) = unknown {
         return tracing::warn!(reason = %why, "gc: deleting nothing this pass");
     }
+    candidates.retain(|h| !live.contains(&asked::prefix(h)));
     for hash in candidates {
-        // Again just before deleting: a commit may have referenced it, or touched it, meanwhile.
+        // Again just before deleting: a commit may have referenced, touched or pinned it
+        // meanwhile.
         if old_unreferenced(&hash) && node.blobs.remove(&hash).is_ok() {
             node.counters.gc_removed.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%hash, "collected unreferenced blob");
@@ -289,40 +296,47 @@ pub fn gc_pass(node: &Node, grace: Duration) {
     }
 }
 
-/// Removes from `candidates` every chunk that one of the referenced `manifests` lists (those
-/// are live). `Err` says why the chunks cannot all be known: a referenced manifest not held
-/// here or not readable. A blob that is held and intact but no manifest lists no chunks.
-fn keep_chunks(
-    candidates: &mut HashSet<Hash>,
+/// Renews [`Node::live_chunks`] from the referenced `manifests` and returns the set; with it,
+/// why it is incomplete when some manifest is not held here or cannot be read (see
+/// [`live_chunks`]).
+pub fn refresh_live_chunks(node: &Node, manifests: &[Hash]) -> (Arc<HashSet<[u8; 16]>>, Option<String>) {
+    let (live, unknown) = live_chunks(manifests, |m| node.manifest_if_stored(m));
+    node.live_chunks.replace(live);
+    (node.live_chunks.get(), unknown)
+}
+
+/// The chunks the referenced `manifests` list (by [`asked::prefix`]: a garbage blob sharing a
+/// live chunk's first 16 bytes would only be kept), and why the set is incomplete when some
+/// manifest is not held here yet or cannot be read. GC then deletes nothing, since any old blob
+/// could be one of its chunks; answers go by age for those chunks (at worst, they are sent
+/// again). A referenced blob that is no manifest (a large blob from before chunking) lists none.
+fn live_chunks(
     manifests: &[Hash],
     load: impl Fn(&Hash) -> Result<Held, NodeError>,
-) -> Result<(), String> {
+) -> (HashSet<[u8; 16]>, Option<String>) {
+    let mut live = HashSet::new();
+    let mut unknown = None;
     for m in manifests {
-        if candidates.is_empty() {
-            break;
-        }
         match load(m) {
-            Ok(Held::Manifest(entry)) => {
-                for c in &entry.manifest.chunks {
-                    candidates.remove(&c.hash);
-                }
-            }
+            Ok(Held::Manifest(entry)) => live.extend(entry.manifest.chunks.iter().map(|c| asked::prefix(&c.hash))),
             Ok(Held::NotManifest(why)) => {
                 tracing::debug!(manifest = %m, %why, "gc: a referenced blob over the chunk threshold is no manifest")
             }
             Ok(Held::Missing) => {
-                return Err(format!(
-                    "referenced manifest {m} is not stored here yet (repair fetches it), so its chunks are unknown"
-                ))
+                unknown.get_or_insert_with(|| {
+                    format!(
+                        "referenced manifest {m} is not stored here yet (repair fetches it), so its chunks are unknown"
+                    )
+                });
             }
             Err(e) => {
-                return Err(format!(
-                    "referenced manifest {m} cannot be read ({e}), so its chunks are unknown"
-                ))
+                unknown.get_or_insert_with(|| {
+                    format!("referenced manifest {m} cannot be read ({e}), so its chunks are unknown")
+                });
             }
         }
     }
-    Ok(())
+    (live, unknown)
 }
 
 /// How often GC runs while free space is under twice the watermark.
@@ -346,6 +360,13 @@ pub async fn run(node: Arc<Node>) {
 /// Repair, scrub and GC until the server stops or becomes a witness.
 async fn data_maintenance(node: Arc<Node>) {
     let mut stop = node.tasks.stop_signal();
+    // Answers about blobs need the live chunks before the first GC pass (`blobs::asked`).
+    let n = node.clone();
+    let _ = tokio::task::spawn_blocking(move || match n.tables().referenced_manifests() {
+        Ok(m) => drop(refresh_live_chunks(&n, &m)),
+        Err(e) => tracing::warn!(error = %e, "reading manifest references failed"),
+    })
+    .await;
     let repair_every = Duration::from_millis(node.cfg.repair_interval_ms.max(50));
     let full_every = Duration::from_secs(node.cfg.full_repair_interval_s.max(1));
     let mut last_full = tokio::time::Instant::now();
@@ -428,6 +449,10 @@ mod tests {
         names.iter().map(|n| Hash::of(n.as_bytes())).collect()
     }
 
+    fn prefixes(names: &[&str]) -> HashSet<[u8; 16]> {
+        hashes(names).iter().map(asked::prefix).collect()
+    }
+
     #[test]
     fn chunks_of_referenced_manifests_are_live() {
         let (m1, _) = held(&["a", "b"]);
@@ -441,29 +466,28 @@ mod tests {
                 Held::NotManifest("plain content".into())
             })
         };
-        let mut candidates = hashes(&["a", "b", "c", "old version", "orphan"]);
         let legacy = Hash::of(b"a large blob from before chunking");
-        keep_chunks(&mut candidates, &[m1, legacy, m2], load).unwrap();
-        assert_eq!(candidates, hashes(&["old version", "orphan"]));
+        let (live, unknown) = live_chunks(&[m1, legacy, m2], load);
+        assert_eq!(unknown, None);
+        assert_eq!(live, prefixes(&["a", "b", "c"]));
     }
 
     #[test]
-    fn a_referenced_manifest_not_held_here_stops_the_pass() {
+    fn a_referenced_manifest_not_held_here_leaves_the_set_incomplete() {
         let (m1, _) = held(&["a", "a2"]);
         let absent = Hash::of(b"not fetched yet");
         let load =
             |h: &Hash| -> Result<Held, NodeError> { Ok(if *h == m1 { held(&["a", "a2"]).1 } else { Held::Missing }) };
-        let mut candidates = hashes(&["a", "orphan"]);
-        let why = keep_chunks(&mut candidates, &[m1, absent], load).unwrap_err();
+        let (live, why) = live_chunks(&[m1, absent], load);
+        let why = why.expect("incomplete");
         assert!(
             why.contains(&absent.to_string()) && why.contains("not stored here"),
             "{why}"
         );
+        assert_eq!(live, prefixes(&["a", "a2"]), "what is known is kept");
         let unreadable = |_: &Hash| -> Result<Held, NodeError> { Err(NodeError::Internal("disk error".into())) };
-        let why = keep_chunks(&mut hashes(&["x"]), &[m1], unreadable).unwrap_err();
-        assert!(why.contains("disk error"), "{why}");
-        // Nothing to delete: no manifest needs reading at all.
-        keep_chunks(&mut HashSet::new(), &[absent], unreadable).unwrap();
+        let (_, why) = live_chunks(&[m1], unreadable);
+        assert!(why.is_some_and(|w| w.contains("disk error")));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{convert, internal, refuse, ErrorKind};
 use crate::access::{self, Caller};
+use crate::blobs::asked::Held;
 use crate::blobs::handoff::SpoolReservation;
 use crate::blobs::manifests::ManifestEntry;
 use crate::blobs::replicate::{self, replicate, ForwardError, Replicated};
@@ -401,9 +402,14 @@ impl pb::blobs_server::Blobs for BlobService {
     }
 
     async fn missing(&self, req: Request<pb::MissingBlobsRequest>) -> Result<Response<pb::MissingBlobsReply>, Status> {
-        // Asking may restart GC grace periods (below), so it needs the right to store.
+        // Asking may restart GC grace periods of live blobs and pin unreferenced ones
+        // (`blobs::asked`), so it needs the right to store.
         self.0.check_store(&Caller::of(&self.0, &req))?;
-        let pb::MissingBlobsRequest { hashes, sizes } = req.into_inner();
+        let pb::MissingBlobsRequest {
+            hashes,
+            sizes,
+            exists_only,
+        } = req.into_inner();
         if hashes.len() > MAX_MISSING_QUERY {
             return Err(refuse(
                 ErrorKind::Invalid,
@@ -424,21 +430,29 @@ impl pb::blobs_server::Blobs for BlobService {
             .iter()
             .map(|h| convert::hash(h))
             .collect::<Result<Vec<_>, Status>>()?;
-        // Up to MAX_MISSING_QUERY files looked at and touched: off the async workers.
-        let store = self.0.blobs.clone();
-        // A witness answers from its spool: the commit check counts hints.
+        // Up to MAX_MISSING_QUERY files looked at: off the async workers. A witness answers
+        // from its spool (the commit check counts hints).
+        let asker = self.0.asker();
         let (missing, wrong_size) = tokio::task::spawn_blocking(move || {
+            let asked: Vec<(Hash, Option<u64>)> = parsed
+                .iter()
+                .enumerate()
+                .map(|(i, h)| (*h, sizes.get(i).copied()))
+                .collect();
             let (mut missing, mut wrong_size) = (Vec::new(), Vec::new());
-            for (i, (h, wire)) in parsed.iter().zip(hashes).enumerate() {
-                match (store.size(h), sizes.get(i)) {
-                    (Some(len), Some(&want)) if len != want => {
+            let answers = if exists_only {
+                asker.stored(&asked)
+            } else {
+                asker.held_for_commit(&asked)
+            };
+            for (held, wire) in answers.into_iter().zip(hashes) {
+                match held {
+                    Held::Yes => {}
+                    Held::OtherSize => {
                         wrong_size.push(wire.clone());
                         missing.push(wire);
                     }
-                    // Asked because a commit is about to reference it (a chunk reused by a new
-                    // version, say): restart its GC grace period.
-                    (Some(_), _) => store.touch(h),
-                    (None, _) => missing.push(wire),
+                    Held::No => missing.push(wire),
                 }
             }
             (missing, wrong_size)

@@ -182,6 +182,13 @@ impl Node {
         self.raft.metrics().borrow().current_leader
     }
 
+    /// The Raft term in which this server leads now, if it does.
+    pub fn leading_term(&self) -> Option<u64> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        (m.state == openraft::ServerState::Leader && m.current_leader == Some(self.id)).then_some(m.current_term)
+    }
+
     /// Waits (bounded) until some leader is known; returns its id.
     pub async fn wait_leader(&self) -> Result<NodeId, NodeError> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;

@@ -11,9 +11,10 @@
 //!   gets one grace period.
 //! - An **unreferenced** blob (an upload whose commit has not come yet, or garbage) is never
 //!   touched. It is reported held only while at least [`margin`] of its grace period is left,
-//!   and then pinned in memory for at most [`PIN_MAX`] ([`Pins`]), never past its natural end,
-//!   so asking again cannot chain pins to keep it. The pin matters only when space pressure
-//!   shortens the grace period between a commit's check and its apply. An older unreferenced
+//!   and then pinned in memory ([`Pins`]) until its natural end, for at most [`PIN_MAX`], so
+//!   asking again cannot chain pins to keep it. The pin matters only when space pressure
+//!   shortens the grace period between a commit's check and its apply: the commit then still
+//!   has up to a minute, as a touch used to give it. An older unreferenced
 //!   blob is reported missing: the client sends it again, which charges its quota and restarts
 //!   its grace period as any store does.
 use std::collections::{HashMap, HashSet};
@@ -59,7 +60,7 @@ pub fn judge(live: bool, age: Duration, grace: Duration) -> Answer {
     }
     let margin = margin(grace);
     if age.saturating_add(margin) < grace {
-        Answer::Pin(margin.min(PIN_MAX))
+        Answer::Pin((grace - age).min(PIN_MAX))
     } else {
         Answer::Lacking
     }
@@ -232,15 +233,15 @@ mod tests {
         assert_eq!(judge(false, min(49), hour), Answer::Pin(PIN_MAX));
         assert_eq!(judge(false, min(50), hour), Answer::Lacking, "less than 10 min left");
         assert_eq!(judge(false, min(90), hour), Answer::Lacking);
-        // Under space pressure (60 s): held for its first 45 s, pinned for 15 s at most.
+        // Under space pressure (60 s): held for its first 45 s, pinned until its natural end.
         let pressure = Duration::from_secs(60);
         assert_eq!(
             judge(false, Duration::from_secs(5), pressure),
-            Answer::Pin(Duration::from_secs(15))
+            Answer::Pin(Duration::from_secs(55))
         );
         assert_eq!(
             judge(false, Duration::from_secs(44), pressure),
-            Answer::Pin(Duration::from_secs(15))
+            Answer::Pin(Duration::from_secs(16))
         );
         assert_eq!(judge(false, Duration::from_secs(45), pressure), Answer::Lacking);
         // A pin never reaches past the blob's natural end.
@@ -249,7 +250,11 @@ mod tests {
             for age_s in 0..grace_s {
                 let age = Duration::from_secs(age_s);
                 if let Answer::Pin(d) = judge(false, age, grace) {
-                    assert!(age + d < grace, "grace {grace_s} s, age {age_s} s: pinned {d:?}");
+                    assert!(age + d <= grace, "grace {grace_s} s, age {age_s} s: pinned {d:?}");
+                    assert!(
+                        d >= margin(grace).min(PIN_MAX),
+                        "grace {grace_s} s, age {age_s} s: pinned only {d:?}"
+                    );
                 }
             }
         }

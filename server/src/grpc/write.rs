@@ -112,18 +112,19 @@ async fn commit_local(
     // after everything proposed before it is applied here: the apply then reads what the check
     // read (see `fsm::bounds` and `fsm::cost`).
     let lock = node.commit_lock(&body.volume);
-    let held = if checked {
+    let (held, checked_in) = if checked {
         let alone = lock.write_owned().await;
         node.raft
             .ensure_linearizable()
             .await
             .map_err(|e| NodeError::Unavailable(format!("waiting for earlier commits to apply: {e}")))?;
+        let term = node.leading_term().ok_or_else(leadership_moved)?;
         if recursive {
             check_remove_bound(node, &vol, &ops).await?;
         }
-        (None, Some(alone))
+        ((None, Some(alone)), Some(term))
     } else {
-        (Some(lock.read_owned().await), None)
+        ((Some(lock.read_owned().await), None), None)
     };
     let cmd = Command::Commit {
         actor,
@@ -143,6 +144,13 @@ async fn commit_local(
     let proposer = node.clone();
     let proposed = tokio::spawn(async move {
         let _held = held;
+        // A checked commit goes only in the term it was checked in: had this server lost and
+        // won back its leadership meanwhile, another leader's commits could have come between
+        // the check and the apply. What is left is the moment between this look and the
+        // proposal reaching the Raft core, too short for an election.
+        if checked_in.is_some() && proposer.leading_term() != checked_in {
+            return Err(leadership_moved());
+        }
         proposer.propose(cmd).await
     });
     match proposed
@@ -152,6 +160,12 @@ async fn commit_local(
         Outcome::Committed { version, created } => Ok(pb::CommitReply { version, created }),
         other => Err(NodeError::Internal(format!("unexpected outcome {other:?}"))),
     }
+}
+
+/// The refusal of a checked commit whose server stopped leading, or started a new term, before
+/// it was proposed: nothing was proposed, so the client may send it again.
+fn leadership_moved() -> NodeError {
+    NodeError::Unavailable("this server's Raft leadership changed while the commit was checked; send it again".into())
 }
 
 /// Refuses a commit whose recursive removes would delete more than [`MAX_REMOVE_NODES`] nodes

@@ -74,7 +74,7 @@ pub struct ServerArgs {
     spool_max: Option<u64>,
     /// Most request bytes this server holds before its handlers take them (e.g. 1G, the
     /// default): messages still arriving, which tonic reads whole before any token is checked.
-    /// Any one account (a request with a validly signed token) or server may hold a quarter of
+    /// Any one account (a request with a valid token) or server may hold a quarter of
     /// it; callers with neither hold an eighth of it together and a sixty-fourth each (per
     /// address, per /64 for IPv6). A request past a bound fails with RESOURCE_EXHAUSTED. Saved
     /// in server.toml.

@@ -10,7 +10,7 @@
 //! So every byte of a request body is charged, as it arrives, against the server's budget and
 //! against the share of whoever sends it. Who that is comes from the request's headers, which
 //! arrive before its body ([`Sender`]):
-//! - an **account**, for a request with a validly signed token (whether the account may do
+//! - an **account**, for a request with a valid token (whether the account may do
 //!   what it asks is the handler's business): a quarter of the budget per account. An account
 //!   that abuses it is known by name, and its tokens can be revoked;
 //! - a **server** of the cluster (a member's certificate; on an `--insecure` cluster, every
@@ -57,7 +57,7 @@ const UNCHARGED: &str = "/codafs.v1.Raft/";
 /// Who sends a request, as its headers show (see the module doc).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Sender {
-    /// A validly signed token of this account.
+    /// A valid token of this account (signed, not expired, not revoked).
     Account(String),
     /// A server of the cluster (or, on an `--insecure` cluster, any caller without a token).
     Server,

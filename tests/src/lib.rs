@@ -509,6 +509,35 @@ impl TestCluster {
         Ok(c.create_volume(spec).await?)
     }
 
+    /// Creates account `name` (not an admin; its password is "`name` password") and returns a
+    /// token of it, valid for an hour.
+    pub async fn add_user(&self, name: &str) -> Result<String> {
+        let c = self.client();
+        let spec = pb::UserSpec {
+            name: name.into(),
+            password: format!("{name} password"),
+            admin: false,
+            create: true,
+        };
+        c.call(|ch| {
+            let r = c.request(spec.clone());
+            async move { Cluster::admin(ch).put_user(r).await }
+        })
+        .await?;
+        let login = pb::LoginRequest {
+            user: name.into(),
+            password: format!("{name} password"),
+            ttl_secs: 3600,
+        };
+        let reply = c
+            .call(|ch| {
+                let r = c.request(login.clone());
+                async move { Cluster::admin(ch).login(r).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        Ok(reply.token)
+    }
+
     /// Stores `content` at `volume:parent/name` (creating or replacing the file) through `client`.
     pub async fn write_file(client: &Cluster, volume: &str, parent: &str, name: &str, content: &[u8]) -> Result<u64> {
         client.put_content(content, 2).await?;

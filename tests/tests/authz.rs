@@ -519,28 +519,7 @@ where
 }
 
 async fn add_user(tc: &TestCluster, name: &str) -> Result<String> {
-    let spec = pb::UserSpec {
-        name: name.into(),
-        password: format!("{name} password"),
-        admin: false,
-        create: true,
-    };
-    admin_call(tc, |c, ch| {
-        let r = c.request(spec.clone());
-        async move { Cluster::admin(ch).put_user(r).await }
-    })
-    .await?;
-    let login = pb::LoginRequest {
-        user: name.into(),
-        password: format!("{name} password"),
-        ttl_secs: 3600,
-    };
-    let reply = admin_call(tc, |c, ch| {
-        let r = c.request(login.clone());
-        async move { Cluster::admin(ch).login(r).await.map(|r| r.into_inner()) }
-    })
-    .await?;
-    Ok(reply.token)
+    tc.add_user(name).await
 }
 
 async fn add_volume(tc: &TestCluster, name: &str, owner: &str, public: bool) -> Result<()> {

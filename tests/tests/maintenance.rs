@@ -205,10 +205,11 @@ async fn a_blob_a_new_commit_references_is_repaired_without_a_full_pass() {
 
 /// Asking whether blobs are held (as a client does before a commit) and checking commits that
 /// then fail no longer keep an upload that is never committed: it is collected after its grace
-/// period while a client keeps doing both. Before, each question restarted its grace period,
-/// so it outlived its quota charge for as long as the asking went on. A committed large file's
-/// chunks, older than the grace period by then, are still reported held: rewriting 64 KiB of it
-/// sends only the chunks that changed.
+/// period while a client keeps doing both (here an account that did not upload it; its
+/// uploader's questions are the same). Before, each question restarted its grace period, so it
+/// outlived its quota charge for as long as the asking went on. A committed large file's
+/// chunks, older than the grace period by then, are still reported held: rewriting 64 KiB of
+/// it sends only the chunks that changed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn asking_about_an_upload_does_not_keep_it_and_live_chunks_stay_reusable() {
     use codafs_client::ops;
@@ -230,6 +231,16 @@ async fn asking_about_an_upload_does_not_keep_it_and_live_chunks_stay_reusable()
         c.put_blob(large.clone(), 2).await?;
         let orphans = [Hash::of(&small), Hash::of(&large)];
         let data = tc.data_addrs();
+        // Another account, which may store (it owns a volume) and asks about them.
+        let token = tc.add_user("web").await?;
+        c.create_volume(codafs_proto::pb::VolumeSpec {
+            name: "site".into(),
+            owner: "web".into(),
+            write_quorum: 2,
+            ..Default::default()
+        })
+        .await?;
+        let web = codafs_client::Cluster::new(&tc.addrs(), tc.tls.clone(), Some(token))?;
         let stored_anywhere = || async {
             for addr in &data {
                 for h in &orphans {
@@ -251,17 +262,23 @@ async fn asking_about_an_upload_does_not_keep_it_and_live_chunks_stay_reusable()
                 "uploads never committed are still stored after {rounds} rounds of asking about them"
             );
             for addr in &data {
-                c.missing_on_as(addr, None, &orphans).await?;
+                web.missing_on_as(addr, None, &orphans).await?;
             }
-            let mut failing = ops::commit("www", vec![ops::file("never.html", &small, 0o644)]);
+            let mut failing = ops::commit("site", vec![ops::file("never.html", &small, 0o644)]);
             failing.expect_volume_version = Some(1);
             ensure!(
-                c.commit(failing).await.is_err(),
+                web.commit(failing).await.is_err(),
                 "a commit expecting version 1 went through"
             );
             rounds += 1;
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
+
+        ensure!(
+            start.elapsed() >= Duration::from_secs(3),
+            "collected after {:?}: sooner than its 4 s grace period",
+            start.elapsed()
+        );
 
         // video.mp4's chunks are older than the grace period, but live.
         let mut v2 = v1.clone();

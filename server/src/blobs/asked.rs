@@ -11,10 +11,12 @@
 //!   gets one grace period.
 //! - An **unreferenced** blob (an upload whose commit has not come yet, or garbage) is never
 //!   touched. It is reported held only while at least [`margin`] of its grace period is left,
-//!   and then pinned in memory ([`Pins`]) until its natural end, for at most [`PIN_MAX`], so
-//!   asking again cannot chain pins to keep it. The pin matters only when space pressure
-//!   shortens the grace period between a commit's check and its apply: the commit then still
-//!   has up to a minute, as a touch used to give it. An older unreferenced
+//!   and then pinned in memory for [`PIN_MAX`], or the grace period if shorter ([`Pins`]).
+//!   Since pins are given only while that margin is left, asking again keeps it at most the
+//!   pin less the margin past its natural end (nothing with the default hour; 45 s under space
+//!   pressure's 60 s). The pin matters
+//!   when space pressure shortens the grace period between a commit's check and its apply:
+//!   the commit then has a minute, as a touch under pressure used to give it. An older unreferenced
 //!   blob is reported missing: the client sends it again, which charges its quota and restarts
 //!   its grace period as any store does.
 use std::collections::{HashMap, HashSet};
@@ -60,17 +62,50 @@ pub fn judge(live: bool, age: Duration, grace: Duration) -> Answer {
     }
     let margin = margin(grace);
     if age.saturating_add(margin) < grace {
-        Answer::Pin((grace - age).min(PIN_MAX))
+        Answer::Pin(PIN_MAX.min(grace))
     } else {
         Answer::Lacking
     }
 }
 
-/// The chunks of the manifests referenced when the last GC pass ran, by the first 16 bytes of
-/// their hashes (a collision would need 2^64 work and gains one touch). Only answers read it:
-/// GC decides what to delete from the manifests themselves.
+/// The chunks of the referenced manifests, by the first 16 bytes of their hashes (a collision
+/// would need 2^64 work and gains one touch, or keeps one garbage blob). Each GC pass builds
+/// it whole ([`LiveChunks::rebuild`]); between passes, commits that reference new manifests
+/// add their chunks ([`LiveChunks::catch_up`]), so GC's last look before deleting and answers
+/// about old chunks see them at once.
 #[derive(Default)]
-pub struct LiveChunks(Mutex<Arc<HashSet<[u8; 16]>>>);
+pub struct LiveChunks {
+    state: Mutex<LiveState>,
+    /// Held while the set is rebuilt or caught up (manifests are loaded outside `state`).
+    refreshing: Mutex<()>,
+}
+
+#[derive(Default)]
+struct LiveState {
+    /// What the last full build found.
+    base: Arc<HashSet<[u8; 16]>>,
+    /// Chunks of manifests referenced since (small: copied when it grows).
+    extra: Arc<HashSet<[u8; 16]>>,
+    /// The manifests whose chunks are in the set.
+    manifests: HashSet<Hash>,
+    /// The applied log index the manifest references were read at.
+    index: u64,
+    /// When it was last built or caught up.
+    at: Option<Instant>,
+}
+
+/// The set at one moment (cheap: shared).
+pub struct LiveView {
+    base: Arc<HashSet<[u8; 16]>>,
+    extra: Arc<HashSet<[u8; 16]>>,
+}
+
+impl LiveView {
+    pub fn contains(&self, h: &Hash) -> bool {
+        let p = prefix(h);
+        self.base.contains(&p) || self.extra.contains(&p)
+    }
+}
 
 /// The key of `h` in [`LiveChunks`].
 pub fn prefix(h: &Hash) -> [u8; 16] {
@@ -79,14 +114,77 @@ pub fn prefix(h: &Hash) -> [u8; 16] {
     p
 }
 
+/// The chunks of `manifests` as [`prefix`]es, loaded by `load` (`None`: a manifest not held
+/// here yet, or unreadable, with the reason), and the manifests found.
+pub type Loaded = (HashSet<[u8; 16]>, HashSet<Hash>, Option<String>);
+
 impl LiveChunks {
-    pub fn replace(&self, set: HashSet<[u8; 16]>) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
+    fn state(&self) -> std::sync::MutexGuard<'_, LiveState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The set now (cheap: shared).
-    pub fn get(&self) -> Arc<HashSet<[u8; 16]>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// The set now.
+    pub fn view(&self) -> LiveView {
+        let st = self.state();
+        LiveView {
+            base: st.base.clone(),
+            extra: st.extra.clone(),
+        }
+    }
+
+    /// Builds the set anew: `index` is the applied index read before the manifest references
+    /// were listed, `referenced` those references, `load` what loads them. Returns why the set
+    /// is incomplete, if it is.
+    pub fn rebuild(&self, index: u64, referenced: &[Hash], load: impl Fn(&[Hash]) -> Loaded) -> Option<String> {
+        let _one = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
+        let (chunks, found, unknown) = load(referenced);
+        *self.state() = LiveState {
+            base: Arc::new(chunks),
+            extra: Arc::default(),
+            manifests: found,
+            index,
+            at: Some(Instant::now()),
+        };
+        unknown
+    }
+
+    /// Adds the chunks of manifests referenced since the set was last built or caught up, if
+    /// commits were applied since (`index` now) and the last look was at least `gap` ago.
+    /// `referenced` lists the references now, `load` loads manifests. Returns why some new
+    /// manifest's chunks are unknown, if one is.
+    pub fn catch_up(
+        &self,
+        index: u64,
+        gap: Duration,
+        referenced: impl FnOnce() -> Option<Vec<Hash>>,
+        load: impl Fn(&[Hash]) -> Loaded,
+    ) -> Option<String> {
+        let _one = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = {
+            let st = self.state();
+            st.index == index || st.at.is_some_and(|a| a.elapsed() < gap)
+        };
+        if fresh {
+            return None;
+        }
+        let Some(now) = referenced() else {
+            return Some("reading manifest references failed".into());
+        };
+        let new: Vec<Hash> = {
+            let st = self.state();
+            now.into_iter().filter(|m| !st.manifests.contains(m)).collect()
+        };
+        let (chunks, found, unknown) = load(&new);
+        let mut st = self.state();
+        if !chunks.is_empty() {
+            let mut extra = (*st.extra).clone();
+            extra.extend(chunks);
+            st.extra = Arc::new(extra);
+        }
+        st.manifests.extend(found);
+        st.index = index;
+        st.at = Some(Instant::now());
+        unknown
     }
 }
 
@@ -138,16 +236,6 @@ pub enum Held {
     No,
 }
 
-/// What answering needs of a server, taken on the async side and moved to a blocking thread.
-pub struct Asker {
-    blobs: Arc<crate::blobs::BlobStore>,
-    tables: crate::db::Tables,
-    live: Arc<HashSet<[u8; 16]>>,
-    pins: Arc<Pins>,
-    grace: Duration,
-    witness: bool,
-}
-
 impl Node {
     /// The grace period GC uses now: the shorter one under space pressure.
     pub fn gc_grace_now(&self) -> Duration {
@@ -159,22 +247,8 @@ impl Node {
         }
     }
 
-    /// What [`Asker::held_for_commit`] needs, now.
-    pub fn asker(&self) -> Asker {
-        Asker {
-            blobs: self.blobs.clone(),
-            tables: self.tables().clone(),
-            live: self.live_chunks.get(),
-            pins: self.pins.clone(),
-            grace: self.gc_grace_now(),
-            witness: self.is_witness(),
-        }
-    }
-}
-
-impl Asker {
     /// Whether each of `asked` is stored here (with the size asked about, if any), touching
-    /// nothing: what health checks and hinted handoff ask.
+    /// nothing: what health checks ask. Blocking: a stat per blob.
     pub fn stored(&self, asked: &[(Hash, Option<u64>)]) -> Vec<Held> {
         asked
             .iter()
@@ -189,8 +263,13 @@ impl Asker {
     /// Answers whether each of `asked` (a hash and, optionally, the size it must have) is held
     /// here for a commit about to reference it, touching or pinning what is reported held (see
     /// the module doc). A witness answers from its spool and touches what it holds. Blocking:
-    /// a stat and a table read per blob.
+    /// a stat and a table read per blob; when an old unreferenced blob is found, the live
+    /// chunks catch up with commits applied since they were last looked at (at most once a
+    /// second), so a chunk that just became live is not sent again.
     pub fn held_for_commit(&self, asked: &[(Hash, Option<u64>)]) -> Vec<Held> {
+        let (witness, grace) = (self.is_witness(), self.gc_grace_now());
+        let mut live = self.live_chunks.view();
+        let mut caught_up = false;
         let mut unpinned = 0usize;
         let out = asked
             .iter()
@@ -199,9 +278,16 @@ impl Asker {
                 if stored != Held::Yes {
                     return stored;
                 }
-                let live = self.witness || self.live.contains(&prefix(h)) || !matches!(self.tables.blobref(h), Ok(0));
                 let age = self.blobs.age(h).unwrap_or(Duration::ZERO);
-                match judge(live, age, self.grace) {
+                let referenced = !matches!(self.tables().blobref(h), Ok(0));
+                let mut is_live = witness || referenced || live.contains(h);
+                if !is_live && !caught_up && judge(false, age, grace) == Answer::Lacking {
+                    caught_up = true;
+                    crate::blobs::maintenance::catch_up_live_chunks(self, Duration::from_secs(1));
+                    live = self.live_chunks.view();
+                    is_live = live.contains(h);
+                }
+                match judge(is_live, age, grace) {
                     Answer::Touch => self.blobs.touch(h),
                     Answer::Pin(d) => unpinned += usize::from(!self.pins.pin(*h, d)),
                     Answer::Lacking => return Held::No,
@@ -233,31 +319,67 @@ mod tests {
         assert_eq!(judge(false, min(49), hour), Answer::Pin(PIN_MAX));
         assert_eq!(judge(false, min(50), hour), Answer::Lacking, "less than 10 min left");
         assert_eq!(judge(false, min(90), hour), Answer::Lacking);
-        // Under space pressure (60 s): held for its first 45 s, pinned until its natural end.
+        // Under space pressure (60 s): held for its first 45 s.
         let pressure = Duration::from_secs(60);
-        assert_eq!(
-            judge(false, Duration::from_secs(5), pressure),
-            Answer::Pin(Duration::from_secs(55))
-        );
-        assert_eq!(
-            judge(false, Duration::from_secs(44), pressure),
-            Answer::Pin(Duration::from_secs(16))
-        );
+        assert_eq!(judge(false, Duration::from_secs(44), pressure), Answer::Pin(PIN_MAX));
         assert_eq!(judge(false, Duration::from_secs(45), pressure), Answer::Lacking);
-        // A pin never reaches past the blob's natural end.
+        // Asking again cannot keep a blob past its natural end by more than PIN_MAX - margin.
         for grace_s in [2u64, 60, 600, 3600, 86_400] {
             let grace = Duration::from_secs(grace_s);
-            for age_s in 0..grace_s {
+            let most = grace + PIN_MAX.min(grace).saturating_sub(margin(grace));
+            for age_s in 0..grace_s.min(10_000) {
                 let age = Duration::from_secs(age_s);
                 if let Answer::Pin(d) = judge(false, age, grace) {
-                    assert!(age + d <= grace, "grace {grace_s} s, age {age_s} s: pinned {d:?}");
-                    assert!(
-                        d >= margin(grace).min(PIN_MAX),
-                        "grace {grace_s} s, age {age_s} s: pinned only {d:?}"
-                    );
+                    assert!(age + d <= most, "grace {grace_s} s, age {age_s} s: pinned {d:?}");
                 }
             }
         }
+    }
+
+    /// Between full builds, the set catches up with manifests referenced since, loading only
+    /// the new ones, and only when commits were applied since the last look.
+    #[test]
+    fn live_chunks_catch_up_with_new_manifests_only() {
+        let (m1, m2, gone) = (Hash::of(b"m1"), Hash::of(b"m2"), Hash::of(b"not here"));
+        let chunks_of = |m: &Hash| Hash::of(&[m.0.as_slice(), b"chunk"].concat());
+        let asked_for = Mutex::new(Vec::new());
+        let load = |ms: &[Hash]| -> Loaded {
+            asked_for.lock().unwrap().push(ms.to_vec());
+            let found: HashSet<Hash> = ms.iter().copied().filter(|m| *m != gone).collect();
+            let chunks = found.iter().map(|m| prefix(&chunks_of(m))).collect();
+            let unknown = ms.contains(&gone).then(|| "not held".to_string());
+            (chunks, found, unknown)
+        };
+        let live = LiveChunks::default();
+        assert_eq!(live.rebuild(5, &[m1], load), None);
+        assert!(live.view().contains(&chunks_of(&m1)));
+        assert_eq!(live.catch_up(5, Duration::ZERO, || Some(vec![m1, m2]), load), None);
+        assert!(
+            !live.view().contains(&chunks_of(&m2)),
+            "no commit applied since: not looked at"
+        );
+        assert_eq!(
+            live.catch_up(6, Duration::ZERO, || Some(vec![m1, m2, gone]), load)
+                .as_deref(),
+            Some("not held")
+        );
+        assert!(live.view().contains(&chunks_of(&m2)) && live.view().contains(&chunks_of(&m1)));
+        assert_eq!(
+            live.catch_up(7, Duration::from_secs(60), || Some(vec![m1, m2, gone]), load),
+            None,
+            "too soon"
+        );
+        assert_eq!(
+            live.catch_up(7, Duration::ZERO, || Some(vec![m1, m2, gone]), load)
+                .as_deref(),
+            Some("not held")
+        );
+        let asked_for = asked_for.into_inner().unwrap();
+        assert_eq!(
+            asked_for,
+            vec![vec![m1], vec![m2, gone], vec![gone]],
+            "only new manifests loaded"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! manifest and of every chunk it lists. A large file lists many chunks, so blobs are checked
 //! in rounds of at most [`ROUND`]: memory and each query stay bounded whatever a commit names.
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use codafs_common::chunks::is_chunked;
@@ -75,7 +76,11 @@ impl Node {
     /// content (by its declared size) that is the manifest and each of its chunks, after the
     /// manifest is found valid and of the declared size. What each replica counts as held, and
     /// what asking does to a blob's GC grace, is `blobs::asked`'s.
-    pub async fn check_blob_copies(&self, blobs: &[(Hash, u64)], write_quorum: u32) -> Result<(), NodeError> {
+    pub async fn check_blob_copies(
+        self: &Arc<Self>,
+        blobs: &[(Hash, u64)],
+        write_quorum: u32,
+    ) -> Result<(), NodeError> {
         if blobs.is_empty() {
             return Ok(());
         }
@@ -103,7 +108,13 @@ impl Node {
     }
 
     /// Adds a blob to the round, checking the round first when it is full.
-    async fn add_to_round(&self, q: &Quorum, round: &mut Round, hash: Hash, size: u64) -> Result<(), NodeError> {
+    async fn add_to_round(
+        self: &Arc<Self>,
+        q: &Quorum,
+        round: &mut Round,
+        hash: Hash,
+        size: u64,
+    ) -> Result<(), NodeError> {
         if round.full() {
             self.count_copies(q, std::mem::take(round)).await?;
         }
@@ -148,7 +159,7 @@ impl Node {
 
     /// Counts the copies of one round's blobs on every data replica, and the hints witnesses
     /// hold; refuses unless each has `need` (see [`Found::counted`]).
-    async fn count_copies(&self, q: &Quorum, round: Round) -> Result<(), NodeError> {
+    async fn count_copies(self: &Arc<Self>, q: &Quorum, round: Round) -> Result<(), NodeError> {
         if round.blobs.is_empty() {
             return Ok(());
         }
@@ -259,13 +270,13 @@ impl Node {
     /// missing), and those stored here with another size: like a peer's, a local copy of
     /// another size counts as missing, and refuses the commit only if no copy has the declared
     /// size. Off the async workers: a round may stat many thousands of files.
-    async fn held_here(&self, blobs: &[(Hash, u64)]) -> Result<(Vec<Hash>, Vec<Hash>), NodeError> {
-        let asker = self.asker();
+    async fn held_here(self: &Arc<Self>, blobs: &[(Hash, u64)]) -> Result<(Vec<Hash>, Vec<Hash>), NodeError> {
+        let node = self.clone();
         let blobs = blobs.to_vec();
         tokio::task::spawn_blocking(move || {
             let asked: Vec<(Hash, Option<u64>)> = blobs.iter().map(|(h, s)| (*h, Some(*s))).collect();
             let (mut held, mut other_size) = (Vec::new(), Vec::new());
-            for ((h, _), answer) in blobs.into_iter().zip(asker.held_for_commit(&asked)) {
+            for ((h, _), answer) in blobs.into_iter().zip(node.held_for_commit(&asked)) {
                 match answer {
                     Held::Yes => held.push(h),
                     Held::OtherSize => other_size.push(h),

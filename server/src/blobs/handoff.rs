@@ -213,14 +213,16 @@ async fn hand_off(node: &Node, replicas: &[String], batch: &[(Hash, u64)], out: 
     }
 }
 
-/// The hashes of `hashes` the data replica at `addr` does not store.
+/// The hashes of `hashes` the data replica at `addr` lacks, asked as a commit's check asks: an
+/// old unreferenced copy there counts as lacking (its GC may take it before the commit that
+/// needs it applies there), so the hint is handed off again, which restarts its grace.
 async fn missing_on(node: &Node, addr: &str, hashes: &[Hash]) -> Result<Vec<Hash>, String> {
     let mut c = node.peers.blobs(addr).map_err(|e| e.to_string())?;
     let wire = hashes.iter().map(|h| bytes::Bytes::copy_from_slice(&h.0)).collect();
     let mut req = tonic::Request::new(pb::MissingBlobsRequest {
         hashes: wire,
         sizes: Vec::new(),
-        exists_only: true,
+        exists_only: false,
     });
     req.set_timeout(Duration::from_secs(10));
     let r = c.missing(req).await.map_err(|s| s.message().to_string())?;

@@ -262,15 +262,16 @@ pub async fn scrub_pass(node: &Arc<Node>, rate: u64) {
 /// One GC pass: deletes blobs older than `grace` that no file references, directly or as a
 /// chunk of a referenced manifest, and that no commit check pinned (`blobs::asked`). When the
 /// chunks of some referenced manifest cannot be known here (the manifest is not held, or
-/// unreadable), nothing is deleted this pass: any old blob could be one of them. Each pass also
-/// renews the set of live chunks that answers to "is this blob held" go by.
+/// unreadable), nothing is deleted: any old blob could be one of them. The pass builds the set
+/// of live chunks anew, and before each batch of deletions catches it up with manifests that
+/// commits applied meanwhile referenced: a chunk is neither referenced nor touched by the
+/// commit that makes it live again, so only that set can tell.
 pub fn gc_pass(node: &Node, grace: Duration) {
     node.pins.prune();
-    let manifests = match node.tables().referenced_manifests() {
-        Ok(m) => m,
+    let unknown = match rebuild_live_chunks(node) {
+        Ok(u) => u,
         Err(e) => return tracing::warn!(error = %e, "gc: reading manifest references failed; deleting nothing"),
     };
-    let (live, unknown) = refresh_live_chunks(node, &manifests);
     let list = match node.blobs.list() {
         Ok(l) => l,
         Err(e) => return tracing::warn!(error = %e, "gc: listing blobs failed"),
@@ -278,49 +279,78 @@ pub fn gc_pass(node: &Node, grace: Duration) {
     let old_unreferenced = |h: &Hash| {
         matches!(node.tables().blobref(h), Ok(0)) && node.blobs.age(h).is_some_and(|a| a >= grace) && !node.pins.held(h)
     };
-    let mut candidates: HashSet<Hash> = list.into_iter().map(|(h, _)| h).filter(old_unreferenced).collect();
+    let live = node.live_chunks.view();
+    let candidates: Vec<Hash> = list
+        .into_iter()
+        .map(|(h, _)| h)
+        .filter(|h| old_unreferenced(h) && !live.contains(h))
+        .collect();
     if candidates.is_empty() {
         return;
     }
     if let Some(why) = unknown {
         return tracing::warn!(reason = %why, "gc: deleting nothing this pass");
     }
-    candidates.retain(|h| !live.contains(&asked::prefix(h)));
-    for hash in candidates {
-        // Again just before deleting: a commit may have referenced, touched or pinned it
-        // meanwhile.
-        if old_unreferenced(&hash) && node.blobs.remove(&hash).is_ok() {
-            node.counters.gc_removed.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(%hash, "collected unreferenced blob");
+    for batch in candidates.chunks(GC_BATCH) {
+        if let Some(why) = catch_up_live_chunks(node, Duration::ZERO) {
+            return tracing::warn!(reason = %why, "gc: deleting nothing more this pass");
+        }
+        let live = node.live_chunks.view();
+        for hash in batch {
+            // Again just before deleting: a commit may have referenced, touched or pinned it,
+            // or made it a live chunk, meanwhile.
+            if !live.contains(hash) && old_unreferenced(hash) && node.blobs.remove(hash).is_ok() {
+                node.counters.gc_removed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%hash, "collected unreferenced blob");
+            }
         }
     }
 }
 
-/// Renews [`Node::live_chunks`] from the referenced `manifests` and returns the set; with it,
-/// why it is incomplete when some manifest is not held here or cannot be read (see
-/// [`live_chunks`]).
-pub fn refresh_live_chunks(node: &Node, manifests: &[Hash]) -> (Arc<HashSet<[u8; 16]>>, Option<String>) {
-    let (live, unknown) = live_chunks(manifests, |m| node.manifest_if_stored(m));
-    node.live_chunks.replace(live);
-    (node.live_chunks.get(), unknown)
+/// Deletions between two looks at newly referenced manifests (see [`gc_pass`]).
+const GC_BATCH: usize = 256;
+
+/// Builds [`Node::live_chunks`] anew from the manifests referenced now; `Ok` says why the set
+/// is incomplete, if it is (some manifest not held here yet, or unreadable).
+pub fn rebuild_live_chunks(node: &Node) -> Result<Option<String>, String> {
+    // The index first: commits applied after it are caught up later.
+    let index = node.applied_index();
+    let referenced = node.tables().referenced_manifests().map_err(|e| e.to_string())?;
+    Ok(node
+        .live_chunks
+        .rebuild(index, &referenced, |m| live_chunks(m, |h| node.manifest_if_stored(h))))
 }
 
-/// The chunks the referenced `manifests` list (by [`asked::prefix`]: a garbage blob sharing a
-/// live chunk's first 16 bytes would only be kept), and why the set is incomplete when some
-/// manifest is not held here yet or cannot be read. GC then deletes nothing, since any old blob
-/// could be one of its chunks; answers go by age for those chunks (at worst, they are sent
-/// again). A referenced blob that is no manifest (a large blob from before chunking) lists none.
-fn live_chunks(
-    manifests: &[Hash],
-    load: impl Fn(&Hash) -> Result<Held, NodeError>,
-) -> (HashSet<[u8; 16]>, Option<String>) {
+/// Adds to [`Node::live_chunks`] the chunks of manifests referenced since it was last built
+/// or caught up, if commits were applied since and `gap` has passed; says why some are
+/// unknown, if they are.
+pub fn catch_up_live_chunks(node: &Node, gap: Duration) -> Option<String> {
+    node.live_chunks.catch_up(
+        node.applied_index(),
+        gap,
+        || node.tables().referenced_manifests().ok(),
+        |m| live_chunks(m, |h| node.manifest_if_stored(h)),
+    )
+}
+
+/// The chunks the `manifests` list (by [`asked::prefix`]), the manifests read, and why the set
+/// is incomplete when some manifest is not held here yet or cannot be read. GC then deletes
+/// nothing, since any old blob could be one of its chunks; answers go by age for those chunks
+/// (at worst, they are sent again). A referenced blob that is no manifest (a large blob from
+/// before chunking) lists none.
+fn live_chunks(manifests: &[Hash], load: impl Fn(&Hash) -> Result<Held, NodeError>) -> asked::Loaded {
     let mut live = HashSet::new();
+    let mut found = HashSet::new();
     let mut unknown = None;
     for m in manifests {
         match load(m) {
-            Ok(Held::Manifest(entry)) => live.extend(entry.manifest.chunks.iter().map(|c| asked::prefix(&c.hash))),
+            Ok(Held::Manifest(entry)) => {
+                live.extend(entry.manifest.chunks.iter().map(|c| asked::prefix(&c.hash)));
+                found.insert(*m);
+            }
             Ok(Held::NotManifest(why)) => {
-                tracing::debug!(manifest = %m, %why, "gc: a referenced blob over the chunk threshold is no manifest")
+                tracing::debug!(manifest = %m, %why, "gc: a referenced blob over the chunk threshold is no manifest");
+                found.insert(*m);
             }
             Ok(Held::Missing) => {
                 unknown.get_or_insert_with(|| {
@@ -336,7 +366,7 @@ fn live_chunks(
             }
         }
     }
-    (live, unknown)
+    (live, found, unknown)
 }
 
 /// How often GC runs while free space is under twice the watermark.
@@ -362,9 +392,10 @@ async fn data_maintenance(node: Arc<Node>) {
     let mut stop = node.tasks.stop_signal();
     // Answers about blobs need the live chunks before the first GC pass (`blobs::asked`).
     let n = node.clone();
-    let _ = tokio::task::spawn_blocking(move || match n.tables().referenced_manifests() {
-        Ok(m) => drop(refresh_live_chunks(&n, &m)),
-        Err(e) => tracing::warn!(error = %e, "reading manifest references failed"),
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Err(e) = rebuild_live_chunks(&n) {
+            tracing::warn!(error = %e, "reading manifest references failed");
+        }
     })
     .await;
     let repair_every = Duration::from_millis(node.cfg.repair_interval_ms.max(50));
@@ -467,9 +498,10 @@ mod tests {
             })
         };
         let legacy = Hash::of(b"a large blob from before chunking");
-        let (live, unknown) = live_chunks(&[m1, legacy, m2], load);
+        let (live, found, unknown) = live_chunks(&[m1, legacy, m2], load);
         assert_eq!(unknown, None);
         assert_eq!(live, prefixes(&["a", "b", "c"]));
+        assert_eq!(found, [m1, legacy, m2].into_iter().collect(), "all read");
     }
 
     #[test]
@@ -478,7 +510,12 @@ mod tests {
         let absent = Hash::of(b"not fetched yet");
         let load =
             |h: &Hash| -> Result<Held, NodeError> { Ok(if *h == m1 { held(&["a", "a2"]).1 } else { Held::Missing }) };
-        let (live, why) = live_chunks(&[m1, absent], load);
+        let (live, found, why) = live_chunks(&[m1, absent], load);
+        assert_eq!(
+            found,
+            [m1].into_iter().collect(),
+            "the absent one is read again next time"
+        );
         let why = why.expect("incomplete");
         assert!(
             why.contains(&absent.to_string()) && why.contains("not stored here"),
@@ -486,7 +523,7 @@ mod tests {
         );
         assert_eq!(live, prefixes(&["a", "a2"]), "what is known is kept");
         let unreadable = |_: &Hash| -> Result<Held, NodeError> { Err(NodeError::Internal("disk error".into())) };
-        let (_, why) = live_chunks(&[m1], unreadable);
+        let (_, _, why) = live_chunks(&[m1], unreadable);
         assert!(why.is_some_and(|w| w.contains("disk error")));
     }
 

@@ -432,7 +432,7 @@ impl pb::blobs_server::Blobs for BlobService {
             .collect::<Result<Vec<_>, Status>>()?;
         // Up to MAX_MISSING_QUERY files looked at: off the async workers. A witness answers
         // from its spool (the commit check counts hints).
-        let asker = self.0.asker();
+        let node = self.0.clone();
         let (missing, wrong_size) = tokio::task::spawn_blocking(move || {
             let asked: Vec<(Hash, Option<u64>)> = parsed
                 .iter()
@@ -441,9 +441,9 @@ impl pb::blobs_server::Blobs for BlobService {
                 .collect();
             let (mut missing, mut wrong_size) = (Vec::new(), Vec::new());
             let answers = if exists_only {
-                asker.stored(&asked)
+                node.stored(&asked)
             } else {
-                asker.held_for_commit(&asked)
+                node.held_for_commit(&asked)
             };
             for (held, wire) in answers.into_iter().zip(hashes) {
                 match held {

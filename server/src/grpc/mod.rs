@@ -68,9 +68,9 @@ pub fn is_peer<T>(node: &Node, req: &tonic::Request<T>) -> bool {
 }
 
 /// Who sends a request, for the request budget (`crate::body_budget`), from its headers alone
-/// (the body has not arrived): an account whose token's signature holds (expiry, revocation and
-/// rights are checked by the handler), a current member by its certificate (any caller without
-/// a token on an `--insecure` cluster), or a stranger.
+/// (the body has not arrived): an account whose token is valid now (signed, not expired, not
+/// revoked; what it may do is the handler's business), a current member by its certificate
+/// (any caller without a token on an `--insecure` cluster), or a stranger.
 pub fn budget_sender(
     node: &Node,
     headers: &tonic::codegen::http::HeaderMap,
@@ -78,8 +78,8 @@ pub fn budget_sender(
 ) -> crate::body_budget::Sender {
     use crate::body_budget::Sender;
     let token = headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok());
-    if let Some(user) = token.and_then(|t| token_user(node, t)) {
-        return Sender::Account(user);
+    if let Some(claims) = token.and_then(|t| node.authenticate(Some(t)).ok()) {
+        return Sender::Account(claims.user);
     }
     let member = certs
         .and_then(|c| c.first())
@@ -90,20 +90,6 @@ pub fn budget_sender(
     } else {
         Sender::Stranger
     }
-}
-
-/// The account a token names, if its signature is one of the cluster's keys'.
-fn token_user(node: &Node, token: &str) -> Option<String> {
-    use crate::fsm::StateView;
-    let cluster = node.tables().cluster().ok()??;
-    let claims = codafs_common::token::verify(
-        token,
-        &cluster.cluster_id,
-        |id| cluster.key(id),
-        codafs_common::token::unix_now(),
-    )
-    .ok()?;
-    Some(claims.user)
 }
 
 /// Refuses `what` (Raft messages, forwarded writes and blob copies) unless the caller is a peer.

@@ -56,6 +56,10 @@ pub struct ServerArgs {
     /// Scrub pass interval, seconds (0 = never).
     #[arg(long, help_heading = "Tuning")]
     scrub_interval_s: Option<u64>,
+    /// Most a scrub pass reads, MiB per second (default 64). A pass takes turns of a few
+    /// seconds with repair and GC. Saved in server.toml.
+    #[arg(long, value_name = "MIB", help_heading = "Tuning")]
+    scrub_rate_mib: Option<u64>,
     /// Grace period before unreferenced blobs are deleted, seconds.
     #[arg(long, help_heading = "Tuning")]
     gc_grace_s: Option<u64>,
@@ -446,6 +450,9 @@ pub async fn server(a: ServerArgs) -> Result<()> {
     }
     if let Some(v) = a.scrub_interval_s {
         cfg.scrub_interval_s = v;
+    }
+    if let Some(v) = a.scrub_rate_mib {
+        cfg.scrub_rate_mib = v;
     }
     if let Some(v) = a.gc_grace_s {
         cfg.gc_grace_s = v;

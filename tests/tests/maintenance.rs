@@ -156,6 +156,27 @@ async fn a_large_files_chunks_are_repaired_scrubbed_and_collected() {
     codafs_tests::bounded_within(Duration::from_secs(180), run).await;
 }
 
+/// Writes www:a.html, large enough to be a blob file (which a test can delete behind the
+/// running server's back; small blobs are packed in the server's RocksDB, which it holds
+/// open), and waits until both data servers hold it. Returns its content, hash and the path of
+/// server 1's copy.
+async fn page_on_both(
+    tc: &TestCluster,
+    c: &codafs_client::Cluster,
+) -> anyhow::Result<(Vec<u8>, Hash, std::path::PathBuf)> {
+    let page = b"a page two files share".repeat(1000);
+    ensure!(page.len() as u64 > PACK_MAX_BYTES);
+    TestCluster::write_file(c, "www", "", "a.html", &page).await?;
+    let hash = Hash::of(&page);
+    let lost = tc.blob_path(1, &hash);
+    wait_until(Duration::from_secs(10), "both data replicas hold the page", || {
+        let f = lost.clone();
+        async move { f.exists() }
+    })
+    .await?;
+    Ok((page, hash, lost))
+}
+
 /// A repair pass checks the blobs that new commits reference, not every blob (a `stat` of each
 /// one every two seconds was a million system calls on a million-file server): a referenced
 /// blob a replica lacks is fetched within seconds, while a full pass is an hour away.
@@ -166,18 +187,7 @@ async fn a_blob_a_new_commit_references_is_repaired_without_a_full_pass() {
         let tc = TestCluster::start(opts).await?;
         tc.create_volume("www", 1).await?;
         let c = tc.client();
-        // Large enough to be a file, which the test deletes behind the running server's back
-        // (small blobs are packed in the server's RocksDB, which it holds open).
-        let page = b"a page two files share".repeat(1000);
-        ensure!(page.len() as u64 > PACK_MAX_BYTES);
-        TestCluster::write_file(&c, "www", "", "a.html", &page).await?;
-        let hash = Hash::of(&page);
-        let lost = tc.blob_path(1, &hash);
-        wait_until(Duration::from_secs(10), "both data replicas hold the page", || {
-            let f = lost.clone();
-            async move { f.exists() }
-        })
-        .await?;
+        let (page, hash, lost) = page_on_both(&tc, &c).await?;
         // Passes run every 200 ms here: let the ones that check the commit's hashes go by.
         tokio::time::sleep(Duration::from_secs(1)).await;
         // Lost behind the server's back, and nothing references it anew: passes do not look
@@ -318,6 +328,46 @@ async fn asking_about_an_upload_does_not_keep_it_and_live_chunks_stay_reusable()
                 "video.mp4 v2 on {addr}"
             );
         }
+        Ok::<_, anyhow::Error>(())
+    };
+    codafs_tests::bounded_within(Duration::from_secs(150), run).await;
+}
+
+/// Scrub takes turns with repair: a scrub pass that takes far longer than a repair (here 30 MiB
+/// at 1 MiB/s, passes back to back) no longer holds repair up until it ends. A blob lost behind
+/// a data server's back and then referenced anew is fetched within seconds, in the middle of a
+/// pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn repair_does_not_wait_for_a_long_scrub_pass() {
+    use codafs_common::testdata::noise;
+    let run = async {
+        let opts = ClusterOpts::new(2, 0)
+            .arg("--scrub-interval-s", "1")
+            .arg("--scrub-rate-mib", "1")
+            .arg("--full-repair-interval-s", "3600");
+        let tc = TestCluster::start(opts).await?;
+        tc.create_volume("www", 1).await?;
+        let c = tc.client();
+        for i in 0..3u64 {
+            TestCluster::write_file(&c, "www", "", &format!("bulk{i}.bin"), &noise(10 << 20, 50 + i)).await?;
+        }
+        let (page, hash, lost) = page_on_both(&tc, &c).await?;
+        // Lost behind server 1's back while it scrubs (a pass of about 30 s, started within a
+        // second of the last one's end); nothing references it anew yet.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        std::fs::remove_file(&lost)?;
+        let op = codafs_client::ops::file_hashed("b.html", hash, page.len() as u64, 0o644);
+        c.commit(codafs_client::ops::commit("www", vec![op])).await?;
+        wait_until(
+            Duration::from_secs(10),
+            "the newly referenced blob is repaired mid-scrub",
+            || {
+                let f = lost.clone();
+                async move { f.exists() }
+            },
+        )
+        .await?;
+        assert_eq!(Hash::of(&std::fs::read(&lost)?), hash);
         Ok::<_, anyhow::Error>(())
     };
     codafs_tests::bounded_within(Duration::from_secs(150), run).await;

@@ -4,7 +4,9 @@
 //!   a referenced chunk manifest (`manifestrefs`). A pass checks what recent commits referenced,
 //!   and everything only after a start, a snapshot, corruption, or `full_repair_interval_s`
 //!   (see `suspects`);
-//! - **scrub**: stored blobs are re-hashed at a bounded rate; corrupt ones are quarantined;
+//! - **scrub**: stored blobs are re-hashed at a bounded rate, a turn of a few seconds at a time
+//!   between repair passes (a pass over a large store takes hours); corrupt ones are
+//!   quarantined;
 //! - **GC**: blobs no volume references, directly or as a chunk of a referenced manifest, are
 //!   deleted after a grace period (so a blob uploaded for a commit not yet made survives). Under space pressure (see `space`) the grace period is
 //!   `gc_pressure_grace_s` instead and GC runs every few seconds, and at once after a put was
@@ -232,15 +234,32 @@ impl MissingChunks {
     }
 }
 
-/// One scrub pass at `rate` bytes/s; ends early when the server stops.
-pub async fn scrub_pass(node: &Arc<Node>, rate: u64) {
-    let list = match node.blobs.list() {
-        Ok(l) => l,
-        Err(e) => return tracing::warn!(error = %e, "scrub: listing blobs failed"),
-    };
-    for (hash, size) in list {
+/// How long one turn of a scrub pass may run before repair and GC get theirs: a pass over a
+/// large store at the bounded rate takes hours, and repair must not wait that long.
+const SCRUB_SLICE: Duration = Duration::from_secs(2);
+
+/// The blobs a scrub pass has still to re-hash, listed when it starts.
+pub type ScrubPass = std::vec::IntoIter<(Hash, u64)>;
+
+/// Starts a scrub pass: every blob stored now.
+fn start_scrub(node: &Node) -> Option<ScrubPass> {
+    match node.blobs.list() {
+        Ok(l) => Some(l.into_iter()),
+        Err(e) => {
+            tracing::warn!(error = %e, "scrub: listing blobs failed");
+            None
+        }
+    }
+}
+
+/// One turn of a scrub pass at `rate` bytes/s, for about [`SCRUB_SLICE`]; true once the pass
+/// is done (or the server stops).
+pub async fn scrub_some(node: &Arc<Node>, pass: &mut ScrubPass, rate: u64) -> bool {
+    let until = tokio::time::Instant::now() + SCRUB_SLICE;
+    while tokio::time::Instant::now() < until {
+        let Some((hash, size)) = pass.next() else { return true };
         if node.tasks.stopping() {
-            return;
+            return true;
         }
         let n = node.clone();
         let r = tokio::task::spawn_blocking(move || n.blobs.verify(&hash)).await;
@@ -254,9 +273,10 @@ pub async fn scrub_pass(node: &Arc<Node>, rate: u64) {
                 .sleep_or_stop(Duration::from_secs_f64(size as f64 / rate as f64))
                 .await
         {
-            return;
+            return true;
         }
     }
+    false
 }
 
 /// One GC pass: deletes blobs older than `grace` that no file references, directly or as a
@@ -406,6 +426,7 @@ async fn data_maintenance(node: Arc<Node>) {
     let pressure_grace = Duration::from_secs(node.cfg.gc_pressure_grace_s).min(normal_grace);
     let rate = node.cfg.scrub_rate_mib << 20;
     let mut last_scrub = tokio::time::Instant::now();
+    let mut scrub: Option<ScrubPass> = None;
     let mut last_gc = tokio::time::Instant::now();
     loop {
         let mut refused = false;
@@ -441,9 +462,17 @@ async fn data_maintenance(node: Arc<Node>) {
             last_full = tokio::time::Instant::now();
         }
         repair_pass(&node, scope).await;
-        if node.cfg.scrub_interval_s > 0 && last_scrub.elapsed() >= scrub_every {
-            scrub_pass(&node, rate).await;
-            last_scrub = tokio::time::Instant::now();
+        if node.cfg.scrub_interval_s > 0 {
+            if scrub.is_none() && last_scrub.elapsed() >= scrub_every {
+                scrub = start_scrub(&node);
+            }
+            // A turn at a time: repair and GC run between turns.
+            if let Some(pass) = scrub.as_mut() {
+                if scrub_some(&node, pass, rate).await {
+                    scrub = None;
+                    last_scrub = tokio::time::Instant::now();
+                }
+            }
         }
         if last_gc.elapsed() >= gc_every {
             let n = node.clone();

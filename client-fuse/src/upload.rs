@@ -254,7 +254,7 @@ pub(crate) async fn send_blobs(
     parallel: usize,
     progress: &dyn Progress,
 ) -> Result<(), UploadError> {
-    let todo = send::find_missing(c, blobs).await?;
+    let todo = send::find_missing(c, &blobs).await?;
     progress.planned(todo.len(), todo.iter().map(|(_, src)| src.len()).sum());
     send::send(c, send::jobs(todo), quorum, parallel, progress).await
 }
@@ -299,7 +299,7 @@ pub async fn upload(
         // What would travel: the blobs some data replica lacks (an edited large file's new
         // chunks, not the whole file), or all of them if the replicas cannot be asked.
         let all = (plan.blobs.len(), plan.blobs.values().map(|src| src.len()).sum());
-        (s.uploaded_blobs, s.uploaded_bytes) = match send::find_missing(c, plan.blobs).await {
+        (s.uploaded_blobs, s.uploaded_bytes) = match send::find_missing(c, &plan.blobs).await {
             Ok(todo) => (todo.len(), todo.iter().map(|(_, src)| src.len()).sum()),
             Err(e) => {
                 tracing::debug!(error = %e, "dry run: could not ask which blobs the replicas lack");
@@ -308,7 +308,7 @@ pub async fn upload(
         };
         return Ok(s);
     }
-    let todo = send::find_missing(c, plan.blobs.clone()).await?;
+    let todo = send::find_missing(c, &plan.blobs).await?;
     s.uploaded_blobs = todo.len();
     s.uploaded_bytes = todo.iter().map(|(_, src)| src.len()).sum();
     tracing::debug!(
@@ -330,7 +330,7 @@ pub async fn upload(
             Err(e) if e.kind() == ErrorKind::NotEnoughCopies && resent < COMMIT_RESENDS => {
                 resent += 1;
                 tracing::info!(error = %e, "the commit found blobs short of copies; sending them again");
-                let todo = send::find_missing(c, plan.blobs.clone()).await?;
+                let todo = send::find_missing(c, &plan.blobs).await?;
                 send::send(c, send::jobs(todo), quorum, opts.parallel, &()).await?;
             }
             Err(e) if e.kind() == ErrorKind::Conflict => return Err(UploadError::Conflict(e.to_string())),

@@ -91,8 +91,8 @@ pub struct Node {
     pub tasks: crate::tasks::Tasks,
     /// Parsed chunk manifests, bounded (see `blobs::manifests`).
     pub manifests: crate::blobs::manifests::ManifestCache,
-    /// Chunks of referenced manifests as the last GC pass found them, and unreferenced blobs
-    /// reported held to a commit (see `blobs::asked`).
+    /// Chunks of referenced manifests, and unreferenced blobs reported held to a commit (see
+    /// `blobs::asked`).
     pub live_chunks: crate::blobs::asked::LiveChunks,
     pub pins: Arc<crate::blobs::asked::Pins>,
     /// Live change streams, by volume (`codafs volume info` lists them).

@@ -46,10 +46,14 @@ pub(super) struct Jobs {
 /// The blobs of `blobs` that some data replica lacks (a blob short of copies is sent again;
 /// everything is sent to a replica that cannot be asked, as the put succeeds once W copies exist).
 /// Chunks and manifests are asked like any blob: an edited large file sends only new chunks.
-pub(super) async fn find_missing(c: &Cluster, blobs: BTreeMap<Hash, Source>) -> Result<Vec<Item>, UploadError> {
+pub(super) async fn find_missing(c: &Cluster, blobs: &BTreeMap<Hash, Source>) -> Result<Vec<Item>, UploadError> {
     let wanted: Vec<Hash> = blobs.keys().copied().collect();
     let missing = c.lacking(None, &wanted).await?;
-    Ok(blobs.into_iter().filter(|(h, _)| missing.contains(h)).collect())
+    Ok(blobs
+        .iter()
+        .filter(|(h, _)| missing.contains(h))
+        .map(|(h, src)| (*h, src.clone()))
+        .collect())
 }
 
 /// Groups `todo` into requests: manifests in a phase of their own after everything else; in

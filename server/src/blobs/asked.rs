@@ -6,19 +6,18 @@
 //! content it uploaded but never committed alive for ever by asking about it, long after its
 //! quota charge (`crate::pending`) had expired, and so could commits that failed at apply. Now:
 //! - A **live** blob is touched as before: one a commit references (`blobref`), or a chunk of a
-//!   referenced manifest (the set the last GC pass found, [`LiveChunks`]). Touching it guards
-//!   against its last reference going between the check and the commit; if it dies later, it
-//!   gets one grace period.
+//!   referenced manifest ([`LiveChunks`]). Touching it guards against its last reference going
+//!   between the check and the commit; if it dies later, it gets one grace period.
 //! - An **unreferenced** blob (an upload whose commit has not come yet, or garbage) is never
 //!   touched. It is reported held only while at least [`margin`] of its grace period is left,
 //!   and then pinned in memory for [`PIN_MAX`], or the grace period if shorter ([`Pins`]).
 //!   Since pins are given only while that margin is left, asking again keeps it at most the
 //!   pin less the margin past its natural end (nothing with the default hour; 45 s under space
-//!   pressure's 60 s). The pin matters
-//!   when space pressure shortens the grace period between a commit's check and its apply:
-//!   the commit then has a minute, as a touch under pressure used to give it. An older unreferenced
-//!   blob is reported missing: the client sends it again, which charges its quota and restarts
-//!   its grace period as any store does.
+//!   pressure's 60 s). The pin matters when space pressure shortens the grace period between a
+//!   commit's check and its apply: the commit then has a minute, as a touch under pressure
+//!   used to give it.
+//! - An older unreferenced blob is reported missing: the client sends it again, which charges
+//!   its quota and restarts its grace period as any store does.
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -237,14 +236,20 @@ pub enum Held {
 }
 
 impl Node {
-    /// The grace period GC uses now: the shorter one under space pressure.
-    pub fn gc_grace_now(&self) -> Duration {
+    /// The grace period GC uses, under space pressure or not (the pressure one is never the
+    /// longer).
+    pub fn gc_grace(&self, pressure: bool) -> Duration {
         let normal = Duration::from_secs(self.cfg.gc_grace_s);
-        if self.space.under_pressure() {
+        if pressure {
             Duration::from_secs(self.cfg.gc_pressure_grace_s).min(normal)
         } else {
             normal
         }
+    }
+
+    /// The grace period GC uses now.
+    pub fn gc_grace_now(&self) -> Duration {
+        self.gc_grace(self.space.under_pressure())
     }
 
     /// Whether each of `asked` is stored here (with the size asked about, if any), touching

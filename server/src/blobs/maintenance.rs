@@ -422,8 +422,6 @@ async fn data_maintenance(node: Arc<Node>) {
     let full_every = Duration::from_secs(node.cfg.full_repair_interval_s.max(1));
     let mut last_full = tokio::time::Instant::now();
     let scrub_every = Duration::from_secs(node.cfg.scrub_interval_s);
-    let normal_grace = Duration::from_secs(node.cfg.gc_grace_s);
-    let pressure_grace = Duration::from_secs(node.cfg.gc_pressure_grace_s).min(normal_grace);
     let rate = node.cfg.scrub_rate_mib << 20;
     let mut last_scrub = tokio::time::Instant::now();
     let mut scrub: Option<ScrubPass> = None;
@@ -440,13 +438,11 @@ async fn data_maintenance(node: Arc<Node>) {
             return;
         }
         let pressure = refused || node.space.under_pressure();
-        let (grace, gc_every) = if pressure {
-            (pressure_grace, PRESSURE_GC_INTERVAL.max(repair_every))
+        let grace = node.gc_grace(pressure);
+        let gc_every = if pressure {
+            PRESSURE_GC_INTERVAL.max(repair_every)
         } else {
-            (
-                normal_grace,
-                normal_grace.min(Duration::from_secs(600)).max(repair_every),
-            )
+            grace.min(Duration::from_secs(600)).max(repair_every)
         };
         if refused && last_gc.elapsed() >= PRESSURE_GC_MIN_GAP {
             // A put was just refused: collect now, before repair or scrub.

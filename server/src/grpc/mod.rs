@@ -45,7 +45,11 @@ pub fn is_forwarded<T>(node: &Node, req: &tonic::Request<T>) -> Result<bool, Sta
 /// verified the certificate against the cluster CA, which signs server certificates only, each
 /// bound to one node id.
 pub fn peer_node_id<T>(req: &tonic::Request<T>) -> Option<u64> {
-    let certs = req.peer_certs()?;
+    cert_node_id(&req.peer_certs()?)
+}
+
+/// The node id named by the first of a caller's certificates (see [`peer_node_id`]).
+fn cert_node_id(certs: &[tonic::transport::CertificateDer<'static>]) -> Option<u64> {
     crate::tls::node_id_of_der(certs.first()?.as_ref())
 }
 
@@ -64,7 +68,12 @@ fn is_member(node: &Node, id: u64) -> bool {
 /// stays signed but names a node that is no longer a member, so it is refused at once. On an
 /// `--insecure` cluster nobody can be told apart, so every caller counts.
 pub fn is_peer<T>(node: &Node, req: &tonic::Request<T>) -> bool {
-    node.cfg.insecure || peer_node_id(req).is_some_and(|id| is_member(node, id))
+    presents_member(node, req.peer_certs().as_deref().map(|c| &c[..]))
+}
+
+/// [`is_peer`], from the certificates the caller presented.
+fn presents_member(node: &Node, certs: Option<&[tonic::transport::CertificateDer<'static>]>) -> bool {
+    node.cfg.insecure || certs.and_then(cert_node_id).is_some_and(|id| is_member(node, id))
 }
 
 /// Who sends a request, for the request budget (`crate::body_budget`), from its headers alone
@@ -81,11 +90,7 @@ pub fn budget_sender(
     if let Some(claims) = token.and_then(|t| node.authenticate(Some(t)).ok()) {
         return Sender::Account(claims.user);
     }
-    let member = certs
-        .and_then(|c| c.first())
-        .and_then(|c| crate::tls::node_id_of_der(c.as_ref()))
-        .is_some_and(|id| is_member(node, id));
-    if node.cfg.insecure || member {
+    if presents_member(node, certs) {
         Sender::Server
     } else {
         Sender::Stranger

@@ -157,4 +157,7 @@ pub struct Committed {
     pub version: u64,
     /// Node ids of created nodes, in operation order (0 for other operations).
     pub created: Vec<u64>,
+    /// Per operation, the version the node it changed had just before it (0: not told; empty
+    /// from servers that do not tell, and for a repeated request).
+    pub prior: Vec<u64>,
 }

@@ -119,6 +119,7 @@ impl From<pb::CommitReply> for Committed {
         Committed {
             version: r.version,
             created: r.created,
+            prior: r.prior,
         }
     }
 }

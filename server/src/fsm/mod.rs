@@ -208,6 +208,11 @@ struct Txn<'a> {
     changed_dirs: BTreeSet<u64>,
     /// Names changed in `changed_dirs`, with where each leads now (`None`: removed).
     changed_names: BTreeMap<(u64, String), Option<u64>>,
+    /// The version the node of the operation being applied had just before it (set by
+    /// set_attr, set_content, link and rename; 0 for the others): answered per operation, so a
+    /// client can tell whether anyone else's commit came between its view of a node and its
+    /// own unchecked change of it.
+    op_prior: u64,
 }
 
 impl<'a> Txn<'a> {
@@ -221,6 +226,7 @@ impl<'a> Txn<'a> {
             changed_inos: BTreeSet::new(),
             changed_dirs: BTreeSet::new(),
             changed_names: BTreeMap::new(),
+            op_prior: 0,
         }
     }
 
@@ -670,6 +676,7 @@ impl<'a> Txn<'a> {
                 return Ok(Outcome::Committed {
                     version: done.index,
                     created: done.created,
+                    prior: Vec::new(),
                 });
             }
         }
@@ -696,8 +703,11 @@ impl<'a> Txn<'a> {
         }
         let (before_bytes, before_files) = (vol.used_bytes, vol.used_files);
         let mut created = Vec::with_capacity(ops.len());
+        let mut prior = Vec::with_capacity(ops.len());
         for op in ops {
+            self.op_prior = 0;
             created.push(self.op(&mut vol, op, now_ns)?);
+            prior.push(self.op_prior);
         }
         check_quota("bytes", vol.quota_bytes, before_bytes, vol.used_bytes)?;
         check_quota("files", vol.quota_files, before_files, vol.used_files)?;
@@ -728,6 +738,7 @@ impl<'a> Txn<'a> {
         Ok(Outcome::Committed {
             version: self.index,
             created,
+            prior,
         })
     }
 

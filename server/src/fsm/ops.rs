@@ -146,6 +146,7 @@ impl Txn<'_> {
         };
         let mut o = self.resolve(vol, node)?;
         expect(op.expect_version, Some(&o), &describe(node))?;
+        self.op_prior = o.version;
         if o.kind != Kind::File {
             return refuse(ApplyError::IsDir(describe(node)));
         }
@@ -176,6 +177,7 @@ impl Txn<'_> {
         };
         let mut o = self.resolve(vol, node)?;
         expect(op.expect_version, Some(&o), &describe(node))?;
+        self.op_prior = o.version;
         if let Some(m) = mode {
             o.mode = m & 0o7777;
         }
@@ -267,6 +269,8 @@ impl Txn<'_> {
         self.put_dirent(src_dir.ino, from_name, None);
         self.put_dirent(dst_dir.ino, to_name, Some(o.ino));
         let moved_dir = o.kind == Kind::Dir && src_dir.ino != dst_dir.ino;
+        // Only a rename that moves the node (not one onto itself) tells what it moved from.
+        self.op_prior = o.version;
         o.parent = dst_dir.ino;
         o.ctime_ns = now_ns;
         o.version = self.index;
@@ -292,6 +296,7 @@ impl Txn<'_> {
         validate_name(name).map_err(ApplyError::from)?;
         let mut o = self.resolve(vol, node)?;
         expect(op.expect_version, Some(&o), &describe(node))?;
+        self.op_prior = o.version;
         if o.kind == Kind::Dir {
             return refuse(ApplyError::Denied(format!(
                 "{}: directories cannot be hard-linked",

@@ -438,7 +438,13 @@ impl From<codafs_common::names::NameError> for ApplyError {
 pub enum Outcome {
     Done,
     Volume(VolumeRec),
-    Committed { version: u64, created: Vec<u64> },
+    /// `prior`: per operation, the version its node had just before it (see `CommitReply`);
+    /// empty in the answer to a repeated request id (not remembered).
+    Committed {
+        version: u64,
+        created: Vec<u64>,
+        prior: Vec<u64>,
+    },
 }
 
 /// What the state machine answers for one entry.

@@ -142,7 +142,7 @@ fn batch_creates_tree_and_stamps_volume() {
             file("", "index.html", b"hi"),
         ],
     );
-    let Ok(Outcome::Committed { version, created }) = r else {
+    let Ok(Outcome::Committed { version, created, .. }) = r else {
         panic!("{r:?}")
     };
     assert_eq!(version, 3);
@@ -687,6 +687,42 @@ fn links_are_refused_for_directories_existing_names_and_bad_names() {
     assert_eq!(*s, before, "refused links change nothing");
 }
 
+/// A commit answers, per operation, the version its node had just before it: what a client
+/// that chmods or renames without a version check needs to tell whether anyone else's commit
+/// came between its view and its change.
+#[test]
+fn a_commit_tells_the_version_each_changed_node_had_before_it() {
+    let mut s = setup();
+    commit(&mut s, 3, "alice", vec![file("", "a", b"x"), file("", "b", b"y")]).unwrap();
+    commit(&mut s, 4, "alice", vec![file("", "c", b"z")]).unwrap();
+    let chmod = |name: &str| OpKind::SetAttr {
+        node: NodeRef::Path(name.into()),
+        mode: Some(0o600),
+        uid: None,
+        gid: None,
+        mtime_ns: None,
+        atime_ns: None,
+    };
+    let mv = |from: &str, to: &str| OpKind::Rename {
+        from_parent: NodeRef::Path(String::new()),
+        from_name: from.into(),
+        to_parent: NodeRef::Path(String::new()),
+        to_name: to.into(),
+    };
+    let r = commit(
+        &mut s,
+        5,
+        "alice",
+        vec![chmod("a"), chmod("a"), mv("c", "d"), dir("", "e"), mv("b", "b")],
+    );
+    let Ok(Outcome::Committed { prior, .. }) = r else {
+        panic!("{r:?}")
+    };
+    // The second chmod of a finds the first's version; a created node and a rename onto
+    // itself (nothing moved) tell nothing.
+    assert_eq!(prior, vec![3, 5, 4, 0, 0]);
+}
+
 #[test]
 fn set_attr_honours_omitted_times() {
     let mut s = setup();
@@ -730,8 +766,20 @@ fn a_commit_request_applies_once_and_its_record_expires() {
     };
     let first = s.apply(3, &cmd(30)).unwrap();
     let after_first = s.clone();
-    // The same request again (a retry after a lost reply): the first answer, nothing applied.
-    assert_eq!(s.apply(4, &cmd(40)).unwrap(), first);
+    // The same request again (a retry after a lost reply): the first answer (without the
+    // versions before each operation, which are not remembered), nothing applied.
+    let Outcome::Committed { version, created, .. } = first else {
+        panic!("{first:?}")
+    };
+    let again = s.apply(4, &cmd(40)).unwrap();
+    assert_eq!(
+        again,
+        Outcome::Committed {
+            version,
+            created,
+            prior: Vec::new()
+        }
+    );
     assert_eq!(*s, after_first);
     // Long after, the record is trimmed by later commits and the id is forgotten.
     let later = 3 + REQUEST_RETAIN + 1;

@@ -95,6 +95,7 @@ async fn commit_local(
             return Ok(pb::CommitReply {
                 version: done.index,
                 created: done.created,
+                prior: Vec::new(),
             });
         }
     }
@@ -157,7 +158,15 @@ async fn commit_local(
         .await
         .map_err(|e| NodeError::Internal(format!("proposing a commit: {e}")))??
     {
-        Outcome::Committed { version, created } => Ok(pb::CommitReply { version, created }),
+        Outcome::Committed {
+            version,
+            created,
+            prior,
+        } => Ok(pb::CommitReply {
+            version,
+            created,
+            prior,
+        }),
         other => Err(NodeError::Internal(format!("unexpected outcome {other:?}"))),
     }
 }

@@ -404,6 +404,23 @@ impl Truth {
     }
 }
 
+/// The version the node `op` changes has before it, as the servers answer it (0 for
+/// operations they do not answer it for).
+fn prior_of(tree: &Tree, op: &Op) -> u64 {
+    let ino = match op {
+        Op::SetAttr { ino, .. } | Op::SetContent { ino, .. } | Op::Link { ino, .. } => Some(*ino),
+        Op::Rename {
+            from_parent,
+            from_name,
+            to_parent,
+            to_name,
+            ..
+        } if (from_parent, from_name) != (to_parent, to_name) => tree.child(*from_parent, from_name),
+        _ => None,
+    };
+    ino.and_then(|i| tree.objects.get(&i)).map_or(0, |a| a.version)
+}
+
 impl FakeRemote {
     pub fn new() -> Self {
         let mut t = Truth {
@@ -703,7 +720,9 @@ impl Remote for FakeRemote {
         let mut tree = t.tree.clone();
         let next_ino = t.next_ino;
         let (mut created, mut inos, mut dirs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut prior = Vec::new();
         for op in ops {
+            prior.push(prior_of(&tree, &op));
             match t.apply(&mut tree, op, v) {
                 Ok((c, i, d)) => {
                     created.push(c);
@@ -719,16 +738,22 @@ impl Remote for FakeRemote {
         tree.version = v;
         t.tree = tree;
         t.finish(inos, dirs);
+        // As the servers do, a repeated request is answered without the versions before it.
         t.requests.insert(
             request,
             Committed {
                 version: v,
                 created: created.clone(),
+                prior: Vec::new(),
             },
         );
         match failure {
             Some(_) => Err(FsError::Disconnected("the fake lost the commit's reply".into())),
-            None => Ok(Committed { version: v, created }),
+            None => Ok(Committed {
+                version: v,
+                created,
+                prior,
+            }),
         }
     }
 }

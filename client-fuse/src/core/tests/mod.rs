@@ -793,10 +793,28 @@ async fn write_back_a_chmod_sent_while_the_file_is_open_still_finds_the_conflict
 
 /// Write-back: the file is opened for writing after the batch with its chmod was built and
 /// before that batch's commit lands, and another node's content lands in between. The chmod
-/// checked nothing (nothing needed a check when it was built), so its commit's version is not
-/// taken for this mount's own, and the content, closed later, conflicts.
+/// checked nothing (nothing needed a check when it was built), and the servers' reply tells
+/// a version before it other than the one the open saw, so its commit's version is not taken
+/// for this mount's own, and the content, closed later, conflicts.
 #[tokio::test(start_paused = true)]
 async fn write_back_a_file_opened_while_its_chmod_is_in_flight_still_finds_the_conflict() {
+    let (_dir, core, www) = open_while_chmod_in_flight(Some(b"theirs")).await;
+    theirs_stand_and_mine_is_kept(&core, www).await;
+}
+
+/// Write-back: the same, with nobody's commit in between. The chmod's reply tells the version
+/// the file had just before it, the one the open saw, so the chmod's version is this mount's
+/// own and the content goes through without a conflict (it conflicted with its own chmod).
+#[tokio::test(start_paused = true)]
+async fn write_back_a_file_opened_while_its_chmod_is_in_flight_goes_through_alone() {
+    let (_dir, core, _www) = open_while_chmod_in_flight(None).await;
+    assert_eq!(core.remote.content("p.html").unwrap(), b"mine");
+    assert_eq!(core.backlog().unwrap().conflicts, 0);
+}
+
+/// `p.html` chmodded; opened for writing while the batch with the chmod waits to be committed
+/// (and `theirs`, if any, written by another node then); "mine" written, closed and sent.
+async fn open_while_chmod_in_flight(theirs: Option<&[u8]>) -> (tempfile::TempDir, Core<FakeRemote>, u64) {
     let dir = tempfile::tempdir().unwrap();
     let (core, www, ino) = page_written_back(dir.path()).await;
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
@@ -810,7 +828,9 @@ async fn write_back_a_file_opened_while_its_chmod_is_in_flight_still_finds_the_c
         // The batch is built and waits at the gate.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let fh = core.open(model::ALICE, ino, libc::O_WRONLY | libc::O_TRUNC).await;
-        core.remote.write(&[], "p.html", b"theirs");
+        if let Some(t) = theirs {
+            core.remote.write(&[], "p.html", t);
+        }
         gate.add_permits(1000);
         fh
     };
@@ -818,7 +838,7 @@ async fn write_back_a_file_opened_while_its_chmod_is_in_flight_still_finds_the_c
     write_and_close(&core, fh.unwrap(), b"mine").await;
     send_log(&core).await;
     deliver_all(&core).await;
-    theirs_stand_and_mine_is_kept(&core, www).await;
+    (dir, core, www)
 }
 
 /// Write-back: new content of a file another node removed before it was sent is kept under a

@@ -26,7 +26,7 @@ use super::*;
 use crate::cache::meta::DirPatch;
 use crate::core::chunked::read_at;
 use crate::core::remote::{new_request_id, RequestId};
-use crate::core::types::Attr;
+use crate::core::types::{Attr, Committed};
 use crate::core::{Invalidation, Invalidator};
 use crate::wblog::{in_runs, runs_of, Change, Content, Log, LogError, Record, INLINE_MAX};
 use codafs_common::chunks::chunk_reader;
@@ -1873,7 +1873,7 @@ impl<R: Remote> Core<R> {
             .inflight(batch.changes.first().map_or(0, |c| split_ino(op_ino(&c.op)).0));
         let _inflight = lock.read().await;
         let done = self.commit_ops(token, &batch.volume, ops.to_vec(), request).await?;
-        self.after_commit(b, ops, &done, &self.late_checks(b, batch, ops));
+        self.after_commit(b, ops, &done, &self.late_checks(b, batch, ops, &done));
         Ok(())
     }
 
@@ -1884,7 +1884,7 @@ impl<R: Remote> Core<R> {
         volume: &str,
         ops: Vec<Op>,
         request: RequestId,
-    ) -> Result<crate::core::types::Committed, FsError> {
+    ) -> Result<Committed, FsError> {
         self.timed(self.write_timeout(0), self.remote.commit(token, volume, ops, request))
             .await
     }
@@ -2012,8 +2012,10 @@ impl<R: Remote> Core<R> {
     /// checked, or the commit checked none. Another node's commit may then have come between
     /// the version that change saw and this commit, and the change, expecting this commit's
     /// version, would replace it unchecked. It conflicts instead, if need be with this mount's
-    /// own commit (both versions are kept either way).
-    fn late_checks(&self, b: &WriteBack, batch: &Batch, ops: &[Op]) -> HashSet<u64> {
+    /// own commit (both versions are kept either way). Unless the servers' reply tells that
+    /// the node was, just before the commit, at the version the later change expects: then
+    /// nobody came between, and the commit's version is this mount's own.
+    fn late_checks(&self, b: &WriteBack, batch: &Batch, ops: &[Op], done: &Committed) -> HashSet<u64> {
         let pending = self.checks_of(b, batch, &targets_of(ops));
         if pending.is_empty() {
             return HashSet::new();
@@ -2025,10 +2027,14 @@ impl<R: Remote> Core<R> {
                 _ => None,
             })
             .collect();
+        let before = versions_before(ops, &done.prior);
         let st = b.st();
         pending
             .into_iter()
-            .filter(|(ino, seen)| checked.get(ino) != Some(&super::batch::expects(&st.own_versions, *ino, *seen)))
+            .filter(|(ino, seen)| {
+                let expected = Some(super::batch::expects(&st.own_versions, *ino, *seen));
+                checked.get(ino).copied() != expected && before.get(ino).copied() != expected
+            })
             .map(|(ino, _)| ino)
             .collect()
     }
@@ -2043,7 +2049,7 @@ impl<R: Remote> Core<R> {
     /// then stands for content this mount never saw, and the later change, expecting it,
     /// would replace that content unchecked. So the node keeps the version it had here, and
     /// the later change conflicts (both versions are kept).
-    fn after_commit(&self, b: &WriteBack, ops: &[Op], done: &crate::core::types::Committed, distrust: &HashSet<u64>) {
+    fn after_commit(&self, b: &WriteBack, ops: &[Op], done: &Committed, distrust: &HashSet<u64>) {
         let version = done.version;
         self.own_commit(version);
         let mut inos = Vec::new();
@@ -2213,7 +2219,7 @@ impl<R: Remote> Core<R> {
                         .await
                     {
                         Ok(done) => {
-                            self.after_commit(b, &guarded, &done, &self.late_checks(b, batch, &guarded));
+                            self.after_commit(b, &guarded, &done, &self.late_checks(b, batch, &guarded, &done));
                             continue;
                         }
                         Err(e) if is_conflict(&e) => {
@@ -2228,7 +2234,7 @@ impl<R: Remote> Core<R> {
             match r {
                 Ok(done) => {
                     if distrust.is_empty() {
-                        distrust = self.late_checks(b, batch, &ops);
+                        distrust = self.late_checks(b, batch, &ops, &done);
                     }
                     self.after_commit(b, &ops, &done, &distrust)
                 }
@@ -2733,6 +2739,32 @@ fn unchecked_target(op: &Op) -> Option<u64> {
         Op::Rename { seen: Some(s), .. } if s.kind != NodeKind::Dir => Some(s.ino),
         _ => None,
     }
+}
+
+/// The version each node had just before a commit of `ops`, where the reply told it
+/// (`prior`, in operation order): what the first operation changing the node found. A node
+/// an earlier operation of the commit changed untold is told at the commit's own version, which
+/// no change expects, so that stays on the safe side.
+fn versions_before(ops: &[Op], prior: &[u64]) -> HashMap<u64, u64> {
+    let mut before = HashMap::new();
+    let mut seen = HashSet::new();
+    for (i, op) in ops.iter().enumerate() {
+        let ino = match op {
+            Op::SetAttr { ino, .. }
+            | Op::SetContent { ino, .. }
+            | Op::Link { ino, .. }
+            | Op::ExpectNode { ino, .. } => *ino,
+            Op::Rename { seen: Some(s), .. } => s.ino,
+            _ => continue,
+        };
+        if !seen.insert(ino) {
+            continue;
+        }
+        if let Some(p) = prior.get(i).copied().filter(|p| *p != 0) {
+            before.insert(ino, p);
+        }
+    }
+    before
 }
 
 /// The nodes `ops` chmod, link or rename without checking their version.

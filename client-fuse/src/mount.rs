@@ -141,6 +141,12 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
         let core = core.clone();
         rt.spawn(async move { core.avoid_witness().await });
     }
+    {
+        // Learn the cluster's id (kept in the cache directory) so a later login can refuse
+        // another cluster's token even while the servers are unreachable.
+        let core = core.clone();
+        rt.spawn(async move { core.learn_cluster_in_background().await });
+    }
     if let Some((listener, registry)) = metrics {
         tracing::info!(addr = ?listener.local_addr().ok(), "serving metrics: GET /metrics, plain HTTP, unauthenticated");
         let mut stop = stop_rx.clone();
@@ -446,8 +452,29 @@ async fn watch_volumes<R: Remote>(
 /// is kept unverified: the servers check every write anyway.
 async fn login<R: Remote>(core: &Core<R>, uid: u32, token: &str) -> serde_json::Value {
     let token = token.trim();
+    // The token goes to no server unless it is for this mount's cluster: `codafs login` hands
+    // it to every mount on the host, other clusters' included.
+    if core.cluster().is_none() {
+        match tokio::time::timeout(Duration::from_secs(10), core.learn_cluster()).await {
+            Ok(Ok(Some(_))) => {}
+            // Servers older than the cluster id in health answers: only they can check.
+            Ok(Ok(None)) => return login_checked(core, uid, token, None).await,
+            Ok(Err(e)) => tracing::debug!(error = %e, "cluster id not learned"),
+            Err(_) => tracing::debug!("cluster id not learned in 10 s"),
+        }
+    }
+    let Some(cluster) = core.cluster() else {
+        return serde_json::json!({ "error":
+            "this mount does not know its cluster's id yet (no server has answered since it was first \
+             started), so it cannot tell whether this token is for its cluster; log in again once a server answers" });
+    };
+    login_checked(core, uid, token, Some(&cluster)).await
+}
+
+/// [`login`] once the token's cluster can be checked (against `cluster`, if known).
+async fn login_checked<R: Remote>(core: &Core<R>, uid: u32, token: &str, cluster: Option<&str>) -> serde_json::Value {
     // Refuse what can be refused locally before asking the servers.
-    match TokenTable::check(token, None) {
+    match TokenTable::check(token, cluster) {
         Err(crate::tokens::TokenStoreError::Expired) => {
             return serde_json::json!({ "error": "token expired; run codafs login again" })
         }

@@ -6,6 +6,10 @@
 //! 0700 directory) so they survive a daemon restart until they expire. The daemon cannot verify a
 //! token's signature (only servers hold the keys); it reads the claims for expiry and for friendlier
 //! errors, and the servers check every request anyway.
+//!
+//! A token is refused unless it names the mount's own cluster, learned from the servers and kept
+//! in `<cache-dir>/tokens/cluster`: `codafs login` hands the token to every mount on the host,
+//! and a mount of another cluster must not pass it on to that cluster's servers.
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -31,7 +35,12 @@ pub enum TokenStoreError {
 pub struct TokenTable {
     dir: Option<PathBuf>,
     map: RwLock<HashMap<u32, (String, Claims)>>,
+    /// The id of the cluster this mount belongs to, once learned.
+    cluster: RwLock<Option<String>>,
 }
+
+/// The file in the token directory that keeps the cluster id (not a uid, so never a token).
+const CLUSTER_FILE: &str = "cluster";
 
 fn now_s() -> u64 {
     std::time::SystemTime::now()
@@ -46,6 +55,7 @@ impl TokenTable {
         TokenTable {
             dir: None,
             map: RwLock::new(HashMap::new()),
+            cluster: RwLock::new(None),
         }
     }
 
@@ -53,6 +63,10 @@ impl TokenTable {
     pub fn load(dir: &Path) -> Result<Self, std::io::Error> {
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        let cluster = std::fs::read_to_string(dir.join(CLUSTER_FILE))
+            .ok()
+            .map(|c| c.trim().to_string())
+            .filter(|c| !c.is_empty());
         let mut map = HashMap::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
@@ -61,11 +75,11 @@ impl TokenTable {
             };
             let token = std::fs::read_to_string(entry.path()).unwrap_or_default();
             match peek(token.trim()) {
-                Ok(c) if c.expires > now_s() => {
+                Ok(c) if c.expires > now_s() && cluster.as_ref().is_none_or(|k| *k == c.cluster) => {
                     map.insert(uid, (token.trim().to_string(), c));
                 }
                 _ => {
-                    tracing::info!(uid, "dropping an expired or unreadable saved token");
+                    tracing::info!(uid, "dropping an expired, unreadable or other cluster's saved token");
                     let _ = std::fs::remove_file(entry.path());
                 }
             }
@@ -73,13 +87,47 @@ impl TokenTable {
         Ok(TokenTable {
             dir: Some(dir.to_path_buf()),
             map: RwLock::new(map),
+            cluster: RwLock::new(cluster),
         })
     }
 
-    /// Sets `uid`'s token (replacing any earlier one) and saves it.
+    /// The id of the cluster this mount belongs to, if learned.
+    pub fn cluster(&self) -> Option<String> {
+        self.cluster.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records the cluster id the servers gave (and keeps it for the next start); tokens held
+    /// for another cluster are dropped.
+    pub fn learn_cluster(&self, id: &str) -> Result<(), std::io::Error> {
+        if self.cluster().as_deref() == Some(id) {
+            return Ok(());
+        }
+        if let Some(dir) = &self.dir {
+            let tmp = dir.join(".cluster.tmp");
+            std::fs::write(&tmp, id)?;
+            std::fs::rename(&tmp, dir.join(CLUSTER_FILE))?;
+        }
+        *self.cluster.write().unwrap_or_else(|p| p.into_inner()) = Some(id.to_string());
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        map.retain(|uid, (_, c)| {
+            let keep = c.cluster == id;
+            if !keep {
+                tracing::warn!(uid, token_cluster = %c.cluster, cluster = id, "dropping a token of another cluster");
+                if let Some(dir) = &self.dir {
+                    let _ = std::fs::remove_file(dir.join(uid.to_string()));
+                }
+            }
+            keep
+        });
+        Ok(())
+    }
+
+    /// Sets `uid`'s token (replacing any earlier one) and saves it. The token must be for
+    /// `cluster`, else for the cluster this mount learned, if any.
     pub fn set(&self, uid: u32, token: &str, cluster: Option<&str>) -> Result<Claims, TokenStoreError> {
         let token = token.trim();
-        let claims = Self::check(token, cluster)?;
+        let learned = self.cluster();
+        let claims = Self::check(token, cluster.or(learned.as_deref()))?;
         if let Some(dir) = &self.dir {
             let tmp = dir.join(format!(".{uid}.tmp"));
             let mut f = std::fs::OpenOptions::new()
@@ -193,5 +241,31 @@ mod tests {
         assert!(again.get(1001).is_none() && again.get(0).is_none());
         assert!(again.remove(1000));
         assert!(TokenTable::load(dir.path()).unwrap().get(1000).is_none());
+    }
+
+    /// Once the mount knows its cluster, another cluster's token is refused without a server
+    /// seeing it, one held already is dropped, and the cluster is known again after a restart.
+    #[test]
+    fn a_learned_cluster_refuses_other_clusters_tokens_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TokenTable::load(dir.path()).unwrap();
+        assert_eq!(t.cluster(), None);
+        t.set(1000, &token("alice", now_s() + 3600), None).unwrap();
+        t.learn_cluster("c2").unwrap();
+        assert!(t.get(1000).is_none(), "a token of cluster c1 is dropped");
+        assert!(!dir.path().join("1000").exists());
+        assert!(matches!(
+            t.set(1000, &token("alice", now_s() + 3600), None),
+            Err(TokenStoreError::WrongCluster { .. })
+        ));
+        let again = TokenTable::load(dir.path()).unwrap();
+        assert_eq!(again.cluster().as_deref(), Some("c2"));
+        assert!(again.set(1000, &token("alice", now_s() + 3600), None).is_err());
+        again.learn_cluster("c1").unwrap();
+        again.set(1000, &token("alice", now_s() + 3600), None).unwrap();
+        assert_eq!(
+            TokenTable::load(dir.path()).unwrap().get(1000).map(|(_, c)| c.user),
+            Some("alice".into())
+        );
     }
 }

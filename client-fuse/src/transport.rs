@@ -252,6 +252,22 @@ impl Cluster {
         }
     }
 
+    /// The cluster's id, from the first server that answers (health checks need no token):
+    /// `None` if the servers answered without one (servers older than the field).
+    pub async fn cluster_id(&self) -> Result<Option<String>, ClientError> {
+        let n = self.servers.len();
+        let start = self.preferred.load(Ordering::Relaxed) % n;
+        let mut last = None;
+        for i in failover_order(n, start, rand::random()) {
+            match self.health_on(&self.servers[i].0).await {
+                Ok(h) if h.cluster_id.is_empty() => return Ok(None),
+                Ok(h) => return Ok(Some(h.cluster_id)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::Unreachable("no servers configured".into())))
+    }
+
     /// Prefers server `to` if the preference is still `from`: a move decided on an older
     /// preference (a call that started before another one failed over) never undoes a newer.
     fn move_preference(&self, from: usize, to: usize) {

@@ -40,6 +40,34 @@ fn login(tc: &TestCluster, user: &User) -> Result<String> {
     Ok(out.stdout)
 }
 
+/// `codafs login` hands a token to every mount on the host. A mount of another cluster sent it
+/// to its own servers to check (which then held a token valid on the first cluster) and kept
+/// it while they were unreachable. It now refuses a token that is not for its own cluster
+/// without any server seeing it, also when it has just started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mount_refuses_another_clusters_token_before_any_server_sees_it() {
+    bounded(async {
+        let tc = setup().await?;
+        let other = TestCluster::start(ClusterOpts::new(1, 0)).await?;
+        let dir = tc.root.path();
+        let theirs = Mount::start(&other.client_args(), dir, "theirs", &[])?;
+        let reply = theirs.control(&format!("login {}", tc.token))?;
+        let err = reply["error"].as_str().unwrap_or_default();
+        ensure!(
+            err.contains("token is for cluster") && err.contains("this mount talks to"),
+            "refused by the mount itself: {reply}"
+        );
+        // Its own cluster's token is taken as before, and ours still works on our mount.
+        let reply = theirs.control(&format!("login {}", other.token))?;
+        ensure!(reply["ok"] == true, "{reply}");
+        let ours = Mount::start(&tc.client_args(), dir, "ours", &[])?;
+        let reply = ours.control(&format!("login {}", tc.token))?;
+        ensure!(reply["ok"] == true, "{reply}");
+        Ok(())
+    })
+    .await
+}
+
 /// A writable mount "a" whose root holds the admin token, and a `--read-only` mount "web".
 fn writer_and_web_node(tc: &TestCluster) -> Result<(Mount, Mount)> {
     let dir = tc.root.path();

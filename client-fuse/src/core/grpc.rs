@@ -214,6 +214,10 @@ impl Remote for GrpcRemote {
         self.cluster.avoid_witness().await
     }
 
+    async fn cluster_id(&self) -> Result<Option<String>, FsError> {
+        Ok(self.cluster.cluster_id().await?)
+    }
+
     async fn check_token(&self, token: &str) -> Result<(), FsError> {
         self.cluster.who_am_i(Some(token)).await?;
         Ok(())

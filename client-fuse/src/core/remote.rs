@@ -108,6 +108,10 @@ pub trait Remote: Send + Sync + 'static {
     fn avoid_witness(&self) -> impl Future<Output = ()> + Send {
         async {}
     }
+    /// The id of the servers' cluster (`None`: they do not tell it).
+    fn cluster_id(&self) -> impl Future<Output = Result<Option<String>, FsError>> + Send {
+        async { Ok(None) }
+    }
     /// Checks a token with the servers (a mount cannot verify signatures itself).
     fn check_token(&self, token: &str) -> impl Future<Output = Result<(), FsError>> + Send;
     /// Stores a blob on `write_quorum` replicas, authenticated as `token`'s holder.

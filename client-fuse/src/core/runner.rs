@@ -49,6 +49,38 @@ impl<R: Remote> Core<R> {
         self.remote.check_token(token).await
     }
 
+    /// The id of this mount's cluster, if learned (see `tokens`).
+    pub fn cluster(&self) -> Option<String> {
+        self.writes.tokens.cluster()
+    }
+
+    /// Asks the servers for the cluster's id and keeps it; returns it (`None`: the servers do
+    /// not tell it).
+    pub async fn learn_cluster(&self) -> Result<Option<String>, FsError> {
+        let id = self.remote.cluster_id().await?;
+        if let Some(id) = &id {
+            if let Err(e) = self.writes.tokens.learn_cluster(id) {
+                tracing::warn!(error = %e, "could not keep the cluster id in the cache directory");
+            }
+            self.sync_readers();
+        }
+        Ok(id)
+    }
+
+    /// [`Core::learn_cluster`] until a server answers: at once, then after 1 s doubling to a
+    /// minute between tries.
+    pub async fn learn_cluster_in_background(&self) {
+        let mut wait = std::time::Duration::from_secs(1);
+        loop {
+            match self.learn_cluster().await {
+                Ok(_) => return,
+                Err(e) => tracing::debug!(error = %e, "cluster id not learned yet"),
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(std::time::Duration::from_secs(60));
+        }
+    }
+
     /// Makes `token` the one local user `uid` writes (and reads private volumes) with.
     pub fn set_token(&self, uid: u32, token: &str) -> Result<Claims, TokenStoreError> {
         let claims = self.writes.tokens.set(uid, token, None)?;

@@ -440,10 +440,11 @@ impl pb::admin_server::Admin for AdminService {
 
     /// Answered to anyone: whether this server can serve (for load balancers' health checks).
     async fn health(&self, _req: Request<pb::Empty>) -> Result<Response<pb::HealthReply>, Status> {
-        let bootstrapped = self.0.tables().cluster().ok().flatten().is_some();
+        let cluster = self.0.tables().cluster().ok().flatten();
         Ok(Response::new(pb::HealthReply {
-            ready: bootstrapped && self.0.leader().is_some(),
+            ready: cluster.is_some() && self.0.leader().is_some(),
             witness: self.0.is_witness(),
+            cluster_id: cluster.map(|c| c.cluster_id).unwrap_or_default(),
         }))
     }
 

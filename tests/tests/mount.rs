@@ -146,14 +146,31 @@ async fn disconnected_mount_serves_cache_and_fails_fast_on_uncached_files() {
         // Larger than what comes with a directory's listing (client-fuse/src/core/prefetch.rs).
         let never_read = vec![b'n'; 100 << 10];
         TestCluster::write_file(&c, "www", "", "uncached.html", &never_read).await?;
+        TestCluster::mkdir(&c, "www", "", "d").await?;
+        TestCluster::write_file(&c, "www", "d", "page.html", b"cached below").await?;
         let m = Mount::start(&tc.client_args(), tc.root.path(), "m", &["--read-only"])?;
         assert_eq!(read_file(&m.path.join("www/cached.html"))?, b"i am cached");
+        assert_eq!(read_file(&m.path.join("www/d/page.html"))?, b"cached below");
         // The listing (and so uncached.html's attributes) is cached; its content is not.
         assert!(m.path.join("www/uncached.html").exists());
+        // A publish adds a name to the volume's root and to d/, whose attributes the mount
+        // then forgets. Every path through them failed with EIO once the servers went away,
+        // the cached files below included.
+        TestCluster::write_file(&c, "www", "", "new.html", b"new").await?;
+        TestCluster::write_file(&c, "www", "d", "new.html", b"new").await?;
+        // Waited for in the mount's status: a look at the paths would fetch what it forgot.
+        let published = tc.volume_info("www").await?.version;
+        wait_until(Duration::from_secs(10), "the mount applies the publish", || {
+            let v = m.status().ok().and_then(|s| Some(s.volume("www")?.version));
+            async move { v >= Some(published) }
+        })
+        .await?;
         for i in 0..3 {
             tc.kill(i);
         }
         assert_eq!(read_file(&m.path.join("www/cached.html"))?, b"i am cached");
+        assert_eq!(read_file(&m.path.join("www/d/page.html"))?, b"cached below");
+        assert!(std::fs::metadata(m.path.join("www/d"))?.is_dir());
         let p = m.path.join("www/uncached.html");
         let t = Instant::now();
         let r = fs_call(Duration::from_secs(20), move || std::fs::read(p))?;

@@ -20,6 +20,11 @@ use serde::{Deserialize, Serialize};
 const CF_ATTRS: &str = "attrs";
 const CF_DIRS: &str = "dirs";
 const CF_VOLUMES: &str = "volumes";
+/// Attributes of directories a change made the cache forget, kept only to be served while no
+/// server answers: a publish that adds a name to a directory changes its attributes, and
+/// without them every path through it failed with EIO once the servers went away, cached
+/// files included (the listing itself is patched by the change and kept).
+const CF_STALE: &str = "stale_attrs";
 /// All memtables of the metadata cache together (see [`MetaStore::open`]).
 const WRITE_BUFFERS: usize = 16 << 20;
 /// The block cache the column families share.
@@ -100,6 +105,7 @@ impl MetaStore {
             ColumnFamilyDescriptor::new(CF_ATTRS, cf_opts(WRITE_BUFFERS / 2)),
             ColumnFamilyDescriptor::new(CF_DIRS, cf_opts(WRITE_BUFFERS / 2)),
             ColumnFamilyDescriptor::new(CF_VOLUMES, cf_opts(1 << 20)),
+            ColumnFamilyDescriptor::new(CF_STALE, cf_opts(1 << 20)),
         ];
         Ok(MetaStore {
             db: DB::open_cf_descriptors(&opts, dir, cfs).map_err(me)?,
@@ -211,13 +217,34 @@ impl MetaStore {
         Ok(())
     }
 
-    /// Forgets the attributes of these nodes, keeping directory listings.
+    /// Forgets the attributes of these nodes, keeping directory listings. A directory's are
+    /// kept aside, to be served only while no server answers (see [`CF_STALE`]).
     pub fn forget_attrs(&self, inos: &[u64]) -> Result<(), MetaError> {
         let mut batch = WriteBatch::default();
         for i in inos {
-            batch.delete_cf(self.cf(CF_ATTRS)?, i.to_be_bytes());
+            let key = i.to_be_bytes();
+            if let Some(v) = self.db.get_pinned_cf(self.cf(CF_ATTRS)?, key).map_err(me)? {
+                let kind = pb::Attr::decode(v.as_ref()).map(|a| a.kind).unwrap_or_default();
+                if kind == pb::ObjectKind::Directory as i32 {
+                    batch.put_cf(self.cf(CF_STALE)?, key, v.as_ref());
+                }
+            }
+            batch.delete_cf(self.cf(CF_ATTRS)?, key);
         }
         self.db.write(batch).map_err(me)
+    }
+
+    /// The last attributes of a directory whose attributes were forgotten after a change (see
+    /// [`CF_STALE`]): only for answers while no server can be reached.
+    pub fn stale_attr(&self, ino: u64) -> Result<Option<Attr>, MetaError> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_STALE)?, ino.to_be_bytes())
+            .map_err(me)?
+        {
+            Some(v) => Ok(Some(pb::Attr::decode(v.as_ref()).map_err(me)?.into())),
+            None => Ok(None),
+        }
     }
 
     /// Applies name changes to cached listings (those not cached are left alone), in order:
@@ -271,6 +298,7 @@ impl MetaStore {
         let mut batch = WriteBatch::default();
         for i in inos {
             batch.delete_cf(self.cf(CF_ATTRS)?, i.to_be_bytes());
+            batch.delete_cf(self.cf(CF_STALE)?, i.to_be_bytes());
             batch.delete_cf(self.cf(CF_DIRS)?, i.to_be_bytes());
         }
         for d in dirs {
@@ -290,6 +318,7 @@ impl MetaStore {
         let to = codafs_common::make_ino(id + 1, 0).to_be_bytes();
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(self.cf(CF_ATTRS)?, from, to);
+        batch.delete_range_cf(self.cf(CF_STALE)?, from, to);
         batch.delete_range_cf(self.cf(CF_DIRS)?, from, to);
         let mut g = self.listings();
         self.db.write(batch).map_err(me)?;
@@ -335,6 +364,7 @@ impl MetaStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::NodeKind;
 
     #[test]
     fn round_trips_and_forgets() {
@@ -363,6 +393,35 @@ mod tests {
         m.forget_volume(1).unwrap();
         assert_eq!(m.attr(a.ino).unwrap(), None);
         assert_eq!(m.dir(codafs_common::make_ino(1, 1)).unwrap(), None);
+    }
+
+    /// A directory's forgotten attributes are kept aside (a file's are not) until the node or
+    /// its volume is forgotten for good.
+    #[test]
+    fn forgotten_directory_attributes_are_kept_aside_until_forgotten_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = MetaStore::open(dir.path()).unwrap();
+        let node = |i, kind| Attr {
+            ino: codafs_common::make_ino(1, i),
+            kind,
+            version: 4,
+            ..Default::default()
+        };
+        let (d, f, e) = (node(2, NodeKind::Dir), node(3, NodeKind::File), node(4, NodeKind::Dir));
+        for a in [&d, &f, &e] {
+            m.put_attr(a).unwrap();
+        }
+        m.forget_attrs(&[d.ino, f.ino, e.ino]).unwrap();
+        assert_eq!(m.attr(d.ino).unwrap(), None);
+        assert_eq!(m.stale_attr(d.ino).unwrap(), Some(d.clone()));
+        assert_eq!(m.stale_attr(f.ino).unwrap(), None, "a file's content may have changed");
+        m.forget(&[e.ino], &[]).unwrap();
+        assert_eq!(m.stale_attr(e.ino).unwrap(), None, "a removed directory");
+        drop(m);
+        let m = MetaStore::open(dir.path()).unwrap();
+        assert_eq!(m.stale_attr(d.ino).unwrap(), Some(d.clone()), "kept across a restart");
+        m.forget_volume(1).unwrap();
+        assert_eq!(m.stale_attr(d.ino).unwrap(), None);
     }
 
     #[test]

@@ -504,10 +504,22 @@ impl<R: Remote> Core<R> {
                 |a| self.meta.put_attr(a).map_err(Self::io),
             )
             .await;
-        if let Err(FsError::NotFound) = r {
-            self.settle_gone(ino).await;
+        match r {
+            Err(FsError::NotFound) => {
+                self.settle_gone(ino).await;
+                r
+            }
+            // No server answers: a directory a change made the cache forget is served as it
+            // was, so the cached files below it stay readable (its listing was patched).
+            Err(FsError::Disconnected(e)) => match self.meta.stale_attr(ino).map_err(Self::io)? {
+                Some(a) => {
+                    tracing::debug!(ino, error = %e, "no server: serving a directory's last attributes");
+                    Ok(a)
+                }
+                None => Err(FsError::Disconnected(e)),
+            },
+            r => r,
         }
-        r
     }
 
     pub async fn getattr(&self, ino: u64) -> Result<NodeAttr, FsError> {

@@ -120,11 +120,11 @@ impl MetaStore {
     }
 
     pub fn attr(&self, ino: u64) -> Result<Option<Attr>, MetaError> {
-        match self
-            .db
-            .get_pinned_cf(self.cf(CF_ATTRS)?, ino.to_be_bytes())
-            .map_err(me)?
-        {
+        self.attr_in(CF_ATTRS, ino)
+    }
+
+    fn attr_in(&self, cf: &str, ino: u64) -> Result<Option<Attr>, MetaError> {
+        match self.db.get_pinned_cf(self.cf(cf)?, ino.to_be_bytes()).map_err(me)? {
             Some(v) => Ok(Some(pb::Attr::decode(v.as_ref()).map_err(me)?.into())),
             None => Ok(None),
         }
@@ -237,14 +237,7 @@ impl MetaStore {
     /// The last attributes of a directory whose attributes were forgotten after a change (see
     /// [`CF_STALE`]): only for answers while no server can be reached.
     pub fn stale_attr(&self, ino: u64) -> Result<Option<Attr>, MetaError> {
-        match self
-            .db
-            .get_pinned_cf(self.cf(CF_STALE)?, ino.to_be_bytes())
-            .map_err(me)?
-        {
-            Some(v) => Ok(Some(pb::Attr::decode(v.as_ref()).map_err(me)?.into())),
-            None => Ok(None),
-        }
+        self.attr_in(CF_STALE, ino)
     }
 
     /// Applies name changes to cached listings (those not cached are left alone), in order:

@@ -100,6 +100,16 @@ fn main() -> ExitCode {
         },
         _ => Cli::parse(),
     };
+    if !matches!(cli.cmd, Cmd::Server(_) | Cmd::Mount(_) | Cmd::Demo(_) | Cmd::Bench(_)) {
+        // A command whose output goes to a pipe that closes (`codafs status | head -1`) ends
+        // quietly, as other Unix tools do, instead of panicking in `println!`. The long-running
+        // commands keep Rust's default (SIGPIPE ignored): a peer closing a socket must not kill
+        // a server or a mount.
+        // SAFETY: setting a signal's disposition to the default, before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let default_log = match cli.cmd {
         Cmd::Server(_) | Cmd::Mount(_) => "info,openraft=warn",
         _ => "warn,openraft=error",

@@ -5,6 +5,8 @@
 pub const MAX_NAME_BYTES: usize = 255;
 /// Longest volume name.
 pub const MAX_VOLUME_NAME: usize = 64;
+/// Longest account name.
+pub const MAX_ACCOUNT_NAME: usize = 64;
 /// Deepest path a request may name.
 pub const MAX_PATH_DEPTH: usize = 256;
 
@@ -23,6 +25,8 @@ pub enum NameError {
     TooLong(usize),
     #[error("volume name {0:?} must be 1-64 characters of a-z, 0-9, '.', '-', '_' and start with a letter or digit")]
     BadVolume(String),
+    #[error("account name {0:?} must be 1-64 characters of letters, digits, '.', '-', '_' and '@', and start with a letter or digit")]
+    BadAccount(String),
     #[error("path is deeper than {MAX_PATH_DEPTH} components")]
     TooDeep,
 }
@@ -60,6 +64,20 @@ pub fn validate_volume_name(name: &str) -> Result<(), NameError> {
         Ok(())
     } else {
         Err(NameError::BadVolume(name.to_string()))
+    }
+}
+
+/// Checks a new account's name: it is printed in listings and logs and passed on command lines,
+/// so no control characters, spaces or leading '-'.
+pub fn validate_account_name(name: &str) -> Result<(), NameError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_ACCOUNT_NAME
+        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(NameError::BadAccount(name.to_string()))
     }
 }
 
@@ -108,6 +126,29 @@ mod tests {
         assert!(validate_volume_name("www").is_ok());
         for bad in ["", "-x", "A", "a b", "a/b", ".hidden"] {
             assert!(validate_volume_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn account_names() {
+        for good in ["alice", "web-master", "Bob_2", "ops@example.com", "a.b"] {
+            assert!(validate_account_name(good).is_ok(), "{good:?} refused");
+        }
+        let long = "x".repeat(65);
+        for bad in [
+            "",
+            "-x",
+            ".x",
+            "a b",
+            "nl\nx",
+            "tab\tx",
+            "z\x1b[31m",
+            "e\x7f",
+            "a/b",
+            "é",
+            &long,
+        ] {
+            assert!(validate_account_name(bad).is_err(), "{bad:?} accepted");
         }
     }
 

@@ -532,6 +532,15 @@ impl StateView for Tables {
         Ok(self.volumes()?.into_iter().find(|v| v.owner == user).map(|v| v.name))
     }
 
+    fn volumes_written_by(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .volumes()?
+            .into_iter()
+            .filter(|v| v.writers.iter().any(|w| w == user))
+            .map(|v| v.name)
+            .collect())
+    }
+
     fn oldest_change(&self, volume: u32) -> Result<Option<u64>, StoreError> {
         Ok(self.changes_after(volume, 0, 1)?.first().map(|(i, _)| *i))
     }

@@ -127,6 +127,9 @@ impl StateView for Metered<'_> {
     fn volume_owned_by(&self, user: &str) -> Result<Option<String>, StoreError> {
         self.inner.volume_owned_by(user)
     }
+    fn volumes_written_by(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.volumes_written_by(user)
+    }
     fn request(&self, id: &RequestId) -> Result<Option<RequestRec>, StoreError> {
         self.inner.request(id)
     }

@@ -141,6 +141,15 @@ impl StateView for MemState {
         Ok(self.volumes.values().find(|v| v.owner == user).map(|v| v.name.clone()))
     }
 
+    fn volumes_written_by(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .volumes
+            .values()
+            .filter(|v| v.writers.iter().any(|w| w == user))
+            .map(|v| v.name.clone())
+            .collect())
+    }
+
     fn request(&self, id: &RequestId) -> Result<Option<RequestRec>, StoreError> {
         Ok(self.requests.get(id).cloned())
     }

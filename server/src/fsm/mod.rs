@@ -47,6 +47,8 @@ pub trait StateView {
     fn oldest_change(&self, volume: u32) -> Result<Option<u64>, StoreError>;
     /// Name of some volume owned by `user`, if any.
     fn volume_owned_by(&self, user: &str) -> Result<Option<String>, StoreError>;
+    /// Names of the volumes that list `user` among their writers.
+    fn volumes_written_by(&self, user: &str) -> Result<Vec<String>, StoreError>;
     /// The remembered outcome of commit request `id`, if it was applied recently.
     fn request(&self, id: &RequestId) -> Result<Option<RequestRec>, StoreError>;
     /// Up to `limit` remembered requests applied before log index `before`, oldest first.
@@ -470,12 +472,22 @@ impl<'a> Txn<'a> {
         if !actor.admin {
             return refuse(ApplyError::Denied("managing accounts needs the admin role".into()));
         }
+        // New names only: an account made before the rule keeps working.
+        if create {
+            codafs_common::names::validate_account_name(&account.name).map_err(ApplyError::from)?;
+        }
         validate_name(&account.name).map_err(ApplyError::from)?;
         let existing = self.view.account(&account.name)?;
         match (create, existing) {
             (true, Some(_)) => return refuse(ApplyError::Exists(format!("account {}", account.name))),
             (false, None) => return refuse(ApplyError::NotFound(format!("account {}", account.name))),
             _ => {}
+        }
+        if !create && actor.user == account.name && !account.admin {
+            // As with removing one's own account: some admin must always remain.
+            return refuse(ApplyError::Invalid(
+                "an admin cannot take the admin role from their own account; another admin can".into(),
+            ));
         }
         self.delta.accounts.insert(account.name.clone(), Some(account.clone()));
         // A new password or role: tokens issued under the old ones end here.
@@ -511,6 +523,13 @@ impl<'a> Txn<'a> {
             return refuse(ApplyError::Invalid(format!(
                 "{name} still owns volume {v}; give it a new owner first"
             )));
+        }
+        // Its write rights go with it: a new account of the same name starts with none.
+        for v in self.view.volumes_written_by(name)? {
+            if let Some(mut vol) = self.volume(&v)? {
+                vol.writers.retain(|w| w != name);
+                self.delta.volumes.insert(v, vol);
+            }
         }
         self.delta.accounts.insert(name.to_string(), None);
         self.revoke(name);

@@ -787,6 +787,60 @@ fn a_commit_request_applies_once_and_its_record_expires() {
     assert!(s.requests.is_empty(), "expired request records are trimmed");
 }
 
+/// An admin cannot take the admin role from their own account (no way to lock every admin
+/// out); a removed account leaves the writer lists, so a new account of that name starts with
+/// no rights; new account names are from a safe character set.
+#[test]
+fn accounts_keep_an_admin_and_leave_no_rights_behind() {
+    let mut s = setup();
+    let acct = |n: &str, admin| AccountRec {
+        name: n.into(),
+        admin,
+        password_hash: "h".into(),
+        created_ns: 0,
+    };
+    let put = |a, create| Command::PutAccount {
+        actor: admin(),
+        account: a,
+        create,
+    };
+    let r = s.apply(3, &put(acct("admin", false), false));
+    assert!(
+        matches!(&r, Err(ApplyError::Invalid(m)) if m.contains("their own account")),
+        "{r:?}"
+    );
+    assert!(s.accounts["admin"].admin);
+    for bad in ["nl\nx", "-x", "z\x1b[31mRED", "a b"] {
+        let r = s.apply(4, &put(acct(bad, false), true));
+        assert!(matches!(r, Err(ApplyError::InvalidName(_))), "{bad:?}: {r:?}");
+    }
+    s.apply(5, &put(acct("carol", false), true)).unwrap();
+    s.apply(
+        6,
+        &Command::SetVolume {
+            actor: admin(),
+            name: "www".into(),
+            changes: VolumeChanges {
+                add_writers: vec!["carol".into()],
+                ..Default::default()
+            },
+        },
+    )
+    .unwrap();
+    s.apply(
+        7,
+        &Command::RemoveAccount {
+            actor: admin(),
+            name: "carol".into(),
+        },
+    )
+    .unwrap();
+    assert!(s.volumes["www"].writers.is_empty(), "{:?}", s.volumes["www"].writers);
+    s.apply(8, &put(acct("carol", false), true)).unwrap();
+    let r = commit(&mut s, 9, "carol", vec![file("", "x", b"x")]);
+    assert!(matches!(r, Err(ApplyError::Denied(_))), "{r:?}");
+}
+
 #[test]
 fn account_changes_and_lost_write_rights_revoke_tokens() {
     let mut s = setup();

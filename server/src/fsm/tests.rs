@@ -787,34 +787,42 @@ fn a_commit_request_applies_once_and_its_record_expires() {
     assert!(s.requests.is_empty(), "expired request records are trimmed");
 }
 
+/// Account `n` (with the admin role if `admin`), password hash "h".
+fn acct(n: &str, admin: bool) -> AccountRec {
+    AccountRec {
+        name: n.into(),
+        admin,
+        password_hash: "h".into(),
+        created_ns: 0,
+    }
+}
+
+/// The admin creates (`create`) or changes account `a`.
+fn put_account(a: AccountRec, create: bool) -> Command {
+    Command::PutAccount {
+        actor: admin(),
+        account: a,
+        create,
+    }
+}
+
 /// An admin cannot take the admin role from their own account (no way to lock every admin
 /// out); a removed account leaves the writer lists, so a new account of that name starts with
 /// no rights; new account names are from a safe character set.
 #[test]
 fn accounts_keep_an_admin_and_leave_no_rights_behind() {
     let mut s = setup();
-    let acct = |n: &str, admin| AccountRec {
-        name: n.into(),
-        admin,
-        password_hash: "h".into(),
-        created_ns: 0,
-    };
-    let put = |a, create| Command::PutAccount {
-        actor: admin(),
-        account: a,
-        create,
-    };
-    let r = s.apply(3, &put(acct("admin", false), false));
+    let r = s.apply(3, &put_account(acct("admin", false), false));
     assert!(
         matches!(&r, Err(ApplyError::Invalid(m)) if m.contains("their own account")),
         "{r:?}"
     );
     assert!(s.accounts["admin"].admin);
     for bad in ["nl\nx", "-x", "z\x1b[31mRED", "a b"] {
-        let r = s.apply(4, &put(acct(bad, false), true));
+        let r = s.apply(4, &put_account(acct(bad, false), true));
         assert!(matches!(r, Err(ApplyError::InvalidName(_))), "{bad:?}: {r:?}");
     }
-    s.apply(5, &put(acct("carol", false), true)).unwrap();
+    s.apply(5, &put_account(acct("carol", false), true)).unwrap();
     s.apply(
         6,
         &Command::SetVolume {
@@ -836,7 +844,7 @@ fn accounts_keep_an_admin_and_leave_no_rights_behind() {
     )
     .unwrap();
     assert!(s.volumes["www"].writers.is_empty(), "{:?}", s.volumes["www"].writers);
-    s.apply(8, &put(acct("carol", false), true)).unwrap();
+    s.apply(8, &put_account(acct("carol", false), true)).unwrap();
     let r = commit(&mut s, 9, "carol", vec![file("", "x", b"x")]);
     assert!(matches!(r, Err(ApplyError::Denied(_))), "{r:?}");
 }
@@ -844,23 +852,12 @@ fn accounts_keep_an_admin_and_leave_no_rights_behind() {
 #[test]
 fn account_changes_and_lost_write_rights_revoke_tokens() {
     let mut s = setup();
-    let acct = |n: &str, admin| AccountRec {
-        name: n.into(),
-        admin,
-        password_hash: "h".into(),
-        created_ns: 0,
-    };
     let generation = |s: &MemState, u: &str| s.token_generation(u).unwrap();
-    let put = |a, create| Command::PutAccount {
-        actor: admin(),
-        account: a,
-        create,
-    };
     let alice = generation(&s, "alice");
-    s.apply(3, &put(acct("bob", false), true)).unwrap();
+    s.apply(3, &put_account(acct("bob", false), true)).unwrap();
     assert_eq!(generation(&s, "bob"), 3, "creating an account starts a generation");
     // A new password or role: generation = the entry's index.
-    s.apply(4, &put(acct("bob", false), false)).unwrap();
+    s.apply(4, &put_account(acct("bob", false), false)).unwrap();
     assert_eq!(generation(&s, "bob"), 4);
     assert_eq!(generation(&s, "alice"), alice, "other accounts keep theirs");
 
@@ -953,7 +950,7 @@ fn account_changes_and_lost_write_rights_revoke_tokens() {
     )
     .unwrap();
     assert_eq!(generation(&s, "bob"), 23);
-    s.apply(24, &put(acct("bob", false), true)).unwrap();
+    s.apply(24, &put_account(acct("bob", false), true)).unwrap();
     assert_eq!(generation(&s, "bob"), 24);
 }
 

@@ -71,6 +71,22 @@ impl Node {
             .ok_or_else(|| status(NodeError::Refused(crate::fsm::ApplyError::NoSuchVolume(name.into()))))
     }
 
+    /// Refuses metadata reads on a server that is no longer a member of the cluster: its state
+    /// stopped with its removal, and a client that still lists it must move to another server
+    /// (`Unavailable` makes it fail over) instead of reading an old tree and an idle change
+    /// stream from it.
+    pub fn check_member(&self) -> Result<(), Status> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let mut nodes = m.membership().nodes().map(|(id, _)| *id).peekable();
+        if nodes.peek().is_none() || nodes.any(|id| id == self.id) {
+            return Ok(());
+        }
+        Err(refuse(
+            ErrorKind::Unavailable,
+            format!("server {} was removed from the cluster; ask another server", self.id),
+        ))
+    }
+
     /// Whether `caller` may read `vol` (see the module doc).
     pub fn may_read(&self, caller: &Caller, vol: &VolumeRec) -> bool {
         self.check_read(caller, vol).is_ok()

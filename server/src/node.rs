@@ -23,7 +23,7 @@ pub const LEADER_WAIT: Duration = Duration::from_secs(10);
 /// Errors of node operations, mapped to gRPC status codes in one place (`grpc::status`).
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("{0}")]
+    #[error(transparent)]
     Refused(#[from] crate::fsm::ApplyError),
     #[error("not authenticated: {0}")]
     Unauthenticated(String),
@@ -43,7 +43,7 @@ pub enum NodeError {
     Quota(String),
     #[error("unavailable: {0}")]
     Unavailable(String),
-    #[error("{0}")]
+    #[error(transparent)]
     NoSpace(#[from] crate::blobs::space::SpaceError),
     #[error("internal error: {0}")]
     Internal(String),
@@ -367,12 +367,18 @@ impl Node {
         if voters.is_empty() {
             return Err(NodeError::Invalid("cannot remove the last voter".into()));
         }
+        // One membership change either way. A voter leaves with the new voter set (not kept
+        // as a learner); a learner by name. A second change after a voter's removal would be
+        // proposed by a leader that is no longer a voter when it removes itself, which openraft
+        // 0.9 does not allow (its core panicked): the leader steps down once this one commits,
+        // and the others elect a new one.
+        let change = if members.iter().any(|m| m.id == id && m.voter) {
+            openraft::ChangeMembers::ReplaceAllVoters(voters)
+        } else {
+            openraft::ChangeMembers::RemoveNodes([id].into_iter().collect())
+        };
         self.raft
-            .change_membership(openraft::ChangeMembers::ReplaceAllVoters(voters), false)
-            .await
-            .map_err(|e| NodeError::Unavailable(e.to_string()))?;
-        self.raft
-            .change_membership(openraft::ChangeMembers::RemoveNodes([id].into_iter().collect()), false)
+            .change_membership(change, false)
             .await
             .map_err(|e| NodeError::Unavailable(e.to_string()))?;
         Ok(())

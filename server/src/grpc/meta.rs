@@ -54,6 +54,7 @@ fn shown(o: &ObjectRec, tickets: &TicketMaker) -> pb::Attr {
 #[tonic::async_trait]
 impl pb::meta_server::Meta for MetaService {
     async fn lookup(&self, req: Request<pb::LookupRequest>) -> Result<Response<pb::AttrReply>, Status> {
+        self.0.check_member()?;
         let caller = Caller::of(&self.0, &req);
         let r = req.into_inner();
         validate_name(&r.name).map_err(bad_name)?;
@@ -69,6 +70,7 @@ impl pb::meta_server::Meta for MetaService {
     }
 
     async fn get_attr(&self, req: Request<pb::GetAttrRequest>) -> Result<Response<pb::AttrReply>, Status> {
+        self.0.check_member()?;
         let caller = Caller::of(&self.0, &req);
         let ino = req.get_ref().ino;
         self.0.check_read_ino(&caller, ino)?;
@@ -77,6 +79,7 @@ impl pb::meta_server::Meta for MetaService {
     }
 
     async fn resolve(&self, req: Request<pb::ResolveRequest>) -> Result<Response<pb::AttrReply>, Status> {
+        self.0.check_member()?;
         let caller = Caller::of(&self.0, &req);
         let r = req.into_inner();
         let applied_index = self.0.applied_index();
@@ -97,6 +100,7 @@ impl pb::meta_server::Meta for MetaService {
     }
 
     async fn read_dir(&self, req: Request<pb::ReadDirRequest>) -> Result<Response<pb::ReadDirReply>, Status> {
+        self.0.check_member()?;
         let caller = Caller::of(&self.0, &req);
         let r = req.into_inner();
         self.0.check_read_ino(&caller, r.ino)?;
@@ -136,6 +140,7 @@ impl pb::meta_server::Meta for MetaService {
         &self,
         req: Request<pb::VolumeStampsRequest>,
     ) -> Result<Response<pb::VolumeStampsReply>, Status> {
+        self.0.check_member()?;
         let caller = Caller::of(&self.0, &req);
         let t = self.0.tables();
         let mut stamps = Vec::new();
@@ -180,6 +185,7 @@ impl pb::meta_server::Meta for MetaService {
     type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::ChangeEvent, Status>> + Send>>;
 
     async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        self.0.check_member()?;
         let caller = Caller::of(&self.0, &req);
         let peer = req
             .remote_addr()
@@ -189,9 +195,13 @@ impl pb::meta_server::Meta for MetaService {
         self.0.check_read(&caller, &vol)?;
         let listed = self.0.subscribers.register(&vol.name, &peer);
         // The right is checked again whenever settings or accounts change, and when the token
-        // expires: a volume made private, or a revoked reader, ends the stream.
+        // expires: a volume made private, or a revoked reader, ends the stream. So does this
+        // server's removal from the cluster (no change comes to it any more).
         let node = self.0.clone();
-        let recheck = move || node.volume_named(&vol.name).and_then(|v| node.check_read(&caller, &v));
+        let recheck = move || {
+            node.check_member()?;
+            node.volume_named(&vol.name).and_then(|v| node.check_read(&caller, &v))
+        };
         let stream = changes::subscribe(
             &self.0.tasks,
             self.0.applied.clone(),

@@ -33,11 +33,11 @@ use archive::{ArchiveError, Frame, Node, VolumeMeta};
 /// Why a backup or restore failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
-    #[error("{0}")]
+    #[error(transparent)]
     Archive(#[from] ArchiveError),
-    #[error("{0}")]
+    #[error(transparent)]
     Server(#[from] ClientError),
-    #[error("{0}")]
+    #[error(transparent)]
     Upload(#[from] UploadError),
     #[error("{0}")]
     Refused(String),

@@ -35,7 +35,7 @@ pub enum UploadError {
     BadName(PathBuf, String),
     #[error("{0} changed during the upload; run it again")]
     Changed(PathBuf),
-    #[error("{0}")]
+    #[error(transparent)]
     Server(#[from] ClientError),
     #[error("the volume changed during the upload ({0}); run the upload again")]
     Conflict(String),

@@ -60,9 +60,9 @@ pub enum ServerError {
     Tls(#[from] tls::TlsError),
     #[error("TLS listener: {0}")]
     TlsListener(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

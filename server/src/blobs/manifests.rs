@@ -174,7 +174,7 @@ fn load_local(store: &BlobStore, hash: &Hash) -> Result<ManifestEntry, LoadError
 /// Why a manifest could not be loaded from the local store.
 #[derive(Debug, thiserror::Error)]
 enum LoadError {
-    #[error("{0}")]
+    #[error(transparent)]
     Blob(#[from] BlobError),
     #[error("{0}")]
     NotManifest(String),

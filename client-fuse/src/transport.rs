@@ -268,6 +268,20 @@ impl Cluster {
         Err(last.unwrap_or_else(|| ClientError::Unreachable("no servers configured".into())))
     }
 
+    /// Moves the preference off the server calls go to first now, to another picked at random:
+    /// a call to it ran out of the caller's time. A hung server (stopped, or its disk stuck)
+    /// accepts connections and answers nothing, so calls never fail over from it by
+    /// themselves: each used up its whole time there, and a mount started against it stayed
+    /// disconnected while the other servers were fine.
+    pub fn skip_preferred(&self) {
+        let n = self.servers.len();
+        let from = self.preferred.load(Ordering::Relaxed) % n;
+        if let Some(to) = failover_order(n, from, rand::random()).nth(1) {
+            tracing::info!(from = %self.servers[from].0, to = %self.servers[to].0, "no answer in time; asking another server first");
+            self.move_preference(from, to);
+        }
+    }
+
     /// Prefers server `to` if the preference is still `from`: a move decided on an older
     /// preference (a call that started before another one failed over) never undoes a newer.
     fn move_preference(&self, from: usize, to: usize) {

@@ -826,3 +826,50 @@ async fn a_client_that_starts_at_a_witness_moves_to_a_data_server() {
     })
     .await;
 }
+
+/// A mount started against a server that hangs (stopped: it takes connections and answers
+/// nothing). Calls never failed over from it by themselves, each using up the whole
+/// `--timeout` there, so the mount came up empty and stayed disconnected while the other
+/// servers were fine (found by QA). A call that runs out of time now moves the mount to
+/// another server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mount_started_against_a_hung_server_moves_to_another() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        TestCluster::write_file(&tc.client(), "www", "", "index.html", b"home").await?;
+        let leader = tc.leader().await?;
+        let hung = (0..tc.servers.len())
+            .find(|i| *i != leader && !tc.servers[*i].witness)
+            .context("a data server that does not lead")?;
+        let pid = tc.servers[hung].pid().context("its pid")? as i32;
+        /// Lets the stopped server go on, however the test ends.
+        struct Resume(i32);
+        impl Drop for Resume {
+            fn drop(&mut self) {
+                // SAFETY: a signal to the server process this test started.
+                unsafe { libc::kill(self.0, libc::SIGCONT) };
+            }
+        }
+        // SAFETY: as above.
+        anyhow::ensure!(unsafe { libc::kill(pid, libc::SIGSTOP) } == 0, "SIGSTOP {pid}");
+        let _resume = Resume(pid);
+        let mut args = tc.client_args_spread();
+        args.extend(["--prefer-server".to_string(), tc.servers[hung].addr.clone()]);
+        let m = Mount::start(&args, tc.root.path(), "m", &["--read-only"])?;
+        let page = m.path.join("www/index.html");
+        wait_until(Duration::from_secs(20), "the mount serves from another server", || {
+            let p = page.clone();
+            async move {
+                fs_call(Duration::from_secs(5), move || std::fs::read(p))
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .is_some_and(|d| d == b"home")
+            }
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n--- mount ---\n{}", m.log()))?;
+        Ok(())
+    })
+    .await
+}

@@ -210,6 +210,10 @@ impl Remote for GrpcRemote {
         Some(self.cluster.preferred())
     }
 
+    fn skip_preferred(&self) {
+        self.cluster.skip_preferred()
+    }
+
     async fn avoid_witness(&self) {
         self.cluster.avoid_witness().await
     }

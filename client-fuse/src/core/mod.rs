@@ -322,7 +322,11 @@ impl<R: Remote> Core<R> {
     ) -> Result<T, FsError> {
         let r = match tokio::time::timeout(limit, f).await {
             Ok(r) => r,
-            Err(_) => Err(FsError::Disconnected(format!("no answer within {limit:?}"))),
+            Err(_) => {
+                // The next operation starts at another server (a hung one never fails over).
+                self.remote.skip_preferred();
+                Err(FsError::Disconnected(format!("no answer within {limit:?}")))
+            }
         };
         match &r {
             Ok(_) => self.connected.store(true, Ordering::Relaxed),

@@ -489,7 +489,8 @@ impl FakeRemote {
         t.pending.back().cloned().unwrap_or_default()
     }
 
-    /// Another node removes a file, if present; returns the change event (also pending).
+    /// Another node removes a file or an empty directory, if present; returns the change event
+    /// (also pending).
     pub fn remove(&self, path: &[&str], name: &str) -> Option<ChangeEvent> {
         let mut t = self.lock();
         let mut d = root();
@@ -498,7 +499,11 @@ impl FakeRemote {
         }
         let ino = t.tree.child(d, name)?;
         if t.tree.objects.get(&ino)?.kind == NodeKind::Dir {
-            return None;
+            // Only an empty directory, as the servers remove one.
+            if !t.tree.dirs.get(&ino).is_none_or(|e| e.is_empty()) {
+                return None;
+            }
+            t.tree.dirs.remove(&ino);
         }
         t.tree.dirs.get_mut(&d)?.remove(name);
         t.tree.objects.remove(&ino);

@@ -889,6 +889,36 @@ async fn content_of_a_file_removed_elsewhere_is_kept_beside_it(event_first: bool
     assert!(note.starts_with("p was removed elsewhere"), "{note}");
 }
 
+/// Write-back: new content of a file another node removed with its whole directory: kept at
+/// the volume's root under the file's own name (it went there as `node-<ino>`, which did not
+/// tell the webmaster which page it was).
+#[tokio::test(start_paused = true)]
+async fn write_back_content_of_a_file_whose_directory_was_removed_elsewhere_keeps_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = with_alice(core_writing_back(dir.path(), 1 << 20)).await;
+    core.remote.write(&["d"], "page.html", b"old");
+    deliver_all(&core).await;
+    assert_eq!(model::read(&core, "d/page.html").await.unwrap(), b"old");
+    model::write(&core, "d/page.html", b"mine").await.unwrap();
+    core.remote.remove(&["d"], "page.html");
+    core.remote.remove(&[], "d");
+    deliver_all(&core).await;
+    send_log(&core).await;
+    deliver_all(&core).await;
+    let www = core.lookup(ROOT_INO, "www").await.unwrap().ino;
+    let names: Vec<String> = core
+        .readdir(www)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .filter(|n| n.contains(".conflict-") || n.starts_with("node-"))
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?} {:?}", core.backlog().unwrap());
+    assert!(names[0].starts_with("page.html.conflict-"), "{names:?}");
+    assert_eq!(model::read(&core, &names[0]).await.unwrap(), b"mine");
+}
+
 /// Write-back: a file opened before its creation was sent and closed after it was. Its new
 /// content expects the version this mount's own commit gave it, and a replay after a crash
 /// (the daemon's memory of its commits gone) still sends it as this mount's own change, not

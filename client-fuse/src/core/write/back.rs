@@ -2399,11 +2399,20 @@ impl<R: Remote> Core<R> {
         // Even a sibling cannot be made (its directory is gone, say): keep the bytes in the
         // cache directory and say where, loudly.
         match keep_bytes(b, c) {
-            Ok(Some(path)) => tracing::error!(
-                volume = %c.volume,
-                path = %path.display(),
-                "a conflicting change could not be kept on the servers; its content is kept here"
-            ),
+            Ok(Some(path)) => {
+                tracing::error!(
+                    volume = %c.volume,
+                    path = %path.display(),
+                    "a conflicting change could not be kept on the servers; its content is kept here"
+                );
+                // What `status` shows says where the bytes are, not the sibling that failed.
+                b.st().last_conflict = Some(format!(
+                    "{} could not be kept on the servers (its directory was removed elsewhere?); \
+                     this mount's content is kept in {}",
+                    describe(&c.op),
+                    path.display()
+                ));
+            }
             Ok(None) => {}
             Err(e) => {
                 // Never dropped: the batch stays logged and is tried again.
@@ -2461,8 +2470,9 @@ impl<R: Remote> Core<R> {
     /// Where a conflict copy of file `ino` goes: its parent and name on the servers, and
     /// whether the servers still list it there (`false`: removed elsewhere). A node removed
     /// elsewhere keeps the name this mount last listed it under (from the cache, or noted when
-    /// the removal's event was applied), in its directory if that still exists; a node the
-    /// mount cannot place at all goes to the volume's root as `node-<ino>`.
+    /// the removal's event was applied), in its directory if that still exists, else at the
+    /// volume's root; a node the mount cannot place at all goes to the volume's root as
+    /// `node-<ino>`.
     async fn name_of(&self, ino: u64) -> (u64, String, bool) {
         if let Some(known) = self.place_known(ino).await {
             return known;
@@ -2496,13 +2506,19 @@ impl<R: Remote> Core<R> {
     }
 
     /// Where `ino` was listed when another client's change to it was applied here (see
-    /// `BackState::places`), if that directory still exists on the servers: a copy made in a
-    /// removed one would be refused and stay on this node only.
+    /// `BackState::places`). If that directory is gone from the servers too, the volume's root
+    /// under the same name: a copy made in a removed directory would be refused and stay on
+    /// this node only, and a made-up name would not tell the webmaster which page it is.
     async fn place_noted(&self, ino: u64) -> Option<(u64, String, bool)> {
         let b = self.write_back()?;
         let (parent, name) = b.st().places.get(&ino).cloned()?;
-        self.remote.getattr(parent).await.ok()?;
-        Some((parent, name, false))
+        match self.remote.getattr(parent).await {
+            Err(FsError::NotFound) => Some((self.volume_of(ino)?.root_ino, name, false)),
+            r => {
+                r.ok()?;
+                Some((parent, name, false))
+            }
+        }
     }
 
     /// Before another client's change is applied to the cache: notes where the nodes it

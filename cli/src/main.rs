@@ -36,7 +36,7 @@ enum Cmd {
     /// Create and manage the cluster: init, join tokens, membership, client config.
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
-    /// Manage accounts (admin): add, list, passwd, remove.
+    /// Manage accounts: add, list, passwd, remove, revoke (admins; any user may revoke their own tokens).
     #[command(subcommand)]
     User(user::UserCmd),
     /// Log in: exchange a password for a token, stored for later commands and handed to every
@@ -62,7 +62,7 @@ enum Cmd {
     /// Health of a mount (MNT: connectivity, versions, cache) or of servers (role, term, log
     /// indices, blobs, repair backlog).
     Status {
-        /// A codafs mountpoint to report on.
+        /// A codafs mountpoint to report on (or any path inside one).
         mountpoint: Option<std::path::PathBuf>,
         /// Server to ask (host:port). Without it (and without MNT), every server of the client
         /// config is asked.
@@ -77,7 +77,7 @@ enum Cmd {
     /// Wait until every change a writable mount logged before now is on the servers (the
     /// write-back log drained that far).
     Sync {
-        /// A codafs mountpoint.
+        /// A codafs mountpoint (or any path inside one, e.g. /coda/www).
         mountpoint: std::path::PathBuf,
         /// Give up (exit 1, changes stay logged) after this many seconds.
         #[arg(long, default_value_t = 60.0)]

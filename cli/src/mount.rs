@@ -238,7 +238,13 @@ fn exchange(mut s: std::os::unix::net::UnixStream, line: &str, limit: Duration) 
 /// Sends `line` to the mount at `mnt`, waiting up to `limit`; returns the mountpoint as
 /// resolved and the mount's answer.
 pub(crate) fn ask_mount(mnt: &Path, line: &str, limit: Duration) -> Result<(PathBuf, serde_json::Value)> {
-    let mnt = std::fs::canonicalize(mnt).with_context(|| format!("{}", mnt.display()))?;
+    let given = std::fs::canonicalize(mnt).with_context(|| format!("{}", mnt.display()))?;
+    // A path inside a mount (`codafs sync /coda/www`) names the mount that holds it.
+    let mnt = given
+        .ancestors()
+        .find(|a| control_socket(a).exists())
+        .unwrap_or(&given)
+        .to_path_buf();
     let sock = control_socket(&mnt);
     let conn = std::os::unix::net::UnixStream::connect(&sock).with_context(|| {
         format!(

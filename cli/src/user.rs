@@ -14,6 +14,8 @@ use crate::opts::ClientOpts;
 pub enum UserCmd {
     /// Create an account (admin). Asks for its password.
     Add {
+        /// The account's name: 1-64 letters, digits, '.', '-', '_', '@', starting with a
+        /// letter or digit.
         name: String,
         /// Give the account the admin role.
         #[arg(long)]
@@ -34,9 +36,12 @@ pub enum UserCmd {
     /// Ends every token the account holds (the admin credential from `cluster init` too, when
     /// this sets the admin's password): log in again with the new password.
     Passwd {
+        /// The account to change.
         name: String,
+        /// Also give the account the admin role.
         #[arg(long, conflicts_with = "no_admin")]
         admin: bool,
+        /// Also take the admin role from the account (not from your own: another admin can).
         #[arg(long)]
         no_admin: bool,
         #[command(flatten)]
@@ -117,7 +122,7 @@ pub async fn run(cmd: UserCmd) -> Result<()> {
             password,
             client,
         } => {
-            codafs_common::names::validate_name(&name).context("account name")?;
+            codafs_common::names::validate_account_name(&name).context("account name")?;
             let pw = password.read(&format!("password for {name}: "), true)?;
             let spec = pb::UserSpec {
                 name: name.clone(),

@@ -64,7 +64,7 @@ pub struct CreateArgs {
     /// Byte quota (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     quota_bytes: u64,
-    /// File-count quota (0 = unlimited).
+    /// Quota on the number of nodes: files, directories, symlinks (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     quota_files: u64,
     /// Durable blob copies a write needs before it is acknowledged (capped at the data replicas).
@@ -131,7 +131,7 @@ pub struct SetArgs {
     /// Byte quota (0 = unlimited).
     #[arg(long)]
     quota_bytes: Option<u64>,
-    /// File-count quota (0 = unlimited).
+    /// Quota on the number of nodes: files, directories, symlinks (0 = unlimited).
     #[arg(long)]
     quota_files: Option<u64>,
     /// Durable blob copies a write needs.

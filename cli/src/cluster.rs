@@ -424,6 +424,7 @@ pub async fn server(a: ServerArgs) -> Result<()> {
                     a.dir.display()
                 );
             }
+            check_addresses(&listen, a.advertise.as_deref())?;
             let mut c = ServerConfig::new(listen, a.witness);
             // A joining server speaks whatever its cluster speaks; the token says which.
             c.insecure = join.as_ref().is_some_and(|t| t.insecure);
@@ -693,6 +694,31 @@ async fn servers(client: &ClientOpts) -> Result<pb::ServerList> {
     Ok(client.cluster()?.list_servers().await?)
 }
 
+/// Refuses a listen address that cannot be bound (no port, a host that does not resolve) or
+/// advertised: one that names every interface (`0.0.0.0`, `[::]`) needs `--advertise`, since
+/// peers, join tokens and client configs are given the advertised address. Checked before
+/// anything is written: a cluster made with an address it can never use had to be deleted
+/// and made again.
+fn check_addresses(listen: &str, advertise: Option<&str>) -> Result<()> {
+    use std::net::ToSocketAddrs;
+    let resolved: Vec<std::net::SocketAddr> = listen
+        .to_socket_addrs()
+        .with_context(|| format!("--listen {listen}: not a HOST:PORT this machine can listen on"))?
+        .collect();
+    match advertise {
+        Some(a) => {
+            a.to_socket_addrs()
+                .with_context(|| format!("--advertise {a}: not a HOST:PORT that resolves"))?;
+        }
+        None if resolved.iter().any(|r| r.ip().is_unspecified()) => bail!(
+            "--listen {listen} names every interface, which other machines cannot connect to: \
+             pass --advertise HOST:PORT, the address peers and clients reach this server at"
+        ),
+        None => {}
+    }
+    Ok(())
+}
+
 pub fn init(dir: &Path, listen: String, advertise: Option<String>, admin: &str, insecure: bool) -> Result<()> {
     init_server(dir, listen, advertise, admin, insecure, true)
 }
@@ -721,6 +747,7 @@ pub fn init_server(
         );
     }
     codafs_common::names::validate_name(admin).context("admin account name")?;
+    check_addresses(&listen, advertise.as_deref())?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let cluster_id = hex::encode(rand::random::<[u8; 12]>());
     let key: [u8; 32] = rand::random();

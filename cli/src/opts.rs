@@ -77,6 +77,13 @@ impl ClientOpts {
             Tls::Insecure
         } else if let Some(p) = &self.ca {
             let pem = std::fs::read_to_string(p).with_context(|| format!("reading CA certificate {}", p.display()))?;
+            // Anything else was taken and failed later as an "unknown issuer".
+            if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                bail!(
+                    "--ca {}: not a PEM certificate (use DIR/tls/ca.crt of a server)",
+                    p.display()
+                );
+            }
             Tls::ca(pem)
         } else {
             let path = self.config_path();

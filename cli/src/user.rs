@@ -263,6 +263,10 @@ pub async fn login(a: LoginArgs) -> Result<()> {
     // Mounts take the token for this uid only (they read it from the socket, not from us).
     for (mnt, v) in crate::mount::tell_mounts(&format!("login {}", reply.token)) {
         match v["error"].as_str() {
+            None if v["read_only"] == true => println!(
+                "mount {mnt} (read-only): reads of private volumes by uid {} now use this token",
+                v["uid"]
+            ),
             None => println!("mount {mnt}: writes by uid {} now use this token", v["uid"]),
             Some(e) => eprintln!("mount {mnt}: token refused: {e}"),
         }

@@ -489,7 +489,7 @@ async fn login_checked<R: Remote>(core: &Core<R>, uid: u32, token: &str, cluster
     match core.set_token(uid, token) {
         Ok(c) => {
             tracing::info!(uid, user = %c.user, verified, "token set");
-            serde_json::json!({ "ok": true, "uid": uid, "user": c.user, "expires": c.expires, "verified": verified })
+            serde_json::json!({ "ok": true, "uid": uid, "user": c.user, "expires": c.expires, "verified": verified, "read_only": core.read_only() })
         }
         Err(e) => serde_json::json!({ "error": e.to_string() }),
     }

@@ -50,3 +50,52 @@ fn output_into_a_closed_pipe_ends_quietly() -> Result<()> {
     }
     Ok(())
 }
+
+/// `cluster init` refuses addresses it could never use before it writes anything: a listen
+/// address without a port, and every interface (`0.0.0.0`) without `--advertise`, which would
+/// go into join tokens and client configs as is. (A host that does not resolve is refused
+/// too; not tried here, since resolving it would ask the network's name servers.)
+#[test]
+fn cluster_init_refuses_addresses_it_could_never_use() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let init = |name: &str, args: &[&str]| -> Result<(bool, String)> {
+        let out = Command::new(codafs_bin())
+            .args(["cluster", "init", "--dir"])
+            .arg(root.path().join(name))
+            .args(args)
+            .output()?;
+        Ok((out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()))
+    };
+    for (name, args, why) in [
+        ("noport", &["--listen", "localhost"][..], "HOST:PORT"),
+        ("any", &["--listen", "0.0.0.0:7999"][..], "--advertise"),
+    ] {
+        let (ok, err) = init(name, args)?;
+        ensure!(!ok && err.contains(why), "{args:?}: {err}");
+        ensure!(!root.path().join(name).exists(), "{args:?} wrote {name}");
+    }
+    let (ok, err) = init(
+        "advertised",
+        &["--listen", "0.0.0.0:7999", "--advertise", "127.0.0.1:7999"],
+    )?;
+    ensure!(ok, "{err}");
+    let toml = std::fs::read_to_string(root.path().join("advertised/server.toml"))?;
+    ensure!(toml.contains("127.0.0.1:7999"), "{toml}");
+    Ok(())
+}
+
+/// A `--ca` file that is not a certificate is refused as such before any connection (it was
+/// taken, and every call failed later with "unknown issuer").
+#[test]
+fn a_ca_file_that_is_not_a_certificate_is_refused_as_such() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let junk = dir.path().join("ca.crt");
+    std::fs::write(&junk, "junk\n")?;
+    let out = Command::new(codafs_bin())
+        .args(["volume", "list", "--server-addr", "127.0.0.1:1", "--ca"])
+        .arg(&junk)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && err.contains("not a PEM certificate"), "{err}");
+    Ok(())
+}

@@ -49,6 +49,11 @@ impl<R: Remote> Core<R> {
         self.remote.check_token(token).await
     }
 
+    /// Whether this mount refuses every change (`--read-only`): a token there only reads.
+    pub fn read_only(&self) -> bool {
+        self.writes.read_only()
+    }
+
     /// The id of this mount's cluster, if learned (see `tokens`).
     pub fn cluster(&self) -> Option<String> {
         self.writes.tokens.cluster()

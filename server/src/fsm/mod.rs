@@ -461,7 +461,7 @@ impl<'a> Txn<'a> {
             let before = cluster.keys.len();
             cluster.keys.retain(|(k, _)| *k != id);
             if cluster.keys.len() == before {
-                return refuse(ApplyError::NotFound(format!("key {id}")));
+                return refuse(ApplyError::NoSuchKey(id));
             }
         }
         self.delta.cluster = Some(cluster);
@@ -480,7 +480,7 @@ impl<'a> Txn<'a> {
         let existing = self.view.account(&account.name)?;
         match (create, existing) {
             (true, Some(_)) => return refuse(ApplyError::Exists(format!("account {}", account.name))),
-            (false, None) => return refuse(ApplyError::NotFound(format!("account {}", account.name))),
+            (false, None) => return refuse(ApplyError::NoSuchAccount(account.name.clone())),
             _ => {}
         }
         if !create && actor.user == account.name && !account.admin {
@@ -503,7 +503,7 @@ impl<'a> Txn<'a> {
             )));
         }
         if self.view.account(name)?.is_none() {
-            return refuse(ApplyError::NotFound(format!("account {name}")));
+            return refuse(ApplyError::NoSuchAccount(name.to_string()));
         }
         self.revoke(name);
         Ok(Outcome::Done)
@@ -514,7 +514,7 @@ impl<'a> Txn<'a> {
             return refuse(ApplyError::Denied("managing accounts needs the admin role".into()));
         }
         if self.view.account(name)?.is_none() {
-            return refuse(ApplyError::NotFound(format!("account {name}")));
+            return refuse(ApplyError::NoSuchAccount(name.to_string()));
         }
         if actor.user == name {
             return refuse(ApplyError::Invalid("an admin cannot remove their own account".into()));
@@ -548,7 +548,7 @@ impl<'a> Txn<'a> {
         let before = vol.clone();
         for user in c.owner.iter().chain(&c.add_writers) {
             if self.view.account(user)?.is_none() {
-                return refuse(ApplyError::NotFound(format!("account {user}")));
+                return refuse(ApplyError::NoSuchAccount(user.clone()));
             }
         }
         if let Some(o) = &c.owner {
@@ -628,7 +628,7 @@ impl<'a> Txn<'a> {
             return refuse(ApplyError::Exists(format!("volume {}", spec.name)));
         }
         if self.view.account(&spec.owner)?.is_none() {
-            return refuse(ApplyError::NotFound(format!("account {}", spec.owner)));
+            return refuse(ApplyError::NoSuchAccount(spec.owner.clone()));
         }
         let mut cluster = self.cluster()?;
         let id = cluster.next_volume_id;

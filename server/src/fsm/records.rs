@@ -398,6 +398,10 @@ pub struct RemovedServerRec {
 pub enum ApplyError {
     #[error("no such file or directory: {0}")]
     NotFound(String),
+    #[error("no such account: {0}")]
+    NoSuchAccount(String),
+    #[error("no such signing key: {0}")]
+    NoSuchKey(u32),
     #[error("already exists: {0}")]
     Exists(String),
     #[error("not a directory: {0}")]

@@ -493,7 +493,7 @@ fn accounts_and_volume_settings_need_admin_and_stay_consistent() {
                 create: false
             }
         ),
-        Err(ApplyError::NotFound(_))
+        Err(ApplyError::NoSuchAccount(_))
     ));
     // bob may not write www until he is a writer.
     assert!(matches!(
@@ -529,7 +529,7 @@ fn accounts_and_volume_settings_need_admin_and_stay_consistent() {
                 changes: bad
             }
         ),
-        Err(ApplyError::NotFound(_))
+        Err(ApplyError::NoSuchAccount(_))
     ));
     // alice owns www: she cannot be removed until it has another owner.
     assert!(matches!(
@@ -571,7 +571,7 @@ fn key_rotation_keeps_old_tokens_until_retired() {
     );
     s.apply(5, &rot(None, Some(1))).unwrap();
     assert_eq!(s.cluster.clone().unwrap().key(1), None);
-    assert!(matches!(s.apply(6, &rot(None, Some(7))), Err(ApplyError::NotFound(_))));
+    assert!(matches!(s.apply(6, &rot(None, Some(7))), Err(ApplyError::NoSuchKey(7))));
     let user = Command::RotateKey {
         actor: Actor {
             user: "alice".into(),
@@ -936,7 +936,7 @@ fn account_changes_and_lost_write_rights_revoke_tokens() {
     assert_eq!(generation(&s, "bob"), 21);
     assert!(matches!(
         s.apply(22, &revoke("admin", true, "nobody")),
-        Err(ApplyError::NotFound(_))
+        Err(ApplyError::NoSuchAccount(_))
     ));
 
     // Removal revokes, and the generation outlives the account: re-creating the name does not

@@ -141,7 +141,7 @@ pub fn forward_request<T>(body: T, token: Option<&str>, timeout: Duration) -> to
 /// The kind of a state machine refusal.
 fn apply_kind(e: &ApplyError) -> ErrorKind {
     match e {
-        ApplyError::NotFound(_) => ErrorKind::NotFound,
+        ApplyError::NotFound(_) | ApplyError::NoSuchAccount(_) | ApplyError::NoSuchKey(_) => ErrorKind::NotFound,
         ApplyError::NoSuchVolume(_) => ErrorKind::NoVolume,
         ApplyError::Exists(_) => ErrorKind::Exists,
         ApplyError::NotDir(_) => ErrorKind::NotDir,

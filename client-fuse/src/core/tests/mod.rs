@@ -1001,7 +1001,7 @@ async fn write_back_a_refused_token_holds_back_only_that_users_changes() {
             assert_eq!((back.conflicts, back.refused), (0, 0));
             let synced = core.sync_log(Duration::from_secs(5)).await;
             assert!(
-                matches!(&synced, Err(FsError::Disconnected(m)) if m.contains("uid 1000")),
+                matches!(&synced, Err(FsError::Io(m)) if m.contains("uid 1000")),
                 "{synced:?}"
             );
             let _ = stop.send(true);

@@ -582,8 +582,10 @@ impl WriteBack {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(FsError::Io("the write-back reintegrator stopped".into())),
             Err(_) => {
+                // Why it waits may be a missing token rather than the servers: an I/O error
+                // (EIO all the same) whose text says which, not "no server reachable".
                 let why = self.st().blocked().unwrap_or_else(|| "still sending".into());
-                Err(FsError::Disconnected(format!(
+                Err(FsError::Io(format!(
                     "logged changes are not on the servers after {limit:?} ({why}); they stay logged"
                 )))
             }

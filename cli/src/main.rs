@@ -101,14 +101,7 @@ fn main() -> ExitCode {
         _ => Cli::parse(),
     };
     if !matches!(cli.cmd, Cmd::Server(_) | Cmd::Mount(_) | Cmd::Demo(_) | Cmd::Bench(_)) {
-        // A command whose output goes to a pipe that closes (`codafs status | head -1`) ends
-        // quietly, as other Unix tools do, instead of panicking in `println!`. The long-running
-        // commands keep Rust's default (SIGPIPE ignored): a peer closing a socket must not kill
-        // a server or a mount.
-        // SAFETY: setting a signal's disposition to the default, before any thread starts.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
+        quiet_on_closed_stdout();
     }
     let default_log = match cli.cmd {
         Cmd::Server(_) | Cmd::Mount(_) => "info,openraft=warn",
@@ -178,6 +171,28 @@ fn run_async(cmd: Cmd) -> anyhow::Result<()> {
             } => cluster::status(server, json, client).await,
         }
     })
+}
+
+/// A command whose output goes to a pipe that closes (`codafs status | head -1`) ends quietly
+/// with status 141, as one killed by SIGPIPE does, instead of panicking in `println!`.
+/// SIGPIPE itself stays ignored (Rust's default): its default action would also kill a
+/// command whose connection to a server broke mid-write (TLS writes with `writev`, which
+/// raises it), with no message and no failover to another server.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        // `println!`'s panic, or a library's that wrote to stdout (completions).
+        if msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }
 
 fn finish(result: anyhow::Result<()>) -> ExitCode {

@@ -98,14 +98,11 @@ impl TokenTable {
 
     /// Records the cluster id the servers gave (and keeps it for the next start); tokens held
     /// for another cluster are dropped.
+    /// Known in memory even if it cannot be kept (the error says so): a full cache disk must
+    /// not leave the mount refusing every login.
     pub fn learn_cluster(&self, id: &str) -> Result<(), std::io::Error> {
         if self.cluster().as_deref() == Some(id) {
             return Ok(());
-        }
-        if let Some(dir) = &self.dir {
-            let tmp = dir.join(".cluster.tmp");
-            std::fs::write(&tmp, id)?;
-            std::fs::rename(&tmp, dir.join(CLUSTER_FILE))?;
         }
         *self.cluster.write().unwrap_or_else(|p| p.into_inner()) = Some(id.to_string());
         let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
@@ -119,6 +116,12 @@ impl TokenTable {
             }
             keep
         });
+        drop(map);
+        if let Some(dir) = &self.dir {
+            let tmp = dir.join(".cluster.tmp");
+            std::fs::write(&tmp, id)?;
+            std::fs::rename(&tmp, dir.join(CLUSTER_FILE))?;
+        }
         Ok(())
     }
 

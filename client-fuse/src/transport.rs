@@ -252,20 +252,29 @@ impl Cluster {
         }
     }
 
-    /// The cluster's id, from the first server that answers (health checks need no token):
-    /// `None` if the servers answered without one (servers older than the field).
+    /// The cluster's id, from the first server that tells it (health checks need no token).
+    /// A server without its cluster's record yet (one still joining) tells none, so the
+    /// others are asked. `None` only if every server answered, ready and without an id
+    /// (servers older than the field).
     pub async fn cluster_id(&self) -> Result<Option<String>, ClientError> {
         let n = self.servers.len();
         let start = self.preferred.load(Ordering::Relaxed) % n;
         let mut last = None;
+        let mut all_old = true;
         for i in failover_order(n, start, rand::random()) {
             match self.health_on(&self.servers[i].0).await {
-                Ok(h) if h.cluster_id.is_empty() => return Ok(None),
-                Ok(h) => return Ok(Some(h.cluster_id)),
-                Err(e) => last = Some(e),
+                Ok(h) if !h.cluster_id.is_empty() => return Ok(Some(h.cluster_id)),
+                Ok(h) => all_old &= h.ready,
+                Err(e) => {
+                    all_old = false;
+                    last = Some(e);
+                }
             }
         }
-        Err(last.unwrap_or_else(|| ClientError::Unreachable("no servers configured".into())))
+        if all_old {
+            return Ok(None);
+        }
+        Err(last.unwrap_or_else(|| ClientError::Unreachable("no server told its cluster id yet".into())))
     }
 
     /// Moves the preference off the server calls go to first now, to another picked at random:
@@ -273,9 +282,19 @@ impl Cluster {
     /// accepts connections and answers nothing, so calls never fail over from it by
     /// themselves: each used up its whole time there, and a mount started against it stayed
     /// disconnected while the other servers were fine.
-    pub fn skip_preferred(&self) {
+    ///
+    /// `from`: the server preferred when the call began. Only if it still is does the
+    /// preference move (the calls that waited on a hung server time out one after another, and
+    /// each must not move it again, off the server the first one moved it to).
+    pub fn skip_preferred(&self, from: Option<&str>) {
         let n = self.servers.len();
-        let from = self.preferred.load(Ordering::Relaxed) % n;
+        let now = self.preferred.load(Ordering::Relaxed) % n;
+        let from = from
+            .and_then(|a| self.servers.iter().position(|(s, _)| s == a))
+            .unwrap_or(now);
+        if from != now {
+            return;
+        }
         if let Some(to) = failover_order(n, from, rand::random()).nth(1) {
             tracing::info!(from = %self.servers[from].0, to = %self.servers[to].0, "no answer in time; asking another server first");
             self.move_preference(from, to);

@@ -75,10 +75,16 @@ impl Node {
     /// stopped with its removal, and a client that still lists it must move to another server
     /// (`Unavailable` makes it fail over) instead of reading an old tree and an idle change
     /// stream from it.
+    ///
+    /// Two signs, either enough: the replicated record of its removal (`ForgetServer`, committed
+    /// before the membership change, so a removed follower has it even though the leader stops
+    /// replicating to it before the final membership reaches it), or a membership without it
+    /// (a removed leader, which appended that membership itself).
     pub fn check_member(&self) -> Result<(), Status> {
         let m = self.raft.metrics().borrow().membership_config.clone();
         let mut nodes = m.membership().nodes().map(|(id, _)| *id).peekable();
-        if nodes.peek().is_none() || nodes.any(|id| id == self.id) {
+        let outside = nodes.peek().is_some() && !nodes.any(|id| id == self.id);
+        if !outside && self.tables().removed_server(self.id).map_err(internal)?.is_none() {
             return Ok(());
         }
         Err(refuse(

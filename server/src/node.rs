@@ -357,23 +357,30 @@ impl Node {
     }
 
     /// Removes a server from the membership.
-    pub async fn remove_server(&self, id: NodeId) -> Result<(), NodeError> {
+    /// Refuses the removal of server `id` if it is no member or the last voter; returns the
+    /// members. Checked before anything is recorded about the removal.
+    pub fn check_removable(&self, id: NodeId) -> Result<Vec<Member>, NodeError> {
         let members = self.members();
         if !members.iter().any(|m| m.id == id) {
             return Err(NodeError::NotFound(format!("server {id}")));
         }
-        let voters: std::collections::BTreeSet<NodeId> =
-            members.iter().filter(|m| m.voter && m.id != id).map(|m| m.id).collect();
-        if voters.is_empty() {
+        if !members.iter().any(|m| m.voter && m.id != id) {
             return Err(NodeError::Invalid("cannot remove the last voter".into()));
         }
-        // One membership change either way. A voter leaves with the new voter set (not kept
-        // as a learner); a learner by name. A second change after a voter's removal would be
-        // proposed by a leader that is no longer a voter when it removes itself, which openraft
-        // 0.9 does not allow (its core panicked): the leader steps down once this one commits,
-        // and the others elect a new one.
+        Ok(members)
+    }
+
+    pub async fn remove_server(&self, id: NodeId) -> Result<(), NodeError> {
+        let members = self.check_removable(id)?;
+        // One membership change either way: a voter leaves the voters and the node list at
+        // once (`retain` false: not kept as a learner), a learner the node list. A second
+        // change after a voter's removal would be proposed by a leader that is no longer a
+        // voter when it removes itself, which openraft 0.9 does not allow (its core panicked):
+        // the leader steps down once this one commits, and the others elect a new one.
+        // `RemoveVoters` is computed from the membership as it is then, so a voter added
+        // meanwhile stays.
         let change = if members.iter().any(|m| m.id == id && m.voter) {
-            openraft::ChangeMembers::ReplaceAllVoters(voters)
+            openraft::ChangeMembers::RemoveVoters([id].into_iter().collect())
         } else {
             openraft::ChangeMembers::RemoveNodes([id].into_iter().collect())
         };

@@ -240,11 +240,11 @@ async fn a_server_switches_between_witness_and_data() {
 /// panicked, the command failed although the removal had happened, and the removed server went
 /// on serving its old tree to clients that still listed it. Now one change removes it, the
 /// others elect a leader and take writes, and the removed server refuses metadata reads with
-/// `Unavailable`, which makes clients move to another server.
+/// `Unavailable`, which makes clients move to another server. So does a removed follower.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_leader_can_be_removed() {
     bounded(async {
-        let tc = TestCluster::start(ClusterOpts::new(3, 0)).await?;
+        let tc = TestCluster::start(ClusterOpts::new(3, 1)).await?;
         tc.create_volume("www", 2).await?;
         TestCluster::write_file(&tc.client(), "www", "", "before.html", b"before").await?;
         let leader = tc.leader().await?;
@@ -255,11 +255,18 @@ async fn the_leader_can_be_removed() {
         let others: Vec<String> = tc
             .servers
             .iter()
+            .filter(|s| !s.witness)
+            .map(|s| s.addr.clone())
+            .filter(|a| *a != addr)
+            .collect();
+        let rest: Vec<String> = tc
+            .servers
+            .iter()
             .map(|s| s.addr.clone())
             .filter(|a| *a != addr)
             .collect();
         wait_until(Duration::from_secs(20), "a leader among the others", || async {
-            for a in &others {
+            for a in &rest {
                 if tc.status_of(a).await.is_ok_and(|s| s.role == "leader") {
                     return true;
                 }
@@ -278,6 +285,24 @@ async fn the_leader_can_be_removed() {
         );
         let log = tc.servers[leader].log();
         ensure!(!log.contains("panicked"), "{log}");
+        // A removed follower refuses reads as well: the leader stops sending it entries before
+        // the membership without it reaches it, but it has the removal's record. (The witness,
+        // unless it was the leader; then a data server that does not lead now.)
+        let now = tc.wait_leader(Duration::from_secs(20)).await?;
+        let w = (0..tc.servers.len())
+            .filter(|i| *i != leader && *i != now)
+            .max_by_key(|i| tc.servers[*i].witness)
+            .context("a follower")?;
+        let w_addr = tc.servers[w].addr.clone();
+        let w_id = tc.status_of(&w_addr).await?.node_id.to_string();
+        let out = tc.codafs_admin(&["cluster", "remove", &w_id])?;
+        ensure!(out.ok, "{}{}", out.stdout, out.stderr);
+        wait_until(Duration::from_secs(10), "the removed witness refuses reads", || async {
+            tc.resolve_on(&w_addr, "www", "before.html")
+                .await
+                .is_err_and(|e| format!("{e:#}").contains("was removed from the cluster"))
+        })
+        .await?;
         Ok(())
     })
     .await

@@ -210,8 +210,8 @@ impl Remote for GrpcRemote {
         Some(self.cluster.preferred())
     }
 
-    fn skip_preferred(&self) {
-        self.cluster.skip_preferred()
+    fn skip_preferred(&self, from: Option<&str>) {
+        self.cluster.skip_preferred(from)
     }
 
     async fn avoid_witness(&self) {

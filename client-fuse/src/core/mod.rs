@@ -320,11 +320,12 @@ impl<R: Remote> Core<R> {
         limit: Duration,
         f: impl std::future::Future<Output = Result<T, FsError>>,
     ) -> Result<T, FsError> {
+        let asked = self.remote.preferred_server();
         let r = match tokio::time::timeout(limit, f).await {
             Ok(r) => r,
             Err(_) => {
                 // The next operation starts at another server (a hung one never fails over).
-                self.remote.skip_preferred();
+                self.remote.skip_preferred(asked.as_deref());
                 Err(FsError::Disconnected(format!("no answer within {limit:?}")))
             }
         };

@@ -104,9 +104,9 @@ pub trait Remote: Send + Sync + 'static {
     fn preferred_server(&self) -> Option<String> {
         None
     }
-    /// Moves the preferred server to another one: it did not answer in time (see
-    /// `Cluster::skip_preferred`).
-    fn skip_preferred(&self) {}
+    /// Moves the preferred server to another one if it is still `from`: it did not answer in
+    /// time (see `Cluster::skip_preferred`).
+    fn skip_preferred(&self, _from: Option<&str>) {}
     /// Moves the preferred server off a witness (see `Cluster::avoid_witness`).
     fn avoid_witness(&self) -> impl Future<Output = ()> + Send {
         async {}

@@ -638,9 +638,8 @@ impl pb::admin_server::Admin for AdminService {
         let node = &self.0;
         let actor = node.authenticate_admin(token.as_deref()).map_err(status)?;
         let local = || async {
-            if !node.members().iter().any(|m| m.id == r.node_id) {
-                return Err(NodeError::NotFound(format!("server {}", r.node_id)));
-            }
+            // Refused removals record nothing (the id would be barred for good).
+            node.check_removable(r.node_id)?;
             let forget = Command::ForgetServer {
                 actor: actor.clone(),
                 node_id: r.node_id,

@@ -2762,7 +2762,9 @@ fn unchecked_target(op: &Op) -> Option<u64> {
 /// The version each node had just before a commit of `ops`, where the reply told it
 /// (`prior`, in operation order): what the first operation changing the node found. A node
 /// an earlier operation of the commit changed untold is told at the commit's own version, which
-/// no change expects, so that stays on the safe side.
+/// no change expects, so that stays on the safe side. A rename tells nothing: the servers move
+/// whatever node has the name then, which may not be the one this mount saw there, so the
+/// version told may be another node's (its node counts as changed untold).
 fn versions_before(ops: &[Op], prior: &[u64]) -> HashMap<u64, u64> {
     let mut before = HashMap::new();
     let mut seen = HashSet::new();
@@ -2772,7 +2774,10 @@ fn versions_before(ops: &[Op], prior: &[u64]) -> HashMap<u64, u64> {
             | Op::SetContent { ino, .. }
             | Op::Link { ino, .. }
             | Op::ExpectNode { ino, .. } => *ino,
-            Op::Rename { seen: Some(s), .. } => s.ino,
+            Op::Rename { seen: Some(s), .. } => {
+                seen.insert(s.ino);
+                continue;
+            }
             _ => continue,
         };
         if !seen.insert(ino) {

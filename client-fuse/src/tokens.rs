@@ -42,6 +42,21 @@ pub struct TokenTable {
 /// The file in the token directory that keeps the cluster id (not a uid, so never a token).
 const CLUSTER_FILE: &str = "cluster";
 
+/// Writes `dir/name` whole or not at all (a temporary file, synced, renamed over it), readable
+/// by the daemon's user only.
+fn save(dir: &Path, name: &str, contents: &str) -> Result<(), std::io::Error> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))
+}
+
 fn now_s() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -97,9 +112,8 @@ impl TokenTable {
     }
 
     /// Records the cluster id the servers gave (and keeps it for the next start); tokens held
-    /// for another cluster are dropped.
-    /// Known in memory even if it cannot be kept (the error says so): a full cache disk must
-    /// not leave the mount refusing every login.
+    /// for another cluster are dropped. It is known in memory even if it cannot be kept (the
+    /// error says so): a full cache disk must not leave the mount refusing every login.
     pub fn learn_cluster(&self, id: &str) -> Result<(), std::io::Error> {
         if self.cluster().as_deref() == Some(id) {
             return Ok(());
@@ -118,9 +132,7 @@ impl TokenTable {
         });
         drop(map);
         if let Some(dir) = &self.dir {
-            let tmp = dir.join(".cluster.tmp");
-            std::fs::write(&tmp, id)?;
-            std::fs::rename(&tmp, dir.join(CLUSTER_FILE))?;
+            save(dir, CLUSTER_FILE, id)?;
         }
         Ok(())
     }
@@ -132,16 +144,7 @@ impl TokenTable {
         let learned = self.cluster();
         let claims = Self::check(token, cluster.or(learned.as_deref()))?;
         if let Some(dir) = &self.dir {
-            let tmp = dir.join(format!(".{uid}.tmp"));
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(token.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, dir.join(uid.to_string()))?;
+            save(dir, &uid.to_string(), token)?;
         }
         self.map
             .write()

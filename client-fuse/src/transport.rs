@@ -257,11 +257,9 @@ impl Cluster {
     /// others are asked. `None` only if every server answered, ready and without an id
     /// (servers older than the field).
     pub async fn cluster_id(&self) -> Result<Option<String>, ClientError> {
-        let n = self.servers.len();
-        let start = self.preferred.load(Ordering::Relaxed) % n;
         let mut last = None;
         let mut all_old = true;
-        for i in failover_order(n, start, rand::random()) {
+        for i in self.order().1 {
             match self.health_on(&self.servers[i].0).await {
                 Ok(h) if !h.cluster_id.is_empty() => return Ok(Some(h.cluster_id)),
                 Ok(h) => all_old &= h.ready,

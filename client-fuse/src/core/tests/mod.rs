@@ -677,14 +677,7 @@ async fn write_back_saves_by_rename_arrive_whole_and_conflicting_names_keep_both
         b"theirs too",
         "the remove is not applied"
     );
-    let names: Vec<String> = core
-        .readdir(www)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(n, _, _)| n)
-        .filter(|n| n.starts_with("b.html.conflict-"))
-        .collect();
+    let names = names_where(&core, www, |n| n.starts_with("b.html.conflict-")).await;
     assert_eq!(names.len(), 1, "{names:?}");
     assert_eq!(model::read(&core, &names[0]).await.unwrap(), b"mine");
     assert_eq!(model::read(&core, "c.html").await.unwrap(), b"theirs too");
@@ -702,6 +695,17 @@ async fn page_written_back(dir: &std::path::Path) -> (Core<FakeRemote>, u64, u64
     (core, www, ino)
 }
 
+/// The names listed in directory `dir` that `keep` accepts.
+async fn names_where(core: &Core<FakeRemote>, dir: u64, keep: impl Fn(&str) -> bool) -> Vec<String> {
+    core.readdir(dir)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .filter(|n| keep(n))
+        .collect()
+}
+
 /// Writes `data` at the start of open file `fh`, and closes it.
 async fn write_and_close(core: &Core<FakeRemote>, fh: u64, data: &[u8]) {
     core.write(fh, 0, data).unwrap();
@@ -717,14 +721,7 @@ async fn theirs_stand_and_mine_is_kept(core: &Core<FakeRemote>, www: u64) {
         b"theirs",
         "their content stands"
     );
-    let copies: Vec<String> = core
-        .readdir(www)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(n, _, _)| n)
-        .filter(|n| n.starts_with("p.html.conflict-"))
-        .collect();
+    let copies = names_where(core, www, |n| n.starts_with("p.html.conflict-")).await;
     assert_eq!(copies.len(), 1, "{copies:?}");
     assert_eq!(model::read(core, &copies[0]).await.unwrap(), b"mine");
 }
@@ -873,14 +870,7 @@ async fn content_of_a_file_removed_elsewhere_is_kept_beside_it(event_first: bool
     assert_eq!(model::read(&core, "d/p").await, Err(FsError::NotFound));
     let www = core.lookup(ROOT_INO, "www").await.unwrap().ino;
     let d = core.lookup(www, "d").await.unwrap().ino;
-    let names: Vec<String> = core
-        .readdir(d)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(n, _, _)| n)
-        .filter(|n| n.starts_with("p.conflict-"))
-        .collect();
+    let names = names_where(&core, d, |n| n.starts_with("p.conflict-")).await;
     assert_eq!(names.len(), 1, "{names:?}");
     assert_eq!(model::read(&core, &format!("d/{}", names[0])).await.unwrap(), b"mine");
     let b = core.backlog().unwrap();
@@ -906,14 +896,7 @@ async fn write_back_content_of_a_file_whose_directory_was_removed_elsewhere_keep
     send_log(&core).await;
     deliver_all(&core).await;
     let www = core.lookup(ROOT_INO, "www").await.unwrap().ino;
-    let names: Vec<String> = core
-        .readdir(www)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(n, _, _)| n)
-        .filter(|n| n.contains(".conflict-") || n.starts_with("node-"))
-        .collect();
+    let names = names_where(&core, www, |n| n.contains(".conflict-") || n.starts_with("node-")).await;
     assert_eq!(names.len(), 1, "{names:?} {:?}", core.backlog().unwrap());
     assert!(names[0].starts_with("page.html.conflict-"), "{names:?}");
     assert_eq!(model::read(&core, &names[0]).await.unwrap(), b"mine");

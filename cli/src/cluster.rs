@@ -746,7 +746,7 @@ pub fn init_server(
             dir.display()
         );
     }
-    codafs_common::names::validate_name(admin).context("admin account name")?;
+    codafs_common::names::validate_account_name(admin).context("admin account name")?;
     check_addresses(&listen, advertise.as_deref())?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let cluster_id = hex::encode(rand::random::<[u8; 12]>());

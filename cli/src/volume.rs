@@ -67,9 +67,10 @@ pub struct CreateArgs {
     /// Quota on the number of nodes: files, directories, symlinks (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     quota_files: u64,
-    /// Durable blob copies a write needs before it is acknowledged (capped at the data replicas).
-    #[arg(long, default_value_t = 2)]
-    write_quorum: u32,
+    /// Durable blob copies a write needs before it is acknowledged. Without it: 2, or every
+    /// data server when there are fewer. A value above the cluster's data servers is refused.
+    #[arg(long)]
+    write_quorum: Option<u32>,
     /// Not readable without a token (default: public, as web content is).
     #[arg(long)]
     private: bool,
@@ -134,7 +135,7 @@ pub struct SetArgs {
     /// Quota on the number of nodes: files, directories, symlinks (0 = unlimited).
     #[arg(long)]
     quota_files: Option<u64>,
-    /// Durable blob copies a write needs.
+    /// Durable blob copies a write needs (at most the cluster's data servers).
     #[arg(long)]
     write_quorum: Option<u32>,
     /// Make the volume readable without a token.
@@ -305,7 +306,7 @@ pub async fn run(cmd: VolumeCmd) -> Result<()> {
                 owner: a.owner.unwrap_or_default(),
                 quota_bytes: a.quota_bytes,
                 quota_files: a.quota_files,
-                write_quorum: a.write_quorum,
+                write_quorum: a.write_quorum.unwrap_or(0),
                 public_read: !a.private,
             };
             let v = cluster.create_volume(spec).await?;

@@ -54,7 +54,8 @@ fn output_into_a_closed_pipe_ends_quietly() -> Result<()> {
 /// `cluster init` refuses addresses it could never use before it writes anything: a listen
 /// address without a port, and every interface (`0.0.0.0`) without `--advertise`, which would
 /// go into join tokens and client configs as is. (A host that does not resolve is refused
-/// too; not tried here, since resolving it would ask the network's name servers.)
+/// too; not tried here, since resolving it would ask the network's name servers.) An admin
+/// name outside the account-name rule that `user add` applies is refused the same way.
 #[test]
 fn cluster_init_refuses_addresses_it_could_never_use() -> Result<()> {
     let root = tempfile::tempdir()?;
@@ -69,6 +70,11 @@ fn cluster_init_refuses_addresses_it_could_never_use() -> Result<()> {
     for (name, args, why) in [
         ("noport", &["--listen", "localhost"][..], "HOST:PORT"),
         ("any", &["--listen", "0.0.0.0:7999"][..], "--advertise"),
+        (
+            "badadmin",
+            &["--listen", "127.0.0.1:7999", "--admin=root\x1b[31m"][..],
+            "account name",
+        ),
     ] {
         let (ok, err) = init(name, args)?;
         ensure!(!ok && err.contains(why), "{args:?}: {err}");

@@ -273,12 +273,21 @@ async fn a_volume_backed_up_deleted_and_restored_is_the_same_volume() {
 }
 
 /// `volume info` shows each server's blob health and the mounts subscribed to the volume's
-/// changes, which come and go with the mounts.
+/// changes, which come and go with the mounts. A write quorum the data servers could never
+/// meet (3 on two data servers and a witness) is refused by `volume create` and `volume set`,
+/// and changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn volume_info_lists_servers_and_subscribed_mounts() {
     let run = async {
         let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
-        tc.create_volume("www", 2).await?;
+        let (ok, _, err) = cli(&tc, &["volume", "create", "www", "--write-quorum", "3"])?;
+        assert!(!ok && err.contains("the cluster has 2"), "{err}");
+        let (ok, _, err) = cli(&tc, &["volume", "create", "www"])?;
+        assert!(ok, "the default quorum: {err}");
+        let (ok, _, err) = cli(&tc, &["volume", "set", "www", "--write-quorum", "3"])?;
+        assert!(!ok && err.contains("the cluster has 2"), "{err}");
+        let (ok, out, err) = cli(&tc, &["volume", "info", "www"])?;
+        assert!(ok && out.contains("write quorum 2"), "{out}{err}");
         let subscribed = |out: &str| -> Option<usize> {
             let line = out.lines().find(|l| l.starts_with("mounts"))?;
             line.split_whitespace().nth(1)?.parse().ok()

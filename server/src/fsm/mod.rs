@@ -139,6 +139,22 @@ pub struct Delta {
 
 /// Applies `cmd` as log entry `index`.
 pub fn apply(view: &dyn StateView, index: u64, cmd: &Command) -> Result<(Delta, Response), StoreError> {
+    // The proposing server checked the role against its state at that moment. An entry applied
+    // in between may have demoted or removed the proposer (two admins demoting each other at
+    // once would otherwise leave none), so the role is checked again against the state it
+    // applies to. Only admins pay the account read.
+    let demoted;
+    let cmd = match cmd.actor() {
+        Some(a) if a.admin && !view.account(&a.user)?.is_some_and(|r| r.admin) => {
+            let mut c = cmd.clone();
+            if let Some(a) = c.actor_mut() {
+                a.admin = false;
+            }
+            demoted = c;
+            &demoted
+        }
+        _ => cmd,
+    };
     let mut txn = Txn::new(view, index);
     let res = match cmd {
         Command::Bootstrap { cluster_id, key, admin } => txn.bootstrap(cluster_id, key, admin),

@@ -374,6 +374,37 @@ pub enum Command {
     },
 }
 
+/// The proposer of a command (`None` for those without one), by shared or mutable reference.
+macro_rules! actor_of {
+    ($cmd:expr) => {
+        match $cmd {
+            Command::Bootstrap { .. } | Command::UseJoinToken { .. } => None,
+            Command::CreateVolume { actor, .. }
+            | Command::Commit { actor, .. }
+            | Command::PutAccount { actor, .. }
+            | Command::RemoveAccount { actor, .. }
+            | Command::SetVolume { actor, .. }
+            | Command::RotateKey { actor, .. }
+            | Command::RevokeTokens { actor, .. }
+            | Command::IssueJoinToken { actor, .. }
+            | Command::ForgetServer { actor, .. }
+            | Command::DeleteVolume { actor, .. } => Some(actor),
+        }
+    };
+}
+
+impl Command {
+    /// The proposer, for every command that has one.
+    pub fn actor(&self) -> Option<&Actor> {
+        actor_of!(self)
+    }
+
+    /// The proposer, to correct its role at apply time.
+    pub fn actor_mut(&mut self) -> Option<&mut Actor> {
+        actor_of!(self)
+    }
+}
+
 /// A join token, by the hash of its secret (table `pki`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinTokenRec {

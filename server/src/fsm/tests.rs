@@ -849,6 +849,49 @@ fn accounts_keep_an_admin_and_leave_no_rights_behind() {
     assert!(matches!(r, Err(ApplyError::Denied(_))), "{r:?}");
 }
 
+/// Two admins who demote each other at the same moment: both commands were proposed while
+/// both held the role, but the second applies after its proposer lost it, so it is refused
+/// and one admin remains. The same holds for an admin removed while its command was in flight.
+#[test]
+fn an_admin_demoted_while_a_command_is_in_flight_acts_as_a_user() {
+    let mut s = setup();
+    s.apply(3, &put_account(acct("bea", true), true)).unwrap();
+    let as_admin = |user: &str| Actor {
+        user: user.into(),
+        admin: true,
+    };
+    let demote = |by: &str, who: &str| Command::PutAccount {
+        actor: as_admin(by),
+        account: acct(who, false),
+        create: false,
+    };
+    s.apply(4, &demote("admin", "bea")).unwrap();
+    let r = s.apply(5, &demote("bea", "admin"));
+    assert!(matches!(r, Err(ApplyError::Denied(_))), "{r:?}");
+    assert!(s.accounts["admin"].admin, "the last admin keeps the role");
+    assert!(!s.accounts["bea"].admin);
+
+    // Removed while in flight: what the removed admin proposed is refused.
+    s.apply(6, &put_account(acct("cy", true), true)).unwrap();
+    s.apply(
+        7,
+        &Command::RemoveAccount {
+            actor: admin(),
+            name: "cy".into(),
+        },
+    )
+    .unwrap();
+    let r = s.apply(
+        8,
+        &Command::RemoveAccount {
+            actor: as_admin("cy"),
+            name: "admin".into(),
+        },
+    );
+    assert!(matches!(r, Err(ApplyError::Denied(_))), "{r:?}");
+    assert!(s.accounts.contains_key("admin"));
+}
+
 #[test]
 fn account_changes_and_lost_write_rights_revoke_tokens() {
     let mut s = setup();

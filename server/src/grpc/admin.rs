@@ -25,6 +25,20 @@ fn client(ch: Channel) -> pb::admin_client::AdminClient<Channel> {
 
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Refuses an explicit write quorum that the cluster's data servers could never meet: it used
+/// to be accepted and silently capped, so a volume asked to keep 3 copies kept 2. (0 asks for
+/// the default, which is capped: a one-server development cluster still writes.)
+fn check_write_quorum(node: &Node, quorum: u32) -> Result<(), NodeError> {
+    let data = node.data_replicas().len();
+    if quorum as usize > data {
+        return Err(NodeError::Invalid(format!(
+            "a write quorum of {quorum} needs {quorum} data servers; the cluster has {data} \
+             (join more data servers first, or ask for at most {data})"
+        )));
+    }
+    Ok(())
+}
+
 fn volume_reply(o: Outcome) -> Result<pb::VolumeInfo, NodeError> {
     match o {
         Outcome::Volume(v) => Ok(convert::volume_info(&v)),
@@ -131,9 +145,11 @@ impl AdminService {
 impl pb::admin_server::Admin for AdminService {
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().name))]
     async fn create_volume(&self, req: Request<pb::VolumeSpec>) -> Result<Response<pb::VolumeInfo>, Status> {
+        let node = self.0.clone();
         self.leader_write(
             req,
             |actor, spec| {
+                check_write_quorum(&node, spec.write_quorum)?;
                 Ok(Command::CreateVolume {
                     spec: VolumeSpec {
                         name: spec.name.clone(),
@@ -159,9 +175,13 @@ impl pb::admin_server::Admin for AdminService {
 
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().name))]
     async fn set_volume(&self, req: Request<pb::VolumeChanges>) -> Result<Response<pb::VolumeInfo>, Status> {
+        let node = self.0.clone();
         self.leader_write(
             req,
             |actor, c| {
+                if let Some(q) = c.write_quorum {
+                    check_write_quorum(&node, q)?;
+                }
                 let changes = VolumeChanges {
                     owner: c.owner.clone(),
                     add_writers: c.add_writers.clone(),

@@ -200,7 +200,11 @@ fn finish(result: anyhow::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("codafs: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<codafs_server::ServerError>() {
+                // Not worth restarting (the systemd unit says so with this status).
+                Some(codafs_server::ServerError::Removed(_)) => ExitCode::from(codafs_server::REMOVED_EXIT_STATUS),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -59,11 +59,14 @@ pub enum ErrorKind {
     Corrupt,
     /// A fault inside the server (I/O, a broken invariant).
     Internal,
+    /// The calling server was removed from the cluster (sent to a removed server's Raft
+    /// messages, so that it stops instead of campaigning for ever).
+    Removed,
 }
 
 impl ErrorKind {
     /// Every kind, for tests and documentation.
-    pub const ALL: [ErrorKind; 22] = [
+    pub const ALL: [ErrorKind; 23] = [
         ErrorKind::NotFound,
         ErrorKind::NoVolume,
         ErrorKind::Exists,
@@ -86,6 +89,7 @@ impl ErrorKind {
         ErrorKind::Witness,
         ErrorKind::Corrupt,
         ErrorKind::Internal,
+        ErrorKind::Removed,
     ];
 
     /// The kind's name on the wire (the header's value).
@@ -113,6 +117,7 @@ impl ErrorKind {
             ErrorKind::Witness => "witness",
             ErrorKind::Corrupt => "corrupt",
             ErrorKind::Internal => "internal",
+            ErrorKind::Removed => "removed",
         }
     }
 
@@ -135,7 +140,7 @@ impl ErrorKind {
             ErrorKind::Conflict => Code::Aborted,
             ErrorKind::Quota | ErrorKind::NoSpace | ErrorKind::TooLarge | ErrorKind::Busy => Code::ResourceExhausted,
             ErrorKind::InvalidName | ErrorKind::NameTooLong | ErrorKind::Invalid => Code::InvalidArgument,
-            ErrorKind::Denied => Code::PermissionDenied,
+            ErrorKind::Denied | ErrorKind::Removed => Code::PermissionDenied,
             ErrorKind::Unauthenticated => Code::Unauthenticated,
             ErrorKind::Unavailable => Code::Unavailable,
             ErrorKind::Timeout => Code::DeadlineExceeded,

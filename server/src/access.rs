@@ -81,16 +81,21 @@ impl Node {
     /// replicating to it before the final membership reaches it), or a membership without it
     /// (a removed leader, which appended that membership itself).
     pub fn check_member(&self) -> Result<(), Status> {
-        let m = self.raft.metrics().borrow().membership_config.clone();
-        let mut nodes = m.membership().nodes().map(|(id, _)| *id).peekable();
-        let outside = nodes.peek().is_some() && !nodes.any(|id| id == self.id);
-        if !outside && self.tables().removed_server(self.id).map_err(internal)?.is_none() {
+        if !self.outside_membership() && self.tables().removed_server(self.id).map_err(internal)?.is_none() {
             return Ok(());
         }
         Err(refuse(
             ErrorKind::Unavailable,
             format!("server {} was removed from the cluster; ask another server", self.id),
         ))
+    }
+
+    /// Whether this server has a membership and is not in it (none yet: a joiner before its
+    /// first log entries).
+    pub fn outside_membership(&self) -> bool {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let mut nodes = m.membership().nodes().map(|(id, _)| *id).peekable();
+        nodes.peek().is_some() && !nodes.any(|id| id == self.id)
     }
 
     /// Whether `caller` may read `vol` (see the module doc).

@@ -20,6 +20,7 @@ pub mod node;
 pub mod peers;
 pub mod pending;
 pub mod raft;
+pub mod removal;
 pub mod role;
 pub mod rotate;
 pub mod subscribers;
@@ -64,6 +65,9 @@ pub enum ServerError {
     Metrics(#[from] metrics::MetricsError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// This server was removed from the cluster (see `removal`); it stopped.
+    #[error("{0}")]
+    Removed(String),
 }
 
 /// The TLS material of this server: loaded from `dir/tls/`, or (first start of a joining
@@ -229,7 +233,11 @@ pub async fn run(
     let rcfg = raft::raft_config(cfg.snapshot_every)
         .validate()
         .map_err(|e| ServerError::Raft(e.to_string()))?;
-    let network = raft::network::Network { peers: peers.clone() };
+    let (told, told_rx) = removal::channel();
+    let network = raft::network::Network {
+        peers: peers.clone(),
+        told,
+    };
     let raft = raft::Raft::new(cfg.node_id, Arc::new(rcfg), network, log, sm)
         .await
         .map_err(|e| ServerError::Raft(e.to_string()))?;
@@ -288,8 +296,14 @@ pub async fn run(
     tasks.spawn("maintenance", blobs::maintenance::run(node.clone()));
     tasks.spawn("role", role::watch(node.clone(), dir.to_path_buf()));
 
-    shutdown.await;
-    tracing::info!("shutting down");
+    let removed = tokio::select! {
+        _ = &mut shutdown => None,
+        why = removal::wait(node.clone(), told_rx) => Some(why),
+    };
+    match &removed {
+        Some(why) => tracing::error!("{why}; stopping"),
+        None => tracing::info!("shutting down"),
+    }
     let _ = stop_tx.send(true);
     let _ = node.raft.shutdown().await;
     // One deadline for everything: the listener's connections and every tracked task.
@@ -306,8 +320,16 @@ pub async fn run(
     } else {
         tracing::info!("stopped: every background task ended");
     }
-    Ok(())
+    match removed {
+        Some(why) => Err(ServerError::Removed(why)),
+        None => Ok(()),
+    }
 }
+
+/// Exit status of a server that stopped because it was removed from the cluster (sysexits'
+/// `EX_CONFIG`): starting it again with the same directory cannot help, and the systemd unit
+/// does not restart it.
+pub const REMOVED_EXIT_STATUS: u8 = 78;
 
 /// How long a stopping server waits for open requests and background tasks to end.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);

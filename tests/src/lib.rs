@@ -139,24 +139,46 @@ impl Server {
         let start = Instant::now();
         // SAFETY: kill(2) on the PID of a child this harness started and has not reaped yet.
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        while start.elapsed() < within {
-            if let Some(status) = c.try_wait()? {
-                return Ok((start.elapsed(), status.success()));
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        match exited_within(&mut c, within)? {
+            Some(status) => Ok((start.elapsed(), status.success())),
+            None => bail!("server {} did not exit within {within:?} of SIGTERM", self.addr),
         }
-        let _ = c.kill();
-        let _ = c.wait();
-        bail!("server {} did not exit within {within:?} of SIGTERM", self.addr)
     }
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Waits at most `within` for the process to exit by itself and returns its exit code
+    /// (`None`: killed by a signal). Killed with SIGKILL and an error when it overstays.
+    pub fn wait_exit(&mut self, within: Duration) -> Result<Option<i32>> {
+        let Some(mut c) = self.child.take() else {
+            bail!("server {} is not running", self.addr)
+        };
+        match exited_within(&mut c, within)? {
+            Some(status) => Ok(status.code()),
+            None => bail!("server {} did not exit by itself within {within:?}", self.addr),
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
     }
+}
+
+/// Waits at most `within` for `c` to exit and returns its status; kills and reaps it and
+/// returns `None` when it overstays.
+fn exited_within(c: &mut Child, within: Duration) -> Result<Option<std::process::ExitStatus>> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if let Some(status) = c.try_wait()? {
+            return Ok(Some(status));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+    Ok(None)
 }
 
 /// Options for a test cluster.

@@ -92,7 +92,16 @@ async fn a_removed_servers_certificate_is_refused_at_once() {
             })
             .await?;
             let refused = vote(ch.clone()).await;
-            assert!(refused.message().contains("not a member"), "{}", refused.message());
+            // The removal's record says more than "not a member": the removed server stops.
+            assert!(
+                refused.message().contains("was removed from the cluster"),
+                "{}",
+                refused.message()
+            );
+            assert_eq!(
+                codafs_proto::error::kind_of(&refused),
+                codafs_proto::error::ErrorKind::Removed
+            );
 
             // Blob copies (forwarded puts, single and batched) are refused and store nothing, and
             // so are forwarded writes, even with a valid admin token.

@@ -134,7 +134,12 @@ impl From<crate::transport::ClientError> for FsError {
             ErrorKind::Conflict => FsError::Conflict(msg),
             // Too few copies, a witness asked for blobs, too many requests, a server fault: the
             // operation failed, and retrying it is the caller's call.
-            ErrorKind::NotEnoughCopies | ErrorKind::Witness | ErrorKind::Busy | ErrorKind::Internal => FsError::Io(msg),
+            // (`Removed` is sent to servers only.)
+            ErrorKind::NotEnoughCopies
+            | ErrorKind::Witness
+            | ErrorKind::Busy
+            | ErrorKind::Internal
+            | ErrorKind::Removed => FsError::Io(msg),
         }
     }
 }
@@ -182,6 +187,7 @@ mod tests {
             (ErrorKind::Witness, libc::EIO),
             (ErrorKind::Corrupt, libc::EIO),
             (ErrorKind::Internal, libc::EIO),
+            (ErrorKind::Removed, libc::EIO),
         ];
         assert_eq!(want.len(), ErrorKind::ALL.len(), "every kind has an errno");
         for (k, e) in want {

@@ -104,6 +104,10 @@ pub fn require_peer<T>(node: &Node, req: &tonic::Request<T>, what: &str) -> Resu
     }
     match peer_node_id(req) {
         Some(id) => {
+            if let Some(removed) = crate::removal::refusal(node, id) {
+                tracing::info!(node = id, what, "refused a removed server (it stops when told)");
+                return Err(removed);
+            }
             tracing::warn!(node = id, what, "refused a server that is not a current member");
             Err(refuse(
                 ErrorKind::Denied,

@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::{internal, refuse, require_peer, ErrorKind};
 use crate::node::Node;
+use crate::raft::NodeId;
 
 pub struct RaftService(pub Arc<Node>);
 
@@ -42,7 +43,18 @@ impl pb::raft_server::Raft for RaftService {
 
     async fn vote(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
         require_peer(&self.0, &req, "Raft messages")?;
-        let r = self.0.raft.vote(decode(req.get_ref())?).await;
+        let vote: openraft::raft::VoteRequest<NodeId> = decode(req.get_ref())?;
+        // A removed server campaigns when it stops hearing from the leader. With TLS its
+        // certificate already told who it is; on an `--insecure` cluster only its vote does.
+        if let Some(removed) = vote
+            .vote
+            .leader_id()
+            .voted_for()
+            .and_then(|candidate| crate::removal::refusal(&self.0, candidate))
+        {
+            return Err(removed);
+        }
+        let r = self.0.raft.vote(vote).await;
         encode(&r)
     }
 

@@ -30,6 +30,7 @@ use serde::Serialize;
 
 use super::{NodeId, NodeInfo, TypeConfig};
 use crate::peers::Peers;
+use crate::removal::Told;
 
 /// Most bytes of entries sent in one AppendEntries (a single larger entry goes alone).
 pub const APPEND_BATCH_BYTES: u64 = 8 << 20;
@@ -100,11 +101,14 @@ struct Inflight {
 #[derive(Clone)]
 pub struct Network {
     pub peers: Arc<Peers>,
+    /// Where a peer's refusal of this server as removed is reported (see `crate::removal`).
+    pub told: Arc<Told>,
 }
 
 /// A connection to one peer.
 pub struct Conn {
     peers: Arc<Peers>,
+    told: Arc<Told>,
     target: NodeId,
     node: NodeInfo,
     /// The batch of entries on its way to this peer, if one is.
@@ -117,6 +121,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Conn {
         Conn {
             peers: self.peers.clone(),
+            told: self.told.clone(),
             target,
             node: node.clone(),
             inflight: None,
@@ -143,7 +148,13 @@ impl Conn {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        send(&self.peers, self.target, &self.node, rpc, req, option.hard_ttl()).await
+        let to = To {
+            peers: &self.peers,
+            told: &self.told,
+            target: self.target,
+            node: &self.node,
+        };
+        send(to, rpc, req, option.hard_ttl()).await
     }
 
     /// Sends a batch of entries (see the module doc): refuses one too large, joins a transfer
@@ -187,11 +198,16 @@ impl Conn {
             }
         }
         if self.inflight.is_none() {
-            let (peers, target, node) = (self.peers.clone(), self.target, self.node.clone());
-            let task =
-                tokio::spawn(
-                    async move { send(&peers, target, &node, Rpc::Append, &rpc, append_deadline(bytes)).await },
-                );
+            let (peers, told, target, node) = (self.peers.clone(), self.told.clone(), self.target, self.node.clone());
+            let task = tokio::spawn(async move {
+                let to = To {
+                    peers: &peers,
+                    told: &told,
+                    target,
+                    node: &node,
+                };
+                send(to, Rpc::Append, &rpc, append_deadline(bytes)).await
+            });
             self.inflight = Some(Inflight { key, task });
         }
         let Some(inflight) = self.inflight.as_mut() else {
@@ -207,11 +223,18 @@ impl Conn {
     }
 }
 
-/// Sends one Raft message to `node` and decodes its answer, giving up after `ttl`.
-async fn send<Req, Resp, E>(
-    peers: &Peers,
+/// The peer a message goes to, and how.
+struct To<'a> {
+    peers: &'a Peers,
+    told: &'a Told,
     target: NodeId,
-    node: &NodeInfo,
+    node: &'a NodeInfo,
+}
+
+/// Sends one Raft message to `to` and decodes its answer, giving up after `ttl`. A refusal of
+/// this server as removed is reported to `to.told` as well.
+async fn send<Req, Resp, E>(
+    to: To<'_>,
     rpc: Rpc,
     req: &Req,
     ttl: Duration,
@@ -222,6 +245,12 @@ where
     E: std::error::Error + DeserializeOwned,
 {
     let payload = bincode::serialize(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+    let To {
+        peers,
+        told,
+        target,
+        node,
+    } = to;
     let mut client = peers
         .raft(&node.addr)
         .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
@@ -235,7 +264,12 @@ where
         Rpc::Snapshot => client.install_snapshot(request).await,
     };
     let reply = reply.map_err(|s| {
-        if codafs_proto::error::kind_of(&s).is_retryable() {
+        let kind = codafs_proto::error::kind_of(&s);
+        if kind == codafs_proto::error::ErrorKind::Removed {
+            tracing::error!(peer = target, "{}", s.message());
+            told.send_replace(Some(target));
+        }
+        if kind.is_retryable() {
             RPCError::Unreachable(Unreachable::new(&s))
         } else {
             RPCError::Network(NetworkError::new(&s))

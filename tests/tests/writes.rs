@@ -557,6 +557,49 @@ async fn files_opened_as_their_chmod_goes_out_make_no_conflict() {
     .await
 }
 
+/// Node c truncates and rewrites the file (`printf > file`, so O_TRUNC) while node a removes
+/// it, and c's change waits in its log (its daemon stopped) until a's removal is on the
+/// servers. The change cannot apply, so c's bytes are kept as one `race.txt.conflict-*`
+/// (QA once saw two, one of them empty; not with this sequence).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_truncating_write_to_a_file_removed_elsewhere_keeps_one_copy() {
+    bounded(async {
+        let tc = setup().await?;
+        let (a, c) = two_nodes(&tc)?;
+        let (wm, fa, fc) = race_base(&tc, &a, &c).await?;
+        let out = sh_as(&wm, &format!("printf 'node c' > {}", fc.display()))?;
+        ensure!(out.ok, "{}", out.stderr);
+        let pid = c.pid().context("node c's daemon")?;
+        let stopped = std::process::Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()?;
+        ensure!(stopped.success(), "kill -STOP {pid}");
+        let removed = sh_as(&wm, &format!("rm {}", fa.display()));
+        let synced = a.sync();
+        let cont = std::process::Command::new("kill")
+            .args(["-CONT", &pid.to_string()])
+            .status();
+        ensure!(cont?.success(), "kill -CONT {pid}");
+        ensure!(removed?.ok, "node a's removal");
+        synced?;
+        c.sync()?;
+        let www = a.path.join("www");
+        let found: Vec<String> = std::fs::read_dir(&www)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("race.txt"))
+            .collect();
+        ensure!(
+            found.len() == 1 && found[0].starts_with("race.txt.conflict-"),
+            "{found:?}\n--- c ---\n{}",
+            c.log()
+        );
+        ensure!(read_file(&www.join(&found[0]))? == b"node c", "{found:?}");
+        Ok(())
+    })
+    .await
+}
+
 /// After [`race`]: `race.txt` and one `race.txt.conflict-*` sibling hold the two writers'
 /// bytes on both nodes, and one mount reports the conflict.
 async fn both_versions_kept(a: &Mount, c: &Mount) -> Result<()> {

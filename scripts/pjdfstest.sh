@@ -27,7 +27,7 @@ PJDFSTEST_VERSION=0.2.2
 # docs/PJDFSTEST.md has the same list with the longer justification; keep the two in step.
 declare -A WHY=(
   [authz]="changes are authorized by the caller's token and the volume's writers, not by mode bits or ownership: a writer's chmod/unlink/rename/link/truncate/utimensat is not refused"
-  [size]="a write-back mount logs a closed file whole; one past the log bound (--log-limit, 2 GiB by default) gets ENOSPC"
+  [size]="a write-back mount logs a closed file whole; one past the log bound (--log-limit, 2 GiB by default) gets EFBIG"
 )
 EXPECTED=(
   # A dummy user holding a writer token expects to be refused by mode bits or ownership (each

@@ -44,7 +44,8 @@ pub struct MountArgs {
     #[arg(long, conflicts_with = "read_only")]
     pub write_through: bool,
     /// Bound of the write-back log (changes not yet on the servers), e.g. 2G. Past it, writes
-    /// fail with ENOSPC until the servers take the backlog.
+    /// fail with ENOSPC until the servers take the backlog; a file larger than the whole bound
+    /// gets EFBIG.
     #[arg(long, default_value = "2G", value_parser = parse_size)]
     pub log_limit: u64,
     /// Log to this file instead of stderr, rotated at 10 MiB with 3 old files kept (what a

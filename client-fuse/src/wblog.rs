@@ -69,6 +69,12 @@ pub enum LogError {
          see `codafs status` and raise --log-limit if this is routine"
     )]
     Full { used: u64, limit: u64 },
+    #[error(
+        "a file of {size} bytes is larger than the whole write-back log ({limit} bytes, \
+         --log-limit), so it can never be logged: raise --log-limit above the file's size, or \
+         write it through a --write-through mount (or `codafs upload`)"
+    )]
+    TooLarge { size: u64, limit: u64 },
     #[error("write-back log {0}: {1}")]
     Corrupt(PathBuf, String),
     #[error(
@@ -461,6 +467,12 @@ impl Log {
 
     /// Whether `more` bytes fit within the bound.
     pub fn check_room(&self, more: u64) -> Result<(), LogError> {
+        if more > self.limit {
+            return Err(LogError::TooLarge {
+                size: more,
+                limit: self.limit,
+            });
+        }
         let used = self.used();
         if used + more > self.limit {
             return Err(LogError::Full {

@@ -600,6 +600,35 @@ async fn a_truncating_write_to_a_file_removed_elsewhere_keeps_one_copy() {
     .await
 }
 
+/// A file larger than the whole write-back log (`--log-limit`) can never be logged: the write
+/// that takes it past the bound fails with EFBIG ("File too large"), and the mount's log says
+/// why and what to do. (It failed at close with ENOSPC and "the write-back log is full",
+/// which it was not.) Smaller files go on as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_larger_than_the_write_back_log_is_refused_as_too_large() {
+    bounded(async {
+        let tc = setup().await?;
+        let a = Mount::start(&tc.client_args(), tc.root.path(), "a", &["--log-limit", "40M"])?;
+        let wm = tc.user(WEBMASTER_UID)?;
+        login(&tc, &wm)?;
+        let big = a.path.join("www/big.bin");
+        let out = sh_as(&wm, &format!("dd if=/dev/zero of={} bs=1M count=48", big.display()))?;
+        ensure!(!out.ok && out.stderr.contains("File too large"), "{}", out.stderr);
+        let log = a.log();
+        ensure!(
+            log.contains("larger than the whole write-back log") && log.contains("--log-limit"),
+            "{log}"
+        );
+        let small = a.path.join("www/small.html");
+        let out = sh_as(&wm, &format!("printf small > {}", small.display()))?;
+        ensure!(out.ok, "{}", out.stderr);
+        a.sync()?;
+        ensure!(tc.read_on(&tc.addrs()[0], "www", "small.html").await? == b"small");
+        Ok(())
+    })
+    .await
+}
+
 /// After [`race`]: `race.txt` and one `race.txt.conflict-*` sibling hold the two writers'
 /// bytes on both nodes, and one mount reports the conflict.
 async fn both_versions_kept(a: &Mount, c: &Mount) -> Result<()> {

@@ -742,6 +742,7 @@ impl<R: Remote> Core<R> {
                     "the mount stores files up to {MAX_WRITE_FILE} bytes"
                 )));
             }
+            self.check_loggable(size)?;
             // Pinned: a file just closed keeps its shadow until its release, which may run
             // meanwhile; the last of the two stores the truncated shadow.
             match self.pin_shadow(ino) {

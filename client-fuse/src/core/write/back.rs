@@ -260,6 +260,8 @@ pub struct WriteBack {
 fn log_err(e: LogError) -> FsError {
     match &e {
         LogError::Full { .. } => FsError::NoSpace(e.to_string()),
+        // EFBIG, not ENOSPC: waiting for the servers would not make room for it.
+        LogError::TooLarge { .. } => FsError::TooLarge(e.to_string()),
         // The cache disk is full: the log cannot grow.
         LogError::Io(_, io) if crate::core::error::is_disk_full(io) => FsError::NoSpace(e.to_string()),
         _ => FsError::Io(e.to_string()),
@@ -1229,6 +1231,23 @@ impl<R: Remote> Core<R> {
     pub(super) fn logging(&self) -> Result<&WriteBack, FsError> {
         self.write_back()
             .ok_or_else(|| FsError::Io("internal: not a write-back mount".into()))
+    }
+
+    /// Refuses a file growing to `size` bytes that the write-back log could never take (see
+    /// `LogError::TooLarge`): the write that crosses the bound fails, not the close after it.
+    pub(super) fn check_loggable(&self, size: u64) -> Result<(), FsError> {
+        match self.write_back() {
+            Some(b) if size > b.log.limit() => {
+                let e = LogError::TooLarge {
+                    size,
+                    limit: b.log.limit(),
+                };
+                // The writer sees only EFBIG: the log says why.
+                tracing::warn!("refused a write (EFBIG): {e}");
+                Err(log_err(e))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Whether this mount logs its changes (write-back) rather than sending each at once.

@@ -282,6 +282,7 @@ impl<R: Remote> Core<R> {
                 "the mount stores files up to {MAX_WRITE_FILE} bytes"
             )));
         }
+        self.check_loggable(end)?;
         let sh = self.writes.shadow(ino).ok_or(FsError::BadHandle)?;
         let mut g = lock(&sh);
         if g.path.is_none() && end > IN_MEMORY_SHADOW {

@@ -58,6 +58,7 @@ enum Cmd {
     /// Mount the cluster's volumes (one directory per volume) at MOUNTPOINT.
     Mount(mount::MountArgs),
     /// Pull a volume or subtree of a mount into the cache (warm a node before it serves).
+    /// Fails when the tree is larger than the mount's cache (--cache-size).
     Prefetch(mount::PrefetchArgs),
     /// Health of a mount (MNT: connectivity, versions, cache) or of servers (role, term, log
     /// indices, blobs, repair backlog).

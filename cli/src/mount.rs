@@ -490,6 +490,19 @@ pub fn prefetch(a: PrefetchArgs) -> Result<()> {
             failed[0]
         );
     }
+    // Through a cache too small for the tree, the files read first were evicted again by the
+    // last ones: that is not a prefetched tree, so it is not reported as one.
+    match mount_status(&a.path) {
+        Ok(st) if total > st.cache.max_bytes => bail!(
+            "read {} files ({}), but the mount's cache holds at most {} (--cache-size): only part \
+             of the tree stays cached; mount with a larger --cache-size",
+            files.len(),
+            bytes(total),
+            bytes(st.cache.max_bytes)
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "the mount's cache size is unknown"),
+    }
     println!("prefetched {} files ({})", files.len(), bytes(total));
     Ok(())
 }

@@ -438,6 +438,13 @@ async fn small_cache_evicts_but_an_open_file_stays_readable() {
         let st = m.status()?;
         assert!(st.cache.evictions > 0, "{st:?}");
         assert!(st.cache.bytes <= 1 << 20, "{st:?}");
+        // `prefetch` of a tree larger than the cache reads it but does not report success.
+        let out = std::process::Command::new(codafs_tests::codafs_bin())
+            .arg("prefetch")
+            .arg(m.path.join("www"))
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("--cache-size"), "{err}");
         Ok(())
     })
     .await

@@ -2,7 +2,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use codafs_client::ops;
 use codafs_client::status::MountStatus;
 use codafs_common::Hash;
@@ -203,7 +203,9 @@ async fn disconnected_mount_serves_cache_and_fails_fast_on_uncached_files() {
             async move { std::fs::read(p).is_ok_and(|d| d == b"updated while away") }
         })
         .await?;
-        assert_eq!(read_file(&m.path.join("www/uncached.html"))?, never_read);
+        let back = read_file(&m.path.join("www/uncached.html"))
+            .map_err(|e| anyhow::anyhow!("{e:#}\n--- mount ---\n{}", m.log()))?;
+        assert_eq!(back, never_read);
         Ok(())
     })
     .await
@@ -877,6 +879,89 @@ async fn a_mount_started_against_a_hung_server_moves_to_another() {
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n--- mount ---\n{}", m.log()))?;
         Ok(())
+    })
+    .await
+}
+
+/// Reads when every server hangs (stopped: connections stay open, nothing answers). A read of
+/// a large file begun before they stopped took 2-3 times (`--timeout` + 8.4 s) to fail: each
+/// READ's deadline was sized for its whole read-ahead, the blob stream waited for the
+/// connection's keepalive, and the kernel's retries of the failed READ waited as long again.
+/// Now the chunk being waited for must arrive within its own transfer time, a silent stream
+/// is left after half the call deadline, and a retry of content whose fetch just failed fails
+/// at once: the read ends with EIO within a few `--timeout`s (the bound asserted is four,
+/// against at least 20 s before). An uncached small file fails as fast, and once the servers
+/// go on, the large file reads back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_fail_within_their_timeout_when_every_server_hangs() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let c = tc.client();
+        let big: Vec<u8> = (0..40u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        TestCluster::write_file(&c, "www", "", "big.bin", &big).await?;
+        TestCluster::write_file(&c, "www", "", "small.bin", &vec![b's'; 3 << 20]).await?;
+        let m = Mount::start(
+            &tc.client_args(),
+            tc.root.path(),
+            "m",
+            &["--read-only", "--timeout", "2"],
+        )?;
+        let (bigp, smallp) = (m.path.join("www/big.bin"), m.path.join("www/small.bin"));
+        ensure!(std::fs::metadata(&smallp)?.len() == 3 << 20, "listing cached");
+        use std::io::Read;
+        let mut f = std::fs::File::open(&bigp)?;
+        let mut head = vec![0u8; 1 << 20];
+        f.read_exact(&mut head)?;
+        ensure!(head[..] == big[..1 << 20]);
+
+        /// Lets the stopped servers go on, however the test ends.
+        struct Resume(Vec<i32>);
+        impl Drop for Resume {
+            fn drop(&mut self) {
+                for pid in &self.0 {
+                    // SAFETY: a signal to a server process this test started.
+                    unsafe { libc::kill(*pid, libc::SIGCONT) };
+                }
+            }
+        }
+        let pids: Vec<i32> = tc.servers.iter().filter_map(|s| s.pid()).map(|p| p as i32).collect();
+        let resume = Resume(pids.clone());
+        for pid in &pids {
+            // SAFETY: as above.
+            ensure!(unsafe { libc::kill(*pid, libc::SIGSTOP) } == 0, "SIGSTOP {pid}");
+        }
+        let bound = Duration::from_secs(8);
+        let t = Instant::now();
+        let r = fs_call(Duration::from_secs(90), move || {
+            let mut rest = Vec::new();
+            f.read_to_end(&mut rest).map(|_| rest.len())
+        })?;
+        let took = t.elapsed();
+        let e = r.expect_err("the rest of a large file cannot be read with every server hung");
+        ensure!(e.raw_os_error() == Some(libc::EIO), "{e}");
+        eprintln!("the large file's read failed after {took:?}");
+        ensure!(took < bound, "the large file's read failed after {took:?}\n{}", m.log());
+        let t = Instant::now();
+        let r = fs_call(Duration::from_secs(90), move || std::fs::read(smallp))?;
+        let took = t.elapsed();
+        ensure!(r.is_err(), "an uncached file cannot be read with every server hung");
+        ensure!(took < bound, "the small file's read failed after {took:?}\n{}", m.log());
+
+        drop(resume);
+        let want = Hash::of(&big);
+        wait_until(Duration::from_secs(30), "the large file reads back whole", || {
+            let p = bigp.clone();
+            async move {
+                fs_call(Duration::from_secs(20), move || std::fs::read(p))
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .is_some_and(|d| Hash::of(&d) == want)
+            }
+        })
+        .await
     })
     .await
 }

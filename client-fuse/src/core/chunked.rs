@@ -390,7 +390,18 @@ impl<R: Remote> Core<R> {
                 covered += c.len as u64;
                 started += 1;
             }
-            let Some(data) = pending.next().await else { break };
+            // Chunks arrive in order: the next one must within its own transfer time, so servers
+            // that stopped answering fail the read after about `--timeout`, not after the time
+            // the whole read-ahead would take (what the read's own deadline is sized for).
+            let head = manifest.chunks.get(fill.next).map_or(0, |c| c.len as u64);
+            let wait = crate::policy::transfer_timeout(self.cfg.op_timeout, head);
+            let Ok(next) = tokio::time::timeout(wait, pending.next()).await else {
+                return Err(FsError::Disconnected(format!(
+                    "no chunk of {} arrived within {wait:?}",
+                    blob.hash
+                )));
+            };
+            let Some(data) = next else { break };
             let data = data?;
             let at = fill.verified;
             blocking(data.len() as u64, || {
@@ -437,6 +448,12 @@ impl<R: Remote> Core<R> {
         };
         let end = offset.saturating_add(size as u64).min(len);
         let mut f = fill.lock().await;
+        // Its own bytes are in already: fetching ahead is a favour, never this read's failure.
+        let own = end <= f.verified;
+        let allowed = self.fetch_allowed(&blob.hash);
+        if !own {
+            allowed.clone()?;
+        }
         if offset > f.verified.saturating_add(FAR_AHEAD) {
             drop(f);
             return self.read_chunked_uncached(blob, len, offset, size).await.map(Some);
@@ -444,7 +461,14 @@ impl<R: Remote> Core<R> {
         // Ahead of the reader too, ramping up as it goes (the first read waits for one chunk):
         // a sequential reader's next reads find their chunks in.
         let ahead = f.verified.min(READ_AHEAD);
-        self.drive(blob, &mut f, end.saturating_add(ahead).min(len)).await?;
+        if allowed.is_ok() {
+            let driven = self.drive(blob, &mut f, end.saturating_add(ahead).min(len)).await;
+            match self.noted(&blob.hash, driven) {
+                Ok(()) => {}
+                Err(e) if !own => return Err(e),
+                Err(e) => tracing::debug!(error = %e, "fetching ahead failed; the read is served"),
+            }
+        }
         let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
         let file = &f.file;
         blocking(buf.len() as u64, || {

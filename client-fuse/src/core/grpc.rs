@@ -101,21 +101,33 @@ impl Remote for GrpcRemote {
         let mut last_err = FsError::Disconnected("no servers".into());
         let servers = self.cluster.ordered_servers();
         let first = servers.first().cloned().unwrap_or_default();
+        // A server that stops sending (hung, or cut off without a reset) is left after half the
+        // call deadline without a byte, so the rest of the operation's time can go to another
+        // replica; the connection's keepalive would notice only after 8 s.
+        let idle = self.cluster.policy.call_timeout / 2;
+        let silent = |addr: &str| FsError::Disconnected(format!("{addr} sent nothing for {idle:?}"));
         for (i, addr) in servers.into_iter().enumerate() {
             let offset = sink.received();
-            let result = self
-                .cluster
-                .open_blob_on(&addr, token.as_deref(), blob.request(offset))
-                .await;
-            let mut stream = match result {
-                Ok(s) => s,
-                Err(e) => {
+            let opened = self.cluster.open_blob_on(&addr, token.as_deref(), blob.request(offset));
+            let mut stream = match tokio::time::timeout(idle, opened).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
                     last_err = e.into();
+                    continue;
+                }
+                Err(_) => {
+                    tracing::debug!(server = %addr, "blob stream did not open in time; trying elsewhere");
+                    last_err = silent(&addr);
                     continue;
                 }
             };
             loop {
-                match stream.message().await {
+                let Ok(message) = tokio::time::timeout(idle, stream.message()).await else {
+                    tracing::debug!(server = %addr, "blob stream went silent; resuming elsewhere");
+                    last_err = silent(&addr);
+                    break;
+                };
+                match message {
                     Ok(Some(chunk)) => sink.write(&chunk.data)?,
                     Ok(None) if sink.verified() => {
                         // Another server answered: it becomes the preferred one, as in

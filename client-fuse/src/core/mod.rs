@@ -9,6 +9,7 @@
 //! with events, is in [`switch`].
 mod chunked;
 pub mod error;
+mod failfast;
 pub mod grpc;
 mod prefetch;
 pub mod remote;
@@ -267,6 +268,8 @@ pub struct Core<R: Remote> {
     me: std::sync::OnceLock<std::sync::Weak<Self>>,
     /// Small-file batches running in the background, at most [`prefetch::BACKGROUND_BATCHES`].
     small_batches: Arc<tokio::sync::Semaphore>,
+    /// Content fetches that just failed for want of a server (see `failfast.rs`).
+    failed_fetches: failfast::RecentFailures,
 }
 
 impl<R: Remote> Core<R> {
@@ -307,6 +310,7 @@ impl<R: Remote> Core<R> {
             )),
             me: std::sync::OnceLock::new(),
             small_batches: Arc::new(tokio::sync::Semaphore::new(prefetch::BACKGROUND_BATCHES)),
+            failed_fetches: Default::default(),
         })
     }
 
@@ -345,6 +349,10 @@ impl<R: Remote> Core<R> {
     }
 
     pub fn set_subscribed(&self, volume: &str, live: bool) {
+        if live {
+            // A server answered: content that just failed may be fetched again.
+            self.failed_fetches.clear();
+        }
         self.subscribed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -759,11 +767,15 @@ impl<R: Remote> Core<R> {
             self.count_hit(ino, true);
             return Ok(());
         }
+        if let Err(e) = self.fetch_allowed(&hash) {
+            self.fetches.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
+            return Err(e);
+        }
         // Large files get time in proportion to their size on top of the deadline.
         let limit = crate::policy::transfer_timeout(self.cfg.op_timeout, size);
         if is_chunked(size) {
             // Through the file's fill, which readers may have begun (and which counts the miss).
-            let filled = self.timed(limit, self.fill_whole(blob, size)).await;
+            let filled = self.noted(&hash, self.timed(limit, self.fill_whole(blob, size)).await);
             self.fetches.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
             return match filled? {
                 true => Ok(()),
@@ -791,6 +803,7 @@ impl<R: Remote> Core<R> {
             })
             .await;
         self.timings.fetched(started, result.is_ok());
+        let result = self.noted(&hash, result);
         self.fetches.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
         result
     }
@@ -811,6 +824,10 @@ impl<R: Remote> Core<R> {
         if let Some(d) = self.windows.get(&hash, offset, size as u64, len) {
             return Ok(d);
         }
+        if let Err(e) = self.fetch_allowed(&hash) {
+            self.fetches.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
+            return Err(e);
+        }
         self.count_hit(blob.ino, false);
         self.stats.streamed_uncached.fetch_add(1, Ordering::Relaxed);
         if is_chunked(len) {
@@ -818,12 +835,14 @@ impl<R: Remote> Core<R> {
             let r = self
                 .timed(limit, self.read_chunked_uncached(blob, len, offset, size))
                 .await;
+            let r = self.noted(&hash, r);
             self.fetches.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
             return r;
         }
         let limit = crate::policy::transfer_timeout(self.cfg.op_timeout, len);
         let mut sink = crate::cache::stream::WindowSink::new(hash, len, offset);
         let result = self.timed(limit, self.remote.fetch_blob(blob, &mut sink)).await;
+        let result = self.noted(&hash, result);
         self.fetches.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
         result?;
         if !sink.finish(&self.windows) {
@@ -874,22 +893,49 @@ impl<R: Remote> Core<R> {
         // Pinned before it is fetched, so admitting it cannot evict it (it may be larger than the
         // whole cache), and until it is read.
         let _pin = self.blobs.pin(blob.hash);
+        self.read_blob(&blob, len, offset, size).await
+    }
+
+    /// Passes on the result of fetching `hash`, remembering a failure for want of a server (see
+    /// `failfast.rs`). Called while the fetch's lock is still held, so the reads queued on it
+    /// find the failure.
+    fn noted<T>(&self, hash: &Hash, r: Result<T, FsError>) -> Result<T, FsError> {
+        match &r {
+            Err(FsError::Disconnected(why)) => self.failed_fetches.note(*hash, why, failfast::WINDOW),
+            // Fetched: the servers answer again.
+            Ok(_) => self.failed_fetches.clear(),
+            Err(_) => {}
+        }
+        r
+    }
+
+    /// Refuses at once a fetch of content whose fetch just failed for want of a server (see
+    /// `failfast.rs`).
+    fn fetch_allowed(&self, hash: &Hash) -> Result<(), FsError> {
+        match self.failed_fetches.check(hash, failfast::WINDOW) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Core::read`] of pinned content `blob` (`len` bytes).
+    async fn read_blob(&self, blob: &BlobRef, len: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
         if is_chunked(len)
             && !self.blobs.lookup(&blob.hash)
             && (self.filling(&blob.hash) || !self.cache_from_log(&blob.hash)?)
         {
             // A large file not cached yet: this read waits only for the chunks up to its range.
             let limit = crate::policy::transfer_timeout(self.cfg.op_timeout, chunked::READ_AHEAD_BYTES);
-            if let Some(d) = self.timed(limit, self.read_filling(&blob, len, offset, size)).await? {
+            if let Some(d) = self.timed(limit, self.read_filling(blob, len, offset, size)).await? {
                 return Ok(d);
             }
         }
         for _ in 0..3 {
-            match self.ensure_blob(&blob, len).await {
+            match self.ensure_blob(blob, len).await {
                 Ok(()) => {}
                 Err(FsError::NoSpace(why)) => {
                     tracing::debug!(hash = %blob.hash, %why, "streaming a read through memory");
-                    return self.read_uncached(&blob, len, offset, size).await;
+                    return self.read_uncached(blob, len, offset, size).await;
                 }
                 Err(e) => return Err(e),
             }

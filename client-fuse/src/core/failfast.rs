@@ -1,0 +1,94 @@
+//! Content fetches that just failed for want of a server, so the kernel's retries fail at once.
+//!
+//! When a READ fails with EIO, the kernel reads the page the reader needs once more by itself,
+//! and a reader whose `read` had already copied some bytes calls `read` again; READs of the
+//! same file queued behind the failed one try in turn. One failed read of an uncached file so
+//! became three or more READs, each waiting the whole `--timeout` on servers that had just not
+//! answered. A fetch of the same content within [`WINDOW`] of a failure now fails at once with
+//! the same error. A read after the window tries the servers again, and so does every read
+//! once a server has answered (a fetch succeeded, or a change stream came up): servers that
+//! come back within the window are not refused.
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use codafs_common::Hash;
+
+use super::FsError;
+
+/// Failures remembered at most; past it, older ones are forgotten first.
+const KEPT: usize = 256;
+/// How long a failure answers for its content: the kernel's retries come within
+/// milliseconds, a reader's next `read` at once.
+pub(super) const WINDOW: Duration = Duration::from_secs(1);
+
+/// Recent fetch failures by content hash (see the module doc).
+#[derive(Default)]
+pub(super) struct RecentFailures {
+    failed: Mutex<HashMap<Hash, (Instant, String)>>,
+}
+
+impl RecentFailures {
+    /// The error to give a fetch of `hash` without trying: `Some` when one failed within
+    /// `window`.
+    pub(super) fn check(&self, hash: &Hash, window: Duration) -> Option<FsError> {
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, why) = failed.get(hash)?;
+        if at.elapsed() >= window {
+            failed.remove(hash);
+            return None;
+        }
+        Some(FsError::Disconnected(format!(
+            "{why} (a moment ago; not asked again yet)"
+        )))
+    }
+
+    /// Forgets every failure: a server answered.
+    pub(super) fn clear(&self) {
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if !failed.is_empty() {
+            failed.clear();
+        }
+    }
+
+    /// Remembers that a fetch of `hash` failed for want of a server.
+    pub(super) fn note(&self, hash: Hash, why: &str, window: Duration) {
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if failed.len() >= KEPT {
+            failed.retain(|_, (at, _)| at.elapsed() < window);
+            if failed.len() >= KEPT {
+                failed.clear();
+            }
+        }
+        failed.insert(hash, (Instant::now(), why.to_string()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_holds_only_for_its_content_and_within_its_window() {
+        let r = RecentFailures::default();
+        let (h, other) = (Hash::of(b"a"), Hash::of(b"b"));
+        let w = Duration::from_secs(60);
+        assert!(r.check(&h, w).is_none(), "nothing failed yet");
+        r.note(h, "no answer within 2s", w);
+        let e = r.check(&h, w);
+        assert!(
+            matches!(&e, Some(FsError::Disconnected(m)) if m.contains("no answer within 2s")),
+            "{e:?}"
+        );
+        assert!(r.check(&other, w).is_none(), "only that content");
+        assert!(r.check(&h, Duration::ZERO).is_none(), "past its window");
+        assert!(r.check(&h, w).is_none(), "and then forgotten");
+        r.note(h, "x", w);
+        r.clear();
+        assert!(r.check(&h, w).is_none(), "a server answered");
+        for i in 0..(KEPT as u32 + 10) {
+            r.note(Hash::of(&i.to_le_bytes()), "x", w);
+        }
+        assert!(r.failed.lock().unwrap_or_else(|p| p.into_inner()).len() <= KEPT);
+    }
+}

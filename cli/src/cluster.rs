@@ -807,6 +807,7 @@ pub fn init_server(
 }
 
 pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> Result<()> {
+    let one_server = server.is_some();
     let targets = match server {
         Some(s) => vec![s],
         None => client.servers()?,
@@ -816,6 +817,20 @@ pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> R
         return health(&targets, json, &client).await;
     };
     let c = Cluster::new(&targets, client.tls()?, Some(token))?;
+    let mut targets = targets;
+    // A client config made before servers joined lists fewer than there are: the membership
+    // names the others, which are shown too (and the config's staleness said).
+    let mut unlisted = Vec::new();
+    if !one_server {
+        if let Ok(list) = c.list_servers().await {
+            for s in list.servers {
+                if !targets.contains(&s.addr) {
+                    unlisted.push(s.addr.clone());
+                    targets.push(s.addr);
+                }
+            }
+        }
+    }
     let mut rows = Vec::new();
     let mut failed = 0;
     for (addr, r) in targets.iter().zip(c.status_each(&targets).await) {
@@ -880,6 +895,13 @@ pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> R
                 println!("  spool       {}", spool_line(s));
             }
             println!("  disk        {}", disk_line(s));
+        }
+        if !unlisted.is_empty() {
+            eprintln!(
+                "note: {} not in the client config (it predates them); mounts and commands given it \
+                 do not use them: refresh it with `codafs cluster client-config`",
+                unlisted.join(", ")
+            );
         }
     }
     if failed > 0 {

@@ -57,6 +57,9 @@ enum Local {
         hash: Hash,
         /// The manifest of a chunked file (over the chunk threshold).
         chunks: Option<Arc<Manifest>>,
+        /// Its modification time (ns since the epoch), which the upload keeps: web servers
+        /// answer `Last-Modified` and conditional requests with it.
+        mtime_ns: i64,
     },
     Symlink {
         target: String,
@@ -114,6 +117,13 @@ fn mode_of(m: &std::fs::Metadata) -> u32 {
     m.permissions().mode() & 0o7777
 }
 
+/// A local file's modification time in ns since the epoch (0, "the commit's time", for one
+/// at the epoch exactly, which the servers read that way anyway).
+fn mtime_of(m: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec())
+}
+
 /// Scans `root` (without following symlinks) and hashes files on `threads` threads.
 fn scan(root: &Path, threads: usize) -> Result<BTreeMap<String, Local>, UploadError> {
     let mut out = BTreeMap::new();
@@ -146,7 +156,7 @@ fn scan(root: &Path, threads: usize) -> Result<BTreeMap<String, Local>, UploadEr
                     .map_err(|_| UploadError::BadName(path.clone(), "link target is not UTF-8".into()))?;
                 out.insert(rel_path, Local::Symlink { target });
             } else if m.is_file() {
-                files.push((rel_path, path, m.len(), mode_of(&m)));
+                files.push((rel_path, path, m.len(), mode_of(&m), mtime_of(&m)));
             }
             // Sockets, fifos and devices are not web content: skipped.
         }
@@ -157,7 +167,8 @@ fn scan(root: &Path, threads: usize) -> Result<BTreeMap<String, Local>, UploadEr
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
             s.spawn(|| loop {
-                let Some((rel, path, size, mode)) = queue.lock().unwrap_or_else(|p| p.into_inner()).pop() else {
+                let Some((rel, path, size, mode, mtime_ns)) = queue.lock().unwrap_or_else(|p| p.into_inner()).pop()
+                else {
                     break;
                 };
                 match identify(&path, size) {
@@ -169,6 +180,7 @@ fn scan(root: &Path, threads: usize) -> Result<BTreeMap<String, Local>, UploadEr
                             mode,
                             hash,
                             chunks: chunks.map(Arc::new),
+                            mtime_ns,
                         },
                     )),
                     Err(e) => {

@@ -4,11 +4,13 @@
 //! would say it is a member. It learns of its removal in one of two ways, and then `run` ends
 //! with [`ServerError::Removed`](crate::ServerError::Removed):
 //! - its own state holds the replicated record of its removal (`ForgetServer`) and its
-//!   membership no longer names it: it applied the whole removal (a removed leader, or a
-//!   follower that received the final membership);
+//!   applied membership no longer names it: it applied the whole removal (a removed leader,
+//!   or a follower that received the final membership);
 //! - a current member refused its Raft messages as those of a removed server, from that
-//!   member's own record ([`refusal`]): it was down or cut off while it was removed, or the
-//!   leader stopped replicating to it before the final membership reached it.
+//!   member's own record and membership ([`refusal`]): it was down or cut off while it was
+//!   removed, or the leader stopped replicating to it before the final membership reached it.
+//!   It learns so when it campaigns: a removed learner, which never does, must be stopped by
+//!   hand.
 //!
 //! The record alone is not enough: it is committed before the membership change, and the
 //! server must still take part in that change (a two-server cluster needs both for it).
@@ -36,8 +38,13 @@ pub fn channel() -> (Arc<Told>, watch::Receiver<Option<NodeId>>) {
 }
 
 /// The refusal a member sends to Raft messages from server `id` when its state records `id`'s
-/// removal (kind `removed`); `None` when it does not.
+/// removal and its membership no longer names `id` (kind `removed`); `None` otherwise. The
+/// record alone is not enough: it is committed before the membership change, which may then
+/// fail and leave `id` a member that must go on voting.
 pub fn refusal(node: &Node, id: NodeId) -> Option<Status> {
+    if node.members().iter().any(|m| m.id == id) {
+        return None;
+    }
     let rec = node.tables().removed_server(id).ok().flatten()?;
     Some(refuse(
         ErrorKind::Removed,
@@ -77,7 +84,14 @@ pub async fn wait(node: Arc<Node>, mut told: watch::Receiver<Option<NodeId>>) ->
     }
 }
 
-/// Whether this server's state records its removal and its membership leaves it out.
+/// Whether this server's state records its removal and its membership, applied (so
+/// committed: a leader that removes itself must still bring the final membership to a quorum
+/// of the others), leaves it out.
 fn applied_removal(node: &Node) -> bool {
-    node.outside_membership() && node.tables().removed_server(node.id).ok().flatten().is_some()
+    let m = node.raft.metrics().borrow().clone();
+    let applied = match (m.membership_config.log_id(), m.last_applied) {
+        (Some(change), Some(last)) => change.index <= last.index,
+        _ => false,
+    };
+    applied && node.outside_membership() && node.tables().removed_server(node.id).ok().flatten().is_some()
 }

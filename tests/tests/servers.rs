@@ -31,6 +31,15 @@ async fn cluster_servers_shows_each_servers_state_and_an_unreachable_one() {
             "{rows:?}"
         );
 
+        // `status` given fewer servers than there are (a client config made before the others
+        // joined) shows every member, and says the config is stale. It showed only those given.
+        let out = tc.codafs_admin(&["status", "--server-addr", &tc.servers[0].addr])?;
+        ensure!(out.ok, "{}", out.stderr);
+        for s in &tc.servers {
+            ensure!(out.stdout.contains(&format!("server {} ", s.addr)), "{}", out.stdout);
+        }
+        ensure!(out.stderr.contains("not in the client config"), "{}", out.stderr);
+
         let witness = tc.servers.iter().position(|s| s.witness).context("a witness")?;
         tc.kill(witness);
         let out = tc.codafs_admin(&["cluster", "servers"])?;

@@ -71,14 +71,35 @@ async fn upload_is_idempotent_deletes_and_dry_runs_change_nothing() {
         let c = tc.client();
         let local = tc.root.path().join("local");
         site(&local, 1, 20)?;
+        // Files keep their source's mtime (web servers answer Last-Modified with it); they got
+        // the commit's time.
+        let set_mtime = |path: &Path, secs: u64| -> Result<i64> {
+            let t = std::time::UNIX_EPOCH + Duration::from_secs(secs);
+            std::fs::File::options().write(true).open(path)?.set_modified(t)?;
+            Ok(secs as i64 * 1_000_000_000)
+        };
+        let mtime_on = |path: &'static str| {
+            let tc = &tc;
+            async move {
+                let a = tc
+                    .resolve_on(&tc.servers[0].addr, "www", path)
+                    .await?
+                    .attr
+                    .context("attr")?;
+                anyhow::Ok(a.mtime_ns)
+            }
+        };
+        let old = set_mtime(&local.join("pages/p0.html"), 1_577_836_800)?;
         let s = upload(&c, &local, &opts("site"), &()).await?;
         assert_eq!((s.files, s.uploaded_blobs), (21, 21));
+        assert_eq!(mtime_on("site/pages/p0.html").await?, old);
         // Re-running sends nothing and commits nothing.
         let again = upload(&c, &local, &opts("site"), &()).await?;
         assert_eq!((again.uploaded_blobs, again.version, again.unchanged), (0, 0, 22));
         // A dry run reports without changing the volume.
         std::fs::remove_file(local.join("pages/p3.html"))?;
         std::fs::write(local.join("index.html"), "version 2 index")?;
+        let edited = set_mtime(&local.join("index.html"), 1_600_000_000)?;
         let dry = upload(
             &c,
             &local,
@@ -103,6 +124,11 @@ async fn upload_is_idempotent_deletes_and_dry_runs_change_nothing() {
         assert_eq!(
             tc.read_on(&tc.servers[1].addr, "www", "site/index.html").await?,
             b"version 2 index"
+        );
+        assert_eq!(
+            mtime_on("site/index.html").await?,
+            edited,
+            "new content keeps its mtime"
         );
         Ok::<_, anyhow::Error>(())
     };

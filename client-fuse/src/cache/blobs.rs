@@ -731,14 +731,10 @@ impl BlobCache {
         self.max_bytes
     }
 
-    /// Whether the cache may take a blob of `size` bytes: no larger than its whole bound
-    /// (`--cache-size`; a larger one was cached anyway and kept over the bound until something
-    /// else evicted it), and room on its disk (with some headroom; when the disk cannot tell,
-    /// it assumes so: a write that fails is handled anyway). Readers of what does not fit go
-    /// through memory.
+    /// Whether the cache's disk has room for a blob of `size` bytes (and some headroom); when it
+    /// cannot tell, it assumes so (a write that fails is handled anyway).
     pub fn has_room(&self, size: u64) -> bool {
-        size <= self.max_bytes
-            && free_bytes(&self.root).is_none_or(|free| free >= size.saturating_add(CACHE_DISK_HEADROOM))
+        free_bytes(&self.root).is_none_or(|free| free >= size.saturating_add(CACHE_DISK_HEADROOM))
     }
 
     /// Whether `h` is cached, from memory alone: neither marks it used nor checks it (for

@@ -375,26 +375,33 @@ impl<R: Remote> Core<R> {
     }
 
     /// Fetches chunks of `fill` in order until `upto` bytes are verified (and up to
-    /// [`IN_FLIGHT`] chunks in one go); makes it a cache entry once complete.
-    async fn drive(&self, blob: &BlobRef, fill: &mut Fill, upto: u64) -> Result<(), FsError> {
+    /// [`IN_FLIGHT`] chunks in one go); makes it a cache entry once complete. Returns whether
+    /// it asked the servers for any chunk (others are copied from cached files).
+    async fn drive(&self, blob: &BlobRef, fill: &mut Fill, upto: u64) -> Result<bool, FsError> {
         let manifest = fill.manifest.clone();
         // A window of chunks in flight, refilled as each arrives, until `upto` is covered and
         // what was started has landed (a read that stops there leaves nothing half-fetched).
         let mut pending = futures::stream::FuturesOrdered::new();
         let mut started = fill.next;
         let mut covered = fill.verified;
+        let mut asked = false;
+        // Bytes of the chunks in flight, which share the connection.
+        let mut in_flight = 0u64;
         loop {
             while pending.len() < IN_FLIGHT && started < manifest.chunks.len() && covered < upto {
                 let c = &manifest.chunks[started];
-                pending.push_back(self.chunk_bytes(blob, c.hash, c.len, fill.local.get(&c.hash).copied()));
+                let local = fill.local.get(&c.hash).copied();
+                asked |= local.is_none();
+                pending.push_back(self.chunk_bytes(blob, c.hash, c.len, local));
                 covered += c.len as u64;
+                in_flight += c.len as u64;
                 started += 1;
             }
-            // Chunks arrive in order: the next one must within its own transfer time, so servers
-            // that stopped answering fail the read after about `--timeout`, not after the time
-            // the whole read-ahead would take (what the read's own deadline is sized for).
-            let head = manifest.chunks.get(fill.next).map_or(0, |c| c.len as u64);
-            let wait = crate::policy::transfer_timeout(self.cfg.op_timeout, head);
+            // Chunks arrive in order: the next one must within the transfer time of what is in
+            // flight, so servers that stopped answering fail the read after about `--timeout`
+            // plus that, not after the time the whole read-ahead would take (what the read's
+            // own deadline is sized for).
+            let wait = crate::policy::transfer_timeout(self.cfg.op_timeout, in_flight);
             let Ok(next) = tokio::time::timeout(wait, pending.next()).await else {
                 return Err(FsError::Disconnected(format!(
                     "no chunk of {} arrived within {wait:?}",
@@ -403,6 +410,7 @@ impl<R: Remote> Core<R> {
             };
             let Some(data) = next else { break };
             let data = data?;
+            in_flight = in_flight.saturating_sub(data.len() as u64);
             let at = fill.verified;
             blocking(data.len() as u64, || {
                 std::os::unix::fs::FileExt::write_all_at(&fill.file, &data, at)
@@ -419,7 +427,7 @@ impl<R: Remote> Core<R> {
             }
             fill.adopted = true;
         }
-        Ok(())
+        Ok(asked)
     }
 
     /// Brings all of chunked content `blob` into the cache through its fill (what opening a
@@ -456,7 +464,11 @@ impl<R: Remote> Core<R> {
         }
         if offset > f.verified.saturating_add(FAR_AHEAD) {
             drop(f);
-            return self.read_chunked_uncached(blob, len, offset, size).await.map(Some);
+            let r = self.read_chunked_uncached(blob, len, offset, size).await;
+            if r.is_ok() {
+                self.server_answered();
+            }
+            return r.map(Some);
         }
         // Ahead of the reader too, ramping up as it goes (the first read waits for one chunk):
         // a sequential reader's next reads find their chunks in.
@@ -464,7 +476,8 @@ impl<R: Remote> Core<R> {
         if allowed.is_ok() {
             let driven = self.drive(blob, &mut f, end.saturating_add(ahead).min(len)).await;
             match self.noted(&blob.hash, driven) {
-                Ok(()) => {}
+                Ok(true) => self.server_answered(),
+                Ok(false) => {}
                 Err(e) if !own => return Err(e),
                 Err(e) => tracing::debug!(error = %e, "fetching ahead failed; the read is served"),
             }

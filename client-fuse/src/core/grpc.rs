@@ -101,11 +101,13 @@ impl Remote for GrpcRemote {
         let mut last_err = FsError::Disconnected("no servers".into());
         let servers = self.cluster.ordered_servers();
         let first = servers.first().cloned().unwrap_or_default();
-        // A server that stops sending (hung, or cut off without a reset) is left after half the
-        // call deadline without a byte, so the rest of the operation's time can go to another
-        // replica; the connection's keepalive would notice only after 8 s.
+        // A server that does not even open the stream (hung, or cut off without a reset) is
+        // left after half the call deadline, so the rest of the operation's time can go to
+        // another replica; the connection's keepalive would notice only after 8 s. (Only the
+        // opening: a stream's messages are 1 MiB each, which a shared or slow link may take
+        // longer than that to bring; a stream that stops mid-way runs into the operation's
+        // deadline instead.)
         let idle = self.cluster.policy.call_timeout / 2;
-        let silent = |addr: &str| FsError::Disconnected(format!("{addr} sent nothing for {idle:?}"));
         for (i, addr) in servers.into_iter().enumerate() {
             let offset = sink.received();
             let opened = self.cluster.open_blob_on(&addr, token.as_deref(), blob.request(offset));
@@ -117,17 +119,12 @@ impl Remote for GrpcRemote {
                 }
                 Err(_) => {
                     tracing::debug!(server = %addr, "blob stream did not open in time; trying elsewhere");
-                    last_err = silent(&addr);
+                    last_err = FsError::Disconnected(format!("{addr} did not answer within {idle:?}"));
                     continue;
                 }
             };
             loop {
-                let Ok(message) = tokio::time::timeout(idle, stream.message()).await else {
-                    tracing::debug!(server = %addr, "blob stream went silent; resuming elsewhere");
-                    last_err = silent(&addr);
-                    break;
-                };
-                match message {
+                match stream.message().await {
                     Ok(Some(chunk)) => sink.write(&chunk.data)?,
                     Ok(None) if sink.verified() => {
                         // Another server answered: it becomes the preferred one, as in

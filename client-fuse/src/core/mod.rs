@@ -324,6 +324,28 @@ impl<R: Remote> Core<R> {
         limit: Duration,
         f: impl std::future::Future<Output = Result<T, FsError>>,
     ) -> Result<T, FsError> {
+        let r = self.timed_local(limit, f).await;
+        if r.is_ok() {
+            self.server_answered();
+        }
+        r
+    }
+
+    /// A server answered: the mount is connected, and content whose fetch just failed may be
+    /// asked for again (see `failfast.rs`).
+    fn server_answered(&self) {
+        self.connected.store(true, Ordering::Relaxed);
+        self.failed_fetches.clear();
+    }
+
+    /// [`Core::timed`] for an operation that may succeed without asking a server (a read that
+    /// a large file's fill already holds): its success says nothing of the servers, so it is
+    /// for the operation to call [`Core::server_answered`] when one answered.
+    async fn timed_local<T>(
+        &self,
+        limit: Duration,
+        f: impl std::future::Future<Output = Result<T, FsError>>,
+    ) -> Result<T, FsError> {
         let asked = self.remote.preferred_server();
         let r = match tokio::time::timeout(limit, f).await {
             Ok(r) => r,
@@ -333,13 +355,9 @@ impl<R: Remote> Core<R> {
                 Err(FsError::Disconnected(format!("no answer within {limit:?}")))
             }
         };
-        match &r {
-            Ok(_) => self.connected.store(true, Ordering::Relaxed),
-            Err(FsError::Disconnected(_)) => {
-                self.connected.store(false, Ordering::Relaxed);
-                self.stats.remote_errors.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => {}
+        if let Err(FsError::Disconnected(_)) = &r {
+            self.connected.store(false, Ordering::Relaxed);
+            self.stats.remote_errors.fetch_add(1, Ordering::Relaxed);
         }
         r
     }
@@ -900,11 +918,8 @@ impl<R: Remote> Core<R> {
     /// `failfast.rs`). Called while the fetch's lock is still held, so the reads queued on it
     /// find the failure.
     fn noted<T>(&self, hash: &Hash, r: Result<T, FsError>) -> Result<T, FsError> {
-        match &r {
-            Err(FsError::Disconnected(why)) => self.failed_fetches.note(*hash, why, failfast::WINDOW),
-            // Fetched: the servers answer again.
-            Ok(_) => self.failed_fetches.clear(),
-            Err(_) => {}
+        if let Err(FsError::Disconnected(why)) = &r {
+            self.failed_fetches.note(*hash, why, failfast::WINDOW);
         }
         r
     }
@@ -920,13 +935,23 @@ impl<R: Remote> Core<R> {
 
     /// [`Core::read`] of pinned content `blob` (`len` bytes).
     async fn read_blob(&self, blob: &BlobRef, len: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        // Larger than the whole cache (`--cache-size`): read through memory, not cached over
+        // the bound (it was, until something else evicted it). Opening it for writing still
+        // caches it, pinned, as does content this mount wrote and has not sent yet (only its
+        // log has it).
+        if len > self.blobs.max_bytes() && !self.blobs.lookup(&blob.hash) && !self.logged(&blob.hash) {
+            return self.read_uncached(blob, len, offset, size).await;
+        }
         if is_chunked(len)
             && !self.blobs.lookup(&blob.hash)
             && (self.filling(&blob.hash) || !self.cache_from_log(&blob.hash)?)
         {
             // A large file not cached yet: this read waits only for the chunks up to its range.
             let limit = crate::policy::transfer_timeout(self.cfg.op_timeout, chunked::READ_AHEAD_BYTES);
-            if let Some(d) = self.timed(limit, self.read_filling(blob, len, offset, size)).await? {
+            if let Some(d) = self
+                .timed_local(limit, self.read_filling(blob, len, offset, size))
+                .await?
+            {
                 return Ok(d);
             }
         }

@@ -108,7 +108,8 @@ pub(super) fn plan(
                 mode,
                 hash,
                 chunks,
-            } => p.file(&full, path, *size, *mode, (*hash, chunks.as_deref()), r),
+                mtime_ns,
+            } => p.file(&full, path, (*size, *mode, *mtime_ns), (*hash, chunks.as_deref()), r),
             Local::Symlink { target } => p.symlink(&full, target, r),
         }
     }
@@ -167,16 +168,18 @@ impl Planner {
     }
 
     /// A local file: unchanged, new content and/or mode for a remote file, or created (after
-    /// removing whatever else stands there). `content` is its hash and, when chunked, manifest.
+    /// removing whatever else stands there). `stat` is its size, mode and mtime (which new
+    /// content keeps); `content` is its hash and, when chunked, manifest. Content that is the
+    /// same keeps its remote mtime: a re-upload changes no `Last-Modified`.
     fn file(
         &mut self,
         full: &str,
         path: &Path,
-        size: u64,
-        mode: u32,
+        stat: (u64, u32, i64),
         content: (Hash, Option<&Manifest>),
         r: Option<&Remote>,
     ) {
+        let (size, mode, mtime_ns) = stat;
         let (hash, chunks) = content;
         self.s.files += 1;
         self.s.bytes += size;
@@ -187,7 +190,7 @@ impl Planner {
                     return;
                 }
                 if r.hash != hash.0 {
-                    self.files.push(set_content(full, hash, size, r.version));
+                    self.files.push(set_content(full, (hash, size, mtime_ns), r.version));
                     self.content(path, size, hash, chunks);
                 }
                 if r.mode != mode {
@@ -197,8 +200,11 @@ impl Planner {
             }
             other => {
                 self.replace(full, other);
-                self.files
-                    .push(ops::expecting(ops::file_hashed(full, hash, size, mode), 0));
+                let mut create = ops::file_hashed(full, hash, size, mode);
+                if let Some(pb::op::Op::Create(c)) = &mut create.op {
+                    c.mtime_ns = mtime_ns;
+                }
+                self.files.push(ops::expecting(create, 0));
                 self.content(path, size, hash, chunks);
                 self.s.created += 1;
             }
@@ -243,15 +249,17 @@ impl Planner {
     }
 }
 
-/// New content for the file at `full`, valid only if it still has `version`.
-fn set_content(full: &str, hash: Hash, size: u64, version: u64) -> pb::Op {
+/// New content (hash, size, mtime) for the file at `full`, valid only if it still has
+/// `version`.
+fn set_content(full: &str, content: (Hash, u64, i64), version: u64) -> pb::Op {
+    let (hash, size, mtime_ns) = content;
     pb::Op {
         expect_version: Some(version),
         op: Some(pb::op::Op::SetContent(pb::SetContentOp {
             node: ops::at(full),
             hash: bytes::Bytes::copy_from_slice(&hash.0),
             size,
-            mtime_ns: 0,
+            mtime_ns,
         })),
     }
 }
@@ -318,6 +326,7 @@ mod tests {
             mode,
             hash: Hash::of(content),
             chunks: None,
+            mtime_ns: 1_700_000_000_000_000_000,
         }
     }
 
@@ -330,6 +339,7 @@ mod tests {
             mode: 0o644,
             hash,
             chunks: chunks.map(Arc::new),
+            mtime_ns: 1_700_000_000_000_000_000,
         }
     }
 

@@ -475,6 +475,27 @@ async fn a_close_after_the_file_was_removed_elsewhere_succeeds_and_stores_nothin
     assert_eq!(core.remote.content("a/p"), None);
 }
 
+/// A file larger than the whole cache is read through memory, but opening it for writing
+/// without truncating it still brings it in (pinned, over the bound) and the edit is stored.
+/// A reads-only version of the cache bound refused that open with ENOSPC (found in review).
+#[tokio::test(start_paused = true)]
+async fn a_file_larger_than_the_cache_can_be_edited_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = writable_core(dir.path()).await;
+    let mut data = noise(3 << 20, 7);
+    core.remote.write(&[], "big.bin", &data);
+    deliver_all(&core).await;
+    assert!(read_whole(&core, "big.bin").await == data, "read through memory");
+    let p = core.lookup(root(), "big.bin").await.unwrap().ino;
+    let fh = core.open(model::ALICE, p, libc::O_RDWR).await.unwrap();
+    assert_eq!(core.write(fh, 0, b"EDIT"), Ok(4));
+    assert_eq!(core.flush(fh).await, Ok(()));
+    core.release(fh).await;
+    deliver_all(&core).await;
+    data[..4].copy_from_slice(b"EDIT");
+    assert!(core.remote.content("big.bin") == Some(data), "the edit is stored");
+}
+
 /// A commit whose reply was lost fails `close` (the writer cannot know), but the mount then
 /// shows whatever the servers hold, here the applied write, not its old copy.
 #[tokio::test(start_paused = true)]
@@ -1573,7 +1594,8 @@ async fn a_large_file_from_elsewhere_is_fetched_in_chunks() {
 #[tokio::test(start_paused = true)]
 async fn a_new_version_of_a_large_file_fetches_only_its_new_chunks() {
     let dir = tempfile::tempdir().unwrap();
-    let core = writable_core(dir.path()).await;
+    // A cache larger than the file: one larger than the whole cache is read through memory.
+    let core = with_alice(core_with(dir.path(), 1 << 30)).await;
     let mut data = noise(24 << 20, 21);
     core.remote.write(&[], "db.sqlite", &data);
     deliver_all(&core).await;
@@ -1595,7 +1617,8 @@ async fn a_new_version_of_a_large_file_fetches_only_its_new_chunks() {
 #[tokio::test(start_paused = true)]
 async fn a_large_file_is_read_before_it_has_all_arrived() {
     let dir = tempfile::tempdir().unwrap();
-    let core = writable_core(dir.path()).await;
+    // A cache larger than the file: one larger than the whole cache is read through memory.
+    let core = with_alice(core_with(dir.path(), 1 << 30)).await;
     let data = noise(96 << 20, 41);
     core.remote.write(&[], "movie.mp4", &data);
     deliver_all(&core).await;

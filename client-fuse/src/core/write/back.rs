@@ -1255,6 +1255,11 @@ impl<R: Remote> Core<R> {
         self.writes.back.is_some()
     }
 
+    /// Whether a change waiting for the servers holds content `hash`.
+    pub(crate) fn logged(&self, hash: &Hash) -> bool {
+        self.write_back().is_some_and(|b| b.content_of(hash).is_some())
+    }
+
     /// Puts logged content `hash` into the blob cache, if a change waiting for the servers has
     /// it (a read of a file written here and not sent yet). Returns whether it did.
     pub(crate) fn cache_from_log(&self, hash: &Hash) -> Result<bool, FsError> {

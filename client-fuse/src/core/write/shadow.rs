@@ -282,9 +282,10 @@ impl<R: Remote> Core<R> {
                 "the mount stores files up to {MAX_WRITE_FILE} bytes"
             )));
         }
-        self.check_loggable(end)?;
         let sh = self.writes.shadow(ino).ok_or(FsError::BadHandle)?;
         let mut g = lock(&sh);
+        // The log keeps whole files: an edit of a file already past the bound fails too.
+        self.check_loggable(g.size.max(end))?;
         if g.path.is_none() && end > IN_MEMORY_SHADOW {
             self.spill(ino, &mut g)?;
         }

@@ -116,6 +116,25 @@ async fn removal_risks(c: &Cluster, node_id: u64) -> Result<Vec<String>> {
     if !target.witness {
         risks.extend(fewer_data_servers(c, &list, node_id).await?);
     }
+    // Joining servers get their certificates signed by a server holding the CA key: without
+    // one, no server can join again. (Only servers that answer tell; an unanswering one is
+    // not counted as a holder.)
+    let all: Vec<String> = list.servers.iter().map(|s| s.addr.clone()).collect();
+    let holders: Vec<u64> = c
+        .status_each(&all)
+        .await
+        .into_iter()
+        .flatten()
+        .filter(|s| s.holds_ca_key)
+        .map(|s| s.node_id)
+        .collect();
+    if holders == [node_id] {
+        risks.push(format!(
+            "server {node_id} is the only server that answers holding the cluster CA key, so no \
+             new server could join after it goes: copy its DIR/tls/ca.key into another server's \
+             DIR/tls/ and restart that one first (docs/SECURITY.md)"
+        ));
+    }
     Ok(risks)
 }
 
@@ -859,6 +878,7 @@ pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> R
                     "disk_free_bytes": s.disk_free_bytes, "disk_total_bytes": s.disk_total_bytes,
                     "disk_min_free_bytes": s.disk_min_free_bytes, "space_refusals": s.space_refusals,
                     "spool_blobs": s.spool_blobs, "spool_bytes": s.spool_bytes, "spool_limit_bytes": s.spool_limit_bytes,
+                    "holds_ca_key": s.holds_ca_key,
                 }),
                 None => serde_json::json!({"addr": addr, "reachable": false}),
             })
@@ -895,6 +915,9 @@ pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> R
                 println!("  spool       {}", spool_line(s));
             }
             println!("  disk        {}", disk_line(s));
+            if s.holds_ca_key {
+                println!("  CA key      held here: signs the certificates of joining servers");
+            }
         }
         if !unlisted.is_empty() {
             eprintln!(

@@ -44,6 +44,10 @@ fn request(cfg: &ServerConfig, token: &JoinToken, csr_pem: String) -> pb::JoinRe
 /// How many times a token a server calls unknown is tried (on the next server each time, a
 /// second apart): a token made a moment ago may not have reached every replica yet.
 const UNKNOWN_TOKEN_TRIES: u32 = 5;
+/// Rounds over the token's servers in which every one answered that it could not sign (it
+/// holds no CA key, or cannot serve) before a joiner gives up: the server holding the CA key
+/// may have been removed, and asking for ever would hide that.
+const SIGNER_ROUNDS: usize = 5;
 
 /// Refusals no retry changes: the token is spent or expired, or this node id was removed; or
 /// the token stayed unknown to the cluster after `UNKNOWN_TOKEN_TRIES` answers (`unknown` counts
@@ -62,13 +66,16 @@ fn final_refusal(s: &tonic::Status, unknown: &mut u32) -> bool {
 
 /// Asks the servers of `token` (verified against the CA in the token) to sign a certificate for
 /// a key pair made here, and installs it into `dir/tls/` (no CA key: joiners never get it).
-/// Servers without the CA key say so and the next is asked; retries until one signs. A refused
-/// token or a CA that does not match the token ends it with an error.
+/// Servers without the CA key say so and the next is asked; retries until one signs, or until
+/// every server has said it cannot for [`SIGNER_ROUNDS`] rounds. A refused token or a CA that
+/// does not match the token ends it with an error.
 pub async fn fetch_certificate(dir: &Path, cfg: &ServerConfig, token: &JoinToken) -> Result<ServerTls, ServerError> {
     let transport = Tls::ca(token.ca_cert.clone());
     let (key_pem, csr_pem) = tls::new_key_and_csr()?;
     let mut attempt = 0usize;
     let mut unknown = 0;
+    // Answers in a row, from servers that were reached, that they cannot sign.
+    let mut unable = 0usize;
     loop {
         let addr = &token.servers[attempt % token.servers.len().max(1)];
         let result = async {
@@ -114,6 +121,22 @@ pub async fn fetch_certificate(dir: &Path, cfg: &ServerConfig, token: &JoinToken
                 if let Some(hint) = codafs_proto::tls::mismatch_hint(&e, &transport) {
                     return Err(ServerError::Bootstrap(format!(
                         "joining via {addr}: {e} ({hint}; check the join token)"
+                    )));
+                }
+                // A refusal the server built (its kind in the header), not a transport failure.
+                let answered = s.metadata().get(codafs_proto::error::ERROR_KIND_HEADER).is_some();
+                if answered && kind_of(&s) == ErrorKind::Unavailable {
+                    unable += 1;
+                } else {
+                    unable = 0;
+                }
+                if unable >= SIGNER_ROUNDS * token.servers.len().max(1) {
+                    return Err(ServerError::Bootstrap(format!(
+                        "none of the {} servers named in the join token could sign this server's \
+                         certificate in {SIGNER_ROUNDS} rounds (the last, {addr}: {e}); the server \
+                         holding the cluster CA key may have been removed or be down: see \
+                         docs/SECURITY.md, \"When the server holding the CA key is lost\"",
+                        token.servers.len()
                     )));
                 }
                 tracing::warn!(via = %addr, error = %e, "could not get a certificate; asking the next server");

@@ -303,6 +303,7 @@ impl Node {
             spool_blobs,
             spool_bytes,
             spool_limit_bytes,
+            holds_ca_key: self.tls.as_ref().is_some_and(|t| t.ca_key_pem.is_some()),
         }
     }
 

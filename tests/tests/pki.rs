@@ -256,3 +256,32 @@ async fn certificates_rotate_and_the_cluster_keeps_running() {
     })
     .await
 }
+
+/// Removing the only server that holds the cluster CA key: `cluster remove` refuses without
+/// `--force` and says why (it removed it without a word), and a server joining afterwards
+/// gives up with a clear message instead of asking the servers for a signature for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn removing_the_only_ca_key_holder_is_refused_and_later_joins_give_up_clearly() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(3, 0)).await?;
+        tc.create_volume("www", 2).await?;
+        let holder = tc
+            .servers
+            .iter()
+            .position(|s| s.dir.join("tls/ca.key").exists())
+            .context("the CA key holder")?;
+        let id = tc.status_of(&tc.servers[holder].addr).await?.node_id.to_string();
+        let out = tc.codafs_admin(&["status"])?;
+        anyhow::ensure!(out.stdout.matches("CA key").count() == 1, "one holder: {}", out.stdout);
+        let out = tc.codafs_admin(&["cluster", "remove", &id])?;
+        anyhow::ensure!(!out.ok && out.stderr.contains("CA key"), "{}", out.stderr);
+        let out = tc.codafs_admin(&["cluster", "remove", &id, "--force"])?;
+        anyhow::ensure!(out.ok && out.stderr.contains("WARNING"), "{}{}", out.stdout, out.stderr);
+        tc.wait_leader(Duration::from_secs(20)).await?;
+        let token = tc.client().join_token(3600).await?;
+        let (err, _) = tc.failed_join("late", &token).await?;
+        anyhow::ensure!(err.contains("could sign") && err.contains("SECURITY.md"), "{err}");
+        Ok(())
+    })
+    .await
+}

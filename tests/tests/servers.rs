@@ -140,13 +140,12 @@ async fn a_live_data_server_is_drained_before_it_is_removed() {
         let mut tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
         tc.create_volume("www", 2).await?;
         let hashes = pages(&tc.client()).await?;
-        let leader = tc.leader().await?;
+        // Not the first server: it holds the CA key, which `cluster remove` keeps unless forced.
         let old = tc
             .servers
             .iter()
-            .enumerate()
-            .position(|(i, s)| !s.witness && i != leader)
-            .context("a data server that does not lead")?;
+            .position(|s| !s.witness && !s.dir.join("tls/ca.key").exists())
+            .context("a data server without the CA key")?;
         let old_addr = tc.servers[old].addr.clone();
         let old_id = tc.status_of(&old_addr).await?.node_id.to_string();
         let new = tc.join_replacement().await?;
@@ -263,7 +262,8 @@ async fn the_leader_can_be_removed() {
         let leader = tc.leader().await?;
         let addr = tc.servers[leader].addr.clone();
         let id = tc.status_of(&addr).await?.node_id.to_string();
-        let out = tc.codafs_admin(&["cluster", "remove", &id])?;
+        // --force: the leader is often the first server, the only one holding the CA key.
+        let out = tc.codafs_admin(&["cluster", "remove", &id, "--force"])?;
         ensure!(out.ok, "{}{}", out.stdout, out.stderr);
         let code = tc.servers[leader].wait_exit(Duration::from_secs(20))?;
         let log = tc.servers[leader].log();

@@ -301,9 +301,11 @@ pub enum ClusterCmd {
         #[command(flatten)]
         client: ClientOpts,
     },
-    /// Remove a server from the membership (admin). Stop its process afterwards. Refused,
-    /// unless --force, when the servers left that answer would be no majority, or when fewer
-    /// data servers would remain than a volume's write quorum (its content writes would stop).
+    /// Remove a server from the membership (admin). It stops by itself (exit status 78) once
+    /// removed. Refused, unless --force, when the servers left that answer would be no
+    /// majority, when fewer data servers would remain than a volume's write quorum (its
+    /// content writes would stop), or when it is the only server holding the cluster CA key
+    /// (no server could join after it).
     /// A server that answers is drained first: a data server becomes a witness and hands every
     /// blob it holds to the other data servers, and a witness hands off what it keeps for them;
     /// it is removed once it holds nothing. A server that does not answer is removed at once.

@@ -455,11 +455,21 @@ async fn login<R: Remote>(core: &Core<R>, uid: u32, token: &str) -> serde_json::
     // The token goes to no server unless it is for this mount's cluster: `codafs login` hands
     // it to every mount on the host, other clusters' included.
     if core.cluster().is_none() {
-        match tokio::time::timeout(Duration::from_secs(10), core.learn_cluster()).await {
-            Ok(Ok(Some(_))) => {}
+        // Asked again while servers are starting (they tell no id until they hold the
+        // cluster's state): a login right after a cluster's start was refused.
+        let learned = async {
+            loop {
+                match core.learn_cluster().await {
+                    Ok(id) => return id,
+                    Err(e) => tracing::debug!(error = %e, "cluster id not learned yet"),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(10), learned).await {
+            Ok(Some(_)) => {}
             // Servers older than the cluster id in health answers: only they can check.
-            Ok(Ok(None)) => return login_checked(core, uid, token, None).await,
-            Ok(Err(e)) => tracing::debug!(error = %e, "cluster id not learned"),
+            Ok(None) => return login_checked(core, uid, token, None).await,
             Err(_) => tracing::debug!("cluster id not learned in 10 s"),
         }
     }
@@ -489,6 +499,10 @@ async fn login_checked<R: Remote>(core: &Core<R>, uid: u32, token: &str, cluster
     match core.set_token(uid, token) {
         Ok(c) => {
             tracing::info!(uid, user = %c.user, verified, "token set");
+            if verified && !core.read_only() {
+                // Node ids in hand before the servers may go away (bounded: the reply waits).
+                let _ = tokio::time::timeout(Duration::from_secs(10), core.reserve_ahead(uid)).await;
+            }
             serde_json::json!({ "ok": true, "uid": uid, "user": c.user, "expires": c.expires, "verified": verified, "read_only": core.read_only() })
         }
         Err(e) => serde_json::json!({ "error": e.to_string() }),

@@ -887,9 +887,9 @@ async fn a_mount_started_against_a_hung_server_moves_to_another() {
 /// a large file begun before they stopped took 2-3 times (`--timeout` + 8.4 s) to fail: each
 /// READ's deadline was sized for its whole read-ahead, the blob stream waited for the
 /// connection's keepalive, and the kernel's retries of the failed READ waited as long again.
-/// Now the chunk being waited for must arrive within its own transfer time, a silent stream
-/// is left after half the call deadline, and a retry of content whose fetch just failed fails
-/// at once: the read ends with EIO within a few `--timeout`s (the bound asserted is four,
+/// Now the chunks in flight must arrive within their transfer time, a stream a server does not
+/// open is asked elsewhere after half the call deadline, and a retry of content whose fetch
+/// just failed gets 250 ms: the read ends with EIO within a few `--timeout`s (the bound asserted is four,
 /// against at least 20 s before). An uncached small file fails as fast, and once the servers
 /// go on, the large file reads back whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1090,6 +1090,53 @@ async fn the_write_back_log_survives_servers_down_and_a_kill_9() {
     .await
 }
 
+/// A write-back mount creates files and directories while every server is down from its very
+/// first create: its login reserves node ids ahead. A mount that had created nothing yet
+/// asked the servers for ids at its first create, and with them down (or hung) it failed with
+/// EIO. What it logs reaches the servers once they are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fresh_write_back_mount_creates_files_with_every_server_down() {
+    bounded(async {
+        let mut tc = setup().await?;
+        let a = Mount::start(&tc.client_args(), tc.root.path(), "a", &[])?;
+        let wm = tc.user(WEBMASTER_UID)?;
+        login(&tc, &wm)?;
+        let reserved = a
+            .status()?
+            .writes
+            .write_back
+            .context("a write-back mount")?
+            .ids_reserved;
+        ensure!(
+            reserved.get("www").is_some_and(|n| *n > 0),
+            "the login reserved ids: {reserved:?}"
+        );
+        // Its listing cached: a create looks the name up first.
+        let www = a.path.join("www");
+        ensure!(std::fs::read_dir(&www)?.count() == 0);
+        for i in 0..tc.servers.len() {
+            tc.kill(i);
+        }
+        let out = sh_as(
+            &wm,
+            &format!(
+                "set -e\nprintf offline > {w}/offline.html\nmkdir {w}/offdir\n",
+                w = www.display()
+            ),
+        )?;
+        ensure!(out.ok, "{}\n--- a ---\n{}", out.stderr, a.log());
+        for i in 0..tc.servers.len() {
+            tc.restart(i)?;
+        }
+        tc.wait_leader(Duration::from_secs(30)).await?;
+        a.sync().map_err(|e| anyhow::anyhow!("{e}\n{}", a.log()))?;
+        ensure!(tc.read_on(&tc.servers[0].addr, "www", "offline.html").await? == b"offline");
+        ensure!(tc.resolve_on(&tc.servers[0].addr, "www", "offdir").await.is_ok());
+        Ok(())
+    })
+    .await
+}
+
 /// kill -9 of the daemon in the middle of a `cp -r`: at the next mount every file whose close
 /// returned reaches the servers once, and no file shows part of its content (the one being
 /// written when the daemon died is empty, as after `creat` on any filesystem, or absent).

@@ -456,12 +456,10 @@ impl<R: Remote> Core<R> {
         };
         let end = offset.saturating_add(size as u64).min(len);
         let mut f = fill.lock().await;
-        // Its own bytes are in already: fetching ahead is a favour, never this read's failure.
+        // Its own bytes are in already: fetching ahead is a favour, never this read's failure,
+        // and not tried while fetching this file just failed.
         let own = end <= f.verified;
-        let allowed = self.fetch_allowed(&blob.hash);
-        if !own {
-            allowed.clone()?;
-        }
+        let ahead_wanted = !(own && self.failed_lately(&blob.hash));
         if offset > f.verified.saturating_add(FAR_AHEAD) {
             drop(f);
             let r = self.read_chunked_uncached(blob, len, offset, size).await;
@@ -473,7 +471,7 @@ impl<R: Remote> Core<R> {
         // Ahead of the reader too, ramping up as it goes (the first read waits for one chunk):
         // a sequential reader's next reads find their chunks in.
         let ahead = f.verified.min(READ_AHEAD);
-        if allowed.is_ok() {
+        if ahead_wanted {
             let driven = self.drive(blob, &mut f, end.saturating_add(ahead).min(len)).await;
             match self.noted(&blob.hash, driven) {
                 Ok(true) => self.server_answered(),

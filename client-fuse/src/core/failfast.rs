@@ -4,23 +4,24 @@
 //! and a reader whose `read` had already copied some bytes calls `read` again; READs of the
 //! same file queued behind the failed one try in turn. One failed read of an uncached file so
 //! became three or more READs, each waiting the whole `--timeout` on servers that had just not
-//! answered. A fetch of the same content within [`WINDOW`] of a failure now fails at once with
-//! the same error. A read after the window tries the servers again, and so does every read
-//! once a server has answered (a fetch succeeded, or a change stream came up): servers that
-//! come back within the window are not refused.
+//! answered. A fetch of the same content within [`WINDOW`] of a failure now gets only
+//! [`PROBE`] to succeed: enough for servers that are back (refusing at once failed reads right
+//! after they returned), short against servers that still answer nothing. A read after the
+//! window, or once a server has answered (a fetch succeeded, or a change stream came up), gets
+//! its whole time again.
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use codafs_common::Hash;
 
-use super::FsError;
-
 /// Failures remembered at most; past it, older ones are forgotten first.
 const KEPT: usize = 256;
 /// How long a failure answers for its content: the kernel's retries come within
 /// milliseconds, a reader's next `read` at once.
 pub(super) const WINDOW: Duration = Duration::from_secs(1);
+/// The time a fetch gets within [`WINDOW`] of a failure of the same content.
+pub(super) const PROBE: Duration = Duration::from_millis(250);
 
 /// Recent fetch failures by content hash (see the module doc).
 #[derive(Default)]
@@ -29,18 +30,17 @@ pub(super) struct RecentFailures {
 }
 
 impl RecentFailures {
-    /// The error to give a fetch of `hash` without trying: `Some` when one failed within
-    /// `window`.
-    pub(super) fn check(&self, hash: &Hash, window: Duration) -> Option<FsError> {
+    /// Whether a fetch of `hash` failed within `window`.
+    pub(super) fn check(&self, hash: &Hash, window: Duration) -> bool {
         let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-        let (at, why) = failed.get(hash)?;
+        let Some((at, _)) = failed.get(hash) else {
+            return false;
+        };
         if at.elapsed() >= window {
             failed.remove(hash);
-            return None;
+            return false;
         }
-        Some(FsError::Disconnected(format!(
-            "{why} (a moment ago; not asked again yet)"
-        )))
+        true
     }
 
     /// Forgets every failure: a server answered.
@@ -73,19 +73,15 @@ mod tests {
         let r = RecentFailures::default();
         let (h, other) = (Hash::of(b"a"), Hash::of(b"b"));
         let w = Duration::from_secs(60);
-        assert!(r.check(&h, w).is_none(), "nothing failed yet");
+        assert!(!r.check(&h, w), "nothing failed yet");
         r.note(h, "no answer within 2s", w);
-        let e = r.check(&h, w);
-        assert!(
-            matches!(&e, Some(FsError::Disconnected(m)) if m.contains("no answer within 2s")),
-            "{e:?}"
-        );
-        assert!(r.check(&other, w).is_none(), "only that content");
-        assert!(r.check(&h, Duration::ZERO).is_none(), "past its window");
-        assert!(r.check(&h, w).is_none(), "and then forgotten");
+        assert!(r.check(&h, w));
+        assert!(!r.check(&other, w), "only that content");
+        assert!(!r.check(&h, Duration::ZERO), "past its window");
+        assert!(!r.check(&h, w), "and then forgotten");
         r.note(h, "x", w);
         r.clear();
-        assert!(r.check(&h, w).is_none(), "a server answered");
+        assert!(!r.check(&h, w), "a server answered");
         for i in 0..(KEPT as u32 + 10) {
             r.note(Hash::of(&i.to_le_bytes()), "x", w);
         }

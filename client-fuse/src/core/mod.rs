@@ -785,12 +785,8 @@ impl<R: Remote> Core<R> {
             self.count_hit(ino, true);
             return Ok(());
         }
-        if let Err(e) = self.fetch_allowed(&hash) {
-            self.fetches.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
-            return Err(e);
-        }
         // Large files get time in proportion to their size on top of the deadline.
-        let limit = crate::policy::transfer_timeout(self.cfg.op_timeout, size);
+        let limit = self.probe_limit(&hash, crate::policy::transfer_timeout(self.cfg.op_timeout, size));
         if is_chunked(size) {
             // Through the file's fill, which readers may have begun (and which counts the miss).
             let filled = self.noted(&hash, self.timed(limit, self.fill_whole(blob, size)).await);
@@ -842,14 +838,11 @@ impl<R: Remote> Core<R> {
         if let Some(d) = self.windows.get(&hash, offset, size as u64, len) {
             return Ok(d);
         }
-        if let Err(e) = self.fetch_allowed(&hash) {
-            self.fetches.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
-            return Err(e);
-        }
         self.count_hit(blob.ino, false);
         self.stats.streamed_uncached.fetch_add(1, Ordering::Relaxed);
         if is_chunked(len) {
             let limit = crate::policy::transfer_timeout(self.cfg.op_timeout, codafs_common::chunks::CHUNK_MAX as u64);
+            let limit = self.probe_limit(&hash, limit);
             let r = self
                 .timed(limit, self.read_chunked_uncached(blob, len, offset, size))
                 .await;
@@ -857,7 +850,7 @@ impl<R: Remote> Core<R> {
             self.fetches.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
             return r;
         }
-        let limit = crate::policy::transfer_timeout(self.cfg.op_timeout, len);
+        let limit = self.probe_limit(&hash, crate::policy::transfer_timeout(self.cfg.op_timeout, len));
         let mut sink = crate::cache::stream::WindowSink::new(hash, len, offset);
         let result = self.timed(limit, self.remote.fetch_blob(blob, &mut sink)).await;
         let result = self.noted(&hash, result);
@@ -924,13 +917,19 @@ impl<R: Remote> Core<R> {
         r
     }
 
-    /// Refuses at once a fetch of content whose fetch just failed for want of a server (see
-    /// `failfast.rs`).
-    fn fetch_allowed(&self, hash: &Hash) -> Result<(), FsError> {
-        match self.failed_fetches.check(hash, failfast::WINDOW) {
-            Some(e) => Err(e),
-            None => Ok(()),
+    /// The time a fetch of `hash` gets: `limit`, or only [`failfast::PROBE`] when a fetch of it
+    /// just failed for want of a server (see `failfast.rs`).
+    fn probe_limit(&self, hash: &Hash, limit: Duration) -> Duration {
+        if self.failed_lately(hash) {
+            limit.min(failfast::PROBE)
+        } else {
+            limit
         }
+    }
+
+    /// Whether a fetch of `hash` just failed for want of a server.
+    fn failed_lately(&self, hash: &Hash) -> bool {
+        self.failed_fetches.check(hash, failfast::WINDOW)
     }
 
     /// [`Core::read`] of pinned content `blob` (`len` bytes).
@@ -948,6 +947,7 @@ impl<R: Remote> Core<R> {
         {
             // A large file not cached yet: this read waits only for the chunks up to its range.
             let limit = crate::policy::transfer_timeout(self.cfg.op_timeout, chunked::READ_AHEAD_BYTES);
+            let limit = self.probe_limit(&blob.hash, limit);
             if let Some(d) = self
                 .timed_local(limit, self.read_filling(blob, len, offset, size))
                 .await?

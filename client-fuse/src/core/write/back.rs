@@ -56,6 +56,8 @@ const REWARM_TIME: Duration = Duration::from_millis(500);
 /// still has at least this many creations in hand, counted from its last send, and only a
 /// mount's first create in a volume waits for a reservation.
 const RESERVE_LOW: u64 = RESERVE_BATCH as u64;
+/// Volumes a login reserves node ids in ahead, at most (see `Core::reserve_ahead`).
+const RESERVE_AHEAD_VOLUMES: usize = 16;
 /// A batch holds at most this many changes, and this many content bytes.
 const BATCH_CHANGES: usize = 5000;
 const BATCH_BYTES: u64 = 64 << 20;
@@ -1385,6 +1387,27 @@ impl<R: Remote> Core<R> {
             st.low_pools.remove(volume);
         }
         Ok(())
+    }
+
+    /// Reserves node ids, with `uid`'s token, in the volumes (at most [`RESERVE_AHEAD_VOLUMES`])
+    /// whose pool is empty: a write-back mount then creates files while no server answers from
+    /// its first create on. Without a pool, a create asked the servers for ids, and with none
+    /// answering it failed with EIO. Best effort, when a login's token is set: a volume the
+    /// user may not write refuses it (before any commit), and a failure is only logged.
+    pub async fn reserve_ahead(&self, uid: u32) {
+        let Some(b) = self.write_back() else { return };
+        let Some((token, _)) = self.writes.tokens.get(uid) else {
+            return;
+        };
+        for v in self.volumes().into_iter().take(RESERVE_AHEAD_VOLUMES) {
+            if b.st().ids_left(&v.name) > 0 {
+                continue;
+            }
+            match self.reserve_ids(b, &token, &v.name, 2 * RESERVE_BATCH).await {
+                Ok(()) => tracing::debug!(volume = %v.name, uid, "node ids reserved ahead"),
+                Err(e) => tracing::debug!(volume = %v.name, uid, error = %e, "no node ids reserved ahead"),
+            }
+        }
     }
 
     /// Reserves more node ids for the volumes whose pool ran low, with the token of the user

@@ -439,17 +439,12 @@ async fn a_chmod_before_a_conflicting_write_keeps_both_versions() {
         )?;
         ensure!(out.ok, "{}", out.stderr);
         // Within the 20 ms node c gathers changes before it sends them.
-        let pid = c.pid().context("node c's daemon")?;
-        let stopped = std::process::Command::new("kill")
-            .args(["-STOP", &pid.to_string()])
-            .status()?;
-        ensure!(stopped.success(), "kill -STOP {pid}");
-        let wrote = sh_as(&wm, &format!("printf 'from node a' > {}", fa.display()));
-        let synced = a.sync();
-        let cont = std::process::Command::new("kill")
-            .args(["-CONT", &pid.to_string()])
-            .status();
-        ensure!(cont?.success(), "kill -CONT {pid}");
+        let (wrote, synced) = while_stopped(&c, || {
+            (
+                sh_as(&wm, &format!("printf 'from node a' > {}", fa.display())),
+                a.sync(),
+            )
+        })?;
         ensure!(wrote?.ok, "node a's write");
         synced?;
         c.sync()?;
@@ -569,26 +564,12 @@ async fn a_truncating_write_to_a_file_removed_elsewhere_keeps_one_copy() {
         let (wm, fa, fc) = race_base(&tc, &a, &c).await?;
         let out = sh_as(&wm, &format!("printf 'node c' > {}", fc.display()))?;
         ensure!(out.ok, "{}", out.stderr);
-        let pid = c.pid().context("node c's daemon")?;
-        let stopped = std::process::Command::new("kill")
-            .args(["-STOP", &pid.to_string()])
-            .status()?;
-        ensure!(stopped.success(), "kill -STOP {pid}");
-        let removed = sh_as(&wm, &format!("rm {}", fa.display()));
-        let synced = a.sync();
-        let cont = std::process::Command::new("kill")
-            .args(["-CONT", &pid.to_string()])
-            .status();
-        ensure!(cont?.success(), "kill -CONT {pid}");
+        let (removed, synced) = while_stopped(&c, || (sh_as(&wm, &format!("rm {}", fa.display())), a.sync()))?;
         ensure!(removed?.ok, "node a's removal");
         synced?;
         c.sync()?;
         let www = a.path.join("www");
-        let found: Vec<String> = std::fs::read_dir(&www)?
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("race.txt"))
-            .collect();
+        let found = race_names(&www);
         ensure!(
             found.len() == 1 && found[0].starts_with("race.txt.conflict-"),
             "{found:?}\n--- c ---\n{}",
@@ -629,28 +610,42 @@ async fn a_file_larger_than_the_write_back_log_is_refused_as_too_large() {
     .await
 }
 
+/// The names in `www` that start with `race.txt` (none when it cannot be listed).
+fn race_names(www: &Path) -> Vec<String> {
+    std::fs::read_dir(www)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("race.txt"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Runs `f` while `m`'s daemon is stopped (SIGSTOP), so what it logged waits unsent; it goes
+/// on (SIGCONT) once `f` returns.
+fn while_stopped<T>(m: &Mount, f: impl FnOnce() -> T) -> Result<T> {
+    let pid = m.pid().context("the mount's daemon")?.to_string();
+    let stopped = std::process::Command::new("kill").args(["-STOP", &pid]).status()?;
+    ensure!(stopped.success(), "kill -STOP {pid}");
+    let r = f();
+    let cont = std::process::Command::new("kill").args(["-CONT", &pid]).status()?;
+    ensure!(cont.success(), "kill -CONT {pid}");
+    Ok(r)
+}
+
 /// After [`race`]: `race.txt` and one `race.txt.conflict-*` sibling hold the two writers'
 /// bytes on both nodes, and one mount reports the conflict.
 async fn both_versions_kept(a: &Mount, c: &Mount) -> Result<()> {
     a.sync()?;
     c.sync()?;
     let www = a.path.join("www");
-    let list = |www: &Path| -> Vec<String> {
-        std::fs::read_dir(www)
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with("race.txt"))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     wait_until(Duration::from_secs(10), "both versions listed on node a", || {
-        let n = list(&www).len();
+        let n = race_names(&www).len();
         async move { n == 2 }
     })
     .await?;
-    let mut found = list(&www);
+    let mut found = race_names(&www);
     found.sort();
     ensure!(
         found[0] == "race.txt" && found[1].starts_with("race.txt.conflict-"),

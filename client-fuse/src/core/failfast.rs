@@ -26,14 +26,14 @@ pub(super) const PROBE: Duration = Duration::from_millis(250);
 /// Recent fetch failures by content hash (see the module doc).
 #[derive(Default)]
 pub(super) struct RecentFailures {
-    failed: Mutex<HashMap<Hash, (Instant, String)>>,
+    failed: Mutex<HashMap<Hash, Instant>>,
 }
 
 impl RecentFailures {
     /// Whether a fetch of `hash` failed within `window`.
     pub(super) fn check(&self, hash: &Hash, window: Duration) -> bool {
         let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-        let Some((at, _)) = failed.get(hash) else {
+        let Some(at) = failed.get(hash) else {
             return false;
         };
         if at.elapsed() >= window {
@@ -52,15 +52,15 @@ impl RecentFailures {
     }
 
     /// Remembers that a fetch of `hash` failed for want of a server.
-    pub(super) fn note(&self, hash: Hash, why: &str, window: Duration) {
+    pub(super) fn note(&self, hash: Hash, window: Duration) {
         let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         if failed.len() >= KEPT {
-            failed.retain(|_, (at, _)| at.elapsed() < window);
+            failed.retain(|_, at| at.elapsed() < window);
             if failed.len() >= KEPT {
                 failed.clear();
             }
         }
-        failed.insert(hash, (Instant::now(), why.to_string()));
+        failed.insert(hash, Instant::now());
     }
 }
 
@@ -74,16 +74,16 @@ mod tests {
         let (h, other) = (Hash::of(b"a"), Hash::of(b"b"));
         let w = Duration::from_secs(60);
         assert!(!r.check(&h, w), "nothing failed yet");
-        r.note(h, "no answer within 2s", w);
+        r.note(h, w);
         assert!(r.check(&h, w));
         assert!(!r.check(&other, w), "only that content");
         assert!(!r.check(&h, Duration::ZERO), "past its window");
         assert!(!r.check(&h, w), "and then forgotten");
-        r.note(h, "x", w);
+        r.note(h, w);
         r.clear();
         assert!(!r.check(&h, w), "a server answered");
         for i in 0..(KEPT as u32 + 10) {
-            r.note(Hash::of(&i.to_le_bytes()), "x", w);
+            r.note(Hash::of(&i.to_le_bytes()), w);
         }
         assert!(r.failed.lock().unwrap_or_else(|p| p.into_inner()).len() <= KEPT);
     }

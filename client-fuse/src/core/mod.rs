@@ -911,8 +911,8 @@ impl<R: Remote> Core<R> {
     /// `failfast.rs`). Called while the fetch's lock is still held, so the reads queued on it
     /// find the failure.
     fn noted<T>(&self, hash: &Hash, r: Result<T, FsError>) -> Result<T, FsError> {
-        if let Err(FsError::Disconnected(why)) = &r {
-            self.failed_fetches.note(*hash, why, failfast::WINDOW);
+        if let Err(FsError::Disconnected(_)) = &r {
+            self.failed_fetches.note(*hash, failfast::WINDOW);
         }
         r
     }

@@ -99,18 +99,21 @@ async fn removal_risks(c: &Cluster, node_id: u64) -> Result<Vec<String>> {
     let Some(target) = list.servers.iter().find(|s| s.node_id == node_id) else {
         bail!("no server {node_id} in the cluster (see `codafs cluster servers`)");
     };
+    // One status round over every server serves both checks below: the voters left that
+    // answer, and the servers that hold the CA key.
+    let all: Vec<String> = list.servers.iter().map(|s| s.addr.clone()).collect();
+    let answers = c.status_each(&all).await;
     let mut risks = Vec::new();
-    let voters_left: Vec<&pb::ServerInfo> = list
-        .servers
-        .iter()
-        .filter(|s| s.voter && s.node_id != node_id)
-        .collect();
-    let addrs: Vec<String> = voters_left.iter().map(|s| s.addr.clone()).collect();
-    let answering = c.status_each(&addrs).await.iter().filter(|r| r.is_ok()).count();
-    if answering * 2 <= voters_left.len() {
+    let (mut voters, mut answering) = (0, 0);
+    for (s, answer) in list.servers.iter().zip(&answers) {
+        if s.voter && s.node_id != node_id {
+            voters += 1;
+            answering += usize::from(answer.is_ok());
+        }
+    }
+    if answering * 2 <= voters {
         risks.push(format!(
-            "only {answering} of the {} voters left answer, no majority: nothing could be committed",
-            voters_left.len()
+            "only {answering} of the {voters} voters left answer, no majority: nothing could be committed"
         ));
     }
     if !target.witness {
@@ -119,11 +122,8 @@ async fn removal_risks(c: &Cluster, node_id: u64) -> Result<Vec<String>> {
     // Joining servers get their certificates signed by a server holding the CA key: without
     // one, no server can join again. (Only servers that answer tell; an unanswering one is
     // not counted as a holder.)
-    let all: Vec<String> = list.servers.iter().map(|s| s.addr.clone()).collect();
-    let holders: Vec<u64> = c
-        .status_each(&all)
-        .await
-        .into_iter()
+    let holders: Vec<u64> = answers
+        .iter()
         .flatten()
         .filter(|s| s.holds_ca_key)
         .map(|s| s.node_id)

@@ -145,6 +145,17 @@ impl Node {
         matches!(reached, Ok(Ok(_)))
     }
 
+    /// Whether server `id` is in this server's current Raft membership (voter or learner). A
+    /// server that has no membership yet (a joiner before its first log entries) counts every
+    /// server of the cluster in: it must take the leader's messages to learn the membership at
+    /// all. The one rule for "is a member" (peer checks, removal refusals).
+    pub fn is_member(&self, id: NodeId) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        membership.get_node(&id).is_some() || membership.nodes().next().is_none()
+    }
+
     /// Every server in the membership config (voters and learners).
     pub fn members(&self) -> Vec<Member> {
         let m = self.raft.metrics().borrow().membership_config.clone();

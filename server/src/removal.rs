@@ -42,7 +42,7 @@ pub fn channel() -> (Arc<Told>, watch::Receiver<Option<NodeId>>) {
 /// record alone is not enough: it is committed before the membership change, which may then
 /// fail and leave `id` a member that must go on voting.
 pub fn refusal(node: &Node, id: NodeId) -> Option<Status> {
-    if node.members().iter().any(|m| m.id == id) {
+    if node.is_member(id) {
         return None;
     }
     let rec = node.tables().removed_server(id).ok().flatten()?;

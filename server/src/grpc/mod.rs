@@ -53,16 +53,6 @@ fn cert_node_id(certs: &[tonic::transport::CertificateDer<'static>]) -> Option<u
     crate::tls::node_id_of_der(certs.first()?.as_ref())
 }
 
-/// Whether server `id` is in this server's current Raft membership (voter or learner). A server
-/// that has no membership yet (a joiner before its first log entries) accepts any server of the
-/// cluster: it must take the leader's messages to learn the membership at all.
-fn is_member(node: &Node, id: u64) -> bool {
-    let metrics = node.raft.metrics();
-    let m = metrics.borrow();
-    let membership = m.membership_config.membership();
-    membership.get_node(&id).is_some() || membership.nodes().next().is_none()
-}
-
 /// Whether the caller is a current server of this cluster: it presented a certificate signed by
 /// the cluster CA that names a node id in the current membership. A removed server's certificate
 /// stays signed but names a node that is no longer a member, so it is refused at once. On an
@@ -73,7 +63,7 @@ pub fn is_peer<T>(node: &Node, req: &tonic::Request<T>) -> bool {
 
 /// [`is_peer`], from the certificates the caller presented.
 fn presents_member(node: &Node, certs: Option<&[tonic::transport::CertificateDer<'static>]>) -> bool {
-    node.cfg.insecure || certs.and_then(cert_node_id).is_some_and(|id| is_member(node, id))
+    node.cfg.insecure || certs.and_then(cert_node_id).is_some_and(|id| node.is_member(id))
 }
 
 /// Who sends a request, for the request budget (`crate::body_budget`), from its headers alone

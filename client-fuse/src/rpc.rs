@@ -36,6 +36,20 @@ impl Cluster {
         .await
     }
 
+    /// [`Cluster::unary`] for a read any server answers alike (see [`Cluster::read`]).
+    async fn unary_read<Req, Rep, F, Fut>(&self, token: Option<&str>, req: Req, rpc: F) -> Result<Rep, ClientError>
+    where
+        Req: Clone,
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Rep>, Status>>,
+    {
+        self.read(|ch| {
+            let reply = rpc(ch, self.request_opt(token, req.clone()));
+            async move { reply.await.map(Response::into_inner) }
+        })
+        .await
+    }
+
     /// [`Cluster::unary`] against the server at `addr` only, within `timeout`.
     async fn unary_on<Req, Rep, F, Fut>(
         &self,
@@ -58,7 +72,7 @@ impl Cluster {
 
     /// A node's attributes, with the answering replica's applied index.
     pub async fn get_attr(&self, token: Option<&str>, ino: u64) -> Result<pb::AttrReply, ClientError> {
-        self.unary(token, pb::GetAttrRequest { ino }, |ch, r| async move {
+        self.unary_read(token, pb::GetAttrRequest { ino }, |ch, r| async move {
             Cluster::meta(ch).get_attr(r).await
         })
         .await
@@ -70,7 +84,7 @@ impl Cluster {
             volume: volume.into(),
             path: path.into(),
         };
-        self.unary(token, req, |ch, r| async move { Cluster::meta(ch).resolve(r).await })
+        self.unary_read(token, req, |ch, r| async move { Cluster::meta(ch).resolve(r).await })
             .await
     }
 
@@ -209,7 +223,7 @@ impl Cluster {
         blobs: Vec<pb::GetBlobRequest>,
     ) -> Result<Vec<pb::SmallBlob>, ClientError> {
         let reply = self
-            .unary(token, pb::GetSmallRequest { blobs }, |ch, r| async move {
+            .unary_read(token, pb::GetSmallRequest { blobs }, |ch, r| async move {
                 Cluster::blobs(ch).get_small(r).await
             })
             .await?;

@@ -15,7 +15,7 @@
 //! Connections use TLS verified against the cluster CA unless the caller explicitly asks for
 //! plaintext ([`Tls::Insecure`]); there is no fallback from one to the other.
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use codafs_common::Hash;
@@ -145,6 +145,12 @@ pub struct Cluster {
     servers: Vec<(String, Channel)>,
     tls: Tls,
     preferred: AtomicUsize,
+    /// When each server last left a read unanswered in its time (ms since `epoch`; 0: not
+    /// lately). Such a server goes last in every order for [`QUIET_FOR`], so the calls after
+    /// the one that waited on a hung server do not wait on it again (blob fetches, which skip
+    /// witnesses, would otherwise find it next after a metadata read failed over to one).
+    quiet: Vec<AtomicU64>,
+    epoch: std::time::Instant,
     token: Option<String>,
     /// Deadlines of every call (see [`RequestPolicy`]).
     pub policy: RequestPolicy,
@@ -166,6 +172,8 @@ impl Cluster {
             servers: chans,
             tls,
             preferred: AtomicUsize::new(0),
+            quiet: servers.iter().map(|_| AtomicU64::new(0)).collect(),
+            epoch: std::time::Instant::now(),
             token,
             policy: RequestPolicy::default(),
         })
@@ -328,10 +336,39 @@ impl Cluster {
 
     /// Order in which to try servers: the preferred one (also returned), then the others from
     /// a random one on (see the module doc).
+    /// Servers that left a read unanswered lately go last (see `quiet`).
     fn order(&self) -> (usize, impl Iterator<Item = usize> + '_) {
         let n = self.servers.len();
         let p = self.preferred.load(Ordering::Relaxed) % n;
-        (p, failover_order(n, p, rand::random::<usize>()))
+        let mut order: Vec<usize> = failover_order(n, p, rand::random::<usize>()).collect();
+        // Stable: the others keep their order; of the quiet ones, the one quiet most lately
+        // goes last.
+        order.sort_by_key(|&i| self.quiet_since(i));
+        (p, order.into_iter())
+    }
+
+    /// Notes that server `i` did not answer in time (see `quiet`).
+    fn mark_quiet(&self, i: usize) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.quiet[i].store(now.max(1), Ordering::Relaxed);
+    }
+
+    /// [`Cluster::mark_quiet`] by address (a blob stream the server did not open in time).
+    pub fn quiet(&self, addr: &str) {
+        if let Some(i) = self.index_of(addr) {
+            self.mark_quiet(i);
+        }
+    }
+
+    /// When server `i` went quiet, if it did lately (0: not quiet).
+    fn quiet_since(&self, i: usize) -> u64 {
+        let at = self.quiet[i].load(Ordering::Relaxed);
+        let now = self.epoch.elapsed().as_millis() as u64;
+        if at != 0 && now <= at + QUIET_FOR.as_millis() as u64 {
+            at
+        } else {
+            0
+        }
     }
 
     /// Server addresses in preference order.
@@ -370,6 +407,56 @@ impl Cluster {
                     errors.push(format!("{addr}: {why}"));
                 }
                 Err(s) => return Err(ClientError::Server(explained(s, &self.tls))),
+            }
+        }
+        Err(ClientError::Unreachable(errors.join("; ")))
+    }
+
+    /// A read that any server answers alike (attributes, listing pages, small contents): like
+    /// [`Cluster::call`], but the whole call ends within the call deadline, shared out among the
+    /// servers still to try. A hung server (stopped, or stalled on its disk) keeps its
+    /// connection open and never answers; waiting the whole deadline on it would fail every
+    /// cache miss whose preferred server it is, although another server could answer in
+    /// milliseconds. The server that answers becomes the preferred one.
+    pub async fn read<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.policy.call_timeout;
+        let (first, order) = self.order();
+        let order: Vec<usize> = order.collect();
+        let mut errors = Vec::new();
+        for (k, &i) in order.iter().enumerate() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            // The preferred server gets half the deadline (it is usually healthy and may be
+            // busy); the others share the rest.
+            let limit = if k == 0 && order.len() > 1 {
+                left / 2
+            } else {
+                left / (order.len() - k) as u32
+            };
+            let (addr, ch) = &self.servers[i];
+            match tokio::time::timeout(limit, f(ch.clone())).await {
+                Ok(Ok(v)) => {
+                    self.quiet[i].store(0, Ordering::Relaxed);
+                    self.move_preference(first, i);
+                    return Ok(v);
+                }
+                Ok(Err(s)) if Retry::Elsewhere.moves_on(&s) => {
+                    let why = explain(&s, &self.tls);
+                    tracing::debug!(server = %addr, error = %why, "server failed; trying the next");
+                    errors.push(format!("{addr}: {why}"));
+                }
+                Ok(Err(s)) => return Err(ClientError::Server(explained(s, &self.tls))),
+                Err(_) => {
+                    self.mark_quiet(i);
+                    tracing::debug!(server = %addr, ?limit, "server did not answer in time; trying the next");
+                    errors.push(format!("{addr}: no answer within {limit:?}"));
+                }
             }
         }
         Err(ClientError::Unreachable(errors.join("; ")))
@@ -475,7 +562,7 @@ impl Cluster {
         let mut version = None;
         for _ in 0..1000 {
             let page = self
-                .call(|ch| {
+                .read(|ch| {
                     let r = self.request_opt(
                         token,
                         pb::ReadDirRequest {
@@ -639,6 +726,11 @@ impl Cluster {
         })
     }
 }
+
+/// How long a server that left a read unanswered goes last in every order. A hung server is so
+/// asked again at most this often (a read that finds it still hung waits its share of the
+/// deadline, then moves on).
+const QUIET_FOR: Duration = Duration::from_secs(10);
 
 /// Every index below `n` once: `preferred` first, then the others in list order starting from
 /// the one `r` picks, so the next server after a failure is any of the others alike.

@@ -2,7 +2,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use codafs_client::ops;
 use codafs_client::status::MountStatus;
 use codafs_common::Hash;
@@ -883,6 +883,108 @@ async fn a_mount_started_against_a_hung_server_moves_to_another() {
     .await
 }
 
+/// Servers stopped with SIGSTOP (hung: their connections stay open and nothing answers); they
+/// go on when this is dropped, however the test ends.
+struct Stopped(Vec<i32>);
+
+impl Stopped {
+    fn stop<'a>(servers: impl IntoIterator<Item = &'a codafs_tests::Server>) -> Result<Stopped> {
+        let pids: Vec<i32> = servers.into_iter().filter_map(|s| s.pid()).map(|p| p as i32).collect();
+        let stopped = Stopped(pids.clone());
+        for pid in &pids {
+            // SAFETY: a signal to a server process this test started.
+            ensure!(unsafe { libc::kill(*pid, libc::SIGSTOP) } == 0, "SIGSTOP {pid}");
+        }
+        Ok(stopped)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            // SAFETY: as in `stop`.
+            unsafe { libc::kill(*pid, libc::SIGCONT) };
+        }
+    }
+}
+
+/// A hung server (stopped: its connections stay open and it never answers) must not fail the
+/// cache misses whose preferred server it is: a metadata read moves on to another server after
+/// half the deadline, and the calls after it do not wait on the hung server again. Each server
+/// is stopped in turn, so the mount's preferred server is the stopped one in at least one
+/// round; every round's uncached directory and file read within the deadline.
+/// With every server hung, an uncached directory's listing fails within the deadline (it took
+/// three times `--timeout` before: each server in turn was given all of it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cache_misses_are_served_while_a_server_hangs() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let c = tc.client();
+        let rounds = tc.servers.len();
+        for d in 0..=rounds {
+            TestCluster::mkdir(&c, "www", "", &format!("d{d}")).await?;
+            TestCluster::write_file(&c, "www", &format!("d{d}"), "page.html", format!("page {d}").as_bytes()).await?;
+        }
+        let m = Mount::start(
+            &tc.client_args(),
+            tc.root.path(),
+            "m",
+            &["--read-only", "--timeout", "2"],
+        )?;
+        ensure!(m.path.join("www/d0").is_dir(), "the volume's root is listed");
+        for (round, server) in tc.servers.iter().enumerate() {
+            let hung = Stopped::stop([server])?;
+            let page = m.path.join(format!("www/d{round}/page.html"));
+            let t = Instant::now();
+            let r = fs_call(Duration::from_secs(30), move || std::fs::read_to_string(page))?;
+            let took = t.elapsed();
+            eprintln!(
+                "round {round}: an uncached page read in {took:?} with server {} hung",
+                server.addr
+            );
+            match r {
+                Ok(text) => ensure!(text == format!("page {round}"), "round {round}: read {text:?}"),
+                Err(e) => bail!(
+                    "round {round}: an uncached page failed ({e}) after {took:?} with only server {} hung\n{}",
+                    server.addr,
+                    m.log()
+                ),
+            }
+            // Half the deadline on the hung server, then another answers (before, the whole
+            // deadline went to the hung server, and the kernel's retry found it again).
+            ensure!(
+                took < Duration::from_millis(1800),
+                "round {round}: an uncached page took {took:?} with server {} hung (--timeout 2)\n{}",
+                server.addr,
+                m.log()
+            );
+            drop(hung);
+        }
+        let all = Stopped::stop(tc.servers.iter())?;
+        let dir = m.path.join(format!("www/d{rounds}"));
+        let t = Instant::now();
+        let r = fs_call(Duration::from_secs(30), move || {
+            std::fs::read_dir(dir)?
+                .map(|e| e.map(|e| e.file_name()))
+                .collect::<std::io::Result<Vec<_>>>()
+        })?;
+        let took = t.elapsed();
+        ensure!(
+            r.is_err(),
+            "an uncached listing cannot be read with every server hung: {r:?}"
+        );
+        ensure!(
+            took < Duration::from_secs(4),
+            "the listing failed after {took:?} (--timeout 2)\n{}",
+            m.log()
+        );
+        drop(all);
+        Ok(())
+    })
+    .await
+}
+
 /// Reads when every server hangs (stopped: connections stay open, nothing answers). A read of
 /// a large file begun before they stopped took 2-3 times (`--timeout` + 8.4 s) to fail: each
 /// READ's deadline was sized for its whole read-ahead, the blob stream waited for the
@@ -917,22 +1019,7 @@ async fn reads_fail_within_their_timeout_when_every_server_hangs() {
         f.read_exact(&mut head)?;
         ensure!(head[..] == big[..1 << 20]);
 
-        /// Lets the stopped servers go on, however the test ends.
-        struct Resume(Vec<i32>);
-        impl Drop for Resume {
-            fn drop(&mut self) {
-                for pid in &self.0 {
-                    // SAFETY: a signal to a server process this test started.
-                    unsafe { libc::kill(*pid, libc::SIGCONT) };
-                }
-            }
-        }
-        let pids: Vec<i32> = tc.servers.iter().filter_map(|s| s.pid()).map(|p| p as i32).collect();
-        let resume = Resume(pids.clone());
-        for pid in &pids {
-            // SAFETY: as above.
-            ensure!(unsafe { libc::kill(*pid, libc::SIGSTOP) } == 0, "SIGSTOP {pid}");
-        }
+        let resume = Stopped::stop(tc.servers.iter())?;
         let bound = Duration::from_secs(8);
         let t = Instant::now();
         let r = fs_call(Duration::from_secs(90), move || {

@@ -118,6 +118,7 @@ impl Remote for GrpcRemote {
                     continue;
                 }
                 Err(_) => {
+                    self.cluster.quiet(&addr);
                     tracing::debug!(server = %addr, "blob stream did not open in time; trying elsewhere");
                     last_err = FsError::Disconnected(format!("{addr} did not answer within {idle:?}"));
                     continue;

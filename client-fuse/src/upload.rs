@@ -48,6 +48,9 @@ pub enum UploadError {
 enum Local {
     Dir {
         mode: u32,
+        /// Its modification time, which the upload keeps where the commit changes its entries
+        /// (see `plan`).
+        mtime_ns: i64,
     },
     File {
         path: PathBuf,
@@ -146,7 +149,11 @@ fn scan(root: &Path, threads: usize) -> Result<BTreeMap<String, Local>, UploadEr
             };
             let m = std::fs::symlink_metadata(&path).map_err(|e| UploadError::Local(path.clone(), e))?;
             if m.is_dir() {
-                out.insert(rel_path.clone(), Local::Dir { mode: mode_of(&m) });
+                let dir = Local::Dir {
+                    mode: mode_of(&m),
+                    mtime_ns: mtime_of(&m),
+                };
+                out.insert(rel_path.clone(), dir);
                 stack.push((path, rel_path));
             } else if m.file_type().is_symlink() {
                 let t = std::fs::read_link(&path).map_err(|e| UploadError::Local(path.clone(), e))?;
@@ -293,6 +300,9 @@ pub async fn upload(
         .join("/");
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
     let local_root = local.to_path_buf();
+    let root_mtime = std::fs::metadata(local)
+        .map(|m| mtime_of(&m))
+        .map_err(|e| UploadError::Local(local.to_path_buf(), e))?;
     let tree = tokio::task::spawn_blocking(move || scan(&local_root, threads))
         .await
         .map_err(|e| UploadError::Other(e.to_string()))??;
@@ -302,7 +312,7 @@ pub async fn upload(
     } else {
         Vec::new()
     };
-    let plan = plan::plan(&tree, &remote, &base, &ancestors, opts.delete);
+    let plan = plan::plan(&tree, &remote, (&base, root_mtime), &ancestors, opts.delete);
     let mut s = plan.summary;
     if plan.ops.is_empty() {
         return Ok(s);

@@ -90,9 +90,20 @@ async fn upload_is_idempotent_deletes_and_dry_runs_change_nothing() {
             }
         };
         let old = set_mtime(&local.join("pages/p0.html"), 1_577_836_800)?;
+        // Directories too, once the commit has filled them (each file added gave them the
+        // commit's time).
+        let dir_mtime = |path: &Path| -> Result<i64> {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(path)?;
+            Ok(m.mtime() * 1_000_000_000 + m.mtime_nsec())
+        };
+        let pages_at = std::time::UNIX_EPOCH + Duration::from_secs(1_500_000_000);
+        std::fs::File::open(local.join("pages"))?.set_modified(pages_at)?;
         let s = upload(&c, &local, &opts("site"), &()).await?;
         assert_eq!((s.files, s.uploaded_blobs), (21, 21));
         assert_eq!(mtime_on("site/pages/p0.html").await?, old);
+        assert_eq!(mtime_on("site/pages").await?, 1_500_000_000_000_000_000);
+        assert_eq!(mtime_on("site").await?, dir_mtime(&local)?);
         // Re-running sends nothing and commits nothing.
         let again = upload(&c, &local, &opts("site"), &()).await?;
         assert_eq!((again.uploaded_blobs, again.version, again.unchanged), (0, 0, 22));
@@ -129,6 +140,11 @@ async fn upload_is_idempotent_deletes_and_dry_runs_change_nothing() {
             mtime_on("site/index.html").await?,
             edited,
             "new content keeps its mtime"
+        );
+        assert_eq!(
+            mtime_on("site/pages").await?,
+            dir_mtime(&local.join("pages"))?,
+            "a directory an entry left keeps its local mtime"
         );
         Ok::<_, anyhow::Error>(())
     };

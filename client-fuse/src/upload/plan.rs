@@ -85,23 +85,32 @@ pub(crate) fn content_blobs(path: &Path, size: u64, hash: Hash, chunks: Option<&
     out
 }
 
-/// Plans publishing `tree` at `base` over `remote` (the remote subtree at `base`).
-/// `ancestors` are the directories above `base` that do not exist yet; with `delete`, what is
-/// gone locally is removed remotely.
+/// Plans publishing `tree` at `base` over `remote` (the remote subtree at `base`); `root` is
+/// `base` and the local root's mtime. `ancestors` are the directories above `base` that do not
+/// exist yet; with `delete`, what is gone locally is removed remotely.
+///
+/// A directory the commit creates, or whose entries it changes, would get the commit's time as
+/// its mtime: it gets its local mtime instead, as its files do (`rsync -a` does the same). One
+/// whose entries stay as they are keeps its remote mtime.
 pub(super) fn plan(
     tree: &BTreeMap<String, Local>,
     remote: &BTreeMap<String, Remote>,
-    base: &str,
+    root: (&str, i64),
     ancestors: &[String],
     delete: bool,
 ) -> Plan {
+    let (base, root_mtime) = root;
     let mut p = Planner::default();
     p.dirs.extend(ancestors.iter().map(|a| (a.clone(), ops::dir(a, 0o755))));
+    p.dir_mtimes.push((base.to_string(), root_mtime));
     for (rel, l) in tree {
         let full = join(base, rel);
         let r = remote.get(rel);
         match l {
-            Local::Dir { mode } => p.dir(&full, *mode, r),
+            Local::Dir { mode, mtime_ns } => {
+                p.dir_mtimes.push((full.clone(), *mtime_ns));
+                p.dir(&full, *mode, r)
+            }
             Local::File {
                 path,
                 size,
@@ -128,6 +137,10 @@ struct Planner {
     post: Vec<pb::Op>,
     blobs: BTreeMap<Hash, Source>,
     s: Summary,
+    /// Every local directory (the root included) and its mtime.
+    dir_mtimes: Vec<(String, i64)>,
+    /// Directories this commit creates or changes the entries of (whose mtime it would set).
+    touched: std::collections::BTreeSet<String>,
 }
 
 impl Planner {
@@ -138,12 +151,25 @@ impl Planner {
         }
     }
 
+    /// Notes that the commit adds or removes the entry `full` (its directory's mtime changes).
+    fn entry_changed(&mut self, full: &str) {
+        let parent = full.rsplit_once('/').map_or("", |(p, _)| p);
+        self.touched.insert(parent.to_string());
+    }
+
     fn dir(&mut self, full: &str, mode: u32, r: Option<&Remote>) {
-        if r.is_some_and(|r| r.kind == pb::ObjectKind::Directory as i32) {
-            self.s.unchanged += 1;
+        if let Some(r) = r.filter(|r| r.kind == pb::ObjectKind::Directory as i32) {
+            if r.mode == mode {
+                self.s.unchanged += 1;
+            } else {
+                self.files.push(set_mode(full, mode));
+                self.s.updated += 1;
+            }
             return;
         }
         self.replace(full, r);
+        self.entry_changed(full);
+        self.touched.insert(full.to_string());
         self.dirs
             .push((full.to_string(), ops::expecting(ops::dir(full, mode), 0)));
         self.s.created += 1;
@@ -200,6 +226,7 @@ impl Planner {
             }
             other => {
                 self.replace(full, other);
+                self.entry_changed(full);
                 let mut create = ops::file_hashed(full, hash, size, mode);
                 if let Some(pb::op::Op::Create(c)) = &mut create.op {
                     c.mtime_ns = mtime_ns;
@@ -217,6 +244,7 @@ impl Planner {
             return;
         }
         self.replace(full, r);
+        self.entry_changed(full);
         self.files.push(ops::expecting(ops::symlink(full, target), 0));
         self.s.created += 1;
     }
@@ -229,7 +257,9 @@ impl Planner {
             if tree.contains_key(rel) || removed.iter().any(|d| rel.starts_with(&format!("{d}/"))) {
                 continue;
             }
-            self.post.push(ops::expecting(ops::remove(&join(base, rel)), r.version));
+            let full = join(base, rel);
+            self.entry_changed(&full);
+            self.post.push(ops::expecting(ops::remove(&full), r.version));
             removed.push(rel);
             self.s.removed += 1;
         }
@@ -241,6 +271,12 @@ impl Planner {
         ops.extend(self.dirs.into_iter().map(|(_, op)| op));
         ops.extend(self.files);
         ops.extend(self.post);
+        // Last: every earlier op that changed a directory's entries set its mtime.
+        for (full, mtime_ns) in &self.dir_mtimes {
+            if self.touched.contains(full) {
+                ops.push(set_mtime(full, *mtime_ns));
+            }
+        }
         Plan {
             ops,
             blobs: self.blobs,
@@ -264,15 +300,29 @@ fn set_content(full: &str, content: (Hash, u64, i64), version: u64) -> pb::Op {
     }
 }
 
-/// A new mode for the file at `full`.
+/// A new mtime for the directory at `full`.
+fn set_mtime(full: &str, mtime_ns: i64) -> pb::Op {
+    set_attr(pb::SetAttrOp {
+        node: ops::at(full),
+        mtime_ns: Some(mtime_ns),
+        ..Default::default()
+    })
+}
+
+/// A new mode for the entry at `full`.
 fn set_mode(full: &str, mode: u32) -> pb::Op {
+    set_attr(pb::SetAttrOp {
+        node: ops::at(full),
+        mode: Some(mode),
+        ..Default::default()
+    })
+}
+
+/// An attribute change, whatever version the entry has.
+fn set_attr(a: pb::SetAttrOp) -> pb::Op {
     pb::Op {
         expect_version: None,
-        op: Some(pb::op::Op::SetAttr(pb::SetAttrOp {
-            node: ops::at(full),
-            mode: Some(mode),
-            ..Default::default()
-        })),
+        op: Some(pb::op::Op::SetAttr(a)),
     }
 }
 
@@ -305,7 +355,11 @@ mod tests {
                 format!("{kind} {}", path(&c.parent, &c.name))
             }
             Some(pb::op::Op::SetContent(c)) => format!("content {}", node(&c.node)),
-            Some(pb::op::Op::SetAttr(a)) => format!("mode {} {:o}", node(&a.node), a.mode.unwrap_or(0)),
+            Some(pb::op::Op::SetAttr(a)) => match (a.mode, a.mtime_ns) {
+                (Some(m), _) => format!("mode {} {m:o}", node(&a.node)),
+                (None, Some(t)) => format!("mtime {} {t}", node(&a.node)),
+                (None, None) => format!("setattr {}", node(&a.node)),
+            },
             Some(pb::op::Op::Remove(r)) => format!("remove {}", path(&r.parent, &r.name)),
             other => format!("{other:?}"),
         };
@@ -381,8 +435,20 @@ mod tests {
     #[test]
     fn a_first_upload_creates_parents_before_children_and_sends_every_blob() {
         let t = tree(&[
-            ("a", Local::Dir { mode: 0o755 }),
-            ("a/b", Local::Dir { mode: 0o750 }),
+            (
+                "a",
+                Local::Dir {
+                    mode: 0o755,
+                    mtime_ns: 1,
+                },
+            ),
+            (
+                "a/b",
+                Local::Dir {
+                    mode: 0o750,
+                    mtime_ns: 2,
+                },
+            ),
             ("a/b/x.html", file("x", b"x", 0o644)),
             ("index.html", file("i", b"i", 0o644)),
             (
@@ -392,7 +458,7 @@ mod tests {
                 },
             ),
         ]);
-        let p = plan(&t, &BTreeMap::new(), "site", &["site".to_string()], false);
+        let p = plan(&t, &BTreeMap::new(), ("site", 7), &["site".to_string()], false);
         assert_eq!(
             shown(&p),
             [
@@ -402,6 +468,10 @@ mod tests {
                 "create site/a/b/x.html @0",
                 "create site/index.html @0",
                 "symlink site/link @0",
+                // Each directory the commit fills gets its local mtime, after everything in it.
+                "mtime site 7",
+                "mtime site/a 1",
+                "mtime site/a/b 2",
             ]
         );
         assert_eq!(p.blobs.len(), 2);
@@ -412,9 +482,18 @@ mod tests {
 
     #[test]
     fn an_unchanged_tree_plans_nothing() {
-        let t = tree(&[("d", Local::Dir { mode: 0o755 }), ("d/f", file("f", b"f", 0o644))]);
+        let t = tree(&[
+            (
+                "d",
+                Local::Dir {
+                    mode: 0o755,
+                    mtime_ns: 0,
+                },
+            ),
+            ("d/f", file("f", b"f", 0o644)),
+        ]);
         let r = remote(vec![("d", remote_dir(3)), ("d/f", remote_file(b"f", 0o644, 4))]);
-        let p = plan(&t, &r, "", &[], true);
+        let p = plan(&t, &r, ("", 0), &[], true);
         assert!(p.ops.is_empty() && p.blobs.is_empty(), "{:?}", shown(&p));
         assert_eq!(p.summary.unchanged, 2);
     }
@@ -431,7 +510,7 @@ mod tests {
             ("new-mode", remote_file(b"same", 0o644, 8)),
             ("both", remote_file(b"one", 0o644, 9)),
         ]);
-        let p = plan(&t, &r, "", &[], false);
+        let p = plan(&t, &r, ("", 0), &[], false);
         assert_eq!(
             shown(&p),
             [
@@ -447,16 +526,44 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_gets_its_mode_and_keeps_its_mtime_unless_its_entries_change() {
+        let dir = |mode, mtime_ns| Local::Dir { mode, mtime_ns };
+        let t = tree(&[
+            ("private", dir(0o700, 10)),
+            ("same", dir(0o755, 20)),
+            ("same/f", file("f", b"f", 0o644)),
+            ("grows", dir(0o755, 30)),
+            ("grows/new", file("n", b"n", 0o644)),
+        ]);
+        let r = remote(vec![
+            ("private", remote_dir(2)),
+            ("same", remote_dir(3)),
+            ("same/f", remote_file(b"f", 0o644, 4)),
+            ("grows", remote_dir(5)),
+        ]);
+        let p = plan(&t, &r, ("", 9), &[], false);
+        // `same` keeps its remote mtime although the local one differs, as unchanged files do.
+        assert_eq!(shown(&p), ["create grows/new @0", "mode private 700", "mtime grows 30"]);
+        assert_eq!((p.summary.updated, p.summary.created, p.summary.unchanged), (1, 1, 3));
+    }
+
+    #[test]
     fn an_entry_of_another_kind_is_removed_first() {
         let t = tree(&[
             ("was-dir", file("f", b"f", 0o644)),
-            ("was-file", Local::Dir { mode: 0o755 }),
+            (
+                "was-file",
+                Local::Dir {
+                    mode: 0o755,
+                    mtime_ns: 0,
+                },
+            ),
         ]);
         let r = remote(vec![
             ("was-dir", remote_dir(5)),
             ("was-file", remote_file(b"x", 0o644, 6)),
         ]);
-        let p = plan(&t, &r, "", &[], false);
+        let p = plan(&t, &r, ("", 0), &[], false);
         assert_eq!(
             shown(&p),
             [
@@ -464,6 +571,8 @@ mod tests {
                 "remove was-file @6",
                 "mkdir was-file @0",
                 "create was-dir @0",
+                "mtime  0",
+                "mtime was-file 0",
             ]
         );
     }
@@ -478,10 +587,10 @@ mod tests {
             ("gone2", remote_file(b"g", 0o644, 5)),
             ("keep", remote_file(b"k", 0o644, 6)),
         ]);
-        let p = plan(&t, &r, "www", &[], true);
-        assert_eq!(shown(&p), ["remove www/gone @2", "remove www/gone2 @5"]);
+        let p = plan(&t, &r, ("www", 0), &[], true);
+        assert_eq!(shown(&p), ["remove www/gone @2", "remove www/gone2 @5", "mtime www 0"]);
         assert_eq!(p.summary.removed, 2);
-        assert!(plan(&t, &r, "www", &[], false).ops.is_empty());
+        assert!(plan(&t, &r, ("www", 0), &[], false).ops.is_empty());
     }
 
     #[test]
@@ -490,8 +599,8 @@ mod tests {
         let big = big_file("big", &data);
         let m = manifest_of(&big);
         let t = tree(&[("big", big.clone()), ("small", file("s", b"s", 0o644))]);
-        let p = plan(&t, &BTreeMap::new(), "", &[], false);
-        assert_eq!(shown(&p), ["create big @0", "create small @0"]);
+        let p = plan(&t, &BTreeMap::new(), ("", 0), &[], false);
+        assert_eq!(shown(&p), ["create big @0", "create small @0", "mtime  0"]);
         assert_eq!(p.blobs.len(), m.chunks.len() + 2);
         // The file is named by its manifest, which is sent as its encoded bytes.
         let Local::File { hash, .. } = &big else { unreachable!() };
@@ -530,7 +639,7 @@ mod tests {
         let p = plan(
             &tree(&[("at", file("at", &at, 0o644))]),
             &BTreeMap::new(),
-            "",
+            ("", 0),
             &[],
             false,
         );
@@ -539,7 +648,7 @@ mod tests {
         let p = plan(
             &tree(&[("over", big_file("over", &over))]),
             &BTreeMap::new(),
-            "",
+            ("", 0),
             &[],
             false,
         );
@@ -555,7 +664,7 @@ mod tests {
         let (a, b) = (big_file("a", &twice), big_file("b", &half));
         let (ma, mb) = (manifest_of(&a), manifest_of(&b));
         let t = tree(&[("a", a), ("b", b)]);
-        let p = plan(&t, &BTreeMap::new(), "", &[], false);
+        let p = plan(&t, &BTreeMap::new(), ("", 0), &[], false);
         let distinct: std::collections::HashSet<Hash> = ma.chunks.iter().chain(&mb.chunks).map(|c| c.hash).collect();
         assert!(distinct.len() < ma.chunks.len(), "the repeated half repeats chunks");
         assert_eq!(p.blobs.len(), distinct.len() + 2);
@@ -576,7 +685,7 @@ mod tests {
         let p = plan(
             &tree(&[("f", new.clone())]),
             &remote(vec![("f", remote_big)]),
-            "",
+            ("", 0),
             &[],
             false,
         );
@@ -588,7 +697,7 @@ mod tests {
         // An unchanged large file plans nothing.
         let mut same = remote_file(b"", 0o644, 4);
         same.hash = m.hash().0.to_vec();
-        let p = plan(&tree(&[("f", new)]), &remote(vec![("f", same)]), "", &[], false);
+        let p = plan(&tree(&[("f", new)]), &remote(vec![("f", same)]), ("", 0), &[], false);
         assert!(p.ops.is_empty() && p.blobs.is_empty());
     }
 
@@ -599,7 +708,7 @@ mod tests {
         let bytes = manifest_of(&big).encode();
         // A small file whose content is exactly the manifest's bytes (same hash).
         let t = tree(&[("a-copy", file("copy", &bytes, 0o644)), ("big", big)]);
-        let p = plan(&t, &BTreeMap::new(), "", &[], false);
+        let p = plan(&t, &BTreeMap::new(), ("", 0), &[], false);
         assert!(p.blobs.get(&Hash::of(&bytes)).is_some_and(Source::is_manifest));
     }
 }

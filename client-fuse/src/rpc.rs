@@ -64,8 +64,13 @@ impl Cluster {
     {
         let mut r = self.request(req);
         r.set_timeout(timeout);
-        self.call_on(addr, |ch| async move { rpc(ch, r).await.map(Response::into_inner) })
-            .await
+        // Bounded on this side too: the request's deadline starts only once a connection
+        // carries it (see `Cluster::call_within`).
+        let answer = self.call_on(addr, |ch| async move { rpc(ch, r).await.map(Response::into_inner) });
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::NoAnswer(addr.to_string(), timeout)),
+        }
     }
 
     // ----------------------------------------------------------------------------- Meta
@@ -235,7 +240,7 @@ impl Cluster {
     /// The volumes `token` (or the cluster's own token) may see.
     pub async fn list_volumes(&self, token: Option<&str>) -> Result<Vec<pb::VolumeInfo>, ClientError> {
         let reply = self
-            .unary(token, pb::Empty {}, |ch, r| async move {
+            .unary_read(token, pb::Empty {}, |ch, r| async move {
                 Cluster::admin(ch).list_volumes(r).await
             })
             .await?;
@@ -245,7 +250,7 @@ impl Cluster {
     /// One volume's settings and usage.
     pub async fn get_volume(&self, name: &str) -> Result<pb::VolumeInfo, ClientError> {
         let req = pb::VolumeName { name: name.into() };
-        self.unary(None, req, |ch, r| async move { Cluster::admin(ch).get_volume(r).await })
+        self.unary_read(None, req, |ch, r| async move { Cluster::admin(ch).get_volume(r).await })
             .await
     }
 
@@ -296,7 +301,7 @@ impl Cluster {
 
     /// [`Cluster::list_servers`] as `token`'s holder (the cluster's own token if `None`).
     pub async fn list_servers_as(&self, token: Option<&str>) -> Result<pb::ServerList, ClientError> {
-        self.unary(token, pb::Empty {}, |ch, r| async move {
+        self.unary_read(token, pb::Empty {}, |ch, r| async move {
             Cluster::admin(ch).servers(r).await
         })
         .await
@@ -304,7 +309,7 @@ impl Cluster {
 
     /// The status of whichever server answers first.
     pub async fn status(&self) -> Result<pb::ServerStatus, ClientError> {
-        self.unary(
+        self.unary_read(
             None,
             pb::Empty {},
             |ch, r| async move { Cluster::admin(ch).status(r).await },

@@ -34,6 +34,9 @@ use tonic::{Code, Status};
 pub enum ClientError {
     #[error("no server reachable ({0})")]
     Unreachable(String),
+    /// One server asked by name (a status probe, a replica's blobs) did not answer in time.
+    #[error("{0} did not answer within {1:?} (down, stopped or cut off)")]
+    NoAnswer(String, Duration),
     #[error("{}", .0.message())]
     Server(Status),
     #[error("blob {0} failed verification on every replica")]
@@ -66,7 +69,7 @@ impl ClientError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             ClientError::Server(s) => kind_of(s),
-            ClientError::Unreachable(_) => ErrorKind::Unavailable,
+            ClientError::Unreachable(_) | ClientError::NoAnswer(..) => ErrorKind::Unavailable,
             ClientError::Corrupt(_) => ErrorKind::Corrupt,
             ClientError::Address(..) | ClientError::Tls(_) => ErrorKind::Invalid,
         }
@@ -392,70 +395,113 @@ impl Cluster {
         F: Fn(Channel) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
+        self.call_within(self.policy.call_timeout, f, retry).await
+    }
+
+    /// [`Cluster::call_retrying`] for calls whose requests are given `limit` (a blob put, in
+    /// proportion to its size). Each server's attempt ends by then on this side too: a
+    /// request's own deadline starts only once a connection carries it, and a new connection
+    /// to a hung server (stopped, or stalled) completes TCP in the kernel and then waits for
+    /// the TLS handshake for ever.
+    pub async fn call_within<T, F, Fut>(&self, limit: Duration, f: F, retry: Retry) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
         let mut errors = Vec::new();
         let (first, order) = self.order();
         for i in order {
             let (addr, ch) = &self.servers[i];
-            match f(ch.clone()).await {
-                Ok(v) => {
+            let s = match tokio::time::timeout(limit, f(ch.clone())).await {
+                Ok(Ok(v)) => {
                     self.move_preference(first, i);
                     return Ok(v);
                 }
-                Err(s) if retry.moves_on(&s) => {
-                    let why = explain(&s, &self.tls);
-                    tracing::debug!(server = %addr, error = %why, "server failed; trying the next");
-                    errors.push(format!("{addr}: {why}"));
-                }
-                Err(s) => return Err(ClientError::Server(explained(s, &self.tls))),
+                Ok(Err(s)) => s,
+                Err(_) => Status::deadline_exceeded(format!("no answer within {limit:?}")),
+            };
+            if !retry.moves_on(&s) {
+                return Err(ClientError::Server(explained(s, &self.tls)));
             }
+            let why = explain(&s, &self.tls);
+            tracing::debug!(server = %addr, error = %why, "server failed; trying the next");
+            errors.push(format!("{addr}: {why}"));
         }
         Err(ClientError::Unreachable(errors.join("; ")))
     }
 
-    /// A read that any server answers alike (attributes, listing pages, small contents): like
-    /// [`Cluster::call`], but the whole call ends within the call deadline, shared out among the
-    /// servers still to try. A hung server (stopped, or stalled on its disk) keeps its
-    /// connection open and never answers; waiting the whole deadline on it would fail every
-    /// cache miss whose preferred server it is, although another server could answer in
-    /// milliseconds. The server that answers becomes the preferred one.
+    /// A read that any server answers alike (attributes, listing pages, small contents, the
+    /// membership): like [`Cluster::call`], but a server that has not answered within
+    /// [`HEDGE_AFTER`] (or half the call deadline, if shorter) is left to go on while the next
+    /// one is asked too, and the first answer wins; the whole call ends within the call
+    /// deadline. A hung server (stopped, or stalled on its disk) keeps its connection open and
+    /// never answers: waiting the whole deadline on it failed every cache miss whose preferred
+    /// server it was, and made `codafs status` wait 30 s per hung server, although another
+    /// server could answer in milliseconds. The server that answers becomes the preferred one.
     pub async fn read<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
     where
         F: Fn(Channel) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        let deadline = tokio::time::Instant::now() + self.policy.call_timeout;
+        use futures::stream::{FuturesUnordered, StreamExt};
+        use tokio::time::{sleep_until, Instant};
+        let deadline = Instant::now() + self.policy.call_timeout;
+        let hedge = (self.policy.call_timeout / 2).min(HEDGE_AFTER);
         let (first, order) = self.order();
-        let order: Vec<usize> = order.collect();
+        let mut order = order.collect::<Vec<usize>>().into_iter();
+        let ask = |i: usize| {
+            let reply = f(self.servers[i].1.clone());
+            async move { (i, reply.await) }
+        };
+        let mut asked = FuturesUnordered::new();
+        let mut unanswered = Vec::new();
         let mut errors = Vec::new();
-        for (k, &i) in order.iter().enumerate() {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            // The preferred server gets half the deadline (it is usually healthy and may be
-            // busy); the others share the rest.
-            let limit = if k == 0 && order.len() > 1 {
-                left / 2
-            } else {
-                left / (order.len() - k) as u32
-            };
-            let (addr, ch) = &self.servers[i];
-            match tokio::time::timeout(limit, f(ch.clone())).await {
-                Ok(Ok(v)) => {
-                    self.quiet[i].store(0, Ordering::Relaxed);
-                    self.move_preference(first, i);
-                    return Ok(v);
+        if let Some(i) = order.next() {
+            asked.push(ask(i));
+            unanswered.push(i);
+        }
+        let mut next_hedge = Instant::now() + hedge;
+        while !asked.is_empty() {
+            tokio::select! {
+                Some((i, r)) = asked.next() => {
+                    unanswered.retain(|&u| u != i);
+                    let addr = &self.servers[i].0;
+                    match r {
+                        Ok(v) => {
+                            self.quiet[i].store(0, Ordering::Relaxed);
+                            self.move_preference(first, i);
+                            return Ok(v);
+                        }
+                        Err(s) if Retry::Elsewhere.moves_on(&s) => {
+                            let why = explain(&s, &self.tls);
+                            tracing::debug!(server = %addr, error = %why, "server failed; trying the next");
+                            errors.push(format!("{addr}: {why}"));
+                            if let Some(n) = order.next() {
+                                asked.push(ask(n));
+                                unanswered.push(n);
+                                next_hedge = Instant::now() + hedge;
+                            }
+                        }
+                        Err(s) => return Err(ClientError::Server(explained(s, &self.tls))),
+                    }
                 }
-                Ok(Err(s)) if Retry::Elsewhere.moves_on(&s) => {
-                    let why = explain(&s, &self.tls);
-                    tracing::debug!(server = %addr, error = %why, "server failed; trying the next");
-                    errors.push(format!("{addr}: {why}"));
+                _ = sleep_until(next_hedge), if order.len() > 0 => {
+                    for &u in &unanswered {
+                        self.mark_quiet(u);
+                        tracing::debug!(server = %self.servers[u].0, ?hedge, "no answer yet; asking the next server too");
+                    }
+                    if let Some(n) = order.next() {
+                        asked.push(ask(n));
+                        unanswered.push(n);
+                    }
+                    next_hedge = Instant::now() + hedge;
                 }
-                Ok(Err(s)) => return Err(ClientError::Server(explained(s, &self.tls))),
-                Err(_) => {
-                    self.mark_quiet(i);
-                    tracing::debug!(server = %addr, ?limit, "server did not answer in time; trying the next");
-                    errors.push(format!("{addr}: no answer within {limit:?}"));
+                _ = sleep_until(deadline) => {
+                    for &u in &unanswered {
+                        self.mark_quiet(u);
+                        errors.push(format!("{}: no answer within {:?}", self.servers[u].0, self.policy.call_timeout));
+                    }
+                    break;
                 }
             }
         }
@@ -472,7 +518,12 @@ impl Cluster {
             Some((_, c)) => c.clone(),
             None => tuned(self.tls.endpoint(addr)?).connect_lazy(),
         };
-        f(ch).await.map_err(|s| {
+        // Bounded here too (see `call_within`).
+        let limit = self.policy.call_timeout;
+        let Ok(r) = tokio::time::timeout(limit, f(ch)).await else {
+            return Err(ClientError::NoAnswer(addr.to_string(), limit));
+        };
+        r.map_err(|s| {
             if Retry::Elsewhere.moves_on(&s) {
                 ClientError::Unreachable(format!("{addr}: {}", explain(&s, &self.tls)))
             } else {
@@ -606,12 +657,16 @@ impl Cluster {
         write_quorum: u32,
     ) -> Result<u32, ClientError> {
         let timeout = self.policy.for_bytes(data.len() as u64);
-        self.call(|ch| {
-            let msgs = crate::ops::put_chunks(&data, write_quorum);
-            let mut r = self.request_opt(token, futures::stream::iter(msgs));
-            r.set_timeout(timeout);
-            async move { Self::blobs(ch).put(r).await.map(|r| r.into_inner().copies) }
-        })
+        self.call_within(
+            timeout,
+            |ch| {
+                let msgs = crate::ops::put_chunks(&data, write_quorum);
+                let mut r = self.request_opt(token, futures::stream::iter(msgs));
+                r.set_timeout(timeout);
+                async move { Self::blobs(ch).put(r).await.map(|r| r.into_inner().copies) }
+            },
+            Retry::Elsewhere,
+        )
         .await
     }
 
@@ -726,6 +781,11 @@ impl Cluster {
         })
     }
 }
+
+/// How long a read waits for a server's answer before it asks the next server too (see
+/// [`Cluster::read`]). A healthy server answers a read in milliseconds; one that takes a second
+/// is hung or overloaded, and a second server's answer costs it little.
+const HEDGE_AFTER: Duration = Duration::from_secs(1);
 
 /// How long a server that left a read unanswered goes last in every order. A hung server is so
 /// asked again at most this often (a read that finds it still hung waits its share of the

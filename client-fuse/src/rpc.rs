@@ -14,6 +14,7 @@ use codafs_proto::pb;
 use tonic::transport::Channel;
 use tonic::{Response, Status, Streaming};
 
+use crate::policy::Retry;
 use crate::transport::{ClientError, Cluster};
 
 /// Hashes per `Missing` query (the servers take at most `MAX_MISSING_QUERY`; this keeps a
@@ -22,18 +23,47 @@ const MISSING_QUERY: usize = 10_000;
 
 impl Cluster {
     /// Sends `req` with `token` (or the cluster's own) to servers in preference order, moving on
-    /// as the policy says, and returns the reply body.
+    /// after any failure another server may cure, and returns the reply body. For calls that
+    /// may run twice (a login issues one more token); see [`Cluster::unary_write`].
     async fn unary<Req, Rep, F, Fut>(&self, token: Option<&str>, req: Req, rpc: F) -> Result<Rep, ClientError>
     where
         Req: Clone,
         F: Fn(Channel, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Rep>, Status>>,
     {
-        self.call(|ch| {
+        self.unary_retrying(token, req, rpc, Retry::Elsewhere).await
+    }
+
+    /// [`Cluster::unary`] for a change without a request id (volume, account, key and server
+    /// changes): it moves on only when a server was unavailable, never after a call whose
+    /// outcome is unknown, which another server would apply a second time (a second key, a
+    /// volume reported missing after its deletion succeeded).
+    async fn unary_write<Req, Rep, F, Fut>(&self, req: Req, rpc: F) -> Result<Rep, ClientError>
+    where
+        Req: Clone,
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Rep>, Status>>,
+    {
+        self.unary_retrying(None, req, rpc, Retry::IfNotRun).await
+    }
+
+    async fn unary_retrying<Req, Rep, F, Fut>(
+        &self,
+        token: Option<&str>,
+        req: Req,
+        rpc: F,
+        retry: Retry,
+    ) -> Result<Rep, ClientError>
+    where
+        Req: Clone,
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Rep>, Status>>,
+    {
+        let call = |ch| {
             let reply = rpc(ch, self.request_opt(token, req.clone()));
             async move { reply.await.map(Response::into_inner) }
-        })
-        .await
+        };
+        self.call_retrying(call, retry).await
     }
 
     /// [`Cluster::unary`] for a read any server answers alike (see [`Cluster::read`]).
@@ -100,7 +130,7 @@ impl Cluster {
         volumes: Vec<String>,
     ) -> Result<pb::VolumeStampsReply, ClientError> {
         let req = pb::VolumeStampsRequest { volumes };
-        self.unary(
+        self.unary_read(
             token,
             req,
             |ch, r| async move { Cluster::meta(ch).volume_stamps(r).await },
@@ -255,21 +285,13 @@ impl Cluster {
     }
 
     pub async fn create_volume(&self, spec: pb::VolumeSpec) -> Result<pb::VolumeInfo, ClientError> {
-        self.unary(
-            None,
-            spec,
-            |ch, r| async move { Cluster::admin(ch).create_volume(r).await },
-        )
-        .await
+        self.unary_write(spec, |ch, r| async move { Cluster::admin(ch).create_volume(r).await })
+            .await
     }
 
     pub async fn set_volume(&self, changes: pb::VolumeChanges) -> Result<pb::VolumeInfo, ClientError> {
-        self.unary(
-            None,
-            changes,
-            |ch, r| async move { Cluster::admin(ch).set_volume(r).await },
-        )
-        .await
+        self.unary_write(changes, |ch, r| async move { Cluster::admin(ch).set_volume(r).await })
+            .await
     }
 
     /// One volume as the server at `addr` sees it (with that server's change streams of it).
@@ -285,13 +307,9 @@ impl Cluster {
     /// Deletes a volume and everything in it (admin).
     pub async fn delete_volume(&self, name: &str) -> Result<(), ClientError> {
         let req = pb::VolumeName { name: name.into() };
-        self.unary(
-            None,
-            req,
-            |ch, r| async move { Cluster::admin(ch).delete_volume(r).await },
-        )
-        .await
-        .map(|_| ())
+        self.unary_write(req, |ch, r| async move { Cluster::admin(ch).delete_volume(r).await })
+            .await
+            .map(|_| ())
     }
 
     /// The cluster's servers, as the membership records them.
@@ -345,7 +363,7 @@ impl Cluster {
     pub async fn join_token(&self, ttl_secs: u64) -> Result<String, ClientError> {
         let req = pb::JoinTokenRequest { ttl_secs };
         let reply = self
-            .unary(None, req, |ch, r| async move { Cluster::admin(ch).join_token(r).await })
+            .unary_write(req, |ch, r| async move { Cluster::admin(ch).join_token(r).await })
             .await?;
         Ok(reply.token)
     }
@@ -353,58 +371,46 @@ impl Cluster {
     /// Removes server `node_id` from the cluster; returns the servers that remain.
     pub async fn remove_server(&self, node_id: u64) -> Result<pb::ServerList, ClientError> {
         let req = pb::RemoveServerRequest { node_id };
-        self.unary(
-            None,
-            req,
-            |ch, r| async move { Cluster::admin(ch).remove_server(r).await },
-        )
-        .await
+        self.unary_write(req, |ch, r| async move { Cluster::admin(ch).remove_server(r).await })
+            .await
     }
 
     /// Makes server `node_id` a witness or a data server (admin).
     pub async fn set_role(&self, node_id: u64, witness: bool) -> Result<pb::ServerList, ClientError> {
         let req = pb::SetRoleRequest { node_id, witness };
-        self.unary(None, req, |ch, r| async move { Cluster::admin(ch).set_role(r).await })
+        self.unary_write(req, |ch, r| async move { Cluster::admin(ch).set_role(r).await })
             .await
     }
 
     pub async fn rotate_key(&self, req: pb::RotateKeyRequest) -> Result<pb::KeyList, ClientError> {
-        self.unary(None, req, |ch, r| async move { Cluster::admin(ch).rotate_key(r).await })
+        self.unary_write(req, |ch, r| async move { Cluster::admin(ch).rotate_key(r).await })
             .await
     }
 
     /// Creates an account or changes its password or role.
     pub async fn put_user(&self, spec: pb::UserSpec) -> Result<(), ClientError> {
-        self.unary(None, spec, |ch, r| async move { Cluster::admin(ch).put_user(r).await })
+        self.unary_write(spec, |ch, r| async move { Cluster::admin(ch).put_user(r).await })
             .await
             .map(drop)
     }
 
     pub async fn remove_user(&self, name: &str) -> Result<(), ClientError> {
         let req = pb::UserName { name: name.into() };
-        self.unary(
-            None,
-            req,
-            |ch, r| async move { Cluster::admin(ch).remove_user(r).await },
-        )
-        .await
-        .map(drop)
+        self.unary_write(req, |ch, r| async move { Cluster::admin(ch).remove_user(r).await })
+            .await
+            .map(drop)
     }
 
     /// Ends every token of `name` issued until now.
     pub async fn revoke_user(&self, name: &str) -> Result<(), ClientError> {
         let req = pb::UserName { name: name.into() };
-        self.unary(
-            None,
-            req,
-            |ch, r| async move { Cluster::admin(ch).revoke_user(r).await },
-        )
-        .await
-        .map(drop)
+        self.unary_write(req, |ch, r| async move { Cluster::admin(ch).revoke_user(r).await })
+            .await
+            .map(drop)
     }
 
     pub async fn list_users(&self) -> Result<pb::UserList, ClientError> {
-        self.unary(None, pb::Empty {}, |ch, r| async move {
+        self.unary_read(None, pb::Empty {}, |ch, r| async move {
             Cluster::admin(ch).list_users(r).await
         })
         .await
@@ -418,7 +424,7 @@ impl Cluster {
 
     /// Whom `token` (or the cluster's own token) speaks for, if the servers accept it.
     pub async fn who_am_i(&self, token: Option<&str>) -> Result<pb::WhoAmIReply, ClientError> {
-        self.unary(token, pb::Empty {}, |ch, r| async move {
+        self.unary_read(token, pb::Empty {}, |ch, r| async move {
             Cluster::admin(ch).who_am_i(r).await
         })
         .await

@@ -346,7 +346,8 @@ impl Cluster {
         let mut order: Vec<usize> = failover_order(n, p, rand::random::<usize>()).collect();
         // Stable: the others keep their order; of the quiet ones, the one quiet most lately
         // goes last.
-        order.sort_by_key(|&i| self.quiet_since(i));
+        let now = self.epoch.elapsed().as_millis() as u64;
+        order.sort_by_key(|&i| self.quiet_since(i, now));
         (p, order.into_iter())
     }
 
@@ -363,10 +364,9 @@ impl Cluster {
         }
     }
 
-    /// When server `i` went quiet, if it did lately (0: not quiet).
-    fn quiet_since(&self, i: usize) -> u64 {
+    /// When server `i` went quiet, if it did lately (0: not quiet); `now` in ms since `epoch`.
+    fn quiet_since(&self, i: usize, now: u64) -> u64 {
         let at = self.quiet[i].load(Ordering::Relaxed);
-        let now = self.epoch.elapsed().as_millis() as u64;
         if at != 0 && now <= at + QUIET_FOR.as_millis() as u64 {
             at
         } else {
@@ -456,7 +456,11 @@ impl Cluster {
         let mut asked = FuturesUnordered::new();
         let mut unanswered = Vec::new();
         let mut errors = Vec::new();
-        if let Some(i) = order.next() {
+        // A refusal from a server asked besides the preferred one (a follower that has not
+        // applied the caller's create yet says "not found") waits for the others' answers.
+        let mut refused = None;
+        let lead = order.next();
+        if let Some(i) = lead {
             asked.push(ask(i));
             unanswered.push(i);
         }
@@ -482,7 +486,20 @@ impl Cluster {
                                 next_hedge = Instant::now() + hedge;
                             }
                         }
-                        Err(s) => return Err(ClientError::Server(explained(s, &self.tls))),
+                        Err(s) if Some(i) == lead || asked.is_empty() && order.len() == 0 => {
+                            return Err(ClientError::Server(explained(s, &self.tls)));
+                        }
+                        Err(s) => {
+                            tracing::debug!(server = %addr, error = %explain(&s, &self.tls), "refused; waiting for the other servers asked");
+                            refused.get_or_insert(s);
+                            if asked.is_empty() {
+                                if let Some(n) = order.next() {
+                                    asked.push(ask(n));
+                                    unanswered.push(n);
+                                    next_hedge = Instant::now() + hedge;
+                                }
+                            }
+                        }
                     }
                 }
                 _ = sleep_until(next_hedge), if order.len() > 0 => {
@@ -505,7 +522,10 @@ impl Cluster {
                 }
             }
         }
-        Err(ClientError::Unreachable(errors.join("; ")))
+        match refused {
+            Some(s) => Err(ClientError::Server(explained(s, &self.tls))),
+            None => Err(ClientError::Unreachable(errors.join("; "))),
+        }
     }
 
     /// Runs `f` against one specific server.
@@ -749,7 +769,8 @@ impl Cluster {
         let (first, order) = self.order();
         for i in order {
             let (addr, ch) = &self.servers[i];
-            match fetch_one(ch.clone(), self.request(blob.request(0)), hash).await {
+            let idle = self.policy.call_timeout;
+            match fetch_one(ch.clone(), self.request(blob.request(0)), hash, idle).await {
                 Ok(data) => {
                     self.move_preference(first, i);
                     return Ok(data);
@@ -759,6 +780,9 @@ impl Cluster {
                     corrupt = true;
                 }
                 Err(FetchError::Status(s)) => {
+                    if s.code() == Code::DeadlineExceeded {
+                        self.mark_quiet(i);
+                    }
                     tracing::debug!(server = %addr, error = %explain(&s, &self.tls), "blob fetch failed; trying another replica");
                     last = Some(s);
                 }
@@ -837,15 +861,29 @@ enum FetchError {
     Mismatch,
 }
 
-async fn fetch_one(ch: Channel, req: tonic::Request<pb::GetBlobRequest>, hash: Hash) -> Result<Vec<u8>, FetchError> {
-    let mut stream = Cluster::blobs(ch)
-        .get(req)
+/// Fetches and verifies one blob from one server. The stream's opening and each of its
+/// messages must come within `idle` (see `Cluster::call_within` for why the request's own
+/// deadline is not enough): a stopped server is left, however large the blob.
+async fn fetch_one(
+    ch: Channel,
+    req: tonic::Request<pb::GetBlobRequest>,
+    hash: Hash,
+    idle: Duration,
+) -> Result<Vec<u8>, FetchError> {
+    let silent = || FetchError::Status(Status::deadline_exceeded(format!("no answer within {idle:?}")));
+    let opened = tokio::time::timeout(idle, Cluster::blobs(ch).get(req))
         .await
-        .map_err(FetchError::Status)?
-        .into_inner();
+        .map_err(|_| silent())?;
+    let mut stream = opened.map_err(FetchError::Status)?.into_inner();
     let mut out = Vec::new();
     let mut hasher = blake3::Hasher::new();
-    while let Some(chunk) = stream.message().await.map_err(FetchError::Status)? {
+    loop {
+        let next = tokio::time::timeout(idle, stream.message())
+            .await
+            .map_err(|_| silent())?;
+        let Some(chunk) = next.map_err(FetchError::Status)? else {
+            break;
+        };
         if out.is_empty() && chunk.total_size > 0 {
             out.reserve(chunk.total_size.min(1 << 30) as usize);
         }

@@ -910,7 +910,7 @@ impl Drop for Stopped {
 
 /// A hung server (stopped: its connections stay open and it never answers) must not fail the
 /// cache misses whose preferred server it is: a metadata read moves on to another server after
-/// half the deadline, and the calls after it do not wait on the hung server again. Each server
+/// a second, and the calls after it do not wait on the hung server again. Each server
 /// is stopped in turn, so the mount's preferred server is the stopped one in at least one
 /// round; every round's uncached directory and file read within the deadline.
 /// With every server hung, an uncached directory's listing fails within the deadline (it took
@@ -931,7 +931,7 @@ async fn cache_misses_are_served_while_a_server_hangs() {
             &tc.client_args(),
             tc.root.path(),
             "m",
-            &["--read-only", "--timeout", "2"],
+            &["--read-only", "--timeout", "4"],
         )?;
         ensure!(m.path.join("www/d0").is_dir(), "the volume's root is listed");
         for (round, server) in tc.servers.iter().enumerate() {
@@ -952,11 +952,11 @@ async fn cache_misses_are_served_while_a_server_hangs() {
                     m.log()
                 ),
             }
-            // Half the deadline on the hung server, then another answers (before, the whole
-            // deadline went to the hung server, and the kernel's retry found it again).
+            // One second on the hung server, then another answers (before, the whole deadline
+            // went to the hung server, and the kernel's retry found it again).
             ensure!(
-                took < Duration::from_millis(1800),
-                "round {round}: an uncached page took {took:?} with server {} hung (--timeout 2)\n{}",
+                took < Duration::from_secs(3),
+                "round {round}: an uncached page took {took:?} with server {} hung (--timeout 4)\n{}",
                 server.addr,
                 m.log()
             );
@@ -995,8 +995,8 @@ async fn cache_misses_are_served_while_a_server_hangs() {
             "an uncached listing cannot be read with every server hung: {r:?}"
         );
         ensure!(
-            took < Duration::from_secs(4),
-            "the listing failed after {took:?} (--timeout 2)\n{}",
+            took < Duration::from_secs(6),
+            "the listing failed after {took:?} (--timeout 4)\n{}",
             m.log()
         );
         drop(all);

@@ -100,7 +100,9 @@ impl Remote for GrpcRemote {
         let token = self.token_for_ino(blob.ino);
         let mut last_err = FsError::Disconnected("no servers".into());
         let servers = self.cluster.ordered_servers();
-        let first = servers.first().cloned().unwrap_or_default();
+        // The preference to move off, which a quiet server that it names does not lead the
+        // order any more.
+        let first = self.cluster.preferred();
         // A server that does not even open the stream (hung, or cut off without a reset) is
         // left after half the call deadline, so the rest of the operation's time can go to
         // another replica; the connection's keepalive would notice only after 8 s. (Only the

@@ -254,7 +254,12 @@ impl Planner {
     fn deletions(&mut self, tree: &BTreeMap<String, Local>, remote: &BTreeMap<String, Remote>, base: &str) {
         let mut removed: Vec<&String> = Vec::new();
         for (rel, r) in remote {
-            if tree.contains_key(rel) || removed.iter().any(|d| rel.starts_with(&format!("{d}/"))) {
+            // Below a remote directory that a local file or symlink replaces, everything went
+            // with the directory's removal (`replace`).
+            let replaced = rel
+                .match_indices('/')
+                .any(|(at, _)| tree.get(&rel[..at]).is_some_and(|l| !matches!(l, Local::Dir { .. })));
+            if tree.contains_key(rel) || replaced || removed.iter().any(|d| rel.starts_with(&format!("{d}/"))) {
                 continue;
             }
             let full = join(base, rel);
@@ -545,6 +550,14 @@ mod tests {
         // `same` keeps its remote mtime although the local one differs, as unchanged files do.
         assert_eq!(shown(&p), ["create grows/new @0", "mode private 700", "mtime grows 30"]);
         assert_eq!((p.summary.updated, p.summary.created, p.summary.unchanged), (1, 1, 3));
+    }
+
+    #[test]
+    fn a_directory_replaced_by_a_file_takes_its_entries_with_it_under_delete() {
+        let t = tree(&[("x", file("x", b"x", 0o644))]);
+        let r = remote(vec![("x", remote_dir(2)), ("x/child", remote_file(b"c", 0o644, 3))]);
+        let p = plan(&t, &r, ("", 0), &[], true);
+        assert_eq!(shown(&p), ["remove x @2", "create x @0", "mtime  0"]);
     }
 
     #[test]

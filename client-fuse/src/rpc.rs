@@ -94,13 +94,12 @@ impl Cluster {
     {
         let mut r = self.request(req);
         r.set_timeout(timeout);
-        // Bounded on this side too: the request's deadline starts only once a connection
-        // carries it (see `Cluster::call_within`).
-        let answer = self.call_on(addr, |ch| async move { rpc(ch, r).await.map(Response::into_inner) });
-        match tokio::time::timeout(timeout, answer).await {
-            Ok(r) => r,
-            Err(_) => Err(ClientError::NoAnswer(addr.to_string(), timeout)),
-        }
+        self.call_on_within(
+            addr,
+            timeout,
+            |ch| async move { rpc(ch, r).await.map(Response::into_inner) },
+        )
+        .await
     }
 
     // ----------------------------------------------------------------------------- Meta

@@ -528,8 +528,17 @@ impl Cluster {
         }
     }
 
-    /// Runs `f` against one specific server.
+    /// Runs `f` against one specific server, within the call deadline.
     pub async fn call_on<T, F, Fut>(&self, addr: &str, f: F) -> Result<T, ClientError>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        self.call_on_within(addr, self.policy.call_timeout, f).await
+    }
+
+    /// [`Cluster::call_on`] within `limit` (a probe's shorter deadline).
+    pub async fn call_on_within<T, F, Fut>(&self, addr: &str, limit: Duration, f: F) -> Result<T, ClientError>
     where
         F: FnOnce(Channel) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
@@ -539,7 +548,6 @@ impl Cluster {
             None => tuned(self.tls.endpoint(addr)?).connect_lazy(),
         };
         // Bounded here too (see `call_within`).
-        let limit = self.policy.call_timeout;
         let Ok(r) = tokio::time::timeout(limit, f(ch)).await else {
             return Err(ClientError::NoAnswer(addr.to_string(), limit));
         };
@@ -767,9 +775,9 @@ impl Cluster {
         let mut last = None;
         let mut corrupt = false;
         let (first, order) = self.order();
+        let idle = self.policy.call_timeout;
         for i in order {
             let (addr, ch) = &self.servers[i];
-            let idle = self.policy.call_timeout;
             match fetch_one(ch.clone(), self.request(blob.request(0)), hash, idle).await {
                 Ok(data) => {
                     self.move_preference(first, i);

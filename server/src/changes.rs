@@ -160,6 +160,7 @@ fn event(version: u64, c: &ChangeRec) -> pb::ChangeEvent {
             })
             .collect(),
         removed: c.removed.clone(),
+        perms: c.perms.clone(),
     }
 }
 

@@ -218,11 +218,20 @@ impl MetaStore {
     }
 
     /// Forgets the attributes of these nodes, keeping directory listings. A directory's are
-    /// kept aside, to be served only while no server answers (see [`CF_STALE`]).
-    pub fn forget_attrs(&self, inos: &[u64]) -> Result<(), MetaError> {
+    /// kept aside, to be served only while no server answers (see [`CF_STALE`]), unless its
+    /// mode, owner or group changed (`perms`): those are dropped, and any older ones kept
+    /// aside too, so no older permission is ever served.
+    pub fn forget_attrs(&self, inos: &[u64], perms: &[u64]) -> Result<(), MetaError> {
         let mut batch = WriteBatch::default();
+        for i in perms {
+            batch.delete_cf(self.cf(CF_STALE)?, i.to_be_bytes());
+        }
         for i in inos {
             let key = i.to_be_bytes();
+            if perms.contains(i) {
+                batch.delete_cf(self.cf(CF_ATTRS)?, key);
+                continue;
+            }
             if let Some(v) = self.db.get_pinned_cf(self.cf(CF_ATTRS)?, key).map_err(me)? {
                 let kind = pb::Attr::decode(v.as_ref()).map(|a| a.kind).unwrap_or_default();
                 if kind == pb::ObjectKind::Directory as i32 {
@@ -404,9 +413,20 @@ mod tests {
         for a in [&d, &f, &e] {
             m.put_attr(a).unwrap();
         }
-        m.forget_attrs(&[d.ino, f.ino, e.ino]).unwrap();
+        m.forget_attrs(&[d.ino, f.ino, e.ino], &[]).unwrap();
         assert_eq!(m.attr(d.ino).unwrap(), None);
         assert_eq!(m.stale_attr(d.ino).unwrap(), Some(d.clone()));
+        // A chmod or chown drops what was kept aside, and keeps nothing of the change's.
+        let g = node(5, NodeKind::Dir);
+        m.put_attr(&g).unwrap();
+        m.forget_attrs(&[g.ino], &[]).unwrap();
+        assert_eq!(m.stale_attr(g.ino).unwrap(), Some(g.clone()));
+        m.put_attr(&g).unwrap();
+        m.forget_attrs(&[g.ino], &[g.ino]).unwrap();
+        assert_eq!((m.attr(g.ino).unwrap(), m.stale_attr(g.ino).unwrap()), (None, None));
+        m.forget_attrs(&[g.ino], &[]).unwrap();
+        m.forget_attrs(&[], &[g.ino]).unwrap();
+        assert_eq!(m.stale_attr(g.ino).unwrap(), None, "an older kept copy goes too");
         assert_eq!(m.stale_attr(f.ino).unwrap(), None, "a file's content may have changed");
         m.forget(&[e.ino], &[]).unwrap();
         assert_eq!(m.stale_attr(e.ino).unwrap(), None, "a removed directory");

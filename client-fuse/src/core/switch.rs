@@ -414,7 +414,7 @@ impl<R: Remote> Core<R> {
                 // version, unless a newer commit of this mount already patched them (its event
                 // still to come): those are read again.
                 Some(names) if self.writes.own_floor() <= ev.version => {
-                    self.meta.forget_attrs(changed).map_err(Self::io)?;
+                    self.meta.forget_attrs(changed, &ev.perms).map_err(Self::io)?;
                     self.meta.forget(&ev.removed, &[]).map_err(Self::io)?;
                     self.meta.patch_dirs(names).map_err(Self::io)?;
                 }

@@ -51,6 +51,8 @@ pub struct ChangeEvent {
     pub names: Option<Vec<crate::cache::meta::DirPatch>>,
     /// Nodes the change deleted (sent with `names`).
     pub removed: Vec<u64>,
+    /// Nodes whose mode, owner or group the change set (empty from older servers).
+    pub perms: Vec<u64>,
 }
 
 /// A volume's current version, as one batched stamp check reports it.
@@ -59,6 +61,19 @@ pub struct VolumeStamp {
     pub volume: String,
     pub version: u64,
     pub exists: bool,
+}
+
+/// The nodes whose mode, owner or group `ops` set (their older attributes must not be served,
+/// not even while no server answers).
+pub fn perms_set(ops: &[Op]) -> Vec<u64> {
+    ops.iter()
+        .filter_map(|op| match op {
+            Op::SetAttr {
+                ino, mode, uid, gid, ..
+            } if mode.is_some() || uid.is_some() || gid.is_some() => Some(*ino),
+            _ => None,
+        })
+        .collect()
 }
 
 /// One namespace operation of a commit, by node id (also a record of the write-back log, so

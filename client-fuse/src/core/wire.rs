@@ -100,6 +100,7 @@ impl From<pb::ChangeEvent> for ChangeEvent {
                     .collect()
             }),
             removed: if e.names_complete { e.removed } else { Vec::new() },
+            perms: e.perms,
         }
     }
 }

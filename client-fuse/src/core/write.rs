@@ -388,6 +388,7 @@ impl<R: Remote> Core<R> {
     /// Commits `ops`; afterwards forgets cached metadata of `inos` (attributes and listings)
     /// whatever the outcome, since a broken call may still have committed.
     async fn commit(&self, ctx: &WriteCtx, ops: Vec<Op>, inos: &[u64]) -> Result<Committed, FsError> {
+        let perms = super::types::perms_set(&ops);
         let r = self
             .timed(
                 self.write_timeout(0),
@@ -400,7 +401,7 @@ impl<R: Remote> Core<R> {
             // first: a fetch older than this commit settling meanwhile is then not cached, or
             // was cached before the attributes are forgotten here.
             self.own_commit(reply.version);
-            self.meta.forget_attrs(inos).map_err(Self::io)?;
+            self.meta.forget_attrs(inos, &perms).map_err(Self::io)?;
         } else {
             // Outcome unknown or refused: drop what we know of these nodes, listings included.
             self.meta.forget(inos, &[]).map_err(Self::io)?;

@@ -226,6 +226,8 @@ struct Txn<'a> {
     changed_dirs: BTreeSet<u64>,
     /// Names changed in `changed_dirs`, with where each leads now (`None`: removed).
     changed_names: BTreeMap<(u64, String), Option<u64>>,
+    /// Nodes whose mode, owner or group an operation changed.
+    changed_perms: BTreeSet<u64>,
     /// The version the node of the operation being applied had just before it (set by
     /// set_attr, set_content, link and rename; 0 for the others): answered per operation, so a
     /// client can tell whether anyone else's commit came between its view of a node and its
@@ -244,6 +246,7 @@ impl<'a> Txn<'a> {
             changed_inos: BTreeSet::new(),
             changed_dirs: BTreeSet::new(),
             changed_names: BTreeMap::new(),
+            changed_perms: BTreeSet::new(),
             op_prior: 0,
         }
     }
@@ -630,6 +633,7 @@ impl<'a> Txn<'a> {
         self.changed_inos.clear();
         self.changed_dirs.clear();
         self.changed_names.clear();
+        self.changed_perms.clear();
         self.delta.volumes.remove(name);
         self.delta.volume_deletes.insert(name.to_string(), vol.id);
         Ok(Outcome::Done)
@@ -784,11 +788,13 @@ impl<'a> Txn<'a> {
         let inos: Vec<u64> = std::mem::take(&mut self.changed_inos).into_iter().collect();
         let dirs = std::mem::take(&mut self.changed_dirs).into_iter().collect();
         let touched = std::mem::take(&mut self.changed_names);
+        let perms: Vec<u64> = std::mem::take(&mut self.changed_perms).into_iter().collect();
         let without_names = |inos, dirs| ChangeRec {
             inos,
             dirs,
             names: None,
             removed: Vec::new(),
+            perms: perms.clone(),
         };
         if touched.len() > codafs_proto::limits::MAX_CHANGE_NAMES {
             return Ok(without_names(inos, dirs));
@@ -815,6 +821,7 @@ impl<'a> Txn<'a> {
             dirs,
             names: Some(names),
             removed,
+            perms,
         })
     }
 

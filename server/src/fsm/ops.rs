@@ -178,6 +178,7 @@ impl Txn<'_> {
         let mut o = self.resolve(vol, node)?;
         expect(op.expect_version, Some(&o), &describe(node))?;
         self.op_prior = o.version;
+        let perms = (o.mode, o.uid, o.gid);
         if let Some(m) = mode {
             o.mode = m & 0o7777;
         }
@@ -192,6 +193,9 @@ impl Txn<'_> {
         }
         if let Some(t) = atime_ns {
             o.atime_ns = *t;
+        }
+        if perms != (o.mode, o.uid, o.gid) {
+            self.changed_perms.insert(o.ino);
         }
         o.ctime_ns = now_ns;
         o.version = self.index;

@@ -114,6 +114,8 @@ pub struct ChangeRec {
     pub names: Option<Vec<NameRec>>,
     /// Nodes the change deleted (kept with `names`, empty without).
     pub removed: Vec<u64>,
+    /// Nodes whose mode, owner or group the change set.
+    pub perms: Vec<u64>,
 }
 
 /// One name a change touched: `name` in `dir` now leads to `target` (`None`: removed).
@@ -132,19 +134,41 @@ struct ChangeRecV1 {
     dirs: Vec<u64>,
 }
 
+/// A change record as written before permission changes were kept.
+#[derive(Deserialize)]
+struct ChangeRecV2 {
+    inos: Vec<u64>,
+    dirs: Vec<u64>,
+    names: Option<Vec<NameRec>>,
+    removed: Vec<u64>,
+}
+
 impl ChangeRec {
-    /// Decodes a stored record of either layout. A current record is tried first: an older,
-    /// shorter one fails it (it ends before `names`), while reading a current record as an
-    /// older one would succeed and drop its names.
+    /// Decodes a stored record of any layout. The newest is tried first: an older, shorter
+    /// record fails it (it ends before the newer fields), while reading a newer record as an
+    /// older one would succeed and drop its newer fields. An older record tells no permission
+    /// changes (mounts then act as before they were sent).
     pub fn decode(b: &[u8]) -> Result<Self, bincode::Error> {
-        bincode::deserialize::<ChangeRec>(b).or_else(|e| match bincode::deserialize::<ChangeRecV1>(b) {
-            Ok(old) => Ok(ChangeRec {
-                inos: old.inos,
-                dirs: old.dirs,
-                names: None,
-                removed: Vec::new(),
-            }),
-            Err(_) => Err(e),
+        bincode::deserialize::<ChangeRec>(b).or_else(|e| {
+            if let Ok(old) = bincode::deserialize::<ChangeRecV2>(b) {
+                return Ok(ChangeRec {
+                    inos: old.inos,
+                    dirs: old.dirs,
+                    names: old.names,
+                    removed: old.removed,
+                    perms: Vec::new(),
+                });
+            }
+            match bincode::deserialize::<ChangeRecV1>(b) {
+                Ok(old) => Ok(ChangeRec {
+                    inos: old.inos,
+                    dirs: old.dirs,
+                    names: None,
+                    removed: Vec::new(),
+                    perms: Vec::new(),
+                }),
+                Err(_) => Err(e),
+            }
         })
     }
 }

@@ -421,8 +421,26 @@ fn change_records_written_before_names_were_kept_still_decode() {
             target: None,
         }]),
         removed: vec![2],
+        perms: vec![1],
     };
     assert_eq!(ChangeRec::decode(&bincode::serialize(&new).unwrap()).unwrap(), new);
+    // Written before permission changes were kept: the rest stays, no permission changes.
+    #[derive(serde::Serialize)]
+    struct V2 {
+        inos: Vec<u64>,
+        dirs: Vec<u64>,
+        names: Option<Vec<NameRec>>,
+        removed: Vec<u64>,
+    }
+    let v2 = bincode::serialize(&V2 {
+        inos: new.inos.clone(),
+        dirs: new.dirs.clone(),
+        names: new.names.clone(),
+        removed: new.removed.clone(),
+    })
+    .unwrap();
+    let rec = ChangeRec::decode(&v2).unwrap();
+    assert_eq!(rec, ChangeRec { perms: vec![], ..new });
     assert!(ChangeRec::decode(&[1, 2, 3]).is_err(), "garbage is an error");
 }
 
@@ -721,6 +739,21 @@ fn a_commit_tells_the_version_each_changed_node_had_before_it() {
     // The second chmod of a finds the first's version; a created node and a rename onto
     // itself (nothing moved) tell nothing.
     assert_eq!(prior, vec![3, 5, 4, 0, 0]);
+    // The change names the node whose mode changed (mounts then drop its older attributes).
+    let vol = s.volumes["www"].clone();
+    let a = lookup(&s, "a").unwrap().ino;
+    assert_eq!(s.changes[&(vol.id, 5)].perms, vec![a]);
+    // Times alone, or a mode set to what it was, are no permission change.
+    let touch = OpKind::SetAttr {
+        node: NodeRef::Path("a".into()),
+        mode: Some(0o600),
+        uid: None,
+        gid: None,
+        mtime_ns: Some(7),
+        atime_ns: None,
+    };
+    commit(&mut s, 6, "alice", vec![touch]).unwrap();
+    assert!(s.changes[&(vol.id, 6)].perms.is_empty());
 }
 
 #[test]

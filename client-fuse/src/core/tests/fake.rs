@@ -196,6 +196,15 @@ impl Truth {
                 .collect();
             (Some(names), removed)
         };
+        // As a server tells them: nodes whose mode, owner or group differ from before.
+        let perms = inos
+            .iter()
+            .copied()
+            .filter(|i| match (self.shown.objects.get(i), self.tree.objects.get(i)) {
+                (Some(a), Some(b)) => (a.mode, a.uid, a.gid) != (b.mode, b.uid, b.gid),
+                _ => false,
+            })
+            .collect();
         self.shown = self.tree.clone();
         self.pending.push_back(ChangeEvent {
             version: v,
@@ -204,6 +213,7 @@ impl Truth {
             history_gone: false,
             names,
             removed,
+            perms,
         });
         let contents = self.tree.contents(&self.blobs);
         self.history.push((v, contents));
@@ -487,6 +497,23 @@ impl FakeRemote {
         t.tree.objects.insert(ino, attr);
         t.finish(vec![ino], dirs);
         t.pending.back().cloned().unwrap_or_default()
+    }
+
+    /// Another node changes the mode of a path ("a/b"), if present; returns the change event
+    /// (also pending).
+    pub fn chmod(&self, path: &[&str], mode: u32) -> Option<ChangeEvent> {
+        let mut t = self.lock();
+        let mut ino = root();
+        for p in path {
+            ino = t.tree.child(ino, p)?;
+        }
+        t.tree.version += 1;
+        let v = t.tree.version;
+        let a = t.tree.objects.get_mut(&ino)?;
+        a.mode = mode;
+        a.version = v;
+        t.finish(vec![ino], vec![]);
+        t.pending.back().cloned()
     }
 
     /// Another node removes a file or an empty directory, if present; returns the change event

@@ -73,6 +73,36 @@ async fn cached_content_is_served_while_disconnected_and_uncached_fails_fast() {
     assert!(!core.is_connected());
 }
 
+/// A directory whose attributes a change made the cache forget is served as it was while no
+/// server answers, so the cached files below it stay readable; but never with a mode, owner or
+/// group a later change replaced (a chmod that closed it would otherwise be undone offline).
+#[tokio::test]
+async fn a_directory_chmodded_elsewhere_is_not_served_with_its_older_mode_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = core_with(dir.path(), 1 << 20);
+    core.refresh_volumes().await.unwrap();
+    publish(&core, &["d"], "a", b"a").await;
+    assert_eq!(read_path(&core, &["d"], "a").await.unwrap(), b"a");
+    let www = core.lookup(ROOT_INO, "www").await.unwrap().ino;
+    let d = core.lookup(www, "d").await.unwrap().ino;
+    // A new name in d: its attributes are kept aside and served offline.
+    publish(&core, &["d"], "b", b"b").await;
+    core.remote.lock().down = true;
+    let shown = core.getattr(d).await.expect("served offline after a new name");
+    assert_eq!(shown.perm & 0o7777, 0o755);
+    core.remote.lock().down = false;
+    core.getattr(d).await.unwrap();
+    // Closed elsewhere: offline, d has no attributes to serve rather than its older mode.
+    let ev = core.remote.chmod(&["d"], 0o700).expect("chmod d");
+    assert_eq!(ev.perms, vec![d]);
+    core.apply_change("www", &ev, &NoKernel).await.unwrap();
+    core.remote.lock().down = true;
+    let r = core.getattr(d).await;
+    assert!(matches!(r, Err(FsError::Disconnected(_))), "{r:?}");
+    core.remote.lock().down = false;
+    assert_eq!(core.getattr(d).await.unwrap().perm & 0o7777, 0o700);
+}
+
 #[tokio::test]
 async fn a_restart_reuses_cached_metadata_and_content() {
     let dir = tempfile::tempdir().unwrap();

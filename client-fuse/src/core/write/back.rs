@@ -26,7 +26,7 @@ use super::*;
 use crate::cache::meta::DirPatch;
 use crate::core::chunked::read_at;
 use crate::core::remote::{new_request_id, RequestId};
-use crate::core::types::{Attr, Committed};
+use crate::core::types::{perms_set, Attr, Committed};
 use crate::core::{Invalidation, Invalidator};
 use crate::wblog::{in_runs, runs_of, Change, Content, Log, LogError, Record, INLINE_MAX};
 use codafs_common::chunks::chunk_reader;
@@ -2202,7 +2202,7 @@ impl<R: Remote> Core<R> {
             }
         }
         let _ = self.meta.forget(&[], &unknown);
-        let _ = self.meta.forget_attrs(&inos);
+        let _ = self.meta.forget_attrs(&inos, &perms_set(ops));
         self.writes.stats.commits.fetch_add(1, Ordering::Relaxed);
     }
 

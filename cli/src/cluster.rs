@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use codafs_client::transport::Tls;
+use codafs_client::transport::{ClientError, Tls};
 use codafs_client::{ClientBundle, Cluster};
 use codafs_common::join::JoinToken;
 use codafs_common::token::{self, Claims, Role};
@@ -842,14 +842,16 @@ pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> R
     // A client config made before servers joined lists fewer than there are: the membership
     // names the others, which are shown too (and the config's staleness said).
     let mut unlisted = Vec::new();
+    let mut membership = None;
     if !one_server {
         if let Ok(list) = c.list_servers().await {
-            for s in list.servers {
+            for s in &list.servers {
                 if !targets.contains(&s.addr) {
                     unlisted.push(s.addr.clone());
-                    targets.push(s.addr);
+                    targets.push(s.addr.clone());
                 }
             }
+            membership = Some(list);
         }
     }
     let mut rows = Vec::new();
@@ -861,7 +863,11 @@ pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> R
                 failed += 1;
                 rows.push((addr.clone(), None));
                 if !json {
-                    eprintln!("{addr}: unreachable ({e})");
+                    match e {
+                        // These name the server already.
+                        ClientError::NoAnswer(..) | ClientError::Down(..) => eprintln!("{e}"),
+                        e => eprintln!("{addr}: unreachable ({e})"),
+                    }
                 }
             }
         }
@@ -921,6 +927,11 @@ pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> R
                 println!("  CA key      held here: signs the certificates of joining servers");
             }
         }
+        if let Some(list) = &membership {
+            for line in what_answers(list, &rows) {
+                println!("{line}");
+            }
+        }
         if !unlisted.is_empty() {
             eprintln!(
                 "note: {} not in the client config (it predates them); mounts and commands given it \
@@ -933,6 +944,48 @@ pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> R
         bail!("{failed} of {} servers unreachable", targets.len());
     }
     Ok(())
+}
+
+/// What the servers that answer can do together: whether commits can reach a majority of the
+/// voters, and whether content can be written and read (at least one data server; a witness
+/// holds hints for a missing one, see docs/SEMANTICS.md). `rows`: each server's status, `None`
+/// if it did not answer.
+fn what_answers(list: &pb::ServerList, rows: &[(String, Option<pb::ServerStatus>)]) -> Vec<String> {
+    let answers = |addr: &str| rows.iter().any(|(a, st)| a == addr && st.is_some());
+    let count = |f: &dyn Fn(&pb::ServerInfo) -> bool| {
+        let all: Vec<&pb::ServerInfo> = list.servers.iter().filter(|s| f(s)).collect();
+        (all.iter().filter(|s| answers(&s.addr)).count(), all.len())
+    };
+    let (voters_up, voters) = count(&|s| s.voter);
+    let (data_up, data) = count(&|s| !s.witness);
+    let (witnesses_up, witnesses) = count(&|s| s.witness);
+    let mut out = vec![format!(
+        "summary: {voters_up} of {voters} voters answer ({}); {data_up} of {data} data servers answer{}",
+        if voters_up * 2 > voters {
+            "a majority: changes commit"
+        } else {
+            "no majority: no change can commit until more are back"
+        },
+        if witnesses > 0 {
+            format!(", {witnesses_up} of {witnesses} witnesses")
+        } else {
+            String::new()
+        }
+    )];
+    if data_up == 0 && data > 0 {
+        out.push(
+            "  no data server answers: content cannot be written (each write needs a copy on a data \
+             server), and only content already cached on a mount can be read"
+                .into(),
+        );
+    } else if data_up < data {
+        out.push(format!(
+            "  {} data server(s) down: content writes go on only while the copies that answer (with a \
+             witness's hints for the missing ones) reach each volume's write quorum",
+            data - data_up
+        ));
+    }
+    out
 }
 
 /// A witness's spool, e.g. `3 blobs (1.2 MiB of 4.0 GiB) held for data servers that are down`.

@@ -318,10 +318,15 @@ impl Cluster {
 
     /// [`Cluster::list_servers`] as `token`'s holder (the cluster's own token if `None`).
     pub async fn list_servers_as(&self, token: Option<&str>) -> Result<pb::ServerList, ClientError> {
-        self.unary_read(token, pb::Empty {}, |ch, r| async move {
-            Cluster::admin(ch).servers(r).await
-        })
-        .await
+        let list = self
+            .unary_read(token, pb::Empty {}, |ch, r| async move {
+                Cluster::admin(ch).servers(r).await
+            })
+            .await?;
+        for s in &list.servers {
+            self.note_role(&s.addr, s.witness);
+        }
+        Ok(list)
     }
 
     /// The status of whichever server answers first.
@@ -352,10 +357,13 @@ impl Cluster {
     /// Whether the server at `addr` is ready (needs no token: load balancers ask it).
     pub async fn health_on(&self, addr: &str) -> Result<pb::HealthReply, ClientError> {
         let timeout = self.policy.probe_timeout;
-        self.unary_on(addr, timeout, pb::Empty {}, |ch, r| async move {
-            Cluster::admin(ch).health(r).await
-        })
-        .await
+        let h: pb::HealthReply = self
+            .unary_on(addr, timeout, pb::Empty {}, |ch, r| async move {
+                Cluster::admin(ch).health(r).await
+            })
+            .await?;
+        self.note_role(addr, h.witness);
+        Ok(h)
     }
 
     /// A single-use join token valid for `ttl_secs` (0: the servers' default).

@@ -15,7 +15,7 @@
 //! Connections use TLS verified against the cluster CA unless the caller explicitly asks for
 //! plaintext ([`Tls::Insecure`]); there is no fallback from one to the other.
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use codafs_common::Hash;
@@ -37,6 +37,9 @@ pub enum ClientError {
     /// One server asked by name (a status probe, a replica's blobs) did not answer in time.
     #[error("{0} did not answer within {1:?} (down, stopped or cut off)")]
     NoAnswer(String, Duration),
+    /// One server asked by name could not take the call (refused connections, shutting down).
+    #[error("{0} cannot be reached: {1}")]
+    Down(String, String),
     #[error("{}", .0.message())]
     Server(Status),
     #[error("blob {0} failed verification on every replica")]
@@ -69,7 +72,7 @@ impl ClientError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             ClientError::Server(s) => kind_of(s),
-            ClientError::Unreachable(_) | ClientError::NoAnswer(..) => ErrorKind::Unavailable,
+            ClientError::Unreachable(_) | ClientError::NoAnswer(..) | ClientError::Down(..) => ErrorKind::Unavailable,
             ClientError::Corrupt(_) => ErrorKind::Corrupt,
             ClientError::Address(..) | ClientError::Tls(_) => ErrorKind::Invalid,
         }
@@ -153,6 +156,10 @@ pub struct Cluster {
     /// the one that waited on a hung server do not wait on it again (blob fetches, which skip
     /// witnesses, would otherwise find it next after a metadata read failed over to one).
     quiet: Vec<AtomicU64>,
+    /// Which servers said they are witnesses (in a health answer or the membership). A read a
+    /// witness answered first does not make it the preferred server: it stores no blobs, so
+    /// the next content fetch would be refused there first.
+    witness: Vec<AtomicBool>,
     epoch: std::time::Instant,
     token: Option<String>,
     /// Deadlines of every call (see [`RequestPolicy`]).
@@ -176,6 +183,7 @@ impl Cluster {
             tls,
             preferred: AtomicUsize::new(0),
             quiet: servers.iter().map(|_| AtomicU64::new(0)).collect(),
+            witness: servers.iter().map(|_| AtomicBool::new(false)).collect(),
             epoch: std::time::Instant::now(),
             token,
             policy: RequestPolicy::default(),
@@ -241,33 +249,46 @@ impl Cluster {
 
     /// Moves the preference off a witness, to a data server at random: a witness stores no
     /// blobs, so a client starting there would have its first read refused, and its writes
-    /// relayed. Asks `Health` (answered to anyone) of the preferred server, then of the others
-    /// from a random one on, skipping those that do not answer, until one is a data server.
-    /// A preference that moved meanwhile (a failover) is left as it is.
+    /// relayed. Asks `Health` (answered to anyone) of every server at once, each within the
+    /// probe deadline, and so also learns which servers are witnesses (see `witness`). A
+    /// preference that moved meanwhile (a failover) is left as it is.
     pub async fn avoid_witness(&self) {
         let n = self.servers.len();
         let start = self.preferred.load(Ordering::Relaxed) % n;
-        for i in failover_order(n, start, rand::random()) {
-            let addr = self.servers[i].0.clone();
-            match self.health_on(&addr).await {
-                Ok(h) if !h.witness => {
-                    if i != start {
-                        tracing::info!(server = %addr, "preferring a data server over a witness");
-                        self.move_preference(start, i);
-                    }
-                    return;
-                }
-                Ok(_) => {}
-                Err(e) => tracing::debug!(server = %addr, error = %e, "no health answer; asking another server"),
+        let answers = futures::future::join_all(self.servers.iter().map(|(a, _)| self.health_on(a))).await;
+        for (i, a) in answers.iter().enumerate() {
+            if let Err(e) = a {
+                tracing::debug!(server = %self.servers[i].0, error = %e, "no health answer");
             }
+        }
+        if matches!(&answers[start], Ok(h) if !h.witness) {
+            return;
+        }
+        let data = failover_order(n, start, rand::random()).find(|&i| matches!(&answers[i], Ok(h) if !h.witness));
+        if let Some(i) = data {
+            tracing::info!(server = %self.servers[i].0, "preferring a data server over a witness");
+            self.move_preference(start, i);
         }
     }
 
-    /// The cluster's id, from the first server that tells it (health checks need no token).
-    /// A server without its cluster's record yet (one still joining) tells none, so the
-    /// others are asked. `None` only if every server answered, ready and without an id
-    /// (servers older than the field).
+    /// Notes what server `addr` said its role is (a health answer, the membership).
+    pub(crate) fn note_role(&self, addr: &str, witness: bool) {
+        if let Some(i) = self.index_of(addr) {
+            self.witness[i].store(witness, Ordering::Relaxed);
+        }
+    }
+
+    /// The cluster's id: the one its CA certificate names ([`Tls::cluster_id`]); else (in
+    /// plaintext, or a CA named otherwise) from the first server that tells it (health checks
+    /// need no token). A server without its cluster's record yet (one still joining) tells
+    /// none, so the others are asked. `None` only if every server answered, ready and without
+    /// an id (servers older than the field).
     pub async fn cluster_id(&self) -> Result<Option<String>, ClientError> {
+        // The CA's own name first: servers could claim another cluster's id (to be handed
+        // that cluster's tokens), a CA cannot.
+        if let Some(id) = self.tls.cluster_id() {
+            return Ok(Some(id));
+        }
         let mut last = None;
         let mut all_old = true;
         for i in self.order().1 {
@@ -304,7 +325,10 @@ impl Cluster {
         if from != now {
             return;
         }
-        if let Some(to) = failover_order(n, from, rand::random()).nth(1) {
+        let to = failover_order(n, from, rand::random())
+            .skip(1)
+            .find(|&i| !self.witness[i].load(Ordering::Relaxed));
+        if let Some(to) = to {
             tracing::info!(from = %self.servers[from].0, to = %self.servers[to].0, "no answer in time; asking another server first");
             self.move_preference(from, to);
         }
@@ -312,7 +336,11 @@ impl Cluster {
 
     /// Prefers server `to` if the preference is still `from`: a move decided on an older
     /// preference (a call that started before another one failed over) never undoes a newer.
+    /// A known witness is never made preferred this way (see `witness`).
     fn move_preference(&self, from: usize, to: usize) {
+        if self.witness[to].load(Ordering::Relaxed) {
+            return;
+        }
         let _ = self
             .preferred
             .compare_exchange(from, to, Ordering::Relaxed, Ordering::Relaxed);
@@ -412,6 +440,16 @@ impl Cluster {
         let (first, order) = self.order();
         for i in order {
             let (addr, ch) = &self.servers[i];
+            if retry == Retry::IfNotRun {
+                // A change that must not run twice is sent only on a connection that answers:
+                // its timeout would leave the outcome unknown and end the call there, so a
+                // hung server (stopped, stalled) would fail it although another could take it.
+                if let Err(why) = self.answers(i).await {
+                    tracing::debug!(server = %addr, error = %why, "server does not answer; trying the next");
+                    errors.push(format!("{addr}: {why}"));
+                    continue;
+                }
+            }
             let s = match tokio::time::timeout(limit, f(ch.clone())).await {
                 Ok(Ok(v)) => {
                     self.move_preference(first, i);
@@ -428,6 +466,25 @@ impl Cluster {
             errors.push(format!("{addr}: {why}"));
         }
         Err(ClientError::Unreachable(errors.join("; ")))
+    }
+
+    /// Whether server `i` answers a health probe within the probe deadline on the connection
+    /// calls use (so that connection is made, TLS included). `Err`: why not.
+    async fn answers(&self, i: usize) -> Result<(), String> {
+        let limit = self.policy.probe_timeout;
+        let mut r = tonic::Request::new(pb::Empty {});
+        r.set_timeout(limit);
+        match tokio::time::timeout(limit, Self::admin(self.servers[i].1.clone()).health(r)).await {
+            Ok(Ok(h)) => {
+                self.witness[i].store(h.into_inner().witness, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(Err(s)) => Err(explain(&s, &self.tls)),
+            Err(_) => {
+                self.mark_quiet(i);
+                Err(format!("no answer to a health probe within {limit:?}"))
+            }
+        }
     }
 
     /// A read that any server answers alike (attributes, listing pages, small contents, the
@@ -553,7 +610,7 @@ impl Cluster {
         };
         r.map_err(|s| {
             if Retry::Elsewhere.moves_on(&s) {
-                ClientError::Unreachable(format!("{addr}: {}", explain(&s, &self.tls)))
+                ClientError::Down(addr.to_string(), explain(&s, &self.tls))
             } else {
                 ClientError::Server(explained(s, &self.tls))
             }
@@ -951,6 +1008,28 @@ mod tests {
         assert_eq!(c.preferred(), "127.0.0.1:3");
         c.move_preference(0, 1);
         assert_eq!(c.preferred(), "127.0.0.1:3", "the preference had moved from the first");
+
+        // A server known to be a witness is never moved to (an answer it gave first, a
+        // failover off a hung server), only picked explicitly.
+        let c = Cluster::new(&servers, Tls::Insecure, None)?;
+        c.note_role("127.0.0.1:2", true);
+        c.move_preference(0, 1);
+        assert_eq!(
+            c.preferred(),
+            "127.0.0.1:1",
+            "a witness's answer does not make it preferred"
+        );
+        for _ in 0..50 {
+            c.skip_preferred(None);
+            assert_ne!(c.preferred(), "127.0.0.1:2", "a failover never lands on the witness");
+        }
+        c.note_role("127.0.0.1:2", false);
+        c.moved_to(&c.preferred(), "127.0.0.1:2");
+        assert_eq!(
+            c.preferred(),
+            "127.0.0.1:2",
+            "a witness made a data server can be preferred"
+        );
 
         let c = Cluster::new(&servers, Tls::Insecure, None)?;
         c.prefer("127.0.0.1:2")?;

@@ -11,6 +11,15 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 /// The DNS name every server certificate carries and every connection verifies.
 pub const SERVER_NAME: &str = "codafs-server";
 
+const CA_NAME_PREFIX: &str = "codafs cluster ";
+const CA_NAME_SUFFIX: &str = " CA";
+
+/// The common name of cluster `cluster_id`'s CA certificate: how clients know which cluster a
+/// CA belongs to ([`Tls::cluster_id`]).
+pub fn ca_common_name(cluster_id: &str) -> String {
+    format!("{CA_NAME_PREFIX}{cluster_id}{CA_NAME_SUFFIX}")
+}
+
 /// Transport security of outgoing connections.
 #[derive(Clone)]
 pub enum Tls {
@@ -55,6 +64,21 @@ impl Tls {
 
     pub fn is_insecure(&self) -> bool {
         matches!(self, Tls::Insecure)
+    }
+
+    /// The id of the cluster whose CA this trusts, from the CA certificate's name (see
+    /// [`ca_common_name`]); `None` in plaintext or for a CA named otherwise. A client takes
+    /// its cluster's id from here rather than from the servers, so servers cannot claim
+    /// another cluster's id to be handed that cluster's tokens.
+    pub fn cluster_id(&self) -> Option<String> {
+        let Tls::Ca { ca_pem, .. } = self else {
+            return None;
+        };
+        let (_, pem) = x509_parser::pem::parse_x509_pem(ca_pem.as_bytes()).ok()?;
+        let cert = pem.parse_x509().ok()?;
+        let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+        let id = cn.strip_prefix(CA_NAME_PREFIX)?.strip_suffix(CA_NAME_SUFFIX)?;
+        (!id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')).then(|| id.to_string())
     }
 
     /// An endpoint for `addr` (`host:port`) with this transport applied: `https://` plus the

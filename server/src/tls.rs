@@ -90,7 +90,7 @@ fn ca_params(cluster_id: &str) -> CertificateParams {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "codafs");
-    dn.push(DnType::CommonName, format!("codafs cluster {cluster_id} CA"));
+    dn.push(DnType::CommonName, codafs_proto::tls::ca_common_name(cluster_id));
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -393,6 +393,25 @@ pub fn same_pem(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Clients take the cluster id from the CA's name (servers could claim any).
+    #[test]
+    fn a_ca_names_its_cluster() {
+        let ca = new_ca("0a1b2c").unwrap();
+        assert_eq!(Tls::ca(ca.cert_pem).cluster_id().as_deref(), Some("0a1b2c"));
+        assert_eq!(Tls::Insecure.cluster_id(), None);
+        assert_eq!(Tls::ca("not a certificate").cluster_id(), None);
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, "some other CA");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let other = p.self_signed(&key).unwrap();
+        assert_eq!(
+            Tls::ca(other.pem()).cluster_id(),
+            None,
+            "a CA named otherwise names none"
+        );
+    }
 
     #[test]
     fn hosts_of_addresses() {

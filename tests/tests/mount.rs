@@ -980,7 +980,37 @@ async fn cache_misses_are_served_while_a_server_hangs() {
             ensure!(stderr.contains(&format!("{} did not answer", s.addr)), "{stderr}");
         }
         ensure!(took < Duration::from_secs(10), "status took {took:?}\n{stdout}{stderr}");
+        // And says what that means: no majority, and no content can be written.
+        ensure!(
+            stdout.contains("1 of 3 voters answer (no majority")
+                && stdout.contains("0 of 2 data servers answer")
+                && stdout.contains("no data server answers: content cannot be written"),
+            "{stdout}"
+        );
         drop(data);
+        // An admin change (no request id, so never sent twice) whose first server hangs is
+        // sent to another once that one leaves a health probe unanswered (3 s). Before, the
+        // change waited for the CLI's 30 s deadline there and failed: its outcome was unknown.
+        let first = Stopped::stop([&tc.servers[0]])?;
+        let t = Instant::now();
+        let out = tokio::task::block_in_place(|| tc.codafs_admin(&["volume", "create", "other"]))?;
+        let took = t.elapsed();
+        ensure!(
+            out.ok,
+            "volume create with the first server hung failed after {took:?}\n{}{}",
+            out.stdout,
+            out.stderr
+        );
+        ensure!(took < Duration::from_secs(20), "volume create took {took:?}");
+        // Listed by the servers that took it (the hung one would answer from before it).
+        let out = tokio::task::block_in_place(|| tc.codafs_admin(&["volume", "list"]))?;
+        ensure!(
+            out.ok && out.stdout.lines().filter(|l| l.starts_with("other ")).count() == 1,
+            "the volume exists once\n{}{}",
+            out.stdout,
+            out.stderr
+        );
+        drop(first);
         let all = Stopped::stop(tc.servers.iter())?;
         let dir = m.path.join(format!("www/d{rounds}"));
         let t = Instant::now();

@@ -51,6 +51,14 @@ async fn cluster_servers_shows_each_servers_state_and_an_unreachable_one() {
             .context("the killed server is still listed")?;
         ensure!(line.contains("unreachable"), "{}", out.stdout);
         ensure!(out.stdout.matches(" up ").count() == 2, "{}", out.stdout);
+        // `status` sums up what the servers that answer can do together.
+        let out = tc.codafs_admin(&["status"])?;
+        ensure!(!out.ok, "one server is down: {}", out.stdout);
+        ensure!(
+            out.stdout.contains("summary: 2 of 3 voters answer (a majority: changes commit); 2 of 2 data servers answer, 0 of 1 witnesses"),
+            "{}",
+            out.stdout
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
         Ok(())
     })

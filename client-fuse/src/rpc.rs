@@ -198,10 +198,13 @@ impl Cluster {
             sizes: Vec::new(),
             exists_only,
         };
+        // A status probe's deadline, doubled: a replica that cannot say in that time is
+        // counted as lacking, which costs a resend at worst.
+        let limit = (self.policy.probe_timeout * 2).min(self.policy.call_timeout);
         let mut r = self.request_opt(token, req);
-        r.set_timeout(self.policy.call_timeout);
+        r.set_timeout(limit);
         let reply = self
-            .call_on(addr, |ch| async move {
+            .call_on_within(addr, limit, |ch| async move {
                 Cluster::blobs(ch).missing(r).await.map(Response::into_inner)
             })
             .await?;
@@ -221,12 +224,20 @@ impl Cluster {
             .map(|s| s.addr)
             .collect();
         let mut lacking = HashSet::new();
+        // A replica that did not answer one part is not asked the rest: each would wait on it
+        // again (a stopped server keeps its connections and answers nothing).
+        let mut silent = HashSet::new();
         for part in hashes.chunks(MISSING_QUERY) {
             for addr in &data {
+                if silent.contains(addr) {
+                    lacking.extend(part.iter().copied());
+                    continue;
+                }
                 match self.missing_on_as(addr, token, part).await {
                     Ok(m) => lacking.extend(m),
                     Err(e) => {
                         tracing::debug!(server = %addr, error = %e, "could not ask which blobs a replica lacks");
+                        silent.insert(addr.clone());
                         lacking.extend(part.iter().copied());
                     }
                 }

@@ -133,6 +133,102 @@ async fn publishing_goes_on_with_a_data_server_down_and_the_witness_hands_off_it
 /// Without any data copy, hints do not count: with both data servers down, a put through a
 /// witness fails, although two witnesses could hold two hints (the spool keeps the relayed
 /// copy, to hand off later).
+/// A data server that is stopped (SIGSTOP: a paused VM, a stalled disk) keeps its connections
+/// and answers nothing. Publishing goes on as with a dead one: a forward it leaves unanswered
+/// for a couple of seconds is stood in for by a witness's hint, and the commit check does not
+/// wait on it once the other copies are counted. Before, every commit that named content
+/// failed (the forward and the check each waited out their whole deadline on it, longer than
+/// any client waits), and `upload` waited 30 s on it per query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn publishing_goes_on_with_a_data_server_stopped() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let leader = tc.leader().await?;
+        let stopped = tc
+            .servers
+            .iter()
+            .enumerate()
+            .position(|(i, s)| !s.witness && i != leader)
+            .context("a data server that does not lead")?;
+        let up = tc
+            .servers
+            .iter()
+            .position(|s| !s.witness && s.addr != tc.servers[stopped].addr)
+            .context("the other data server")?;
+        let witness = tc.servers.iter().position(|s| s.witness).context("a witness")?;
+        // Both data servers hold this one before the stop: a later commit naming it again
+        // needs the other copy counted without the stopped server's answer.
+        TestCluster::write_file(&tc.client_on(&tc.servers[up].addr), "www", "", "old.html", b"old page").await?;
+        let pid = tc.servers[stopped].pid().context("the server's pid")? as i32;
+        // SAFETY: a signal to a server process this test started.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        let resume = scopeguard(pid);
+        let site = tc.root.path().join("site");
+        let files: Vec<(String, Vec<u8>)> = (0..20)
+            .map(|i| (format!("p{i}.html"), format!("page {i} ").repeat(100).into_bytes()))
+            .chain([("old.html".to_string(), b"old page".to_vec())])
+            .collect();
+        let hashes = write_tree(&site, &files)?;
+        let t = std::time::Instant::now();
+        let out =
+            tokio::task::block_in_place(|| tc.codafs_admin(&["upload", &site.display().to_string(), "www:site"]))?;
+        let took = t.elapsed();
+        ensure!(
+            out.ok,
+            "upload with a data server stopped failed after {took:?}: {}{}",
+            out.stdout,
+            out.stderr
+        );
+        ensure!(took < Duration::from_secs(25), "upload took {took:?}");
+        let t = std::time::Instant::now();
+        TestCluster::write_file(
+            &tc.client_on(&tc.servers[up].addr),
+            "www",
+            "",
+            "new.html",
+            b"a new page",
+        )
+        .await
+        .context("a put and commit with a data server stopped")?;
+        ensure!(
+            t.elapsed() < Duration::from_secs(15),
+            "the write took {:?}",
+            t.elapsed()
+        );
+        let st = tc.status_of(&tc.servers[witness].addr).await?;
+        ensure!(
+            st.spool_blobs >= 1,
+            "the witness holds hints for the stopped server: {st:?}"
+        );
+        drop(resume);
+        // Resumed, the stopped server ends up with every blob (its forwards complete, or the
+        // witness hands its hints off).
+        let addr = tc.servers[stopped].addr.clone();
+        let mut all = hashes;
+        all.push(Hash::of(b"a new page"));
+        wait_until(Duration::from_secs(60), "the resumed server holds every blob", || {
+            let (tc, addr, all) = (&tc, addr.clone(), all.clone());
+            async move { tc.has_blobs(&addr, &all).await.unwrap_or(false) }
+        })
+        .await?;
+        Ok(())
+    })
+    .await
+}
+
+/// Sends SIGCONT to `pid` when dropped (also when the test fails).
+fn scopeguard(pid: i32) -> impl Drop {
+    struct Resume(i32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            // SAFETY: a signal to a server process the test started.
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    Resume(pid)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hints_alone_do_not_make_a_quorum() {
     bounded(async {

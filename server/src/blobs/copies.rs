@@ -19,6 +19,9 @@ use codafs_proto::pb;
 use crate::blobs::asked::Held;
 use crate::node::{Member, Node, NodeError};
 
+/// How long a replica is given to say which blobs of a round it lacks.
+const ASK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Most distinct blobs one round of the check holds and asks each replica about.
 const ROUND: usize = MAX_MISSING_QUERY;
 
@@ -177,7 +180,6 @@ impl Node {
                 f.data += 1
             }
         };
-        let mut asked = Vec::new();
         let mut wrong: Vec<(Hash, String)> = Vec::new();
         for (m, hint) in holders {
             if m.id == self.id {
@@ -190,31 +192,46 @@ impl Node {
                 wrong.extend(other_size.into_iter().map(|h| (h, m.info.addr.clone())));
                 continue;
             }
-            asked.push(hint);
             let peers = self.peers.clone();
             let addr = m.info.addr.clone();
             let asked_blobs = blobs.clone();
             queries.push(async move {
                 let (mut missing, mut wrong_size) = (Vec::new(), Vec::new());
+                let answer = |r| (r, hint);
                 for chunk in asked_blobs.chunks(MAX_MISSING_QUERY) {
                     let wire = chunk.iter().map(|(h, _)| bytes::Bytes::copy_from_slice(&h.0)).collect();
                     let sizes = chunk.iter().map(|(_, s)| *s).collect();
-                    let mut c = peers.blobs(&addr).map_err(|e| format!("{addr}: {e}"))?;
+                    let mut c = match peers.blobs(&addr) {
+                        Ok(c) => c,
+                        Err(e) => return answer(Err(format!("{addr}: {e}"))),
+                    };
                     let mut req = tonic::Request::new(pb::MissingBlobsRequest {
                         hashes: wire,
                         sizes,
                         exists_only: false,
                     });
-                    req.set_timeout(Duration::from_secs(10));
-                    let r = c.missing(req).await.map_err(|s| format!("{addr}: {}", s.message()))?;
-                    let r = r.into_inner();
+                    req.set_timeout(ASK_TIMEOUT);
+                    // Bounded here too: a new connection to a stopped peer waits for its TLS
+                    // handshake for ever, before the request's own deadline starts.
+                    let r = match tokio::time::timeout(ASK_TIMEOUT, c.missing(req)).await {
+                        Ok(Ok(r)) => r.into_inner(),
+                        Ok(Err(s)) => return answer(Err(format!("{addr}: {}", s.message()))),
+                        Err(_) => return answer(Err(format!("{addr}: no answer within {ASK_TIMEOUT:?}"))),
+                    };
                     missing.extend(r.missing);
                     wrong_size.extend(r.wrong_size.into_iter().map(|b| (b, addr.clone())));
                 }
-                Ok::<_, String>((missing, wrong_size))
+                answer(Ok((missing, wrong_size)))
             });
         }
-        for (result, hint) in futures::future::join_all(queries).await.into_iter().zip(asked) {
+        // Answers as they come: once every blob has its copies, the replicas still to answer
+        // are not waited for (one stopped, or stalled on its disk, would hold every commit
+        // that names content for the whole deadline).
+        let mut queries: futures::stream::FuturesUnordered<_> = queries.into_iter().collect();
+        while !have.values().all(|f| f.counted() >= q.need) {
+            let Some((result, hint)) = futures::StreamExt::next(&mut queries).await else {
+                break;
+            };
             match result {
                 Ok((missing, wrong_size)) => {
                     wrong.extend(

@@ -105,11 +105,31 @@ pub async fn send_blob(
     let stream = futures::stream::iter([header]).chain(body);
     let mut client = peers.blobs(addr).map_err(|e| ForwardError::unreachable(addr, e))?;
     let mut req = tonic::Request::new(stream);
-    // Generous: at least 30 s, plus a second per 20 MiB.
-    req.set_timeout(Duration::from_secs(30 + size / (20 << 20)));
-    let reply = client.put(req).await.map_err(|s| ForwardError::refused(addr, &s))?;
+    // Generous: at least 30 s, plus a second per 20 MiB. Bounded here too: a request's own
+    // deadline starts only once a connection carries it, and a new connection to a stopped
+    // peer waits for its TLS handshake for ever.
+    let limit = Duration::from_secs(30 + size / (20 << 20));
+    req.set_timeout(limit);
+    let reply = tokio::time::timeout(limit, client.put(req))
+        .await
+        .map_err(|_| ForwardError {
+            addr: addr.to_string(),
+            kind: ErrorKind::Timeout,
+            message: format!("no answer within {limit:?}"),
+        })?
+        .map_err(|s| ForwardError::refused(addr, &s))?;
     Ok(reply.into_inner().copies)
 }
+
+/// How long a write waits for a data replica to store its copy before a witness's hint stands
+/// in for it: [`PATIENCE`] plus the bytes at 20 MiB/s.
+pub fn patience(bytes: u64) -> Duration {
+    PATIENCE + Duration::from_millis(bytes / (20 << 10))
+}
+
+/// A healthy replica stores a small blob in milliseconds; one that takes seconds is stopped,
+/// stalled or overloaded, and a client waits only a few seconds for its put.
+const PATIENCE: Duration = Duration::from_secs(2);
 
 /// How a fan-out to the data replicas went.
 pub struct Replicated {
@@ -144,7 +164,7 @@ impl Replicated {
 /// until that is impossible. When data replicas are down and at least one copy is on a data
 /// replica, witnesses make up the difference with hints (see `handoff`). Forwards are tasks of
 /// the server (`node.tasks`), so they stop with it.
-pub async fn replicate<F, Fut>(node: &Arc<Node>, quorum: u32, send: F) -> Replicated
+pub async fn replicate<F, Fut>(node: &Arc<Node>, quorum: u32, patience: Duration, send: F) -> Replicated
 where
     F: Fn(String) -> Fut,
     Fut: std::future::Future<Output = Result<(), ForwardError>> + Send + 'static,
@@ -177,26 +197,46 @@ where
     let mut failures: Vec<ForwardError> = Vec::new();
     // Out of reach for data copies alone, a write can still make it with hints when the
     // replicas that failed are down: then the forwards still running are waited for, since
-    // the hints only count beside a data copy.
+    // the hints only count beside a data copy. A replica that has not stored its copy after
+    // `patience` (stopped, its disk stalled) counts as down too, its forward going on in the
+    // background: a forward's own deadline is far longer than a client waits for a put.
     let can_hint = !node.witnesses().is_empty();
+    let hint_at = tokio::time::Instant::now() + patience;
+    let mut answered = 0;
+    let mut stalled = 0usize;
     loop {
         match tracker.state() {
             QuorumState::Reached => break,
             QuorumState::Failed if !can_hint || !failures.iter().all(ForwardError::is_down) => break,
             _ => {}
         }
-        match rx.recv().await {
-            Some(Ok(())) => tracker.ok(),
-            Some(Err(e)) => {
-                failures.push(e);
-                tracker.fail()
+        let can_wait_out = can_hint && tracker.successes() >= 1 && failures.iter().all(ForwardError::is_down);
+        tokio::select! {
+            r = rx.recv() => match r {
+                Some(Ok(())) => {
+                    answered += 1;
+                    tracker.ok();
+                }
+                Some(Err(e)) => {
+                    answered += 1;
+                    failures.push(e);
+                    tracker.fail();
+                }
+                None => break,
+            },
+            _ = tokio::time::sleep_until(hint_at), if can_wait_out => {
+                stalled = forwards.len() - answered;
+                break;
             }
-            None => break,
-        };
+        }
     }
     let data = tracker.successes();
     let mut hinted = 0;
-    if can_hint && data >= 1 && data < need && !failures.is_empty() && failures.iter().all(ForwardError::is_down) {
+    let all_down = !failures.is_empty() && failures.iter().all(ForwardError::is_down);
+    if can_hint && data >= 1 && data < need && (all_down || stalled > 0) && failures.iter().all(ForwardError::is_down) {
+        if stalled > 0 {
+            tracing::info!(stalled, after = ?patience, "data replicas did not answer a forward in time: witnesses take hints");
+        }
         hinted = hint(node, need - data, &send, &mut failures).await;
     }
     Replicated {

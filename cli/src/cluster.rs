@@ -770,19 +770,29 @@ pub fn init_server(
     codafs_common::names::validate_account_name(admin).context("admin account name")?;
     check_addresses(&listen, advertise.as_deref())?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let cluster_id = hex::encode(rand::random::<[u8; 12]>());
+    // A CA's cluster id is its key's (clients trust it from the CA alone); a plaintext
+    // cluster's is random.
+    let ca = if insecure {
+        None
+    } else {
+        Some(codafs_server::tls::new_cluster_ca()?)
+    };
+    let cluster_id = match &ca {
+        Some((id, _)) => id.clone(),
+        None => hex::encode(rand::random::<[u8; 12]>()),
+    };
     let key: [u8; 32] = rand::random();
     let mut cfg = ServerConfig::new(listen, false);
     if let Some(a) = advertise {
         cfg.advertise = a;
     }
     cfg.insecure = insecure;
-    let tls = if insecure {
-        Tls::Insecure
-    } else {
-        let ca = codafs_server::tls::new_ca(&cluster_id)?;
-        codafs_server::tls::install_with_ca(dir, &ca, cfg.node_id, cfg.advertised())?;
-        Tls::ca(ca.cert_pem)
+    let tls = match ca {
+        None => Tls::Insecure,
+        Some((_, ca)) => {
+            codafs_server::tls::install_with_ca(dir, &ca, cfg.node_id, cfg.advertised())?;
+            Tls::ca(ca.cert_pem)
+        }
     };
     let bootstrap = Bootstrap {
         cluster_id: cluster_id.clone(),
@@ -863,11 +873,7 @@ pub async fn status(server: Option<String>, json: bool, client: ClientOpts) -> R
                 failed += 1;
                 rows.push((addr.clone(), None));
                 if !json {
-                    match e {
-                        // These name the server already.
-                        ClientError::NoAnswer(..) | ClientError::Down(..) => eprintln!("{e}"),
-                        e => eprintln!("{addr}: unreachable ({e})"),
-                    }
+                    eprintln!("{}", unreachable(addr, &e));
                 }
             }
         }
@@ -1025,6 +1031,14 @@ fn disk_line(s: &pb::ServerStatus) -> String {
     line
 }
 
+/// Why server `addr` gave no status, naming it once (some errors name it already).
+fn unreachable(addr: &str, e: &ClientError) -> String {
+    match e {
+        ClientError::NoAnswer(..) | ClientError::Down(..) => format!("unreachable: {e}"),
+        e => format!("{addr}: unreachable ({e})"),
+    }
+}
+
 /// `codafs status` without credentials: each server's unauthenticated health answer.
 async fn health(targets: &[String], json: bool, client: &ClientOpts) -> Result<()> {
     let c = Cluster::new(targets, client.tls()?, None)?;
@@ -1033,7 +1047,7 @@ async fn health(targets: &[String], json: bool, client: &ClientOpts) -> Result<(
         let r = c.health_on(addr).await;
         if let Err(e) = &r {
             if !json {
-                eprintln!("{addr}: unreachable ({e})");
+                eprintln!("{}", unreachable(addr, e));
             }
         }
         rows.push((addr.clone(), r.ok().map(|h| h.ready)));

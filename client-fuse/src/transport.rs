@@ -37,8 +37,9 @@ pub enum ClientError {
     /// One server asked by name (a status probe, a replica's blobs) did not answer in time.
     #[error("{0} did not answer within {1:?} (down, stopped or cut off)")]
     NoAnswer(String, Duration),
-    /// One server asked by name could not take the call (refused connections, shutting down).
-    #[error("{0} cannot be reached: {1}")]
+    /// One server asked by name failed the call in a way another server might not (refused
+    /// connections, shutting down, out of time on its side).
+    #[error("{0} failed: {1}")]
     Down(String, String),
     #[error("{}", .0.message())]
     Server(Status),
@@ -472,7 +473,8 @@ impl Cluster {
     /// calls use (so that connection is made, TLS included). `Err`: why not.
     async fn answers(&self, i: usize) -> Result<(), String> {
         let limit = self.policy.probe_timeout;
-        let mut r = tonic::Request::new(pb::Empty {});
+        // With the token: a stranger's request shares the servers' smallest budget.
+        let mut r = self.request(pb::Empty {});
         r.set_timeout(limit);
         match tokio::time::timeout(limit, Self::admin(self.servers[i].1.clone()).health(r)).await {
             Ok(Ok(h)) => {
@@ -530,7 +532,17 @@ impl Cluster {
                     match r {
                         Ok(v) => {
                             self.quiet[i].store(0, Ordering::Relaxed);
-                            self.move_preference(first, i);
+                            if self.witness[i].load(Ordering::Relaxed) {
+                                // A witness answered while the preferred server did not (or
+                                // went quiet lately): move to another data server instead, as
+                                // a witness is never preferred.
+                                let now = self.epoch.elapsed().as_millis() as u64;
+                                if unanswered.contains(&first) || self.quiet_since(first, now) != 0 {
+                                    self.skip_preferred(Some(&self.servers[first].0));
+                                }
+                            } else {
+                                self.move_preference(first, i);
+                            }
                             return Ok(v);
                         }
                         Err(s) if Retry::Elsewhere.moves_on(&s) => {
@@ -837,6 +849,8 @@ impl Cluster {
             let (addr, ch) = &self.servers[i];
             match fetch_one(ch.clone(), self.request(blob.request(0)), hash, idle).await {
                 Ok(data) => {
+                    // It stores blobs: a data server (a witness may have been made one).
+                    self.witness[i].store(false, Ordering::Relaxed);
                     self.move_preference(first, i);
                     return Ok(data);
                 }

@@ -14,6 +14,18 @@ pub const SERVER_NAME: &str = "codafs-server";
 const CA_NAME_PREFIX: &str = "codafs cluster ";
 const CA_NAME_SUFFIX: &str = " CA";
 
+/// Hex digits of a cluster id made before ids came from the CA key (12 random bytes).
+const LEGACY_ID_DIGITS: usize = 24;
+
+/// The cluster id CA key `public_key` gives (the key's bytes as a certificate carries them):
+/// the first 16 bytes of their blake3 digest, in hex (32 digits).
+pub fn key_cluster_id(public_key: &[u8]) -> String {
+    blake3::hash(public_key).as_bytes()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The common name of cluster `cluster_id`'s CA certificate: how clients know which cluster a
 /// CA belongs to ([`Tls::cluster_id`]).
 pub fn ca_common_name(cluster_id: &str) -> String {
@@ -70,6 +82,11 @@ impl Tls {
     /// [`ca_common_name`]); `None` in plaintext or for a CA named otherwise. A client takes
     /// its cluster's id from here rather than from the servers, so servers cannot claim
     /// another cluster's id to be handed that cluster's tokens.
+    ///
+    /// A cluster made by `codafs cluster init` since this check has the id its CA key gives
+    /// ([`key_cluster_id`]), so no other CA can carry it: a name with such an id is taken only
+    /// from the CA whose key gives it. Older clusters' ids are 12 random bytes (24 hex digits)
+    /// and are taken by name alone.
     pub fn cluster_id(&self) -> Option<String> {
         let Tls::Ca { ca_pem, .. } = self else {
             return None;
@@ -78,7 +95,11 @@ impl Tls {
         let cert = pem.parse_x509().ok()?;
         let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
         let id = cn.strip_prefix(CA_NAME_PREFIX)?.strip_suffix(CA_NAME_SUFFIX)?;
-        (!id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')).then(|| id.to_string())
+        if id == key_cluster_id(&cert.public_key().subject_public_key.data) {
+            return Some(id.to_string());
+        }
+        let legacy = id.len() == LEGACY_ID_DIGITS && id.bytes().all(|b| b.is_ascii_hexdigit());
+        legacy.then(|| id.to_string())
     }
 
     /// An endpoint for `addr` (`host:port`) with this transport applied: `https://` plus the

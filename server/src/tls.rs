@@ -104,6 +104,22 @@ fn random_serial() -> SerialNumber {
 }
 
 /// A new CA for cluster `cluster_id`.
+/// A new cluster's CA and the cluster id its key gives ([`codafs_proto::tls::key_cluster_id`]),
+/// which its name carries: clients take the id from it, and no other CA can carry that id.
+pub fn new_cluster_ca() -> Result<(String, CaMaterial), TlsError> {
+    use rcgen::PublicKeyData as _;
+    let key = KeyPair::generate()?;
+    let cluster_id = codafs_proto::tls::key_cluster_id(key.der_bytes());
+    let mut params = ca_params(&cluster_id);
+    params.serial_number = Some(random_serial());
+    let cert = params.self_signed(&key)?;
+    let ca = CaMaterial {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    };
+    Ok((cluster_id, ca))
+}
+
 pub fn new_ca(cluster_id: &str) -> Result<CaMaterial, TlsError> {
     let key = KeyPair::generate()?;
     let mut params = ca_params(cluster_id);
@@ -394,11 +410,27 @@ pub fn same_pem(a: &str, b: &str) -> bool {
 mod tests {
     use super::*;
 
-    /// Clients take the cluster id from the CA's name (servers could claim any).
+    /// Clients take the cluster id from the CA's name (servers could claim any); a new
+    /// cluster's id is its CA key's, which no other CA can carry.
     #[test]
     fn a_ca_names_its_cluster() {
-        let ca = new_ca("0a1b2c").unwrap();
-        assert_eq!(Tls::ca(ca.cert_pem).cluster_id().as_deref(), Some("0a1b2c"));
+        let (id, ca) = new_cluster_ca().unwrap();
+        assert_eq!(id.len(), 32);
+        assert_eq!(Tls::ca(ca.cert_pem).cluster_id(), Some(id.clone()));
+        let forged = new_ca(&id).unwrap();
+        assert_eq!(
+            Tls::ca(forged.cert_pem).cluster_id(),
+            None,
+            "another key cannot carry it"
+        );
+        let legacy = "0a1b2c3d4e5f60718293a4b5";
+        let old = new_ca(legacy).unwrap();
+        assert_eq!(
+            Tls::ca(old.cert_pem).cluster_id().as_deref(),
+            Some(legacy),
+            "older ids by name"
+        );
+        assert_eq!(Tls::ca(new_ca("0a1b2c").unwrap().cert_pem).cluster_id(), None);
         assert_eq!(Tls::Insecure.cluster_id(), None);
         assert_eq!(Tls::ca("not a certificate").cluster_id(), None);
         let key = KeyPair::generate().unwrap();

@@ -1,4 +1,5 @@
 //! End-to-end tests of `codafs mount`: real FUSE mounts over real server processes.
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -6,6 +7,7 @@ use anyhow::{bail, ensure, Context, Result};
 use codafs_client::ops;
 use codafs_client::status::MountStatus;
 use codafs_common::Hash;
+use codafs_proto::pb;
 use codafs_tests::{bounded, fs_call, read_file, wait_until, ClusterOpts, Mount, TestCluster};
 
 async fn blob_gets(tc: &TestCluster) -> u64 {
@@ -148,9 +150,12 @@ async fn disconnected_mount_serves_cache_and_fails_fast_on_uncached_files() {
         TestCluster::write_file(&c, "www", "", "uncached.html", &never_read).await?;
         TestCluster::mkdir(&c, "www", "", "d").await?;
         TestCluster::write_file(&c, "www", "d", "page.html", b"cached below").await?;
+        TestCluster::mkdir(&c, "www", "", "closed").await?;
         let m = Mount::start(&tc.client_args(), tc.root.path(), "m", &["--read-only"])?;
         assert_eq!(read_file(&m.path.join("www/cached.html"))?, b"i am cached");
         assert_eq!(read_file(&m.path.join("www/d/page.html"))?, b"cached below");
+        let closed = m.path.join("www/closed");
+        assert_eq!(std::fs::metadata(&closed)?.permissions().mode() & 0o777, 0o755);
         // The listing (and so uncached.html's attributes) is cached; its content is not.
         assert!(m.path.join("www/uncached.html").exists());
         // A publish adds a name to the volume's root and to d/, whose attributes the mount
@@ -158,6 +163,17 @@ async fn disconnected_mount_serves_cache_and_fails_fast_on_uncached_files() {
         // the cached files below included.
         TestCluster::write_file(&c, "www", "", "new.html", b"new").await?;
         TestCluster::write_file(&c, "www", "d", "new.html", b"new").await?;
+        // A directory closed elsewhere is never served with its older mode, not even offline
+        // (the mount kept its attributes aside as it does for d/ above).
+        let chmod = pb::Op {
+            expect_version: None,
+            op: Some(pb::op::Op::SetAttr(pb::SetAttrOp {
+                node: ops::at("closed"),
+                mode: Some(0o700),
+                ..Default::default()
+            })),
+        };
+        c.commit(ops::commit("www", vec![chmod])).await?;
         // Waited for in the mount's status: a look at the paths would fetch what it forgot.
         let published = tc.volume_info("www").await?.version;
         wait_until(Duration::from_secs(10), "the mount applies the publish", || {
@@ -171,6 +187,14 @@ async fn disconnected_mount_serves_cache_and_fails_fast_on_uncached_files() {
         assert_eq!(read_file(&m.path.join("www/cached.html"))?, b"i am cached");
         assert_eq!(read_file(&m.path.join("www/d/page.html"))?, b"cached below");
         assert!(std::fs::metadata(m.path.join("www/d"))?.is_dir());
+        let shown = fs_call(Duration::from_secs(20), move || std::fs::metadata(closed))?;
+        match shown {
+            Ok(md) => panic!(
+                "a directory chmodded to 0700 shown offline with mode {:o}",
+                md.permissions().mode() & 0o777
+            ),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+        }
         let p = m.path.join("www/uncached.html");
         let t = Instant::now();
         let r = fs_call(Duration::from_secs(20), move || std::fs::read(p))?;
@@ -496,7 +520,6 @@ async fn every_mutating_syscall_on_a_read_only_mount_is_refused_with_erofs() {
         let version = TestCluster::mkdir(&c, "www", "", "d").await?;
         let m = Mount::start(&tc.client_args(), tc.root.path(), "m", &["--read-only"])?;
         let w = m.path.join("www");
-        use std::os::unix::fs::PermissionsExt;
         type Attempt = (&'static str, Box<dyn FnOnce() -> std::io::Result<()> + Send>);
         let attempts: Vec<Attempt> = vec![
             (

@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 const CF_ATTRS: &str = "attrs";
 const CF_DIRS: &str = "dirs";
 const CF_VOLUMES: &str = "volumes";
-/// Attributes of directories a change made the cache forget, kept only to be served while no
-/// server answers: a publish that adds a name to a directory changes its attributes, and
+/// Attributes of directories a change made the cache forget, kept only to be served when a
+/// call found no server answering within its deadline: a publish that adds a name to a directory changes its attributes, and
 /// without them every path through it failed with EIO once the servers went away, cached
 /// files included (the listing itself is patched by the change and kept).
 const CF_STALE: &str = "stale_attrs";
@@ -218,7 +218,7 @@ impl MetaStore {
     }
 
     /// Forgets the attributes of these nodes, keeping directory listings. A directory's are
-    /// kept aside, to be served only while no server answers (see [`CF_STALE`]), unless its
+    /// kept aside, to be served only when no server answers (see [`CF_STALE`]), unless its
     /// mode, owner or group changed (`perms`): those are dropped, and any older ones kept
     /// aside too, so no older permission is ever served.
     pub fn forget_attrs(&self, inos: &[u64], perms: &[u64]) -> Result<(), MetaError> {
@@ -226,6 +226,7 @@ impl MetaStore {
         for i in perms {
             batch.delete_cf(self.cf(CF_STALE)?, i.to_be_bytes());
         }
+        let perms: std::collections::HashSet<&u64> = perms.iter().collect();
         for i in inos {
             let key = i.to_be_bytes();
             if perms.contains(i) {

@@ -754,6 +754,18 @@ fn a_commit_tells_the_version_each_changed_node_had_before_it() {
     };
     commit(&mut s, 6, "alice", vec![touch]).unwrap();
     assert!(s.changes[&(vol.id, 6)].perms.is_empty());
+    // A directory's owner and group count too.
+    let chown = OpKind::SetAttr {
+        node: NodeRef::Path("e".into()),
+        mode: None,
+        uid: Some(7),
+        gid: Some(8),
+        mtime_ns: None,
+        atime_ns: None,
+    };
+    commit(&mut s, 7, "alice", vec![chown]).unwrap();
+    let e = lookup(&s, "e").unwrap().ino;
+    assert_eq!(s.changes[&(vol.id, 7)].perms, vec![e]);
 }
 
 #[test]

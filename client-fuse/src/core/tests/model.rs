@@ -616,6 +616,26 @@ mod regressions {
         }
     }
 
+    /// Write-back (CI, session 31): a save of `x` (a new temporary file renamed over it) and
+    /// then its removal, sent in a batch that conflicts (`a/b/y`, written here, was removed
+    /// elsewhere) and so sent change by change.
+    #[test]
+    fn write_back_a_saved_file_removed_before_a_conflicting_batch_is_removed() {
+        replay_back(vec![
+            vec![RemoteWrite(4, 0)],
+            vec![Deliver(1)],
+            vec![LocalWrite(1, 0)],
+            vec![LocalWrite(4, 50)],
+            vec![Lag(4)],
+            vec![RemoteRemove(4)],
+            vec![LocalSave(0, 0)],
+            vec![Deliver(2), Read(4)],
+            vec![LocalRemove(0)],
+            vec![Read(0)],
+            vec![Read(0)],
+        ]);
+    }
+
     /// Write-back: another node made `a/b/y` (and so its own `a`) before this mount's `a` was
     /// sent. Until then this mount shows its own `a`; the batch then conflicts, this mount's
     /// `a` is kept as a conflict copy, and `a/b/y` reads as the other node wrote it.

@@ -2076,8 +2076,9 @@ impl<R: Remote> Core<R> {
                 _ => None,
             })
             .collect();
-        let before = versions_before(ops, &done.prior);
+        let mut before = versions_before(ops, &done.prior);
         let st = b.st();
+        own_renames_before(ops, &done.prior, &st.own_versions, &mut before);
         pending
             .into_iter()
             .filter(|(ino, seen)| {
@@ -2835,6 +2836,23 @@ fn versions_before(ops: &[Op], prior: &[u64]) -> HashMap<u64, u64> {
         }
     }
     before
+}
+
+/// Adds to `before` the version a rename in `ops` found its node at, when that is the version
+/// this mount's own last commit of the node it saw gave it (`own`). A rename's reply tells the
+/// version of whatever node held the name (see [`versions_before`]); but every change moves
+/// the changed node's version, a rename included, so a node at this mount's own version of
+/// the node it saw is that node, as this mount left it. (A file saved as a new temporary file
+/// renamed over the name and then removed: the rename's version is this mount's own, and the
+/// removal, expecting it, goes through instead of conflicting with this mount's own rename.)
+fn own_renames_before(ops: &[Op], prior: &[u64], own: &HashMap<u64, u64>, before: &mut HashMap<u64, u64>) {
+    for (op, p) in ops.iter().zip(prior) {
+        if let Op::Rename { seen: Some(s), .. } = op {
+            if *p != 0 && own.get(&s.ino) == Some(p) {
+                before.entry(s.ino).or_insert(*p);
+            }
+        }
+    }
 }
 
 /// The nodes `ops` chmod, link or rename without checking their version.

@@ -73,6 +73,12 @@ pub async fn run(a: UploadArgs) -> Result<()> {
     };
     let s = upload(&c, &a.local, &opts, &bar).await?;
     bar.0.finish_and_clear();
+    if s.skipped > 0 {
+        eprintln!(
+            "note: skipped {} sockets, FIFOs or devices (not web content; remote entries of their names are left as they are)",
+            s.skipped
+        );
+    }
     let changes = format!(
         "+{} created, ~{} updated, -{} removed, {} unchanged",
         s.created, s.updated, s.removed, s.unchanged

@@ -206,8 +206,8 @@ pub struct LoginArgs {
     /// `cluster init`) is checked with the servers and handed to the mounts instead.
     #[arg(required_unless_present = "credential")]
     user: Option<String>,
-    /// Token lifetime in hours (at most 720).
-    #[arg(long, default_value_t = 12)]
+    /// Token lifetime in hours, 1 to 720.
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u64).range(1..=720))]
     hours: u64,
     #[command(flatten)]
     password: PasswordArgs,

@@ -32,7 +32,8 @@ use tonic::{Code, Status};
 /// Client failures, one line each.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("no server reachable ({0})")]
+    /// Every server asked failed in a way another might not: each one's reason, `ADDR: why`.
+    #[error("no server could take the call ({0})")]
     Unreachable(String),
     /// One server asked by name (a status probe, a replica's blobs) did not answer in time.
     #[error("{0} did not answer within {1:?} (down, stopped or cut off)")]

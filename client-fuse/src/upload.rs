@@ -67,6 +67,9 @@ enum Local {
     Symlink {
         target: String,
     },
+    /// A socket, FIFO or device: not web content, so not published; a remote entry of its
+    /// name is left as it is, also by `--delete`.
+    Skipped,
 }
 
 /// A remote entry.
@@ -91,6 +94,8 @@ pub struct Summary {
     pub uploaded_bytes: u64,
     pub files: usize,
     pub bytes: u64,
+    /// Sockets, FIFOs and devices found locally: not published, and their remote names kept.
+    pub skipped: usize,
     /// The volume's version after the commit (0 for a dry run or when nothing changed).
     pub version: u64,
 }
@@ -164,8 +169,10 @@ fn scan(root: &Path, threads: usize) -> Result<BTreeMap<String, Local>, UploadEr
                 out.insert(rel_path, Local::Symlink { target });
             } else if m.is_file() {
                 files.push((rel_path, path, m.len(), mode_of(&m), mtime_of(&m)));
+            } else {
+                // Sockets, fifos and devices are not web content: skipped, and counted.
+                out.insert(rel_path, Local::Skipped);
             }
-            // Sockets, fifos and devices are not web content: skipped.
         }
     }
     let queue = std::sync::Mutex::new(files);
@@ -395,7 +402,14 @@ mod tests {
             .collect();
         std::fs::write(dir.path().join("big"), &big)?;
         std::fs::write(dir.path().join("small"), b"small")?;
+        let fifo = std::ffi::CString::new(dir.path().join("pipe").into_os_string().into_encoded_bytes())?;
+        // SAFETY: a NUL-terminated path in a directory this test owns.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0, "mkfifo");
         let tree = scan(dir.path(), 2)?;
+        assert!(
+            matches!(tree.get("pipe"), Some(Local::Skipped)),
+            "a FIFO is skipped, and said so"
+        );
         let (want, manifest) = content_id(&big[..], big.len() as u64)?;
         match tree.get("big") {
             Some(Local::File {

@@ -26,7 +26,9 @@ pub enum FsError {
     ReadOnly,
     #[error("invalid argument: {0}")]
     Invalid(String),
-    #[error("no server reachable: {0}")]
+    /// No server could take the call: down, unreachable, out of time, or unable to (too few
+    /// data servers for the write quorum); the message says which, per server.
+    #[error("servers unavailable: {0}")]
     Disconnected(String),
     #[error("content failed verification: {0}")]
     Corrupt(String),
@@ -40,7 +42,8 @@ pub enum FsError {
     Denied(String),
     #[error("operation not permitted: {0}")]
     NotPermitted(String),
-    #[error("quota exceeded: {0}")]
+    /// The servers' message, which names the quota ("quota exceeded: ...").
+    #[error("{0}")]
     Quota(String),
     #[error("name too long")]
     NameTooLong,

@@ -120,6 +120,7 @@ pub(super) fn plan(
                 mtime_ns,
             } => p.file(&full, path, (*size, *mode, *mtime_ns), (*hash, chunks.as_deref()), r),
             Local::Symlink { target } => p.symlink(&full, target, r),
+            Local::Skipped => p.s.skipped += 1,
         }
     }
     if delete {
@@ -604,6 +605,21 @@ mod tests {
         assert_eq!(shown(&p), ["remove www/gone @2", "remove www/gone2 @5", "mtime www 0"]);
         assert_eq!(p.summary.removed, 2);
         assert!(plan(&t, &r, ("www", 0), &[], false).ops.is_empty());
+    }
+
+    /// A local socket or FIFO is not published, counted, and its remote name is left alone
+    /// by `--delete` (found by QA: a FIFO made through a mount was removed by an upload whose
+    /// tree held one of the same name).
+    #[test]
+    fn a_skipped_special_file_is_counted_and_its_remote_name_kept_under_delete() {
+        let t = tree(&[("keep", file("k", b"k", 0o644)), ("pipe", Local::Skipped)]);
+        let r = remote(vec![
+            ("keep", remote_file(b"k", 0o644, 6)),
+            ("pipe", remote_file(b"", 0o640, 7)),
+        ]);
+        let p = plan(&t, &r, ("www", 0), &[], true);
+        assert!(p.ops.is_empty(), "{:?}", shown(&p));
+        assert_eq!((p.summary.skipped, p.summary.removed), (1, 0));
     }
 
     #[test]

@@ -927,7 +927,8 @@ async fn content_of_a_file_removed_elsewhere_is_kept_beside_it(event_first: bool
     let b = core.backlog().unwrap();
     assert_eq!(b.conflicts, 1);
     let note = b.last_conflict.unwrap();
-    assert!(note.starts_with("p was removed elsewhere"), "{note}");
+    // Where, too: a site has an index.html in every directory.
+    assert!(note.starts_with("in www:/d: p was removed elsewhere"), "{note}");
 }
 
 /// Write-back: new content of a file another node removed with its whole directory: kept at

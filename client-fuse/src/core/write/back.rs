@@ -2412,6 +2412,17 @@ impl<R: Remote> Core<R> {
         };
         b.st().conflict_names.entry(request).or_default();
         if !again {
+            // Where, as `status` shows it: a site has an index.html in every directory.
+            let dir = match (&op, &c.op) {
+                (Some(Op::Create { parent, .. } | Op::Link { parent, .. }), _) => Some(*parent),
+                (Some(Op::Rename { to_parent, .. }), _) => Some(*to_parent),
+                (None, Op::Remove { parent, .. }) => Some(*parent),
+                _ => None,
+            };
+            let note = match dir {
+                Some(d) => format!("in {}: {note}", self.place_of(&c.volume, d).await),
+                None => note.clone(),
+            };
             tracing::warn!(volume = %c.volume, error = %why, "write-back conflict: {note}");
             let mut st = b.st();
             st.conflicts += 1;
@@ -2534,6 +2545,28 @@ impl<R: Remote> Core<R> {
                 (root, format!("node-{ino:x}"), false)
             }
         }
+    }
+
+    /// Directory `dir` of `volume` as a path, `VOLUME:/a/b` (names as [`Core::name_of`] finds
+    /// them, at most 32 levels up; a directory it cannot place shows as `node-<ino>`).
+    async fn place_of(&self, volume: &str, dir: u64) -> String {
+        let root = self.volume_of(dir).map_or(0, |v| v.root_ino);
+        let mut parts = Vec::new();
+        let mut at = dir;
+        for _ in 0..32 {
+            if at == root {
+                break;
+            }
+            let (parent, name, _) = self.name_of(at).await;
+            let lost = name.starts_with("node-");
+            parts.push(name);
+            if lost || parent == at {
+                break;
+            }
+            at = parent;
+        }
+        parts.reverse();
+        format!("{volume}:/{}", parts.join("/"))
     }
 
     /// Where the servers list `ino`, or the name the cached listing of its directory last

@@ -162,6 +162,10 @@ pub struct Cluster {
     /// witness answered first does not make it the preferred server: it stores no blobs, so
     /// the next content fetch would be refused there first.
     witness: Vec<AtomicBool>,
+    /// When each server last answered anything (ms since `epoch`; 0: never). A call sent to a
+    /// server that has not answered for [`FRESH_FOR`] is preceded by a health probe (see
+    /// `call_within`).
+    answered: Vec<AtomicU64>,
     epoch: std::time::Instant,
     token: Option<String>,
     /// Deadlines of every call (see [`RequestPolicy`]).
@@ -186,6 +190,7 @@ impl Cluster {
             preferred: AtomicUsize::new(0),
             quiet: servers.iter().map(|_| AtomicU64::new(0)).collect(),
             witness: servers.iter().map(|_| AtomicBool::new(false)).collect(),
+            answered: servers.iter().map(|_| AtomicU64::new(0)).collect(),
             epoch: std::time::Instant::now(),
             token,
             policy: RequestPolicy::default(),
@@ -381,6 +386,18 @@ impl Cluster {
         (p, order.into_iter())
     }
 
+    /// Notes that server `i` answered (see `answered`).
+    fn heard_from(&self, i: usize) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.answered[i].store(now.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether server `i` answered within [`FRESH_FOR`].
+    fn answered_lately(&self, i: usize) -> bool {
+        let at = self.answered[i].load(Ordering::Relaxed);
+        at != 0 && self.epoch.elapsed().as_millis() as u64 <= at + FRESH_FOR.as_millis() as u64
+    }
+
     /// Notes that server `i` did not answer in time (see `quiet`).
     fn mark_quiet(&self, i: usize) {
         let now = self.epoch.elapsed().as_millis() as u64;
@@ -442,10 +459,13 @@ impl Cluster {
         let (first, order) = self.order();
         for i in order {
             let (addr, ch) = &self.servers[i];
-            if retry == Retry::IfNotRun {
+            if retry == Retry::IfNotRun || !self.answered_lately(i) {
                 // A change that must not run twice is sent only on a connection that answers:
                 // its timeout would leave the outcome unknown and end the call there, so a
                 // hung server (stopped, stalled) would fail it although another could take it.
+                // Any other call to a server not heard from lately is probed first too: a
+                // stopped one would otherwise cost the whole deadline (a command's first put
+                // waited 30 s on a stopped first server).
                 if let Err(why) = self.answers(i).await {
                     tracing::debug!(server = %addr, error = %why, "server does not answer; trying the next");
                     errors.push(format!("{addr}: {why}"));
@@ -454,6 +474,7 @@ impl Cluster {
             }
             let s = match tokio::time::timeout(limit, f(ch.clone())).await {
                 Ok(Ok(v)) => {
+                    self.heard_from(i);
                     self.move_preference(first, i);
                     return Ok(v);
                 }
@@ -479,6 +500,7 @@ impl Cluster {
         r.set_timeout(limit);
         match tokio::time::timeout(limit, Self::admin(self.servers[i].1.clone()).health(r)).await {
             Ok(Ok(h)) => {
+                self.heard_from(i);
                 self.witness[i].store(h.into_inner().witness, Ordering::Relaxed);
                 Ok(())
             }
@@ -532,6 +554,7 @@ impl Cluster {
                     let addr = &self.servers[i].0;
                     match r {
                         Ok(v) => {
+                            self.heard_from(i);
                             self.quiet[i].store(0, Ordering::Relaxed);
                             if self.witness[i].load(Ordering::Relaxed) {
                                 // A witness answered while the preferred server did not (or
@@ -621,6 +644,9 @@ impl Cluster {
         let Ok(r) = tokio::time::timeout(limit, f(ch)).await else {
             return Err(ClientError::NoAnswer(addr.to_string(), limit));
         };
+        if let (Ok(_), Some(i)) = (&r, self.index_of(addr)) {
+            self.heard_from(i);
+        }
         r.map_err(|s| {
             if Retry::Elsewhere.moves_on(&s) {
                 ClientError::Down(addr.to_string(), explain(&s, &self.tls))
@@ -850,6 +876,7 @@ impl Cluster {
             let (addr, ch) = &self.servers[i];
             match fetch_one(ch.clone(), self.request(blob.request(0)), hash, idle).await {
                 Ok(data) => {
+                    self.heard_from(i);
                     // It stores blobs: a data server (a witness may have been made one).
                     self.witness[i].store(false, Ordering::Relaxed);
                     self.move_preference(first, i);
@@ -890,6 +917,11 @@ impl Cluster {
 /// [`Cluster::read`]). A healthy server answers a read in milliseconds; one that takes a second
 /// is hung or overloaded, and a second server's answer costs it little.
 const HEDGE_AFTER: Duration = Duration::from_secs(1);
+
+/// How long a server's last answer counts as showing it answers: a call to a server silent for
+/// longer is preceded by a health probe (one round trip; a mount that calls all the time never
+/// pays it, a command pays it once per server it uses).
+const FRESH_FOR: Duration = Duration::from_secs(10);
 
 /// How long a server that left a read unanswered goes last in every order. A hung server is so
 /// asked again at most this often (a read that finds it still hung waits its share of the

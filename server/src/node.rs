@@ -214,6 +214,20 @@ impl Node {
         }
     }
 
+    /// Resolves once this server no longer takes `leader` for the leader: an election began
+    /// (the leader went silent) or another server leads. Never, while it does.
+    pub async fn leader_moved_from(&self, leader: NodeId) {
+        let mut rx = self.raft.metrics();
+        loop {
+            if rx.borrow_and_update().current_leader != Some(leader) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
     /// Verifies a token against the replicated cluster keys and the account as it is now: the
     /// account must still exist and the token must not be older than the account's token
     /// generation (see `Command::RevokeTokens`). The returned claims carry the account's

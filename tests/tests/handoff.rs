@@ -180,7 +180,10 @@ async fn publishing_goes_on_with_a_data_server_stopped() {
             out.stdout,
             out.stderr
         );
-        ensure!(took < Duration::from_secs(25), "upload took {took:?}");
+        // A command probes a server it has not heard from before its first put (3 s); when
+        // the stopped server was the first listed, the first put waited out its 30 s deadline
+        // there before.
+        ensure!(took < Duration::from_secs(20), "upload took {took:?}");
         let t = std::time::Instant::now();
         TestCluster::write_file(
             &tc.client_on(&tc.servers[up].addr),

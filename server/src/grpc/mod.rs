@@ -219,7 +219,19 @@ where
             ));
         } else if let Some(addr) = node.addr_of(leader) {
             let ch = node.peers.channel(&addr).map_err(internal)?;
-            match remote(ch).await {
+            // A leader that stops (a paused VM, a stalled disk) keeps its connections and
+            // answers nothing: the forward would wait out its whole deadline although the
+            // others elect a new leader in seconds. Once leadership moves, the caller learns
+            // at once that the outcome is unknown, and sends again (a change with a request id
+            // applies once, wherever it lands).
+            let r = tokio::select! {
+                r = remote(ch) => r,
+                _ = node.leader_moved_from(leader) => Err(refuse(
+                    ErrorKind::Timeout,
+                    "leadership moved while the change was with the old leader; it may or may not have been committed",
+                )),
+            };
+            match r {
                 Err(s) if codafs_proto::error::kind_of(&s) == ErrorKind::Unavailable => last = s,
                 other => return other,
             }

@@ -1031,12 +1031,9 @@ fn disk_line(s: &pb::ServerStatus) -> String {
     line
 }
 
-/// Why server `addr` gave no status, naming it once (some errors name it already).
+/// Why server `addr` gave no status, naming it once (see [`ClientError::about`]).
 fn unreachable(addr: &str, e: &ClientError) -> String {
-    match e {
-        ClientError::NoAnswer(..) | ClientError::Down(..) => format!("unreachable: {e}"),
-        e => format!("{addr}: unreachable ({e})"),
-    }
+    format!("unreachable: {}", e.about(addr))
 }
 
 /// `codafs status` without credentials: each server's unauthenticated health answer.

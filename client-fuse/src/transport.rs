@@ -80,6 +80,14 @@ impl ClientError {
         }
     }
 
+    /// The message, naming server `addr` once: some errors name the server already.
+    pub fn about(&self, addr: &str) -> String {
+        match self {
+            ClientError::NoAnswer(..) | ClientError::Down(..) => self.to_string(),
+            e => format!("{addr}: {e}"),
+        }
+    }
+
     /// The gRPC code (for tools and tests that show or compare codes).
     pub fn code(&self) -> Code {
         match self {
@@ -381,27 +389,44 @@ impl Cluster {
         let mut order: Vec<usize> = failover_order(n, p, rand::random::<usize>()).collect();
         // Stable: the others keep their order; of the quiet ones, the one quiet most lately
         // goes last.
-        let now = self.epoch.elapsed().as_millis() as u64;
+        let now = self.now_ms();
         order.sort_by_key(|&i| self.quiet_since(i, now));
         (p, order.into_iter())
     }
 
+    /// Milliseconds since `epoch`: what `quiet` and `answered` hold.
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Stores the time now in `slot` (never 0, which means "never").
+    fn stamp(&self, slot: &AtomicU64) {
+        slot.store(self.now_ms().max(1), Ordering::Relaxed);
+    }
+
+    /// The time `slot` holds if it is at most `within` before `now`, else 0.
+    fn recent(slot: &AtomicU64, within: Duration, now: u64) -> u64 {
+        let at = slot.load(Ordering::Relaxed);
+        if at != 0 && now <= at + within.as_millis() as u64 {
+            at
+        } else {
+            0
+        }
+    }
+
     /// Notes that server `i` answered (see `answered`).
     fn heard_from(&self, i: usize) {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        self.answered[i].store(now.max(1), Ordering::Relaxed);
+        self.stamp(&self.answered[i]);
     }
 
     /// Whether server `i` answered within [`FRESH_FOR`].
     fn answered_lately(&self, i: usize) -> bool {
-        let at = self.answered[i].load(Ordering::Relaxed);
-        at != 0 && self.epoch.elapsed().as_millis() as u64 <= at + FRESH_FOR.as_millis() as u64
+        Self::recent(&self.answered[i], FRESH_FOR, self.now_ms()) != 0
     }
 
     /// Notes that server `i` did not answer in time (see `quiet`).
     fn mark_quiet(&self, i: usize) {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        self.quiet[i].store(now.max(1), Ordering::Relaxed);
+        self.stamp(&self.quiet[i]);
     }
 
     /// [`Cluster::mark_quiet`] by address (a blob stream the server did not open in time).
@@ -413,12 +438,7 @@ impl Cluster {
 
     /// When server `i` went quiet, if it did lately (0: not quiet); `now` in ms since `epoch`.
     fn quiet_since(&self, i: usize, now: u64) -> u64 {
-        let at = self.quiet[i].load(Ordering::Relaxed);
-        if at != 0 && now <= at + QUIET_FOR.as_millis() as u64 {
-            at
-        } else {
-            0
-        }
+        Self::recent(&self.quiet[i], QUIET_FOR, now)
     }
 
     /// Server addresses in preference order.
@@ -466,9 +486,9 @@ impl Cluster {
                 // Any other call to a server not heard from lately is probed first too: a
                 // stopped one would otherwise cost the whole deadline (a command's first put
                 // waited 30 s on a stopped first server).
-                if let Err(why) = self.answers(i).await {
-                    tracing::debug!(server = %addr, error = %why, "server does not answer; trying the next");
-                    errors.push(format!("{addr}: {why}"));
+                if let Err(e) = self.answers(i).await {
+                    tracing::debug!(server = %addr, error = %e, "server does not answer; trying the next");
+                    errors.push(e.about(addr));
                     continue;
                 }
             }
@@ -491,25 +511,15 @@ impl Cluster {
         Err(ClientError::Unreachable(errors.join("; ")))
     }
 
-    /// Whether server `i` answers a health probe within the probe deadline on the connection
-    /// calls use (so that connection is made, TLS included). `Err`: why not.
-    async fn answers(&self, i: usize) -> Result<(), String> {
-        let limit = self.policy.probe_timeout;
-        // With the token: a stranger's request shares the servers' smallest budget.
-        let mut r = self.request(pb::Empty {});
-        r.set_timeout(limit);
-        match tokio::time::timeout(limit, Self::admin(self.servers[i].1.clone()).health(r)).await {
-            Ok(Ok(h)) => {
-                self.heard_from(i);
-                self.witness[i].store(h.into_inner().witness, Ordering::Relaxed);
-                Ok(())
-            }
-            Ok(Err(s)) => Err(explain(&s, &self.tls)),
-            Err(_) => {
-                self.mark_quiet(i);
-                Err(format!("no answer to a health probe within {limit:?}"))
-            }
+    /// Whether server `i` answers a health probe ([`Cluster::health_on`], which carries the
+    /// token: a stranger's request shares the servers' smallest budget) on the connection calls
+    /// use, so that connection is made, TLS included. `Err`: why not.
+    async fn answers(&self, i: usize) -> Result<(), ClientError> {
+        let r = self.health_on(&self.servers[i].0).await.map(drop);
+        if let Err(ClientError::NoAnswer(..)) = r {
+            self.mark_quiet(i);
         }
+        r
     }
 
     /// A read that any server answers alike (attributes, listing pages, small contents, the
@@ -560,7 +570,7 @@ impl Cluster {
                                 // A witness answered while the preferred server did not (or
                                 // went quiet lately): move to another data server instead, as
                                 // a witness is never preferred.
-                                let now = self.epoch.elapsed().as_millis() as u64;
+                                let now = self.now_ms();
                                 if unanswered.contains(&first) || self.quiet_since(first, now) != 0 {
                                     self.skip_preferred(Some(&self.servers[first].0));
                                 }

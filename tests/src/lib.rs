@@ -485,6 +485,14 @@ impl TestCluster {
         bail!("no running server is leader")
     }
 
+    /// Index of a data server that does not lead now (one to kill or stop without an election).
+    pub async fn data_server_not_leading(&self) -> Result<usize> {
+        let leader = self.leader().await?;
+        (0..self.servers.len())
+            .find(|i| *i != leader && !self.servers[*i].witness)
+            .context("a data server that does not lead")
+    }
+
     /// Waits for a leader among the running servers.
     pub async fn wait_leader(&self, timeout: Duration) -> Result<usize> {
         wait_until(timeout, "a leader", || async { self.leader().await.is_ok() })
@@ -724,6 +732,31 @@ impl Drop for TestCluster {
         }
         for s in &mut self.servers {
             s.kill();
+        }
+    }
+}
+
+/// Servers stopped with SIGSTOP (hung: their connections stay open and nothing answers); they
+/// go on when this is dropped, however the test ends.
+pub struct Stopped(Vec<i32>);
+
+impl Stopped {
+    pub fn stop<'a>(servers: impl IntoIterator<Item = &'a Server>) -> Result<Stopped> {
+        let pids: Vec<i32> = servers.into_iter().filter_map(|s| s.pid()).map(|p| p as i32).collect();
+        let stopped = Stopped(pids.clone());
+        for pid in &pids {
+            // SAFETY: a signal to a server process this test started.
+            anyhow::ensure!(unsafe { libc::kill(*pid, libc::SIGSTOP) } == 0, "SIGSTOP {pid}");
+        }
+        Ok(stopped)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            // SAFETY: as in `stop`.
+            unsafe { libc::kill(*pid, libc::SIGCONT) };
         }
     }
 }

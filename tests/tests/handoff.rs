@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use codafs_common::Hash;
-use codafs_tests::{bounded, wait_until, ClusterOpts, TestCluster};
+use codafs_tests::{bounded, wait_until, ClusterOpts, Stopped, TestCluster};
 
 /// Writes `files` (name, content) under `dir`, returning their hashes.
 fn write_tree(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<Vec<Hash>> {
@@ -27,13 +27,7 @@ async fn publishing_goes_on_with_a_data_server_down_and_the_witness_hands_off_it
     bounded(async {
         let mut tc = TestCluster::start(ClusterOpts::new(2, 1).arg("--spool-max", "1M")).await?;
         tc.create_volume("www", 2).await?;
-        let leader = tc.leader().await?;
-        let down = tc
-            .servers
-            .iter()
-            .enumerate()
-            .position(|(i, s)| !s.witness && i != leader)
-            .context("a data server that does not lead")?;
+        let down = tc.data_server_not_leading().await?;
         let up = tc
             .servers
             .iter()
@@ -144,13 +138,7 @@ async fn publishing_goes_on_with_a_data_server_stopped() {
     bounded(async {
         let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
         tc.create_volume("www", 2).await?;
-        let leader = tc.leader().await?;
-        let stopped = tc
-            .servers
-            .iter()
-            .enumerate()
-            .position(|(i, s)| !s.witness && i != leader)
-            .context("a data server that does not lead")?;
+        let stopped = tc.data_server_not_leading().await?;
         let up = tc
             .servers
             .iter()
@@ -160,10 +148,7 @@ async fn publishing_goes_on_with_a_data_server_stopped() {
         // Both data servers hold this one before the stop: a later commit naming it again
         // needs the other copy counted without the stopped server's answer.
         TestCluster::write_file(&tc.client_on(&tc.servers[up].addr), "www", "", "old.html", b"old page").await?;
-        let pid = tc.servers[stopped].pid().context("the server's pid")? as i32;
-        // SAFETY: a signal to a server process this test started.
-        unsafe { libc::kill(pid, libc::SIGSTOP) };
-        let resume = scopeguard(pid);
+        let resume = Stopped::stop([&tc.servers[stopped]])?;
         let site = tc.root.path().join("site");
         let files: Vec<(String, Vec<u8>)> = (0..20)
             .map(|i| (format!("p{i}.html"), format!("page {i} ").repeat(100).into_bytes()))
@@ -218,18 +203,6 @@ async fn publishing_goes_on_with_a_data_server_stopped() {
         Ok(())
     })
     .await
-}
-
-/// Sends SIGCONT to `pid` when dropped (also when the test fails).
-fn scopeguard(pid: i32) -> impl Drop {
-    struct Resume(i32);
-    impl Drop for Resume {
-        fn drop(&mut self) {
-            // SAFETY: a signal to a server process the test started.
-            unsafe { libc::kill(self.0, libc::SIGCONT) };
-        }
-    }
-    Resume(pid)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -8,7 +8,7 @@ use codafs_client::ops;
 use codafs_client::status::MountStatus;
 use codafs_common::Hash;
 use codafs_proto::pb;
-use codafs_tests::{bounded, fs_call, read_file, wait_until, ClusterOpts, Mount, TestCluster};
+use codafs_tests::{bounded, fs_call, read_file, wait_until, ClusterOpts, Mount, Stopped, TestCluster};
 
 async fn blob_gets(tc: &TestCluster) -> u64 {
     let mut n = 0;
@@ -870,22 +870,9 @@ async fn a_mount_started_against_a_hung_server_moves_to_another() {
         let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
         tc.create_volume("www", 2).await?;
         TestCluster::write_file(&tc.client(), "www", "", "index.html", b"home").await?;
-        let leader = tc.leader().await?;
-        let hung = (0..tc.servers.len())
-            .find(|i| *i != leader && !tc.servers[*i].witness)
-            .context("a data server that does not lead")?;
-        let pid = tc.servers[hung].pid().context("its pid")? as i32;
-        /// Lets the stopped server go on, however the test ends.
-        struct Resume(i32);
-        impl Drop for Resume {
-            fn drop(&mut self) {
-                // SAFETY: a signal to the server process this test started.
-                unsafe { libc::kill(self.0, libc::SIGCONT) };
-            }
-        }
-        // SAFETY: as above.
-        anyhow::ensure!(unsafe { libc::kill(pid, libc::SIGSTOP) } == 0, "SIGSTOP {pid}");
-        let _resume = Resume(pid);
+        let hung = tc.data_server_not_leading().await?;
+        // Goes on however the test ends.
+        let _resume = Stopped::stop([&tc.servers[hung]])?;
         let mut args = tc.client_args_spread();
         args.extend(["--prefer-server".to_string(), tc.servers[hung].addr.clone()]);
         let m = Mount::start(&args, tc.root.path(), "m", &["--read-only"])?;
@@ -904,31 +891,6 @@ async fn a_mount_started_against_a_hung_server_moves_to_another() {
         Ok(())
     })
     .await
-}
-
-/// Servers stopped with SIGSTOP (hung: their connections stay open and nothing answers); they
-/// go on when this is dropped, however the test ends.
-struct Stopped(Vec<i32>);
-
-impl Stopped {
-    fn stop<'a>(servers: impl IntoIterator<Item = &'a codafs_tests::Server>) -> Result<Stopped> {
-        let pids: Vec<i32> = servers.into_iter().filter_map(|s| s.pid()).map(|p| p as i32).collect();
-        let stopped = Stopped(pids.clone());
-        for pid in &pids {
-            // SAFETY: a signal to a server process this test started.
-            ensure!(unsafe { libc::kill(*pid, libc::SIGSTOP) } == 0, "SIGSTOP {pid}");
-        }
-        Ok(stopped)
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        for pid in &self.0 {
-            // SAFETY: as in `stop`.
-            unsafe { libc::kill(*pid, libc::SIGCONT) };
-        }
-    }
 }
 
 /// A hung server (stopped: its connections stay open and it never answers) must not fail the

@@ -74,13 +74,7 @@ async fn a_dead_data_server_is_replaced_and_the_new_one_refilled() {
         let mut tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
         tc.create_volume("www", 2).await?;
         let hashes = pages(&tc.client()).await?;
-        let leader = tc.leader().await?;
-        let dead = tc
-            .servers
-            .iter()
-            .enumerate()
-            .position(|(i, s)| !s.witness && i != leader)
-            .context("a data server that does not lead")?;
+        let dead = tc.data_server_not_leading().await?;
         let dead_id = tc.status_of(&tc.servers[dead].addr).await?.node_id.to_string();
         tc.kill(dead);
 

@@ -49,6 +49,17 @@ impl ForwardError {
         }
     }
 
+    /// The replica did not answer within `limit` (bounded on this side: a request's own
+    /// deadline starts only once a connection carries it, and a new connection to a stopped
+    /// peer waits for its TLS handshake for ever).
+    pub fn no_answer(addr: &str, limit: Duration) -> Self {
+        ForwardError {
+            addr: addr.to_string(),
+            kind: ErrorKind::Timeout,
+            message: format!("no answer within {limit:?}"),
+        }
+    }
+
     /// The replica could not be asked at all (a bad address, a local file gone).
     pub fn unreachable(addr: &str, e: impl std::fmt::Display) -> Self {
         ForwardError {
@@ -105,18 +116,12 @@ pub async fn send_blob(
     let stream = futures::stream::iter([header]).chain(body);
     let mut client = peers.blobs(addr).map_err(|e| ForwardError::unreachable(addr, e))?;
     let mut req = tonic::Request::new(stream);
-    // Generous: at least 30 s, plus a second per 20 MiB. Bounded here too: a request's own
-    // deadline starts only once a connection carries it, and a new connection to a stopped
-    // peer waits for its TLS handshake for ever.
+    // Generous: at least 30 s, plus a second per 20 MiB; bounded here too (see `no_answer`).
     let limit = Duration::from_secs(30 + size / (20 << 20));
     req.set_timeout(limit);
     let reply = tokio::time::timeout(limit, client.put(req))
         .await
-        .map_err(|_| ForwardError {
-            addr: addr.to_string(),
-            kind: ErrorKind::Timeout,
-            message: format!("no answer within {limit:?}"),
-        })?
+        .map_err(|_| ForwardError::no_answer(addr, limit))?
         .map_err(|s| ForwardError::refused(addr, &s))?;
     Ok(reply.into_inner().copies)
 }
@@ -232,8 +237,9 @@ where
     }
     let data = tracker.successes();
     let mut hinted = 0;
-    let all_down = !failures.is_empty() && failures.iter().all(ForwardError::is_down);
-    if can_hint && data >= 1 && data < need && (all_down || stalled > 0) && failures.iter().all(ForwardError::is_down) {
+    // Hints stand in only for replicas that are down or stalled, never for one that refused.
+    let missing_down = (!failures.is_empty() || stalled > 0) && failures.iter().all(ForwardError::is_down);
+    if can_hint && data >= 1 && data < need && missing_down {
         if stalled > 0 {
             tracing::info!(stalled, after = ?patience, "data replicas did not answer a forward in time: witnesses take hints");
         }

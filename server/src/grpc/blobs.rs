@@ -293,14 +293,10 @@ impl pb::blobs_server::Blobs for BlobService {
                 let limit = std::time::Duration::from_secs(60);
                 let mut req = tonic::Request::new(batch);
                 req.set_timeout(limit);
-                // Bounded here too (see `replicate::send_blob`).
+                // Bounded here too (see `ForwardError::no_answer`).
                 match tokio::time::timeout(limit, c.put_small(req)).await {
                     Ok(r) => r.map(drop).map_err(|s| ForwardError::refused(&addr, &s)),
-                    Err(_) => Err(ForwardError {
-                        addr: addr.clone(),
-                        kind: ErrorKind::Timeout,
-                        message: format!("no answer within {limit:?}"),
-                    }),
+                    Err(_) => Err(ForwardError::no_answer(&addr, limit)),
                 }
             }
         });

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use codafs_common::Hash;
 use codafs_proto::pb;
+use futures::stream::{FuturesUnordered, StreamExt};
 use tonic::transport::Channel;
 use tonic::{Response, Status, Streaming};
 
@@ -20,6 +21,10 @@ use crate::transport::{ClientError, Cluster};
 /// Hashes per `Missing` query (the servers take at most `MAX_MISSING_QUERY`; this keeps a
 /// request well under the message limit).
 const MISSING_QUERY: usize = 10_000;
+
+/// How long the other data replicas get to say which blobs they lack once one has (see
+/// `Cluster::lacking`).
+const MISSING_LAG: Duration = Duration::from_secs(2);
 
 impl Cluster {
     /// Sends `req` with `token` (or the cluster's own) to servers in preference order, moving on
@@ -225,22 +230,51 @@ impl Cluster {
             .collect();
         let mut lacking = HashSet::new();
         // A replica that did not answer one part is not asked the rest: each would wait on it
-        // again (a stopped server keeps its connections and answers nothing).
-        let mut silent = HashSet::new();
+        // again (a stopped server keeps its connections and answers nothing). One that went
+        // quiet lately (a hedged read gave up on it) is not asked at all.
+        let mut silent: HashSet<String> = data.iter().filter(|a| self.is_quiet(a)).cloned().collect();
         for part in hashes.chunks(MISSING_QUERY) {
-            for addr in &data {
-                if silent.contains(addr) {
-                    lacking.extend(part.iter().copied());
-                    continue;
-                }
-                match self.missing_on_as(addr, token, part).await {
-                    Ok(m) => lacking.extend(m),
+            let start = tokio::time::Instant::now();
+            let mut asked: FuturesUnordered<_> = data
+                .iter()
+                .filter(|a| !silent.contains(*a))
+                .map(|addr| async move { (addr, self.missing_on_as(addr, token, part).await) })
+                .collect();
+            let mut waiting: HashSet<&String> = data.iter().filter(|a| !silent.contains(*a)).collect();
+            // The replicas are asked at once; after the first answer the others get
+            // `MISSING_LAG` (or three times the first's time, if longer) more, so a stopped
+            // replica costs seconds, not the whole query deadline.
+            let mut cutoff = None;
+            loop {
+                let next = match cutoff {
+                    Some(c) => match tokio::time::timeout_at(c, asked.next()).await {
+                        Ok(n) => n,
+                        Err(_) => break,
+                    },
+                    None => asked.next().await,
+                };
+                let Some((addr, r)) = next else { break };
+                waiting.remove(addr);
+                match r {
+                    Ok(m) => {
+                        lacking.extend(m);
+                        cutoff
+                            .get_or_insert_with(|| tokio::time::Instant::now() + MISSING_LAG.max(start.elapsed() * 3));
+                    }
                     Err(e) => {
                         tracing::debug!(server = %addr, error = %e, "could not ask which blobs a replica lacks");
                         silent.insert(addr.clone());
-                        lacking.extend(part.iter().copied());
                     }
                 }
+            }
+            for addr in waiting {
+                tracing::debug!(server = %addr, "a replica did not say which blobs it lacks as fast as the others; counting it as lacking all");
+                self.quiet(addr);
+                silent.insert(addr.clone());
+            }
+            // Silent replicas, earlier or now, count as lacking the whole part.
+            if data.iter().any(|a| silent.contains(a)) {
+                lacking.extend(part.iter().copied());
             }
         }
         Ok(lacking)

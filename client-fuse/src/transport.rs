@@ -174,6 +174,10 @@ pub struct Cluster {
     /// server that has not answered for [`FRESH_FOR`] is preceded by a health probe (see
     /// `call_within`).
     answered: Vec<AtomicU64>,
+    /// The log index of this client's latest commit (0: none yet). A read's refusal from a
+    /// server whose state covers it is final even while the preferred server has not answered
+    /// (see [`Cluster::read`]).
+    committed: AtomicU64,
     epoch: std::time::Instant,
     token: Option<String>,
     /// Deadlines of every call (see [`RequestPolicy`]).
@@ -199,6 +203,7 @@ impl Cluster {
             quiet: servers.iter().map(|_| AtomicU64::new(0)).collect(),
             witness: servers.iter().map(|_| AtomicBool::new(false)).collect(),
             answered: servers.iter().map(|_| AtomicU64::new(0)).collect(),
+            committed: AtomicU64::new(0),
             epoch: std::time::Instant::now(),
             token,
             policy: RequestPolicy::default(),
@@ -436,6 +441,13 @@ impl Cluster {
         }
     }
 
+    /// Whether the server at `addr` went quiet lately (did not answer a call in time within
+    /// the last [`QUIET_FOR`]).
+    pub fn is_quiet(&self, addr: &str) -> bool {
+        self.index_of(addr)
+            .is_some_and(|i| self.quiet_since(i, self.now_ms()) != 0)
+    }
+
     /// When server `i` went quiet, if it did lately (0: not quiet); `now` in ms since `epoch`.
     fn quiet_since(&self, i: usize, now: u64) -> u64 {
         Self::recent(&self.quiet[i], QUIET_FOR, now)
@@ -549,7 +561,11 @@ impl Cluster {
         let mut unanswered = Vec::new();
         let mut errors = Vec::new();
         // A refusal from a server asked besides the preferred one (a follower that has not
-        // applied the caller's create yet says "not found") waits for the others' answers.
+        // applied the caller's create yet says "not found") waits for the others' answers,
+        // unless it was decided on state that holds this client's own commits: then the
+        // preferred server could only say the same (or it is the one that stopped, and
+        // waiting on it cost the whole deadline).
+        let committed = self.committed.load(Ordering::Relaxed);
         let mut refused = None;
         let lead = order.next();
         if let Some(i) = lead {
@@ -589,7 +605,10 @@ impl Cluster {
                                 next_hedge = Instant::now() + hedge;
                             }
                         }
-                        Err(s) if Some(i) == lead || asked.is_empty() && order.len() == 0 => {
+                        Err(s) if Some(i) == lead
+                            || asked.is_empty() && order.len() == 0
+                            || codafs_proto::error::applied_of(&s).is_some_and(|a| a >= committed) =>
+                        {
                             return Err(ClientError::Server(explained(s, &self.tls)));
                         }
                         Err(s) => {
@@ -698,14 +717,17 @@ impl Cluster {
     /// [`Cluster::commit`] with `token` instead of the cluster's own, if given.
     pub async fn commit_as(&self, token: Option<&str>, req: pb::CommitRequest) -> Result<pb::CommitReply, ClientError> {
         let idempotent = !req.request_id.is_empty();
-        self.call_retrying(
-            |ch| {
-                let r = self.request_opt(token, req.clone());
-                async move { Self::write(ch).commit(r).await.map(|r| r.into_inner()) }
-            },
-            if idempotent { Retry::Elsewhere } else { Retry::IfNotRun },
-        )
-        .await
+        let reply = self
+            .call_retrying(
+                |ch| {
+                    let r = self.request_opt(token, req.clone());
+                    async move { Self::write(ch).commit(r).await.map(|r| r.into_inner()) }
+                },
+                if idempotent { Retry::Elsewhere } else { Retry::IfNotRun },
+            )
+            .await?;
+        self.committed.fetch_max(reply.version, Ordering::Relaxed);
+        Ok(reply)
     }
 
     /// Every entry of a directory with its attributes, as of one state of the directory: pages

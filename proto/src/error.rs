@@ -190,6 +190,25 @@ pub fn status(kind: ErrorKind, message: impl Into<String>) -> Status {
     s
 }
 
+/// Header of a read's refusal ("not found") naming the applied index of the state it was
+/// decided on. A client that asked several servers at once takes such a refusal from any of
+/// them as soon as the index covers its own last commit (read-your-writes holds), instead of
+/// waiting on the server it prefers, which may be the one that stopped.
+pub const APPLIED_INDEX_HEADER: &str = "x-codafs-applied-index";
+
+/// `s`, marked as decided on state at least as fresh as log index `applied`.
+pub fn as_of(mut s: Status, applied: u64) -> Status {
+    if let Ok(v) = applied.to_string().parse() {
+        s.metadata_mut().insert(APPLIED_INDEX_HEADER, v);
+    }
+    s
+}
+
+/// The applied index a refusal was decided on (see [`as_of`]), if it names one.
+pub fn applied_of(s: &Status) -> Option<u64> {
+    s.metadata().get(APPLIED_INDEX_HEADER)?.to_str().ok()?.parse().ok()
+}
+
 /// The kind of a failed call: the one its header names, or else the one its code implies.
 pub fn kind_of(s: &Status) -> ErrorKind {
     s.metadata()

@@ -50,3 +50,55 @@ pub mod limits {
     /// Request header carrying the caller's token.
     pub const TOKEN_HEADER: &str = "x-codafs-token";
 }
+
+/// The deadline a gRPC caller set (the `grpc-timeout` request header), so a server can fit
+/// its own waits inside it: a wait that outlasts the caller's deadline is wasted, since the
+/// caller has already given up and moved to another server.
+pub mod deadline {
+    use std::time::Duration;
+
+    /// The caller's timeout from `grpc-timeout` ("<digits><unit>", unit one of H M S m u n;
+    /// at most 8 digits, as the gRPC wire spec says), if it names a valid one.
+    pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+        parse(metadata.get("grpc-timeout")?.to_str().ok()?)
+    }
+
+    fn parse(v: &str) -> Option<Duration> {
+        let unit = v.chars().last()?;
+        let digits = &v[..v.len() - unit.len_utf8()];
+        if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let n: u64 = digits.parse().ok()?;
+        Some(match unit {
+            'H' => Duration::from_secs(n * 3600),
+            'M' => Duration::from_secs(n * 60),
+            'S' => Duration::from_secs(n),
+            'm' => Duration::from_millis(n),
+            'u' => Duration::from_micros(n),
+            'n' => Duration::from_nanos(n),
+            _ => return None,
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn parses_the_wire_forms_and_refuses_the_rest() {
+            assert_eq!(parse("2000m"), Some(Duration::from_secs(2)));
+            assert_eq!(parse("1999999u"), Some(Duration::from_micros(1_999_999)));
+            assert_eq!(parse("3S"), Some(Duration::from_secs(3)));
+            assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
+            assert_eq!(parse("5n"), Some(Duration::from_nanos(5)));
+            for bad in ["", "m", "123456789m", "12x", "-1S", "1.5S", "S1"] {
+                assert_eq!(parse(bad), None, "{bad:?}");
+            }
+            let mut m = tonic::metadata::MetadataMap::new();
+            assert_eq!(grpc_timeout(&m), None);
+            m.insert("grpc-timeout", tonic::metadata::MetadataValue::from_static("250m"));
+            assert_eq!(grpc_timeout(&m), Some(Duration::from_millis(250)));
+        }
+    }
+}

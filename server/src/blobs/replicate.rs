@@ -127,9 +127,21 @@ pub async fn send_blob(
 }
 
 /// How long a write waits for a data replica to store its copy before a witness's hint stands
-/// in for it: [`PATIENCE`] plus the bytes at 20 MiB/s.
-pub fn patience(bytes: u64) -> Duration {
-    PATIENCE + Duration::from_millis(bytes / (20 << 10))
+/// in for it: [`PATIENCE`] plus the bytes at 20 MiB/s, but at most half of what is left of the
+/// caller's deadline (`deadline`, when its request named one), so the hint still lands in
+/// time: a mount asks with a 2 s deadline, and a patience as long as that failed every put
+/// while a data replica was stopped.
+pub fn patience(bytes: u64, deadline: Option<tokio::time::Instant>) -> Duration {
+    let full = PATIENCE + Duration::from_millis(bytes / (20 << 10));
+    match deadline {
+        Some(d) => full.min(d.saturating_duration_since(tokio::time::Instant::now()) / 2),
+        None => full,
+    }
+}
+
+/// When the caller of `req` gives up (see [`patience`]).
+pub fn caller_deadline<T>(req: &tonic::Request<T>) -> Option<tokio::time::Instant> {
+    codafs_proto::deadline::grpc_timeout(req.metadata()).map(|t| tokio::time::Instant::now() + t)
 }
 
 /// A healthy replica stores a small blob in milliseconds; one that takes seconds is stopped,

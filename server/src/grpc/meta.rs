@@ -16,6 +16,7 @@ use crate::access::{Caller, TicketMaker};
 use crate::changes;
 use crate::fsm::{ObjectRec, StateView};
 use crate::node::Node;
+use codafs_proto::error::as_of;
 
 /// Volumes one `VolumeStamps` request may name.
 const MAX_STAMPS: usize = 10_000;
@@ -23,12 +24,13 @@ const MAX_STAMPS: usize = 10_000;
 pub struct MetaService(pub Arc<Node>);
 
 impl MetaService {
-    fn object(&self, ino: u64) -> Result<ObjectRec, Status> {
+    /// Object `ino`, read after `applied` was: its absence is marked as of that index.
+    fn object(&self, ino: u64, applied: u64) -> Result<ObjectRec, Status> {
         self.0
             .tables()
             .object(ino)
             .map_err(internal)?
-            .ok_or_else(|| refuse(ErrorKind::NotFound, format!("no object {ino:#x}")))
+            .ok_or_else(|| absent(format!("no object {ino:#x}"), applied))
     }
 
     /// An attribute reply. `applied_index` must be read before the object: the object is then
@@ -40,6 +42,12 @@ impl MetaService {
             applied_index,
         }))
     }
+}
+
+/// A "not found" decided on state at least as fresh as `applied`: a client that asked several
+/// servers takes it from any whose state covers its own commits (see `as_of`).
+fn absent(what: String, applied: u64) -> Status {
+    as_of(refuse(ErrorKind::NotFound, what), applied)
 }
 
 /// Attributes as a reader sees them: with a read ticket for a file's content.
@@ -65,8 +73,8 @@ impl pb::meta_server::Meta for MetaService {
             .tables()
             .dirent(r.parent, &r.name)
             .map_err(internal)?
-            .ok_or_else(|| refuse(ErrorKind::NotFound, format!("{} not found", r.name)))?;
-        self.reply(&self.object(ino)?, applied_index)
+            .ok_or_else(|| absent(format!("{} not found", r.name), applied_index))?;
+        self.reply(&self.object(ino, applied_index)?, applied_index)
     }
 
     async fn get_attr(&self, req: Request<pb::GetAttrRequest>) -> Result<Response<pb::AttrReply>, Status> {
@@ -75,7 +83,7 @@ impl pb::meta_server::Meta for MetaService {
         let ino = req.get_ref().ino;
         self.0.check_read_ino(&caller, ino)?;
         let applied_index = self.0.applied_index();
-        self.reply(&self.object(ino)?, applied_index)
+        self.reply(&self.object(ino, applied_index)?, applied_index)
     }
 
     async fn resolve(&self, req: Request<pb::ResolveRequest>) -> Result<Response<pb::AttrReply>, Status> {
@@ -84,19 +92,21 @@ impl pb::meta_server::Meta for MetaService {
         let r = req.into_inner();
         let applied_index = self.0.applied_index();
         let t = self.0.tables();
-        let vol = t
-            .volume(&r.volume)
-            .map_err(internal)?
-            .ok_or_else(|| refuse(ErrorKind::NoVolume, format!("no volume {}", r.volume)))?;
+        let vol = t.volume(&r.volume).map_err(internal)?.ok_or_else(|| {
+            as_of(
+                refuse(ErrorKind::NoVolume, format!("no volume {}", r.volume)),
+                applied_index,
+            )
+        })?;
         self.0.check_read(&caller, &vol)?;
         let mut cur = codafs_common::make_ino(vol.id, VOLUME_ROOT_INODE);
         for part in split_path(&r.path).map_err(bad_name)? {
             cur = t
                 .dirent(cur, part)
                 .map_err(internal)?
-                .ok_or_else(|| refuse(ErrorKind::NotFound, format!("{} not found", r.path)))?;
+                .ok_or_else(|| absent(format!("{} not found", r.path), applied_index))?;
         }
-        self.reply(&self.object(cur)?, applied_index)
+        self.reply(&self.object(cur, applied_index)?, applied_index)
     }
 
     async fn read_dir(&self, req: Request<pb::ReadDirRequest>) -> Result<Response<pb::ReadDirReply>, Status> {
@@ -117,7 +127,7 @@ impl pb::meta_server::Meta for MetaService {
             .tables()
             .dir_page(r.ino, &r.after, limit)
             .map_err(internal)?
-            .ok_or_else(|| refuse(ErrorKind::NotFound, format!("no node {:#x}", r.ino)))?;
+            .ok_or_else(|| absent(format!("no node {:#x}", r.ino), applied_index))?;
         if dir.kind != crate::fsm::Kind::Dir {
             return Err(refuse(ErrorKind::NotDir, format!("{:#x} is not a directory", r.ino)));
         }

@@ -839,6 +839,40 @@ async fn write_back_a_chmod_sent_while_the_file_is_open_still_finds_the_conflict
     assert_eq!(core.backlog().unwrap().conflicts, 1, "no new conflict");
 }
 
+/// Write-back: `echo mine > p.html` as the kernel sends it. The open comes without `O_TRUNC`,
+/// a setattr truncates, and the shell's first `close` (after its `dup2`) stores the empty file;
+/// that batch waits (servers slow or down) while "mine" is written and closed, and another
+/// node's content lands first. Each of the two contents conflicted on its own, so two copies
+/// were kept, one of them empty (session 31 QA, with every server stopped). The empty content,
+/// replaced by a later one of the same file still queued, now makes no copy of its own.
+#[tokio::test(start_paused = true)]
+async fn write_back_a_truncating_write_that_conflicts_keeps_one_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (core, www, ino) = page_written_back(dir.path()).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    core.remote.lock().commit_gate = Some(gate.clone());
+    let fh = core.open(model::ALICE, ino, libc::O_WRONLY).await.unwrap();
+    let truncate = write::SetAttrs {
+        size: Some(0),
+        mtime_ns: Some(1_700_000_000_000_000_000),
+        ..Default::default()
+    };
+    core.setattr(model::ALICE, ino, truncate).await.unwrap();
+    core.flush(fh).await.unwrap();
+    let write_meanwhile = async {
+        // The batch with the empty content is built and waits at the gate.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        write_and_close(&core, fh, b"mine").await;
+        core.remote.write(&[], "p.html", b"theirs");
+        gate.add_permits(1000);
+    };
+    tokio::join!(send_log(&core), write_meanwhile);
+    send_log(&core).await;
+    deliver_all(&core).await;
+    theirs_stand_and_mine_is_kept(&core, www).await;
+    assert_eq!(core.backlog().unwrap().conflicts, 1);
+}
+
 /// Write-back: the file is opened for writing after the batch with its chmod was built and
 /// before that batch's commit lands, and another node's content lands in between. The chmod
 /// checked nothing (nothing needed a check when it was built), and the servers' reply tells

@@ -1081,6 +1081,18 @@ struct Batch {
     changes: Vec<Change>,
 }
 
+/// Whether `op` sets a file's content that a change queued after `batch` sets again: in one
+/// batch such a content is never sent (see `Builder::content`); across batches the earlier
+/// one may have been sent already, and only its conflict is left out.
+fn replaced_later(b: &WriteBack, batch: &Batch, op: &Op) -> bool {
+    let Op::SetContent { ino, .. } = op else {
+        return false;
+    };
+    b.st().queue.iter().any(|l| {
+        l.seq > batch.last && l.volume == batch.volume && matches!(&l.op, Op::SetContent { ino: j, .. } if j == ino)
+    })
+}
+
 /// Node ids an operation touches (their cached attributes are stale after it).
 fn touched(op: &Op) -> Vec<u64> {
     match op {
@@ -2287,6 +2299,12 @@ impl<R: Remote> Core<R> {
                         distrust = self.late_checks(b, batch, &ops, &done);
                     }
                     self.after_commit(b, &ops, &done, &distrust)
+                }
+                Err(e) if is_conflict(&e) && replaced_later(b, batch, &c.op) => {
+                    // Its own later content conflicts too (it expects the same version) and
+                    // is kept, with the bytes this mount ended with: a copy of this one would
+                    // be a second, stale copy (the empty file a shell's `> FILE` closes first).
+                    tracing::debug!(op = ?c.op, "conflicting content replaced by a later one queued; no copy of it");
                 }
                 Err(e) if is_conflict(&e) => {
                     self.keep_conflict(b, token, c, &e, sub_request(request, i + batch.changes.len()))

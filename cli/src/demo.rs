@@ -82,13 +82,35 @@ pub(crate) fn spawn(dir: &Path, name: &str, args: &[String]) -> Result<Child> {
         .create(true)
         .append(true)
         .open(dir.join(format!("{name}.log")))?;
-    Command::new(std::env::current_exe()?)
+    own_child()?
         .args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
         .with_context(|| format!("starting {name}"))
+}
+
+/// The connection settings a shell may hold from an earlier demo's `demo.env` (or a real
+/// cluster's): a demo's servers and mount take theirs from their arguments only. A mount
+/// started with an old `CODAFS_SERVERS` in its environment connected to the old demo's
+/// (gone) servers and showed an empty `/coda`.
+const CONNECTION_ENV: [&str; 6] = [
+    "CODAFS_SERVERS",
+    "CODAFS_PREFER_SERVER",
+    "CODAFS_CONFIG",
+    "CODAFS_CREDENTIAL",
+    "CODAFS_CA",
+    "CODAFS_INSECURE",
+];
+
+/// A `codafs` child of the demo, without the caller's connection settings.
+fn own_child() -> Result<Command> {
+    let mut c = Command::new(std::env::current_exe()?);
+    for v in CONNECTION_ENV {
+        c.env_remove(v);
+    }
+    Ok(c)
 }
 
 /// The last lines of a child's log, for an error message.
@@ -264,7 +286,7 @@ pub(crate) async fn start_mount(
     mount_args.push("1G".into());
     mount_args.extend(extra.iter().map(|x| x.to_string()));
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-    let mut mount = Command::new(std::env::current_exe()?)
+    let mut mount = own_child()?
         .args(&mount_args)
         .env("CODAFS_NOTIFY_READY", "1")
         .stdin(Stdio::null())

@@ -581,6 +581,8 @@ async fn control<R: Remote>(
             let mut reply = match cmd {
                 // Counting a big volume's cached files reads many cache rows: off the runtime.
                 "status" => {
+                    // The server it names as the one reads go to first must answer.
+                    core.recheck_preferred().await;
                     let c = core.clone();
                     match tokio::task::spawn_blocking(move || c.status()).await {
                         Ok(st) => serde_json::to_value(st)

@@ -291,6 +291,17 @@ impl Cluster {
         }
     }
 
+    /// Makes sure the preferred server answers: it is probed (within the probe deadline), and
+    /// if it does not answer, every server is, and the preference moves to a data server that
+    /// answers (see [`Cluster::avoid_witness`]). `codafs status MNT` calls it first, so it does
+    /// not name a server killed a moment ago as the one reads go to.
+    pub async fn recheck_preferred(&self) {
+        let i = self.preferred.load(Ordering::Relaxed) % self.servers.len();
+        if !matches!(self.health_on(&self.servers[i].0).await, Ok(h) if !h.witness) {
+            self.avoid_witness().await;
+        }
+    }
+
     /// Notes what server `addr` said its role is (a health answer, the membership).
     pub(crate) fn note_role(&self, addr: &str, witness: bool) {
         if let Some(i) = self.index_of(addr) {

@@ -114,6 +114,9 @@ async fn reads_continue_when_the_server_in_use_is_killed() {
                     .position(|s| s.addr == in_use)
                     .with_context(|| format!("{in_use} is not one of the cluster's servers"))?;
                 tc.kill(killed);
+                // Asked at once, before any read failed over, the status names a live server.
+                let named = m.status()?.server.context("the mount names the server it uses")?;
+                anyhow::ensure!(named != in_use, "status still names the killed server {in_use}");
             }
             assert_eq!(&read_file(&m.path.join("www").join(name))?, content, "{name}");
         }

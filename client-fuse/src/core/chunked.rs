@@ -206,10 +206,6 @@ impl<R: Remote> Core<R> {
         let encoded = manifest.encode();
         let hash = Hash::of(&encoded);
         self.remote.put_blob(token, encoded.into(), quorum).await?;
-        self.writes
-            .stats
-            .stored_bytes
-            .fetch_add(sent, std::sync::atomic::Ordering::Relaxed);
         Ok((hash, manifest))
     }
 

@@ -226,6 +226,10 @@ impl Remote for GrpcRemote {
         self.cluster.skip_preferred(from)
     }
 
+    async fn recheck_preferred(&self) {
+        self.cluster.recheck_preferred().await
+    }
+
     async fn avoid_witness(&self) {
         self.cluster.avoid_witness().await
     }

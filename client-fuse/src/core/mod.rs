@@ -257,6 +257,8 @@ pub struct Core<R: Remote> {
     /// Asks the volume watcher for a fresh volume list now (tokens changed, or a change stream
     /// was refused: a volume may have been made private).
     volumes_wanted: tokio::sync::Notify,
+    /// Whether a volume list came from the servers since this mount started.
+    volumes_listed: AtomicBool,
     /// Content streamed through memory while the cache disk is full.
     windows: crate::cache::stream::Windows,
     /// Manifests of large files recently read (see `chunked.rs`).
@@ -300,6 +302,7 @@ impl<R: Remote> Core<R> {
             applied_tx: tokio::sync::watch::channel(0).0,
             stale_pages: Mutex::new(HashMap::new()),
             volumes_wanted: tokio::sync::Notify::new(),
+            volumes_listed: AtomicBool::new(false),
             kernel_names: Mutex::new(HashMap::new()),
             windows: Default::default(),
             manifests: Mutex::new(lru::LruCache::new(
@@ -405,6 +408,7 @@ impl<R: Remote> Core<R> {
         let remote: Vec<RemoteVolume> = self.timed(self.cfg.op_timeout, self.remote.volumes()).await?;
         self.set_acls(&remote);
         let inv = self.apply_volume_list(&remote)?;
+        self.volumes_listed.store(true, Ordering::Relaxed);
         self.sync_readers();
         Ok(inv)
     }
@@ -625,6 +629,7 @@ impl<R: Remote> Core<R> {
             return Err(FsError::NameTooLong);
         }
         if parent == ROOT_INO {
+            self.know_volumes().await?;
             let v = self
                 .volumes
                 .read()
@@ -671,9 +676,26 @@ impl<R: Remote> Core<R> {
         Ok(listing.iter().find(|e| e.name == name).map(|e| e.ino))
     }
 
+    /// Makes sure some volume list is known. A mount that could not list the volumes at its
+    /// start (servers slow or down) and has none cached knows no volume: its `/coda` is
+    /// empty, and every path in it failed with `ENOENT`, as if the site were gone, until the
+    /// next list. It asks now (within `--timeout`: `EIO` if no server answers) and wakes the
+    /// volume watcher, which follows the volumes and tells the kernel.
+    async fn know_volumes(&self) -> Result<(), FsError> {
+        if self.volumes_listed.load(Ordering::Relaxed)
+            || !self.volumes.read().unwrap_or_else(|p| p.into_inner()).is_empty()
+        {
+            return Ok(());
+        }
+        self.refresh_volumes().await?;
+        self.want_volumes();
+        Ok(())
+    }
+
     /// Entries of a directory (without `.` and `..`).
     pub async fn readdir(&self, ino: u64) -> Result<Vec<(String, u64, NodeKind)>, FsError> {
         if ino == ROOT_INO {
+            self.know_volumes().await?;
             let vols = self.volumes.read().unwrap_or_else(|p| p.into_inner());
             return Ok(vols
                 .values()
@@ -1042,6 +1064,12 @@ impl<R: Remote> Core<R> {
     /// Moves the servers this mount talks to first off a witness, if it started at one.
     pub async fn avoid_witness(&self) {
         self.remote.avoid_witness().await
+    }
+
+    /// Makes sure the server [`Core::status`] names as the one reads go to first answers (see
+    /// `Cluster::recheck_preferred`).
+    pub async fn recheck_preferred(&self) {
+        self.remote.recheck_preferred().await
     }
 
     /// Status for `codafs status MNT`.

@@ -107,6 +107,11 @@ pub trait Remote: Send + Sync + 'static {
     /// Moves the preferred server to another one if it is still `from`: it did not answer in
     /// time (see `Cluster::skip_preferred`).
     fn skip_preferred(&self, _from: Option<&str>) {}
+    /// Moves the preferred server to one that answers, if it has not answered lately (see
+    /// `Cluster::recheck_preferred`).
+    fn recheck_preferred(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
     /// Moves the preferred server off a witness (see `Cluster::avoid_witness`).
     fn avoid_witness(&self) -> impl Future<Output = ()> + Send {
         async {}

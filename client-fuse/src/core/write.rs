@@ -471,6 +471,9 @@ impl<R: Remote> Core<R> {
                 return Err(e);
             }
         };
+        // Counted here, not in `put_chunked`: the write-back log counts a file when it logs it,
+        // and its reintegrator's put counted it again.
+        self.writes.stats.stored_bytes.fetch_add(size, Ordering::Relaxed);
         if !self.blobs.lookup(&hash) {
             // The writer reads its own file next: keep it cached instead of fetching it back.
             if let Err(e) = blocking(size, || self.cache_chunks(hash, &manifest, file)) {

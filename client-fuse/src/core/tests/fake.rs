@@ -53,6 +53,8 @@ pub struct Truth {
     pub pending: VecDeque<ChangeEvent>,
     pub lagging: Option<Lagging>,
     pub fail_next_commit: Option<CommitFailure>,
+    /// Commits still to refuse (each with `Denied`, as a quota or a revoked right would).
+    pub refuse_commits: u32,
     /// Contents after each version, oldest first.
     pub history: Vec<(u64, Contents)>,
     /// Single-blob fetches served (`fetch_blob`).
@@ -744,6 +746,10 @@ impl Remote for FakeRemote {
             return Ok(done.clone());
         }
         let failure = t.fail_next_commit.take();
+        if t.refuse_commits > 0 {
+            t.refuse_commits -= 1;
+            return Err(FsError::Denied("the fake refuses this commit".into()));
+        }
         if failure == Some(CommitFailure::Refused) {
             return Err(FsError::Denied("the fake refuses this commit".into()));
         }

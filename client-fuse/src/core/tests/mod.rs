@@ -73,6 +73,37 @@ async fn cached_content_is_served_while_disconnected_and_uncached_fails_fast() {
     assert!(!core.is_connected());
 }
 
+/// A mount that could not list the volumes at its start, with none cached, does not answer
+/// that its volumes are absent (a web node that booted while the servers were slow served
+/// 404s for the whole site): a lookup or listing of `/coda` asks for the list then, failing
+/// with EIO while no server answers, and finds the volume once one does.
+#[tokio::test]
+async fn a_mount_that_started_without_a_volume_list_asks_for_it_before_saying_absent() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = core_with(dir.path(), 1 << 20);
+    publish(&core, &[], "index.html", b"home").await;
+    core.remote.lock().down = true;
+    assert!(core.refresh_volumes().await.is_err(), "the start's list fails");
+    assert!(
+        matches!(core.lookup(ROOT_INO, "www").await, Err(FsError::Disconnected(_))),
+        "unknown, not absent"
+    );
+    assert!(matches!(core.readdir(ROOT_INO).await, Err(FsError::Disconnected(_))));
+    core.remote.lock().down = false;
+    assert_eq!(read_path(&core, &[], "index.html").await.unwrap(), b"home");
+    let names: Vec<String> = core
+        .readdir(ROOT_INO)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .collect();
+    assert_eq!(names, ["www"]);
+    // Listed once, a name that is not a volume is absent at once.
+    core.remote.lock().down = true;
+    assert!(matches!(core.lookup(ROOT_INO, "nope").await, Err(FsError::NotFound)));
+}
+
 /// A directory whose attributes a change made the cache forget is served as it was while no
 /// server answers, so the cached files below it stay readable; but never with a mode, owner or
 /// group a later change replaced (a chmod that closed it would otherwise be undone offline).
@@ -873,6 +904,37 @@ async fn write_back_a_truncating_write_that_conflicts_keeps_one_copy() {
     assert_eq!(core.backlog().unwrap().conflicts, 1);
 }
 
+/// Write-back: new content of an existing file that the servers refuse is set aside in
+/// `lost+found` under the file's name, and the report names the file by its path (both named
+/// it by its node id, which says nothing to a webmaster).
+#[tokio::test(start_paused = true)]
+async fn write_back_a_refused_content_is_kept_and_reported_under_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (core, _www, _ino) = page_written_back(dir.path()).await;
+    model::write(&core, "p.html", b"mine").await.unwrap();
+    // The batch, then the change alone.
+    core.remote.lock().refuse_commits = 2;
+    send_log(&core).await;
+    assert_eq!(core.remote.content("p.html").unwrap(), b"old");
+    let back = core.backlog().unwrap();
+    assert_eq!((back.changes, back.refused), (0, 1), "{back:?}");
+    let note = back.last_refused.unwrap_or_default();
+    assert!(note.contains("new content of www:/p.html refused"), "{note}");
+    let kept: Vec<_> = std::fs::read_dir(dir.path().join("wblog/lost+found"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(kept[0].0.ends_with("-p.html"), "{kept:?}");
+    assert_eq!(kept[0].1, b"mine");
+}
+
 /// Write-back: the file is opened for writing after the batch with its chmod was built and
 /// before that batch's commit lands, and another node's content lands in between. The chmod
 /// checked nothing (nothing needed a check when it was built), and the servers' reply tells
@@ -1042,7 +1104,7 @@ async fn write_back_a_refused_token_holds_back_only_that_users_changes() {
     let (truth, held) = {
         let core = with_bob(with_alice(core_writing_back(dir.path(), 1 << 20)).await);
         let www = core.lookup(ROOT_INO, "www").await.unwrap().ino;
-        core.mkdir(model::ALICE, www, "news", 0o777).await.unwrap();
+        let news = core.mkdir(model::ALICE, www, "news", 0o777).await.unwrap().ino;
         model::write_as(&core, model::ALICE, "news/a.html", b"alice")
             .await
             .unwrap();
@@ -1068,11 +1130,21 @@ async fn write_back_a_refused_token_holds_back_only_that_users_changes() {
             let why = back.blocked.unwrap_or_default();
             assert!(why.contains("uid 1000") && why.contains("codafs login"), "{why}");
             assert_eq!((back.conflicts, back.refused), (0, 0));
-            let synced = core.sync_log(Duration::from_secs(5)).await;
+            // `sync` and alice's `fsync` say at once what they wait for (they waited out
+            // their whole deadline, although nothing could go before her next login).
+            let t = tokio::time::Instant::now();
+            let synced = core.sync_log(Duration::from_secs(60)).await;
             assert!(
-                matches!(&synced, Err(FsError::Io(m)) if m.contains("uid 1000")),
+                matches!(&synced, Err(FsError::Io(m)) if m.contains("uid 1000") && m.contains("wait for a login")),
                 "{synced:?}"
             );
+            let a_html = core.lookup(news, "a.html").await.unwrap().ino;
+            let fsynced = core.sync_node(a_html, Duration::from_secs(60)).await;
+            assert!(
+                matches!(&fsynced, Err(FsError::Io(m)) if m.contains("uid 1000")),
+                "{fsynced:?}"
+            );
+            assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
             let _ = stop.send(true);
         };
         let ((), ()) = tokio::join!(core.reintegrate(stopped), checks);
@@ -1596,6 +1668,10 @@ async fn a_large_file_is_stored_in_chunks_and_a_small_edit_sends_only_its_chunks
             send_log(&core).await;
         }
         assert_eq!(core.remote.content("big.iso").unwrap(), data, "write-back {back}");
+        // The mount's "stored" counter counts the file once (the write-back log counted it
+        // when it logged it, and its put counted it again).
+        let stored = core.status().writes.stored_bytes;
+        assert_eq!(stored, 24 << 20, "write-back {back}");
         let first = core.remote.lock().new_blob_bytes;
         assert!((24 << 20..25 << 20).contains(&first), "stored {first} bytes");
         core.remote.lock().new_blob_bytes = 0;

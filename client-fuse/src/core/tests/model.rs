@@ -463,7 +463,18 @@ async fn run_steps(
             t.fail_next_commit = None;
             t.refused_tokens.clear();
         }
-        let synced = core.sync_log(Duration::from_secs(120)).await;
+        let mut synced = core.sync_log(Duration::from_secs(120)).await;
+        // Meanwhile `sync` says at once who must log in; run again after the retry, as a user
+        // would.
+        for _ in 0..4 {
+            match &synced {
+                Err(FsError::Io(m)) if m.contains("wait for a login") => {
+                    tokio::time::sleep(Duration::from_secs(31)).await;
+                    synced = core.sync_log(Duration::from_secs(120)).await;
+                }
+                _ => break,
+            }
+        }
         prop_assert!(synced.is_ok(), "the log does not drain: {synced:?}");
         let set_aside: Vec<Vec<u8>> = std::fs::read_dir(dir.join("wblog").join("lost+found"))
             .into_iter()

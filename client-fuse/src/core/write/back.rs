@@ -555,7 +555,15 @@ impl WriteBack {
     /// touch that node: a change is sent only after the earlier changes it may depend on (see
     /// `BackState::next_batch`), so once the node's own changes are settled, so is everything
     /// they need.
-    async fn settled_through(&self, seq: u64, node: Option<u64>, limit: Duration) -> Result<(), FsError> {
+    /// `held(st, uid)`: whether `uid`'s changes are held back now (no login since its token
+    /// was refused: see `Core::held_back`).
+    async fn settled_through(
+        &self,
+        seq: u64,
+        node: Option<u64>,
+        limit: Duration,
+        held: impl Fn(&BackState, u32) -> bool,
+    ) -> Result<(), FsError> {
         /// Counts the caller among those the reintegrator must not make wait (see `gather`).
         struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
         impl Drop for Waiting<'_> {
@@ -567,21 +575,45 @@ impl WriteBack {
         let _waiting = Waiting(&self.waiting);
         self.hurry.notify_one();
         let mut rx = self.settles.subscribe();
-        // (The reintegrator never holds the state lock while it announces a settle.)
-        let done = |_: &u64| {
-            let st = self.st();
-            match node {
-                None => st.watermark() >= seq,
-                Some(n) => !st
-                    .queue
-                    .iter()
-                    .take_while(|c| c.seq <= seq)
-                    .any(|c| !st.held_seqs.contains(&c.seq) || touched(&c.op).contains(&n)),
-            }
+        // The changes this waits for: all of them up to `seq`, or those that change `node`
+        // (the others held back for a login do not hold an `fsync` back).
+        let waits_for = |st: &BackState, c: &Change| match node {
+            None => true,
+            Some(n) => !st.held_seqs.contains(&c.seq) || touched(&c.op).contains(&n),
         };
-        let r = tokio::time::timeout(limit, rx.wait_for(done))
+        // (The reintegrator never holds the state lock while it announces a settle, nor when
+        // the set of held-back changes changes.)
+        let settled_or_held = |_: &u64| {
+            let st = self.st();
+            let mut waiting = st
+                .queue
+                .iter()
+                .take_while(|c| c.seq <= seq)
+                .filter(|c| waits_for(&st, c));
+            let settled = match node {
+                None => st.watermark() >= seq,
+                Some(_) => waiting.clone().next().is_none(),
+            };
+            // Held back until a login: every change waited for is, and no held user has
+            // logged in since (the reintegrator's view of who is held lags a login by up to a
+            // second).
+            settled || waiting.all(|c| st.held_seqs.contains(&c.seq)) && st.held.keys().all(|uid| held(&st, *uid))
+        };
+        let r = tokio::time::timeout(limit, rx.wait_for(settled_or_held))
             .await
             .map(|r| r.map(drop));
+        if let Ok(Ok(())) = r {
+            // Held back, not settled: say so now rather than after the whole deadline (the
+            // changes cannot go before that user's next `codafs login`).
+            let st = self.st();
+            let held = st.queue.iter().take_while(|c| c.seq <= seq).any(|c| waits_for(&st, c));
+            if held {
+                let why = st.held_reason().unwrap_or_else(|| "held back".into());
+                return Err(FsError::Io(format!(
+                    "logged changes wait for a login: {why}; they stay logged"
+                )));
+            }
+        }
         match r {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(FsError::Io("the write-back reintegrator stopped".into())),
@@ -1559,7 +1591,8 @@ impl<R: Remote> Core<R> {
     pub async fn sync_log(&self, limit: Duration) -> Result<(), FsError> {
         let Some(b) = self.write_back() else { return Ok(()) };
         let last = b.last_seq();
-        b.settled_through(last, None, limit).await
+        b.settled_through(last, None, limit, |st, uid| self.held_back(st, uid))
+            .await
     }
 
     /// `fsync` of a file or directory: waits until every change logged before the call is on
@@ -1568,7 +1601,8 @@ impl<R: Remote> Core<R> {
     pub async fn sync_node(&self, ino: u64, limit: Duration) -> Result<(), FsError> {
         let Some(b) = self.write_back() else { return Ok(()) };
         let last = b.last_seq();
-        b.settled_through(last, Some(ino), limit).await
+        b.settled_through(last, Some(ino), limit, |st, uid| self.held_back(st, uid))
+            .await
     }
 
     /// The write-back part of `codafs status`.
@@ -2259,7 +2293,7 @@ impl<R: Remote> Core<R> {
             {
                 Ok(()) => {}
                 Err(e) if is_refusal(&e) => {
-                    self.keep_refused(b, c, &e)?;
+                    self.keep_refused(b, c, &e).await?;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -2310,7 +2344,7 @@ impl<R: Remote> Core<R> {
                     self.keep_conflict(b, token, c, &e, sub_request(request, i + batch.changes.len()))
                         .await?
                 }
-                Err(e) if is_refusal(&e) => self.keep_refused(b, c, &e)?,
+                Err(e) if is_refusal(&e) => self.keep_refused(b, c, &e).await?,
                 Err(e) => return Err(e),
             }
         }
@@ -2477,7 +2511,7 @@ impl<R: Remote> Core<R> {
         }
         // Even a sibling cannot be made (its directory is gone, say): keep the bytes in the
         // cache directory and say where, loudly.
-        match keep_bytes(b, c) {
+        match keep_bytes(b, c, Some(&base)) {
             Ok(Some(path)) => {
                 tracing::error!(
                     volume = %c.volume,
@@ -2506,8 +2540,18 @@ impl<R: Remote> Core<R> {
     /// `wblog/lost+found`, this mount stops showing it, and it is counted and reported.
     /// If its bytes cannot be set aside (the cache disk failing), nothing is dropped: the
     /// error keeps the batch in the log, to be tried again.
-    fn keep_refused(&self, b: &WriteBack, c: &Change, why: &FsError) -> Result<(), FsError> {
-        let kept = match keep_bytes(b, c) {
+    async fn keep_refused(&self, b: &WriteBack, c: &Change, why: &FsError) -> Result<(), FsError> {
+        // A change of an existing node is named by where the node is (it carries only its id).
+        let place = match &c.op {
+            Op::SetContent { ino, .. } | Op::SetAttr { ino, .. } => {
+                let (parent, name, _) = self.name_of(*ino).await;
+                let dir = self.place_of(&c.volume, parent).await;
+                let path = format!("{}/{name}", dir.trim_end_matches('/'));
+                Some((name, path))
+            }
+            _ => None,
+        };
+        let kept = match keep_bytes(b, c, place.as_ref().map(|(name, _)| name.as_str())) {
             Ok(Some(path)) => format!("; its content is kept in {}", path.display()),
             Ok(None) => String::new(),
             Err(e) => {
@@ -2515,7 +2559,12 @@ impl<R: Remote> Core<R> {
                 return Err(FsError::Io(format!("setting aside a refused change: {e}")));
             }
         };
-        let note = format!("{} refused by the servers: {why}{kept}", describe(&c.op));
+        let what = match (&c.op, &place) {
+            (Op::SetContent { .. }, Some((_, path))) => format!("new content of {path}"),
+            (Op::SetAttr { .. }, Some((_, path))) => format!("an attribute change of {path}"),
+            (op, _) => describe(op),
+        };
+        let note = format!("{what} refused by the servers: {why}{kept}");
         tracing::warn!(volume = %c.volume, uid = c.uid, "write-back: {note}");
         let mut inodes = touched(&c.op);
         let mut entries = Vec::new();
@@ -2960,11 +3009,12 @@ fn merge_creation(changes: &[Change], i: usize, merged_away: &mut HashSet<usize>
 }
 
 /// Keeps the content of change `c` (if it has one) in `wblog/lost+found`; returns where.
-fn keep_bytes(b: &WriteBack, c: &Change) -> Result<Option<std::path::PathBuf>, FsError> {
+fn keep_bytes(b: &WriteBack, c: &Change, name: Option<&str>) -> Result<Option<std::path::PathBuf>, FsError> {
     let Some(content) = &c.content else { return Ok(None) };
-    let label = match &c.op {
-        Op::Create { name, .. } => name.clone(),
-        op => format!("{:016x}", op_target(op)),
+    let label = match (&c.op, name) {
+        (Op::Create { name, .. }, _) => name.clone(),
+        (_, Some(name)) => name.to_string(),
+        (op, None) => format!("{:016x}", op_target(op)),
     };
     let name = format!("{}-{}-{label}", c.volume, c.seq);
     if let Some(from) = b.log.data_path(content) {

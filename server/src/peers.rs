@@ -21,10 +21,16 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const FORWARD_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// A pool of channels keyed by address.
+/// How long a peer that stalled a forward counts as stalled (unless a forward to it works).
+pub const STALLED_FOR: Duration = Duration::from_secs(10);
+
 pub struct Peers {
     tls: Tls,
     channels: Mutex<HashMap<String, Channel>>,
     failing: Mutex<FailureLog>,
+    /// Peers that left a blob forward unanswered past a write's patience, and when (see
+    /// [`Peers::stalled`]).
+    stalled: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// Which peers blob forwards are failing to, so a down peer costs one WARN line a minute rather
@@ -69,6 +75,7 @@ impl Peers {
             tls,
             channels: Mutex::default(),
             failing: Mutex::default(),
+            stalled: Mutex::default(),
         }
     }
 
@@ -89,8 +96,29 @@ impl Peers {
         }
     }
 
+    /// Notes that `addr` left a blob forward unanswered past a write's patience (stopped, or
+    /// its disk stalled).
+    pub fn forward_stalled(&self, addr: &str) {
+        self.stalled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(addr.to_string(), std::time::Instant::now());
+    }
+
+    /// Whether `addr` stalled a forward within the last [`STALLED_FOR`] and has not stored a
+    /// forwarded blob since: the writes after the first need not wait out their patience on
+    /// it again (each put waited 2 s while a data server was stopped).
+    pub fn stalled(&self, addr: &str) -> bool {
+        self.stalled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(addr)
+            .is_some_and(|t| t.elapsed() < STALLED_FOR)
+    }
+
     /// Notes that a blob forward to `addr` worked (logged once, if it had been failing).
     pub fn forward_worked(&self, addr: &str) {
+        self.stalled.lock().unwrap_or_else(|p| p.into_inner()).remove(addr);
         if self.failing.lock().unwrap_or_else(|p| p.into_inner()).worked(addr) {
             tracing::info!(peer = %addr, "forwards to this replica work again");
         }
@@ -144,6 +172,16 @@ impl Peers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stalled_peer_counts_as_stalled_until_a_forward_to_it_works() {
+        let peers = Peers::new(Tls::Insecure);
+        assert!(!peers.stalled("a:1"));
+        peers.forward_stalled("a:1");
+        assert!(peers.stalled("a:1") && !peers.stalled("b:2"), "each peer on its own");
+        peers.forward_worked("a:1");
+        assert!(!peers.stalled("a:1"), "a forward that worked clears it");
+    }
 
     #[test]
     fn a_down_peer_is_logged_once_a_minute_with_what_was_left_out() {

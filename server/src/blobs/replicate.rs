@@ -148,6 +148,11 @@ pub fn caller_deadline<T>(req: &tonic::Request<T>) -> Option<tokio::time::Instan
 /// stalled or overloaded, and a client waits only a few seconds for its put.
 const PATIENCE: Duration = Duration::from_secs(2);
 
+/// The patience of a write while a replica it forwards to stalled another one lately (see
+/// `Peers::stalled`): enough for a replica that answers again, far less than a stopped one
+/// cost each put.
+const STALLED_PATIENCE: Duration = Duration::from_millis(200);
+
 /// How a fan-out to the data replicas went.
 pub struct Replicated {
     /// Durable copies, this server's own included when it stores blobs, and hints.
@@ -195,10 +200,12 @@ where
     }
     let (tx, mut rx) = mpsc::channel(replicas.len().max(1));
     let mut forwards = Vec::new();
+    let mut unanswered: Vec<String> = Vec::new();
     for m in replicas.into_iter().filter(|m| m.id != node.id) {
         let tx = tx.clone();
         let fut = send(m.info.addr.clone());
         let peers = node.peers.clone();
+        unanswered.push(m.info.addr.clone());
         forwards.push(node.tasks.spawn("blob forward", async move {
             let r = fut.await;
             match &r {
@@ -206,10 +213,16 @@ where
                 Err(e) => peers.forward_failed(&m.info.addr, e),
             }
             let ok = r.is_ok();
-            let _ = tx.send(r).await;
+            let _ = tx.send((m.info.addr, r)).await;
             ok
         }));
     }
+    // A replica that stalled a write lately is given a moment, not the whole patience, again.
+    let patience = if unanswered.iter().any(|a| node.peers.stalled(a)) {
+        patience.min(STALLED_PATIENCE)
+    } else {
+        patience
+    };
     drop(tx);
     let mut failures: Vec<ForwardError> = Vec::new();
     // Out of reach for data copies alone, a write can still make it with hints when the
@@ -230,19 +243,26 @@ where
         let can_wait_out = can_hint && tracker.successes() >= 1 && failures.iter().all(ForwardError::is_down);
         tokio::select! {
             r = rx.recv() => match r {
-                Some(Ok(())) => {
+                Some((addr, r)) => {
                     answered += 1;
-                    tracker.ok();
-                }
-                Some(Err(e)) => {
-                    answered += 1;
-                    failures.push(e);
-                    tracker.fail();
+                    unanswered.retain(|a| *a != addr);
+                    match r {
+                        Ok(()) => {
+                            tracker.ok();
+                        }
+                        Err(e) => {
+                            failures.push(e);
+                            tracker.fail();
+                        }
+                    }
                 }
                 None => break,
             },
             _ = tokio::time::sleep_until(hint_at), if can_wait_out => {
                 stalled = forwards.len() - answered;
+                for a in &unanswered {
+                    node.peers.forward_stalled(a);
+                }
                 break;
             }
         }

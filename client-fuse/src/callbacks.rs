@@ -30,10 +30,15 @@ pub async fn follow<R: Remote>(
             Ok(mut stream) => {
                 core.set_subscribed(&volume, true);
                 backoff = Duration::from_millis(100);
+                let mut behind = core.streams_behind();
                 loop {
                     let ev = tokio::select! {
                         ev = stream.next() => ev,
                         _ = stop.changed() => return,
+                        _ = behind.changed() => {
+                            tracing::info!(%volume, "change stream behind the servers; resubscribing");
+                            break;
+                        }
                     };
                     match ev {
                         Some(Ok(ev)) => {

@@ -106,6 +106,21 @@ impl<R: Remote> Core<R> {
         self.volumes_wanted.notify_one();
     }
 
+    /// A receiver that changes when a change stream is found behind the servers (see
+    /// `Core::wait_seen`); a stream's follower then opens it again.
+    pub fn streams_behind(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.streams_behind.subscribe()
+    }
+
+    /// Notes that the servers hold a change whose event this mount did not get in time: the
+    /// stream that should bring it goes through a server that stopped (it keeps its connection
+    /// and sends nothing, and the connection's keepalive notices only after about 8 s, while
+    /// the mount served stale names and content).
+    pub(super) fn stream_behind(&self) {
+        tracing::info!("a change the servers hold did not reach this mount in time; opening the change streams again");
+        self.streams_behind.send_modify(|n| *n += 1);
+    }
+
     /// Resolves when [`Core::want_volumes`] was called.
     pub async fn volumes_wanted(&self) {
         self.volumes_wanted.notified().await

@@ -170,7 +170,11 @@ impl<R: Remote> Core<R> {
                 }
             }
         };
-        tokio::time::timeout(self.cfg.op_timeout, wait).await.is_ok()
+        let came = tokio::time::timeout(self.cfg.op_timeout, wait).await.is_ok();
+        if !came {
+            self.stream_behind();
+        }
+        came
     }
 
     /// A node the servers no longer have: its removal may be newer than what the mount shows,

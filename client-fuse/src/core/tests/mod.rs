@@ -104,6 +104,25 @@ async fn a_mount_that_started_without_a_volume_list_asks_for_it_before_saying_ab
     assert!(matches!(core.lookup(ROOT_INO, "nope").await, Err(FsError::NotFound)));
 }
 
+/// A listing fetched from the servers holds a change whose event does not come within the
+/// operation timeout: the change stream that should bring it is behind (it goes through a
+/// server that stopped, which keeps its connection open and sends nothing). The listing is
+/// shown, and the change streams are opened again (before, the mount waited for the
+/// connection's keepalive, about 8 s, and served stale names meanwhile).
+#[tokio::test(start_paused = true)]
+async fn a_change_whose_event_does_not_come_reopens_the_change_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = core_with(dir.path(), 1 << 20);
+    core.refresh_volumes().await.unwrap();
+    publish(&core, &["d"], "a", b"a").await;
+    let behind = core.streams_behind();
+    // Its event is held back, as a stopped server's stream holds it.
+    core.remote.write(&["d"], "b", b"b");
+    assert!(!behind.has_changed().unwrap());
+    assert_eq!(read_path(&core, &["d"], "b").await.unwrap(), b"b", "shown");
+    assert!(behind.has_changed().unwrap(), "the streams are opened again");
+}
+
 /// A directory whose attributes a change made the cache forget is served as it was while no
 /// server answers, so the cached files below it stay readable; but never with a mode, owner or
 /// group a later change replaced (a chmod that closed it would otherwise be undone offline).

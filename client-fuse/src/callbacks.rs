@@ -11,6 +11,11 @@ use tokio::sync::watch;
 use crate::core::remote::Remote;
 use crate::core::{Core, Invalidator, NoKernel};
 
+/// How long a change stream has been open before a fetch that finds it behind the servers
+/// opens it again: a new stream first brings what it missed, and opening it again and again
+/// would only delay that.
+const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(2);
+
 /// Follows `volume` until `stop` turns true or the volume disappears.
 pub async fn follow<R: Remote>(
     core: Arc<Core<R>>,
@@ -31,13 +36,21 @@ pub async fn follow<R: Remote>(
                 core.set_subscribed(&volume, true);
                 backoff = Duration::from_millis(100);
                 let mut behind = core.streams_behind();
+                behind.mark_unchanged();
+                let opened = std::time::Instant::now();
                 loop {
                     let ev = tokio::select! {
                         ev = stream.next() => ev,
                         _ = stop.changed() => return,
                         _ = behind.changed() => {
-                            tracing::info!(%volume, "change stream behind the servers; resubscribing");
-                            break;
+                            // This volume's, and not a stream that has only just opened (and
+                            // may still be bringing what it missed).
+                            let ours = behind.borrow_and_update().1 == volume;
+                            if ours && opened.elapsed() >= RESUBSCRIBE_AFTER {
+                                tracing::info!(%volume, "change stream behind the servers; resubscribing");
+                                break;
+                            }
+                            continue;
                         }
                     };
                     match ev {

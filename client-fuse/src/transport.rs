@@ -573,10 +573,14 @@ impl Cluster {
         let mut errors = Vec::new();
         // A refusal from a server asked besides the preferred one (a follower that has not
         // applied the caller's create yet says "not found") waits for the others' answers,
-        // unless it was decided on state that holds this client's own commits: then the
-        // preferred server could only say the same (or it is the one that stopped, and
-        // waiting on it cost the whole deadline).
+        // unless a majority of the servers refused, each on state that holds this client's
+        // own commits: then the preferred server could hardly say otherwise (or it is the one
+        // that stopped, and waiting on it cost the whole deadline). One server alone may be
+        // behind what this client read elsewhere (a joiner still catching up, a follower
+        // behind a listing this mount has), so it never settles the answer.
         let committed = self.committed.load(Ordering::Relaxed);
+        let majority = self.servers.len() / 2 + 1;
+        let mut fresh_refusals = 0;
         let mut refused = None;
         let lead = order.next();
         if let Some(i) = lead {
@@ -616,13 +620,18 @@ impl Cluster {
                                 next_hedge = Instant::now() + hedge;
                             }
                         }
-                        Err(s) if Some(i) == lead
-                            || asked.is_empty() && order.len() == 0
-                            || codafs_proto::error::applied_of(&s).is_some_and(|a| a >= committed) =>
+                        Err(s) if Some(i) == lead || asked.is_empty() && order.len() == 0 => {
+                            return Err(ClientError::Server(explained(s, &self.tls)));
+                        }
+                        Err(s) if codafs_proto::error::applied_of(&s).is_some_and(|a| a >= committed)
+                            && fresh_refusals + 1 >= majority =>
                         {
                             return Err(ClientError::Server(explained(s, &self.tls)));
                         }
                         Err(s) => {
+                            if codafs_proto::error::applied_of(&s).is_some_and(|a| a >= committed) {
+                                fresh_refusals += 1;
+                            }
                             tracing::debug!(server = %addr, error = %explain(&s, &self.tls), "refused; waiting for the other servers asked");
                             refused.get_or_insert(s);
                             if asked.is_empty() {

@@ -244,9 +244,9 @@ pub struct Core<R: Remote> {
     view_gen: AtomicU64,
     /// Bumped after every applied event; fetches that are ahead of the mount wait on it.
     applied_tx: tokio::sync::watch::Sender<u64>,
-    /// Bumped when servers hold a change whose event did not come in time (see
-    /// `Core::stream_behind`): the change streams then open again.
-    streams_behind: tokio::sync::watch::Sender<u64>,
+    /// The last volume whose change stream was found behind the servers, with a count (see
+    /// `Core::stream_behind`): that volume's stream then opens again.
+    streams_behind: tokio::sync::watch::Sender<(u64, String)>,
     /// The names replies told the kernel, by directory: what it may still cache (see
     /// [`Core::name_changes`]). Names are `CompactString`s, which hold names of up to 24 bytes
     /// without a heap allocation: with a million names told, that is 43 bytes per name instead
@@ -303,7 +303,7 @@ impl<R: Remote> Core<R> {
             view: tokio::sync::RwLock::new(()),
             view_gen: AtomicU64::new(0),
             applied_tx: tokio::sync::watch::channel(0).0,
-            streams_behind: tokio::sync::watch::channel(0).0,
+            streams_behind: tokio::sync::watch::channel((0, String::new())).0,
             stale_pages: Mutex::new(HashMap::new()),
             volumes_wanted: tokio::sync::Notify::new(),
             volumes_listed: AtomicBool::new(false),

@@ -106,9 +106,9 @@ impl<R: Remote> Core<R> {
         self.volumes_wanted.notify_one();
     }
 
-    /// A receiver that changes when a change stream is found behind the servers (see
-    /// `Core::wait_seen`); a stream's follower then opens it again.
-    pub fn streams_behind(&self) -> tokio::sync::watch::Receiver<u64> {
+    /// A receiver that changes when a volume's change stream is found behind the servers (see
+    /// `Core::wait_seen`), naming the volume; its follower then opens it again.
+    pub fn streams_behind(&self) -> tokio::sync::watch::Receiver<(u64, String)> {
         self.streams_behind.subscribe()
     }
 
@@ -116,9 +116,12 @@ impl<R: Remote> Core<R> {
     /// stream that should bring it goes through a server that stopped (it keeps its connection
     /// and sends nothing, and the connection's keepalive notices only after about 8 s, while
     /// the mount served stale names and content).
-    pub(super) fn stream_behind(&self) {
-        tracing::info!("a change the servers hold did not reach this mount in time; opening the change streams again");
-        self.streams_behind.send_modify(|n| *n += 1);
+    pub(super) fn stream_behind(&self, volume: &str) {
+        tracing::info!(%volume, "a change the servers hold did not reach this mount in time; opening its change stream again");
+        self.streams_behind.send_modify(|(n, v)| {
+            *n += 1;
+            volume.clone_into(v);
+        });
     }
 
     /// Resolves when [`Core::want_volumes`] was called.

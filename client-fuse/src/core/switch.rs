@@ -171,8 +171,8 @@ impl<R: Remote> Core<R> {
             }
         };
         let came = tokio::time::timeout(self.cfg.op_timeout, wait).await.is_ok();
-        if !came {
-            self.stream_behind();
+        if let (false, Some(v)) = (came, self.volume_of(ino)) {
+            self.stream_behind(&v.name);
         }
         came
     }

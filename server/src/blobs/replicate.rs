@@ -126,20 +126,13 @@ pub async fn send_blob(
     Ok(reply.into_inner().copies)
 }
 
-/// How long a write waits for a data replica to store its copy before a witness's hint stands
-/// in for it: [`PATIENCE`] plus the bytes at 20 MiB/s, but at most half of what is left of the
-/// caller's deadline (`deadline`, when its request named one), so the hint still lands in
-/// time: a mount asks with a 2 s deadline, and a patience as long as that failed every put
-/// while a data replica was stopped.
-pub fn patience(bytes: u64, deadline: Option<tokio::time::Instant>) -> Duration {
-    let full = PATIENCE + Duration::from_millis(bytes / (20 << 10));
-    match deadline {
-        Some(d) => full.min(d.saturating_duration_since(tokio::time::Instant::now()) / 2),
-        None => full,
-    }
+/// How long a write of `bytes` waits for a data replica to store its copy before a witness's
+/// hint stands in for it: `base` plus the bytes at 20 MiB/s.
+fn patience(base: Duration, bytes: u64) -> Duration {
+    base + Duration::from_millis(bytes / (20 << 10))
 }
 
-/// When the caller of `req` gives up (see [`patience`]).
+/// When the caller of `req` gives up (see [`replicate`]).
 pub fn caller_deadline<T>(req: &tonic::Request<T>) -> Option<tokio::time::Instant> {
     codafs_proto::deadline::grpc_timeout(req.metadata()).map(|t| tokio::time::Instant::now() + t)
 }
@@ -148,9 +141,9 @@ pub fn caller_deadline<T>(req: &tonic::Request<T>) -> Option<tokio::time::Instan
 /// stalled or overloaded, and a client waits only a few seconds for its put.
 const PATIENCE: Duration = Duration::from_secs(2);
 
-/// The patience of a write while a replica it forwards to stalled another one lately (see
-/// `Peers::stalled`): enough for a replica that answers again, far less than a stopped one
-/// cost each put.
+/// The patience for replicas that stalled another write lately (see `Peers::stalled`), once
+/// every other one has answered: enough for a replica that answers again, far less than a
+/// stopped one cost each put.
 const STALLED_PATIENCE: Duration = Duration::from_millis(200);
 
 /// How a fan-out to the data replicas went.
@@ -186,7 +179,20 @@ impl Replicated {
 /// until that is impossible. When data replicas are down and at least one copy is on a data
 /// replica, witnesses make up the difference with hints (see `handoff`). Forwards are tasks of
 /// the server (`node.tasks`), so they stop with it.
-pub async fn replicate<F, Fut>(node: &Arc<Node>, quorum: u32, patience: Duration, send: F) -> Replicated
+///
+/// A replica that has not stored its copy of the `bytes` after [`PATIENCE`] (plus the bytes
+/// at 20 MiB/s) counts as down; one that did so lately (`Peers::stalled`) after
+/// [`STALLED_PATIENCE`] (plus the same), once every other replica has answered. Either wait is
+/// at most half of what is left of the caller's `deadline`, so the hint still lands in time (a
+/// mount asks with a 2 s deadline, and a patience as long as that failed every put while a
+/// data replica was stopped).
+pub async fn replicate<F, Fut>(
+    node: &Arc<Node>,
+    quorum: u32,
+    bytes: u64,
+    deadline: Option<tokio::time::Instant>,
+    send: F,
+) -> Replicated
 where
     F: Fn(String) -> Fut,
     Fut: std::future::Future<Output = Result<(), ForwardError>> + Send + 'static,
@@ -217,12 +223,12 @@ where
             ok
         }));
     }
-    // A replica that stalled a write lately is given a moment, not the whole patience, again.
-    let patience = if unanswered.iter().any(|a| node.peers.stalled(a)) {
-        patience.min(STALLED_PATIENCE)
-    } else {
-        patience
-    };
+    let start = tokio::time::Instant::now();
+    let full = patience(PATIENCE, bytes);
+    let cap = deadline.map(|d| d.saturating_duration_since(start) / 2);
+    let short = patience(STALLED_PATIENCE, bytes);
+    let marked: std::collections::HashSet<String> =
+        unanswered.iter().filter(|a| node.peers.stalled(a)).cloned().collect();
     drop(tx);
     let mut failures: Vec<ForwardError> = Vec::new();
     // Out of reach for data copies alone, a write can still make it with hints when the
@@ -231,8 +237,8 @@ where
     // `patience` (stopped, its disk stalled) counts as down too, its forward going on in the
     // background: a forward's own deadline is far longer than a client waits for a put.
     let can_hint = !node.witnesses().is_empty();
-    let hint_at = tokio::time::Instant::now() + patience;
     let mut answered = 0;
+    let mut waited = full;
     let mut stalled = 0usize;
     loop {
         match tracker.state() {
@@ -241,6 +247,15 @@ where
             _ => {}
         }
         let can_wait_out = can_hint && tracker.successes() >= 1 && failures.iter().all(ForwardError::is_down);
+        // The short wait only once the replicas still out all stalled lately: a healthy one
+        // storing a large blob beside a stopped one gets its full time.
+        let wait = if unanswered.iter().all(|a| marked.contains(a)) {
+            short
+        } else {
+            full
+        };
+        let wait = cap.map_or(wait, |c| wait.min(c));
+        let hint_at = start + wait;
         tokio::select! {
             r = rx.recv() => match r {
                 Some((addr, r)) => {
@@ -260,8 +275,13 @@ where
             },
             _ = tokio::time::sleep_until(hint_at), if can_wait_out => {
                 stalled = forwards.len() - answered;
-                for a in &unanswered {
-                    node.peers.forward_stalled(a);
+                waited = wait;
+                // Only a replica that outlasted the whole patience counts as stalled for the
+                // writes after this one (not one a short caller deadline cut off).
+                if wait >= full {
+                    for a in &unanswered {
+                        node.peers.forward_stalled(a);
+                    }
                 }
                 break;
             }
@@ -273,7 +293,7 @@ where
     let missing_down = (!failures.is_empty() || stalled > 0) && failures.iter().all(ForwardError::is_down);
     if can_hint && data >= 1 && data < need && missing_down {
         if stalled > 0 {
-            tracing::info!(stalled, after = ?patience, "data replicas did not answer a forward in time: witnesses take hints");
+            tracing::info!(stalled, after = ?waited, "data replicas did not answer a forward in time: witnesses take hints");
         }
         hinted = hint(node, need - data, &send, &mut failures).await;
     }

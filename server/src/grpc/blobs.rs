@@ -216,15 +216,10 @@ impl pb::blobs_server::Blobs for BlobService {
         // Forward to the other data replicas; answer once the write quorum is durable.
         let size = header.size;
         let (peers, store) = (node.peers.clone(), node.blobs.clone());
-        let mut r = replicate(
-            &node,
-            header.write_quorum,
-            replicate::patience(size, deadline),
-            move |addr| {
-                let (peers, store) = (peers.clone(), store.clone());
-                async move { replicate::send_blob(&peers, &addr, store, hash, size).await.map(drop) }
-            },
-        )
+        let mut r = replicate(&node, header.write_quorum, size, deadline, move |addr| {
+            let (peers, store) = (peers.clone(), store.clone());
+            async move { replicate::send_blob(&peers, &addr, store, hash, size).await.map(drop) }
+        })
         .await;
         if witness {
             drop_relay_copy(&node, &mut r, vec![hash]);
@@ -293,25 +288,20 @@ impl pb::blobs_server::Blobs for BlobService {
         // filesystem syncs overlap instead of following one another. The reply waits for both.
         let local = store_batch(&node, parsed.clone());
         let peers = node.peers.clone();
-        let forward = replicate(
-            &node,
-            r.write_quorum,
-            replicate::patience(total as u64, deadline),
-            move |addr| {
-                let (peers, batch) = (peers.clone(), batch.clone());
-                async move {
-                    let mut c = peers.blobs(&addr).map_err(|e| ForwardError::unreachable(&addr, e))?;
-                    let limit = std::time::Duration::from_secs(60);
-                    let mut req = tonic::Request::new(batch);
-                    req.set_timeout(limit);
-                    // Bounded here too (see `ForwardError::no_answer`).
-                    match tokio::time::timeout(limit, c.put_small(req)).await {
-                        Ok(r) => r.map(drop).map_err(|s| ForwardError::refused(&addr, &s)),
-                        Err(_) => Err(ForwardError::no_answer(&addr, limit)),
-                    }
+        let forward = replicate(&node, r.write_quorum, total as u64, deadline, move |addr| {
+            let (peers, batch) = (peers.clone(), batch.clone());
+            async move {
+                let mut c = peers.blobs(&addr).map_err(|e| ForwardError::unreachable(&addr, e))?;
+                let limit = std::time::Duration::from_secs(60);
+                let mut req = tonic::Request::new(batch);
+                req.set_timeout(limit);
+                // Bounded here too (see `ForwardError::no_answer`).
+                match tokio::time::timeout(limit, c.put_small(req)).await {
+                    Ok(r) => r.map(drop).map_err(|s| ForwardError::refused(&addr, &s)),
+                    Err(_) => Err(ForwardError::no_answer(&addr, limit)),
                 }
-            },
-        );
+            }
+        });
         let (local, mut r) = tokio::join!(local, forward);
         if witness {
             drop_relay_copy(&node, &mut r, parsed.iter().map(|(h, _)| *h).collect());

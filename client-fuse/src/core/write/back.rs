@@ -3016,7 +3016,13 @@ fn keep_bytes(b: &WriteBack, c: &Change, name: Option<&str>) -> Result<Option<st
         (_, Some(name)) => name.to_string(),
         (op, None) => format!("{:016x}", op_target(op)),
     };
-    let name = format!("{}-{}-{label}", c.volume, c.seq);
+    // A file name of up to 255 bytes with the volume and number in front would not fit:
+    // the log would retry setting it aside for ever. Its head is enough to tell it.
+    let mut end = label.len().min(KEPT_NAME_BYTES);
+    while !label.is_char_boundary(end) {
+        end -= 1;
+    }
+    let name = format!("{}-{}-{}", c.volume, c.seq, &label[..end]);
     if let Some(from) = b.log.data_path(content) {
         return Ok(Some(b.log.keep_aside_file(&name, &from).map_err(log_err)?));
     }
@@ -3027,6 +3033,9 @@ fn keep_bytes(b: &WriteBack, c: &Change, name: Option<&str>) -> Result<Option<st
     let path = b.log.keep_aside(&name, &bytes).map_err(log_err)?;
     Ok(Some(path))
 }
+
+/// The most bytes of a file's name a copy kept in `lost+found` carries.
+const KEPT_NAME_BYTES: usize = 120;
 
 /// A change as the log and `codafs status` name it.
 fn describe(op: &Op) -> String {

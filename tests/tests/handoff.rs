@@ -22,6 +22,14 @@ fn write_tree(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<Vec<Hash>> {
     Ok(hashes)
 }
 
+/// Waits (at most `within`) until the server at `addr` holds every blob of `hashes`.
+async fn holds_every_blob(tc: &TestCluster, addr: &str, hashes: &[Hash], within: Duration) -> Result<()> {
+    wait_until(within, &format!("{addr} holds every blob"), || async {
+        tc.has_blobs(addr, hashes).await.unwrap_or(false)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn publishing_goes_on_with_a_data_server_down_and_the_witness_hands_off_its_hints() {
     bounded(async {
@@ -98,12 +106,7 @@ async fn publishing_goes_on_with_a_data_server_down_and_the_witness_hands_off_it
         // dropped everything it held.
         tc.restart(down)?;
         tc.caught_up(&down_addr).await?;
-        wait_until(
-            Duration::from_secs(30),
-            "every blob on the restarted data server",
-            || async { tc.has_blobs(&down_addr, &hashes).await.unwrap_or(false) },
-        )
-        .await?;
+        holds_every_blob(&tc, &down_addr, &hashes, Duration::from_secs(30)).await?;
         wait_until(Duration::from_secs(30), "the witness spool drains", || async {
             tc.status_of(&w_addr)
                 .await
@@ -192,14 +195,9 @@ async fn publishing_goes_on_with_a_data_server_stopped() {
         drop(resume);
         // Resumed, the stopped server ends up with every blob (its forwards complete, or the
         // witness hands its hints off).
-        let addr = tc.servers[stopped].addr.clone();
         let mut all = hashes;
         all.push(Hash::of(b"a new page"));
-        wait_until(Duration::from_secs(60), "the resumed server holds every blob", || {
-            let (tc, addr, all) = (&tc, addr.clone(), all.clone());
-            async move { tc.has_blobs(&addr, &all).await.unwrap_or(false) }
-        })
-        .await?;
+        holds_every_blob(&tc, &tc.servers[stopped].addr, &all, Duration::from_secs(60)).await?;
         Ok(())
     })
     .await
@@ -280,11 +278,7 @@ async fn publishing_goes_on_with_the_leader_stopped() {
             "the upload is on the servers"
         );
         drop(resume);
-        wait_until(Duration::from_secs(60), "the resumed server holds every blob", || {
-            let (tc, addr, all) = (&tc, leader_addr.clone(), hashes.clone());
-            async move { tc.has_blobs(&addr, &all).await.unwrap_or(false) }
-        })
-        .await?;
+        holds_every_blob(&tc, &leader_addr, &hashes, Duration::from_secs(60)).await?;
         Ok(())
     })
     .await

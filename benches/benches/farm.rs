@@ -80,10 +80,13 @@ async fn fan_out(tc: &TestCluster, subscribers: usize) -> Result<(Vec<f64>, f64)
     let mut tasks = Vec::new();
     for s in 0..subscribers {
         let c = &clients[s / STREAMS_PER_CLIENT];
-        let mut stream = c.subscribe(None, "www", from).await?;
+        let mut stream = c.subscribe(None, "www", from).await?.events;
         let seen = seen.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(Ok(ev)) = stream.next().await {
+                if ev.tick {
+                    continue;
+                }
                 let now = Instant::now();
                 if let Ok(mut v) = seen.lock() {
                     v[s].push((ev.version, now));

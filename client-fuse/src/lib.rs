@@ -8,6 +8,7 @@ pub mod callbacks;
 pub mod copies;
 pub mod core;
 pub mod fuse;
+pub mod heartbeat;
 pub mod metrics;
 pub mod mount;
 pub mod ops;

@@ -15,6 +15,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tonic::transport::Channel;
 use tonic::{Response, Status, Streaming};
 
+use crate::heartbeat::{self, Subscription};
 use crate::policy::Retry;
 use crate::transport::{ClientError, Cluster};
 
@@ -151,24 +152,32 @@ impl Cluster {
         Ok(self.volume_stamps_applied(token, volumes).await?.stamps)
     }
 
-    /// Every change to `volume` after version `from`, then live changes. The stream lives as
-    /// long as its reader wants it; the connection's keepalive notices a dead server.
-    pub async fn subscribe(
-        &self,
-        token: Option<&str>,
-        volume: &str,
-        from: u64,
-    ) -> Result<Streaming<pb::ChangeEvent>, ClientError> {
+    /// Every change to `volume` after version `from`, then live changes, with ticks asked for
+    /// every [`heartbeat::TICK_EVERY`] (see [`heartbeat::watched`]). The stream lives as long
+    /// as its reader wants it.
+    pub async fn subscribe(&self, token: Option<&str>, volume: &str, from: u64) -> Result<Subscription, ClientError> {
         let req = pb::SubscribeRequest {
             volume: volume.into(),
             from_version: from,
+            tick_ms: u32::try_from(heartbeat::TICK_EVERY.as_millis()).unwrap_or(1000),
         };
-        self.call(|ch| {
-            let mut r = self.request_opt(token, req.clone());
-            r.set_timeout(Duration::from_secs(365 * 86400));
-            async move { Cluster::meta(ch).subscribe(r).await.map(Response::into_inner) }
-        })
-        .await
+        let limit = self.policy.call_timeout;
+        let ((events, ticks), server) = self
+            .call_at(
+                limit,
+                |ch| {
+                    let mut r = self.request_opt(token, req.clone());
+                    r.set_timeout(Duration::from_secs(365 * 86400));
+                    async move {
+                        let reply = Cluster::meta(ch).subscribe(r).await?;
+                        let ticks = codafs_proto::ticks::announced(reply.metadata());
+                        Ok((reply.into_inner(), ticks))
+                    }
+                },
+                Retry::Elsewhere,
+            )
+            .await?;
+        Ok(Subscription { events, ticks, server })
     }
 
     // ---------------------------------------------------------------------------- Blobs
@@ -235,12 +244,11 @@ impl Cluster {
         let mut silent: HashSet<String> = data.iter().filter(|a| self.is_quiet(a)).cloned().collect();
         for part in hashes.chunks(MISSING_QUERY) {
             let start = tokio::time::Instant::now();
-            let mut asked: FuturesUnordered<_> = data
-                .iter()
-                .filter(|a| !silent.contains(*a))
-                .map(|addr| async move { (addr, self.missing_on_as(addr, token, part).await) })
-                .collect();
             let mut waiting: HashSet<&String> = data.iter().filter(|a| !silent.contains(*a)).collect();
+            let mut asked: FuturesUnordered<_> = waiting
+                .iter()
+                .map(|&addr| async move { (addr, self.missing_on_as(addr, token, part).await) })
+                .collect();
             // The replicas are asked at once; after the first answer the others get
             // `MISSING_LAG` (or three times the first's time, if longer) more, so a stopped
             // replica costs seconds, not the whole query deadline.

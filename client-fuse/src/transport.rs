@@ -498,6 +498,16 @@ impl Cluster {
         F: Fn(Channel) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
+        Ok(self.call_at(limit, f, retry).await?.0)
+    }
+
+    /// [`Cluster::call_within`], also naming the server that answered (a change stream's
+    /// reader marks it quiet if the stream goes silent).
+    pub async fn call_at<T, F, Fut>(&self, limit: Duration, f: F, retry: Retry) -> Result<(T, String), ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
         let mut errors = Vec::new();
         let (first, order) = self.order();
         for i in order {
@@ -519,7 +529,7 @@ impl Cluster {
                 Ok(Ok(v)) => {
                     self.heard_from(i);
                     self.move_preference(first, i);
-                    return Ok(v);
+                    return Ok((v, addr.clone()));
                 }
                 Ok(Err(s)) => s,
                 Err(_) => Status::deadline_exceeded(format!("no answer within {limit:?}")),

@@ -51,6 +51,53 @@ pub mod limits {
     pub const TOKEN_HEADER: &str = "x-codafs-token";
 }
 
+/// Heartbeats on the change stream (`SubscribeRequest.tick_ms`, `ChangeEvent.tick`). A stream
+/// through a server that stopped (SIGSTOP, a hung host) keeps its connection open and brings
+/// nothing, and a mount serves what it cached as current until the connection's keepalive
+/// notices, seconds later. A server that ticks while it has nothing else to send lets the
+/// mount notice within a few ticks, and subscribe to another server.
+pub mod ticks {
+    use std::time::Duration;
+
+    /// Response header of `Subscribe`: the interval, in milliseconds, at which this stream
+    /// ticks. Absent: the server sends no ticks (an older server, or none were asked for).
+    pub const HEADER: &str = "x-codafs-tick-ms";
+    /// Shortest interval a server ticks at, whatever is asked.
+    pub const MIN: Duration = Duration::from_millis(200);
+    /// Longest interval a server ticks at, whatever is asked.
+    pub const MAX: Duration = Duration::from_secs(60);
+
+    /// The interval a server ticks at when asked for `ms` (None: 0, no ticks).
+    pub fn interval(ms: u32) -> Option<Duration> {
+        (ms > 0).then(|| Duration::from_millis(u64::from(ms)).clamp(MIN, MAX))
+    }
+
+    /// The interval a `Subscribe` response announced, if it announced a valid one.
+    pub fn announced(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+        let ms: u32 = metadata.get(HEADER)?.to_str().ok()?.parse().ok()?;
+        interval(ms)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn intervals_are_clamped_and_announced_ones_read_back() {
+            assert_eq!(interval(0), None);
+            assert_eq!(interval(1), Some(MIN));
+            assert_eq!(interval(1000), Some(Duration::from_secs(1)));
+            assert_eq!(interval(u32::MAX), Some(MAX));
+            let mut m = tonic::metadata::MetadataMap::new();
+            assert_eq!(announced(&m), None);
+            m.insert(HEADER, tonic::metadata::MetadataValue::from_static("1000"));
+            assert_eq!(announced(&m), Some(Duration::from_secs(1)));
+            m.insert(HEADER, tonic::metadata::MetadataValue::from_static("soon"));
+            assert_eq!(announced(&m), None);
+        }
+    }
+}
+
 /// The deadline a gRPC caller set (the `grpc-timeout` request header), so a server can fit
 /// its own waits inside it: a wait that outlasts the caller's deadline is wasted, since the
 /// caller has already given up and moved to another server.

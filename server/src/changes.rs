@@ -15,6 +15,10 @@
 //! in pages of at most [`PAGE_BYTES`], a stream's queue holds at most [`STREAM_BYTES`] of
 //! encoded events, and all streams together at most [`ALL_STREAMS_BYTES`]; a subscriber that
 //! takes nothing for [`STALL`] is dropped (its mount resubscribes from the version it has).
+//!
+//! A subscriber that asks for ticks gets a `tick` event whenever its live stream has sent
+//! nothing for the interval it asked (see `codafs_proto::ticks`): that is how a mount tells a
+//! quiet volume from a server that stopped.
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -53,15 +57,25 @@ pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
 /// Checks that the subscriber may still read the volume.
 pub type Recheck = Box<dyn Fn() -> Result<(), Status> + Send + Sync>;
 
+/// What a subscriber asked for.
+#[derive(Debug, Clone)]
+pub struct Want {
+    pub volume: String,
+    /// The last version it has: it gets every change after it.
+    pub from: u64,
+    /// Tick after this long without an event (None: never).
+    pub ticks: Option<Duration>,
+}
+
 /// Starts a subscription task; the stream ends when the client goes away or loses its right.
 pub fn subscribe(
     tasks: &crate::tasks::Tasks,
     applied: Applied,
-    volume: String,
-    from: u64,
+    want: Want,
     recheck: Recheck,
     listed: crate::subscribers::Guard,
 ) -> Result<impl Stream<Item = Result<pb::ChangeEvent, Status>> + Send, Status> {
+    let Want { volume, from, ticks } = want;
     // Subscribe before reading the backlog so nothing applied in between is missed.
     let live = applied.notices.subscribe();
     let vol = applied
@@ -76,7 +90,7 @@ pub fn subscribe(
         all: all_streams(),
     };
     tasks.spawn("change stream", async move {
-        if let Err(e) = run(applied, vol.id, volume.clone(), from, live, &tx, &recheck).await {
+        if let Err(e) = run(applied, vol.id, volume.clone(), from, ticks, live, &tx, &recheck).await {
             let _ = tx.send(Err(e)).await;
         }
         drop(listed);
@@ -161,6 +175,7 @@ fn event(version: u64, c: &ChangeRec) -> pb::ChangeEvent {
             .collect(),
         removed: c.removed.clone(),
         perms: c.perms.clone(),
+        tick: false,
     }
 }
 
@@ -228,11 +243,13 @@ fn sent(r: Result<(), Gone>, volume: &str) -> Result<bool, Status> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     applied: Applied,
     vol_id: u32,
     volume: String,
     from: u64,
+    ticks: Option<Duration>,
     mut live: broadcast::Receiver<Notice>,
     tx: &Tx,
     recheck: &Recheck,
@@ -240,13 +257,24 @@ async fn run(
     let Some(mut cursor) = catch_up(&applied, vol_id, &volume, from, tx).await? else {
         return Ok(());
     };
-    let mut tick = tokio::time::interval(RECHECK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
+    let mut rights = tokio::time::interval(RECHECK);
+    rights.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    rights.tick().await;
+    // Never fires without ticks (an interval of a year stands in for none).
+    let every = ticks.unwrap_or(Duration::from_secs(365 * 86400));
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let notice = tokio::select! {
             n = live.recv() => n,
-            _ = tick.tick() => Ok(Notice::Rights),
+            _ = rights.tick() => Ok(Notice::Rights),
+            _ = beat.tick() => {
+                let tick = pb::ChangeEvent { tick: true, ..Default::default() };
+                if !sent(tx.send(Ok(tick)).await, &volume)? {
+                    return Ok(());
+                }
+                continue;
+            }
             _ = tx.closed() => return Ok(()),
         };
         match notice {
@@ -259,6 +287,8 @@ async fn run(
                     return Ok(());
                 }
                 cursor = version;
+                // A tick is due only after `every` without an event.
+                beat.reset();
             }
             Ok(Notice::Change { .. }) => {}
             Ok(Notice::Rights) => recheck()?,
@@ -327,10 +357,81 @@ mod tests {
         )
     }
 
+    fn want(from: u64, ticks: Option<Duration>) -> Want {
+        Want {
+            volume: "www".into(),
+            from,
+            ticks,
+        }
+    }
+
+    /// A subscriber that asked for ticks gets one after each second without an event, and
+    /// none while changes come; one that did not ask gets none.
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_stream_ticks_when_asked_to() {
+        let (_dir, applied) = tables_with_history(3);
+        let last = 2 + 3;
+        let (tasks, _stop) = crate::tasks::Tasks::new();
+        let subs = std::sync::Arc::new(crate::subscribers::Subscribers::default());
+        let every = Duration::from_secs(1);
+        let mut ticking = subscribe(
+            &tasks,
+            applied.clone(),
+            want(last, Some(every)),
+            Box::new(|| Ok(())),
+            subs.register("www", "a"),
+        )
+        .unwrap();
+        let mut silent = subscribe(
+            &tasks,
+            applied.clone(),
+            want(last, None),
+            Box::new(|| Ok(())),
+            subs.register("www", "b"),
+        )
+        .unwrap();
+        let start = tokio::time::Instant::now();
+        let ev = ticking.next().await.expect("a tick").expect("not an error");
+        assert!(ev.tick && ev.version == 0 && ev.inos.is_empty(), "{ev:?}");
+        assert!(
+            start.elapsed() >= every && start.elapsed() < every * 2,
+            "{:?}",
+            start.elapsed()
+        );
+        // A change in between puts the next tick off by a whole interval.
+        tokio::time::sleep(every / 2).await;
+        let vol = applied.tables.volume("www").unwrap().unwrap();
+        let change = ChangeRec {
+            inos: vec![7],
+            ..Default::default()
+        };
+        applied
+            .notices
+            .send(Notice::Change {
+                volume: vol.id,
+                version: last + 1,
+                change: std::sync::Arc::new(change),
+            })
+            .unwrap();
+        let ev = ticking.next().await.expect("the change").expect("not an error");
+        assert!(!ev.tick && ev.version == last + 1, "{ev:?}");
+        let changed = tokio::time::Instant::now();
+        let ev = ticking.next().await.expect("a tick").expect("not an error");
+        assert!(ev.tick, "{ev:?}");
+        assert!(changed.elapsed() >= every, "{:?}", changed.elapsed());
+        // The other subscriber got the change and nothing else.
+        let ev = silent.next().await.expect("the change").expect("not an error");
+        assert_eq!(ev.version, last + 1);
+        assert!(
+            tokio::time::timeout(every * 10, silent.next()).await.is_err(),
+            "no ticks unless asked for"
+        );
+    }
+
     async fn first(applied: &Applied, from: u64) -> pb::ChangeEvent {
         let (tasks, _stop) = crate::tasks::Tasks::new();
         let listed = std::sync::Arc::new(crate::subscribers::Subscribers::default()).register("www", "test");
-        let mut s = subscribe(&tasks, applied.clone(), "www".into(), from, Box::new(|| Ok(())), listed).unwrap();
+        let mut s = subscribe(&tasks, applied.clone(), want(from, None), Box::new(|| Ok(())), listed).unwrap();
         let ev = tokio_stream::StreamExt::next(&mut s).await;
         ev.expect("an event").expect("not an error")
     }
@@ -358,7 +459,7 @@ mod tests {
         let (_dir, applied) = tables_with_history(400);
         let (tasks, _stop) = crate::tasks::Tasks::new();
         let listed = std::sync::Arc::new(crate::subscribers::Subscribers::default()).register("www", "test");
-        let mut s = subscribe(&tasks, applied, "www".into(), 2, Box::new(|| Ok(())), listed).unwrap();
+        let mut s = subscribe(&tasks, applied, want(2, None), Box::new(|| Ok(())), listed).unwrap();
         tokio::time::sleep(STALL * 3).await;
         let mut events = 0;
         while let Some(ev) = tokio::time::timeout(Duration::from_secs(1), s.next())

@@ -146,7 +146,8 @@ async fn probe(c: &Cluster, fx: &Fixture) -> BTreeMap<&'static str, Outcome> {
         subscribe,
         pb::SubscribeRequest {
             volume: "pub".into(),
-            from_version: 0
+            from_version: 0,
+            tick_ms: 0
         }
     );
     meta!(
@@ -154,7 +155,8 @@ async fn probe(c: &Cluster, fx: &Fixture) -> BTreeMap<&'static str, Outcome> {
         subscribe,
         pb::SubscribeRequest {
             volume: "priv".into(),
-            from_version: 0
+            from_version: 0,
+            tick_ms: 0
         }
     );
 

@@ -14,6 +14,7 @@ async fn subscribe(c: &Cluster, volume: &str, from: u64) -> Result<tonic::Stream
         let mut r = tonic::Request::new(pb::SubscribeRequest {
             volume: volume.into(),
             from_version: from,
+            tick_ms: 0,
         });
         r.set_timeout(Duration::from_secs(60));
         async move { Cluster::meta(ch).subscribe(r).await.map(|r| r.into_inner()) }

@@ -306,3 +306,51 @@ async fn hints_alone_do_not_make_a_quorum() {
     })
     .await
 }
+
+/// A mount's change stream goes through a server that then stops (SIGSTOP: its connection
+/// stays open and brings nothing). The stream's ticks stop, the mount subscribes to another
+/// server, and a change committed meanwhile reaches the mount's cache hits, which need no
+/// server, within a few seconds: not when the connection's keepalive notices (3-8 s later,
+/// depending on where its ping cycle stood).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cache_hits_see_changes_with_the_stream_server_stopped() {
+    bounded(async {
+        let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
+        tc.create_volume("www", 2).await?;
+        let leader = tc.leader().await?;
+        let writer = tc.client_on(&tc.servers[leader].addr);
+        TestCluster::write_file(&writer, "www", "", "page.html", b"one").await?;
+        let follower = tc.data_server_not_leading().await?;
+        let m = Mount::start(
+            &tc.client_args_spread(),
+            tc.root.path(),
+            "web",
+            &["--read-only", "--prefer-server", &tc.servers[follower].addr],
+        )?;
+        let page = m.path.join("www/page.html");
+        ensure!(std::fs::read(&page)? == b"one");
+        // The stream is open (it carried nothing yet) when its server stops.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let resume = Stopped::stop([&tc.servers[follower]])?;
+        TestCluster::write_file(&writer, "www", "", "page.html", b"two").await?;
+        let committed = std::time::Instant::now();
+        wait_until(Duration::from_secs(30), "the mount serves the new content", || async {
+            std::fs::read(&page).is_ok_and(|b| b == b"two")
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", m.log()))?;
+        let took = committed.elapsed();
+        ensure!(
+            m.log().contains("change stream silent; subscribing elsewhere"),
+            "the mount noticed the silence (after {took:?}):\n{}",
+            m.log()
+        );
+        ensure!(
+            took < Duration::from_secs(6),
+            "the change took {took:?} to reach the mount"
+        );
+        drop(resume);
+        Ok(())
+    })
+    .await
+}

@@ -13,7 +13,7 @@ use crate::transport::{BlobRef, Cluster};
 
 /// The real servers, through [`Cluster`].
 pub struct GrpcRemote {
-    pub cluster: Cluster,
+    pub cluster: std::sync::Arc<Cluster>,
     pub bad_copies: std::sync::atomic::AtomicU64,
     readers: RwLock<Readers>,
 }
@@ -21,7 +21,7 @@ pub struct GrpcRemote {
 impl GrpcRemote {
     pub fn new(cluster: Cluster) -> Self {
         GrpcRemote {
-            cluster,
+            cluster: std::sync::Arc::new(cluster),
             bad_copies: Default::default(),
             readers: Default::default(),
         }
@@ -192,7 +192,14 @@ impl Remote for GrpcRemote {
 
     async fn subscribe(&self, volume: String, from: u64) -> Result<ChangeStream, FsError> {
         let token = self.readers().by_name.get(&volume).cloned();
-        let stream = self.cluster.subscribe(token.as_deref(), &volume, from).await?;
+        let sub = self.cluster.subscribe(token.as_deref(), &volume, from).await?;
+        let cluster = self.cluster.clone();
+        let server = sub.server;
+        let stream = crate::heartbeat::watched(sub.events, sub.ticks, move || {
+            tracing::info!(%server, %volume, "change stream silent; subscribing elsewhere");
+            cluster.quiet(&server);
+            cluster.skip_preferred(Some(&server));
+        });
         use futures::StreamExt;
         Ok(Box::pin(stream.map(|r| {
             r.map(ChangeEvent::from)

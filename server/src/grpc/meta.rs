@@ -212,14 +212,24 @@ impl pb::meta_server::Meta for MetaService {
             node.check_member()?;
             node.volume_named(&vol.name).and_then(|v| node.check_read(&caller, &v))
         };
+        let ticks = codafs_proto::ticks::interval(r.tick_ms);
         let stream = changes::subscribe(
             &self.0.tasks,
             self.0.applied.clone(),
-            r.volume,
-            r.from_version,
+            changes::Want {
+                volume: r.volume,
+                from: r.from_version,
+                ticks,
+            },
             Box::new(recheck),
             listed,
         )?;
-        Ok(Response::new(Box::pin(stream)))
+        let mut reply = Response::new(Box::pin(stream) as Self::SubscribeStream);
+        if let Some(every) = ticks {
+            if let Ok(v) = every.as_millis().to_string().parse() {
+                reply.metadata_mut().insert(codafs_proto::ticks::HEADER, v);
+            }
+        }
+        Ok(reply)
     }
 }

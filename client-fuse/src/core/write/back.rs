@@ -590,10 +590,7 @@ impl WriteBack {
                 .iter()
                 .take_while(|c| c.seq <= seq)
                 .filter(|c| waits_for(&st, c));
-            let settled = match node {
-                None => st.watermark() >= seq,
-                Some(_) => waiting.clone().next().is_none(),
-            };
+            let settled = waiting.clone().next().is_none();
             // Held back until a login: every change waited for is, and no held user has
             // logged in since (the reintegrator's view of who is held lags a login by up to a
             // second).
@@ -631,6 +628,7 @@ impl WriteBack {
 
 impl BackState {
     /// The highest seq up to which every change is settled.
+    #[cfg(test)]
     fn watermark(&self) -> u64 {
         self.watermark_past(&HashSet::new())
     }
@@ -1589,19 +1587,21 @@ impl<R: Remote> Core<R> {
     /// `codafs sync`, `syncfs`: waits until everything logged before the call is on the
     /// servers, at most `limit`.
     pub async fn sync_log(&self, limit: Duration) -> Result<(), FsError> {
-        let Some(b) = self.write_back() else { return Ok(()) };
-        let last = b.last_seq();
-        b.settled_through(last, None, limit, |st, uid| self.held_back(st, uid))
-            .await
+        self.logged_settled(None, limit).await
     }
 
     /// `fsync` of a file or directory: waits until every change logged before the call is on
     /// the servers, at most `limit`, except changes held back for a user's token that do not
     /// touch node `ino` (another user's expired token does not fail this user's `fsync`).
     pub async fn sync_node(&self, ino: u64, limit: Duration) -> Result<(), FsError> {
+        self.logged_settled(Some(ino), limit).await
+    }
+
+    /// Waits until the changes logged so far (those `node` waits for: see
+    /// `WriteBack::settled_through`) are on the servers, at most `limit`.
+    async fn logged_settled(&self, node: Option<u64>, limit: Duration) -> Result<(), FsError> {
         let Some(b) = self.write_back() else { return Ok(()) };
-        let last = b.last_seq();
-        b.settled_through(last, Some(ino), limit, |st, uid| self.held_back(st, uid))
+        b.settled_through(b.last_seq(), node, limit, |st, uid| self.held_back(st, uid))
             .await
     }
 

@@ -4,7 +4,8 @@
 //! server that announces ticks (`codafs_proto::ticks`) sends one whenever it has sent nothing
 //! for an interval; a stream that then stays silent for [`SILENT_TICKS`] intervals is ended
 //! with an error, so its reader subscribes again (elsewhere: the silent server is marked
-//! quiet). A server that announces no ticks (an older one) is left to the keepalive.
+//! quiet), unless the server still answers a probe (it is then slow, not stopped). A server
+//! that announces no ticks (an older one) is left to the keepalive.
 use std::time::Duration;
 
 use codafs_proto::pb;
@@ -26,31 +27,42 @@ pub struct Subscription {
 }
 
 /// `events` without their ticks. If `ticks` is known and nothing comes (not even a tick) for
-/// [`SILENT_TICKS`] of them, `on_silence` runs and the stream ends with an `Unavailable`
-/// error.
-pub fn watched<S, F>(
+/// [`SILENT_TICKS`] of them, `alive` asks the server whether it answers at all: one that does
+/// is only slow to bring a large event (a slow link, a busy connection), and the stream is
+/// given as long again; one that does not makes `on_silence` run and the stream end with an
+/// `Unavailable` error.
+pub fn watched<S, P, PF, F>(
     events: S,
     ticks: Option<Duration>,
+    alive: P,
     on_silence: F,
 ) -> impl Stream<Item = Result<pb::ChangeEvent, Status>> + Send
 where
     S: Stream<Item = Result<pb::ChangeEvent, Status>> + Unpin + Send,
+    P: Fn() -> PF + Send,
+    PF: std::future::Future<Output = bool> + Send,
     F: FnOnce() + Send,
 {
     let limit = ticks.map(|t| t * SILENT_TICKS);
-    futures::stream::unfold(Some((events, Some(on_silence))), move |state| async move {
-        let (mut events, mut on_silence) = state?;
+    let state = Some((events, alive, Some(on_silence)));
+    futures::stream::unfold(state, move |state| async move {
+        let (mut events, alive, mut on_silence) = state?;
         loop {
             let next = match limit {
                 None => events.next().await,
                 Some(limit) => match tokio::time::timeout(limit, events.next()).await {
                     Ok(next) => next,
+                    Err(_) if alive().await => {
+                        tracing::debug!("change stream silent, but its server answers: waiting on");
+                        continue;
+                    }
                     Err(_) => {
                         if let Some(f) = on_silence.take() {
                             f();
                         }
                         let e = Status::unavailable(format!(
-                            "the change stream brought nothing, not even a tick, for {limit:?}: its server may have stopped"
+                            "the change stream brought nothing, not even a tick, for {limit:?}, and its server \
+                             does not answer: it may have stopped"
                         ));
                         return Some((Err(e), None));
                     }
@@ -58,7 +70,7 @@ where
             };
             match next {
                 Some(Ok(ev)) if ev.tick => continue,
-                Some(item) => return Some((item, Some((events, on_silence)))),
+                Some(item) => return Some((item, Some((events, alive, on_silence)))),
                 None => return None,
             }
         }
@@ -90,9 +102,16 @@ mod tests {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let silent = Arc::new(AtomicBool::new(false));
         let noted = silent.clone();
+        // The server answers probes until the last phase.
+        let answers = Arc::new(AtomicBool::new(true));
+        let probed = answers.clone();
         let mut s = Box::pin(watched(
             tokio_stream::wrappers::ReceiverStream::new(rx),
             Some(TICK_EVERY),
+            move || {
+                let a = probed.load(Ordering::SeqCst);
+                async move { a }
+            },
             move || noted.store(true, Ordering::SeqCst),
         ));
         // Ticks keep it going well past the silence limit, and never reach the reader.
@@ -111,7 +130,18 @@ mod tests {
         assert!(start.elapsed() >= TICK_EVERY * 6, "{:?}", start.elapsed());
         ticking.await.unwrap();
         assert!(!silent.load(Ordering::SeqCst));
-        // Then nothing: one error after SILENT_TICKS intervals, and the end.
+        // A silence while the server answers (a large event on a slow link) is waited out.
+        let sender = tx.clone();
+        let slow = tokio::spawn(async move {
+            tokio::time::sleep(TICK_EVERY * SILENT_TICKS * 3).await;
+            sender.send(change(7)).await.unwrap();
+        });
+        assert_eq!(s.next().await.unwrap().unwrap().version, 7);
+        slow.await.unwrap();
+        assert!(!silent.load(Ordering::SeqCst));
+        // Then nothing, and the server does not answer: one error after SILENT_TICKS
+        // intervals, and the end.
+        answers.store(false, Ordering::SeqCst);
         let start = tokio::time::Instant::now();
         let e = s.next().await.unwrap().unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unavailable);
@@ -124,9 +154,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_server_that_announced_no_ticks_is_not_timed() {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
-        let mut s = Box::pin(watched(tokio_stream::wrappers::ReceiverStream::new(rx), None, || {
-            panic!("no silence without ticks")
-        }));
+        let mut s = Box::pin(watched(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            None,
+            || async { panic!("no probe without ticks") },
+            || panic!("no silence without ticks"),
+        ));
         let late = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(600)).await;
             tx.send(change(9)).await.unwrap();

@@ -63,7 +63,7 @@ pub mod ticks {
     /// ticks. Absent: the server sends no ticks (an older server, or none were asked for).
     pub const HEADER: &str = "x-codafs-tick-ms";
     /// Shortest interval a server ticks at, whatever is asked.
-    pub const MIN: Duration = Duration::from_millis(200);
+    pub const MIN: Duration = Duration::from_millis(500);
     /// Longest interval a server ticks at, whatever is asked.
     pub const MAX: Duration = Duration::from_secs(60);
 

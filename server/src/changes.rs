@@ -105,7 +105,8 @@ type Item = (Result<pb::ChangeEvent, Status>, Room);
 /// Queue room an event holds, in its stream's budget and in the server's, until dropped.
 struct Room {
     _own: OwnedSemaphorePermit,
-    _all: OwnedSemaphorePermit,
+    /// None for a tick (see [`Tx::tick`]).
+    _all: Option<OwnedSemaphorePermit>,
 }
 
 /// A stream's sending end, bounded in bytes (see the module doc).
@@ -136,9 +137,34 @@ impl Tx {
             .wait(Gone::Stalled, self.own.clone().acquire_many_owned(kib))
             .await?;
         let all = self.wait(Gone::Full, self.all.clone().acquire_many_owned(kib)).await?;
-        let room = Room { _own: own, _all: all };
+        let room = Room {
+            _own: own,
+            _all: Some(all),
+        };
         self.wait(Gone::Stalled, async { self.tx.send((item, room)).await.map_err(drop) })
             .await
+    }
+
+    /// Queues a tick if nothing else is queued: a stream with events on their way needs none,
+    /// and a tick must neither wait behind them nor take the server's budget for all streams
+    /// (once that is spent, every stream's ticks would stop at once and every mount would
+    /// leave this server together). `Err`: the subscriber went away.
+    fn tick(&self) -> Result<(), Gone> {
+        if self.tx.capacity() < self.tx.max_capacity() {
+            return Ok(());
+        }
+        let Ok(own) = self.own.clone().try_acquire_owned() else {
+            return Ok(());
+        };
+        let tick = pb::ChangeEvent {
+            tick: true,
+            ..Default::default()
+        };
+        let room = Room { _own: own, _all: None };
+        match self.tx.try_send((Ok(tick), room)) {
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Gone::Closed),
+            _ => Ok(()),
+        }
     }
 
     /// `f`, unless the subscriber goes away first or it takes [`STALL`] (then `late`).
@@ -260,17 +286,17 @@ async fn run(
     let mut rights = tokio::time::interval(RECHECK);
     rights.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     rights.tick().await;
-    // Never fires without ticks (an interval of a year stands in for none).
-    let every = ticks.unwrap_or(Duration::from_secs(365 * 86400));
-    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut beat = ticks.map(|every| {
+        let mut b = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        b.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        b
+    });
     loop {
         let notice = tokio::select! {
             n = live.recv() => n,
             _ = rights.tick() => Ok(Notice::Rights),
-            _ = beat.tick() => {
-                let tick = pb::ChangeEvent { tick: true, ..Default::default() };
-                if !sent(tx.send(Ok(tick)).await, &volume)? {
+            _ = next_beat(&mut beat) => {
+                if tx.tick().is_err() {
                     return Ok(());
                 }
                 continue;
@@ -287,8 +313,8 @@ async fn run(
                     return Ok(());
                 }
                 cursor = version;
-                // A tick is due only after `every` without an event.
-                beat.reset();
+                // A tick is due only after a whole interval without an event.
+                beat.as_mut().map(tokio::time::Interval::reset);
             }
             Ok(Notice::Change { .. }) => {}
             Ok(Notice::Rights) => recheck()?,
@@ -298,11 +324,20 @@ async fn run(
                     Some(c) => cursor = c,
                     None => return Ok(()),
                 }
+                beat.as_mut().map(tokio::time::Interval::reset);
             }
             Err(broadcast::error::RecvError::Closed) => {
                 return Err(refuse(ErrorKind::Unavailable, "server shutting down"))
             }
         }
+    }
+}
+
+/// When a tick is due (never, without ticks).
+async fn next_beat(beat: &mut Option<tokio::time::Interval>) {
+    match beat {
+        Some(b) => drop(b.tick().await),
+        None => std::future::pending().await,
     }
 }
 

@@ -193,9 +193,18 @@ impl Remote for GrpcRemote {
     async fn subscribe(&self, volume: String, from: u64) -> Result<ChangeStream, FsError> {
         let token = self.readers().by_name.get(&volume).cloned();
         let sub = self.cluster.subscribe(token.as_deref(), &volume, from).await?;
-        let cluster = self.cluster.clone();
-        let server = sub.server;
-        let stream = crate::heartbeat::watched(sub.events, sub.ticks, move || {
+        let (cluster, server) = (self.cluster.clone(), sub.server);
+        let (probe, probed) = (cluster.clone(), server.clone());
+        let alive = move || {
+            let (probe, probed) = (probe.clone(), probed.clone());
+            // As long as one tick: a server that is up answers in milliseconds.
+            let asked = tokio::time::timeout(
+                crate::heartbeat::TICK_EVERY,
+                async move { probe.health_on(&probed).await },
+            );
+            async move { matches!(asked.await, Ok(Ok(_))) }
+        };
+        let stream = crate::heartbeat::watched(sub.events, sub.ticks, alive, move || {
             tracing::info!(%server, %volume, "change stream silent; subscribing elsewhere");
             cluster.quiet(&server);
             cluster.skip_preferred(Some(&server));

@@ -42,8 +42,8 @@ enum Cmd {
     /// Log in: exchange a password for a token, stored for later commands and handed to every
     /// running mount, which then accepts writes from your uid.
     Login(user::LoginArgs),
-    /// Forget the stored token and drop it from every running mount.
-    Logout,
+    /// Forget the stored token and drop it from every running mount of its cluster.
+    Logout(user::LogoutArgs),
     /// Publish a local directory into VOLUME[:PATH] as one atomic commit.
     Upload(upload::UploadArgs),
     /// Create, list and inspect volumes.
@@ -152,7 +152,7 @@ fn run_async(cmd: Cmd) -> anyhow::Result<()> {
             Cmd::Volume(v) => volume::run(v).await,
             Cmd::User(u) => user::run(u).await,
             Cmd::Login(a) => user::login(a).await,
-            Cmd::Logout => user::logout(),
+            Cmd::Logout(a) => user::logout(&a),
             Cmd::Upload(a) => upload::run(a).await,
             Cmd::Demo(a) => demo::run(a).await,
             Cmd::Bench(a) => bench::run(*a).await,

@@ -274,15 +274,41 @@ pub async fn login(a: LoginArgs) -> Result<()> {
     Ok(())
 }
 
-/// `codafs logout`: forgets the stored token.
-pub fn logout() -> Result<()> {
+/// `codafs logout`.
+#[derive(clap::Args, Debug)]
+pub struct LogoutArgs {
+    /// Drop your uid's token from every running mount on this host, whatever its cluster
+    /// (without it, only mounts of the cluster the stored token is for; nothing if there is no
+    /// stored token).
+    #[arg(long)]
+    everywhere: bool,
+}
+
+/// `codafs logout`: forgets the stored token, and drops it from the running mounts of its
+/// cluster (this host may mount other clusters, whose tokens stay).
+pub fn logout(a: &LogoutArgs) -> Result<()> {
     let path = token_path().context("no token location (HOME unset)")?;
+    // Whose token this was: mounts of other clusters keep theirs.
+    let cluster = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| codafs_common::token::peek(t.trim()).ok())
+        .map(|c| c.cluster);
     match std::fs::remove_file(&path) {
         Ok(()) => println!("logged out ({} removed)", path.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => println!("no token file"),
         Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
     }
-    for (mnt, v) in crate::mount::tell_mounts("logout") {
+    let line = match (&cluster, a.everywhere) {
+        (_, true) => "logout".to_string(),
+        (Some(c), false) => format!("logout {c}"),
+        (None, false) => {
+            println!(
+                "no stored token of a cluster to drop from the mounts (--everywhere drops your token from every mount)"
+            );
+            return Ok(());
+        }
+    };
+    for (mnt, v) in crate::mount::tell_mounts(&line) {
         if v["had_token"].as_bool() == Some(true) {
             println!(
                 "mount {mnt}: token of uid {} dropped; the mount is read-only for it",

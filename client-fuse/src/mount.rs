@@ -527,7 +527,9 @@ fn bind_control(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
 /// - `status`: the mount's status;
 /// - `login TOKEN`: sets the *caller's* token (the uid comes from SO_PEERCRED, never from the
 ///   request, so a user can only set their own);
-/// - `logout`: forgets the caller's token.
+/// - `logout [CLUSTER]`: forgets the caller's token; with a cluster id, only a token for that
+///   cluster (`codafs logout` names the cluster of the token it removed: a mount of another
+///   cluster on the same host keeps its token).
 ///
 /// Every local user may connect (mode 0666): what a connection can do depends on its uid alone.
 async fn control<R: Remote>(
@@ -610,9 +612,12 @@ async fn control<R: Remote>(
                     }
                 }
                 "logout" => {
-                    let had = core.drop_token(uid);
-                    tracing::info!(uid, had, "token dropped");
-                    core.want_volumes();
+                    let of_cluster = Some(arg).filter(|c| !c.is_empty());
+                    let had = core.drop_token_of(uid, of_cluster);
+                    if had {
+                        tracing::info!(uid, "token dropped");
+                        core.want_volumes();
+                    }
                     serde_json::json!({ "ok": true, "uid": uid, "had_token": had })
                 }
                 other => serde_json::json!({ "error": format!("unknown command {other:?}") }),

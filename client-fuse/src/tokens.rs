@@ -173,14 +173,26 @@ impl TokenTable {
 
     /// Forgets `uid`'s token; returns whether there was one.
     pub fn remove(&self, uid: u32) -> bool {
+        self.remove_of(uid, None)
+    }
+
+    /// Forgets `uid`'s token if it is for cluster `of_cluster` (any, if None), expired or not;
+    /// returns whether it did.
+    pub fn remove_of(&self, uid: u32, of_cluster: Option<&str>) -> bool {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        let Some((_, claims)) = map.get(&uid) else {
+            if let (Some(dir), None) = (&self.dir, of_cluster) {
+                let _ = std::fs::remove_file(dir.join(uid.to_string()));
+            }
+            return false;
+        };
+        if of_cluster.is_some_and(|c| c != claims.cluster) {
+            return false;
+        }
         if let Some(dir) = &self.dir {
             let _ = std::fs::remove_file(dir.join(uid.to_string()));
         }
-        self.map
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&uid)
-            .is_some()
+        map.remove(&uid).is_some()
     }
 
     /// `uid`'s token and claims, if it has one that has not expired.
@@ -247,6 +259,20 @@ mod tests {
         assert!(again.get(1001).is_none() && again.get(0).is_none());
         assert!(again.remove(1000));
         assert!(TokenTable::load(dir.path()).unwrap().get(1000).is_none());
+    }
+
+    /// `codafs logout` names the cluster of the token it removed: a mount keeps a token of
+    /// another cluster, and drops its own cluster's even once expired.
+    #[test]
+    fn a_logout_for_another_cluster_keeps_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TokenTable::load(dir.path()).unwrap();
+        t.set(1000, &token("alice", now_s() + 3600), None).unwrap();
+        assert!(!t.remove_of(1000, Some("c2")));
+        assert!(t.get(1000).is_some() && dir.path().join("1000").exists());
+        assert!(!t.remove_of(1001, Some("c1")), "nothing held for that uid");
+        assert!(t.remove_of(1000, Some("c1")));
+        assert!(t.get(1000).is_none() && !dir.path().join("1000").exists());
     }
 
     /// Once the mount knows its cluster, another cluster's token is refused without a server

@@ -93,9 +93,10 @@ impl<R: Remote> Core<R> {
         Ok(claims)
     }
 
-    /// Forgets `uid`'s token; returns whether it had one.
-    pub fn drop_token(&self, uid: u32) -> bool {
-        let had = self.writes.tokens.remove(uid);
+    /// Forgets `uid`'s token (only one for cluster `of_cluster`, if given); returns whether it
+    /// dropped one.
+    pub fn drop_token_of(&self, uid: u32, of_cluster: Option<&str>) -> bool {
+        let had = self.writes.tokens.remove_of(uid, of_cluster);
         self.sync_readers();
         had
     }

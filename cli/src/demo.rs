@@ -388,13 +388,40 @@ pub async fn run(a: DemoArgs) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut children = children;
+    let mut gone = vec![false; children.0.len()];
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = check.tick() => report_exits(&dir, &mut children, &mut gone),
+        }
     }
     println!("stopping the demo...");
     drop(children);
     let _ = std::fs::remove_file(dir.join("demo.env"));
     println!("stopped.");
     Ok(())
+}
+
+/// Says once, on stderr, which of the demo's processes exited (a server killed to try a
+/// failover, one that crashed), with the end of its log: the demo goes on without it.
+fn report_exits(dir: &Path, children: &mut Children, gone: &mut [bool]) {
+    for ((what, c), gone) in children.0.iter_mut().zip(gone.iter_mut()) {
+        if *gone {
+            continue;
+        }
+        if let Ok(Some(status)) = c.try_wait() {
+            *gone = true;
+            // Servers log to sN.log, the mount to mount.log.
+            let log = what
+                .strip_prefix("server ")
+                .map_or_else(|| what.clone(), |n| format!("s{n}"));
+            eprintln!(
+                "codafs demo: {what} exited ({status}); the demo goes on without it (Ctrl-C stops it). {}",
+                log_tail(dir, &log)
+            );
+        }
+    }
 }

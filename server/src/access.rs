@@ -80,7 +80,20 @@ impl Node {
     /// before the membership change, so a removed follower has it even though the leader stops
     /// replicating to it before the final membership reaches it), or a membership without it
     /// (a removed leader, which appended that membership itself).
+    ///
+    /// Also refuses them while this server installs a snapshot of the cluster's state: its
+    /// tables are emptied and refilled in batches under the old applied index, so a read
+    /// would see part of the tree (a page "not found", a listing cut short) as if current.
     pub fn check_member(&self) -> Result<(), Status> {
+        if self.tables().replace_pending().map_err(internal)? {
+            return Err(refuse(
+                ErrorKind::Unavailable,
+                format!(
+                    "server {} is installing a snapshot of the cluster's state; ask another server",
+                    self.id
+                ),
+            ));
+        }
         if !self.outside_membership() && self.tables().removed_server(self.id).map_err(internal)?.is_none() {
             return Ok(());
         }

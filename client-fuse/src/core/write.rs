@@ -740,6 +740,11 @@ impl<R: Remote> Core<R> {
     /// meanwhile); otherwise it is stored at once.
     pub async fn setattr(&self, c: Caller, ino: u64, s: SetAttrs) -> Result<NodeAttr, FsError> {
         let ctx = self.write_ctx(c.uid, ino)?;
+        // Whether the size change stores content, which carries the new mtime with its
+        // version check: the mtime then goes in no separate attribute change, which checks no
+        // version and so, with the content refused as a conflict, set this node's mtime on the
+        // other node's content.
+        let mut content_has_mtime = false;
         if let Some(size) = s.size {
             if size > MAX_WRITE_FILE {
                 return Err(FsError::TooLarge(format!(
@@ -763,6 +768,7 @@ impl<R: Remote> Core<R> {
                             g.ctime_ns = codafs_common::now_ns();
                         })
                     };
+                    content_has_mtime = true;
                     let (stored, dropped) = self.let_go(ino, c.uid, &sh, false).await;
                     cut?;
                     stored?;
@@ -793,6 +799,7 @@ impl<R: Remote> Core<R> {
                             self.truncated(ino, &hash, len, size)?
                         };
                         let mtime = s.mtime_ns.unwrap_or(0);
+                        content_has_mtime = true;
                         if self.writes_back() {
                             // Logged like a close's content, expecting the version shown now.
                             let base = self.attr(ino).await?.version;
@@ -804,15 +811,16 @@ impl<R: Remote> Core<R> {
                 }
             }
         }
+        let mtime_ns = s.mtime_ns.filter(|_| !content_has_mtime);
         let changes_attrs = s.mode.is_some() || s.uid.is_some() || s.gid.is_some();
-        let changes_times = s.atime_ns.is_some() || s.mtime_ns.is_some();
+        let changes_times = s.atime_ns.is_some() || mtime_ns.is_some();
         if changes_attrs || changes_times {
             let set = Op::SetAttr {
                 ino,
                 mode: s.mode.map(|m| m & 0o7777),
                 uid: s.uid,
                 gid: s.gid,
-                mtime_ns: s.mtime_ns,
+                mtime_ns,
                 atime_ns: s.atime_ns,
             };
             if self.writes_back() {

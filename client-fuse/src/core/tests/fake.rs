@@ -302,9 +302,12 @@ impl Truth {
                 (a.hash, a.size, a.version) = (Some(hash), size, v);
                 Ok((0, vec![ino], vec![]))
             }
-            Op::SetAttr { ino, mode, .. } => {
+            Op::SetAttr {
+                ino, mode, mtime_ns, ..
+            } => {
                 let a = tree.objects.get_mut(&ino).ok_or(FsError::NotFound)?;
                 a.mode = mode.unwrap_or(a.mode);
+                a.mtime_ns = mtime_ns.unwrap_or(a.mtime_ns);
                 a.version = v;
                 Ok((0, vec![ino], vec![]))
             }

@@ -922,6 +922,11 @@ async fn write_back_a_truncating_write_that_conflicts_keeps_one_copy() {
     deliver_all(&core).await;
     theirs_stand_and_mine_is_kept(&core, www).await;
     assert_eq!(core.backlog().unwrap().conflicts, 1);
+    // Theirs keeps its own mtime: the truncation's went with its (refused) content, not in an
+    // unchecked attribute change.
+    let t = core.remote.lock();
+    let p = t.tree.dirs[&root()]["p.html"];
+    assert_ne!(t.tree.objects[&p].mtime_ns, 1_700_000_000_000_000_000);
 }
 
 /// Write-back: new content of an existing file that the servers refuse is set aside in

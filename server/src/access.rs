@@ -85,21 +85,27 @@ impl Node {
     /// tables are emptied and refilled in batches under the old applied index, so a read
     /// would see part of the tree (a page "not found", a listing cut short) as if current.
     pub fn check_member(&self) -> Result<(), Status> {
-        if self.tables().replace_pending().map_err(internal)? {
-            return Err(refuse(
-                ErrorKind::Unavailable,
-                format!(
-                    "server {} is installing a snapshot of the cluster's state; ask another server",
-                    self.id
-                ),
-            ));
-        }
+        self.check_installing()?;
         if !self.outside_membership() && self.tables().removed_server(self.id).map_err(internal)?.is_none() {
             return Ok(());
         }
         Err(refuse(
             ErrorKind::Unavailable,
             format!("server {} was removed from the cluster; ask another server", self.id),
+        ))
+    }
+
+    /// Refuses while this server installs a snapshot (see [`Node::check_member`]).
+    pub fn check_installing(&self) -> Result<(), Status> {
+        if !self.tables().replace_pending().map_err(internal)? {
+            return Ok(());
+        }
+        Err(refuse(
+            ErrorKind::Unavailable,
+            format!(
+                "server {} is installing a snapshot of the cluster's state; ask another server",
+                self.id
+            ),
         ))
     }
 

@@ -30,7 +30,23 @@ impl MetaService {
             .tables()
             .object(ino)
             .map_err(internal)?
-            .ok_or_else(|| absent(format!("no object {ino:#x}"), applied))
+            .ok_or_else(|| self.absent(format!("no object {ino:#x}"), applied))
+    }
+
+    /// A "not found" decided on state at least as fresh as `applied`: a client that asked
+    /// several servers takes it from any whose state covers its own commits (see `as_of`).
+    fn absent(&self, what: String, applied: u64) -> Status {
+        self.refused_as_of(refuse(ErrorKind::NotFound, what), applied)
+    }
+
+    /// Refusal `s` of a read, marked as of `applied`; but if a snapshot install began since the
+    /// read passed `check_member`, the read may have met tables being emptied: it is refused
+    /// as unavailable instead (the client asks another server).
+    fn refused_as_of(&self, s: Status, applied: u64) -> Status {
+        match self.0.check_installing() {
+            Ok(()) => as_of(s, applied),
+            Err(installing) => installing,
+        }
     }
 
     /// An attribute reply. `applied_index` must be read before the object: the object is then
@@ -42,12 +58,6 @@ impl MetaService {
             applied_index,
         }))
     }
-}
-
-/// A "not found" decided on state at least as fresh as `applied`: a client that asked several
-/// servers takes it from any whose state covers its own commits (see `as_of`).
-fn absent(what: String, applied: u64) -> Status {
-    as_of(refuse(ErrorKind::NotFound, what), applied)
 }
 
 /// Attributes as a reader sees them: with a read ticket for a file's content.
@@ -73,7 +83,7 @@ impl pb::meta_server::Meta for MetaService {
             .tables()
             .dirent(r.parent, &r.name)
             .map_err(internal)?
-            .ok_or_else(|| absent(format!("{} not found", r.name), applied_index))?;
+            .ok_or_else(|| self.absent(format!("{} not found", r.name), applied_index))?;
         self.reply(&self.object(ino, applied_index)?, applied_index)
     }
 
@@ -93,7 +103,7 @@ impl pb::meta_server::Meta for MetaService {
         let applied_index = self.0.applied_index();
         let t = self.0.tables();
         let vol = t.volume(&r.volume).map_err(internal)?.ok_or_else(|| {
-            as_of(
+            self.refused_as_of(
                 refuse(ErrorKind::NoVolume, format!("no volume {}", r.volume)),
                 applied_index,
             )
@@ -104,7 +114,7 @@ impl pb::meta_server::Meta for MetaService {
             cur = t
                 .dirent(cur, part)
                 .map_err(internal)?
-                .ok_or_else(|| absent(format!("{} not found", r.path), applied_index))?;
+                .ok_or_else(|| self.absent(format!("{} not found", r.path), applied_index))?;
         }
         self.reply(&self.object(cur, applied_index)?, applied_index)
     }
@@ -127,10 +137,12 @@ impl pb::meta_server::Meta for MetaService {
             .tables()
             .dir_page(r.ino, &r.after, limit)
             .map_err(internal)?
-            .ok_or_else(|| absent(format!("no node {:#x}", r.ino), applied_index))?;
+            .ok_or_else(|| self.absent(format!("no node {:#x}", r.ino), applied_index))?;
         if dir.kind != crate::fsm::Kind::Dir {
             return Err(refuse(ErrorKind::NotDir, format!("{:#x} is not a directory", r.ino)));
         }
+        // A page read from tables being emptied would be cut short, and mounts cache listings.
+        self.0.check_installing()?;
         let entries = page
             .into_iter()
             .map(|(name, o)| pb::DirEntry {
@@ -186,6 +198,8 @@ impl pb::meta_server::Meta for MetaService {
                 volume: name,
             });
         }
+        // The list (or an absent volume) may have been read from tables being emptied.
+        self.0.check_installing()?;
         Ok(Response::new(pb::VolumeStampsReply {
             stamps,
             applied_index: self.0.applied_index(),

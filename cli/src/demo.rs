@@ -40,6 +40,10 @@ pub(crate) struct Children(pub(crate) Vec<(String, Child)>, pub(crate) Vec<PathB
 impl Drop for Children {
     fn drop(&mut self) {
         for (what, c) in self.0.iter_mut().rev() {
+            if let Ok(Some(_)) = c.try_wait() {
+                // Exited and reaped already: its PID may be another process's by now.
+                continue;
+            }
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(8);
             while Instant::now() < deadline {
@@ -414,13 +418,16 @@ fn report_exits(dir: &Path, children: &mut Children, gone: &mut [bool]) {
         }
         if let Ok(Some(status)) = c.try_wait() {
             *gone = true;
-            // Servers log to sN.log, the mount to mount.log.
-            let log = what
-                .strip_prefix("server ")
-                .map_or_else(|| what.clone(), |n| format!("s{n}"));
+            // Servers log to s1-s3.log, a mount to NAME.log.
+            let log = match what.as_str() {
+                "server 1" => "s1",
+                "server 2" => "s2",
+                "witness" => "s3",
+                mount => mount,
+            };
             eprintln!(
                 "codafs demo: {what} exited ({status}); the demo goes on without it (Ctrl-C stops it). {}",
-                log_tail(dir, &log)
+                log_tail(dir, log)
             );
         }
     }

@@ -289,10 +289,12 @@ pub struct LogoutArgs {
 pub fn logout(a: &LogoutArgs) -> Result<()> {
     let path = token_path().context("no token location (HOME unset)")?;
     // Whose token this was: mounts of other clusters keep theirs.
-    let cluster = std::fs::read_to_string(&path)
-        .ok()
+    let stored = std::fs::read_to_string(&path).ok();
+    let cluster = stored
+        .as_deref()
         .and_then(|t| codafs_common::token::peek(t.trim()).ok())
-        .map(|c| c.cluster);
+        .map(|c| c.cluster)
+        .filter(|c| !c.is_empty());
     match std::fs::remove_file(&path) {
         Ok(()) => println!("logged out ({} removed)", path.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => println!("no token file"),
@@ -302,9 +304,12 @@ pub fn logout(a: &LogoutArgs) -> Result<()> {
         (_, true) => "logout".to_string(),
         (Some(c), false) => format!("logout {c}"),
         (None, false) => {
-            println!(
-                "no stored token of a cluster to drop from the mounts (--everywhere drops your token from every mount)"
-            );
+            let what = if stored.is_some() {
+                "the stored token was unreadable, so its cluster is unknown"
+            } else {
+                "there was no stored token"
+            };
+            println!("the mounts keep your tokens: {what} (--everywhere drops your token from every mount)");
             return Ok(());
         }
     };
@@ -314,6 +319,8 @@ pub fn logout(a: &LogoutArgs) -> Result<()> {
                 "mount {mnt}: token of uid {} dropped; the mount is read-only for it",
                 v["uid"]
             );
+        } else if let Some(kept) = v["kept_cluster"].as_str() {
+            println!("mount {mnt}: still holds your token for cluster {kept} (--everywhere drops it too)");
         }
     }
     Ok(())

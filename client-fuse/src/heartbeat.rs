@@ -16,6 +16,9 @@ use tonic::Status;
 pub const TICK_EVERY: Duration = Duration::from_secs(1);
 /// Intervals without an event or a tick after which a ticking stream counts as silent.
 pub const SILENT_TICKS: u32 = 3;
+/// Silences in a row a stream is waited on while its server answers probes; then it is opened
+/// again anyway (on the same server: a stream stuck on the way, behind a proxy say).
+pub const PATIENT_SILENCES: u32 = 10;
 
 /// A change stream as it was opened.
 pub struct Subscription {
@@ -47,12 +50,21 @@ where
     let state = Some((events, alive, Some(on_silence)));
     futures::stream::unfold(state, move |state| async move {
         let (mut events, alive, mut on_silence) = state?;
+        let mut patient = 0;
         loop {
             let next = match limit {
                 None => events.next().await,
                 Some(limit) => match tokio::time::timeout(limit, events.next()).await {
                     Ok(next) => next,
                     Err(_) if alive().await => {
+                        patient += 1;
+                        if patient >= PATIENT_SILENCES {
+                            let e = Status::unavailable(format!(
+                                "the change stream brought nothing for {:?} although its server answers",
+                                limit * patient
+                            ));
+                            return Some((Err(e), None));
+                        }
                         tracing::debug!("change stream silent, but its server answers: waiting on");
                         continue;
                     }
@@ -68,6 +80,7 @@ where
                     }
                 },
             };
+            patient = 0;
             match next {
                 Some(Ok(ev)) if ev.tick => continue,
                 Some(item) => return Some((item, Some((events, alive, on_silence)))),
@@ -167,5 +180,24 @@ mod tests {
         assert_eq!(s.next().await.unwrap().unwrap().version, 9);
         late.await.unwrap();
         assert!(s.next().await.is_none(), "ends when the server ends it");
+    }
+
+    /// A stream that stays silent while its server answers every probe (stuck on the way) is
+    /// opened again after PATIENT_SILENCES silences, without marking the server.
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_silent_beside_a_healthy_server_ends_in_time() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ChangeEvent, Status>>(8);
+        let mut s = Box::pin(watched(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            Some(TICK_EVERY),
+            || async { true },
+            || panic!("the server answers: not silent"),
+        ));
+        let start = tokio::time::Instant::now();
+        let e = s.next().await.unwrap().unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert_eq!(start.elapsed(), TICK_EVERY * SILENT_TICKS * PATIENT_SILENCES);
+        assert!(s.next().await.is_none());
+        drop(tx);
     }
 }

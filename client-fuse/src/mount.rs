@@ -618,7 +618,13 @@ async fn control<R: Remote>(
                         tracing::info!(uid, "token dropped");
                         core.want_volumes();
                     }
-                    serde_json::json!({ "ok": true, "uid": uid, "had_token": had })
+                    let mut reply = serde_json::json!({ "ok": true, "uid": uid, "had_token": had });
+                    // A token of another cluster this uid still holds here (a login to it
+                    // before the stored token's): the user is told it stays.
+                    if let Some(kept) = core.token_cluster(uid).filter(|_| !had) {
+                        reply["kept_cluster"] = kept.into();
+                    }
+                    reply
                 }
                 other => serde_json::json!({ "error": format!("unknown command {other:?}") }),
             };

@@ -93,6 +93,11 @@ impl<R: Remote> Core<R> {
         Ok(claims)
     }
 
+    /// The cluster `uid`'s token is for, if it holds an unexpired one.
+    pub fn token_cluster(&self, uid: u32) -> Option<String> {
+        self.writes.tokens.get(uid).map(|(_, c)| c.cluster)
+    }
+
     /// Forgets `uid`'s token (only one for cluster `of_cluster`, if given); returns whether it
     /// dropped one.
     pub fn drop_token_of(&self, uid: u32, of_cluster: Option<&str>) -> bool {

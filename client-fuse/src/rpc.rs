@@ -26,6 +26,8 @@ const MISSING_QUERY: usize = 10_000;
 /// How long the other data replicas get to say which blobs they lack once one has (see
 /// `Cluster::lacking`).
 const MISSING_LAG: Duration = Duration::from_secs(2);
+/// How long a replica that went quiet lately gets once every other one has answered.
+const QUIET_LAG: Duration = Duration::from_millis(300);
 
 impl Cluster {
     /// Sends `req` with `token` (or the cluster's own) to servers in preference order, moving on
@@ -240,8 +242,11 @@ impl Cluster {
         let mut lacking = HashSet::new();
         // A replica that did not answer one part is not asked the rest: each would wait on it
         // again (a stopped server keeps its connections and answers nothing). One that went
-        // quiet lately (a hedged read gave up on it) is not asked at all.
-        let mut silent: HashSet<String> = data.iter().filter(|a| self.is_quiet(a)).cloned().collect();
+        // quiet lately (a hedged read gave up on it) is asked, but waited for only
+        // `QUIET_LAG` once the others have answered: counted as lacking everything, it would
+        // be sent every blob again, and it may well be back.
+        let quiet: HashSet<String> = data.iter().filter(|a| self.is_quiet(a)).cloned().collect();
+        let mut silent: HashSet<String> = HashSet::new();
         for part in hashes.chunks(MISSING_QUERY) {
             let start = tokio::time::Instant::now();
             let mut waiting: HashSet<&String> = data.iter().filter(|a| !silent.contains(*a)).collect();
@@ -252,8 +257,12 @@ impl Cluster {
             // The replicas are asked at once; after the first answer the others get
             // `MISSING_LAG` (or three times the first's time, if longer) more, so a stopped
             // replica costs seconds, not the whole query deadline.
-            let mut cutoff = None;
+            let mut cutoff: Option<tokio::time::Instant> = None;
             loop {
+                if cutoff.is_some() && !waiting.is_empty() && waiting.iter().all(|a| quiet.contains(*a)) {
+                    let soon = tokio::time::Instant::now() + QUIET_LAG;
+                    cutoff = cutoff.map(|c| c.min(soon));
+                }
                 let next = match cutoff {
                     Some(c) => match tokio::time::timeout_at(c, asked.next()).await {
                         Ok(n) => n,

@@ -146,9 +146,18 @@ impl Node {
 
     /// Refuses unless `caller` may read the volume of node `ino`; returns that volume.
     pub fn check_read_ino(&self, caller: &Caller, ino: u64) -> Result<VolumeRec, Status> {
-        let vol = self.volume_of_ino(ino)?;
-        self.check_read(caller, &vol)?;
+        let vol = self.volume_of_ino(ino).map_err(|e| self.unless_installing(e))?;
+        self.check_read(caller, &vol).map_err(|e| self.unless_installing(e))?;
         Ok(vol)
+    }
+
+    /// Refusal `e`, or "installing a snapshot" if an install began meanwhile (what refused
+    /// may have been read from tables being emptied).
+    pub fn unless_installing(&self, e: Status) -> Status {
+        match self.check_installing() {
+            Ok(()) => e,
+            Err(installing) => installing,
+        }
     }
 
     /// Makes read tickets for the attributes shown in one reply (one cluster lookup per reply).
@@ -165,7 +174,14 @@ impl Node {
     }
 
     /// Refuses a blob read unless `caller` shows a right to `hash` (see the module doc).
+    /// Refused while a snapshot install refills the tables the right is read from, it says
+    /// so (unavailable: the client asks another server), not that the right is missing.
     pub fn check_blob_read(&self, caller: &Caller, hash: &Hash, ticket_bytes: &[u8], ino: u64) -> Result<(), Status> {
+        self.blob_read_right(caller, hash, ticket_bytes, ino)
+            .map_err(|e| self.unless_installing(e))
+    }
+
+    fn blob_read_right(&self, caller: &Caller, hash: &Hash, ticket_bytes: &[u8], ino: u64) -> Result<(), Status> {
         if caller.peer {
             return Ok(());
         }

@@ -43,10 +43,7 @@ impl MetaService {
     /// read passed `check_member`, the read may have met tables being emptied: it is refused
     /// as unavailable instead (the client asks another server).
     fn refused_as_of(&self, s: Status, applied: u64) -> Status {
-        match self.0.check_installing() {
-            Ok(()) => as_of(s, applied),
-            Err(installing) => installing,
-        }
+        self.0.unless_installing(as_of(s, applied))
     }
 
     /// An attribute reply. `applied_index` must be read before the object: the object is then

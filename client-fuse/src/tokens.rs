@@ -180,13 +180,7 @@ impl TokenTable {
     /// returns whether it did.
     pub fn remove_of(&self, uid: u32, of_cluster: Option<&str>) -> bool {
         let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
-        let Some((_, claims)) = map.get(&uid) else {
-            if let (Some(dir), None) = (&self.dir, of_cluster) {
-                let _ = std::fs::remove_file(dir.join(uid.to_string()));
-            }
-            return false;
-        };
-        if of_cluster.is_some_and(|c| c != claims.cluster) {
+        if of_cluster.is_some_and(|c| map.get(&uid).is_none_or(|(_, claims)| claims.cluster != c)) {
             return false;
         }
         if let Some(dir) = &self.dir {

@@ -630,17 +630,12 @@ impl Cluster {
                                 next_hedge = Instant::now() + hedge;
                             }
                         }
-                        Err(s) if Some(i) == lead || asked.is_empty() && order.len() == 0 => {
-                            return Err(ClientError::Server(explained(s, &self.tls)));
-                        }
-                        Err(s) if codafs_proto::error::applied_of(&s).is_some_and(|a| a >= committed)
-                            && fresh_refusals + 1 >= majority =>
-                        {
-                            return Err(ClientError::Server(explained(s, &self.tls)));
-                        }
                         Err(s) => {
-                            if codafs_proto::error::applied_of(&s).is_some_and(|a| a >= committed) {
-                                fresh_refusals += 1;
+                            let fresh = codafs_proto::error::applied_of(&s).is_some_and(|a| a >= committed);
+                            fresh_refusals += usize::from(fresh);
+                            let last = asked.is_empty() && order.len() == 0;
+                            if Some(i) == lead || last || fresh && fresh_refusals >= majority {
+                                return Err(ClientError::Server(explained(s, &self.tls)));
                             }
                             tracing::debug!(server = %addr, error = %explain(&s, &self.tls), "refused; waiting for the other servers asked");
                             refused.get_or_insert(s);

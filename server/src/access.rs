@@ -146,9 +146,10 @@ impl Node {
 
     /// Refuses unless `caller` may read the volume of node `ino`; returns that volume.
     pub fn check_read_ino(&self, caller: &Caller, ino: u64) -> Result<VolumeRec, Status> {
-        let vol = self.volume_of_ino(ino).map_err(|e| self.unless_installing(e))?;
-        self.check_read(caller, &vol).map_err(|e| self.unless_installing(e))?;
-        Ok(vol)
+        let vol = self
+            .volume_of_ino(ino)
+            .and_then(|vol| self.check_read(caller, &vol).map(|()| vol));
+        vol.map_err(|e| self.unless_installing(e))
     }
 
     /// Refusal `e`, or "installing a snapshot" if an install began meanwhile (what refused

@@ -75,7 +75,7 @@ pub fn subscribe(
     recheck: Recheck,
     listed: crate::subscribers::Guard,
 ) -> Result<impl Stream<Item = Result<pb::ChangeEvent, Status>> + Send, Status> {
-    let Want { volume, from, ticks } = want;
+    let volume = want.volume.clone();
     // Subscribe before reading the backlog so nothing applied in between is missed.
     let live = applied.notices.subscribe();
     let vol = applied
@@ -90,7 +90,7 @@ pub fn subscribe(
         all: all_streams(),
     };
     tasks.spawn("change stream", async move {
-        if let Err(e) = run(applied, vol.id, volume.clone(), from, ticks, live, &tx, &recheck).await {
+        if let Err(e) = run(applied, vol.id, want, live, &tx, &recheck).await {
             let _ = tx.send(Err(e)).await;
         }
         drop(listed);
@@ -269,17 +269,15 @@ fn sent(r: Result<(), Gone>, volume: &str) -> Result<bool, Status> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn run(
     applied: Applied,
     vol_id: u32,
-    volume: String,
-    from: u64,
-    ticks: Option<Duration>,
+    want: Want,
     mut live: broadcast::Receiver<Notice>,
     tx: &Tx,
     recheck: &Recheck,
 ) -> Result<(), Status> {
+    let Want { volume, from, ticks } = want;
     let Some(mut cursor) = catch_up(&applied, vol_id, &volume, from, tx).await? else {
         return Ok(());
     };

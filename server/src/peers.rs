@@ -20,10 +20,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often failed blob forwards to one peer are logged at WARN while it stays down.
 pub const FORWARD_WARN_EVERY: Duration = Duration::from_secs(60);
 
-/// A pool of channels keyed by address.
 /// How long a peer that stalled a forward counts as stalled (unless a forward to it works).
 pub const STALLED_FOR: Duration = Duration::from_secs(10);
 
+/// A pool of channels keyed by address.
 pub struct Peers {
     tls: Tls,
     channels: Mutex<HashMap<String, Channel>>,

@@ -42,34 +42,35 @@ pub struct ServerArgs {
     /// same node id (signed here if this server holds the CA key, otherwise by one that does).
     #[arg(long)]
     rotate_cert: bool,
-    /// Build a snapshot and compact the log every N entries.
-    #[arg(long, help_heading = "Tuning")]
+    /// Build a snapshot and compact the log every N entries (default 5000, at least 10).
+    #[arg(long, value_name = "N", help_heading = "Tuning")]
     snapshot_every: Option<u64>,
-    /// Repair pass interval, milliseconds. A pass checks the blobs that commits referenced
-    /// since the last one.
-    #[arg(long, help_heading = "Tuning")]
+    /// Repair pass interval, milliseconds (default 2000). A pass checks the blobs that commits
+    /// referenced since the last one.
+    #[arg(long, value_name = "MS", help_heading = "Tuning")]
     repair_interval_ms: Option<u64>,
-    /// How often a repair pass checks every referenced blob (seconds), for blob files lost
-    /// behind the server's back. Corruption found by scrub or reads starts one at once.
-    #[arg(long, help_heading = "Tuning")]
+    /// How often a repair pass checks every referenced blob, seconds (default 600), for blob
+    /// files lost behind the server's back. Corruption found by scrub or reads starts one at
+    /// once.
+    #[arg(long, value_name = "SECS", help_heading = "Tuning")]
     full_repair_interval_s: Option<u64>,
-    /// Scrub pass interval, seconds (0 = never).
-    #[arg(long, help_heading = "Tuning")]
+    /// Scrub pass interval, seconds (default 86400, a day; 0 = never).
+    #[arg(long, value_name = "SECS", help_heading = "Tuning")]
     scrub_interval_s: Option<u64>,
     /// Most a scrub pass reads, MiB per second (default 64). A pass takes turns of a few
     /// seconds with repair and GC. Saved in server.toml.
     #[arg(long, value_name = "MIB", help_heading = "Tuning")]
     scrub_rate_mib: Option<u64>,
-    /// Grace period before unreferenced blobs are deleted, seconds.
-    #[arg(long, help_heading = "Tuning")]
+    /// Grace period before unreferenced blobs are deleted, seconds (default 3600).
+    #[arg(long, value_name = "SECS", help_heading = "Tuning")]
     gc_grace_s: Option<u64>,
     /// Free space to keep on the server directory's filesystem (e.g. 2G): blob puts that would
     /// leave less, and commits that add data while less is free, are refused. `auto` =
     /// max(1G, 5% of the filesystem). Saved in server.toml.
     #[arg(long, value_name = "SIZE", value_parser = parse_min_free)]
     min_free: Option<MinFree>,
-    /// GC grace period while free space is under twice --min-free, seconds.
-    #[arg(long, help_heading = "Tuning")]
+    /// GC grace period while free space is under twice --min-free, seconds (default 60).
+    #[arg(long, value_name = "SECS", help_heading = "Tuning")]
     gc_pressure_grace_s: Option<u64>,
     /// On a witness: most its spool may hold (e.g. 4G, the default). The spool keeps blobs for
     /// a data server that is down (hinted handoff), so publishing goes on without it; past this
@@ -268,6 +269,8 @@ pub enum ClusterCmd {
     /// server --dir DIR`, give the admin account a password (`codafs user passwd admin`) and use
     /// `codafs login admin` from then on.
     Init {
+        /// The first server's directory (database, blobs, keys, config): must not hold a
+        /// cluster already.
         #[arg(long)]
         dir: PathBuf,
         /// Address this server will listen on (host:port).
@@ -296,6 +299,7 @@ pub enum ClusterCmd {
     /// List the servers: kind, role, state (up or unreachable), lag (log entries behind the
     /// newest commit), blobs, blob data and free disk.
     Servers {
+        /// Print JSON instead of text (for scripts and monitoring).
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -422,7 +426,9 @@ async fn shutdown_signal() {
 
 pub async fn server(a: ServerArgs) -> Result<()> {
     let join = a.join.as_deref().map(JoinToken::decode).transpose()?;
-    std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
+    if a.dir.exists() && !a.dir.is_dir() {
+        bail!("--dir {}: not a directory", a.dir.display());
+    }
     let mut cfg = match ServerConfig::load(&a.dir)? {
         Some(c) => {
             if a.witness && !c.witness {
@@ -452,6 +458,8 @@ pub async fn server(a: ServerArgs) -> Result<()> {
             c
         }
     };
+    // Only once the arguments hold: a refused first start leaves no empty directory behind.
+    std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
     if let Some(l) = a.listen {
         cfg.listen = l;
     }

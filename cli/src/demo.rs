@@ -13,7 +13,8 @@ use codafs_proto::pb;
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Working directory for the servers, the cache and demo.env (wiped at start).
+    /// Working directory for the servers, the cache and demo.env: wiped at start, so it must be
+    /// new, empty, or an earlier demo's.
     #[arg(long, default_value = "/tmp/codafs-demo")]
     dir: PathBuf,
     /// Where to mount.
@@ -317,6 +318,24 @@ pub(crate) async fn start_mount(
     Ok(())
 }
 
+/// A file every demo directory holds from its start: what lets the next demo wipe it.
+const MARKER: &str = ".codafs-demo";
+
+/// The demo wipes its directory at start, so it refuses one that holds anything it did not make
+/// itself (`--dir .` or `--dir /var/lib/codafs` by mistake).
+fn refuse_foreign_dir(dir: &Path) -> Result<()> {
+    let mut entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let ours = dir.join(MARKER).exists() || dir.join("demo.env").exists();
+    if !ours && entries.next().is_some() {
+        bail!(
+            "{} is not empty and was not made by codafs demo; the demo wipes its --dir, so give \
+             it a new or empty directory",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 pub async fn run(a: DemoArgs) -> Result<()> {
     let dir = a.dir.clone();
     if dir.join("demo.env").exists() {
@@ -335,9 +354,11 @@ pub async fn run(a: DemoArgs) -> Result<()> {
         }
     }
     if dir.exists() {
+        refuse_foreign_dir(&dir)?;
         std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join(MARKER), "made by codafs demo; wiped by the next one\n")?;
     // Other local users (webmasters trying the demo, pjdfstest's dummy users) read the client
     // config and demo.env here; what is secret (server dirs, the admin credential, the cache)
     // sits in 0700 directories below, made so by the servers and the mount themselves.

@@ -47,7 +47,7 @@ pub fn translate(args: &[OsString]) -> Result<Vec<OsString>, String> {
     }
     let [source, mountpoint] = positional.as_slice() else {
         return Err(
-            "usage: mount.codafs CLIENT_CONFIG MOUNTPOINT [-o cache_dir=DIR,cache_size=SIZE,cache_checkpoint=SECS,timeout=SECS,log_limit=SIZE,prefer_server=HOST:PORT,ro,sync]".into(),
+            "usage: mount.codafs CLIENT_CONFIG MOUNTPOINT [-o cache_dir=DIR,cache_size=SIZE,cache_checkpoint=SECS,timeout=SECS,log_limit=SIZE,prefer_server=HOST:PORT,ro,sync,async]".into(),
         );
     };
     let mut out: Vec<OsString> = vec![
@@ -67,15 +67,20 @@ pub fn translate(args: &[OsString]) -> Result<Vec<OsString>, String> {
             ("ro", None) => out.push("--read-only".into()),
             // fstab's usual word for "writes reach storage before the call returns".
             ("sync", None) => out.push("--write-through".into()),
+            // The default: `close` returns once the change is in the mount's log.
+            ("async", None) => {}
             ("log_limit", Some(v)) => out.extend(["--log-limit".into(), v.into()]),
             ("prefer_server", Some(v)) => out.extend(["--prefer-server".into(), v.into()]),
             (k, None) if IGNORED.contains(&k) => {}
             _ => {
                 return Err(format!(
-                    "unknown codafs mount option {o:?} (known: cache_dir=, cache_size=, cache_checkpoint=, timeout=, log_limit=, prefer_server=, ro, sync)"
+                    "unknown codafs mount option {o:?} (known: cache_dir=, cache_size=, cache_checkpoint=, timeout=, log_limit=, prefer_server=, ro, sync, async)"
                 ))
             }
         }
+    }
+    if out.iter().any(|a| a == "--read-only") && out.iter().any(|a| a == "--write-through") {
+        return Err("codafs mount options ro and sync cannot be combined: a read-only mount writes nothing".into());
     }
     Ok(out)
 }
@@ -136,6 +141,11 @@ mod tests {
             .unwrap_err()
             .contains("bogus"));
         assert!(translate(&v(&["mount.codafs", "/coda"])).unwrap_err().contains("usage"));
+        let plain = translate(&v(&["mount.codafs", "/c", "/coda", "-o", "async,defaults"])).unwrap();
+        assert_eq!(plain.len(), 5, "async is the default and adds no flag: {plain:?}");
+        assert!(translate(&v(&["mount.codafs", "/c", "/coda", "-o", "ro,sync"]))
+            .unwrap_err()
+            .contains("ro and sync"));
         assert!(is_helper(&"/sbin/mount.codafs".into()) && !is_helper(&"codafs".into()));
     }
 }

@@ -31,7 +31,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run a replica server (foreground; stops cleanly on SIGINT/SIGTERM).
+    /// Run a replica server (foreground; stops cleanly on SIGINT/SIGTERM). Every setting
+    /// given is saved in DIR/server.toml and kept on later starts.
     Server(cluster::ServerArgs),
     /// Create and manage the cluster: init, join tokens, membership, client config.
     #[command(subcommand)]
@@ -53,7 +54,7 @@ enum Cmd {
     /// site, mounted at /coda. Stays in the foreground; Ctrl-C stops everything.
     Demo(demo::DemoArgs),
     /// Benchmark codafs against local disk on this machine (web reads, nginx, publish,
-    /// callbacks, failover); see `codafs bench --help`.
+    /// callbacks, failover), each as a ratio to the local baseline measured in the same run.
     Bench(Box<bench::BenchArgs>),
     /// Mount the cluster's volumes (one directory per volume) at MOUNTPOINT.
     Mount(mount::MountArgs),
@@ -64,10 +65,11 @@ enum Cmd {
     /// indices, blobs, repair backlog).
     Status {
         /// A codafs mountpoint to report on (or any path inside one).
+        #[arg(value_name = "MNT")]
         mountpoint: Option<std::path::PathBuf>,
-        /// Server to ask (host:port). Without it (and without MNT), every server of the client
-        /// config is asked.
-        #[arg(long)]
+        /// Ask only this server (host:port). Without it (and without MNT), every server of
+        /// --server-addr or the client config is asked, and every member they know of.
+        #[arg(long, value_name = "HOST:PORT")]
         server: Option<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -81,7 +83,7 @@ enum Cmd {
         /// A codafs mountpoint (or any path inside one, e.g. /coda/www).
         mountpoint: std::path::PathBuf,
         /// Give up (exit 1, changes stay logged) after this many seconds.
-        #[arg(long, default_value_t = 60.0)]
+        #[arg(long, default_value_t = 60.0, value_name = "SECS", value_parser = mount::parse_timeout)]
         timeout: f64,
     },
     /// Print a shell completion script for SHELL to stdout, e.g.

@@ -31,7 +31,7 @@ pub struct MountArgs {
     pub foreground: bool,
     /// Seconds an operation that needs a server may take before it fails with EIO
     /// (uncached files while servers are unreachable).
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 2.0, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: f64,
     /// Refuse every change whatever tokens users hand over (what web nodes use). Also gives
     /// the fastest warm reads: open and close of a cached file reach no daemon code.
@@ -70,8 +70,12 @@ pub struct MountArgs {
 /// Parses sizes like `4096`, `512K`, `64M`, `10G`, `1T` (binary units).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
+    let not_a_size = || format!("{s:?} is not a size like 512M or 10G");
     let (num, mult) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
+            if s[..i].trim().parse::<f64>().is_err() {
+                return Err(not_a_size());
+            }
             let m = match c.to_ascii_uppercase() {
                 'K' => 1u64 << 10,
                 'M' => 1 << 20,
@@ -83,14 +87,28 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         }
         _ => (s, 1),
     };
-    let n: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 512M or 10G"))?;
+    let n: f64 = num.trim().parse().map_err(|_| not_a_size())?;
     if !n.is_finite() || n < 0.0 {
         return Err(format!("{s:?} is not a size"));
     }
     Ok((n * mult as f64) as u64)
+}
+
+/// Longest timeout a mount or `codafs sync` takes, in seconds.
+const MAX_TIMEOUT: f64 = 3600.0;
+
+/// Parses a timeout in seconds, fractions allowed, from 0.1 s to an hour. `nan`, `inf` and
+/// `1e300` made the conversion to a `Duration` panic; other values out of range were changed
+/// without a word.
+pub fn parse_timeout(s: &str) -> Result<f64, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds, like 2 or 0.5"))?;
+    if !(0.1..=MAX_TIMEOUT).contains(&secs) {
+        return Err(format!("{s} s is out of range: give 0.1 to {MAX_TIMEOUT} seconds"));
+    }
+    Ok(secs)
 }
 
 fn default_cache_dir(mnt: &Path) -> PathBuf {
@@ -103,6 +121,8 @@ fn default_cache_dir(mnt: &Path) -> PathBuf {
 }
 
 pub fn mount(a: MountArgs) -> Result<()> {
+    // The client config first: a bad one must fail before anything is made on disk.
+    let (servers, prefer, tls) = (a.client.servers()?, a.client.prefer()?, a.client.tls()?);
     std::fs::create_dir_all(&a.mountpoint).with_context(|| format!("creating {}", a.mountpoint.display()))?;
     let mnt = std::fs::canonicalize(&a.mountpoint)?;
     let cache_dir = a.cache_dir.clone().unwrap_or_else(|| default_cache_dir(&mnt));
@@ -111,12 +131,12 @@ pub fn mount(a: MountArgs) -> Result<()> {
     }
     let cfg = MountConfig {
         mountpoint: mnt.clone(),
-        servers: a.client.servers()?,
-        prefer: a.client.prefer()?,
-        tls: a.client.tls()?,
+        servers,
+        prefer,
+        tls,
         cache_dir,
         cache_size: a.cache_size,
-        op_timeout: Duration::from_secs_f64(a.timeout.max(0.1)),
+        op_timeout: Duration::from_secs_f64(a.timeout),
         volume_poll: Duration::from_secs(2),
         read_only: a.read_only,
         write_through: a.write_through,
@@ -166,10 +186,6 @@ fn spawn_background(a: &MountArgs, mnt: &Path, cache_dir: &Path) -> Result<()> {
     if let Some(m) = &a.metrics_listen {
         cmd.arg("--metrics-listen").arg(m);
     }
-    // Resolve here too, so a bad config fails in the foreground with its own message.
-    a.client.servers()?;
-    a.client.prefer()?;
-    a.client.tls()?;
     cmd.args(a.client.to_args());
     cmd.env(READY_ENV, "1")
         .stdin(Stdio::null())
@@ -298,7 +314,7 @@ pub fn tell_mounts(line: &str) -> Vec<(String, serde_json::Value)> {
 /// `codafs sync MNT`: waits until every change the mount logged before the call is on the
 /// servers.
 pub fn sync(mnt: &Path, timeout: f64) -> Result<()> {
-    let limit = timeout.clamp(0.1, 3600.0);
+    let limit = timeout.clamp(0.1, MAX_TIMEOUT);
     let (mnt, reply) = ask_mount(mnt, &format!("sync {limit}"), Duration::from_secs_f64(limit + 5.0))?;
     if let Some(e) = reply.get("error").and_then(|e| e.as_str()) {
         bail!("{}: {e}", mnt.display());
@@ -440,6 +456,9 @@ pub struct PrefetchArgs {
 
 /// Reads every file under `path` through the mount, so each lands in the cache.
 pub fn prefetch(a: PrefetchArgs) -> Result<()> {
+    // Before reading anything: a path that is not (yet) on a codafs mount must fail, not report
+    // a local tree as prefetched (a node would then join the load balancer cold).
+    let st = mount_status(&a.path)?;
     let mut files = Vec::new();
     let mut dirs = vec![a.path.clone()];
     while let Some(d) = dirs.pop() {
@@ -492,17 +511,37 @@ pub fn prefetch(a: PrefetchArgs) -> Result<()> {
     }
     // Through a cache too small for the tree, the files read first were evicted again by the
     // last ones: that is not a prefetched tree, so it is not reported as one.
-    match mount_status(&a.path) {
-        Ok(st) if total > st.cache.max_bytes => bail!(
+    if total > st.cache.max_bytes {
+        bail!(
             "read {} files ({}), but the mount's cache holds at most {} (--cache-size): only part \
              of the tree stays cached; mount with a larger --cache-size",
             files.len(),
             bytes(total),
             bytes(st.cache.max_bytes)
-        ),
-        Ok(_) => {}
-        Err(e) => tracing::debug!(error = %e, "the mount's cache size is unknown"),
+        );
     }
     println!("prefetched {} files ({})", files.len(), bytes(total));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_timeouts_parse_or_say_why() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("1.5g"), Ok(3 << 29));
+        for bad in ["bogus", "10Q", "-1G", "nan", ""] {
+            assert!(parse_size(bad).is_err(), "{bad:?} taken");
+        }
+        assert!(parse_size("bogus").unwrap_err().contains("not a size"));
+        assert_eq!(parse_timeout("2"), Ok(2.0));
+        assert_eq!(parse_timeout("0.5"), Ok(0.5));
+        // Each of these made Duration::from_secs_f64 panic, or was changed without a word.
+        for bad in ["nan", "inf", "1e300", "-1", "0", "0.05", "3601", "two"] {
+            assert!(parse_timeout(bad).is_err(), "{bad:?} taken");
+        }
+    }
 }

@@ -57,17 +57,22 @@ impl ClientOpts {
 
     /// Servers from the flags, else from the bundle.
     pub fn servers(&self) -> Result<Vec<String>> {
-        if !self.servers.is_empty() {
-            return Ok(self.servers.clone());
+        let (servers, from) = if !self.servers.is_empty() {
+            (self.servers.clone(), "--server-addr or CODAFS_SERVERS".to_string())
+        } else {
+            let path = self.config_path();
+            if !path.exists() {
+                bail!(
+                    "no servers given: pass --server-addr HOST:PORT, set CODAFS_SERVERS, or point --config at a client config ({} does not exist)",
+                    path.display()
+                );
+            }
+            (ClientBundle::load(&path)?.servers, path.display().to_string())
+        };
+        for s in &servers {
+            codafs_proto::tls::check_addr(s).map_err(|e| anyhow::anyhow!("server address {s:?} ({from}): {e}"))?;
         }
-        let path = self.config_path();
-        if !path.exists() {
-            bail!(
-                "no servers given: pass --server-addr HOST:PORT, set CODAFS_SERVERS, or point --config at a client config ({} does not exist)",
-                path.display()
-            );
-        }
-        Ok(ClientBundle::load(&path)?.servers)
+        Ok(servers)
     }
 
     /// How to connect: --insecure, else TLS against --ca, else what the client config says.
@@ -183,6 +188,16 @@ mod tests {
             prefer_server: prefer.map(str::to_string),
             insecure: true,
             ..ClientOpts::default()
+        }
+    }
+
+    /// A server address without a port (or with a bad one) went to port 80 or 443.
+    #[test]
+    fn server_addresses_need_a_port() {
+        assert!(opts(&["127.0.0.1:7400", "[::1]:7400"], None).servers().is_ok());
+        for bad in ["127.0.0.1", "127.0.0.1:99999", "127.0.0.1:abc"] {
+            let e = opts(&["127.0.0.1:7400", bad], None).servers().unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains("HOST:PORT"), "{bad}: {e}");
         }
     }
 

@@ -27,6 +27,7 @@ pub enum UserCmd {
     },
     /// List accounts (admin).
     List {
+        /// Print JSON instead of text (for scripts and monitoring).
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -52,6 +53,7 @@ pub enum UserCmd {
     /// Remove an account (admin). Volumes it owns need a new owner first. Its tokens stop
     /// working on every server within seconds.
     Remove {
+        /// The account to remove.
         name: String,
         #[command(flatten)]
         client: ClientOpts,
@@ -68,6 +70,7 @@ pub enum UserCmd {
         after_help = "Examples:\n  codafs user revoke webmaster   # as an admin: log webmaster out everywhere\n  codafs user revoke alice       # as alice: end all of alice's tokens, this one included"
     )]
     Revoke {
+        /// The account whose tokens end.
         name: String,
         #[command(flatten)]
         client: ClientOpts,

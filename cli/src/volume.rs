@@ -14,6 +14,7 @@ pub enum VolumeCmd {
     Create(CreateArgs),
     /// List volumes with their version stamps and usage.
     List {
+        /// Print JSON instead of text (for scripts and monitoring).
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -24,6 +25,8 @@ pub enum VolumeCmd {
     /// Delete a volume and everything in it (admin). Asks for its name first unless --yes;
     /// mounts drop it within seconds, and server GC frees its contents after the grace period.
     Delete {
+        /// The volume to delete.
+        #[arg(value_parser = volume_name)]
         name: String,
         /// Do not ask (scripts).
         #[arg(long)]
@@ -43,7 +46,10 @@ pub enum VolumeCmd {
     /// backlog and corrupt copies, the mounts subscribed, and how many of its blobs every data
     /// server holds (this walks the whole volume; --no-copies skips it).
     Info {
+        /// The volume to show.
+        #[arg(value_parser = volume_name)]
         name: String,
+        /// Print JSON instead of text (for scripts and monitoring).
         #[arg(long)]
         json: bool,
         /// Skip counting the copies of the volume's blobs on the data servers.
@@ -54,15 +60,24 @@ pub enum VolumeCmd {
     },
 }
 
+/// Checks a volume name as the servers do, so a bad one gets the rule at once. It went to the
+/// servers, and with them unreachable the operator saw only that no server took the call.
+fn volume_name(s: &str) -> Result<String, String> {
+    codafs_common::names::validate_volume_name(s)
+        .map(|()| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
 #[derive(Args)]
 pub struct CreateArgs {
     /// Volume name: 1-64 characters of a-z, 0-9, '.', '-', '_' (e.g. www.example.com).
+    #[arg(value_parser = volume_name)]
     name: String,
     /// Account that owns the volume [default: the caller].
     #[arg(long)]
     owner: Option<String>,
-    /// Byte quota (0 = unlimited).
-    #[arg(long, default_value_t = 0)]
+    /// Byte quota, e.g. 500M or 20G (binary units; 0 = unlimited).
+    #[arg(long, default_value = "0", value_name = "SIZE", value_parser = crate::mount::parse_size)]
     quota_bytes: u64,
     /// Quota on the number of nodes: files, directories, symlinks (0 = unlimited).
     #[arg(long, default_value_t = 0)]
@@ -80,6 +95,8 @@ pub struct CreateArgs {
 
 #[derive(Args)]
 pub struct BackupArgs {
+    /// The volume to back up.
+    #[arg(value_parser = volume_name)]
     volume: String,
     /// Archive to write; `-` writes to stdout (pipe it to compression or remote storage).
     file: PathBuf,
@@ -117,6 +134,8 @@ pub struct RestoreArgs {
 
 #[derive(Args)]
 pub struct SetArgs {
+    /// The volume to change.
+    #[arg(value_parser = volume_name)]
     name: String,
     /// New owner account. A former owner who is not made a writer (and is not an admin) loses
     /// their tokens, as with --remove-writer.
@@ -129,8 +148,8 @@ pub struct SetArgs {
     /// every server: it logs in again for its remaining rights.
     #[arg(long = "remove-writer")]
     remove_writers: Vec<String>,
-    /// Byte quota (0 = unlimited).
-    #[arg(long)]
+    /// Byte quota, e.g. 500M or 20G (binary units; 0 = unlimited).
+    #[arg(long, value_name = "SIZE", value_parser = crate::mount::parse_size)]
     quota_bytes: Option<u64>,
     /// Quota on the number of nodes: files, directories, symlinks (0 = unlimited).
     #[arg(long)]

@@ -106,6 +106,7 @@ impl Tls {
     /// cluster CA, or `http://`. Callers add their own timeouts and window sizes.
     pub fn endpoint(&self, addr: &str) -> Result<Endpoint, TlsError> {
         let bad = |e: &dyn std::fmt::Display| TlsError::Address(addr.to_string(), e.to_string());
+        check_addr(addr).map_err(|e| bad(&e))?;
         match self {
             Tls::Insecure => Endpoint::from_shared(format!("http://{addr}")).map_err(|e| bad(&e)),
             Tls::Ca { ca_pem, identity } => {
@@ -122,6 +123,27 @@ impl Tls {
             }
         }
     }
+}
+
+/// Checks that `addr` is `HOST:PORT` with a port in 1..=65535 (an IPv6 host in brackets).
+/// Without it, an address with no port or an unparsable one was taken as the scheme's default
+/// port: `10.0.0.2` or `10.0.0.2:70000` reached whatever listens on port 80 or 443 there.
+pub fn check_addr(addr: &str) -> Result<(), String> {
+    const WANT: &str = "needs HOST:PORT, e.g. 10.0.0.2:7400 or [fd00::2]:7400";
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(format!("no port: {WANT}"));
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(format!("{port:?} is not a port (1-65535): {WANT}")),
+    }
+    if host.is_empty() {
+        return Err(format!("no host: {WANT}"));
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err(format!("an IPv6 host goes in brackets: {WANT}"));
+    }
+    Ok(())
 }
 
 /// A failed call's message with its transport cause on one line (for logs and errors). tonic's
@@ -196,6 +218,22 @@ mod tests {
         };
         assert!(!format!("{with_key:?}").contains("SECRET"));
         assert!(Tls::Insecure.endpoint("127.0.0.1:1").is_ok());
+        assert!(Tls::Insecure.endpoint("[::1]:7400").is_ok());
+        assert!(Tls::Insecure.endpoint("localhost:7400").is_ok());
+        for bad in [
+            "127.0.0.1",
+            "127.0.0.1:",
+            "127.0.0.1:99999",
+            "127.0.0.1:0",
+            "127.0.0.1:abc",
+            ":7400",
+            "::1:7400",
+        ] {
+            assert!(
+                matches!(Tls::Insecure.endpoint(bad), Err(TlsError::Address(..))),
+                "{bad} was taken"
+            );
+        }
         assert!(matches!(
             Tls::Insecure.endpoint("bad host:1"),
             Err(TlsError::Address(..))

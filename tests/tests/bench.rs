@@ -134,6 +134,13 @@ fn bench_refuses_bad_arguments_clearly() {
     );
     assert!(!ok);
     assert!(err.contains("needs --demo"), "{err}");
+    // A path that is not a mount fails before anything is published.
+    let (ok, _, err) = run(
+        &["bench", "--mount", "/nonexistent", "--volume", "www", "--only", "web"],
+        Duration::from_secs(30),
+    );
+    assert!(!ok);
+    assert!(err.contains("--mount /nonexistent"), "{err}");
     let (ok, _, err) = run(&["bench", "--demo", "--files", "0"], Duration::from_secs(30));
     assert!(!ok);
     assert!(err.contains("--files must be at least 1"), "{err}");

@@ -1,5 +1,5 @@
-//! The `codafs` binary's own commands that need no cluster: shell completions, and output into a
-//! closed pipe.
+//! The `codafs` binary's own commands that need no cluster: shell completions, output into a
+//! closed pipe, and arguments refused before anything is done.
 use std::process::Command;
 
 use anyhow::{ensure, Result};
@@ -103,5 +103,71 @@ fn a_ca_file_that_is_not_a_certificate_is_refused_as_such() -> Result<()> {
         .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success() && err.contains("not a PEM certificate"), "{err}");
+    Ok(())
+}
+
+/// Arguments that cannot work are refused with a reason before anything is done, found by an
+/// operator's pass over the commands: a timeout of `nan` or `inf` panicked; a server address
+/// without a port reached port 80; `prefetch` of a path on no mount reported success; a mount
+/// with a missing config made its directories first; the demo wiped any `--dir` it was given;
+/// a bad volume name went to the servers.
+#[test]
+fn arguments_that_cannot_work_are_refused_before_anything_is_done() -> Result<()> {
+    let root = tempfile::tempdir()?;
+    let run = |args: &[&str]| -> Result<(Option<i32>, String)> {
+        let out = Command::new(codafs_bin())
+            .args(args)
+            .env_remove("CODAFS_SERVERS")
+            .env_remove("CODAFS_CONFIG")
+            .env_remove("CODAFS_CREDENTIAL")
+            .output()?;
+        Ok((out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned()))
+    };
+    let dir = root.path().to_str().unwrap_or_default().to_string();
+    for t in ["nan", "inf", "1e300", "-1"] {
+        let (code, err) = run(&["sync", &dir, &format!("--timeout={t}")])?;
+        ensure!(
+            code == Some(2) && err.contains("--timeout"),
+            "sync --timeout {t}: {code:?} {err}"
+        );
+    }
+    for addr in ["127.0.0.1", "127.0.0.1:99999"] {
+        let (code, err) = run(&["volume", "list", "--insecure", "--server-addr", addr])?;
+        ensure!(code == Some(1) && err.contains("HOST:PORT"), "{addr}: {code:?} {err}");
+    }
+    for name in ["..", "a/b", "Www", &"a".repeat(65)] {
+        let (code, err) = run(&["volume", "info", name, "--insecure", "--server-addr", "127.0.0.1:1"])?;
+        ensure!(code == Some(2) && err.contains("volume name"), "{name}: {code:?} {err}");
+    }
+    let (code, err) = run(&["prefetch", &dir])?;
+    ensure!(
+        code == Some(1) && !err.is_empty(),
+        "prefetch of a plain directory: {code:?} {err}"
+    );
+    let mnt = root.path().join("mnt");
+    let missing = root.path().join("none.toml");
+    let (code, err) = run(&[
+        "mount",
+        mnt.to_str().unwrap_or_default(),
+        "--config",
+        missing.to_str().unwrap_or_default(),
+    ])?;
+    ensure!(code == Some(1) && err.contains("none.toml"), "{code:?} {err}");
+    ensure!(!mnt.exists(), "a refused mount made {}", mnt.display());
+    let precious = root.path().join("site");
+    std::fs::create_dir(&precious)?;
+    std::fs::write(precious.join("index.html"), "mine")?;
+    let (code, err) = run(&[
+        "demo",
+        "--dir",
+        precious.to_str().unwrap_or_default(),
+        "--mount",
+        mnt.to_str().unwrap_or_default(),
+    ])?;
+    ensure!(
+        code == Some(1) && err.contains("not made by codafs demo"),
+        "{code:?} {err}"
+    );
+    ensure!(std::fs::read_to_string(precious.join("index.html"))? == "mine");
     Ok(())
 }

@@ -47,7 +47,8 @@ pub struct BenchArgs {
     #[arg(long)]
     mount_dir: Option<PathBuf>,
     /// Work directory for the local copy, servers and caches (default: a new temporary
-    /// directory, removed at the end). Put it on the filesystem that holds the cache.
+    /// directory, removed at the end). Put it on the filesystem that holds the cache. It is
+    /// made readable by all (0755): nginx's workers read the local copy in it.
     #[arg(long)]
     work_dir: Option<PathBuf>,
     /// Sections to run, comma-separated: web,http,publish,callbacks,failover.
@@ -150,6 +151,14 @@ fn validate(a: &BenchArgs) -> Result<Vec<String>> {
     }
     if !a.demo && !a.only.is_empty() && only.iter().any(|s| s == "failover") {
         bail!("the failover section kills servers: it needs --demo");
+    }
+    // Before anything is published: a mistyped --mount or --volume fails here, not after the
+    // tree went into a volume.
+    if let (Some(m), Some(v)) = (&a.mount, &a.volume) {
+        crate::mount::mount_status(m).with_context(|| format!("--mount {}", m.display()))?;
+        if !m.join(v).is_dir() {
+            bail!("--volume {v}: {} is not a volume of that mount", m.join(v).display());
+        }
     }
     Ok(only)
 }

@@ -83,14 +83,21 @@ pub enum Frame {
 /// Why an archive could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
+    /// The cause is in the message and not also a `source`, so an error chain prints it once.
     #[error("archive I/O: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("not a codafs backup archive (bad magic)")]
     NotAnArchive,
     #[error("archive format {0} is not supported by this build (it reads format {FORMAT})")]
     Format(u32),
     #[error("the archive is damaged: {0}")]
     Damaged(String),
+}
+
+impl From<std::io::Error> for ArchiveError {
+    fn from(e: std::io::Error) -> Self {
+        ArchiveError::Io(e)
+    }
 }
 
 /// Writes an archive, keeping the running digest.

@@ -326,7 +326,8 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
 
 /// A recursive remove of a tree larger than `MAX_REMOVE_NODES` is refused by the leader with a
 /// clear error and removes nothing (the state machine would delete it in one step, holding up
-/// every volume); removed in parts, the same tree goes.
+/// every volume), and so is deleting its volume; removed in parts, the same tree goes, and then
+/// the volume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_recursive_remove_of_a_huge_tree_is_refused_and_goes_in_parts() {
     use codafs_client::ops;
@@ -355,12 +356,17 @@ async fn a_recursive_remove_of_a_huge_tree_is_refused_and_goes_in_parts() {
                 .contains(&format!("more than {MAX_REMOVE_NODES} files and directories")),
             "{e}"
         );
+        // Deleting the whole volume is refused the same way: it would drop every node in one
+        // apply.
+        let e = c.delete_volume("big").await.expect_err("too many nodes for one delete");
+        anyhow::ensure!(e.to_string().contains("empty it first"), "{e}");
         anyhow::ensure!(tc.volume_info("big").await?.used_files == before, "nothing removed");
         // In parts: two entries first, then the rest of the tree at the limit.
         let two = names[..2].iter().map(|n| ops::remove(n)).collect();
         c.commit(ops::commit("big", two)).await?;
         c.commit(ops::commit("big", vec![ops::remove("top")])).await?;
         anyhow::ensure!(tc.volume_info("big").await?.used_files == 0, "all gone");
+        c.delete_volume("big").await?;
         Ok(())
     })
     .await

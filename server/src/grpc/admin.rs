@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use codafs_common::join::JoinToken;
+use codafs_proto::limits::MAX_REMOVE_NODES;
 use codafs_proto::pb;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -13,7 +14,7 @@ use super::{
     ErrorKind,
 };
 use crate::access::Caller;
-use crate::fsm::{AccountRec, Actor, Command, Outcome, StateView, VolumeChanges, VolumeSpec};
+use crate::fsm::{AccountRec, Actor, ApplyError, Command, Outcome, StateView, VolumeChanges, VolumeSpec};
 use crate::node::{Node, NodeError};
 use crate::raft::NodeInfo;
 
@@ -239,9 +240,11 @@ impl pb::admin_server::Admin for AdminService {
 
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().name))]
     async fn delete_volume(&self, req: Request<pb::VolumeName>) -> Result<Response<pb::Empty>, Status> {
+        let node = &self.0;
         self.leader_write(
             req,
             |actor, v| {
+                check_delete_bound(node, &v.name)?;
                 Ok(Command::DeleteVolume {
                     actor,
                     name: v.name.clone(),
@@ -693,5 +696,27 @@ impl pb::admin_server::Admin for AdminService {
             async move { client(ch).set_role(fr).await.map(|r| r.into_inner()) }
         };
         Ok(Response::new(on_leader(node, forwarded, local, remote).await?))
+    }
+}
+
+/// Refuses to delete a volume of more than [`MAX_REMOVE_NODES`] nodes, as a recursive remove of
+/// that many is refused (`fsm::bounds`): the state machine drops every node of the volume in
+/// one apply, in memory and in one write batch, while no other commit applies, so a volume of
+/// millions of files could exhaust every replica's memory at the same log entry, again at each
+/// restart. Checked where the command is built: on the leader (a follower's check may lag; the
+/// leader checks the forwarded request again), not by the state machine.
+fn check_delete_bound(node: &Node, name: &str) -> Result<(), NodeError> {
+    let vol = node
+        .tables()
+        .volume(name)
+        .map_err(|e| NodeError::Internal(format!("reading volume {name}: {e}")))?;
+    match vol {
+        Some(v) if v.used_files > MAX_REMOVE_NODES as u64 => Err(NodeError::Refused(ApplyError::Invalid(format!(
+            "volume {name} holds {} files and directories, and a delete removes at most {MAX_REMOVE_NODES} at \
+             once: empty it first (`rm -rf /coda/{name}/*` on a writable mount removes in bounded \
+             commits), then delete it",
+            v.used_files
+        )))),
+        _ => Ok(()),
     }
 }

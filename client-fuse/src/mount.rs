@@ -201,7 +201,13 @@ pub fn run(cfg: MountConfig, ready: impl FnOnce()) -> Result<(), MountError> {
             "sending the write-back log before stopping (up to {UNMOUNT_DRAIN:?})"
         );
         if let Err(e) = rt.block_on(core.sync_log(UNMOUNT_DRAIN)) {
-            tracing::warn!(error = %e, "changes stay in the write-back log until the next mount");
+            match core.write_back().map(|b| b.status().changes).filter(|n| *n > 0) {
+                Some(left) => {
+                    tracing::warn!(error = %e, changes = left, "changes stay in the write-back log until the next mount")
+                }
+                // Drained, with a change refused or in conflict (set aside, counted in status).
+                None => tracing::warn!(error = %e, "the write-back log is drained, not all of it as logged"),
+            }
         }
     }
     let _ = stop_tx.send(true);

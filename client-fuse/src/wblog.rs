@@ -467,13 +467,17 @@ impl Log {
 
     /// Whether `more` bytes fit within the bound.
     pub fn check_room(&self, more: u64) -> Result<(), LogError> {
+        self.room_in(&self.inner(), more)
+    }
+
+    fn room_in(&self, g: &Inner, more: u64) -> Result<(), LogError> {
         if more > self.limit {
             return Err(LogError::TooLarge {
                 size: more,
                 limit: self.limit,
             });
         }
-        let used = self.used();
+        let used = self.used_with(g);
         if used + more > self.limit {
             return Err(LogError::Full {
                 used,
@@ -481,6 +485,21 @@ impl Log {
             });
         }
         Ok(())
+    }
+
+    /// Counts `size` bytes of a data file about to be written, if they fit: checked and
+    /// counted under one lock, so closes writing at once cannot each pass the check and
+    /// together pass the bound. [`Log::unreserve`] gives them back if the write fails.
+    fn reserve(&self, size: u64) -> Result<(), LogError> {
+        let mut g = self.inner();
+        self.room_in(&g, size)?;
+        g.data_bytes += size;
+        Ok(())
+    }
+
+    fn unreserve(&self, size: u64) {
+        let mut g = self.inner();
+        g.data_bytes = g.data_bytes.saturating_sub(size);
     }
 
     /// Appends `rec` (not yet durable: see [`Log::sync`]). Changes must fit within the bound;
@@ -528,7 +547,11 @@ impl Log {
             });
         }
         let (seg, at) = g.segments.last().map_or((0, MAGIC.len() as u64), |s| (s.id, s.bytes));
-        std::os::unix::fs::FileExt::write_all_at(&g.active, &frame, at).map_err(io(&self.dir))?;
+        if let Err(e) = std::os::unix::fs::FileExt::write_all_at(&g.active, &frame, at) {
+            let disk = g.segments.last().map_or(0, |s| s.disk);
+            self.undo_partial(&g.active, at, frame.len() as u64, disk);
+            return Err(io(&self.dir)(e));
+        }
         g.appended += frame.len() as u64;
         let names = rec.names_seq();
         if let Some(s) = g.segments.last_mut() {
@@ -545,6 +568,28 @@ impl Log {
             seg,
             offset: at,
         })
+    }
+
+    /// Takes back what a failed write of `len` bytes at `at` may have left (a cache disk full
+    /// partway through): zeros over the segment's preallocated part, the file cut back to it
+    /// past that. Left there, the bytes would read as a damaged record once later records moved
+    /// past them, and a start refuses a segment with damage before its end. If that fails too,
+    /// the log takes no more changes (as after a failed flush).
+    fn undo_partial(&self, file: &std::fs::File, at: u64, len: u64, disk: u64) {
+        let end = at.saturating_add(len);
+        let zero_to = end.min(disk);
+        let mut undone = Ok(());
+        if zero_to > at {
+            let zeros = vec![0u8; (zero_to - at) as usize];
+            undone = std::os::unix::fs::FileExt::write_all_at(file, &zeros, at);
+        }
+        if undone.is_ok() && end > disk {
+            undone = file.set_len(disk.max(at));
+        }
+        if let Err(e) = undone {
+            tracing::error!(dir = %self.dir.display(), error = %e, "a failed append to the write-back log could not be taken back; it takes no more changes until the mount restarts");
+            let _ = self.failed.set(format!("a failed append could not be taken back: {e}"));
+        }
     }
 
     /// Appends `rec` and makes it durable at once (the fsync outside the log's lock, so
@@ -623,15 +668,7 @@ impl Log {
 
     /// Writes a content too large to log inline as a durable data file; returns its name.
     pub fn write_data(&self, name: &str, bytes: &[u8]) -> Result<String, LogError> {
-        self.check_room(bytes.len() as u64)?;
-        let dir = self.dir.join("data");
-        let path = dir.join(name);
-        let mut f = File::create(&path).map_err(io(&path))?;
-        f.write_all(bytes).map_err(io(&path))?;
-        f.sync_all().map_err(io(&path))?;
-        sync_dir(&dir)?;
-        self.inner().data_bytes += bytes.len() as u64;
-        Ok(name.to_string())
+        self.write_data_with(name, bytes.len() as u64, |f| f.write_all(bytes))
     }
 
     /// Writes data file `name` (`size` bytes) with `fill`, durably; returns the name. For a
@@ -642,17 +679,20 @@ impl Log {
         size: u64,
         fill: impl FnOnce(&mut File) -> std::io::Result<()>,
     ) -> Result<String, LogError> {
-        self.check_room(size)?;
+        self.reserve(size)?;
         let dir = self.dir.join("data");
         let path = dir.join(name);
-        let mut f = File::create(&path).map_err(io(&path))?;
-        let filled = fill(&mut f).and_then(|()| f.sync_all());
-        if let Err(e) = filled {
+        let written = File::create(&path).and_then(|mut f| fill(&mut f).and_then(|()| f.sync_all()));
+        if let Err(e) = written {
             let _ = std::fs::remove_file(&path);
+            self.unreserve(size);
             return Err(LogError::Io(path, e));
         }
-        sync_dir(&dir)?;
-        self.inner().data_bytes += size;
+        if let Err(e) = sync_dir(&dir) {
+            let _ = std::fs::remove_file(&path);
+            self.unreserve(size);
+            return Err(e);
+        }
         Ok(name.to_string())
     }
 
@@ -733,20 +773,35 @@ impl Log {
     }
 
     /// Deletes data files no change in `keep` names (leftovers of changes settled just before a
-    /// crash).
-    pub fn keep_only_data(&self, keep: &std::collections::HashSet<String>) {
+    /// crash). With `damaged` (the replay skipped damaged records), such a file may be the
+    /// intact content of a change whose record was lost: it is moved to `lost+found` (as
+    /// `unlogged-NAME`) instead, except half-written `incoming-*` copies. Returns how many were.
+    pub fn keep_only_data(&self, keep: &std::collections::HashSet<String>, damaged: bool) -> usize {
         let dir = self.dir.join("data");
-        let Ok(it) = std::fs::read_dir(&dir) else { return };
+        let Ok(it) = std::fs::read_dir(&dir) else { return 0 };
+        let mut kept = 0;
         let mut g = self.inner();
         for e in it.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if !keep.contains(&name) {
-                let len = e.metadata().map_or(0, |m| m.len());
-                if std::fs::remove_file(e.path()).is_ok() {
-                    g.data_bytes = g.data_bytes.saturating_sub(len);
+            if keep.contains(&name) {
+                continue;
+            }
+            if damaged && !name.starts_with("incoming-") {
+                match self.keep_aside_file(&format!("unlogged-{name}"), &e.path()) {
+                    Ok(_) => kept += 1,
+                    Err(err) => {
+                        // Not deleted either: it stays counted, and is looked at again next start.
+                        tracing::error!(file = %e.path().display(), error = %err, "a data file of the damaged write-back log could not be set aside");
+                        continue;
+                    }
                 }
             }
+            let len = e.metadata().map_or(0, |m| m.len());
+            if std::fs::remove_file(e.path()).is_ok() {
+                g.data_bytes = g.data_bytes.saturating_sub(len);
+            }
         }
+        kept
     }
 
     /// Forgets what changes up to `done` needed: segments naming nothing newer, and the data
@@ -1181,6 +1236,63 @@ mod tests {
                 "the second is lost, the rest replayed"
             );
         }
+    }
+
+    /// A write that failed partway (the cache disk full) is taken back: zeros where the
+    /// segment was preallocated, nothing past it. Left there, its bytes read as damage once
+    /// later records moved past them, and the next start refused the log.
+    #[test]
+    fn a_failed_append_leaves_no_bytes_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = Log::open(dir.path(), 1 << 30).unwrap();
+        let path = dir.path().join("segment");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(100).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[7u8; 30], 90).unwrap();
+        log.undo_partial(&f, 90, 40, 100);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), 100, "cut back to the preallocated length");
+        assert!(bytes.iter().all(|b| *b == 0), "{bytes:?}");
+        // Past the preallocation already: cut back to where the write began.
+        std::os::unix::fs::FileExt::write_all_at(&f, &[7u8; 30], 120).unwrap();
+        log.undo_partial(&f, 110, 60, 100);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 110);
+        assert!(log.healthy().is_ok(), "taken back: the log goes on");
+    }
+
+    /// Data files no change names are deleted at start, but after a replay that skipped
+    /// damaged records such a file may be the intact content of a lost record: it is kept.
+    #[test]
+    fn unnamed_data_files_are_kept_aside_only_after_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = Log::open(dir.path(), 1 << 30).unwrap();
+        for name in ["named", "settled", "incoming-1"] {
+            log.write_data(name, name.as_bytes()).unwrap();
+        }
+        let keep: std::collections::HashSet<String> = ["named".to_string()].into();
+        let lost = dir.path().join("lost+found");
+        assert_eq!(log.keep_only_data(&keep, true), 1);
+        assert_eq!(std::fs::read(lost.join("unlogged-settled")).unwrap(), b"settled");
+        assert!(
+            !lost.join("unlogged-incoming-1").exists(),
+            "half-written copies are not kept"
+        );
+        let data: Vec<String> = std::fs::read_dir(dir.path().join("data"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(data, ["named"]);
+        log.write_data("settled-2", b"x").unwrap();
+        assert_eq!(log.keep_only_data(&keep, false), 0);
+        assert!(!dir.path().join("data/settled-2").exists());
+        assert!(!lost.join("unlogged-settled-2").exists());
     }
 
     #[test]

@@ -475,7 +475,11 @@ async fn run_steps(
                 _ => break,
             }
         }
-        prop_assert!(synced.is_ok(), "the log does not drain: {synced:?}");
+        // A sync reports changes set aside or kept under another name: the log is drained
+        // all the same.
+        let back = core.backlog().unwrap();
+        let drained = synced.is_ok() || back.changes == 0 && back.refused + back.conflicts > 0;
+        prop_assert!(drained, "the log does not drain: {synced:?}");
         let set_aside: Vec<Vec<u8>> = std::fs::read_dir(dir.join("wblog").join("lost+found"))
             .into_iter()
             .flatten()

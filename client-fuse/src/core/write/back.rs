@@ -78,6 +78,12 @@ const SMALL_PUT: usize = 256 << 10;
 #[derive(Debug, Clone, Default)]
 pub(crate) struct AttrPatch {
     content: Option<(Hash, u64, i64)>,
+    /// The version the first unsent content expects: what the shown content is based on. A
+    /// change made over it (the file opened and written again, removed, renamed) must expect
+    /// that version too, not a newer one another node committed meanwhile, or it would replace
+    /// that node's content without a conflict (the unsent content conflicts, but a later one
+    /// replaces it, so no copy of it is kept).
+    base_version: Option<u64>,
     /// Links added or taken away (a directory gains one per subdirectory made in it, a file
     /// loses one per name removed).
     nlink_delta: i32,
@@ -95,6 +101,9 @@ impl AttrPatch {
     pub(crate) fn apply(&self, a: &mut Attr) {
         if let Some((h, size, mtime)) = self.content {
             (a.hash, a.size, a.mtime_ns) = (Some(h), size, mtime);
+        }
+        if let Some(v) = self.base_version {
+            a.version = v;
         }
         a.mode = self.mode.unwrap_or(a.mode);
         a.uid = self.uid.unwrap_or(a.uid);
@@ -179,6 +188,64 @@ struct BackState {
     failing: Option<String>,
     sent_batches: u64,
     sent_changes: u64,
+    /// Changes the servers refused or that conflicted, newest last (at most
+    /// [`FAILURES_KEPT`]): an `fsync` or `sync` that waited for one reports it instead of
+    /// success (see `WriteBack::settled_through`).
+    failures: VecDeque<Failure>,
+    /// Failures recorded since the mount started; a failure's `n` is the count before it.
+    failed_total: u64,
+    /// Failures up to this count were reported to a `codafs sync` or `syncfs` already (each is
+    /// reported to one).
+    sync_reported: u64,
+}
+
+/// Failed changes remembered for the `fsync`s and `sync`s waiting for them.
+const FAILURES_KEPT: usize = 1024;
+
+/// A logged change that did not reach the servers as logged: refused, or kept under another
+/// name after a conflict.
+struct Failure {
+    n: u64,
+    seq: u64,
+    nodes: Vec<u64>,
+    error: FsError,
+}
+
+impl BackState {
+    /// Remembers that change `c` failed with `error`, for those waiting for it.
+    fn failed(&mut self, c: &Change, error: FsError) {
+        let n = self.failed_total;
+        self.failed_total += 1;
+        self.failures.push_back(Failure {
+            n,
+            seq: c.seq,
+            nodes: touched(&c.op),
+            error,
+        });
+        if self.failures.len() > FAILURES_KEPT {
+            self.failures.pop_front();
+        }
+    }
+
+    /// The failure, recorded since failure count `since`, of a change up to `seq` (of `node`,
+    /// if given) that a wait begun at `since` must report. If more failed since then than are
+    /// remembered, one that was forgotten might have been such a change: that is reported too.
+    fn failure_since(&self, since: u64, seq: u64, node: Option<u64>) -> Option<FsError> {
+        let hit = self
+            .failures
+            .iter()
+            .filter(|f| f.n >= since && f.seq <= seq)
+            .find(|f| node.is_none_or(|n| f.nodes.contains(&n)));
+        if let Some(f) = hit {
+            return Some(f.error.clone());
+        }
+        let oldest = self.failures.front().map_or(self.failed_total, |f| f.n);
+        (oldest > since).then(|| {
+            FsError::Io(format!(
+                "more than {FAILURES_KEPT} logged changes were refused or conflicted meanwhile; see codafs status"
+            ))
+        })
+    }
 }
 
 /// What `codafs status` shows of write-back.
@@ -385,7 +452,14 @@ impl WriteBack {
                 _ => None,
             })
             .collect();
-        log.keep_only_data(&keep);
+        let unlogged = log.keep_only_data(&keep, !replay.damaged.is_empty());
+        if unlogged > 0 {
+            if let Some(d) = &mut st.damaged {
+                d.push_str(&format!(
+                    "; {unlogged} content file(s) no record names any more are kept in lost+found as unlogged-*"
+                ));
+            }
+        }
         if !st.queue.is_empty() {
             tracing::info!(
                 changes = st.queue.len(),
@@ -531,13 +605,25 @@ impl WriteBack {
                 op,
                 content,
             };
+            // A data file written for this change alone is taken back if it is not logged:
+            // it would count against the log's bound until the next mount.
+            let data = match &c.content {
+                Some(Content::File(name)) => Some(name.clone()),
+                _ => None,
+            };
+            let unlogged = |e: FsError| {
+                if let Some(name) = &data {
+                    self.log.release_data(std::slice::from_ref(name));
+                }
+                e
+            };
             // Checked and appended under the state lock, so the log's order is the order of
             // the changes, and two racing changes of one name cannot both pass their checks.
-            st.admits(&c.op)?;
+            st.admits(&c.op).map_err(unlogged)?;
             if let Op::SetContent { expect, ino, .. } = &mut c.op {
                 *expect = st.expect_of(*ino, *expect);
             }
-            let (at, c) = self.log.append_change(c).map_err(log_err)?;
+            let (at, c) = self.log.append_change(c).map_err(|e| unlogged(log_err(e)))?;
             st.next_seq += 1;
             st.overlay(&c);
             st.queue.push_back(c);
@@ -557,10 +643,13 @@ impl WriteBack {
     /// they need.
     /// `held(st, uid)`: whether `uid`'s changes are held back now (no login since its token
     /// was refused: see `Core::held_back`).
+    /// `since`: failures (see [`BackState::failed`]) counted from here on that this waits for
+    /// are reported instead of success.
     async fn settled_through(
         &self,
         seq: u64,
         node: Option<u64>,
+        since: u64,
         limit: Duration,
         held: impl Fn(&BackState, u32) -> bool,
     ) -> Result<(), FsError> {
@@ -612,7 +701,15 @@ impl WriteBack {
             }
         }
         match r {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(_)) => {
+                let mut st = self.st();
+                let failure = st.failure_since(since, seq, node);
+                if node.is_none() {
+                    // A whole-log sync reports each failure once: to the first that waits.
+                    st.sync_reported = st.sync_reported.max(st.failed_total);
+                }
+                failure.map_or(Ok(()), Err)
+            }
             Ok(Err(_)) => Err(FsError::Io("the write-back reintegrator stopped".into())),
             Err(_) => {
                 // Why it waits may be a missing token rather than the servers: an I/O error
@@ -899,13 +996,14 @@ impl BackState {
                 hash,
                 size,
                 mtime_ns,
-                ..
+                expect,
             } => self.patch(
                 *ino,
                 seq,
                 |a| (a.hash, a.size, a.mtime_ns, a.ctime_ns) = (Some(*hash), *size, *mtime_ns, *mtime_ns),
                 |p| {
                     p.content = Some((*hash, *size, *mtime_ns));
+                    p.base_version = p.base_version.or(*expect);
                     p.ctime_ns = *mtime_ns;
                 },
             ),
@@ -1585,23 +1683,29 @@ impl<R: Remote> Core<R> {
     }
 
     /// `codafs sync`, `syncfs`: waits until everything logged before the call is on the
-    /// servers, at most `limit`.
+    /// servers, at most `limit`. A logged change that the servers refused, or that conflicted,
+    /// and that no earlier sync reported, fails it (the change was set aside or kept under
+    /// another name: see `codafs status`).
     pub async fn sync_log(&self, limit: Duration) -> Result<(), FsError> {
-        self.logged_settled(None, limit).await
+        let Some(b) = self.write_back() else { return Ok(()) };
+        let since = b.st().sync_reported;
+        b.settled_through(b.last_seq(), None, since, limit, |st, uid| self.held_back(st, uid))
+            .await
+    }
+
+    /// Failures counted so far: an `fsync` reports those of its node counted from here on.
+    pub(crate) fn failures_seen(&self) -> u64 {
+        self.write_back().map_or(0, |b| b.st().failed_total)
     }
 
     /// `fsync` of a file or directory: waits until every change logged before the call is on
     /// the servers, at most `limit`, except changes held back for a user's token that do not
-    /// touch node `ino` (another user's expired token does not fail this user's `fsync`).
-    pub async fn sync_node(&self, ino: u64, limit: Duration) -> Result<(), FsError> {
-        self.logged_settled(Some(ino), limit).await
-    }
-
-    /// Waits until the changes logged so far (those `node` waits for: see
-    /// `WriteBack::settled_through`) are on the servers, at most `limit`.
-    async fn logged_settled(&self, node: Option<u64>, limit: Duration) -> Result<(), FsError> {
+    /// touch node `ino` (another user's expired token does not fail this user's `fsync`). A
+    /// change of `ino` refused or in conflict, counted after `since` ([`Core::failures_seen`]
+    /// when the `fsync` began), fails it.
+    pub async fn sync_node(&self, ino: u64, since: u64, limit: Duration) -> Result<(), FsError> {
         let Some(b) = self.write_back() else { return Ok(()) };
-        b.settled_through(b.last_seq(), node, limit, |st, uid| self.held_back(st, uid))
+        b.settled_through(b.last_seq(), Some(ino), since, limit, |st, uid| self.held_back(st, uid))
             .await
     }
 
@@ -2462,7 +2566,11 @@ impl<R: Remote> Core<R> {
             }
             other => (None, format!("dropped {other:?}: {why}")),
         };
-        b.st().conflict_names.entry(request).or_default();
+        {
+            let mut st = b.st();
+            st.conflict_names.entry(request).or_default();
+            st.failed(c, FsError::Io(format!("write-back conflict: {note}")));
+        }
         if !again {
             // Where, as `status` shows it: a site has an index.html in every directory.
             let dir = match (&op, &c.op) {
@@ -2591,6 +2699,7 @@ impl<R: Remote> Core<R> {
         b.invalidate(inodes, entries);
         let mut st = b.st();
         st.refused += 1;
+        st.failed(c, why.clone());
         st.last_refused = Some(note);
         Ok(())
     }

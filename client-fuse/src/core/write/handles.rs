@@ -102,8 +102,10 @@ impl<R: Remote> Core<R> {
     /// `fsync`: stores the file (as `close` does) and, on a write-back mount, waits until
     /// everything logged so far, this file included, is on the servers (see [`Core::fsyncdir`]).
     pub async fn fsync(&self, ino: u64, fh: u64) -> Result<(), FsError> {
+        // Counted before the store: its change may be refused before the wait begins.
+        let since = self.failures_seen();
         self.flush(fh).await?;
-        self.fsyncdir(ino).await
+        self.synced_since(ino, since).await
     }
 
     /// `fsync` of a directory, and the wait of `fsync` of a file: on a write-back mount, waits
@@ -111,9 +113,15 @@ impl<R: Remote> Core<R> {
     /// them) is on the servers, except changes held back for another user's token that do not
     /// touch node `ino`; elsewhere a change is committed before its call returns.
     pub async fn fsyncdir(&self, ino: u64) -> Result<(), FsError> {
+        self.synced_since(ino, self.failures_seen()).await
+    }
+
+    /// The wait of [`Core::fsyncdir`], reporting failures of `ino`'s changes counted after
+    /// `since`.
+    async fn synced_since(&self, ino: u64, since: u64) -> Result<(), FsError> {
         // Time for what is waiting in the log to travel, on top of a commit's.
         let waiting = self.backlog().map_or(0, |b| b.log_bytes);
-        let r = self.sync_node(ino, self.write_timeout(waiting)).await;
+        let r = self.sync_node(ino, since, self.write_timeout(waiting)).await;
         if let Err(e) = &r {
             tracing::info!(error = %e, waiting, "fsync: the log did not reach the servers in time");
         }

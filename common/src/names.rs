@@ -84,13 +84,17 @@ pub fn validate_account_name(name: &str) -> Result<(), NameError> {
 /// Splits a volume-relative path into validated components. Leading, trailing and repeated
 /// slashes are ignored; `.` and `..` are refused rather than resolved, so a path can never leave
 /// its volume.
+///
+/// Components are checked as they are split and the count stops at the limit, so a path of
+/// megabytes of `a/` (a request field) costs no more than a path at the limit.
 pub fn split_path(path: &str) -> Result<Vec<&str>, NameError> {
-    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-    if parts.len() > MAX_PATH_DEPTH {
-        return Err(NameError::TooDeep);
-    }
-    for p in &parts {
+    let mut parts = Vec::new();
+    for p in path.split('/').filter(|p| !p.is_empty()) {
+        if parts.len() == MAX_PATH_DEPTH {
+            return Err(NameError::TooDeep);
+        }
         validate_name(p)?;
+        parts.push(p);
     }
     Ok(parts)
 }
@@ -118,6 +122,8 @@ mod tests {
         assert!(split_path("./a").is_err());
         assert_eq!(split_path("/a//b/").unwrap(), vec!["a", "b"]);
         assert!(split_path("").unwrap().is_empty());
+        assert_eq!(split_path(&"a/".repeat(MAX_PATH_DEPTH)).unwrap().len(), MAX_PATH_DEPTH);
+        assert_eq!(split_path(&"a/".repeat(1 << 20)), Err(NameError::TooDeep));
     }
 
     #[test]

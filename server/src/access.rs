@@ -56,10 +56,8 @@ impl Node {
     pub fn volume_of_ino(&self, ino: u64) -> Result<VolumeRec, Status> {
         let (id, _) = split_ino(ino);
         self.tables()
-            .volumes()
+            .volume_by_id(id)
             .map_err(internal)?
-            .into_iter()
-            .find(|v| v.id == id)
             .ok_or_else(|| refuse(ErrorKind::NotFound, format!("no object {ino:#x}")))
     }
 

@@ -13,7 +13,8 @@
 //! and a subscriber that reads nothing would otherwise make the server hold a page of 1,024 of
 //! them, and its queue of events, for as long as its connection stays open. History is read
 //! in pages of at most [`PAGE_BYTES`], a stream's queue holds at most [`STREAM_BYTES`] of
-//! encoded events, and all streams together at most [`ALL_STREAMS_BYTES`]; a subscriber that
+//! encoded events, and all streams together at most [`ALL_STREAMS_BYTES`] (history pages
+//! being sent included); one host holds at most `subscribers::MAX_PER_HOST` streams; a subscriber that
 //! takes nothing for [`STALL`] is dropped (its mount resubscribes from the version it has).
 //!
 //! A subscriber that asks for ticks gets a `tick` event whenever its live stream has sent
@@ -35,7 +36,7 @@ use crate::raft::state_machine::{Applied, Notice};
 
 const BACKLOG_PAGE: usize = 1024;
 /// Bytes of change records read from the history at once, per stream (at least one record).
-pub const PAGE_BYTES: usize = 1 << 20;
+pub const PAGE_BYTES: usize = 256 << 10;
 /// Encoded events a stream holds for its subscriber, at most (a larger event waits for the
 /// queue to empty, then goes alone).
 pub const STREAM_BYTES: usize = 1 << 20;
@@ -228,9 +229,25 @@ async fn catch_up(
         return Ok(sent(tx.send(Ok(ev)).await, volume)?.then_some(vol.version));
     }
     loop {
-        let (page, more) = t
-            .changes_page(vol_id, cursor, BACKLOG_PAGE, PAGE_BYTES)
-            .map_err(internal)?;
+        // The page stays in memory until its events are queued, so it counts in the server's
+        // budget for change streams too: many subscribers catching up from far back, reading
+        // nothing, held a page each outside it.
+        let kib = u32::try_from(PAGE_BYTES >> 10).unwrap_or(u32::MAX);
+        let room = tx.wait(Gone::Full, tx.all.clone().acquire_many_owned(kib)).await;
+        let _page_room = match room {
+            Ok(r) => r,
+            Err(gone) => {
+                sent(Err(gone), volume)?;
+                return Ok(None);
+            }
+        };
+        // A RocksDB scan of up to a page: off the async workers.
+        let tables = t.clone();
+        let (page, more) =
+            tokio::task::spawn_blocking(move || tables.changes_page(vol_id, cursor, BACKLOG_PAGE, PAGE_BYTES))
+                .await
+                .map_err(internal)?
+                .map_err(internal)?;
         for (version, c) in page {
             if !sent(tx.send(Ok(event(version, &c))).await, volume)? {
                 return Ok(None);
@@ -412,7 +429,7 @@ mod tests {
             applied.clone(),
             want(last, Some(every)),
             Box::new(|| Ok(())),
-            subs.register("www", "a"),
+            subs.register("www", None).expect("no host, no bound"),
         )
         .unwrap();
         let mut silent = subscribe(
@@ -420,7 +437,7 @@ mod tests {
             applied.clone(),
             want(last, None),
             Box::new(|| Ok(())),
-            subs.register("www", "b"),
+            subs.register("www", None).expect("no host, no bound"),
         )
         .unwrap();
         let start = tokio::time::Instant::now();
@@ -463,7 +480,9 @@ mod tests {
 
     async fn first(applied: &Applied, from: u64) -> pb::ChangeEvent {
         let (tasks, _stop) = crate::tasks::Tasks::new();
-        let listed = std::sync::Arc::new(crate::subscribers::Subscribers::default()).register("www", "test");
+        let listed = std::sync::Arc::new(crate::subscribers::Subscribers::default())
+            .register("www", None)
+            .expect("no host, no bound");
         let mut s = subscribe(&tasks, applied.clone(), want(from, None), Box::new(|| Ok(())), listed).unwrap();
         let ev = tokio_stream::StreamExt::next(&mut s).await;
         ev.expect("an event").expect("not an error")
@@ -491,7 +510,9 @@ mod tests {
     async fn a_subscriber_that_reads_nothing_is_dropped_after_the_stall_time() {
         let (_dir, applied) = tables_with_history(400);
         let (tasks, _stop) = crate::tasks::Tasks::new();
-        let listed = std::sync::Arc::new(crate::subscribers::Subscribers::default()).register("www", "test");
+        let listed = std::sync::Arc::new(crate::subscribers::Subscribers::default())
+            .register("www", None)
+            .expect("no host, no bound");
         let mut s = subscribe(&tasks, applied, want(2, None), Box::new(|| Ok(())), listed).unwrap();
         tokio::time::sleep(STALL * 3).await;
         let mut events = 0;

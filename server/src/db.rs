@@ -3,9 +3,11 @@
 //! The Raft log (`raft_log`, `raft_meta`) and the state machine's tables share one DB and so one
 //! write-ahead log: a synced log append also makes every earlier state-machine write durable,
 //! which lets state-machine writes skip their own fsync (see `raft::state_machine`).
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use codafs_common::ids::VolumeId;
 use codafs_common::Hash;
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, DB};
 
@@ -163,9 +165,42 @@ fn change_key(volume: u32, version: u64) -> [u8; 12] {
 #[derive(Clone)]
 pub struct Tables {
     pub db: Arc<DB>,
+    /// Volume records by id, as of the database sequence number they were read at (see
+    /// [`Tables::volume_by_id`]); shared by clones.
+    by_id: Arc<std::sync::Mutex<Option<VolumesAt>>>,
 }
 
+/// Volume records by id, and the database sequence number they were read at.
+type VolumesAt = (u64, Arc<HashMap<VolumeId, VolumeRec>>);
+
 impl Tables {
+    pub fn new(db: Arc<DB>) -> Self {
+        Tables {
+            db,
+            by_id: Arc::default(),
+        }
+    }
+
+    /// The volume with id `id`. A read that names a node by id names only its volume's id, and
+    /// scanning every volume record for it cost a cluster of one volume per site a decode per
+    /// volume on each such read (256 of them per `GetSmall`). The records are read once per
+    /// database write instead: any write moves the sequence number, and a map read before it
+    /// is not used after it.
+    pub fn volume_by_id(&self, id: VolumeId) -> Result<Option<VolumeRec>, StoreError> {
+        let seq = self.db.latest_sequence_number();
+        let lock = || self.by_id.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, map)) = &*lock() {
+            if *at == seq {
+                return Ok(map.get(&id).cloned());
+            }
+        }
+        // Read after the sequence number: a write meanwhile makes the next call read again.
+        let map: HashMap<VolumeId, VolumeRec> = self.volumes()?.into_iter().map(|v| (v.id, v)).collect();
+        let found = map.get(&id).cloned();
+        *lock() = Some((seq, Arc::new(map)));
+        Ok(found)
+    }
+
     fn get<T: serde::de::DeserializeOwned>(&self, cf_name: &str, key: &[u8]) -> Result<Option<T>, StoreError> {
         match self.db.get_pinned_cf(cf(&self.db, cf_name)?, key).map_err(se)? {
             Some(v) => Ok(Some(decode(&v)?)),
@@ -613,7 +648,7 @@ pub fn apply_to_both(
 pub(crate) fn temp_tables() -> (tempfile::TempDir, Tables) {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let db = open(dir.path()).expect("RocksDB opens in a fresh directory");
-    (dir, Tables { db })
+    (dir, Tables::new(db))
 }
 
 #[cfg(test)]
@@ -647,9 +682,7 @@ impl Tables {
 pub(crate) fn www_fixture() -> (tempfile::TempDir, Tables, fsm::mem::MemState, fsm::Actor) {
     use crate::fsm::{AccountRec, Actor, Command, VolumeSpec};
     let dir = tempfile::tempdir().unwrap();
-    let tables = Tables {
-        db: open(dir.path()).unwrap(),
-    };
+    let tables = Tables::new(open(dir.path()).unwrap());
     let mut mem = fsm::mem::MemState::default();
     let admin = AccountRec {
         name: "admin".into(),

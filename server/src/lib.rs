@@ -187,7 +187,7 @@ pub async fn run(
                 "--rotate-cert: this server runs without TLS (--insecure)".into(),
             ));
         };
-        let tables = db::Tables { db: db.clone() };
+        let tables = db::Tables::new(db.clone());
         tls = tokio::select! {
             r = rotate::rotate(dir, &cfg, current, &tables) => Some(r?),
             _ = &mut shutdown => return Ok(()),
@@ -227,7 +227,7 @@ pub async fn run(
     }
     let log = raft::log_store::LogStore::new(db.clone());
     let committed = log.committed_index();
-    let (sm, applied) = raft::state_machine::StateMachine::new(db::Tables { db: db.clone() }, dir.join("snapshot.bin"))
+    let (sm, applied) = raft::state_machine::StateMachine::new(db::Tables::new(db.clone()), dir.join("snapshot.bin"))
         .map_err(|e| ServerError::Raft(e.to_string()))?;
     let peers = Arc::new(peers::Peers::new(peer_transport));
     let rcfg = raft::raft_config(cfg.snapshot_every)

@@ -437,7 +437,9 @@ async fn data_maintenance(node: Arc<Node>) {
         if *stop.borrow() || node.is_witness() {
             return;
         }
-        let pressure = refused || node.space.under_pressure();
+        // Real pressure only: a refusal can come from reservations of uploads in progress,
+        // and a shorter grace then would take those uploads' blobs before they commit.
+        let pressure = node.space.under_pressure();
         let grace = node.gc_grace(pressure);
         let gc_every = if pressure {
             PRESSURE_GC_INTERVAL.max(repair_every)

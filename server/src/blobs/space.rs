@@ -5,12 +5,16 @@
 //! (RESOURCE_EXHAUSTED, saying how much is free and how much is needed) while the space left
 //! after them would be under the watermark; the watermark itself is headroom for RocksDB, the
 //! Raft log and snapshots. Commits are refused below it too, except commits that only remove
-//! (an operator must be able to free space). Puts in progress reserve their declared size, so
-//! concurrent uploads cannot each pass the check against the same free bytes, and a streamed
-//! put re-checks as it goes (another writer on the disk may have used the space meanwhile).
+//! (an operator must be able to free space). Puts in progress reserve space as their bytes come
+//! (a step ahead of them), so concurrent uploads cannot each pass the check against the same
+//! free bytes, and a streamed put re-checks as it goes that all it still has to write fits
+//! (another writer on the disk may have used the space meanwhile). A put reserved its whole
+//! declared size at once before: a few slow puts declaring 16 GiB each held all free space.
 //!
 //! Space pressure (free space under twice the watermark) also shortens the GC grace period of
-//! unreferenced blobs (see `maintenance`), and every refusal wakes GC at once.
+//! unreferenced blobs (see `maintenance`), and every refusal wakes GC at once (with the
+//! shorter grace only under real pressure: refusals alone, which reservations can cause, do not
+//! make GC take uncommitted uploads sooner).
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -95,6 +99,20 @@ pub struct Reservation<'a> {
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         self.space.reserved.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+impl Reservation<'_> {
+    /// Bytes reserved.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Reserves `more` bytes on top, checked as [`Space::reserve`] checks them.
+    pub fn grow(&mut self, more: u64, what: &str) -> Result<(), SpaceError> {
+        let mut extra = self.space.reserve(more, what)?;
+        self.bytes += std::mem::take(&mut extra.bytes);
+        Ok(())
     }
 }
 
@@ -222,6 +240,14 @@ mod tests {
         let err = err.to_string();
         assert!(err.contains("bytes free") && err.contains("needed"), "{err}");
         assert_eq!(s.refusals.load(Ordering::Relaxed), 1);
+        let mut r = r;
+        r.grow(1 << 20, "store a test blob").unwrap();
+        assert_eq!((r.bytes(), s.reserved.load(Ordering::Relaxed)), (2 << 20, 2 << 20));
+        assert!(
+            r.grow(128 << 20, "store a test blob").is_err(),
+            "a step past the watermark"
+        );
+        assert_eq!(r.bytes(), 2 << 20, "a refused step reserves nothing");
         drop(r);
         assert_eq!(s.reserved.load(Ordering::Relaxed), 0, "reservations are released");
         // Under a watermark larger than the disk, commits are refused too.

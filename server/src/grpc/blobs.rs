@@ -26,6 +26,9 @@ use crate::fsm::StateView;
 use crate::node::Node;
 use crate::pending::Charge;
 
+/// How far ahead of the bytes that came a put reserves disk space (see `blobs::space`).
+const RESERVE_STEP: u64 = 64 << 20;
+
 pub struct BlobService(pub Arc<Node>);
 
 fn blob_status(e: BlobError) -> Status {
@@ -111,7 +114,12 @@ impl BlobService {
     ) -> Result<(), Status> {
         let what = format!("store blob {hash} ({size} bytes)");
         let _spool = spool_room(&self.0, size, forwarded)?;
-        let _room = self.0.space.reserve(size, &what).map_err(super::no_space)?;
+        // Reserved a step ahead of the bytes that came (see `blobs::space`).
+        let mut room = self
+            .0
+            .space
+            .reserve(size.min(RESERVE_STEP), &what)
+            .map_err(super::no_space)?;
         let mut w = self.0.blobs.writer(hash, size).map_err(blob_status)?;
         let limit = upload_time_limit(size);
         let deadline = tokio::time::Instant::now() + limit;
@@ -148,6 +156,10 @@ impl BlobService {
                             ErrorKind::Invalid,
                             format!("chunk of {} bytes exceeds {BLOB_CHUNK}", d.len()),
                         ));
+                    }
+                    if w.written() + d.len() as u64 > room.bytes() {
+                        let step = (size - room.bytes()).min(RESERVE_STEP);
+                        room.grow(step, &what).map_err(super::no_space)?;
                     }
                     tokio::task::block_in_place(|| w.write(&d)).map_err(blob_status)?;
                     // Another writer may have used the space meanwhile: stop (dropping the writer

@@ -208,13 +208,15 @@ impl pb::meta_server::Meta for MetaService {
     async fn subscribe(&self, req: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         self.0.check_member()?;
         let caller = Caller::of(&self.0, &req);
-        let peer = req
-            .remote_addr()
-            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let peer = req.remote_addr();
         let r = req.into_inner();
         let vol = self.0.volume_named(&r.volume)?;
         self.0.check_read(&caller, &vol)?;
-        let listed = self.0.subscribers.register(&vol.name, &peer);
+        let listed = self
+            .0
+            .subscribers
+            .register(&vol.name, peer)
+            .map_err(|e| refuse(ErrorKind::Busy, e.to_string()))?;
         // The right is checked again whenever settings or accounts change, and when the token
         // expires: a volume made private, or a revoked reader, ends the stream. So does this
         // server's removal from the cluster (no change comes to it any more).

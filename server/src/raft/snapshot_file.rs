@@ -166,7 +166,7 @@ mod tests {
     fn tables() -> (tempfile::TempDir, Tables) {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = db::open(&dir.path().join("db")).expect("open");
-        (dir, Tables { db })
+        (dir, Tables::new(db))
     }
 
     fn rows(t: &Tables) -> Vec<(String, Vec<u8>, Vec<u8>)> {

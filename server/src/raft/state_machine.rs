@@ -386,18 +386,14 @@ mod tests {
     #[test]
     fn an_interrupted_install_is_finished_at_the_next_start() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let src = Tables {
-            db: db::open(&dir.path().join("src")).expect("open"),
-        };
+        let src = Tables::new(db::open(&dir.path().join("src")).expect("open"));
         src.replace_rows(&[(db::CF_VOLUMES, b"www".to_vec(), b"v".to_vec())])
             .expect("row");
         let path = dir.path().join("snapshot.bin");
         let f = std::fs::File::create(&path).expect("create");
         super::super::snapshot_file::write(&src, f, |_| "s".into()).expect("write");
 
-        let dst = Tables {
-            db: db::open(&dir.path().join("dst")).expect("open"),
-        };
+        let dst = Tables::new(db::open(&dir.path().join("dst")).expect("open"));
         dst.replace_rows(&[(db::CF_OBJECTS, b"old".to_vec(), b"o".to_vec())])
             .expect("row");
         dst.replace_start().expect("start, then the server stops");

@@ -12,7 +12,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Roc
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StoreErr> {
         let dir = tempfile::tempdir().map_err(super::write_err)?;
         let db = db::open(&dir.path().join("db")).map_err(super::write_err)?;
-        let (sm, _) = StateMachine::new(Tables { db: db.clone() }, dir.path().join("snapshot.bin"))?;
+        let (sm, _) = StateMachine::new(Tables::new(db.clone()), dir.path().join("snapshot.bin"))?;
         Ok((dir, LogStore::new(db), sm))
     }
 }

@@ -627,6 +627,12 @@ async fn every_rpc_answers_as_documented_for_each_kind_of_caller() {
             want.insert(k, Code::PermissionDenied);
         }
         compare("no token", &probe(&as_user(&tc, None)?, &fx).await, &want)?;
+        // One blob named many times in a GetSmall is read and sent once.
+        let stranger = as_user(&tc, None)?;
+        let pub_blob = BlobRef::of(&fx.pub_file).context("pub file has content")?;
+        let again = vec![blob_get(&pub_blob, true, false); 200];
+        let got = stranger.get_small(None, again).await?;
+        ensure!(got.len() == 1, "{} copies of one blob sent", got.len());
 
         // A token of a writer of another volume: may store blobs, nothing of alice's, no admin.
         let mut want = expected(Code::PermissionDenied, &[]);

@@ -402,11 +402,15 @@ impl pb::blobs_server::Blobs for BlobService {
             ));
         }
         let mut wanted = Vec::with_capacity(asked.len());
+        // Each blob once: a reply named one public file 256 times was read, verified and held
+        // 256 times over (the caller finds blobs by hash).
+        let mut seen = std::collections::HashSet::new();
         for (hash, manifest) in asked {
             // A chunk whose manifest is not held here is left out, like a missing blob.
             match &manifest {
                 Some(m) if !node.check_chunk_listed(m, &hash).await? => {}
-                _ => wanted.push(hash),
+                _ if seen.insert(hash) => wanted.push(hash),
+                _ => {}
             }
         }
         let n = node.clone();

@@ -682,11 +682,23 @@ impl Log {
         self.reserve(size)?;
         let dir = self.dir.join("data");
         let path = dir.join(name);
-        let written = File::create(&path).and_then(|mut f| fill(&mut f).and_then(|()| f.sync_all()));
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&path);
-            self.unreserve(size);
-            return Err(LogError::Io(path, e));
+        let written = File::create(&path).and_then(|mut f| {
+            fill(&mut f)?;
+            f.sync_all()?;
+            f.metadata().map(|m| m.len())
+        });
+        let len = match written {
+            Ok(len) => len,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                self.unreserve(size);
+                return Err(LogError::Io(path, e));
+            }
+        };
+        // Counted as long as it is: releasing it subtracts its length.
+        if len != size {
+            let mut g = self.inner();
+            g.data_bytes = g.data_bytes.saturating_sub(size) + len;
         }
         if let Err(e) = sync_dir(&dir) {
             let _ = std::fs::remove_file(&path);

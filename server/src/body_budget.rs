@@ -88,7 +88,7 @@ impl Holder {
 }
 
 /// `addr` itself for IPv4, its /64 for IPv6.
-pub(crate) fn network_of(addr: IpAddr) -> IpAddr {
+fn network_of(addr: IpAddr) -> IpAddr {
     match addr {
         IpAddr::V4(_) => addr,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

@@ -13,8 +13,9 @@
 //! and a subscriber that reads nothing would otherwise make the server hold a page of 1,024 of
 //! them, and its queue of events, for as long as its connection stays open. History is read
 //! in pages of at most [`PAGE_BYTES`], a stream's queue holds at most [`STREAM_BYTES`] of
-//! encoded events, and all streams together at most [`ALL_STREAMS_BYTES`] (history pages
-//! being sent included); one host holds at most `subscribers::MAX_PER_HOST` streams; a subscriber that
+//! encoded events, and all streams together at most [`ALL_STREAMS_BYTES`], and history pages
+//! being sent at most [`ALL_PAGES_BYTES`]; one host holds at most `subscribers::MAX_PER_HOST`
+//! streams; a subscriber that
 //! takes nothing for [`STALL`] is dropped (its mount resubscribes from the version it has).
 //!
 //! A subscriber that asks for ticks gets a `tick` event whenever its live stream has sent
@@ -51,6 +52,16 @@ fn all_streams() -> Arc<Semaphore> {
     ALL.get_or_init(|| Arc::new(Semaphore::new(ALL_STREAMS_BYTES >> 10)))
         .clone()
 }
+/// History pages all streams hold at once, at most (see [`catch_up`]).
+pub const ALL_PAGES_BYTES: usize = 64 << 20;
+
+/// The server-wide budget of history pages being sent, in KiB.
+fn all_pages() -> Arc<Semaphore> {
+    static ALL: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    ALL.get_or_init(|| Arc::new(Semaphore::new(ALL_PAGES_BYTES >> 10)))
+        .clone()
+}
+
 /// How often a live subscription checks its reader's right even without a `Rights` notice
 /// (this is what ends it when its token expires).
 pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
@@ -228,12 +239,17 @@ async fn catch_up(
         };
         return Ok(sent(tx.send(Ok(ev)).await, volume)?.then_some(vol.version));
     }
+    // Nothing to catch up: no page to read (nor room to wait for).
+    if cursor >= vol.version {
+        return Ok(Some(cursor));
+    }
     loop {
-        // The page stays in memory until its events are queued, so it counts in the server's
-        // budget for change streams too: many subscribers catching up from far back, reading
-        // nothing, held a page each outside it.
+        // The page stays in memory until its events are queued, so the pages of all streams
+        // have a bound of their own: many subscribers catching up from far back, reading
+        // nothing, held a page each outside any. (Not the queues' budget: a page waiting for
+        // it while its events wait for it too could take all of it and hold every stream.)
         let kib = u32::try_from(PAGE_BYTES >> 10).unwrap_or(u32::MAX);
-        let room = tx.wait(Gone::Full, tx.all.clone().acquire_many_owned(kib)).await;
+        let room = tx.wait(Gone::Full, all_pages().acquire_many_owned(kib)).await;
         let _page_room = match room {
             Ok(r) => r,
             Err(gone) => {

@@ -6,8 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Change streams one host (an IPv4 address, an IPv6 /64) may hold open at once on this
-/// server. A mount holds one per volume it follows. Without a bound one host could hold
+/// Change streams one host (one address) may hold open at once on this server. A mount holds one per volume it follows. Without a bound one host could hold
 /// 131,072 (512 connections of 256 streams each), each with its task and queue.
 pub const MAX_PER_HOST: usize = 4096;
 
@@ -68,7 +67,8 @@ impl Subscribers {
     /// Records a stream of `volume` from `peer` until the guard is dropped, unless that host
     /// holds [`MAX_PER_HOST`] already.
     pub fn register(self: &Arc<Self>, volume: &str, peer: Option<SocketAddr>) -> Result<Guard, TooMany> {
-        let host = peer.map(|a| crate::body_budget::network_of(a.ip()));
+        // The address itself (an IPv6 /64 is often a whole subnet of web nodes).
+        let host = peer.map(|a| a.ip().to_canonical());
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut g = self.lock();
         if let Some(h) = host {
@@ -129,16 +129,20 @@ mod tests {
         assert_eq!(subs.of("other").len(), 1);
     }
 
-    /// One host (an IPv6 /64 counts as one) holds at most MAX_PER_HOST streams; a stream that
-    /// ends makes room again, and other hosts are not affected.
+    /// One host holds at most MAX_PER_HOST streams; a stream that ends makes room again, and
+    /// other hosts (another address of the same IPv6 /64 too) are not affected.
     #[test]
     fn one_host_holds_a_bounded_number_of_streams() {
         let subs = Arc::new(Subscribers::default());
         let mut held: Vec<Guard> = (0..MAX_PER_HOST)
-            .map(|i| subs.register("www", at(&format!("[2001:db8::{:x}]:1", i + 1))).unwrap())
+            .map(|i| subs.register("www", at(&format!("[2001:db8::1]:{}", i + 1))).unwrap())
             .collect();
-        let over = subs.register("www", at("[2001:db8::ffff]:2"));
-        assert!(over.is_err_and(|e| e.to_string().contains("2001:db8::")));
+        let over = subs.register("www", at("[2001:db8::1]:9"));
+        assert!(over.is_err_and(|e| e.to_string().contains("2001:db8::1")));
+        assert!(
+            subs.register("www", at("[2001:db8::2]:1")).is_ok(),
+            "another host of the /64"
+        );
         assert!(subs.register("www", at("10.0.0.7:1")).is_ok(), "another host");
         held.pop();
         assert!(subs.register("www", at("[2001:db8::1]:3")).is_ok(), "room again");

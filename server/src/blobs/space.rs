@@ -114,6 +114,14 @@ impl Reservation<'_> {
         self.bytes += std::mem::take(&mut extra.bytes);
         Ok(())
     }
+
+    /// Gives back `n` bytes that were written: they are out of the free space now, and a
+    /// reservation still holding them would count them twice.
+    pub fn written(&mut self, n: u64) {
+        let n = n.min(self.bytes);
+        self.bytes -= n;
+        self.space.reserved.fetch_sub(n, Ordering::Relaxed);
+    }
 }
 
 impl Space {

@@ -713,7 +713,7 @@ fn check_delete_bound(node: &Node, name: &str) -> Result<(), NodeError> {
     match vol {
         Some(v) if v.used_files > MAX_REMOVE_NODES as u64 => Err(NodeError::Refused(ApplyError::Invalid(format!(
             "volume {name} holds {} files and directories, and a delete removes at most {MAX_REMOVE_NODES} at \
-             once: empty it first (`rm -rf /coda/{name}/*` on a writable mount removes in bounded \
+             once: empty it first (`find /coda/{name} -mindepth 1 -delete` on a writable mount removes in bounded \
              commits), then delete it",
             v.used_files
         )))),

@@ -114,7 +114,8 @@ impl BlobService {
     ) -> Result<(), Status> {
         let what = format!("store blob {hash} ({size} bytes)");
         let _spool = spool_room(&self.0, size, forwarded)?;
-        // Reserved a step ahead of the bytes that came (see `blobs::space`).
+        // Reserved a step ahead of the bytes that come, and given back as they are written
+        // (see `blobs::space`).
         let mut room = self
             .0
             .space
@@ -157,11 +158,14 @@ impl BlobService {
                             format!("chunk of {} bytes exceeds {BLOB_CHUNK}", d.len()),
                         ));
                     }
-                    if w.written() + d.len() as u64 > room.bytes() {
-                        let step = (size - room.bytes()).min(RESERVE_STEP);
-                        room.grow(step, &what).map_err(super::no_space)?;
+                    // The reservation covers what is still to be written, a step at a time.
+                    let n = d.len() as u64;
+                    if n > room.bytes() {
+                        let step = size.saturating_sub(w.written()).min(RESERVE_STEP).max(n);
+                        room.grow(step - room.bytes(), &what).map_err(super::no_space)?;
                     }
                     tokio::task::block_in_place(|| w.write(&d)).map_err(blob_status)?;
+                    room.written(n);
                     // Another writer may have used the space meanwhile: stop (dropping the writer
                     // removes the partial file) rather than fill the disk.
                     self.0

@@ -194,9 +194,9 @@ struct BackState {
     failures: VecDeque<Failure>,
     /// Failures recorded since the mount started; a failure's `n` is the count before it.
     failed_total: u64,
-    /// Failures up to this count were reported to a `codafs sync` or `syncfs` already (each is
-    /// reported to one).
-    sync_reported: u64,
+    /// A failure no whole-log sync reported was forgotten (past [`FAILURES_KEPT`]): the next
+    /// one says so.
+    forgot_unreported: bool,
 }
 
 /// Failed changes remembered for the `fsync`s and `sync`s waiting for them.
@@ -209,6 +209,8 @@ struct Failure {
     seq: u64,
     nodes: Vec<u64>,
     error: FsError,
+    /// A whole-log sync (`codafs sync`, `syncfs`) reported it: the next ones do not.
+    reported: bool,
 }
 
 impl BackState {
@@ -221,21 +223,25 @@ impl BackState {
             seq: c.seq,
             nodes: touched(&c.op),
             error,
+            reported: false,
         });
         if self.failures.len() > FAILURES_KEPT {
-            self.failures.pop_front();
+            if let Some(f) = self.failures.pop_front() {
+                self.forgot_unreported |= !f.reported;
+            }
         }
     }
 
-    /// The failure, recorded since failure count `since`, of a change up to `seq` (of `node`,
-    /// if given) that a wait begun at `since` must report. If more failed since then than are
-    /// remembered, one that was forgotten might have been such a change: that is reported too.
-    fn failure_since(&self, since: u64, seq: u64, node: Option<u64>) -> Option<FsError> {
+    /// What an `fsync` of `node`, begun when `since` failures were counted and waiting for the
+    /// changes up to `seq`, reports: a failure of such a change of `node` recorded since. If
+    /// more failed since then than are remembered, one that was forgotten might have been
+    /// such a change: that is reported too.
+    fn node_failure(&self, since: u64, seq: u64, node: u64) -> Option<FsError> {
         let hit = self
             .failures
             .iter()
             .filter(|f| f.n >= since && f.seq <= seq)
-            .find(|f| node.is_none_or(|n| f.nodes.contains(&n)));
+            .find(|f| f.nodes.contains(&node));
         if let Some(f) = hit {
             return Some(f.error.clone());
         }
@@ -245,6 +251,23 @@ impl BackState {
                 "more than {FAILURES_KEPT} logged changes were refused or conflicted meanwhile; see codafs status"
             ))
         })
+    }
+
+    /// What a whole-log sync waiting for the changes up to `seq` reports: the first failure of
+    /// such a change that no sync reported yet. Every such failure counts as reported then,
+    /// and only those (a change logged after the sync began is left to the next one).
+    fn log_failure(&mut self, seq: u64) -> Option<FsError> {
+        let mut first = None;
+        for f in self.failures.iter_mut().filter(|f| !f.reported && f.seq <= seq) {
+            f.reported = true;
+            first.get_or_insert_with(|| f.error.clone());
+        }
+        if std::mem::take(&mut self.forgot_unreported) && first.is_none() {
+            first = Some(FsError::Io(format!(
+                "more than {FAILURES_KEPT} logged changes were refused or conflicted; see codafs status"
+            )));
+        }
+        first
     }
 }
 
@@ -643,8 +666,9 @@ impl WriteBack {
     /// they need.
     /// `held(st, uid)`: whether `uid`'s changes are held back now (no login since its token
     /// was refused: see `Core::held_back`).
-    /// `since`: failures (see [`BackState::failed`]) counted from here on that this waits for
-    /// are reported instead of success.
+    /// `since` (with `node`): failures (see [`BackState::failed`]) counted from here on that
+    /// this waits for are reported instead of success. Without `node`, every failure of a
+    /// change up to `seq` that no whole-log sync reported yet is.
     async fn settled_through(
         &self,
         seq: u64,
@@ -703,11 +727,11 @@ impl WriteBack {
         match r {
             Ok(Ok(_)) => {
                 let mut st = self.st();
-                let failure = st.failure_since(since, seq, node);
-                if node.is_none() {
-                    // A whole-log sync reports each failure once: to the first that waits.
-                    st.sync_reported = st.sync_reported.max(st.failed_total);
-                }
+                let failure = match node {
+                    Some(n) => st.node_failure(since, seq, n),
+                    // Each failure to one whole-log sync: the first that waited for its change.
+                    None => st.log_failure(seq),
+                };
                 failure.map_or(Ok(()), Err)
             }
             Ok(Err(_)) => Err(FsError::Io("the write-back reintegrator stopped".into())),
@@ -1649,7 +1673,10 @@ impl<R: Remote> Core<R> {
                 };
                 let hash = m.hash();
                 let name = data_file_name(&hash, ino);
-                b.log.rename_data(&tmp, &name).map_err(log_err)?;
+                if let Err(e) = b.log.rename_data(&tmp, &name) {
+                    b.log.release_data(std::slice::from_ref(&tmp));
+                    return Err(log_err(e));
+                }
                 self.manifests
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -1688,8 +1715,7 @@ impl<R: Remote> Core<R> {
     /// another name: see `codafs status`).
     pub async fn sync_log(&self, limit: Duration) -> Result<(), FsError> {
         let Some(b) = self.write_back() else { return Ok(()) };
-        let since = b.st().sync_reported;
-        b.settled_through(b.last_seq(), None, since, limit, |st, uid| self.held_back(st, uid))
+        b.settled_through(b.last_seq(), None, 0, limit, |st, uid| self.held_back(st, uid))
             .await
     }
 
@@ -2566,11 +2592,10 @@ impl<R: Remote> Core<R> {
             }
             other => (None, format!("dropped {other:?}: {why}")),
         };
-        {
-            let mut st = b.st();
-            st.conflict_names.entry(request).or_default();
-            st.failed(c, FsError::Io(format!("write-back conflict: {note}")));
-        }
+        b.st().conflict_names.entry(request).or_default();
+        // Recorded for the syncs waiting for it once the outcome is known (a step below that
+        // fails makes the batch go again, and the conflict may be gone by then).
+        let failure = FsError::Io(format!("write-back conflict: {note}"));
         if !again {
             // Where, as `status` shows it: a site has an index.html in every directory.
             let dir = match (&op, &c.op) {
@@ -2588,7 +2613,10 @@ impl<R: Remote> Core<R> {
             st.conflicts += 1;
             st.last_conflict = Some(note);
         }
-        let Some(mut op) = op else { return Ok(()) };
+        let Some(mut op) = op else {
+            b.st().failed(c, failure);
+            return Ok(());
+        };
         let base = new_name_of(&mut op).map(|n| n.clone()).unwrap_or_default();
         // Two conflicts of one file within a millisecond would pick one name: number them.
         for attempt in 0..8u64 {
@@ -2610,6 +2638,7 @@ impl<R: Remote> Core<R> {
             match r {
                 Ok(done) => {
                     self.after_commit(b, &[op], &done, &HashSet::new());
+                    b.st().failed(c, failure);
                     return Ok(());
                 }
                 Err(FsError::Exists) => continue,
@@ -2641,6 +2670,7 @@ impl<R: Remote> Core<R> {
                 return Err(FsError::Io(format!("keeping a conflicting change: {e}")));
             }
         }
+        b.st().failed(c, failure);
         Ok(())
     }
 
@@ -3213,6 +3243,33 @@ fn data_file_name(hash: &Hash, ino: u64) -> String {
 mod tests {
     use super::*;
     use crate::core::write::batch::tests::{change, content, create};
+
+    /// A whole-log sync reports a failure of a change it waited for, once; a failure of a
+    /// change logged after it began is left to the next sync (it was marked reported without
+    /// being reported). An `fsync` reports its own node's failures since it began.
+    #[test]
+    fn each_failure_goes_to_the_first_sync_that_waited_for_it() {
+        let mut st = BackState::default();
+        let refused = |why: &str| FsError::Denied(why.into());
+        let since = st.failed_total;
+        st.failed(&change(12, content(7, b"late", Some(1))), refused("late"));
+        // A sync that waited up to change 10: nothing of its own failed.
+        assert_eq!(st.log_failure(10), None);
+        // The next one, up to 12, gets it; the one after, nothing.
+        assert_eq!(st.log_failure(12), Some(refused("late")));
+        assert_eq!(st.log_failure(20), None);
+        // An fsync of node 7 begun before the failure reports it, of another node not, and one
+        // begun after it not either.
+        assert_eq!(st.node_failure(since, 12, 7), Some(refused("late")));
+        assert_eq!(st.node_failure(since, 12, 8), None);
+        assert_eq!(st.node_failure(st.failed_total, 12, 7), None);
+        // Past what is remembered, an unreported failure is not passed over silently.
+        for seq in 0..=FAILURES_KEPT as u64 {
+            st.failed(&change(100 + seq, content(9, b"x", Some(1))), refused("many"));
+        }
+        assert!(st.log_failure(50).is_some_and(|e| e.to_string().contains("more than")));
+        assert_eq!(st.log_failure(50), None);
+    }
 
     #[test]
     fn the_overlay_shows_new_nodes_and_patches_until_settled() {

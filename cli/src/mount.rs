@@ -70,24 +70,25 @@ pub struct MountArgs {
 /// Parses sizes like `4096`, `512K`, `64M`, `10G`, `1T` (binary units).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let not_a_size = || format!("{s:?} is not a size like 512M or 10G");
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            if s[..i].trim().parse::<f64>().is_err() {
-                return Err(not_a_size());
-            }
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(format!("unknown size unit {c:?} (use K, M, G or T)")),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
+    // The number first, then its unit: "bogus" is not a size, not a size in unit 's'.
+    let (num, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], Some(c)),
+        _ => (s, None),
     };
-    let n: f64 = num.trim().parse().map_err(|_| not_a_size())?;
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 512M or 10G"))?;
+    let mult = match unit {
+        None => 1u64,
+        Some(c) => match c.to_ascii_uppercase() {
+            'K' => 1 << 10,
+            'M' => 1 << 20,
+            'G' => 1 << 30,
+            'T' => 1 << 40,
+            _ => return Err(format!("unknown size unit {c:?} (use K, M, G or T)")),
+        },
+    };
     if !n.is_finite() || n < 0.0 {
         return Err(format!("{s:?} is not a size"));
     }

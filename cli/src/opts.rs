@@ -1,6 +1,6 @@
 //! Options shared by every client command: where the servers are, how to trust them (the
 //! cluster CA, or plaintext with `--insecure`), and which credential to use.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use anyhow::{bail, Context, Result};
@@ -55,19 +55,28 @@ impl ClientOpts {
         self.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
     }
 
+    /// The client config and its path; `missing(path)` says what to pass instead when there
+    /// is none.
+    fn bundle(&self, missing: impl FnOnce(&Path) -> String) -> Result<(ClientBundle, PathBuf)> {
+        let path = self.config_path();
+        if !path.exists() {
+            bail!(missing(&path));
+        }
+        Ok((ClientBundle::load(&path)?, path))
+    }
+
     /// Servers from the flags, else from the bundle.
     pub fn servers(&self) -> Result<Vec<String>> {
         let (servers, from) = if !self.servers.is_empty() {
             (self.servers.clone(), "--server-addr or CODAFS_SERVERS".to_string())
         } else {
-            let path = self.config_path();
-            if !path.exists() {
-                bail!(
+            let (bundle, path) = self.bundle(|path| {
+                format!(
                     "no servers given: pass --server-addr HOST:PORT, set CODAFS_SERVERS, or point --config at a client config ({} does not exist)",
                     path.display()
-                );
-            }
-            (ClientBundle::load(&path)?.servers, path.display().to_string())
+                )
+            })?;
+            (bundle.servers, path.display().to_string())
         };
         for s in &servers {
             codafs_proto::tls::check_addr(s).map_err(|e| anyhow::anyhow!("server address {s:?} ({from}): {e}"))?;
@@ -91,14 +100,13 @@ impl ClientOpts {
             }
             Tls::ca(pem)
         } else {
-            let path = self.config_path();
-            if !path.exists() {
-                bail!(
+            let (bundle, _) = self.bundle(|path| {
+                format!(
                     "no cluster CA to verify the servers with: pass --ca FILE (DIR/tls/ca.crt on a server), or --config CLIENT_CONFIG ({} does not exist), or --insecure for a cluster created with --insecure",
                     path.display()
-                );
-            }
-            ClientBundle::load(&path)?.tls()
+                )
+            })?;
+            bundle.tls()
         };
         if tls.is_insecure() {
             warn_plaintext();

@@ -465,41 +465,27 @@ impl Log {
         self.limit
     }
 
-    /// Whether `more` bytes fit within the bound.
-    pub fn check_room(&self, more: u64) -> Result<(), LogError> {
-        self.room_in(&self.inner(), more)
-    }
-
-    fn room_in(&self, g: &Inner, more: u64) -> Result<(), LogError> {
-        if more > self.limit {
+    /// Counts `size` bytes of a data file about to be written, if they fit within the bound:
+    /// checked and counted under one lock, so closes writing at once cannot each pass the
+    /// check and together pass the bound. [`Log::write_data_with`] settles the count when the
+    /// file is written (or not).
+    fn reserve(&self, size: u64) -> Result<(), LogError> {
+        if size > self.limit {
             return Err(LogError::TooLarge {
-                size: more,
+                size,
                 limit: self.limit,
             });
         }
-        let used = self.used_with(g);
-        if used + more > self.limit {
+        let mut g = self.inner();
+        let used = self.used_with(&g);
+        if used + size > self.limit {
             return Err(LogError::Full {
                 used,
                 limit: self.limit,
             });
         }
-        Ok(())
-    }
-
-    /// Counts `size` bytes of a data file about to be written, if they fit: checked and
-    /// counted under one lock, so closes writing at once cannot each pass the check and
-    /// together pass the bound. [`Log::unreserve`] gives them back if the write fails.
-    fn reserve(&self, size: u64) -> Result<(), LogError> {
-        let mut g = self.inner();
-        self.room_in(&g, size)?;
         g.data_bytes += size;
         Ok(())
-    }
-
-    fn unreserve(&self, size: u64) {
-        let mut g = self.inner();
-        g.data_bytes = g.data_bytes.saturating_sub(size);
     }
 
     /// Appends `rec` (not yet durable: see [`Log::sync`]). Changes must fit within the bound;
@@ -682,30 +668,24 @@ impl Log {
         self.reserve(size)?;
         let dir = self.dir.join("data");
         let path = dir.join(name);
-        let written = File::create(&path).and_then(|mut f| {
-            fill(&mut f)?;
-            f.sync_all()?;
-            f.metadata().map(|m| m.len())
-        });
-        let len = match written {
-            Ok(len) => len,
-            Err(e) => {
-                let _ = std::fs::remove_file(&path);
-                self.unreserve(size);
-                return Err(LogError::Io(path, e));
-            }
-        };
-        // Counted as long as it is: releasing it subtracts its length.
-        if len != size {
+        let written = File::create(&path)
+            .and_then(|mut f| {
+                fill(&mut f)?;
+                f.sync_all()?;
+                f.metadata().map(|m| m.len())
+            })
+            .map_err(|e| LogError::Io(path.clone(), e))
+            .and_then(|len| sync_dir(&dir).map(|()| len));
+        // The reserved bytes become the file's real length (releasing it subtracts that), or
+        // nothing when it was not made.
+        {
             let mut g = self.inner();
-            g.data_bytes = g.data_bytes.saturating_sub(size) + len;
+            g.data_bytes = g.data_bytes.saturating_sub(size) + written.as_ref().map_or(0, |len| *len);
         }
-        if let Err(e) = sync_dir(&dir) {
+        if written.is_err() {
             let _ = std::fs::remove_file(&path);
-            self.unreserve(size);
-            return Err(e);
         }
-        Ok(name.to_string())
+        written.map(|_| name.to_string())
     }
 
     /// Renames data file `from` to `to` (a copy named once its content hash is known).

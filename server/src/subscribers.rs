@@ -6,8 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Change streams one host (one address) may hold open at once on this server. A mount holds one per volume it follows. Without a bound one host could hold
-/// 131,072 (512 connections of 256 streams each), each with its task and queue.
+/// Change streams one host (one address) may hold open at once on this server. A mount holds
+/// one per volume it follows. Without a bound one host could hold 131,072 (512 connections of
+/// 256 streams each), each with its task and queue.
 pub const MAX_PER_HOST: usize = 4096;
 
 /// A host holds [`MAX_PER_HOST`] streams already.

@@ -241,14 +241,13 @@ mod tests {
         let free = disk_usage(dir.path()).unwrap().free;
         // A watermark just under what is free: a small put fits, a large one does not.
         let s = Space::new(dir.path(), Some(free.saturating_sub(64 << 20)));
-        let r = s.reserve(1 << 20, "store a test blob").unwrap();
+        let mut r = s.reserve(1 << 20, "store a test blob").unwrap();
         let Err(err) = s.reserve(128 << 20, "store a test blob") else {
             panic!("a put past the watermark was accepted");
         };
         let err = err.to_string();
         assert!(err.contains("bytes free") && err.contains("needed"), "{err}");
         assert_eq!(s.refusals.load(Ordering::Relaxed), 1);
-        let mut r = r;
         r.grow(1 << 20, "store a test blob").unwrap();
         assert_eq!((r.bytes(), s.reserved.load(Ordering::Relaxed)), (2 << 20, 2 << 20));
         assert!(

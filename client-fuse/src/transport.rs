@@ -631,10 +631,16 @@ impl Cluster {
                             }
                         }
                         Err(s) => {
-                            let fresh = codafs_proto::error::applied_of(&s).is_some_and(|a| a >= committed);
+                            let applied = codafs_proto::error::applied_of(&s);
+                            let fresh = applied.is_some_and(|a| a >= committed);
+                            // The preferred server's refusal is final, unless it names a state
+                            // older than this client's own last commit: then it has not applied
+                            // that commit (a follower saying "not found" of the file this client
+                            // just created), and the others are asked as for any other refusal.
+                            let behind = applied.is_some_and(|a| a < committed);
                             fresh_refusals += usize::from(fresh);
                             let last = asked.is_empty() && order.len() == 0;
-                            if Some(i) == lead || last || fresh && fresh_refusals >= majority {
+                            if Some(i) == lead && !behind || last || fresh && fresh_refusals >= majority {
                                 return Err(ClientError::Server(explained(s, &self.tls)));
                             }
                             tracing::debug!(server = %addr, error = %explain(&s, &self.tls), "refused; waiting for the other servers asked");
@@ -1091,6 +1097,53 @@ mod tests {
         let next: std::collections::BTreeSet<usize> =
             (0..4).map(|r| failover_order(3, 0, r).nth(1).unwrap_or(9)).collect();
         assert_eq!(next, [1, 2].into());
+    }
+
+    /// Runs [`Cluster::read`] over three unreachable addresses with `answers` in the order
+    /// the servers are asked (the preferred one first; the channels are never used), after
+    /// this client committed at log index 5. Returns the outcome and how many were asked.
+    async fn read_with(answers: Vec<Result<u32, Status>>) -> (Result<u32, ClientError>, usize) {
+        let servers: Vec<String> = (1..=3).map(|i| format!("127.0.0.1:{i}")).collect();
+        let Ok(c) = Cluster::new(&servers, Tls::Insecure, None) else {
+            panic!("three loopback addresses make a cluster");
+        };
+        c.committed.store(5, Ordering::Relaxed);
+        let answers = std::sync::Mutex::new(answers.into_iter());
+        let asked = AtomicU64::new(0);
+        let r = c
+            .read(|_ch| {
+                asked.fetch_add(1, Ordering::Relaxed);
+                let a = answers.lock().unwrap_or_else(|p| p.into_inner()).next();
+                async move { a.unwrap_or_else(|| Err(Status::unavailable("no answer left"))) }
+            })
+            .await;
+        (r, asked.load(Ordering::Relaxed) as usize)
+    }
+
+    #[tokio::test]
+    async fn a_refusal_from_a_server_behind_this_clients_commit_is_not_final() {
+        use codafs_proto::error::as_of;
+        let gone = |applied| as_of(Status::not_found("x not found"), applied);
+        // The preferred server has not applied the client's create: the next one answers.
+        let (r, asked) = read_with(vec![Err(gone(4)), Ok(7)]).await;
+        assert_eq!((r.ok(), asked), (Some(7), 2), "a behind refusal is asked elsewhere");
+        // One that has applied it (or names no index, as older servers) is final at once.
+        let (r, asked) = read_with(vec![Err(gone(5)), Ok(7)]).await;
+        assert!(
+            r.is_err() && asked == 1,
+            "a fresh refusal is final: {r:?} after {asked}"
+        );
+        let (r, asked) = read_with(vec![Err(Status::not_found("x not found")), Ok(7)]).await;
+        assert!(
+            r.is_err() && asked == 1,
+            "no index: final as before: {r:?} after {asked}"
+        );
+        // Every server behind: the refusal, once all were asked.
+        let (r, asked) = read_with(vec![Err(gone(4)), Err(gone(3)), Err(gone(2))]).await;
+        assert!(
+            matches!(&r, Err(ClientError::Server(_))) && asked == 3,
+            "{r:?} after {asked}"
+        );
     }
 
     #[tokio::test]

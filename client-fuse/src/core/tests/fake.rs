@@ -77,6 +77,9 @@ pub struct Truth {
     pub refused_tokens: std::collections::HashSet<String>,
     /// The namespace as of the last event (what the next event's names are counted from).
     shown: Tree,
+    /// The version of the mount's last commit: a lagging replica's refusal on an older state
+    /// is asked again of a current one, as `Cluster::read` asks another server.
+    committed: u64,
 }
 
 /// The bytes content `h` of `size` bytes stands for: the blob itself, or a chunked file's
@@ -407,6 +410,19 @@ impl Truth {
         (cur, changed)
     }
 
+    /// A metadata read answered as the transport answers it: from the lagging replica while it
+    /// has reads left, but "not found" from a replica that has not applied the mount's own
+    /// last commit is not final (another, current server is asked).
+    fn read_with<T>(&mut self, f: impl Fn(&Tree) -> Result<T, FsError>) -> Result<T, FsError> {
+        let committed = self.committed;
+        let tree = self.read_tree();
+        let behind = tree.version < committed;
+        match f(tree) {
+            Err(FsError::NotFound) if behind => f(&self.tree),
+            r => r,
+        }
+    }
+
     /// Where metadata reads are answered from: the lagging replica while it has reads left.
     fn read_tree(&mut self) -> &Tree {
         match &mut self.lagging {
@@ -629,13 +645,13 @@ impl Remote for FakeRemote {
 
     async fn getattr(&self, ino: u64) -> Result<Fetched<Attr>, FsError> {
         self.check_up()?;
-        let mut t = self.lock();
-        let tree = t.read_tree();
-        let a = tree.objects.get(&ino).cloned().ok_or(FsError::NotFound)?;
-        Ok(Fetched {
-            newest: a.version,
-            applied: tree.version,
-            value: a,
+        self.lock().read_with(|tree| {
+            let a = tree.objects.get(&ino).cloned().ok_or(FsError::NotFound)?;
+            Ok(Fetched {
+                newest: a.version,
+                applied: tree.version,
+                value: a,
+            })
         })
     }
 
@@ -643,21 +659,22 @@ impl Remote for FakeRemote {
         self.check_up()?;
         let mut t = self.lock();
         t.readdirs += 1;
-        let tree = t.read_tree();
-        let d = tree.dirs.get(&ino).ok_or(FsError::NotFound)?;
-        let value: Vec<(String, Attr)> = d
-            .iter()
-            .filter_map(|(n, i)| tree.objects.get(i).map(|a| (n.clone(), a.clone())))
-            .collect();
-        Ok(Fetched {
-            newest: value
+        t.read_with(|tree| {
+            let d = tree.dirs.get(&ino).ok_or(FsError::NotFound)?;
+            let value: Vec<(String, Attr)> = d
                 .iter()
-                .map(|(_, a)| a.version)
-                .chain(tree.objects.get(&ino).map(|a| a.version))
-                .max()
-                .unwrap_or(0),
-            applied: tree.version,
-            value,
+                .filter_map(|(n, i)| tree.objects.get(i).map(|a| (n.clone(), a.clone())))
+                .collect();
+            Ok(Fetched {
+                newest: value
+                    .iter()
+                    .map(|(_, a)| a.version)
+                    .chain(tree.objects.get(&ino).map(|a| a.version))
+                    .max()
+                    .unwrap_or(0),
+                applied: tree.version,
+                value,
+            })
         })
     }
 
@@ -778,6 +795,7 @@ impl Remote for FakeRemote {
         }
         tree.version = v;
         t.tree = tree;
+        t.committed = v;
         t.finish(inos, dirs);
         // As the servers do, a repeated request is answered without the versions before it.
         t.requests.insert(

@@ -709,6 +709,25 @@ mod regressions {
         ]);
     }
 
+    /// Write-back (CI, session 34): bob's `a/z`, made and sent by this mount, was named in its
+    /// cached listing, but a replica that had not applied that create answered "not found"
+    /// for it. Alice's save then renamed its temporary file onto a name it took for free, her
+    /// remove cancelled the pair in the batch, and bob's file stayed on the server after she
+    /// had removed it. A refusal from a replica behind the client's own last commit is not
+    /// final: another server is asked (`Cluster::read`; the fake does the same).
+    #[test]
+    fn write_back_a_replica_behind_the_mounts_own_create_never_hides_it() {
+        replay_back(vec![
+            vec![Wait, LocalWrite(4, 0)],
+            vec![LocalWrite(3, 1)],
+            vec![Revoke, Lag(2)],
+            vec![LocalWrite(2, 44)],
+            vec![Wait],
+            vec![LocalSave(3, 0)],
+            vec![LocalRemove(3)],
+        ]);
+    }
+
     /// Write-back: two creates of one name raced (each had checked that the name was free) and
     /// both were logged; a later remove dropped only the second, and the first reached the
     /// server after the user had removed it.

@@ -29,19 +29,25 @@
 //! too, so a caller cannot keep the budget by going quiet. Raft messages are not charged: the
 //! Raft service refuses every caller but a member from its headers, before any body is read
 //! (`grpc::raft::peers_only`), and Raft must go on while others fill the budget.
+//!
+//! Replies the callers have not read yet are charged to a budget of the same size, shared out
+//! the same way ([`crate::reply_budget`]): the layer gives each request a charge on it, and its
+//! response body the means to give it back.
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tonic::codegen::http::{HeaderMap, Request};
+use tonic::codegen::http::{HeaderMap, Request, Response};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::transport::CertificateDer;
+
+use crate::reply_budget::{Replied, ReplyCharge, ReplyFuture};
 
 /// Request bytes a server holds at most by default. A quarter of it, what one account or
 /// server may hold, is room for the largest commit and a mount's blob uploads at once (Raft
@@ -70,7 +76,7 @@ pub type Classify = Arc<dyn Fn(&HeaderMap, Option<&[CertificateDer<'static>]>) -
 
 /// Whose share a request's bytes count against.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum Holder {
+pub(crate) enum Holder {
     Account(Arc<str>),
     Server(IpAddr),
     /// A stranger's address (an IPv6 address's /64: one host commonly holds all of it).
@@ -78,7 +84,7 @@ enum Holder {
 }
 
 impl Holder {
-    fn of(sender: Sender, addr: Option<IpAddr>) -> Option<Holder> {
+    pub(crate) fn of(sender: Sender, addr: Option<IpAddr>) -> Option<Holder> {
         match sender {
             Sender::Account(user) => Some(Holder::Account(user.into())),
             Sender::Server => addr.map(Holder::Server),
@@ -109,7 +115,21 @@ pub struct Budget {
     used: Mutex<Used>,
     /// When a refusal was last logged (seconds since the Unix epoch): one line a second at most.
     warned: AtomicU64,
+    /// Who waits for room ([`Budget::take`]), by holder: a release wakes its own holder's
+    /// waiters only, unless it may also have made room under the total or the strangers' part.
+    waiters: Mutex<HashMap<Option<Holder>, Waiters>>,
+    /// How many wait for room now (releases wake no one when none does).
+    waiting: AtomicUsize,
 }
+
+/// One holder's waiters for room.
+struct Waiters {
+    room: Arc<tokio::sync::Notify>,
+    count: usize,
+}
+
+/// Most waiters for room one holder may have; past it, a request is refused at once.
+pub const MAX_WAITERS_PER_HOLDER: usize = 1024;
 
 #[derive(Default)]
 struct Used {
@@ -129,6 +149,8 @@ impl Budget {
             per_stranger: total / 64,
             used: Mutex::new(Used::default()),
             warned: AtomicU64::new(0),
+            waiters: Mutex::new(HashMap::new()),
+            waiting: AtomicUsize::new(0),
         })
     }
 
@@ -137,16 +159,76 @@ impl Budget {
     }
 
     /// What `holder` may hold.
-    fn share(&self, holder: &Holder) -> u64 {
+    pub(crate) fn share(&self, holder: &Holder) -> u64 {
         match holder {
             Holder::Stranger(_) => self.per_stranger,
             _ => self.per_holder,
         }
     }
 
+    /// [`Budget::charge`], waiting up to `limit` for bytes to go back while there is no room
+    /// (false at once if the holder already has [`MAX_WAITERS_PER_HOLDER`] waiting).
+    pub(crate) async fn take(&self, holder: Option<&Holder>, n: u64, limit: std::time::Duration) -> bool {
+        if self.charge(holder, n) {
+            return true;
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        let room = {
+            let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            let e = w.entry(holder.cloned()).or_insert_with(|| Waiters {
+                room: Arc::new(tokio::sync::Notify::new()),
+                count: 0,
+            });
+            if e.count >= MAX_WAITERS_PER_HOLDER {
+                return false;
+            }
+            e.count += 1;
+            e.room.clone()
+        };
+        // Counted before the next attempt: a release after a failed attempt then wakes it.
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _counted = Waiting { budget: self, holder };
+        loop {
+            let woken = room.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if self.charge(holder, n) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Wakes the waiters a release of `holder`'s bytes may have made room for: its own; and
+    /// everyone's if the total was within a share of its bound before (a waiter may have
+    /// waited on it), or the strangers' if their part was within a stranger's share of its.
+    fn wake(&self, holder: Option<&Holder>, (total_before, strangers_before): (u64, u64)) {
+        if self.waiting.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let all = total_before + self.per_holder.max(self.per_stranger) > self.total;
+        let strangers =
+            matches!(holder, Some(Holder::Stranger(_))) && strangers_before + self.per_stranger > self.strangers;
+        let w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        if all || strangers {
+            for (h, e) in w.iter() {
+                if all || matches!(h, Some(Holder::Stranger(_))) {
+                    e.room.notify_waiters();
+                }
+            }
+        } else if let Some(e) = w.get(&holder.cloned()) {
+            e.room.notify_waiters();
+        }
+    }
+
     /// Takes `n` bytes for `holder`; false (nothing taken) if the budget or a share would be
     /// passed.
-    fn charge(&self, holder: Option<&Holder>, n: u64) -> bool {
+    pub(crate) fn charge(&self, holder: Option<&Holder>, n: u64) -> bool {
+        if n == 0 {
+            return true;
+        }
         let mut u = self.used();
         if u.total + n > self.total {
             return false;
@@ -169,11 +251,18 @@ impl Budget {
         true
     }
 
-    fn release(&self, holder: Option<&Holder>, n: u64) {
+    pub(crate) fn release(&self, holder: Option<&Holder>, n: u64) {
         if n == 0 {
             return;
         }
+        let before = self.give_back(holder, n);
+        self.wake(holder, before);
+    }
+
+    /// Gives back `n` bytes of `holder`'s; returns the total and the strangers' part before.
+    fn give_back(&self, holder: Option<&Holder>, n: u64) -> (u64, u64) {
         let mut u = self.used();
+        let before = (u.total, u.strangers);
         u.total = u.total.saturating_sub(n);
         if let Some(h) = holder {
             if matches!(h, Holder::Stranger(_)) {
@@ -186,6 +275,7 @@ impl Budget {
                 }
             }
         }
+        before
     }
 
     /// Bytes held now, in all.
@@ -193,7 +283,13 @@ impl Budget {
         self.used().total
     }
 
+    /// The refusal of a request whose bytes found no room.
     fn refused(&self, holder: Option<&Holder>) -> tonic::Status {
+        self.refused_for(holder, "unfinished request bytes", "try again shortly")
+    }
+
+    /// The refusal of bytes (`what`) past the budget or `holder`'s share, with advice.
+    pub(crate) fn refused_for(&self, holder: Option<&Holder>, what: &str, advice: &str) -> tonic::Status {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -201,7 +297,8 @@ impl Budget {
             tracing::warn!(
                 sender = ?holder,
                 budget = self.total,
-                "refused a request: request bytes held before their handlers are at the budget"
+                what,
+                "refused a request: bytes held for callers are at the budget"
             );
         }
         let share = match holder {
@@ -212,16 +309,39 @@ impl Budget {
             _ => format!("{} for each account or server", self.per_holder),
         };
         tonic::Status::resource_exhausted(format!(
-            "the server holds too many unfinished request bytes ({} in all, {share}): try again shortly",
+            "the server holds too many {what} ({} in all, {share}): {advice}",
             self.total
         ))
     }
 }
 
-/// The layer that puts every request body on the budget.
+/// Counts one waiter of [`Budget::take`] while it lives (the wait can be cancelled).
+struct Waiting<'a> {
+    budget: &'a Budget,
+    holder: Option<&'a Holder>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.budget.waiting.fetch_sub(1, Ordering::SeqCst);
+        let mut w = self.budget.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        let key = self.holder.cloned();
+        if let Some(e) = w.get_mut(&key) {
+            e.count = e.count.saturating_sub(1);
+            if e.count == 0 {
+                w.remove(&key);
+            }
+        }
+    }
+}
+
+/// The layer that puts every request body on the budget, and gives each request a charge
+/// on the reply budget (`crate::reply_budget`).
 #[derive(Clone)]
 pub struct BudgetLayer {
     pub budget: Arc<Budget>,
+    /// Reply bytes callers have not read yet: a budget of its own, shared out the same way.
+    pub replies: Arc<Budget>,
     pub classify: Classify,
 }
 
@@ -232,6 +352,7 @@ impl<S> tower_layer::Layer<S> for BudgetLayer {
         Budgeted {
             inner,
             budget: self.budget.clone(),
+            replies: self.replies.clone(),
             classify: self.classify.clone(),
         }
     }
@@ -242,22 +363,23 @@ impl<S> tower_layer::Layer<S> for BudgetLayer {
 pub struct Budgeted<S> {
     inner: S,
     budget: Arc<Budget>,
+    replies: Arc<Budget>,
     classify: Classify,
 }
 
-impl<S, B> tower_service::Service<Request<B>> for Budgeted<S>
+impl<S, B, RB> tower_service::Service<Request<B>> for Budgeted<S>
 where
-    S: tower_service::Service<Request<Charged<B>>>,
+    S: tower_service::Service<Request<Charged<B>>, Response = Response<RB>>,
 {
-    type Response = S::Response;
+    type Response = Response<Replied<RB>>;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = ReplyFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let charged = !req.uri().path().starts_with(UNCHARGED);
         let holder = if charged {
             let ext = req.extensions();
@@ -273,14 +395,23 @@ where
             None
         };
         let budget = charged.then(|| self.budget.clone());
-        self.inner.call(req.map(|inner| Charged {
-            inner,
-            budget,
-            holder,
-            charged: 0,
-            framing: Framing::default(),
-            idle: None,
-        }))
+        // The handler finds the reply's charge in the request (`reply_budget::of`); the reply's
+        // body holds it until the reply is sent.
+        let reply = charged.then(|| ReplyCharge::new(self.replies.clone(), holder.clone()));
+        if let Some(r) = &reply {
+            req.extensions_mut().insert(r.clone());
+        }
+        ReplyFuture::new(
+            self.inner.call(req.map(|inner| Charged {
+                inner,
+                budget,
+                holder,
+                charged: 0,
+                framing: Framing::default(),
+                idle: None,
+            })),
+            reply,
+        )
     }
 }
 

@@ -21,6 +21,7 @@ pub mod peers;
 pub mod pending;
 pub mod raft;
 pub mod removal;
+pub mod reply_budget;
 pub mod role;
 pub mod rotate;
 pub mod subscribers;
@@ -391,6 +392,7 @@ async fn serve(
         .layer(rpc_timing)
         .layer(body_budget::BudgetLayer {
             budget: body_budget::Budget::new(node.cfg.request_buffer_bytes.unwrap_or(body_budget::DEFAULT_BUDGET)),
+            replies: body_budget::Budget::new(node.cfg.request_buffer_bytes.unwrap_or(body_budget::DEFAULT_BUDGET)),
             classify: {
                 let node = node.clone();
                 Arc::new(move |headers, certs| grpc::budget_sender(&node, headers, certs))

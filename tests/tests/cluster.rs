@@ -178,38 +178,52 @@ async fn corrupt_blob_is_never_served_and_is_repaired() {
         let tc = TestCluster::start(ClusterOpts::new(2, 1)).await?;
         tc.create_volume("www", 2).await?;
         let c = tc.client();
-        let content = b"precious content that must never be served corrupt".repeat(1000);
-        TestCluster::write_file(&c, "www", "", "a.bin", &content).await?;
-        let h = Hash::of(&content);
-        let hex = h.to_hex();
         let target = &tc.servers[0];
-        let path = target
-            .dir
-            .join("blobs/data")
-            .join(&hex[..2])
-            .join(&hex[2..4])
-            .join(&hex);
-        let mut bytes = std::fs::read(&path)?;
-        bytes[1000] ^= 0xff;
-        std::fs::write(&path, &bytes)?;
-        // Reading from the corrupted replica alone: an error, never the bad bytes.
         let only = tc.client_on(&target.addr);
-        let attr = tc
-            .resolve_on(&target.addr, "www", "a.bin")
-            .await?
-            .attr
-            .context("no attr")?;
-        let blob = BlobRef::of(&attr)?;
-        assert_eq!(blob.hash, h);
-        let r = only.get_blob(&blob).await;
-        assert!(r.is_err(), "corrupt copy must not be served");
-        // The replica noticed, quarantined it and repairs it from its peer.
-        wait_until(Duration::from_secs(20), "corrupt blob repaired", || async {
-            only.get_blob(&blob).await.is_ok_and(|d| d == content)
-        })
-        .await?;
+        // Writes `name`, damages its stored copy on `target` with `damage`, and checks that
+        // reading from that replica alone fails (never the bad bytes) and that the replica then
+        // quarantines the copy and repairs it from its peer.
+        let damaged = |name: &'static str, content: Vec<u8>, damage: fn(&mut Vec<u8>)| {
+            let (tc, c, only) = (&tc, &c, &only);
+            async move {
+                TestCluster::write_file(c, "www", "", name, &content).await?;
+                let attr = tc
+                    .resolve_on(&target.addr, "www", name)
+                    .await?
+                    .attr
+                    .context("no attr")?;
+                let blob = BlobRef::of(&attr)?;
+                assert_eq!(blob.hash, Hash::of(&content));
+                assert_eq!(only.get_blob(&blob).await?, content, "an intact copy is served whole");
+                let hex = blob.hash.to_hex();
+                let path = target
+                    .dir
+                    .join("blobs/data")
+                    .join(&hex[..2])
+                    .join(&hex[2..4])
+                    .join(&hex);
+                let mut bytes = std::fs::read(&path)?;
+                damage(&mut bytes);
+                std::fs::write(&path, &bytes)?;
+                let r = only.get_blob(&blob).await;
+                assert!(r.is_err(), "{name}: a damaged copy must not be served");
+                wait_until(Duration::from_secs(20), "the damaged copy repaired", || async {
+                    only.get_blob(&blob).await.is_ok_and(|d| d == content)
+                })
+                .await
+            }
+        };
+        let content = b"precious content that must never be served corrupt".repeat(1000);
+        damaged("a.bin", content, |b| b[1000] ^= 0xff).await?;
         let st = tc.status_of(&target.addr).await?;
         assert!(st.corrupt_found >= 1, "{st:?}");
+        // A blob of three 1 MiB chunks (all but the last sent before it verified) whose stored
+        // copy is one byte longer, then one byte shorter, than it should be.
+        let big: Vec<u8> = (0..(5 << 19) + 3).map(|i| (i % 251) as u8).collect();
+        damaged("longer.bin", big.clone(), |b| b.push(0)).await?;
+        let mut other = big;
+        other[0] ^= 1;
+        damaged("shorter.bin", other, |b| b.truncate(b.len() - 1)).await?;
         Ok(())
     })
     .await

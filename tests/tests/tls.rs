@@ -413,6 +413,113 @@ async fn unfinished_request_messages_are_held_within_the_servers_budget() {
     .await
 }
 
+/// A caller that asks for blobs and never reads the replies (it grants one byte of HTTP/2
+/// window) made a server hold each whole reply: 4 MiB per `GetSmall`, 256 streams per
+/// connection. Reply bytes now come out of a reply budget before they are read from disk, and
+/// stay charged until written: at a 64 MiB budget this caller's address holds four 4 MiB
+/// replies (its quarter), the next replies wait for room and are refused with
+/// `RESOURCE_EXHAUSTED`, an account still reads meanwhile, and the room is back once the
+/// connection goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unread_replies_are_held_within_the_servers_budget() {
+    bounded(async {
+        let opts = ClusterOpts::new(2, 0).insecure().arg("--request-buffer-max", "64M");
+        let tc = TestCluster::start(opts).await?;
+        tc.create_volume("www", 2).await?;
+        let writer = tc.client();
+        let addr = tc.servers[1].addr.clone();
+        // Four files of 1 MiB: one GetSmall of all four is a 4 MiB reply.
+        let mut asked = Vec::new();
+        for i in 0..4u8 {
+            let name = format!("f{i}.bin");
+            TestCluster::write_file(&writer, "www", "", &name, &vec![i; 1 << 20]).await?;
+            tc.caught_up(&addr).await?;
+            let attr = tc.resolve_on(&addr, "www", &name).await?.attr.context("no attr")?;
+            asked.push(pb::GetBlobRequest {
+                hash: attr.hash.clone(),
+                offset: 0,
+                ticket: attr.read_ticket.clone(),
+                ino: attr.ino,
+                manifest: Default::default(),
+            });
+        }
+        let message = prost::Message::encode_to_vec(&pb::GetSmallRequest { blobs: asked.clone() });
+        let mut framed = vec![0u8; 5];
+        framed[1..5].copy_from_slice(&u32::try_from(message.len())?.to_be_bytes());
+        framed.extend_from_slice(&message);
+        let framed = bytes::Bytes::from(framed);
+
+        let pid = tc.servers[1].pid().context("the probed server's pid")?;
+        let tcp = tokio::net::TcpStream::connect(&addr).await?;
+        // A window of one byte per stream and a wide one for the connection: the server's HTTP/2
+        // layer takes each whole reply into its send buffer, and sends one byte of it.
+        let (client, conn) = h2::client::Builder::new()
+            .initial_window_size(1)
+            .initial_connection_window_size(1 << 30)
+            .handshake(tcp)
+            .await?;
+        let driver = tokio::spawn(conn);
+        const STREAMS: usize = 24;
+        let (counts, grew) = peak_growth(pid, async {
+            let mut answers = futures::stream::FuturesUnordered::new();
+            let mut client = client.clone();
+            for _ in 0..STREAMS {
+                client = client.ready().await?;
+                let req = http::Request::post(format!("http://{addr}/codafs.v1.Blobs/GetSmall"))
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(())?;
+                let (answer, mut send) = client.send_request(req, false)?;
+                send.send_data(framed.clone(), true)?;
+                answers.push(answer);
+            }
+            // Held replies answer with their headers at once, refused ones after waiting for
+            // room (10 s); 20 s without an answer ends the wait.
+            let (mut held, mut refused, mut kept) = (0, 0, Vec::new());
+            let wait = Duration::from_secs(20);
+            while let Ok(Some(answer)) = tokio::time::timeout(wait, futures::StreamExt::next(&mut answers)).await {
+                let answer: http::Response<h2::RecvStream> = answer?;
+                match answer.headers().get("grpc-status").map(|v| v.as_bytes().to_vec()) {
+                    None => {
+                        held += 1;
+                        kept.push(answer);
+                    }
+                    Some(s) if s == b"8" => refused += 1,
+                    other => bail!(
+                        "an answer other than RESOURCE_EXHAUSTED: {other:?} {:?}",
+                        answer.headers()
+                    ),
+                }
+            }
+            Ok::<_, anyhow::Error>((held, refused, kept))
+        })
+        .await?;
+        let (held, refused, _kept) = counts?;
+        assert_eq!(held + refused, STREAMS, "every request answered");
+        assert!(
+            held <= 4,
+            "{held} unread 4 MiB replies held: more than this address's 16 MiB"
+        );
+        assert!(held >= 3, "only {held} held: an address may hold four");
+        assert!(
+            grew < 40 << 10,
+            "the server's peak memory grew by {grew} KiB for {STREAMS} unread 4 MiB replies"
+        );
+        // An account is not this caller: it reads while the replies are held.
+        assert_eq!(tc.read_on(&addr, "www", "f1.bin").await?, vec![1u8; 1 << 20]);
+        // With the connection gone, this address has room again.
+        driver.abort();
+        drop(client);
+        let anonymous = Cluster::new(std::slice::from_ref(&addr), Tls::Insecure, None)?;
+        let got = tokio::time::timeout(Duration::from_secs(5), anonymous.get_small(None, asked))
+            .await
+            .context("the address still waits for room after its connection went")??;
+        assert_eq!(got.len(), 4, "all four blobs in one reply");
+        Ok(())
+    })
+    .await
+}
+
 /// A request to `path` through `ch` that sends the first `sent` bytes of a message declared
 /// `declared` bytes long and then stays open. Resolves to its `grpc-status` when the server
 /// answers (a refusal answers at once; a held request only when it fails for its stall).

@@ -25,6 +25,7 @@ use crate::blobs::{BlobError, BlobReader};
 use crate::fsm::StateView;
 use crate::node::Node;
 use crate::pending::Charge;
+use crate::reply_budget::{self, ReplyCharge};
 
 /// How far ahead of the bytes that came a put reserves disk space (see `blobs::space`).
 const RESERVE_STEP: u64 = 64 << 20;
@@ -349,6 +350,7 @@ impl pb::blobs_server::Blobs for BlobService {
     async fn get(&self, req: Request<pb::GetBlobRequest>) -> Result<Response<Self::GetStream>, Status> {
         let node = self.0.clone();
         let caller = Caller::of(&node, &req);
+        let charge = reply_budget::of(&req);
         let r = req.into_inner();
         let hash = convert::hash(&r.hash)?;
         // A chunk is read with the right to its file's manifest (see `access`).
@@ -376,8 +378,16 @@ impl pb::blobs_server::Blobs for BlobService {
         };
         node.counters.blob_gets.fetch_add(1, Ordering::Relaxed);
         let offset = r.offset;
-        let (tx, rx) = mpsc::channel::<Result<pb::BlobChunk, Status>>(4);
-        tokio::task::spawn_blocking(move || stream_verified(&node, file, len, hash, offset, &tx));
+        let (tx, rx) = mpsc::channel::<Result<pb::BlobChunk, Status>>(2);
+        let reading = Reading { file, hasher: None };
+        tokio::spawn(async move {
+            let out = Out { tx, charge };
+            if offset == 0 {
+                stream_whole_verified(&node, reading, len, hash, &out).await;
+            } else {
+                stream_from(reading, len, hash, offset, &out).await;
+            }
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -385,6 +395,7 @@ impl pb::blobs_server::Blobs for BlobService {
     async fn get_small(&self, req: Request<pb::GetSmallRequest>) -> Result<Response<pb::GetSmallReply>, Status> {
         let node = self.0.clone();
         let caller = Caller::of(&node, &req);
+        let charge = reply_budget::of(&req);
         let r = req.into_inner();
         if r.blobs.len() > MAX_SMALL_GET {
             return Err(refuse(
@@ -417,10 +428,30 @@ impl pb::blobs_server::Blobs for BlobService {
                 _ => {}
             }
         }
-        let n = node.clone();
-        let blobs = tokio::task::spawn_blocking(move || read_small_blobs(&n, &wanted))
-            .await
-            .map_err(internal)?;
+        // Room for the reply before it is read: a caller that never reads its replies holds
+        // at most its share of them. Taken on the reading thread when there is room at once;
+        // otherwise waited for here, off the blocking threads.
+        let (n, c) = (node.clone(), charge.clone());
+        let read = tokio::task::spawn_blocking(move || {
+            let (chosen, bytes) = choose_small_blobs(&n, &wanted);
+            if c.try_take(bytes) {
+                Ok(read_small_blobs(&n, &chosen))
+            } else {
+                Err((chosen, bytes))
+            }
+        })
+        .await
+        .map_err(internal)?;
+        let blobs = match read {
+            Ok(blobs) => blobs,
+            Err((chosen, bytes)) => {
+                charge.take(bytes).await?;
+                let n = node.clone();
+                tokio::task::spawn_blocking(move || read_small_blobs(&n, &chosen))
+                    .await
+                    .map_err(internal)?
+            }
+        };
         node.counters.blob_gets.fetch_add(blobs.len() as u64, Ordering::Relaxed);
         Ok(Response::new(pb::GetSmallReply { blobs }))
     }
@@ -491,8 +522,9 @@ impl pb::blobs_server::Blobs for BlobService {
 /// `MAX_SMALL_GET_BYTES` in all. A corrupt copy is quarantined (`BlobStore::read_verified`;
 /// repair is woken) and left out, as is anything missing, too large or unreadable: the caller
 /// fetches those one by one.
-fn read_small_blobs(node: &Node, wanted: &[Hash]) -> Vec<pb::SmallBlob> {
-    // Sizes first, so that no more than MAX_SMALL_GET_BYTES is ever read into memory.
+/// The blobs of `wanted` held here that one `GetSmall` reply sends, and their bytes: sizes
+/// first, so that no more than MAX_SMALL_GET_BYTES is ever read into memory.
+fn choose_small_blobs(node: &Node, wanted: &[Hash]) -> (Vec<Hash>, u64) {
     let sizes = par_map(wanted, |h| node.blobs.size(h));
     let mut chosen = Vec::with_capacity(wanted.len());
     let mut total = 0usize;
@@ -505,7 +537,12 @@ fn read_small_blobs(node: &Node, wanted: &[Hash]) -> Vec<pb::SmallBlob> {
         total += len;
         chosen.push(*hash);
     }
-    let read = par_map(&chosen, |h| node.blobs.read_verified(h));
+    (chosen, total as u64)
+}
+
+/// Reads and verifies the `chosen` blobs; a corrupt one is left out (and repair woken).
+fn read_small_blobs(node: &Node, chosen: &[Hash]) -> Vec<pb::SmallBlob> {
+    let read = par_map(chosen, |h| node.blobs.read_verified(h));
     let mut out = Vec::with_capacity(chosen.len());
     for (hash, data) in chosen.iter().zip(read) {
         match data {
@@ -591,19 +628,6 @@ fn par_map<T: Sync, U: Send>(items: &[T], f: impl Fn(&T) -> U + Sync) -> Vec<U> 
     })
 }
 
-/// Sends on the stream's channel from the blocking reader thread, giving up after a minute
-/// if the client stopped reading (so a stalled reader cannot hold a blocking thread forever).
-fn send_blocking(
-    tx: &mpsc::Sender<Result<pb::BlobChunk, Status>>,
-    msg: Result<pb::BlobChunk, Status>,
-) -> Result<(), ()> {
-    let handle = tokio::runtime::Handle::current();
-    match handle.block_on(tokio::time::timeout(std::time::Duration::from_secs(60), tx.send(msg))) {
-        Ok(Ok(())) => Ok(()),
-        _ => Err(()),
-    }
-}
-
 /// On a witness, the spool's room for `size` more bytes (nothing to reserve elsewhere). A full
 /// spool refuses a hint (`forwarded`) for lack of space, so the put it belongs to says why, and
 /// a client's put as unavailable here, so the client takes it to a data replica instead.
@@ -666,20 +690,69 @@ fn quorum_missed(what: String, r: &Replicated) -> Status {
     }
 }
 
-/// Streams a blob from `offset`: from 0 verified (see [`stream_whole_verified`]), from a later
-/// offset without re-reading what lies before it (see [`stream_from`]).
-fn stream_verified(
-    node: &Node,
+/// Where a `Get` stream's chunks go: the reply's channel, each chunk's bytes taken from the
+/// reply budget before it is read (see `crate::reply_budget`).
+struct Out {
+    tx: mpsc::Sender<Result<pb::BlobChunk, Status>>,
+    charge: Arc<ReplyCharge>,
+}
+
+impl Out {
+    /// Sends `msg`, giving up after a minute if the client stopped reading (so a stalled
+    /// reader cannot keep the blob open forever). `Err`: stop.
+    async fn send(&self, msg: Result<pb::BlobChunk, Status>) -> Result<(), ()> {
+        match tokio::time::timeout(Duration::from_secs(60), self.tx.send(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(()),
+        }
+    }
+
+    /// Takes room for `n` more bytes of the reply, waiting (off the blocking threads) while a
+    /// caller has not read what it asked for; sends the refusal if none comes. `Err`: stop.
+    async fn room(&self, n: usize) -> Result<(), ()> {
+        match self.charge.take(n as u64).await {
+            Ok(()) => Ok(()),
+            Err(s) => {
+                let _ = self.send(Err(s)).await;
+                Err(())
+            }
+        }
+    }
+
+    /// Sends a failure and stops.
+    async fn fail(&self, s: Status) -> Result<(), ()> {
+        let _ = self.send(Err(s)).await;
+        Err(())
+    }
+}
+
+/// A blob being read, hashed as it goes when `hasher` is set.
+struct Reading {
     file: BlobReader,
-    len: u64,
-    hash: Hash,
-    offset: u64,
-    tx: &mpsc::Sender<Result<pb::BlobChunk, Status>>,
-) {
-    if offset == 0 {
-        stream_whole_verified(node, file, len, hash, tx);
-    } else {
-        stream_from(file, len, hash, offset, tx);
+    hasher: Option<blake3::Hasher>,
+}
+
+impl Reading {
+    /// The next chunk of at most `max` bytes (empty at the end), read on a blocking thread.
+    async fn next(self, max: usize) -> Result<(Self, Vec<u8>), Status> {
+        let read = tokio::task::spawn_blocking(move || {
+            let mut me = self;
+            let mut buf = vec![0u8; max];
+            let r = read_full(&mut me.file, &mut buf).map(|n| {
+                buf.truncate(n);
+                if let Some(h) = &mut me.hasher {
+                    h.update(&buf);
+                }
+                buf
+            });
+            (me, r)
+        })
+        .await;
+        match read {
+            Ok((me, Ok(buf))) => Ok((me, buf)),
+            Ok((_, Err(e))) => Err(refuse(ErrorKind::Internal, format!("reading blob: {e}"))),
+            Err(e) => Err(internal(e)),
+        }
     }
 }
 
@@ -696,151 +769,129 @@ fn read_full(file: &mut BlobReader, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(filled)
 }
 
-/// The next chunk of at most `max` bytes (`None` at the end). A read error is sent to the
-/// client, and `Err` tells the caller to stop there.
-fn next_chunk(
-    file: &mut BlobReader,
-    max: usize,
-    tx: &mpsc::Sender<Result<pb::BlobChunk, Status>>,
-) -> Result<Option<Vec<u8>>, ()> {
-    let mut buf = vec![0u8; max];
-    match read_full(file, &mut buf) {
-        Ok(0) => Ok(None),
-        Ok(n) => {
-            buf.truncate(n);
-            Ok(Some(buf))
-        }
-        Err(e) => {
-            let _ = send_blocking(tx, Err(refuse(ErrorKind::Internal, format!("reading blob: {e}"))));
-            Err(())
-        }
-    }
-}
-
 /// Streams the rest of a blob from `offset` (a client resuming a fetch that broke off). The
 /// bytes before `offset` are neither read nor hashed, so a resume costs what it sends, not the
 /// whole blob again; nothing here verifies the hash. That is safe because the client hashes
 /// every byte it received, from whichever replicas, and uses the blob only if the whole of it
 /// matches (`fetch_blob` in client-fuse): a corrupt copy here is caught there, and the client
 /// then starts over from 0 elsewhere, where this server's verified path applies.
-fn stream_from(
-    mut file: BlobReader,
-    len: u64,
-    hash: Hash,
-    offset: u64,
-    tx: &mpsc::Sender<Result<pb::BlobChunk, Status>>,
-) {
+async fn stream_from(r: Reading, len: u64, hash: Hash, offset: u64, out: &Out) {
+    let _ = send_from(r, len, hash, offset, out).await;
+}
+
+/// [`stream_from`]; `Err`: stopped early (a failure was sent, or the client went).
+async fn send_from(mut r: Reading, len: u64, hash: Hash, offset: u64, out: &Out) -> Result<(), ()> {
     use std::io::{Seek, SeekFrom};
     let mut first = true;
     if offset < len {
-        if let Err(e) = file.seek(SeekFrom::Start(offset)) {
-            let _ = send_blocking(
-                tx,
-                Err(refuse(ErrorKind::Internal, format!("seeking in blob {hash}: {e}"))),
-            );
-            return;
+        if let Err(e) = r.file.seek(SeekFrom::Start(offset)) {
+            return out
+                .fail(refuse(ErrorKind::Internal, format!("seeking in blob {hash}: {e}")))
+                .await;
         }
         let mut pos = offset;
         while pos < len {
-            let Ok(chunk) = next_chunk(&mut file, BLOB_CHUNK.min((len - pos) as usize), tx) else {
-                return;
+            let want = BLOB_CHUNK.min(usize::try_from(len - pos).unwrap_or(BLOB_CHUNK));
+            out.room(want).await?;
+            let buf;
+            (r, buf) = match r.next(want).await {
+                Ok(x) => x,
+                Err(s) => return out.fail(s).await,
             };
-            let Some(buf) = chunk else { break };
+            if buf.is_empty() {
+                break;
+            }
             pos += buf.len() as u64;
             let msg = pb::BlobChunk {
                 data: buf.into(),
                 total_size: if first { len } else { 0 },
             };
             first = false;
-            if send_blocking(tx, Ok(msg)).is_err() {
-                return;
-            }
+            out.send(Ok(msg)).await?;
         }
         if pos != len {
-            let _ = send_blocking(
-                tx,
-                Err(refuse(
+            return out
+                .fail(refuse(
                     ErrorKind::Corrupt,
                     format!("stored copy of blob {hash} is shorter than its {len} bytes; try another replica"),
-                )),
-            );
-            return;
+                ))
+                .await;
         }
     }
     if first {
         // Nothing after the offset: still tell the client the blob's size.
-        let _ = send_blocking(
-            tx,
-            Ok(pb::BlobChunk {
-                data: bytes::Bytes::new(),
-                total_size: len,
-            }),
-        );
+        out.send(Ok(pb::BlobChunk {
+            data: bytes::Bytes::new(),
+            total_size: len,
+        }))
+        .await?;
     }
+    Ok(())
 }
 
 /// Streams a whole blob in chunks while hashing it, holding back the last chunk until the
 /// whole blob verified: a corrupt copy ends in an error before the receiver has all of it, so
-/// it is never served as complete. Corrupt copies are quarantined and repair is woken.
-fn stream_whole_verified(
-    node: &Node,
-    mut file: BlobReader,
-    len: u64,
-    hash: Hash,
-    tx: &mpsc::Sender<Result<pb::BlobChunk, Status>>,
-) {
-    let mut hasher = blake3::Hasher::new();
+/// it is never served as complete. Corrupt copies are quarantined and repair is woken. The
+/// last read asks for one byte more than is left, to find a stored copy longer than it should
+/// be; no room is waited for while the last chunk is held (only bytes on their way to the
+/// client are held then, so a caller's streams cannot all wait on each other's held chunks).
+async fn stream_whole_verified(node: &Arc<Node>, mut r: Reading, len: u64, hash: Hash, out: &Out) {
+    r.hasher = Some(blake3::Hasher::new());
     let mut pos = 0u64;
-    let mut held: Option<bytes::Bytes> = None;
     let mut first = true;
-    loop {
-        // A buffer no larger than what is left (zeroing 1 MiB for each small blob, twice with
-        // the read that finds the end, was a tenth of a server's time serving a cold node);
-        // past the end, a small one finds out whether the stored copy is longer than it should be.
-        let want = if pos < len {
-            BLOB_CHUNK.min(usize::try_from(len - pos).unwrap_or(BLOB_CHUNK))
-        } else {
-            4096
-        };
-        let Ok(chunk) = next_chunk(&mut file, want, tx) else {
+    let last = loop {
+        // A buffer no larger than what is left (zeroing 1 MiB for each small blob was a tenth
+        // of a server's time serving a cold node).
+        let want = BLOB_CHUNK.min(usize::try_from(len - pos).unwrap_or(BLOB_CHUNK));
+        let is_last = pos + want as u64 == len;
+        if out.room(want).await.is_err() {
             return;
-        };
-        let Some(buf) = chunk else { break };
-        hasher.update(&buf);
-        pos += buf.len() as u64;
-        if let Some(prev) = held.take() {
-            let msg = pb::BlobChunk {
-                data: prev,
-                total_size: if first { len } else { 0 },
-            };
-            first = false;
-            if send_blocking(tx, Ok(msg)).is_err() {
+        }
+        let buf;
+        (r, buf) = match r.next(want + usize::from(is_last)).await {
+            Ok(x) => x,
+            Err(s) => {
+                let _ = out.fail(s).await;
                 return;
             }
+        };
+        pos += buf.len() as u64;
+        if is_last || buf.len() < want {
+            // The end, or a stored copy shorter than it should be (checked below).
+            break buf;
         }
-        held = Some(buf.into());
-    }
-    if codafs_common::Hash::from(hasher.finalize()) != hash || pos != len {
-        node.blobs.quarantine(&hash);
-        node.repair_now();
-        let _ = send_blocking(
-            tx,
-            Err(refuse(
+        let msg = pb::BlobChunk {
+            data: buf.into(),
+            total_size: if first { len } else { 0 },
+        };
+        first = false;
+        if out.send(Ok(msg)).await.is_err() {
+            return;
+        }
+    };
+    let whole = r.hasher.take().map(|h| codafs_common::Hash::from(h.finalize()));
+    if whole != Some(hash) || pos != len {
+        let n = node.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            n.blobs.quarantine(&hash);
+            n.repair_now();
+        })
+        .await;
+        let _ = out
+            .fail(refuse(
                 ErrorKind::Corrupt,
                 format!("stored copy of blob {hash} is corrupt; try another replica"),
-            )),
-        );
+            ))
+            .await;
         return;
     }
-    let last = held.unwrap_or_default();
     if !last.is_empty() || first {
-        let _ = send_blocking(
-            tx,
-            Ok(pb::BlobChunk {
-                data: last,
+        let _ = out
+            .send(Ok(pb::BlobChunk {
+                data: last.into(),
                 total_size: if first { len } else { 0 },
-            }),
-        );
+            }))
+            .await;
     }
 }
 
@@ -887,7 +938,12 @@ mod tests {
         let file = BlobReader::File(std::fs::File::open(&path).unwrap());
         let len = stored.len() as u64;
         let (tx, mut rx) = mpsc::channel(4);
-        let task = tokio::task::spawn_blocking(move || stream_from(file, len, hash, offset, &tx));
+        let out = Out {
+            tx,
+            charge: ReplyCharge::none(),
+        };
+        let reading = Reading { file, hasher: None };
+        let task = tokio::spawn(async move { stream_from(reading, len, hash, offset, &out).await });
         let mut out = Vec::new();
         while let Some(m) = rx.recv().await {
             out.push(m);

@@ -35,6 +35,37 @@ impl MetaService {
 
     /// A "not found" decided on state at least as fresh as `applied`: a client that asked
     /// several servers takes it from any whose state covers its own commits (see `as_of`).
+    /// A page of directory `ino`'s entries after `after`, at most `limit` of them.
+    fn dir_page(&self, ino: u64, after: &str, limit: usize) -> Result<pb::ReadDirReply, Status> {
+        let tickets = self.0.ticket_maker()?;
+        // Read before the page: the page is at least this fresh.
+        let applied_index = self.0.applied_index();
+        let (dir, page, more) = self
+            .0
+            .tables()
+            .dir_page(ino, after, limit)
+            .map_err(internal)?
+            .ok_or_else(|| self.absent(format!("no node {ino:#x}"), applied_index))?;
+        if dir.kind != crate::fsm::Kind::Dir {
+            return Err(refuse(ErrorKind::NotDir, format!("{ino:#x} is not a directory")));
+        }
+        // A page read from tables being emptied would be cut short, and mounts cache listings.
+        self.0.check_installing()?;
+        let entries = page
+            .into_iter()
+            .map(|(name, o)| pb::DirEntry {
+                name,
+                attr: Some(shown(&o, &tickets)),
+            })
+            .collect();
+        Ok(pb::ReadDirReply {
+            entries,
+            more,
+            applied_index,
+            dir_version: dir.version,
+        })
+    }
+
     fn absent(&self, what: String, applied: u64) -> Status {
         self.refused_as_of(refuse(ErrorKind::NotFound, what), applied)
     }
@@ -119,40 +150,27 @@ impl pb::meta_server::Meta for MetaService {
     async fn read_dir(&self, req: Request<pb::ReadDirRequest>) -> Result<Response<pb::ReadDirReply>, Status> {
         self.0.check_member()?;
         let caller = Caller::of(&self.0, &req);
+        let charge = crate::reply_budget::of(&req);
         let r = req.into_inner();
         self.0.check_read_ino(&caller, r.ino)?;
-        let tickets = self.0.ticket_maker()?;
         let limit = if r.limit == 0 {
             DEFAULT_READDIR_PAGE
         } else {
             r.limit.min(MAX_READDIR_PAGE)
         } as usize;
-        // Read before the page: the page is at least this fresh.
-        let applied_index = self.0.applied_index();
-        let (dir, page, more) = self
-            .0
-            .tables()
-            .dir_page(r.ino, &r.after, limit)
-            .map_err(internal)?
-            .ok_or_else(|| self.absent(format!("no node {:#x}", r.ino), applied_index))?;
-        if dir.kind != crate::fsm::Kind::Dir {
-            return Err(refuse(ErrorKind::NotDir, format!("{:#x} is not a directory", r.ino)));
+        // A page waits in memory until its caller reads it (see `crate::reply_budget`): its bytes
+        // are taken if there is room now; otherwise the page is dropped, room waited for, and
+        // the page read again (never held uncharged while waiting).
+        let reply = self.dir_page(r.ino, &r.after, limit)?;
+        let len = prost::Message::encoded_len(&reply) as u64;
+        if charge.try_take(len) {
+            return Ok(Response::new(reply));
         }
-        // A page read from tables being emptied would be cut short, and mounts cache listings.
-        self.0.check_installing()?;
-        let entries = page
-            .into_iter()
-            .map(|(name, o)| pb::DirEntry {
-                name,
-                attr: Some(shown(&o, &tickets)),
-            })
-            .collect();
-        Ok(Response::new(pb::ReadDirReply {
-            entries,
-            more,
-            applied_index,
-            dir_version: dir.version,
-        }))
+        drop(reply);
+        charge.take(len).await?;
+        let reply = self.dir_page(r.ino, &r.after, limit)?;
+        charge.settle(len, prost::Message::encoded_len(&reply) as u64)?;
+        Ok(Response::new(reply))
     }
 
     async fn volume_stamps(

@@ -120,12 +120,17 @@ pub struct Budget {
     waiters: Mutex<HashMap<Option<Holder>, Waiters>>,
     /// How many wait for room now (releases wake no one when none does).
     waiting: AtomicUsize,
+    /// Numbers waiters.
+    tickets: AtomicU64,
 }
 
-/// One holder's waiters for room.
+/// One holder's waiters for room, in arrival order: each a ticket and its own wake-up. Only
+/// the first may take room (first come, first served: a large reply is not passed over by
+/// smaller ones taking each byte that goes back), and only it is woken by a release; when it
+/// is done, the next is woken.
+#[derive(Default)]
 struct Waiters {
-    room: Arc<tokio::sync::Notify>,
-    count: usize,
+    queue: std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>,
 }
 
 /// Most waiters for room one holder may have; past it, a request is refused at once.
@@ -151,6 +156,7 @@ impl Budget {
             warned: AtomicU64::new(0),
             waiters: Mutex::new(HashMap::new()),
             waiting: AtomicUsize::new(0),
+            tickets: AtomicU64::new(0),
         })
     }
 
@@ -166,44 +172,63 @@ impl Budget {
         }
     }
 
-    /// [`Budget::charge`], waiting up to `limit` for bytes to go back while there is no room
-    /// (false at once if the holder already has [`MAX_WAITERS_PER_HOLDER`] waiting).
+    /// [`Budget::charge`], waiting up to `limit` for bytes to go back while there is no room,
+    /// behind the holder's earlier waiters (false at once if it already has
+    /// [`MAX_WAITERS_PER_HOLDER`] waiting).
     pub(crate) async fn take(&self, holder: Option<&Holder>, n: u64, limit: std::time::Duration) -> bool {
-        if self.charge(holder, n) {
+        if !self.queued(holder) && self.charge(holder, n) {
             return true;
         }
         let deadline = tokio::time::Instant::now() + limit;
-        let room = {
-            let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-            let e = w.entry(holder.cloned()).or_insert_with(|| Waiters {
-                room: Arc::new(tokio::sync::Notify::new()),
-                count: 0,
-            });
-            if e.count >= MAX_WAITERS_PER_HOLDER {
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        let me = Arc::new(tokio::sync::Notify::new());
+        {
+            let mut w = self.waiters();
+            let e = w.entry(holder.cloned()).or_default();
+            if e.queue.len() >= MAX_WAITERS_PER_HOLDER {
                 return false;
             }
-            e.count += 1;
-            e.room.clone()
-        };
+            e.queue.push_back((ticket, me.clone()));
+        }
         // Counted before the next attempt: a release after a failed attempt then wakes it.
         self.waiting.fetch_add(1, Ordering::SeqCst);
-        let _counted = Waiting { budget: self, holder };
+        let _queued = Waiting {
+            budget: self,
+            holder,
+            ticket,
+        };
         loop {
-            let woken = room.notified();
-            tokio::pin!(woken);
-            woken.as_mut().enable();
-            if self.charge(holder, n) {
+            if self.first(holder, ticket) && self.charge(holder, n) {
                 return true;
             }
-            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+            // A wake-up given meanwhile is kept (`notify_one`), so none is lost.
+            if tokio::time::timeout_at(deadline, me.notified()).await.is_err() {
                 return false;
             }
         }
     }
 
-    /// Wakes the waiters a release of `holder`'s bytes may have made room for: its own; and
-    /// everyone's if the total was within a share of its bound before (a waiter may have
-    /// waited on it), or the strangers' if their part was within a stranger's share of its.
+    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<Option<Holder>, Waiters>> {
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `holder` has waiters (a new take then waits behind them).
+    fn queued(&self, holder: Option<&Holder>) -> bool {
+        self.waiting.load(Ordering::SeqCst) > 0 && self.waiters().contains_key(&holder.cloned())
+    }
+
+    /// Whether `ticket` is the first of `holder`'s waiters.
+    fn first(&self, holder: Option<&Holder>, ticket: u64) -> bool {
+        let w = self.waiters();
+        w.get(&holder.cloned())
+            .and_then(|e| e.queue.front())
+            .is_some_and(|(t, _)| *t == ticket)
+    }
+
+    /// Wakes the waiters a release of `holder`'s bytes may have made room for: the first of
+    /// its own; and the first of everyone's if the total was within a share of its bound
+    /// before (a waiter may have waited on it), or of the strangers' if their part was within
+    /// a stranger's share of its.
     fn wake(&self, holder: Option<&Holder>, (total_before, strangers_before): (u64, u64)) {
         if self.waiting.load(Ordering::SeqCst) == 0 {
             return;
@@ -211,15 +236,20 @@ impl Budget {
         let all = total_before + self.per_holder.max(self.per_stranger) > self.total;
         let strangers =
             matches!(holder, Some(Holder::Stranger(_))) && strangers_before + self.per_stranger > self.strangers;
-        let w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        let w = self.waiters();
+        let wake_first = |e: &Waiters| {
+            if let Some((_, n)) = e.queue.front() {
+                n.notify_one();
+            }
+        };
         if all || strangers {
             for (h, e) in w.iter() {
                 if all || matches!(h, Some(Holder::Stranger(_))) {
-                    e.room.notify_waiters();
+                    wake_first(e);
                 }
             }
         } else if let Some(e) = w.get(&holder.cloned()) {
-            e.room.notify_waiters();
+            wake_first(e);
         }
     }
 
@@ -315,23 +345,28 @@ impl Budget {
     }
 }
 
-/// Counts one waiter of [`Budget::take`] while it lives (the wait can be cancelled).
+/// One waiter of [`Budget::take`] while it lives (the wait can be cancelled): when it goes,
+/// it leaves the queue, and the next waiter is woken (there may be room for it too).
 struct Waiting<'a> {
     budget: &'a Budget,
     holder: Option<&'a Holder>,
+    ticket: u64,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.budget.waiting.fetch_sub(1, Ordering::SeqCst);
-        let mut w = self.budget.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.budget.waiters();
         let key = self.holder.cloned();
         if let Some(e) = w.get_mut(&key) {
-            e.count = e.count.saturating_sub(1);
-            if e.count == 0 {
-                w.remove(&key);
+            e.queue.retain(|(t, _)| *t != self.ticket);
+            match e.queue.front() {
+                Some((_, next)) => next.notify_one(),
+                None => {
+                    w.remove(&key);
+                }
             }
         }
+        self.budget.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

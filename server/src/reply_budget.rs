@@ -84,20 +84,21 @@ impl ReplyCharge {
     }
 
     /// Takes `n` bytes for the reply (see [`ReplyCharge::capped`]), waiting up to
-    /// [`REPLY_WAIT`] for room.
-    pub async fn take(&self, n: u64) -> Result<(), tonic::Status> {
-        let Some(budget) = &self.budget else { return Ok(()) };
+    /// [`REPLY_WAIT`] for room, behind this caller's earlier waiting replies; returns the bytes
+    /// taken.
+    pub async fn take(&self, n: u64) -> Result<u64, tonic::Status> {
+        let Some(budget) = &self.budget else { return Ok(n) };
         let n = self.capped(budget, n);
         if !budget.take(self.holder.as_ref(), n, REPLY_WAIT).await {
             return Err(budget.refused_for(self.holder.as_ref(), REPLY_BYTES, REPLY_ADVICE));
         }
         self.held.fetch_add(n, Ordering::AcqRel);
-        Ok(())
+        Ok(n)
     }
 
     /// Takes the bytes of a reply that came out at `actual` bytes where `taken` were taken for
     /// it: the rest if there is room now (refused otherwise: it is not waited for while the reply
-    /// is in memory), or gives back the difference.
+    /// is in memory; take a margin), or gives back the difference.
     pub fn settle(&self, taken: u64, actual: u64) -> Result<(), tonic::Status> {
         match actual.checked_sub(taken) {
             Some(more) if !self.try_take(more) => {
@@ -332,6 +333,41 @@ mod tests {
         ReplyCharge::none().take(1 << 40).await.expect("no budget");
         assert!(ReplyCharge::none().try_take(1 << 40));
         assert_eq!(budget.held(), 0);
+    }
+
+    /// Waiting replies of one caller get room in the order they came: a large one is not
+    /// passed over by smaller ones taking each byte that goes back.
+    #[tokio::test(start_paused = true)]
+    async fn a_callers_waiting_replies_get_room_first_come_first_served() {
+        let budget = Budget::new(400);
+        let c = ReplyCharge::new(budget.clone(), holder(3));
+        c.take(100).await.expect("the whole share");
+        let spawn = |n: u64| {
+            let c = c.clone();
+            tokio::spawn(async move { c.take(n).await })
+        };
+        let large = spawn(80);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let small = spawn(10);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // 10 bytes go back: room for the small one, but the large one came first.
+        let n = c.detach(10);
+        c.release(n);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(
+            !small.is_finished() && !large.is_finished(),
+            "the small one waits its turn"
+        );
+        // A new reply waits behind them too, even for a byte.
+        let newcomer = spawn(1);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!newcomer.is_finished());
+        // 80 more: the large one, then the small one, then the newcomer.
+        let n = c.detach(80);
+        c.release(n);
+        assert_eq!(large.await.expect("joins").expect("room"), 80);
+        assert_eq!(small.await.expect("joins").expect("room"), 10);
+        assert!(newcomer.await.expect("joins").is_err(), "100 held: no room for it");
     }
 
     /// A release wakes its own holder's waiters, not others' (unless the total was near its

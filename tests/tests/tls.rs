@@ -501,8 +501,9 @@ async fn unread_replies_are_held_within_the_servers_budget() {
             "{held} unread 4 MiB replies held: more than this address's 16 MiB"
         );
         assert!(held >= 3, "only {held} held: an address may hold four");
+        // Four held replies (16 MiB), each briefly with its read and its encoded copy at once.
         assert!(
-            grew < 40 << 10,
+            grew < 48 << 10,
             "the server's peak memory grew by {grew} KiB for {STREAMS} unread 4 MiB replies"
         );
         // An account is not this caller: it reads while the replies are held.

@@ -54,6 +54,21 @@ pub struct SpoolReservation<'a> {
     bytes: u64,
 }
 
+impl SpoolReservation<'_> {
+    /// Bytes reserved.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Reserves `more` bytes beside the `held` bytes the spool stores now (a write whose bytes
+    /// came past what it reserved so far), or refuses.
+    pub fn grow(&mut self, held: u64, more: u64) -> Result<(), SpoolFull> {
+        let mut extra = self.budget.reserve(held, more)?;
+        self.bytes += std::mem::take(&mut extra.bytes);
+        Ok(())
+    }
+}
+
 impl Drop for SpoolReservation<'_> {
     fn drop(&mut self) {
         self.budget.reserved.fetch_sub(self.bytes, Ordering::Relaxed);
@@ -247,5 +262,14 @@ mod tests {
         drop(first);
         assert!(b.reserve(40, 60).is_ok(), "a finished write frees its reservation");
         assert!(b.reserve(0, 101).is_err(), "one blob larger than the limit");
+        // A write reserves as its bytes come: a step, then more, within the limit.
+        let mut w = b.reserve(10, 30).expect("a first step");
+        w.grow(10, 30).expect("a second");
+        assert_eq!(w.bytes(), 60);
+        let err = w.grow(10, 40).expect_err("10 held + 60 + 40 > 100");
+        assert_eq!((err.held, err.size), (70, 40));
+        assert_eq!(w.bytes(), 60, "a refused step takes nothing");
+        drop(w);
+        assert!(b.reserve(0, 100).is_ok(), "all given back");
     }
 }

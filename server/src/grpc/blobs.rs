@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{convert, internal, refuse, ErrorKind};
 use crate::access::{self, Caller};
 use crate::blobs::asked::Held;
-use crate::blobs::handoff::SpoolReservation;
+use crate::blobs::handoff::{SpoolFull, SpoolReservation};
 use crate::blobs::manifests::ManifestEntry;
 use crate::blobs::replicate::{self, replicate, ForwardError, Replicated};
 use crate::blobs::{BlobError, BlobReader};
@@ -114,9 +114,11 @@ impl BlobService {
         forwarded: bool,
     ) -> Result<(), Status> {
         let what = format!("store blob {hash} ({size} bytes)");
-        let _spool = spool_room(&self.0, size, forwarded)?;
-        // Reserved a step ahead of the bytes that come, and given back as they are written
-        // (see `blobs::space`).
+        // The spool (on a witness) and the disk are reserved a step ahead of the bytes that
+        // come, not for the declared size at once (a few slow puts declaring large sizes held
+        // all the room); the disk's reservation is given back as the bytes are written (see
+        // `blobs::space`), the spool's when the write ends (the store counts them then).
+        let mut spool = spool_room(&self.0, size.min(RESERVE_STEP), forwarded)?;
         let mut room = self
             .0
             .space
@@ -161,6 +163,10 @@ impl BlobService {
                     }
                     // The reservation covers what is still to be written, a step at a time.
                     let n = d.len() as u64;
+                    if let Some(sp) = spool.as_mut().filter(|sp| w.written() + n > sp.bytes()) {
+                        let step = size.saturating_sub(w.written()).min(RESERVE_STEP).max(n);
+                        spool_grow(&self.0, sp, step, forwarded)?;
+                    }
                     if n > room.bytes() {
                         let step = size.saturating_sub(w.written()).min(RESERVE_STEP).max(n);
                         room.grow(step - room.bytes(), &what).map_err(super::no_space)?;
@@ -378,7 +384,9 @@ impl pb::blobs_server::Blobs for BlobService {
         };
         node.counters.blob_gets.fetch_add(1, Ordering::Relaxed);
         let offset = r.offset;
-        let (tx, rx) = mpsc::channel::<Result<pb::BlobChunk, Status>>(2);
+        // One chunk ahead: with the one HTTP/2 writes and the one hyper holds for it, a stream
+        // has about 4 MiB charged while its client reads slower than the disk.
+        let (tx, rx) = mpsc::channel::<Result<pb::BlobChunk, Status>>(1);
         let reading = Reading { file, hasher: None };
         tokio::spawn(async move {
             let out = Out { tx, charge };
@@ -638,11 +646,26 @@ fn spool_room(node: &Node, size: u64, forwarded: bool) -> Result<Option<SpoolRes
     let (_, held) = node.blobs.stats();
     match node.spool.reserve(held, size) {
         Ok(r) => Ok(Some(r)),
-        Err(e) if forwarded => Err(refuse(ErrorKind::NoSpace, e.to_string())),
-        Err(e) => Err(refuse(
+        Err(e) => Err(spool_refusal(e, forwarded)),
+    }
+}
+
+/// Grows a put's spool reservation by `more` bytes (see [`spool_room`]).
+fn spool_grow(node: &Node, r: &mut SpoolReservation<'_>, more: u64, forwarded: bool) -> Result<(), Status> {
+    let (_, held) = node.blobs.stats();
+    r.grow(held, more).map_err(|e| spool_refusal(e, forwarded))
+}
+
+/// A full spool's refusal: of a hint (`forwarded`) for lack of space; of a client's put as
+/// unavailable here, so the client takes it to a data replica.
+fn spool_refusal(e: SpoolFull, forwarded: bool) -> Status {
+    if forwarded {
+        refuse(ErrorKind::NoSpace, e.to_string())
+    } else {
+        refuse(
             ErrorKind::Unavailable,
             format!("this witness cannot relay the put: {e}; ask a data replica"),
-        )),
+        )
     }
 }
 
@@ -711,7 +734,7 @@ impl Out {
     /// caller has not read what it asked for; sends the refusal if none comes. `Err`: stop.
     async fn room(&self, n: usize) -> Result<(), ()> {
         match self.charge.take(n as u64).await {
-            Ok(()) => Ok(()),
+            Ok(_) => Ok(()),
             Err(s) => {
                 let _ = self.send(Err(s)).await;
                 Err(())

@@ -33,8 +33,6 @@ impl MetaService {
             .ok_or_else(|| self.absent(format!("no object {ino:#x}"), applied))
     }
 
-    /// A "not found" decided on state at least as fresh as `applied`: a client that asked
-    /// several servers takes it from any whose state covers its own commits (see `as_of`).
     /// A page of directory `ino`'s entries after `after`, at most `limit` of them.
     fn dir_page(&self, ino: u64, after: &str, limit: usize) -> Result<pb::ReadDirReply, Status> {
         let tickets = self.0.ticket_maker()?;
@@ -66,6 +64,8 @@ impl MetaService {
         })
     }
 
+    /// A "not found" decided on state at least as fresh as `applied`: a client that asked
+    /// several servers takes it from any whose state covers its own commits (see `as_of`).
     fn absent(&self, what: String, applied: u64) -> Status {
         self.refused_as_of(refuse(ErrorKind::NotFound, what), applied)
     }
@@ -167,9 +167,10 @@ impl pb::meta_server::Meta for MetaService {
             return Ok(Response::new(reply));
         }
         drop(reply);
-        charge.take(len).await?;
+        // With a margin: the page may have grown meanwhile.
+        let taken = charge.take(len + len / 8 + 4096).await?;
         let reply = self.dir_page(r.ino, &r.after, limit)?;
-        charge.settle(len, prost::Message::encoded_len(&reply) as u64)?;
+        charge.settle(taken, prost::Message::encoded_len(&reply) as u64)?;
         Ok(Response::new(reply))
     }
 

@@ -165,7 +165,7 @@ impl Budget {
     }
 
     /// What `holder` may hold.
-    pub(crate) fn share(&self, holder: &Holder) -> u64 {
+    fn share(&self, holder: &Holder) -> u64 {
         match holder {
             Holder::Stranger(_) => self.per_stranger,
             _ => self.per_holder,
@@ -176,7 +176,7 @@ impl Budget {
     /// behind the holder's earlier waiters (false at once if it already has
     /// [`MAX_WAITERS_PER_HOLDER`] waiting).
     pub(crate) async fn take(&self, holder: Option<&Holder>, n: u64, limit: std::time::Duration) -> bool {
-        if !self.queued(holder) && self.charge(holder, n) {
+        if self.try_charge(holder, n) {
             return true;
         }
         let deadline = tokio::time::Instant::now() + limit;
@@ -210,6 +210,16 @@ impl Budget {
 
     fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<Option<Holder>, Waiters>> {
         self.waiters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// [`Budget::charge`] unless `holder` has waiters (room goes to them first).
+    pub(crate) fn try_charge(&self, holder: Option<&Holder>, n: u64) -> bool {
+        !self.queued(holder) && self.charge(holder, n)
+    }
+
+    /// `n`, or `holder`'s whole share if less (a caller without a holder: an account's).
+    pub(crate) fn capped(&self, holder: Option<&Holder>, n: u64) -> u64 {
+        n.min(holder.map_or(self.per_holder, |h| self.share(h)))
     }
 
     /// Whether `holder` has waiters (a new take then waits behind them).

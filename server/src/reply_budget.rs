@@ -63,32 +63,25 @@ impl ReplyCharge {
         })
     }
 
-    /// `n`, or the caller's whole share if less: a reply larger than the share takes the share
-    /// (it could never be sent otherwise).
-    fn capped(&self, budget: &Budget, n: u64) -> u64 {
-        match &self.holder {
-            Some(h) => n.min(budget.share(h)),
-            None => n,
-        }
-    }
-
-    /// Takes `n` bytes for the reply if there is room now.
+    /// Takes `n` bytes for the reply if there is room now and none of this caller's replies
+    /// waits for room (they come first). A reply larger than the caller's whole share takes
+    /// the share (it could never be sent otherwise), here and in [`ReplyCharge::take`].
     pub fn try_take(&self, n: u64) -> bool {
         let Some(budget) = &self.budget else { return true };
-        let n = self.capped(budget, n);
-        let ok = budget.charge(self.holder.as_ref(), n);
+        let n = budget.capped(self.holder.as_ref(), n);
+        let ok = budget.try_charge(self.holder.as_ref(), n);
         if ok {
             self.held.fetch_add(n, Ordering::AcqRel);
         }
         ok
     }
 
-    /// Takes `n` bytes for the reply (see [`ReplyCharge::capped`]), waiting up to
+    /// Takes `n` bytes for the reply (capped as in [`ReplyCharge::try_take`]), waiting up to
     /// [`REPLY_WAIT`] for room, behind this caller's earlier waiting replies; returns the bytes
     /// taken.
     pub async fn take(&self, n: u64) -> Result<u64, tonic::Status> {
         let Some(budget) = &self.budget else { return Ok(n) };
-        let n = self.capped(budget, n);
+        let n = budget.capped(self.holder.as_ref(), n);
         if !budget.take(self.holder.as_ref(), n, REPLY_WAIT).await {
             return Err(budget.refused_for(self.holder.as_ref(), REPLY_BYTES, REPLY_ADVICE));
         }
@@ -101,7 +94,7 @@ impl ReplyCharge {
     /// is in memory; take a margin), or gives back the difference.
     pub fn settle(&self, taken: u64, actual: u64) -> Result<(), tonic::Status> {
         match actual.checked_sub(taken) {
-            Some(more) if !self.try_take(more) => {
+            Some(more) if !self.take_now(more) => {
                 let budget = self.budget.as_deref();
                 Err(budget.map_or_else(
                     || tonic::Status::resource_exhausted("no room for the reply"),
@@ -115,6 +108,17 @@ impl ReplyCharge {
                 Ok(())
             }
         }
+    }
+
+    /// Takes `n` more bytes for a reply already in memory if there is room now, ahead of any
+    /// waiting reply (it is not held uncharged behind them).
+    fn take_now(&self, n: u64) -> bool {
+        let Some(budget) = &self.budget else { return true };
+        let ok = budget.charge(self.holder.as_ref(), n);
+        if ok {
+            self.held.fetch_add(n, Ordering::AcqRel);
+        }
+        ok
     }
 
     /// Takes up to `n` of the bytes held off this charge, for a frame to carry.
@@ -358,7 +362,8 @@ mod tests {
             !small.is_finished() && !large.is_finished(),
             "the small one waits its turn"
         );
-        // A new reply waits behind them too, even for a byte.
+        // A new reply waits behind them too, even for a byte, and takes nothing at once.
+        assert!(!c.try_take(1), "room goes to the waiting replies first");
         let newcomer = spawn(1);
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(!newcomer.is_finished());

@@ -243,7 +243,8 @@ impl Budget {
         if self.waiting.load(Ordering::SeqCst) == 0 {
             return;
         }
-        let all = total_before + self.per_holder.max(self.per_stranger) > self.total;
+        // A share is at most `per_holder` (a stranger's is smaller).
+        let all = total_before + self.per_holder > self.total;
         let strangers =
             matches!(holder, Some(Holder::Stranger(_))) && strangers_before + self.per_stranger > self.strangers;
         let w = self.waiters();

@@ -69,11 +69,16 @@ impl ReplyCharge {
     pub fn try_take(&self, n: u64) -> bool {
         let Some(budget) = &self.budget else { return true };
         let n = budget.capped(self.holder.as_ref(), n);
-        let ok = budget.try_charge(self.holder.as_ref(), n);
-        if ok {
+        self.hold_if(budget.try_charge(self.holder.as_ref(), n), n)
+    }
+
+    /// Counts `n` bytes as held by this charge if `charged` (the budget took them); returns
+    /// `charged`.
+    fn hold_if(&self, charged: bool, n: u64) -> bool {
+        if charged {
             self.held.fetch_add(n, Ordering::AcqRel);
         }
-        ok
+        charged
     }
 
     /// Takes `n` bytes for the reply (capped as in [`ReplyCharge::try_take`]), waiting up to
@@ -82,24 +87,22 @@ impl ReplyCharge {
     pub async fn take(&self, n: u64) -> Result<u64, tonic::Status> {
         let Some(budget) = &self.budget else { return Ok(n) };
         let n = budget.capped(self.holder.as_ref(), n);
-        if !budget.take(self.holder.as_ref(), n, REPLY_WAIT).await {
+        if !self.hold_if(budget.take(self.holder.as_ref(), n, REPLY_WAIT).await, n) {
             return Err(budget.refused_for(self.holder.as_ref(), REPLY_BYTES, REPLY_ADVICE));
         }
-        self.held.fetch_add(n, Ordering::AcqRel);
         Ok(n)
     }
 
     /// Takes the bytes of a reply that came out at `actual` bytes where `taken` were taken for
     /// it: the rest if there is room now (refused otherwise: it is not waited for while the reply
     /// is in memory; take a margin), or gives back the difference.
+    /// The rest is taken ahead of any waiting reply: this one is already in memory, and is not
+    /// held uncharged behind them.
     pub fn settle(&self, taken: u64, actual: u64) -> Result<(), tonic::Status> {
+        let Some(budget) = &self.budget else { return Ok(()) };
         match actual.checked_sub(taken) {
-            Some(more) if !self.take_now(more) => {
-                let budget = self.budget.as_deref();
-                Err(budget.map_or_else(
-                    || tonic::Status::resource_exhausted("no room for the reply"),
-                    |b| b.refused_for(self.holder.as_ref(), REPLY_BYTES, REPLY_ADVICE),
-                ))
+            Some(more) if !self.hold_if(budget.charge(self.holder.as_ref(), more), more) => {
+                Err(budget.refused_for(self.holder.as_ref(), REPLY_BYTES, REPLY_ADVICE))
             }
             Some(_) => Ok(()),
             None => {
@@ -108,17 +111,6 @@ impl ReplyCharge {
                 Ok(())
             }
         }
-    }
-
-    /// Takes `n` more bytes for a reply already in memory if there is room now, ahead of any
-    /// waiting reply (it is not held uncharged behind them).
-    fn take_now(&self, n: u64) -> bool {
-        let Some(budget) = &self.budget else { return true };
-        let ok = budget.charge(self.holder.as_ref(), n);
-        if ok {
-            self.held.fetch_add(n, Ordering::AcqRel);
-        }
-        ok
     }
 
     /// Takes up to `n` of the bytes held off this charge, for a frame to carry.
@@ -154,9 +146,8 @@ impl ReplyCharge {
 
 impl Drop for ReplyCharge {
     fn drop(&mut self) {
-        if let Some(b) = &self.budget {
-            b.release(self.holder.as_ref(), *self.held.get_mut());
-        }
+        let rest = *self.held.get_mut();
+        self.release(rest);
     }
 }
 

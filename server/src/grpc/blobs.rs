@@ -163,12 +163,11 @@ impl BlobService {
                     }
                     // The reservation covers what is still to be written, a step at a time.
                     let n = d.len() as u64;
+                    let step = size.saturating_sub(w.written()).min(RESERVE_STEP).max(n);
                     if let Some(sp) = spool.as_mut().filter(|sp| w.written() + n > sp.bytes()) {
-                        let step = size.saturating_sub(w.written()).min(RESERVE_STEP).max(n);
                         spool_grow(&self.0, sp, step, forwarded)?;
                     }
                     if n > room.bytes() {
-                        let step = size.saturating_sub(w.written()).min(RESERVE_STEP).max(n);
                         room.grow(step - room.bytes(), &what).map_err(super::no_space)?;
                     }
                     tokio::task::block_in_place(|| w.write(&d)).map_err(blob_status)?;
@@ -390,11 +389,12 @@ impl pb::blobs_server::Blobs for BlobService {
         let reading = Reading { file, hasher: None };
         tokio::spawn(async move {
             let out = Out { tx, charge };
-            if offset == 0 {
-                stream_whole_verified(&node, reading, len, hash, &out).await;
+            // An early stop has nothing more to tell: its failure was sent, or the client went.
+            let _ = if offset == 0 {
+                stream_whole_verified(&node, reading, len, hash, &out).await
             } else {
-                stream_from(reading, len, hash, offset, &out).await;
-            }
+                stream_from(reading, len, hash, offset, &out).await
+            };
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -526,12 +526,10 @@ impl pb::blobs_server::Blobs for BlobService {
     }
 }
 
-/// The blobs of `wanted` this replica holds, each at most `BLOB_CHUNK` and verified, up to
-/// `MAX_SMALL_GET_BYTES` in all. A corrupt copy is quarantined (`BlobStore::read_verified`;
-/// repair is woken) and left out, as is anything missing, too large or unreadable: the caller
-/// fetches those one by one.
-/// The blobs of `wanted` held here that one `GetSmall` reply sends, and their bytes: sizes
-/// first, so that no more than MAX_SMALL_GET_BYTES is ever read into memory.
+/// The blobs of `wanted` this replica holds that one `GetSmall` reply sends, each at most
+/// `BLOB_CHUNK`, up to `MAX_SMALL_GET_BYTES` in all, and their bytes: sizes first, so that no
+/// more than that is ever read into memory. Anything missing or too large is left out: the
+/// caller fetches those one by one.
 fn choose_small_blobs(node: &Node, wanted: &[Hash]) -> (Vec<Hash>, u64) {
     let sizes = par_map(wanted, |h| node.blobs.size(h));
     let mut chosen = Vec::with_capacity(wanted.len());
@@ -548,7 +546,8 @@ fn choose_small_blobs(node: &Node, wanted: &[Hash]) -> (Vec<Hash>, u64) {
     (chosen, total as u64)
 }
 
-/// Reads and verifies the `chosen` blobs; a corrupt one is left out (and repair woken).
+/// Reads and verifies the `chosen` blobs. A corrupt copy is quarantined
+/// (`BlobStore::read_verified`; repair is woken) and left out, as is anything unreadable.
 fn read_small_blobs(node: &Node, chosen: &[Hash]) -> Vec<pb::SmallBlob> {
     let read = par_map(chosen, |h| node.blobs.read_verified(h));
     let mut out = Vec::with_capacity(chosen.len());
@@ -735,10 +734,7 @@ impl Out {
     async fn room(&self, n: usize) -> Result<(), ()> {
         match self.charge.take(n as u64).await {
             Ok(_) => Ok(()),
-            Err(s) => {
-                let _ = self.send(Err(s)).await;
-                Err(())
-            }
+            Err(s) => self.fail(s).await,
         }
     }
 
@@ -798,12 +794,8 @@ fn read_full(file: &mut BlobReader, buf: &mut [u8]) -> std::io::Result<usize> {
 /// every byte it received, from whichever replicas, and uses the blob only if the whole of it
 /// matches (`fetch_blob` in client-fuse): a corrupt copy here is caught there, and the client
 /// then starts over from 0 elsewhere, where this server's verified path applies.
-async fn stream_from(r: Reading, len: u64, hash: Hash, offset: u64, out: &Out) {
-    let _ = send_from(r, len, hash, offset, out).await;
-}
-
-/// [`stream_from`]; `Err`: stopped early (a failure was sent, or the client went).
-async fn send_from(mut r: Reading, len: u64, hash: Hash, offset: u64, out: &Out) -> Result<(), ()> {
+/// `Err`: stopped early (a failure was sent, or the client went).
+async fn stream_from(mut r: Reading, len: u64, hash: Hash, offset: u64, out: &Out) -> Result<(), ()> {
     use std::io::{Seek, SeekFrom};
     let mut first = true;
     if offset < len {
@@ -858,7 +850,8 @@ async fn send_from(mut r: Reading, len: u64, hash: Hash, offset: u64, out: &Out)
 /// last read asks for one byte more than is left, to find a stored copy longer than it should
 /// be; no room is waited for while the last chunk is held (only bytes on their way to the
 /// client are held then, so a caller's streams cannot all wait on each other's held chunks).
-async fn stream_whole_verified(node: &Arc<Node>, mut r: Reading, len: u64, hash: Hash, out: &Out) {
+/// `Err`: stopped early (a failure was sent, or the client went).
+async fn stream_whole_verified(node: &Arc<Node>, mut r: Reading, len: u64, hash: Hash, out: &Out) -> Result<(), ()> {
     r.hasher = Some(blake3::Hasher::new());
     let mut pos = 0u64;
     let mut first = true;
@@ -867,16 +860,11 @@ async fn stream_whole_verified(node: &Arc<Node>, mut r: Reading, len: u64, hash:
         // of a server's time serving a cold node).
         let want = BLOB_CHUNK.min(usize::try_from(len - pos).unwrap_or(BLOB_CHUNK));
         let is_last = pos + want as u64 == len;
-        if out.room(want).await.is_err() {
-            return;
-        }
+        out.room(want).await?;
         let buf;
         (r, buf) = match r.next(want + usize::from(is_last)).await {
             Ok(x) => x,
-            Err(s) => {
-                let _ = out.fail(s).await;
-                return;
-            }
+            Err(s) => return out.fail(s).await,
         };
         pos += buf.len() as u64;
         if is_last || buf.len() < want {
@@ -888,9 +876,7 @@ async fn stream_whole_verified(node: &Arc<Node>, mut r: Reading, len: u64, hash:
             total_size: if first { len } else { 0 },
         };
         first = false;
-        if out.send(Ok(msg)).await.is_err() {
-            return;
-        }
+        out.send(Ok(msg)).await?;
     };
     let whole = r.hasher.take().map(|h| codafs_common::Hash::from(h.finalize()));
     if whole != Some(hash) || pos != len {
@@ -900,22 +886,21 @@ async fn stream_whole_verified(node: &Arc<Node>, mut r: Reading, len: u64, hash:
             n.repair_now();
         })
         .await;
-        let _ = out
+        return out
             .fail(refuse(
                 ErrorKind::Corrupt,
                 format!("stored copy of blob {hash} is corrupt; try another replica"),
             ))
             .await;
-        return;
     }
     if !last.is_empty() || first {
-        let _ = out
-            .send(Ok(pb::BlobChunk {
-                data: last.into(),
-                total_size: if first { len } else { 0 },
-            }))
-            .await;
+        out.send(Ok(pb::BlobChunk {
+            data: last.into(),
+            total_size: if first { len } else { 0 },
+        }))
+        .await?;
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -966,7 +951,9 @@ mod tests {
             charge: ReplyCharge::none(),
         };
         let reading = Reading { file, hasher: None };
-        let task = tokio::spawn(async move { stream_from(reading, len, hash, offset, &out).await });
+        let task = tokio::spawn(async move {
+            let _ = stream_from(reading, len, hash, offset, &out).await;
+        });
         let mut out = Vec::new();
         while let Some(m) = rx.recv().await {
             out.push(m);

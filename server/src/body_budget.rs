@@ -47,6 +47,7 @@ use tonic::codegen::http::{HeaderMap, Request, Response};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::transport::CertificateDer;
 
+use crate::conn_limit::ConnLimiter;
 use crate::reply_budget::{Replied, ReplyCharge, ReplyFuture};
 
 /// Request bytes a server holds at most by default. A quarter of it, what one account or
@@ -389,6 +390,9 @@ pub struct BudgetLayer {
     /// Reply bytes callers have not read yet: a budget of its own, shared out the same way.
     pub replies: Arc<Budget>,
     pub classify: Classify,
+    /// The open connections, whose watches a reply's frames register on (see
+    /// `crate::conn_limit`).
+    pub conns: Arc<ConnLimiter>,
 }
 
 impl<S> tower_layer::Layer<S> for BudgetLayer {
@@ -400,6 +404,7 @@ impl<S> tower_layer::Layer<S> for BudgetLayer {
             budget: self.budget.clone(),
             replies: self.replies.clone(),
             classify: self.classify.clone(),
+            conns: self.conns.clone(),
         }
     }
 }
@@ -411,6 +416,7 @@ pub struct Budgeted<S> {
     budget: Arc<Budget>,
     replies: Arc<Budget>,
     classify: Classify,
+    conns: Arc<ConnLimiter>,
 }
 
 impl<S, B, RB> tower_service::Service<Request<B>> for Budgeted<S>
@@ -427,23 +433,26 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let charged = !req.uri().path().starts_with(UNCHARGED);
-        let holder = if charged {
+        let (holder, peer) = if charged {
             let ext = req.extensions();
             let tls = ext.get::<TlsConnectInfo<TcpConnectInfo>>();
-            let addr = ext
+            let peer = ext
                 .get::<TcpConnectInfo>()
                 .or_else(|| tls.map(|t| t.get_ref()))
-                .and_then(|c| c.remote_addr())
-                .map(|a| a.ip());
+                .and_then(|c| c.remote_addr());
             let certs = tls.and_then(|t| t.peer_certs());
-            Holder::of((self.classify)(req.headers(), certs.as_deref().map(|c| &c[..])), addr)
+            let sender = (self.classify)(req.headers(), certs.as_deref().map(|c| &c[..]));
+            (Holder::of(sender, peer.map(|a| a.ip())), peer)
         } else {
-            None
+            (None, None)
         };
         let budget = charged.then(|| self.budget.clone());
         // The handler finds the reply's charge in the request (`reply_budget::of`); the reply's
         // body holds it until the reply is sent.
-        let reply = charged.then(|| ReplyCharge::new(self.replies.clone(), holder.clone()));
+        let reply = charged.then(|| {
+            let conn = peer.and_then(|p| self.conns.watch(p));
+            ReplyCharge::new(self.replies.clone(), holder.clone(), conn)
+        });
         if let Some(r) = &reply {
             req.extensions_mut().insert(r.clone());
         }

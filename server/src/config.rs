@@ -75,7 +75,16 @@ pub struct ServerConfig {
     /// written, so older builds still read the file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_buffer_bytes: Option<u64>,
+    /// Longest a connection may leave a reply frame unwritten (its caller grants no window for
+    /// it) before the server closes it, seconds (see `conn_limit`). Unset =
+    /// [`DEFAULT_REPLY_STALL_S`] (and not written, so older builds still read the file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_stall_s: Option<u64>,
 }
+
+/// The reply stall timeout when server.toml sets none: two minutes lets a web node on a slow
+/// link read a full account's share (a quarter of the reply budget) at about 2 MB/s.
+pub const DEFAULT_REPLY_STALL_S: u64 = 120;
 
 /// A witness's spool bound when server.toml sets none.
 pub const DEFAULT_SPOOL_MAX: u64 = 4 << 30;
@@ -130,7 +139,13 @@ impl ServerConfig {
             metrics_listen: None,
             spool_max_bytes: None,
             request_buffer_bytes: None,
+            reply_stall_s: None,
         }
+    }
+
+    /// The reply stall timeout (at least a second).
+    pub fn reply_stall(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.reply_stall_s.unwrap_or(DEFAULT_REPLY_STALL_S).max(1))
     }
 
     /// The witness spool's bound.

@@ -360,16 +360,18 @@ async fn serve(
     // listener, so set it here. Without it, small HTTP/2 frames (replies, WINDOW_UPDATEs) wait
     // for Nagle's algorithm and a put crawls at tens of MB/s.
     let limiter = Arc::new(conn_limit::ConnLimiter::default());
+    let sweeper = tokio::spawn(cut_stalled_connections(node.clone(), limiter.clone()));
+    let admitting = limiter.clone();
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(30)))
         .filter_map(move |conn| {
             let admitted = match conn {
-                Ok(stream) => match limiter.admit(stream) {
+                Ok(stream) => match admitting.admit(stream) {
                     Some(s) => Some(Ok(s)),
                     None => {
                         tracing::warn!(
-                            open = limiter.open(),
+                            open = admitting.open(),
                             max = conn_limit::MAX_CONNECTIONS,
                             max_per_address = conn_limit::MAX_CONNECTIONS_PER_ADDRESS,
                             "refused a connection: too many open"
@@ -397,6 +399,7 @@ async fn serve(
                 let node = node.clone();
                 Arc::new(move |headers, certs| grpc::budget_sender(&node, headers, certs))
             },
+            conns: limiter.clone(),
         })
         .add_service(
             pb::meta_server::MetaServer::new(MetaService(node.clone()))
@@ -429,8 +432,32 @@ async fn serve(
             let _ = stop.wait_for(|s| *s).await;
         })
         .await;
+    sweeper.abort();
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
+    }
+}
+
+/// Closes, every quarter of the stall timeout (at most every 5 s), the connections that have
+/// left a reply frame unwritten for longer than it (see `conn_limit`).
+async fn cut_stalled_connections(node: Arc<Node>, limiter: Arc<conn_limit::ConnLimiter>) {
+    let stall = node.cfg.reply_stall();
+    let every = (stall / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for peer in limiter.cut_stalled(stall) {
+            node.counters
+                .stalled_connections_closed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                %peer,
+                stall_s = stall.as_secs_f64(),
+                "closed a connection that left a reply unread past the stall timeout \
+                 (--reply-stall-timeout); its share of the reply budget is free again"
+            );
+        }
     }
 }
 

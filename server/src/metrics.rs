@@ -191,7 +191,7 @@ impl Collector for StatusCollector {
             "Size of the server directory's filesystem.",
             st.disk_total_bytes as f64,
         );
-        let counters: [(&str, &str, u64); 7] = [
+        let counters: [(&str, &str, u64); 8] = [
             (
                 "codafs_server_scrubbed_blobs_total",
                 "Blobs re-hashed by scrub (scrub progress: compare with codafs_server_blobs).",
@@ -226,6 +226,11 @@ impl Collector for StatusCollector {
                 "codafs_server_space_refusals_total",
                 "Puts and commits refused because free space was under the watermark.",
                 st.space_refusals,
+            ),
+            (
+                "codafs_server_stalled_connections_closed_total",
+                "Connections closed for leaving a reply unread past the stall timeout (--reply-stall-timeout).",
+                c.stalled_connections_closed.load(Relaxed),
             ),
         ];
         for (name, help, v) in counters {

@@ -59,6 +59,8 @@ pub struct Counters {
     pub blob_gets: AtomicU64,
     /// Blob bytes newly stored here by puts (client or forwarded; not repair).
     pub blob_bytes_received: AtomicU64,
+    /// Connections closed for leaving a reply unread past the stall timeout.
+    pub stalled_connections_closed: AtomicU64,
 }
 
 /// A member of the cluster as the membership config records it.

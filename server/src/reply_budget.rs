@@ -15,8 +15,12 @@
 //! and holding nothing uncharged meanwhile: a caller that reads what it asked for is at most
 //! slowed, one that does not gets `RESOURCE_EXHAUSTED`.
 //!
-//! Nothing ends a reply that is never read: h2 keeps its frames while the connection lives, so
-//! the share is the bound, and the connection's end gives it back.
+//! Nothing in h2 ends a reply that is never read: it keeps the frames while the connection
+//! lives. So each charged frame is also registered on its connection's watch
+//! ([`crate::conn_limit::ConnWatch`]) until h2 drops it, and a connection that leaves one
+//! unwritten past the stall timeout (`--reply-stall-timeout`, 120 s by default) is closed, which
+//! gives its share back. The share bounds how much a caller that does not read holds; the
+//! timeout bounds how long.
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +33,7 @@ use http_body::{Body, Frame, SizeHint};
 use tonic::codegen::http::Response;
 
 use crate::body_budget::{Budget, Holder};
+use crate::conn_limit::{ConnWatch, HeldFrame};
 
 /// How long a handler waits for room for its reply before refusing it.
 pub const REPLY_WAIT: Duration = Duration::from_secs(10);
@@ -43,14 +48,17 @@ pub struct ReplyCharge {
     budget: Option<Arc<Budget>>,
     holder: Option<Holder>,
     held: AtomicU64,
+    /// The connection the reply goes out on, which watches for frames left unwritten.
+    conn: Option<Arc<ConnWatch>>,
 }
 
 impl ReplyCharge {
-    pub(crate) fn new(budget: Arc<Budget>, holder: Option<Holder>) -> Arc<ReplyCharge> {
+    pub(crate) fn new(budget: Arc<Budget>, holder: Option<Holder>, conn: Option<Arc<ConnWatch>>) -> Arc<ReplyCharge> {
         Arc::new(ReplyCharge {
             budget: Some(budget),
             holder,
             held: AtomicU64::new(0),
+            conn,
         })
     }
 
@@ -60,6 +68,7 @@ impl ReplyCharge {
             budget: None,
             holder: None,
             held: AtomicU64::new(0),
+            conn: None,
         })
     }
 
@@ -195,11 +204,13 @@ pub struct Replied<B> {
     charge: Option<Arc<ReplyCharge>>,
 }
 
-/// The bytes of one frame with their part of the charge, given back when h2 drops them.
+/// The bytes of one frame with their part of the charge, given back when h2 drops them; until
+/// then the frame counts as unwritten on its connection's watch.
 struct FrameBytes {
     data: Bytes,
     charge: Arc<ReplyCharge>,
     n: u64,
+    _watched: Option<HeldFrame>,
 }
 
 impl AsRef<[u8]> for FrameBytes {
@@ -238,6 +249,7 @@ where
             data: data.clone(),
             charge: charge.clone(),
             n,
+            _watched: charge.conn.as_ref().map(|w| w.hold()),
         };
         Poll::Ready(Some(Ok(Frame::data(Bytes::from_owner(owned)))))
     }
@@ -267,7 +279,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn reply_bytes_are_held_until_written_and_a_full_share_waits_then_refuses() {
         let budget = Budget::new(400);
-        let c = ReplyCharge::new(budget.clone(), holder(9));
+        let c = ReplyCharge::new(budget.clone(), holder(9), None);
         c.take(60).await.expect("room");
         c.take(40).await.expect("room for the whole share");
         assert_eq!((budget.held(), c.held()), (100, 100));
@@ -300,7 +312,7 @@ mod tests {
             .expect("the waiter got the room the frame gave back");
         assert_eq!(budget.held(), 90);
         // Another caller is not held up by this one's share.
-        let other = ReplyCharge::new(budget.clone(), holder(10));
+        let other = ReplyCharge::new(budget.clone(), holder(10), None);
         other.take(100).await.expect("its own share");
         // No room within REPLY_WAIT: refused, nothing taken.
         let err = c.take(20).await.expect_err("the share stays full");
@@ -309,7 +321,7 @@ mod tests {
         assert_eq!(budget.held(), 190);
         // A reply larger than the share takes the share; everything goes back with the charges.
         drop(c);
-        let big = ReplyCharge::new(budget.clone(), holder(11));
+        let big = ReplyCharge::new(budget.clone(), holder(11), None);
         big.take(1000).await.expect("a whole share");
         assert_eq!(big.held(), 100);
         // A reply that came out smaller gives the difference back; larger, takes it if it can.
@@ -320,7 +332,7 @@ mod tests {
         drop((other, big));
         assert_eq!(budget.held(), 0);
         // Without waiting: room now, or nothing taken.
-        let quick = ReplyCharge::new(budget.clone(), holder(12));
+        let quick = ReplyCharge::new(budget.clone(), holder(12), None);
         assert!(quick.try_take(70) && !quick.try_take(40), "its share is 100");
         assert_eq!(budget.held(), 70);
         drop(quick);
@@ -335,7 +347,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_callers_waiting_replies_get_room_first_come_first_served() {
         let budget = Budget::new(400);
-        let c = ReplyCharge::new(budget.clone(), holder(3));
+        let c = ReplyCharge::new(budget.clone(), holder(3), None);
         c.take(100).await.expect("the whole share");
         let spawn = |n: u64| {
             let c = c.clone();
@@ -371,8 +383,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn waiters_are_woken_by_their_own_holders_room_and_bounded() {
         let budget = Budget::new(4000);
-        let a = ReplyCharge::new(budget.clone(), holder(1));
-        let b = ReplyCharge::new(budget.clone(), holder(2));
+        let a = ReplyCharge::new(budget.clone(), holder(1), None);
+        let b = ReplyCharge::new(budget.clone(), holder(2), None);
         a.take(1000).await.expect("a's share");
         b.take(1000).await.expect("b's share");
         let wait_a = {

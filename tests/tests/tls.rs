@@ -425,53 +425,16 @@ async fn unread_replies_are_held_within_the_servers_budget() {
     bounded(async {
         let opts = ClusterOpts::new(2, 0).insecure().arg("--request-buffer-max", "64M");
         let tc = TestCluster::start(opts).await?;
-        tc.create_volume("www", 2).await?;
-        let writer = tc.client();
         let addr = tc.servers[1].addr.clone();
-        // Four files of 1 MiB: one GetSmall of all four is a 4 MiB reply.
-        let mut asked = Vec::new();
-        for i in 0..4u8 {
-            let name = format!("f{i}.bin");
-            TestCluster::write_file(&writer, "www", "", &name, &vec![i; 1 << 20]).await?;
-            tc.caught_up(&addr).await?;
-            let attr = tc.resolve_on(&addr, "www", &name).await?.attr.context("no attr")?;
-            asked.push(pb::GetBlobRequest {
-                hash: attr.hash.clone(),
-                offset: 0,
-                ticket: attr.read_ticket.clone(),
-                ino: attr.ino,
-                manifest: Default::default(),
-            });
-        }
-        let message = prost::Message::encode_to_vec(&pb::GetSmallRequest { blobs: asked.clone() });
-        let mut framed = vec![0u8; 5];
-        framed[1..5].copy_from_slice(&u32::try_from(message.len())?.to_be_bytes());
-        framed.extend_from_slice(&message);
-        let framed = bytes::Bytes::from(framed);
+        let (asked, framed) = four_mib_get_small(&tc, &addr).await?;
 
         let pid = tc.servers[1].pid().context("the probed server's pid")?;
-        let tcp = tokio::net::TcpStream::connect(&addr).await?;
-        // A window of one byte per stream and a wide one for the connection: the server's HTTP/2
-        // layer takes each whole reply into its send buffer, and sends one byte of it.
-        let (client, conn) = h2::client::Builder::new()
-            .initial_window_size(1)
-            .initial_connection_window_size(1 << 30)
-            .handshake(tcp)
-            .await?;
-        let driver = tokio::spawn(conn);
+        let (client, driver) = unread_h2(&addr).await?;
         const STREAMS: usize = 24;
         let (counts, grew) = peak_growth(pid, async {
             let mut answers = futures::stream::FuturesUnordered::new();
-            let mut client = client.clone();
             for _ in 0..STREAMS {
-                client = client.ready().await?;
-                let req = http::Request::post(format!("http://{addr}/codafs.v1.Blobs/GetSmall"))
-                    .header("content-type", "application/grpc")
-                    .header("te", "trailers")
-                    .body(())?;
-                let (answer, mut send) = client.send_request(req, false)?;
-                send.send_data(framed.clone(), true)?;
-                answers.push(answer);
+                answers.push(ask_get_small(&client, &addr, &framed).await?);
             }
             // Held replies answer with their headers at once, refused ones after waiting for
             // room (10 s); 20 s without an answer ends the wait.
@@ -516,6 +479,144 @@ async fn unread_replies_are_held_within_the_servers_budget() {
             .await
             .context("the address still waits for room after its connection went")??;
         assert_eq!(got.len(), 4, "all four blobs in one reply");
+        Ok(())
+    })
+    .await
+}
+
+/// Writes four files of 1 MiB to a new volume `www` and returns a `GetSmall` of all four (a
+/// 4 MiB reply), as blob requests and as one framed gRPC message, with tickets from `addr`.
+async fn four_mib_get_small(tc: &TestCluster, addr: &str) -> Result<(Vec<pb::GetBlobRequest>, bytes::Bytes)> {
+    tc.create_volume("www", 2).await?;
+    let writer = tc.client();
+    let mut asked = Vec::new();
+    for i in 0..4u8 {
+        let name = format!("f{i}.bin");
+        TestCluster::write_file(&writer, "www", "", &name, &vec![i; 1 << 20]).await?;
+        tc.caught_up(addr).await?;
+        let attr = tc.resolve_on(addr, "www", &name).await?.attr.context("no attr")?;
+        asked.push(pb::GetBlobRequest {
+            hash: attr.hash.clone(),
+            offset: 0,
+            ticket: attr.read_ticket.clone(),
+            ino: attr.ino,
+            manifest: Default::default(),
+        });
+    }
+    let message = prost::Message::encode_to_vec(&pb::GetSmallRequest { blobs: asked.clone() });
+    let mut framed = vec![0u8; 5];
+    framed[1..5].copy_from_slice(&u32::try_from(message.len())?.to_be_bytes());
+    framed.extend_from_slice(&message);
+    Ok((asked, bytes::Bytes::from(framed)))
+}
+
+/// A raw HTTP/2 connection to `addr` that never reads: a window of one byte per stream and a
+/// wide one for the connection, so the server's HTTP/2 layer takes each whole reply into its
+/// send buffer and sends one byte of it. Returns the client and the connection's task, which
+/// ends when the connection does.
+async fn unread_h2(
+    addr: &str,
+) -> Result<(
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+)> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(1)
+        .initial_connection_window_size(1 << 30)
+        .handshake(tcp)
+        .await?;
+    Ok((client, tokio::spawn(conn)))
+}
+
+/// Sends the framed `GetSmall` on a new stream of `client`; resolves to the answer's headers.
+async fn ask_get_small(
+    client: &h2::client::SendRequest<bytes::Bytes>,
+    addr: &str,
+    framed: &bytes::Bytes,
+) -> Result<h2::client::ResponseFuture> {
+    let mut client = client.clone().ready().await?;
+    let req = http::Request::post(format!("http://{addr}/codafs.v1.Blobs/GetSmall"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())?;
+    let (answer, mut send) = client.send_request(req, false)?;
+    send.send_data(framed.clone(), true)?;
+    Ok(answer)
+}
+
+/// A caller that leaves its replies unread holds its share of the reply budget, but not for
+/// ever: a server closes a connection that has left a reply frame unwritten past the stall
+/// timeout (`--reply-stall-timeout`, 2 s here), and the share is free again while the caller
+/// still holds its end. Before, the share stayed taken for as long as the caller kept the
+/// connection open, and this address's next reads waited 10 s and were refused. A connection
+/// that has nothing unwritten is left alone however long it idles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connection_that_leaves_replies_unread_is_closed_after_the_stall_timeout() {
+    bounded(async {
+        let opts = ClusterOpts::new(2, 0)
+            .insecure()
+            .arg("--request-buffer-max", "64M")
+            .arg("--reply-stall-timeout", "2");
+        let tc = TestCluster::start(opts).await?;
+        let addr = tc.servers[1].addr.clone();
+        let (asked, framed) = four_mib_get_small(&tc, &addr).await?;
+
+        // An idle connection that reads what it asks for, opened first.
+        let tcp = tokio::net::TcpStream::connect(&addr).await?;
+        let (idle, idle_conn) = h2::client::handshake(tcp).await?;
+        let idle_driver = tokio::spawn(idle_conn);
+
+        let (client, mut driver) = unread_h2(&addr).await?;
+        let started = std::time::Instant::now();
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let answer = ask_get_small(&client, &addr, &framed).await?;
+            let answer = tokio::time::timeout(Duration::from_secs(5), answer)
+                .await
+                .context("a reply that fits the address's share was not started")??;
+            assert!(
+                answer.headers().get("grpc-status").is_none(),
+                "a reply within the share was refused: {:?}",
+                answer.headers()
+            );
+            held.push(answer);
+        }
+        // The address's 16 MiB share is held now: the server closes the connection once the
+        // oldest frame has waited 2 s (checked every half second).
+        tokio::time::timeout(Duration::from_secs(15), &mut driver)
+            .await
+            .context("the server kept a connection with unread replies open 15 s")??
+            .ok();
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(2),
+            "the connection was closed after {waited:?}, before the 2 s stall timeout"
+        );
+        // The caller still holds its stream handles; its share is free all the same.
+        let anonymous = Cluster::new(std::slice::from_ref(&addr), Tls::Insecure, None)?;
+        let got = tokio::time::timeout(Duration::from_secs(5), anonymous.get_small(None, asked))
+            .await
+            .context("the address still waits for room after its connection was closed")??;
+        assert_eq!(got.len(), 4, "all four blobs in one reply");
+        drop(held);
+
+        // The idle connection, open all along with nothing unwritten, still answers.
+        assert!(!idle_driver.is_finished(), "an idle connection was closed");
+        let answer = ask_get_small(&idle, &addr, &framed).await?.await?;
+        assert!(answer.headers().get("grpc-status").is_none(), "{:?}", answer.headers());
+        let mut body = answer.into_body();
+        let mut read = 0usize;
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk?;
+            read += chunk.len();
+            body.flow_control().release_capacity(chunk.len())?;
+        }
+        assert!(
+            read > 4 << 20,
+            "the idle connection's reply had {read} bytes, not the four blobs"
+        );
+        idle_driver.abort();
         Ok(())
     })
     .await

@@ -36,13 +36,11 @@ pub const LOG_FILES_KEPT: usize = 3;
 /// Installs the global subscriber writing to stderr. `default` applies when `CODAFS_LOG` is
 /// unset. Calling it twice is harmless (the second call is ignored).
 pub fn init(default: &str) {
-    let filter = EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(RateLimited::new(std::io::stderr))
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(true)
-        .try_init();
+    install(
+        default,
+        RateLimited::new(std::io::stderr),
+        std::io::stderr().is_terminal(),
+    );
 }
 
 /// Installs the global subscriber writing to `path`, rotated at [`LOG_FILE_MAX`] with
@@ -50,14 +48,67 @@ pub fn init(default: &str) {
 /// again after each rotation), so a panic message lands in the log too.
 pub fn init_file(default: &str, path: &Path) -> std::io::Result<()> {
     let file = RotatingFile::open(path, LOG_FILE_MAX, LOG_FILES_KEPT)?.redirect_stderr()?;
-    let filter = EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(RateLimited::new(file))
-        .with_ansi(false)
-        .with_target(true)
-        .try_init();
+    install(default, RateLimited::new(file), false);
     Ok(())
+}
+
+/// Installs the global subscriber: lines to `writer`, filtered by `CODAFS_LOG` (or `default`)
+/// and by [`RaftRetries`].
+fn install<W>(default: &str, writer: W, ansi: bool)
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    use tracing_subscriber::filter::FilterExt;
+    use tracing_subscriber::layer::{Layer, SubscriberExt};
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new(default));
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(ansi)
+        .with_target(true)
+        .with_filter(filter.and(RaftRetries));
+    let _ = tracing_subscriber::registry().with(layer).try_init();
+}
+
+/// Drops openraft's WARN and ERROR lines about one failed attempt to reach a peer (any of
+/// their fields, the message included, names an unreachable node), about its back-off after
+/// one, or about a batch the transport asked to split ("payload too large"). openraft writes
+/// several of them at every retry, twice a second per peer that is down; the server reports
+/// unreachable peers itself, once when they go, periodically while they stay gone and once
+/// when they are back (`codafs_server::raft::reach`). Every other openraft line, and every
+/// line at INFO or below, passes.
+pub struct RaftRetries;
+
+/// What the lines [`RaftRetries`] drops contain.
+const RAFT_RETRY_TEXTS: [&str; 3] = ["Unreachable node:", "payload too large", "backoff mode"];
+
+impl<S: tracing::Subscriber> tracing_subscriber::layer::Filter<S> for RaftRetries {
+    fn enabled(&self, _: &Metadata<'_>, _: &tracing_subscriber::layer::Context<'_, S>) -> bool {
+        true
+    }
+
+    fn event_enabled(&self, event: &tracing::Event<'_>, _: &tracing_subscriber::layer::Context<'_, S>) -> bool {
+        let meta = event.metadata();
+        // Levels order from ERROR (least verbose) up to TRACE.
+        if !meta.target().starts_with("openraft") || *meta.level() > Level::WARN {
+            return true;
+        }
+        let mut seen = RetryText(false);
+        event.record(&mut seen);
+        !seen.0
+    }
+}
+
+/// Whether any of an event's fields holds one of [`RAFT_RETRY_TEXTS`].
+struct RetryText(bool);
+
+impl tracing::field::Visit for RetryText {
+    fn record_debug(&mut self, _: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if !self.0 {
+            let text = format!("{value:?}");
+            self.0 = RAFT_RETRY_TEXTS.iter().any(|t| text.contains(t));
+        }
+    }
 }
 
 /// Per-callsite state of the rate limit.
@@ -320,20 +371,33 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    #[test]
-    fn repeated_lines_are_suppressed_and_counted() {
-        use tracing_subscriber::layer::SubscriberExt;
+    /// What `body` logged through the subscriber `make` builds over a fresh log file.
+    fn logged<S>(make: impl FnOnce(RotatingFile) -> S, body: impl FnOnce()) -> String
+    where
+        S: tracing::Subscriber + Send + Sync + 'static,
+    {
         let dir = temp_dir();
         let path = dir.join("log");
         let file = RotatingFile::open(&path, 1 << 20, 1).unwrap();
-        let subscriber = tracing_subscriber::registry().with(
-            tracing_subscriber::fmt::layer()
-                .with_ansi(false)
-                .with_writer(RateLimited::with_limit(file, 3, Duration::from_millis(300))),
-        );
+        tracing::subscriber::with_default(make(file), body);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        text
+    }
+
+    #[test]
+    fn repeated_lines_are_suppressed_and_counted() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let subscriber = |file| {
+            tracing_subscriber::registry().with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(RateLimited::with_limit(file, 3, Duration::from_millis(300))),
+            )
+        };
         // One statement (callsite), called from two places.
         let warn = |i: u32| tracing::warn!(i, "the same warning");
-        tracing::subscriber::with_default(subscriber, || {
+        let text = logged(subscriber, || {
             for i in 0..50 {
                 warn(i);
                 tracing::debug!(i, "a debug line");
@@ -342,7 +406,6 @@ mod tests {
             std::thread::sleep(Duration::from_millis(350));
             warn(99);
         });
-        let text = std::fs::read_to_string(&path).unwrap();
         let warnings = text.lines().filter(|l| l.contains("the same warning")).count();
         assert_eq!(warnings, 4, "three, then one after the window: {text}");
         assert_eq!(
@@ -355,6 +418,42 @@ mod tests {
             "other statements have their own budget"
         );
         assert!(text.contains("suppressed 47 more lines"), "{text}");
-        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn openraft_retries_are_dropped_and_other_lines_kept() {
+        use tracing_subscriber::layer::{Layer, SubscriberExt};
+        let subscriber = |file| {
+            tracing_subscriber::registry().with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(file)
+                    .with_filter(RaftRetries),
+            )
+        };
+        let text = logged(subscriber, || {
+            let unreachable = "Unreachable node: tcp connect error";
+            tracing::error!(target: "openraft::replication", err = %unreachable, "RPCError");
+            tracing::warn!(
+                target: "openraft::replication",
+                error = %format!("RPCError: {unreachable}"),
+                "error replication to target=2"
+            );
+            tracing::error!(target: "openraft::core::raft_core", error = %unreachable, "while requesting vote");
+            tracing::error!(
+                target: "openraft::replication",
+                err = %"RPC(AppendEntries) payload too large: hint:(entries:3)",
+                "RPCError"
+            );
+            tracing::warn!(target: "openraft::engine", "heartbeat error: {unreachable}");
+            tracing::warn!(target: "openraft::replication", interval = ?Duration::from_millis(500), "backoff mode: drain events");
+            tracing::error!(target: "openraft::replication", error = %"disk full", "storage error kept");
+            tracing::info!(target: "openraft::core", err = %unreachable, "info kept");
+            tracing::error!(error = %unreachable, "codafs line kept");
+        });
+        assert_eq!(text.lines().count(), 3, "{text}");
+        for kept in ["storage error kept", "info kept", "codafs line kept"] {
+            assert!(text.contains(kept), "{kept}: {text}");
+        }
     }
 }

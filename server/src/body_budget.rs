@@ -48,6 +48,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::transport::CertificateDer;
 
 use crate::conn_limit::ConnLimiter;
+use crate::conn_watch::ConnRef;
 use crate::reply_budget::{Replied, ReplyCharge, ReplyFuture};
 
 /// Request bytes a server holds at most by default. A quarter of it, what one account or
@@ -391,7 +392,7 @@ pub struct BudgetLayer {
     pub replies: Arc<Budget>,
     pub classify: Classify,
     /// The open connections, whose watches a reply's frames register on (see
-    /// `crate::conn_limit`).
+    /// `crate::conn_watch`).
     pub conns: Arc<ConnLimiter>,
 }
 
@@ -450,7 +451,7 @@ where
         // The handler finds the reply's charge in the request (`reply_budget::of`); the reply's
         // body holds it until the reply is sent.
         let reply = charged.then(|| {
-            let conn = peer.and_then(|p| self.conns.watch(p));
+            let conn = peer.map(|p| ConnRef::new(self.conns.clone(), p));
             ReplyCharge::new(self.replies.clone(), holder.clone(), conn)
         });
         if let Some(r) = &reply {

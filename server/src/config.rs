@@ -75,15 +75,17 @@ pub struct ServerConfig {
     /// written, so older builds still read the file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_buffer_bytes: Option<u64>,
-    /// Longest a connection may leave a reply frame unwritten (its caller grants no window for
-    /// it) before the server closes it, seconds (see `conn_limit`). Unset =
+    /// Longest a connection may leave a reply frame unwritten while carrying less than
+    /// `conn_watch::MIN_DRAIN_RATE` before the server closes it, seconds (see `conn_watch`).
+    /// Unset =
     /// [`DEFAULT_REPLY_STALL_S`] (and not written, so older builds still read the file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_stall_s: Option<u64>,
 }
 
-/// The reply stall timeout when server.toml sets none: two minutes lets a web node on a slow
-/// link read a full account's share (a quarter of the reply budget) at about 2 MB/s.
+/// The reply stall timeout when server.toml sets none: two minutes, long enough that a
+/// client's pause (a stopped process, a network blip) is not taken for a caller that does not
+/// read.
 pub const DEFAULT_REPLY_STALL_S: u64 = 120;
 
 /// A witness's spool bound when server.toml sets none.

@@ -7,21 +7,20 @@
 //! one from an address that is under its share still gets in, so servers reaching each other
 //! are not locked out by a flood from elsewhere.
 //!
-//! Each admitted connection also has a [`ConnWatch`], found by its remote address: reply frames
-//! charged to the reply budget (`crate::reply_budget`) are registered on it while h2 holds them,
-//! and [`ConnLimiter::cut_stalled`] closes a connection that has left one unwritten for longer
-//! than the stall timeout. Nothing else can end such a reply: h2 keeps a frame its caller grants
-//! no window for as long as the connection lives, and with it that caller's share of the budget.
-use std::collections::{BTreeMap, HashMap};
+//! Each admitted connection also has a [`ConnWatch`] (`crate::conn_watch`), found by its remote
+//! address, and [`ConnLimiter::cut_stalled`] closes the connections whose watch finds them
+//! stalled. A second connection from an address and port whose first is still open here (its
+//! socket closed by the peer, its stream not yet dropped) is refused, so the address names one
+//! watch.
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures::task::AtomicWaker;
+use crate::conn_watch::ConnWatch;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -47,65 +46,6 @@ struct Counts {
     watches: HashMap<SocketAddr, Arc<ConnWatch>>,
 }
 
-/// What a server knows of one connection's unwritten reply frames, and the switch that closes
-/// the connection.
-#[derive(Default)]
-pub struct ConnWatch {
-    cut: AtomicBool,
-    /// The connection's reader, woken to find the connection cut (h2 always has a read
-    /// pending, so this reaches the connection's task even while it writes nothing).
-    reader: AtomicWaker,
-    /// Frames h2 holds, by a number given in order, with when each was handed over.
-    frames: Mutex<Frames>,
-}
-
-#[derive(Default)]
-struct Frames {
-    next: u64,
-    held: BTreeMap<u64, Instant>,
-}
-
-impl ConnWatch {
-    /// Registers a frame handed to h2 now; it counts until the returned guard is dropped.
-    pub fn hold(self: &Arc<Self>) -> HeldFrame {
-        let mut f = self.frames.lock().unwrap_or_else(|p| p.into_inner());
-        let n = f.next;
-        f.next += 1;
-        f.held.insert(n, Instant::now());
-        HeldFrame { watch: self.clone(), n }
-    }
-
-    /// How long the oldest frame still held has waited, at `now`.
-    fn oldest(&self, now: Instant) -> Option<Duration> {
-        let f = self.frames.lock().unwrap_or_else(|p| p.into_inner());
-        f.held.values().next().map(|t| now.saturating_duration_since(*t))
-    }
-
-    /// Closes the connection: its next read or write fails, which ends it in hyper, and h2
-    /// drops every frame it held.
-    fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        self.reader.wake();
-    }
-
-    fn is_cut(&self) -> bool {
-        self.cut.load(Ordering::SeqCst)
-    }
-}
-
-/// A reply frame registered on its connection's [`ConnWatch`] while h2 holds it.
-pub struct HeldFrame {
-    watch: Arc<ConnWatch>,
-    n: u64,
-}
-
-impl Drop for HeldFrame {
-    fn drop(&mut self) {
-        let mut f = self.watch.frames.lock().unwrap_or_else(|p| p.into_inner());
-        f.held.remove(&self.n);
-    }
-}
-
 impl Default for ConnLimiter {
     fn default() -> Self {
         Self::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS)
@@ -122,26 +62,30 @@ impl ConnLimiter {
         }
     }
 
-    /// Admits `stream` if both limits allow one more; `None` (and the stream is dropped, which
-    /// closes it) otherwise.
-    pub fn admit(self: &Arc<Self>, stream: TcpStream) -> Option<LimitedStream> {
-        let peer = stream.peer_addr().ok()?;
+    /// Admits `stream` if both limits allow one more and no connection from its address and
+    /// port is still open; otherwise says why (the stream is dropped, which closes it).
+    pub fn admit(self: &Arc<Self>, stream: TcpStream) -> Result<LimitedStream, Refused> {
+        let peer = stream.peer_addr().map_err(|_| Refused::Gone)?;
         let ip = peer.ip();
         let mut c = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let from_ip = c.per_ip.get(&ip).copied().unwrap_or(0);
         if c.total >= self.max_total || from_ip >= self.max_per_ip {
-            return None;
+            return Err(Refused::TooMany);
+        }
+        if c.watches.contains_key(&peer) {
+            return Err(Refused::SamePort);
         }
         c.total += 1;
         c.per_ip.insert(ip, from_ip + 1);
         let watch = Arc::new(ConnWatch::default());
         c.watches.insert(peer, watch.clone());
-        Some(LimitedStream {
+        Ok(LimitedStream {
             inner: stream,
-            watch,
+            watch: watch.clone(),
             _slot: Slot {
                 limiter: self.clone(),
                 peer,
+                watch,
             },
         })
     }
@@ -156,8 +100,8 @@ impl ConnLimiter {
             .cloned()
     }
 
-    /// Closes every connection holding a reply frame unwritten for longer than `stall`;
-    /// returns their remote addresses.
+    /// Closes every connection that has held a reply frame unwritten for longer than `stall`
+    /// while writing too little (see [`ConnWatch::stalled`]); returns their remote addresses.
     pub fn cut_stalled(&self, stall: Duration) -> Vec<SocketAddr> {
         let watches: Vec<(SocketAddr, Arc<ConnWatch>)> = {
             let c = self.open.lock().unwrap_or_else(|p| p.into_inner());
@@ -166,7 +110,7 @@ impl ConnLimiter {
         let now = Instant::now();
         let mut cut = Vec::new();
         for (peer, w) in watches {
-            if !w.is_cut() && w.oldest(now).is_some_and(|age| age > stall) {
+            if !w.is_cut() && w.stalled(now, stall) {
                 w.cut();
                 cut.push(peer);
             }
@@ -179,10 +123,14 @@ impl ConnLimiter {
         self.open.lock().unwrap_or_else(|p| p.into_inner()).total
     }
 
-    fn release(&self, peer: SocketAddr) {
+    /// Gives back the place of the connection from `peer` watched by `watch` (only its own
+    /// watch is removed, whatever happens to the address later).
+    fn release(&self, peer: SocketAddr, watch: &Arc<ConnWatch>) {
         let ip = peer.ip();
         let mut c = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        c.watches.remove(&peer);
+        if c.watches.get(&peer).is_some_and(|w| Arc::ptr_eq(w, watch)) {
+            c.watches.remove(&peer);
+        }
         c.total = c.total.saturating_sub(1);
         if let Some(n) = c.per_ip.get_mut(&ip) {
             *n -= 1;
@@ -197,11 +145,12 @@ impl ConnLimiter {
 struct Slot {
     limiter: Arc<ConnLimiter>,
     peer: SocketAddr,
+    watch: Arc<ConnWatch>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.limiter.release(self.peer);
+        self.limiter.release(self.peer, &self.watch);
     }
 }
 
@@ -213,12 +162,15 @@ pub struct LimitedStream {
     _slot: Slot,
 }
 
-/// The error a cut connection's reads and writes fail with.
-fn cut_error() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::ConnectionAborted,
-        "connection closed: it left a reply unread past the stall timeout",
-    )
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Over the limit in all or for its address.
+    TooMany,
+    /// A connection from the same address and port is still open here.
+    SamePort,
+    /// The peer closed it before it was admitted.
+    Gone,
 }
 
 impl Connected for LimitedStream {
@@ -232,9 +184,8 @@ impl Connected for LimitedStream {
 
 impl AsyncRead for LimitedStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        self.watch.reader.register(cx.waker());
-        if self.watch.is_cut() {
-            return Poll::Ready(Err(cut_error()));
+        if self.watch.poll_cut(cx) {
+            return Poll::Ready(Err(crate::conn_watch::cut_error()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
@@ -243,9 +194,11 @@ impl AsyncRead for LimitedStream {
 impl AsyncWrite for LimitedStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if self.watch.is_cut() {
-            return Poll::Ready(Err(cut_error()));
+            return Poll::Ready(Err(crate::conn_watch::cut_error()));
         }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch.wrote(&r);
+        r
     }
 
     fn poll_write_vectored(
@@ -254,9 +207,11 @@ impl AsyncWrite for LimitedStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         if self.watch.is_cut() {
-            return Poll::Ready(Err(cut_error()));
+            return Poll::Ready(Err(crate::conn_watch::cut_error()));
         }
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch.wrote(&r);
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -286,7 +241,7 @@ mod tests {
         for _ in 0..9 {
             clients.push(TcpStream::connect(addr).await.unwrap());
             let (s, _) = listener.accept().await.unwrap();
-            if let Some(l) = limiter.admit(s) {
+            if let Ok(l) = limiter.admit(s) {
                 admitted.push(l);
             }
         }
@@ -296,7 +251,7 @@ mod tests {
         assert_eq!(limiter.open(), 7);
         clients.push(TcpStream::connect(addr).await.unwrap());
         let (s, _) = listener.accept().await.unwrap();
-        assert!(limiter.admit(s).is_some(), "a freed slot admits the next connection");
+        assert!(limiter.admit(s).is_ok(), "a freed slot admits the next connection");
     }
 
     #[tokio::test]
@@ -310,10 +265,10 @@ mod tests {
         let mut conn = limiter.admit(s).unwrap();
         let watch = limiter.watch(peer).expect("an admitted connection has a watch");
 
-        let stall = Duration::from_millis(50);
+        let stall = Duration::from_millis(200);
         let frame = watch.hold();
         assert!(limiter.cut_stalled(stall).is_empty(), "a fresh frame is not stalled");
-        tokio::time::sleep(Duration::from_millis(80)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
         drop(frame);
         assert!(limiter.cut_stalled(stall).is_empty(), "a written frame does not count");
 
@@ -323,7 +278,7 @@ mod tests {
             let mut buf = [0u8; 16];
             conn.read(&mut buf).await
         });
-        tokio::time::sleep(Duration::from_millis(80)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
         assert_eq!(limiter.cut_stalled(stall), vec![peer]);
         let read = tokio::time::timeout(Duration::from_secs(5), reader)
             .await

@@ -11,6 +11,7 @@ pub mod body_budget;
 pub mod changes;
 pub mod config;
 pub mod conn_limit;
+pub mod conn_watch;
 pub mod db;
 pub mod fsm;
 pub mod grpc;
@@ -238,6 +239,7 @@ pub async fn run(
     let network = raft::network::Network {
         peers: peers.clone(),
         told,
+        reach: Arc::default(),
     };
     let raft = raft::Raft::new(cfg.node_id, Arc::new(rcfg), network, log, sm)
         .await
@@ -360,7 +362,8 @@ async fn serve(
     // listener, so set it here. Without it, small HTTP/2 frames (replies, WINDOW_UPDATEs) wait
     // for Nagle's algorithm and a put crawls at tens of MB/s.
     let limiter = Arc::new(conn_limit::ConnLimiter::default());
-    let sweeper = tokio::spawn(cut_stalled_connections(node.clone(), limiter.clone()));
+    // Stopped when this function returns or its future is dropped (a shutdown past its deadline).
+    let _sweeper = AbortOnDrop(tokio::spawn(cut_stalled_connections(node.clone(), limiter.clone())));
     let admitting = limiter.clone();
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
@@ -368,8 +371,13 @@ async fn serve(
         .filter_map(move |conn| {
             let admitted = match conn {
                 Ok(stream) => match admitting.admit(stream) {
-                    Some(s) => Some(Ok(s)),
-                    None => {
+                    Ok(s) => Some(Ok(s)),
+                    Err(conn_limit::Refused::Gone) => None,
+                    Err(conn_limit::Refused::SamePort) => {
+                        tracing::warn!("refused a connection: one from the same address and port is still open");
+                        None
+                    }
+                    Err(conn_limit::Refused::TooMany) => {
                         tracing::warn!(
                             open = admitting.open(),
                             max = conn_limit::MAX_CONNECTIONS,
@@ -432,14 +440,23 @@ async fn serve(
             let _ = stop.wait_for(|s| *s).await;
         })
         .await;
-    sweeper.abort();
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
     }
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Closes, every quarter of the stall timeout (at most every 5 s), the connections that have
-/// left a reply frame unwritten for longer than it (see `conn_limit`).
+/// left a reply frame unwritten for longer than it while writing next to nothing (see
+/// `conn_watch`).
 async fn cut_stalled_connections(node: Arc<Node>, limiter: Arc<conn_limit::ConnLimiter>) {
     let stall = node.cfg.reply_stall();
     let every = (stall / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));

@@ -17,10 +17,10 @@
 //!
 //! Nothing in h2 ends a reply that is never read: it keeps the frames while the connection
 //! lives. So each charged frame is also registered on its connection's watch
-//! ([`crate::conn_limit::ConnWatch`]) until h2 drops it, and a connection that leaves one
-//! unwritten past the stall timeout (`--reply-stall-timeout`, 120 s by default) is closed, which
-//! gives its share back. The share bounds how much a caller that does not read holds; the
-//! timeout bounds how long.
+//! ([`crate::conn_watch`]) until h2 drops it, and a connection that leaves one unwritten past
+//! the stall timeout (`--reply-stall-timeout`, 120 s by default) while writing next to nothing
+//! is closed, which gives its share back. The share bounds how much a caller that does not
+//! read holds; the timeout bounds how long.
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,7 +33,7 @@ use http_body::{Body, Frame, SizeHint};
 use tonic::codegen::http::Response;
 
 use crate::body_budget::{Budget, Holder};
-use crate::conn_limit::{ConnWatch, HeldFrame};
+use crate::conn_watch::{ConnRef, HeldFrame};
 
 /// How long a handler waits for room for its reply before refusing it.
 pub const REPLY_WAIT: Duration = Duration::from_secs(10);
@@ -49,11 +49,11 @@ pub struct ReplyCharge {
     holder: Option<Holder>,
     held: AtomicU64,
     /// The connection the reply goes out on, which watches for frames left unwritten.
-    conn: Option<Arc<ConnWatch>>,
+    conn: Option<ConnRef>,
 }
 
 impl ReplyCharge {
-    pub(crate) fn new(budget: Arc<Budget>, holder: Option<Holder>, conn: Option<Arc<ConnWatch>>) -> Arc<ReplyCharge> {
+    pub(crate) fn new(budget: Arc<Budget>, holder: Option<Holder>, conn: Option<ConnRef>) -> Arc<ReplyCharge> {
         Arc::new(ReplyCharge {
             budget: Some(budget),
             holder,
@@ -249,7 +249,7 @@ where
             data: data.clone(),
             charge: charge.clone(),
             n,
-            _watched: charge.conn.as_ref().map(|w| w.hold()),
+            _watched: charge.conn.as_ref().and_then(|c| c.hold()),
         };
         Poll::Ready(Some(Ok(Frame::data(Bytes::from_owner(owned)))))
     }

@@ -622,6 +622,61 @@ async fn a_connection_that_leaves_replies_unread_is_closed_after_the_stall_timeo
     .await
 }
 
+/// The stall timeout over TLS, where the cut connection is the TLS stream's: a caller without a
+/// token or certificate (a stranger: a sixty-fourth of a 64 MiB budget, 1 MiB) asks for 4 MiB
+/// through a channel with one byte of stream window and never reads. The reply takes the
+/// address's whole share, so the same address's next read waits for room; it gets it once the
+/// server closes the first connection (2 s stall timeout), well before its 10 s wait ends in
+/// `RESOURCE_EXHAUSTED` as it did before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn over_tls_a_connection_that_leaves_a_reply_unread_is_closed_too() {
+    bounded(async {
+        let opts = ClusterOpts::new(2, 0)
+            .arg("--request-buffer-max", "64M")
+            .arg("--reply-stall-timeout", "2");
+        let tc = TestCluster::start(opts).await?;
+        let addr = tc.servers[1].addr.clone();
+        let (asked, framed) = four_mib_get_small(&tc, &addr).await?;
+        let Tls::Ca { ca_pem, .. } = &tc.tls else {
+            bail!("cluster is not TLS")
+        };
+        let stranger = || Tls::Ca {
+            ca_pem: ca_pem.clone(),
+            identity: None,
+        };
+        let mut unread = stranger()
+            .endpoint(&addr)?
+            .initial_stream_window_size(Some(1))
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        let req = http::Request::post(format!("https://{addr}/codafs.v1.Blobs/GetSmall"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(tonic::body::Body::new(http_body_util::Full::new(framed)))?;
+        futures::future::poll_fn(|cx| tower_service::Service::poll_ready(&mut unread, cx)).await?;
+        let held = tower_service::Service::call(&mut unread, req).await?;
+        assert!(
+            held.headers().get("grpc-status").is_none(),
+            "the first reply was refused: {:?}",
+            held.headers()
+        );
+        let started = std::time::Instant::now();
+        let reader = Cluster::new(std::slice::from_ref(&addr), stranger(), None)?;
+        let got = tokio::time::timeout(Duration::from_secs(9), reader.get_small(None, asked))
+            .await
+            .context("the address's next read still waited 9 s: the unread connection was not closed")??;
+        assert_eq!(got.len(), 4, "all four blobs in one reply");
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "the next read had room after {:?}: the first reply did not hold the share",
+            started.elapsed()
+        );
+        drop(held);
+        Ok(())
+    })
+    .await
+}
+
 /// A request to `path` through `ch` that sends the first `sent` bytes of a message declared
 /// `declared` bytes long and then stays open. Resolves to its `grpc-status` when the server
 /// answers (a refusal answers at once; a held request only when it fails for its stall).

@@ -6,6 +6,7 @@
 #![allow(clippy::result_large_err)]
 pub mod log_store;
 pub mod network;
+pub mod reach;
 pub mod snapshot_file;
 pub mod state_machine;
 

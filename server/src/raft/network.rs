@@ -28,6 +28,7 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::reach::Reachability;
 use super::{NodeId, NodeInfo, TypeConfig};
 use crate::peers::Peers;
 use crate::removal::Told;
@@ -103,12 +104,15 @@ pub struct Network {
     pub peers: Arc<Peers>,
     /// Where a peer's refusal of this server as removed is reported (see `crate::removal`).
     pub told: Arc<Told>,
+    /// Which peers could not be reached (reported by `super::reach`, not at every attempt).
+    pub reach: Arc<Reachability>,
 }
 
 /// A connection to one peer.
 pub struct Conn {
     peers: Arc<Peers>,
     told: Arc<Told>,
+    reach: Arc<Reachability>,
     target: NodeId,
     node: NodeInfo,
     /// The batch of entries on its way to this peer, if one is.
@@ -122,6 +126,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Conn {
             peers: self.peers.clone(),
             told: self.told.clone(),
+            reach: self.reach.clone(),
             target,
             node: node.clone(),
             inflight: None,
@@ -151,6 +156,7 @@ impl Conn {
         let to = To {
             peers: &self.peers,
             told: &self.told,
+            reach: &self.reach,
             target: self.target,
             node: &self.node,
         };
@@ -198,11 +204,13 @@ impl Conn {
             }
         }
         if self.inflight.is_none() {
-            let (peers, told, target, node) = (self.peers.clone(), self.told.clone(), self.target, self.node.clone());
+            let (peers, told, reach) = (self.peers.clone(), self.told.clone(), self.reach.clone());
+            let (target, node) = (self.target, self.node.clone());
             let task = tokio::spawn(async move {
                 let to = To {
                     peers: &peers,
                     told: &told,
+                    reach: &reach,
                     target,
                     node: &node,
                 };
@@ -227,6 +235,7 @@ impl Conn {
 struct To<'a> {
     peers: &'a Peers,
     told: &'a Told,
+    reach: &'a Reachability,
     target: NodeId,
     node: &'a NodeInfo,
 }
@@ -248,12 +257,14 @@ where
     let To {
         peers,
         told,
+        reach,
         target,
         node,
     } = to;
-    let mut client = peers
-        .raft(&node.addr)
-        .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+    let mut client = peers.raft(&node.addr).map_err(|e| {
+        reach.failed(target, &node.addr, &e);
+        RPCError::Unreachable(Unreachable::new(&e))
+    })?;
     let mut request = tonic::Request::new(pb::RaftMessage {
         payload: payload.into(),
     });
@@ -270,14 +281,33 @@ where
             told.send_replace(Some(target));
         }
         if kind.is_retryable() {
+            reach.failed(target, &node.addr, &why(&s));
             RPCError::Unreachable(Unreachable::new(&s))
         } else {
+            reach.reached(target, &node.addr);
             RPCError::Network(NetworkError::new(&s))
         }
     })?;
+    reach.reached(target, &node.addr);
     let result: Result<Resp, RaftError<NodeId, E>> =
         bincode::deserialize(&reply.into_inner().payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
     result.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(target, node.clone(), e)))
+}
+
+/// A refusal's message with its innermost cause ("tcp connect error: Connection refused (os
+/// error 111)"): what an operator needs of the chain tonic wraps around a failed connection.
+fn why(s: &tonic::Status) -> String {
+    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(s);
+    let mut last = None;
+    for _ in 0..16 {
+        let Some(c) = cause else { break };
+        last = Some(c);
+        cause = c.source();
+    }
+    match last {
+        Some(c) => format!("{}: {c}", s.message()),
+        None => s.message().to_string(),
+    }
 }
 
 impl RaftNetwork<TypeConfig> for Conn {

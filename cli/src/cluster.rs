@@ -87,9 +87,10 @@ pub struct ServerArgs {
     request_buffer_max: Option<u64>,
     /// Longest a connection may leave a reply unread, seconds (default 120): a caller that
     /// asks for blobs or listings and does not read them holds part of the reply budget (see
-    /// --request-buffer-max); past this, if its connection carried less than 64 KiB/s
-    /// meanwhile, it is closed and the share is free again (counted in
-    /// codafs_server_stalled_connections_closed_total). Saved in server.toml.
+    /// --request-buffer-max); past this its connection is closed and the share is free again
+    /// (counted in codafs_server_stalled_connections_closed_total). A client whose link is so
+    /// slow that a reply waits longer than this behind its earlier ones is closed too: raise it
+    /// for such links. Saved in server.toml.
     #[arg(long, value_name = "SECS", help_heading = "Tuning", value_parser = clap::value_parser!(u64).range(1..))]
     reply_stall_timeout: Option<u64>,
     /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9401; `off` to

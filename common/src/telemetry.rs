@@ -76,26 +76,52 @@ where
 /// several of them at every retry, twice a second per peer that is down; the server reports
 /// unreachable peers itself, once when they go, periodically while they stay gone and once
 /// when they are back (`codafs_server::raft::reach`). Every other openraft line, and every
-/// line at INFO or below, passes.
+/// line at INFO or below, passes: openraft's own timeouts (a peer that drops packets rather
+/// than refusing connections) are still logged at each heartbeat, within the rate limit.
 pub struct RaftRetries;
 
 /// What the lines [`RaftRetries`] drops contain.
-const RAFT_RETRY_TEXTS: [&str; 3] = ["Unreachable node:", "payload too large", "backoff mode"];
+const RAFT_RETRY_TEXTS: [&str; 3] = [
+    "Unreachable node: ",
+    "payload too large: hint:",
+    "backoff mode: drain events",
+];
 
 impl<S: tracing::Subscriber> tracing_subscriber::layer::Filter<S> for RaftRetries {
     fn enabled(&self, _: &Metadata<'_>, _: &tracing_subscriber::layer::Context<'_, S>) -> bool {
         true
     }
 
+    /// Every other line is always passed, so its callsite's interest stays cached.
+    fn callsite_enabled(&self, meta: &'static Metadata<'static>) -> tracing::subscriber::Interest {
+        if Self::may_drop(meta) {
+            tracing::subscriber::Interest::sometimes()
+        } else {
+            tracing::subscriber::Interest::always()
+        }
+    }
+
+    /// No bound of its own: the level filter it is combined with sets the maximum level (without
+    /// a hint, the combination would have none and every level would be asked for).
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::TRACE)
+    }
+
     fn event_enabled(&self, event: &tracing::Event<'_>, _: &tracing_subscriber::layer::Context<'_, S>) -> bool {
-        let meta = event.metadata();
-        // Levels order from ERROR (least verbose) up to TRACE.
-        if !meta.target().starts_with("openraft") || *meta.level() > Level::WARN {
+        if !Self::may_drop(event.metadata()) {
             return true;
         }
         let mut seen = RetryText(false);
         event.record(&mut seen);
         !seen.0
+    }
+}
+
+impl RaftRetries {
+    /// Whether a line may be one this filter drops: openraft's, at WARN or ERROR (levels order
+    /// from ERROR, the least verbose, up to TRACE).
+    fn may_drop(meta: &Metadata<'_>) -> bool {
+        meta.target().starts_with("openraft") && *meta.level() <= Level::WARN
     }
 }
 
@@ -418,6 +444,15 @@ mod tests {
             "other statements have their own budget"
         );
         assert!(text.contains("suppressed 47 more lines"), "{text}");
+    }
+
+    #[test]
+    fn combined_with_a_level_filter_the_level_filter_sets_the_maximum_level() {
+        use tracing_subscriber::filter::FilterExt;
+        use tracing_subscriber::layer::Filter;
+        let combined = EnvFilter::new("info").and(RaftRetries);
+        let hint = <_ as Filter<tracing_subscriber::Registry>>::max_level_hint(&combined);
+        assert_eq!(hint, Some(tracing::level_filters::LevelFilter::INFO));
     }
 
     #[test]

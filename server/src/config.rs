@@ -75,9 +75,8 @@ pub struct ServerConfig {
     /// written, so older builds still read the file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_buffer_bytes: Option<u64>,
-    /// Longest a connection may leave a reply frame unwritten while carrying less than
-    /// `conn_watch::MIN_DRAIN_RATE` before the server closes it, seconds (see `conn_watch`).
-    /// Unset =
+    /// Longest a connection may leave a reply frame unwritten before the server closes it,
+    /// seconds (see `conn_watch`). Unset =
     /// [`DEFAULT_REPLY_STALL_S`] (and not written, so older builds still read the file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_stall_s: Option<u64>,

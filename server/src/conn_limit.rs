@@ -73,7 +73,7 @@ impl ConnLimiter {
             return Err(Refused::TooMany);
         }
         if c.watches.contains_key(&peer) {
-            return Err(Refused::SamePort);
+            return Err(Refused::SamePort(peer));
         }
         c.total += 1;
         c.per_ip.insert(ip, from_ip + 1);
@@ -101,7 +101,7 @@ impl ConnLimiter {
     }
 
     /// Closes every connection that has held a reply frame unwritten for longer than `stall`
-    /// while writing too little (see [`ConnWatch::stalled`]); returns their remote addresses.
+    /// (see [`ConnWatch::stalled`]); returns their remote addresses.
     pub fn cut_stalled(&self, stall: Duration) -> Vec<SocketAddr> {
         let watches: Vec<(SocketAddr, Arc<ConnWatch>)> = {
             let c = self.open.lock().unwrap_or_else(|p| p.into_inner());
@@ -168,7 +168,7 @@ pub enum Refused {
     /// Over the limit in all or for its address.
     TooMany,
     /// A connection from the same address and port is still open here.
-    SamePort,
+    SamePort(SocketAddr),
     /// The peer closed it before it was admitted.
     Gone,
 }
@@ -196,9 +196,7 @@ impl AsyncWrite for LimitedStream {
         if self.watch.is_cut() {
             return Poll::Ready(Err(crate::conn_watch::cut_error()));
         }
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.watch.wrote(&r);
-        r
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -209,9 +207,7 @@ impl AsyncWrite for LimitedStream {
         if self.watch.is_cut() {
             return Poll::Ready(Err(crate::conn_watch::cut_error()));
         }
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.watch.wrote(&r);
-        r
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -4,30 +4,27 @@
 //! HTTP/2 never ends a reply its caller does not read: h2 keeps the frames while the connection
 //! lives, and with them the caller's share of the reply budget (`crate::reply_budget`). So each
 //! charged frame registers on its connection's watch from the moment hyper hands it to h2 until
-//! h2 drops it, with the bytes the connection had written then. A connection is *stalled* when
-//! its oldest such frame has waited longer than the stall timeout and the connection has
-//! written less than [`MIN_DRAIN_RATE`] on average since: a client that reads, however
-//! slowly its link, keeps up that rate, while one that holds its replies without reading
-//! writes next to nothing. `crate::conn_limit` closes stalled connections.
+//! h2 drops it (written, or its stream or connection gone). A connection is *stalled* when its
+//! oldest such frame has waited longer than the stall timeout, and `crate::conn_limit` closes
+//! it.
 //!
-//! The clock starts when a frame is produced, not when the caller's window runs out (hyper
-//! asks the body for a frame before h2 has room for it), so the written bytes, not the
-//! frame's age alone, are what tell a slow reader from one that does not read.
+//! Only the frame's age counts. A rule that also let a connection stay open while it wrote
+//! some minimum rate could be met without reading the held replies at all (h2 answers every
+//! PING, and small replies are not charged), so it would not bound anything. The cost is that
+//! a reader whose link is so slow that a reply waits longer than the timeout behind the ones
+//! it asked for earlier is cut too (and its mount reconnects): the clock starts when hyper
+//! produces a frame, which is before the caller's window runs out.
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
+use std::task::Context;
 use std::time::{Duration, Instant};
 
 use futures::task::AtomicWaker;
 
 use crate::conn_limit::ConnLimiter;
-
-/// The least a connection with a stalled frame must have written per second, on average
-/// since that frame was handed to h2, to be left open.
-pub const MIN_DRAIN_RATE: u64 = 64 << 10;
 
 /// One connection's watch.
 #[derive(Default)]
@@ -36,53 +33,39 @@ pub struct ConnWatch {
     /// The connection task's waker, taken at each read: waking it makes the task poll again,
     /// and the read (or, while h2 waits for a flush, the write) then finds the connection cut.
     reader: AtomicWaker,
-    /// Bytes written to the connection so far.
-    written: AtomicU64,
-    /// Frames h2 holds, by a number given in order, with when each was handed over and the
-    /// bytes written then.
+    /// Frames h2 holds, by a number given in order, with when each was handed over.
     frames: Mutex<Frames>,
 }
 
 #[derive(Default)]
 struct Frames {
     next: u64,
-    held: BTreeMap<u64, (Instant, u64)>,
+    held: BTreeMap<u64, Instant>,
 }
 
 impl ConnWatch {
     /// Registers a frame handed to h2 now; it counts until the returned guard is dropped.
     pub fn hold(self: &Arc<Self>) -> HeldFrame {
-        let written = self.written.load(Ordering::Acquire);
+        self.hold_at(Instant::now())
+    }
+
+    /// Registers a frame handed to h2 at `at` (numbers are given in call order, so callers
+    /// other than tests pass the time of the call).
+    fn hold_at(self: &Arc<Self>, at: Instant) -> HeldFrame {
         let mut f = self.frames.lock().unwrap_or_else(|p| p.into_inner());
         let n = f.next;
         f.next += 1;
-        f.held.insert(n, (Instant::now(), written));
+        f.held.insert(n, at);
         HeldFrame { watch: self.clone(), n }
     }
 
-    /// Counts what a write to the connection wrote.
-    pub(crate) fn wrote(&self, r: &Poll<io::Result<usize>>) {
-        if let Poll::Ready(Ok(n)) = r {
-            self.written.fetch_add(*n as u64, Ordering::AcqRel);
-        }
-    }
-
-    /// Whether, at `now`, the oldest frame has waited longer than `stall` while the connection
-    /// wrote less than [`MIN_DRAIN_RATE`] on average.
+    /// Whether, at `now`, the oldest frame still held has waited longer than `stall`.
     pub(crate) fn stalled(&self, now: Instant, stall: Duration) -> bool {
-        let oldest = {
-            let f = self.frames.lock().unwrap_or_else(|p| p.into_inner());
-            f.held.values().next().copied()
-        };
-        let Some((since, written_then)) = oldest else {
-            return false;
-        };
-        let age = now.saturating_duration_since(since);
-        if age <= stall {
-            return false;
-        }
-        let drained = self.written.load(Ordering::Acquire).saturating_sub(written_then);
-        (drained as f64) < MIN_DRAIN_RATE as f64 * age.as_secs_f64()
+        let f = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+        f.held
+            .values()
+            .next()
+            .is_some_and(|t| now.saturating_duration_since(*t) > stall)
     }
 
     /// Closes the connection: its next read or write fails, which ends it in hyper, and h2
@@ -155,42 +138,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_frame_stalls_only_past_the_timeout_and_without_the_drain_rate() {
+    fn the_oldest_frame_held_decides_and_a_dropped_frame_no_longer_counts() {
         let w = Arc::new(ConnWatch::default());
         let stall = Duration::from_secs(120);
         let t0 = Instant::now();
         assert!(!w.stalled(t0 + Duration::from_secs(600), stall), "no frame, no stall");
-        let _frame = w.hold();
-        let later = t0 + Duration::from_secs(200);
-        assert!(!w.stalled(t0 + Duration::from_secs(100), stall), "within the timeout");
-        assert!(w.stalled(later, stall), "past it, nothing written");
-        // A slow reader: 100 KiB/s since the frame was handed over.
-        w.wrote(&Poll::Ready(Ok((200 * 100) << 10)));
+        let first = w.hold_at(t0);
+        let second = w.hold_at(t0 + Duration::from_secs(100));
+        assert!(!w.stalled(t0 + Duration::from_secs(120), stall), "within the timeout");
         assert!(
-            !w.stalled(later, stall),
-            "a connection draining faster than the floor stays"
+            w.stalled(t0 + Duration::from_secs(121), stall),
+            "the first frame is past it"
         );
-        assert!(w.stalled(t0 + Duration::from_secs(400), stall), "but not if it stops");
-        w.wrote(&Poll::Ready(Err(cut_error())));
-        w.wrote(&Poll::Pending);
-        assert_eq!(
-            w.written.load(Ordering::Acquire),
-            (200 * 100) << 10,
-            "only written bytes count"
-        );
-    }
-
-    #[test]
-    fn the_oldest_frame_decides_and_a_dropped_frame_no_longer_counts() {
-        let w = Arc::new(ConnWatch::default());
-        let stall = Duration::from_secs(1);
-        let first = w.hold();
-        let t0 = Instant::now();
-        let _second = w.hold();
-        assert!(w.stalled(t0 + Duration::from_secs(5), stall));
         drop(first);
-        // The second frame was handed over after `first`, so it is judged from its own time.
-        assert!(w.stalled(t0 + Duration::from_secs(5), stall));
-        assert!(!w.stalled(t0, stall));
+        assert!(
+            !w.stalled(t0 + Duration::from_secs(200), stall),
+            "the second frame is judged from its own time"
+        );
+        assert!(w.stalled(t0 + Duration::from_secs(221), stall));
+        drop(second);
+        assert!(!w.stalled(t0 + Duration::from_secs(600), stall), "nothing held");
     }
 }

@@ -373,8 +373,8 @@ async fn serve(
                 Ok(stream) => match admitting.admit(stream) {
                     Ok(s) => Some(Ok(s)),
                     Err(conn_limit::Refused::Gone) => None,
-                    Err(conn_limit::Refused::SamePort) => {
-                        tracing::warn!("refused a connection: one from the same address and port is still open");
+                    Err(conn_limit::Refused::SamePort(peer)) => {
+                        tracing::warn!(%peer, "refused a connection: one from the same address and port is still open");
                         None
                     }
                     Err(conn_limit::Refused::TooMany) => {
@@ -455,8 +455,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// Closes, every quarter of the stall timeout (at most every 5 s), the connections that have
-/// left a reply frame unwritten for longer than it while writing next to nothing (see
-/// `conn_watch`).
+/// left a reply frame unwritten for longer than it (see `conn_watch`).
 async fn cut_stalled_connections(node: Arc<Node>, limiter: Arc<conn_limit::ConnLimiter>) {
     let stall = node.cfg.reply_stall();
     let every = (stall / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));

@@ -14,22 +14,45 @@ use std::time::{Duration, Instant};
 
 use super::NodeId;
 
-/// How often a peer that stays unreachable is reported again.
+/// How often a peer that stays unreachable is reported again; a peer with no attempt for this
+/// long is forgotten (removed, or no longer sent to after a change of leader).
 pub const REPORT_EVERY: Duration = Duration::from_secs(300);
+/// A peer lost again this soon after it was back is not reported at once (a slow peer whose
+/// large batches time out while heartbeats pass would otherwise flap in the log).
+pub const FLAP_QUIET: Duration = Duration::from_secs(60);
 
 /// The peers this server could not reach at its last attempt.
 #[derive(Default)]
 pub struct Reachability {
-    down: Mutex<HashMap<NodeId, Down>>,
+    down: Mutex<Peers>,
     /// How many peers are down: a send that succeeds looks at the map only when some are.
     count: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Peers {
+    down: HashMap<NodeId, Down>,
+    /// When each peer was last reported back.
+    back: HashMap<NodeId, Instant>,
 }
 
 /// One unreachable peer.
 struct Down {
     since: Instant,
     reported: Instant,
+    last: Instant,
     failures: u64,
+    /// Whether its loss was reported (its return is reported only then).
+    announced: bool,
+}
+
+impl Peers {
+    /// Forgets peers with no attempt for [`REPORT_EVERY`].
+    fn prune(&mut self, now: Instant) {
+        self.down
+            .retain(|_, d| now.saturating_duration_since(d.last) < REPORT_EVERY);
+        self.back.retain(|_, t| now.saturating_duration_since(*t) < FLAP_QUIET);
+    }
 }
 
 /// What a failed or successful attempt changed, for the caller's log line (and tests).
@@ -54,7 +77,7 @@ impl Reachability {
                 peer,
                 addr,
                 %error,
-                "cannot reach Raft peer; retrying twice a second, reported again every {} min while it lasts",
+                "cannot reach Raft peer; Raft keeps retrying, reported again every {} min while it lasts",
                 REPORT_EVERY.as_secs() / 60
             ),
             Change::StillDown { failures } => {
@@ -84,41 +107,57 @@ impl Reachability {
     }
 
     fn failed_at(&self, peer: NodeId, now: Instant) -> Change {
-        let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
-        match down.get_mut(&peer) {
+        let mut p = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        p.prune(now);
+        let change = match p.down.get_mut(&peer) {
             None => {
-                down.insert(
+                let announced = !p.back.contains_key(&peer);
+                p.down.insert(
                     peer,
                     Down {
                         since: now,
                         reported: now,
+                        last: now,
                         failures: 1,
+                        announced,
                     },
                 );
-                self.count.store(down.len(), Ordering::Release);
-                Change::Lost
+                if announced {
+                    Change::Lost
+                } else {
+                    Change::Quiet
+                }
             }
             Some(d) => {
                 d.failures += 1;
+                d.last = now;
                 if now.saturating_duration_since(d.reported) >= REPORT_EVERY {
                     d.reported = now;
+                    d.announced = true;
                     Change::StillDown { failures: d.failures }
                 } else {
                     Change::Quiet
                 }
             }
-        }
+        };
+        self.count.store(p.down.len(), Ordering::Release);
+        change
     }
 
     fn reached_at(&self, peer: NodeId, now: Instant) -> Change {
-        let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(d) = down.remove(&peer) else {
-            return Change::Quiet;
-        };
-        self.count.store(down.len(), Ordering::Release);
-        Change::Back {
-            after: now.saturating_duration_since(d.since),
-            failures: d.failures,
+        let mut p = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        p.prune(now);
+        let gone = p.down.remove(&peer);
+        self.count.store(p.down.len(), Ordering::Release);
+        match gone {
+            Some(d) if d.announced => {
+                p.back.insert(peer, now);
+                Change::Back {
+                    after: now.saturating_duration_since(d.since),
+                    failures: d.failures,
+                }
+            }
+            _ => Change::Quiet,
         }
     }
 }
@@ -137,8 +176,8 @@ mod tests {
         for i in 1..600u64 {
             assert_eq!(r.failed_at(1, t0 + Duration::from_millis(i * 499)), Change::Quiet);
         }
-        assert_eq!(r.failed_at(2, t0), Change::Lost, "each peer on its own");
         assert_eq!(r.failed_at(1, t0 + REPORT_EVERY), Change::StillDown { failures: 601 });
+        assert_eq!(r.failed_at(2, t0 + REPORT_EVERY), Change::Lost, "each peer on its own");
         assert_eq!(
             r.failed_at(1, t0 + REPORT_EVERY + Duration::from_secs(1)),
             Change::Quiet
@@ -157,5 +196,26 @@ mod tests {
         ));
         assert_eq!(r.count.load(Ordering::Acquire), 0);
         assert_eq!(r.reached(2, "127.0.0.1:7402"), Change::Quiet, "reported back once");
+    }
+
+    #[test]
+    fn a_flapping_peer_is_quiet_and_a_forgotten_one_is_not_reported_back() {
+        let r = Reachability::default();
+        let t0 = Instant::now();
+        assert_eq!(r.failed_at(1, t0), Change::Lost);
+        assert!(matches!(
+            r.reached_at(1, t0 + Duration::from_secs(1)),
+            Change::Back { .. }
+        ));
+        // Lost again within a minute of coming back: quiet, and so is its return.
+        assert_eq!(r.failed_at(1, t0 + Duration::from_secs(2)), Change::Quiet);
+        assert_eq!(r.reached_at(1, t0 + Duration::from_secs(3)), Change::Quiet);
+        // Later, a loss is news again.
+        let t1 = t0 + FLAP_QUIET + Duration::from_secs(5);
+        assert_eq!(r.failed_at(1, t1), Change::Lost);
+        // No attempt for REPORT_EVERY (a removed peer): forgotten, not "back" days later.
+        let t2 = t1 + REPORT_EVERY + Duration::from_secs(1);
+        assert_eq!(r.reached_at(1, t2), Change::Quiet);
+        assert_eq!(r.count.load(Ordering::Acquire), 0);
     }
 }

@@ -67,7 +67,7 @@ impl ConnLimiter {
     pub fn admit(self: &Arc<Self>, stream: TcpStream) -> Result<LimitedStream, Refused> {
         let peer = stream.peer_addr().map_err(|_| Refused::Gone)?;
         let ip = peer.ip();
-        let mut c = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = self.counts();
         let from_ip = c.per_ip.get(&ip).copied().unwrap_or(0);
         if c.total >= self.max_total || from_ip >= self.max_per_ip {
             return Err(Refused::TooMany);
@@ -81,30 +81,24 @@ impl ConnLimiter {
         c.watches.insert(peer, watch.clone());
         Ok(LimitedStream {
             inner: stream,
-            watch: watch.clone(),
+            watch,
             _slot: Slot {
                 limiter: self.clone(),
                 peer,
-                watch,
             },
         })
     }
 
     /// The watch of the open connection from `peer`.
     pub fn watch(&self, peer: SocketAddr) -> Option<Arc<ConnWatch>> {
-        self.open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .watches
-            .get(&peer)
-            .cloned()
+        self.counts().watches.get(&peer).cloned()
     }
 
     /// Closes every connection that has held a reply frame unwritten for longer than `stall`
     /// (see [`ConnWatch::stalled`]); returns their remote addresses.
     pub fn cut_stalled(&self, stall: Duration) -> Vec<SocketAddr> {
         let watches: Vec<(SocketAddr, Arc<ConnWatch>)> = {
-            let c = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            let c = self.counts();
             c.watches.iter().map(|(a, w)| (*a, w.clone())).collect()
         };
         let now = Instant::now();
@@ -120,17 +114,19 @@ impl ConnLimiter {
 
     /// Connections open now.
     pub fn open(&self) -> usize {
-        self.open.lock().unwrap_or_else(|p| p.into_inner()).total
+        self.counts().total
     }
 
-    /// Gives back the place of the connection from `peer` watched by `watch` (only its own
-    /// watch is removed, whatever happens to the address later).
-    fn release(&self, peer: SocketAddr, watch: &Arc<ConnWatch>) {
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gives back the place of the connection from `peer`, and its watch (the address names
+    /// no other connection while this one is open: `admit` refuses a second).
+    fn release(&self, peer: SocketAddr) {
         let ip = peer.ip();
-        let mut c = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if c.watches.get(&peer).is_some_and(|w| Arc::ptr_eq(w, watch)) {
-            c.watches.remove(&peer);
-        }
+        let mut c = self.counts();
+        c.watches.remove(&peer);
         c.total = c.total.saturating_sub(1);
         if let Some(n) = c.per_ip.get_mut(&ip) {
             *n -= 1;
@@ -145,12 +141,11 @@ impl ConnLimiter {
 struct Slot {
     limiter: Arc<ConnLimiter>,
     peer: SocketAddr,
-    watch: Arc<ConnWatch>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.limiter.release(self.peer, &self.watch);
+        self.limiter.release(self.peer);
     }
 }
 

@@ -52,17 +52,21 @@ impl ConnWatch {
     /// Registers a frame handed to h2 at `at` (numbers are given in call order, so callers
     /// other than tests pass the time of the call).
     fn hold_at(self: &Arc<Self>, at: Instant) -> HeldFrame {
-        let mut f = self.frames.lock().unwrap_or_else(|p| p.into_inner());
+        let mut f = self.frames();
         let n = f.next;
         f.next += 1;
         f.held.insert(n, at);
         HeldFrame { watch: self.clone(), n }
     }
 
+    fn frames(&self) -> std::sync::MutexGuard<'_, Frames> {
+        self.frames.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Whether, at `now`, the oldest frame still held has waited longer than `stall`.
     pub(crate) fn stalled(&self, now: Instant, stall: Duration) -> bool {
-        let f = self.frames.lock().unwrap_or_else(|p| p.into_inner());
-        f.held
+        self.frames()
+            .held
             .values()
             .next()
             .is_some_and(|t| now.saturating_duration_since(*t) > stall)
@@ -102,8 +106,7 @@ pub struct HeldFrame {
 
 impl Drop for HeldFrame {
     fn drop(&mut self) {
-        let mut f = self.watch.frames.lock().unwrap_or_else(|p| p.into_inner());
-        f.held.remove(&self.n);
+        self.watch.frames().held.remove(&self.n);
     }
 }
 
